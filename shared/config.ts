@@ -1,0 +1,68 @@
+/**
+ * Runtime configuration, read from the environment once per cold start. Every limit a
+ * deployment may want to change is here, with its default; the README's configuration table
+ * lists the same names.
+ */
+import { localTableName, offlineTable, sessionsTable, type TableDefinition, usersTable } from './tables.ts';
+
+export interface Config {
+  /** The XMPP domain served (the `to` of `<open/>`, the domain part of every local JID). */
+  domain: string;
+  tables: { users: string; sessions: string; offline: string };
+  /** DynamoDB endpoint override (DynamoDB Local); unset on AWS. */
+  dynamodbEndpoint?: string;
+  region: string;
+  /** API Gateway Management API endpoint (`https://{api}.execute-api.{region}.amazonaws.com/{stage}`). */
+  connectionsEndpoint?: string;
+  /** Largest stanza accepted, in bytes of UTF-8; above it the stream ends with policy-violation. */
+  maxStanzaBytes: number;
+  /** Offline messages kept per user; above it the sender gets resource-constraint. */
+  offlineQuota: number;
+  /** Seconds an offline message is kept. */
+  offlineTtlSeconds: number;
+  /** Failed SASL attempts allowed per connection before temporary-auth-failure and close. */
+  authFailuresPerConnection: number;
+  /** Failed SASL attempts per account within `authFailureWindowSeconds` before refusing. */
+  authFailuresPerAccount: number;
+  authFailureWindowSeconds: number;
+  /** PBKDF2 iterations for newly stored SCRAM keys. */
+  scramIterations: number;
+  /** Seconds an unbound or idle connection row lives without activity (a safety net for lost $disconnect). */
+  connectionTtlSeconds: number;
+}
+
+type Env = Record<string, string | undefined>;
+
+function int(env: Env, name: string, fallback: number): number {
+  const raw = env[name];
+  if (raw === undefined || raw === '') return fallback;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < 0) throw new Error(`${name} must be a non-negative integer, got '${raw}'`);
+  return value;
+}
+
+function tableName(env: Env, def: TableDefinition): string {
+  return env[def.envVar] || localTableName(def, env.TABLE_PREFIX || 'nimbus');
+}
+
+export function loadConfig(env: Env = process.env): Config {
+  return {
+    domain: (env.XMPP_DOMAIN || 'localhost').toLowerCase(),
+    tables: {
+      users: tableName(env, usersTable),
+      sessions: tableName(env, sessionsTable),
+      offline: tableName(env, offlineTable),
+    },
+    dynamodbEndpoint: env.DYNAMODB_ENDPOINT || undefined,
+    region: env.AWS_REGION || env.AWS_DEFAULT_REGION || 'us-east-1',
+    connectionsEndpoint: env.CONNECTIONS_ENDPOINT || undefined,
+    maxStanzaBytes: int(env, 'MAX_STANZA_BYTES', 65536),
+    offlineQuota: int(env, 'OFFLINE_QUOTA', 1000),
+    offlineTtlSeconds: int(env, 'OFFLINE_TTL_DAYS', 30) * 86400,
+    authFailuresPerConnection: int(env, 'AUTH_FAILURES_PER_CONNECTION', 3),
+    authFailuresPerAccount: int(env, 'AUTH_FAILURES_PER_ACCOUNT', 10),
+    authFailureWindowSeconds: int(env, 'AUTH_FAILURE_WINDOW_SECONDS', 300),
+    scramIterations: int(env, 'SCRAM_ITERATIONS', 4096),
+    connectionTtlSeconds: int(env, 'CONNECTION_TTL_SECONDS', 3 * 3600),
+  };
+}

@@ -1,0 +1,53 @@
+/**
+ * What API Gateway puts on the SQS FIFO queue for `$default` and `$disconnect` (the request
+ * template lives in `infra/stack.ts`; the local gateway emulator builds the same body).
+ *
+ * The frame travels base64-encoded: `$util.escapeJavaScript` would turn `'` into `\'`, which
+ * is not JSON, and XMPP frames are full of single quotes.
+ */
+export interface QueueMessage {
+  connectionId: string;
+  /** API Gateway's `$context.eventType`. */
+  eventType: 'MESSAGE' | 'DISCONNECT';
+  /** API Gateway's `$context.requestTimeEpoch` (milliseconds). */
+  requestTimeEpoch: number;
+  /** API Gateway's `$context.requestId`, also the FIFO de-duplication id. */
+  requestId: string;
+  /** The WebSocket text frame, base64 (absent for DISCONNECT). */
+  body?: string;
+}
+
+export interface StreamEvent {
+  connectionId: string;
+  kind: 'frame' | 'disconnect';
+  frame: string;
+  receivedAt: number;
+}
+
+export class MalformedQueueMessageError extends Error {}
+
+export function decodeQueueMessage(raw: string): StreamEvent {
+  let parsed: Partial<QueueMessage>;
+  try {
+    parsed = JSON.parse(raw) as Partial<QueueMessage>;
+  } catch {
+    throw new MalformedQueueMessageError('queue message is not JSON');
+  }
+  if (typeof parsed.connectionId !== 'string' || parsed.connectionId === '') {
+    throw new MalformedQueueMessageError('queue message without connectionId');
+  }
+  const receivedAt = Number(parsed.requestTimeEpoch) || Date.now();
+  if (parsed.eventType === 'DISCONNECT') {
+    return { connectionId: parsed.connectionId, kind: 'disconnect', frame: '', receivedAt };
+  }
+  return {
+    connectionId: parsed.connectionId,
+    kind: 'frame',
+    frame: Buffer.from(parsed.body ?? '', 'base64').toString('utf8'),
+    receivedAt,
+  };
+}
+
+export function encodeQueueMessage(message: QueueMessage): string {
+  return JSON.stringify(message);
+}
