@@ -1,0 +1,47 @@
+/**
+ * The stream function: consumes the SQS FIFO queue that API Gateway fills with `$default`
+ * frames and `$disconnect` events, grouped by connection, so each stream runs in order.
+ */
+import type { SQSBatchResponse, SQSEvent, SQSRecord } from 'aws-lambda';
+import { loadConfig } from '../shared/config.ts';
+import { MalformedQueueMessageError, decodeQueueMessage } from '../shared/queue-message.ts';
+import { type Server, createServer } from '../shared/server.ts';
+import { handleStreamEvent } from '../shared/stream.ts';
+
+function groupOf(record: SQSRecord): string {
+  return record.attributes.MessageGroupId ?? record.messageId;
+}
+
+export function createStreamHandler(server: Server) {
+  return async (event: SQSEvent): Promise<SQSBatchResponse> => {
+    const failedGroups = new Set<string>();
+    const batchItemFailures: SQSBatchResponse['batchItemFailures'] = [];
+    for (const record of event.Records) {
+      const group = groupOf(record);
+      // FIFO: once a frame of a connection fails, its later frames must wait for the retry.
+      if (failedGroups.has(group)) {
+        batchItemFailures.push({ itemIdentifier: record.messageId });
+        continue;
+      }
+      try {
+        await handleStreamEvent(server, decodeQueueMessage(record.body));
+      } catch (error) {
+        if (error instanceof MalformedQueueMessageError) {
+          server.log.error('dropping malformed queue message', { messageId: record.messageId, error });
+          continue;
+        }
+        server.log.warn('frame will be retried', { messageId: record.messageId, group, error });
+        failedGroups.add(group);
+        batchItemFailures.push({ itemIdentifier: record.messageId });
+      }
+    }
+    return { batchItemFailures };
+  };
+}
+
+let server: Server | undefined;
+
+export const handler = (event: SQSEvent): Promise<SQSBatchResponse> => {
+  server ??= createServer({ config: loadConfig() });
+  return createStreamHandler(server)(event);
+};

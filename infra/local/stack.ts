@@ -1,0 +1,52 @@
+/**
+ * The local stack: the same handlers that run on AWS (functions/*), behind the gateway
+ * emulator, with the outbound port pointed at the emulator's `@connections` endpoint through
+ * the real API Gateway Management API client.
+ */
+import { createConnectHandler } from '../../functions/connect.ts';
+import { createStreamHandler } from '../../functions/stream.ts';
+import type { Config } from '../../shared/config.ts';
+import type { Logger } from '../../shared/log.ts';
+import { apiGatewayPort } from '../../shared/outbound.ts';
+import { type Server, createServer } from '../../shared/server.ts';
+import { type Gateway, startGateway } from './gateway.ts';
+
+export interface LocalStackOptions {
+  config: Config;
+  host?: string;
+  /** 0 picks a free port. */
+  port?: number;
+  idleTimeoutMs?: number;
+  log?: Logger;
+}
+
+export interface LocalStack {
+  url: string;
+  gateway: Gateway;
+  server: Server;
+  close(): Promise<void>;
+}
+
+export async function startLocalStack(options: LocalStackOptions): Promise<LocalStack> {
+  let server: Server | undefined;
+  const ready = () => {
+    if (!server) throw new Error('local stack not ready');
+    return server;
+  };
+  const gateway = await startGateway({
+    host: options.host ?? '127.0.0.1',
+    port: options.port ?? 5280,
+    idleTimeoutMs: options.idleTimeoutMs,
+    region: options.config.region,
+    connect: (event) => createConnectHandler(ready())(event),
+    stream: (event) => createStreamHandler(ready())(event),
+  });
+  const config: Config = { ...options.config, connectionsEndpoint: gateway.managementEndpoint };
+  server = createServer({ config, port: apiGatewayPort(gateway.managementEndpoint, config.region), log: options.log });
+  return {
+    url: gateway.url,
+    gateway,
+    server,
+    close: () => gateway.close(),
+  };
+}

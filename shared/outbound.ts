@@ -1,0 +1,103 @@
+/**
+ * The one outbound port (DESIGN.md "One outbound port"). Everything that leaves the server
+ * — stanzas, nonzas, stream errors — goes through `Outbound.send`, which counts it, posts it
+ * and reports a vanished connection so the caller can re-route what must not be lost.
+ */
+import {
+  ApiGatewayManagementApiClient,
+  DeleteConnectionCommand,
+  GoneException,
+  PostToConnectionCommand,
+} from '@aws-sdk/client-apigatewaymanagementapi';
+import type { Element } from 'ltx';
+import { NS } from './xml/namespaces.ts';
+
+export type PostResult = 'sent' | 'gone';
+
+/** The transport: API Gateway's Management API on AWS and locally, a recorder in unit tests. */
+export interface ConnectionPort {
+  post(connectionId: string, data: string): Promise<PostResult>;
+  /** Closes the socket; `$disconnect` follows. Closing an already gone connection is not an error. */
+  close(connectionId: string): Promise<void>;
+}
+
+export function apiGatewayPort(endpoint: string, region: string): ConnectionPort {
+  const client = new ApiGatewayManagementApiClient({
+    endpoint,
+    region,
+    ...(endpoint.startsWith('http://') && !process.env.AWS_ACCESS_KEY_ID
+      ? { credentials: { accessKeyId: 'local', secretAccessKey: 'local' } }
+      : {}),
+  });
+  return {
+    async post(connectionId, data) {
+      try {
+        await client.send(new PostToConnectionCommand({ ConnectionId: connectionId, Data: data }));
+        return 'sent';
+      } catch (error) {
+        if (error instanceof GoneException || (error as Error).name === 'GoneException') return 'gone';
+        throw error;
+      }
+    },
+    async close(connectionId) {
+      try {
+        await client.send(new DeleteConnectionCommand({ ConnectionId: connectionId }));
+      } catch (error) {
+        if (error instanceof GoneException || (error as Error).name === 'GoneException') return;
+        throw error;
+      }
+    },
+  };
+}
+
+/** Test double: records every frame per connection; connections can be marked gone. */
+export class RecordingPort implements ConnectionPort {
+  readonly frames = new Map<string, string[]>();
+  readonly closed = new Set<string>();
+  readonly gone = new Set<string>();
+
+  async post(connectionId: string, data: string): Promise<PostResult> {
+    if (this.gone.has(connectionId)) return 'gone';
+    const list = this.frames.get(connectionId) ?? [];
+    list.push(data);
+    this.frames.set(connectionId, list);
+    return 'sent';
+  }
+
+  async close(connectionId: string): Promise<void> {
+    this.closed.add(connectionId);
+  }
+}
+
+export interface OutboundCounters {
+  posts: number;
+  bytes: number;
+  gone: number;
+}
+
+/** Stanzas sent to clients carry the content namespace explicitly (RFC 7395 §3.3.3). */
+function serialize(element: Element): string {
+  if ((element.name === 'message' || element.name === 'presence' || element.name === 'iq') && !element.attrs.xmlns) {
+    element.attrs.xmlns = NS.client;
+  }
+  return element.toString();
+}
+
+export class Outbound {
+  readonly counters: OutboundCounters = { posts: 0, bytes: 0, gone: 0 };
+
+  constructor(private readonly port: ConnectionPort) {}
+
+  async send(connectionId: string, element: Element): Promise<PostResult> {
+    const data = serialize(element);
+    this.counters.posts += 1;
+    this.counters.bytes += Buffer.byteLength(data);
+    const result = await this.port.post(connectionId, data);
+    if (result === 'gone') this.counters.gone += 1;
+    return result;
+  }
+
+  close(connectionId: string): Promise<void> {
+    return this.port.close(connectionId);
+  }
+}

@@ -1,0 +1,269 @@
+/**
+ * Offline table: messages waiting for a user (XEP-0160), oldest first, with a maintained
+ * per-user counter so quota checks and XEP-0013 counts never read the whole inbox.
+ *
+ *   pk = <bare JID>  sk = m#<id>   → OfflineMessage (id sorts by arrival)
+ *   pk = <bare JID>  sk = count    → { n }
+ */
+import { TransactionCanceledException } from '@aws-sdk/client-dynamodb';
+import {
+  DeleteCommand,
+  type DynamoDBDocumentClient,
+  GetCommand,
+  QueryCommand,
+  TransactWriteCommand,
+  UpdateCommand,
+} from '@aws-sdk/lib-dynamodb';
+import { randomBytes } from 'node:crypto';
+import { TTL_ATTRIBUTE } from '../tables.ts';
+
+export interface OfflineMessage {
+  /** Opaque, unique, increasing with arrival time. */
+  id: string;
+  /** Full JID of the sender. */
+  from: string;
+  /** Arrival time (ms since epoch): the XEP-0203 delay stamp. */
+  storedAt: number;
+  /** The message stanza as received, serialised. */
+  stanza: string;
+}
+
+export class OfflineQuotaExceededError extends Error {
+  constructor(readonly user: string) {
+    super(`offline quota reached for ${user}`);
+    this.name = 'OfflineQuotaExceededError';
+  }
+}
+
+export interface OfflinePage {
+  messages: OfflineMessage[];
+  /** Pass back to get the next page; undefined on the last one. */
+  next?: string;
+}
+
+export interface OfflineStore {
+  store(user: string, message: Omit<OfflineMessage, 'id'>): Promise<OfflineMessage>;
+  /** Oldest first; expired messages are skipped even before DynamoDB's TTL removes them. */
+  list(user: string, options?: { limit?: number; after?: string; before?: string; newestFirst?: boolean }): Promise<OfflinePage>;
+  get(user: string, ids: string[]): Promise<Map<string, OfflineMessage>>;
+  count(user: string): Promise<number>;
+  /** Deletes the given messages; returns the ids that existed. */
+  remove(user: string, ids: string[]): Promise<string[]>;
+  purge(user: string): Promise<number>;
+}
+
+let lastMillis = 0;
+let sequence = 0;
+
+/**
+ * Ids sort by arrival: the time in ms, then a per-process sequence for ids made in the same
+ * millisecond, then randomness so two Lambdas storing in the same millisecond never collide.
+ */
+export function newOfflineId(now = Date.now()): string {
+  if (now === lastMillis) sequence += 1;
+  else {
+    lastMillis = now;
+    sequence = 0;
+  }
+  return `${now.toString().padStart(15, '0')}-${sequence.toString().padStart(4, '0')}-${randomBytes(4).toString('hex')}`;
+}
+
+const messageKey = (user: string, id: string) => ({ pk: user, sk: `m#${id}` });
+const counterKey = (user: string) => ({ pk: user, sk: 'count' });
+
+function toMessage(item: Record<string, unknown>): OfflineMessage {
+  return {
+    id: (item.sk as string).slice(2),
+    from: item.from as string,
+    storedAt: item.storedAt as number,
+    stanza: item.stanza as string,
+  };
+}
+
+function nowSeconds(): number {
+  return Math.floor(Date.now() / 1000);
+}
+
+export function createOfflineStore(
+  doc: DynamoDBDocumentClient,
+  table: string,
+  limits: { quota: number; ttlSeconds: number },
+): OfflineStore {
+  async function recount(user: string): Promise<number> {
+    let total = 0;
+    let start: Record<string, unknown> | undefined;
+    do {
+      const page = await doc.send(
+        new QueryCommand({
+          TableName: table,
+          KeyConditionExpression: 'pk = :pk AND begins_with(sk, :m)',
+          FilterExpression: '#ttl > :now',
+          ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
+          ExpressionAttributeValues: { ':pk': user, ':m': 'm#', ':now': nowSeconds() },
+          Select: 'COUNT',
+          ConsistentRead: true,
+          ExclusiveStartKey: start,
+        }),
+      );
+      total += page.Count ?? 0;
+      start = page.LastEvaluatedKey;
+    } while (start);
+    await doc.send(
+      new UpdateCommand({
+        TableName: table,
+        Key: counterKey(user),
+        UpdateExpression: 'SET n = :n',
+        ExpressionAttributeValues: { ':n': total },
+      }),
+    );
+    return total;
+  }
+
+  async function tryStore(user: string, item: OfflineMessage): Promise<void> {
+    await doc.send(
+      new TransactWriteCommand({
+        TransactItems: [
+          {
+            Update: {
+              TableName: table,
+              Key: counterKey(user),
+              UpdateExpression: 'ADD n :one',
+              ConditionExpression: 'attribute_not_exists(n) OR n < :quota',
+              ExpressionAttributeValues: { ':one': 1, ':quota': limits.quota },
+            },
+          },
+          {
+            Put: {
+              TableName: table,
+              Item: {
+                ...messageKey(user, item.id),
+                from: item.from,
+                storedAt: item.storedAt,
+                stanza: item.stanza,
+                [TTL_ATTRIBUTE]: Math.floor(item.storedAt / 1000) + limits.ttlSeconds,
+              },
+              ConditionExpression: 'attribute_not_exists(sk)',
+            },
+          },
+        ],
+      }),
+    );
+  }
+
+  return {
+    async store(user, message) {
+      const item: OfflineMessage = { ...message, id: newOfflineId(message.storedAt) };
+      try {
+        await tryStore(user, item);
+      } catch (error) {
+        if (!(error instanceof TransactionCanceledException)) throw error;
+        if (error.CancellationReasons?.[0]?.Code !== 'ConditionalCheckFailed') throw error;
+        // The counter only grows on store and shrinks on delete; messages that DynamoDB's TTL
+        // removed are still in it. At the quota, count for real once before refusing.
+        if ((await recount(user)) >= limits.quota) throw new OfflineQuotaExceededError(user);
+        await tryStore(user, item);
+      }
+      return item;
+    },
+
+    async list(user, options = {}) {
+      const bounds: string[] = [];
+      const values: Record<string, unknown> = { ':pk': user, ':now': nowSeconds() };
+      let keyCondition = 'pk = :pk AND begins_with(sk, :m)';
+      values[':m'] = 'm#';
+      if (options.after && options.before) {
+        keyCondition = 'pk = :pk AND sk BETWEEN :after AND :before';
+        values[':after'] = `m#${options.after}`;
+        values[':before'] = `m#${options.before}`;
+        delete values[':m'];
+      } else if (options.after) {
+        keyCondition = 'pk = :pk AND sk > :after';
+        values[':after'] = `m#${options.after}`;
+        delete values[':m'];
+        bounds.push('begins_with(sk, :m2)');
+        values[':m2'] = 'm#';
+      } else if (options.before) {
+        keyCondition = 'pk = :pk AND sk BETWEEN :m AND :before';
+        values[':before'] = `m#${options.before}`;
+      }
+      const messages: OfflineMessage[] = [];
+      let start: Record<string, unknown> | undefined;
+      const limit = options.limit ?? 100;
+      do {
+        const page = await doc.send(
+          new QueryCommand({
+            TableName: table,
+            KeyConditionExpression: keyCondition,
+            FilterExpression: ['#ttl > :now', ...bounds].join(' AND '),
+            ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
+            ExpressionAttributeValues: values,
+            ScanIndexForward: !options.newestFirst,
+            ConsistentRead: true,
+            Limit: limit - messages.length,
+            ExclusiveStartKey: start,
+          }),
+        );
+        for (const item of page.Items ?? []) {
+          const message = toMessage(item);
+          // BETWEEN is inclusive; RSM's after/before are exclusive.
+          if (message.id === options.after || message.id === options.before) continue;
+          messages.push(message);
+        }
+        start = page.LastEvaluatedKey;
+      } while (start && messages.length < limit);
+      const last = messages.at(-1);
+      return { messages, next: start && last ? last.id : undefined };
+    },
+
+    async get(user, ids) {
+      const found = new Map<string, OfflineMessage>();
+      for (const id of ids) {
+        const { Item } = await doc.send(
+          new GetCommand({ TableName: table, Key: messageKey(user, id), ConsistentRead: true }),
+        );
+        if (Item && (Item[TTL_ATTRIBUTE] as number) > nowSeconds()) found.set(id, toMessage(Item));
+      }
+      return found;
+    },
+
+    async count(user) {
+      const { Item } = await doc.send(
+        new GetCommand({ TableName: table, Key: counterKey(user), ConsistentRead: true }),
+      );
+      return Math.max(0, (Item?.n as number | undefined) ?? 0);
+    },
+
+    async remove(user, ids) {
+      const removed: string[] = [];
+      for (const id of ids) {
+        const { Attributes } = await doc.send(
+          new DeleteCommand({ TableName: table, Key: messageKey(user, id), ReturnValues: 'ALL_OLD' }),
+        );
+        if (Attributes) removed.push(id);
+      }
+      if (removed.length > 0) {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: counterKey(user),
+            UpdateExpression: 'ADD n :minus',
+            ExpressionAttributeValues: { ':minus': -removed.length },
+          }),
+        );
+      }
+      return removed;
+    },
+
+    async purge(user) {
+      let removed = 0;
+      for (;;) {
+        const page = await this.list(user, { limit: 100 });
+        if (page.messages.length === 0) break;
+        removed += (await this.remove(user, page.messages.map((m) => m.id))).length;
+        if (!page.next) break;
+      }
+      await recount(user);
+      return removed;
+    },
+  };
+}

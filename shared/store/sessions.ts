@@ -1,0 +1,300 @@
+/**
+ * Sessions table: one item per WebSocket connection (the stream's state between frames, since
+ * every frame may run in another Lambda) and one item per bound resource (what routing reads).
+ *
+ *   pk = conn#<connectionId>  sk = conn            → ConnectionState
+ *   pk = user#<bare JID>      sk = res#<resource>  → ResourceRecord
+ *
+ * Routing to a bare JID is one strongly consistent Query on `user#<bare>`.
+ */
+import { ConditionalCheckFailedException } from '@aws-sdk/client-dynamodb';
+import {
+  DeleteCommand,
+  type DynamoDBDocumentClient,
+  GetCommand,
+  PutCommand,
+  QueryCommand,
+  UpdateCommand,
+} from '@aws-sdk/lib-dynamodb';
+import { SWEEP_INDEX, TTL_ATTRIBUTE } from '../tables.ts';
+
+/** The sweep index's one partition: sessions detached from their socket, awaiting resumption. */
+export const DETACHED_SHARD = 'detached';
+
+export interface SaslProgress {
+  mechanism: string;
+  /** The mechanism's state between challenge and response (JSON-serialisable). */
+  state: Record<string, unknown>;
+  /** The bare JID being authenticated (for the per-account failure count). */
+  jid?: string;
+}
+
+export interface ConnectionState {
+  connectionId: string;
+  connectedAt: number;
+  /** Set once `<open/>` was answered on the current stream (reset by a SASL success). */
+  streamOpen: boolean;
+  streamId?: string;
+  /** Authenticated bare JID: the only identity (DESIGN.md "Identity and trust"). */
+  user?: string;
+  resource?: string;
+  sasl?: SaslProgress;
+  authFailures: number;
+  /** XEP-0013: the session asked for the count, headers or a fetch, so it is never flooded. */
+  flexibleOffline?: boolean;
+}
+
+export interface ResourceRecord {
+  user: string;
+  resource: string;
+  connectionId: string;
+  available: boolean;
+  priority: number;
+  /** The last broadcast presence stanza, serialised. */
+  presence?: string;
+  boundAt: number;
+  flexibleOffline?: boolean;
+}
+
+const connKey = (connectionId: string) => ({ pk: `conn#${connectionId}`, sk: 'conn' });
+const resourceKey = (user: string, resource: string) => ({ pk: `user#${user}`, sk: `res#${resource}` });
+
+type Mutable = Omit<ConnectionState, 'connectionId' | 'connectedAt'>;
+
+export interface SessionStore {
+  createConnection(connectionId: string, connectedAt: number): Promise<void>;
+  getConnection(connectionId: string): Promise<ConnectionState | undefined>;
+  /** Sets the given fields; `undefined` values are removed. */
+  updateConnection(connectionId: string, changes: Partial<Mutable>): Promise<void>;
+  deleteConnection(connectionId: string): Promise<void>;
+  listResources(user: string): Promise<ResourceRecord[]>;
+  getResource(user: string, resource: string): Promise<ResourceRecord | undefined>;
+  /** Binds (or takes over) a resource; returns the record it replaced. */
+  bindResource(record: ResourceRecord): Promise<ResourceRecord | undefined>;
+  /** Updates availability if the resource still belongs to `connectionId`; returns the old record. */
+  updatePresence(
+    user: string,
+    resource: string,
+    connectionId: string,
+    changes: Pick<ResourceRecord, 'available' | 'priority' | 'presence'>,
+  ): Promise<ResourceRecord | undefined>;
+  markFlexibleOffline(user: string, resource: string, connectionId: string): Promise<void>;
+  /** Connections whose detach window ended before `now` (sparse index, oldest first). */
+  listExpiredDetached(now: number, limit: number): Promise<ConnectionState[]>;
+  /** Removes the resource if it still belongs to `connectionId`; returns it, or undefined. */
+  releaseResource(user: string, resource: string, connectionId: string): Promise<ResourceRecord | undefined>;
+}
+
+function ttl(seconds: number, now = Date.now()): number {
+  return Math.floor(now / 1000) + seconds;
+}
+
+function toConnection(item: Record<string, unknown>): ConnectionState {
+  return {
+    connectionId: item.connectionId as string,
+    connectedAt: item.connectedAt as number,
+    streamOpen: Boolean(item.streamOpen),
+    streamId: item.streamId as string | undefined,
+    user: item.user as string | undefined,
+    resource: item.resource as string | undefined,
+    sasl: item.sasl as SaslProgress | undefined,
+    authFailures: (item.authFailures as number | undefined) ?? 0,
+    flexibleOffline: item.flexibleOffline as boolean | undefined,
+  };
+}
+
+function toResource(item: Record<string, unknown>): ResourceRecord {
+  return {
+    user: item.user as string,
+    resource: item.resource as string,
+    connectionId: item.connectionId as string,
+    available: Boolean(item.available),
+    priority: (item.priority as number | undefined) ?? 0,
+    presence: item.presence as string | undefined,
+    boundAt: item.boundAt as number,
+    flexibleOffline: item.flexibleOffline as boolean | undefined,
+  };
+}
+
+function isConditionFailure(error: unknown): boolean {
+  return (
+    error instanceof ConditionalCheckFailedException ||
+    (error as Error).name === 'ConditionalCheckFailedException'
+  );
+}
+
+export function createSessionStore(
+  doc: DynamoDBDocumentClient,
+  table: string,
+  connectionTtlSeconds: number,
+): SessionStore {
+  return {
+    async createConnection(connectionId, connectedAt) {
+      await doc.send(
+        new PutCommand({
+          TableName: table,
+          Item: {
+            ...connKey(connectionId),
+            connectionId,
+            connectedAt,
+            streamOpen: false,
+            authFailures: 0,
+            [TTL_ATTRIBUTE]: ttl(connectionTtlSeconds, connectedAt),
+          },
+        }),
+      );
+    },
+
+    async getConnection(connectionId) {
+      const { Item } = await doc.send(
+        new GetCommand({ TableName: table, Key: connKey(connectionId), ConsistentRead: true }),
+      );
+      return Item ? toConnection(Item) : undefined;
+    },
+
+    async updateConnection(connectionId, changes) {
+      const sets: string[] = [];
+      const removes: string[] = [];
+      const names: Record<string, string> = {};
+      const values: Record<string, unknown> = {};
+      for (const [field, value] of Object.entries(changes)) {
+        names[`#${field}`] = field;
+        if (value === undefined) removes.push(`#${field}`);
+        else {
+          sets.push(`#${field} = :${field}`);
+          values[`:${field}`] = value;
+        }
+      }
+      names['#ttl'] = TTL_ATTRIBUTE;
+      sets.push('#ttl = :ttl');
+      values[':ttl'] = ttl(connectionTtlSeconds);
+      const expression = `SET ${sets.join(', ')}${removes.length ? ` REMOVE ${removes.join(', ')}` : ''}`;
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: connKey(connectionId),
+            UpdateExpression: expression,
+            ConditionExpression: 'attribute_exists(pk)',
+            ExpressionAttributeNames: names,
+            ExpressionAttributeValues: values,
+          }),
+        );
+      } catch (error) {
+        // The connection ended meanwhile (its row was deleted): nothing left to update.
+        if (!isConditionFailure(error)) throw error;
+      }
+    },
+
+    async deleteConnection(connectionId) {
+      await doc.send(new DeleteCommand({ TableName: table, Key: connKey(connectionId) }));
+    },
+
+    async listResources(user) {
+      const { Items = [] } = await doc.send(
+        new QueryCommand({
+          TableName: table,
+          KeyConditionExpression: 'pk = :pk AND begins_with(sk, :res)',
+          ExpressionAttributeValues: { ':pk': `user#${user}`, ':res': 'res#' },
+          ConsistentRead: true,
+        }),
+      );
+      return Items.map(toResource);
+    },
+
+    async getResource(user, resource) {
+      const { Item } = await doc.send(
+        new GetCommand({ TableName: table, Key: resourceKey(user, resource), ConsistentRead: true }),
+      );
+      return Item ? toResource(Item) : undefined;
+    },
+
+    async bindResource(record) {
+      const { Attributes } = await doc.send(
+        new PutCommand({
+          TableName: table,
+          Item: {
+            ...resourceKey(record.user, record.resource),
+            ...record,
+            // API Gateway cuts every connection after 2 hours; a resource whose $disconnect was
+            // lost is found by a 410 on the next delivery, or expires with the connection TTL.
+            [TTL_ATTRIBUTE]: ttl(connectionTtlSeconds, record.boundAt),
+          },
+          ReturnValues: 'ALL_OLD',
+        }),
+      );
+      return Attributes ? toResource(Attributes) : undefined;
+    },
+
+    async updatePresence(user, resource, connectionId, changes) {
+      try {
+        const { Attributes } = await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: resourceKey(user, resource),
+            UpdateExpression: 'SET available = :available, priority = :priority, presence = :presence',
+            ConditionExpression: 'connectionId = :connectionId',
+            ExpressionAttributeValues: {
+              ':available': changes.available,
+              ':priority': changes.priority,
+              ':presence': changes.presence ?? '',
+              ':connectionId': connectionId,
+            },
+            ReturnValues: 'ALL_OLD',
+          }),
+        );
+        return Attributes ? toResource(Attributes) : undefined;
+      } catch (error) {
+        if (isConditionFailure(error)) return undefined;
+        throw error;
+      }
+    },
+
+    async markFlexibleOffline(user, resource, connectionId) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: resourceKey(user, resource),
+            UpdateExpression: 'SET flexibleOffline = :yes',
+            ConditionExpression: 'connectionId = :connectionId',
+            ExpressionAttributeValues: { ':yes': true, ':connectionId': connectionId },
+          }),
+        );
+      } catch (error) {
+        if (!isConditionFailure(error)) throw error;
+      }
+    },
+
+    async listExpiredDetached(now, limit) {
+      const { Items = [] } = await doc.send(
+        new QueryCommand({
+          TableName: table,
+          IndexName: SWEEP_INDEX,
+          KeyConditionExpression: 'sweepShard = :detached AND sweepAt <= :now',
+          ExpressionAttributeValues: { ':detached': DETACHED_SHARD, ':now': now },
+          Limit: limit,
+        }),
+      );
+      return Items.map(toConnection);
+    },
+
+    async releaseResource(user, resource, connectionId) {
+      try {
+        const { Attributes } = await doc.send(
+          new DeleteCommand({
+            TableName: table,
+            Key: resourceKey(user, resource),
+            ConditionExpression: 'connectionId = :connectionId',
+            ExpressionAttributeValues: { ':connectionId': connectionId },
+            ReturnValues: 'ALL_OLD',
+          }),
+        );
+        return Attributes ? toResource(Attributes) : undefined;
+      } catch (error) {
+        if (isConditionFailure(error)) return undefined;
+        throw error;
+      }
+    },
+  };
+}

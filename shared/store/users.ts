@@ -1,0 +1,289 @@
+/**
+ * Users table: accounts and their per-account SASL failure count. The only module that
+ * reads or writes it.
+ *
+ *   pk = <bare JID>  sk = credentials  → StoredUser (salted SCRAM keys, never a password)
+ *   pk = <bare JID>  sk = authfail     → failures in the current window, expiring by TTL
+ *
+ * The authfail item exists for any JID someone tried to log in as, account or not, so its
+ * presence reveals nothing. A login reads both items with one Query (`loginRecord`).
+ */
+import { ConditionalCheckFailedException } from '@aws-sdk/client-dynamodb';
+import {
+  DeleteCommand,
+  type DynamoDBDocumentClient,
+  GetCommand,
+  PutCommand,
+  QueryCommand,
+  ScanCommand,
+  UpdateCommand,
+} from '@aws-sdk/lib-dynamodb';
+import type { ScramCredentials, ScramHash } from '../sasl/scram.ts';
+import { TTL_ATTRIBUTE } from '../tables.ts';
+
+const CREDENTIALS = 'credentials';
+const AUTH_FAILURES = 'authfail';
+
+/** SCRAM keys for every hash we offer, derived from one password. */
+export type UserCredentials = Record<ScramHash, ScramCredentials>;
+
+export interface StoredUser {
+  jid: string;
+  scram: UserCredentials;
+  /** Epoch milliseconds. */
+  createdAt: number;
+  /** Epoch milliseconds of the last password change. */
+  updatedAt: number;
+}
+
+export interface LoginRecord {
+  user?: StoredUser;
+  /** Failures in the current window for this JID. */
+  authFailures: number;
+}
+
+export class UserExistsError extends Error {
+  override readonly name = 'UserExistsError';
+  constructor(readonly jid: string) {
+    super(`user ${jid} already exists`);
+  }
+}
+
+export class UnknownUserError extends Error {
+  override readonly name = 'UnknownUserError';
+  constructor(readonly jid: string) {
+    super(`no user ${jid}`);
+  }
+}
+
+export interface UserStore {
+  /** Adds an account; `UserExistsError` if the JID has one. */
+  create(jid: string, scram: UserCredentials): Promise<StoredUser>;
+  /** Replaces the keys (a password change); `UnknownUserError` if there is no such account. */
+  replaceCredentials(jid: string, scram: UserCredentials): Promise<void>;
+  get(jid: string): Promise<StoredUser | undefined>;
+  exists(jid: string): Promise<boolean>;
+  /** Removes the account and its failure count; `UnknownUserError` if there is none. */
+  delete(jid: string): Promise<void>;
+  /** Every account's bare JID, sorted. Administration only: a full Scan (see below). */
+  list(): Promise<string[]>;
+  /** The account (if any) and its failure count, in one strongly consistent Query. */
+  loginRecord(jid: string): Promise<LoginRecord>;
+  /**
+   * Counts one failed attempt for `jid` (existing or not) and returns the count in the
+   * current window, which starts at the first failure and lasts `windowSeconds`.
+   */
+  recordAuthFailure(jid: string, windowSeconds: number): Promise<number>;
+  authFailures(jid: string): Promise<number>;
+  clearAuthFailures(jid: string): Promise<void>;
+}
+
+export interface UserStoreOptions {
+  /** Epoch milliseconds; tests move it to cross a failure window. */
+  now?: () => number;
+}
+
+interface CredentialsItem {
+  pk: string;
+  sk: typeof CREDENTIALS;
+  scram: UserCredentials;
+  createdAt: number;
+  updatedAt: number;
+}
+
+interface AuthFailureItem {
+  pk: string;
+  sk: typeof AUTH_FAILURES;
+  failures: number;
+  [TTL_ATTRIBUTE]: number;
+}
+
+function toUser(item: CredentialsItem): StoredUser {
+  return { jid: item.pk, scram: item.scram, createdAt: item.createdAt, updatedAt: item.updatedAt };
+}
+
+function isConditionFailure(error: unknown): boolean {
+  return (
+    error instanceof ConditionalCheckFailedException ||
+    (error as { name?: string } | undefined)?.name === 'ConditionalCheckFailedException'
+  );
+}
+
+export function createUserStore(
+  doc: DynamoDBDocumentClient,
+  tableName: string,
+  options: UserStoreOptions = {},
+): UserStore {
+  const now = options.now ?? Date.now;
+  const nowSeconds = () => Math.floor(now() / 1000);
+
+  /** DynamoDB's TTL deletes late (hours, at worst), so a read ignores an expired count itself. */
+  function liveFailures(item: AuthFailureItem | undefined): number {
+    if (!item || item[TTL_ATTRIBUTE] <= nowSeconds()) return 0;
+    return item.failures;
+  }
+
+  async function getAuthFailureItem(jid: string): Promise<AuthFailureItem | undefined> {
+    const { Item } = await doc.send(
+      new GetCommand({ TableName: tableName, Key: { pk: jid, sk: AUTH_FAILURES }, ConsistentRead: true }),
+    );
+    return Item as AuthFailureItem | undefined;
+  }
+
+  return {
+    async create(jid, scram) {
+      const at = now();
+      const item: CredentialsItem = { pk: jid, sk: CREDENTIALS, scram, createdAt: at, updatedAt: at };
+      try {
+        await doc.send(
+          new PutCommand({
+            TableName: tableName,
+            Item: item,
+            ConditionExpression: 'attribute_not_exists(pk)',
+          }),
+        );
+      } catch (error) {
+        if (isConditionFailure(error)) throw new UserExistsError(jid);
+        throw error;
+      }
+      return toUser(item);
+    },
+
+    async replaceCredentials(jid, scram) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: tableName,
+            Key: { pk: jid, sk: CREDENTIALS },
+            UpdateExpression: 'SET #scram = :scram, #updatedAt = :now',
+            ConditionExpression: 'attribute_exists(pk)',
+            ExpressionAttributeNames: { '#scram': 'scram', '#updatedAt': 'updatedAt' },
+            ExpressionAttributeValues: { ':scram': scram, ':now': now() },
+          }),
+        );
+      } catch (error) {
+        if (isConditionFailure(error)) throw new UnknownUserError(jid);
+        throw error;
+      }
+    },
+
+    async get(jid) {
+      const { Item } = await doc.send(
+        new GetCommand({ TableName: tableName, Key: { pk: jid, sk: CREDENTIALS } }),
+      );
+      return Item ? toUser(Item as CredentialsItem) : undefined;
+    },
+
+    async exists(jid) {
+      const { Item } = await doc.send(
+        new GetCommand({
+          TableName: tableName,
+          Key: { pk: jid, sk: CREDENTIALS },
+          ProjectionExpression: 'pk',
+        }),
+      );
+      return Item !== undefined;
+    },
+
+    async delete(jid) {
+      try {
+        await doc.send(
+          new DeleteCommand({
+            TableName: tableName,
+            Key: { pk: jid, sk: CREDENTIALS },
+            ConditionExpression: 'attribute_exists(pk)',
+          }),
+        );
+      } catch (error) {
+        if (isConditionFailure(error)) throw new UnknownUserError(jid);
+        throw error;
+      }
+      await doc.send(new DeleteCommand({ TableName: tableName, Key: { pk: jid, sk: AUTH_FAILURES } }));
+    },
+
+    // There is no index over all accounts, on purpose: no request path needs one. Listing is
+    // an operator's command (`npm run user -- list`), so a Scan filtered to credentials items
+    // is acceptable here and nowhere else; it reads (and pays for) the whole table.
+    async list() {
+      const jids: string[] = [];
+      let startKey: Record<string, unknown> | undefined;
+      do {
+        const page = await doc.send(
+          new ScanCommand({
+            TableName: tableName,
+            FilterExpression: 'sk = :credentials',
+            ProjectionExpression: 'pk',
+            ExpressionAttributeValues: { ':credentials': CREDENTIALS },
+            ExclusiveStartKey: startKey,
+          }),
+        );
+        for (const item of page.Items ?? []) jids.push(item.pk as string);
+        startKey = page.LastEvaluatedKey;
+      } while (startKey);
+      return jids.sort();
+    },
+
+    async loginRecord(jid) {
+      const { Items = [] } = await doc.send(
+        new QueryCommand({
+          TableName: tableName,
+          KeyConditionExpression: 'pk = :jid',
+          ExpressionAttributeValues: { ':jid': jid },
+          ConsistentRead: true,
+        }),
+      );
+      const credentials = Items.find((item) => item.sk === CREDENTIALS) as CredentialsItem | undefined;
+      const failures = Items.find((item) => item.sk === AUTH_FAILURES) as AuthFailureItem | undefined;
+      return { ...(credentials ? { user: toUser(credentials) } : {}), authFailures: liveFailures(failures) };
+    },
+
+    async recordAuthFailure(jid, windowSeconds) {
+      const key = { pk: jid, sk: AUTH_FAILURES };
+      // An ADD into the live window, else a restart of an expired one; a concurrent attempt
+      // may restart it first, which sends this one back to the ADD.
+      for (let attempt = 0; attempt < 3; attempt++) {
+        const at = nowSeconds();
+        try {
+          const { Attributes } = await doc.send(
+            new UpdateCommand({
+              TableName: tableName,
+              Key: key,
+              UpdateExpression: 'ADD #failures :one SET #expiresAt = if_not_exists(#expiresAt, :expiresAt)',
+              ConditionExpression: 'attribute_not_exists(#expiresAt) OR #expiresAt > :now',
+              ExpressionAttributeNames: { '#failures': 'failures', '#expiresAt': TTL_ATTRIBUTE },
+              ExpressionAttributeValues: { ':one': 1, ':expiresAt': at + windowSeconds, ':now': at },
+              ReturnValues: 'UPDATED_NEW',
+            }),
+          );
+          return Attributes?.failures as number;
+        } catch (error) {
+          if (!isConditionFailure(error)) throw error;
+        }
+        try {
+          await doc.send(
+            new UpdateCommand({
+              TableName: tableName,
+              Key: key,
+              UpdateExpression: 'SET #failures = :one, #expiresAt = :expiresAt',
+              ConditionExpression: '#expiresAt <= :now',
+              ExpressionAttributeNames: { '#failures': 'failures', '#expiresAt': TTL_ATTRIBUTE },
+              ExpressionAttributeValues: { ':one': 1, ':expiresAt': at + windowSeconds, ':now': at },
+            }),
+          );
+          return 1;
+        } catch (error) {
+          if (!isConditionFailure(error)) throw error;
+        }
+      }
+      throw new Error(`could not count an authentication failure for ${jid}: window kept changing`);
+    },
+
+    async authFailures(jid) {
+      return liveFailures(await getAuthFailureItem(jid));
+    },
+
+    async clearAuthFailures(jid) {
+      await doc.send(new DeleteCommand({ TableName: tableName, Key: { pk: jid, sk: AUTH_FAILURES } }));
+    },
+  };
+}

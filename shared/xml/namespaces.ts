@@ -1,0 +1,21 @@
+/** XML namespaces the server speaks, named once. */
+export const NS = {
+  framing: 'urn:ietf:params:xml:ns:xmpp-framing',
+  client: 'jabber:client',
+  stream: 'http://etherx.jabber.org/streams',
+  streams: 'urn:ietf:params:xml:ns:xmpp-streams',
+  stanzas: 'urn:ietf:params:xml:ns:xmpp-stanzas',
+  sasl: 'urn:ietf:params:xml:ns:xmpp-sasl',
+  bind: 'urn:ietf:params:xml:ns:xmpp-bind',
+  session: 'urn:ietf:params:xml:ns:xmpp-session',
+  discoInfo: 'http://jabber.org/protocol/disco#info',
+  discoItems: 'http://jabber.org/protocol/disco#items',
+  ping: 'urn:xmpp:ping',
+  version: 'jabber:iq:version',
+  delay: 'urn:xmpp:delay',
+  hints: 'urn:xmpp:hints',
+  chatStates: 'http://jabber.org/protocol/chatstates',
+  offline: 'http://jabber.org/protocol/offline',
+  dataForms: 'jabber:x:data',
+  rsm: 'http://jabber.org/protocol/rsm',
+} as const;
