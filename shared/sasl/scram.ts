@@ -23,7 +23,7 @@ export const MECHANISM_HASH: Readonly<Record<string, ScramHash>> = {
   'SCRAM-SHA-1': 'sha1',
 };
 
-// RFC 7677 §4: "the iteration-count ... SHOULD be at least 4096".
+// RFC 7677 §4: "The hash iteration-count announced by a server SHOULD be at least 4096".
 export const MIN_ITERATIONS = 4096;
 
 const HASH_BYTES: Record<ScramHash, number> = { sha1: 20, sha256: 32 };
@@ -81,15 +81,14 @@ function malformed(text: string, scramError?: ScramServerError): SaslError {
 }
 
 /**
- * RFC 6120 §6.4.2: the XML character data of `<auth/>` and `<response/>` is base64, and "="
- * stands for an empty response. Node's own decoder silently skips bad characters, so the
- * alphabet and padding are checked first.
+ * The text of `<auth/>` or `<response/>`: base64 (RFC 6120 §6.4.2), where a lone "=" is a
+ * present but empty response. Anything that is not base64 per RFC 4648 §4 (alphabet, padding,
+ * no line breaks) is `incorrect-encoding` (RFC 6120 §6.5.2). Node's own decoder silently skips
+ * bad characters, hence the explicit check.
  */
 export function decodeSaslPayload(text: string): string {
   const trimmed = text.trim();
   if (trimmed === '' || trimmed === '=') return '';
-  // RFC 6120 §6.4.2: "...the receiving entity MUST ... return <incorrect-encoding/> ...
-  // if the data is not encoded in base 64 per Section 4 of [BASE64]" (no line breaks, padding required).
   if (!/^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/.test(trimmed)) {
     throw new SaslError('incorrect-encoding', 'payload is not base64');
   }
@@ -124,7 +123,7 @@ function xor(a: Buffer, b: Buffer): Buffer {
 
 /**
  * RFC 5802 §2.2: "Normalize(str): Apply the SASLprep profile [RFC4013] to the argument string".
- * RFC 4013 §2.3 / RFC 3454 §7: stored strings must not contain unassigned code points, queries
+ * RFC 4013 §2.5 and RFC 3454 §7: stored strings must not contain unassigned code points, queries
  * (a password typed at login) may.
  */
 function normalizePassword(password: string, purpose: 'store' | 'query'): string {
@@ -203,8 +202,8 @@ export async function deriveCredentialSet(
 
 /**
  * Credentials to run SCRAM against when the user does not exist, so that the server-first
- * message looks like a real one (RFC 5802 §5.1: the server "SHOULD ... respond ... with a
- * plausible salt and iteration count" rather than reveal that the user is unknown).
+ * message looks like a real one: answering an unknown user at once, or with a fresh random
+ * salt on every attempt, would tell an attacker which accounts exist.
  *
  * The salt is a keyed hash of the username, so it is stable across attempts as a real salt is
  * and cannot be predicted without `secret`. The keys are random, so no proof ever matches,

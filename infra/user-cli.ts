@@ -1,0 +1,193 @@
+/**
+ * Account administration: `npm run user -- add|passwd|delete|list`.
+ *
+ * Stores salted SCRAM-SHA-1 and SCRAM-SHA-256 keys (RFC 5802 §3, RFC 7677), never the
+ * password. Talks to the same DynamoDB as `npm start` by default, so it works while the local
+ * stack runs; against AWS it takes the table name and region from the environment.
+ */
+import { readFileSync } from 'node:fs';
+import { pathToFileURL } from 'node:url';
+import { loadConfig } from '../shared/config.ts';
+import { deriveCredentialSet, MIN_ITERATIONS } from '../shared/sasl/scram.ts';
+import { createDocumentClient } from '../shared/store/dynamo.ts';
+import { createUserStore, UnknownUserError, UserExistsError } from '../shared/store/users.ts';
+
+const USAGE = `Usage: npm run user -- <command>
+
+  add <bare-jid> <password>      create an account
+  passwd <bare-jid> <password>   change an account's password
+  delete <bare-jid>              remove an account
+  list                           print every account's JID
+
+A password of "-" is read from standard input (keeps it out of the process list).
+
+Where the accounts are:
+  local stack (default)   DynamoDB Local at http://127.0.0.1:$DYNAMODB_PORT (8000), table
+                          nimbus-users ($TABLE_PREFIX-users), as used by \`npm start\`
+  DYNAMODB_ENDPOINT=url   another DynamoDB Local, e.g. docker run -p 8000:8000 amazon/dynamodb-local
+  USERS_TABLE=name        a deployed stack: the users table named in the stack outputs
+                          (\`npx cdk deploy\` prints them), with AWS_REGION and AWS credentials
+
+The JID's domain must be the served domain, XMPP_DOMAIN (default localhost).
+SCRAM_ITERATIONS sets the PBKDF2 iteration count (default and minimum 4096).
+
+Exit status: 0 done, 1 usage error, 2 failure.`;
+
+class UsageError extends Error {}
+
+// RFC 7622 §3.3.1: the localpart MUST NOT contain " & ' / : < > @ (and no space, §3.3.1 via
+// the PRECIS IdentifierClass, which also excludes other whitespace and controls).
+const LOCALPART_FORBIDDEN = /["&'/:<>@\s\p{Cc}]/u;
+const DOMAIN_FORBIDDEN = /[@/\s\p{Cc}]/u;
+// RFC 7622 §3.1: each part is at most 1023 octets.
+const MAX_PART_BYTES = 1023;
+
+/**
+ * Validate and normalise an account's bare JID (`localpart@domain`): lower-cased and NFC as
+ * the stream code does for addresses, trailing dot of the domain dropped (RFC 7622 §3.2).
+ */
+export function parseAccountJid(text: string, servedDomain: string): string {
+  if (text.includes('/')) throw new UsageError(`'${text}' has a resource: give a bare JID (user@domain)`);
+  const at = text.indexOf('@');
+  if (at < 0) throw new UsageError(`'${text}' is not a bare JID: expected user@domain`);
+  const local = text.slice(0, at).normalize('NFC').toLowerCase();
+  let domain = text
+    .slice(at + 1)
+    .normalize('NFC')
+    .toLowerCase();
+  if (domain.endsWith('.')) domain = domain.slice(0, -1);
+  if (local === '') throw new UsageError(`'${text}' has an empty localpart`);
+  if (LOCALPART_FORBIDDEN.test(local)) {
+    throw new UsageError(`'${text}': a localpart may not contain spaces, controls or any of " & ' / : < > @`);
+  }
+  if (domain === '' || DOMAIN_FORBIDDEN.test(domain) || domain.split('.').includes('')) {
+    throw new UsageError(`'${text}' has an invalid domain`);
+  }
+  if (Buffer.byteLength(local) > MAX_PART_BYTES || Buffer.byteLength(domain) > MAX_PART_BYTES) {
+    throw new UsageError(`'${text}': localpart and domain are limited to ${MAX_PART_BYTES} bytes each`);
+  }
+  if (domain !== servedDomain) {
+    throw new UsageError(
+      `'${text}' is not in the served domain '${servedDomain}' (set XMPP_DOMAIN to the domain the server runs with)`,
+    );
+  }
+  return `${local}@${domain}`;
+}
+
+function readPassword(argument: string): string {
+  if (argument !== '-') return argument;
+  return readFileSync(0, 'utf8').replace(/\r?\n$/, '');
+}
+
+type Env = Record<string, string | undefined>;
+
+interface Output {
+  out(line: string): void;
+  err(line: string): void;
+}
+
+function target(env: Env) {
+  const config = loadConfig(env);
+  // Neither an endpoint nor a table name given: the local stack, as `npm start` runs it.
+  const local = !env.DYNAMODB_ENDPOINT && !env.USERS_TABLE;
+  const endpoint =
+    config.dynamodbEndpoint ?? (local ? `http://127.0.0.1:${env.DYNAMODB_PORT || 8000}` : undefined);
+  return {
+    config,
+    endpoint,
+    where: endpoint ? `${config.tables.users} at ${endpoint}` : `${config.tables.users} in ${config.region}`,
+  };
+}
+
+function explain(error: unknown, where: string): string {
+  const name = (error as { name?: string }).name;
+  const code = (error as { code?: string }).code;
+  if (error instanceof UserExistsError)
+    return `${error.jid} already exists (use passwd to change its password)`;
+  if (error instanceof UnknownUserError) return `${error.jid} does not exist`;
+  if (name === 'ResourceNotFoundException')
+    return `table ${where} does not exist (is the stack deployed or started?)`;
+  if (code === 'ECONNREFUSED' || name === 'TimeoutError') {
+    return `cannot reach DynamoDB (${where}): start the local stack with \`npm start\`, or set DYNAMODB_ENDPOINT or USERS_TABLE`;
+  }
+  return `failed on ${where}: ${(error as Error).message}`;
+}
+
+/** Runs one command; returns the exit status. */
+export async function runUserCli(args: string[], env: Env = process.env, output?: Output): Promise<number> {
+  const io = output ?? { out: (line) => console.log(line), err: (line) => console.error(line) };
+  const [command, ...rest] = args;
+  const arity: Record<string, number> = { add: 2, passwd: 2, delete: 1, list: 0 };
+  if (command === 'help' || command === '--help' || command === '-h') {
+    io.out(USAGE);
+    return 0;
+  }
+  if (command === undefined) {
+    io.err(USAGE);
+    return 1;
+  }
+  if (!(command in arity) || rest.length !== arity[command]) {
+    io.err(
+      command in arity ? `'${command}' takes ${arity[command]} argument(s)` : `unknown command '${command}'`,
+    );
+    io.err(USAGE);
+    return 1;
+  }
+
+  let resolved: ReturnType<typeof target>;
+  let jid = '';
+  try {
+    resolved = target(env);
+    if (rest[0] !== undefined) jid = parseAccountJid(rest[0], resolved.config.domain);
+    if (resolved.config.scramIterations < MIN_ITERATIONS) {
+      throw new UsageError(`SCRAM_ITERATIONS must be at least ${MIN_ITERATIONS}`);
+    }
+  } catch (error) {
+    io.err((error as Error).message);
+    io.err(USAGE);
+    return 1;
+  }
+
+  const doc = createDocumentClient({ endpoint: resolved.endpoint, region: resolved.config.region });
+  const users = createUserStore(doc, resolved.config.tables.users);
+  try {
+    switch (command) {
+      case 'add':
+      case 'passwd': {
+        let credentials: Awaited<ReturnType<typeof deriveCredentialSet>>;
+        try {
+          credentials = await deriveCredentialSet(readPassword(rest[1]), resolved.config.scramIterations);
+        } catch (error) {
+          // deriveCredentialSet refuses only the password itself (SASLprep, empty): bad input.
+          io.err((error as Error).message);
+          io.err(USAGE);
+          return 1;
+        }
+        if (command === 'add') {
+          await users.create(jid, credentials);
+          io.out(`added ${jid}`);
+        } else {
+          await users.replaceCredentials(jid, credentials);
+          io.out(`changed the password of ${jid}`);
+        }
+        return 0;
+      }
+      case 'delete':
+        await users.delete(jid);
+        io.out(`deleted ${jid}`);
+        return 0;
+      default:
+        for (const account of await users.list()) io.out(account);
+        return 0;
+    }
+  } catch (error) {
+    io.err(explain(error, resolved.where));
+    return 2;
+  } finally {
+    doc.destroy();
+  }
+}
+
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
+  process.exitCode = await runUserCli(process.argv.slice(2));
+}
