@@ -1,0 +1,101 @@
+/**
+ * Creates the tables of `shared/tables.ts` on DynamoDB Local (the local runner, the tests), the
+ * same definitions the CDK stack deploys. Idempotent: tables that exist are left as they are.
+ */
+import {
+  type AttributeDefinition,
+  CreateTableCommand,
+  DescribeTimeToLiveCommand,
+  type DynamoDBClient,
+  type KeySchemaElement,
+  ResourceInUseException,
+  UpdateTimeToLiveCommand,
+  waitUntilTableExists,
+} from '@aws-sdk/client-dynamodb';
+import type { Config } from '../../shared/config.ts';
+import { allTables, type KeyDefinition, type TableDefinition } from '../../shared/tables.ts';
+
+export type TableNames = Record<TableDefinition['id'], string>;
+
+/** The physical names of `Config['tables']` keyed by table id. */
+export function tableNamesOf(tables: Config['tables']): TableNames {
+  return { Users: tables.users, Sessions: tables.sessions, Offline: tables.offline };
+}
+
+export async function createTables(
+  client: DynamoDBClient,
+  names: TableNames,
+  definitions: readonly TableDefinition[] = allTables,
+): Promise<void> {
+  await Promise.all(definitions.map((definition) => createTable(client, names[definition.id], definition)));
+}
+
+async function createTable(
+  client: DynamoDBClient,
+  tableName: string,
+  definition: TableDefinition,
+): Promise<void> {
+  try {
+    await client.send(
+      new CreateTableCommand({
+        TableName: tableName,
+        BillingMode: 'PAY_PER_REQUEST',
+        AttributeDefinitions: attributeDefinitions(definition),
+        KeySchema: keySchema(definition.partitionKey, definition.sortKey),
+        GlobalSecondaryIndexes:
+          definition.globalSecondaryIndexes.length === 0
+            ? undefined
+            : definition.globalSecondaryIndexes.map((index) => ({
+                IndexName: index.indexName,
+                KeySchema: keySchema(index.partitionKey, index.sortKey),
+                Projection: { ProjectionType: 'ALL' },
+              })),
+      }),
+    );
+  } catch (error) {
+    if (!(error instanceof ResourceInUseException)) throw error;
+  }
+  await waitUntilTableExists({ client, maxWaitTime: 60, minDelay: 1, maxDelay: 2 }, { TableName: tableName });
+  await enableTimeToLive(client, tableName, definition.timeToLiveAttribute);
+}
+
+async function enableTimeToLive(client: DynamoDBClient, tableName: string, attribute: string): Promise<void> {
+  const current = await client.send(new DescribeTimeToLiveCommand({ TableName: tableName }));
+  const status = current.TimeToLiveDescription?.TimeToLiveStatus;
+  // Enabling it twice is a ValidationException, so only a table without TTL gets the update.
+  if (status === 'ENABLED' || status === 'ENABLING') return;
+  await client.send(
+    new UpdateTimeToLiveCommand({
+      TableName: tableName,
+      TimeToLiveSpecification: { AttributeName: attribute, Enabled: true },
+    }),
+  );
+}
+
+function keySchema(partitionKey: KeyDefinition, sortKey?: KeyDefinition): KeySchemaElement[] {
+  const schema: KeySchemaElement[] = [{ AttributeName: partitionKey.name, KeyType: 'HASH' }];
+  if (sortKey) schema.push({ AttributeName: sortKey.name, KeyType: 'RANGE' });
+  return schema;
+}
+
+/** Every attribute used by the table's or an index's key, declared once. */
+function attributeDefinitions(definition: TableDefinition): AttributeDefinition[] {
+  const keys = [
+    definition.partitionKey,
+    definition.sortKey,
+    ...definition.globalSecondaryIndexes.flatMap((index) =>
+      index.sortKey ? [index.partitionKey, index.sortKey] : [index.partitionKey],
+    ),
+  ];
+  const byName = new Map<string, KeyDefinition>();
+  for (const key of keys) {
+    const known = byName.get(key.name);
+    if (known && known.type !== key.type) {
+      throw new Error(
+        `${definition.id}: attribute ${key.name} is declared both ${known.type} and ${key.type}`,
+      );
+    }
+    byName.set(key.name, key);
+  }
+  return [...byName.values()].map((key) => ({ AttributeName: key.name, AttributeType: key.type }));
+}

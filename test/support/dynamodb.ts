@@ -1,0 +1,58 @@
+/**
+ * DynamoDB Local for integration tests: the database shared by the test run (started by
+ * test/support/global-setup.ts) and fresh, uniquely named tables per test file or test, so suites
+ * running in parallel never see each other's items.
+ */
+import { randomBytes } from 'node:crypto';
+import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
+import { inject } from 'vitest';
+import { createTables, tableNamesOf } from '../../infra/local/create-tables.ts';
+import { type Config, loadConfig } from '../../shared/config.ts';
+import { localTableName, offlineTable, sessionsTable, usersTable } from '../../shared/tables.ts';
+import type {} from './global-setup.ts';
+
+export const TEST_REGION = 'us-east-1';
+
+/** The endpoint of the run's DynamoDB Local (DYNAMODB_ENDPOINT when set). */
+export function useDynamoDbLocal(): string {
+  const endpoint = process.env.DYNAMODB_ENDPOINT || inject('dynamodbEndpoint');
+  if (!endpoint) {
+    throw new Error(
+      "no DynamoDB Local: register 'test/support/global-setup.ts' as globalSetup in vitest.config.ts or set DYNAMODB_ENDPOINT",
+    );
+  }
+  return endpoint;
+}
+
+/** A low-level client on the run's DynamoDB Local, with the dummy credentials it accepts. */
+export function testDynamoDbClient(): DynamoDBClient {
+  return new DynamoDBClient({
+    endpoint: useDynamoDbLocal(),
+    region: TEST_REGION,
+    credentials: { accessKeyId: 'local', secretAccessKey: 'local' },
+  });
+}
+
+/** Creates every table of shared/tables.ts as `<prefix>-users`, …; the prefix defaults to a random `t…`. */
+export async function createTestTables(
+  prefix = `t${randomBytes(6).toString('hex')}`,
+): Promise<Config['tables']> {
+  const tables: Config['tables'] = {
+    users: localTableName(usersTable, prefix),
+    sessions: localTableName(sessionsTable, prefix),
+    offline: localTableName(offlineTable, prefix),
+  };
+  const client = testDynamoDbClient();
+  try {
+    await createTables(client, tableNamesOf(tables));
+  } finally {
+    client.destroy();
+  }
+  return tables;
+}
+
+/** A configuration on fresh test tables of the run's DynamoDB Local; `env` as for `loadConfig`. */
+export async function createTestConfig(env: Record<string, string | undefined> = {}): Promise<Config> {
+  const tables = await createTestTables();
+  return { ...loadConfig({ AWS_REGION: TEST_REGION, ...env }), tables, dynamodbEndpoint: useDynamoDbLocal() };
+}
