@@ -1,7 +1,7 @@
 /** `$connect`: a direct Lambda integration, because it must answer the WebSocket handshake. */
 import { loadConfig } from '../shared/config.ts';
 import { type ConnectEvent, type ConnectResult, handleConnect } from '../shared/connect.ts';
-import { type Server, createServer } from '../shared/server.ts';
+import { createServer, type Server } from '../shared/server.ts';
 
 export function createConnectHandler(server: Server) {
   return async (event: ConnectEvent): Promise<ConnectResult> => {

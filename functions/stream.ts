@@ -4,8 +4,8 @@
  */
 import type { SQSBatchResponse, SQSEvent, SQSRecord } from 'aws-lambda';
 import { loadConfig } from '../shared/config.ts';
-import { MalformedQueueMessageError, decodeQueueMessage } from '../shared/queue-message.ts';
-import { type Server, createServer } from '../shared/server.ts';
+import { decodeQueueMessage, MalformedQueueMessageError } from '../shared/queue-message.ts';
+import { createServer, type Server } from '../shared/server.ts';
 import { handleStreamEvent } from '../shared/stream.ts';
 
 function groupOf(record: SQSRecord): string {

@@ -4,7 +4,7 @@
  * are no detached sessions, and a sweep costs one Query on a sparse index that is empty.
  */
 import { loadConfig } from '../shared/config.ts';
-import { type Server, createServer } from '../shared/server.ts';
+import { createServer, type Server } from '../shared/server.ts';
 import { sweepExpiredSessions } from '../shared/sweep.ts';
 
 export function createSweeperHandler(server: Server) {

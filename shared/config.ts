@@ -25,6 +25,8 @@ export interface Config {
   /** Failed SASL attempts per account within `authFailureWindowSeconds` before refusing. */
   authFailuresPerAccount: number;
   authFailureWindowSeconds: number;
+  /** Longest pause before answering a failed attempt past the per-account limit. */
+  authFailureMaxDelayMs: number;
   /** PBKDF2 iterations for newly stored SCRAM keys. */
   scramIterations: number;
   /** Seconds an unbound or idle connection row lives without activity (a safety net for lost $disconnect). */
@@ -37,7 +39,8 @@ function int(env: Env, name: string, fallback: number): number {
   const raw = env[name];
   if (raw === undefined || raw === '') return fallback;
   const value = Number(raw);
-  if (!Number.isInteger(value) || value < 0) throw new Error(`${name} must be a non-negative integer, got '${raw}'`);
+  if (!Number.isInteger(value) || value < 0)
+    throw new Error(`${name} must be a non-negative integer, got '${raw}'`);
   return value;
 }
 
@@ -62,6 +65,7 @@ export function loadConfig(env: Env = process.env): Config {
     authFailuresPerConnection: int(env, 'AUTH_FAILURES_PER_CONNECTION', 3),
     authFailuresPerAccount: int(env, 'AUTH_FAILURES_PER_ACCOUNT', 10),
     authFailureWindowSeconds: int(env, 'AUTH_FAILURE_WINDOW_SECONDS', 300),
+    authFailureMaxDelayMs: int(env, 'AUTH_FAILURE_MAX_DELAY_MS', 2000),
     scramIterations: int(env, 'SCRAM_ITERATIONS', 4096),
     connectionTtlSeconds: int(env, 'CONNECTION_TTL_SECONDS', 3 * 3600),
   };

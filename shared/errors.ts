@@ -3,7 +3,7 @@
  * reply. Nothing else ever reaches a client: an unexpected exception is logged and becomes
  * `internal-server-error`, never a stack trace.
  */
-import { Element, clone } from 'ltx';
+import { clone, Element } from 'ltx';
 import { NS } from './xml/namespaces.ts';
 
 export type StanzaErrorType = 'auth' | 'cancel' | 'continue' | 'modify' | 'wait';
@@ -124,6 +124,15 @@ export function isTransient(error: unknown): boolean {
   const retryable = (error as { $retryable?: unknown }).$retryable;
   if (retryable) return true;
   if (metadata && (metadata.httpStatusCode === undefined || metadata.httpStatusCode >= 500)) return true;
-  return ['TimeoutError', 'ThrottlingException', 'ProvisionedThroughputExceededException', 'RequestLimitExceeded',
-    'ECONNREFUSED', 'ECONNRESET'].includes(error.name) || ['ECONNREFUSED', 'ECONNRESET'].includes((error as NodeJS.ErrnoException).code ?? '');
+  return (
+    [
+      'TimeoutError',
+      'ThrottlingException',
+      'ProvisionedThroughputExceededException',
+      'RequestLimitExceeded',
+      'ECONNREFUSED',
+      'ECONNRESET',
+    ].includes(error.name) ||
+    ['ECONNREFUSED', 'ECONNRESET'].includes((error as NodeJS.ErrnoException).code ?? '')
+  );
 }

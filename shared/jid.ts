@@ -25,7 +25,8 @@ function bytes(part: string): number {
 }
 
 function checkPart(part: string, what: string): void {
-  if (bytes(part) > MAX_PART_BYTES) throw new StanzaError('modify', 'jid-malformed', `${what} over 1023 bytes`);
+  if (bytes(part) > MAX_PART_BYTES)
+    throw new StanzaError('modify', 'jid-malformed', `${what} over 1023 bytes`);
   if (CONTROL.test(part)) throw new StanzaError('modify', 'jid-malformed', `${what} has control characters`);
 }
 
@@ -42,7 +43,8 @@ export function parseJid(text: string): Jid {
 
   if (at !== -1 && local === '') throw new StanzaError('modify', 'jid-malformed', 'Empty localpart');
   if (slash !== -1 && resource === '') throw new StanzaError('modify', 'jid-malformed', 'Empty resourcepart');
-  if (domain === '' || /[\s@/]/.test(domain)) throw new StanzaError('modify', 'jid-malformed', 'Invalid domainpart');
+  if (domain === '' || /[\s@/]/.test(domain))
+    throw new StanzaError('modify', 'jid-malformed', 'Invalid domainpart');
   if (LOCALPART_FORBIDDEN.test(local)) throw new StanzaError('modify', 'jid-malformed', 'Invalid localpart');
   checkPart(local, 'localpart');
   checkPart(domain, 'domainpart');

@@ -77,7 +77,10 @@ export interface OutboundCounters {
 
 /** Stanzas sent to clients carry the content namespace explicitly (RFC 7395 §3.3.3). */
 function serialize(element: Element): string {
-  if ((element.name === 'message' || element.name === 'presence' || element.name === 'iq') && !element.attrs.xmlns) {
+  if (
+    (element.name === 'message' || element.name === 'presence' || element.name === 'iq') &&
+    !element.attrs.xmlns
+  ) {
     element.attrs.xmlns = NS.client;
   }
   return element.toString();

@@ -3,11 +3,11 @@
  * goes (RFC 6120 §10, RFC 6121 §8.5), and how a thrown error becomes the reply.
  */
 import { Element } from 'ltx';
-import { StanzaError, errorReply, isTransient } from './errors.ts';
 import { deliverToResource } from './delivery.ts';
+import { errorReply, isTransient, StanzaError } from './errors.ts';
 import * as offlineStorage from './features/offline-storage.ts';
 import * as presence from './features/presence.ts';
-import { type Jid, bareJid, fullJid, parseJid } from './jid.ts';
+import { bareJid, fullJid, type Jid, parseJid } from './jid.ts';
 import type { Server } from './server.ts';
 import type { ResourceRecord } from './store/sessions.ts';
 import type { Stream } from './stream.ts';
@@ -69,7 +69,8 @@ export async function routeFromClient(stream: Stream, stanza: Element): Promise<
       to = parseJid(stanza.attrs.to);
       stanza.attrs.to = fullJid(to);
     }
-    if (stanza.name === 'message') await routeMessage(stream.server, stanza, to ?? { ...stream.jid, resource: '' });
+    if (stanza.name === 'message')
+      await routeMessage(stream.server, stanza, to ?? { ...stream.jid, resource: '' });
     else if (stanza.name === 'presence') await presence.handleFromClient(stream, stanza, to);
     else await routeIq(stream, stanza, to);
   } catch (error) {
@@ -122,7 +123,8 @@ export async function routeMessage(server: Server, stanza: Element, to: Jid): Pr
   if (type === 'error') return;
 
   for (;;) {
-    const targets = type === 'headline' ? resources.filter((r) => r.available && r.priority >= 0) : chatTargets(resources);
+    const targets =
+      type === 'headline' ? resources.filter((r) => r.available && r.priority >= 0) : chatTargets(resources);
     if (targets.length === 0) break;
     let delivered = false;
     for (const target of targets) {
@@ -149,11 +151,13 @@ async function routeIq(stream: Stream, stanza: Element, to: Jid | undefined): Pr
     }
     return;
   }
-  if (type !== 'get' && type !== 'set') throw new StanzaError('modify', 'bad-request', 'iq type must be get or set');
+  if (type !== 'get' && type !== 'set')
+    throw new StanzaError('modify', 'bad-request', 'iq type must be get or set');
   if (stanza.attrs.id === undefined) throw new StanzaError('modify', 'bad-request', 'iq needs an id');
   const children = stanza.getChildElements();
   // RFC 6120 §8.2.3: "An IQ stanza of type "get" or "set" MUST contain exactly one child element".
-  if (children.length !== 1) throw new StanzaError('modify', 'bad-request', 'get and set carry exactly one child');
+  if (children.length !== 1)
+    throw new StanzaError('modify', 'bad-request', 'get and set carry exactly one child');
   const payload = children[0] as Element;
 
   if (to && to.domain !== server.config.domain) {
@@ -168,7 +172,12 @@ async function routeIq(stream: Stream, stanza: Element, to: Jid | undefined): Pr
   }
   const target: IqTarget = to?.local ? 'account' : 'server';
   const handler = server.router.iqHandler(target, type, payload);
-  if (target === 'account' && to && bareJid(to) !== bareJid(stream.jid) && !(await server.users.exists(bareJid(to)))) {
+  if (
+    target === 'account' &&
+    to &&
+    bareJid(to) !== bareJid(stream.jid) &&
+    !(await server.users.exists(bareJid(to)))
+  ) {
     throw new StanzaError('cancel', 'service-unavailable');
   }
   if (!handler) throw new StanzaError('cancel', 'service-unavailable');

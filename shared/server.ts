@@ -11,7 +11,7 @@ import * as ping from './features/ping.ts';
 import * as presence from './features/presence.ts';
 import * as version from './features/version.ts';
 import { createLogger, type Logger } from './log.ts';
-import { type ConnectionPort, Outbound, apiGatewayPort } from './outbound.ts';
+import { apiGatewayPort, type ConnectionPort, Outbound } from './outbound.ts';
 import { Router } from './router.ts';
 import { documentClientFor } from './store/dynamo.ts';
 import { createOfflineStore, type OfflineStore } from './store/offline.ts';
@@ -27,7 +27,7 @@ export interface Server {
   router: Router;
   log: Logger;
   /** Secret for SASL decoys of unknown users (stable per deployment, never sent). */
-  decoySecret: string;
+  decoySecret(): Promise<string>;
 }
 
 export interface ServerOptions {
@@ -46,12 +46,14 @@ export function createServer(options: ServerOptions): Server {
       config.connectionsEndpoint ?? missing('CONNECTIONS_ENDPOINT (the API Gateway Management API endpoint)'),
       config.region,
     );
+  const users = createUserStore(doc, config.tables.users);
+  let decoySecret: Promise<string> | undefined;
   const router = new Router();
   for (const feature of [bind, disco, ping, version, presence, offlineStorage]) feature.register(router);
   return {
     config,
     sessions: createSessionStore(doc, config.tables.sessions, config.connectionTtlSeconds),
-    users: createUserStore(doc, config.tables.users),
+    users,
     offline: createOfflineStore(doc, config.tables.offline, {
       quota: config.offlineQuota,
       ttlSeconds: config.offlineTtlSeconds,
@@ -59,7 +61,13 @@ export function createServer(options: ServerOptions): Server {
     outbound: new Outbound(port),
     router,
     log: options.log ?? createLogger(),
-    decoySecret: process.env.SASL_DECOY_SECRET ?? `${config.domain}:${config.tables.users}`,
+    decoySecret() {
+      decoySecret ??= users.decoySecret().catch((error) => {
+        decoySecret = undefined;
+        throw error;
+      });
+      return decoySecret;
+    },
   };
 }
 

@@ -6,9 +6,9 @@ import { randomBytes } from 'node:crypto';
 import { Element } from 'ltx';
 import { isTransient, StreamError, streamErrorElement } from './errors.ts';
 import * as bind from './features/bind.ts';
-import * as sasl from './features/sasl.ts';
 import { endSession } from './features/presence.ts';
-import { type Jid, fullJidOf } from './jid.ts';
+import * as sasl from './features/sasl.ts';
+import { fullJidOf, type Jid } from './jid.ts';
 import type { PostResult } from './outbound.ts';
 import type { StreamEvent } from './queue-message.ts';
 import { routeFromClient } from './router.ts';
@@ -117,7 +117,8 @@ async function dispatch(stream: Stream, element: Element): Promise<void> {
   const ns = element.attrs.xmlns as string | undefined;
 
   if (element.name === 'open') {
-    if (ns !== NS.framing) throw new StreamError('invalid-namespace', 'open must be in the framing namespace');
+    if (ns !== NS.framing)
+      throw new StreamError('invalid-namespace', 'open must be in the framing namespace');
     return openStream(stream, element);
   }
   if (element.name === 'close' && ns === NS.framing) return stream.close();
@@ -125,7 +126,8 @@ async function dispatch(stream: Stream, element: Element): Promise<void> {
     // RFC 7395 §3.3.2: WebSocket streams are opened with <open/>, never <stream:stream>.
     throw new StreamError('invalid-namespace', 'Use the RFC 7395 <open/> element');
   }
-  if (!stream.state.streamOpen) throw new StreamError('unsupported-stanza-type', 'The stream is not open: send <open/> first');
+  if (!stream.state.streamOpen)
+    throw new StreamError('unsupported-stanza-type', 'The stream is not open: send <open/> first');
 
   if (ns === NS.sasl) return sasl.handle(stream, element);
 

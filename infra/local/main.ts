@@ -17,14 +17,20 @@ async function main(): Promise<void> {
   let database: DynamoDbLocal | undefined;
   let endpoint = env.DYNAMODB_ENDPOINT;
   if (!endpoint) {
-    database = await startDynamoDbLocal({ port: Number(env.DYNAMODB_PORT || 8000), dataDir: env.NIMBUS_DATA_DIR });
+    database = await startDynamoDbLocal({
+      port: Number(env.DYNAMODB_PORT || 8000),
+      dataDir: env.NIMBUS_DATA_DIR,
+    });
     endpoint = database.endpoint;
   }
   const config = { ...loadConfig({ ...env, DYNAMODB_ENDPOINT: endpoint }), dynamodbEndpoint: endpoint };
   const client = new DynamoDBClient({
     endpoint,
     region: config.region,
-    credentials: { accessKeyId: env.AWS_ACCESS_KEY_ID || 'local', secretAccessKey: env.AWS_SECRET_ACCESS_KEY || 'local' },
+    credentials: {
+      accessKeyId: env.AWS_ACCESS_KEY_ID || 'local',
+      secretAccessKey: env.AWS_SECRET_ACCESS_KEY || 'local',
+    },
   });
   await createTables(client, tableNamesOf(config.tables));
   client.destroy();

@@ -8,7 +8,7 @@ import { createStreamHandler } from '../../functions/stream.ts';
 import type { Config } from '../../shared/config.ts';
 import type { Logger } from '../../shared/log.ts';
 import { apiGatewayPort } from '../../shared/outbound.ts';
-import { type Server, createServer } from '../../shared/server.ts';
+import { createServer, type Server } from '../../shared/server.ts';
 import { type Gateway, startGateway } from './gateway.ts';
 
 export interface LocalStackOptions {
@@ -42,7 +42,11 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
     stream: (event) => createStreamHandler(ready())(event),
   });
   const config: Config = { ...options.config, connectionsEndpoint: gateway.managementEndpoint };
-  server = createServer({ config, port: apiGatewayPort(gateway.managementEndpoint, config.region), log: options.log });
+  server = createServer({
+    config,
+    port: apiGatewayPort(gateway.managementEndpoint, config.region),
+    log: options.log,
+  });
   return {
     url: gateway.url,
     gateway,

@@ -3,8 +3,8 @@
  * iq of RFC 3921 (`urn:ietf:params:xml:ns:xmpp-session`), answered with an empty result.
  */
 import { randomBytes } from 'node:crypto';
-import { Element, clone } from 'ltx';
-import { StanzaError, StreamError, errorReply, streamErrorElement } from '../errors.ts';
+import { clone, Element } from 'ltx';
+import { errorReply, StanzaError, StreamError, streamErrorElement } from '../errors.ts';
 import { bareJid, fullJid, fullJidOf, parseJid } from '../jid.ts';
 import type { Router } from '../router.ts';
 import type { Stream } from '../stream.ts';
@@ -33,7 +33,12 @@ function requestedResource(bind: Element): string | undefined {
 /** Before bind, the only stanza allowed is the bind request (RFC 6120 §7.1). */
 export async function handleUnbound(stream: Stream, stanza: Element): Promise<void> {
   const bind = stanza.getChild('bind', NS.bind);
-  if (stanza.name !== 'iq' || stanza.attrs.type !== 'set' || !bind || stanza.getChildElements().length !== 1) {
+  if (
+    stanza.name !== 'iq' ||
+    stanza.attrs.type !== 'set' ||
+    !bind ||
+    stanza.getChildElements().length !== 1
+  ) {
     throw new StreamError('not-authorized', 'Bind a resource first');
   }
   const { server } = stream;
@@ -59,7 +64,10 @@ export async function handleUnbound(stream: Stream, stanza: Element): Promise<vo
   if (previous && previous.connectionId !== stream.connectionId) {
     // RFC 6120 §7.7.2.2: the server's policy here is "override": the old session gets a
     // <conflict/> stream error and is closed, the new one binds.
-    await server.outbound.send(previous.connectionId, streamErrorElement(new StreamError('conflict', 'Replaced by a new connection')));
+    await server.outbound.send(
+      previous.connectionId,
+      streamErrorElement(new StreamError('conflict', 'Replaced by a new connection')),
+    );
     await server.outbound.send(previous.connectionId, new Element('close', { xmlns: NS.framing }));
     await server.outbound.close(previous.connectionId);
     await endSession(server, {
@@ -70,7 +78,10 @@ export async function handleUnbound(stream: Stream, stanza: Element): Promise<vo
       // The resource row now belongs to this stream; only the old connection row goes.
     });
     if (previous.available) {
-      const unavailable = new Element('presence', { from: fullJid(fullJidOf(user, resource)), type: 'unavailable' });
+      const unavailable = new Element('presence', {
+        from: fullJid(fullJidOf(user, resource)),
+        type: 'unavailable',
+      });
       for (const other of await server.sessions.listResources(user)) {
         if (other.available && other.connectionId !== stream.connectionId) {
           await server.outbound.send(other.connectionId, clone(unavailable));
@@ -80,6 +91,9 @@ export async function handleUnbound(stream: Stream, stanza: Element): Promise<vo
   }
   stream.update({ resource });
   const result = new Element('iq', { type: 'result', id: stanza.attrs.id });
-  result.c('bind', { xmlns: NS.bind }).c('jid').t(`${bareJid(stream.jid)}/${resource}`);
+  result
+    .c('bind', { xmlns: NS.bind })
+    .c('jid')
+    .t(`${bareJid(stream.jid)}/${resource}`);
   await stream.send(result);
 }

@@ -7,8 +7,8 @@ import { Element, parse } from 'ltx';
 import { StanzaError } from '../errors.ts';
 import type { Router } from '../router.ts';
 import type { Server } from '../server.ts';
+import { type OfflineMessage, OfflineQuotaExceededError } from '../store/offline.ts';
 import type { ResourceRecord } from '../store/sessions.ts';
-import { OfflineQuotaExceededError, type OfflineMessage } from '../store/offline.ts';
 import type { Stream } from '../stream.ts';
 import { NS } from '../xml/namespaces.ts';
 

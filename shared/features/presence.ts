@@ -3,10 +3,10 @@
  * user's own resources only; directed presence reaches the local JID it names. Nothing about
  * a user's availability leaks to other users.
  */
-import { Element, clone, parse } from 'ltx';
-import { StanzaError } from '../errors.ts';
+import { clone, Element, parse } from 'ltx';
 import { deliverToResource } from '../delivery.ts';
-import { type Jid, bareJid, fullJid, fullJidOf } from '../jid.ts';
+import { StanzaError } from '../errors.ts';
+import { bareJid, fullJid, fullJidOf, type Jid } from '../jid.ts';
 import type { Router } from '../router.ts';
 import type { Server } from '../server.ts';
 import type { ConnectionState, ResourceRecord } from '../store/sessions.ts';
@@ -89,11 +89,16 @@ async function becomeAvailable(stream: Stream, stanza: Element): Promise<void> {
 async function becomeUnavailable(stream: Stream, stanza: Element): Promise<void> {
   const { server } = stream;
   const user = stream.state.user as string;
-  const previous = await server.sessions.updatePresence(user, stream.state.resource as string, stream.connectionId, {
-    available: false,
-    priority: 0,
-    presence: '',
-  });
+  const previous = await server.sessions.updatePresence(
+    user,
+    stream.state.resource as string,
+    stream.connectionId,
+    {
+      available: false,
+      priority: 0,
+      presence: '',
+    },
+  );
   if (previous?.available) {
     await broadcastToOwnResources(server, user, stanza, { exceptConnectionId: stream.connectionId });
   }

@@ -62,13 +62,25 @@ function accountOf(stream: Stream, username: string): string | undefined {
   }
 }
 
-async function credentialsFor(stream: Stream, account: string | undefined, username: string, hash: ScramHash) {
+async function decoy(stream: Stream, account: string | undefined, username: string, hash: ScramHash) {
+  const { server } = stream;
+  return decoyCredentials(
+    account ?? username,
+    hash,
+    await server.decoySecret(),
+    server.config.scramIterations,
+  );
+}
+
+async function credentialsFor(
+  stream: Stream,
+  account: string | undefined,
+  username: string,
+  hash: ScramHash,
+) {
   const stored = account ? await stream.server.users.get(account) : undefined;
   const credentials: ScramCredentials | undefined = stored?.scram[hash];
-  return (
-    credentials ??
-    decoyCredentials(account ?? username, hash, stream.server.decoySecret, stream.server.config.scramIterations)
-  );
+  return credentials ?? decoy(stream, account, username, hash);
 }
 
 async function succeed(stream: Stream, account: string, additionalData?: string): Promise<void> {
@@ -76,7 +88,9 @@ async function succeed(stream: Stream, account: string, additionalData?: string)
   await server.users.clearAuthFailures(account);
   // RFC 6120 §6.4.6: on success the stream restarts; nothing from the old stream carries over.
   stream.update({ user: account, sasl: undefined, streamOpen: false, authFailures: 0 });
-  await stream.send(saslElement('success', additionalData === undefined ? undefined : encodeSaslPayload(additionalData)));
+  await stream.send(
+    saslElement('success', additionalData === undefined ? undefined : encodeSaslPayload(additionalData)),
+  );
 }
 
 /** Counts the failure, slows repeated ones, and answers. */
@@ -84,12 +98,15 @@ async function fail(stream: Stream, account: string | undefined, condition: 'not
   const { server } = stream;
   const { config } = server;
   const connectionFailures = stream.state.authFailures + 1;
-  const accountFailures = account ? await server.users.recordAuthFailure(account, config.authFailureWindowSeconds) : 0;
+  const accountFailures = account
+    ? await server.users.recordAuthFailure(account, config.authFailureWindowSeconds)
+    : 0;
   stream.update({ sasl: undefined, authFailures: connectionFailures });
   const overAccountLimit = accountFailures > config.authFailuresPerAccount;
   if (overAccountLimit) {
-    // Slowed: each failure beyond the limit waits longer, up to two seconds.
-    await sleep(Math.min(2000, 100 * 2 ** Math.min(5, accountFailures - config.authFailuresPerAccount)));
+    // Slowed: each failure beyond the limit waits longer, up to AUTH_FAILURE_MAX_DELAY_MS.
+    const over = Math.min(10, accountFailures - config.authFailuresPerAccount);
+    await sleep(Math.min(config.authFailureMaxDelayMs, 100 * 2 ** over));
   }
   if (connectionFailures >= config.authFailuresPerConnection) {
     // RFC 6120 §6.4.5: "...the receiving entity ... MAY terminate the TCP connection" after
@@ -97,7 +114,9 @@ async function fail(stream: Stream, account: string | undefined, condition: 'not
     await stream.send(failureElement(new SaslError('temporary-auth-failure', 'Too many failed attempts')));
     throw new StreamError('policy-violation', 'Too many failed authentication attempts');
   }
-  const answer = overAccountLimit ? new SaslError('temporary-auth-failure', 'Try again later') : new SaslError(condition);
+  const answer = overAccountLimit
+    ? new SaslError('temporary-auth-failure', 'Try again later')
+    : new SaslError(condition);
   await stream.send(failureElement(answer));
 }
 
@@ -105,7 +124,7 @@ async function startPlain(stream: Stream, payload: string): Promise<void> {
   const message = parsePlain(decodeSaslPayload(payload));
   const account = accountOf(stream, message.authcid);
   const stored = account ? await stream.server.users.get(account) : undefined;
-  const credentials = stored?.scram.sha256 ?? (await credentialsFor(stream, account, message.authcid, 'sha256'));
+  const credentials = stored?.scram.sha256 ?? (await decoy(stream, account, message.authcid, 'sha256'));
   const valid = await verifyPlain(message.password, 'sha256', credentials);
   if (!valid || !account || !stored) return fail(stream, account, 'not-authorized');
   if (message.authzid !== undefined && accountOf(stream, message.authzid) !== account) {

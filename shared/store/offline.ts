@@ -5,6 +5,8 @@
  *   pk = <bare JID>  sk = m#<id>   → OfflineMessage (id sorts by arrival)
  *   pk = <bare JID>  sk = count    → { n }
  */
+
+import { randomBytes } from 'node:crypto';
 import { TransactionCanceledException } from '@aws-sdk/client-dynamodb';
 import {
   DeleteCommand,
@@ -14,7 +16,6 @@ import {
   TransactWriteCommand,
   UpdateCommand,
 } from '@aws-sdk/lib-dynamodb';
-import { randomBytes } from 'node:crypto';
 import { TTL_ATTRIBUTE } from '../tables.ts';
 
 export interface OfflineMessage {
@@ -44,7 +45,10 @@ export interface OfflinePage {
 export interface OfflineStore {
   store(user: string, message: Omit<OfflineMessage, 'id'>): Promise<OfflineMessage>;
   /** Oldest first; expired messages are skipped even before DynamoDB's TTL removes them. */
-  list(user: string, options?: { limit?: number; after?: string; before?: string; newestFirst?: boolean }): Promise<OfflinePage>;
+  list(
+    user: string,
+    options?: { limit?: number; after?: string; before?: string; newestFirst?: boolean },
+  ): Promise<OfflinePage>;
   get(user: string, ids: string[]): Promise<Map<string, OfflineMessage>>;
   count(user: string): Promise<number>;
   /** Deletes the given messages; returns the ids that existed. */
@@ -259,7 +263,12 @@ export function createOfflineStore(
       for (;;) {
         const page = await this.list(user, { limit: 100 });
         if (page.messages.length === 0) break;
-        removed += (await this.remove(user, page.messages.map((m) => m.id))).length;
+        removed += (
+          await this.remove(
+            user,
+            page.messages.map((m) => m.id),
+          )
+        ).length;
         if (!page.next) break;
       }
       await recount(user);

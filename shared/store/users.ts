@@ -8,6 +8,7 @@
  * The authfail item exists for any JID someone tried to log in as, account or not, so its
  * presence reveals nothing. A login reads both items with one Query (`loginRecord`).
  */
+import { randomBytes } from 'node:crypto';
 import { ConditionalCheckFailedException } from '@aws-sdk/client-dynamodb';
 import {
   DeleteCommand,
@@ -76,6 +77,11 @@ export interface UserStore {
   recordAuthFailure(jid: string, windowSeconds: number): Promise<number>;
   authFailures(jid: string): Promise<number>;
   clearAuthFailures(jid: string): Promise<void>;
+  /**
+   * A random secret of the deployment, created on first use and the same for every Lambda:
+   * keys the SASL decoys for unknown users, so their salts are stable yet unpredictable.
+   */
+  decoySecret(): Promise<string>;
 }
 
 export interface UserStoreOptions {
@@ -284,6 +290,31 @@ export function createUserStore(
 
     async clearAuthFailures(jid) {
       await doc.send(new DeleteCommand({ TableName: tableName, Key: { pk: jid, sk: AUTH_FAILURES } }));
+    },
+
+    async decoySecret() {
+      // '#' cannot start a bare JID, so this item never collides with an account.
+      const key = { pk: '#server', sk: 'sasl-decoy-secret' };
+      const read = async () =>
+        (await doc.send(new GetCommand({ TableName: tableName, Key: key, ConsistentRead: true }))).Item
+          ?.secret as string | undefined;
+      const existing = await read();
+      if (existing) return existing;
+      try {
+        const secret = randomBytes(32).toString('base64');
+        await doc.send(
+          new PutCommand({
+            TableName: tableName,
+            Item: { ...key, secret },
+            ConditionExpression: 'attribute_not_exists(pk)',
+          }),
+        );
+        return secret;
+      } catch (error) {
+        // Another Lambda created it first: use theirs.
+        if (!isConditionFailure(error)) throw error;
+        return (await read()) as string;
+      }
     },
   };
 }

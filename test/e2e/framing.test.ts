@@ -4,7 +4,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RawClient } from '../support/raw-client.ts';
-import { type TestStack, startTestStack } from '../support/stack.ts';
+import { startTestStack, type TestStack } from '../support/stack.ts';
 
 const FRAMING = 'urn:ietf:params:xml:ns:xmpp-framing';
 const OPEN = `<open xmlns='${FRAMING}' to='localhost' version='1.0'/>`;
@@ -85,18 +85,54 @@ describe('stream errors (RFC 6120 §4.9.3)', () => {
     ['not-well-formed: two elements in one frame', [OPEN, '<presence/><presence/>'], 'not-well-formed'],
     ['not-well-formed: text only', [OPEN, 'hello'], 'not-well-formed'],
     ['host-unknown: wrong to', [`<open xmlns='${FRAMING}' to='example.org' version='1.0'/>`], 'host-unknown'],
-    ['invalid-namespace: open in another namespace', [`<open xmlns='jabber:client' to='localhost' version='1.0'/>`], 'invalid-namespace'],
-    ['invalid-namespace: stanza in another namespace', [OPEN, `<message xmlns='jabber:server' to='a@localhost'/>`], 'invalid-namespace'],
-    ['invalid-namespace: <stream:stream>', [`<stream:stream xmlns:stream='http://etherx.jabber.org/streams' to='localhost'/>`], 'invalid-namespace'],
-    ['unsupported-stanza-type: a stanza before <open/>', [`<message to='a@localhost'><body>x</body></message>`], 'unsupported-stanza-type'],
-    ['unsupported-stanza-type: unknown element', [OPEN, `<foo xmlns='urn:example'/>`], 'unsupported-stanza-type'],
-    ['not-authorized: a stanza before authentication', [OPEN, `<message to='alice@localhost'><body>hi</body></message>`], 'not-authorized'],
-    ['not-authorized: an iq before authentication', [OPEN, `<iq type='get' id='1'><ping xmlns='urn:xmpp:ping'/></iq>`], 'not-authorized'],
+    [
+      'invalid-namespace: open in another namespace',
+      [`<open xmlns='jabber:client' to='localhost' version='1.0'/>`],
+      'invalid-namespace',
+    ],
+    [
+      'invalid-namespace: stanza in another namespace',
+      [OPEN, `<message xmlns='jabber:server' to='a@localhost'/>`],
+      'invalid-namespace',
+    ],
+    [
+      'invalid-namespace: <stream:stream>',
+      [`<stream:stream xmlns:stream='http://etherx.jabber.org/streams' to='localhost'/>`],
+      'invalid-namespace',
+    ],
+    [
+      'unsupported-stanza-type: a stanza before <open/>',
+      [`<message to='a@localhost'><body>x</body></message>`],
+      'unsupported-stanza-type',
+    ],
+    [
+      'unsupported-stanza-type: unknown element',
+      [OPEN, `<foo xmlns='urn:example'/>`],
+      'unsupported-stanza-type',
+    ],
+    [
+      'not-authorized: a stanza before authentication',
+      [OPEN, `<message to='alice@localhost'><body>hi</body></message>`],
+      'not-authorized',
+    ],
+    [
+      'not-authorized: an iq before authentication',
+      [OPEN, `<iq type='get' id='1'><ping xmlns='urn:xmpp:ping'/></iq>`],
+      'not-authorized',
+    ],
     ['restricted-xml: DOCTYPE', [OPEN, `<!DOCTYPE message [<!ENTITY x "y">]><message/>`], 'restricted-xml'],
-    ['restricted-xml: entity declaration use', [OPEN, `<message><body>&xxe;</body></message>`], 'restricted-xml'],
+    [
+      'restricted-xml: entity declaration use',
+      [OPEN, `<message><body>&xxe;</body></message>`],
+      'restricted-xml',
+    ],
     ['restricted-xml: comment', [OPEN, `<message><!-- hi --><body>x</body></message>`], 'restricted-xml'],
     ['restricted-xml: processing instruction', [OPEN, `<?xml version='1.0'?><message/>`], 'restricted-xml'],
-    ['policy-violation: a stanza over the size limit', [OPEN, `<message><body>${'x'.repeat(70 * 1024)}</body></message>`], 'policy-violation'],
+    [
+      'policy-violation: a stanza over the size limit',
+      [OPEN, `<message><body>${'x'.repeat(70 * 1024)}</body></message>`],
+      'policy-violation',
+    ],
   ];
   for (const [name, frames, condition] of grid) {
     it(name, async () => {

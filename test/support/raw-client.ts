@@ -109,7 +109,9 @@ export class RawClient {
     if (success.name !== 'success') throw new Error(`login failed: ${success.toString()}`);
     await this.open(domain);
     const resourceXml = resource ? `<resource>${resource}</resource>` : '';
-    this.send(`<iq type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>${resourceXml}</bind></iq>`);
+    this.send(
+      `<iq type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>${resourceXml}</bind></iq>`,
+    );
     const bound = await this.next();
     const jid = bound.getChild('bind')?.getChildText('jid');
     if (!jid) throw new Error(`bind failed: ${bound.toString()}`);

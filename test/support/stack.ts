@@ -2,10 +2,11 @@
  * One local Nimbus stack per test file: fresh tables on the run's DynamoDB Local, the
  * gateway emulator on a free port, the real handlers behind it.
  */
-import { createTestConfig } from './dynamodb.ts';
-import { deriveScramCredentials } from '../../shared/sasl/scram.ts';
-import { createLogger } from '../../shared/log.ts';
+
 import { type LocalStack, startLocalStack } from '../../infra/local/stack.ts';
+import { createLogger } from '../../shared/log.ts';
+import { deriveScramCredentials } from '../../shared/sasl/scram.ts';
+import { createTestConfig } from './dynamodb.ts';
 
 export interface TestStack extends LocalStack {
   addUser(jid: string, password: string): Promise<void>;
@@ -13,7 +14,11 @@ export interface TestStack extends LocalStack {
 
 export async function startTestStack(env: Record<string, string | undefined> = {}): Promise<TestStack> {
   const config = await createTestConfig({ SCRAM_ITERATIONS: '4096', ...env });
-  const stack = await startLocalStack({ config, port: 0, log: createLogger(process.env.LOG_LEVEL ?? 'warn') });
+  const stack = await startLocalStack({
+    config,
+    port: 0,
+    log: createLogger(process.env.LOG_LEVEL ?? 'warn'),
+  });
   return {
     ...stack,
     async addUser(jid, password) {

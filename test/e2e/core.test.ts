@@ -1,0 +1,630 @@
+/**
+ * The XMPP core end to end: stock xmpp.js clients and raw frames through the local gateway,
+ * real handlers, DynamoDB Local. RFC 6120 (SASL, bind), RFC 6121 (presence, routing) and
+ * XEP-0160 (offline storage).
+ */
+import { xml } from '@xmpp/client';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { encodeSaslPayload } from '../../shared/sasl/scram.ts';
+import { RawClient } from '../support/raw-client.ts';
+import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
+import { startTestStack, type TestStack } from '../support/stack.ts';
+import { type StartedClient, startClient } from '../support/xmpp-client.ts';
+
+const SASL = 'urn:ietf:params:xml:ns:xmpp-sasl';
+const STANZAS = 'urn:ietf:params:xml:ns:xmpp-stanzas';
+const DELAY = 'urn:xmpp:delay';
+const OPEN = `<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>`;
+
+let stack: TestStack;
+const running: StartedClient[] = [];
+
+async function login(user: string, password: string, options: Parameters<typeof startClient>[3] = {}) {
+  const client = await startClient(stack.url, user, password, options);
+  running.push(client);
+  return client;
+}
+
+async function eventually(check: () => Promise<void>, timeoutMs = 5000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      return await check();
+    } catch (error) {
+      if (Date.now() > deadline) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  }
+}
+
+function errorCondition(stanza: {
+  getChild(name: string): { getChildElements(): { name: string }[] } | undefined;
+}) {
+  return stanza.getChild('error')?.getChildElements()[0]?.name;
+}
+
+beforeAll(async () => {
+  stack = await startTestStack({ OFFLINE_QUOTA: '5', AUTH_FAILURE_MAX_DELAY_MS: '200' });
+  for (const user of ['alice', 'bob', 'carol', 'dave', 'erin', 'frank', 'grace']) {
+    await stack.addUser(`${user}@localhost`, `${user}-secret`);
+  }
+});
+
+afterAll(async () => {
+  await Promise.all(running.map((c) => c.stop()));
+  await stack?.close();
+});
+
+describe('RFC 6120 §6 SASL', () => {
+  it('logs in a stock xmpp.js client with SCRAM-SHA-1 and binds', async () => {
+    const alice = await login('alice', 'alice-secret', { resource: 'laptop' });
+    expect(alice.jid).toBe('alice@localhost/laptop');
+  });
+
+  it('logs in with PLAIN', async () => {
+    const bob = await login('bob', 'bob-secret', { mechanism: 'PLAIN', resource: 'plain' });
+    expect(bob.jid).toBe('bob@localhost/plain');
+  });
+
+  it('logs in with SCRAM-SHA-256 (RFC 7677) in a raw exchange and verifies the server signature', async () => {
+    const raw = await RawClient.connect(stack.url);
+    await raw.open();
+    const clientFirst = scramClientFirst('carol', 'rOprNGfwEbeRWgbNEkqO');
+    raw.send(`<auth xmlns='${SASL}' mechanism='SCRAM-SHA-256'>${encodeSaslPayload(clientFirst)}</auth>`);
+    const challenge = await raw.next();
+    expect(challenge.is('challenge', SASL)).toBe(true);
+    const serverFirst = Buffer.from(challenge.getText(), 'base64').toString();
+    // RFC 5802 §7: server-first-message = [reserved-mext ","] nonce "," salt "," iteration-count
+    expect(serverFirst).toMatch(/^r=rOprNGfwEbeRWgbNEkqO[^,]+,s=[A-Za-z0-9+/=]+,i=4096$/);
+    const final = scramClientFinal({ hash: 'sha256', password: 'carol-secret', clientFirst, serverFirst });
+    raw.send(`<response xmlns='${SASL}'>${encodeSaslPayload(final.message)}</response>`);
+    const success = await raw.next();
+    expect(success.is('success', SASL)).toBe(true);
+    expect(Buffer.from(success.getText(), 'base64').toString()).toBe(final.expectedServerFinal);
+    const { features } = await raw.open();
+    expect(features.getChild('bind', 'urn:ietf:params:xml:ns:xmpp-bind')).toBeDefined();
+    raw.close();
+  });
+
+  async function failedScram(user: string, password: string) {
+    const raw = await RawClient.connect(stack.url);
+    await raw.open();
+    const clientFirst = scramClientFirst(user, 'fyko+d2lbbFgONRv9qkxdawL');
+    raw.send(`<auth xmlns='${SASL}' mechanism='SCRAM-SHA-1'>${encodeSaslPayload(clientFirst)}</auth>`);
+    const challenge = await raw.next();
+    const serverFirst = Buffer.from(challenge.getText(), 'base64').toString();
+    const final = scramClientFinal({ hash: 'sha1', password, clientFirst, serverFirst });
+    raw.send(`<response xmlns='${SASL}'>${encodeSaslPayload(final.message)}</response>`);
+    const failure = await raw.next();
+    raw.close();
+    return { serverFirst, failure };
+  }
+
+  it('answers a wrong password and an unknown user alike: <not-authorized/>', async () => {
+    const wrong = await failedScram('dave', 'not-the-password');
+    const unknown = await failedScram('nobody', 'whatever');
+    for (const { failure, serverFirst } of [wrong, unknown]) {
+      expect(failure.is('failure', SASL)).toBe(true);
+      expect(failure.getChild('not-authorized')).toBeDefined();
+      // A plausible salt and the same iteration count for an unknown user: no enumeration.
+      expect(serverFirst).toMatch(/,s=[A-Za-z0-9+/]{22}==,i=4096$/);
+    }
+    // The decoy salt is stable, as a real one is.
+    expect((await failedScram('nobody', 'again')).serverFirst.split(',')[1]).toBe(
+      unknown.serverFirst.split(',')[1],
+    );
+  });
+
+  it('rejects a wrong password through xmpp.js', async () => {
+    await expect(startClient(stack.url, 'erin', 'wrong', {})).rejects.toThrow(/not-authorized/);
+  });
+
+  const saslGrid: Array<[string, string, string]> = [
+    ['an unknown mechanism', `<auth xmlns='${SASL}' mechanism='DIGEST-MD5'/>`, 'invalid-mechanism'],
+    [
+      'a payload that is not base64',
+      `<auth xmlns='${SASL}' mechanism='PLAIN'>!!!</auth>`,
+      'incorrect-encoding',
+    ],
+    [
+      'a broken PLAIN message',
+      `<auth xmlns='${SASL}' mechanism='PLAIN'>${encodeSaslPayload('no-nul-here')}</auth>`,
+      'malformed-request',
+    ],
+    [
+      'a broken SCRAM message',
+      `<auth xmlns='${SASL}' mechanism='SCRAM-SHA-1'>${encodeSaslPayload('x,y')}</auth>`,
+      'malformed-request',
+    ],
+    [
+      'a response without auth',
+      `<response xmlns='${SASL}'>${encodeSaslPayload('c=biws')}</response>`,
+      'malformed-request',
+    ],
+    ['<abort/>', `<abort xmlns='${SASL}'/>`, 'aborted'],
+  ];
+  for (const [name, frame, condition] of saslGrid) {
+    it(`answers ${name} with <${condition}/> and keeps the stream`, async () => {
+      const raw = await RawClient.connect(stack.url);
+      await raw.open();
+      raw.send(frame);
+      const failure = await raw.next();
+      expect(failure.is('failure', SASL)).toBe(true);
+      expect(failure.getChild(condition)).toBeDefined();
+      // The stream is still usable: a correct login follows.
+      const payload = Buffer.from('\0frank\0frank-secret').toString('base64');
+      raw.send(`<auth xmlns='${SASL}' mechanism='PLAIN'>${payload}</auth>`);
+      expect((await raw.next()).is('success', SASL)).toBe(true);
+      raw.close();
+    });
+  }
+
+  it('slows and refuses repeated failures per connection (temporary-auth-failure, then the stream ends)', async () => {
+    const raw = await RawClient.connect(stack.url);
+    await raw.open();
+    const bad = Buffer.from('\0grace\0wrong').toString('base64');
+    for (let attempt = 1; attempt <= 2; attempt++) {
+      raw.send(`<auth xmlns='${SASL}' mechanism='PLAIN'>${bad}</auth>`);
+      expect((await raw.next()).getChild('not-authorized')).toBeDefined();
+    }
+    raw.send(`<auth xmlns='${SASL}' mechanism='PLAIN'>${bad}</auth>`);
+    expect((await raw.next()).getChild('temporary-auth-failure')).toBeDefined();
+    const error = await raw.next();
+    expect(error.name).toBe('stream:error');
+    expect((await raw.closed).code).toBe(1000);
+  });
+
+  it('after 50 wrong passwords for an account, the correct password still logs in', async () => {
+    const bad = Buffer.from('\0grace\0guess').toString('base64');
+    let refusedAsTemporary = 0;
+    let slowest = 0;
+    for (let connection = 0; connection < 25; connection++) {
+      const raw = await RawClient.connect(stack.url);
+      await raw.open();
+      for (let attempt = 0; attempt < 2; attempt++) {
+        const sent = Date.now();
+        raw.send(`<auth xmlns='${SASL}' mechanism='PLAIN'>${bad}</auth>`);
+        const failure = await raw.next(10_000);
+        slowest = Math.max(slowest, Date.now() - sent);
+        expect(failure.is('failure', SASL)).toBe(true);
+        if (failure.getChild('temporary-auth-failure')) refusedAsTemporary += 1;
+      }
+      raw.terminate();
+    }
+    // Past the per-account limit, failures are refused as temporary.
+    expect(refusedAsTemporary).toBeGreaterThan(30);
+    // ...and slowed (AUTH_FAILURE_MAX_DELAY_MS is 200 here).
+    expect(slowest).toBeGreaterThanOrEqual(200);
+    const grace = await login('grace', 'grace-secret', { resource: 'after-flood' });
+    expect(grace.jid).toBe('grace@localhost/after-flood');
+  }, 120_000);
+});
+
+describe('RFC 6120 §7 binding', () => {
+  it('generates a resource when none is asked for', async () => {
+    const raw = await RawClient.connect(stack.url);
+    const jid = await raw.login('dave', 'dave-secret');
+    expect(jid).toMatch(/^dave@localhost\/[0-9a-f]{12}$/);
+    raw.close();
+  });
+
+  it('answers the legacy session iq with a result', async () => {
+    const raw = await RawClient.connect(stack.url);
+    await raw.login('dave', 'dave-secret', 'session');
+    raw.send(`<iq type='set' id='s1'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>`);
+    const result = await raw.next();
+    expect(result.attrs).toMatchObject({ type: 'result', id: 's1' });
+    raw.close();
+  });
+
+  it('closes the old session with <conflict/> when the same resource binds again', async () => {
+    const first = await RawClient.connect(stack.url);
+    await first.login('dave', 'dave-secret', 'phone');
+    const second = await RawClient.connect(stack.url);
+    expect(await second.login('dave', 'dave-secret', 'phone')).toBe('dave@localhost/phone');
+    const error = await first.until((el) => el.name === 'stream:error');
+    expect(error.getChild('conflict', 'urn:ietf:params:xml:ns:xmpp-streams')).toBeDefined();
+    expect((await first.closed).code).toBe(1000);
+    // The new session works.
+    second.send(`<iq type='get' id='p'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    expect((await second.next()).attrs.type).toBe('result');
+    second.close();
+  });
+
+  it('refuses any stanza other than bind before binding (not-authorized)', async () => {
+    const raw = await RawClient.connect(stack.url);
+    await raw.open();
+    raw.send(
+      `<auth xmlns='${SASL}' mechanism='PLAIN'>${Buffer.from('\0dave\0dave-secret').toString('base64')}</auth>`,
+    );
+    await raw.next();
+    await raw.open();
+    raw.send(`<message to='alice@localhost'><body>unbound</body></message>`);
+    const error = await raw.until((el) => el.name === 'stream:error');
+    expect(error.getChild('not-authorized', 'urn:ietf:params:xml:ns:xmpp-streams')).toBeDefined();
+  });
+});
+
+describe('RFC 6121 presence and chat', () => {
+  it('two users chat both ways; from is the sender’s full JID', async () => {
+    const alice = await login('alice', 'alice-secret', { resource: 'chat' });
+    const bob = await login('bob', 'bob-secret', { resource: 'chat' });
+    await alice.xmpp.send(xml('presence'));
+    await bob.xmpp.send(xml('presence'));
+    await alice.xmpp.send(xml('message', { to: 'bob@localhost', type: 'chat' }, xml('body', {}, 'hi bob')));
+    const atBob = await bob.waitFor((s) => s.is('message') && s.getChildText('body') === 'hi bob');
+    expect(atBob.attrs.from).toBe('alice@localhost/chat');
+    await bob.xmpp.send(xml('message', { to: atBob.attrs.from, type: 'chat' }, xml('body', {}, 'hi alice')));
+    const atAlice = await alice.waitFor((s) => s.is('message') && s.getChildText('body') === 'hi alice');
+    expect(atAlice.attrs.from).toBe('bob@localhost/chat');
+  });
+
+  it('never honours a spoofed from', async () => {
+    const alice = await login('alice', 'alice-secret', { resource: 'spoof' });
+    const bob = await login('bob', 'bob-secret', { resource: 'spoofed' });
+    await bob.xmpp.send(xml('presence'));
+    await alice.xmpp.send(
+      xml(
+        'message',
+        { to: 'bob@localhost/spoofed', from: 'carol@localhost/x', type: 'chat' },
+        xml('body', {}, 'who am i'),
+      ),
+    );
+    const got = await bob.waitFor((s) => s.getChildText('body') === 'who am i');
+    expect(got.attrs.from).toBe('alice@localhost/spoof');
+  });
+
+  it('routes a bare-JID chat to the highest non-negative priority; ties go to all; negative never', async () => {
+    const high = await login('carol', 'carol-secret', { resource: 'high' });
+    const low = await login('carol', 'carol-secret', { resource: 'low' });
+    const negative = await login('carol', 'carol-secret', { resource: 'negative' });
+    await high.xmpp.send(xml('presence', {}, xml('priority', {}, '10')));
+    await low.xmpp.send(xml('presence', {}, xml('priority', {}, '1')));
+    await negative.xmpp.send(xml('presence', {}, xml('priority', {}, '-1')));
+    const sender = await login('dave', 'dave-secret', { resource: 'sender' });
+    await high.waitFor((s) => s.is('presence') && s.attrs.from === 'carol@localhost/negative');
+
+    await sender.xmpp.send(
+      xml('message', { to: 'carol@localhost', type: 'chat' }, xml('body', {}, 'to the top')),
+    );
+    await high.waitFor((s) => s.getChildText('body') === 'to the top');
+
+    await low.xmpp.send(xml('presence', {}, xml('priority', {}, '10')));
+    await high.waitFor((s) => s.is('presence') && s.attrs.from === 'carol@localhost/low');
+    await sender.xmpp.send(xml('message', { to: 'carol@localhost', type: 'chat' }, xml('body', {}, 'a tie')));
+    await high.waitFor((s) => s.getChildText('body') === 'a tie');
+    await low.waitFor((s) => s.getChildText('body') === 'a tie');
+
+    // A full JID reaches that resource whatever its priority.
+    await sender.xmpp.send(
+      xml('message', { to: 'carol@localhost/negative', type: 'chat' }, xml('body', {}, 'direct')),
+    );
+    await negative.waitFor((s) => s.getChildText('body') === 'direct');
+
+    // Headlines go to every non-negative resource.
+    await sender.xmpp.send(
+      xml('message', { to: 'carol@localhost', type: 'headline' }, xml('body', {}, 'news')),
+    );
+    await high.waitFor((s) => s.getChildText('body') === 'news');
+    await low.waitFor((s) => s.getChildText('body') === 'news');
+
+    const bodies = (c: StartedClient) => c.received.map((s) => s.getChildText('body')).filter(Boolean);
+    expect(bodies(low)).not.toContain('to the top');
+    expect(bodies(negative)).toEqual(['direct']);
+    for (const c of [high, low, negative]) await c.stop();
+  });
+
+  it('shows a user’s resources to each other, never to other users', async () => {
+    const one = await login('erin', 'erin-secret', { resource: 'one' });
+    const other = await login('frank', 'frank-secret', { resource: 'watcher' });
+    await other.xmpp.send(xml('presence'));
+    await one.xmpp.send(xml('presence'));
+    const two = await login('erin', 'erin-secret', { resource: 'two' });
+    await two.xmpp.send(xml('presence', {}, xml('status', {}, 'here')));
+    // The new resource learns of the existing one, and the existing one of the new.
+    await two.waitFor((s) => s.is('presence') && s.attrs.from === 'erin@localhost/one');
+    await one.waitFor((s) => s.is('presence') && s.attrs.from === 'erin@localhost/two');
+    await two.xmpp.send(xml('presence', { type: 'unavailable' }));
+    await one.waitFor(
+      (s) => s.is('presence') && s.attrs.from === 'erin@localhost/two' && s.attrs.type === 'unavailable',
+    );
+    await one.stop();
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    expect(other.received.filter((s) => s.is('presence') && s.attrs.from?.startsWith('erin@'))).toEqual([]);
+  });
+
+  it('delivers directed presence to a local full JID', async () => {
+    const from = await login('alice', 'alice-secret', { resource: 'directed' });
+    const to = await login('bob', 'bob-secret', { resource: 'directed' });
+    await from.xmpp.send(xml('presence', { to: 'bob@localhost/directed' }));
+    const got = await to.waitFor((s) => s.is('presence') && s.attrs.from === 'alice@localhost/directed');
+    expect(got.attrs.type).toBeUndefined();
+  });
+
+  it('announces unavailable to the other resources when a socket vanishes', async () => {
+    const stay = await login('frank', 'frank-secret', { resource: 'stay' });
+    const vanish = await RawClient.connect(stack.url);
+    await vanish.login('frank', 'frank-secret', 'vanish');
+    await stay.xmpp.send(xml('presence'));
+    vanish.send('<presence/>');
+    await stay.waitFor((s) => s.is('presence') && s.attrs.from === 'frank@localhost/vanish' && !s.attrs.type);
+    vanish.terminate();
+    await stay.waitFor(
+      (s) => s.is('presence') && s.attrs.from === 'frank@localhost/vanish' && s.attrs.type === 'unavailable',
+    );
+  });
+});
+
+describe('XEP-0160 offline messages', () => {
+  it('stores chat for an offline user and delivers it at initial presence, oldest first, with one delay stamp', async () => {
+    const sender = await login('alice', 'alice-secret', { resource: 'offline-sender' });
+    await stack.addUser('ophelia@localhost', 'ophelia-secret');
+    const before = Date.now();
+    for (const body of ['first', 'second', 'third']) {
+      await sender.xmpp.send(
+        xml('message', { to: 'ophelia@localhost', type: 'chat' }, xml('body', {}, body)),
+      );
+    }
+    // Not stored (XEP-0160 §3, XEP-0334): chat states alone, headlines, no-store hints, errors.
+    await sender.xmpp.send(
+      xml(
+        'message',
+        { to: 'ophelia@localhost', type: 'chat' },
+        xml('composing', { xmlns: 'http://jabber.org/protocol/chatstates' }),
+      ),
+    );
+    await sender.xmpp.send(
+      xml('message', { to: 'ophelia@localhost', type: 'headline' }, xml('body', {}, 'headline')),
+    );
+    await sender.xmpp.send(
+      xml(
+        'message',
+        { to: 'ophelia@localhost', type: 'chat' },
+        xml('body', {}, 'ephemeral'),
+        xml('no-store', { xmlns: 'urn:xmpp:hints' }),
+      ),
+    );
+    // Forced by <store/>.
+    await sender.xmpp.send(
+      xml(
+        'message',
+        { to: 'ophelia@localhost', type: 'chat' },
+        xml('gone', { xmlns: 'http://jabber.org/protocol/chatstates' }),
+        xml('store', { xmlns: 'urn:xmpp:hints' }),
+      ),
+    );
+    // A claimed delay from our domain is not carried over: exactly one stamp on delivery.
+    await sender.xmpp.send(
+      xml(
+        'message',
+        { to: 'ophelia@localhost' },
+        xml('body', {}, 'normal'),
+        xml('delay', { xmlns: DELAY, from: 'localhost', stamp: '2000-01-01T00:00:00Z' }),
+      ),
+    );
+    await new Promise((resolve) => setTimeout(resolve, 300));
+
+    const ophelia = await login('ophelia', 'ophelia-secret', { resource: 'back' });
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    expect(ophelia.received.filter((s) => s.is('message'))).toHaveLength(0);
+    await ophelia.xmpp.send(xml('presence'));
+    const normal = await ophelia.waitFor((s) => s.is('message') && s.getChildText('body') === 'normal');
+    const messages = ophelia.received.filter((s) => s.is('message'));
+    expect(messages.map((m) => m.getChildText('body') ?? '(gone)')).toEqual([
+      'first',
+      'second',
+      'third',
+      '(gone)',
+      'normal',
+    ]);
+    for (const message of messages) {
+      const delays = message.getChildren('delay', DELAY);
+      expect(delays).toHaveLength(1);
+      expect(delays[0]?.attrs.from).toBe('localhost');
+      const stamp = Date.parse(delays[0]?.attrs.stamp);
+      expect(stamp).toBeGreaterThanOrEqual(before - 1000);
+      expect(stamp).toBeLessThanOrEqual(Date.now());
+      expect(message.attrs.from).toBe('alice@localhost/offline-sender');
+    }
+    expect(normal.attrs.to).toBe('ophelia@localhost');
+    // Delivered messages are removed from storage once posted.
+    await eventually(async () => expect(await stack.server.offline.count('ophelia@localhost')).toBe(0));
+  });
+
+  it('refuses beyond the quota with resource-constraint', async () => {
+    await stack.addUser('quota@localhost', 'quota-secret');
+    const sender = await login('bob', 'bob-secret', { resource: 'quota' });
+    for (let i = 1; i <= 5; i++) {
+      await sender.xmpp.send(
+        xml('message', { to: 'quota@localhost', type: 'chat', id: `q${i}` }, xml('body', {}, `m${i}`)),
+      );
+    }
+    await sender.xmpp.send(
+      xml('message', { to: 'quota@localhost', type: 'chat', id: 'q6' }, xml('body', {}, 'm6')),
+    );
+    const error = await sender.waitFor((s) => s.is('message') && s.attrs.type === 'error');
+    expect(error.attrs.id).toBe('q6');
+    expect(error.getChild('error')?.attrs.type).toBe('wait');
+    expect(errorCondition(error)).toBe('resource-constraint');
+    expect(await stack.server.offline.count('quota@localhost')).toBe(5);
+  });
+
+  it('answers a message to a user that does not exist with service-unavailable', async () => {
+    const sender = await login('bob', 'bob-secret', { resource: 'nouser' });
+    await sender.xmpp.send(
+      xml('message', { to: 'nobody@localhost', type: 'chat', id: 'n1' }, xml('body', {}, 'hello?')),
+    );
+    const error = await sender.waitFor((s) => s.attrs.id === 'n1' && s.attrs.type === 'error');
+    expect(errorCondition(error)).toBe('service-unavailable');
+    expect(error.attrs.from).toBe('nobody@localhost');
+  });
+
+  it('answers another domain with remote-server-not-found and groupchat with service-unavailable', async () => {
+    const sender = await login('bob', 'bob-secret', { resource: 'remote' });
+    await sender.xmpp.send(
+      xml('message', { to: 'someone@example.org', type: 'chat', id: 'r1' }, xml('body', {}, 'far')),
+    );
+    expect(errorCondition(await sender.waitFor((s) => s.attrs.id === 'r1'))).toBe('remote-server-not-found');
+    await sender.xmpp.send(
+      xml('message', { to: 'alice@localhost', type: 'groupchat', id: 'g1' }, xml('body', {}, 'room')),
+    );
+    expect(errorCondition(await sender.waitFor((s) => s.attrs.id === 'g1'))).toBe('service-unavailable');
+  });
+
+  it('re-routes a message whose target connection is gone (410) to offline storage', async () => {
+    await stack.addUser('ghost@localhost', 'ghost-secret');
+    // A resource whose socket vanished without a $disconnect reaching the server.
+    await stack.server.sessions.bindResource({
+      user: 'ghost@localhost',
+      resource: 'stale',
+      connectionId: 'GoneConnId0000=',
+      available: true,
+      priority: 5,
+      boundAt: Date.now(),
+    });
+    const sender = await login('alice', 'alice-secret', { resource: 'to-ghost' });
+    await sender.xmpp.send(xml('message', { to: 'ghost@localhost', type: 'chat' }, xml('body', {}, 'boo')));
+    await eventually(async () => expect(await stack.server.offline.count('ghost@localhost')).toBe(1));
+    expect(await stack.server.sessions.listResources('ghost@localhost')).toEqual([]);
+    expect(stack.server.outbound.counters.gone).toBeGreaterThan(0);
+  });
+});
+
+describe('iq routing (RFC 6120 §8.2.3, §10)', () => {
+  let raw: RawClient;
+  beforeAll(async () => {
+    raw = await RawClient.connect(stack.url);
+    await raw.login('erin', 'erin-secret', 'iq');
+  });
+  afterAll(() => raw.close());
+
+  async function ask(frame: string) {
+    raw.send(frame);
+    return raw.next();
+  }
+
+  it('answers disco#info with identity server/im and the registered features', async () => {
+    const result = await ask(
+      `<iq type='get' id='d1' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>`,
+    );
+    expect(result.attrs).toMatchObject({
+      type: 'result',
+      id: 'd1',
+      from: 'localhost',
+      to: 'erin@localhost/iq',
+    });
+    const query = result.getChild('query', 'http://jabber.org/protocol/disco#info');
+    expect(query?.getChild('identity')?.attrs).toMatchObject({ category: 'server', type: 'im' });
+    const features = query?.getChildren('feature').map((f) => f.attrs.var);
+    expect(features).toEqual(
+      expect.arrayContaining([
+        'http://jabber.org/protocol/disco#info',
+        'urn:xmpp:ping',
+        'jabber:iq:version',
+        'msgoffline',
+      ]),
+    );
+  });
+
+  it('answers disco#items, ping and software version', async () => {
+    const items = await ask(
+      `<iq type='get' id='d2' to='localhost'><query xmlns='http://jabber.org/protocol/disco#items'/></iq>`,
+    );
+    expect(items.attrs.type).toBe('result');
+    // XEP-0199 §4.2 example: <iq from='capulet.lit' to='juliet@capulet.lit/balcony' id='c2s1' type='result'/>
+    const pong = await ask(`<iq type='get' id='c2s1' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    expect(pong.attrs).toMatchObject({ type: 'result', id: 'c2s1', from: 'localhost' });
+    expect(pong.children).toHaveLength(0);
+    const version = await ask(
+      `<iq type='get' id='v1' to='localhost'><query xmlns='jabber:iq:version'/></iq>`,
+    );
+    expect(version.getChild('query')?.getChildText('name')).toBe('Nimbus');
+  });
+
+  it('answers for an account: ping to a bare JID, unknown payload service-unavailable', async () => {
+    const pong = await ask(`<iq type='get' id='b1' to='alice@localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    expect(pong.attrs).toMatchObject({ type: 'result', from: 'alice@localhost' });
+    const unknown = await ask(
+      `<iq type='get' id='b2' to='alice@localhost'><query xmlns='urn:example:unknown'/></iq>`,
+    );
+    expect(unknown.attrs.type).toBe('error');
+    expect(unknown.getChild('error')?.getChild('service-unavailable', STANZAS)).toBeDefined();
+  });
+
+  it('answers an iq to an offline full JID with service-unavailable', async () => {
+    const reply = await ask(
+      `<iq type='get' id='f1' to='alice@localhost/nowhere'><ping xmlns='urn:xmpp:ping'/></iq>`,
+    );
+    expect(reply.getChild('error')?.getChild('service-unavailable', STANZAS)).toBeDefined();
+  });
+
+  it('routes an iq to an online full JID and its result back', async () => {
+    const callee = await login('frank', 'frank-secret', { resource: 'callee' });
+    const reply = await ask(
+      `<iq type='get' id='x1' to='frank@localhost/callee'><ping xmlns='urn:xmpp:ping'/></iq>`,
+    );
+    // xmpp.js answers pings itself.
+    expect(reply.attrs).toMatchObject({ type: 'result', id: 'x1', from: 'frank@localhost/callee' });
+    await callee.stop();
+  });
+
+  const badGrid: Array<[string, string, string]> = [
+    [
+      'an iq with two children',
+      `<iq type='get' id='e1' to='localhost'><ping xmlns='urn:xmpp:ping'/><ping xmlns='urn:xmpp:ping'/></iq>`,
+      'bad-request',
+    ],
+    ['an iq with no child', `<iq type='get' id='e2' to='localhost'/>`, 'bad-request'],
+    [
+      'an iq of unknown type',
+      `<iq type='fetch' id='e3' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`,
+      'bad-request',
+    ],
+    [
+      'an unknown payload to the server',
+      `<iq type='get' id='e4' to='localhost'><query xmlns='urn:example'/></iq>`,
+      'service-unavailable',
+    ],
+    [
+      'an invalid JID',
+      `<iq type='get' id='e5' to='a@b@localhost'><ping xmlns='urn:xmpp:ping'/></iq>`,
+      'jid-malformed',
+    ],
+    [
+      'a localpart over 1023 bytes',
+      `<iq type='get' id='e6' to='${'a'.repeat(1024)}@localhost'><ping xmlns='urn:xmpp:ping'/></iq>`,
+      'jid-malformed',
+    ],
+    [
+      'another domain',
+      `<iq type='get' id='e7' to='example.org'><ping xmlns='urn:xmpp:ping'/></iq>`,
+      'remote-server-not-found',
+    ],
+  ];
+  for (const [name, frame, condition] of badGrid) {
+    it(`answers ${name} with ${condition}`, async () => {
+      const reply = await ask(frame);
+      expect(reply.attrs.type).toBe('error');
+      expect(reply.getChild('error')?.getChild(condition, STANZAS)).toBeDefined();
+    });
+  }
+
+  it('never answers an iq of type result or error', async () => {
+    raw.send(`<iq type='result' id='r1' to='localhost'/>`);
+    raw.send(
+      `<iq type='error' id='r2' to='localhost'><error type='cancel'><bad-request xmlns='${STANZAS}'/></error></iq>`,
+    );
+    expect(await raw.nothingFor(400)).toEqual([]);
+  });
+
+  it('normalises the to address (case-folded localpart and domain)', async () => {
+    const pong = await ask(`<iq type='get' id='n1' to='ALICE@LocalHost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    expect(pong.attrs).toMatchObject({ type: 'result', from: 'alice@localhost' });
+  });
+});
+
+describe('a stream that opens with OPEN', () => {
+  it('is the constant the suite uses', () => {
+    expect(OPEN).toContain('urn:ietf:params:xml:ns:xmpp-framing');
+  });
+});
