@@ -189,5 +189,7 @@ export async function runUserCli(args: string[], env: Env = process.env, output?
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
+  // Deployed Lambdas run Node.js 22; this admin tool is fine on Node 20 without the SDK's nag.
+  process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
   process.exitCode = await runUserCli(process.argv.slice(2));
 }

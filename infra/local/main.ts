@@ -9,6 +9,9 @@ import { createTables, tableNamesOf } from './create-tables.ts';
 import { type DynamoDbLocal, startDynamoDbLocal } from './dynamodb-local.ts';
 import { startLocalStack } from './stack.ts';
 
+// The runtime on AWS is Node.js 22; locally Node 20 is fine, without the SDK's nag about it.
+process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
+
 const started = Date.now();
 const env = process.env;
 const log = createLogger();
