@@ -1,0 +1,28 @@
+#!/usr/bin/env node
+/**
+ * The CDK app: `npx cdk synth`, `npx cdk deploy -c domain=example.com`.
+ *
+ * Context: `domain` (the XMPP domain, default `localhost`); `manageApiGatewayAccountRole=false`
+ * when the account's API Gateway CloudWatch role is managed elsewhere; `nag=false` to skip
+ * cdk-nag's AwsSolutions checks during synth (the test suite always runs them).
+ *
+ * The stack is environment-agnostic (no account or region, no lookups), so synth runs offline.
+ */
+import { App, Validations } from 'aws-cdk-lib';
+import { AwsSolutionsChecks } from 'cdk-nag';
+import { NimbusStack } from './stack.ts';
+
+const app = new App();
+const domain = String(app.node.tryGetContext('domain') ?? 'localhost').toLowerCase();
+const manageApiGatewayAccountRole = String(app.node.tryGetContext('manageApiGatewayAccountRole')) !== 'false';
+
+new NimbusStack(app, 'Nimbus', {
+  description: `Nimbus: serverless XMPP server for ${domain}`,
+  domain,
+  manageApiGatewayAccountRole,
+});
+
+// Any finding that is neither fixed nor acknowledged in infra/ stops the synth (and so the deploy).
+if (String(app.node.tryGetContext('nag')) !== 'false') {
+  Validations.of(app).addPlugins(new AwsSolutionsChecks(app, { verbose: true }));
+}

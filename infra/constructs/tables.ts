@@ -1,0 +1,96 @@
+import { RemovalPolicy } from 'aws-cdk-lib';
+import * as dynamodb from 'aws-cdk-lib/aws-dynamodb';
+import * as iam from 'aws-cdk-lib/aws-iam';
+import type * as lambda from 'aws-cdk-lib/aws-lambda';
+import { Construct } from 'constructs';
+import { allTables, type KeyDefinition, type TableDefinition } from '../../shared/tables.ts';
+
+/** What a function may do with a table's items. */
+export type TableAccess = 'read' | 'readWrite';
+
+/*
+ * Item-level actions only, and deliberately no `dynamodb:Scan`: every access pattern in
+ * docs/data-model.md is a GetItem or a Query, so a Scan creeping onto a request path fails
+ * with AccessDenied instead of quietly reading the whole table. (`grantReadData` would allow Scan.)
+ * Transactions need no action of their own: DynamoDB checks each item's Put/Update/Delete/ConditionCheck.
+ */
+const READ_ACTIONS = [
+  'dynamodb:GetItem',
+  'dynamodb:BatchGetItem',
+  'dynamodb:Query',
+  'dynamodb:ConditionCheckItem',
+];
+const WRITE_ACTIONS = [
+  'dynamodb:PutItem',
+  'dynamodb:UpdateItem',
+  'dynamodb:DeleteItem',
+  'dynamodb:BatchWriteItem',
+];
+
+function attribute(key: KeyDefinition): dynamodb.Attribute {
+  return {
+    name: key.name,
+    type: key.type === 'N' ? dynamodb.AttributeType.NUMBER : dynamodb.AttributeType.STRING,
+  };
+}
+
+/** One DynamoDB table per definition in `shared/tables.ts`; nothing about a table is restated here. */
+export class XmppTables extends Construct {
+  private readonly tables = new Map<TableDefinition['id'], dynamodb.TableV2>();
+
+  constructor(scope: Construct, id: string) {
+    super(scope, id);
+    for (const def of allTables) {
+      this.tables.set(
+        def.id,
+        new dynamodb.TableV2(this, def.id, {
+          partitionKey: attribute(def.partitionKey),
+          sortKey: attribute(def.sortKey),
+          globalSecondaryIndexes: def.globalSecondaryIndexes.map((index) => ({
+            indexName: index.indexName,
+            partitionKey: attribute(index.partitionKey),
+            sortKey: index.sortKey && attribute(index.sortKey),
+          })),
+          billing: dynamodb.Billing.onDemand(),
+          timeToLiveAttribute: def.timeToLiveAttribute,
+          pointInTimeRecoverySpecification: { pointInTimeRecoveryEnabled: def.pointInTimeRecovery },
+          // Tables with user data (accounts, SCRAM keys, stored messages) outlive the stack;
+          // session rows are worthless once the stack that served the sockets is gone.
+          removalPolicy: def.pointInTimeRecovery ? RemovalPolicy.RETAIN : RemovalPolicy.DESTROY,
+        }),
+      );
+    }
+  }
+
+  table(def: TableDefinition): dynamodb.TableV2 {
+    const table = this.tables.get(def.id);
+    if (!table) throw new Error(`no table built for definition '${def.id}'`);
+    return table;
+  }
+
+  all(): { def: TableDefinition; table: dynamodb.TableV2 }[] {
+    return allTables.map((def) => ({ def, table: this.table(def) }));
+  }
+}
+
+/**
+ * Gives a function a table: the IAM statement (the table and exactly the indexes its definition
+ * declares) and the environment variable that carries the physical table name.
+ */
+export function bindTable(
+  fn: lambda.Function,
+  table: dynamodb.TableV2,
+  def: TableDefinition,
+  access: TableAccess,
+): void {
+  fn.addToRolePolicy(
+    new iam.PolicyStatement({
+      actions: access === 'readWrite' ? [...READ_ACTIONS, ...WRITE_ACTIONS] : READ_ACTIONS,
+      resources: [
+        table.tableArn,
+        ...def.globalSecondaryIndexes.map((index) => `${table.tableArn}/index/${index.indexName}`),
+      ],
+    }),
+  );
+  fn.addEnvironment(def.envVar, table.tableName);
+}

@@ -1,0 +1,83 @@
+import type { Duration } from 'aws-cdk-lib';
+import * as iam from 'aws-cdk-lib/aws-iam';
+import * as lambda from 'aws-cdk-lib/aws-lambda';
+import { NodejsFunction, OutputFormat } from 'aws-cdk-lib/aws-lambda-nodejs';
+import * as logs from 'aws-cdk-lib/aws-logs';
+import { Construct } from 'constructs';
+
+/**
+ * Memory per function, in MB. Provisional figures, to be confirmed by bench measurement
+ * (`bench/`): stream parses XML and hashes SCRAM proofs (PBKDF2, 4096+ iterations) on the
+ * frame path, and Lambda allots CPU in proportion to memory, so it gets more; connect and
+ * sweeper only do a few DynamoDB calls each.
+ */
+export const FUNCTION_MEMORY_MB = { connect: 256, stream: 512, sweeper: 256 } as const;
+
+export const FUNCTION_RUNTIME = lambda.Runtime.NODEJS_22_X;
+
+/** How long function logs are kept. */
+export const LOG_RETENTION = logs.RetentionDays.ONE_MONTH;
+
+export interface XmppFunctionProps {
+  /** Absolute path of the entry file; it must export `handler`. */
+  entry: string;
+  memorySize: number;
+  timeout: Duration;
+  description: string;
+  /** Directory holding package.json and package-lock.json. */
+  projectRoot: string;
+  environment: Record<string, string>;
+}
+
+/**
+ * A Node.js 22 arm64 function bundled locally by esbuild as minified ESM, with its own log group
+ * and its own role. The role only gets what the stack grants explicitly, plus writing to this
+ * function's log group: no AWSLambdaBasicExecutionRole (which allows logs:* on every group).
+ */
+export class XmppFunction extends Construct {
+  readonly fn: NodejsFunction;
+  readonly logGroup: logs.LogGroup;
+  readonly role: iam.Role;
+
+  constructor(scope: Construct, id: string, props: XmppFunctionProps) {
+    super(scope, id);
+    this.logGroup = new logs.LogGroup(this, 'Logs', { retention: LOG_RETENTION });
+    this.role = new iam.Role(this, 'Role', {
+      assumedBy: new iam.ServicePrincipal('lambda.amazonaws.com'),
+      description: `Execution role of the ${id} function`,
+    });
+    // The group exists already, so the function needs neither logs:CreateLogGroup nor a wildcard.
+    this.logGroup.grant(this.role, 'logs:CreateLogStream', 'logs:PutLogEvents');
+
+    this.fn = new NodejsFunction(this, 'Function', {
+      entry: props.entry,
+      handler: 'handler',
+      description: props.description,
+      runtime: FUNCTION_RUNTIME,
+      architecture: lambda.Architecture.ARM_64,
+      memorySize: props.memorySize,
+      timeout: props.timeout,
+      role: this.role,
+      logGroup: this.logGroup,
+      loggingFormat: lambda.LoggingFormat.JSON,
+      projectRoot: props.projectRoot,
+      depsLockFilePath: `${props.projectRoot}/package-lock.json`,
+      environment: {
+        ...props.environment,
+        // Stack traces point into the TypeScript sources instead of the minified bundle.
+        NODE_OPTIONS: '--enable-source-maps',
+      },
+      bundling: {
+        minify: true,
+        sourceMap: true,
+        format: OutputFormat.ESM,
+        target: 'node22',
+        // Some CommonJS dependencies call require() for Node built-ins; ESM has no require.
+        banner: "import { createRequire } from 'module'; const require = createRequire(import.meta.url);",
+        // Ship the SDK versions the tests ran against (package-lock.json), not whatever the
+        // runtime happens to carry this month; minified and tree-shaken it also loads faster.
+        bundleAwsSDK: true,
+      },
+    });
+  }
+}

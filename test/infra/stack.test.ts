@@ -1,0 +1,437 @@
+/**
+ * The CDK stack as CloudFormation sees it: routes and integrations, the FIFO queue, the tables
+ * (from the same definitions the local runner uses), grants, and cdk-nag's AwsSolutions checks.
+ * Synthesizes once, with the context of cdk.json, so it checks what `cdk synth` produces.
+ */
+import { readFileSync } from 'node:fs';
+import type { PolicyValidationPluginReport } from 'aws-cdk-lib';
+import { App, type CfnElement } from 'aws-cdk-lib';
+import { Match, Template } from 'aws-cdk-lib/assertions';
+import { AwsSolutionsChecks } from 'cdk-nag';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { STAGE_NAME } from '../../infra/constructs/websocket-gateway.ts';
+import { FUNCTION_MEMORY_MB } from '../../infra/constructs/xmpp-function.ts';
+import { NimbusStack, STREAM_TIMEOUT } from '../../infra/stack.ts';
+import { decodeQueueMessage } from '../../shared/queue-message.ts';
+import { allTables, sessionsTable, usersTable } from '../../shared/tables.ts';
+
+const DOMAIN = 'chat.example.org';
+const TABLE_ENV_VARS = allTables.map((def) => def.envVar);
+
+// biome-ignore lint/suspicious/noExplicitAny: synthesized CloudFormation is untyped JSON; the expectations are the type check.
+type CfnProperties = Record<string, any>;
+
+interface Resource {
+  Type: string;
+  Properties: CfnProperties;
+  DeletionPolicy?: string;
+}
+interface Statement {
+  Action: string | string[];
+  Effect: string;
+  Resource: unknown;
+}
+
+let stack: NimbusStack;
+let template: Template;
+let resources: Record<string, Resource>;
+let nagReport: PolicyValidationPluginReport;
+
+const logicalId = (construct: { node: { defaultChild?: unknown } }) =>
+  stack.getLogicalId(construct.node.defaultChild as CfnElement);
+
+function resourcesOfType(type: string): [string, Resource][] {
+  return Object.entries(resources).filter(([, resource]) => resource.Type === type);
+}
+
+function routeIntegration(routeKey: string): Resource {
+  const [[, route]] = resourcesOfType('AWS::ApiGatewayV2::Route').filter(
+    ([, r]) => r.Properties.RouteKey === routeKey,
+  );
+  const [, parts] = route.Properties.Target['Fn::Join'];
+  expect(parts[0]).toBe('integrations/');
+  return resources[parts[1].Ref];
+}
+
+function statementsOfRole(roleLogicalId: string): Statement[] {
+  return resourcesOfType('AWS::IAM::Policy')
+    .filter(([, p]) => p.Properties.Roles.some((role: { Ref: string }) => role.Ref === roleLogicalId))
+    .flatMap(([, p]) => p.Properties.PolicyDocument.Statement as Statement[]);
+}
+
+const actionsOf = (statement: Statement) => [statement.Action].flat();
+
+function functionProperties(name: keyof typeof FUNCTION_MEMORY_MB): CfnProperties {
+  return resources[logicalId(stack.functions[name].fn)].Properties;
+}
+
+function functionRoleStatements(name: keyof typeof FUNCTION_MEMORY_MB): Statement[] {
+  return statementsOfRole(logicalId(stack.functions[name].role));
+}
+
+beforeAll(() => {
+  const cdkJson = JSON.parse(readFileSync(new URL('../../cdk.json', import.meta.url), 'utf8'));
+  const app = new App({ context: cdkJson.context });
+  stack = new NimbusStack(app, 'Nimbus', { domain: DOMAIN });
+  template = Template.fromStack(stack);
+  resources = template.toJSON().Resources;
+  nagReport = new AwsSolutionsChecks(app).validateScope(stack);
+}, 120_000);
+
+describe('WebSocket API', () => {
+  it('has exactly the $connect, $default and $disconnect routes', () => {
+    const routeKeys = resourcesOfType('AWS::ApiGatewayV2::Route').map(([, r]) => r.Properties.RouteKey);
+    expect(routeKeys.sort()).toEqual(['$connect', '$default', '$disconnect']);
+  });
+
+  it('routes $connect to the connect function through a Lambda proxy integration', () => {
+    const integration = routeIntegration('$connect');
+    expect(integration.Properties.IntegrationType).toBe('AWS_PROXY');
+    expect(JSON.stringify(integration.Properties.IntegrationUri)).toContain(
+      logicalId(stack.functions.connect.fn),
+    );
+  });
+
+  it.each(['$default', '$disconnect'])('sends %s to the FIFO queue with SendMessage', (routeKey) => {
+    const { Properties: integration } = routeIntegration(routeKey);
+    expect(integration.IntegrationType).toBe('AWS');
+    expect(integration.IntegrationMethod).toBe('POST');
+    const uri = JSON.stringify(integration.IntegrationUri);
+    expect(uri).toContain(':sqs:path/');
+    expect(uri).toContain(logicalId(stack.frameQueue.queue));
+    expect(integration.RequestParameters).toEqual({
+      'integration.request.header.Content-Type': "'application/x-www-form-urlencoded'",
+    });
+    expect(integration.TemplateSelectionExpression).toBe('\\$default');
+    expect(integration.PassthroughBehavior).toBe('NEVER');
+    const requestTemplate: string = integration.RequestTemplates.$default;
+    expect(requestTemplate).toContain('Action=SendMessage');
+    expect(requestTemplate).toContain('&MessageGroupId=$util.urlEncode($context.connectionId)&');
+    expect(requestTemplate).toContain('&MessageDeduplicationId=$util.urlEncode($context.requestId)&');
+    expect(requestTemplate).toContain('&MessageBody=$util.urlEncode($message)');
+  });
+
+  it('lets API Gateway only send messages to the frame queue', () => {
+    const { Properties: integration } = routeIntegration('$default');
+    const roleLogicalId = integration.CredentialsArn['Fn::GetAtt'][0];
+    expect(statementsOfRole(roleLogicalId)).toEqual([
+      {
+        Action: 'sqs:SendMessage',
+        Effect: 'Allow',
+        Resource: { 'Fn::GetAtt': [logicalId(stack.frameQueue.queue), 'Arn'] },
+      },
+    ]);
+  });
+
+  it('deploys one auto-deployed stage with throttling and JSON access logs', () => {
+    template.resourceCountIs('AWS::ApiGatewayV2::Stage', 1);
+    template.hasResourceProperties('AWS::ApiGatewayV2::Stage', {
+      StageName: STAGE_NAME,
+      AutoDeploy: true,
+      DefaultRouteSettings: { ThrottlingRateLimit: Match.anyValue(), ThrottlingBurstLimit: Match.anyValue() },
+      AccessLogSettings: {
+        DestinationArn: { 'Fn::GetAtt': [logicalId(stack.gateway.accessLogs), 'Arn'] },
+        Format: Match.stringLikeRegexp('"connectionId":"\\$context.connectionId".*"integrationError"'),
+      },
+    });
+  });
+
+  it('outputs the wss URL of the stage and the name of every table', () => {
+    const outputs = template.toJSON().Outputs;
+    expect(JSON.stringify(outputs.WebSocketUrl.Value)).toMatch(
+      /^\{"Fn::Join":\["",\["wss:\/\/".*\/xmpp"\]\]\}$/,
+    );
+    for (const def of allTables) {
+      expect(outputs[`${def.id}TableName`]).toEqual({
+        Description: def.envVar,
+        Value: { Ref: logicalId(stack.tables.table(def)) },
+      });
+    }
+    expect(outputs.FrameQueueName.Value).toEqual({
+      'Fn::GetAtt': [logicalId(stack.frameQueue.queue), 'QueueName'],
+    });
+  });
+});
+
+/**
+ * Renders a SendMessage request template the way API Gateway would for the few constructs it
+ * uses (`#set`, `${q}`, `$context.*`, `$util.*`). Any reference left unrendered fails the test,
+ * so a misspelt variable cannot slip through. A shape check, not a Velocity engine.
+ */
+function renderSendMessageTemplate(
+  requestTemplate: string,
+  context: Record<string, string | number>,
+  body: string,
+): string {
+  const match = /^#set\(\$q = '"'\)#set\(\$message = "(.*)"\)(Action=.*)$/.exec(requestTemplate);
+  if (!match) throw new Error(`unexpected template shape: ${requestTemplate}`);
+  const quoteReference = '$' + '{q}';
+  const expand = (text: string) =>
+    text
+      .replaceAll(quoteReference, '"')
+      .replaceAll('$util.base64Encode($input.body)', Buffer.from(body).toString('base64'))
+      .replace(/\$context\.(\w+)/g, (reference, name: string) =>
+        name in context ? String(context[name]) : reference,
+      );
+  const message = expand(match[1]);
+  expect(message).not.toContain('$');
+  const form = match[2].replace(/\$util\.urlEncode\((\$[\w.]+)\)/g, (_, reference: string) =>
+    encodeURIComponent(reference === '$message' ? message : expand(reference)),
+  );
+  expect(form).not.toContain('$');
+  return form;
+}
+
+describe('queue message template', () => {
+  // Connection and request ids are base64: `+`, `/` and `=` must survive form encoding.
+  const context = {
+    connectionId: 'Ab+c/DEF12gCIdw=',
+    requestId: 'Xy+z/QRS34hDJew=',
+    requestTimeEpoch: 1735689600123,
+  };
+
+  it('puts a frame on the queue as the QueueMessage of shared/queue-message.ts, grouped by connection', () => {
+    const frame = `<message to='juliet@${DOMAIN}' type='chat'><body>it's 1 + 1 & "quoted"</body></message>`;
+    const requestTemplate = routeIntegration('$default').Properties.RequestTemplates.$default;
+    const form = new URLSearchParams(
+      renderSendMessageTemplate(requestTemplate, { ...context, eventType: 'MESSAGE' }, frame),
+    );
+
+    expect(form.get('Action')).toBe('SendMessage');
+    expect(form.get('MessageGroupId')).toBe(context.connectionId);
+    expect(form.get('MessageDeduplicationId')).toBe(context.requestId);
+    const messageBody = form.get('MessageBody') ?? '';
+    expect(JSON.parse(messageBody)).toEqual({
+      connectionId: context.connectionId,
+      eventType: 'MESSAGE',
+      requestTimeEpoch: context.requestTimeEpoch,
+      requestId: context.requestId,
+      body: Buffer.from(frame).toString('base64'),
+    });
+    expect(decodeQueueMessage(messageBody)).toEqual({
+      connectionId: context.connectionId,
+      kind: 'frame',
+      frame,
+      receivedAt: context.requestTimeEpoch,
+    });
+  });
+
+  it('puts a disconnect on the queue without a body, in the same group', () => {
+    const requestTemplate = routeIntegration('$disconnect').Properties.RequestTemplates.$default;
+    const form = new URLSearchParams(
+      renderSendMessageTemplate(requestTemplate, { ...context, eventType: 'DISCONNECT' }, ''),
+    );
+
+    expect(form.get('MessageGroupId')).toBe(context.connectionId);
+    expect(form.get('MessageDeduplicationId')).toBe(context.requestId);
+    const messageBody = form.get('MessageBody') ?? '';
+    expect(JSON.parse(messageBody)).toEqual({
+      connectionId: context.connectionId,
+      eventType: 'DISCONNECT',
+      requestTimeEpoch: context.requestTimeEpoch,
+      requestId: context.requestId,
+    });
+    expect(decodeQueueMessage(messageBody)).toEqual({
+      connectionId: context.connectionId,
+      kind: 'disconnect',
+      frame: '',
+      receivedAt: context.requestTimeEpoch,
+    });
+  });
+});
+
+describe('frame queue', () => {
+  it('is FIFO, de-duplicated by request id only, encrypted, with a FIFO dead-letter queue', () => {
+    const queue = resources[logicalId(stack.frameQueue.queue)].Properties;
+    const deadLetterQueueId = logicalId(stack.frameQueue.deadLetterQueue);
+    expect(queue).toMatchObject({
+      FifoQueue: true,
+      ContentBasedDeduplication: false,
+      SqsManagedSseEnabled: true,
+      RedrivePolicy: {
+        deadLetterTargetArn: { 'Fn::GetAtt': [deadLetterQueueId, 'Arn'] },
+        maxReceiveCount: 5,
+      },
+    });
+    expect(resources[deadLetterQueueId].Properties).toMatchObject({
+      FifoQueue: true,
+      SqsManagedSseEnabled: true,
+    });
+  });
+
+  it('keeps a message invisible for at least six times the stream timeout', () => {
+    const queue = resources[logicalId(stack.frameQueue.queue)].Properties;
+    expect(STREAM_TIMEOUT.toSeconds()).toBe(30);
+    expect(queue.VisibilityTimeout).toBeGreaterThanOrEqual(6 * STREAM_TIMEOUT.toSeconds());
+    expect(functionProperties('stream').Timeout).toBe(STREAM_TIMEOUT.toSeconds());
+  });
+
+  it('refuses requests without TLS on both queues', () => {
+    for (const queue of [stack.frameQueue.queue, stack.frameQueue.deadLetterQueue]) {
+      template.hasResourceProperties('AWS::SQS::QueuePolicy', {
+        Queues: [{ Ref: logicalId(queue) }],
+        PolicyDocument: {
+          Statement: Match.arrayWith([
+            Match.objectLike({ Effect: 'Deny', Condition: { Bool: { 'aws:SecureTransport': 'false' } } }),
+          ]),
+        },
+      });
+    }
+  });
+
+  it('feeds the stream function in batches of 10 with partial batch responses', () => {
+    template.resourceCountIs('AWS::Lambda::EventSourceMapping', 1);
+    template.hasResourceProperties('AWS::Lambda::EventSourceMapping', {
+      EventSourceArn: { 'Fn::GetAtt': [logicalId(stack.frameQueue.queue), 'Arn'] },
+      FunctionName: { Ref: logicalId(stack.functions.stream.fn) },
+      BatchSize: 10,
+      FunctionResponseTypes: ['ReportBatchItemFailures'],
+    });
+  });
+});
+
+describe('tables', () => {
+  it('builds exactly one table per definition', () => {
+    template.resourceCountIs('AWS::DynamoDB::GlobalTable', allTables.length);
+  });
+
+  it.each(allTables.map((def) => [def.id, def] as const))('%s matches its definition', (_, def) => {
+    const table = resources[logicalId(stack.tables.table(def))];
+    const props = table.Properties;
+    expect(props.BillingMode).toBe('PAY_PER_REQUEST');
+    expect(props.KeySchema).toEqual([
+      { AttributeName: def.partitionKey.name, KeyType: 'HASH' },
+      { AttributeName: def.sortKey.name, KeyType: 'RANGE' },
+    ]);
+    const keys = [
+      def.partitionKey,
+      def.sortKey,
+      ...def.globalSecondaryIndexes.flatMap((i) => [i.partitionKey, i.sortKey ?? []].flat()),
+    ];
+    expect(props.AttributeDefinitions).toEqual(
+      expect.arrayContaining(keys.map((k) => ({ AttributeName: k.name, AttributeType: k.type }))),
+    );
+    expect(props.TimeToLiveSpecification).toEqual({ AttributeName: def.timeToLiveAttribute, Enabled: true });
+    expect(props.Replicas).toHaveLength(1);
+    expect(props.Replicas[0].PointInTimeRecoverySpecification).toEqual({
+      PointInTimeRecoveryEnabled: def.pointInTimeRecovery,
+    });
+    expect(table.DeletionPolicy).toBe(def.pointInTimeRecovery ? 'Retain' : 'Delete');
+    expect(props.GlobalSecondaryIndexes ?? []).toEqual(
+      def.globalSecondaryIndexes.map((index) => ({
+        IndexName: index.indexName,
+        KeySchema: [
+          { AttributeName: index.partitionKey.name, KeyType: 'HASH' },
+          ...(index.sortKey ? [{ AttributeName: index.sortKey.name, KeyType: 'RANGE' }] : []),
+        ],
+        Projection: { ProjectionType: 'ALL' },
+      })),
+    );
+  });
+
+  it('never allows a Scan, to any role', () => {
+    for (const [, policy] of resourcesOfType('AWS::IAM::Policy')) {
+      for (const statement of policy.Properties.PolicyDocument.Statement as Statement[]) {
+        expect(actionsOf(statement)).not.toContain('dynamodb:Scan');
+        expect(actionsOf(statement)).not.toContain('dynamodb:*');
+      }
+    }
+  });
+});
+
+describe('functions', () => {
+  const names = Object.keys(FUNCTION_MEMORY_MB) as (keyof typeof FUNCTION_MEMORY_MB)[];
+
+  it.each(names)('%s runs on Node.js 22 arm64 with its memory figure and the domain', (name) => {
+    const props = functionProperties(name);
+    expect(props.Runtime).toBe('nodejs22.x');
+    expect(props.Architectures).toEqual(['arm64']);
+    expect(props.MemorySize).toBe(FUNCTION_MEMORY_MB[name]);
+    expect(props.Handler).toBe('index.handler');
+    expect(props.Environment.Variables.XMPP_DOMAIN).toBe(DOMAIN);
+  });
+
+  it.each(names)('%s logs to its own log group, kept 30 days', (name) => {
+    const logGroupId = logicalId(stack.functions[name].logGroup);
+    expect(functionProperties(name).LoggingConfig.LogGroup).toEqual({ Ref: logGroupId });
+    expect(resources[logGroupId].Properties.RetentionInDays).toBe(30);
+  });
+
+  it('keeps API Gateway access logs 30 days', () => {
+    expect(resources[logicalId(stack.gateway.accessLogs)].Properties.RetentionInDays).toBe(30);
+  });
+
+  const expectStageManagementEndpoint = (variables: CfnProperties) =>
+    expect(JSON.stringify(variables.CONNECTIONS_ENDPOINT)).toMatch(
+      new RegExp(
+        `^\\{"Fn::Join":\\["",\\["https://",\\{"Ref":"${logicalId(stack.gateway.api)}"\\}.*/${STAGE_NAME}"\\]\\]\\}$`,
+      ),
+    );
+
+  it('gives connect only the Sessions table (and the endpoint the core needs to start)', () => {
+    const variables = functionProperties('connect').Environment.Variables;
+    expect(Object.keys(variables).filter((name) => TABLE_ENV_VARS.includes(name))).toEqual([
+      'SESSIONS_TABLE',
+    ]);
+    expect(variables.SESSIONS_TABLE).toEqual({ Ref: logicalId(stack.tables.table(sessionsTable)) });
+    expectStageManagementEndpoint(variables);
+  });
+
+  it.each(['stream', 'sweeper'] as const)(
+    'gives %s every table and the stage management endpoint',
+    (name) => {
+      const variables = functionProperties(name).Environment.Variables;
+      for (const def of allTables) {
+        expect(variables[def.envVar]).toEqual({ Ref: logicalId(stack.tables.table(def)) });
+      }
+      expectStageManagementEndpoint(variables);
+    },
+  );
+
+  it('lets sweeper only read Users, and write Sessions and Offline', () => {
+    const statements = functionRoleStatements('sweeper');
+    const usersArn = { 'Fn::GetAtt': [logicalId(stack.tables.table(usersTable)), 'Arn'] };
+    const onUsers = statements.filter((s) => JSON.stringify(s.Resource).includes(JSON.stringify(usersArn)));
+    expect(onUsers.flatMap(actionsOf).sort()).toEqual(
+      ['dynamodb:BatchGetItem', 'dynamodb:ConditionCheckItem', 'dynamodb:GetItem', 'dynamodb:Query'].sort(),
+    );
+  });
+
+  it('lets only stream and sweeper manage connections, on this stage only', () => {
+    const manageConnections = (name: keyof typeof FUNCTION_MEMORY_MB) =>
+      functionRoleStatements(name).filter((s) => actionsOf(s).includes('execute-api:ManageConnections'));
+    for (const name of ['stream', 'sweeper'] as const) {
+      const [statement, ...others] = manageConnections(name);
+      expect(others).toEqual([]);
+      expect(JSON.stringify(statement.Resource)).toContain(
+        `{"Ref":"${logicalId(stack.gateway.api)}"},"/${STAGE_NAME}/*/@connections/*"`,
+      );
+    }
+    expect(manageConnections('connect')).toEqual([]);
+    const grantedAnywhere = resourcesOfType('AWS::IAM::Policy').filter(([, p]) =>
+      (p.Properties.PolicyDocument.Statement as Statement[]).some((s) =>
+        actionsOf(s).includes('execute-api:ManageConnections'),
+      ),
+    );
+    expect(grantedAnywhere).toHaveLength(2);
+  });
+
+  it('runs the sweeper every minute', () => {
+    template.hasResourceProperties('AWS::Events::Rule', {
+      ScheduleExpression: 'rate(1 minute)',
+      Targets: [Match.objectLike({ Arn: { 'Fn::GetAtt': [logicalId(stack.functions.sweeper.fn), 'Arn'] } })],
+    });
+  });
+});
+
+describe('cdk-nag AwsSolutions', () => {
+  it('has no finding left that is neither fixed nor acknowledged with a reason in infra/', () => {
+    const findings = nagReport.violations.map((violation) => ({
+      rule: violation.ruleName,
+      severity: violation.severity,
+      resources: violation.violatingResources.map((resource) => resource.resourceLogicalId),
+    }));
+    expect(findings).toEqual([]);
+    expect(nagReport.success).toBe(true);
+  });
+});
