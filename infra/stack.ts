@@ -76,9 +76,8 @@ export class NimbusStack extends Stack {
       ...domainEnvironment,
       CONNECTIONS_ENDPOINT: this.gateway.connectionsEndpoint,
     };
-    // The core builds its outbound port when it starts, so connect needs the endpoint to start at
-    // all. It gets no right to use it (no ManageConnections): it answers through its return value.
-    connect.fn.addEnvironment('CONNECTIONS_ENDPOINT', this.gateway.connectionsEndpoint);
+    // connect answers through its return value: no endpoint, no ManageConnections (the core
+    // builds its outbound port on first use).
 
     const stream = new XmppFunction(this, 'Stream', {
       entry: entry('stream'),

@@ -29,6 +29,12 @@ export interface Config {
   authFailureMaxDelayMs: number;
   /** PBKDF2 iterations for newly stored SCRAM keys. */
   scramIterations: number;
+  /** XEP-0198: longest resumption window offered, in seconds (a smaller client `max` wins). */
+  smMaxSeconds: number;
+  /** XEP-0198: unacknowledged stanzas kept per session; beyond it the stream ends. */
+  smQueueMax: number;
+  /** XEP-0198: the server asks for an ack (`<r/>`) after this many stanzas. */
+  smAckEvery: number;
   /** Seconds an unbound or idle connection row lives without activity (a safety net for lost $disconnect). */
   connectionTtlSeconds: number;
 }
@@ -68,5 +74,8 @@ export function loadConfig(env: Env = process.env): Config {
     authFailureMaxDelayMs: int(env, 'AUTH_FAILURE_MAX_DELAY_MS', 2000),
     scramIterations: int(env, 'SCRAM_ITERATIONS', 4096),
     connectionTtlSeconds: int(env, 'CONNECTION_TTL_SECONDS', 3 * 3600),
+    smMaxSeconds: int(env, 'SM_MAX_SECONDS', 300),
+    smQueueMax: int(env, 'SM_QUEUE_MAX', 1000),
+    smAckEvery: Math.max(1, int(env, 'SM_ACK_EVERY', 10)),
   };
 }

@@ -5,6 +5,7 @@
  */
 import type { Element } from 'ltx';
 import { endSession } from './features/presence.ts';
+import { connectionVanished, deliverToSmSession } from './features/stream-management.ts';
 import type { PostResult } from './outbound.ts';
 import type { Server } from './server.ts';
 import type { ResourceRecord } from './store/sessions.ts';
@@ -14,21 +15,23 @@ export async function deliverToResource(
   resource: ResourceRecord,
   stanza: Element,
 ): Promise<PostResult> {
+  if (resource.smId) return deliverToSmSession(server, resource.smId, stanza);
   const result = await server.outbound.send(resource.connectionId, stanza);
   if (result === 'gone') {
     server.log.info('connection gone on delivery', { connectionId: resource.connectionId });
     const state = await server.sessions.getConnection(resource.connectionId);
-    await endSession(
-      server,
-      state ?? {
+    if (state) await connectionVanished(server, resource.connectionId, state);
+    else {
+      // No row left (its $disconnect was lost): release the resource all the same.
+      await endSession(server, {
         connectionId: resource.connectionId,
         connectedAt: resource.boundAt,
         streamOpen: false,
         authFailures: 0,
         user: resource.user,
         resource: resource.resource,
-      },
-    );
+      });
+    }
   }
   return result;
 }

@@ -11,6 +11,7 @@ import { bareJid, fullJid, type Jid, parseJid } from './jid.ts';
 import type { Server } from './server.ts';
 import type { ResourceRecord } from './store/sessions.ts';
 import type { Stream } from './stream.ts';
+import { NS } from './xml/namespaces.ts';
 
 /** Who an iq is addressed to: the server itself, or a user's account (its bare JID). */
 export type IqTarget = 'server' | 'account';
@@ -98,7 +99,20 @@ function chatTargets(resources: ResourceRecord[]): ResourceRecord[] {
  * Routes a message to a local or remote JID (RFC 6121 §8.5). Throws the StanzaError the
  * sender gets back; returns quietly when the message was delivered, stored or dropped.
  */
-export async function routeMessage(server: Server, stanza: Element, to: Jid): Promise<void> {
+export interface RouteOptions {
+  /**
+   * The message was accepted earlier (re-routed from an ended stream-management session):
+   * it carries a delay stamp of this time on delivery, and offline storage keeps this time.
+   */
+  originalTime?: number;
+}
+
+export async function routeMessage(
+  server: Server,
+  stanza: Element,
+  to: Jid,
+  options: RouteOptions = {},
+): Promise<void> {
   const type = messageType(stanza);
   if (to.domain !== server.config.domain) {
     throw new StanzaError('cancel', 'remote-server-not-found', 'Server-to-server is not available');
@@ -109,6 +123,7 @@ export async function routeMessage(server: Server, stanza: Element, to: Jid): Pr
   }
   const bare = bareJid(to);
   let resources = await server.sessions.listResources(bare);
+  if (options.originalTime !== undefined) stampDelay(server, stanza, options.originalTime);
 
   if (to.resource) {
     const exact = resources.find((r) => r.resource === to.resource);
@@ -137,7 +152,13 @@ export async function routeMessage(server: Server, stanza: Element, to: Jid): Pr
   if (resources.length === 0 && !(await server.users.exists(bare))) {
     throw new StanzaError('cancel', 'service-unavailable');
   }
-  await offlineStorage.storeIfWanted(server, bare, stanza);
+  await offlineStorage.storeIfWanted(server, bare, stanza, options.originalTime);
+}
+
+/** XEP-0203: one stamp from this server, of when it first accepted the message. */
+function stampDelay(server: Server, stanza: Element, time: number): void {
+  if (stanza.getChildren('delay', NS.delay).some((d) => d.attrs.from === server.config.domain)) return;
+  stanza.c('delay', { xmlns: NS.delay, from: server.config.domain, stamp: new Date(time).toISOString() });
 }
 
 async function routeIq(stream: Stream, stanza: Element, to: Jid | undefined): Promise<void> {

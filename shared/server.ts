@@ -6,6 +6,7 @@ import type { DynamoDBDocumentClient } from '@aws-sdk/lib-dynamodb';
 import type { Config } from './config.ts';
 import * as bind from './features/bind.ts';
 import * as disco from './features/disco.ts';
+import * as offline from './features/offline.ts';
 import * as offlineStorage from './features/offline-storage.ts';
 import * as ping from './features/ping.ts';
 import * as presence from './features/presence.ts';
@@ -16,6 +17,7 @@ import { Router } from './router.ts';
 import { documentClientFor } from './store/dynamo.ts';
 import { createOfflineStore, type OfflineStore } from './store/offline.ts';
 import { createSessionStore, type SessionStore } from './store/sessions.ts';
+import { createSmQueueStore, type SmQueueStore } from './store/sm-queue.ts';
 import { createUserStore, type UserStore } from './store/users.ts';
 
 export interface Server {
@@ -23,6 +25,7 @@ export interface Server {
   sessions: SessionStore;
   users: UserStore;
   offline: OfflineStore;
+  smQueue: SmQueueStore;
   outbound: Outbound;
   router: Router;
   log: Logger;
@@ -40,16 +43,22 @@ export interface ServerOptions {
 export function createServer(options: ServerOptions): Server {
   const { config } = options;
   const doc = options.doc ?? documentClientFor(config);
-  const port =
-    options.port ??
-    apiGatewayPort(
+  // Built on first use: $connect never posts, and needs no management endpoint.
+  let apiGateway: ConnectionPort | undefined;
+  const gateway = () =>
+    (apiGateway ??= apiGatewayPort(
       config.connectionsEndpoint ?? missing('CONNECTIONS_ENDPOINT (the API Gateway Management API endpoint)'),
       config.region,
-    );
+    ));
+  const port: ConnectionPort = options.port ?? {
+    post: (connectionId, data) => gateway().post(connectionId, data),
+    close: (connectionId) => gateway().close(connectionId),
+  };
   const users = createUserStore(doc, config.tables.users);
   let decoySecret: Promise<string> | undefined;
   const router = new Router();
-  for (const feature of [bind, disco, ping, version, presence, offlineStorage]) feature.register(router);
+  for (const feature of [bind, disco, ping, version, presence, offlineStorage, offline])
+    feature.register(router);
   return {
     config,
     sessions: createSessionStore(doc, config.tables.sessions, config.connectionTtlSeconds),
@@ -58,6 +67,7 @@ export function createServer(options: ServerOptions): Server {
       quota: config.offlineQuota,
       ttlSeconds: config.offlineTtlSeconds,
     }),
+    smQueue: createSmQueueStore(doc, config.tables.sessions),
     outbound: new Outbound(port),
     router,
     log: options.log ?? createLogger(),

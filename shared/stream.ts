@@ -6,8 +6,9 @@ import { randomBytes } from 'node:crypto';
 import { Element } from 'ltx';
 import { isTransient, StreamError, streamErrorElement } from './errors.ts';
 import * as bind from './features/bind.ts';
-import { endSession } from './features/presence.ts';
 import * as sasl from './features/sasl.ts';
+import type { SmSendOptions } from './features/stream-management.ts';
+import * as sm from './features/stream-management.ts';
 import { fullJidOf, type Jid } from './jid.ts';
 import type { PostResult } from './outbound.ts';
 import type { StreamEvent } from './queue-message.ts';
@@ -44,7 +45,9 @@ export class Stream {
     Object.assign(this.changes, changes);
   }
 
-  send(element: Element): Promise<PostResult> {
+  /** Everything this stream sends; with stream management on, stanzas are numbered and queued. */
+  send(element: Element, options: SmSendOptions = {}): Promise<PostResult> {
+    if (this.state.sm && STANZAS.has(element.name)) return sm.sendOnStream(this, element, options);
     return this.server.outbound.send(this.connectionId, element);
   }
 
@@ -68,7 +71,7 @@ export class Stream {
   async end(): Promise<void> {
     if (this.ended) return;
     this.ended = true;
-    await endSession(this.server, this.state);
+    await sm.endStream(this.server, this.state);
   }
 
   async save(): Promise<void> {
@@ -90,7 +93,10 @@ export function openElement(domain: string, id: string): Element {
 function featuresElement(stream: Stream): Element {
   const features = new Element('stream:features', { 'xmlns:stream': NS.stream });
   if (!stream.state.user) sasl.advertise(features);
-  else if (!stream.state.resource) bind.advertise(features);
+  else if (!stream.state.resource) {
+    bind.advertise(features);
+    sm.advertise(features, stream.server);
+  }
   return features;
 }
 
@@ -130,6 +136,7 @@ async function dispatch(stream: Stream, element: Element): Promise<void> {
     throw new StreamError('unsupported-stanza-type', 'The stream is not open: send <open/> first');
 
   if (ns === NS.sasl) return sasl.handle(stream, element);
+  if (sm.isSmNamespace(ns)) return sm.handle(stream, element);
 
   if (STANZAS.has(element.name)) {
     if (ns !== undefined && ns !== NS.client) {
@@ -137,6 +144,8 @@ async function dispatch(stream: Stream, element: Element): Promise<void> {
     }
     if (!stream.state.user) throw new StreamError('not-authorized', 'Authenticate first');
     if (!stream.state.resource) return bind.handleUnbound(stream, element);
+    // XEP-0198 §4: every stanza counts, even one that is refused.
+    sm.countInbound(stream);
     return routeFromClient(stream, element);
   }
   throw new StreamError('unsupported-stanza-type', `Unknown element <${element.name}>`);
@@ -154,7 +163,8 @@ export async function handleStreamEvent(server: Server, event: StreamEvent): Pro
   const stream = new Stream(server, state);
 
   if (event.kind === 'disconnect') {
-    if (stored) await stream.end();
+    // A resumable stream-management session outlives its socket; anything else ends here.
+    if (stored) await sm.connectionVanished(server, event.connectionId, stored);
     return;
   }
   try {

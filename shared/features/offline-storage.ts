@@ -11,6 +11,7 @@ import { type OfflineMessage, OfflineQuotaExceededError } from '../store/offline
 import type { ResourceRecord } from '../store/sessions.ts';
 import type { Stream } from '../stream.ts';
 import { NS } from '../xml/namespaces.ts';
+import { requestAckIfUnacknowledged } from './stream-management.ts';
 
 export function register(router: Router): void {
   router.feature('msgoffline');
@@ -32,18 +33,28 @@ export function shouldStore(stanza: Element): boolean {
 }
 
 /** Stores the message for later, or drops it when it is not worth keeping. */
-export async function storeIfWanted(server: Server, user: string, stanza: Element): Promise<void> {
+/**
+ * `acceptedAt` marks a message the server accepted earlier (re-routed from an ended stream
+ * session): it keeps that time as its stamp and is stored even past the quota, since
+ * refusing it now would lose it.
+ */
+export async function storeIfWanted(
+  server: Server,
+  user: string,
+  stanza: Element,
+  acceptedAt?: number,
+): Promise<void> {
   if (!shouldStore(stanza)) return;
   // Only our own delay stamp may appear on delivery: drop any that claims to be ours.
   for (const delay of stanza.getChildren('delay', NS.delay)) {
     if (delay.attrs.from === server.config.domain) stanza.remove(delay);
   }
   try {
-    await server.offline.store(user, {
-      from: stanza.attrs.from,
-      storedAt: Date.now(),
-      stanza: stanza.toString(),
-    });
+    await server.offline.store(
+      user,
+      { from: stanza.attrs.from, storedAt: acceptedAt ?? Date.now(), stanza: stanza.toString() },
+      { ignoreQuota: acceptedAt !== undefined },
+    );
   } catch (error) {
     if (error instanceof OfflineQuotaExceededError) {
       throw new StanzaError('wait', 'resource-constraint', 'The recipient’s offline storage is full');
@@ -66,9 +77,10 @@ export function stampedStanza(server: Server, message: OfflineMessage): Element 
 }
 
 /**
- * Sends every stored message to the stream, oldest first, removing each only after it was
- * handed to the connection. XEP-0013 §2.1: no flood while a session of the user asked for
- * flexible offline retrieval.
+ * Sends every stored message to the stream, oldest first, removing each only once delivery
+ * is confirmed: a successful post, or with stream management the client's ack (the SM queue
+ * remembers which offline message each stanza came from). XEP-0013 §2.1: no flood while a
+ * session of the user asked for flexible offline retrieval.
  */
 export async function floodOffline(stream: Stream, resources: ResourceRecord[]): Promise<void> {
   const { server } = stream;
@@ -79,11 +91,15 @@ export async function floodOffline(stream: Stream, resources: ResourceRecord[]):
     const page = await server.offline.list(user, { limit: 50, after });
     const delivered: string[] = [];
     for (const message of page.messages) {
-      if ((await stream.send(stampedStanza(server, message))) !== 'sent') break;
-      delivered.push(message.id);
+      if ((await stream.send(stampedStanza(server, message), { offlineId: message.id })) !== 'sent') return;
+      if (!stream.state.sm) delivered.push(message.id);
     }
     if (delivered.length > 0) await server.offline.remove(user, delivered);
-    if (delivered.length < page.messages.length || !page.next) return;
+    if (!page.next) {
+      // With SM these stay stored until acknowledged: ask now rather than at the next batch.
+      if (stream.state.sm && page.messages.length > 0) await requestAckIfUnacknowledged(stream);
+      return;
+    }
     after = page.next;
   }
 }

@@ -1,6 +1,10 @@
 /**
  * The one DynamoDB document client of a process, shared by every store module. Store modules
  * (this folder) are the only files that import `@aws-sdk/*` for DynamoDB.
+ *
+ * Optional metering (`NIMBUS_METER=1`, or `meter` in the options): every data-plane command
+ * asks for `ReturnConsumedCapacity: 'TOTAL'` and the meter adds up requests and the capacity
+ * units DynamoDB reports, per operation. Off by default; when off, no middleware is installed.
  */
 import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import { DynamoDBDocumentClient } from '@aws-sdk/lib-dynamodb';
@@ -9,6 +13,139 @@ import type { Config } from '../config.ts';
 export interface DynamoOptions {
   endpoint?: string;
   region: string;
+  /** Meter every command into this meter; defaults to `dynamoMeter` when `NIMBUS_METER=1`. */
+  meter?: DynamoMeter;
+}
+
+/** What one operation (e.g. `GetItem`) cost since the last reset. */
+export interface OperationUsage {
+  requests: number;
+  /** Requests that threw (a failed condition still consumes write units, unreported). */
+  failures: number;
+  /** Requests whose answer carried ConsumedCapacity. */
+  reported: number;
+  /** Read request units (on-demand) / read capacity units. */
+  readUnits: number;
+  /** Write request units (on-demand) / write capacity units. */
+  writeUnits: number;
+}
+
+export interface MeterSnapshot {
+  operations: Record<string, OperationUsage>;
+  requests: number;
+  readUnits: number;
+  writeUnits: number;
+}
+
+type CapacityKind = 'read' | 'write';
+
+/**
+ * The data-plane operations that accept `ReturnConsumedCapacity`, and which unit a reported
+ * `CapacityUnits` is billed in when DynamoDB does not split it into read and write units.
+ */
+const METERED_OPERATIONS: Record<string, CapacityKind> = {
+  GetItem: 'read',
+  Query: 'read',
+  Scan: 'read',
+  BatchGetItem: 'read',
+  TransactGetItems: 'read',
+  ExecuteStatement: 'read',
+  BatchExecuteStatement: 'read',
+  PutItem: 'write',
+  UpdateItem: 'write',
+  DeleteItem: 'write',
+  BatchWriteItem: 'write',
+  TransactWriteItems: 'write',
+  ExecuteTransaction: 'write',
+};
+
+interface ConsumedCapacity {
+  CapacityUnits?: number;
+  ReadCapacityUnits?: number;
+  WriteCapacityUnits?: number;
+}
+
+export class DynamoMeter {
+  private operations = new Map<string, OperationUsage>();
+
+  private usage(operation: string): OperationUsage {
+    let usage = this.operations.get(operation);
+    if (!usage) {
+      usage = { requests: 0, failures: 0, reported: 0, readUnits: 0, writeUnits: 0 };
+      this.operations.set(operation, usage);
+    }
+    return usage;
+  }
+
+  /** Adds one request; `consumed` is the answer's ConsumedCapacity (an array for batches and transactions). */
+  record(
+    operation: string,
+    consumed: ConsumedCapacity | ConsumedCapacity[] | undefined,
+    failed = false,
+  ): void {
+    const usage = this.usage(operation);
+    usage.requests += 1;
+    if (failed) usage.failures += 1;
+    if (consumed === undefined) return;
+    usage.reported += 1;
+    const kind = METERED_OPERATIONS[operation] ?? 'read';
+    for (const entry of Array.isArray(consumed) ? consumed : [consumed]) {
+      if (entry.ReadCapacityUnits !== undefined || entry.WriteCapacityUnits !== undefined) {
+        usage.readUnits += entry.ReadCapacityUnits ?? 0;
+        usage.writeUnits += entry.WriteCapacityUnits ?? 0;
+      } else if (kind === 'read') usage.readUnits += entry.CapacityUnits ?? 0;
+      else usage.writeUnits += entry.CapacityUnits ?? 0;
+    }
+  }
+
+  snapshot(): MeterSnapshot {
+    const operations: Record<string, OperationUsage> = {};
+    let requests = 0;
+    let readUnits = 0;
+    let writeUnits = 0;
+    for (const [name, usage] of [...this.operations].sort(([a], [b]) => a.localeCompare(b))) {
+      operations[name] = { ...usage };
+      requests += usage.requests;
+      readUnits += usage.readUnits;
+      writeUnits += usage.writeUnits;
+    }
+    return { operations, requests, readUnits, writeUnits };
+  }
+
+  reset(): void {
+    this.operations.clear();
+  }
+}
+
+/** The process's meter, filled by every client created while `NIMBUS_METER=1`. */
+export const dynamoMeter = new DynamoMeter();
+
+function meterFromEnvironment(): DynamoMeter | undefined {
+  return process.env.NIMBUS_METER === '1' ? dynamoMeter : undefined;
+}
+
+function installMeter(client: DynamoDBClient, meter: DynamoMeter): void {
+  client.middlewareStack.add(
+    (next, context) => async (args) => {
+      // The document client's commands run as the low-level ones (GetCommand → GetItemCommand).
+      const operation = (context.commandName ?? 'Unknown').replace(/Command$/, '');
+      if (!(operation in METERED_OPERATIONS)) return next(args);
+      (args.input as { ReturnConsumedCapacity?: string }).ReturnConsumedCapacity = 'TOTAL';
+      let result: Awaited<ReturnType<typeof next>>;
+      try {
+        result = await next(args);
+      } catch (error) {
+        meter.record(operation, undefined, true);
+        throw error;
+      }
+      meter.record(
+        operation,
+        (result.output as { ConsumedCapacity?: ConsumedCapacity | ConsumedCapacity[] }).ConsumedCapacity,
+      );
+      return result;
+    },
+    { step: 'initialize', name: 'nimbusConsumedCapacityMeter', override: true },
+  );
 }
 
 export function createDocumentClient(options: DynamoOptions): DynamoDBDocumentClient {
@@ -21,6 +158,8 @@ export function createDocumentClient(options: DynamoOptions): DynamoDBDocumentCl
       : {}),
     maxAttempts: 4,
   });
+  const meter = options.meter ?? meterFromEnvironment();
+  if (meter) installMeter(client, meter);
   return DynamoDBDocumentClient.from(client, {
     marshallOptions: { removeUndefinedValues: true },
   });

@@ -43,7 +43,11 @@ export interface OfflinePage {
 }
 
 export interface OfflineStore {
-  store(user: string, message: Omit<OfflineMessage, 'id'>): Promise<OfflineMessage>;
+  store(
+    user: string,
+    message: Omit<OfflineMessage, 'id'>,
+    options?: { ignoreQuota?: boolean },
+  ): Promise<OfflineMessage>;
   /** Oldest first; expired messages are skipped even before DynamoDB's TTL removes them. */
   list(
     user: string,
@@ -123,7 +127,7 @@ export function createOfflineStore(
     return total;
   }
 
-  async function tryStore(user: string, item: OfflineMessage): Promise<void> {
+  async function tryStore(user: string, item: OfflineMessage, quota: number): Promise<void> {
     await doc.send(
       new TransactWriteCommand({
         TransactItems: [
@@ -133,7 +137,7 @@ export function createOfflineStore(
               Key: counterKey(user),
               UpdateExpression: 'ADD n :one',
               ConditionExpression: 'attribute_not_exists(n) OR n < :quota',
-              ExpressionAttributeValues: { ':one': 1, ':quota': limits.quota },
+              ExpressionAttributeValues: { ':one': 1, ':quota': quota },
             },
           },
           {
@@ -155,24 +159,27 @@ export function createOfflineStore(
   }
 
   return {
-    async store(user, message) {
+    async store(user, message, options = {}) {
       const item: OfflineMessage = { ...message, id: newOfflineId(message.storedAt) };
+      const quota = options.ignoreQuota ? Number.MAX_SAFE_INTEGER : limits.quota;
       try {
-        await tryStore(user, item);
+        await tryStore(user, item, quota);
       } catch (error) {
         if (!(error instanceof TransactionCanceledException)) throw error;
         if (error.CancellationReasons?.[0]?.Code !== 'ConditionalCheckFailed') throw error;
         // The counter only grows on store and shrinks on delete; messages that DynamoDB's TTL
         // removed are still in it. At the quota, count for real once before refusing.
         if ((await recount(user)) >= limits.quota) throw new OfflineQuotaExceededError(user);
-        await tryStore(user, item);
+        await tryStore(user, item, quota);
       }
       return item;
     },
 
     async list(user, options = {}) {
-      const bounds: string[] = [];
       const values: Record<string, unknown> = { ':pk': user, ':now': nowSeconds() };
+      // A Query's filter cannot name a key attribute: ranges are bounded by the key condition
+      // alone. The counter item sorts before every message and has no TTL attribute, so the
+      // TTL filter drops it from the one-sided ranges.
       let keyCondition = 'pk = :pk AND begins_with(sk, :m)';
       values[':m'] = 'm#';
       if (options.after && options.before) {
@@ -184,8 +191,10 @@ export function createOfflineStore(
         keyCondition = 'pk = :pk AND sk > :after';
         values[':after'] = `m#${options.after}`;
         delete values[':m'];
-        bounds.push('begins_with(sk, :m2)');
-        values[':m2'] = 'm#';
+      } else if (options.before && options.newestFirst) {
+        keyCondition = 'pk = :pk AND sk < :before';
+        values[':before'] = `m#${options.before}`;
+        delete values[':m'];
       } else if (options.before) {
         keyCondition = 'pk = :pk AND sk BETWEEN :m AND :before';
         values[':before'] = `m#${options.before}`;
@@ -198,7 +207,7 @@ export function createOfflineStore(
           new QueryCommand({
             TableName: table,
             KeyConditionExpression: keyCondition,
-            FilterExpression: ['#ttl > :now', ...bounds].join(' AND '),
+            FilterExpression: '#ttl > :now',
             ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
             ExpressionAttributeValues: values,
             ScanIndexForward: !options.newestFirst,
@@ -208,6 +217,7 @@ export function createOfflineStore(
           }),
         );
         for (const item of page.Items ?? []) {
+          if (!(item.sk as string).startsWith('m#')) continue;
           const message = toMessage(item);
           // BETWEEN is inclusive; RSM's after/before are exclusive.
           if (message.id === options.after || message.id === options.before) continue;

@@ -16,7 +16,7 @@ import {
   QueryCommand,
   UpdateCommand,
 } from '@aws-sdk/lib-dynamodb';
-import { SWEEP_INDEX, TTL_ATTRIBUTE } from '../tables.ts';
+import { TTL_ATTRIBUTE } from '../tables.ts';
 
 /** The sweep index's one partition: sessions detached from their socket, awaiting resumption. */
 export const DETACHED_SHARD = 'detached';
@@ -27,6 +27,20 @@ export interface SaslProgress {
   state: Record<string, unknown>;
   /** The bare JID being authenticated (for the per-account failure count). */
   jid?: string;
+}
+
+/** XEP-0198 state of a stream, saved with the connection after every frame. */
+export interface SmState {
+  version: 'sm3' | 'sm1';
+  /** Key of the session's queue item; sent to the client as `id` only when resumable. */
+  id: string;
+  /** sm:3: stanzas handled from the client (unwrapped); sm:1: the last `u` received. */
+  inbound: number;
+  /** Stanzas the client has acknowledged (unwrapped): the queue's base. */
+  acked: number;
+  resumable: boolean;
+  /** Resumption window in seconds. */
+  max: number;
 }
 
 export interface ConnectionState {
@@ -42,6 +56,7 @@ export interface ConnectionState {
   authFailures: number;
   /** XEP-0013: the session asked for the count, headers or a fetch, so it is never flooded. */
   flexibleOffline?: boolean;
+  sm?: SmState;
 }
 
 export interface ResourceRecord {
@@ -54,6 +69,8 @@ export interface ResourceRecord {
   presence?: string;
   boundAt: number;
   flexibleOffline?: boolean;
+  /** Set when the session has stream management: deliveries go through its queue. */
+  smId?: string;
 }
 
 const connKey = (connectionId: string) => ({ pk: `conn#${connectionId}`, sk: 'conn' });
@@ -79,8 +96,15 @@ export interface SessionStore {
     changes: Pick<ResourceRecord, 'available' | 'priority' | 'presence'>,
   ): Promise<ResourceRecord | undefined>;
   markFlexibleOffline(user: string, resource: string, connectionId: string): Promise<void>;
-  /** Connections whose detach window ended before `now` (sparse index, oldest first). */
-  listExpiredDetached(now: number, limit: number): Promise<ConnectionState[]>;
+  /** Routes the resource's deliveries through the SM queue `smId` (or back to direct posts). */
+  setResourceSm(
+    user: string,
+    resource: string,
+    connectionId: string,
+    smId: string | undefined,
+  ): Promise<void>;
+  /** Removes the resource if it still belongs to SM session `smId`; returns it, or undefined. */
+  releaseSmResource(user: string, resource: string, smId: string): Promise<ResourceRecord | undefined>;
   /** Removes the resource if it still belongs to `connectionId`; returns it, or undefined. */
   releaseResource(user: string, resource: string, connectionId: string): Promise<ResourceRecord | undefined>;
 }
@@ -100,6 +124,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     sasl: item.sasl as SaslProgress | undefined,
     authFailures: (item.authFailures as number | undefined) ?? 0,
     flexibleOffline: item.flexibleOffline as boolean | undefined,
+    sm: item.sm as SmState | undefined,
   };
 }
 
@@ -113,6 +138,7 @@ function toResource(item: Record<string, unknown>): ResourceRecord {
     presence: item.presence as string | undefined,
     boundAt: item.boundAt as number,
     flexibleOffline: item.flexibleOffline as boolean | undefined,
+    smId: item.smId as string | undefined,
   };
 }
 
@@ -266,17 +292,34 @@ export function createSessionStore(
       }
     },
 
-    async listExpiredDetached(now, limit) {
-      const { Items = [] } = await doc.send(
-        new QueryCommand({
+    async setResourceSm(user, resource, connectionId, smId) {
+      await doc.send(
+        new UpdateCommand({
           TableName: table,
-          IndexName: SWEEP_INDEX,
-          KeyConditionExpression: 'sweepShard = :detached AND sweepAt <= :now',
-          ExpressionAttributeValues: { ':detached': DETACHED_SHARD, ':now': now },
-          Limit: limit,
+          Key: resourceKey(user, resource),
+          UpdateExpression: smId ? 'SET smId = :smId' : 'REMOVE smId',
+          ConditionExpression: 'connectionId = :connectionId',
+          ExpressionAttributeValues: { ':connectionId': connectionId, ...(smId ? { ':smId': smId } : {}) },
         }),
       );
-      return Items.map(toConnection);
+    },
+
+    async releaseSmResource(user, resource, smId) {
+      try {
+        const { Attributes } = await doc.send(
+          new DeleteCommand({
+            TableName: table,
+            Key: resourceKey(user, resource),
+            ConditionExpression: 'smId = :smId',
+            ExpressionAttributeValues: { ':smId': smId },
+            ReturnValues: 'ALL_OLD',
+          }),
+        );
+        return Attributes ? toResource(Attributes) : undefined;
+      } catch (error) {
+        if (isConditionFailure(error)) return undefined;
+        throw error;
+      }
     },
 
     async releaseResource(user, resource, connectionId) {

@@ -368,13 +368,13 @@ describe('functions', () => {
       ),
     );
 
-  it('gives connect only the Sessions table (and the endpoint the core needs to start)', () => {
+  it('gives connect only the Sessions table, and no management endpoint', () => {
     const variables = functionProperties('connect').Environment.Variables;
     expect(Object.keys(variables).filter((name) => TABLE_ENV_VARS.includes(name))).toEqual([
       'SESSIONS_TABLE',
     ]);
     expect(variables.SESSIONS_TABLE).toEqual({ Ref: logicalId(stack.tables.table(sessionsTable)) });
-    expectStageManagementEndpoint(variables);
+    expect(variables.CONNECTIONS_ENDPOINT).toBeUndefined();
   });
 
   it.each(['stream', 'sweeper'] as const)(

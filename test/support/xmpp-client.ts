@@ -15,6 +15,8 @@ export interface ClientOptions {
   /** Force a mechanism; by default xmpp.js picks SCRAM-SHA-1 (the best it speaks). */
   mechanism?: 'PLAIN' | 'SCRAM-SHA-1';
   domain?: string;
+  /** Keep xmpp.js's reconnect (and so XEP-0198 resumption) on; off by default. */
+  reconnect?: boolean;
 }
 
 export interface StartedClient {
@@ -42,7 +44,7 @@ export async function startClient(
     },
   });
   // Tests decide when to reconnect.
-  xmpp.reconnect.stop();
+  if (!options.reconnect) xmpp.reconnect.stop();
   xmpp.on('error', () => {});
   const received: Stanza[] = [];
   const waiters = new Set<() => void>();
@@ -80,6 +82,7 @@ export async function startClient(
       });
     },
     async stop() {
+      xmpp.reconnect.stop();
       await xmpp.stop().catch(() => {});
     },
   };

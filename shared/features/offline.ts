@@ -1,0 +1,391 @@
+/**
+ * XEP-0013 Flexible Offline Message Retrieval (v1.2, the seed), `http://jabber.org/protocol/offline`,
+ * over the XEP-0160 offline store: a POP3-like inbox. Count and headers through XEP-0030 disco on
+ * the node `http://jabber.org/protocol/offline`; view, remove, fetch and purge through `<offline/>`.
+ *
+ * Headers are paged with XEP-0059 Result Set Management (v1.0). A request without `<set/>` gets
+ * the first page only, sized to fit API Gateway's 128 KB message limit, with a `<set/>` carrying
+ * `<count/>`, `<first/>` and `<last/>` so the client can ask for the rest: the seed's "MUST return
+ * headers for all of the user's offline messages" cannot hold for a 10,000-message inbox in one
+ * WebSocket message.
+ *
+ * Costs (DESIGN.md: count request units): count is one GetItem on the maintained counter; a page
+ * of headers is that GetItem plus one key-ordered Query with a Limit. Nothing here scans.
+ */
+import { Element } from 'ltx';
+import { StanzaError } from '../errors.ts';
+import { bareJid } from '../jid.ts';
+import type { IqRequest, Router } from '../router.ts';
+import type { Server } from '../server.ts';
+import type { OfflineMessage } from '../store/offline.ts';
+import type { Stream } from '../stream.ts';
+import { NS } from '../xml/namespaces.ts';
+import { registerNode } from './disco.ts';
+import { stampedStanza } from './offline-storage.ts';
+
+/** XEP-0013 §2.2: the well-known disco node of the offline message queue. */
+const NODE = NS.offline;
+
+/** Headers per page when the client does not say (`<max/>`), and the most it may ask for. */
+export const DEFAULT_HEADERS_PAGE = 100;
+export const MAX_HEADERS_PAGE = 250;
+/** API Gateway's limit for one message to a client (PostToConnection). */
+export const MESSAGE_LIMIT_BYTES = 128 * 1024;
+/** Room kept for the iq wrapper, the `<query/>` and the `<set/>` around the items. */
+const ENVELOPE_BYTES = 4096;
+/** Messages read per Query while fetching: one page in flight while the previous one is sent. */
+const FETCH_PAGE = 100;
+
+/** Ids made by `newOfflineId`: ms time, per-process sequence, randomness. Anything else never existed. */
+const OFFLINE_ID = /^\d{15}-\d{4}-[0-9a-f]{8}$/;
+
+export function register(router: Router): void {
+  router.feature(NS.offline);
+  registerNode(NODE, { info: countInfo, items: headers });
+  router.iq(['server', 'account'], 'get', NS.offline, 'offline', command);
+  router.iq(['server', 'account'], 'set', NS.offline, 'offline', command);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode
+
+export type OfflineCommand =
+  | { action: 'view'; nodes: string[] }
+  | { action: 'remove'; nodes: string[] }
+  | { action: 'fetch' }
+  | { action: 'purge' };
+
+function badRequest(text: string): StanzaError {
+  return new StanzaError('modify', 'bad-request', text);
+}
+
+/**
+ * The one command an `<offline/>` element carries. XEP-0013 schema: `<offline/>` holds items;
+ * §2.5/§2.6 add `<fetch/>` (a get) and `<purge/>` (a set), each on its own. View is a get
+ * (§2.3), remove a set (§2.4); any other shape is `bad-request`.
+ */
+export function decodeCommand(type: 'get' | 'set', offline: Element): OfflineCommand {
+  const children = offline.getChildElements();
+  if (children.length === 0) throw badRequest('offline needs items, fetch or purge');
+  const names = new Set<string>();
+  for (const child of children) {
+    if (child.getNS() !== NS.offline || !['item', 'fetch', 'purge'].includes(child.name)) {
+      throw badRequest(`unexpected <${child.name}/> in offline`);
+    }
+    names.add(child.name);
+  }
+  if (names.has('fetch') || names.has('purge')) {
+    if (children.length !== 1) throw badRequest('fetch and purge stand alone');
+    const action = children[0]?.name === 'fetch' ? 'fetch' : 'purge';
+    const expected = action === 'fetch' ? 'get' : 'set';
+    if (type !== expected) throw badRequest(`${action} is an iq of type ${expected}`);
+    return { action };
+  }
+  // XEP-0013 §2.3: "A user MAY request one or more messages in the same IQ get"; §2.4 likewise
+  // for removal in an IQ set.
+  const action = type === 'get' ? 'view' : 'remove';
+  const nodes: string[] = [];
+  for (const item of children) {
+    if (item.attrs.action !== action) throw badRequest(`items of an iq ${type} have action='${action}'`);
+    const node = item.attrs.node;
+    if (typeof node !== 'string' || node === '') throw badRequest('an item needs a node');
+    if (!nodes.includes(node)) nodes.push(node);
+  }
+  return { action, nodes };
+}
+
+/** A page of headers as XEP-0059 asks for it. */
+export interface HeadersPageRequest {
+  /** Whether the client sent `<set/>` (its reply then always carries `<set/>`). */
+  rsm: boolean;
+  max: number;
+  /** Items strictly after this id (forwards), or strictly before it (backwards). */
+  after?: string;
+  before?: string;
+  /** XEP-0059 §2.5: an empty `<before/>` asks for the last page. */
+  lastPage: boolean;
+}
+
+function rsmText(set: Element, name: string): string | undefined {
+  const child = set.getChild(name, NS.rsm);
+  return child ? child.getText().trim() : undefined;
+}
+
+export function decodePageRequest(query: Element): HeadersPageRequest {
+  const set = query.getChild('set', NS.rsm);
+  if (!set) return { rsm: false, max: DEFAULT_HEADERS_PAGE, lastPage: false };
+  const maxText = rsmText(set, 'max');
+  if (maxText !== undefined && !/^\d{1,9}$/.test(maxText)) throw badRequest('max is a non-negative integer');
+  // XEP-0059 §2.1: the responding entity may return fewer items than asked for.
+  const max = maxText === undefined ? DEFAULT_HEADERS_PAGE : Math.min(Number(maxText), MAX_HEADERS_PAGE);
+  const after = rsmText(set, 'after');
+  const before = rsmText(set, 'before');
+  const index = rsmText(set, 'index');
+  if (after !== undefined && before !== undefined) throw badRequest('use after or before, not both');
+  if (after === '') throw badRequest('after needs the UID of an item');
+  if (index !== undefined) {
+    if (!/^\d{1,9}$/.test(index)) throw badRequest('index is a non-negative integer');
+    if (after !== undefined || before !== undefined) throw badRequest('index excludes after and before');
+    // XEP-0059 §2.6: page jumping MAY be refused with feature-not-implemented when deriving a UID
+    // from an index is resource intensive; here it would mean reading every earlier item.
+    if (index !== '0')
+      throw new StanzaError('cancel', 'feature-not-implemented', 'Page with after or before');
+  }
+  return {
+    rsm: true,
+    max,
+    after,
+    before: before === '' ? undefined : before,
+    lastPage: before === '',
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decide
+
+/**
+ * XEP-0013 §2.3: "If the requester is a JID other than an authorized resource of the user [...]
+ * the server MUST return a <forbidden/> error." Checked before anything else, so the shape of a
+ * request to another user's inbox tells nothing either.
+ */
+function inboxOwner(request: IqRequest): string {
+  const owner = bareJid(request.from);
+  if (request.to.local && bareJid(request.to) !== owner) {
+    throw new StanzaError('auth', 'forbidden', 'Only the account’s own resources read its offline messages');
+  }
+  return owner;
+}
+
+/**
+ * XEP-0013 §2.2: after a disco request on the node (and §2.5 after a fetch) the server "MUST NOT
+ * send a flood of offline messages if the user subsequently sends initial presence [...] if the
+ * user authenticates and provides presence for another resource while the first (non-flood)
+ * resource still has an active session, the server MUST NOT flood the second resource". The
+ * stream's own state covers the first; the resource record, which other sessions' flood reads
+ * and which ends with the session, covers the second.
+ */
+async function chooseFlexibleRetrieval(stream: Stream): Promise<void> {
+  if (stream.state.flexibleOffline) return;
+  stream.update({ flexibleOffline: true });
+  const { user, resource } = stream.state;
+  if (user && resource) await stream.server.sessions.markFlexibleOffline(user, resource, stream.connectionId);
+}
+
+/** The stored messages of every node, or item-not-found if any does not exist (or has expired). */
+async function existingMessages(server: Server, user: string, nodes: string[]): Promise<OfflineMessage[]> {
+  // XEP-0013 §2.3/§2.4: "If the requester is authorized but the node does not exist, the server
+  // MUST return an <item-not-found/> error." All nodes are checked before anything is sent or removed.
+  const notFound = () => new StanzaError('cancel', 'item-not-found', 'No such offline message');
+  if (nodes.some((node) => !OFFLINE_ID.test(node))) throw notFound();
+  const found = await server.offline.get(user, nodes);
+  const messages: OfflineMessage[] = [];
+  for (const node of nodes) {
+    const message = found.get(node);
+    if (!message) throw notFound();
+    messages.push(message);
+  }
+  return messages;
+}
+
+export interface HeadersPage {
+  messages: OfflineMessage[];
+  /** The maintained counter: approximate (XEP-0059 §2.1 allows it) until TTL-expired items are recounted. */
+  count: number;
+  /** Position of the first message, when it is known without reading earlier items. */
+  firstIndex?: number;
+}
+
+/**
+ * One page of headers: the counter and one key-ordered Query. Backwards pages (`<before/>`) read
+ * newest first from their bound and are returned oldest first. The page stops early when its
+ * items would not fit `budgetBytes`, keeping the items nearest the cursor.
+ */
+export async function headersPage(
+  server: Server,
+  user: string,
+  page: HeadersPageRequest,
+  budgetBytes: number,
+): Promise<HeadersPage> {
+  // XEP-0059 §2.4: UIDs in after/before that cannot exist name no page: item-not-found. Ids that
+  // existed and were removed are fine, since the order of ids tells where the next page starts.
+  const cursor = page.after ?? page.before;
+  if (cursor !== undefined && !OFFLINE_ID.test(cursor)) {
+    throw new StanzaError('cancel', 'item-not-found', 'No such item in the offline message list');
+  }
+  const backwards = page.before !== undefined || page.lastPage;
+  const [count, listed] = await Promise.all([
+    server.offline.count(user),
+    page.max === 0
+      ? { messages: [] }
+      : server.offline.list(user, {
+          limit: page.max,
+          after: page.after,
+          before: page.before,
+          newestFirst: backwards,
+        }),
+  ]);
+  const messages: OfflineMessage[] = [];
+  let bytes = 0;
+  for (const message of listed.messages) {
+    bytes += Buffer.byteLength(headerItem(user, message).toString());
+    if (bytes > budgetBytes) break;
+    messages.push(message);
+  }
+  if (backwards) messages.reverse();
+  let firstIndex: number | undefined;
+  if (page.lastPage) firstIndex = Math.max(0, count - messages.length);
+  else if (!backwards && page.after === undefined) firstIndex = 0;
+  return { messages, count, firstIndex };
+}
+
+/** What a headers reply may spend on items: the message limit less everything around them. */
+function headersBudget(request: IqRequest): number {
+  const echoed = [request.stanza.attrs.id, request.stanza.attrs.from, request.stanza.attrs.to];
+  const envelope = echoed.reduce((sum: number, text) => sum + Buffer.byteLength(String(text ?? '')) * 6, 0);
+  return MESSAGE_LIMIT_BYTES - ENVELOPE_BYTES - envelope;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers
+
+/** XEP-0013 §2.2: the number of messages, as XEP-0128 extended disco#info on the node. */
+async function countInfo(request: IqRequest): Promise<Element> {
+  const user = inboxOwner(request);
+  await chooseFlexibleRetrieval(request.stream);
+  return countElement(await request.server.offline.count(user));
+}
+
+/** XEP-0013 §2.3: one disco item per message, oldest first, paged with XEP-0059. */
+async function headers(request: IqRequest): Promise<Element> {
+  const user = inboxOwner(request);
+  const pageRequest = decodePageRequest(request.payload);
+  const page = await headersPage(request.server, user, pageRequest, headersBudget(request));
+  await chooseFlexibleRetrieval(request.stream);
+  return headersElement(user, page, pageRequest.rsm);
+}
+
+async function command(request: IqRequest): Promise<Element | undefined> {
+  const user = inboxOwner(request);
+  const { stream, server } = request;
+  const decoded = decodeCommand(request.type, request.payload);
+  switch (decoded.action) {
+    case 'view': {
+      // XEP-0013 §2.3: "the server MUST send the requested message(s) plus an IQ result".
+      const messages = await existingMessages(server, user, decoded.nodes);
+      await deliverCopies(stream, messages);
+      return undefined;
+    }
+    case 'remove': {
+      await existingMessages(server, user, decoded.nodes);
+      await server.offline.remove(user, decoded.nodes);
+      return undefined;
+    }
+    case 'fetch': {
+      // XEP-0013 §2.5: "the semantics here are the same as for requesting message headers".
+      await chooseFlexibleRetrieval(stream);
+      await fetchAll(stream, user);
+      return undefined;
+    }
+    case 'purge':
+      await server.offline.purge(user);
+      return undefined;
+  }
+}
+
+/**
+ * Sends copies of stored messages to the requesting session. XEP-0013 §2.4: "A server MUST NOT
+ * remove a message simply because it has been requested by and delivered to the user". Returns
+ * false when the connection went away on the way (nothing else is lost: nothing was removed).
+ */
+async function deliverCopies(stream: Stream, messages: OfflineMessage[]): Promise<boolean> {
+  for (const message of messages) {
+    if ((await stream.send(deliveredCopy(stream.server, message))) !== 'sent') return false;
+  }
+  return true;
+}
+
+/** Every message, oldest first, read page by page (the next page is read while one is sent). */
+async function fetchAll(stream: Stream, user: string): Promise<void> {
+  const { offline } = stream.server;
+  let page = await offline.list(user, { limit: FETCH_PAGE });
+  for (;;) {
+    const next = page.next ? offline.list(user, { limit: FETCH_PAGE, after: page.next }) : undefined;
+    // Observed here so a failed read-ahead is never an unhandled rejection when a send fails first.
+    next?.catch(() => {});
+    if (!(await deliverCopies(stream, page.messages)) || !next) return;
+    page = await next;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encode
+
+export function countElement(count: number): Element {
+  const query = new Element('query', { xmlns: NS.discoInfo, node: NODE });
+  // XEP-0013 §4.2: "message-list: The node for the offline message queue".
+  query.c('identity', { category: 'automation', type: 'message-list' });
+  query.c('feature', { var: NS.offline });
+  const form = query.c('x', { xmlns: NS.dataForms, type: 'result' });
+  form.c('field', { var: 'FORM_TYPE', type: 'hidden' }).c('value').t(NS.offline);
+  form.c('field', { var: 'number_of_messages' }).c('value').t(String(count));
+  return query;
+}
+
+/**
+ * XEP-0013 §2.3: "the header information provided MUST include the full Jabber ID of the sender
+ * (encoded in the 'name' attribute) and a unique identifier for the message [...] (encoded in the
+ * 'node' attribute)"; "The 'jid' attribute is [...] the user himself."
+ */
+function headerItem(user: string, message: OfflineMessage): Element {
+  return new Element('item', { jid: user, node: message.id, name: message.from });
+}
+
+export function headersElement(user: string, page: HeadersPage, rsm: boolean): Element {
+  const query = new Element('query', { xmlns: NS.discoItems, node: NODE });
+  for (const message of page.messages) query.cnode(headerItem(user, message));
+  // XEP-0013 §2.3: "If there are no offline messages for this user, the server MUST return an
+  // empty query"; XEP-0059 §2.3 agrees for an empty full result set.
+  if (page.count === 0 && page.messages.length === 0) return query;
+  if (!rsm && page.messages.length === page.count && page.firstIndex === 0) {
+    // Everything fits in this reply: the seed's shape, without paging.
+    return query;
+  }
+  const set = query.c('set', { xmlns: NS.rsm });
+  const first = page.messages[0];
+  const last = page.messages.at(-1);
+  // XEP-0059 §2.2: "If there are no items in the page, then the <first/> and <last/> elements
+  // MUST NOT be included."
+  if (first && last) {
+    set.c('first', page.firstIndex === undefined ? {} : { index: String(page.firstIndex) }).t(first.id);
+    set.c('last').t(last.id);
+  }
+  set.c('count').t(String(page.count));
+  return query;
+}
+
+/**
+ * A stored message as view and fetch deliver it. XEP-0013 §2.3: "each message MUST contain the
+ * node value", and it carries one XEP-0203 delay stamp of its arrival.
+ */
+export function deliveredCopy(server: Server, message: OfflineMessage): Element {
+  const stanza = stampedStanza(server, message);
+  for (const forged of stanza.getChildren('offline', NS.offline)) stanza.remove(forged);
+  // XEP-0198: this copy stays in the offline store; if stream management finds it unacknowledged
+  // when the session ends, it must not be stored (or delivered) again: recognise it with
+  // `offlineCopyNode` and drop it — the message is still in the user's inbox.
+  stanza.c('offline', { xmlns: NS.offline }).c('item', { node: message.id });
+  return stanza;
+}
+
+/**
+ * The offline node of a message that view or fetch delivered (XEP-0198: an unacknowledged copy
+ * must not be stored twice), or undefined for any other message. A copy carries our item marker
+ * and our delay stamp; a client could forge both on a live message, so the router should strip
+ * `<offline xmlns='http://jabber.org/protocol/offline'/>` from messages it accepts from clients.
+ */
+export function offlineCopyNode(server: Server, stanza: Element): string | undefined {
+  if (stanza.name !== 'message') return undefined;
+  const node = stanza.getChild('offline', NS.offline)?.getChild('item')?.attrs.node;
+  const ours = stanza.getChildren('delay', NS.delay).some((d) => d.attrs.from === server.config.domain);
+  return typeof node === 'string' && OFFLINE_ID.test(node) && ours ? node : undefined;
+}

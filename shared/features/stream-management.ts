@@ -1,0 +1,540 @@
+/**
+ * XEP-0198 Stream Management: `urn:xmpp:sm:3` (v1.6, what clients speak) and the seed draft
+ * `urn:xmpp:sm:1` (v0.7, u/h sequence attributes). Acks and resumption, with both counters
+ * and the unacknowledged queue in DynamoDB (shared/store/sm-queue.ts), since every frame may
+ * run in another Lambda and the socket may vanish at any time.
+ *
+ * Choices where the seed's examples contradict its normative text (the text wins):
+ * - `<a u='1'/>` (seed §6 examples): "An <a/> element MUST contain an 'h' attribute" →
+ *   `<failed><bad-request/></failed>`.
+ * - `<resume previd='…' h='foo'/>` (seed §5 example): `h` is an xs:integer → bad-request.
+ * - `<r/>` without `u`: "An <r/> element MUST contain a 'u' attribute" → bad-request; and
+ *   `u` "MUST be strictly increasing" → a `u` not above the last one is bad-request too.
+ * - The seed's `<enabled/>` schema has no `id`; its §5 text requires one when resumable, so
+ *   `<enabled id='…' resume='true'/>` is sent, as in its §5 example.
+ */
+import { randomBytes } from 'node:crypto';
+import { Element, parse } from 'ltx';
+import { errorReply, StanzaError, StreamError, streamErrorElement } from '../errors.ts';
+import { bareJid, parseJid } from '../jid.ts';
+import type { PostResult } from '../outbound.ts';
+import { routeMessage } from '../router.ts';
+import type { Server } from '../server.ts';
+import type { ConnectionState, ResourceRecord, SmState } from '../store/sessions.ts';
+import type { SmEntry, SmQueueItem, SmVersion } from '../store/sm-queue.ts';
+import type { Stream } from '../stream.ts';
+import { NS } from '../xml/namespaces.ts';
+import { endSession } from './presence.ts';
+
+export const SM3 = 'urn:xmpp:sm:3';
+export const SM1 = 'urn:xmpp:sm:1';
+const WRAP = 2 ** 32;
+
+const namespaceOf = (version: SmVersion) => (version === 'sm3' ? SM3 : SM1);
+const versionOf = (ns: string | undefined): SmVersion | undefined =>
+  ns === SM3 ? 'sm3' : ns === SM1 ? 'sm1' : undefined;
+
+export function isSmNamespace(ns: string | undefined): boolean {
+  return versionOf(ns) !== undefined;
+}
+
+export function advertise(features: Element, server: Server): void {
+  features.c('sm', { xmlns: SM3 }).c('optional');
+  // Seed §4: 'max' is the longest resumption time, 'stanzas' the preferred ack interval.
+  features
+    .c('sm', {
+      xmlns: SM1,
+      max: String(server.config.smMaxSeconds),
+      stanzas: String(server.config.smAckEvery),
+    })
+    .c('optional');
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encode
+
+function failed(version: SmVersion, condition: string, h?: number): Element {
+  const el = new Element('failed', {
+    xmlns: namespaceOf(version),
+    ...(h === undefined ? {} : { h: String(h % WRAP) }),
+  });
+  el.c(condition, { xmlns: NS.stanzas });
+  return el;
+}
+
+function ackRequest(version: SmVersion, number: number): Element {
+  return new Element('r', {
+    xmlns: namespaceOf(version),
+    ...(version === 'sm1' ? { u: String(number % WRAP) } : {}),
+  });
+}
+
+function ack(version: SmVersion, h: number): Element {
+  return new Element('a', { xmlns: namespaceOf(version), h: String(h % WRAP) });
+}
+
+function tooHigh(h: number, sendCount: number): StreamError {
+  return new StreamError(
+    'undefined-condition',
+    'You acknowledged more stanzas than were sent',
+    new Element('handled-count-too-high', {
+      xmlns: SM3,
+      h: String(h),
+      'send-count': String(sendCount % WRAP),
+    }),
+  );
+}
+
+/** XEP-0203 stamp of when a stanza was first queued, unless the server already stamped it. */
+function withDelay(server: Server, stanzaXml: string, time: number): Element {
+  const stanza = parse(stanzaXml);
+  if (
+    stanza.name === 'message' &&
+    !stanza.getChildren('delay', NS.delay).some((d) => d.attrs.from === server.config.domain)
+  ) {
+    stanza.c('delay', { xmlns: NS.delay, from: server.config.domain, stamp: new Date(time).toISOString() });
+  }
+  return stanza;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode
+
+/** A counter attribute: an integer 0 ≤ n < 2^32, or undefined when malformed or missing. */
+function counter(value: string | undefined): number | undefined {
+  if (value === undefined || !/^\d{1,10}$/.test(value)) return undefined;
+  const n = Number(value);
+  return n < WRAP ? n : undefined;
+}
+
+/** The unwrapped count a wire value `h` (mod 2^32) stands for, given the last known count. */
+function unwrap(h: number, from: number): number {
+  return from + ((h - (from % WRAP) + WRAP) % WRAP);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sending through the queue
+
+export interface SmSendOptions {
+  /** The offline message this stanza came from: removed from storage once acknowledged. */
+  offlineId?: string;
+}
+
+/**
+ * Queues a stanza for an SM session and posts it if the session is attached and not
+ * replaying. Returns 'sent' when the session took responsibility for it (posted or queued),
+ * 'gone' when there is no session any more and the caller must re-route.
+ */
+export async function deliverToSmSession(
+  server: Server,
+  smId: string,
+  stanza: Element,
+  options: SmSendOptions = {},
+): Promise<PostResult> {
+  const entry: SmEntry = {
+    s: stanza.toString(),
+    t: Date.now(),
+    ...(options.offlineId ? { o: options.offlineId } : {}),
+  };
+  const result = await server.smQueue.append(smId, entry, server.config.smQueueMax);
+  if (result.kind === 'ended') return 'gone';
+  if (result.kind === 'full') {
+    await overflow(server, smId);
+    return 'gone';
+  }
+  const { item, number } = result;
+  if (!item.connectionId) {
+    // Detached: the stanza waits for a resume, unless the window has already closed.
+    if (item.sweepAt !== undefined && item.sweepAt <= Date.now())
+      await endSmSession(server, item.smId, undefined);
+    return 'sent';
+  }
+  if (item.holding) return 'sent';
+  const posted = await server.outbound.send(item.connectionId, stanza);
+  if (posted === 'gone') {
+    await connectionVanished(server, item.connectionId);
+    return 'sent';
+  }
+  if (number % server.config.smAckEvery === 0) {
+    // Batched: one <r/> per smAckEvery stanzas, each being a paid message and invocation.
+    await server.outbound.send(item.connectionId, ackRequest(item.version, number));
+  }
+  return 'sent';
+}
+
+/** The queue is over its bound: the stream ends with policy-violation, nothing is lost. */
+async function overflow(server: Server, smId: string): Promise<void> {
+  const item = await server.smQueue.get(smId);
+  if (!item || item.ended) return;
+  server.log.warn('stream management queue full', { smId, user: item.user });
+  if (item.connectionId) {
+    const error = new StreamError('policy-violation', 'Too many unacknowledged stanzas');
+    await server.outbound.send(item.connectionId, streamErrorElement(error));
+    await server.outbound.send(item.connectionId, new Element('close', { xmlns: NS.framing }));
+    await server.outbound.close(item.connectionId);
+    const state = await server.sessions.getConnection(item.connectionId);
+    await endSmSession(server, smId, item.connectionId, state?.sm?.inbound);
+    if (state) await server.sessions.deleteConnection(state.connectionId);
+  } else {
+    await endSmSession(server, smId, undefined);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ending: detach, expire, re-route
+
+/**
+ * The socket of `connectionId` is gone ($disconnect, or a 410 on a post). A resumable
+ * session is kept (detached) for its window; any other session ends now.
+ */
+export async function connectionVanished(
+  server: Server,
+  connectionId: string,
+  known?: ConnectionState,
+): Promise<void> {
+  const state = known ?? (await server.sessions.getConnection(connectionId));
+  if (!state) return;
+  if (state.sm?.resumable) {
+    const until = Date.now() + state.sm.max * 1000;
+    await server.smQueue.detach(state.sm.id, connectionId, state.sm.inbound, until);
+    await server.sessions.deleteConnection(connectionId);
+    return;
+  }
+  await endStream(server, state);
+}
+
+/** Ends a stream's session for good: its SM session (re-routing what is unacknowledged), presence, rows. */
+export async function endStream(server: Server, state: ConnectionState): Promise<void> {
+  if (state.sm) await endSmSession(server, state.sm.id, state.connectionId, state.sm.inbound);
+  await endSession(server, state);
+}
+
+/**
+ * Ends an SM session exactly once and re-routes its unacknowledged stanzas: messages to
+ * another resource or offline storage (one delay stamp, never bounced), iq requests answered
+ * with an error, presence dropped; then `unavailable` is broadcast.
+ */
+export async function endSmSession(
+  server: Server,
+  smId: string,
+  connectionId: string | undefined,
+  inbound?: number,
+): Promise<void> {
+  const current = inbound === undefined ? await server.smQueue.get(smId) : undefined;
+  const ended = await server.smQueue.end(smId, connectionId, inbound ?? current?.inbound ?? 0);
+  if (!ended) return;
+  const released = await server.sessions.releaseSmResource(ended.user, ended.resource, smId);
+  if (released?.available) {
+    const from = `${ended.user}/${ended.resource}`;
+    for (const other of await server.sessions.listResources(ended.user)) {
+      if (!other.available) continue;
+      await deliver(server, other, new Element('presence', { from, type: 'unavailable' }));
+    }
+  }
+  await rerouteEntries(server, ended);
+}
+
+async function deliver(server: Server, resource: ResourceRecord, stanza: Element): Promise<PostResult> {
+  if (resource.smId) return deliverToSmSession(server, resource.smId, stanza);
+  return server.outbound.send(resource.connectionId, stanza);
+}
+
+async function rerouteEntries(server: Server, item: SmQueueItem): Promise<void> {
+  const fromOffline = item.entries.flatMap((e) => (e.o ? [e.o] : []));
+  const stillStored = fromOffline.length > 0 ? await server.offline.get(item.user, fromOffline) : new Map();
+  for (const entry of item.entries) {
+    // Still in offline storage: it will be delivered from there; never stored twice.
+    if (entry.o && stillStored.has(entry.o)) continue;
+    const stanza = parse(entry.s);
+    try {
+      if (stanza.name === 'message') {
+        await routeMessage(server, stanza, parseJid(item.user), { originalTime: entry.t });
+      } else if (
+        stanza.name === 'iq' &&
+        (stanza.attrs.type === 'get' || stanza.attrs.type === 'set') &&
+        stanza.attrs.from
+      ) {
+        const reply = errorReply(stanza, new StanzaError('cancel', 'service-unavailable'));
+        const requester = parseJid(stanza.attrs.from);
+        if (requester.local && requester.resource && requester.domain === server.config.domain) {
+          const resource = await server.sessions.getResource(bareJid(requester), requester.resource);
+          if (resource) await deliver(server, resource, reply);
+        }
+      }
+      // Presence and iq responses are dropped: they describe a session that is over.
+    } catch (error) {
+      if (!(error instanceof StanzaError)) throw error;
+      server.log.info('unacknowledged stanza dropped on re-route', {
+        smId: item.smId,
+        condition: error.condition,
+      });
+    }
+  }
+}
+
+/** The sweeper's part: sessions whose resumption window closed. */
+export async function expireDetachedSessions(server: Server, now: number): Promise<number> {
+  let swept = 0;
+  for (;;) {
+    const expired = await server.smQueue.listExpired(now, 50);
+    for (const item of expired) {
+      await endSmSession(server, item.smId, undefined, item.inbound ?? 0);
+      swept += 1;
+    }
+    if (expired.length < 50) return swept;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stream's own sends and counts
+
+/** Counts a stanza the client sent (sm:3 counts stanzas; sm:1 learns numbers from `<r u/>`). */
+export function countInbound(stream: Stream): void {
+  const sm = stream.state.sm;
+  if (sm?.version === 'sm3') stream.update({ sm: { ...sm, inbound: sm.inbound + 1 } });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nonzas from the client
+
+function smState(stream: Stream): SmState | undefined {
+  return stream.state.sm;
+}
+
+async function enable(stream: Stream, element: Element, version: SmVersion): Promise<void> {
+  const { server } = stream;
+  if (!stream.state.user) return void (await stream.send(failed(version, 'not-authorized')));
+  // XEP-0198 §3: "the client MUST NOT attempt to enable stream management until after it has
+  // completed Resource Binding"; the server enforces it.
+  if (!stream.state.resource || stream.state.sm)
+    return void (await stream.send(failed(version, 'unexpected-request')));
+
+  const wantsResume = element.attrs.resume === 'true' || element.attrs.resume === '1';
+  const clientMax = counter(element.attrs.max);
+  const max =
+    clientMax && clientMax > 0 ? Math.min(clientMax, server.config.smMaxSeconds) : server.config.smMaxSeconds;
+  const smId = randomBytes(18).toString('base64url');
+  const user = stream.state.user;
+  const resource = stream.state.resource;
+
+  // Deliveries start queueing now but are held until <enabled/> is out, so no counted stanza
+  // can reach the client before it.
+  await server.smQueue.create({
+    smId,
+    user,
+    resource,
+    version,
+    resumable: wantsResume,
+    max,
+    connectionId: stream.connectionId,
+  });
+  await server.sessions.setResourceSm(user, resource, stream.connectionId, smId);
+  const sm: SmState = { version, id: smId, inbound: 0, acked: 0, resumable: wantsResume, max };
+  stream.update({ sm });
+
+  const enabled = new Element('enabled', { xmlns: namespaceOf(version) });
+  if (wantsResume) {
+    enabled.attrs.id = smId;
+    enabled.attrs.resume = 'true';
+    if (version === 'sm3') enabled.attrs.max = String(max);
+  }
+  await server.outbound.send(stream.connectionId, enabled);
+  await replayHeld(stream, sm, 0, []);
+}
+
+/**
+ * Posts queued entries numbered above `from` in order, then stops holding; loops while
+ * deliveries keep arriving, so nothing overtakes the replay and nothing is left behind.
+ */
+async function replayHeld(
+  stream: Stream,
+  sm: SmState,
+  from: number,
+  initial: SmEntry[],
+  initialBase = from,
+): Promise<void> {
+  const { server } = stream;
+  let sent = from;
+  let entries = initial;
+  let base = initialBase;
+  for (;;) {
+    for (let i = sent - base; i < entries.length; i++) {
+      const entry = entries[i] as SmEntry;
+      await server.outbound.send(stream.connectionId, withDelay(server, entry.s, entry.t));
+      sent += 1;
+    }
+    if (await server.smQueue.release(sm.id, sent)) return;
+    const item = await server.smQueue.get(sm.id);
+    if (!item || item.ended) return;
+    entries = item.entries;
+    base = item.base;
+  }
+}
+
+/**
+ * Asks the client for an ack if some of what it was sent is still unacknowledged. Used where
+ * a round trip is due anyway (the client asked for an ack, a flood ended), so stanzas that
+ * did not fill a batch of `smAckEvery` do not wait for the next batch.
+ */
+export async function requestAckIfUnacknowledged(stream: Stream): Promise<void> {
+  const sm = stream.state.sm;
+  if (!sm) return;
+  const counts = await stream.server.smQueue.counts(sm.id);
+  if (counts && counts.out > sm.acked)
+    await stream.server.outbound.send(stream.connectionId, ackRequest(sm.version, counts.out));
+}
+
+async function requestAck(stream: Stream, element: Element, version: SmVersion): Promise<void> {
+  const sm = smState(stream);
+  if (!sm || sm.version !== version) return void (await stream.send(failed(version, 'unexpected-request')));
+  if (version === 'sm3') {
+    await stream.send(ack(version, sm.inbound));
+    return requestAckIfUnacknowledged(stream);
+  }
+  // Seed §6: "An <r/> element MUST contain a 'u' attribute"; "It ... MUST be strictly increasing".
+  const u = counter(element.attrs.u);
+  if (u === undefined || (sm.inbound > 0 && unwrap(u, sm.inbound) <= sm.inbound) || u === 0) {
+    return void (await stream.send(failed(version, 'bad-request')));
+  }
+  const inbound = unwrap(u, sm.inbound);
+  stream.update({ sm: { ...sm, inbound } });
+  // Seed §6: "The response MUST contain a value of 'h' that is greater than or equal to the 'u'".
+  await stream.send(ack(version, inbound));
+  await requestAckIfUnacknowledged(stream);
+}
+
+async function acknowledge(stream: Stream, element: Element, version: SmVersion): Promise<void> {
+  const { server } = stream;
+  const sm = smState(stream);
+  if (!sm || sm.version !== version) return void (await stream.send(failed(version, 'unexpected-request')));
+  // sm:3 §4 and seed §6: "An <a/> element MUST contain an 'h' attribute".
+  const h = counter(element.attrs.h);
+  if (h === undefined) return void (await stream.send(failed(version, 'bad-request')));
+  const newBase = unwrap(h, sm.acked);
+  if (newBase === sm.acked) return;
+  let removed: SmEntry[];
+  try {
+    removed = await server.smQueue.acknowledge(sm.id, sm.acked, newBase);
+  } catch (error) {
+    if ((error as Error).name !== 'ConditionalCheckFailedException') throw error;
+    const item = await server.smQueue.get(sm.id);
+    throw tooHigh(h, item?.out ?? sm.acked);
+  }
+  stream.update({ sm: { ...sm, acked: newBase } });
+  const offlineIds = removed.flatMap((e) => (e.o ? [e.o] : []));
+  // XEP-0160 with SM: an offline message leaves storage only once the client acknowledged it.
+  if (offlineIds.length > 0) await server.offline.remove(stream.state.user as string, offlineIds);
+}
+
+/** Decides whether a `<resume/>` may proceed; the reply is written by `resume`. */
+async function decideResume(
+  stream: Stream,
+  element: Element,
+  version: SmVersion,
+): Promise<{ ok: false; reply: Element } | { ok: true; item: SmQueueItem; h: number; inbound: number }> {
+  const { server } = stream;
+  if (!stream.state.user) return { ok: false, reply: failed(version, 'not-authorized') };
+  if (stream.state.resource || stream.state.sm)
+    return { ok: false, reply: failed(version, 'unexpected-request') };
+  const previd = element.attrs.previd;
+  const h = counter(element.attrs.h);
+  if (!previd || h === undefined) return { ok: false, reply: failed(version, 'bad-request') };
+  const item = await server.smQueue.get(previd);
+  // Another user's id is as unknown as a bogus one: nothing about it is revealed.
+  if (!item || item.user !== stream.state.user || (!item.resumable && !item.ended)) {
+    return { ok: false, reply: failed(version, 'item-not-found') };
+  }
+  if (item.version !== version) return { ok: false, reply: failed(version, 'unexpected-request') };
+  if (item.ended) return { ok: false, reply: failed(version, 'item-not-found', item.inbound ?? 0) };
+  const previous = item.connectionId ? await server.sessions.getConnection(item.connectionId) : undefined;
+  const inbound = previous?.sm?.inbound ?? item.inbound ?? 0;
+  const acked = unwrap(h, item.base);
+  if (acked > item.out) throw tooHigh(h, item.out);
+  return { ok: true, item, h: acked, inbound };
+}
+
+async function resume(stream: Stream, element: Element, version: SmVersion): Promise<void> {
+  const { server } = stream;
+  const decision = await decideResume(stream, element, version);
+  if (!decision.ok) return void (await stream.send(decision.reply));
+  const { item, inbound } = decision;
+  const user = stream.state.user as string;
+
+  const taken = await server.smQueue.attach(item.smId, user, stream.connectionId);
+  if (!taken) return void (await stream.send(failed(version, 'item-not-found', item.inbound)));
+  const previousConnection = item.connectionId;
+  if (previousConnection && previousConnection !== stream.connectionId) {
+    // XEP-0198 §5: the old stream, if still open, is terminated.
+    await server.outbound.send(
+      previousConnection,
+      streamErrorElement(new StreamError('conflict', 'Resumed elsewhere')),
+    );
+    await server.outbound.send(previousConnection, new Element('close', { xmlns: NS.framing }));
+    await server.outbound.close(previousConnection);
+    await server.sessions.deleteConnection(previousConnection);
+  }
+  const record = await server.sessions.getResource(user, taken.resource);
+  await server.sessions.bindResource({
+    user,
+    resource: taken.resource,
+    connectionId: stream.connectionId,
+    available: record?.available ?? false,
+    priority: record?.priority ?? 0,
+    presence: record?.presence,
+    boundAt: Date.now(),
+    smId: taken.smId,
+    flexibleOffline: record?.flexibleOffline,
+  });
+
+  const acked = Math.max(decision.h, taken.base);
+  const removed = await server.smQueue.acknowledge(taken.smId, taken.base, acked);
+  const offlineIds = removed.flatMap((e) => (e.o ? [e.o] : []));
+  if (offlineIds.length > 0) await server.offline.remove(user, offlineIds);
+
+  const sm: SmState = {
+    version,
+    id: taken.smId,
+    inbound,
+    acked,
+    resumable: true,
+    max: taken.max,
+  };
+  stream.update({ resource: taken.resource, sm });
+  const resumed = new Element('resumed', { xmlns: namespaceOf(version), previd: taken.smId });
+  // Seed §5: "If there is no known last acknowledged sequence number ... 'h' MUST NOT be included."
+  if (version === 'sm3' || inbound > 0) resumed.attrs.h = String(inbound % WRAP);
+  await server.outbound.send(stream.connectionId, resumed);
+  await replayHeld(stream, sm, acked, taken.entries.slice(acked - taken.base), acked);
+  await server.outbound.send(
+    stream.connectionId,
+    ackRequest(version, (await server.smQueue.get(sm.id))?.out ?? acked),
+  );
+}
+
+/** Every nonza of an SM namespace. */
+export async function handle(stream: Stream, element: Element): Promise<void> {
+  const version = versionOf(element.attrs.xmlns) as SmVersion;
+  switch (element.name) {
+    case 'enable':
+      return enable(stream, element, version);
+    case 'r':
+      return requestAck(stream, element, version);
+    case 'a':
+      return acknowledge(stream, element, version);
+    case 'resume':
+      return resume(stream, element, version);
+    default:
+      throw new StreamError('unsupported-stanza-type', `Unknown stream management element <${element.name}>`);
+  }
+}
+
+/** A stanza to this stream while SM is on: it is numbered and kept until acknowledged. */
+export async function sendOnStream(
+  stream: Stream,
+  stanza: Element,
+  options: SmSendOptions = {},
+): Promise<PostResult> {
+  const sm = stream.state.sm as SmState;
+  const result = await deliverToSmSession(stream.server, sm.id, stanza, options);
+  return result;
+}

@@ -1,0 +1,329 @@
+/**
+ * XEP-0198 unacknowledged-stanza queue, one item per stream-management session in the
+ * Sessions table:
+ *
+ *   pk = sm#<smId>  sk = queue  → SmQueueItem
+ *
+ * Every stanza for an SM session is appended here (with its number) in the same atomic
+ * UpdateItem that reads who owns the session now, so a stanza is either in the queue a
+ * resuming stream reads, or is posted to the stream that resumed: none is lost in a
+ * hand-over. Acknowledged entries are trimmed from the head. Detached sessions carry
+ * `sweepShard`/`sweepAt` (the sparse sweep index); an ended session keeps its last inbound
+ * count for a day so a late `<resume/>` is told `<failed h='…'/>`.
+ */
+import { ConditionalCheckFailedException } from '@aws-sdk/client-dynamodb';
+import {
+  type DynamoDBDocumentClient,
+  GetCommand,
+  PutCommand,
+  QueryCommand,
+  UpdateCommand,
+} from '@aws-sdk/lib-dynamodb';
+import { SWEEP_INDEX, TTL_ATTRIBUTE } from '../tables.ts';
+import { DETACHED_SHARD } from './sessions.ts';
+
+export type SmVersion = 'sm3' | 'sm1';
+
+export interface SmEntry {
+  /** The stanza as sent, serialised. */
+  s: string;
+  /** When it was first queued (ms): the delay stamp on a resend. */
+  t: number;
+  /** The offline message it came from: removed from offline storage once acknowledged. */
+  o?: string;
+}
+
+export interface SmQueueItem {
+  smId: string;
+  user: string;
+  resource: string;
+  version: SmVersion;
+  resumable: boolean;
+  /** Resumption window in seconds. */
+  max: number;
+  /** The connection the session is attached to; absent while detached. */
+  connectionId?: string;
+  /** While set, appenders queue without posting: the owner is replaying the queue in order. */
+  holding?: boolean;
+  /** Number of stanzas ever queued (the server's outbound count, unwrapped). */
+  out: number;
+  /** Number of stanzas acknowledged; `entries[0]` has number `base + 1`. */
+  base: number;
+  entries: SmEntry[];
+  /** Inbound count at detach or end (the owner's connection row has it while attached). */
+  inbound?: number;
+  ended?: boolean;
+  sweepAt?: number;
+}
+
+export type AppendResult =
+  | { kind: 'queued'; number: number; item: SmQueueItem }
+  | { kind: 'full' }
+  | { kind: 'ended' };
+
+const key = (smId: string) => ({ pk: `sm#${smId}`, sk: 'queue' });
+const DAY_SECONDS = 86400;
+
+function isConditionFailure(error: unknown): boolean {
+  return (
+    error instanceof ConditionalCheckFailedException ||
+    (error as Error).name === 'ConditionalCheckFailedException'
+  );
+}
+
+/** DynamoDB refuses items over 400 KB: for a queue that is "full" too. */
+function isItemTooLarge(error: unknown): boolean {
+  return (error as Error).name === 'ValidationException' && /size/i.test((error as Error).message);
+}
+
+function toItem(raw: Record<string, unknown>): SmQueueItem {
+  return {
+    smId: (raw.pk as string).slice(3),
+    user: raw.user as string,
+    resource: raw.resource as string,
+    version: raw.version as SmVersion,
+    resumable: Boolean(raw.resumable),
+    max: raw.max as number,
+    connectionId: raw.connectionId as string | undefined,
+    holding: Boolean(raw.holding),
+    out: (raw.out as number | undefined) ?? 0,
+    base: (raw.base as number | undefined) ?? 0,
+    entries: (raw.q as SmEntry[] | undefined) ?? [],
+    inbound: raw.inbound as number | undefined,
+    ended: Boolean(raw.ended),
+    sweepAt: raw.sweepAt as number | undefined,
+  };
+}
+
+function nowSeconds(): number {
+  return Math.floor(Date.now() / 1000);
+}
+
+export interface SmQueueStore {
+  /** A new session's queue, holding until the owner has sent `<enabled/>`. */
+  create(
+    item: Pick<SmQueueItem, 'smId' | 'user' | 'resource' | 'version' | 'resumable' | 'max' | 'connectionId'>,
+  ): Promise<void>;
+  get(smId: string): Promise<SmQueueItem | undefined>;
+  /** Just the counters (a projection: cheaper to move than the queue). */
+  counts(smId: string): Promise<{ out: number; base: number } | undefined>;
+  append(smId: string, entry: SmEntry, maxEntries: number): Promise<AppendResult>;
+  /** Drops entries up to `newBase`; returns the dropped ones. Only the owner calls this. */
+  acknowledge(smId: string, oldBase: number, newBase: number): Promise<SmEntry[]>;
+  /** Moves the session to `connectionId` and starts holding; returns the queue at that instant. */
+  attach(smId: string, user: string, connectionId: string): Promise<SmQueueItem | undefined>;
+  /** Stops holding if nothing was appended since `seenOut`; false means: replay the rest, then retry. */
+  release(smId: string, seenOut: number): Promise<boolean>;
+  /** The socket is gone: keep the session for `sweepAt`, record the inbound count. */
+  detach(smId: string, connectionId: string, inbound: number, sweepAt: number): Promise<boolean>;
+  /**
+   * Ends the session once and for all (expiry, clean close, vanish without resumption): the
+   * caller gets the unacknowledged entries exactly once. `connectionId` must still own it
+   * (or `undefined`: only if detached).
+   */
+  end(smId: string, connectionId: string | undefined, inbound: number): Promise<SmQueueItem | undefined>;
+  /** Detached sessions whose window closed before `now` (ms), oldest first. */
+  listExpired(now: number, limit: number): Promise<SmQueueItem[]>;
+}
+
+export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): SmQueueStore {
+  return {
+    async create(item) {
+      await doc.send(
+        new PutCommand({
+          TableName: table,
+          Item: {
+            ...key(item.smId),
+            user: item.user,
+            resource: item.resource,
+            version: item.version,
+            resumable: item.resumable,
+            max: item.max,
+            connectionId: item.connectionId,
+            holding: true,
+            out: 0,
+            base: 0,
+            q: [],
+            // A safety net only: the sweeper or a clean end removes it first.
+            [TTL_ATTRIBUTE]: nowSeconds() + 3 * 3600 + item.max + DAY_SECONDS,
+          },
+          ConditionExpression: 'attribute_not_exists(pk)',
+        }),
+      );
+    },
+
+    async get(smId) {
+      const { Item } = await doc.send(
+        new GetCommand({ TableName: table, Key: key(smId), ConsistentRead: true }),
+      );
+      return Item ? toItem(Item) : undefined;
+    },
+
+    async counts(smId) {
+      const { Item } = await doc.send(
+        new GetCommand({
+          TableName: table,
+          Key: key(smId),
+          ConsistentRead: true,
+          ProjectionExpression: '#out, #base',
+          ExpressionAttributeNames: { '#out': 'out', '#base': 'base' },
+        }),
+      );
+      return Item ? { out: (Item.out as number) ?? 0, base: (Item.base as number) ?? 0 } : undefined;
+    },
+
+    async append(smId, entry, maxEntries) {
+      try {
+        const { Attributes } = await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: key(smId),
+            UpdateExpression: 'SET q = list_append(q, :entry) ADD #out :one',
+            ConditionExpression: 'attribute_exists(q) AND size(q) < :max',
+            ExpressionAttributeNames: { '#out': 'out' },
+            ExpressionAttributeValues: { ':entry': [entry], ':one': 1, ':max': maxEntries },
+            ReturnValues: 'ALL_NEW',
+          }),
+        );
+        const item = toItem(Attributes as Record<string, unknown>);
+        return { kind: 'queued', number: item.out, item };
+      } catch (error) {
+        if (isItemTooLarge(error)) return { kind: 'full' };
+        if (!isConditionFailure(error)) throw error;
+        const current = await this.get(smId);
+        return current && !current.ended ? { kind: 'full' } : { kind: 'ended' };
+      }
+    },
+
+    async acknowledge(smId, oldBase, newBase) {
+      const count = newBase - oldBase;
+      if (count <= 0) return [];
+      const removed: SmEntry[] = [];
+      // An update expression is limited in length: trim in slices.
+      for (let done = 0; done < count; ) {
+        const slice = Math.min(200, count - done);
+        const removals = Array.from({ length: slice }, (_, i) => `q[${i}]`).join(', ');
+        const { Attributes } = await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: key(smId),
+            UpdateExpression: `REMOVE ${removals} SET #base = :newBase`,
+            ConditionExpression: '#base = :base AND #out >= :newBase',
+            ExpressionAttributeNames: { '#out': 'out', '#base': 'base' },
+            ExpressionAttributeValues: { ':base': oldBase + done, ':newBase': oldBase + done + slice },
+            ReturnValues: 'ALL_OLD',
+          }),
+        );
+        removed.push(...((Attributes?.q as SmEntry[] | undefined) ?? []).slice(0, slice));
+        done += slice;
+      }
+      return removed;
+    },
+
+    async attach(smId, user, connectionId) {
+      try {
+        const { Attributes } = await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: key(smId),
+            UpdateExpression: 'SET connectionId = :connectionId, holding = :yes REMOVE sweepShard, sweepAt',
+            ConditionExpression: '#user = :user AND attribute_not_exists(ended)',
+            ExpressionAttributeNames: { '#user': 'user' },
+            ExpressionAttributeValues: { ':connectionId': connectionId, ':yes': true, ':user': user },
+            ReturnValues: 'ALL_NEW',
+          }),
+        );
+        return toItem(Attributes as Record<string, unknown>);
+      } catch (error) {
+        if (isConditionFailure(error)) return undefined;
+        throw error;
+      }
+    },
+
+    async release(smId, seenOut) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: key(smId),
+            UpdateExpression: 'REMOVE holding',
+            ConditionExpression: '#out = :seen',
+            ExpressionAttributeNames: { '#out': 'out' },
+            ExpressionAttributeValues: { ':seen': seenOut },
+          }),
+        );
+        return true;
+      } catch (error) {
+        if (isConditionFailure(error)) return false;
+        throw error;
+      }
+    },
+
+    async detach(smId, connectionId, inbound, sweepAt) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: key(smId),
+            UpdateExpression:
+              'REMOVE connectionId, holding SET sweepShard = :shard, sweepAt = :at, inbound = :inbound',
+            ConditionExpression: 'connectionId = :connectionId AND attribute_not_exists(ended)',
+            ExpressionAttributeValues: {
+              ':shard': DETACHED_SHARD,
+              ':at': sweepAt,
+              ':inbound': inbound,
+              ':connectionId': connectionId,
+            },
+          }),
+        );
+        return true;
+      } catch (error) {
+        if (isConditionFailure(error)) return false;
+        throw error;
+      }
+    },
+
+    async end(smId, connectionId, inbound) {
+      try {
+        const { Attributes } = await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: key(smId),
+            UpdateExpression:
+              'SET ended = :yes, inbound = :inbound, #ttl = :ttl REMOVE q, connectionId, holding, sweepShard, sweepAt',
+            ConditionExpression:
+              connectionId === undefined
+                ? 'attribute_not_exists(connectionId) AND attribute_not_exists(ended)'
+                : 'connectionId = :connectionId AND attribute_not_exists(ended)',
+            ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
+            ExpressionAttributeValues: {
+              ':yes': true,
+              ':inbound': inbound,
+              // XEP-0198 §5: the last inbound count answers a late resume for at least a day.
+              ':ttl': nowSeconds() + DAY_SECONDS,
+              ...(connectionId === undefined ? {} : { ':connectionId': connectionId }),
+            },
+            ReturnValues: 'ALL_OLD',
+          }),
+        );
+        return Attributes ? toItem(Attributes) : undefined;
+      } catch (error) {
+        if (isConditionFailure(error)) return undefined;
+        throw error;
+      }
+    },
+
+    async listExpired(now, limit) {
+      const { Items = [] } = await doc.send(
+        new QueryCommand({
+          TableName: table,
+          IndexName: SWEEP_INDEX,
+          KeyConditionExpression: 'sweepShard = :detached AND sweepAt <= :now',
+          ExpressionAttributeValues: { ':detached': DETACHED_SHARD, ':now': now },
+          Limit: limit,
+        }),
+      );
+      return Items.map(toItem);
+    },
+  };
+}

@@ -1,0 +1,495 @@
+/**
+ * XEP-0198 Stream Management end to end: `urn:xmpp:sm:3` with stock xmpp.js
+ * (@xmpp/stream-management) and raw frames, and the seed's `urn:xmpp:sm:1` with raw frames.
+ */
+import { xml } from '@xmpp/client';
+import type { Element } from 'ltx';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { sweepExpiredSessions } from '../../shared/sweep.ts';
+import { RawClient } from '../support/raw-client.ts';
+import { startTestStack, type TestStack } from '../support/stack.ts';
+import { type StartedClient, startClient } from '../support/xmpp-client.ts';
+
+const SM3 = 'urn:xmpp:sm:3';
+const SM1 = 'urn:xmpp:sm:1';
+const STANZAS = 'urn:ietf:params:xml:ns:xmpp-stanzas';
+const STREAMS = 'urn:ietf:params:xml:ns:xmpp-streams';
+const DELAY = 'urn:xmpp:delay';
+const SASL = 'urn:ietf:params:xml:ns:xmpp-sasl';
+
+let stack: TestStack;
+const running: StartedClient[] = [];
+const raws: RawClient[] = [];
+
+async function login(user: string, options: Parameters<typeof startClient>[3] = {}) {
+  const client = await startClient(stack.url, user, `${user}-pw`, options);
+  running.push(client);
+  return client;
+}
+
+async function raw(user?: string, resource?: string): Promise<RawClient> {
+  const client = await RawClient.connect(stack.url);
+  raws.push(client);
+  if (user) await client.login(user, `${user}-pw`, resource);
+  return client;
+}
+
+/** Authenticates and restarts the stream, without binding (where <resume/> belongs). */
+async function authenticated(user: string): Promise<{ client: RawClient; features: Element }> {
+  const client = await raw();
+  await client.open();
+  client.send(
+    `<auth xmlns='${SASL}' mechanism='PLAIN'>${Buffer.from(`\0${user}\0${user}-pw`).toString('base64')}</auth>`,
+  );
+  expect((await client.next()).name).toBe('success');
+  const { features } = await client.open();
+  return { client, features };
+}
+
+async function enable(client: RawClient, ns = SM3, resume = true): Promise<Element> {
+  client.send(`<enable xmlns='${ns}'${resume ? " resume='true'" : ''}/>`);
+  return client.next();
+}
+
+function failedCondition(el: Element): string | undefined {
+  return el.getChildElements().find((c) => c.attrs.xmlns === STANZAS)?.name;
+}
+
+async function eventually(check: () => Promise<void> | void, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      return await check();
+    } catch (error) {
+      if (Date.now() > deadline) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  }
+}
+
+beforeAll(async () => {
+  stack = await startTestStack({ SM_ACK_EVERY: '10', SM_MAX_SECONDS: '300' });
+  for (const user of ['romeo', 'juliet', 'nurse', 'tybalt', 'mercutio', 'benvolio', 'paris', 'friar']) {
+    await stack.addUser(`${user}@localhost`, `${user}-pw`);
+  }
+});
+
+afterAll(async () => {
+  for (const client of raws) client.terminate();
+  await Promise.all(running.map((c) => c.stop()));
+  await stack?.close();
+});
+
+describe('negotiation', () => {
+  it('advertises sm:3 and the seed sm:1 (with max and stanzas) after authentication only', async () => {
+    const before = await raw();
+    const { features: preAuth } = await before.open();
+    expect(preAuth.getChild('sm', SM3)).toBeUndefined();
+    const { features } = await authenticated('romeo');
+    expect(features.getChild('sm', SM3)?.getChild('optional')).toBeDefined();
+    // Seed §4: <sm xmlns='urn:xmpp:sm:1' max='600' stanzas='10'/>
+    const seed = features.getChild('sm', SM1);
+    expect(seed?.attrs).toMatchObject({ max: '300', stanzas: '10' });
+  });
+
+  it('enables with a stock xmpp.js client: resume, an unguessable id, max', async () => {
+    const romeo = await login('romeo', { resource: 'enable' });
+    const sm = romeo.xmpp.streamManagement;
+    await eventually(() => expect(sm.enabled).toBe(true));
+    expect(sm.id).toMatch(/^[A-Za-z0-9_-]{24}$/);
+  });
+
+  it('answers <enable/> before authentication with <failed><not-authorized/>, and the stream stays open', async () => {
+    const client = await raw();
+    await client.open();
+    const reply = await enable(client);
+    expect(reply.is('failed', SM3)).toBe(true);
+    expect(failedCondition(reply)).toBe('not-authorized');
+    client.send(
+      `<auth xmlns='${SASL}' mechanism='PLAIN'>${Buffer.from('\0romeo\0romeo-pw').toString('base64')}</auth>`,
+    );
+    expect((await client.next()).name).toBe('success');
+  });
+
+  it('answers <enable/> before bind, and a second <enable/>, with unexpected-request', async () => {
+    const { client } = await authenticated('romeo');
+    expect(failedCondition(await enable(client))).toBe('unexpected-request');
+    client.send(`<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>`);
+    await client.next();
+    const enabled = await enable(client, SM3, true);
+    expect(enabled.is('enabled', SM3)).toBe(true);
+    expect(enabled.attrs).toMatchObject({ resume: 'true', max: '300' });
+    expect(failedCondition(await enable(client))).toBe('unexpected-request');
+  });
+
+  it("accepts resume='1', honours a smaller client max, and without resume sends <enabled/> without id", async () => {
+    const one = await raw('romeo', 'resume-one');
+    one.send(`<enable xmlns='${SM3}' resume='1' max='60'/>`);
+    const enabled = await one.next();
+    expect(enabled.attrs).toMatchObject({ resume: 'true', max: '60' });
+    expect(enabled.attrs.id).toBeDefined();
+    const plain = await raw('romeo', 'no-resume');
+    const bare = await enable(plain, SM3, false);
+    expect(bare.is('enabled', SM3)).toBe(true);
+    expect(bare.attrs.id).toBeUndefined();
+    expect(bare.attrs.resume).toBeUndefined();
+  });
+});
+
+describe('counting (sm:3)', () => {
+  it('counts every stanza after enable, refused ones and explicit jabber:client ones too; nonzas do not count', async () => {
+    const client = await raw('juliet', 'count');
+    await enable(client);
+    client.send(`<iq type='get' id='1' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    await client.until((el) => el.attrs.id === '1');
+    client.send(`<message xmlns='jabber:client' to='nobody@localhost' id='2'><body>x</body></message>`);
+    await client.until((el) => el.attrs.id === '2');
+    client.send(
+      `<iq type='get' id='3' to='localhost'><ping xmlns='urn:xmpp:ping'/><ping xmlns='urn:xmpp:ping'/></iq>`,
+    );
+    await client.until((el) => el.attrs.id === '3');
+    client.send(`<r xmlns='${SM3}'/>`);
+    const a = await client.until((el) => el.is('a', SM3));
+    expect(a.attrs.h).toBe('3');
+  });
+
+  it('asks the client for acks in batches and drops what was acknowledged', async () => {
+    const nurse = await login('nurse', { resource: 'acks' });
+    await nurse.xmpp.send(xml('presence'));
+    await eventually(() => expect(nurse.xmpp.streamManagement.enabled).toBe(true));
+    const sender = await raw('tybalt', 'sender');
+    const sent = stack.server.outbound.counters.posts;
+    for (let i = 1; i <= 20; i++)
+      sender.send(`<message to='nurse@localhost/acks' type='chat'><body>m${i}</body></message>`);
+    await nurse.waitFor((s) => s.getChildText('body') === 'm20');
+    // Two <r/> for twenty stanzas (SM_ACK_EVERY=10), each answered by xmpp.js: the queue drains.
+    const smId = nurse.xmpp.streamManagement.id;
+    await eventually(async () => {
+      const counts = await stack.server.smQueue.counts(smId);
+      // The reflected presence and twenty messages: two full batches acknowledged.
+      expect(counts?.out).toBe(21);
+      expect(counts?.base).toBeGreaterThanOrEqual(20);
+    });
+    const posts = stack.server.outbound.counters.posts - sent;
+    expect(posts).toBeLessThan(20 * 1.5);
+  });
+
+  it('answers an ack with h above what was sent with undefined-condition and handled-count-too-high', async () => {
+    const client = await raw('juliet', 'too-high');
+    await enable(client);
+    client.send(`<a xmlns='${SM3}' h='5'/>`);
+    const error = await client.until((el) => el.name === 'stream:error');
+    expect(error.getChild('undefined-condition', STREAMS)).toBeDefined();
+    const detail = error.getChild('handled-count-too-high', SM3);
+    expect(detail?.attrs).toMatchObject({ h: '5', 'send-count': '0' });
+  });
+
+  const grid: Array<[string, string[], string, string]> = [
+    ['<a/> without h', [`<enable xmlns='${SM3}'/>`, `<a xmlns='${SM3}'/>`], SM3, 'bad-request'],
+    ["<a h='x'/>", [`<enable xmlns='${SM3}'/>`, `<a xmlns='${SM3}' h='x'/>`], SM3, 'bad-request'],
+    ['<r/> before enable', [`<r xmlns='${SM3}'/>`], SM3, 'unexpected-request'],
+    ['<a/> before enable', [`<a xmlns='${SM3}' h='0'/>`], SM3, 'unexpected-request'],
+    [
+      'sm:1 <r/> when sm:3 is enabled',
+      [`<enable xmlns='${SM3}'/>`, `<r xmlns='${SM1}' u='1'/>`],
+      SM1,
+      'unexpected-request',
+    ],
+    [
+      'sm:3 <a/> when sm:1 is enabled',
+      [`<enable xmlns='${SM1}'/>`, `<a xmlns='${SM3}' h='0'/>`],
+      SM3,
+      'unexpected-request',
+    ],
+  ];
+  for (const [name, frames, ns, condition] of grid) {
+    it(`answers ${name} with <failed><${condition}/></failed> and keeps the stream`, async () => {
+      const client = await raw('juliet', `grid-${condition}-${frames.length}-${ns.slice(-1)}`);
+      for (const frame of frames) client.send(frame);
+      const reply = await client.until((el) => el.name === 'failed');
+      expect(reply.attrs.xmlns).toBe(ns);
+      expect(failedCondition(reply)).toBe(condition);
+      client.send(`<iq type='get' id='alive' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+      expect((await client.until((el) => el.attrs.id === 'alive')).attrs.type).toBe('result');
+    });
+  }
+});
+
+describe('the seed: urn:xmpp:sm:1 (v0.7)', () => {
+  it('walks the seed §6 basic acking scenario', async () => {
+    const client = await raw('mercutio', 'seed');
+    // <enable xmlns='urn:xmpp:sm:1'/> → <enabled xmlns='urn:xmpp:sm:1'/>
+    const enabled = await enable(client, SM1, false);
+    expect(enabled.is('enabled', SM1)).toBe(true);
+    // "The client then retrieves its roster and immediately sends an <r/> element"
+    client.send(`<iq type='get' id='roster1' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    client.send(`<r xmlns='${SM1}' u='1'/>`);
+    await client.until((el) => el.attrs.id === 'roster1');
+    // The seed's example answers <a u='1'/>; its text says an <a/> MUST carry 'h': we send h.
+    expect((await client.until((el) => el.name === 'a')).attrs).toMatchObject({ xmlns: SM1, h: '1' });
+    // "The client then sends initial presence and immediately sends an <r/> element ... incrementing 'u' by one."
+    client.send(`<presence/>`);
+    client.send(`<r xmlns='${SM1}' u='2'/>`);
+    expect((await client.until((el) => el.name === 'a')).attrs.h).toBe('2');
+    // "The client then sends an outbound message and an <r/> element."
+    client.send(`<message to='benvolio@localhost' type='chat'><body>ciao!</body></message>`);
+    client.send(`<r xmlns='${SM1}' u='3'/>`);
+    expect((await client.until((el) => el.name === 'a')).attrs.h).toBe('3');
+  });
+
+  it('numbers its own stanzas: <r u/> from the server, <a h/> from the client drops them', async () => {
+    const client = await raw('mercutio', 'seed-server');
+    await enable(client, SM1, true);
+    client.send(`<presence/>`);
+    const sender = await raw('benvolio', 'to-seed');
+    for (let i = 1; i <= 10; i++)
+      sender.send(`<message to='mercutio@localhost/seed-server'><body>s${i}</body></message>`);
+    // Seed §6: the server numbers what it sends and asks with <r u='…'/>.
+    const r = await client.until((el) => el.name === 'r');
+    expect(r.attrs.xmlns).toBe(SM1);
+    const u = Number(r.attrs.u);
+    expect(u).toBeGreaterThanOrEqual(10);
+    client.send(`<a xmlns='${SM1}' h='${u}'/>`);
+    client.send(`<r xmlns='${SM1}' u='2'/>`);
+    await client.until((el) => el.name === 'a');
+    const state = await stack.server.sessions.getConnection(
+      (await stack.server.sessions.getResource('mercutio@localhost', 'seed-server'))?.connectionId as string,
+    );
+    const counts = await stack.server.smQueue.counts(state?.sm?.id as string);
+    expect(counts?.base).toBe(u);
+  });
+
+  const seedGrid: Array<[string, string, string]> = [
+    ["the seed's <a u='1'/> (an <a/> MUST carry 'h')", `<a xmlns='${SM1}' u='1'/>`, 'bad-request'],
+    ["<r/> without 'u' (an <r/> MUST carry 'u')", `<r xmlns='${SM1}'/>`, 'bad-request'],
+    ["<r u='foo'/>", `<r xmlns='${SM1}' u='foo'/>`, 'bad-request'],
+  ];
+  for (const [name, frame, condition] of seedGrid) {
+    it(`answers ${name} with <failed><${condition}/>`, async () => {
+      const client = await raw('mercutio', `seed-grid-${name.length}`);
+      await enable(client, SM1, false);
+      client.send(frame);
+      const reply = await client.until((el) => el.name === 'failed');
+      expect(reply.attrs.xmlns).toBe(SM1);
+      expect(failedCondition(reply)).toBe(condition);
+    });
+  }
+
+  it("refuses a 'u' that does not increase strictly", async () => {
+    const client = await raw('mercutio', 'seed-u');
+    await enable(client, SM1, false);
+    client.send(`<r xmlns='${SM1}' u='3'/>`);
+    expect((await client.until((el) => el.name === 'a')).attrs.h).toBe('3');
+    client.send(`<r xmlns='${SM1}' u='3'/>`);
+    expect(failedCondition(await client.until((el) => el.name === 'failed'))).toBe('bad-request');
+  });
+
+  it("resumes an sm:1 session and refuses the seed's h='foo'", async () => {
+    const first = await raw('mercutio', 'seed-resume');
+    // Seed §5: <enabled xmlns='urn:xmpp:sm:1' id='some-long-sm-id' resume='true'/>
+    const enabled = await enable(first, SM1, true);
+    expect(enabled.attrs.resume).toBe('true');
+    const id = enabled.attrs.id as string;
+    first.send(`<presence/>`);
+    first.send(`<r xmlns='${SM1}' u='1'/>`);
+    await first.until((el) => el.name === 'a');
+    first.terminate();
+    await new Promise((resolve) => setTimeout(resolve, 300));
+
+    const { client } = await authenticated('mercutio');
+    // Seed §5 example: <resume xmlns='urn:xmpp:sm:1' previd='some-long-sm-id' h='foo'/>
+    client.send(`<resume xmlns='${SM1}' previd='${id}' h='foo'/>`);
+    expect(failedCondition(await client.next())).toBe('bad-request');
+    client.send(`<resume xmlns='${SM3}' previd='${id}' h='0'/>`);
+    expect(failedCondition(await client.next())).toBe('unexpected-request');
+    client.send(`<resume xmlns='${SM1}' previd='${id}' h='0'/>`);
+    const resumed = await client.next();
+    expect(resumed.is('resumed', SM1)).toBe(true);
+    expect(resumed.attrs).toMatchObject({ previd: id, h: '1' });
+  });
+});
+
+describe('resumption (sm:3)', () => {
+  it('survives an abrupt socket loss in the middle of 500 messages: all arrive once, in order', async () => {
+    const juliet = await login('juliet', { resource: 'balcony', reconnect: true });
+    await juliet.xmpp.send(xml('presence'));
+    await eventually(() => expect(juliet.xmpp.streamManagement.enabled).toBe(true));
+    const smId = juliet.xmpp.streamManagement.id;
+    let resumed = 0;
+    juliet.xmpp.streamManagement.on('resumed', () => {
+      resumed += 1;
+    });
+    const romeo = await raw('romeo', 'sender500');
+    for (let i = 1; i <= 500; i++) {
+      romeo.send(`<message to='juliet@localhost/balcony' type='chat' id='m${i}'><body>${i}</body></message>`);
+      if (i === 200) {
+        await juliet.waitFor((s) => s.getChildText('body') === '150', 20_000);
+        (juliet.xmpp.socket as unknown as { socket: { terminate(): void } }).socket.terminate();
+      }
+    }
+    await juliet.waitFor((s) => s.getChildText('body') === '500', 60_000);
+    expect(resumed).toBe(1);
+    expect(juliet.xmpp.streamManagement.id).toBe(smId);
+    const bodies = juliet.received.filter((s) => s.is('message')).map((s) => Number(s.getChildText('body')));
+    expect(bodies).toEqual(Array.from({ length: 500 }, (_, i) => i + 1));
+    // Resent stanzas carry one delay stamp of their first sending.
+    const delayed = juliet.received.filter(
+      (s) => s.is('message') && s.getChildren('delay', DELAY).length > 0,
+    );
+    for (const message of delayed) expect(message.getChildren('delay', DELAY)).toHaveLength(1);
+    await juliet.stop();
+  }, 120_000);
+
+  it('resumes while the old socket is still open: the old stream gets <conflict/>', async () => {
+    const old = await raw('paris', 'open');
+    const enabled = await enable(old);
+    old.send('<presence/>');
+    await old.until((el) => el.name === 'presence');
+    const { client } = await authenticated('paris');
+    client.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='0'/>`);
+    const resumed = await client.next();
+    expect(resumed.is('resumed', SM3)).toBe(true);
+    expect(resumed.attrs.h).toBe('1');
+    const error = await old.until((el) => el.name === 'stream:error');
+    expect(error.getChild('conflict', STREAMS)).toBeDefined();
+    // The resumed stream is the session: messages reach it.
+    const sender = await raw('friar', 'letters');
+    sender.send(`<message to='paris@localhost/open' type='chat'><body>for paris</body></message>`);
+    expect((await client.until((el) => el.name === 'message')).getChildText('body')).toBe('for paris');
+    // And the id stays valid for a second resumption.
+    client.terminate();
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    const { client: again } = await authenticated('paris');
+    again.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='1'/>`);
+    expect((await again.next()).is('resumed', SM3)).toBe(true);
+  });
+
+  it('answers a bogus id and another user’s id with <failed><item-not-found/>, then lets the client bind', async () => {
+    const victim = await raw('benvolio', 'victim');
+    const enabled = await enable(victim);
+    const { client } = await authenticated('friar');
+    client.send(`<resume xmlns='${SM3}' previd='bogus' h='0'/>`);
+    const bogus = await client.next();
+    expect(failedCondition(bogus)).toBe('item-not-found');
+    expect(bogus.attrs.h).toBeUndefined();
+    client.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='0'/>`);
+    const stolen = await client.next();
+    expect(failedCondition(stolen)).toBe('item-not-found');
+    expect(stolen.attrs.h).toBeUndefined();
+    client.send(`<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>`);
+    expect((await client.next()).attrs.type).toBe('result');
+    // The victim's session is untouched.
+    victim.send(`<r xmlns='${SM3}'/>`);
+    expect((await victim.until((el) => el.name === 'a')).attrs.h).toBe('0');
+  });
+
+  it('answers a resume with a too-high h with undefined-condition, leaving no orphan session', async () => {
+    const first = await raw('tybalt', 'orphan');
+    const enabled = await enable(first);
+    first.terminate();
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    const { client } = await authenticated('tybalt');
+    client.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='7'/>`);
+    const error = await client.until((el) => el.name === 'stream:error');
+    expect(error.getChild('undefined-condition', STREAMS)).toBeDefined();
+    expect(error.getChild('handled-count-too-high', SM3)?.attrs).toMatchObject({ h: '7', 'send-count': '0' });
+    // The session is still detached and resumable.
+    const { client: retry } = await authenticated('tybalt');
+    retry.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='0'/>`);
+    expect((await retry.next()).is('resumed', SM3)).toBe(true);
+  });
+
+  it('answers a resume after bind with unexpected-request', async () => {
+    const client = await raw('tybalt', 'bound');
+    client.send(`<resume xmlns='${SM3}' previd='whatever' h='0'/>`);
+    expect(failedCondition(await client.next())).toBe('unexpected-request');
+  });
+
+  it('makes a clean <close/> final: a later resume fails with the last h', async () => {
+    const client = await raw('friar', 'clean');
+    const enabled = await enable(client);
+    client.send('<presence/>');
+    client.send(`<r xmlns='${SM3}'/>`);
+    await client.until((el) => el.name === 'a');
+    client.send(`<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>`);
+    await client.closed;
+    const { client: late } = await authenticated('friar');
+    late.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='0'/>`);
+    const reply = await late.next();
+    expect(failedCondition(reply)).toBe('item-not-found');
+    expect(reply.attrs.h).toBe('1');
+  });
+});
+
+describe('expiry', () => {
+  it('re-routes what a detached session never acknowledged to offline storage when its window closes', async () => {
+    await stack.addUser('capulet@localhost', 'capulet-pw');
+    const client = await raw('capulet', 'expiring');
+    client.send(`<enable xmlns='${SM3}' resume='true' max='1'/>`);
+    const enabled = await client.next();
+    client.send('<presence/>');
+    const sender = await raw('romeo', 'to-capulet');
+    sender.send(
+      `<message to='capulet@localhost' type='chat' id='e1'><body>while you were out 1</body></message>`,
+    );
+    await client.until((el) => el.getChildText('body') === 'while you were out 1');
+    client.terminate();
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    // Detached: still available, so this is queued for the session, not stored offline.
+    sender.send(
+      `<message to='capulet@localhost' type='chat' id='e2'><body>while you were out 2</body></message>`,
+    );
+    await eventually(async () =>
+      expect((await stack.server.smQueue.counts(enabled.attrs.id as string))?.out).toBe(2),
+    );
+    expect(await stack.server.offline.count('capulet@localhost')).toBe(0);
+
+    await new Promise((resolve) => setTimeout(resolve, 1100));
+    expect(await sweepExpiredSessions(stack.server, Date.now())).toBeGreaterThanOrEqual(1);
+    expect(await stack.server.offline.count('capulet@localhost')).toBe(2);
+
+    const back = await login('capulet', { resource: 'back' });
+    await back.xmpp.send(xml('presence'));
+    await back.waitFor((s) => s.getChildText('body') === 'while you were out 2');
+    const bodies = back.received.filter((s) => s.is('message')).map((s) => s.getChildText('body'));
+    expect(bodies).toEqual(['while you were out 1', 'while you were out 2']);
+    for (const message of back.received.filter((s) => s.is('message'))) {
+      expect(message.getChildren('delay', DELAY)).toHaveLength(1);
+    }
+    // A late resume learns the session expired, with the last inbound count.
+    const { client: late } = await authenticated('capulet');
+    late.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='0'/>`);
+    const reply = await late.next();
+    expect(failedCondition(reply)).toBe('item-not-found');
+    expect(reply.attrs.h).toBe('1');
+    await back.stop();
+  });
+
+  it('re-routes at once when a non-resumable SM session vanishes', async () => {
+    const client = await raw('benvolio', 'no-resume');
+    await enable(client, SM3, false);
+    client.send('<presence/>');
+    const sender = await raw('romeo', 'to-benvolio');
+    sender.send(`<message to='benvolio@localhost/no-resume' type='chat'><body>unacked</body></message>`);
+    await client.until((el) => el.getChildText('body') === 'unacked');
+    client.terminate();
+    await eventually(async () => expect(await stack.server.offline.count('benvolio@localhost')).toBe(1));
+  });
+
+  it('removes flooded offline messages only once they are acknowledged', async () => {
+    await stack.addUser('rosaline@localhost', 'rosaline-pw');
+    const sender = await raw('romeo', 'to-rosaline');
+    for (let i = 1; i <= 3; i++)
+      sender.send(`<message to='rosaline@localhost' type='chat'><body>r${i}</body></message>`);
+    await eventually(async () => expect(await stack.server.offline.count('rosaline@localhost')).toBe(3));
+    const client = await raw('rosaline', 'flood');
+    await enable(client);
+    client.send('<presence/>');
+    const r = await client.until((el) => el.name === 'r');
+    expect(r.attrs.xmlns).toBe(SM3);
+    // Delivered but not yet acknowledged: still stored.
+    expect(await stack.server.offline.count('rosaline@localhost')).toBe(3);
+    client.send(`<a xmlns='${SM3}' h='4'/>`);
+    await eventually(async () => expect(await stack.server.offline.count('rosaline@localhost')).toBe(0));
+  });
+});
