@@ -10,6 +10,7 @@ import type { Router } from '../router.ts';
 import type { Stream } from '../stream.ts';
 import { NS } from '../xml/namespaces.ts';
 import { endSession } from './presence.ts';
+import { endSmSession } from './stream-management.ts';
 
 export function advertise(features: Element): void {
   features.c('bind', { xmlns: NS.bind });
@@ -77,6 +78,9 @@ export async function handleUnbound(stream: Stream, stanza: Element): Promise<vo
       authFailures: 0,
       // The resource row now belongs to this stream; only the old connection row goes.
     });
+    // A stream-management session of the replaced stream ends too; what it had not delivered
+    // is re-routed (possibly to this very resource once it is available, or offline).
+    if (previous.smId) await endSmSession(server, previous.smId, 'any');
     if (previous.available) {
       const unavailable = new Element('presence', {
         from: fullJid(fullJidOf(user, resource)),

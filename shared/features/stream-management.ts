@@ -217,6 +217,7 @@ export async function endStream(server: Server, state: ConnectionState): Promise
 export async function endSmSession(
   server: Server,
   smId: string,
+  /** The connection that must still own it, `undefined` if it must be detached, or 'any'. */
   connectionId: string | undefined,
   inbound?: number,
 ): Promise<void> {

@@ -118,10 +118,10 @@ export interface SmQueueStore {
   detach(smId: string, connectionId: string, inbound: number, sweepAt: number): Promise<boolean>;
   /**
    * Ends the session once and for all (expiry, clean close, vanish without resumption): the
-   * caller gets the unacknowledged entries exactly once. `connectionId` must still own it
-   * (or `undefined`: only if detached).
+   * caller gets the unacknowledged entries exactly once. `owner` must still own it: a
+   * connection id, `undefined` for "detached", or `'any'`.
    */
-  end(smId: string, connectionId: string | undefined, inbound: number): Promise<SmQueueItem | undefined>;
+  end(smId: string, owner: string | undefined, inbound: number): Promise<SmQueueItem | undefined>;
   /** Detached sessions whose window closed before `now` (ms), oldest first. */
   listExpired(now: number, limit: number): Promise<SmQueueItem[]>;
 }
@@ -283,7 +283,8 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       }
     },
 
-    async end(smId, connectionId, inbound) {
+    async end(smId, owner, inbound) {
+      const connectionId = owner === 'any' ? undefined : owner;
       try {
         const { Attributes } = await doc.send(
           new UpdateCommand({
@@ -292,9 +293,11 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             UpdateExpression:
               'SET ended = :yes, inbound = :inbound, #ttl = :ttl REMOVE q, connectionId, holding, sweepShard, sweepAt',
             ConditionExpression:
-              connectionId === undefined
-                ? 'attribute_not_exists(connectionId) AND attribute_not_exists(ended)'
-                : 'connectionId = :connectionId AND attribute_not_exists(ended)',
+              owner === 'any'
+                ? 'attribute_exists(q) AND attribute_not_exists(ended)'
+                : connectionId === undefined
+                  ? 'attribute_not_exists(connectionId) AND attribute_not_exists(ended)'
+                  : 'connectionId = :connectionId AND attribute_not_exists(ended)',
             ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
             ExpressionAttributeValues: {
               ':yes': true,

@@ -476,6 +476,27 @@ describe('expiry', () => {
     await eventually(async () => expect(await stack.server.offline.count('benvolio@localhost')).toBe(1));
   });
 
+  it('ends the SM session of a stream replaced by a new bind of its resource, re-routing what was unacknowledged', async () => {
+    await stack.addUser('montague@localhost', 'montague-pw');
+    const first = await raw('montague', 'dup');
+    await enable(first);
+    first.send('<presence/>');
+    const sender = await raw('romeo', 'to-montague');
+    sender.send(
+      `<message to='montague@localhost/dup' type='chat'><body>unacked before conflict</body></message>`,
+    );
+    await first.until((el) => el.getChildText('body') === 'unacked before conflict');
+    const second = await raw('montague', 'dup');
+    expect(
+      (await first.until((el) => el.name === 'stream:error')).getChild('conflict', STREAMS),
+    ).toBeDefined();
+    await eventually(async () => expect(await stack.server.offline.count('montague@localhost')).toBe(1));
+    second.send('<presence/>');
+    const flooded = await second.until((el) => el.name === 'message');
+    expect(flooded.getChildText('body')).toBe('unacked before conflict');
+    expect(flooded.getChildren('delay', DELAY)).toHaveLength(1);
+  });
+
   it('removes flooded offline messages only once they are acknowledged', async () => {
     await stack.addUser('rosaline@localhost', 'rosaline-pw');
     const sender = await raw('romeo', 'to-rosaline');
