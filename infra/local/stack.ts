@@ -38,6 +38,8 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
     port: options.port ?? 5280,
     idleTimeoutMs: options.idleTimeoutMs,
     region: options.config.region,
+    // As the stack's event source mapping: up to ten records of one connection per invocation.
+    batchSize: 10,
     connect: (event) => createConnectHandler(ready())(event),
     stream: (event) => createStreamHandler(ready())(event),
   });

@@ -1,0 +1,79 @@
+/**
+ * RFC 7395 framing (one element per frame), RFC 6120 §11.1 restricted XML, and RFC 7622 JIDs.
+ */
+import { describe, expect, it } from 'vitest';
+import { StanzaError, StreamError } from '../../shared/errors.ts';
+import { bareJid, fullJid, parseJid } from '../../shared/jid.ts';
+import { parseFrame } from '../../shared/xml/frame.ts';
+
+function streamCondition(frame: string, max = 65536): string | undefined {
+  try {
+    parseFrame(frame, max);
+    return undefined;
+  } catch (error) {
+    if (error instanceof StreamError) return error.condition;
+    throw error;
+  }
+}
+
+describe('parseFrame', () => {
+  it('parses one element with namespaces, entities and CDATA', () => {
+    const el = parseFrame(
+      `<message xmlns='jabber:client' to='a@b'><body>x &amp; &#65;<![CDATA[<y>]]></body></message>`,
+      1000,
+    );
+    expect(el.name).toBe('message');
+    expect(el.getChildText('body')).toBe('x & A<y>');
+  });
+
+  it.each([
+    ['two elements', '<a/><b/>', 'not-well-formed'],
+    ['a mismatched end tag', '<a></b>', 'not-well-formed'],
+    ['an unclosed element', '<a><b/>', 'not-well-formed'],
+    ['text outside the element', 'x<a/>', 'not-well-formed'],
+    ['nothing', '', 'not-well-formed'],
+    ['a DOCTYPE', '<!DOCTYPE a><a/>', 'restricted-xml'],
+    ['a comment', '<a><!-- c --></a>', 'restricted-xml'],
+    ['a processing instruction', '<?xml version="1.0"?><a/>', 'restricted-xml'],
+    ['an undeclared entity', '<a>&lol;</a>', 'restricted-xml'],
+  ])('refuses %s', (_name, frame, condition) => {
+    expect(streamCondition(frame)).toBe(condition);
+  });
+
+  it('refuses a frame over the stanza limit with policy-violation, counting UTF-8 bytes', () => {
+    expect(streamCondition(`<a>${'é'.repeat(40)}</a>`, 80)).toBe('policy-violation');
+    expect(streamCondition(`<a>${'e'.repeat(40)}</a>`, 80)).toBeUndefined();
+  });
+
+  it('does not mistake markup-like text inside CDATA for restricted XML', () => {
+    expect(streamCondition('<a><![CDATA[<!-- not a comment --> <?pi?>]]></a>')).toBeUndefined();
+  });
+});
+
+describe('parseJid', () => {
+  it('case-folds localpart and domain, keeps the resource, strips a trailing dot', () => {
+    const jid = parseJid('Juliet@Capulet.Example./Balcony');
+    expect(jid).toEqual({ local: 'juliet', domain: 'capulet.example', resource: 'Balcony' });
+    expect(bareJid(jid)).toBe('juliet@capulet.example');
+    expect(fullJid(jid)).toBe('juliet@capulet.example/Balcony');
+  });
+
+  it.each([
+    ['an empty localpart', '@example.com'],
+    ['an empty resource', 'a@example.com/'],
+    ['a forbidden localpart character', 'a"b@example.com'],
+    ['two @', 'a@b@example.com'],
+    ['an empty domain', 'a@'],
+    ['a localpart over 1023 bytes', `${'a'.repeat(1024)}@example.com`],
+    ['a resource over 1023 bytes', `a@example.com/${'r'.repeat(1024)}`],
+    ['a control character', 'a\u0001b@example.com'],
+  ])('refuses %s with jid-malformed', (_name, text) => {
+    try {
+      parseJid(text);
+      expect.unreachable();
+    } catch (error) {
+      expect(error).toBeInstanceOf(StanzaError);
+      expect((error as StanzaError).condition).toBe('jid-malformed');
+    }
+  });
+});
