@@ -370,9 +370,11 @@ export function headersElement(user: string, page: HeadersPage, rsm: boolean): E
 export function deliveredCopy(server: Server, message: OfflineMessage): Element {
   const stanza = stampedStanza(server, message);
   for (const forged of stanza.getChildren('offline', NS.offline)) stanza.remove(forged);
-  // XEP-0198: this copy stays in the offline store; if stream management finds it unacknowledged
-  // when the session ends, it must not be stored (or delivered) again: recognise it with
-  // `offlineCopyNode` and drop it — the message is still in the user's inbox.
+  // XEP-0198: this copy stays in the offline store. If stream management still holds it
+  // unacknowledged when the session ends, it must be dropped, never re-routed: re-routing would
+  // store it a second time. Recognise it by its node (`offlineCopyNode`). It is sent without
+  // SmSendOptions.offlineId on purpose: that option removes the stored message on ack, and
+  // XEP-0013 §2.4 forbids removing a message because it was delivered.
   stanza.c('offline', { xmlns: NS.offline }).c('item', { node: message.id });
   return stanza;
 }

@@ -9,6 +9,7 @@
 import { randomBytes } from 'node:crypto';
 import { TransactionCanceledException } from '@aws-sdk/client-dynamodb';
 import {
+  BatchGetCommand,
   DeleteCommand,
   type DynamoDBDocumentClient,
   GetCommand,
@@ -86,6 +87,15 @@ function toMessage(item: Record<string, unknown>): OfflineMessage {
     storedAt: item.storedAt as number,
     stanza: item.stanza as string,
   };
+}
+
+/** Keys DynamoDB left unprocessed (throttling) are asked again after a pause; at last, a retryable error. */
+async function unprocessedBackoff(attempt: number): Promise<void> {
+  if (attempt > 6) {
+    // Named as DynamoDB names throttling, so the stream treats it as transient and retries the frame.
+    throw Object.assign(new Error('BatchGetItem kept keys unprocessed'), { name: 'ThrottlingException' });
+  }
+  await new Promise((resolve) => setTimeout(resolve, 25 * 2 ** attempt));
 }
 
 function nowSeconds(): number {
@@ -231,11 +241,21 @@ export function createOfflineStore(
 
     async get(user, ids) {
       const found = new Map<string, OfflineMessage>();
-      for (const id of ids) {
-        const { Item } = await doc.send(
-          new GetCommand({ TableName: table, Key: messageKey(user, id), ConsistentRead: true }),
-        );
-        if (Item && (Item[TTL_ATTRIBUTE] as number) > nowSeconds()) found.set(id, toMessage(Item));
+      const unique = [...new Set(ids)];
+      // BatchGetItem: up to 100 keys per request, the same read units as one GetItem each.
+      for (let i = 0; i < unique.length; i += 100) {
+        let keys = unique.slice(i, i + 100).map((id) => messageKey(user, id));
+        for (let attempt = 0; keys.length > 0; attempt++) {
+          if (attempt > 0) await unprocessedBackoff(attempt);
+          const { Responses, UnprocessedKeys } = await doc.send(
+            new BatchGetCommand({ RequestItems: { [table]: { Keys: keys, ConsistentRead: true } } }),
+          );
+          for (const item of Responses?.[table] ?? []) {
+            if ((item[TTL_ATTRIBUTE] as number) > nowSeconds())
+              found.set((item.sk as string).slice(2), toMessage(item));
+          }
+          keys = (UnprocessedKeys?.[table]?.Keys ?? []) as typeof keys;
+        }
       }
       return found;
     },
