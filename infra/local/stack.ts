@@ -5,6 +5,7 @@
  */
 import { createConnectHandler } from '../../functions/connect.ts';
 import { createStreamHandler } from '../../functions/stream.ts';
+import { createSweeperHandler } from '../../functions/sweeper.ts';
 import type { Config } from '../../shared/config.ts';
 import type { Logger } from '../../shared/log.ts';
 import { apiGatewayPort } from '../../shared/outbound.ts';
@@ -17,6 +18,8 @@ export interface LocalStackOptions {
   /** 0 picks a free port. */
   port?: number;
   idleTimeoutMs?: number;
+  /** How often the sweeper runs, as the stack's one-minute schedule does; 0 turns it off. */
+  sweepIntervalMs?: number;
   log?: Logger;
 }
 
@@ -49,10 +52,21 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
     port: apiGatewayPort(gateway.managementEndpoint, config.region),
     log: options.log,
   });
+  const sweep = createSweeperHandler(server);
+  const sweepIntervalMs = options.sweepIntervalMs ?? 60_000;
+  const sweeper =
+    sweepIntervalMs > 0
+      ? setInterval(() => {
+          sweep().catch((error) => server?.log.error('sweep failed', { error }));
+        }, sweepIntervalMs).unref()
+      : undefined;
   return {
     url: gateway.url,
     gateway,
     server,
-    close: () => gateway.close(),
+    close: async () => {
+      clearInterval(sweeper);
+      await gateway.close();
+    },
   };
 }

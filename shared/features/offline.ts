@@ -299,7 +299,8 @@ async function command(request: IqRequest): Promise<Element | undefined> {
  */
 async function deliverCopies(stream: Stream, messages: OfflineMessage[]): Promise<boolean> {
   for (const message of messages) {
-    if ((await stream.send(deliveredCopy(stream.server, message))) !== 'sent') return false;
+    if ((await stream.send(deliveredCopy(stream.server, message), { offlineCopy: true })) !== 'sent')
+      return false;
   }
   return true;
 }
@@ -370,24 +371,10 @@ export function headersElement(user: string, page: HeadersPage, rsm: boolean): E
 export function deliveredCopy(server: Server, message: OfflineMessage): Element {
   const stanza = stampedStanza(server, message);
   for (const forged of stanza.getChildren('offline', NS.offline)) stanza.remove(forged);
-  // XEP-0198: this copy stays in the offline store. If stream management still holds it
-  // unacknowledged when the session ends, it must be dropped, never re-routed: re-routing would
-  // store it a second time. Recognise it by its node (`offlineCopyNode`). It is sent without
-  // SmSendOptions.offlineId on purpose: that option removes the stored message on ack, and
-  // XEP-0013 §2.4 forbids removing a message because it was delivered.
+  // XEP-0198: this copy stays in the offline store, so it is sent as an `offlineCopy`: if
+  // stream management still holds it unacknowledged when the session ends, it is dropped,
+  // never re-routed (that would store it a second time), and an ack does not remove the
+  // stored message (XEP-0013 §2.4: viewing deletes nothing).
   stanza.c('offline', { xmlns: NS.offline }).c('item', { node: message.id });
   return stanza;
-}
-
-/**
- * The offline node of a message that view or fetch delivered (XEP-0198: an unacknowledged copy
- * must not be stored twice), or undefined for any other message. A copy carries our item marker
- * and our delay stamp; a client could forge both on a live message, so the router should strip
- * `<offline xmlns='http://jabber.org/protocol/offline'/>` from messages it accepts from clients.
- */
-export function offlineCopyNode(server: Server, stanza: Element): string | undefined {
-  if (stanza.name !== 'message') return undefined;
-  const node = stanza.getChild('offline', NS.offline)?.getChild('item')?.attrs.node;
-  const ours = stanza.getChildren('delay', NS.delay).some((d) => d.attrs.from === server.config.domain);
-  return typeof node === 'string' && OFFLINE_ID.test(node) && ours ? node : undefined;
 }

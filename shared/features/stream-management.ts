@@ -118,6 +118,8 @@ function unwrap(h: number, from: number): number {
 export interface SmSendOptions {
   /** The offline message this stanza came from: removed from storage once acknowledged. */
   offlineId?: string;
+  /** A XEP-0013 view/fetch copy of a message that stays stored: never re-routed. */
+  offlineCopy?: boolean;
 }
 
 /**
@@ -135,6 +137,7 @@ export async function deliverToSmSession(
     s: stanza.toString(),
     t: Date.now(),
     ...(options.offlineId ? { o: options.offlineId } : {}),
+    ...(options.offlineCopy ? { c: true } : {}),
   };
   const result = await server.smQueue.append(smId, entry, server.config.smQueueMax);
   if (result.kind === 'ended') return 'gone';
@@ -245,7 +248,7 @@ async function rerouteEntries(server: Server, item: SmQueueItem): Promise<void> 
   const stillStored = fromOffline.length > 0 ? await server.offline.get(item.user, fromOffline) : new Map();
   for (const entry of item.entries) {
     // Still in offline storage: it will be delivered from there; never stored twice.
-    if (entry.o && stillStored.has(entry.o)) continue;
+    if (entry.c || (entry.o && stillStored.has(entry.o))) continue;
     const stanza = parse(entry.s);
     try {
       if (stanza.name === 'message') {
@@ -373,9 +376,9 @@ async function replayHeld(
 }
 
 /**
- * Asks the client for an ack if some of what it was sent is still unacknowledged. Used where
- * a round trip is due anyway (the client asked for an ack, a flood ended), so stanzas that
- * did not fill a batch of `smAckEvery` do not wait for the next batch.
+ * Asks the client for an ack if some of what it was sent is still unacknowledged: at the end
+ * of an offline flood, whose messages stay stored until acknowledged, rather than at the
+ * next batch of `smAckEvery`.
  */
 export async function requestAckIfUnacknowledged(stream: Stream): Promise<void> {
   const sm = stream.state.sm;
@@ -388,10 +391,7 @@ export async function requestAckIfUnacknowledged(stream: Stream): Promise<void> 
 async function requestAck(stream: Stream, element: Element, version: SmVersion): Promise<void> {
   const sm = smState(stream);
   if (!sm || sm.version !== version) return void (await stream.send(failed(version, 'unexpected-request')));
-  if (version === 'sm3') {
-    await stream.send(ack(version, sm.inbound));
-    return requestAckIfUnacknowledged(stream);
-  }
+  if (version === 'sm3') return void (await stream.send(ack(version, sm.inbound)));
   // Seed §6: "An <r/> element MUST contain a 'u' attribute"; "It ... MUST be strictly increasing".
   const u = counter(element.attrs.u);
   if (u === undefined || (sm.inbound > 0 && unwrap(u, sm.inbound) <= sm.inbound) || u === 0) {
@@ -401,7 +401,6 @@ async function requestAck(stream: Stream, element: Element, version: SmVersion):
   stream.update({ sm: { ...sm, inbound } });
   // Seed §6: "The response MUST contain a value of 'h' that is greater than or equal to the 'u'".
   await stream.send(ack(version, inbound));
-  await requestAckIfUnacknowledged(stream);
 }
 
 async function acknowledge(stream: Stream, element: Element, version: SmVersion): Promise<void> {

@@ -31,6 +31,8 @@ export interface SmEntry {
   t: number;
   /** The offline message it came from: removed from offline storage once acknowledged. */
   o?: string;
+  /** A XEP-0013 view/fetch copy: the message stays stored, so the copy is never re-routed. */
+  c?: boolean;
 }
 
 export interface SmQueueItem {
@@ -99,6 +101,14 @@ function nowSeconds(): number {
   return Math.floor(Date.now() / 1000);
 }
 
+/**
+ * A safety net only (the sweeper or a clean end comes first): API Gateway cuts a connection
+ * after 2 hours, so an attached queue outlives its connection; each attach and detach renews it.
+ */
+function attachedExpiry(): number {
+  return nowSeconds() + 3 * 3600 + DAY_SECONDS;
+}
+
 export interface SmQueueStore {
   /** A new session's queue, holding until the owner has sent `<enabled/>`. */
   create(
@@ -144,8 +154,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             out: 0,
             base: 0,
             q: [],
-            // A safety net only: the sweeper or a clean end removes it first.
-            [TTL_ATTRIBUTE]: nowSeconds() + 3 * 3600 + item.max + DAY_SECONDS,
+            [TTL_ATTRIBUTE]: attachedExpiry(),
           },
           ConditionExpression: 'attribute_not_exists(pk)',
         }),
@@ -226,10 +235,16 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           new UpdateCommand({
             TableName: table,
             Key: key(smId),
-            UpdateExpression: 'SET connectionId = :connectionId, holding = :yes REMOVE sweepShard, sweepAt',
+            UpdateExpression:
+              'SET connectionId = :connectionId, holding = :yes, #ttl = :ttl REMOVE sweepShard, sweepAt',
             ConditionExpression: '#user = :user AND attribute_not_exists(ended)',
-            ExpressionAttributeNames: { '#user': 'user' },
-            ExpressionAttributeValues: { ':connectionId': connectionId, ':yes': true, ':user': user },
+            ExpressionAttributeNames: { '#user': 'user', '#ttl': TTL_ATTRIBUTE },
+            ExpressionAttributeValues: {
+              ':connectionId': connectionId,
+              ':yes': true,
+              ':user': user,
+              ':ttl': attachedExpiry(),
+            },
             ReturnValues: 'ALL_NEW',
           }),
         );

@@ -6,7 +6,8 @@
  *   pk = <bare JID>  sk = authfail     → failures in the current window, expiring by TTL
  *
  * The authfail item exists for any JID someone tried to log in as, account or not, so its
- * presence reveals nothing. A login reads both items with one Query (`loginRecord`).
+ * presence reveals nothing. A login reads the credentials with one GetItem; the failure count
+ * is only written (ADD) when an attempt fails.
  */
 import { randomBytes } from 'node:crypto';
 import { ConditionalCheckFailedException } from '@aws-sdk/client-dynamodb';

@@ -497,6 +497,30 @@ describe('expiry', () => {
     expect(flooded.getChildren('delay', DELAY)).toHaveLength(1);
   });
 
+  it('never stores twice a XEP-0013 view copy left unacknowledged when the session ends', async () => {
+    await stack.addUser('verona@localhost', 'verona-pw');
+    const sender = await raw('romeo', 'to-verona');
+    sender.send(`<message to='verona@localhost' type='chat'><body>kept</body></message>`);
+    await eventually(async () => expect(await stack.server.offline.count('verona@localhost')).toBe(1));
+    const client = await raw('verona', 'viewer');
+    await enable(client, SM3, false);
+    client.send(
+      `<iq type='get' id='h'><query xmlns='http://jabber.org/protocol/disco#items' node='http://jabber.org/protocol/offline'/></iq>`,
+    );
+    const node = (await client.until((el) => el.attrs.id === 'h')).getChild('query')?.getChild('item')
+      ?.attrs.node;
+    client.send(
+      `<iq type='get' id='v'><offline xmlns='http://jabber.org/protocol/offline'><item action='view' node='${node}'/></offline></iq>`,
+    );
+    expect((await client.until((el) => el.name === 'message')).getChildText('body')).toBe('kept');
+    await client.until((el) => el.attrs.id === 'v');
+    client.terminate();
+    await eventually(async () =>
+      expect(await stack.server.sessions.listResources('verona@localhost')).toEqual([]),
+    );
+    expect(await stack.server.offline.count('verona@localhost')).toBe(1);
+  });
+
   it('removes flooded offline messages only once they are acknowledged', async () => {
     await stack.addUser('rosaline@localhost', 'rosaline-pw');
     const sender = await raw('romeo', 'to-rosaline');
