@@ -4,7 +4,9 @@
  *
  * Context: `domain` (the XMPP domain, default `localhost`); `manageApiGatewayAccountRole=false`
  * when the account's API Gateway CloudWatch role is managed elsewhere; `nag=false` to skip
- * cdk-nag's AwsSolutions checks during synth (the test suite always runs them).
+ * cdk-nag's AwsSolutions checks during synth (the test suite always runs them); `settings`, a
+ * JSON object of tunables for the functions (see TUNABLE_SETTINGS in shared/config.ts), e.g.
+ * `-c settings='{"OFFLINE_QUOTA":"5000","SM_MAX_SECONDS":"600"}'`.
  *
  * The stack is environment-agnostic (no account or region, no lookups), so synth runs offline.
  */
@@ -15,11 +17,17 @@ import { NimbusStack } from './stack.ts';
 const app = new App();
 const domain = String(app.node.tryGetContext('domain') ?? 'localhost').toLowerCase();
 const manageApiGatewayAccountRole = String(app.node.tryGetContext('manageApiGatewayAccountRole')) !== 'false';
+const rawSettings: unknown = app.node.tryGetContext('settings') ?? {};
+const settings = (typeof rawSettings === 'string' ? JSON.parse(rawSettings) : rawSettings) as Record<
+  string,
+  string
+>;
 
 new NimbusStack(app, 'Nimbus', {
   description: `Nimbus: serverless XMPP server for ${domain}`,
   domain,
   manageApiGatewayAccountRole,
+  settings,
 });
 
 // Any finding that is neither fixed nor acknowledged in infra/ stops the synth (and so the deploy).

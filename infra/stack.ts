@@ -4,6 +4,7 @@ import * as events from 'aws-cdk-lib/aws-events';
 import * as targets from 'aws-cdk-lib/aws-events-targets';
 import { SqsEventSource } from 'aws-cdk-lib/aws-lambda-event-sources';
 import type { Construct } from 'constructs';
+import { loadConfig, TUNABLE_SETTINGS } from '../shared/config.ts';
 import { offlineTable, sessionsTable, type TableDefinition, usersTable } from '../shared/tables.ts';
 import { FrameQueue } from './constructs/frame-queue.ts';
 import { bindTable, type TableAccess, XmppTables } from './constructs/tables.ts';
@@ -40,6 +41,19 @@ export interface NimbusStackProps extends StackProps {
   domain: string;
   /** See `WebSocketGatewayProps.manageAccountLogRole`. Default true. */
   manageApiGatewayAccountRole?: boolean;
+  /** Tuning for the stream and sweeper functions: names from `TUNABLE_SETTINGS` only. */
+  settings?: Record<string, string>;
+}
+
+export function checkedSettings(settings: Record<string, string> = {}): Record<string, string> {
+  for (const [name, value] of Object.entries(settings)) {
+    if (!(TUNABLE_SETTINGS as readonly string[]).includes(name)) {
+      throw new Error(`Unknown setting ${name}; tunable: ${TUNABLE_SETTINGS.join(', ')}`);
+    }
+    // Validated the way the functions will read it, so a typo fails the synth, not a cold start.
+    loadConfig({ [name]: String(value) });
+  }
+  return Object.fromEntries(Object.entries(settings).map(([name, value]) => [name, String(value)]));
 }
 
 /** One Nimbus deployment: one XMPP domain. See DESIGN.md ("Shape"). */
@@ -73,6 +87,7 @@ export class NimbusStack extends Stack {
       manageAccountLogRole: props.manageApiGatewayAccountRole ?? true,
     });
     const outboundEnvironment = {
+      ...checkedSettings(props.settings),
       ...domainEnvironment,
       CONNECTIONS_ENDPOINT: this.gateway.connectionsEndpoint,
     };

@@ -41,6 +41,23 @@ export interface Config {
 
 type Env = Record<string, string | undefined>;
 
+/** Settings a deployment may tune (`npx cdk deploy -c settings='{"OFFLINE_QUOTA":"5000"}'`). */
+export const TUNABLE_SETTINGS = [
+  'MAX_STANZA_BYTES',
+  'OFFLINE_QUOTA',
+  'OFFLINE_TTL_DAYS',
+  'AUTH_FAILURES_PER_CONNECTION',
+  'AUTH_FAILURES_PER_ACCOUNT',
+  'AUTH_FAILURE_WINDOW_SECONDS',
+  'AUTH_FAILURE_MAX_DELAY_MS',
+  'SCRAM_ITERATIONS',
+  'CONNECTION_TTL_SECONDS',
+  'SM_MAX_SECONDS',
+  'SM_QUEUE_MAX',
+  'SM_ACK_EVERY',
+  'LOG_LEVEL',
+] as const;
+
 function int(env: Env, name: string, fallback: number): number {
   const raw = env[name];
   if (raw === undefined || raw === '') return fallback;

@@ -11,7 +11,7 @@ import { AwsSolutionsChecks } from 'cdk-nag';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { STAGE_NAME } from '../../infra/constructs/websocket-gateway.ts';
 import { FUNCTION_MEMORY_MB } from '../../infra/constructs/xmpp-function.ts';
-import { NimbusStack, STREAM_TIMEOUT } from '../../infra/stack.ts';
+import { checkedSettings, NimbusStack, STREAM_TIMEOUT } from '../../infra/stack.ts';
 import { decodeQueueMessage } from '../../shared/queue-message.ts';
 import { allTables, sessionsTable, usersTable } from '../../shared/tables.ts';
 
@@ -72,7 +72,7 @@ function functionRoleStatements(name: keyof typeof FUNCTION_MEMORY_MB): Statemen
 beforeAll(() => {
   const cdkJson = JSON.parse(readFileSync(new URL('../../cdk.json', import.meta.url), 'utf8'));
   const app = new App({ context: cdkJson.context });
-  stack = new NimbusStack(app, 'Nimbus', { domain: DOMAIN });
+  stack = new NimbusStack(app, 'Nimbus', { domain: DOMAIN, settings: { SM_MAX_SECONDS: '600' } });
   template = Template.fromStack(stack);
   resources = template.toJSON().Resources;
   nagReport = new AwsSolutionsChecks(app).validateScope(stack);
@@ -421,6 +421,20 @@ describe('functions', () => {
       ScheduleExpression: 'rate(1 minute)',
       Targets: [Match.objectLike({ Arn: { 'Fn::GetAtt': [logicalId(stack.functions.sweeper.fn), 'Arn'] } })],
     });
+  });
+});
+
+describe('settings', () => {
+  it('passes tunables to the functions that read them, not to connect', () => {
+    expect(functionProperties('stream').Environment.Variables.SM_MAX_SECONDS).toBe('600');
+    expect(functionProperties('sweeper').Environment.Variables.SM_MAX_SECONDS).toBe('600');
+    expect(functionProperties('connect').Environment.Variables.SM_MAX_SECONDS).toBeUndefined();
+  });
+
+  it('refuses an unknown setting and a malformed value at synth time', () => {
+    expect(() => checkedSettings({ SM_MAX_SECOND: '1' })).toThrow(/Unknown setting SM_MAX_SECOND/);
+    expect(() => checkedSettings({ OFFLINE_QUOTA: 'many' })).toThrow(/OFFLINE_QUOTA/);
+    expect(checkedSettings({ OFFLINE_QUOTA: '5000' })).toEqual({ OFFLINE_QUOTA: '5000' });
   });
 });
 
