@@ -1,0 +1,87 @@
+/**
+ * Messages between the bench's three processes: the runner (gateway emulator, `$connect`,
+ * DynamoDB Local), the stream worker (the stream function alone, so its CPU time is its own)
+ * and the client process (the xmpp.js clients, whose work must not count as the server's).
+ */
+import type { SQSBatchResponse, SQSEvent } from 'aws-lambda';
+import type { Config } from '../shared/config.ts';
+import type { OutboundCounters } from '../shared/outbound.ts';
+import type { MeterSnapshot } from '../shared/store/dynamo.ts';
+
+export interface CpuTime {
+  userMs: number;
+  systemMs: number;
+}
+
+// -- runner ⇄ stream worker ------------------------------------------------------------------
+
+export type ToStreamWorker =
+  | { type: 'init'; config: Config; logLevel: string }
+  | { type: 'invoke'; id: number; event: SQSEvent }
+  /** Starts the measured window; with `profileFile`, under the V8 sampling profiler. */
+  | { type: 'reset'; profileFile?: string }
+  | { type: 'snapshot' };
+
+export interface StreamWorkerSnapshot {
+  cpu: CpuTime;
+  wallMs: number;
+  invocations: number;
+  /** Handler durations, one per invocation, in milliseconds. */
+  durationsMs: number[];
+  /** Sum of the durations rounded up to Lambda's billing step. */
+  billedMs: number;
+  dynamodb: MeterSnapshot;
+  outbound: OutboundCounters;
+  /** Posts by top-level element (`message`, `r`, `a`, …). */
+  postsByElement: Record<string, number>;
+  /** API Gateway message units of the posts (32 KB increments). */
+  postUnits: number;
+  /** With `--profile`: sampled self time (ms) by category. */
+  profile?: Record<string, number>;
+}
+
+export type FromStreamWorker =
+  | { type: 'ready' }
+  | { type: 'result'; id: number; response: SQSBatchResponse | undefined; error?: string }
+  | { type: 'reset-done' }
+  | { type: 'snapshot'; snapshot: StreamWorkerSnapshot };
+
+// -- runner ⇄ client process -----------------------------------------------------------------
+
+export interface BenchUser {
+  username: string;
+  password: string;
+}
+
+export interface ClientPlan {
+  url: string;
+  domain: string;
+  /** Pair i is users[2i] and users[2i + 1]. */
+  users: BenchUser[];
+  messagesPerPair: number;
+  warmupPerPair: number;
+  /** Messages in flight per pair. */
+  window: number;
+  streamManagement: boolean;
+  timeoutMs: number;
+}
+
+export interface ClientResult {
+  sent: number;
+  delivered: number;
+  errors: number;
+  /** Send-to-receive times of the measured messages, milliseconds. */
+  latenciesMs: number[];
+  /** From `go` to the last measured delivery. */
+  elapsedMs: number;
+  timedOut: boolean;
+}
+
+export type ToClients = { type: 'start'; plan: ClientPlan } | { type: 'go' } | { type: 'stop' };
+
+export type FromClients =
+  | { type: 'ready'; clients: number; smAdvertised: boolean; smEnabled: number }
+  | { type: 'skip'; reason: string }
+  | { type: 'done'; result: ClientResult }
+  | { type: 'stopped' }
+  | { type: 'failed'; message: string };

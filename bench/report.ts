@@ -1,0 +1,261 @@
+/**
+ * The bench's result shape, its targets (issues #3 and #4), the printed table and the verdict.
+ */
+
+import type { MeterSnapshot } from '../shared/store/dynamo.ts';
+import type { CostPerMillion } from './cost.ts';
+import type { prices } from './prices.ts';
+
+export type Scenario = 'plain' | 'sm';
+
+/** Per delivered 1:1 chat message to an online recipient. */
+export const TARGETS = {
+  /** Issue #3: without stream management. */
+  plain: { dynamodbRequests: 2, cpuMs: 1 },
+  /** Issue #4: stream management on both sides. */
+  sm: { dynamodbRequests: 4, apiGatewayMessages: 2.2 },
+} as const;
+
+export interface ScenarioResult {
+  scenario: Scenario;
+  skipped?: string;
+  failed?: string;
+  clients?: number;
+  delivered?: number;
+  sent?: number;
+  errors?: number;
+  timedOut?: boolean;
+  elapsedMs?: number;
+  throughputPerSecond?: number;
+  latencyMs?: { p50: number; p95: number; p99: number; max: number; mean: number };
+  perMessage?: {
+    dynamodbRequests: number;
+    dynamodbByOperation: Record<string, number>;
+    readUnits: number;
+    writeUnits: number;
+    apiGatewayMessages: number;
+    framesIn: number;
+    postsOut: number;
+    framesInByElement: Record<string, number>;
+    postsOutByElement: Record<string, number>;
+    streamInvocations: number;
+    cpuMs: number;
+    wallMs: number;
+    billedMs: number;
+    runnerCpuMs: number;
+  };
+  /** With `--profile`: the stream function's CPU per message split by sampled self time. */
+  cpuBreakdownMs?: Record<string, number>;
+  perInvocation?: { cpuMs: number; wallMsMean: number; wallMsP50: number; wallMsP95: number };
+  dynamodb?: MeterSnapshot;
+  /** Operations some of whose answers carried no ConsumedCapacity (their units are missing). */
+  dynamodbUnreported?: string[];
+  costPerMillionMessages?: CostPerMillion;
+  connectionMinutesPerMessage?: number;
+  connectionCostPerMillionMessages?: number;
+}
+
+export interface BenchOptions {
+  pairs: number;
+  messages: number;
+  warmup: number;
+  window: number;
+  scenarios: Scenario[];
+  name: string;
+  memoryMb?: number;
+  timeoutMs: number;
+  logLevel: string;
+  profile: boolean;
+}
+
+export interface BenchReport {
+  name: string;
+  at: string;
+  options: BenchOptions;
+  machine: {
+    node: string;
+    cpus: number;
+    cpuModel: string | undefined;
+    /** 1-minute load averages before and after: other work on the box slows wall times and latency. */
+    loadBefore: number;
+    loadAfter: number;
+  };
+  assumptions: {
+    prices: { asOf: string; region: string } & typeof prices;
+    streamMemoryMb: number;
+    streamMemorySource: string;
+    sqsRequestsPerBatch: number;
+    lambdaBatchSize: number;
+  };
+  targets: typeof TARGETS;
+  results: ScenarioResult[];
+}
+
+const TITLES: Record<Scenario, string> = { plain: 'without SM', sm: 'with SM' };
+
+const fixed = (digits: number) => (value: number | undefined) =>
+  value === undefined || Number.isNaN(value) ? '—' : value.toFixed(digits);
+const f0 = fixed(0);
+const f1 = fixed(1);
+const f2 = fixed(2);
+const f3 = fixed(3);
+const dollars = (value: number | undefined) =>
+  value === undefined || Number.isNaN(value) ? '—' : `$${value.toFixed(value < 1 ? 3 : 2)}`;
+
+function breakdown(record: Record<string, number> | undefined): string {
+  if (!record) return '—';
+  const entries = Object.entries(record).filter(([, value]) => value > 0);
+  if (entries.length === 0) return '0';
+  return entries
+    .sort(([, a], [, b]) => b - a)
+    .map(([key, value]) => `${key} ${value.toFixed(2)}`)
+    .join(', ');
+}
+
+type Row = [label: string, cell: (result: ScenarioResult) => string, target?: string];
+
+export function printReport(report: BenchReport): void {
+  const { results, assumptions } = report;
+  const memory = `${assumptions.streamMemoryMb} MB`;
+  const cost = (pick: (cost: CostPerMillion) => number) => (r: ScenarioResult) =>
+    r.costPerMillionMessages ? dollars(pick(r.costPerMillionMessages)) : '—';
+  const rows: (Row | string)[] = [
+    'Per delivered 1:1 chat message to an online recipient (warm-up excluded)',
+    ['clients / messages delivered', (r) => `${r.clients ?? '—'} / ${r.delivered ?? '—'}`],
+    ['errors / timed out', (r) => `${r.errors ?? '—'} / ${r.timedOut ? 'yes' : 'no'}`],
+    ['throughput (messages/s)', (r) => f0(r.throughputPerSecond)],
+    [
+      'latency p50 / p95 / p99 (ms)',
+      (r) => (r.latencyMs ? `${f1(r.latencyMs.p50)} / ${f1(r.latencyMs.p95)} / ${f1(r.latencyMs.p99)}` : '—'),
+    ],
+    [
+      'latency mean / max (ms)',
+      (r) => (r.latencyMs ? `${f1(r.latencyMs.mean)} / ${f1(r.latencyMs.max)}` : '—'),
+    ],
+    [
+      'DynamoDB requests',
+      (r) => f2(r.perMessage?.dynamodbRequests),
+      `≤ ${TARGETS.plain.dynamodbRequests} / ≤ ${TARGETS.sm.dynamodbRequests}`,
+    ],
+    ['  by operation', (r) => breakdown(r.perMessage?.dynamodbByOperation)],
+    [
+      '  read / write units (RRU / WRU)',
+      (r) => `${f2(r.perMessage?.readUnits)} / ${f2(r.perMessage?.writeUnits)}`,
+    ],
+    [
+      'API Gateway messages (in + out)',
+      (r) =>
+        r.perMessage
+          ? `${f2(r.perMessage.apiGatewayMessages)} (${f2(r.perMessage.framesIn)} + ${f2(r.perMessage.postsOut)})`
+          : '—',
+      `— / ≤ ${TARGETS.sm.apiGatewayMessages}`,
+    ],
+    ['  frames in, by element', (r) => breakdown(r.perMessage?.framesInByElement)],
+    ['  posts out, by element', (r) => breakdown(r.perMessage?.postsOutByElement)],
+    ['stream function invocations', (r) => f2(r.perMessage?.streamInvocations)],
+    ['stream function CPU (ms)', (r) => f3(r.perMessage?.cpuMs), `≤ ${TARGETS.plain.cpuMs} / —`],
+    ['  CPU per invocation (ms)', (r) => f3(r.perInvocation?.cpuMs)],
+    ...(results.some((r) => r.cpuBreakdownMs) ? ['  split by sampled self time (--profile), ms:'] : []),
+    ...profileRows(results),
+    [
+      '  wall per invocation mean / p50 / p95 (ms)',
+      (r) =>
+        r.perInvocation
+          ? `${f2(r.perInvocation.wallMsMean)} / ${f2(r.perInvocation.wallMsP50)} / ${f2(r.perInvocation.wallMsP95)}`
+          : '—',
+    ],
+    ['  billed Lambda ms (1 ms steps)', (r) => f2(r.perMessage?.billedMs)],
+    ['runner CPU, not billed (gateway emulator) (ms)', (r) => f3(r.perMessage?.runnerCpuMs)],
+    `$ per million messages (${assumptions.prices.region} list prices as of ${assumptions.prices.asOf})`,
+    ['API Gateway messages', cost((c) => c.apiGatewayMessages)],
+    [`SQS FIFO (1 per frame + ${assumptions.sqsRequestsPerBatch} per batch)`, cost((c) => c.sqs)],
+    ['Lambda requests', cost((c) => c.lambdaRequests)],
+    [`Lambda duration (arm64, ${memory}, measured wall)`, cost((c) => c.lambdaDuration)],
+    ['DynamoDB reads (on-demand)', cost((c) => c.dynamodbReads)],
+    ['DynamoDB writes (on-demand)', cost((c) => c.dynamodbWrites)],
+    ['total per million messages', cost((c) => c.total)],
+    [
+      'connection minutes per message (this bench)',
+      (r) =>
+        r.connectionMinutesPerMessage === undefined
+          ? '—'
+          : `${f3(r.connectionMinutesPerMessage)} (${dollars(r.connectionCostPerMillionMessages)}/M, not in total)`,
+    ],
+  ];
+
+  const labelWidth = Math.max(...rows.map((row) => (typeof row === 'string' ? 0 : row[0].length))) + 2;
+  const cells = rows.map((row) =>
+    typeof row === 'string'
+      ? []
+      : results.map((r) => (r.skipped ? 'skipped' : r.failed ? 'failed' : row[1](r))),
+  );
+  const widths = results.map((_, i) => Math.max(12, ...cells.map((c) => (c[i] ?? '').length)) + 2);
+  const header = `${''.padEnd(labelWidth)}${results.map((r, i) => TITLES[r.scenario].padEnd(widths[i] as number)).join('')}target (no SM / SM)`;
+  const lines = ['', header, '-'.repeat(header.length)];
+  rows.forEach((row, index) => {
+    if (typeof row === 'string') {
+      lines.push(row);
+      return;
+    }
+    const values = (cells[index] ?? []).map((cell, i) => cell.padEnd(widths[i] as number)).join('');
+    lines.push(`${row[0].padEnd(labelWidth)}${values}${row[2] ?? ''}`);
+  });
+  for (const result of results) {
+    if (result.dynamodbUnreported?.length) {
+      lines.push(
+        `${TITLES[result.scenario]}: no ConsumedCapacity reported for ${result.dynamodbUnreported.join('; ')}`,
+      );
+    }
+  }
+  const { machine } = report;
+  lines.push(
+    `machine: ${machine.cpus} CPUs (${machine.cpuModel ?? '?'}), Node ${machine.node}, load average ${machine.loadBefore.toFixed(1)} before / ${machine.loadAfter.toFixed(1)} after`,
+  );
+  lines.push('', verdict(results));
+  process.stdout.write(`${lines.join('\n')}\n`);
+}
+
+/** With `--profile`: one row per category of the stream function's sampled CPU, largest first. */
+function profileRows(results: ScenarioResult[]): Row[] {
+  const totals = new Map<string, number>();
+  for (const result of results) {
+    for (const [category, ms] of Object.entries(result.cpuBreakdownMs ?? {})) {
+      totals.set(category, (totals.get(category) ?? 0) + ms);
+    }
+  }
+  return [...totals]
+    .sort(([, a], [, b]) => b - a)
+    .map(([category]): Row => [`    ${category}`, (r) => f3(r.cpuBreakdownMs?.[category])]);
+}
+
+function check(value: number | undefined, limit: number): string {
+  if (value === undefined || Number.isNaN(value)) return 'not measured';
+  return `${value.toFixed(2)} ${value <= limit ? '≤' : '>'} ${limit} ${value <= limit ? 'met' : 'MISSED'}`;
+}
+
+export function verdict(results: ScenarioResult[]): string {
+  const parts: string[] = [];
+  for (const result of results) {
+    if (result.skipped) {
+      parts.push(`${TITLES[result.scenario]}: skipped (${result.skipped})`);
+      continue;
+    }
+    if (result.failed) {
+      parts.push(`${TITLES[result.scenario]}: FAILED (${result.failed})`);
+      continue;
+    }
+    const per = result.perMessage;
+    if (result.scenario === 'plain') {
+      parts.push(
+        `without SM: DynamoDB requests ${check(per?.dynamodbRequests, TARGETS.plain.dynamodbRequests)}, ` +
+          `CPU ms ${check(per?.cpuMs, TARGETS.plain.cpuMs)}`,
+      );
+    } else {
+      parts.push(
+        `with SM: DynamoDB requests ${check(per?.dynamodbRequests, TARGETS.sm.dynamodbRequests)}, ` +
+          `API Gateway messages ${check(per?.apiGatewayMessages, TARGETS.sm.apiGatewayMessages)}`,
+      );
+    }
+  }
+  return `Verdict per delivered message — ${parts.join('; ')}`;
+}

@@ -1,0 +1,649 @@
+/**
+ * `npm run bench`: N pairs of stock xmpp.js clients exchange M chat messages through the local
+ * stack, once without stream management and once with it on both sides (skipped while the
+ * server does not offer it). Per delivered message it reports throughput, latency, DynamoDB
+ * requests and capacity units (ReturnConsumedCapacity), API Gateway messages, the stream
+ * function's CPU and wall time, and the resulting $ per million messages (`prices.ts`).
+ *
+ * Three processes keep the measurements apart: this one (DynamoDB Local's keeper, the gateway
+ * emulator, `$connect`), the stream worker (the stream function alone: its CPU time is the
+ * function's) and the client process (the xmpp.js clients). Everything listens on 127.0.0.1.
+ *
+ *   npm run bench -- --pairs 20 --messages 300 [--sm | --no-sm] [--window 1] [--name run1]
+ */
+import { type ChildProcess, fork } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { availableParallelism, cpus, loadavg } from 'node:os';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
+import type { SQSBatchResponse, SQSEvent } from 'aws-lambda';
+import { createConnectHandler } from '../functions/connect.ts';
+import { createTables, tableNamesOf } from '../infra/local/create-tables.ts';
+import { findFreePort, startDynamoDbLocal } from '../infra/local/dynamodb-local.ts';
+import { startGateway } from '../infra/local/gateway.ts';
+import { type Config, loadConfig } from '../shared/config.ts';
+import { createLogger } from '../shared/log.ts';
+import { apiGatewayPort } from '../shared/outbound.ts';
+import { decodeQueueMessage } from '../shared/queue-message.ts';
+import { deriveScramCredentials } from '../shared/sasl/scram.ts';
+import { createServer } from '../shared/server.ts';
+import { dynamoMeter, type MeterSnapshot, type OperationUsage } from '../shared/store/dynamo.ts';
+import { allTables } from '../shared/tables.ts';
+import { connectionCostPerMillionMessages, costPerMillionMessages, SQS_REQUESTS_PER_BATCH } from './cost.ts';
+import type {
+  BenchUser,
+  ClientPlan,
+  ClientResult,
+  FromClients,
+  FromStreamWorker,
+  StreamWorkerSnapshot,
+  ToClients,
+  ToStreamWorker,
+} from './ipc.ts';
+import { PRICES_AS_OF, PRICES_REGION, prices } from './prices.ts';
+import {
+  type BenchOptions,
+  type BenchReport,
+  printReport,
+  type Scenario,
+  type ScenarioResult,
+  TARGETS,
+} from './report.ts';
+
+process.env.NIMBUS_METER = '1';
+process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
+
+const HOST = '127.0.0.1';
+function resultsDirectory(): string {
+  return fileURLToPath(new URL('./results/', import.meta.url));
+}
+
+/** The stream function's memory when `infra/constructs/xmpp-function.ts` cannot be read. */
+const DEFAULT_STREAM_MEMORY_MB = 512;
+/** After the last delivery, time for trailing acks (`<r/>` after xmpp.js's 250 ms debounce). */
+const SETTLE_MS = 1_000;
+const STOP_TIMEOUT_MS = 15_000;
+/** As the stack's event source mapping (and `infra/local/stack.ts`): up to ten records of one connection per invocation. */
+const STREAM_BATCH_SIZE = 10;
+
+// ---------------------------------------------------------------------------------------------
+// Options
+
+function parseOptions(): BenchOptions {
+  const env = process.env;
+  const { values } = parseArgs({
+    options: {
+      pairs: { type: 'string' },
+      messages: { type: 'string' },
+      warmup: { type: 'string' },
+      window: { type: 'string' },
+      sm: { type: 'boolean' },
+      'no-sm': { type: 'boolean' },
+      name: { type: 'string' },
+      'memory-mb': { type: 'string' },
+      'timeout-seconds': { type: 'string' },
+      'log-level': { type: 'string' },
+      profile: { type: 'boolean' },
+      help: { type: 'boolean', short: 'h' },
+    },
+  });
+  if (values.help) {
+    process.stdout.write(
+      [
+        'npm run bench -- [options]   (each also as an environment variable)',
+        '  --pairs N            client pairs (BENCH_PAIRS, default 20)',
+        '  --messages M         measured messages per pair (BENCH_MESSAGES, default 100)',
+        '  --warmup W           warm-up messages per pair, not measured (BENCH_WARMUP, default 25)',
+        '  --window K           messages in flight per pair (BENCH_WINDOW, default 1)',
+        '  --sm | --no-sm       only the run with / without stream management (default: both)',
+        '  --name NAME          bench/results/NAME.json (BENCH_NAME, default bench-<time>)',
+        '  --memory-mb MB       stream function memory for the Lambda price (default: the CDK constant)',
+        '  --timeout-seconds S  limit per phase (BENCH_TIMEOUT_SECONDS, default 180)',
+        '  --log-level LEVEL    server log level (LOG_LEVEL, default warn)',
+        '  --profile            sample the stream function with the V8 profiler and split its CPU',
+        '',
+      ].join('\n'),
+    );
+    process.exit(0);
+  }
+  const number = (value: string | undefined, fallback: number, name: string, min = 1): number => {
+    if (value === undefined || value === '') return fallback;
+    const parsed = Number(value);
+    if (!Number.isInteger(parsed) || parsed < min) throw new Error(`--${name} must be an integer ≥ ${min}`);
+    return parsed;
+  };
+  const scenarios: Scenario[] = values.sm ? ['sm'] : values['no-sm'] ? ['plain'] : ['plain', 'sm'];
+  return {
+    pairs: number(values.pairs ?? env.BENCH_PAIRS, 20, 'pairs'),
+    messages: number(values.messages ?? env.BENCH_MESSAGES, 100, 'messages'),
+    warmup: number(values.warmup ?? env.BENCH_WARMUP, 25, 'warmup', 0),
+    window: number(values.window ?? env.BENCH_WINDOW, 1, 'window'),
+    scenarios,
+    name: values.name ?? env.BENCH_NAME ?? `bench-${new Date().toISOString().replace(/[:.]/g, '-')}`,
+    memoryMb: values['memory-mb'] ? number(values['memory-mb'], 0, 'memory-mb') : undefined,
+    timeoutMs: number(values['timeout-seconds'] ?? env.BENCH_TIMEOUT_SECONDS, 180, 'timeout-seconds') * 1000,
+    logLevel: values['log-level'] ?? env.LOG_LEVEL ?? 'warn',
+    profile: values.profile ?? false,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+
+/** A forked bench process with typed messages and bounded waits. */
+class Child<In, Out extends { type: string }> {
+  private readonly inbox: Out[] = [];
+  private readonly waiting = new Set<() => void>();
+  private exited = false;
+  readonly process: ChildProcess;
+
+  constructor(file: string, label: string) {
+    // Inherits tsx's loader flags from this process, so the child runs TypeScript too.
+    this.process = fork(fileURLToPath(new URL(file, import.meta.url)), [], { stdio: 'inherit' });
+    this.process.on('message', (message: Out) => this.deliver(message));
+    this.process.once('exit', (code, signal) => {
+      this.exited = true;
+      this.deliver({ type: 'exit', code, signal, label } as unknown as Out);
+    });
+  }
+
+  protected deliver(message: Out): void {
+    this.inbox.push(message);
+    for (const wake of this.waiting) wake();
+  }
+
+  send(message: In): void {
+    if (!this.exited) this.process.send(message as object);
+  }
+
+  /** The next message of one of `types` (earlier ones of other types are kept); `exit` always ends the wait. */
+  next<T extends Out['type']>(types: T[], timeoutMs: number): Promise<Extract<Out, { type: T }>> {
+    return new Promise((resolve, reject) => {
+      const check = () => {
+        const index = this.inbox.findIndex((m) => (types as string[]).includes(m.type) || m.type === 'exit');
+        if (index < 0) return;
+        const [message] = this.inbox.splice(index, 1);
+        finish();
+        if ((message as { type: string }).type === 'exit') {
+          const { code, signal, label } = message as unknown as {
+            code: number;
+            signal: string;
+            label: string;
+          };
+          reject(
+            new Error(`the ${label} process exited (${code ?? signal}) while waiting for ${types.join('/')}`),
+          );
+        } else resolve(message as Extract<Out, { type: T }>);
+      };
+      const timer = setTimeout(() => {
+        finish();
+        reject(new Error(`no ${types.join('/')} within ${timeoutMs} ms`));
+      }, timeoutMs);
+      const finish = () => {
+        clearTimeout(timer);
+        this.waiting.delete(check);
+      };
+      this.waiting.add(check);
+      check();
+    });
+  }
+
+  async stop(): Promise<void> {
+    if (this.exited) return;
+    const exited = new Promise<void>((resolve) => this.process.once('exit', () => resolve()));
+    this.process.disconnect();
+    const timer = setTimeout(() => this.process.kill('SIGKILL'), 5_000);
+    await exited;
+    clearTimeout(timer);
+  }
+}
+
+/** The stream function's process: invokes are answered by id, in any order. */
+class StreamWorker extends Child<ToStreamWorker, FromStreamWorker | { type: 'exit' }> {
+  private nextId = 1;
+  private readonly pending = new Map<
+    number,
+    (message: Extract<FromStreamWorker, { type: 'result' }>) => void
+  >();
+
+  constructor() {
+    super('./stream-worker.ts', 'stream worker');
+  }
+
+  protected override deliver(message: FromStreamWorker | { type: 'exit' }): void {
+    if (message.type === 'result') {
+      this.pending.get(message.id)?.(message);
+      this.pending.delete(message.id);
+      return;
+    }
+    if (message.type === 'exit') {
+      for (const [id, resolve] of this.pending)
+        resolve({ type: 'result', id, response: undefined, error: 'exit' });
+      this.pending.clear();
+    }
+    super.deliver(message);
+  }
+
+  async invoke(event: SQSEvent): Promise<SQSBatchResponse | undefined> {
+    const id = this.nextId++;
+    const result = new Promise<Extract<FromStreamWorker, { type: 'result' }>>((resolve) =>
+      this.pending.set(id, resolve),
+    );
+    this.send({ type: 'invoke', id, event });
+    const { response, error } = await result;
+    // A throw makes the emulated queue deliver the records again, as Lambda's would.
+    if (error) throw new Error(`stream function failed: ${error}`);
+    return response;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frames in (what API Gateway receives from clients and puts on the queue)
+
+class FrameCounter {
+  frames = 0;
+  units = 0;
+  sqsChunks = 0;
+  byElement: Record<string, number> = {};
+
+  count(event: SQSEvent): void {
+    for (const record of event.Records) {
+      // Redeliveries are the queue's business, not new client messages.
+      if (record.attributes.ApproximateReceiveCount !== '1') continue;
+      const decoded = decodeQueueMessage(record.body);
+      if (decoded.kind !== 'frame') continue;
+      const bytes = Buffer.byteLength(decoded.frame);
+      const element = /^\s*<([A-Za-z:_-]+)/.exec(decoded.frame)?.[1] ?? '?';
+      this.frames += 1;
+      this.units += Math.max(1, Math.ceil(bytes / prices.apiGateway.messageIncrementBytes));
+      this.sqsChunks += Math.max(
+        1,
+        Math.ceil(Buffer.byteLength(record.body) / prices.sqsFifo.requestChunkBytes),
+      );
+      this.byElement[element] = (this.byElement[element] ?? 0) + 1;
+    }
+  }
+
+  reset(): void {
+    this.frames = 0;
+    this.units = 0;
+    this.sqsChunks = 0;
+    this.byElement = {};
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One scenario
+
+interface ScenarioContext {
+  endpoint: string;
+  options: BenchOptions;
+  memoryMb: number;
+}
+
+/** One progress line per phase, with its duration, so a slow phase shows where the time went. */
+function phase(): (what: string) => void {
+  let last = performance.now();
+  return (what) => {
+    const now = performance.now();
+    process.stdout.write(`  ${what} (${((now - last) / 1000).toFixed(1)} s)\n`);
+    last = now;
+  };
+}
+
+async function runScenario(scenario: Scenario, context: ScenarioContext): Promise<ScenarioResult> {
+  const { endpoint, options } = context;
+  const progress = phase();
+  const prefix = `bench${randomBytes(4).toString('hex')}`;
+  // Fresh tables named from the prefix, whatever table names the environment holds.
+  const env: Record<string, string | undefined> = { ...process.env, TABLE_PREFIX: prefix };
+  for (const table of allTables) delete env[table.envVar];
+  const config: Config = { ...loadConfig(env), dynamodbEndpoint: endpoint };
+  const admin = new DynamoDBClient({
+    endpoint,
+    region: config.region,
+    credentials: { accessKeyId: 'local', secretAccessKey: 'local' },
+  });
+  try {
+    await createTables(admin, tableNamesOf(config.tables));
+  } finally {
+    admin.destroy();
+  }
+
+  const log = createLogger(options.logLevel);
+  const frames = new FrameCounter();
+  const worker = new StreamWorker();
+  let clients: Child<ToClients, FromClients | { type: 'exit' }> | undefined;
+  let connect: ReturnType<typeof createConnectHandler> | undefined;
+  const gateway = await startGateway({
+    host: HOST,
+    port: 0,
+    region: config.region,
+    batchSize: STREAM_BATCH_SIZE,
+    connect: (event) => {
+      if (!connect) throw new Error('bench stack not ready');
+      return connect(event);
+    },
+    stream: (event) => {
+      frames.count(event);
+      return worker.invoke(event);
+    },
+  });
+  try {
+    const served: Config = { ...config, connectionsEndpoint: gateway.managementEndpoint };
+    const server = createServer({
+      config: served,
+      port: apiGatewayPort(gateway.managementEndpoint, config.region),
+      log,
+    });
+    connect = createConnectHandler(server);
+    worker.send({ type: 'init', config: served, logLevel: options.logLevel });
+    await worker.next(['ready'], 30_000);
+
+    const users = await createUsers(server, options.pairs * 2, config.scramIterations);
+    progress(`tables, stack and ${users.length} users ready`);
+    clients = new Child<ToClients, FromClients | { type: 'exit' }>('./clients.ts', 'client');
+    const plan: ClientPlan = {
+      url: gateway.url,
+      domain: config.domain,
+      users,
+      messagesPerPair: options.messages,
+      warmupPerPair: options.warmup,
+      window: options.window,
+      streamManagement: scenario === 'sm',
+      timeoutMs: options.timeoutMs,
+    };
+    clients.send({ type: 'start', plan });
+    const started = await clients.next(['ready', 'skip', 'failed'], options.timeoutMs * 3);
+    if (started.type === 'skip') return { scenario, skipped: started.reason };
+    if (started.type === 'failed') throw new Error(`clients: ${started.message}`);
+    await withTimeout(gateway.drained(), options.timeoutMs, 'the warm-up to drain');
+    progress(`${started.clients} clients logged in, available, warmed up`);
+
+    // The measured window: everything counted from here on is the measured messages' doing.
+    dynamoMeter.reset();
+    frames.reset();
+    worker.send({
+      type: 'reset',
+      profileFile: options.profile
+        ? `${resultsDirectory()}${options.name}-${scenario}-stream.cpuprofile`
+        : undefined,
+    });
+    await worker.next(['reset-done'], 10_000);
+    const runnerCpu = process.cpuUsage();
+    clients.send({ type: 'go' });
+    const done = await clients.next(['done', 'failed'], options.timeoutMs + 30_000);
+    if (done.type === 'failed') throw new Error(`clients: ${done.message}`);
+    progress(`${done.result.delivered} measured messages delivered`);
+    await delay(SETTLE_MS);
+    await withTimeout(gateway.drained(), options.timeoutMs, 'the queue to drain');
+    worker.send({ type: 'snapshot' });
+    const { snapshot } = await worker.next(['snapshot'], 30_000);
+    const runnerCpuUsage = process.cpuUsage(runnerCpu);
+    const runnerMeter = dynamoMeter.snapshot();
+
+    return summarize(scenario, context, {
+      clients: started.clients,
+      result: done.result,
+      worker: snapshot,
+      runnerMeter,
+      runnerCpuMs: (runnerCpuUsage.user + runnerCpuUsage.system) / 1000,
+      frames,
+    });
+  } finally {
+    if (clients) {
+      clients.send({ type: 'stop' });
+      await clients.next(['stopped'], STOP_TIMEOUT_MS).catch(() => {});
+      await clients.stop();
+    }
+    // The clients' $disconnects end their sessions through the stream function.
+    await withTimeout(gateway.drained(), STOP_TIMEOUT_MS, 'the disconnects').catch(() => {});
+    await gateway.close();
+    await worker.stop();
+    progress('stopped');
+  }
+}
+
+async function createUsers(server: ReturnType<typeof createServer>, count: number, iterations: number) {
+  const users: BenchUser[] = Array.from({ length: count }, (_, i) => ({
+    username: `bench${i}`,
+    password: randomBytes(9).toString('base64url'),
+  }));
+  await Promise.all(
+    users.map(async (user) =>
+      server.users.create(`${user.username}@${server.config.domain}`, {
+        sha1: await deriveScramCredentials(user.password, 'sha1', iterations),
+        sha256: await deriveScramCredentials(user.password, 'sha256', iterations),
+      }),
+    ),
+  );
+  return users;
+}
+
+interface Measured {
+  clients: number;
+  result: ClientResult;
+  worker: StreamWorkerSnapshot;
+  runnerMeter: MeterSnapshot;
+  runnerCpuMs: number;
+  frames: FrameCounter;
+}
+
+function summarize(scenario: Scenario, context: ScenarioContext, measured: Measured): ScenarioResult {
+  const { result, worker, frames } = measured;
+  const delivered = result.delivered;
+  const per = (value: number) => (delivered === 0 ? Number.NaN : value / delivered);
+  const dynamodb = mergeMeters(worker.dynamodb, measured.runnerMeter);
+  const cpuMs = worker.cpu.userMs + worker.cpu.systemMs;
+  const wallMs = worker.durationsMs.reduce((sum, ms) => sum + ms, 0);
+  const durations = [...worker.durationsMs].sort((a, b) => a - b);
+  const latencies = [...result.latenciesMs].sort((a, b) => a - b);
+  const gbSeconds = (worker.billedMs / 1000) * (context.memoryMb / 1024);
+  const apiGatewayUnits = frames.units + worker.postUnits;
+  const cost = costPerMillionMessages({
+    apiGatewayMessages: per(apiGatewayUnits),
+    sqsRequests: per(frames.sqsChunks + worker.invocations * SQS_REQUESTS_PER_BATCH),
+    lambdaInvocations: per(worker.invocations),
+    lambdaGbSeconds: per(gbSeconds),
+    readRequestUnits: per(dynamodb.readUnits),
+    writeRequestUnits: per(dynamodb.writeUnits),
+  });
+  const connectionMinutes = (measured.clients * result.elapsedMs) / 60_000;
+  const profiled = Object.values(worker.profile ?? {}).reduce((sum, ms) => sum + ms, 0);
+  const cpuBreakdownMs = worker.profile
+    ? mapValues(worker.profile, (ms) => per((cpuMs * ms) / profiled))
+    : undefined;
+  const byOperation: Record<string, number> = {};
+  for (const [operation, usage] of Object.entries(dynamodb.operations))
+    byOperation[operation] = per(usage.requests);
+  return {
+    scenario,
+    clients: measured.clients,
+    delivered,
+    sent: result.sent,
+    errors: result.errors,
+    timedOut: result.timedOut,
+    elapsedMs: result.elapsedMs,
+    throughputPerSecond: delivered / (result.elapsedMs / 1000),
+    latencyMs: {
+      p50: percentile(latencies, 50),
+      p95: percentile(latencies, 95),
+      p99: percentile(latencies, 99),
+      max: latencies[latencies.length - 1] ?? Number.NaN,
+      mean: latencies.reduce((sum, ms) => sum + ms, 0) / latencies.length,
+    },
+    perMessage: {
+      dynamodbRequests: per(dynamodb.requests),
+      dynamodbByOperation: byOperation,
+      readUnits: per(dynamodb.readUnits),
+      writeUnits: per(dynamodb.writeUnits),
+      apiGatewayMessages: per(apiGatewayUnits),
+      framesIn: per(frames.frames),
+      postsOut: per(worker.outbound.posts),
+      framesInByElement: mapValues(frames.byElement, per),
+      postsOutByElement: mapValues(worker.postsByElement, per),
+      streamInvocations: per(worker.invocations),
+      cpuMs: per(cpuMs),
+      wallMs: per(wallMs),
+      billedMs: per(worker.billedMs),
+      runnerCpuMs: per(measured.runnerCpuMs),
+    },
+    cpuBreakdownMs,
+    perInvocation: {
+      cpuMs: cpuMs / worker.invocations,
+      wallMsMean: wallMs / worker.invocations,
+      wallMsP50: percentile(durations, 50),
+      wallMsP95: percentile(durations, 95),
+    },
+    dynamodb,
+    dynamodbUnreported: Object.entries(dynamodb.operations)
+      .filter(([, usage]) => usage.reported < usage.requests)
+      .map(([operation, usage]) => `${operation}: ${usage.requests - usage.reported} of ${usage.requests}`),
+    costPerMillionMessages: cost,
+    connectionMinutesPerMessage: per(connectionMinutes),
+    connectionCostPerMillionMessages: connectionCostPerMillionMessages(per(connectionMinutes)),
+  };
+}
+
+function mergeMeters(a: MeterSnapshot, b: MeterSnapshot): MeterSnapshot {
+  const operations: Record<string, OperationUsage> = {};
+  for (const snapshot of [a, b]) {
+    for (const [name, usage] of Object.entries(snapshot.operations)) {
+      const sum = operations[name] ?? { requests: 0, failures: 0, reported: 0, readUnits: 0, writeUnits: 0 };
+      operations[name] = {
+        requests: sum.requests + usage.requests,
+        failures: sum.failures + usage.failures,
+        reported: sum.reported + usage.reported,
+        readUnits: sum.readUnits + usage.readUnits,
+        writeUnits: sum.writeUnits + usage.writeUnits,
+      };
+    }
+  }
+  return {
+    operations,
+    requests: a.requests + b.requests,
+    readUnits: a.readUnits + b.readUnits,
+    writeUnits: a.writeUnits + b.writeUnits,
+  };
+}
+
+/** Nearest-rank percentile of sorted values. */
+function percentile(sorted: number[], p: number): number {
+  if (sorted.length === 0) return Number.NaN;
+  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1))] as number;
+}
+
+function mapValues(record: Record<string, number>, map: (value: number) => number): Record<string, number> {
+  return Object.fromEntries(Object.entries(record).map(([key, value]) => [key, map(value)]));
+}
+
+function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`waited more than ${ms} ms for ${what}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+/** The stream function's configured memory, from the CDK construct when it is there. */
+async function streamMemoryMb(override: number | undefined): Promise<{ mb: number; source: string }> {
+  if (override !== undefined) return { mb: override, source: '--memory-mb' };
+  // A computed specifier: the construct (and aws-cdk-lib behind it) is optional for the bench.
+  const construct = '../infra/constructs/xmpp-function.ts';
+  try {
+    const module = (await import(construct)) as { FUNCTION_MEMORY_MB?: { stream?: number } };
+    const mb = module.FUNCTION_MEMORY_MB?.stream;
+    if (typeof mb === 'number')
+      return { mb, source: 'FUNCTION_MEMORY_MB.stream (infra/constructs/xmpp-function.ts)' };
+  } catch {
+    // Fall through to the default.
+  }
+  return { mb: DEFAULT_STREAM_MEMORY_MB, source: 'default' };
+}
+
+// ---------------------------------------------------------------------------------------------
+
+async function main(): Promise<void> {
+  const options = parseOptions();
+  const memory = await streamMemoryMb(options.memoryMb);
+  // The bench must end by itself: every wait is bounded, and this is the bound of all of them.
+  const budgetMs = options.scenarios.length * (options.timeoutMs * 5 + 120_000);
+  const watchdog = setTimeout(() => {
+    process.stderr.write(`bench: no result after ${budgetMs} ms, giving up\n`);
+    process.exit(2);
+  }, budgetMs);
+  watchdog.unref();
+
+  process.stdout.write(
+    `Nimbus bench: ${options.pairs} pairs × ${options.messages} messages (warm-up ${options.warmup}, window ${options.window}), ` +
+      `runs: ${options.scenarios.join(', ')}\n`,
+  );
+  await mkdir(resultsDirectory(), { recursive: true });
+  const loadBefore = loadavg()[0] as number;
+  const database = await startDynamoDbLocal({ port: await findFreePort() });
+  const results: ScenarioResult[] = [];
+  try {
+    for (const scenario of options.scenarios) {
+      process.stdout.write(
+        `- ${scenario === 'sm' ? 'with stream management' : 'without stream management'} …\n`,
+      );
+      const result = await runScenario(scenario, {
+        endpoint: database.endpoint,
+        options,
+        memoryMb: memory.mb,
+      }).catch((error: unknown): ScenarioResult => {
+        // One broken run (the stream management feature is young) must not cost the other its numbers.
+        return { scenario, failed: error instanceof Error ? error.message : String(error) };
+      });
+      if (result.skipped) process.stdout.write(`  skipped: ${result.skipped}\n`);
+      if (result.failed) process.stdout.write(`  FAILED: ${result.failed}\n`);
+      results.push(result);
+    }
+  } finally {
+    await database.stop();
+  }
+
+  const report: BenchReport = {
+    name: options.name,
+    at: new Date().toISOString(),
+    options,
+    machine: {
+      node: process.version,
+      cpus: availableParallelism(),
+      cpuModel: cpus()[0]?.model,
+      loadBefore,
+      loadAfter: loadavg()[0] as number,
+    },
+    assumptions: {
+      prices: { asOf: PRICES_AS_OF, region: PRICES_REGION, ...prices },
+      streamMemoryMb: memory.mb,
+      streamMemorySource: memory.source,
+      sqsRequestsPerBatch: SQS_REQUESTS_PER_BATCH,
+      lambdaBatchSize: STREAM_BATCH_SIZE,
+    },
+    targets: TARGETS,
+    results,
+  };
+  printReport(report);
+  const file = `${resultsDirectory()}${options.name}.json`;
+  await writeFile(file, `${JSON.stringify(report, null, 2)}\n`);
+  process.stdout.write(`\nJSON: ${file}\n`);
+  clearTimeout(watchdog);
+}
+
+main().then(
+  // Keep-alive sockets of the SDK clients must not hold the process open.
+  () => process.exit(0),
+  (error: unknown) => {
+    process.stderr.write(
+      `bench failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}\n`,
+    );
+    process.exit(1);
+  },
+);
