@@ -36,6 +36,10 @@ export interface StreamWorkerSnapshot {
   postsByElement: Record<string, number>;
   /** API Gateway message units of the posts (32 KB increments). */
   postUnits: number;
+  /** Peak resident set size of the stream process (MB): what sizes the function's memory. */
+  maxRssMb: number;
+  /** V8 heap in use at the snapshot (MB). */
+  heapUsedMb: number;
   /** With `--profile`: sampled self time (ms) by category. */
   profile?: Record<string, number>;
 }

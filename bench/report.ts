@@ -47,6 +47,8 @@ export interface ScenarioResult {
   /** With `--profile`: the stream function's CPU per message split by sampled self time. */
   cpuBreakdownMs?: Record<string, number>;
   perInvocation?: { cpuMs: number; wallMsMean: number; wallMsP50: number; wallMsP95: number };
+  /** The stream process's peak RSS and heap in use (MB), for sizing the function's memory. */
+  streamProcessMemoryMb?: { maxRss: number; heapUsed: number };
   dynamodb?: MeterSnapshot;
   /** Operations some of whose answers carried no ConsumedCapacity (their units are missing). */
   dynamodbUnreported?: string[];
@@ -165,6 +167,13 @@ export function printReport(report: BenchReport): void {
           : '—',
     ],
     ['  billed Lambda ms (1 ms steps)', (r) => f2(r.perMessage?.billedMs)],
+    [
+      'stream process peak RSS / heap used (MB)',
+      (r) =>
+        r.streamProcessMemoryMb
+          ? `${r.streamProcessMemoryMb.maxRss.toFixed(0)} / ${r.streamProcessMemoryMb.heapUsed.toFixed(0)}`
+          : '—',
+    ],
     ['runner CPU, not billed (gateway emulator) (ms)', (r) => f3(r.perMessage?.runnerCpuMs)],
     `$ per million messages (${assumptions.prices.region} list prices as of ${assumptions.prices.asOf})`,
     ['API Gateway messages', cost((c) => c.apiGatewayMessages)],

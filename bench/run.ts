@@ -497,6 +497,7 @@ function summarize(scenario: Scenario, context: ScenarioContext, measured: Measu
       wallMsP50: percentile(durations, 50),
       wallMsP95: percentile(durations, 95),
     },
+    streamProcessMemoryMb: { maxRss: worker.maxRssMb, heapUsed: worker.heapUsedMb },
     dynamodb,
     dynamodbUnreported: Object.entries(dynamodb.operations)
       .filter(([, usage]) => usage.reported < usage.requests)

@@ -92,6 +92,8 @@ async function snapshot(): Promise<StreamWorkerSnapshot> {
     },
     postsByElement: { ...port.postsByElement },
     postUnits: port.units,
+    maxRssMb: process.resourceUsage().maxRSS / 1024,
+    heapUsedMb: process.memoryUsage().heapUsed / 1024 / 1024,
     profile,
   };
 }

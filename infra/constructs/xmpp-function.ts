@@ -6,10 +6,12 @@ import * as logs from 'aws-cdk-lib/aws-logs';
 import { Construct } from 'constructs';
 
 /**
- * Memory per function, in MB. Provisional figures, to be confirmed by bench measurement
- * (`bench/`): stream parses XML and hashes SCRAM proofs (PBKDF2, 4096+ iterations) on the
- * frame path, and Lambda allots CPU in proportion to memory, so it gets more; connect and
- * sweeper only do a few DynamoDB calls each.
+ * Memory per function, in MB, from `npm run bench` (2026-11-22): the stream function's process
+ * peaked at 145 MB RSS without and 153 MB with stream management (heap in use 23 / 56 MB), and
+ * that was unbundled TypeScript under tsx, an upper bound for the esbuild bundle. 256 MB would
+ * hold it; stream gets 512 MB because Lambda allots CPU in proportion to memory and the stream
+ * function is CPU-bound (3.5–5 ms of CPU per message, mostly AWS SDK work, plus PBKDF2 for
+ * PLAIN logins). connect and sweeper do a few DynamoDB calls each.
  */
 export const FUNCTION_MEMORY_MB = { connect: 256, stream: 512, sweeper: 256 } as const;
 
