@@ -21,7 +21,7 @@ import type { PostResult } from '../outbound.ts';
 import { routeMessage } from '../router.ts';
 import type { Server } from '../server.ts';
 import type { ConnectionState, ResourceRecord, SmState } from '../store/sessions.ts';
-import type { SmEntry, SmQueueItem, SmVersion } from '../store/sm-queue.ts';
+import { AckBeyondQueueError, type SmEntry, type SmQueueItem, type SmVersion } from '../store/sm-queue.ts';
 import type { Stream } from '../stream.ts';
 import { NS } from '../xml/namespaces.ts';
 import { endSession } from './presence.ts';
@@ -416,7 +416,7 @@ async function acknowledge(stream: Stream, element: Element, version: SmVersion)
   try {
     removed = await server.smQueue.acknowledge(sm.id, sm.acked, newBase);
   } catch (error) {
-    if ((error as Error).name !== 'ConditionalCheckFailedException') throw error;
+    if (!(error instanceof AckBeyondQueueError)) throw error;
     const item = await server.smQueue.get(sm.id);
     throw tooHigh(h, item?.out ?? sm.acked);
   }

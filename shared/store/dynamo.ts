@@ -168,3 +168,8 @@ export function createDocumentClient(options: DynamoOptions): DynamoDBDocumentCl
 export function documentClientFor(config: Config): DynamoDBDocumentClient {
   return createDocumentClient({ endpoint: config.dynamodbEndpoint, region: config.region });
 }
+
+/** A conditional write whose condition did not hold: the stores turn it into a domain answer. */
+export function isConditionFailure(error: unknown): boolean {
+  return (error as { name?: string } | undefined)?.name === 'ConditionalCheckFailedException';
+}

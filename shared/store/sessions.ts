@@ -7,7 +7,6 @@
  *
  * Routing to a bare JID is one strongly consistent Query on `user#<bare>`.
  */
-import { ConditionalCheckFailedException } from '@aws-sdk/client-dynamodb';
 import {
   DeleteCommand,
   type DynamoDBDocumentClient,
@@ -17,6 +16,7 @@ import {
   UpdateCommand,
 } from '@aws-sdk/lib-dynamodb';
 import { TTL_ATTRIBUTE } from '../tables.ts';
+import { isConditionFailure } from './dynamo.ts';
 
 /** The sweep index's one partition: sessions detached from their socket, awaiting resumption. */
 export const DETACHED_SHARD = 'detached';
@@ -140,13 +140,6 @@ function toResource(item: Record<string, unknown>): ResourceRecord {
     flexibleOffline: item.flexibleOffline as boolean | undefined,
     smId: item.smId as string | undefined,
   };
-}
-
-function isConditionFailure(error: unknown): boolean {
-  return (
-    error instanceof ConditionalCheckFailedException ||
-    (error as Error).name === 'ConditionalCheckFailedException'
-  );
 }
 
 export function createSessionStore(

@@ -11,7 +11,6 @@
  * `sweepShard`/`sweepAt` (the sparse sweep index); an ended session keeps its last inbound
  * count for a day so a late `<resume/>` is told `<failed h='…'/>`.
  */
-import { ConditionalCheckFailedException } from '@aws-sdk/client-dynamodb';
 import {
   type DynamoDBDocumentClient,
   GetCommand,
@@ -20,6 +19,7 @@ import {
   UpdateCommand,
 } from '@aws-sdk/lib-dynamodb';
 import { SWEEP_INDEX, TTL_ATTRIBUTE } from '../tables.ts';
+import { isConditionFailure } from './dynamo.ts';
 import { DETACHED_SHARD } from './sessions.ts';
 
 export type SmVersion = 'sm3' | 'sm1';
@@ -58,6 +58,14 @@ export interface SmQueueItem {
   sweepAt?: number;
 }
 
+/** An ack for more stanzas than were queued (or from a stale base): XEP-0198's handled-count-too-high. */
+export class AckBeyondQueueError extends Error {
+  constructor(readonly smId: string) {
+    super(`acknowledgement beyond the queue of ${smId}`);
+    this.name = 'AckBeyondQueueError';
+  }
+}
+
 export type AppendResult =
   | { kind: 'queued'; number: number; item: SmQueueItem }
   | { kind: 'full' }
@@ -65,13 +73,6 @@ export type AppendResult =
 
 const key = (smId: string) => ({ pk: `sm#${smId}`, sk: 'queue' });
 const DAY_SECONDS = 86400;
-
-function isConditionFailure(error: unknown): boolean {
-  return (
-    error instanceof ConditionalCheckFailedException ||
-    (error as Error).name === 'ConditionalCheckFailedException'
-  );
-}
 
 /** DynamoDB refuses items over 400 KB: for a queue that is "full" too. */
 function isItemTooLarge(error: unknown): boolean {
@@ -118,7 +119,10 @@ export interface SmQueueStore {
   /** Just the counters (a projection: cheaper to move than the queue). */
   counts(smId: string): Promise<{ out: number; base: number } | undefined>;
   append(smId: string, entry: SmEntry, maxEntries: number): Promise<AppendResult>;
-  /** Drops entries up to `newBase`; returns the dropped ones. Only the owner calls this. */
+  /**
+   * Drops entries up to `newBase`; returns the dropped ones. Only the owner calls this.
+   * Throws AckBeyondQueueError when fewer than `newBase` stanzas were ever queued.
+   */
   acknowledge(smId: string, oldBase: number, newBase: number): Promise<SmEntry[]>;
   /** Moves the session to `connectionId` and starts holding; returns the queue at that instant. */
   attach(smId: string, user: string, connectionId: string): Promise<SmQueueItem | undefined>;
@@ -212,17 +216,21 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       for (let done = 0; done < count; ) {
         const slice = Math.min(200, count - done);
         const removals = Array.from({ length: slice }, (_, i) => `q[${i}]`).join(', ');
-        const { Attributes } = await doc.send(
-          new UpdateCommand({
-            TableName: table,
-            Key: key(smId),
-            UpdateExpression: `REMOVE ${removals} SET #base = :newBase`,
-            ConditionExpression: '#base = :base AND #out >= :newBase',
-            ExpressionAttributeNames: { '#out': 'out', '#base': 'base' },
-            ExpressionAttributeValues: { ':base': oldBase + done, ':newBase': oldBase + done + slice },
-            ReturnValues: 'ALL_OLD',
-          }),
-        );
+        const { Attributes } = await doc
+          .send(
+            new UpdateCommand({
+              TableName: table,
+              Key: key(smId),
+              UpdateExpression: `REMOVE ${removals} SET #base = :newBase`,
+              ConditionExpression: '#base = :base AND #out >= :newBase',
+              ExpressionAttributeNames: { '#out': 'out', '#base': 'base' },
+              ExpressionAttributeValues: { ':base': oldBase + done, ':newBase': oldBase + done + slice },
+              ReturnValues: 'ALL_OLD',
+            }),
+          )
+          .catch((error: unknown) => {
+            throw isConditionFailure(error) ? new AckBeyondQueueError(smId) : error;
+          });
         removed.push(...((Attributes?.q as SmEntry[] | undefined) ?? []).slice(0, slice));
         done += slice;
       }

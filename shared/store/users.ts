@@ -10,7 +10,6 @@
  * is only written (ADD) when an attempt fails.
  */
 import { randomBytes } from 'node:crypto';
-import { ConditionalCheckFailedException } from '@aws-sdk/client-dynamodb';
 import {
   DeleteCommand,
   type DynamoDBDocumentClient,
@@ -22,6 +21,7 @@ import {
 } from '@aws-sdk/lib-dynamodb';
 import type { ScramCredentials, ScramHash } from '../sasl/scram.ts';
 import { TTL_ATTRIBUTE } from '../tables.ts';
+import { isConditionFailure } from './dynamo.ts';
 
 const CREDENTIALS = 'credentials';
 const AUTH_FAILURES = 'authfail';
@@ -107,13 +107,6 @@ interface AuthFailureItem {
 
 function toUser(item: CredentialsItem): StoredUser {
   return { jid: item.pk, scram: item.scram, createdAt: item.createdAt, updatedAt: item.updatedAt };
-}
-
-function isConditionFailure(error: unknown): boolean {
-  return (
-    error instanceof ConditionalCheckFailedException ||
-    (error as { name?: string } | undefined)?.name === 'ConditionalCheckFailedException'
-  );
 }
 
 export function createUserStore(

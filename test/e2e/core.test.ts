@@ -6,6 +6,7 @@
 import { xml } from '@xmpp/client';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { encodeSaslPayload } from '../../shared/sasl/scram.ts';
+import { eventually } from '../support/eventually.ts';
 import { RawClient } from '../support/raw-client.ts';
 import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
@@ -23,18 +24,6 @@ async function login(user: string, password: string, options: Parameters<typeof 
   const client = await startClient(stack.url, user, password, options);
   running.push(client);
   return client;
-}
-
-async function eventually(check: () => Promise<void>, timeoutMs = 5000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    try {
-      return await check();
-    } catch (error) {
-      if (Date.now() > deadline) throw error;
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
-  }
 }
 
 function errorCondition(stanza: {

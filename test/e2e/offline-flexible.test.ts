@@ -11,6 +11,7 @@ import { type Element, parse } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createDocumentClient } from '../../shared/store/dynamo.ts';
 import type { OfflineMessage } from '../../shared/store/offline.ts';
+import { eventually } from '../support/eventually.ts';
 import { seedOffline } from '../support/offline-seed.ts';
 import { RawClient } from '../support/raw-client.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
@@ -47,18 +48,6 @@ async function connect(local: string, resource: string, on: TestStack = stack): 
   sockets.push(raw);
   await raw.login(local, 'secret', resource);
   return raw;
-}
-
-async function eventually(check: () => Promise<void>, timeoutMs = 5000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    try {
-      return await check();
-    } catch (error) {
-      if (Date.now() > deadline) throw error;
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
-  }
 }
 
 interface Exchange {

@@ -6,6 +6,7 @@ import { xml } from '@xmpp/client';
 import type { Element } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { sweepExpiredSessions } from '../../shared/sweep.ts';
+import { eventually } from '../support/eventually.ts';
 import { RawClient } from '../support/raw-client.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 import { type StartedClient, startClient } from '../support/xmpp-client.ts';
@@ -53,18 +54,6 @@ async function enable(client: RawClient, ns = SM3, resume = true): Promise<Eleme
 
 function failedCondition(el: Element): string | undefined {
   return el.getChildElements().find((c) => c.attrs.xmlns === STANZAS)?.name;
-}
-
-async function eventually(check: () => Promise<void> | void, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    try {
-      return await check();
-    } catch (error) {
-      if (Date.now() > deadline) throw error;
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
-  }
 }
 
 beforeAll(async () => {
