@@ -101,14 +101,14 @@ function withDelay(server: Server, stanzaXml: string, time: number): Element {
 // Decode
 
 /** A counter attribute: an integer 0 ≤ n < 2^32, or undefined when malformed or missing. */
-function counter(value: string | undefined): number | undefined {
+export function counter(value: string | undefined): number | undefined {
   if (value === undefined || !/^\d{1,10}$/.test(value)) return undefined;
   const n = Number(value);
   return n < WRAP ? n : undefined;
 }
 
 /** The unwrapped count a wire value `h` (mod 2^32) stands for, given the last known count. */
-function unwrap(h: number, from: number): number {
+export function unwrap(h: number, from: number): number {
   return from + ((h - (from % WRAP) + WRAP) % WRAP);
 }
 

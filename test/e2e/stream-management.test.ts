@@ -5,6 +5,7 @@
 import { xml } from '@xmpp/client';
 import type { Element } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { counter, unwrap } from '../../shared/features/stream-management.ts';
 import { sweepExpiredSessions } from '../../shared/sweep.ts';
 import { eventually } from '../support/eventually.ts';
 import { RawClient } from '../support/raw-client.ts';
@@ -67,6 +68,19 @@ afterAll(async () => {
   for (const client of raws) client.terminate();
   await Promise.all(running.map((c) => c.stop()));
   await stack?.close();
+});
+
+describe('counters wrap at 2^32 (XEP-0198 §5)', () => {
+  it('reads wire values modulo 2^32 against the last known count', () => {
+    expect(counter('4294967295')).toBe(2 ** 32 - 1);
+    expect(counter('4294967296')).toBeUndefined();
+    expect(counter('-1')).toBeUndefined();
+    expect(counter('1e3')).toBeUndefined();
+    // 2^32 - 2 acknowledged so far; the client's h wrapped round to 3: five more.
+    expect(unwrap(3, 2 ** 32 - 2)).toBe(2 ** 32 + 3);
+    expect(unwrap(7, 5)).toBe(7);
+    expect(unwrap(5, 5)).toBe(5);
+  });
 });
 
 describe('negotiation', () => {
@@ -510,6 +524,51 @@ describe('expiry', () => {
     expect(await stack.server.offline.count('verona@localhost')).toBe(1);
   });
 
+  it('answers an iq left unacknowledged by an expired session with an error to its sender, and drops presence', async () => {
+    await stack.addUser('lawrence@localhost', 'lawrence-pw');
+    const client = await raw('lawrence', 'cell');
+    client.send(`<enable xmlns='${SM3}' resume='true' max='1'/>`);
+    const enabled = await client.next();
+    client.send('<presence/>');
+    await client.until((el) => el.name === 'presence');
+    const asker = await raw('romeo', 'asker');
+    asker.send(`<iq type='get' id='q1' to='lawrence@localhost/cell'><query xmlns='jabber:iq:version'/></iq>`);
+    await client.until((el) => el.attrs.id === 'q1');
+    client.terminate();
+    await eventually(async () =>
+      expect((await stack.server.smQueue.get(enabled.attrs.id as string))?.connectionId).toBeUndefined(),
+    );
+    await new Promise((resolve) => setTimeout(resolve, 1100));
+    await sweepExpiredSessions(stack.server, Date.now());
+    const reply = await asker.until((el) => el.attrs.id === 'q1');
+    expect(reply.attrs).toMatchObject({ type: 'error', from: 'lawrence@localhost/cell' });
+    expect(reply.getChild('error')?.getChild('service-unavailable', STANZAS)).toBeDefined();
+    // The reflected presence was dropped, not stored; nothing else was queued.
+    expect(await stack.server.offline.count('lawrence@localhost')).toBe(0);
+  });
+
+  it('does not store a second time a flooded message that expires unacknowledged', async () => {
+    await stack.addUser('balthasar@localhost', 'balthasar-pw');
+    const sender = await raw('romeo', 'to-balthasar');
+    for (let i = 1; i <= 3; i++)
+      sender.send(`<message to='balthasar@localhost' type='chat'><body>b${i}</body></message>`);
+    await eventually(async () => expect(await stack.server.offline.count('balthasar@localhost')).toBe(3));
+    const client = await raw('balthasar', 'mantua');
+    client.send(`<enable xmlns='${SM3}' resume='true' max='1'/>`);
+    await client.next();
+    client.send('<presence/>');
+    await client.until((el) => el.getChildText('body') === 'b3');
+    client.terminate();
+    await new Promise((resolve) => setTimeout(resolve, 1400));
+    await sweepExpiredSessions(stack.server, Date.now());
+    expect(await stack.server.offline.count('balthasar@localhost')).toBe(3);
+    const back = await raw('balthasar', 'back');
+    back.send('<presence/>');
+    await back.until((el) => el.getChildText('body') === 'b3');
+    const bodies = back.pending().length;
+    expect(bodies).toBe(0);
+  });
+
   it('removes flooded offline messages only once they are acknowledged', async () => {
     await stack.addUser('rosaline@localhost', 'rosaline-pw');
     const sender = await raw('romeo', 'to-rosaline');
@@ -525,5 +584,31 @@ describe('expiry', () => {
     expect(await stack.server.offline.count('rosaline@localhost')).toBe(3);
     client.send(`<a xmlns='${SM3}' h='4'/>`);
     await eventually(async () => expect(await stack.server.offline.count('rosaline@localhost')).toBe(0));
+  });
+});
+
+describe('the queue bound (SM_QUEUE_MAX)', () => {
+  let small: TestStack;
+  beforeAll(async () => {
+    small = await startTestStack({ SM_QUEUE_MAX: '3', SM_ACK_EVERY: '100' });
+    for (const user of ['rich', 'poor']) await small.addUser(`${user}@localhost`, `${user}-pw`);
+  });
+  afterAll(() => small?.close());
+
+  it('ends the stream with policy-violation past the bound and re-routes the queue, bouncing nothing', async () => {
+    const poor = await RawClient.connect(small.url);
+    raws.push(poor);
+    await poor.login('poor', 'poor-pw', 'purse');
+    poor.send(`<enable xmlns='${SM3}' resume='true'/>`);
+    await poor.next();
+    const rich = await RawClient.connect(small.url);
+    raws.push(rich);
+    await rich.login('rich', 'rich-pw', 'gold');
+    for (let i = 1; i <= 4; i++)
+      rich.send(`<message to='poor@localhost/purse' type='chat' id='p${i}'><body>coin ${i}</body></message>`);
+    const error = await poor.until((el) => el.name === 'stream:error');
+    expect(error.getChild('policy-violation', STREAMS)).toBeDefined();
+    await eventually(async () => expect(await small.server.offline.count('poor@localhost')).toBe(4));
+    expect(rich.pending().filter((frame) => frame.includes('type="error"'))).toEqual([]);
   });
 });
