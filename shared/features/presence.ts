@@ -32,13 +32,14 @@ async function broadcastToOwnResources(
   server: Server,
   user: string,
   stanza: Element,
-  options: { exceptConnectionId?: string },
-): Promise<void> {
-  const resources = await server.sessions.listResources(user);
+  options: { exceptConnectionId?: string; resources?: ResourceRecord[] },
+): Promise<ResourceRecord[]> {
+  const resources = options.resources ?? (await server.sessions.listResources(user));
   for (const resource of resources) {
     if (!resource.available || resource.connectionId === options.exceptConnectionId) continue;
     await deliverToResource(server, resource, clone(stanza));
   }
+  return resources;
 }
 
 export async function handleFromClient(stream: Stream, stanza: Element, to: Jid | undefined): Promise<void> {
@@ -75,9 +76,8 @@ async function becomeAvailable(stream: Stream, stanza: Element): Promise<void> {
   const initial = !previous.available;
   // RFC 6121 §4.2.2: initial presence goes to all of the user's available resources,
   // including the one that sent it; later updates likewise.
-  await broadcastToOwnResources(server, user, stanza, {});
+  const others = await broadcastToOwnResources(server, user, stanza, {});
   if (initial) {
-    const others = await server.sessions.listResources(user);
     for (const other of others) {
       if (other.connectionId === stream.connectionId || !other.available || !other.presence) continue;
       await stream.send(parse(other.presence));
