@@ -47,6 +47,7 @@ export class StanzaError extends Error {
 /** RFC 6120 §4.9.3 stream error conditions used by this server. */
 export type StreamErrorCondition =
   | 'bad-format'
+  | 'bad-namespace-prefix'
   | 'conflict'
   | 'connection-timeout'
   | 'host-unknown'

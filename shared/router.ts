@@ -28,11 +28,19 @@ export interface IqRequest {
   to: Jid;
 }
 
-/** Returns the result's payload, or nothing for an empty result. Throws StanzaError to refuse. */
-export type IqHandler = (request: IqRequest) => Promise<Element | undefined>;
+/** A handler's answer meaning "the result goes out later" (an ack-paced XEP-0013 fetch). */
+export const DEFERRED_RESULT = Symbol('deferred iq result');
+
+/**
+ * Returns the result's payload, or nothing for an empty result, or DEFERRED_RESULT when it
+ * will send the result itself. Throws StanzaError to refuse.
+ */
+export type IqHandler = (request: IqRequest) => Promise<Element | undefined | typeof DEFERRED_RESULT>;
 
 export class Router {
   private readonly iqHandlers = new Map<string, IqHandler>();
+  /** Handlers that answer for other users' accounts themselves (existing or not). */
+  private readonly answersForAnyAccount = new Set<IqHandler>();
   /** disco#info features of the server, gathered from what features register. */
   readonly features = new Set<string>();
 
@@ -40,8 +48,21 @@ export class Router {
     return `${target} ${type} ${ns} ${name}`;
   }
 
-  iq(targets: IqTarget[], type: 'get' | 'set', ns: string, name: string, handler: IqHandler): void {
+  iq(
+    targets: IqTarget[],
+    type: 'get' | 'set',
+    ns: string,
+    name: string,
+    handler: IqHandler,
+    options: { answersForAnyAccount?: boolean } = {},
+  ): void {
     for (const target of targets) this.iqHandlers.set(Router.key(target, type, ns, name), handler);
+    if (options.answersForAnyAccount) this.answersForAnyAccount.add(handler);
+  }
+
+  /** False when the handler itself decides what to say about another user's account. */
+  needsAccount(handler: IqHandler): boolean {
+    return !this.answersForAnyAccount.has(handler);
   }
 
   feature(...namespaces: string[]): void {
@@ -193,15 +214,16 @@ async function routeIq(stream: Stream, stanza: Element, to: Jid | undefined): Pr
   }
   const target: IqTarget = to?.local ? 'account' : 'server';
   const handler = server.router.iqHandler(target, type, payload);
+  if (!handler) throw new StanzaError('cancel', 'service-unavailable');
   if (
     target === 'account' &&
     to &&
     bareJid(to) !== bareJid(stream.jid) &&
+    server.router.needsAccount(handler) &&
     !(await server.users.exists(bareJid(to)))
   ) {
     throw new StanzaError('cancel', 'service-unavailable');
   }
-  if (!handler) throw new StanzaError('cancel', 'service-unavailable');
   const result = await handler({
     stream,
     server,
@@ -211,6 +233,7 @@ async function routeIq(stream: Stream, stanza: Element, to: Jid | undefined): Pr
     from: stream.jid,
     to: to ?? { local: '', domain: server.config.domain, resource: '' },
   });
+  if (result === DEFERRED_RESULT) return;
   const attrs: Record<string, string> = { type: 'result', id: stanza.attrs.id, to: stanza.attrs.from };
   if (stanza.attrs.to) attrs.from = stanza.attrs.to;
   const reply = new Element('iq', attrs);

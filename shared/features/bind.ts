@@ -4,9 +4,11 @@
  */
 import { randomBytes } from 'node:crypto';
 import { clone, Element } from 'ltx';
+import { deliverToResource } from '../delivery.ts';
 import { errorReply, StanzaError, StreamError, streamErrorElement } from '../errors.ts';
 import { bareJid, fullJid, fullJidOf, parseJid } from '../jid.ts';
 import type { Router } from '../router.ts';
+import { fitsResourceKey } from '../store/sessions.ts';
 import type { Stream } from '../stream.ts';
 import { NS } from '../xml/namespaces.ts';
 import { endSession } from './presence.ts';
@@ -48,6 +50,7 @@ export async function handleUnbound(stream: Stream, stanza: Element): Promise<vo
   let resource: string;
   try {
     resource = wanted === undefined ? randomBytes(6).toString('hex') : parseJid(`${user}/${wanted}`).resource;
+    if (!fitsResourceKey(resource)) throw new Error('resource too long for this server');
   } catch {
     // RFC 6120 §7.7.2.1: a resource that cannot be processed is bad-request.
     await stream.send(errorReply(stanza, new StanzaError('modify', 'bad-request', 'Invalid resource')));
@@ -88,7 +91,8 @@ export async function handleUnbound(stream: Stream, stanza: Element): Promise<vo
       });
       for (const other of await server.sessions.listResources(user)) {
         if (other.available && other.connectionId !== stream.connectionId) {
-          await server.outbound.send(other.connectionId, clone(unavailable));
+          // Through the delivery path: a stream-management session numbers and queues it.
+          await deliverToResource(server, other, clone(unavailable));
         }
       }
     }

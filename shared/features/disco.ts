@@ -5,6 +5,7 @@
  */
 import { Element } from 'ltx';
 import { StanzaError } from '../errors.ts';
+import { bareJid } from '../jid.ts';
 import type { IqRequest, Router } from '../router.ts';
 import { NS } from '../xml/namespaces.ts';
 
@@ -32,7 +33,11 @@ export function register(router: Router): void {
     }
     const query = new Element('query', { xmlns: NS.discoInfo });
     if (request.to.local) {
-      // XEP-0030 §3.1: the server answers for an account's bare JID.
+      // XEP-0030 §8: "the server MUST return a <service-unavailable/> error if the target entity
+      // does not exist or if the requesting entity is not authorized to receive presence from
+      // the target entity" — without subscriptions, only the user's own account qualifies.
+      if (bareJid(request.to) !== bareJid(request.from))
+        throw new StanzaError('cancel', 'service-unavailable');
       query.c('identity', { category: 'account', type: 'registered' });
       query.c('feature', { var: NS.discoInfo });
       return query;
@@ -42,14 +47,22 @@ export function register(router: Router): void {
     return query;
   });
 
-  router.iq(['server', 'account'], 'get', NS.discoItems, 'query', async (request) => {
-    const node = request.payload.attrs.node;
-    if (node !== undefined) {
-      const handler = nodes.get(node);
-      if (!handler) throw new StanzaError('cancel', 'item-not-found');
-      return handler.items(request);
-    }
-    // No components or services yet: an empty list.
-    return new Element('query', { xmlns: NS.discoItems });
-  });
+  router.iq(
+    ['server', 'account'],
+    'get',
+    NS.discoItems,
+    'query',
+    async (request) => {
+      const node = request.payload.attrs.node;
+      if (node !== undefined) {
+        const handler = nodes.get(node);
+        if (!handler) throw new StanzaError('cancel', 'item-not-found');
+        return handler.items(request);
+      }
+      // No components or services yet; and XEP-0030 §8: for an account the answer is an empty
+      // result whether it exists or not, so disco#items reveals nothing.
+      return new Element('query', { xmlns: NS.discoItems });
+    },
+    { answersForAnyAccount: true },
+  );
 }

@@ -5,12 +5,14 @@
  */
 import { Element, parse } from 'ltx';
 import { StanzaError } from '../errors.ts';
+import { fullJid } from '../jid.ts';
 import type { Router } from '../router.ts';
 import type { Server } from '../server.ts';
 import { type OfflineMessage, OfflineQuotaExceededError } from '../store/offline.ts';
-import type { ResourceRecord } from '../store/sessions.ts';
+import type { OfflineTransfer, ResourceRecord } from '../store/sessions.ts';
 import type { Stream } from '../stream.ts';
 import { NS } from '../xml/namespaces.ts';
+import { deliveredCopy } from './offline.ts';
 import { requestAckIfUnacknowledged } from './stream-management.ts';
 
 export function register(router: Router): void {
@@ -22,13 +24,22 @@ export function register(router: Router): void {
  * not; chat-state-only messages are not worth storing. XEP-0334: `<no-store/>` refuses
  * storage, `<store/>` asks for it.
  */
+/** Payloads that do not make a chat message worth storing on their own. */
+const EPHEMERAL = new Set<string>([NS.chatStates, NS.hints]);
+
 export function shouldStore(stanza: Element): boolean {
   const type = stanza.attrs.type ?? 'normal';
   if (type === 'error' || type === 'groupchat') return false;
   if (stanza.getChild('store', NS.hints)) return true;
   if (stanza.getChild('no-store', NS.hints) || stanza.getChild('no-permanent-store', NS.hints)) return false;
   if (type === 'headline') return false;
-  if (type === 'chat') return stanza.getChild('body') !== undefined;
+  // "Messages that contain only chat state notifications SHOULD NOT be stored": a chat
+  // message with any other payload (a body, a receipt, a marker) is stored.
+  if (type === 'chat') {
+    return stanza
+      .getChildElements()
+      .some((child) => child.name !== 'thread' && !EPHEMERAL.has(child.attrs.xmlns ?? ''));
+  }
   return true;
 }
 
@@ -85,21 +96,79 @@ export function stampedStanza(server: Server, message: OfflineMessage): Element 
 export async function floodOffline(stream: Stream, resources: ResourceRecord[]): Promise<void> {
   const { server } = stream;
   if (stream.state.flexibleOffline || resources.some((r) => r.flexibleOffline)) return;
+  stream.update({ flooded: true });
+  if (stream.state.sm) return startTransfer(stream, { kind: 'flood' });
   const user = stream.state.user as string;
   let after: string | undefined;
   for (;;) {
     const page = await server.offline.list(user, { limit: 50, after });
     const delivered: string[] = [];
     for (const message of page.messages) {
-      if ((await stream.send(stampedStanza(server, message), { offlineId: message.id })) !== 'sent') return;
-      if (!stream.state.sm) delivered.push(message.id);
+      if ((await stream.send(stampedStanza(server, message))) !== 'sent') break;
+      delivered.push(message.id);
     }
     if (delivered.length > 0) await server.offline.remove(user, delivered);
-    if (!page.next) {
-      // With SM these stay stored until acknowledged: ask now rather than at the next batch.
-      if (stream.state.sm && page.messages.length > 0) await requestAckIfUnacknowledged(stream);
-      return;
-    }
+    if (delivered.length < page.messages.length || !page.next) return;
     after = page.next;
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transfers paced by stream-management acks
+//
+// A frame is handled to its end before the next frame of the same connection, so the
+// client's <a/> cannot be read while one frame sends a whole inbox: the unacknowledged queue
+// would overflow (SM_QUEUE_MAX, DynamoDB's 400 KB item) and end the stream every time. With
+// stream management on, a flood or a XEP-0013 fetch therefore sends one window, asks for an
+// ack, and sends the next window from the frame that carries the client's <a/>.
+
+/** Largest batch before asking for an ack: by count and by bytes. */
+const WINDOW_BYTES = 96 * 1024;
+
+function windowSize(server: Server): number {
+  return Math.max(1, Math.min(50, Math.floor(server.config.smQueueMax / 2)));
+}
+
+export async function startTransfer(stream: Stream, transfer: OfflineTransfer): Promise<void> {
+  stream.update({ transfer });
+  await transferStep(stream);
+}
+
+/** After an ack: the next window, once the client has caught up with half of the last one. */
+export async function continueTransfer(stream: Stream, unacknowledged: number): Promise<void> {
+  if (!stream.state.transfer || unacknowledged > windowSize(stream.server) / 2) return;
+  await transferStep(stream);
+}
+
+async function transferStep(stream: Stream): Promise<void> {
+  const { server } = stream;
+  const transfer = stream.state.transfer as OfflineTransfer;
+  const user = stream.state.user as string;
+  const page = await server.offline.list(user, { limit: windowSize(server), after: transfer.after });
+  let after = transfer.after;
+  let bytes = 0;
+  let sent = 0;
+  for (const message of page.messages) {
+    const result =
+      transfer.kind === 'flood'
+        ? await stream.send(stampedStanza(server, message), { offlineId: message.id })
+        : await stream.send(deliveredCopy(server, message), { offlineCopy: true });
+    if (result !== 'sent') return void stream.update({ transfer: undefined });
+    after = message.id;
+    sent += 1;
+    bytes += Buffer.byteLength(message.stanza);
+    if (bytes >= WINDOW_BYTES) break;
+  }
+  if (sent === page.messages.length && !page.next) {
+    stream.update({ transfer: undefined });
+    if (transfer.kind === 'fetch' && transfer.iqId !== undefined) {
+      // XEP-0013 §2.5: the messages first, then the result.
+      const result = new Element('iq', { type: 'result', id: transfer.iqId, to: fullJid(stream.jid) });
+      if (transfer.iqFrom) result.attrs.from = transfer.iqFrom;
+      await stream.send(result);
+    }
+  } else {
+    stream.update({ transfer: { ...transfer, after } });
+  }
+  if (sent > 0) await requestAckIfUnacknowledged(stream);
 }

@@ -15,13 +15,13 @@
 import { Element } from 'ltx';
 import { StanzaError } from '../errors.ts';
 import { bareJid } from '../jid.ts';
-import type { IqRequest, Router } from '../router.ts';
+import { DEFERRED_RESULT, type IqRequest, type Router } from '../router.ts';
 import type { Server } from '../server.ts';
 import type { OfflineMessage } from '../store/offline.ts';
 import type { Stream } from '../stream.ts';
 import { NS } from '../xml/namespaces.ts';
 import { registerNode } from './disco.ts';
-import { stampedStanza } from './offline-storage.ts';
+import { stampedStanza, startTransfer } from './offline-storage.ts';
 
 /** XEP-0013 §2.2: the well-known disco node of the offline message queue. */
 const NODE = NS.offline;
@@ -264,7 +264,7 @@ async function headers(request: IqRequest): Promise<Element> {
   return headersElement(user, page, pageRequest.rsm);
 }
 
-async function command(request: IqRequest): Promise<Element | undefined> {
+async function command(request: IqRequest): Promise<Element | undefined | typeof DEFERRED_RESULT> {
   const user = inboxOwner(request);
   const { stream, server } = request;
   const decoded = decodeCommand(request.type, request.payload);
@@ -283,6 +283,15 @@ async function command(request: IqRequest): Promise<Element | undefined> {
     case 'fetch': {
       // XEP-0013 §2.5: "the semantics here are the same as for requesting message headers".
       await chooseFlexibleRetrieval(stream);
+      if (stream.state.sm) {
+        // Paced by acks so the SM queue never overflows; the result follows the last message.
+        await startTransfer(stream, {
+          kind: 'fetch',
+          iqId: request.stanza.attrs.id,
+          ...(request.stanza.attrs.to ? { iqFrom: request.stanza.attrs.to } : {}),
+        });
+        return DEFERRED_RESULT;
+      }
       await fetchAll(stream, user);
       return undefined;
     }

@@ -82,8 +82,10 @@ async function becomeAvailable(stream: Stream, stanza: Element): Promise<void> {
       if (other.connectionId === stream.connectionId || !other.available || !other.presence) continue;
       await stream.send(parse(other.presence));
     }
-    if (priority >= 0) await floodOffline(stream, others);
   }
+  // XEP-0160 §3: stored messages go out "when the recipient next sends non-negative available
+  // presence": the first such presence of the session, even if an earlier one was negative.
+  if (priority >= 0 && !stream.state.flooded) await floodOffline(stream, others);
 }
 
 async function becomeUnavailable(stream: Stream, stanza: Element): Promise<void> {

@@ -24,6 +24,7 @@ import type { ConnectionState, ResourceRecord, SmState } from '../store/sessions
 import { AckBeyondQueueError, type SmEntry, type SmQueueItem, type SmVersion } from '../store/sm-queue.ts';
 import type { Stream } from '../stream.ts';
 import { NS } from '../xml/namespaces.ts';
+import { continueTransfer, floodOffline } from './offline-storage.ts';
 import { endSession } from './presence.ts';
 
 export const SM3 = 'urn:xmpp:sm:3';
@@ -88,8 +89,10 @@ function tooHigh(h: number, sendCount: number): StreamError {
 /** XEP-0203 stamp of when a stanza was first queued, unless the server already stamped it. */
 function withDelay(server: Server, stanzaXml: string, time: number): Element {
   const stanza = parse(stanzaXml);
+  // XEP-0203 stamps messages and presence alike; an iq is never stamped.
+  const stampable = stanza.name === 'message' || stanza.name === 'presence';
   if (
-    stanza.name === 'message' &&
+    stampable &&
     !stanza.getChildren('delay', NS.delay).some((d) => d.attrs.from === server.config.domain)
   ) {
     stanza.c('delay', { xmlns: NS.delay, from: server.config.domain, stamp: new Date(time).toISOString() });
@@ -388,33 +391,57 @@ export async function requestAckIfUnacknowledged(stream: Stream): Promise<void> 
     await stream.server.outbound.send(stream.connectionId, ackRequest(sm.version, counts.out));
 }
 
+/**
+ * sm:1: the last sequence number the client reported with 'u'. The seed's 'u' "MUST be
+ * strictly increasing"; a repeated or older one changes nothing (the request is still
+ * acknowledged, as the seed requires of every <r/>).
+ */
+function withClientNumber(sm: SmState, u: number): SmState {
+  const forward = (u - (sm.inbound % WRAP) + WRAP) % WRAP;
+  return forward > 0 && forward < WRAP / 2 ? { ...sm, inbound: sm.inbound + forward } : sm;
+}
+
 async function requestAck(stream: Stream, element: Element, version: SmVersion): Promise<void> {
   const sm = smState(stream);
   if (!sm || sm.version !== version) return void (await stream.send(failed(version, 'unexpected-request')));
   if (version === 'sm3') return void (await stream.send(ack(version, sm.inbound)));
-  // Seed §6: "An <r/> element MUST contain a 'u' attribute"; "It ... MUST be strictly increasing".
+  // Seed §6: "An <r/> element MUST contain a 'u' attribute and MAY contain an 'h' attribute."
   const u = counter(element.attrs.u);
-  if (u === undefined || (sm.inbound > 0 && unwrap(u, sm.inbound) <= sm.inbound) || u === 0) {
+  const h = element.attrs.h === undefined ? undefined : counter(element.attrs.h);
+  if (u === undefined || (element.attrs.h !== undefined && h === undefined)) {
     return void (await stream.send(failed(version, 'bad-request')));
   }
-  const inbound = unwrap(u, sm.inbound);
-  stream.update({ sm: { ...sm, inbound } });
+  const updated = withClientNumber(sm, u);
+  stream.update({ sm: updated });
   // Seed §6: "The response MUST contain a value of 'h' that is greater than or equal to the 'u'".
-  await stream.send(ack(version, inbound));
+  await stream.send(ack(version, updated.inbound));
+  if (h !== undefined) await applyAck(stream, h);
 }
 
 async function acknowledge(stream: Stream, element: Element, version: SmVersion): Promise<void> {
-  const { server } = stream;
   const sm = smState(stream);
   if (!sm || sm.version !== version) return void (await stream.send(failed(version, 'unexpected-request')));
-  // sm:3 §4 and seed §6: "An <a/> element MUST contain an 'h' attribute".
+  // sm:3 §4 and seed §6: "An <a/> element MUST contain an 'h' attribute" (the seed: "and MAY
+  // contain a 'u' attribute").
   const h = counter(element.attrs.h);
-  if (h === undefined) return void (await stream.send(failed(version, 'bad-request')));
+  const u = version === 'sm1' && element.attrs.u !== undefined ? counter(element.attrs.u) : undefined;
+  if (h === undefined || (version === 'sm1' && element.attrs.u !== undefined && u === undefined)) {
+    return void (await stream.send(failed(version, 'bad-request')));
+  }
+  if (u !== undefined) stream.update({ sm: withClientNumber(sm, u) });
+  await applyAck(stream, h);
+}
+
+/** The client handled our stanzas up to `h`: drop them, release offline copies, pace transfers. */
+async function applyAck(stream: Stream, h: number): Promise<void> {
+  const { server } = stream;
+  const sm = smState(stream) as SmState;
   const newBase = unwrap(h, sm.acked);
   if (newBase === sm.acked) return;
   let removed: SmEntry[];
+  let out: number;
   try {
-    removed = await server.smQueue.acknowledge(sm.id, sm.acked, newBase);
+    ({ removed, out } = await server.smQueue.acknowledge(sm.id, sm.acked, newBase));
   } catch (error) {
     if (!(error instanceof AckBeyondQueueError)) throw error;
     const item = await server.smQueue.get(sm.id);
@@ -424,6 +451,7 @@ async function acknowledge(stream: Stream, element: Element, version: SmVersion)
   const offlineIds = removed.flatMap((e) => (e.o ? [e.o] : []));
   // XEP-0160 with SM: an offline message leaves storage only once the client acknowledged it.
   if (offlineIds.length > 0) await server.offline.remove(stream.state.user as string, offlineIds);
+  await continueTransfer(stream, out - newBase);
 }
 
 /** Decides whether a `<resume/>` may proceed; the reply is written by `resume`. */
@@ -437,8 +465,12 @@ async function decideResume(
   if (stream.state.resource || stream.state.sm)
     return { ok: false, reply: failed(version, 'unexpected-request') };
   const previd = element.attrs.previd;
-  const h = counter(element.attrs.h);
+  // sm:3 §5: <resume/> MUST carry 'h'; the seed: it "SHOULD include an 'h' attribute", so an
+  // sm:1 resume without one acknowledges nothing new.
+  const h = element.attrs.h === undefined && version === 'sm1' ? -1 : counter(element.attrs.h);
   if (!previd || h === undefined) return { ok: false, reply: failed(version, 'bad-request') };
+  // Only ids this server could have issued are looked up (and DynamoDB keys are bounded).
+  if (!/^[A-Za-z0-9_-]{1,64}$/.test(previd)) return { ok: false, reply: failed(version, 'item-not-found') };
   const item = await server.smQueue.get(previd);
   // Another user's id is as unknown as a bogus one: nothing about it is revealed.
   if (!item || item.user !== stream.state.user || (!item.resumable && !item.ended)) {
@@ -446,9 +478,14 @@ async function decideResume(
   }
   if (item.version !== version) return { ok: false, reply: failed(version, 'unexpected-request') };
   if (item.ended) return { ok: false, reply: failed(version, 'item-not-found', item.inbound ?? 0) };
+  if (!item.connectionId && item.sweepAt !== undefined && item.sweepAt <= Date.now()) {
+    // The window closed and the sweeper has not come by yet: it is expired all the same.
+    await endSmSession(server, item.smId, undefined, item.inbound ?? 0);
+    return { ok: false, reply: failed(version, 'item-not-found', item.inbound ?? 0) };
+  }
   const previous = item.connectionId ? await server.sessions.getConnection(item.connectionId) : undefined;
   const inbound = previous?.sm?.inbound ?? item.inbound ?? 0;
-  const acked = unwrap(h, item.base);
+  const acked = h < 0 ? item.base : unwrap(h, item.base);
   if (acked > item.out) throw tooHigh(h, item.out);
   return { ok: true, item, h: acked, inbound };
 }
@@ -487,7 +524,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
   });
 
   const acked = Math.max(decision.h, taken.base);
-  const removed = await server.smQueue.acknowledge(taken.smId, taken.base, acked);
+  const { removed } = await server.smQueue.acknowledge(taken.smId, taken.base, acked);
   const offlineIds = removed.flatMap((e) => (e.o ? [e.o] : []));
   if (offlineIds.length > 0) await server.offline.remove(user, offlineIds);
 
@@ -509,6 +546,8 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
     stream.connectionId,
     ackRequest(version, (await server.smQueue.get(sm.id))?.out ?? acked),
   );
+  // A flood cut short by the lost socket (its messages are still stored) carries on here.
+  if (record?.available && record.priority >= 0) await floodOffline(stream, [record]);
 }
 
 /** Every nonza of an SM namespace. */

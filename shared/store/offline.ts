@@ -170,7 +170,9 @@ export function createOfflineStore(
 
   return {
     async store(user, message, options = {}) {
-      const item: OfflineMessage = { ...message, id: newOfflineId(message.storedAt) };
+      // Ids follow the order of storing (XEP-0059 paging relies on it), even for a message
+      // re-routed with its original, older time stamp.
+      const item: OfflineMessage = { ...message, id: newOfflineId() };
       const quota = options.ignoreQuota ? Number.MAX_SAFE_INTEGER : limits.quota;
       try {
         await tryStore(user, item, quota);

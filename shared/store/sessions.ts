@@ -43,6 +43,19 @@ export interface SmState {
   max: number;
 }
 
+/**
+ * An offline transfer paced by stream-management acks (a flood, or a XEP-0013 fetch): the
+ * next batch goes out when the client has acknowledged enough of the last one.
+ */
+export interface OfflineTransfer {
+  kind: 'flood' | 'fetch';
+  /** The last stored message sent. */
+  after?: string;
+  /** For a fetch: the iq to answer once every message is out. */
+  iqId?: string;
+  iqFrom?: string;
+}
+
 export interface ConnectionState {
   connectionId: string;
   connectedAt: number;
@@ -57,6 +70,9 @@ export interface ConnectionState {
   /** XEP-0013: the session asked for the count, headers or a fetch, so it is never flooded. */
   flexibleOffline?: boolean;
   sm?: SmState;
+  transfer?: OfflineTransfer;
+  /** The session has had its offline messages flooded (XEP-0160: at the first non-negative presence). */
+  flooded?: boolean;
 }
 
 export interface ResourceRecord {
@@ -75,6 +91,14 @@ export interface ResourceRecord {
 
 const connKey = (connectionId: string) => ({ pk: `conn#${connectionId}`, sk: 'conn' });
 const resourceKey = (user: string, resource: string) => ({ pk: `user#${user}`, sk: `res#${resource}` });
+
+/**
+ * DynamoDB sort keys hold at most 1024 bytes, so a bound resource may have 1020 (RFC 7622
+ * allows 1023): bind refuses longer ones, and no such resource is ever online.
+ */
+export function fitsResourceKey(resource: string): boolean {
+  return Buffer.byteLength(`res#${resource}`, 'utf8') <= 1024;
+}
 
 type Mutable = Omit<ConnectionState, 'connectionId' | 'connectedAt'>;
 
@@ -125,6 +149,8 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     authFailures: (item.authFailures as number | undefined) ?? 0,
     flexibleOffline: item.flexibleOffline as boolean | undefined,
     sm: item.sm as SmState | undefined,
+    transfer: item.transfer as OfflineTransfer | undefined,
+    flooded: item.flooded as boolean | undefined,
   };
 }
 
@@ -222,6 +248,7 @@ export function createSessionStore(
     },
 
     async getResource(user, resource) {
+      if (!fitsResourceKey(resource)) return undefined;
       const { Item } = await doc.send(
         new GetCommand({ TableName: table, Key: resourceKey(user, resource), ConsistentRead: true }),
       );

@@ -123,7 +123,7 @@ export interface SmQueueStore {
    * Drops entries up to `newBase`; returns the dropped ones. Only the owner calls this.
    * Throws AckBeyondQueueError when fewer than `newBase` stanzas were ever queued.
    */
-  acknowledge(smId: string, oldBase: number, newBase: number): Promise<SmEntry[]>;
+  acknowledge(smId: string, oldBase: number, newBase: number): Promise<{ removed: SmEntry[]; out: number }>;
   /** Moves the session to `connectionId` and starts holding; returns the queue at that instant. */
   attach(smId: string, user: string, connectionId: string): Promise<SmQueueItem | undefined>;
   /** Stops holding if nothing was appended since `seenOut`; false means: replay the rest, then retry. */
@@ -210,8 +210,9 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
 
     async acknowledge(smId, oldBase, newBase) {
       const count = newBase - oldBase;
-      if (count <= 0) return [];
+      if (count <= 0) return { removed: [], out: (await this.counts(smId))?.out ?? oldBase };
       const removed: SmEntry[] = [];
+      let out = oldBase;
       // An update expression is limited in length: trim in slices.
       for (let done = 0; done < count; ) {
         const slice = Math.min(200, count - done);
@@ -232,9 +233,10 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             throw isConditionFailure(error) ? new AckBeyondQueueError(smId) : error;
           });
         removed.push(...((Attributes?.q as SmEntry[] | undefined) ?? []).slice(0, slice));
+        out = (Attributes?.out as number | undefined) ?? out;
         done += slice;
       }
-      return removed;
+      return { removed, out };
     },
 
     async attach(smId, user, connectionId) {

@@ -1,72 +1,102 @@
 /**
  * RFC 7395 framing: every WebSocket message carries exactly one complete XML element.
  * This module turns a frame into an ltx element, refusing what RFC 6120 §11.1 forbids.
+ *
+ * The tokenizer is saxes, a strict, namespace-aware XML 1.0 parser: characters outside the
+ * XML Char production, duplicate attributes, `<` in attribute values, stray `&`, unbound
+ * prefixes and mismatched tags are all errors, not guesses. Prefixed elements are rewritten
+ * to their local name with a default `xmlns`, so `<p:ping xmlns:p='urn:xmpp:ping'/>` and
+ * `<ping xmlns='urn:xmpp:ping'/>` are dispatched alike.
  */
 import { Element } from 'ltx';
-import SaxLtx from 'ltx/src/parsers/ltx.js';
+import { SaxesParser, type SaxesTagNS } from 'saxes';
 import { StreamError } from '../errors.ts';
 
 // RFC 6120 §11.1: "comments, processing instructions, internal or external DTD subsets,
 // internal or external entity references (with the exception of the predefined entities)"
 // MUST NOT appear. They are refused before parsing, so nothing is ever expanded.
 const RESTRICTED_MARKUP = /<\?|<!(?!\[CDATA\[)/;
-const ENTITY_REFERENCE = /&([^;&\s]*);/g;
+const ENTITY_REFERENCE = /&([^;&\s<]*);/g;
 const PREDEFINED_ENTITY = /^(lt|gt|amp|quot|apos|#[0-9]+|#x[0-9a-fA-F]+)$/;
 
+/** Deeper payloads are refused: nobody needs them, and serialising them recurses. */
+export const MAX_DEPTH = 64;
+
 function refuseRestrictedXml(frame: string): void {
-  if (RESTRICTED_MARKUP.test(stripCdata(frame))) {
+  const outsideCdata = frame.includes('<![CDATA[') ? frame.replace(/<!\[CDATA\[[\s\S]*?\]\]>/g, '') : frame;
+  if (RESTRICTED_MARKUP.test(outsideCdata)) {
     throw new StreamError('restricted-xml', 'Comments, processing instructions and DTDs are not allowed');
   }
-  for (const match of stripCdata(frame).matchAll(ENTITY_REFERENCE)) {
+  for (const match of outsideCdata.matchAll(ENTITY_REFERENCE)) {
     if (!PREDEFINED_ENTITY.test(match[1] ?? '')) {
       throw new StreamError('restricted-xml', 'Only the predefined XML entities are allowed');
     }
   }
 }
 
-function stripCdata(frame: string): string {
-  return frame.includes('<![CDATA[') ? frame.replace(/<!\[CDATA\[[\s\S]*?\]\]>/g, '') : frame;
+function elementOf(tag: SaxesTagNS): Element {
+  const attrs: Record<string, string> = {};
+  for (const attribute of Object.values(tag.attributes)) attrs[attribute.name] = attribute.value;
+  if (tag.prefix) attrs.xmlns = tag.uri;
+  return new Element(tag.prefix ? tag.local : tag.name, attrs);
 }
 
-/** Parses one frame into one element; any other shape is `not-well-formed`. */
+/** Parses one frame into one element; any other shape is a stream error. */
 export function parseFrame(frame: string, maxBytes: number): Element {
   if (Buffer.byteLength(frame, 'utf8') > maxBytes) {
     throw new StreamError('policy-violation', `Stanza larger than ${maxBytes} bytes`);
   }
   refuseRestrictedXml(frame);
 
-  const parser = new SaxLtx();
+  const parser = new SaxesParser({ xmlns: true, position: false });
   let root: Element | undefined;
   let current: Element | undefined;
-  let problem: string | undefined;
-  const fail = (reason: string) => {
-    problem ??= reason;
+  let depth = 0;
+  let problem: StreamError | undefined;
+  const fail = (error: StreamError) => {
+    problem ??= error;
   };
+  const restricted = () => fail(new StreamError('restricted-xml', 'Only elements and text are allowed'));
 
-  parser.on('startElement', (name: string, attrs: Record<string, string>) => {
-    if (root && !current) return fail('more than one element in a frame');
-    const child = new Element(name, attrs);
-    if (current) current.cnode(child);
-    else root = child;
-    current = child;
+  parser.on('doctype', restricted);
+  parser.on('comment', restricted);
+  parser.on('processinginstruction', restricted);
+  parser.on('xmldecl', restricted);
+  parser.on('opentag', (tag) => {
+    depth += 1;
+    if (depth > MAX_DEPTH)
+      return fail(new StreamError('policy-violation', `Elements nested deeper than ${MAX_DEPTH}`));
+    if (root && !current) return fail(new StreamError('not-well-formed', 'More than one element in a frame'));
+    const element = elementOf(tag);
+    if (current) current.cnode(element);
+    else root = element;
+    current = element;
   });
-  parser.on('endElement', (name: string) => {
-    if (!current || current.name !== name) return fail(`unexpected end tag </${name}>`);
-    current = current.parent ?? undefined;
+  parser.on('closetag', () => {
+    depth -= 1;
+    current = current?.parent ?? undefined;
   });
-  parser.on('text', (text: string) => {
-    if (current) current.t(text);
-    else if (text.trim() !== '') fail('text outside the element');
+  const text = (value: string) => {
+    if (current) current.t(value);
+  };
+  parser.on('text', text);
+  parser.on('cdata', text);
+  parser.on('error', (error) => {
+    // RFC 6120 §4.9.3.2: an undeclared prefix has a condition of its own.
+    if (/prefix/i.test(error.message) && /unbound|undefined|not defined/i.test(error.message)) {
+      fail(new StreamError('bad-namespace-prefix', 'A namespace prefix is not declared'));
+    } else {
+      fail(new StreamError('not-well-formed', 'Not well-formed XML'));
+    }
   });
-  parser.on('error', (error: Error) => fail(error.message));
 
   try {
     parser.write(frame);
-    parser.end();
-  } catch (error) {
-    fail((error as Error).message);
+    parser.close();
+  } catch {
+    fail(new StreamError('not-well-formed', 'Not well-formed XML'));
   }
-  if (problem) throw new StreamError('not-well-formed', `Not well-formed: ${problem}`);
+  if (problem) throw problem;
   if (!root || current) throw new StreamError('not-well-formed', 'A frame must hold one complete element');
   return root;
 }

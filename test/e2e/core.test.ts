@@ -420,6 +420,30 @@ describe('XEP-0160 offline messages', () => {
     await eventually(async () => expect(await stack.server.offline.count('ophelia@localhost')).toBe(0));
   });
 
+  it('stores a receipt-only chat message, floods at the first non-negative presence, ids follow storing order', async () => {
+    await stack.addUser('portia@localhost', 'portia-pw');
+    const sender = await login('bob', 'bob-secret', { resource: 'receipts' });
+    // XEP-0160 §3: only messages "that contain only chat state notifications" are not stored.
+    await sender.xmpp.send(
+      xml(
+        'message',
+        { to: 'portia@localhost', type: 'chat', id: 'rcpt' },
+        xml('received', { xmlns: 'urn:xmpp:receipts', id: 'm1' }),
+      ),
+    );
+    await eventually(async () => expect(await stack.server.offline.count('portia@localhost')).toBe(1));
+    const portia = await RawClient.connect(stack.url);
+    await portia.login('portia', 'portia-pw', 'belmont');
+    // "...when the recipient next sends non-negative available presence": not a negative one.
+    portia.send(`<presence><priority>-1</priority></presence>`);
+    await portia.until((el) => el.name === 'presence');
+    expect(await portia.nothingFor(300)).toEqual([]);
+    portia.send(`<presence><priority>1</priority></presence>`);
+    const receipt = await portia.until((el) => el.name === 'message');
+    expect(receipt.getChild('received', 'urn:xmpp:receipts')?.attrs.id).toBe('m1');
+    portia.close();
+  });
+
   it('refuses beyond the quota with resource-constraint', async () => {
     await stack.addUser('quota@localhost', 'quota-secret');
     const sender = await login('bob', 'bob-secret', { resource: 'quota' });
@@ -538,6 +562,30 @@ describe('iq routing (RFC 6120 §8.2.3, §10)', () => {
     );
     expect(unknown.attrs.type).toBe('error');
     expect(unknown.getChild('error')?.getChild('service-unavailable', STANZAS)).toBeDefined();
+  });
+
+  it('tells nothing about other accounts through disco (XEP-0030 §8)', async () => {
+    // "the server MUST return a <service-unavailable/> error if the target entity does not exist
+    // or if the requesting entity is not authorized to receive presence from the target entity"
+    for (const target of ['alice@localhost', 'nobody@localhost']) {
+      const info = await ask(
+        `<iq type='get' id='di-${target}' to='${target}'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>`,
+      );
+      expect(info.getChild('error')?.getChild('service-unavailable', STANZAS)).toBeDefined();
+      // "...MUST return an empty result set if the target entity does not exist".
+      const items = await ask(
+        `<iq type='get' id='dt-${target}' to='${target}'><query xmlns='http://jabber.org/protocol/disco#items'/></iq>`,
+      );
+      expect(items.attrs.type).toBe('result');
+      expect(items.getChild('query')?.children).toHaveLength(0);
+    }
+    const own = await ask(
+      `<iq type='get' id='do' to='erin@localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>`,
+    );
+    expect(own.getChild('query')?.getChild('identity')?.attrs).toMatchObject({
+      category: 'account',
+      type: 'registered',
+    });
   });
 
   it('answers an iq to an offline full JID with service-unavailable', async () => {

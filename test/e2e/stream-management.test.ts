@@ -278,13 +278,23 @@ describe('the seed: urn:xmpp:sm:1 (v0.7)', () => {
     });
   }
 
-  it("refuses a 'u' that does not increase strictly", async () => {
+  it("acknowledges every <r/>, a repeated 'u' too, and takes acks carried on <r h/> and numbers on <a u/>", async () => {
     const client = await raw('mercutio', 'seed-u');
     await enable(client, SM1, false);
     client.send(`<r xmlns='${SM1}' u='3'/>`);
     expect((await client.until((el) => el.name === 'a')).attrs.h).toBe('3');
+    // Seed §6: "When an <r/> element ("request") is received, the recipient MUST acknowledge it".
     client.send(`<r xmlns='${SM1}' u='3'/>`);
-    expect(failedCondition(await client.until((el) => el.name === 'failed'))).toBe('bad-request');
+    expect((await client.until((el) => el.name === 'a')).attrs.h).toBe('3');
+    // "An <a/> element MUST contain an 'h' attribute and MAY contain a 'u' attribute."
+    client.send(`<a xmlns='${SM1}' h='0' u='5'/>`);
+    client.send(`<r xmlns='${SM1}' u='5'/>`);
+    expect((await client.until((el) => el.name === 'a')).attrs.h).toBe('5');
+    // "An <r/> element MUST contain a 'u' attribute and MAY contain an 'h' attribute": an h
+    // above what the server sent is the same error as on <a/>.
+    client.send(`<r xmlns='${SM1}' u='6' h='9'/>`);
+    const error = await client.until((el) => el.name === 'stream:error');
+    expect(error.getChild('undefined-condition', STREAMS)).toBeDefined();
   });
 
   it("resumes an sm:1 session and refuses the seed's h='foo'", async () => {
@@ -610,5 +620,66 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
     expect(error.getChild('policy-violation', STREAMS)).toBeDefined();
     await eventually(async () => expect(await small.server.offline.count('poor@localhost')).toBe(4));
     expect(rich.pending().filter((frame) => frame.includes('type="error"'))).toEqual([]);
+  });
+
+  /** A client that answers every <r/> with its count, the way xmpp.js does; collects stanzas. */
+  async function ackingReader(
+    client: RawClient,
+    until: (el: Element) => boolean,
+    seen: Element[] = [],
+  ): Promise<Element[]> {
+    for (;;) {
+      const el = await client.next(10_000);
+      if (el.name === 'message' || el.name === 'presence' || el.name === 'iq') seen.push(el);
+      if (el.is('r', SM3)) client.send(`<a xmlns='${SM3}' h='${seen.length}'/>`);
+      if (until(el)) return seen;
+    }
+  }
+
+  it('floods an inbox larger than the queue bound, paced by acks, without ending the stream', async () => {
+    await small.addUser('heir@localhost', 'heir-pw');
+    const rich = await RawClient.connect(small.url);
+    raws.push(rich);
+    await rich.login('rich', 'rich-pw', 'will');
+    for (let i = 1; i <= 20; i++)
+      rich.send(`<message to='heir@localhost' type='chat'><body>legacy ${i}</body></message>`);
+    await eventually(async () => expect(await small.server.offline.count('heir@localhost')).toBe(20));
+    const heir = await RawClient.connect(small.url);
+    raws.push(heir);
+    await heir.login('heir', 'heir-pw', 'estate');
+    heir.send(`<enable xmlns='${SM3}' resume='true'/>`);
+    await heir.next();
+    heir.send('<presence/>');
+    const stanzas = await ackingReader(heir, (el) => el.getChildText('body') === 'legacy 20');
+    const bodies = stanzas.filter((s) => s.name === 'message').map((s) => s.getChildText('body'));
+    expect(bodies).toEqual(Array.from({ length: 20 }, (_, i) => `legacy ${i + 1}`));
+    // The last window is acknowledged too, and only then is the inbox empty.
+    await ackingReader(heir, (el) => el.is('r', SM3), stanzas);
+    await eventually(async () => expect(await small.server.offline.count('heir@localhost')).toBe(0));
+    expect(heir.isClosed).toBe(false);
+  });
+
+  it('paces a XEP-0013 fetch by acks too: every message, then the result', async () => {
+    await small.addUser('reader@localhost', 'reader-pw');
+    const rich = await RawClient.connect(small.url);
+    raws.push(rich);
+    await rich.login('rich', 'rich-pw', 'letters');
+    for (let i = 1; i <= 8; i++)
+      rich.send(`<message to='reader@localhost' type='chat'><body>letter ${i}</body></message>`);
+    await eventually(async () => expect(await small.server.offline.count('reader@localhost')).toBe(8));
+    const reader = await RawClient.connect(small.url);
+    raws.push(reader);
+    await reader.login('reader', 'reader-pw', 'desk');
+    reader.send(`<enable xmlns='${SM3}'/>`);
+    await reader.next();
+    reader.send(
+      `<iq type='get' id='fetch1'><offline xmlns='http://jabber.org/protocol/offline'><fetch/></offline></iq>`,
+    );
+    const stanzas = await ackingReader(reader, (el) => el.attrs.id === 'fetch1');
+    const bodies = stanzas.filter((s) => s.name === 'message').map((s) => s.getChildText('body'));
+    expect(bodies).toEqual(Array.from({ length: 8 }, (_, i) => `letter ${i + 1}`));
+    expect(stanzas.at(-1)?.attrs.type).toBe('result');
+    // XEP-0013 §2.4: fetching deletes nothing.
+    expect(await small.server.offline.count('reader@localhost')).toBe(8);
   });
 });
