@@ -8,8 +8,10 @@
  * - `<a u='1'/>` (seed §6 examples): "An <a/> element MUST contain an 'h' attribute" →
  *   `<failed><bad-request/></failed>`.
  * - `<resume previd='…' h='foo'/>` (seed §5 example): `h` is an xs:integer → bad-request.
- * - `<r/>` without `u`: "An <r/> element MUST contain a 'u' attribute" → bad-request; and
- *   `u` "MUST be strictly increasing" → a `u` not above the last one is bad-request too.
+ * - `<r/>` without `u`: "An <r/> element MUST contain a 'u' attribute" → bad-request. A
+ *   repeated or older `u` is still acknowledged ("the recipient MUST acknowledge it"); the
+ *   optional `h` on `<r/>` and `u` on `<a/>` are honoured; `<resume/>` "SHOULD include an
+ *   'h'", so one without acknowledges nothing new.
  * - The seed's `<enabled/>` schema has no `id`; its §5 text requires one when resumable, so
  *   `<enabled id='…' resume='true'/>` is sent, as in its §5 example.
  */
