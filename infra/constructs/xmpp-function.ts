@@ -7,7 +7,7 @@ import { Construct } from 'constructs';
 
 /**
  * Memory per function, in MB, from `npm run bench` (2026-11-22): the stream function's process
- * peaked at 145 MB RSS without and 153 MB with stream management (heap in use 23 / 56 MB), and
+ * peaked at 145–178 MB RSS without and 153–184 MB with stream management (heap in use 23–67 MB), and
  * that was unbundled TypeScript under tsx, an upper bound for the esbuild bundle. 256 MB would
  * hold it; stream gets 512 MB because Lambda allots CPU in proportion to memory and the stream
  * function is CPU-bound (3.5–5 ms of CPU per message, mostly AWS SDK work, plus PBKDF2 for
