@@ -6,7 +6,7 @@
 import { clone, Element, parse } from 'ltx';
 import { deliverToResource } from '../delivery.ts';
 import { StanzaError } from '../errors.ts';
-import { bareJid, fullJid, fullJidOf, type Jid } from '../jid.ts';
+import { bareJid, fullJid, fullJidOf, type Jid, parseJid } from '../jid.ts';
 import type { Router } from '../router.ts';
 import type { Server } from '../server.ts';
 import type { ConnectionState, ResourceRecord } from '../store/sessions.ts';
@@ -53,12 +53,48 @@ export async function handleFromClient(stream: Stream, stanza: Element, to: Jid 
   if (type !== undefined && type !== 'unavailable' && type !== 'error') return;
   const { server } = stream;
   if (to.domain !== server.config.domain || !to.local) return;
+  if (type !== 'error') rememberDirected(stream, fullJid(to), type === undefined);
+  await deliverDirected(server, to, stanza);
+}
+
+/** Directed presence to a full JID goes to that resource; to a bare JID, to every available one. */
+async function deliverDirected(server: Server, to: Jid, stanza: Element): Promise<void> {
   const resources = await server.sessions.listResources(bareJid(to));
   for (const resource of resources) {
-    // Directed presence to a full JID goes to that resource; to a bare JID, to every available one.
     if (to.resource ? resource.resource === to.resource : resource.available) {
       await deliverToResource(server, resource, clone(stanza));
     }
+  }
+}
+
+/** Bounded: a session that directs presence at more JIDs than this stops tracking new ones. */
+const MAX_DIRECTED = 100;
+
+function rememberDirected(stream: Stream, jid: string, available: boolean): void {
+  const current = stream.state.directedTo ?? [];
+  const next = available
+    ? current.includes(jid) || current.length >= MAX_DIRECTED
+      ? current
+      : [...current, jid]
+    : current.filter((entry) => entry !== jid);
+  if (next !== current) stream.update({ directedTo: next.length > 0 ? next : undefined });
+}
+
+/**
+ * RFC 6121 §4.6.3: when the session becomes unavailable, "the user's server MUST send
+ * unavailable presence" to the entities it sent directed presence to.
+ */
+async function tellDirectedRecipients(
+  server: Server,
+  from: string,
+  directedTo: string[] | undefined,
+): Promise<void> {
+  for (const jid of directedTo ?? []) {
+    await deliverDirected(
+      server,
+      parseJid(jid),
+      new Element('presence', { from, to: jid, type: 'unavailable' }),
+    );
   }
 }
 
@@ -104,6 +140,8 @@ async function becomeUnavailable(stream: Stream, stanza: Element): Promise<void>
   if (previous?.available) {
     await broadcastToOwnResources(server, user, stanza, { exceptConnectionId: stream.connectionId });
   }
+  await tellDirectedRecipients(server, fullJid(stream.jid), stream.state.directedTo);
+  stream.update({ directedTo: undefined });
 }
 
 /** The session is over (clean close, stream error, vanished socket): release and announce. */
@@ -121,6 +159,7 @@ export async function endSession(server: Server, state: ConnectionState): Promis
       });
       await broadcastToOwnResources(server, state.user, unavailable, {});
     }
+    await tellDirectedRecipients(server, fullJid(fullJidOf(state.user, state.resource)), state.directedTo);
   }
   await server.sessions.deleteConnection(state.connectionId);
 }

@@ -73,6 +73,8 @@ export interface ConnectionState {
   transfer?: OfflineTransfer;
   /** The session has had its offline messages flooded (XEP-0160: at the first non-negative presence). */
   flooded?: boolean;
+  /** RFC 6121 §4.6: local JIDs this session sent directed presence to; told when it goes away. */
+  directedTo?: string[];
 }
 
 export interface ResourceRecord {
@@ -151,6 +153,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     sm: item.sm as SmState | undefined,
     transfer: item.transfer as OfflineTransfer | undefined,
     flooded: item.flooded as boolean | undefined,
+    directedTo: item.directedTo as string[] | undefined,
   };
 }
 

@@ -328,6 +328,13 @@ describe('RFC 6121 presence and chat', () => {
     await from.xmpp.send(xml('presence', { to: 'bob@localhost/directed' }));
     const got = await to.waitFor((s) => s.is('presence') && s.attrs.from === 'alice@localhost/directed');
     expect(got.attrs.type).toBeUndefined();
+    // RFC 6121 §4.6.3: when the sender goes away, the recipient of its directed presence is told.
+    await from.stop();
+    const gone = await to.waitFor(
+      (s) =>
+        s.is('presence') && s.attrs.from === 'alice@localhost/directed' && s.attrs.type === 'unavailable',
+    );
+    expect(gone.attrs.to).toBe('bob@localhost/directed');
   });
 
   it('announces unavailable to the other resources when a socket vanishes', async () => {
