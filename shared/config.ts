@@ -35,6 +35,8 @@ export interface Config {
   smQueueMax: number;
   /** XEP-0198: the server asks for an ack (`<r/>`) after this many stanzas. */
   smAckEvery: number;
+  /** XEP-0198: quiet period between switching a resource to its queue and `<enabled/>`. */
+  smEnableGraceMs: number;
   /** Seconds an unbound or idle connection row lives without activity (a safety net for lost $disconnect). */
   connectionTtlSeconds: number;
 }
@@ -55,6 +57,7 @@ export const TUNABLE_SETTINGS = [
   'SM_MAX_SECONDS',
   'SM_QUEUE_MAX',
   'SM_ACK_EVERY',
+  'SM_ENABLE_GRACE_MS',
   'LOG_LEVEL',
 ] as const;
 
@@ -94,5 +97,6 @@ export function loadConfig(env: Env = process.env): Config {
     smMaxSeconds: int(env, 'SM_MAX_SECONDS', 300),
     smQueueMax: int(env, 'SM_QUEUE_MAX', 1000),
     smAckEvery: Math.max(1, int(env, 'SM_ACK_EVERY', 10)),
+    smEnableGraceMs: int(env, 'SM_ENABLE_GRACE_MS', 200),
   };
 }

@@ -16,6 +16,7 @@
  *   `<enabled id='…' resume='true'/>` is sent, as in its §5 example.
  */
 import { randomBytes } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { Element, parse } from 'ltx';
 import { errorReply, StanzaError, StreamError, streamErrorElement } from '../errors.ts';
 import { bareJid, parseJid } from '../jid.ts';
@@ -338,6 +339,10 @@ async function enable(stream: Stream, element: Element, version: SmVersion): Pro
     connectionId: stream.connectionId,
   });
   await server.sessions.setResourceSm(user, resource, stream.connectionId, smId);
+  // A sender that read this resource just before it switched to the queue may still be
+  // posting directly; such a stanza must land before <enabled/>, or the client would count a
+  // stanza the server never numbered. A short quiet period closes that window in practice.
+  if (server.config.smEnableGraceMs > 0) await sleep(server.config.smEnableGraceMs);
   const sm: SmState = { version, id: smId, inbound: 0, acked: 0, resumable: wantsResume, max };
   stream.update({ sm });
 
