@@ -84,7 +84,7 @@ function rememberDirected(stream: Stream, jid: string, available: boolean): void
  * RFC 6121 §4.6.3: when the session becomes unavailable, "the user's server MUST send
  * unavailable presence" to the entities it sent directed presence to.
  */
-async function tellDirectedRecipients(
+export async function tellDirectedRecipients(
   server: Server,
   from: string,
   directedTo: string[] | undefined,

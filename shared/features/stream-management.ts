@@ -28,7 +28,7 @@ import { AckBeyondQueueError, type SmEntry, type SmQueueItem, type SmVersion } f
 import type { Stream } from '../stream.ts';
 import { NS } from '../xml/namespaces.ts';
 import { continueTransfer, floodOffline } from './offline-storage.ts';
-import { endSession } from './presence.ts';
+import { endSession, tellDirectedRecipients } from './presence.ts';
 
 export const SM3 = 'urn:xmpp:sm:3';
 export const SM1 = 'urn:xmpp:sm:1';
@@ -205,7 +205,7 @@ export async function connectionVanished(
   if (!state) return;
   if (state.sm?.resumable) {
     const until = Date.now() + state.sm.max * 1000;
-    await server.smQueue.detach(state.sm.id, connectionId, state.sm.inbound, until);
+    await server.smQueue.detach(state.sm.id, connectionId, state.sm.inbound, until, state.directedTo ?? []);
     await server.sessions.deleteConnection(connectionId);
     return;
   }
@@ -234,6 +234,8 @@ export async function endSmSession(
   const ended = await server.smQueue.end(smId, connectionId, inbound ?? current?.inbound ?? 0);
   if (!ended) return;
   const released = await server.sessions.releaseSmResource(ended.user, ended.resource, smId);
+  // A detached session's directed-presence recipients were carried in its queue item.
+  await tellDirectedRecipients(server, `${ended.user}/${ended.resource}`, ended.directedTo);
   if (released?.available) {
     const from = `${ended.user}/${ended.resource}`;
     for (const other of await server.sessions.listResources(ended.user)) {

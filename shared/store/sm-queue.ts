@@ -54,6 +54,8 @@ export interface SmQueueItem {
   entries: SmEntry[];
   /** Inbound count at detach or end (the owner's connection row has it while attached). */
   inbound?: number;
+  /** At detach: the JIDs the stream had sent directed presence to (told at the end). */
+  directedTo?: string[];
   ended?: boolean;
   sweepAt?: number;
 }
@@ -93,6 +95,7 @@ function toItem(raw: Record<string, unknown>): SmQueueItem {
     base: (raw.base as number | undefined) ?? 0,
     entries: (raw.q as SmEntry[] | undefined) ?? [],
     inbound: raw.inbound as number | undefined,
+    directedTo: raw.directedTo as string[] | undefined,
     ended: Boolean(raw.ended),
     sweepAt: raw.sweepAt as number | undefined,
   };
@@ -129,7 +132,13 @@ export interface SmQueueStore {
   /** Stops holding if nothing was appended since `seenOut`; false means: replay the rest, then retry. */
   release(smId: string, seenOut: number): Promise<boolean>;
   /** The socket is gone: keep the session for `sweepAt`, record the inbound count. */
-  detach(smId: string, connectionId: string, inbound: number, sweepAt: number): Promise<boolean>;
+  detach(
+    smId: string,
+    connectionId: string,
+    inbound: number,
+    sweepAt: number,
+    directedTo: string[],
+  ): Promise<boolean>;
   /**
    * Ends the session once and for all (expiry, clean close, vanish without resumption): the
    * caller gets the unacknowledged entries exactly once. `owner` must still own it: a
@@ -284,20 +293,23 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       }
     },
 
-    async detach(smId, connectionId, inbound, sweepAt) {
+    async detach(smId, connectionId, inbound, sweepAt, directedTo) {
       try {
         await doc.send(
           new UpdateCommand({
             TableName: table,
             Key: key(smId),
             UpdateExpression:
-              'REMOVE connectionId, holding SET sweepShard = :shard, sweepAt = :at, inbound = :inbound',
+              'REMOVE connectionId, holding SET sweepShard = :shard, sweepAt = :at, inbound = :inbound, directedTo = :directed, #ttl = :ttl',
             ConditionExpression: 'connectionId = :connectionId AND attribute_not_exists(ended)',
+            ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
             ExpressionAttributeValues: {
               ':shard': DETACHED_SHARD,
               ':at': sweepAt,
               ':inbound': inbound,
+              ':directed': directedTo,
               ':connectionId': connectionId,
+              ':ttl': Math.floor(sweepAt / 1000) + DAY_SECONDS,
             },
           }),
         );

@@ -542,6 +542,8 @@ describe('expiry', () => {
     client.send('<presence/>');
     await client.until((el) => el.name === 'presence');
     const asker = await raw('romeo', 'asker');
+    client.send(`<presence to='romeo@localhost/asker'/>`);
+    await asker.until((el) => el.name === 'presence' && el.attrs.from === 'lawrence@localhost/cell');
     asker.send(`<iq type='get' id='q1' to='lawrence@localhost/cell'><query xmlns='jabber:iq:version'/></iq>`);
     await client.until((el) => el.attrs.id === 'q1');
     client.terminate();
@@ -550,6 +552,10 @@ describe('expiry', () => {
     );
     await new Promise((resolve) => setTimeout(resolve, 1100));
     await sweepExpiredSessions(stack.server, Date.now());
+    // RFC 6121 §4.6.3: the recipient of directed presence learns the session is over...
+    const gone = await asker.until((el) => el.name === 'presence' && el.attrs.type === 'unavailable');
+    expect(gone.attrs.from).toBe('lawrence@localhost/cell');
+    // ...and the unanswered iq is answered with an error.
     const reply = await asker.until((el) => el.attrs.id === 'q1');
     expect(reply.attrs).toMatchObject({ type: 'error', from: 'lawrence@localhost/cell' });
     expect(reply.getChild('error')?.getChild('service-unavailable', STANZAS)).toBeDefined();
