@@ -279,7 +279,11 @@ describe('RFC 6121 presence and chat', () => {
     await high.waitFor((s) => s.getChildText('body') === 'to the top');
 
     await low.xmpp.send(xml('presence', {}, xml('priority', {}, '10')));
-    await high.waitFor((s) => s.is('presence') && s.attrs.from === 'carol@localhost/low');
+    // The update, not the initial presence at priority 1 that high saw before.
+    await high.waitFor(
+      (s) =>
+        s.is('presence') && s.attrs.from === 'carol@localhost/low' && s.getChildText('priority') === '10',
+    );
     await sender.xmpp.send(xml('message', { to: 'carol@localhost', type: 'chat' }, xml('body', {}, 'a tie')));
     await high.waitFor((s) => s.getChildText('body') === 'a tie');
     await low.waitFor((s) => s.getChildText('body') === 'a tie');
