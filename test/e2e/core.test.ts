@@ -402,7 +402,8 @@ describe('XEP-0160 offline messages', () => {
         xml('delay', { xmlns: DELAY, from: 'localhost', stamp: '2000-01-01T00:00:00Z' }),
       ),
     );
-    await new Promise((resolve) => setTimeout(resolve, 300));
+    // Stored: the three chats, the one forced by <store/>, and the normal one.
+    await eventually(async () => expect(await stack.server.offline.count('ophelia@localhost')).toBe(5));
 
     const ophelia = await login('ophelia', 'ophelia-secret', { resource: 'back' });
     await new Promise((resolve) => setTimeout(resolve, 300));
