@@ -176,6 +176,30 @@ export function createSessionStore(
   table: string,
   connectionTtlSeconds: number,
 ): SessionStore {
+  /** Deletes a resource row only if it still belongs to the given owner; returns it, or undefined. */
+  async function releaseIfOwned(
+    user: string,
+    resource: string,
+    owner: 'connectionId' | 'smId',
+    value: string,
+  ): Promise<ResourceRecord | undefined> {
+    try {
+      const { Attributes } = await doc.send(
+        new DeleteCommand({
+          TableName: table,
+          Key: resourceKey(user, resource),
+          ConditionExpression: `${owner} = :owner`,
+          ExpressionAttributeValues: { ':owner': value },
+          ReturnValues: 'ALL_OLD',
+        }),
+      );
+      return Attributes ? toResource(Attributes) : undefined;
+    } catch (error) {
+      if (isConditionFailure(error)) return undefined;
+      throw error;
+    }
+  }
+
   return {
     async createConnection(connectionId, connectedAt) {
       await doc.send(
@@ -327,40 +351,9 @@ export function createSessionStore(
       );
     },
 
-    async releaseSmResource(user, resource, smId) {
-      try {
-        const { Attributes } = await doc.send(
-          new DeleteCommand({
-            TableName: table,
-            Key: resourceKey(user, resource),
-            ConditionExpression: 'smId = :smId',
-            ExpressionAttributeValues: { ':smId': smId },
-            ReturnValues: 'ALL_OLD',
-          }),
-        );
-        return Attributes ? toResource(Attributes) : undefined;
-      } catch (error) {
-        if (isConditionFailure(error)) return undefined;
-        throw error;
-      }
-    },
+    releaseSmResource: (user, resource, smId) => releaseIfOwned(user, resource, 'smId', smId),
 
-    async releaseResource(user, resource, connectionId) {
-      try {
-        const { Attributes } = await doc.send(
-          new DeleteCommand({
-            TableName: table,
-            Key: resourceKey(user, resource),
-            ConditionExpression: 'connectionId = :connectionId',
-            ExpressionAttributeValues: { ':connectionId': connectionId },
-            ReturnValues: 'ALL_OLD',
-          }),
-        );
-        return Attributes ? toResource(Attributes) : undefined;
-      } catch (error) {
-        if (isConditionFailure(error)) return undefined;
-        throw error;
-      }
-    },
+    releaseResource: (user, resource, connectionId) =>
+      releaseIfOwned(user, resource, 'connectionId', connectionId),
   };
 }
