@@ -1,6 +1,6 @@
 /** `$connect`: a direct Lambda integration, because it must answer the WebSocket handshake. */
 import { loadConfig } from '../shared/config.ts';
-import { type ConnectEvent, type ConnectResult, handleConnect } from '../shared/connect.ts';
+import { type ConnectEvent, type ConnectResult, handleConnect } from '../shared/core/connect.ts';
 import { createServer, type Server } from '../shared/server.ts';
 
 export function createConnectHandler(server: Server) {

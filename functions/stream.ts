@@ -4,9 +4,9 @@
  */
 import type { SQSBatchResponse, SQSEvent, SQSRecord } from 'aws-lambda';
 import { loadConfig } from '../shared/config.ts';
+import { handleStreamEvent } from '../shared/core/stream.ts';
 import { decodeQueueMessage, MalformedQueueMessageError } from '../shared/queue-message.ts';
 import { createServer, type Server } from '../shared/server.ts';
-import { handleStreamEvent } from '../shared/stream.ts';
 
 function groupOf(record: SQSRecord): string {
   return record.attributes.MessageGroupId ?? record.messageId;

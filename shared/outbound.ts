@@ -76,7 +76,7 @@ export interface OutboundCounters {
 }
 
 /** Stanzas sent to clients carry the content namespace explicitly (RFC 7395 §3.3.3). */
-function serialize(element: Element): string {
+export function serialize(element: Element): string {
   if (
     (element.name === 'message' || element.name === 'presence' || element.name === 'iq') &&
     !element.attrs.xmlns
@@ -86,13 +86,40 @@ function serialize(element: Element): string {
   return element.toString();
 }
 
+/**
+ * API Gateway Management API failures worth a retry of the whole frame: throttling (429
+ * LimitExceededException), 5xx, timeouts and dropped sockets. A 410 is not an error here: it
+ * is the `gone` result.
+ */
+export function isTransientPostError(error: unknown): boolean {
+  if (!(error instanceof Error)) return false;
+  const metadata = (error as { $metadata?: { httpStatusCode?: number } }).$metadata;
+  if ((error as { $retryable?: unknown }).$retryable) return true;
+  if (error.name === 'LimitExceededException' || error.name === 'TooManyRequestsException') return true;
+  if (metadata && (metadata.httpStatusCode === undefined || metadata.httpStatusCode >= 500)) return true;
+  return isNetworkError(error);
+}
+
+/** A socket-level failure on the way to an AWS endpoint. */
+export function isNetworkError(error: Error): boolean {
+  const code = (error as NodeJS.ErrnoException).code ?? '';
+  return (
+    ['TimeoutError', 'RequestTimeout', 'ECONNREFUSED', 'ECONNRESET'].includes(error.name) ||
+    ['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EPIPE'].includes(code)
+  );
+}
+
 export class Outbound {
   readonly counters: OutboundCounters = { posts: 0, bytes: 0, gone: 0 };
 
   constructor(private readonly port: ConnectionPort) {}
 
-  async send(connectionId: string, element: Element): Promise<PostResult> {
-    const data = serialize(element);
+  send(connectionId: string, element: Element): Promise<PostResult> {
+    return this.post(connectionId, serialize(element));
+  }
+
+  /** Posts an already serialised frame. */
+  async post(connectionId: string, data: string): Promise<PostResult> {
     this.counters.posts += 1;
     this.counters.bytes += Buffer.byteLength(data);
     const result = await this.port.post(connectionId, data);

@@ -1,86 +1,38 @@
 /**
- * The server core's dependencies, wired once per process (per Lambda cold start, per local
- * runner, per test). Feature modules register themselves with the router here.
+ * The composition root: the one file that knows every module. A new specification is a new
+ * file in `shared/modules/` plus one line in MODULES; modules depend on the core's interfaces,
+ * never on this file or on each other's internals.
  */
-import type { DynamoDBDocumentClient } from '@aws-sdk/lib-dynamodb';
-import type { Config } from './config.ts';
-import * as bind from './features/bind.ts';
-import * as disco from './features/disco.ts';
-import * as offline from './features/offline.ts';
-import * as offlineStorage from './features/offline-storage.ts';
-import * as ping from './features/ping.ts';
-import * as presence from './features/presence.ts';
-import * as version from './features/version.ts';
-import { createLogger, type Logger } from './log.ts';
-import { apiGatewayPort, type ConnectionPort, Outbound } from './outbound.ts';
-import { Router } from './router.ts';
-import { documentClientFor } from './store/dynamo.ts';
-import { createOfflineStore, type OfflineStore } from './store/offline.ts';
-import { createSessionStore, type SessionStore } from './store/sessions.ts';
-import { createSmQueueStore, type SmQueueStore } from './store/sm-queue.ts';
-import { createUserStore, type UserStore } from './store/users.ts';
+import { createServerCore, type Module, type Server, type ServerOptions } from './core/server.ts';
+import * as bind from './modules/rfc6120-bind.ts';
+import * as sasl from './modules/rfc6120-sasl.ts';
+import * as presence from './modules/rfc6121-presence.ts';
+import * as flexibleOffline from './modules/xep-0013-flexible-offline.ts';
+import * as disco from './modules/xep-0030-disco.ts';
+import * as softwareVersion from './modules/xep-0092-software-version.ts';
+import * as offlineStorage from './modules/xep-0160-offline-storage.ts';
+import * as streamManagement from './modules/xep-0198-stream-management.ts';
+import * as ping from './modules/xep-0199-ping.ts';
+import * as streamLimits from './modules/xep-0478-stream-limits.ts';
 
-export interface Server {
-  config: Config;
-  sessions: SessionStore;
-  users: UserStore;
-  offline: OfflineStore;
-  smQueue: SmQueueStore;
-  outbound: Outbound;
-  router: Router;
-  log: Logger;
-  /** Secret for SASL decoys of unknown users (stable per deployment, never sent). */
-  decoySecret(): Promise<string>;
-}
+export type { Server, ServerOptions } from './core/server.ts';
 
-export interface ServerOptions {
-  config: Config;
-  port?: ConnectionPort;
-  doc?: DynamoDBDocumentClient;
-  log?: Logger;
-}
+/** In registration order; hooks of equal priority run in this order. */
+export const MODULES: readonly Module[] = [
+  sasl,
+  bind,
+  streamManagement,
+  streamLimits,
+  presence,
+  disco,
+  ping,
+  softwareVersion,
+  offlineStorage,
+  flexibleOffline,
+];
 
 export function createServer(options: ServerOptions): Server {
-  const { config } = options;
-  const doc = options.doc ?? documentClientFor(config);
-  // Built on first use: $connect never posts, and needs no management endpoint.
-  let apiGateway: ConnectionPort | undefined;
-  const gateway = () =>
-    (apiGateway ??= apiGatewayPort(
-      config.connectionsEndpoint ?? missing('CONNECTIONS_ENDPOINT (the API Gateway Management API endpoint)'),
-      config.region,
-    ));
-  const port: ConnectionPort = options.port ?? {
-    post: (connectionId, data) => gateway().post(connectionId, data),
-    close: (connectionId) => gateway().close(connectionId),
-  };
-  const users = createUserStore(doc, config.tables.users);
-  let decoySecret: Promise<string> | undefined;
-  const router = new Router();
-  for (const feature of [bind, disco, ping, version, presence, offlineStorage, offline])
-    feature.register(router);
-  return {
-    config,
-    sessions: createSessionStore(doc, config.tables.sessions, config.connectionTtlSeconds),
-    users,
-    offline: createOfflineStore(doc, config.tables.offline, {
-      quota: config.offlineQuota,
-      ttlSeconds: config.offlineTtlSeconds,
-    }),
-    smQueue: createSmQueueStore(doc, config.tables.sessions),
-    outbound: new Outbound(port),
-    router,
-    log: options.log ?? createLogger(),
-    decoySecret() {
-      decoySecret ??= users.decoySecret().catch((error) => {
-        decoySecret = undefined;
-        throw error;
-      });
-      return decoySecret;
-    },
-  };
-}
-
-function missing(what: string): never {
-  throw new Error(`Missing configuration: ${what}`);
+  const server = createServerCore(options);
+  for (const module of MODULES) module.register(server);
+  return server;
 }

@@ -173,3 +173,43 @@ export function documentClientFor(config: Config): DynamoDBDocumentClient {
 export function isConditionFailure(error: unknown): boolean {
   return (error as { name?: string } | undefined)?.name === 'ConditionalCheckFailedException';
 }
+
+/**
+ * DynamoDB failures worth retrying the whole frame: throttling, transaction conflicts,
+ * 5xx, timeouts, and batches that kept keys unprocessed after the SDK's own retries.
+ */
+export function isTransientStoreError(error: unknown): boolean {
+  if (!(error instanceof Error)) return false;
+  if (error instanceof UnprocessedKeysError) return true;
+  if ((error as { $retryable?: unknown }).$retryable) return true;
+  const metadata = (error as { $metadata?: { httpStatusCode?: number } }).$metadata;
+  if (metadata && (metadata.httpStatusCode === undefined || metadata.httpStatusCode >= 500)) return true;
+  if (TRANSIENT_NAMES.has(error.name)) return true;
+  if (error.name === 'TransactionCanceledException') {
+    // Cancelled by a conflict or throttling, not by a failed condition: worth a retry.
+    const reasons = (error as { CancellationReasons?: { Code?: string }[] }).CancellationReasons ?? [];
+    return reasons.some((r) => r.Code === 'TransactionConflict' || r.Code === 'ThrottlingError');
+  }
+  const code = (error as NodeJS.ErrnoException).code ?? '';
+  return (
+    ['TimeoutError', 'ECONNREFUSED', 'ECONNRESET'].includes(error.name) ||
+    ['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT'].includes(code)
+  );
+}
+
+const TRANSIENT_NAMES = new Set([
+  'ThrottlingException',
+  'ProvisionedThroughputExceededException',
+  'RequestLimitExceeded',
+  'TransactionConflictException',
+  'InternalServerError',
+  'ServiceUnavailable',
+]);
+
+/** A batch read or write that left keys unprocessed even after the SDK's retries. */
+export class UnprocessedKeysError extends Error {
+  constructor(operation: string) {
+    super(`${operation} kept keys unprocessed`);
+    this.name = 'UnprocessedKeysError';
+  }
+}

@@ -18,6 +18,7 @@ import {
   UpdateCommand,
 } from '@aws-sdk/lib-dynamodb';
 import { TTL_ATTRIBUTE } from '../tables.ts';
+import { UnprocessedKeysError } from './dynamo.ts';
 
 export interface OfflineMessage {
   /** Opaque, unique, increasing with arrival time. */
@@ -92,8 +93,8 @@ function toMessage(item: Record<string, unknown>): OfflineMessage {
 /** Keys DynamoDB left unprocessed (throttling) are asked again after a pause; at last, a retryable error. */
 async function unprocessedBackoff(attempt: number): Promise<void> {
   if (attempt > 6) {
-    // Named as DynamoDB names throttling, so the stream treats it as transient and retries the frame.
-    throw Object.assign(new Error('BatchGetItem kept keys unprocessed'), { name: 'ThrottlingException' });
+    // Transient (isTransientStoreError): the stream retries the frame.
+    throw new UnprocessedKeysError('BatchGetItem');
   }
   await new Promise((resolve) => setTimeout(resolve, 25 * 2 ** attempt));
 }

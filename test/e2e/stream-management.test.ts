@@ -5,8 +5,8 @@
 import { xml } from '@xmpp/client';
 import type { Element } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { counter, unwrap } from '../../shared/features/stream-management.ts';
-import { sweepExpiredSessions } from '../../shared/sweep.ts';
+import { sweep } from '../../shared/core/lifecycle.ts';
+import { counter, unwrap } from '../../shared/modules/xep-0198-stream-management.ts';
 import { eventually } from '../support/eventually.ts';
 import { RawClient } from '../support/raw-client.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
@@ -458,7 +458,7 @@ describe('expiry', () => {
     expect(await stack.server.offline.count('capulet@localhost')).toBe(0);
 
     await new Promise((resolve) => setTimeout(resolve, 1100));
-    expect(await sweepExpiredSessions(stack.server, Date.now())).toBeGreaterThanOrEqual(1);
+    expect(await sweep(stack.server, Date.now())).toBeGreaterThanOrEqual(1);
     expect(await stack.server.offline.count('capulet@localhost')).toBe(2);
 
     const back = await login('capulet', { resource: 'back' });
@@ -551,7 +551,7 @@ describe('expiry', () => {
       expect((await stack.server.smQueue.get(enabled.attrs.id as string))?.connectionId).toBeUndefined(),
     );
     await new Promise((resolve) => setTimeout(resolve, 1100));
-    await sweepExpiredSessions(stack.server, Date.now());
+    await sweep(stack.server, Date.now());
     // RFC 6121 §4.6.3: the recipient of directed presence learns the session is over...
     const gone = await asker.until((el) => el.name === 'presence' && el.attrs.type === 'unavailable');
     expect(gone.attrs.from).toBe('lawrence@localhost/cell');
@@ -576,7 +576,7 @@ describe('expiry', () => {
     await client.until((el) => el.getChildText('body') === 'b3');
     client.terminate();
     await new Promise((resolve) => setTimeout(resolve, 1400));
-    await sweepExpiredSessions(stack.server, Date.now());
+    await sweep(stack.server, Date.now());
     expect(await stack.server.offline.count('balthasar@localhost')).toBe(3);
     const back = await raw('balthasar', 'back');
     back.send('<presence/>');

@@ -18,31 +18,56 @@
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Element, parse } from 'ltx';
-import { errorReply, StanzaError, StreamError, streamErrorElement } from '../errors.ts';
-import { bareJid, parseJid } from '../jid.ts';
+import { post } from '../core/delivery.ts';
+import {
+  type DeliveryOptions,
+  HANDLED,
+  isBound,
+  type Server,
+  type SessionEndReason,
+  type SessionRef,
+  type Stream,
+  type UndeliveredStanza,
+} from '../core/host.ts';
+import { endSession, kickConnection } from '../core/lifecycle.ts';
+import { stampDelay } from '../core/stanzas.ts';
+import { StreamError } from '../errors.ts';
 import type { PostResult } from '../outbound.ts';
-import { routeMessage } from '../router.ts';
-import type { Server } from '../server.ts';
-import type { ConnectionState, ResourceRecord, SmState } from '../store/sessions.ts';
+import type { SmState } from '../store/sessions.ts';
 import { AckBeyondQueueError, type SmEntry, type SmQueueItem, type SmVersion } from '../store/sm-queue.ts';
-import type { Stream } from '../stream.ts';
 import { NS } from '../xml/namespaces.ts';
-import { continueTransfer, floodOffline } from './offline-storage.ts';
-import { endSession, tellDirectedRecipients } from './presence.ts';
 
 export const SM3 = 'urn:xmpp:sm:3';
 export const SM1 = 'urn:xmpp:sm:1';
 const WRAP = 2 ** 32;
 
 const namespaceOf = (version: SmVersion) => (version === 'sm3' ? SM3 : SM1);
-const versionOf = (ns: string | undefined): SmVersion | undefined =>
-  ns === SM3 ? 'sm3' : ns === SM1 ? 'sm1' : undefined;
 
-export function isSmNamespace(ns: string | undefined): boolean {
-  return versionOf(ns) !== undefined;
+export function register(server: Server): void {
+  const { host } = server;
+  host.nonza(SM3, (stream, element) => handle(stream, element, 'sm3'));
+  host.nonza(SM1, (stream, element) => handle(stream, element, 'sm1'));
+  host.hook('stream-features', ({ stream, features }) => {
+    if (stream.user && !stream.state.resource) advertise(features, server);
+    return undefined;
+  });
+  // XEP-0198 §4: every stanza counts, even one that is refused: counted before routing.
+  host.hook('stanza-in', ({ stream }) => countInbound(stream), { priority: 100 });
+  host.provideStanzaQueue({
+    deliver: (smId, stanza, options) => deliverToSmSession(server, smId, stanza, options),
+    requestAck: (stream) => requestAckIfUnacknowledged(stream),
+  });
+  host.hook('connection-vanished', (event) => keepResumable(server, event), { priority: 10 });
+  host.hook('session-ending', ({ session, reason, undelivered }) =>
+    endSmSession(server, session, reason, undelivered),
+  );
+  host.hook('sweep', async (event) => {
+    event.swept += await expireDetachedSessions(server, event.now);
+    return undefined;
+  });
 }
 
-export function advertise(features: Element, server: Server): void {
+function advertise(features: Element, server: Server): void {
   features.c('sm', { xmlns: SM3 }).c('optional');
   // Seed §4: 'max' is the longest resumption time, 'stanzas' the preferred ack interval.
   features
@@ -93,13 +118,7 @@ function tooHigh(h: number, sendCount: number): StreamError {
 function withDelay(server: Server, stanzaXml: string, time: number): Element {
   const stanza = parse(stanzaXml);
   // XEP-0203 stamps messages and presence alike; an iq is never stamped.
-  const stampable = stanza.name === 'message' || stanza.name === 'presence';
-  if (
-    stampable &&
-    !stanza.getChildren('delay', NS.delay).some((d) => d.attrs.from === server.config.domain)
-  ) {
-    stanza.c('delay', { xmlns: NS.delay, from: server.config.domain, stamp: new Date(time).toISOString() });
-  }
+  if (stanza.name === 'message' || stanza.name === 'presence') stampDelay(stanza, server.config.domain, time);
   return stanza;
 }
 
@@ -133,11 +152,11 @@ export interface SmSendOptions {
  * replaying. Returns 'sent' when the session took responsibility for it (posted or queued),
  * 'gone' when there is no session any more and the caller must re-route.
  */
-export async function deliverToSmSession(
+async function deliverToSmSession(
   server: Server,
   smId: string,
   stanza: Element,
-  options: SmSendOptions = {},
+  options: DeliveryOptions = {},
 ): Promise<PostResult> {
   const entry: SmEntry = {
     s: stanza.toString(),
@@ -155,20 +174,31 @@ export async function deliverToSmSession(
   if (!item.connectionId) {
     // Detached: the stanza waits for a resume, unless the window has already closed.
     if (item.sweepAt !== undefined && item.sweepAt <= Date.now())
-      await endSmSession(server, item.smId, undefined);
+      await endSession(server, sessionOfItem(item), 'expired');
     return 'sent';
   }
   if (item.holding) return 'sent';
-  const posted = await server.outbound.send(item.connectionId, stanza);
+  const posted = await post(server, item.connectionId, stanza);
   if (posted === 'gone') {
-    await connectionVanished(server, item.connectionId);
+    // Kept in the queue: the session detaches (or ends, re-routing it) through the lifecycle.
+    await server.host.fire('connection-vanished', { connectionId: item.connectionId });
     return 'sent';
   }
   if (number % server.config.smAckEvery === 0) {
     // Batched: one <r/> per smAckEvery stanzas, each being a paid message and invocation.
-    await server.outbound.send(item.connectionId, ackRequest(item.version, number));
+    await post(server, item.connectionId, ackRequest(item.version, number));
   }
   return 'sent';
+}
+
+function sessionOfItem(item: SmQueueItem, connectionId?: string): SessionRef {
+  return {
+    user: item.user,
+    resource: item.resource,
+    smId: item.smId,
+    ...(connectionId ? { connectionId } : {}),
+    ...(item.directedTo ? { directedTo: item.directedTo } : {}),
+  };
 }
 
 /** The queue is over its bound: the stream ends with policy-violation, nothing is lost. */
@@ -176,121 +206,86 @@ async function overflow(server: Server, smId: string): Promise<void> {
   const item = await server.smQueue.get(smId);
   if (!item || item.ended) return;
   server.log.warn('stream management queue full', { smId, user: item.user });
-  if (item.connectionId) {
-    const error = new StreamError('policy-violation', 'Too many unacknowledged stanzas');
-    await server.outbound.send(item.connectionId, streamErrorElement(error));
-    await server.outbound.send(item.connectionId, new Element('close', { xmlns: NS.framing }));
-    await server.outbound.close(item.connectionId);
-    const state = await server.sessions.getConnection(item.connectionId);
-    await endSmSession(server, smId, item.connectionId, state?.sm?.inbound);
-    if (state) await server.sessions.deleteConnection(state.connectionId);
-  } else {
-    await endSmSession(server, smId, undefined);
-  }
+  if (!item.connectionId) return endSession(server, sessionOfItem(item), 'expired');
+  await kickConnection(
+    server,
+    item.connectionId,
+    new StreamError('policy-violation', 'Too many unacknowledged stanzas'),
+  );
+  const state = await server.sessions.getConnection(item.connectionId);
+  await endSession(
+    server,
+    {
+      ...sessionOfItem(item, item.connectionId),
+      ...(state ? { state, ...(state.directedTo ? { directedTo: state.directedTo } : {}) } : {}),
+    },
+    'closed',
+  );
 }
 
 // ---------------------------------------------------------------------------------------------
 // Ending: detach, expire, re-route
 
 /**
- * The socket of `connectionId` is gone ($disconnect, or a 410 on a post). A resumable
- * session is kept (detached) for its window; any other session ends now.
+ * The socket is gone ($disconnect, or a 410 on a post). XEP-0198 §5: a resumable session is
+ * kept, detached, for its window; any other session ends (the lifecycle's default).
  */
-export async function connectionVanished(
+async function keepResumable(
   server: Server,
-  connectionId: string,
-  known?: ConnectionState,
-): Promise<void> {
-  const state = known ?? (await server.sessions.getConnection(connectionId));
-  if (!state) return;
-  if (state.sm?.resumable) {
-    const until = Date.now() + state.sm.max * 1000;
-    await server.smQueue.detach(state.sm.id, connectionId, state.sm.inbound, until, state.directedTo ?? []);
-    await server.sessions.deleteConnection(connectionId);
-    return;
-  }
-  await endStream(server, state);
-}
-
-/** Ends a stream's session for good: its SM session (re-routing what is unacknowledged), presence, rows. */
-export async function endStream(server: Server, state: ConnectionState): Promise<void> {
-  if (state.sm) await endSmSession(server, state.sm.id, state.connectionId, state.sm.inbound);
-  await endSession(server, state);
+  event: { connectionId: string; state?: import('../store/sessions.ts').ConnectionState },
+): Promise<typeof HANDLED | undefined> {
+  event.state ??= await server.sessions.getConnection(event.connectionId);
+  const state = event.state;
+  if (!state?.sm?.resumable) return undefined;
+  const until = Date.now() + state.sm.max * 1000;
+  await server.smQueue.detach(
+    state.sm.id,
+    event.connectionId,
+    state.sm.inbound,
+    until,
+    state.directedTo ?? [],
+  );
+  await server.sessions.deleteConnection(event.connectionId);
+  return HANDLED;
 }
 
 /**
- * Ends an SM session exactly once and re-routes its unacknowledged stanzas: messages to
- * another resource or offline storage (one delay stamp, never bounced), iq requests answered
- * with an error, presence dropped; then `unavailable` is broadcast.
+ * A session with stream management is ending: its queue is ended exactly once and what it held
+ * unacknowledged is handed back for re-routing (not what is still in offline storage: it is
+ * delivered from there, never stored twice). HANDLED when the queue is not this caller's to
+ * end: resumed on another connection, or ended already.
  */
-export async function endSmSession(
+async function endSmSession(
   server: Server,
-  smId: string,
-  /** The connection that must still own it, `undefined` if it must be detached, or 'any'. */
-  connectionId: string | undefined,
-  inbound?: number,
-): Promise<void> {
-  const current = inbound === undefined ? await server.smQueue.get(smId) : undefined;
-  const ended = await server.smQueue.end(smId, connectionId, inbound ?? current?.inbound ?? 0);
-  if (!ended) return;
-  const released = await server.sessions.releaseSmResource(ended.user, ended.resource, smId);
+  session: SessionRef,
+  reason: SessionEndReason,
+  undelivered: UndeliveredStanza[],
+): Promise<typeof HANDLED | undefined> {
+  if (!session.smId) return undefined;
+  // The connection that must still own it; 'any' for a replaced resource; undefined: detached.
+  const owner = reason === 'replaced' ? 'any' : session.connectionId;
+  const inbound = session.state?.sm?.inbound ?? (await server.smQueue.get(session.smId))?.inbound ?? 0;
+  const ended = await server.smQueue.end(session.smId, owner, inbound);
+  if (!ended) return HANDLED;
   // A detached session's directed-presence recipients were carried in its queue item.
-  await tellDirectedRecipients(server, `${ended.user}/${ended.resource}`, ended.directedTo);
-  if (released?.available) {
-    const from = `${ended.user}/${ended.resource}`;
-    for (const other of await server.sessions.listResources(ended.user)) {
-      if (!other.available) continue;
-      await deliver(server, other, new Element('presence', { from, type: 'unavailable' }));
-    }
-  }
-  await rerouteEntries(server, ended);
-}
-
-async function deliver(server: Server, resource: ResourceRecord, stanza: Element): Promise<PostResult> {
-  if (resource.smId) return deliverToSmSession(server, resource.smId, stanza);
-  return server.outbound.send(resource.connectionId, stanza);
-}
-
-async function rerouteEntries(server: Server, item: SmQueueItem): Promise<void> {
-  const fromOffline = item.entries.flatMap((e) => (e.o ? [e.o] : []));
-  const stillStored = fromOffline.length > 0 ? await server.offline.get(item.user, fromOffline) : new Map();
-  for (const entry of item.entries) {
-    // Still in offline storage: it will be delivered from there; never stored twice.
+  if (ended.directedTo?.length)
+    session.directedTo = [...new Set([...(session.directedTo ?? []), ...ended.directedTo])];
+  const fromOffline = ended.entries.flatMap((e) => (e.o ? [e.o] : []));
+  const stillStored = fromOffline.length > 0 ? await server.offline.get(ended.user, fromOffline) : new Map();
+  for (const entry of ended.entries) {
     if (entry.c || (entry.o && stillStored.has(entry.o))) continue;
-    const stanza = parse(entry.s);
-    try {
-      if (stanza.name === 'message') {
-        await routeMessage(server, stanza, parseJid(item.user), { originalTime: entry.t });
-      } else if (
-        stanza.name === 'iq' &&
-        (stanza.attrs.type === 'get' || stanza.attrs.type === 'set') &&
-        stanza.attrs.from
-      ) {
-        const reply = errorReply(stanza, new StanzaError('cancel', 'service-unavailable'));
-        const requester = parseJid(stanza.attrs.from);
-        if (requester.local && requester.resource && requester.domain === server.config.domain) {
-          const resource = await server.sessions.getResource(bareJid(requester), requester.resource);
-          if (resource) await deliver(server, resource, reply);
-        }
-      }
-      // Presence and iq responses are dropped: they describe a session that is over.
-    } catch (error) {
-      if (!(error instanceof StanzaError)) throw error;
-      server.log.info('unacknowledged stanza dropped on re-route', {
-        smId: item.smId,
-        condition: error.condition,
-      });
-    }
+    undelivered.push({ stanza: parse(entry.s), acceptedAt: entry.t });
   }
+  return undefined;
 }
 
 /** The sweeper's part: sessions whose resumption window closed. */
-export async function expireDetachedSessions(server: Server, now: number): Promise<number> {
+async function expireDetachedSessions(server: Server, now: number): Promise<number> {
   let swept = 0;
   for (;;) {
     const expired = await server.smQueue.listExpired(now, 50);
     for (const item of expired) {
-      await endSmSession(server, item.smId, undefined, item.inbound ?? 0);
+      await endSession(server, sessionOfItem(item), 'expired');
       swept += 1;
     }
     if (expired.length < 50) return swept;
@@ -301,9 +296,10 @@ export async function expireDetachedSessions(server: Server, now: number): Promi
 // The stream's own sends and counts
 
 /** Counts a stanza the client sent (sm:3 counts stanzas; sm:1 learns numbers from `<r u/>`). */
-export function countInbound(stream: Stream): void {
+function countInbound(stream: Stream): undefined {
   const sm = stream.state.sm;
   if (sm?.version === 'sm3') stream.update({ sm: { ...sm, inbound: sm.inbound + 1 } });
+  return undefined;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -354,7 +350,7 @@ async function enable(stream: Stream, element: Element, version: SmVersion): Pro
     enabled.attrs.resume = 'true';
     if (version === 'sm3') enabled.attrs.max = String(max);
   }
-  await server.outbound.send(stream.connectionId, enabled);
+  await post(server, stream.connectionId, enabled);
   await replayHeld(stream, sm, 0, []);
 }
 
@@ -376,7 +372,7 @@ async function replayHeld(
   for (;;) {
     for (let i = sent - base; i < entries.length; i++) {
       const entry = entries[i] as SmEntry;
-      await server.outbound.send(stream.connectionId, withDelay(server, entry.s, entry.t));
+      await post(server, stream.connectionId, withDelay(server, entry.s, entry.t));
       sent += 1;
     }
     if (await server.smQueue.release(sm.id, sent)) return;
@@ -392,12 +388,12 @@ async function replayHeld(
  * of an offline flood, whose messages stay stored until acknowledged, rather than at the
  * next batch of `smAckEvery`.
  */
-export async function requestAckIfUnacknowledged(stream: Stream): Promise<void> {
+async function requestAckIfUnacknowledged(stream: Stream): Promise<void> {
   const sm = stream.state.sm;
   if (!sm) return;
   const counts = await stream.server.smQueue.counts(sm.id);
   if (counts && counts.out > sm.acked)
-    await stream.server.outbound.send(stream.connectionId, ackRequest(sm.version, counts.out));
+    await post(stream.server, stream.connectionId, ackRequest(sm.version, counts.out));
 }
 
 /**
@@ -444,6 +440,7 @@ async function acknowledge(stream: Stream, element: Element, version: SmVersion)
 /** The client handled our stanzas up to `h`: drop them, release offline copies, pace transfers. */
 async function applyAck(stream: Stream, h: number): Promise<void> {
   const { server } = stream;
+  if (!isBound(stream)) return;
   const sm = smState(stream) as SmState;
   const newBase = unwrap(h, sm.acked);
   if (newBase === sm.acked) return;
@@ -459,8 +456,8 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
   stream.update({ sm: { ...sm, acked: newBase } });
   const offlineIds = removed.flatMap((e) => (e.o ? [e.o] : []));
   // XEP-0160 with SM: an offline message leaves storage only once the client acknowledged it.
-  if (offlineIds.length > 0) await server.offline.remove(stream.state.user as string, offlineIds);
-  await continueTransfer(stream, out - newBase);
+  if (offlineIds.length > 0) await server.offline.remove(stream.user, offlineIds);
+  await server.host.fire('stanzas-acknowledged', { stream, unacknowledged: out - newBase });
 }
 
 /** Decides whether a `<resume/>` may proceed; the reply is written by `resume`. */
@@ -489,7 +486,7 @@ async function decideResume(
   if (item.ended) return { ok: false, reply: failed(version, 'item-not-found', item.inbound ?? 0) };
   if (!item.connectionId && item.sweepAt !== undefined && item.sweepAt <= Date.now()) {
     // The window closed and the sweeper has not come by yet: it is expired all the same.
-    await endSmSession(server, item.smId, undefined, item.inbound ?? 0);
+    await endSession(server, sessionOfItem(item), 'expired');
     return { ok: false, reply: failed(version, 'item-not-found', item.inbound ?? 0) };
   }
   const previous = item.connectionId ? await server.sessions.getConnection(item.connectionId) : undefined;
@@ -504,19 +501,14 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
   const decision = await decideResume(stream, element, version);
   if (!decision.ok) return void (await stream.send(decision.reply));
   const { item, inbound } = decision;
-  const user = stream.state.user as string;
+  const user = stream.user as string;
 
   const taken = await server.smQueue.attach(item.smId, user, stream.connectionId);
   if (!taken) return void (await stream.send(failed(version, 'item-not-found', item.inbound)));
   const previousConnection = item.connectionId;
   if (previousConnection && previousConnection !== stream.connectionId) {
     // XEP-0198 §5: the old stream, if still open, is terminated.
-    await server.outbound.send(
-      previousConnection,
-      streamErrorElement(new StreamError('conflict', 'Resumed elsewhere')),
-    );
-    await server.outbound.send(previousConnection, new Element('close', { xmlns: NS.framing }));
-    await server.outbound.close(previousConnection);
+    await kickConnection(server, previousConnection, new StreamError('conflict', 'Resumed elsewhere'));
     await server.sessions.deleteConnection(previousConnection);
   }
   const record = await server.sessions.getResource(user, taken.resource);
@@ -549,19 +541,20 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
   const resumed = new Element('resumed', { xmlns: namespaceOf(version), previd: taken.smId });
   // Seed §5: "If there is no known last acknowledged sequence number ... 'h' MUST NOT be included."
   if (version === 'sm3' || inbound > 0) resumed.attrs.h = String(inbound % WRAP);
-  await server.outbound.send(stream.connectionId, resumed);
+  await post(server, stream.connectionId, resumed);
   await replayHeld(stream, sm, acked, taken.entries.slice(acked - taken.base), acked);
-  await server.outbound.send(
+  await post(
+    server,
     stream.connectionId,
     ackRequest(version, (await server.smQueue.get(sm.id))?.out ?? acked),
   );
   // A flood cut short by the lost socket (its messages are still stored) carries on here.
-  if (record?.available && record.priority >= 0) await floodOffline(stream, [record]);
+  if (isBound(stream))
+    await server.host.fire('session-resumed', { stream, ...(record ? { resource: record } : {}) });
 }
 
 /** Every nonza of an SM namespace. */
-export async function handle(stream: Stream, element: Element): Promise<void> {
-  const version = versionOf(element.attrs.xmlns) as SmVersion;
+async function handle(stream: Stream, element: Element, version: SmVersion): Promise<void> {
   switch (element.name) {
     case 'enable':
       return enable(stream, element, version);
@@ -574,15 +567,4 @@ export async function handle(stream: Stream, element: Element): Promise<void> {
     default:
       throw new StreamError('unsupported-stanza-type', `Unknown stream management element <${element.name}>`);
   }
-}
-
-/** A stanza to this stream while SM is on: it is numbered and kept until acknowledged. */
-export async function sendOnStream(
-  stream: Stream,
-  stanza: Element,
-  options: SmSendOptions = {},
-): Promise<PostResult> {
-  const sm = stream.state.sm as SmState;
-  const result = await deliverToSmSession(stream.server, sm.id, stanza, options);
-  return result;
 }

@@ -1,33 +1,24 @@
 /**
  * XEP-0030 Service Discovery (v2.5), `http://jabber.org/protocol/disco#info` and `#items`.
- * The server's features are gathered from what the feature modules register, so disco never
- * advertises something the router cannot serve.
+ * The server's features and nodes are what the other modules added to the host
+ * (`disco-feature`, `disco-node`), so disco never advertises something nobody serves.
  */
 import { Element } from 'ltx';
+import type { Server } from '../core/host.ts';
 import { StanzaError } from '../errors.ts';
 import { bareJid } from '../jid.ts';
-import type { IqRequest, Router } from '../router.ts';
 import { NS } from '../xml/namespaces.ts';
 
-/** A feature can answer disco#info / disco#items for a node of its own (e.g. XEP-0013). */
-export interface DiscoNode {
-  info(request: IqRequest): Promise<Element>;
-  items(request: IqRequest): Promise<Element>;
-}
+export function register(server: Server): void {
+  const { host } = server;
+  host.add('disco-feature', NS.discoInfo);
+  host.add('disco-feature', NS.discoItems);
+  const nodeHandler = (node: string) => host.items('disco-node').find((entry) => entry.node === node);
 
-const nodes = new Map<string, DiscoNode>();
-
-export function registerNode(node: string, handler: DiscoNode): void {
-  nodes.set(node, handler);
-}
-
-export function register(router: Router): void {
-  router.feature(NS.discoInfo, NS.discoItems);
-
-  router.iq(['server', 'account'], 'get', NS.discoInfo, 'query', async (request) => {
+  host.iq('get', NS.discoInfo, 'query', async (request) => {
     const node = request.payload.attrs.node;
     if (node !== undefined) {
-      const handler = nodes.get(node);
+      const handler = nodeHandler(node);
       if (!handler) throw new StanzaError('cancel', 'item-not-found');
       return handler.info(request);
     }
@@ -43,19 +34,19 @@ export function register(router: Router): void {
       return query;
     }
     query.c('identity', { category: 'server', type: 'im', name: 'Nimbus' });
-    for (const feature of [...router.features].sort()) query.c('feature', { var: feature });
+    for (const feature of [...new Set(host.items('disco-feature'))].sort())
+      query.c('feature', { var: feature });
     return query;
   });
 
-  router.iq(
-    ['server', 'account'],
+  host.iq(
     'get',
     NS.discoItems,
     'query',
     async (request) => {
       const node = request.payload.attrs.node;
       if (node !== undefined) {
-        const handler = nodes.get(node);
+        const handler = nodeHandler(node);
         if (!handler) throw new StanzaError('cancel', 'item-not-found');
         return handler.items(request);
       }

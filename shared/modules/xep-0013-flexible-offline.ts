@@ -13,15 +13,14 @@
  * of headers is that GetItem plus one key-ordered Query with a Limit. Nothing here scans.
  */
 import { Element } from 'ltx';
+import { POST_LIMIT_BYTES } from '../core/delivery.ts';
+import { type BoundStream, DEFERRED_RESULT, type IqRequest, type Server } from '../core/host.ts';
+import { decodePageRequest as decodeRsm, encodePageReply, type PageRequest } from '../core/rsm.ts';
 import { StanzaError } from '../errors.ts';
 import { bareJid } from '../jid.ts';
-import { DEFERRED_RESULT, type IqRequest, type Router } from '../router.ts';
-import type { Server } from '../server.ts';
 import type { OfflineMessage } from '../store/offline.ts';
-import type { Stream } from '../stream.ts';
 import { NS } from '../xml/namespaces.ts';
-import { registerNode } from './disco.ts';
-import { stampedStanza, startTransfer } from './offline-storage.ts';
+import { deliveredCopy, startTransfer } from './xep-0160-offline-storage.ts';
 
 /** XEP-0013 §2.2: the well-known disco node of the offline message queue. */
 const NODE = NS.offline;
@@ -29,8 +28,6 @@ const NODE = NS.offline;
 /** Headers per page when the client does not say (`<max/>`), and the most it may ask for. */
 export const DEFAULT_HEADERS_PAGE = 100;
 export const MAX_HEADERS_PAGE = 250;
-/** API Gateway's limit for one message to a client (PostToConnection). */
-export const MESSAGE_LIMIT_BYTES = 128 * 1024;
 /** Room kept for the iq wrapper, the `<query/>` and the `<set/>` around the items. */
 const ENVELOPE_BYTES = 4096;
 /** Messages read per Query while fetching: one page in flight while the previous one is sent. */
@@ -39,11 +36,16 @@ const FETCH_PAGE = 100;
 /** Ids made by `newOfflineId`: ms time, per-process sequence, randomness. Anything else never existed. */
 const OFFLINE_ID = /^\d{15}-\d{4}-[0-9a-f]{8}$/;
 
-export function register(router: Router): void {
-  router.feature(NS.offline);
-  registerNode(NODE, { info: countInfo, items: headers });
-  router.iq(['server', 'account'], 'get', NS.offline, 'offline', command);
-  router.iq(['server', 'account'], 'set', NS.offline, 'offline', command);
+export function register(server: Server): void {
+  const { host } = server;
+  host.add('disco-feature', NS.offline);
+  host.add('disco-node', {
+    node: NODE,
+    info: (request) => countInfo(server, request),
+    items: (request) => headers(server, request),
+  });
+  host.iq('get', NS.offline, 'offline', (request) => command(server, request));
+  host.iq('set', NS.offline, 'offline', (request) => command(server, request));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -95,49 +97,16 @@ export function decodeCommand(type: 'get' | 'set', offline: Element): OfflineCom
 }
 
 /** A page of headers as XEP-0059 asks for it. */
-export interface HeadersPageRequest {
-  /** Whether the client sent `<set/>` (its reply then always carries `<set/>`). */
-  rsm: boolean;
-  max: number;
-  /** Items strictly after this id (forwards), or strictly before it (backwards). */
-  after?: string;
-  before?: string;
-  /** XEP-0059 §2.5: an empty `<before/>` asks for the last page. */
-  lastPage: boolean;
-}
-
-function rsmText(set: Element, name: string): string | undefined {
-  const child = set.getChild(name, NS.rsm);
-  return child ? child.getText().trim() : undefined;
-}
+export type HeadersPageRequest = PageRequest;
 
 export function decodePageRequest(query: Element): HeadersPageRequest {
-  const set = query.getChild('set', NS.rsm);
-  if (!set) return { rsm: false, max: DEFAULT_HEADERS_PAGE, lastPage: false };
-  const maxText = rsmText(set, 'max');
-  if (maxText !== undefined && !/^\d{1,9}$/.test(maxText)) throw badRequest('max is a non-negative integer');
-  // XEP-0059 §2.1: the responding entity may return fewer items than asked for.
-  const max = maxText === undefined ? DEFAULT_HEADERS_PAGE : Math.min(Number(maxText), MAX_HEADERS_PAGE);
-  const after = rsmText(set, 'after');
-  const before = rsmText(set, 'before');
-  const index = rsmText(set, 'index');
-  if (after !== undefined && before !== undefined) throw badRequest('use after or before, not both');
-  if (after === '') throw badRequest('after needs the UID of an item');
-  if (index !== undefined) {
-    if (!/^\d{1,9}$/.test(index)) throw badRequest('index is a non-negative integer');
-    if (after !== undefined || before !== undefined) throw badRequest('index excludes after and before');
-    // XEP-0059 §2.6: page jumping MAY be refused with feature-not-implemented when deriving a UID
-    // from an index is resource intensive; here it would mean reading every earlier item.
-    if (index !== '0')
-      throw new StanzaError('cancel', 'feature-not-implemented', 'Page with after or before');
+  const page = decodeRsm(query, { defaultMax: DEFAULT_HEADERS_PAGE, maxMax: MAX_HEADERS_PAGE });
+  // XEP-0059 §2.6: page jumping MAY be refused with feature-not-implemented when deriving a UID
+  // from an index is resource intensive; here it would mean reading every earlier item.
+  if (page.index !== undefined && page.index !== 0) {
+    throw new StanzaError('cancel', 'feature-not-implemented', 'Page with after or before');
   }
-  return {
-    rsm: true,
-    max,
-    after,
-    before: before === '' ? undefined : before,
-    lastPage: before === '',
-  };
+  return page;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -164,7 +133,7 @@ function inboxOwner(request: IqRequest): string {
  * stream's own state covers the first; the resource record, which other sessions' flood reads
  * and which ends with the session, covers the second.
  */
-async function chooseFlexibleRetrieval(stream: Stream): Promise<void> {
+async function chooseFlexibleRetrieval(stream: BoundStream): Promise<void> {
   if (stream.state.flexibleOffline) return;
   stream.update({ flexibleOffline: true });
   const { user, resource } = stream.state;
@@ -242,31 +211,34 @@ export async function headersPage(
 function headersBudget(request: IqRequest): number {
   const echoed = [request.stanza.attrs.id, request.stanza.attrs.from, request.stanza.attrs.to];
   const envelope = echoed.reduce((sum: number, text) => sum + Buffer.byteLength(String(text ?? '')) * 6, 0);
-  return MESSAGE_LIMIT_BYTES - ENVELOPE_BYTES - envelope;
+  return POST_LIMIT_BYTES - ENVELOPE_BYTES - envelope;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Handlers
 
 /** XEP-0013 §2.2: the number of messages, as XEP-0128 extended disco#info on the node. */
-async function countInfo(request: IqRequest): Promise<Element> {
+async function countInfo(server: Server, request: IqRequest): Promise<Element> {
   const user = inboxOwner(request);
   await chooseFlexibleRetrieval(request.stream);
-  return countElement(await request.server.offline.count(user));
+  return countElement(await server.offline.count(user));
 }
 
 /** XEP-0013 §2.3: one disco item per message, oldest first, paged with XEP-0059. */
-async function headers(request: IqRequest): Promise<Element> {
+async function headers(server: Server, request: IqRequest): Promise<Element> {
   const user = inboxOwner(request);
   const pageRequest = decodePageRequest(request.payload);
-  const page = await headersPage(request.server, user, pageRequest, headersBudget(request));
+  const page = await headersPage(server, user, pageRequest, headersBudget(request));
   await chooseFlexibleRetrieval(request.stream);
   return headersElement(user, page, pageRequest.rsm);
 }
 
-async function command(request: IqRequest): Promise<Element | undefined | typeof DEFERRED_RESULT> {
+async function command(
+  server: Server,
+  request: IqRequest,
+): Promise<Element | undefined | typeof DEFERRED_RESULT> {
   const user = inboxOwner(request);
-  const { stream, server } = request;
+  const { stream } = request;
   const decoded = decodeCommand(request.type, request.payload);
   switch (decoded.action) {
     case 'view': {
@@ -306,7 +278,7 @@ async function command(request: IqRequest): Promise<Element | undefined | typeof
  * remove a message simply because it has been requested by and delivered to the user". Returns
  * false when the connection went away on the way (nothing else is lost: nothing was removed).
  */
-async function deliverCopies(stream: Stream, messages: OfflineMessage[]): Promise<boolean> {
+async function deliverCopies(stream: BoundStream, messages: OfflineMessage[]): Promise<boolean> {
   for (const message of messages) {
     if ((await stream.send(deliveredCopy(stream.server, message), { offlineCopy: true })) !== 'sent')
       return false;
@@ -315,7 +287,7 @@ async function deliverCopies(stream: Stream, messages: OfflineMessage[]): Promis
 }
 
 /** Every message, oldest first, read page by page (the next page is read while one is sent). */
-async function fetchAll(stream: Stream, user: string): Promise<void> {
+async function fetchAll(stream: BoundStream, user: string): Promise<void> {
   const { offline } = stream.server;
   let page = await offline.list(user, { limit: FETCH_PAGE });
   for (;;) {
@@ -360,30 +332,13 @@ export function headersElement(user: string, page: HeadersPage, rsm: boolean): E
     // Everything fits in this reply: the seed's shape, without paging.
     return query;
   }
-  const set = query.c('set', { xmlns: NS.rsm });
-  const first = page.messages[0];
-  const last = page.messages.at(-1);
-  // XEP-0059 §2.2: "If there are no items in the page, then the <first/> and <last/> elements
-  // MUST NOT be included."
-  if (first && last) {
-    set.c('first', page.firstIndex === undefined ? {} : { index: String(page.firstIndex) }).t(first.id);
-    set.c('last').t(last.id);
-  }
-  set.c('count').t(String(page.count));
+  query.cnode(
+    encodePageReply({
+      first: page.messages[0]?.id,
+      last: page.messages.at(-1)?.id,
+      firstIndex: page.firstIndex,
+      count: page.count,
+    }),
+  );
   return query;
-}
-
-/**
- * A stored message as view and fetch deliver it. XEP-0013 §2.3: "each message MUST contain the
- * node value", and it carries one XEP-0203 delay stamp of its arrival.
- */
-export function deliveredCopy(server: Server, message: OfflineMessage): Element {
-  const stanza = stampedStanza(server, message);
-  for (const forged of stanza.getChildren('offline', NS.offline)) stanza.remove(forged);
-  // XEP-0198: this copy stays in the offline store, so it is sent as an `offlineCopy`: if
-  // stream management still holds it unacknowledged when the session ends, it is dropped,
-  // never re-routed (that would store it a second time), and an ack does not remove the
-  // stored message (XEP-0013 §2.4: viewing deletes nothing).
-  stanza.c('offline', { xmlns: NS.offline }).c('item', { node: message.id });
-  return stanza;
 }

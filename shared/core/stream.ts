@@ -1,28 +1,36 @@
 /**
  * The XMPP stream over one WebSocket (RFC 6120 §4, RFC 7395): one call per frame, in order,
- * with the stream's state loaded from and saved to the Sessions table around it.
+ * with the stream's state loaded from and saved to the Sessions table around it. The frame is
+ * parsed, then dispatched: `<open/>`/`<close/>` here, nonzas to the module registered for their
+ * namespace, stanzas to the router once the stream is bound.
  */
 import { randomBytes } from 'node:crypto';
 import { Element } from 'ltx';
-import { isTransient, StreamError, streamErrorElement } from './errors.ts';
-import * as bind from './features/bind.ts';
-import * as sasl from './features/sasl.ts';
-import type { SmSendOptions } from './features/stream-management.ts';
-import * as sm from './features/stream-management.ts';
-import { fullJidOf, type Jid } from './jid.ts';
-import type { PostResult } from './outbound.ts';
-import type { StreamEvent } from './queue-message.ts';
+import { StreamError, streamErrorElement } from '../errors.ts';
+import { fullJidOf, type Jid } from '../jid.ts';
+import type { PostResult } from '../outbound.ts';
+import type { StreamEvent } from '../queue-message.ts';
+import type { ConnectionState } from '../store/sessions.ts';
+import { parseFrame } from '../xml/frame.ts';
+import { NS } from '../xml/namespaces.ts';
+import { closeConnection, deliver, post } from './delivery.ts';
+import {
+  type BoundStream,
+  type DeliveryOptions,
+  isBound,
+  type Server,
+  type Stream,
+  type StreamStateChanges,
+} from './host.ts';
+import { endStream } from './lifecycle.ts';
 import { routeFromClient } from './router.ts';
-import type { Server } from './server.ts';
-import type { ConnectionState } from './store/sessions.ts';
-import { parseFrame } from './xml/frame.ts';
-import { NS } from './xml/namespaces.ts';
+import { isTransient } from './transient.ts';
 
-type StateChanges = Partial<Omit<ConnectionState, 'connectionId' | 'connectedAt'>>;
+const STANZAS = new Set(['message', 'presence', 'iq']);
 
-/** One stream's view during one frame: its state, pending state changes and its outbox. */
-export class Stream {
-  private changes: StateChanges = {};
+/** One stream's view during one frame: its state, pending state changes and its sends. */
+export class XmppStream implements Stream {
+  private changes: StreamStateChanges = {};
   ended = false;
 
   constructor(
@@ -34,24 +42,38 @@ export class Stream {
     return this.state.connectionId;
   }
 
-  /** The authenticated, bound full JID; only valid after bind. */
+  get user(): string | undefined {
+    return this.state.user;
+  }
+
+  get resource(): string | undefined {
+    return this.state.resource;
+  }
+
+  /** The bound full JID (only read through a BoundStream). */
   get jid(): Jid {
     if (!this.state.user || !this.state.resource) throw new Error('stream is not bound');
     return fullJidOf(this.state.user, this.state.resource);
   }
 
-  update(changes: StateChanges): void {
+  update(changes: StreamStateChanges): void {
     Object.assign(this.state, changes);
     Object.assign(this.changes, changes);
   }
 
-  /** Everything this stream sends; with stream management on, stanzas are numbered and queued. */
-  send(element: Element, options: SmSendOptions = {}): Promise<PostResult> {
-    if (this.state.sm && STANZAS.has(element.name)) return sm.sendOnStream(this, element, options);
-    return this.server.outbound.send(this.connectionId, element);
+  send(element: Element, options: DeliveryOptions = {}): Promise<PostResult> {
+    if (this.state.sm && STANZAS.has(element.name)) {
+      return deliver(
+        this.server,
+        { connectionId: this.connectionId, smId: this.state.sm.id },
+        element,
+        options,
+      );
+    }
+    // The stream's own socket: a 410 here is followed by its $disconnect, in order, on the queue.
+    return post(this.server, this.connectionId, element);
   }
 
-  /** Sends the stream error and `<close/>`, ends the session and closes the socket. */
   async fail(error: StreamError): Promise<void> {
     if (this.ended) return;
     if (!this.state.streamOpen) await this.send(openElement(this.server.config.domain, newStreamId()));
@@ -59,19 +81,12 @@ export class Stream {
     await this.close();
   }
 
-  /** Sends `<close/>`, ends the session (presence, resource) and closes the socket. */
   async close(): Promise<void> {
     if (this.ended) return;
     await this.send(new Element('close', { xmlns: NS.framing }));
-    await this.end();
-    await this.server.outbound.close(this.connectionId);
-  }
-
-  /** Ends the session without a word to the client (the socket is already gone). */
-  async end(): Promise<void> {
-    if (this.ended) return;
     this.ended = true;
-    await sm.endStream(this.server, this.state);
+    await endStream(this.server, this.state, 'closed');
+    await closeConnection(this.server, this.connectionId);
   }
 
   async save(): Promise<void> {
@@ -90,36 +105,28 @@ export function openElement(domain: string, id: string): Element {
   return new Element('open', { xmlns: NS.framing, from: domain, id, version: '1.0', 'xml:lang': 'en' });
 }
 
-function featuresElement(stream: Stream): Element {
-  const features = new Element('stream:features', { 'xmlns:stream': NS.stream });
-  if (!stream.state.user) sasl.advertise(features);
-  else if (!stream.state.resource) {
-    bind.advertise(features);
-    sm.advertise(features, stream.server);
-  }
-  return features;
-}
-
-async function openStream(stream: Stream, open: Element): Promise<void> {
-  const { domain } = stream.server.config;
+async function openStream(stream: XmppStream, open: Element): Promise<void> {
+  const { server } = stream;
+  const { domain } = server.config;
   const to = open.attrs.to?.toLowerCase();
   const version = open.attrs.version;
-  const streamId = newStreamId();
   if (to !== undefined && to !== domain && to !== `${domain}.`) {
     throw new StreamError('host-unknown', `This server serves ${domain}`);
   }
   if (version !== undefined && !/^1\.\d+$/.test(version)) {
     throw new StreamError('unsupported-version', 'This server speaks XMPP 1.0');
   }
+  const streamId = newStreamId();
   stream.update({ streamOpen: true, streamId });
   await stream.send(openElement(domain, streamId));
-  await stream.send(featuresElement(stream));
+  const features = new Element('stream:features', { 'xmlns:stream': NS.stream });
+  await server.host.fire('stream-features', { stream, features });
+  await stream.send(features);
 }
 
-const STANZAS = new Set(['message', 'presence', 'iq']);
-
 /** Decides what a top-level element is and hands it to its owner. */
-async function dispatch(stream: Stream, element: Element): Promise<void> {
+async function dispatch(stream: XmppStream, element: Element): Promise<void> {
+  const { host } = stream.server;
   const ns = element.attrs.xmlns as string | undefined;
 
   if (element.name === 'open') {
@@ -135,18 +142,29 @@ async function dispatch(stream: Stream, element: Element): Promise<void> {
   if (!stream.state.streamOpen)
     throw new StreamError('unsupported-stanza-type', 'The stream is not open: send <open/> first');
 
-  if (ns === NS.sasl) return sasl.handle(stream, element);
-  if (sm.isSmNamespace(ns)) return sm.handle(stream, element);
+  const nonza = host.nonzaHandler(ns);
+  if (nonza) return nonza(stream, element);
 
   if (STANZAS.has(element.name)) {
     if (ns !== undefined && ns !== NS.client) {
       throw new StreamError('invalid-namespace', `Stanzas are qualified by ${NS.client}`);
     }
-    if (!stream.state.user) throw new StreamError('not-authorized', 'Authenticate first');
-    if (!stream.state.resource) return bind.handleUnbound(stream, element);
-    // XEP-0198 §4: every stanza counts, even one that is refused.
-    sm.countInbound(stream);
-    return routeFromClient(stream, element);
+    const user = stream.user;
+    if (!user) throw new StreamError('not-authorized', 'Authenticate first');
+    if (!isBound(stream)) {
+      // RFC 6120 §7.1: before bind, only the bind request (taken by the bind module).
+      if (
+        await host.fire('stanza-before-bind', {
+          stream: stream as XmppStream & { user: string },
+          stanza: element,
+        })
+      )
+        return;
+      throw new StreamError('not-authorized', 'Bind a resource first');
+    }
+    const bound = stream as XmppStream & BoundStream;
+    await host.fire('stanza-in', { stream: bound, stanza: element });
+    return routeFromClient(bound, element);
   }
   throw new StreamError('unsupported-stanza-type', `Unknown element <${element.name}>`);
 }
@@ -154,19 +172,19 @@ async function dispatch(stream: Stream, element: Element): Promise<void> {
 /** Handles one queue event of one connection: a frame, or the socket's disappearance. */
 export async function handleStreamEvent(server: Server, event: StreamEvent): Promise<void> {
   const stored = await server.sessions.getConnection(event.connectionId);
+  if (event.kind === 'disconnect') {
+    // A module may keep the session without its socket (resumable stream management).
+    if (stored)
+      await server.host.fire('connection-vanished', { connectionId: event.connectionId, state: stored });
+    return;
+  }
   const state: ConnectionState = stored ?? {
     connectionId: event.connectionId,
     connectedAt: event.receivedAt,
     streamOpen: false,
     authFailures: 0,
   };
-  const stream = new Stream(server, state);
-
-  if (event.kind === 'disconnect') {
-    // A resumable stream-management session outlives its socket; anything else ends here.
-    if (stored) await sm.connectionVanished(server, event.connectionId, stored);
-    return;
-  }
+  const stream = new XmppStream(server, state);
   try {
     const element = parseFrame(event.frame, server.config.maxStanzaBytes);
     await dispatch(stream, element);

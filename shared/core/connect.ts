@@ -2,7 +2,7 @@
  * The `$connect` decision (RFC 7395 §3.3.1): a client must offer the `xmpp` subprotocol and
  * gets it back in `Sec-WebSocket-Protocol`; browsers drop a socket whose answer lacks it.
  */
-import type { Server } from './server.ts';
+import type { Server } from './host.ts';
 
 export interface ConnectEvent {
   headers?: Record<string, string | undefined>;

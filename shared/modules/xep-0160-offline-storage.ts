@@ -4,19 +4,37 @@
  * stored messages when a session sends initial presence with a non-negative priority.
  */
 import { Element, parse } from 'ltx';
+import { type BoundStream, HANDLED, type HookResult, type Server } from '../core/host.ts';
+import { iqResult, removeForgedDelay } from '../core/stanzas.ts';
 import { StanzaError } from '../errors.ts';
 import { fullJid } from '../jid.ts';
-import type { Router } from '../router.ts';
-import type { Server } from '../server.ts';
+import type { PostResult } from '../outbound.ts';
 import { type OfflineMessage, OfflineQuotaExceededError } from '../store/offline.ts';
 import type { OfflineTransfer, ResourceRecord } from '../store/sessions.ts';
-import type { Stream } from '../stream.ts';
 import { NS } from '../xml/namespaces.ts';
-import { deliveredCopy } from './offline.ts';
-import { requestAckIfUnacknowledged } from './stream-management.ts';
 
-export function register(router: Router): void {
-  router.feature('msgoffline');
+export function register(server: Server): void {
+  const { host } = server;
+  host.add('disco-feature', 'msgoffline');
+  host.hook('message-offline', async ({ stanza, user, acceptedAt }): Promise<HookResult> => {
+    await storeIfWanted(server, user, stanza, acceptedAt);
+    return HANDLED;
+  });
+  // XEP-0160 §3: stored messages go out "when the recipient next sends non-negative available
+  // presence": the first such presence of the session, even if an earlier one was negative.
+  host.hook('availability-changed', async ({ stream, available, priority, resources }) => {
+    if (available && priority >= 0 && !stream.state.flooded) await floodOffline(stream, resources);
+    return undefined;
+  });
+  // A flood cut short by the lost socket (its messages are still stored) carries on after a resume.
+  host.hook('session-resumed', async ({ stream, resource }) => {
+    if (resource?.available && resource.priority >= 0) await floodOffline(stream, [resource]);
+    return undefined;
+  });
+  host.hook('stanzas-acknowledged', async ({ stream, unacknowledged }) => {
+    await continueTransfer(stream, unacknowledged);
+    return undefined;
+  });
 }
 
 /**
@@ -49,7 +67,7 @@ export function shouldStore(stanza: Element): boolean {
  * session): it keeps that time as its stamp and is stored even past the quota, since
  * refusing it now would lose it.
  */
-export async function storeIfWanted(
+async function storeIfWanted(
   server: Server,
   user: string,
   stanza: Element,
@@ -57,15 +75,19 @@ export async function storeIfWanted(
 ): Promise<void> {
   if (!shouldStore(stanza)) return;
   // Only our own delay stamp may appear on delivery: drop any that claims to be ours.
-  for (const delay of stanza.getChildren('delay', NS.delay)) {
-    if (delay.attrs.from === server.config.domain) stanza.remove(delay);
-  }
+  removeForgedDelay(stanza, server.config.domain);
   try {
-    await server.offline.store(
+    const stored = await server.offline.store(
       user,
       { from: stanza.attrs.from, storedAt: acceptedAt ?? Date.now(), stanza: stanza.toString() },
       { ignoreQuota: acceptedAt !== undefined },
     );
+    await server.host.fire('message-stored-offline', {
+      stanza,
+      user,
+      id: stored.id,
+      storedAt: stored.storedAt,
+    });
   } catch (error) {
     if (error instanceof OfflineQuotaExceededError) {
       throw new StanzaError('wait', 'resource-constraint', 'The recipient’s offline storage is full');
@@ -93,22 +115,27 @@ export function stampedStanza(server: Server, message: OfflineMessage): Element 
  * remembers which offline message each stanza came from). XEP-0013 §2.1: no flood while a
  * session of the user asked for flexible offline retrieval.
  */
-export async function floodOffline(stream: Stream, resources: ResourceRecord[]): Promise<void> {
+async function floodOffline(stream: BoundStream, resources: ResourceRecord[]): Promise<void> {
   const { server } = stream;
   if (stream.state.flexibleOffline || resources.some((r) => r.flexibleOffline)) return;
   stream.update({ flooded: true });
   if (stream.state.sm) return startTransfer(stream, { kind: 'flood' });
-  const user = stream.state.user as string;
+  const user = stream.user;
   let after: string | undefined;
   for (;;) {
     const page = await server.offline.list(user, { limit: 50, after });
     const delivered: string[] = [];
+    let gone = false;
     for (const message of page.messages) {
-      if ((await stream.send(stampedStanza(server, message))) !== 'sent') break;
-      delivered.push(message.id);
+      const result = await sendStored(stream, message, stampedStanza(server, message), {});
+      if (result === 'gone') {
+        gone = true;
+        break;
+      }
+      if (result === 'sent') delivered.push(message.id);
     }
     if (delivered.length > 0) await server.offline.remove(user, delivered);
-    if (delivered.length < page.messages.length || !page.next) return;
+    if (gone || !page.next) return;
     after = page.next;
   }
 }
@@ -129,21 +156,45 @@ function windowSize(server: Server): number {
   return Math.max(1, Math.min(50, Math.floor(server.config.smQueueMax / 2)));
 }
 
-export async function startTransfer(stream: Stream, transfer: OfflineTransfer): Promise<void> {
+/**
+ * Sends one stored message. One that can never be sent (stored before the size check existed,
+ * or grown past the post limit by its stamp) is dropped from storage with a warning rather than
+ * block every later login: 'dropped'.
+ */
+async function sendStored(
+  stream: BoundStream,
+  message: OfflineMessage,
+  stanza: Element,
+  options: { offlineId?: string; offlineCopy?: boolean },
+): Promise<PostResult | 'dropped'> {
+  try {
+    return await stream.send(stanza, options);
+  } catch (error) {
+    if (!(error instanceof StanzaError) || error.condition !== 'policy-violation') throw error;
+    stream.server.log.warn('stored message too large to deliver; dropped', {
+      user: stream.user,
+      id: message.id,
+    });
+    await stream.server.offline.remove(stream.user, [message.id]);
+    return 'dropped';
+  }
+}
+
+export async function startTransfer(stream: BoundStream, transfer: OfflineTransfer): Promise<void> {
   stream.update({ transfer });
   await transferStep(stream);
 }
 
 /** After an ack: the next window, once the client has caught up with half of the last one. */
-export async function continueTransfer(stream: Stream, unacknowledged: number): Promise<void> {
+async function continueTransfer(stream: BoundStream, unacknowledged: number): Promise<void> {
   if (!stream.state.transfer || unacknowledged > windowSize(stream.server) / 2) return;
   await transferStep(stream);
 }
 
-async function transferStep(stream: Stream): Promise<void> {
+async function transferStep(stream: BoundStream): Promise<void> {
   const { server } = stream;
   const transfer = stream.state.transfer as OfflineTransfer;
-  const user = stream.state.user as string;
+  const user = stream.user;
   const page = await server.offline.list(user, { limit: windowSize(server), after: transfer.after });
   let after = transfer.after;
   let bytes = 0;
@@ -151,9 +202,9 @@ async function transferStep(stream: Stream): Promise<void> {
   for (const message of page.messages) {
     const result =
       transfer.kind === 'flood'
-        ? await stream.send(stampedStanza(server, message), { offlineId: message.id })
-        : await stream.send(deliveredCopy(server, message), { offlineCopy: true });
-    if (result !== 'sent') return void stream.update({ transfer: undefined });
+        ? await sendStored(stream, message, stampedStanza(server, message), { offlineId: message.id })
+        : await sendStored(stream, message, deliveredCopy(server, message), { offlineCopy: true });
+    if (result === 'gone') return void stream.update({ transfer: undefined });
     after = message.id;
     sent += 1;
     bytes += Buffer.byteLength(message.stanza);
@@ -163,12 +214,27 @@ async function transferStep(stream: Stream): Promise<void> {
     stream.update({ transfer: undefined });
     if (transfer.kind === 'fetch' && transfer.iqId !== undefined) {
       // XEP-0013 §2.5: the messages first, then the result.
-      const result = new Element('iq', { type: 'result', id: transfer.iqId, to: fullJid(stream.jid) });
-      if (transfer.iqFrom) result.attrs.from = transfer.iqFrom;
-      await stream.send(result);
+      const request = new Element('iq', { id: transfer.iqId, from: fullJid(stream.jid) });
+      if (transfer.iqFrom) request.attrs.to = transfer.iqFrom;
+      await stream.send(iqResult(request));
     }
   } else {
     stream.update({ transfer: { ...transfer, after } });
   }
-  if (sent > 0) await requestAckIfUnacknowledged(stream);
+  if (sent > 0) await server.host.stanzaQueue?.requestAck(stream);
+}
+
+/**
+ * A stored message as XEP-0013 view and fetch deliver it. XEP-0013 §2.3: "each message MUST
+ * contain the node value", and it carries one XEP-0203 delay stamp of its arrival.
+ */
+export function deliveredCopy(server: Server, message: OfflineMessage): Element {
+  const stanza = stampedStanza(server, message);
+  for (const forged of stanza.getChildren('offline', NS.offline)) stanza.remove(forged);
+  // XEP-0198: this copy stays in the offline store, so it is sent as an `offlineCopy`: if
+  // stream management still holds it unacknowledged when the session ends, it is dropped,
+  // never re-routed (that would store it a second time), and an ack does not remove the
+  // stored message (XEP-0013 §2.4: viewing deletes nothing).
+  stanza.c('offline', { xmlns: NS.offline }).c('item', { node: message.id });
+  return stanza;
 }

@@ -10,6 +10,7 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Element } from 'ltx';
+import type { Server, Stream } from '../core/host.ts';
 import { StreamError } from '../errors.ts';
 import { bareJid, parseJid } from '../jid.ts';
 import {
@@ -27,14 +28,18 @@ import {
   verifyClientFinal,
   verifyPlain,
 } from '../sasl/scram.ts';
-import type { Stream } from '../stream.ts';
 import { NS } from '../xml/namespaces.ts';
 
 export const MECHANISMS = ['SCRAM-SHA-256', 'SCRAM-SHA-1', 'PLAIN'] as const;
 
-export function advertise(features: Element): void {
-  const mechanisms = features.c('mechanisms', { xmlns: NS.sasl });
-  for (const name of MECHANISMS) mechanisms.c('mechanism').t(name);
+export function register(server: Server): void {
+  server.host.nonza(NS.sasl, handle);
+  server.host.hook('stream-features', ({ stream, features }) => {
+    if (stream.user) return undefined;
+    const mechanisms = features.c('mechanisms', { xmlns: NS.sasl });
+    for (const name of MECHANISMS) mechanisms.c('mechanism').t(name);
+    return undefined;
+  });
 }
 
 function saslElement(name: string, payload?: string): Element {
@@ -192,7 +197,7 @@ async function response(stream: Stream, element: Element): Promise<void> {
   return scramFinal(stream, decodeSaslPayload(payload));
 }
 
-export async function handle(stream: Stream, element: Element): Promise<void> {
+async function handle(stream: Stream, element: Element): Promise<void> {
   if (stream.state.user) throw new StreamError('policy-violation', 'Already authenticated');
   try {
     if (element.name === 'auth') return await auth(stream, element);

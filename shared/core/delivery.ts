@@ -1,0 +1,86 @@
+/**
+ * The one delivery path (DESIGN.md "One outbound port"): the only code that puts anything on a
+ * connection. It (0) serialises and checks the size against what the transport accepts
+ * (XEP-0478), (1) hands stanzas for a stream-management session to its queue, which numbers and
+ * keeps them, (2) posts, (3) on 410 Gone tells the session lifecycle, which ends or detaches the
+ * session, so the caller re-routes what must not be lost.
+ */
+import type { Element } from 'ltx';
+import { StanzaError } from '../errors.ts';
+import { type PostResult, serialize } from '../outbound.ts';
+import type { ResourceRecord } from '../store/sessions.ts';
+import type { DeliveryOptions, Server } from './host.ts';
+
+/** API Gateway's limit for one message to a client (PostToConnection), in bytes. */
+export const POST_LIMIT_BYTES = 128 * 1024;
+
+/** Room kept for what delivery may still add to a routed stanza (its XEP-0203 stamp, xmlns). */
+const DELIVERY_OVERHEAD_BYTES = 256;
+
+/**
+ * XEP-0478 §3: "If, after serialization, a stanza exceeds the limits that have been advertised
+ * on a stream, it SHOULD NOT be sent on that stream. Instead, a server SHOULD return an error to
+ * the sender. Such an error SHOULD contain the <policy-violation/> error condition, and SHOULD
+ * NOT contain a 'by' attribute". Escaping can grow a stanza (an attribute of `'` six-fold), so
+ * the check is on the serialised form.
+ */
+export function tooLargeError(): StanzaError {
+  return new StanzaError(
+    'modify',
+    'policy-violation',
+    `The stanza would exceed the ${POST_LIMIT_BYTES}-byte message limit of the recipient's transport`,
+  );
+}
+
+/** Whether a stanza accepted now can still be delivered later, stamps and all. */
+export function fitsTransport(stanza: Element): boolean {
+  return Buffer.byteLength(serialize(stanza)) + DELIVERY_OVERHEAD_BYTES <= POST_LIMIT_BYTES;
+}
+
+/** Where a delivery goes: a bound resource, or a stream (its connection and SM session). */
+export interface DeliveryTarget {
+  connectionId: string;
+  smId?: string;
+}
+
+/**
+ * Delivers a stanza to a session. Throws the policy-violation StanzaError when it can never be
+ * sent. 'gone' means the session no longer exists and the caller must re-route.
+ */
+export async function deliver(
+  server: Server,
+  target: DeliveryTarget | ResourceRecord,
+  stanza: Element,
+  options: DeliveryOptions = {},
+): Promise<PostResult> {
+  const queue = server.host.stanzaQueue;
+  if (target.smId && queue) {
+    if (!fitsTransport(stanza)) throw tooLargeError();
+    return queue.deliver(target.smId, stanza, options);
+  }
+  const result = await post(server, target.connectionId, stanza);
+  if (result === 'gone') {
+    server.log.info('connection gone on delivery', { connectionId: target.connectionId });
+    await server.host.fire('connection-vanished', {
+      connectionId: target.connectionId,
+      ...('user' in target ? { resource: target } : {}),
+    });
+  }
+  return result;
+}
+
+/**
+ * Posts one element on a connection as it is: a stanza or a nonza. Callers that own the
+ * connection's session (the stream itself, stream management replaying its queue, a kick)
+ * handle 'gone' themselves; everything else goes through `deliver`.
+ */
+export async function post(server: Server, connectionId: string, element: Element): Promise<PostResult> {
+  const data = serialize(element);
+  if (Buffer.byteLength(data) > POST_LIMIT_BYTES) throw tooLargeError();
+  return server.outbound.post(connectionId, data);
+}
+
+/** Closes a connection's socket (API Gateway then sends `$disconnect`). */
+export function closeConnection(server: Server, connectionId: string): Promise<void> {
+  return server.outbound.close(connectionId);
+}

@@ -1,0 +1,346 @@
+/**
+ * The module host (Prosody's model): the registries modules fill when they are registered, and
+ * the named events the core fires. The core never imports a module; a module receives the host
+ * in its `register(host)` and hooks what it needs.
+ *
+ * - Events: `host.hook(name, handler, { priority })`; handlers run from the highest priority
+ *   down (equal priorities in registration order) and one may return `HANDLED` to stop the
+ *   rest (and the core's default behaviour, where the event has one).
+ * - iq handlers: `host.iq(type, namespace, element, handler, options)`, looked up by the
+ *   router for iqs addressed to the server or to an account (RFC 6120 §10.3.3).
+ * - Nonza handlers: `host.nonza(namespace, handler)` for top-level elements that are not
+ *   stanzas (SASL, stream management).
+ * - Items: `host.add(kind, item)` / `host.items(kind)`, lists modules offer each other through
+ *   the host (disco features, disco nodes) without importing each other.
+ */
+import type { Element } from 'ltx';
+import type { Config } from '../config.ts';
+import type { StreamError } from '../errors.ts';
+import type { Jid } from '../jid.ts';
+import type { Logger } from '../log.ts';
+import type { Outbound, PostResult } from '../outbound.ts';
+import type { OfflineStore } from '../store/offline.ts';
+import type { ConnectionState, ResourceRecord, SessionStore } from '../store/sessions.ts';
+import type { SmQueueStore } from '../store/sm-queue.ts';
+import type { UserStore } from '../store/users.ts';
+
+/** The server's context, built once per process (core/server.ts); modules get it in `register`. */
+export interface Server {
+  config: Config;
+  sessions: SessionStore;
+  users: UserStore;
+  offline: OfflineStore;
+  smQueue: SmQueueStore;
+  /** Only the delivery path (core/delivery.ts) posts through it. */
+  outbound: Outbound;
+  host: Host;
+  log: Logger;
+  /** Secret for SASL decoys of unknown users (stable per deployment, never sent). */
+  decoySecret(): Promise<string>;
+}
+
+/** A module: one specification, everything it offers registered in one call. */
+export interface Module {
+  register(server: Server): void;
+}
+
+export type StreamStateChanges = Partial<Omit<ConnectionState, 'connectionId' | 'connectedAt'>>;
+
+/** One XMPP stream during one frame (core/stream.ts): its state, its changes and its sends. */
+export interface Stream {
+  readonly server: Server;
+  readonly state: ConnectionState;
+  readonly connectionId: string;
+  /** The authenticated bare JID, once SASL succeeded. */
+  readonly user: string | undefined;
+  readonly ended: boolean;
+  update(changes: StreamStateChanges): void;
+  /** Through the delivery path: with stream management on, stanzas are numbered and queued. */
+  send(element: Element, options?: DeliveryOptions): Promise<PostResult>;
+  /** Sends the stream error and `<close/>`, ends the session and closes the socket. */
+  fail(error: StreamError): Promise<void>;
+  /** Sends `<close/>`, ends the session and closes the socket. */
+  close(): Promise<void>;
+}
+
+/** A stream whose resource is bound: it has a full JID. */
+export interface BoundStream extends Stream {
+  readonly user: string;
+  readonly resource: string;
+  readonly jid: Jid;
+}
+
+export function isBound(stream: Stream): stream is BoundStream {
+  return stream.state.user !== undefined && stream.state.resource !== undefined;
+}
+
+/** A hook's answer meaning "this stanza or event is dealt with; stop here". */
+export const HANDLED = Symbol('handled');
+export type HookResult = typeof HANDLED | undefined;
+
+/** Why a session ended (fired with `session-ended`). */
+export type SessionEndReason =
+  /** `<close/>`, a stream error, or a socket gone for good without stream management. */
+  | 'closed'
+  /** The socket vanished (410 Gone or `$disconnect`) and nothing keeps the session. */
+  | 'gone'
+  /** A stream-management session's resumption window closed. */
+  | 'expired'
+  /** A new bind of the same resource took it over (RFC 6120 §7.7.2.2). */
+  | 'replaced';
+
+/** A stanza received from a bound client: message, presence or iq, by target. */
+export interface StanzaEvent {
+  stream: BoundStream;
+  stanza: Element;
+  /** The sender (the stream's full JID; `from` is already rewritten). */
+  from: Jid;
+  /** The addressee; a stanza without `to` is addressed to the sender's own bare JID. */
+  to: Jid;
+  /** The stanza had no `to` (RFC 6120 §10.3: handled by the server for the account). */
+  self: boolean;
+}
+
+/** Targets of a stanza: a full JID, a bare JID (an account), or the server (host). */
+export type StanzaTarget = 'full' | 'bare' | 'host';
+export type StanzaKind = 'message' | 'presence' | 'iq';
+export type StanzaEventName = `${StanzaKind}/${StanzaTarget}`;
+
+/** What ends a session: the session's address and who owns it. */
+export interface SessionRef {
+  user: string;
+  resource: string;
+  /** The attached connection, if any (a detached stream-management session has none). */
+  connectionId?: string;
+  /** The stream-management session that owns the resource, if any. */
+  smId?: string;
+  /** RFC 6121 §4.6: JIDs the session sent directed presence to. */
+  directedTo?: string[];
+  /** The connection's state, when the session ends from its own stream or row. */
+  state?: ConnectionState;
+}
+
+/** A stanza that an ended session had not got acknowledged, handed back for re-routing. */
+export interface UndeliveredStanza {
+  stanza: Element;
+  /** When the server first accepted it (its XEP-0203 stamp on delivery). */
+  acceptedAt: number;
+}
+
+export interface EventPayloads {
+  /** Stream features are being built for a new `<open/>` (modules add their children). */
+  'stream-features': { stream: Stream; features: Element };
+  /** A top-level stanza before bind; the bind module takes the bind request. */
+  'stanza-before-bind': { stream: Stream & { user: string }; stanza: Element };
+  /** Every stanza a bound client sends, before it is checked or routed (XEP-0198 counts here). */
+  'stanza-in': { stream: BoundStream; stanza: Element };
+  /** A session has bound its resource. */
+  'session-bound': { stream: BoundStream };
+  /** A session's availability changed (RFC 6121 §4: initial, update or unavailable). */
+  'availability-changed': {
+    stream: BoundStream;
+    stanza: Element;
+    available: boolean;
+    /** First available presence of the session. */
+    initial: boolean;
+    /** RFC 6121 §4.7.2.3: the session's priority now (0 when unavailable). */
+    priority: number;
+    /** The user's resources after the change (the sender's included). */
+    resources: ResourceRecord[];
+  };
+  /**
+   * A session is ending: modules that keep state for it release it and hand back what was not
+   * delivered. A hook that finds the session is no longer this caller's to end (resumed on
+   * another connection, or already ended) returns HANDLED: nothing is released or announced.
+   */
+  'session-ending': { session: SessionRef; reason: SessionEndReason; undelivered: UndeliveredStanza[] };
+  /** A session has ended; its resource row is gone. Fired exactly once per session. */
+  'session-ended': { session: SessionRef; reason: SessionEndReason; wasAvailable: boolean };
+  /**
+   * A connection's socket is gone ($disconnect, or 410 Gone on a post). A module that keeps the
+   * session alive without its socket (resumable stream management) returns HANDLED.
+   */
+  'connection-vanished': {
+    connectionId: string;
+    /** The connection's row, when the firer has it (hooks may load and set it). */
+    state?: ConnectionState;
+    /** The resource the failed post was for, when the connection row is already gone. */
+    resource?: ResourceRecord;
+  };
+  /** A stream-management session was resumed on a new stream. */
+  'session-resumed': { stream: BoundStream; resource?: ResourceRecord };
+  /** The client acknowledged stanzas (XEP-0198); `unacknowledged` are still outstanding. */
+  'stanzas-acknowledged': { stream: BoundStream; unacknowledged: number };
+  /**
+   * A message for a local user with no resource to take it (RFC 6121 §8.5.2.2.1): offline
+   * storage takes it (HANDLED); without a taker the sender gets service-unavailable.
+   */
+  'message-offline': { stanza: Element; user: string; acceptedAt?: number };
+  /** A message was put on a recipient's session (posted, or queued by stream management). */
+  'message-routed': { stanza: Element; to: ResourceRecord };
+  /** A message was stored for an offline user (XEP-0160). */
+  'message-stored-offline': { stanza: Element; user: string; id: string; storedAt: number };
+  /** The sweeper's periodic run: expire what has outlived its time. */
+  sweep: { now: number; swept: number };
+}
+
+export type EventName = keyof EventPayloads | StanzaEventName;
+export type PayloadOf<E extends EventName> = E extends keyof EventPayloads ? EventPayloads[E] : StanzaEvent;
+export type Hook<E extends EventName> = (payload: PayloadOf<E>) => Promise<HookResult> | HookResult;
+
+/** Who an iq is addressed to: the server itself, or a user's account (its bare JID). */
+export type IqTarget = 'server' | 'account';
+
+export interface IqRequest {
+  stream: BoundStream;
+  stanza: Element;
+  payload: Element;
+  type: 'get' | 'set';
+  /** The requester's full JID. */
+  from: Jid;
+  /** The addressed entity (the domain for the server; a bare JID for an account). */
+  to: Jid;
+}
+
+/** A handler's answer meaning "the result goes out later" (an ack-paced XEP-0013 fetch). */
+export const DEFERRED_RESULT = Symbol('deferred iq result');
+
+/**
+ * Returns the result's payload, nothing for an empty result, or DEFERRED_RESULT when it will
+ * send the result itself. Throws StanzaError to refuse.
+ */
+export type IqHandler = (request: IqRequest) => Promise<Element | undefined | typeof DEFERRED_RESULT>;
+
+export interface IqOptions {
+  /** Default: both. */
+  targets?: IqTarget[];
+  /** The handler decides itself what to say about another user's account, existing or not. */
+  answersForAnyAccount?: boolean;
+}
+
+/** A top-level element of a namespace that is not a stanza (SASL, XEP-0198). */
+export type NonzaHandler = (stream: Stream, element: Element) => Promise<void>;
+
+/** Options a delivery carries to the stanza queue of a session (XEP-0198). */
+export interface DeliveryOptions {
+  /** The offline message this stanza came from: removed from storage once acknowledged. */
+  offlineId?: string;
+  /** A copy of a message that stays stored (XEP-0013 view/fetch): never re-routed. */
+  offlineCopy?: boolean;
+}
+
+/**
+ * A session whose stanzas are numbered and kept until acknowledged (XEP-0198). Provided by the
+ * stream-management module; the core's delivery path hands it every stanza for such a session.
+ * 'sent' means the queue took responsibility (posted or kept), 'gone' that the session no
+ * longer exists and the caller must re-route.
+ */
+export interface StanzaQueue {
+  deliver(smId: string, stanza: Element, options: DeliveryOptions): Promise<PostResult>;
+  /** Asks the client for an ack when some of what it was sent is unacknowledged. */
+  requestAck(stream: BoundStream): Promise<void>;
+}
+
+/** Items modules offer each other through the host. */
+export interface ItemKinds {
+  /** A disco#info feature of the server (XEP-0030). */
+  'disco-feature': string;
+  /** A disco node with its own info and items (e.g. XEP-0013's offline node). */
+  'disco-node': {
+    node: string;
+    info(request: IqRequest): Promise<Element>;
+    items(request: IqRequest): Promise<Element>;
+  };
+}
+
+interface Registration {
+  handler: Hook<EventName>;
+  priority: number;
+  order: number;
+}
+
+export class Host {
+  private readonly hooks = new Map<string, Registration[]>();
+  private readonly iqHandlers = new Map<string, IqHandler>();
+  private readonly anyAccount = new Set<IqHandler>();
+  private readonly nonzas = new Map<string, NonzaHandler>();
+  private readonly lists = new Map<keyof ItemKinds, unknown[]>();
+  private registrations = 0;
+  private queue?: StanzaQueue;
+
+  hook<E extends EventName>(name: E, handler: Hook<E>, options: { priority?: number } = {}): void {
+    const list = this.hooks.get(name) ?? [];
+    list.push({
+      handler: handler as Hook<EventName>,
+      priority: options.priority ?? 0,
+      order: this.registrations++,
+    });
+    list.sort((a, b) => b.priority - a.priority || a.order - b.order);
+    this.hooks.set(name, list);
+  }
+
+  /** Runs the hooks of `name` in priority order; true when one of them returned HANDLED. */
+  async fire<E extends EventName>(name: E, payload: PayloadOf<E>): Promise<boolean> {
+    const list = this.hooks.get(name);
+    if (!list) return false;
+    for (const { handler } of list) {
+      if ((await handler(payload)) === HANDLED) return true;
+    }
+    return false;
+  }
+
+  hasHooks(name: EventName): boolean {
+    return (this.hooks.get(name)?.length ?? 0) > 0;
+  }
+
+  iq(type: 'get' | 'set', ns: string, name: string, handler: IqHandler, options: IqOptions = {}): void {
+    for (const target of options.targets ?? ['server', 'account']) {
+      const key = iqKey(target, type, ns, name);
+      if (this.iqHandlers.has(key)) throw new Error(`two handlers for iq ${key}`);
+      this.iqHandlers.set(key, handler);
+    }
+    if (options.answersForAnyAccount) this.anyAccount.add(handler);
+  }
+
+  iqHandler(target: IqTarget, type: string, payload: Element): IqHandler | undefined {
+    return this.iqHandlers.get(iqKey(target, type, payload.attrs.xmlns ?? '', payload.name));
+  }
+
+  /** False when the handler itself decides what to say about another user's account. */
+  needsAccount(handler: IqHandler): boolean {
+    return !this.anyAccount.has(handler);
+  }
+
+  nonza(ns: string, handler: NonzaHandler): void {
+    if (this.nonzas.has(ns)) throw new Error(`two handlers for nonzas of ${ns}`);
+    this.nonzas.set(ns, handler);
+  }
+
+  nonzaHandler(ns: string | undefined): NonzaHandler | undefined {
+    return ns === undefined ? undefined : this.nonzas.get(ns);
+  }
+
+  add<K extends keyof ItemKinds>(kind: K, item: ItemKinds[K]): void {
+    const list = this.lists.get(kind) ?? [];
+    list.push(item);
+    this.lists.set(kind, list);
+  }
+
+  items<K extends keyof ItemKinds>(kind: K): readonly ItemKinds[K][] {
+    return (this.lists.get(kind) ?? []) as ItemKinds[K][];
+  }
+
+  /** The stream-management module provides the queue that sessions with an `smId` deliver through. */
+  provideStanzaQueue(queue: StanzaQueue): void {
+    if (this.queue) throw new Error('a stanza queue is already provided');
+    this.queue = queue;
+  }
+
+  get stanzaQueue(): StanzaQueue | undefined {
+    return this.queue;
+  }
+}
+
+function iqKey(target: IqTarget, type: string, ns: string, name: string): string {
+  return `${target} ${type} ${ns} ${name}`;
+}

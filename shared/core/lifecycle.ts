@@ -1,0 +1,136 @@
+/**
+ * The session lifecycle, once: a session ends (clean close, stream error), vanishes (410 Gone,
+ * `$disconnect`), expires (a stream-management window closed) or is replaced by a new bind of
+ * its resource. Each way ends in `endSession`, which releases the resource row exactly once,
+ * fires `session-ended` for whoever must be told (presence), and re-routes what the session had
+ * not got acknowledged.
+ */
+import { Element } from 'ltx';
+import { type StreamError, streamErrorElement } from '../errors.ts';
+import type { ConnectionState, ResourceRecord } from '../store/sessions.ts';
+import { NS } from '../xml/namespaces.ts';
+import { closeConnection, post } from './delivery.ts';
+import type { Server, SessionEndReason, SessionRef, UndeliveredStanza } from './host.ts';
+import { rerouteUndelivered } from './router.ts';
+
+/** The lifecycle's defaults on the host: a vanished connection's session ends unless a module keeps it. */
+export function registerLifecycle(server: Server): void {
+  server.host.hook(
+    'connection-vanished',
+    async (event) => {
+      const state = event.state ?? (await server.sessions.getConnection(event.connectionId));
+      if (state) return void (await endStream(server, state, 'gone'));
+      if (event.resource) {
+        // No row left (its $disconnect was lost or is still queued): release the resource all the same.
+        const { user, resource, connectionId } = event.resource;
+        await endSession(server, { user, resource, connectionId }, 'gone');
+      }
+    },
+    { priority: -100 },
+  );
+}
+
+/** The session a connection's state describes, if it has bound a resource. */
+export function sessionOf(state: ConnectionState): SessionRef | undefined {
+  if (!state.user || !state.resource) return undefined;
+  return {
+    user: state.user,
+    resource: state.resource,
+    connectionId: state.connectionId,
+    ...(state.sm ? { smId: state.sm.id } : {}),
+    ...(state.directedTo ? { directedTo: state.directedTo } : {}),
+    state,
+  };
+}
+
+/** Ends a connection's stream for good: its session if bound, and its row. */
+export async function endStream(
+  server: Server,
+  state: ConnectionState,
+  reason: SessionEndReason,
+): Promise<void> {
+  const session = sessionOf(state);
+  if (session) await endSession(server, session, reason);
+  else await server.sessions.deleteConnection(state.connectionId);
+}
+
+export interface EndOptions {
+  /** The resource row was already taken over (a new bind returned it): nothing to release. */
+  released?: ResourceRecord;
+}
+
+/**
+ * Ends a session exactly once: modules hand back what was not delivered (`session-ending`), the
+ * resource row is released under its owner's condition, `session-ended` is fired only by the one
+ * caller that released it, and the undelivered stanzas are re-routed.
+ */
+export async function endSession(
+  server: Server,
+  session: SessionRef,
+  reason: SessionEndReason,
+  options: EndOptions = {},
+): Promise<void> {
+  const undelivered: UndeliveredStanza[] = [];
+  const elsewhere = await server.host.fire('session-ending', { session, reason, undelivered });
+  const released = elsewhere
+    ? undefined
+    : (options.released ??
+      (session.smId
+        ? await server.sessions.releaseSmResource(session.user, session.resource, session.smId)
+        : session.connectionId
+          ? await server.sessions.releaseResource(session.user, session.resource, session.connectionId)
+          : undefined));
+  if (released) {
+    await server.host.fire('session-ended', { session, reason, wasAvailable: released.available });
+  }
+  if (session.connectionId) await server.sessions.deleteConnection(session.connectionId);
+  await rerouteUndelivered(server, session.user, undelivered);
+}
+
+/**
+ * Ends another connection's stream from the server's side: the stream error, `<close/>`, and
+ * the socket closed. Its session is ended by the caller (the connection may be gone already).
+ */
+export async function kickConnection(
+  server: Server,
+  connectionId: string,
+  error: StreamError,
+): Promise<void> {
+  if ((await post(server, connectionId, streamErrorElement(error))) === 'sent') {
+    await post(server, connectionId, new Element('close', { xmlns: NS.framing }));
+  }
+  await closeConnection(server, connectionId);
+}
+
+/**
+ * RFC 6120 §7.7.2.2: a new bind of a resource that is in use; the server's policy is
+ * "override": the old session gets a <conflict/> stream error and ends as `replaced`.
+ */
+export async function replaceSession(
+  server: Server,
+  previous: ResourceRecord,
+  error: StreamError,
+): Promise<void> {
+  await kickConnection(server, previous.connectionId, error);
+  const state = await server.sessions.getConnection(previous.connectionId);
+  await endSession(
+    server,
+    {
+      user: previous.user,
+      resource: previous.resource,
+      connectionId: previous.connectionId,
+      ...(previous.smId ? { smId: previous.smId } : {}),
+      ...(state?.directedTo ? { directedTo: state.directedTo } : {}),
+      ...(state ? { state } : {}),
+    },
+    'replaced',
+    { released: previous },
+  );
+}
+
+/** The sweeper's run: modules expire what outlived its time; returns how many sessions ended. */
+export async function sweep(server: Server, now: number): Promise<number> {
+  const event = { now, swept: 0 };
+  await server.host.fire('sweep', event);
+  return event.swept;
+}

@@ -1,0 +1,251 @@
+/**
+ * Every dispatch rule of the server (RFC 6120 §8, §10; RFC 6121 §8.5): a stanza from a bound
+ * client is stamped, checked and fired as `<kind>/<target>` so modules can take it; what no
+ * module takes is routed here. Messages go to resources or, through `message-offline`, to
+ * storage; iqs to the handler registered for their payload; a thrown StanzaError becomes the
+ * error reply.
+ */
+import type { Element } from 'ltx';
+import { StanzaError } from '../errors.ts';
+import { bareJid, fullJid, type Jid, parseJid } from '../jid.ts';
+import type { ResourceRecord } from '../store/sessions.ts';
+import { deliver, fitsTransport, tooLargeError } from './delivery.ts';
+import {
+  type BoundStream,
+  DEFERRED_RESULT,
+  type IqTarget,
+  type Server,
+  type StanzaEvent,
+  type StanzaEventName,
+  type StanzaKind,
+  type StanzaTarget,
+  type UndeliveredStanza,
+} from './host.ts';
+import { errorReplyTo, iqResult, stampDelay } from './stanzas.ts';
+import { isTransient } from './transient.ts';
+
+/** Replies to a stanza with an error unless it is itself an error (or an iq result). */
+export async function replyWithError(
+  stream: BoundStream,
+  stanza: Element,
+  error: StanzaError,
+): Promise<void> {
+  const reply = errorReplyTo(stanza, error);
+  if (reply) await stream.send(reply);
+}
+
+function targetOf(to: Jid | undefined): StanzaTarget {
+  if (!to) return 'bare';
+  if (!to.local) return 'host';
+  return to.resource ? 'full' : 'bare';
+}
+
+/** A stanza from a bound client: stamp its sender, check its address and size, route it. */
+export async function routeFromClient(stream: BoundStream, stanza: Element): Promise<void> {
+  const { server } = stream;
+  // DESIGN.md: "A stanza's from is always rewritten by the server."
+  stanza.attrs.from = fullJid(stream.jid);
+  try {
+    let to: Jid | undefined;
+    if (stanza.attrs.to !== undefined) {
+      to = parseJid(stanza.attrs.to);
+      stanza.attrs.to = fullJid(to);
+    }
+    // XEP-0478: what could never be sent on is refused now, never stored or queued.
+    if (!fitsTransport(stanza)) throw tooLargeError();
+    const event: StanzaEvent = {
+      stream,
+      stanza,
+      from: stream.jid,
+      to: to ?? { ...stream.jid, resource: '' },
+      self: to === undefined,
+    };
+    const kind = stanza.name as StanzaKind;
+    const name: StanzaEventName = `${kind}/${targetOf(to)}`;
+    if (await server.host.fire(name, event)) return;
+    if (kind === 'message') await routeMessage(server, stanza, event.to);
+    else if (kind === 'iq') await routeIq(event);
+    // Presence nobody took is dropped (the presence module takes every kind it serves).
+  } catch (error) {
+    if (error instanceof StanzaError) return replyWithError(stream, stanza, error);
+    if (isTransient(error)) throw error;
+    server.log.error('stanza failed', { connectionId: stream.connectionId, error });
+    await replyWithError(stream, stanza, new StanzaError('cancel', 'internal-server-error'));
+  }
+}
+
+function messageType(stanza: Element): string {
+  const type = stanza.attrs.type;
+  // RFC 6121 §5.2.2: an unknown type is treated as normal.
+  return ['chat', 'error', 'groupchat', 'headline', 'normal'].includes(type) ? type : 'normal';
+}
+
+/** RFC 6121 §8.5.2.1.1: the available resources with the highest non-negative priority. */
+function chatTargets(resources: ResourceRecord[]): ResourceRecord[] {
+  const candidates = resources.filter((r) => r.available && r.priority >= 0);
+  const top = Math.max(...candidates.map((r) => r.priority));
+  return candidates.filter((r) => r.priority === top);
+}
+
+export interface RouteOptions {
+  /**
+   * The message was accepted earlier (re-routed from an ended stream-management session): it
+   * carries a delay stamp of this time on delivery, and offline storage keeps this time.
+   */
+  originalTime?: number;
+}
+
+/** Puts a message on one resource; fires `message-routed` when the session took it. */
+async function deliverMessage(server: Server, resource: ResourceRecord, stanza: Element): Promise<boolean> {
+  if ((await deliver(server, resource, stanza)) !== 'sent') return false;
+  await server.host.fire('message-routed', { stanza, to: resource });
+  return true;
+}
+
+/**
+ * Routes a message to a local or remote JID (RFC 6121 §8.5). Throws the StanzaError the sender
+ * gets back; returns quietly when the message was delivered, stored or dropped.
+ */
+export async function routeMessage(
+  server: Server,
+  stanza: Element,
+  to: Jid,
+  options: RouteOptions = {},
+): Promise<void> {
+  const type = messageType(stanza);
+  if (to.domain !== server.config.domain) {
+    throw new StanzaError('cancel', 'remote-server-not-found', 'Server-to-server is not available');
+  }
+  if (!to.local) {
+    if (type === 'error') return;
+    throw new StanzaError('cancel', 'service-unavailable');
+  }
+  const bare = bareJid(to);
+  let resources = await server.sessions.listResources(bare);
+  if (options.originalTime !== undefined) stampDelay(stanza, server.config.domain, options.originalTime);
+
+  if (to.resource) {
+    const exact = resources.find((r) => r.resource === to.resource);
+    // RFC 6121 §8.5.3.1: a connected resource that exactly matches gets the stanza.
+    if (exact) {
+      if (await deliverMessage(server, exact, stanza)) return;
+      resources = resources.filter((r) => r !== exact);
+    }
+    // RFC 6121 §8.5.3.2.1: otherwise groupchat is refused, error dropped, the rest go to the bare JID.
+  }
+  if (type === 'groupchat') throw new StanzaError('cancel', 'service-unavailable');
+  if (type === 'error') return;
+
+  for (;;) {
+    const targets =
+      type === 'headline' ? resources.filter((r) => r.available && r.priority >= 0) : chatTargets(resources);
+    if (targets.length === 0) break;
+    let delivered = false;
+    for (const target of targets) {
+      if (await deliverMessage(server, target, stanza)) delivered = true;
+      else resources = resources.filter((r) => r !== target);
+    }
+    if (delivered) return;
+  }
+  if (type === 'headline') return;
+  if (resources.length === 0 && !(await server.users.exists(bare))) {
+    throw new StanzaError('cancel', 'service-unavailable');
+  }
+  const taken = await server.host.fire('message-offline', {
+    stanza,
+    user: bare,
+    ...(options.originalTime !== undefined ? { acceptedAt: options.originalTime } : {}),
+  });
+  // RFC 6121 §8.5.2.2.1: without offline storage, "the server MUST return a <service-unavailable/>".
+  if (!taken) throw new StanzaError('cancel', 'service-unavailable');
+}
+
+async function routeIq(event: StanzaEvent): Promise<void> {
+  const { stream, stanza } = event;
+  const { server } = stream;
+  const to = event.self ? undefined : event.to;
+  const type = stanza.attrs.type;
+  if (type === 'result' || type === 'error') {
+    // Responses go only to the full JID they answer; anything else is dropped (RFC 6120 §8.2.3).
+    if (to?.local && to.resource && to.domain === server.config.domain) {
+      const resource = await server.sessions.getResource(bareJid(to), to.resource);
+      if (resource) await deliver(server, resource, stanza);
+    }
+    return;
+  }
+  if (type !== 'get' && type !== 'set')
+    throw new StanzaError('modify', 'bad-request', 'iq type must be get or set');
+  if (stanza.attrs.id === undefined) throw new StanzaError('modify', 'bad-request', 'iq needs an id');
+  const children = stanza.getChildElements();
+  // RFC 6120 §8.2.3: "An IQ stanza of type "get" or "set" MUST contain exactly one child element".
+  if (children.length !== 1)
+    throw new StanzaError('modify', 'bad-request', 'get and set carry exactly one child');
+  const payload = children[0] as Element;
+
+  if (to && to.domain !== server.config.domain) {
+    throw new StanzaError('cancel', 'remote-server-not-found', 'Server-to-server is not available');
+  }
+  if (to?.local && to.resource) {
+    const resource = await server.sessions.getResource(bareJid(to), to.resource);
+    if (!resource || (await deliver(server, resource, stanza)) !== 'sent') {
+      throw new StanzaError('cancel', 'service-unavailable');
+    }
+    return;
+  }
+  const target: IqTarget = to?.local ? 'account' : 'server';
+  const handler = server.host.iqHandler(target, type, payload);
+  if (!handler) throw new StanzaError('cancel', 'service-unavailable');
+  if (
+    target === 'account' &&
+    to &&
+    bareJid(to) !== bareJid(stream.jid) &&
+    server.host.needsAccount(handler) &&
+    !(await server.users.exists(bareJid(to)))
+  ) {
+    throw new StanzaError('cancel', 'service-unavailable');
+  }
+  const result = await handler({
+    stream,
+    stanza,
+    payload,
+    type,
+    from: stream.jid,
+    to: to ?? { local: '', domain: server.config.domain, resource: '' },
+  });
+  if (result === DEFERRED_RESULT) return;
+  await stream.send(iqResult(stanza, result));
+}
+
+/**
+ * What an ended session had not got acknowledged: messages to another resource or offline
+ * storage (one delay stamp of their first acceptance, never bounced to the sender), iq
+ * requests answered with an error, presence and iq responses dropped (they describe a session
+ * that is over).
+ */
+export async function rerouteUndelivered(
+  server: Server,
+  user: string,
+  undelivered: UndeliveredStanza[],
+): Promise<void> {
+  for (const { stanza, acceptedAt } of undelivered) {
+    try {
+      if (stanza.name === 'message') {
+        await routeMessage(server, stanza, parseJid(user), { originalTime: acceptedAt });
+      } else if (
+        stanza.name === 'iq' &&
+        (stanza.attrs.type === 'get' || stanza.attrs.type === 'set') &&
+        stanza.attrs.from
+      ) {
+        const requester = parseJid(stanza.attrs.from);
+        const reply = errorReplyTo(stanza, new StanzaError('cancel', 'service-unavailable'));
+        if (reply && requester.local && requester.resource && requester.domain === server.config.domain) {
+          const resource = await server.sessions.getResource(bareJid(requester), requester.resource);
+          if (resource) await deliver(server, resource, reply);
+        }
+      }
+    } catch (error) {
+      if (!(error instanceof StanzaError)) throw error;
+      server.log.info('undelivered stanza dropped on re-route', { user, condition: error.condition });
+    }
+  }
+}

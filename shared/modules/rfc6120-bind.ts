@@ -1,0 +1,87 @@
+/**
+ * RFC 6120 §7 resource binding (`urn:ietf:params:xml:ns:xmpp-bind`) and the legacy session iq
+ * of RFC 3921 (`urn:ietf:params:xml:ns:xmpp-session`), answered with an empty result.
+ */
+import { randomBytes } from 'node:crypto';
+import { Element } from 'ltx';
+import { HANDLED, isBound, type Server, type Stream } from '../core/host.ts';
+import { replaceSession } from '../core/lifecycle.ts';
+import { errorReplyTo } from '../core/stanzas.ts';
+import { StanzaError, StreamError } from '../errors.ts';
+import { parseJid } from '../jid.ts';
+import { fitsResourceKey } from '../store/sessions.ts';
+import { NS } from '../xml/namespaces.ts';
+
+export function register(server: Server): void {
+  const { host } = server;
+  host.hook('stream-features', ({ stream, features }) => {
+    if (!stream.user || stream.state.resource) return undefined;
+    features.c('bind', { xmlns: NS.bind });
+    // RFC 6121 Appendix E: the session feature is advertised as optional for old clients.
+    features.c('session', { xmlns: NS.session }).c('optional');
+    return undefined;
+  });
+  host.hook('stanza-before-bind', ({ stream, stanza }) => bind(stream, stanza));
+  host.iq('set', NS.session, 'session', async () => undefined, { targets: ['server'] });
+  host.iq(
+    'set',
+    NS.bind,
+    'bind',
+    async () => {
+      throw new StanzaError('cancel', 'not-allowed', 'This stream already has a resource');
+    },
+    { targets: ['server'] },
+  );
+}
+
+function requestedResource(bind: Element): string | undefined {
+  const text = bind.getChildText('resource');
+  if (text === null || text === undefined || text.trim() === '') return undefined;
+  return text.trim();
+}
+
+/** Before bind, the only stanza allowed is the bind request (RFC 6120 §7.1). */
+async function bind(stream: Stream & { user: string }, stanza: Element): Promise<typeof HANDLED | undefined> {
+  const request = stanza.getChild('bind', NS.bind);
+  if (
+    stanza.name !== 'iq' ||
+    stanza.attrs.type !== 'set' ||
+    !request ||
+    stanza.getChildElements().length !== 1
+  ) {
+    return undefined;
+  }
+  const { server, user } = stream;
+  const wanted = requestedResource(request);
+  let resource: string;
+  try {
+    resource = wanted === undefined ? randomBytes(6).toString('hex') : parseJid(`${user}/${wanted}`).resource;
+    if (!fitsResourceKey(resource)) throw new Error('resource too long for this server');
+  } catch {
+    // RFC 6120 §7.7.2.1: a resource that cannot be processed is bad-request.
+    const reply = errorReplyTo(stanza, new StanzaError('modify', 'bad-request', 'Invalid resource'));
+    if (reply) await stream.send(reply);
+    return HANDLED;
+  }
+
+  const previous = await server.sessions.bindResource({
+    user,
+    resource,
+    connectionId: stream.connectionId,
+    available: false,
+    priority: 0,
+    boundAt: Date.now(),
+  });
+  if (previous && previous.connectionId !== stream.connectionId) {
+    // RFC 6120 §7.7.2.2: the server's policy here is "override": the old session gets a
+    // <conflict/> stream error and is closed, the new one binds; what the old session had not
+    // delivered is re-routed (possibly to this very resource once it is available, or offline).
+    await replaceSession(server, previous, new StreamError('conflict', 'Replaced by a new connection'));
+  }
+  stream.update({ resource });
+  const result = new Element('iq', { type: 'result', id: stanza.attrs.id });
+  result.c('bind', { xmlns: NS.bind }).c('jid').t(`${user}/${resource}`);
+  await stream.send(result);
+  if (isBound(stream)) await server.host.fire('session-bound', { stream });
+  return HANDLED;
+}

@@ -1,0 +1,171 @@
+/**
+ * RFC 6121 §4 presence, without subscriptions yet: a session's broadcast presence reaches the
+ * user's own resources only; directed presence reaches the local JID it names. Nothing about a
+ * user's availability leaks to other users. When a session ends in any way, its available
+ * presence is withdrawn from the user's other resources and from directed-presence recipients.
+ */
+import { clone, Element, parse } from 'ltx';
+import { deliver } from '../core/delivery.ts';
+import { type BoundStream, HANDLED, type Server, type StanzaEvent } from '../core/host.ts';
+import { StanzaError } from '../errors.ts';
+import { bareJid, fullJid, fullJidOf, type Jid, parseJid } from '../jid.ts';
+import type { ResourceRecord } from '../store/sessions.ts';
+
+export function register(server: Server): void {
+  const { host } = server;
+  for (const target of ['bare', 'full', 'host'] as const) {
+    host.hook(`presence/${target}`, (event) => presenceFromClient(event));
+  }
+  host.hook('session-ended', async ({ session, wasAvailable }) => {
+    const from = fullJid(fullJidOf(session.user, session.resource));
+    if (wasAvailable) {
+      await broadcastToOwnResources(
+        server,
+        session.user,
+        new Element('presence', { from, type: 'unavailable' }),
+      );
+    }
+    await tellDirectedRecipients(server, from, session.directedTo);
+    return undefined;
+  });
+}
+
+/** RFC 6121 §4.7.2.3: priority is an integer from -128 to +127, default 0. */
+function priorityOf(stanza: Element): number {
+  const text = stanza.getChildText('priority');
+  if (text === null || text === undefined) return 0;
+  const value = Number(text.trim());
+  if (!Number.isInteger(value) || value < -128 || value > 127) {
+    throw new StanzaError('modify', 'bad-request', 'priority must be an integer from -128 to 127');
+  }
+  return value;
+}
+
+async function broadcastToOwnResources(
+  server: Server,
+  user: string,
+  stanza: Element,
+  options: { exceptConnectionId?: string; resources?: ResourceRecord[] } = {},
+): Promise<ResourceRecord[]> {
+  const resources = options.resources ?? (await server.sessions.listResources(user));
+  for (const resource of resources) {
+    if (!resource.available || resource.connectionId === options.exceptConnectionId) continue;
+    await deliver(server, resource, clone(stanza));
+  }
+  return resources;
+}
+
+async function presenceFromClient(event: StanzaEvent): Promise<typeof HANDLED> {
+  const { stream, stanza } = event;
+  const type = stanza.attrs.type;
+  if (event.self) {
+    if (type === undefined) await becomeAvailable(stream, stanza);
+    else if (type === 'unavailable') await becomeUnavailable(stream, stanza);
+    // Subscription requests and probes need a roster (a later module): not served yet.
+    return HANDLED;
+  }
+  if (type !== undefined && type !== 'unavailable' && type !== 'error') return HANDLED;
+  const { server } = stream;
+  const to = event.to;
+  if (to.domain !== server.config.domain || !to.local) return HANDLED;
+  if (type !== 'error') rememberDirected(stream, fullJid(to), type === undefined);
+  await deliverDirected(server, to, stanza);
+  return HANDLED;
+}
+
+/** Directed presence to a full JID goes to that resource; to a bare JID, to every available one. */
+async function deliverDirected(server: Server, to: Jid, stanza: Element): Promise<void> {
+  const resources = await server.sessions.listResources(bareJid(to));
+  for (const resource of resources) {
+    if (to.resource ? resource.resource === to.resource : resource.available) {
+      await deliver(server, resource, clone(stanza));
+    }
+  }
+}
+
+/** Bounded: a session that directs presence at more JIDs than this stops tracking new ones. */
+const MAX_DIRECTED = 100;
+
+function rememberDirected(stream: BoundStream, jid: string, available: boolean): void {
+  const current = stream.state.directedTo ?? [];
+  const next = available
+    ? current.includes(jid) || current.length >= MAX_DIRECTED
+      ? current
+      : [...current, jid]
+    : current.filter((entry) => entry !== jid);
+  if (next !== current) stream.update({ directedTo: next.length > 0 ? next : undefined });
+}
+
+/**
+ * RFC 6121 §4.6.3: when the session becomes unavailable, "the user's server MUST send
+ * unavailable presence" to the entities it sent directed presence to.
+ */
+async function tellDirectedRecipients(
+  server: Server,
+  from: string,
+  directedTo: string[] | undefined,
+): Promise<void> {
+  for (const jid of directedTo ?? []) {
+    await deliverDirected(
+      server,
+      parseJid(jid),
+      new Element('presence', { from, to: jid, type: 'unavailable' }),
+    );
+  }
+}
+
+async function becomeAvailable(stream: BoundStream, stanza: Element): Promise<void> {
+  const { server } = stream;
+  const priority = priorityOf(stanza);
+  const previous = await server.sessions.updatePresence(stream.user, stream.resource, stream.connectionId, {
+    available: true,
+    priority,
+    presence: stanza.toString(),
+  });
+  if (!previous) return;
+  const initial = !previous.available;
+  // RFC 6121 §4.2.2: initial presence goes to all of the user's available resources,
+  // including the one that sent it; later updates likewise.
+  const resources = await broadcastToOwnResources(server, stream.user, stanza);
+  if (initial) {
+    for (const other of resources) {
+      if (other.connectionId === stream.connectionId || !other.available || !other.presence) continue;
+      await stream.send(parse(other.presence));
+    }
+  }
+  await server.host.fire('availability-changed', {
+    stream,
+    stanza,
+    available: true,
+    initial,
+    priority,
+    resources,
+  });
+}
+
+async function becomeUnavailable(stream: BoundStream, stanza: Element): Promise<void> {
+  const { server } = stream;
+  const previous = await server.sessions.updatePresence(stream.user, stream.resource, stream.connectionId, {
+    available: false,
+    priority: 0,
+    presence: '',
+  });
+  let resources: ResourceRecord[] = [];
+  if (previous?.available) {
+    resources = await broadcastToOwnResources(server, stream.user, stanza, {
+      exceptConnectionId: stream.connectionId,
+    });
+  }
+  await tellDirectedRecipients(server, fullJid(stream.jid), stream.state.directedTo);
+  stream.update({ directedTo: undefined });
+  if (previous?.available) {
+    await server.host.fire('availability-changed', {
+      stream,
+      stanza,
+      available: false,
+      initial: false,
+      priority: 0,
+      resources,
+    });
+  }
+}
