@@ -74,15 +74,21 @@ export async function routeFromClient(stream: BoundStream, stanza: Element): Pro
   }
 }
 
-function messageType(stanza: Element): string {
+export function messageType(stanza: Element): string {
   const type = stanza.attrs.type;
   // RFC 6121 §5.2.2: an unknown type is treated as normal.
   return ['chat', 'error', 'groupchat', 'headline', 'normal'].includes(type) ? type : 'normal';
 }
 
-/** RFC 6121 §8.5.2.1.1: the available resources with the highest non-negative priority. */
-function chatTargets(resources: ResourceRecord[]): ResourceRecord[] {
+/**
+ * RFC 6121 §8.5.2.1: which of a user's resources a message to the bare JID goes to. Headline:
+ * every available resource with a non-negative priority (§8.5.2.1.1 allows all); normal and
+ * chat: "the server MUST deliver the message to the 'most available' resource or resources"
+ * — here all with the highest non-negative priority.
+ */
+export function messageTargets(type: string, resources: ResourceRecord[]): ResourceRecord[] {
   const candidates = resources.filter((r) => r.available && r.priority >= 0);
+  if (type === 'headline') return candidates;
   const top = Math.max(...candidates.map((r) => r.priority));
   return candidates.filter((r) => r.priority === top);
 }
@@ -137,8 +143,7 @@ export async function routeMessage(
   if (type === 'error') return;
 
   for (;;) {
-    const targets =
-      type === 'headline' ? resources.filter((r) => r.available && r.priority >= 0) : chatTargets(resources);
+    const targets = messageTargets(type, resources);
     if (targets.length === 0) break;
     let delivered = false;
     for (const target of targets) {

@@ -460,6 +460,47 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
   await server.host.fire('stanzas-acknowledged', { stream, unacknowledged: out - newBase });
 }
 
+/** What a `<resume/>` asks for, read from the element alone. */
+export type ResumeRequest = { ok: true; previd: string; h: number } | { ok: false; condition: string };
+
+export function decodeResume(element: Element, version: SmVersion): ResumeRequest {
+  const previd = element.attrs.previd;
+  // sm:3 §5: <resume/> MUST carry 'h'; the seed: it "SHOULD include an 'h' attribute", so an
+  // sm:1 resume without one acknowledges nothing new (h = -1: the queue's base).
+  const h = element.attrs.h === undefined && version === 'sm1' ? -1 : counter(element.attrs.h);
+  if (!previd || h === undefined) return { ok: false, condition: 'bad-request' };
+  // Only ids this server could have issued are looked up (and DynamoDB keys are bounded).
+  if (!/^[A-Za-z0-9_-]{1,64}$/.test(previd)) return { ok: false, condition: 'item-not-found' };
+  return { ok: true, previd, h };
+}
+
+export type ResumeVerdict =
+  | { kind: 'refuse'; condition: string; h?: number }
+  /** The window closed and the sweeper has not come by yet: expired all the same. */
+  | { kind: 'expired'; h: number }
+  | { kind: 'too-high'; h: number; sendCount: number }
+  | { kind: 'resume'; acked: number };
+
+/** Decides whether a resume may proceed, from the stored session alone (no I/O). */
+export function judgeResume(
+  request: { previd: string; h: number },
+  item: SmQueueItem | undefined,
+  context: { user: string; version: SmVersion; now: number },
+): ResumeVerdict {
+  // Another user's id is as unknown as a bogus one: nothing about it is revealed.
+  if (!item || item.user !== context.user || (!item.resumable && !item.ended)) {
+    return { kind: 'refuse', condition: 'item-not-found' };
+  }
+  if (item.version !== context.version) return { kind: 'refuse', condition: 'unexpected-request' };
+  if (item.ended) return { kind: 'refuse', condition: 'item-not-found', h: item.inbound ?? 0 };
+  if (!item.connectionId && item.sweepAt !== undefined && item.sweepAt <= context.now) {
+    return { kind: 'expired', h: item.inbound ?? 0 };
+  }
+  const acked = request.h < 0 ? item.base : unwrap(request.h, item.base);
+  if (acked > item.out) return { kind: 'too-high', h: request.h, sendCount: item.out };
+  return { kind: 'resume', acked };
+}
+
 /** Decides whether a `<resume/>` may proceed; the reply is written by `resume`. */
 async function decideResume(
   stream: Stream,
@@ -467,33 +508,27 @@ async function decideResume(
   version: SmVersion,
 ): Promise<{ ok: false; reply: Element } | { ok: true; item: SmQueueItem; h: number; inbound: number }> {
   const { server } = stream;
-  if (!stream.state.user) return { ok: false, reply: failed(version, 'not-authorized') };
-  if (stream.state.resource || stream.state.sm)
-    return { ok: false, reply: failed(version, 'unexpected-request') };
-  const previd = element.attrs.previd;
-  // sm:3 §5: <resume/> MUST carry 'h'; the seed: it "SHOULD include an 'h' attribute", so an
-  // sm:1 resume without one acknowledges nothing new.
-  const h = element.attrs.h === undefined && version === 'sm1' ? -1 : counter(element.attrs.h);
-  if (!previd || h === undefined) return { ok: false, reply: failed(version, 'bad-request') };
-  // Only ids this server could have issued are looked up (and DynamoDB keys are bounded).
-  if (!/^[A-Za-z0-9_-]{1,64}$/.test(previd)) return { ok: false, reply: failed(version, 'item-not-found') };
-  const item = await server.smQueue.get(previd);
-  // Another user's id is as unknown as a bogus one: nothing about it is revealed.
-  if (!item || item.user !== stream.state.user || (!item.resumable && !item.ended)) {
-    return { ok: false, reply: failed(version, 'item-not-found') };
+  const user = stream.user;
+  if (!user) return { ok: false, reply: failed(version, 'not-authorized') };
+  if (stream.state.resource || stream.state.sm) return { ok: false, reply: failed(version, 'unexpected-request') };
+  const request = decodeResume(element, version);
+  if (!request.ok) return { ok: false, reply: failed(version, request.condition) };
+  const item = await server.smQueue.get(request.previd);
+  const verdict = judgeResume(request, item, { user, version, now: Date.now() });
+  switch (verdict.kind) {
+    case 'refuse':
+      return { ok: false, reply: failed(version, verdict.condition, verdict.h) };
+    case 'expired':
+      await endSession(server, sessionOfItem(item as SmQueueItem), 'expired');
+      return { ok: false, reply: failed(version, 'item-not-found', verdict.h) };
+    case 'too-high':
+      throw tooHigh(verdict.h, verdict.sendCount);
+    case 'resume': {
+      const found = item as SmQueueItem;
+      const previous = found.connectionId ? await server.sessions.getConnection(found.connectionId) : undefined;
+      return { ok: true, item: found, h: verdict.acked, inbound: previous?.sm?.inbound ?? found.inbound ?? 0 };
+    }
   }
-  if (item.version !== version) return { ok: false, reply: failed(version, 'unexpected-request') };
-  if (item.ended) return { ok: false, reply: failed(version, 'item-not-found', item.inbound ?? 0) };
-  if (!item.connectionId && item.sweepAt !== undefined && item.sweepAt <= Date.now()) {
-    // The window closed and the sweeper has not come by yet: it is expired all the same.
-    await endSession(server, sessionOfItem(item), 'expired');
-    return { ok: false, reply: failed(version, 'item-not-found', item.inbound ?? 0) };
-  }
-  const previous = item.connectionId ? await server.sessions.getConnection(item.connectionId) : undefined;
-  const inbound = previous?.sm?.inbound ?? item.inbound ?? 0;
-  const acked = h < 0 ? item.base : unwrap(h, item.base);
-  if (acked > item.out) throw tooHigh(h, item.out);
-  return { ok: true, item, h: acked, inbound };
 }
 
 async function resume(stream: Stream, element: Element, version: SmVersion): Promise<void> {

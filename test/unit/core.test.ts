@@ -1,0 +1,157 @@
+/**
+ * The core without DynamoDB: the host's events and registries, and the one delivery path
+ * through the recording outbound port (size check, stream-management hand-over, 410 Gone).
+ */
+import { Element, parse } from 'ltx';
+import { describe, expect, it } from 'vitest';
+import { loadConfig } from '../../shared/config.ts';
+import { deliver, POST_LIMIT_BYTES, post } from '../../shared/core/delivery.ts';
+import { HANDLED, Host, type Server } from '../../shared/core/host.ts';
+import { messageTargets } from '../../shared/core/router.ts';
+import { StanzaError } from '../../shared/errors.ts';
+import { createLogger } from '../../shared/log.ts';
+import { Outbound, RecordingPort } from '../../shared/outbound.ts';
+import type { ResourceRecord } from '../../shared/store/sessions.ts';
+
+function coreOnly(port = new RecordingPort()): { server: Server; port: RecordingPort } {
+  const server = {
+    config: loadConfig({}),
+    host: new Host(),
+    outbound: new Outbound(port),
+    log: createLogger('silent'),
+  } as unknown as Server;
+  return { server, port };
+}
+
+describe('Host events', () => {
+  it('runs hooks from the highest priority down, equal priorities in registration order', async () => {
+    const host = new Host();
+    const order: string[] = [];
+    host.hook('sweep', () => void order.push('default'));
+    host.hook('sweep', () => void order.push('low'), { priority: -5 });
+    host.hook('sweep', () => void order.push('high'), { priority: 10 });
+    host.hook('sweep', () => void order.push('default, second'));
+    expect(await host.fire('sweep', { now: 0, swept: 0 })).toBe(false);
+    expect(order).toEqual(['high', 'default', 'default, second', 'low']);
+  });
+
+  it('stops at a hook that returns HANDLED and reports it', async () => {
+    const host = new Host();
+    const seen: string[] = [];
+    host.hook(
+      'message/bare',
+      () => {
+        seen.push('archive');
+        return undefined;
+      },
+      { priority: 10 },
+    );
+    host.hook('message/bare', () => {
+      seen.push('takeover');
+      return HANDLED;
+    });
+    host.hook('message/bare', () => void seen.push('never'), { priority: -1 });
+    const handled = await host.fire('message/bare', {} as never);
+    expect(handled).toBe(true);
+    expect(seen).toEqual(['archive', 'takeover']);
+  });
+
+  it('refuses two handlers for the same iq and finds handlers by target, type, namespace and element', () => {
+    const host = new Host();
+    const handler = async () => undefined;
+    host.iq('get', 'urn:xmpp:ping', 'ping', handler, { targets: ['server'] });
+    expect(() => host.iq('get', 'urn:xmpp:ping', 'ping', handler)).toThrow(/two handlers/);
+    const ping = new Element('ping', { xmlns: 'urn:xmpp:ping' });
+    expect(host.iqHandler('server', 'get', ping)).toBe(handler);
+    expect(host.iqHandler('account', 'get', ping)).toBeUndefined();
+    expect(host.iqHandler('server', 'set', ping)).toBeUndefined();
+  });
+});
+
+describe('the delivery path', () => {
+  const resource = (connectionId: string, extra: Partial<ResourceRecord> = {}): ResourceRecord => ({
+    user: 'bob@localhost',
+    resource: 'phone',
+    connectionId,
+    available: true,
+    priority: 0,
+    boundAt: 0,
+    ...extra,
+  });
+
+  it('posts a stanza with the content namespace (RFC 7395 §3.3.3)', async () => {
+    const { server, port } = coreOnly();
+    expect(
+      await deliver(server, resource('c1'), parse("<message to='bob@localhost'><body>hi</body></message>")),
+    ).toBe('sent');
+    expect(port.frames.get('c1')).toEqual([
+      '<message to="bob@localhost" xmlns="jabber:client"><body>hi</body></message>',
+    ]);
+  });
+
+  it('refuses with policy-violation what escaping grows past the 128 KB post limit, posting nothing', async () => {
+    const { server, port } = coreOnly();
+    // XEP-0478 §3: "If, after serialization, a stanza exceeds the limits [...] it SHOULD NOT be sent".
+    const stanza = new Element('message', { to: 'bob@localhost', id: "'".repeat(30 * 1024) });
+    expect(Buffer.byteLength(stanza.toString())).toBeGreaterThan(POST_LIMIT_BYTES);
+    const refused = await deliver(server, resource('c1'), stanza).catch((error) => error);
+    expect(refused).toBeInstanceOf(StanzaError);
+    expect(refused).toMatchObject({ type: 'modify', condition: 'policy-violation' });
+    expect(port.frames.size).toBe(0);
+    await expect(post(server, 'c1', stanza)).rejects.toMatchObject({ condition: 'policy-violation' });
+  });
+
+  it('hands a stanza for a stream-management session to the stanza queue, never posting it itself', async () => {
+    const { server, port } = coreOnly();
+    const queued: { smId: string; xml: string; options: object }[] = [];
+    server.host.provideStanzaQueue({
+      async deliver(smId, stanza, options) {
+        queued.push({ smId, xml: stanza.toString(), options });
+        return 'sent';
+      },
+      async requestAck() {},
+    });
+    const stanza = parse("<message to='bob@localhost'><body>queued</body></message>");
+    expect(await deliver(server, resource('c1', { smId: 'sm-1' }), stanza, { offlineId: 'o1' })).toBe('sent');
+    expect(queued).toEqual([{ smId: 'sm-1', xml: stanza.toString(), options: { offlineId: 'o1' } }]);
+    expect(port.frames.size).toBe(0);
+  });
+
+  it('on 410 Gone tells the lifecycle (connection-vanished, with the resource) and reports gone', async () => {
+    const { server, port } = coreOnly();
+    port.gone.add('c-gone');
+    const vanished: unknown[] = [];
+    server.host.hook('connection-vanished', (event) => void vanished.push(event));
+    const target = resource('c-gone');
+    expect(await deliver(server, target, new Element('presence'))).toBe('gone');
+    expect(vanished).toEqual([{ connectionId: 'c-gone', resource: target }]);
+    expect(server.outbound.counters.gone).toBe(1);
+  });
+});
+
+describe('routing choice (RFC 6121 §8.5.2.1.1)', () => {
+  const r = (name: string, available: boolean, priority: number) =>
+    ({
+      user: 'bob@localhost',
+      resource: name,
+      connectionId: name,
+      available,
+      priority,
+      boundAt: 0,
+    }) as ResourceRecord;
+  const resources = [r('a', true, 5), r('b', true, 5), r('c', true, 1), r('d', true, -1), r('e', false, 9)];
+
+  it('sends chat and normal to the available resources of highest non-negative priority', () => {
+    expect(messageTargets('chat', resources).map((t) => t.resource)).toEqual(['a', 'b']);
+    expect(messageTargets('normal', resources).map((t) => t.resource)).toEqual(['a', 'b']);
+  });
+
+  it('sends headline to every available resource of non-negative priority', () => {
+    expect(messageTargets('headline', resources).map((t) => t.resource)).toEqual(['a', 'b', 'c']);
+  });
+
+  it('finds no target when only negative priorities or unavailable resources remain', () => {
+    // RFC 6121 §8.5.2.1.1: a resource with negative priority never gets a message to the bare JID.
+    expect(messageTargets('chat', [r('d', true, -1), r('e', false, 9)])).toEqual([]);
+  });
+});
