@@ -510,7 +510,8 @@ async function decideResume(
   const { server } = stream;
   const user = stream.user;
   if (!user) return { ok: false, reply: failed(version, 'not-authorized') };
-  if (stream.state.resource || stream.state.sm) return { ok: false, reply: failed(version, 'unexpected-request') };
+  if (stream.state.resource || stream.state.sm)
+    return { ok: false, reply: failed(version, 'unexpected-request') };
   const request = decodeResume(element, version);
   if (!request.ok) return { ok: false, reply: failed(version, request.condition) };
   const item = await server.smQueue.get(request.previd);
@@ -525,8 +526,15 @@ async function decideResume(
       throw tooHigh(verdict.h, verdict.sendCount);
     case 'resume': {
       const found = item as SmQueueItem;
-      const previous = found.connectionId ? await server.sessions.getConnection(found.connectionId) : undefined;
-      return { ok: true, item: found, h: verdict.acked, inbound: previous?.sm?.inbound ?? found.inbound ?? 0 };
+      const previous = found.connectionId
+        ? await server.sessions.getConnection(found.connectionId)
+        : undefined;
+      return {
+        ok: true,
+        item: found,
+        h: verdict.acked,
+        inbound: previous?.sm?.inbound ?? found.inbound ?? 0,
+      };
     }
   }
 }
