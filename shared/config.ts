@@ -3,12 +3,19 @@
  * deployment may want to change is here, with its default; the README's configuration table
  * lists the same names.
  */
-import { localTableName, offlineTable, sessionsTable, type TableDefinition, usersTable } from './tables.ts';
+import {
+  localTableName,
+  offlineTable,
+  rosterTable,
+  sessionsTable,
+  type TableDefinition,
+  usersTable,
+} from './tables.ts';
 
 export interface Config {
   /** The XMPP domain served (the `to` of `<open/>`, the domain part of every local JID). */
   domain: string;
-  tables: { users: string; sessions: string; offline: string };
+  tables: { users: string; sessions: string; offline: string; roster: string };
   /** DynamoDB endpoint override (DynamoDB Local); unset on AWS. */
   dynamodbEndpoint?: string;
   region: string;
@@ -18,6 +25,11 @@ export interface Config {
   maxStanzaBytes: number;
   /** Offline messages kept per user; above it the sender gets resource-constraint. */
   offlineQuota: number;
+  /**
+   * RFC 6121 §2: contacts kept per user (roster items and pending inbound requests); a roster
+   * set or subscription past it is refused with `not-allowed`.
+   */
+  rosterMaxItems: number;
   /** Seconds an offline message is kept. */
   offlineTtlSeconds: number;
   /** Failed SASL attempts allowed per connection before temporary-auth-failure and close. */
@@ -48,6 +60,7 @@ export const TUNABLE_SETTINGS = [
   'MAX_STANZA_BYTES',
   'OFFLINE_QUOTA',
   'OFFLINE_TTL_DAYS',
+  'ROSTER_MAX_ITEMS',
   'AUTH_FAILURES_PER_CONNECTION',
   'AUTH_FAILURES_PER_ACCOUNT',
   'AUTH_FAILURE_WINDOW_SECONDS',
@@ -81,6 +94,7 @@ export function loadConfig(env: Env = process.env): Config {
       users: tableName(env, usersTable),
       sessions: tableName(env, sessionsTable),
       offline: tableName(env, offlineTable),
+      roster: tableName(env, rosterTable),
     },
     dynamodbEndpoint: env.DYNAMODB_ENDPOINT || undefined,
     region: env.AWS_REGION || env.AWS_DEFAULT_REGION || 'us-east-1',
@@ -88,6 +102,7 @@ export function loadConfig(env: Env = process.env): Config {
     maxStanzaBytes: int(env, 'MAX_STANZA_BYTES', 65536),
     offlineQuota: int(env, 'OFFLINE_QUOTA', 1000),
     offlineTtlSeconds: int(env, 'OFFLINE_TTL_DAYS', 30) * 86400,
+    rosterMaxItems: int(env, 'ROSTER_MAX_ITEMS', 1000),
     authFailuresPerConnection: int(env, 'AUTH_FAILURES_PER_CONNECTION', 3),
     authFailuresPerAccount: int(env, 'AUTH_FAILURES_PER_ACCOUNT', 10),
     authFailureWindowSeconds: int(env, 'AUTH_FAILURE_WINDOW_SECONDS', 300),

@@ -18,7 +18,7 @@ export interface IndexDefinition {
 
 export interface TableDefinition {
   /** Logical id: used for the CDK construct, the environment variable and the local name. */
-  id: 'Users' | 'Sessions' | 'Offline';
+  id: 'Users' | 'Sessions' | 'Offline' | 'Roster';
   /** Environment variable that carries the physical table name to a function. */
   envVar: string;
   partitionKey: KeyDefinition;
@@ -75,7 +75,23 @@ export const offlineTable: TableDefinition = {
   pointInTimeRecovery: true,
 };
 
-export const allTables: readonly TableDefinition[] = [usersTable, sessionsTable, offlineTable];
+/**
+ * RFC 6121 rosters: per user, one item per contact (roster item, pending inbound request or
+ * pre-approval) and one meta item with the roster version and item counts
+ * (`shared/store/roster.ts`).
+ */
+export const rosterTable: TableDefinition = {
+  id: 'Roster',
+  envVar: 'ROSTER_TABLE',
+  partitionKey: pk,
+  sortKey: sk,
+  globalSecondaryIndexes: [],
+  // No roster item expires; the attribute is declared so every table has the same shape.
+  timeToLiveAttribute: TTL_ATTRIBUTE,
+  pointInTimeRecovery: true,
+};
+
+export const allTables: readonly TableDefinition[] = [usersTable, sessionsTable, offlineTable, rosterTable];
 
 /** Physical name used by the local runner and tests (`<prefix>-users`, …). */
 export function localTableName(def: TableDefinition, prefix = 'nimbus'): string {

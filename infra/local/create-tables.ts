@@ -19,7 +19,7 @@ export type TableNames = Record<TableDefinition['id'], string>;
 
 /** The physical names of `Config['tables']` keyed by table id. */
 export function tableNamesOf(tables: Config['tables']): TableNames {
-  return { Users: tables.users, Sessions: tables.sessions, Offline: tables.offline };
+  return { Users: tables.users, Sessions: tables.sessions, Offline: tables.offline, Roster: tables.roster };
 }
 
 export async function createTables(

@@ -31,7 +31,12 @@ function isRunning(pid: number): boolean {
   }
 }
 
-const names: TableNames = { Users: 'it-users', Sessions: 'it-sessions', Offline: 'it-offline' };
+const names: TableNames = {
+  Users: 'it-users',
+  Sessions: 'it-sessions',
+  Offline: 'it-offline',
+  Roster: 'it-roster',
+};
 
 describe('DynamoDB Local started on a free port, in memory', () => {
   let database: DynamoDbLocal;
@@ -160,7 +165,7 @@ describe('the shared test database', () => {
     const first = await createTestTables();
     const second = await createTestTables();
     expect(first.users).toMatch(/^t[0-9a-f]{12}-users$/);
-    expect(new Set([...Object.values(first), ...Object.values(second)]).size).toBe(6);
+    expect(new Set([...Object.values(first), ...Object.values(second)]).size).toBe(2 * allTables.length);
     const client = testDynamoDbClient();
     try {
       const listed = await client.send(new ListTablesCommand({}));
