@@ -22,12 +22,30 @@ const PREDEFINED_ENTITY = /^(lt|gt|amp|quot|apos|#[0-9]+|#x[0-9a-fA-F]+)$/;
 /** Deeper payloads are refused: nobody needs them, and serialising them recurses. */
 export const MAX_DEPTH = 64;
 
+/**
+ * The frame without its CDATA sections, in one forward pass. (A lazy regular expression here was
+ * quadratic on many `<![CDATA[` without `]]>`: 270 ms for a 72 KB frame, before login.) An
+ * unterminated section ends the text: the parser refuses such a frame as not well-formed.
+ */
+export function outsideCdata(frame: string): string {
+  let outside = '';
+  let from = 0;
+  for (;;) {
+    const start = frame.indexOf('<![CDATA[', from);
+    if (start === -1) return outside + frame.slice(from);
+    outside += frame.slice(from, start);
+    const end = frame.indexOf(']]>', start + 9);
+    if (end === -1) return outside;
+    from = end + 3;
+  }
+}
+
 function refuseRestrictedXml(frame: string): void {
-  const outsideCdata = frame.includes('<![CDATA[') ? frame.replace(/<!\[CDATA\[[\s\S]*?\]\]>/g, '') : frame;
-  if (RESTRICTED_MARKUP.test(outsideCdata)) {
+  const outside = outsideCdata(frame);
+  if (RESTRICTED_MARKUP.test(outside)) {
     throw new StreamError('restricted-xml', 'Comments, processing instructions and DTDs are not allowed');
   }
-  for (const match of outsideCdata.matchAll(ENTITY_REFERENCE)) {
+  for (const match of outside.matchAll(ENTITY_REFERENCE)) {
     if (!PREDEFINED_ENTITY.test(match[1] ?? '')) {
       throw new StreamError('restricted-xml', 'Only the predefined XML entities are allowed');
     }
@@ -53,8 +71,11 @@ export function parseFrame(frame: string, maxBytes: number): Element {
   let current: Element | undefined;
   let depth = 0;
   let problem: StreamError | undefined;
-  const fail = (error: StreamError) => {
+  // The first problem stops the parser: a frame already refused is not read further (8,000 levels
+  // of nesting past MAX_DEPTH cost 760 ms when the parser went on to the end).
+  const fail = (error: StreamError): never => {
     problem ??= error;
+    throw error;
   };
   const restricted = () => fail(new StreamError('restricted-xml', 'Only elements and text are allowed'));
 
@@ -94,7 +115,7 @@ export function parseFrame(frame: string, maxBytes: number): Element {
     parser.write(frame);
     parser.close();
   } catch {
-    fail(new StreamError('not-well-formed', 'Not well-formed XML'));
+    throw problem ?? new StreamError('not-well-formed', 'Not well-formed XML');
   }
   if (problem) throw problem;
   if (!root || current) throw new StreamError('not-well-formed', 'A frame must hold one complete element');

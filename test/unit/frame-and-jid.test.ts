@@ -4,7 +4,7 @@
 import { describe, expect, it } from 'vitest';
 import { StanzaError, StreamError } from '../../shared/errors.ts';
 import { bareJid, fullJid, parseJid } from '../../shared/jid.ts';
-import { parseFrame } from '../../shared/xml/frame.ts';
+import { outsideCdata, parseFrame } from '../../shared/xml/frame.ts';
 
 function streamCondition(frame: string, max = 65536): string | undefined {
   try {
@@ -75,5 +75,27 @@ describe('parseJid', () => {
       expect(error).toBeInstanceOf(StanzaError);
       expect((error as StanzaError).condition).toBe('jid-malformed');
     }
+  });
+});
+
+describe('CDATA sections and restricted markup', () => {
+  it('strips terminated CDATA sections, and an unterminated one to the end', () => {
+    expect(outsideCdata('<a><![CDATA[<!-- x -->]]>b<![CDATA[c]]></a>')).toBe('<a>b</a>');
+    expect(outsideCdata(`<a>${'<![CDATA['.repeat(3)}</a>`)).toBe('<a>');
+    expect(outsideCdata('<a>plain</a>')).toBe('<a>plain</a>');
+  });
+
+  it('lets a comment inside CDATA through as text, and refuses one outside', () => {
+    expect(
+      parseFrame('<message><body><![CDATA[<!-- text -->]]></body></message>', 65536).getChildText('body'),
+    ).toBe('<!-- text -->');
+    expect(() => parseFrame('<message><!-- no --><body/></message>', 65536)).toThrow(
+      expect.objectContaining({ condition: 'restricted-xml' }),
+    );
+  });
+
+  it('refuses a frame of many unterminated CDATA openings as not well-formed', () => {
+    const frame = `<message><body>${'<![CDATA['.repeat(7000)}</body></message>`;
+    expect(() => parseFrame(frame, 65536)).toThrow(expect.objectContaining({ condition: 'not-well-formed' }));
   });
 });
