@@ -44,8 +44,14 @@ export function register(server: Server): void {
     info: (request) => countInfo(server, request),
     items: (request) => headers(server, request),
   });
-  host.iq('get', NS.offline, 'offline', (request) => command(server, request));
-  host.iq('set', NS.offline, 'offline', (request) => command(server, request));
+  // The handler refuses every other account with forbidden itself, existing or not, so the
+  // answer never tells whether an account exists.
+  host.iq('get', NS.offline, 'offline', (request) => command(server, request), {
+    answersForAnyAccount: true,
+  });
+  host.iq('set', NS.offline, 'offline', (request) => command(server, request), {
+    answersForAnyAccount: true,
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

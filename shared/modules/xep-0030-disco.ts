@@ -15,29 +15,37 @@ export function register(server: Server): void {
   host.add('disco-feature', NS.discoItems);
   const nodeHandler = (node: string) => host.items('disco-node').find((entry) => entry.node === node);
 
-  host.iq('get', NS.discoInfo, 'query', async (request) => {
-    const node = request.payload.attrs.node;
-    if (node !== undefined) {
-      const handler = nodeHandler(node);
-      if (!handler) throw new StanzaError('cancel', 'item-not-found');
-      return handler.info(request);
-    }
-    const query = new Element('query', { xmlns: NS.discoInfo });
-    if (request.to.local) {
-      // XEP-0030 §8: "the server MUST return a <service-unavailable/> error if the target entity
-      // does not exist or if the requesting entity is not authorized to receive presence from
-      // the target entity" — without subscriptions, only the user's own account qualifies.
-      if (bareJid(request.to) !== bareJid(request.from))
-        throw new StanzaError('cancel', 'service-unavailable');
-      query.c('identity', { category: 'account', type: 'registered' });
-      query.c('feature', { var: NS.discoInfo });
+  // Answers for any account itself (XEP-0030 §8: the same error whether or not the account
+  // exists), so the router's existence check never runs first and tells the difference.
+  host.iq(
+    'get',
+    NS.discoInfo,
+    'query',
+    async (request) => {
+      const node = request.payload.attrs.node;
+      if (node !== undefined) {
+        const handler = nodeHandler(node);
+        if (!handler) throw new StanzaError('cancel', 'item-not-found');
+        return handler.info(request);
+      }
+      const query = new Element('query', { xmlns: NS.discoInfo });
+      if (request.to.local) {
+        // XEP-0030 §8: "the server MUST return a <service-unavailable/> error if the target entity
+        // does not exist or if the requesting entity is not authorized to receive presence from
+        // the target entity" — without subscriptions, only the user's own account qualifies.
+        if (bareJid(request.to) !== bareJid(request.from))
+          throw new StanzaError('cancel', 'service-unavailable');
+        query.c('identity', { category: 'account', type: 'registered' });
+        query.c('feature', { var: NS.discoInfo });
+        return query;
+      }
+      query.c('identity', { category: 'server', type: 'im', name: 'Nimbus' });
+      for (const feature of [...new Set(host.items('disco-feature'))].sort())
+        query.c('feature', { var: feature });
       return query;
-    }
-    query.c('identity', { category: 'server', type: 'im', name: 'Nimbus' });
-    for (const feature of [...new Set(host.items('disco-feature'))].sort())
-      query.c('feature', { var: feature });
-    return query;
-  });
+    },
+    { answersForAnyAccount: true },
+  );
 
   host.iq(
     'get',
