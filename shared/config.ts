@@ -34,11 +34,15 @@ export interface Config {
   offlineTtlSeconds: number;
   /** Failed SASL attempts allowed per connection before temporary-auth-failure and close. */
   authFailuresPerConnection: number;
-  /** Failed SASL attempts per account within `authFailureWindowSeconds` before refusing. */
+  /**
+   * Failed SASL attempts per account within `authFailureWindowSeconds`; past it, attempts on the
+   * account from addresses it never logged in from are slowed to one per `authAccountSlowdownSeconds`.
+   */
   authFailuresPerAccount: number;
+  /** Failed SASL attempts per source address within the window; past it, that address is refused unchecked. */
+  authFailuresPerAddress: number;
   authFailureWindowSeconds: number;
-  /** Longest pause before answering a failed attempt past the per-account limit. */
-  authFailureMaxDelayMs: number;
+  authAccountSlowdownSeconds: number;
   /** PBKDF2 iterations for newly stored SCRAM keys. */
   scramIterations: number;
   /** XEP-0198: longest resumption window offered, in seconds (a smaller client `max` wins). */
@@ -63,8 +67,9 @@ export const TUNABLE_SETTINGS = [
   'ROSTER_MAX_ITEMS',
   'AUTH_FAILURES_PER_CONNECTION',
   'AUTH_FAILURES_PER_ACCOUNT',
+  'AUTH_FAILURES_PER_ADDRESS',
   'AUTH_FAILURE_WINDOW_SECONDS',
-  'AUTH_FAILURE_MAX_DELAY_MS',
+  'AUTH_ACCOUNT_SLOWDOWN_SECONDS',
   'SCRAM_ITERATIONS',
   'CONNECTION_TTL_SECONDS',
   'SM_MAX_SECONDS',
@@ -106,7 +111,8 @@ export function loadConfig(env: Env = process.env): Config {
     authFailuresPerConnection: int(env, 'AUTH_FAILURES_PER_CONNECTION', 3),
     authFailuresPerAccount: int(env, 'AUTH_FAILURES_PER_ACCOUNT', 10),
     authFailureWindowSeconds: int(env, 'AUTH_FAILURE_WINDOW_SECONDS', 300),
-    authFailureMaxDelayMs: int(env, 'AUTH_FAILURE_MAX_DELAY_MS', 2000),
+    authFailuresPerAddress: int(env, 'AUTH_FAILURES_PER_ADDRESS', 10),
+    authAccountSlowdownSeconds: int(env, 'AUTH_ACCOUNT_SLOWDOWN_SECONDS', 20),
     scramIterations: int(env, 'SCRAM_ITERATIONS', 4096),
     connectionTtlSeconds: int(env, 'CONNECTION_TTL_SECONDS', 3 * 3600),
     smMaxSeconds: int(env, 'SM_MAX_SECONDS', 300),

@@ -6,7 +6,12 @@ import type { Server } from './host.ts';
 
 export interface ConnectEvent {
   headers?: Record<string, string | undefined>;
-  requestContext: { connectionId: string; connectedAt?: number; requestTimeEpoch?: number };
+  requestContext: {
+    connectionId: string;
+    connectedAt?: number;
+    requestTimeEpoch?: number;
+    identity?: { sourceIp?: string };
+  };
 }
 
 export interface ConnectResult {
@@ -35,6 +40,7 @@ export async function handleConnect(server: Server, event: ConnectEvent): Promis
   await server.sessions.createConnection(
     connectionId,
     event.requestContext.connectedAt ?? event.requestContext.requestTimeEpoch ?? Date.now(),
+    event.requestContext.identity?.sourceIp,
   );
   return { statusCode: 200, headers: { 'Sec-WebSocket-Protocol': 'xmpp' } };
 }

@@ -3,12 +3,12 @@
  * (RFC 4616), advertised in that order. The mechanism's state between `<challenge/>` and
  * `<response/>` lives in the connection's row, since the next frame may run in another Lambda.
  *
- * Failures look the same for a wrong password and an unknown user (decoy credentials, same
- * work). Failures are counted per connection and per account name; past the limits they are
- * slowed and answered `temporary-auth-failure`, but a correct password is always accepted, so
- * a flood of wrong guesses never locks the real user out.
+ * Failures look the same for a wrong password and an unknown user (decoy credentials with the
+ * deployment's iteration count, same reads). Failures are counted per connection, per account
+ * name and per source address (API Gateway's `identity.sourceIp`); past the limits, attempts
+ * are refused before the password is checked (see `admit`), answered at once with
+ * `temporary-auth-failure`: nothing sleeps inside the stream function.
  */
-import { setTimeout as sleep } from 'node:timers/promises';
 import { Element } from 'ltx';
 import type { Server, Stream } from '../core/host.ts';
 import { StreamError } from '../errors.ts';
@@ -28,6 +28,7 @@ import {
   verifyClientFinal,
   verifyPlain,
 } from '../sasl/scram.ts';
+import type { LoginRecord } from '../store/users.ts';
 import { NS } from '../xml/namespaces.ts';
 
 export const MECHANISMS = ['SCRAM-SHA-256', 'SCRAM-SHA-1', 'PLAIN'] as const;
@@ -67,30 +68,89 @@ function accountOf(stream: Stream, username: string): string | undefined {
   }
 }
 
+/** The iteration count decoys use: what the deployment's keys were last made with, re-read every 5 minutes. */
+const decoyIterations = new WeakMap<Server, { value: Promise<number>; readAt: number }>();
+
+function iterationsForDecoys(server: Server): Promise<number> {
+  const cached = decoyIterations.get(server);
+  if (cached && cached.readAt > Date.now() - 300_000) return cached.value;
+  const value = server.users.scramIterations().then((stored) => stored ?? server.config.scramIterations);
+  value.catch(() => decoyIterations.delete(server));
+  decoyIterations.set(server, { value, readAt: Date.now() });
+  return value;
+}
+
 async function decoy(stream: Stream, account: string | undefined, username: string, hash: ScramHash) {
   const { server } = stream;
-  return decoyCredentials(
-    account ?? username,
-    hash,
-    await server.decoySecret(),
-    server.config.scramIterations,
-  );
+  const [secret, iterations] = await Promise.all([server.decoySecret(), iterationsForDecoys(server)]);
+  return decoyCredentials(account ?? username, hash, secret, iterations);
 }
 
-async function credentialsFor(
-  stream: Stream,
-  account: string | undefined,
-  username: string,
-  hash: ScramHash,
-) {
-  const stored = account ? await stream.server.users.get(account) : undefined;
-  const credentials: ScramCredentials | undefined = stored?.scram[hash];
-  return credentials ?? decoy(stream, account, username, hash);
+/** What the limits know of an attempt before the password is looked at. */
+interface Gate {
+  record: LoginRecord;
 }
 
-async function succeed(stream: Stream, account: string, additionalData?: string): Promise<void> {
+const NO_RECORD: LoginRecord = { authFailures: 0, knownAddresses: {} };
+
+/**
+ * Decides whether an attempt may go on to the password check (Prosody's mod_limit_auth and
+ * ejabberd's mod_fail2ban refuse a throttled address before checking anything):
+ * - past `authFailuresPerAddress` failures in the window, everything from that address is refused
+ *   unchecked, the right password too, until the window passes;
+ * - past `authFailuresPerAccount` failures, attempts on the account from addresses it never logged
+ *   in from are let through one per `authAccountSlowdownSeconds`: slowed, never locked, and the
+ *   owner from a known address is never held up.
+ * Existing and unknown accounts go through the same reads and the same answers. No sleeping:
+ * refused attempts are answered at once.
+ */
+async function admit(stream: Stream, account: string | undefined): Promise<Gate | SaslError> {
   const { server } = stream;
-  await server.users.clearAuthFailures(account);
+  const { config } = server;
+  const address = stream.state.sourceIp;
+  const [record, addressFailures] = await Promise.all([
+    account ? server.users.loginRecord(account) : NO_RECORD,
+    address ? server.users.addressFailures(address) : 0,
+  ]);
+  if (addressFailures >= config.authFailuresPerAddress) {
+    return new SaslError(
+      'temporary-auth-failure',
+      'Too many failed attempts from your address; try again later',
+    );
+  }
+  const known = address !== undefined && address in record.knownAddresses;
+  const slowedUntil = (record.lastFailureAt ?? 0) + config.authAccountSlowdownSeconds * 1000;
+  if (record.authFailures >= config.authFailuresPerAccount && !known && Date.now() < slowedUntil) {
+    return new SaslError(
+      'temporary-auth-failure',
+      'Too many failed attempts on this account; try again later',
+    );
+  }
+  return { record };
+}
+
+/** An attempt refused by the limits: answered at once, counted against the connection only. */
+async function refuse(stream: Stream, error: SaslError): Promise<void> {
+  stream.update({ sasl: undefined, authFailures: stream.state.authFailures + 1 });
+  await stream.send(failureElement(error));
+  endIfTooManyOnConnection(stream);
+}
+
+function endIfTooManyOnConnection(stream: Stream): void {
+  if (stream.state.authFailures >= stream.server.config.authFailuresPerConnection) {
+    // RFC 6120 §6.4.5: "...the receiving entity ... MAY terminate the TCP connection" after
+    // a configurable number of retries; here the stream ends with a stream error.
+    throw new StreamError('policy-violation', 'Too many failed authentication attempts');
+  }
+}
+
+async function succeed(stream: Stream, account: string, gate: Gate, additionalData?: string): Promise<void> {
+  const { server } = stream;
+  const address = stream.state.sourceIp;
+  await Promise.all([
+    gate.record.authFailures > 0 ? server.users.clearAuthFailures(account) : undefined,
+    address ? server.users.rememberAddress(account, address, gate.record.knownAddresses) : undefined,
+  ]);
   // RFC 6120 §6.4.6: on success the stream restarts; nothing from the old stream carries over.
   stream.update({ user: account, sasl: undefined, streamOpen: false, authFailures: 0 });
   await stream.send(
@@ -98,44 +158,41 @@ async function succeed(stream: Stream, account: string, additionalData?: string)
   );
 }
 
-/** Counts the failure, slows repeated ones, and answers. */
-async function fail(stream: Stream, account: string | undefined, condition: 'not-authorized'): Promise<void> {
+/** Counts the failure against the account and the address, and answers. */
+async function fail(stream: Stream, account: string | undefined): Promise<void> {
   const { server } = stream;
   const { config } = server;
-  const connectionFailures = stream.state.authFailures + 1;
-  const accountFailures = account
-    ? await server.users.recordAuthFailure(account, config.authFailureWindowSeconds)
-    : 0;
-  stream.update({ sasl: undefined, authFailures: connectionFailures });
-  const overAccountLimit = accountFailures > config.authFailuresPerAccount;
-  if (overAccountLimit) {
-    // Slowed: each failure beyond the limit waits longer, up to AUTH_FAILURE_MAX_DELAY_MS.
-    const over = Math.min(10, accountFailures - config.authFailuresPerAccount);
-    await sleep(Math.min(config.authFailureMaxDelayMs, 100 * 2 ** over));
-  }
-  if (connectionFailures >= config.authFailuresPerConnection) {
-    // RFC 6120 §6.4.5: "...the receiving entity ... MAY terminate the TCP connection" after
-    // a configurable number of retries; here the stream ends with a stream error.
-    await stream.send(failureElement(new SaslError('temporary-auth-failure', 'Too many failed attempts')));
-    throw new StreamError('policy-violation', 'Too many failed authentication attempts');
-  }
-  const answer = overAccountLimit
+  const address = stream.state.sourceIp;
+  const [accountFailures, addressFailures] = await Promise.all([
+    account ? server.users.recordAuthFailure(account, config.authFailureWindowSeconds) : 0,
+    address ? server.users.recordAddressFailure(address, config.authFailureWindowSeconds) : 0,
+  ]);
+  stream.update({ sasl: undefined, authFailures: stream.state.authFailures + 1 });
+  const overLimit =
+    accountFailures >= config.authFailuresPerAccount ||
+    addressFailures >= config.authFailuresPerAddress ||
+    stream.state.authFailures >= config.authFailuresPerConnection;
+  // RFC 6120 §6.4.5: <temporary-auth-failure/> tells the client to back off before trying again.
+  const answer = overLimit
     ? new SaslError('temporary-auth-failure', 'Try again later')
-    : new SaslError(condition);
+    : new SaslError('not-authorized');
   await stream.send(failureElement(answer));
+  endIfTooManyOnConnection(stream);
 }
 
 async function startPlain(stream: Stream, payload: string): Promise<void> {
   const message = parsePlain(decodeSaslPayload(payload));
   const account = accountOf(stream, message.authcid);
-  const stored = account ? await stream.server.users.get(account) : undefined;
+  const gate = await admit(stream, account);
+  if (gate instanceof SaslError) return refuse(stream, gate);
+  const stored = gate.record.user;
   const credentials = stored?.scram.sha256 ?? (await decoy(stream, account, message.authcid, 'sha256'));
   const valid = await verifyPlain(message.password, 'sha256', credentials);
-  if (!valid || !account || !stored) return fail(stream, account, 'not-authorized');
+  if (!valid || !account || !stored) return fail(stream, account);
   if (message.authzid !== undefined && accountOf(stream, message.authzid) !== account) {
     throw new SaslError('invalid-authzid', 'You may only act as yourself');
   }
-  await succeed(stream, account);
+  await succeed(stream, account, gate);
 }
 
 async function scramFirst(stream: Stream, mechanism: string, payload: string): Promise<void> {
@@ -145,9 +202,20 @@ async function scramFirst(stream: Stream, mechanism: string, payload: string): P
   if (clientFirst.authzid !== undefined && accountOf(stream, clientFirst.authzid) !== account) {
     throw new SaslError('invalid-authzid', 'You may only act as yourself');
   }
-  const credentials = await credentialsFor(stream, account, clientFirst.username, hash);
+  const gate = await admit(stream, account);
+  if (gate instanceof SaslError) return refuse(stream, gate);
+  const credentials: ScramCredentials =
+    gate.record.user?.scram[hash] ?? (await decoy(stream, account, clientFirst.username, hash));
   const { message, state } = serverFirst(clientFirst, hash, credentials);
-  stream.update({ sasl: { mechanism, state: state as unknown as Record<string, unknown>, jid: account } });
+  stream.update({
+    sasl: {
+      mechanism,
+      state: state as unknown as Record<string, unknown>,
+      jid: account,
+      // Carried to the final step: whether a success must clear failures, and the known addresses.
+      gate: { authFailures: gate.record.authFailures, knownAddresses: gate.record.knownAddresses },
+    },
+  });
   await stream.send(saslElement('challenge', encodeSaslPayload(message)));
 }
 
@@ -158,10 +226,8 @@ async function scramFinal(stream: Stream, payload: string): Promise<void> {
   const result = verifyClientFinal(state, payload);
   const account = progress.jid;
   // Unknown users ran against decoy keys that no proof can match.
-  if (!result.ok || !account) {
-    return fail(stream, account, 'not-authorized');
-  }
-  await succeed(stream, account, result.serverFinal);
+  if (!result.ok || !account) return fail(stream, account);
+  await succeed(stream, account, { record: { ...NO_RECORD, ...progress.gate } }, result.serverFinal);
 }
 
 async function auth(stream: Stream, element: Element): Promise<void> {

@@ -27,6 +27,8 @@ export interface SaslProgress {
   state: Record<string, unknown>;
   /** The bare JID being authenticated (for the per-account failure count). */
   jid?: string;
+  /** What the password-guessing limits read at the first step, for the last one. */
+  gate?: { authFailures: number; knownAddresses: Record<string, number> };
 }
 
 /** XEP-0198 state of a stream, saved with the connection after every frame. */
@@ -59,6 +61,8 @@ export interface OfflineTransfer {
 export interface ConnectionState {
   connectionId: string;
   connectedAt: number;
+  /** The client's source address at `$connect` (password-guessing limits count per address). */
+  sourceIp?: string;
   /** Set once `<open/>` was answered on the current stream (reset by a SASL success). */
   streamOpen: boolean;
   streamId?: string;
@@ -102,10 +106,11 @@ export function fitsResourceKey(resource: string): boolean {
   return Buffer.byteLength(`res#${resource}`, 'utf8') <= 1024;
 }
 
-type Mutable = Omit<ConnectionState, 'connectionId' | 'connectedAt'>;
+type Mutable = Omit<ConnectionState, 'connectionId' | 'connectedAt' | 'sourceIp'>;
 
 export interface SessionStore {
-  createConnection(connectionId: string, connectedAt: number): Promise<void>;
+  /** `sourceIp`: the client's address as API Gateway saw it (`identity.sourceIp`). */
+  createConnection(connectionId: string, connectedAt: number, sourceIp?: string): Promise<void>;
   getConnection(connectionId: string): Promise<ConnectionState | undefined>;
   /** Sets the given fields; `undefined` values are removed. */
   updateConnection(connectionId: string, changes: Partial<Mutable>): Promise<void>;
@@ -143,6 +148,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
   return {
     connectionId: item.connectionId as string,
     connectedAt: item.connectedAt as number,
+    sourceIp: item.sourceIp as string | undefined,
     streamOpen: Boolean(item.streamOpen),
     streamId: item.streamId as string | undefined,
     user: item.user as string | undefined,
@@ -201,7 +207,7 @@ export function createSessionStore(
   }
 
   return {
-    async createConnection(connectionId, connectedAt) {
+    async createConnection(connectionId, connectedAt, sourceIp) {
       await doc.send(
         new PutCommand({
           TableName: table,
@@ -209,6 +215,7 @@ export function createSessionStore(
             ...connKey(connectionId),
             connectionId,
             connectedAt,
+            ...(sourceIp ? { sourceIp } : {}),
             streamOpen: false,
             authFailures: 0,
             [TTL_ATTRIBUTE]: ttl(connectionTtlSeconds, connectedAt),

@@ -2,12 +2,16 @@
  * Users table: accounts and their per-account SASL failure count. The only module that
  * reads or writes it.
  *
- *   pk = <bare JID>  sk = credentials  → StoredUser (salted SCRAM keys, never a password)
- *   pk = <bare JID>  sk = authfail     → failures in the current window, expiring by TTL
+ *   pk = <bare JID>        sk = credentials  → StoredUser (salted SCRAM keys, never a password)
+ *   pk = <bare JID>        sk = authfail     → failures in the current window, expiring by TTL
+ *   pk = <bare JID>        sk = addresses    → addresses the account recently logged in from
+ *   pk = #addr#<address>   sk = authfail     → failures from one source address, expiring by TTL
+ *   pk = #server           sk = sasl-decoy-secret → the decoy secret, the SCRAM iteration count
  *
  * The authfail item exists for any JID someone tried to log in as, account or not, so its
- * presence reveals nothing. A login reads the credentials with one GetItem; the failure count
- * is only written (ADD) when an attempt fails.
+ * presence reveals nothing. A login reads the account's partition (credentials, failures,
+ * known addresses) with one Query and its address's failures with one GetItem; the counts are
+ * only written (ADD) when an attempt fails.
  */
 import { randomBytes } from 'node:crypto';
 import {
@@ -25,6 +29,14 @@ import { isConditionFailure } from './dynamo.ts';
 
 const CREDENTIALS = 'credentials';
 const AUTH_FAILURES = 'authfail';
+const ADDRESSES = 'addresses';
+/** '#' cannot start a bare JID, so these items never collide with an account. */
+const SERVER_KEY = { pk: '#server', sk: 'sasl-decoy-secret' };
+const addressKey = (address: string) => ({ pk: `#addr#${address}`, sk: AUTH_FAILURES });
+/** How many recent login addresses an account keeps. */
+const KNOWN_ADDRESSES = 10;
+/** A known address is refreshed at most this often (a write per login would be waste). */
+const ADDRESS_REFRESH_MS = 86_400_000;
 
 /** SCRAM keys for every hash we offer, derived from one password. */
 export type UserCredentials = Record<ScramHash, ScramCredentials>;
@@ -42,6 +54,10 @@ export interface LoginRecord {
   user?: StoredUser;
   /** Failures in the current window for this JID. */
   authFailures: number;
+  /** When the window's last failure happened (epoch ms), if there was one. */
+  lastFailureAt?: number;
+  /** Source addresses of the account's recent successful logins, with when (epoch ms). */
+  knownAddresses: Record<string, number>;
 }
 
 export class UserExistsError extends Error {
@@ -69,8 +85,18 @@ export interface UserStore {
   delete(jid: string): Promise<void>;
   /** Every account's bare JID, sorted. Administration only: a full Scan (see below). */
   list(): Promise<string[]>;
-  /** The account (if any) and its failure count, in one strongly consistent Query. */
+  /** The account (if any), its failure count and known addresses, in one strongly consistent Query. */
   loginRecord(jid: string): Promise<LoginRecord>;
+  /** Remembers a successful login's source address (bounded; rewritten at most daily per address). */
+  rememberAddress(jid: string, address: string, known: Record<string, number>): Promise<void>;
+  /** Counts one failed attempt from a source address; returns the count in its window. */
+  recordAddressFailure(address: string, windowSeconds: number): Promise<number>;
+  addressFailures(address: string): Promise<number>;
+  /**
+   * The iteration count the deployment's SCRAM keys were last made with (by the admin CLI or a
+   * password change): decoys for unknown users use it, so their challenge looks the same.
+   */
+  scramIterations(): Promise<number | undefined>;
   /**
    * Counts one failed attempt for `jid` (existing or not) and returns the count in the
    * current window, which starts at the first failure and lasts `windowSeconds`.
@@ -102,6 +128,7 @@ interface AuthFailureItem {
   pk: string;
   sk: typeof AUTH_FAILURES;
   failures: number;
+  lastAt?: number;
   [TTL_ATTRIBUTE]: number;
 }
 
@@ -146,6 +173,7 @@ export function createUserStore(
         if (isConditionFailure(error)) throw new UserExistsError(jid);
         throw error;
       }
+      await recordIterations(scram);
       return toUser(item);
     },
 
@@ -165,6 +193,7 @@ export function createUserStore(
         if (isConditionFailure(error)) throw new UnknownUserError(jid);
         throw error;
       }
+      await recordIterations(scram);
     },
 
     async get(jid) {
@@ -199,6 +228,7 @@ export function createUserStore(
         throw error;
       }
       await doc.send(new DeleteCommand({ TableName: tableName, Key: { pk: jid, sk: AUTH_FAILURES } }));
+      await doc.send(new DeleteCommand({ TableName: tableName, Key: { pk: jid, sk: ADDRESSES } }));
     },
 
     // There is no index over all accounts, on purpose: no request path needs one. Listing is
@@ -234,52 +264,56 @@ export function createUserStore(
       );
       const credentials = Items.find((item) => item.sk === CREDENTIALS) as CredentialsItem | undefined;
       const failures = Items.find((item) => item.sk === AUTH_FAILURES) as AuthFailureItem | undefined;
-      return { ...(credentials ? { user: toUser(credentials) } : {}), authFailures: liveFailures(failures) };
+      const addresses = Items.find((item) => item.sk === ADDRESSES)?.addresses as
+        | Record<string, number>
+        | undefined;
+      const authFailures = liveFailures(failures);
+      return {
+        ...(credentials ? { user: toUser(credentials) } : {}),
+        authFailures,
+        ...(authFailures > 0 && failures?.lastAt !== undefined ? { lastFailureAt: failures.lastAt } : {}),
+        knownAddresses: addresses ?? {},
+      };
     },
 
     async recordAuthFailure(jid, windowSeconds) {
-      const key = { pk: jid, sk: AUTH_FAILURES };
-      // An ADD into the live window, else a restart of an expired one; a concurrent attempt
-      // may restart it first, which sends this one back to the ADD.
-      for (let attempt = 0; attempt < 3; attempt++) {
-        const at = nowSeconds();
-        try {
-          const { Attributes } = await doc.send(
-            new UpdateCommand({
-              TableName: tableName,
-              Key: key,
-              UpdateExpression: 'ADD #failures :one SET #expiresAt = if_not_exists(#expiresAt, :expiresAt)',
-              ConditionExpression: 'attribute_not_exists(#expiresAt) OR #expiresAt > :now',
-              ExpressionAttributeNames: { '#failures': 'failures', '#expiresAt': TTL_ATTRIBUTE },
-              ExpressionAttributeValues: { ':one': 1, ':expiresAt': at + windowSeconds, ':now': at },
-              ReturnValues: 'UPDATED_NEW',
-            }),
-          );
-          return Attributes?.failures as number;
-        } catch (error) {
-          if (!isConditionFailure(error)) throw error;
-        }
-        try {
-          await doc.send(
-            new UpdateCommand({
-              TableName: tableName,
-              Key: key,
-              UpdateExpression: 'SET #failures = :one, #expiresAt = :expiresAt',
-              ConditionExpression: '#expiresAt <= :now',
-              ExpressionAttributeNames: { '#failures': 'failures', '#expiresAt': TTL_ATTRIBUTE },
-              ExpressionAttributeValues: { ':one': 1, ':expiresAt': at + windowSeconds, ':now': at },
-            }),
-          );
-          return 1;
-        } catch (error) {
-          if (!isConditionFailure(error)) throw error;
-        }
-      }
-      throw new Error(`could not count an authentication failure for ${jid}: window kept changing`);
+      return countFailure({ pk: jid, sk: AUTH_FAILURES }, windowSeconds);
     },
 
     async authFailures(jid) {
       return liveFailures(await getAuthFailureItem(jid));
+    },
+
+    async recordAddressFailure(address, windowSeconds) {
+      return countFailure(addressKey(address), windowSeconds);
+    },
+
+    async addressFailures(address) {
+      const { Item } = await doc.send(
+        new GetCommand({ TableName: tableName, Key: addressKey(address), ConsistentRead: true }),
+      );
+      return liveFailures(Item as AuthFailureItem | undefined);
+    },
+
+    async rememberAddress(jid, address, known) {
+      const now = Date.now();
+      if ((known[address] ?? 0) > now - ADDRESS_REFRESH_MS) return;
+      const kept = Object.entries({ ...known, [address]: now })
+        .sort((a, b) => b[1] - a[1])
+        .slice(0, KNOWN_ADDRESSES);
+      await doc.send(
+        new PutCommand({
+          TableName: tableName,
+          Item: { pk: jid, sk: ADDRESSES, addresses: Object.fromEntries(kept) },
+        }),
+      );
+    },
+
+    async scramIterations() {
+      const { Item } = await doc.send(
+        new GetCommand({ TableName: tableName, Key: SERVER_KEY, ConsistentRead: true }),
+      );
+      return Item?.iterations as number | undefined;
     },
 
     async clearAuthFailures(jid) {
@@ -287,8 +321,7 @@ export function createUserStore(
     },
 
     async decoySecret() {
-      // '#' cannot start a bare JID, so this item never collides with an account.
-      const key = { pk: '#server', sk: 'sasl-decoy-secret' };
+      const key = SERVER_KEY;
       const read = async () =>
         (await doc.send(new GetCommand({ TableName: tableName, Key: key, ConsistentRead: true }))).Item
           ?.secret as string | undefined;
@@ -297,10 +330,12 @@ export function createUserStore(
       try {
         const secret = randomBytes(32).toString('base64');
         await doc.send(
-          new PutCommand({
+          new UpdateCommand({
             TableName: tableName,
-            Item: { ...key, secret },
-            ConditionExpression: 'attribute_not_exists(pk)',
+            Key: key,
+            UpdateExpression: 'SET secret = :secret',
+            ConditionExpression: 'attribute_not_exists(secret)',
+            ExpressionAttributeValues: { ':secret': secret },
           }),
         );
         return secret;
@@ -311,4 +346,71 @@ export function createUserStore(
       }
     },
   };
+
+  /** Records the iteration count of keys just stored, for the decoys (see scramIterations). */
+  async function recordIterations(scram: UserCredentials): Promise<void> {
+    await doc.send(
+      new UpdateCommand({
+        TableName: tableName,
+        Key: SERVER_KEY,
+        UpdateExpression: 'SET iterations = :iterations',
+        ExpressionAttributeValues: { ':iterations': scram.sha256.iterations },
+      }),
+    );
+  }
+
+  /**
+   * Counts a failure in the window that starts at the first failure and lasts `windowSeconds`
+   * (the item expires with it).
+   */
+  async function countFailure(key: { pk: string; sk: string }, windowSeconds: number): Promise<number> {
+    // An ADD into the live window, else a restart of an expired one; a concurrent attempt
+    // may restart it first, which sends this one back to the ADD.
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const at = nowSeconds();
+      try {
+        const { Attributes } = await doc.send(
+          new UpdateCommand({
+            TableName: tableName,
+            Key: key,
+            UpdateExpression:
+              'ADD #failures :one SET #expiresAt = if_not_exists(#expiresAt, :expiresAt), lastAt = :lastAt',
+            ConditionExpression: 'attribute_not_exists(#expiresAt) OR #expiresAt > :now',
+            ExpressionAttributeNames: { '#failures': 'failures', '#expiresAt': TTL_ATTRIBUTE },
+            ExpressionAttributeValues: {
+              ':one': 1,
+              ':expiresAt': at + windowSeconds,
+              ':now': at,
+              ':lastAt': now(),
+            },
+            ReturnValues: 'UPDATED_NEW',
+          }),
+        );
+        return Attributes?.failures as number;
+      } catch (error) {
+        if (!isConditionFailure(error)) throw error;
+      }
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: tableName,
+            Key: key,
+            UpdateExpression: 'SET #failures = :one, #expiresAt = :expiresAt, lastAt = :lastAt',
+            ConditionExpression: '#expiresAt <= :now',
+            ExpressionAttributeNames: { '#failures': 'failures', '#expiresAt': TTL_ATTRIBUTE },
+            ExpressionAttributeValues: {
+              ':one': 1,
+              ':expiresAt': at + windowSeconds,
+              ':now': at,
+              ':lastAt': now(),
+            },
+          }),
+        );
+        return 1;
+      } catch (error) {
+        if (!isConditionFailure(error)) throw error;
+      }
+    }
+    throw new Error(`could not count an authentication failure for ${key.pk}: window kept changing`);
+  }
 }

@@ -150,7 +150,38 @@ describe('user store', () => {
     await users.recordAuthFailure('login-a@localhost', 300);
     await users.recordAuthFailure('login-a@localhost', 300);
     expect(await users.loginRecord('login-a@localhost')).toMatchObject({ user: { scram }, authFailures: 2 });
-    expect(await users.loginRecord('login-nobody@localhost')).toEqual({ authFailures: 0 });
+    expect(await users.loginRecord('login-nobody@localhost')).toEqual({
+      authFailures: 0,
+      knownAddresses: {},
+    });
+  });
+
+  it('remembers the addresses an account logged in from, the newest ten, rewriting at most daily', async () => {
+    await users.create('addr-a@localhost', await deriveCredentialSet('pw', 4096));
+    let known = (await users.loginRecord('addr-a@localhost')).knownAddresses;
+    for (let i = 0; i < 12; i++) {
+      await users.rememberAddress('addr-a@localhost', `192.0.2.${i}`, known);
+      known = (await users.loginRecord('addr-a@localhost')).knownAddresses;
+    }
+    expect(Object.keys(known)).toHaveLength(10);
+    expect(known['192.0.2.11']).toBeDefined();
+    expect(known['192.0.2.0']).toBeUndefined();
+  });
+
+  it('counts failures per source address in their own window, apart from accounts', async () => {
+    expect(await users.recordAddressFailure('198.51.100.7', 300)).toBe(1);
+    expect(await users.recordAddressFailure('198.51.100.7', 300)).toBe(2);
+    expect(await users.addressFailures('198.51.100.7')).toBe(2);
+    expect(await users.addressFailures('198.51.100.8')).toBe(0);
+    // An address item is no account: listing accounts never shows it.
+    expect((await users.list()).some((jid) => jid.includes('198.51.100.7'))).toBe(false);
+  });
+
+  it('records the iteration count of the keys it stores, for the decoys', async () => {
+    await users.create('iter-a@localhost', await deriveCredentialSet('pw', 5000));
+    expect(await users.scramIterations()).toBe(5000);
+    await users.replaceCredentials('iter-a@localhost', await deriveCredentialSet('pw', 6000));
+    expect(await users.scramIterations()).toBe(6000);
   });
 });
 

@@ -30,9 +30,13 @@ export class RawClient {
     for (const wake of waiters) wake();
   }
 
-  static connect(url: string, protocols: string[] = ['xmpp']): Promise<RawClient> {
+  /**
+   * `localAddress` connects from another loopback address (127.0.0.2, …): API Gateway's
+   * `identity.sourceIp`, as the gateway emulator reports it, is the socket's remote address.
+   */
+  static connect(url: string, protocols: string[] = ['xmpp'], localAddress?: string): Promise<RawClient> {
     return new Promise((resolve, reject) => {
-      const socket = new WebSocket(url, protocols);
+      const socket = new WebSocket(url, protocols, localAddress ? { localAddress } : {});
       const client = new RawClient(socket);
       socket.once('open', () => resolve(client));
       socket.once('error', reject);

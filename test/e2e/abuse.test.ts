@@ -1,0 +1,127 @@
+/**
+ * Password guessing through the local stack, with clients connecting from different loopback
+ * addresses (API Gateway's `identity.sourceIp`). Prosody's mod_limit_auth and ejabberd's
+ * mod_fail2ban refuse attempts from a throttled address before checking the password; Nimbus
+ * does the same, slows guessing on one account from many addresses without ever locking the
+ * account's owner out, and answers existing and unknown accounts alike.
+ */
+import type { Element } from 'ltx';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { deriveScramCredentials } from '../../shared/sasl/scram.ts';
+import { eventually } from '../support/eventually.ts';
+import { RawClient } from '../support/raw-client.ts';
+import { startTestStack, type TestStack } from '../support/stack.ts';
+
+const SASL = 'urn:ietf:params:xml:ns:xmpp-sasl';
+
+let stack: TestStack;
+const clients: RawClient[] = [];
+
+beforeAll(async () => {
+  stack = await startTestStack({
+    AUTH_FAILURES_PER_ADDRESS: '10',
+    AUTH_FAILURES_PER_ACCOUNT: '10',
+    AUTH_FAILURES_PER_CONNECTION: '3',
+    AUTH_FAILURE_WINDOW_SECONDS: '300',
+    AUTH_ACCOUNT_SLOWDOWN_SECONDS: '2',
+  });
+  for (const user of ['grace', 'heidi', 'ivan']) await stack.addUser(`${user}@localhost`, `${user}-secret`);
+});
+
+afterAll(async () => {
+  for (const client of clients) client.terminate();
+  await stack?.close();
+});
+
+async function connectFrom(address: string): Promise<RawClient> {
+  const client = await RawClient.connect(stack.url, ['xmpp'], address);
+  clients.push(client);
+  await client.open();
+  return client;
+}
+
+const plain = (user: string, password: string) => Buffer.from(`\0${user}\0${password}`).toString('base64');
+
+/** One PLAIN attempt on a fresh connection from `address`; the server's answer. */
+async function attempt(address: string, user: string, password: string): Promise<Element> {
+  const client = await connectFrom(address);
+  client.send(`<auth xmlns='${SASL}' mechanism='PLAIN'>${plain(user, password)}</auth>`);
+  const answer = await client.next();
+  client.terminate();
+  return answer;
+}
+
+const condition = (answer: Element) =>
+  answer.name === 'success' ? 'success' : answer.getChildElements()[0]?.name;
+
+describe('guessing from one address', () => {
+  it('past the limit, refuses the right password from that address unchecked; the owner elsewhere logs in', async () => {
+    // grace has logged in from 127.0.0.3 before: a known address of hers.
+    expect(condition(await attempt('127.0.0.3', 'grace', 'grace-secret'))).toBe('success');
+    for (let guess = 0; guess < 12; guess++) await attempt('127.0.0.2', 'grace', `guess-${guess}`);
+    expect(await stack.server.users.addressFailures('127.0.0.2')).toBe(10);
+    // The right password from the throttled address: refused before it is checked.
+    const refused = await attempt('127.0.0.2', 'grace', 'grace-secret');
+    expect(condition(refused)).toBe('temporary-auth-failure');
+    expect(refused.getChildText('text')).toMatch(/your address/);
+    // The owner from her usual address is never held up.
+    expect(condition(await attempt('127.0.0.3', 'grace', 'grace-secret'))).toBe('success');
+    // Refused attempts are not counted: the address's window does not grow.
+    expect(await stack.server.users.addressFailures('127.0.0.2')).toBe(10);
+  });
+
+  it('answers an unknown account from a throttled address exactly as an existing one', async () => {
+    const existing = await attempt('127.0.0.2', 'heidi', 'wrong');
+    const unknown = await attempt('127.0.0.2', 'nobody-at-all', 'wrong');
+    expect(existing.toString()).toBe(unknown.toString());
+  });
+});
+
+describe('guessing one account from many addresses', () => {
+  it('slows the account for addresses it never logged in from, and never locks it', async () => {
+    // 20 addresses, one guess each: no address reaches its limit; the account passes its own.
+    const answers: string[] = [];
+    for (let i = 10; i < 30; i++) {
+      const answer = await attempt(`127.0.1.${i}`, 'ivan', `guess-${i}`);
+      answers.push(answer.getChildText('text')?.includes('this account') ? 'slowed' : 'checked');
+    }
+    // The first ten were checked and counted; after that, guesses from new addresses are let
+    // through one per slowdown period only (one more may pass on a slow machine).
+    expect(answers.slice(0, 10)).toEqual(Array(10).fill('checked'));
+    expect(answers.filter((a) => a === 'slowed').length).toBeGreaterThanOrEqual(8);
+    const counted = await stack.server.users.authFailures('ivan@localhost');
+    expect(counted).toBe(answers.filter((a) => a === 'checked').length);
+    // A guess from yet another new address right after: refused unchecked (slowed), the right password too.
+    const slowed = await attempt('127.0.1.200', 'ivan', 'ivan-secret');
+    expect(condition(slowed)).toBe('temporary-auth-failure');
+    expect(slowed.getChildText('text')).toMatch(/this account/);
+    // Never locked: once the slowdown (2 s here) has passed since the last failure, the password
+    // is checked again and the owner gets in, even from a new address.
+    await eventually(async () => {
+      expect(condition(await attempt('127.0.1.201', 'ivan', 'ivan-secret'))).toBe('success');
+    }, 10_000);
+  });
+});
+
+describe('decoys for unknown accounts', () => {
+  it('use the iteration count the accounts were made with, even when the function is configured otherwise', async () => {
+    // The admin CLI made keys with 8192 iterations while the function's SCRAM_ITERATIONS is 4096.
+    await stack.server.users.create('judy@localhost', {
+      sha1: await deriveScramCredentials('judy-secret', 'sha1', 8192),
+      sha256: await deriveScramCredentials('judy-secret', 'sha256', 8192),
+    });
+    const serverFirst = async (user: string) => {
+      const client = await connectFrom('127.0.0.9');
+      const clientFirst = Buffer.from(`n,,n=${user},r=abcdefghijklmnop`).toString('base64');
+      client.send(`<auth xmlns='${SASL}' mechanism='SCRAM-SHA-256'>${clientFirst}</auth>`);
+      const challenge = await client.next();
+      client.terminate();
+      return Buffer.from(challenge.getText(), 'base64').toString();
+    };
+    const real = await serverFirst('judy');
+    const decoy = await serverFirst('nobody-here');
+    expect(real).toMatch(/,i=8192$/);
+    // A stable-per-name salt, and the same iteration count: nothing tells the two apart.
+    expect(decoy).toMatch(/,i=8192$/);
+  });
+});
