@@ -232,9 +232,15 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
               TableName: table,
               Key: key(smId),
               UpdateExpression: `REMOVE ${removals} SET #base = :newBase`,
-              ConditionExpression: '#base = :base AND #out >= :newBase',
+              // Every slice checks the whole ack against `out`: an ack too high is refused before
+              // the first slice is trimmed, not after.
+              ConditionExpression: '#base = :base AND #out >= :target',
               ExpressionAttributeNames: { '#out': 'out', '#base': 'base' },
-              ExpressionAttributeValues: { ':base': oldBase + done, ':newBase': oldBase + done + slice },
+              ExpressionAttributeValues: {
+                ':base': oldBase + done,
+                ':newBase': oldBase + done + slice,
+                ':target': newBase,
+              },
               ReturnValues: 'ALL_OLD',
             }),
           )
