@@ -335,11 +335,13 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             Key: key(smId),
             UpdateExpression:
               'SET ended = :yes, inbound = :inbound, #ttl = :ttl REMOVE q, connectionId, holding, sweepShard, sweepAt',
+            // UpdateItem creates a missing item whose condition holds, and attribute_not_exists
+            // holds on a missing item: "detached" must also name an existing one.
             ConditionExpression:
               owner === 'any'
                 ? 'attribute_exists(q) AND attribute_not_exists(ended)'
                 : connectionId === undefined
-                  ? 'attribute_not_exists(connectionId) AND attribute_not_exists(ended)'
+                  ? 'attribute_exists(pk) AND attribute_not_exists(connectionId) AND attribute_not_exists(ended)'
                   : 'connectionId = :connectionId AND attribute_not_exists(ended)',
             ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
             ExpressionAttributeValues: {
