@@ -18,7 +18,7 @@ import {
   UpdateCommand,
 } from '@aws-sdk/lib-dynamodb';
 import { TTL_ATTRIBUTE } from '../tables.ts';
-import { UnprocessedKeysError } from './dynamo.ts';
+import { isConditionFailure, UnprocessedKeysError } from './dynamo.ts';
 
 export interface OfflineMessage {
   /** Opaque, unique, increasing with arrival time. */
@@ -273,10 +273,21 @@ export function createOfflineStore(
     async remove(user, ids) {
       const removed: string[] = [];
       for (const id of ids) {
-        const { Attributes } = await doc.send(
-          new DeleteCommand({ TableName: table, Key: messageKey(user, id), ReturnValues: 'ALL_OLD' }),
-        );
-        if (Attributes) removed.push(id);
+        // Conditional, so that of two removers racing for one message exactly one counts it:
+        // DynamoDB Local hands an unconditional delete's ALL_OLD to several concurrent callers.
+        // A delete of a missing item costs the same write unit either way.
+        try {
+          await doc.send(
+            new DeleteCommand({
+              TableName: table,
+              Key: messageKey(user, id),
+              ConditionExpression: 'attribute_exists(sk)',
+            }),
+          );
+          removed.push(id);
+        } catch (error) {
+          if (!isConditionFailure(error)) throw error;
+        }
       }
       if (removed.length > 0) {
         await doc.send(

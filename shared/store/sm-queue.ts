@@ -232,9 +232,15 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
               TableName: table,
               Key: key(smId),
               UpdateExpression: `REMOVE ${removals} SET #base = :newBase`,
-              ConditionExpression: '#base = :base AND #out >= :newBase',
+              // Every slice checks the whole ack against `out`: an ack too high is refused before
+              // the first slice is trimmed, not after.
+              ConditionExpression: '#base = :base AND #out >= :target',
               ExpressionAttributeNames: { '#out': 'out', '#base': 'base' },
-              ExpressionAttributeValues: { ':base': oldBase + done, ':newBase': oldBase + done + slice },
+              ExpressionAttributeValues: {
+                ':base': oldBase + done,
+                ':newBase': oldBase + done + slice,
+                ':target': newBase,
+              },
               ReturnValues: 'ALL_OLD',
             }),
           )
@@ -329,11 +335,13 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             Key: key(smId),
             UpdateExpression:
               'SET ended = :yes, inbound = :inbound, #ttl = :ttl REMOVE q, connectionId, holding, sweepShard, sweepAt',
+            // UpdateItem creates a missing item whose condition holds, and attribute_not_exists
+            // holds on a missing item: "detached" must also name an existing one.
             ConditionExpression:
               owner === 'any'
                 ? 'attribute_exists(q) AND attribute_not_exists(ended)'
                 : connectionId === undefined
-                  ? 'attribute_not_exists(connectionId) AND attribute_not_exists(ended)'
+                  ? 'attribute_exists(pk) AND attribute_not_exists(connectionId) AND attribute_not_exists(ended)'
                   : 'connectionId = :connectionId AND attribute_not_exists(ended)',
             ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
             ExpressionAttributeValues: {

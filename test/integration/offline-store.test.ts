@@ -1,0 +1,326 @@
+/**
+ * The Offline store (shared/store/offline.ts) against the run's DynamoDB Local: ids in storing
+ * order, paging, the counter kept by ADD and corrected at the quota, removal that counts only
+ * what it removed, purge, and expiry checked by the reader before DynamoDB's TTL deletes.
+ */
+import { GetCommand, PutCommand } from '@aws-sdk/lib-dynamodb';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { createDocumentClient, isTransientStoreError } from '../../shared/store/dynamo.ts';
+import {
+  createOfflineStore,
+  type OfflineMessage,
+  OfflineQuotaExceededError,
+  type OfflineStore,
+} from '../../shared/store/offline.ts';
+import { TTL_ATTRIBUTE } from '../../shared/tables.ts';
+import { createTestTables, TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
+import { seedOffline } from '../support/offline-seed.ts';
+
+const TTL_SECONDS = 7 * 86400;
+const QUOTA = 5;
+
+let table: string;
+let doc: ReturnType<typeof createDocumentClient>;
+let offline: OfflineStore;
+let counter = 0;
+const freshUser = (name: string) => `${name}${++counter}-${Date.now().toString(36)}@localhost`;
+
+beforeAll(async () => {
+  table = (await createTestTables()).offline;
+  doc = createDocumentClient({ endpoint: useDynamoDbLocal(), region: TEST_REGION });
+  offline = createOfflineStore(doc, table, { quota: QUOTA, ttlSeconds: TTL_SECONDS });
+});
+
+function message(n: number, storedAt = Date.now()): Omit<OfflineMessage, 'id'> {
+  return {
+    from: `sender@localhost/r${n}`,
+    storedAt,
+    stanza: `<message id='m${n}'><body>${n}</body></message>`,
+  };
+}
+
+async function storeMany(user: string, count: number): Promise<OfflineMessage[]> {
+  const stored: OfflineMessage[] = [];
+  for (let i = 1; i <= count; i++) stored.push(await offline.store(user, message(i), { ignoreQuota: true }));
+  return stored;
+}
+
+async function rawItem(pk: string, sk: string): Promise<Record<string, unknown> | undefined> {
+  const { Item } = await doc.send(
+    new GetCommand({ TableName: table, Key: { pk, sk }, ConsistentRead: true }),
+  );
+  return Item;
+}
+
+/** A message whose `expiresAt` has passed but which DynamoDB's TTL has not deleted yet. */
+async function writeExpired(user: string, id: string): Promise<void> {
+  const storedAt = Date.now() - 2 * TTL_SECONDS * 1000;
+  await doc.send(
+    new PutCommand({
+      TableName: table,
+      Item: {
+        pk: user,
+        sk: `m#${id}`,
+        from: 'old@localhost/r',
+        storedAt,
+        stanza: '<message><body>expired</body></message>',
+        [TTL_ATTRIBUTE]: Math.floor(Date.now() / 1000) - 60,
+      },
+    }),
+  );
+}
+
+const ids = (messages: OfflineMessage[]) => messages.map((m) => m.id);
+
+describe('store', () => {
+  it('returns the message with an id; ids increase in storing order, even for an older time stamp', async () => {
+    const user = freshUser('order');
+    const now = Date.now();
+    const first = await offline.store(user, message(1, now));
+    // A re-routed message keeps its original, older stamp (docs: "Ids follow the order of storing").
+    const second = await offline.store(user, message(2, now - 3_600_000));
+    const third = await offline.store(user, message(3, now));
+    expect(first).toMatchObject({ ...message(1, now), id: expect.any(String) });
+    expect(first.id < second.id && second.id < third.id).toBe(true);
+    expect(ids((await offline.list(user)).messages)).toEqual([first.id, second.id, third.id]);
+  });
+
+  it('gives distinct, increasing ids to messages stored in the same millisecond', async () => {
+    const user = freshUser('burst');
+    const stored = await Promise.all(
+      Array.from({ length: 8 }, (_, i) => offline.store(user, message(i), { ignoreQuota: true })),
+    );
+    expect(new Set(ids(stored)).size).toBe(8);
+    const listed = ids((await offline.list(user)).messages);
+    expect(listed).toEqual([...listed].sort());
+    expect([...listed].sort()).toEqual([...ids(stored)].sort());
+  });
+
+  it('sets the TTL attribute to storedAt + ttlSeconds', async () => {
+    const user = freshUser('ttl');
+    const storedAt = Date.now() - 12_345;
+    const { id } = await offline.store(user, message(1, storedAt));
+    const item = await rawItem(user, `m#${id}`);
+    expect(item?.[TTL_ATTRIBUTE]).toBe(Math.floor(storedAt / 1000) + TTL_SECONDS);
+    expect(await rawItem(user, 'count')).not.toHaveProperty(TTL_ATTRIBUTE);
+  });
+});
+
+describe('list', () => {
+  let user: string;
+  let all: string[];
+
+  beforeAll(async () => {
+    user = freshUser('list');
+    all = ids(await storeMany(user, 5));
+    await storeMany(freshUser('neighbour'), 2);
+  });
+
+  it('lists oldest first, only this user’s messages, with no cursor when everything fits', async () => {
+    const page = await offline.list(user);
+    expect(ids(page.messages)).toEqual(all);
+    expect(page.messages[0]).toMatchObject({
+      from: 'sender@localhost/r1',
+      stanza: expect.stringContaining("id='m1'"),
+    });
+    expect(page.next).toBeUndefined();
+    expect(await offline.list(freshUser('empty'))).toEqual({ messages: [], next: undefined });
+  });
+
+  it('pages with limit and the next cursor, passed back as after', async () => {
+    const seen: string[][] = [];
+    let after: string | undefined;
+    do {
+      const page = await offline.list(user, { limit: 2, after });
+      seen.push(ids(page.messages));
+      after = page.next;
+      if (page.next) expect(page.next).toBe(page.messages.at(-1)?.id);
+    } while (after);
+    expect(seen).toEqual([all.slice(0, 2), all.slice(2, 4), all.slice(4)]);
+  });
+
+  it('after and before are exclusive bounds', async () => {
+    expect(ids((await offline.list(user, { after: all[1] })).messages)).toEqual(all.slice(2));
+    expect(ids((await offline.list(user, { before: all[3] })).messages)).toEqual(all.slice(0, 3));
+    expect(ids((await offline.list(user, { after: all[0], before: all[4] })).messages)).toEqual(
+      all.slice(1, 4),
+    );
+    expect(ids((await offline.list(user, { after: all[0], before: all[4], limit: 2 })).messages)).toEqual(
+      all.slice(1, 3),
+    );
+  });
+
+  it('newestFirst walks backwards; with before it pages back from the end (XEP-0059 "before")', async () => {
+    expect(ids((await offline.list(user, { newestFirst: true })).messages)).toEqual([...all].reverse());
+    const last2 = await offline.list(user, { newestFirst: true, limit: 2 });
+    expect(ids(last2.messages)).toEqual([all[4], all[3]]);
+    expect(last2.next).toBe(all[3]);
+    const previous = await offline.list(user, { newestFirst: true, before: last2.next, limit: 2 });
+    expect(ids(previous.messages)).toEqual([all[2], all[1]]);
+    const first = await offline.list(user, { newestFirst: true, before: all[1], limit: 2 });
+    // The counter item sorts before every message; it is never listed as one.
+    expect(ids(first.messages)).toEqual([all[0]]);
+  });
+});
+
+describe('get', () => {
+  it('returns the messages asked for; missing ids and other users’ ids are absent', async () => {
+    const user = freshUser('get');
+    const other = freshUser('get-other');
+    const [a, b, c] = await storeMany(user, 3);
+    const [foreign] = await storeMany(other, 1);
+    const found = await offline.get(user, [c?.id, a?.id, 'never-stored', foreign?.id, a?.id] as string[]);
+    expect([...found.keys()].sort()).toEqual([a?.id, c?.id].sort());
+    expect(found.get(a?.id as string)).toEqual(a);
+    expect(found.has(b?.id as string)).toBe(false);
+    expect((await offline.get(user, [])).size).toBe(0);
+  });
+
+  it('reads more than one batch of 100 keys', async () => {
+    const user = freshUser('get-many');
+    const seeded = await seedOffline(doc, table, user, 130);
+    const found = await offline.get(user, [...ids(seeded), 'missing']);
+    expect(found.size).toBe(130);
+    expect(found.get(seeded[129]?.id as string)).toEqual(seeded[129]);
+  });
+});
+
+describe('the counter and the quota', () => {
+  it('count follows store and remove (atomic ADD), and is 0 for an unknown user', async () => {
+    const user = freshUser('count');
+    expect(await offline.count(user)).toBe(0);
+    const stored = await Promise.all([1, 2, 3, 4].map((n) => offline.store(user, message(n))));
+    expect(await offline.count(user)).toBe(4);
+    await offline.remove(user, [stored[0]?.id as string]);
+    expect(await offline.count(user)).toBe(3);
+  });
+
+  it('refuses a message at the quota with OfflineQuotaExceededError, storing nothing', async () => {
+    const user = freshUser('quota');
+    for (let n = 1; n <= QUOTA; n++) await offline.store(user, message(n));
+    const refused = offline.store(user, message(99));
+    await expect(refused).rejects.toBeInstanceOf(OfflineQuotaExceededError);
+    await expect(refused).rejects.toMatchObject({ user });
+    expect(await offline.count(user)).toBe(QUOTA);
+    expect((await offline.list(user)).messages).toHaveLength(QUOTA);
+  });
+
+  it('ignoreQuota stores past the quota, and the counter follows', async () => {
+    const user = freshUser('ignore');
+    for (let n = 1; n <= QUOTA; n++) await offline.store(user, message(n));
+    await offline.store(user, message(6), { ignoreQuota: true });
+    expect(await offline.count(user)).toBe(QUOTA + 1);
+    expect((await offline.list(user)).messages).toHaveLength(QUOTA + 1);
+    await expect(offline.store(user, message(7))).rejects.toBeInstanceOf(OfflineQuotaExceededError);
+  });
+
+  it('concurrent stores never take the inbox past the quota', async () => {
+    const user = freshUser('quota-race');
+    const results = await Promise.allSettled(
+      Array.from({ length: QUOTA + 4 }, (_, n) => offline.store(user, message(n))),
+    );
+    const stored = results.filter((r) => r.status === 'fulfilled').length;
+    // DynamoDB may cancel a transaction that collides with another on the counter
+    // (TransactionConflict): the store passes that on as a transient error, retried by the frame.
+    for (const r of results) {
+      if (r.status === 'rejected')
+        expect(r.reason instanceof OfflineQuotaExceededError || isTransientStoreError(r.reason)).toBe(true);
+    }
+    expect(stored).toBeLessThanOrEqual(QUOTA);
+    expect(
+      results.filter((r) => r.status === 'rejected' && r.reason instanceof OfflineQuotaExceededError).length,
+    ).toBeGreaterThan(0);
+    expect(await offline.count(user)).toBe(stored);
+    expect((await offline.list(user)).messages).toHaveLength(stored);
+  });
+
+  // docs/data-model.md: "The counter can run high … The quota check corrects the counter with
+  // one counting Query when it would refuse a message".
+  it('at the quota, a counter that counted expired messages is corrected and the message stored', async () => {
+    const user = freshUser('recount');
+    for (let n = 1; n < QUOTA; n++) await offline.store(user, message(n));
+    await writeExpired(user, '000000000000001-0000-00000000');
+    await doc.send(new PutCommand({ TableName: table, Item: { pk: user, sk: 'count', n: QUOTA } }));
+    const stored = await offline.store(user, message(QUOTA));
+    expect(await offline.count(user)).toBe(QUOTA);
+    expect(ids((await offline.list(user)).messages)).toContain(stored.id);
+    await expect(offline.store(user, message(QUOTA + 1))).rejects.toBeInstanceOf(OfflineQuotaExceededError);
+  });
+});
+
+describe('remove and purge', () => {
+  it('remove returns what it removed and decrements the count by that much', async () => {
+    const user = freshUser('remove');
+    const [a, b, c] = ids(await storeMany(user, 3));
+    expect(await offline.remove(user, [a, c] as string[])).toEqual([a, c]);
+    expect(ids((await offline.list(user)).messages)).toEqual([b]);
+    expect(await offline.count(user)).toBe(1);
+  });
+
+  it('removing an id twice, or one that never existed, leaves the count right', async () => {
+    const user = freshUser('remove-twice');
+    const [a, b] = ids(await storeMany(user, 2)) as [string, string];
+    expect(await offline.remove(user, [a])).toEqual([a]);
+    expect(await offline.remove(user, [a])).toEqual([]);
+    expect(await offline.remove(user, ['000000000000000-0000-deadbeef'])).toEqual([]);
+    expect(await offline.remove(user, [b, b])).toEqual([b]);
+    expect(await offline.count(user)).toBe(0);
+    expect(await offline.remove(user, [])).toEqual([]);
+    expect(await offline.count(user)).toBe(0);
+  });
+
+  it('concurrent removes of the same message: one removes it, the count drops once', async () => {
+    const user = freshUser('remove-race');
+    const stored = ids(await storeMany(user, 9));
+    const survivor = stored.pop() as string;
+    // Three removers per message (an SM ack, a XEP-0013 remove, a purge), all at once.
+    const results = await Promise.all(
+      stored.flatMap((id) => [1, 2, 3].map(() => offline.remove(user, [id]))),
+    );
+    expect(results.flat().sort()).toEqual([...stored].sort());
+    expect(await offline.count(user)).toBe(1);
+    expect(ids((await offline.list(user)).messages)).toEqual([survivor]);
+  });
+
+  it('remove never touches another user’s message', async () => {
+    const owner = freshUser('owner');
+    const [message1] = await storeMany(owner, 1);
+    expect(await offline.remove(freshUser('thief'), [message1?.id as string])).toEqual([]);
+    expect(await offline.count(owner)).toBe(1);
+  });
+
+  it('purge removes every message, returns how many, and leaves the count at 0', async () => {
+    const user = freshUser('purge');
+    await seedOffline(doc, table, user, 230);
+    await writeExpired(user, '000000000000001-0000-00000000');
+    expect(await offline.count(user)).toBe(230);
+    expect(await offline.purge(user)).toBe(230);
+    expect(await offline.count(user)).toBe(0);
+    expect((await offline.list(user)).messages).toEqual([]);
+    expect(await offline.purge(user)).toBe(0);
+  });
+});
+
+describe('expiry: the reader checks expiresAt itself', () => {
+  // docs/data-model.md: "DynamoDB deletes expired items in the background, often long after
+  // `expiresAt` has passed … offline messages … are checked this way."
+  it('list and get skip a message whose TTL has passed but which is still in the table', async () => {
+    const user = freshUser('expired');
+    const [a] = ids(await storeMany(user, 1));
+    const expiredId = `${(Date.now() + 1).toString().padStart(15, '0')}-0000-0000abcd`;
+    await writeExpired(user, expiredId);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    const [c] = ids(await storeMany(user, 1));
+    // DynamoDB Local never deletes it: the reader's own check is what the test exercises.
+    expect(await rawItem(user, `m#${expiredId}`)).toBeDefined();
+
+    expect(ids((await offline.list(user)).messages)).toEqual([a, c]);
+    expect(ids((await offline.list(user, { newestFirst: true })).messages)).toEqual([c, a]);
+    expect(ids((await offline.list(user, { after: a, before: c })).messages)).toEqual([]);
+    const firstPage = await offline.list(user, { limit: 1 });
+    expect(ids(firstPage.messages)).toEqual([a]);
+    expect(ids((await offline.list(user, { limit: 1, after: firstPage.next })).messages)).toEqual([c]);
+    const found = await offline.get(user, [a, expiredId, c] as string[]);
+    expect([...found.keys()].sort()).toEqual([a, c].sort());
+  });
+});

@@ -1,0 +1,381 @@
+/**
+ * The Sessions store (shared/store/sessions.ts) against the run's DynamoDB Local: connection
+ * rows (the stream's state between frames) and bound-resource rows (what routing reads), with
+ * every conditional write tried by its owner and by someone else.
+ */
+import { GetCommand } from '@aws-sdk/lib-dynamodb';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { createDocumentClient } from '../../shared/store/dynamo.ts';
+import {
+  createSessionStore,
+  fitsResourceKey,
+  type ResourceRecord,
+  type SessionStore,
+} from '../../shared/store/sessions.ts';
+import { TTL_ATTRIBUTE } from '../../shared/tables.ts';
+import { createTestTables, TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
+
+const CONNECTION_TTL_SECONDS = 3 * 3600;
+
+let table: string;
+let sessions: SessionStore;
+let doc: ReturnType<typeof createDocumentClient>;
+let counter = 0;
+const fresh = (name: string) => `${name}${++counter}-${Date.now().toString(36)}`;
+const freshUser = (name: string) => `${fresh(name)}@localhost`;
+
+beforeAll(async () => {
+  table = (await createTestTables()).sessions;
+  doc = createDocumentClient({ endpoint: useDynamoDbLocal(), region: TEST_REGION });
+  sessions = createSessionStore(doc, table, CONNECTION_TTL_SECONDS);
+});
+
+async function rawItem(pk: string, sk: string): Promise<Record<string, unknown> | undefined> {
+  const { Item } = await doc.send(
+    new GetCommand({ TableName: table, Key: { pk, sk }, ConsistentRead: true }),
+  );
+  return Item;
+}
+
+function record(user: string, resource: string, connectionId: string, extra: Partial<ResourceRecord> = {}) {
+  return {
+    user,
+    resource,
+    connectionId,
+    available: false,
+    priority: 0,
+    boundAt: Date.now(),
+    ...extra,
+  } satisfies ResourceRecord;
+}
+
+describe('connections', () => {
+  it('creates a connection row with a fresh stream state', async () => {
+    const id = fresh('conn');
+    const connectedAt = Date.now();
+    await sessions.createConnection(id, connectedAt);
+    expect(await sessions.getConnection(id)).toEqual({
+      connectionId: id,
+      connectedAt,
+      streamOpen: false,
+      streamId: undefined,
+      user: undefined,
+      resource: undefined,
+      sasl: undefined,
+      authFailures: 0,
+      flexibleOffline: undefined,
+      sm: undefined,
+      transfer: undefined,
+      flooded: undefined,
+      directedTo: undefined,
+    });
+  });
+
+  it('an unknown connection is undefined', async () => {
+    expect(await sessions.getConnection(fresh('never'))).toBeUndefined();
+  });
+
+  it('sets the TTL attribute to connectedAt + CONNECTION_TTL_SECONDS', async () => {
+    const id = fresh('ttl');
+    const connectedAt = Date.now() - 5000;
+    await sessions.createConnection(id, connectedAt);
+    const item = await rawItem(`conn#${id}`, 'conn');
+    expect(item?.[TTL_ATTRIBUTE]).toBe(Math.floor(connectedAt / 1000) + CONNECTION_TTL_SECONDS);
+  });
+
+  it('an update sets the given fields and leaves the others', async () => {
+    const id = fresh('update');
+    await sessions.createConnection(id, Date.now());
+    await sessions.updateConnection(id, {
+      streamOpen: true,
+      streamId: 's1',
+      sasl: { mechanism: 'SCRAM-SHA-1', state: { nonce: 'abc' }, jid: 'alice@localhost' },
+      authFailures: 2,
+    });
+    await sessions.updateConnection(id, { user: 'alice@localhost' });
+    expect(await sessions.getConnection(id)).toMatchObject({
+      streamOpen: true,
+      streamId: 's1',
+      sasl: { mechanism: 'SCRAM-SHA-1', state: { nonce: 'abc' }, jid: 'alice@localhost' },
+      authFailures: 2,
+      user: 'alice@localhost',
+    });
+  });
+
+  it('"`undefined` values are removed": the attribute leaves the row', async () => {
+    const id = fresh('remove');
+    await sessions.createConnection(id, Date.now());
+    await sessions.updateConnection(id, {
+      sasl: { mechanism: 'PLAIN', state: {} },
+      transfer: { kind: 'flood', after: 'x' },
+      directedTo: ['bob@localhost'],
+    });
+    await sessions.updateConnection(id, { sasl: undefined, transfer: undefined, streamOpen: true });
+    const item = await rawItem(`conn#${id}`, 'conn');
+    expect(item).not.toHaveProperty('sasl');
+    expect(item).not.toHaveProperty('transfer');
+    expect(item?.directedTo).toEqual(['bob@localhost']);
+    expect(await sessions.getConnection(id)).toMatchObject({
+      sasl: undefined,
+      transfer: undefined,
+      streamOpen: true,
+      directedTo: ['bob@localhost'],
+    });
+  });
+
+  it('every update refreshes the TTL to now + CONNECTION_TTL_SECONDS', async () => {
+    const id = fresh('refresh');
+    await sessions.createConnection(id, Date.now() - 3_600_000);
+    const before = Math.floor(Date.now() / 1000);
+    await sessions.updateConnection(id, { streamOpen: true });
+    const after = Math.floor(Date.now() / 1000);
+    const expiresAt = (await rawItem(`conn#${id}`, 'conn'))?.[TTL_ATTRIBUTE] as number;
+    expect(expiresAt).toBeGreaterThanOrEqual(before + CONNECTION_TTL_SECONDS);
+    expect(expiresAt).toBeLessThanOrEqual(after + CONNECTION_TTL_SECONDS);
+  });
+
+  it('an update of a deleted connection is ignored and does not recreate the row', async () => {
+    const id = fresh('gone');
+    await sessions.createConnection(id, Date.now());
+    await sessions.deleteConnection(id);
+    await expect(sessions.updateConnection(id, { user: 'alice@localhost' })).resolves.toBeUndefined();
+    await expect(sessions.updateConnection(fresh('never'), { streamOpen: true })).resolves.toBeUndefined();
+    expect(await sessions.getConnection(id)).toBeUndefined();
+    expect(await rawItem(`conn#${id}`, 'conn')).toBeUndefined();
+  });
+
+  it('deletes a connection; deleting it again is harmless', async () => {
+    const id = fresh('delete');
+    await sessions.createConnection(id, Date.now());
+    await sessions.deleteConnection(id);
+    expect(await sessions.getConnection(id)).toBeUndefined();
+    await expect(sessions.deleteConnection(id)).resolves.toBeUndefined();
+  });
+});
+
+describe('binding and reading resources', () => {
+  it('bind returns undefined for a free resource and the replaced record on a take-over', async () => {
+    const user = freshUser('bind');
+    const first = record(user, 'phone', 'c1', { available: true, priority: 5, presence: '<presence/>' });
+    expect(await sessions.bindResource(first)).toBeUndefined();
+    const second = record(user, 'phone', 'c2');
+    expect(await sessions.bindResource(second)).toEqual({
+      ...first,
+      flexibleOffline: undefined,
+      smId: undefined,
+    });
+    expect(await sessions.getResource(user, 'phone')).toMatchObject({ connectionId: 'c2', available: false });
+  });
+
+  it('sets the TTL attribute to boundAt + CONNECTION_TTL_SECONDS', async () => {
+    const user = freshUser('bind-ttl');
+    const bound = record(user, 'r', 'c1', { boundAt: Date.now() - 7000 });
+    await sessions.bindResource(bound);
+    const item = await rawItem(`user#${user}`, 'res#r');
+    expect(item?.[TTL_ATTRIBUTE]).toBe(Math.floor(bound.boundAt / 1000) + CONNECTION_TTL_SECONDS);
+  });
+
+  it('listResources sees a bind at once (strongly consistent) and only that user’s resources', async () => {
+    const user = freshUser('list');
+    const other = `${user}.other`;
+    await sessions.bindResource(record(other, 'a', 'c9'));
+    await sessions.bindResource(record(user, 'a', 'c1'));
+    expect((await sessions.listResources(user)).map((r) => r.resource)).toEqual(['a']);
+    await sessions.bindResource(record(user, 'b', 'c2'));
+    const listed = await sessions.listResources(user);
+    expect(listed.map((r) => [r.resource, r.connectionId])).toEqual([
+      ['a', 'c1'],
+      ['b', 'c2'],
+    ]);
+    expect(listed.every((r) => r.user === user)).toBe(true);
+    expect(await sessions.listResources(freshUser('nobody'))).toEqual([]);
+  });
+
+  it('getResource finds a bound resource, not another user’s or a missing one', async () => {
+    const user = freshUser('get');
+    await sessions.bindResource(record(user, 'desk', 'c1', { smId: 'sm-1' }));
+    expect(await sessions.getResource(user, 'desk')).toMatchObject({
+      user,
+      resource: 'desk',
+      connectionId: 'c1',
+      smId: 'sm-1',
+    });
+    expect(await sessions.getResource(user, 'laptop')).toBeUndefined();
+    expect(await sessions.getResource(freshUser('stranger'), 'desk')).toBeUndefined();
+  });
+});
+
+describe('presence and flags: only the owning connection writes', () => {
+  it('updatePresence by the owner returns the old record and stores the new presence', async () => {
+    const user = freshUser('presence');
+    await sessions.bindResource(record(user, 'r', 'c1'));
+    const old = await sessions.updatePresence(user, 'r', 'c1', {
+      available: true,
+      priority: 3,
+      presence: '<presence><show>away</show></presence>',
+    });
+    // The old record tells the caller this presence is the initial one.
+    expect(old).toMatchObject({ connectionId: 'c1', available: false, priority: 0 });
+    expect(await sessions.getResource(user, 'r')).toMatchObject({
+      available: true,
+      priority: 3,
+      presence: '<presence><show>away</show></presence>',
+    });
+    const again = await sessions.updatePresence(user, 'r', 'c1', { available: false, priority: 0 });
+    expect(again).toMatchObject({ available: true, priority: 3 });
+  });
+
+  it('updatePresence by another connection returns undefined and changes nothing', async () => {
+    const user = freshUser('presence-other');
+    await sessions.bindResource(record(user, 'r', 'c1'));
+    expect(
+      await sessions.updatePresence(user, 'r', 'c2', {
+        available: true,
+        priority: 1,
+        presence: '<presence/>',
+      }),
+    ).toBeUndefined();
+    expect(await sessions.getResource(user, 'r')).toMatchObject({ connectionId: 'c1', available: false });
+  });
+
+  it('updatePresence on an unbound resource returns undefined and does not create it', async () => {
+    const user = freshUser('presence-none');
+    expect(await sessions.updatePresence(user, 'r', 'c1', { available: true, priority: 0 })).toBeUndefined();
+    expect(await sessions.getResource(user, 'r')).toBeUndefined();
+  });
+
+  it('markFlexibleOffline sets the flag for the owner only, and never creates a row', async () => {
+    const user = freshUser('flex');
+    await sessions.bindResource(record(user, 'r', 'c1'));
+    await sessions.markFlexibleOffline(user, 'r', 'c2');
+    expect((await sessions.getResource(user, 'r'))?.flexibleOffline).toBeUndefined();
+    await sessions.markFlexibleOffline(user, 'r', 'c1');
+    expect((await sessions.getResource(user, 'r'))?.flexibleOffline).toBe(true);
+    await sessions.markFlexibleOffline(user, 'gone', 'c1');
+    expect(await sessions.getResource(user, 'gone')).toBeUndefined();
+  });
+
+  it('setResourceSm sets and removes smId for the owner; another connection is refused', async () => {
+    const user = freshUser('sm');
+    await sessions.bindResource(record(user, 'r', 'c1'));
+    await sessions.setResourceSm(user, 'r', 'c1', 'sm-a');
+    expect((await sessions.getResource(user, 'r'))?.smId).toBe('sm-a');
+    await expect(sessions.setResourceSm(user, 'r', 'c2', 'sm-b')).rejects.toThrow();
+    await expect(sessions.setResourceSm(user, 'r', 'c2', undefined)).rejects.toThrow();
+    expect((await sessions.getResource(user, 'r'))?.smId).toBe('sm-a');
+    await sessions.setResourceSm(user, 'r', 'c1', undefined);
+    expect(await rawItem(`user#${user}`, 'res#r')).not.toHaveProperty('smId');
+    await expect(sessions.setResourceSm(user, 'unbound', 'c1', 'sm-c')).rejects.toThrow();
+    expect(await sessions.getResource(user, 'unbound')).toBeUndefined();
+  });
+});
+
+describe('releasing a resource: only its owner, exactly once', () => {
+  it('releaseResource by another connection returns undefined and keeps the row', async () => {
+    const user = freshUser('rel-other');
+    await sessions.bindResource(record(user, 'r', 'c1'));
+    expect(await sessions.releaseResource(user, 'r', 'c2')).toBeUndefined();
+    expect(await sessions.getResource(user, 'r')).toMatchObject({ connectionId: 'c1' });
+  });
+
+  it('releaseResource by the owner returns the record and removes it; a second release gets nothing', async () => {
+    const user = freshUser('rel-owner');
+    await sessions.bindResource(record(user, 'r', 'c1', { available: true, priority: 2 }));
+    expect(await sessions.releaseResource(user, 'r', 'c1')).toMatchObject({
+      user,
+      resource: 'r',
+      connectionId: 'c1',
+      available: true,
+      priority: 2,
+    });
+    expect(await sessions.getResource(user, 'r')).toBeUndefined();
+    expect(await sessions.releaseResource(user, 'r', 'c1')).toBeUndefined();
+  });
+
+  it('a replaced session’s release does not remove the binding that replaced it', async () => {
+    const user = freshUser('rel-replaced');
+    await sessions.bindResource(record(user, 'r', 'old'));
+    await sessions.bindResource(record(user, 'r', 'new'));
+    expect(await sessions.releaseResource(user, 'r', 'old')).toBeUndefined();
+    expect(await sessions.getResource(user, 'r')).toMatchObject({ connectionId: 'new' });
+  });
+
+  it('releaseSmResource only by the SM session that owns the row', async () => {
+    const user = freshUser('rel-sm');
+    await sessions.bindResource(record(user, 'r', 'c1', { smId: 'sm-1' }));
+    expect(await sessions.releaseSmResource(user, 'r', 'sm-2')).toBeUndefined();
+    expect(await sessions.releaseSmResource(user, 'r', 'c1')).toBeUndefined();
+    expect(await sessions.getResource(user, 'r')).toBeDefined();
+    expect(await sessions.releaseSmResource(user, 'r', 'sm-1')).toMatchObject({ smId: 'sm-1' });
+    expect(await sessions.getResource(user, 'r')).toBeUndefined();
+  });
+
+  it('a row without smId is never released as an SM session’s', async () => {
+    const user = freshUser('rel-nosm');
+    await sessions.bindResource(record(user, 'r', 'c1'));
+    expect(await sessions.releaseSmResource(user, 'r', 'c1')).toBeUndefined();
+    expect(await sessions.getResource(user, 'r')).toBeDefined();
+  });
+
+  // docs/data-model.md: "Release a resource when its session ends | DeleteItem, condition
+  // `connectionId = :me` … `ReturnValues: ALL_OLD`": the one caller that gets the record is
+  // the one that announces the session's end.
+  it('concurrent releases by the owner: exactly one gets the record', async () => {
+    const user = freshUser('rel-race');
+    await sessions.bindResource(record(user, 'r', 'c1', { smId: 'sm-1' }));
+    const results = await Promise.all([
+      sessions.releaseResource(user, 'r', 'c1'),
+      sessions.releaseResource(user, 'r', 'c1'),
+      sessions.releaseSmResource(user, 'r', 'sm-1'),
+      sessions.releaseResource(user, 'r', 'c1'),
+      sessions.releaseSmResource(user, 'r', 'sm-1'),
+    ]);
+    expect(results.filter((r) => r !== undefined)).toHaveLength(1);
+    expect(results.find((r) => r !== undefined)).toMatchObject({ connectionId: 'c1', smId: 'sm-1' });
+    expect(await sessions.getResource(user, 'r')).toBeUndefined();
+  });
+
+  it('a release racing a re-bind never removes the new binding', async () => {
+    const user = freshUser('rel-rebind');
+    await sessions.bindResource(record(user, 'r', 'old'));
+    const [released, replaced] = await Promise.all([
+      sessions.releaseResource(user, 'r', 'old'),
+      sessions.bindResource(record(user, 'r', 'new')),
+    ]);
+    // Either the release came first (and the bind replaced nothing) or the bind did (and the
+    // release found someone else's row): never both, never neither.
+    expect([released?.connectionId, replaced?.connectionId].filter(Boolean)).toEqual(['old']);
+    expect(await sessions.getResource(user, 'r')).toMatchObject({ connectionId: 'new' });
+  });
+});
+
+describe('fitsResourceKey: DynamoDB sort keys hold at most 1024 bytes', () => {
+  // shared/store/sessions.ts: "a bound resource may have 1020 (RFC 7622 allows 1023)", since
+  // the sort key is `res#<resource>`.
+  it('counts UTF-8 bytes: 1020 fit, 1021 do not', () => {
+    expect(fitsResourceKey('a'.repeat(1020))).toBe(true);
+    expect(fitsResourceKey('a'.repeat(1021))).toBe(false);
+    expect(fitsResourceKey('é'.repeat(510))).toBe(true);
+    expect(fitsResourceKey(`${'é'.repeat(510)}a`)).toBe(false);
+    expect(fitsResourceKey('€'.repeat(340))).toBe(true);
+    expect(fitsResourceKey('€'.repeat(341))).toBe(false);
+  });
+
+  it('a 1020-byte resource binds, lists, reads and releases', async () => {
+    const user = freshUser('long');
+    const resource = `${'€'.repeat(339)}abc`;
+    expect(Buffer.byteLength(resource)).toBe(1020);
+    await sessions.bindResource(record(user, resource, 'c1'));
+    expect((await sessions.listResources(user)).map((r) => r.resource)).toEqual([resource]);
+    expect(await sessions.getResource(user, resource)).toMatchObject({ resource });
+    expect(await sessions.releaseResource(user, resource, 'c1')).toMatchObject({ resource });
+  });
+
+  it('DynamoDB refuses the 1021-byte resource fitsResourceKey rejects', async () => {
+    const user = freshUser('too-long');
+    const resource = 'a'.repeat(1021);
+    await expect(sessions.bindResource(record(user, resource, 'c1'))).rejects.toThrow(/key|size|1024/i);
+    // getResource answers "not bound" without asking DynamoDB a question it would refuse.
+    expect(await sessions.getResource(user, resource)).toBeUndefined();
+  });
+});

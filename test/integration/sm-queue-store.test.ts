@@ -1,0 +1,459 @@
+/**
+ * The XEP-0198 queue store (shared/store/sm-queue.ts) against the run's DynamoDB Local: the
+ * numbering append that reads the owner in the same write, the bounds, acknowledgement, the
+ * hand-over (attach, release, detach), the sparse sweep index, and the end that happens once.
+ */
+import { GetCommand } from '@aws-sdk/lib-dynamodb';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { createDocumentClient } from '../../shared/store/dynamo.ts';
+import {
+  AckBeyondQueueError,
+  createSmQueueStore,
+  type SmEntry,
+  type SmQueueItem,
+  type SmQueueStore,
+} from '../../shared/store/sm-queue.ts';
+import { TTL_ATTRIBUTE } from '../../shared/tables.ts';
+import { createTestTables, TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
+
+const DAY = 86400;
+const MAX = 1000;
+
+let doc: ReturnType<typeof createDocumentClient>;
+let table: string;
+let queue: SmQueueStore;
+let counter = 0;
+const fresh = (name: string) => `${name}${++counter}-${Date.now().toString(36)}`;
+
+beforeAll(async () => {
+  table = (await createTestTables()).sessions;
+  doc = createDocumentClient({ endpoint: useDynamoDbLocal(), region: TEST_REGION });
+  queue = createSmQueueStore(doc, table);
+});
+
+const nowSeconds = () => Math.floor(Date.now() / 1000);
+const entry = (n: number, extra: Partial<SmEntry> = {}): SmEntry => ({
+  s: `<message id='m${n}'/>`,
+  t: 1_700_000_000_000 + n,
+  ...extra,
+});
+
+async function rawItem(store: string, smId: string): Promise<Record<string, unknown> | undefined> {
+  const { Item } = await doc.send(
+    new GetCommand({ TableName: store, Key: { pk: `sm#${smId}`, sk: 'queue' }, ConsistentRead: true }),
+  );
+  return Item;
+}
+
+/** A new session attached to `connectionId`, holding (as `<enable/>` leaves it). */
+async function session(
+  connectionId = fresh('c'),
+  store: SmQueueStore = queue,
+): Promise<{ smId: string; user: string; connectionId: string }> {
+  const smId = fresh('sm');
+  const user = `${fresh('u')}@localhost`;
+  await store.create({ smId, user, resource: 'r', version: 'sm3', resumable: true, max: 300, connectionId });
+  return { smId, user, connectionId };
+}
+
+async function appendMany(smId: string, count: number, maxEntries = MAX, store: SmQueueStore = queue) {
+  const numbers: number[] = [];
+  for (let i = 1; i <= count; i++) {
+    const result = await store.append(smId, entry(i), maxEntries);
+    if (result.kind !== 'queued') throw new Error(`append ${i}: ${result.kind}`);
+    numbers.push(result.number);
+  }
+  return numbers;
+}
+
+describe('create, get, counts', () => {
+  it('creates a holding session with an empty queue', async () => {
+    const { smId, user, connectionId } = await session();
+    expect(await queue.get(smId)).toEqual({
+      smId,
+      user,
+      resource: 'r',
+      version: 'sm3',
+      resumable: true,
+      max: 300,
+      connectionId,
+      holding: true,
+      out: 0,
+      base: 0,
+      entries: [],
+      inbound: undefined,
+      directedTo: undefined,
+      ended: false,
+      sweepAt: undefined,
+    } satisfies SmQueueItem);
+    expect(await queue.counts(smId)).toEqual({ out: 0, base: 0 });
+  });
+
+  it('sets the TTL to now + 3 h + 1 day (a safety net past API Gateway’s 2-hour cut)', async () => {
+    const before = nowSeconds();
+    const { smId } = await session();
+    const expiresAt = (await rawItem(table, smId))?.[TTL_ATTRIBUTE] as number;
+    expect(expiresAt).toBeGreaterThanOrEqual(before + 3 * 3600 + DAY);
+    expect(expiresAt).toBeLessThanOrEqual(nowSeconds() + 3 * 3600 + DAY);
+  });
+
+  it('refuses to create a session whose id exists', async () => {
+    const { smId, user } = await session('c1');
+    await queue.append(smId, entry(1), MAX);
+    await expect(
+      queue.create({
+        smId,
+        user,
+        resource: 'r',
+        version: 'sm1',
+        resumable: false,
+        max: 1,
+        connectionId: 'c2',
+      }),
+    ).rejects.toThrow();
+    expect(await queue.get(smId)).toMatchObject({ connectionId: 'c1', version: 'sm3', out: 1 });
+  });
+
+  it('an unknown session has neither item nor counts', async () => {
+    expect(await queue.get(fresh('none'))).toBeUndefined();
+    expect(await queue.counts(fresh('none'))).toBeUndefined();
+  });
+});
+
+describe('append', () => {
+  it('numbers stanzas 1..n and keeps them in order', async () => {
+    const { smId } = await session();
+    expect(await appendMany(smId, 4)).toEqual([1, 2, 3, 4]);
+    const item = await queue.get(smId);
+    expect(item?.entries).toEqual([entry(1), entry(2), entry(3), entry(4)]);
+    expect(await queue.counts(smId)).toEqual({ out: 4, base: 0 });
+  });
+
+  it('concurrent appends get distinct numbers, and entry k is the one numbered k', async () => {
+    const { smId } = await session();
+    const results = await Promise.all(
+      Array.from({ length: 12 }, (_, i) => queue.append(smId, entry(100 + i), MAX)),
+    );
+    const numbered = results.map((r, i) => {
+      if (r.kind !== 'queued') throw new Error(r.kind);
+      return [r.number, entry(100 + i)] as const;
+    });
+    expect(numbered.map(([n]) => n).sort((a, b) => a - b)).toEqual(
+      Array.from({ length: 12 }, (_, i) => i + 1),
+    );
+    const { entries } = (await queue.get(smId)) as SmQueueItem;
+    for (const [n, e] of numbered) expect(entries[n - 1]).toEqual(e);
+  });
+
+  it('returns the owner at that instant: attached, holding, detached, re-attached', async () => {
+    const { smId, user } = await session('c1');
+    const holding = await queue.append(smId, entry(1), MAX);
+    expect(holding).toMatchObject({ kind: 'queued', number: 1, item: { connectionId: 'c1', holding: true } });
+    expect(await queue.release(smId, 1)).toBe(true);
+    expect(await queue.append(smId, entry(2), MAX)).toMatchObject({
+      number: 2,
+      item: { connectionId: 'c1', holding: false },
+    });
+    await queue.detach(smId, 'c1', 0, Date.now() + 60_000, []);
+    const detached = await queue.append(smId, entry(3), MAX);
+    expect(detached).toMatchObject({ number: 3, item: { connectionId: undefined, holding: false } });
+    await queue.attach(smId, user, 'c2');
+    expect(await queue.append(smId, entry(4), MAX)).toMatchObject({
+      number: 4,
+      item: { connectionId: 'c2', holding: true },
+    });
+  });
+
+  it('an ended or unknown session answers ended, and nothing is stored', async () => {
+    const { smId } = await session('c1');
+    await queue.end(smId, 'c1', 0);
+    expect(await queue.append(smId, entry(1), MAX)).toEqual({ kind: 'ended' });
+    expect(await queue.get(smId)).toMatchObject({ ended: true, entries: [] });
+    const unknown = fresh('none');
+    expect(await queue.append(unknown, entry(1), MAX)).toEqual({ kind: 'ended' });
+    expect(await queue.get(unknown)).toBeUndefined();
+  });
+
+  it('is full at maxEntries unacknowledged entries; an ack makes room again', async () => {
+    const { smId } = await session();
+    await appendMany(smId, 3, 3);
+    expect(await queue.append(smId, entry(4), 3)).toEqual({ kind: 'full' });
+    expect(await queue.counts(smId)).toEqual({ out: 3, base: 0 });
+    await queue.acknowledge(smId, 0, 1);
+    expect(await queue.append(smId, entry(4), 3)).toMatchObject({ kind: 'queued', number: 4 });
+  });
+
+  // docs/data-model.md: "the SM queue is one item, so it is full at SM_QUEUE_MAX entries or
+  // 400 KB, whichever comes first".
+  it('is full when the next entry would take the item past 400 KB', async () => {
+    const { smId } = await session();
+    const big = 'x'.repeat(120_000);
+    for (let i = 1; i <= 3; i++) {
+      expect(await queue.append(smId, entry(i, { s: big }), MAX)).toMatchObject({
+        kind: 'queued',
+        number: i,
+      });
+    }
+    expect(await queue.append(smId, entry(4, { s: big }), MAX)).toEqual({ kind: 'full' });
+    const item = await queue.get(smId);
+    expect(item).toMatchObject({ out: 3, ended: false });
+    expect(item?.entries).toHaveLength(3);
+    // A small stanza still fits.
+    expect(await queue.append(smId, entry(5), MAX)).toMatchObject({ kind: 'queued', number: 4 });
+  });
+});
+
+describe('acknowledge', () => {
+  it('trims the head and returns the removed entries and out', async () => {
+    const { smId } = await session();
+    await appendMany(smId, 5);
+    expect(await queue.acknowledge(smId, 0, 2)).toEqual({ removed: [entry(1), entry(2)], out: 5 });
+    expect(await queue.get(smId)).toMatchObject({ base: 2, out: 5, entries: [entry(3), entry(4), entry(5)] });
+    expect(await queue.acknowledge(smId, 2, 5)).toEqual({ removed: [entry(3), entry(4), entry(5)], out: 5 });
+    expect(await queue.get(smId)).toMatchObject({ base: 5, out: 5, entries: [] });
+  });
+
+  it('an ack of nothing new removes nothing and reports out', async () => {
+    const { smId } = await session();
+    await appendMany(smId, 2);
+    expect(await queue.acknowledge(smId, 0, 0)).toEqual({ removed: [], out: 2 });
+    expect((await queue.get(smId))?.entries).toHaveLength(2);
+  });
+
+  it('throws AckBeyondQueueError past out, and changes nothing', async () => {
+    const { smId } = await session();
+    await appendMany(smId, 3);
+    await expect(queue.acknowledge(smId, 0, 4)).rejects.toBeInstanceOf(AckBeyondQueueError);
+    expect(await queue.get(smId)).toMatchObject({ base: 0, out: 3 });
+    expect((await queue.get(smId))?.entries).toHaveLength(3);
+  });
+
+  it('throws AckBeyondQueueError from a stale base', async () => {
+    const { smId } = await session();
+    await appendMany(smId, 4);
+    await queue.acknowledge(smId, 0, 2);
+    await expect(queue.acknowledge(smId, 0, 3)).rejects.toBeInstanceOf(AckBeyondQueueError);
+    expect(await queue.get(smId)).toMatchObject({ base: 2, entries: [entry(3), entry(4)] });
+  });
+
+  it('trims more than one slice of 200 in order', async () => {
+    const { smId } = await session();
+    await appendMany(smId, 230);
+    const { removed, out } = await queue.acknowledge(smId, 0, 215);
+    expect(out).toBe(230);
+    expect(removed).toEqual(Array.from({ length: 215 }, (_, i) => entry(i + 1)));
+    expect(await queue.get(smId)).toMatchObject({ base: 215, out: 230 });
+    expect((await queue.get(smId))?.entries).toEqual(Array.from({ length: 15 }, (_, i) => entry(216 + i)));
+  });
+
+  // XEP-0198 §4: an h beyond what was sent is an error ("handled-count-too-high"), and the
+  // store documents the check as a refusal. Trimming the first slices before refusing would
+  // drop stanzas the client never acknowledged, so the session's end could not re-route them.
+  it('an ack past out larger than one slice removes nothing', async () => {
+    const { smId } = await session();
+    await appendMany(smId, 230);
+    await expect(queue.acknowledge(smId, 0, 231)).rejects.toBeInstanceOf(AckBeyondQueueError);
+    const item = await queue.get(smId);
+    expect(item).toMatchObject({ base: 0, out: 230 });
+    expect(item?.entries).toHaveLength(230);
+    expect(item?.entries[0]).toEqual(entry(1));
+  });
+});
+
+describe('the hand-over: attach, release, detach', () => {
+  it('attach moves the session to the new connection, holding, and returns the queue', async () => {
+    const { smId, user } = await session('old');
+    await queue.release(smId, 0);
+    await appendMany(smId, 2);
+    const attached = await queue.attach(smId, user, 'new');
+    expect(attached).toMatchObject({
+      connectionId: 'new',
+      holding: true,
+      out: 2,
+      entries: [entry(1), entry(2)],
+    });
+    expect(await queue.get(smId)).toMatchObject({ connectionId: 'new', holding: true });
+  });
+
+  it('attach from a detached session leaves the sweep index and renews the TTL', async () => {
+    const { smId, user } = await session('old');
+    const sweepAt = Date.now() + 10_000;
+    await queue.detach(smId, 'old', 3, sweepAt, []);
+    const before = nowSeconds();
+    expect(await queue.attach(smId, user, 'new')).toMatchObject({ connectionId: 'new', sweepAt: undefined });
+    const raw = await rawItem(table, smId);
+    expect(raw).not.toHaveProperty('sweepShard');
+    expect(raw).not.toHaveProperty('sweepAt');
+    expect(raw?.[TTL_ATTRIBUTE]).toBeGreaterThanOrEqual(before + 3 * 3600 + DAY);
+  });
+
+  it('attach by another user, of an ended or unknown session, returns undefined and changes nothing', async () => {
+    const { smId, user } = await session('c1');
+    expect(await queue.attach(smId, 'mallory@localhost', 'evil')).toBeUndefined();
+    expect(await queue.get(smId)).toMatchObject({ connectionId: 'c1', user });
+    await queue.end(smId, 'c1', 4);
+    expect(await queue.attach(smId, user, 'late')).toBeUndefined();
+    expect(await queue.get(smId)).toMatchObject({ ended: true, connectionId: undefined, inbound: 4 });
+    const unknown = fresh('none');
+    expect(await queue.attach(unknown, user, 'c2')).toBeUndefined();
+    expect(await queue.get(unknown)).toBeUndefined();
+  });
+
+  it('release stops holding only if nothing was appended since seenOut', async () => {
+    const { smId } = await session();
+    await appendMany(smId, 2);
+    expect(await queue.release(smId, 1)).toBe(false);
+    expect((await queue.get(smId))?.holding).toBe(true);
+    expect(await queue.release(smId, 2)).toBe(true);
+    expect((await queue.get(smId))?.holding).toBe(false);
+    expect(await rawItem(table, smId)).not.toHaveProperty('holding');
+  });
+
+  it('detach by the owner records inbound, directedTo and sweepAt and enters the sweep index', async () => {
+    const { smId } = await session('c1');
+    const sweepAt = Date.now() + 300_000;
+    expect(await queue.detach(smId, 'c1', 7, sweepAt, ['bob@localhost/x'])).toBe(true);
+    expect(await queue.get(smId)).toMatchObject({
+      connectionId: undefined,
+      holding: false,
+      inbound: 7,
+      directedTo: ['bob@localhost/x'],
+      sweepAt,
+    });
+    const raw = await rawItem(table, smId);
+    expect(raw).toMatchObject({ sweepShard: 'detached', sweepAt });
+    expect(raw?.[TTL_ATTRIBUTE]).toBe(Math.floor(sweepAt / 1000) + DAY);
+  });
+
+  it('detach by another connection or of an ended session returns false and changes nothing', async () => {
+    const { smId } = await session('c1');
+    expect(await queue.detach(smId, 'c2', 1, Date.now(), [])).toBe(false);
+    expect(await rawItem(table, smId)).toMatchObject({ connectionId: 'c1' });
+    expect(await rawItem(table, smId)).not.toHaveProperty('sweepShard');
+    await queue.end(smId, 'c1', 2);
+    expect(await queue.detach(smId, 'c1', 9, Date.now(), [])).toBe(false);
+    expect(await queue.get(smId)).toMatchObject({ ended: true, inbound: 2, sweepAt: undefined });
+  });
+});
+
+describe('listExpired: the sparse sweep index', () => {
+  let sweepTable: string;
+  let sweepQueue: SmQueueStore;
+
+  beforeAll(async () => {
+    // A table of its own: every detached session shares the index partition `detached`.
+    sweepTable = (await createTestTables()).sessions;
+    sweepQueue = createSmQueueStore(doc, sweepTable);
+  });
+
+  it('returns detached sessions whose sweepAt <= now, oldest first, up to the limit', async () => {
+    const t = Date.now();
+    const detachedAt = async (offset: number) => {
+      const s = await session(fresh('c'), sweepQueue);
+      await sweepQueue.detach(s.smId, s.connectionId, offset, t + offset, []);
+      return s;
+    };
+    const late = await detachedAt(3000);
+    const early = await detachedAt(1000);
+    const middle = await detachedAt(2000);
+    const future = await detachedAt(60_000);
+    const attached = await session(fresh('c'), sweepQueue);
+    const resumed = await detachedAt(500);
+    await sweepQueue.attach(resumed.smId, resumed.user, 'resumer');
+    const ended = await detachedAt(700);
+    await sweepQueue.end(ended.smId, undefined, 0);
+
+    const due = await sweepQueue.listExpired(t + 3000, 50);
+    expect(due.map((i) => i.smId)).toEqual([early.smId, middle.smId, late.smId]);
+    expect(due[0]).toMatchObject({
+      user: early.user,
+      sweepAt: t + 1000,
+      inbound: 1000,
+      connectionId: undefined,
+    });
+    expect((await sweepQueue.listExpired(t + 2999, 50)).map((i) => i.smId)).toEqual([
+      early.smId,
+      middle.smId,
+    ]);
+    expect((await sweepQueue.listExpired(t + 3000, 2)).map((i) => i.smId)).toEqual([early.smId, middle.smId]);
+    expect((await sweepQueue.listExpired(t + 999, 50)).map((i) => i.smId)).toEqual([]);
+    const all = (await sweepQueue.listExpired(t + 3_600_000, 50)).map((i) => i.smId);
+    expect(all).toEqual([early.smId, middle.smId, late.smId, future.smId]);
+    expect(all).not.toContain(attached.smId);
+  });
+});
+
+describe('end: exactly once', () => {
+  it('the owner ends it and gets the unacknowledged entries; the item keeps user, version, inbound', async () => {
+    const { smId, user } = await session('c1');
+    await appendMany(smId, 3);
+    await queue.acknowledge(smId, 0, 1);
+    const before = nowSeconds();
+    const ended = await queue.end(smId, 'c1', 9);
+    expect(ended).toMatchObject({ connectionId: 'c1', entries: [entry(2), entry(3)], ended: false });
+    const raw = await rawItem(table, smId);
+    expect(raw).toMatchObject({ user, version: 'sm3', inbound: 9, ended: true });
+    for (const gone of ['q', 'connectionId', 'holding', 'sweepShard', 'sweepAt'])
+      expect(raw).not.toHaveProperty(gone);
+    // XEP-0198 §5: the last inbound count answers a late resume for at least a day.
+    expect(raw?.[TTL_ATTRIBUTE]).toBeGreaterThanOrEqual(before + DAY);
+    expect(raw?.[TTL_ATTRIBUTE]).toBeLessThanOrEqual(nowSeconds() + DAY);
+    expect(await queue.end(smId, 'c1', 10)).toBeUndefined();
+    expect(await queue.get(smId)).toMatchObject({ inbound: 9, ended: true });
+  });
+
+  it('two concurrent ends: exactly one gets the entries', async () => {
+    const { smId } = await session('c1');
+    await appendMany(smId, 2);
+    const results = await Promise.all([
+      queue.end(smId, 'c1', 1),
+      queue.end(smId, 'any', 2),
+      queue.end(smId, 'c1', 3),
+      queue.end(smId, 'any', 4),
+    ]);
+    const winners = results.filter((r) => r !== undefined);
+    expect(winners).toHaveLength(1);
+    expect(winners[0]?.entries).toEqual([entry(1), entry(2)]);
+    const winningInbound = [1, 2, 3, 4][results.findIndex((r) => r !== undefined)];
+    expect((await queue.get(smId))?.inbound).toBe(winningInbound);
+  });
+
+  it('an attached session is ended only by its connection or by "any"', async () => {
+    const { smId } = await session('c1');
+    expect(await queue.end(smId, 'c2', 0)).toBeUndefined();
+    expect(await queue.end(smId, undefined, 0)).toBeUndefined();
+    expect((await queue.get(smId))?.ended).toBe(false);
+    expect(await queue.end(smId, 'any', 0)).toMatchObject({ connectionId: 'c1' });
+    expect((await queue.get(smId))?.ended).toBe(true);
+  });
+
+  it('a detached session is ended by undefined (the sweeper) or "any", not by its old connection', async () => {
+    const { smId } = await session('c1');
+    await appendMany(smId, 1);
+    await queue.detach(smId, 'c1', 5, Date.now(), ['bob@localhost']);
+    expect(await queue.end(smId, 'c1', 5)).toBeUndefined();
+    expect((await queue.get(smId))?.ended).toBe(false);
+    const ended = await queue.end(smId, undefined, 5);
+    expect(ended).toMatchObject({ entries: [entry(1)], directedTo: ['bob@localhost'], inbound: 5 });
+    expect(await queue.end(smId, 'any', 5)).toBeUndefined();
+
+    const other = await session('c2');
+    await queue.detach(other.smId, 'c2', 0, Date.now(), []);
+    expect(await queue.end(other.smId, 'any', 0)).toBeDefined();
+  });
+
+  it('a session resumed elsewhere is not ended by the connection it left', async () => {
+    const { smId, user } = await session('old');
+    await queue.attach(smId, user, 'new');
+    expect(await queue.end(smId, 'old', 0)).toBeUndefined();
+    expect(await queue.get(smId)).toMatchObject({ connectionId: 'new', ended: false });
+  });
+
+  it('ending an unknown session returns undefined and creates nothing, whatever the owner', async () => {
+    for (const owner of ['c1', undefined, 'any'] as const) {
+      const smId = fresh('none');
+      expect(await queue.end(smId, owner, 3)).toBeUndefined();
+      expect(await rawItem(table, smId)).toBeUndefined();
+    }
+  });
+});
