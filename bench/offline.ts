@@ -26,7 +26,7 @@ import {
   dynamoMeter,
   type MeterSnapshot,
 } from '../shared/store/dynamo.ts';
-import { localTableName, offlineTable, sessionsTable, usersTable } from '../shared/tables.ts';
+import { archiveTable, localTableName, offlineTable, sessionsTable, usersTable } from '../shared/tables.ts';
 import { seedOffline } from '../test/support/offline-seed.ts';
 import { RawClient } from '../test/support/raw-client.ts';
 
@@ -110,6 +110,7 @@ async function main(): Promise<void> {
       users: localTableName(usersTable, prefix),
       sessions: localTableName(sessionsTable, prefix),
       offline: localTableName(offlineTable, prefix),
+      archive: localTableName(archiveTable, prefix),
     },
     dynamodbEndpoint: database.endpoint,
   };

@@ -5,7 +5,13 @@ import * as targets from 'aws-cdk-lib/aws-events-targets';
 import { SqsEventSource } from 'aws-cdk-lib/aws-lambda-event-sources';
 import type { Construct } from 'constructs';
 import { loadConfig, TUNABLE_SETTINGS } from '../shared/config.ts';
-import { offlineTable, sessionsTable, type TableDefinition, usersTable } from '../shared/tables.ts';
+import {
+  archiveTable,
+  offlineTable,
+  sessionsTable,
+  type TableDefinition,
+  usersTable,
+} from '../shared/tables.ts';
 import { FrameQueue } from './constructs/frame-queue.ts';
 import { bindTable, type TableAccess, XmppTables } from './constructs/tables.ts';
 import { WebSocketGateway } from './constructs/websocket-gateway.ts';
@@ -19,17 +25,21 @@ type FunctionName = keyof typeof FUNCTION_MEMORY_MB;
 const TABLE_ACCESS: Record<FunctionName, readonly [TableDefinition, TableAccess][]> = {
   // Writes the connection row; authentication happens later, on the stream.
   connect: [[sessionsTable, 'readWrite']],
-  // SASL (Users: SCRAM keys read, auth-failure counters written), sessions, offline storage.
+  // SASL (Users: SCRAM keys read, auth-failure counters written), sessions, offline storage,
+  // XEP-0136 archiving (messages archived as they are routed; the archive iqs).
   stream: [
     [usersTable, 'readWrite'],
     [sessionsTable, 'readWrite'],
     [offlineTable, 'readWrite'],
+    [archiveTable, 'readWrite'],
   ],
-  // Ends expired resumable sessions and moves their unacknowledged messages to offline storage.
+  // Ends expired resumable sessions and moves their unacknowledged messages to offline storage;
+  // finishes the bounded purges of removed archive collections.
   sweeper: [
     [usersTable, 'read'],
     [sessionsTable, 'readWrite'],
     [offlineTable, 'readWrite'],
+    [archiveTable, 'readWrite'],
   ],
 };
 

@@ -10,7 +10,7 @@ import {
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { createTables, type TableNames } from '../../infra/local/create-tables.ts';
 import { type DynamoDbLocal, findFreePort, startDynamoDbLocal } from '../../infra/local/dynamodb-local.ts';
-import { allTables } from '../../shared/tables.ts';
+import { allTables, type IndexDefinition, projectionOf } from '../../shared/tables.ts';
 import { createTestTables, testDynamoDbClient } from '../support/dynamodb.ts';
 
 function clientFor(endpoint: string): DynamoDBClient {
@@ -22,6 +22,11 @@ function clientFor(endpoint: string): DynamoDBClient {
   });
 }
 
+function includedAttributes(index: IndexDefinition): string[] | undefined {
+  const projection = projectionOf(index);
+  return projection.type === 'INCLUDE' ? projection.attributes : undefined;
+}
+
 function isRunning(pid: number): boolean {
   try {
     process.kill(pid, 0);
@@ -31,7 +36,12 @@ function isRunning(pid: number): boolean {
   }
 }
 
-const names: TableNames = { Users: 'it-users', Sessions: 'it-sessions', Offline: 'it-offline' };
+const names: TableNames = {
+  Users: 'it-users',
+  Sessions: 'it-sessions',
+  Offline: 'it-offline',
+  Archive: 'it-archive',
+};
 
 describe('DynamoDB Local started on a free port, in memory', () => {
   let database: DynamoDbLocal;
@@ -74,16 +84,24 @@ describe('DynamoDB Local started on a free port, in memory', () => {
         name: index.IndexName,
         keys: index.KeySchema,
         projection: index.Projection?.ProjectionType,
+        included: index.Projection?.NonKeyAttributes,
       }));
+      // DescribeTable lists indexes in no particular order.
+      const byName = (a: { name?: string }, b: { name?: string }) =>
+        String(a.name).localeCompare(String(b.name));
+      indexes.sort(byName);
       expect(indexes).toEqual(
-        definition.globalSecondaryIndexes.map((index) => ({
-          name: index.indexName,
-          keys: [
-            { AttributeName: index.partitionKey.name, KeyType: 'HASH' },
-            ...(index.sortKey ? [{ AttributeName: index.sortKey.name, KeyType: 'RANGE' }] : []),
-          ],
-          projection: 'ALL',
-        })),
+        definition.globalSecondaryIndexes
+          .map((index) => ({
+            name: index.indexName,
+            keys: [
+              { AttributeName: index.partitionKey.name, KeyType: 'HASH' },
+              ...(index.sortKey ? [{ AttributeName: index.sortKey.name, KeyType: 'RANGE' }] : []),
+            ],
+            projection: projectionOf(index).type,
+            included: includedAttributes(index),
+          }))
+          .sort(byName),
       );
       const ttl = await client.send(new DescribeTimeToLiveCommand({ TableName: names[id] }));
       expect(ttl.TimeToLiveDescription).toMatchObject({
@@ -160,7 +178,7 @@ describe('the shared test database', () => {
     const first = await createTestTables();
     const second = await createTestTables();
     expect(first.users).toMatch(/^t[0-9a-f]{12}-users$/);
-    expect(new Set([...Object.values(first), ...Object.values(second)]).size).toBe(6);
+    expect(new Set([...Object.values(first), ...Object.values(second)]).size).toBe(2 * allTables.length);
     const client = testDynamoDbClient();
     try {
       const listed = await client.send(new ListTablesCommand({}));

@@ -8,7 +8,13 @@ import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import { inject } from 'vitest';
 import { createTables, tableNamesOf } from '../../infra/local/create-tables.ts';
 import { type Config, loadConfig } from '../../shared/config.ts';
-import { localTableName, offlineTable, sessionsTable, usersTable } from '../../shared/tables.ts';
+import {
+  archiveTable,
+  localTableName,
+  offlineTable,
+  sessionsTable,
+  usersTable,
+} from '../../shared/tables.ts';
 import type {} from './global-setup.ts';
 
 export const TEST_REGION = 'us-east-1';
@@ -41,6 +47,7 @@ export async function createTestTables(
     users: localTableName(usersTable, prefix),
     sessions: localTableName(sessionsTable, prefix),
     offline: localTableName(offlineTable, prefix),
+    archive: localTableName(archiveTable, prefix),
   };
   const client = testDynamoDbClient();
   try {
