@@ -26,7 +26,14 @@ import {
   dynamoMeter,
   type MeterSnapshot,
 } from '../shared/store/dynamo.ts';
-import { localTableName, offlineTable, rosterTable, sessionsTable, usersTable } from '../shared/tables.ts';
+import {
+  archiveTable,
+  localTableName,
+  offlineTable,
+  rosterTable,
+  sessionsTable,
+  usersTable,
+} from '../shared/tables.ts';
 import { seedOffline } from '../test/support/offline-seed.ts';
 import { RawClient } from '../test/support/raw-client.ts';
 
@@ -111,6 +118,7 @@ async function main(): Promise<void> {
       sessions: localTableName(sessionsTable, prefix),
       offline: localTableName(offlineTable, prefix),
       roster: localTableName(rosterTable, prefix),
+      archive: localTableName(archiveTable, prefix),
     },
     dynamodbEndpoint: database.endpoint,
   };

@@ -6,6 +6,7 @@ import { SqsEventSource } from 'aws-cdk-lib/aws-lambda-event-sources';
 import type { Construct } from 'constructs';
 import { loadConfig, TUNABLE_SETTINGS } from '../shared/config.ts';
 import {
+  archiveTable,
   offlineTable,
   rosterTable,
   sessionsTable,
@@ -26,20 +27,24 @@ const TABLE_ACCESS: Record<FunctionName, readonly [TableDefinition, TableAccess]
   // Writes the connection row; authentication happens later, on the stream.
   connect: [[sessionsTable, 'readWrite']],
   // SASL (Users: SCRAM keys read, auth-failure counters written), sessions, offline storage,
-  // rosters and subscriptions (RFC 6121).
+  // rosters and subscriptions (RFC 6121); XEP-0136 archiving (messages archived as they are
+  // routed; the archive iqs).
   stream: [
     [usersTable, 'readWrite'],
     [sessionsTable, 'readWrite'],
     [offlineTable, 'readWrite'],
     [rosterTable, 'readWrite'],
+    [archiveTable, 'readWrite'],
   ],
   // Ends expired resumable sessions and moves their unacknowledged messages to offline storage.
-  // Reads rosters to tell a swept session's contacts it is unavailable (RFC 6121 §4.5.2).
+  // Reads rosters to tell a swept session's contacts it is unavailable (RFC 6121 §4.5.2);
+  // finishes the bounded purges of removed archive collections.
   sweeper: [
     [usersTable, 'read'],
     [sessionsTable, 'readWrite'],
     [offlineTable, 'readWrite'],
     [rosterTable, 'read'],
+    [archiveTable, 'readWrite'],
   ],
 };
 

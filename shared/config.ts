@@ -4,6 +4,7 @@
  * lists the same names.
  */
 import {
+  archiveTable,
   localTableName,
   offlineTable,
   rosterTable,
@@ -15,7 +16,7 @@ import {
 export interface Config {
   /** The XMPP domain served (the `to` of `<open/>`, the domain part of every local JID). */
   domain: string;
-  tables: { users: string; sessions: string; offline: string; roster: string };
+  tables: { users: string; sessions: string; offline: string; roster: string; archive: string };
   /** DynamoDB endpoint override (DynamoDB Local); unset on AWS. */
   dynamodbEndpoint?: string;
   region: string;
@@ -55,6 +56,12 @@ export interface Config {
   smEnableGraceMs: number;
   /** Seconds an unbound or idle connection row lives without activity (a safety net for lost $disconnect). */
   connectionTtlSeconds: number;
+  /** XEP-0136: an idle gap longer than this (seconds) starts a new collection. */
+  archiveCollectionGapSeconds: number;
+  /** XEP-0136 replication: days a removed collection's tombstone is remembered for `<modified/>`. */
+  archiveTombstoneDays: number;
+  /** XEP-0136 replication: granularity (seconds) of a collection's recorded change time. */
+  archiveChangeWindowSeconds: number;
 }
 
 type Env = Record<string, string | undefined>;
@@ -76,6 +83,9 @@ export const TUNABLE_SETTINGS = [
   'SM_QUEUE_MAX',
   'SM_ACK_EVERY',
   'SM_ENABLE_GRACE_MS',
+  'ARCHIVE_COLLECTION_GAP_SECONDS',
+  'ARCHIVE_TOMBSTONE_DAYS',
+  'ARCHIVE_CHANGE_WINDOW_SECONDS',
   'LOG_LEVEL',
 ] as const;
 
@@ -100,6 +110,7 @@ export function loadConfig(env: Env = process.env): Config {
       sessions: tableName(env, sessionsTable),
       offline: tableName(env, offlineTable),
       roster: tableName(env, rosterTable),
+      archive: tableName(env, archiveTable),
     },
     dynamodbEndpoint: env.DYNAMODB_ENDPOINT || undefined,
     region: env.AWS_REGION || env.AWS_DEFAULT_REGION || 'us-east-1',
@@ -119,5 +130,8 @@ export function loadConfig(env: Env = process.env): Config {
     smQueueMax: int(env, 'SM_QUEUE_MAX', 1000),
     smAckEvery: Math.max(1, int(env, 'SM_ACK_EVERY', 10)),
     smEnableGraceMs: int(env, 'SM_ENABLE_GRACE_MS', 200),
+    archiveCollectionGapSeconds: int(env, 'ARCHIVE_COLLECTION_GAP_SECONDS', 30 * 60),
+    archiveTombstoneDays: int(env, 'ARCHIVE_TOMBSTONE_DAYS', 90),
+    archiveChangeWindowSeconds: Math.max(1, int(env, 'ARCHIVE_CHANGE_WINDOW_SECONDS', 60)),
   };
 }

@@ -14,11 +14,16 @@ export interface IndexDefinition {
   indexName: string;
   partitionKey: KeyDefinition;
   sortKey?: KeyDefinition;
+  /**
+   * What the index copies. Default ALL. INCLUDE names the non-key attributes copied: an update
+   * of an attribute the index does not copy writes nothing to the index (no write units).
+   */
+  projection?: { type: 'ALL' } | { type: 'KEYS_ONLY' } | { type: 'INCLUDE'; attributes: string[] };
 }
 
 export interface TableDefinition {
   /** Logical id: used for the CDK construct, the environment variable and the local name. */
-  id: 'Users' | 'Sessions' | 'Offline' | 'Roster';
+  id: 'Users' | 'Sessions' | 'Offline' | 'Roster' | 'Archive';
   /** Environment variable that carries the physical table name to a function. */
   envVar: string;
   partitionKey: KeyDefinition;
@@ -91,7 +96,81 @@ export const rosterTable: TableDefinition = {
   pointInTimeRecovery: true,
 };
 
-export const allTables: readonly TableDefinition[] = [usersTable, sessionsTable, offlineTable, rosterTable];
+/*
+ * XEP-0136 Message Archiving. Item kinds and access patterns: docs/data-model.md ("Archive
+ * table") and shared/store/archive.ts. Collection headers live in the owner's partition
+ * (`pk = <owner bare JID>`, `sk = c#<start>/<with>`), each collection's messages and
+ * EncryptedKeys in a partition of their own (`pk = <owner>/<collection id>`).
+ */
+
+/** Collection headers by the full JID they were exchanged with (sort: the header's `sk`, i.e. start). */
+export const ARCHIVE_WITH_FULL_INDEX = 'byWithFull';
+/** Collection headers by the bare JID they were exchanged with. */
+export const ARCHIVE_WITH_BARE_INDEX = 'byWithBare';
+/** Collection headers by the domain they were exchanged with. */
+export const ARCHIVE_WITH_DOMAIN_INDEX = 'byWithDomain';
+/** Headers and removal tombstones by change time: the `<modified/>` log. */
+export const ARCHIVE_CHANGE_INDEX = 'byChange';
+/** EncryptedKey items by the public key that encrypts them (`<keys/>`). */
+export const ARCHIVE_KEY_NAME_INDEX = 'byKeyName';
+
+/** What a list page shows of a header: the `with` indexes copy only these (not the change time). */
+const HEADER_LIST_ATTRIBUTES = ['with', 'start', 'subject', 'crypt', 'cid', TTL_ATTRIBUTE];
+
+export const archiveTable: TableDefinition = {
+  id: 'Archive',
+  envVar: 'ARCHIVE_TABLE',
+  partitionKey: pk,
+  sortKey: sk,
+  globalSecondaryIndexes: [
+    {
+      indexName: ARCHIVE_WITH_FULL_INDEX,
+      partitionKey: { name: 'wFull', type: 'S' },
+      sortKey: sk,
+      projection: { type: 'INCLUDE', attributes: HEADER_LIST_ATTRIBUTES },
+    },
+    {
+      indexName: ARCHIVE_WITH_BARE_INDEX,
+      partitionKey: { name: 'wBare', type: 'S' },
+      sortKey: sk,
+      projection: { type: 'INCLUDE', attributes: HEADER_LIST_ATTRIBUTES },
+    },
+    {
+      indexName: ARCHIVE_WITH_DOMAIN_INDEX,
+      partitionKey: { name: 'wDomain', type: 'S' },
+      sortKey: sk,
+      projection: { type: 'INCLUDE', attributes: HEADER_LIST_ATTRIBUTES },
+    },
+    {
+      indexName: ARCHIVE_CHANGE_INDEX,
+      partitionKey: { name: 'changeOwner', type: 'S' },
+      sortKey: { name: 'changeKey', type: 'S' },
+      // The table's keys say it all: `sk` is c#<start>/<with> (changed) or r#<start>/<with> (removed).
+      projection: { type: 'KEYS_ONLY' },
+    },
+    {
+      indexName: ARCHIVE_KEY_NAME_INDEX,
+      partitionKey: { name: 'keyOwner', type: 'S' },
+      sortKey: { name: 'keyRef', type: 'S' },
+      projection: { type: 'INCLUDE', attributes: ['with', 'start', 'xml'] },
+    },
+  ],
+  timeToLiveAttribute: TTL_ATTRIBUTE,
+  pointInTimeRecovery: true,
+};
+
+export const allTables: readonly TableDefinition[] = [
+  usersTable,
+  sessionsTable,
+  offlineTable,
+  rosterTable,
+  archiveTable,
+];
+
+/** The projection of an index, ALL when its definition does not say. */
+export function projectionOf(index: IndexDefinition): NonNullable<IndexDefinition['projection']> {
+  return index.projection ?? { type: 'ALL' };
+}
 
 /** Physical name used by the local runner and tests (`<prefix>-users`, …). */
 export function localTableName(def: TableDefinition, prefix = 'nimbus'): string {

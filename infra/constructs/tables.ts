@@ -3,7 +3,13 @@ import * as dynamodb from 'aws-cdk-lib/aws-dynamodb';
 import * as iam from 'aws-cdk-lib/aws-iam';
 import type * as lambda from 'aws-cdk-lib/aws-lambda';
 import { Construct } from 'constructs';
-import { allTables, type KeyDefinition, type TableDefinition } from '../../shared/tables.ts';
+import {
+  allTables,
+  type IndexDefinition,
+  type KeyDefinition,
+  projectionOf,
+  type TableDefinition,
+} from '../../shared/tables.ts';
 
 /** What a function may do with a table's items. */
 export type TableAccess = 'read' | 'readWrite';
@@ -34,6 +40,18 @@ function attribute(key: KeyDefinition): dynamodb.Attribute {
   };
 }
 
+function projection(
+  index: IndexDefinition,
+): Pick<dynamodb.GlobalSecondaryIndexPropsV2, 'projectionType' | 'nonKeyAttributes'> {
+  const wanted = projectionOf(index);
+  if (wanted.type === 'INCLUDE')
+    return { projectionType: dynamodb.ProjectionType.INCLUDE, nonKeyAttributes: wanted.attributes };
+  return {
+    projectionType:
+      wanted.type === 'KEYS_ONLY' ? dynamodb.ProjectionType.KEYS_ONLY : dynamodb.ProjectionType.ALL,
+  };
+}
+
 /** One DynamoDB table per definition in `shared/tables.ts`; nothing about a table is restated here. */
 export class XmppTables extends Construct {
   private readonly tables = new Map<TableDefinition['id'], dynamodb.TableV2>();
@@ -50,6 +68,7 @@ export class XmppTables extends Construct {
             indexName: index.indexName,
             partitionKey: attribute(index.partitionKey),
             sortKey: index.sortKey && attribute(index.sortKey),
+            ...projection(index),
           })),
           billing: dynamodb.Billing.onDemand(),
           timeToLiveAttribute: def.timeToLiveAttribute,

@@ -8,18 +8,31 @@ import {
   DescribeTimeToLiveCommand,
   type DynamoDBClient,
   type KeySchemaElement,
+  type Projection,
   ResourceInUseException,
   UpdateTimeToLiveCommand,
   waitUntilTableExists,
 } from '@aws-sdk/client-dynamodb';
 import type { Config } from '../../shared/config.ts';
-import { allTables, type KeyDefinition, type TableDefinition } from '../../shared/tables.ts';
+import {
+  allTables,
+  type IndexDefinition,
+  type KeyDefinition,
+  projectionOf,
+  type TableDefinition,
+} from '../../shared/tables.ts';
 
 export type TableNames = Record<TableDefinition['id'], string>;
 
 /** The physical names of `Config['tables']` keyed by table id. */
 export function tableNamesOf(tables: Config['tables']): TableNames {
-  return { Users: tables.users, Sessions: tables.sessions, Offline: tables.offline, Roster: tables.roster };
+  return {
+    Users: tables.users,
+    Sessions: tables.sessions,
+    Offline: tables.offline,
+    Roster: tables.roster,
+    Archive: tables.archive,
+  };
 }
 
 export async function createTables(
@@ -48,7 +61,7 @@ async function createTable(
             : definition.globalSecondaryIndexes.map((index) => ({
                 IndexName: index.indexName,
                 KeySchema: keySchema(index.partitionKey, index.sortKey),
-                Projection: { ProjectionType: 'ALL' },
+                Projection: projection(index),
               })),
       }),
     );
@@ -70,6 +83,13 @@ async function enableTimeToLive(client: DynamoDBClient, tableName: string, attri
       TimeToLiveSpecification: { AttributeName: attribute, Enabled: true },
     }),
   );
+}
+
+function projection(index: IndexDefinition): Projection {
+  const wanted = projectionOf(index);
+  return wanted.type === 'INCLUDE'
+    ? { ProjectionType: 'INCLUDE', NonKeyAttributes: wanted.attributes }
+    : { ProjectionType: wanted.type };
 }
 
 function keySchema(partitionKey: KeyDefinition, sortKey?: KeyDefinition): KeySchemaElement[] {

@@ -13,7 +13,13 @@ import { STAGE_NAME } from '../../infra/constructs/websocket-gateway.ts';
 import { FUNCTION_MEMORY_MB } from '../../infra/constructs/xmpp-function.ts';
 import { checkedSettings, NimbusStack, STREAM_TIMEOUT } from '../../infra/stack.ts';
 import { decodeQueueMessage } from '../../shared/queue-message.ts';
-import { allTables, sessionsTable, usersTable } from '../../shared/tables.ts';
+import {
+  allTables,
+  type IndexDefinition,
+  projectionOf,
+  sessionsTable,
+  usersTable,
+} from '../../shared/tables.ts';
 
 const DOMAIN = 'chat.example.org';
 const TABLE_ENV_VARS = allTables.map((def) => def.envVar);
@@ -290,6 +296,13 @@ describe('frame queue', () => {
   });
 });
 
+function projectionTemplate(index: IndexDefinition): Record<string, unknown> {
+  const wanted = projectionOf(index);
+  return wanted.type === 'INCLUDE'
+    ? { ProjectionType: 'INCLUDE', NonKeyAttributes: wanted.attributes }
+    : { ProjectionType: wanted.type };
+}
+
 describe('tables', () => {
   it('builds exactly one table per definition', () => {
     template.resourceCountIs('AWS::DynamoDB::GlobalTable', allTables.length);
@@ -324,7 +337,7 @@ describe('tables', () => {
           { AttributeName: index.partitionKey.name, KeyType: 'HASH' },
           ...(index.sortKey ? [{ AttributeName: index.sortKey.name, KeyType: 'RANGE' }] : []),
         ],
-        Projection: { ProjectionType: 'ALL' },
+        Projection: projectionTemplate(index),
       })),
     );
   });

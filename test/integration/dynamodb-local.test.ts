@@ -10,7 +10,7 @@ import {
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { createTables, type TableNames } from '../../infra/local/create-tables.ts';
 import { type DynamoDbLocal, findFreePort, startDynamoDbLocal } from '../../infra/local/dynamodb-local.ts';
-import { allTables } from '../../shared/tables.ts';
+import { allTables, type IndexDefinition, projectionOf } from '../../shared/tables.ts';
 import { createTestTables, testDynamoDbClient } from '../support/dynamodb.ts';
 
 function clientFor(endpoint: string): DynamoDBClient {
@@ -20,6 +20,11 @@ function clientFor(endpoint: string): DynamoDBClient {
     credentials: { accessKeyId: 'local', secretAccessKey: 'local' },
     maxAttempts: 1,
   });
+}
+
+function includedAttributes(index: IndexDefinition): string[] | undefined {
+  const projection = projectionOf(index);
+  return projection.type === 'INCLUDE' ? projection.attributes : undefined;
 }
 
 function isRunning(pid: number): boolean {
@@ -36,6 +41,7 @@ const names: TableNames = {
   Sessions: 'it-sessions',
   Offline: 'it-offline',
   Roster: 'it-roster',
+  Archive: 'it-archive',
 };
 
 describe('DynamoDB Local started on a free port, in memory', () => {
@@ -79,16 +85,24 @@ describe('DynamoDB Local started on a free port, in memory', () => {
         name: index.IndexName,
         keys: index.KeySchema,
         projection: index.Projection?.ProjectionType,
+        included: index.Projection?.NonKeyAttributes,
       }));
+      // DescribeTable lists indexes in no particular order.
+      const byName = (a: { name?: string }, b: { name?: string }) =>
+        String(a.name).localeCompare(String(b.name));
+      indexes.sort(byName);
       expect(indexes).toEqual(
-        definition.globalSecondaryIndexes.map((index) => ({
-          name: index.indexName,
-          keys: [
-            { AttributeName: index.partitionKey.name, KeyType: 'HASH' },
-            ...(index.sortKey ? [{ AttributeName: index.sortKey.name, KeyType: 'RANGE' }] : []),
-          ],
-          projection: 'ALL',
-        })),
+        definition.globalSecondaryIndexes
+          .map((index) => ({
+            name: index.indexName,
+            keys: [
+              { AttributeName: index.partitionKey.name, KeyType: 'HASH' },
+              ...(index.sortKey ? [{ AttributeName: index.sortKey.name, KeyType: 'RANGE' }] : []),
+            ],
+            projection: projectionOf(index).type,
+            included: includedAttributes(index),
+          }))
+          .sort(byName),
       );
       const ttl = await client.send(new DescribeTimeToLiveCommand({ TableName: names[id] }));
       expect(ttl.TimeToLiveDescription).toMatchObject({

@@ -8,7 +8,14 @@ import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import { inject } from 'vitest';
 import { createTables, tableNamesOf } from '../../infra/local/create-tables.ts';
 import { type Config, loadConfig } from '../../shared/config.ts';
-import { localTableName, offlineTable, rosterTable, sessionsTable, usersTable } from '../../shared/tables.ts';
+import {
+  archiveTable,
+  localTableName,
+  offlineTable,
+  rosterTable,
+  sessionsTable,
+  usersTable,
+} from '../../shared/tables.ts';
 import type {} from './global-setup.ts';
 
 export const TEST_REGION = 'us-east-1';
@@ -42,6 +49,7 @@ export async function createTestTables(
     sessions: localTableName(sessionsTable, prefix),
     offline: localTableName(offlineTable, prefix),
     roster: localTableName(rosterTable, prefix),
+    archive: localTableName(archiveTable, prefix),
   };
   const client = testDynamoDbClient();
   try {
