@@ -8,7 +8,7 @@
  * Run with `npm run test:browser`. Steps run in order and build on each other; a failing step
  * leaves a screenshot and the page's console errors behind (printed with the failure).
  */
-import { mkdtemp } from 'node:fs/promises';
+import { mkdtemp, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { xml } from '@xmpp/client';
@@ -46,6 +46,15 @@ interface SocketRecord {
 }
 /** Every WebSocket the page opened, with its frames in order. */
 const sockets: SocketRecord[] = [];
+/**
+ * Everything in one timeline: each frame both ways, every console line (Converse's debug log and
+ * the probe's events included) and step boundaries; written to trace.log next to the screenshots.
+ */
+const trace: string[] = [];
+const started = Date.now();
+function traceLine(line: string): void {
+  trace.push(`${String(Date.now() - started).padStart(7)}ms ${line}`);
+}
 
 function hasFrame(
   socket: SocketRecord | undefined,
@@ -55,18 +64,33 @@ function hasFrame(
   return !!socket?.frames.some((frame) => frame.direction === direction && pattern.test(frame.payload));
 }
 
+/** The names of Converse's promises (`rosterContactsFetched`, …) not resolved yet, from the probe plugin. */
+async function pendingConversePromises(): Promise<string[]> {
+  const states = await page
+    ?.evaluate(() =>
+      (window as unknown as { nimbusProbe?: { promises(): Record<string, string> } }).nimbusProbe?.promises(),
+    )
+    .catch(() => undefined);
+  return Object.entries(states ?? {})
+    .filter(([, state]) => state !== 'resolved')
+    .map(([name, state]) => (state === 'pending' ? name : `${name} (${state})`));
+}
+
 /** A scenario step: on failure, a screenshot and the page's console errors come with the error. */
 function step(name: string, body: () => Promise<void>, timeoutMs?: number): void {
   it(
     name,
     async () => {
+      traceLine(`=== step ${name}`);
       try {
         await body();
       } catch (error) {
         const file = join(artifacts, `${name.replace(/[^a-z0-9]+/gi, '-').slice(0, 60)}.png`);
         await page?.screenshot({ path: file, fullPage: true }).catch(() => {});
+        const pending = await pendingConversePromises();
         const details = [
           `screenshot: ${file}`,
+          `Converse promises still pending: ${pending.join(', ') || '(none)'}`,
           `console errors (${consoleErrors.length}):`,
           ...consoleErrors.slice(-20).map((line) => `  ${line}`),
           ...(blockedRequests.length ? ['blocked outside requests:', ...blockedRequests] : []),
@@ -76,6 +100,7 @@ function step(name: string, body: () => Promise<void>, timeoutMs?: number): void
             (frame) => `  ${frame.direction === 'sent' ? '>' : '<'} ${frame.payload.slice(0, 300)}`,
           ),
         ];
+        traceLine(`=== step failed: ${name}: ${String(error).split('\n')[0]}`);
         process.stdout.write(`\n[browser] step failed: ${name}\n${details.join('\n')}\n`);
         if (error instanceof Error) error.message += `\n${details.join('\n')}`;
         throw error;
@@ -128,7 +153,8 @@ beforeAll(async () => {
     i18n: 'en',
     play_sounds: false,
     show_desktop_notifications: false,
-    loglevel: 'info',
+    // NIMBUS_CONVERSE_LOGLEVEL=debug puts Converse's own log (every stanza, every step) in trace.log.
+    loglevel: process.env.NIMBUS_CONVERSE_LOGLEVEL ?? 'info',
   });
 
   // bob, the second client, grants any subscription request and asks back (a mutual subscription).
@@ -149,6 +175,7 @@ beforeAll(async () => {
   // Every UI action waits at most this long, so that a failing step fails within its own timeout.
   page.setDefaultTimeout(15_000);
   page.on('console', (message) => {
+    traceLine(`console.${message.type()} ${message.text()}`);
     if (message.type() === 'error') consoleErrors.push(message.text());
   });
   // Message only: a browser stack's "at http://…" lines would be taken for Node's by the reporter.
@@ -159,14 +186,19 @@ beforeAll(async () => {
   page.on('websocket', (socket) => {
     const record: SocketRecord = { url: socket.url(), frames: [], closed: false };
     sockets.push(record);
-    socket.on('framesent', (frame) =>
-      record.frames.push({ direction: 'sent', payload: String(frame.payload) }),
-    );
-    socket.on('framereceived', (frame) =>
-      record.frames.push({ direction: 'received', payload: String(frame.payload) }),
-    );
+    const n = sockets.length;
+    traceLine(`socket ${n} opened ${record.url}`);
+    socket.on('framesent', (frame) => {
+      record.frames.push({ direction: 'sent', payload: String(frame.payload) });
+      traceLine(`socket ${n} > ${String(frame.payload)}`);
+    });
+    socket.on('framereceived', (frame) => {
+      record.frames.push({ direction: 'received', payload: String(frame.payload) });
+      traceLine(`socket ${n} < ${String(frame.payload)}`);
+    });
     socket.on('close', () => {
       record.closed = true;
+      traceLine(`socket ${n} closed`);
     });
   });
   // The machine has no outside network, and the test must not depend on one: anything not served
@@ -181,6 +213,12 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
+  if (artifacts) {
+    await writeFile(join(artifacts, 'trace.log'), `${trace.join('\n')}\n`);
+    process.stdout.write(
+      `[browser] trace of frames, console and Converse events: ${join(artifacts, 'trace.log')}\n`,
+    );
+  }
   if (consoleErrors.length) {
     process.stdout.write(
       `[browser] Converse console errors:\n${consoleErrors.map((l) => `  ${l}`).join('\n')}\n`,
