@@ -36,11 +36,42 @@ export interface ConverseSite {
   close(): Promise<void>;
 }
 
+/**
+ * A Converse plugin for the test only: it gives the page `window.nimbusProbe` (Converse's plugin
+ * API, and the state of its named promises such as `rosterContactsFetched`), and logs each
+ * Converse event to the console at debug level as `[converse event] <name>`.
+ */
+const PROBE_PLUGIN = `
+      converse.plugins.add('nimbus-test-probe', {
+        initialize() {
+          const c = this._converse;
+          window.nimbusProbe = {
+            api: c.api,
+            promises: () =>
+              Object.fromEntries(
+                Object.entries(c.promises).map(([name, p]) => [
+                  name,
+                  p.isResolved ? 'resolved' : p.isRejected ? 'rejected' : 'pending',
+                ]),
+              ),
+          };
+          c.on('all', (name) => console.debug('[converse event] ' + name));
+        },
+      });`;
+
 /** Serves index.html calling `converse.initialize(settings)`, and Converse's dist/. */
 export async function startConverseSite(settings: Record<string, unknown>): Promise<ConverseSite> {
   const dist = converseDistDir();
+  // The probe plugin runs only when whitelisted, like any plugin that is not Converse's own.
+  const withProbe = {
+    ...settings,
+    whitelisted_plugins: [
+      ...((settings.whitelisted_plugins as string[] | undefined) ?? []),
+      'nimbus-test-probe',
+    ],
+  };
   // JSON inside a <script>: "<" escaped so that no value can close the element.
-  const settingsJson = JSON.stringify(settings).replace(/</g, '\\u003c');
+  const settingsJson = JSON.stringify(withProbe).replace(/</g, '\\u003c');
   const index = `<!doctype html>
 <html lang="en">
   <head>
@@ -51,7 +82,7 @@ export async function startConverseSite(settings: Record<string, unknown>): Prom
   <body class="converse-fullscreen">
     <script type="module">
       // Converse 14's dist is an ES module (its default export is the public API).
-      import converse from '/dist/converse.min.js';
+      import converse from '/dist/converse.min.js';${PROBE_PLUGIN}
       converse.initialize(${settingsJson});
     </script>
   </body>

@@ -8,7 +8,7 @@
  * Run with `npm run test:browser`. Steps run in order and build on each other; a failing step
  * leaves a screenshot and the page's console errors behind (printed with the failure).
  */
-import { mkdtemp } from 'node:fs/promises';
+import { mkdtemp, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { xml } from '@xmpp/client';
@@ -46,6 +46,15 @@ interface SocketRecord {
 }
 /** Every WebSocket the page opened, with its frames in order. */
 const sockets: SocketRecord[] = [];
+/**
+ * Everything in one timeline: each frame both ways, every console line (Converse's debug log and
+ * the probe's events included) and step boundaries; written to trace.log next to the screenshots.
+ */
+const trace: string[] = [];
+const started = Date.now();
+function traceLine(line: string): void {
+  trace.push(`${String(Date.now() - started).padStart(7)}ms ${line}`);
+}
 
 function hasFrame(
   socket: SocketRecord | undefined,
@@ -55,18 +64,71 @@ function hasFrame(
   return !!socket?.frames.some((frame) => frame.direction === direction && pattern.test(frame.payload));
 }
 
+/**
+ * Why Converse 14 cannot open or show a chat with `jid`, or undefined when it can. Converse
+ * creates every one-to-one chat (opened by the user, or by an incoming message) through
+ * `setModelContact` (src/headless/shared/model-with-contact.js): for a JID that is not in the
+ * roster it awaits `api.blocklist.get()`, i.e. the `blocklistInitialized` promise, and the
+ * blocklist plugin (src/headless/plugins/blocklist/plugin.js) creates the blocklist, which
+ * resolves that promise, only when the server advertises XEP-0191 `urn:xmpp:blocking`.
+ * Without it `api.chats.open` never returns (the "Start a new chat" dialog stays open) and an
+ * incoming message is dropped without a trace. So a chat with a non-contact needs XEP-0191 on
+ * the server; a chat with a contact (step 2) does not.
+ */
+async function chatBlocker(jid: string): Promise<string | undefined> {
+  const state = await page.evaluate(
+    async ({ jid, domain }) => {
+      type Api = {
+        contacts: { get(jid: string): Promise<unknown> };
+        disco: { supports(feature: string, jid: string): Promise<boolean> };
+      };
+      const probe = (window as unknown as { nimbusProbe?: { api: Api } }).nimbusProbe;
+      if (!probe) return undefined;
+      const { api } = probe;
+      // Both wait for Converse (the roster fetched, the server's disco#info): unknown after 5 s.
+      const answer = Promise.all([api.contacts.get(jid), api.disco.supports('urn:xmpp:blocking', domain)]);
+      const late = new Promise<undefined>((resolve) => setTimeout(() => resolve(undefined), 5000));
+      const result = await Promise.race([answer, late]);
+      return result && { contact: !!result[0], blocking: result[1] };
+    },
+    { jid, domain: jid.split('@')[1] ?? '' },
+  );
+  if (!state || state.contact || state.blocking) return undefined;
+  return (
+    `${jid} is not in the roster and the server does not advertise XEP-0191 (urn:xmpp:blocking): ` +
+    `Converse 14 waits for its blocklist (blocklistInitialized) before it creates a chat with a ` +
+    `non-contact, so it would never open the chat nor show a message from ${jid}. Step 2 (the ` +
+    `roster) or XEP-0191 on the server is needed first.`
+  );
+}
+
+/** The names of Converse's promises (`rosterContactsFetched`, …) not resolved yet, from the probe plugin. */
+async function pendingConversePromises(): Promise<string[]> {
+  const states = await page
+    ?.evaluate(() =>
+      (window as unknown as { nimbusProbe?: { promises(): Record<string, string> } }).nimbusProbe?.promises(),
+    )
+    .catch(() => undefined);
+  return Object.entries(states ?? {})
+    .filter(([, state]) => state !== 'resolved')
+    .map(([name, state]) => (state === 'pending' ? name : `${name} (${state})`));
+}
+
 /** A scenario step: on failure, a screenshot and the page's console errors come with the error. */
 function step(name: string, body: () => Promise<void>, timeoutMs?: number): void {
   it(
     name,
     async () => {
+      traceLine(`=== step ${name}`);
       try {
         await body();
       } catch (error) {
         const file = join(artifacts, `${name.replace(/[^a-z0-9]+/gi, '-').slice(0, 60)}.png`);
         await page?.screenshot({ path: file, fullPage: true }).catch(() => {});
+        const pending = await pendingConversePromises();
         const details = [
           `screenshot: ${file}`,
+          `Converse promises still pending: ${pending.join(', ') || '(none)'}`,
           `console errors (${consoleErrors.length}):`,
           ...consoleErrors.slice(-20).map((line) => `  ${line}`),
           ...(blockedRequests.length ? ['blocked outside requests:', ...blockedRequests] : []),
@@ -76,6 +138,7 @@ function step(name: string, body: () => Promise<void>, timeoutMs?: number): void
             (frame) => `  ${frame.direction === 'sent' ? '>' : '<'} ${frame.payload.slice(0, 300)}`,
           ),
         ];
+        traceLine(`=== step failed: ${name}: ${String(error).split('\n')[0]}`);
         process.stdout.write(`\n[browser] step failed: ${name}\n${details.join('\n')}\n`);
         if (error instanceof Error) error.message += `\n${details.join('\n')}`;
         throw error;
@@ -120,15 +183,16 @@ beforeAll(async () => {
     view_mode: 'fullscreen',
     discover_connection_methods: false,
     enable_smacks: true,
-    // Steps 3–5 exchange messages with bob whether or not step 2 made him a contact, so a
-    // roster failure shows up in step 2 alone.
+    // Messages from a JID that is not a contact are shown (Converse's default is to drop them).
+    // This alone does not make steps 3–5 independent of step 2: see chatBlocker().
     allow_non_roster_messaging: true,
     // Nothing from outside: no twemoji CDN, no locale downloads, no sounds or notifications.
     use_system_emojis: true,
     i18n: 'en',
     play_sounds: false,
     show_desktop_notifications: false,
-    loglevel: 'info',
+    // NIMBUS_CONVERSE_LOGLEVEL=debug puts Converse's own log (every stanza, every step) in trace.log.
+    loglevel: process.env.NIMBUS_CONVERSE_LOGLEVEL ?? 'info',
   });
 
   // bob, the second client, grants any subscription request and asks back (a mutual subscription).
@@ -149,6 +213,7 @@ beforeAll(async () => {
   // Every UI action waits at most this long, so that a failing step fails within its own timeout.
   page.setDefaultTimeout(15_000);
   page.on('console', (message) => {
+    traceLine(`console.${message.type()} ${message.text()}`);
     if (message.type() === 'error') consoleErrors.push(message.text());
   });
   // Message only: a browser stack's "at http://…" lines would be taken for Node's by the reporter.
@@ -159,14 +224,19 @@ beforeAll(async () => {
   page.on('websocket', (socket) => {
     const record: SocketRecord = { url: socket.url(), frames: [], closed: false };
     sockets.push(record);
-    socket.on('framesent', (frame) =>
-      record.frames.push({ direction: 'sent', payload: String(frame.payload) }),
-    );
-    socket.on('framereceived', (frame) =>
-      record.frames.push({ direction: 'received', payload: String(frame.payload) }),
-    );
+    const n = sockets.length;
+    traceLine(`socket ${n} opened ${record.url}`);
+    socket.on('framesent', (frame) => {
+      record.frames.push({ direction: 'sent', payload: String(frame.payload) });
+      traceLine(`socket ${n} > ${String(frame.payload)}`);
+    });
+    socket.on('framereceived', (frame) => {
+      record.frames.push({ direction: 'received', payload: String(frame.payload) });
+      traceLine(`socket ${n} < ${String(frame.payload)}`);
+    });
     socket.on('close', () => {
       record.closed = true;
+      traceLine(`socket ${n} closed`);
     });
   });
   // The machine has no outside network, and the test must not depend on one: anything not served
@@ -181,6 +251,12 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
+  if (artifacts) {
+    await writeFile(join(artifacts, 'trace.log'), `${trace.join('\n')}\n`);
+    process.stdout.write(
+      `[browser] trace of frames, console and Converse events: ${join(artifacts, 'trace.log')}\n`,
+    );
+  }
   if (consoleErrors.length) {
     process.stdout.write(
       `[browser] Converse console errors:\n${consoleErrors.map((l) => `  ${l}`).join('\n')}\n`,
@@ -240,8 +316,12 @@ describe('Converse.js in Chromium against the local stack', () => {
   });
 
   step('3. shows a message bob sends from xmpp.js', async () => {
+    // Fail at once, with the reason, rather than after a timeout with the dialog still open.
+    const blocker = await chatBlocker(BOB);
+    if (blocker) throw new Error(blocker);
     // In fullscreen mode Converse keeps a chat that a message opened in the background, so the
-    // user opens it, here with "Start a new chat", which works whether or not bob is a contact.
+    // user opens it, here with "Start a new chat" (the same api.chats.open as a click on the
+    // contact).
     await page.locator('converse-roster .dropdown-toggle').first().click();
     await page.locator('converse-roster .new-chat').click();
     const form = page.locator('converse-new-chat-modal form');
@@ -256,6 +336,8 @@ describe('Converse.js in Chromium against the local stack', () => {
   });
 
   step('4. delivers a message typed into Converse to bob', async () => {
+    const blocker = await chatBlocker(BOB);
+    if (blocker) throw new Error(blocker);
     const textarea = page.locator(`converse-chat[jid="${BOB}"] textarea.chat-textarea`);
     await textarea.fill('Hi Bob, typed in Converse');
     await textarea.press('Enter');
@@ -302,6 +384,9 @@ describe('Converse.js in Chromium against the local stack', () => {
       expect(hasFrame(resumedOn, 'sent', new RegExp(`^<resume\\b[^>]*previd=["']${smId}["']`))).toBe(true);
       expect(hasFrame(resumedOn, 'sent', /urn:ietf:params:xml:ns:xmpp-bind/)).toBe(false);
 
+      // The protocol part passed; showing the message needs the chat (see chatBlocker).
+      const blocker = await chatBlocker(BOB);
+      if (blocker) throw new Error(blocker);
       await expect.poll(() => shownMessages(outage).count(), { timeout: 15_000 }).toBe(1);
       // Exactly once: give a duplicate (a replay of already-handled stanzas, a second delivery)
       // time to arrive, then count again, earlier messages included.
