@@ -99,6 +99,9 @@ async function unprocessedBackoff(attempt: number): Promise<void> {
   await new Promise((resolve) => setTimeout(resolve, 25 * 2 ** attempt));
 }
 
+/** The counter is recounted from the items at most this often per inbox. */
+export const RECOUNT_INTERVAL_MS = 3_600_000;
+
 function nowSeconds(): number {
   return Math.floor(Date.now() / 1000);
 }
@@ -108,6 +111,30 @@ export function createOfflineStore(
   table: string,
   limits: { quota: number; ttlSeconds: number },
 ): OfflineStore {
+  /**
+   * Claims the right to recount an inbox: at most one recount per RECOUNT_INTERVAL_MS per user,
+   * so a sender hammering a full inbox costs one GetItem-sized write per refusal, not a read of
+   * the whole inbox each time. False when another recount happened (or is happening) recently.
+   */
+  async function claimRecount(user: string): Promise<boolean> {
+    const now = Date.now();
+    try {
+      await doc.send(
+        new UpdateCommand({
+          TableName: table,
+          Key: counterKey(user),
+          UpdateExpression: 'SET recountedAt = :now',
+          ConditionExpression: 'attribute_not_exists(recountedAt) OR recountedAt < :since',
+          ExpressionAttributeValues: { ':now': now, ':since': now - RECOUNT_INTERVAL_MS },
+        }),
+      );
+      return true;
+    } catch (error) {
+      if (isConditionFailure(error)) return false;
+      throw error;
+    }
+  }
+
   async function recount(user: string): Promise<number> {
     let total = 0;
     let start: Record<string, unknown> | undefined;
@@ -181,8 +208,11 @@ export function createOfflineStore(
         if (!(error instanceof TransactionCanceledException)) throw error;
         if (error.CancellationReasons?.[0]?.Code !== 'ConditionalCheckFailed') throw error;
         // The counter only grows on store and shrinks on delete; messages that DynamoDB's TTL
-        // removed are still in it. At the quota, count for real once before refusing.
-        if ((await recount(user)) >= limits.quota) throw new OfflineQuotaExceededError(user);
+        // removed are still in it. At the quota, count for real before refusing — at most once
+        // an hour per inbox (messages live for days, so the drift is small between recounts).
+        if (!(await claimRecount(user)) || (await recount(user)) >= limits.quota) {
+          throw new OfflineQuotaExceededError(user);
+        }
         await tryStore(user, item, quota);
       }
       return item;

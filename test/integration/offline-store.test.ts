@@ -3,7 +3,7 @@
  * order, paging, the counter kept by ADD and corrected at the quota, removal that counts only
  * what it removed, purge, and expiry checked by the reader before DynamoDB's TTL deletes.
  */
-import { GetCommand, PutCommand } from '@aws-sdk/lib-dynamodb';
+import { GetCommand, PutCommand, UpdateCommand } from '@aws-sdk/lib-dynamodb';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { createDocumentClient, isTransientStoreError } from '../../shared/store/dynamo.ts';
 import {
@@ -11,6 +11,7 @@ import {
   type OfflineMessage,
   OfflineQuotaExceededError,
   type OfflineStore,
+  RECOUNT_INTERVAL_MS,
 } from '../../shared/store/offline.ts';
 import { TTL_ATTRIBUTE } from '../../shared/tables.ts';
 import { createTestTables, TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
@@ -245,6 +246,37 @@ describe('the counter and the quota', () => {
     expect(await offline.count(user)).toBe(QUOTA);
     expect(ids((await offline.list(user)).messages)).toContain(stored.id);
     await expect(offline.store(user, message(QUOTA + 1))).rejects.toBeInstanceOf(OfflineQuotaExceededError);
+  });
+
+  it('recounts a full inbox at most once an hour, however often senders are refused', async () => {
+    const user = freshUser('recount-bound');
+    await storeMany(user, QUOTA);
+    // Refused: the recount (claimed now) finds the inbox really full.
+    await expect(offline.store(user, message(1))).rejects.toBeInstanceOf(OfflineQuotaExceededError);
+    // One message expires (the counter does not know): within the hour no recount finds that out.
+    const [oldest] = ids((await offline.list(user, { limit: 1 })).messages) as [string];
+    await offline.remove(user, [oldest]);
+    await writeExpired(user, oldest);
+    await doc.send(
+      new UpdateCommand({
+        TableName: table,
+        Key: { pk: user, sk: 'count' },
+        UpdateExpression: 'ADD n :one',
+        ExpressionAttributeValues: { ':one': 1 },
+      }),
+    );
+    await expect(offline.store(user, message(2))).rejects.toBeInstanceOf(OfflineQuotaExceededError);
+    // An hour later the next refusal recounts, and the message is stored.
+    await doc.send(
+      new UpdateCommand({
+        TableName: table,
+        Key: { pk: user, sk: 'count' },
+        UpdateExpression: 'SET recountedAt = :past',
+        ExpressionAttributeValues: { ':past': Date.now() - RECOUNT_INTERVAL_MS - 1 },
+      }),
+    );
+    const stored = await offline.store(user, message(3));
+    expect(ids((await offline.list(user)).messages)).toContain(stored.id);
   });
 });
 
