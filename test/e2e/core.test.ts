@@ -16,7 +16,6 @@ import { type StartedClient, startClient } from '../support/xmpp-client.ts';
 const SASL = 'urn:ietf:params:xml:ns:xmpp-sasl';
 const STANZAS = 'urn:ietf:params:xml:ns:xmpp-stanzas';
 const DELAY = 'urn:xmpp:delay';
-const OPEN = `<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>`;
 
 let stack: TestStack;
 const running: StartedClient[] = [];
@@ -674,11 +673,5 @@ describe('iq routing (RFC 6120 §8.2.3, §10)', () => {
   it('normalises the to address (case-folded localpart and domain)', async () => {
     const pong = await ask(`<iq type='get' id='n1' to='ALICE@LocalHost'><ping xmlns='urn:xmpp:ping'/></iq>`);
     expect(pong.attrs).toMatchObject({ type: 'result', from: 'alice@localhost' });
-  });
-});
-
-describe('a stream that opens with OPEN', () => {
-  it('is the constant the suite uses', () => {
-    expect(OPEN).toContain('urn:ietf:params:xml:ns:xmpp-framing');
   });
 });
