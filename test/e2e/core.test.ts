@@ -6,9 +6,9 @@
 import { xml } from '@xmpp/client';
 import { parse } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { RawClient } from '../../infra/local/raw-client.ts';
 import { encodeSaslPayload } from '../../shared/sasl/scram.ts';
 import { eventually } from '../support/eventually.ts';
-import { RawClient } from '../support/raw-client.ts';
 import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 import { type StartedClient, startClient } from '../support/xmpp-client.ts';

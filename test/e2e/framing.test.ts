@@ -3,7 +3,7 @@
  * emulator, with the real handlers and DynamoDB Local.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RawClient } from '../support/raw-client.ts';
+import { RawClient } from '../../infra/local/raw-client.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 
 const FRAMING = 'urn:ietf:params:xml:ns:xmpp-framing';

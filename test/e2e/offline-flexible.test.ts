@@ -9,11 +9,11 @@ import type { DynamoDBDocumentClient } from '@aws-sdk/lib-dynamodb';
 import { xml } from '@xmpp/client';
 import { type Element, parse } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { seedOffline } from '../../infra/local/offline-seed.ts';
+import { RawClient } from '../../infra/local/raw-client.ts';
 import { createDocumentClient } from '../../shared/store/dynamo.ts';
 import type { OfflineMessage } from '../../shared/store/offline.ts';
 import { eventually } from '../support/eventually.ts';
-import { seedOffline } from '../support/offline-seed.ts';
-import { RawClient } from '../support/raw-client.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 import { type StartedClient, startClient } from '../support/xmpp-client.ts';
 

@@ -5,10 +5,10 @@
 import { xml } from '@xmpp/client';
 import type { Element } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { RawClient } from '../../infra/local/raw-client.ts';
 import { sweep } from '../../shared/core/lifecycle.ts';
 import { counter, unwrap } from '../../shared/modules/xep-0198-stream-management.ts';
 import { eventually } from '../support/eventually.ts';
-import { RawClient } from '../support/raw-client.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 import { type StartedClient, startClient } from '../support/xmpp-client.ts';
 

@@ -1,5 +1,7 @@
 /**
- * A raw RFC 7395 client for wire-level tests: send this frame, expect that frame.
+ * A raw RFC 7395 (XMPP over WebSocket) client for driving a local stack frame by frame: the
+ * wire-level tests ("send this frame, expect that frame") and the bench use it. It speaks just
+ * enough to get a bound stream (`login`) and otherwise sends and reads frames as they are.
  */
 import { type Element, parse } from 'ltx';
 import WebSocket from 'ws';
