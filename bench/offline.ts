@@ -178,7 +178,7 @@ async function main(): Promise<void> {
     // The first request marks the session for flexible retrieval (one session write, once).
     await ask('get', `<query xmlns='${DISCO_INFO}' node='${OFFLINE}'/>`);
     // Its state is saved after the reply is posted: let that write land before measuring.
-    await new Promise((resolve) => setTimeout(resolve, 300));
+    await stack.gateway.drained();
     await measure('count (disco#info node)', repeat, () =>
       ask('get', `<query xmlns='${DISCO_INFO}' node='${OFFLINE}'/>`),
     );
