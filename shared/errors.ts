@@ -1,6 +1,7 @@
 /**
- * XMPP-shaped errors. A handler throws one of these; the stream turns it into the right
- * reply. Nothing else ever reaches a client: an unexpected exception is logged and becomes
+ * XMPP-shaped errors. A handler throws one of these: the router (core/router.ts) answers a
+ * StanzaError with the error reply, and the stream (core/stream.ts) ends on a StreamError.
+ * Nothing else ever reaches a client: an unexpected exception is logged and becomes
  * `internal-server-error`, never a stack trace.
  */
 import { clone, Element } from 'ltx';

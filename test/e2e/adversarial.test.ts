@@ -1,7 +1,7 @@
 /**
  * Adversarial probes over raw RFC 7395 frames: what a hostile or buggy client sends, and
  * what the server must answer (RFC 6120, RFC 6121, RFC 7622, XEP-0198). Each test quotes the
- * rule it holds the server to. Some of these fail today: they are the bug reports.
+ * rule it holds the server to.
  */
 import type { Element } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
