@@ -43,7 +43,10 @@ for (const file of files) {
     all.push(spec);
     if (spec.startsWith('.')) deps.push(rel(resolve(dirname(file), spec)));
   }
-  graph.set(rel(file), deps.filter((d) => graph.has(d) || files.some((f) => rel(f) === d)));
+  graph.set(
+    rel(file),
+    deps.filter((d) => graph.has(d) || files.some((f) => rel(f) === d)),
+  );
   specifiers.set(rel(file), all);
 }
 
@@ -100,7 +103,10 @@ for (const [file, deps] of graph) {
       problems.push(`the core imports a module or the composition root: ${file} -> ${dep}`);
     if (file.startsWith('shared/modules/') && dep === 'shared/server.ts')
       problems.push(`a module imports the composition root: ${file} -> ${dep}`);
-    if (file.startsWith('shared/store/') && (dep.startsWith('shared/core/') || dep.startsWith('shared/modules/')))
+    if (
+      file.startsWith('shared/store/') &&
+      (dep.startsWith('shared/core/') || dep.startsWith('shared/modules/'))
+    )
       problems.push(`a store imports the core or a module: ${file} -> ${dep}`);
   }
   for (const spec of specifiers.get(file) ?? []) {

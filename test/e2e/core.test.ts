@@ -41,6 +41,8 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await Promise.all(running.map((c) => c.stop()));
+  // Every <close/> and $disconnect handled (their posts made) before the gateway stops listening.
+  await stack?.gateway.drained();
   await stack?.close();
 });
 
