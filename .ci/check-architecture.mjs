@@ -9,7 +9,9 @@
  * - a store (shared/store/) imports the core or a module;
  * - anything but the stores, the outbound port and the core's context imports the AWS SDK
  *   (infra/ and functions/ aside);
- * - anything but the core's delivery path posts through the outbound port.
+ * - anything but the core's delivery path posts through the outbound port;
+ * - anything outside test/ (the product or bench/) imports from test/: what the tests share
+ *   with the bench lives in infra/local/.
  */
 import { readdirSync, readFileSync, statSync } from 'node:fs';
 import { dirname, join, relative, resolve } from 'node:path';
@@ -49,6 +51,14 @@ for (const file of files) {
 }
 
 const problems = [];
+
+for (const file of [...files, ...filesUnder(join(root, 'bench'))]) {
+  for (const match of readFileSync(file, 'utf8').matchAll(IMPORT)) {
+    const spec = match[1];
+    if (spec.startsWith('.') && rel(resolve(dirname(file), spec)).startsWith('test/'))
+      problems.push(`imports from test/ outside the tests: ${rel(file)} imports ${spec}`);
+  }
+}
 
 // Tarjan's strongly connected components: every component of more than one file is a cycle.
 let index = 0;

@@ -16,6 +16,8 @@ import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import { parse } from 'ltx';
 import { createTables, tableNamesOf } from '../infra/local/create-tables.ts';
 import { findFreePort, startDynamoDbLocal } from '../infra/local/dynamodb-local.ts';
+import { seedOffline } from '../infra/local/offline-seed.ts';
+import { RawClient } from '../infra/local/raw-client.ts';
 import { startLocalStack } from '../infra/local/stack.ts';
 import { type Config, loadConfig } from '../shared/config.ts';
 import { createLogger } from '../shared/log.ts';
@@ -34,8 +36,6 @@ import {
   sessionsTable,
   usersTable,
 } from '../shared/tables.ts';
-import { seedOffline } from '../test/support/offline-seed.ts';
-import { RawClient } from '../test/support/raw-client.ts';
 
 process.env.NIMBUS_METER = '1';
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
@@ -187,7 +187,7 @@ async function main(): Promise<void> {
     // The first request marks the session for flexible retrieval (one session write, once).
     await ask('get', `<query xmlns='${DISCO_INFO}' node='${OFFLINE}'/>`);
     // Its state is saved after the reply is posted: let that write land before measuring.
-    await new Promise((resolve) => setTimeout(resolve, 300));
+    await stack.gateway.drained();
     await measure('count (disco#info node)', repeat, () =>
       ask('get', `<query xmlns='${DISCO_INFO}' node='${OFFLINE}'/>`),
     );

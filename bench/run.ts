@@ -1,9 +1,10 @@
 /**
  * `npm run bench`: N pairs of stock xmpp.js clients exchange M chat messages through the local
- * stack, once without stream management and once with it on both sides (skipped while the
- * server does not offer it). Per delivered message it reports throughput, latency, DynamoDB
- * requests and capacity units (ReturnConsumedCapacity), API Gateway messages, the stream
- * function's CPU and wall time, and the resulting $ per million messages (`prices.ts`).
+ * stack, once without stream management and once with it on both sides (reported as skipped
+ * if the server does not advertise it). Per delivered message it reports throughput,
+ * latency, DynamoDB requests and capacity units (ReturnConsumedCapacity), API Gateway
+ * messages, the stream function's CPU and wall time, and the resulting $ per million
+ * messages (`prices.ts`).
  *
  * Three processes keep the measurements apart: this one (DynamoDB Local's keeper, the gateway
  * emulator, `$connect`), the stream worker (the stream function alone: its CPU time is the
@@ -599,7 +600,7 @@ async function main(): Promise<void> {
         options,
         memoryMb: memory.mb,
       }).catch((error: unknown): ScenarioResult => {
-        // One broken run (the stream management feature is young) must not cost the other its numbers.
+        // One broken run must not cost the other its numbers.
         return { scenario, failed: error instanceof Error ? error.message : String(error) };
       });
       if (result.skipped) process.stdout.write(`  skipped: ${result.skipped}\n`);

@@ -44,7 +44,7 @@ const MAX_PART_BYTES = 1023;
 
 /**
  * Validate and normalise an account's bare JID (`localpart@domain`): lower-cased and NFC as
- * the stream code does for addresses, trailing dot of the domain dropped (RFC 7622 §3.2).
+ * shared/jid.ts does for addresses, trailing dot of the domain dropped (RFC 7622 §3.2).
  */
 export function parseAccountJid(text: string, servedDomain: string): string {
   if (text.includes('/')) throw new UsageError(`'${text}' has a resource: give a bare JID (user@domain)`);

@@ -1,6 +1,7 @@
 /**
- * XMPP-shaped errors. A handler throws one of these; the stream turns it into the right
- * reply. Nothing else ever reaches a client: an unexpected exception is logged and becomes
+ * XMPP-shaped errors. A handler throws one of these: the router (core/router.ts) answers a
+ * StanzaError with the error reply, and the stream (core/stream.ts) ends on a StreamError.
+ * Nothing else ever reaches a client: an unexpected exception is logged and becomes
  * `internal-server-error`, never a stack trace.
  */
 import { clone, Element } from 'ltx';
@@ -113,27 +114,4 @@ export function errorReply(stanza: Element, error: StanzaError, from?: string): 
   }
   reply.cnode(errorChild(error));
   return reply;
-}
-
-/**
- * Failures of AWS services (throttling, timeouts, 5xx) are worth a retry: the frame goes back
- * to the FIFO queue. Anything else is a bug and is answered, never retried forever.
- */
-export function isTransient(error: unknown): boolean {
-  if (!(error instanceof Error)) return false;
-  const metadata = (error as { $metadata?: { httpStatusCode?: number } }).$metadata;
-  const retryable = (error as { $retryable?: unknown }).$retryable;
-  if (retryable) return true;
-  if (metadata && (metadata.httpStatusCode === undefined || metadata.httpStatusCode >= 500)) return true;
-  return (
-    [
-      'TimeoutError',
-      'ThrottlingException',
-      'ProvisionedThroughputExceededException',
-      'RequestLimitExceeded',
-      'ECONNREFUSED',
-      'ECONNRESET',
-    ].includes(error.name) ||
-    ['ECONNREFUSED', 'ECONNRESET'].includes((error as NodeJS.ErrnoException).code ?? '')
-  );
 }

@@ -1,7 +1,8 @@
 /**
  * The one outbound port (DESIGN.md "One outbound port"). Everything that leaves the server
- * — stanzas, nonzas, stream errors — goes through `Outbound.send`, which counts it, posts it
- * and reports a vanished connection so the caller can re-route what must not be lost.
+ * — stanzas, nonzas, stream errors — is serialised and posted by the core's delivery path
+ * (core/delivery.ts) through `Outbound.post`, which counts it and reports a vanished
+ * connection as 'gone', so the delivery path can re-route what must not be lost.
  */
 import {
   ApiGatewayManagementApiClient,

@@ -37,14 +37,14 @@ export function register(server: Server): void {
   });
 }
 
+/** Payloads that do not make a chat message worth storing on their own. */
+const EPHEMERAL = new Set<string>([NS.chatStates, NS.hints]);
+
 /**
  * XEP-0160 §3: messages of type normal and chat are stored; headline, groupchat and error are
  * not; chat-state-only messages are not worth storing. XEP-0334: `<no-store/>` refuses
  * storage, `<store/>` asks for it.
  */
-/** Payloads that do not make a chat message worth storing on their own. */
-const EPHEMERAL = new Set<string>([NS.chatStates, NS.hints]);
-
 export function shouldStore(stanza: Element): boolean {
   const type = stanza.attrs.type ?? 'normal';
   if (type === 'error' || type === 'groupchat') return false;
@@ -61,11 +61,11 @@ export function shouldStore(stanza: Element): boolean {
   return true;
 }
 
-/** Stores the message for later, or drops it when it is not worth keeping. */
 /**
- * `acceptedAt` marks a message the server accepted earlier (re-routed from an ended stream
- * session): it keeps that time as its stamp and is stored even past the quota, since
- * refusing it now would lose it.
+ * Stores the message for later, or drops it when it is not worth keeping. `acceptedAt` marks a
+ * message the server accepted earlier (re-routed from an ended stream-management session): it
+ * keeps that time as its stamp and is stored even past the quota, since refusing it now would
+ * lose it.
  */
 async function storeIfWanted(
   server: Server,

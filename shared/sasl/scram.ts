@@ -1,8 +1,8 @@
 /**
  * SASL mechanisms on the server side: SCRAM-SHA-1 (RFC 5802), SCRAM-SHA-256 (RFC 7677), both
- * without channel binding, and PLAIN (RFC 4616). Pure functions: no I/O, no XML. The stream
- * code decodes `<auth/>`/`<response/>`, calls these, and encodes `<challenge/>`, `<success/>`
- * or `<failure/>` from what they return or throw.
+ * without channel binding, and PLAIN (RFC 4616). Pure functions: no I/O, no XML. The SASL
+ * module (shared/modules/rfc6120-sasl.ts) decodes `<auth/>`/`<response/>`, calls these, and
+ * encodes `<challenge/>`, `<success/>` or `<failure/>` from what they return or throw.
  *
  * The server keeps only StoredKey and ServerKey (RFC 5802 §3); login never runs PBKDF2 for
  * SCRAM. PLAIN has to (the client sends the password), against the same stored keys.

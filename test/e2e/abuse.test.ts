@@ -7,9 +7,9 @@
  */
 import type { Element } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { RawClient } from '../../infra/local/raw-client.ts';
 import { deriveScramCredentials } from '../../shared/sasl/scram.ts';
 import { eventually } from '../support/eventually.ts';
-import { RawClient } from '../support/raw-client.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 
 const SASL = 'urn:ietf:params:xml:ns:xmpp-sasl';

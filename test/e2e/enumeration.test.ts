@@ -7,7 +7,7 @@
  */
 import { clone, type Element } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RawClient } from '../support/raw-client.ts';
+import { RawClient } from '../../infra/local/raw-client.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 
 const OFFLINE = 'http://jabber.org/protocol/offline';

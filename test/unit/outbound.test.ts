@@ -1,6 +1,7 @@
 /**
- * The one outbound port (DESIGN.md): everything that leaves goes through Outbound.send, which
- * stamps stanzas with the content namespace (RFC 7395 §3.3.3), counts, and reports 410 Gone.
+ * The outbound port (DESIGN.md "One outbound port") under the core's delivery path: what it is
+ * handed is serialised with the content namespace on stanzas (RFC 7395 §3.3.3), counted, and
+ * a 410 Gone comes back as 'gone'.
  */
 import { Element } from 'ltx';
 import { describe, expect, it } from 'vitest';

@@ -1,8 +1,9 @@
 /**
- * Fills a user's offline inbox fast for scale tests and the bench: BatchWrite of 25 items,
- * several in flight, then one atomic ADD to the counter. It writes the items exactly as
- * `shared/store/offline.ts` stores them (`m#<id>` with the TTL attribute, the `count` item);
- * the suites read them back through the store, so a layout change fails them loudly.
+ * Fills a user's offline inbox on a local stack's DynamoDB fast, for the scale tests and the
+ * bench: BatchWrite of 25 items, several in flight, then one atomic ADD to the counter. It
+ * writes the items exactly as `shared/store/offline.ts` stores them (`m#<id>` with the TTL
+ * attribute, the `count` item); the suites read them back through the store, so a layout
+ * change fails them loudly.
  */
 import { BatchWriteCommand, type DynamoDBDocumentClient, UpdateCommand } from '@aws-sdk/lib-dynamodb';
 import type { OfflineMessage } from '../../shared/store/offline.ts';

@@ -1,5 +1,7 @@
 /**
- * A raw RFC 7395 client for wire-level tests: send this frame, expect that frame.
+ * A raw RFC 7395 (XMPP over WebSocket) client for driving a local stack frame by frame: the
+ * wire-level tests ("send this frame, expect that frame") and the bench use it. It speaks just
+ * enough to get a bound stream (`login`) and otherwise sends and reads frames as they are.
  */
 import { type Element, parse } from 'ltx';
 import WebSocket from 'ws';
@@ -7,6 +9,7 @@ import WebSocket from 'ws';
 export class RawClient {
   private readonly frames: string[] = [];
   private waiters: Array<() => void> = [];
+  private barriers = 0;
   readonly closed: Promise<{ code: number; reason: string }>;
   isClosed = false;
 
@@ -78,10 +81,28 @@ export class RawClient {
     }
   }
 
-  /** Resolves when no frame arrives for `quietMs` (to assert that nothing was sent). */
-  async nothingFor(quietMs = 300): Promise<string[]> {
-    await new Promise((resolve) => setTimeout(resolve, quietMs));
-    return this.frames.splice(0);
+  /**
+   * Every frame the server sent before its answer to a ping sent now, as text. The server
+   * handles one connection's frames in order and a socket delivers in order, so whatever this
+   * connection's earlier frames caused arrives before the pong: `expect(await
+   * client.framesBeforePong()).toEqual([])` asserts that nothing was sent, without waiting a
+   * fixed time. For what another connection's frames may cause, wait until those are handled
+   * first (`stack.gateway.drained()`).
+   */
+  async framesBeforePong(timeoutMs = 5000): Promise<string[]> {
+    const id = `pong-barrier-${++this.barriers}`;
+    this.send(`<iq type='get' id='${id}'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    const before: string[] = [];
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const text = await this.nextText(Math.max(1, deadline - Date.now()));
+      const frame = parse(text);
+      if (frame.name === 'iq' && frame.attrs.id === id) {
+        if (frame.attrs.type !== 'result') throw new Error(`ping answered with ${text}`);
+        return before;
+      }
+      before.push(text);
+    }
   }
 
   pending(): string[] {
