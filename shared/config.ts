@@ -54,6 +54,11 @@ export interface Config {
   smAckEvery: number;
   /** XEP-0198: quiet period between switching a resource to its queue and `<enabled/>`. */
   smEnableGraceMs: number;
+  /** Per-connection rate limits (core/rate-limit.ts): steady rates and bursts of frames and bytes. */
+  rateFramesPerSecond: number;
+  rateFrameBurst: number;
+  rateBytesPerSecond: number;
+  rateByteBurst: number;
   /** Seconds an unbound or idle connection row lives without activity (a safety net for lost $disconnect). */
   connectionTtlSeconds: number;
   /** XEP-0136: an idle gap longer than this (seconds) starts a new collection. */
@@ -86,6 +91,10 @@ export const TUNABLE_SETTINGS = [
   'ARCHIVE_COLLECTION_GAP_SECONDS',
   'ARCHIVE_TOMBSTONE_DAYS',
   'ARCHIVE_CHANGE_WINDOW_SECONDS',
+  'RATE_STANZAS_PER_SECOND',
+  'RATE_STANZA_BURST',
+  'RATE_BYTES_PER_SECOND',
+  'RATE_BYTES_BURST',
   'LOG_LEVEL',
 ] as const;
 
@@ -126,6 +135,10 @@ export function loadConfig(env: Env = process.env): Config {
     authAccountSlowdownSeconds: int(env, 'AUTH_ACCOUNT_SLOWDOWN_SECONDS', 20),
     scramIterations: int(env, 'SCRAM_ITERATIONS', 4096),
     connectionTtlSeconds: int(env, 'CONNECTION_TTL_SECONDS', 3 * 3600),
+    rateFramesPerSecond: Math.max(1, int(env, 'RATE_STANZAS_PER_SECOND', 10)),
+    rateFrameBurst: Math.max(1, int(env, 'RATE_STANZA_BURST', 100)),
+    rateBytesPerSecond: Math.max(1, int(env, 'RATE_BYTES_PER_SECOND', 32768)),
+    rateByteBurst: Math.max(1, int(env, 'RATE_BYTES_BURST', 262144)),
     smMaxSeconds: int(env, 'SM_MAX_SECONDS', 300),
     smQueueMax: int(env, 'SM_QUEUE_MAX', 1000),
     smAckEvery: Math.max(1, int(env, 'SM_ACK_EVERY', 10)),

@@ -23,6 +23,7 @@ import type { OfflineStore } from '../store/offline.ts';
 import type { ConnectionState, ResourceRecord, SessionStore } from '../store/sessions.ts';
 import type { SmQueueStore } from '../store/sm-queue.ts';
 import type { UserStore } from '../store/users.ts';
+import type { RateLimiter } from './rate-limit.ts';
 
 /** The server's context, built once per process (core/server.ts); modules get it in `register`. */
 export interface Server {
@@ -34,6 +35,8 @@ export interface Server {
   /** Only the delivery path (core/delivery.ts) posts through it. */
   outbound: Outbound;
   host: Host;
+  /** Per-connection rate limits (core/rate-limit.ts), remembered per process. */
+  rates: RateLimiter;
   log: Logger;
   /** Secret for SASL decoys of unknown users (stable per deployment, never sent). */
   decoySecret(): Promise<string>;

@@ -14,6 +14,7 @@ import { createSmQueueStore } from '../store/sm-queue.ts';
 import { createUserStore } from '../store/users.ts';
 import { Host, type Server } from './host.ts';
 import { registerLifecycle } from './lifecycle.ts';
+import { RateLimiter } from './rate-limit.ts';
 
 export type { Module, Server } from './host.ts';
 
@@ -51,6 +52,12 @@ export function createServerCore(options: ServerOptions): Server {
     smQueue: createSmQueueStore(doc, config.tables.sessions),
     outbound: new Outbound(port),
     host: new Host(),
+    rates: new RateLimiter({
+      framesPerSecond: config.rateFramesPerSecond,
+      frameBurst: config.rateFrameBurst,
+      bytesPerSecond: config.rateBytesPerSecond,
+      byteBurst: config.rateByteBurst,
+    }),
     log: options.log ?? createLogger(),
     decoySecret() {
       decoySecret ??= users.decoySecret().catch((error) => {

@@ -169,10 +169,31 @@ async function dispatch(stream: XmppStream, element: Element): Promise<void> {
   throw new StreamError('unsupported-stanza-type', `Unknown element <${element.name}>`);
 }
 
+/** The connection's rate limits (core/rate-limit.ts): past them the stream ends. */
+function chargeRate(stream: XmppStream, event: StreamEvent): void {
+  const { server, state } = stream;
+  const decision = server.rates.admit(
+    state.connectionId,
+    state.rate,
+    Buffer.byteLength(event.frame),
+    event.receivedAt,
+  );
+  if (decision.persist) stream.update({ rate: decision.persist });
+  else if (state.rate) stream.update({ rate: undefined });
+  if (!decision.allowed) {
+    const { rateFramesPerSecond, rateBytesPerSecond } = server.config;
+    throw new StreamError(
+      'policy-violation',
+      `Too fast: at most ${rateFramesPerSecond} stanzas and ${rateBytesPerSecond} bytes per second, with bursts`,
+    );
+  }
+}
+
 /** Handles one queue event of one connection: a frame, or the socket's disappearance. */
 export async function handleStreamEvent(server: Server, event: StreamEvent): Promise<void> {
   const stored = await server.sessions.getConnection(event.connectionId);
   if (event.kind === 'disconnect') {
+    server.rates.forget(event.connectionId);
     // A module may keep the session without its socket (resumable stream management).
     if (stored)
       await server.host.fire('connection-vanished', { connectionId: event.connectionId, state: stored });
@@ -186,6 +207,7 @@ export async function handleStreamEvent(server: Server, event: StreamEvent): Pro
   };
   const stream = new XmppStream(server, state);
   try {
+    chargeRate(stream, event);
     const element = parseFrame(event.frame, server.config.maxStanzaBytes);
     await dispatch(stream, element);
   } catch (error) {

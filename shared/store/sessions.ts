@@ -58,6 +58,14 @@ export interface OfflineTransfer {
   iqFrom?: string;
 }
 
+/** A per-connection token bucket (core/rate-limit.ts), kept only while the connection is busy. */
+export interface RateBucket {
+  frames: number;
+  bytes: number;
+  /** Arrival time (epoch ms) of the last frame charged. */
+  at: number;
+}
+
 export interface ConnectionState {
   connectionId: string;
   connectedAt: number;
@@ -79,6 +87,8 @@ export interface ConnectionState {
   flooded?: boolean;
   /** RFC 6121 §4.6: local JIDs this session sent directed presence to; told when it goes away. */
   directedTo?: string[];
+  /** The rate limits' buckets while the connection is busy (absent: calm). */
+  rate?: RateBucket;
 }
 
 export interface ResourceRecord {
@@ -160,6 +170,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     transfer: item.transfer as OfflineTransfer | undefined,
     flooded: item.flooded as boolean | undefined,
     directedTo: item.directedTo as string[] | undefined,
+    rate: item.rate as RateBucket | undefined,
   };
 }
 

@@ -30,6 +30,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   for (const client of clients) client.terminate();
+  await stack?.gateway.drained();
   await stack?.close();
 });
 
@@ -123,5 +124,38 @@ describe('decoys for unknown accounts', () => {
     expect(real).toMatch(/,i=8192$/);
     // A stable-per-name salt, and the same iteration count: nothing tells the two apart.
     expect(decoy).toMatch(/,i=8192$/);
+  });
+});
+
+describe('a flood of stanzas from one connection', () => {
+  it('ends the flooding stream with policy-violation past its burst, while a bystander pair keeps talking', async () => {
+    const STREAMS = 'urn:ietf:params:xml:ns:xmpp-streams';
+    const login = async (user: string, resource: string) => {
+      const client = await RawClient.connect(stack.url);
+      clients.push(client);
+      await client.login(user, `${user}-secret`, resource);
+      client.send('<presence/>');
+      await client.until((el) => el.name === 'presence');
+      return client;
+    };
+    const flooder = await login('heidi', 'flood');
+    const alice = await login('grace', 'bystander');
+    const bob = await login('ivan', 'bystander');
+    // RATE_STANZA_BURST is 100 by default: 300 pings at once are far past it.
+    for (let i = 0; i < 300; i++)
+      flooder.send(`<iq type='get' id='f${i}'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    for (let i = 0; i < 5; i++) {
+      alice.send(
+        `<message to='ivan@localhost/bystander' type='chat' id='b${i}'><body>still here ${i}</body></message>`,
+      );
+      const got = await bob.until((el) => el.name === 'message' && el.attrs.id === `b${i}`);
+      expect(got.getChildText('body')).toBe(`still here ${i}`);
+    }
+    const error = await flooder.until((el) => el.name === 'stream:error' || el.name === 'error', 20_000);
+    expect(error.getChild('policy-violation', STREAMS)).toBeDefined();
+    expect((await flooder.closed).code).toBe(1000);
+    // The burst was served: about a hundred pongs went out before the stream ended.
+    const pongs = stack.server.outbound.counters.posts;
+    expect(pongs).toBeGreaterThan(100);
   });
 });

@@ -7,11 +7,12 @@ import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../../shared/config.ts';
 import { deliver, POST_LIMIT_BYTES, post } from '../../shared/core/delivery.ts';
 import { HANDLED, Host, type Server } from '../../shared/core/host.ts';
+import { RateLimiter } from '../../shared/core/rate-limit.ts';
 import { messageTargets } from '../../shared/core/router.ts';
 import { StanzaError } from '../../shared/errors.ts';
 import { createLogger } from '../../shared/log.ts';
 import { Outbound, RecordingPort } from '../../shared/outbound.ts';
-import type { ResourceRecord } from '../../shared/store/sessions.ts';
+import type { RateBucket, ResourceRecord } from '../../shared/store/sessions.ts';
 
 function coreOnly(port = new RecordingPort()): { server: Server; port: RecordingPort } {
   const server = {
@@ -153,5 +154,60 @@ describe('routing choice (RFC 6121 §8.5.2.1.1)', () => {
   it('finds no target when only negative priorities or unavailable resources remain', () => {
     // RFC 6121 §8.5.2.1.1: a resource with negative priority never gets a message to the bare JID.
     expect(messageTargets('chat', [r('d', true, -1), r('e', false, 9)])).toEqual([]);
+  });
+});
+
+describe('per-connection rate limits (token buckets)', () => {
+  const limits = { framesPerSecond: 10, frameBurst: 20, bytesPerSecond: 1000, byteBurst: 4000 };
+
+  it('lets a burst through, then refuses until the bucket refills at the steady rate', () => {
+    const limiter = new RateLimiter(limits);
+    let stored: RateBucket | undefined;
+    const send = (at: number, bytes = 10) => {
+      const decision = limiter.admit('c1', stored, bytes, at);
+      stored = decision.persist;
+      return decision.allowed;
+    };
+    // Twenty frames at once: the burst.
+    for (let i = 0; i < 20; i++) expect(send(1000)).toBe(true);
+    expect(send(1000)).toBe(false);
+    // A tenth of a second later, one frame's worth has come back.
+    expect(send(1100)).toBe(true);
+    expect(send(1100)).toBe(false);
+  });
+
+  it('counts bytes too: a few large frames exhaust the byte bucket before the frame bucket', () => {
+    const limiter = new RateLimiter(limits);
+    expect(limiter.admit('c2', undefined, 3000, 0).allowed).toBe(true);
+    expect(limiter.admit('c2', undefined, 3000, 0).allowed).toBe(false);
+  });
+
+  it('keeps a calm connection out of DynamoDB and a stressed one in it, across instances', () => {
+    const first = new RateLimiter(limits);
+    // One frame now and then: more than half of both buckets left, nothing to write.
+    expect(first.admit('c3', undefined, 10, 0).persist).toBeUndefined();
+    expect(first.admit('c3', undefined, 10, 5000).persist).toBeUndefined();
+    // A burst: below half of the frame bucket, so the bucket goes to the connection row...
+    let persisted: RateBucket | undefined;
+    for (let i = 0; i < 12; i++) persisted = first.admit('c3', persisted, 10, 6000).persist;
+    expect(persisted?.frames).toBeLessThan(10);
+    // ...and another Lambda instance that knows nothing of c3 in memory goes on from it.
+    const second = new RateLimiter(limits);
+    let decision = second.admit('c3', persisted, 10, 6000);
+    for (let i = 0; i < 7; i++) decision = second.admit('c3', decision.persist, 10, 6000);
+    expect(decision.allowed).toBe(true);
+    expect(second.admit('c3', decision.persist, 10, 6000).allowed).toBe(false);
+  });
+
+  it('judges frames by their arrival at API Gateway, not by when a backlog is processed', () => {
+    const limiter = new RateLimiter(limits);
+    // Thirty frames that arrived over six seconds (5 per second) are within the rate, even if
+    // processed in one go later.
+    let stored: RateBucket | undefined;
+    for (let i = 0; i < 30; i++) {
+      const decision = limiter.admit('c4', stored, 10, i * 200);
+      expect(decision.allowed).toBe(true);
+      stored = decision.persist;
+    }
   });
 });
