@@ -205,8 +205,11 @@ async function routeIq(event: StanzaEvent): Promise<void> {
     to &&
     bareJid(to) !== bareJid(stream.jid) &&
     server.host.needsAccount(handler) &&
-    !(await server.users.exists(bareJid(to)))
+    !(await mayQueryAccount(server, bareJid(stream.jid), bareJid(to)))
   ) {
+    // XEP-0030 §8: "the server MUST return a <service-unavailable/> error if the target entity
+    // does not exist or if the requesting entity is not authorized to receive presence from the
+    // target entity": one answer for both, so an account's existence does not leak.
     throw new StanzaError('cancel', 'service-unavailable');
   }
   const result = await handler({
@@ -219,6 +222,23 @@ async function routeIq(event: StanzaEvent): Promise<void> {
   });
   if (result === DEFERRED_RESULT) return;
   await stream.send(iqResult(stanza, result));
+}
+
+/**
+ * Whether the server answers for another user's account: it exists and a module (the roster)
+ * grants the requester access. Without a granting module, no other user may.
+ */
+async function mayQueryAccount(server: Server, requester: string, account: string): Promise<boolean> {
+  const grants = server.host.items('account-access');
+  if (grants.length === 0) return false;
+  let granted = false;
+  for (const grant of grants) {
+    if (await grant(requester, account)) {
+      granted = true;
+      break;
+    }
+  }
+  return granted && (await server.users.exists(account));
 }
 
 /**
