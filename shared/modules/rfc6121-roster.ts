@@ -292,6 +292,21 @@ function stamped(stanza: Element, user: string, contact: string): Element {
   return copy;
 }
 
+/**
+ * What is kept of a pending "subscribe" (§3.1.3) to be delivered again at each initial
+ * presence: the stanza as received up to KEPT_REQUEST_BYTES (a status or XEP-0172 nick), its
+ * bare form beyond. Every login and every broadcast reads the whole roster partition, pending
+ * requests included: a stranger's request must not make them megabytes.
+ */
+const KEPT_REQUEST_BYTES = 2048;
+
+function requestToKeep(stanza: Element): string {
+  const whole = stanza.toString();
+  if (Buffer.byteLength(whole) <= KEPT_REQUEST_BYTES) return whole;
+  const bare = new Element('presence', { ...stanza.attrs });
+  return bare.toString();
+}
+
 function subscriptionStanza(type: SubscriptionStanza, from: string, to: string): Element {
   return new Element('presence', { from, to, type });
 }
@@ -332,7 +347,7 @@ async function subscription(
           const atUser = contactReceivesSubscription(out.entry, contact, answer, '');
           return { user: atUser.entry, outcome: { out, reply: { type: answer, atUser } } };
         }
-        const inbound = contactReceivesSubscription(pair.contact, user, type, outgoing.toString());
+        const inbound = contactReceivesSubscription(pair.contact, user, type, requestToKeep(outgoing));
         let userEntry = out.entry;
         let reply: PairOutcome['reply'];
         if (inbound.autoReply) {

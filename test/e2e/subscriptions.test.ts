@@ -183,6 +183,25 @@ describe('RFC 6121 §3.1 requesting and approving a subscription', () => {
     expect(third.count(presence('subscribe'))).toBe(0);
   });
 
+  it('keeps a request of a few kilobytes without its payload, so a stranger cannot bloat the roster', async () => {
+    const tina = await online('tina', 'big');
+    tina.send(
+      `<presence type='subscribe' to='uma@localhost' id='big'><status>${'x'.repeat(4000)}</status></presence>`,
+    );
+    await tina.waitFor(push('uma@localhost'));
+    const uma = await online('uma', 'big');
+    const kept = await uma.waitFor(presence('subscribe', 'tina@localhost'));
+    expect(kept.attrs.id).toBe('big');
+    expect(kept.getChild('status')).toBeUndefined();
+    // Withdrawn (A.2.2 None + Pending Out → None), so later tests start from None.
+    tina.send(`<presence type='unsubscribe' to='uma@localhost'/>`);
+    await uma.waitFor(presence('unsubscribe', 'tina@localhost'));
+    tina.send(
+      `<iq type='set' id='clean'><query xmlns='${ROSTER}'><item jid='uma@localhost' subscription='remove'/></query></iq>`,
+    );
+    await tina.waitFor((el) => el.attrs.id === 'clean');
+  });
+
   it('§3.1.3 / §8.5.1: a request to a local JID without an account is answered "unsubscribed"', async () => {
     const gina = await online('gina');
     gina.send(`<presence type='subscribe' to='nobody@localhost'/>`);
