@@ -16,7 +16,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { clone, Element, parse } from 'ltx';
-import { deliverToMany } from '../core/delivery.ts';
+import { deliverToMany, FAN_OUT_CONCURRENCY } from '../core/delivery.ts';
 import {
   type BoundStream,
   HANDLED,
@@ -522,13 +522,12 @@ async function contactsOnAvailability(
   }
   if (!initial) return;
   const me = fullJid(stream.jid);
-  for (const contact of probed) {
-    for (const resource of online.get(contact) ?? []) {
-      // §4.3.2: "the full XML of the last presence stanza with no 'to' attribute received by the
-      // server from each of the contact's available resources".
-      await stream.send(presenceOfResource(resource, me, 'available'));
-    }
-  }
+  // §4.3.2: "the full XML of the last presence stanza with no 'to' attribute received by the
+  // server from each of the contact's available resources".
+  const answers = probed.flatMap((contact) =>
+    (online.get(contact) ?? []).map((resource) => presenceOfResource(resource, me, 'available')),
+  );
+  await sendAll(stream, answers);
   // §3.1.3: "the contact's server MUST keep a record of the subscription request and deliver
   // the request when the contact next creates an available resource, until the contact either
   // approves or denies the request" — one stored request per contact, never more.
@@ -537,4 +536,18 @@ async function contactsOnAvailability(
     element.attrs.to = user;
     await stream.send(element);
   }
+}
+
+/**
+ * Many stanzas to the stream's own session. Without stream management their order does not
+ * matter (presence of different contacts), so up to FAN_OUT_CONCURRENCY posts are in flight;
+ * with it, one after the other, so the queue's numbering follows the order of the posts.
+ */
+async function sendAll(stream: BoundStream, stanzas: Element[]): Promise<void> {
+  const concurrency = stream.state.sm ? 1 : FAN_OUT_CONCURRENCY;
+  let next = 0;
+  const worker = async () => {
+    while (next < stanzas.length) await stream.send(stanzas[next++] as Element);
+  };
+  await Promise.all(Array.from({ length: Math.min(concurrency, stanzas.length) }, worker));
 }
