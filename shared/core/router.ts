@@ -205,11 +205,8 @@ async function routeIq(event: StanzaEvent): Promise<void> {
     to &&
     bareJid(to) !== bareJid(stream.jid) &&
     server.host.needsAccount(handler) &&
-    !(await mayQueryAccount(server, bareJid(stream.jid), bareJid(to)))
+    !(await server.users.exists(bareJid(to)))
   ) {
-    // XEP-0030 §8: "the server MUST return a <service-unavailable/> error if the target entity
-    // does not exist or if the requesting entity is not authorized to receive presence from the
-    // target entity": one answer for both, so an account's existence does not leak.
     throw new StanzaError('cancel', 'service-unavailable');
   }
   const result = await handler({
@@ -225,20 +222,18 @@ async function routeIq(event: StanzaEvent): Promise<void> {
 }
 
 /**
- * Whether the server answers for another user's account: it exists and a module (the roster)
- * grants the requester access. Without a granting module, no other user may.
+ * Whether the server answers an iq for `account` on the account's behalf to `requester` (both
+ * bare JIDs): always for the account's own resources; for anyone else only when a module (the
+ * roster: a contact the account shares its presence with) grants it. Handlers whose rule is
+ * XEP-0030 §8's ("...if the requesting entity is not authorized to receive presence from the
+ * target entity") ask it, and answer a refusal exactly as for an account that does not exist.
  */
-async function mayQueryAccount(server: Server, requester: string, account: string): Promise<boolean> {
-  const grants = server.host.items('account-access');
-  if (grants.length === 0) return false;
-  let granted = false;
-  for (const grant of grants) {
-    if (await grant(requester, account)) {
-      granted = true;
-      break;
-    }
+export async function mayQueryAccount(server: Server, requester: string, account: string): Promise<boolean> {
+  if (requester === account) return true;
+  for (const grant of server.host.items('account-access')) {
+    if (await grant(requester, account)) return true;
   }
-  return granted && (await server.users.exists(account));
+  return false;
 }
 
 /**

@@ -5,7 +5,9 @@
  */
 import { Element } from 'ltx';
 import type { Server } from '../core/host.ts';
+import { mayQueryAccount } from '../core/router.ts';
 import { StanzaError } from '../errors.ts';
+import { bareJid } from '../jid.ts';
 import { NS } from '../xml/namespaces.ts';
 
 export function register(server: Server): void {
@@ -25,8 +27,9 @@ export function register(server: Server): void {
     if (request.to.local) {
       // XEP-0030 §8: "the server MUST return a <service-unavailable/> error if the target entity
       // does not exist or if the requesting entity is not authorized to receive presence from
-      // the target entity" — the router's account check (host items 'account-access') let
-      // through only the user's own account or one that shares its presence with the requester.
+      // the target entity" — the router refused accounts that do not exist alike.
+      if (!(await mayQueryAccount(server, bareJid(request.from), bareJid(request.to))))
+        throw new StanzaError('cancel', 'service-unavailable');
       query.c('identity', { category: 'account', type: 'registered' });
       query.c('feature', { var: NS.discoInfo });
       return query;
