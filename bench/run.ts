@@ -104,6 +104,8 @@ function parseOptions(): BenchOptions {
         '  --timeout-seconds S  limit per phase (BENCH_TIMEOUT_SECONDS, default 180)',
         '  --log-level LEVEL    server log level (LOG_LEVEL, default warn)',
         '  --profile            sample the stream function with the V8 profiler and split its CPU',
+        '  --roster             instead: RFC 6121 login with --contacts N (500) and broadcast to',
+        '                       --broadcast N (1000) online contacts, --post-ms per post (20)',
         '',
       ].join('\n'),
     );
@@ -572,6 +574,11 @@ async function streamMemoryMb(override: number | undefined): Promise<{ mb: numbe
 // ---------------------------------------------------------------------------------------------
 
 async function main(): Promise<void> {
+  if (process.argv.includes('--roster')) {
+    // RFC 6121 at size (bench/roster.ts): a login with a large roster, a broadcast to many contacts.
+    const { runRosterBench } = await import('./roster.ts');
+    return runRosterBench(process.argv.slice(2));
+  }
   const options = parseOptions();
   const memory = await streamMemoryMb(options.memoryMb);
   // The bench must end by itself: every wait is bounded, and this is the bound of all of them.

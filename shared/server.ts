@@ -7,6 +7,7 @@ import { createServerCore, type Module, type Server, type ServerOptions } from '
 import * as bind from './modules/rfc6120-bind.ts';
 import * as sasl from './modules/rfc6120-sasl.ts';
 import * as presence from './modules/rfc6121-presence.ts';
+import * as roster from './modules/rfc6121-roster.ts';
 import * as flexibleOffline from './modules/xep-0013-flexible-offline.ts';
 import * as disco from './modules/xep-0030-disco.ts';
 import * as softwareVersion from './modules/xep-0092-software-version.ts';
@@ -24,6 +25,7 @@ export const MODULES: readonly Module[] = [
   streamManagement,
   streamLimits,
   presence,
+  roster,
   disco,
   ping,
   softwareVersion,

@@ -26,6 +26,11 @@ declare module '@xmpp/client' {
     iqCaller: {
       request(stanza: Element, timeout?: number): Promise<Element>;
       get(el: Element, to?: string): Promise<Element>;
+      set(el: Element, to?: string): Promise<Element>;
+    };
+    iqCallee: {
+      set(ns: string, name: string, handler: (context: { stanza: Element }) => unknown): void;
+      get(ns: string, name: string, handler: (context: { stanza: Element }) => unknown): void;
     };
     streamManagement: EventEmitter & {
       enabled: boolean;

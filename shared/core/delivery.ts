@@ -84,3 +84,41 @@ export async function post(server: Server, connectionId: string, element: Elemen
 export function closeConnection(server: Server, connectionId: string): Promise<void> {
   return server.outbound.close(connectionId);
 }
+
+/** Deliveries to many sessions in flight at once (a broadcast): bounded, so one function's sockets stay few. */
+export const FAN_OUT_CONCURRENCY = 16;
+
+/**
+ * Delivers to many sessions, at most `concurrency` sessions at a time (a broadcast to 1,000
+ * contacts takes ~1000/16 post round trips, not 1,000). `stanzasFor` builds what each session
+ * gets (stanzas are addressed per recipient); one session's stanzas go out in order, one after
+ * the other, so its stream-management numbering follows the order of its posts. A delivery
+ * that cannot be made (gone, too large) is skipped: presence is not stored for later. Returns
+ * how many stanzas were put on a session.
+ */
+export async function deliverToMany<T extends DeliveryTarget | ResourceRecord>(
+  server: Server,
+  targets: readonly T[],
+  stanzasFor: (target: T) => Element | Element[],
+  concurrency = FAN_OUT_CONCURRENCY,
+): Promise<number> {
+  let next = 0;
+  let sent = 0;
+  const worker = async () => {
+    while (next < targets.length) {
+      const target = targets[next++] as T;
+      const built = stanzasFor(target);
+      for (const stanza of Array.isArray(built) ? built : [built]) {
+        try {
+          const result = await deliver(server, target, stanza);
+          if (result !== 'sent') break;
+          sent++;
+        } catch (error) {
+          if (!(error instanceof StanzaError)) throw error;
+        }
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(concurrency, targets.length) }, worker));
+  return sent;
+}

@@ -20,6 +20,7 @@ import type { Jid } from '../jid.ts';
 import type { Logger } from '../log.ts';
 import type { Outbound, PostResult } from '../outbound.ts';
 import type { OfflineStore } from '../store/offline.ts';
+import type { RosterStore } from '../store/roster.ts';
 import type { ConnectionState, ResourceRecord, SessionStore } from '../store/sessions.ts';
 import type { SmQueueStore } from '../store/sm-queue.ts';
 import type { UserStore } from '../store/users.ts';
@@ -32,6 +33,7 @@ export interface Server {
   users: UserStore;
   offline: OfflineStore;
   smQueue: SmQueueStore;
+  roster: RosterStore;
   /** Only the delivery path (core/delivery.ts) posts through it. */
   outbound: Outbound;
   host: Host;
@@ -254,6 +256,13 @@ export interface ItemKinds {
     info(request: IqRequest): Promise<Element>;
     items(request: IqRequest): Promise<Element>;
   };
+  /**
+   * Whether `requester` (a bare JID) may have the server answer iqs addressed to `account`'s
+   * bare JID on the account's behalf (RFC 6120 §10.3.3; XEP-0030 §8: only an entity "authorized
+   * to receive presence from the target entity"). Any item granting is enough; without items
+   * only the account's own resources may. The router asks it for another user's account only.
+   */
+  'account-access': (requester: string, account: string) => Promise<boolean>;
 }
 
 interface Registration {

@@ -222,6 +222,21 @@ async function routeIq(event: StanzaEvent): Promise<void> {
 }
 
 /**
+ * Whether the server answers an iq for `account` on the account's behalf to `requester` (both
+ * bare JIDs): always for the account's own resources; for anyone else only when a module (the
+ * roster: a contact the account shares its presence with) grants it. Handlers whose rule is
+ * XEP-0030 §8's ("...if the requesting entity is not authorized to receive presence from the
+ * target entity") ask it, and answer a refusal exactly as for an account that does not exist.
+ */
+export async function mayQueryAccount(server: Server, requester: string, account: string): Promise<boolean> {
+  if (requester === account) return true;
+  for (const grant of server.host.items('account-access')) {
+    if (await grant(requester, account)) return true;
+  }
+  return false;
+}
+
+/**
  * What an ended session had not got acknowledged: messages to another resource or offline
  * storage (one delay stamp of their first acceptance, never bounced to the sender), iq
  * requests answered with an error, presence and iq responses dropped (they describe a session

@@ -9,6 +9,7 @@ import { createLogger, type Logger } from '../log.ts';
 import { apiGatewayPort, type ConnectionPort, Outbound } from '../outbound.ts';
 import { documentClientFor } from '../store/dynamo.ts';
 import { createOfflineStore } from '../store/offline.ts';
+import { createRosterStore } from '../store/roster.ts';
 import { createSessionStore } from '../store/sessions.ts';
 import { createSmQueueStore } from '../store/sm-queue.ts';
 import { createUserStore } from '../store/users.ts';
@@ -50,6 +51,7 @@ export function createServerCore(options: ServerOptions): Server {
       ttlSeconds: config.offlineTtlSeconds,
     }),
     smQueue: createSmQueueStore(doc, config.tables.sessions),
+    roster: createRosterStore(doc, config.tables.roster, { maxItems: config.rosterMaxItems }),
     outbound: new Outbound(port),
     host: new Host(),
     rates: new RateLimiter({

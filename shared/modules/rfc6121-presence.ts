@@ -1,8 +1,10 @@
 /**
- * RFC 6121 §4 presence, without subscriptions yet: a session's broadcast presence reaches the
- * user's own resources only; directed presence reaches the local JID it names. Nothing about a
- * user's availability leaks to other users. When a session ends in any way, its available
- * presence is withdrawn from the user's other resources and from directed-presence recipients.
+ * RFC 6121 §4 presence, the user's side: a session's broadcast presence reaches the user's own
+ * resources (§4.2.2, §4.4.2) and fires `availability-changed`, which the roster module hooks to
+ * reach the contacts subscribed to it and to probe the contacts it is subscribed to; directed
+ * presence reaches the local JID it names (§4.6). When a session ends in any way, its available
+ * presence is withdrawn from the user's other resources and from directed-presence recipients
+ * (the roster module takes those that are contacts first, so none is told twice).
  */
 import { clone, Element, parse } from 'ltx';
 import { deliver } from '../core/delivery.ts';
@@ -61,7 +63,8 @@ async function presenceFromClient(event: StanzaEvent): Promise<typeof HANDLED> {
   if (event.self) {
     if (type === undefined) await becomeAvailable(stream, stanza);
     else if (type === 'unavailable') await becomeUnavailable(stream, stanza);
-    // Subscription requests and probes need a roster (a later module): not served yet.
+    // Subscription requests and probes to oneself: "No self contacts" (the roster refuses the
+    // user's own JID), so there is nothing to subscribe to or probe.
     return HANDLED;
   }
   if (type !== undefined && type !== 'unavailable' && type !== 'error') return HANDLED;
@@ -156,9 +159,9 @@ async function becomeUnavailable(stream: BoundStream, stanza: Element): Promise<
       exceptConnectionId: stream.connectionId,
     });
   }
-  await tellDirectedRecipients(server, fullJid(stream.jid), stream.state.directedTo);
-  stream.update({ directedTo: undefined });
   if (previous?.available) {
+    // Fired first: the roster module tells the contacts subscribed to the user and drops them
+    // from `directedTo`, so a contact that also had directed presence is told once.
     await server.host.fire('availability-changed', {
       stream,
       stanza,
@@ -168,4 +171,6 @@ async function becomeUnavailable(stream: BoundStream, stanza: Element): Promise<
       resources,
     });
   }
+  await tellDirectedRecipients(server, fullJid(stream.jid), stream.state.directedTo);
+  stream.update({ directedTo: undefined });
 }

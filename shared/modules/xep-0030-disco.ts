@@ -5,6 +5,7 @@
  */
 import { Element } from 'ltx';
 import type { Server } from '../core/host.ts';
+import { mayQueryAccount } from '../core/router.ts';
 import { StanzaError } from '../errors.ts';
 import { bareJid } from '../jid.ts';
 import { NS } from '../xml/namespaces.ts';
@@ -32,8 +33,8 @@ export function register(server: Server): void {
       if (request.to.local) {
         // XEP-0030 §8: "the server MUST return a <service-unavailable/> error if the target entity
         // does not exist or if the requesting entity is not authorized to receive presence from
-        // the target entity" — without subscriptions, only the user's own account qualifies.
-        if (bareJid(request.to) !== bareJid(request.from))
+        // the target entity" — the same answer for an account that does not exist.
+        if (!(await mayQueryAccount(server, bareJid(request.from), bareJid(request.to))))
           throw new StanzaError('cancel', 'service-unavailable');
         query.c('identity', { category: 'account', type: 'registered' });
         query.c('feature', { var: NS.discoInfo });

@@ -565,6 +565,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
     boundAt: Date.now(),
     smId: taken.smId,
     flexibleOffline: record?.flexibleOffline,
+    rosterInterested: record?.rosterInterested,
   });
 
   const acked = Math.max(decision.h, taken.base);

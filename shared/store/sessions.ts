@@ -4,8 +4,12 @@
  *
  *   pk = conn#<connectionId>  sk = conn            → ConnectionState
  *   pk = user#<bare JID>      sk = res#<resource>  → ResourceRecord
+ *   pk = user#<bare JID>      sk = avail           → { res: string set of available resources }
  *
- * Routing to a bare JID is one strongly consistent Query on `user#<bare>`.
+ * Routing to a bare JID is one strongly consistent Query on `user#<bare>`. The `avail` item
+ * names the user's available resources, so the resources of many users (a roster's contacts)
+ * are read with BatchGetItem, 100 keys a request, instead of one Query per user: first the
+ * `avail` items, then the resource rows they name (`availableResourcesOf`).
  */
 import {
   DeleteCommand,
@@ -16,7 +20,7 @@ import {
   UpdateCommand,
 } from '@aws-sdk/lib-dynamodb';
 import { TTL_ATTRIBUTE } from '../tables.ts';
-import { isConditionFailure } from './dynamo.ts';
+import { batchGetAll, isConditionFailure } from './dynamo.ts';
 
 /** The sweep index's one partition: sessions detached from their socket, awaiting resumption. */
 export const DETACHED_SHARD = 'detached';
@@ -89,6 +93,8 @@ export interface ConnectionState {
   directedTo?: string[];
   /** The rate limits' buckets while the connection is busy (absent: calm). */
   rate?: RateBucket;
+  /** RFC 6121 §2.1.6: the session requested the roster (its resource row is marked for pushes). */
+  rosterInterested?: boolean;
 }
 
 export interface ResourceRecord {
@@ -103,10 +109,13 @@ export interface ResourceRecord {
   flexibleOffline?: boolean;
   /** Set when the session has stream management: deliveries go through its queue. */
   smId?: string;
+  /** RFC 6121 §2.1.6: the session requested the roster, so it gets roster pushes. */
+  rosterInterested?: boolean;
 }
 
 const connKey = (connectionId: string) => ({ pk: `conn#${connectionId}`, sk: 'conn' });
 const resourceKey = (user: string, resource: string) => ({ pk: `user#${user}`, sk: `res#${resource}` });
+const availKey = (user: string) => ({ pk: `user#${user}`, sk: 'avail' });
 
 /**
  * DynamoDB sort keys hold at most 1024 bytes, so a bound resource may have 1020 (RFC 7622
@@ -137,6 +146,14 @@ export interface SessionStore {
     changes: Pick<ResourceRecord, 'available' | 'priority' | 'presence'>,
   ): Promise<ResourceRecord | undefined>;
   markFlexibleOffline(user: string, resource: string, connectionId: string): Promise<void>;
+  /** RFC 6121 §2.1.6: the resource requested the roster and gets pushes from now on. */
+  markRosterInterested(user: string, resource: string, connectionId: string): Promise<void>;
+  /**
+   * The available resources of many users (a roster's contacts): BatchGetItem on their `avail`
+   * items, then on the resource rows those name, strongly consistent, 100 keys a request with
+   * a bounded number in flight. Users without an available resource are absent from the map.
+   */
+  availableResourcesOf(users: readonly string[]): Promise<Map<string, ResourceRecord[]>>;
   /** Routes the resource's deliveries through the SM queue `smId` (or back to direct posts). */
   setResourceSm(
     user: string,
@@ -171,6 +188,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     flooded: item.flooded as boolean | undefined,
     directedTo: item.directedTo as string[] | undefined,
     rate: item.rate as RateBucket | undefined,
+    rosterInterested: item.rosterInterested as boolean | undefined,
   };
 }
 
@@ -185,6 +203,7 @@ function toResource(item: Record<string, unknown>): ResourceRecord {
     boundAt: item.boundAt as number,
     flexibleOffline: item.flexibleOffline as boolean | undefined,
     smId: item.smId as string | undefined,
+    rosterInterested: item.rosterInterested as boolean | undefined,
   };
 }
 
@@ -210,10 +229,39 @@ export function createSessionStore(
           ReturnValues: 'ALL_OLD',
         }),
       );
-      return Attributes ? toResource(Attributes) : undefined;
+      const released = Attributes ? toResource(Attributes) : undefined;
+      if (released?.available) await syncAvailability(user, resource, false);
+      return released;
     } catch (error) {
       if (isConditionFailure(error)) return undefined;
       throw error;
+    }
+  }
+
+  /**
+   * Keeps the `avail` item's set in step with a resource row whose availability is now
+   * `available`. Written after the row, so a reader that finds a name reads the row it names;
+   * a name left behind (a row that expired by TTL) only costs a read, and the item itself
+   * expires with the connection TTL, renewed whenever a resource becomes available.
+   */
+  async function syncAvailability(user: string, resource: string, available: boolean): Promise<void> {
+    try {
+      await doc.send(
+        new UpdateCommand({
+          TableName: table,
+          Key: availKey(user),
+          UpdateExpression: available ? 'ADD #res :names SET #ttl = :ttl' : 'DELETE #res :names',
+          // A DELETE never creates the item (UpdateItem would, with only its key).
+          ConditionExpression: available ? undefined : 'attribute_exists(pk)',
+          ExpressionAttributeNames: { '#res': 'res', ...(available ? { '#ttl': TTL_ATTRIBUTE } : {}) },
+          ExpressionAttributeValues: {
+            ':names': new Set([resource]),
+            ...(available ? { ':ttl': ttl(connectionTtlSeconds) } : {}),
+          },
+        }),
+      );
+    } catch (error) {
+      if (!isConditionFailure(error)) throw error;
     }
   }
 
@@ -314,7 +362,13 @@ export function createSessionStore(
           ReturnValues: 'ALL_OLD',
         }),
       );
-      return Attributes ? toResource(Attributes) : undefined;
+      const previous = Attributes ? toResource(Attributes) : undefined;
+      // A resumed session keeps its availability (and renews the set's TTL); a takeover by a
+      // new bind starts unavailable.
+      if (record.available || previous?.available) {
+        await syncAvailability(record.user, record.resource, record.available);
+      }
+      return previous;
     },
 
     async updatePresence(user, resource, connectionId, changes) {
@@ -334,11 +388,57 @@ export function createSessionStore(
             ReturnValues: 'ALL_OLD',
           }),
         );
-        return Attributes ? toResource(Attributes) : undefined;
+        const previous = Attributes ? toResource(Attributes) : undefined;
+        if (previous && previous.available !== changes.available) {
+          await syncAvailability(user, resource, changes.available);
+        }
+        return previous;
       } catch (error) {
         if (isConditionFailure(error)) return undefined;
         throw error;
       }
+    },
+
+    async markRosterInterested(user, resource, connectionId) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: resourceKey(user, resource),
+            UpdateExpression: 'SET rosterInterested = :yes',
+            ConditionExpression: 'connectionId = :connectionId',
+            ExpressionAttributeValues: { ':yes': true, ':connectionId': connectionId },
+          }),
+        );
+      } catch (error) {
+        if (!isConditionFailure(error)) throw error;
+      }
+    },
+
+    async availableResourcesOf(users) {
+      const result = new Map<string, ResourceRecord[]>();
+      const unique = [...new Set(users)];
+      if (unique.length === 0) return result;
+      const sets = await batchGetAll(
+        doc,
+        table,
+        unique.map((user) => availKey(user)),
+        { consistent: true, concurrency: 4 },
+      );
+      const rowKeys = sets.flatMap((item) => {
+        const user = (item.pk as string).slice('user#'.length);
+        const names = [...((item.res as Set<string> | undefined) ?? [])];
+        return names.filter(fitsResourceKey).map((name) => resourceKey(user, name));
+      });
+      const rows = await batchGetAll(doc, table, rowKeys, { consistent: true, concurrency: 4 });
+      for (const row of rows) {
+        const record = toResource(row);
+        if (!record.available) continue;
+        const list = result.get(record.user) ?? [];
+        list.push(record);
+        result.set(record.user, list);
+      }
+      return result;
     },
 
     async markFlexibleOffline(user, resource, connectionId) {

@@ -344,12 +344,19 @@ describe('nothing crosses from one user to another', () => {
     ned.send(
       `<message type='error' to='mia@localhost' from='localhost'><error type='cancel'><gone xmlns='${STANZAS}'/></error></message>`,
     );
-    // RFC 6121 §3 / §4.3: probes and subscription states need a roster; none exists, so no
-    // subscription-less probe may reveal presence and no forged 'subscribed' reaches mia.
+    // RFC 6121 §4.3.2: a probe from someone without a subscription reveals nothing: "the
+    // contact's server MUST return a presence stanza of type 'unsubscribed'"; A.3.3: a
+    // 'subscribed' nobody asked for (mia in state None) is not delivered.
     ned.send(`<presence type='probe' to='mia@localhost'/>`);
     ned.send(`<presence type='subscribed' to='mia@localhost'/>`);
-    // Ned's pong follows the handling of his four stanzas; then mia's pong follows whatever
-    // that handling had posted to her.
+    const answer = await ned.next();
+    expect(answer.attrs).toMatchObject({
+      type: 'unsubscribed',
+      from: 'mia@localhost',
+      to: 'ned@localhost/n1',
+    });
+    // Ned's pong follows the handling of his stanzas; then mia's pong follows whatever that
+    // handling had posted to her.
     expect(await ned.framesBeforePong()).toEqual([]);
     expect(await mia.framesBeforePong()).toEqual([]);
     // A result to a full JID is routed, but from the sender: never from the server.

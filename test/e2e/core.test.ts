@@ -550,10 +550,18 @@ describe('iq routing (RFC 6120 §8.2.3, §10)', () => {
   });
 
   it('answers for an account: ping to a bare JID, unknown payload service-unavailable', async () => {
-    const pong = await ask(`<iq type='get' id='b1' to='alice@localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
-    expect(pong.attrs).toMatchObject({ type: 'result', from: 'alice@localhost' });
+    const pong = await ask(`<iq type='get' id='b1' to='erin@localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    expect(pong.attrs).toMatchObject({ type: 'result', from: 'erin@localhost' });
+    // Another user's account answers only a contact it shares presence with (XEP-0030 §8's
+    // rule, test/e2e/subscriptions.test.ts); to erin, alice's is as one that does not exist.
+    for (const target of ['alice@localhost', 'nobody@localhost']) {
+      const refused = await ask(
+        `<iq type='get' id='b-${target}' to='${target}'><ping xmlns='urn:xmpp:ping'/></iq>`,
+      );
+      expect(refused.getChild('error')?.getChild('service-unavailable', STANZAS)).toBeDefined();
+    }
     const unknown = await ask(
-      `<iq type='get' id='b2' to='alice@localhost'><query xmlns='urn:example:unknown'/></iq>`,
+      `<iq type='get' id='b2' to='erin@localhost'><query xmlns='urn:example:unknown'/></iq>`,
     );
     expect(unknown.attrs.type).toBe('error');
     expect(unknown.getChild('error')?.getChild('service-unavailable', STANZAS)).toBeDefined();
@@ -650,7 +658,7 @@ describe('iq routing (RFC 6120 §8.2.3, §10)', () => {
   });
 
   it('normalises the to address (case-folded localpart and domain)', async () => {
-    const pong = await ask(`<iq type='get' id='n1' to='ALICE@LocalHost'><ping xmlns='urn:xmpp:ping'/></iq>`);
-    expect(pong.attrs).toMatchObject({ type: 'result', from: 'alice@localhost' });
+    const pong = await ask(`<iq type='get' id='n1' to='ERIN@LocalHost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    expect(pong.attrs).toMatchObject({ type: 'result', from: 'erin@localhost' });
   });
 });

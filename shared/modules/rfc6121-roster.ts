@@ -1,0 +1,553 @@
+/**
+ * RFC 6121 §2–4: the roster (`jabber:iq:roster`, §2) with roster versioning
+ * (`urn:xmpp:features:rosterver`, §2.6) and pre-approval (`urn:xmpp:features:pre-approval`,
+ * §3.4), presence subscriptions (§3, Appendix A), and presence between contacts (§4: broadcast
+ * to subscribers, probes at initial presence, unavailable when a session ends in any way).
+ *
+ * The decisions are pure functions in `rfc6121-roster/` (codec, Appendix A state machine,
+ * recipients); the rows are in `store/roster.ts`; this file joins them to the host: iq
+ * handlers, hooks on `presence/*` for subscription stanzas and probes, on
+ * `availability-changed` and `session-ended` for contacts' presence, and the `account-access`
+ * item the router asks before answering for another user's account.
+ *
+ * Local users only: a contact of another domain is kept in the roster, and every stanza the
+ * server would route there is answered with <remote-server-not-found/> (RFC 6120 §10.4.3), as
+ * for a server that cannot be reached.
+ */
+import { randomBytes } from 'node:crypto';
+import { clone, Element, parse } from 'ltx';
+import { deliverToMany, FAN_OUT_CONCURRENCY } from '../core/delivery.ts';
+import {
+  type BoundStream,
+  HANDLED,
+  type HookResult,
+  type IqRequest,
+  type Server,
+  type StanzaEvent,
+} from '../core/host.ts';
+import { StanzaError } from '../errors.ts';
+import { bareJid, fullJid, fullJidOf } from '../jid.ts';
+import {
+  fitsContactKey,
+  RosterContentionError,
+  type RosterEntry,
+  RosterFullError,
+  type SideResult,
+} from '../store/roster.ts';
+import type { ResourceRecord } from '../store/sessions.ts';
+import {
+  answerProbe,
+  mayQueryAccount,
+  pendingRequestsToRedeliver,
+  presenceSubscribers,
+  probeTargets,
+} from './rfc6121-roster/presence-recipients.ts';
+import {
+  decideRosterGet,
+  decodeRosterGet,
+  decodeRosterSet,
+  encodeRosterPush,
+  encodeRosterResult,
+  entryAfterSet,
+  NS_ROSTER,
+  rosterStreamFeatures,
+} from './rfc6121-roster/roster-management.ts';
+import {
+  answerForUnknownAccount,
+  contactReceivesSubscription,
+  contactSeesRemoval,
+  type InboundOutcome,
+  type OutboundOutcome,
+  type PresenceEffect,
+  removalStanzas,
+  type SubscriptionStanza,
+  userSendsSubscription,
+} from './rfc6121-roster/subscription-states.ts';
+
+/** RFC 6121 §3.4.1: this server supports pre-approvals and says so in its stream features. */
+const PRE_APPROVAL = true;
+
+const SUBSCRIPTION_TYPES = new Set<string>(['subscribe', 'subscribed', 'unsubscribe', 'unsubscribed']);
+
+export function register(server: Server): void {
+  const { host } = server;
+  host.hook('stream-features', ({ stream, features }) => {
+    // Offered with bind, after authentication (§2.6.1, §3.4.1).
+    if (!stream.user || stream.state.resource) return undefined;
+    for (const feature of rosterStreamFeatures({ preApproval: PRE_APPROVAL })) features.cnode(feature);
+    return undefined;
+  });
+
+  const rosterIq =
+    (handler: (request: IqRequest) => Promise<Element | undefined>) => async (request: IqRequest) => {
+      // §2.1.5 / §2.3.3: "The server MUST return a <forbidden/> stanza error to the client if the
+      // sender of the roster set is not authorized to update the roster (where typically only an
+      // authenticated resource of the account itself is authorized)." The same answer for an
+      // account that does not exist, so the roster tells nothing about other accounts.
+      if (request.to.local && bareJid(request.to) !== request.stream.user) {
+        throw new StanzaError('auth', 'forbidden', 'Only the account itself may read or change its roster');
+      }
+      try {
+        return await handler(request);
+      } catch (error) {
+        throw asStanzaError(error);
+      }
+    };
+  host.iq('get', NS_ROSTER, 'query', rosterIq(rosterGet), { answersForAnyAccount: true });
+  host.iq('set', NS_ROSTER, 'query', rosterIq(rosterSet), { answersForAnyAccount: true });
+
+  for (const target of ['bare', 'full', 'host'] as const) {
+    // Above the presence module (priority 0), which only knows the user's own resources.
+    host.hook(`presence/${target}`, (event) => subscriptionOrProbe(event), { priority: 10 });
+  }
+  host.hook('availability-changed', async ({ stream, stanza, available, initial }) => {
+    await contactsOnAvailability(stream, stanza, available, initial);
+    return undefined;
+  });
+  host.hook(
+    'session-ended',
+    async ({ session, wasAvailable }) => {
+      if (!wasAvailable) return undefined;
+      const from = fullJid(fullJidOf(session.user, session.resource));
+      const told = await broadcastToSubscribers(
+        server,
+        session.user,
+        (to) => new Element('presence', { from, to, type: 'unavailable' }),
+      );
+      // The presence module tells directed-presence recipients next: not those told here.
+      if (session.directedTo) session.directedTo = notTold(session.directedTo, told);
+      return undefined;
+    },
+    { priority: 10 },
+  );
+
+  host.add('account-access', async (requester, account) =>
+    mayQueryAccount(requester, account, await server.roster.getEntry(account, requester)),
+  );
+}
+
+function asStanzaError(error: unknown): unknown {
+  if (error instanceof RosterFullError) {
+    return new StanzaError(
+      'cancel',
+      'not-allowed',
+      `The roster of ${error.owner} is full (at most ${error.limit} ${error.kind === 'items' ? 'items' : 'pending requests'})`,
+    );
+  }
+  if (error instanceof RosterContentionError) {
+    return new StanzaError('wait', 'resource-constraint', 'The roster is being changed; try again');
+  }
+  return error;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * §2 roster get and set, and pushes
+ * ---------------------------------------------------------------------------------------- */
+
+async function rosterGet(request: IqRequest): Promise<Element | undefined> {
+  const { stream } = request;
+  const { server } = stream;
+  // §2.1.6: "An interested resource is a resource that has requested the roster"; marked before
+  // the roster is read, so a change made meanwhile reaches it as a push.
+  if (!stream.state.rosterInterested) {
+    await server.sessions.markRosterInterested(stream.user, stream.resource, stream.connectionId);
+    stream.update({ rosterInterested: true });
+  }
+  const get = decodeRosterGet(request.payload);
+  if (get.ver) {
+    // §2.6.3: the version alone (one GetItem) tells whether the client's cache is current.
+    const answer = decideRosterGet(get, await server.roster.getVersion(stream.user));
+    if (answer.kind === 'unchanged') return undefined;
+  }
+  const roster = await server.roster.getRoster(stream.user);
+  return encodeRosterResult(decideRosterGet(get, roster.version), roster.items);
+}
+
+async function rosterSet(request: IqRequest): Promise<Element | undefined> {
+  const { stream } = request;
+  const { server } = stream;
+  const set = decodeRosterSet(request.payload, stream.user);
+  if (set.kind === 'update') {
+    const result = await server.roster.apply(stream.user, set.contact, { contactIsLocal: false }, (pair) => ({
+      user: entryAfterSet(pair.user, set),
+      outcome: undefined,
+    }));
+    // §2.3.2: the push goes to every interested resource, the requester's included; then the result.
+    await pushRosterItem(server, stream.user, set.contact, result.user);
+    return undefined;
+  }
+  await removeContact(stream, set.contact);
+  return undefined;
+}
+
+/**
+ * §2.1.6 roster push: the changed item, with the new version, to each interested resource of
+ * `user` (one Query on the user's resources). Their answers (results) are dropped by the router.
+ */
+async function pushRosterItem(
+  server: Server,
+  user: string,
+  contact: string,
+  side: SideResult,
+): Promise<void> {
+  if (!side.itemChanged) return;
+  const interested = (await server.sessions.listResources(user)).filter((r) => r.rosterInterested);
+  await deliverToMany(server, interested, (resource) =>
+    encodeRosterPush({
+      user,
+      to: `${user}/${resource.resource}`,
+      id: `push-${randomBytes(6).toString('hex')}`,
+      contact,
+      entry: side.after,
+      ver: side.version,
+    }),
+  );
+}
+
+/**
+ * §2.5 roster delete: "the user's server MUST ... send a presence stanza of type 'unsubscribe'
+ * to the contact" when the user is subscribed (or asked to be), "'unsubscribed'" when the
+ * contact is (or asked to be), push the removal, and, where a subscription ends, the
+ * unavailable presence §3.2.2 and §3.3.3 require, both ways.
+ */
+async function removeContact(stream: BoundStream, contact: string): Promise<void> {
+  const { server } = stream;
+  const user = stream.user;
+  const kind = await contactKind(server, contact);
+  const result = await server.roster.apply(user, contact, { contactIsLocal: kind === 'account' }, (pair) => {
+    // §2.5.3: "If the value of the 'jid' attribute specifies an item that is not in the roster,
+    // then the server MUST return an <item-not-found/> stanza error."
+    if (!pair.user?.listed) throw new StanzaError('cancel', 'item-not-found');
+    const stanzas = removalStanzas(pair.user);
+    const seen = kind === 'account' ? contactSeesRemoval(pair.contact, user, stanzas) : undefined;
+    return {
+      user: null,
+      contact: seen ? seen.entry : undefined,
+      outcome: { before: pair.user as RosterEntry, stanzas, seen },
+    };
+  });
+  await pushRosterItem(server, user, contact, result.user);
+  const { before, stanzas, seen } = result.outcome;
+  if (!seen) return;
+  if (result.contact) await pushRosterItem(server, contact, user, result.contact);
+  const online = await server.sessions.availableResourcesOf([user, contact]);
+  const contactResources = online.get(contact) ?? [];
+  const userResources = online.get(user) ?? [];
+  for (const type of seen.deliver) {
+    await deliverToMany(server, contactResources, () => subscriptionStanza(type, user, contact));
+  }
+  // §3.2.2: the user cancelled the contact's subscription: the contact is told the user's
+  // resources are unavailable. §3.3.3: the contact's server, on the 'unsubscribe', sends the
+  // contact's unavailable presence to the user.
+  if (stanzas.includes('unsubscribed') && hasFrom(before)) {
+    await sendPresenceOf(server, userResources, contactResources, 'unavailable');
+  }
+  if (seen.presence === 'unavailable') {
+    await sendPresenceOf(server, contactResources, userResources, 'unavailable');
+  }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * §3 subscriptions and §4.3 probes sent by a client
+ * ---------------------------------------------------------------------------------------- */
+
+type ContactKind = 'account' | 'no-account' | 'remote';
+
+/** Where a contact lives: a local account, a local JID without an account, another domain. */
+async function contactKind(server: Server, contact: string): Promise<ContactKind> {
+  const at = contact.indexOf('@');
+  const domain = contact.slice(at + 1);
+  if (domain !== server.config.domain) return 'remote';
+  if (at < 0) return 'no-account';
+  return (await server.users.exists(contact)) ? 'account' : 'no-account';
+}
+
+function remoteUnreachable(): StanzaError {
+  // RFC 6120 §10.4.3: the server cannot reach the remote domain (no server-to-server here).
+  return new StanzaError('cancel', 'remote-server-not-found', 'Server-to-server is not available');
+}
+
+async function subscriptionOrProbe(event: StanzaEvent): Promise<HookResult> {
+  const { stream, stanza } = event;
+  const type = stanza.attrs.type as string | undefined;
+  if (type === undefined || (!SUBSCRIPTION_TYPES.has(type) && type !== 'probe')) return undefined;
+  // No `to`: the presence module drops it (nobody to subscribe to).
+  if (event.self) return undefined;
+  // §3.1.3: a subscription request to a full JID is treated as directed to the bare JID.
+  const contact = bareJid(event.to);
+  // Nothing to subscribe to or probe: the user's own presence reaches the user's resources.
+  if (contact === stream.user) return HANDLED;
+  if (type === 'probe') await probe(stream, contact);
+  else await subscription(stream, stanza, contact, type as SubscriptionStanza);
+  return HANDLED;
+}
+
+/** §3.1.2 (and §3.2–3.4 alike): the stanza as it leaves the user's server, from the bare JID. */
+function stamped(stanza: Element, user: string, contact: string): Element {
+  const copy = clone(stanza);
+  // §3.1.2: "the user's server MUST stamp the outbound subscription request with the bare JID
+  // <user@domainpart> of the user"; the contact is addressed by its bare JID too (§3.1.3).
+  copy.attrs.from = user;
+  copy.attrs.to = contact;
+  return copy;
+}
+
+/**
+ * What is kept of a pending "subscribe" (§3.1.3) to be delivered again at each initial
+ * presence: the stanza as received up to KEPT_REQUEST_BYTES (a status or XEP-0172 nick), its
+ * bare form beyond. Every login and every broadcast reads the whole roster partition, pending
+ * requests included: a stranger's request must not make them megabytes.
+ */
+const KEPT_REQUEST_BYTES = 2048;
+
+function requestToKeep(stanza: Element): string {
+  const whole = stanza.toString();
+  if (Buffer.byteLength(whole) <= KEPT_REQUEST_BYTES) return whole;
+  const bare = new Element('presence', { ...stanza.attrs });
+  return bare.toString();
+}
+
+function subscriptionStanza(type: SubscriptionStanza, from: string, to: string): Element {
+  return new Element('presence', { from, to, type });
+}
+
+interface PairOutcome {
+  out: OutboundOutcome;
+  inbound?: InboundOutcome;
+  /** The contact's server answered itself (A.3.1 auto-reply, pre-approval, unknown account). */
+  reply?: { type: SubscriptionStanza; atUser: InboundOutcome };
+}
+
+async function subscription(
+  stream: BoundStream,
+  stanza: Element,
+  contact: string,
+  type: SubscriptionStanza,
+): Promise<void> {
+  const { server } = stream;
+  const user = stream.user;
+  if (!fitsContactKey(contact))
+    throw new StanzaError('modify', 'not-acceptable', 'JID too long for a roster item');
+  const kind = await contactKind(server, contact);
+  const outgoing = stamped(stanza, user, contact);
+  let result: Awaited<ReturnType<typeof server.roster.apply<PairOutcome>>>;
+  try {
+    result = await server.roster.apply<PairOutcome>(
+      user,
+      contact,
+      { contactIsLocal: kind === 'account' },
+      (pair) => {
+        const out = userSendsSubscription(pair.user, contact, type, { preApproval: PRE_APPROVAL });
+        if (!out.route || kind === 'remote') return { user: out.entry, outcome: { out } };
+        if (kind === 'no-account') {
+          // RFC 6121 §8.5.1 (no such user): a "subscribe" is answered with "unsubscribed" on
+          // the would-be contact's behalf; the other three types are ignored.
+          const answer = answerForUnknownAccount(type);
+          if (!answer) return { user: out.entry, outcome: { out } };
+          const atUser = contactReceivesSubscription(out.entry, contact, answer, '');
+          return { user: atUser.entry, outcome: { out, reply: { type: answer, atUser } } };
+        }
+        const inbound = contactReceivesSubscription(pair.contact, user, type, requestToKeep(outgoing));
+        let userEntry = out.entry;
+        let reply: PairOutcome['reply'];
+        if (inbound.autoReply) {
+          // A.3.1: "Server SHOULD auto-reply with 'subscribed'" (and §3.4 for a pre-approval):
+          // the reply reaches the user's server at once, in the same write.
+          const atUser = contactReceivesSubscription(userEntry, contact, inbound.autoReply, '');
+          userEntry = atUser.entry;
+          reply = { type: inbound.autoReply, atUser };
+        }
+        return { user: userEntry, contact: inbound.entry, outcome: { out, inbound, reply } };
+      },
+    );
+  } catch (error) {
+    throw asStanzaError(error);
+  }
+  const { out, inbound, reply } = result.outcome;
+  await pushRosterItem(server, user, contact, result.user);
+  if (result.contact) await pushRosterItem(server, contact, user, result.contact);
+  if (kind === 'remote') {
+    if (out.route) throw remoteUnreachable();
+    return;
+  }
+  if (!out.route) return;
+  const online = await server.sessions.availableResourcesOf(kind === 'account' ? [user, contact] : [user]);
+  const userResources = online.get(user) ?? [];
+  const contactResources = online.get(contact) ?? [];
+  if (inbound?.deliver) {
+    // §3.1.3: delivered to the contact's available resources now; a "subscribe" is also kept
+    // (Pending In) and delivered again at the contact's next initial presence until answered.
+    await deliverToMany(server, contactResources, () => clone(outgoing));
+  }
+  if (reply?.atUser.deliver) {
+    await deliverToMany(server, userResources, () => subscriptionStanza(reply.type, contact, user));
+  }
+  // The presence that follows a change (the appendix's tables say who is subscribed now).
+  await presenceEffect(server, out.presence, userResources, contactResources);
+  await presenceEffect(server, inbound?.presence, contactResources, userResources);
+  if (reply?.type === 'subscribed') {
+    // The contact approved (pre-approval, or already approved): §3.1.5, its resources'
+    // presence goes to the user.
+    await sendPresenceOf(server, contactResources, userResources, 'available');
+  }
+}
+
+async function presenceEffect(
+  server: Server,
+  effect: PresenceEffect | undefined,
+  from: ResourceRecord[],
+  to: ResourceRecord[],
+): Promise<void> {
+  if (effect) await sendPresenceOf(server, from, to, effect);
+}
+
+/**
+ * The presence of each of `from` (the last broadcast one, or unavailable) to each of `to`,
+ * addressed to the recipient's bare JID as a broadcast is (§4.2.2).
+ */
+async function sendPresenceOf(
+  server: Server,
+  from: ResourceRecord[],
+  to: ResourceRecord[],
+  effect: PresenceEffect,
+): Promise<void> {
+  if (from.length === 0 || to.length === 0) return;
+  await deliverToMany(server, to, (recipient) =>
+    from.map((sender) => presenceOfResource(sender, recipient.user, effect)),
+  );
+}
+
+function presenceOfResource(sender: ResourceRecord, to: string, effect: PresenceEffect): Element {
+  const from = `${sender.user}/${sender.resource}`;
+  if (effect === 'unavailable' || !sender.presence) {
+    return new Element('presence', { from, to, type: 'unavailable' });
+  }
+  const stanza = parse(sender.presence);
+  stanza.attrs.from = from;
+  stanza.attrs.to = to;
+  return stanza;
+}
+
+/**
+ * §4.3 a probe sent by a client (servers send them on a user's behalf; a client may too):
+ * answered as the contact's server answers one (§4.3.2).
+ */
+async function probe(stream: BoundStream, contact: string): Promise<void> {
+  const { server } = stream;
+  const kind = await contactKind(server, contact);
+  if (kind === 'remote') throw remoteUnreachable();
+  const entry = kind === 'account' ? await server.roster.getEntry(contact, stream.user) : undefined;
+  // §4.3.2: "If the user's bare JID is not in the contact's roster with a subscription state of
+  // 'From', 'From + Pending Out', or 'Both', then the contact's server MUST return a presence
+  // stanza of type 'unsubscribed'" (and §8.5.1 allows the same for an account that does not exist).
+  if (answerProbe(entry) === 'unsubscribed') {
+    await stream.send(subscriptionStanza('unsubscribed', contact, fullJid(stream.jid)));
+    return;
+  }
+  const resources = (await server.sessions.availableResourcesOf([contact])).get(contact) ?? [];
+  if (resources.length === 0) {
+    // §4.3.2: with no available resource the server either sends the last unavailable presence
+    // or nothing; an unavailable presence from the bare JID says the same without storing one.
+    await stream.send(
+      new Element('presence', { from: contact, to: fullJid(stream.jid), type: 'unavailable' }),
+    );
+    return;
+  }
+  for (const resource of resources) {
+    await stream.send(presenceOfResource(resource, fullJid(stream.jid), 'available'));
+  }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * §4 presence between contacts
+ * ---------------------------------------------------------------------------------------- */
+
+const hasFrom = (entry: RosterEntry) => entry.subscription === 'from' || entry.subscription === 'both';
+
+function isLocal(server: Server, jid: string): boolean {
+  return jid.slice(jid.indexOf('@') + 1) === server.config.domain;
+}
+
+/**
+ * §4.2.2 / §4.4.2 / §4.5.2: the user's broadcast presence goes to every contact subscribed to it
+ * (subscription 'from' or 'both'): one Query for the roster, one batch read of those contacts'
+ * available resources, one post per resource. Returns the contacts it was addressed to.
+ */
+async function broadcastToSubscribers(
+  server: Server,
+  user: string,
+  stanzaFor: (to: string) => Element,
+): Promise<Set<string>> {
+  const roster = await server.roster.getRoster(user);
+  const subscribers = presenceSubscribers(roster.items).filter((c) => isLocal(server, c));
+  const online = await server.sessions.availableResourcesOf(subscribers);
+  const targets = subscribers.flatMap((contact) => online.get(contact) ?? []);
+  await deliverToMany(server, targets, (target) => stanzaFor(target.user));
+  return new Set(subscribers);
+}
+
+/** Directed-presence recipients not among `told` (bare JIDs already told by the broadcast). */
+function notTold(directedTo: string[], told: Set<string>): string[] | undefined {
+  const rest = directedTo.filter((jid) => !told.has(jid.split('/')[0] as string));
+  return rest.length > 0 ? rest : undefined;
+}
+
+async function contactsOnAvailability(
+  stream: BoundStream,
+  stanza: Element,
+  available: boolean,
+  initial: boolean,
+): Promise<void> {
+  const { server } = stream;
+  const user = stream.user;
+  const roster = await server.roster.getRoster(user);
+  const subscribers = presenceSubscribers(roster.items).filter((c) => isLocal(server, c));
+  // §4.2.2: "the user's server MUST send a presence probe from the user's bare JID to each
+  // contact to which the user is subscribed" — for a local contact, the probe is answered here
+  // directly (§4.3.2) from the contact's resources as read.
+  const probed = initial && available ? probeTargets(roster.items).filter((c) => isLocal(server, c)) : [];
+  const online = await server.sessions.availableResourcesOf([...subscribers, ...probed]);
+
+  const targets = subscribers.flatMap((contact) => online.get(contact) ?? []);
+  await deliverToMany(server, targets, (target) => {
+    const copy = clone(stanza);
+    copy.attrs.to = target.user;
+    return copy;
+  });
+  if (!available) {
+    // The presence module tells directed-presence recipients after this hook: not those told here.
+    const rest = stream.state.directedTo ? notTold(stream.state.directedTo, new Set(subscribers)) : undefined;
+    if (rest?.length !== stream.state.directedTo?.length) stream.update({ directedTo: rest });
+    return;
+  }
+  if (!initial) return;
+  const me = fullJid(stream.jid);
+  // §4.3.2: "the full XML of the last presence stanza with no 'to' attribute received by the
+  // server from each of the contact's available resources".
+  const answers = probed.flatMap((contact) =>
+    (online.get(contact) ?? []).map((resource) => presenceOfResource(resource, me, 'available')),
+  );
+  await sendAll(stream, answers);
+  // §3.1.3: "the contact's server MUST keep a record of the subscription request and deliver
+  // the request when the contact next creates an available resource, until the contact either
+  // approves or denies the request" — one stored request per contact, never more.
+  for (const request of pendingRequestsToRedeliver(roster.pendingIn)) {
+    const element = parse(request);
+    element.attrs.to = user;
+    await stream.send(element);
+  }
+}
+
+/**
+ * Many stanzas to the stream's own session. Without stream management their order does not
+ * matter (presence of different contacts), so up to FAN_OUT_CONCURRENCY posts are in flight;
+ * with it, one after the other, so the queue's numbering follows the order of the posts.
+ */
+async function sendAll(stream: BoundStream, stanzas: Element[]): Promise<void> {
+  const concurrency = stream.state.sm ? 1 : FAN_OUT_CONCURRENCY;
+  let next = 0;
+  const worker = async () => {
+    while (next < stanzas.length) await stream.send(stanzas[next++] as Element);
+  };
+  await Promise.all(Array.from({ length: Math.min(concurrency, stanzas.length) }, worker));
+}
