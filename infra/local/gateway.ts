@@ -9,8 +9,8 @@
  *   one at a time, in order; connections proceed concurrently; failures are redelivered.
  * - The `@connections` management API (POST, GET, DELETE) on the same HTTP server, so the real
  *   `@aws-sdk/client-apigatewaymanagementapi` client works against `managementEndpoint`.
- * - API Gateway's limits: 128 KB messages (1009), no binary frames (1003), the idle timeout
- *   (1001) and the two-hour connection cut.
+ * - API Gateway's limits: 32 KB frames and 128 KB messages from clients (1009), 128 KB posts
+ *   (413), no binary frames (1003), the idle timeout (1001) and the two-hour connection cut.
  */
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import { createServer, type IncomingMessage, type ServerResponse, STATUS_CODES } from 'node:http';
@@ -19,6 +19,7 @@ import type { Duplex } from 'node:stream';
 import type { Context, SQSBatchResponse, SQSEvent, SQSRecord } from 'aws-lambda';
 import { type RawData, WebSocket, WebSocketServer } from 'ws';
 import { encodeQueueMessage, type QueueMessage } from '../../shared/queue-message.ts';
+import { watchFrameSizes } from './frame-limit.ts';
 
 // ---------------------------------------------------------------------------------------------
 // Public types
@@ -89,6 +90,11 @@ export interface GatewayOptions {
   maxConnectionMs?: number;
   /** Largest message in either direction; default 128 KB as on AWS. */
   maxMessageBytes?: number;
+  /**
+   * Largest single frame from a client; default 32 KB as on AWS. A bigger one closes the socket
+   * with 1009 even when the message it belongs to is within `maxMessageBytes`.
+   */
+  maxFrameBytes?: number;
   /** Stage name in events and the optional `/{stage}` prefix of the management API; default `local`. */
   stage?: string;
   apiId?: string;
@@ -157,6 +163,7 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
   const idleTimeoutMs = options.idleTimeoutMs ?? 600_000;
   const maxConnectionMs = options.maxConnectionMs ?? 2 * 3600_000;
   const maxMessageBytes = options.maxMessageBytes ?? 128 * 1024;
+  const maxFrameBytes = options.maxFrameBytes ?? 32 * 1024;
   const log = options.log ?? ((line: string) => process.stderr.write(`${line}\n`));
 
   const connections = new Map<string, Connection>();
@@ -234,6 +241,11 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
     const protocol = headerValue(result.headers, 'Sec-WebSocket-Protocol');
     if (protocol !== undefined) chosenProtocols.set(request, protocol);
     wss.handleUpgrade(request, socket, head, (ws) => {
+      // Ahead of ws's own listener, so an oversized frame is refused before ws could deliver it.
+      socket.prependListener(
+        'data',
+        watchFrameSizes(maxFrameBytes, () => ws.close(1009, 'Frame too big')),
+      );
       open(connectionId, ws, event.requestContext);
     });
   }
