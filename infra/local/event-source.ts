@@ -212,8 +212,10 @@ export class FifoEventSource {
   }
 
   private poll(): void {
+    let now = Date.now();
     while (this.running < this.options.concurrency) {
-      const batch = this.receive(Date.now());
+      now = Date.now();
+      const batch = this.receive(now);
       if (batch.length === 0) break;
       this.running += 1;
       void this.invoke(batch).finally(() => {
@@ -222,7 +224,7 @@ export class FifoEventSource {
         this.poll();
       });
     }
-    this.wakeAtNextVisibility();
+    this.wakeAtNextVisibility(now);
     this.notifyIfDrained();
   }
 
@@ -279,8 +281,11 @@ export class FifoEventSource {
     if (index >= 0) group.splice(index, 1);
   }
 
-  private wakeAtNextVisibility(): void {
-    const now = Date.now();
+  /**
+   * Polls again when the next in-flight message becomes visible. `now` must be the time the
+   * last receive used: a group it found locked has to be woken even if that moment has passed.
+   */
+  private wakeAtNextVisibility(now: number): void {
     let next = Number.POSITIVE_INFINITY;
     for (const group of this.groups.values()) {
       for (const message of group)
@@ -289,10 +294,13 @@ export class FifoEventSource {
     if (next === this.visibilityWakeAt || next === Number.POSITIVE_INFINITY) return;
     clearTimeout(this.visibilityTimer);
     this.visibilityWakeAt = next;
-    this.visibilityTimer = setTimeout(() => {
-      this.visibilityWakeAt = Number.POSITIVE_INFINITY;
-      this.schedulePoll();
-    }, next - now).unref();
+    this.visibilityTimer = setTimeout(
+      () => {
+        this.visibilityWakeAt = Number.POSITIVE_INFINITY;
+        this.schedulePoll();
+      },
+      Math.max(0, next - Date.now()),
+    ).unref();
   }
 
   private notifyIfDrained(): void {

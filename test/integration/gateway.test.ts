@@ -390,7 +390,7 @@ describe('frames through the FIFO queue', () => {
         if (event.frame === 'poison') return 'fail';
         return 'ok';
       },
-      { maxReceiveCount: 3, visibilityTimeoutMs: 10 },
+      { maxReceiveCount: 3, visibilityTimeoutMs: 100 },
     );
     const client = await connect(harness.gateway.url);
     const connectionId = harness.connects[0].requestContext.connectionId;
