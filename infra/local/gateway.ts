@@ -4,21 +4,35 @@
  * - `$connect` → the connect handler, with the event API Gateway builds; its answer decides the
  *   handshake (status, `Sec-WebSocket-Protocol`).
  * - `$default` and `$disconnect` → an emulation of the SQS FIFO queue (MessageGroupId =
- *   connectionId) → the stream handler, with SQS records carrying the same body as the API
- *   Gateway → SQS integration (`shared/queue-message.ts`). One connection's records are handled
- *   one at a time, in order; connections proceed concurrently; failures are redelivered.
+ *   connectionId) and its Lambda event source → the stream handler, with SQS records carrying
+ *   the same body as the API Gateway → SQS integration (`shared/queue-message.ts`). One
+ *   connection's records are handled one batch at a time, in order; connections proceed
+ *   concurrently; failures come back after the visibility timeout (event-source.ts).
  * - The `@connections` management API (POST, GET, DELETE) on the same HTTP server, so the real
  *   `@aws-sdk/client-apigatewaymanagementapi` client works against `managementEndpoint`.
- * - API Gateway's limits: 128 KB messages (1009), no binary frames (1003), the idle timeout
- *   (1001) and the two-hour connection cut.
+ * - API Gateway's limits: 32 KB frames and 128 KB messages from clients (1009), 128 KB posts
+ *   (413), no binary frames (1003), the idle timeout (1001) and the two-hour connection cut.
+ * - Optional faults from a seeded schedule (faults.ts): PostToConnection answering 410, 429,
+ *   500, slowly or never, lost deletes and functions dying mid-batch in the event source.
  */
-import { createHash, randomBytes, randomUUID } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { createServer, type IncomingMessage, type ServerResponse, STATUS_CODES } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
-import type { Context, SQSBatchResponse, SQSEvent, SQSRecord } from 'aws-lambda';
+import type { Context } from 'aws-lambda';
 import { type RawData, WebSocket, WebSocketServer } from 'ws';
 import { encodeQueueMessage, type QueueMessage } from '../../shared/queue-message.ts';
+import {
+  DEPLOYED_EVENT_SOURCE,
+  type DeadLetter,
+  FifoEventSource,
+  type StreamHandler,
+} from './event-source.ts';
+import { FaultCounts, type FaultOptions, faultStream, pickFault, type Random } from './faults.ts';
+import { watchFrameSizes } from './frame-limit.ts';
+import { lambdaContext } from './lambda-context.ts';
+
+export type { DeadLetter, StreamHandler, StreamResult } from './event-source.ts';
 
 // ---------------------------------------------------------------------------------------------
 // Public types
@@ -69,10 +83,6 @@ export interface ConnectResult {
 }
 
 export type ConnectHandler = (event: ConnectEvent, context: Context) => Promise<ConnectResult>;
-/** A batch response naming the records to deliver again, or nothing when all succeeded. */
-// biome-ignore lint/suspicious/noConfusingVoidType: a handler declared `Promise<void>` must fit too
-export type StreamResult = SQSBatchResponse | undefined | void;
-export type StreamHandler = (event: SQSEvent, context: Context) => Promise<StreamResult>;
 
 export interface GatewayOptions {
   /** Default `127.0.0.1`. */
@@ -89,19 +99,44 @@ export interface GatewayOptions {
   maxConnectionMs?: number;
   /** Largest message in either direction; default 128 KB as on AWS. */
   maxMessageBytes?: number;
+  /**
+   * Largest single frame from a client; default 32 KB as on AWS. A bigger one closes the socket
+   * with 1009 even when the message it belongs to is within `maxMessageBytes`.
+   */
+  maxFrameBytes?: number;
   /** Stage name in events and the optional `/{stage}` prefix of the management API; default `local`. */
   stage?: string;
   apiId?: string;
   region?: string;
-  /** Records per stream invocation, all of one connection (the event source's BatchSize); default 1, at most 10. */
+  /**
+   * Records per stream invocation (the event source's BatchSize), possibly of several
+   * connections; default 1, at most 10 (the stack and `startLocalStack` use 10).
+   */
   batchSize?: number;
   /**
    * Deliveries of a record before it is dropped, where AWS moves it to the dead-letter queue;
    * default 5, the redrive policy of the stack's FrameQueue.
    */
   maxReceiveCount?: number;
-  /** Pause before a failed record is delivered again (the visibility timeout); default 50 ms. */
-  retryDelayMs?: number;
+  /**
+   * How long a received record stays invisible: a record reported failed, or the batch of an
+   * invocation that threw or timed out, is delivered again this long after it was received.
+   * Default 180 s, the FrameQueue's (six times the stream function's timeout).
+   */
+  visibilityTimeoutMs?: number;
+  /**
+   * A stream invocation running longer is abandoned (its batch delivered again after the
+   * visibility timeout, whatever it already did); default 30 s, the stream function's timeout.
+   */
+  functionTimeoutMs?: number;
+  /**
+   * Stream invocations at once; default 1,000 (the stack sets no maximum concurrency on the
+   * event source, so Lambda's default account limit applies). A small value makes batches mix
+   * connections, as they do on AWS when invocations are busy.
+   */
+  concurrency?: number;
+  /** Faults to inject (the `duplicate`, `dieMidBatch` and `post` parts; `dynamodb` is the stack's). */
+  faults?: FaultOptions;
   /** Where failures are reported; default stderr. */
   log?: (line: string) => void;
 }
@@ -116,6 +151,12 @@ export interface Gateway {
   connectionCount(): number;
   /** Resolves once every queued record has been handled (or dropped). */
   drained(): Promise<void>;
+  /** Messages in the queue, in flight or waiting. */
+  queuedMessages(): number;
+  /** Records the dead-letter queue received (dropped after `maxReceiveCount` deliveries). */
+  deadLetters(): readonly DeadLetter[];
+  /** Faults injected so far, by name (`duplicate`, `dieMidBatch`, `post.gone`, …). */
+  faultsInjected(): Record<string, number>;
   /** Closes every socket (1001), delivers the resulting `$disconnect`s, stops listening. */
   close(): Promise<void>;
 }
@@ -157,18 +198,26 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
   const idleTimeoutMs = options.idleTimeoutMs ?? 600_000;
   const maxConnectionMs = options.maxConnectionMs ?? 2 * 3600_000;
   const maxMessageBytes = options.maxMessageBytes ?? 128 * 1024;
+  const maxFrameBytes = options.maxFrameBytes ?? 32 * 1024;
   const log = options.log ?? ((line: string) => process.stderr.write(`${line}\n`));
+  const faults = options.faults;
+  const faultCounts = new FaultCounts();
+  const postFaults: Random | undefined = faults?.post ? faultStream(faults.seed, 'post') : undefined;
 
   const connections = new Map<string, Connection>();
   const pendingHandshakes = new Set<Promise<void>>();
-  const queue = new FifoQueue({
+  const queue = new FifoEventSource({
     handler: options.stream,
     batchSize: Math.min(Math.max(options.batchSize ?? 1, 1), 10),
-    maxReceiveCount: Math.max(options.maxReceiveCount ?? 5, 1),
-    retryDelayMs: options.retryDelayMs ?? 50,
+    maxReceiveCount: Math.max(options.maxReceiveCount ?? DEPLOYED_EVENT_SOURCE.maxReceiveCount, 1),
+    visibilityTimeoutMs: options.visibilityTimeoutMs ?? DEPLOYED_EVENT_SOURCE.visibilityTimeoutMs,
+    functionTimeoutMs: options.functionTimeoutMs ?? DEPLOYED_EVENT_SOURCE.functionTimeoutMs,
+    concurrency: Math.max(options.concurrency ?? DEPLOYED_EVENT_SOURCE.concurrency, 1),
     queueArn: `arn:aws:sqs:${region}:000000000000:nimbus-${stage}-stream.fifo`,
     region,
     log,
+    faults,
+    faultCounts,
   });
   let closing = false;
 
@@ -220,7 +269,7 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
 
     const connectionId = newConnectionId(connections);
     const event = connectEvent(request, url, { connectionId, stage, apiId });
-    const result = await options.connect(event, lambdaContext('connect', region));
+    const result = await options.connect(event, lambdaContext('connect', region, CONNECT_TIMEOUT_MS));
     const statusCode = result?.statusCode ?? 200;
     if (statusCode < 200 || statusCode > 299) {
       return refuseHandshake(socket, statusCode, result.body ?? '', result.headers);
@@ -234,6 +283,11 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
     const protocol = headerValue(result.headers, 'Sec-WebSocket-Protocol');
     if (protocol !== undefined) chosenProtocols.set(request, protocol);
     wss.handleUpgrade(request, socket, head, (ws) => {
+      // Ahead of ws's own listener, so an oversized frame is refused before ws could deliver it.
+      socket.prependListener(
+        'data',
+        watchFrameSizes(maxFrameBytes, () => ws.close(1009, 'Frame too big')),
+      );
       open(connectionId, ws, event.requestContext);
     });
   }
@@ -339,12 +393,37 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
           return;
         }
         if (connection === undefined || connection.socket.readyState !== WebSocket.OPEN) return gone();
+        const fault = postFaults && pickPostFault(postFaults, faults?.post ?? {});
+        if (fault !== undefined) {
+          faultCounts.add(`post.${fault}`);
+          log(`[gateway] fault: PostToConnection ${connectionId}: ${fault}`);
+        }
+        switch (fault) {
+          case 'gone':
+            // Gone means gone: the socket drops as a vanished client's would, and $disconnect follows.
+            connection.socket.terminate();
+            return gone();
+          case 'throttle':
+            return sendError(response, 429, 'LimitExceededException', 'Rate exceeded');
+          case 'serverError':
+            return sendError(response, 500, 'InternalServerErrorException', 'Internal server error');
+          case 'slow':
+            await delay(faults?.post?.slowMs ?? 1_000);
+            if (connection.socket.readyState !== WebSocket.OPEN) return gone();
+            break;
+        }
         try {
           await sendFrame(connection.socket, data);
         } catch {
           return gone();
         }
         touch(connection);
+        if (fault === 'timeout') {
+          // Delivered, but the caller never hears so: its connection drops unanswered.
+          await delay(faults?.post?.timeoutMs ?? 1_000);
+          response.socket?.destroy();
+          return;
+        }
         sendEmpty(response, 200);
         return;
       }
@@ -391,6 +470,9 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
     managementEndpoint: `http://${authority}`,
     connectionCount: () => connections.size,
     drained: () => queue.drained(),
+    queuedMessages: () => queue.size(),
+    deadLetters: () => queue.deadLetters(),
+    faultsInjected: () => faultCounts.snapshot(),
     async close(): Promise<void> {
       if (closing) return;
       closing = true;
@@ -399,6 +481,7 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
       await Promise.all([...connections.values()].map((connection) => closeSocket(connection.socket)));
       server.closeAllConnections();
       await stopped;
+      queue.hurry();
       await queue.drained();
     },
   };
@@ -406,6 +489,25 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
 
 // ---------------------------------------------------------------------------------------------
 // Handshake and management API helpers
+
+/** The connect function's timeout in the stack. */
+const CONNECT_TIMEOUT_MS = 10_000;
+
+type PostFault = 'gone' | 'throttle' | 'serverError' | 'timeout' | 'slow';
+
+function pickPostFault(random: Random, rates: NonNullable<FaultOptions['post']>): PostFault | undefined {
+  return pickFault<PostFault>(random, [
+    ['gone', rates.gone],
+    ['throttle', rates.throttle],
+    ['serverError', rates.serverError],
+    ['timeout', rates.timeout],
+    ['slow', rates.slow],
+  ])?.fault;
+}
+
+function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms).unref());
+}
 
 function connectEvent(
   request: IncomingMessage,
@@ -587,170 +689,4 @@ function sendError(response: ServerResponse, statusCode: number, errorType: stri
 
 function describe(error: unknown): string {
   return error instanceof Error ? (error.stack ?? error.message) : String(error);
-}
-
-function lambdaContext(name: string, region: string): Context {
-  const functionName = `nimbus-local-${name}`;
-  const deadline = Date.now() + 30_000;
-  return {
-    callbackWaitsForEmptyEventLoop: true,
-    functionName,
-    functionVersion: '$LATEST',
-    invokedFunctionArn: `arn:aws:lambda:${region}:000000000000:function:${functionName}`,
-    memoryLimitInMB: '1024',
-    awsRequestId: randomUUID(),
-    logGroupName: `/aws/lambda/${functionName}`,
-    logStreamName: 'local',
-    getRemainingTimeInMillis: () => Math.max(0, deadline - Date.now()),
-    done: () => {},
-    fail: () => {},
-    succeed: () => {},
-  };
-}
-
-// ---------------------------------------------------------------------------------------------
-// The SQS FIFO queue and its Lambda event source mapping
-
-interface QueuedMessage {
-  messageId: string;
-  body: string;
-  groupId: string;
-  deduplicationId: string;
-  sequenceNumber: string;
-  sentTimestamp: number;
-  firstReceiveTimestamp?: number;
-  receiveCount: number;
-}
-
-interface FifoQueueOptions {
-  handler: StreamHandler;
-  batchSize: number;
-  maxReceiveCount: number;
-  retryDelayMs: number;
-  queueArn: string;
-  region: string;
-  log: (line: string) => void;
-}
-
-/**
- * One message group per connection: a group's messages are delivered one batch at a time, in
- * order, and a failed message is delivered again before anything behind it (FIFO semantics);
- * after `maxReceiveCount` deliveries it is dropped, where AWS would move it to the DLQ.
- */
-class FifoQueue {
-  private readonly groups = new Map<string, QueuedMessage[]>();
-  private readonly idleWaiters: Array<() => void> = [];
-  // SQS FIFO sequence numbers are large decimal strings that only grow.
-  private nextSequence = 18_000_000_000_000_000_000n;
-
-  constructor(private readonly options: FifoQueueOptions) {}
-
-  send(groupId: string, body: string, deduplicationId: string): void {
-    const message: QueuedMessage = {
-      messageId: randomUUID(),
-      body,
-      groupId,
-      deduplicationId,
-      sequenceNumber: String(this.nextSequence++),
-      sentTimestamp: Date.now(),
-      receiveCount: 0,
-    };
-    const pending = this.groups.get(groupId);
-    if (pending !== undefined) {
-      pending.push(message);
-      return;
-    }
-    const group = [message];
-    this.groups.set(groupId, group);
-    void this.drainGroup(groupId, group);
-  }
-
-  drained(): Promise<void> {
-    if (this.groups.size === 0) return Promise.resolve();
-    return new Promise((resolve) => this.idleWaiters.push(resolve));
-  }
-
-  private async drainGroup(groupId: string, pending: QueuedMessage[]): Promise<void> {
-    // Start on a later tick so that frames arriving together can share a batch.
-    await Promise.resolve();
-    while (pending.length > 0) {
-      const batch = pending.slice(0, this.options.batchSize);
-      const failed = await this.deliver(batch);
-      pending.splice(0, batch.length);
-      const redeliver: QueuedMessage[] = [];
-      for (const message of batch) {
-        if (!failed.has(message.messageId)) continue;
-        if (message.receiveCount >= this.options.maxReceiveCount) {
-          this.options.log(
-            `[gateway] dropped message ${message.messageId} of connection ${groupId} after ` +
-              `${message.receiveCount} deliveries (the dead-letter queue on AWS): ${message.body}`,
-          );
-        } else {
-          redeliver.push(message);
-        }
-      }
-      if (redeliver.length > 0) {
-        pending.unshift(...redeliver);
-        await new Promise((resolve) => setTimeout(resolve, this.options.retryDelayMs));
-      }
-    }
-    this.groups.delete(groupId);
-    if (this.groups.size === 0) {
-      for (const resolve of this.idleWaiters.splice(0)) resolve();
-    }
-  }
-
-  /** Calls the handler; answers the ids of the messages to deliver again. */
-  private async deliver(batch: QueuedMessage[]): Promise<Set<string>> {
-    const now = Date.now();
-    const records = batch.map((message) => {
-      message.receiveCount += 1;
-      message.firstReceiveTimestamp ??= now;
-      return this.record(message);
-    });
-    const everything = new Set(batch.map((message) => message.messageId));
-    let response: StreamResult;
-    try {
-      response = await this.options.handler(
-        { Records: records },
-        lambdaContext('stream', this.options.region),
-      );
-    } catch (error) {
-      this.options.log(`[gateway] stream handler failed: ${describe(error)}`);
-      return everything;
-    }
-    const failures = response?.batchItemFailures ?? [];
-    const failed = new Set<string>();
-    for (const failure of failures) {
-      // Lambda treats an unknown or empty identifier as the failure of the whole batch.
-      if (!everything.has(failure.itemIdentifier)) {
-        this.options.log(`[gateway] stream handler reported unknown item '${failure.itemIdentifier}'`);
-        return everything;
-      }
-      failed.add(failure.itemIdentifier);
-    }
-    return failed;
-  }
-
-  private record(message: QueuedMessage): SQSRecord {
-    return {
-      messageId: message.messageId,
-      receiptHandle: randomBytes(48).toString('base64'),
-      body: message.body,
-      attributes: {
-        ApproximateReceiveCount: String(message.receiveCount),
-        SentTimestamp: String(message.sentTimestamp),
-        SequenceNumber: message.sequenceNumber,
-        MessageGroupId: message.groupId,
-        SenderId: 'AROALOCALGATEWAY:apigateway',
-        MessageDeduplicationId: message.deduplicationId,
-        ApproximateFirstReceiveTimestamp: String(message.firstReceiveTimestamp ?? message.sentTimestamp),
-      },
-      messageAttributes: {},
-      md5OfBody: createHash('md5').update(message.body).digest('hex'),
-      eventSource: 'aws:sqs',
-      eventSourceARN: this.options.queueArn,
-      awsRegion: this.options.region,
-    };
-  }
 }

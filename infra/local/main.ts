@@ -1,12 +1,15 @@
 /**
  * `npm start`: DynamoDB Local (or DYNAMODB_ENDPOINT), the tables, and the gateway emulator
- * serving ws://127.0.0.1:5280/xmpp-websocket for the domain `localhost`.
+ * serving ws://127.0.0.1:5280/xmpp-websocket for the domain `localhost`. NIMBUS_EVENT_SOURCE
+ * changes the queue's settings and NIMBUS_FAULTS injects faults (both JSON, see the README).
  */
 import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import { loadConfig } from '../../shared/config.ts';
 import { createLogger } from '../../shared/log.ts';
 import { createTables, tableNamesOf } from './create-tables.ts';
 import { type DynamoDbLocal, startDynamoDbLocal } from './dynamodb-local.ts';
+import { parseEventSourceSettings } from './event-source.ts';
+import { parseFaultOptions } from './faults.ts';
 import { startLocalStack } from './stack.ts';
 
 // The runtime on AWS is Node.js 22; locally Node 20 is fine, without the SDK's nag about it.
@@ -17,6 +20,9 @@ const env = process.env;
 const log = createLogger();
 
 async function main(): Promise<void> {
+  // Checked before anything starts, so a typo costs no Java start-up.
+  const faults = env.NIMBUS_FAULTS ? parseFaultOptions(env.NIMBUS_FAULTS) : undefined;
+  const eventSource = env.NIMBUS_EVENT_SOURCE ? parseEventSourceSettings(env.NIMBUS_EVENT_SOURCE) : undefined;
   let database: DynamoDbLocal | undefined;
   let endpoint = env.DYNAMODB_ENDPOINT;
   if (!endpoint) {
@@ -44,6 +50,8 @@ async function main(): Promise<void> {
     port: Number(env.PORT || 5280),
     idleTimeoutMs: env.IDLE_TIMEOUT_SECONDS ? Number(env.IDLE_TIMEOUT_SECONDS) * 1000 : undefined,
     log,
+    eventSource,
+    faults,
   });
 
   const lines = [
@@ -52,6 +60,8 @@ async function main(): Promise<void> {
     `  XMPP domain:         ${config.domain}`,
     `  DynamoDB:            ${endpoint}${database ? (env.NIMBUS_DATA_DIR ? ` (DynamoDB Local, data in ${env.NIMBUS_DATA_DIR})` : ' (DynamoDB Local, in memory)') : ''}`,
     `  Add a user:          npm run user -- add alice@${config.domain} secret`,
+    ...(eventSource ? [`  Event source:        ${JSON.stringify(eventSource)}`] : []),
+    ...(faults ? [`  Injecting faults:    ${JSON.stringify(faults)}`] : []),
   ];
   process.stdout.write(`${lines.join('\n')}\n`);
 
@@ -60,6 +70,7 @@ async function main(): Promise<void> {
     if (stopping) return;
     stopping = true;
     process.stdout.write(`\n${signal}: stopping\n`);
+    if (faults) process.stdout.write(`Faults injected: ${JSON.stringify(stack.faultsInjected())}\n`);
     await stack.close();
     await database?.stop();
     process.exit(0);

@@ -1,7 +1,8 @@
 /**
  * The local stack: the same handlers that run on AWS (functions/*), behind the gateway
  * emulator, with the outbound port pointed at the emulator's `@connections` endpoint through
- * the real API Gateway Management API client.
+ * the real API Gateway Management API client. With `faults`, the emulator and the server's
+ * DynamoDB client fail on a seeded schedule (faults.ts).
  */
 import { createConnectHandler } from '../../functions/connect.ts';
 import { createStreamHandler } from '../../functions/stream.ts';
@@ -10,6 +11,10 @@ import type { Config } from '../../shared/config.ts';
 import type { Logger } from '../../shared/log.ts';
 import { apiGatewayPort } from '../../shared/outbound.ts';
 import { createServer, type Server } from '../../shared/server.ts';
+import { createDocumentClient } from '../../shared/store/dynamo.ts';
+import { injectDynamoDbFaults } from './dynamodb-faults.ts';
+import { DEPLOYED_EVENT_SOURCE, type EventSourceSettings } from './event-source.ts';
+import { FaultCounts, type FaultOptions } from './faults.ts';
 import { type Gateway, startGateway } from './gateway.ts';
 
 export interface LocalStackOptions {
@@ -21,13 +26,25 @@ export interface LocalStackOptions {
   /** How often the sweeper runs, as the stack's one-minute schedule does; 0 turns it off. */
   sweepIntervalMs?: number;
   log?: Logger;
+  /** The queue and event source (see GatewayOptions); each default is the deployed value. */
+  eventSource?: EventSourceSettings;
+  /** Faults to inject; none by default. */
+  faults?: FaultOptions;
 }
 
 export interface LocalStack {
   url: string;
   gateway: Gateway;
   server: Server;
+  /** Faults injected so far, by name (`post.gone`, `dynamodb.throttle`, `duplicate`, …). */
+  faultsInjected(): Record<string, number>;
   close(): Promise<void>;
+}
+
+/** The emulator's lines through the stack's logger: injected faults at debug, trouble at warn. */
+function gatewayLog(log: Logger | undefined): ((line: string) => void) | undefined {
+  if (log === undefined) return undefined;
+  return (line) => (line.includes('] fault: ') ? log.debug(line) : log.warn(line));
 }
 
 export async function startLocalStack(options: LocalStackOptions): Promise<LocalStack> {
@@ -36,20 +53,35 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
     if (!server) throw new Error('local stack not ready');
     return server;
   };
+  const { faults } = options;
   const gateway = await startGateway({
     host: options.host ?? '127.0.0.1',
     port: options.port ?? 5280,
     idleTimeoutMs: options.idleTimeoutMs,
     region: options.config.region,
-    // As the stack's event source mapping: up to ten records of one connection per invocation.
-    batchSize: 10,
+    // As the stack's event source mapping: up to ten records per invocation.
+    batchSize: DEPLOYED_EVENT_SOURCE.batchSize,
+    ...options.eventSource,
+    faults,
+    log: gatewayLog(options.log),
     connect: (event) => createConnectHandler(ready())(event),
     stream: (event) => createStreamHandler(ready())(event),
   });
   const config: Config = { ...options.config, connectionsEndpoint: gateway.managementEndpoint };
+  const doc = createDocumentClient({ endpoint: config.dynamodbEndpoint, region: config.region });
+  const dynamoDbFaults = new FaultCounts();
+  if (faults?.dynamodb) {
+    injectDynamoDbFaults(doc, {
+      seed: faults.seed,
+      rates: faults.dynamodb,
+      counts: dynamoDbFaults,
+      log: (line) => options.log?.debug(line),
+    });
+  }
   server = createServer({
     config,
     port: apiGatewayPort(gateway.managementEndpoint, config.region),
+    doc,
     log: options.log,
   });
   const sweep = createSweeperHandler(server);
@@ -64,6 +96,7 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
     url: gateway.url,
     gateway,
     server,
+    faultsInjected: () => ({ ...gateway.faultsInjected(), ...dynamoDbFaults.snapshot() }),
     close: async () => {
       clearInterval(sweeper);
       await gateway.close();

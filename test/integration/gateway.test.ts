@@ -404,7 +404,7 @@ describe('frames through the FIFO queue', () => {
         if (event.frame === 'poison') return 'fail';
         return 'ok';
       },
-      { maxReceiveCount: 3, retryDelayMs: 10 },
+      { maxReceiveCount: 3, visibilityTimeoutMs: 100 },
     );
     const client = await connect(harness.gateway.url);
     const connectionId = harness.connects[0].requestContext.connectionId;
@@ -464,13 +464,46 @@ describe('frames through the FIFO queue', () => {
 });
 
 describe('limits as on AWS', () => {
-  test('a message of 128 KB passes; one of 129 KB closes the socket with 1009', async () => {
+  test('a frame of 32 KB passes; one of 33 KB closes the socket with 1009 and never reaches the queue', async () => {
     const harness = await startHarness();
     const client = await connect(harness.gateway.url);
     const connectionId = harness.connects[0].requestContext.connectionId;
-    client.socket.send('x'.repeat(128 * 1024));
+    client.socket.send('x'.repeat(32 * 1024));
     await waitFor(() => harness.framesOf(connectionId).length === 1);
-    client.socket.send('y'.repeat(129 * 1024));
+    client.socket.send('y'.repeat(33 * 1024));
+    client.socket.send('after');
+    expect((await client.closed).code).toBe(1009);
+    await waitFor(() => harness.disconnectsOf(connectionId).length === 1);
+    await harness.gateway.drained();
+    expect(harness.framesOf(connectionId).map((frame) => frame.length)).toEqual([32 * 1024]);
+  });
+
+  test('a frame one byte over 32 KB is refused', async () => {
+    const harness = await startHarness();
+    const client = await connect(harness.gateway.url);
+    const connectionId = harness.connects[0].requestContext.connectionId;
+    client.socket.send('x'.repeat(32 * 1024 + 1));
+    expect((await client.closed).code).toBe(1009);
+    await waitFor(() => harness.disconnectsOf(connectionId).length === 1);
+    await harness.gateway.drained();
+    expect(harness.framesOf(connectionId)).toEqual([]);
+  });
+
+  test('a message of 128 KB in 32 KB fragments passes; one of 129 KB closes the socket with 1009', async () => {
+    const harness = await startHarness();
+    const client = await connect(harness.gateway.url);
+    const connectionId = harness.connects[0].requestContext.connectionId;
+    const sendFragmented = (message: string): void => {
+      const fragment = 32 * 1024;
+      for (let start = 0; start < message.length; start += fragment) {
+        client.socket.send(message.slice(start, start + fragment), {
+          fin: start + fragment >= message.length,
+        });
+      }
+    };
+    sendFragmented('x'.repeat(128 * 1024));
+    await waitFor(() => harness.framesOf(connectionId).length === 1);
+    sendFragmented('y'.repeat(129 * 1024));
     expect((await client.closed).code).toBe(1009);
     await waitFor(() => harness.disconnectsOf(connectionId).length === 1);
     await harness.gateway.drained();
@@ -599,15 +632,21 @@ describe('the @connections management API, through the real SDK client', () => {
     expect(harness.gateway.connectionCount()).toBe(0);
   });
 
-  test('a post over the message limit is PayloadTooLargeException', async () => {
+  test('a post over the 128 KB message limit is PayloadTooLargeException (413); one of 128 KB is delivered', async () => {
     const harness = await startHarness();
     const client = await connect(harness.gateway.url);
     const connectionId = lastConnectionId(harness);
-    await expect(
-      harness.management.send(
-        new PostToConnectionCommand({ ConnectionId: connectionId, Data: 'x'.repeat(128 * 1024 + 1) }),
-      ),
-    ).rejects.toBeInstanceOf(PayloadTooLargeException);
+    const tooLarge = await harness.management
+      .send(new PostToConnectionCommand({ ConnectionId: connectionId, Data: 'x'.repeat(128 * 1024 + 1) }))
+      .catch((error: unknown) => error);
+    expect(tooLarge).toBeInstanceOf(PayloadTooLargeException);
+    expect((tooLarge as PayloadTooLargeException).$metadata.httpStatusCode).toBe(413);
+    // The post limit is the message limit, not the client's 32 KB frame limit.
+    await harness.management.send(
+      new PostToConnectionCommand({ ConnectionId: connectionId, Data: 'y'.repeat(128 * 1024) }),
+    );
+    await waitFor(() => client.received.length === 1);
+    expect(client.received[0]).toHaveLength(128 * 1024);
     expect(client.socket.readyState).toBe(WebSocket.OPEN);
   });
 });
