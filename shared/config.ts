@@ -52,6 +52,12 @@ export interface Config {
   smQueueMax: number;
   /** XEP-0198: the server asks for an ack (`<r/>`) after this many stanzas. */
   smAckEvery: number;
+  /** XEP-0198: ...and after this many bytes queued. */
+  smAckBytes: number;
+  /** XEP-0198: unacknowledged bytes a session may hold; past it, senders are told to wait. */
+  smQueueMaxBytes: number;
+  /** XEP-0198: a session whose queue is full and that acknowledged nothing for this long ends. */
+  smAckTimeoutSeconds: number;
   /** XEP-0198: quiet period between switching a resource to its queue and `<enabled/>`. */
   smEnableGraceMs: number;
   /** Per-connection rate limits (core/rate-limit.ts): steady rates and bursts of frames and bytes. */
@@ -87,6 +93,9 @@ export const TUNABLE_SETTINGS = [
   'SM_MAX_SECONDS',
   'SM_QUEUE_MAX',
   'SM_ACK_EVERY',
+  'SM_ACK_BYTES',
+  'SM_QUEUE_MAX_BYTES',
+  'SM_ACK_TIMEOUT_SECONDS',
   'SM_ENABLE_GRACE_MS',
   'ARCHIVE_COLLECTION_GAP_SECONDS',
   'ARCHIVE_TOMBSTONE_DAYS',
@@ -142,6 +151,10 @@ export function loadConfig(env: Env = process.env): Config {
     smMaxSeconds: int(env, 'SM_MAX_SECONDS', 300),
     smQueueMax: int(env, 'SM_QUEUE_MAX', 1000),
     smAckEvery: Math.max(1, int(env, 'SM_ACK_EVERY', 10)),
+    smAckBytes: Math.max(1024, int(env, 'SM_ACK_BYTES', 32768)),
+    // Below DynamoDB's 400 KB item limit with room for one more 128 KB stanza past the bound.
+    smQueueMaxBytes: Math.min(240 * 1024, int(env, 'SM_QUEUE_MAX_BYTES', 192 * 1024)),
+    smAckTimeoutSeconds: int(env, 'SM_ACK_TIMEOUT_SECONDS', 120),
     smEnableGraceMs: int(env, 'SM_ENABLE_GRACE_MS', 200),
     archiveCollectionGapSeconds: int(env, 'ARCHIVE_COLLECTION_GAP_SECONDS', 30 * 60),
     archiveTombstoneDays: int(env, 'ARCHIVE_TOMBSTONE_DAYS', 90),

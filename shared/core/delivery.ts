@@ -9,7 +9,7 @@ import type { Element } from 'ltx';
 import { StanzaError } from '../errors.ts';
 import { type PostResult, serialize } from '../outbound.ts';
 import type { ResourceRecord } from '../store/sessions.ts';
-import type { DeliveryOptions, Server } from './host.ts';
+import type { DeliveryOptions, DeliveryResult, Server } from './host.ts';
 
 /** API Gateway's limit for one message to a client (PostToConnection), in bytes. */
 export const POST_LIMIT_BYTES = 128 * 1024;
@@ -32,6 +32,14 @@ export function tooLargeError(): StanzaError {
   );
 }
 
+/**
+ * The answer to a sender whose recipient's stream-management queue is congested: RFC 6120
+ * §8.3.3.18 <resource-constraint/> of type wait ("retry after waiting").
+ */
+export function congestedError(): StanzaError {
+  return new StanzaError('wait', 'resource-constraint', 'The recipient is not keeping up; try again shortly');
+}
+
 /** Whether a stanza accepted now can still be delivered later, stamps and all. */
 export function fitsTransport(stanza: Element): boolean {
   return Buffer.byteLength(serialize(stanza)) + DELIVERY_OVERHEAD_BYTES <= POST_LIMIT_BYTES;
@@ -45,14 +53,15 @@ export interface DeliveryTarget {
 
 /**
  * Delivers a stanza to a session. Throws the policy-violation StanzaError when it can never be
- * sent. 'gone' means the session no longer exists and the caller must re-route.
+ * sent. 'gone' means the session no longer exists and the caller must re-route; 'full' that the
+ * session's stream-management queue is congested (see congestedError).
  */
 export async function deliver(
   server: Server,
   target: DeliveryTarget | ResourceRecord,
   stanza: Element,
   options: DeliveryOptions = {},
-): Promise<PostResult> {
+): Promise<DeliveryResult> {
   const queue = server.host.stanzaQueue;
   if (target.smId && queue) {
     if (!fitsTransport(stanza)) throw tooLargeError();

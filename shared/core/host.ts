@@ -61,7 +61,7 @@ export interface Stream {
   readonly ended: boolean;
   update(changes: StreamStateChanges): void;
   /** Through the delivery path: with stream management on, stanzas are numbered and queued. */
-  send(element: Element, options?: DeliveryOptions): Promise<PostResult>;
+  send(element: Element, options?: DeliveryOptions): Promise<DeliveryResult>;
   /** Sends the stream error and `<close/>`, ends the session and closes the socket. */
   fail(error: StreamError): Promise<void>;
   /** Sends `<close/>`, ends the session and closes the socket. */
@@ -240,8 +240,15 @@ export interface DeliveryOptions {
  * 'sent' means the queue took responsibility (posted or kept), 'gone' that the session no
  * longer exists and the caller must re-route.
  */
+/**
+ * What a delivery did: 'sent' (posted, or taken by a stream-management queue), 'gone' (no such
+ * session any more: re-route), 'full' (the session's XEP-0198 queue is congested: the client is
+ * slow to acknowledge; a sender is told to wait).
+ */
+export type DeliveryResult = PostResult | 'full';
+
 export interface StanzaQueue {
-  deliver(smId: string, stanza: Element, options: DeliveryOptions): Promise<PostResult>;
+  deliver(smId: string, stanza: Element, options: DeliveryOptions): Promise<DeliveryResult>;
   /** Asks the client for an ack when some of what it was sent is unacknowledged. */
   requestAck(stream: BoundStream): Promise<void>;
 }

@@ -9,7 +9,7 @@ import type { Element } from 'ltx';
 import { StanzaError } from '../errors.ts';
 import { bareJid, fullJid, type Jid, parseJid } from '../jid.ts';
 import type { ResourceRecord } from '../store/sessions.ts';
-import { deliver, fitsTransport, tooLargeError } from './delivery.ts';
+import { congestedError, deliver, fitsTransport, tooLargeError } from './delivery.ts';
 import {
   type BoundStream,
   DEFERRED_RESULT,
@@ -101,9 +101,20 @@ export interface RouteOptions {
   originalTime?: number;
 }
 
-/** Puts a message on one resource; fires `message-routed` when the session took it. */
-async function deliverMessage(server: Server, resource: ResourceRecord, stanza: Element): Promise<boolean> {
-  if ((await deliver(server, resource, stanza)) !== 'sent') return false;
+/**
+ * Puts a message on one resource; fires `message-routed` when the session took it. A congested
+ * stream-management queue makes a client's sender wait (resource-constraint); a message being
+ * re-routed, which nobody can resend, goes on to the next resource or to offline storage.
+ */
+async function deliverMessage(
+  server: Server,
+  resource: ResourceRecord,
+  stanza: Element,
+  rerouting: boolean,
+): Promise<boolean> {
+  const result = await deliver(server, resource, stanza);
+  if (result === 'full' && !rerouting) throw congestedError();
+  if (result !== 'sent') return false;
   await server.host.fire('message-routed', { stanza, to: resource });
   return true;
 }
@@ -134,7 +145,7 @@ export async function routeMessage(
     const exact = resources.find((r) => r.resource === to.resource);
     // RFC 6121 §8.5.3.1: a connected resource that exactly matches gets the stanza.
     if (exact) {
-      if (await deliverMessage(server, exact, stanza)) return;
+      if (await deliverMessage(server, exact, stanza, options.originalTime !== undefined)) return;
       resources = resources.filter((r) => r !== exact);
     }
     // RFC 6121 §8.5.3.2.1: otherwise groupchat is refused, error dropped, the rest go to the bare JID.
@@ -147,7 +158,7 @@ export async function routeMessage(
     if (targets.length === 0) break;
     let delivered = false;
     for (const target of targets) {
-      if (await deliverMessage(server, target, stanza)) delivered = true;
+      if (await deliverMessage(server, target, stanza, options.originalTime !== undefined)) delivered = true;
       else resources = resources.filter((r) => r !== target);
     }
     if (delivered) return;
@@ -192,9 +203,9 @@ async function routeIq(event: StanzaEvent): Promise<void> {
   }
   if (to?.local && to.resource) {
     const resource = await server.sessions.getResource(bareJid(to), to.resource);
-    if (!resource || (await deliver(server, resource, stanza)) !== 'sent') {
-      throw new StanzaError('cancel', 'service-unavailable');
-    }
+    const result = resource ? await deliver(server, resource, stanza) : 'gone';
+    if (result === 'full') throw congestedError();
+    if (result !== 'sent') throw new StanzaError('cancel', 'service-unavailable');
     return;
   }
   const target: IqTarget = to?.local ? 'account' : 'server';

@@ -8,7 +8,6 @@ import { randomBytes } from 'node:crypto';
 import { Element } from 'ltx';
 import { StreamError, streamErrorElement } from '../errors.ts';
 import { fullJidOf, type Jid } from '../jid.ts';
-import type { PostResult } from '../outbound.ts';
 import type { StreamEvent } from '../queue-message.ts';
 import type { ConnectionState } from '../store/sessions.ts';
 import { parseFrame } from '../xml/frame.ts';
@@ -17,6 +16,7 @@ import { closeConnection, deliver, post } from './delivery.ts';
 import {
   type BoundStream,
   type DeliveryOptions,
+  type DeliveryResult,
   isBound,
   type Server,
   type Stream,
@@ -61,7 +61,7 @@ export class XmppStream implements Stream {
     Object.assign(this.changes, changes);
   }
 
-  send(element: Element, options: DeliveryOptions = {}): Promise<PostResult> {
+  send(element: Element, options: DeliveryOptions = {}): Promise<DeliveryResult> {
     if (this.state.sm && STANZAS.has(element.name)) {
       return deliver(
         this.server,

@@ -4,11 +4,16 @@
  * stored messages when a session sends initial presence with a non-negative priority.
  */
 import { Element, parse } from 'ltx';
-import { type BoundStream, HANDLED, type HookResult, type Server } from '../core/host.ts';
+import {
+  type BoundStream,
+  type DeliveryResult,
+  HANDLED,
+  type HookResult,
+  type Server,
+} from '../core/host.ts';
 import { iqResult, removeForgedDelay } from '../core/stanzas.ts';
 import { StanzaError } from '../errors.ts';
 import { fullJid } from '../jid.ts';
-import type { PostResult } from '../outbound.ts';
 import { type OfflineMessage, OfflineQuotaExceededError } from '../store/offline.ts';
 import type { OfflineTransfer, ResourceRecord } from '../store/sessions.ts';
 import { NS } from '../xml/namespaces.ts';
@@ -128,7 +133,7 @@ async function floodOffline(stream: BoundStream, resources: ResourceRecord[]): P
     let gone = false;
     for (const message of page.messages) {
       const result = await sendStored(stream, message, stampedStanza(server, message), {});
-      if (result === 'gone') {
+      if (result === 'gone' || result === 'full') {
         gone = true;
         break;
       }
@@ -166,7 +171,7 @@ async function sendStored(
   message: OfflineMessage,
   stanza: Element,
   options: { offlineId?: string; offlineCopy?: boolean },
-): Promise<PostResult | 'dropped'> {
+): Promise<DeliveryResult | 'dropped'> {
   try {
     return await stream.send(stanza, options);
   } catch (error) {
@@ -205,6 +210,8 @@ async function transferStep(stream: BoundStream): Promise<void> {
         ? await sendStored(stream, message, stampedStanza(server, message), { offlineId: message.id })
         : await sendStored(stream, message, deliveredCopy(server, message), { offlineCopy: true });
     if (result === 'gone') return void stream.update({ transfer: undefined });
+    // Congested: the rest follows from a later ack, from this message on.
+    if (result === 'full') break;
     after = message.id;
     sent += 1;
     bytes += Buffer.byteLength(message.stanza);

@@ -21,6 +21,7 @@ import { Element, parse } from 'ltx';
 import { post } from '../core/delivery.ts';
 import {
   type DeliveryOptions,
+  type DeliveryResult,
   HANDLED,
   isBound,
   type Server,
@@ -34,7 +35,13 @@ import { stampDelay } from '../core/stanzas.ts';
 import { StreamError } from '../errors.ts';
 import type { PostResult } from '../outbound.ts';
 import type { SmState } from '../store/sessions.ts';
-import { AckBeyondQueueError, type SmEntry, type SmQueueItem, type SmVersion } from '../store/sm-queue.ts';
+import {
+  AckBeyondQueueError,
+  NotSessionOwnerError,
+  type SmEntry,
+  type SmQueueItem,
+  type SmVersion,
+} from '../store/sm-queue.ts';
 import { NS } from '../xml/namespaces.ts';
 
 export const SM3 = 'urn:xmpp:sm:3';
@@ -157,7 +164,7 @@ async function deliverToSmSession(
   smId: string,
   stanza: Element,
   options: DeliveryOptions = {},
-): Promise<PostResult> {
+): Promise<DeliveryResult> {
   const entry: SmEntry = {
     s: stanza.toString(),
     t: Date.now(),
@@ -166,11 +173,14 @@ async function deliverToSmSession(
   };
   const result = await server.smQueue.append(smId, entry, server.config.smQueueMax);
   if (result.kind === 'ended') return 'gone';
-  if (result.kind === 'full') {
-    await overflow(server, smId);
-    return 'gone';
-  }
+  if (result.kind === 'full') return whenFull(server, smId, result.item);
   const { item, number } = result;
+  // Acks are asked for by count and by bytes, and a queue holding too many bytes refuses more
+  // (the senders wait) rather than grow toward DynamoDB's 400 KB item limit and end the stream.
+  const bytes = queuedBytes(item.entries);
+  const size = Buffer.byteLength(entry.s);
+  const congested = bytes > server.config.smQueueMaxBytes;
+  if (congested) await server.smQueue.setCongested(smId, true);
   if (!item.connectionId) {
     // Detached: the stanza waits for a resume, unless the window has already closed.
     if (item.sweepAt !== undefined && item.sweepAt <= Date.now())
@@ -184,11 +194,37 @@ async function deliverToSmSession(
     await server.host.fire('connection-vanished', { connectionId: item.connectionId });
     return 'sent';
   }
-  if (number % server.config.smAckEvery === 0) {
-    // Batched: one <r/> per smAckEvery stanzas, each being a paid message and invocation.
+  const ackBytes = server.config.smAckBytes;
+  const crossedBytes = Math.floor(bytes / ackBytes) > Math.floor((bytes - size) / ackBytes);
+  if (number % server.config.smAckEvery === 0 || crossedBytes || congested) {
+    // Batched: one <r/> per smAckEvery stanzas or smAckBytes queued, each being a paid
+    // message and invocation.
     await post(server, item.connectionId, ackRequest(item.version, number));
   }
   return 'sent';
+}
+
+function queuedBytes(entries: SmEntry[]): number {
+  let bytes = 0;
+  for (const entry of entries) bytes += Buffer.byteLength(entry.s);
+  return bytes;
+}
+
+/**
+ * The queue refused a stanza (full by count, or congested by bytes). A client that keeps
+ * acknowledging is only slow: the sender is told to wait ('full'), the recipient keeps its
+ * stream. One that has acknowledged nothing for SM_ACK_TIMEOUT_SECONDS, or a detached session,
+ * is not coming back soon: it ends, and everything it held is re-routed.
+ */
+async function whenFull(server: Server, smId: string, known?: SmQueueItem): Promise<DeliveryResult> {
+  const item = known ?? (await server.smQueue.get(smId));
+  if (!item || item.ended) return 'gone';
+  const silentFor = Date.now() - (item.ackedAt ?? 0);
+  if (!item.connectionId || silentFor > server.config.smAckTimeoutSeconds * 1000) {
+    await overflow(server, smId);
+    return 'gone';
+  }
+  return 'full';
 }
 
 function sessionOfItem(item: SmQueueItem, connectionId?: string): SessionRef {
@@ -445,13 +481,26 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
   const newBase = unwrap(h, sm.acked);
   if (newBase === sm.acked) return;
   let removed: SmEntry[];
+  let remaining: SmEntry[];
   let out: number;
+  let congested: boolean;
   try {
-    ({ removed, out } = await server.smQueue.acknowledge(sm.id, sm.acked, newBase));
+    ({ removed, remaining, out, congested } = await server.smQueue.acknowledge(
+      sm.id,
+      sm.acked,
+      newBase,
+      stream.connectionId,
+    ));
   } catch (error) {
+    // This stream's session was resumed on another connection: its late ack changes nothing.
+    if (error instanceof NotSessionOwnerError) return;
     if (!(error instanceof AckBeyondQueueError)) throw error;
     const item = await server.smQueue.get(sm.id);
     throw tooHigh(h, item?.out ?? sm.acked);
+  }
+  // Half the byte bound free again: senders may queue once more.
+  if (congested && queuedBytes(remaining) <= server.config.smQueueMaxBytes / 2) {
+    await server.smQueue.setCongested(sm.id, false);
   }
   stream.update({ sm: { ...sm, acked: newBase } });
   const offlineIds = removed.flatMap((e) => (e.o ? [e.o] : []));
@@ -569,7 +618,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
   });
 
   const acked = Math.max(decision.h, taken.base);
-  const { removed } = await server.smQueue.acknowledge(taken.smId, taken.base, acked);
+  const { removed } = await server.smQueue.acknowledge(taken.smId, taken.base, acked, stream.connectionId);
   const offlineIds = removed.flatMap((e) => (e.o ? [e.o] : []));
   if (offlineIds.length > 0) await server.offline.remove(user, offlineIds);
 

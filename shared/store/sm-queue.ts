@@ -58,6 +58,21 @@ export interface SmQueueItem {
   directedTo?: string[];
   ended?: boolean;
   sweepAt?: number;
+  /**
+   * Too many bytes are waiting for the client's ack: appends are refused (the senders are told to
+   * wait) until an ack brings the queue down. Set and cleared by the XEP-0198 module.
+   */
+  congested?: boolean;
+  /** When the client last acknowledged anything (or the session started), epoch ms. */
+  ackedAt?: number;
+}
+
+/** A connection that no longer owns the session (it was resumed elsewhere) tried to change it. */
+export class NotSessionOwnerError extends Error {
+  constructor(readonly smId: string) {
+    super(`not the owner of ${smId}`);
+    this.name = 'NotSessionOwnerError';
+  }
 }
 
 /** An ack for more stanzas than were queued (or from a stale base): XEP-0198's handled-count-too-high. */
@@ -70,7 +85,7 @@ export class AckBeyondQueueError extends Error {
 
 export type AppendResult =
   | { kind: 'queued'; number: number; item: SmQueueItem }
-  | { kind: 'full' }
+  | { kind: 'full'; item?: SmQueueItem }
   | { kind: 'ended' };
 
 const key = (smId: string) => ({ pk: `sm#${smId}`, sk: 'queue' });
@@ -98,6 +113,8 @@ function toItem(raw: Record<string, unknown>): SmQueueItem {
     directedTo: raw.directedTo as string[] | undefined,
     ended: Boolean(raw.ended),
     sweepAt: raw.sweepAt as number | undefined,
+    congested: Boolean(raw.congested),
+    ackedAt: raw.ackedAt as number | undefined,
   };
 }
 
@@ -123,10 +140,19 @@ export interface SmQueueStore {
   counts(smId: string): Promise<{ out: number; base: number } | undefined>;
   append(smId: string, entry: SmEntry, maxEntries: number): Promise<AppendResult>;
   /**
-   * Drops entries up to `newBase`; returns the dropped ones. Only the owner calls this.
-   * Throws AckBeyondQueueError when fewer than `newBase` stanzas were ever queued.
+   * Drops entries up to `newBase`; returns the dropped ones and those still waiting. Only the
+   * owner `connectionId` may: anyone else gets NotSessionOwnerError (a late ack of a stream
+   * that was resumed elsewhere changes nothing). Throws AckBeyondQueueError when fewer than
+   * `newBase` stanzas were ever queued.
    */
-  acknowledge(smId: string, oldBase: number, newBase: number): Promise<{ removed: SmEntry[]; out: number }>;
+  acknowledge(
+    smId: string,
+    oldBase: number,
+    newBase: number,
+    connectionId: string,
+  ): Promise<{ removed: SmEntry[]; remaining: SmEntry[]; out: number; congested: boolean }>;
+  /** Marks or clears congestion (see SmQueueItem.congested). */
+  setCongested(smId: string, congested: boolean): Promise<void>;
   /** Moves the session to `connectionId` and starts holding; returns the queue at that instant. */
   attach(smId: string, user: string, connectionId: string): Promise<SmQueueItem | undefined>;
   /** Stops holding if nothing was appended since `seenOut`; false means: replay the rest, then retry. */
@@ -167,6 +193,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             out: 0,
             base: 0,
             q: [],
+            ackedAt: Date.now(),
             [TTL_ATTRIBUTE]: attachedExpiry(),
           },
           ConditionExpression: 'attribute_not_exists(pk)',
@@ -201,7 +228,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             TableName: table,
             Key: key(smId),
             UpdateExpression: 'SET q = list_append(q, :entry) ADD #out :one',
-            ConditionExpression: 'attribute_exists(q) AND size(q) < :max',
+            ConditionExpression: 'attribute_exists(q) AND size(q) < :max AND attribute_not_exists(congested)',
             ExpressionAttributeNames: { '#out': 'out' },
             ExpressionAttributeValues: { ':entry': [entry], ':one': 1, ':max': maxEntries },
             ReturnValues: 'ALL_NEW',
@@ -213,17 +240,19 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
         if (isItemTooLarge(error)) return { kind: 'full' };
         if (!isConditionFailure(error)) throw error;
         const current = await this.get(smId);
-        return current && !current.ended ? { kind: 'full' } : { kind: 'ended' };
+        return current && !current.ended ? { kind: 'full', item: current } : { kind: 'ended' };
       }
     },
 
-    async acknowledge(smId, oldBase, newBase) {
+    async acknowledge(smId, oldBase, newBase, connectionId) {
       const count = newBase - oldBase;
-      if (count <= 0) return { removed: [], out: (await this.counts(smId))?.out ?? oldBase };
       const removed: SmEntry[] = [];
+      let remaining: SmEntry[] = [];
       let out = oldBase;
-      // An update expression is limited in length: trim in slices.
-      for (let done = 0; done < count; ) {
+      let congested = false;
+      // An update expression is limited in length: trim in slices (at least one update, which
+      // also records the ack's time).
+      for (let done = 0; done < count || done === 0; ) {
         const slice = Math.min(200, count - done);
         const removals = Array.from({ length: slice }, (_, i) => `q[${i}]`).join(', ');
         const { Attributes } = await doc
@@ -231,27 +260,53 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             new UpdateCommand({
               TableName: table,
               Key: key(smId),
-              UpdateExpression: `REMOVE ${removals} SET #base = :newBase`,
+              UpdateExpression: `${slice > 0 ? `REMOVE ${removals} ` : ''}SET #base = :newBase, ackedAt = :now`,
               // Every slice checks the whole ack against `out`: an ack too high is refused before
               // the first slice is trimmed, not after.
-              ConditionExpression: '#base = :base AND #out >= :target',
+              ConditionExpression: 'connectionId = :owner AND #base = :base AND #out >= :target',
               ExpressionAttributeNames: { '#out': 'out', '#base': 'base' },
               ExpressionAttributeValues: {
+                ':owner': connectionId,
                 ':base': oldBase + done,
                 ':newBase': oldBase + done + slice,
                 ':target': newBase,
+                ':now': Date.now(),
               },
               ReturnValues: 'ALL_OLD',
             }),
           )
-          .catch((error: unknown) => {
-            throw isConditionFailure(error) ? new AckBeyondQueueError(smId) : error;
+          .catch(async (error: unknown) => {
+            if (!isConditionFailure(error)) throw error;
+            const current = await this.get(smId);
+            throw current && current.connectionId !== connectionId
+              ? new NotSessionOwnerError(smId)
+              : new AckBeyondQueueError(smId);
           });
-        removed.push(...((Attributes?.q as SmEntry[] | undefined) ?? []).slice(0, slice));
+        const before = (Attributes?.q as SmEntry[] | undefined) ?? [];
+        removed.push(...before.slice(0, slice));
+        remaining = before.slice(slice);
         out = (Attributes?.out as number | undefined) ?? out;
-        done += slice;
+        congested = Boolean(Attributes?.congested);
+        done += Math.max(slice, 1);
       }
-      return { removed, out };
+      return { removed, remaining, out, congested };
+    },
+
+    async setCongested(smId, congested) {
+      await doc
+        .send(
+          new UpdateCommand({
+            TableName: table,
+            Key: key(smId),
+            UpdateExpression: congested ? 'SET congested = :yes' : 'REMOVE congested',
+            ConditionExpression: 'attribute_exists(q)',
+            ...(congested ? { ExpressionAttributeValues: { ':yes': true } } : {}),
+          }),
+        )
+        .catch((error: unknown) => {
+          // An ended session has nothing left to mark.
+          if (!isConditionFailure(error)) throw error;
+        });
     },
 
     async attach(smId, user, connectionId) {

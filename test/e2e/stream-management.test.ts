@@ -635,7 +635,7 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
   });
   afterAll(() => small?.close());
 
-  it('ends the stream with policy-violation past the bound and re-routes the queue, bouncing nothing', async () => {
+  it('tells the sender to wait when the recipient’s queue is full, and keeps the recipient’s stream', async () => {
     const poor = await RawClient.connect(small.url);
     raws.push(poor);
     await poor.login('poor', 'poor-pw', 'purse');
@@ -646,10 +646,103 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
     await rich.login('rich', 'rich-pw', 'gold');
     for (let i = 1; i <= 4; i++)
       rich.send(`<message to='poor@localhost/purse' type='chat' id='p${i}'><body>coin ${i}</body></message>`);
-    const error = await poor.until((el) => el.name === 'stream:error');
-    expect(error.getChild('policy-violation', STREAMS)).toBeDefined();
-    await eventually(async () => expect(await small.server.offline.count('poor@localhost')).toBe(4));
-    expect(rich.pending().filter((frame) => frame.includes('type="error"'))).toEqual([]);
+    // RFC 6120 §8.3.3.18 <resource-constraint/>: "the recipient ... lacks the system resources
+    // necessary to service the request"; type wait: retry after waiting.
+    const refused = await rich.until((el) => el.name === 'message' && el.attrs.id === 'p4');
+    expect(refused.attrs.type).toBe('error');
+    expect(refused.getChild('error')?.attrs.type).toBe('wait');
+    expect(refused.getChild('error')?.getChild('resource-constraint', STANZAS)).toBeDefined();
+    const received = [];
+    for (let i = 1; i <= 3; i++) received.push(await poor.until((el) => el.name === 'message'));
+    expect(received.map((m) => m.attrs.id)).toEqual(['p1', 'p2', 'p3']);
+    // The recipient acknowledges; the sender's retry now goes through on the same stream.
+    poor.send(`<a xmlns='${SM3}' h='3'/>`);
+    await eventually(async () => {
+      const id = `retry-${Date.now()}`;
+      rich.send(`<message to='poor@localhost/purse' type='chat' id='${id}'><body>coin 4</body></message>`);
+      const answer = await Promise.race([
+        poor.until((el) => el.name === 'message' && el.attrs.id === id, 2000).then(() => 'delivered'),
+        rich.until((el) => el.attrs.id === id, 2000).then(() => 'refused'),
+      ]);
+      expect(answer).toBe('delivered');
+    });
+    expect(poor.isClosed).toBe(false);
+  });
+
+  it('ends a recipient that stopped acknowledging (SM_ACK_TIMEOUT_SECONDS) and re-routes its queue, bouncing nothing', async () => {
+    const silent = await startTestStack({
+      SM_QUEUE_MAX: '3',
+      SM_ACK_EVERY: '100',
+      SM_ACK_TIMEOUT_SECONDS: '0',
+    });
+    try {
+      for (const user of ['rich', 'poor']) await silent.addUser(`${user}@localhost`, `${user}-pw`);
+      const poor = await RawClient.connect(silent.url);
+      raws.push(poor);
+      await poor.login('poor', 'poor-pw', 'purse');
+      poor.send(`<enable xmlns='${SM3}' resume='true'/>`);
+      await poor.next();
+      const rich = await RawClient.connect(silent.url);
+      raws.push(rich);
+      await rich.login('rich', 'rich-pw', 'gold');
+      for (let i = 1; i <= 4; i++)
+        rich.send(
+          `<message to='poor@localhost/purse' type='chat' id='p${i}'><body>coin ${i}</body></message>`,
+        );
+      const error = await poor.until((el) => el.name === 'stream:error');
+      expect(error.getChild('policy-violation', STREAMS)).toBeDefined();
+      await eventually(async () => expect(await silent.server.offline.count('poor@localhost')).toBe(4));
+      expect(await rich.framesBeforePong()).toEqual([]);
+    } finally {
+      await silent.gateway.drained();
+      await silent.close();
+    }
+  });
+
+  it('asks for acks by bytes, and refuses what would grow the queue past SM_QUEUE_MAX_BYTES', async () => {
+    const bytes = await startTestStack({
+      SM_QUEUE_MAX_BYTES: '65536',
+      SM_ACK_BYTES: '16384',
+      SM_ACK_EVERY: '100',
+    });
+    try {
+      for (const user of ['rich', 'poor']) await bytes.addUser(`${user}@localhost`, `${user}-pw`);
+      const poor = await RawClient.connect(bytes.url);
+      raws.push(poor);
+      await poor.login('poor', 'poor-pw', 'purse');
+      poor.send(`<enable xmlns='${SM3}' resume='true'/>`);
+      await poor.next();
+      const rich = await RawClient.connect(bytes.url);
+      raws.push(rich);
+      await rich.login('rich', 'rich-pw', 'gold');
+      const big = (i: number) =>
+        `<message to='poor@localhost/purse' type='chat' id='b${i}'><body>${String(i).repeat(25_000)}</body></message>`;
+      for (let i = 1; i <= 4; i++) rich.send(big(i));
+      const refused = await rich.until((el) => el.name === 'message' && el.attrs.id === 'b4');
+      expect(refused.getChild('error')?.getChild('resource-constraint', STANZAS)).toBeDefined();
+      // Three stanzas of 25 KB, each crossing a 16 KB step of queued bytes: an <r/> after each.
+      const seen: string[] = [];
+      while (
+        seen.filter((name) => name === 'message').length < 3 ||
+        seen.filter((n) => n === 'r').length < 3
+      ) {
+        seen.push((await poor.next()).name);
+      }
+      expect(seen).toEqual(['message', 'r', 'message', 'r', 'message', 'r']);
+      poor.send(`<a xmlns='${SM3}' h='3'/>`);
+      await eventually(async () => {
+        const id = `again-${Date.now()}`;
+        rich.send(`<message to='poor@localhost/purse' type='chat' id='${id}'><body>small</body></message>`);
+        const answer = await Promise.race([
+          poor.until((el) => el.name === 'message' && el.attrs.id === id, 2000).then(() => 'delivered'),
+          rich.until((el) => el.attrs.id === id, 2000).then(() => 'refused'),
+        ]);
+        expect(answer).toBe('delivered');
+      });
+    } finally {
+      await bytes.gateway.drained();
+      await bytes.close();
+    }
   });
 
   /** A client that answers every <r/> with its count, the way xmpp.js does; collects stanzas. */

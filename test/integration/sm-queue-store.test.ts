@@ -9,6 +9,7 @@ import { createDocumentClient } from '../../shared/store/dynamo.ts';
 import {
   AckBeyondQueueError,
   createSmQueueStore,
+  NotSessionOwnerError,
   type SmEntry,
   type SmQueueItem,
   type SmQueueStore,
@@ -68,8 +69,12 @@ async function appendMany(smId: string, count: number, maxEntries = MAX, store: 
 
 describe('create, get, counts', () => {
   it('creates a holding session with an empty queue', async () => {
+    const before = Date.now();
     const { smId, user, connectionId } = await session();
-    expect(await queue.get(smId)).toEqual({
+    const created = await queue.get(smId);
+    // The session starts as if just acknowledged: a new stream is not yet "silent".
+    expect(created?.ackedAt).toBeGreaterThanOrEqual(before);
+    expect({ ...created, ackedAt: undefined }).toEqual({
       smId,
       user,
       resource: 'r',
@@ -85,13 +90,15 @@ describe('create, get, counts', () => {
       directedTo: undefined,
       ended: false,
       sweepAt: undefined,
+      congested: false,
+      ackedAt: undefined,
     } satisfies SmQueueItem);
     expect(await queue.counts(smId)).toEqual({ out: 0, base: 0 });
   });
 
   it('sets the TTL to now + 3 h + 1 day (a safety net past API Gateway’s 2-hour cut)', async () => {
     const before = nowSeconds();
-    const { smId } = await session();
+    const { smId, connectionId } = await session();
     const expiresAt = (await rawItem(table, smId))?.[TTL_ATTRIBUTE] as number;
     expect(expiresAt).toBeGreaterThanOrEqual(before + 3 * 3600 + DAY);
     expect(expiresAt).toBeLessThanOrEqual(nowSeconds() + 3 * 3600 + DAY);
@@ -122,7 +129,7 @@ describe('create, get, counts', () => {
 
 describe('append', () => {
   it('numbers stanzas 1..n and keeps them in order', async () => {
-    const { smId } = await session();
+    const { smId, connectionId } = await session();
     expect(await appendMany(smId, 4)).toEqual([1, 2, 3, 4]);
     const item = await queue.get(smId);
     expect(item?.entries).toEqual([entry(1), entry(2), entry(3), entry(4)]);
@@ -130,7 +137,7 @@ describe('append', () => {
   });
 
   it('concurrent appends get distinct numbers, and entry k is the one numbered k', async () => {
-    const { smId } = await session();
+    const { smId, connectionId } = await session();
     const results = await Promise.all(
       Array.from({ length: 12 }, (_, i) => queue.append(smId, entry(100 + i), MAX)),
     );
@@ -175,18 +182,18 @@ describe('append', () => {
   });
 
   it('is full at maxEntries unacknowledged entries; an ack makes room again', async () => {
-    const { smId } = await session();
+    const { smId, connectionId } = await session();
     await appendMany(smId, 3, 3);
-    expect(await queue.append(smId, entry(4), 3)).toEqual({ kind: 'full' });
+    expect(await queue.append(smId, entry(4), 3)).toMatchObject({ kind: 'full' });
     expect(await queue.counts(smId)).toEqual({ out: 3, base: 0 });
-    await queue.acknowledge(smId, 0, 1);
+    await queue.acknowledge(smId, 0, 1, connectionId);
     expect(await queue.append(smId, entry(4), 3)).toMatchObject({ kind: 'queued', number: 4 });
   });
 
   // docs/data-model.md: "the SM queue is one item, so it is full at SM_QUEUE_MAX entries or
   // 400 KB, whichever comes first".
   it('is full when the next entry would take the item past 400 KB', async () => {
-    const { smId } = await session();
+    const { smId, connectionId } = await session();
     const big = 'x'.repeat(120_000);
     for (let i = 1; i <= 3; i++) {
       expect(await queue.append(smId, entry(i, { s: big }), MAX)).toMatchObject({
@@ -194,7 +201,7 @@ describe('append', () => {
         number: i,
       });
     }
-    expect(await queue.append(smId, entry(4, { s: big }), MAX)).toEqual({ kind: 'full' });
+    expect(await queue.append(smId, entry(4, { s: big }), MAX)).toMatchObject({ kind: 'full' });
     const item = await queue.get(smId);
     expect(item).toMatchObject({ out: 3, ended: false });
     expect(item?.entries).toHaveLength(3);
@@ -205,54 +212,90 @@ describe('append', () => {
 
 describe('acknowledge', () => {
   it('trims the head and returns the removed entries and out', async () => {
-    const { smId } = await session();
+    const { smId, connectionId } = await session();
     await appendMany(smId, 5);
-    expect(await queue.acknowledge(smId, 0, 2)).toEqual({ removed: [entry(1), entry(2)], out: 5 });
+    expect(await queue.acknowledge(smId, 0, 2, connectionId)).toMatchObject({
+      removed: [entry(1), entry(2)],
+      out: 5,
+    });
     expect(await queue.get(smId)).toMatchObject({ base: 2, out: 5, entries: [entry(3), entry(4), entry(5)] });
-    expect(await queue.acknowledge(smId, 2, 5)).toEqual({ removed: [entry(3), entry(4), entry(5)], out: 5 });
+    expect(await queue.acknowledge(smId, 2, 5, connectionId)).toMatchObject({
+      removed: [entry(3), entry(4), entry(5)],
+      remaining: [],
+      out: 5,
+    });
     expect(await queue.get(smId)).toMatchObject({ base: 5, out: 5, entries: [] });
   });
 
   it('an ack of nothing new removes nothing and reports out', async () => {
-    const { smId } = await session();
+    const { smId, connectionId } = await session();
     await appendMany(smId, 2);
-    expect(await queue.acknowledge(smId, 0, 0)).toEqual({ removed: [], out: 2 });
+    expect(await queue.acknowledge(smId, 0, 0, connectionId)).toMatchObject({ removed: [], out: 2 });
     expect((await queue.get(smId))?.entries).toHaveLength(2);
   });
 
   it('throws AckBeyondQueueError past out, and changes nothing', async () => {
-    const { smId } = await session();
+    const { smId, connectionId } = await session();
     await appendMany(smId, 3);
-    await expect(queue.acknowledge(smId, 0, 4)).rejects.toBeInstanceOf(AckBeyondQueueError);
+    await expect(queue.acknowledge(smId, 0, 4, connectionId)).rejects.toBeInstanceOf(AckBeyondQueueError);
     expect(await queue.get(smId)).toMatchObject({ base: 0, out: 3 });
     expect((await queue.get(smId))?.entries).toHaveLength(3);
   });
 
   it('throws AckBeyondQueueError from a stale base', async () => {
-    const { smId } = await session();
+    const { smId, connectionId } = await session();
     await appendMany(smId, 4);
-    await queue.acknowledge(smId, 0, 2);
-    await expect(queue.acknowledge(smId, 0, 3)).rejects.toBeInstanceOf(AckBeyondQueueError);
+    await queue.acknowledge(smId, 0, 2, connectionId);
+    await expect(queue.acknowledge(smId, 0, 3, connectionId)).rejects.toBeInstanceOf(AckBeyondQueueError);
     expect(await queue.get(smId)).toMatchObject({ base: 2, entries: [entry(3), entry(4)] });
   });
 
   it('trims more than one slice of 200 in order', async () => {
-    const { smId } = await session();
+    const { smId, connectionId } = await session();
     await appendMany(smId, 230);
-    const { removed, out } = await queue.acknowledge(smId, 0, 215);
+    const { removed, out } = await queue.acknowledge(smId, 0, 215, connectionId);
     expect(out).toBe(230);
     expect(removed).toEqual(Array.from({ length: 215 }, (_, i) => entry(i + 1)));
     expect(await queue.get(smId)).toMatchObject({ base: 215, out: 230 });
     expect((await queue.get(smId))?.entries).toEqual(Array.from({ length: 15 }, (_, i) => entry(216 + i)));
   });
 
+  it('refuses an ack from a connection that no longer owns the session, changing nothing', async () => {
+    const { smId, user, connectionId } = await session();
+    await appendMany(smId, 3);
+    await queue.attach(smId, user, 'resumed-elsewhere');
+    await expect(queue.acknowledge(smId, 0, 2, connectionId)).rejects.toBeInstanceOf(NotSessionOwnerError);
+    expect(await queue.get(smId)).toMatchObject({ base: 0, out: 3, connectionId: 'resumed-elsewhere' });
+  });
+
+  it('records when the client last acknowledged, and returns what still waits', async () => {
+    const { smId, connectionId } = await session();
+    await appendMany(smId, 3);
+    const before = Date.now();
+    const { remaining } = await queue.acknowledge(smId, 0, 1, connectionId);
+    expect(remaining).toEqual([entry(2), entry(3)]);
+    expect((await queue.get(smId))?.ackedAt).toBeGreaterThanOrEqual(before);
+  });
+
+  it('a congested queue refuses appends until the congestion is cleared', async () => {
+    const { smId } = await session();
+    await appendMany(smId, 1);
+    await queue.setCongested(smId, true);
+    expect(await queue.append(smId, entry(2), MAX)).toMatchObject({
+      kind: 'full',
+      item: { congested: true },
+    });
+    await queue.setCongested(smId, false);
+    expect(await queue.append(smId, entry(2), MAX)).toMatchObject({ kind: 'queued', number: 2 });
+  });
+
   // XEP-0198 §4: an h beyond what was sent is an error ("handled-count-too-high"), and the
   // store documents the check as a refusal. Trimming the first slices before refusing would
   // drop stanzas the client never acknowledged, so the session's end could not re-route them.
   it('an ack past out larger than one slice removes nothing', async () => {
-    const { smId } = await session();
+    const { smId, connectionId } = await session();
     await appendMany(smId, 230);
-    await expect(queue.acknowledge(smId, 0, 231)).rejects.toBeInstanceOf(AckBeyondQueueError);
+    await expect(queue.acknowledge(smId, 0, 231, connectionId)).rejects.toBeInstanceOf(AckBeyondQueueError);
     const item = await queue.get(smId);
     expect(item).toMatchObject({ base: 0, out: 230 });
     expect(item?.entries).toHaveLength(230);
@@ -300,7 +343,7 @@ describe('the hand-over: attach, release, detach', () => {
   });
 
   it('release stops holding only if nothing was appended since seenOut', async () => {
-    const { smId } = await session();
+    const { smId, connectionId } = await session();
     await appendMany(smId, 2);
     expect(await queue.release(smId, 1)).toBe(false);
     expect((await queue.get(smId))?.holding).toBe(true);
@@ -387,7 +430,7 @@ describe('end: exactly once', () => {
   it('the owner ends it and gets the unacknowledged entries; the item keeps user, version, inbound', async () => {
     const { smId, user } = await session('c1');
     await appendMany(smId, 3);
-    await queue.acknowledge(smId, 0, 1);
+    await queue.acknowledge(smId, 0, 1, 'c1');
     const before = nowSeconds();
     const ended = await queue.end(smId, 'c1', 9);
     expect(ended).toMatchObject({ connectionId: 'c1', entries: [entry(2), entry(3)], ended: false });
