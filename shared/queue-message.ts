@@ -22,6 +22,8 @@ export interface StreamEvent {
   kind: 'frame' | 'disconnect';
   frame: string;
   receivedAt: number;
+  /** API Gateway's request id of the frame: the same on every redelivery of it. */
+  frameId: string;
 }
 
 export class MalformedQueueMessageError extends Error {}
@@ -37,14 +39,16 @@ export function decodeQueueMessage(raw: string): StreamEvent {
     throw new MalformedQueueMessageError('queue message without connectionId');
   }
   const receivedAt = Number(parsed.requestTimeEpoch) || Date.now();
+  const frameId = typeof parsed.requestId === 'string' ? parsed.requestId : '';
   if (parsed.eventType === 'DISCONNECT') {
-    return { connectionId: parsed.connectionId, kind: 'disconnect', frame: '', receivedAt };
+    return { connectionId: parsed.connectionId, kind: 'disconnect', frame: '', receivedAt, frameId };
   }
   return {
     connectionId: parsed.connectionId,
     kind: 'frame',
     frame: Buffer.from(parsed.body ?? '', 'base64').toString('utf8'),
     receivedAt,
+    frameId,
   };
 }
 

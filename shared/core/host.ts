@@ -59,7 +59,14 @@ export interface Stream {
   /** The authenticated bare JID, once SASL succeeded. */
   readonly user: string | undefined;
   readonly ended: boolean;
+  /** API Gateway's id of the frame being handled (the same on a redelivery), '' when unknown. */
+  readonly frameId: string;
   update(changes: StreamStateChanges): void;
+  /**
+   * Writes the pending state changes now, unless a stream-management resume on another
+   * connection fenced this one: then throws ConnectionFencedError and the frame stops here.
+   */
+  commit(): Promise<void>;
   /** Through the delivery path: with stream management on, stanzas are numbered and queued. */
   send(element: Element, options?: DeliveryOptions): Promise<DeliveryResult>;
   /** Sends the stream error and `<close/>`, ends the session and closes the socket. */

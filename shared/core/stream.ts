@@ -9,7 +9,7 @@ import { Element } from 'ltx';
 import { StreamError, streamErrorElement } from '../errors.ts';
 import { fullJidOf, type Jid } from '../jid.ts';
 import type { StreamEvent } from '../queue-message.ts';
-import type { ConnectionState } from '../store/sessions.ts';
+import { ConnectionFencedError, type ConnectionState } from '../store/sessions.ts';
 import { parseFrame } from '../xml/frame.ts';
 import { NS } from '../xml/namespaces.ts';
 import { closeConnection, deliver, post } from './delivery.ts';
@@ -36,6 +36,7 @@ export class XmppStream implements Stream {
   constructor(
     readonly server: Server,
     readonly state: ConnectionState,
+    readonly frameId = '',
   ) {}
 
   get connectionId(): string {
@@ -87,6 +88,12 @@ export class XmppStream implements Stream {
     this.ended = true;
     await endStream(this.server, this.state, 'closed');
     await closeConnection(this.server, this.connectionId);
+  }
+
+  async commit(): Promise<void> {
+    if (this.ended) return;
+    await this.server.sessions.updateConnection(this.connectionId, this.changes, { unlessFenced: true });
+    this.changes = {};
   }
 
   async save(): Promise<void> {
@@ -205,12 +212,15 @@ export async function handleStreamEvent(server: Server, event: StreamEvent): Pro
     streamOpen: false,
     authFailures: 0,
   };
-  const stream = new XmppStream(server, state);
+  const stream = new XmppStream(server, state, event.frameId);
   try {
     chargeRate(stream, event);
     const element = parseFrame(event.frame, server.config.maxStanzaBytes);
     await dispatch(stream, element);
   } catch (error) {
+    // A resume on another connection took this stream's session over: whatever this frame was,
+    // it is not this stream's to handle any more (the resumer closes the socket).
+    if (error instanceof ConnectionFencedError) return;
     if (error instanceof StreamError) await stream.fail(error);
     else if (isTransient(error)) {
       // DynamoDB or API Gateway hiccup: let the queue redeliver this frame (in order).

@@ -58,8 +58,10 @@ export function register(server: Server): void {
     if (stream.user && !stream.state.resource) advertise(features, server);
     return undefined;
   });
-  // XEP-0198 §4: every stanza counts, even one that is refused: counted before routing.
-  host.hook('stanza-in', ({ stream }) => countInbound(stream), { priority: 100 });
+  // XEP-0198 §4: every stanza counts, even one that is refused: counted before routing, and
+  // the count is written before the stanza goes anywhere, unless a resume fenced this
+  // connection: so every stanza the old connection routes is in the h that <resumed/> reports.
+  host.hook('stanza-in', (event) => countInbound(event.stream), { priority: 100 });
   host.provideStanzaQueue({
     deliver: (smId, stanza, options) => deliverToSmSession(server, smId, stanza, options),
     requestAck: (stream) => requestAckIfUnacknowledged(stream),
@@ -332,9 +334,15 @@ async function expireDetachedSessions(server: Server, now: number): Promise<numb
 // The stream's own sends and counts
 
 /** Counts a stanza the client sent (sm:3 counts stanzas; sm:1 learns numbers from `<r u/>`). */
-function countInbound(stream: Stream): undefined {
+async function countInbound(stream: Stream): Promise<undefined> {
   const sm = stream.state.sm;
-  if (sm?.version === 'sm3') stream.update({ sm: { ...sm, inbound: sm.inbound + 1 } });
+  // The seed's sm:1 learns counts from the client's 'u'; only sm:3 counts here.
+  if (sm?.version !== 'sm3') return undefined;
+  // A redelivered frame (the queue's retry after a failure) was counted the first time.
+  if (stream.frameId && stream.state.countedFrame === stream.frameId) return undefined;
+  stream.update({ sm: { ...sm, inbound: sm.inbound + 1 } });
+  if (stream.frameId) stream.update({ countedFrame: stream.frameId });
+  await stream.commit();
   return undefined;
 }
 
@@ -575,8 +583,11 @@ async function decideResume(
       throw tooHigh(verdict.h, verdict.sendCount);
     case 'resume': {
       const found = item as SmQueueItem;
+      // The old connection is fenced first: from now on it routes no stanza it has not counted,
+      // so the h of <resumed/> covers everything it ever routed (issue: a duplicate when the old
+      // connection routed a stanza just after the resume read its count).
       const previous = found.connectionId
-        ? await server.sessions.getConnection(found.connectionId)
+        ? await server.sessions.fenceConnection(found.connectionId)
         : undefined;
       return {
         ok: true,

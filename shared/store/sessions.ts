@@ -62,6 +62,14 @@ export interface OfflineTransfer {
   iqFrom?: string;
 }
 
+/** The connection was fenced by a stream-management resume on another connection (or ended). */
+export class ConnectionFencedError extends Error {
+  constructor(readonly connectionId: string) {
+    super(`connection ${connectionId} was fenced`);
+    this.name = 'ConnectionFencedError';
+  }
+}
+
 /** A per-connection token bucket (core/rate-limit.ts), kept only while the connection is busy. */
 export interface RateBucket {
   frames: number;
@@ -93,6 +101,10 @@ export interface ConnectionState {
   directedTo?: string[];
   /** The rate limits' buckets while the connection is busy (absent: calm). */
   rate?: RateBucket;
+  /** XEP-0198: a resume on another connection took this stream's session over (see fenceConnection). */
+  fenced?: boolean;
+  /** XEP-0198: the queue message id of the last frame whose stanza was counted (a redelivery is not counted twice). */
+  countedFrame?: string;
   /** RFC 6121 §2.1.6: the session requested the roster (its resource row is marked for pushes). */
   rosterInterested?: boolean;
 }
@@ -131,8 +143,20 @@ export interface SessionStore {
   /** `sourceIp`: the client's address as API Gateway saw it (`identity.sourceIp`). */
   createConnection(connectionId: string, connectedAt: number, sourceIp?: string): Promise<void>;
   getConnection(connectionId: string): Promise<ConnectionState | undefined>;
-  /** Sets the given fields; `undefined` values are removed. */
-  updateConnection(connectionId: string, changes: Partial<Mutable>): Promise<void>;
+  /**
+   * Sets the given fields; `undefined` values are removed. With `unlessFenced`, throws
+   * ConnectionFencedError when a resume fenced the row (or the row is gone) instead.
+   */
+  updateConnection(
+    connectionId: string,
+    changes: Partial<Mutable>,
+    options?: { unlessFenced?: boolean },
+  ): Promise<void>;
+  /**
+   * XEP-0198 resume: marks a connection's row so that no further `unlessFenced` write (a stanza
+   * being counted) succeeds, and returns the row as it is then; undefined when it is gone.
+   */
+  fenceConnection(connectionId: string): Promise<ConnectionState | undefined>;
   deleteConnection(connectionId: string): Promise<void>;
   listResources(user: string): Promise<ResourceRecord[]>;
   getResource(user: string, resource: string): Promise<ResourceRecord | undefined>;
@@ -188,6 +212,8 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     flooded: item.flooded as boolean | undefined,
     directedTo: item.directedTo as string[] | undefined,
     rate: item.rate as RateBucket | undefined,
+    fenced: item.fenced as boolean | undefined,
+    countedFrame: item.countedFrame as string | undefined,
     rosterInterested: item.rosterInterested as boolean | undefined,
   };
 }
@@ -290,7 +316,7 @@ export function createSessionStore(
       return Item ? toConnection(Item) : undefined;
     },
 
-    async updateConnection(connectionId, changes) {
+    async updateConnection(connectionId, changes, options = {}) {
       const sets: string[] = [];
       const removes: string[] = [];
       const names: Record<string, string> = {};
@@ -313,14 +339,37 @@ export function createSessionStore(
             TableName: table,
             Key: connKey(connectionId),
             UpdateExpression: expression,
-            ConditionExpression: 'attribute_exists(pk)',
+            ConditionExpression: options.unlessFenced
+              ? 'attribute_exists(pk) AND attribute_not_exists(fenced)'
+              : 'attribute_exists(pk)',
             ExpressionAttributeNames: names,
             ExpressionAttributeValues: values,
           }),
         );
       } catch (error) {
-        // The connection ended meanwhile (its row was deleted): nothing left to update.
         if (!isConditionFailure(error)) throw error;
+        // Fenced by a resume elsewhere, or ended: with `unlessFenced` the caller must stop.
+        if (options.unlessFenced) throw new ConnectionFencedError(connectionId);
+        // The connection ended meanwhile (its row was deleted): nothing left to update.
+      }
+    },
+
+    async fenceConnection(connectionId) {
+      try {
+        const { Attributes } = await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: connKey(connectionId),
+            UpdateExpression: 'SET fenced = :yes',
+            ConditionExpression: 'attribute_exists(pk)',
+            ExpressionAttributeValues: { ':yes': true },
+            ReturnValues: 'ALL_NEW',
+          }),
+        );
+        return Attributes ? toConnection(Attributes) : undefined;
+      } catch (error) {
+        if (isConditionFailure(error)) return undefined;
+        throw error;
       }
     },
 
