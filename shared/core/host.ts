@@ -19,6 +19,7 @@ import type { StreamError } from '../errors.ts';
 import type { Jid } from '../jid.ts';
 import type { Logger } from '../log.ts';
 import type { Outbound, PostResult } from '../outbound.ts';
+import type { ArchiveStore } from '../store/archive.ts';
 import type { OfflineStore } from '../store/offline.ts';
 import type { ConnectionState, ResourceRecord, SessionStore } from '../store/sessions.ts';
 import type { SmQueueStore } from '../store/sm-queue.ts';
@@ -31,6 +32,8 @@ export interface Server {
   users: UserStore;
   offline: OfflineStore;
   smQueue: SmQueueStore;
+  /** XEP-0136 Message Archiving. */
+  archive: ArchiveStore;
   /** Only the delivery path (core/delivery.ts) posts through it. */
   outbound: Outbound;
   host: Host;

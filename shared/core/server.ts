@@ -7,6 +7,7 @@ import type { DynamoDBDocumentClient } from '@aws-sdk/lib-dynamodb';
 import type { Config } from '../config.ts';
 import { createLogger, type Logger } from '../log.ts';
 import { apiGatewayPort, type ConnectionPort, Outbound } from '../outbound.ts';
+import { createArchiveStore } from '../store/archive.ts';
 import { documentClientFor } from '../store/dynamo.ts';
 import { createOfflineStore } from '../store/offline.ts';
 import { createSessionStore } from '../store/sessions.ts';
@@ -49,6 +50,11 @@ export function createServerCore(options: ServerOptions): Server {
       ttlSeconds: config.offlineTtlSeconds,
     }),
     smQueue: createSmQueueStore(doc, config.tables.sessions),
+    archive: createArchiveStore(doc, config.tables.archive, {
+      changeWindowMs: config.archiveChangeWindowSeconds * 1000,
+      tombstoneSeconds: config.archiveTombstoneDays * 86_400,
+      maxCollectionEntries: config.archiveMaxCollectionEntries,
+    }),
     outbound: new Outbound(port),
     host: new Host(),
     log: options.log ?? createLogger(),

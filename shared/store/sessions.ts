@@ -58,6 +58,21 @@ export interface OfflineTransfer {
   iqFrom?: string;
 }
 
+/**
+ * XEP-0136 per-stream state: automatic archiving (§7.1, off for every new stream), the public
+ * keys it encrypts for (§7.2), and whether the stream asked for preferences (0.9 `<pref/>`, 0.5
+ * `<save/>`, `<otr/>`), which makes it receive their pushes. Kept on the connection (the stream's
+ * own frames) and on the resource row (what routing and pushes read for other streams).
+ */
+export interface ArchiveStreamState {
+  auto?: boolean;
+  /** RSA public keys from `<auto encrypt='true'>`: base64 modulus and exponent, by KeyName. */
+  encryptKeys?: { name: string; modulus: string; exponent: string }[];
+  pref?: boolean;
+  save?: boolean;
+  otr?: boolean;
+}
+
 export interface ConnectionState {
   connectionId: string;
   connectedAt: number;
@@ -79,6 +94,7 @@ export interface ConnectionState {
   flooded?: boolean;
   /** RFC 6121 §4.6: local JIDs this session sent directed presence to; told when it goes away. */
   directedTo?: string[];
+  archive?: ArchiveStreamState;
 }
 
 export interface ResourceRecord {
@@ -93,6 +109,7 @@ export interface ResourceRecord {
   flexibleOffline?: boolean;
   /** Set when the session has stream management: deliveries go through its queue. */
   smId?: string;
+  archive?: ArchiveStreamState;
 }
 
 const connKey = (connectionId: string) => ({ pk: `conn#${connectionId}`, sk: 'conn' });
@@ -127,6 +144,13 @@ export interface SessionStore {
     changes: Pick<ResourceRecord, 'available' | 'priority' | 'presence'>,
   ): Promise<ResourceRecord | undefined>;
   markFlexibleOffline(user: string, resource: string, connectionId: string): Promise<void>;
+  /** XEP-0136: the stream's archiving state, if the resource still belongs to `connectionId`. */
+  setResourceArchive(
+    user: string,
+    resource: string,
+    connectionId: string,
+    archive: ArchiveStreamState,
+  ): Promise<void>;
   /** Routes the resource's deliveries through the SM queue `smId` (or back to direct posts). */
   setResourceSm(
     user: string,
@@ -160,6 +184,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     transfer: item.transfer as OfflineTransfer | undefined,
     flooded: item.flooded as boolean | undefined,
     directedTo: item.directedTo as string[] | undefined,
+    archive: item.archive as ArchiveStreamState | undefined,
   };
 }
 
@@ -174,6 +199,7 @@ function toResource(item: Record<string, unknown>): ResourceRecord {
     boundAt: item.boundAt as number,
     flexibleOffline: item.flexibleOffline as boolean | undefined,
     smId: item.smId as string | undefined,
+    archive: item.archive as ArchiveStreamState | undefined,
   };
 }
 
@@ -339,6 +365,23 @@ export function createSessionStore(
             UpdateExpression: 'SET flexibleOffline = :yes',
             ConditionExpression: 'connectionId = :connectionId',
             ExpressionAttributeValues: { ':yes': true, ':connectionId': connectionId },
+          }),
+        );
+      } catch (error) {
+        if (!isConditionFailure(error)) throw error;
+      }
+    },
+
+    async setResourceArchive(user, resource, connectionId, archive) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: resourceKey(user, resource),
+            UpdateExpression: 'SET #archive = :archive',
+            ConditionExpression: 'connectionId = :connectionId',
+            ExpressionAttributeNames: { '#archive': 'archive' },
+            ExpressionAttributeValues: { ':archive': archive, ':connectionId': connectionId },
           }),
         );
       } catch (error) {
