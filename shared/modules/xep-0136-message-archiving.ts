@@ -144,17 +144,17 @@ export function register(server: Server): void {
   host.hook('message/bare', accept, { priority: 20 });
   host.hook('message/full', accept, { priority: 20 });
 
-  const archiveSender = async (stanza: Element) => {
+  /** `to`: the full JID of the session that took it (§5.2 "the full JID with which the messages were exchanged"). */
+  const archiveSender = async (stanza: Element, to: string | undefined) => {
     const pending = sent.get(stanza);
     if (!pending) return;
     sent.delete(stanza);
-    const to = stanza.attrs.to;
     if (!to || !once(stanza, `${pending.owner}>`)) return;
     await archiveSafely(server, policy, pending.owner, to, 'to', stanza, pending.at);
   };
 
   host.hook('message-routed', async ({ stanza, to }) => {
-    await archiveSender(stanza);
+    await archiveSender(stanza, `${to.user}/${to.resource}`);
     // XEP-0203 stamp of this server: a stream-management re-route, decided at its first routing.
     if (hasServerStamp(stanza, server.config.domain)) return undefined;
     if (!autoOn(to.archive, policy) || !stanza.attrs.from) return undefined;
@@ -171,7 +171,7 @@ export function register(server: Server): void {
     { priority: 20 },
   );
   host.hook('message-stored-offline', async ({ stanza, user, storedAt }) => {
-    await archiveSender(stanza);
+    await archiveSender(stanza, user);
     if (reRouted.has(stanza) || !stanza.attrs.from) return undefined;
     if (!(await archivesWhileOffline(server, policy, user))) return undefined;
     if (!once(stanza, user)) return undefined;

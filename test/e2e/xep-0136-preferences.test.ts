@@ -6,14 +6,7 @@
  */
 import { type Element, parse } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import {
-  ARCHIVE,
-  ArchiveWorld,
-  condition,
-  errorCondition,
-  exchange,
-  ok,
-} from '../support/archive.ts';
+import { ARCHIVE, ArchiveWorld, condition, errorCondition, exchange, ok } from '../support/archive.ts';
 import type { RawClient } from '../support/raw-client.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 
@@ -203,7 +196,9 @@ describe('XEP-0136 0.9 §3 archiving preferences', () => {
     ['nothing to set', '', 'bad-request'],
   ])('refuses a pref set with %s', async (_name, inner, expected) => {
     const juliet = await world.connect(await world.newUser('juliet'), 'chamber');
-    expect(await condition(juliet, `<iq type='set'><pref xmlns='${ARCHIVE}'>${inner}</pref></iq>`)).toBe(expected);
+    expect(await condition(juliet, `<iq type='set'><pref xmlns='${ARCHIVE}'>${inner}</pref></iq>`)).toBe(
+      expected,
+    );
     // Nothing was stored.
     expect(attrsOf(await ok(juliet, PREF_GET), 'default')[0]?.unset).toBe('true');
   });
@@ -216,7 +211,10 @@ describe('XEP-0136 0.9 §7 the <auto/> toggle', () => {
     const castle = await world.connect(bare, 'castle');
     await ok(castle, PREF_GET);
     // <iq type='set' id='auto1'><auto save='true' xmlns='http://jabber.org/protocol/archive'/></iq>
-    const { reply } = await exchange(orchard, `<iq type='set' id='auto1'><auto save='true' xmlns='${ARCHIVE}'/></iq>`);
+    const { reply } = await exchange(
+      orchard,
+      `<iq type='set' id='auto1'><auto save='true' xmlns='${ARCHIVE}'/></iq>`,
+    );
     expect(reply.attrs).toMatchObject({ type: 'result', id: 'auto1' });
     expect(attrsOf(await ok(orchard, PREF_GET), 'auto')).toEqual([{ save: 'true' }]);
     expect(attrsOf(await ok(castle, PREF_GET), 'auto')).toEqual([{ save: 'false' }]);
@@ -233,12 +231,16 @@ describe('XEP-0136 0.9 §7 the <auto/> toggle', () => {
     ["encrypt='perhaps'", "<auto save='true' encrypt='perhaps' xmlns='ARCHIVE'/>", 'bad-request'],
   ])('refuses <auto/> with %s', async (_name, payload, expected) => {
     const romeo = await world.connect(await world.newUser('romeo'), 'orchard');
-    expect(await condition(romeo, `<iq type='set'>${payload.replace('ARCHIVE', ARCHIVE)}</iq>`)).toBe(expected);
+    expect(await condition(romeo, `<iq type='set'>${payload.replace('ARCHIVE', ARCHIVE)}</iq>`)).toBe(
+      expected,
+    );
   });
 
   it('answers an <auto/> get with bad-request (it is an iq set)', async () => {
     const romeo = await world.connect(await world.newUser('romeo'), 'orchard');
-    expect(await condition(romeo, `<iq type='get'><auto xmlns='${ARCHIVE}' save='true'/></iq>`)).toBe('bad-request');
+    expect(await condition(romeo, `<iq type='get'><auto xmlns='${ARCHIVE}' save='true'/></iq>`)).toBe(
+      'bad-request',
+    );
   });
 });
 
@@ -272,7 +274,9 @@ describe('XEP-0136 0.5 §3.1 Save Mode', () => {
     );
     for (const raw of [chamber, pda]) {
       const [push] = await pushes(raw, 1);
-      expect(attrsOf(push?.getChild('save', ARCHIVE), 'item')).toEqual([{ jid: 'romeo@montague.net', save: 'false' }]);
+      expect(attrsOf(push?.getChild('save', ARCHIVE), 'item')).toEqual([
+        { jid: 'romeo@montague.net', save: 'false' },
+      ]);
     }
     expect(await other.nothingFor(300)).toEqual([]);
     // <default save='true'/> <item jid='romeo@montague.net' save='false'/>
@@ -291,7 +295,9 @@ describe('XEP-0136 0.5 §3.1 Save Mode', () => {
     ['two defaults', "<default save='true'/><default save='false'/>"],
   ])('refuses a 0.5 save set with %s', async (_name, inner) => {
     const juliet = await world.connect(await world.newUser('juliet'), 'chamber');
-    expect(await condition(juliet, `<iq type='set'><save xmlns='${ARCHIVE}'>${inner}</save></iq>`)).toBe('bad-request');
+    expect(await condition(juliet, `<iq type='set'><save xmlns='${ARCHIVE}'>${inner}</save></iq>`)).toBe(
+      'bad-request',
+    );
   });
 });
 
@@ -327,7 +333,9 @@ describe('XEP-0136 0.5 §3.2 Off-the-Record Mode', () => {
     const listed = await ok(chamber, `<iq type='get' id='otr1'><otr xmlns='${ARCHIVE}'/></iq>`);
     expect(attrsOf(listed, 'record')).toEqual([{ jid: romeo, otr: 'true' }]);
     // 0.9 view: otr='require' with save='false'.
-    expect(attrsOf(await ok(chamber, PREF_GET), 'item')).toEqual([{ jid: romeo, save: 'false', otr: 'require' }]);
+    expect(attrsOf(await ok(chamber, PREF_GET), 'item')).toEqual([
+      { jid: romeo, save: 'false', otr: 'require' },
+    ]);
     // The contact's own preferences were not changed by Juliet.
     expect(attrsOf(await ok(orchard, PREF_GET), 'item')).toEqual([]);
   });
@@ -339,7 +347,9 @@ describe('XEP-0136 0.5 §3.2 Off-the-Record Mode', () => {
     ['an otr set', "<otr xmlns='ARCHIVE'/>", 'set', 'bad-request'],
   ])('refuses a record or otr request with %s', async (_name, payload, type, expected) => {
     const juliet = await world.connect(await world.newUser('juliet'), 'chamber');
-    expect(await condition(juliet, `<iq type='${type}'>${payload.replace('ARCHIVE', ARCHIVE)}</iq>`)).toBe(expected);
+    expect(await condition(juliet, `<iq type='${type}'>${payload.replace('ARCHIVE', ARCHIVE)}</iq>`)).toBe(
+      expected,
+    );
   });
 });
 
@@ -363,7 +373,9 @@ describe('service policy from configuration', () => {
   it('starts every stream with auto on and refuses what the policy forbids with the errors the seeds name', async () => {
     const juliet = await strictWorld.connect(await strictWorld.newUser('juliet'), 'chamber');
     const pref = await ok(juliet, PREF_GET);
-    expect(attrsOf(pref, 'default')).toEqual([{ save: 'body', otr: 'allow', expire: '86400', unset: 'true' }]);
+    expect(attrsOf(pref, 'default')).toEqual([
+      { save: 'body', otr: 'allow', expire: '86400', unset: 'true' },
+    ]);
     expect(attrsOf(pref, 'auto')).toEqual([{ save: 'true' }]);
     // §7.3: disabling auto-archiving when policy requires it.
     expect(await condition(juliet, `<iq type='set'><auto xmlns='${ARCHIVE}' save='false'/></iq>`)).toBe(
@@ -371,15 +383,24 @@ describe('service policy from configuration', () => {
     );
     // §3.3: save='all' not kept; save='false' where everything is logged.
     expect(
-      await condition(juliet, `<iq type='set'><pref xmlns='${ARCHIVE}'><default save='all' otr='allow'/></pref></iq>`),
+      await condition(
+        juliet,
+        `<iq type='set'><pref xmlns='${ARCHIVE}'><default save='all' otr='allow'/></pref></iq>`,
+      ),
     ).toBe('feature-not-implemented');
     expect(
-      await condition(juliet, `<iq type='set'><pref xmlns='${ARCHIVE}'><default save='false' otr='allow'/></pref></iq>`),
+      await condition(
+        juliet,
+        `<iq type='set'><pref xmlns='${ARCHIVE}'><default save='false' otr='allow'/></pref></iq>`,
+      ),
     ).toBe('feature-not-implemented');
     // 0.5 §3.2: "Such a deployment MUST return a <not-allowed/> error in response to a request to enter Off-the-Record mode".
-    expect(await condition(juliet, `<iq type='set'><record xmlns='${ARCHIVE}' jid='romeo@localhost' otr='true'/></iq>`)).toBe(
-      'not-allowed',
-    );
+    expect(
+      await condition(
+        juliet,
+        `<iq type='set'><record xmlns='${ARCHIVE}' jid='romeo@localhost' otr='true'/></iq>`,
+      ),
+    ).toBe('not-allowed');
   });
 });
 
@@ -388,11 +409,16 @@ describe('pushes', () => {
     const bare = await world.newUser('juliet');
     const chamber = await world.connect(bare, 'chamber');
     await ok(chamber, PREF_GET);
-    await exchange(chamber, `<iq type='set' id='p'><pref xmlns='${ARCHIVE}'><default save='body' otr='allow'/></pref></iq>`);
+    await exchange(
+      chamber,
+      `<iq type='set' id='p'><pref xmlns='${ARCHIVE}'><default save='body' otr='allow'/></pref></iq>`,
+    );
     const push = await chamber.until((e) => e.name === 'iq' && e.attrs.type === 'set');
     expect(push.attrs.from).toBeUndefined();
     chamber.send(`<iq type='result' id='${push.attrs.id}'/>`);
-    chamber.send(`<iq type='error' id='${push.attrs.id}'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>`);
+    chamber.send(
+      `<iq type='error' id='${push.attrs.id}'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>`,
+    );
     expect(await chamber.nothingFor(300)).toEqual([]);
     const { reply } = await exchange(chamber, PREF_GET);
     expect(errorCondition(reply)).toBeUndefined();

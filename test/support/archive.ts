@@ -56,10 +56,11 @@ export interface Exchange {
 let ids = 0;
 /** Sends one iq (its id is made unique when it has none) and reads frames until its reply. */
 export async function exchange(raw: RawClient, frame: string, timeoutMs = 10_000): Promise<Exchange> {
+  const kind = frame.trimStart().startsWith('<message') ? 'message' : 'iq';
   let element = parse(frame);
   if (!element.attrs.id) {
     ids += 1;
-    element = parse(frame.replace(/^<iq/, `<iq id='a${ids}'`));
+    element = parse(frame.replace(/^<(iq|message)/, `<$1 id='a${ids}'`));
     frame = element.toString();
   }
   const id = element.attrs.id;
@@ -69,7 +70,7 @@ export async function exchange(raw: RawClient, frame: string, timeoutMs = 10_000
   for (;;) {
     const text = await raw.nextText(Math.max(1, deadline - Date.now()));
     const el = parse(text);
-    if (el.name === 'iq' && el.attrs.id === id && (el.attrs.type === 'result' || el.attrs.type === 'error'))
+    if (el.name === kind && el.attrs.id === id && (el.attrs.type === 'result' || el.attrs.type === 'error'))
       return { before, reply: el, bytes: Buffer.byteLength(text) };
     before.push(el);
   }
@@ -94,10 +95,27 @@ export async function condition(raw: RawClient, frame: string): Promise<string |
   return reply.attrs.type === 'error' ? errorCondition(reply) : 'result';
 }
 
-/** Sends a chat message and waits until the recipient has it. */
-export async function chat(from: RawClient, to: RawClient, toJid: string, body: string, extra = ''): Promise<Element> {
+/**
+ * Sends a chat message, waits until the recipient has it, then waits for a ping round trip on
+ * the sender's stream: its frames are processed in order, so the frame that routed (and
+ * archived, for both sides) the message has finished.
+ */
+export async function chat(
+  from: RawClient,
+  to: RawClient,
+  toJid: string,
+  body: string,
+  extra = '',
+): Promise<Element> {
   from.send(`<message type='chat' to='${toJid}'><body>${body}</body>${extra}</message>`);
-  return to.until((el) => el.name === 'message' && el.getChildText('body') === body);
+  const received = await to.until((el) => el.name === 'message' && el.getChildText('body') === body);
+  await settled(from);
+  return received;
+}
+
+/** A ping round trip: every frame the stream sent before it has been processed. */
+export async function settled(raw: RawClient): Promise<void> {
+  await exchange(raw, "<iq type='get' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>");
 }
 
 /** The `<store/>` elements of a list reply. */
@@ -105,7 +123,12 @@ export function stores(list: Element | undefined): Element[] {
   return list?.getChildren('store') ?? [];
 }
 
-export function rsmOf(el: Element | undefined): { first?: string; index?: string; last?: string; count?: number } {
+export function rsmOf(el: Element | undefined): {
+  first?: string;
+  index?: string;
+  last?: string;
+  count?: number;
+} {
   const set = el?.getChild('set', RSM);
   if (!set) return {};
   const count = set.getChildText('count');
