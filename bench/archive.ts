@@ -16,7 +16,6 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
 import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import { BatchWriteCommand, type DynamoDBDocumentClient } from '@aws-sdk/lib-dynamodb';
-import { parse } from 'ltx';
 import { createTables, tableNamesOf } from '../infra/local/create-tables.ts';
 import { findFreePort, startDynamoDbLocal } from '../infra/local/dynamodb-local.ts';
 import { startLocalStack } from '../infra/local/stack.ts';
