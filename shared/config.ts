@@ -73,6 +73,21 @@ export interface Config {
   archiveTombstoneDays: number;
   /** XEP-0136 replication: granularity (seconds) of a collection's recorded change time. */
   archiveChangeWindowSeconds: number;
+  /** XEP-0136 §3.2: the service's Save Mode for users who never set a default (false, body, all). */
+  archiveDefaultSave: 'false' | 'body' | 'all';
+  /** XEP-0136 §3.2: the service's OTR Mode for users who never set a default. */
+  archiveDefaultOtr: 'allow' | 'deny' | 'require' | 'try';
+  /** XEP-0136 §3.2: seconds the service keeps archived messages when the user's mode says nothing; 0: forever. */
+  archiveDefaultExpireSeconds: number;
+  /** XEP-0136 §3.3: whether save='all' (whole stanzas) is accepted; otherwise feature-not-implemented. */
+  archiveAllowSaveAll: boolean;
+  /**
+   * XEP-0136 §7.1: "unless administrator policies require that every message is logged
+   * automatically": every stream starts with auto-archiving on and may not switch it off.
+   */
+  archiveAutoRequired: boolean;
+  /** XEP-0136 §5.3: entries one collection may hold; a store beyond it is not-acceptable. */
+  archiveMaxCollectionEntries: number;
 }
 
 type Env = Record<string, string | undefined>;
@@ -104,6 +119,12 @@ export const TUNABLE_SETTINGS = [
   'RATE_STANZA_BURST',
   'RATE_BYTES_PER_SECOND',
   'RATE_BYTES_BURST',
+  'ARCHIVE_DEFAULT_SAVE',
+  'ARCHIVE_DEFAULT_OTR',
+  'ARCHIVE_DEFAULT_EXPIRE_SECONDS',
+  'ARCHIVE_ALLOW_SAVE_ALL',
+  'ARCHIVE_AUTO_REQUIRED',
+  'ARCHIVE_MAX_COLLECTION_ENTRIES',
   'LOG_LEVEL',
 ] as const;
 
@@ -114,6 +135,18 @@ function int(env: Env, name: string, fallback: number): number {
   if (!Number.isInteger(value) || value < 0)
     throw new Error(`${name} must be a non-negative integer, got '${raw}'`);
   return value;
+}
+
+function oneOf<T extends string>(env: Env, name: string, values: readonly T[], fallback: T): T {
+  const raw = env[name];
+  if (raw === undefined || raw === '') return fallback;
+  if (!(values as readonly string[]).includes(raw))
+    throw new Error(`${name} must be one of ${values.join(', ')}, got '${raw}'`);
+  return raw as T;
+}
+
+function bool(env: Env, name: string, fallback: boolean): boolean {
+  return oneOf(env, name, ['true', 'false'] as const, fallback ? 'true' : 'false') === 'true';
 }
 
 function tableName(env: Env, def: TableDefinition): string {
@@ -159,5 +192,16 @@ export function loadConfig(env: Env = process.env): Config {
     archiveCollectionGapSeconds: int(env, 'ARCHIVE_COLLECTION_GAP_SECONDS', 30 * 60),
     archiveTombstoneDays: int(env, 'ARCHIVE_TOMBSTONE_DAYS', 90),
     archiveChangeWindowSeconds: Math.max(1, int(env, 'ARCHIVE_CHANGE_WINDOW_SECONDS', 60)),
+    archiveDefaultSave: oneOf(env, 'ARCHIVE_DEFAULT_SAVE', ['false', 'body', 'all'] as const, 'false'),
+    archiveDefaultOtr: oneOf(
+      env,
+      'ARCHIVE_DEFAULT_OTR',
+      ['allow', 'deny', 'require', 'try'] as const,
+      'allow',
+    ),
+    archiveDefaultExpireSeconds: int(env, 'ARCHIVE_DEFAULT_EXPIRE_SECONDS', 0),
+    archiveAllowSaveAll: bool(env, 'ARCHIVE_ALLOW_SAVE_ALL', true),
+    archiveAutoRequired: bool(env, 'ARCHIVE_AUTO_REQUIRED', false),
+    archiveMaxCollectionEntries: Math.max(1, int(env, 'ARCHIVE_MAX_COLLECTION_ENTRIES', 1_000_000)),
   };
 }

@@ -11,6 +11,7 @@ import * as roster from './modules/rfc6121-roster.ts';
 import * as flexibleOffline from './modules/xep-0013-flexible-offline.ts';
 import * as disco from './modules/xep-0030-disco.ts';
 import * as softwareVersion from './modules/xep-0092-software-version.ts';
+import * as messageArchiving from './modules/xep-0136-message-archiving.ts';
 import * as offlineStorage from './modules/xep-0160-offline-storage.ts';
 import * as streamManagement from './modules/xep-0198-stream-management.ts';
 import * as ping from './modules/xep-0199-ping.ts';
@@ -31,6 +32,7 @@ export const MODULES: readonly Module[] = [
   softwareVersion,
   offlineStorage,
   flexibleOffline,
+  messageArchiving,
 ];
 
 export function createServer(options: ServerOptions): Server {

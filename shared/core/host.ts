@@ -19,6 +19,7 @@ import type { StreamError } from '../errors.ts';
 import type { Jid } from '../jid.ts';
 import type { Logger } from '../log.ts';
 import type { Outbound, PostResult } from '../outbound.ts';
+import type { ArchiveStore } from '../store/archive.ts';
 import type { OfflineStore } from '../store/offline.ts';
 import type { RosterStore } from '../store/roster.ts';
 import type { ConnectionState, ResourceRecord, SessionStore } from '../store/sessions.ts';
@@ -34,6 +35,8 @@ export interface Server {
   offline: OfflineStore;
   smQueue: SmQueueStore;
   roster: RosterStore;
+  /** XEP-0136 Message Archiving. */
+  archive: ArchiveStore;
   /** Only the delivery path (core/delivery.ts) posts through it. */
   outbound: Outbound;
   host: Host;

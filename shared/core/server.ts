@@ -7,6 +7,7 @@ import type { DynamoDBDocumentClient } from '@aws-sdk/lib-dynamodb';
 import type { Config } from '../config.ts';
 import { createLogger, type Logger } from '../log.ts';
 import { apiGatewayPort, type ConnectionPort, Outbound } from '../outbound.ts';
+import { createArchiveStore } from '../store/archive.ts';
 import { documentClientFor } from '../store/dynamo.ts';
 import { createOfflineStore } from '../store/offline.ts';
 import { createRosterStore } from '../store/roster.ts';
@@ -52,6 +53,11 @@ export function createServerCore(options: ServerOptions): Server {
     }),
     smQueue: createSmQueueStore(doc, config.tables.sessions),
     roster: createRosterStore(doc, config.tables.roster, { maxItems: config.rosterMaxItems }),
+    archive: createArchiveStore(doc, config.tables.archive, {
+      changeWindowMs: config.archiveChangeWindowSeconds * 1000,
+      tombstoneSeconds: config.archiveTombstoneDays * 86_400,
+      maxCollectionEntries: config.archiveMaxCollectionEntries,
+    }),
     outbound: new Outbound(port),
     host: new Host(),
     rates: new RateLimiter({

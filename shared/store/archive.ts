@@ -339,6 +339,8 @@ export function createArchiveStore(
     keep: (item: Record<string, unknown>) => boolean = () => true,
     skips = 0,
   ): Promise<{ items: Record<string, unknown>[]; more: boolean }> {
+    // XEP-0059 §2.7 `<max>0</max>` asks for the count alone; DynamoDB refuses `Limit: 0`.
+    if (limit <= 0) return { items: [], more: false };
     const items: Record<string, unknown>[] = [];
     let skipsLeft = skips;
     let start: Record<string, unknown> | undefined;
@@ -970,6 +972,22 @@ export function createArchiveStore(
         if (key < hi) hi = key;
       }
       const skip = new Set([`c#${page.after}`, `c#${page.before}`]);
+      let skips = page.after !== undefined || page.before !== undefined ? 1 : 0;
+      if (page.index !== undefined && page.index > 0 && !backwards) {
+        // XEP-0059 §2.6 page jumping: the `index` headers before the page are read (eventually
+        // consistent, 0.5 unit per 4 KB: ~45 units per 1,000 skipped headers), never returned.
+        const skipped = await queryItems(
+          rangeQuery(range, lo, hi, { ConsistentRead: false, ProjectionExpression: 'sk' }),
+          page.index,
+        );
+        const lastSkipped = skipped.items.at(-1)?.sk as string | undefined;
+        if (skipped.items.length < page.index || lastSkipped === undefined) lo = 'c#~';
+        else {
+          lo = lastSkipped;
+          skip.add(lastSkipped);
+          skips = 1;
+        }
+      }
       const [listed, count] = await Promise.all([
         lo > hi
           ? { items: [], more: false }
@@ -977,7 +995,7 @@ export function createArchiveStore(
               rangeQuery(range, lo, hi, { ScanIndexForward: !backwards }),
               page.max,
               (item) => !skip.has(item.sk as string),
-              page.after !== undefined || page.before !== undefined ? 1 : 0,
+              skips,
             ),
         // XEP-0059 §2.6 lets a count be approximate: eventually consistent, half the units.
         countQuery(rangeQuery(range, range.lo, range.hi, { ConsistentRead: false })),
@@ -986,6 +1004,7 @@ export function createArchiveStore(
       if (backwards) headers.reverse();
       let firstIndex: number | undefined;
       if (page.lastPage) firstIndex = Math.max(0, count - headers.length);
+      else if (page.index !== undefined && !backwards) firstIndex = page.index;
       else if (!backwards && page.after === undefined) firstIndex = 0;
       return { items: headers, count, firstIndex, first: headers[0]?.id, last: headers.at(-1)?.id };
     },

@@ -78,6 +78,21 @@ export interface RateBucket {
   at: number;
 }
 
+/**
+ * XEP-0136 per-stream state: automatic archiving (§7.1, off for every new stream), the public
+ * keys it encrypts for (§7.2), and whether the stream asked for preferences (0.9 `<pref/>`, 0.5
+ * `<save/>`, `<otr/>`), which makes it receive their pushes. Kept on the connection (the stream's
+ * own frames) and on the resource row (what routing and pushes read for other streams).
+ */
+export interface ArchiveStreamState {
+  auto?: boolean;
+  /** RSA public keys from `<auto encrypt='true'>`: base64 modulus and exponent, by KeyName. */
+  encryptKeys?: { name: string; modulus: string; exponent: string }[];
+  pref?: boolean;
+  save?: boolean;
+  otr?: boolean;
+}
+
 export interface ConnectionState {
   connectionId: string;
   connectedAt: number;
@@ -107,6 +122,7 @@ export interface ConnectionState {
   countedFrame?: string;
   /** RFC 6121 §2.1.6: the session requested the roster (its resource row is marked for pushes). */
   rosterInterested?: boolean;
+  archive?: ArchiveStreamState;
 }
 
 export interface ResourceRecord {
@@ -123,6 +139,7 @@ export interface ResourceRecord {
   smId?: string;
   /** RFC 6121 §2.1.6: the session requested the roster, so it gets roster pushes. */
   rosterInterested?: boolean;
+  archive?: ArchiveStreamState;
 }
 
 const connKey = (connectionId: string) => ({ pk: `conn#${connectionId}`, sk: 'conn' });
@@ -178,6 +195,13 @@ export interface SessionStore {
    * a bounded number in flight. Users without an available resource are absent from the map.
    */
   availableResourcesOf(users: readonly string[]): Promise<Map<string, ResourceRecord[]>>;
+  /** XEP-0136: the stream's archiving state, if the resource still belongs to `connectionId`. */
+  setResourceArchive(
+    user: string,
+    resource: string,
+    connectionId: string,
+    archive: ArchiveStreamState,
+  ): Promise<void>;
   /** Routes the resource's deliveries through the SM queue `smId` (or back to direct posts). */
   setResourceSm(
     user: string,
@@ -215,6 +239,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     fenced: item.fenced as boolean | undefined,
     countedFrame: item.countedFrame as string | undefined,
     rosterInterested: item.rosterInterested as boolean | undefined,
+    archive: item.archive as ArchiveStreamState | undefined,
   };
 }
 
@@ -230,6 +255,7 @@ function toResource(item: Record<string, unknown>): ResourceRecord {
     flexibleOffline: item.flexibleOffline as boolean | undefined,
     smId: item.smId as string | undefined,
     rosterInterested: item.rosterInterested as boolean | undefined,
+    archive: item.archive as ArchiveStreamState | undefined,
   };
 }
 
@@ -499,6 +525,23 @@ export function createSessionStore(
             UpdateExpression: 'SET flexibleOffline = :yes',
             ConditionExpression: 'connectionId = :connectionId',
             ExpressionAttributeValues: { ':yes': true, ':connectionId': connectionId },
+          }),
+        );
+      } catch (error) {
+        if (!isConditionFailure(error)) throw error;
+      }
+    },
+
+    async setResourceArchive(user, resource, connectionId, archive) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: resourceKey(user, resource),
+            UpdateExpression: 'SET #archive = :archive',
+            ConditionExpression: 'connectionId = :connectionId',
+            ExpressionAttributeNames: { '#archive': 'archive' },
+            ExpressionAttributeValues: { ':archive': archive, ':connectionId': connectionId },
           }),
         );
       } catch (error) {

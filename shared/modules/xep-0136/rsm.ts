@@ -1,8 +1,11 @@
 /**
- * XEP-0059 Result Set Management (`http://jabber.org/protocol/rsm`) for the archive's requests:
- * `<set/>` in, `<set/>` out. Generic; it moves to the core once a second module pages.
+ * XEP-0059 Result Set Management for the archive's requests: a thin adapter over the core's
+ * shared decoder and encoder (core/rsm.ts), with the archive's two additions: a request's
+ * `<set/>` holds only max/after/before/index, each once (anything else is `bad-request`), and a
+ * `<modified/>` reply carries `<last/>` without `<first/>` (XEP-0136 §10's example).
  */
-import { Element } from 'ltx';
+import type { Element } from 'ltx';
+import { decodePageRequest, encodePageReply } from '../../core/rsm.ts';
 import { StanzaError } from '../../errors.ts';
 import { NS } from '../../xml/namespaces.ts';
 
@@ -36,27 +39,23 @@ const SET_CHILDREN = new Set(['max', 'after', 'before', 'index']);
  */
 export function decodeRsm(parent: Element, limits: { defaultMax: number; max: number }): RsmRequest {
   const set = parent.getChild('set', NS.rsm);
-  if (!set) return { present: false, max: limits.defaultMax, lastPage: false };
-  const text: Record<string, string> = {};
-  for (const child of set.getChildElements()) {
-    if (!SET_CHILDREN.has(child.name)) throw badRequest(`unexpected <${child.name}/> in a request's set`);
-    if (child.name in text) throw badRequest(`more than one <${child.name}/>`);
-    text[child.name] = child.getText().trim();
+  if (set) {
+    const seen = new Set<string>();
+    for (const child of set.getChildElements()) {
+      if (!SET_CHILDREN.has(child.name) || child.getNS() !== NS.rsm)
+        throw badRequest(`unexpected <${child.name}/> in a request's set`);
+      if (seen.has(child.name)) throw badRequest(`more than one <${child.name}/>`);
+      seen.add(child.name);
+    }
   }
-  const { max, after, before, index } = text;
-  if (max !== undefined && !/^\d{1,9}$/.test(max)) throw badRequest('max is a non-negative integer');
-  if (index !== undefined && !/^\d{1,9}$/.test(index)) throw badRequest('index is a non-negative integer');
-  if (after !== undefined && before !== undefined) throw badRequest('after and before exclude each other');
-  if (index !== undefined && (after !== undefined || before !== undefined))
-    throw badRequest('index excludes after and before');
-  if (after === '') throw badRequest('after needs the UID of an item');
+  const page = decodePageRequest(parent, { defaultMax: limits.defaultMax, maxMax: limits.max });
   return {
-    present: true,
-    max: max === undefined ? limits.defaultMax : Math.min(Number(max), limits.max),
-    after,
-    before: before === '' ? undefined : before,
-    lastPage: before === '',
-    index: index === undefined ? undefined : Number(index),
+    present: page.rsm,
+    max: page.max,
+    after: page.after,
+    before: page.before,
+    lastPage: page.lastPage,
+    index: page.index,
   };
 }
 
@@ -65,15 +64,12 @@ export function decodeRsm(parent: Element, limits: { defaultMax: number; max: nu
  * and <last/> elements MUST NOT be included".
  */
 export function encodeRsm(result: RsmResult): Element {
-  const set = new Element('set', { xmlns: NS.rsm });
-  if (result.first !== undefined && result.last !== undefined) {
-    set
-      .c('first', result.firstIndex === undefined ? {} : { index: String(result.firstIndex) })
-      .t(result.first);
+  const set = encodePageReply(result);
+  if (result.first === undefined && result.last !== undefined) {
+    const count = set.getChild('count');
+    if (count) set.remove(count);
     set.c('last').t(result.last);
-  } else if (result.last !== undefined) {
-    set.c('last').t(result.last);
+    if (count) set.cnode(count);
   }
-  if (result.count !== undefined) set.c('count').t(String(result.count));
   return set;
 }

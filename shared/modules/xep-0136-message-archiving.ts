@@ -1,0 +1,640 @@
+/**
+ * XEP-0136 Message Archiving, `http://jabber.org/protocol/archive`: the seed draft 0.9 (the
+ * contract) and the 0.5 draft's own requests (`<save/>`, `<otr/>`/`<record/>`, `maxitems` with
+ * `partial`). Decoding, preference rules, collection rules and encoding live in `xep-0136/`;
+ * this file registers the requests, the automatic archiving hooks and the pushes.
+ *
+ * Automatic archiving, exactly once per message and archiving user:
+ * - the sender's copy is archived when the message it sent was first delivered to a session or
+ *   stored offline (`message-routed`, `message-stored-offline`), if the sending stream had
+ *   `<auto save='true'/>` when it sent it: the stanza event at acceptance remembers the stanza
+ *   object, the first routing event archives it and forgets it. A message that is refused
+ *   (unknown user, remote domain) is never archived; a fan-out to several resources once.
+ * - the recipient's copy is archived when the message is first routed to the user: put on a
+ *   session whose stream has auto on (`message-routed`), or stored offline while no stream is
+ *   there (`message-stored-offline`, see `archivesWhileOffline`). A message re-routed by stream
+ *   management (carrying this server's XEP-0203 stamp, or stored with `acceptedAt`) was decided
+ *   at its first routing and is never archived again; a flood from offline storage fires no
+ *   routing event. Clients cannot forge the stamp: it is removed from what they send.
+ */
+import { randomBytes } from 'node:crypto';
+import { type Element, Element as XmlElement } from 'ltx';
+import { deliver, POST_LIMIT_BYTES } from '../core/delivery.ts';
+import {
+  type BoundStream,
+  DEFERRED_RESULT,
+  type IqRequest,
+  type Server,
+  type StanzaEvent,
+} from '../core/host.ts';
+import { iqResult, removeForgedDelay } from '../core/stanzas.ts';
+import { StanzaError } from '../errors.ts';
+import { bareJid, fullJid, type Jid, parseJid } from '../jid.ts';
+import { serialize } from '../outbound.ts';
+import type { ArchivedEntry, ArchivePrefs, EntryInput, Mode, Page } from '../store/archive.ts';
+import { changeKeyOf, PrefsVersionConflictError } from '../store/archive.ts';
+import type { ArchiveStreamState, ResourceRecord } from '../store/sessions.ts';
+import { NS } from '../xml/namespaces.ts';
+import {
+  archiveDecision,
+  checkContentMix,
+  entryFromMessage,
+  resolveEntryTimes,
+  startsNewCollection,
+  threadOf,
+} from './xep-0136/collections.ts';
+import {
+  ARCHIVE_FEATURES,
+  ARCHIVE_NS,
+  type ArchiveRequest,
+  decodeRequest,
+  type ManualEntry,
+} from './xep-0136/decode.ts';
+import {
+  encodeCollection,
+  encodeKeys,
+  encodeList,
+  encodeModified,
+  encodeOtr,
+  encodePrefPush,
+  encodePrefs,
+  encodeRecordPush,
+  encodeSave,
+} from './xep-0136/encode.ts';
+import { archiveStanzaError, collectionNotFound } from './xep-0136/errors.ts';
+import {
+  applyPrefChange,
+  asksForRefusedSaveAll,
+  checkAutoRequest,
+  effectiveMode,
+  type ServicePolicy,
+} from './xep-0136/preferences.ts';
+
+/** 0.5 §2: "save" for the Save Mode feature, "otr" for the Off-the-Record Mode feature. */
+const FEATURES_05 = ['save', 'otr'].map((name) => `${ARCHIVE_NS}#${name}`);
+
+/** Every element of the namespace a client may send; the decoder says which iq type each takes. */
+const REQUESTS = [
+  'pref',
+  'auto',
+  'list',
+  'retrieve',
+  'remove',
+  'store',
+  'keys',
+  'delete',
+  'modified',
+  'save',
+  'otr',
+  'record',
+];
+
+/** Room kept for the iq wrapper around a paged answer (its attributes, the `<set/>`). */
+const ENVELOPE_BYTES = 2048;
+
+/** The service's defaults and limits, from configuration (README "Configuration"). */
+export function servicePolicy(server: Server): ServicePolicy & { autoRequired: boolean } {
+  const { config } = server;
+  const expire = config.archiveDefaultExpireSeconds;
+  return {
+    default: {
+      save: config.archiveDefaultSave,
+      otr: config.archiveDefaultOtr,
+      ...(expire > 0 && config.archiveDefaultSave !== 'false' ? { expire } : {}),
+    },
+    methods: { auto: 'allow', local: 'allow', manual: 'allow' },
+    allowSaveAll: config.archiveAllowSaveAll,
+    autoRequired: config.archiveAutoRequired,
+  };
+}
+
+type Policy = ReturnType<typeof servicePolicy>;
+
+export function register(server: Server): void {
+  const { host } = server;
+  const policy = servicePolicy(server);
+  for (const feature of [...ARCHIVE_FEATURES, ...FEATURES_05]) host.add('disco-feature', feature);
+  for (const name of REQUESTS) {
+    for (const type of ['get', 'set'] as const) {
+      // The handler refuses every other account itself, the same way whether it exists or not.
+      host.iq(type, ARCHIVE_NS, name, (request) => handleRequest(server, policy, request), {
+        answersForAnyAccount: true,
+      });
+    }
+  }
+
+  const sent = new WeakMap<Element, { owner: string; at: number }>();
+  const reRouted = new WeakSet<Element>();
+  const archivedFor = new WeakMap<Element, Set<string>>();
+  const once = (stanza: Element, owner: string): boolean => {
+    const owners = archivedFor.get(stanza) ?? new Set<string>();
+    archivedFor.set(stanza, owners);
+    if (owners.has(owner)) return false;
+    owners.add(owner);
+    return true;
+  };
+
+  // The sender's side, at acceptance (before routing; returns undefined so routing goes on).
+  const accept = ({ stream, stanza }: StanzaEvent) => {
+    // Only this server stamps as itself: a client's forged stamp would pass for a re-route.
+    removeForgedDelay(stanza, server.config.domain);
+    if (autoOn(stream.state.archive, policy)) sent.set(stanza, { owner: stream.user, at: Date.now() });
+    return undefined;
+  };
+  host.hook('message/bare', accept, { priority: 20 });
+  host.hook('message/full', accept, { priority: 20 });
+
+  /** `to`: the full JID of the session that took it (§5.2 "the full JID with which the messages were exchanged"). */
+  const archiveSender = async (stanza: Element, to: string | undefined) => {
+    const pending = sent.get(stanza);
+    if (!pending) return;
+    sent.delete(stanza);
+    if (!to || !once(stanza, `${pending.owner}>`)) return;
+    await archiveSafely(server, policy, pending.owner, to, 'to', stanza, pending.at);
+  };
+
+  host.hook('message-routed', async ({ stanza, to }) => {
+    await archiveSender(stanza, `${to.user}/${to.resource}`);
+    // XEP-0203 stamp of this server: a stream-management re-route, decided at its first routing.
+    if (hasServerStamp(stanza, server.config.domain)) return undefined;
+    if (!autoOn(to.archive, policy) || !stanza.attrs.from) return undefined;
+    if (!once(stanza, to.user)) return undefined;
+    await archiveSafely(server, policy, to.user, stanza.attrs.from, 'from', stanza, Date.now());
+    return undefined;
+  });
+  host.hook(
+    'message-offline',
+    ({ stanza, acceptedAt }) => {
+      if (acceptedAt !== undefined) reRouted.add(stanza);
+      return undefined;
+    },
+    { priority: 20 },
+  );
+  host.hook('message-stored-offline', async ({ stanza, user, storedAt }) => {
+    await archiveSender(stanza, user);
+    if (reRouted.has(stanza) || !stanza.attrs.from) return undefined;
+    if (!(await archivesWhileOffline(server, policy, user))) return undefined;
+    if (!once(stanza, user)) return undefined;
+    await archiveSafely(server, policy, user, stanza.attrs.from, 'from', stanza, storedAt);
+    return undefined;
+  });
+
+  // XEP-0198: a resumed stream is the same stream; its archiving state moves to the new row.
+  host.hook('session-resumed', async ({ stream, resource }) => {
+    const archive = resource?.archive;
+    if (!archive) return undefined;
+    stream.update({ archive });
+    await server.sessions.setResourceArchive(stream.user, stream.resource, stream.connectionId, archive);
+    return undefined;
+  });
+
+  host.hook('sweep', async () => {
+    await server.archive.purgePending();
+    return undefined;
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Automatic archiving
+
+/** §7.1: "Automatic archiving MUST default to disabled for each new stream … unless administrator policies require" it. */
+function autoOn(state: ArchiveStreamState | undefined, policy: Policy): boolean {
+  return state?.auto ?? policy.autoRequired;
+}
+
+function hasServerStamp(stanza: Element, domain: string): boolean {
+  return stanza.getChildren('delay', NS.delay).some((delay) => delay.attrs.from === domain);
+}
+
+/**
+ * A message stored while the user has no stream to take it has no stream whose auto flag
+ * decides. It is archived for the recipient when the service requires automatic archiving, or
+ * when the user's preferences say its clients SHOULD use it (`<method type='auto'
+ * use='prefer'/>`, §3.2): the stream that will take it would have auto on.
+ */
+async function archivesWhileOffline(server: Server, policy: Policy, user: string): Promise<boolean> {
+  if (policy.autoRequired) return true;
+  const prefs = await server.archive.getPrefs(user);
+  return (prefs.methods.auto ?? policy.methods.auto) === 'prefer';
+}
+
+/** Archiving never costs the message its delivery: a failure is logged, and routing goes on. */
+async function archiveSafely(
+  server: Server,
+  policy: Policy,
+  owner: string,
+  contact: string,
+  direction: 'to' | 'from',
+  stanza: Element,
+  at: number,
+): Promise<void> {
+  try {
+    await archiveMessage(server, policy, owner, parseJid(contact), direction, stanza, at);
+  } catch (error) {
+    server.log.error('message not archived', { owner, error });
+  }
+}
+
+/**
+ * The automatic archiving pipeline for one user: the mode for the contact (§3 precedence), the
+ * decision (§7, hints), the open collection or a new one (idle gap, new thread), one append.
+ */
+export async function archiveMessage(
+  server: Server,
+  policy: Policy,
+  owner: string,
+  contact: Jid,
+  direction: 'to' | 'from',
+  stanza: Element,
+  at: number,
+): Promise<boolean> {
+  const prefs = await server.archive.getPrefs(owner);
+  const mode = effectiveMode(prefs, contact, policy);
+  const decision = archiveDecision(stanza, mode);
+  if (!decision.archive) return false;
+  const expireSeconds = expiryOf(mode, policy);
+  const withJid = fullJid(contact);
+  const thread = threadOf(stanza);
+  let open = await server.archive.findOpenCollection(owner, withJid);
+  const current = open && { start: open.header.start, thread: open.thread, lastAt: open.last?.at };
+  if (startsNewCollection(current, { at, thread }, server.config.archiveCollectionGapSeconds * 1000)) {
+    open = await server.archive.startCollection(
+      owner,
+      {
+        with: withJid,
+        start: at,
+        ...(thread ? { thread } : {}),
+        ...(expireSeconds ? { expireSeconds } : {}),
+      },
+      open,
+    );
+  }
+  await server.archive.appendMessage(
+    owner,
+    open as NonNullable<typeof open>,
+    entryFromMessage(stanza, direction, decision.save, at),
+    expireSeconds ? { expireSeconds } : {},
+  );
+  return true;
+}
+
+/** §3.2 'expire': the mode's, else the service's default expiry. */
+function expiryOf(mode: Mode, policy: Policy): number | undefined {
+  return mode.expire ?? policy.default.expire;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests
+
+async function handleRequest(
+  server: Server,
+  policy: Policy,
+  request: IqRequest,
+): Promise<Element | undefined | typeof DEFERRED_RESULT> {
+  const { stream } = request;
+  // Nobody reads, lists or changes another user's archive, nor learns whether it exists: the
+  // same answer for every other account (the router checks no existence for this handler).
+  if (request.to.local && bareJid(request.to) !== stream.user)
+    throw new StanzaError('cancel', 'service-unavailable');
+  const decoded = decodeRequest(request.type, request.payload);
+  try {
+    return await serve(server, policy, request, decoded);
+  } catch (error) {
+    throw archiveStanzaError(error) ?? error;
+  }
+}
+
+async function serve(
+  server: Server,
+  policy: Policy,
+  request: IqRequest,
+  decoded: ArchiveRequest,
+): Promise<Element | undefined | typeof DEFERRED_RESULT> {
+  const { stream } = request;
+  const owner = stream.user;
+  const archive = server.archive;
+  switch (decoded.kind) {
+    case 'pref-get': {
+      // §3.2: "Once it has received a request for archiving preferences from the client, the
+      // server MUST send any subsequent changes … to the client until the stream is closed".
+      await markStream(stream, { pref: true });
+      const prefs = await archive.getPrefs(owner);
+      return encodePrefs(prefs, autoOn(stream.state.archive, policy), policy);
+    }
+    case 'pref-set': {
+      if (asksForRefusedSaveAll(decoded, policy))
+        throw new StanzaError(
+          'cancel',
+          'feature-not-implemented',
+          "the server does not keep full stanzas (save='all')",
+        );
+      // §3.3: "If administrator policies require that at least the <body/> … of every message is
+      // logged automatically, and the client sets the value of the 'save' attribute to 'false'".
+      if (
+        policy.autoRequired &&
+        (decoded.default?.save === 'false' || decoded.items.some((i) => i.mode.save === 'false'))
+      )
+        throw new StanzaError('cancel', 'feature-not-implemented', 'every message is archived here');
+      await updatePrefs(server, owner, decoded, policy);
+      // §3.3: the result, then "The server then MUST inform all of the user's connected
+      // resources that have previously requested the user's archiving preferences".
+      await stream.send(iqResult(request.stanza));
+      await push(
+        server,
+        owner,
+        (state) => state?.pref === true,
+        () => encodePrefPush({ default: decoded.default, items: decoded.items, methods: decoded.methods }),
+      );
+      return DEFERRED_RESULT;
+    }
+    case 'auto': {
+      // §7.3: "If administrator policies require that every message is logged automatically, and
+      // the client is trying to disable automatic archiving".
+      if (policy.autoRequired && !decoded.save)
+        throw new StanzaError('cancel', 'feature-not-implemented', 'every message is archived here');
+      checkAutoRequest(decoded, await archive.getPrefs(owner), policy);
+      await markStream(stream, { auto: decoded.save });
+      if (!decoded.save) {
+        // §7.1: "If the client switches off all auto-archiving then the server MUST close and
+        // store all active collections" — all: no other stream of the user records any more.
+        const others = (await server.sessions.listResources(owner)).filter(
+          (r) => r.resource !== stream.resource && autoOn(r.archive, policy),
+        );
+        if (others.length === 0) await archive.closeOpenCollections(owner);
+      }
+      return undefined;
+    }
+    case 'list': {
+      const page = await archive.listCollections(
+        owner,
+        { with: decoded.with, start: decoded.start, end: decoded.end },
+        { ...decoded.page, lastPage: decoded.page.lastPage },
+      );
+      return fitToPost(
+        page,
+        (p) => encodeList(p, decoded),
+        (header) => header.id,
+      );
+    }
+    case 'retrieve': {
+      const page = await archive.retrieveMessages(
+        owner,
+        { with: decoded.with, start: decoded.start },
+        decoded.page,
+      );
+      if (!page) throw collectionNotFound();
+      const header = page.header;
+      const encode = async (p: Page<ArchivedEntry>) => {
+        const carried = p.items.flatMap((e) => (e.keyName ? [e.keyName] : []));
+        // §8.2: "the server MUST return all the <EncryptedKey/> elements … whose symmetric key
+        // name … is referenced"; with <KeyName/>s, "only those … whose public key name … is specified".
+        const keys =
+          carried.length === 0
+            ? []
+            : await archive.keysForCollection(
+                owner,
+                header,
+                carried,
+                decoded.keyNames.length > 0 ? decoded.keyNames : undefined,
+              );
+        return encodeCollection(header, p, keys, decoded.page);
+      };
+      return fitToPost(page, encode, (entry) => String(entry.seq));
+    }
+    case 'remove': {
+      const filter = {
+        with: decoded.with,
+        start: decoded.start,
+        end: decoded.end,
+        exact: decoded.exact,
+        open: decoded.open,
+      };
+      let removed = 0;
+      for (let round = 0; round < 100; round++) {
+        const result = await archive.removeCollections(owner, filter);
+        removed += result.removed.length;
+        if (!result.more) break;
+      }
+      // §8.3: "If the specified collection (or collections) do not exist then the server MUST
+      // return an <item-not-found/> error".
+      if (removed === 0) throw collectionNotFound();
+      return undefined;
+    }
+    case 'store':
+      await storeManually(server, policy, owner, decoded);
+      return undefined;
+    case 'keys': {
+      const page = await archive.listKeys(owner, decoded.keyName, decoded.page);
+      return encodeKeys(page);
+    }
+    case 'delete': {
+      const deleted = await archive.deleteKeys(
+        owner,
+        { with: decoded.with, start: decoded.start },
+        decoded.keyNames,
+      );
+      if (deleted === undefined) throw collectionNotFound();
+      return undefined;
+    }
+    case 'modified': {
+      const after =
+        decoded.after === undefined ? undefined : changeKeyOf(decoded.after.ms, decoded.after.subMillisecond);
+      const page = await archive.modifiedSince(owner, after, decoded.page.max);
+      return encodeModified(page);
+    }
+    case 'save-get':
+      // 0.5 §3.1: "The server also remembers that the requesting resource is "save-mode aware"".
+      await markStream(stream, { save: true });
+      return encodeSave(await archive.getPrefs(owner), policy);
+    case 'save-set': {
+      if (policy.autoRequired && (decoded.default === false || decoded.items.some((i) => !i.save)))
+        throw new StanzaError('cancel', 'not-allowed', 'every message is archived here');
+      await updatePrefs(server, owner, decoded, policy);
+      // 0.5 §3.1: "it acknowledges the change", then "MUST inform all of the user's connected
+      // resources" (the save-mode aware ones: those are the ones it remembers).
+      await stream.send(iqResult(request.stanza));
+      await push(
+        server,
+        owner,
+        (state) => state?.save === true,
+        () => {
+          const save = new XmlElement('save', { xmlns: ARCHIVE_NS });
+          if (decoded.default !== undefined) save.c('default', { save: String(decoded.default) });
+          for (const item of decoded.items) save.c('item', { jid: item.jid, save: String(item.save) });
+          return save;
+        },
+      );
+      return DEFERRED_RESULT;
+    }
+    case 'otr-get':
+      // 0.5 §3.2: "the requesting resource is now "OTR aware"".
+      await markStream(stream, { otr: true });
+      return encodeOtr(await archive.getPrefs(owner));
+    case 'record-set': {
+      // 0.5 §3.2: "Such a deployment MUST return a <not-allowed/> error in response to a request
+      // to enter Off-the-Record mode".
+      if (policy.autoRequired && decoded.otr)
+        throw new StanzaError('cancel', 'not-allowed', 'every message is archived here');
+      await updatePrefs(server, owner, decoded, policy);
+      // 0.5 §3.2: "broadcasts to all of the user's otr-aware resources", then the result.
+      await push(
+        server,
+        owner,
+        (state) => state?.otr === true,
+        () => encodeRecordPush(decoded.jid, decoded.otr),
+      );
+      await notifyContact(server, owner, decoded.jid, decoded.otr);
+      return undefined;
+    }
+  }
+}
+
+/** Reads, changes and stores the preferences, again when another change won the race. */
+async function updatePrefs(
+  server: Server,
+  owner: string,
+  change: ArchiveRequest,
+  policy: Policy,
+): Promise<ArchivePrefs> {
+  for (let attempt = 0; ; attempt++) {
+    const prefs = await server.archive.getPrefs(owner);
+    try {
+      return await server.archive.putPrefs(owner, applyPrefChange(prefs, change, policy));
+    } catch (error) {
+      if (!(error instanceof PrefsVersionConflictError) || attempt >= 3) throw error;
+    }
+  }
+}
+
+/** Records per-stream archiving state on the connection (this stream) and the resource row (pushes, routing). */
+async function markStream(stream: BoundStream, changes: Partial<ArchiveStreamState>): Promise<void> {
+  const current = stream.state.archive ?? {};
+  if (Object.entries(changes).every(([k, v]) => current[k as keyof ArchiveStreamState] === v)) return;
+  const archive = { ...current, ...changes };
+  stream.update({ archive });
+  await stream.server.sessions.setResourceArchive(stream.user, stream.resource, stream.connectionId, archive);
+}
+
+/**
+ * A push (an iq set from the server, §3.3) to each of the user's resources whose stream asked
+ * for it, through the one delivery path. The client's result comes back without a full-JID
+ * `to` and the router drops it.
+ */
+async function push(
+  server: Server,
+  owner: string,
+  wants: (state: ArchiveStreamState | undefined) => boolean,
+  payload: () => Element,
+): Promise<void> {
+  const resources = (await server.sessions.listResources(owner)).filter((r) => wants(r.archive));
+  for (const resource of resources) await pushTo(server, resource, payload());
+}
+
+async function pushTo(server: Server, resource: ResourceRecord, payload: Element): Promise<void> {
+  const iq = new XmlElement('iq', {
+    type: 'set',
+    id: `push-${randomBytes(6).toString('hex')}`,
+    to: `${resource.user}/${resource.resource}`,
+  });
+  iq.cnode(payload);
+  try {
+    await deliver(server, resource, iq);
+  } catch (error) {
+    if (!(error instanceof StanzaError)) throw error;
+  }
+}
+
+/**
+ * 0.5 §3.2: "It also sends a message to the contact's server that chats with Juliet are not to
+ * be saved", and the contact's server "swaps the JIDs … and broadcasts the change to all of the
+ * contact's otr-aware resources". For a local contact both servers are this one: the contact's
+ * OTR-aware resources get the swapped push. The contact's stored preferences are not changed:
+ * nobody changes another user's archive settings; the contact's client decides.
+ */
+async function notifyContact(server: Server, owner: string, contact: string, otr: boolean): Promise<void> {
+  const jid = parseJid(contact);
+  if (!jid.local || jid.domain !== server.config.domain || bareJid(jid) === owner) return;
+  const resources = (await server.sessions.listResources(bareJid(jid))).filter(
+    (r) => r.archive?.otr === true,
+  );
+  for (const resource of resources) await pushTo(server, resource, encodeRecordPush(owner, otr));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Manual archiving
+
+/** The element stored for an uploaded entry: `secs`/`utc` go (they are recomputed), a note keeps its `utc`. */
+function storedXml(entry: ManualEntry): string {
+  const el = new XmlElement(entry.element.name, { ...entry.element.attrs });
+  el.children = entry.element.children;
+  delete el.attrs.secs;
+  if (entry.kind !== 'note') delete el.attrs.utc;
+  if (entry.kind === 'to' || entry.kind === 'from' || entry.kind === 'note') delete el.attrs.xmlns;
+  return el.toString();
+}
+
+/** §5.3: creates the collection or appends to it; §6: encrypted content never mixes with plain. */
+async function storeManually(
+  server: Server,
+  policy: Policy,
+  owner: string,
+  request: Extract<ArchiveRequest, { kind: 'store' }>,
+): Promise<void> {
+  const ref = { with: request.with, start: request.start };
+  const existing = await server.archive.getCollection(owner, ref);
+  checkContentMix(existing?.header, request);
+  const times = resolveEntryTimes(request.start, existing?.last?.at, request.entries, Date.now());
+  const entries: EntryInput[] = request.entries.map((entry, i) => {
+    const time = times[i] as { at: number; utc: boolean };
+    return {
+      kind: entry.kind,
+      at: time.at,
+      ...(time.utc ? { utc: true } : {}),
+      xml: storedXml(entry),
+      ...(entry.keyName ? { keyName: entry.keyName } : {}),
+    };
+  });
+  const prefs = await server.archive.getPrefs(owner);
+  const expireSeconds = expiryOf(effectiveMode(prefs, parseJid(request.with), policy), policy);
+  await server.archive.storeManual(
+    owner,
+    {
+      ref,
+      ...(request.subject !== undefined ? { subject: request.subject } : {}),
+      entries,
+      keys: request.keys,
+      ...(expireSeconds ? { expireSeconds } : {}),
+    },
+    existing,
+  );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Answers that fit one WebSocket message
+
+const REPLY_BUDGET = POST_LIMIT_BYTES - ENVELOPE_BYTES;
+
+/**
+ * A page whose answer would pass API Gateway's post limit is cut to the items that fit: the
+ * `<set/>` (or 0.5's `partial='true'`) tells the client where to go on. Never truncated silently.
+ */
+async function fitToPost<T>(
+  page: Page<T>,
+  encode: (page: Page<T>) => Element | Promise<Element>,
+  uid: (item: T) => string,
+): Promise<Element> {
+  let current = page;
+  for (;;) {
+    const element = await encode(current);
+    const bytes = Buffer.byteLength(serialize(element));
+    if (bytes <= REPLY_BUDGET || current.items.length <= 1) return element;
+    const keep = Math.floor((current.items.length * REPLY_BUDGET) / bytes);
+    current = shorten(current, Math.max(1, Math.min(current.items.length - 1, keep)), uid);
+  }
+}
+
+function shorten<T>(page: Page<T>, keep: number, uid: (item: T) => string): Page<T> {
+  const items = page.items.slice(0, keep);
+  const lastItem = items.at(-1);
+  return { ...page, items, last: lastItem === undefined ? undefined : uid(lastItem) };
+}
