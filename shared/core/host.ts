@@ -183,7 +183,12 @@ export interface EventPayloads {
     resource?: ResourceRecord;
   };
   /** A stream-management session was resumed on a new stream. */
-  'session-resumed': { stream: BoundStream; resource?: ResourceRecord };
+  'session-resumed': {
+    stream: BoundStream;
+    resource?: ResourceRecord;
+    /** The newest stored (offline) message the resume's replay sent again, if any. */
+    offlineReplayedUpTo?: string;
+  };
   /** The client acknowledged stanzas (XEP-0198); `unacknowledged` are still outstanding. */
   'stanzas-acknowledged': { stream: BoundStream; unacknowledged: number };
   /**

@@ -32,8 +32,9 @@ export function register(server: Server): void {
     return undefined;
   });
   // A flood cut short by the lost socket (its messages are still stored) carries on after a resume.
-  host.hook('session-resumed', async ({ stream, resource }) => {
-    if (resource?.available && resource.priority >= 0) await floodOffline(stream, [resource]);
+  host.hook('session-resumed', async ({ stream, resource, offlineReplayedUpTo }) => {
+    if (resource?.available && resource.priority >= 0)
+      await floodOffline(stream, [resource], offlineReplayedUpTo);
     return undefined;
   });
   host.hook('stanzas-acknowledged', async ({ stream, unacknowledged }) => {
@@ -120,13 +121,13 @@ export function stampedStanza(server: Server, message: OfflineMessage): Element 
  * remembers which offline message each stanza came from). XEP-0013 §2.1: no flood while a
  * session of the user asked for flexible offline retrieval.
  */
-async function floodOffline(stream: BoundStream, resources: ResourceRecord[]): Promise<void> {
+async function floodOffline(stream: BoundStream, resources: ResourceRecord[], from?: string): Promise<void> {
   const { server } = stream;
   if (stream.state.flexibleOffline || resources.some((r) => r.flexibleOffline)) return;
   stream.update({ flooded: true });
-  if (stream.state.sm) return startTransfer(stream, { kind: 'flood' });
+  if (stream.state.sm) return startTransfer(stream, { kind: 'flood', ...(from ? { after: from } : {}) });
   const user = stream.user;
-  let after: string | undefined;
+  let after: string | undefined = from;
   for (;;) {
     const page = await server.offline.list(user, { limit: 50, after });
     const delivered: string[] = [];

@@ -647,14 +647,17 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
   if (version === 'sm3' || inbound > 0) resumed.attrs.h = String(inbound % WRAP);
   await post(server, stream.connectionId, resumed);
   await replayHeld(stream, sm, acked, taken.entries.slice(acked - taken.base), acked);
-  await post(
-    server,
-    stream.connectionId,
-    ackRequest(version, (await server.smQueue.get(sm.id))?.out ?? acked),
-  );
-  // A flood cut short by the lost socket (its messages are still stored) carries on here.
+  const after = await server.smQueue.get(sm.id);
+  await post(server, stream.connectionId, ackRequest(version, after?.out ?? acked));
+  // A flood cut short by the lost socket (its messages are still stored) carries on here, after
+  // the last stored message the replay has just sent again: none is sent twice.
+  const replayedOffline = (after?.entries ?? []).flatMap((e) => (e.o ? [e.o] : [])).sort();
   if (isBound(stream))
-    await server.host.fire('session-resumed', { stream, ...(record ? { resource: record } : {}) });
+    await server.host.fire('session-resumed', {
+      stream,
+      ...(record ? { resource: record } : {}),
+      ...(replayedOffline.length > 0 ? { offlineReplayedUpTo: replayedOffline.at(-1) } : {}),
+    });
 }
 
 /** Every nonza of an SM namespace. */

@@ -625,6 +625,28 @@ describe('expiry', () => {
     client.send(`<a xmlns='${SM3}' h='4'/>`);
     await eventually(async () => expect(await stack.server.offline.count('rosaline@localhost')).toBe(0));
   });
+
+  it('a resume during an offline flood replays the unacknowledged messages once, and the flood does not send them again', async () => {
+    await stack.addUser('rosalind@localhost', 'rosalind-pw');
+    const sender = await raw('romeo', 'to-rosalind');
+    for (let i = 1; i <= 5; i++)
+      sender.send(`<message to='rosalind@localhost' type='chat' id='f${i}'><body>f${i}</body></message>`);
+    await eventually(async () => expect(await stack.server.offline.count('rosalind@localhost')).toBe(5));
+    const first = await raw('rosalind', 'flood');
+    const enabled = await enable(first);
+    first.send('<presence/>');
+    // The flood arrives; the socket dies before the client acknowledges any of it.
+    for (let i = 1; i <= 5; i++) await first.until((el) => el.name === 'message' && el.attrs.id === `f${i}`);
+    first.terminate();
+    await detached(enabled.attrs.id as string);
+    const { client: second } = await authenticated('rosalind');
+    second.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='0'/>`);
+    expect((await second.until((el) => el.name === 'resumed' || el.name === 'failed')).name).toBe('resumed');
+    const frames = await second.framesBeforePong();
+    const ids = frames.filter((f) => f.startsWith('<message')).map((f) => /id="(f\d)"/.exec(f)?.[1]);
+    // XEP-0198 §5: the server resends what the client had not acknowledged — each exactly once.
+    expect(ids).toEqual(['f1', 'f2', 'f3', 'f4', 'f5']);
+  });
 });
 
 describe('the queue bound (SM_QUEUE_MAX)', () => {
