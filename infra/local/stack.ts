@@ -65,7 +65,7 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
     faults,
     log: gatewayLog(options.log),
     connect: (event) => createConnectHandler(ready())(event),
-    stream: (event) => createStreamHandler(ready())(event),
+    stream: (event, context) => createStreamHandler(ready())(event, context),
   });
   const config: Config = { ...options.config, connectionsEndpoint: gateway.managementEndpoint };
   const doc = createDocumentClient({ endpoint: config.dynamodbEndpoint, region: config.region });
