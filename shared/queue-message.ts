@@ -22,6 +22,8 @@ export interface StreamEvent {
   kind: 'frame' | 'disconnect';
   frame: string;
   receivedAt: number;
+  /** API Gateway's request id, for the logs (it is also in the stage's access log). */
+  requestId?: string;
 }
 
 export class MalformedQueueMessageError extends Error {}
@@ -37,14 +39,17 @@ export function decodeQueueMessage(raw: string): StreamEvent {
     throw new MalformedQueueMessageError('queue message without connectionId');
   }
   const receivedAt = Number(parsed.requestTimeEpoch) || Date.now();
+  const requestId =
+    typeof parsed.requestId === 'string' && parsed.requestId ? { requestId: parsed.requestId } : {};
   if (parsed.eventType === 'DISCONNECT') {
-    return { connectionId: parsed.connectionId, kind: 'disconnect', frame: '', receivedAt };
+    return { connectionId: parsed.connectionId, kind: 'disconnect', frame: '', receivedAt, ...requestId };
   }
   return {
     connectionId: parsed.connectionId,
     kind: 'frame',
     frame: Buffer.from(parsed.body ?? '', 'base64').toString('utf8'),
     receivedAt,
+    ...requestId,
   };
 }
 

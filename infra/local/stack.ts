@@ -6,8 +6,9 @@
 import { createConnectHandler } from '../../functions/connect.ts';
 import { createStreamHandler } from '../../functions/stream.ts';
 import { createSweeperHandler } from '../../functions/sweeper.ts';
+import { createMetricsPublisher } from '../../functions/telemetry.ts';
 import type { Config } from '../../shared/config.ts';
-import type { Logger } from '../../shared/log.ts';
+import { createLogger, type Logger } from '../../shared/log.ts';
 import { apiGatewayPort } from '../../shared/outbound.ts';
 import { createServer, type Server } from '../../shared/server.ts';
 import { type Gateway, startGateway } from './gateway.ts';
@@ -21,6 +22,11 @@ export interface LocalStackOptions {
   /** How often the sweeper runs, as the stack's one-minute schedule does; 0 turns it off. */
   sweepIntervalMs?: number;
   log?: Logger;
+  /**
+   * Where the embedded-metric-format lines go (the lines CloudWatch reads on AWS); default:
+   * stderr when the log level is debug, nowhere otherwise.
+   */
+  metricLines?: (line: string) => void;
 }
 
 export interface LocalStack {
@@ -43,16 +49,26 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
     region: options.config.region,
     // As the stack's event source mapping: up to ten records of one connection per invocation.
     batchSize: 10,
-    connect: (event) => createConnectHandler(ready())(event),
-    stream: (event) => createStreamHandler(ready())(event),
+    connect: (event) => connect(event),
+    stream: (event, context) => stream(event, context),
   });
   const config: Config = { ...options.config, connectionsEndpoint: gateway.managementEndpoint };
+  const log = options.log ?? createLogger();
   server = createServer({
     config,
     port: apiGatewayPort(gateway.managementEndpoint, config.region),
-    log: options.log,
+    log,
   });
-  const sweep = createSweeperHandler(server);
+  const write =
+    options.metricLines ??
+    (log.isEnabled('debug') ? (line: string) => void process.stderr.write(`${line}\n`) : undefined);
+  // The same lines the functions write on AWS; without a reader they are not even built.
+  const publishMetrics = write
+    ? createMetricsPublisher({ domain: config.domain, write })
+    : () => void ready().metrics.drain();
+  const connect = createConnectHandler(server, { publishMetrics });
+  const stream = createStreamHandler(server, { publishMetrics });
+  const sweep = createSweeperHandler(server, { publishMetrics });
   const sweepIntervalMs = options.sweepIntervalMs ?? 60_000;
   const sweeper =
     sweepIntervalMs > 0

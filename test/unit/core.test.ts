@@ -10,6 +10,7 @@ import { HANDLED, Host, type Server } from '../../shared/core/host.ts';
 import { messageTargets } from '../../shared/core/router.ts';
 import { StanzaError } from '../../shared/errors.ts';
 import { createLogger } from '../../shared/log.ts';
+import { MetricsRecorder } from '../../shared/metrics.ts';
 import { Outbound, RecordingPort } from '../../shared/outbound.ts';
 import type { ResourceRecord } from '../../shared/store/sessions.ts';
 
@@ -19,6 +20,7 @@ function coreOnly(port = new RecordingPort()): { server: Server; port: Recording
     host: new Host(),
     outbound: new Outbound(port),
     log: createLogger('silent'),
+    metrics: new MetricsRecorder(),
   } as unknown as Server;
   return { server, port };
 }
