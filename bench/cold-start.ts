@@ -1,7 +1,8 @@
 /**
- * `npx tsx bench/cold-start.ts [stream|connect|sweeper ...] [--runs N]`: builds each function
- * the way the CDK stack does (`infra/constructs/xmpp-function.ts`: esbuild, ESM, minified,
- * target node22, AWS SDK bundled, source map) and reports the bundle's size and its cold init:
+ * `npx tsx bench/cold-start.ts [stream|connect|sweeper ...] [--runs N] [--tracing]`: builds each
+ * function the way the CDK stack does (`infra/constructs/xmpp-function.ts`: esbuild, ESM,
+ * minified, target node22, AWS SDK bundled, source map, `NIMBUS_TRACING` folded in; `--tracing`
+ * as with `TRACING=true`) and reports the bundle's size and its cold init:
  * a fresh `node` process importing the bundle and running the handler's first-call setup
  * (`server ??= createServer(...)`, with an empty event, so no network is touched). Median of
  * N runs; every run is a new process, as a Lambda cold start is.
@@ -28,6 +29,7 @@ const args = process.argv.slice(2);
 const runsAt = args.indexOf('--runs');
 const runs = runsAt >= 0 ? Number(args[runsAt + 1]) : 9;
 const names = args.filter((a, i) => !a.startsWith('--') && args[i - 1] !== '--runs');
+const tracing = args.includes('--tracing') ? 'true' : 'false';
 const functions = names.length > 0 ? names : ['stream'];
 
 function median(values: number[]): number {
@@ -54,6 +56,7 @@ function coldInit(file: string, name: string): { importMs: number; firstCallSetu
       AWS_LAMBDA_FUNCTION_NAME: `Nimbus-${name}`,
       AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: 'true',
       LOG_LEVEL: 'warn',
+      NIMBUS_TRACING: tracing,
     },
     encoding: 'utf8',
   });
@@ -74,6 +77,7 @@ try {
       minify: true,
       sourcemap: true,
       banner: { js: BANNER },
+      define: { 'process.env.NIMBUS_TRACING': JSON.stringify(tracing) },
       outfile,
       logLevel: 'error',
     });

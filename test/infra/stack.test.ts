@@ -219,6 +219,7 @@ describe('queue message template', () => {
       kind: 'frame',
       frame,
       receivedAt: context.requestTimeEpoch,
+      requestId: context.requestId,
     });
   });
 
@@ -242,6 +243,7 @@ describe('queue message template', () => {
       kind: 'disconnect',
       frame: '',
       receivedAt: context.requestTimeEpoch,
+      requestId: context.requestId,
     });
   });
 });
