@@ -47,8 +47,10 @@ async function handleRecord(server: Server, record: SQSRecord, tracer: Tracer | 
   };
   await withLogContext(context, () =>
     inSubsegment(tracer, `## ${event.kind}`, { connectionId: event.connectionId }, async () => {
+      const started = performance.now();
       try {
         await handleStreamEvent(server, event);
+        server.log.debug('frame handled', { kind: event.kind, ms: Math.round(performance.now() - started) });
       } catch (error) {
         server.log.warn('frame will be retried', {
           messageId: record.messageId,
