@@ -46,7 +46,7 @@ function coldInit(file: string, name: string): { importMs: number; firstCallSetu
     const t1 = performance.now();
     ${firstCall}
     const t2 = performance.now();
-    process.stdout.write(JSON.stringify({ importMs: t1 - t0, firstCallSetupMs: t2 - t1 }));`;
+    console.log('COLD-INIT ' + JSON.stringify({ importMs: t1 - t0, firstCallSetupMs: t2 - t1 }));`;
   const result = spawnSync(process.execPath, ['--enable-source-maps', '--input-type=module', '-e', script], {
     env: {
       PATH: process.env.PATH,
@@ -61,7 +61,10 @@ function coldInit(file: string, name: string): { importMs: number; firstCallSetu
     encoding: 'utf8',
   });
   if (result.status !== 0) throw new Error(`cold init of ${name} failed: ${result.stderr}`);
-  return JSON.parse(result.stdout);
+  // The handler writes its own lines (metrics) to stdout too.
+  const line = result.stdout.split('\n').find((l) => l.startsWith('COLD-INIT '));
+  if (!line) throw new Error(`cold init of ${name}: no timing in ${result.stdout}`);
+  return JSON.parse(line.slice('COLD-INIT '.length));
 }
 
 const out = mkdtempSync(join(tmpdir(), 'nimbus-bundle-'));
