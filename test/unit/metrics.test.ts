@@ -38,7 +38,7 @@ function publish(server: Server, functionName?: string): Emf[] {
 }
 
 /** The value of `name` in the documents, for one value of its dimension (or undimensioned). */
-function valueOf(documents: Emf[], name: MetricName, dimensionValue?: string): number | undefined {
+function metricValue(documents: Emf[], name: MetricName, dimensionValue?: string): number | undefined {
   for (const document of documents) {
     const [directive] = document._aws.CloudWatchMetrics;
     if (!directive.Metrics.some((m: { Name: string }) => m.Name === name)) continue;
@@ -102,9 +102,9 @@ describe('the EMF lines', () => {
     server.metrics.count('FramesIn', 3);
     const documents = publish(server);
     expect(documents).toHaveLength(3);
-    expect(valueOf(documents, 'StanzasIn', 'message')).toBe(2);
-    expect(valueOf(documents, 'StanzasIn', 'iq')).toBe(1);
-    expect(valueOf(documents, 'FramesIn')).toBe(3);
+    expect(metricValue(documents, 'StanzasIn', 'message')).toBe(2);
+    expect(metricValue(documents, 'StanzasIn', 'iq')).toBe(1);
+    expect(metricValue(documents, 'FramesIn')).toBe(3);
     expect(publish(server)).toEqual([]);
   });
 
@@ -120,7 +120,7 @@ describe('the EMF lines', () => {
     publisher(recorder.drain());
     const documents = lines.map((line) => JSON.parse(line));
     expect(documents).toHaveLength(1);
-    expect(valueOf(documents, 'ColdStarts', 'stream')).toBe(1);
+    expect(metricValue(documents, 'ColdStarts', 'stream')).toBe(1);
   });
 });
 
@@ -140,10 +140,10 @@ describe('metrics from host events (shared/modules/metrics.ts)', () => {
     await fire('PLAIN', false, 'not-authorized');
     await fire('SCRAM-SHA-1', false, 'temporary-auth-failure');
     const documents = publish(server);
-    expect(valueOf(documents, 'Logins', 'SCRAM-SHA-256')).toBe(2);
-    expect(valueOf(documents, 'Logins', 'PLAIN')).toBe(1);
-    expect(valueOf(documents, 'LoginFailures', 'not-authorized')).toBe(1);
-    expect(valueOf(documents, 'LoginFailures', 'temporary-auth-failure')).toBe(1);
+    expect(metricValue(documents, 'Logins', 'SCRAM-SHA-256')).toBe(2);
+    expect(metricValue(documents, 'Logins', 'PLAIN')).toBe(1);
+    expect(metricValue(documents, 'LoginFailures', 'not-authorized')).toBe(1);
+    expect(metricValue(documents, 'LoginFailures', 'temporary-auth-failure')).toBe(1);
   });
 
   it('counts stanzas in by kind (stanza-in)', async () => {
@@ -152,9 +152,9 @@ describe('metrics from host events (shared/modules/metrics.ts)', () => {
       await server.host.fire('stanza-in', { stream: someStream as never, stanza: new Element(kind) });
     }
     const documents = publish(server);
-    expect(valueOf(documents, 'StanzasIn', 'message')).toBe(2);
-    expect(valueOf(documents, 'StanzasIn', 'presence')).toBe(1);
-    expect(valueOf(documents, 'StanzasIn', 'iq')).toBe(1);
+    expect(metricValue(documents, 'StanzasIn', 'message')).toBe(2);
+    expect(metricValue(documents, 'StanzasIn', 'presence')).toBe(1);
+    expect(metricValue(documents, 'StanzasIn', 'iq')).toBe(1);
   });
 
   it('counts messages delivered online and stored offline, resumptions and stream errors', async () => {
@@ -179,10 +179,10 @@ describe('metrics from host events (shared/modules/metrics.ts)', () => {
     await server.host.fire('session-resumed', { stream: someStream as never });
     await server.host.fire('stream-error', { connectionId: 'c', condition: 'policy-violation' });
     const documents = publish(server);
-    expect(valueOf(documents, 'MessagesDelivered')).toBe(2);
-    expect(valueOf(documents, 'MessagesStoredOffline')).toBe(1);
-    expect(valueOf(documents, 'SmResumed')).toBe(1);
-    expect(valueOf(documents, 'StreamErrors', 'policy-violation')).toBe(1);
+    expect(metricValue(documents, 'MessagesDelivered')).toBe(2);
+    expect(metricValue(documents, 'MessagesStoredOffline')).toBe(1);
+    expect(metricValue(documents, 'SmResumed')).toBe(1);
+    expect(metricValue(documents, 'StreamErrors', 'policy-violation')).toBe(1);
   });
 
   it('counts XEP-0013 requests by action and XEP-0136 requests by element, never a client-made name', async () => {
@@ -207,12 +207,12 @@ describe('metrics from host events (shared/modules/metrics.ts)', () => {
     }
     const documents = publish(server);
     for (const action of ['count', 'headers', 'view', 'remove', 'fetch', 'purge']) {
-      expect(valueOf(documents, 'OfflineRequests', action), action).toBe(1);
+      expect(metricValue(documents, 'OfflineRequests', action), action).toBe(1);
     }
-    expect(valueOf(documents, 'ArchiveRequests', 'list')).toBe(1);
-    expect(valueOf(documents, 'ArchiveRequests', 'retrieve')).toBe(1);
-    expect(valueOf(documents, 'ArchiveRequests', 'other')).toBe(1);
-    expect(valueOf(documents, 'ArchiveRequests', 'made-up-by-a-client')).toBeUndefined();
+    expect(metricValue(documents, 'ArchiveRequests', 'list')).toBe(1);
+    expect(metricValue(documents, 'ArchiveRequests', 'retrieve')).toBe(1);
+    expect(metricValue(documents, 'ArchiveRequests', 'other')).toBe(1);
+    expect(metricValue(documents, 'ArchiveRequests', 'made-up-by-a-client')).toBeUndefined();
   });
 });
 
@@ -225,9 +225,9 @@ describe('counting points where no event exists', () => {
     port.gone.add('c2');
     await post(server, 'c2', new Element('message'));
     const documents = publish(server);
-    expect(valueOf(documents, 'StanzasOut', 'message')).toBe(1);
-    expect(valueOf(documents, 'StanzasOut', 'presence')).toBe(1);
-    expect(valueOf(documents, 'StanzasOut', 'nonza')).toBe(1);
+    expect(metricValue(documents, 'StanzasOut', 'message')).toBe(1);
+    expect(metricValue(documents, 'StanzasOut', 'presence')).toBe(1);
+    expect(metricValue(documents, 'StanzasOut', 'nonza')).toBe(1);
   });
 });
 
@@ -330,9 +330,9 @@ describe('the stream function', () => {
     // RFC 6120 §10.1 in order: a2 waits for a1's retry; the malformed b1 is dropped, not retried.
     expect(response.batchItemFailures.map((f) => f.itemIdentifier)).toEqual(['a1', 'a2', 'c1']);
     const documents = lines.map((line) => JSON.parse(line));
-    expect(valueOf(documents, 'FramesIn')).toBe(3);
-    expect(valueOf(documents, 'FramesRetried')).toBe(2);
-    expect(valueOf(documents, 'FramesDeadLettered')).toBe(1);
-    expect(valueOf(documents, 'FramesMalformed')).toBe(1);
+    expect(metricValue(documents, 'FramesIn')).toBe(3);
+    expect(metricValue(documents, 'FramesRetried')).toBe(2);
+    expect(metricValue(documents, 'FramesDeadLettered')).toBe(1);
+    expect(metricValue(documents, 'FramesMalformed')).toBe(1);
   });
 });
