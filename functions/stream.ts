@@ -1,63 +1,152 @@
 /**
  * The stream function: consumes the SQS FIFO queue that API Gateway fills with `$default`
  * frames and `$disconnect` events, grouped by connection, so each stream runs in order.
+ *
+ * Powertools' SQS FIFO partial-batch processor with `skipGroupOnError`: once a frame of a
+ * connection fails, that connection's later frames in the batch are handed back unprocessed
+ * (they must wait for the retry, RFC 6120 §10.1) while other connections' frames go on.
  */
+import { processPartialResponse, SqsFifoPartialProcessorAsync } from '@aws-lambda-powertools/batch';
 import type { Context, SQSBatchResponse, SQSEvent, SQSRecord } from 'aws-lambda';
 import { loadConfig } from '../shared/config.ts';
 import { handleStreamEvent } from '../shared/core/stream.ts';
-import { decodeQueueMessage, MalformedQueueMessageError } from '../shared/queue-message.ts';
+import { withLogContext } from '../shared/log.ts';
+import { decodeQueueMessage, MalformedQueueMessageError, type StreamEvent } from '../shared/queue-message.ts';
 import { createServer, type Server } from '../shared/server.ts';
+import {
+  inSubsegment,
+  instrumentFor,
+  lambdaTelemetry,
+  type MetricsPublisher,
+  type Tracer,
+} from './telemetry.ts';
 
-function groupOf(record: SQSRecord): string {
-  return record.attributes.MessageGroupId ?? record.messageId;
+export interface StreamHandlerOptions {
+  /** Where the invocation's metrics go (default: nowhere; counts are dropped). */
+  publishMetrics?: MetricsPublisher;
+  tracer?: Tracer;
+  /** The queue's maxReceiveCount: a record failing on that receive goes to the dead-letter queue. */
+  maxReceiveCount?: number;
 }
 
 /**
  * Time kept in hand: a record is started only while at least this much of the invocation is
  * left. A timeout would redeliver the whole batch, other connections' finished records
- * included; reporting the records not started as failures redelivers only those.
+ * included; a record refused for lack of time is handed back alone (with the rest of its group).
  */
 export const TIME_IN_HAND_MS = 5000;
 
-export function createStreamHandler(server: Server) {
+class OutOfTimeError extends Error {
+  constructor() {
+    super('too little of the invocation left to start a frame');
+    this.name = 'OutOfTimeError';
+  }
+}
+
+async function handleRecord(
+  server: Server,
+  record: SQSRecord,
+  tracer: Tracer | undefined,
+  remainingMs: (() => number) | undefined,
+): Promise<void> {
+  if (remainingMs && remainingMs() < TIME_IN_HAND_MS) {
+    server.log.warn('out of time: frame left for redelivery', { messageId: record.messageId });
+    throw new OutOfTimeError();
+  }
+  server.metrics.count('FramesIn');
+  let event: StreamEvent;
+  try {
+    event = decodeQueueMessage(record.body);
+  } catch (error) {
+    if (!(error instanceof MalformedQueueMessageError)) throw error;
+    // Retrying cannot make it readable: dropped (a success for the queue).
+    server.log.error('dropping malformed queue message', { messageId: record.messageId, error });
+    server.metrics.count('FramesMalformed');
+    return;
+  }
+  const context = {
+    connectionId: event.connectionId,
+    ...(event.requestId ? { requestId: event.requestId } : {}),
+  };
+  await withLogContext(context, () =>
+    inSubsegment(tracer, `## ${event.kind}`, { connectionId: event.connectionId }, async () => {
+      const started = performance.now();
+      try {
+        await handleStreamEvent(server, event);
+        server.log.debug('frame handled', { kind: event.kind, ms: Math.round(performance.now() - started) });
+      } catch (error) {
+        server.log.warn('frame will be retried', {
+          messageId: record.messageId,
+          receiveCount: Number(record.attributes.ApproximateReceiveCount),
+          error,
+        });
+        throw error;
+      }
+    }),
+  );
+}
+
+/** Retried and dead-lettered records, from the batch response (skipped records of a failed group included). */
+function countFailures(server: Server, event: SQSEvent, response: SQSBatchResponse, maxReceiveCount: number) {
+  const failed = new Set(response.batchItemFailures.map((failure) => failure.itemIdentifier));
+  for (const record of event.Records) {
+    if (!failed.has(record.messageId)) continue;
+    const receives = Number(record.attributes.ApproximateReceiveCount) || 1;
+    if (receives >= maxReceiveCount) {
+      server.metrics.count('FramesDeadLettered');
+      server.log.error('frame goes to the dead-letter queue', {
+        messageId: record.messageId,
+        connectionId: record.attributes.MessageGroupId,
+        receiveCount: receives,
+      });
+    } else server.metrics.count('FramesRetried');
+  }
+}
+
+export function createStreamHandler(server: Server, options: StreamHandlerOptions = {}) {
+  const maxReceiveCount = options.maxReceiveCount ?? (Number(process.env.FRAME_MAX_RECEIVES) || 5);
   return async (
     event: SQSEvent,
-    context?: Pick<Context, 'getRemainingTimeInMillis'>,
+    context?: Partial<Context> & Pick<Context, 'getRemainingTimeInMillis'>,
   ): Promise<SQSBatchResponse> => {
-    const failedGroups = new Set<string>();
-    const batchItemFailures: SQSBatchResponse['batchItemFailures'] = [];
-    for (const record of event.Records) {
-      const group = groupOf(record);
-      // FIFO: once a frame of a connection fails, its later frames must wait for the retry.
-      if (failedGroups.has(group)) {
-        batchItemFailures.push({ itemIdentifier: record.messageId });
-        continue;
-      }
-      if (context && context.getRemainingTimeInMillis() < TIME_IN_HAND_MS) {
-        server.log.warn('out of time: frame left for redelivery', { messageId: record.messageId, group });
-        failedGroups.add(group);
-        batchItemFailures.push({ itemIdentifier: record.messageId });
-        continue;
-      }
-      try {
-        await handleStreamEvent(server, decodeQueueMessage(record.body));
-      } catch (error) {
-        if (error instanceof MalformedQueueMessageError) {
-          server.log.error('dropping malformed queue message', { messageId: record.messageId, error });
-          continue;
-        }
-        server.log.warn('frame will be retried', { messageId: record.messageId, group, error });
-        failedGroups.add(group);
-        batchItemFailures.push({ itemIdentifier: record.messageId });
-      }
+    const remainingMs = context ? () => context.getRemainingTimeInMillis() : undefined;
+    try {
+      const response = await processPartialResponse(
+        event,
+        (record: SQSRecord) => handleRecord(server, record, options.tracer, remainingMs),
+        new SqsFifoPartialProcessorAsync(),
+        // A batch whose every record failed is reported like any other (all retried), not thrown.
+        {
+          ...(context?.functionName ? { context: context as Context } : {}),
+          skipGroupOnError: true,
+          throwOnFullBatchFailure: false,
+        },
+      );
+      countFailures(server, event, response, maxReceiveCount);
+      return response;
+    } finally {
+      options.publishMetrics?.(server.metrics.drain());
     }
-    return { batchItemFailures };
   };
 }
 
-let server: Server | undefined;
+let started:
+  | Promise<{ handle: ReturnType<typeof createStreamHandler>; begin(context: Context): void }>
+  | undefined;
 
-export const handler = (event: SQSEvent, context: Context): Promise<SQSBatchResponse> => {
-  server ??= createServer({ config: loadConfig() });
-  return createStreamHandler(server)(event, context);
+async function start() {
+  const config = loadConfig();
+  const telemetry = await lambdaTelemetry(config, 'stream');
+  const server = createServer({ config, log: telemetry.log, ...instrumentFor(telemetry.tracer) });
+  return {
+    handle: createStreamHandler(server, telemetry),
+    begin: (context: Context) => telemetry.startInvocation(context),
+  };
+}
+
+export const handler = async (event: SQSEvent, context: Context): Promise<SQSBatchResponse> => {
+  started ??= start();
+  const { handle, begin } = await started;
+  begin(context);
+  return handle(event, context);
 };

@@ -5,6 +5,7 @@ import * as targets from 'aws-cdk-lib/aws-events-targets';
 import { SqsEventSource } from 'aws-cdk-lib/aws-lambda-event-sources';
 import type { Construct } from 'constructs';
 import { loadConfig, TUNABLE_SETTINGS } from '../shared/config.ts';
+import { isLogLevel, LOG_LEVELS, type LogLevel } from '../shared/log.ts';
 import {
   archiveTable,
   offlineTable,
@@ -13,7 +14,9 @@ import {
   type TableDefinition,
   usersTable,
 } from '../shared/tables.ts';
+import { CustomDomain } from './constructs/custom-domain.ts';
 import { FrameQueue } from './constructs/frame-queue.ts';
+import { OperationsDashboard } from './constructs/operations-dashboard.ts';
 import { bindTable, type TableAccess, XmppTables } from './constructs/tables.ts';
 import { WebSocketGateway } from './constructs/websocket-gateway.ts';
 import { FUNCTION_MEMORY_MB, XmppFunction } from './constructs/xmpp-function.ts';
@@ -56,19 +59,56 @@ export interface NimbusStackProps extends StackProps {
   domain: string;
   /** See `WebSocketGatewayProps.manageAccountLogRole`. Default true. */
   manageApiGatewayAccountRole?: boolean;
-  /** Tuning for the stream and sweeper functions: names from `TUNABLE_SETTINGS` only. */
+  /**
+   * Tuning for the stream and sweeper functions (names from `TUNABLE_SETTINGS`) and the
+   * deployment's own settings (`DEPLOY_SETTINGS`: log level per function, tracing).
+   */
   settings?: Record<string, string>;
+  /** A custom host name for the WebSocket endpoint (`-c domainName=… -c certificateArn=…`). */
+  customDomain?: { domainName: string; certificateArn: string };
 }
 
+/**
+ * Settings the stack reads itself, next to the functions' tunables: `LOG_LEVEL` (a tunable)
+ * sets every function's level, `<FUNCTION>_LOG_LEVEL` one function's; `TRACING=true` turns on
+ * X-Ray tracing of the stream function.
+ */
+export const DEPLOY_SETTINGS = [
+  'CONNECT_LOG_LEVEL',
+  'STREAM_LOG_LEVEL',
+  'SWEEPER_LOG_LEVEL',
+  'TRACING',
+] as const;
+
 export function checkedSettings(settings: Record<string, string> = {}): Record<string, string> {
-  for (const [name, value] of Object.entries(settings)) {
-    if (!(TUNABLE_SETTINGS as readonly string[]).includes(name)) {
-      throw new Error(`Unknown setting ${name}; tunable: ${TUNABLE_SETTINGS.join(', ')}`);
+  const known = [...TUNABLE_SETTINGS, ...DEPLOY_SETTINGS] as readonly string[];
+  for (const [name, raw] of Object.entries(settings)) {
+    const value = String(raw);
+    if (!known.includes(name)) {
+      throw new Error(`Unknown setting ${name}; known: ${known.join(', ')}`);
+    }
+    if (name.endsWith('LOG_LEVEL') && !isLogLevel(value)) {
+      throw new Error(`${name} must be one of ${LOG_LEVELS.join(', ')}, got '${value}'`);
+    }
+    if (name === 'TRACING' && value !== 'true' && value !== 'false') {
+      throw new Error(`TRACING must be true or false, got '${value}'`);
     }
     // Validated the way the functions will read it, so a typo fails the synth, not a cold start.
-    loadConfig({ [name]: String(value) });
+    if ((TUNABLE_SETTINGS as readonly string[]).includes(name)) loadConfig({ [name]: value });
   }
   return Object.fromEntries(Object.entries(settings).map(([name, value]) => [name, String(value)]));
+}
+
+/** The functions' tunables: the deployment's own settings stay with the stack. */
+function tunables(settings: Record<string, string>): Record<string, string> {
+  return Object.fromEntries(
+    Object.entries(settings).filter(([name]) => !(DEPLOY_SETTINGS as readonly string[]).includes(name)),
+  );
+}
+
+function logLevelOf(settings: Record<string, string>, fn: FunctionName): LogLevel {
+  const level = settings[`${fn.toUpperCase()}_LOG_LEVEL`] ?? settings.LOG_LEVEL ?? 'info';
+  return level as LogLevel;
 }
 
 /** One Nimbus deployment: one XMPP domain. See DESIGN.md ("Shape"). */
@@ -77,9 +117,13 @@ export class NimbusStack extends Stack {
   readonly frameQueue: FrameQueue;
   readonly gateway: WebSocketGateway;
   readonly functions: Record<FunctionName, XmppFunction>;
+  readonly dashboard: OperationsDashboard;
+  readonly customDomain?: CustomDomain;
 
   constructor(scope: Construct, id: string, props: NimbusStackProps) {
     super(scope, id, props);
+    const settings = checkedSettings(props.settings);
+    const tracing = settings.TRACING === 'true';
     const domainEnvironment = { XMPP_DOMAIN: props.domain };
     const entry = (name: FunctionName) => `${PROJECT_ROOT}functions/${name}.ts`;
 
@@ -94,6 +138,7 @@ export class NimbusStack extends Stack {
       timeout: Duration.seconds(10),
       projectRoot: PROJECT_ROOT,
       environment: domainEnvironment,
+      logLevel: logLevelOf(settings, 'connect'),
     });
 
     this.gateway = new WebSocketGateway(this, 'WebSocket', {
@@ -102,7 +147,7 @@ export class NimbusStack extends Stack {
       manageAccountLogRole: props.manageApiGatewayAccountRole ?? true,
     });
     const outboundEnvironment = {
-      ...checkedSettings(props.settings),
+      ...tunables(settings),
       ...domainEnvironment,
       CONNECTIONS_ENDPOINT: this.gateway.connectionsEndpoint,
     };
@@ -115,7 +160,10 @@ export class NimbusStack extends Stack {
       memorySize: FUNCTION_MEMORY_MB.stream,
       timeout: STREAM_TIMEOUT,
       projectRoot: PROJECT_ROOT,
-      environment: outboundEnvironment,
+      // A frame failing on this receive goes to the dead-letter queue (the FramesDeadLettered metric).
+      environment: { ...outboundEnvironment, FRAME_MAX_RECEIVES: String(this.frameQueue.maxReceiveCount) },
+      logLevel: logLevelOf(settings, 'stream'),
+      tracing,
     });
     stream.fn.addEventSource(
       new SqsEventSource(this.frameQueue.queue, { batchSize: 10, reportBatchItemFailures: true }),
@@ -129,6 +177,7 @@ export class NimbusStack extends Stack {
       timeout: Duration.seconds(50),
       projectRoot: PROJECT_ROOT,
       environment: outboundEnvironment,
+      logLevel: logLevelOf(settings, 'sweeper'),
     });
     // The next run a minute later does the same work: retrying a failed run only doubles it.
     sweeper.fn.configureAsyncInvoke({ retryAttempts: 0 });
@@ -146,9 +195,28 @@ export class NimbusStack extends Stack {
     this.gateway.stage.grantManagementApiAccess(stream.fn);
     this.gateway.stage.grantManagementApiAccess(sweeper.fn);
 
+    if (props.customDomain) {
+      this.customDomain = new CustomDomain(this, 'CustomDomain', {
+        ...props.customDomain,
+        api: this.gateway.api,
+        stage: this.gateway.stage,
+      });
+      new CfnOutput(this, 'ExecuteApiUrl', {
+        description: "The stage's own endpoint, still served next to the custom domain",
+        value: this.gateway.stage.url,
+      });
+      new CfnOutput(this, 'CustomDomainTarget', {
+        description: `DNS: a CNAME from ${props.customDomain.domainName} to this name (or a Route 53 alias)`,
+        value: this.customDomain.regionalDomainName,
+      });
+      new CfnOutput(this, 'CustomDomainHostedZoneId', {
+        description: 'Hosted zone of CustomDomainTarget, for a Route 53 alias record',
+        value: this.customDomain.regionalHostedZoneId,
+      });
+    }
     new CfnOutput(this, 'WebSocketUrl', {
       description: 'XMPP over WebSocket endpoint (RFC 7395) for clients',
-      value: this.gateway.stage.url,
+      value: this.customDomain?.url ?? this.gateway.stage.url,
     });
     new CfnOutput(this, 'ConnectionsEndpoint', {
       description: 'CONNECTIONS_ENDPOINT: API Gateway Management API of the stage',
@@ -161,7 +229,21 @@ export class NimbusStack extends Stack {
     new CfnOutput(this, 'FrameQueueName', { value: this.frameQueue.queue.queueName });
     new CfnOutput(this, 'DeadLetterQueueName', { value: this.frameQueue.deadLetterQueue.queueName });
 
-    this.acknowledgeNagFindings();
+    this.dashboard = new OperationsDashboard(this, 'Operations', {
+      domain: props.domain,
+      api: this.gateway.api,
+      stageName: this.gateway.stage.stageName,
+      frameQueue: this.frameQueue.queue,
+      deadLetterQueue: this.frameQueue.deadLetterQueue,
+      functions: { connect: connect.fn, stream: stream.fn, sweeper: sweeper.fn },
+      tables: this.tables.all().map(({ def, table }) => ({ id: def.id, table })),
+    });
+    new CfnOutput(this, 'DashboardName', {
+      description: 'CloudWatch dashboard of this deployment',
+      value: this.dashboard.dashboard.dashboardName,
+    });
+
+    this.acknowledgeNagFindings(tracing);
   }
 
   /**
@@ -170,7 +252,7 @@ export class NimbusStack extends Stack {
    * DynamoDB grants naming tables and indexes, SSE and TLS-only queues, a dead-letter queue,
    * stage access logs and throttling).
    */
-  private acknowledgeNagFindings(): void {
+  private acknowledgeNagFindings(tracing: boolean): void {
     for (const fn of Object.values(this.functions)) {
       Validations.of(fn).acknowledge({
         id: 'AwsSolutions-L1',
@@ -197,6 +279,15 @@ export class NimbusStack extends Stack {
           "The policy AWS documents for API Gateway's account-level CloudWatch Logs role. That role is used " +
           'by every API of the account and region, each logging to groups of its own, so it cannot be ' +
           "scoped to this stack's log groups.",
+      });
+    }
+
+    if (tracing) {
+      Validations.of(this.functions.stream).acknowledge({
+        id: 'AwsSolutions-IAM5[Resource::*]',
+        reason:
+          'xray:PutTraceSegments and xray:PutTelemetryRecords, added by Lambda active tracing (TRACING=true), ' +
+          'support no resource-level permissions: AWS documents Resource "*" for them.',
       });
     }
 

@@ -1,23 +1,35 @@
 /**
- * Account administration: `npm run user -- add|passwd|delete|list`.
+ * Administration: `npm run user -- [--stack <name>] add|passwd|delete|list|sessions|offline`.
  *
  * Stores salted SCRAM-SHA-1 and SCRAM-SHA-256 keys (RFC 5802 §3, RFC 7677), never the
  * password. Talks to the same DynamoDB as `npm start` by default, so it works while the local
- * stack runs; against AWS it takes the table name and region from the environment.
+ * stack runs; against AWS it reads the table names and the domain from a deployed stack's
+ * CloudFormation outputs (`--stack Nimbus`), or takes them from the environment.
  */
 import { readFileSync } from 'node:fs';
 import { pathToFileURL } from 'node:url';
+import {
+  CloudFormationClient,
+  DescribeStacksCommand,
+  type DescribeStacksCommandOutput,
+  type Output as StackOutput,
+} from '@aws-sdk/client-cloudformation';
 import { loadConfig } from '../shared/config.ts';
 import { deriveCredentialSet, MIN_ITERATIONS } from '../shared/sasl/scram.ts';
 import { createDocumentClient } from '../shared/store/dynamo.ts';
+import { createOfflineStore } from '../shared/store/offline.ts';
+import { createSessionStore } from '../shared/store/sessions.ts';
 import { createUserStore, UnknownUserError, UserExistsError } from '../shared/store/users.ts';
+import { allTables, offlineTable, sessionsTable, usersTable } from '../shared/tables.ts';
 
-const USAGE = `Usage: npm run user -- <command>
+const USAGE = `Usage: npm run user -- [--stack <name>] [--region <region>] <command>
 
   add <bare-jid> <password>      create an account
   passwd <bare-jid> <password>   change an account's password
   delete <bare-jid>              remove an account
   list                           print every account's JID
+  sessions                       print every online session (bound resource)
+  offline <bare-jid>             print how many offline messages wait for an account
 
 A password of "-" is read from standard input (keeps it out of the process list).
 
@@ -25,13 +37,92 @@ Where the accounts are:
   local stack (default)   DynamoDB Local at http://127.0.0.1:$DYNAMODB_PORT (8000), table
                           nimbus-users ($TABLE_PREFIX-users), as used by \`npm start\`
   DYNAMODB_ENDPOINT=url   another DynamoDB Local, e.g. docker run -p 8000:8000 amazon/dynamodb-local
-  USERS_TABLE=name        a deployed stack: the users table named in the stack outputs
-                          (\`npx cdk deploy\` prints them), with AWS_REGION and AWS credentials
+  --stack Nimbus          a deployed stack: the table names and the domain are read from its
+                          CloudFormation outputs, in --region (or AWS_REGION), with AWS credentials
+  USERS_TABLE=name        the same by hand (SESSIONS_TABLE, OFFLINE_TABLE for sessions, offline)
 
-The JID's domain must be the served domain, XMPP_DOMAIN (default localhost).
+The JID's domain must be the served domain, XMPP_DOMAIN (default localhost; --stack reads it).
 SCRAM_ITERATIONS sets the PBKDF2 iteration count (default and minimum 4096).
+\`list\` and \`sessions\` read the whole table (a Scan): administration only.
 
 Exit status: 0 done, 1 usage error, 2 failure.`;
+
+/** What the CLI asks CloudFormation: the deployed stack's outputs (a client, or a stub in tests). */
+export interface CloudFormationPort {
+  send(command: DescribeStacksCommand): Promise<DescribeStacksCommandOutput>;
+}
+
+export interface CliDependencies {
+  /** Builds the CloudFormation client for a region; the default is the AWS SDK's. */
+  cloudFormation?: (region: string) => CloudFormationPort;
+}
+
+class StackError extends Error {}
+
+/** The outputs the CLI needs: the served domain and the tables of the commands. */
+const REQUIRED_OUTPUTS = [
+  'XmppDomain',
+  ...[usersTable, sessionsTable, offlineTable].map((def) => `${def.id}TableName`),
+];
+
+/**
+ * The environment a deployed stack's outputs stand for (infra/stack.ts writes them):
+ * `XmppDomain` → XMPP_DOMAIN, `<Table>TableName` → that table's variable (USERS_TABLE, …).
+ */
+export function environmentFromStackOutputs(
+  stackName: string,
+  outputs: StackOutput[],
+): Record<string, string> {
+  const byKey = new Map(outputs.map((output) => [output.OutputKey, output.OutputValue]));
+  const missing = REQUIRED_OUTPUTS.filter((key) => !byKey.get(key));
+  if (missing.length > 0) {
+    throw new StackError(
+      `stack ${stackName} has no output ${missing.join(', ')}: is it a Nimbus stack, deployed by this version?`,
+    );
+  }
+  const environment: Record<string, string> = { XMPP_DOMAIN: byKey.get('XmppDomain') as string };
+  for (const def of allTables) {
+    const name = byKey.get(`${def.id}TableName`);
+    if (name) environment[def.envVar] = name;
+  }
+  return environment;
+}
+
+async function stackEnvironment(
+  stackName: string,
+  region: string,
+  dependencies: CliDependencies,
+): Promise<Record<string, string>> {
+  const client = (dependencies.cloudFormation ?? ((r) => new CloudFormationClient({ region: r })))(region);
+  let answer: DescribeStacksCommandOutput;
+  try {
+    answer = await client.send(new DescribeStacksCommand({ StackName: stackName }));
+  } catch (error) {
+    if ((error as Error).name === 'ValidationError') {
+      throw new StackError(`no stack ${stackName} in ${region} (deploy it, or give --region)`);
+    }
+    throw new StackError(`cannot read stack ${stackName} in ${region}: ${(error as Error).message}`);
+  }
+  const [stack] = answer.Stacks ?? [];
+  if (!stack) throw new StackError(`no stack ${stackName} in ${region}`);
+  return environmentFromStackOutputs(stackName, stack.Outputs ?? []);
+}
+
+/** `--stack` and `--region` may stand anywhere; the rest is the command and its arguments. */
+function splitOptions(args: string[]): { stack?: string; region?: string; rest: string[] } | UsageError {
+  const rest: string[] = [];
+  const options: { stack?: string; region?: string } = {};
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i] as string;
+    if (arg === '--stack' || arg === '--region') {
+      const value = args[i + 1];
+      if (value === undefined || value.startsWith('--')) return new UsageError(`${arg} needs a value`);
+      options[arg === '--stack' ? 'stack' : 'region'] = value;
+      i += 1;
+    } else rest.push(arg);
+  }
+  return { ...options, rest };
+}
 
 class UsageError extends Error {}
 
@@ -89,7 +180,7 @@ interface Output {
 function target(env: Env) {
   const config = loadConfig(env);
   // Neither an endpoint nor a table name given: the local stack, as `npm start` runs it.
-  const local = !env.DYNAMODB_ENDPOINT && !env.USERS_TABLE;
+  const local = !env.DYNAMODB_ENDPOINT && !env.USERS_TABLE && !env.SESSIONS_TABLE && !env.OFFLINE_TABLE;
   const endpoint =
     config.dynamodbEndpoint ?? (local ? `http://127.0.0.1:${env.DYNAMODB_PORT || 8000}` : undefined);
   return {
@@ -113,11 +204,52 @@ function explain(error: unknown, where: string): string {
   return `failed on ${where}: ${(error as Error).message}`;
 }
 
+function describeSession(resource: {
+  user: string;
+  resource: string;
+  available: boolean;
+  priority: number;
+  smId?: string;
+  boundAt: number;
+  connectionId: string;
+}): string {
+  const state = resource.available ? `available, priority ${resource.priority}` : 'not available';
+  return [
+    `${resource.user}/${resource.resource}`,
+    state,
+    resource.smId ? 'stream management' : 'no stream management',
+    `bound ${new Date(resource.boundAt).toISOString()}`,
+    `connection ${resource.connectionId}`,
+  ].join('  ');
+}
+
 /** Runs one command; returns the exit status. */
-export async function runUserCli(args: string[], env: Env = process.env, output?: Output): Promise<number> {
+export async function runUserCli(
+  args: string[],
+  env: Env = process.env,
+  output?: Output,
+  dependencies: CliDependencies = {},
+): Promise<number> {
   const io = output ?? { out: (line) => console.log(line), err: (line) => console.error(line) };
-  const [command, ...rest] = args;
-  const arity: Record<string, number> = { add: 2, passwd: 2, delete: 1, list: 0 };
+  const options = splitOptions(args);
+  if (options instanceof UsageError) {
+    io.err(options.message);
+    io.err(USAGE);
+    return 1;
+  }
+  if (options.stack) {
+    const region = options.region ?? env.AWS_REGION ?? env.AWS_DEFAULT_REGION ?? 'us-east-1';
+    try {
+      env = { ...env, AWS_REGION: region, ...(await stackEnvironment(options.stack, region, dependencies)) };
+    } catch (error) {
+      io.err((error as Error).message);
+      return 2;
+    }
+  } else if (options.region) {
+    env = { ...env, AWS_REGION: options.region };
+  }
+  const [command, ...rest] = options.rest;
+  const arity: Record<string, number> = { add: 2, passwd: 2, delete: 1, list: 0, sessions: 0, offline: 1 };
   if (command === 'help' || command === '--help' || command === '-h') {
     io.out(USAGE);
     return 0;
@@ -176,6 +308,25 @@ export async function runUserCli(args: string[], env: Env = process.env, output?
         await users.delete(jid);
         io.out(`deleted ${jid}`);
         return 0;
+      case 'sessions': {
+        const sessions = createSessionStore(
+          doc,
+          resolved.config.tables.sessions,
+          resolved.config.connectionTtlSeconds,
+        );
+        const resources = await sessions.listAllResources();
+        for (const resource of resources) io.out(describeSession(resource));
+        io.out(`${resources.length} online session(s)`);
+        return 0;
+      }
+      case 'offline': {
+        const offline = createOfflineStore(doc, resolved.config.tables.offline, {
+          quota: resolved.config.offlineQuota,
+          ttlSeconds: resolved.config.offlineTtlSeconds,
+        });
+        io.out(`${jid}: ${await offline.count(jid)} offline message(s)`);
+        return 0;
+      }
       default:
         for (const account of await users.list()) io.out(account);
         return 0;

@@ -22,7 +22,12 @@ export interface ConnectionPort {
   close(connectionId: string): Promise<void>;
 }
 
-export function apiGatewayPort(endpoint: string, region: string): ConnectionPort {
+export interface PortOptions {
+  /** Wraps the Management API client (X-Ray tracing through Powertools' `captureAWSv3Client`). */
+  instrument?: <T>(client: T) => T;
+}
+
+export function apiGatewayPort(endpoint: string, region: string, options: PortOptions = {}): ConnectionPort {
   const client = new ApiGatewayManagementApiClient({
     endpoint,
     region,
@@ -30,6 +35,7 @@ export function apiGatewayPort(endpoint: string, region: string): ConnectionPort
       ? { credentials: { accessKeyId: 'local', secretAccessKey: 'local' } }
       : {}),
   });
+  options.instrument?.(client);
   return {
     async post(connectionId, data) {
       try {

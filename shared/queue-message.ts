@@ -24,6 +24,8 @@ export interface StreamEvent {
   receivedAt: number;
   /** API Gateway's request id of the frame: the same on every redelivery of it. */
   frameId: string;
+  /** API Gateway's request id, for the logs (it is also in the stage's access log). */
+  requestId?: string;
 }
 
 export class MalformedQueueMessageError extends Error {}
@@ -40,8 +42,16 @@ export function decodeQueueMessage(raw: string): StreamEvent {
   }
   const receivedAt = Number(parsed.requestTimeEpoch) || Date.now();
   const frameId = typeof parsed.requestId === 'string' ? parsed.requestId : '';
+  const requestId = frameId ? { requestId: frameId } : {};
   if (parsed.eventType === 'DISCONNECT') {
-    return { connectionId: parsed.connectionId, kind: 'disconnect', frame: '', receivedAt, frameId };
+    return {
+      connectionId: parsed.connectionId,
+      kind: 'disconnect',
+      frame: '',
+      receivedAt,
+      frameId,
+      ...requestId,
+    };
   }
   return {
     connectionId: parsed.connectionId,
@@ -49,6 +59,7 @@ export function decodeQueueMessage(raw: string): StreamEvent {
     frame: Buffer.from(parsed.body ?? '', 'base64').toString('utf8'),
     receivedAt,
     frameId,
+    ...requestId,
   };
 }
 

@@ -4,6 +4,7 @@
  * never on this file or on each other's internals.
  */
 import { createServerCore, type Module, type Server, type ServerOptions } from './core/server.ts';
+import * as metrics from './modules/metrics.ts';
 import * as bind from './modules/rfc6120-bind.ts';
 import * as sasl from './modules/rfc6120-sasl.ts';
 import * as presence from './modules/rfc6121-presence.ts';
@@ -33,6 +34,7 @@ export const MODULES: readonly Module[] = [
   offlineStorage,
   flexibleOffline,
   messageArchiving,
+  metrics,
 ];
 
 export function createServer(options: ServerOptions): Server {

@@ -4,6 +4,8 @@ import * as lambda from 'aws-cdk-lib/aws-lambda';
 import { NodejsFunction, OutputFormat } from 'aws-cdk-lib/aws-lambda-nodejs';
 import * as logs from 'aws-cdk-lib/aws-logs';
 import { Construct } from 'constructs';
+import type { LogLevel } from '../../shared/log.ts';
+import { METRIC_NAMESPACE, METRIC_SERVICE } from '../../shared/metrics.ts';
 
 /**
  * Memory per function, in MB, from `npm run bench` (2026-11-22): the stream function's process
@@ -29,7 +31,26 @@ export interface XmppFunctionProps {
   /** Directory holding package.json and package-lock.json. */
   projectRoot: string;
   environment: Record<string, string>;
+  /** `LOG_LEVEL` of this function (a deploy setting); default info. */
+  logLevel?: LogLevel;
+  /**
+   * X-Ray active tracing, with Powertools' Tracer wrapping the AWS SDK clients. Off by default:
+   * a bundle built without it carries no tracing code (see functions/telemetry.ts).
+   */
+  tracing?: boolean;
 }
+
+/**
+ * Lambda's application log level (advanced logging controls) for a `LOG_LEVEL`: Lambda drops
+ * JSON lines below it, so it must let through what the function's own level writes.
+ */
+const APPLICATION_LOG_LEVEL: Record<LogLevel, lambda.ApplicationLogLevel> = {
+  debug: lambda.ApplicationLogLevel.DEBUG,
+  info: lambda.ApplicationLogLevel.INFO,
+  warn: lambda.ApplicationLogLevel.WARN,
+  error: lambda.ApplicationLogLevel.ERROR,
+  silent: lambda.ApplicationLogLevel.FATAL,
+};
 
 /**
  * A Node.js 22 arm64 function bundled locally by esbuild as minified ESM, with its own log group
@@ -62,10 +83,17 @@ export class XmppFunction extends Construct {
       role: this.role,
       logGroup: this.logGroup,
       loggingFormat: lambda.LoggingFormat.JSON,
+      applicationLogLevelV2: APPLICATION_LOG_LEVEL[props.logLevel ?? 'info'],
+      ...(props.tracing ? { tracing: lambda.Tracing.ACTIVE } : {}),
       projectRoot: props.projectRoot,
       depsLockFilePath: `${props.projectRoot}/package-lock.json`,
       environment: {
         ...props.environment,
+        LOG_LEVEL: props.logLevel ?? 'info',
+        // Powertools' own settings: the service name in log lines and the EMF namespace.
+        POWERTOOLS_SERVICE_NAME: METRIC_SERVICE,
+        POWERTOOLS_METRICS_NAMESPACE: METRIC_NAMESPACE,
+        NIMBUS_TRACING: props.tracing ? 'true' : 'false',
         // Stack traces point into the TypeScript sources instead of the minified bundle.
         NODE_OPTIONS: '--enable-source-maps',
       },
@@ -79,6 +107,8 @@ export class XmppFunction extends Construct {
         // Ship the SDK versions the tests ran against (package-lock.json), not whatever the
         // runtime happens to carry this month; minified and tree-shaken it also loads faster.
         bundleAwsSDK: true,
+        // Folded at build time, so a function deployed without tracing ships no X-Ray SDK.
+        define: { 'process.env.NIMBUS_TRACING': JSON.stringify(props.tracing ? 'true' : 'false') },
       },
     });
   }

@@ -17,7 +17,15 @@ process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
 
 const started = Date.now();
 const env = process.env;
-const log = createLogger();
+// The fields of the JSON lines on AWS, as text on a terminal (LOG_FORMAT=json|text to choose).
+const log = createLogger(env.LOG_LEVEL, {
+  format:
+    env.LOG_FORMAT === 'json' || env.LOG_FORMAT === 'text'
+      ? env.LOG_FORMAT
+      : process.stderr.isTTY
+        ? 'text'
+        : 'json',
+});
 
 async function main(): Promise<void> {
   // Checked before anything starts, so a typo costs no Java start-up.

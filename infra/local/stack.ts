@@ -7,8 +7,9 @@
 import { createConnectHandler } from '../../functions/connect.ts';
 import { createStreamHandler } from '../../functions/stream.ts';
 import { createSweeperHandler } from '../../functions/sweeper.ts';
+import { createMetricsPublisher } from '../../functions/telemetry.ts';
 import type { Config } from '../../shared/config.ts';
-import type { Logger } from '../../shared/log.ts';
+import { createLogger, type Logger } from '../../shared/log.ts';
 import { apiGatewayPort } from '../../shared/outbound.ts';
 import { createServer, type Server } from '../../shared/server.ts';
 import { createDocumentClient } from '../../shared/store/dynamo.ts';
@@ -30,6 +31,11 @@ export interface LocalStackOptions {
   eventSource?: EventSourceSettings;
   /** Faults to inject; none by default. */
   faults?: FaultOptions;
+  /**
+   * Where the embedded-metric-format lines go (the lines CloudWatch reads on AWS); default:
+   * stderr when the log level is debug, nowhere otherwise.
+   */
+  metricLines?: (line: string) => void;
 }
 
 export interface LocalStack {
@@ -64,8 +70,8 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
     ...options.eventSource,
     faults,
     log: gatewayLog(options.log),
-    connect: (event) => createConnectHandler(ready())(event),
-    stream: (event, context) => createStreamHandler(ready())(event, context),
+    connect: (event) => connect(event),
+    stream: (event, context) => stream(event, context),
   });
   const config: Config = { ...options.config, connectionsEndpoint: gateway.managementEndpoint };
   const doc = createDocumentClient({ endpoint: config.dynamodbEndpoint, region: config.region });
@@ -78,13 +84,23 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
       log: (line) => options.log?.debug(line),
     });
   }
+  const log = options.log ?? createLogger();
   server = createServer({
     config,
     port: apiGatewayPort(gateway.managementEndpoint, config.region),
     doc,
-    log: options.log,
+    log,
   });
-  const sweep = createSweeperHandler(server);
+  const write =
+    options.metricLines ??
+    (log.isEnabled('debug') ? (line: string) => void process.stderr.write(`${line}\n`) : undefined);
+  // The same lines the functions write on AWS; without a reader they are not even built.
+  const publishMetrics = write
+    ? createMetricsPublisher({ domain: config.domain, write })
+    : () => void ready().metrics.drain();
+  const connect = createConnectHandler(server, { publishMetrics });
+  const stream = createStreamHandler(server, { publishMetrics });
+  const sweep = createSweeperHandler(server, { publishMetrics });
   const sweepIntervalMs = options.sweepIntervalMs ?? 60_000;
   const sweeper =
     sweepIntervalMs > 0

@@ -8,6 +8,8 @@ export interface ConnectEvent {
   headers?: Record<string, string | undefined>;
   requestContext: {
     connectionId: string;
+    /** API Gateway's request id of the handshake (for the logs). */
+    requestId?: string;
     connectedAt?: number;
     requestTimeEpoch?: number;
     identity?: { sourceIp?: string };

@@ -86,8 +86,14 @@ export async function deliver(
 export async function post(server: Server, connectionId: string, element: Element): Promise<PostResult> {
   const data = serialize(element);
   if (Buffer.byteLength(data) > POST_LIMIT_BYTES) throw tooLargeError();
-  return server.outbound.post(connectionId, data);
+  const result = await server.outbound.post(connectionId, data);
+  // Counted once posted: each is one API Gateway message (a cost driver), replays included.
+  if (result === 'sent')
+    server.metrics.count('StanzasOut', 1, STANZA_KINDS.has(element.name) ? element.name : 'nonza');
+  return result;
 }
+
+const STANZA_KINDS = new Set(['message', 'presence', 'iq']);
 
 /** Closes a connection's socket (API Gateway then sends `$disconnect`). */
 export function closeConnection(server: Server, connectionId: string): Promise<void> {

@@ -18,6 +18,7 @@ import type { Config } from '../config.ts';
 import type { StreamError } from '../errors.ts';
 import type { Jid } from '../jid.ts';
 import type { Logger } from '../log.ts';
+import type { MetricsRecorder } from '../metrics.ts';
 import type { Outbound, PostResult } from '../outbound.ts';
 import type { ArchiveStore } from '../store/archive.ts';
 import type { OfflineStore } from '../store/offline.ts';
@@ -43,6 +44,8 @@ export interface Server {
   /** Per-connection rate limits (core/rate-limit.ts), remembered per process. */
   rates: RateLimiter;
   log: Logger;
+  /** Business metrics, drained and published once per invocation by the function (shared/metrics.ts). */
+  metrics: MetricsRecorder;
   /** Secret for SASL decoys of unknown users (stable per deployment, never sent). */
   decoySecret(): Promise<string>;
 }
@@ -202,6 +205,17 @@ export interface EventPayloads {
   'message-stored-offline': { stanza: Element; user: string; id: string; storedAt: number };
   /** The sweeper's periodic run: expire what has outlived its time. */
   sweep: { now: number; swept: number };
+  /**
+   * A stream is being ended with a stream error (RFC 6120 §4.9): fired by the core for the
+   * stream's own errors and for one it ends from outside (a `<conflict/>` kick). For observers
+   * (metrics, logs); HANDLED changes nothing.
+   */
+  'stream-error': { connectionId: string; condition: string; user?: string };
+  /**
+   * The outcome of one SASL attempt (RFC 6120 §6), fired by the SASL module: `success` with the
+   * account, or the `<failure/>` condition sent. For observers; HANDLED changes nothing.
+   */
+  'auth-result': { stream: Stream; mechanism: string; success: boolean; condition?: string };
 }
 
 export type EventName = keyof EventPayloads | StanzaEventName;

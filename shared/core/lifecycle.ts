@@ -84,6 +84,7 @@ export async function endSession(
     await server.host.fire('session-ended', { session, reason, wasAvailable: released.available });
   }
   if (session.connectionId) await server.sessions.deleteConnection(session.connectionId);
+  server.metrics.count('StanzasRerouted', undelivered.length);
   await rerouteUndelivered(server, session.user, undelivered);
 }
 
@@ -96,6 +97,7 @@ export async function kickConnection(
   connectionId: string,
   error: StreamError,
 ): Promise<void> {
+  await server.host.fire('stream-error', { connectionId, condition: error.condition });
   if ((await post(server, connectionId, streamErrorElement(error))) === 'sent') {
     await post(server, connectionId, new Element('close', { xmlns: NS.framing }));
   }

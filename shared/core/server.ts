@@ -6,6 +6,7 @@
 import type { DynamoDBDocumentClient } from '@aws-sdk/lib-dynamodb';
 import type { Config } from '../config.ts';
 import { createLogger, type Logger } from '../log.ts';
+import { MetricsRecorder } from '../metrics.ts';
 import { apiGatewayPort, type ConnectionPort, Outbound } from '../outbound.ts';
 import { createArchiveStore } from '../store/archive.ts';
 import { documentClientFor } from '../store/dynamo.ts';
@@ -25,17 +26,30 @@ export interface ServerOptions {
   port?: ConnectionPort;
   doc?: DynamoDBDocumentClient;
   log?: Logger;
+  metrics?: MetricsRecorder;
+  /**
+   * Wraps each AWS SDK client the server builds (DynamoDB, the Management API): the stream
+   * function passes Powertools Tracer's `captureAWSv3Client` when tracing is on.
+   */
+  instrumentClient?: <T>(client: T) => T;
 }
 
 export function createServerCore(options: ServerOptions): Server {
   const { config } = options;
-  const doc = options.doc ?? documentClientFor(config);
+  const metrics = options.metrics ?? new MetricsRecorder();
+  const doc =
+    options.doc ??
+    documentClientFor(config, {
+      instrument: options.instrumentClient,
+      onThrottle: (operation) => metrics.count('DynamoDbThrottles', 1, operation),
+    });
   // Built on first use: $connect never posts, and needs no management endpoint.
   let apiGateway: ConnectionPort | undefined;
   const gateway = () =>
     (apiGateway ??= apiGatewayPort(
       config.connectionsEndpoint ?? missing('CONNECTIONS_ENDPOINT (the API Gateway Management API endpoint)'),
       config.region,
+      { instrument: options.instrumentClient },
     ));
   const port: ConnectionPort = options.port ?? {
     post: (connectionId, data) => gateway().post(connectionId, data),
@@ -67,6 +81,7 @@ export function createServerCore(options: ServerOptions): Server {
       byteBurst: config.rateByteBurst,
     }),
     log: options.log ?? createLogger(),
+    metrics,
     decoySecret() {
       decoySecret ??= users.decoySecret().catch((error) => {
         decoySecret = undefined;

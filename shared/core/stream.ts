@@ -8,6 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { Element } from 'ltx';
 import { StreamError, streamErrorElement } from '../errors.ts';
 import { fullJidOf, type Jid } from '../jid.ts';
+import { addLogContext } from '../log.ts';
 import type { StreamEvent } from '../queue-message.ts';
 import { ConnectionFencedError, type ConnectionState } from '../store/sessions.ts';
 import { parseFrame } from '../xml/frame.ts';
@@ -58,6 +59,7 @@ export class XmppStream implements Stream {
   }
 
   update(changes: StreamStateChanges): void {
+    if (changes.user) addLogContext({ jid: changes.user });
     Object.assign(this.state, changes);
     Object.assign(this.changes, changes);
   }
@@ -77,6 +79,11 @@ export class XmppStream implements Stream {
 
   async fail(error: StreamError): Promise<void> {
     if (this.ended) return;
+    await this.server.host.fire('stream-error', {
+      connectionId: this.connectionId,
+      condition: error.condition,
+      ...(this.state.user ? { user: this.state.user } : {}),
+    });
     if (!this.state.streamOpen) await this.send(openElement(this.server.config.domain, newStreamId()));
     await this.send(streamErrorElement(error));
     await this.close();
@@ -212,10 +219,12 @@ export async function handleStreamEvent(server: Server, event: StreamEvent): Pro
     streamOpen: false,
     authFailures: 0,
   };
+  if (state.user) addLogContext({ jid: state.user });
   const stream = new XmppStream(server, state, event.frameId);
   try {
     chargeRate(stream, event);
     const element = parseFrame(event.frame, server.config.maxStanzaBytes);
+    addLogContext({ element: element.name });
     await dispatch(stream, element);
   } catch (error) {
     // A resume on another connection took this stream's session over: whatever this frame was,

@@ -129,10 +129,25 @@ async function admit(stream: Stream, account: string | undefined): Promise<Gate 
   return { record };
 }
 
+/** Tells observers (metrics) how an attempt ended; `condition` is the `<failure/>` sent. */
+async function report(stream: Stream, mechanism: string | undefined, condition?: string): Promise<void> {
+  // Only offered names become a metric dimension: a client cannot invent values.
+  const offered = (MECHANISMS as readonly string[]).includes(mechanism ?? '')
+    ? (mechanism as string)
+    : 'other';
+  await stream.server.host.fire('auth-result', {
+    stream,
+    mechanism: offered,
+    success: condition === undefined,
+    ...(condition === undefined ? {} : { condition }),
+  });
+}
+
 /** An attempt refused by the limits: answered at once, counted against the connection only. */
-async function refuse(stream: Stream, error: SaslError): Promise<void> {
+async function refuse(stream: Stream, mechanism: string, error: SaslError): Promise<void> {
   stream.update({ sasl: undefined, authFailures: stream.state.authFailures + 1 });
   await stream.send(failureElement(error));
+  await report(stream, mechanism, error.condition);
   endIfTooManyOnConnection(stream);
 }
 
@@ -144,7 +159,13 @@ function endIfTooManyOnConnection(stream: Stream): void {
   }
 }
 
-async function succeed(stream: Stream, account: string, gate: Gate, additionalData?: string): Promise<void> {
+async function succeed(
+  stream: Stream,
+  mechanism: string,
+  account: string,
+  gate: Gate,
+  additionalData?: string,
+): Promise<void> {
   const { server } = stream;
   const address = stream.state.sourceIp;
   await Promise.all([
@@ -156,10 +177,11 @@ async function succeed(stream: Stream, account: string, gate: Gate, additionalDa
   await stream.send(
     saslElement('success', additionalData === undefined ? undefined : encodeSaslPayload(additionalData)),
   );
+  await report(stream, mechanism);
 }
 
 /** Counts the failure against the account and the address, and answers. */
-async function fail(stream: Stream, account: string | undefined): Promise<void> {
+async function fail(stream: Stream, mechanism: string, account: string | undefined): Promise<void> {
   const { server } = stream;
   const { config } = server;
   const address = stream.state.sourceIp;
@@ -177,6 +199,7 @@ async function fail(stream: Stream, account: string | undefined): Promise<void> 
     ? new SaslError('temporary-auth-failure', 'Try again later')
     : new SaslError('not-authorized');
   await stream.send(failureElement(answer));
+  await report(stream, mechanism, answer.condition);
   endIfTooManyOnConnection(stream);
 }
 
@@ -184,15 +207,15 @@ async function startPlain(stream: Stream, payload: string): Promise<void> {
   const message = parsePlain(decodeSaslPayload(payload));
   const account = accountOf(stream, message.authcid);
   const gate = await admit(stream, account);
-  if (gate instanceof SaslError) return refuse(stream, gate);
+  if (gate instanceof SaslError) return refuse(stream, 'PLAIN', gate);
   const stored = gate.record.user;
   const credentials = stored?.scram.sha256 ?? (await decoy(stream, account, message.authcid, 'sha256'));
   const valid = await verifyPlain(message.password, 'sha256', credentials);
-  if (!valid || !account || !stored) return fail(stream, account);
+  if (!valid || !account || !stored) return fail(stream, 'PLAIN', account);
   if (message.authzid !== undefined && accountOf(stream, message.authzid) !== account) {
     throw new SaslError('invalid-authzid', 'You may only act as yourself');
   }
-  await succeed(stream, account, gate);
+  await succeed(stream, 'PLAIN', account, gate);
 }
 
 async function scramFirst(stream: Stream, mechanism: string, payload: string): Promise<void> {
@@ -203,7 +226,7 @@ async function scramFirst(stream: Stream, mechanism: string, payload: string): P
     throw new SaslError('invalid-authzid', 'You may only act as yourself');
   }
   const gate = await admit(stream, account);
-  if (gate instanceof SaslError) return refuse(stream, gate);
+  if (gate instanceof SaslError) return refuse(stream, mechanism, gate);
   const credentials: ScramCredentials =
     gate.record.user?.scram[hash] ?? (await decoy(stream, account, clientFirst.username, hash));
   const { message, state } = serverFirst(clientFirst, hash, credentials);
@@ -226,8 +249,14 @@ async function scramFinal(stream: Stream, payload: string): Promise<void> {
   const result = verifyClientFinal(state, payload);
   const account = progress.jid;
   // Unknown users ran against decoy keys that no proof can match.
-  if (!result.ok || !account) return fail(stream, account);
-  await succeed(stream, account, { record: { ...NO_RECORD, ...progress.gate } }, result.serverFinal);
+  if (!result.ok || !account) return fail(stream, progress.mechanism, account);
+  await succeed(
+    stream,
+    progress.mechanism,
+    account,
+    { record: { ...NO_RECORD, ...progress.gate } },
+    result.serverFinal,
+  );
 }
 
 async function auth(stream: Stream, element: Element): Promise<void> {
@@ -265,12 +294,14 @@ async function response(stream: Stream, element: Element): Promise<void> {
 
 async function handle(stream: Stream, element: Element): Promise<void> {
   if (stream.state.user) throw new StreamError('policy-violation', 'Already authenticated');
+  const mechanism = element.name === 'auth' ? element.attrs.mechanism : stream.state.sasl?.mechanism;
   try {
     if (element.name === 'auth') return await auth(stream, element);
     if (element.name === 'response') return await response(stream, element);
     if (element.name === 'abort') {
       stream.update({ sasl: undefined });
       await stream.send(failureElement(new SaslError('aborted')));
+      await report(stream, mechanism, 'aborted');
       return;
     }
     throw new StreamError('unsupported-stanza-type', `Unexpected SASL element <${element.name}>`);
@@ -278,5 +309,6 @@ async function handle(stream: Stream, element: Element): Promise<void> {
     if (!(error instanceof SaslError)) throw error;
     stream.update({ sasl: undefined });
     await stream.send(failureElement(error));
+    await report(stream, mechanism, error.condition);
   }
 }

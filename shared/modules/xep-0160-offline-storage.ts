@@ -140,6 +140,7 @@ async function floodOffline(stream: BoundStream, resources: ResourceRecord[], fr
       }
       if (result === 'sent') delivered.push(message.id);
     }
+    server.metrics.count('MessagesFlooded', delivered.length);
     if (delivered.length > 0) await server.offline.remove(user, delivered);
     if (gone || !page.next) return;
     after = page.next;
@@ -211,6 +212,7 @@ async function transferStep(stream: BoundStream): Promise<void> {
         ? await sendStored(stream, message, stampedStanza(server, message), { offlineId: message.id })
         : await sendStored(stream, message, deliveredCopy(server, message), { offlineCopy: true });
     if (result === 'gone') return void stream.update({ transfer: undefined });
+    if (transfer.kind === 'flood' && result === 'sent') server.metrics.count('MessagesFlooded');
     // Congested: the rest follows from a later ack, from this message on.
     if (result === 'full') break;
     after = message.id;

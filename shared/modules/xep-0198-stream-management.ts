@@ -395,6 +395,7 @@ async function enable(stream: Stream, element: Element, version: SmVersion): Pro
     if (version === 'sm3') enabled.attrs.max = String(max);
   }
   await post(server, stream.connectionId, enabled);
+  server.metrics.count('SmEnabled', 1, version);
   await replayHeld(stream, sm, 0, []);
 }
 
@@ -602,12 +603,12 @@ async function decideResume(
 async function resume(stream: Stream, element: Element, version: SmVersion): Promise<void> {
   const { server } = stream;
   const decision = await decideResume(stream, element, version);
-  if (!decision.ok) return void (await stream.send(decision.reply));
+  if (!decision.ok) return refuseResume(stream, decision.reply);
   const { item, inbound } = decision;
   const user = stream.user as string;
 
   const taken = await server.smQueue.attach(item.smId, user, stream.connectionId);
-  if (!taken) return void (await stream.send(failed(version, 'item-not-found', item.inbound)));
+  if (!taken) return refuseResume(stream, failed(version, 'item-not-found', item.inbound));
   const previousConnection = item.connectionId;
   if (previousConnection && previousConnection !== stream.connectionId) {
     // XEP-0198 §5: the old stream, if still open, is terminated.
@@ -658,6 +659,11 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
       ...(record ? { resource: record } : {}),
       ...(replayedOffline.length > 0 ? { offlineReplayedUpTo: replayedOffline.at(-1) } : {}),
     });
+}
+
+async function refuseResume(stream: Stream, reply: Element): Promise<void> {
+  await stream.send(reply);
+  stream.server.metrics.count('SmResumeFailed', 1, reply.getChildElements()[0]?.name ?? 'unknown');
 }
 
 /** Every nonza of an SM namespace. */

@@ -10,11 +10,19 @@ import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import { BatchGetCommand, DynamoDBDocumentClient } from '@aws-sdk/lib-dynamodb';
 import type { Config } from '../config.ts';
 
-export interface DynamoOptions {
+export interface DynamoOptions extends DynamoHooks {
   endpoint?: string;
   region: string;
   /** Meter every command into this meter; defaults to `dynamoMeter` when `NIMBUS_METER=1`. */
   meter?: DynamoMeter;
+}
+
+/** What the functions attach to the client: tracing, and a count of throttled requests. */
+export interface DynamoHooks {
+  /** Wraps the low-level client (X-Ray tracing through Powertools' `captureAWSv3Client`). */
+  instrument?: <T>(client: T) => T;
+  /** Called for every attempt DynamoDB throttled, the ones the SDK retries included. */
+  onThrottle?: (operation: string) => void;
 }
 
 /** What one operation (e.g. `GetItem`) cost since the last reset. */
@@ -148,6 +156,32 @@ function installMeter(client: DynamoDBClient, meter: DynamoMeter): void {
   );
 }
 
+const THROTTLE_NAMES = new Set([
+  'ThrottlingException',
+  'ProvisionedThroughputExceededException',
+  'RequestLimitExceeded',
+]);
+
+/**
+ * Sees every attempt: `finalizeRequest` at low priority runs inside the SDK's retry middleware
+ * (high priority in the same step), so a throttle the SDK retried successfully is counted too.
+ */
+function installThrottleCounter(client: DynamoDBClient, onThrottle: (operation: string) => void): void {
+  client.middlewareStack.add(
+    (next, context) => async (args) => {
+      try {
+        return await next(args);
+      } catch (error) {
+        if (THROTTLE_NAMES.has((error as Error).name)) {
+          onThrottle((context.commandName ?? 'Unknown').replace(/Command$/, ''));
+        }
+        throw error;
+      }
+    },
+    { step: 'finalizeRequest', priority: 'low', name: 'nimbusThrottleCounter', override: true },
+  );
+}
+
 export function createDocumentClient(options: DynamoOptions): DynamoDBDocumentClient {
   const client = new DynamoDBClient({
     region: options.region,
@@ -160,13 +194,16 @@ export function createDocumentClient(options: DynamoOptions): DynamoDBDocumentCl
   });
   const meter = options.meter ?? meterFromEnvironment();
   if (meter) installMeter(client, meter);
+  if (options.onThrottle) installThrottleCounter(client, options.onThrottle);
+  // The document client shares the low-level client's middleware stack: wrapping one traces both.
+  options.instrument?.(client);
   return DynamoDBDocumentClient.from(client, {
     marshallOptions: { removeUndefinedValues: true },
   });
 }
 
-export function documentClientFor(config: Config): DynamoDBDocumentClient {
-  return createDocumentClient({ endpoint: config.dynamodbEndpoint, region: config.region });
+export function documentClientFor(config: Config, hooks: DynamoHooks = {}): DynamoDBDocumentClient {
+  return createDocumentClient({ endpoint: config.dynamodbEndpoint, region: config.region, ...hooks });
 }
 
 /** A conditional write whose condition did not hold: the stores turn it into a domain answer. */

@@ -17,6 +17,7 @@ import {
   GetCommand,
   PutCommand,
   QueryCommand,
+  ScanCommand,
   UpdateCommand,
 } from '@aws-sdk/lib-dynamodb';
 import { TTL_ATTRIBUTE } from '../tables.ts';
@@ -213,6 +214,8 @@ export interface SessionStore {
   releaseSmResource(user: string, resource: string, smId: string): Promise<ResourceRecord | undefined>;
   /** Removes the resource if it still belongs to `connectionId`; returns it, or undefined. */
   releaseResource(user: string, resource: string, connectionId: string): Promise<ResourceRecord | undefined>;
+  /** Every bound resource of every user, by JID. Administration only: a full Scan (see below). */
+  listAllResources(): Promise<ResourceRecord[]>;
 }
 
 function ttl(seconds: number, now = Date.now()): number {
@@ -565,5 +568,28 @@ export function createSessionStore(
 
     releaseResource: (user, resource, connectionId) =>
       releaseIfOwned(user, resource, 'connectionId', connectionId),
+
+    // No request path needs every session, so there is no index for it: listing them is an
+    // operator's command (`npm run user -- sessions`), a Scan filtered to resource rows that
+    // reads (and pays for) the whole table. The functions' roles are not allowed to Scan.
+    async listAllResources() {
+      const resources: ResourceRecord[] = [];
+      let startKey: Record<string, unknown> | undefined;
+      do {
+        const page = await doc.send(
+          new ScanCommand({
+            TableName: table,
+            FilterExpression: 'begins_with(pk, :user) AND begins_with(sk, :res)',
+            ExpressionAttributeValues: { ':user': 'user#', ':res': 'res#' },
+            ExclusiveStartKey: startKey,
+          }),
+        );
+        for (const item of page.Items ?? []) resources.push(toResource(item));
+        startKey = page.LastEvaluatedKey;
+      } while (startKey);
+      return resources.sort((a, b) =>
+        a.user === b.user ? a.resource.localeCompare(b.resource) : a.user.localeCompare(b.user),
+      );
+    },
   };
 }

@@ -219,6 +219,8 @@ describe('queue message template', () => {
       kind: 'frame',
       frame,
       receivedAt: context.requestTimeEpoch,
+      frameId: context.requestId,
+      requestId: context.requestId,
     });
   });
 
@@ -242,6 +244,8 @@ describe('queue message template', () => {
       kind: 'disconnect',
       frame: '',
       receivedAt: context.requestTimeEpoch,
+      frameId: context.requestId,
+      requestId: context.requestId,
     });
   });
 });

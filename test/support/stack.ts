@@ -3,7 +3,7 @@
  * gateway emulator on a free port, the real handlers behind it.
  */
 
-import { type LocalStack, startLocalStack } from '../../infra/local/stack.ts';
+import { type LocalStack, type LocalStackOptions, startLocalStack } from '../../infra/local/stack.ts';
 import { createLogger } from '../../shared/log.ts';
 import { deriveScramCredentials } from '../../shared/sasl/scram.ts';
 import { createTestConfig } from './dynamodb.ts';
@@ -12,12 +12,16 @@ export interface TestStack extends LocalStack {
   addUser(jid: string, password: string): Promise<void>;
 }
 
-export async function startTestStack(env: Record<string, string | undefined> = {}): Promise<TestStack> {
+export async function startTestStack(
+  env: Record<string, string | undefined> = {},
+  options: Pick<LocalStackOptions, 'log' | 'metricLines'> = {},
+): Promise<TestStack> {
   const config = await createTestConfig({ SCRAM_ITERATIONS: '4096', ...env });
   const stack = await startLocalStack({
     config,
     port: 0,
-    log: createLogger(process.env.LOG_LEVEL ?? 'warn'),
+    log: options.log ?? createLogger(process.env.LOG_LEVEL ?? 'warn'),
+    ...(options.metricLines ? { metricLines: options.metricLines } : {}),
   });
   return {
     ...stack,

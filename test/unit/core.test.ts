@@ -11,6 +11,7 @@ import { RateLimiter } from '../../shared/core/rate-limit.ts';
 import { messageTargets } from '../../shared/core/router.ts';
 import { StanzaError } from '../../shared/errors.ts';
 import { createLogger } from '../../shared/log.ts';
+import { MetricsRecorder } from '../../shared/metrics.ts';
 import { Outbound, RecordingPort } from '../../shared/outbound.ts';
 import type { RateBucket, ResourceRecord } from '../../shared/store/sessions.ts';
 
@@ -20,6 +21,7 @@ function coreOnly(port = new RecordingPort()): { server: Server; port: Recording
     host: new Host(),
     outbound: new Outbound(port),
     log: createLogger('silent'),
+    metrics: new MetricsRecorder(),
   } as unknown as Server;
   return { server, port };
 }

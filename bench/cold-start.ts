@@ -1,0 +1,102 @@
+/**
+ * `npx tsx bench/cold-start.ts [stream|connect|sweeper ...] [--runs N] [--tracing]`: builds each
+ * function the way the CDK stack does (`infra/constructs/xmpp-function.ts`: esbuild, ESM,
+ * minified, target node22, AWS SDK bundled, source map, `NIMBUS_TRACING` folded in; `--tracing`
+ * as with `TRACING=true`) and reports the bundle's size and its cold init:
+ * a fresh `node` process importing the bundle and running the handler's first-call setup
+ * (`server ??= createServer(...)`, with an empty event, so no network is touched). Median of
+ * N runs; every run is a new process, as a Lambda cold start is.
+ */
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { gzipSync } from 'node:zlib';
+import { build } from 'esbuild';
+
+const ROOT = fileURLToPath(new URL('..', import.meta.url));
+/** The banner of `XmppFunction`'s bundling options. */
+const BANNER = "import { createRequire } from 'module'; const require = createRequire(import.meta.url);";
+/** An event each handler accepts without doing any I/O. */
+const EMPTY_EVENTS: Record<string, string> = {
+  stream: '{"Records":[]}',
+  connect: 'undefined',
+  sweeper: 'undefined',
+};
+
+const args = process.argv.slice(2);
+const runsAt = args.indexOf('--runs');
+const runs = runsAt >= 0 ? Number(args[runsAt + 1]) : 9;
+const names = args.filter((a, i) => !a.startsWith('--') && args[i - 1] !== '--runs');
+const tracing = args.includes('--tracing') ? 'true' : 'false';
+const functions = names.length > 0 ? names : ['stream'];
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)] as number;
+}
+
+/** Import time of the bundle, and the setup of the first call (connect is not invoked: it would query DynamoDB). */
+function coldInit(file: string, name: string): { importMs: number; firstCallSetupMs: number } {
+  const firstCall = name === 'stream' ? `await handler(${EMPTY_EVENTS[name]}, {});` : '';
+  const script = `
+    const t0 = performance.now();
+    const { handler } = await import(${JSON.stringify(file)});
+    const t1 = performance.now();
+    ${firstCall}
+    const t2 = performance.now();
+    console.log('COLD-INIT ' + JSON.stringify({ importMs: t1 - t0, firstCallSetupMs: t2 - t1 }));`;
+  const result = spawnSync(process.execPath, ['--enable-source-maps', '--input-type=module', '-e', script], {
+    env: {
+      PATH: process.env.PATH,
+      AWS_REGION: 'us-east-1',
+      XMPP_DOMAIN: 'example.org',
+      CONNECTIONS_ENDPOINT: 'https://example.execute-api.us-east-1.amazonaws.com/xmpp',
+      AWS_LAMBDA_FUNCTION_NAME: `Nimbus-${name}`,
+      AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: 'true',
+      LOG_LEVEL: 'warn',
+      NIMBUS_TRACING: tracing,
+    },
+    encoding: 'utf8',
+  });
+  if (result.status !== 0) throw new Error(`cold init of ${name} failed: ${result.stderr}`);
+  // The handler writes its own lines (metrics) to stdout too.
+  const line = result.stdout.split('\n').find((l) => l.startsWith('COLD-INIT '));
+  if (!line) throw new Error(`cold init of ${name}: no timing in ${result.stdout}`);
+  return JSON.parse(line.slice('COLD-INIT '.length));
+}
+
+const out = mkdtempSync(join(tmpdir(), 'nimbus-bundle-'));
+try {
+  for (const name of functions) {
+    const outfile = join(out, name, 'index.mjs');
+    await build({
+      entryPoints: [join(ROOT, 'functions', `${name}.ts`)],
+      bundle: true,
+      platform: 'node',
+      target: 'node22',
+      format: 'esm',
+      minify: true,
+      sourcemap: true,
+      banner: { js: BANNER },
+      define: { 'process.env.NIMBUS_TRACING': JSON.stringify(tracing) },
+      outfile,
+      logLevel: 'error',
+    });
+    const bytes = statSync(outfile).size;
+    const gzipped = gzipSync(readFileSync(outfile)).length;
+    const samples = Array.from({ length: runs }, () => coldInit(outfile, name));
+    const importMs = median(samples.map((s) => s.importMs));
+    const setupMs = median(samples.map((s) => s.firstCallSetupMs));
+    console.log(
+      `${name.padEnd(8)} ${(bytes / 1024).toFixed(0).padStart(6)} KB minified, ${(gzipped / 1024)
+        .toFixed(0)
+        .padStart(4)} KB gzipped; import ${importMs.toFixed(1)} ms, first-call setup ${setupMs.toFixed(
+        1,
+      )} ms (median of ${runs})`,
+    );
+  }
+} finally {
+  rmSync(out, { recursive: true, force: true });
+}

@@ -1,0 +1,173 @@
+/**
+ * Observability of the Lambda functions, with Powertools for AWS Lambda (TypeScript):
+ *
+ * - Logger: Powertools' Logger behind the core's `Logger` interface. It adds the Lambda context
+ *   (`function_request_id`, `cold_start`, `function_name`, `xray_trace_id`) to every line; the core's
+ *   log context (connection id, bare JID, element, API Gateway request id: shared/log.ts) is
+ *   merged into each entry. The level is the function's `LOG_LEVEL` (a deploy setting).
+ * - Metrics: the counts of `server.metrics` (shared/metrics.ts) become CloudWatch embedded metric
+ *   format lines, built by Powertools' Metrics, once per invocation: no API call, no latency.
+ * - Tracer: loaded only when the stack was deployed with tracing on (`NIMBUS_TRACING`, which the
+ *   stack also bakes into the bundle, so a bundle without tracing carries none of its code).
+ *
+ * Locally (infra/local/stack.ts) the same handlers run with shared/log.ts's logger, and the same
+ * metric lines are printed at debug level.
+ */
+import { Logger as PowertoolsLogger } from '@aws-lambda-powertools/logger';
+import { Metrics, MetricUnit } from '@aws-lambda-powertools/metrics';
+import type { Tracer } from '@aws-lambda-powertools/tracer';
+import type { Context } from 'aws-lambda';
+import type { Config } from '../shared/config.ts';
+import { entryFields, isLogLevel, type Logger } from '../shared/log.ts';
+import { METRIC_NAMESPACE, METRIC_SERVICE, type MetricSample } from '../shared/metrics.ts';
+
+export type { Tracer };
+
+/** Writes metric lines: stdout on Lambda (where CloudWatch Logs extracts them). */
+export type MetricLineWriter = (line: string) => void;
+
+/** Turns drained counts into embedded metric format lines. */
+export type MetricsPublisher = (samples: MetricSample[]) => void;
+
+const stdoutLine: MetricLineWriter = (line) => void process.stdout.write(`${line}\n`);
+
+export interface PublisherOptions {
+  /** The XMPP domain: the `domain` dimension of every metric. */
+  domain: string;
+  /** When set, the first publish also counts `ColdStarts` for this function. */
+  functionName?: string;
+  write?: MetricLineWriter;
+}
+
+/**
+ * One EMF document per dimension combination: CloudWatch applies a document's dimensions to
+ * every metric in it, so a metric split by `condition` cannot share a document with one split by
+ * `kind`. Most invocations write one or two lines.
+ */
+export function createMetricsPublisher(options: PublisherOptions): MetricsPublisher {
+  const write = options.write ?? stdoutLine;
+  const metrics = new Metrics({
+    namespace: METRIC_NAMESPACE,
+    serviceName: METRIC_SERVICE,
+    defaultDimensions: { domain: options.domain },
+  });
+  let coldStart = options.functionName !== undefined;
+  return (samples) => {
+    const groups = new Map<string, MetricSample[]>();
+    for (const sample of samples) {
+      const key = sample.dimension ? `${sample.dimension.name}=${sample.dimension.value}` : '';
+      groups.set(key, [...(groups.get(key) ?? []), sample]);
+    }
+    if (coldStart) {
+      coldStart = false;
+      const key = `function=${options.functionName}`;
+      groups.set(key, [
+        ...(groups.get(key) ?? []),
+        {
+          name: 'ColdStarts',
+          value: 1,
+          dimension: { name: 'function', value: options.functionName as string },
+        },
+      ]);
+    }
+    for (const group of groups.values()) {
+      const dimension = group[0]?.dimension;
+      if (dimension) metrics.addDimension(dimension.name, dimension.value);
+      for (const sample of group) metrics.addMetric(sample.name, MetricUnit.Count, sample.value);
+      try {
+        write(JSON.stringify(metrics.serializeMetrics()));
+      } finally {
+        metrics.clearMetrics();
+        metrics.clearDimensions();
+      }
+    }
+  };
+}
+
+const POWERTOOLS_LEVELS = {
+  debug: 'DEBUG',
+  info: 'INFO',
+  warn: 'WARN',
+  error: 'ERROR',
+  silent: 'SILENT',
+} as const;
+const SEVERITY = { DEBUG: 8, INFO: 12, WARN: 16, ERROR: 20, SILENT: 28 } as Record<string, number>;
+
+/** The core's logger on Powertools' Logger: the same fields as locally, plus the Lambda context. */
+export function powertoolsLogger(level: string): { log: Logger; powertools: PowertoolsLogger } {
+  const powertools = new PowertoolsLogger({
+    serviceName: METRIC_SERVICE,
+    logLevel: POWERTOOLS_LEVELS[isLogLevel(level) ? level : 'info'],
+  });
+  const log: Logger = {
+    debug: (message, fields) => powertools.debug(message, entryFields(fields)),
+    info: (message, fields) => powertools.info(message, entryFields(fields)),
+    warn: (message, fields) => powertools.warn(message, entryFields(fields)),
+    error: (message, fields) => powertools.error(message, entryFields(fields)),
+    isEnabled: (at) =>
+      (SEVERITY[POWERTOOLS_LEVELS[at]] ?? 0) >= (SEVERITY[powertools.getLevelName()] ?? SEVERITY.INFO),
+  };
+  return { log, powertools };
+}
+
+/**
+ * X-Ray tracing through Powertools' Tracer, only when the function was deployed with tracing
+ * (`-c settings='{"TRACING":"true"}'`). The condition stays an expression esbuild can fold: the
+ * stack defines `process.env.NIMBUS_TRACING` at bundle time, and a bundle built without tracing
+ * drops the import (and the X-Ray SDK) altogether.
+ */
+export async function loadTracer(): Promise<Tracer | undefined> {
+  const module =
+    process.env.NIMBUS_TRACING === 'true' ? await import('@aws-lambda-powertools/tracer') : undefined;
+  return module ? new module.Tracer({ serviceName: METRIC_SERVICE, captureHTTPsRequests: false }) : undefined;
+}
+
+/** Runs `work` in an X-Ray subsegment (annotated, so traces can be searched by connection). */
+export async function inSubsegment<T>(
+  tracer: Tracer | undefined,
+  name: string,
+  annotations: Record<string, string>,
+  work: () => Promise<T>,
+): Promise<T> {
+  const parent = tracer?.getSegment();
+  if (!tracer || !parent) return work();
+  const subsegment = parent.addNewSubsegment(name);
+  tracer.setSegment(subsegment);
+  for (const [key, value] of Object.entries(annotations)) tracer.putAnnotation(key, value);
+  try {
+    return await work();
+  } catch (error) {
+    subsegment.addError(error as Error);
+    throw error;
+  } finally {
+    subsegment.close();
+    tracer.setSegment(parent);
+  }
+}
+
+/** What a function's entry point needs on AWS: its logger, its metrics publisher, its tracer. */
+export interface LambdaTelemetry {
+  log: Logger;
+  publishMetrics: MetricsPublisher;
+  tracer?: Tracer;
+  /** Per invocation: the Lambda context on every log line. */
+  startInvocation(context?: Context): void;
+}
+
+export async function lambdaTelemetry(config: Config, functionName: string): Promise<LambdaTelemetry> {
+  const { log, powertools } = powertoolsLogger(process.env.LOG_LEVEL ?? 'info');
+  const tracer = await loadTracer();
+  return {
+    log,
+    publishMetrics: createMetricsPublisher({ domain: config.domain, functionName }),
+    ...(tracer ? { tracer } : {}),
+    startInvocation(context) {
+      if (context) powertools.addContext(context);
+    },
+  };
+}
+
+/** The server option that traces every AWS SDK client the server builds. */
+export function instrumentFor(tracer: Tracer | undefined): { instrumentClient?: <T>(client: T) => T } {
+  return tracer ? { instrumentClient: <T>(client: T) => tracer.captureAWSv3Client(client) } : {};
+}

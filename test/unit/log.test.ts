@@ -1,0 +1,112 @@
+/**
+ * Structured logs: the per-frame context on every line (connection id, bare JID, element,
+ * request id), kept apart between frames running at once, in JSON and in the local text
+ * format; and the same fields through Powertools' Logger as the functions use it on AWS.
+ */
+import type { Context } from 'aws-lambda';
+import { afterEach, describe, expect, it, vi } from 'vitest';
+import { powertoolsLogger } from '../../functions/telemetry.ts';
+import { addLogContext, createLogger, withLogContext } from '../../shared/log.ts';
+
+function capture(level = 'debug', format: 'json' | 'text' = 'json') {
+  const lines: string[] = [];
+  return { lines, log: createLogger(level, { format, write: (line) => lines.push(line) }) };
+}
+
+describe('the log context', () => {
+  it('is on every line written inside it, extended as the frame is understood', async () => {
+    const { lines, log } = capture();
+    await withLogContext({ connectionId: 'Ab+c=', requestId: 'req-1' }, async () => {
+      log.debug('parsed');
+      addLogContext({ element: 'message', jid: 'alice@example.org' });
+      await Promise.resolve();
+      log.warn('frame will be retried', { error: new Error('throttled') });
+    });
+    log.info('outside');
+    const [first, second, outside] = lines.map((line) => JSON.parse(line));
+    expect(first).toEqual({ level: 'debug', message: 'parsed', connectionId: 'Ab+c=', requestId: 'req-1' });
+    expect(second).toMatchObject({
+      level: 'warn',
+      connectionId: 'Ab+c=',
+      requestId: 'req-1',
+      element: 'message',
+      jid: 'alice@example.org',
+      error: { name: 'Error', message: 'throttled' },
+    });
+    expect(outside).toEqual({ level: 'info', message: 'outside' });
+  });
+
+  it('keeps frames of different connections apart when they run at once', async () => {
+    const { lines, log } = capture();
+    const frame = (connectionId: string, jid: string) =>
+      withLogContext({ connectionId }, async () => {
+        await new Promise((resolve) => setTimeout(resolve, 5));
+        addLogContext({ jid });
+        await new Promise((resolve) => setTimeout(resolve, 5));
+        log.info('handled');
+      });
+    await Promise.all([frame('c1', 'alice@example.org'), frame('c2', 'bob@example.org')]);
+    const seen = lines
+      .map((line) => JSON.parse(line))
+      .map(({ connectionId, jid }) => `${connectionId} ${jid}`);
+    expect(seen.sort()).toEqual(['c1 alice@example.org', 'c2 bob@example.org']);
+  });
+
+  it('reads as text on a terminal, with the same fields', async () => {
+    const { lines, log } = capture('info', 'text');
+    await withLogContext({ connectionId: 'c1', element: 'iq' }, async () => log.info('hello', { ms: 3 }));
+    expect(lines[0]).toMatch(/^\d\d:\d\d:\d\d\.\d{3} INFO {2}hello {2}connectionId=c1 element=iq ms=3$/);
+  });
+
+  it('honours the level', () => {
+    const { lines, log } = capture('warn');
+    log.info('quiet');
+    log.error('loud');
+    expect(lines).toHaveLength(1);
+    expect(log.isEnabled('debug')).toBe(false);
+    expect(log.isEnabled('error')).toBe(true);
+  });
+});
+
+describe('Powertools Logger on AWS', () => {
+  afterEach(() => vi.restoreAllMocks());
+
+  it('writes the same fields plus the Lambda request id, at the configured level', async () => {
+    const written: string[] = [];
+    const collect = (chunk: unknown) => {
+      written.push(String(chunk));
+      return true;
+    };
+    vi.spyOn(process.stdout, 'write').mockImplementation(collect);
+    vi.spyOn(process.stderr, 'write').mockImplementation(collect);
+    const { log, powertools } = powertoolsLogger('info');
+    powertools.addContext({
+      awsRequestId: 'lambda-request-1',
+      functionName: 'Nimbus-Stream',
+      functionVersion: '$LATEST',
+      invokedFunctionArn: 'arn:aws:lambda:us-east-1:000000000000:function:Nimbus-Stream',
+      memoryLimitInMB: '512',
+    } as Context);
+    await withLogContext({ connectionId: 'c1', requestId: 'apigw-1' }, async () => {
+      addLogContext({ jid: 'alice@example.org', element: 'presence' });
+      log.debug('not at info');
+      log.warn('frame will be retried', { messageId: 'm1' });
+    });
+    vi.restoreAllMocks();
+    const entries = written.map((line) => JSON.parse(line));
+    expect(entries).toHaveLength(1);
+    expect(entries[0]).toMatchObject({
+      level: 'WARN',
+      message: 'frame will be retried',
+      service: 'nimbus',
+      function_request_id: 'lambda-request-1',
+      connectionId: 'c1',
+      requestId: 'apigw-1',
+      jid: 'alice@example.org',
+      element: 'presence',
+      messageId: 'm1',
+    });
+    expect(log.isEnabled('info')).toBe(true);
+    expect(log.isEnabled('debug')).toBe(false);
+  });
+});
