@@ -14,6 +14,7 @@ import {
   type TableDefinition,
   usersTable,
 } from '../shared/tables.ts';
+import { Alarms } from './constructs/alarms.ts';
 import { CustomDomain } from './constructs/custom-domain.ts';
 import { FrameQueue } from './constructs/frame-queue.ts';
 import { OperationsDashboard } from './constructs/operations-dashboard.ts';
@@ -78,7 +79,28 @@ export const DEPLOY_SETTINGS = [
   'STREAM_LOG_LEVEL',
   'SWEEPER_LOG_LEVEL',
   'TRACING',
+  'CONNECT_RESERVED_CONCURRENCY',
+  'STREAM_MAX_CONCURRENCY',
+  'ALARM_OLDEST_FRAME_SECONDS',
 ] as const;
+
+/**
+ * Defaults of the concurrency settings: logins keep `CONNECT_RESERVED_CONCURRENCY` instances of
+ * their own however busy the streams are, and the streams take at most `STREAM_MAX_CONCURRENCY`
+ * (the event source's maximum concurrency), so a flood of frames cannot starve logins. `0`
+ * leaves either unset (an account with the default unreserved minimum of 10 and a low limit
+ * cannot reserve any).
+ */
+const CONCURRENCY_DEFAULTS = { CONNECT_RESERVED_CONCURRENCY: 10, STREAM_MAX_CONCURRENCY: 100 };
+
+function intSetting(settings: Record<string, string>, name: string, fallback: number, min = 0): number {
+  const raw = settings[name];
+  if (raw === undefined) return fallback;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < min)
+    throw new Error(`${name} must be an integer ≥ ${min}, got '${raw}'`);
+  return value;
+}
 
 export function checkedSettings(settings: Record<string, string> = {}): Record<string, string> {
   const known = [...TUNABLE_SETTINGS, ...DEPLOY_SETTINGS] as readonly string[];
@@ -93,6 +115,9 @@ export function checkedSettings(settings: Record<string, string> = {}): Record<s
     if (name === 'TRACING' && value !== 'true' && value !== 'false') {
       throw new Error(`TRACING must be true or false, got '${value}'`);
     }
+    if (name === 'STREAM_MAX_CONCURRENCY' && value !== '0') intSetting(settings, name, 0, 2);
+    if (name === 'CONNECT_RESERVED_CONCURRENCY' || name === 'ALARM_OLDEST_FRAME_SECONDS')
+      intSetting(settings, name, 0);
     // Validated the way the functions will read it, so a typo fails the synth, not a cold start.
     if ((TUNABLE_SETTINGS as readonly string[]).includes(name)) loadConfig({ [name]: value });
   }
@@ -119,6 +144,7 @@ export class NimbusStack extends Stack {
   readonly functions: Record<FunctionName, XmppFunction>;
   readonly dashboard: OperationsDashboard;
   readonly customDomain?: CustomDomain;
+  readonly alarms: Alarms;
 
   constructor(scope: Construct, id: string, props: NimbusStackProps) {
     super(scope, id, props);
@@ -139,6 +165,11 @@ export class NimbusStack extends Stack {
       projectRoot: PROJECT_ROOT,
       environment: domainEnvironment,
       logLevel: logLevelOf(settings, 'connect'),
+      reservedConcurrency: intSetting(
+        settings,
+        'CONNECT_RESERVED_CONCURRENCY',
+        CONCURRENCY_DEFAULTS.CONNECT_RESERVED_CONCURRENCY,
+      ),
     });
 
     this.gateway = new WebSocketGateway(this, 'WebSocket', {
@@ -165,8 +196,17 @@ export class NimbusStack extends Stack {
       logLevel: logLevelOf(settings, 'stream'),
       tracing,
     });
+    const streamMaxConcurrency = intSetting(
+      settings,
+      'STREAM_MAX_CONCURRENCY',
+      CONCURRENCY_DEFAULTS.STREAM_MAX_CONCURRENCY,
+    );
     stream.fn.addEventSource(
-      new SqsEventSource(this.frameQueue.queue, { batchSize: 10, reportBatchItemFailures: true }),
+      new SqsEventSource(this.frameQueue.queue, {
+        batchSize: 10,
+        reportBatchItemFailures: true,
+        ...(streamMaxConcurrency > 0 ? { maxConcurrency: streamMaxConcurrency } : {}),
+      }),
     );
 
     const sweeper = new XmppFunction(this, 'Sweeper', {
@@ -226,6 +266,18 @@ export class NimbusStack extends Stack {
     for (const { def, table } of this.tables.all()) {
       new CfnOutput(this, `${def.id}TableName`, { description: def.envVar, value: table.tableName });
     }
+    this.alarms = new Alarms(this, 'Alarms', {
+      functions: { Connect: connect.fn, Stream: stream.fn, Sweeper: sweeper.fn },
+      frameQueue: this.frameQueue.queue,
+      existing: [this.frameQueue.deadLettersAlarm],
+      apiId: this.gateway.api.apiId,
+      stageName: this.gateway.stage.stageName,
+      oldestFrameSeconds: intSetting(settings, 'ALARM_OLDEST_FRAME_SECONDS', 60),
+    });
+    new CfnOutput(this, 'AlarmTopicArn', {
+      description: 'SNS topic every Nimbus alarm notifies: subscribe an e-mail address or a pager to it',
+      value: this.alarms.topic.topicArn,
+    });
     new CfnOutput(this, 'FrameQueueName', { value: this.frameQueue.queue.queueName });
     new CfnOutput(this, 'DeadLetterQueueName', { value: this.frameQueue.deadLetterQueue.queueName });
 

@@ -18,6 +18,8 @@ export class FrameQueue extends Construct {
   readonly queue: sqs.Queue;
   readonly deadLetterQueue: sqs.Queue;
   readonly maxReceiveCount: number;
+  /** Frames given up on: the operator's alarm topic is added by the stack. */
+  readonly deadLettersAlarm: cloudwatch.Alarm;
 
   constructor(scope: Construct, id: string, props: FrameQueueProps) {
     super(scope, id);
@@ -48,7 +50,7 @@ export class FrameQueue extends Construct {
     });
 
     // A frame in the dead-letter queue is a stream that stopped being processed: worth a look.
-    new cloudwatch.Alarm(this, 'DeadLettersAlarm', {
+    this.deadLettersAlarm = new cloudwatch.Alarm(this, 'DeadLettersAlarm', {
       alarmDescription: 'XMPP frames that failed processing landed in the dead-letter queue',
       metric: this.deadLetterQueue.metricApproximateNumberOfMessagesVisible({ period: Duration.minutes(5) }),
       threshold: 0,

@@ -38,6 +38,8 @@ export interface XmppFunctionProps {
    * a bundle built without it carries no tracing code (see functions/telemetry.ts).
    */
   tracing?: boolean;
+  /** Reserved concurrency; 0 or absent: none. */
+  reservedConcurrency?: number;
 }
 
 /**
@@ -85,6 +87,7 @@ export class XmppFunction extends Construct {
       loggingFormat: lambda.LoggingFormat.JSON,
       applicationLogLevelV2: APPLICATION_LOG_LEVEL[props.logLevel ?? 'info'],
       ...(props.tracing ? { tracing: lambda.Tracing.ACTIVE } : {}),
+      ...(props.reservedConcurrency ? { reservedConcurrentExecutions: props.reservedConcurrency } : {}),
       projectRoot: props.projectRoot,
       depsLockFilePath: `${props.projectRoot}/package-lock.json`,
       environment: {

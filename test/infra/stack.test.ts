@@ -296,6 +296,53 @@ describe('frame queue', () => {
       FunctionName: { Ref: logicalId(stack.functions.stream.fn) },
       BatchSize: 10,
       FunctionResponseTypes: ['ReportBatchItemFailures'],
+      // A flood of frames may take at most this many instances, so logins are never starved.
+      ScalingConfig: { MaximumConcurrency: 100 },
+    });
+  });
+});
+
+describe('failing safely', () => {
+  it('reserves concurrency for logins', () => {
+    expect(functionProperties('connect').ReservedConcurrentExecutions).toBe(10);
+    expect(functionProperties('stream').ReservedConcurrentExecutions).toBeUndefined();
+  });
+
+  it('alarms on every function’s errors and throttles, the oldest frame, dead letters and integration errors, all to one topic', () => {
+    const alarms = resourcesOfType('AWS::CloudWatch::Alarm').map(([, alarm]) => alarm.Properties);
+    const topic = logicalId(stack.alarms.topic);
+    for (const alarm of alarms) expect(alarm.AlarmActions).toEqual([{ Ref: topic }]);
+    const byMetric = (namespace: string, name: string) =>
+      alarms.filter((alarm) => alarm.Namespace === namespace && alarm.MetricName === name);
+    expect(byMetric('AWS/Lambda', 'Errors')).toHaveLength(3);
+    expect(byMetric('AWS/Lambda', 'Throttles')).toHaveLength(3);
+    expect(byMetric('AWS/SQS', 'ApproximateAgeOfOldestMessage')).toEqual([
+      expect.objectContaining({ Threshold: 60, Statistic: 'Maximum' }),
+    ]);
+    expect(byMetric('AWS/SQS', 'ApproximateNumberOfMessagesVisible')).toHaveLength(1);
+    expect(byMetric('AWS/ApiGateway', 'IntegrationError')).toHaveLength(1);
+    template.hasOutput('AlarmTopicArn', { Value: { Ref: topic } });
+  });
+
+  it('encrypts the alarm topic and refuses it without TLS', () => {
+    template.hasResourceProperties('AWS::SNS::Topic', { KmsMasterKeyId: Match.anyValue() });
+    template.hasResourceProperties('AWS::SNS::TopicPolicy', {
+      PolicyDocument: Match.objectLike({
+        Statement: Match.arrayWith([
+          Match.objectLike({ Effect: 'Deny', Condition: { Bool: { 'aws:SecureTransport': 'false' } } }),
+        ]),
+      }),
+    });
+  });
+
+  it('takes the concurrency settings, 0 leaving them unset, and refuses nonsense', () => {
+    expect(() => checkedSettings({ STREAM_MAX_CONCURRENCY: '1' })).toThrow(/STREAM_MAX_CONCURRENCY/);
+    expect(() => checkedSettings({ CONNECT_RESERVED_CONCURRENCY: '-1' })).toThrow(
+      /CONNECT_RESERVED_CONCURRENCY/,
+    );
+    expect(checkedSettings({ STREAM_MAX_CONCURRENCY: '0', CONNECT_RESERVED_CONCURRENCY: '0' })).toEqual({
+      STREAM_MAX_CONCURRENCY: '0',
+      CONNECT_RESERVED_CONCURRENCY: '0',
     });
   });
 });

@@ -1,0 +1,89 @@
+/**
+ * The alarms an operator needs to know that Nimbus is failing safely or not: every function's
+ * errors and throttles, the frame queue's oldest message (frames waiting: a stream falling
+ * behind), the dead-letter queue (frames given up on), and API Gateway's integration errors
+ * (frames that never reached the queue). Each notifies one SNS topic, whose ARN is a stack output.
+ */
+import { Duration } from 'aws-cdk-lib';
+import * as cloudwatch from 'aws-cdk-lib/aws-cloudwatch';
+import * as actions from 'aws-cdk-lib/aws-cloudwatch-actions';
+import * as iam from 'aws-cdk-lib/aws-iam';
+import * as kms from 'aws-cdk-lib/aws-kms';
+import type * as lambda from 'aws-cdk-lib/aws-lambda';
+import * as sns from 'aws-cdk-lib/aws-sns';
+import type * as sqs from 'aws-cdk-lib/aws-sqs';
+import { Construct } from 'constructs';
+
+export interface AlarmsProps {
+  functions: Record<string, lambda.IFunction>;
+  frameQueue: sqs.IQueue;
+  /** Alarms made elsewhere (the dead-letter queue's) that should notify the topic too. */
+  existing: cloudwatch.Alarm[];
+  /** The WebSocket API's id and stage, for API Gateway's metrics. */
+  apiId: string;
+  stageName: string;
+  /** Seconds the oldest frame may wait in the queue before the alarm goes off. */
+  oldestFrameSeconds: number;
+}
+
+export class Alarms extends Construct {
+  readonly topic: sns.Topic;
+  readonly alarms: cloudwatch.Alarm[] = [];
+
+  constructor(scope: Construct, id: string, props: AlarmsProps) {
+    super(scope, id);
+    const key = new kms.Key(this, 'TopicKey', {
+      description: 'Nimbus alarm notifications',
+      enableKeyRotation: true,
+    });
+    // CloudWatch publishes to the encrypted topic only if it may use the key.
+    key.grantEncryptDecrypt(new iam.ServicePrincipal('cloudwatch.amazonaws.com'));
+    this.topic = new sns.Topic(this, 'Topic', {
+      displayName: 'Nimbus alarms',
+      masterKey: key,
+      enforceSSL: true,
+    });
+    const period = Duration.minutes(5);
+    const add = (name: string, description: string, metric: cloudwatch.IMetric, threshold: number) => {
+      const alarm = new cloudwatch.Alarm(this, name, {
+        alarmDescription: description,
+        metric,
+        threshold,
+        comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+        evaluationPeriods: 1,
+        treatMissingData: cloudwatch.TreatMissingData.NOT_BREACHING,
+      });
+      alarm.addAlarmAction(new actions.SnsAction(this.topic));
+      this.alarms.push(alarm);
+    };
+    for (const [name, fn] of Object.entries(props.functions)) {
+      add(`${name}Errors`, `The ${name} function failed (errors)`, fn.metricErrors({ period }), 0);
+      add(`${name}Throttles`, `The ${name} function was throttled`, fn.metricThrottles({ period }), 0);
+    }
+    add(
+      'OldestFrame',
+      `A frame waited in the queue more than ${props.oldestFrameSeconds} s: streams are falling behind`,
+      props.frameQueue.metricApproximateAgeOfOldestMessage({
+        period: Duration.minutes(1),
+        statistic: 'Maximum',
+      }),
+      props.oldestFrameSeconds,
+    );
+    for (const alarm of props.existing) {
+      alarm.addAlarmAction(new actions.SnsAction(this.topic));
+      this.alarms.push(alarm);
+    }
+    add(
+      'IntegrationErrors',
+      'API Gateway could not hand frames to the queue or the connect function',
+      new cloudwatch.Metric({
+        namespace: 'AWS/ApiGateway',
+        metricName: 'IntegrationError',
+        dimensionsMap: { ApiId: props.apiId, Stage: props.stageName },
+        statistic: 'Sum',
+        period,
+      }),
+      0,
+    );
+  }
+}
