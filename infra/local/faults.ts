@@ -24,6 +24,11 @@ export interface FaultOptions {
    * have had their effects; the whole batch is delivered again after the visibility timeout.
    */
   dieMidBatch?: number;
+  /**
+   * Per socket that closes: its `$disconnect` never reaches the queue (API Gateway delivers
+   * `$disconnect` on a best-effort basis).
+   */
+  lostDisconnect?: number;
   /** PostToConnection faults of the `@connections` endpoint, per request. */
   post?: PostFaultRates;
   /** DynamoDB faults, per request the server's document client sends (see `dynamodb-faults.ts`). */
@@ -171,7 +176,7 @@ export function checkFaultOptions(input: unknown): FaultOptions {
     throw new FaultOptionsError('fault options must be an object');
   }
   const raw = input as Record<string, unknown>;
-  checkKeys('', raw, ['seed', 'duplicate', 'dieMidBatch', 'post', 'dynamodb']);
+  checkKeys('', raw, ['seed', 'duplicate', 'dieMidBatch', 'lostDisconnect', 'post', 'dynamodb']);
   if (typeof raw.seed !== 'number' || !Number.isInteger(raw.seed)) {
     throw new FaultOptionsError(`seed must be an integer, got ${JSON.stringify(raw.seed)}`);
   }
@@ -179,6 +184,7 @@ export function checkFaultOptions(input: unknown): FaultOptions {
     seed: raw.seed,
     duplicate: checkRate('duplicate', raw.duplicate),
     dieMidBatch: checkRate('dieMidBatch', raw.dieMidBatch),
+    lostDisconnect: checkRate('lostDisconnect', raw.lostDisconnect),
   };
   if (raw.post !== undefined) {
     const post = raw.post as Record<string, unknown>;

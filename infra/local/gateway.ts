@@ -203,6 +203,9 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
   const faults = options.faults;
   const faultCounts = new FaultCounts();
   const postFaults: Random | undefined = faults?.post ? faultStream(faults.seed, 'post') : undefined;
+  const disconnectFaults: Random | undefined = faults?.lostDisconnect
+    ? faultStream(faults.seed, 'disconnect')
+    : undefined;
 
   const connections = new Map<string, Connection>();
   const pendingHandshakes = new Set<Promise<void>>();
@@ -332,6 +335,12 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
       clearTimeout(connection.idleTimer);
       clearTimeout(connection.lifetimeTimer);
       connections.delete(id);
+      // API Gateway's $disconnect is best effort: the fault schedule may lose it.
+      if (disconnectFaults && disconnectFaults() < (faults?.lostDisconnect ?? 0)) {
+        faultCounts.add('lostDisconnect');
+        log(`[gateway] ${id}: $disconnect lost (fault)`);
+        return;
+      }
       enqueueDisconnect(id);
     });
   }

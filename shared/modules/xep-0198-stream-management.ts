@@ -38,6 +38,7 @@ import type { SmState } from '../store/sessions.ts';
 import {
   AckBeyondQueueError,
   NotSessionOwnerError,
+  PROBE_AFTER_MS,
   type SmEntry,
   type SmQueueItem,
   type SmVersion,
@@ -72,6 +73,7 @@ export function register(server: Server): void {
   );
   host.hook('sweep', async (event) => {
     event.swept += await expireDetachedSessions(server, event.now);
+    event.swept += await probeAttachedSessions(server, event.now);
     return undefined;
   });
 }
@@ -327,6 +329,36 @@ async function expireDetachedSessions(server: Server, now: number): Promise<numb
       swept += 1;
     }
     if (expired.length < 50) return swept;
+  }
+}
+
+/**
+ * The sweeper's other part: `$disconnect` is best effort, and a lost one would leave a session
+ * attached to a dead socket, its stanzas queued and posted into the void until the item's TTL.
+ * Each attached session is probed with an ack request once it has been attached longer than
+ * API Gateway's idle cut: a vanished socket answers 410 Gone and the session detaches (or ends)
+ * through the lifecycle; a live one acknowledges, and is probed again a period later.
+ */
+async function probeAttachedSessions(server: Server, now: number): Promise<number> {
+  let ended = 0;
+  for (;;) {
+    const due = await server.smQueue.listDueProbes(now, 50);
+    for (const item of due) {
+      const connectionId = item.connectionId as string;
+      const posted = await post(server, connectionId, ackRequest(item.version, item.out));
+      if (posted === 'sent') {
+        await server.smQueue.deferProbe(item.smId, connectionId, now + PROBE_AFTER_MS);
+        continue;
+      }
+      server.log.info('probe found a vanished socket', { smId: item.smId, connectionId });
+      const state = await server.sessions.getConnection(connectionId);
+      // With its row, the session detaches (resumable) or ends, as on any 410; without one (the
+      // row expired too), nothing is left to resume from: it ends.
+      if (state) await server.host.fire('connection-vanished', { connectionId, state });
+      else await endSession(server, sessionOfItem(item, connectionId), 'gone');
+      ended += 1;
+    }
+    if (due.length < 50) return ended;
   }
 }
 

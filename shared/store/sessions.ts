@@ -25,6 +25,11 @@ import { batchGetAll, isConditionFailure } from './dynamo.ts';
 
 /** The sweep index's one partition: sessions detached from their socket, awaiting resumption. */
 export const DETACHED_SHARD = 'detached';
+/**
+ * The sweep index's other partition: sessions attached to a socket, due for a probe at `sweepAt`
+ * (a lost `$disconnect` would otherwise leave them attached to a dead socket until their TTL).
+ */
+export const ATTACHED_SHARD = 'attached';
 
 export interface SaslProgress {
   mechanism: string;

@@ -8,7 +8,8 @@
  * UpdateItem that reads who owns the session now, so a stanza is either in the queue a
  * resuming stream reads, or is posted to the stream that resumed: none is lost in a
  * hand-over. Acknowledged entries are trimmed from the head. Detached sessions carry
- * `sweepShard`/`sweepAt` (the sparse sweep index); an ended session keeps its last inbound
+ * `sweepShard`/`sweepAt` (the sparse sweep index), attached ones too, with the time of their next
+ * liveness probe (PROBE_AFTER_MS after attaching); an ended session keeps its last inbound
  * count for a day so a late `<resume/>` is told `<failed h='…'/>`.
  */
 import {
@@ -20,7 +21,7 @@ import {
 } from '@aws-sdk/lib-dynamodb';
 import { SWEEP_INDEX, TTL_ATTRIBUTE } from '../tables.ts';
 import { isConditionFailure } from './dynamo.ts';
-import { DETACHED_SHARD } from './sessions.ts';
+import { ATTACHED_SHARD, DETACHED_SHARD } from './sessions.ts';
 
 export type SmVersion = 'sm3' | 'sm1';
 
@@ -89,6 +90,12 @@ export type AppendResult =
   | { kind: 'ended' };
 
 const key = (smId: string) => ({ pk: `sm#${smId}`, sk: 'queue' });
+/**
+ * An attached session is probed (a post that a vanished socket answers 410) this long after it
+ * attached, and as long again after each probe it survives: past API Gateway's 10-minute idle
+ * cut, so a socket that is really gone has been cut, whether or not its `$disconnect` arrived.
+ */
+export const PROBE_AFTER_MS = 11 * 60_000;
 const DAY_SECONDS = 86400;
 
 /** DynamoDB refuses items over 400 KB: for a queue that is "full" too. */
@@ -173,6 +180,10 @@ export interface SmQueueStore {
   end(smId: string, owner: string | undefined, inbound: number): Promise<SmQueueItem | undefined>;
   /** Detached sessions whose window closed before `now` (ms), oldest first. */
   listExpired(now: number, limit: number): Promise<SmQueueItem[]>;
+  /** Attached sessions due for a liveness probe at `now` (ms), oldest first. */
+  listDueProbes(now: number, limit: number): Promise<SmQueueItem[]>;
+  /** The probe found the socket alive: the next one is due at `at`, if still attached to `connectionId`. */
+  deferProbe(smId: string, connectionId: string, at: number): Promise<void>;
 }
 
 export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): SmQueueStore {
@@ -194,6 +205,8 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             base: 0,
             q: [],
             ackedAt: Date.now(),
+            sweepShard: ATTACHED_SHARD,
+            sweepAt: Date.now() + PROBE_AFTER_MS,
             [TTL_ATTRIBUTE]: attachedExpiry(),
           },
           ConditionExpression: 'attribute_not_exists(pk)',
@@ -316,7 +329,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             TableName: table,
             Key: key(smId),
             UpdateExpression:
-              'SET connectionId = :connectionId, holding = :yes, #ttl = :ttl REMOVE sweepShard, sweepAt',
+              'SET connectionId = :connectionId, holding = :yes, #ttl = :ttl, sweepShard = :attached, sweepAt = :probe',
             ConditionExpression: '#user = :user AND attribute_not_exists(ended)',
             ExpressionAttributeNames: { '#user': 'user', '#ttl': TTL_ATTRIBUTE },
             ExpressionAttributeValues: {
@@ -324,6 +337,8 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
               ':yes': true,
               ':user': user,
               ':ttl': attachedExpiry(),
+              ':attached': ATTACHED_SHARD,
+              ':probe': Date.now() + PROBE_AFTER_MS,
             },
             ReturnValues: 'ALL_NEW',
           }),
@@ -413,6 +428,40 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       } catch (error) {
         if (isConditionFailure(error)) return undefined;
         throw error;
+      }
+    },
+
+    async listDueProbes(now, limit) {
+      const { Items = [] } = await doc.send(
+        new QueryCommand({
+          TableName: table,
+          IndexName: SWEEP_INDEX,
+          KeyConditionExpression: 'sweepShard = :attached AND sweepAt <= :now',
+          ExpressionAttributeValues: { ':attached': ATTACHED_SHARD, ':now': now },
+          Limit: limit,
+        }),
+      );
+      return Items.map(toItem);
+    },
+
+    async deferProbe(smId, connectionId, at) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: key(smId),
+            UpdateExpression: 'SET sweepAt = :at',
+            ConditionExpression: 'connectionId = :connectionId AND sweepShard = :attached',
+            ExpressionAttributeValues: {
+              ':at': at,
+              ':connectionId': connectionId,
+              ':attached': ATTACHED_SHARD,
+            },
+          }),
+        );
+      } catch (error) {
+        // Detached, resumed elsewhere or ended meanwhile: its own sweep time stands.
+        if (!isConditionFailure(error)) throw error;
       }
     },
 

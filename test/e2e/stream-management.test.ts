@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RawClient } from '../../infra/local/raw-client.ts';
 import { sweep } from '../../shared/core/lifecycle.ts';
 import { counter, unwrap } from '../../shared/modules/xep-0198-stream-management.ts';
+import { PROBE_AFTER_MS } from '../../shared/store/sm-queue.ts';
 import { eventually } from '../support/eventually.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 import { type StartedClient, startClient } from '../support/xmpp-client.ts';
@@ -826,5 +827,47 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
     expect(stanzas.at(-1)?.attrs.type).toBe('result');
     // XEP-0013 §2.4: fetching deletes nothing.
     expect(await small.server.offline.count('reader@localhost')).toBe(8);
+  });
+});
+
+describe('a lost $disconnect (API Gateway delivers it on a best-effort basis)', () => {
+  let lossy: TestStack;
+  beforeAll(async () => {
+    lossy = await startTestStack({}, { faults: { seed: 7, lostDisconnect: 1 } });
+    for (const user of ['ghost', 'alive']) await lossy.addUser(`${user}@localhost`, `${user}-pw`);
+  });
+  afterAll(async () => {
+    await lossy?.gateway.drained();
+    await lossy?.close();
+  });
+
+  it('is found by the sweeper’s probe: the session detaches, then expires, instead of staying attached to a dead socket', async () => {
+    const ghost = await RawClient.connect(lossy.url);
+    raws.push(ghost);
+    await ghost.login('ghost', 'ghost-pw', 'gone');
+    ghost.send(`<enable xmlns='${SM3}' resume='true' max='60'/>`);
+    const smId = (await ghost.next()).attrs.id as string;
+    ghost.terminate();
+    await eventually(() => expect(lossy.faultsInjected().lostDisconnect).toBe(1));
+    // Nothing told the server: the session is still attached to the dead socket.
+    expect((await lossy.server.smQueue.get(smId))?.connectionId).toBeDefined();
+    await sweep(lossy.server, Date.now() + PROBE_AFTER_MS + 1000);
+    const detachedItem = await lossy.server.smQueue.get(smId);
+    expect(detachedItem?.connectionId).toBeUndefined();
+    expect(detachedItem?.ended).toBeFalsy();
+    await sweep(lossy.server, Date.now() + 61_000 + PROBE_AFTER_MS);
+    expect((await lossy.server.smQueue.get(smId))?.ended).toBe(true);
+  });
+
+  it('leaves a live session attached: the probe is an ack request the client answers', async () => {
+    const alive = await RawClient.connect(lossy.url);
+    raws.push(alive);
+    await alive.login('alive', 'alive-pw', 'here');
+    alive.send(`<enable xmlns='${SM3}' resume='true'/>`);
+    const smId = (await alive.next()).attrs.id as string;
+    await sweep(lossy.server, Date.now() + PROBE_AFTER_MS + 1000);
+    const probe = await alive.until((el) => el.name === 'r');
+    expect(probe.attrs.xmlns).toBe(SM3);
+    expect((await lossy.server.smQueue.get(smId))?.connectionId).toBeDefined();
   });
 });

@@ -10,6 +10,7 @@ import {
   AckBeyondQueueError,
   createSmQueueStore,
   NotSessionOwnerError,
+  PROBE_AFTER_MS,
   type SmEntry,
   type SmQueueItem,
   type SmQueueStore,
@@ -72,9 +73,11 @@ describe('create, get, counts', () => {
     const before = Date.now();
     const { smId, user, connectionId } = await session();
     const created = await queue.get(smId);
-    // The session starts as if just acknowledged: a new stream is not yet "silent".
+    // The session starts as if just acknowledged: a new stream is not yet "silent"; and it is due
+    // for its first liveness probe one PROBE_AFTER_MS later.
     expect(created?.ackedAt).toBeGreaterThanOrEqual(before);
-    expect({ ...created, ackedAt: undefined }).toEqual({
+    expect(created?.sweepAt).toBeGreaterThanOrEqual(before + PROBE_AFTER_MS);
+    expect({ ...created, ackedAt: undefined, sweepAt: undefined }).toEqual({
       smId,
       user,
       resource: 'r',
@@ -318,16 +321,28 @@ describe('the hand-over: attach, release, detach', () => {
     expect(await queue.get(smId)).toMatchObject({ connectionId: 'new', holding: true });
   });
 
-  it('attach from a detached session leaves the sweep index and renews the TTL', async () => {
+  it('attach from a detached session moves it to the probe partition of the sweep index and renews the TTL', async () => {
     const { smId, user } = await session('old');
     const sweepAt = Date.now() + 10_000;
     await queue.detach(smId, 'old', 3, sweepAt, []);
     const before = nowSeconds();
-    expect(await queue.attach(smId, user, 'new')).toMatchObject({ connectionId: 'new', sweepAt: undefined });
+    expect(await queue.attach(smId, user, 'new')).toMatchObject({ connectionId: 'new' });
     const raw = await rawItem(table, smId);
-    expect(raw).not.toHaveProperty('sweepShard');
-    expect(raw).not.toHaveProperty('sweepAt');
+    // No longer expiring: due for a liveness probe one PROBE_AFTER_MS after the attach.
+    expect(raw).toMatchObject({ sweepShard: 'attached' });
+    expect(raw?.sweepAt).toBeGreaterThanOrEqual(before * 1000 + PROBE_AFTER_MS);
     expect(raw?.[TTL_ATTRIBUTE]).toBeGreaterThanOrEqual(before + 3 * 3600 + DAY);
+  });
+
+  it('lists attached sessions due for a probe, and a probe they survive defers the next one', async () => {
+    const { smId, connectionId } = await session();
+    const due = Date.now() + PROBE_AFTER_MS + 1000;
+    expect((await queue.listDueProbes(due, 1000)).map((i) => i.smId)).toContain(smId);
+    await queue.deferProbe(smId, connectionId, due + PROBE_AFTER_MS);
+    expect((await queue.listDueProbes(due, 1000)).map((i) => i.smId)).not.toContain(smId);
+    // Another connection's probe result changes nothing.
+    await queue.deferProbe(smId, 'someone-else', 0);
+    expect((await rawItem(table, smId))?.sweepAt).toBe(due + PROBE_AFTER_MS);
   });
 
   it('attach by another user, of an ended or unknown session, returns undefined and changes nothing', async () => {
@@ -371,8 +386,7 @@ describe('the hand-over: attach, release, detach', () => {
   it('detach by another connection or of an ended session returns false and changes nothing', async () => {
     const { smId } = await session('c1');
     expect(await queue.detach(smId, 'c2', 1, Date.now(), [])).toBe(false);
-    expect(await rawItem(table, smId)).toMatchObject({ connectionId: 'c1' });
-    expect(await rawItem(table, smId)).not.toHaveProperty('sweepShard');
+    expect(await rawItem(table, smId)).toMatchObject({ connectionId: 'c1', sweepShard: 'attached' });
     await queue.end(smId, 'c1', 2);
     expect(await queue.detach(smId, 'c1', 9, Date.now(), [])).toBe(false);
     expect(await queue.get(smId)).toMatchObject({ ended: true, inbound: 2, sweepAt: undefined });

@@ -14,7 +14,7 @@ export interface TestStack extends LocalStack {
 
 export async function startTestStack(
   env: Record<string, string | undefined> = {},
-  options: Pick<LocalStackOptions, 'log' | 'metricLines'> = {},
+  options: Pick<LocalStackOptions, 'log' | 'metricLines' | 'faults' | 'eventSource'> = {},
 ): Promise<TestStack> {
   const config = await createTestConfig({ SCRAM_ITERATIONS: '4096', ...env });
   const stack = await startLocalStack({
@@ -22,6 +22,8 @@ export async function startTestStack(
     port: 0,
     log: options.log ?? createLogger(process.env.LOG_LEVEL ?? 'warn'),
     ...(options.metricLines ? { metricLines: options.metricLines } : {}),
+    ...(options.faults ? { faults: options.faults } : {}),
+    ...(options.eventSource ? { eventSource: options.eventSource } : {}),
   });
   return {
     ...stack,
