@@ -24,6 +24,16 @@ export const STAGE_NAME = 'xmpp';
 export const STAGE_THROTTLE = { rateLimit: 1000, burstLimit: 2000 } as const;
 
 /**
+ * Per-route throttling on top of the stage's: new connections are the expensive part of a
+ * flood (each ends in a SCRAM login, tens of milliseconds of CPU), so `$connect` gets a lower
+ * cap of its own than the frames of established streams on `$default`.
+ */
+export const ROUTE_THROTTLE = {
+  $connect: { rateLimit: 100, burstLimit: 200 },
+  $default: { rateLimit: 1000, burstLimit: 2000 },
+} as const;
+
+/**
  * Velocity has no escape for `"` inside a string literal, so the template keeps one in `$q`
  * (`#set($q = '"')`) and writes `${q}` wherever the JSON needs a quote. Concatenated here so
  * that it is not mistaken for a TypeScript template placeholder.
@@ -153,6 +163,17 @@ export class WebSocketGateway extends Construct {
         ),
       },
     });
+
+    // RouteSettings name routes by key: CloudFormation must have created them first.
+    for (const route of this.api.node.findAll()) {
+      if (route instanceof apigwv2.CfnRoute) this.stage.node.addDependency(route);
+    }
+    (this.stage.node.defaultChild as apigwv2.CfnStage).routeSettings = Object.fromEntries(
+      Object.entries(ROUTE_THROTTLE).map(([route, limits]) => [
+        route,
+        { ThrottlingRateLimit: limits.rateLimit, ThrottlingBurstLimit: limits.burstLimit },
+      ]),
+    );
 
     if (props.manageAccountLogRole) {
       this.accountLogRole = new iam.Role(this, 'AccountLogRole', {

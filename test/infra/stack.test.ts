@@ -31,6 +31,7 @@ interface Resource {
   Type: string;
   Properties: CfnProperties;
   DeletionPolicy?: string;
+  DependsOn?: string[];
 }
 interface Statement {
   Action: string | string[];
@@ -303,6 +304,20 @@ describe('frame queue', () => {
 });
 
 describe('failing safely', () => {
+  it('throttles $connect below the frames of established streams, per route', () => {
+    template.hasResourceProperties('AWS::ApiGatewayV2::Stage', {
+      RouteSettings: {
+        $connect: { ThrottlingRateLimit: 100, ThrottlingBurstLimit: 200 },
+        $default: { ThrottlingRateLimit: 1000, ThrottlingBurstLimit: 2000 },
+      },
+    });
+    // CloudFormation creates the routes before the stage that names them.
+    const [[, stage]] = resourcesOfType('AWS::ApiGatewayV2::Stage');
+    const routes = resourcesOfType('AWS::ApiGatewayV2::Route').map(([id]) => id);
+    expect(routes).toHaveLength(3);
+    for (const route of routes) expect(stage.DependsOn).toContain(route);
+  });
+
   it('reserves concurrency for logins', () => {
     expect(functionProperties('connect').ReservedConcurrentExecutions).toBe(10);
     expect(functionProperties('stream').ReservedConcurrentExecutions).toBeUndefined();
