@@ -200,10 +200,11 @@ beforeAll(async () => {
   bob.xmpp.on('stanza', (stanza: Element) => {
     if (stanza.is('presence') && stanza.attrs.type === 'subscribe') {
       const requester = stanza.attrs.from;
-      void bob.xmpp.send(
-        xml('presence', { to: requester, type: 'subscribed' }),
-        xml('presence', { to: requester, type: 'subscribe' }),
-      );
+      // One stanza per send(): xmpp.js's send takes a single element (a second argument is ignored).
+      void (async () => {
+        await bob.xmpp.send(xml('presence', { to: requester, type: 'subscribed' }));
+        await bob.xmpp.send(xml('presence', { to: requester, type: 'subscribe' }));
+      })();
     }
   });
   await bob.xmpp.send(xml('presence'));
