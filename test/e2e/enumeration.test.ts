@@ -46,6 +46,8 @@ function shape(reply: Element): string {
 }
 
 const requests: [string, 'get' | 'set', string][] = [
+  // XEP-0199 §4.3 ping of another user's bare JID: answered for contacts only (RFC 6121 roster).
+  ['a ping', 'get', `<ping xmlns='urn:xmpp:ping'/>`],
   ['disco#info', 'get', `<query xmlns='${INFO}'/>`],
   ['disco#items', 'get', `<query xmlns='${ITEMS}'/>`],
   [
