@@ -143,6 +143,8 @@ export interface UndeliveredStanza {
   stanza: Element;
   /** When the server first accepted it (its XEP-0203 stamp on delivery). */
   acceptedAt: number;
+  /** Called once it has been re-routed (or dropped for good): the progress is recorded. */
+  done?: () => Promise<void>;
 }
 
 export interface EventPayloads {
@@ -171,7 +173,13 @@ export interface EventPayloads {
    * delivered. A hook that finds the session is no longer this caller's to end (resumed on
    * another connection, or already ended) returns HANDLED: nothing is released or announced.
    */
-  'session-ending': { session: SessionRef; reason: SessionEndReason; undelivered: UndeliveredStanza[] };
+  'session-ending': {
+    session: SessionRef;
+    reason: SessionEndReason;
+    undelivered: UndeliveredStanza[];
+    /** Run once every undelivered stanza has been re-routed (a module drops what it kept for that). */
+    afterReroute: (() => Promise<void>)[];
+  };
   /** A session has ended; its resource row is gone. Fired exactly once per session. */
   'session-ended': { session: SessionRef; reason: SessionEndReason; wasAvailable: boolean };
   /**

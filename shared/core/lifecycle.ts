@@ -71,7 +71,8 @@ export async function endSession(
   options: EndOptions = {},
 ): Promise<void> {
   const undelivered: UndeliveredStanza[] = [];
-  const elsewhere = await server.host.fire('session-ending', { session, reason, undelivered });
+  const afterReroute: (() => Promise<void>)[] = [];
+  const elsewhere = await server.host.fire('session-ending', { session, reason, undelivered, afterReroute });
   const released = elsewhere
     ? undefined
     : (options.released ??

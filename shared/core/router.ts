@@ -258,7 +258,7 @@ export async function rerouteUndelivered(
   user: string,
   undelivered: UndeliveredStanza[],
 ): Promise<void> {
-  for (const { stanza, acceptedAt } of undelivered) {
+  for (const { stanza, acceptedAt, done } of undelivered) {
     try {
       if (stanza.name === 'message') {
         await routeMessage(server, stanza, parseJid(user), { originalTime: acceptedAt });
@@ -278,5 +278,7 @@ export async function rerouteUndelivered(
       if (!(error instanceof StanzaError)) throw error;
       server.log.info('undelivered stanza dropped on re-route', { user, condition: error.condition });
     }
+    // Recorded before the next one: a failure later on resumes after this stanza, not before it.
+    await done?.();
   }
 }

@@ -31,6 +31,7 @@ import {
   type UndeliveredStanza,
 } from '../core/host.ts';
 import { endSession, kickConnection } from '../core/lifecycle.ts';
+import { rerouteUndelivered } from '../core/router.ts';
 import { stampDelay } from '../core/stanzas.ts';
 import { StreamError } from '../errors.ts';
 import type { PostResult } from '../outbound.ts';
@@ -39,6 +40,7 @@ import {
   AckBeyondQueueError,
   NotSessionOwnerError,
   PROBE_AFTER_MS,
+  REROUTE_RETRY_MS,
   type SmEntry,
   type SmQueueItem,
   type SmVersion,
@@ -68,12 +70,13 @@ export function register(server: Server): void {
     requestAck: (stream) => requestAckIfUnacknowledged(stream),
   });
   host.hook('connection-vanished', (event) => keepResumable(server, event), { priority: 10 });
-  host.hook('session-ending', ({ session, reason, undelivered }) =>
-    endSmSession(server, session, reason, undelivered),
+  host.hook('session-ending', ({ session, reason, undelivered, afterReroute }) =>
+    endSmSession(server, session, reason, undelivered, afterReroute),
   );
   host.hook('sweep', async (event) => {
     event.swept += await expireDetachedSessions(server, event.now);
     event.swept += await probeAttachedSessions(server, event.now);
+    event.swept += await finishInterruptedReroutes(server, event.now);
     return undefined;
   });
 }
@@ -300,6 +303,7 @@ async function endSmSession(
   session: SessionRef,
   reason: SessionEndReason,
   undelivered: UndeliveredStanza[],
+  afterReroute: (() => Promise<void>)[],
 ): Promise<typeof HANDLED | undefined> {
   if (!session.smId) return undefined;
   // The connection that must still own it; 'any' for a replaced resource; undefined: detached.
@@ -310,13 +314,50 @@ async function endSmSession(
   // A detached session's directed-presence recipients were carried in its queue item.
   if (ended.directedTo?.length)
     session.directedTo = [...new Set([...(session.directedTo ?? []), ...ended.directedTo])];
-  const fromOffline = ended.entries.flatMap((e) => (e.o ? [e.o] : []));
-  const stillStored = fromOffline.length > 0 ? await server.offline.get(ended.user, fromOffline) : new Map();
-  for (const entry of ended.entries) {
-    if (entry.c || (entry.o && stillStored.has(entry.o))) continue;
-    undelivered.push({ stanza: parse(entry.s), acceptedAt: entry.t });
-  }
+  undelivered.push(...(await toReroute(server, ended, 0)));
+  afterReroute.push(() => server.smQueue.finishReroute(ended.smId));
   return undefined;
+}
+
+/**
+ * An ended session's entries from `from` on, as stanzas to re-route, each recording its progress
+ * once done: what is still in offline storage is delivered from there (never stored twice), a
+ * XEP-0013 copy is dropped.
+ */
+async function toReroute(server: Server, item: SmQueueItem, from: number): Promise<UndeliveredStanza[]> {
+  const entries = item.entries.slice(from);
+  const fromOffline = entries.flatMap((e) => (e.o ? [e.o] : []));
+  const stillStored = fromOffline.length > 0 ? await server.offline.get(item.user, fromOffline) : new Map();
+  const stanzas: UndeliveredStanza[] = [];
+  entries.forEach((entry, i) => {
+    if (entry.c || (entry.o && stillStored.has(entry.o))) return;
+    const position = from + i + 1;
+    stanzas.push({
+      stanza: parse(entry.s),
+      acceptedAt: entry.t,
+      done: () => server.smQueue.markRerouted(item.smId, position),
+    });
+  });
+  return stanzas;
+}
+
+/**
+ * The sweeper finishes re-routes an invocation did not (a timeout, a crash, a DynamoDB failure
+ * after retries): from the last recorded position on, so nothing is lost and what was already
+ * re-routed is not re-routed again (at most the one in flight at the failure).
+ */
+async function finishInterruptedReroutes(server: Server, now: number): Promise<number> {
+  let finished = 0;
+  for (;;) {
+    const pending = await server.smQueue.listReroutes(now - REROUTE_RETRY_MS, 25);
+    for (const item of pending) {
+      server.log.warn('finishing an interrupted re-route', { smId: item.smId, done: item.rerouted ?? 0 });
+      await rerouteUndelivered(server, item.user, await toReroute(server, item, item.rerouted ?? 0));
+      await server.smQueue.finishReroute(item.smId);
+      finished += 1;
+    }
+    if (pending.length < 25) return finished;
+  }
 }
 
 /** The sweeper's part: sessions whose resumption window closed. */

@@ -66,6 +66,8 @@ export interface SmQueueItem {
   congested?: boolean;
   /** When the client last acknowledged anything (or the session started), epoch ms. */
   ackedAt?: number;
+  /** An ended session: how many of its entries have been re-routed so far. */
+  rerouted?: number;
 }
 
 /** A connection that no longer owns the session (it was resumed elsewhere) tried to change it. */
@@ -96,6 +98,10 @@ const key = (smId: string) => ({ pk: `sm#${smId}`, sk: 'queue' });
  * cut, so a socket that is really gone has been cut, whether or not its `$disconnect` arrived.
  */
 export const PROBE_AFTER_MS = 11 * 60_000;
+/** The sweep index's partition of ended sessions whose unacknowledged entries await re-routing. */
+export const REROUTE_SHARD = 'reroute';
+/** A re-route not finished this long after the session ended is taken over by the sweeper. */
+export const REROUTE_RETRY_MS = 60_000;
 const DAY_SECONDS = 86400;
 
 /** DynamoDB refuses items over 400 KB: for a queue that is "full" too. */
@@ -121,6 +127,7 @@ function toItem(raw: Record<string, unknown>): SmQueueItem {
     ended: Boolean(raw.ended),
     sweepAt: raw.sweepAt as number | undefined,
     congested: Boolean(raw.congested),
+    rerouted: raw.rerouted as number | undefined,
     ackedAt: raw.ackedAt as number | undefined,
   };
 }
@@ -180,6 +187,12 @@ export interface SmQueueStore {
   end(smId: string, owner: string | undefined, inbound: number): Promise<SmQueueItem | undefined>;
   /** Detached sessions whose window closed before `now` (ms), oldest first. */
   listExpired(now: number, limit: number): Promise<SmQueueItem[]>;
+  /** Records that the first `count` entries of an ended session were re-routed. */
+  markRerouted(smId: string, count: number): Promise<void>;
+  /** All of an ended session's entries were re-routed: drop them, leave the sweep index. */
+  finishReroute(smId: string): Promise<void>;
+  /** Ended sessions whose re-route was interrupted (not finished by `now`), oldest first. */
+  listReroutes(now: number, limit: number): Promise<SmQueueItem[]>;
   /** Attached sessions due for a liveness probe at `now` (ms), oldest first. */
   listDueProbes(now: number, limit: number): Promise<SmQueueItem[]>;
   /** The probe found the socket alive: the next one is due at `at`, if still attached to `connectionId`. */
@@ -241,7 +254,8 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             TableName: table,
             Key: key(smId),
             UpdateExpression: 'SET q = list_append(q, :entry) ADD #out :one',
-            ConditionExpression: 'attribute_exists(q) AND size(q) < :max AND attribute_not_exists(congested)',
+            ConditionExpression:
+              'attribute_exists(q) AND size(q) < :max AND attribute_not_exists(congested) AND attribute_not_exists(ended)',
             ExpressionAttributeNames: { '#out': 'out' },
             ExpressionAttributeValues: { ':entry': [entry], ':one': 1, ':max': maxEntries },
             ReturnValues: 'ALL_NEW',
@@ -312,7 +326,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             TableName: table,
             Key: key(smId),
             UpdateExpression: congested ? 'SET congested = :yes' : 'REMOVE congested',
-            ConditionExpression: 'attribute_exists(q)',
+            ConditionExpression: 'attribute_exists(q) AND attribute_not_exists(ended)',
             ...(congested ? { ExpressionAttributeValues: { ':yes': true } } : {}),
           }),
         )
@@ -403,8 +417,10 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           new UpdateCommand({
             TableName: table,
             Key: key(smId),
+            // The entries stay until they are re-routed (finishReroute): a failure on the way
+            // leaves them for the sweeper (the `reroute` partition), never lost.
             UpdateExpression:
-              'SET ended = :yes, inbound = :inbound, #ttl = :ttl REMOVE q, connectionId, holding, sweepShard, sweepAt',
+              'SET ended = :yes, inbound = :inbound, #ttl = :ttl, rerouted = :zero, sweepShard = :reroute, sweepAt = :retry REMOVE connectionId, holding',
             // UpdateItem creates a missing item whose condition holds, and attribute_not_exists
             // holds on a missing item: "detached" must also name an existing one.
             ConditionExpression:
@@ -419,6 +435,9 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
               ':inbound': inbound,
               // XEP-0198 §5: the last inbound count answers a late resume for at least a day.
               ':ttl': nowSeconds() + DAY_SECONDS,
+              ':zero': 0,
+              ':reroute': REROUTE_SHARD,
+              ':retry': Date.now() + REROUTE_RETRY_MS,
               ...(connectionId === undefined ? {} : { ':connectionId': connectionId }),
             },
             ReturnValues: 'ALL_OLD',
@@ -429,6 +448,51 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
         if (isConditionFailure(error)) return undefined;
         throw error;
       }
+    },
+
+    async markRerouted(smId, count) {
+      await doc
+        .send(
+          new UpdateCommand({
+            TableName: table,
+            Key: key(smId),
+            UpdateExpression: 'SET rerouted = :count',
+            ConditionExpression: 'attribute_exists(q) AND rerouted < :count',
+            ExpressionAttributeValues: { ':count': count },
+          }),
+        )
+        .catch((error: unknown) => {
+          // Finished, or already past this point: nothing to record.
+          if (!isConditionFailure(error)) throw error;
+        });
+    },
+
+    async finishReroute(smId) {
+      await doc
+        .send(
+          new UpdateCommand({
+            TableName: table,
+            Key: key(smId),
+            UpdateExpression: 'REMOVE q, rerouted, sweepShard, sweepAt',
+            ConditionExpression: 'attribute_exists(ended)',
+          }),
+        )
+        .catch((error: unknown) => {
+          if (!isConditionFailure(error)) throw error;
+        });
+    },
+
+    async listReroutes(now, limit) {
+      const { Items = [] } = await doc.send(
+        new QueryCommand({
+          TableName: table,
+          IndexName: SWEEP_INDEX,
+          KeyConditionExpression: 'sweepShard = :reroute AND sweepAt <= :now',
+          ExpressionAttributeValues: { ':reroute': REROUTE_SHARD, ':now': now },
+          Limit: limit,
+        }),
+      );
+      return Items.map(toItem);
     },
 
     async listDueProbes(now, limit) {

@@ -830,6 +830,43 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
   });
 });
 
+describe('durable re-routing', () => {
+  it('finishes a re-route an invocation did not (the sweeper, from the recorded position): nothing lost, nothing repeated', async () => {
+    await stack.addUser('orphan@localhost', 'orphan-pw');
+    const orphan = await raw('orphan', 'phone');
+    const enabled = await enable(orphan);
+    orphan.send('<presence/>');
+    await orphan.until((el) => el.name === 'presence');
+    const smId = enabled.attrs.id as string;
+    const sender = await raw('romeo', 'to-orphan');
+    for (let i = 1; i <= 3; i++)
+      sender.send(`<message to='orphan@localhost/phone' type='chat' id='o${i}'><body>o${i}</body></message>`);
+    for (let i = 1; i <= 3; i++) await orphan.until((el) => el.name === 'message' && el.attrs.id === `o${i}`);
+    orphan.terminate();
+    await detached(smId);
+    // An expiry claims the session's entries and dies after re-routing the first one (stored
+    // offline), before recording anything else: what the sweeper must recover from.
+    const claimed = await stack.server.smQueue.end(smId, undefined, 0);
+    expect(claimed?.entries).toHaveLength(4);
+    const first = claimed?.entries.find((e) => e.s.includes('id="o1"'));
+    await stack.server.offline.store('orphan@localhost', {
+      from: 'romeo@localhost/to-orphan',
+      storedAt: first?.t ?? 0,
+      stanza: first?.s ?? '',
+    });
+    // Entry 1 was orphan's own presence, entry 2 the message o1: two done.
+    await stack.server.smQueue.markRerouted(smId, 2);
+    await sweep(stack.server, Date.now() + 120_000);
+    const stored = (await stack.server.offline.list('orphan@localhost')).messages.map(
+      (m) => /id="(o\d)"/.exec(m.stanza)?.[1],
+    );
+    expect(stored).toEqual(['o1', 'o2', 'o3']);
+    const item = await stack.server.smQueue.get(smId);
+    expect(item?.entries).toEqual([]);
+    expect(item?.ended).toBe(true);
+  });
+});
+
 describe('a lost $disconnect (API Gateway delivers it on a best-effort basis)', () => {
   let lossy: TestStack;
   beforeAll(async () => {

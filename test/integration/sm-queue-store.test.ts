@@ -11,6 +11,7 @@ import {
   createSmQueueStore,
   NotSessionOwnerError,
   PROBE_AFTER_MS,
+  REROUTE_RETRY_MS,
   type SmEntry,
   type SmQueueItem,
   type SmQueueStore,
@@ -389,7 +390,7 @@ describe('the hand-over: attach, release, detach', () => {
     expect(await rawItem(table, smId)).toMatchObject({ connectionId: 'c1', sweepShard: 'attached' });
     await queue.end(smId, 'c1', 2);
     expect(await queue.detach(smId, 'c1', 9, Date.now(), [])).toBe(false);
-    expect(await queue.get(smId)).toMatchObject({ ended: true, inbound: 2, sweepAt: undefined });
+    expect(await queue.get(smId)).toMatchObject({ ended: true, inbound: 2 });
   });
 });
 
@@ -450,13 +451,33 @@ describe('end: exactly once', () => {
     expect(ended).toMatchObject({ connectionId: 'c1', entries: [entry(2), entry(3)], ended: false });
     const raw = await rawItem(table, smId);
     expect(raw).toMatchObject({ user, version: 'sm3', inbound: 9, ended: true });
-    for (const gone of ['q', 'connectionId', 'holding', 'sweepShard', 'sweepAt'])
-      expect(raw).not.toHaveProperty(gone);
+    for (const gone of ['connectionId', 'holding']) expect(raw).not.toHaveProperty(gone);
+    // The entries stay until re-routed: a failure on the way leaves them to the sweeper.
+    expect(raw).toMatchObject({ sweepShard: 'reroute', rerouted: 0 });
+    expect(raw?.q).toHaveLength(2);
     // XEP-0198 §5: the last inbound count answers a late resume for at least a day.
     expect(raw?.[TTL_ATTRIBUTE]).toBeGreaterThanOrEqual(before + DAY);
     expect(raw?.[TTL_ATTRIBUTE]).toBeLessThanOrEqual(nowSeconds() + DAY);
     expect(await queue.end(smId, 'c1', 10)).toBeUndefined();
     expect(await queue.get(smId)).toMatchObject({ inbound: 9, ended: true });
+    // An ended session takes no more stanzas, though its entries are still there.
+    expect(await queue.append(smId, entry(4), MAX)).toEqual({ kind: 'ended' });
+  });
+
+  it('records re-routing progress, lists interrupted re-routes, and drops the entries once finished', async () => {
+    const { smId } = await session('c1');
+    await appendMany(smId, 3);
+    await queue.end(smId, 'c1', 0);
+    await queue.markRerouted(smId, 2);
+    await queue.markRerouted(smId, 1);
+    expect((await queue.get(smId))?.rerouted).toBe(2);
+    const later = Date.now() + REROUTE_RETRY_MS + 1000;
+    expect((await queue.listReroutes(later, 1000)).map((i) => i.smId)).toContain(smId);
+    await queue.finishReroute(smId);
+    const raw = await rawItem(table, smId);
+    for (const gone of ['q', 'rerouted', 'sweepShard', 'sweepAt']) expect(raw).not.toHaveProperty(gone);
+    expect((await queue.listReroutes(later, 1000)).map((i) => i.smId)).not.toContain(smId);
+    expect(raw).toMatchObject({ ended: true });
   });
 
   it('two concurrent ends: exactly one gets the entries', async () => {
