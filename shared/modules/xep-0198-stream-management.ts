@@ -74,9 +74,10 @@ export function register(server: Server): void {
     endSmSession(server, session, reason, undelivered, afterReroute),
   );
   host.hook('sweep', async (event) => {
+    // Probed first: a socket found gone detaches its session, which may then expire at once.
+    await probeAttachedSessions(server, event.now);
     event.swept += await expireDetachedSessions(server, event.now);
-    event.swept += await probeAttachedSessions(server, event.now);
-    event.swept += await finishInterruptedReroutes(server, event.now);
+    await finishInterruptedReroutes(server, event.now);
     return undefined;
   });
 }
