@@ -28,6 +28,7 @@ import { type LocalStack, startLocalStack } from '../../infra/local/stack.ts';
 import { loadConfig } from '../../shared/config.ts';
 import type { Logger } from '../../shared/log.ts';
 import { deriveScramCredentials } from '../../shared/sasl/scram.ts';
+import { UserExistsError } from '../../shared/store/users.ts';
 import { type Channel, idOfBody, Ledger, type Tally } from './ledger.ts';
 import { type KillableLink, type KillMode, startKillableLink } from './link.ts';
 import { Participant, sleep } from './participant.ts';
@@ -216,8 +217,13 @@ export async function runSchedule(options: RunOptions): Promise<ScheduleRun> {
         sha1: await deriveScramCredentials(password, 'sha1', config.scramIterations),
         sha256: await deriveScramCredentials(password, 'sha256', config.scramIterations),
       };
-      // The schedule's DynamoDB faults hit this client too.
-      await withRetries(8, () => stack.server.users.create(`${role.user}@${DOMAIN}`, credentials));
+      // The schedule's DynamoDB faults hit this client too: a retry after a 500 that followed
+      // the write finds the user there.
+      await withRetries(8, () =>
+        stack.server.users.create(`${role.user}@${DOMAIN}`, credentials).catch((error: unknown) => {
+          if (!(error instanceof UserExistsError)) throw error;
+        }),
+      );
       const link = await startKillableLink(stack.url);
       links.set(role.user, link);
       const participant = new Participant({

@@ -8,7 +8,10 @@ import type { EventSourceSettings } from '../../infra/local/event-source.ts';
 import { type FaultOptions, faultStream, type Random } from '../../infra/local/faults.ts';
 import type { KillMode } from './link.ts';
 
-/** The families a schedule can stress (three times their base rate). */
+/**
+ * The families a schedule stresses (three times their base rate; `kills`: three times as many
+ * kills and no emulator faults at all).
+ */
 export const FAMILIES = ['queue', 'post', 'dynamodb', 'kills'] as const;
 export type Family = (typeof FAMILIES)[number];
 
@@ -70,33 +73,39 @@ export function scheduleOf(seed: number, options: ScheduleOptions): Schedule {
     };
   }
   const draw = faultStream(seed, 'suite-schedule');
-  const stressed = FAMILIES[Math.floor(draw() * FAMILIES.length)];
+  // Seeds take the families in turn, so any four consecutive seeds stress each one once.
+  const stressed = FAMILIES[seed % FAMILIES.length];
   const scale = (family: Family) => options.rate * (family === stressed ? 3 : 1) * between(draw, 0.5, 1.5);
   const queue = scale('queue');
   const post = scale('post');
   const dynamodb = scale('dynamodb');
-  const faults: FaultOptions = {
-    seed,
-    duplicate: Math.min(0.2, 0.02 * queue),
-    dieMidBatch: Math.min(0.2, 0.015 * queue),
-    post: {
-      gone: Math.min(0.05, 0.003 * post),
-      throttle: Math.min(0.2, 0.02 * post),
-      serverError: Math.min(0.2, 0.01 * post),
-      timeout: Math.min(0.05, 0.004 * post),
-      slow: Math.min(0.1, 0.01 * post),
-      timeoutMs: Math.round(between(draw, 200, 1_500)),
-      slowMs: Math.round(between(draw, 100, 1_500)),
-    },
-    dynamodb: {
-      throttle: Math.min(0.2, 0.02 * dynamodb),
-      transactionConflict: Math.min(0.1, 0.01 * dynamodb),
-      serverError: Math.min(0.1, 0.01 * dynamodb),
-      serverErrorAfterWrite: Math.min(0.05, 0.005 * dynamodb),
-      // A third of the schedules let errors outlive the SDK's retries and reach the server.
-      persistent: draw() < 1 / 3,
-    },
-  };
+  // Stressing kills is the issue's own scenario: sockets killed and resumed at once, no other
+  // fault than the event source's short timeouts.
+  const faults: FaultOptions =
+    stressed === 'kills'
+      ? { seed }
+      : {
+          seed,
+          duplicate: Math.min(0.2, 0.01 * queue),
+          dieMidBatch: Math.min(0.2, 0.008 * queue),
+          post: {
+            gone: Math.min(0.05, 0.002 * post),
+            throttle: Math.min(0.2, 0.008 * post),
+            serverError: Math.min(0.2, 0.004 * post),
+            timeout: Math.min(0.05, 0.002 * post),
+            slow: Math.min(0.1, 0.005 * post),
+            timeoutMs: Math.round(between(draw, 200, 1_500)),
+            slowMs: Math.round(between(draw, 100, 1_500)),
+          },
+          dynamodb: {
+            throttle: Math.min(0.2, 0.008 * dynamodb),
+            transactionConflict: Math.min(0.1, 0.004 * dynamodb),
+            serverError: Math.min(0.1, 0.004 * dynamodb),
+            serverErrorAfterWrite: Math.min(0.05, 0.002 * dynamodb),
+            // A quarter of the schedules let errors outlive the SDK's retries and reach the server.
+            persistent: draw() < 1 / 4,
+          },
+        };
   return {
     seed,
     faults,
@@ -116,6 +125,9 @@ export function scheduleOf(seed: number, options: ScheduleOptions): Schedule {
 /** The schedule in one line, for the report. */
 export function describeSchedule(schedule: Schedule): string {
   if (schedule.faults === undefined) return `seed ${schedule.seed}: self-check (no faults, no kills)`;
+  if (schedule.faults.post === undefined) {
+    return `seed ${schedule.seed} (stressing kills): no emulator faults; kills every ~${schedule.kills.meanGapMs} ms`;
+  }
   const { duplicate, dieMidBatch, post, dynamodb } = schedule.faults;
   const pct = (rate: number | undefined) => `${((rate ?? 0) * 100).toFixed(1)}%`;
   return (
