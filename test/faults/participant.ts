@@ -1,0 +1,292 @@
+/**
+ * One user of the fault suite: a stock xmpp.js client (`@xmpp/client` 0.14), with or without
+ * XEP-0198, reconnecting at once when its socket dies (xmpp.js's own reconnect with no delay;
+ * with stream management it resumes, as `@xmpp/stream-management` does by itself), connected
+ * through a killable relay (link.ts). Every numbered message it sends or receives goes into the
+ * ledger.
+ *
+ * What counts as acknowledged:
+ * - with stream management, what xmpp.js reports as acknowledged: counted in an `<a h/>` or a
+ *   `<resumed h/>` it received (its `ack` event);
+ * - without, a message is accepted once a ping sent after it on the same stream is answered
+ *   with a result and no error came back for it: the server handles one stream's frames in
+ *   order and posts its answers in order, so an error for the message would have arrived first.
+ */
+import { type Client, client as createClient, xml } from '@xmpp/client';
+import type { Element } from 'ltx';
+import WebSocket from 'ws';
+import { type Channel, idOfBody, type Ledger, messageBody, messageId } from './ledger.ts';
+import type { KillableLink } from './link.ts';
+
+// @xmpp/websocket uses the global WebSocket, which Node has only from version 22.
+(globalThis as { WebSocket?: unknown }).WebSocket ??= WebSocket;
+
+const SM3 = 'urn:xmpp:sm:3';
+const STREAMS = 'http://etherx.jabber.org/streams';
+const DELAY = 'urn:xmpp:delay';
+const STANZAS = 'urn:ietf:params:xml:ns:xmpp-stanzas';
+/** Pings (acceptance barriers of a client without stream management) every so many messages. */
+const PING_EVERY = 4;
+const PING_TIMEOUT_MS = 20_000;
+/** A client neither online nor changing status for this long is started anew. */
+const STUCK_MS = 3_000;
+
+/** The parts of xmpp.js's stream management state the suite reads (not in types/xmpp-client.d.ts). */
+interface StreamManagementState {
+  enabled: boolean;
+  id: string;
+  outbound: number;
+  outbound_q: unknown[];
+}
+
+export interface ParticipantOptions {
+  user: string;
+  password: string;
+  domain: string;
+  streamManagement: boolean;
+  link: KillableLink;
+  ledger: Ledger;
+  /** Something happened worth a line in a failure report. */
+  trace: (line: string) => void;
+}
+
+export class Participant {
+  readonly user: string;
+  readonly streamManagement: boolean;
+  readonly xmpp: Client;
+  /** Counts the streams it opened: 1 for the first session, +1 per reconnection (resumed or not). */
+  stream = 0;
+  private seq = 0;
+  /** Without SM: the messages sent on the current stream since the last ping. */
+  private unpinged: string[] = [];
+  private readonly pings = new Set<Promise<unknown>>();
+  resumes = 0;
+  freshSessions = 0;
+  private supervising = false;
+
+  constructor(private readonly options: ParticipantOptions) {
+    this.user = options.user;
+    this.streamManagement = options.streamManagement;
+    this.xmpp = createClient({
+      service: options.link.url,
+      domain: options.domain,
+      resource: 'faults',
+      credentials: async (authenticate: (c: object, m: string) => Promise<void>, mechanisms: string[]) => {
+        await authenticate(
+          { username: options.user, password: options.password },
+          mechanisms.find((m) => m !== 'PLAIN') ?? 'PLAIN',
+        );
+      },
+    });
+    // "Resumed at once": xmpp.js waits a second by default.
+    (this.xmpp.reconnect as unknown as { delay: number }).delay = 0;
+    this.xmpp.on('error', (error: Error) => options.trace(`${this.user}: xmpp.js error: ${error.message}`));
+    if (!options.streamManagement) {
+      // A client that never enables XEP-0198: it does not see the server offer it.
+      this.xmpp.prependListener('element', (element: Element) => {
+        if (element.is('features', STREAMS)) {
+          element.children = element.children.filter(
+            (child) => typeof child === 'string' || child.attrs.xmlns !== SM3,
+          );
+        }
+      });
+    } else {
+      this.xmpp.prependListener('element', (element: Element) => this.checkAck(element));
+      this.xmpp.streamManagement.on('ack', (stanza: Element) => {
+        if (stanza.is('message') && stanza.attrs.id) options.ledger.acknowledge(stanza.attrs.id);
+      });
+      this.xmpp.streamManagement.on('fail', (stanza: Element) => {
+        if (stanza.is('message') && stanza.attrs.id) options.ledger.fail(stanza.attrs.id);
+      });
+      this.xmpp.streamManagement.on('resumed', () => {
+        this.stream += 1;
+        this.resumes += 1;
+        options.trace(`${this.user}: resumed as stream ${this.stream}`);
+      });
+    }
+    // A new session (not a resume): say we are available, so bare-JID messages reach us.
+    this.xmpp.on('online', () => {
+      this.stream += 1;
+      this.freshSessions += 1;
+      this.unpinged = [];
+      options.trace(`${this.user}: new session, stream ${this.stream}`);
+      this.xmpp.send(xml('presence')).catch(() => {});
+    });
+    this.xmpp.on('stanza', (stanza: Element) => this.received(stanza));
+  }
+
+  private sm(): StreamManagementState {
+    return this.xmpp.streamManagement as unknown as StreamManagementState;
+  }
+
+  /** XEP-0198 §4: an `h` above what the client sent is the server counting what it never got. */
+  private checkAck(element: Element): void {
+    if (!(element.is('a', SM3) || element.is('resumed', SM3))) return;
+    const sm = this.sm();
+    const h = Number(element.attrs.h);
+    if (h - sm.outbound > sm.outbound_q.length) {
+      const line = `${this.user}: server's <${element.name} h='${h}'/> counts more than the client sent (${sm.outbound} acknowledged + ${sm.outbound_q.length} queued)`;
+      this.options.ledger.notes.push(line);
+      this.options.trace(line);
+    }
+  }
+
+  private received(stanza: Element): void {
+    if (!stanza.is('message')) return;
+    if (stanza.attrs.type === 'error') {
+      const id = stanza.attrs.id as string | undefined;
+      const condition =
+        stanza
+          .getChild('error')
+          ?.getChildElements()
+          .find((child) => child.attrs.xmlns === STANZAS)?.name ?? 'unknown';
+      if (id) {
+        this.options.ledger.refuse(id, condition);
+        this.options.trace(`${this.user}: ${id} refused with ${condition}`);
+      }
+      return;
+    }
+    const id = idOfBody(stanza.getChildText('body'));
+    if (id === undefined) return;
+    const delays = stanza.getChildren('delay', DELAY);
+    const channel: Channel =
+      delays.length === 0
+        ? 'online'
+        : delays.some((delay) => delay.attrs.from === this.options.domain)
+          ? 'offline'
+          : 'resent';
+    this.options.ledger.receive({
+      id,
+      recipient: this.user,
+      at: Date.now(),
+      channel,
+      stream: `${this.user}#${this.stream}`,
+    });
+  }
+
+  /**
+   * Starts the client and keeps it connected, as an application would: xmpp.js reconnects by
+   * itself when a socket dies, but gives up when a login fails (a SASL `<failure/>`, a bind
+   * error); a client stuck offline for `STUCK_MS` is stopped and started anew (a new session).
+   */
+  start(): void {
+    this.supervising = true;
+    let since = Date.now();
+    let status = this.xmpp.status;
+    const watch = async (): Promise<void> => {
+      while (this.supervising) {
+        await sleep(100);
+        if (this.online() || this.xmpp.status !== status) {
+          since = Date.now();
+          status = this.xmpp.status;
+          continue;
+        }
+        if (Date.now() - since < STUCK_MS && status !== 'offline') continue;
+        this.options.trace(`${this.user}: stuck in '${status}', starting anew`);
+        this.xmpp.reconnect.stop();
+        await Promise.race([this.xmpp.stop().catch(() => {}), sleep(2_000)]);
+        if (!this.supervising) return;
+        this.xmpp.reconnect.start();
+        this.xmpp
+          .start()
+          .catch((error: Error) => this.options.trace(`${this.user}: start failed: ${error.message}`));
+        since = Date.now();
+        status = this.xmpp.status;
+      }
+    };
+    this.xmpp
+      .start()
+      .catch((error: Error) => this.options.trace(`${this.user}: start failed: ${error.message}`));
+    void watch();
+  }
+
+  online(): boolean {
+    return this.xmpp.status === 'online' && this.options.link.live();
+  }
+
+  /** Waits until the client is online again; false after `timeoutMs`. */
+  async waitOnline(timeoutMs: number): Promise<boolean> {
+    const deadline = Date.now() + timeoutMs;
+    while (!this.online()) {
+      if (Date.now() > deadline) return false;
+      await sleep(5);
+    }
+    return true;
+  }
+
+  /** Stanzas sent but not yet acknowledged (SM), or messages not yet pinged (no SM). */
+  unacknowledged(): number {
+    return this.streamManagement ? this.sm().outbound_q.length : this.unpinged.length + this.pings.size;
+  }
+
+  /** Sends the next numbered message to `recipient` (bare JID); false when the send failed at once. */
+  async sendNext(recipient: string): Promise<boolean> {
+    this.seq += 1;
+    const id = messageId(this.user, this.seq);
+    const stream = this.stream;
+    this.options.ledger.send({
+      sender: this.user,
+      recipient,
+      seq: this.seq,
+      sentAt: Date.now(),
+      stream,
+    });
+    try {
+      await this.xmpp.send(
+        xml(
+          'message',
+          { to: `${recipient}@${this.options.domain}`, type: 'chat', id },
+          xml('body', {}, messageBody(this.user, this.seq)),
+        ),
+      );
+    } catch {
+      return false;
+    }
+    if (!this.streamManagement) {
+      this.unpinged.push(id);
+      if (this.unpinged.length >= PING_EVERY) this.ping();
+    }
+    return true;
+  }
+
+  /** Without SM: a ping after the messages sent since the last one; its result accepts them. */
+  ping(): void {
+    if (this.streamManagement || this.unpinged.length === 0) return;
+    const ids = this.unpinged;
+    const stream = this.stream;
+    this.unpinged = [];
+    const ping = this.xmpp.iqCaller
+      .request(
+        xml('iq', { type: 'get', to: this.options.domain }, xml('ping', { xmlns: 'urn:xmpp:ping' })),
+        PING_TIMEOUT_MS,
+      )
+      .then(
+        () => {
+          // An answer from another stream than the one the messages went out on proves nothing.
+          if (this.stream !== stream) return;
+          for (const id of ids)
+            if (!this.options.ledger.get(id)?.refused) this.options.ledger.acknowledge(id);
+        },
+        () => {},
+      );
+    this.pings.add(ping);
+    void ping.finally(() => this.pings.delete(ping));
+  }
+
+  /** Without SM: pings what is unpinged and waits for every ping in flight. */
+  async settlePings(): Promise<void> {
+    this.ping();
+    await Promise.all([...this.pings]);
+  }
+
+  /** A clean end: `</close>` (after a last `<a/>` with SM); the server ends the session. */
+  async stop(): Promise<void> {
+    this.supervising = false;
+    this.xmpp.reconnect.stop();
+    await Promise.race([this.xmpp.stop().catch(() => {}), sleep(5_000)]);
+  }
+}
+
+export function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
