@@ -129,7 +129,13 @@ function fileLogger(write: (line: string) => void, level: string): Logger {
         fields?.error instanceof Error ? { error: fields.error.stack ?? fields.error.message } : {};
       write(JSON.stringify({ t: Date.now(), level: name, message, ...fields, ...error }));
     };
-  return { debug: at('debug'), info: at('info'), warn: at('warn'), error: at('error') };
+  return {
+    debug: at('debug'),
+    info: at('info'),
+    warn: at('warn'),
+    error: at('error'),
+    isEnabled: (name) => levels[name] >= threshold,
+  };
 }
 
 async function withRetries<T>(attempts: number, action: () => Promise<T>): Promise<T> {
