@@ -30,11 +30,24 @@ export interface StreamHandlerOptions {
 }
 
 /**
- * Time kept in hand: a record is started only while at least this much of the invocation is
- * left. A timeout would redeliver the whole batch, other connections' finished records
+ * Time kept in hand: after the batch's first record, a record is started only while at least
+ * this much of the invocation is left (or a fifth of what the invocation started with, for short
+ * timeouts). A timeout would redeliver the whole batch, other connections' finished records
  * included; a record refused for lack of time is handed back alone (with the rest of its group).
  */
 export const TIME_IN_HAND_MS = 5000;
+
+/** Whether a record may start: the first always does, so every invocation makes progress. */
+function timeToStart(
+  remainingMs: (() => number) | undefined,
+  started: { count: number; initial: number },
+): boolean {
+  if (!remainingMs) return true;
+  const remaining = remainingMs();
+  if (started.count === 0) started.initial = remaining;
+  started.count += 1;
+  return started.count === 1 || remaining >= Math.min(TIME_IN_HAND_MS, started.initial / 5);
+}
 
 class OutOfTimeError extends Error {
   constructor() {
@@ -47,9 +60,9 @@ async function handleRecord(
   server: Server,
   record: SQSRecord,
   tracer: Tracer | undefined,
-  remainingMs: (() => number) | undefined,
+  mayStart: () => boolean,
 ): Promise<void> {
-  if (remainingMs && remainingMs() < TIME_IN_HAND_MS) {
+  if (!mayStart()) {
     server.log.warn('out of time: frame left for redelivery', { messageId: record.messageId });
     throw new OutOfTimeError();
   }
@@ -110,10 +123,12 @@ export function createStreamHandler(server: Server, options: StreamHandlerOption
     context?: Partial<Context> & Pick<Context, 'getRemainingTimeInMillis'>,
   ): Promise<SQSBatchResponse> => {
     const remainingMs = context ? () => context.getRemainingTimeInMillis() : undefined;
+    const started = { count: 0, initial: 0 };
+    const mayStart = () => timeToStart(remainingMs, started);
     try {
       const response = await processPartialResponse(
         event,
-        (record: SQSRecord) => handleRecord(server, record, options.tracer, remainingMs),
+        (record: SQSRecord) => handleRecord(server, record, options.tracer, mayStart),
         new SqsFifoPartialProcessorAsync(),
         // A batch whose every record failed is reported like any other (all retried), not thrown.
         {

@@ -24,29 +24,52 @@ function record(messageId: string, group: string): SQSRecord {
 }
 
 describe('functions/stream and the remaining time', () => {
-  it('leaves every record it cannot start in time for redelivery, touching nothing', async () => {
-    // A server whose every use would throw: nothing may be handled.
+  it('always starts the first record, then leaves those it cannot start in time for redelivery', async () => {
     const metrics = new MetricsRecorder();
+    // A server whose every use but logging and counting would throw: nothing may be handled.
     const untouchable = new Proxy(
       {},
       {
         get: (_target, name) => {
           if (name === 'log') return createLogger('silent');
-          // Counting the retried records is bookkeeping, not handling.
           if (name === 'metrics') return metrics;
           throw new Error('handled a record out of time');
         },
       },
     );
     const handler = createStreamHandler(untouchable as Server);
+    // The first record is unreadable (dropped without touching the server), so it shows that it
+    // was started; by the second, less than TIME_IN_HAND_MS of a 30 s invocation is left.
+    const remaining = [30_000, TIME_IN_HAND_MS - 1, TIME_IN_HAND_MS - 2];
+    const malformed = { ...record('m1', 'c1'), body: 'not json' } as SQSRecord;
     const result = await handler(
-      { Records: [record('m1', 'c1'), record('m2', 'c2'), record('m3', 'c1')] },
-      { getRemainingTimeInMillis: () => TIME_IN_HAND_MS - 1 },
+      { Records: [malformed, record('m2', 'c2'), record('m3', 'c3')] },
+      { getRemainingTimeInMillis: () => remaining.shift() ?? 0 },
     );
-    expect(result.batchItemFailures).toEqual([
-      { itemIdentifier: 'm1' },
-      { itemIdentifier: 'm2' },
-      { itemIdentifier: 'm3' },
-    ]);
+    expect(result.batchItemFailures).toEqual([{ itemIdentifier: 'm2' }, { itemIdentifier: 'm3' }]);
+  });
+
+  it('keeps a fifth of a short invocation in hand instead of five seconds', async () => {
+    const metrics = new MetricsRecorder();
+    const server = new Proxy(
+      {},
+      {
+        get: (_target, name) => {
+          if (name === 'log') return createLogger('silent');
+          if (name === 'metrics') return metrics;
+          throw new Error('touched');
+        },
+      },
+    );
+    const handler = createStreamHandler(server as Server);
+    // A 1 s invocation with 400 ms left for the second record: more than a fifth, so it starts
+    // (and, unreadable, is dropped); the third, with 150 ms left, is handed back.
+    const remaining = [1000, 400, 150];
+    const bad = (id: string, group: string) => ({ ...record(id, group), body: 'not json' }) as SQSRecord;
+    const result = await handler(
+      { Records: [bad('m1', 'c1'), bad('m2', 'c2'), bad('m3', 'c3')] },
+      { getRemainingTimeInMillis: () => remaining.shift() ?? 0 },
+    );
+    expect(result.batchItemFailures).toEqual([{ itemIdentifier: 'm3' }]);
   });
 });
