@@ -278,7 +278,10 @@ async function keepResumable(
   server: Server,
   event: { connectionId: string; state?: import('../store/sessions.ts').ConnectionState },
 ): Promise<typeof HANDLED | undefined> {
-  event.state ??= await server.sessions.getConnection(event.connectionId);
+  // Fenced, not just read: the connection's frames may still be running (a 410 seen by another
+  // invocation, a probe), and a stanza counted after this read would be routed yet missing from
+  // the count a resume reports. From here on such a frame stops instead.
+  event.state = (await server.sessions.fenceConnection(event.connectionId)) ?? event.state;
   const state = event.state;
   if (!state?.sm?.resumable) return undefined;
   const until = Date.now() + state.sm.max * 1000;
