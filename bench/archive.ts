@@ -14,9 +14,8 @@
 import { randomBytes } from 'node:crypto';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
-import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import { BatchWriteCommand, type DynamoDBDocumentClient } from '@aws-sdk/lib-dynamodb';
-import { createTables, tableNamesOf } from '../infra/local/create-tables.ts';
+import { createPrefixedTables } from '../infra/local/create-tables.ts';
 import { findFreePort, startDynamoDbLocal } from '../infra/local/dynamodb-local.ts';
 import { RawClient } from '../infra/local/raw-client.ts';
 import { startLocalStack } from '../infra/local/stack.ts';
@@ -30,14 +29,6 @@ import {
   dynamoMeter,
   type MeterSnapshot,
 } from '../shared/store/dynamo.ts';
-import {
-  archiveTable,
-  localTableName,
-  offlineTable,
-  rosterTable,
-  sessionsTable,
-  usersTable,
-} from '../shared/tables.ts';
 
 process.env.NIMBUS_METER = '1';
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
@@ -145,24 +136,12 @@ function percentile(sorted: number[], p: number): number {
 async function main(): Promise<void> {
   const database = await startDynamoDbLocal({ port: await findFreePort() });
   const prefix = `bench${Date.now().toString(36)}`;
+  const tables = await createPrefixedTables(database.endpoint, loadConfig(process.env).region, prefix);
   const config: Config = {
     ...loadConfig({ ...process.env, SCRAM_ITERATIONS: '4096' }),
-    tables: {
-      users: localTableName(usersTable, prefix),
-      sessions: localTableName(sessionsTable, prefix),
-      offline: localTableName(offlineTable, prefix),
-      roster: localTableName(rosterTable, prefix),
-      archive: localTableName(archiveTable, prefix),
-    },
+    tables,
     dynamodbEndpoint: database.endpoint,
   };
-  const admin = new DynamoDBClient({
-    endpoint: database.endpoint,
-    region: config.region,
-    credentials: { accessKeyId: 'local', secretAccessKey: 'local' },
-  });
-  await createTables(admin, tableNamesOf(config.tables));
-  admin.destroy();
   const stack = await startLocalStack({ config, port: 0, log: createLogger('warn') });
   const seeder = createDocumentClient({
     endpoint: database.endpoint,

@@ -12,9 +12,8 @@
  */
 import { mkdir, writeFile } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
-import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import { parse } from 'ltx';
-import { createTables, tableNamesOf } from '../infra/local/create-tables.ts';
+import { createPrefixedTables } from '../infra/local/create-tables.ts';
 import { findFreePort, startDynamoDbLocal } from '../infra/local/dynamodb-local.ts';
 import { seedOffline } from '../infra/local/offline-seed.ts';
 import { RawClient } from '../infra/local/raw-client.ts';
@@ -28,14 +27,6 @@ import {
   dynamoMeter,
   type MeterSnapshot,
 } from '../shared/store/dynamo.ts';
-import {
-  archiveTable,
-  localTableName,
-  offlineTable,
-  rosterTable,
-  sessionsTable,
-  usersTable,
-} from '../shared/tables.ts';
 
 process.env.NIMBUS_METER = '1';
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
@@ -111,24 +102,12 @@ function perRun(snapshot: MeterSnapshot, runs: number): MeterSnapshot['operation
 async function main(): Promise<void> {
   const database = await startDynamoDbLocal({ port: await findFreePort() });
   const prefix = `bench${Date.now().toString(36)}`;
+  const tables = await createPrefixedTables(database.endpoint, loadConfig(process.env).region, prefix);
   const config: Config = {
     ...loadConfig({ ...process.env, OFFLINE_QUOTA: String(size * 2), SCRAM_ITERATIONS: '4096' }),
-    tables: {
-      users: localTableName(usersTable, prefix),
-      sessions: localTableName(sessionsTable, prefix),
-      offline: localTableName(offlineTable, prefix),
-      roster: localTableName(rosterTable, prefix),
-      archive: localTableName(archiveTable, prefix),
-    },
+    tables,
     dynamodbEndpoint: database.endpoint,
   };
-  const admin = new DynamoDBClient({
-    endpoint: database.endpoint,
-    region: config.region,
-    credentials: { accessKeyId: 'local', secretAccessKey: 'local' },
-  });
-  await createTables(admin, tableNamesOf(config.tables));
-  admin.destroy();
 
   const stack = await startLocalStack({ config, port: 0, log: createLogger('warn') });
   const seeder = createDocumentClient({

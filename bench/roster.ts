@@ -18,8 +18,7 @@
  */
 import { mkdir, writeFile } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
-import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
-import { createTables, tableNamesOf } from '../infra/local/create-tables.ts';
+import { createPrefixedTables } from '../infra/local/create-tables.ts';
 import { findFreePort, startDynamoDbLocal } from '../infra/local/dynamodb-local.ts';
 import { type Config, loadConfig } from '../shared/config.ts';
 import { handleStreamEvent } from '../shared/core/stream.ts';
@@ -28,14 +27,6 @@ import type { ConnectionPort, PostResult } from '../shared/outbound.ts';
 import { createServer, type Server } from '../shared/server.ts';
 import { createDocumentClient, DynamoMeter, type MeterSnapshot } from '../shared/store/dynamo.ts';
 import type { RosterEntry } from '../shared/store/roster.ts';
-import {
-  archiveTable,
-  localTableName,
-  offlineTable,
-  rosterTable,
-  sessionsTable,
-  usersTable,
-} from '../shared/tables.ts';
 
 const RESULT_FILE = new URL('./results/roster.json', import.meta.url);
 
@@ -149,27 +140,15 @@ export async function runRosterBench(argv: string[]): Promise<void> {
 
   const database = await startDynamoDbLocal({ port: await findFreePort() });
   const prefix = `roster${Date.now().toString(36)}`;
+  const tables = await createPrefixedTables(database.endpoint, loadConfig(process.env).region, prefix);
   const config: Config = {
     ...loadConfig({
       ...process.env,
       ROSTER_MAX_ITEMS: String(Math.max(loginContacts, broadcastContacts) + 10),
     }),
-    tables: {
-      users: localTableName(usersTable, prefix),
-      sessions: localTableName(sessionsTable, prefix),
-      offline: localTableName(offlineTable, prefix),
-      roster: localTableName(rosterTable, prefix),
-      archive: localTableName(archiveTable, prefix),
-    },
+    tables,
     dynamodbEndpoint: database.endpoint,
   };
-  const admin = new DynamoDBClient({
-    endpoint: database.endpoint,
-    region: config.region,
-    credentials: { accessKeyId: 'local', secretAccessKey: 'local' },
-  });
-  await createTables(admin, tableNamesOf(config.tables));
-  admin.destroy();
 
   const meter = new DynamoMeter();
   const port = new SlowPort(postMs);

@@ -6,7 +6,7 @@ import {
   type AttributeDefinition,
   CreateTableCommand,
   DescribeTimeToLiveCommand,
-  type DynamoDBClient,
+  DynamoDBClient,
   type KeySchemaElement,
   type Projection,
   ResourceInUseException,
@@ -18,21 +18,46 @@ import {
   allTables,
   type IndexDefinition,
   type KeyDefinition,
+  localTableName,
   projectionOf,
   type TableDefinition,
 } from '../../shared/tables.ts';
 
 export type TableNames = Record<TableDefinition['id'], string>;
 
+/** The key of a table in `Config['tables']`: its id in lower case. */
+const configKey = (definition: TableDefinition) => definition.id.toLowerCase() as keyof Config['tables'];
+
 /** The physical names of `Config['tables']` keyed by table id. */
 export function tableNamesOf(tables: Config['tables']): TableNames {
-  return {
-    Users: tables.users,
-    Sessions: tables.sessions,
-    Offline: tables.offline,
-    Roster: tables.roster,
-    Archive: tables.archive,
-  };
+  return Object.fromEntries(
+    allTables.map((definition) => [definition.id, tables[configKey(definition)]]),
+  ) as TableNames;
+}
+
+/**
+ * Every table of the definitions, named `<prefix>-<id>`, created on the DynamoDB Local at
+ * `endpoint` (benches and tests): the `Config['tables']` that names them.
+ */
+export async function createPrefixedTables(
+  endpoint: string,
+  region: string,
+  prefix: string,
+): Promise<Config['tables']> {
+  const tables = Object.fromEntries(
+    allTables.map((definition) => [configKey(definition), localTableName(definition, prefix)]),
+  ) as Config['tables'];
+  const client = new DynamoDBClient({
+    endpoint,
+    region,
+    credentials: { accessKeyId: 'local', secretAccessKey: 'local' },
+  });
+  try {
+    await createTables(client, tableNamesOf(tables));
+  } finally {
+    client.destroy();
+  }
+  return tables;
 }
 
 export async function createTables(

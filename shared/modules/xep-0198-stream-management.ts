@@ -34,7 +34,6 @@ import { endSession, kickConnection } from '../core/lifecycle.ts';
 import { rerouteUndelivered } from '../core/router.ts';
 import { stampDelay } from '../core/stanzas.ts';
 import { StreamError } from '../errors.ts';
-import type { PostResult } from '../outbound.ts';
 import type { SmState } from '../store/sessions.ts';
 import {
   AckBeyondQueueError,

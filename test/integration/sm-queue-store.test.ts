@@ -102,7 +102,7 @@ describe('create, get, counts', () => {
 
   it('sets the TTL to now + 3 h + 1 day (a safety net past API Gateway’s 2-hour cut)', async () => {
     const before = nowSeconds();
-    const { smId, connectionId } = await session();
+    const { smId } = await session();
     const expiresAt = (await rawItem(table, smId))?.[TTL_ATTRIBUTE] as number;
     expect(expiresAt).toBeGreaterThanOrEqual(before + 3 * 3600 + DAY);
     expect(expiresAt).toBeLessThanOrEqual(nowSeconds() + 3 * 3600 + DAY);
@@ -133,7 +133,7 @@ describe('create, get, counts', () => {
 
 describe('append', () => {
   it('numbers stanzas 1..n and keeps them in order', async () => {
-    const { smId, connectionId } = await session();
+    const { smId } = await session();
     expect(await appendMany(smId, 4)).toEqual([1, 2, 3, 4]);
     const item = await queue.get(smId);
     expect(item?.entries).toEqual([entry(1), entry(2), entry(3), entry(4)]);
@@ -141,7 +141,7 @@ describe('append', () => {
   });
 
   it('concurrent appends get distinct numbers, and entry k is the one numbered k', async () => {
-    const { smId, connectionId } = await session();
+    const { smId } = await session();
     const results = await Promise.all(
       Array.from({ length: 12 }, (_, i) => queue.append(smId, entry(100 + i), MAX)),
     );
@@ -197,7 +197,7 @@ describe('append', () => {
   // docs/data-model.md: "the SM queue is one item, so it is full at SM_QUEUE_MAX entries or
   // 400 KB, whichever comes first".
   it('is full when the next entry would take the item past 400 KB', async () => {
-    const { smId, connectionId } = await session();
+    const { smId } = await session();
     const big = 'x'.repeat(120_000);
     for (let i = 1; i <= 3; i++) {
       expect(await queue.append(smId, entry(i, { s: big }), MAX)).toMatchObject({
@@ -359,7 +359,7 @@ describe('the hand-over: attach, release, detach', () => {
   });
 
   it('release stops holding only if nothing was appended since seenOut', async () => {
-    const { smId, connectionId } = await session();
+    const { smId } = await session();
     await appendMany(smId, 2);
     expect(await queue.release(smId, 1)).toBe(false);
     expect((await queue.get(smId))?.holding).toBe(true);

@@ -6,16 +6,8 @@
 import { randomBytes } from 'node:crypto';
 import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import { inject } from 'vitest';
-import { createTables, tableNamesOf } from '../../infra/local/create-tables.ts';
+import { createPrefixedTables } from '../../infra/local/create-tables.ts';
 import { type Config, loadConfig } from '../../shared/config.ts';
-import {
-  archiveTable,
-  localTableName,
-  offlineTable,
-  rosterTable,
-  sessionsTable,
-  usersTable,
-} from '../../shared/tables.ts';
 import type {} from './global-setup.ts';
 
 export const TEST_REGION = 'us-east-1';
@@ -44,20 +36,7 @@ export function testDynamoDbClient(): DynamoDBClient {
 export async function createTestTables(
   prefix = `t${randomBytes(6).toString('hex')}`,
 ): Promise<Config['tables']> {
-  const tables: Config['tables'] = {
-    users: localTableName(usersTable, prefix),
-    sessions: localTableName(sessionsTable, prefix),
-    offline: localTableName(offlineTable, prefix),
-    roster: localTableName(rosterTable, prefix),
-    archive: localTableName(archiveTable, prefix),
-  };
-  const client = testDynamoDbClient();
-  try {
-    await createTables(client, tableNamesOf(tables));
-  } finally {
-    client.destroy();
-  }
-  return tables;
+  return createPrefixedTables(useDynamoDbLocal(), TEST_REGION, prefix);
 }
 
 /** A configuration on fresh test tables of the run's DynamoDB Local; `env` as for `loadConfig`. */
