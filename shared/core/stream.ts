@@ -105,7 +105,10 @@ export class XmppStream implements Stream {
 
   async save(): Promise<void> {
     if (this.ended || Object.keys(this.changes).length === 0) return;
-    await this.server.sessions.updateConnection(this.connectionId, this.changes);
+    // The frame's id goes with the state it produced, in the same write: a redelivery of a frame
+    // whose work was saved (a timeout or a lost delete after the save) is recognised and skipped.
+    const changes = this.frameId ? { ...this.changes, savedFrame: this.frameId } : this.changes;
+    await this.server.sessions.updateConnection(this.connectionId, changes);
     this.changes = {};
   }
 }
@@ -211,6 +214,12 @@ export async function handleStreamEvent(server: Server, event: StreamEvent): Pro
     // A module may keep the session without its socket (resumable stream management).
     if (stored)
       await server.host.fire('connection-vanished', { connectionId: event.connectionId, state: stored });
+    return;
+  }
+  if (event.frameId && stored?.savedFrame === event.frameId) {
+    // Redelivered after its work and state were saved (SQS redelivers a batch whose invocation
+    // timed out, or whose delete was lost): handling it again would repeat it.
+    server.log.info('redelivered frame already handled', { connectionId: event.connectionId });
     return;
   }
   const state: ConnectionState = stored ?? {

@@ -126,6 +126,8 @@ export interface ConnectionState {
   fenced?: boolean;
   /** XEP-0198: the queue message id of the last frame whose stanza was counted (a redelivery is not counted twice). */
   countedFrame?: string;
+  /** The id of the last frame whose state changes were saved (a redelivery of it is skipped). */
+  savedFrame?: string;
   /** RFC 6121 §2.1.6: the session requested the roster (its resource row is marked for pushes). */
   rosterInterested?: boolean;
   archive?: ArchiveStreamState;
@@ -246,6 +248,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     rate: item.rate as RateBucket | undefined,
     fenced: item.fenced as boolean | undefined,
     countedFrame: item.countedFrame as string | undefined,
+    savedFrame: item.savedFrame as string | undefined,
     rosterInterested: item.rosterInterested as boolean | undefined,
     archive: item.archive as ArchiveStreamState | undefined,
   };
