@@ -12,24 +12,10 @@ import type { Element } from 'ltx';
 import type { Server, StanzaEvent } from '../core/host.ts';
 import type { MetricsRecorder } from '../metrics.ts';
 import { NS } from '../xml/namespaces.ts';
+import { ARCHIVE_NS, ARCHIVE_REQUESTS } from './xep-0136/decode.ts';
 
-/** XEP-0136 (0.9 seed and the 0.5 draft's requests), named here so this module imports no other. */
-const ARCHIVE_NS = 'http://jabber.org/protocol/archive';
-const ARCHIVE_REQUESTS = new Set([
-  'pref',
-  'auto',
-  'list',
-  'retrieve',
-  'remove',
-  'store',
-  'keys',
-  'delete',
-  'modified',
-  'save',
-  'otr',
-  'record',
-  'itemremove',
-]);
+/** XEP-0136 requests are counted by element, from the archive module's own list (its pure decoder). */
+const ARCHIVE_REQUEST_NAMES = new Set<string>(ARCHIVE_REQUESTS);
 
 export function register(server: Server): void {
   const { host, metrics } = server;
@@ -58,7 +44,7 @@ function countRequest(metrics: MetricsRecorder, { stanza }: StanzaEvent): void {
   const offlineAction = offlineActionOf(ns, payload);
   if (offlineAction) metrics.count('OfflineRequests', 1, offlineAction);
   else if (ns === ARCHIVE_NS)
-    metrics.count('ArchiveRequests', 1, ARCHIVE_REQUESTS.has(payload.name) ? payload.name : 'other');
+    metrics.count('ArchiveRequests', 1, ARCHIVE_REQUEST_NAMES.has(payload.name) ? payload.name : 'other');
 }
 
 /** XEP-0013 §2.2–2.6: count and headers through disco on the offline node, the rest through `<offline/>`. */

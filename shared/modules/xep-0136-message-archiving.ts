@@ -46,6 +46,7 @@ import {
 import {
   ARCHIVE_FEATURES,
   ARCHIVE_NS,
+  ARCHIVE_REQUESTS,
   type ArchiveRequest,
   decodeRequest,
   type ManualEntry,
@@ -73,22 +74,6 @@ import {
 /** 0.5 §2: "save" for the Save Mode feature, "otr" for the Off-the-Record Mode feature. */
 const FEATURES_05 = ['save', 'otr'].map((name) => `${ARCHIVE_NS}#${name}`);
 
-/** Every element of the namespace a client may send; the decoder says which iq type each takes. */
-const REQUESTS = [
-  'pref',
-  'auto',
-  'list',
-  'retrieve',
-  'remove',
-  'store',
-  'keys',
-  'delete',
-  'modified',
-  'save',
-  'otr',
-  'record',
-];
-
 /** Room kept for the iq wrapper around a paged answer (its attributes, the `<set/>`). */
 const ENVELOPE_BYTES = 2048;
 
@@ -114,7 +99,7 @@ export function register(server: Server): void {
   const { host } = server;
   const policy = servicePolicy(server);
   for (const feature of [...ARCHIVE_FEATURES, ...FEATURES_05]) host.add('disco-feature', feature);
-  for (const name of REQUESTS) {
+  for (const name of ARCHIVE_REQUESTS) {
     for (const type of ['get', 'set'] as const) {
       // The handler refuses every other account itself, the same way whether it exists or not.
       host.iq(type, ARCHIVE_NS, name, (request) => handleRequest(server, policy, request), {

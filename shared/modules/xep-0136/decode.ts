@@ -14,6 +14,22 @@ import { type DateTimeValue, parseDateTime } from './datetime.ts';
 import { decodeRsm, type RsmRequest } from './rsm.ts';
 
 export const ARCHIVE_NS = 'http://jabber.org/protocol/archive';
+
+/** Every element of the namespace a client may send (0.9 and the 0.5 requests); decodeRequest says which iq type each takes. */
+export const ARCHIVE_REQUESTS = [
+  'pref',
+  'auto',
+  'list',
+  'retrieve',
+  'remove',
+  'store',
+  'keys',
+  'delete',
+  'modified',
+  'save',
+  'otr',
+  'record',
+] as const;
 export const XMLENC_NS = 'http://www.w3.org/2001/04/xmlenc#';
 export const XMLDSIG_NS = 'http://www.w3.org/2000/09/xmldsig#';
 
