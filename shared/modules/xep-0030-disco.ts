@@ -14,7 +14,12 @@ export function register(server: Server): void {
   const { host } = server;
   host.add('disco-feature', NS.discoInfo);
   host.add('disco-feature', NS.discoItems);
-  const nodeHandler = (node: string) => host.items('disco-node').find((entry) => entry.node === node);
+  /** XEP-0030 §3.2/§4.2: a query on a node goes to the module that offers it; an unknown one is item-not-found. */
+  const nodeHandler = (node: string) => {
+    const handler = host.items('disco-node').find((entry) => entry.node === node);
+    if (!handler) throw new StanzaError('cancel', 'item-not-found');
+    return handler;
+  };
 
   // Answers for any account itself (XEP-0030 §8: the same error whether or not the account
   // exists), so the router's existence check never runs first and tells the difference.
@@ -24,11 +29,7 @@ export function register(server: Server): void {
     'query',
     async (request) => {
       const node = request.payload.attrs.node;
-      if (node !== undefined) {
-        const handler = nodeHandler(node);
-        if (!handler) throw new StanzaError('cancel', 'item-not-found');
-        return handler.info(request);
-      }
+      if (node !== undefined) return nodeHandler(node).info(request);
       const query = new Element('query', { xmlns: NS.discoInfo });
       if (request.to.local) {
         // XEP-0030 §8: "the server MUST return a <service-unavailable/> error if the target entity
@@ -54,11 +55,7 @@ export function register(server: Server): void {
     'query',
     async (request) => {
       const node = request.payload.attrs.node;
-      if (node !== undefined) {
-        const handler = nodeHandler(node);
-        if (!handler) throw new StanzaError('cancel', 'item-not-found');
-        return handler.items(request);
-      }
+      if (node !== undefined) return nodeHandler(node).items(request);
       // No components or services yet; and XEP-0030 §8: for an account the answer is an empty
       // result whether it exists or not, so disco#items reveals nothing.
       return new Element('query', { xmlns: NS.discoItems });
