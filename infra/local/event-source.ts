@@ -38,7 +38,7 @@ export const DEPLOYED_EVENT_SOURCE = {
   /** Six times the function timeout (`FrameQueue`). */
   visibilityTimeoutMs: 180_000,
   /** The redrive policy of `FrameQueue`. */
-  maxReceiveCount: 5,
+  maxReceiveCount: 10,
   /** The `SqsEventSource` of the stream function. */
   batchSize: 10,
   /**

@@ -282,7 +282,7 @@ export interface DeliveryOptions {
  * session any more: re-route), 'full' (the session's XEP-0198 queue is congested: the client is
  * slow to acknowledge; a sender is told to wait).
  */
-export type DeliveryResult = PostResult | 'full';
+export type DeliveryResult = Exclude<PostResult, 'unknown'> | 'full';
 
 export interface StanzaQueue {
   deliver(smId: string, stanza: Element, options: DeliveryOptions): Promise<DeliveryResult>;

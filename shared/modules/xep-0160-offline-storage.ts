@@ -4,6 +4,7 @@
  * stored messages when a session sends initial presence with a non-negative priority.
  */
 import { Element, parse } from 'ltx';
+import { nextDeliveryKey } from '../core/frame.ts';
 import {
   type BoundStream,
   type DeliveryResult,
@@ -83,11 +84,14 @@ async function storeIfWanted(
   // Only our own delay stamp may appear on delivery: drop any that claims to be ours.
   removeForgedDelay(stanza, server.config.domain);
   try {
+    // Stored from a frame: keyed by it, so a redelivery of the frame does not store it twice.
+    const delivery = acceptedAt === undefined ? nextDeliveryKey() : undefined;
     const stored = await server.offline.store(
       user,
       { from: stanza.attrs.from, storedAt: acceptedAt ?? Date.now(), stanza: stanza.toString() },
-      { ignoreQuota: acceptedAt !== undefined },
+      { ignoreQuota: acceptedAt !== undefined, ...(delivery ? { key: delivery } : {}) },
     );
+    if (stored.alreadyStored) return;
     await server.host.fire('message-stored-offline', {
       stanza,
       user,

@@ -128,6 +128,11 @@ export interface ConnectionState {
   countedFrame?: string;
   /** The id of the last frame whose state changes were saved (a redelivery of it is skipped). */
   savedFrame?: string;
+  /**
+   * The SQS sequence number of the last frame handled to the end (its sends, queue appends and
+   * stores done): a redelivery of it or of any earlier frame of the connection is skipped.
+   */
+  doneSeq?: string;
   /** RFC 6121 §2.1.6: the session requested the roster (its resource row is marked for pushes). */
   rosterInterested?: boolean;
   archive?: ArchiveStreamState;
@@ -249,6 +254,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     fenced: item.fenced as boolean | undefined,
     countedFrame: item.countedFrame as string | undefined,
     savedFrame: item.savedFrame as string | undefined,
+    doneSeq: item.doneSeq as string | undefined,
     rosterInterested: item.rosterInterested as boolean | undefined,
     archive: item.archive as ArchiveStreamState | undefined,
   };

@@ -34,6 +34,11 @@ export interface SmEntry {
   o?: string;
   /** A XEP-0013 view/fetch copy: the message stays stored, so the copy is never re-routed. */
   c?: boolean;
+  /**
+   * The delivery key of the frame that queued it (core/frame.ts): a redelivery of that frame
+   * finds it here instead of queueing a second copy.
+   */
+  k?: string;
 }
 
 export interface SmQueueItem {
@@ -68,6 +73,8 @@ export interface SmQueueItem {
   ackedAt?: number;
   /** An ended session: how many of its entries have been re-routed so far. */
   rerouted?: number;
+  /** The key of the last keyed entry appended (see SmEntry.k). */
+  lastKey?: string;
 }
 
 /** A connection that no longer owns the session (it was resumed elsewhere) tried to change it. */
@@ -129,6 +136,7 @@ function toItem(raw: Record<string, unknown>): SmQueueItem {
     congested: Boolean(raw.congested),
     rerouted: raw.rerouted as number | undefined,
     ackedAt: raw.ackedAt as number | undefined,
+    lastKey: raw.lk as string | undefined,
   };
 }
 
@@ -248,16 +256,23 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
     },
 
     async append(smId, entry, maxEntries) {
+      // `lk`, the last key appended: the SDK resends an update that failed after DynamoDB ran it
+      // (a 500 after the write), and the resend must not queue the stanza twice.
+      const keyed = entry.k !== undefined;
       try {
         const { Attributes } = await doc.send(
           new UpdateCommand({
             TableName: table,
             Key: key(smId),
-            UpdateExpression: 'SET q = list_append(q, :entry) ADD #out :one',
-            ConditionExpression:
-              'attribute_exists(q) AND size(q) < :max AND attribute_not_exists(congested) AND attribute_not_exists(ended)',
+            UpdateExpression: `SET q = list_append(q, :entry)${keyed ? ', lk = :k' : ''} ADD #out :one`,
+            ConditionExpression: `attribute_exists(q) AND size(q) < :max AND attribute_not_exists(congested) AND attribute_not_exists(ended)${keyed ? ' AND (attribute_not_exists(lk) OR lk <> :k)' : ''}`,
             ExpressionAttributeNames: { '#out': 'out' },
-            ExpressionAttributeValues: { ':entry': [entry], ':one': 1, ':max': maxEntries },
+            ExpressionAttributeValues: {
+              ':entry': [entry],
+              ':one': 1,
+              ':max': maxEntries,
+              ...(keyed ? { ':k': entry.k } : {}),
+            },
             ReturnValues: 'ALL_NEW',
           }),
         );
@@ -267,6 +282,10 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
         if (isItemTooLarge(error)) return { kind: 'full' };
         if (!isConditionFailure(error)) throw error;
         const current = await this.get(smId);
+        if (current && keyed && current.lastKey === entry.k) {
+          const at = current.entries.findIndex((queued) => queued.k === entry.k);
+          if (at >= 0) return { kind: 'queued', number: current.base + at + 1, item: current };
+        }
         return current && !current.ended ? { kind: 'full', item: current } : { kind: 'ended' };
       }
     },

@@ -69,6 +69,26 @@ async function appendMany(smId: string, count: number, maxEntries = MAX, store: 
   return numbers;
 }
 
+describe("a keyed append (a frame's delivery key, core/frame.ts)", () => {
+  it('is queued once when the SDK resends it after DynamoDB ran it, and keeps its number', async () => {
+    const { smId } = await session();
+    const first = await queue.append(smId, entry(1, { k: 'req-a:0' }), MAX);
+    // The resend of the same update (a 500 after the write): the same key, right after.
+    const resent = await queue.append(smId, entry(1, { k: 'req-a:0' }), MAX);
+    expect(first).toMatchObject({ kind: 'queued', number: 1 });
+    expect(resent).toMatchObject({ kind: 'queued', number: 1 });
+    const next = await queue.append(smId, entry(2, { k: 'req-b:0' }), MAX);
+    expect(next).toMatchObject({ kind: 'queued', number: 2 });
+    const item = await queue.get(smId);
+    expect(item?.entries.map((queued) => queued.k)).toEqual(['req-a:0', 'req-b:0']);
+    expect(item?.out).toBe(2);
+    // Entries without a key (made outside a frame: the sweeper's re-routes) are never merged.
+    await queue.append(smId, entry(3), MAX);
+    await queue.append(smId, entry(3), MAX);
+    expect((await queue.get(smId))?.out).toBe(4);
+  });
+});
+
 describe('create, get, counts', () => {
   it('creates a holding session with an empty queue', async () => {
     const before = Date.now();
