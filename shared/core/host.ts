@@ -67,6 +67,8 @@ export interface Stream {
   readonly ended: boolean;
   /** API Gateway's id of the frame being handled (the same on a redelivery), '' when unknown. */
   readonly frameId: string;
+  /** The frame's SQS sequence number, when it came through the queue (grows per connection). */
+  readonly seq?: string;
   update(changes: StreamStateChanges): void;
   /**
    * Writes the pending state changes now, unless a stream-management resume on another

@@ -19,7 +19,7 @@ import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Element, parse } from 'ltx';
 import { closeConnection, post, postExactly } from '../core/delivery.ts';
-import { nextDeliveryKey } from '../core/frame.ts';
+import { nextDeliveryKey, sequenceAtMost } from '../core/frame.ts';
 import {
   type DeliveryOptions,
   type DeliveryResult,
@@ -462,8 +462,11 @@ async function countInbound(stream: Stream): Promise<undefined> {
   if (sm?.version !== 'sm3') return undefined;
   // A redelivered frame (the queue's retry after a failure) was counted the first time.
   if (stream.frameId && stream.state.countedFrame === stream.frameId) return undefined;
+  const counted = stream.state.countedSeq;
+  if (stream.seq && counted && sequenceAtMost(stream.seq, counted)) return undefined;
   stream.update({ sm: { ...sm, inbound: sm.inbound + 1 } });
   if (stream.frameId) stream.update({ countedFrame: stream.frameId });
+  if (stream.seq) stream.update({ countedSeq: stream.seq });
   await stream.commit();
   return undefined;
 }

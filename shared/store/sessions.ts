@@ -126,6 +126,11 @@ export interface ConnectionState {
   fenced?: boolean;
   /** XEP-0198: the queue message id of the last frame whose stanza was counted (a redelivery is not counted twice). */
   countedFrame?: string;
+  /**
+   * XEP-0198: the SQS sequence number of the last frame whose stanza was counted: a redelivery of
+   * it or of an earlier frame (a timed-out batch comes back whole) is not counted again.
+   */
+  countedSeq?: string;
   /** The id of the last frame whose state changes were saved (a redelivery of it is skipped). */
   savedFrame?: string;
   /**
@@ -253,6 +258,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     rate: item.rate as RateBucket | undefined,
     fenced: item.fenced as boolean | undefined,
     countedFrame: item.countedFrame as string | undefined,
+    countedSeq: item.countedSeq as string | undefined,
     savedFrame: item.savedFrame as string | undefined,
     doneSeq: item.doneSeq as string | undefined,
     rosterInterested: item.rosterInterested as boolean | undefined,
