@@ -296,7 +296,7 @@ describe('visibility timeout', () => {
 });
 
 describe('function timeout', () => {
-  test('an invocation past the timeout is abandoned: its whole batch comes back, the work it did stays done', async () => {
+  test('an invocation past the timeout is abandoned: its whole batch comes back, not before it stopped, and the work it did stays done', async () => {
     const functionTimeoutMs = 200;
     const visibilityTimeoutMs = 500;
     const held = gate();
@@ -322,18 +322,26 @@ describe('function timeout', () => {
     await eventually(() => expect(harness.invocations).toHaveLength(1));
     for (const frame of ['a', 'b', 'c']) client.socket.send(frame);
     held.open();
-    await eventually(() => expect(effects).toContain('c#2'), 5_000);
+    await eventually(() => expect(effects).toContain('b#1'));
+    await new Promise((resolve) => setTimeout(resolve, functionTimeoutMs + visibilityTimeoutMs + 300));
+    // Past the timeout and the visibility timeout: AWS would have stopped the runtime; here the
+    // abandoned invocation still runs, and its records wait for it, never handled twice at once.
+    expect(harness.invocations).toHaveLength(2);
+    const releasedAt = Date.now();
     stuck.open();
+    await eventually(() => expect(effects).toContain('c#2'), 5_000);
 
     const [, timedOut, retried] = harness.invocations;
     expect(timedOut.deliveries.map((delivery) => delivery.frame)).toEqual(['a', 'b', 'c']);
     expect(timedOut.context.getRemainingTimeInMillis()).toBe(0);
-    // 'a' was handled before the timeout and is handled again; 'c' was never reached the first time.
-    expect(effects.slice(0, 5)).toEqual(['a#1', 'b#1', 'a#2', 'b#2', 'c#2']);
+    // 'a' was handled before the timeout and is handled again; 'c' only by the abandoned
+    // invocation running on (locally), and before the whole batch came back.
+    expect(effects.slice(0, 6)).toEqual(['a#1', 'b#1', 'c#1', 'a#2', 'b#2', 'c#2']);
     expect(retried.deliveries.map((delivery) => delivery.messageId)).toEqual(
       timedOut.deliveries.map((delivery) => delivery.messageId),
     );
     expect(retried.startedAt - timedOut.startedAt).toBeGreaterThanOrEqual(visibilityTimeoutMs - 2);
+    expect(retried.startedAt).toBeGreaterThanOrEqual(releasedAt);
     expect(harness.logs.join('\n')).toMatch(/timed out after 200 ms/);
   });
 });
