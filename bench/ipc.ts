@@ -5,6 +5,7 @@
  */
 import type { SQSBatchResponse, SQSEvent } from 'aws-lambda';
 import type { Config } from '../shared/config.ts';
+import type { ConnectEvent, ConnectResult } from '../shared/core/connect.ts';
 import type { OutboundCounters } from '../shared/outbound.ts';
 import type { MeterSnapshot } from '../shared/store/dynamo.ts';
 
@@ -18,6 +19,8 @@ export interface CpuTime {
 export type ToStreamWorker =
   | { type: 'init'; config: Config; logLevel: string }
   | { type: 'invoke'; id: number; event: SQSEvent }
+  /** `$connect`: the connect function runs in this process too, so a login's CPU is all here. */
+  | { type: 'connect'; id: number; event: ConnectEvent }
   /** Starts the measured window; with `profileFile`, under the V8 sampling profiler. */
   | { type: 'reset'; profileFile?: string }
   | { type: 'snapshot' };
@@ -26,6 +29,8 @@ export interface StreamWorkerSnapshot {
   cpu: CpuTime;
   wallMs: number;
   invocations: number;
+  /** `$connect` invocations (the connect function's, not counted in `invocations`). */
+  connectInvocations: number;
   /** Handler durations, one per invocation, in milliseconds. */
   durationsMs: number[];
   /** Sum of the durations rounded up to Lambda's billing step. */
@@ -47,6 +52,7 @@ export interface StreamWorkerSnapshot {
 export type FromStreamWorker =
   | { type: 'ready' }
   | { type: 'result'; id: number; response: SQSBatchResponse | undefined; error?: string }
+  | { type: 'connect-result'; id: number; result: ConnectResult }
   | { type: 'reset-done' }
   | { type: 'snapshot'; snapshot: StreamWorkerSnapshot };
 
@@ -81,10 +87,24 @@ export interface ClientResult {
   timedOut: boolean;
 }
 
-export type ToClients = { type: 'start'; plan: ClientPlan } | { type: 'go' } | { type: 'stop' };
+/**
+ * In order: `start` (log in: the login phase), `warmup` (initial presence, warm-up messages),
+ * `go` (the measured messages), `ping` (keepalives), `resume` (with SM: reconnect and resume),
+ * `stop`.
+ */
+export type ToClients =
+  | { type: 'start'; plan: ClientPlan }
+  | { type: 'warmup' }
+  | { type: 'go' }
+  | { type: 'ping'; perClient: number; gapMs: number }
+  | { type: 'resume' }
+  | { type: 'stop' };
 
 export type FromClients =
-  | { type: 'ready'; clients: number; smAdvertised: boolean; smEnabled: number }
+  | { type: 'logged-in'; clients: number; smAdvertised: boolean; smEnabled: number }
+  | { type: 'ready' }
+  | { type: 'pinged'; pings: number }
+  | { type: 'resumed'; resumes: number }
   | { type: 'skip'; reason: string }
   | { type: 'done'; result: ClientResult }
   | { type: 'stopped' }
