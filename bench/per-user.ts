@@ -9,8 +9,8 @@
  */
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
-import { alwaysOnlineUserMonth, gbSeconds, type UsagePerMessage } from './cost.ts';
-import { PRICES_AS_OF, PRICES_REGION } from './prices.ts';
+import { alwaysOnlineUserMonth, gbSeconds, SQS_REQUESTS_PER_BATCH, type UsagePerMessage } from './cost.ts';
+import { PRICES_AS_OF, PRICES_REGION, prices } from './prices.ts';
 import type { ActivityResult, BenchReport, ScenarioResult } from './report.ts';
 
 /** API Gateway ends every WebSocket connection after 2 hours. */
@@ -31,13 +31,22 @@ if (!values.from) {
 const report = JSON.parse(readFileSync(values.from, 'utf8')) as BenchReport;
 const memoryMb = report.assumptions.streamMemoryMb;
 
-/** The usage of one event as the bench measured it; Lambda at the projected duration. */
+/**
+ * The usage of one event as the bench measured it, with one record per batch (one invocation
+ * and one ReceiveMessage + DeleteMessageBatch each): an idle user's frames are minutes apart,
+ * while the bench's clients ping at the same moment and their records share batches. Lambda at
+ * the projected duration.
+ */
 function usageOf(activity: ActivityResult): UsagePerMessage {
+  const records = activity.queuedRecords ?? activity.framesIn;
   return {
     apiGatewayMessages: activity.apiGatewayMessages,
-    sqsRequests: activity.sqsRequests,
-    lambdaInvocations: activity.streamInvocations + activity.connectInvocations,
-    lambdaGbSeconds: gbSeconds(activity.projectedLambdaMs, memoryMb),
+    sqsRequests: records * (1 + SQS_REQUESTS_PER_BATCH),
+    lambdaInvocations: records + activity.connectInvocations,
+    lambdaGbSeconds: gbSeconds(
+      activity.projectedLambdaMs + (records - activity.streamInvocations) * (prices.lambda.billingStepMs / 2),
+      memoryMb,
+    ),
     readRequestUnits: activity.readUnits,
     writeRequestUnits: activity.writeUnits,
   };
@@ -89,7 +98,7 @@ for (const row of rows) {
   ] as const) {
     lines.push(
       `- ${row.title}, ${what}: ${activity.framesIn.toFixed(2)} frames in + ${activity.postsOut.toFixed(2)} posts out, ` +
-        `${(activity.streamInvocations + activity.connectInvocations).toFixed(2)} invocations, ` +
+        `${(activity.queuedRecords ?? activity.framesIn).toFixed(2)} queued records, ${activity.connectInvocations.toFixed(2)} $connect, ` +
         `${activity.dynamodbRequests.toFixed(2)} DynamoDB requests (${activity.readUnits.toFixed(2)} RRU, ${activity.writeUnits.toFixed(2)} WRU), ` +
         `${activity.cpuMs.toFixed(1)} ms CPU, ${activity.projectedLambdaMs.toFixed(1)} ms projected Lambda`,
     );

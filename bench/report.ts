@@ -31,6 +31,8 @@ export interface ActivityResult {
   count: number;
   /** CPU of the stream and connect functions together (DynamoDB Local and the emulator excluded). */
   cpuMs: number;
+  /** With `--profile` (logins only): that CPU split by sampled self time. */
+  cpuBreakdownMs?: Record<string, number>;
   dynamodbRequests: number;
   dynamodbByOperation: Record<string, number>;
   readUnits: number;
@@ -41,6 +43,9 @@ export interface ActivityResult {
   postsOut: number;
   framesInByElement: Record<string, number>;
   postsOutByElement: Record<string, number>;
+  /** Queue messages (frames and `$disconnect`s): SendMessage requests, and at chat pace one batch each. */
+  queuedRecords: number;
+  /** Stream invocations here, where simultaneous clients' records share batches. */
   streamInvocations: number;
   connectInvocations: number;
   sqsRequests: number;
@@ -263,10 +268,12 @@ export function printReport(report: BenchReport): void {
           ? '—'
           : `${f3(r.connectionMinutesPerMessage)} (${dollars(r.connectionCostPerMillionMessages)}/M, not in total)`,
     ],
-    ...activityRows('Per SCRAM login (open → bound, <enable/> with SM), functions only', (r) => r.login, [
-      `≤ ${TARGETS.login.cpuMs}`,
-      `≤ ${TARGETS.login.dynamodbRequests}`,
-    ]),
+    ...activityRows(
+      'Per SCRAM login (open → bound, <enable/> with SM), functions only',
+      (r) => r.login,
+      [`≤ ${TARGETS.login.cpuMs}`, `≤ ${TARGETS.login.dynamodbRequests}`],
+      results.some((r) => r.login?.cpuBreakdownMs),
+    ),
     ...activityRows(
       'Per keepalive (XEP-0199 ping to the server, and with SM its <r/>/<a/>)',
       (r) => r.keepalive,
@@ -321,6 +328,7 @@ function activityRows(
   title: string,
   pick: (result: ScenarioResult) => ActivityResult | undefined,
   targets: [cpu?: string, requests?: string] = [],
+  profiled = false,
 ): (Row | string)[] {
   const cell = (format: (a: ActivityResult) => string) => (r: ScenarioResult) => {
     const activity = pick(r);
@@ -330,6 +338,9 @@ function activityRows(
     title,
     ['  events measured', cell((a) => String(a.count))],
     ['  functions CPU (ms)', cell((a) => f2(a.cpuMs)), targets[0]],
+    ...(profiled
+      ? [['    split by sampled self time (--profile)', cell((a) => breakdown(a.cpuBreakdownMs))] as Row]
+      : []),
     ['  DynamoDB requests', cell((a) => f2(a.dynamodbRequests)), targets[1]],
     ['    by operation', cell((a) => breakdown(a.dynamodbByOperation))],
     ['  read / write units (RRU / WRU)', cell((a) => `${f2(a.readUnits)} / ${f2(a.writeUnits)}`)],

@@ -277,6 +277,7 @@ class StreamWorker extends Child<ToStreamWorker, FromStreamWorker | { type: 'exi
 // Frames in (what API Gateway receives from clients and puts on the queue)
 
 class FrameCounter {
+  records = 0;
   frames = 0;
   units = 0;
   sqsChunks = 0;
@@ -286,21 +287,24 @@ class FrameCounter {
     for (const record of event.Records) {
       // Redeliveries are the queue's business, not new client messages.
       if (record.attributes.ApproximateReceiveCount !== '1') continue;
+      // Every record (a frame or a `$disconnect`) was one SendMessage to the queue.
+      this.records += 1;
+      this.sqsChunks += Math.max(
+        1,
+        Math.ceil(Buffer.byteLength(record.body) / prices.sqsFifo.requestChunkBytes),
+      );
       const decoded = decodeQueueMessage(record.body);
       if (decoded.kind !== 'frame') continue;
       const bytes = Buffer.byteLength(decoded.frame);
       const element = /^\s*<([A-Za-z:_-]+)/.exec(decoded.frame)?.[1] ?? '?';
       this.frames += 1;
       this.units += Math.max(1, Math.ceil(bytes / prices.apiGateway.messageIncrementBytes));
-      this.sqsChunks += Math.max(
-        1,
-        Math.ceil(Buffer.byteLength(record.body) / prices.sqsFifo.requestChunkBytes),
-      );
       this.byElement[element] = (this.byElement[element] ?? 0) + 1;
     }
   }
 
   reset(): void {
+    this.records = 0;
     this.frames = 0;
     this.units = 0;
     this.sqsChunks = 0;
@@ -309,6 +313,7 @@ class FrameCounter {
 
   copy(): FrameCounts {
     return {
+      records: this.records,
       frames: this.frames,
       units: this.units,
       sqsChunks: this.sqsChunks,
@@ -317,7 +322,7 @@ class FrameCounter {
   }
 }
 
-type FrameCounts = Pick<FrameCounter, 'frames' | 'units' | 'sqsChunks' | 'byElement'>;
+type FrameCounts = Pick<FrameCounter, 'records' | 'frames' | 'units' | 'sqsChunks' | 'byElement'>;
 
 // ---------------------------------------------------------------------------------------------
 // One scenario
@@ -423,10 +428,13 @@ async function runScenario(scenario: Scenario, context: ScenarioContext): Promis
     };
 
     // The login phase, measured on its own: open, SCRAM, bind (and <enable/> with SM).
-    const loggedIn = await measure(async () => {
-      child.send({ type: 'start', plan });
-      return child.next(['logged-in', 'skip', 'failed'], options.timeoutMs * 3);
-    });
+    const loggedIn = await measure(
+      async () => {
+        child.send({ type: 'start', plan });
+        return child.next(['logged-in', 'skip', 'failed'], options.timeoutMs * 3);
+      },
+      options.profile ? `${resultsDirectory()}${options.name}-${scenario}-login.cpuprofile` : undefined,
+    );
     const started = loggedIn.value;
     if (started.type === 'skip') return { scenario, skipped: started.reason };
     if (started.type === 'failed') throw new Error(`clients: ${started.message}`);
@@ -544,8 +552,13 @@ function summarizeActivity(count: number, phase: Phase, memoryMb: number): Activ
   const byOperation: Record<string, number> = {};
   for (const [operation, usage] of Object.entries(dynamodb.operations))
     byOperation[operation] = per(usage.requests);
+  const cpuMs = worker.cpu.userMs + worker.cpu.systemMs;
+  const profiled = Object.values(worker.profile ?? {}).reduce((sum, ms) => sum + ms, 0);
   return {
     count,
+    cpuBreakdownMs: worker.profile
+      ? mapValues(worker.profile, (ms) => per((cpuMs * ms) / profiled))
+      : undefined,
     cpuMs: per(worker.cpu.userMs + worker.cpu.systemMs),
     dynamodbRequests: per(dynamodb.requests),
     dynamodbByOperation: byOperation,
@@ -556,6 +569,7 @@ function summarizeActivity(count: number, phase: Phase, memoryMb: number): Activ
     postsOut: per(worker.outbound.posts),
     framesInByElement: mapValues(frames.byElement, per),
     postsOutByElement: mapValues(worker.postsByElement, per),
+    queuedRecords: per(frames.records),
     streamInvocations: per(worker.invocations),
     connectInvocations: per(worker.connectInvocations),
     sqsRequests: per(sqsRequests),
