@@ -229,18 +229,23 @@ async function exchange(phase: PairState['phase'], perPair: number, window: numb
 
 /**
  * Keepalives as an idle always-online client sends them: an XEP-0199 ping to the server, its
- * answer awaited, then a pause (longer than xmpp.js's 250 ms `<r/>` debounce, so that with SM
+ * answer awaited (or with SM an `<r/>`, answered `<a/>`), then a pause (longer than xmpp.js's 250 ms `<r/>` debounce, so that with SM
  * each ping brings its own `<r/>` and `<a/>`, as pings minutes apart would).
  */
-async function keepalives(perClient: number, gapMs: number): Promise<number> {
+async function keepalives(perClient: number, gapMs: number, element: 'ping' | 'r'): Promise<number> {
   let pings = 0;
   await Promise.all(
     clients.map(async (client) => {
       for (let i = 0; i < perClient; i++) {
-        await client.xmpp.iqCaller.request(
-          xml('iq', { type: 'get', to: plan?.domain }, xml('ping', { xmlns: 'urn:xmpp:ping' })),
-          10_000,
-        );
+        if (element === 'r') {
+          // The server's <a/> comes back within the gap; xmpp.js takes it.
+          await client.xmpp.send(xml('r', { xmlns: NS_SM3 }));
+        } else {
+          await client.xmpp.iqCaller.request(
+            xml('iq', { type: 'get', to: plan?.domain }, xml('ping', { xmlns: 'urn:xmpp:ping' })),
+            10_000,
+          );
+        }
         pings += 1;
         await new Promise((resolve) => setTimeout(resolve, gapMs));
       }
@@ -323,7 +328,7 @@ process.on('message', (message: ToClients) => {
         const current = plan;
         if (!current) throw new Error('ping before start');
         const pings = await withTimeout(
-          keepalives(message.perClient, message.gapMs),
+          keepalives(message.perClient, message.gapMs, message.element),
           current.timeoutMs,
           'the keepalive pings',
         );

@@ -96,7 +96,8 @@ export type ToClients =
   | { type: 'start'; plan: ClientPlan }
   | { type: 'warmup' }
   | { type: 'go' }
-  | { type: 'ping'; perClient: number; gapMs: number }
+  /** `ping`: an XEP-0199 ping to the server; `r`: an XEP-0198 `<r/>` (with SM), answered `<a/>`. */
+  | { type: 'ping'; perClient: number; gapMs: number; element: 'ping' | 'r' }
   | { type: 'resume' }
   | { type: 'stop' };
 

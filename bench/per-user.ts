@@ -59,10 +59,27 @@ function scenario(name: 'plain' | 'sm'): ScenarioResult | undefined {
 const rows: { title: string; ping: ActivityResult; reconnect: ActivityResult; how: string }[] = [];
 const sm = scenario('sm');
 if (sm?.keepalive && sm.reconnect)
-  rows.push({ title: 'with SM', ping: sm.keepalive, reconnect: sm.reconnect, how: 'resumption' });
+  rows.push({
+    title: 'with SM, XEP-0199 ping',
+    ping: sm.keepalive,
+    reconnect: sm.reconnect,
+    how: 'resumption',
+  });
+if (sm?.keepaliveAckRequest && sm.reconnect)
+  rows.push({
+    title: 'with SM, `<r/>`',
+    ping: sm.keepaliveAckRequest,
+    reconnect: sm.reconnect,
+    how: 'resumption',
+  });
 const plain = scenario('plain');
 if (plain?.keepalive && plain.login)
-  rows.push({ title: 'without SM', ping: plain.keepalive, reconnect: plain.login, how: 'fresh login' });
+  rows.push({
+    title: 'without SM, XEP-0199 ping',
+    ping: plain.keepalive,
+    reconnect: plain.login,
+    how: 'fresh login',
+  });
 if (rows.length === 0) {
   process.stderr.write(`${values.from} has no keepalive and reconnect measurements\n`);
   process.exit(1);
@@ -73,7 +90,7 @@ const lines = [
   `An always-online idle user, per 30-day month (${PRICES_REGION} list prices as of ${PRICES_AS_OF}; ` +
     `measured in bench run "${report.name}" of ${report.at.slice(0, 10)}; Lambda at the projected duration, ${memoryMb} MB)`,
   '',
-  '| | ping every | connection minutes | pings | reconnects | total | per 1,000 users |',
+  '| | keepalive every | connection minutes | keepalives | reconnects | total | per 1,000 users |',
   '| --- | --- | --- | --- | --- | --- | --- |',
 ];
 for (const minutes of values['ping-minutes'].split(',').map(Number)) {
@@ -93,7 +110,7 @@ for (const minutes of values['ping-minutes'].split(',').map(Number)) {
 lines.push('', 'Per event, as measured:');
 for (const row of rows) {
   for (const [what, activity] of [
-    ['ping', row.ping],
+    ['keepalive', row.ping],
     [row.how, row.reconnect],
   ] as const) {
     lines.push(

@@ -109,6 +109,8 @@ export interface ScenarioResult {
   login?: ActivityResult;
   /** XEP-0199 pings to the server after the measured messages: per ping. */
   keepalive?: ActivityResult;
+  /** With SM: an XEP-0198 `<r/>` as the keepalive instead of a ping: per `<r/>`. */
+  keepaliveAckRequest?: ActivityResult;
   /** With SM: socket closed, reconnect, SCRAM, `<resume/>`: per resumption. */
   reconnect?: ActivityResult;
   connectionMinutesPerMessage?: number;
@@ -278,6 +280,7 @@ export function printReport(report: BenchReport): void {
       'Per keepalive (XEP-0199 ping to the server, and with SM its <r/>/<a/>)',
       (r) => r.keepalive,
     ),
+    ...activityRows('Per keepalive <r/> (with SM, answered <a/>)', (r) => r.keepaliveAckRequest),
     ...activityRows(
       'Per reconnect with XEP-0198 resumption ($disconnect, $connect, SCRAM, <resume/>)',
       (r) => r.reconnect,

@@ -460,14 +460,18 @@ async function runScenario(scenario: Scenario, context: ScenarioContext): Promis
     );
 
     // Keepalives, as an idle always-online client sends them before API Gateway's idle cut.
-    const pinged = await measure(async () => {
-      child.send({ type: 'ping', perClient: PINGS_PER_CLIENT, gapMs: PING_GAP_MS });
-      const answer = await child.next(['pinged', 'failed'], options.timeoutMs + 30_000);
-      if (answer.type === 'failed') throw new Error(`clients: ${answer.message}`);
-      return answer.pings;
-    });
-    const keepalive = summarizeActivity(pinged.value, pinged.phase, context.memoryMb);
-    progress(`${pinged.value} keepalive pings`);
+    const keepaliveOf = async (element: 'ping' | 'r') => {
+      const pinged = await measure(async () => {
+        child.send({ type: 'ping', perClient: PINGS_PER_CLIENT, gapMs: PING_GAP_MS, element });
+        const answer = await child.next(['pinged', 'failed'], options.timeoutMs + 30_000);
+        if (answer.type === 'failed') throw new Error(`clients: ${answer.message}`);
+        return answer.pings;
+      });
+      progress(`${pinged.value} keepalive ${element === 'r' ? '<r/>s' : 'pings'}`);
+      return summarizeActivity(pinged.value, pinged.phase, context.memoryMb);
+    };
+    const keepalive = await keepaliveOf('ping');
+    const keepaliveAckRequest = scenario === 'sm' ? await keepaliveOf('r') : undefined;
 
     // With SM: API Gateway's 2-hour cut and the client's resumption.
     let reconnect: ActivityResult | undefined;
@@ -490,6 +494,7 @@ async function runScenario(scenario: Scenario, context: ScenarioContext): Promis
       }),
       login,
       keepalive,
+      keepaliveAckRequest,
       reconnect,
     };
   } finally {
