@@ -108,11 +108,14 @@ for (const minutes of values['ping-minutes'].split(',').map(Number)) {
   }
 }
 lines.push('', 'Per event, as measured:');
+const listed = new Set<ActivityResult>();
 for (const row of rows) {
   for (const [what, activity] of [
     ['keepalive', row.ping],
     [row.how, row.reconnect],
   ] as const) {
+    if (listed.has(activity)) continue;
+    listed.add(activity);
     lines.push(
       `- ${row.title}, ${what}: ${activity.framesIn.toFixed(2)} frames in + ${activity.postsOut.toFixed(2)} posts out, ` +
         `${(activity.queuedRecords ?? activity.framesIn).toFixed(2)} queued records, ${activity.connectInvocations.toFixed(2)} $connect, ` +
