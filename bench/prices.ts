@@ -95,9 +95,8 @@ export const AWS_CALL_LATENCY_MS = {
   dynamodbRequest: 4,
   /**
    * One `@connections` PostToConnection (API Gateway Management API) in the same region: an
-   * HTTPS request to API Gateway, which hands the frame to the client's socket before it
-   * answers. AWS publishes no latency figure for it; 10 ms (two and a half DynamoDB requests) is
-   * an assumption. A deployed stack's X-Ray traces (`TRACING=true`) measure both.
+   * HTTPS request to API Gateway's management endpoint. AWS publishes no latency figure for it;
+   * 10 ms (two and a half DynamoDB requests) is an assumption. A deployed stack's X-Ray traces (`TRACING=true`) measure both.
    */
   connectionPost: 10,
 } as const;
