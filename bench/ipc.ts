@@ -1,6 +1,7 @@
 /**
- * Messages between the bench's three processes: the runner (gateway emulator, `$connect`,
- * DynamoDB Local), the stream worker (the stream function alone, so its CPU time is its own)
+ * Messages between the bench's three processes: the runner (gateway emulator, DynamoDB
+ * Local), the stream worker (the stream function, and `$connect`s run by the connect function,
+ * nothing else, so its CPU time is the functions')
  * and the client process (the xmpp.js clients, whose work must not count as the server's).
  */
 import type { SQSBatchResponse, SQSEvent } from 'aws-lambda';

@@ -4,11 +4,15 @@
  * if the server does not advertise it). Per delivered message it reports throughput,
  * latency, DynamoDB requests and capacity units (ReturnConsumedCapacity), API Gateway
  * messages, the stream function's CPU and wall time, and the resulting $ per million
- * messages (`prices.ts`).
+ * messages (`prices.ts`): projected for AWS from CPU and sequential calls (`cost.ts`), and at
+ * the wall time measured here. The logins before the messages, keepalives after them and,
+ * with SM, reconnects with resumption are measured in windows of their own; the stream
+ * bundle's size and cold init before the load (`cold-start.ts`).
  *
  * Three processes keep the measurements apart: this one (DynamoDB Local's keeper, the gateway
- * emulator, `$connect`), the stream worker (the stream function alone: its CPU time is the
- * function's) and the client process (the xmpp.js clients). Everything listens on 127.0.0.1.
+ * emulator), the function worker (the stream function, and the connect function's
+ * `$connect`s: its CPU time is the functions') and the client process (the xmpp.js clients).
+ * Everything listens on 127.0.0.1.
  *
  *   npm run bench -- --pairs 20 --messages 300 [--sm | --no-sm] [--window 1] [--name run1]
  */
