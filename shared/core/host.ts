@@ -147,6 +147,13 @@ export interface UndeliveredStanza {
   acceptedAt: number;
   /** Called once it has been re-routed (or dropped for good): the progress is recorded. */
   done?: () => Promise<void>;
+  /**
+   * Names this re-route of it: the deliveries it causes are keyed by it (core/frame.ts), so a
+   * re-route repeated after a failure, or run twice at once, does not deliver or store it twice.
+   */
+  key?: string;
+  /** Its place among the stanzas re-routed with it (orders those of one millisecond). */
+  sequence?: number;
 }
 
 export interface EventPayloads {

@@ -84,8 +84,9 @@ async function storeIfWanted(
   // Only our own delay stamp may appear on delivery: drop any that claims to be ours.
   removeForgedDelay(stanza, server.config.domain);
   try {
-    // Stored from a frame: keyed by it, so a redelivery of the frame does not store it twice.
-    const delivery = acceptedAt === undefined ? nextDeliveryKey() : undefined;
+    // Stored from a frame or a re-route: keyed by it, so a redelivery of the frame (a repeated
+    // re-route) does not store it twice.
+    const delivery = nextDeliveryKey();
     const stored = await server.offline.store(
       user,
       { from: stanza.attrs.from, storedAt: acceptedAt ?? Date.now(), stanza: stanza.toString() },

@@ -42,6 +42,7 @@ import {
   NotSessionOwnerError,
   PROBE_AFTER_MS,
   REROUTE_RETRY_MS,
+  REROUTE_SHARD,
   type SmEntry,
   type SmQueueItem,
   type SmVersion,
@@ -359,7 +360,17 @@ async function endSmSession(
   const owner = reason === 'replaced' ? 'any' : session.connectionId;
   const inbound = session.state?.sm?.inbound ?? (await server.smQueue.get(session.smId))?.inbound ?? 0;
   const ended = await server.smQueue.end(session.smId, owner, inbound);
-  if (!ended) return HANDLED;
+  if (!ended) {
+    // Ended already, its re-route perhaps cut short (this is a redelivery of the frame that
+    // ended it, or another end at once): carried on from where it stopped. Re-routes are keyed,
+    // so running one twice delivers nothing twice.
+    const item = await server.smQueue.get(session.smId);
+    if (item?.ended && item.sweepShard === REROUTE_SHARD && (item.rerouted ?? 0) < item.entries.length) {
+      undelivered.push(...(await toReroute(server, item, item.rerouted ?? 0)));
+      afterReroute.push(() => server.smQueue.finishReroute(item.smId));
+    }
+    return HANDLED;
+  }
   // A detached session's directed-presence recipients were carried in its queue item.
   if (ended.directedTo?.length)
     session.directedTo = [...new Set([...(session.directedTo ?? []), ...ended.directedTo])];
@@ -385,6 +396,8 @@ async function toReroute(server: Server, item: SmQueueItem, from: number): Promi
       stanza: parse(entry.s),
       acceptedAt: entry.t,
       done: () => server.smQueue.markRerouted(item.smId, position),
+      key: `reroute:${item.smId}:${item.base + position}`,
+      sequence: item.base + position,
     });
   });
   return stanzas;
