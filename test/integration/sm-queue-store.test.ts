@@ -247,7 +247,7 @@ describe('stored form', () => {
     await queue.append(smId, { s: stanza, t: 1, k: 'req:0' }, MAX);
     const raw = (await rawItem(table, smId))?.q as Array<Record<string, unknown>>;
     expect(raw[0]?.s).toBeUndefined();
-    expect((raw[0]?.z as Uint8Array).length).toBeLessThan(Buffer.byteLength(stanza) * 0.6);
+    expect((raw[0]?.z as Uint8Array | undefined)?.length).toBeLessThan(Buffer.byteLength(stanza) * 0.6);
     expect((await queue.get(smId))?.entries).toEqual([{ s: stanza, t: 1, k: 'req:0' }]);
   });
 });
