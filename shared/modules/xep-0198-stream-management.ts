@@ -36,7 +36,7 @@ import { rerouteUndelivered } from '../core/router.ts';
 import { stampDelay } from '../core/stanzas.ts';
 import { isTransient } from '../core/transient.ts';
 import { StreamError } from '../errors.ts';
-import type { SmState } from '../store/sessions.ts';
+import { ResourceTakenError, type SmState } from '../store/sessions.ts';
 import {
   AckBeyondQueueError,
   NotSessionOwnerError,
@@ -518,7 +518,15 @@ async function enable(stream: Stream, element: Element, version: SmVersion): Pro
     max,
     connectionId: stream.connectionId,
   });
-  await server.sessions.setResourceSm(user, resource, stream.connectionId, smId);
+  try {
+    await server.sessions.setResourceSm(user, resource, stream.connectionId, smId);
+  } catch (error) {
+    if (!(error instanceof ResourceTakenError)) throw error;
+    // A new bind of this resource replaced the stream meanwhile (it is being closed with
+    // <conflict/>): nothing to enable; the queue just made is ended, empty.
+    await server.smQueue.end(smId, stream.connectionId, 0);
+    return void (await stream.send(failed(version, 'unexpected-request')));
+  }
   // A sender that read this resource just before it switched to the queue may still be
   // posting directly; such a stanza must land before <enabled/>, or the client would count a
   // stanza the server never numbered. A short quiet period closes that window in practice.

@@ -76,6 +76,17 @@ export class ConnectionFencedError extends Error {
   }
 }
 
+/** The resource row belongs to another connection now (a new bind took it over). */
+export class ResourceTakenError extends Error {
+  constructor(
+    readonly user: string,
+    readonly resource: string,
+  ) {
+    super(`resource ${user}/${resource} is bound by another connection`);
+    this.name = 'ResourceTakenError';
+  }
+}
+
 /** A per-connection token bucket (core/rate-limit.ts), kept only while the connection is busy. */
 export interface RateBucket {
   frames: number;
@@ -573,15 +584,19 @@ export function createSessionStore(
     },
 
     async setResourceSm(user, resource, connectionId, smId) {
-      await doc.send(
-        new UpdateCommand({
-          TableName: table,
-          Key: resourceKey(user, resource),
-          UpdateExpression: smId ? 'SET smId = :smId' : 'REMOVE smId',
-          ConditionExpression: 'connectionId = :connectionId',
-          ExpressionAttributeValues: { ':connectionId': connectionId, ...(smId ? { ':smId': smId } : {}) },
-        }),
-      );
+      await doc
+        .send(
+          new UpdateCommand({
+            TableName: table,
+            Key: resourceKey(user, resource),
+            UpdateExpression: smId ? 'SET smId = :smId' : 'REMOVE smId',
+            ConditionExpression: 'connectionId = :connectionId',
+            ExpressionAttributeValues: { ':connectionId': connectionId, ...(smId ? { ':smId': smId } : {}) },
+          }),
+        )
+        .catch((error: unknown) => {
+          throw isConditionFailure(error) ? new ResourceTakenError(user, resource) : error;
+        });
     },
 
     releaseSmResource: (user, resource, smId) => releaseIfOwned(user, resource, 'smId', smId),
