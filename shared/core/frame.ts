@@ -16,7 +16,8 @@ interface FrameContext {
   attempt: string;
   redelivered: boolean;
   seq?: string;
-  deliveries: number;
+  /** Deliveries so far, per target: a broadcast's concurrent deliveries each count their own. */
+  deliveries: Map<string, number>;
 }
 
 const frames = new AsyncLocalStorage<FrameContext>();
@@ -34,14 +35,14 @@ export function inFrame<T>(
       attempt: randomBytes(6).toString('base64url'),
       redelivered: (frame.receiveCount ?? 1) > 1,
       ...(frame.seq ? { seq: frame.seq } : {}),
-      deliveries: 0,
+      deliveries: new Map(),
     },
     work,
   );
 }
 
 export interface DeliveryKey {
-  /** `<frame id>:<n>`: the n-th durable delivery this frame causes. */
+  /** `<frame id>:<n>`: the frame's n-th durable delivery to its target. */
   key: string;
   /** When the frame reached API Gateway (ms): the same on every delivery of it. */
   at: number;
@@ -55,19 +56,23 @@ export interface DeliveryKey {
   position: number;
 }
 
-/** The key of the next durable delivery of the current frame; undefined outside a frame. */
-export function nextDeliveryKey(): DeliveryKey | undefined {
+/**
+ * The key of the current frame's next durable delivery to `target` (a stream-management session,
+ * an offline inbox); undefined outside a frame. Deliveries to one target are made one after the
+ * other, so every delivery of the frame numbers them alike, whatever runs beside them.
+ */
+export function nextDeliveryKey(target: string): DeliveryKey | undefined {
   const frame = frames.getStore();
   if (!frame) return undefined;
-  const key = `${frame.frameId}:${frame.deliveries}`;
-  frame.deliveries += 1;
+  const position = frame.deliveries.get(target) ?? 0;
+  frame.deliveries.set(target, position + 1);
   return {
-    key,
+    key: `${frame.frameId}:${position}`,
     at: frame.receivedAt,
     attempt: frame.attempt,
     redelivered: frame.redelivered,
     ...(frame.seq ? { seq: frame.seq } : {}),
-    position: frame.deliveries - 1,
+    position,
   };
 }
 

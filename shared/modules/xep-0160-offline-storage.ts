@@ -86,7 +86,7 @@ async function storeIfWanted(
   try {
     // Stored from a frame or a re-route: keyed by it, so a redelivery of the frame (a repeated
     // re-route) does not store it twice.
-    const delivery = nextDeliveryKey();
+    const delivery = nextDeliveryKey(`offline:${user}`);
     const stored = await server.offline.store(
       user,
       { from: stanza.attrs.from, storedAt: acceptedAt ?? Date.now(), stanza: stanza.toString() },

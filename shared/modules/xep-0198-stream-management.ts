@@ -175,7 +175,7 @@ async function deliverToSmSession(
   stanza: Element,
   options: DeliveryOptions = {},
 ): Promise<DeliveryResult> {
-  const delivery = nextDeliveryKey();
+  const delivery = nextDeliveryKey(`sm:${smId}`);
   const entry: SmEntry = {
     s: stanza.toString(),
     t: delivery?.at ?? Date.now(),

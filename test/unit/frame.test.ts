@@ -21,23 +21,27 @@ describe('nextDeliveryKey', () => {
   it('numbers the deliveries of one frame the same way on every delivery of it', async () => {
     const keys = (receiveCount: number) =>
       inFrame({ frameId: 'req-1', receivedAt: 5, receiveCount, seq: '42' }, async () => [
-        nextDeliveryKey(),
-        nextDeliveryKey(),
+        nextDeliveryKey('sm:a'),
+        nextDeliveryKey('sm:a'),
+        nextDeliveryKey('offline:bob@localhost'),
       ]);
     const first = await keys(1);
     const again = await keys(2);
-    expect(first.map((k) => k?.key)).toEqual(['req-1:0', 'req-1:1']);
-    expect(again.map((k) => k?.key)).toEqual(['req-1:0', 'req-1:1']);
-    expect(first.map((k) => k?.redelivered)).toEqual([false, false]);
-    expect(again.map((k) => k?.redelivered)).toEqual([true, true]);
+    // Numbered per target: another target's deliveries, however interleaved, change nothing.
+    expect(first.map((k) => k?.key)).toEqual(['req-1:0', 'req-1:1', 'req-1:0']);
+    expect(again.map((k) => k?.key)).toEqual(['req-1:0', 'req-1:1', 'req-1:0']);
+    expect(first.map((k) => k?.redelivered)).toEqual([false, false, false]);
+    expect(again.map((k) => k?.redelivered)).toEqual([true, true, true]);
     // Each delivery of the frame is its own attempt (a resend by the SDK is not).
     expect(first[0]?.attempt).not.toBe(again[0]?.attempt);
     expect(first[0]?.attempt).toBe(first[1]?.attempt);
   });
 
   it('has no key outside a frame (the sweeper, a frame without an id)', async () => {
-    expect(nextDeliveryKey()).toBeUndefined();
-    expect(await inFrame({ frameId: '', receivedAt: 1 }, async () => nextDeliveryKey())).toBeUndefined();
+    expect(nextDeliveryKey('sm:a')).toBeUndefined();
+    expect(
+      await inFrame({ frameId: '', receivedAt: 1 }, async () => nextDeliveryKey('sm:a')),
+    ).toBeUndefined();
   });
 });
 
