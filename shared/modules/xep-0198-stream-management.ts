@@ -532,7 +532,9 @@ async function enable(stream: Stream, element: Element, version: SmVersion): Pro
   // stanza the server never numbered. A short quiet period closes that window in practice.
   if (server.config.smEnableGraceMs > 0) await sleep(server.config.smEnableGraceMs);
   const sm: SmState = { version, id: smId, inbound: 0, acked: 0, resumable: wantsResume, max };
-  stream.update({ sm });
+  // Saved before <enabled/> goes out, with the frame that did it: see `handle`.
+  stream.update({ sm, ...(stream.frameId ? { smFrame: stream.frameId } : {}) });
+  await stream.commit();
 
   const enabled = new Element('enabled', { xmlns: namespaceOf(version) });
   if (wantsResume) {
@@ -791,7 +793,9 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
     resumable: true,
     max: taken.max,
   };
-  stream.update({ resource: taken.resource, sm });
+  // Saved before <resumed/> goes out, with the frame that did it: see `handle`.
+  stream.update({ resource: taken.resource, sm, ...(stream.frameId ? { smFrame: stream.frameId } : {}) });
+  await stream.commit();
   const resumed = new Element('resumed', { xmlns: namespaceOf(version), previd: taken.smId });
   // Seed §5: "If there is no known last acknowledged sequence number ... 'h' MUST NOT be included."
   if (version === 'sm3' || inbound > 0) resumed.attrs.h = String(inbound % WRAP);
@@ -817,6 +821,16 @@ async function refuseResume(stream: Stream, reply: Element): Promise<void> {
 
 /** Every nonza of an SM namespace. */
 async function handle(stream: Stream, element: Element, version: SmVersion): Promise<void> {
+  if (
+    (element.name === 'enable' || element.name === 'resume') &&
+    stream.frameId &&
+    stream.state.smFrame === stream.frameId
+  ) {
+    // This very frame enabled or resumed the session, and failed later (its replay, the flood
+    // after it): the client may hold <enabled/> or <resumed/> and part of a replay. Whatever it
+    // got, a resume tells exactly: the socket is closed and the client resumes.
+    return forceResume(stream.server, stream.connectionId, `redelivered <${element.name}/>`);
+  }
   switch (element.name) {
     case 'enable':
       return enable(stream, element, version);

@@ -142,6 +142,8 @@ export interface ConnectionState {
    * it or of an earlier frame (a timed-out batch comes back whole) is not counted again.
    */
   countedSeq?: string;
+  /** XEP-0198: the frame that enabled or resumed this stream's session (saved before the answer went out). */
+  smFrame?: string;
   /** The id of the last frame whose state changes were saved (a redelivery of it is skipped). */
   savedFrame?: string;
   /**
@@ -270,6 +272,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     fenced: item.fenced as boolean | undefined,
     countedFrame: item.countedFrame as string | undefined,
     countedSeq: item.countedSeq as string | undefined,
+    smFrame: item.smFrame as string | undefined,
     savedFrame: item.savedFrame as string | undefined,
     doneSeq: item.doneSeq as string | undefined,
     rosterInterested: item.rosterInterested as boolean | undefined,
