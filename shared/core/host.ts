@@ -201,6 +201,11 @@ export interface EventPayloads {
     state?: ConnectionState;
     /** The resource the failed post was for, when the connection row is already gone. */
     resource?: ResourceRecord;
+    /**
+     * The connection's own `$disconnect`: the queue has handed over every frame before it, so
+     * nothing of the connection is still to run (a 410 or a probe can come before its last frames).
+     */
+    disconnected?: boolean;
   };
   /** A stream-management session was resumed on a new stream. */
   'session-resumed': {

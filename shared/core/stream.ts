@@ -237,7 +237,11 @@ export async function handleStreamEvent(server: Server, event: StreamEvent): Pro
     server.rates.forget(event.connectionId);
     // A module may keep the session without its socket (resumable stream management).
     if (stored)
-      await server.host.fire('connection-vanished', { connectionId: event.connectionId, state: stored });
+      await server.host.fire('connection-vanished', {
+        connectionId: event.connectionId,
+        state: stored,
+        disconnected: true,
+      });
     return;
   }
   if (

@@ -322,7 +322,7 @@ async function overflow(server: Server, smId: string): Promise<void> {
  */
 async function keepResumable(
   server: Server,
-  event: { connectionId: string; state?: import('../store/sessions.ts').ConnectionState },
+  event: { connectionId: string; state?: import('../store/sessions.ts').ConnectionState; disconnected?: boolean },
 ): Promise<typeof HANDLED | undefined> {
   // Fenced, not just read: the connection's frames may still be running (a 410 seen by another
   // invocation, a probe), and a stanza counted after this read would be routed yet missing from
@@ -338,7 +338,10 @@ async function keepResumable(
     until,
     state.directedTo ?? [],
   );
-  await server.sessions.deleteConnection(event.connectionId);
+  // The row stays, fenced, until the connection's own $disconnect: a frame of it still queued
+  // (one being retried) whose stanza was counted must find it and still route that stanza (the
+  // count is in what a resume reports); an uncounted one is stopped by the fence.
+  if (event.disconnected) await server.sessions.deleteConnection(event.connectionId);
   return HANDLED;
 }
 
@@ -763,8 +766,8 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
   const previousConnection = item.connectionId;
   if (previousConnection && previousConnection !== stream.connectionId) {
     // XEP-0198 §5: the old stream, if still open, is terminated.
+    // Its row stays, fenced, until its $disconnect (see keepResumable).
     await kickConnection(server, previousConnection, new StreamError('conflict', 'Resumed elsewhere'));
-    await server.sessions.deleteConnection(previousConnection);
   }
   const record = await server.sessions.getResource(user, taken.resource);
   await server.sessions.bindResource({

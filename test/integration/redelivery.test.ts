@@ -90,3 +90,54 @@ describe('a redelivered stanza frame', () => {
     expect(await server.offline.count(recipient)).toBe(3);
   });
 });
+
+describe('a stanza counted before its stream was resumed elsewhere', () => {
+  it('is still routed when its frame comes back; one not counted is stopped by the fence', async () => {
+    const port = new RecordingPort();
+    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+    const sender = `carl${Date.now()}@localhost`;
+    const recipient = `dora${Date.now()}@localhost`;
+    await server.users.create(recipient, await deriveCredentialSet('pw', 4096));
+    await server.sessions.createConnection('old', Date.now());
+    // The old stream counted frame 300 (XEP-0198 writes the count before routing), then its
+    // routing failed and the frame went back to the queue; meanwhile a post elsewhere met a 410
+    // on its socket: the session detached with h = 1, which a resume will report, so the
+    // client will not resend it.
+    await server.sessions.updateConnection('old', {
+      streamOpen: true,
+      user: sender,
+      resource: 'r',
+      sm: { version: 'sm3', id: 'sm-old', inbound: 1, acked: 0, resumable: true, max: 300 },
+      countedFrame: 'f300',
+      countedSeq: '300',
+    });
+    await server.smQueue.create({
+      smId: 'sm-old',
+      user: sender,
+      resource: 'r',
+      version: 'sm3',
+      resumable: true,
+      max: 300,
+      connectionId: 'old',
+    });
+    await server.host.fire('connection-vanished', { connectionId: 'old' });
+    expect((await server.smQueue.get('sm-old'))?.inbound).toBe(1);
+    const frame = (frameId: string, seq: string, body: string) =>
+      handleStreamEvent(server, {
+        connectionId: 'old',
+        kind: 'frame',
+        frame: `<message xmlns='jabber:client' to='${recipient}' type='chat'><body>${body}</body></message>`,
+        receivedAt: Date.now(),
+        frameId,
+        seq,
+        receiveCount: 2,
+      });
+    await frame('f300', '300', 'counted');
+    // Not counted before the fence: the client resends it on its new stream.
+    await frame('f301', '301', 'not counted');
+    const bodies = (await server.offline.list(recipient)).messages.map(
+      (m) => /<body>([^<]*)</.exec(m.stanza)?.[1],
+    );
+    expect(bodies).toEqual(['counted']);
+  });
+});
