@@ -322,7 +322,11 @@ async function overflow(server: Server, smId: string): Promise<void> {
  */
 async function keepResumable(
   server: Server,
-  event: { connectionId: string; state?: import('../store/sessions.ts').ConnectionState; disconnected?: boolean },
+  event: {
+    connectionId: string;
+    state?: import('../store/sessions.ts').ConnectionState;
+    disconnected?: boolean;
+  },
 ): Promise<typeof HANDLED | undefined> {
   // Fenced, not just read: the connection's frames may still be running (a 410 seen by another
   // invocation, a probe), and a stanza counted after this read would be routed yet missing from
