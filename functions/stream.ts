@@ -144,7 +144,7 @@ function countFailures(server: Server, event: SQSEvent, response: SQSBatchRespon
 }
 
 export function createStreamHandler(server: Server, options: StreamHandlerOptions = {}) {
-  const maxReceiveCount = options.maxReceiveCount ?? (Number(process.env.FRAME_MAX_RECEIVES) || 10);
+  const maxReceiveCount = options.maxReceiveCount ?? (Number(process.env.FRAME_MAX_RECEIVES) || 20);
   return async (
     event: SQSEvent,
     context?: Partial<Context> & Pick<Context, 'getRemainingTimeInMillis'>,

@@ -40,7 +40,7 @@ export const DEPLOYED_EVENT_SOURCE = {
   /** Six times the function timeout (`FrameQueue`). */
   visibilityTimeoutMs: 180_000,
   /** The redrive policy of `FrameQueue`. */
-  maxReceiveCount: 10,
+  maxReceiveCount: 20,
   /** The `SqsEventSource` of the stream function. */
   batchSize: 10,
   /**

@@ -262,7 +262,7 @@ describe('frame queue', () => {
       RedrivePolicy: {
         deadLetterTargetArn: { 'Fn::GetAtt': [deadLetterQueueId, 'Arn'] },
         // A connection's frames behind a failing one are returned unprocessed, and that counts.
-        maxReceiveCount: 10,
+        maxReceiveCount: 20,
       },
     });
     expect(resources[deadLetterQueueId].Properties).toMatchObject({
