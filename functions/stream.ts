@@ -84,6 +84,7 @@ async function handleRecord(
   tracer: Tracer | undefined,
   mayStart: () => boolean,
   mayRetry: () => boolean,
+  followed: ReadonlySet<string>,
 ): Promise<void> {
   if (!mayStart()) {
     server.log.warn('out of time: frame left for redelivery', { messageId: record.messageId });
@@ -97,6 +98,7 @@ async function handleRecord(
     const seq = record.attributes.SequenceNumber;
     if (seq) event.seq = seq;
     event.receiveCount = Number(record.attributes.ApproximateReceiveCount) || 1;
+    if (followed.has(record.messageId)) event.followed = true;
   } catch (error) {
     if (!(error instanceof MalformedQueueMessageError)) throw error;
     // Retrying cannot make it readable: dropped (a success for the queue).
@@ -126,6 +128,20 @@ async function handleRecord(
   );
 }
 
+/** The records after which the batch holds another record of the same connection (message group). */
+export function followedRecords(records: readonly SQSRecord[]): Set<string> {
+  const followed = new Set<string>();
+  const last = new Map<string, string>();
+  for (const record of records) {
+    const group = record.attributes.MessageGroupId;
+    if (!group) continue;
+    const previous = last.get(group);
+    if (previous) followed.add(previous);
+    last.set(group, record.messageId);
+  }
+  return followed;
+}
+
 /** Retried and dead-lettered records, from the batch response (skipped records of a failed group included). */
 function countFailures(server: Server, event: SQSEvent, response: SQSBatchResponse, maxReceiveCount: number) {
   const failed = new Set(response.batchItemFailures.map((failure) => failure.itemIdentifier));
@@ -152,13 +168,14 @@ export function createStreamHandler(server: Server, options: StreamHandlerOption
     const remainingMs = context ? () => context.getRemainingTimeInMillis() : undefined;
     const started = { count: 0, initial: 0 };
     const mayStart = () => timeToStart(remainingMs, started);
+    const followed = followedRecords(event.Records);
     // A retry in place needs the time a record would need to start, and more for the wait.
     const mayRetry = () =>
       !remainingMs || remainingMs() >= 2 * Math.min(TIME_IN_HAND_MS, started.initial / 5);
     try {
       const response = await processPartialResponse(
         event,
-        (record: SQSRecord) => handleRecord(server, record, options.tracer, mayStart, mayRetry),
+        (record: SQSRecord) => handleRecord(server, record, options.tracer, mayStart, mayRetry, followed),
         new SqsFifoPartialProcessorAsync(),
         // A batch whose every record failed is reported like any other (all retried), not thrown.
         {

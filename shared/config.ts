@@ -60,6 +60,13 @@ export interface Config {
   smAckTimeoutSeconds: number;
   /** XEP-0198: quiet period between switching a resource to its queue and `<enabled/>`. */
   smEnableGraceMs: number;
+  /**
+   * Which stanza frames are marked done in their connection row (a redelivery of a marked frame is
+   * skipped): `all` (exactly once under lost deletes and deaths too, one write unit per stanza), or
+   * `batched` (only a frame followed by another of its connection in the same batch: a timed-out or
+   * failed batch repeats nothing, a lost delete or a death after a connection's last frame can).
+   */
+  frameDoneMarks: 'all' | 'batched';
   /** Per-connection rate limits (core/rate-limit.ts): steady rates and bursts of frames and bytes. */
   rateFramesPerSecond: number;
   rateFrameBurst: number;
@@ -112,6 +119,7 @@ export const TUNABLE_SETTINGS = [
   'SM_QUEUE_MAX_BYTES',
   'SM_ACK_TIMEOUT_SECONDS',
   'SM_ENABLE_GRACE_MS',
+  'FRAME_DONE_MARKS',
   'ARCHIVE_COLLECTION_GAP_SECONDS',
   'ARCHIVE_TOMBSTONE_DAYS',
   'ARCHIVE_CHANGE_WINDOW_SECONDS',
@@ -189,6 +197,7 @@ export function loadConfig(env: Env = process.env): Config {
     smQueueMaxBytes: Math.min(240 * 1024, int(env, 'SM_QUEUE_MAX_BYTES', 192 * 1024)),
     smAckTimeoutSeconds: int(env, 'SM_ACK_TIMEOUT_SECONDS', 120),
     smEnableGraceMs: int(env, 'SM_ENABLE_GRACE_MS', 200),
+    frameDoneMarks: oneOf(env, 'FRAME_DONE_MARKS', ['all', 'batched'] as const, 'all'),
     archiveCollectionGapSeconds: int(env, 'ARCHIVE_COLLECTION_GAP_SECONDS', 30 * 60),
     archiveTombstoneDays: int(env, 'ARCHIVE_TOMBSTONE_DAYS', 90),
     archiveChangeWindowSeconds: Math.max(1, int(env, 'ARCHIVE_CHANGE_WINDOW_SECONDS', 60)),

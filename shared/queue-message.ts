@@ -32,6 +32,8 @@ export interface StreamEvent {
   seq?: string;
   /** How many times the queue has delivered this frame (SQS ApproximateReceiveCount). */
   receiveCount?: number;
+  /** Another frame of the same connection follows this one in the invocation's batch. */
+  followed?: boolean;
   /** API Gateway's request id, for the logs (it is also in the stage's access log). */
   requestId?: string;
 }

@@ -44,6 +44,8 @@ export class XmppStream implements Stream {
     readonly state: ConnectionState,
     readonly frameId = '',
     readonly seq?: string,
+    /** Another frame of the connection follows in the batch (see Config.frameDoneMarks). */
+    readonly followed = false,
   ) {}
 
   get connectionId(): string {
@@ -113,7 +115,8 @@ export class XmppStream implements Stream {
     if (this.ended) return;
     // A routed stanza is marked done even without state changes: a redelivery would repeat its
     // posts. (Its durable writes carry frame keys and would not repeat; see core/frame.ts.)
-    const markDone = this.seq !== undefined && this.routed;
+    const markDone =
+      this.seq !== undefined && this.routed && (this.server.config.frameDoneMarks === 'all' || this.followed);
     if (!markDone && Object.keys(this.changes).length === 0) return;
     // The frame's id goes with the state it produced, in the same write: a redelivery of a frame
     // whose work was saved (a timeout or a lost delete after the save) is recognised and skipped.
@@ -260,7 +263,7 @@ export async function handleStreamEvent(server: Server, event: StreamEvent): Pro
     authFailures: 0,
   };
   if (state.user) addLogContext({ jid: state.user });
-  const stream = new XmppStream(server, state, event.frameId, event.seq);
+  const stream = new XmppStream(server, state, event.frameId, event.seq, event.followed ?? false);
   return inFrame(event, () => handleFrame(stream, event));
 }
 

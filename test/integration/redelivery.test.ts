@@ -141,3 +141,46 @@ describe('a stanza counted before its stream was resumed elsewhere', () => {
     expect(bodies).toEqual(['counted']);
   });
 });
+
+describe('FRAME_DONE_MARKS=batched', () => {
+  it('marks only a frame another of its connection follows in the batch; keyed writes still hold', async () => {
+    const port = new RecordingPort();
+    const server = createServer({
+      config: await createTestConfig({ FRAME_DONE_MARKS: 'batched' }),
+      port,
+      log: createLogger('silent'),
+    });
+    const sender = `erin${Date.now()}@localhost`;
+    const recipient = `finn${Date.now()}@localhost`;
+    await server.users.create(recipient, await deriveCredentialSet('pw', 4096));
+    await server.sessions.createConnection('b1', Date.now());
+    await server.sessions.updateConnection('b1', { streamOpen: true, user: sender, resource: 'r' });
+    const frame = (
+      frameId: string,
+      seq: string,
+      body: string,
+      extra: { receiveCount?: number; followed?: boolean } = {},
+    ) =>
+      handleStreamEvent(server, {
+        connectionId: 'b1',
+        kind: 'frame',
+        frame: `<message xmlns='jabber:client' to='${recipient}' type='chat'><body>${body}</body></message>`,
+        receivedAt: 1_790_000_000_000,
+        frameId,
+        seq,
+        ...extra,
+      });
+    // Alone in its batch (chat pace): no write beyond the store itself.
+    await frame('g1', '500', 'one');
+    expect((await server.sessions.getConnection('b1'))?.doneSeq).toBeUndefined();
+    // Its lost delete brings it back: the keyed store finds it stored.
+    await frame('g1', '500', 'one', { receiveCount: 2 });
+    // Followed by another frame of the connection: marked, so a timed-out batch skips it.
+    await frame('g2', '501', 'two', { followed: true });
+    expect((await server.sessions.getConnection('b1'))?.doneSeq).toBe('501');
+    const bodies = (await server.offline.list(recipient)).messages.map(
+      (m) => /<body>([^<]*)</.exec(m.stanza)?.[1],
+    );
+    expect(bodies).toEqual(['one', 'two']);
+  });
+});

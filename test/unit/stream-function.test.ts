@@ -5,7 +5,7 @@
  */
 import type { SQSRecord } from 'aws-lambda';
 import { describe, expect, it } from 'vitest';
-import { createStreamHandler, TIME_IN_HAND_MS } from '../../functions/stream.ts';
+import { createStreamHandler, followedRecords, TIME_IN_HAND_MS } from '../../functions/stream.ts';
 import { createLogger } from '../../shared/log.ts';
 import { MetricsRecorder } from '../../shared/metrics.ts';
 import type { Server } from '../../shared/server.ts';
@@ -71,5 +71,20 @@ describe('functions/stream and the remaining time', () => {
       { getRemainingTimeInMillis: () => remaining.shift() ?? 0 },
     );
     expect(result.batchItemFailures).toEqual([{ itemIdentifier: 'm3' }]);
+  });
+});
+
+describe('followedRecords', () => {
+  it('names the records after which the batch holds another record of the same connection', () => {
+    // A batch mixes connections: a1, b1, a2, c1, a3 (each connection's records in order).
+    const batch = [
+      record('a1', 'A'),
+      record('b1', 'B'),
+      record('a2', 'A'),
+      record('c1', 'C'),
+      record('a3', 'A'),
+    ];
+    expect([...followedRecords(batch)].sort()).toEqual(['a1', 'a2']);
+    expect(followedRecords([record('x', 'X')]).size).toBe(0);
   });
 });
