@@ -99,13 +99,24 @@ export function powertoolsLogger(level: string): { log: Logger; powertools: Powe
     serviceName: METRIC_SERVICE,
     logLevel: POWERTOOLS_LEVELS[isLogLevel(level) ? level : 'info'],
   });
+  const isEnabled: Logger['isEnabled'] = (at) =>
+    (SEVERITY[POWERTOOLS_LEVELS[at]] ?? 0) >= (SEVERITY[powertools.getLevelName()] ?? SEVERITY.INFO);
+  // The entry (the log context copied, errors made serialisable) is built only for a line that
+  // is written: a debug line on every frame costs nothing at the default level.
   const log: Logger = {
-    debug: (message, fields) => powertools.debug(message, entryFields(fields)),
-    info: (message, fields) => powertools.info(message, entryFields(fields)),
-    warn: (message, fields) => powertools.warn(message, entryFields(fields)),
-    error: (message, fields) => powertools.error(message, entryFields(fields)),
-    isEnabled: (at) =>
-      (SEVERITY[POWERTOOLS_LEVELS[at]] ?? 0) >= (SEVERITY[powertools.getLevelName()] ?? SEVERITY.INFO),
+    debug: (message, fields) => {
+      if (isEnabled('debug')) powertools.debug(message, entryFields(fields));
+    },
+    info: (message, fields) => {
+      if (isEnabled('info')) powertools.info(message, entryFields(fields));
+    },
+    warn: (message, fields) => {
+      if (isEnabled('warn')) powertools.warn(message, entryFields(fields));
+    },
+    error: (message, fields) => {
+      if (isEnabled('error')) powertools.error(message, entryFields(fields));
+    },
+    isEnabled,
   };
   return { log, powertools };
 }

@@ -34,7 +34,12 @@ export function apiGatewayPort(endpoint: string, region: string, options: PortOp
     ...(endpoint.startsWith('http://') && !process.env.AWS_ACCESS_KEY_ID
       ? { credentials: { accessKeyId: 'local', secretAccessKey: 'local' } }
       : {}),
+    // Resolve each command's middleware once per command class instead of on every post (the
+    // client's stack is complete here: nothing is added after the first send).
+    cacheMiddleware: true,
   });
+  // The SDK's logger middleware filters every request for a logger this client is not given.
+  client.middlewareStack.remove('loggerMiddleware');
   options.instrument?.(client);
   return {
     async post(connectionId, data) {

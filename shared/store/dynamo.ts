@@ -182,6 +182,9 @@ function installThrottleCounter(client: DynamoDBClient, onThrottle: (operation: 
   );
 }
 
+/** The name under which every AWS SDK v3 client stacks its (no-op unless given a `logger`) logger middleware. */
+export const SDK_LOGGER_MIDDLEWARE = 'loggerMiddleware';
+
 export function createDocumentClient(options: DynamoOptions): DynamoDBDocumentClient {
   const client = new DynamoDBClient({
     region: options.region,
@@ -192,6 +195,9 @@ export function createDocumentClient(options: DynamoOptions): DynamoDBDocumentCl
       : {}),
     maxAttempts: 4,
   });
+  // The SDK's logger middleware filters every request's input and output for its logger (walking
+  // each returned item) even when that logger discards them; these clients are given none.
+  client.middlewareStack.remove(SDK_LOGGER_MIDDLEWARE);
   const meter = options.meter ?? meterFromEnvironment();
   if (meter) installMeter(client, meter);
   if (options.onThrottle) installThrottleCounter(client, options.onThrottle);
