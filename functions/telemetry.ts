@@ -18,7 +18,7 @@ import { Metrics, MetricUnit } from '@aws-lambda-powertools/metrics';
 import type { Tracer } from '@aws-lambda-powertools/tracer';
 import type { Context } from 'aws-lambda';
 import type { Config } from '../shared/config.ts';
-import { entryFields, isLogLevel, type Logger } from '../shared/log.ts';
+import { entryFields, isLogLevel, type Logger, useSequentialLogContext } from '../shared/log.ts';
 import { METRIC_NAMESPACE, METRIC_SERVICE, type MetricSample } from '../shared/metrics.ts';
 
 export type { Tracer };
@@ -166,6 +166,9 @@ export interface LambdaTelemetry {
 }
 
 export async function lambdaTelemetry(config: Config, functionName: string): Promise<LambdaTelemetry> {
+  // One invocation at a time per execution environment, unless Lambda runs several at once in it
+  // (multi-concurrency, which announces itself with AWS_LAMBDA_MAX_CONCURRENCY).
+  if (!('AWS_LAMBDA_MAX_CONCURRENCY' in process.env)) useSequentialLogContext();
   const { log, powertools } = powertoolsLogger(process.env.LOG_LEVEL ?? 'info');
   const tracer = await loadTracer();
   return {
