@@ -214,6 +214,11 @@ export function createDocumentClient(options: DynamoOptions): DynamoDBDocumentCl
   if (options.onThrottle) installThrottleCounter(client, options.onThrottle);
   // The document client shares the low-level client's middleware stack: wrapping one traces both.
   options.instrument?.(client);
+  return documentClientOver(client);
+}
+
+/** The document client of the stores over `client`: lib-dynamodb's, sending its commands directly. */
+export function documentClientOver(client: DynamoDBClient): DynamoDBDocumentClient {
   const doc = DynamoDBDocumentClient.from(client, { marshallOptions: MARSHALL_OPTIONS });
   sendDirectly(doc, client);
   return doc;
