@@ -2,7 +2,7 @@
  * `npx tsx bench/cold-start.ts [stream|connect|sweeper ...] [--runs N] [--tracing]`: builds each
  * function the way the CDK stack does (`infra/constructs/xmpp-function.ts`: esbuild, ESM,
  * minified, target node22, ESM builds first, AWS SDK bundled with the Lambda credential chain,
- * source map, `NIMBUS_TRACING` folded in; `--tracing`
+ * source map without sources, `NIMBUS_TRACING` folded in; `--tracing`
  * as with `TRACING=true`) and reports the bundle's size and its cold init:
  * a fresh `node` process importing the bundle and running the handler's first-call setup
  * (`server ??= createServer(...)`, with an empty event, so no network is touched). Median of
@@ -81,6 +81,7 @@ try {
       format: 'esm',
       minify: true,
       sourcemap: true,
+      sourcesContent: false,
       banner: { js: BANNER },
       define: { 'process.env.NIMBUS_TRACING': JSON.stringify(tracing) },
       mainFields: BUNDLE_MAIN_FIELDS,

