@@ -20,7 +20,8 @@ import type { ClientPlan, ClientResult, FromClients, ToClients } from './ipc.ts'
  * xmpp.js's SCRAM-SHA-1 (package `sasl-scram-sha-1`) computes Hi() as 4096 awaited WebCrypto
  * HMACs, about 0.5 s of this process per login here: half a minute before every run. Hi() is
  * PBKDF2-HMAC-SHA-1 with one 20-byte block (RFC 5802 §2.2), so Node's native PBKDF2 gives the
- * same bytes; the rest of the client's SCRAM exchange is untouched. Logins are not measured.
+ * same bytes; the rest of the client's SCRAM exchange is untouched. The client's own CPU is
+ * never counted as the server's.
  */
 const scramPrimitives = createRequire(import.meta.url)('sasl-scram-sha-1/lib/bitops.js') as {
   Hi: (text: string, salt: Uint8Array, iterations: number) => Promise<Uint8Array>;
@@ -34,6 +35,7 @@ const NS_SM3 = 'urn:xmpp:sm:3';
 const LOGIN_CONCURRENCY = 10;
 const SM_ENABLE_WAIT_MS = 5_000;
 const WARMUP_TIMEOUT_MS = 60_000;
+const RESUME_PAUSE_MS = 300;
 
 type XmppClient = ReturnType<typeof createClient>;
 
@@ -61,6 +63,8 @@ let lastDelivery = 0;
 let plan: ClientPlan | undefined;
 /** A client that loses its stream before `stop` makes the run fail at once instead of timing out. */
 let stopping = false;
+/** While the resume phase closes sockets on purpose. */
+let resuming = false;
 let lost: ((error: Error) => void) | undefined;
 const lostStream = new Promise<never>((_, reject) => {
   lost = reject;
@@ -120,7 +124,8 @@ async function startClient(username: string, password: string, domain: string, u
     lastError = error.message;
   });
   xmpp.on('disconnect', () => {
-    if (!stopping) lost?.(new Error(`${username} lost its stream${lastError ? `: ${lastError}` : ''}`));
+    if (!stopping && !resuming)
+      lost?.(new Error(`${username} lost its stream${lastError ? `: ${lastError}` : ''}`));
   });
   // Runs before xmpp.js's own listener, so its stream-management module never sees the
   // feature when the run is without it (xmpp.js enables SM whenever the server offers it).
@@ -222,6 +227,63 @@ async function exchange(phase: PairState['phase'], perPair: number, window: numb
   return timedOut;
 }
 
+/**
+ * Keepalives as an idle always-online client sends them: an XEP-0199 ping to the server, its
+ * answer awaited (or with SM an `<r/>`, answered `<a/>`), then a pause (longer than xmpp.js's 250 ms `<r/>` debounce, so that with SM
+ * each ping brings its own `<r/>` and `<a/>`, as pings minutes apart would).
+ */
+async function keepalives(perClient: number, gapMs: number, element: 'ping' | 'r'): Promise<number> {
+  let pings = 0;
+  await Promise.all(
+    clients.map(async (client) => {
+      for (let i = 0; i < perClient; i++) {
+        if (element === 'r') {
+          // The server's <a/> comes back within the gap; xmpp.js takes it.
+          await client.xmpp.send(xml('r', { xmlns: NS_SM3 }));
+        } else {
+          await client.xmpp.iqCaller.request(
+            xml('iq', { type: 'get', to: plan?.domain }, xml('ping', { xmlns: 'urn:xmpp:ping' })),
+            10_000,
+          );
+        }
+        pings += 1;
+        await new Promise((resolve) => setTimeout(resolve, gapMs));
+      }
+    }),
+  );
+  return pings;
+}
+
+/**
+ * What API Gateway's 2-hour cut costs an SM client: the socket closes without `</stream>` (the
+ * server detaches the session on `$disconnect`), and the stock client reconnects, logs in
+ * again (SCRAM) and sends `<resume/>` instead of binding.
+ */
+async function resumeAll(): Promise<number> {
+  let resumes = 0;
+  resuming = true;
+  try {
+    await inBatches(clients, LOGIN_CONCURRENCY, async (client) => {
+      const { xmpp } = client;
+      // The socket closes without `<close/>` (xmpp.js's `disconnect()` would close the stream
+      // first, and the server would end the session).
+      await (xmpp as unknown as { _closeSocket(): Promise<void> })._closeSocket();
+      // Let the $disconnect reach the server first, as it does when API Gateway cuts the socket.
+      await new Promise((resolve) => setTimeout(resolve, RESUME_PAUSE_MS));
+      const resumed = new Promise<void>((resolve, reject) => {
+        xmpp.streamManagement.once('resumed', () => resolve());
+        xmpp.once('error', reject);
+      });
+      await xmpp.reconnect.reconnect();
+      await withTimeout(resumed, 10_000, `${client.bare}'s resumption`);
+      resumes += 1;
+    });
+  } finally {
+    resuming = false;
+  }
+  return resumes;
+}
+
 async function stopAll(): Promise<void> {
   stopping = true;
   await Promise.all(clients.map((client) => withTimeout(client.xmpp.stop(), 5_000, 'stop').catch(() => {})));
@@ -231,6 +293,7 @@ process.on('message', (message: ToClients) => {
   const handle = async () => {
     switch (message.type) {
       case 'start': {
+        // The login phase: open, SASL SCRAM, bind, and with SM <enable/>.
         plan = message.plan;
         await withTimeout(login(plan), plan.timeoutMs, 'logging in');
         if (plan.streamManagement && !smAdvertised) {
@@ -241,18 +304,42 @@ process.on('message', (message: ToClients) => {
         if (plan.streamManagement && smEnabled < clients.length) {
           throw new Error(`stream management enabled on ${smEnabled} of ${clients.length} clients`);
         }
-        await withTimeout(goAvailable(), plan.timeoutMs, 'initial presence');
+        report({ type: 'logged-in', clients: clients.length, smAdvertised, smEnabled });
+        return;
+      }
+      case 'warmup': {
+        const current = plan;
+        if (!current) throw new Error('warmup before start');
+        await withTimeout(goAvailable(), current.timeoutMs, 'initial presence');
         if (
           await exchange(
             'warmup',
-            plan.warmupPerPair,
-            plan.window,
-            Math.min(plan.timeoutMs, WARMUP_TIMEOUT_MS),
+            current.warmupPerPair,
+            current.window,
+            Math.min(current.timeoutMs, WARMUP_TIMEOUT_MS),
           )
         ) {
           throw new Error('the warm-up did not finish');
         }
-        report({ type: 'ready', clients: clients.length, smAdvertised, smEnabled });
+        report({ type: 'ready' });
+        return;
+      }
+      case 'ping': {
+        const current = plan;
+        if (!current) throw new Error('ping before start');
+        const pings = await withTimeout(
+          keepalives(message.perClient, message.gapMs, message.element),
+          current.timeoutMs,
+          'the keepalive pings',
+        );
+        report({ type: 'pinged', pings });
+        return;
+      }
+      case 'resume': {
+        const current = plan;
+        if (!current) throw new Error('resume before start');
+        const resumes = await withTimeout(resumeAll(), current.timeoutMs, 'the resumptions');
+        report({ type: 'resumed', resumes });
         return;
       }
       case 'go': {

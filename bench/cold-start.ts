@@ -12,7 +12,7 @@ import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { gzipSync } from 'node:zlib';
 import { build } from 'esbuild';
 import { BUNDLE_ALIASES, BUNDLE_MAIN_FIELDS } from '../infra/constructs/xmpp-function.ts';
@@ -27,20 +27,17 @@ const EMPTY_EVENTS: Record<string, string> = {
   sweeper: 'undefined',
 };
 
-const args = process.argv.slice(2);
-const runsAt = args.indexOf('--runs');
-const runs = runsAt >= 0 ? Number(args[runsAt + 1]) : 9;
-const names = args.filter((a, i) => !a.startsWith('--') && args[i - 1] !== '--runs');
-const tracing = args.includes('--tracing') ? 'true' : 'false';
-const functions = names.length > 0 ? names : ['stream'];
-
 function median(values: number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
   return sorted[Math.floor(sorted.length / 2)] as number;
 }
 
 /** Import time of the bundle, and the setup of the first call (connect is not invoked: it would query DynamoDB). */
-function coldInit(file: string, name: string): { importMs: number; firstCallSetupMs: number } {
+function coldInit(
+  file: string,
+  name: string,
+  tracing: string,
+): { importMs: number; firstCallSetupMs: number } {
   const firstCall = name === 'stream' ? `await handler(${EMPTY_EVENTS[name]}, {});` : '';
   const script = `
     const t0 = performance.now();
@@ -69,9 +66,23 @@ function coldInit(file: string, name: string): { importMs: number; firstCallSetu
   return JSON.parse(line.slice('COLD-INIT '.length));
 }
 
-const out = mkdtempSync(join(tmpdir(), 'nimbus-bundle-'));
-try {
-  for (const name of functions) {
+export interface ColdStart {
+  function: string;
+  tracing: boolean;
+  bundleBytes: number;
+  gzippedBytes: number;
+  /** Medians of `runs` fresh processes. */
+  importMs: number;
+  firstCallSetupMs: number;
+  /** Import plus first-call setup, median of the per-run sums. */
+  initMs: number;
+  runs: number;
+}
+
+/** Builds one function as the stack does and measures its bundle and cold init. */
+export async function measureColdStart(name: string, runs: number, tracing = false): Promise<ColdStart> {
+  const out = mkdtempSync(join(tmpdir(), 'nimbus-bundle-'));
+  try {
     const outfile = join(out, name, 'index.mjs');
     await build({
       entryPoints: [join(ROOT, 'functions', `${name}.ts`)],
@@ -83,25 +94,48 @@ try {
       sourcemap: true,
       sourcesContent: false,
       banner: { js: BANNER },
-      define: { 'process.env.NIMBUS_TRACING': JSON.stringify(tracing) },
+      define: { 'process.env.NIMBUS_TRACING': JSON.stringify(String(tracing)) },
       mainFields: BUNDLE_MAIN_FIELDS,
       alias: Object.fromEntries(Object.entries(BUNDLE_ALIASES).map(([from, to]) => [from, join(ROOT, to)])),
       outfile,
       logLevel: 'error',
     });
-    const bytes = statSync(outfile).size;
-    const gzipped = gzipSync(readFileSync(outfile)).length;
-    const samples = Array.from({ length: runs }, () => coldInit(outfile, name));
-    const importMs = median(samples.map((s) => s.importMs));
-    const setupMs = median(samples.map((s) => s.firstCallSetupMs));
+    const samples = Array.from({ length: runs }, () => coldInit(outfile, name, String(tracing)));
+    return {
+      function: name,
+      tracing,
+      bundleBytes: statSync(outfile).size,
+      gzippedBytes: gzipSync(readFileSync(outfile)).length,
+      importMs: median(samples.map((s) => s.importMs)),
+      firstCallSetupMs: median(samples.map((s) => s.firstCallSetupMs)),
+      initMs: median(samples.map((s) => s.importMs + s.firstCallSetupMs)),
+      runs,
+    };
+  } finally {
+    rmSync(out, { recursive: true, force: true });
+  }
+}
+
+async function main(): Promise<void> {
+  const args = process.argv.slice(2);
+  const runsAt = args.indexOf('--runs');
+  const runs = runsAt >= 0 ? Number(args[runsAt + 1]) : 9;
+  const names = args.filter((a, i) => !a.startsWith('--') && args[i - 1] !== '--runs');
+  const tracing = args.includes('--tracing');
+  for (const name of names.length > 0 ? names : ['stream']) {
+    const cold = await measureColdStart(name, runs, tracing);
     console.log(
-      `${name.padEnd(8)} ${(bytes / 1024).toFixed(0).padStart(6)} KB minified, ${(gzipped / 1024)
+      `${name.padEnd(8)} ${(cold.bundleBytes / 1024).toFixed(0).padStart(6)} KB minified, ${(
+        cold.gzippedBytes / 1024
+      )
         .toFixed(0)
-        .padStart(4)} KB gzipped; import ${importMs.toFixed(1)} ms, first-call setup ${setupMs.toFixed(
+        .padStart(
+          4,
+        )} KB gzipped; import ${cold.importMs.toFixed(1)} ms, first-call setup ${cold.firstCallSetupMs.toFixed(
         1,
       )} ms (median of ${runs})`,
     );
   }
-} finally {
-  rmSync(out, { recursive: true, force: true });
 }
+
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) await main();

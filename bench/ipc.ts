@@ -1,10 +1,12 @@
 /**
- * Messages between the bench's three processes: the runner (gateway emulator, `$connect`,
- * DynamoDB Local), the stream worker (the stream function alone, so its CPU time is its own)
+ * Messages between the bench's three processes: the runner (gateway emulator, DynamoDB
+ * Local), the stream worker (the stream function, and `$connect`s run by the connect function,
+ * nothing else, so its CPU time is the functions')
  * and the client process (the xmpp.js clients, whose work must not count as the server's).
  */
 import type { SQSBatchResponse, SQSEvent } from 'aws-lambda';
 import type { Config } from '../shared/config.ts';
+import type { ConnectEvent, ConnectResult } from '../shared/core/connect.ts';
 import type { OutboundCounters } from '../shared/outbound.ts';
 import type { MeterSnapshot } from '../shared/store/dynamo.ts';
 
@@ -18,6 +20,8 @@ export interface CpuTime {
 export type ToStreamWorker =
   | { type: 'init'; config: Config; logLevel: string }
   | { type: 'invoke'; id: number; event: SQSEvent }
+  /** `$connect`: the connect function runs in this process too, so a login's CPU is all here. */
+  | { type: 'connect'; id: number; event: ConnectEvent }
   /** Starts the measured window; with `profileFile`, under the V8 sampling profiler. */
   | { type: 'reset'; profileFile?: string }
   | { type: 'snapshot' };
@@ -26,6 +30,8 @@ export interface StreamWorkerSnapshot {
   cpu: CpuTime;
   wallMs: number;
   invocations: number;
+  /** `$connect` invocations (the connect function's, not counted in `invocations`). */
+  connectInvocations: number;
   /** Handler durations, one per invocation, in milliseconds. */
   durationsMs: number[];
   /** Sum of the durations rounded up to Lambda's billing step. */
@@ -47,6 +53,7 @@ export interface StreamWorkerSnapshot {
 export type FromStreamWorker =
   | { type: 'ready' }
   | { type: 'result'; id: number; response: SQSBatchResponse | undefined; error?: string }
+  | { type: 'connect-result'; id: number; result: ConnectResult }
   | { type: 'reset-done' }
   | { type: 'snapshot'; snapshot: StreamWorkerSnapshot };
 
@@ -81,10 +88,25 @@ export interface ClientResult {
   timedOut: boolean;
 }
 
-export type ToClients = { type: 'start'; plan: ClientPlan } | { type: 'go' } | { type: 'stop' };
+/**
+ * In order: `start` (log in: the login phase), `warmup` (initial presence, warm-up messages),
+ * `go` (the measured messages), `ping` (keepalives), `resume` (with SM: reconnect and resume),
+ * `stop`.
+ */
+export type ToClients =
+  | { type: 'start'; plan: ClientPlan }
+  | { type: 'warmup' }
+  | { type: 'go' }
+  /** `ping`: an XEP-0199 ping to the server; `r`: an XEP-0198 `<r/>` (with SM), answered `<a/>`. */
+  | { type: 'ping'; perClient: number; gapMs: number; element: 'ping' | 'r' }
+  | { type: 'resume' }
+  | { type: 'stop' };
 
 export type FromClients =
-  | { type: 'ready'; clients: number; smAdvertised: boolean; smEnabled: number }
+  | { type: 'logged-in'; clients: number; smAdvertised: boolean; smEnabled: number }
+  | { type: 'ready' }
+  | { type: 'pinged'; pings: number }
+  | { type: 'resumed'; resumes: number }
   | { type: 'skip'; reason: string }
   | { type: 'done'; result: ClientResult }
   | { type: 'stopped' }

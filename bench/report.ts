@@ -1,20 +1,67 @@
 /**
- * The bench's result shape, its targets (issues #3 and #4), the printed table and the verdict.
+ * The bench's result shape, its targets (issues #3, #4 and #13), the printed table and the
+ * verdict.
  */
 
 import type { MeterSnapshot } from '../shared/store/dynamo.ts';
+import type { ColdStart } from './cold-start.ts';
 import type { CostPerMillion } from './cost.ts';
-import type { prices } from './prices.ts';
+import type { AWS_CALL_LATENCY_MS, prices } from './prices.ts';
 
 export type Scenario = 'plain' | 'sm';
 
 /** Per delivered 1:1 chat message to an online recipient. */
 export const TARGETS = {
-  /** Issue #3: without stream management. */
-  plain: { dynamodbRequests: 2, cpuMs: 1 },
-  /** Issue #4: stream management on both sides. */
-  sm: { dynamodbRequests: 4, apiGatewayMessages: 2.2 },
+  /** Issues #3 and #13: without stream management. */
+  plain: { dynamodbRequests: 2, cpuMs: 1, dollarsPerMillion: 4 },
+  /** Issues #4 and #13: stream management on both sides. */
+  sm: { dynamodbRequests: 4, apiGatewayMessages: 2.2, writeUnits: 1.5, dollarsPerMillion: 5 },
+  /** Issue #13: per SCRAM login (open → bound, and `<enable/>` with SM), functions only. */
+  login: { cpuMs: 5, dynamodbRequests: 10 },
+  /** Issue #13: the stream function's bundle (KB = 1024 bytes) and cold init on this machine. */
+  coldStart: { bundleKb: 500, initMs: 150 },
 } as const;
+
+/**
+ * One kind of event other than a chat message (a login, a keepalive ping, a reconnect with
+ * resumption), per event: what the functions did and what it costs.
+ */
+export interface ActivityResult {
+  /** Events measured (logins, pings, resumptions). */
+  count: number;
+  /** CPU of the stream and connect functions together (DynamoDB Local and the emulator excluded). */
+  cpuMs: number;
+  /** With `--profile` (logins only): that CPU split by sampled self time. */
+  cpuBreakdownMs?: Record<string, number>;
+  dynamodbRequests: number;
+  dynamodbByOperation: Record<string, number>;
+  readUnits: number;
+  writeUnits: number;
+  /** Frames in plus posts out, in 32 KB units (the `$connect` handshake not counted). */
+  apiGatewayMessages: number;
+  framesIn: number;
+  postsOut: number;
+  framesInByElement: Record<string, number>;
+  postsOutByElement: Record<string, number>;
+  /** Queue messages (frames and `$disconnect`s): SendMessage requests, and at chat pace one batch each. */
+  queuedRecords: number;
+  /** Stream invocations here, where simultaneous clients' records share batches. */
+  streamInvocations: number;
+  connectInvocations: number;
+  sqsRequests: number;
+  /** Handler wall time on the local stack, stream and connect. */
+  localWallMs: number;
+  /** CPU plus sequential AWS calls at the stated latencies (see `cost.ts`). */
+  projectedLambdaMs: number;
+  /** $ per million such events, projected; Lambda duration priced at the stream function's memory. */
+  costPerMillion: CostPerMillion;
+}
+
+/** The projected-AWS cost (`total`) with the local-wall-time figure beside it. */
+export type MessageCost = CostPerMillion & {
+  basis: 'projected-aws';
+  localWallTime: CostPerMillion;
+};
 
 export interface ScenarioResult {
   scenario: Scenario;
@@ -42,6 +89,10 @@ export interface ScenarioResult {
     cpuMs: number;
     wallMs: number;
     billedMs: number;
+    /** DynamoDB requests plus `@connections` calls, counted as made one after the other. */
+    sequentialAwsCalls: number;
+    /** `cpuMs` plus the sequential calls at the stated latencies, plus half a billing step per invocation. */
+    projectedLambdaMs: number;
     runnerCpuMs: number;
   };
   /** With `--profile`: the stream function's CPU per message split by sampled self time. */
@@ -52,7 +103,16 @@ export interface ScenarioResult {
   dynamodb?: MeterSnapshot;
   /** Operations some of whose answers carried no ConsumedCapacity (their units are missing). */
   dynamodbUnreported?: string[];
-  costPerMillionMessages?: CostPerMillion;
+  /** `total` is the projected-AWS figure; `localWallTime` prices the wall time measured here. */
+  costPerMillionMessages?: MessageCost;
+  /** The login phase before the measured messages: per login. */
+  login?: ActivityResult;
+  /** XEP-0199 pings to the server after the measured messages: per ping. */
+  keepalive?: ActivityResult;
+  /** With SM: an XEP-0198 `<r/>` as the keepalive instead of a ping: per `<r/>`. */
+  keepaliveAckRequest?: ActivityResult;
+  /** With SM: socket closed, reconnect, SCRAM, `<resume/>`: per resumption. */
+  reconnect?: ActivityResult;
   connectionMinutesPerMessage?: number;
   connectionCostPerMillionMessages?: number;
 }
@@ -68,6 +128,8 @@ export interface BenchOptions {
   timeoutMs: number;
   logLevel: string;
   profile: boolean;
+  /** Cold-start runs of the stream bundle (0: not measured). */
+  coldRuns: number;
 }
 
 export interface BenchReport {
@@ -88,8 +150,12 @@ export interface BenchReport {
     streamMemorySource: string;
     sqsRequestsPerBatch: number;
     lambdaBatchSize: number;
+    /** Per-call latencies of the projected Lambda duration. */
+    awsCallLatencyMs: typeof AWS_CALL_LATENCY_MS;
   };
   targets: typeof TARGETS;
+  /** The stream function's bundle and cold init (`bench/cold-start.ts`). */
+  coldStart?: ColdStart;
   results: ScenarioResult[];
 }
 
@@ -167,6 +233,11 @@ export function printReport(report: BenchReport): void {
           : '—',
     ],
     ['  billed Lambda ms (1 ms steps)', (r) => f2(r.perMessage?.billedMs)],
+    ['sequential AWS calls (DynamoDB + posts)', (r) => f2(r.perMessage?.sequentialAwsCalls)],
+    [
+      `projected Lambda ms (CPU + calls at ${assumptions.awsCallLatencyMs.dynamodbRequest} / ${assumptions.awsCallLatencyMs.connectionPost} ms)`,
+      (r) => f2(r.perMessage?.projectedLambdaMs),
+    ],
     [
       'stream process peak RSS / heap used (MB)',
       (r) =>
@@ -179,10 +250,19 @@ export function printReport(report: BenchReport): void {
     ['API Gateway messages', cost((c) => c.apiGatewayMessages)],
     [`SQS FIFO (1 per frame + ${assumptions.sqsRequestsPerBatch} per batch)`, cost((c) => c.sqs)],
     ['Lambda requests', cost((c) => c.lambdaRequests)],
-    [`Lambda duration (arm64, ${memory}, measured wall)`, cost((c) => c.lambdaDuration)],
+    [`Lambda duration (arm64, ${memory}, projected)`, cost((c) => c.lambdaDuration)],
     ['DynamoDB reads (on-demand)', cost((c) => c.dynamodbReads)],
     ['DynamoDB writes (on-demand)', cost((c) => c.dynamodbWrites)],
-    ['total per million messages', cost((c) => c.total)],
+    [
+      'total per million messages, projected AWS',
+      cost((c) => c.total),
+      `≤ $${TARGETS.plain.dollarsPerMillion} / ≤ $${TARGETS.sm.dollarsPerMillion}`,
+    ],
+    [
+      '  Lambda duration at local wall time',
+      (r) => dollars(r.costPerMillionMessages?.localWallTime.lambdaDuration),
+    ],
+    ['  total with local wall time', (r) => dollars(r.costPerMillionMessages?.localWallTime.total)],
     [
       'connection minutes per message (this bench)',
       (r) =>
@@ -190,6 +270,21 @@ export function printReport(report: BenchReport): void {
           ? '—'
           : `${f3(r.connectionMinutesPerMessage)} (${dollars(r.connectionCostPerMillionMessages)}/M, not in total)`,
     ],
+    ...activityRows(
+      'Per SCRAM login (open → bound, <enable/> with SM), functions only',
+      (r) => r.login,
+      [`≤ ${TARGETS.login.cpuMs}`, `≤ ${TARGETS.login.dynamodbRequests}`],
+      results.some((r) => r.login?.cpuBreakdownMs),
+    ),
+    ...activityRows(
+      'Per keepalive (XEP-0199 ping to the server, and with SM its <r/>/<a/>)',
+      (r) => r.keepalive,
+    ),
+    ...activityRows('Per keepalive <r/> (with SM, answered <a/>)', (r) => r.keepaliveAckRequest),
+    ...activityRows(
+      'Per reconnect with XEP-0198 resumption ($disconnect, $connect, SCRAM, <resume/>)',
+      (r) => r.reconnect,
+    ),
   ];
 
   const labelWidth = Math.max(...rows.map((row) => (typeof row === 'string' ? 0 : row[0].length))) + 2;
@@ -220,8 +315,49 @@ export function printReport(report: BenchReport): void {
   lines.push(
     `machine: ${machine.cpus} CPUs (${machine.cpuModel ?? '?'}), Node ${machine.node}, load average ${machine.loadBefore.toFixed(1)} before / ${machine.loadAfter.toFixed(1)} after`,
   );
-  lines.push('', verdict(results));
+  const cold = report.coldStart;
+  if (cold) {
+    lines.push(
+      `stream bundle: ${(cold.bundleBytes / 1024).toFixed(0)} KB minified (${(cold.gzippedBytes / 1024).toFixed(0)} KB gzipped); ` +
+        `cold init ${cold.initMs.toFixed(1)} ms (import ${cold.importMs.toFixed(1)} + first-call setup ${cold.firstCallSetupMs.toFixed(1)}, median of ${cold.runs})`,
+    );
+  }
+  lines.push('', verdict(results, cold));
   process.stdout.write(`${lines.join('\n')}\n`);
+}
+
+/** The rows of one kind of event (login, ping, reconnect), per event. */
+function activityRows(
+  title: string,
+  pick: (result: ScenarioResult) => ActivityResult | undefined,
+  targets: [cpu?: string, requests?: string] = [],
+  profiled = false,
+): (Row | string)[] {
+  const cell = (format: (a: ActivityResult) => string) => (r: ScenarioResult) => {
+    const activity = pick(r);
+    return activity ? format(activity) : '—';
+  };
+  return [
+    title,
+    ['  events measured', cell((a) => String(a.count))],
+    ['  functions CPU (ms)', cell((a) => f2(a.cpuMs)), targets[0]],
+    ...(profiled
+      ? [['    split by sampled self time (--profile)', cell((a) => breakdown(a.cpuBreakdownMs))] as Row]
+      : []),
+    ['  DynamoDB requests', cell((a) => f2(a.dynamodbRequests)), targets[1]],
+    ['    by operation', cell((a) => breakdown(a.dynamodbByOperation))],
+    ['  read / write units (RRU / WRU)', cell((a) => `${f2(a.readUnits)} / ${f2(a.writeUnits)}`)],
+    [
+      '  API Gateway messages (in + out)',
+      cell((a) => `${f2(a.apiGatewayMessages)} (${f2(a.framesIn)} + ${f2(a.postsOut)})`),
+    ],
+    [
+      '  invocations (stream + connect)',
+      cell((a) => `${f2(a.streamInvocations)} + ${f2(a.connectInvocations)}`),
+    ],
+    ['  Lambda ms projected / local wall', cell((a) => `${f1(a.projectedLambdaMs)} / ${f1(a.localWallMs)}`)],
+    ['  $ per million, projected', cell((a) => dollars(a.costPerMillion.total))],
+  ];
 }
 
 /** With `--profile`: one row per category of the stream function's sampled CPU, largest first. */
@@ -242,7 +378,7 @@ function check(value: number | undefined, limit: number): string {
   return `${value.toFixed(2)} ${value <= limit ? '≤' : '>'} ${limit} ${value <= limit ? 'met' : 'MISSED'}`;
 }
 
-export function verdict(results: ScenarioResult[]): string {
+export function verdict(results: ScenarioResult[], cold?: ColdStart): string {
   const parts: string[] = [];
   for (const result of results) {
     if (result.skipped) {
@@ -254,17 +390,31 @@ export function verdict(results: ScenarioResult[]): string {
       continue;
     }
     const per = result.perMessage;
+    const dollarsPerMillion = result.costPerMillionMessages?.total;
+    const login = result.login
+      ? `, login CPU ms ${check(result.login.cpuMs, TARGETS.login.cpuMs)}, ` +
+        `login DynamoDB requests ${check(result.login.dynamodbRequests, TARGETS.login.dynamodbRequests)}`
+      : '';
     if (result.scenario === 'plain') {
       parts.push(
         `without SM: DynamoDB requests ${check(per?.dynamodbRequests, TARGETS.plain.dynamodbRequests)}, ` +
-          `CPU ms ${check(per?.cpuMs, TARGETS.plain.cpuMs)}`,
+          `CPU ms ${check(per?.cpuMs, TARGETS.plain.cpuMs)}, ` +
+          `$/M projected ${check(dollarsPerMillion, TARGETS.plain.dollarsPerMillion)}${login}`,
       );
     } else {
       parts.push(
         `with SM: DynamoDB requests ${check(per?.dynamodbRequests, TARGETS.sm.dynamodbRequests)}, ` +
-          `API Gateway messages ${check(per?.apiGatewayMessages, TARGETS.sm.apiGatewayMessages)}`,
+          `API Gateway messages ${check(per?.apiGatewayMessages, TARGETS.sm.apiGatewayMessages)}, ` +
+          `write units ${check(per?.writeUnits, TARGETS.sm.writeUnits)}, ` +
+          `$/M projected ${check(dollarsPerMillion, TARGETS.sm.dollarsPerMillion)}${login}`,
       );
     }
   }
-  return `Verdict per delivered message — ${parts.join('; ')}`;
+  if (cold) {
+    parts.push(
+      `stream bundle: KB ${check(cold.bundleBytes / 1024, TARGETS.coldStart.bundleKb)}, ` +
+        `cold init ms ${check(cold.initMs, TARGETS.coldStart.initMs)}`,
+    );
+  }
+  return `Verdict (per delivered message unless named) — ${parts.join('; ')}`;
 }

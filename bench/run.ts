@@ -4,11 +4,15 @@
  * if the server does not advertise it). Per delivered message it reports throughput,
  * latency, DynamoDB requests and capacity units (ReturnConsumedCapacity), API Gateway
  * messages, the stream function's CPU and wall time, and the resulting $ per million
- * messages (`prices.ts`).
+ * messages (`prices.ts`): projected for AWS from CPU and sequential calls (`cost.ts`), and at
+ * the wall time measured here. The logins before the messages, keepalives after them and,
+ * with SM, reconnects with resumption are measured in windows of their own; the stream
+ * bundle's size and cold init before the load (`cold-start.ts`).
  *
  * Three processes keep the measurements apart: this one (DynamoDB Local's keeper, the gateway
- * emulator, `$connect`), the stream worker (the stream function alone: its CPU time is the
- * function's) and the client process (the xmpp.js clients). Everything listens on 127.0.0.1.
+ * emulator), the function worker (the stream function, and the connect function's
+ * `$connect`s: its CPU time is the functions') and the client process (the xmpp.js clients).
+ * Everything listens on 127.0.0.1.
  *
  *   npm run bench -- --pairs 20 --messages 300 [--sm | --no-sm] [--window 1] [--name run1]
  */
@@ -20,11 +24,11 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import type { SQSBatchResponse, SQSEvent } from 'aws-lambda';
-import { createConnectHandler } from '../functions/connect.ts';
 import { createTables, tableNamesOf } from '../infra/local/create-tables.ts';
 import { findFreePort, startDynamoDbLocal } from '../infra/local/dynamodb-local.ts';
 import { startGateway } from '../infra/local/gateway.ts';
 import { type Config, loadConfig } from '../shared/config.ts';
+import type { ConnectEvent, ConnectResult } from '../shared/core/connect.ts';
 import { createLogger } from '../shared/log.ts';
 import { apiGatewayPort } from '../shared/outbound.ts';
 import { decodeQueueMessage } from '../shared/queue-message.ts';
@@ -32,7 +36,14 @@ import { deriveScramCredentials } from '../shared/sasl/scram.ts';
 import { createServer } from '../shared/server.ts';
 import { dynamoMeter, type MeterSnapshot, type OperationUsage } from '../shared/store/dynamo.ts';
 import { allTables } from '../shared/tables.ts';
-import { connectionCostPerMillionMessages, costPerMillionMessages, SQS_REQUESTS_PER_BATCH } from './cost.ts';
+import { measureColdStart } from './cold-start.ts';
+import {
+  connectionCostPerMillionMessages,
+  costPerMillionMessages,
+  gbSeconds,
+  projectedDurationMs,
+  SQS_REQUESTS_PER_BATCH,
+} from './cost.ts';
 import type {
   BenchUser,
   ClientPlan,
@@ -43,10 +54,12 @@ import type {
   ToClients,
   ToStreamWorker,
 } from './ipc.ts';
-import { PRICES_AS_OF, PRICES_REGION, prices } from './prices.ts';
+import { AWS_CALL_LATENCY_MS, PRICES_AS_OF, PRICES_REGION, prices } from './prices.ts';
 import {
+  type ActivityResult,
   type BenchOptions,
   type BenchReport,
+  type MessageCost,
   printReport,
   type Scenario,
   type ScenarioResult,
@@ -68,6 +81,9 @@ const SETTLE_MS = 1_000;
 const STOP_TIMEOUT_MS = 15_000;
 /** As the stack's event source mapping (and `infra/local/stack.ts`): up to ten records of one connection per invocation. */
 const STREAM_BATCH_SIZE = 10;
+/** Keepalive pings per client after the measured messages, and the pause after each. */
+const PINGS_PER_CLIENT = 3;
+const PING_GAP_MS = 400;
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -87,6 +103,7 @@ function parseOptions(): BenchOptions {
       'timeout-seconds': { type: 'string' },
       'log-level': { type: 'string' },
       profile: { type: 'boolean' },
+      'cold-runs': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -104,6 +121,7 @@ function parseOptions(): BenchOptions {
         '  --timeout-seconds S  limit per phase (BENCH_TIMEOUT_SECONDS, default 180)',
         '  --log-level LEVEL    server log level (LOG_LEVEL, default warn)',
         '  --profile            sample the stream function with the V8 profiler and split its CPU',
+        '  --cold-runs N        cold starts of the stream bundle for its init median (default 11, 0: skip)',
         '  --roster             instead: RFC 6121 login with --contacts N (500) and broadcast to',
         '                       --broadcast N (1000) online contacts, --post-ms per post (20)',
         '',
@@ -129,6 +147,7 @@ function parseOptions(): BenchOptions {
     timeoutMs: number(values['timeout-seconds'] ?? env.BENCH_TIMEOUT_SECONDS, 180, 'timeout-seconds') * 1000,
     logLevel: values['log-level'] ?? env.LOG_LEVEL ?? 'warn',
     profile: values.profile ?? false,
+    coldRuns: number(values['cold-runs'], 11, 'cold-runs', 0),
   };
 }
 
@@ -210,6 +229,7 @@ class StreamWorker extends Child<ToStreamWorker, FromStreamWorker | { type: 'exi
     number,
     (message: Extract<FromStreamWorker, { type: 'result' }>) => void
   >();
+  private readonly connecting = new Map<number, (result: ConnectResult) => void>();
 
   constructor() {
     super('./stream-worker.ts', 'stream worker');
@@ -221,10 +241,17 @@ class StreamWorker extends Child<ToStreamWorker, FromStreamWorker | { type: 'exi
       this.pending.delete(message.id);
       return;
     }
+    if (message.type === 'connect-result') {
+      this.connecting.get(message.id)?.(message.result);
+      this.connecting.delete(message.id);
+      return;
+    }
     if (message.type === 'exit') {
       for (const [id, resolve] of this.pending)
         resolve({ type: 'result', id, response: undefined, error: 'exit' });
       this.pending.clear();
+      for (const resolve of this.connecting.values()) resolve({ statusCode: 500, body: 'exit' });
+      this.connecting.clear();
     }
     super.deliver(message);
   }
@@ -240,12 +267,21 @@ class StreamWorker extends Child<ToStreamWorker, FromStreamWorker | { type: 'exi
     if (error) throw new Error(`stream function failed: ${error}`);
     return response;
   }
+
+  /** `$connect`, run by the connect function in the worker's process. */
+  connect(event: ConnectEvent): Promise<ConnectResult> {
+    const id = this.nextId++;
+    const result = new Promise<ConnectResult>((resolve) => this.connecting.set(id, resolve));
+    this.send({ type: 'connect', id, event });
+    return result;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Frames in (what API Gateway receives from clients and puts on the queue)
 
 class FrameCounter {
+  records = 0;
   frames = 0;
   units = 0;
   sqsChunks = 0;
@@ -255,27 +291,42 @@ class FrameCounter {
     for (const record of event.Records) {
       // Redeliveries are the queue's business, not new client messages.
       if (record.attributes.ApproximateReceiveCount !== '1') continue;
+      // Every record (a frame or a `$disconnect`) was one SendMessage to the queue.
+      this.records += 1;
+      this.sqsChunks += Math.max(
+        1,
+        Math.ceil(Buffer.byteLength(record.body) / prices.sqsFifo.requestChunkBytes),
+      );
       const decoded = decodeQueueMessage(record.body);
       if (decoded.kind !== 'frame') continue;
       const bytes = Buffer.byteLength(decoded.frame);
       const element = /^\s*<([A-Za-z:_-]+)/.exec(decoded.frame)?.[1] ?? '?';
       this.frames += 1;
       this.units += Math.max(1, Math.ceil(bytes / prices.apiGateway.messageIncrementBytes));
-      this.sqsChunks += Math.max(
-        1,
-        Math.ceil(Buffer.byteLength(record.body) / prices.sqsFifo.requestChunkBytes),
-      );
       this.byElement[element] = (this.byElement[element] ?? 0) + 1;
     }
   }
 
   reset(): void {
+    this.records = 0;
     this.frames = 0;
     this.units = 0;
     this.sqsChunks = 0;
     this.byElement = {};
   }
+
+  copy(): FrameCounts {
+    return {
+      records: this.records,
+      frames: this.frames,
+      units: this.units,
+      sqsChunks: this.sqsChunks,
+      byElement: { ...this.byElement },
+    };
+  }
 }
+
+type FrameCounts = Pick<FrameCounter, 'records' | 'frames' | 'units' | 'sqsChunks' | 'byElement'>;
 
 // ---------------------------------------------------------------------------------------------
 // One scenario
@@ -319,21 +370,42 @@ async function runScenario(scenario: Scenario, context: ScenarioContext): Promis
   const frames = new FrameCounter();
   const worker = new StreamWorker();
   let clients: Child<ToClients, FromClients | { type: 'exit' }> | undefined;
-  let connect: ReturnType<typeof createConnectHandler> | undefined;
   const gateway = await startGateway({
     host: HOST,
     port: 0,
     region: config.region,
     batchSize: STREAM_BATCH_SIZE,
-    connect: (event) => {
-      if (!connect) throw new Error('bench stack not ready');
-      return connect(event);
-    },
+    connect: (event) => worker.connect(event),
     stream: (event) => {
       frames.count(event);
       return worker.invoke(event);
     },
   });
+
+  /** Resets every meter, runs `during`, waits for the queue to drain, and reads the meters. */
+  const measure = async <T>(during: () => Promise<T>, profileFile?: string) => {
+    dynamoMeter.reset();
+    frames.reset();
+    worker.send({ type: 'reset', profileFile });
+    await worker.next(['reset-done'], 10_000);
+    const runnerCpu = process.cpuUsage();
+    const value = await during();
+    await delay(SETTLE_MS);
+    await withTimeout(gateway.drained(), options.timeoutMs, 'the queue to drain');
+    worker.send({ type: 'snapshot' });
+    const { snapshot } = await worker.next(['snapshot'], 30_000);
+    const runnerCpuUsage = process.cpuUsage(runnerCpu);
+    return {
+      value,
+      phase: {
+        worker: snapshot,
+        runnerMeter: dynamoMeter.snapshot(),
+        runnerCpuMs: (runnerCpuUsage.user + runnerCpuUsage.system) / 1000,
+        frames: frames.copy(),
+      } satisfies Phase,
+    };
+  };
+
   try {
     const served: Config = { ...config, connectionsEndpoint: gateway.managementEndpoint };
     const server = createServer({
@@ -341,13 +413,13 @@ async function runScenario(scenario: Scenario, context: ScenarioContext): Promis
       port: apiGatewayPort(gateway.managementEndpoint, config.region),
       log,
     });
-    connect = createConnectHandler(server);
     worker.send({ type: 'init', config: served, logLevel: options.logLevel });
     await worker.next(['ready'], 30_000);
 
     const users = await createUsers(server, options.pairs * 2, config.scramIterations);
     progress(`tables, stack and ${users.length} users ready`);
-    clients = new Child<ToClients, FromClients | { type: 'exit' }>('./clients.ts', 'client');
+    const child = new Child<ToClients, FromClients | { type: 'exit' }>('./clients.ts', 'client');
+    clients = child;
     const plan: ClientPlan = {
       url: gateway.url,
       domain: config.domain,
@@ -358,43 +430,77 @@ async function runScenario(scenario: Scenario, context: ScenarioContext): Promis
       streamManagement: scenario === 'sm',
       timeoutMs: options.timeoutMs,
     };
-    clients.send({ type: 'start', plan });
-    const started = await clients.next(['ready', 'skip', 'failed'], options.timeoutMs * 3);
+
+    // The login phase, measured on its own: open, SCRAM, bind (and <enable/> with SM).
+    const loggedIn = await measure(
+      async () => {
+        child.send({ type: 'start', plan });
+        return child.next(['logged-in', 'skip', 'failed'], options.timeoutMs * 3);
+      },
+      options.profile ? `${resultsDirectory()}${options.name}-${scenario}-login.cpuprofile` : undefined,
+    );
+    const started = loggedIn.value;
     if (started.type === 'skip') return { scenario, skipped: started.reason };
     if (started.type === 'failed') throw new Error(`clients: ${started.message}`);
+    const login = summarizeActivity(started.clients, loggedIn.phase, context.memoryMb);
+    progress(`${started.clients} clients logged in`);
+
+    child.send({ type: 'warmup' });
+    const warmed = await child.next(['ready', 'failed'], options.timeoutMs * 2);
+    if (warmed.type === 'failed') throw new Error(`clients: ${warmed.message}`);
     await withTimeout(gateway.drained(), options.timeoutMs, 'the warm-up to drain');
-    progress(`${started.clients} clients logged in, available, warmed up`);
+    progress('available, warmed up');
 
-    // The measured window: everything counted from here on is the measured messages' doing.
-    dynamoMeter.reset();
-    frames.reset();
-    worker.send({
-      type: 'reset',
-      profileFile: options.profile
-        ? `${resultsDirectory()}${options.name}-${scenario}-stream.cpuprofile`
-        : undefined,
-    });
-    await worker.next(['reset-done'], 10_000);
-    const runnerCpu = process.cpuUsage();
-    clients.send({ type: 'go' });
-    const done = await clients.next(['done', 'failed'], options.timeoutMs + 30_000);
-    if (done.type === 'failed') throw new Error(`clients: ${done.message}`);
-    progress(`${done.result.delivered} measured messages delivered`);
-    await delay(SETTLE_MS);
-    await withTimeout(gateway.drained(), options.timeoutMs, 'the queue to drain');
-    worker.send({ type: 'snapshot' });
-    const { snapshot } = await worker.next(['snapshot'], 30_000);
-    const runnerCpuUsage = process.cpuUsage(runnerCpu);
-    const runnerMeter = dynamoMeter.snapshot();
+    // The measured messages: everything counted in this window is their doing.
+    const messages = await measure(
+      async () => {
+        child.send({ type: 'go' });
+        const done = await child.next(['done', 'failed'], options.timeoutMs + 30_000);
+        if (done.type === 'failed') throw new Error(`clients: ${done.message}`);
+        progress(`${done.result.delivered} measured messages delivered`);
+        return done.result;
+      },
+      options.profile ? `${resultsDirectory()}${options.name}-${scenario}-stream.cpuprofile` : undefined,
+    );
 
-    return summarize(scenario, context, {
-      clients: started.clients,
-      result: done.result,
-      worker: snapshot,
-      runnerMeter,
-      runnerCpuMs: (runnerCpuUsage.user + runnerCpuUsage.system) / 1000,
-      frames,
-    });
+    // Keepalives, as an idle always-online client sends them before API Gateway's idle cut.
+    const keepaliveOf = async (element: 'ping' | 'r') => {
+      const pinged = await measure(async () => {
+        child.send({ type: 'ping', perClient: PINGS_PER_CLIENT, gapMs: PING_GAP_MS, element });
+        const answer = await child.next(['pinged', 'failed'], options.timeoutMs + 30_000);
+        if (answer.type === 'failed') throw new Error(`clients: ${answer.message}`);
+        return answer.pings;
+      });
+      progress(`${pinged.value} keepalive ${element === 'r' ? '<r/>s' : 'pings'}`);
+      return summarizeActivity(pinged.value, pinged.phase, context.memoryMb);
+    };
+    const keepalive = await keepaliveOf('ping');
+    const keepaliveAckRequest = scenario === 'sm' ? await keepaliveOf('r') : undefined;
+
+    // With SM: API Gateway's 2-hour cut and the client's resumption.
+    let reconnect: ActivityResult | undefined;
+    if (scenario === 'sm') {
+      const resumed = await measure(async () => {
+        child.send({ type: 'resume' });
+        const answer = await child.next(['resumed', 'failed'], options.timeoutMs + 30_000);
+        if (answer.type === 'failed') throw new Error(`clients: ${answer.message}`);
+        return answer.resumes;
+      });
+      reconnect = summarizeActivity(resumed.value, resumed.phase, context.memoryMb);
+      progress(`${resumed.value} reconnects with resumption`);
+    }
+
+    return {
+      ...summarize(scenario, context, {
+        clients: started.clients,
+        result: messages.value,
+        ...messages.phase,
+      }),
+      login,
+      keepalive,
+      keepaliveAckRequest,
+      reconnect,
+    };
   } finally {
     if (clients) {
       clients.send({ type: 'stop' });
@@ -425,13 +531,68 @@ async function createUsers(server: ReturnType<typeof createServer>, count: numbe
   return users;
 }
 
-interface Measured {
-  clients: number;
-  result: ClientResult;
+/** What the meters read over one measured phase. */
+interface Phase {
   worker: StreamWorkerSnapshot;
   runnerMeter: MeterSnapshot;
   runnerCpuMs: number;
-  frames: FrameCounter;
+  frames: FrameCounts;
+}
+
+interface Measured extends Phase {
+  clients: number;
+  result: ClientResult;
+}
+
+/** Per event (login, ping, resumption) of a phase: the functions' work and its projected cost. */
+function summarizeActivity(count: number, phase: Phase, memoryMb: number): ActivityResult {
+  const { worker, frames } = phase;
+  const per = (value: number) => (count === 0 ? Number.NaN : value / count);
+  const dynamodb = mergeMeters(worker.dynamodb, phase.runnerMeter);
+  const invocations = worker.invocations + worker.connectInvocations;
+  const projectedMs = projectedDurationMs({
+    cpuMs: worker.cpu.userMs + worker.cpu.systemMs,
+    dynamodbRequests: dynamodb.requests,
+    connectionCalls: worker.outbound.posts,
+    invocations,
+  });
+  const sqsRequests = frames.sqsChunks + worker.invocations * SQS_REQUESTS_PER_BATCH;
+  const apiGatewayUnits = frames.units + worker.postUnits;
+  const byOperation: Record<string, number> = {};
+  for (const [operation, usage] of Object.entries(dynamodb.operations))
+    byOperation[operation] = per(usage.requests);
+  const cpuMs = worker.cpu.userMs + worker.cpu.systemMs;
+  const profiled = Object.values(worker.profile ?? {}).reduce((sum, ms) => sum + ms, 0);
+  return {
+    count,
+    cpuBreakdownMs: worker.profile
+      ? mapValues(worker.profile, (ms) => per((cpuMs * ms) / profiled))
+      : undefined,
+    cpuMs: per(worker.cpu.userMs + worker.cpu.systemMs),
+    dynamodbRequests: per(dynamodb.requests),
+    dynamodbByOperation: byOperation,
+    readUnits: per(dynamodb.readUnits),
+    writeUnits: per(dynamodb.writeUnits),
+    apiGatewayMessages: per(apiGatewayUnits),
+    framesIn: per(frames.frames),
+    postsOut: per(worker.outbound.posts),
+    framesInByElement: mapValues(frames.byElement, per),
+    postsOutByElement: mapValues(worker.postsByElement, per),
+    queuedRecords: per(frames.records),
+    streamInvocations: per(worker.invocations),
+    connectInvocations: per(worker.connectInvocations),
+    sqsRequests: per(sqsRequests),
+    localWallMs: per(worker.durationsMs.reduce((sum, ms) => sum + ms, 0)),
+    projectedLambdaMs: per(projectedMs),
+    costPerMillion: costPerMillionMessages({
+      apiGatewayMessages: per(apiGatewayUnits),
+      sqsRequests: per(sqsRequests),
+      lambdaInvocations: per(invocations),
+      lambdaGbSeconds: per(gbSeconds(projectedMs, memoryMb)),
+      readRequestUnits: per(dynamodb.readUnits),
+      writeRequestUnits: per(dynamodb.writeUnits),
+    }),
+  };
 }
 
 function summarize(scenario: Scenario, context: ScenarioContext, measured: Measured): ScenarioResult {
@@ -443,16 +604,29 @@ function summarize(scenario: Scenario, context: ScenarioContext, measured: Measu
   const wallMs = worker.durationsMs.reduce((sum, ms) => sum + ms, 0);
   const durations = [...worker.durationsMs].sort((a, b) => a - b);
   const latencies = [...result.latenciesMs].sort((a, b) => a - b);
-  const gbSeconds = (worker.billedMs / 1000) * (context.memoryMb / 1024);
   const apiGatewayUnits = frames.units + worker.postUnits;
-  const cost = costPerMillionMessages({
+  const sequentialAwsCalls = dynamodb.requests + worker.outbound.posts;
+  const projectedMs = projectedDurationMs({
+    cpuMs,
+    dynamodbRequests: dynamodb.requests,
+    connectionCalls: worker.outbound.posts,
+    invocations: worker.invocations,
+  });
+  const usage = {
     apiGatewayMessages: per(apiGatewayUnits),
     sqsRequests: per(frames.sqsChunks + worker.invocations * SQS_REQUESTS_PER_BATCH),
     lambdaInvocations: per(worker.invocations),
-    lambdaGbSeconds: per(gbSeconds),
     readRequestUnits: per(dynamodb.readUnits),
     writeRequestUnits: per(dynamodb.writeUnits),
-  });
+  };
+  const cost: MessageCost = {
+    ...costPerMillionMessages({ ...usage, lambdaGbSeconds: per(gbSeconds(projectedMs, context.memoryMb)) }),
+    basis: 'projected-aws',
+    localWallTime: costPerMillionMessages({
+      ...usage,
+      lambdaGbSeconds: per(gbSeconds(worker.billedMs, context.memoryMb)),
+    }),
+  };
   const connectionMinutes = (measured.clients * result.elapsedMs) / 60_000;
   const profiled = Object.values(worker.profile ?? {}).reduce((sum, ms) => sum + ms, 0);
   const cpuBreakdownMs = worker.profile
@@ -491,6 +665,8 @@ function summarize(scenario: Scenario, context: ScenarioContext, measured: Measu
       cpuMs: per(cpuMs),
       wallMs: per(wallMs),
       billedMs: per(worker.billedMs),
+      sequentialAwsCalls: per(sequentialAwsCalls),
+      projectedLambdaMs: per(projectedMs),
       runnerCpuMs: per(measured.runnerCpuMs),
     },
     cpuBreakdownMs,
@@ -594,6 +770,14 @@ async function main(): Promise<void> {
       `runs: ${options.scenarios.join(', ')}\n`,
   );
   await mkdir(resultsDirectory(), { recursive: true });
+  // Before DynamoDB Local starts, so that the cold starts compete with less.
+  let coldStart: BenchReport['coldStart'];
+  if (options.coldRuns > 0) {
+    coldStart = await measureColdStart('stream', options.coldRuns);
+    process.stdout.write(
+      `- stream bundle ${(coldStart.bundleBytes / 1024).toFixed(0)} KB minified, cold init ${coldStart.initMs.toFixed(0)} ms (median of ${coldStart.runs})\n`,
+    );
+  }
   const loadBefore = loadavg()[0] as number;
   const database = await startDynamoDbLocal({ port: await findFreePort() });
   const results: ScenarioResult[] = [];
@@ -635,8 +819,10 @@ async function main(): Promise<void> {
       streamMemorySource: memory.source,
       sqsRequestsPerBatch: SQS_REQUESTS_PER_BATCH,
       lambdaBatchSize: STREAM_BATCH_SIZE,
+      awsCallLatencyMs: AWS_CALL_LATENCY_MS,
     },
     targets: TARGETS,
+    coldStart,
     results,
   };
   printReport(report);

@@ -3,8 +3,11 @@
  * hands it each SQS event over IPC, it runs `functions/stream.ts`'s handler with a metered
  * DynamoDB client and the real API Gateway Management API client, and answers. Nothing else
  * runs here, so this process's CPU time is the stream function's (plus the IPC, standing in
- * for the Lambda runtime's own invoke/response traffic).
+ * for the Lambda runtime's own invoke/response traffic). The connect function's `$connect`
+ * runs here too (separate instances on AWS): in the measured message window there are none, and
+ * a login's CPU and DynamoDB requests are then the functions' together.
  */
+import { createConnectHandler } from '../functions/connect.ts';
 import { createStreamHandler } from '../functions/stream.ts';
 import { createLogger } from '../shared/log.ts';
 import { apiGatewayPort, type ConnectionPort } from '../shared/outbound.ts';
@@ -44,6 +47,8 @@ class MeteredPort implements ConnectionPort {
 let server: Server | undefined;
 let port: MeteredPort | undefined;
 let handler: ReturnType<typeof createStreamHandler> | undefined;
+let connectHandler: ReturnType<typeof createConnectHandler> | undefined;
+let connectInvocations = 0;
 
 let baselineCpu = process.cpuUsage();
 let baselineWall = performance.now();
@@ -67,6 +72,7 @@ function reset(): void {
   port.reset();
   baselineOutbound = { ...server.outbound.counters };
   durationsMs = [];
+  connectInvocations = 0;
   baselineWall = performance.now();
   baselineCpu = process.cpuUsage();
 }
@@ -82,6 +88,7 @@ async function snapshot(): Promise<StreamWorkerSnapshot> {
     cpu,
     wallMs: performance.now() - baselineWall,
     invocations: durationsMs.length,
+    connectInvocations,
     durationsMs,
     billedMs: durationsMs.reduce((sum, ms) => sum + Math.max(step, Math.ceil(ms / step) * step), 0),
     dynamodb: dynamoMeter.snapshot(),
@@ -106,6 +113,7 @@ process.on('message', (message: ToStreamWorker) => {
       port = new MeteredPort(apiGatewayPort(config.connectionsEndpoint, config.region));
       server = createServer({ config, port, log: createLogger(message.logLevel) });
       handler = createStreamHandler(server);
+      connectHandler = createConnectHandler(server);
       reset();
       send({ type: 'ready' });
       return;
@@ -124,6 +132,13 @@ process.on('message', (message: ToStreamWorker) => {
           send({ type: 'result', id: message.id, response: undefined, error: String(error) });
         },
       );
+      return;
+    }
+    case 'connect': {
+      const run = connectHandler;
+      if (!run) throw new Error('stream worker not initialised');
+      connectInvocations += 1;
+      void run(message.event).then((result) => send({ type: 'connect-result', id: message.id, result }));
       return;
     }
     case 'reset': {

@@ -56,11 +56,34 @@ class OutOfTimeError extends Error {
   }
 }
 
+/** Tries of a frame within one invocation, for errors that a moment's wait cures. */
+export const FRAME_ATTEMPTS = 3;
+
+/**
+ * A transient error (a throttle that outlived the SDK's retries, a 500) is retried here first,
+ * as a redelivery would be (the frame's keyed writes are not repeated, core/frame.ts): handing
+ * the frame back to the queue also hands back the connection's later frames of the batch, and
+ * every such return counts toward their maxReceiveCount, the dead-letter queue.
+ */
+async function handleWithRetries(server: Server, event: StreamEvent, mayRetry: () => boolean): Promise<void> {
+  const receiveCount = event.receiveCount ?? 1;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await handleStreamEvent(server, { ...event, receiveCount: receiveCount + attempt - 1 });
+    } catch (error) {
+      if (attempt >= FRAME_ATTEMPTS || !mayRetry()) throw error;
+      server.log.info('frame retried in place', { attempt, error });
+      await new Promise((resolve) => setTimeout(resolve, 100 * 2 ** attempt * (0.5 + Math.random())));
+    }
+  }
+}
+
 async function handleRecord(
   server: Server,
   record: SQSRecord,
   tracer: Tracer | undefined,
   mayStart: () => boolean,
+  mayRetry: () => boolean,
 ): Promise<void> {
   if (!mayStart()) {
     server.log.warn('out of time: frame left for redelivery', { messageId: record.messageId });
@@ -70,6 +93,10 @@ async function handleRecord(
   let event: StreamEvent;
   try {
     event = decodeQueueMessage(record.body);
+    // FIFO: the sequence number grows within the connection's group, redeliveries keep theirs.
+    const seq = record.attributes.SequenceNumber;
+    if (seq) event.seq = seq;
+    event.receiveCount = Number(record.attributes.ApproximateReceiveCount) || 1;
   } catch (error) {
     if (!(error instanceof MalformedQueueMessageError)) throw error;
     // Retrying cannot make it readable: dropped (a success for the queue).
@@ -85,7 +112,7 @@ async function handleRecord(
     inSubsegment(tracer, `## ${event.kind}`, { connectionId: event.connectionId }, async () => {
       const started = performance.now();
       try {
-        await handleStreamEvent(server, event);
+        await handleWithRetries(server, event, mayRetry);
         server.log.debug('frame handled', { kind: event.kind, ms: Math.round(performance.now() - started) });
       } catch (error) {
         server.log.warn('frame will be retried', {
@@ -117,7 +144,7 @@ function countFailures(server: Server, event: SQSEvent, response: SQSBatchRespon
 }
 
 export function createStreamHandler(server: Server, options: StreamHandlerOptions = {}) {
-  const maxReceiveCount = options.maxReceiveCount ?? (Number(process.env.FRAME_MAX_RECEIVES) || 5);
+  const maxReceiveCount = options.maxReceiveCount ?? (Number(process.env.FRAME_MAX_RECEIVES) || 10);
   return async (
     event: SQSEvent,
     context?: Partial<Context> & Pick<Context, 'getRemainingTimeInMillis'>,
@@ -125,10 +152,13 @@ export function createStreamHandler(server: Server, options: StreamHandlerOption
     const remainingMs = context ? () => context.getRemainingTimeInMillis() : undefined;
     const started = { count: 0, initial: 0 };
     const mayStart = () => timeToStart(remainingMs, started);
+    // A retry in place needs the time a record would need to start, and more for the wait.
+    const mayRetry = () =>
+      !remainingMs || remainingMs() >= 2 * Math.min(TIME_IN_HAND_MS, started.initial / 5);
     try {
       const response = await processPartialResponse(
         event,
-        (record: SQSRecord) => handleRecord(server, record, options.tracer, mayStart),
+        (record: SQSRecord) => handleRecord(server, record, options.tracer, mayStart, mayRetry),
         new SqsFifoPartialProcessorAsync(),
         // A batch whose every record failed is reported like any other (all retried), not thrown.
         {

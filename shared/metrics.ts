@@ -78,6 +78,10 @@ export const METRICS = {
     description: 'DynamoDB requests throttled (each attempt, retried ones included)',
     dimension: 'operation',
   },
+  PostsUnanswered: {
+    description:
+      'Posts to a socket that got no answer (timeout, dropped connection): not resent; a stream-management client is made to resume',
+  },
 } as const satisfies Record<string, MetricDefinition>;
 
 export type MetricName = keyof typeof METRICS;

@@ -13,7 +13,12 @@ import {
 import type { Element } from 'ltx';
 import { NS } from './xml/namespaces.ts';
 
-export type PostResult = 'sent' | 'gone';
+/**
+ * 'unknown': the request went out but no answer came (a timeout, a dropped socket): the frame
+ * may or may not have reached the client. It is never retried blindly — a second copy would
+ * break stream management's count — the caller decides (core/delivery.ts).
+ */
+export type PostResult = 'sent' | 'gone' | 'unknown';
 
 /** The transport: API Gateway's Management API on AWS and locally, a recorder in unit tests. */
 export interface ConnectionPort {
@@ -27,39 +32,72 @@ export interface PortOptions {
   instrument?: <T>(client: T) => T;
 }
 
+/** Attempts of a post that API Gateway refused before delivering it (429, 5xx). */
+export const POST_ATTEMPTS = 3;
+
 export function apiGatewayPort(endpoint: string, region: string, options: PortOptions = {}): ConnectionPort {
-  const client = new ApiGatewayManagementApiClient({
+  const settings = {
     endpoint,
     region,
     ...(endpoint.startsWith('http://') && !process.env.AWS_ACCESS_KEY_ID
       ? { credentials: { accessKeyId: 'local', secretAccessKey: 'local' } }
       : {}),
-    // Resolve each command's middleware once per command class instead of on every post (the
-    // client's stack is complete here: nothing is added after the first send).
-    cacheMiddleware: true,
-  });
-  // The SDK's logger middleware filters every request for a logger this client is not given.
+  };
+  // Posts are retried here, not by the SDK: the SDK would also resend after a timeout or a
+  // dropped socket, when the first copy may already have reached the client. Each client
+  // resolves its middleware once per command class instead of on every send (its stack is
+  // complete here: nothing is added after the first send).
+  const client = new ApiGatewayManagementApiClient({ ...settings, maxAttempts: 1, cacheMiddleware: true });
+  const closer = new ApiGatewayManagementApiClient({ ...settings, cacheMiddleware: true });
+  // The SDK's logger middleware filters every request for a logger these clients are not given.
   client.middlewareStack.remove('loggerMiddleware');
+  closer.middlewareStack.remove('loggerMiddleware');
   options.instrument?.(client);
+  options.instrument?.(closer);
   return {
     async post(connectionId, data) {
-      try {
-        await client.send(new PostToConnectionCommand({ ConnectionId: connectionId, Data: data }));
-        return 'sent';
-      } catch (error) {
-        if (error instanceof GoneException || (error as Error).name === 'GoneException') return 'gone';
-        throw error;
+      for (let attempt = 1; ; attempt++) {
+        try {
+          await client.send(new PostToConnectionCommand({ ConnectionId: connectionId, Data: data }));
+          return 'sent';
+        } catch (error) {
+          if (error instanceof GoneException || (error as Error).name === 'GoneException') return 'gone';
+          if (!refusedBeforeDelivery(error)) {
+            if (isNetworkError(error as Error) || answerless(error)) return 'unknown';
+            throw error;
+          }
+          if (attempt >= POST_ATTEMPTS) throw error;
+          await sleep(50 * 2 ** attempt * (0.5 + Math.random()));
+        }
       }
     },
     async close(connectionId) {
       try {
-        await client.send(new DeleteConnectionCommand({ ConnectionId: connectionId }));
+        await closer.send(new DeleteConnectionCommand({ ConnectionId: connectionId }));
       } catch (error) {
         if (error instanceof GoneException || (error as Error).name === 'GoneException') return;
         throw error;
       }
     },
   };
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** API Gateway answered 429 or 5xx: the frame was not put on the socket, a retry is safe. */
+function refusedBeforeDelivery(error: unknown): boolean {
+  if (!(error instanceof Error)) return false;
+  if (error.name === 'LimitExceededException' || error.name === 'TooManyRequestsException') return true;
+  const status = (error as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode;
+  return status === 429 || (status !== undefined && status >= 500);
+}
+
+/** No HTTP answer at all (the request may have been executed). */
+function answerless(error: unknown): boolean {
+  const metadata = (error as { $metadata?: { httpStatusCode?: number } }).$metadata;
+  return metadata !== undefined && metadata.httpStatusCode === undefined;
 }
 
 /** Test double: records every frame per connection; connections can be marked gone. */

@@ -24,6 +24,14 @@ export interface StreamEvent {
   receivedAt: number;
   /** API Gateway's request id of the frame: the same on every redelivery of it. */
   frameId: string;
+  /**
+   * The SQS FIFO sequence number of the frame's queue message (a decimal string that only grows
+   * within the connection's message group), when it came through the queue: the stream's
+   * "handled up to" mark compares against it.
+   */
+  seq?: string;
+  /** How many times the queue has delivered this frame (SQS ApproximateReceiveCount). */
+  receiveCount?: number;
   /** API Gateway's request id, for the logs (it is also in the stage's access log). */
   requestId?: string;
 }

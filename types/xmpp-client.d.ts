@@ -22,7 +22,7 @@ declare module '@xmpp/client' {
     status: string;
     jid?: { toString(): string };
     socket?: { socket?: { terminate?: () => void; close?: () => void } } & Record<string, unknown>;
-    reconnect: { stop(): void; start(): void };
+    reconnect: { stop(): void; start(): void; reconnect(): Promise<void> };
     iqCaller: {
       request(stanza: Element, timeout?: number): Promise<Element>;
       get(el: Element, to?: string): Promise<Element>;

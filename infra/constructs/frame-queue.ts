@@ -23,7 +23,11 @@ export class FrameQueue extends Construct {
 
   constructor(scope: Construct, id: string, props: FrameQueueProps) {
     super(scope, id);
-    this.maxReceiveCount = props.maxReceiveCount ?? 5;
+    // 10, not the usual 5: when a frame fails, its connection's later frames of the batch are
+    // handed back unprocessed (they must wait, in order), and each such return counts as a receive
+    // for them too; a throttle that outlasts a few batches must not dead-letter frames that never
+    // failed themselves.
+    this.maxReceiveCount = props.maxReceiveCount ?? 10;
 
     this.deadLetterQueue = new sqs.Queue(this, 'DeadLetters', {
       fifo: true,

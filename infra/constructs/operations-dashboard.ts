@@ -181,7 +181,7 @@ export class OperationsDashboard extends Construct {
           ...perTable('ThrottledRequests').map((metric) => metric.with({ label: `${metric.label} (AWS)` })),
         ],
       ),
-      graph('Cold starts', [nimbus('ColdStarts')]),
+      graph('Cold starts; posts unanswered', [nimbus('ColdStarts')], [nimbus('PostsUnanswered')]),
 
       header('## Cost drivers'),
       graph(

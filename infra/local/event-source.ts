@@ -13,7 +13,9 @@
  *   or every record of an invocation that threw or ran past the function timeout, is simply not
  *   deleted, so it comes back when its visibility timeout ends (Lambda never shortens it).
  * - A timed-out invocation is abandoned, not stopped: the work it did stays done. Locally its
- *   promise even runs on in the background, where AWS would freeze the sandbox.
+ *   promise runs on in the background, where AWS stops the runtime; so that it never overlaps
+ *   the redelivery of its records (which AWS's stop guarantees), they stay invisible until it
+ *   settles as well as for the visibility timeout.
  * - After `maxReceiveCount` receives a message moves to the dead-letter queue.
  * - Faults (faults.ts): a lost delete (the same message delivered again) and a function that
  *   dies mid-batch.
@@ -38,7 +40,7 @@ export const DEPLOYED_EVENT_SOURCE = {
   /** Six times the function timeout (`FrameQueue`). */
   visibilityTimeoutMs: 180_000,
   /** The redrive policy of `FrameQueue`. */
-  maxReceiveCount: 5,
+  maxReceiveCount: 10,
   /** The `SqsEventSource` of the stream function. */
   batchSize: 10,
   /**
@@ -131,6 +133,8 @@ interface QueuedMessage {
   invisibleUntil: number;
   /** Held by an invocation that has not settled yet (used to speed up a shutdown). */
   held: boolean;
+  /** Received by an invocation that timed out and is still running in the background. */
+  abandoned?: boolean;
 }
 
 export class FifoEventSource {
@@ -231,7 +235,7 @@ export class FifoEventSource {
   /** ReceiveMessage on the FIFO queue: whole groups first, oldest first, never a locked group. */
   private receive(now: number): QueuedMessage[] {
     const available = [...this.groups.values()]
-      .filter((group) => group.every((message) => message.invisibleUntil <= now))
+      .filter((group) => group.every((message) => message.invisibleUntil <= now && !message.abandoned))
       .sort((a, b) => (a[0].sequenceNumber < b[0].sequenceNumber ? -1 : 1));
     const batch: QueuedMessage[] = [];
     for (const group of available) {
@@ -375,8 +379,14 @@ export class FifoEventSource {
       clearTimeout(timer);
     }
     if (response === 'timed out') {
-      // The abandoned invocation may still settle; nobody listens any more.
-      invocation.catch(() => {});
+      // The abandoned invocation runs on here (AWS would have stopped it): its records are not
+      // received again before it settles.
+      for (const message of batch) message.abandoned = true;
+      const settled = () => {
+        for (const message of batch) message.abandoned = false;
+        this.schedulePoll();
+      };
+      invocation.then(settled, settled);
       this.options.log(
         `[gateway] stream handler timed out after ${functionTimeoutMs} ms; its ${batch.length} ` +
           'records will be delivered again after the visibility timeout',

@@ -81,15 +81,35 @@ export async function deliver(
 /**
  * Posts one element on a connection as it is: a stanza or a nonza. Callers that own the
  * connection's session (the stream itself, stream management replaying its queue, a kick)
- * handle 'gone' themselves; everything else goes through `deliver`.
+ * handle 'gone' themselves; everything else goes through `deliver`. A post whose fate is
+ * unknown (no answer came) counts as sent: without stream management XMPP delivers at most once,
+ * and a second copy could arrive twice; stream management uses `postExactly`.
  */
-export async function post(server: Server, connectionId: string, element: Element): Promise<PostResult> {
+export async function post(
+  server: Server,
+  connectionId: string,
+  element: Element,
+): Promise<Exclude<PostResult, 'unknown'>> {
+  const result = await postExactly(server, connectionId, element);
+  return result === 'unknown' ? 'sent' : result;
+}
+
+/** `post`, telling 'unknown' apart: the frame may or may not have reached the client. */
+export async function postExactly(
+  server: Server,
+  connectionId: string,
+  element: Element,
+): Promise<PostResult> {
   const data = serialize(element);
   if (Buffer.byteLength(data) > POST_LIMIT_BYTES) throw tooLargeError();
   const result = await server.outbound.post(connectionId, data);
   // Counted once posted: each is one API Gateway message (a cost driver), replays included.
-  if (result === 'sent')
+  if (result !== 'gone')
     server.metrics.count('StanzasOut', 1, STANZA_KINDS.has(element.name) ? element.name : 'nonza');
+  if (result === 'unknown') {
+    server.metrics.count('PostsUnanswered');
+    server.log.warn('post unanswered: it may or may not have reached the client', { connectionId });
+  }
   return result;
 }
 

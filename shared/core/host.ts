@@ -67,6 +67,8 @@ export interface Stream {
   readonly ended: boolean;
   /** API Gateway's id of the frame being handled (the same on a redelivery), '' when unknown. */
   readonly frameId: string;
+  /** The frame's SQS sequence number, when it came through the queue (grows per connection). */
+  readonly seq?: string;
   update(changes: StreamStateChanges): void;
   /**
    * Writes the pending state changes now, unless a stream-management resume on another
@@ -145,6 +147,13 @@ export interface UndeliveredStanza {
   acceptedAt: number;
   /** Called once it has been re-routed (or dropped for good): the progress is recorded. */
   done?: () => Promise<void>;
+  /**
+   * Names this re-route of it: the deliveries it causes are keyed by it (core/frame.ts), so a
+   * re-route repeated after a failure, or run twice at once, does not deliver or store it twice.
+   */
+  key?: string;
+  /** Its place among the stanzas re-routed with it (orders those of one millisecond). */
+  sequence?: number;
 }
 
 export interface EventPayloads {
@@ -282,7 +291,7 @@ export interface DeliveryOptions {
  * session any more: re-route), 'full' (the session's XEP-0198 queue is congested: the client is
  * slow to acknowledge; a sender is told to wait).
  */
-export type DeliveryResult = PostResult | 'full';
+export type DeliveryResult = Exclude<PostResult, 'unknown'> | 'full';
 
 export interface StanzaQueue {
   deliver(smId: string, stanza: Element, options: DeliveryOptions): Promise<DeliveryResult>;

@@ -87,6 +87,7 @@ export async function endSession(
   if (session.connectionId) await server.sessions.deleteConnection(session.connectionId);
   server.metrics.count('StanzasRerouted', undelivered.length);
   await rerouteUndelivered(server, session.user, undelivered);
+  for (const after of afterReroute) await after();
 }
 
 /**

@@ -10,6 +10,7 @@ import { StanzaError } from '../errors.ts';
 import { bareJid, fullJid, type Jid, parseJid } from '../jid.ts';
 import type { ResourceRecord } from '../store/sessions.ts';
 import { congestedError, deliver, fitsTransport, tooLargeError } from './delivery.ts';
+import { inFrame } from './frame.ts';
 import {
   type BoundStream,
   DEFERRED_RESULT,
@@ -258,10 +259,14 @@ export async function rerouteUndelivered(
   user: string,
   undelivered: UndeliveredStanza[],
 ): Promise<void> {
-  for (const { stanza, acceptedAt, done } of undelivered) {
+  for (const { stanza, acceptedAt, done, key, sequence } of undelivered) {
     try {
       if (stanza.name === 'message') {
-        await routeMessage(server, stanza, parseJid(user), { originalTime: acceptedAt });
+        const route = () => routeMessage(server, stanza, parseJid(user), { originalTime: acceptedAt });
+        // Counted as a redelivery: an earlier run of this re-route may have delivered it.
+        const seq = sequence === undefined ? {} : { seq: String(sequence) };
+        if (key) await inFrame({ frameId: key, receivedAt: acceptedAt, receiveCount: 2, ...seq }, route);
+        else await route();
       } else if (
         stanza.name === 'iq' &&
         (stanza.attrs.type === 'get' || stanza.attrs.type === 'set') &&

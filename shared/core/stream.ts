@@ -14,6 +14,7 @@ import { ConnectionFencedError, type ConnectionState } from '../store/sessions.t
 import { parseFrame } from '../xml/frame.ts';
 import { NS } from '../xml/namespaces.ts';
 import { closeConnection, deliver, post } from './delivery.ts';
+import { inFrame, sequenceAtMost } from './frame.ts';
 import {
   type BoundStream,
   type DeliveryOptions,
@@ -28,16 +29,21 @@ import { routeFromClient } from './router.ts';
 import { isTransient } from './transient.ts';
 
 const STANZAS = new Set(['message', 'presence', 'iq']);
+/** Tries of the state write that ends a frame (each after the SDK's own retries). */
+const SAVE_ATTEMPTS = 3;
 
 /** One stream's view during one frame: its state, pending state changes and its sends. */
 export class XmppStream implements Stream {
   private changes: StreamStateChanges = {};
   ended = false;
+  /** The frame was a stanza: its routing sent or stored something (recorded with `doneSeq`). */
+  routed = false;
 
   constructor(
     readonly server: Server,
     readonly state: ConnectionState,
     readonly frameId = '',
+    readonly seq?: string,
   ) {}
 
   get connectionId(): string {
@@ -104,11 +110,28 @@ export class XmppStream implements Stream {
   }
 
   async save(): Promise<void> {
-    if (this.ended || Object.keys(this.changes).length === 0) return;
+    if (this.ended) return;
+    // A routed stanza is marked done even without state changes: a redelivery would repeat its
+    // posts. (Its durable writes carry frame keys and would not repeat; see core/frame.ts.)
+    const markDone = this.seq !== undefined && this.routed;
+    if (!markDone && Object.keys(this.changes).length === 0) return;
     // The frame's id goes with the state it produced, in the same write: a redelivery of a frame
     // whose work was saved (a timeout or a lost delete after the save) is recognised and skipped.
-    const changes = this.frameId ? { ...this.changes, savedFrame: this.frameId } : this.changes;
-    await this.server.sessions.updateConnection(this.connectionId, changes);
+    const changes: StreamStateChanges = this.frameId
+      ? { ...this.changes, savedFrame: this.frameId }
+      : { ...this.changes };
+    if (this.seq !== undefined) changes.doneSeq = this.seq;
+    // The frame's work is done: failing now would have it redelivered and repeated, so a
+    // transient error gets a few more tries here (the write is the same each time).
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.server.sessions.updateConnection(this.connectionId, changes);
+        break;
+      } catch (error) {
+        if (attempt >= SAVE_ATTEMPTS || !isTransient(error)) throw error;
+        await new Promise((resolve) => setTimeout(resolve, 100 * attempt));
+      }
+    }
     this.changes = {};
   }
 }
@@ -180,6 +203,7 @@ async function dispatch(stream: XmppStream, element: Element): Promise<void> {
       throw new StreamError('not-authorized', 'Bind a resource first');
     }
     const bound = stream as XmppStream & BoundStream;
+    stream.routed = true;
     await host.fire('stanza-in', { stream: bound, stanza: element });
     return routeFromClient(bound, element);
   }
@@ -216,7 +240,10 @@ export async function handleStreamEvent(server: Server, event: StreamEvent): Pro
       await server.host.fire('connection-vanished', { connectionId: event.connectionId, state: stored });
     return;
   }
-  if (event.frameId && stored?.savedFrame === event.frameId) {
+  if (
+    (event.frameId && stored?.savedFrame === event.frameId) ||
+    (event.seq !== undefined && stored?.doneSeq !== undefined && sequenceAtMost(event.seq, stored.doneSeq))
+  ) {
     // Redelivered after its work and state were saved (SQS redelivers a batch whose invocation
     // timed out, or whose delete was lost): handling it again would repeat it.
     server.log.info('redelivered frame already handled', { connectionId: event.connectionId });
@@ -229,7 +256,12 @@ export async function handleStreamEvent(server: Server, event: StreamEvent): Pro
     authFailures: 0,
   };
   if (state.user) addLogContext({ jid: state.user });
-  const stream = new XmppStream(server, state, event.frameId);
+  const stream = new XmppStream(server, state, event.frameId, event.seq);
+  return inFrame(event, () => handleFrame(stream, event));
+}
+
+async function handleFrame(stream: XmppStream, event: StreamEvent): Promise<void> {
+  const { server } = stream;
   try {
     chargeRate(stream, event);
     const element = parseFrame(event.frame, server.config.maxStanzaBytes);

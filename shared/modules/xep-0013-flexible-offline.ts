@@ -33,8 +33,11 @@ const ENVELOPE_BYTES = 4096;
 /** Messages read per Query while fetching: one page in flight while the previous one is sent. */
 const FETCH_PAGE = 100;
 
-/** Ids made by `newOfflineId`: ms time, per-process sequence, randomness. Anything else never existed. */
-const OFFLINE_ID = /^\d{15}-\d{4}-[0-9a-f]{8}$/;
+/**
+ * Ids made by `newOfflineId` (ms time, per-process sequence, randomness) or `keyedOfflineId`
+ * (ms time, SQS sequence number, position). Anything else never existed.
+ */
+const OFFLINE_ID = /^\d{15}-(\d{4}-[0-9a-f]{8}|\d{40}-\d{4})$/;
 
 export function register(server: Server): void {
   const { host } = server;

@@ -4,6 +4,7 @@
  * stored messages when a session sends initial presence with a non-negative priority.
  */
 import { Element, parse } from 'ltx';
+import { nextDeliveryKey } from '../core/frame.ts';
 import {
   type BoundStream,
   type DeliveryResult,
@@ -83,11 +84,15 @@ async function storeIfWanted(
   // Only our own delay stamp may appear on delivery: drop any that claims to be ours.
   removeForgedDelay(stanza, server.config.domain);
   try {
+    // Stored from a frame or a re-route: keyed by it, so a redelivery of the frame (a repeated
+    // re-route) does not store it twice.
+    const delivery = nextDeliveryKey(`offline:${user}`);
     const stored = await server.offline.store(
       user,
       { from: stanza.attrs.from, storedAt: acceptedAt ?? Date.now(), stanza: stanza.toString() },
-      { ignoreQuota: acceptedAt !== undefined },
+      { ignoreQuota: acceptedAt !== undefined, ...(delivery ? { key: delivery } : {}) },
     );
+    if (stored.alreadyStored) return;
     await server.host.fire('message-stored-offline', {
       stanza,
       user,

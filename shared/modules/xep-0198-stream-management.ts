@@ -18,7 +18,8 @@
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Element, parse } from 'ltx';
-import { post } from '../core/delivery.ts';
+import { closeConnection, post, postExactly } from '../core/delivery.ts';
+import { nextDeliveryKey, sequenceAtMost } from '../core/frame.ts';
 import {
   type DeliveryOptions,
   type DeliveryResult,
@@ -33,13 +34,15 @@ import {
 import { endSession, kickConnection } from '../core/lifecycle.ts';
 import { rerouteUndelivered } from '../core/router.ts';
 import { stampDelay } from '../core/stanzas.ts';
+import { isTransient } from '../core/transient.ts';
 import { StreamError } from '../errors.ts';
-import type { SmState } from '../store/sessions.ts';
+import { ResourceTakenError, type SmState } from '../store/sessions.ts';
 import {
   AckBeyondQueueError,
   NotSessionOwnerError,
   PROBE_AFTER_MS,
   REROUTE_RETRY_MS,
+  REROUTE_SHARD,
   type SmEntry,
   type SmQueueItem,
   type SmVersion,
@@ -172,12 +175,23 @@ async function deliverToSmSession(
   stanza: Element,
   options: DeliveryOptions = {},
 ): Promise<DeliveryResult> {
+  const delivery = nextDeliveryKey(`sm:${smId}`);
   const entry: SmEntry = {
     s: stanza.toString(),
-    t: Date.now(),
+    t: delivery?.at ?? Date.now(),
     ...(options.offlineId ? { o: options.offlineId } : {}),
     ...(options.offlineCopy ? { c: true } : {}),
+    ...(delivery ? { k: delivery.key } : {}),
   };
+  if (delivery?.redelivered) {
+    // An earlier delivery of this frame may have queued it already, and posted it or not.
+    const queued = await server.smQueue.get(smId);
+    if (queued?.entries.some((waiting) => waiting.k === delivery.key)) {
+      if (queued.connectionId && !queued.holding)
+        await forceResume(server, queued.connectionId, 'redelivered');
+      return 'sent';
+    }
+  }
   const result = await server.smQueue.append(smId, entry, server.config.smQueueMax);
   if (result.kind === 'ended') return 'gone';
   if (result.kind === 'full') return whenFull(server, smId, result.item);
@@ -195,20 +209,53 @@ async function deliverToSmSession(
     return 'sent';
   }
   if (item.holding) return 'sent';
-  const posted = await post(server, item.connectionId, stanza);
+  // From here the stanza is queued: whatever happens to the post, it is the session's, and the
+  // sender's frame must not fail (a redelivery would queue it again).
+  const posted = await postQueued(server, item.connectionId, stanza);
   if (posted === 'gone') {
     // Kept in the queue: the session detaches (or ends, re-routing it) through the lifecycle.
     await server.host.fire('connection-vanished', { connectionId: item.connectionId });
     return 'sent';
   }
+  if (posted !== 'sent') return 'sent';
   const ackBytes = server.config.smAckBytes;
   const crossedBytes = Math.floor(bytes / ackBytes) > Math.floor((bytes - size) / ackBytes);
   if (number % server.config.smAckEvery === 0 || crossedBytes || congested) {
     // Batched: one <r/> per smAckEvery stanzas or smAckBytes queued, each being a paid
     // message and invocation.
-    await post(server, item.connectionId, ackRequest(item.version, number));
+    await postQueued(server, item.connectionId, ackRequest(item.version, number));
   }
   return 'sent';
+}
+
+/**
+ * Posts what the session's queue holds. A post that failed, or whose fate is unknown, would
+ * break the count both ends keep if it were resent or skipped: the socket is closed instead,
+ * and the client resumes and is sent exactly what it has not acknowledged.
+ */
+async function postQueued(
+  server: Server,
+  connectionId: string,
+  element: Element,
+): Promise<'sent' | 'gone' | 'resuming'> {
+  try {
+    const result = await postExactly(server, connectionId, element);
+    if (result !== 'unknown') return result;
+  } catch (error) {
+    if (!isTransient(error)) throw error;
+    server.log.warn('post to a stream-management session failed', { connectionId, error });
+  }
+  await forceResume(server, connectionId, 'uncertain post');
+  return 'resuming';
+}
+
+/** Closes a stream-management client's socket, as a network would: it resumes. */
+async function forceResume(server: Server, connectionId: string, reason: string): Promise<void> {
+  server.log.info('closing the socket so the client resumes', { connectionId, reason });
+  await closeConnection(server, connectionId).catch((error: unknown) => {
+    // Left to the liveness probe: a socket that is really gone is found within minutes.
+    server.log.warn('closing the socket failed', { connectionId, error });
+  });
 }
 
 function queuedBytes(entries: SmEntry[]): number {
@@ -313,7 +360,17 @@ async function endSmSession(
   const owner = reason === 'replaced' ? 'any' : session.connectionId;
   const inbound = session.state?.sm?.inbound ?? (await server.smQueue.get(session.smId))?.inbound ?? 0;
   const ended = await server.smQueue.end(session.smId, owner, inbound);
-  if (!ended) return HANDLED;
+  if (!ended) {
+    // Ended already, its re-route perhaps cut short (this is a redelivery of the frame that
+    // ended it, or another end at once): carried on from where it stopped. Re-routes are keyed,
+    // so running one twice delivers nothing twice.
+    const item = await server.smQueue.get(session.smId);
+    if (item?.ended && item.sweepShard === REROUTE_SHARD && (item.rerouted ?? 0) < item.entries.length) {
+      undelivered.push(...(await toReroute(server, item, item.rerouted ?? 0)));
+      afterReroute.push(() => server.smQueue.finishReroute(item.smId));
+    }
+    return HANDLED;
+  }
   // A detached session's directed-presence recipients were carried in its queue item.
   if (ended.directedTo?.length)
     session.directedTo = [...new Set([...(session.directedTo ?? []), ...ended.directedTo])];
@@ -339,6 +396,8 @@ async function toReroute(server: Server, item: SmQueueItem, from: number): Promi
       stanza: parse(entry.s),
       acceptedAt: entry.t,
       done: () => server.smQueue.markRerouted(item.smId, position),
+      key: `reroute:${item.smId}:${item.base + position}`,
+      sequence: item.base + position,
     });
   });
   return stanzas;
@@ -416,8 +475,11 @@ async function countInbound(stream: Stream): Promise<undefined> {
   if (sm?.version !== 'sm3') return undefined;
   // A redelivered frame (the queue's retry after a failure) was counted the first time.
   if (stream.frameId && stream.state.countedFrame === stream.frameId) return undefined;
+  const counted = stream.state.countedSeq;
+  if (stream.seq && counted && sequenceAtMost(stream.seq, counted)) return undefined;
   stream.update({ sm: { ...sm, inbound: sm.inbound + 1 } });
   if (stream.frameId) stream.update({ countedFrame: stream.frameId });
+  if (stream.seq) stream.update({ countedSeq: stream.seq });
   await stream.commit();
   return undefined;
 }
@@ -456,7 +518,15 @@ async function enable(stream: Stream, element: Element, version: SmVersion): Pro
     max,
     connectionId: stream.connectionId,
   });
-  await server.sessions.setResourceSm(user, resource, stream.connectionId, smId);
+  try {
+    await server.sessions.setResourceSm(user, resource, stream.connectionId, smId);
+  } catch (error) {
+    if (!(error instanceof ResourceTakenError)) throw error;
+    // A new bind of this resource replaced the stream meanwhile (it is being closed with
+    // <conflict/>): nothing to enable; the queue just made is ended, empty.
+    await server.smQueue.end(smId, stream.connectionId, 0);
+    return void (await stream.send(failed(version, 'unexpected-request')));
+  }
   // A sender that read this resource just before it switched to the queue may still be
   // posting directly; such a stanza must land before <enabled/>, or the client would count a
   // stanza the server never numbered. A short quiet period closes that window in practice.
@@ -493,7 +563,10 @@ async function replayHeld(
   for (;;) {
     for (let i = sent - base; i < entries.length; i++) {
       const entry = entries[i] as SmEntry;
-      await post(server, stream.connectionId, withDelay(server, entry.s, entry.t));
+      // A replay cut short leaves the session holding: the client resumes again (the socket was
+      // closed, or is gone) and the next replay starts where its ack says.
+      if ((await postQueued(server, stream.connectionId, withDelay(server, entry.s, entry.t))) !== 'sent')
+        return;
       sent += 1;
     }
     if (await server.smQueue.release(sm.id, sent)) return;

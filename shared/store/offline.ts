@@ -6,7 +6,7 @@
  *   pk = <bare JID>  sk = count    → { n }
  */
 
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { TransactionCanceledException } from '@aws-sdk/client-dynamodb';
 import {
   BatchGetCommand,
@@ -21,7 +21,7 @@ import { TTL_ATTRIBUTE } from '../tables.ts';
 import { isConditionFailure, UnprocessedKeysError } from './dynamo.ts';
 
 export interface OfflineMessage {
-  /** Opaque, unique, increasing with arrival time. */
+  /** Opaque, unique, increasing with arrival time (see newOfflineId and keyedOfflineId). */
   id: string;
   /** Full JID of the sender. */
   from: string;
@@ -45,11 +45,15 @@ export interface OfflinePage {
 }
 
 export interface OfflineStore {
+  /**
+   * With `key` (a frame's delivery key, core/frame.ts) the id is made from it, so a redelivered
+   * frame finds its message stored and does not store it twice (`alreadyStored`).
+   */
   store(
     user: string,
     message: Omit<OfflineMessage, 'id'>,
-    options?: { ignoreQuota?: boolean },
-  ): Promise<OfflineMessage>;
+    options?: { ignoreQuota?: boolean; key?: OfflineKey },
+  ): Promise<OfflineMessage & { alreadyStored?: boolean }>;
   /** Oldest first; expired messages are skipped even before DynamoDB's TTL removes them. */
   list(
     user: string,
@@ -64,6 +68,29 @@ export interface OfflineStore {
 
 let lastMillis = 0;
 let sequence = 0;
+
+/**
+ * The id of a message a frame stores, the same for every delivery of the frame: its arrival at
+ * API Gateway, then its SQS sequence number (one sender's frames of the same millisecond keep
+ * their order) and its place among the frame's deliveries; without a sequence number (not from
+ * the queue), a hash of the key.
+ */
+export function keyedOfflineId(delivery: OfflineKey): string {
+  const at = delivery.at.toString().padStart(15, '0');
+  const position = (delivery.position % 10_000).toString().padStart(4, '0');
+  if (delivery.seq && /^\d{1,40}$/.test(delivery.seq))
+    return `${at}-${delivery.seq.padStart(40, '0')}-${position}`;
+  const hash = createHash('sha256').update(delivery.key).digest('hex').slice(0, 8);
+  return `${at}-${position}-${hash}`;
+}
+
+/** What makes a stored message's id (core/frame.ts's DeliveryKey). */
+export interface OfflineKey {
+  key: string;
+  at: number;
+  seq?: string;
+  position: number;
+}
 
 /**
  * Ids sort by arrival: the time in ms, then a per-process sequence for ids made in the same
@@ -200,12 +227,19 @@ export function createOfflineStore(
     async store(user, message, options = {}) {
       // Ids follow the order of storing (XEP-0059 paging relies on it), even for a message
       // re-routed with its original, older time stamp.
-      const item: OfflineMessage = { ...message, id: newOfflineId() };
+      const item: OfflineMessage = {
+        ...message,
+        id: options.key ? keyedOfflineId(options.key) : newOfflineId(),
+      };
       const quota = options.ignoreQuota ? Number.MAX_SAFE_INTEGER : limits.quota;
       try {
         await tryStore(user, item, quota);
       } catch (error) {
         if (!(error instanceof TransactionCanceledException)) throw error;
+        // The message is there already: an earlier delivery of the same frame stored it (or
+        // this one did, and the SDK resent the transaction after a 500 that followed the write).
+        if (options.key && error.CancellationReasons?.[1]?.Code === 'ConditionalCheckFailed')
+          return { ...item, alreadyStored: true };
         if (error.CancellationReasons?.[0]?.Code !== 'ConditionalCheckFailed') throw error;
         // The counter only grows on store and shrinks on delete; messages that DynamoDB's TTL
         // removed are still in it. At the quota, count for real before refusing — at most once

@@ -76,6 +76,17 @@ export class ConnectionFencedError extends Error {
   }
 }
 
+/** The resource row belongs to another connection now (a new bind took it over). */
+export class ResourceTakenError extends Error {
+  constructor(
+    readonly user: string,
+    readonly resource: string,
+  ) {
+    super(`resource ${user}/${resource} is bound by another connection`);
+    this.name = 'ResourceTakenError';
+  }
+}
+
 /** A per-connection token bucket (core/rate-limit.ts), kept only while the connection is busy. */
 export interface RateBucket {
   frames: number;
@@ -126,8 +137,18 @@ export interface ConnectionState {
   fenced?: boolean;
   /** XEP-0198: the queue message id of the last frame whose stanza was counted (a redelivery is not counted twice). */
   countedFrame?: string;
+  /**
+   * XEP-0198: the SQS sequence number of the last frame whose stanza was counted: a redelivery of
+   * it or of an earlier frame (a timed-out batch comes back whole) is not counted again.
+   */
+  countedSeq?: string;
   /** The id of the last frame whose state changes were saved (a redelivery of it is skipped). */
   savedFrame?: string;
+  /**
+   * The SQS sequence number of the last frame handled to the end (its sends, queue appends and
+   * stores done): a redelivery of it or of any earlier frame of the connection is skipped.
+   */
+  doneSeq?: string;
   /** RFC 6121 §2.1.6: the session requested the roster (its resource row is marked for pushes). */
   rosterInterested?: boolean;
   archive?: ArchiveStreamState;
@@ -248,7 +269,9 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     rate: item.rate as RateBucket | undefined,
     fenced: item.fenced as boolean | undefined,
     countedFrame: item.countedFrame as string | undefined,
+    countedSeq: item.countedSeq as string | undefined,
     savedFrame: item.savedFrame as string | undefined,
+    doneSeq: item.doneSeq as string | undefined,
     rosterInterested: item.rosterInterested as boolean | undefined,
     archive: item.archive as ArchiveStreamState | undefined,
   };
@@ -561,15 +584,19 @@ export function createSessionStore(
     },
 
     async setResourceSm(user, resource, connectionId, smId) {
-      await doc.send(
-        new UpdateCommand({
-          TableName: table,
-          Key: resourceKey(user, resource),
-          UpdateExpression: smId ? 'SET smId = :smId' : 'REMOVE smId',
-          ConditionExpression: 'connectionId = :connectionId',
-          ExpressionAttributeValues: { ':connectionId': connectionId, ...(smId ? { ':smId': smId } : {}) },
-        }),
-      );
+      await doc
+        .send(
+          new UpdateCommand({
+            TableName: table,
+            Key: resourceKey(user, resource),
+            UpdateExpression: smId ? 'SET smId = :smId' : 'REMOVE smId',
+            ConditionExpression: 'connectionId = :connectionId',
+            ExpressionAttributeValues: { ':connectionId': connectionId, ...(smId ? { ':smId': smId } : {}) },
+          }),
+        )
+        .catch((error: unknown) => {
+          throw isConditionFailure(error) ? new ResourceTakenError(user, resource) : error;
+        });
     },
 
     releaseSmResource: (user, resource, smId) => releaseIfOwned(user, resource, 'smId', smId),

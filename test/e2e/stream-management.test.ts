@@ -849,11 +849,13 @@ describe('durable re-routing', () => {
     const claimed = await stack.server.smQueue.end(smId, undefined, 0);
     expect(claimed?.entries).toHaveLength(4);
     const first = claimed?.entries.find((e) => e.s.includes('id="o1"'));
-    await stack.server.offline.store('orphan@localhost', {
-      from: 'romeo@localhost/to-orphan',
-      storedAt: first?.t ?? 0,
-      stanza: first?.s ?? '',
-    });
+    // Stored as the re-route stores it: keyed by the session and the entry's number (entry 2),
+    // with the message's arrival time, so re-routed messages keep their order.
+    await stack.server.offline.store(
+      'orphan@localhost',
+      { from: 'romeo@localhost/to-orphan', storedAt: first?.t ?? 0, stanza: first?.s ?? '' },
+      { key: { key: `reroute:${smId}:2`, at: first?.t ?? 0, seq: '2', position: 0 } },
+    );
     // Entry 1 was orphan's own presence, entry 2 the message o1: two done.
     await stack.server.smQueue.markRerouted(smId, 2);
     await sweep(stack.server, Date.now() + 120_000);

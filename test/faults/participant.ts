@@ -28,8 +28,14 @@ const STANZAS = 'urn:ietf:params:xml:ns:xmpp-stanzas';
 /** Pings (acceptance barriers of a client without stream management) every so many messages. */
 const PING_EVERY = 4;
 const PING_TIMEOUT_MS = 20_000;
-/** A client neither online nor changing status for this long is started anew. */
-const STUCK_MS = 3_000;
+/**
+ * A client neither online nor changing status for this long is started anew (a new session: a
+ * stream-management client then gets again what it had received but not acknowledged, by
+ * design). Longer than two redelivery cycles of the schedules' event source (function timeout
+ * 1 s + visibility timeout 2 s): a login whose frame timed out is waiting for its redelivery,
+ * not stuck (xmpp.js's own reconnect meanwhile retries, resuming when it can).
+ */
+const STUCK_MS = 8_000;
 
 /** The parts of xmpp.js's stream management state the suite reads (not in types/xmpp-client.d.ts). */
 interface StreamManagementState {

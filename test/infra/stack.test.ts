@@ -261,7 +261,8 @@ describe('frame queue', () => {
       SqsManagedSseEnabled: true,
       RedrivePolicy: {
         deadLetterTargetArn: { 'Fn::GetAtt': [deadLetterQueueId, 'Arn'] },
-        maxReceiveCount: 5,
+        // A connection's frames behind a failing one are returned unprocessed, and that counts.
+        maxReceiveCount: 10,
       },
     });
     expect(resources[deadLetterQueueId].Properties).toMatchObject({

@@ -40,6 +40,7 @@ import {
 import { type Gateway, type GatewayOptions, startGateway } from '../../infra/local/gateway.ts';
 import { startLocalStack } from '../../infra/local/stack.ts';
 import { STREAM_TIMEOUT } from '../../infra/stack.ts';
+import { apiGatewayPort, POST_ATTEMPTS } from '../../shared/outbound.ts';
 import { decodeQueueMessage } from '../../shared/queue-message.ts';
 import { createDocumentClient } from '../../shared/store/dynamo.ts';
 import { createTestConfig, useDynamoDbLocal } from '../support/dynamodb.ts';
@@ -295,7 +296,7 @@ describe('visibility timeout', () => {
 });
 
 describe('function timeout', () => {
-  test('an invocation past the timeout is abandoned: its whole batch comes back, the work it did stays done', async () => {
+  test('an invocation past the timeout is abandoned: its whole batch comes back, not before it stopped, and the work it did stays done', async () => {
     const functionTimeoutMs = 200;
     const visibilityTimeoutMs = 500;
     const held = gate();
@@ -321,18 +322,26 @@ describe('function timeout', () => {
     await eventually(() => expect(harness.invocations).toHaveLength(1));
     for (const frame of ['a', 'b', 'c']) client.socket.send(frame);
     held.open();
-    await eventually(() => expect(effects).toContain('c#2'), 5_000);
+    await eventually(() => expect(effects).toContain('b#1'));
+    await new Promise((resolve) => setTimeout(resolve, functionTimeoutMs + visibilityTimeoutMs + 300));
+    // Past the timeout and the visibility timeout: AWS would have stopped the runtime; here the
+    // abandoned invocation still runs, and its records wait for it, never handled twice at once.
+    expect(harness.invocations).toHaveLength(2);
+    const releasedAt = Date.now();
     stuck.open();
+    await eventually(() => expect(effects).toContain('c#2'), 5_000);
 
     const [, timedOut, retried] = harness.invocations;
     expect(timedOut.deliveries.map((delivery) => delivery.frame)).toEqual(['a', 'b', 'c']);
     expect(timedOut.context.getRemainingTimeInMillis()).toBe(0);
-    // 'a' was handled before the timeout and is handled again; 'c' was never reached the first time.
-    expect(effects.slice(0, 5)).toEqual(['a#1', 'b#1', 'a#2', 'b#2', 'c#2']);
+    // 'a' was handled before the timeout and is handled again; 'c' only by the abandoned
+    // invocation running on (locally), and before the whole batch came back.
+    expect(effects.slice(0, 6)).toEqual(['a#1', 'b#1', 'c#1', 'a#2', 'b#2', 'c#2']);
     expect(retried.deliveries.map((delivery) => delivery.messageId)).toEqual(
       timedOut.deliveries.map((delivery) => delivery.messageId),
     );
     expect(retried.startedAt - timedOut.startedAt).toBeGreaterThanOrEqual(visibilityTimeoutMs - 2);
+    expect(retried.startedAt).toBeGreaterThanOrEqual(releasedAt);
     expect(harness.logs.join('\n')).toMatch(/timed out after 200 ms/);
   });
 });
@@ -620,6 +629,45 @@ describe('PostToConnection faults', () => {
     expect(failed).toBeGreaterThan(3);
     expect(failed).toBeLessThan(24);
     expect(first.filter((name) => name === 'sent').length).toBe(60 - throttled - failed);
+  });
+});
+
+describe("Nimbus's post port under those faults (shared/outbound.ts)", () => {
+  async function portWith(post: FaultOptions['post']) {
+    const harness = await startHarness(ok, { faults: { seed: 1, post } });
+    const client = await connect(harness.gateway.url);
+    const id = await connectionIdOf(harness, client, 'hello');
+    return { harness, client, id, port: apiGatewayPort(harness.gateway.managementEndpoint, 'us-east-1') };
+  }
+
+  test('a post that gets no answer is reported unknown and never sent a second time', async () => {
+    const { client, id, port } = await portWith({ timeout: 1, timeoutMs: 50 });
+    expect(await port.post(id, '<message id="once"/>')).toBe('unknown');
+    // The SDK would have resent it after the dropped answer: the client would hold two copies,
+    // one more than stream management's count says.
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    expect(client.received).toEqual(['<message id="once"/>']);
+  });
+
+  test('a 429 or 500 (nothing delivered) is tried again, up to POST_ATTEMPTS in all', async () => {
+    const refusing = await portWith({ throttle: 1 });
+    await expect(refusing.port.post(refusing.id, '<message/>')).rejects.toMatchObject({
+      name: 'LimitExceededException',
+    });
+    expect(refusing.harness.gateway.faultsInjected()).toEqual({ 'post.throttle': POST_ATTEMPTS });
+    expect(refusing.client.received).toEqual([]);
+    // Half the posts refused: every message arrives once, some after a retry.
+    const flaky = await portWith({ throttle: 0.3, serverError: 0.2 });
+    const results: string[] = [];
+    for (let i = 0; i < 20; i++) {
+      results.push(await flaky.port.post(flaky.id, `<m n="${i}"/>`).catch((error: Error) => error.name));
+    }
+    const sent = results.flatMap((result, i) => (result === 'sent' ? [`<m n="${i}"/>`] : []));
+    expect(Object.values(flaky.harness.gateway.faultsInjected()).reduce((a, b) => a + b, 0)).toBeGreaterThan(
+      5,
+    );
+    expect(sent.length).toBeGreaterThan(15);
+    await eventually(() => expect(flaky.client.received).toEqual(sent));
   });
 });
 

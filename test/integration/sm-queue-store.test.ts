@@ -3,6 +3,7 @@
  * numbering append that reads the owner in the same write, the bounds, acknowledgement, the
  * hand-over (attach, release, detach), the sparse sweep index, and the end that happens once.
  */
+import { randomBytes } from 'node:crypto';
 import { GetCommand } from '@aws-sdk/lib-dynamodb';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { createDocumentClient } from '../../shared/store/dynamo.ts';
@@ -69,6 +70,26 @@ async function appendMany(smId: string, count: number, maxEntries = MAX, store: 
   return numbers;
 }
 
+describe("a keyed append (a frame's delivery key, core/frame.ts)", () => {
+  it('is queued once when the SDK resends it after DynamoDB ran it, and keeps its number', async () => {
+    const { smId } = await session();
+    const first = await queue.append(smId, entry(1, { k: 'req-a:0' }), MAX);
+    // The resend of the same update (a 500 after the write): the same key, right after.
+    const resent = await queue.append(smId, entry(1, { k: 'req-a:0' }), MAX);
+    expect(first).toMatchObject({ kind: 'queued', number: 1 });
+    expect(resent).toMatchObject({ kind: 'queued', number: 1 });
+    const next = await queue.append(smId, entry(2, { k: 'req-b:0' }), MAX);
+    expect(next).toMatchObject({ kind: 'queued', number: 2 });
+    const item = await queue.get(smId);
+    expect(item?.entries.map((queued) => queued.k)).toEqual(['req-a:0', 'req-b:0']);
+    expect(item?.out).toBe(2);
+    // Entries without a key (made outside a frame: the sweeper's re-routes) are never merged.
+    await queue.append(smId, entry(3), MAX);
+    await queue.append(smId, entry(3), MAX);
+    expect((await queue.get(smId))?.out).toBe(4);
+  });
+});
+
 describe('create, get, counts', () => {
   it('creates a holding session with an empty queue', async () => {
     const before = Date.now();
@@ -96,6 +117,8 @@ describe('create, get, counts', () => {
       sweepAt: undefined,
       congested: false,
       ackedAt: undefined,
+      // Attached: its liveness probe is due at sweepAt.
+      sweepShard: 'attached',
     } satisfies SmQueueItem);
     expect(await queue.counts(smId)).toEqual({ out: 0, base: 0 });
   });
@@ -198,7 +221,8 @@ describe('append', () => {
   // 400 KB, whichever comes first".
   it('is full when the next entry would take the item past 400 KB', async () => {
     const { smId } = await session();
-    const big = 'x'.repeat(120_000);
+    // Random text: queued stanzas are stored deflated, and this does not shrink below ~110 KB.
+    const big = randomBytes(112_500).toString('base64');
     for (let i = 1; i <= 3; i++) {
       expect(await queue.append(smId, entry(i, { s: big }), MAX)).toMatchObject({
         kind: 'queued',
@@ -211,6 +235,20 @@ describe('append', () => {
     expect(item?.entries).toHaveLength(3);
     // A small stanza still fits.
     expect(await queue.append(smId, entry(5), MAX)).toMatchObject({ kind: 'queued', number: 4 });
+  });
+});
+
+describe('stored form', () => {
+  it('keeps a queued stanza deflated, and gives it back as it was queued', async () => {
+    const { smId } = await session();
+    const stanza =
+      "<message xmlns='jabber:client' to='bob@localhost/phone' from='alice@localhost/laptop' type='chat' id='m1'>" +
+      '<body>Where are you? The train leaves at five.</body><request xmlns="urn:xmpp:receipts"/></message>';
+    await queue.append(smId, { s: stanza, t: 1, k: 'req:0' }, MAX);
+    const raw = (await rawItem(table, smId))?.q as Array<Record<string, unknown>>;
+    expect(raw[0]?.s).toBeUndefined();
+    expect((raw[0]?.z as Uint8Array | undefined)?.length).toBeLessThan(Buffer.byteLength(stanza) * 0.6);
+    expect((await queue.get(smId))?.entries).toEqual([{ s: stanza, t: 1, k: 'req:0' }]);
   });
 });
 

@@ -1,0 +1,83 @@
+/**
+ * The frame being handled, for the work it causes: SQS delivers a frame at least once (a lost
+ * delete, a timed-out or failed batch), so what a frame puts somewhere durable carries a key
+ * that is the same on every delivery of that frame — its id and the position of the write among
+ * the frame's deliveries — and a store that already holds the key does not take it twice.
+ *
+ * `attempt` tells this delivery's own writes (a write the SDK retried after DynamoDB executed
+ * it) from an earlier delivery's.
+ */
+import { AsyncLocalStorage } from 'node:async_hooks';
+import { randomBytes } from 'node:crypto';
+
+interface FrameContext {
+  frameId: string;
+  receivedAt: number;
+  attempt: string;
+  redelivered: boolean;
+  seq?: string;
+  /** Deliveries so far, per target: a broadcast's concurrent deliveries each count their own. */
+  deliveries: Map<string, number>;
+}
+
+const frames = new AsyncLocalStorage<FrameContext>();
+
+/** Runs the handling of one delivery of a frame. */
+export function inFrame<T>(
+  frame: { frameId: string; receivedAt: number; receiveCount?: number; seq?: string },
+  work: () => Promise<T>,
+): Promise<T> {
+  if (!frame.frameId) return work();
+  return frames.run(
+    {
+      frameId: frame.frameId,
+      receivedAt: frame.receivedAt,
+      attempt: randomBytes(6).toString('base64url'),
+      redelivered: (frame.receiveCount ?? 1) > 1,
+      ...(frame.seq ? { seq: frame.seq } : {}),
+      deliveries: new Map(),
+    },
+    work,
+  );
+}
+
+export interface DeliveryKey {
+  /** `<frame id>:<n>`: the frame's n-th durable delivery to its target. */
+  key: string;
+  /** When the frame reached API Gateway (ms): the same on every delivery of it. */
+  at: number;
+  /** This delivery of the frame. */
+  attempt: string;
+  /** Not the frame's first delivery: an earlier one may have done this delivery already. */
+  redelivered: boolean;
+  /** The frame's SQS sequence number, when it came through the queue: orders a sender's frames. */
+  seq?: string;
+  /** The position of this delivery among the frame's (the `n` of the key). */
+  position: number;
+}
+
+/**
+ * The key of the current frame's next durable delivery to `target` (a stream-management session,
+ * an offline inbox); undefined outside a frame. Deliveries to one target are made one after the
+ * other, so every delivery of the frame numbers them alike, whatever runs beside them.
+ */
+export function nextDeliveryKey(target: string): DeliveryKey | undefined {
+  const frame = frames.getStore();
+  if (!frame) return undefined;
+  const position = frame.deliveries.get(target) ?? 0;
+  frame.deliveries.set(target, position + 1);
+  return {
+    key: `${frame.frameId}:${position}`,
+    at: frame.receivedAt,
+    attempt: frame.attempt,
+    redelivered: frame.redelivered,
+    ...(frame.seq ? { seq: frame.seq } : {}),
+    position,
+  };
+}
+
+/** Compares two SQS FIFO sequence numbers (decimal strings without leading zeros). */
+export function sequenceAtMost(seq: string, mark: string): boolean {
+  if (seq.length !== mark.length) return seq.length < mark.length;
+  return seq <= mark;
+}

@@ -1,0 +1,71 @@
+/**
+ * core/frame.ts and the ids made from it: what a frame writes is keyed so that every delivery
+ * of the frame (SQS delivers at least once) writes the same thing.
+ */
+import { describe, expect, it } from 'vitest';
+import { inFrame, nextDeliveryKey, sequenceAtMost } from '../../shared/core/frame.ts';
+import { keyedOfflineId, newOfflineId } from '../../shared/store/offline.ts';
+
+describe('sequenceAtMost', () => {
+  it('compares SQS sequence numbers as numbers, not as strings', () => {
+    expect(sequenceAtMost('18880000000000000100', '18880000000000000100')).toBe(true);
+    expect(sequenceAtMost('18880000000000000099', '18880000000000000100')).toBe(true);
+    expect(sequenceAtMost('18880000000000000101', '18880000000000000100')).toBe(false);
+    // "99" sorts after "100" as text.
+    expect(sequenceAtMost('99', '100')).toBe(true);
+    expect(sequenceAtMost('100', '99')).toBe(false);
+  });
+});
+
+describe('nextDeliveryKey', () => {
+  it('numbers the deliveries of one frame the same way on every delivery of it', async () => {
+    const keys = (receiveCount: number) =>
+      inFrame({ frameId: 'req-1', receivedAt: 5, receiveCount, seq: '42' }, async () => [
+        nextDeliveryKey('sm:a'),
+        nextDeliveryKey('sm:a'),
+        nextDeliveryKey('offline:bob@localhost'),
+      ]);
+    const first = await keys(1);
+    const again = await keys(2);
+    // Numbered per target: another target's deliveries, however interleaved, change nothing.
+    expect(first.map((k) => k?.key)).toEqual(['req-1:0', 'req-1:1', 'req-1:0']);
+    expect(again.map((k) => k?.key)).toEqual(['req-1:0', 'req-1:1', 'req-1:0']);
+    expect(first.map((k) => k?.redelivered)).toEqual([false, false, false]);
+    expect(again.map((k) => k?.redelivered)).toEqual([true, true, true]);
+    // Each delivery of the frame is its own attempt (a resend by the SDK is not).
+    expect(first[0]?.attempt).not.toBe(again[0]?.attempt);
+    expect(first[0]?.attempt).toBe(first[1]?.attempt);
+  });
+
+  it('has no key outside a frame (the sweeper, a frame without an id)', async () => {
+    expect(nextDeliveryKey('sm:a')).toBeUndefined();
+    expect(
+      await inFrame({ frameId: '', receivedAt: 1 }, async () => nextDeliveryKey('sm:a')),
+    ).toBeUndefined();
+  });
+});
+
+describe('keyedOfflineId', () => {
+  it('is the same for every delivery of the frame and orders one sender’s frames of one millisecond', () => {
+    const key = (frameId: string, seq: string, position = 0) => ({
+      key: `${frameId}:${position}`,
+      at: 1_790_000_000_000,
+      seq,
+      position,
+    });
+    expect(keyedOfflineId(key('a', '100'))).toBe(keyedOfflineId(key('a', '100')));
+    expect(keyedOfflineId(key('a', '100'))).toBe(
+      '001790000000000-0000000000000000000000000000000000000100-0000',
+    );
+    const ids = [key('z', '99'), key('a', '100'), key('a', '100', 1), key('m', '1000')].map(keyedOfflineId);
+    expect([...ids].sort()).toEqual(ids);
+  });
+
+  it('without a sequence number, hashes the key, in the shape of newOfflineId', () => {
+    const shape = /^\d{15}-\d{4}-[0-9a-f]{8}$/;
+    const id = keyedOfflineId({ key: 'req-9:2', at: 7, position: 2 });
+    expect(id).toMatch(shape);
+    expect(id.startsWith('000000000000007-0002-')).toBe(true);
+    expect(newOfflineId()).toMatch(shape);
+  });
+});
