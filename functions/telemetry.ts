@@ -18,7 +18,7 @@ import { Metrics, MetricUnit } from '@aws-lambda-powertools/metrics';
 import type { Tracer } from '@aws-lambda-powertools/tracer';
 import type { Context } from 'aws-lambda';
 import type { Config } from '../shared/config.ts';
-import { entryFields, isLogLevel, type Logger } from '../shared/log.ts';
+import { entryFields, isLogLevel, type Logger, useSequentialLogContext } from '../shared/log.ts';
 import { METRIC_NAMESPACE, METRIC_SERVICE, type MetricSample } from '../shared/metrics.ts';
 
 export type { Tracer };
@@ -99,13 +99,24 @@ export function powertoolsLogger(level: string): { log: Logger; powertools: Powe
     serviceName: METRIC_SERVICE,
     logLevel: POWERTOOLS_LEVELS[isLogLevel(level) ? level : 'info'],
   });
+  const isEnabled: Logger['isEnabled'] = (at) =>
+    (SEVERITY[POWERTOOLS_LEVELS[at]] ?? 0) >= (SEVERITY[powertools.getLevelName()] ?? SEVERITY.INFO);
+  // The entry (the log context copied, errors made serialisable) is built only for a line that
+  // is written: a debug line on every frame costs nothing at the default level.
   const log: Logger = {
-    debug: (message, fields) => powertools.debug(message, entryFields(fields)),
-    info: (message, fields) => powertools.info(message, entryFields(fields)),
-    warn: (message, fields) => powertools.warn(message, entryFields(fields)),
-    error: (message, fields) => powertools.error(message, entryFields(fields)),
-    isEnabled: (at) =>
-      (SEVERITY[POWERTOOLS_LEVELS[at]] ?? 0) >= (SEVERITY[powertools.getLevelName()] ?? SEVERITY.INFO),
+    debug: (message, fields) => {
+      if (isEnabled('debug')) powertools.debug(message, entryFields(fields));
+    },
+    info: (message, fields) => {
+      if (isEnabled('info')) powertools.info(message, entryFields(fields));
+    },
+    warn: (message, fields) => {
+      if (isEnabled('warn')) powertools.warn(message, entryFields(fields));
+    },
+    error: (message, fields) => {
+      if (isEnabled('error')) powertools.error(message, entryFields(fields));
+    },
+    isEnabled,
   };
   return { log, powertools };
 }
@@ -155,6 +166,9 @@ export interface LambdaTelemetry {
 }
 
 export async function lambdaTelemetry(config: Config, functionName: string): Promise<LambdaTelemetry> {
+  // One invocation at a time per execution environment, unless Lambda runs several at once in it
+  // (multi-concurrency, which announces itself with AWS_LAMBDA_MAX_CONCURRENCY).
+  if (!('AWS_LAMBDA_MAX_CONCURRENCY' in process.env)) useSequentialLogContext();
   const { log, powertools } = powertoolsLogger(process.env.LOG_LEVEL ?? 'info');
   const tracer = await loadTracer();
   return {

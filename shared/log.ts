@@ -33,21 +33,62 @@ export interface LogContext {
   requestId?: string;
 }
 
-const contexts = new AsyncLocalStorage<LogContext>();
+/** Where the current context lives. */
+interface ContextStore {
+  get(): LogContext | undefined;
+  run<T>(context: LogContext, work: () => Promise<T>): Promise<T>;
+}
+
+/** Concurrent work in one process (the local runner, the tests): each async chain its own context. */
+function asyncStore(): ContextStore {
+  const storage = new AsyncLocalStorage<LogContext>();
+  return { get: () => storage.getStore(), run: (context, work) => storage.run(context, work) };
+}
+
+/** One piece of work at a time: the context in a variable, restored when the work ends. */
+function sequentialStore(): ContextStore {
+  let current: LogContext | undefined;
+  return {
+    get: () => current,
+    async run(context, work) {
+      const outer = current;
+      current = context;
+      try {
+        return await work();
+      } finally {
+        current = outer;
+      }
+    },
+  };
+}
+
+let contexts: ContextStore = asyncStore();
+
+/**
+ * For a process that handles one frame at a time, as a Lambda function does (one invocation per
+ * execution environment, the batch's records one after another): the context is kept in a plain
+ * variable. AsyncLocalStorage, once used, makes Node (before 24) run a hook on every promise the
+ * process creates, and the AWS SDK creates dozens per request: about a tenth of the CPU of each
+ * DynamoDB or API Gateway call. Called by the functions' entry points (functions/telemetry.ts),
+ * never by the local runner, which runs many connections' frames at once.
+ */
+export function useSequentialLogContext(sequential = true): void {
+  contexts = sequential ? sequentialStore() : asyncStore();
+}
 
 /** Runs `work` with `context` on every line it logs (nested calls see a copy they may extend). */
 export function withLogContext<T>(context: LogContext, work: () => Promise<T>): Promise<T> {
-  return contexts.run({ ...contexts.getStore(), ...context }, work);
+  return contexts.run({ ...contexts.get(), ...context }, work);
 }
 
 /** Adds fields to the current context (the element once parsed, the JID once authenticated). */
 export function addLogContext(fields: LogContext): void {
-  const current = contexts.getStore();
+  const current = contexts.get();
   if (current) Object.assign(current, fields);
 }
 
 export function currentLogContext(): LogContext | undefined {
-  return contexts.getStore();
+  return contexts.get();
 }
 
 const SEVERITY: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 40, silent: 100 };

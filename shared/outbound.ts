@@ -44,9 +44,14 @@ export function apiGatewayPort(endpoint: string, region: string, options: PortOp
       : {}),
   };
   // Posts are retried here, not by the SDK: the SDK would also resend after a timeout or a
-  // dropped socket, when the first copy may already have reached the client.
-  const client = new ApiGatewayManagementApiClient({ ...settings, maxAttempts: 1 });
-  const closer = new ApiGatewayManagementApiClient(settings);
+  // dropped socket, when the first copy may already have reached the client. Each client
+  // resolves its middleware once per command class instead of on every send (its stack is
+  // complete here: nothing is added after the first send).
+  const client = new ApiGatewayManagementApiClient({ ...settings, maxAttempts: 1, cacheMiddleware: true });
+  const closer = new ApiGatewayManagementApiClient({ ...settings, cacheMiddleware: true });
+  // The SDK's logger middleware filters every request for a logger these clients are not given.
+  client.middlewareStack.remove('loggerMiddleware');
+  closer.middlewareStack.remove('loggerMiddleware');
   options.instrument?.(client);
   options.instrument?.(closer);
   return {

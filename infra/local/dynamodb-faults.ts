@@ -146,13 +146,17 @@ export function injectDynamoDbFaults(
   const random: Random = faultStream(options.seed, 'dynamodb');
   const { rates } = options;
   const name = 'nimbusDynamoDbFaults';
-  /** With `persistent`, the fault a request drew, kept for its retries (the SDK reuses `context`). */
+  /**
+   * With `persistent`, the fault a request drew, kept for its retries: keyed by the request's
+   * input, which every attempt shares (the handler context may be shared by all requests of a
+   * command class, as with the SDK's `cacheMiddleware`).
+   */
   const drawn = new WeakMap<object, { fault: DynamoDbFault; within: number } | null>();
 
   doc.middlewareStack.add(
     (next, context) => async (args) => {
       const operation = (context.commandName ?? 'Unknown').replace(/Command$/, '');
-      let pick = rates.persistent ? drawn.get(context) : undefined;
+      let pick = rates.persistent ? drawn.get(args.input as object) : undefined;
       if (pick === undefined) {
         pick =
           pickFault<DynamoDbFault>(random, [
@@ -161,7 +165,7 @@ export function injectDynamoDbFaults(
             ['serverError', rates.serverError],
             ['serverErrorAfterWrite', rates.serverErrorAfterWrite],
           ]) ?? null;
-        if (rates.persistent) drawn.set(context, pick);
+        if (rates.persistent) drawn.set(args.input as object, pick);
       }
       const response = pick && faultResponse(pick.fault, operation, pick.within, args.input);
       if (!pick || !response) return next(args);

@@ -6,7 +6,7 @@
 import type { Context } from 'aws-lambda';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { powertoolsLogger } from '../../functions/telemetry.ts';
-import { addLogContext, createLogger, withLogContext } from '../../shared/log.ts';
+import { addLogContext, createLogger, useSequentialLogContext, withLogContext } from '../../shared/log.ts';
 
 function capture(level = 'debug', format: 'json' | 'text' = 'json') {
   const lines: string[] = [];
@@ -50,6 +50,31 @@ describe('the log context', () => {
       .map((line) => JSON.parse(line))
       .map(({ connectionId, jid }) => `${connectionId} ${jid}`);
     expect(seen.sort()).toEqual(['c1 alice@example.org', 'c2 bob@example.org']);
+  });
+
+  it('works the same kept in a variable, as in a Lambda function (one frame at a time)', async () => {
+    useSequentialLogContext();
+    try {
+      const { lines, log } = capture();
+      for (const connectionId of ['c1', 'c2']) {
+        await withLogContext({ connectionId }, async () => {
+          await new Promise((resolve) => setTimeout(resolve, 1));
+          addLogContext({ element: 'message' });
+          await withLogContext({ jid: 'alice@example.org' }, async () => log.info('inner'));
+          log.info('outer');
+        });
+      }
+      log.info('outside');
+      expect(lines.map((line) => JSON.parse(line))).toEqual([
+        { level: 'info', message: 'inner', connectionId: 'c1', element: 'message', jid: 'alice@example.org' },
+        { level: 'info', message: 'outer', connectionId: 'c1', element: 'message' },
+        { level: 'info', message: 'inner', connectionId: 'c2', element: 'message', jid: 'alice@example.org' },
+        { level: 'info', message: 'outer', connectionId: 'c2', element: 'message' },
+        { level: 'info', message: 'outside' },
+      ]);
+    } finally {
+      useSequentialLogContext(false);
+    }
   });
 
   it('reads as text on a terminal, with the same fields', async () => {
