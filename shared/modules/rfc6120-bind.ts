@@ -64,16 +64,6 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
     return HANDLED;
   }
 
-  // RFC 6120 §7.7.2.2: the server's policy here is "override": the old session gets a
-  // <conflict/> stream error and is closed, the new one binds; what the old session had not
-  // delivered is re-routed (possibly to this very resource once it is available, or offline).
-  // The old session ends before its row is overwritten: if ending it fails part-way, the frame's
-  // redelivery still finds the row (a detached stream-management session included) and ends it
-  // then, instead of leaving it to hold its stanzas until its resumption window closes.
-  const conflict = () => new StreamError('conflict', 'Replaced by a new connection');
-  const existing = await server.sessions.getResource(user, resource);
-  if (existing && existing.connectionId !== stream.connectionId)
-    await replaceSession(server, existing, conflict());
   const previous = await server.sessions.bindResource({
     user,
     resource,
@@ -82,13 +72,21 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
     priority: 0,
     boundAt: Date.now(),
   });
-  // Another connection bound the same resource meanwhile: it is replaced too.
-  if (
-    previous &&
-    previous.connectionId !== stream.connectionId &&
-    previous.connectionId !== existing?.connectionId
-  ) {
-    await replaceSession(server, previous, conflict());
+  // RFC 6120 §7.7.2.2: the server's policy here is "override": the old session gets a
+  // <conflict/> stream error and is closed, the new one binds; what the old session had not
+  // delivered is re-routed (possibly to this very resource once it is available, or offline).
+  // The row taken over is recorded first: a redelivery of this frame (the replacement failed
+  // part-way) finishes it, instead of leaving a detached stream-management session to hold its
+  // stanzas until its resumption window closes.
+  const replacing =
+    previous && previous.connectionId !== stream.connectionId ? previous : stream.state.replacing;
+  if (replacing) {
+    if (replacing !== stream.state.replacing) {
+      stream.update({ replacing });
+      await stream.commit();
+    }
+    await replaceSession(server, replacing, new StreamError('conflict', 'Replaced by a new connection'));
+    stream.update({ replacing: undefined });
   }
   stream.update({ resource });
   const result = new Element('iq', { type: 'result', id: stanza.attrs.id });
