@@ -13,6 +13,7 @@ import {
   type Server,
 } from '../core/host.ts';
 import { iqResult, removeForgedDelay } from '../core/stanzas.ts';
+import { isTransient } from '../core/transient.ts';
 import { StanzaError } from '../errors.ts';
 import { fullJid } from '../jid.ts';
 import { type OfflineMessage, OfflineQuotaExceededError } from '../store/offline.ts';
@@ -135,7 +136,7 @@ async function floodOffline(stream: BoundStream, resources: ResourceRecord[], fr
   let after: string | undefined = from;
   for (;;) {
     const page = await server.offline.list(user, { limit: 50, after });
-    const delivered: string[] = [];
+    let delivered = 0;
     let gone = false;
     for (const message of page.messages) {
       const result = await sendStored(stream, message, stampedStanza(server, message), {});
@@ -143,12 +144,29 @@ async function floodOffline(stream: BoundStream, resources: ResourceRecord[], fr
         gone = true;
         break;
       }
-      if (result === 'sent') delivered.push(message.id);
+      if (result !== 'sent') continue;
+      delivered += 1;
+      // Removed as soon as it is out, and given a few more tries than the SDK's: a failure now
+      // would have the frame redelivered and the message flooded a second time.
+      await removeDelivered(server, user, message.id);
     }
-    server.metrics.count('MessagesFlooded', delivered.length);
-    if (delivered.length > 0) await server.offline.remove(user, delivered);
+    server.metrics.count('MessagesFlooded', delivered);
     if (gone || !page.next) return;
     after = page.next;
+  }
+}
+
+const REMOVE_ATTEMPTS = 3;
+
+async function removeDelivered(server: Server, user: string, id: string): Promise<void> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await server.offline.remove(user, [id]);
+      return;
+    } catch (error) {
+      if (attempt >= REMOVE_ATTEMPTS || !isTransient(error)) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 100 * attempt));
+    }
   }
 }
 

@@ -176,17 +176,20 @@ async function deliverToSmSession(
   options: DeliveryOptions = {},
 ): Promise<DeliveryResult> {
   const delivery = nextDeliveryKey(`sm:${smId}`);
+  // A stored message sent from offline storage is keyed by its id: the same whatever else the
+  // frame delivers to this session, and it is flooded to a session once.
+  const key = options.offlineId && delivery ? `o:${options.offlineId}` : delivery?.key;
   const entry: SmEntry = {
     s: stanza.toString(),
     t: delivery?.at ?? Date.now(),
     ...(options.offlineId ? { o: options.offlineId } : {}),
     ...(options.offlineCopy ? { c: true } : {}),
-    ...(delivery ? { k: delivery.key } : {}),
+    ...(key ? { k: key } : {}),
   };
   if (delivery?.redelivered) {
     // An earlier delivery of this frame may have queued it already, and posted it or not.
     const queued = await server.smQueue.get(smId);
-    if (queued?.entries.some((waiting) => waiting.k === delivery.key)) {
+    if (queued?.entries.some((waiting) => waiting.k === key)) {
       if (queued.connectionId && !queued.holding)
         await forceResume(server, queued.connectionId, 'redelivered');
       return 'sent';
