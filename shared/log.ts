@@ -1,14 +1,14 @@
 /**
  * Structured logs: one line per entry (CloudWatch on AWS, stderr locally), each carrying the
  * context of the work it belongs to (`LogContext`: connection id, bare JID, the frame's element,
- * request id). The context lives in AsyncLocalStorage, so concurrent frames of different
- * connections (the local runner runs them in one process) never mix their fields, and code deep
- * in the core logs without passing ids around.
+ * request id). The context follows the work (shared/context.ts), so concurrent frames of
+ * different connections (the local runner runs them in one process) never mix their fields, and
+ * code deep in the core logs without passing ids around.
  *
  * Never put a password, a SASL payload or a frame's text in a log field: the logger does not
  * redact, and the tests check a login's log lines for both.
  */
-import { AsyncLocalStorage } from 'node:async_hooks';
+import { contextStore, useSequentialContexts } from './context.ts';
 
 export const LOG_LEVELS = ['debug', 'info', 'warn', 'error', 'silent'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
@@ -33,47 +33,14 @@ export interface LogContext {
   requestId?: string;
 }
 
-/** Where the current context lives. */
-interface ContextStore {
-  get(): LogContext | undefined;
-  run<T>(context: LogContext, work: () => Promise<T>): Promise<T>;
-}
-
-/** Concurrent work in one process (the local runner, the tests): each async chain its own context. */
-function asyncStore(): ContextStore {
-  const storage = new AsyncLocalStorage<LogContext>();
-  return { get: () => storage.getStore(), run: (context, work) => storage.run(context, work) };
-}
-
-/** One piece of work at a time: the context in a variable, restored when the work ends. */
-function sequentialStore(): ContextStore {
-  let current: LogContext | undefined;
-  return {
-    get: () => current,
-    async run(context, work) {
-      const outer = current;
-      current = context;
-      try {
-        return await work();
-      } finally {
-        current = outer;
-      }
-    },
-  };
-}
-
-let contexts: ContextStore = asyncStore();
+const contexts = contextStore<LogContext>();
 
 /**
- * For a process that handles one frame at a time, as a Lambda function does (one invocation per
- * execution environment, the batch's records one after another): the context is kept in a plain
- * variable. AsyncLocalStorage, once used, makes Node (before 24) run a hook on every promise the
- * process creates, and the AWS SDK creates dozens per request: about a tenth of the CPU of each
- * DynamoDB or API Gateway call. Called by the functions' entry points (functions/telemetry.ts),
- * never by the local runner, which runs many connections' frames at once.
+ * The log context in a plain variable, for a process that handles one frame at a time (a Lambda
+ * function): see shared/context.ts. Switches every context store of the process.
  */
 export function useSequentialLogContext(sequential = true): void {
-  contexts = sequential ? sequentialStore() : asyncStore();
+  useSequentialContexts(sequential);
 }
 
 /** Runs `work` with `context` on every line it logs (nested calls see a copy they may extend). */

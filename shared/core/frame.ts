@@ -7,8 +7,8 @@
  * `attempt` tells this delivery's own writes (a write the SDK retried after DynamoDB executed
  * it) from an earlier delivery's.
  */
-import { AsyncLocalStorage } from 'node:async_hooks';
 import { randomBytes } from 'node:crypto';
+import { contextStore } from '../context.ts';
 
 interface FrameContext {
   frameId: string;
@@ -20,7 +20,7 @@ interface FrameContext {
   deliveries: Map<string, number>;
 }
 
-const frames = new AsyncLocalStorage<FrameContext>();
+const frames = contextStore<FrameContext>();
 
 /** Runs the handling of one delivery of a frame. */
 export function inFrame<T>(
@@ -62,7 +62,7 @@ export interface DeliveryKey {
  * other, so every delivery of the frame numbers them alike, whatever runs beside them.
  */
 export function nextDeliveryKey(target: string): DeliveryKey | undefined {
-  const frame = frames.getStore();
+  const frame = frames.get();
   if (!frame) return undefined;
   const position = frame.deliveries.get(target) ?? 0;
   frame.deliveries.set(target, position + 1);

@@ -3,6 +3,7 @@
  * of the frame (SQS delivers at least once) writes the same thing.
  */
 import { describe, expect, it } from 'vitest';
+import { useSequentialContexts } from '../../shared/context.ts';
 import { inFrame, nextDeliveryKey, sequenceAtMost } from '../../shared/core/frame.ts';
 import { keyedOfflineId, newOfflineId } from '../../shared/store/offline.ts';
 
@@ -35,6 +36,25 @@ describe('nextDeliveryKey', () => {
     // Each delivery of the frame is its own attempt (a resend by the SDK is not).
     expect(first[0]?.attempt).not.toBe(again[0]?.attempt);
     expect(first[0]?.attempt).toBe(first[1]?.attempt);
+  });
+
+  it('works the same with the context in a variable, as on Lambda (one frame at a time)', async () => {
+    useSequentialContexts(true);
+    try {
+      const keys = await inFrame({ frameId: 'req-2', receivedAt: 1 }, async () => {
+        const outer = nextDeliveryKey('sm:a')?.key;
+        // A re-route inside the frame has its own keys; the frame's resume after it.
+        const inner = await inFrame(
+          { frameId: 'reroute:x:1', receivedAt: 1 },
+          async () => nextDeliveryKey('sm:a')?.key,
+        );
+        return [outer, inner, nextDeliveryKey('sm:a')?.key];
+      });
+      expect(keys).toEqual(['req-2:0', 'reroute:x:1:0', 'req-2:1']);
+      expect(nextDeliveryKey('sm:a')).toBeUndefined();
+    } finally {
+      useSequentialContexts(false);
+    }
   });
 
   it('has no key outside a frame (the sweeper, a frame without an id)', async () => {
