@@ -25,6 +25,8 @@ const SM3 = 'urn:xmpp:sm:3';
 const STREAMS = 'http://etherx.jabber.org/streams';
 const DELAY = 'urn:xmpp:delay';
 const STANZAS = 'urn:ietf:params:xml:ns:xmpp-stanzas';
+/** The resource every client binds (its final login binds it too). */
+export const RESOURCE = 'faults';
 /** Pings (acceptance barriers of a client without stream management) every so many messages. */
 const PING_EVERY = 4;
 const PING_TIMEOUT_MS = 20_000;
@@ -76,7 +78,7 @@ export class Participant {
     this.xmpp = createClient({
       service: options.link.url,
       domain: options.domain,
-      resource: 'faults',
+      resource: RESOURCE,
       credentials: async (authenticate: (c: object, m: string) => Promise<void>, mechanisms: string[]) => {
         await authenticate(
           { username: options.user, password: options.password },

@@ -31,7 +31,7 @@ import { deriveScramCredentials } from '../../shared/sasl/scram.ts';
 import { UserExistsError } from '../../shared/store/users.ts';
 import { type Channel, idOfBody, Ledger, type Tally } from './ledger.ts';
 import { type KillableLink, type KillMode, startKillableLink } from './link.ts';
-import { Participant, sleep } from './participant.ts';
+import { Participant, RESOURCE, sleep } from './participant.ts';
 import type { Schedule } from './schedule.ts';
 
 const DOMAIN = 'localhost';
@@ -446,7 +446,10 @@ async function finalLogin(
   const client = await withRetries(5, async () => {
     const attempt = await RawClient.connect(stack.url);
     try {
-      await attempt.login(user, `${user}-pw`, 'final');
+      // The client's own resource: a session it abandoned (its client gave up resuming) is
+      // replaced, RFC 6120 §7.7.2.2, and what it held is re-routed here, as when the same device
+      // logs in again; under another resource it would wait out its resumption window first.
+      await attempt.login(user, `${user}-pw`, RESOURCE);
       return attempt;
     } catch (error) {
       attempt.terminate();
