@@ -3,17 +3,12 @@
  * delete, a timed-out or failed batch), so what a frame puts somewhere durable carries a key
  * that is the same on every delivery of that frame — its id and the position of the write among
  * the frame's deliveries — and a store that already holds the key does not take it twice.
- *
- * `attempt` tells this delivery's own writes (a write the SDK retried after DynamoDB executed
- * it) from an earlier delivery's.
  */
-import { randomBytes } from 'node:crypto';
 import { contextStore } from '../context.ts';
 
 interface FrameContext {
   frameId: string;
   receivedAt: number;
-  attempt: string;
   redelivered: boolean;
   seq?: string;
   /** Deliveries so far, per target: a broadcast's concurrent deliveries each count their own. */
@@ -32,7 +27,6 @@ export function inFrame<T>(
     {
       frameId: frame.frameId,
       receivedAt: frame.receivedAt,
-      attempt: randomBytes(6).toString('base64url'),
       redelivered: (frame.receiveCount ?? 1) > 1,
       ...(frame.seq ? { seq: frame.seq } : {}),
       deliveries: new Map(),
@@ -46,8 +40,6 @@ export interface DeliveryKey {
   key: string;
   /** When the frame reached API Gateway (ms): the same on every delivery of it. */
   at: number;
-  /** This delivery of the frame. */
-  attempt: string;
   /** Not the frame's first delivery: an earlier one may have done this delivery already. */
   redelivered: boolean;
   /** The frame's SQS sequence number, when it came through the queue: orders a sender's frames. */
@@ -69,7 +61,6 @@ export function nextDeliveryKey(target: string): DeliveryKey | undefined {
   return {
     key: `${frame.frameId}:${position}`,
     at: frame.receivedAt,
-    attempt: frame.attempt,
     redelivered: frame.redelivered,
     ...(frame.seq ? { seq: frame.seq } : {}),
     position,
