@@ -26,7 +26,7 @@ import {
 } from './host.ts';
 import { endStream } from './lifecycle.ts';
 import { routeFromClient } from './router.ts';
-import { isTransient } from './transient.ts';
+import { isTransient, withTransientRetries } from './transient.ts';
 
 const STANZAS = new Set(['message', 'presence', 'iq']);
 /** Tries of the state write that ends a frame (each after the SDK's own retries). */
@@ -124,17 +124,10 @@ export class XmppStream implements Stream {
       ? { ...this.changes, savedFrame: this.frameId }
       : { ...this.changes };
     if (this.seq !== undefined) changes.doneSeq = this.seq;
-    // The frame's work is done: failing now would have it redelivered and repeated, so a
-    // transient error gets a few more tries here (the write is the same each time).
-    for (let attempt = 1; ; attempt++) {
-      try {
-        await this.server.sessions.updateConnection(this.connectionId, changes);
-        break;
-      } catch (error) {
-        if (attempt >= SAVE_ATTEMPTS || !isTransient(error)) throw error;
-        await new Promise((resolve) => setTimeout(resolve, 100 * attempt));
-      }
-    }
+    // The frame's work is done: failing now would have it redelivered and repeated.
+    await withTransientRetries(SAVE_ATTEMPTS, () =>
+      this.server.sessions.updateConnection(this.connectionId, changes),
+    );
     this.changes = {};
   }
 }

@@ -8,3 +8,19 @@ import { isTransientStoreError } from '../store/dynamo.ts';
 export function isTransient(error: unknown): boolean {
   return isTransientStoreError(error) || isTransientPostError(error);
 }
+
+/**
+ * Runs `work`, trying it again (up to `attempts` in all, 100 ms, 200 ms, … apart) while it fails
+ * transiently: for a write that ends work already done, whose failure would have the frame
+ * redelivered and that work repeated. The write must be the same each time.
+ */
+export async function withTransientRetries<T>(attempts: number, work: () => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await work();
+    } catch (error) {
+      if (attempt >= attempts || !isTransient(error)) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 100 * attempt));
+    }
+  }
+}

@@ -13,7 +13,7 @@ import {
   type Server,
 } from '../core/host.ts';
 import { iqResult, removeForgedDelay } from '../core/stanzas.ts';
-import { isTransient } from '../core/transient.ts';
+import { withTransientRetries } from '../core/transient.ts';
 import { StanzaError } from '../errors.ts';
 import { fullJid } from '../jid.ts';
 import { type OfflineMessage, OfflineQuotaExceededError } from '../store/offline.ts';
@@ -148,7 +148,7 @@ async function floodOffline(stream: BoundStream, resources: ResourceRecord[], fr
       delivered += 1;
       // Removed as soon as it is out, and given a few more tries than the SDK's: a failure now
       // would have the frame redelivered and the message flooded a second time.
-      await removeDelivered(server, user, message.id);
+      await withTransientRetries(REMOVE_ATTEMPTS, () => server.offline.remove(user, [message.id]));
     }
     server.metrics.count('MessagesFlooded', delivered);
     if (gone || !page.next) return;
@@ -157,18 +157,6 @@ async function floodOffline(stream: BoundStream, resources: ResourceRecord[], fr
 }
 
 const REMOVE_ATTEMPTS = 3;
-
-async function removeDelivered(server: Server, user: string, id: string): Promise<void> {
-  for (let attempt = 1; ; attempt++) {
-    try {
-      await server.offline.remove(user, [id]);
-      return;
-    } catch (error) {
-      if (attempt >= REMOVE_ATTEMPTS || !isTransient(error)) throw error;
-      await new Promise((resolve) => setTimeout(resolve, 100 * attempt));
-    }
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Transfers paced by stream-management acks
