@@ -4,6 +4,7 @@
  * (core/delivery.ts) through `Outbound.post`, which counts it and reports a vanished
  * connection as 'gone', so the delivery path can re-route what must not be lost.
  */
+import { setTimeout as sleep } from 'node:timers/promises';
 import {
   ApiGatewayManagementApiClient,
   DeleteConnectionCommand,
@@ -80,10 +81,6 @@ export function apiGatewayPort(endpoint: string, region: string, options: PortOp
       }
     },
   };
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 /** API Gateway answered 429 or 5xx: the frame was not put on the socket, a retry is safe. */

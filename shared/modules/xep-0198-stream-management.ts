@@ -375,18 +375,26 @@ async function endSmSession(
     // ended it, or another end at once): carried on from where it stopped. Re-routes are keyed,
     // so running one twice delivers nothing twice.
     const item = await server.smQueue.get(session.smId);
-    if (item?.ended && item.sweepShard === REROUTE_SHARD && (item.rerouted ?? 0) < item.entries.length) {
-      undelivered.push(...(await toReroute(server, item, item.rerouted ?? 0)));
-      afterReroute.push(() => server.smQueue.finishReroute(item.smId));
-    }
+    if (item?.ended && item.sweepShard === REROUTE_SHARD && (item.rerouted ?? 0) < item.entries.length)
+      await handBack(server, item, undelivered, afterReroute);
     return HANDLED;
   }
   // A detached session's directed-presence recipients were carried in its queue item.
   if (ended.directedTo?.length)
     session.directedTo = [...new Set([...(session.directedTo ?? []), ...ended.directedTo])];
-  undelivered.push(...(await toReroute(server, ended, 0)));
-  afterReroute.push(() => server.smQueue.finishReroute(ended.smId));
+  await handBack(server, ended, undelivered, afterReroute);
   return undefined;
+}
+
+/** An ended session's entries not yet re-routed, handed to the lifecycle to re-route. */
+async function handBack(
+  server: Server,
+  item: SmQueueItem,
+  undelivered: UndeliveredStanza[],
+  afterReroute: (() => Promise<void>)[],
+): Promise<void> {
+  undelivered.push(...(await toReroute(server, item, item.rerouted ?? 0)));
+  afterReroute.push(() => server.smQueue.finishReroute(item.smId));
 }
 
 /**
