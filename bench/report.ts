@@ -26,13 +26,8 @@ export const TARGETS = {
  * One kind of event other than a chat message (a login, a keepalive ping, a reconnect with
  * resumption), per event: what the functions did and what it costs.
  */
-export interface ActivityResult {
-  /** Events measured (logins, pings, resumptions). */
-  count: number;
-  /** CPU of the stream and connect functions together (DynamoDB Local and the emulator excluded). */
-  cpuMs: number;
-  /** With `--profile` (logins only): that CPU split by sampled self time. */
-  cpuBreakdownMs?: Record<string, number>;
+/** The requests and messages of a phase, per event (per delivered message, per login, …). */
+export interface TrafficPer {
   dynamodbRequests: number;
   dynamodbByOperation: Record<string, number>;
   readUnits: number;
@@ -43,10 +38,19 @@ export interface ActivityResult {
   postsOut: number;
   framesInByElement: Record<string, number>;
   postsOutByElement: Record<string, number>;
-  /** Queue messages (frames and `$disconnect`s): SendMessage requests, and at chat pace one batch each. */
-  queuedRecords: number;
   /** Stream invocations here, where simultaneous clients' records share batches. */
   streamInvocations: number;
+}
+
+export interface ActivityResult extends TrafficPer {
+  /** Events measured (logins, pings, resumptions). */
+  count: number;
+  /** CPU of the stream and connect functions together (DynamoDB Local and the emulator excluded). */
+  cpuMs: number;
+  /** With `--profile` (logins only): that CPU split by sampled self time. */
+  cpuBreakdownMs?: Record<string, number>;
+  /** Queue messages (frames and `$disconnect`s): SendMessage requests, and at chat pace one batch each. */
+  queuedRecords: number;
   connectInvocations: number;
   sqsRequests: number;
   /** Handler wall time on the local stack, stream and connect. */
@@ -75,17 +79,7 @@ export interface ScenarioResult {
   elapsedMs?: number;
   throughputPerSecond?: number;
   latencyMs?: { p50: number; p95: number; p99: number; max: number; mean: number };
-  perMessage?: {
-    dynamodbRequests: number;
-    dynamodbByOperation: Record<string, number>;
-    readUnits: number;
-    writeUnits: number;
-    apiGatewayMessages: number;
-    framesIn: number;
-    postsOut: number;
-    framesInByElement: Record<string, number>;
-    postsOutByElement: Record<string, number>;
-    streamInvocations: number;
+  perMessage?: TrafficPer & {
     cpuMs: number;
     wallMs: number;
     billedMs: number;

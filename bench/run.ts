@@ -64,6 +64,7 @@ import {
   type Scenario,
   type ScenarioResult,
   TARGETS,
+  type TrafficPer,
 } from './report.ts';
 
 process.env.NIMBUS_METER = '1';
@@ -544,6 +545,37 @@ interface Measured extends Phase {
   result: ClientResult;
 }
 
+/** What a phase's requests and messages come to per event (message, login, ping, resumption). */
+function trafficPer(per: (value: number) => number, phase: Phase, dynamodb: MeterSnapshot): TrafficPer {
+  const { worker, frames } = phase;
+  const byOperation: Record<string, number> = {};
+  for (const [operation, usage] of Object.entries(dynamodb.operations))
+    byOperation[operation] = per(usage.requests);
+  return {
+    dynamodbRequests: per(dynamodb.requests),
+    dynamodbByOperation: byOperation,
+    readUnits: per(dynamodb.readUnits),
+    writeUnits: per(dynamodb.writeUnits),
+    apiGatewayMessages: per(frames.units + worker.postUnits),
+    framesIn: per(frames.frames),
+    postsOut: per(worker.outbound.posts),
+    framesInByElement: mapValues(frames.byElement, per),
+    postsOutByElement: mapValues(worker.postsByElement, per),
+    streamInvocations: per(worker.invocations),
+  };
+}
+
+/** With `--profile`: the CPU split by sampled self time, per event. */
+function cpuBreakdown(
+  per: (value: number) => number,
+  cpuMs: number,
+  profile: Record<string, number> | undefined,
+): Record<string, number> | undefined {
+  if (!profile) return undefined;
+  const profiled = Object.values(profile).reduce((sum, ms) => sum + ms, 0);
+  return mapValues(profile, (ms) => per((cpuMs * ms) / profiled));
+}
+
 /** Per event (login, ping, resumption) of a phase: the functions' work and its projected cost. */
 function summarizeActivity(count: number, phase: Phase, memoryMb: number): ActivityResult {
   const { worker, frames } = phase;
@@ -558,28 +590,13 @@ function summarizeActivity(count: number, phase: Phase, memoryMb: number): Activ
   });
   const sqsRequests = frames.sqsChunks + worker.invocations * SQS_REQUESTS_PER_BATCH;
   const apiGatewayUnits = frames.units + worker.postUnits;
-  const byOperation: Record<string, number> = {};
-  for (const [operation, usage] of Object.entries(dynamodb.operations))
-    byOperation[operation] = per(usage.requests);
   const cpuMs = worker.cpu.userMs + worker.cpu.systemMs;
-  const profiled = Object.values(worker.profile ?? {}).reduce((sum, ms) => sum + ms, 0);
   return {
     count,
-    cpuBreakdownMs: worker.profile
-      ? mapValues(worker.profile, (ms) => per((cpuMs * ms) / profiled))
-      : undefined,
-    cpuMs: per(worker.cpu.userMs + worker.cpu.systemMs),
-    dynamodbRequests: per(dynamodb.requests),
-    dynamodbByOperation: byOperation,
-    readUnits: per(dynamodb.readUnits),
-    writeUnits: per(dynamodb.writeUnits),
-    apiGatewayMessages: per(apiGatewayUnits),
-    framesIn: per(frames.frames),
-    postsOut: per(worker.outbound.posts),
-    framesInByElement: mapValues(frames.byElement, per),
-    postsOutByElement: mapValues(worker.postsByElement, per),
+    cpuBreakdownMs: cpuBreakdown(per, cpuMs, worker.profile),
+    cpuMs: per(cpuMs),
+    ...trafficPer(per, phase, dynamodb),
     queuedRecords: per(frames.records),
-    streamInvocations: per(worker.invocations),
     connectInvocations: per(worker.connectInvocations),
     sqsRequests: per(sqsRequests),
     localWallMs: per(worker.durationsMs.reduce((sum, ms) => sum + ms, 0)),
@@ -628,13 +645,7 @@ function summarize(scenario: Scenario, context: ScenarioContext, measured: Measu
     }),
   };
   const connectionMinutes = (measured.clients * result.elapsedMs) / 60_000;
-  const profiled = Object.values(worker.profile ?? {}).reduce((sum, ms) => sum + ms, 0);
-  const cpuBreakdownMs = worker.profile
-    ? mapValues(worker.profile, (ms) => per((cpuMs * ms) / profiled))
-    : undefined;
-  const byOperation: Record<string, number> = {};
-  for (const [operation, usage] of Object.entries(dynamodb.operations))
-    byOperation[operation] = per(usage.requests);
+  const cpuBreakdownMs = cpuBreakdown(per, cpuMs, worker.profile);
   return {
     scenario,
     clients: measured.clients,
@@ -652,16 +663,7 @@ function summarize(scenario: Scenario, context: ScenarioContext, measured: Measu
       mean: latencies.reduce((sum, ms) => sum + ms, 0) / latencies.length,
     },
     perMessage: {
-      dynamodbRequests: per(dynamodb.requests),
-      dynamodbByOperation: byOperation,
-      readUnits: per(dynamodb.readUnits),
-      writeUnits: per(dynamodb.writeUnits),
-      apiGatewayMessages: per(apiGatewayUnits),
-      framesIn: per(frames.frames),
-      postsOut: per(worker.outbound.posts),
-      framesInByElement: mapValues(frames.byElement, per),
-      postsOutByElement: mapValues(worker.postsByElement, per),
-      streamInvocations: per(worker.invocations),
+      ...trafficPer(per, measured, dynamodb),
       cpuMs: per(cpuMs),
       wallMs: per(wallMs),
       billedMs: per(worker.billedMs),
