@@ -29,6 +29,7 @@ import {
   dynamoMeter,
   type MeterSnapshot,
 } from '../shared/store/dynamo.ts';
+import { type Measurement, printMeasurements } from './measurement.ts';
 
 process.env.NIMBUS_METER = '1';
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
@@ -49,19 +50,6 @@ const collections = Number(args.collections);
 const repeat = Number(args.repeat);
 if (![messages, collections, repeat].every((n) => Number.isInteger(n) && n > 0) || collections > messages) {
   throw new Error('--messages, --collections and --repeat are positive integers, collections ≤ messages');
-}
-
-interface Measurement {
-  operation: string;
-  runs: number;
-  medianMs: number;
-  p95Ms: number;
-  dynamoRequests: number;
-  readUnits: number;
-  writeUnits: number;
-  frames: number;
-  bytes: number;
-  dynamodb: MeterSnapshot['operations'];
 }
 
 const OWNER = 'reader@localhost';
@@ -301,7 +289,7 @@ async function main(): Promise<void> {
     await database.stop();
   }
 
-  printTable(results);
+  printMeasurements(results);
   await mkdir(new URL('./results/', import.meta.url), { recursive: true });
   await writeFile(
     RESULT_FILE,
@@ -312,31 +300,6 @@ async function main(): Promise<void> {
 
 function expect(condition: boolean, what: string): void {
   if (!condition) throw new Error(`bench precondition failed: ${what}`);
-}
-
-function printTable(results: Measurement[]): void {
-  const header = ['operation', 'runs', 'median ms', 'p95 ms', 'DDB req', 'RCU', 'WCU', 'frames', 'KB out'];
-  const rows = results.map((r) => [
-    r.operation,
-    String(r.runs),
-    r.medianMs.toFixed(1),
-    r.p95Ms.toFixed(1),
-    r.dynamoRequests.toFixed(1),
-    r.readUnits.toFixed(1),
-    r.writeUnits.toFixed(1),
-    r.frames.toFixed(0),
-    (r.bytes / 1024).toFixed(1),
-  ]);
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((row) => (row[i] as string).length)));
-  const line = (cells: string[]) =>
-    cells
-      .map((cell, i) => (i === 0 ? cell.padEnd(widths[i] as number) : cell.padStart(widths[i] as number)))
-      .join('  ');
-  process.stdout.write(`\n${line(header)}\n${widths.map((w) => '-'.repeat(w)).join('  ')}\n`);
-  for (const row of rows) process.stdout.write(`${line(row)}\n`);
-  process.stdout.write(
-    '(per run; DynamoDB units as DynamoDB Local reports them, session reads and writes included)\n',
-  );
 }
 
 main().catch((error) => {

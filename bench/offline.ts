@@ -27,6 +27,7 @@ import {
   dynamoMeter,
   type MeterSnapshot,
 } from '../shared/store/dynamo.ts';
+import { type Measurement, printMeasurements } from './measurement.ts';
 
 process.env.NIMBUS_METER = '1';
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
@@ -36,22 +37,6 @@ const DISCO_INFO = 'http://jabber.org/protocol/disco#info';
 const DISCO_ITEMS = 'http://jabber.org/protocol/disco#items';
 const RSM = 'http://jabber.org/protocol/rsm';
 const RESULT_FILE = new URL('./results/offline.json', import.meta.url);
-
-interface Measurement {
-  operation: string;
-  /** How many times it ran; the figures below are per run. */
-  runs: number;
-  medianMs: number;
-  p95Ms: number;
-  dynamoRequests: number;
-  readUnits: number;
-  writeUnits: number;
-  /** Frames the server posted to the client (API Gateway messages), and their bytes. */
-  frames: number;
-  bytes: number;
-  /** Per DynamoDB operation, per run. */
-  dynamodb: MeterSnapshot['operations'];
-}
 
 const { values: args } = parseArgs({
   options: {
@@ -230,38 +215,13 @@ async function main(): Promise<void> {
     await database.stop();
   }
 
-  printTable(results);
+  printMeasurements(results);
   await mkdir(new URL('./results/', import.meta.url), { recursive: true });
   await writeFile(
     RESULT_FILE,
     `${JSON.stringify({ at: new Date().toISOString(), size, repeat, node: process.version, results }, null, 2)}\n`,
   );
   process.stdout.write(`\nwritten to ${RESULT_FILE.pathname}\n`);
-}
-
-function printTable(results: Measurement[]): void {
-  const header = ['operation', 'runs', 'median ms', 'p95 ms', 'DDB req', 'RCU', 'WCU', 'frames', 'KB out'];
-  const rows = results.map((r) => [
-    r.operation,
-    String(r.runs),
-    r.medianMs.toFixed(1),
-    r.p95Ms.toFixed(1),
-    r.dynamoRequests.toFixed(1),
-    r.readUnits.toFixed(1),
-    r.writeUnits.toFixed(1),
-    r.frames.toFixed(0),
-    (r.bytes / 1024).toFixed(1),
-  ]);
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((row) => (row[i] as string).length)));
-  const line = (cells: string[]) =>
-    cells
-      .map((cell, i) => (i === 0 ? cell.padEnd(widths[i] as number) : cell.padStart(widths[i] as number)))
-      .join('  ');
-  process.stdout.write(`\n${line(header)}\n${widths.map((w) => '-'.repeat(w)).join('  ')}\n`);
-  for (const row of rows) process.stdout.write(`${line(row)}\n`);
-  process.stdout.write(
-    '(per run; DynamoDB units as DynamoDB Local reports them, session reads and writes included)\n',
-  );
 }
 
 main().catch((error) => {
