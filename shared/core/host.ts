@@ -165,6 +165,11 @@ export interface EventPayloads {
   'stanza-in': { stream: BoundStream; stanza: Element };
   /** A session has bound its resource. */
   'session-bound': { stream: BoundStream };
+  /**
+   * A session is about to become available (RFC 6121 §4.2, §4.4): a module that must bring it up
+   * to date before live messages reach it (XEP-0160's flood) asks for a hold on its messages.
+   */
+  'availability-changing': { stream: BoundStream; priority: number; hold: boolean };
   /** A session's availability changed (RFC 6121 §4: initial, update or unavailable). */
   'availability-changed': {
     stream: BoundStream;
@@ -176,6 +181,11 @@ export interface EventPayloads {
     priority: number;
     /** The user's resources after the change (the sender's included). */
     resources: ResourceRecord[];
+    /**
+     * The hold asked for in `availability-changing` is on: what it counted when the change was
+     * written (ResourceRecord.held; 0 when this change put it on).
+     */
+    held?: number;
   };
   /**
    * A session is ending: modules that keep state for it release it and hand back what was not
@@ -220,7 +230,21 @@ export interface EventPayloads {
    * A message for a local user with no resource to take it (RFC 6121 §8.5.2.2.1): offline
    * storage takes it (HANDLED); without a taker the sender gets service-unavailable.
    */
-  'message-offline': { stanza: Element; user: string; acceptedAt?: number };
+  'message-offline': {
+    stanza: Element;
+    user: string;
+    acceptedAt?: number;
+    /**
+     * Routing found a hold on this resource (ResourceRecord.held): the message is stored behind
+     * what is already stored, under the condition that the hold is still on. A message not worth
+     * storing is left to routing (not HANDLED), which posts it.
+     */
+    heldBy?: ResourceRecord;
+    /** Routing found no available resource: stored under the condition that none became available. */
+    noneAvailable?: boolean;
+    /** Set by the taker when its condition no longer held: routing starts over. */
+    routeAgain?: boolean;
+  };
   /** A message was put on a recipient's session (posted, or queued by stream management). */
   'message-routed': { stanza: Element; to: ResourceRecord };
   /** A message was stored for an offline user (XEP-0160). */

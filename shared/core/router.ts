@@ -120,6 +120,9 @@ async function deliverMessage(
   return true;
 }
 
+/** Tries of one routing whose stored message's condition failed (something changed meanwhile). */
+const ROUTE_ATTEMPTS = 4;
+
 /**
  * Routes a message to a local or remote JID (RFC 6121 §8.5). Throws the StanzaError the sender
  * gets back; returns quietly when the message was delivered, stored or dropped.
@@ -138,43 +141,85 @@ export async function routeMessage(
     if (type === 'error') return;
     throw new StanzaError('cancel', 'service-unavailable');
   }
-  const bare = bareJid(to);
-  let resources = await server.sessions.listResources(bare);
   if (options.originalTime !== undefined) stampDelay(stanza, server.config.domain, options.originalTime);
+  // Storing is conditional on what routing read (a hold, no resource available): when that
+  // changed before the store, the message is routed again from a fresh read. The last try
+  // stores without the condition rather than fail the sender.
+  for (let attempt = 1; ; attempt++) {
+    const routed = await routeOnce(server, stanza, to, type, options, attempt < ROUTE_ATTEMPTS);
+    if (routed) return;
+  }
+}
+
+/** One routing of a message from a fresh read of the resources; false when it must start over. */
+async function routeOnce(
+  server: Server,
+  stanza: Element,
+  to: Jid,
+  type: string,
+  options: RouteOptions,
+  guarded: boolean,
+): Promise<boolean> {
+  const bare = bareJid(to);
+  const rerouting = options.originalTime !== undefined;
+  let resources = await server.sessions.listResources(bare);
+  const noneAvailable = resources.every((r) => !r.available);
+  const offline = { stanza, user: bare, ...(rerouting ? { acceptedAt: options.originalTime } : {}) };
+  let storedBehind = false;
+  /** Delivered (or stored behind the resource's hold, once), false to try the next; undefined: start over. */
+  const toResource = async (resource: ResourceRecord): Promise<boolean | undefined> => {
+    if (resource.held !== undefined && guarded) {
+      if (storedBehind) return true;
+      const event = { ...offline, heldBy: resource, routeAgain: false };
+      if (await server.host.fire('message-offline', event)) {
+        storedBehind = true;
+        return true;
+      }
+      if (event.routeAgain) return undefined;
+    }
+    return deliverMessage(server, resource, stanza, rerouting);
+  };
 
   if (to.resource) {
     const exact = resources.find((r) => r.resource === to.resource);
     // RFC 6121 §8.5.3.1: a connected resource that exactly matches gets the stanza.
     if (exact) {
-      if (await deliverMessage(server, exact, stanza, options.originalTime !== undefined)) return;
+      const done = await toResource(exact);
+      if (done === undefined) return false;
+      if (done) return true;
       resources = resources.filter((r) => r !== exact);
     }
     // RFC 6121 §8.5.3.2.1: otherwise groupchat is refused, error dropped, the rest go to the bare JID.
   }
   if (type === 'groupchat') throw new StanzaError('cancel', 'service-unavailable');
-  if (type === 'error') return;
+  if (type === 'error') return true;
 
   for (;;) {
     const targets = messageTargets(type, resources);
     if (targets.length === 0) break;
     let delivered = false;
     for (const target of targets) {
-      if (await deliverMessage(server, target, stanza, options.originalTime !== undefined)) delivered = true;
+      const done = await toResource(target);
+      if (done === undefined) return false;
+      if (done) delivered = true;
       else resources = resources.filter((r) => r !== target);
     }
-    if (delivered) return;
+    if (delivered) return true;
   }
-  if (type === 'headline') return;
+  if (type === 'headline') return true;
   if (resources.length === 0 && !(await server.users.exists(bare))) {
     throw new StanzaError('cancel', 'service-unavailable');
   }
-  const taken = await server.host.fire('message-offline', {
-    stanza,
-    user: bare,
-    ...(options.originalTime !== undefined ? { acceptedAt: options.originalTime } : {}),
-  });
+  const event = {
+    ...offline,
+    ...(noneAvailable && guarded ? { noneAvailable: true } : {}),
+    routeAgain: false,
+  };
+  const taken = await server.host.fire('message-offline', event);
+  if (event.routeAgain) return false;
   // RFC 6121 §8.5.2.2.1: without offline storage, "the server MUST return a <service-unavailable/>".
   if (!taken) throw new StanzaError('cancel', 'service-unavailable');
+  return true;
 }
 
 async function routeIq(event: StanzaEvent): Promise<void> {

@@ -120,10 +120,13 @@ async function tellDirectedRecipients(
 async function becomeAvailable(stream: BoundStream, stanza: Element): Promise<void> {
   const { server } = stream;
   const priority = priorityOf(stanza);
+  const changing = { stream, priority, hold: false };
+  await server.host.fire('availability-changing', changing);
   const previous = await server.sessions.updatePresence(stream.user, stream.resource, stream.connectionId, {
     available: true,
     priority,
     presence: stanza.toString(),
+    ...(changing.hold ? { hold: true } : {}),
   });
   if (!previous) return;
   const initial = !previous.available;
@@ -143,6 +146,7 @@ async function becomeAvailable(stream: BoundStream, stanza: Element): Promise<vo
     initial,
     priority,
     resources,
+    ...(changing.hold ? { held: previous.held ?? 0 } : {}),
   });
 }
 

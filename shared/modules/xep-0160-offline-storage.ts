@@ -16,27 +16,52 @@ import { iqResult, removeForgedDelay } from '../core/stanzas.ts';
 import { withTransientRetries } from '../core/transient.ts';
 import { StanzaError } from '../errors.ts';
 import { fullJid } from '../jid.ts';
-import { type OfflineMessage, OfflineQuotaExceededError } from '../store/offline.ts';
-import type { OfflineTransfer, ResourceRecord } from '../store/sessions.ts';
+import { OfflineGuardFailedError, type OfflineMessage, OfflineQuotaExceededError } from '../store/offline.ts';
+import type { OfflineTransfer, ResourceRecord, TransactItem } from '../store/sessions.ts';
 import { NS } from '../xml/namespaces.ts';
 
 export function register(server: Server): void {
   const { host } = server;
   host.add('disco-feature', 'msgoffline');
-  host.hook('message-offline', async ({ stanza, user, acceptedAt }): Promise<HookResult> => {
-    await storeIfWanted(server, user, stanza, acceptedAt);
+  host.hook('message-offline', async (event): Promise<HookResult> => {
+    const { stanza, user, acceptedAt, heldBy, noneAvailable } = event;
+    // Behind a flood's hold: only what the flood would deliver; the rest is posted live.
+    if (heldBy && !shouldStore(stanza)) return undefined;
+    const guard = heldBy
+      ? server.sessions.holdGuard(heldBy.user, heldBy.resource, heldBy.connectionId)
+      : noneAvailable
+        ? server.sessions.noneAvailableGuard(user)
+        : undefined;
+    try {
+      // A message for a session being flooded is stored past the quota: the flood drains it.
+      await storeIfWanted(server, user, stanza, acceptedAt, guard, heldBy !== undefined);
+    } catch (error) {
+      if (!(error instanceof OfflineGuardFailedError)) throw error;
+      event.routeAgain = true;
+      return undefined;
+    }
     return HANDLED;
   });
   // XEP-0160 §3: stored messages go out "when the recipient next sends non-negative available
   // presence": the first such presence of the session, even if an earlier one was negative.
-  host.hook('availability-changed', async ({ stream, available, priority, resources }) => {
-    if (available && priority >= 0 && !stream.state.flooded) await floodOffline(stream, resources);
+  // Until the flood has sent everything stored, live messages are stored behind it (a hold on
+  // the session's messages, put on with that presence): the sender's order is kept.
+  host.hook('availability-changing', (event) => {
+    const { stream, priority } = event;
+    if (priority >= 0 && !stream.state.flooded && !stream.state.flexibleOffline) event.hold = true;
     return undefined;
   });
-  // A flood cut short by the lost socket (its messages are still stored) carries on after a resume.
+  host.hook('availability-changed', async ({ stream, available, priority, resources, held }) => {
+    if (available && priority >= 0 && !stream.state.flooded) await floodOffline(stream, resources, held);
+    else if (held !== undefined) await releaseHold(stream);
+    return undefined;
+  });
+  // A flood cut short by the lost socket (its messages are still stored) carries on after a
+  // resume: from the start when it still holds the session's messages (what was stored behind
+  // the hold may sort before what was sent), skipping what the queue already holds.
   host.hook('session-resumed', async ({ stream, resource, offlineReplayedUpTo }) => {
-    if (resource?.available && resource.priority >= 0)
-      await floodOffline(stream, [resource], offlineReplayedUpTo);
+    if (!resource?.available || resource.priority < 0) return undefined;
+    await floodOffline(stream, [resource], resource.held, { resumedAfter: offlineReplayedUpTo });
     return undefined;
   });
   host.hook('stanzas-acknowledged', async ({ stream, unacknowledged }) => {
@@ -80,6 +105,8 @@ async function storeIfWanted(
   user: string,
   stanza: Element,
   acceptedAt?: number,
+  guard?: TransactItem,
+  pastQuota = false,
 ): Promise<void> {
   if (!shouldStore(stanza)) return;
   // Only our own delay stamp may appear on delivery: drop any that claims to be ours.
@@ -91,7 +118,11 @@ async function storeIfWanted(
     const stored = await server.offline.store(
       user,
       { from: stanza.attrs.from, storedAt: acceptedAt ?? Date.now(), stanza: stanza.toString() },
-      { ignoreQuota: acceptedAt !== undefined, ...(delivery ? { key: delivery } : {}) },
+      {
+        ignoreQuota: pastQuota || acceptedAt !== undefined,
+        ...(delivery ? { key: delivery } : {}),
+        ...(guard ? { guard } : {}),
+      },
     );
     if (stored.alreadyStored) return;
     await server.host.fire('message-stored-offline', {
@@ -125,25 +156,41 @@ export function stampedStanza(server: Server, message: OfflineMessage): Element 
  * Sends every stored message to the stream, oldest first, removing each only once delivery
  * is confirmed: a successful post, or with stream management the client's ack (the SM queue
  * remembers which offline message each stanza came from). XEP-0013 §2.1: no flood while a
- * session of the user asked for flexible offline retrieval.
+ * session of the user asked for flexible offline retrieval. `held`: the session's messages are
+ * held (ResourceRecord.held) and this is the count the flood last saw; the flood releases the
+ * hold once nothing came in behind it since.
  */
-async function floodOffline(stream: BoundStream, resources: ResourceRecord[], from?: string): Promise<void> {
+async function floodOffline(
+  stream: BoundStream,
+  resources: ResourceRecord[],
+  held?: number,
+  resumed?: { resumedAfter?: string },
+): Promise<void> {
   const { server } = stream;
-  if (stream.state.flexibleOffline || resources.some((r) => r.flexibleOffline)) return;
+  if (stream.state.flexibleOffline || resources.some((r) => r.flexibleOffline)) {
+    if (held !== undefined) await releaseHold(stream);
+    return;
+  }
   stream.update({ flooded: true });
-  if (stream.state.sm) return startTransfer(stream, { kind: 'flood', ...(from ? { after: from } : {}) });
+  if (stream.state.sm) {
+    if (held === undefined) {
+      const after = resumed?.resumedAfter;
+      return startTransfer(stream, { kind: 'flood', ...(after ? { after } : {}) });
+    }
+    // After a resume, from the start: what was stored behind the hold may sort before what the
+    // flood sent before the socket went (the queue holds that, and it is skipped).
+    return startTransfer(stream, { kind: 'flood', held, ...(resumed ? { restart: true } : {}) });
+  }
   const user = stream.user;
-  let after: string | undefined = from;
+  let after: string | undefined = resumed?.resumedAfter;
+  let seen = held;
   for (;;) {
     const page = await server.offline.list(user, { limit: 50, after });
     let delivered = 0;
-    let gone = false;
     for (const message of page.messages) {
       const result = await sendStored(stream, message, stampedStanza(server, message), {});
-      if (result === 'gone' || result === 'full') {
-        gone = true;
-        break;
-      }
+      // The session is gone: its hold went with its resource row.
+      if (result === 'gone' || result === 'full') return;
       if (result !== 'sent') continue;
       delivered += 1;
       // Removed as soon as it is out, and given a few more tries than the SDK's: a failure now
@@ -151,9 +198,24 @@ async function floodOffline(stream: BoundStream, resources: ResourceRecord[], fr
       await withTransientRetries(REMOVE_ATTEMPTS, () => server.offline.remove(user, [message.id]));
     }
     server.metrics.count('MessagesFlooded', delivered);
-    if (gone || !page.next) return;
-    after = page.next;
+    if (page.next) {
+      after = page.next;
+      continue;
+    }
+    if (seen === undefined) return;
+    const now = await server.sessions.releaseHold(user, stream.resource, stream.connectionId, seen);
+    if (now === undefined) return;
+    // Messages were stored behind the hold meanwhile: their ids may sort before the last one
+    // sent (a frame stores under its arrival time), so the inbox is read again from its start
+    // (what was sent is removed already).
+    seen = now;
+    after = undefined;
   }
+}
+
+/** Releases the session's hold whatever was stored behind it (nothing will be flooded now). */
+async function releaseHold(stream: BoundStream): Promise<void> {
+  await stream.server.sessions.releaseHold(stream.user, stream.resource, stream.connectionId);
 }
 
 const REMOVE_ATTEMPTS = 3;
@@ -211,27 +273,71 @@ async function continueTransfer(stream: BoundStream, unacknowledged: number): Pr
 
 async function transferStep(stream: BoundStream): Promise<void> {
   const { server } = stream;
-  const transfer = stream.state.transfer as OfflineTransfer;
   const user = stream.user;
-  const page = await server.offline.list(user, { limit: windowSize(server), after: transfer.after });
+  let transfer = stream.state.transfer as OfflineTransfer;
   let after = transfer.after;
   let bytes = 0;
   let sent = 0;
-  for (const message of page.messages) {
-    const result =
-      transfer.kind === 'flood'
-        ? await sendStored(stream, message, stampedStanza(server, message), { offlineId: message.id })
-        : await sendStored(stream, message, deliveredCopy(server, message), { offlineCopy: true });
-    if (result === 'gone') return void stream.update({ transfer: undefined });
-    if (transfer.kind === 'flood' && result === 'sent') server.metrics.count('MessagesFlooded');
-    // Congested: the rest follows from a later ack, from this message on.
-    if (result === 'full') break;
-    after = message.id;
-    sent += 1;
-    bytes += Buffer.byteLength(message.stanza);
-    if (bytes >= WINDOW_BYTES) break;
-  }
-  if (sent === page.messages.length && !page.next) {
+  for (;;) {
+    const page = await server.offline.list(user, { limit: windowSize(server), after });
+    // Going through the inbox again from its start (a resume, or messages stored behind the
+    // hold): what the queue holds was sent already and waits for the client's ack.
+    const queued = transfer.restart ? await queuedOfflineIds(stream) : undefined;
+    let stopped = false;
+    for (const message of page.messages) {
+      if (queued?.has(message.id)) {
+        after = message.id;
+        continue;
+      }
+      if (sent >= windowSize(server)) {
+        stopped = true;
+        break;
+      }
+      const result =
+        transfer.kind === 'flood'
+          ? await sendStored(stream, message, stampedStanza(server, message), { offlineId: message.id })
+          : await sendStored(stream, message, deliveredCopy(server, message), { offlineCopy: true });
+      if (result === 'gone') return void stream.update({ transfer: undefined });
+      if (transfer.kind === 'flood' && result === 'sent') server.metrics.count('MessagesFlooded');
+      // Congested: the rest follows from a later ack, from this message on.
+      if (result === 'full') {
+        stopped = true;
+        break;
+      }
+      after = message.id;
+      sent += 1;
+      bytes += Buffer.byteLength(message.stanza);
+      if (bytes >= WINDOW_BYTES) {
+        stopped = true;
+        break;
+      }
+    }
+    if (stopped || page.next) {
+      transfer = { ...transfer, ...(after ? { after } : {}) };
+      stream.update({ transfer });
+      // Nothing sent (all of the page was queued already): the next page now, not after an ack.
+      if (sent === 0 && !stopped) continue;
+      break;
+    }
+    // The whole inbox is out.
+    if (transfer.kind === 'flood' && transfer.held !== undefined) {
+      const now = await server.sessions.releaseHold(
+        user,
+        stream.resource,
+        stream.connectionId,
+        transfer.held,
+      );
+      if (now !== undefined) {
+        // Stored behind the hold meanwhile, under ids that may sort before the last one sent.
+        transfer = { kind: 'flood', held: now, restart: true };
+        stream.update({ transfer });
+        if (sent === 0) {
+          after = undefined;
+          continue;
+        }
+        break;
+      }
+    }
     stream.update({ transfer: undefined });
     if (transfer.kind === 'fetch' && transfer.iqId !== undefined) {
       // XEP-0013 §2.5: the messages first, then the result.
@@ -239,10 +345,16 @@ async function transferStep(stream: BoundStream): Promise<void> {
       if (transfer.iqFrom) request.attrs.to = transfer.iqFrom;
       await stream.send(iqResult(request));
     }
-  } else {
-    stream.update({ transfer: { ...transfer, after } });
+    break;
   }
   if (sent > 0) await server.host.stanzaQueue?.requestAck(stream);
+}
+
+/** The stored messages this session's stream-management queue holds, unacknowledged. */
+async function queuedOfflineIds(stream: BoundStream): Promise<Set<string>> {
+  const smId = stream.state.sm?.id;
+  const item = smId ? await stream.server.smQueue.get(smId) : undefined;
+  return new Set(item?.entries.flatMap((entry) => (entry.o ? [entry.o] : [])) ?? []);
 }
 
 /**

@@ -796,6 +796,8 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
     smId: taken.smId,
     flexibleOffline: record?.flexibleOffline,
     rosterInterested: record?.rosterInterested,
+    // A flood's hold stays on: the flood carries on after the replay (session-resumed).
+    held: record?.held,
   });
 
   const acked = Math.max(decision.h, taken.base);

@@ -19,6 +19,7 @@ import {
 } from '@aws-sdk/lib-dynamodb';
 import { TTL_ATTRIBUTE } from '../tables.ts';
 import { isConditionFailure, UnprocessedKeysError } from './dynamo.ts';
+import type { TransactItem } from './sessions.ts';
 
 export interface OfflineMessage {
   /** Opaque, unique, increasing with arrival time (see newOfflineId and keyedOfflineId). */
@@ -38,6 +39,17 @@ export class OfflineQuotaExceededError extends Error {
   }
 }
 
+/**
+ * The store's transaction was refused by the condition the caller added (`guard`): what it was
+ * stored on the strength of has changed, and the caller routes the message again.
+ */
+export class OfflineGuardFailedError extends Error {
+  constructor(readonly user: string) {
+    super(`offline store for ${user}: the routing it was decided on has changed`);
+    this.name = 'OfflineGuardFailedError';
+  }
+}
+
 export interface OfflinePage {
   messages: OfflineMessage[];
   /** Pass back to get the next page; undefined on the last one. */
@@ -47,12 +59,14 @@ export interface OfflinePage {
 export interface OfflineStore {
   /**
    * With `key` (a frame's delivery key, core/frame.ts) the id is made from it, so a redelivered
-   * frame finds its message stored and does not store it twice (`alreadyStored`).
+   * frame finds its message stored and does not store it twice (`alreadyStored`). With `guard`
+   * (a condition on another item, as one item of the same transaction) nothing is stored unless
+   * it holds: OfflineGuardFailedError.
    */
   store(
     user: string,
     message: Omit<OfflineMessage, 'id'>,
-    options?: { ignoreQuota?: boolean; key?: OfflineKey },
+    options?: { ignoreQuota?: boolean; key?: OfflineKey; guard?: TransactItem },
   ): Promise<OfflineMessage & { alreadyStored?: boolean }>;
   /** Oldest first; expired messages are skipped even before DynamoDB's TTL removes them. */
   list(
@@ -192,7 +206,12 @@ export function createOfflineStore(
     return total;
   }
 
-  async function tryStore(user: string, item: OfflineMessage, quota: number): Promise<void> {
+  async function tryStore(
+    user: string,
+    item: OfflineMessage,
+    quota: number,
+    guard: TransactItem | undefined,
+  ): Promise<void> {
     await doc.send(
       new TransactWriteCommand({
         TransactItems: [
@@ -218,6 +237,7 @@ export function createOfflineStore(
               ConditionExpression: 'attribute_not_exists(sk)',
             },
           },
+          ...(guard ? [guard] : []),
         ],
       }),
     );
@@ -232,8 +252,21 @@ export function createOfflineStore(
         id: options.key ? keyedOfflineId(options.key) : newOfflineId(),
       };
       const quota = options.ignoreQuota ? Number.MAX_SAFE_INTEGER : limits.quota;
+      const attempt = async () => {
+        try {
+          await tryStore(user, item, quota, options.guard);
+        } catch (error) {
+          if (
+            error instanceof TransactionCanceledException &&
+            error.CancellationReasons?.[2]?.Code === 'ConditionalCheckFailed' &&
+            error.CancellationReasons?.[1]?.Code !== 'ConditionalCheckFailed'
+          )
+            throw new OfflineGuardFailedError(user);
+          throw error;
+        }
+      };
       try {
-        await tryStore(user, item, quota);
+        await attempt();
       } catch (error) {
         if (!(error instanceof TransactionCanceledException)) throw error;
         // The message is there already: an earlier delivery of the same frame stored it (or
@@ -247,7 +280,7 @@ export function createOfflineStore(
         if (!(await claimRecount(user)) || (await recount(user)) >= limits.quota) {
           throw new OfflineQuotaExceededError(user);
         }
-        await tryStore(user, item, quota);
+        await attempt();
       }
       return item;
     },

@@ -18,6 +18,7 @@ import {
   PutCommand,
   QueryCommand,
   ScanCommand,
+  type TransactWriteCommand,
   UpdateCommand,
 } from '@aws-sdk/lib-dynamodb';
 import { TTL_ATTRIBUTE } from '../tables.ts';
@@ -66,6 +67,10 @@ export interface OfflineTransfer {
   /** For a fetch: the iq to answer once every message is out. */
   iqId?: string;
   iqFrom?: string;
+  /** A flood holding the session's messages: the hold's count when the flood last looked. */
+  held?: number;
+  /** Going through the inbox from its start, skipping what the session's queue holds. */
+  restart?: boolean;
 }
 
 /** The connection was fenced by a stream-management resume on another connection (or ended). */
@@ -173,7 +178,19 @@ export interface ResourceRecord {
   /** RFC 6121 §2.1.6: the session requested the roster, so it gets roster pushes. */
   rosterInterested?: boolean;
   archive?: ArchiveStreamState;
+  /**
+   * A hold on the session's messages while it is brought up to date (XEP-0160's flood): set,
+   * routing stores its messages behind what is already stored instead of posting them ahead of
+   * it, and counts each one here; the holder releases it once nothing came in behind since it
+   * last looked (`releaseHold`).
+   */
+  held?: number;
 }
+
+/** One item of a DynamoDB transaction, for a store to add to another store's write. */
+export type TransactItem = NonNullable<
+  ConstructorParameters<typeof TransactWriteCommand>[0]['TransactItems']
+>[number];
 
 const connKey = (connectionId: string) => ({ pk: `conn#${connectionId}`, sk: 'conn' });
 const resourceKey = (user: string, resource: string) => ({ pk: `user#${user}`, sk: `res#${resource}` });
@@ -217,8 +234,33 @@ export interface SessionStore {
     user: string,
     resource: string,
     connectionId: string,
-    changes: Pick<ResourceRecord, 'available' | 'priority' | 'presence'>,
+    changes: Pick<ResourceRecord, 'available' | 'priority' | 'presence'> & {
+      /** Puts a hold on the resource's messages (see ResourceRecord.held), unless one is on. */
+      hold?: boolean;
+    },
   ): Promise<ResourceRecord | undefined>;
+  /**
+   * The condition of a message stored behind a hold, as an item of the storing transaction: the
+   * hold is still on the resource of `connectionId`, and counts the message.
+   */
+  holdGuard(user: string, resource: string, connectionId: string): TransactItem;
+  /**
+   * The condition of a message stored because the user had no available resource, as an item
+   * of the storing transaction: none has become available since (its flood may have begun).
+   */
+  noneAvailableGuard(user: string): TransactItem;
+  /**
+   * Releases the hold if nothing was stored behind it since the holder saw it at `seen` (or
+   * whatever it counts, without `seen`). Returns the count now when something was (the holder
+   * goes through the stored messages again); undefined when released or when the resource is
+   * no longer this connection's.
+   */
+  releaseHold(
+    user: string,
+    resource: string,
+    connectionId: string,
+    seen?: number,
+  ): Promise<number | undefined>;
   markFlexibleOffline(user: string, resource: string, connectionId: string): Promise<void>;
   /** RFC 6121 §2.1.6: the resource requested the roster and gets pushes from now on. */
   markRosterInterested(user: string, resource: string, connectionId: string): Promise<void>;
@@ -296,6 +338,7 @@ function toResource(item: Record<string, unknown>): ResourceRecord {
     smId: item.smId as string | undefined,
     rosterInterested: item.rosterInterested as boolean | undefined,
     archive: item.archive as ArchiveStreamState | undefined,
+    held: item.held as number | undefined,
   };
 }
 
@@ -492,13 +535,14 @@ export function createSessionStore(
           new UpdateCommand({
             TableName: table,
             Key: resourceKey(user, resource),
-            UpdateExpression: 'SET available = :available, priority = :priority, presence = :presence',
+            UpdateExpression: `SET available = :available, priority = :priority, presence = :presence${changes.hold ? ', held = if_not_exists(held, :zero)' : ''}`,
             ConditionExpression: 'connectionId = :connectionId',
             ExpressionAttributeValues: {
               ':available': changes.available,
               ':priority': changes.priority,
               ':presence': changes.presence ?? '',
               ':connectionId': connectionId,
+              ...(changes.hold ? { ':zero': 0 } : {}),
             },
             ReturnValues: 'ALL_OLD',
           }),
@@ -512,6 +556,51 @@ export function createSessionStore(
         if (isConditionFailure(error)) return undefined;
         throw error;
       }
+    },
+
+    holdGuard(user, resource, connectionId) {
+      return {
+        Update: {
+          TableName: table,
+          Key: resourceKey(user, resource),
+          UpdateExpression: 'ADD held :one',
+          ConditionExpression: 'attribute_exists(held) AND connectionId = :connectionId',
+          ExpressionAttributeValues: { ':one': 1, ':connectionId': connectionId },
+        },
+      };
+    },
+
+    noneAvailableGuard(user) {
+      return {
+        ConditionCheck: {
+          TableName: table,
+          Key: availKey(user),
+          ConditionExpression: 'attribute_not_exists(#res)',
+          ExpressionAttributeNames: { '#res': 'res' },
+        },
+      };
+    },
+
+    async releaseHold(user, resource, connectionId, seen) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: resourceKey(user, resource),
+            UpdateExpression: 'REMOVE held',
+            ConditionExpression: `connectionId = :connectionId${seen === undefined ? '' : ' AND (attribute_not_exists(held) OR held = :seen)'}`,
+            ExpressionAttributeValues: {
+              ':connectionId': connectionId,
+              ...(seen === undefined ? {} : { ':seen': seen }),
+            },
+          }),
+        );
+        return undefined;
+      } catch (error) {
+        if (!isConditionFailure(error)) throw error;
+      }
+      const now = await this.getResource(user, resource);
+      return now?.connectionId === connectionId ? now.held : undefined;
     },
 
     async markRosterInterested(user, resource, connectionId) {

@@ -7,6 +7,11 @@ import { GetCommand } from '@aws-sdk/lib-dynamodb';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { createDocumentClient } from '../../shared/store/dynamo.ts';
 import {
+  createOfflineStore,
+  OfflineGuardFailedError,
+  type OfflineStore,
+} from '../../shared/store/offline.ts';
+import {
   createSessionStore,
   fitsResourceKey,
   type ResourceRecord,
@@ -19,15 +24,18 @@ const CONNECTION_TTL_SECONDS = 3 * 3600;
 
 let table: string;
 let sessions: SessionStore;
+let offline: OfflineStore;
 let doc: ReturnType<typeof createDocumentClient>;
 let counter = 0;
 const fresh = (name: string) => `${name}${++counter}-${Date.now().toString(36)}`;
 const freshUser = (name: string) => `${fresh(name)}@localhost`;
 
 beforeAll(async () => {
-  table = (await createTestTables()).sessions;
+  const tables = await createTestTables();
+  table = tables.sessions;
   doc = createDocumentClient({ endpoint: useDynamoDbLocal(), region: TEST_REGION });
   sessions = createSessionStore(doc, table, CONNECTION_TTL_SECONDS);
+  offline = createOfflineStore(doc, tables.offline, { quota: 100, ttlSeconds: 3600 });
 });
 
 async function rawItem(pk: string, sk: string): Promise<Record<string, unknown> | undefined> {
@@ -346,6 +354,101 @@ describe('releasing a resource: only its owner, exactly once', () => {
     // release found someone else's row): never both, never neither.
     expect([released?.connectionId, replaced?.connectionId].filter(Boolean)).toEqual(['old']);
     expect(await sessions.getResource(user, 'r')).toMatchObject({ connectionId: 'new' });
+  });
+});
+
+describe('a hold on a resource’s messages (a flood in progress) and the conditions of stores', () => {
+  const note = (n: number) => ({
+    from: 'romeo@localhost/pda',
+    storedAt: Date.now(),
+    stanza: `<message>${n}</message>`,
+  });
+
+  async function held(user: string, resource: string): Promise<number | undefined> {
+    return (await sessions.getResource(user, resource))?.held;
+  }
+
+  it('is put on by an available presence that asks for it, and a second one keeps its count', async () => {
+    const user = freshUser('hold');
+    await sessions.bindResource(record(user, 'r', 'c1'));
+    const first = await sessions.updatePresence(user, 'r', 'c1', {
+      available: true,
+      priority: 0,
+      hold: true,
+    });
+    expect(first?.held).toBeUndefined();
+    expect(await held(user, 'r')).toBe(0);
+    await offline.store(user, note(1), { guard: sessions.holdGuard(user, 'r', 'c1') });
+    const second = await sessions.updatePresence(user, 'r', 'c1', {
+      available: true,
+      priority: 5,
+      hold: true,
+    });
+    expect(second?.held).toBe(1);
+    expect(await held(user, 'r')).toBe(1);
+    // A presence that does not ask leaves it alone.
+    await sessions.updatePresence(user, 'r', 'c1', { available: true, priority: 1 });
+    expect(await held(user, 'r')).toBe(1);
+  });
+
+  it('counts each message stored behind it; the holder releases it only with the latest count', async () => {
+    const user = freshUser('hold');
+    await sessions.bindResource(record(user, 'r', 'c1'));
+    await sessions.updatePresence(user, 'r', 'c1', { available: true, priority: 0, hold: true });
+    await offline.store(user, note(1), { guard: sessions.holdGuard(user, 'r', 'c1') });
+    await offline.store(user, note(2), { guard: sessions.holdGuard(user, 'r', 'c1') });
+    expect(await offline.count(user)).toBe(2);
+    // The holder last looked before those two: not released, told the count to look again with.
+    expect(await sessions.releaseHold(user, 'r', 'c1', 0)).toBe(2);
+    expect(await held(user, 'r')).toBe(2);
+    // Another connection cannot release it.
+    expect(await sessions.releaseHold(user, 'r', 'c2', 2)).toBeUndefined();
+    expect(await held(user, 'r')).toBe(2);
+    expect(await sessions.releaseHold(user, 'r', 'c1', 2)).toBeUndefined();
+    expect(await held(user, 'r')).toBeUndefined();
+  });
+
+  it('refuses a store behind a hold that is gone, or a resource another connection took: nothing is stored', async () => {
+    const user = freshUser('hold');
+    await sessions.bindResource(record(user, 'r', 'c1'));
+    await sessions.updatePresence(user, 'r', 'c1', { available: true, priority: 0, hold: true });
+    const guard = sessions.holdGuard(user, 'r', 'c1');
+    await sessions.releaseHold(user, 'r', 'c1', 0);
+    await expect(offline.store(user, note(1), { guard })).rejects.toBeInstanceOf(OfflineGuardFailedError);
+    await sessions.bindResource(record(user, 'r', 'c2', { held: 0 }));
+    await expect(offline.store(user, note(2), { guard })).rejects.toBeInstanceOf(OfflineGuardFailedError);
+    expect(await offline.count(user)).toBe(0);
+    expect((await offline.list(user)).messages).toEqual([]);
+  });
+
+  it('refuses a store for a user with no available resource once one became available', async () => {
+    const user = freshUser('late');
+    const guard = sessions.noneAvailableGuard(user);
+    await offline.store(user, note(1), { guard });
+    await sessions.bindResource(record(user, 'r', 'c1'));
+    // Bound but not available: still none available.
+    await offline.store(user, note(2), { guard });
+    await sessions.updatePresence(user, 'r', 'c1', { available: true, priority: 0 });
+    await expect(offline.store(user, note(3), { guard })).rejects.toBeInstanceOf(OfflineGuardFailedError);
+    await sessions.updatePresence(user, 'r', 'c1', { available: false, priority: 0 });
+    await offline.store(user, note(4), { guard });
+    expect((await offline.list(user)).messages.map((m) => m.stanza)).toEqual([
+      '<message>1</message>',
+      '<message>2</message>',
+      '<message>4</message>',
+    ]);
+  });
+
+  it('a stored message already there is reported as such, not as a failed condition', async () => {
+    const user = freshUser('again');
+    await sessions.bindResource(record(user, 'r', 'c1'));
+    await sessions.updatePresence(user, 'r', 'c1', { available: true, priority: 0, hold: true });
+    const key = { key: 'frame-1:1', at: Date.now(), position: 1 };
+    await offline.store(user, note(1), { key, guard: sessions.holdGuard(user, 'r', 'c1') });
+    await sessions.releaseHold(user, 'r', 'c1');
+    const again = await offline.store(user, note(1), { key, guard: sessions.holdGuard(user, 'r', 'c1') });
+    expect(again.alreadyStored).toBe(true);
+    expect(await offline.count(user)).toBe(1);
   });
 });
 

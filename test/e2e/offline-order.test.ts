@@ -1,0 +1,129 @@
+/**
+ * Offline storage and live delivery racing each other (issue 11: "in order per sender and
+ * recipient"): a message routed while its recipient's flood is running, and a message whose
+ * store lands after its recipient came online. Each race is forced by holding one store call
+ * of the real stack until the other side has done its part.
+ */
+import type { Element } from 'ltx';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { RawClient } from '../../infra/local/raw-client.ts';
+import type { OfflineStore } from '../../shared/store/offline.ts';
+import type { SessionStore } from '../../shared/store/sessions.ts';
+import { eventually } from '../support/eventually.ts';
+import { startTestStack, type TestStack } from '../support/stack.ts';
+
+const DELAY = 'urn:xmpp:delay';
+
+let stack: TestStack;
+const raws: RawClient[] = [];
+
+beforeAll(async () => {
+  stack = await startTestStack();
+  for (const user of ['romeo', 'juliet', 'nurse']) await stack.addUser(`${user}@localhost`, `${user}-pw`);
+});
+
+afterAll(async () => {
+  for (const client of raws) client.terminate();
+  await stack?.close();
+});
+
+async function raw(user: string, resource: string): Promise<RawClient> {
+  const client = await RawClient.connect(stack.url);
+  raws.push(client);
+  await client.login(user, `${user}-pw`, resource);
+  return client;
+}
+
+/** Waits until the sender's earlier frames were handled: its frames run in order. */
+async function routed(sender: RawClient, id: string): Promise<void> {
+  sender.send(`<iq type='get' id='${id}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+  await sender.until((el) => el.attrs.id === id);
+}
+
+/** Replaces one store method until the test puts it back. */
+function intercept<S extends object, K extends keyof S>(store: S, name: K, replacement: S[K]): () => void {
+  const original = store[name];
+  store[name] = replacement;
+  return () => {
+    store[name] = original;
+  };
+}
+
+describe('a flood without stream management, with a live message arriving meanwhile', () => {
+  it('stores it behind the flood: the sender’s stored messages come first, then it', async () => {
+    const sender = await raw('romeo', 'quill');
+    for (let i = 1; i <= 3; i++)
+      sender.send(`<message to='juliet@localhost' type='chat'><body>stored ${i}</body></message>`);
+    await eventually(async () => expect(await stack.server.offline.count('juliet@localhost')).toBe(3));
+    const juliet = await raw('juliet', 'balcony');
+    const offline: OfflineStore = stack.server.offline;
+    const list = offline.list.bind(offline);
+    let raced = false;
+    // The flood's first read of the inbox: before it returns, the sender's next message is routed.
+    const restore = intercept(offline, 'list', async (user, options) => {
+      const page = await list(user, options);
+      if (user === 'juliet@localhost' && !raced) {
+        raced = true;
+        sender.send(`<message to='juliet@localhost' type='chat'><body>live</body></message>`);
+        await routed(sender, 'during-flood');
+      }
+      return page;
+    });
+    try {
+      juliet.send('<presence/>');
+      const bodies: string[] = [];
+      while (bodies.length < 4) {
+        const el: Element = await juliet.next(10_000);
+        if (el.name === 'message') bodies.push(el.getChildText('body') as string);
+      }
+      expect(raced).toBe(true);
+      expect(bodies).toEqual(['stored 1', 'stored 2', 'stored 3', 'live']);
+    } finally {
+      restore();
+    }
+    // The hold is released with the flood: the next message is posted, not stored.
+    await eventually(async () =>
+      expect((await stack.server.sessions.getResource('juliet@localhost', 'balcony'))?.held).toBeUndefined(),
+    );
+    expect(await stack.server.offline.count('juliet@localhost')).toBe(0);
+    sender.send(`<message to='juliet@localhost' type='chat'><body>after</body></message>`);
+    const after = await juliet.until((el) => el.name === 'message');
+    expect(after.getChildText('body')).toBe('after');
+    expect(after.getChild('delay', DELAY)).toBeUndefined();
+  });
+});
+
+describe('a message whose store lands after its recipient came online', () => {
+  it('is routed again (delivered live) instead of waiting in storage for the next login', async () => {
+    const sender = await raw('romeo', 'late-quill');
+    const nurse = await raw('nurse', 'errand');
+    const sessions: SessionStore = stack.server.sessions;
+    const listResources = sessions.listResources.bind(sessions);
+    let raced = false;
+    // The sender's routing has read "no resource available"; before it stores, the nurse sends
+    // her initial presence and her (empty) flood is over.
+    const restore = intercept(sessions, 'listResources', async (user) => {
+      const resources = await listResources(user);
+      if (user === 'nurse@localhost' && !raced) {
+        raced = true;
+        // (The test's own reader takes the nurse's frames: the store tells when she is online.)
+        nurse.send('<presence/>');
+        await eventually(async () => {
+          const row = await sessions.getResource('nurse@localhost', 'errand');
+          expect(row?.available).toBe(true);
+          expect(row?.held).toBeUndefined();
+        });
+      }
+      return resources;
+    });
+    try {
+      sender.send(`<message to='nurse@localhost' type='chat'><body>late</body></message>`);
+      const message = await nurse.until((el) => el.name === 'message', 10_000);
+      expect(raced).toBe(true);
+      expect(message.getChildText('body')).toBe('late');
+      expect(await stack.server.offline.count('nurse@localhost')).toBe(0);
+    } finally {
+      restore();
+    }
+  });
+});
