@@ -85,6 +85,7 @@ async function handleRecord(
   mayStart: () => boolean,
   mayRetry: () => boolean,
   followed: ReadonlySet<string>,
+  timeLeftMs?: () => number,
 ): Promise<void> {
   if (!mayStart()) {
     server.log.warn('out of time: frame left for redelivery', { messageId: record.messageId });
@@ -99,6 +100,7 @@ async function handleRecord(
     if (seq) event.seq = seq;
     event.receiveCount = Number(record.attributes.ApproximateReceiveCount) || 1;
     if (followed.has(record.messageId)) event.followed = true;
+    if (timeLeftMs) event.timeLeftMs = timeLeftMs;
   } catch (error) {
     if (!(error instanceof MalformedQueueMessageError)) throw error;
     // Retrying cannot make it readable: dropped (a success for the queue).
@@ -175,7 +177,8 @@ export function createStreamHandler(server: Server, options: StreamHandlerOption
     try {
       const response = await processPartialResponse(
         event,
-        (record: SQSRecord) => handleRecord(server, record, options.tracer, mayStart, mayRetry, followed),
+        (record: SQSRecord) =>
+          handleRecord(server, record, options.tracer, mayStart, mayRetry, followed, remainingMs),
         new SqsFifoPartialProcessorAsync(),
         // A batch whose every record failed is reported like any other (all retried), not thrown.
         {

@@ -61,6 +61,11 @@ export interface Config {
   /** XEP-0198: quiet period between switching a resource to its queue and `<enabled/>`. */
   smEnableGraceMs: number;
   /**
+   * XEP-0198: how long (since it arrived) a `<resume/>` waits for the old stream to finish routing
+   * a stanza it counted, before it goes ahead anyway (the client's later stanzas could overtake it).
+   */
+  smResumeSettleMs: number;
+  /**
    * Which stanza frames are marked done in their connection row (a redelivery of a marked frame is
    * skipped): `all` (exactly once under lost deletes and deaths too, one write unit per stanza), or
    * `batched` (only a frame followed by another of its connection in the same batch: a timed-out or
@@ -119,6 +124,7 @@ export const TUNABLE_SETTINGS = [
   'SM_QUEUE_MAX_BYTES',
   'SM_ACK_TIMEOUT_SECONDS',
   'SM_ENABLE_GRACE_MS',
+  'SM_RESUME_SETTLE_MS',
   'FRAME_DONE_MARKS',
   'ARCHIVE_COLLECTION_GAP_SECONDS',
   'ARCHIVE_TOMBSTONE_DAYS',
@@ -197,6 +203,7 @@ export function loadConfig(env: Env = process.env): Config {
     smQueueMaxBytes: Math.min(240 * 1024, int(env, 'SM_QUEUE_MAX_BYTES', 192 * 1024)),
     smAckTimeoutSeconds: int(env, 'SM_ACK_TIMEOUT_SECONDS', 120),
     smEnableGraceMs: int(env, 'SM_ENABLE_GRACE_MS', 200),
+    smResumeSettleMs: int(env, 'SM_RESUME_SETTLE_MS', 5000),
     frameDoneMarks: oneOf(env, 'FRAME_DONE_MARKS', ['all', 'batched'] as const, 'all'),
     archiveCollectionGapSeconds: int(env, 'ARCHIVE_COLLECTION_GAP_SECONDS', 30 * 60),
     archiveTombstoneDays: int(env, 'ARCHIVE_TOMBSTONE_DAYS', 90),

@@ -82,6 +82,10 @@ export const METRICS = {
     description:
       'Posts to a socket that got no answer (timeout, dropped connection): not resent; a stream-management client is made to resume',
   },
+  ResumesUnsettled: {
+    description:
+      'XEP-0198 resumes that went ahead while the old stream had not finished routing a stanza it counted (the client’s next stanzas may overtake it)',
+  },
 } as const satisfies Record<string, MetricDefinition>;
 
 export type MetricName = keyof typeof METRICS;

@@ -34,6 +34,8 @@ export interface StreamEvent {
   receiveCount?: number;
   /** Another frame of the same connection follows this one in the invocation's batch. */
   followed?: boolean;
+  /** What is left of the invocation (ms), when the runtime says (Lambda's getRemainingTimeInMillis). */
+  timeLeftMs?: () => number;
   /** API Gateway's request id, for the logs (it is also in the stage's access log). */
   requestId?: string;
 }

@@ -181,7 +181,11 @@ export class OperationsDashboard extends Construct {
           ...perTable('ThrottledRequests').map((metric) => metric.with({ label: `${metric.label} (AWS)` })),
         ],
       ),
-      graph('Cold starts; posts unanswered', [nimbus('ColdStarts')], [nimbus('PostsUnanswered')]),
+      graph(
+        'Cold starts; posts unanswered, resumes unsettled',
+        [nimbus('ColdStarts')],
+        [nimbus('PostsUnanswered'), nimbus('ResumesUnsettled')],
+      ),
 
       header('## Cost drivers'),
       graph(

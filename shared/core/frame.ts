@@ -11,6 +11,7 @@ interface FrameContext {
   receivedAt: number;
   redelivered: boolean;
   seq?: string;
+  timeLeftMs?: () => number;
   /** Deliveries so far, per target: a broadcast's concurrent deliveries each count their own. */
   deliveries: Map<string, number>;
 }
@@ -19,7 +20,13 @@ const frames = contextStore<FrameContext>();
 
 /** Runs the handling of one delivery of a frame. */
 export function inFrame<T>(
-  frame: { frameId: string; receivedAt: number; receiveCount?: number; seq?: string },
+  frame: {
+    frameId: string;
+    receivedAt: number;
+    receiveCount?: number;
+    seq?: string;
+    timeLeftMs?: () => number;
+  },
   work: () => Promise<T>,
 ): Promise<T> {
   if (!frame.frameId) return work();
@@ -29,6 +36,7 @@ export function inFrame<T>(
       receivedAt: frame.receivedAt,
       redelivered: (frame.receiveCount ?? 1) > 1,
       ...(frame.seq ? { seq: frame.seq } : {}),
+      ...(frame.timeLeftMs ? { timeLeftMs: frame.timeLeftMs } : {}),
       deliveries: new Map(),
     },
     work,
@@ -65,6 +73,17 @@ export function nextDeliveryKey(target: string): DeliveryKey | undefined {
     ...(frame.seq ? { seq: frame.seq } : {}),
     position,
   };
+}
+
+/** How long ago the current frame reached API Gateway (ms); undefined outside a frame. */
+export function frameAge(now = Date.now()): number | undefined {
+  const frame = frames.get();
+  return frame ? now - frame.receivedAt : undefined;
+}
+
+/** What is left of the invocation handling the current frame (ms), when the runtime says. */
+export function frameTimeLeft(): number | undefined {
+  return frames.get()?.timeLeftMs?.();
 }
 
 /** Compares two SQS FIFO sequence numbers (decimal strings without leading zeros). */

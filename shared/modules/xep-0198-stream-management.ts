@@ -19,7 +19,7 @@ import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Element, parse } from 'ltx';
 import { closeConnection, post, postExactly } from '../core/delivery.ts';
-import { nextDeliveryKey, sequenceAtMost } from '../core/frame.ts';
+import { frameAge, frameTimeLeft, nextDeliveryKey, sequenceAtMost } from '../core/frame.ts';
 import {
   type DeliveryOptions,
   type DeliveryResult,
@@ -36,7 +36,7 @@ import { rerouteUndelivered } from '../core/router.ts';
 import { stampDelay } from '../core/stanzas.ts';
 import { isTransient } from '../core/transient.ts';
 import { StreamError } from '../errors.ts';
-import { ResourceTakenError, type SmState } from '../store/sessions.ts';
+import { type ConnectionState, ResourceTakenError, type SmState } from '../store/sessions.ts';
 import {
   AckBeyondQueueError,
   NotSessionOwnerError,
@@ -759,6 +759,7 @@ async function decideResume(
       const previous = found.connectionId
         ? await server.sessions.fenceConnection(found.connectionId)
         : undefined;
+      if (found.connectionId && previous) await settleFenced(server, found.connectionId, previous);
       return {
         ok: true,
         item: found,
@@ -767,6 +768,43 @@ async function decideResume(
       };
     }
   }
+}
+
+/**
+ * Whether the connection's last counted stanza has been handled to the end (routed): its
+ * `doneSeq` has reached its `countedSeq`. Only known when every frame is marked done
+ * (FRAME_DONE_MARKS=all); with `batched` a frame not followed by another is never marked.
+ */
+function countedHandled(server: Server, state: ConnectionState): boolean {
+  if (server.config.frameDoneMarks !== 'all' || state.countedSeq === undefined) return true;
+  return state.doneSeq !== undefined && sequenceAtMost(state.countedSeq, state.doneSeq);
+}
+
+/**
+ * A stanza the old stream counted is in the `h` of <resumed/>, so the client will not send it
+ * again; if its frame is still being handled (retried after a DynamoDB or API Gateway error),
+ * what the client sends on the resumed stream would overtake it. The resume waits for it,
+ * checking the old row 50, 100, 200, 400 ms apart, until SM_RESUME_SETTLE_MS after the resume
+ * arrived and with half of the invocation's time left at most; then it goes ahead with a
+ * warning (that frame may have ended the old stream with an error, or keep failing).
+ */
+async function settleFenced(server: Server, connectionId: string, fenced: ConnectionState): Promise<void> {
+  if (countedHandled(server, fenced)) return;
+  const now = Date.now();
+  const budget = Math.min(
+    server.config.smResumeSettleMs - (frameAge(now) ?? 0),
+    (frameTimeLeft() ?? Number.POSITIVE_INFINITY) / 2,
+  );
+  const until = now + budget;
+  for (let check = 0; ; check++) {
+    const pause = Math.min(50 * 2 ** check, 400);
+    if (Date.now() + pause > until) break;
+    await sleep(pause);
+    const state = await server.sessions.getConnection(connectionId);
+    if (!state || countedHandled(server, state)) return;
+  }
+  server.metrics.count('ResumesUnsettled');
+  server.log.warn('resuming while the old stream has not routed a stanza it counted', { connectionId });
 }
 
 async function resume(stream: Stream, element: Element, version: SmVersion): Promise<void> {

@@ -401,6 +401,51 @@ describe('resumption (sm:3)', () => {
     expect((await again.next()).is('resumed', SM3)).toBe(true);
   });
 
+  // Issue 11: "every stanza the old connection routes is either counted in the h that
+  // <resumed/> reports, or not routed at all" — and one it counted must not be overtaken by
+  // what the client sends next on the resumed stream. Its frame being retried is staged by
+  // marking the old row: counted past what it has handled.
+  async function openWithCountedInFlight(user: string, resource: string) {
+    await stack.addUser(`${user}@localhost`, `${user}-pw`);
+    const old = await raw(user, resource);
+    const enabled = await enable(old);
+    old.send('<presence/>');
+    old.send(`<r xmlns='${SM3}'/>`);
+    await old.until((el) => el.name === 'a');
+    const smId = enabled.attrs.id as string;
+    const connectionId = (await stack.server.smQueue.get(smId))?.connectionId as string;
+    const row = await stack.server.sessions.getConnection(connectionId);
+    expect(row?.countedSeq).toBeDefined();
+    expect(row?.doneSeq).toBeDefined();
+    // A longer decimal sequence number is a later one.
+    const counted = `${row?.countedSeq}0`;
+    await stack.server.sessions.updateConnection(connectionId, { countedSeq: counted });
+    return { smId, connectionId, counted };
+  }
+
+  it('waits to answer a resume until the old stream has routed the stanza it counted', async () => {
+    const { smId, connectionId, counted } = await openWithCountedInFlight('gregory', 'inflight');
+    const { client } = await authenticated('gregory');
+    client.send(`<resume xmlns='${SM3}' previd='${smId}' h='0'/>`);
+    await expect(client.next(600)).rejects.toThrow(/no frame/);
+    // The old frame finishes: its done mark reaches what it counted.
+    await stack.server.sessions.updateConnection(connectionId, { doneSeq: counted });
+    const resumed = await client.next(3000);
+    expect(resumed.is('resumed', SM3)).toBe(true);
+    expect(resumed.attrs.h).toBe('1');
+  });
+
+  it('goes ahead after SM_RESUME_SETTLE_MS when the old stream never finishes that stanza', async () => {
+    const { smId } = await openWithCountedInFlight('sampson', 'stuck');
+    const { client } = await authenticated('sampson');
+    const sent = Date.now();
+    client.send(`<resume xmlns='${SM3}' previd='${smId}' h='0'/>`);
+    const resumed = await client.next(10_000);
+    expect(resumed.is('resumed', SM3)).toBe(true);
+    // The stack's default SM_RESUME_SETTLE_MS (5 s) since the resume reached the gateway.
+    expect(Date.now() - sent).toBeGreaterThanOrEqual(4000);
+  });
+
   it('answers a bogus id and another user’s id with <failed><item-not-found/>, then lets the client bind', async () => {
     const victim = await raw('benvolio', 'victim');
     const enabled = await enable(victim);
