@@ -61,8 +61,8 @@ export interface EndOptions {
 
 /**
  * Ends a session exactly once: modules hand back what was not delivered (`session-ending`), the
- * resource row is released under its owner's condition, `session-ended` is fired only by the one
- * caller that released it, and the undelivered stanzas are re-routed.
+ * resource row is released under its owner's condition, the undelivered stanzas are re-routed,
+ * and `session-ended` is fired only by the one caller that released it.
  */
 export async function endSession(
   server: Server,
@@ -81,13 +81,15 @@ export async function endSession(
         : session.connectionId
           ? await server.sessions.releaseResource(session.user, session.resource, session.connectionId)
           : undefined));
+  // Re-routed before anything else can fail: a redelivery of this frame may not end the session
+  // again (its rows are gone), and what it held would wait for the sweeper.
+  server.metrics.count('StanzasRerouted', undelivered.length);
+  await rerouteUndelivered(server, session.user, undelivered);
+  for (const after of afterReroute) await after();
   if (released) {
     await server.host.fire('session-ended', { session, reason, wasAvailable: released.available });
   }
   if (session.connectionId) await server.sessions.deleteConnection(session.connectionId);
-  server.metrics.count('StanzasRerouted', undelivered.length);
-  await rerouteUndelivered(server, session.user, undelivered);
-  for (const after of afterReroute) await after();
 }
 
 /**

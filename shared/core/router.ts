@@ -23,7 +23,7 @@ import {
   type UndeliveredStanza,
 } from './host.ts';
 import { errorReplyTo, iqResult, stampDelay } from './stanzas.ts';
-import { isTransient } from './transient.ts';
+import { isTransient, withTransientRetries } from './transient.ts';
 
 /** Replies to a stanza with an error unless it is itself an error (or an iq result). */
 export async function replyWithError(
@@ -304,31 +304,41 @@ export async function rerouteUndelivered(
   user: string,
   undelivered: UndeliveredStanza[],
 ): Promise<void> {
-  for (const { stanza, acceptedAt, done, key, sequence } of undelivered) {
-    try {
-      if (stanza.name === 'message') {
-        const route = () => routeMessage(server, stanza, parseJid(user), { originalTime: acceptedAt });
-        // Counted as a redelivery: an earlier run of this re-route may have delivered it.
-        const seq = sequence === undefined ? {} : { seq: String(sequence) };
-        if (key) await inFrame({ frameId: key, receivedAt: acceptedAt, receiveCount: 2, ...seq }, route);
-        else await route();
-      } else if (
-        stanza.name === 'iq' &&
-        (stanza.attrs.type === 'get' || stanza.attrs.type === 'set') &&
-        stanza.attrs.from
-      ) {
-        const requester = parseJid(stanza.attrs.from);
-        const reply = errorReplyTo(stanza, new StanzaError('cancel', 'service-unavailable'));
-        if (reply && requester.local && requester.resource && requester.domain === server.config.domain) {
-          const resource = await server.sessions.getResource(bareJid(requester), requester.resource);
-          if (resource) await deliver(server, resource, reply);
-        }
+  // Each one is tried again in place on a transient error (its deliveries are keyed, so a second
+  // try delivers nothing twice): the frame that ended the session may not end it again when it
+  // is redelivered (its row is gone), and what is left would wait for the sweeper.
+  for (const entry of undelivered)
+    await withTransientRetries(REROUTE_ATTEMPTS, () => rerouteOne(server, user, entry));
+}
+
+/** Tries of one re-routed stanza within the invocation. */
+const REROUTE_ATTEMPTS = 4;
+
+async function rerouteOne(server: Server, user: string, entry: UndeliveredStanza): Promise<void> {
+  const { stanza, acceptedAt, done, key, sequence } = entry;
+  try {
+    if (stanza.name === 'message') {
+      const route = () => routeMessage(server, stanza, parseJid(user), { originalTime: acceptedAt });
+      // Counted as a redelivery: an earlier run of this re-route may have delivered it.
+      const seq = sequence === undefined ? {} : { seq: String(sequence) };
+      if (key) await inFrame({ frameId: key, receivedAt: acceptedAt, receiveCount: 2, ...seq }, route);
+      else await route();
+    } else if (
+      stanza.name === 'iq' &&
+      (stanza.attrs.type === 'get' || stanza.attrs.type === 'set') &&
+      stanza.attrs.from
+    ) {
+      const requester = parseJid(stanza.attrs.from);
+      const reply = errorReplyTo(stanza, new StanzaError('cancel', 'service-unavailable'));
+      if (reply && requester.local && requester.resource && requester.domain === server.config.domain) {
+        const resource = await server.sessions.getResource(bareJid(requester), requester.resource);
+        if (resource) await deliver(server, resource, reply);
       }
-    } catch (error) {
-      if (!(error instanceof StanzaError)) throw error;
-      server.log.info('undelivered stanza dropped on re-route', { user, condition: error.condition });
     }
-    // Recorded before the next one: a failure later on resumes after this stanza, not before it.
-    await done?.();
+  } catch (error) {
+    if (!(error instanceof StanzaError)) throw error;
+    server.log.info('undelivered stanza dropped on re-route', { user, condition: error.condition });
   }
+  // Recorded before the next one: a failure later on resumes after this stanza, not before it.
+  await done?.();
 }

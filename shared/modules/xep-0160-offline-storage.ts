@@ -189,8 +189,11 @@ async function floodOffline(
     let delivered = 0;
     for (const message of page.messages) {
       const result = await sendStored(stream, message, stampedStanza(server, message), {});
-      // The session is gone: its hold went with its resource row.
-      if (result === 'gone' || result === 'full') return;
+      if (result === 'gone' || result === 'full') {
+        // The session is gone: its hold went with its resource row.
+        server.metrics.count('MessagesFlooded', delivered);
+        return;
+      }
       if (result !== 'sent') continue;
       delivered += 1;
       // Removed as soon as it is out, and given a few more tries than the SDK's: a failure now

@@ -975,6 +975,50 @@ describe('durable re-routing', () => {
   });
 });
 
+describe('a re-route meeting DynamoDB throttling', () => {
+  it('is tried again in place: the session’s messages are stored at once, none waits for the sweeper', async () => {
+    await stack.addUser('lodger@localhost', 'lodger-pw');
+    const lodger = await raw('lodger', 'room');
+    await enable(lodger, SM3, false);
+    lodger.send('<presence/>');
+    await lodger.until((el) => el.name === 'presence');
+    const sender = await raw('romeo', 'to-lodger');
+    for (let i = 1; i <= 3; i++)
+      sender.send(`<message to='lodger@localhost/room' type='chat' id='l${i}'><body>l${i}</body></message>`);
+    for (let i = 1; i <= 3; i++) await lodger.until((el) => el.name === 'message' && el.attrs.id === `l${i}`);
+    // Every other store is throttled past the SDK's own retries.
+    const offline = stack.server.offline;
+    const store = offline.store.bind(offline);
+    let calls = 0;
+    offline.store = async (user, message, options) => {
+      calls += 1;
+      if (user === 'lodger@localhost' && calls % 2 === 1) {
+        throw Object.assign(new Error('Rate of requests exceeds the allowed throughput'), {
+          name: 'ThrottlingException',
+          $metadata: { httpStatusCode: 400 },
+        });
+      }
+      return store(user, message, options);
+    };
+    try {
+      // Not resumable: the session ends with its socket, and its three messages are re-routed.
+      lodger.terminate();
+      await eventually(async () => {
+        const stored = (await stack.server.offline.list('lodger@localhost')).messages;
+        expect(stored.map((m) => /id="(l\d)"/.exec(m.stanza)?.[1])).toEqual(['l1', 'l2', 'l3']);
+      });
+    } finally {
+      offline.store = store;
+    }
+    expect(calls).toBeGreaterThanOrEqual(6);
+    // Nothing is left for the sweeper.
+    await eventually(async () => {
+      const pending = await stack.server.smQueue.listReroutes(Date.now() + 3_600_000, 100);
+      expect(pending.filter((item) => item.user === 'lodger@localhost')).toEqual([]);
+    });
+  });
+});
+
 describe('a lost $disconnect (API Gateway delivers it on a best-effort basis)', () => {
   let lossy: TestStack;
   beforeAll(async () => {

@@ -368,6 +368,11 @@ export async function runSchedule(options: RunOptions): Promise<ScheduleRun> {
         }),
       ),
     ).then((clients) => clients.filter((client) => client !== undefined));
+    const left = await leftBehind(
+      stack,
+      ROLES.map((role) => role.user),
+    ).catch((error: Error) => `(not read: ${error.message})`);
+    if (left) note(`left after the final logins: ${left}`);
   } finally {
     for (const participant of participants.values()) await participant.stop();
     for (const link of links.values()) await link.close().catch(() => {});
@@ -433,6 +438,30 @@ async function settle(
     }
     await sleep(20);
   }
+}
+
+/**
+ * What the server still holds for the users once their final logins are done: messages in
+ * offline storage, stream-management sessions not ended, re-routes not finished. Anything here
+ * points at where a lost message went.
+ */
+async function leftBehind(stack: LocalStack, users: string[]): Promise<string> {
+  const { server } = stack;
+  const parts: string[] = [];
+  for (const user of users) {
+    const bare = `${user}@${DOMAIN}`;
+    const inbox = await withRetries(5, () => server.offline.list(bare, { limit: 1000 }));
+    if (inbox.messages.length > 0) parts.push(`offline ${user} ${inbox.messages.length}`);
+  }
+  const far = Date.now() + 3_600_000;
+  const detached = await withRetries(5, () => server.smQueue.listExpired(far, 100));
+  for (const item of detached) parts.push(`detached session of ${item.user} holding ${item.entries.length}`);
+  const reroutes = await withRetries(5, () => server.smQueue.listReroutes(far, 100));
+  for (const item of reroutes)
+    parts.push(`re-route of ${item.user} at ${item.rerouted ?? 0} of ${item.entries.length}`);
+  const resources = await withRetries(5, () => server.sessions.listAllResources());
+  for (const row of resources) if (row.held !== undefined) parts.push(`hold on ${row.user}/${row.resource}`);
+  return parts.join('; ');
 }
 
 /** Logs `user` in once more without stream management and takes the offline flood. */
