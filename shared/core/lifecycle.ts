@@ -19,7 +19,9 @@ export function registerLifecycle(server: Server): void {
     'connection-vanished',
     async (event) => {
       const state = event.state ?? (await server.sessions.getConnection(event.connectionId));
-      if (state) return void (await endStream(server, state, 'gone'));
+      // A 410 or a probe comes before the connection's last frames: its row stays (fenced) for
+      // them until its own $disconnect.
+      if (state) return void (await endStream(server, state, 'gone', { keepRow: !event.disconnected }));
       if (event.resource) {
         // No row left (its $disconnect was lost or is still queued): release the resource all the same.
         const { user, resource, connectionId } = event.resource;
@@ -48,15 +50,27 @@ export async function endStream(
   server: Server,
   state: ConnectionState,
   reason: SessionEndReason,
+  options: EndOptions = {},
 ): Promise<void> {
   const session = sessionOf(state);
-  if (session) await endSession(server, session, reason);
-  else await server.sessions.deleteConnection(state.connectionId);
+  if (session) await endSession(server, session, reason, options);
+  else await dropConnectionRow(server, state.connectionId, options);
 }
 
 export interface EndOptions {
   /** The resource row was already taken over (a new bind returned it): nothing to release. */
   released?: ResourceRecord;
+  /**
+   * The connection's own last event (its `$disconnect`) is still to come, and frames of it may
+   * be queued before it (a stanza counted for XEP-0198 whose routing is being retried): its row
+   * is fenced, not deleted, so they still find it; the `$disconnect` deletes it.
+   */
+  keepRow?: boolean;
+}
+
+async function dropConnectionRow(server: Server, connectionId: string, options: EndOptions): Promise<void> {
+  if (options.keepRow) await server.sessions.fenceConnection(connectionId);
+  else await server.sessions.deleteConnection(connectionId);
 }
 
 /**
@@ -89,7 +103,7 @@ export async function endSession(
   if (released) {
     await server.host.fire('session-ended', { session, reason, wasAvailable: released.available });
   }
-  if (session.connectionId) await server.sessions.deleteConnection(session.connectionId);
+  if (session.connectionId) await dropConnectionRow(server, session.connectionId, options);
 }
 
 /**
@@ -130,7 +144,7 @@ export async function replaceSession(
       ...(state ? { state } : {}),
     },
     'replaced',
-    { released: previous },
+    { released: previous, keepRow: true },
   );
 }
 

@@ -313,6 +313,8 @@ async function overflow(server: Server, smId: string): Promise<void> {
       ...(state ? { state, ...(state.directedTo ? { directedTo: state.directedTo } : {}) } : {}),
     },
     'closed',
+    // Kicked from a sender's frame: the connection's own frames and $disconnect are still to come.
+    { keepRow: true },
   );
 }
 

@@ -981,6 +981,42 @@ describe('durable re-routing', () => {
   });
 });
 
+describe('a stream replaced while a stanza it counted is being retried', () => {
+  it('still routes that stanza: the replaced connection keeps its row, fenced, until its $disconnect', async () => {
+    await stack.addUser('peter@localhost', 'peter-pw');
+    await stack.addUser('potpan@localhost', 'potpan-pw');
+    const recipient = await raw('potpan', 'kitchen');
+    recipient.send('<presence/>');
+    await recipient.until((el) => el.name === 'presence');
+    const old = await raw('peter', 'errand');
+    await enable(old);
+    const sessions = stack.server.sessions;
+    const listResources = sessions.listResources.bind(sessions);
+    let replaced = false;
+    // The stanza is counted, then its routing meets a throttle after the same resource was bound
+    // again elsewhere (the client started anew): the frame is tried again.
+    sessions.listResources = async (user) => {
+      if (user === 'potpan@localhost' && !replaced) {
+        replaced = true;
+        await raw('peter', 'errand');
+        throw Object.assign(new Error('Rate of requests exceeds the allowed throughput'), {
+          name: 'ThrottlingException',
+          $metadata: { httpStatusCode: 400 },
+        });
+      }
+      return listResources(user);
+    };
+    try {
+      old.send(`<message to='potpan@localhost' type='chat' id='p1'><body>counted</body></message>`);
+      const message = await recipient.until((el) => el.name === 'message', 10_000);
+      expect(replaced).toBe(true);
+      expect(message.getChildText('body')).toBe('counted');
+    } finally {
+      sessions.listResources = listResources;
+    }
+  });
+});
+
 describe('a re-route meeting DynamoDB throttling', () => {
   it('is tried again in place: the session’s messages are stored at once, none waits for the sweeper', async () => {
     await stack.addUser('lodger@localhost', 'lodger-pw');
