@@ -78,6 +78,8 @@ const ROLES: readonly Role[] = [
 const SEND_WINDOW = 100;
 const ONLINE_TIMEOUT_MS = 20_000;
 const SETTLE_TIMEOUT_MS = 10_000;
+/** How long a final login waits for a flood the server is still holding (see finalLogin). */
+const FLOOD_TIMEOUT_MS = 60_000;
 /** Kills after the traffic stopped: nothing in flight. */
 const QUIET_KILLS = 3;
 
@@ -488,8 +490,24 @@ async function finalLogin(
   client.send('<presence/>');
   let quiet = 0;
   const deadline = Date.now() + SETTLE_TIMEOUT_MS;
+  // The flood may be held up by the schedule's faults (a persistent storm retries its frame for
+  // many seconds): as a user would, the login waits while the server still holds stored messages
+  // for it or its flood is still running, for FLOOD_TIMEOUT_MS at most.
+  const floodDeadline = Date.now() + FLOOD_TIMEOUT_MS;
+  const stillHeld = async (): Promise<boolean> => {
+    const bare = `${user}@${DOMAIN}`;
+    const [stored, row] = await Promise.all([
+      withRetries(5, () => stack.server.offline.list(bare, { limit: 1 })),
+      withRetries(5, () => stack.server.sessions.getResource(bare, RESOURCE)),
+    ]).catch(() => [{ messages: [] }, undefined] as const);
+    return stored.messages.length > 0 || row?.held !== undefined;
+  };
   // Until two barriers in a row, with the queue drained between them, bring nothing.
-  while (quiet < 2 && Date.now() < deadline) {
+  for (;;) {
+    if (quiet >= 2 || Date.now() >= deadline) {
+      if (Date.now() >= floodDeadline || !(await stillHeld())) break;
+      quiet = 0;
+    }
     const frames = await client.framesBeforePong(10_000);
     let messages = 0;
     for (const text of frames) {
