@@ -3,6 +3,13 @@
  * gets it back in `Sec-WebSocket-Protocol`; browsers drop a socket whose answer lacks it.
  */
 import type { Server } from './host.ts';
+import { withTransientRetries } from './transient.ts';
+
+/**
+ * Tries of the handshake's one write on a transient error (throttling past the SDK's retries, a
+ * 500): a failed `$connect` is a refused socket the client has to open again.
+ */
+const CONNECT_ATTEMPTS = 3;
 
 export interface ConnectEvent {
   headers?: Record<string, string | undefined>;
@@ -39,10 +46,13 @@ export async function handleConnect(server: Server, event: ConnectEvent): Promis
     };
   }
   const { connectionId } = event.requestContext;
-  await server.sessions.createConnection(
-    connectionId,
-    event.requestContext.connectedAt ?? event.requestContext.requestTimeEpoch ?? Date.now(),
-    event.requestContext.identity?.sourceIp,
+  // An unconditional Put: trying it again is harmless.
+  await withTransientRetries(CONNECT_ATTEMPTS, () =>
+    server.sessions.createConnection(
+      connectionId,
+      event.requestContext.connectedAt ?? event.requestContext.requestTimeEpoch ?? Date.now(),
+      event.requestContext.identity?.sourceIp,
+    ),
   );
   return { statusCode: 200, headers: { 'Sec-WebSocket-Protocol': 'xmpp' } };
 }
