@@ -145,10 +145,19 @@ export async function routeMessage(
   // Storing is conditional on what routing read (a hold, no resource available): when that
   // changed before the store, the message is routed again from a fresh read. The last try
   // stores without the condition rather than fail the sender.
+  const progress: RouteProgress = { reached: new Set(), storedBehind: false };
   for (let attempt = 1; ; attempt++) {
-    const routed = await routeOnce(server, stanza, to, type, options, attempt < ROUTE_ATTEMPTS);
+    const routed = await routeOnce(server, stanza, to, type, options, attempt < ROUTE_ATTEMPTS, progress);
     if (routed) return;
   }
+}
+
+/** What the tries of one routing have done: a session already reached is not given it again. */
+interface RouteProgress {
+  /** Connections that took the message (posted, queued, or stored behind their flood). */
+  reached: Set<string>;
+  /** Stored behind a flood's hold: once is enough, every holder floods the one inbox. */
+  storedBehind: boolean;
 }
 
 /** One routing of a message from a fresh read of the resources; false when it must start over. */
@@ -159,25 +168,29 @@ async function routeOnce(
   type: string,
   options: RouteOptions,
   guarded: boolean,
+  progress: RouteProgress,
 ): Promise<boolean> {
   const bare = bareJid(to);
   const rerouting = options.originalTime !== undefined;
   let resources = await server.sessions.listResources(bare);
   const noneAvailable = resources.every((r) => !r.available);
   const offline = { stanza, user: bare, ...(rerouting ? { acceptedAt: options.originalTime } : {}) };
-  let storedBehind = false;
   /** Delivered (or stored behind the resource's hold, once), false to try the next; undefined: start over. */
   const toResource = async (resource: ResourceRecord): Promise<boolean | undefined> => {
+    if (progress.reached.has(resource.connectionId)) return true;
     if (resource.held !== undefined && guarded) {
-      if (storedBehind) return true;
+      if (progress.storedBehind) return true;
       const event = { ...offline, heldBy: resource, routeAgain: false };
       if (await server.host.fire('message-offline', event)) {
-        storedBehind = true;
+        progress.storedBehind = true;
+        progress.reached.add(resource.connectionId);
         return true;
       }
       if (event.routeAgain) return undefined;
     }
-    return deliverMessage(server, resource, stanza, rerouting);
+    const delivered = await deliverMessage(server, resource, stanza, rerouting);
+    if (delivered) progress.reached.add(resource.connectionId);
+    return delivered;
   };
 
   if (to.resource) {
@@ -207,6 +220,8 @@ async function routeOnce(
     if (delivered) return true;
   }
   if (type === 'headline') return true;
+  // An earlier try reached a session, and the sessions it could still reach are gone now.
+  if (progress.reached.size > 0) return true;
   if (resources.length === 0 && !(await server.users.exists(bare))) {
     throw new StanzaError('cancel', 'service-unavailable');
   }

@@ -127,3 +127,56 @@ describe('a message whose store lands after its recipient came online', () => {
     }
   });
 });
+
+describe('a routing that starts over', () => {
+  it('does not give the message again to a resource an earlier try reached', async () => {
+    await stack.addUser('friar@localhost', 'friar-pw');
+    const sender = await raw('romeo', 'cell');
+    // Two available resources at the same priority: RFC 6121 §8.5.2.1.1 delivers to both. The
+    // second one's flood holds its messages; its hold is released just as routing stores
+    // behind it, so routing starts over.
+    const live = await raw('friar', 'a-live');
+    live.send('<presence/>');
+    await live.until((el) => el.name === 'presence' && el.attrs.from === 'friar@localhost/a-live');
+    const held = await raw('friar', 'b-held');
+    held.send('<presence/>');
+    await held.until((el) => el.name === 'presence' && el.attrs.from === 'friar@localhost/b-held');
+    const sessions = stack.server.sessions;
+    // Its own (empty) flood has released the hold its presence put on; a new one is put on.
+    await eventually(async () =>
+      expect((await sessions.getResource('friar@localhost', 'b-held'))?.held).toBeUndefined(),
+    );
+    const row = await sessions.getResource('friar@localhost', 'b-held');
+    await sessions.updatePresence('friar@localhost', 'b-held', row?.connectionId as string, {
+      available: true,
+      priority: 0,
+      hold: true,
+    });
+    expect((await sessions.getResource('friar@localhost', 'b-held'))?.held).toBe(0);
+    const offline = stack.server.offline;
+    const store = offline.store.bind(offline);
+    let released = false;
+    const restore = intercept(offline, 'store', async (user, message, options) => {
+      if (user === 'friar@localhost' && !released) {
+        released = true;
+        await sessions.releaseHold('friar@localhost', 'b-held', row?.connectionId as string);
+      }
+      return store(user, message, options);
+    });
+    try {
+      sender.send(`<message to='friar@localhost' type='chat' id='once'><body>to both</body></message>`);
+      const first = await live.until((el) => el.name === 'message');
+      const second = await held.until((el) => el.name === 'message');
+      expect(released).toBe(true);
+      expect([first.attrs.id, second.attrs.id]).toEqual(['once', 'once']);
+      // Nothing more reaches the first resource: a ping's answer comes next.
+      await routed(sender, 'after-once');
+      live.send(`<iq type='get' id='live-sync' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+      const next = await live.until((el) => el.name === 'message' || el.attrs.id === 'live-sync');
+      expect(next.attrs.id).toBe('live-sync');
+      expect(await stack.server.offline.count('friar@localhost')).toBe(0);
+    } finally {
+      restore();
+    }
+  });
+});
