@@ -8,7 +8,7 @@
 import type { Element } from 'ltx';
 import { StanzaError } from '../errors.ts';
 import { bareJid, fullJid, type Jid, parseJid } from '../jid.ts';
-import type { ResourceRecord } from '../store/sessions.ts';
+import { isHeld, type ResourceRecord } from '../store/sessions.ts';
 import { congestedError, deliver, fitsTransport, tooLargeError } from './delivery.ts';
 import { inFrame } from './frame.ts';
 import {
@@ -178,7 +178,7 @@ async function routeOnce(
   /** Delivered (or stored behind the resource's hold, once), false to try the next; undefined: start over. */
   const toResource = async (resource: ResourceRecord): Promise<boolean | undefined> => {
     if (progress.reached.has(resource.connectionId)) return true;
-    if (resource.held !== undefined && guarded) {
+    if (isHeld(resource) && guarded) {
       if (progress.storedBehind) return true;
       const event = { ...offline, heldBy: resource, routeAgain: false };
       if (await server.host.fire('message-offline', event)) {

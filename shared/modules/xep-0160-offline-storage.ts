@@ -184,8 +184,12 @@ async function floodOffline(
   const user = stream.user;
   let after: string | undefined = resumed?.resumedAfter;
   let seen = held;
-  for (;;) {
-    const page = await server.offline.list(user, { limit: 50, after });
+  for (let pages = 0; ; pages++) {
+    // The hold's lease (HOLD_LEASE_MS from the presence) is renewed page by page.
+    if (seen !== undefined && pages > 0) await renewHold(stream);
+    const page = await withTransientRetries(LIST_ATTEMPTS, () =>
+      server.offline.list(user, { limit: 50, after }),
+    );
     let delivered = 0;
     for (const message of page.messages) {
       const result = await sendStored(stream, message, stampedStanza(server, message), {});
@@ -216,12 +220,19 @@ async function floodOffline(
   }
 }
 
+/** The flood goes on: its hold stands for another lease. */
+async function renewHold(stream: BoundStream): Promise<void> {
+  await stream.server.sessions.renewHold(stream.user, stream.resource, stream.connectionId);
+}
+
 /** Releases the session's hold whatever was stored behind it (nothing will be flooded now). */
 async function releaseHold(stream: BoundStream): Promise<void> {
   await stream.server.sessions.releaseHold(stream.user, stream.resource, stream.connectionId);
 }
 
 const REMOVE_ATTEMPTS = 3;
+/** A flood's read of the inbox, tried again in place: a failure would have the whole frame tried again. */
+const LIST_ATTEMPTS = 3;
 
 // ---------------------------------------------------------------------------------------------
 // Transfers paced by stream-management acks
@@ -281,6 +292,9 @@ async function transferStep(stream: BoundStream): Promise<void> {
   let after = transfer.after;
   let bytes = 0;
   let sent = 0;
+  // Each window renews the hold's lease: a client that stops acknowledging lets it run out.
+  if (transfer.kind === 'flood' && transfer.held !== undefined && transfer.after !== undefined)
+    await renewHold(stream);
   for (;;) {
     const page = await server.offline.list(user, { limit: windowSize(server), after });
     // Going through the inbox again from its start (a resume, or messages stored behind the

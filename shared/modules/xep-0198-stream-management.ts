@@ -838,6 +838,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
     rosterInterested: record?.rosterInterested,
     // A flood's hold stays on: the flood carries on after the replay (session-resumed).
     held: record?.held,
+    heldUntil: record?.heldUntil,
   });
 
   const acked = Math.max(decision.h, taken.base);

@@ -185,6 +185,19 @@ export interface ResourceRecord {
    * last looked (`releaseHold`).
    */
   held?: number;
+  /**
+   * Until when the hold stands (ms): the flood renews it as it goes (HOLD_LEASE_MS), so a flood
+   * whose frame died does not hold the session's messages for the rest of the session.
+   */
+  heldUntil?: number;
+}
+
+/** How long a hold stands unless its flood renews it: routing posts again past it. */
+export const HOLD_LEASE_MS = 60_000;
+
+/** Whether routing finds the resource's messages held (a flood running, its lease not run out). */
+export function isHeld(resource: ResourceRecord, now = Date.now()): boolean {
+  return resource.held !== undefined && (resource.heldUntil ?? 0) > now;
 }
 
 /** One item of a DynamoDB transaction, for a store to add to another store's write. */
@@ -261,6 +274,8 @@ export interface SessionStore {
     connectionId: string,
     seen?: number,
   ): Promise<number | undefined>;
+  /** The flood is still going: its hold stands for another HOLD_LEASE_MS. */
+  renewHold(user: string, resource: string, connectionId: string): Promise<void>;
   markFlexibleOffline(user: string, resource: string, connectionId: string): Promise<void>;
   /** RFC 6121 §2.1.6: the resource requested the roster and gets pushes from now on. */
   markRosterInterested(user: string, resource: string, connectionId: string): Promise<void>;
@@ -339,6 +354,7 @@ function toResource(item: Record<string, unknown>): ResourceRecord {
     rosterInterested: item.rosterInterested as boolean | undefined,
     archive: item.archive as ArchiveStreamState | undefined,
     held: item.held as number | undefined,
+    heldUntil: item.heldUntil as number | undefined,
   };
 }
 
@@ -535,14 +551,14 @@ export function createSessionStore(
           new UpdateCommand({
             TableName: table,
             Key: resourceKey(user, resource),
-            UpdateExpression: `SET available = :available, priority = :priority, presence = :presence${changes.hold ? ', held = if_not_exists(held, :zero)' : ''}`,
+            UpdateExpression: `SET available = :available, priority = :priority, presence = :presence${changes.hold ? ', held = if_not_exists(held, :zero), heldUntil = :until' : ''}`,
             ConditionExpression: 'connectionId = :connectionId',
             ExpressionAttributeValues: {
               ':available': changes.available,
               ':priority': changes.priority,
               ':presence': changes.presence ?? '',
               ':connectionId': connectionId,
-              ...(changes.hold ? { ':zero': 0 } : {}),
+              ...(changes.hold ? { ':zero': 0, ':until': Date.now() + HOLD_LEASE_MS } : {}),
             },
             ReturnValues: 'ALL_OLD',
           }),
@@ -564,8 +580,8 @@ export function createSessionStore(
           TableName: table,
           Key: resourceKey(user, resource),
           UpdateExpression: 'ADD held :one',
-          ConditionExpression: 'attribute_exists(held) AND connectionId = :connectionId',
-          ExpressionAttributeValues: { ':one': 1, ':connectionId': connectionId },
+          ConditionExpression: 'attribute_exists(held) AND connectionId = :connectionId AND heldUntil > :now',
+          ExpressionAttributeValues: { ':one': 1, ':connectionId': connectionId, ':now': Date.now() },
         },
       };
     },
@@ -587,7 +603,7 @@ export function createSessionStore(
           new UpdateCommand({
             TableName: table,
             Key: resourceKey(user, resource),
-            UpdateExpression: 'REMOVE held',
+            UpdateExpression: 'REMOVE held, heldUntil',
             ConditionExpression: `connectionId = :connectionId${seen === undefined ? '' : ' AND (attribute_not_exists(held) OR held = :seen)'}`,
             ExpressionAttributeValues: {
               ':connectionId': connectionId,
@@ -601,6 +617,25 @@ export function createSessionStore(
       }
       const now = await this.getResource(user, resource);
       return now?.connectionId === connectionId ? now.held : undefined;
+    },
+
+    async renewHold(user, resource, connectionId) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: resourceKey(user, resource),
+            UpdateExpression: 'SET heldUntil = :until',
+            ConditionExpression: 'attribute_exists(held) AND connectionId = :connectionId',
+            ExpressionAttributeValues: {
+              ':until': Date.now() + HOLD_LEASE_MS,
+              ':connectionId': connectionId,
+            },
+          }),
+        );
+      } catch (error) {
+        if (!isConditionFailure(error)) throw error;
+      }
     },
 
     async markRosterInterested(user, resource, connectionId) {

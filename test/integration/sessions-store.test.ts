@@ -3,7 +3,7 @@
  * rows (the stream's state between frames) and bound-resource rows (what routing reads), with
  * every conditional write tried by its owner and by someone else.
  */
-import { GetCommand } from '@aws-sdk/lib-dynamodb';
+import { GetCommand, UpdateCommand } from '@aws-sdk/lib-dynamodb';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { createDocumentClient } from '../../shared/store/dynamo.ts';
 import {
@@ -14,6 +14,8 @@ import {
 import {
   createSessionStore,
   fitsResourceKey,
+  HOLD_LEASE_MS,
+  isHeld,
   type ResourceRecord,
   type SessionStore,
 } from '../../shared/store/sessions.ts';
@@ -437,6 +439,43 @@ describe('a hold on a resource’s messages (a flood in progress) and the condit
       '<message>2</message>',
       '<message>4</message>',
     ]);
+  });
+
+  it('stands for HOLD_LEASE_MS unless renewed: a flood that died does not hold the session’s messages', async () => {
+    const user = freshUser('lease');
+    await sessions.bindResource(record(user, 'r', 'c1'));
+    const before = Date.now();
+    await sessions.updatePresence(user, 'r', 'c1', { available: true, priority: 0, hold: true });
+    const row = await sessions.getResource(user, 'r');
+    expect(row?.heldUntil).toBeGreaterThanOrEqual(before + HOLD_LEASE_MS);
+    expect(isHeld(row as ResourceRecord)).toBe(true);
+    expect(isHeld(row as ResourceRecord, (row?.heldUntil ?? 0) + 1)).toBe(false);
+    // The lease runs out (its flood stopped renewing it): routing posts again, and a store
+    // decided on the hold is refused.
+    await doc.send(
+      new UpdateCommand({
+        TableName: table,
+        Key: { pk: `user#${user}`, sk: 'res#r' },
+        UpdateExpression: 'SET heldUntil = :past',
+        ExpressionAttributeValues: { ':past': Date.now() - 1 },
+      }),
+    );
+    expect(isHeld((await sessions.getResource(user, 'r')) as ResourceRecord)).toBe(false);
+    await expect(
+      offline.store(user, note(1), { guard: sessions.holdGuard(user, 'r', 'c1') }),
+    ).rejects.toBeInstanceOf(OfflineGuardFailedError);
+    // Renewed by its flood: it stands again, for its connection only.
+    await sessions.renewHold(user, 'r', 'c2');
+    expect(isHeld((await sessions.getResource(user, 'r')) as ResourceRecord)).toBe(false);
+    await sessions.renewHold(user, 'r', 'c1');
+    expect(isHeld((await sessions.getResource(user, 'r')) as ResourceRecord)).toBe(true);
+    await offline.store(user, note(2), { guard: sessions.holdGuard(user, 'r', 'c1') });
+    expect((await sessions.getResource(user, 'r'))?.held).toBe(1);
+    // Released: the lease goes with it.
+    await sessions.releaseHold(user, 'r', 'c1', 1);
+    const released = await sessions.getResource(user, 'r');
+    expect(released?.held).toBeUndefined();
+    expect(released?.heldUntil).toBeUndefined();
   });
 
   it('a stored message already there is reported as such, not as a failed condition', async () => {
