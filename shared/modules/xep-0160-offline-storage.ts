@@ -293,7 +293,11 @@ async function transferStep(stream: BoundStream): Promise<void> {
   let bytes = 0;
   let sent = 0;
   // Each window renews the hold's lease: a client that stops acknowledging lets it run out.
-  if (transfer.kind === 'flood' && transfer.held !== undefined && transfer.after !== undefined)
+  if (
+    transfer.kind === 'flood' &&
+    transfer.held !== undefined &&
+    (transfer.after !== undefined || transfer.restart)
+  )
     await renewHold(stream);
   for (;;) {
     const page = await server.offline.list(user, { limit: windowSize(server), after });
