@@ -6,7 +6,7 @@
  * error reply.
  */
 import type { Element } from 'ltx';
-import { StanzaError } from '../errors.ts';
+import { StanzaError, StreamError } from '../errors.ts';
 import { bareJid, fullJid, type Jid, parseJid } from '../jid.ts';
 import { isHeld, type ResourceRecord } from '../store/sessions.ts';
 import { congestedError, deliver, fitsTransport, tooLargeError } from './delivery.ts';
@@ -69,7 +69,8 @@ export async function routeFromClient(stream: BoundStream, stanza: Element): Pro
     // Presence nobody took is dropped (the presence module takes every kind it serves).
   } catch (error) {
     if (error instanceof StanzaError) return replyWithError(stream, stanza, error);
-    if (isTransient(error)) throw error;
+    // A module ends the stream (RFC 6120 §4.9): the stream answers with the error and closes.
+    if (isTransient(error) || error instanceof StreamError) throw error;
     server.log.error('stanza failed', { connectionId: stream.connectionId, error });
     await replyWithError(stream, stanza, new StanzaError('cancel', 'internal-server-error'));
   }

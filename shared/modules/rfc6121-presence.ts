@@ -9,7 +9,7 @@
 import { clone, Element, parse } from 'ltx';
 import { deliver } from '../core/delivery.ts';
 import { type BoundStream, HANDLED, type Server, type StanzaEvent } from '../core/host.ts';
-import { StanzaError } from '../errors.ts';
+import { StanzaError, StreamError } from '../errors.ts';
 import { bareJid, fullJid, fullJidOf, type Jid, parseJid } from '../jid.ts';
 import type { ResourceRecord } from '../store/sessions.ts';
 
@@ -128,7 +128,11 @@ async function becomeAvailable(stream: BoundStream, stanza: Element): Promise<vo
     presence: stanza.toString(),
     ...(changing.hold ? { hold: true } : {}),
   });
-  if (!previous) return;
+  // The resource row is gone or another connection's (a resume of the session this stream
+  // replaced landed after its bind, or the session was ended from outside): this stream is no
+  // longer routable and must not go on as if it were. RFC 6120 §7.7.2.2, the server's policy for
+  // a resource bound twice is that the other session is terminated with <conflict/>.
+  if (!previous) throw new StreamError('conflict', 'This session no longer holds its resource');
   const initial = !previous.available;
   // RFC 6121 §4.2.2: initial presence goes to all of the user's available resources,
   // including the one that sent it; later updates likewise.

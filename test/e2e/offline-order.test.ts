@@ -180,3 +180,20 @@ describe('a routing that starts over', () => {
     }
   });
 });
+
+describe('a stream whose resource another connection took', () => {
+  it('is ended with <conflict/> at its next presence, instead of going on unroutable (RFC 6120 §7.7.2.2)', async () => {
+    await stack.addUser('balthasar@localhost', 'balthasar-pw');
+    const stale = await raw('balthasar', 'horse');
+    const sessions = stack.server.sessions;
+    const row = await sessions.getResource('balthasar@localhost', 'horse');
+    // What a resume of an older session landing after this bind does: the row is rebound.
+    await sessions.bindResource({ ...(row as NonNullable<typeof row>), connectionId: 'someone-else' });
+    stale.send('<presence/>');
+    const error = await stale.until((el) => el.name === 'stream:error');
+    expect(error.getChild('conflict', 'urn:ietf:params:xml:ns:xmpp-streams')).toBeDefined();
+    await stale.closed;
+    // The row it lost is left to its owner.
+    expect((await sessions.getResource('balthasar@localhost', 'horse'))?.connectionId).toBe('someone-else');
+  });
+});
