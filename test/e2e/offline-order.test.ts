@@ -10,6 +10,7 @@ import { RawClient } from '../../infra/local/raw-client.ts';
 import type { OfflineStore } from '../../shared/store/offline.ts';
 import type { SessionStore } from '../../shared/store/sessions.ts';
 import { eventually } from '../support/eventually.ts';
+import { intercept } from '../support/intercept.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 
 const DELAY = 'urn:xmpp:delay';
@@ -38,15 +39,6 @@ async function raw(user: string, resource: string): Promise<RawClient> {
 async function routed(sender: RawClient, id: string): Promise<void> {
   sender.send(`<iq type='get' id='${id}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
   await sender.until((el) => el.attrs.id === id);
-}
-
-/** Replaces one store method until the test puts it back. */
-function intercept<S extends object, K extends keyof S>(store: S, name: K, replacement: S[K]): () => void {
-  const original = store[name];
-  store[name] = replacement;
-  return () => {
-    store[name] = original;
-  };
 }
 
 describe('a flood without stream management, with a live message arriving meanwhile', () => {

@@ -10,6 +10,7 @@ import { sweep } from '../../shared/core/lifecycle.ts';
 import { counter, unwrap } from '../../shared/modules/xep-0198-stream-management.ts';
 import { PROBE_AFTER_MS } from '../../shared/store/sm-queue.ts';
 import { eventually } from '../support/eventually.ts';
+import { throttlingError } from '../support/intercept.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 import { type StartedClient, startClient } from '../support/xmpp-client.ts';
 
@@ -999,10 +1000,7 @@ describe('a stream replaced while a stanza it counted is being retried', () => {
       if (user === 'potpan@localhost' && !replaced) {
         replaced = true;
         await raw('peter', 'errand');
-        throw Object.assign(new Error('Rate of requests exceeds the allowed throughput'), {
-          name: 'ThrottlingException',
-          $metadata: { httpStatusCode: 400 },
-        });
+        throw throttlingError();
       }
       return listResources(user);
     };
@@ -1035,10 +1033,7 @@ describe('a re-route meeting DynamoDB throttling', () => {
     offline.store = async (user, message, options) => {
       calls += 1;
       if (user === 'lodger@localhost' && calls % 2 === 1) {
-        throw Object.assign(new Error('Rate of requests exceeds the allowed throughput'), {
-          name: 'ThrottlingException',
-          $metadata: { httpStatusCode: 400 },
-        });
+        throw throttlingError();
       }
       return store(user, message, options);
     };

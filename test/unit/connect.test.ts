@@ -5,6 +5,7 @@
 import { describe, expect, it } from 'vitest';
 import { handler } from '../../functions/connect.ts';
 import { handleConnect } from '../../shared/core/connect.ts';
+import { throttlingError } from '../support/intercept.ts';
 
 describe('functions/connect', () => {
   it('refuses a client that does not offer the xmpp subprotocol, without CONNECTIONS_ENDPOINT', async () => {
@@ -19,11 +20,7 @@ describe('functions/connect', () => {
 });
 
 describe('handleConnect: the handshake’s one write', () => {
-  const throttle = () =>
-    Object.assign(new Error('Rate of requests exceeds the allowed throughput'), {
-      name: 'ThrottlingException',
-      $metadata: { httpStatusCode: 400 },
-    });
+  const throttle = throttlingError;
   const event = {
     headers: { 'Sec-WebSocket-Protocol': 'xmpp' },
     requestContext: { connectionId: 'Zz9+conn=', requestTimeEpoch: 1_700_000_000_000 },
