@@ -825,21 +825,29 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
     await kickConnection(server, previousConnection, new StreamError('conflict', 'Resumed elsewhere'));
   }
   const record = await server.sessions.getResource(user, taken.resource);
-  await server.sessions.bindResource({
-    user,
-    resource: taken.resource,
-    connectionId: stream.connectionId,
-    available: record?.available ?? false,
-    priority: record?.priority ?? 0,
-    presence: record?.presence,
-    boundAt: Date.now(),
-    smId: taken.smId,
-    flexibleOffline: record?.flexibleOffline,
-    rosterInterested: record?.rosterInterested,
-    // A flood's hold stays on: the flood carries on after the replay (session-resumed).
-    held: record?.held,
-    heldUntil: record?.heldUntil,
-  });
+  try {
+    await server.sessions.rebindResumed({
+      user,
+      resource: taken.resource,
+      connectionId: stream.connectionId,
+      available: record?.available ?? false,
+      priority: record?.priority ?? 0,
+      presence: record?.presence,
+      boundAt: Date.now(),
+      smId: taken.smId,
+      flexibleOffline: record?.flexibleOffline,
+      rosterInterested: record?.rosterInterested,
+      // A flood's hold stays on: the flood carries on after the replay (session-resumed).
+      held: record?.held,
+      heldUntil: record?.heldUntil,
+    });
+  } catch (error) {
+    if (!(error instanceof ResourceTakenError)) throw error;
+    // A newer bind of the resource took its row after the attach: that bind replaces (ends) this
+    // session and keeps its row; the resume is refused, as if it had come after the replace.
+    server.log.info('resume refused: the resource was bound again meanwhile', { resource: taken.resource });
+    return refuseResume(stream, failed(version, 'item-not-found', item.inbound));
+  }
 
   const acked = Math.max(decision.h, taken.base);
   const { removed } = await server.smQueue.acknowledge(taken.smId, taken.base, acked, stream.connectionId);

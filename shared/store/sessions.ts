@@ -242,6 +242,12 @@ export interface SessionStore {
   getResource(user: string, resource: string): Promise<ResourceRecord | undefined>;
   /** Binds (or takes over) a resource; returns the record it replaced. */
   bindResource(record: ResourceRecord): Promise<ResourceRecord | undefined>;
+  /**
+   * A stream-management resume binds its session's resource again: only while the row is that
+   * session's (`record.smId`) or gone. A newer bind of the resource took it over (and ends that
+   * session): ResourceTakenError, the newer stream keeps its row.
+   */
+  rebindResumed(record: ResourceRecord & { smId: string }): Promise<void>;
   /** Updates availability if the resource still belongs to `connectionId`; returns the old record. */
   updatePresence(
     user: string,
@@ -543,6 +549,30 @@ export function createSessionStore(
         await syncAvailability(record.user, record.resource, record.available);
       }
       return previous;
+    },
+
+    async rebindResumed(record) {
+      const { Attributes } = await doc
+        .send(
+          new PutCommand({
+            TableName: table,
+            Item: {
+              ...resourceKey(record.user, record.resource),
+              ...record,
+              [TTL_ATTRIBUTE]: ttl(connectionTtlSeconds, record.boundAt),
+            },
+            ConditionExpression: 'attribute_not_exists(connectionId) OR smId = :smId',
+            ExpressionAttributeValues: { ':smId': record.smId },
+            ReturnValues: 'ALL_OLD',
+          }),
+        )
+        .catch((error: unknown) => {
+          throw isConditionFailure(error) ? new ResourceTakenError(record.user, record.resource) : error;
+        });
+      const previous = Attributes ? toResource(Attributes) : undefined;
+      if (record.available || previous?.available) {
+        await syncAvailability(record.user, record.resource, record.available);
+      }
     },
 
     async updatePresence(user, resource, connectionId, changes) {

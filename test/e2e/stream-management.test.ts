@@ -8,9 +8,10 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RawClient } from '../../infra/local/raw-client.ts';
 import { sweep } from '../../shared/core/lifecycle.ts';
 import { counter, unwrap } from '../../shared/modules/xep-0198-stream-management.ts';
+import type { SessionStore } from '../../shared/store/sessions.ts';
 import { PROBE_AFTER_MS } from '../../shared/store/sm-queue.ts';
 import { eventually } from '../support/eventually.ts';
-import { throttlingError } from '../support/intercept.ts';
+import { intercept, throttlingError } from '../support/intercept.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 import { type StartedClient, startClient } from '../support/xmpp-client.ts';
 
@@ -445,6 +446,56 @@ describe('resumption (sm:3)', () => {
     expect(resumed.is('resumed', SM3)).toBe(true);
     // The stack's default SM_RESUME_SETTLE_MS (5 s) since the resume reached the gateway.
     expect(Date.now() - sent).toBeGreaterThanOrEqual(4000);
+  });
+
+  // RFC 6120 §7.7.2.2 "override": a new bind of a resource replaces its session. A resume of
+  // that session already past its attach when the bind lands must not take the new bind's row
+  // back (the newer stream would go on unroutable, its messages stored or queued elsewhere).
+  it('refuses a resume whose resource a newer bind took meanwhile: the newer stream keeps its row and gets the old session’s messages', async () => {
+    await stack.addUser('abram@localhost', 'abram-pw');
+    const old = await raw('abram', 'desk');
+    const enabled = await enable(old);
+    const smId = enabled.attrs.id as string;
+    old.send('<presence/>');
+    await old.until((el) => el.name === 'presence');
+    const sender = await raw('friar', 'race');
+    sender.send(`<message to='abram@localhost/desk' type='chat'><body>unacknowledged</body></message>`);
+    await old.until((el) => el.name === 'message');
+    old.terminate();
+    await detached(smId);
+
+    const sessions: SessionStore = stack.server.sessions;
+    const getResource = sessions.getResource.bind(sessions);
+    let newer: RawClient | undefined;
+    // The resume has attached the session and reads its resource row: a new bind lands first.
+    const restore = intercept(sessions, 'getResource', async (user, resource) => {
+      if (user === 'abram@localhost' && !newer) {
+        newer = await RawClient.connect(stack.url);
+        raws.push(newer);
+        await newer.login('abram', 'abram-pw', 'desk');
+      }
+      return getResource(user, resource);
+    });
+    try {
+      const { client } = await authenticated('abram');
+      client.send(`<resume xmlns='${SM3}' previd='${smId}' h='0'/>`);
+      const answer = await client.next(10_000);
+      expect(answer.is('failed', SM3)).toBe(true);
+      expect(failedCondition(answer)).toBe('item-not-found');
+    } finally {
+      restore();
+    }
+    const bound = newer as RawClient;
+    const row = await sessions.getResource('abram@localhost', 'desk');
+    expect(row?.smId).toBeUndefined();
+    // The replaced session's message reaches the newer stream (stored, then flooded), which
+    // stays open: no <conflict/> at its presence.
+    bound.send('<presence/>');
+    const message = await bound.until((el) => el.name === 'message', 10_000);
+    expect(message.getChildText('body')).toBe('unacknowledged');
+    bound.send(`<iq type='get' id='alive' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    expect((await bound.until((el) => el.attrs.id === 'alive')).attrs.type).toBe('result');
+    expect((await sessions.getResource('abram@localhost', 'desk'))?.connectionId).toBe(row?.connectionId);
   });
 
   it('answers a bogus id and another user’s id with <failed><item-not-found/>, then lets the client bind', async () => {

@@ -17,6 +17,7 @@ import {
   HOLD_LEASE_MS,
   isHeld,
   type ResourceRecord,
+  ResourceTakenError,
   type SessionStore,
 } from '../../shared/store/sessions.ts';
 import { TTL_ATTRIBUTE } from '../../shared/tables.ts';
@@ -212,6 +213,41 @@ describe('binding and reading resources', () => {
     });
     expect(await sessions.getResource(user, 'laptop')).toBeUndefined();
     expect(await sessions.getResource(freshUser('stranger'), 'desk')).toBeUndefined();
+  });
+});
+
+describe('rebindResumed: a resume binds its session’s resource again, never a newer bind’s', () => {
+  it('takes the row while it is the session’s (or gone), and keeps its availability', async () => {
+    const user = freshUser('resumed');
+    await sessions.bindResource(record(user, 'r', 'old', { smId: 'sm-1', available: true, priority: 3 }));
+    await sessions.rebindResumed({
+      ...record(user, 'r', 'new', { available: true, priority: 3 }),
+      smId: 'sm-1',
+    });
+    expect(await sessions.getResource(user, 'r')).toMatchObject({ connectionId: 'new', smId: 'sm-1' });
+    expect((await sessions.availableResourcesOf([user])).get(user)?.map((r) => r.resource)).toEqual(['r']);
+    // Its redelivery finds the row its own already.
+    await sessions.rebindResumed({
+      ...record(user, 'r', 'new', { available: true, priority: 3 }),
+      smId: 'sm-1',
+    });
+    const gone = freshUser('resumed-gone');
+    await sessions.rebindResumed({ ...record(gone, 'r', 'c2'), smId: 'sm-2' });
+    expect((await sessions.getResource(gone, 'r'))?.connectionId).toBe('c2');
+  });
+
+  it('fails with ResourceTakenError once a new bind (without or with another session) took the row', async () => {
+    const user = freshUser('taken');
+    await sessions.bindResource(record(user, 'r', 'old', { smId: 'sm-1' }));
+    await sessions.bindResource(record(user, 'r', 'newer'));
+    await expect(
+      sessions.rebindResumed({ ...record(user, 'r', 'resuming'), smId: 'sm-1' }),
+    ).rejects.toBeInstanceOf(ResourceTakenError);
+    await sessions.bindResource(record(user, 'r', 'newest', { smId: 'sm-9' }));
+    await expect(
+      sessions.rebindResumed({ ...record(user, 'r', 'resuming'), smId: 'sm-1' }),
+    ).rejects.toBeInstanceOf(ResourceTakenError);
+    expect((await sessions.getResource(user, 'r'))?.connectionId).toBe('newest');
   });
 });
 
