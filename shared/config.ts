@@ -58,8 +58,6 @@ export interface Config {
   smQueueMaxBytes: number;
   /** XEP-0198: a session whose queue is full and that acknowledged nothing for this long ends. */
   smAckTimeoutSeconds: number;
-  /** XEP-0198: quiet period between switching a resource to its queue and `<enabled/>`. */
-  smEnableGraceMs: number;
   /**
    * XEP-0198: how long (since it arrived) a `<resume/>` waits for the old stream to finish routing
    * a stanza it counted, before it goes ahead anyway (the client's later stanzas could overtake it).
@@ -123,7 +121,6 @@ export const TUNABLE_SETTINGS = [
   'SM_ACK_BYTES',
   'SM_QUEUE_MAX_BYTES',
   'SM_ACK_TIMEOUT_SECONDS',
-  'SM_ENABLE_GRACE_MS',
   'SM_RESUME_SETTLE_MS',
   'FRAME_DONE_MARKS',
   'ARCHIVE_COLLECTION_GAP_SECONDS',
@@ -202,7 +199,6 @@ export function loadConfig(env: Env = process.env): Config {
     // Below DynamoDB's 400 KB item limit with room for one more 128 KB stanza past the bound.
     smQueueMaxBytes: Math.min(240 * 1024, int(env, 'SM_QUEUE_MAX_BYTES', 192 * 1024)),
     smAckTimeoutSeconds: int(env, 'SM_ACK_TIMEOUT_SECONDS', 120),
-    smEnableGraceMs: int(env, 'SM_ENABLE_GRACE_MS', 200),
     smResumeSettleMs: int(env, 'SM_RESUME_SETTLE_MS', 5000),
     frameDoneMarks: oneOf(env, 'FRAME_DONE_MARKS', ['all', 'batched'] as const, 'all'),
     archiveCollectionGapSeconds: int(env, 'ARCHIVE_COLLECTION_GAP_SECONDS', 30 * 60),

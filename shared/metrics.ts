@@ -62,6 +62,11 @@ export const METRICS = {
     dimension: 'action',
   },
   SmEnabled: { description: 'XEP-0198 stream management enabled', dimension: 'version' },
+  SmEnableRefused: {
+    description:
+      'XEP-0198 `<enable/>`s refused, by `<failed/>` condition (`unexpected-request`: after presence or a replaced stream; `resource-constraint`: direct posts stayed in flight)',
+    dimension: 'condition',
+  },
   SmResumed: { description: 'XEP-0198 sessions resumed' },
   SmResumeFailed: {
     description: 'XEP-0198 resumptions refused, by `<failed/>` condition',

@@ -67,6 +67,41 @@ export async function deliver(
     if (!fitsTransport(stanza)) throw tooLargeError();
     return queue.deliver(target.smId, stanza, options);
   }
+  if ('user' in target && target.mayQueue && queue) return deliverCounted(server, target, stanza, options);
+  return postDirect(server, target, stanza);
+}
+
+/**
+ * A resource whose stream may still switch to a stream-management queue (`mayQueue`: bound, no
+ * presence yet): the post is counted while in flight, so the switch waits for it and no stanza
+ * the server did not number reaches the client after `<enabled/>`. If the stream switched (or
+ * sent presence) meanwhile, the row is read again and the stanza goes the way it says now.
+ */
+async function deliverCounted(
+  server: Server,
+  target: ResourceRecord,
+  stanza: Element,
+  options: DeliveryOptions,
+): Promise<DeliveryResult> {
+  const { user, resource, connectionId } = target;
+  if (!(await server.sessions.beginDirectPost(user, resource, connectionId))) {
+    const now = await server.sessions.getResource(user, resource);
+    if (now && now.connectionId === connectionId && !now.mayQueue)
+      return deliver(server, now, stanza, options);
+    return postDirect(server, target, stanza);
+  }
+  try {
+    return await postDirect(server, target, stanza);
+  } finally {
+    await server.sessions.endDirectPost(user, resource, connectionId);
+  }
+}
+
+async function postDirect(
+  server: Server,
+  target: DeliveryTarget | ResourceRecord,
+  stanza: Element,
+): Promise<DeliveryResult> {
   const result = await post(server, target.connectionId, stanza);
   if (result === 'gone') {
     server.log.info('connection gone on delivery', { connectionId: target.connectionId });

@@ -71,6 +71,8 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
     available: false,
     priority: 0,
     boundAt: Date.now(),
+    // Until its first presence the stream may still switch to a stream-management queue.
+    ...(server.host.stanzaQueue ? { mayQueue: true } : {}),
   });
   // RFC 6120 §7.7.2.2: the server's policy here is "override": the old session gets a
   // <conflict/> stream error and is closed, the new one binds; what the old session had not

@@ -538,19 +538,24 @@ async function enable(stream: Stream, element: Element, version: SmVersion): Pro
     max,
     connectionId: stream.connectionId,
   });
+  // Deliveries switch to the queue once no direct post to this resource is in flight (they are
+  // counted while the stream may still switch: from bind until its first presence), so no
+  // stanza the server did not number reaches the client after <enabled/>.
+  let refusal: string | undefined;
   try {
-    await server.sessions.setResourceSm(user, resource, stream.connectionId, smId);
+    refusal = await switchToQueue(server, user, resource, stream.connectionId, smId);
   } catch (error) {
     if (!(error instanceof ResourceTakenError)) throw error;
     // A new bind of this resource replaced the stream meanwhile (it is being closed with
-    // <conflict/>): nothing to enable; the queue just made is ended, empty.
-    await server.smQueue.end(smId, stream.connectionId, 0);
-    return void (await stream.send(failed(version, 'unexpected-request')));
+    // <conflict/>): nothing to enable.
+    refusal = 'unexpected-request';
   }
-  // A sender that read this resource just before it switched to the queue may still be
-  // posting directly; such a stanza must land before <enabled/>, or the client would count a
-  // stanza the server never numbered. A short quiet period closes that window in practice.
-  if (server.config.smEnableGraceMs > 0) await sleep(server.config.smEnableGraceMs);
+  if (refusal) {
+    // The queue just made is ended, empty.
+    await server.smQueue.end(smId, stream.connectionId, 0);
+    server.metrics.count('SmEnableRefused', 1, refusal);
+    return void (await stream.send(failed(version, refusal)));
+  }
   const sm: SmState = { version, id: smId, inbound: 0, acked: 0, resumable: wantsResume, max };
   // Saved before <enabled/> goes out, with the frame that did it: see `handle`.
   stream.update({ sm, ...(stream.frameId ? { smFrame: stream.frameId } : {}) });
@@ -565,6 +570,39 @@ async function enable(stream: Stream, element: Element, version: SmVersion): Pro
   await post(server, stream.connectionId, enabled);
   server.metrics.count('SmEnabled', 1, version);
   await replayHeld(stream, sm, 0, []);
+}
+
+/**
+ * Switches the resource's deliveries to the queue `smId`, waiting for the direct posts in flight
+ * to it (checked 25, 50, 100, … ms apart, within their lease and half of the invocation's time
+ * left). Returns the condition `<enable/>` is refused with, if it is: `unexpected-request` once
+ * the stream has sent presence (direct posts to it are no longer counted, so the switch could not
+ * be exact: clients enable right after bind), `resource-constraint` when posts stayed in flight.
+ */
+async function switchToQueue(
+  server: Server,
+  user: string,
+  resource: string,
+  connectionId: string,
+  smId: string,
+): Promise<string | undefined> {
+  const started = Date.now();
+  const budget = (frameTimeLeft() ?? Number.POSITIVE_INFINITY) / 2;
+  for (let check = 0; ; check++) {
+    const outcome = await server.sessions.switchToQueue(user, resource, connectionId, smId);
+    if (outcome.kind === 'switched') return undefined;
+    if (outcome.kind === 'closed') return 'unexpected-request';
+    const pause = Math.min(25 * 2 ** check, 400);
+    const now = Date.now();
+    // Past the lease the switch goes ahead (a post whose frame died stops counting).
+    if (now + pause > Math.min(outcome.until + 50, started + budget)) {
+      server.log.warn('stream management refused: direct posts to the resource stayed in flight', {
+        resource,
+      });
+      return 'resource-constraint';
+    }
+    await sleep(pause);
+  }
 }
 
 /**

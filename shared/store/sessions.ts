@@ -190,7 +190,34 @@ export interface ResourceRecord {
    * whose frame died does not hold the session's messages for the rest of the session.
    */
   heldUntil?: number;
+  /**
+   * The stream may still switch its deliveries to a stream-management queue (XEP-0198
+   * `<enable/>`): from bind until its first presence or its enable. Meanwhile a direct post to it
+   * is counted in `posting` while in flight (`beginDirectPost`/`endDirectPost`), and the switch
+   * (`switchToQueue`) waits until none is: no stanza the server did not number can reach the
+   * client after `<enabled/>`.
+   */
+  mayQueue?: boolean;
+  /** Direct posts in flight while `mayQueue` (see there). */
+  posting?: number;
+  /** Until when those posts count (ms): one whose frame died stops counting then. */
+  postingUntil?: number;
 }
+
+/**
+ * How long a direct post counts as in flight for `switchToQueue`: longer than a post with its
+ * retries takes (three attempts, well under a second apart).
+ */
+export const DIRECT_POST_LEASE_MS = 10_000;
+
+/** What `switchToQueue` found. */
+export type QueueSwitch =
+  /** The resource's deliveries go to the queue from now on. */
+  | { kind: 'switched' }
+  /** Direct posts to it are in flight, counting until `until` (ms): try again after them. */
+  | { kind: 'posting'; until: number }
+  /** Its stream sent presence before `<enable/>`: the switch can no longer be exact. */
+  | { kind: 'closed' };
 
 /** How long a hold stands unless its flood renews it: routing posts again past it. */
 export const HOLD_LEASE_MS = 60_000;
@@ -298,13 +325,19 @@ export interface SessionStore {
     connectionId: string,
     archive: ArchiveStreamState,
   ): Promise<void>;
-  /** Routes the resource's deliveries through the SM queue `smId` (or back to direct posts). */
-  setResourceSm(
-    user: string,
-    resource: string,
-    connectionId: string,
-    smId: string | undefined,
-  ): Promise<void>;
+  /**
+   * Routes the resource's deliveries through the SM queue `smId`, if its stream still may
+   * (`mayQueue`, or a queue of this very connection set before: a redelivered `<enable/>`) and no
+   * direct post to it is in flight. ResourceTakenError when the row is another connection's.
+   */
+  switchToQueue(user: string, resource: string, connectionId: string, smId: string): Promise<QueueSwitch>;
+  /**
+   * Counts a direct post to a resource that may still switch to a queue; false when it may not
+   * (it switched, its stream sent presence, or the row is another connection's): read it again.
+   */
+  beginDirectPost(user: string, resource: string, connectionId: string): Promise<boolean>;
+  /** The post `beginDirectPost` counted is done (answered, or given up on). */
+  endDirectPost(user: string, resource: string, connectionId: string): Promise<void>;
   /** Removes the resource if it still belongs to SM session `smId`; returns it, or undefined. */
   releaseSmResource(user: string, resource: string, smId: string): Promise<ResourceRecord | undefined>;
   /** Removes the resource if it still belongs to `connectionId`; returns it, or undefined. */
@@ -361,6 +394,9 @@ function toResource(item: Record<string, unknown>): ResourceRecord {
     archive: item.archive as ArchiveStreamState | undefined,
     held: item.held as number | undefined,
     heldUntil: item.heldUntil as number | undefined,
+    mayQueue: item.mayQueue as boolean | undefined,
+    posting: item.posting as number | undefined,
+    postingUntil: item.postingUntil as number | undefined,
   };
 }
 
@@ -581,7 +617,8 @@ export function createSessionStore(
           new UpdateCommand({
             TableName: table,
             Key: resourceKey(user, resource),
-            UpdateExpression: `SET available = :available, priority = :priority, presence = :presence${changes.hold ? ', held = if_not_exists(held, :zero), heldUntil = :until' : ''}`,
+            // Presence closes the window in which the stream may switch to a queue (mayQueue).
+            UpdateExpression: `SET available = :available, priority = :priority, presence = :presence${changes.hold ? ', held = if_not_exists(held, :zero), heldUntil = :until' : ''} REMOVE mayQueue`,
             ConditionExpression: 'connectionId = :connectionId',
             ExpressionAttributeValues: {
               ':available': changes.available,
@@ -743,20 +780,72 @@ export function createSessionStore(
       }
     },
 
-    async setResourceSm(user, resource, connectionId, smId) {
-      await doc
-        .send(
+    async switchToQueue(user, resource, connectionId, smId) {
+      const now = Date.now();
+      try {
+        await doc.send(
           new UpdateCommand({
             TableName: table,
             Key: resourceKey(user, resource),
-            UpdateExpression: smId ? 'SET smId = :smId' : 'REMOVE smId',
-            ConditionExpression: 'connectionId = :connectionId',
-            ExpressionAttributeValues: { ':connectionId': connectionId, ...(smId ? { ':smId': smId } : {}) },
+            UpdateExpression: 'SET smId = :smId REMOVE mayQueue, posting, postingUntil',
+            ConditionExpression:
+              'connectionId = :connectionId AND (attribute_exists(mayQueue) OR attribute_exists(smId)) AND (attribute_not_exists(posting) OR posting <= :zero OR postingUntil < :now)',
+            ExpressionAttributeValues: {
+              ':connectionId': connectionId,
+              ':smId': smId,
+              ':zero': 0,
+              ':now': now,
+            },
           }),
-        )
-        .catch((error: unknown) => {
-          throw isConditionFailure(error) ? new ResourceTakenError(user, resource) : error;
-        });
+        );
+        return { kind: 'switched' };
+      } catch (error) {
+        if (!isConditionFailure(error)) throw error;
+      }
+      const row = await this.getResource(user, resource);
+      if (!row || row.connectionId !== connectionId) throw new ResourceTakenError(user, resource);
+      if (!row.mayQueue && !row.smId) return { kind: 'closed' };
+      return { kind: 'posting', until: row.postingUntil ?? now };
+    },
+
+    async beginDirectPost(user, resource, connectionId) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: resourceKey(user, resource),
+            UpdateExpression: 'ADD posting :one SET postingUntil = :until',
+            ConditionExpression:
+              'connectionId = :connectionId AND attribute_exists(mayQueue) AND attribute_not_exists(smId)',
+            ExpressionAttributeValues: {
+              ':one': 1,
+              ':until': Date.now() + DIRECT_POST_LEASE_MS,
+              ':connectionId': connectionId,
+            },
+          }),
+        );
+        return true;
+      } catch (error) {
+        if (isConditionFailure(error)) return false;
+        throw error;
+      }
+    },
+
+    async endDirectPost(user, resource, connectionId) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: resourceKey(user, resource),
+            UpdateExpression: 'ADD posting :minus',
+            // Gone with the switch (or the row): nothing left to count down.
+            ConditionExpression: 'connectionId = :connectionId AND attribute_exists(posting)',
+            ExpressionAttributeValues: { ':minus': -1, ':connectionId': connectionId },
+          }),
+        );
+      } catch (error) {
+        if (!isConditionFailure(error)) throw error;
+      }
     },
 
     releaseSmResource: (user, resource, smId) => releaseIfOwned(user, resource, 'smId', smId),

@@ -58,7 +58,7 @@ function plain(user: string, password: string): string {
 }
 
 beforeAll(async () => {
-  stack = await startTestStack({ SM_ENABLE_GRACE_MS: '0' }, { metricLines: (line) => lines.push(line) });
+  stack = await startTestStack({}, { metricLines: (line) => lines.push(line) });
   for (const user of ['alice', 'bob', 'carol', 'dave']) await stack.addUser(`${user}@localhost`, PASSWORD);
 });
 

@@ -165,6 +165,58 @@ describe('negotiation', () => {
   });
 });
 
+describe('the switch to the queue at <enable/> (issue 11: "a mechanism that is correct, not probably correct")', () => {
+  // XEP-0198 §4: "the server MUST count ... every stanza it sends to the client after <enabled/>";
+  // a stanza a sender was posting directly when the stream switched to its queue must land
+  // before <enabled/>, or the client counts a stanza the server never numbered.
+  it('waits for a direct post in flight: it lands before <enabled/>, and the client’s count matches the server’s', async () => {
+    await stack.addUser('simon@localhost', 'simon-pw');
+    const client = await raw('simon', 'switch');
+    const sender = await raw('friar', 'slow-post');
+    const outbound = stack.server.outbound;
+    const post = outbound.post.bind(outbound);
+    let held = false;
+    // That post is slow (an API Gateway retry after a 429 takes this long and more).
+    const restore = intercept(outbound, 'post', async (connectionId, data) => {
+      if (data.includes('in flight') && !held) {
+        held = true;
+        client.send(`<enable xmlns='${SM3}' resume='true'/>`);
+        await new Promise((resolve) => setTimeout(resolve, 800));
+      }
+      return post(connectionId, data);
+    });
+    try {
+      sender.send(`<message to='simon@localhost/switch' type='chat'><body>in flight</body></message>`);
+      const first = await client.next(5000);
+      expect(first.name).toBe('message');
+      const enabled = await client.next(5000);
+      expect(enabled.is('enabled', SM3)).toBe(true);
+    } finally {
+      restore();
+    }
+    expect(held).toBe(true);
+    // Counted from <enabled/> on: the next message is the first, and an ack of it is exact.
+    sender.send(`<message to='simon@localhost/switch' type='chat'><body>numbered</body></message>`);
+    expect((await client.until((el) => el.name === 'message')).getChildText('body')).toBe('numbered');
+    client.send(`<a xmlns='${SM3}' h='1'/>`);
+    client.send(`<r xmlns='${SM3}'/>`);
+    const ack = await client.until((el) => el.name === 'a');
+    expect(ack.attrs.h).toBe('0');
+  });
+
+  it('refuses an <enable/> after presence with unexpected-request: direct posts to it are no longer counted', async () => {
+    const client = await raw('romeo', 'late-enable');
+    client.send('<presence/>');
+    await client.until((el) => el.name === 'presence');
+    const reply = await enable(client);
+    expect(reply.is('failed', SM3)).toBe(true);
+    expect(failedCondition(reply)).toBe('unexpected-request');
+    // The stream goes on without stream management.
+    client.send(`<iq type='get' id='still' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    expect((await client.until((el) => el.attrs.id === 'still')).attrs.type).toBe('result');
+  });
+});
+
 describe('counting (sm:3)', () => {
   it('counts every stanza after enable, refused ones and explicit jabber:client ones too; nonzas do not count', async () => {
     const client = await raw('juliet', 'count');

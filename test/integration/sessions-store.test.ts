@@ -13,6 +13,7 @@ import {
 } from '../../shared/store/offline.ts';
 import {
   createSessionStore,
+  DIRECT_POST_LEASE_MS,
   fitsResourceKey,
   HOLD_LEASE_MS,
   isHeld,
@@ -301,18 +302,54 @@ describe('presence and flags: only the owning connection writes', () => {
     expect(await sessions.getResource(user, 'gone')).toBeUndefined();
   });
 
-  it('setResourceSm sets and removes smId for the owner; another connection is refused', async () => {
+  it('switchToQueue sets smId for the owner while the stream may switch; another connection is refused', async () => {
     const user = freshUser('sm');
-    await sessions.bindResource(record(user, 'r', 'c1'));
-    await sessions.setResourceSm(user, 'r', 'c1', 'sm-a');
-    expect((await sessions.getResource(user, 'r'))?.smId).toBe('sm-a');
-    await expect(sessions.setResourceSm(user, 'r', 'c2', 'sm-b')).rejects.toThrow();
-    await expect(sessions.setResourceSm(user, 'r', 'c2', undefined)).rejects.toThrow();
-    expect((await sessions.getResource(user, 'r'))?.smId).toBe('sm-a');
-    await sessions.setResourceSm(user, 'r', 'c1', undefined);
-    expect(await rawItem(`user#${user}`, 'res#r')).not.toHaveProperty('smId');
-    await expect(sessions.setResourceSm(user, 'unbound', 'c1', 'sm-c')).rejects.toThrow();
+    await sessions.bindResource(record(user, 'r', 'c1', { mayQueue: true }));
+    expect(await sessions.switchToQueue(user, 'r', 'c1', 'sm-a')).toEqual({ kind: 'switched' });
+    const row = await rawItem(`user#${user}`, 'res#r');
+    expect(row?.smId).toBe('sm-a');
+    expect(row).not.toHaveProperty('mayQueue');
+    // A redelivered <enable/> of the same connection sets its new queue.
+    expect(await sessions.switchToQueue(user, 'r', 'c1', 'sm-b')).toEqual({ kind: 'switched' });
+    await expect(sessions.switchToQueue(user, 'r', 'c2', 'sm-x')).rejects.toBeInstanceOf(ResourceTakenError);
+    expect((await sessions.getResource(user, 'r'))?.smId).toBe('sm-b');
+    await expect(sessions.switchToQueue(user, 'unbound', 'c1', 'sm-c')).rejects.toBeInstanceOf(
+      ResourceTakenError,
+    );
     expect(await sessions.getResource(user, 'unbound')).toBeUndefined();
+  });
+
+  it('switchToQueue waits for the direct posts in flight and is closed by presence', async () => {
+    const user = freshUser('posting');
+    await sessions.bindResource(record(user, 'r', 'c1', { mayQueue: true }));
+    expect(await sessions.beginDirectPost(user, 'r', 'c1')).toBe(true);
+    expect(await sessions.beginDirectPost(user, 'r', 'other')).toBe(false);
+    const waiting = await sessions.switchToQueue(user, 'r', 'c1', 'sm-a');
+    expect(waiting.kind).toBe('posting');
+    expect(waiting.kind === 'posting' && waiting.until).toBeGreaterThan(
+      Date.now() + DIRECT_POST_LEASE_MS - 5000,
+    );
+    await sessions.endDirectPost(user, 'r', 'c1');
+    expect(await sessions.switchToQueue(user, 'r', 'c1', 'sm-a')).toEqual({ kind: 'switched' });
+    // Switched: posts are no longer counted (they go to the queue), and the count is gone.
+    expect(await sessions.beginDirectPost(user, 'r', 'c1')).toBe(false);
+    await sessions.endDirectPost(user, 'r', 'c1');
+    expect(await rawItem(`user#${user}`, 'res#r')).not.toHaveProperty('posting');
+
+    const late = freshUser('late');
+    await sessions.bindResource(record(late, 'r', 'c1', { mayQueue: true }));
+    await sessions.updatePresence(late, 'r', 'c1', { available: true, priority: 0 });
+    expect(await sessions.beginDirectPost(late, 'r', 'c1')).toBe(false);
+    expect(await sessions.switchToQueue(late, 'r', 'c1', 'sm-a')).toEqual({ kind: 'closed' });
+    expect((await sessions.getResource(late, 'r'))?.smId).toBeUndefined();
+  });
+
+  it('switchToQueue goes ahead past the lease of a post whose frame died', async () => {
+    const user = freshUser('dead-post');
+    await sessions.bindResource(
+      record(user, 'r', 'c1', { mayQueue: true, posting: 1, postingUntil: Date.now() - 1 }),
+    );
+    expect(await sessions.switchToQueue(user, 'r', 'c1', 'sm-a')).toEqual({ kind: 'switched' });
   });
 });
 
