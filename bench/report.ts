@@ -30,6 +30,8 @@ export const TARGETS = {
 export interface TrafficPer {
   dynamodbRequests: number;
   dynamodbByOperation: Record<string, number>;
+  /** Requests and units by operation and kind of item (`UpdateItem conn`, `UpdateItem sm`, …). */
+  dynamodbByItem?: Record<string, { requests: number; readUnits: number; writeUnits: number }>;
   readUnits: number;
   writeUnits: number;
   /** Frames in plus posts out, in 32 KB units (the `$connect` handshake not counted). */

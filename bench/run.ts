@@ -551,9 +551,18 @@ function trafficPer(per: (value: number) => number, phase: Phase, dynamodb: Mete
   const byOperation: Record<string, number> = {};
   for (const [operation, usage] of Object.entries(dynamodb.operations))
     byOperation[operation] = per(usage.requests);
+  // Where the units go: requests / RRU / WRU per operation and kind of item.
+  const byItem: Record<string, { requests: number; readUnits: number; writeUnits: number }> = {};
+  for (const [name, usage] of Object.entries(dynamodb.items ?? {}))
+    byItem[name] = {
+      requests: per(usage.requests),
+      readUnits: per(usage.readUnits),
+      writeUnits: per(usage.writeUnits),
+    };
   return {
     dynamodbRequests: per(dynamodb.requests),
     dynamodbByOperation: byOperation,
+    dynamodbByItem: byItem,
     readUnits: per(dynamodb.readUnits),
     writeUnits: per(dynamodb.writeUnits),
     apiGatewayMessages: per(frames.units + worker.postUnits),
@@ -689,12 +698,12 @@ function summarize(scenario: Scenario, context: ScenarioContext, measured: Measu
   };
 }
 
-function mergeMeters(a: MeterSnapshot, b: MeterSnapshot): MeterSnapshot {
-  const operations: Record<string, OperationUsage> = {};
-  for (const snapshot of [a, b]) {
-    for (const [name, usage] of Object.entries(snapshot.operations)) {
-      const sum = operations[name] ?? { requests: 0, failures: 0, reported: 0, readUnits: 0, writeUnits: 0 };
-      operations[name] = {
+function mergeUsage(maps: (Record<string, OperationUsage> | undefined)[]): Record<string, OperationUsage> {
+  const merged: Record<string, OperationUsage> = {};
+  for (const map of maps) {
+    for (const [name, usage] of Object.entries(map ?? {})) {
+      const sum = merged[name] ?? { requests: 0, failures: 0, reported: 0, readUnits: 0, writeUnits: 0 };
+      merged[name] = {
         requests: sum.requests + usage.requests,
         failures: sum.failures + usage.failures,
         reported: sum.reported + usage.reported,
@@ -703,8 +712,13 @@ function mergeMeters(a: MeterSnapshot, b: MeterSnapshot): MeterSnapshot {
       };
     }
   }
+  return merged;
+}
+
+function mergeMeters(a: MeterSnapshot, b: MeterSnapshot): MeterSnapshot {
   return {
-    operations,
+    operations: mergeUsage([a.operations, b.operations]),
+    items: mergeUsage([a.items, b.items]),
     requests: a.requests + b.requests,
     readUnits: a.readUnits + b.readUnits,
     writeUnits: a.writeUnits + b.writeUnits,

@@ -27,11 +27,11 @@ class MeteredPort implements ConnectionPort {
 
   constructor(private readonly inner: ConnectionPort) {}
 
-  post(connectionId: string, data: string) {
+  post(connectionId: string, data: string, notAfter?: number) {
     const element = /^<([A-Za-z:_-]+)/.exec(data)?.[1] ?? '?';
     this.postsByElement[element] = (this.postsByElement[element] ?? 0) + 1;
     this.units += Math.max(1, Math.ceil(Buffer.byteLength(data) / prices.apiGateway.messageIncrementBytes));
-    return this.inner.post(connectionId, data);
+    return this.inner.post(connectionId, data, notAfter);
   }
 
   close(connectionId: string) {

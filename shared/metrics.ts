@@ -64,8 +64,12 @@ export const METRICS = {
   SmEnabled: { description: 'XEP-0198 stream management enabled', dimension: 'version' },
   SmEnableRefused: {
     description:
-      'XEP-0198 `<enable/>`s refused, by `<failed/>` condition (`unexpected-request`: after presence or a replaced stream; `resource-constraint`: direct posts stayed in flight)',
+      'XEP-0198 `<enable/>`s refused, by `<failed/>` condition (`unexpected-request`: a replaced stream; `resource-constraint`: direct posts stayed in flight)',
     dimension: 'condition',
+  },
+  SmEnabledLate: {
+    description:
+      'XEP-0198 `<enable/>`s that came after the window of counted direct posts (over a second after presence): `<enabled/>` waited for uncounted posts to be over',
   },
   SmResumed: { description: 'XEP-0198 sessions resumed' },
   SmResumeFailed: {

@@ -21,9 +21,16 @@ import { NS } from './xml/namespaces.ts';
  */
 export type PostResult = 'sent' | 'gone' | 'unknown';
 
+/**
+ * 'stale': a post given `notAfter` (ms) did not start, or did not retry, past it; nothing was
+ * delivered (see core/delivery.ts: a direct post starts within a bound of its row's read).
+ */
+export type BoundedPostResult = PostResult | 'stale';
+
 /** The transport: API Gateway's Management API on AWS and locally, a recorder in unit tests. */
 export interface ConnectionPort {
-  post(connectionId: string, data: string): Promise<PostResult>;
+  /** With `notAfter`, no attempt starts after that time (ms): 'stale' instead. */
+  post(connectionId: string, data: string, notAfter?: number): Promise<BoundedPostResult>;
   /** Closes the socket; `$disconnect` follows. Closing an already gone connection is not an error. */
   close(connectionId: string): Promise<void>;
 }
@@ -35,6 +42,13 @@ export interface PortOptions {
 
 /** Attempts of a post that API Gateway refused before delivering it (429, 5xx). */
 export const POST_ATTEMPTS = 3;
+
+/**
+ * How long one attempt of a post may take before it is given up ('unknown'): a hung request
+ * no longer holds the invocation, and a post is over within this of its start (what the
+ * late switch to a stream-management queue waits for, core/delivery.ts).
+ */
+export const POST_TIMEOUT_MS = 2_000;
 
 export function apiGatewayPort(endpoint: string, region: string, options: PortOptions = {}): ConnectionPort {
   const settings = {
@@ -48,7 +62,12 @@ export function apiGatewayPort(endpoint: string, region: string, options: PortOp
   // dropped socket, when the first copy may already have reached the client. Each client
   // resolves its middleware once per command class instead of on every send (its stack is
   // complete here: nothing is added after the first send).
-  const client = new ApiGatewayManagementApiClient({ ...settings, maxAttempts: 1, cacheMiddleware: true });
+  const client = new ApiGatewayManagementApiClient({
+    ...settings,
+    maxAttempts: 1,
+    cacheMiddleware: true,
+    requestHandler: { requestTimeout: POST_TIMEOUT_MS, throwOnRequestTimeout: true },
+  });
   const closer = new ApiGatewayManagementApiClient({ ...settings, cacheMiddleware: true });
   // The SDK's logger middleware filters every request for a logger these clients are not given.
   client.middlewareStack.remove('loggerMiddleware');
@@ -56,8 +75,9 @@ export function apiGatewayPort(endpoint: string, region: string, options: PortOp
   options.instrument?.(client);
   options.instrument?.(closer);
   return {
-    async post(connectionId, data) {
+    async post(connectionId, data, notAfter) {
       for (let attempt = 1; ; attempt++) {
+        if (notAfter !== undefined && Date.now() > notAfter) return 'stale';
         try {
           await client.send(new PostToConnectionCommand({ ConnectionId: connectionId, Data: data }));
           return 'sent';
@@ -103,7 +123,7 @@ export class RecordingPort implements ConnectionPort {
   readonly closed = new Set<string>();
   readonly gone = new Set<string>();
 
-  async post(connectionId: string, data: string): Promise<PostResult> {
+  async post(connectionId: string, data: string, _notAfter?: number): Promise<BoundedPostResult> {
     if (this.gone.has(connectionId)) return 'gone';
     const list = this.frames.get(connectionId) ?? [];
     list.push(data);
@@ -166,10 +186,14 @@ export class Outbound {
   }
 
   /** Posts an already serialised frame. */
-  async post(connectionId: string, data: string): Promise<PostResult> {
+  post(connectionId: string, data: string): Promise<PostResult>;
+  /** With `notAfter` (ms): no attempt starts after it ('stale', nothing posted). */
+  post(connectionId: string, data: string, notAfter: number | undefined): Promise<BoundedPostResult>;
+  async post(connectionId: string, data: string, notAfter?: number): Promise<BoundedPostResult> {
+    if (notAfter !== undefined && Date.now() > notAfter) return 'stale';
     this.counters.posts += 1;
     this.counters.bytes += Buffer.byteLength(data);
-    const result = await this.port.post(connectionId, data);
+    const result = await this.port.post(connectionId, data, notAfter);
     if (result === 'gone') this.counters.gone += 1;
     return result;
   }

@@ -114,7 +114,7 @@ export class OperationsDashboard extends Construct {
       graph(
         'Stream management (XEP-0198)',
         [nimbus('SmEnabled'), nimbus('SmResumed'), nimbus('SessionsExpired'), nimbus('StanzasRerouted')],
-        [nimbus('SmResumeFailed'), nimbus('SmEnableRefused')],
+        [nimbus('SmResumeFailed'), nimbus('SmEnableRefused'), nimbus('SmEnabledLate')],
       ),
       graph('XEP-0013 and XEP-0136 requests', [nimbus('OfflineRequests')], [nimbus('ArchiveRequests')]),
 

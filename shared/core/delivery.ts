@@ -7,7 +7,7 @@
  */
 import type { Element } from 'ltx';
 import { StanzaError } from '../errors.ts';
-import { type PostResult, serialize } from '../outbound.ts';
+import { POST_TIMEOUT_MS, type PostResult, serialize } from '../outbound.ts';
 import type { ResourceRecord } from '../store/sessions.ts';
 import type { DeliveryOptions, DeliveryResult, Server } from './host.ts';
 
@@ -67,33 +67,54 @@ export async function deliver(
     if (!fitsTransport(stanza)) throw tooLargeError();
     return queue.deliver(target.smId, stanza, options);
   }
-  if ('user' in target && target.mayQueue && queue) return deliverCounted(server, target, stanza, options);
-  return postDirect(server, target, stanza);
+  if ('user' in target && queue) return deliverDirect(server, target, stanza, options);
+  return (await postDirect(server, target, stanza)) as DeliveryResult;
 }
 
 /**
- * A resource whose stream may still switch to a stream-management queue (`mayQueue`: bound, no
- * presence yet): the post is counted while in flight, so the switch waits for it and no stanza
- * the server did not number reaches the client after `<enabled/>`. If the stream switched (or
- * sent presence) meanwhile, the row is read again and the stanza goes the way it says now.
+ * A direct post starts within this of the read of the row that sent it there (`readAt`), or the
+ * row is read again: so a post that went by a row read before a stream switched to its XEP-0198
+ * queue is over within READ_BOUND_MS + POST_TIMEOUT_MS of the switch (`DIRECT_POST_BOUND_MS`),
+ * which is what a late switch waits before `<enabled/>`.
  */
-async function deliverCounted(
+export const READ_BOUND_MS = 500;
+
+/** How long after a switch to a queue a direct post by an older read of the row can still land. */
+export const DIRECT_POST_BOUND_MS = READ_BOUND_MS + POST_TIMEOUT_MS;
+
+/**
+ * A direct post to a bound resource (no stream-management queue): within READ_BOUND_MS of the
+ * row's read, and counted in flight while its stream may still switch to a queue exactly
+ * (`mayQueue`: from bind until a grace after its first presence), so the switch waits for it.
+ * A row that changed meanwhile (switched, its window over) is read again, and the stanza goes
+ * the way it says now.
+ */
+async function deliverDirect(
   server: Server,
   target: ResourceRecord,
   stanza: Element,
   options: DeliveryOptions,
+  reads = 0,
 ): Promise<DeliveryResult> {
   const { user, resource, connectionId } = target;
-  if (!(await server.sessions.beginDirectPost(user, resource, connectionId))) {
+  const readAt = target.readAt ?? Date.now();
+  const again = async (): Promise<DeliveryResult> => {
     const now = await server.sessions.getResource(user, resource);
-    if (now && now.connectionId === connectionId && !now.mayQueue)
-      return deliver(server, now, stanza, options);
-    return postDirect(server, target, stanza);
-  }
+    if (now && now.connectionId === connectionId) {
+      if (now.smId) return deliver(server, now, stanza, options);
+      if (reads < 3) return deliverDirect(server, now, stanza, options, reads + 1);
+    }
+    // Another connection's now, or gone (this stream is ending), or a row read three times
+    // more for one stanza: posted as is.
+    return (await postDirect(server, target, stanza)) as DeliveryResult;
+  };
+  const counted = target.mayQueue === true && readAt < (target.mayQueueUntil ?? Number.POSITIVE_INFINITY);
+  if (counted && !(await server.sessions.beginDirectPost(user, resource, connectionId))) return again();
   try {
-    return await postDirect(server, target, stanza);
+    const result = await postDirect(server, target, stanza, readAt + READ_BOUND_MS);
+    return result === 'stale' ? await again() : result;
   } finally {
-    await server.sessions.endDirectPost(user, resource, connectionId);
+    if (counted) await server.sessions.endDirectPost(user, resource, connectionId);
   }
 }
 
@@ -101,8 +122,14 @@ async function postDirect(
   server: Server,
   target: DeliveryTarget | ResourceRecord,
   stanza: Element,
-): Promise<DeliveryResult> {
-  const result = await post(server, target.connectionId, stanza);
+  notAfter?: number,
+): Promise<DeliveryResult | 'stale'> {
+  const data = serialize(stanza);
+  if (Buffer.byteLength(data) > POST_LIMIT_BYTES) throw tooLargeError();
+  const outcome = await server.outbound.post(target.connectionId, data, notAfter);
+  if (outcome === 'stale') return 'stale';
+  countPost(server, target.connectionId, stanza, outcome);
+  const result = outcome === 'unknown' ? 'sent' : outcome;
   if (result === 'gone') {
     server.log.info('connection gone on delivery', { connectionId: target.connectionId });
     await server.host.fire('connection-vanished', {
@@ -138,6 +165,11 @@ export async function postExactly(
   const data = serialize(element);
   if (Buffer.byteLength(data) > POST_LIMIT_BYTES) throw tooLargeError();
   const result = await server.outbound.post(connectionId, data);
+  countPost(server, connectionId, element, result);
+  return result;
+}
+
+function countPost(server: Server, connectionId: string, element: Element, result: PostResult): void {
   // Counted once posted: each is one API Gateway message (a cost driver), replays included.
   if (result !== 'gone')
     server.metrics.count('StanzasOut', 1, STANZA_KINDS.has(element.name) ? element.name : 'nonza');
@@ -145,7 +177,6 @@ export async function postExactly(
     server.metrics.count('PostsUnanswered');
     server.log.warn('post unanswered: it may or may not have reached the client', { connectionId });
   }
-  return result;
 }
 
 const STANZA_KINDS = new Set(['message', 'presence', 'iq']);

@@ -52,7 +52,7 @@ export function createServerCore(options: ServerOptions): Server {
       { instrument: options.instrumentClient },
     ));
   const port: ConnectionPort = options.port ?? {
-    post: (connectionId, data) => gateway().post(connectionId, data),
+    post: (connectionId, data, notAfter) => gateway().post(connectionId, data, notAfter),
     close: (connectionId) => gateway().close(connectionId),
   };
   const users = createUserStore(doc, config.tables.users);

@@ -18,7 +18,7 @@
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Element, parse } from 'ltx';
-import { closeConnection, post, postExactly } from '../core/delivery.ts';
+import { closeConnection, DIRECT_POST_BOUND_MS, post, postExactly } from '../core/delivery.ts';
 import { frameAge, frameTimeLeft, nextDeliveryKey, sequenceAtMost } from '../core/frame.ts';
 import {
   type DeliveryOptions,
@@ -554,6 +554,7 @@ async function enable(stream: Stream, element: Element, version: SmVersion): Pro
     // The queue just made is ended, empty.
     await server.smQueue.end(smId, stream.connectionId, 0);
     server.metrics.count('SmEnableRefused', 1, refusal);
+    server.log.info('stream management refused', { resource, condition: refusal });
     return void (await stream.send(failed(version, refusal)));
   }
   const sm: SmState = { version, id: smId, inbound: 0, acked: 0, resumable: wantsResume, max };
@@ -573,11 +574,14 @@ async function enable(stream: Stream, element: Element, version: SmVersion): Pro
 }
 
 /**
- * Switches the resource's deliveries to the queue `smId`, waiting for the direct posts in flight
- * to it (checked 25, 50, 100, … ms apart, within their lease and half of the invocation's time
- * left). Returns the condition `<enable/>` is refused with, if it is: `unexpected-request` once
- * the stream has sent presence (direct posts to it are no longer counted, so the switch could not
- * be exact: clients enable right after bind), `resource-constraint` when posts stayed in flight.
+ * Switches the resource's deliveries to the queue `smId` so that no stanza the server did not
+ * number reaches the client after `<enabled/>`. While the stream may still switch exactly (from
+ * bind until a grace after its first presence: every stock client enables in it), direct posts
+ * to it are counted in flight, and the switch waits for them (checked 25, 50, 100, … ms apart,
+ * within their lease and half of the invocation's time left). Later, the switch is made and
+ * `<enabled/>` waits DIRECT_POST_BOUND_MS: a direct post by a read of the row from before the
+ * switch is over by then (it starts within READ_BOUND_MS of its read, an attempt ends within
+ * POST_TIMEOUT_MS). Returns the condition `<enable/>` is refused with, if it is.
  */
 async function switchToQueue(
   server: Server,
@@ -591,7 +595,12 @@ async function switchToQueue(
   for (let check = 0; ; check++) {
     const outcome = await server.sessions.switchToQueue(user, resource, connectionId, smId);
     if (outcome.kind === 'switched') return undefined;
-    if (outcome.kind === 'closed') return 'unexpected-request';
+    if (outcome.kind === 'late') {
+      await server.sessions.switchToQueueLate(user, resource, connectionId, smId);
+      server.metrics.count('SmEnabledLate');
+      await sleep(DIRECT_POST_BOUND_MS);
+      return undefined;
+    }
     const pause = Math.min(25 * 2 ** check, 400);
     const now = Date.now();
     // Past the lease the switch goes ahead (a post whose frame died stops counting).

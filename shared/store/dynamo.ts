@@ -51,6 +51,11 @@ export interface OperationUsage {
 
 export interface MeterSnapshot {
   operations: Record<string, OperationUsage>;
+  /**
+   * The same by operation and kind of item (`UpdateItem conn`, `UpdateItem sm`, `Query user`:
+   * the partition key's prefix up to `#`, or the table's last name part): where the units go.
+   */
+  items?: Record<string, OperationUsage>;
   requests: number;
   readUnits: number;
   writeUnits: number;
@@ -86,34 +91,42 @@ interface ConsumedCapacity {
 
 export class DynamoMeter {
   private operations = new Map<string, OperationUsage>();
+  private items = new Map<string, OperationUsage>();
 
-  private usage(operation: string): OperationUsage {
-    let usage = this.operations.get(operation);
+  private usage(map: Map<string, OperationUsage>, name: string): OperationUsage {
+    let usage = map.get(name);
     if (!usage) {
       usage = { requests: 0, failures: 0, reported: 0, readUnits: 0, writeUnits: 0 };
-      this.operations.set(operation, usage);
+      map.set(name, usage);
     }
     return usage;
   }
 
-  /** Adds one request; `consumed` is the answer's ConsumedCapacity (an array for batches and transactions). */
+  /**
+   * Adds one request; `consumed` is the answer's ConsumedCapacity (an array for batches and
+   * transactions); `item` the kind of item it addressed (see MeterSnapshot.items).
+   */
   record(
     operation: string,
     consumed: ConsumedCapacity | ConsumedCapacity[] | undefined,
     failed = false,
+    item?: string,
   ): void {
-    const usage = this.usage(operation);
-    usage.requests += 1;
-    if (failed) usage.failures += 1;
-    if (consumed === undefined) return;
-    usage.reported += 1;
-    const kind = METERED_OPERATIONS[operation] ?? 'read';
-    for (const entry of Array.isArray(consumed) ? consumed : [consumed]) {
-      if (entry.ReadCapacityUnits !== undefined || entry.WriteCapacityUnits !== undefined) {
-        usage.readUnits += entry.ReadCapacityUnits ?? 0;
-        usage.writeUnits += entry.WriteCapacityUnits ?? 0;
-      } else if (kind === 'read') usage.readUnits += entry.CapacityUnits ?? 0;
-      else usage.writeUnits += entry.CapacityUnits ?? 0;
+    const usages = [this.usage(this.operations, operation)];
+    if (item) usages.push(this.usage(this.items, `${operation} ${item}`));
+    for (const usage of usages) {
+      usage.requests += 1;
+      if (failed) usage.failures += 1;
+      if (consumed === undefined) continue;
+      usage.reported += 1;
+      const kind = METERED_OPERATIONS[operation] ?? 'read';
+      for (const entry of Array.isArray(consumed) ? consumed : [consumed]) {
+        if (entry.ReadCapacityUnits !== undefined || entry.WriteCapacityUnits !== undefined) {
+          usage.readUnits += entry.ReadCapacityUnits ?? 0;
+          usage.writeUnits += entry.WriteCapacityUnits ?? 0;
+        } else if (kind === 'read') usage.readUnits += entry.CapacityUnits ?? 0;
+        else usage.writeUnits += entry.CapacityUnits ?? 0;
+      }
     }
   }
 
@@ -128,12 +141,31 @@ export class DynamoMeter {
       readUnits += usage.readUnits;
       writeUnits += usage.writeUnits;
     }
-    return { operations, requests, readUnits, writeUnits };
+    const items = Object.fromEntries(
+      [...this.items].sort(([a], [b]) => a.localeCompare(b)).map(([name, usage]) => [name, { ...usage }]),
+    );
+    return { operations, items, requests, readUnits, writeUnits };
   }
 
   reset(): void {
     this.operations.clear();
+    this.items.clear();
   }
+}
+
+/** The kind of item a command addresses, for the meter: its partition key's prefix. */
+function itemKindOf(input: Record<string, unknown>): string | undefined {
+  const key = (input.Key ?? input.Item) as Record<string, unknown> | undefined;
+  let pk = key?.pk as unknown;
+  if (pk === undefined) {
+    const values = input.ExpressionAttributeValues as Record<string, unknown> | undefined;
+    pk = values?.[':pk'];
+  }
+  if (pk && typeof pk === 'object' && 'S' in pk) pk = (pk as { S: unknown }).S;
+  if (typeof pk === 'string' && pk.includes('#')) return pk.slice(0, pk.indexOf('#'));
+  if (Array.isArray(input.TransactItems)) return 'transaction';
+  const table = input.TableName;
+  return typeof table === 'string' ? (table.split(/[-_.]/).at(-1) ?? table) : undefined;
 }
 
 /** The process's meter, filled by every client created while `NIMBUS_METER=1`. */
@@ -150,16 +182,19 @@ function installMeter(client: DynamoDBClient, meter: DynamoMeter): void {
       const operation = (context.commandName ?? 'Unknown').replace(/Command$/, '');
       if (!(operation in METERED_OPERATIONS)) return next(args);
       (args.input as { ReturnConsumedCapacity?: string }).ReturnConsumedCapacity = 'TOTAL';
+      const item = itemKindOf(args.input as Record<string, unknown>);
       let result: Awaited<ReturnType<typeof next>>;
       try {
         result = await next(args);
       } catch (error) {
-        meter.record(operation, undefined, true);
+        meter.record(operation, undefined, true, item);
         throw error;
       }
       meter.record(
         operation,
         (result.output as { ConsumedCapacity?: ConsumedCapacity | ConsumedCapacity[] }).ConsumedCapacity,
+        false,
+        item,
       );
       return result;
     },

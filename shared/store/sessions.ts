@@ -192,12 +192,19 @@ export interface ResourceRecord {
   heldUntil?: number;
   /**
    * The stream may still switch its deliveries to a stream-management queue (XEP-0198
-   * `<enable/>`): from bind until its first presence or its enable. Meanwhile a direct post to it
-   * is counted in `posting` while in flight (`beginDirectPost`/`endDirectPost`), and the switch
-   * (`switchToQueue`) waits until none is: no stanza the server did not number can reach the
-   * client after `<enabled/>`.
+   * `<enable/>`) exactly: from bind until `mayQueueUntil` (set by its first presence, a grace
+   * after it) or its enable. Meanwhile a direct post to it is counted in `posting` while in
+   * flight (`beginDirectPost`/`endDirectPost`), and the switch (`switchToQueue`) waits until none
+   * is: no stanza the server did not number can reach the client after `<enabled/>`.
    */
   mayQueue?: boolean;
+  /** The end of that window (ms), once the stream has sent presence. */
+  mayQueueUntil?: number;
+  /**
+   * When this copy of the row was read (ms, taken before the request went out; not stored): a
+   * direct post must start within a bound of it (see core/delivery.ts), or read the row again.
+   */
+  readAt?: number;
   /** Direct posts in flight while `mayQueue` (see there). */
   posting?: number;
   /** Until when those posts count (ms): one whose frame died stops counting then. */
@@ -210,14 +217,23 @@ export interface ResourceRecord {
  */
 export const DIRECT_POST_LEASE_MS = 10_000;
 
+/** How far apart the functions' clocks may be, for the window of counted posts. */
+const CLOCK_MARGIN_MS = 100;
+
+/** How long after a stream's first presence its direct posts are still counted (mayQueue). */
+export const MAY_QUEUE_AFTER_PRESENCE_MS = 1_000;
+
 /** What `switchToQueue` found. */
 export type QueueSwitch =
   /** The resource's deliveries go to the queue from now on. */
   | { kind: 'switched' }
   /** Direct posts to it are in flight, counting until `until` (ms): try again after them. */
   | { kind: 'posting'; until: number }
-  /** Its stream sent presence before `<enable/>`: the switch can no longer be exact. */
-  | { kind: 'closed' };
+  /**
+   * The window of counted posts is over (`<enable/>` came well after presence): switch with
+   * `switchToQueueLate` and wait out the bound on uncounted direct posts.
+   */
+  | { kind: 'late' };
 
 /** How long a hold stands unless its flood renews it: routing posts again past it. */
 export const HOLD_LEASE_MS = 60_000;
@@ -331,6 +347,8 @@ export interface SessionStore {
    * direct post to it is in flight. ResourceTakenError when the row is another connection's.
    */
   switchToQueue(user: string, resource: string, connectionId: string, smId: string): Promise<QueueSwitch>;
+  /** The switch once the window is over: unconditional but for the owner (ResourceTakenError). */
+  switchToQueueLate(user: string, resource: string, connectionId: string, smId: string): Promise<void>;
   /**
    * Counts a direct post to a resource that may still switch to a queue; false when it may not
    * (it switched, its stream sent presence, or the row is another connection's): read it again.
@@ -379,7 +397,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
   };
 }
 
-function toResource(item: Record<string, unknown>): ResourceRecord {
+function toResource(item: Record<string, unknown>, readAt?: number): ResourceRecord {
   return {
     user: item.user as string,
     resource: item.resource as string,
@@ -395,9 +413,17 @@ function toResource(item: Record<string, unknown>): ResourceRecord {
     held: item.held as number | undefined,
     heldUntil: item.heldUntil as number | undefined,
     mayQueue: item.mayQueue as boolean | undefined,
+    mayQueueUntil: item.mayQueueUntil as number | undefined,
     posting: item.posting as number | undefined,
     postingUntil: item.postingUntil as number | undefined,
+    ...(readAt === undefined ? {} : { readAt }),
   };
+}
+
+/** A row as stored: `readAt` describes a copy, not the row. */
+function storedRow(record: ResourceRecord): Omit<ResourceRecord, 'readAt'> {
+  const { readAt: _copy, ...row } = record;
+  return row;
 }
 
 export function createSessionStore(
@@ -545,6 +571,7 @@ export function createSessionStore(
     },
 
     async listResources(user) {
+      const readAt = Date.now();
       const { Items = [] } = await doc.send(
         new QueryCommand({
           TableName: table,
@@ -553,15 +580,16 @@ export function createSessionStore(
           ConsistentRead: true,
         }),
       );
-      return Items.map(toResource);
+      return Items.map((item) => toResource(item, readAt));
     },
 
     async getResource(user, resource) {
+      const readAt = Date.now();
       if (!fitsResourceKey(resource)) return undefined;
       const { Item } = await doc.send(
         new GetCommand({ TableName: table, Key: resourceKey(user, resource), ConsistentRead: true }),
       );
-      return Item ? toResource(Item) : undefined;
+      return Item ? toResource(Item, readAt) : undefined;
     },
 
     async bindResource(record) {
@@ -570,7 +598,7 @@ export function createSessionStore(
           TableName: table,
           Item: {
             ...resourceKey(record.user, record.resource),
-            ...record,
+            ...storedRow(record),
             // API Gateway cuts every connection after 2 hours; a resource whose $disconnect was
             // lost is found by a 410 on the next delivery, or expires with the connection TTL.
             [TTL_ATTRIBUTE]: ttl(connectionTtlSeconds, record.boundAt),
@@ -594,7 +622,7 @@ export function createSessionStore(
             TableName: table,
             Item: {
               ...resourceKey(record.user, record.resource),
-              ...record,
+              ...storedRow(record),
               [TTL_ATTRIBUTE]: ttl(connectionTtlSeconds, record.boundAt),
             },
             ConditionExpression: 'attribute_not_exists(connectionId) OR smId = :smId',
@@ -617,14 +645,16 @@ export function createSessionStore(
           new UpdateCommand({
             TableName: table,
             Key: resourceKey(user, resource),
-            // Presence closes the window in which the stream may switch to a queue (mayQueue).
-            UpdateExpression: `SET available = :available, priority = :priority, presence = :presence${changes.hold ? ', held = if_not_exists(held, :zero), heldUntil = :until' : ''} REMOVE mayQueue`,
+            // The first presence closes the window of counted posts (mayQueue), after a grace:
+            // xmpp.js sends it on 'online', just before its <enable/>.
+            UpdateExpression: `SET available = :available, priority = :priority, presence = :presence, mayQueueUntil = if_not_exists(mayQueueUntil, :mayQueueUntil)${changes.hold ? ', held = if_not_exists(held, :zero), heldUntil = :until' : ''}`,
             ConditionExpression: 'connectionId = :connectionId',
             ExpressionAttributeValues: {
               ':available': changes.available,
               ':priority': changes.priority,
               ':presence': changes.presence ?? '',
               ':connectionId': connectionId,
+              ':mayQueueUntil': Date.now() + MAY_QUEUE_AFTER_PRESENCE_MS,
               ...(changes.hold ? { ':zero': 0, ':until': Date.now() + HOLD_LEASE_MS } : {}),
             },
             ReturnValues: 'ALL_OLD',
@@ -736,9 +766,10 @@ export function createSessionStore(
         const names = [...((item.res as Set<string> | undefined) ?? [])];
         return names.filter(fitsResourceKey).map((name) => resourceKey(user, name));
       });
+      const readAt = Date.now();
       const rows = await batchGetAll(doc, table, rowKeys, { consistent: true, concurrency: 4 });
       for (const row of rows) {
-        const record = toResource(row);
+        const record = toResource(row, readAt);
         if (!record.available) continue;
         const list = result.get(record.user) ?? [];
         list.push(record);
@@ -787,14 +818,17 @@ export function createSessionStore(
           new UpdateCommand({
             TableName: table,
             Key: resourceKey(user, resource),
-            UpdateExpression: 'SET smId = :smId REMOVE mayQueue, posting, postingUntil',
+            UpdateExpression: 'SET smId = :smId REMOVE mayQueue, mayQueueUntil, posting, postingUntil',
+            // Still in the window (with a margin for the clocks of the posters that read it), or
+            // this connection's own earlier switch (a redelivered <enable/>); no post in flight.
             ConditionExpression:
-              'connectionId = :connectionId AND (attribute_exists(mayQueue) OR attribute_exists(smId)) AND (attribute_not_exists(posting) OR posting <= :zero OR postingUntil < :now)',
+              'connectionId = :connectionId AND (attribute_exists(smId) OR (attribute_exists(mayQueue) AND (attribute_not_exists(mayQueueUntil) OR mayQueueUntil > :soon))) AND (attribute_not_exists(posting) OR posting <= :zero OR postingUntil < :now)',
             ExpressionAttributeValues: {
               ':connectionId': connectionId,
               ':smId': smId,
               ':zero': 0,
               ':now': now,
+              ':soon': now + CLOCK_MARGIN_MS,
             },
           }),
         );
@@ -804,8 +838,27 @@ export function createSessionStore(
       }
       const row = await this.getResource(user, resource);
       if (!row || row.connectionId !== connectionId) throw new ResourceTakenError(user, resource);
-      if (!row.mayQueue && !row.smId) return { kind: 'closed' };
+      const open =
+        row.smId !== undefined ||
+        (row.mayQueue && (row.mayQueueUntil ?? Number.POSITIVE_INFINITY) > now + CLOCK_MARGIN_MS);
+      if (!open) return { kind: 'late' };
       return { kind: 'posting', until: row.postingUntil ?? now };
+    },
+
+    async switchToQueueLate(user, resource, connectionId, smId) {
+      await doc
+        .send(
+          new UpdateCommand({
+            TableName: table,
+            Key: resourceKey(user, resource),
+            UpdateExpression: 'SET smId = :smId REMOVE mayQueue, mayQueueUntil, posting, postingUntil',
+            ConditionExpression: 'connectionId = :connectionId',
+            ExpressionAttributeValues: { ':connectionId': connectionId, ':smId': smId },
+          }),
+        )
+        .catch((error: unknown) => {
+          throw isConditionFailure(error) ? new ResourceTakenError(user, resource) : error;
+        });
     },
 
     async beginDirectPost(user, resource, connectionId) {

@@ -8,7 +8,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RawClient } from '../../infra/local/raw-client.ts';
 import { sweep } from '../../shared/core/lifecycle.ts';
 import { counter, unwrap } from '../../shared/modules/xep-0198-stream-management.ts';
-import type { SessionStore } from '../../shared/store/sessions.ts';
+import type { ConnectionPort } from '../../shared/outbound.ts';
+import { MAY_QUEUE_AFTER_PRESENCE_MS, type SessionStore } from '../../shared/store/sessions.ts';
 import { PROBE_AFTER_MS } from '../../shared/store/sm-queue.ts';
 import { eventually } from '../support/eventually.ts';
 import { intercept, throttlingError } from '../support/intercept.ts';
@@ -204,16 +205,62 @@ describe('the switch to the queue at <enable/> (issue 11: "a mechanism that is c
     expect(ack.attrs.h).toBe('0');
   });
 
-  it('refuses an <enable/> after presence with unexpected-request: direct posts to it are no longer counted', async () => {
-    const client = await raw('romeo', 'late-enable');
+  it('switches late, well after presence, the same way: <enabled/> waits until a direct post that went by the old row is over', async () => {
+    await stack.addUser('valentine@localhost', 'valentine-pw');
+    const client = await raw('valentine', 'late');
     client.send('<presence/>');
     await client.until((el) => el.name === 'presence');
-    const reply = await enable(client);
-    expect(reply.is('failed', SM3)).toBe(true);
-    expect(failedCondition(reply)).toBe('unexpected-request');
-    // The stream goes on without stream management.
-    client.send(`<iq type='get' id='still' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
-    expect((await client.until((el) => el.attrs.id === 'still')).attrs.type).toBe('result');
+    // Past the grace after presence in which direct posts to it are counted.
+    await new Promise((resolve) => setTimeout(resolve, MAY_QUEUE_AFTER_PRESENCE_MS + 200));
+    const sender = await raw('friar', 'late-post');
+    // API Gateway is slow to take that post: the request is out, its answer late.
+    const port = (stack.server.outbound as unknown as { port: ConnectionPort }).port;
+    const post = port.post.bind(port);
+    let held = false;
+    const restore = intercept(port, 'post', async (connectionId, data, notAfter) => {
+      if (data.includes('slow and uncounted') && !held) {
+        // The attempt starts in time (within READ_BOUND_MS of the row's read)...
+        if (notAfter !== undefined && Date.now() > notAfter) return 'stale';
+        held = true;
+        client.send(`<enable xmlns='${SM3}' resume='true'/>`);
+        // ... and takes 800 ms (under POST_TIMEOUT_MS) to land.
+        await new Promise((resolve) => setTimeout(resolve, 800));
+        return post(connectionId, data);
+      }
+      return post(connectionId, data, notAfter);
+    });
+    try {
+      sender.send(`<message to='valentine@localhost' type='chat'><body>slow and uncounted</body></message>`);
+      const first = await client.until((el) => el.name === 'message' || el.name === 'enabled', 10_000);
+      expect(first.getChildText('body')).toBe('slow and uncounted');
+      expect((await client.until((el) => el.name === 'enabled', 10_000)).is('enabled', SM3)).toBe(true);
+    } finally {
+      restore();
+    }
+    expect(held).toBe(true);
+    sender.send(`<message to='valentine@localhost' type='chat'><body>numbered</body></message>`);
+    expect((await client.until((el) => el.name === 'message')).getChildText('body')).toBe('numbered');
+    client.send(`<a xmlns='${SM3}' h='1'/>`);
+    client.send(`<r xmlns='${SM3}'/>`);
+    expect((await client.until((el) => el.name === 'a')).attrs.h).toBe('0');
+  });
+
+  it('switches exactly for stock xmpp.js, which sends presence on "online" just before its <enable/>', async () => {
+    await stack.addUser('anselmo@localhost', 'anselmo-pw');
+    const sessions: SessionStore = stack.server.sessions;
+    const late = sessions.switchToQueueLate.bind(sessions);
+    let lateSwitches = 0;
+    const restore = intercept(sessions, 'switchToQueueLate', async (...args) => {
+      lateSwitches++;
+      return late(...args);
+    });
+    try {
+      const client = await login('anselmo', { resource: 'stock', presenceOnOnline: true });
+      await eventually(() => expect(client.xmpp.streamManagement.enabled).toBe(true));
+    } finally {
+      restore();
+    }
+    expect(lateSwitches).toBe(0);
   });
 });
 

@@ -17,6 +17,7 @@ import {
   fitsResourceKey,
   HOLD_LEASE_MS,
   isHeld,
+  MAY_QUEUE_AFTER_PRESENCE_MS,
   type ResourceRecord,
   ResourceTakenError,
   type SessionStore,
@@ -319,7 +320,7 @@ describe('presence and flags: only the owning connection writes', () => {
     expect(await sessions.getResource(user, 'unbound')).toBeUndefined();
   });
 
-  it('switchToQueue waits for the direct posts in flight and is closed by presence', async () => {
+  it('switchToQueue waits for the direct posts in flight; past a grace after presence it is late', async () => {
     const user = freshUser('posting');
     await sessions.bindResource(record(user, 'r', 'c1', { mayQueue: true }));
     expect(await sessions.beginDirectPost(user, 'r', 'c1')).toBe(true);
@@ -336,12 +337,30 @@ describe('presence and flags: only the owning connection writes', () => {
     await sessions.endDirectPost(user, 'r', 'c1');
     expect(await rawItem(`user#${user}`, 'res#r')).not.toHaveProperty('posting');
 
+    // The first presence starts the grace; a later one does not move it.
+    const present = freshUser('present');
+    await sessions.bindResource(record(present, 'r', 'c1', { mayQueue: true }));
+    const before = Date.now();
+    await sessions.updatePresence(present, 'r', 'c1', { available: true, priority: 0 });
+    const until = (await sessions.getResource(present, 'r'))?.mayQueueUntil as number;
+    expect(until).toBeGreaterThanOrEqual(before + MAY_QUEUE_AFTER_PRESENCE_MS);
+    await sessions.updatePresence(present, 'r', 'c1', { available: true, priority: 1 });
+    expect((await sessions.getResource(present, 'r'))?.mayQueueUntil).toBe(until);
+    expect(await sessions.switchToQueue(present, 'r', 'c1', 'sm-a')).toEqual({ kind: 'switched' });
+
+    // Past the grace the switch is late: made unconditionally by the owner.
     const late = freshUser('late');
-    await sessions.bindResource(record(late, 'r', 'c1', { mayQueue: true }));
-    await sessions.updatePresence(late, 'r', 'c1', { available: true, priority: 0 });
-    expect(await sessions.beginDirectPost(late, 'r', 'c1')).toBe(false);
-    expect(await sessions.switchToQueue(late, 'r', 'c1', 'sm-a')).toEqual({ kind: 'closed' });
+    await sessions.bindResource(record(late, 'r', 'c1', { mayQueue: true, mayQueueUntil: Date.now() - 1 }));
+    expect(await sessions.switchToQueue(late, 'r', 'c1', 'sm-a')).toEqual({ kind: 'late' });
     expect((await sessions.getResource(late, 'r'))?.smId).toBeUndefined();
+    await expect(sessions.switchToQueueLate(late, 'r', 'c2', 'sm-x')).rejects.toBeInstanceOf(
+      ResourceTakenError,
+    );
+    await sessions.switchToQueueLate(late, 'r', 'c1', 'sm-a');
+    const switched = await rawItem(`user#${late}`, 'res#r');
+    expect(switched?.smId).toBe('sm-a');
+    expect(switched).not.toHaveProperty('mayQueue');
+    expect(switched).not.toHaveProperty('mayQueueUntil');
   });
 
   it('switchToQueue goes ahead past the lease of a post whose frame died', async () => {

@@ -17,6 +17,8 @@ export interface ClientOptions {
   domain?: string;
   /** Keep xmpp.js's reconnect (and so XEP-0198 resumption) on; off by default. */
   reconnect?: boolean;
+  /** Send `<presence/>` from the 'online' handler, as xmpp.js's README does. */
+  presenceOnOnline?: boolean;
 }
 
 export interface StartedClient {
@@ -51,6 +53,7 @@ export async function startClient(
   // Tests decide when to reconnect.
   if (!options.reconnect) xmpp.reconnect.stop();
   xmpp.on('error', () => {});
+  if (options.presenceOnOnline) xmpp.on('online', () => void xmpp.send(xml('presence')).catch(() => {}));
   const received: Stanza[] = [];
   const waiters = new Set<() => void>();
   xmpp.on('stanza', (stanza: Stanza) => {
