@@ -50,8 +50,13 @@ export const usersTable: TableDefinition = {
   pointInTimeRecovery: true,
 };
 
-/** Index of sessions waiting for their resumption window to close (sparse: only detached ones). */
-export const SWEEP_INDEX = 'bySweepTime';
+/**
+ * Index of stream-management sessions by when the sweeper looks at them (sparse: attached ones
+ * for their liveness probe, detached ones for their resumption window, interrupted re-routes).
+ * Keys only: the sweeper reads the items by key, and a queued stanza or an ack writes no index
+ * entry (with the whole item projected, each doubled its write units).
+ */
+export const SWEEP_INDEX = 'bySweepKeys';
 
 export const sessionsTable: TableDefinition = {
   id: 'Sessions',
@@ -63,6 +68,7 @@ export const sessionsTable: TableDefinition = {
       indexName: SWEEP_INDEX,
       partitionKey: { name: 'sweepShard', type: 'S' },
       sortKey: { name: 'sweepAt', type: 'N' },
+      projection: { type: 'KEYS_ONLY' },
     },
   ],
   timeToLiveAttribute: TTL_ATTRIBUTE,

@@ -22,7 +22,7 @@ import {
   UpdateCommand,
 } from '@aws-sdk/lib-dynamodb';
 import { SWEEP_INDEX, TTL_ATTRIBUTE } from '../tables.ts';
-import { isConditionFailure } from './dynamo.ts';
+import { batchGetAll, isConditionFailure } from './dynamo.ts';
 import { ATTACHED_SHARD, DETACHED_SHARD } from './sessions.ts';
 
 export type SmVersion = 'sm3' | 'sm1';
@@ -246,6 +246,31 @@ export interface SmQueueStore {
 }
 
 export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): SmQueueStore {
+  /**
+   * The sessions of one sweep shard due by `upTo`, oldest first. The index holds keys only (an
+   * append or an ack then writes no index entry: a projection of the whole item doubled the
+   * write units of every queued stanza), so the items are read by key after it, consistently;
+   * one that moved on since the index saw it (the index lags) is left out.
+   */
+  async function listSwept(shard: string, upTo: number, limit: number): Promise<SmQueueItem[]> {
+    const { Items = [] } = await doc.send(
+      new QueryCommand({
+        TableName: table,
+        IndexName: SWEEP_INDEX,
+        KeyConditionExpression: 'sweepShard = :shard AND sweepAt <= :upTo',
+        ExpressionAttributeValues: { ':shard': shard, ':upTo': upTo },
+        Limit: limit,
+      }),
+    );
+    if (Items.length === 0) return [];
+    const keys = Items.map((item) => ({ pk: item.pk as string, sk: item.sk as string }));
+    const rows = await batchGetAll(doc, table, keys, { consistent: true, concurrency: 4 });
+    return rows
+      .filter((row) => row.sweepShard === shard && typeof row.sweepAt === 'number' && row.sweepAt <= upTo)
+      .map(toItem)
+      .sort((a, b) => (a.sweepAt ?? 0) - (b.sweepAt ?? 0));
+  }
+
   return {
     async create(item) {
       await doc.send(
@@ -539,31 +564,9 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
         });
     },
 
-    async listReroutes(now, limit) {
-      const { Items = [] } = await doc.send(
-        new QueryCommand({
-          TableName: table,
-          IndexName: SWEEP_INDEX,
-          KeyConditionExpression: 'sweepShard = :reroute AND sweepAt <= :now',
-          ExpressionAttributeValues: { ':reroute': REROUTE_SHARD, ':now': now },
-          Limit: limit,
-        }),
-      );
-      return Items.map(toItem);
-    },
+    listReroutes: (now, limit) => listSwept(REROUTE_SHARD, now, limit),
 
-    async listDueProbes(now, limit) {
-      const { Items = [] } = await doc.send(
-        new QueryCommand({
-          TableName: table,
-          IndexName: SWEEP_INDEX,
-          KeyConditionExpression: 'sweepShard = :attached AND sweepAt <= :now',
-          ExpressionAttributeValues: { ':attached': ATTACHED_SHARD, ':now': now },
-          Limit: limit,
-        }),
-      );
-      return Items.map(toItem);
-    },
+    listDueProbes: (now, limit) => listSwept(ATTACHED_SHARD, now, limit),
 
     async deferProbe(smId, connectionId, at) {
       try {
@@ -586,17 +589,6 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       }
     },
 
-    async listExpired(now, limit) {
-      const { Items = [] } = await doc.send(
-        new QueryCommand({
-          TableName: table,
-          IndexName: SWEEP_INDEX,
-          KeyConditionExpression: 'sweepShard = :detached AND sweepAt <= :now',
-          ExpressionAttributeValues: { ':detached': DETACHED_SHARD, ':now': now },
-          Limit: limit,
-        }),
-      );
-      return Items.map(toItem);
-    },
+    listExpired: (now, limit) => listSwept(DETACHED_SHARD, now, limit),
   };
 }
