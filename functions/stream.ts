@@ -7,9 +7,11 @@
  * (they must wait for the retry, RFC 6120 §10.1) while other connections' frames go on.
  */
 import { processPartialResponse, SqsFifoPartialProcessorAsync } from '@aws-lambda-powertools/batch';
+import { fromEnv } from '@aws-sdk/credential-provider-env';
 import type { Context, SQSBatchResponse, SQSEvent, SQSRecord } from 'aws-lambda';
 import { loadConfig } from '../shared/config.ts';
 import { handleStreamEvent } from '../shared/core/stream.ts';
+import { type FrameQueuePort, retryDelaySeconds, sqsFrameQueue } from '../shared/frame-queue.ts';
 import { withLogContext } from '../shared/log.ts';
 import { decodeQueueMessage, MalformedQueueMessageError, type StreamEvent } from '../shared/queue-message.ts';
 import { createServer, type Server } from '../shared/server.ts';
@@ -27,6 +29,10 @@ export interface StreamHandlerOptions {
   tracer?: Tracer;
   /** The queue's maxReceiveCount: a record failing on that receive goes to the dead-letter queue. */
   maxReceiveCount?: number;
+  /** Brings records handed back again soon, instead of after the visibility timeout. */
+  frameQueue?: FrameQueuePort;
+  /** The longest wait before a record handed back comes again (Config.frameRetryMaxSeconds). */
+  retryMaxSeconds?: number;
 }
 
 /**
@@ -144,6 +150,34 @@ export function followedRecords(records: readonly SQSRecord[]): Set<string> {
   return followed;
 }
 
+/**
+ * The records handed back (failed, skipped behind a failure of their connection, not started for
+ * lack of time) come back after 1, 2, 4 … seconds by receive count rather than the queue's
+ * visibility timeout (six times the function timeout), during which their connection's later
+ * frames would wait behind them. Best effort: a change that fails leaves the timeout.
+ */
+async function retrySoon(
+  server: Server,
+  event: SQSEvent,
+  response: SQSBatchResponse,
+  options: StreamHandlerOptions,
+): Promise<void> {
+  if (!options.frameQueue || response.batchItemFailures.length === 0) return;
+  const failed = new Set(response.batchItemFailures.map((failure) => failure.itemIdentifier));
+  const maxSeconds = options.retryMaxSeconds ?? 30;
+  const retries = event.Records.filter((record) => failed.has(record.messageId) && record.receiptHandle).map(
+    (record) => ({
+      receiptHandle: record.receiptHandle,
+      seconds: retryDelaySeconds(Number(record.attributes.ApproximateReceiveCount) || 1, maxSeconds),
+    }),
+  );
+  try {
+    await options.frameQueue.retryIn(retries);
+  } catch (error) {
+    server.log.warn('frames handed back wait for the visibility timeout', { error });
+  }
+}
+
 /** Retried and dead-lettered records, from the batch response (skipped records of a failed group included). */
 function countFailures(server: Server, event: SQSEvent, response: SQSBatchResponse, maxReceiveCount: number) {
   const failed = new Set(response.batchItemFailures.map((failure) => failure.itemIdentifier));
@@ -188,6 +222,7 @@ export function createStreamHandler(server: Server, options: StreamHandlerOption
         },
       );
       countFailures(server, event, response, maxReceiveCount);
+      await retrySoon(server, event, response, options);
       return response;
     } finally {
       options.publishMetrics?.(server.metrics.drain());
@@ -203,8 +238,20 @@ async function start() {
   const config = loadConfig();
   const telemetry = await lambdaTelemetry(config, 'stream');
   const server = createServer({ config, log: telemetry.log, ...instrumentFor(telemetry.tracer) });
+  const frameQueue = config.frameQueueUrl
+    ? sqsFrameQueue({
+        queueUrl: config.frameQueueUrl,
+        region: config.region,
+        credentials: fromEnv(),
+        ...(config.frameQueueEndpoint ? { endpoint: config.frameQueueEndpoint } : {}),
+      })
+    : undefined;
   return {
-    handle: createStreamHandler(server, telemetry),
+    handle: createStreamHandler(server, {
+      ...telemetry,
+      ...(frameQueue ? { frameQueue } : {}),
+      retryMaxSeconds: config.frameRetryMaxSeconds,
+    }),
     begin: (context: Context) => telemetry.startInvocation(context),
   };
 }

@@ -191,8 +191,13 @@ export class NimbusStack extends Stack {
       memorySize: FUNCTION_MEMORY_MB.stream,
       timeout: STREAM_TIMEOUT,
       projectRoot: PROJECT_ROOT,
-      // A frame failing on this receive goes to the dead-letter queue (the FramesDeadLettered metric).
-      environment: { ...outboundEnvironment, FRAME_MAX_RECEIVES: String(this.frameQueue.maxReceiveCount) },
+      // A frame failing on this receive goes to the dead-letter queue (the FramesDeadLettered metric);
+      // a frame handed back is made visible again soon (shared/frame-queue.ts).
+      environment: {
+        ...outboundEnvironment,
+        FRAME_MAX_RECEIVES: String(this.frameQueue.maxReceiveCount),
+        FRAME_QUEUE_URL: this.frameQueue.queue.queueUrl,
+      },
       logLevel: logLevelOf(settings, 'stream'),
       tracing,
     });
@@ -201,6 +206,9 @@ export class NimbusStack extends Stack {
       'STREAM_MAX_CONCURRENCY',
       CONCURRENCY_DEFAULTS.STREAM_MAX_CONCURRENCY,
     );
+    // Its own records only: ChangeMessageVisibility on the frame queue (the event source
+    // mapping's receive and delete rights come with addEventSource).
+    this.frameQueue.queue.grant(stream.fn, 'sqs:ChangeMessageVisibility');
     stream.fn.addEventSource(
       new SqsEventSource(this.frameQueue.queue, {
         batchSize: 10,

@@ -22,6 +22,12 @@ export interface Config {
   region: string;
   /** API Gateway Management API endpoint (`https://{api}.execute-api.{region}.amazonaws.com/{stage}`). */
   connectionsEndpoint?: string;
+  /** The frame queue's URL (`FRAME_QUEUE_URL`): frames handed back are retried soon (shared/frame-queue.ts). */
+  frameQueueUrl?: string;
+  /** Where to send SQS requests (`FRAME_QUEUE_ENDPOINT`; the local gateway); default the region's. */
+  frameQueueEndpoint?: string;
+  /** A frame handed back comes again after 1, 2, 4 … seconds by receive count, at most this. */
+  frameRetryMaxSeconds: number;
   /** Largest stanza accepted, in bytes of UTF-8; above it the stream ends with policy-violation. */
   maxStanzaBytes: number;
   /** Offline messages kept per user; above it the sender gets resource-constraint. */
@@ -123,6 +129,7 @@ export const TUNABLE_SETTINGS = [
   'SM_ACK_TIMEOUT_SECONDS',
   'SM_RESUME_SETTLE_MS',
   'FRAME_DONE_MARKS',
+  'FRAME_RETRY_MAX_SECONDS',
   'ARCHIVE_COLLECTION_GAP_SECONDS',
   'ARCHIVE_TOMBSTONE_DAYS',
   'ARCHIVE_CHANGE_WINDOW_SECONDS',
@@ -177,6 +184,9 @@ export function loadConfig(env: Env = process.env): Config {
     dynamodbEndpoint: env.DYNAMODB_ENDPOINT || undefined,
     region: env.AWS_REGION || env.AWS_DEFAULT_REGION || 'us-east-1',
     connectionsEndpoint: env.CONNECTIONS_ENDPOINT || undefined,
+    frameQueueUrl: env.FRAME_QUEUE_URL || undefined,
+    frameQueueEndpoint: env.FRAME_QUEUE_ENDPOINT || undefined,
+    frameRetryMaxSeconds: int(env, 'FRAME_RETRY_MAX_SECONDS', 30),
     maxStanzaBytes: int(env, 'MAX_STANZA_BYTES', 65536),
     offlineQuota: int(env, 'OFFLINE_QUOTA', 1000),
     offlineTtlSeconds: int(env, 'OFFLINE_TTL_DAYS', 30) * 86400,

@@ -192,6 +192,24 @@ export class FifoEventSource {
     this.schedulePoll();
   }
 
+  /**
+   * SQS ChangeMessageVisibility: an in-flight message received with `receiptHandle` becomes
+   * visible `seconds` from now. False when no message holds that handle (deleted, or received
+   * again since: SQS answers such a handle with an error too).
+   */
+  changeVisibility(receiptHandle: string, seconds: number): boolean {
+    for (const group of this.groups.values()) {
+      const message = group.find((candidate) => candidate.receipt === receiptHandle);
+      if (message === undefined) continue;
+      if (message.invisibleUntil <= Date.now()) return false;
+      const now = Date.now();
+      message.invisibleUntil = now + seconds * 1000;
+      this.wakeAtNextVisibility(now);
+      return true;
+    }
+    return false;
+  }
+
   /** Messages in the queue, in flight or not (SQS's ApproximateNumberOfMessages + …NotVisible). */
   size(): number {
     let size = 0;

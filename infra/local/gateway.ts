@@ -147,6 +147,8 @@ export interface Gateway {
   port: number;
   /** `http://host:port`, the `endpoint` of an `ApiGatewayManagementApiClient`. */
   managementEndpoint: string;
+  /** Where the frame queue takes SQS's ChangeMessageVisibilityBatch (shared/frame-queue.ts). */
+  queueEndpoint: string;
   /** Open sockets. */
   connectionCount(): number;
   /** Resolves once every queued record has been handled (or dropped). */
@@ -363,9 +365,39 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
     });
   }
 
+  // -- the frame queue: SQS ChangeMessageVisibilityBatch (JSON protocol) ----------------------
+
+  async function changeVisibility(request: IncomingMessage, response: ServerResponse): Promise<void> {
+    const body = await readBody(request, 256 * 1024);
+    let entries: { Id?: unknown; ReceiptHandle?: unknown; VisibilityTimeout?: unknown }[];
+    try {
+      entries = JSON.parse(body?.toString('utf8') ?? '').Entries;
+      if (!Array.isArray(entries)) throw new Error('no Entries');
+    } catch {
+      return sendError(response, 400, 'InvalidParameterValue', 'Malformed ChangeMessageVisibilityBatch');
+    }
+    const successful: { Id: string }[] = [];
+    const failed: { Id: string; Code: string; SenderFault: boolean }[] = [];
+    for (const entry of entries) {
+      const id = String(entry.Id);
+      const seconds = Number(entry.VisibilityTimeout);
+      const ok =
+        typeof entry.ReceiptHandle === 'string' &&
+        Number.isInteger(seconds) &&
+        seconds >= 0 &&
+        seconds <= 43_200 &&
+        queue.changeVisibility(entry.ReceiptHandle, seconds);
+      if (ok) successful.push({ Id: id });
+      else failed.push({ Id: id, Code: 'MessageNotInflight', SenderFault: true });
+    }
+    sendJson(response, 200, { Successful: successful, Failed: failed });
+  }
+
   // -- @connections ---------------------------------------------------------------------------
 
   async function serveManagementApi(request: IncomingMessage, response: ServerResponse): Promise<void> {
+    if (request.method === 'POST' && request.headers['x-amz-target'] === SQS_CHANGE_VISIBILITY)
+      return changeVisibility(request, response);
     const url = new URL(request.url ?? '/', 'http://gateway.invalid');
     const match = /^(?:\/[^/]+)?\/@connections\/([^/]+)\/?$/.exec(url.pathname);
     if (match === null) {
@@ -477,6 +509,7 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
     url: `ws://${authority}${path}`,
     port,
     managementEndpoint: `http://${authority}`,
+    queueEndpoint: `http://${authority}/`,
     connectionCount: () => connections.size,
     drained: () => queue.drained(),
     queuedMessages: () => queue.size(),
@@ -690,6 +723,8 @@ function sendJson(response: ServerResponse, statusCode: number, body: unknown): 
   });
   response.end(payload);
 }
+
+const SQS_CHANGE_VISIBILITY = 'AmazonSQS.ChangeMessageVisibilityBatch';
 
 function sendError(response: ServerResponse, statusCode: number, errorType: string, message: string): void {
   response.setHeader('x-amzn-ErrorType', errorType);

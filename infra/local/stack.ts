@@ -9,6 +9,7 @@ import { createStreamHandler } from '../../functions/stream.ts';
 import { createSweeperHandler } from '../../functions/sweeper.ts';
 import { createMetricsPublisher } from '../../functions/telemetry.ts';
 import type { Config } from '../../shared/config.ts';
+import { sqsFrameQueue } from '../../shared/frame-queue.ts';
 import { createLogger, type Logger } from '../../shared/log.ts';
 import { apiGatewayPort } from '../../shared/outbound.ts';
 import { createServer, type Server } from '../../shared/server.ts';
@@ -99,7 +100,20 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
     ? createMetricsPublisher({ domain: config.domain, write })
     : () => void ready().metrics.drain();
   const connect = createConnectHandler(server, { publishMetrics });
-  const stream = createStreamHandler(server, { publishMetrics });
+  const visibilitySeconds = Math.floor(
+    (options.eventSource?.visibilityTimeoutMs ?? DEPLOYED_EVENT_SOURCE.visibilityTimeoutMs) / 1000,
+  );
+  const stream = createStreamHandler(server, {
+    publishMetrics,
+    // As deployed: handed-back frames come again soon (never later than the timeout would).
+    frameQueue: sqsFrameQueue({
+      queueUrl: 'local-frame-queue',
+      region: config.region,
+      endpoint: gateway.queueEndpoint,
+      credentials: async () => ({ accessKeyId: 'local', secretAccessKey: 'local' }),
+    }),
+    retryMaxSeconds: Math.max(0, Math.min(config.frameRetryMaxSeconds, visibilitySeconds - 1)),
+  });
   const sweep = createSweeperHandler(server, { publishMetrics });
   const sweepIntervalMs = options.sweepIntervalMs ?? 60_000;
   const sweeper =

@@ -496,6 +496,20 @@ describe('functions', () => {
     expect(grantedAnywhere).toHaveLength(2);
   });
 
+  it('lets only stream bring its handed-back frames again soon: ChangeMessageVisibility on the frame queue, and its URL', () => {
+    const queueArn = { 'Fn::GetAtt': [logicalId(stack.frameQueue.queue), 'Arn'] };
+    const changes = (name: keyof typeof FUNCTION_MEMORY_MB) =>
+      functionRoleStatements(name).filter((s) => actionsOf(s).includes('sqs:ChangeMessageVisibility'));
+    const [statement, ...others] = changes('stream');
+    expect(others).toEqual([]);
+    expect(statement.Resource).toEqual(queueArn);
+    expect(changes('sweeper')).toEqual([]);
+    expect(changes('connect')).toEqual([]);
+    expect(functionProperties('stream').Environment.Variables.FRAME_QUEUE_URL).toEqual({
+      Ref: logicalId(stack.frameQueue.queue),
+    });
+  });
+
   it('runs the sweeper every minute', () => {
     template.hasResourceProperties('AWS::Events::Rule', {
       ScheduleExpression: 'rate(1 minute)',

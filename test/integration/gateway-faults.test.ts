@@ -40,6 +40,7 @@ import {
 import { type Gateway, type GatewayOptions, startGateway } from '../../infra/local/gateway.ts';
 import { startLocalStack } from '../../infra/local/stack.ts';
 import { STREAM_TIMEOUT } from '../../infra/stack.ts';
+import { type FrameQueuePort, sqsFrameQueue } from '../../shared/frame-queue.ts';
 import { apiGatewayPort, POST_ATTEMPTS } from '../../shared/outbound.ts';
 import { decodeQueueMessage } from '../../shared/queue-message.ts';
 import { createDocumentClient } from '../../shared/store/dynamo.ts';
@@ -55,6 +56,7 @@ interface Delivery {
   kind: 'frame' | 'disconnect';
   messageId: string;
   receiveCount: number;
+  receiptHandle: string;
   at: number;
 }
 
@@ -96,6 +98,7 @@ function toDelivery(record: SQSRecord): Delivery {
     kind: event.kind,
     messageId: record.messageId,
     receiveCount: Number(record.attributes.ApproximateReceiveCount),
+    receiptHandle: record.receiptHandle,
     at: Date.now(),
   };
 }
@@ -250,6 +253,42 @@ describe('visibility timeout', () => {
           .map((d) => d.at),
       ),
     ).toBeLessThan(secondB.at);
+  });
+
+  test('ChangeMessageVisibility (as shared/frame-queue.ts sends it) brings a failed record back when asked, not after the timeout', async () => {
+    let queue: FrameQueuePort | undefined;
+    let firstReceipt = '';
+    const harness = await startHarness(
+      async (invocation) => {
+        const b = invocation.deliveries.find(
+          (delivery) => delivery.frame === 'b' && delivery.receiveCount === 1,
+        );
+        if (!b) return undefined;
+        firstReceipt = b.receiptHandle;
+        await queue?.retryIn([{ receiptHandle: b.receiptHandle, seconds: 1 }]);
+        return failedIds(invocation, ['b']);
+      },
+      { visibilityTimeoutMs: 60_000 },
+    );
+    queue = sqsFrameQueue({
+      queueUrl: 'local-frame-queue',
+      region: 'us-east-1',
+      endpoint: harness.gateway.queueEndpoint,
+      credentials: async () => ({ accessKeyId: 'local', secretAccessKey: 'local' }),
+    });
+    const client = await connect(harness.gateway.url);
+    const id = await connectionIdOf(harness, client, 'a');
+    client.socket.send('b');
+    client.socket.send('c');
+    await eventually(() => expect(harness.framesOf(id)).toEqual(['a', 'b', 'b', 'c']), 10_000);
+    const [firstB, secondB] = harness.deliveries().filter((delivery) => delivery.frame === 'b');
+    expect(secondB.receiveCount).toBe(2);
+    expect(secondB.at - firstB.at).toBeGreaterThanOrEqual(1000 - 2);
+    expect(secondB.at - firstB.at).toBeLessThan(10_000);
+    // A receipt handle of an earlier receive changes nothing (SQS: MessageNotInflight).
+    await expect(queue.retryIn([{ receiptHandle: firstReceipt, seconds: 0 }])).rejects.toThrow(
+      /1 entries failed/,
+    );
   });
 
   test('an invocation that throws has its whole batch delivered again after the visibility timeout', async () => {

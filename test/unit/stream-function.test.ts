@@ -6,6 +6,7 @@
 import type { SQSRecord } from 'aws-lambda';
 import { describe, expect, it } from 'vitest';
 import { createStreamHandler, followedRecords, TIME_IN_HAND_MS } from '../../functions/stream.ts';
+import type { FrameRetry } from '../../shared/frame-queue.ts';
 import { createLogger } from '../../shared/log.ts';
 import { MetricsRecorder } from '../../shared/metrics.ts';
 import type { Server } from '../../shared/server.ts';
@@ -71,6 +72,86 @@ describe('functions/stream and the remaining time', () => {
       { getRemainingTimeInMillis: () => remaining.shift() ?? 0 },
     );
     expect(result.batchItemFailures).toEqual([{ itemIdentifier: 'm3' }]);
+  });
+});
+
+describe('functions/stream and the records it hands back', () => {
+  it('asks the queue to bring them again after 1, 2, 4 … seconds by receive count, not after the visibility timeout', async () => {
+    const metrics = new MetricsRecorder();
+    const server = new Proxy(
+      {},
+      {
+        get: (_target, name) => {
+          if (name === 'log') return createLogger('silent');
+          if (name === 'metrics') return metrics;
+          throw new Error('touched');
+        },
+      },
+    );
+    const asked: FrameRetry[][] = [];
+    const handler = createStreamHandler(server as Server, {
+      frameQueue: { retryIn: async (retries) => void asked.push([...retries]) },
+      retryMaxSeconds: 5,
+    });
+    const withReceipt = (id: string, group: string, receives: number) =>
+      ({
+        ...record(id, group),
+        receiptHandle: `receipt-${id}`,
+        attributes: { MessageGroupId: group, ApproximateReceiveCount: String(receives) },
+      }) as SQSRecord;
+    // The first is started (unreadable, dropped); the rest are out of time: handed back.
+    const remaining = [30_000, 1, 1, 1];
+    const result = await handler(
+      {
+        Records: [
+          { ...record('m1', 'c1'), body: 'not json' } as SQSRecord,
+          withReceipt('m2', 'c2', 1),
+          withReceipt('m3', 'c3', 3),
+          withReceipt('m4', 'c4', 9),
+        ],
+      },
+      { getRemainingTimeInMillis: () => remaining.shift() ?? 0 },
+    );
+    expect(result.batchItemFailures.map((f) => f.itemIdentifier)).toEqual(['m2', 'm3', 'm4']);
+    expect(asked).toEqual([
+      [
+        { receiptHandle: 'receipt-m2', seconds: 1 },
+        { receiptHandle: 'receipt-m3', seconds: 4 },
+        { receiptHandle: 'receipt-m4', seconds: 5 },
+      ],
+    ]);
+  });
+
+  it('returns the batch response even when the queue refuses the change (the timeout then applies)', async () => {
+    const metrics = new MetricsRecorder();
+    const server = new Proxy(
+      {},
+      {
+        get: (_target, name) => {
+          if (name === 'log') return createLogger('silent');
+          if (name === 'metrics') return metrics;
+          throw new Error('touched');
+        },
+      },
+    );
+    const handler = createStreamHandler(server as Server, {
+      frameQueue: {
+        retryIn: async () => {
+          throw new Error('AccessDenied');
+        },
+      },
+    });
+    const remaining = [30_000, 1];
+    const result = await handler(
+      {
+        Records: [
+          { ...record('m1', 'c1'), body: 'not json' } as SQSRecord,
+          { ...record('m2', 'c2'), receiptHandle: 'r2' } as SQSRecord,
+        ],
+      },
+      { getRemainingTimeInMillis: () => remaining.shift() ?? 0 },
+    );
+    expect(result.batchItemFailures).toEqual([{ itemIdentifier: 'm2' }]);
   });
 });
 

@@ -1,0 +1,125 @@
+/**
+ * The frame queue seen from the stream function: frames it hands back (a transient error that
+ * outlived the retries in place, too little time left to start) come back soon instead of after
+ * the queue's visibility timeout.
+ *
+ * The event source leaves a failed record in the queue; SQS delivers it again when its
+ * visibility timeout ends, and that is six times the function timeout (three minutes deployed),
+ * during which the connection's later frames wait behind it (FIFO). A `ChangeMessageVisibility`
+ * with a short timeout, while the records are still in flight, brings them back after a backoff
+ * (1, 2, 4 … seconds by receive count). FIFO keeps the order: the group stays locked until the
+ * event source has deleted the batch's handled records.
+ *
+ * One request, so no SQS client: `ChangeMessageVisibilityBatch` in SQS's JSON protocol, signed
+ * with the SDK's own SigV4 signer (already in the bundle, as is the credential chain). The full
+ * `@aws-sdk/client-sqs` would add about 27 KB to the stream bundle (≤ 500 KB, issue 13).
+ */
+import { createHash, createHmac, type Hash, type Hmac } from 'node:crypto';
+import { SignatureV4 } from '@smithy/signature-v4';
+import type { AwsCredentialIdentityProvider, Checksum, SourceData } from '@smithy/types';
+
+export interface FrameRetry {
+  /** The receipt handle of this receive of the record. */
+  receiptHandle: string;
+  /** Seconds until it is delivered again (SQS: 0 to 43,200). */
+  seconds: number;
+}
+
+export interface FrameQueuePort {
+  /** Best effort: a record not changed comes back after the visibility timeout, as before. */
+  retryIn(retries: readonly FrameRetry[]): Promise<void>;
+}
+
+/** How soon a record is retried: 1, 2, 4 … seconds by its receive count, at most `maxSeconds`. */
+export function retryDelaySeconds(receiveCount: number, maxSeconds: number): number {
+  return Math.max(0, Math.min(maxSeconds, 2 ** Math.max(0, Math.min(receiveCount - 1, 16))));
+}
+
+/** SQS's limit of entries per batch request. */
+const BATCH_ENTRIES = 10;
+
+/** One request's time limit: the handler is about to return, and a lost change costs only a delay. */
+const REQUEST_TIMEOUT_MS = 2_000;
+
+class Sha256 implements Checksum {
+  private readonly hash: Hash | Hmac;
+  constructor(secret?: SourceData) {
+    this.hash = secret === undefined ? createHash('sha256') : createHmac('sha256', toBuffer(secret));
+  }
+  update(data: Uint8Array): void {
+    this.hash.update(data);
+  }
+  async digest(): Promise<Uint8Array> {
+    return new Uint8Array(this.hash.digest());
+  }
+  reset(): void {
+    throw new Error('not supported');
+  }
+}
+
+function toBuffer(data: SourceData): Buffer {
+  if (typeof data === 'string') return Buffer.from(data, 'utf8');
+  if (ArrayBuffer.isView(data)) return Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  return Buffer.from(data);
+}
+
+export interface SqsFrameQueueOptions {
+  queueUrl: string;
+  region: string;
+  credentials: AwsCredentialIdentityProvider;
+  /** Default: the region's SQS endpoint (`https://sqs.<region>.amazonaws.com/`). */
+  endpoint?: string;
+}
+
+/** The frame queue on SQS (or the local gateway's queue, which speaks the same request). */
+export function sqsFrameQueue(options: SqsFrameQueueOptions): FrameQueuePort {
+  const endpoint = new URL(options.endpoint ?? `https://sqs.${options.region}.amazonaws.com/`);
+  const signer = new SignatureV4({
+    service: 'sqs',
+    region: options.region,
+    credentials: options.credentials,
+    sha256: Sha256,
+  });
+  const send = async (retries: readonly FrameRetry[]): Promise<void> => {
+    const body = JSON.stringify({
+      QueueUrl: options.queueUrl,
+      Entries: retries.map((retry, index) => ({
+        Id: String(index),
+        ReceiptHandle: retry.receiptHandle,
+        VisibilityTimeout: retry.seconds,
+      })),
+    });
+    const signed = await signer.sign({
+      method: 'POST',
+      protocol: endpoint.protocol,
+      hostname: endpoint.hostname,
+      ...(endpoint.port ? { port: Number(endpoint.port) } : {}),
+      path: endpoint.pathname,
+      query: {},
+      headers: {
+        host: endpoint.host,
+        'content-type': 'application/x-amz-json-1.0',
+        'x-amz-target': 'AmazonSQS.ChangeMessageVisibilityBatch',
+      },
+      body,
+    });
+    const response = await fetch(endpoint, {
+      method: 'POST',
+      headers: signed.headers,
+      body,
+      signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
+    });
+    const answer = (await response.json().catch(() => ({}))) as { Failed?: unknown[]; message?: string };
+    if (!response.ok)
+      throw new Error(`ChangeMessageVisibilityBatch: HTTP ${response.status} ${answer.message ?? ''}`);
+    if (answer.Failed?.length)
+      throw new Error(
+        `ChangeMessageVisibilityBatch: ${answer.Failed.length} entries failed: ${JSON.stringify(answer.Failed)}`,
+      );
+  };
+  return {
+    async retryIn(retries) {
+      for (let i = 0; i < retries.length; i += BATCH_ENTRIES) await send(retries.slice(i, i + BATCH_ENTRIES));
+    },
+  };
+}
