@@ -14,9 +14,9 @@
  * with the SDK's own SigV4 signer (already in the bundle, as is the credential chain). The full
  * `@aws-sdk/client-sqs` would add about 27 KB to the stream bundle (≤ 500 KB, issue 13).
  */
-import { createHash, createHmac, type Hash, type Hmac } from 'node:crypto';
+import { Hash } from '@smithy/core/serde';
 import { SignatureV4 } from '@smithy/signature-v4';
-import type { AwsCredentialIdentityProvider, Checksum, SourceData } from '@smithy/types';
+import type { AwsCredentialIdentityProvider } from '@smithy/types';
 
 export interface FrameRetry {
   /** The receipt handle of this receive of the record. */
@@ -41,28 +41,6 @@ const BATCH_ENTRIES = 10;
 /** One request's time limit: the handler is about to return, and a lost change costs only a delay. */
 const REQUEST_TIMEOUT_MS = 2_000;
 
-class Sha256 implements Checksum {
-  private readonly hash: Hash | Hmac;
-  constructor(secret?: SourceData) {
-    this.hash = secret === undefined ? createHash('sha256') : createHmac('sha256', toBuffer(secret));
-  }
-  update(data: Uint8Array): void {
-    this.hash.update(data);
-  }
-  async digest(): Promise<Uint8Array> {
-    return new Uint8Array(this.hash.digest());
-  }
-  reset(): void {
-    throw new Error('not supported');
-  }
-}
-
-function toBuffer(data: SourceData): Buffer {
-  if (typeof data === 'string') return Buffer.from(data, 'utf8');
-  if (ArrayBuffer.isView(data)) return Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-  return Buffer.from(data);
-}
-
 export interface SqsFrameQueueOptions {
   queueUrl: string;
   region: string;
@@ -78,7 +56,8 @@ export function sqsFrameQueue(options: SqsFrameQueueOptions): FrameQueuePort {
     service: 'sqs',
     region: options.region,
     credentials: options.credentials,
-    sha256: Sha256,
+    // The SDK's own Node hash, as its clients sign with.
+    sha256: Hash.bind(null, 'sha256'),
   });
   const send = async (retries: readonly FrameRetry[]): Promise<void> => {
     const body = JSON.stringify({
