@@ -77,7 +77,9 @@ export async function deliver(
  * queue is over within READ_BOUND_MS + POST_TIMEOUT_MS of the switch (`DIRECT_POST_BOUND_MS`),
  * which is what a late switch waits before `<enabled/>`.
  */
-export const READ_BOUND_MS = 500;
+// Long enough that a broadcast to a thousand contacts (about 1.6 s of posts, 16 at a time)
+// reads no row twice; a late <enable/> waits it out once.
+export const READ_BOUND_MS = 2_000;
 
 /** How long after a switch to a queue a direct post by an older read of the row can still land. */
 export const DIRECT_POST_BOUND_MS = READ_BOUND_MS + POST_TIMEOUT_MS;
