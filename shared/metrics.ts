@@ -69,7 +69,7 @@ export const METRICS = {
   },
   SmEnabledLate: {
     description:
-      'XEP-0198 `<enable/>`s that came after the window of counted direct posts (over a second after presence): `<enabled/>` waited for uncounted posts to be over',
+      'XEP-0198 `<enable/>`s that came after the window of counted direct posts (over 5 s after presence): `<enabled/>` waited for uncounted posts to be over',
   },
   SmResumed: { description: 'XEP-0198 sessions resumed' },
   SmResumeFailed: {

@@ -6,7 +6,18 @@ import { isTransientPostError } from '../outbound.ts';
 import { isTransientStoreError } from '../store/dynamo.ts';
 
 export function isTransient(error: unknown): boolean {
-  return isTransientStoreError(error) || isTransientPostError(error);
+  return error instanceof RetryLaterError || isTransientStoreError(error) || isTransientPostError(error);
+}
+
+/**
+ * The frame must wait longer than its invocation has left (e.g. a late XEP-0198 switch): it is
+ * handed back to the queue, which brings it again soon, and its next attempt waits the rest.
+ */
+export class RetryLaterError extends Error {
+  constructor(reason: string) {
+    super(reason);
+    this.name = 'RetryLaterError';
+  }
 }
 
 /**

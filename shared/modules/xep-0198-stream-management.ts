@@ -34,7 +34,7 @@ import {
 import { endSession, kickConnection } from '../core/lifecycle.ts';
 import { rerouteUndelivered } from '../core/router.ts';
 import { stampDelay } from '../core/stanzas.ts';
-import { isTransient } from '../core/transient.ts';
+import { isTransient, RetryLaterError } from '../core/transient.ts';
 import { StreamError } from '../errors.ts';
 import { type ConnectionState, ResourceTakenError, type SmState } from '../store/sessions.ts';
 import {
@@ -541,35 +541,65 @@ async function enable(stream: Stream, element: Element, version: SmVersion): Pro
   // Deliveries switch to the queue once no direct post to this resource is in flight (they are
   // counted while the stream may still switch: from bind until its first presence), so no
   // stanza the server did not number reaches the client after <enabled/>.
-  let refusal: string | undefined;
+  let switched: Switched;
   try {
-    refusal = await switchToQueue(server, user, resource, stream.connectionId, smId);
+    switched = await switchToQueue(server, user, resource, stream.connectionId, smId);
   } catch (error) {
     if (!(error instanceof ResourceTakenError)) throw error;
     // A new bind of this resource replaced the stream meanwhile (it is being closed with
     // <conflict/>): nothing to enable.
-    refusal = 'unexpected-request';
+    switched = { refusal: 'unexpected-request' };
   }
-  if (refusal) {
+  if ('refusal' in switched) {
     // The queue just made is ended, empty.
     await server.smQueue.end(smId, stream.connectionId, 0);
-    server.metrics.count('SmEnableRefused', 1, refusal);
-    server.log.info('stream management refused', { resource, condition: refusal });
-    return void (await stream.send(failed(version, refusal)));
+    server.metrics.count('SmEnableRefused', 1, switched.refusal);
+    server.log.info('stream management refused', { resource, condition: switched.refusal });
+    return void (await stream.send(failed(version, switched.refusal)));
   }
-  const sm: SmState = { version, id: smId, inbound: 0, acked: 0, resumable: wantsResume, max };
-  // Saved before <enabled/> goes out, with the frame that did it: see `handle`.
+  const sm: SmState = {
+    version,
+    id: smId,
+    inbound: 0,
+    acked: 0,
+    resumable: wantsResume,
+    max,
+    ...(switched.lateSince === undefined ? {} : { enabledAt: switched.lateSince + DIRECT_POST_BOUND_MS }),
+  };
+  // Saved before <enabled/> goes out, with the frame that did it: see `handle`. A redelivery
+  // finds the session and this queue (not a second one, whose switch would strand what the first
+  // took meanwhile).
   stream.update({ sm, ...(stream.frameId ? { smFrame: stream.frameId } : {}) });
   await stream.commit();
+  await answerEnable(stream, sm);
+}
 
-  const enabled = new Element('enabled', { xmlns: namespaceOf(version) });
-  if (wantsResume) {
-    enabled.attrs.id = smId;
+/**
+ * `<enabled/>`, once any wait for a late switch is over, then what the queue took meanwhile.
+ * A late switch's wait may not fit the invocation: the frame is handed back and its redelivery
+ * comes here again (see `handle`).
+ */
+async function answerEnable(stream: Stream, saved: SmState): Promise<void> {
+  const { server } = stream;
+  let sm = saved;
+  if (sm.enabledAt !== undefined) {
+    await waitOutDirectPosts(server, sm.enabledAt);
+    const { enabledAt: _done, ...rest } = sm;
+    sm = rest;
+  }
+  const enabled = new Element('enabled', { xmlns: namespaceOf(sm.version) });
+  if (sm.resumable) {
+    enabled.attrs.id = sm.id;
     enabled.attrs.resume = 'true';
-    if (version === 'sm3') enabled.attrs.max = String(max);
+    if (sm.version === 'sm3') enabled.attrs.max = String(sm.max);
   }
   await post(server, stream.connectionId, enabled);
-  server.metrics.count('SmEnabled', 1, version);
+  if (sm !== saved) {
+    // Late switches only: a redelivery from here on makes the client resume (see `handle`).
+    stream.update({ sm });
+    await stream.commit();
+  }
+  server.metrics.count('SmEnabled', 1, sm.version);
   await replayHeld(stream, sm, 0, []);
 }
 
@@ -583,23 +613,24 @@ async function enable(stream: Stream, element: Element, version: SmVersion): Pro
  * switch is over by then (it starts within READ_BOUND_MS of its read, an attempt ends within
  * POST_TIMEOUT_MS). Returns the condition `<enable/>` is refused with, if it is.
  */
+type Switched = { lateSince?: number } | { refusal: string };
+
 async function switchToQueue(
   server: Server,
   user: string,
   resource: string,
   connectionId: string,
   smId: string,
-): Promise<string | undefined> {
+): Promise<Switched> {
   const started = Date.now();
   const budget = (frameTimeLeft() ?? Number.POSITIVE_INFINITY) / 2;
   for (let check = 0; ; check++) {
     const outcome = await server.sessions.switchToQueue(user, resource, connectionId, smId);
-    if (outcome.kind === 'switched') return undefined;
+    if (outcome.kind === 'switched')
+      return outcome.lateSince === undefined ? {} : { lateSince: outcome.lateSince };
     if (outcome.kind === 'late') {
-      await server.sessions.switchToQueueLate(user, resource, connectionId, smId);
       server.metrics.count('SmEnabledLate');
-      await sleep(DIRECT_POST_BOUND_MS);
-      return undefined;
+      return { lateSince: await server.sessions.switchToQueueLate(user, resource, connectionId, smId) };
     }
     const pause = Math.min(25 * 2 ** check, 400);
     const now = Date.now();
@@ -608,10 +639,26 @@ async function switchToQueue(
       server.log.warn('stream management refused: direct posts to the resource stayed in flight', {
         resource,
       });
-      return 'resource-constraint';
+      return { refusal: 'resource-constraint' };
     }
     await sleep(pause);
   }
+}
+
+/**
+ * Waits until `until` (DIRECT_POST_BOUND_MS after a late switch): a direct post by a read of the
+ * row from before the switch is over then. If the invocation has not that much time left, the
+ * frame is handed back (retried soon) and its next attempt waits the rest.
+ */
+async function waitOutDirectPosts(server: Server, until: number): Promise<void> {
+  const wait = until - Date.now();
+  if (wait <= 0) return;
+  const left = frameTimeLeft();
+  if (left !== undefined && wait > left - 1000) {
+    server.log.info('late switch to the queue: the wait goes on in a later attempt', { wait });
+    throw new RetryLaterError('the late switch to the stream-management queue needs more time');
+  }
+  await sleep(wait);
 }
 
 /**
@@ -942,6 +989,9 @@ async function handle(stream: Stream, element: Element, version: SmVersion): Pro
     stream.frameId &&
     stream.state.smFrame === stream.frameId
   ) {
+    // A late switch's wait was cut short: <enabled/> has not gone out yet.
+    if (element.name === 'enable' && stream.state.sm?.enabledAt !== undefined)
+      return answerEnable(stream, stream.state.sm);
     // This very frame enabled or resumed the session, and failed later (its replay, the flood
     // after it): the client may hold <enabled/> or <resumed/> and part of a replay. Whatever it
     // got, a resume tells exactly: the socket is closed and the client resumes.

@@ -54,6 +54,11 @@ export interface SmState {
   resumable: boolean;
   /** Resumption window in seconds. */
   max: number;
+  /**
+   * Set while `<enabled/>` waits out a late switch to the queue (ms: until when): a redelivery
+   * of the `<enable/>` frame goes on waiting, then answers.
+   */
+  enabledAt?: number;
 }
 
 /**
@@ -200,6 +205,8 @@ export interface ResourceRecord {
   mayQueue?: boolean;
   /** The end of that window (ms), once the stream has sent presence. */
   mayQueueUntil?: number;
+  /** When the resource switched to its queue after that window (ms; see `switchToQueueLate`). */
+  lateSince?: number;
   /**
    * When this copy of the row was read (ms, taken before the request went out; not stored): a
    * direct post must start within a bound of it (see core/delivery.ts), or read the row again.
@@ -220,13 +227,24 @@ export const DIRECT_POST_LEASE_MS = 10_000;
 /** How far apart the functions' clocks may be, for the window of counted posts. */
 const CLOCK_MARGIN_MS = 100;
 
-/** How long after a stream's first presence its direct posts are still counted (mayQueue). */
-export const MAY_QUEUE_AFTER_PRESENCE_MS = 1_000;
+/**
+ * How long after a stream's first presence its direct posts are still counted (mayQueue): xmpp.js
+ * sends presence before its `<enable/>`, and the presence frame (an offline flood, a redelivery)
+ * may hold the enable back for seconds.
+ */
+export const MAY_QUEUE_AFTER_PRESENCE_MS = 5_000;
 
 /** What `switchToQueue` found. */
 export type QueueSwitch =
   /** The resource's deliveries go to the queue from now on. */
-  | { kind: 'switched' }
+  | {
+      kind: 'switched';
+      /**
+       * When an earlier attempt of this `<enable/>` switched late (ms): `<enabled/>` still waits
+       * until DIRECT_POST_BOUND_MS after it.
+       */
+      lateSince?: number;
+    }
   /** Direct posts to it are in flight, counting until `until` (ms): try again after them. */
   | { kind: 'posting'; until: number }
   /**
@@ -347,8 +365,11 @@ export interface SessionStore {
    * direct post to it is in flight. ResourceTakenError when the row is another connection's.
    */
   switchToQueue(user: string, resource: string, connectionId: string, smId: string): Promise<QueueSwitch>;
-  /** The switch once the window is over: unconditional but for the owner (ResourceTakenError). */
-  switchToQueueLate(user: string, resource: string, connectionId: string, smId: string): Promise<void>;
+  /**
+   * The switch once the window is over: unconditional but for the owner (ResourceTakenError).
+   * Returns when it was made (kept as `lateSince` on the row for a redelivered `<enable/>`).
+   */
+  switchToQueueLate(user: string, resource: string, connectionId: string, smId: string): Promise<number>;
   /**
    * Counts a direct post to a resource that may still switch to a queue; false when it may not
    * (it switched, its stream sent presence, or the row is another connection's): read it again.
@@ -414,6 +435,7 @@ function toResource(item: Record<string, unknown>, readAt?: number): ResourceRec
     heldUntil: item.heldUntil as number | undefined,
     mayQueue: item.mayQueue as boolean | undefined,
     mayQueueUntil: item.mayQueueUntil as number | undefined,
+    lateSince: item.lateSince as number | undefined,
     posting: item.posting as number | undefined,
     postingUntil: item.postingUntil as number | undefined,
     ...(readAt === undefined ? {} : { readAt }),
@@ -814,7 +836,7 @@ export function createSessionStore(
     async switchToQueue(user, resource, connectionId, smId) {
       const now = Date.now();
       try {
-        await doc.send(
+        const { Attributes } = await doc.send(
           new UpdateCommand({
             TableName: table,
             Key: resourceKey(user, resource),
@@ -830,9 +852,11 @@ export function createSessionStore(
               ':now': now,
               ':soon': now + CLOCK_MARGIN_MS,
             },
+            ReturnValues: 'ALL_OLD',
           }),
         );
-        return { kind: 'switched' };
+        const lateSince = Attributes?.lateSince as number | undefined;
+        return lateSince === undefined ? { kind: 'switched' } : { kind: 'switched', lateSince };
       } catch (error) {
         if (!isConditionFailure(error)) throw error;
       }
@@ -846,19 +870,22 @@ export function createSessionStore(
     },
 
     async switchToQueueLate(user, resource, connectionId, smId) {
+      const now = Date.now();
       await doc
         .send(
           new UpdateCommand({
             TableName: table,
             Key: resourceKey(user, resource),
-            UpdateExpression: 'SET smId = :smId REMOVE mayQueue, mayQueueUntil, posting, postingUntil',
+            UpdateExpression:
+              'SET smId = :smId, lateSince = :now REMOVE mayQueue, mayQueueUntil, posting, postingUntil',
             ConditionExpression: 'connectionId = :connectionId',
-            ExpressionAttributeValues: { ':connectionId': connectionId, ':smId': smId },
+            ExpressionAttributeValues: { ':connectionId': connectionId, ':smId': smId, ':now': now },
           }),
         )
         .catch((error: unknown) => {
           throw isConditionFailure(error) ? new ResourceTakenError(user, resource) : error;
         });
+      return now;
     },
 
     async beginDirectPost(user, resource, connectionId) {

@@ -264,6 +264,51 @@ describe('the switch to the queue at <enable/> (issue 11: "a mechanism that is c
   });
 });
 
+describe('a late switch whose wait does not fit the invocation', () => {
+  let short: TestStack;
+  beforeAll(async () => {
+    // A 3 s function: the 4 s wait of a late switch cannot be made in one invocation.
+    short = await startTestStack(
+      {},
+      { eventSource: { functionTimeoutMs: 3000, visibilityTimeoutMs: 18_000 } },
+    );
+    for (const user of ['tardy', 'prompt']) await short.addUser(`${user}@localhost`, `${user}-pw`);
+  });
+  afterAll(() => short?.close());
+
+  it('hands the frame back and answers once on its redelivery: one <enabled/>, and what came meanwhile is numbered after it', async () => {
+    const client = await RawClient.connect(short.url);
+    raws.push(client);
+    await client.login('tardy', 'tardy-pw', 'late');
+    client.send('<presence/>');
+    await client.until((el) => el.name === 'presence');
+    await new Promise((resolve) => setTimeout(resolve, MAY_QUEUE_AFTER_PRESENCE_MS + 200));
+    const sender = await RawClient.connect(short.url);
+    raws.push(sender);
+    await sender.login('prompt', 'prompt-pw', 'desk');
+    client.send(`<enable xmlns='${SM3}' resume='true'/>`);
+    // Sent while <enabled/> waits: it goes to the queue and comes after <enabled/>, numbered 1.
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    sender.send(`<message to='tardy@localhost/late' type='chat'><body>during the wait</body></message>`);
+    const seen: Element[] = [];
+    for (;;) {
+      const el = await client.next(15_000);
+      seen.push(el);
+      if (el.name === 'message') break;
+    }
+    const enabledAt = seen.findIndex((el) => el.is('enabled', SM3));
+    expect(enabledAt).toBeGreaterThanOrEqual(0);
+    expect(seen.filter((el) => el.name === 'enabled')).toHaveLength(1);
+    expect(seen.at(-1)?.getChildText('body')).toBe('during the wait');
+    client.send(`<a xmlns='${SM3}' h='1'/>`);
+    client.send(`<r xmlns='${SM3}'/>`);
+    expect((await client.until((el) => el.name === 'a')).attrs.h).toBe('0');
+    // And no second <enabled/> after it.
+    expect((await client.framesBeforePong()).filter((text) => text.includes('<enabled'))).toEqual([]);
+    expect(short.gateway.deadLetters()).toEqual([]);
+  });
+});
+
 describe('counting (sm:3)', () => {
   it('counts every stanza after enable, refused ones and explicit jabber:client ones too; nonzas do not count', async () => {
     const client = await raw('juliet', 'count');
