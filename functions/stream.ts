@@ -161,6 +161,7 @@ async function retrySoon(
   event: SQSEvent,
   response: SQSBatchResponse,
   options: StreamHandlerOptions,
+  timeoutMs: number,
 ): Promise<void> {
   if (!options.frameQueue || response.batchItemFailures.length === 0) return;
   const failed = new Set(response.batchItemFailures.map((failure) => failure.itemIdentifier));
@@ -172,7 +173,7 @@ async function retrySoon(
     }),
   );
   try {
-    await options.frameQueue.retryIn(retries);
+    await options.frameQueue.retryIn(retries, timeoutMs);
   } catch (error) {
     server.log.warn('frames handed back wait for the visibility timeout', { error });
   }
@@ -222,7 +223,9 @@ export function createStreamHandler(server: Server, options: StreamHandlerOption
         },
       );
       countFailures(server, event, response, maxReceiveCount);
-      await retrySoon(server, event, response, options);
+      // Within the time left (a timeout would redeliver the whole batch, handled records too).
+      const timeoutMs = Math.min(2000, (remainingMs?.() ?? 2200) - 200);
+      if (timeoutMs >= 100) await retrySoon(server, event, response, options, timeoutMs);
       return response;
     } finally {
       options.publishMetrics?.(server.metrics.drain());

@@ -9,7 +9,8 @@
  * `-c settings='{"OFFLINE_QUOTA":"5000","SM_MAX_SECONDS":"600"}'`, plus the stack's own settings
  * (DEPLOY_SETTINGS in infra/stack.ts: `STREAM_LOG_LEVEL` and the like, `TRACING`); `domainName` and
  * `certificateArn` together, a custom host name for the WebSocket endpoint (an ACM certificate
- * in the stack's region).
+ * in the stack's region); `keepRetiredIndexes=true` for the first of two deployments that replace
+ * an index (README, "Upgrading").
  *
  * The stack is environment-agnostic (no account or region, no lookups), so synth runs offline.
  */
@@ -20,6 +21,7 @@ import { NimbusStack } from './stack.ts';
 const app = new App();
 const domain = String(app.node.tryGetContext('domain') ?? 'localhost').toLowerCase();
 const manageApiGatewayAccountRole = String(app.node.tryGetContext('manageApiGatewayAccountRole')) !== 'false';
+const keepRetiredIndexes = String(app.node.tryGetContext('keepRetiredIndexes')) === 'true';
 const rawSettings: unknown = app.node.tryGetContext('settings') ?? {};
 const settings = (typeof rawSettings === 'string' ? JSON.parse(rawSettings) : rawSettings) as Record<
   string,
@@ -38,6 +40,7 @@ new NimbusStack(app, 'Nimbus', {
   description: `Nimbus: serverless XMPP server for ${domain}`,
   domain,
   manageApiGatewayAccountRole,
+  keepRetiredIndexes,
   settings,
   ...(domainName && certificateArn
     ? {

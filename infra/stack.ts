@@ -60,6 +60,8 @@ export interface NimbusStackProps extends StackProps {
   domain: string;
   /** See `WebSocketGatewayProps.manageAccountLogRole`. Default true. */
   manageApiGatewayAccountRole?: boolean;
+  /** See `XmppTablesProps.keepRetiredIndexes` (README, "Upgrading"). Default false. */
+  keepRetiredIndexes?: boolean;
   /**
    * Tuning for the stream and sweeper functions (names from `TUNABLE_SETTINGS`) and the
    * deployment's own settings (`DEPLOY_SETTINGS`: log level per function, tracing).
@@ -153,7 +155,7 @@ export class NimbusStack extends Stack {
     const domainEnvironment = { XMPP_DOMAIN: props.domain };
     const entry = (name: FunctionName) => `${PROJECT_ROOT}functions/${name}.ts`;
 
-    this.tables = new XmppTables(this, 'Tables');
+    this.tables = new XmppTables(this, 'Tables', { keepRetiredIndexes: props.keepRetiredIndexes ?? false });
     this.frameQueue = new FrameQueue(this, 'FrameQueue', { consumerTimeout: STREAM_TIMEOUT });
 
     const connect = new XmppFunction(this, 'Connect', {

@@ -26,8 +26,11 @@ export interface FrameRetry {
 }
 
 export interface FrameQueuePort {
-  /** Best effort: a record not changed comes back after the visibility timeout, as before. */
-  retryIn(retries: readonly FrameRetry[]): Promise<void>;
+  /**
+   * Best effort: a record not changed comes back after the visibility timeout, as before.
+   * `timeoutMs` bounds the whole call (default 2 s).
+   */
+  retryIn(retries: readonly FrameRetry[], timeoutMs?: number): Promise<void>;
 }
 
 /** How soon a record is retried: 1, 2, 4 … seconds by its receive count, at most `maxSeconds`. */
@@ -38,7 +41,7 @@ export function retryDelaySeconds(receiveCount: number, maxSeconds: number): num
 /** SQS's limit of entries per batch request. */
 const BATCH_ENTRIES = 10;
 
-/** One request's time limit: the handler is about to return, and a lost change costs only a delay. */
+/** The call's time limit by default: the handler is about to return, and a lost change costs only a delay. */
 const REQUEST_TIMEOUT_MS = 2_000;
 
 export interface SqsFrameQueueOptions {
@@ -59,7 +62,7 @@ export function sqsFrameQueue(options: SqsFrameQueueOptions): FrameQueuePort {
     // The SDK's own Node hash, as its clients sign with.
     sha256: Hash.bind(null, 'sha256'),
   });
-  const send = async (retries: readonly FrameRetry[]): Promise<void> => {
+  const send = async (retries: readonly FrameRetry[], signal: AbortSignal): Promise<void> => {
     const body = JSON.stringify({
       QueueUrl: options.queueUrl,
       Entries: retries.map((retry, index) => ({
@@ -86,7 +89,7 @@ export function sqsFrameQueue(options: SqsFrameQueueOptions): FrameQueuePort {
       method: 'POST',
       headers: signed.headers,
       body,
-      signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
+      signal,
     });
     const answer = (await response.json().catch(() => ({}))) as { Failed?: unknown[]; message?: string };
     if (!response.ok)
@@ -97,8 +100,10 @@ export function sqsFrameQueue(options: SqsFrameQueueOptions): FrameQueuePort {
       );
   };
   return {
-    async retryIn(retries) {
-      for (let i = 0; i < retries.length; i += BATCH_ENTRIES) await send(retries.slice(i, i + BATCH_ENTRIES));
+    async retryIn(retries, timeoutMs = REQUEST_TIMEOUT_MS) {
+      const signal = AbortSignal.timeout(timeoutMs);
+      for (let i = 0; i < retries.length; i += BATCH_ENTRIES)
+        await send(retries.slice(i, i + BATCH_ENTRIES), signal);
     },
   };
 }

@@ -52,11 +52,32 @@ function projection(
   };
 }
 
+/**
+ * Indexes a stack deployed before may still carry, kept for one deployment when asked
+ * (`keepRetiredIndexes`): CloudFormation cannot delete one global secondary index and create
+ * another in the same update, so a stack moves from one to the other in two deployments.
+ */
+export const RETIRED_INDEXES: Partial<Record<TableDefinition['id'], IndexDefinition[]>> = {
+  // Until 2026-11-29: the sweep index with the whole item projected (now `bySweepKeys`, keys only).
+  Sessions: [
+    {
+      indexName: 'bySweepTime',
+      partitionKey: { name: 'sweepShard', type: 'S' },
+      sortKey: { name: 'sweepAt', type: 'N' },
+    },
+  ],
+};
+
+export interface XmppTablesProps {
+  /** Keep RETIRED_INDEXES beside the current ones (the first of two deployments that replace them). */
+  keepRetiredIndexes?: boolean;
+}
+
 /** One DynamoDB table per definition in `shared/tables.ts`; nothing about a table is restated here. */
 export class XmppTables extends Construct {
   private readonly tables = new Map<TableDefinition['id'], dynamodb.TableV2>();
 
-  constructor(scope: Construct, id: string) {
+  constructor(scope: Construct, id: string, props: XmppTablesProps = {}) {
     super(scope, id);
     for (const def of allTables) {
       this.tables.set(
@@ -64,7 +85,10 @@ export class XmppTables extends Construct {
         new dynamodb.TableV2(this, def.id, {
           partitionKey: attribute(def.partitionKey),
           sortKey: attribute(def.sortKey),
-          globalSecondaryIndexes: def.globalSecondaryIndexes.map((index) => ({
+          globalSecondaryIndexes: [
+            ...def.globalSecondaryIndexes,
+            ...(props.keepRetiredIndexes ? (RETIRED_INDEXES[def.id] ?? []) : []),
+          ].map((index) => ({
             indexName: index.indexName,
             partitionKey: attribute(index.partitionKey),
             sortKey: index.sortKey && attribute(index.sortKey),

@@ -10,6 +10,7 @@ import { StanzaError } from '../errors.ts';
 import { POST_TIMEOUT_MS, type PostResult, serialize } from '../outbound.ts';
 import type { ResourceRecord } from '../store/sessions.ts';
 import type { DeliveryOptions, DeliveryResult, Server } from './host.ts';
+import { RetryLaterError } from './transient.ts';
 
 /** API Gateway's limit for one message to a client (PostToConnection), in bytes. */
 export const POST_LIMIT_BYTES = 128 * 1024;
@@ -99,16 +100,16 @@ async function deliverDirect(
   reads = 0,
 ): Promise<DeliveryResult> {
   const { user, resource, connectionId } = target;
-  const readAt = target.readAt ?? Date.now();
+  // A record of unknown age is read again before anything is posted by it.
+  const readAt = target.readAt ?? Number.NEGATIVE_INFINITY;
   const again = async (): Promise<DeliveryResult> => {
     const now = await server.sessions.getResource(user, resource);
-    if (now && now.connectionId === connectionId) {
-      if (now.smId) return deliver(server, now, stanza, options);
-      if (reads < 3) return deliverDirect(server, now, stanza, options, reads + 1);
-    }
-    // Another connection's now, or gone (this stream is ending), or a row read three times
-    // more for one stanza: posted as is.
-    return (await postDirect(server, target, stanza)) as DeliveryResult;
+    // Gone: the session ended; the caller re-routes (its end re-routes what it held).
+    if (!now) return 'gone';
+    if (now.smId || now.connectionId !== connectionId) return deliver(server, now, stanza, options);
+    if (reads < 3) return deliverDirect(server, now, stanza, options, reads + 1);
+    // Three reads, each too old by the time its post would start: the frame is tried again.
+    throw new RetryLaterError('a direct post could not start in time after its row was read');
   };
   const counted = target.mayQueue === true && readAt < (target.mayQueueUntil ?? Number.POSITIVE_INFINITY);
   if (counted && !(await server.sessions.beginDirectPost(user, resource, connectionId))) return again();
@@ -116,7 +117,11 @@ async function deliverDirect(
     const result = await postDirect(server, target, stanza, readAt + READ_BOUND_MS);
     return result === 'stale' ? await again() : result;
   } finally {
-    if (counted) await server.sessions.endDirectPost(user, resource, connectionId);
+    // A lost end only holds a switch until the count's lease runs out: never fails the delivery.
+    if (counted)
+      await server.sessions.endDirectPost(user, resource, connectionId).catch((error: unknown) => {
+        server.log.warn('direct post count not ended (its lease will)', { connectionId, error });
+      });
   }
 }
 

@@ -557,9 +557,14 @@ async function enable(stream: Stream, element: Element, version: SmVersion): Pro
     server.log.info('stream management refused', { resource, condition: switched.refusal });
     return void (await stream.send(failed(version, switched.refusal)));
   }
+  if (switched.smId !== smId) {
+    // An earlier attempt of this frame switched the row to its queue (and failed before saving
+    // the session): that queue stays, it may hold stanzas already; the one just made goes.
+    await server.smQueue.end(smId, stream.connectionId, 0);
+  }
   const sm: SmState = {
     version,
-    id: smId,
+    id: switched.smId,
     inbound: 0,
     acked: 0,
     resumable: wantsResume,
@@ -586,6 +591,10 @@ async function answerEnable(stream: Stream, saved: SmState): Promise<void> {
     await waitOutDirectPosts(server, sm.enabledAt);
     const { enabledAt: _done, ...rest } = sm;
     sm = rest;
+    // Saved before <enabled/> goes out, as on the prompt path: a redelivery from here on makes
+    // the client resume (see `handle`) rather than answer twice.
+    stream.update({ sm });
+    await stream.commit();
   }
   const enabled = new Element('enabled', { xmlns: namespaceOf(sm.version) });
   if (sm.resumable) {
@@ -594,11 +603,6 @@ async function answerEnable(stream: Stream, saved: SmState): Promise<void> {
     if (sm.version === 'sm3') enabled.attrs.max = String(sm.max);
   }
   await post(server, stream.connectionId, enabled);
-  if (sm !== saved) {
-    // Late switches only: a redelivery from here on makes the client resume (see `handle`).
-    stream.update({ sm });
-    await stream.commit();
-  }
   server.metrics.count('SmEnabled', 1, sm.version);
   await replayHeld(stream, sm, 0, []);
 }
@@ -613,7 +617,7 @@ async function answerEnable(stream: Stream, saved: SmState): Promise<void> {
  * switch is over by then (it starts within READ_BOUND_MS of its read, an attempt ends within
  * POST_TIMEOUT_MS). Returns the condition `<enable/>` is refused with, if it is.
  */
-type Switched = { lateSince?: number } | { refusal: string };
+type Switched = { smId: string; lateSince?: number } | { refusal: string };
 
 async function switchToQueue(
   server: Server,
@@ -626,11 +630,13 @@ async function switchToQueue(
   const budget = (frameTimeLeft() ?? Number.POSITIVE_INFINITY) / 2;
   for (let check = 0; ; check++) {
     const outcome = await server.sessions.switchToQueue(user, resource, connectionId, smId);
-    if (outcome.kind === 'switched')
-      return outcome.lateSince === undefined ? {} : { lateSince: outcome.lateSince };
+    if (outcome.kind === 'switched') {
+      if (outcome.lateSince !== undefined) server.metrics.count('SmEnabledLate');
+      return outcome;
+    }
     if (outcome.kind === 'late') {
       server.metrics.count('SmEnabledLate');
-      return { lateSince: await server.sessions.switchToQueueLate(user, resource, connectionId, smId) };
+      return server.sessions.switchToQueueLate(user, resource, connectionId, smId);
     }
     const pause = Math.min(25 * 2 ** check, 400);
     const now = Date.now();
@@ -651,7 +657,8 @@ async function switchToQueue(
  * frame is handed back (retried soon) and its next attempt waits the rest.
  */
 async function waitOutDirectPosts(server: Server, until: number): Promise<void> {
-  const wait = until - Date.now();
+  // A margin for the latency of the write that made the switch (its time is taken around it).
+  const wait = until + 250 - Date.now();
   if (wait <= 0) return;
   const left = frameTimeLeft();
   if (left !== undefined && wait > left - 1000) {

@@ -240,8 +240,15 @@ export type QueueSwitch =
   | {
       kind: 'switched';
       /**
-       * When an earlier attempt of this `<enable/>` switched late (ms): `<enabled/>` still waits
-       * until DIRECT_POST_BOUND_MS after it.
+       * The queue the row names now: an earlier attempt of this `<enable/>` (a redelivery whose
+       * first attempt switched but did not save its session) keeps its own, which may hold
+       * stanzas already; the caller then drops the queue it has just made.
+       */
+      smId: string;
+      /**
+       * When the switch may have let a post by an uncounted read through (ms): it was late (an
+       * earlier attempt's), or the write landed past the window. `<enabled/>` waits until
+       * DIRECT_POST_BOUND_MS after it.
        */
       lateSince?: number;
     }
@@ -369,7 +376,12 @@ export interface SessionStore {
    * The switch once the window is over: unconditional but for the owner (ResourceTakenError).
    * Returns when it was made (kept as `lateSince` on the row for a redelivered `<enable/>`).
    */
-  switchToQueueLate(user: string, resource: string, connectionId: string, smId: string): Promise<number>;
+  switchToQueueLate(
+    user: string,
+    resource: string,
+    connectionId: string,
+    smId: string,
+  ): Promise<{ smId: string; lateSince: number }>;
   /**
    * Counts a direct post to a resource that may still switch to a queue; false when it may not
    * (it switched, its stream sent presence, or the row is another connection's): read it again.
@@ -840,7 +852,8 @@ export function createSessionStore(
           new UpdateCommand({
             TableName: table,
             Key: resourceKey(user, resource),
-            UpdateExpression: 'SET smId = :smId REMOVE mayQueue, mayQueueUntil, posting, postingUntil',
+            UpdateExpression:
+              'SET smId = if_not_exists(smId, :smId) REMOVE mayQueue, mayQueueUntil, posting, postingUntil',
             // Still in the window (with a margin for the clocks of the posters that read it), or
             // this connection's own earlier switch (a redelivered <enable/>); no post in flight.
             ConditionExpression:
@@ -855,8 +868,15 @@ export function createSessionStore(
             ReturnValues: 'ALL_OLD',
           }),
         );
-        const lateSince = Attributes?.lateSince as number | undefined;
-        return lateSince === undefined ? { kind: 'switched' } : { kind: 'switched', lateSince };
+        const landed = Date.now();
+        const earlier = Attributes?.smId as string | undefined;
+        let lateSince = Attributes?.lateSince as number | undefined;
+        // The SDK may have sent the write again later than `:soon` says: a poster that read the
+        // row past the window's end did not count its post.
+        const until = Attributes?.mayQueueUntil as number | undefined;
+        if (earlier === undefined && until !== undefined && landed + CLOCK_MARGIN_MS >= until)
+          lateSince = landed;
+        return { kind: 'switched', smId: earlier ?? smId, ...(lateSince === undefined ? {} : { lateSince }) };
       } catch (error) {
         if (!isConditionFailure(error)) throw error;
       }
@@ -870,22 +890,28 @@ export function createSessionStore(
     },
 
     async switchToQueueLate(user, resource, connectionId, smId) {
-      const now = Date.now();
-      await doc
+      const { Attributes } = await doc
         .send(
           new UpdateCommand({
             TableName: table,
             Key: resourceKey(user, resource),
             UpdateExpression:
-              'SET smId = :smId, lateSince = :now REMOVE mayQueue, mayQueueUntil, posting, postingUntil',
+              'SET smId = if_not_exists(smId, :smId), lateSince = if_not_exists(lateSince, :now) REMOVE mayQueue, mayQueueUntil, posting, postingUntil',
             ConditionExpression: 'connectionId = :connectionId',
-            ExpressionAttributeValues: { ':connectionId': connectionId, ':smId': smId, ':now': now },
+            ExpressionAttributeValues: { ':connectionId': connectionId, ':smId': smId, ':now': Date.now() },
+            ReturnValues: 'ALL_NEW',
           }),
         )
         .catch((error: unknown) => {
           throw isConditionFailure(error) ? new ResourceTakenError(user, resource) : error;
         });
-      return now;
+      // The wait runs from when the switch was surely made: this answer, or the stored time of
+      // an earlier attempt's switch.
+      const effective = Attributes?.smId as string;
+      return {
+        smId: effective,
+        lateSince: effective === smId ? Date.now() : (Attributes?.lateSince as number),
+      };
     },
 
     async beginDirectPost(user, resource, connectionId) {

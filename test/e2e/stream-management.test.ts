@@ -61,6 +61,12 @@ function failedCondition(el: Element): string | undefined {
   return el.getChildElements().find((c) => c.attrs.xmlns === STANZAS)?.name;
 }
 
+/** Waits until the sender's earlier frames were handled: its frames run in order. */
+async function routed(sender: RawClient, id: string): Promise<void> {
+  sender.send(`<iq type='get' id='${id}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+  await sender.until((el) => el.attrs.id === id);
+}
+
 /** Waits until the server has seen the socket go and keeps the session for its window. */
 async function detached(smId: string): Promise<void> {
   await eventually(async () => {
@@ -243,6 +249,38 @@ describe('the switch to the queue at <enable/> (issue 11: "a mechanism that is c
     client.send(`<a xmlns='${SM3}' h='1'/>`);
     client.send(`<r xmlns='${SM3}'/>`);
     expect((await client.until((el) => el.name === 'a')).attrs.h).toBe('0');
+  });
+
+  it('keeps the first queue when <enable/> is tried again after its switch: what that queue took comes after <enabled/>', async () => {
+    await stack.addUser('gregor@localhost', 'gregor-pw');
+    const client = await raw('gregor', 'retry');
+    const sender = await raw('friar', 'to-gregor');
+    const sessions: SessionStore = stack.server.sessions;
+    const update = sessions.updateConnection.bind(sessions);
+    let firstQueue: string | undefined;
+    // The session's save after the switch meets a throttle past the SDK's retries, once; just
+    // before, a message is routed to the (held) queue the row names.
+    const restore = intercept(sessions, 'updateConnection', async (connectionId, changes, options) => {
+      if (changes.sm && firstQueue === undefined) {
+        firstQueue = (await sessions.getResource('gregor@localhost', 'retry'))?.smId;
+        sender.send(
+          `<message to='gregor@localhost/retry' type='chat'><body>into the first queue</body></message>`,
+        );
+        await routed(sender, 'queued');
+        throw throttlingError();
+      }
+      return update(connectionId, changes, options);
+    });
+    try {
+      client.send(`<enable xmlns='${SM3}' resume='true'/>`);
+      const enabled = await client.until((el) => el.name === 'enabled', 10_000);
+      expect(firstQueue).toBeDefined();
+      expect(enabled.attrs.id).toBe(firstQueue);
+      const message = await client.until((el) => el.name === 'message', 5000);
+      expect(message.getChildText('body')).toBe('into the first queue');
+    } finally {
+      restore();
+    }
   });
 
   it('switches exactly for stock xmpp.js, which sends presence on "online" just before its <enable/>', async () => {

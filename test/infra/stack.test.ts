@@ -5,10 +5,11 @@
  */
 import { readFileSync } from 'node:fs';
 import type { PolicyValidationPluginReport } from 'aws-cdk-lib';
-import { App, type CfnElement } from 'aws-cdk-lib';
+import { App, type CfnElement, Stack } from 'aws-cdk-lib';
 import { Match, Template } from 'aws-cdk-lib/assertions';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { RETIRED_INDEXES, XmppTables } from '../../infra/constructs/tables.ts';
 import { STAGE_NAME } from '../../infra/constructs/websocket-gateway.ts';
 import { FUNCTION_MEMORY_MB } from '../../infra/constructs/xmpp-function.ts';
 import { checkedSettings, NimbusStack, STREAM_TIMEOUT } from '../../infra/stack.ts';
@@ -17,6 +18,7 @@ import {
   allTables,
   type IndexDefinition,
   projectionOf,
+  SWEEP_INDEX,
   sessionsTable,
   usersTable,
 } from '../../shared/tables.ts';
@@ -541,5 +543,33 @@ describe('cdk-nag AwsSolutions', () => {
     }));
     expect(findings).toEqual([]);
     expect(nagReport.success).toBe(true);
+  });
+});
+
+describe('upgrading across an index change', () => {
+  // CloudFormation cannot delete one global secondary index and create another in one update:
+  // a stack deployed with the retired index moves in two deployments (README, "Upgrading").
+  const sessionsIndexes = (keepRetiredIndexes: boolean) => {
+    const scope = new Stack(new App(), 'Tables');
+    new XmppTables(scope, 'Tables', { keepRetiredIndexes });
+    const [table] = Object.values(
+      Template.fromStack(scope).findResources('AWS::DynamoDB::GlobalTable'),
+    ).filter((resource) =>
+      (resource.Properties.GlobalSecondaryIndexes ?? []).some(
+        (index: { IndexName: string }) => index.IndexName === SWEEP_INDEX,
+      ),
+    );
+    return (
+      table.Properties.GlobalSecondaryIndexes as {
+        IndexName: string;
+        Projection: { ProjectionType: string };
+      }[]
+    ).map((index) => `${index.IndexName} ${index.Projection.ProjectionType}`);
+  };
+
+  it('keeps the retired sweep index beside the new one when asked, and drops it otherwise', () => {
+    expect(sessionsIndexes(false)).toEqual(['bySweepKeys KEYS_ONLY']);
+    expect(sessionsIndexes(true)).toEqual(['bySweepKeys KEYS_ONLY', 'bySweepTime ALL']);
+    expect(RETIRED_INDEXES.Sessions?.map((index) => index.indexName)).toEqual(['bySweepTime']);
   });
 });

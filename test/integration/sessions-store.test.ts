@@ -306,14 +306,15 @@ describe('presence and flags: only the owning connection writes', () => {
   it('switchToQueue sets smId for the owner while the stream may switch; another connection is refused', async () => {
     const user = freshUser('sm');
     await sessions.bindResource(record(user, 'r', 'c1', { mayQueue: true }));
-    expect(await sessions.switchToQueue(user, 'r', 'c1', 'sm-a')).toEqual({ kind: 'switched' });
+    expect(await sessions.switchToQueue(user, 'r', 'c1', 'sm-a')).toEqual({ kind: 'switched', smId: 'sm-a' });
     const row = await rawItem(`user#${user}`, 'res#r');
     expect(row?.smId).toBe('sm-a');
     expect(row).not.toHaveProperty('mayQueue');
-    // A redelivered <enable/> of the same connection sets its new queue.
-    expect(await sessions.switchToQueue(user, 'r', 'c1', 'sm-b')).toEqual({ kind: 'switched' });
+    // A redelivered <enable/> of the same connection keeps the queue its first attempt switched to
+    // (it may hold stanzas already): the answer names it.
+    expect(await sessions.switchToQueue(user, 'r', 'c1', 'sm-b')).toEqual({ kind: 'switched', smId: 'sm-a' });
     await expect(sessions.switchToQueue(user, 'r', 'c2', 'sm-x')).rejects.toBeInstanceOf(ResourceTakenError);
-    expect((await sessions.getResource(user, 'r'))?.smId).toBe('sm-b');
+    expect((await sessions.getResource(user, 'r'))?.smId).toBe('sm-a');
     await expect(sessions.switchToQueue(user, 'unbound', 'c1', 'sm-c')).rejects.toBeInstanceOf(
       ResourceTakenError,
     );
@@ -331,7 +332,7 @@ describe('presence and flags: only the owning connection writes', () => {
       Date.now() + DIRECT_POST_LEASE_MS - 5000,
     );
     await sessions.endDirectPost(user, 'r', 'c1');
-    expect(await sessions.switchToQueue(user, 'r', 'c1', 'sm-a')).toEqual({ kind: 'switched' });
+    expect(await sessions.switchToQueue(user, 'r', 'c1', 'sm-a')).toEqual({ kind: 'switched', smId: 'sm-a' });
     // Switched: posts are no longer counted (they go to the queue), and the count is gone.
     expect(await sessions.beginDirectPost(user, 'r', 'c1')).toBe(false);
     await sessions.endDirectPost(user, 'r', 'c1');
@@ -346,7 +347,10 @@ describe('presence and flags: only the owning connection writes', () => {
     expect(until).toBeGreaterThanOrEqual(before + MAY_QUEUE_AFTER_PRESENCE_MS);
     await sessions.updatePresence(present, 'r', 'c1', { available: true, priority: 1 });
     expect((await sessions.getResource(present, 'r'))?.mayQueueUntil).toBe(until);
-    expect(await sessions.switchToQueue(present, 'r', 'c1', 'sm-a')).toEqual({ kind: 'switched' });
+    expect(await sessions.switchToQueue(present, 'r', 'c1', 'sm-a')).toEqual({
+      kind: 'switched',
+      smId: 'sm-a',
+    });
 
     // Past the grace the switch is late: made unconditionally by the owner.
     const late = freshUser('late');
@@ -356,9 +360,22 @@ describe('presence and flags: only the owning connection writes', () => {
     await expect(sessions.switchToQueueLate(late, 'r', 'c2', 'sm-x')).rejects.toBeInstanceOf(
       ResourceTakenError,
     );
-    await sessions.switchToQueueLate(late, 'r', 'c1', 'sm-a');
+    const before2 = Date.now();
+    const made = await sessions.switchToQueueLate(late, 'r', 'c1', 'sm-a');
+    expect(made.smId).toBe('sm-a');
+    expect(made.lateSince).toBeGreaterThanOrEqual(before2);
     const switched = await rawItem(`user#${late}`, 'res#r');
     expect(switched?.smId).toBe('sm-a');
+    // A redelivery keeps the first attempt's queue and the time of its switch.
+    expect(await sessions.switchToQueueLate(late, 'r', 'c1', 'sm-b')).toEqual({
+      smId: 'sm-a',
+      lateSince: switched?.lateSince,
+    });
+    expect(await sessions.switchToQueue(late, 'r', 'c1', 'sm-c')).toEqual({
+      kind: 'switched',
+      smId: 'sm-a',
+      lateSince: switched?.lateSince,
+    });
     expect(switched).not.toHaveProperty('mayQueue');
     expect(switched).not.toHaveProperty('mayQueueUntil');
   });
@@ -368,7 +385,7 @@ describe('presence and flags: only the owning connection writes', () => {
     await sessions.bindResource(
       record(user, 'r', 'c1', { mayQueue: true, posting: 1, postingUntil: Date.now() - 1 }),
     );
-    expect(await sessions.switchToQueue(user, 'r', 'c1', 'sm-a')).toEqual({ kind: 'switched' });
+    expect(await sessions.switchToQueue(user, 'r', 'c1', 'sm-a')).toEqual({ kind: 'switched', smId: 'sm-a' });
   });
 });
 
