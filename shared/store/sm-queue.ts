@@ -253,22 +253,30 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
    * one that moved on since the index saw it (the index lags) is left out.
    */
   async function listSwept(shard: string, upTo: number, limit: number): Promise<SmQueueItem[]> {
-    const { Items = [] } = await doc.send(
-      new QueryCommand({
-        TableName: table,
-        IndexName: SWEEP_INDEX,
-        KeyConditionExpression: 'sweepShard = :shard AND sweepAt <= :upTo',
-        ExpressionAttributeValues: { ':shard': shard, ':upTo': upTo },
-        Limit: limit,
-      }),
-    );
-    if (Items.length === 0) return [];
-    const keys = Items.map((item) => ({ pk: item.pk as string, sk: item.sk as string }));
-    const rows = await batchGetAll(doc, table, keys, { consistent: true, concurrency: 4 });
-    return rows
-      .filter((row) => row.sweepShard === shard && typeof row.sweepAt === 'number' && row.sweepAt <= upTo)
-      .map(toItem)
-      .sort((a, b) => (a.sweepAt ?? 0) - (b.sweepAt ?? 0));
+    const found: SmQueueItem[] = [];
+    let start: Record<string, unknown> | undefined;
+    // Pages until `limit` items are found or the index has no more: a page the check shortened
+    // does not read as the last one to the sweeper (it stops at a short page).
+    do {
+      const { Items = [], LastEvaluatedKey } = await doc.send(
+        new QueryCommand({
+          TableName: table,
+          IndexName: SWEEP_INDEX,
+          KeyConditionExpression: 'sweepShard = :shard AND sweepAt <= :upTo',
+          ExpressionAttributeValues: { ':shard': shard, ':upTo': upTo },
+          Limit: limit - found.length,
+          ...(start ? { ExclusiveStartKey: start } : {}),
+        }),
+      );
+      start = LastEvaluatedKey;
+      if (Items.length === 0) break;
+      const keys = Items.map((item) => ({ pk: item.pk as string, sk: item.sk as string }));
+      const rows = await batchGetAll(doc, table, keys, { consistent: true, concurrency: 4 });
+      for (const row of rows)
+        if (row.sweepShard === shard && typeof row.sweepAt === 'number' && row.sweepAt <= upTo)
+          found.push(toItem(row));
+    } while (start && found.length < limit);
+    return found.sort((a, b) => (a.sweepAt ?? 0) - (b.sweepAt ?? 0));
   }
 
   return {
