@@ -7,7 +7,7 @@
  */
 import type { Element } from 'ltx';
 import { StanzaError } from '../errors.ts';
-import { POST_TIMEOUT_MS, type PostResult, serialize } from '../outbound.ts';
+import { type BoundedPostResult, POST_TIMEOUT_MS, type PostResult, serialize } from '../outbound.ts';
 import type { ResourceRecord } from '../store/sessions.ts';
 import type { DeliveryOptions, DeliveryResult, Server } from './host.ts';
 import { RetryLaterError } from './transient.ts';
@@ -131,11 +131,8 @@ async function postDirect(
   stanza: Element,
   notAfter?: number,
 ): Promise<DeliveryResult | 'stale'> {
-  const data = serialize(stanza);
-  if (Buffer.byteLength(data) > POST_LIMIT_BYTES) throw tooLargeError();
-  const outcome = await server.outbound.post(target.connectionId, data, notAfter);
+  const outcome = await postBounded(server, target.connectionId, stanza, notAfter);
   if (outcome === 'stale') return 'stale';
-  countPost(server, target.connectionId, stanza, outcome);
   const result = outcome === 'unknown' ? 'sent' : outcome;
   if (result === 'gone') {
     server.log.info('connection gone on delivery', { connectionId: target.connectionId });
@@ -169,10 +166,21 @@ export async function postExactly(
   connectionId: string,
   element: Element,
 ): Promise<PostResult> {
+  // Without `notAfter` a post is never 'stale'.
+  return (await postBounded(server, connectionId, element)) as PostResult;
+}
+
+/** The post itself: serialised, checked against the limit, counted; 'stale' only with `notAfter`. */
+async function postBounded(
+  server: Server,
+  connectionId: string,
+  element: Element,
+  notAfter?: number,
+): Promise<BoundedPostResult> {
   const data = serialize(element);
   if (Buffer.byteLength(data) > POST_LIMIT_BYTES) throw tooLargeError();
-  const result = await server.outbound.post(connectionId, data);
-  countPost(server, connectionId, element, result);
+  const result = await server.outbound.post(connectionId, data, notAfter);
+  if (result !== 'stale') countPost(server, connectionId, element, result);
   return result;
 }
 

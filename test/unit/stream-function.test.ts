@@ -24,21 +24,25 @@ function record(messageId: string, group: string): SQSRecord {
   } as unknown as SQSRecord;
 }
 
+/** A server whose every use but logging and counting throws `message`: nothing may be handled. */
+function untouchableServer(message: string): Server {
+  const metrics = new MetricsRecorder();
+  return new Proxy(
+    {},
+    {
+      get: (_target, name) => {
+        if (name === 'log') return createLogger('silent');
+        if (name === 'metrics') return metrics;
+        throw new Error(message);
+      },
+    },
+  ) as Server;
+}
+
 describe('functions/stream and the remaining time', () => {
   it('always starts the first record, then leaves those it cannot start in time for redelivery', async () => {
-    const metrics = new MetricsRecorder();
-    // A server whose every use but logging and counting would throw: nothing may be handled.
-    const untouchable = new Proxy(
-      {},
-      {
-        get: (_target, name) => {
-          if (name === 'log') return createLogger('silent');
-          if (name === 'metrics') return metrics;
-          throw new Error('handled a record out of time');
-        },
-      },
-    );
-    const handler = createStreamHandler(untouchable as Server);
+    const untouchable = untouchableServer('handled a record out of time');
+    const handler = createStreamHandler(untouchable);
     // The first record is unreadable (dropped without touching the server), so it shows that it
     // was started; by the second, less than TIME_IN_HAND_MS of a 30 s invocation is left.
     const remaining = [30_000, TIME_IN_HAND_MS - 1, TIME_IN_HAND_MS - 2];
@@ -51,18 +55,8 @@ describe('functions/stream and the remaining time', () => {
   });
 
   it('keeps a fifth of a short invocation in hand instead of five seconds', async () => {
-    const metrics = new MetricsRecorder();
-    const server = new Proxy(
-      {},
-      {
-        get: (_target, name) => {
-          if (name === 'log') return createLogger('silent');
-          if (name === 'metrics') return metrics;
-          throw new Error('touched');
-        },
-      },
-    );
-    const handler = createStreamHandler(server as Server);
+    const server = untouchableServer('touched');
+    const handler = createStreamHandler(server);
     // A 1 s invocation with 400 ms left for the second record: more than a fifth, so it starts
     // (and, unreadable, is dropped); the third, with 150 ms left, is handed back.
     const remaining = [1000, 400, 150];
@@ -77,19 +71,9 @@ describe('functions/stream and the remaining time', () => {
 
 describe('functions/stream and the records it hands back', () => {
   it('asks the queue to bring them again after 1, 2, 4 … seconds by receive count, not after the visibility timeout', async () => {
-    const metrics = new MetricsRecorder();
-    const server = new Proxy(
-      {},
-      {
-        get: (_target, name) => {
-          if (name === 'log') return createLogger('silent');
-          if (name === 'metrics') return metrics;
-          throw new Error('touched');
-        },
-      },
-    );
+    const server = untouchableServer('touched');
     const asked: FrameRetry[][] = [];
-    const handler = createStreamHandler(server as Server, {
+    const handler = createStreamHandler(server, {
       frameQueue: { retryIn: async (retries) => void asked.push([...retries]) },
       retryMaxSeconds: 5,
     });
@@ -123,18 +107,8 @@ describe('functions/stream and the records it hands back', () => {
   });
 
   it('returns the batch response even when the queue refuses the change (the timeout then applies)', async () => {
-    const metrics = new MetricsRecorder();
-    const server = new Proxy(
-      {},
-      {
-        get: (_target, name) => {
-          if (name === 'log') return createLogger('silent');
-          if (name === 'metrics') return metrics;
-          throw new Error('touched');
-        },
-      },
-    );
-    const handler = createStreamHandler(server as Server, {
+    const server = untouchableServer('touched');
+    const handler = createStreamHandler(server, {
       frameQueue: {
         retryIn: async () => {
           throw new Error('AccessDenied');
