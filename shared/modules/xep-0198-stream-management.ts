@@ -551,8 +551,7 @@ async function enable(stream: Stream, element: Element, version: SmVersion): Pro
     switched = { refusal: 'unexpected-request' };
   }
   if ('refusal' in switched) {
-    // The queue just made is ended, empty.
-    await server.smQueue.end(smId, stream.connectionId, 0);
+    await discardEmptyQueue(server, smId, stream.connectionId);
     server.metrics.count('SmEnableRefused', 1, switched.refusal);
     server.log.info('stream management refused', { resource, condition: switched.refusal });
     return void (await stream.send(failed(version, switched.refusal)));
@@ -560,7 +559,7 @@ async function enable(stream: Stream, element: Element, version: SmVersion): Pro
   if (switched.smId !== smId) {
     // An earlier attempt of this frame switched the row to its queue (and failed before saving
     // the session): that queue stays, it may hold stanzas already; the one just made goes.
-    await server.smQueue.end(smId, stream.connectionId, 0);
+    await discardEmptyQueue(server, smId, stream.connectionId);
   }
   const sm: SmState = {
     version,
@@ -577,6 +576,15 @@ async function enable(stream: Stream, element: Element, version: SmVersion): Pro
   stream.update({ sm, ...(stream.frameId ? { smFrame: stream.frameId } : {}) });
   await stream.commit();
   await answerEnable(stream, sm);
+}
+
+/**
+ * Ends a queue no stanza reached (its id never went to the client) with nothing to re-route:
+ * left ended but not finished, it would wait in the sweeper's re-route partition.
+ */
+async function discardEmptyQueue(server: Server, smId: string, connectionId: string): Promise<void> {
+  await server.smQueue.end(smId, connectionId, 0);
+  await server.smQueue.finishReroute(smId);
 }
 
 /**

@@ -278,6 +278,9 @@ describe('the switch to the queue at <enable/> (issue 11: "a mechanism that is c
       expect(enabled.attrs.id).toBe(firstQueue);
       const message = await client.until((el) => el.name === 'message', 5000);
       expect(message.getChildText('body')).toBe('into the first queue');
+      // The queue this attempt made and dropped is finished with, not left for the sweeper.
+      const reroutes = await stack.server.smQueue.listReroutes(Date.now() + 3_600_000, 100);
+      expect(reroutes.filter((item) => item.user === 'gregor@localhost')).toEqual([]);
     } finally {
       restore();
     }
