@@ -95,6 +95,10 @@ export const METRICS = {
     description:
       'XEP-0198 resumes that went ahead while the old stream had not finished routing a stanza it counted (the client’s next stanzas may overtake it)',
   },
+  SmUncertainResent: {
+    description:
+      'XEP-0198 stanzas sent again on a resume because a post failed or was never made while later ones went out: the client may get some twice, never none',
+  },
 } as const satisfies Record<string, MetricDefinition>;
 
 export type MetricName = keyof typeof METRICS;

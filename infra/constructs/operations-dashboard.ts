@@ -182,9 +182,9 @@ export class OperationsDashboard extends Construct {
         ],
       ),
       graph(
-        'Cold starts; posts unanswered, resumes unsettled',
+        'Cold starts; posts unanswered, resumes unsettled, uncertain stanzas resent',
         [nimbus('ColdStarts')],
-        [nimbus('PostsUnanswered'), nimbus('ResumesUnsettled')],
+        [nimbus('PostsUnanswered'), nimbus('ResumesUnsettled'), nimbus('SmUncertainResent')],
       ),
 
       header('## Cost drivers'),

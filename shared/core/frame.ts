@@ -4,6 +4,7 @@
  * that is the same on every delivery of that frame — its id and the position of the write among
  * the frame's deliveries — and a store that already holds the key does not take it twice.
  */
+import { createHmac } from 'node:crypto';
 import { contextStore } from '../context.ts';
 
 interface FrameContext {
@@ -73,6 +74,18 @@ export function nextDeliveryKey(target: string): DeliveryKey | undefined {
     ...(frame.seq ? { seq: frame.seq } : {}),
     position,
   };
+}
+
+/**
+ * A value the same on every delivery of the current frame and unguessable without `secret`
+ * (HMAC-SHA-256 of the frame's id and `label`, base64url); undefined outside a frame. An answer
+ * built from it is the same when a redelivery sends it again (a SCRAM server nonce: see
+ * modules/rfc6120-sasl.ts).
+ */
+export function frameDerived(secret: string, label: string): string | undefined {
+  const frame = frames.get();
+  if (!frame) return undefined;
+  return createHmac('sha256', secret).update(`${label}\n${frame.frameId}`).digest('base64url');
 }
 
 /** How long ago the current frame reached API Gateway (ms); undefined outside a frame. */

@@ -190,6 +190,13 @@ async function routeOnce(
       if (event.routeAgain) return undefined;
     }
     const delivered = await deliverMessage(server, resource, stanza, rerouting);
+    server.log.debug('message to a session', {
+      id: stanza.attrs.id,
+      connectionId: resource.connectionId,
+      smId: resource.smId,
+      delivered,
+      rerouting,
+    });
     if (delivered) progress.reached.add(resource.connectionId);
     return delivered;
   };
@@ -232,6 +239,12 @@ async function routeOnce(
     routeAgain: false,
   };
   const taken = await server.host.fire('message-offline', event);
+  server.log.debug('message to offline storage', {
+    id: stanza.attrs.id,
+    user: bare,
+    taken: Boolean(taken),
+    routeAgain: event.routeAgain,
+  });
   if (event.routeAgain) return false;
   // RFC 6121 §8.5.2.2.1: without offline storage, "the server MUST return a <service-unavailable/>".
   if (!taken) throw new StanzaError('cancel', 'service-unavailable');

@@ -175,10 +175,13 @@ async function dispatch(stream: XmppStream, element: Element): Promise<void> {
     // RFC 7395 §3.3.2: WebSocket streams are opened with <open/>, never <stream:stream>.
     throw new StreamError('invalid-namespace', 'Use the RFC 7395 <open/> element');
   }
-  if (!stream.state.streamOpen)
+  const nonza = host.nonzaHandler(ns);
+  // After SASL <success/> the stream restarts; a <response/> the client sent to a challenge it
+  // got twice (a redelivered <auth/>) may come before the new <open/>: its module ignores it.
+  const afterSuccess = stream.state.user !== undefined && ns === NS.sasl && element.name === 'response';
+  if (!stream.state.streamOpen && !(afterSuccess && nonza))
     throw new StreamError('unsupported-stanza-type', 'The stream is not open: send <open/> first');
 
-  const nonza = host.nonzaHandler(ns);
   if (nonza) return nonza(stream, element);
 
   if (STANZAS.has(element.name)) {
@@ -270,7 +273,10 @@ async function handleFrame(stream: XmppStream, event: StreamEvent): Promise<void
   } catch (error) {
     // A resume on another connection took this stream's session over: whatever this frame was,
     // it is not this stream's to handle any more (the resumer closes the socket).
-    if (error instanceof ConnectionFencedError) return;
+    if (error instanceof ConnectionFencedError) {
+      server.log.info('frame of a fenced connection stopped', { connectionId: event.connectionId });
+      return;
+    }
     if (error instanceof StreamError) await stream.fail(error);
     else if (isTransient(error)) {
       // DynamoDB or API Gateway hiccup: let the queue redeliver this frame (in order).

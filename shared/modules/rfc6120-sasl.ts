@@ -10,6 +10,7 @@
  * `temporary-auth-failure`: nothing sleeps inside the stream function.
  */
 import { Element } from 'ltx';
+import { frameDerived } from '../core/frame.ts';
 import type { Server, Stream } from '../core/host.ts';
 import { StreamError } from '../errors.ts';
 import { bareJid, parseJid } from '../jid.ts';
@@ -219,6 +220,7 @@ async function startPlain(stream: Stream, payload: string): Promise<void> {
 }
 
 async function scramFirst(stream: Stream, mechanism: string, payload: string): Promise<void> {
+  const { server } = stream;
   const hash = MECHANISM_HASH[mechanism] as ScramHash;
   const clientFirst = parseClientFirst(payload);
   const account = accountOf(stream, clientFirst.username);
@@ -229,7 +231,11 @@ async function scramFirst(stream: Stream, mechanism: string, payload: string): P
   if (gate instanceof SaslError) return refuse(stream, mechanism, gate);
   const credentials: ScramCredentials =
     gate.record.user?.scram[hash] ?? (await decoy(stream, account, clientFirst.username, hash));
-  const { message, state } = serverFirst(clientFirst, hash, credentials);
+  // The server nonce is the frame's own: a redelivered <auth/> (its challenge went out, the
+  // state's save did not) sends the same challenge again, so the client's answer to the first
+  // still matches the state saved by the second.
+  const nonce = frameDerived(await server.decoySecret(), `scram-nonce\n${stream.connectionId}`);
+  const { message, state } = serverFirst(clientFirst, hash, credentials, nonce);
   stream.update({
     sasl: {
       mechanism,
@@ -293,6 +299,12 @@ async function response(stream: Stream, element: Element): Promise<void> {
 }
 
 async function handle(stream: Stream, element: Element): Promise<void> {
+  if (stream.state.user && element.name === 'response') {
+    // The client's answer to a challenge it got twice (its <auth/> frame was redelivered after
+    // the challenge went out): the first answer already succeeded.
+    stream.server.log.info('SASL response after success ignored', { connectionId: stream.connectionId });
+    return;
+  }
   if (stream.state.user) throw new StreamError('policy-violation', 'Already authenticated');
   const mechanism = element.name === 'auth' ? element.attrs.mechanism : stream.state.sasl?.mechanism;
   try {

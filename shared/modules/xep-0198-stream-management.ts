@@ -34,11 +34,13 @@ import {
 import { endSession, kickConnection } from '../core/lifecycle.ts';
 import { rerouteUndelivered } from '../core/router.ts';
 import { stampDelay } from '../core/stanzas.ts';
-import { isTransient, RetryLaterError } from '../core/transient.ts';
+import { isTransient, RetryLaterError, withTransientRetries } from '../core/transient.ts';
 import { StreamError } from '../errors.ts';
 import { type ConnectionState, ResourceTakenError, type SmState } from '../store/sessions.ts';
 import {
   AckBeyondQueueError,
+  type AppendResult,
+  countCovers,
   NotSessionOwnerError,
   PROBE_AFTER_MS,
   REROUTE_RETRY_MS,
@@ -46,6 +48,7 @@ import {
   type SmEntry,
   type SmQueueItem,
   type SmVersion,
+  UncertainQueueError,
 } from '../store/sm-queue.ts';
 import { NS } from '../xml/namespaces.ts';
 
@@ -186,16 +189,29 @@ async function deliverToSmSession(
     ...(options.offlineCopy ? { c: true } : {}),
     ...(key ? { k: key } : {}),
   };
-  if (delivery?.redelivered) {
+  if (delivery?.redelivered && key) {
     // An earlier delivery of this frame may have queued it already, and posted it or not.
     const queued = await server.smQueue.get(smId);
-    if (queued?.entries.some((waiting) => waiting.k === key)) {
+    const at = queued?.entries.findIndex((waiting) => waiting.k === key) ?? -1;
+    if (queued && at >= 0) {
+      server.log.debug('stanza already in the stream-management queue', { smId, id: stanza.attrs.id });
+      // Entries queued after it may have been posted: the client's count would cover it
+      // whether or not it has it. The next resume sends it again (see countCovers).
+      if (at < queued.entries.length - 1) await server.smQueue.markUncertain(smId, key);
       if (queued.connectionId && !queued.holding)
         await forceResume(server, queued.connectionId, 'redelivered');
       return 'sent';
     }
   }
-  const result = await server.smQueue.append(smId, entry, server.config.smQueueMax);
+  const result = await appendOnce(server, smId, entry);
+  server.log.debug('stanza to a stream-management queue', {
+    smId,
+    id: stanza.attrs.id,
+    result: result.kind,
+    ...(result.kind === 'queued'
+      ? { number: result.number, attached: result.item.connectionId, holding: result.item.holding }
+      : {}),
+  });
   if (result.kind === 'ended') return 'gone';
   if (result.kind === 'full') return whenFull(server, smId, result.item);
   const { item, number } = result;
@@ -215,6 +231,9 @@ async function deliverToSmSession(
   // From here the stanza is queued: whatever happens to the post, it is the session's, and the
   // sender's frame must not fail (a redelivery would queue it again).
   const posted = await postQueued(server, item.connectionId, stanza);
+  // Failed or unanswered, while other senders' entries may be posted: the client's count can
+  // no longer tell whether it has this one (the socket is being closed: it resumes).
+  if (posted === 'resuming' && key) await server.smQueue.markUncertain(smId, key);
   if (posted === 'gone') {
     // Kept in the queue: the session detaches (or ends, re-routing it) through the lifecycle.
     await server.host.fire('connection-vanished', { connectionId: item.connectionId });
@@ -229,6 +248,25 @@ async function deliverToSmSession(
     await postQueued(server, item.connectionId, ackRequest(item.version, number));
   }
   return 'sent';
+}
+
+/**
+ * Appends to the queue; an append that failed in a way that may have written it (a 500 after
+ * DynamoDB ran it, a timeout) is looked for at once: found, it is posted now, as if the append
+ * had answered. Left for the frame's redelivery instead, other senders' later entries would be
+ * posted first and the client's count would cover this one without it (see countCovers).
+ */
+async function appendOnce(server: Server, smId: string, entry: SmEntry): Promise<AppendResult> {
+  try {
+    return await server.smQueue.append(smId, entry, server.config.smQueueMax);
+  } catch (error) {
+    if (entry.k === undefined || !isTransient(error)) throw error;
+    const found = await withTransientRetries(3, () => server.smQueue.get(smId)).catch(() => undefined);
+    const at = found && !found.ended ? found.entries.findIndex((queued) => queued.k === entry.k) : -1;
+    if (!found || at < 0) throw error;
+    server.log.info('an append that failed had queued its stanza', { smId });
+    return { kind: 'queued', number: found.base + at + 1, item: found };
+  }
 }
 
 /**
@@ -381,6 +419,12 @@ async function endSmSession(
       await handBack(server, item, undelivered, afterReroute);
     return HANDLED;
   }
+  server.log.debug('stream-management session ended', {
+    smId: session.smId,
+    reason,
+    base: ended.base,
+    entries: ended.entries.length,
+  });
   // A detached session's directed-presence recipients were carried in its queue item.
   if (ended.directedTo?.length)
     session.directedTo = [...new Set([...(session.directedTo ?? []), ...ended.directedTo])];
@@ -783,6 +827,11 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
   } catch (error) {
     // This stream's session was resumed on another connection: its late ack changes nothing.
     if (error instanceof NotSessionOwnerError) return;
+    if (error instanceof UncertainQueueError) {
+      // Only a resume settles what the count covers: the socket goes, the client resumes.
+      await forceResume(server, stream.connectionId, 'uncertain entry');
+      return;
+    }
     if (!(error instanceof AckBeyondQueueError)) throw error;
     const item = await server.smQueue.get(sm.id);
     throw tooHigh(h, item?.out ?? sm.acked);
@@ -791,6 +840,7 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
   if (congested && queuedBytes(remaining) <= server.config.smQueueMaxBytes / 2) {
     await server.smQueue.setCongested(sm.id, false);
   }
+  server.log.debug('stream-management ack', { smId: sm.id, h, removed: removed.length, out });
   stream.update({ sm: { ...sm, acked: newBase } });
   const offlineIds = removed.flatMap((e) => (e.o ? [e.o] : []));
   // XEP-0160 with SM: an offline message leaves storage only once the client acknowledged it.
@@ -959,7 +1009,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
   }
 
   const acked = Math.max(decision.h, taken.base);
-  const { removed } = await server.smQueue.acknowledge(taken.smId, taken.base, acked, stream.connectionId);
+  const { removed, resend } = await settleCount(server, taken, acked, stream.connectionId);
   const offlineIds = removed.flatMap((e) => (e.o ? [e.o] : []));
   if (offlineIds.length > 0) await server.offline.remove(user, offlineIds);
 
@@ -977,8 +1027,15 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
   const resumed = new Element('resumed', { xmlns: namespaceOf(version), previd: taken.smId });
   // Seed §5: "If there is no known last acknowledged sequence number ... 'h' MUST NOT be included."
   if (version === 'sm3' || inbound > 0) resumed.attrs.h = String(inbound % WRAP);
+  server.log.debug('stream-management resume', {
+    smId: taken.smId,
+    h: decision.h,
+    inbound,
+    base: taken.base,
+    resent: resend.length,
+  });
   await post(server, stream.connectionId, resumed);
-  await replayHeld(stream, sm, acked, taken.entries.slice(acked - taken.base), acked);
+  await replayHeld(stream, sm, acked, resend, acked);
   const after = await server.smQueue.get(sm.id);
   await post(server, stream.connectionId, ackRequest(version, after?.out ?? acked));
   // A flood cut short by the lost socket (its messages are still stored) carries on here, after
@@ -990,6 +1047,43 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
       ...(record ? { resource: record } : {}),
       ...(replayedOffline.length > 0 ? { offlineReplayedUpTo: replayedOffline.at(-1) } : {}),
     });
+}
+
+/**
+ * Trims what the resuming client's count `acked` covers from the queue the resume attached
+ * (`taken`, held: appends queue without posting) and returns what is to be sent again. A queue
+ * holding uncertain entries is rewritten as `countCovers` says, numbered on from `acked`.
+ */
+async function settleCount(
+  server: Server,
+  taken: SmQueueItem,
+  acked: number,
+  connectionId: string,
+): Promise<{ removed: SmEntry[]; resend: SmEntry[] }> {
+  let item = taken;
+  for (let attempt = 0; attempt < 10; attempt++) {
+    if (!item.uncertain) {
+      try {
+        const { removed } = await server.smQueue.acknowledge(item.smId, item.base, acked, connectionId);
+        return { removed, resend: item.entries.slice(acked - item.base) };
+      } catch (error) {
+        if (!(error instanceof UncertainQueueError)) throw error;
+      }
+    } else {
+      const { acked: removed, kept } = countCovers(item.entries, acked - item.base);
+      if (await server.smQueue.rebase(item.smId, item, acked, kept)) {
+        server.log.info('resume sends uncertain entries again', { smId: item.smId, resent: kept.length });
+        server.metrics.count('SmUncertainResent', kept.length);
+        return { removed, resend: kept };
+      }
+    }
+    // An append (held: queued, not posted) or a mark came meanwhile: read the queue again.
+    const fresh = await server.smQueue.get(item.smId);
+    if (!fresh || fresh.ended || fresh.connectionId !== connectionId)
+      throw new NotSessionOwnerError(item.smId);
+    item = fresh;
+  }
+  throw new RetryLaterError('the queue kept changing while a resume settled its count');
 }
 
 async function refuseResume(stream: Stream, reply: Element): Promise<void> {

@@ -41,6 +41,12 @@ export interface SmEntry {
    * finds it here instead of queueing a second copy.
    */
   k?: string;
+  /**
+   * Its post failed, timed out, or may never have happened (the frame that queued it failed
+   * after the append and was redelivered) while later entries may have been posted: the
+   * client's count no longer says whether it has this one (see `countCovers`).
+   */
+  u?: boolean;
 }
 
 export interface SmQueueItem {
@@ -77,6 +83,8 @@ export interface SmQueueItem {
   rerouted?: number;
   /** The key of the last keyed entry appended (see SmEntry.k). */
   lastKey?: string;
+  /** Some entry is uncertain (SmEntry.u): a plain ack cannot tell what it covers. */
+  uncertain?: boolean;
   /** The sweep index's partition the item is in (attached, detached, reroute), if any. */
   sweepShard?: string;
 }
@@ -87,6 +95,40 @@ export class NotSessionOwnerError extends Error {
     super(`not the owner of ${smId}`);
     this.name = 'NotSessionOwnerError';
   }
+}
+
+/** An ack of a queue holding an uncertain entry (SmEntry.u): only a resume settles the count. */
+export class UncertainQueueError extends Error {
+  constructor(readonly smId: string) {
+    super(`the queue of ${smId} holds an entry whose post is uncertain`);
+    this.name = 'UncertainQueueError';
+  }
+}
+
+/**
+ * What a client's count acknowledges of `entries` (numbered from `base + 1`), having received
+ * `received` stanzas since `base`. Without uncertain entries, the first `received`. With some,
+ * what the count cannot vouch for is kept, to be sent again: the client received the certain
+ * entries in order, so at least `received - uncertain` of them; every uncertain entry and
+ * every certain one past those may be missing. A resend may repeat a stanza (XEP-0198 §5
+ * allows it), never lose one.
+ */
+export function countCovers(entries: SmEntry[], received: number): { acked: SmEntry[]; kept: SmEntry[] } {
+  const uncertain = entries.filter((entry) => entry.u).length;
+  if (uncertain === 0) return { acked: entries.slice(0, received), kept: entries.slice(received) };
+  let sure = Math.max(0, received - uncertain);
+  const acked: SmEntry[] = [];
+  const kept: SmEntry[] = [];
+  for (const entry of entries) {
+    if (!entry.u && sure > 0) {
+      acked.push(entry);
+      sure -= 1;
+    } else {
+      const { u: _uncertain, ...resent } = entry;
+      kept.push(resent);
+    }
+  }
+  return { acked, kept };
 }
 
 /** An ack for more stanzas than were queued (or from a stale base): XEP-0198's handled-count-too-high. */
@@ -174,6 +216,7 @@ function toItem(raw: Record<string, unknown>): SmQueueItem {
     rerouted: raw.rerouted as number | undefined,
     ackedAt: raw.ackedAt as number | undefined,
     lastKey: raw.lk as string | undefined,
+    ...(raw.uncertain ? { uncertain: true } : {}),
     sweepShard: raw.sweepShard as string | undefined,
   };
 }
@@ -211,6 +254,22 @@ export interface SmQueueStore {
     newBase: number,
     connectionId: string,
   ): Promise<{ removed: SmEntry[]; remaining: SmEntry[]; out: number; congested: boolean }>;
+  /**
+   * Marks the entry queued with delivery key `key` uncertain (SmEntry.u); false when it is no
+   * longer queued (acknowledged, or the session ended).
+   */
+  markUncertain(smId: string, key: string): Promise<boolean>;
+  /**
+   * After a resume's count settled a queue holding uncertain entries: the queue becomes `kept`,
+   * numbered from `newBase + 1`. False when the queue changed since `seen` was read (an append,
+   * an ack): read it again.
+   */
+  rebase(
+    smId: string,
+    seen: Pick<SmQueueItem, 'base' | 'out' | 'connectionId'>,
+    newBase: number,
+    kept: SmEntry[],
+  ): Promise<boolean>;
   /** Marks or clears congestion (see SmQueueItem.congested). */
   setCongested(smId: string, congested: boolean): Promise<void>;
   /** Moves the session to `connectionId` and starts holding; returns the queue at that instant. */
@@ -361,6 +420,56 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       }
     },
 
+    async markUncertain(smId, entryKey) {
+      for (let attempt = 0; attempt < 5; attempt++) {
+        const item = await this.get(smId);
+        const at = item && !item.ended ? item.entries.findIndex((entry) => entry.k === entryKey) : -1;
+        if (!item || at < 0) return false;
+        try {
+          await doc.send(
+            new UpdateCommand({
+              TableName: table,
+              Key: key(smId),
+              UpdateExpression: `SET q[${at}].u = :yes, uncertain = :yes`,
+              // The entry is still where it was read (an ack trims from the head).
+              ConditionExpression: `q[${at}].k = :k AND attribute_not_exists(ended)`,
+              ExpressionAttributeValues: { ':yes': true, ':k': entryKey },
+            }),
+          );
+          return true;
+        } catch (error) {
+          if (!isConditionFailure(error)) throw error;
+        }
+      }
+      throw new Error(`the entry ${entryKey} of ${smId} kept moving`);
+    },
+
+    async rebase(smId, seen, newBase, kept) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: key(smId),
+            UpdateExpression: 'SET q = :q, #base = :newBase, #out = :newOut REMOVE uncertain',
+            ConditionExpression: 'connectionId = :owner AND #base = :base AND #out = :out',
+            ExpressionAttributeNames: { '#out': 'out', '#base': 'base' },
+            ExpressionAttributeValues: {
+              ':q': kept.map(storedEntry),
+              ':newBase': newBase,
+              ':newOut': newBase + kept.length,
+              ':owner': seen.connectionId,
+              ':base': seen.base,
+              ':out': seen.out,
+            },
+          }),
+        );
+        return true;
+      } catch (error) {
+        if (isConditionFailure(error)) return false;
+        throw error;
+      }
+    },
+
     async acknowledge(smId, oldBase, newBase, connectionId) {
       const count = newBase - oldBase;
       const removed: SmEntry[] = [];
@@ -380,7 +489,8 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
               UpdateExpression: `${slice > 0 ? `REMOVE ${removals} ` : ''}SET #base = :newBase, ackedAt = :now`,
               // Every slice checks the whole ack against `out`: an ack too high is refused before
               // the first slice is trimmed, not after.
-              ConditionExpression: 'connectionId = :owner AND #base = :base AND #out >= :target',
+              ConditionExpression:
+                'connectionId = :owner AND #base = :base AND #out >= :target AND attribute_not_exists(uncertain)',
               ExpressionAttributeNames: { '#out': 'out', '#base': 'base' },
               ExpressionAttributeValues: {
                 ':owner': connectionId,
@@ -395,9 +505,8 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           .catch(async (error: unknown) => {
             if (!isConditionFailure(error)) throw error;
             const current = await this.get(smId);
-            throw current && current.connectionId !== connectionId
-              ? new NotSessionOwnerError(smId)
-              : new AckBeyondQueueError(smId);
+            if (current && current.connectionId !== connectionId) throw new NotSessionOwnerError(smId);
+            throw current?.uncertain ? new UncertainQueueError(smId) : new AckBeyondQueueError(smId);
           });
         const before = loadedEntries(Attributes?.q);
         removed.push(...before.slice(0, slice));

@@ -588,6 +588,102 @@ describe('resumption (sm:3)', () => {
     expect((await again.next()).is('resumed', SM3)).toBe(true);
   });
 
+  // XEP-0198 §5: "the server ... MUST resend any stanzas it has not received an acknowledgement
+  // for". A stanza whose frame failed after queueing it (a 500 after DynamoDB wrote the append)
+  // was never posted, while another sender's later stanza was: the client's count of 3 (its own
+  // presence, 'first', 'third') covers positions 1 to 3, yet it lacks the 3rd, 'second'.
+  it('sends again on resume a stanza queued but never posted while a later one went out', async () => {
+    for (const user of ['viola', 'orsino', 'feste']) await stack.addUser(`${user}@localhost`, `${user}-pw`);
+    const viola = await raw('viola', 'desk');
+    const enabled = await enable(viola);
+    viola.send('<presence/>');
+    await viola.until((el) => el.name === 'presence');
+    const orsino = await raw('orsino', 'one');
+    const feste = await raw('feste', 'two');
+    const to = (body: string) =>
+      `<message to='viola@localhost/desk' type='chat'><body>${body}</body></message>`;
+    const body = (name: string) => (el: Element) => el.name === 'message' && el.getChildText('body') === name;
+    const queue = stack.server.smQueue;
+    const append = queue.append.bind(queue);
+    const get = queue.get.bind(queue);
+    let failed = false;
+    let failGets = 0;
+    const serverError = () =>
+      Object.assign(new Error('Internal server error'), {
+        name: 'InternalServerError',
+        $metadata: { httpStatusCode: 500 },
+      });
+    const restoreAppend = intercept(queue, 'append', async (smId, entry, max) => {
+      const result = await append(smId, entry, max);
+      if (!failed && entry.s.includes('second')) {
+        failed = true;
+        // Written, but answered with errors, and so is every look at the queue for a while: the
+        // frame goes on failing. Meanwhile another sender's later stanza is posted.
+        feste.send(to('third'));
+        await viola.until(body('third'));
+        failGets = 3;
+        throw serverError();
+      }
+      return result;
+    });
+    const restoreGet = intercept(queue, 'get', async (smId) => {
+      if (failGets > 0) {
+        failGets -= 1;
+        throw serverError();
+      }
+      return get(smId);
+    });
+    try {
+      orsino.send(to('first'));
+      await viola.until(body('first'));
+      orsino.send(to('second'));
+      // The frame's retry finds 'second' queued behind 'third': the socket goes, viola resumes.
+      await viola.closed;
+    } finally {
+      restoreAppend();
+      restoreGet();
+    }
+    const { client } = await authenticated('viola');
+    client.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='3'/>`);
+    expect((await client.next()).is('resumed', SM3)).toBe(true);
+    const second = await client.until(body('second'));
+    expect(second.getChild('delay', DELAY)).toBeDefined();
+    // 'third' may come again (the count could not say which of the two viola had): never lost.
+    expect((await queue.get(enabled.attrs.id as string))?.uncertain).toBeUndefined();
+  });
+
+  it('posts at once a stanza whose append failed after it was written, found by a look at the queue', async () => {
+    for (const user of ['olivia', 'malvolio']) await stack.addUser(`${user}@localhost`, `${user}-pw`);
+    const olivia = await raw('olivia', 'garden');
+    await enable(olivia);
+    const malvolio = await raw('malvolio', 'letter');
+    const queue = stack.server.smQueue;
+    const append = queue.append.bind(queue);
+    let failed = false;
+    const restore = intercept(queue, 'append', async (smId, entry, max) => {
+      const result = await append(smId, entry, max);
+      if (!failed && entry.s.includes('written')) {
+        failed = true;
+        throw Object.assign(new Error('Internal server error'), {
+          name: 'InternalServerError',
+          $metadata: { httpStatusCode: 500 },
+        });
+      }
+      return result;
+    });
+    try {
+      malvolio.send(`<message to='olivia@localhost/garden' type='chat'><body>written</body></message>`);
+      const message = await olivia.until((el) => el.name === 'message');
+      expect(message.getChildText('body')).toBe('written');
+    } finally {
+      restore();
+    }
+    expect(failed).toBe(true);
+    // Posted by the attempt that failed, not by a redelivery: the socket stays.
+    olivia.send(`<r xmlns='${SM3}'/>`);
+    expect((await olivia.until((el) => el.name === 'a')).attrs.h).toBe('0');
+  });
+
   // Issue 11: "every stanza the old connection routes is either counted in the h that
   // <resumed/> reports, or not routed at all" — and one it counted must not be overtaken by
   // what the client sends next on the resumed stream. Its frame being retried is staged by

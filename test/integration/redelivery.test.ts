@@ -10,7 +10,10 @@ import { RecordingPort } from '../../shared/outbound.ts';
 import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
 import { createServer } from '../../shared/server.ts';
 import { createTestConfig } from '../support/dynamodb.ts';
+import { intercept, throttlingError } from '../support/intercept.ts';
+import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
 
+const SASL = 'urn:ietf:params:xml:ns:xmpp-sasl';
 const OPEN = "<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>";
 
 describe('a redelivered frame', () => {
@@ -182,5 +185,60 @@ describe('FRAME_DONE_MARKS=batched', () => {
       (m) => /<body>([^<]*)</.exec(m.stanza)?.[1],
     );
     expect(bodies).toEqual(['one', 'two']);
+  });
+});
+
+describe('a redelivered SCRAM <auth/> whose challenge went out but whose state was not saved', () => {
+  it('sends the same challenge again: the answer to the first succeeds, and a second answer is ignored', async () => {
+    const port = new RecordingPort();
+    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+    const user = `gail${Date.now()}`;
+    await server.users.create(`${user}@localhost`, await deriveCredentialSet('gail-pw', 4096));
+    await server.sessions.createConnection('a1', Date.now());
+    const frame = (frameId: string, xml: string, receiveCount = 1) =>
+      handleStreamEvent(server, {
+        connectionId: 'a1',
+        kind: 'frame',
+        frame: xml,
+        receivedAt: Date.now(),
+        frameId,
+        receiveCount,
+      });
+    const sent = () => port.frames.get('a1') ?? [];
+    const challenges = () =>
+      sent()
+        .filter((data) => data.startsWith('<challenge'))
+        .map((data) => Buffer.from(/>([^<]*)</.exec(data)?.[1] ?? '', 'base64').toString());
+    await frame('h1', OPEN);
+
+    const clientFirst = scramClientFirst(user, 'fyi6HkHOPvdt0kE7rqBZLO3M');
+    const auth = `<auth xmlns='${SASL}' mechanism='SCRAM-SHA-256'>${Buffer.from(clientFirst).toString('base64')}</auth>`;
+    // The save after the challenge meets errors past its retries: the frame goes back to the queue.
+    const update = server.sessions.updateConnection.bind(server.sessions);
+    const restore = intercept(server.sessions, 'updateConnection', async (connectionId, changes, options) => {
+      if (changes.sasl) throw throttlingError();
+      return update(connectionId, changes, options);
+    });
+    try {
+      await expect(frame('h2', auth)).rejects.toMatchObject({ name: 'ThrottlingException' });
+    } finally {
+      restore();
+    }
+    await frame('h2', auth, 2);
+    const [first, again] = challenges();
+    expect(again).toBe(first);
+
+    // RFC 5802 §3: the client's proof covers the server-first-message it received first.
+    const final = scramClientFinal({ hash: 'sha256', password: 'gail-pw', clientFirst, serverFirst: first });
+    const response = (payload: string) => `<response xmlns='${SASL}'>${payload}</response>`;
+    await frame('h3', response(Buffer.from(final.message).toString('base64')));
+    expect(sent().at(-1)).toMatch(/^<success/);
+    // xmpp.js answers the second challenge with an empty <response/>: no failure, no stream error.
+    const before = sent().length;
+    await frame('h4', response(''));
+    expect(sent()).toHaveLength(before);
+    await frame('h5', OPEN);
+    expect(sent().at(-1)).toContain('urn:ietf:params:xml:ns:xmpp-bind');
+    expect((await server.sessions.getConnection('a1'))?.user).toBe(`${user}@localhost`);
   });
 });

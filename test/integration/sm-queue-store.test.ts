@@ -9,6 +9,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { createDocumentClient } from '../../shared/store/dynamo.ts';
 import {
   AckBeyondQueueError,
+  countCovers,
   createSmQueueStore,
   NotSessionOwnerError,
   PROBE_AFTER_MS,
@@ -16,6 +17,7 @@ import {
   type SmEntry,
   type SmQueueItem,
   type SmQueueStore,
+  UncertainQueueError,
 } from '../../shared/store/sm-queue.ts';
 import { TTL_ATTRIBUTE } from '../../shared/tables.ts';
 import { createTestTables, TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
@@ -571,5 +573,54 @@ describe('end: exactly once', () => {
       expect(await queue.end(smId, owner, 3)).toBeUndefined();
       expect(await rawItem(table, smId)).toBeUndefined();
     }
+  });
+});
+
+describe('uncertain entries (a post failed or never made while later ones went out)', () => {
+  const bodies = (entries: SmEntry[]) => entries.map((e) => /m(\d+)/.exec(e.s)?.[1]);
+
+  it('countCovers: without one, a count covers that many entries from the head', () => {
+    const entries = [1, 2, 3, 4].map((n) => entry(n));
+    expect(bodies(countCovers(entries, 3).acked)).toEqual(['1', '2', '3']);
+    expect(bodies(countCovers(entries, 3).kept)).toEqual(['4']);
+  });
+
+  it('countCovers: with one, the count vouches for one certain entry fewer, and the uncertain one is kept', () => {
+    // Seed 17 of the fault suite: entries 1–5, the 3rd never posted; the client had 1, 2, 4, 5
+    // and counted 4, so a count of 4 must not cover the 3rd.
+    const entries = [1, 2, 3, 4, 5].map((n) => entry(n, n === 3 ? { u: true } : {}));
+    const { acked, kept } = countCovers(entries, 4);
+    expect(bodies(acked)).toEqual(['1', '2', '4']);
+    expect(bodies(kept)).toEqual(['3', '5']);
+    // Kept entries are sent again: no longer uncertain.
+    expect(kept.every((e) => e.u === undefined)).toBe(true);
+    // Had it got all five (count 5), the 3rd is sent twice; nothing is lost either way.
+    expect(bodies(countCovers(entries, 5).kept)).toEqual(['3']);
+    expect(bodies(countCovers(entries, 0).kept)).toEqual(['1', '2', '3', '4', '5']);
+  });
+
+  it('markUncertain flags the entry; a plain ack is refused with UncertainQueueError; rebase settles it', async () => {
+    const { smId, connectionId } = await session();
+    await queue.release(smId, 0);
+    for (const n of [1, 2, 3]) await queue.append(smId, entry(n, { k: `f${n}:0` }), MAX);
+    expect(await queue.markUncertain(smId, 'f2:0')).toBe(true);
+    expect(await queue.markUncertain(smId, 'nope:0')).toBe(false);
+    const item = (await queue.get(smId)) as SmQueueItem;
+    expect(item.uncertain).toBe(true);
+    expect(item.entries.map((e) => e.u ?? false)).toEqual([false, true, false]);
+    await expect(queue.acknowledge(smId, 0, 2, connectionId)).rejects.toBeInstanceOf(UncertainQueueError);
+    expect((await queue.get(smId))?.base).toBe(0);
+
+    const { kept } = countCovers(item.entries, 2);
+    // A stale read (an append came meanwhile) is refused.
+    expect(await queue.rebase(smId, { ...item, out: item.out - 1 }, 2, kept)).toBe(false);
+    expect(await queue.rebase(smId, item, 2, kept)).toBe(true);
+    const after = (await queue.get(smId)) as SmQueueItem;
+    expect(after).toMatchObject({ base: 2, out: 4 });
+    expect(after.uncertain).toBeUndefined();
+    expect(bodies(after.entries)).toEqual(['2', '3']);
+    // Numbered on from the client's count: an ack of 4 takes both.
+    const { removed } = await queue.acknowledge(smId, 2, 4, connectionId);
+    expect(bodies(removed)).toEqual(['2', '3']);
   });
 });
