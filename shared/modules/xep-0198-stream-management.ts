@@ -197,7 +197,7 @@ async function deliverToSmSession(
       server.log.debug('stanza already in the stream-management queue', { smId, id: stanza.attrs.id });
       // Entries queued after it may have been posted: the client's count would cover it
       // whether or not it has it. The next resume sends it again (see countCovers).
-      if (at < queued.entries.length - 1) await server.smQueue.markUncertain(smId, key);
+      await server.smQueue.markUncertain(smId, key);
       if (queued.connectionId && !queued.holding)
         await forceResume(server, queued.connectionId, 'redelivered');
       return 'sent';
@@ -231,9 +231,10 @@ async function deliverToSmSession(
   // From here the stanza is queued: whatever happens to the post, it is the session's, and the
   // sender's frame must not fail (a redelivery would queue it again).
   const posted = await postQueued(server, item.connectionId, stanza);
-  // Failed or unanswered, while other senders' entries may be posted: the client's count can
-  // no longer tell whether it has this one (the socket is being closed: it resumes).
-  if (posted === 'resuming' && key) await server.smQueue.markUncertain(smId, key);
+  // Failed, unanswered or refused (410) while other senders' later entries may have gone out:
+  // the client's count can no longer tell whether it has this one (the socket is closed or
+  // gone: it resumes, and that resume sends it again).
+  if (posted !== 'sent' && key) await server.smQueue.markUncertain(smId, key);
   if (posted === 'gone') {
     // Kept in the queue: the session detaches (or ends, re-routing it) through the lifecycle.
     await server.host.fire('connection-vanished', { connectionId: item.connectionId });

@@ -255,8 +255,9 @@ export interface SmQueueStore {
     connectionId: string,
   ): Promise<{ removed: SmEntry[]; remaining: SmEntry[]; out: number; congested: boolean }>;
   /**
-   * Marks the entry queued with delivery key `key` uncertain (SmEntry.u); false when it is no
-   * longer queued (acknowledged, or the session ended).
+   * Marks the entry queued with delivery key `key` uncertain (SmEntry.u) when a later entry was
+   * queued after it (one that may have been posted); false when none was (the client's count
+   * stays exact: it covers this one or not, as a prefix) or it is no longer queued.
    */
   markUncertain(smId: string, key: string): Promise<boolean>;
   /**
@@ -424,7 +425,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       for (let attempt = 0; attempt < 5; attempt++) {
         const item = await this.get(smId);
         const at = item && !item.ended ? item.entries.findIndex((entry) => entry.k === entryKey) : -1;
-        if (!item || at < 0) return false;
+        if (!item || at < 0 || at === item.entries.length - 1) return false;
         try {
           await doc.send(
             new UpdateCommand({

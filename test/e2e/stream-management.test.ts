@@ -652,6 +652,48 @@ describe('resumption (sm:3)', () => {
     expect((await queue.get(enabled.attrs.id as string))?.uncertain).toBeUndefined();
   });
 
+  // Two senders' stanzas are posted by two invocations at once; the socket dies between: the
+  // later one got through, the earlier one meets 410 Gone. The client counts 3 (its presence,
+  // 'before', 'overtaking'), which as a prefix would cover 'overtaken' too.
+  it('sends again on resume a stanza refused with 410 after a later one went out', async () => {
+    for (const user of ['cesario', 'antonio', 'curio'])
+      await stack.addUser(`${user}@localhost`, `${user}-pw`);
+    const cesario = await raw('cesario', 'court');
+    const enabled = await enable(cesario);
+    cesario.send('<presence/>');
+    await cesario.until((el) => el.name === 'presence');
+    const antonio = await raw('antonio', 'one');
+    const curio = await raw('curio', 'two');
+    const to = (body: string) =>
+      `<message to='cesario@localhost/court' type='chat'><body>${body}</body></message>`;
+    const body = (name: string) => (el: Element) => el.name === 'message' && el.getChildText('body') === name;
+    const port = (stack.server.outbound as unknown as { port: ConnectionPort }).port;
+    const post = port.post.bind(port);
+    let overtaken = false;
+    const restore = intercept(port, 'post', async (connectionId, data, notAfter) => {
+      if (!overtaken && data.includes('overtaken')) {
+        overtaken = true;
+        curio.send(to('overtaking'));
+        await cesario.until(body('overtaking'));
+        cesario.terminate();
+        return 'gone';
+      }
+      return post(connectionId, data, notAfter);
+    });
+    try {
+      antonio.send(to('before'));
+      await cesario.until(body('before'));
+      antonio.send(to('overtaken'));
+      await detached(enabled.attrs.id as string);
+    } finally {
+      restore();
+    }
+    const { client } = await authenticated('cesario');
+    client.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='3'/>`);
+    expect((await client.next()).is('resumed', SM3)).toBe(true);
+    expect((await client.until(body('overtaken'))).getChild('delay', DELAY)).toBeDefined();
+  });
+
   it('posts at once a stanza whose append failed after it was written, found by a look at the queue', async () => {
     for (const user of ['olivia', 'malvolio']) await stack.addUser(`${user}@localhost`, `${user}-pw`);
     const olivia = await raw('olivia', 'garden');

@@ -605,6 +605,8 @@ describe('uncertain entries (a post failed or never made while later ones went o
     for (const n of [1, 2, 3]) await queue.append(smId, entry(n, { k: `f${n}:0` }), MAX);
     expect(await queue.markUncertain(smId, 'f2:0')).toBe(true);
     expect(await queue.markUncertain(smId, 'nope:0')).toBe(false);
+    // The last entry: the count covers it or not, as a prefix; nothing to mark.
+    expect(await queue.markUncertain(smId, 'f3:0')).toBe(false);
     const item = (await queue.get(smId)) as SmQueueItem;
     expect(item.uncertain).toBe(true);
     expect(item.entries.map((e) => e.u ?? false)).toEqual([false, true, false]);
