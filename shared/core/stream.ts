@@ -274,7 +274,7 @@ async function handleFrame(stream: XmppStream, event: StreamEvent): Promise<void
     // A resume on another connection took this stream's session over: whatever this frame was,
     // it is not this stream's to handle any more (the resumer closes the socket).
     if (error instanceof ConnectionFencedError) {
-      server.log.info('frame of a fenced connection stopped', { connectionId: event.connectionId });
+      server.log.debug('frame of a fenced connection stopped', { connectionId: event.connectionId });
       return;
     }
     if (error instanceof StreamError) await stream.fail(error);
