@@ -299,9 +299,10 @@ async function response(stream: Stream, element: Element): Promise<void> {
 }
 
 async function handle(stream: Stream, element: Element): Promise<void> {
-  if (stream.state.user && element.name === 'response') {
-    // The client's answer to a challenge it got twice (its <auth/> frame was redelivered after
-    // the challenge went out): the first answer already succeeded.
+  if (stream.state.user && !stream.state.streamOpen && element.name === 'response') {
+    // Between <success/> and the stream restart: the client's answer to a challenge it got
+    // twice (its <auth/> frame was redelivered after the challenge went out), the first answer
+    // having succeeded.
     stream.server.log.info('SASL response after success ignored', { connectionId: stream.connectionId });
     return;
   }

@@ -196,10 +196,13 @@ async function deliverToSmSession(
     if (queued && at >= 0) {
       server.log.debug('stanza already in the stream-management queue', { smId, id: stanza.attrs.id });
       // Entries queued after it may have been posted: the client's count would cover it
-      // whether or not it has it. The next resume sends it again (see countCovers).
-      await server.smQueue.markUncertain(smId, key);
-      if (queued.connectionId && !queued.holding)
-        await forceResume(server, queued.connectionId, 'redelivered');
+      // whether or not it has it. The next resume sends it again (see countCovers). The socket
+      // goes first, so no entry appended after the mark's read can reach the client.
+      const closed =
+        queued.connectionId && !queued.holding
+          ? await forceResume(server, queued.connectionId, 'redelivered')
+          : true;
+      await server.smQueue.markUncertain(smId, key, !closed);
       return 'sent';
     }
   }
@@ -213,6 +216,7 @@ async function deliverToSmSession(
       : {}),
   });
   if (result.kind === 'ended') return 'gone';
+  if (result.kind === 'acknowledged') return 'sent';
   if (result.kind === 'full') return whenFull(server, smId, result.item);
   const { item, number } = result;
   // Acks are asked for by count and by bytes, and a queue holding too many bytes refuses more
@@ -231,15 +235,16 @@ async function deliverToSmSession(
   // From here the stanza is queued: whatever happens to the post, it is the session's, and the
   // sender's frame must not fail (a redelivery would queue it again).
   const posted = await postQueued(server, item.connectionId, stanza);
-  // Failed, unanswered or refused (410) while other senders' later entries may have gone out:
-  // the client's count can no longer tell whether it has this one (the socket is closed or
-  // gone: it resumes, and that resume sends it again).
-  if (posted !== 'sent' && key) await server.smQueue.markUncertain(smId, key);
-  if (posted === 'gone') {
+  try {
+    // Failed, unanswered or refused (410) while other senders' later entries may have gone out:
+    // the client's count can no longer tell whether it has this one (the socket is closed or
+    // gone: it resumes, and that resume sends it again).
+    if (posted !== 'sent' && key) await server.smQueue.markUncertain(smId, key, posted === 'unclosed');
+  } finally {
     // Kept in the queue: the session detaches (or ends, re-routing it) through the lifecycle.
-    await server.host.fire('connection-vanished', { connectionId: item.connectionId });
-    return 'sent';
+    if (posted === 'gone') await server.host.fire('connection-vanished', { connectionId: item.connectionId });
   }
+  if (posted === 'gone') return 'sent';
   if (posted !== 'sent') return 'sent';
   const ackBytes = server.config.smAckBytes;
   const crossedBytes = Math.floor(bytes / ackBytes) > Math.floor((bytes - size) / ackBytes);
@@ -279,7 +284,7 @@ async function postQueued(
   server: Server,
   connectionId: string,
   element: Element,
-): Promise<'sent' | 'gone' | 'resuming'> {
+): Promise<'sent' | 'gone' | 'resuming' | 'unclosed'> {
   try {
     const result = await postExactly(server, connectionId, element);
     if (result !== 'unknown') return result;
@@ -287,17 +292,23 @@ async function postQueued(
     if (!isTransient(error)) throw error;
     server.log.warn('post to a stream-management session failed', { connectionId, error });
   }
-  await forceResume(server, connectionId, 'uncertain post');
-  return 'resuming';
+  return (await forceResume(server, connectionId, 'uncertain post')) ? 'resuming' : 'unclosed';
 }
 
-/** Closes a stream-management client's socket, as a network would: it resumes. */
-async function forceResume(server: Server, connectionId: string, reason: string): Promise<void> {
+/**
+ * Closes a stream-management client's socket, as a network would: it resumes. False when the
+ * close failed (the socket may stay up, and later posts reach it).
+ */
+async function forceResume(server: Server, connectionId: string, reason: string): Promise<boolean> {
   server.log.info('closing the socket so the client resumes', { connectionId, reason });
-  await closeConnection(server, connectionId).catch((error: unknown) => {
+  try {
+    await closeConnection(server, connectionId);
+    return true;
+  } catch (error) {
     // Left to the liveness probe: a socket that is really gone is found within minutes.
     server.log.warn('closing the socket failed', { connectionId, error });
-  });
+    return false;
+  }
 }
 
 function queuedBytes(entries: SmEntry[]): number {
@@ -895,7 +906,9 @@ async function decideResume(
   stream: Stream,
   element: Element,
   version: SmVersion,
-): Promise<{ ok: false; reply: Element } | { ok: true; item: SmQueueItem; h: number; inbound: number }> {
+): Promise<
+  { ok: false; reply: Element | undefined } | { ok: true; item: SmQueueItem; h: number; inbound: number }
+> {
   const { server } = stream;
   const user = stream.user;
   if (!user) return { ok: false, reply: failed(version, 'not-authorized') };
@@ -915,6 +928,13 @@ async function decideResume(
       throw tooHigh(verdict.h, verdict.sendCount);
     case 'resume': {
       const found = item as SmQueueItem;
+      if (found.connectionId === stream.connectionId) {
+        // An earlier attempt of this very frame took the session over and failed before saving
+        // it (fencing this connection now would stop it for good): the socket is closed and the
+        // client resumes once more, from a new connection.
+        await forceResume(server, stream.connectionId, 'redelivered <resume/>');
+        return { ok: false, reply: undefined };
+      }
       // The old connection is fenced first: from now on it routes no stanza it has not counted,
       // so the h of <resumed/> covers everything it ever routed (issue: a duplicate when the old
       // connection routed a stanza just after the resume read its count).
@@ -972,7 +992,7 @@ async function settleFenced(server: Server, connectionId: string, fenced: Connec
 async function resume(stream: Stream, element: Element, version: SmVersion): Promise<void> {
   const { server } = stream;
   const decision = await decideResume(stream, element, version);
-  if (!decision.ok) return refuseResume(stream, decision.reply);
+  if (!decision.ok) return decision.reply ? refuseResume(stream, decision.reply) : undefined;
   const { item, inbound } = decision;
   const user = stream.user as string;
 
@@ -1105,7 +1125,7 @@ async function handle(stream: Stream, element: Element, version: SmVersion): Pro
     // This very frame enabled or resumed the session, and failed later (its replay, the flood
     // after it): the client may hold <enabled/> or <resumed/> and part of a replay. Whatever it
     // got, a resume tells exactly: the socket is closed and the client resumes.
-    return forceResume(stream.server, stream.connectionId, `redelivered <${element.name}/>`);
+    return void (await forceResume(stream.server, stream.connectionId, `redelivered <${element.name}/>`));
   }
   switch (element.name) {
     case 'enable':

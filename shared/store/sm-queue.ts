@@ -85,6 +85,8 @@ export interface SmQueueItem {
   lastKey?: string;
   /** Some entry is uncertain (SmEntry.u): a plain ack cannot tell what it covers. */
   uncertain?: boolean;
+  /** Marks of uncertain entries so far: a resume's rewrite is conditional on it (none came meanwhile). */
+  marks?: number;
   /** The sweep index's partition the item is in (attached, detached, reroute), if any. */
   sweepShard?: string;
 }
@@ -141,6 +143,8 @@ export class AckBeyondQueueError extends Error {
 
 export type AppendResult =
   | { kind: 'queued'; number: number; item: SmQueueItem }
+  /** A resend of an append that had run (its key was the last appended) and was acknowledged since. */
+  | { kind: 'acknowledged' }
   | { kind: 'full'; item?: SmQueueItem }
   | { kind: 'ended' };
 
@@ -217,6 +221,7 @@ function toItem(raw: Record<string, unknown>): SmQueueItem {
     ackedAt: raw.ackedAt as number | undefined,
     lastKey: raw.lk as string | undefined,
     ...(raw.uncertain ? { uncertain: true } : {}),
+    ...(typeof raw.marks === 'number' ? { marks: raw.marks } : {}),
     sweepShard: raw.sweepShard as string | undefined,
   };
 }
@@ -256,18 +261,20 @@ export interface SmQueueStore {
   ): Promise<{ removed: SmEntry[]; remaining: SmEntry[]; out: number; congested: boolean }>;
   /**
    * Marks the entry queued with delivery key `key` uncertain (SmEntry.u) when a later entry was
-   * queued after it (one that may have been posted); false when none was (the client's count
-   * stays exact: it covers this one or not, as a prefix) or it is no longer queued.
+   * queued after it (one that may have been posted), or whatever follows it with `evenIfLast`
+   * (the socket could not be closed: later entries may still go out). False when it was not
+   * marked: it is the last and not `evenIfLast` (the client's count stays exact, it covers this
+   * one or not, as a prefix), it is no longer queued, or it kept moving (acks trimming it).
    */
-  markUncertain(smId: string, key: string): Promise<boolean>;
+  markUncertain(smId: string, key: string, evenIfLast?: boolean): Promise<boolean>;
   /**
    * After a resume's count settled a queue holding uncertain entries: the queue becomes `kept`,
    * numbered from `newBase + 1`. False when the queue changed since `seen` was read (an append,
-   * an ack): read it again.
+   * an ack, a mark): read it again.
    */
   rebase(
     smId: string,
-    seen: Pick<SmQueueItem, 'base' | 'out' | 'connectionId'>,
+    seen: Pick<SmQueueItem, 'base' | 'out' | 'connectionId' | 'marks'>,
     newBase: number,
     kept: SmEntry[],
   ): Promise<boolean>;
@@ -413,28 +420,29 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
         if (isItemTooLarge(error)) return { kind: 'full' };
         if (!isConditionFailure(error)) throw error;
         const current = await this.get(smId);
-        if (current && keyed && current.lastKey === entry.k) {
+        if (current && keyed) {
           const at = current.entries.findIndex((queued) => queued.k === entry.k);
           if (at >= 0) return { kind: 'queued', number: current.base + at + 1, item: current };
+          if (current.lastKey === entry.k && !current.ended) return { kind: 'acknowledged' };
         }
         return current && !current.ended ? { kind: 'full', item: current } : { kind: 'ended' };
       }
     },
 
-    async markUncertain(smId, entryKey) {
+    async markUncertain(smId, entryKey, evenIfLast = false) {
       for (let attempt = 0; attempt < 5; attempt++) {
         const item = await this.get(smId);
         const at = item && !item.ended ? item.entries.findIndex((entry) => entry.k === entryKey) : -1;
-        if (!item || at < 0 || at === item.entries.length - 1) return false;
+        if (!item || at < 0 || (at === item.entries.length - 1 && !evenIfLast)) return false;
         try {
           await doc.send(
             new UpdateCommand({
               TableName: table,
               Key: key(smId),
-              UpdateExpression: `SET q[${at}].u = :yes, uncertain = :yes`,
+              UpdateExpression: `SET q[${at}].u = :yes, uncertain = :yes ADD marks :one`,
               // The entry is still where it was read (an ack trims from the head).
               ConditionExpression: `q[${at}].k = :k AND attribute_not_exists(ended)`,
-              ExpressionAttributeValues: { ':yes': true, ':k': entryKey },
+              ExpressionAttributeValues: { ':yes': true, ':k': entryKey, ':one': 1 },
             }),
           );
           return true;
@@ -442,7 +450,8 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           if (!isConditionFailure(error)) throw error;
         }
       }
-      throw new Error(`the entry ${entryKey} of ${smId} kept moving`);
+      // Acks kept trimming ahead of it: by now it is most likely acknowledged itself.
+      return false;
     },
 
     async rebase(smId, seen, newBase, kept) {
@@ -452,9 +461,12 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             TableName: table,
             Key: key(smId),
             UpdateExpression: 'SET q = :q, #base = :newBase, #out = :newOut REMOVE uncertain',
-            ConditionExpression: 'connectionId = :owner AND #base = :base AND #out = :out',
+            ConditionExpression: `connectionId = :owner AND #base = :base AND #out = :out AND ${
+              seen.marks === undefined ? 'attribute_not_exists(marks)' : 'marks = :marks'
+            }`,
             ExpressionAttributeNames: { '#out': 'out', '#base': 'base' },
             ExpressionAttributeValues: {
+              ...(seen.marks === undefined ? {} : { ':marks': seen.marks }),
               ':q': kept.map(storedEntry),
               ':newBase': newBase,
               ':newOut': newBase + kept.length,

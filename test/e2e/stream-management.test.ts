@@ -694,6 +694,40 @@ describe('resumption (sm:3)', () => {
     expect((await client.until(body('overtaken'))).getChild('delay', DELAY)).toBeDefined();
   });
 
+  it('a <resume/> whose first attempt took the session and then failed does not fence its own stream: the client is made to resume again', async () => {
+    await stack.addUser('maria@localhost', 'maria-pw');
+    const old = await raw('maria', 'house');
+    const enabled = await enable(old);
+    old.terminate();
+    await detached(enabled.attrs.id as string);
+    const sessions: SessionStore = stack.server.sessions;
+    const rebind = sessions.rebindResumed.bind(sessions);
+    let failures = 0;
+    const restore = intercept(sessions, 'rebindResumed', async (record) => {
+      if (failures === 0) {
+        failures += 1;
+        throw throttlingError();
+      }
+      return rebind(record);
+    });
+    const { client } = await authenticated('maria');
+    try {
+      client.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='0'/>`);
+      // Its retry finds the session attached to this very connection.
+      const outcome = await Promise.race([
+        client.closed.then(() => 'closed'),
+        new Promise((resolve) => setTimeout(() => resolve('nothing'), 8000)),
+      ]);
+      expect(outcome).toBe('closed');
+    } finally {
+      restore();
+    }
+    expect(failures).toBe(1);
+    const { client: again } = await authenticated('maria');
+    again.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='0'/>`);
+    expect((await again.next()).is('resumed', SM3)).toBe(true);
+  });
+
   it('posts at once a stanza whose append failed after it was written, found by a look at the queue', async () => {
     for (const user of ['olivia', 'malvolio']) await stack.addUser(`${user}@localhost`, `${user}-pw`);
     const olivia = await raw('olivia', 'garden');

@@ -625,4 +625,37 @@ describe('uncertain entries (a post failed or never made while later ones went o
     const { removed } = await queue.acknowledge(smId, 2, 4, connectionId);
     expect(bodies(removed)).toEqual(['2', '3']);
   });
+
+  it('a rewrite read before a mark landed is refused (the mark would be lost with it)', async () => {
+    const { smId } = await session();
+    await queue.release(smId, 0);
+    for (const n of [1, 2, 3, 4]) await queue.append(smId, entry(n, { k: `g${n}:0` }), MAX);
+    expect(await queue.markUncertain(smId, 'g1:0')).toBe(true);
+    const seen = (await queue.get(smId)) as SmQueueItem;
+    // A post to the old socket meets 410 while the resume settles.
+    expect(await queue.markUncertain(smId, 'g3:0')).toBe(true);
+    expect(await queue.rebase(smId, seen, 2, countCovers(seen.entries, 2).kept)).toBe(false);
+    const fresh = (await queue.get(smId)) as SmQueueItem;
+    expect(fresh.entries.filter((e) => e.u).length).toBe(2);
+    expect(await queue.rebase(smId, fresh, 2, countCovers(fresh.entries, 2).kept)).toBe(true);
+    expect(bodies((await queue.get(smId))?.entries ?? [])).toEqual(['1', '2', '3', '4']);
+  });
+
+  it('the last entry is marked only when asked to (the socket could not be closed)', async () => {
+    const { smId } = await session();
+    await queue.release(smId, 0);
+    for (const n of [1, 2]) await queue.append(smId, entry(n, { k: `l${n}:0` }), MAX);
+    expect(await queue.markUncertain(smId, 'l2:0')).toBe(false);
+    expect(await queue.markUncertain(smId, 'l2:0', true)).toBe(true);
+    expect((await queue.get(smId))?.entries.map((e) => e.u ?? false)).toEqual([false, true]);
+  });
+
+  it('a resent append whose entry was acknowledged since answers acknowledged, not full', async () => {
+    const { smId, connectionId } = await session();
+    await queue.release(smId, 0);
+    expect((await queue.append(smId, entry(1, { k: 'r1:0' }), MAX)).kind).toBe('queued');
+    await queue.acknowledge(smId, 0, 1, connectionId);
+    expect(await queue.append(smId, entry(1, { k: 'r1:0' }), MAX)).toEqual({ kind: 'acknowledged' });
+    expect((await queue.get(smId))?.out).toBe(1);
+  });
 });
