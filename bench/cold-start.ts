@@ -38,7 +38,9 @@ function coldInit(
   name: string,
   tracing: string,
 ): { importMs: number; firstCallSetupMs: number } {
-  const firstCall = name === 'stream' ? `await handler(${EMPTY_EVENTS[name]}, {});` : '';
+  // The context Lambda passes (the stream function reads the invocation's remaining time).
+  const context = '{ awsRequestId: "cold", getRemainingTimeInMillis: () => 30000 }';
+  const firstCall = name === 'stream' ? `await handler(${EMPTY_EVENTS[name]}, ${context});` : '';
   const script = `
     const t0 = performance.now();
     const { handler } = await import(${JSON.stringify(file)});
