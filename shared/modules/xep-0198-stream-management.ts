@@ -181,7 +181,12 @@ async function deliverToSmSession(
   const delivery = nextDeliveryKey(`sm:${smId}`);
   // A stored message sent from offline storage is keyed by its id: the same whatever else the
   // frame delivers to this session, and it is flooded to a session once.
-  const key = options.offlineId && delivery ? `o:${options.offlineId}` : delivery?.key;
+  // Outside a frame (the sweeper's work), a key of its own: an entry whose post fails can still
+  // be found and marked uncertain.
+  const key =
+    options.offlineId && delivery
+      ? `o:${options.offlineId}`
+      : (delivery?.key ?? `x:${randomBytes(9).toString('base64url')}`);
   const entry: SmEntry = {
     s: stanza.toString(),
     t: delivery?.at ?? Date.now(),
@@ -239,7 +244,8 @@ async function deliverToSmSession(
     // Failed, unanswered or refused (410) while other senders' later entries may have gone out:
     // the client's count can no longer tell whether it has this one (the socket is closed or
     // gone: it resumes, and that resume sends it again).
-    if (posted !== 'sent' && key) await server.smQueue.markUncertain(smId, key, posted === 'unclosed');
+    if (posted !== 'sent')
+      await server.smQueue.markUncertain(smId, key, posted === 'unclosed', item.connectionId);
   } finally {
     // Kept in the queue: the session detaches (or ends, re-routing it) through the lifecycle.
     if (posted === 'gone') await server.host.fire('connection-vanished', { connectionId: item.connectionId });

@@ -264,9 +264,10 @@ export interface SmQueueStore {
    * queued after it (one that may have been posted), or whatever follows it with `evenIfLast`
    * (the socket could not be closed: later entries may still go out). False when it was not
    * marked: it is the last and not `evenIfLast` (the client's count stays exact, it covers this
-   * one or not, as a prefix), it is no longer queued, or it kept moving (acks trimming it).
+   * one or not, as a prefix), it is no longer queued, it kept moving (acks trimming it), or (with
+   * `postedTo`) the session has moved on from that connection (a resume already sent it again).
    */
-  markUncertain(smId: string, key: string, evenIfLast?: boolean): Promise<boolean>;
+  markUncertain(smId: string, key: string, evenIfLast?: boolean, postedTo?: string): Promise<boolean>;
   /**
    * After a resume's count settled a queue holding uncertain entries: the queue becomes `kept`,
    * numbered from `newBase + 1`. False when the queue changed since `seen` was read (an append,
@@ -429,20 +430,34 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       }
     },
 
-    async markUncertain(smId, entryKey, evenIfLast = false) {
+    async markUncertain(smId, entryKey, evenIfLast = false, postedTo) {
       for (let attempt = 0; attempt < 5; attempt++) {
         const item = await this.get(smId);
         const at = item && !item.ended ? item.entries.findIndex((entry) => entry.k === entryKey) : -1;
         if (!item || at < 0 || (at === item.entries.length - 1 && !evenIfLast)) return false;
+        // Resumed elsewhere since the post: that resume sent the entry again, or its count covers it.
+        const moved =
+          postedTo !== undefined && item.connectionId !== undefined && item.connectionId !== postedTo;
+        if (moved) return false;
         try {
           await doc.send(
             new UpdateCommand({
               TableName: table,
               Key: key(smId),
               UpdateExpression: `SET q[${at}].u = :yes, uncertain = :yes ADD marks :one`,
-              // The entry is still where it was read (an ack trims from the head).
-              ConditionExpression: `q[${at}].k = :k AND attribute_not_exists(ended)`,
-              ExpressionAttributeValues: { ':yes': true, ':k': entryKey, ':one': 1 },
+              // The entry is still where it was read (an ack trims from the head), and the session
+              // on the connection it was posted to (or detached from it).
+              ConditionExpression: `q[${at}].k = :k AND attribute_not_exists(ended)${
+                postedTo === undefined
+                  ? ''
+                  : ' AND (connectionId = :to OR attribute_not_exists(connectionId))'
+              }`,
+              ExpressionAttributeValues: {
+                ':yes': true,
+                ':k': entryKey,
+                ':one': 1,
+                ...(postedTo === undefined ? {} : { ':to': postedTo }),
+              },
             }),
           );
           return true;

@@ -642,11 +642,13 @@ describe('uncertain entries (a post failed or never made while later ones went o
   });
 
   it('the last entry is marked only when asked to (the socket could not be closed)', async () => {
-    const { smId } = await session();
+    const { smId, connectionId } = await session();
     await queue.release(smId, 0);
     for (const n of [1, 2]) await queue.append(smId, entry(n, { k: `l${n}:0` }), MAX);
     expect(await queue.markUncertain(smId, 'l2:0')).toBe(false);
-    expect(await queue.markUncertain(smId, 'l2:0', true)).toBe(true);
+    // A post to a connection the session has left (a resume elsewhere sent it again): no mark.
+    expect(await queue.markUncertain(smId, 'l2:0', true, 'another-connection')).toBe(false);
+    expect(await queue.markUncertain(smId, 'l2:0', true, connectionId)).toBe(true);
     expect((await queue.get(smId))?.entries.map((e) => e.u ?? false)).toEqual([false, true]);
   });
 
