@@ -9,7 +9,7 @@ import { replaceSession } from '../core/lifecycle.ts';
 import { errorReplyTo } from '../core/stanzas.ts';
 import { StanzaError, StreamError } from '../errors.ts';
 import { parseJid } from '../jid.ts';
-import { fitsResourceKey } from '../store/sessions.ts';
+import { fitsResourceKey, type ResourceRecord, ResourceTakenError } from '../store/sessions.ts';
 import { NS } from '../xml/namespaces.ts';
 
 export function register(server: Server): void {
@@ -64,16 +64,31 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
     return HANDLED;
   }
 
-  const previous = await server.sessions.bindResource({
-    user,
-    resource,
-    connectionId: stream.connectionId,
-    available: false,
-    priority: 0,
-    boundAt: Date.now(),
-    // Until its first presence the stream may still switch to a stream-management queue.
-    ...(server.host.stanzaQueue ? { mayQueue: true } : {}),
-  });
+  let previous: ResourceRecord | undefined;
+  try {
+    previous = await server.sessions.bindResource({
+      user,
+      resource,
+      connectionId: stream.connectionId,
+      connectedAt: stream.state.connectedAt,
+      available: false,
+      priority: 0,
+      boundAt: Date.now(),
+      // Until its first presence the stream may still switch to a stream-management queue.
+      ...(server.host.stanzaQueue ? { mayQueue: true } : {}),
+    });
+  } catch (error) {
+    if (!(error instanceof ResourceTakenError)) throw error;
+    // RFC 6120 §7.7.2.2: the server may "disallow the new resource binding attempt and maintain
+    // the existing session": a newer connection holds the resource (this bind, from an older
+    // one, was handled late: its client has most likely connected anew since).
+    const reply = errorReplyTo(
+      stanza,
+      new StanzaError('cancel', 'conflict', 'The resource is bound on a newer connection'),
+    );
+    if (reply) await stream.send(reply);
+    return HANDLED;
+  }
   // RFC 6120 §7.7.2.2: the server's policy here is "override": the old session gets a
   // <conflict/> stream error and is closed, the new one binds; what the old session had not
   // delivered is re-routed (possibly to this very resource once it is available, or offline).

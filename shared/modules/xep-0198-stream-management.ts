@@ -1016,6 +1016,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
       user,
       resource: taken.resource,
       connectionId: stream.connectionId,
+      connectedAt: stream.state.connectedAt,
       available: record?.available ?? false,
       priority: record?.priority ?? 0,
       presence: record?.presence,

@@ -177,6 +177,12 @@ export interface ResourceRecord {
   /** The last broadcast presence stanza, serialised. */
   presence?: string;
   boundAt: number;
+  /**
+   * When the bound stream's connection opened (ms): a bind from an older connection does not
+   * take the row from a newer one (`bindResource`). A connection's frames may be handled late
+   * (a bind retried through a storm, after its client had given up and connected anew).
+   */
+  connectedAt?: number;
   flexibleOffline?: boolean;
   /** Set when the session has stream management: deliveries go through its queue. */
   smId?: string;
@@ -308,7 +314,10 @@ export interface SessionStore {
   deleteConnection(connectionId: string): Promise<void>;
   listResources(user: string): Promise<ResourceRecord[]>;
   getResource(user: string, resource: string): Promise<ResourceRecord | undefined>;
-  /** Binds (or takes over) a resource; returns the record it replaced. */
+  /**
+   * Binds (or takes over) a resource; returns the record it replaced. ResourceTakenError when
+   * the row is a newer connection's (`connectedAt`).
+   */
   bindResource(record: ResourceRecord): Promise<ResourceRecord | undefined>;
   /**
    * A stream-management resume binds its session's resource again: only while the row is that
@@ -439,6 +448,7 @@ function toResource(item: Record<string, unknown>, readAt?: number): ResourceRec
     priority: (item.priority as number | undefined) ?? 0,
     presence: item.presence as string | undefined,
     boundAt: item.boundAt as number,
+    ...(typeof item.connectedAt === 'number' ? { connectedAt: item.connectedAt } : {}),
     flexibleOffline: item.flexibleOffline as boolean | undefined,
     smId: item.smId as string | undefined,
     rosterInterested: item.rosterInterested as boolean | undefined,
@@ -627,19 +637,35 @@ export function createSessionStore(
     },
 
     async bindResource(record) {
-      const { Attributes } = await doc.send(
-        new PutCommand({
-          TableName: table,
-          Item: {
-            ...resourceKey(record.user, record.resource),
-            ...storedRow(record),
-            // API Gateway cuts every connection after 2 hours; a resource whose $disconnect was
-            // lost is found by a 410 on the next delivery, or expires with the connection TTL.
-            [TTL_ATTRIBUTE]: ttl(connectionTtlSeconds, record.boundAt),
-          },
-          ReturnValues: 'ALL_OLD',
-        }),
-      );
+      const { Attributes } = await doc
+        .send(
+          new PutCommand({
+            TableName: table,
+            Item: {
+              ...resourceKey(record.user, record.resource),
+              ...storedRow(record),
+              // API Gateway cuts every connection after 2 hours; a resource whose $disconnect was
+              // lost is found by a 410 on the next delivery, or expires with the connection TTL.
+              [TTL_ATTRIBUTE]: ttl(connectionTtlSeconds, record.boundAt),
+            },
+            // The newest connection keeps the resource: a late bind of an older one does not
+            // replace it (this very connection may bind again: a redelivered bind).
+            ...(record.connectedAt === undefined
+              ? {}
+              : {
+                  ConditionExpression:
+                    'attribute_not_exists(connectedAt) OR connectedAt <= :connectedAt OR connectionId = :connectionId',
+                  ExpressionAttributeValues: {
+                    ':connectedAt': record.connectedAt,
+                    ':connectionId': record.connectionId,
+                  },
+                }),
+            ReturnValues: 'ALL_OLD',
+          }),
+        )
+        .catch((error: unknown) => {
+          throw isConditionFailure(error) ? new ResourceTakenError(record.user, record.resource) : error;
+        });
       const previous = Attributes ? toResource(Attributes) : undefined;
       // A resumed session keeps its availability (and renews the set's TTL); a takeover by a
       // new bind starts unavailable.

@@ -199,6 +199,35 @@ describe('RFC 6120 §7 binding', () => {
     second.close();
   });
 
+  // RFC 6120 §7.7.2.2: the server may "disallow the new resource binding attempt and maintain
+  // the existing session". A bind from a connection older than the one holding the resource is
+  // one handled late (retried through a storm after its client had connected anew): it must not
+  // close the newer, live stream.
+  it('refuses with <conflict/> a bind from an older connection than the one holding the resource', async () => {
+    const older = await RawClient.connect(stack.url);
+    await older.open();
+    older.send(
+      `<auth xmlns='${SASL}' mechanism='PLAIN'>${Buffer.from('\0dave\0dave-secret').toString('base64')}</auth>`,
+    );
+    expect((await older.next()).name).toBe('success');
+    await older.open();
+    const newer = await RawClient.connect(stack.url);
+    expect(await newer.login('dave', 'dave-secret', 'tablet')).toBe('dave@localhost/tablet');
+    older.send(
+      `<iq type='set' id='late'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>tablet</resource></bind></iq>`,
+    );
+    const refused = await older.until((el) => el.attrs.id === 'late');
+    expect(refused.attrs.type).toBe('error');
+    expect(
+      refused.getChild('error')?.getChild('conflict', 'urn:ietf:params:xml:ns:xmpp-stanzas'),
+    ).toBeDefined();
+    // The newer stream keeps the resource and works.
+    newer.send(`<iq type='get' id='p'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    expect((await newer.next()).attrs).toMatchObject({ type: 'result', id: 'p' });
+    older.close();
+    newer.close();
+  });
+
   it('refuses any stanza other than bind before binding (not-authorized)', async () => {
     const raw = await RawClient.connect(stack.url);
     await raw.open();
