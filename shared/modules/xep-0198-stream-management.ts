@@ -1002,7 +1002,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
   const { item, inbound } = decision;
   const user = stream.user as string;
 
-  const taken = await server.smQueue.attach(item.smId, user, stream.connectionId);
+  const taken = await server.smQueue.attach(item.smId, user, stream.connectionId, inbound);
   if (!taken) return refuseResume(stream, failed(version, 'item-not-found', item.inbound));
   const previousConnection = item.connectionId;
   if (previousConnection && previousConnection !== stream.connectionId) {

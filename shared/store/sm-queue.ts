@@ -281,8 +281,18 @@ export interface SmQueueStore {
   ): Promise<boolean>;
   /** Marks or clears congestion (see SmQueueItem.congested). */
   setCongested(smId: string, congested: boolean): Promise<void>;
-  /** Moves the session to `connectionId` and starts holding; returns the queue at that instant. */
-  attach(smId: string, user: string, connectionId: string): Promise<SmQueueItem | undefined>;
+  /**
+   * Moves the session to `connectionId` and starts holding; returns the queue at that instant.
+   * `inbound`, the client's count the resume took from the old stream, is recorded with it: if
+   * the resume fails before its stream saves the session, the next resume finds it here (the
+   * new connection's row has no count to give).
+   */
+  attach(
+    smId: string,
+    user: string,
+    connectionId: string,
+    inbound?: number,
+  ): Promise<SmQueueItem | undefined>;
   /** Stops holding if nothing was appended since `seenOut`; false means: replay the rest, then retry. */
   release(smId: string, seenOut: number): Promise<boolean>;
   /** The socket is gone: keep the session for `sweepAt`, record the inbound count. */
@@ -563,14 +573,15 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
         });
     },
 
-    async attach(smId, user, connectionId) {
+    async attach(smId, user, connectionId, inbound) {
       try {
         const { Attributes } = await doc.send(
           new UpdateCommand({
             TableName: table,
             Key: key(smId),
-            UpdateExpression:
-              'SET connectionId = :connectionId, holding = :yes, #ttl = :ttl, sweepShard = :attached, sweepAt = :probe',
+            UpdateExpression: `SET connectionId = :connectionId, holding = :yes, #ttl = :ttl, sweepShard = :attached, sweepAt = :probe${
+              inbound === undefined ? '' : ', inbound = :inbound'
+            }`,
             ConditionExpression: '#user = :user AND attribute_not_exists(ended)',
             ExpressionAttributeNames: { '#user': 'user', '#ttl': TTL_ATTRIBUTE },
             ExpressionAttributeValues: {
@@ -580,6 +591,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
               ':ttl': attachedExpiry(),
               ':attached': ATTACHED_SHARD,
               ':probe': Date.now() + PROBE_AFTER_MS,
+              ...(inbound === undefined ? {} : { ':inbound': inbound }),
             },
             ReturnValues: 'ALL_NEW',
           }),

@@ -694,12 +694,15 @@ describe('resumption (sm:3)', () => {
     expect((await client.until(body('overtaken'))).getChild('delay', DELAY)).toBeDefined();
   });
 
-  it('a <resume/> whose first attempt took the session and then failed does not fence its own stream: the client is made to resume again', async () => {
+  it('a <resume/> whose first attempt took the session and then failed does not fence its own stream: the client is made to resume again, and is told the old stream’s count', async () => {
     await stack.addUser('maria@localhost', 'maria-pw');
     const old = await raw('maria', 'house');
     const enabled = await enable(old);
-    old.terminate();
-    await detached(enabled.attrs.id as string);
+    // Two stanzas counted on the old stream, which is still attached (its socket not seen gone).
+    old.send(`<iq type='get' id='c1' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    old.send(`<iq type='get' id='c2' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    old.send(`<r xmlns='${SM3}'/>`);
+    expect((await old.until((el) => el.name === 'a')).attrs.h).toBe('2');
     const sessions: SessionStore = stack.server.sessions;
     const rebind = sessions.rebindResumed.bind(sessions);
     let failures = 0;
@@ -725,7 +728,11 @@ describe('resumption (sm:3)', () => {
     expect(failures).toBe(1);
     const { client: again } = await authenticated('maria');
     again.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='0'/>`);
-    expect((await again.next()).is('resumed', SM3)).toBe(true);
+    const resumed = await again.next();
+    expect(resumed.is('resumed', SM3)).toBe(true);
+    // XEP-0198 §5: h is what the server handled of the client's stanzas: the old stream's 2 (the
+    // connection in between never saved a count), or the client would send them again.
+    expect(resumed.attrs.h).toBe('2');
   });
 
   it('posts at once a stanza whose append failed after it was written, found by a look at the queue', async () => {
