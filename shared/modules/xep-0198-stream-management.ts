@@ -200,18 +200,11 @@ async function deliverToSmSession(
     const at = queued?.entries.findIndex((waiting) => waiting.k === key) ?? -1;
     if (queued && at >= 0) {
       server.log.debug('stanza already in the stream-management queue', { smId, id: stanza.attrs.id });
-      // Entries queued after it may have been posted: the client's count would cover it
-      // whether or not it has it. The next resume sends it again (see countCovers). The socket
-      // goes first, so no entry appended after the mark's read can reach the client.
-      const closed =
-        queued.connectionId && !queued.holding
-          ? await forceResume(server, queued.connectionId, 'redelivered')
-          : true;
-      await server.smQueue.markUncertain(smId, key, !closed);
-      return 'sent';
+      return settleUnknownPost(server, smId, key, queued, 'redelivered');
     }
   }
   const result = await appendOnce(server, smId, entry);
+  if (result.kind === 'found') return settleUnknownPost(server, smId, key, result.item, 'uncertain append');
   server.log.debug('stanza to a stream-management queue', {
     smId,
     id: stanza.attrs.id,
@@ -264,11 +257,15 @@ async function deliverToSmSession(
 
 /**
  * Appends to the queue; an append that failed in a way that may have written it (a 500 after
- * DynamoDB ran it, a timeout) is looked for at once: found, it is posted now, as if the append
- * had answered. Left for the frame's redelivery instead, other senders' later entries would be
- * posted first and the client's count would cover this one without it (see countCovers).
+ * DynamoDB ran it, a timeout) is looked for at once (`found`). Left for the frame's redelivery,
+ * other senders' later entries would be posted first meanwhile. It is not posted from here: a
+ * resume may have attached the session since the write, and its replay sent it already.
  */
-async function appendOnce(server: Server, smId: string, entry: SmEntry): Promise<AppendResult> {
+async function appendOnce(
+  server: Server,
+  smId: string,
+  entry: SmEntry,
+): Promise<AppendResult | { kind: 'found'; item: SmQueueItem }> {
   try {
     return await server.smQueue.append(smId, entry, server.config.smQueueMax);
   } catch (error) {
@@ -277,8 +274,28 @@ async function appendOnce(server: Server, smId: string, entry: SmEntry): Promise
     const at = found && !found.ended ? found.entries.findIndex((queued) => queued.k === entry.k) : -1;
     if (!found || at < 0) throw error;
     server.log.info('an append that failed had queued its stanza', { smId });
-    return { kind: 'queued', number: found.base + at + 1, item: found };
+    return { kind: 'found', item: found };
   }
+}
+
+/**
+ * A stanza found queued whose post may or may not have happened (an earlier attempt of its
+ * frame, a replay since its append): posting it now could count it twice, not posting it could
+ * let later entries' posts make the client's count cover it. The socket is closed first (no entry
+ * appended after the mark's read can reach the client), then the entry is marked uncertain if a
+ * later one was queued (or the close failed): the resume sends it again (see countCovers).
+ */
+async function settleUnknownPost(
+  server: Server,
+  smId: string,
+  key: string,
+  item: SmQueueItem,
+  reason: string,
+): Promise<DeliveryResult> {
+  const closed =
+    item.connectionId && !item.holding ? await forceResume(server, item.connectionId, reason) : true;
+  await server.smQueue.markUncertain(smId, key, !closed);
+  return 'sent';
 }
 
 /**

@@ -735,10 +735,14 @@ describe('resumption (sm:3)', () => {
     expect(resumed.attrs.h).toBe('2');
   });
 
-  it('posts at once a stanza whose append failed after it was written, found by a look at the queue', async () => {
+  // The append of a stanza ran, but DynamoDB answered with a 500. A resume may have attached the
+  // session since the write (its replay sent the stanza), so the stanza is not posted from there:
+  // the socket is closed, and the resume tells exactly (the 2nd body of the seed-17 replay, sent
+  // by both the replay and the failed append, put the client's count one ahead).
+  it('does not post a stanza whose append failed after it was written: the client resumes and gets it once', async () => {
     for (const user of ['olivia', 'malvolio']) await stack.addUser(`${user}@localhost`, `${user}-pw`);
     const olivia = await raw('olivia', 'garden');
-    await enable(olivia);
+    const enabled = await enable(olivia);
     const malvolio = await raw('malvolio', 'letter');
     const queue = stack.server.smQueue;
     const append = queue.append.bind(queue);
@@ -756,15 +760,18 @@ describe('resumption (sm:3)', () => {
     });
     try {
       malvolio.send(`<message to='olivia@localhost/garden' type='chat'><body>written</body></message>`);
-      const message = await olivia.until((el) => el.name === 'message');
-      expect(message.getChildText('body')).toBe('written');
+      await olivia.closed;
     } finally {
       restore();
     }
     expect(failed).toBe(true);
-    // Posted by the attempt that failed, not by a redelivery: the socket stays.
-    olivia.send(`<r xmlns='${SM3}'/>`);
-    expect((await olivia.until((el) => el.name === 'a')).attrs.h).toBe('0');
+    expect(olivia.pending().some((frame) => frame.includes('written'))).toBe(false);
+    const { client } = await authenticated('olivia');
+    client.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='0'/>`);
+    expect((await client.next()).is('resumed', SM3)).toBe(true);
+    expect((await client.until((el) => el.name === 'message')).getChildText('body')).toBe('written');
+    client.send(`<r xmlns='${SM3}'/>`);
+    expect((await client.until((el) => el.name === 'r' || el.name === 'message')).name).toBe('r');
   });
 
   // Issue 11: "every stanza the old connection routes is either counted in the h that
