@@ -36,7 +36,12 @@ import { rerouteUndelivered } from '../core/router.ts';
 import { stampDelay } from '../core/stanzas.ts';
 import { isTransient, RetryLaterError, withTransientRetries } from '../core/transient.ts';
 import { StreamError } from '../errors.ts';
-import { type ConnectionState, ResourceTakenError, type SmState } from '../store/sessions.ts';
+import {
+  ConnectionFencedError,
+  type ConnectionState,
+  ResourceTakenError,
+  type SmState,
+} from '../store/sessions.ts';
 import {
   AckBeyondQueueError,
   type AppendResult,
@@ -579,7 +584,19 @@ async function countInbound(stream: Stream): Promise<undefined> {
   stream.update({ sm: { ...sm, inbound: sm.inbound + 1 } });
   if (stream.frameId) stream.update({ countedFrame: stream.frameId });
   if (stream.seq) stream.update({ countedSeq: stream.seq });
-  await stream.commit();
+  try {
+    await stream.commit();
+  } catch (error) {
+    if (!(error instanceof ConnectionFencedError) || !stream.frameId) throw error;
+    // The count may have landed just before the fence (DynamoDB ran the write but answered with
+    // a 500, and the SDK's resend met the fence): then the h of <resumed/> covers this stanza,
+    // the client will not send it again, and it must be routed.
+    const row = await stream.server.sessions.getConnection(stream.connectionId);
+    if (row?.countedFrame !== stream.frameId) throw error;
+    stream.server.log.info('counted just before the fence: routed all the same', {
+      connectionId: stream.connectionId,
+    });
+  }
   return undefined;
 }
 

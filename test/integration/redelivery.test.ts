@@ -9,6 +9,7 @@ import { createLogger } from '../../shared/log.ts';
 import { RecordingPort } from '../../shared/outbound.ts';
 import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
 import { createServer } from '../../shared/server.ts';
+import { ConnectionFencedError } from '../../shared/store/sessions.ts';
 import { createTestConfig } from '../support/dynamodb.ts';
 import { intercept, throttlingError } from '../support/intercept.ts';
 import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
@@ -138,6 +139,60 @@ describe('a stanza counted before its stream was resumed elsewhere', () => {
     await frame('f300', '300', 'counted');
     // Not counted before the fence: the client resends it on its new stream.
     await frame('f301', '301', 'not counted');
+    const bodies = (await server.offline.list(recipient)).messages.map(
+      (m) => /<body>([^<]*)</.exec(m.stanza)?.[1],
+    );
+    expect(bodies).toEqual(['counted']);
+  });
+});
+
+describe('a stanza whose count landed just before a resume fenced its stream', () => {
+  it('is routed: the count DynamoDB ran is in the h the resume reports, though the write answered with the fence', async () => {
+    const port = new RecordingPort();
+    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+    const sender = `hugo${Date.now()}@localhost`;
+    const recipient = `iris${Date.now()}@localhost`;
+    await server.users.create(recipient, await deriveCredentialSet('pw', 4096));
+    await server.sessions.createConnection('fenced', Date.now());
+    await server.sessions.updateConnection('fenced', {
+      streamOpen: true,
+      user: sender,
+      resource: 'r',
+      sm: { version: 'sm3', id: 'sm-fenced', inbound: 0, acked: 0, resumable: true, max: 300 },
+    });
+    await server.smQueue.create({
+      smId: 'sm-fenced',
+      user: sender,
+      resource: 'r',
+      version: 'sm3',
+      resumable: true,
+      max: 300,
+      connectionId: 'fenced',
+    });
+    // DynamoDB runs the count, answers with a 500; before the SDK's resend a resume fences the
+    // row (reading h = 1 from it), and the resend meets the fence.
+    const update = server.sessions.updateConnection.bind(server.sessions);
+    const restore = intercept(server.sessions, 'updateConnection', async (connectionId, changes, options) => {
+      if (options?.unlessFenced && changes.countedFrame) {
+        await update(connectionId, changes, options);
+        const fenced = await server.sessions.fenceConnection(connectionId);
+        expect(fenced?.sm?.inbound).toBe(1);
+        throw new ConnectionFencedError(connectionId);
+      }
+      return update(connectionId, changes, options);
+    });
+    try {
+      await handleStreamEvent(server, {
+        connectionId: 'fenced',
+        kind: 'frame',
+        frame: `<message xmlns='jabber:client' to='${recipient}' type='chat'><body>counted</body></message>`,
+        receivedAt: Date.now(),
+        frameId: 'f-count',
+        seq: '900',
+      });
+    } finally {
+      restore();
+    }
     const bodies = (await server.offline.list(recipient)).messages.map(
       (m) => /<body>([^<]*)</.exec(m.stanza)?.[1],
     );
