@@ -416,6 +416,7 @@ async function keepResumable(
   // the count a resume reports. From here on such a frame stops instead.
   event.state = (await server.sessions.fenceConnection(event.connectionId)) ?? event.state;
   const state = event.state;
+  if (!state?.sm && state?.resuming) await endAbandonedResume(server, event.connectionId, state.resuming);
   if (!state?.sm?.resumable) return undefined;
   const until = Date.now() + state.sm.max * 1000;
   await server.smQueue.detach(
@@ -430,6 +431,20 @@ async function keepResumable(
   // count is in what a resume reports); an uncounted one is stopped by the fence.
   if (event.disconnected) await server.sessions.deleteConnection(event.connectionId);
   return HANDLED;
+}
+
+/**
+ * The socket of a `<resume/>` vanished after the resume attached the session and before its
+ * stream saved it (a frame that kept failing, a client that gave up): the session is attached to
+ * a dead connection, holding, and neither a new bind (the resource row may not name it) nor the
+ * sweeper's window would end it soon. It ends here and what it held is re-routed; the client's
+ * next resume is told item-not-found.
+ */
+async function endAbandonedResume(server: Server, connectionId: string, smId: string): Promise<void> {
+  const item = await server.smQueue.get(smId);
+  if (!item || item.ended || item.connectionId !== connectionId) return;
+  server.log.info('a resume whose socket vanished before it was saved: its session ends', { smId });
+  await endSession(server, sessionOfItem(item, connectionId), 'gone');
 }
 
 /**
@@ -970,8 +985,18 @@ async function decideResume(
       const found = item as SmQueueItem;
       if (found.connectionId === stream.connectionId) {
         // An earlier attempt of this very frame took the session over and failed before saving
-        // it (fencing this connection now would stop it for good): the socket is closed and the
-        // client resumes once more, from a new connection.
+        // it (fencing this connection now would stop it for good): the session is detached again
+        // (its count was recorded at the attach), the socket closed, and the client resumes
+        // once more from a new connection.
+        await server.smQueue.detach(
+          found.smId,
+          stream.connectionId,
+          found.inbound ?? 0,
+          Date.now() + found.max * 1000,
+          found.directedTo ?? [],
+        );
+        stream.update({ resuming: undefined });
+        await stream.commit();
         await forceResume(server, stream.connectionId, 'redelivered <resume/>');
         return { ok: false, reply: undefined };
       }
@@ -1036,6 +1061,9 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
   const { item, inbound } = decision;
   const user = stream.user as string;
 
+  // Recorded first: if the socket goes before the session is saved, its $disconnect ends it.
+  stream.update({ resuming: item.smId });
+  await stream.commit();
   const taken = await server.smQueue.attach(item.smId, user, stream.connectionId, inbound);
   if (!taken) return refuseResume(stream, failed(version, 'item-not-found', item.inbound));
   const previousConnection = item.connectionId;
@@ -1084,7 +1112,12 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
     max: taken.max,
   };
   // Saved before <resumed/> goes out, with the frame that did it: see `handle`.
-  stream.update({ resource: taken.resource, sm, ...(stream.frameId ? { smFrame: stream.frameId } : {}) });
+  stream.update({
+    resource: taken.resource,
+    sm,
+    resuming: undefined,
+    ...(stream.frameId ? { smFrame: stream.frameId } : {}),
+  });
   await stream.commit();
   const resumed = new Element('resumed', { xmlns: namespaceOf(version), previd: taken.smId });
   // Seed §5: "If there is no known last acknowledged sequence number ... 'h' MUST NOT be included."

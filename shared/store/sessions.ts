@@ -154,6 +154,12 @@ export interface ConnectionState {
   countedSeq?: string;
   /** XEP-0198: the frame that enabled or resumed this stream's session (saved before the answer went out). */
   smFrame?: string;
+  /**
+   * XEP-0198: the session a `<resume/>` on this stream is taking over, until the stream has saved
+   * it: a socket that vanishes meanwhile ends that session (it was attached to this connection,
+   * holding, and nothing else would let go of it).
+   */
+  resuming?: string;
   /** RFC 6120 §7.7.2.2: the session this stream's bind took the resource from, until it has ended. */
   replacing?: ResourceRecord;
   /** The id of the last frame whose state changes were saved (a redelivery of it is skipped). */
@@ -431,6 +437,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     countedFrame: item.countedFrame as string | undefined,
     countedSeq: item.countedSeq as string | undefined,
     smFrame: item.smFrame as string | undefined,
+    resuming: item.resuming as string | undefined,
     replacing: item.replacing as ResourceRecord | undefined,
     savedFrame: item.savedFrame as string | undefined,
     doneSeq: item.doneSeq as string | undefined,

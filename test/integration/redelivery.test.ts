@@ -200,6 +200,46 @@ describe('a stanza whose count landed just before a resume fenced its stream', (
   });
 });
 
+describe('a resume whose socket vanished after it attached the session, before its stream saved it', () => {
+  it('ends that session on the $disconnect and re-routes what it held, instead of holding it for a dead socket', async () => {
+    const port = new RecordingPort();
+    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+    const user = `jude${Date.now()}@localhost`;
+    await server.users.create(user, await deriveCredentialSet('pw', 4096));
+    await server.smQueue.create({
+      smId: 'sm-abandoned',
+      user,
+      resource: 'r',
+      version: 'sm3',
+      resumable: true,
+      max: 300,
+      connectionId: 'old',
+    });
+    await server.smQueue.release('sm-abandoned', 0);
+    // The resume's stream recorded what it was taking over, then attached it (holding)...
+    await server.sessions.createConnection('resumer', Date.now());
+    await server.sessions.updateConnection('resumer', { streamOpen: true, user, resuming: 'sm-abandoned' });
+    expect(await server.smQueue.attach('sm-abandoned', user, 'resumer', 0)).toBeDefined();
+    // ...and a message queued for the session meanwhile waits behind the hold.
+    await server.smQueue.append(
+      'sm-abandoned',
+      {
+        s: `<message xmlns='jabber:client' to='${user}/r' type='chat'><body>held</body></message>`,
+        t: Date.now(),
+        k: 'h:0',
+      },
+      100,
+    );
+    // The socket is gone before the stream saved the session.
+    await server.host.fire('connection-vanished', { connectionId: 'resumer', disconnected: true });
+    expect((await server.smQueue.get('sm-abandoned'))?.ended).toBe(true);
+    const bodies = (await server.offline.list(user)).messages.map(
+      (m) => /<body>([^<]*)</.exec(m.stanza)?.[1],
+    );
+    expect(bodies).toEqual(['held']);
+  });
+});
+
 describe('FRAME_DONE_MARKS=batched', () => {
   it('marks only a frame another of its connection follows in the batch; keyed writes still hold', async () => {
     const port = new RecordingPort();
