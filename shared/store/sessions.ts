@@ -482,6 +482,42 @@ export function createSessionStore(
   table: string,
   connectionTtlSeconds: number,
 ): SessionStore {
+  /**
+   * Writes a resource row (a bind, or a resume's re-bind) under `condition`, ResourceTakenError
+   * when it fails; returns the row it replaced. A resumed session keeps its availability (and
+   * renews the set's TTL); a takeover by a new bind starts unavailable.
+   */
+  async function putResourceRow(
+    record: ResourceRecord,
+    condition: { expression: string; values: Record<string, unknown> } | undefined,
+  ): Promise<ResourceRecord | undefined> {
+    const { Attributes } = await doc
+      .send(
+        new PutCommand({
+          TableName: table,
+          Item: {
+            ...resourceKey(record.user, record.resource),
+            ...storedRow(record),
+            // API Gateway cuts every connection after 2 hours; a resource whose $disconnect was
+            // lost is found by a 410 on the next delivery, or expires with the connection TTL.
+            [TTL_ATTRIBUTE]: ttl(connectionTtlSeconds, record.boundAt),
+          },
+          ...(condition
+            ? { ConditionExpression: condition.expression, ExpressionAttributeValues: condition.values }
+            : {}),
+          ReturnValues: 'ALL_OLD',
+        }),
+      )
+      .catch((error: unknown) => {
+        throw isConditionFailure(error) ? new ResourceTakenError(record.user, record.resource) : error;
+      });
+    const previous = Attributes ? toResource(Attributes) : undefined;
+    if (record.available || previous?.available) {
+      await syncAvailability(record.user, record.resource, record.available);
+    }
+    return previous;
+  }
+
   /** Deletes a resource row only if it still belongs to the given owner; returns it, or undefined. */
   async function releaseIfOwned(
     user: string,
@@ -644,66 +680,25 @@ export function createSessionStore(
     },
 
     async bindResource(record) {
-      const { Attributes } = await doc
-        .send(
-          new PutCommand({
-            TableName: table,
-            Item: {
-              ...resourceKey(record.user, record.resource),
-              ...storedRow(record),
-              // API Gateway cuts every connection after 2 hours; a resource whose $disconnect was
-              // lost is found by a 410 on the next delivery, or expires with the connection TTL.
-              [TTL_ATTRIBUTE]: ttl(connectionTtlSeconds, record.boundAt),
+      // The newest connection keeps the resource: a late bind of an older one does not replace
+      // it (this very connection may bind again: a redelivered bind).
+      return putResourceRow(
+        record,
+        record.connectedAt === undefined
+          ? undefined
+          : {
+              expression:
+                'attribute_not_exists(connectedAt) OR connectedAt <= :connectedAt OR connectionId = :connectionId',
+              values: { ':connectedAt': record.connectedAt, ':connectionId': record.connectionId },
             },
-            // The newest connection keeps the resource: a late bind of an older one does not
-            // replace it (this very connection may bind again: a redelivered bind).
-            ...(record.connectedAt === undefined
-              ? {}
-              : {
-                  ConditionExpression:
-                    'attribute_not_exists(connectedAt) OR connectedAt <= :connectedAt OR connectionId = :connectionId',
-                  ExpressionAttributeValues: {
-                    ':connectedAt': record.connectedAt,
-                    ':connectionId': record.connectionId,
-                  },
-                }),
-            ReturnValues: 'ALL_OLD',
-          }),
-        )
-        .catch((error: unknown) => {
-          throw isConditionFailure(error) ? new ResourceTakenError(record.user, record.resource) : error;
-        });
-      const previous = Attributes ? toResource(Attributes) : undefined;
-      // A resumed session keeps its availability (and renews the set's TTL); a takeover by a
-      // new bind starts unavailable.
-      if (record.available || previous?.available) {
-        await syncAvailability(record.user, record.resource, record.available);
-      }
-      return previous;
+      );
     },
 
     async rebindResumed(record) {
-      const { Attributes } = await doc
-        .send(
-          new PutCommand({
-            TableName: table,
-            Item: {
-              ...resourceKey(record.user, record.resource),
-              ...storedRow(record),
-              [TTL_ATTRIBUTE]: ttl(connectionTtlSeconds, record.boundAt),
-            },
-            ConditionExpression: 'attribute_not_exists(connectionId) OR smId = :smId',
-            ExpressionAttributeValues: { ':smId': record.smId },
-            ReturnValues: 'ALL_OLD',
-          }),
-        )
-        .catch((error: unknown) => {
-          throw isConditionFailure(error) ? new ResourceTakenError(record.user, record.resource) : error;
-        });
-      const previous = Attributes ? toResource(Attributes) : undefined;
-      if (record.available || previous?.available) {
-        await syncAvailability(record.user, record.resource, record.available);
-      }
+      await putResourceRow(record, {
+        expression: 'attribute_not_exists(connectionId) OR smId = :smId',
+        values: { ':smId': record.smId },
+      });
     },
 
     async updatePresence(user, resource, connectionId, changes) {

@@ -12,7 +12,7 @@ import type { ConnectionPort } from '../../shared/outbound.ts';
 import { MAY_QUEUE_AFTER_PRESENCE_MS, type SessionStore } from '../../shared/store/sessions.ts';
 import { PROBE_AFTER_MS } from '../../shared/store/sm-queue.ts';
 import { eventually } from '../support/eventually.ts';
-import { intercept, throttlingError } from '../support/intercept.ts';
+import { intercept, serverError, throttlingError } from '../support/intercept.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 import { type StartedClient, startClient } from '../support/xmpp-client.ts';
 
@@ -608,11 +608,6 @@ describe('resumption (sm:3)', () => {
     const get = queue.get.bind(queue);
     let failed = false;
     let failGets = 0;
-    const serverError = () =>
-      Object.assign(new Error('Internal server error'), {
-        name: 'InternalServerError',
-        $metadata: { httpStatusCode: 500 },
-      });
     const restoreAppend = intercept(queue, 'append', async (smId, entry, max) => {
       const result = await append(smId, entry, max);
       if (!failed && entry.s.includes('second')) {
@@ -751,10 +746,7 @@ describe('resumption (sm:3)', () => {
       const result = await append(smId, entry, max);
       if (!failed && entry.s.includes('written')) {
         failed = true;
-        throw Object.assign(new Error('Internal server error'), {
-          name: 'InternalServerError',
-          $metadata: { httpStatusCode: 500 },
-        });
+        throw serverError();
       }
       return result;
     });

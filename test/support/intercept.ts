@@ -24,3 +24,11 @@ export function throttlingError(): Error {
     $metadata: { httpStatusCode: 400 },
   });
 }
+
+/** A DynamoDB 500 that outlived the SDK's retries (transient; it may have come after the write). */
+export function serverError(): Error {
+  return Object.assign(new Error('Internal server error'), {
+    name: 'InternalServerError',
+    $metadata: { httpStatusCode: 500 },
+  });
+}
