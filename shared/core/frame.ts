@@ -88,6 +88,11 @@ export function frameDerived(secret: string, label: string): string | undefined 
   return createHmac('sha256', secret).update(`${label}\n${frame.frameId}`).digest('base64url');
 }
 
+/** Whether the current frame was handled before (a redelivery, or a retry in place). */
+export function frameRedelivered(): boolean {
+  return frames.get()?.redelivered ?? false;
+}
+
 /** How long ago the current frame reached API Gateway (ms); undefined outside a frame. */
 export function frameAge(now = Date.now()): number | undefined {
   const frame = frames.get();

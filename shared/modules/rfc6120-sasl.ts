@@ -10,7 +10,7 @@
  * `temporary-auth-failure`: nothing sleeps inside the stream function.
  */
 import { Element } from 'ltx';
-import { frameDerived } from '../core/frame.ts';
+import { frameDerived, frameRedelivered } from '../core/frame.ts';
 import type { Server, Stream } from '../core/host.ts';
 import { StreamError } from '../errors.ts';
 import { bareJid, parseJid } from '../jid.ts';
@@ -136,6 +136,12 @@ async function report(stream: Stream, mechanism: string | undefined, condition?:
   const offered = (MECHANISMS as readonly string[]).includes(mechanism ?? '')
     ? (mechanism as string)
     : 'other';
+  if (condition !== undefined)
+    stream.server.log.info('SASL failure', {
+      connectionId: stream.connectionId,
+      mechanism: offered,
+      condition,
+    });
   await stream.server.host.fire('auth-result', {
     stream,
     mechanism: offered,
@@ -243,6 +249,7 @@ async function scramFirst(stream: Stream, mechanism: string, payload: string): P
       jid: account,
       // Carried to the final step: whether a success must clear failures, and the known addresses.
       gate: { authFailures: gate.record.authFailures, knownAddresses: gate.record.knownAddresses },
+      ...(frameRedelivered() ? { repeated: true } : {}),
     },
   });
   await stream.send(saslElement('challenge', encodeSaslPayload(message)));
@@ -295,7 +302,17 @@ async function response(stream: Stream, element: Element): Promise<void> {
   const payload = element.getText();
   if (progress.mechanism === 'PLAIN') return startPlain(stream, payload);
   if (!('nonce' in progress.state)) return scramFirst(stream, progress.mechanism, decodeSaslPayload(payload));
-  return scramFinal(stream, decodeSaslPayload(payload));
+  const decoded = decodeSaslPayload(payload);
+  if (decoded === '' && progress.repeated) {
+    // A client that got the challenge twice answers the copy as if it were the server's final
+    // message (an empty response), possibly before its proof for the first: ignored, the proof
+    // follows. Without a repeated challenge an empty client-final is malformed (RFC 5802 §7).
+    stream.server.log.info('SASL empty response to a repeated challenge ignored', {
+      connectionId: stream.connectionId,
+    });
+    return;
+  }
+  return scramFinal(stream, decoded);
 }
 
 async function handle(stream: Stream, element: Element): Promise<void> {

@@ -40,6 +40,8 @@ export interface SaslProgress {
   jid?: string;
   /** What the password-guessing limits read at the first step, for the last one. */
   gate?: { authFailures: number; knownAddresses: Record<string, number> };
+  /** The challenge may have gone out twice (its `<auth/>` frame was handled again). */
+  repeated?: boolean;
 }
 
 /** XEP-0198 state of a stream, saved with the connection after every frame. */

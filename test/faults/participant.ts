@@ -31,7 +31,8 @@ export const RESOURCE = 'faults';
 const PING_EVERY = 4;
 const PING_TIMEOUT_MS = 20_000;
 /**
- * A client neither online nor changing status for this long is started anew (a new session: a
+ * A client neither online nor changing status for this long has its socket dropped, so that it
+ * reconnects and resumes; stuck once more, or stuck offline, it is started anew (a new session: a
  * stream-management client then gets again what it had received but not acknowledged, by
  * design). Longer than two redelivery cycles of the schedules' event source (function timeout
  * 1 s + visibility timeout 2 s): a login whose frame timed out is waiting for its redelivery,
@@ -175,22 +176,37 @@ export class Participant {
   /**
    * Starts the client and keeps it connected, as an application would: xmpp.js reconnects by
    * itself when a socket dies, but gives up when a login fails (a SASL `<failure/>`, a bind
-   * error); a client stuck offline for `STUCK_MS` is stopped and started anew (a new session).
+   * error). A client stuck in one status for `STUCK_MS` has its socket dropped (it reconnects
+   * and resumes); stuck again, or stuck offline, it is stopped and started anew (a new session).
    */
   start(): void {
     this.supervising = true;
     let since = Date.now();
     let status = this.xmpp.status;
+    /** The socket was dropped once already in this stuck spell. */
+    let dropped = false;
     const watch = async (): Promise<void> => {
       while (this.supervising) {
         await sleep(100);
         if (this.online() || this.xmpp.status !== status) {
           since = Date.now();
           status = this.xmpp.status;
+          dropped = false;
           continue;
         }
         if (Date.now() - since < STUCK_MS && status !== 'offline') continue;
+        if (!dropped && status !== 'offline' && this.options.link.live()) {
+          // What an application does with a login that makes no progress: drop the socket and
+          // reconnect. xmpp.js reconnects by itself and resumes its session (a fresh start would
+          // abandon it, and get again what it received but had not acknowledged).
+          this.options.trace(`${this.user}: stuck in '${status}', dropping the socket`);
+          this.options.link.kill('both', 0);
+          dropped = true;
+          since = Date.now();
+          continue;
+        }
         this.options.trace(`${this.user}: stuck in '${status}', starting anew`);
+        dropped = false;
         this.xmpp.reconnect.stop();
         await Promise.race([this.xmpp.stop().catch(() => {}), sleep(2_000)]);
         if (!this.supervising) return;

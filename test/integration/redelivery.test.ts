@@ -336,4 +336,61 @@ describe('a redelivered SCRAM <auth/> whose challenge went out but whose state w
     expect(sent().at(-1)).toContain('urn:ietf:params:xml:ns:xmpp-bind');
     expect((await server.sessions.getConnection('a1'))?.user).toBe(`${user}@localhost`);
   });
+
+  /** A stream at the SCRAM challenge, its `<auth/>` handled twice or once; what it sent so far. */
+  async function atChallenge(connectionId: string, authDeliveries: 1 | 2) {
+    const port = new RecordingPort();
+    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+    const user = `hal${Date.now()}${connectionId}`;
+    await server.users.create(`${user}@localhost`, await deriveCredentialSet('hal-pw', 4096));
+    await server.sessions.createConnection(connectionId, Date.now());
+    const frame = (frameId: string, xml: string, receiveCount = 1) =>
+      handleStreamEvent(server, {
+        connectionId,
+        kind: 'frame',
+        frame: xml,
+        receivedAt: Date.now(),
+        frameId,
+        receiveCount,
+      });
+    const sent = () => port.frames.get(connectionId) ?? [];
+    await frame('k1', OPEN);
+    const clientFirst = scramClientFirst(user, 'rOprNGfwEbeRWgbNEkqO');
+    const auth = `<auth xmlns='${SASL}' mechanism='SCRAM-SHA-256'>${Buffer.from(clientFirst).toString('base64')}</auth>`;
+    if (authDeliveries === 2) {
+      // The save after the challenge fails past its retries; the frame's second delivery follows.
+      const update = server.sessions.updateConnection.bind(server.sessions);
+      const restore = intercept(server.sessions, 'updateConnection', async (id, changes, options) => {
+        if (changes.sasl) throw throttlingError();
+        return update(id, changes, options);
+      });
+      await expect(frame('k2', auth)).rejects.toMatchObject({ name: 'ThrottlingException' });
+      restore();
+    }
+    await frame('k2', auth, authDeliveries);
+    expect(sent().filter((data) => data.startsWith('<challenge'))).toHaveLength(authDeliveries);
+    const serverFirst = Buffer.from(
+      /<challenge[^>]*>([^<]*)</.exec(sent().find((data) => data.startsWith('<challenge')) ?? '')?.[1] ?? '',
+      'base64',
+    ).toString();
+    const final = scramClientFinal({ hash: 'sha256', password: 'hal-pw', clientFirst, serverFirst });
+    return { server, user, frame, sent, proof: Buffer.from(final.message).toString('base64') };
+  }
+  const response = (payload: string) => `<response xmlns='${SASL}'>${payload}</response>`;
+
+  it('ignores the empty answer to the copy when it arrives before the proof (xmpp.js computes the proof asynchronously)', async () => {
+    const { server, user, frame, sent, proof } = await atChallenge('a2', 2);
+    const before = sent().length;
+    await frame('k3', response(''));
+    expect(sent()).toHaveLength(before);
+    await frame('k4', response(proof));
+    expect(sent().at(-1)).toMatch(/^<success/);
+    expect((await server.sessions.getConnection('a2'))?.user).toBe(`${user}@localhost`);
+  });
+
+  it('still refuses an empty client-final message when the challenge went out once (RFC 5802 §7)', async () => {
+    const { frame, sent } = await atChallenge('a3', 1);
+    await frame('k3', response(''));
+    expect(sent().at(-1)).toMatch(/^<failure[^>]*><malformed-request\/>/);
+  });
 });
