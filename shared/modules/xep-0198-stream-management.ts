@@ -1032,23 +1032,29 @@ function countedHandled(server: Server, state: ConnectionState): boolean {
  * again; if its frame is still being handled (retried after a DynamoDB or API Gateway error),
  * what the client sends on the resumed stream would overtake it. The resume waits for it,
  * checking the old row 50, 100, 200, 400 ms apart, until SM_RESUME_SETTLE_MS after the resume
- * arrived and with half of the invocation's time left at most; then it goes ahead with a
- * warning (that frame may have ended the old stream with an error, or keep failing).
+ * arrived. An invocation spends at most half of its time left on that; when the settle time is
+ * not over by then, the resume goes back to the queue (RetryLaterError), which brings it again
+ * in a second or so (the old stream's retried frame is often waiting for the same). After
+ * SM_RESUME_SETTLE_MS it goes ahead with a warning (that frame may have ended the old stream
+ * with an error, or keep failing).
  */
 async function settleFenced(server: Server, connectionId: string, fenced: ConnectionState): Promise<void> {
   if (countedHandled(server, fenced)) return;
   const now = Date.now();
-  const budget = Math.min(
-    server.config.smResumeSettleMs - (frameAge(now) ?? 0),
-    (frameTimeLeft() ?? Number.POSITIVE_INFINITY) / 2,
-  );
-  const until = now + budget;
+  const settleUntil = now + server.config.smResumeSettleMs - (frameAge(now) ?? 0);
+  const until = Math.min(settleUntil, now + (frameTimeLeft() ?? Number.POSITIVE_INFINITY) / 2);
   for (let check = 0; ; check++) {
     const pause = Math.min(50 * 2 ** check, 400);
     if (Date.now() + pause > until) break;
     await sleep(pause);
     const state = await server.sessions.getConnection(connectionId);
     if (!state || countedHandled(server, state)) return;
+  }
+  if (settleUntil - Date.now() > 50) {
+    server.log.info('resume handed back: the old stream has not routed a stanza it counted', {
+      connectionId,
+    });
+    throw new RetryLaterError('the old stream has not routed a stanza it counted');
   }
   server.metrics.count('ResumesUnsettled');
   server.log.warn('resuming while the old stream has not routed a stanza it counted', { connectionId });

@@ -33,16 +33,19 @@ async function login(user: string, options: Parameters<typeof startClient>[3] = 
   return client;
 }
 
-async function raw(user?: string, resource?: string): Promise<RawClient> {
-  const client = await RawClient.connect(stack.url);
+async function raw(user?: string, resource?: string, on: TestStack = stack): Promise<RawClient> {
+  const client = await RawClient.connect(on.url);
   raws.push(client);
   if (user) await client.login(user, `${user}-pw`, resource);
   return client;
 }
 
 /** Authenticates and restarts the stream, without binding (where <resume/> belongs). */
-async function authenticated(user: string): Promise<{ client: RawClient; features: Element }> {
-  const client = await raw();
+async function authenticated(
+  user: string,
+  on: TestStack = stack,
+): Promise<{ client: RawClient; features: Element }> {
+  const client = await raw(undefined, undefined, on);
   await client.open();
   client.send(
     `<auth xmlns='${SASL}' mechanism='PLAIN'>${Buffer.from(`\0${user}\0${user}-pw`).toString('base64')}</auth>`,
@@ -770,21 +773,21 @@ describe('resumption (sm:3)', () => {
   // <resumed/> reports, or not routed at all" — and one it counted must not be overtaken by
   // what the client sends next on the resumed stream. Its frame being retried is staged by
   // marking the old row: counted past what it has handled.
-  async function openWithCountedInFlight(user: string, resource: string) {
-    await stack.addUser(`${user}@localhost`, `${user}-pw`);
-    const old = await raw(user, resource);
+  async function openWithCountedInFlight(user: string, resource: string, on: TestStack = stack) {
+    await on.addUser(`${user}@localhost`, `${user}-pw`);
+    const old = await raw(user, resource, on);
     const enabled = await enable(old);
     old.send('<presence/>');
     old.send(`<r xmlns='${SM3}'/>`);
     await old.until((el) => el.name === 'a');
     const smId = enabled.attrs.id as string;
-    const connectionId = (await stack.server.smQueue.get(smId))?.connectionId as string;
-    const row = await stack.server.sessions.getConnection(connectionId);
+    const connectionId = (await on.server.smQueue.get(smId))?.connectionId as string;
+    const row = await on.server.sessions.getConnection(connectionId);
     expect(row?.countedSeq).toBeDefined();
     expect(row?.doneSeq).toBeDefined();
     // A longer decimal sequence number is a later one.
     const counted = `${row?.countedSeq}0`;
-    await stack.server.sessions.updateConnection(connectionId, { countedSeq: counted });
+    await on.server.sessions.updateConnection(connectionId, { countedSeq: counted });
     return { smId, connectionId, counted };
   }
 
@@ -798,6 +801,31 @@ describe('resumption (sm:3)', () => {
     const resumed = await client.next(3000);
     expect(resumed.is('resumed', SM3)).toBe(true);
     expect(resumed.attrs.h).toBe('1');
+  });
+
+  describe('in a function too short to wait it out', () => {
+    let short: TestStack;
+    beforeAll(async () => {
+      // A 2 s function: an invocation waits at most 1 s of SM_RESUME_SETTLE_MS (5 s).
+      short = await startTestStack(
+        {},
+        { eventSource: { functionTimeoutMs: 2000, visibilityTimeoutMs: 12_000 } },
+      );
+    });
+    afterAll(() => short?.close());
+
+    it('hands the resume back to the queue instead of answering before the old stream routed it', async () => {
+      const { smId, connectionId, counted } = await openWithCountedInFlight('dogberry', 'watch', short);
+      const { client } = await authenticated('dogberry', short);
+      client.send(`<resume xmlns='${SM3}' previd='${smId}' h='0'/>`);
+      // The first invocation gives up waiting after about 1 s; the resume must not be answered then.
+      await expect(client.next(2500)).rejects.toThrow(/no frame/);
+      await short.server.sessions.updateConnection(connectionId, { doneSeq: counted });
+      const resumed = await client.next(5000);
+      expect(resumed.is('resumed', SM3)).toBe(true);
+      expect(resumed.attrs.h).toBe('1');
+      expect(short.gateway.deadLetters()).toEqual([]);
+    });
   });
 
   it('goes ahead after SM_RESUME_SETTLE_MS when the old stream never finishes that stanza', async () => {
