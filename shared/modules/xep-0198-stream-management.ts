@@ -241,9 +241,15 @@ async function deliverToSmSession(
   try {
     // Failed, unanswered or refused (410) while other senders' later entries may have gone out:
     // the client's count can no longer tell whether it has this one (the socket is closed or
-    // gone: it resumes, and that resume sends it again).
+    // gone: it resumes, and that resume sends it again). Refused, it surely does not have it.
     if (posted !== 'sent')
-      await server.smQueue.markUncertain(smId, key, posted === 'unclosed', item.connectionId);
+      await server.smQueue.markUncertain(
+        smId,
+        key,
+        posted === 'unclosed',
+        item.connectionId,
+        posted === 'gone',
+      );
   } finally {
     // Kept in the queue: the session detaches (or ends, re-routing it) through the lifecycle.
     if (posted === 'gone') await server.host.fire('connection-vanished', { connectionId: item.connectionId });

@@ -44,9 +44,10 @@ export interface SmEntry {
   /**
    * Its post failed, timed out, or may never have happened (the frame that queued it failed
    * after the append and was redelivered) while later entries may have been posted: the
-   * client's count no longer says whether it has this one (see `countCovers`).
+   * client's count no longer says whether it has this one (`true`, see `countCovers`). `'missed'`:
+   * its only post was refused with 410 (the connection was gone): the client surely lacks it.
    */
-  u?: boolean;
+  u?: true | 'missed';
 }
 
 export interface SmQueueItem {
@@ -111,14 +112,16 @@ export class UncertainQueueError extends Error {
  * What a client's count acknowledges of `entries` (numbered from `base + 1`), having received
  * `received` stanzas since `base`. Without uncertain entries, the first `received`. With some,
  * what the count cannot vouch for is kept, to be sent again: the client received the certain
- * entries in order, so at least `received - uncertain` of them; every uncertain entry and
- * every certain one past those may be missing. A resend may repeat a stanza (XEP-0198 §5
- * allows it), never lose one.
+ * entries in order, so at least `received - maybe` of them, `maybe` being the entries it may or
+ * may not have (a missed one it surely lacks does not count); every uncertain entry and every
+ * certain one past those may be missing. A resend may repeat a stanza (XEP-0198 §5 allows it),
+ * never lose one.
  */
 export function countCovers(entries: SmEntry[], received: number): { acked: SmEntry[]; kept: SmEntry[] } {
-  const uncertain = entries.filter((entry) => entry.u).length;
-  if (uncertain === 0) return { acked: entries.slice(0, received), kept: entries.slice(received) };
-  let sure = Math.max(0, received - uncertain);
+  if (!entries.some((entry) => entry.u))
+    return { acked: entries.slice(0, received), kept: entries.slice(received) };
+  const maybe = entries.filter((entry) => entry.u === true).length;
+  let sure = Math.max(0, received - maybe);
   const acked: SmEntry[] = [];
   const kept: SmEntry[] = [];
   for (const entry of entries) {
@@ -266,8 +269,16 @@ export interface SmQueueStore {
    * marked: it is the last and not `evenIfLast` (the client's count stays exact, it covers this
    * one or not, as a prefix), it is no longer queued, it kept moving (acks trimming it), or (with
    * `postedTo`) the session has moved on from that connection (a resume already sent it again).
+   * `missed`: the post was refused (410), the client surely lacks the entry; a mark of an entry
+   * it may have had stays (SmEntry.u).
    */
-  markUncertain(smId: string, key: string, evenIfLast?: boolean, postedTo?: string): Promise<boolean>;
+  markUncertain(
+    smId: string,
+    key: string,
+    evenIfLast?: boolean,
+    postedTo?: string,
+    missed?: boolean,
+  ): Promise<boolean>;
   /**
    * After a resume's count settled a queue holding uncertain entries: the queue becomes `kept`,
    * numbered from `newBase + 1`. False when the queue changed since `seen` was read (an append,
@@ -440,7 +451,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       }
     },
 
-    async markUncertain(smId, entryKey, evenIfLast = false, postedTo) {
+    async markUncertain(smId, entryKey, evenIfLast = false, postedTo, missed = false) {
       for (let attempt = 0; attempt < 5; attempt++) {
         const item = await this.get(smId);
         const at = item && !item.ended ? item.entries.findIndex((entry) => entry.k === entryKey) : -1;
@@ -454,7 +465,9 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             new UpdateCommand({
               TableName: table,
               Key: key(smId),
-              UpdateExpression: `SET q[${at}].u = :yes, uncertain = :yes ADD marks :one`,
+              UpdateExpression: `SET q[${at}].u = ${
+                missed ? `if_not_exists(q[${at}].u, :missed)` : ':yes'
+              }, uncertain = :yes ADD marks :one`,
               // The entry is still where it was read (an ack trims from the head), and the session
               // on the connection it was posted to (or detached from it).
               ConditionExpression: `q[${at}].k = :k AND attribute_not_exists(ended)${
@@ -464,6 +477,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
               }`,
               ExpressionAttributeValues: {
                 ':yes': true,
+                ...(missed ? { ':missed': 'missed' } : {}),
                 ':k': entryKey,
                 ':one': 1,
                 ...(postedTo === undefined ? {} : { ':to': postedTo }),

@@ -44,6 +44,7 @@ const STUCK_MS = 8_000;
 interface StreamManagementState {
   enabled: boolean;
   id: string;
+  inbound: number;
   outbound: number;
   outbound_q: unknown[];
 }
@@ -310,6 +311,28 @@ export class Participant {
   async settlePings(): Promise<void> {
     this.ping();
     await Promise.all([...this.pings]);
+  }
+
+  /**
+   * With SM: tells the server what it received (`<a/>`, which XEP-0198 lets a party send at any
+   * time) and waits until the server has handled it (a ping after it is answered: one stream's
+   * frames are handled in order). xmpp.js sends its last `<a/>` only from its close hook, which a
+   * close racing a reconnect skips; what the server never heard acknowledged would go to storage
+   * when the session ends and arrive once more at the final login.
+   */
+  async acknowledgeReceived(timeoutMs: number): Promise<boolean> {
+    if (!this.streamManagement) return true;
+    if (!this.online() || !this.sm().enabled) return false;
+    try {
+      await this.xmpp.send(xml('a', { xmlns: SM3, h: String(this.sm().inbound) }));
+      await this.xmpp.iqCaller.request(
+        xml('iq', { type: 'get', to: this.options.domain }, xml('ping', { xmlns: 'urn:xmpp:ping' })),
+        timeoutMs,
+      );
+      return true;
+    } catch {
+      return false;
+    }
   }
 
   /** A clean end: `</close>` (after a last `<a/>` with SM); the server ends the session. */

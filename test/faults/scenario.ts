@@ -355,6 +355,10 @@ export async function runSchedule(options: RunOptions): Promise<ScheduleRun> {
     if ((await within(SETTLE_TIMEOUT_MS, stack.gateway.drained())) === 'timeout') {
       problems.push('the queue did not drain before the clients closed');
     }
+    for (const participant of participants.values()) {
+      if (!(await participant.acknowledgeReceived(SETTLE_TIMEOUT_MS)))
+        note(`${participant.user}: its last <a/> was not confirmed`);
+    }
     note('settled; closing the clients');
     await Promise.all([...participants.values()].map((participant) => participant.stop()));
     for (const link of links.values()) await link.close();

@@ -599,6 +599,37 @@ describe('uncertain entries (a post failed or never made while later ones went o
     expect(bodies(countCovers(entries, 0).kept)).toEqual(['1', '2', '3', '4', '5']);
   });
 
+  it('countCovers: an entry whose post met 410 (missed) does not lower what the count vouches for', () => {
+    // Seed 7 of a session-6 target run (kills only): bob's socket died after entry 73 went out;
+    // the posts of 74 on met 410. His count of 73 covered exactly 1–73, yet all 130 entries were
+    // sent again (73 twice) when every mark lowered the count.
+    const entries = [1, 2, 3, 4, 5].map((n) => entry(n, n >= 4 ? { u: 'missed' as const } : {}));
+    expect(bodies(countCovers(entries, 3).acked)).toEqual(['1', '2', '3']);
+    expect(bodies(countCovers(entries, 3).kept)).toEqual(['4', '5']);
+    // A missed entry between certain ones: the client had 1, 2 and 4 (count 3).
+    const gap = [1, 2, 3, 4].map((n) => entry(n, n === 3 ? { u: 'missed' as const } : {}));
+    expect(bodies(countCovers(gap, 3).acked)).toEqual(['1', '2', '4']);
+    expect(bodies(countCovers(gap, 3).kept)).toEqual(['3']);
+    // Beside an entry it may have had, only that one lowers the count.
+    const mixed = [1, 2, 3, 4, 5].map((n) =>
+      entry(n, n === 2 ? { u: true as const } : n === 4 ? { u: 'missed' as const } : {}),
+    );
+    expect(bodies(countCovers(mixed, 3).acked)).toEqual(['1', '3']);
+    expect(bodies(countCovers(mixed, 3).kept)).toEqual(['2', '4', '5']);
+  });
+
+  it('a missed mark does not overwrite a mark of an entry the client may have had', async () => {
+    const { smId, connectionId } = await session();
+    await queue.release(smId, 0);
+    for (const n of [1, 2, 3]) await queue.append(smId, entry(n, { k: `m${n}:0` }), MAX);
+    expect(await queue.markUncertain(smId, 'm1:0', false, connectionId, true)).toBe(true);
+    expect(await queue.markUncertain(smId, 'm2:0')).toBe(true);
+    expect(await queue.markUncertain(smId, 'm2:0', false, connectionId, true)).toBe(true);
+    const item = (await queue.get(smId)) as SmQueueItem;
+    expect(item.entries.map((e) => e.u ?? false)).toEqual(['missed', true, false]);
+    expect(item.uncertain).toBe(true);
+  });
+
   it('markUncertain flags the entry; a plain ack is refused with UncertainQueueError; rebase settles it', async () => {
     const { smId, connectionId } = await session();
     await queue.release(smId, 0);
