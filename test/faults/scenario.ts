@@ -26,7 +26,7 @@ import { faultStream, type Random } from '../../infra/local/faults.ts';
 import { RawClient } from '../../infra/local/raw-client.ts';
 import { type LocalStack, startLocalStack } from '../../infra/local/stack.ts';
 import { loadConfig } from '../../shared/config.ts';
-import type { Logger } from '../../shared/log.ts';
+import { entryFields, type Logger } from '../../shared/log.ts';
 import { deriveScramCredentials } from '../../shared/sasl/scram.ts';
 import { UserExistsError } from '../../shared/store/users.ts';
 import { type Channel, idOfBody, Ledger, type Tally } from './ledger.ts';
@@ -129,7 +129,8 @@ function fileLogger(write: (line: string) => void, level: string): Logger {
       if (levels[name] < threshold) return;
       const error =
         fields?.error instanceof Error ? { error: fields.error.stack ?? fields.error.message } : {};
-      write(JSON.stringify({ t: Date.now(), level: name, message, ...fields, ...error }));
+      // With the log context (connection, JID, element of the frame being handled), as on AWS.
+      write(JSON.stringify({ t: Date.now(), level: name, message, ...entryFields(fields), ...error }));
     };
   return {
     debug: at('debug'),
