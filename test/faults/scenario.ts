@@ -472,7 +472,30 @@ async function leftBehind(stack: LocalStack, users: string[]): Promise<string> {
 }
 
 /** Logs `user` in once more without stream management and takes the offline flood. */
+/**
+ * The final login, tried again (as a user would) while it fails, for FLOOD_TIMEOUT_MS: in a
+ * persistent storm a login or its flood can fail again and again, and what the server stored
+ * for the user waits for the next login.
+ */
 async function finalLogin(
+  stack: LocalStack,
+  user: string,
+  ledger: Ledger,
+  note: (line: string) => void,
+): Promise<RawClient> {
+  const giveUp = Date.now() + FLOOD_TIMEOUT_MS;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await finalLoginOnce(stack, user, ledger, note);
+    } catch (error) {
+      if (Date.now() >= giveUp) throw error;
+      note(`${user}: final login failed (${(error as Error).message}); logging in again`);
+      await sleep(Math.min(500 * attempt, 5_000));
+    }
+  }
+}
+
+async function finalLoginOnce(
   stack: LocalStack,
   user: string,
   ledger: Ledger,
@@ -492,6 +515,23 @@ async function finalLogin(
       throw error;
     }
   });
+  try {
+    await collectFlood(stack, client, user, ledger, note);
+  } catch (error) {
+    client.terminate();
+    throw error;
+  }
+  return client;
+}
+
+/** Takes what the server sends the final login until nothing more comes and nothing is held. */
+async function collectFlood(
+  stack: LocalStack,
+  client: RawClient,
+  user: string,
+  ledger: Ledger,
+  note: (line: string) => void,
+): Promise<void> {
   client.send('<presence/>');
   let quiet = 0;
   const deadline = Date.now() + SETTLE_TIMEOUT_MS;
@@ -530,5 +570,4 @@ async function finalLogin(
     quiet = messages === 0 ? quiet + 1 : 0;
     await within(5_000, stack.gateway.drained());
   }
-  return client;
 }
