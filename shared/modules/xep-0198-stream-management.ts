@@ -1050,13 +1050,14 @@ async function settleFenced(server: Server, connectionId: string, fenced: Connec
   const settleUntil = now + server.config.smResumeSettleMs - (frameAge(now) ?? 0);
   const until = Math.min(settleUntil, now + (frameTimeLeft() ?? Number.POSITIVE_INFINITY) / 2);
   for (let check = 0; ; check++) {
-    const pause = Math.min(50 * 2 ** check, 400);
-    if (Date.now() + pause > until) break;
+    const pause = Math.min(50 * 2 ** check, 400, until - Date.now());
+    if (pause <= 0) break;
     await sleep(pause);
     const state = await server.sessions.getConnection(connectionId);
     if (!state || countedHandled(server, state)) return;
   }
-  if (settleUntil - Date.now() > 50) {
+  // The invocation's time, not SM_RESUME_SETTLE_MS, ended the wait: the queue brings it again.
+  if (until < settleUntil - 50) {
     server.log.info('resume handed back: the old stream has not routed a stanza it counted', {
       connectionId,
     });

@@ -269,8 +269,9 @@ export interface SmQueueStore {
    * marked: it is the last and not `evenIfLast` (the client's count stays exact, it covers this
    * one or not, as a prefix), it is no longer queued, it kept moving (acks trimming it), or (with
    * `postedTo`) the session has moved on from that connection (a resume already sent it again).
-   * `missed`: the post was refused (410), the client surely lacks the entry; a mark of an entry
-   * it may have had stays (SmEntry.u).
+   * `missed`: the post was refused (410), the client surely lacks the entry, as long as the
+   * session is still attached to `postedTo` (detached, it may have been resumed and replayed
+   * since: the mark is an ordinary one); a mark of an entry it may have had stays (SmEntry.u).
    */
   markUncertain(
     smId: string,
@@ -460,24 +461,31 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
         const moved =
           postedTo !== undefined && item.connectionId !== undefined && item.connectionId !== postedTo;
         if (moved) return false;
+        // Missed only while the session is still on the connection that refused the post: a
+        // session no longer attached may have been resumed elsewhere since (that replay sent the
+        // entry) and detached again, and then the client may well have it.
+        const surelyMissed = missed && postedTo !== undefined && item.connectionId === postedTo;
         try {
           await doc.send(
             new UpdateCommand({
               TableName: table,
               Key: key(smId),
               UpdateExpression: `SET q[${at}].u = ${
-                missed ? `if_not_exists(q[${at}].u, :missed)` : ':yes'
+                surelyMissed ? `if_not_exists(q[${at}].u, :missed)` : ':yes'
               }, uncertain = :yes ADD marks :one`,
               // The entry is still where it was read (an ack trims from the head), and the session
-              // on the connection it was posted to (or detached from it).
+              // on the connection it was posted to (or detached from it; for a missed mark, still
+              // on it).
               ConditionExpression: `q[${at}].k = :k AND attribute_not_exists(ended)${
                 postedTo === undefined
                   ? ''
-                  : ' AND (connectionId = :to OR attribute_not_exists(connectionId))'
+                  : surelyMissed
+                    ? ' AND connectionId = :to'
+                    : ' AND (connectionId = :to OR attribute_not_exists(connectionId))'
               }`,
               ExpressionAttributeValues: {
                 ':yes': true,
-                ...(missed ? { ':missed': 'missed' } : {}),
+                ...(surelyMissed ? { ':missed': 'missed' } : {}),
                 ':k': entryKey,
                 ':one': 1,
                 ...(postedTo === undefined ? {} : { ':to': postedTo }),

@@ -471,11 +471,11 @@ async function leftBehind(stack: LocalStack, users: string[]): Promise<string> {
   return parts.join('; ');
 }
 
-/** Logs `user` in once more without stream management and takes the offline flood. */
 /**
- * The final login, tried again (as a user would) while it fails, for FLOOD_TIMEOUT_MS: in a
- * persistent storm a login or its flood can fail again and again, and what the server stored
- * for the user waits for the next login.
+ * Logs `user` in once more without stream management and takes the offline flood; tried again
+ * (as a user would) while it fails, for FLOOD_TIMEOUT_MS: in a persistent storm a login or its
+ * flood can fail again and again, and what the server stored for the user waits for the next
+ * login.
  */
 async function finalLogin(
   stack: LocalStack,
@@ -495,6 +495,7 @@ async function finalLogin(
   }
 }
 
+/** One try of the final login. */
 async function finalLoginOnce(
   stack: LocalStack,
   user: string,
