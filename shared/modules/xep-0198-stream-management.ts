@@ -470,7 +470,15 @@ async function endSmSession(
   // The connection that must still own it; 'any' for a replaced resource; undefined: detached.
   const owner = reason === 'replaced' ? 'any' : session.connectionId;
   const inbound = session.state?.sm?.inbound ?? (await server.smQueue.get(session.smId))?.inbound ?? 0;
-  const ended = await server.smQueue.end(session.smId, owner, inbound);
+  const ended =
+    (await server.smQueue.end(session.smId, owner, inbound)) ??
+    // A clean close (`</close>`, or a stream error) on the connection the session was detached
+    // from: a 410 or a probe took the socket for gone while the client was still there. XEP-0198:
+    // a closed stream's session is over (its client will not resume it), so it ends here, not
+    // at the end of its window; the resource row this stream removes no longer names it.
+    (reason === 'closed' && session.connectionId
+      ? await server.smQueue.end(session.smId, { detachedFrom: session.connectionId }, inbound)
+      : undefined);
   if (!ended) {
     // Ended already, its re-route perhaps cut short (this is a redelivery of the frame that
     // ended it, or another end at once): carried on from where it stopped. Re-routes are keyed,

@@ -90,6 +90,8 @@ export interface SmQueueItem {
   marks?: number;
   /** The sweep index's partition the item is in (attached, detached, reroute), if any. */
   sweepShard?: string;
+  /** While detached: the connection it was detached from (a `</close>` from there still ends it). */
+  detachedFrom?: string;
 }
 
 /** A connection that no longer owns the session (it was resumed elsewhere) tried to change it. */
@@ -226,6 +228,7 @@ function toItem(raw: Record<string, unknown>): SmQueueItem {
     ...(raw.uncertain ? { uncertain: true } : {}),
     ...(typeof raw.marks === 'number' ? { marks: raw.marks } : {}),
     sweepShard: raw.sweepShard as string | undefined,
+    detachedFrom: raw.detachedFrom as string | undefined,
   };
 }
 
@@ -318,9 +321,14 @@ export interface SmQueueStore {
   /**
    * Ends the session once and for all (expiry, clean close, vanish without resumption): the
    * caller gets the unacknowledged entries exactly once. `owner` must still own it: a
-   * connection id, `undefined` for "detached", or `'any'`.
+   * connection id, `undefined` for "detached", `{ detachedFrom }` for "detached from that
+   * connection" (and not resumed since), or `'any'`.
    */
-  end(smId: string, owner: string | undefined, inbound: number): Promise<SmQueueItem | undefined>;
+  end(
+    smId: string,
+    owner: string | undefined | { detachedFrom: string },
+    inbound: number,
+  ): Promise<SmQueueItem | undefined>;
   /** Detached sessions whose window closed before `now` (ms), oldest first. */
   listExpired(now: number, limit: number): Promise<SmQueueItem[]>;
   /** Records that the first `count` entries of an ended session were re-routed. */
@@ -603,7 +611,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             Key: key(smId),
             UpdateExpression: `SET connectionId = :connectionId, holding = :yes, #ttl = :ttl, sweepShard = :attached, sweepAt = :probe${
               inbound === undefined ? '' : ', inbound = :inbound'
-            }`,
+            } REMOVE detachedFrom`,
             ConditionExpression: '#user = :user AND attribute_not_exists(ended)',
             ExpressionAttributeNames: { '#user': 'user', '#ttl': TTL_ATTRIBUTE },
             ExpressionAttributeValues: {
@@ -651,7 +659,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             TableName: table,
             Key: key(smId),
             UpdateExpression:
-              'REMOVE connectionId, holding SET sweepShard = :shard, sweepAt = :at, inbound = :inbound, directedTo = :directed, #ttl = :ttl',
+              'REMOVE connectionId, holding SET sweepShard = :shard, sweepAt = :at, inbound = :inbound, directedTo = :directed, #ttl = :ttl, detachedFrom = :connectionId',
             ConditionExpression: 'connectionId = :connectionId AND attribute_not_exists(ended)',
             ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
             ExpressionAttributeValues: {
@@ -672,7 +680,8 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
     },
 
     async end(smId, owner, inbound) {
-      const connectionId = owner === 'any' ? undefined : owner;
+      const detachedFrom = typeof owner === 'object' ? owner.detachedFrom : undefined;
+      const connectionId = owner === 'any' || typeof owner === 'object' ? undefined : owner;
       try {
         const { Attributes } = await doc.send(
           new UpdateCommand({
@@ -687,9 +696,11 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             ConditionExpression:
               owner === 'any'
                 ? 'attribute_exists(q) AND attribute_not_exists(ended)'
-                : connectionId === undefined
-                  ? 'attribute_exists(pk) AND attribute_not_exists(connectionId) AND attribute_not_exists(ended)'
-                  : 'connectionId = :connectionId AND attribute_not_exists(ended)',
+                : detachedFrom !== undefined
+                  ? 'attribute_not_exists(connectionId) AND detachedFrom = :detachedFrom AND attribute_not_exists(ended)'
+                  : connectionId === undefined
+                    ? 'attribute_exists(pk) AND attribute_not_exists(connectionId) AND attribute_not_exists(ended)'
+                    : 'connectionId = :connectionId AND attribute_not_exists(ended)',
             ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
             ExpressionAttributeValues: {
               ':yes': true,
@@ -700,6 +711,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
               ':reroute': REROUTE_SHARD,
               ':retry': Date.now() + REROUTE_RETRY_MS,
               ...(connectionId === undefined ? {} : { ':connectionId': connectionId }),
+              ...(detachedFrom === undefined ? {} : { ':detachedFrom': detachedFrom }),
             },
             ReturnValues: 'ALL_OLD',
           }),

@@ -695,6 +695,40 @@ describe('resumption (sm:3)', () => {
     expect((await client.framesBeforePong()).filter((frame) => frame.includes('overtaking'))).toEqual([]);
   });
 
+  // A post to a live stream met 410 (the fault suite injects it; on AWS a close in progress):
+  // the server took the socket for gone and detached the session, while the client stayed and
+  // then closed cleanly. XEP-0198: a closed stream's session is over; what it held must not wait
+  // out the resumption window (the fault suite's "detached session holding 35").
+  it('a clean </close> from the connection a 410 detached the session from ends that session', async () => {
+    for (const user of ['benedick', 'beatrice']) await stack.addUser(`${user}@localhost`, `${user}-pw`);
+    const benedick = await raw('benedick', 'study');
+    const enabled = await enable(benedick);
+    const smId = enabled.attrs.id as string;
+    benedick.send('<presence/>');
+    await benedick.until((el) => el.name === 'presence');
+    const port = (stack.server.outbound as unknown as { port: ConnectionPort }).port;
+    const post = port.post.bind(port);
+    const restore = intercept(port, 'post', async (connectionId, data, notAfter) =>
+      data.includes('refused by 410') ? 'gone' : post(connectionId, data, notAfter),
+    );
+    try {
+      const beatrice = await raw('beatrice', 'arbour');
+      beatrice.send(
+        `<message to='benedick@localhost/study' type='chat'><body>refused by 410</body></message>`,
+      );
+      await detached(smId);
+    } finally {
+      restore();
+    }
+    benedick.send(`<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>`);
+    await eventually(async () => expect((await stack.server.smQueue.get(smId))?.ended).toBe(true));
+    // Re-routed to storage at once: the next login gets it.
+    const again = await raw('benedick', 'garden');
+    again.send('<presence/>');
+    const message = await again.until((el) => el.name === 'message', 10_000);
+    expect(message.getChildText('body')).toBe('refused by 410');
+  });
+
   it('a <resume/> whose first attempt took the session and then failed does not fence its own stream: the client is made to resume again, and is told the old stream’s count', async () => {
     await stack.addUser('maria@localhost', 'maria-pw');
     const old = await raw('maria', 'house');

@@ -567,6 +567,23 @@ describe('end: exactly once', () => {
     expect(await queue.get(smId)).toMatchObject({ connectionId: 'new', ended: false });
   });
 
+  it('end({ detachedFrom }) ends a session only while it is detached from that connection', async () => {
+    const { smId, user, connectionId } = await session();
+    await queue.append(smId, entry(1), MAX);
+    expect(await queue.end(smId, { detachedFrom: connectionId }, 0)).toBeUndefined(); // attached
+    await queue.detach(smId, connectionId, 0, Date.now() + 60_000, []);
+    expect((await queue.get(smId))?.detachedFrom).toBe(connectionId);
+    expect(await queue.end(smId, { detachedFrom: 'another' }, 0)).toBeUndefined();
+    // Resumed elsewhere and detached again: no longer the first connection's to end.
+    await queue.attach(smId, user, 'c2', 0);
+    expect((await queue.get(smId))?.detachedFrom).toBeUndefined();
+    await queue.detach(smId, 'c2', 0, Date.now() + 60_000, []);
+    expect(await queue.end(smId, { detachedFrom: connectionId }, 0)).toBeUndefined();
+    const ended = await queue.end(smId, { detachedFrom: 'c2' }, 0);
+    expect(ended?.entries).toHaveLength(1);
+    expect((await queue.get(smId))?.ended).toBe(true);
+  });
+
   it('ending an unknown session returns undefined and creates nothing, whatever the owner', async () => {
     for (const owner of ['c1', undefined, 'any'] as const) {
       const smId = fresh('none');
