@@ -1021,6 +1021,13 @@ async function decideResume(
         ? await server.sessions.fenceConnection(found.connectionId)
         : undefined;
       if (found.connectionId && previous) await settleFenced(server, found.connectionId, previous);
+      else if (!found.connectionId && found.detachedFrom) {
+        // Detached by a 410 or a probe while a frame of that connection was still being retried:
+        // its row stays, fenced, until its $disconnect, and a stanza it counted (in the count the
+        // detach took) may still be on its way. The resume waits for it all the same.
+        const left = await server.sessions.getConnection(found.detachedFrom);
+        if (left) await settleFenced(server, found.detachedFrom, left);
+      }
       return {
         ok: true,
         item: found,

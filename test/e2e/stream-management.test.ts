@@ -840,6 +840,21 @@ describe('resumption (sm:3)', () => {
     expect(resumed.attrs.h).toBe('1');
   });
 
+  it('waits as well when a 410 detached the session from the old stream before the resume', async () => {
+    // Seeds 1 and 12 of session 6's runs: the old stream's socket was found gone by another
+    // invocation's post (the session detached) while its frame of a counted stanza was retried.
+    const { smId, connectionId, counted } = await openWithCountedInFlight('leonato', 'orchard');
+    await stack.server.sessions.fenceConnection(connectionId);
+    expect(await stack.server.smQueue.detach(smId, connectionId, 1, Date.now() + 60_000, [])).toBe(true);
+    const { client } = await authenticated('leonato');
+    client.send(`<resume xmlns='${SM3}' previd='${smId}' h='0'/>`);
+    await expect(client.next(600)).rejects.toThrow(/no frame/);
+    await stack.server.sessions.updateConnection(connectionId, { doneSeq: counted });
+    const resumed = await client.next(3000);
+    expect(resumed.is('resumed', SM3)).toBe(true);
+    expect(resumed.attrs.h).toBe('1');
+  });
+
   describe('in a function too short to wait it out', () => {
     let short: TestStack;
     beforeAll(async () => {
