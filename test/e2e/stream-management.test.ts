@@ -828,31 +828,38 @@ describe('resumption (sm:3)', () => {
     return { smId, connectionId, counted };
   }
 
-  it('waits to answer a resume until the old stream has routed the stanza it counted', async () => {
-    const { smId, connectionId, counted } = await openWithCountedInFlight('gregory', 'inflight');
-    const { client } = await authenticated('gregory');
-    client.send(`<resume xmlns='${SM3}' previd='${smId}' h='0'/>`);
-    await expect(client.next(600)).rejects.toThrow(/no frame/);
-    // The old frame finishes: its done mark reaches what it counted.
-    await stack.server.sessions.updateConnection(connectionId, { doneSeq: counted });
-    const resumed = await client.next(3000);
+  /**
+   * Resumes `user`'s session: no answer within `quietMs`; then the old frame finishes (its done
+   * mark reaches what it counted) and `<resumed h='1'/>` comes within `answerMs`.
+   */
+  async function resumeWaitsForOldFrame(
+    user: string,
+    old: { smId: string; connectionId: string; counted: string },
+    on: TestStack = stack,
+    { quietMs = 600, answerMs = 3000 } = {},
+  ): Promise<void> {
+    const { client } = await authenticated(user, on);
+    client.send(`<resume xmlns='${SM3}' previd='${old.smId}' h='0'/>`);
+    await expect(client.next(quietMs)).rejects.toThrow(/no frame/);
+    await on.server.sessions.updateConnection(old.connectionId, { doneSeq: old.counted });
+    const resumed = await client.next(answerMs);
     expect(resumed.is('resumed', SM3)).toBe(true);
     expect(resumed.attrs.h).toBe('1');
+  }
+
+  it('waits to answer a resume until the old stream has routed the stanza it counted', async () => {
+    await resumeWaitsForOldFrame('gregory', await openWithCountedInFlight('gregory', 'inflight'));
   });
 
   it('waits as well when a 410 detached the session from the old stream before the resume', async () => {
     // Seeds 1 and 12 of session 6's runs: the old stream's socket was found gone by another
     // invocation's post (the session detached) while its frame of a counted stanza was retried.
-    const { smId, connectionId, counted } = await openWithCountedInFlight('leonato', 'orchard');
-    await stack.server.sessions.fenceConnection(connectionId);
-    expect(await stack.server.smQueue.detach(smId, connectionId, 1, Date.now() + 60_000, [])).toBe(true);
-    const { client } = await authenticated('leonato');
-    client.send(`<resume xmlns='${SM3}' previd='${smId}' h='0'/>`);
-    await expect(client.next(600)).rejects.toThrow(/no frame/);
-    await stack.server.sessions.updateConnection(connectionId, { doneSeq: counted });
-    const resumed = await client.next(3000);
-    expect(resumed.is('resumed', SM3)).toBe(true);
-    expect(resumed.attrs.h).toBe('1');
+    const old = await openWithCountedInFlight('leonato', 'orchard');
+    await stack.server.sessions.fenceConnection(old.connectionId);
+    expect(await stack.server.smQueue.detach(old.smId, old.connectionId, 1, Date.now() + 60_000, [])).toBe(
+      true,
+    );
+    await resumeWaitsForOldFrame('leonato', old);
   });
 
   describe('in a function too short to wait it out', () => {
@@ -867,15 +874,9 @@ describe('resumption (sm:3)', () => {
     afterAll(() => short?.close());
 
     it('hands the resume back to the queue instead of answering before the old stream routed it', async () => {
-      const { smId, connectionId, counted } = await openWithCountedInFlight('dogberry', 'watch', short);
-      const { client } = await authenticated('dogberry', short);
-      client.send(`<resume xmlns='${SM3}' previd='${smId}' h='0'/>`);
+      const old = await openWithCountedInFlight('dogberry', 'watch', short);
       // The first invocation gives up waiting after about 1 s; the resume must not be answered then.
-      await expect(client.next(2500)).rejects.toThrow(/no frame/);
-      await short.server.sessions.updateConnection(connectionId, { doneSeq: counted });
-      const resumed = await client.next(5000);
-      expect(resumed.is('resumed', SM3)).toBe(true);
-      expect(resumed.attrs.h).toBe('1');
+      await resumeWaitsForOldFrame('dogberry', old, short, { quietMs: 2500, answerMs: 5000 });
       expect(short.gateway.deadLetters()).toEqual([]);
     });
   });
