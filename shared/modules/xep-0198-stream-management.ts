@@ -1193,7 +1193,7 @@ async function settleCount(
         if (!(error instanceof UncertainQueueError)) throw error;
       }
     } else {
-      const { acked: removed, kept } = countCovers(item.entries, acked - item.base);
+      const { acked: removed, kept } = countCovers(unpostedAsMissed(item, taken), acked - item.base);
       if (await server.smQueue.rebase(item.smId, item, acked, kept)) {
         server.log.info('resume sends uncertain entries again', { smId: item.smId, resent: kept.length });
         server.metrics.count('SmUncertainResent', kept.length);
@@ -1207,6 +1207,19 @@ async function settleCount(
     item = fresh;
   }
   throw new RetryLaterError('the queue kept changing while a resume settled its count');
+}
+
+/**
+ * The queue's entries, those queued while the session was detached (numbered above the attach's
+ * `unpostedAfter`) marked missed: no stream held the session, so none of them was posted and the
+ * client's count cannot include them.
+ */
+function unpostedAsMissed(item: SmQueueItem, taken: SmQueueItem): SmEntry[] {
+  const bound = taken.unpostedAfter;
+  if (bound === undefined) return item.entries;
+  return item.entries.map((entry, at) =>
+    item.base + 1 + at > bound && !entry.u ? { ...entry, u: 'missed' as const } : entry,
+  );
 }
 
 async function refuseResume(stream: Stream, reply: Element): Promise<void> {

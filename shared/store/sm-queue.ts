@@ -92,6 +92,14 @@ export interface SmQueueItem {
   sweepShard?: string;
   /** While detached: the connection it was detached from (a `</close>` from there still ends it). */
   detachedFrom?: string;
+  /** While detached: `out` when it was detached. Entries numbered above it were never posted. */
+  detachedOut?: number;
+  /**
+   * Set by the attach of a resume that found the session detached: its `detachedOut`. The entries
+   * numbered above it were queued while no stream held the session, so the client surely lacks
+   * them (see `countCovers`).
+   */
+  unpostedAfter?: number;
 }
 
 /** A connection that no longer owns the session (it was resumed elsewhere) tried to change it. */
@@ -116,12 +124,19 @@ export class UncertainQueueError extends Error {
  * what the count cannot vouch for is kept, to be sent again: the client received the certain
  * entries in order, so at least `received - maybe` of them, `maybe` being the entries it may or
  * may not have (a missed one it surely lacks does not count); every uncertain entry and every
- * certain one past those may be missing. A resend may repeat a stanza (XEP-0198 §5 allows it),
- * never lose one.
+ * certain one past those may be missing. A count of exactly every entry but the missed ones
+ * vouches for all of them, uncertain ones included. A resend may repeat a stanza (XEP-0198 §5
+ * allows it), never lose one.
  */
 export function countCovers(entries: SmEntry[], received: number): { acked: SmEntry[]; kept: SmEntry[] } {
   if (!entries.some((entry) => entry.u))
     return { acked: entries.slice(0, received), kept: entries.slice(received) };
+  const reachable = entries.filter((entry) => entry.u !== 'missed');
+  if (received === reachable.length) {
+    // A count of every entry but the missed ones: the client has each of them, the uncertain
+    // ones too (a missed one it surely lacks), and only the missed ones are sent again.
+    return { acked: reachable, kept: entries.filter((entry) => entry.u === 'missed').map(certain) };
+  }
   const maybe = entries.filter((entry) => entry.u === true).length;
   let sure = Math.max(0, received - maybe);
   const acked: SmEntry[] = [];
@@ -130,12 +145,15 @@ export function countCovers(entries: SmEntry[], received: number): { acked: SmEn
     if (!entry.u && sure > 0) {
       acked.push(entry);
       sure -= 1;
-    } else {
-      const { u: _uncertain, ...resent } = entry;
-      kept.push(resent);
-    }
+    } else kept.push(certain(entry));
   }
   return { acked, kept };
+}
+
+/** An entry to be sent again: no longer uncertain. */
+function certain(entry: SmEntry): SmEntry {
+  const { u: _uncertain, ...resent } = entry;
+  return resent;
 }
 
 /** An ack for more stanzas than were queued (or from a stale base): XEP-0198's handled-count-too-high. */
@@ -229,6 +247,10 @@ function toItem(raw: Record<string, unknown>): SmQueueItem {
     ...(typeof raw.marks === 'number' ? { marks: raw.marks } : {}),
     sweepShard: raw.sweepShard as string | undefined,
     detachedFrom: raw.detachedFrom as string | undefined,
+    ...(typeof raw.detachedOut === 'number' ? { detachedOut: raw.detachedOut } : {}),
+    ...(typeof raw.unpostedAfter === 'number' && raw.unpostedAfter >= 0
+      ? { unpostedAfter: raw.unpostedAfter }
+      : {}),
   };
 }
 
@@ -609,9 +631,11 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           new UpdateCommand({
             TableName: table,
             Key: key(smId),
-            UpdateExpression: `SET connectionId = :connectionId, holding = :yes, #ttl = :ttl, sweepShard = :attached, sweepAt = :probe${
+            // What was queued while detached was never posted: its number bound moves to
+            // unpostedAfter (-1 when the session was attached: a takeover), for this resume.
+            UpdateExpression: `SET connectionId = :connectionId, holding = :yes, #ttl = :ttl, sweepShard = :attached, sweepAt = :probe, unpostedAfter = if_not_exists(detachedOut, :none)${
               inbound === undefined ? '' : ', inbound = :inbound'
-            } REMOVE detachedFrom`,
+            } REMOVE detachedFrom, detachedOut`,
             ConditionExpression: '#user = :user AND attribute_not_exists(ended)',
             ExpressionAttributeNames: { '#user': 'user', '#ttl': TTL_ATTRIBUTE },
             ExpressionAttributeValues: {
@@ -621,6 +645,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
               ':ttl': attachedExpiry(),
               ':attached': ATTACHED_SHARD,
               ':probe': Date.now() + PROBE_AFTER_MS,
+              ':none': -1,
               ...(inbound === undefined ? {} : { ':inbound': inbound }),
             },
             ReturnValues: 'ALL_NEW',
@@ -659,9 +684,9 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             TableName: table,
             Key: key(smId),
             UpdateExpression:
-              'REMOVE connectionId, holding SET sweepShard = :shard, sweepAt = :at, inbound = :inbound, directedTo = :directed, #ttl = :ttl, detachedFrom = :connectionId',
+              'REMOVE connectionId, holding SET sweepShard = :shard, sweepAt = :at, inbound = :inbound, directedTo = :directed, #ttl = :ttl, detachedFrom = :connectionId, detachedOut = if_not_exists(#out, :zero)',
             ConditionExpression: 'connectionId = :connectionId AND attribute_not_exists(ended)',
-            ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
+            ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE, '#out': 'out' },
             ExpressionAttributeValues: {
               ':shard': DETACHED_SHARD,
               ':at': sweepAt,
@@ -669,6 +694,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
               ':directed': directedTo,
               ':connectionId': connectionId,
               ':ttl': Math.floor(sweepAt / 1000) + DAY_SECONDS,
+              ':zero': 0,
             },
           }),
         );

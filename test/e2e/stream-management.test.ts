@@ -695,6 +695,57 @@ describe('resumption (sm:3)', () => {
     expect((await client.framesBeforePong()).filter((frame) => frame.includes('overtaking'))).toEqual([]);
   });
 
+  // A post went unanswered, though it had reached the client, while another sender's later stanza
+  // went out; the server closed the socket, and one more stanza was queued while the session was
+  // detached. The client's count of 4 (its presence, 'first', 'unanswered', 'overtaking') is
+  // everything that was posted. Seed 1 of the session-7 target run: bob's h='163' covered the
+  // unanswered dave-132 (number 163), which was sent again all the same.
+  it('a count of everything posted vouches for an unanswered post: only what was queued while detached is sent again', async () => {
+    for (const user of ['hero', 'ursula', 'beatrice']) await stack.addUser(`${user}@localhost`, `${user}-pw`);
+    const hero = await raw('hero', 'garden');
+    const enabled = await enable(hero);
+    hero.send('<presence/>');
+    await hero.until((el) => el.name === 'presence');
+    const ursula = await raw('ursula', 'one');
+    const beatrice = await raw('beatrice', 'two');
+    const to = (body: string) =>
+      `<message to='hero@localhost/garden' type='chat'><body>${body}</body></message>`;
+    const body = (name: string) => (el: Element) => el.name === 'message' && el.getChildText('body') === name;
+    const port = (stack.server.outbound as unknown as { port: ConnectionPort }).port;
+    const post = port.post.bind(port);
+    const restore = intercept(port, 'post', async (connectionId, data, notAfter) => {
+      const result = await post(connectionId, data, notAfter);
+      if (!data.includes('unanswered') || result !== 'sent') return result;
+      // Delivered, but the answer never comes; meanwhile a later stanza is queued and posted.
+      beatrice.send(to('overtaking'));
+      await hero.until(body('overtaking'));
+      return 'unknown';
+    });
+    try {
+      ursula.send(to('first'));
+      await hero.until(body('first'));
+      ursula.send(to('unanswered'));
+      await hero.until(body('unanswered'));
+      await hero.closed;
+      await detached(enabled.attrs.id as string);
+    } finally {
+      restore();
+    }
+    expect((await stack.server.smQueue.get(enabled.attrs.id as string))?.uncertain).toBe(true);
+    ursula.send(to('while detached'));
+    await eventually(async () => {
+      expect((await stack.server.smQueue.get(enabled.attrs.id as string))?.out).toBe(5);
+    });
+    const { client } = await authenticated('hero');
+    client.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='4'/>`);
+    expect((await client.next()).is('resumed', SM3)).toBe(true);
+    const replayed = (await client.framesBeforePong()).filter((frame) => frame.startsWith('<message'));
+    expect(replayed).toHaveLength(1);
+    expect(replayed[0]).toContain('while detached');
+    expect(replayed[0]).toContain(`<delay xmlns="${DELAY}"`);
+    expect((await stack.server.smQueue.get(enabled.attrs.id as string))?.uncertain).toBeUndefined();
+  });
+
   // A post to a live stream met 410 (the fault suite injects it; on AWS a close in progress):
   // the server took the socket for gone and detached the session, while the client stayed and
   // then closed cleanly. XEP-0198: a closed stream's session is over; what it held must not wait

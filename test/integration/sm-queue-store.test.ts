@@ -362,6 +362,21 @@ describe('the hand-over: attach, release, detach', () => {
     expect(await queue.get(smId)).toMatchObject({ connectionId: 'new', holding: true });
   });
 
+  it('an attach tells which entries were queued while the session was detached (unpostedAfter); a takeover tells none', async () => {
+    const { smId, user } = await session('old');
+    await queue.release(smId, 0);
+    await appendMany(smId, 2);
+    expect(await queue.detach(smId, 'old', 0, Date.now() + 60_000, [])).toBe(true);
+    expect(await queue.get(smId)).toMatchObject({ detachedOut: 2 });
+    await appendMany(smId, 3);
+    // Entries 3–5 came while no stream held the session: none was posted.
+    const resumed = await queue.attach(smId, user, 'new');
+    expect(resumed).toMatchObject({ out: 5, unpostedAfter: 2 });
+    expect(resumed?.detachedOut).toBeUndefined();
+    // Taken over from an attached stream: its posts may all have gone out.
+    expect((await queue.attach(smId, user, 'newer'))?.unpostedAfter).toBeUndefined();
+  });
+
   it('attach from a detached session moves it to the probe partition of the sweep index and renews the TTL', async () => {
     const { smId, user } = await session('old');
     const sweepAt = Date.now() + 10_000;
@@ -611,8 +626,9 @@ describe('uncertain entries (a post failed or never made while later ones went o
     expect(bodies(kept)).toEqual(['3', '5']);
     // Kept entries are sent again: no longer uncertain.
     expect(kept.every((e) => e.u === undefined)).toBe(true);
-    // Had it got all five (count 5), the 3rd is sent twice; nothing is lost either way.
-    expect(bodies(countCovers(entries, 5).kept)).toEqual(['3']);
+    // A count of all five: the client has the 3rd too, and nothing is sent again.
+    expect(bodies(countCovers(entries, 5).acked)).toEqual(['1', '2', '3', '4', '5']);
+    expect(countCovers(entries, 5).kept).toEqual([]);
     expect(bodies(countCovers(entries, 0).kept)).toEqual(['1', '2', '3', '4', '5']);
   });
 
@@ -633,6 +649,11 @@ describe('uncertain entries (a post failed or never made while later ones went o
     );
     expect(bodies(countCovers(mixed, 3).acked)).toEqual(['1', '3']);
     expect(bodies(countCovers(mixed, 3).kept)).toEqual(['2', '4', '5']);
+    // A count of every entry but the missed one (4 of them) says the client had the 2nd, whose
+    // post went unanswered, too: only the missed one is sent again.
+    expect(bodies(countCovers(mixed, 4).acked)).toEqual(['1', '2', '3', '5']);
+    expect(bodies(countCovers(mixed, 4).kept)).toEqual(['4']);
+    expect(countCovers(mixed, 4).kept.every((e) => e.u === undefined)).toBe(true);
   });
 
   it('a missed mark does not overwrite a mark of an entry the client may have had', async () => {
