@@ -98,7 +98,25 @@ export class Participant {
     // takes the next <resumed/> too (`resumed` fires twice: the client resends its queue twice
     // and credits the server's count to stanzas it never sent). An application cannot reach into
     // that; the suite drops the stale listeners, so that what it measures is the server.
-    this.xmpp.on('disconnect', () => this.xmpp.removeAllListeners('nonza'));
+    this.xmpp.on('disconnect', () => {
+      this.xmpp.removeAllListeners('nonza');
+      // xmpp.js 0.14 queues what it sends once <enable/> is out; when the socket dies before
+      // <enabled/> came, the session has no id to resume, yet the queue stays, and every later
+      // enable then fails its "queue should be empty after enable" assertion: a new session on
+      // each reconnect, for ever (seed 20 of a session-7 target run, 121 streams). Those stanzas
+      // were never acknowledged (the ledger owes them nothing); the suite drops them as xmpp.js's
+      // own failQueue would.
+      if (this.streamManagement) {
+        const sm = this.sm();
+        if (!sm.id && sm.outbound_q.length > 0) {
+          options.trace(
+            `${this.user}: dropped ${sm.outbound_q.length} stanzas queued for an enable never answered`,
+          );
+          sm.outbound_q = [];
+          sm.outbound = 0;
+        }
+      }
+    });
     this.xmpp.on('error', (error: Error) => options.trace(`${this.user}: xmpp.js error: ${error.message}`));
     if (!options.streamManagement) {
       // A client that never enables XEP-0198: it does not see the server offer it.
