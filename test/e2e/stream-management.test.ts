@@ -701,13 +701,13 @@ describe('resumption (sm:3)', () => {
   // everything that was posted. Seed 1 of the session-7 target run: bob's h='163' covered the
   // unanswered dave-132 (number 163), which was sent again all the same.
   it('a count of everything posted vouches for an unanswered post: only what was queued while detached is sent again', async () => {
-    for (const user of ['hero', 'ursula', 'beatrice']) await stack.addUser(`${user}@localhost`, `${user}-pw`);
+    for (const user of ['hero', 'ursula', 'margaret']) await stack.addUser(`${user}@localhost`, `${user}-pw`);
     const hero = await raw('hero', 'garden');
     const enabled = await enable(hero);
     hero.send('<presence/>');
     await hero.until((el) => el.name === 'presence');
     const ursula = await raw('ursula', 'one');
-    const beatrice = await raw('beatrice', 'two');
+    const margaret = await raw('margaret', 'two');
     const to = (body: string) =>
       `<message to='hero@localhost/garden' type='chat'><body>${body}</body></message>`;
     const body = (name: string) => (el: Element) => el.name === 'message' && el.getChildText('body') === name;
@@ -717,7 +717,7 @@ describe('resumption (sm:3)', () => {
       const result = await post(connectionId, data, notAfter);
       if (!data.includes('unanswered') || result !== 'sent') return result;
       // Delivered, but the answer never comes; meanwhile a later stanza is queued and posted.
-      beatrice.send(to('overtaking'));
+      margaret.send(to('overtaking'));
       await hero.until(body('overtaking'));
       return 'unknown';
     });
