@@ -338,6 +338,11 @@ export class Participant {
    * close racing a reconnect skips; what the server never heard acknowledged would go to storage
    * when the session ends and arrive once more at the final login.
    */
+  /** Online without stream management enabled (xmpp.js's enable never answered): nothing to acknowledge. */
+  unacknowledging(): boolean {
+    return this.streamManagement && this.online() && !this.sm().enabled;
+  }
+
   async acknowledgeReceived(timeoutMs: number): Promise<boolean> {
     if (!this.streamManagement) return true;
     if (!this.online() || !this.sm().enabled) return false;
