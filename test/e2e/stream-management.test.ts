@@ -70,6 +70,36 @@ async function routed(sender: RawClient, id: string): Promise<void> {
   await sender.until((el) => el.attrs.id === id);
 }
 
+/**
+ * A stream-management recipient that has sent its presence (its count is 1) and two senders
+ * writing to its full JID: the setup of the tests where one sender's stanza overtakes the other's.
+ */
+async function recipientAndTwoSenders(
+  recipientName: string,
+  resource: string,
+  senderNames: [string, string],
+): Promise<{
+  recipient: RawClient;
+  enabled: Element;
+  senders: [RawClient, RawClient];
+  to: (body: string) => string;
+  body: (name: string) => (el: Element) => boolean;
+}> {
+  for (const user of [recipientName, ...senderNames]) await stack.addUser(`${user}@localhost`, `${user}-pw`);
+  const recipient = await raw(recipientName, resource);
+  const enabled = await enable(recipient);
+  recipient.send('<presence/>');
+  await recipient.until((el) => el.name === 'presence');
+  const senders: [RawClient, RawClient] = [
+    await raw(senderNames[0], 'one'),
+    await raw(senderNames[1], 'two'),
+  ];
+  const to = (body: string) =>
+    `<message to='${recipientName}@localhost/${resource}' type='chat'><body>${body}</body></message>`;
+  const body = (name: string) => (el: Element) => el.name === 'message' && el.getChildText('body') === name;
+  return { recipient, enabled, senders, to, body };
+}
+
 /** Waits until the server has seen the socket go and keeps the session for its window. */
 async function detached(smId: string): Promise<void> {
   await eventually(async () => {
@@ -596,16 +626,13 @@ describe('resumption (sm:3)', () => {
   // was never posted, while another sender's later stanza was: the client's count of 3 (its own
   // presence, 'first', 'third') covers positions 1 to 3, yet it lacks the 3rd, 'second'.
   it('sends again on resume a stanza queued but never posted while a later one went out', async () => {
-    for (const user of ['viola', 'orsino', 'feste']) await stack.addUser(`${user}@localhost`, `${user}-pw`);
-    const viola = await raw('viola', 'desk');
-    const enabled = await enable(viola);
-    viola.send('<presence/>');
-    await viola.until((el) => el.name === 'presence');
-    const orsino = await raw('orsino', 'one');
-    const feste = await raw('feste', 'two');
-    const to = (body: string) =>
-      `<message to='viola@localhost/desk' type='chat'><body>${body}</body></message>`;
-    const body = (name: string) => (el: Element) => el.name === 'message' && el.getChildText('body') === name;
+    const {
+      recipient: viola,
+      enabled,
+      senders: [orsino, feste],
+      to,
+      body,
+    } = await recipientAndTwoSenders('viola', 'desk', ['orsino', 'feste']);
     const queue = stack.server.smQueue;
     const append = queue.append.bind(queue);
     const get = queue.get.bind(queue);
@@ -654,17 +681,13 @@ describe('resumption (sm:3)', () => {
   // later one got through, the earlier one meets 410 Gone. The client counts 3 (its presence,
   // 'before', 'overtaking'), which as a prefix would cover 'overtaken' too.
   it('sends again on resume a stanza refused with 410 after a later one went out', async () => {
-    for (const user of ['cesario', 'antonio', 'curio'])
-      await stack.addUser(`${user}@localhost`, `${user}-pw`);
-    const cesario = await raw('cesario', 'court');
-    const enabled = await enable(cesario);
-    cesario.send('<presence/>');
-    await cesario.until((el) => el.name === 'presence');
-    const antonio = await raw('antonio', 'one');
-    const curio = await raw('curio', 'two');
-    const to = (body: string) =>
-      `<message to='cesario@localhost/court' type='chat'><body>${body}</body></message>`;
-    const body = (name: string) => (el: Element) => el.name === 'message' && el.getChildText('body') === name;
+    const {
+      recipient: cesario,
+      enabled,
+      senders: [antonio, curio],
+      to,
+      body,
+    } = await recipientAndTwoSenders('cesario', 'court', ['antonio', 'curio']);
     const port = (stack.server.outbound as unknown as { port: ConnectionPort }).port;
     const post = port.post.bind(port);
     let overtaken = false;
@@ -701,16 +724,13 @@ describe('resumption (sm:3)', () => {
   // everything that was posted. Seed 1 of the session-7 target run: bob's h='163' covered the
   // unanswered dave-132 (number 163), which was sent again all the same.
   it('a count of everything posted vouches for an unanswered post: only what was queued while detached is sent again', async () => {
-    for (const user of ['hero', 'ursula', 'margaret']) await stack.addUser(`${user}@localhost`, `${user}-pw`);
-    const hero = await raw('hero', 'garden');
-    const enabled = await enable(hero);
-    hero.send('<presence/>');
-    await hero.until((el) => el.name === 'presence');
-    const ursula = await raw('ursula', 'one');
-    const margaret = await raw('margaret', 'two');
-    const to = (body: string) =>
-      `<message to='hero@localhost/garden' type='chat'><body>${body}</body></message>`;
-    const body = (name: string) => (el: Element) => el.name === 'message' && el.getChildText('body') === name;
+    const {
+      recipient: hero,
+      enabled,
+      senders: [ursula, margaret],
+      to,
+      body,
+    } = await recipientAndTwoSenders('hero', 'garden', ['ursula', 'margaret']);
     const port = (stack.server.outbound as unknown as { port: ConnectionPort }).port;
     const post = port.post.bind(port);
     const restore = intercept(port, 'post', async (connectionId, data, notAfter) => {
