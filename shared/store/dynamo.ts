@@ -11,6 +11,8 @@ import {
   BatchGetCommand,
   DynamoDBDocumentClient,
   DynamoDBDocumentClientCommand,
+  type UpdateCommand,
+  type UpdateCommandOutput,
 } from '@aws-sdk/lib-dynamodb';
 import {
   marshall,
@@ -255,8 +257,56 @@ export function createDocumentClient(options: DynamoOptions): DynamoDBDocumentCl
 /** The document client of the stores over `client`: lib-dynamodb's, sending its commands directly. */
 export function documentClientOver(client: DynamoDBClient): DynamoDBDocumentClient {
   const doc = DynamoDBDocumentClient.from(client, { marshallOptions: MARSHALL_OPTIONS });
+  installSingleAttempt(client);
   sendDirectly(doc, client);
   return doc;
+}
+
+/**
+ * Inputs of writes the SDK must not resend (see `sendOnce`): the document command's input, then
+ * the low-level input `sendDirectly` converts it to (the one the middleware sees).
+ */
+const singleAttemptInputs = new WeakSet<object>();
+const attemptsOf = new WeakMap<object, number>();
+
+/**
+ * A write that is not idempotent was not resent: its first attempt failed with an error the SDK
+ * would have retried (throttling, a 5xx, a timeout), and DynamoDB may or may not have applied it
+ * (a 500 can come after the write). The caller reads what is stored before trying again.
+ */
+export class AmbiguousWriteError extends Error {
+  constructor(operation: string) {
+    super(`${operation} failed and was not resent: it may have been applied`);
+    this.name = 'AmbiguousWriteError';
+  }
+}
+
+/**
+ * Sends `command` with at most one attempt: instead of the SDK's resend, `AmbiguousWriteError`.
+ * For writes whose resend could apply twice what the first attempt applied (a `list_append`
+ * after a 500 that came after the write, when another write has since changed what the condition
+ * guards). Sent directly only (a command without middleware of its own), as the stores' are.
+ */
+export function sendOnce(doc: DynamoDBDocumentClient, command: UpdateCommand): Promise<UpdateCommandOutput> {
+  singleAttemptInputs.add(command.input);
+  return doc.send(command);
+}
+
+function installSingleAttempt(client: DynamoDBClient): void {
+  client.middlewareStack.add(
+    (next, context) => async (args) => {
+      const input = args.input as object;
+      if (singleAttemptInputs.has(input)) {
+        const attempt = (attemptsOf.get(input) ?? 0) + 1;
+        attemptsOf.set(input, attempt);
+        if (attempt > 1)
+          throw new AmbiguousWriteError((context.commandName ?? 'write').replace(/Command$/, ''));
+      }
+      return next(args);
+    },
+    // Inside the retry loop: once per attempt.
+    { step: 'finalizeRequest', priority: 'low', name: 'nimbusSingleAttempt', override: true },
+  );
 }
 
 const MARSHALL_OPTIONS: marshallOptions = { removeUndefinedValues: true };
@@ -278,6 +328,7 @@ interface DocumentCommand {
 type ResolvedHandler = (command: LowLevelCommand) => Promise<{ output: Record<string, unknown> }>;
 
 interface LowLevelCommand {
+  input: object;
   resolveMiddleware(
     stack: DynamoDBClient['middlewareStack'],
     config: DynamoDBClient['config'],
@@ -383,6 +434,7 @@ function sendDirectly(doc: DynamoDBDocumentClient, client: DynamoDBClient): void
   const send = async (command: DocumentCommand): Promise<unknown> => {
     const Low = command.clientCommand.constructor;
     const low = new Low(convertNode(command.input, toAttributeValue, command.inputKeyNodes));
+    if (singleAttemptInputs.has(command.input as object)) singleAttemptInputs.add(low.input);
     let handler = handlers.get(Low);
     if (!handler) {
       handler = low.resolveMiddleware(client.middlewareStack, client.config, undefined);
@@ -435,6 +487,8 @@ const TRANSIENT_NAMES = new Set([
   'RequestLimitExceeded',
   'TransactionConflictException',
   'InternalServerError',
+  // A non-idempotent write the SDK did not resend (sendOnce), still failing after its callers' tries.
+  'AmbiguousWriteError',
   'ServiceUnavailable',
 ]);
 

@@ -22,7 +22,7 @@ import {
   UpdateCommand,
 } from '@aws-sdk/lib-dynamodb';
 import { SWEEP_INDEX, TTL_ATTRIBUTE } from '../tables.ts';
-import { batchGetAll, isConditionFailure } from './dynamo.ts';
+import { AmbiguousWriteError, batchGetAll, isConditionFailure, sendOnce } from './dynamo.ts';
 import { ATTACHED_SHARD, DETACHED_SHARD } from './sessions.ts';
 
 export type SmVersion = 'sm3' | 'sm1';
@@ -172,6 +172,11 @@ export type AppendResult =
   | { kind: 'ended' };
 
 const key = (smId: string) => ({ pk: `sm#${smId}`, sk: 'queue' });
+/** Tries of a keyed append whose attempt may or may not have been applied (then a read tells). */
+const APPEND_ATTEMPTS = 4;
+/** First wait before trying a keyed append again, doubled each time (with jitter, as the SDK's). */
+const APPEND_BACKOFF_MS = 25;
+const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
 /**
  * What stanzas repeat, as a preset dictionary for deflate: a queued chat message shrinks to
@@ -447,38 +452,49 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
     },
 
     async append(smId, entry, maxEntries) {
-      // `lk`, the last key appended: the SDK resends an update that failed after DynamoDB ran it
-      // (a 500 after the write), and the resend must not queue the stanza twice.
+      // `lk`, the last key appended: an append retried after DynamoDB ran it must not queue the
+      // stanza twice. The SDK does not resend a keyed append (`sendOnce`): its resend would pass
+      // that check once another sender's append came between, and queue the stanza a second time
+      // (seed 18 of a session-7 fault run: a 500 after the write, a resend 10 ms later). The
+      // queue is read instead, and the append tried again only if the stanza is not in it.
       const keyed = entry.k !== undefined;
-      try {
-        const { Attributes } = await doc.send(
-          new UpdateCommand({
-            TableName: table,
-            Key: key(smId),
-            UpdateExpression: `SET q = list_append(q, :entry)${keyed ? ', lk = :k' : ''} ADD #out :one`,
-            ConditionExpression: `attribute_exists(q) AND size(q) < :max AND attribute_not_exists(congested) AND attribute_not_exists(ended)${keyed ? ' AND (attribute_not_exists(lk) OR lk <> :k)' : ''}`,
-            ExpressionAttributeNames: { '#out': 'out' },
-            ExpressionAttributeValues: {
-              ':entry': [storedEntry(entry)],
-              ':one': 1,
-              ':max': maxEntries,
-              ...(keyed ? { ':k': entry.k } : {}),
-            },
-            ReturnValues: 'ALL_NEW',
-          }),
-        );
-        const item = toItem(Attributes as Record<string, unknown>);
-        return { kind: 'queued', number: item.out, item };
-      } catch (error) {
-        if (isItemTooLarge(error)) return { kind: 'full' };
-        if (!isConditionFailure(error)) throw error;
-        const current = await this.get(smId);
-        if (current && keyed) {
-          const at = current.entries.findIndex((queued) => queued.k === entry.k);
-          if (at >= 0) return { kind: 'queued', number: current.base + at + 1, item: current };
-          if (current.lastKey === entry.k && !current.ended) return { kind: 'acknowledged' };
+      for (let attempt = 1; ; attempt++) {
+        const command = new UpdateCommand({
+          TableName: table,
+          Key: key(smId),
+          UpdateExpression: `SET q = list_append(q, :entry)${keyed ? ', lk = :k' : ''} ADD #out :one`,
+          ConditionExpression: `attribute_exists(q) AND size(q) < :max AND attribute_not_exists(congested) AND attribute_not_exists(ended)${keyed ? ' AND (attribute_not_exists(lk) OR lk <> :k)' : ''}`,
+          ExpressionAttributeNames: { '#out': 'out' },
+          ExpressionAttributeValues: {
+            ':entry': [storedEntry(entry)],
+            ':one': 1,
+            ':max': maxEntries,
+            ...(keyed ? { ':k': entry.k } : {}),
+          },
+          ReturnValues: 'ALL_NEW',
+        });
+        try {
+          const { Attributes } = await (keyed ? sendOnce(doc, command) : doc.send(command));
+          const item = toItem(Attributes as Record<string, unknown>);
+          return { kind: 'queued', number: item.out, item };
+        } catch (error) {
+          if (isItemTooLarge(error)) return { kind: 'full' };
+          const ambiguous = error instanceof AmbiguousWriteError;
+          if (!ambiguous && !isConditionFailure(error)) throw error;
+          const current = await this.get(smId);
+          if (current && keyed) {
+            const at = current.entries.findIndex((queued) => queued.k === entry.k);
+            if (at >= 0) return { kind: 'queued', number: current.base + at + 1, item: current };
+            if (current.lastKey === entry.k && !current.ended) return { kind: 'acknowledged' };
+          }
+          if (ambiguous && current && !current.ended) {
+            // Not applied: throttled, or a 5xx before the write. Again, as the SDK would have.
+            if (attempt >= APPEND_ATTEMPTS) throw error;
+            await sleep(APPEND_BACKOFF_MS * 2 ** (attempt - 1) * (0.5 + Math.random()));
+            continue;
+          }
+          return current && !current.ended ? { kind: 'full', item: current } : { kind: 'ended' };
         }
-        return current && !current.ended ? { kind: 'full', item: current } : { kind: 'ended' };
       }
     },
 

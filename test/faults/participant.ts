@@ -32,9 +32,10 @@ const PING_EVERY = 4;
 const PING_TIMEOUT_MS = 20_000;
 /**
  * A client neither online nor changing status for this long has its socket dropped, so that it
- * reconnects and resumes; stuck once more, or stuck offline, it is started anew (a new session: a
- * stream-management client then gets again what it had received but not acknowledged, by
- * design). Longer than two redelivery cycles of the schedules' event source (function timeout
+ * reconnects and resumes; stuck once more, or stuck offline, it is started anew: its socket is
+ * dropped and the client restarted with its XEP-0198 state kept, so that it resumes (a new session
+ * only when the server answers `<failed/>`; the client then gets again what it had received but not
+ * acknowledged, by design). Longer than two redelivery cycles of the schedules' event source (function timeout
  * 1 s + visibility timeout 2 s): a login whose frame timed out is waiting for its redelivery,
  * not stuck (xmpp.js's own reconnect meanwhile retries, resuming when it can).
  */
@@ -235,6 +236,10 @@ export class Participant {
         }
         this.options.trace(`${this.user}: stuck in '${status}', starting anew`);
         dropped = false;
+        this.keepSessionAcrossRestart();
+        // Abruptly, as a restarted application leaves its socket: a `</stream>` would end the
+        // session it is about to resume.
+        if (this.options.link.live()) this.options.link.kill('both', 0);
         this.xmpp.reconnect.stop();
         await Promise.race([this.xmpp.stop().catch(() => {}), sleep(2_000)]);
         if (!this.supervising) return;
@@ -250,6 +255,30 @@ export class Participant {
       .start()
       .catch((error: Error) => this.options.trace(`${this.user}: start failed: ${error.message}`));
     void watch();
+  }
+
+  /**
+   * With SM, a restart keeps the client's XEP-0198 state (session id, counts, unacknowledged
+   * stanzas), as Converse.js keeps it across a page reload: the restarted client resumes, and
+   * falls back to a new session only on the server's `<failed/>`. xmpp.js wipes that state (and
+   * fails its queue) on 'offline', which only `stop()` emits; the state is put back right after.
+   */
+  private keepSessionAcrossRestart(): void {
+    if (!this.streamManagement) return;
+    const sm = this.sm();
+    if (!sm.id) return;
+    const kept = { id: sm.id, inbound: sm.inbound, outbound: sm.outbound, queue: sm.outbound_q };
+    sm.outbound_q = [];
+    this.xmpp.once('offline', () => {
+      const state = this.sm();
+      state.id = kept.id;
+      state.inbound = kept.inbound;
+      state.outbound = kept.outbound;
+      state.outbound_q = kept.queue;
+      this.options.trace(
+        `${this.user}: restarted with its session ${kept.id} (h=${kept.inbound}, ${kept.queue.length} unacknowledged)`,
+      );
+    });
   }
 
   online(): boolean {

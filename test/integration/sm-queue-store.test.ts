@@ -92,6 +92,84 @@ describe("a keyed append (a frame's delivery key, core/frame.ts)", () => {
   });
 });
 
+/**
+ * A client whose first UpdateItem carrying `:k = key` fails as DynamoDB can: a 500 after the
+ * write (`applied`), or a throttle before it. `between` runs after that attempt, before its answer.
+ */
+function clientFailingOnce(key: string, applied: boolean, between: () => Promise<void>) {
+  const client = createDocumentClient({ endpoint: useDynamoDbLocal(), region: TEST_REGION });
+  let failed = false;
+  let attempts = 0;
+  client.middlewareStack.add(
+    (next, context) => async (args) => {
+      const values = (args.input as { ExpressionAttributeValues?: Record<string, { S?: string }> })
+        .ExpressionAttributeValues;
+      if (context.commandName !== 'UpdateItemCommand' || values?.[':k']?.S !== key) return next(args);
+      attempts += 1;
+      if (failed) return next(args);
+      failed = true;
+      if (applied) await next(args);
+      await between();
+      const body = Buffer.from(
+        JSON.stringify(
+          applied
+            ? {
+                __type: 'com.amazonaws.dynamodb.v20120810#InternalServerError',
+                message: 'Internal server error',
+              }
+            : {
+                __type: 'com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException',
+                message: 'The level of configured provisioned throughput for the table was exceeded.',
+              },
+        ),
+      );
+      return {
+        response: {
+          statusCode: applied ? 500 : 400,
+          reason: applied ? 'Internal Server Error' : 'Bad Request',
+          headers: { 'content-type': 'application/x-amz-json-1.0', 'content-length': String(body.length) },
+          body: new Uint8Array(body),
+        },
+        output: undefined as never,
+      };
+    },
+    { step: 'deserialize', priority: 'low', name: 'testFailOnce' },
+  );
+  return { store: createSmQueueStore(client, table), attempts: () => attempts };
+}
+
+describe('a keyed append whose attempt failed (sendOnce: the SDK does not resend it)', () => {
+  it('is queued once when a 500 came after the write and another sender appended before the resend', async () => {
+    const { smId } = await session();
+    await queue.append(smId, entry(1, { k: 'req-1:0' }), MAX);
+    // The first attempt ran; another sender's append lands before its answer (a 500): `lk` is no
+    // longer this key, so a plain resend would pass the condition and queue the stanza twice.
+    const failing = clientFailingOnce('req-2:0', true, async () => {
+      await queue.append(smId, entry(3, { k: 'req-3:0' }), MAX);
+    });
+    const result = await failing.store.append(smId, entry(2, { k: 'req-2:0' }), MAX);
+    // Found where the first attempt put it, with that number; not sent a second time.
+    expect(result).toMatchObject({ kind: 'queued', number: 2 });
+    expect(failing.attempts()).toBe(1);
+    const item = await queue.get(smId);
+    expect(item?.entries.map((queued) => queued.k)).toEqual(['req-1:0', 'req-2:0', 'req-3:0']);
+    expect(item?.out).toBe(3);
+  });
+
+  it('is tried again, and queued once, when the attempt was throttled before the write', async () => {
+    const { smId } = await session();
+    const failing = clientFailingOnce('req-t:0', false, async () => {
+      await queue.append(smId, entry(1, { k: 'req-o:0' }), MAX);
+    });
+    const result = await failing.store.append(smId, entry(2, { k: 'req-t:0' }), MAX);
+    expect(result).toMatchObject({ kind: 'queued', number: 2 });
+    expect(failing.attempts()).toBe(2);
+    const item = await queue.get(smId);
+    expect(item?.entries.map((queued) => queued.k)).toEqual(['req-o:0', 'req-t:0']);
+    expect(item?.out).toBe(2);
+  });
+});
+
 describe('create, get, counts', () => {
   it('creates a holding session with an empty queue', async () => {
     const before = Date.now();
