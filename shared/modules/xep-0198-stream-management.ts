@@ -242,14 +242,16 @@ async function deliverToSmSession(
     // Failed, unanswered or refused (410) while other senders' later entries may have gone out:
     // the client's count can no longer tell whether it has this one (the socket is closed or
     // gone: it resumes, and that resume sends it again). Refused, it surely does not have it.
-    if (posted !== 'sent')
-      await server.smQueue.markUncertain(
-        smId,
-        key,
-        posted === 'unclosed',
-        item.connectionId,
-        posted === 'gone',
+    // Tried again at once when DynamoDB fails it: left to the frame's redelivery, the mark would
+    // be made without what this post learnt (a 410 says the client surely lacks the entry), and
+    // a resume's count could then no longer vouch for the entries after it (seed 5 of session 8's
+    // target run: a 410 whose mark met four 500s in a row, and a stanza the client had came again).
+    if (posted !== 'sent') {
+      const connectionId = item.connectionId;
+      await withTransientRetries(MARK_ATTEMPTS, () =>
+        server.smQueue.markUncertain(smId, key, posted === 'unclosed', connectionId, posted === 'gone'),
       );
+    }
   } finally {
     // Kept in the queue: the session detaches (or ends, re-routing it) through the lifecycle.
     if (posted === 'gone') await server.host.fire('connection-vanished', { connectionId: item.connectionId });
@@ -265,6 +267,9 @@ async function deliverToSmSession(
   }
   return 'sent';
 }
+
+/** Tries of an uncertain mark after a post (each after the SDK's own retries). */
+const MARK_ATTEMPTS = 3;
 
 /**
  * Appends to the queue; an append that failed in a way that may have written it (a 500 after

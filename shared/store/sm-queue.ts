@@ -507,10 +507,13 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
         const moved =
           postedTo !== undefined && item.connectionId !== undefined && item.connectionId !== postedTo;
         if (moved) return false;
-        // Missed only while the session is still on the connection that refused the post: a
-        // session no longer attached may have been resumed elsewhere since (that replay sent the
-        // entry) and detached again, and then the client may well have it.
-        const surelyMissed = missed && postedTo !== undefined && item.connectionId === postedTo;
+        // Missed only while the session is still on the connection that refused the post, or
+        // detached from that very connection and not resumed since (an attach removes
+        // `detachedFrom`): a session resumed elsewhere since may have had the entry sent by that
+        // resume's replay, and then the client may well have it.
+        const detachedFromIt = item.connectionId === undefined && item.detachedFrom === postedTo;
+        const surelyMissed =
+          missed && postedTo !== undefined && (item.connectionId === postedTo || detachedFromIt);
         try {
           await doc.send(
             new UpdateCommand({
@@ -526,7 +529,9 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
                 postedTo === undefined
                   ? ''
                   : surelyMissed
-                    ? ' AND connectionId = :to'
+                    ? detachedFromIt
+                      ? ' AND attribute_not_exists(connectionId) AND detachedFrom = :to'
+                      : ' AND connectionId = :to'
                     : ' AND (connectionId = :to OR attribute_not_exists(connectionId))'
               }`,
               ExpressionAttributeValues: {

@@ -750,15 +750,31 @@ describe('uncertain entries (a post failed or never made while later ones went o
     // The post to X met 410; before the mark, the client resumed on Y (whose replay sent the
     // entry) and Y died too. Marked missed, a later count of 2 (entries 1 and 2) would cover 2
     // and 3, and 3 would be lost.
-    const { smId, connectionId } = await session();
+    const { smId, user, connectionId } = await session();
     await queue.release(smId, 0);
     for (const n of [1, 2, 3]) await queue.append(smId, entry(n, { k: `d${n}:0` }), MAX);
     await queue.detach(smId, connectionId, 0, Date.now() + 60_000, []);
+    await queue.attach(smId, user, 'resumed-on-y');
+    await queue.detach(smId, 'resumed-on-y', 0, Date.now() + 60_000, []);
     expect(await queue.markUncertain(smId, 'd1:0', false, connectionId, true)).toBe(true);
     const item = (await queue.get(smId)) as SmQueueItem;
     expect(item.entries.map((e) => e.u ?? false)).toEqual([true, false, false]);
     // Entry 3 stays to be sent (1 may come twice; with a missed mark 3 would have been acked).
     expect(bodies(countCovers(item.entries, 2).kept)).toEqual(['1', '3']);
+  });
+
+  it('a 410 met by a session detached from that very connection, not resumed since, is still a missed mark', async () => {
+    // The post to X met 410 and X's $disconnect detached the session before the mark was made
+    // (the mark met a DynamoDB failure and was tried again): no replay can have sent the entry.
+    const { smId, connectionId } = await session();
+    await queue.release(smId, 0);
+    for (const n of [1, 2, 3]) await queue.append(smId, entry(n, { k: `x${n}:0` }), MAX);
+    await queue.detach(smId, connectionId, 0, Date.now() + 60_000, []);
+    expect(await queue.markUncertain(smId, 'x1:0', false, connectionId, true)).toBe(true);
+    const item = (await queue.get(smId)) as SmQueueItem;
+    expect(item.entries.map((e) => e.u ?? false)).toEqual(['missed', false, false]);
+    // A count of 2 is entries 2 and 3: only the missed one is sent again.
+    expect(bodies(countCovers(item.entries, 2).kept)).toEqual(['1']);
   });
 
   it('markUncertain flags the entry; a plain ack is refused with UncertainQueueError; rebase settles it', async () => {
