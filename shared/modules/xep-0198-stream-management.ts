@@ -249,7 +249,15 @@ async function deliverToSmSession(
     if (posted !== 'sent') {
       const connectionId = item.connectionId;
       await withTransientRetries(MARK_ATTEMPTS, () =>
-        server.smQueue.markUncertain(smId, key, posted === 'unclosed', connectionId, posted === 'gone'),
+        // A 410 is marked even on the last entry: that the client surely lacks it lets a resume's
+        // count vouch for the uncertain entries before it (an exact count, see countCovers).
+        server.smQueue.markUncertain(
+          smId,
+          key,
+          posted === 'unclosed' || posted === 'gone',
+          connectionId,
+          posted === 'gone',
+        ),
       );
     }
   } finally {

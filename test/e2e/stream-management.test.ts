@@ -816,6 +816,56 @@ describe('resumption (sm:3)', () => {
     expect((await stack.server.smQueue.get(enabled.attrs.id as string))?.uncertain).toBeUndefined();
   });
 
+  // As above, and the last entry posted before the socket went met 410 (seed 1 of session 8's
+  // target run: dave-176 posted after the server closed bob's socket). The 410 says the client
+  // lacks it even though no later entry was queued: left unmarked, the count (4: its presence,
+  // 'unanswered', 'overtaking') would fall one short of what could have reached it, and could
+  // no longer vouch for 'unanswered', which would come twice.
+  it('a 410 on the last entry is marked missed too: the count still vouches for an unanswered post', async () => {
+    const {
+      recipient: nerissa,
+      enabled,
+      senders: [gratiano, salerio],
+      to,
+      body,
+    } = await recipientAndTwoSenders('nerissa', 'belmont', ['gratiano', 'salerio']);
+    const smId = enabled.attrs.id as string;
+    const port = (stack.server.outbound as unknown as { port: ConnectionPort }).port;
+    const post = port.post.bind(port);
+    const restore = intercept(port, 'post', async (connectionId, data, notAfter) => {
+      if (data.includes('refused')) return 'gone';
+      const result = await post(connectionId, data, notAfter);
+      if (!data.includes('unanswered') || result !== 'sent') return result;
+      // Delivered, unanswered; meanwhile a later stanza goes out, and the last one meets 410.
+      salerio.send(to('overtaking'));
+      await nerissa.until(body('overtaking'));
+      salerio.send(to('refused'));
+      await detached(smId);
+      return 'unknown';
+    });
+    try {
+      gratiano.send(to('unanswered'));
+      await nerissa.until(body('unanswered'));
+      await nerissa.closed;
+      await eventually(async () => {
+        const item = await stack.server.smQueue.get(smId);
+        expect(item?.entries.map((entry) => entry.u)).toEqual([undefined, true, undefined, 'missed']);
+      });
+    } finally {
+      restore();
+    }
+    gratiano.send(to('while detached'));
+    await eventually(async () => expect((await stack.server.smQueue.get(smId))?.out).toBe(5));
+    const { client } = await authenticated('nerissa');
+    client.send(`<resume xmlns='${SM3}' previd='${smId}' h='3'/>`);
+    expect((await client.next()).is('resumed', SM3)).toBe(true);
+    const replayed = (await client.framesBeforePong()).filter((frame) => frame.startsWith('<message'));
+    expect(replayed.map((frame) => /<body>([^<]*)<\/body>/.exec(frame)?.[1])).toEqual([
+      'refused',
+      'while detached',
+    ]);
+  });
+
   // A post to a live stream met 410 (the fault suite injects it; on AWS a close in progress):
   // the server took the socket for gone and detached the session, while the client stayed and
   // then closed cleanly. XEP-0198: a closed stream's session is over; what it held must not wait
