@@ -592,8 +592,9 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       for (let done = 0; done < count || done === 0; ) {
         const slice = Math.min(200, count - done);
         const removals = Array.from({ length: slice }, (_, i) => `q[${i}]`).join(', ');
-        const { Attributes } = await doc
-          .send(
+        let Attributes: Record<string, unknown> | undefined;
+        try {
+          ({ Attributes } = await doc.send(
             new UpdateCommand({
               TableName: table,
               Key: key(smId),
@@ -612,13 +613,25 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
               },
               ReturnValues: 'ALL_OLD',
             }),
-          )
-          .catch(async (error: unknown) => {
-            if (!isConditionFailure(error)) throw error;
-            const current = await this.get(smId);
-            if (current && current.connectionId !== connectionId) throw new NotSessionOwnerError(smId);
-            throw current?.uncertain ? new UncertainQueueError(smId) : new AckBeyondQueueError(smId);
-          });
+          ));
+        } catch (error) {
+          if (!isConditionFailure(error)) throw error;
+          const current = await this.get(smId);
+          if (current && current.connectionId !== connectionId) throw new NotSessionOwnerError(smId);
+          if (current && !current.ended && !current.uncertain && current.base > oldBase + done) {
+            // Trimmed already by this very ack: the SDK resent an update DynamoDB had run (a 500
+            // after the write), or the frame is tried again before its state was saved. What that
+            // write removed is gone with its lost answer (an offline copy among it stays in
+            // storage: the next flood may bring it again).
+            remaining = current.entries;
+            out = current.out;
+            congested = current.congested === true;
+            if (current.base >= newBase) break;
+            done = current.base - oldBase;
+            continue;
+          }
+          throw current?.uncertain ? new UncertainQueueError(smId) : new AckBeyondQueueError(smId);
+        }
         const before = loadedEntries(Attributes?.q);
         removed.push(...before.slice(0, slice));
         remaining = before.slice(slice);
