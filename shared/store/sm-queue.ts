@@ -100,6 +100,11 @@ export interface SmQueueItem {
    * them (see `countCovers`).
    */
   unpostedAfter?: number;
+  /**
+   * `out` when the session last stopped holding (`release`): every entry numbered up to it was
+   * acknowledged or posted, in order, by the replay that ended there (or none, after an enable).
+   */
+  settledOut?: number;
 }
 
 /** A connection that no longer owns the session (it was resumed elsewhere) tried to change it. */
@@ -256,6 +261,7 @@ function toItem(raw: Record<string, unknown>): SmQueueItem {
     ...(typeof raw.unpostedAfter === 'number' && raw.unpostedAfter >= 0
       ? { unpostedAfter: raw.unpostedAfter }
       : {}),
+    ...(typeof raw.settledOut === 'number' ? { settledOut: raw.settledOut } : {}),
   };
 }
 
@@ -519,9 +525,14 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             new UpdateCommand({
               TableName: table,
               Key: key(smId),
-              UpdateExpression: `SET q[${at}].u = ${
-                surelyMissed ? `if_not_exists(q[${at}].u, :missed)` : ':yes'
-              }, uncertain = :yes ADD marks :one`,
+              // The first mark stands: a later one knows no more (a redelivered frame cannot tell
+              // what its post did), and a 410's `missed` must not become "uncertain" (seed 17 of
+              // session 8's target run: the detach after a 410 failed, the frame's redelivery
+              // marked the entry again, and the resume's count could no longer vouch for the
+              // entries before it). A resume's rewrite clears the marks.
+              UpdateExpression: `SET q[${at}].u = if_not_exists(q[${at}].u, ${
+                surelyMissed ? ':missed' : ':yes'
+              }), uncertain = :yes ADD marks :one`,
               // The entry is still where it was read (an ack trims from the head), and the session
               // on the connection it was posted to (or detached from it; for a missed mark, still
               // on it).
@@ -698,7 +709,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           new UpdateCommand({
             TableName: table,
             Key: key(smId),
-            UpdateExpression: 'REMOVE holding',
+            UpdateExpression: 'REMOVE holding SET settledOut = :seen',
             ConditionExpression: '#out = :seen',
             ExpressionAttributeNames: { '#out': 'out' },
             ExpressionAttributeValues: { ':seen': seenOut },

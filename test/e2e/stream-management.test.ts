@@ -866,6 +866,50 @@ describe('resumption (sm:3)', () => {
     ]);
   });
 
+  // An append whose answer was lost (a 500 after the write) is looked for in the queue; found,
+  // its post is unknown, so the socket is closed and the entry marked uncertain. Unless a resume
+  // has sent it since, in order: then the client's count is a prefix again (seed 14 of session
+  // 8's target run: the mark made after the resume kept the next resume from vouching for it).
+  it('an append found after a resume sent it again is settled: no socket closed, nothing uncertain', async () => {
+    const {
+      recipient: miranda,
+      enabled,
+      senders: [prospero],
+      to,
+      body,
+    } = await recipientAndTwoSenders('miranda', 'isle', ['prospero', 'ariel']);
+    const smId = enabled.attrs.id as string;
+    const queue = stack.server.smQueue;
+    const append = queue.append.bind(queue);
+    let resumed: RawClient | undefined;
+    const restore = intercept(queue, 'append', async (...args) => {
+      const result = await append(...args);
+      if (!args[1].s.includes('lost answer') || resumed) return result;
+      // The write ran; before its answer, the client resumes and the replay sends the entry.
+      miranda.terminate();
+      await detached(smId);
+      const { client } = await authenticated('miranda');
+      client.send(`<resume xmlns='${SM3}' previd='${smId}' h='1'/>`);
+      expect((await client.next()).is('resumed', SM3)).toBe(true);
+      await client.until(body('lost answer'));
+      await eventually(async () => expect((await queue.get(smId))?.holding).toBeFalsy());
+      resumed = client;
+      throw serverError();
+    });
+    try {
+      prospero.send(to('lost answer'));
+      await eventually(async () => expect(resumed).toBeDefined());
+      // The sender's frame ends; the resumed stream is still open and its count exact.
+      const client = resumed as RawClient;
+      expect((await client.framesBeforePong()).filter((frame) => frame.includes('lost answer'))).toEqual([]);
+      const item = await queue.get(smId);
+      expect(item?.uncertain).toBeUndefined();
+      expect(item?.entries.map((entry) => entry.u)).toEqual([undefined, undefined]);
+    } finally {
+      restore();
+    }
+  });
+
   // A post to a live stream met 410 (the fault suite injects it; on AWS a close in progress):
   // the server took the socket for gone and detached the session, while the client stayed and
   // then closed cleanly. XEP-0198: a closed stream's session is over; what it held must not wait

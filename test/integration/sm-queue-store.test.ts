@@ -524,9 +524,13 @@ describe('the hand-over: attach, release, detach', () => {
     await appendMany(smId, 2);
     expect(await queue.release(smId, 1)).toBe(false);
     expect((await queue.get(smId))?.holding).toBe(true);
+    expect((await queue.get(smId))?.settledOut).toBeUndefined();
     expect(await queue.release(smId, 2)).toBe(true);
     expect((await queue.get(smId))?.holding).toBe(false);
     expect(await rawItem(table, smId)).not.toHaveProperty('holding');
+    // What the replay that ended there sent, in order: a redelivered append found at or below it
+    // is settled (see the XEP-0198 module's settleUnknownPost).
+    expect((await queue.get(smId))?.settledOut).toBe(2);
   });
 
   it('detach by the owner records inbound, directedTo and sweepAt and enters the sweep index', async () => {
@@ -789,6 +793,21 @@ describe('uncertain entries (a post failed or never made while later ones went o
     expect(item.entries.map((e) => e.u ?? false)).toEqual([true, false, false]);
     // Entry 3 stays to be sent (1 may come twice; with a missed mark 3 would have been acked).
     expect(bodies(countCovers(item.entries, 2).kept)).toEqual(['1', '3']);
+  });
+
+  it('a later mark of the same entry does not turn a missed one into an uncertain one', async () => {
+    // The 410's mark, then the frame's redelivery (its detach had failed) marks the entry again,
+    // knowing nothing of the post.
+    const { smId, connectionId } = await session();
+    await queue.release(smId, 0);
+    for (const n of [1, 2, 3]) await queue.append(smId, entry(n, { k: `y${n}:0` }), MAX);
+    expect(await queue.markUncertain(smId, 'y2:0', true, connectionId, true)).toBe(true);
+    await queue.detach(smId, connectionId, 0, Date.now() + 60_000, []);
+    expect(await queue.markUncertain(smId, 'y2:0', true)).toBe(true);
+    const item = (await queue.get(smId)) as SmQueueItem;
+    expect(item.entries.map((e) => e.u ?? false)).toEqual([false, 'missed', false]);
+    // A count of 2 (entries 1 and 3) vouches for both: only the missed one is sent again.
+    expect(bodies(countCovers(item.entries, 2).kept)).toEqual(['2']);
   });
 
   it('a 410 met by a session detached from that very connection, not resumed since, is still a missed mark', async () => {
