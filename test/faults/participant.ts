@@ -267,7 +267,9 @@ export class Participant {
   private keepSessionAcrossRestart(): void {
     if (!this.streamManagement) return;
     const sm = this.sm();
-    if (!sm.id) return;
+    // Offline already (a stop that outlasted its wait): stop() emits no 'offline' again, and
+    // nothing wipes the state.
+    if (!sm.id || this.xmpp.status === 'offline') return;
     const kept = { id: sm.id, inbound: sm.inbound, outbound: sm.outbound, queue: sm.outbound_q };
     sm.outbound_q = [];
     this.xmpp.once('offline', () => {
