@@ -5,7 +5,12 @@
  */
 import type { SQSRecord } from 'aws-lambda';
 import { describe, expect, it } from 'vitest';
-import { createStreamHandler, followedRecords, TIME_IN_HAND_MS } from '../../functions/stream.ts';
+import {
+  createStreamHandler,
+  followedRecords,
+  processFifoBatch,
+  TIME_IN_HAND_MS,
+} from '../../functions/stream.ts';
 import type { FrameRetry } from '../../shared/frame-queue.ts';
 import { createLogger } from '../../shared/log.ts';
 import { MetricsRecorder } from '../../shared/metrics.ts';
@@ -141,5 +146,33 @@ describe('followedRecords', () => {
     ];
     expect([...followedRecords(batch)].sort()).toEqual(['a1', 'a2']);
     expect(followedRecords([record('x', 'X')]).size).toBe(0);
+  });
+});
+
+describe('functions/stream: the FIFO partial batch', () => {
+  it("reports a failed record and its connection's later ones, and goes on with the other connections", async () => {
+    const handled: string[] = [];
+    const records = [
+      record('a1', 'A'),
+      record('b1', 'B'),
+      record('a2', 'A'),
+      record('b2', 'B'),
+      record('a3', 'A'),
+    ];
+    const response = await processFifoBatch(records, async (r) => {
+      handled.push(r.messageId);
+      if (r.messageId === 'a2') throw new Error('transient');
+    });
+    // RFC 6120 §10.1: a3 must not overtake a2, so it waits for a2's retry, unstarted.
+    expect(handled).toEqual(['a1', 'b1', 'a2', 'b2']);
+    expect(response.batchItemFailures.map((failure) => failure.itemIdentifier)).toEqual(['a2', 'a3']);
+  });
+
+  it('reports a batch whose every record failed, instead of throwing', async () => {
+    const records = [record('a1', 'A'), record('b1', 'B')];
+    const response = await processFifoBatch(records, async () => {
+      throw new Error('down');
+    });
+    expect(response.batchItemFailures.map((failure) => failure.itemIdentifier)).toEqual(['a1', 'b1']);
   });
 });
