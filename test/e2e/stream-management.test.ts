@@ -100,6 +100,32 @@ async function recipientAndTwoSenders(
   return { recipient, enabled, senders, to, body };
 }
 
+/**
+ * The post of 'overtaken' waits until `overtaker`'s 'overtaking' reached `recipient`, whose socket
+ * then dies, and meets 410 Gone: two invocations posting at once, the socket dying between.
+ * Returns the restore of the port.
+ */
+function goneOnceOvertaken(
+  recipient: RawClient,
+  overtaker: RawClient,
+  to: (body: string) => string,
+  body: (name: string) => (el: Element) => boolean,
+): () => void {
+  const port = (stack.server.outbound as unknown as { port: ConnectionPort }).port;
+  const post = port.post.bind(port);
+  let overtaken = false;
+  return intercept(port, 'post', async (connectionId, data, notAfter) => {
+    if (!overtaken && data.includes('overtaken')) {
+      overtaken = true;
+      overtaker.send(to('overtaking'));
+      await recipient.until(body('overtaking'));
+      recipient.terminate();
+      return 'gone';
+    }
+    return post(connectionId, data, notAfter);
+  });
+}
+
 /** Waits until the server has seen the socket go and keeps the session for its window. */
 async function detached(smId: string): Promise<void> {
   await eventually(async () => {
@@ -688,19 +714,7 @@ describe('resumption (sm:3)', () => {
       to,
       body,
     } = await recipientAndTwoSenders('cesario', 'court', ['antonio', 'curio']);
-    const port = (stack.server.outbound as unknown as { port: ConnectionPort }).port;
-    const post = port.post.bind(port);
-    let overtaken = false;
-    const restore = intercept(port, 'post', async (connectionId, data, notAfter) => {
-      if (!overtaken && data.includes('overtaken')) {
-        overtaken = true;
-        curio.send(to('overtaking'));
-        await cesario.until(body('overtaking'));
-        cesario.terminate();
-        return 'gone';
-      }
-      return post(connectionId, data, notAfter);
-    });
+    const restore = goneOnceOvertaken(cesario, curio, to, body);
     try {
       antonio.send(to('before'));
       await cesario.until(body('before'));
@@ -729,19 +743,7 @@ describe('resumption (sm:3)', () => {
       to,
       body,
     } = await recipientAndTwoSenders('jessica', 'belmont', ['lorenzo', 'bassanio']);
-    const port = (stack.server.outbound as unknown as { port: ConnectionPort }).port;
-    const post = port.post.bind(port);
-    let overtaken = false;
-    const restorePost = intercept(port, 'post', async (connectionId, data, notAfter) => {
-      if (!overtaken && data.includes('overtaken')) {
-        overtaken = true;
-        bassanio.send(to('overtaking'));
-        await jessica.until(body('overtaking'));
-        jessica.terminate();
-        return 'gone';
-      }
-      return post(connectionId, data, notAfter);
-    });
+    const restorePost = goneOnceOvertaken(jessica, bassanio, to, body);
     const queue = stack.server.smQueue;
     const mark = queue.markUncertain.bind(queue);
     let marks = 0;

@@ -33,10 +33,10 @@ const PING_TIMEOUT_MS = 20_000;
 /**
  * A client neither online nor changing status for this long has its socket dropped, so that it
  * reconnects and resumes; stuck once more, or stuck offline, it is started anew: its socket is
- * dropped and the client restarted with its XEP-0198 state kept, so that it resumes (a new session
- * only when the server answers `<failed/>`; the client then gets again what it had received but not
- * acknowledged, by design). Longer than two redelivery cycles of the schedules' event source (function timeout
- * 1 s + visibility timeout 2 s): a login whose frame timed out is waiting for its redelivery,
+ * dropped and the client restarted with its XEP-0198 state kept, so that it resumes (a new
+ * session only when the server answers `<failed/>`; the client then gets again what it had
+ * received but not acknowledged, by design). Longer than two redelivery cycles of the
+ * schedules' event source (function timeout 1 s + visibility timeout 2 s): a login whose frame timed out is waiting for its redelivery,
  * not stuck (xmpp.js's own reconnect meanwhile retries, resuming when it can).
  */
 const STUCK_MS = 8_000;
