@@ -15,6 +15,9 @@ interface FrameContext {
   timeLeftMs?: () => number;
   /** Deliveries so far, per target: a broadcast's concurrent deliveries each count their own. */
   deliveries: Map<string, number>;
+  /** The sender's connection, and its last message stored offline (see offlineRecord). */
+  connectionId?: string;
+  storedOffline?: string;
 }
 
 const frames = contextStore<FrameContext>();
@@ -27,6 +30,9 @@ export function inFrame<T>(
     receiveCount?: number;
     seq?: string;
     timeLeftMs?: () => number;
+    /** A client's frame: its connection, and the record its row holds (ConnectionState.storedOffline). */
+    connectionId?: string;
+    storedOffline?: string;
   },
   work: () => Promise<T>,
 ): Promise<T> {
@@ -38,6 +44,8 @@ export function inFrame<T>(
       redelivered: (frame.receiveCount ?? 1) > 1,
       ...(frame.seq ? { seq: frame.seq } : {}),
       ...(frame.timeLeftMs ? { timeLeftMs: frame.timeLeftMs } : {}),
+      ...(frame.connectionId ? { connectionId: frame.connectionId } : {}),
+      ...(frame.storedOffline ? { storedOffline: frame.storedOffline } : {}),
       deliveries: new Map(),
     },
     work,
@@ -86,6 +94,37 @@ export function frameDerived(secret: string, label: string): string | undefined 
   const frame = frames.get();
   if (!frame) return undefined;
   return createHmac('sha256', secret).update(`${label}\n${frame.frameId}`).digest('base64url');
+}
+
+/**
+ * A client's message stored offline leaves a record on the sender's connection row, written in
+ * the storing transaction: `<frame id> <user> [<connection it was held for>]`. A redelivery of
+ * the frame (the transaction ran but answered with errors, or the invocation died after it)
+ * then knows the message is stored, though the recipient may have come online and even been
+ * given the stored copy by its flood since: routing it again would deliver it twice.
+ */
+export function offlineRecord(
+  user: string,
+  heldFor?: string,
+): { connectionId: string; record: string } | undefined {
+  const frame = frames.get();
+  if (!frame?.connectionId) return undefined;
+  return {
+    connectionId: frame.connectionId,
+    record: heldFor ? `${frame.frameId} ${user} ${heldFor}` : `${frame.frameId} ${user}`,
+  };
+}
+
+/**
+ * What an earlier delivery of the current frame stored offline for `user`: `{}` when it stored
+ * the message because nothing was available, `{ heldFor }` when behind that connection's flood.
+ */
+export function storedOfflineBefore(user: string): { heldFor?: string } | undefined {
+  const frame = frames.get();
+  if (!frame?.storedOffline) return undefined;
+  const [frameId, storedFor, heldFor] = frame.storedOffline.split(' ');
+  if (frameId !== frame.frameId || storedFor !== user) return undefined;
+  return heldFor ? { heldFor } : {};
 }
 
 /** Whether the current frame was handled before (a redelivery, or a retry in place). */

@@ -10,7 +10,7 @@ import { StanzaError, StreamError } from '../errors.ts';
 import { bareJid, fullJid, type Jid, parseJid } from '../jid.ts';
 import { isHeld, type ResourceRecord } from '../store/sessions.ts';
 import { congestedError, deliver, fitsTransport, tooLargeError } from './delivery.ts';
-import { inFrame } from './frame.ts';
+import { inFrame, storedOfflineBefore } from './frame.ts';
 import {
   type BoundStream,
   DEFERRED_RESULT,
@@ -147,6 +147,16 @@ export async function routeMessage(
   // changed before the store, the message is routed again from a fresh read. The last try
   // stores without the condition rather than fail the sender.
   const progress: RouteProgress = { reached: new Set(), storedBehind: false };
+  if (options.originalTime === undefined) {
+    // An earlier delivery of this frame stored the message (its transaction ran, its answer was
+    // lost): stored is delivered, though the recipient may be online now (and have had it).
+    const stored = storedOfflineBefore(bareJid(to));
+    if (stored && stored.heldFor === undefined) return;
+    if (stored?.heldFor !== undefined) {
+      progress.storedBehind = true;
+      progress.reached.add(stored.heldFor);
+    }
+  }
   for (let attempt = 1; ; attempt++) {
     const routed = await routeOnce(server, stanza, to, type, options, attempt < ROUTE_ATTEMPTS, progress);
     if (routed) return;

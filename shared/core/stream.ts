@@ -260,7 +260,13 @@ export async function handleStreamEvent(server: Server, event: StreamEvent): Pro
   };
   if (state.user) addLogContext({ jid: state.user });
   const stream = new XmppStream(server, state, event.frameId, event.seq, event.followed ?? false);
-  return inFrame(event, () => handleFrame(stream, event));
+  return inFrame(
+    {
+      ...event,
+      ...(stored?.storedOffline ? { storedOffline: stored.storedOffline } : {}),
+    },
+    () => handleFrame(stream, event),
+  );
 }
 
 async function handleFrame(stream: XmppStream, event: StreamEvent): Promise<void> {

@@ -4,7 +4,7 @@
  * stored messages when a session sends initial presence with a non-negative priority.
  */
 import { Element, parse } from 'ltx';
-import { nextDeliveryKey } from '../core/frame.ts';
+import { nextDeliveryKey, offlineRecord } from '../core/frame.ts';
 import {
   type BoundStream,
   type DeliveryResult,
@@ -34,7 +34,7 @@ export function register(server: Server): void {
         : undefined;
     try {
       // A message for a session being flooded is stored past the quota: the flood drains it.
-      await storeIfWanted(server, user, stanza, acceptedAt, guard, heldBy !== undefined);
+      await storeIfWanted(server, user, stanza, acceptedAt, guard, heldBy?.connectionId);
     } catch (error) {
       if (!(error instanceof OfflineGuardFailedError)) throw error;
       event.routeAgain = true;
@@ -106,9 +106,12 @@ async function storeIfWanted(
   stanza: Element,
   acceptedAt?: number,
   guard?: TransactItem,
-  pastQuota = false,
+  heldFor?: string,
 ): Promise<void> {
   if (!shouldStore(stanza)) return;
+  const pastQuota = heldFor !== undefined;
+  // A client's message (not a re-route) leaves a record of the store on its connection's row.
+  const sender = acceptedAt === undefined ? offlineRecord(user, heldFor) : undefined;
   // Only our own delay stamp may appear on delivery: drop any that claims to be ours.
   removeForgedDelay(stanza, server.config.domain);
   try {
@@ -122,6 +125,9 @@ async function storeIfWanted(
         ignoreQuota: pastQuota || acceptedAt !== undefined,
         ...(delivery ? { key: delivery } : {}),
         ...(guard ? { guard } : {}),
+        ...(sender
+          ? { record: server.sessions.storedOfflineRecord(sender.connectionId, sender.record) }
+          : {}),
       },
     );
     if (stored.alreadyStored) return;

@@ -61,12 +61,14 @@ export interface OfflineStore {
    * With `key` (a frame's delivery key, core/frame.ts) the id is made from it, so a redelivered
    * frame finds its message stored and does not store it twice (`alreadyStored`). With `guard`
    * (a condition on another item, as one item of the same transaction) nothing is stored unless
-   * it holds: OfflineGuardFailedError.
+   * it holds: OfflineGuardFailedError. With `record` (an update of another item, as one more
+   * item of the transaction: the sender's record of the store) the message is stored with it, or
+   * without it when its condition fails.
    */
   store(
     user: string,
     message: Omit<OfflineMessage, 'id'>,
-    options?: { ignoreQuota?: boolean; key?: OfflineKey; guard?: TransactItem },
+    options?: { ignoreQuota?: boolean; key?: OfflineKey; guard?: TransactItem; record?: TransactItem },
   ): Promise<OfflineMessage & { alreadyStored?: boolean }>;
   /** Oldest first; expired messages are skipped even before DynamoDB's TTL removes them. */
   list(
@@ -211,6 +213,7 @@ export function createOfflineStore(
     item: OfflineMessage,
     quota: number,
     guard: TransactItem | undefined,
+    record: TransactItem | undefined,
   ): Promise<void> {
     await doc.send(
       new TransactWriteCommand({
@@ -238,6 +241,7 @@ export function createOfflineStore(
             },
           },
           ...(guard ? [guard] : []),
+          ...(record ? [record] : []),
         ],
       }),
     );
@@ -252,16 +256,21 @@ export function createOfflineStore(
         id: options.key ? keyedOfflineId(options.key) : newOfflineId(),
       };
       const quota = options.ignoreQuota ? Number.MAX_SAFE_INTEGER : limits.quota;
-      const attempt = async () => {
+      let record = options.record;
+      const attempt = async (): Promise<void> => {
         try {
-          await tryStore(user, item, quota, options.guard);
+          await tryStore(user, item, quota, options.guard, record);
         } catch (error) {
-          if (
-            error instanceof TransactionCanceledException &&
-            error.CancellationReasons?.[2]?.Code === 'ConditionalCheckFailed' &&
-            error.CancellationReasons?.[1]?.Code !== 'ConditionalCheckFailed'
-          )
-            throw new OfflineGuardFailedError(user);
+          if (!(error instanceof TransactionCanceledException)) throw error;
+          const failed = (index: number) =>
+            error.CancellationReasons?.[index]?.Code === 'ConditionalCheckFailed';
+          if (failed(1)) throw error;
+          if (options.guard && failed(2)) throw new OfflineGuardFailedError(user);
+          // The sender's connection row is gone: no redelivery of its frame will route the message.
+          if (record && failed(options.guard ? 3 : 2) && !failed(0)) {
+            record = undefined;
+            return attempt();
+          }
           throw error;
         }
       };

@@ -171,6 +171,11 @@ export interface ConnectionState {
    * stores done): a redelivery of it or of any earlier frame of the connection is skipped.
    */
   doneSeq?: string;
+  /**
+   * The last message this stream's sender stored offline, written by the storing transaction
+   * (core/frame.ts offlineRecord): a redelivery of that frame does not route the message again.
+   */
+  storedOffline?: string;
   /** RFC 6121 §2.1.6: the session requested the roster (its resource row is marked for pushes). */
   rosterInterested?: boolean;
   archive?: ArchiveStreamState;
@@ -354,6 +359,12 @@ export interface SessionStore {
    */
   noneAvailableGuard(user: string): TransactItem;
   /**
+   * The record of a message stored offline from a frame of `connectionId`, as an item of the
+   * storing transaction (core/frame.ts offlineRecord). Its condition fails when the connection's
+   * row is gone (nothing to redeliver to then).
+   */
+  storedOfflineRecord(connectionId: string, record: string): TransactItem;
+  /**
    * Releases the hold if nothing was stored behind it since the holder saw it at `seen` (or
    * whatever it counts, without `seen`). Returns the count now when something was (the holder
    * goes through the stored messages again); undefined when released or when the resource is
@@ -443,6 +454,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     replacing: item.replacing as ResourceRecord | undefined,
     savedFrame: item.savedFrame as string | undefined,
     doneSeq: item.doneSeq as string | undefined,
+    storedOffline: item.storedOffline as string | undefined,
     rosterInterested: item.rosterInterested as boolean | undefined,
     archive: item.archive as ArchiveStreamState | undefined,
   };
@@ -754,6 +766,18 @@ export function createSessionStore(
           Key: availKey(user),
           ConditionExpression: 'attribute_not_exists(#res)',
           ExpressionAttributeNames: { '#res': 'res' },
+        },
+      };
+    },
+
+    storedOfflineRecord(connectionId, record) {
+      return {
+        Update: {
+          TableName: table,
+          Key: connKey(connectionId),
+          UpdateExpression: 'SET storedOffline = :record',
+          ConditionExpression: 'attribute_exists(pk)',
+          ExpressionAttributeValues: { ':record': record },
         },
       };
     },

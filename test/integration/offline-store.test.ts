@@ -107,6 +107,36 @@ describe('store', () => {
   });
 });
 
+describe('store with a record (the sender’s connection row, in the same transaction)', () => {
+  const recordItem = (pk: string, value: string) => ({
+    Update: {
+      TableName: table,
+      Key: { pk, sk: 'record' },
+      UpdateExpression: 'SET storedOffline = :value',
+      ConditionExpression: 'attribute_exists(pk)',
+      ExpressionAttributeValues: { ':value': value },
+    },
+  });
+
+  it('writes the record with the message', async () => {
+    const user = freshUser('recorded');
+    const pk = `row-${user}`;
+    await doc.send(new PutCommand({ TableName: table, Item: { pk, sk: 'record' } }));
+    const { id } = await offline.store(user, message(1), { record: recordItem(pk, 'frame-1 someone') });
+    expect(await rawItem(user, `m#${id}`)).toBeDefined();
+    expect((await rawItem(pk, 'record'))?.storedOffline).toBe('frame-1 someone');
+  });
+
+  it('stores the message without the record when the record’s item is gone, and creates no item for it', async () => {
+    const user = freshUser('unrecorded');
+    const pk = `row-${user}`;
+    const { id } = await offline.store(user, message(1), { record: recordItem(pk, 'frame-2 someone') });
+    expect(await rawItem(user, `m#${id}`)).toBeDefined();
+    expect(await offline.count(user)).toBe(1);
+    expect(await rawItem(pk, 'record')).toBeUndefined();
+  });
+});
+
 describe('list', () => {
   let user: string;
   let all: string[];
