@@ -98,10 +98,10 @@ export function frameDerived(secret: string, label: string): string | undefined 
 
 /**
  * A client's message stored offline leaves a record on the sender's connection row, written in
- * the storing transaction: `<frame id> <user> [<connection it was held for>]`. A redelivery of
- * the frame (the transaction ran but answered with errors, or the invocation died after it)
- * then knows the message is stored, though the recipient may have come online and even been
- * given the stored copy by its flood since: routing it again would deliver it twice.
+ * the storing transaction: `<frame id> <user>[ <resource it was held for>]`. A redelivery of the
+ * frame (the transaction ran but answered with errors, or the invocation died after it) then
+ * knows the message is stored, though the recipient may have come online and even been given the
+ * stored copy by its flood since: routing it again would deliver it twice.
  */
 export function offlineRecord(
   user: string,
@@ -111,20 +111,21 @@ export function offlineRecord(
   if (!frame?.connectionId) return undefined;
   return {
     connectionId: frame.connectionId,
-    record: heldFor ? `${frame.frameId} ${user} ${heldFor}` : `${frame.frameId} ${user}`,
+    record: heldFor !== undefined ? `${frame.frameId} ${user} ${heldFor}` : `${frame.frameId} ${user}`,
   };
 }
 
 /**
  * What an earlier delivery of the current frame stored offline for `user`: `{}` when it stored
- * the message because nothing was available, `{ heldFor }` when behind that connection's flood.
+ * the message because nothing was available, `{ heldFor }` when behind the flood of that
+ * resource (a name, which may hold spaces).
  */
 export function storedOfflineBefore(user: string): { heldFor?: string } | undefined {
   const frame = frames.get();
   if (!frame?.storedOffline) return undefined;
-  const [frameId, storedFor, heldFor] = frame.storedOffline.split(' ');
+  const [frameId, storedFor, ...resource] = frame.storedOffline.split(' ');
   if (frameId !== frame.frameId || storedFor !== user) return undefined;
-  return heldFor ? { heldFor } : {};
+  return resource.length > 0 ? { heldFor: resource.join(' ') } : {};
 }
 
 /** Whether the current frame was handled before (a redelivery, or a retry in place). */

@@ -150,11 +150,13 @@ export async function routeMessage(
   if (options.originalTime === undefined) {
     // An earlier delivery of this frame stored the message (its transaction ran, its answer was
     // lost): stored is delivered, though the recipient may be online now (and have had it).
+    // Behind a flood's hold: that resource's flood (its session's, resumed or not, or a later
+    // one's) delivers it; the others are routed as usual.
     const stored = storedOfflineBefore(bareJid(to));
     if (stored && stored.heldFor === undefined) return;
     if (stored?.heldFor !== undefined) {
       progress.storedBehind = true;
-      progress.reached.add(stored.heldFor);
+      progress.storedFor = stored.heldFor;
     }
   }
   for (let attempt = 1; ; attempt++) {
@@ -169,6 +171,8 @@ interface RouteProgress {
   reached: Set<string>;
   /** Stored behind a flood's hold: once is enough, every holder floods the one inbox. */
   storedBehind: boolean;
+  /** The resource an earlier delivery of the frame stored it behind (its flood delivers it). */
+  storedFor?: string;
 }
 
 /** One routing of a message from a fresh read of the resources; false when it must start over. */
@@ -188,7 +192,7 @@ async function routeOnce(
   const offline = { stanza, user: bare, ...(rerouting ? { acceptedAt: options.originalTime } : {}) };
   /** Delivered (or stored behind the resource's hold, once), false to try the next; undefined: start over. */
   const toResource = async (resource: ResourceRecord): Promise<boolean | undefined> => {
-    if (progress.reached.has(resource.connectionId)) return true;
+    if (progress.reached.has(resource.connectionId) || resource.resource === progress.storedFor) return true;
     if (isHeld(resource) && guarded) {
       if (progress.storedBehind) return true;
       const event = { ...offline, heldBy: resource, routeAgain: false };

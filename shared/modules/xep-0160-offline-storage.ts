@@ -34,7 +34,7 @@ export function register(server: Server): void {
         : undefined;
     try {
       // A message for a session being flooded is stored past the quota: the flood drains it.
-      await storeIfWanted(server, user, stanza, acceptedAt, guard, heldBy?.connectionId);
+      await storeIfWanted(server, user, stanza, acceptedAt, guard, heldBy?.resource);
     } catch (error) {
       if (!(error instanceof OfflineGuardFailedError)) throw error;
       event.routeAgain = true;

@@ -4,7 +4,13 @@
  */
 import { describe, expect, it } from 'vitest';
 import { useSequentialContexts } from '../../shared/context.ts';
-import { inFrame, nextDeliveryKey, sequenceAtMost } from '../../shared/core/frame.ts';
+import {
+  inFrame,
+  nextDeliveryKey,
+  offlineRecord,
+  sequenceAtMost,
+  storedOfflineBefore,
+} from '../../shared/core/frame.ts';
 import { keyedOfflineId, newOfflineId } from '../../shared/store/offline.ts';
 
 describe('sequenceAtMost', () => {
@@ -15,6 +21,46 @@ describe('sequenceAtMost', () => {
     // "99" sorts after "100" as text.
     expect(sequenceAtMost('99', '100')).toBe(true);
     expect(sequenceAtMost('100', '99')).toBe(false);
+  });
+});
+
+describe('the record of a message stored offline (offlineRecord, storedOfflineBefore)', () => {
+  const frame = (frameId: string, storedOffline?: string) => ({
+    frameId,
+    receivedAt: 5,
+    receiveCount: 2,
+    connectionId: 'conn-1',
+    ...(storedOffline ? { storedOffline } : {}),
+  });
+
+  it('is made for the frame being handled, naming the recipient and the resource it was held for', async () => {
+    expect(
+      await inFrame(frame('req-1'), async () => [
+        offlineRecord('juliet@localhost'),
+        offlineRecord('juliet@localhost', 'my phone'),
+      ]),
+    ).toEqual([
+      { connectionId: 'conn-1', record: 'req-1 juliet@localhost' },
+      { connectionId: 'conn-1', record: 'req-1 juliet@localhost my phone' },
+    ]);
+    // Outside a client's frame (a re-route has no connection): nothing to record.
+    expect(offlineRecord('juliet@localhost')).toBeUndefined();
+    expect(
+      await inFrame({ frameId: 'reroute:s:1', receivedAt: 5 }, async () => offlineRecord('j@localhost')),
+    ).toBe(undefined);
+  });
+
+  it('tells a redelivery of that frame what it stored, for that recipient only', async () => {
+    const before = (frameId: string, record: string | undefined, user: string) =>
+      inFrame(frame(frameId, record), async () => storedOfflineBefore(user));
+    expect(await before('req-1', 'req-1 juliet@localhost', 'juliet@localhost')).toEqual({});
+    expect(await before('req-1', 'req-1 juliet@localhost my phone', 'juliet@localhost')).toEqual({
+      heldFor: 'my phone',
+    });
+    // Another frame's record, another recipient, no record: route as usual.
+    expect(await before('req-2', 'req-1 juliet@localhost', 'juliet@localhost')).toBeUndefined();
+    expect(await before('req-1', 'req-1 juliet@localhost', 'nurse@localhost')).toBeUndefined();
+    expect(await before('req-1', undefined, 'juliet@localhost')).toBeUndefined();
   });
 });
 
