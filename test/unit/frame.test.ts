@@ -51,16 +51,16 @@ describe('the record of a message stored offline (offlineRecord, storedOfflineBe
   });
 
   it('tells a redelivery of that frame what it stored, for that recipient only', async () => {
-    const before = (frameId: string, record: string | undefined, user: string) =>
+    const recalled = (frameId: string, record: string | undefined, user: string) =>
       inFrame(frame(frameId, record), async () => storedOfflineBefore(user));
-    expect(await before('req-1', 'req-1 juliet@localhost', 'juliet@localhost')).toEqual({});
-    expect(await before('req-1', 'req-1 juliet@localhost my phone', 'juliet@localhost')).toEqual({
+    expect(await recalled('req-1', 'req-1 juliet@localhost', 'juliet@localhost')).toEqual({});
+    expect(await recalled('req-1', 'req-1 juliet@localhost my phone', 'juliet@localhost')).toEqual({
       heldFor: 'my phone',
     });
     // Another frame's record, another recipient, no record: route as usual.
-    expect(await before('req-2', 'req-1 juliet@localhost', 'juliet@localhost')).toBeUndefined();
-    expect(await before('req-1', 'req-1 juliet@localhost', 'nurse@localhost')).toBeUndefined();
-    expect(await before('req-1', undefined, 'juliet@localhost')).toBeUndefined();
+    expect(await recalled('req-2', 'req-1 juliet@localhost', 'juliet@localhost')).toBeUndefined();
+    expect(await recalled('req-1', 'req-1 juliet@localhost', 'nurse@localhost')).toBeUndefined();
+    expect(await recalled('req-1', undefined, 'juliet@localhost')).toBeUndefined();
   });
 });
 
