@@ -84,6 +84,45 @@ export function keepSessionWhenResumeUnsent(xmpp: Client, trace: (message: strin
   };
 }
 
+/**
+ * A restart keeps the client's XEP-0198 state (session id, counts, unacknowledged stanzas), as
+ * Converse.js keeps it across a page reload: the restarted client resumes, and falls back to a new
+ * session only on the server's `<failed/>`. xmpp.js 0.14 wipes that state (and fails its queue) on
+ * every 'offline', and `stop()` emits one even on a client already offline (it passes through
+ * 'close' and 'disconnect' first): seed 6 of a session-9 target run lost its session to the second
+ * of two restarts 200 ms apart. So until the returned function is called (the client is online
+ * again), every 'offline' is bracketed: the state is set aside before xmpp.js's listener runs (its
+ * queue emptied, so that nothing is failed) and put back after it. Pinned, with the client's own
+ * behaviour, by test/unit/xmpp-js-resume.test.ts.
+ */
+export function keepSessionAcrossRestarts(xmpp: Client, trace: (message: string) => void): () => void {
+  const state = () => xmpp.streamManagement as unknown as StreamManagementState;
+  let kept: { id: string; inbound: number; outbound: number; queue: unknown[] } | undefined;
+  const setAside = () => {
+    const sm = state();
+    // A session the server refused (`<failed/>`) is gone: nothing to keep.
+    kept = sm.id
+      ? { id: sm.id, inbound: sm.inbound, outbound: sm.outbound, queue: sm.outbound_q }
+      : undefined;
+    sm.outbound_q = [];
+  };
+  const putBack = () => {
+    if (!kept) return;
+    const sm = state();
+    sm.id = kept.id;
+    sm.inbound = kept.inbound;
+    sm.outbound = kept.outbound;
+    sm.outbound_q = kept.queue;
+    trace(`restarted with its session ${kept.id} (h=${kept.inbound}, ${kept.queue.length} unacknowledged)`);
+  };
+  xmpp.prependListener('offline', setAside);
+  xmpp.on('offline', putBack);
+  return () => {
+    xmpp.removeListener('offline', setAside);
+    xmpp.removeListener('offline', putBack);
+  };
+}
+
 export class Participant {
   readonly user: string;
   readonly streamManagement: boolean;
@@ -98,6 +137,8 @@ export class Participant {
   freshSessions = 0;
   private pingSeq = 0;
   private supervising = false;
+  /** Ends the keeping of the XEP-0198 state across a restart (keepSessionAcrossRestart). */
+  private releaseKeptSession: (() => void) | undefined;
 
   constructor(private readonly options: ParticipantOptions) {
     this.user = options.user;
@@ -282,30 +323,22 @@ export class Participant {
     void watch();
   }
 
-  /**
-   * With SM, a restart keeps the client's XEP-0198 state (session id, counts, unacknowledged
-   * stanzas), as Converse.js keeps it across a page reload: the restarted client resumes, and
-   * falls back to a new session only on the server's `<failed/>`. xmpp.js wipes that state (and
-   * fails its queue) on 'offline', which only `stop()` emits; the state is put back right after.
-   */
+  /** With SM, a restart keeps the client's XEP-0198 state (see keepSessionAcrossRestarts). */
   private keepSessionAcrossRestart(): void {
-    if (!this.streamManagement) return;
-    const sm = this.sm();
-    // Offline already (a stop that outlasted its wait): stop() emits no 'offline' again, and
-    // nothing wipes the state.
-    if (!sm.id || this.xmpp.status === 'offline') return;
-    const kept = { id: sm.id, inbound: sm.inbound, outbound: sm.outbound, queue: sm.outbound_q };
-    sm.outbound_q = [];
-    this.xmpp.once('offline', () => {
-      const state = this.sm();
-      state.id = kept.id;
-      state.inbound = kept.inbound;
-      state.outbound = kept.outbound;
-      state.outbound_q = kept.queue;
-      this.options.trace(
-        `${this.user}: restarted with its session ${kept.id} (h=${kept.inbound}, ${kept.queue.length} unacknowledged)`,
-      );
-    });
+    if (!this.streamManagement || this.releaseKeptSession || !this.sm().id) return;
+    const release = keepSessionAcrossRestarts(this.xmpp, (message) =>
+      this.options.trace(`${this.user}: ${message}`),
+    );
+    // Online again (resumed, or a new session after <failed/>): xmpp.js's own rules from there.
+    const back = () => this.releaseKeptSession?.();
+    this.releaseKeptSession = () => {
+      release();
+      this.xmpp.removeListener('online', back);
+      this.xmpp.streamManagement.removeListener('resumed', back);
+      this.releaseKeptSession = undefined;
+    };
+    this.xmpp.on('online', back);
+    this.xmpp.streamManagement.on('resumed', back);
   }
 
   online(): boolean {
@@ -449,6 +482,7 @@ export class Participant {
   /** A clean end: `</close>` (after a last `<a/>` with SM); the server ends the session. */
   async stop(): Promise<void> {
     this.supervising = false;
+    this.releaseKeptSession?.();
     this.xmpp.reconnect.stop();
     await Promise.race([this.xmpp.stop().catch(() => {}), sleep(5_000)]);
   }

@@ -1,8 +1,10 @@
 /**
- * A behaviour of the stock client the fault suite uses, which the README states (Connecting a
- * client) and the suite works around (test/faults/participant.ts, `keepSessionWhenResumeUnsent`):
- * xmpp.js 0.14 gives its XEP-0198 session up when the send of its `<resume/>` fails (a socket that
- * dies just then), though the server never answered `<failed/>`.
+ * Behaviours of the stock client the fault suite uses, which the README states (Connecting a
+ * client) and the suite works around (test/faults/participant.ts): xmpp.js 0.14 gives its XEP-0198
+ * session up when the send of its `<resume/>` fails (a socket that dies just then), though the
+ * server never answered `<failed/>` (`keepSessionWhenResumeUnsent`); and it wipes its session on
+ * every 'offline', which `stop()` emits even on a client already offline
+ * (`keepSessionAcrossRestarts`).
  *
  * XEP-0198 §5: "If the server does not support session resumption, it MUST return a <failed/>
  * element"; a session the server still holds is resumable on the next connection. When the first
@@ -11,7 +13,7 @@
 import { client, xml } from '@xmpp/client';
 import type { Element } from 'ltx';
 import { describe, expect, it } from 'vitest';
-import { keepSessionWhenResumeUnsent } from '../faults/participant.ts';
+import { keepSessionAcrossRestarts, keepSessionWhenResumeUnsent } from '../faults/participant.ts';
 
 interface SmState {
   id: string;
@@ -61,5 +63,41 @@ describe('xmpp.js 0.14 resuming on a socket that dies as the <resume/> goes out'
     expect(sm.outbound_q.map((item) => item.stanza.attrs.id)).toEqual(['unacknowledged']);
     expect(failed).toEqual([]);
     expect(traced).toEqual(['<resume/> not sent (socket closed); resumed on the next socket']);
+  });
+});
+
+describe('xmpp.js 0.14 stopped again while offline (an application restarting it twice)', () => {
+  it('emits offline again and wipes the session: its id emptied, its unacknowledged stanzas failed', async () => {
+    const { xmpp, sm, failed } = clientWithSession();
+    expect(xmpp.status).toBe('offline');
+    let offline = 0;
+    xmpp.on('offline', () => {
+      offline += 1;
+    });
+    await xmpp.stop().catch(() => {});
+    expect(offline).toBe(1);
+    expect(sm.id).toBe('');
+    expect(failed).toEqual(['unacknowledged']);
+  });
+
+  it('with the suite’s workaround, keeps the session through every stop until it is released', async () => {
+    const { xmpp, sm, failed } = clientWithSession();
+    const traced: string[] = [];
+    const release = keepSessionAcrossRestarts(xmpp, (message) => traced.push(message));
+    await xmpp.stop().catch(() => {});
+    await xmpp.stop().catch(() => {});
+    expect(sm.id).toBe('session-1');
+    expect(sm.inbound).toBe(3);
+    expect(sm.outbound_q.map((item) => item.stanza.attrs.id)).toEqual(['unacknowledged']);
+    expect(failed).toEqual([]);
+    expect(traced).toEqual([
+      'restarted with its session session-1 (h=3, 1 unacknowledged)',
+      'restarted with its session session-1 (h=3, 1 unacknowledged)',
+    ]);
+    // Released (online again): xmpp.js's own rules.
+    release();
+    await xmpp.stop().catch(() => {});
+    expect(sm.id).toBe('');
+    expect(failed).toEqual(['unacknowledged']);
   });
 });
