@@ -153,6 +153,12 @@ export async function routeMessage(
     // Behind a flood's hold: that resource's flood (its session's, resumed or not, or a later
     // one's) delivers it; the others are routed as usual.
     const stored = storedOfflineBefore(bareJid(to));
+    if (stored)
+      server.log.debug('message stored by an earlier delivery of its frame', {
+        id: stanza.attrs.id,
+        user: bareJid(to),
+        ...stored,
+      });
     if (stored && stored.heldFor === undefined) return;
     if (stored?.heldFor !== undefined) {
       progress.storedBehind = true;
@@ -196,7 +202,15 @@ async function routeOnce(
     if (isHeld(resource) && guarded) {
       if (progress.storedBehind) return true;
       const event = { ...offline, heldBy: resource, routeAgain: false };
-      if (await server.host.fire('message-offline', event)) {
+      const taken = await server.host.fire('message-offline', event);
+      server.log.debug('message behind a flood', {
+        id: stanza.attrs.id,
+        user: bare,
+        resource: resource.resource,
+        taken: Boolean(taken),
+        routeAgain: event.routeAgain,
+      });
+      if (taken) {
         progress.storedBehind = true;
         progress.reached.add(resource.connectionId);
         return true;
