@@ -163,18 +163,13 @@ export async function processFifoBatch(
   return { batchItemFailures };
 }
 
-/** The records after which the batch holds another record of the same connection (message group). */
+/**
+ * The records another record follows in the batch, of whatever connection: all but the last. An
+ * invocation that times out on a later record has the whole batch delivered again, these
+ * included (FRAME_DONE_MARKS=batched marks them done).
+ */
 export function followedRecords(records: readonly SQSRecord[]): Set<string> {
-  const followed = new Set<string>();
-  const last = new Map<string, string>();
-  for (const record of records) {
-    const group = record.attributes.MessageGroupId;
-    if (!group) continue;
-    const previous = last.get(group);
-    if (previous) followed.add(previous);
-    last.set(group, record.messageId);
-  }
-  return followed;
+  return new Set(records.slice(0, -1).map((record) => record.messageId));
 }
 
 /**

@@ -72,8 +72,8 @@ export interface Config {
   /**
    * Which stanza frames are marked done in their connection row (a redelivery of a marked frame is
    * skipped): `all` (exactly once under lost deletes and deaths too, one write unit per stanza), or
-   * `batched` (only a frame followed by another of its connection in the same batch: a timed-out or
-   * failed batch repeats nothing, a lost delete or a death after a connection's last frame can).
+   * `batched` (only a frame another record follows in its batch: a timed-out or failed batch
+   * repeats nothing, a lost delete or a death after the batch's last record can repeat that one).
    */
   frameDoneMarks: 'all' | 'batched';
   /** Per-connection rate limits (core/rate-limit.ts): steady rates and bursts of frames and bytes. */

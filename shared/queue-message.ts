@@ -32,7 +32,7 @@ export interface StreamEvent {
   seq?: string;
   /** How many times the queue has delivered this frame (SQS ApproximateReceiveCount). */
   receiveCount?: number;
-  /** Another frame of the same connection follows this one in the invocation's batch. */
+  /** Another record (of any connection) follows this one in the invocation's batch. */
   followed?: boolean;
   /** What is left of the invocation (ms), when the runtime says (Lambda's getRemainingTimeInMillis). */
   timeLeftMs?: () => number;

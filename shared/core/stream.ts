@@ -44,7 +44,7 @@ export class XmppStream implements Stream {
     readonly state: ConnectionState,
     readonly frameId = '',
     readonly seq?: string,
-    /** Another frame of the connection follows in the batch (see Config.frameDoneMarks). */
+    /** Another record follows in the batch (see Config.frameDoneMarks). */
     readonly followed = false,
   ) {}
 

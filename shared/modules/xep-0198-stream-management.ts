@@ -1063,7 +1063,7 @@ async function decideResume(
 /**
  * Whether the connection's last counted stanza has been handled to the end (routed): its
  * `doneSeq` has reached its `countedSeq`. Only known when every frame is marked done
- * (FRAME_DONE_MARKS=all); with `batched` a frame not followed by another is never marked.
+ * (FRAME_DONE_MARKS=all); with `batched` the last frame of a batch is never marked.
  */
 function countedHandled(server: Server, state: ConnectionState): boolean {
   if (server.config.frameDoneMarks !== 'all' || state.countedSeq === undefined) return true;

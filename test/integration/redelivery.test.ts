@@ -241,7 +241,7 @@ describe('a resume whose socket vanished after it attached the session, before i
 });
 
 describe('FRAME_DONE_MARKS=batched', () => {
-  it('marks only a frame another of its connection follows in the batch; keyed writes still hold', async () => {
+  it('marks only a frame another record follows in the batch; keyed writes still hold', async () => {
     const port = new RecordingPort();
     const server = createServer({
       config: await createTestConfig({ FRAME_DONE_MARKS: 'batched' }),
@@ -273,7 +273,7 @@ describe('FRAME_DONE_MARKS=batched', () => {
     expect((await server.sessions.getConnection('b1'))?.doneSeq).toBeUndefined();
     // Its lost delete brings it back: the keyed store finds it stored.
     await frame('g1', '500', 'one', { receiveCount: 2 });
-    // Followed by another frame of the connection: marked, so a timed-out batch skips it.
+    // Followed by another record of the batch: marked, so a timed-out batch skips it.
     await frame('g2', '501', 'two', { followed: true });
     expect((await server.sessions.getConnection('b1'))?.doneSeq).toBe('501');
     const bodies = (await server.offline.list(recipient)).messages.map(
