@@ -124,6 +124,10 @@ export class XmppStream implements Stream {
       ? { ...this.changes, savedFrame: this.frameId }
       : { ...this.changes };
     if (this.seq !== undefined) changes.doneSeq = this.seq;
+    // The record of a message this frame stored offline (core/frame.ts offlineRecord) served its
+    // frame's redeliveries, which the done mark now skips: it goes, in the same write, so that the
+    // row (billed by size on every update) does not keep it.
+    if (markDone) changes.storedOffline = undefined;
     // The frame's work is done: failing now would have it redelivered and repeated.
     await withTransientRetries(SAVE_ATTEMPTS, () =>
       this.server.sessions.updateConnection(this.connectionId, changes),

@@ -11,7 +11,7 @@ import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
 import { createServer } from '../../shared/server.ts';
 import { ConnectionFencedError } from '../../shared/store/sessions.ts';
 import { createTestConfig } from '../support/dynamodb.ts';
-import { intercept, throttlingError } from '../support/intercept.ts';
+import { intercept, serverError, throttlingError } from '../support/intercept.ts';
 import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
 
 const SASL = 'urn:ietf:params:xml:ns:xmpp-sasl';
@@ -92,6 +92,52 @@ describe('a redelivered stanza frame', () => {
     expect(await stored()).toEqual(['1', '2', '3']);
     // Frames of the same millisecond keep the sender's order (their sequence numbers).
     expect(await server.offline.count(recipient)).toBe(3);
+  });
+});
+
+describe('the record of a message stored offline (storedOffline on the sender’s row)', () => {
+  it('is written with the store, survives a frame that failed after it, and goes with the done mark', async () => {
+    const port = new RecordingPort();
+    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+    const sender = `gina${Date.now()}@localhost`;
+    const recipient = `hal${Date.now()}@localhost`;
+    await server.users.create(recipient, await deriveCredentialSet('pw', 4096));
+    await server.sessions.createConnection('o1', Date.now());
+    await server.sessions.updateConnection('o1', { streamOpen: true, user: sender, resource: 'r' });
+    const frame = (frameId: string, seq: string, body: string, receiveCount = 1) =>
+      handleStreamEvent(server, {
+        connectionId: 'o1',
+        kind: 'frame',
+        frame: `<message xmlns='jabber:client' to='${recipient}' type='chat'><body>${body}</body></message>`,
+        receivedAt: 1_790_000_000_000,
+        frameId,
+        seq,
+        receiveCount,
+      });
+    const row = () => server.sessions.getConnection('o1');
+    const offline = server.offline;
+    const store = offline.store.bind(offline);
+    // The store runs, and its answer is lost (500s after the write): the frame fails.
+    const restore = intercept(offline, 'store', async (...args) => {
+      await store(...args);
+      throw serverError();
+    });
+    try {
+      await expect(frame('k1', '18880000000000000200', 'kept')).rejects.toThrow('Internal server error');
+    } finally {
+      restore();
+    }
+    expect((await row())?.storedOffline).toBe(`k1 ${recipient}`);
+    expect((await row())?.doneSeq).toBeUndefined();
+    // The redelivery: stored already, so not routed again; done, and the record goes with the mark.
+    await frame('k1', '18880000000000000200', 'kept', 2);
+    expect((await row())?.doneSeq).toBe('18880000000000000200');
+    expect((await row())?.storedOffline).toBeUndefined();
+    expect(await offline.count(recipient)).toBe(1);
+    // A store answered at once: the frame's own done mark removes its record in the same write.
+    await frame('k2', '18880000000000000201', 'next');
+    expect((await row())?.storedOffline).toBeUndefined();
+    expect(await offline.count(recipient)).toBe(2);
   });
 });
 
