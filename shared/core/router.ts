@@ -147,23 +147,20 @@ export async function routeMessage(
   // changed before the store, the message is routed again from a fresh read. The last try
   // stores without the condition rather than fail the sender.
   const progress: RouteProgress = { reached: new Set(), storedBehind: false };
-  if (options.originalTime === undefined) {
-    // An earlier delivery of this frame stored the message (its transaction ran, its answer was
-    // lost): stored is delivered, though the recipient may be online now (and have had it).
-    // Behind a flood's hold: that resource's flood (its session's, resumed or not, or a later
-    // one's) delivers it; the others are routed as usual.
-    const stored = storedOfflineBefore(bareJid(to));
-    if (stored)
-      server.log.debug('message stored by an earlier delivery of its frame', {
-        id: stanza.attrs.id,
-        user: bareJid(to),
-        ...stored,
-      });
-    if (stored && stored.heldFor === undefined) return;
-    if (stored?.heldFor !== undefined) {
-      progress.storedBehind = true;
-      progress.storedFor = stored.heldFor;
-    }
+  // An earlier delivery of this frame stored the message (its transaction ran, its answer was
+  // lost): stored is delivered, though the recipient may be online now (and have had it). Behind
+  // a flood's hold: that resource's flood (its session's, resumed or not, or a later one's)
+  // delivers it; the others are routed as usual.
+  const stored = options.originalTime === undefined ? storedOfflineBefore(bareJid(to)) : undefined;
+  if (stored) {
+    server.log.debug('message stored by an earlier delivery of its frame', {
+      id: stanza.attrs.id,
+      user: bareJid(to),
+      ...stored,
+    });
+    if (stored.heldFor === undefined) return;
+    progress.storedBehind = true;
+    progress.storedFor = stored.heldFor;
   }
   for (let attempt = 1; ; attempt++) {
     const routed = await routeOnce(server, stanza, to, type, options, attempt < ROUTE_ATTEMPTS, progress);

@@ -17,6 +17,26 @@ import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
 const SASL = 'urn:ietf:params:xml:ns:xmpp-sasl';
 const OPEN = "<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>";
 
+/**
+ * A server whose connection `connectionId` is a bound stream of `senderName`, and an account for
+ * `recipientName` with no session (what it is sent is stored offline).
+ */
+async function boundSenderAndRecipient(
+  connectionId: string,
+  senderName: string,
+  recipientName: string,
+  env: Record<string, string> = {},
+) {
+  const port = new RecordingPort();
+  const server = createServer({ config: await createTestConfig(env), port, log: createLogger('silent') });
+  const sender = `${senderName}${Date.now()}@localhost`;
+  const recipient = `${recipientName}${Date.now()}@localhost`;
+  await server.users.create(recipient, await deriveCredentialSet('pw', 4096));
+  await server.sessions.createConnection(connectionId, Date.now());
+  await server.sessions.updateConnection(connectionId, { streamOpen: true, user: sender, resource: 'r' });
+  return { port, server, sender, recipient };
+}
+
 describe('a redelivered frame', () => {
   it('is skipped once its state was saved, and handled when it was not', async () => {
     const port = new RecordingPort();
@@ -48,13 +68,7 @@ describe('a redelivered frame', () => {
 
 describe('a redelivered stanza frame', () => {
   it('is skipped when it, or a later frame of the connection, was handled to the end', async () => {
-    const port = new RecordingPort();
-    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
-    const sender = `alice${Date.now()}@localhost`;
-    const recipient = `bob${Date.now()}@localhost`;
-    await server.users.create(recipient, await deriveCredentialSet('pw', 4096));
-    await server.sessions.createConnection('s1', Date.now());
-    await server.sessions.updateConnection('s1', { streamOpen: true, user: sender, resource: 'r' });
+    const { server, recipient } = await boundSenderAndRecipient('s1', 'alice', 'bob');
     const message = (n: number) =>
       `<message xmlns='jabber:client' to='${recipient}' type='chat' id='m${n}'><body>${n}</body></message>`;
     const frame = (frameId: string, seq: string, xml: string, receiveCount = 1) =>
@@ -97,13 +111,7 @@ describe('a redelivered stanza frame', () => {
 
 describe('the record of a message stored offline (storedOffline on the sender’s row)', () => {
   it('is written with the store, survives a frame that failed after it, and goes with the done mark', async () => {
-    const port = new RecordingPort();
-    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
-    const sender = `gina${Date.now()}@localhost`;
-    const recipient = `hal${Date.now()}@localhost`;
-    await server.users.create(recipient, await deriveCredentialSet('pw', 4096));
-    await server.sessions.createConnection('o1', Date.now());
-    await server.sessions.updateConnection('o1', { streamOpen: true, user: sender, resource: 'r' });
+    const { server, recipient } = await boundSenderAndRecipient('o1', 'gina', 'hal');
     const frame = (frameId: string, seq: string, body: string, receiveCount = 1) =>
       handleStreamEvent(server, {
         connectionId: 'o1',
@@ -288,17 +296,9 @@ describe('a resume whose socket vanished after it attached the session, before i
 
 describe('FRAME_DONE_MARKS=batched', () => {
   it('marks only a frame another record follows in the batch; keyed writes still hold', async () => {
-    const port = new RecordingPort();
-    const server = createServer({
-      config: await createTestConfig({ FRAME_DONE_MARKS: 'batched' }),
-      port,
-      log: createLogger('silent'),
+    const { server, recipient } = await boundSenderAndRecipient('b1', 'erin', 'finn', {
+      FRAME_DONE_MARKS: 'batched',
     });
-    const sender = `erin${Date.now()}@localhost`;
-    const recipient = `finn${Date.now()}@localhost`;
-    await server.users.create(recipient, await deriveCredentialSet('pw', 4096));
-    await server.sessions.createConnection('b1', Date.now());
-    await server.sessions.updateConnection('b1', { streamOpen: true, user: sender, resource: 'r' });
     const frame = (
       frameId: string,
       seq: string,
