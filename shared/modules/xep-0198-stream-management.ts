@@ -1054,7 +1054,9 @@ async function decideResume(
         ok: true,
         item: found,
         h: verdict.acked,
-        inbound: previous?.sm?.inbound ?? found.inbound ?? 0,
+        // The old row's count is the newest while attached; the session's, recorded at the last
+        // attach or detach, is never above it (and is the only one once that row is gone).
+        inbound: Math.max(previous?.sm?.inbound ?? 0, found.inbound ?? 0),
       };
     }
   }
@@ -1104,18 +1106,39 @@ async function settleFenced(server: Server, connectionId: string, fenced: Connec
   server.log.warn('resuming while the old stream has not routed a stanza it counted', { connectionId });
 }
 
+/** Decisions a resume may take before its attach holds: the session moved under each of them. */
+const RESUME_DECISIONS = 3;
+
 async function resume(stream: Stream, element: Element, version: SmVersion): Promise<void> {
   const { server } = stream;
-  const decision = await decideResume(stream, element, version);
-  if (!decision.ok) return decision.reply ? refuseResume(stream, decision.reply) : undefined;
-  const { item, inbound } = decision;
   const user = stream.user as string;
-
-  // Recorded first: if the socket goes before the session is saved, its $disconnect ends it.
-  stream.update({ resuming: item.smId });
-  await stream.commit();
-  const taken = await server.smQueue.attach(item.smId, user, stream.connectionId, inbound);
-  if (!taken) return refuseResume(stream, failed(version, 'item-not-found', item.inbound));
+  let decided: Extract<Awaited<ReturnType<typeof decideResume>>, { ok: true }> | undefined;
+  let taken: SmQueueItem | undefined;
+  for (let round = 1; round <= RESUME_DECISIONS && !taken; round++) {
+    const decision = await decideResume(stream, element, version);
+    if (!decision.ok) return decision.reply ? refuseResume(stream, decision.reply) : undefined;
+    decided = decision;
+    // Recorded first: if the socket goes before the session is saved, its $disconnect ends it.
+    stream.update({ resuming: decision.item.smId });
+    await stream.commit();
+    // Taken only from the owner the decision fenced, and never with a lower count than the
+    // session's: the old stream's $disconnect may have detached it (recording a count above the
+    // one read) between the read and the fence, which then found its row gone; another resume
+    // may have taken it. The decision is made again from the session as it is now.
+    taken = await server.smQueue.attach(
+      decision.item.smId,
+      user,
+      stream.connectionId,
+      decision.inbound,
+      decision.item.connectionId ?? null,
+    );
+    if (!taken) server.log.info('resume decided again: the session moved meanwhile', { round });
+  }
+  if (!taken || !decided) {
+    const item = decided && (await server.smQueue.get(decided.item.smId));
+    return refuseResume(stream, failed(version, 'item-not-found', item?.inbound));
+  }
+  const { item, inbound } = decided;
   const previousConnection = item.connectionId;
   if (previousConnection && previousConnection !== stream.connectionId) {
     // XEP-0198 §5: the old stream, if still open, is terminated.
@@ -1148,7 +1171,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
     return refuseResume(stream, failed(version, 'item-not-found', item.inbound));
   }
 
-  const acked = Math.max(decision.h, taken.base);
+  const acked = Math.max(decided.h, taken.base);
   const { removed, resend } = await settleCount(server, taken, acked, stream.connectionId);
   const offlineIds = removed.flatMap((e) => (e.o ? [e.o] : []));
   if (offlineIds.length > 0) await server.offline.remove(user, offlineIds);
@@ -1174,7 +1197,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
   if (version === 'sm3' || inbound > 0) resumed.attrs.h = String(inbound % WRAP);
   server.log.debug('stream-management resume', {
     smId: taken.smId,
-    h: decision.h,
+    h: decided.h,
     inbound,
     base: taken.base,
     resent: resend.length,

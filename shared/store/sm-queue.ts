@@ -333,13 +333,17 @@ export interface SmQueueStore {
    * Moves the session to `connectionId` and starts holding; returns the queue at that instant.
    * `inbound`, the client's count the resume took from the old stream, is recorded with it: if
    * the resume fails before its stream saves the session, the next resume finds it here (the
-   * new connection's row has no count to give).
+   * new connection's row has no count to give). A count is never lowered: undefined when the
+   * session recorded a higher one (the resume read it before a detach recorded it).
+   * `from`, when given, is the owner the resume decided from (the connection it fenced, or null:
+   * detached): undefined when the session moved meanwhile, and the resume decides again.
    */
   attach(
     smId: string,
     user: string,
     connectionId: string,
     inbound?: number,
+    from?: string | null,
   ): Promise<SmQueueItem | undefined>;
   /** Stops holding if nothing was appended since `seenOut`; false means: replay the rest, then retry. */
   release(smId: string, seenOut: number): Promise<boolean>;
@@ -670,7 +674,11 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
         });
     },
 
-    async attach(smId, user, connectionId, inbound) {
+    async attach(smId, user, connectionId, inbound, from) {
+      const conditions = ['#user = :user', 'attribute_not_exists(ended)'];
+      if (inbound !== undefined) conditions.push('(attribute_not_exists(inbound) OR inbound <= :inbound)');
+      if (from === null) conditions.push('attribute_not_exists(connectionId)');
+      else if (from !== undefined) conditions.push('connectionId = :from');
       try {
         const { Attributes } = await doc.send(
           new UpdateCommand({
@@ -681,10 +689,11 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             UpdateExpression: `SET connectionId = :connectionId, holding = :yes, #ttl = :ttl, sweepShard = :attached, sweepAt = :probe, unpostedAfter = if_not_exists(detachedOut, :none)${
               inbound === undefined ? '' : ', inbound = :inbound'
             } REMOVE detachedFrom, detachedOut`,
-            ConditionExpression: '#user = :user AND attribute_not_exists(ended)',
+            ConditionExpression: conditions.join(' AND '),
             ExpressionAttributeNames: { '#user': 'user', '#ttl': TTL_ATTRIBUTE },
             ExpressionAttributeValues: {
               ':connectionId': connectionId,
+              ...(typeof from === 'string' ? { ':from': from } : {}),
               ':yes': true,
               ':user': user,
               ':ttl': attachedExpiry(),

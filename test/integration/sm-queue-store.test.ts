@@ -709,6 +709,27 @@ describe('end: exactly once', () => {
     expect((await queue.get(smId))?.ended).toBe(true);
   });
 
+  it('attach never lowers the recorded count, and takes the session only from the owner the resume decided from', async () => {
+    const { smId, user, connectionId } = await session();
+    // The old stream's $disconnect recorded h = 3 after a resume had read the session (h = 1).
+    await queue.detach(smId, connectionId, 3, Date.now() + 60_000, []);
+    expect(await queue.attach(smId, user, 'resumer', 1, null)).toBeUndefined();
+    // Decided from the attached session it read (owner: the old connection), no longer so.
+    expect(await queue.attach(smId, user, 'resumer', 3, connectionId)).toBeUndefined();
+    expect(await queue.get(smId)).toMatchObject({ inbound: 3, detachedFrom: connectionId });
+    // Decided again from the detached session: taken, its count kept.
+    expect(await queue.attach(smId, user, 'resumer', 3, null)).toMatchObject({
+      connectionId: 'resumer',
+      inbound: 3,
+    });
+    // A second resume that fenced 'resumer' takes it from there; one that read it detached does not.
+    expect(await queue.attach(smId, user, 'late', 3, null)).toBeUndefined();
+    expect(await queue.attach(smId, user, 'next', 4, 'resumer')).toMatchObject({
+      connectionId: 'next',
+      inbound: 4,
+    });
+  });
+
   it('ending an unknown session returns undefined and creates nothing, whatever the owner', async () => {
     for (const owner of ['c1', undefined, 'any'] as const) {
       const smId = fresh('none');
