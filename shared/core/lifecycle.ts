@@ -132,7 +132,9 @@ export async function replaceSession(
   error: StreamError,
 ): Promise<void> {
   await kickConnection(server, previous.connectionId, error);
-  const state = await server.sessions.getConnection(previous.connectionId);
+  // Fenced, not just read: frames of the old connection queued before the kick stop here, so the
+  // count the session ends with holds every stanza it routed (XEP-0198's <failed h/>).
+  const state = await server.sessions.fenceConnection(previous.connectionId);
   await endSession(
     server,
     {

@@ -411,7 +411,9 @@ async function overflow(server: Server, smId: string): Promise<void> {
     item.connectionId,
     new StreamError('policy-violation', 'Too many unacknowledged stanzas'),
   );
-  const state = await server.sessions.getConnection(item.connectionId);
+  // Fenced, not just read: the connection's frames queued before the kick may still count and
+  // route a stanza, which the count recorded at the end (a later resume's <failed h/>) must hold.
+  const state = await server.sessions.fenceConnection(item.connectionId);
   await endSession(
     server,
     {
@@ -1005,6 +1007,13 @@ async function decideResume(
   if (!user) return { ok: false, reply: failed(version, 'not-authorized') };
   if (stream.state.resource || stream.state.sm)
     return { ok: false, reply: failed(version, 'unexpected-request') };
+  if (stream.state.fenced) {
+    // A later resume took the session from this connection while this one was being retried: it
+    // is not this stream's to take back (fencing that newer owner would stop it for good). The
+    // socket is closed; a client still there resumes from a new connection.
+    await forceResume(server, stream.connectionId, '<resume/> on a connection a later resume fenced');
+    return { ok: false, reply: undefined };
+  }
   const request = decodeResume(element, version);
   if (!request.ok) return { ok: false, reply: failed(version, request.condition) };
   const item = await server.smQueue.get(request.previd);
@@ -1120,7 +1129,16 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
     decided = decision;
     // Recorded first: if the socket goes before the session is saved, its $disconnect ends it.
     stream.update({ resuming: decision.item.smId });
-    await stream.commit();
+    try {
+      await stream.commit();
+    } catch (error) {
+      // A later resume fenced this connection after the check in decideResume, and this one has
+      // fenced the owner it found, which now routes nothing: that socket is closed too, so its
+      // client resumes once more (the fenced row's count is exact).
+      if (error instanceof ConnectionFencedError && decision.item.connectionId)
+        await forceResume(server, decision.item.connectionId, 'fenced by a resume that was itself fenced');
+      throw error;
+    }
     // Taken only from the owner the decision fenced, and never with a lower count than the
     // session's: the old stream's $disconnect may have detached it (recording a count above the
     // one read) between the read and the fence, which then found its row gone; another resume
@@ -1135,8 +1153,13 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
     if (!taken) server.log.info('resume decided again: the session moved meanwhile', { round });
   }
   if (!taken || !decided) {
+    // The session kept moving: the owner the last decision fenced, if it still holds it, routes
+    // nothing now and is closed so its client resumes. The count is told only once it is final.
     const item = decided && (await server.smQueue.get(decided.item.smId));
-    return refuseResume(stream, failed(version, 'item-not-found', item?.inbound));
+    const fenced = decided?.item.connectionId;
+    if (item && !item.ended && fenced && item.connectionId === fenced)
+      await forceResume(server, fenced, 'fenced by a resume that could not attach');
+    return refuseResume(stream, failed(version, 'item-not-found', item?.ended ? item.inbound : undefined));
   }
   const { item, inbound } = decided;
   const previousConnection = item.connectionId;
@@ -1168,7 +1191,8 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
     // A newer bind of the resource took its row after the attach: that bind replaces (ends) this
     // session and keeps its row; the resume is refused, as if it had come after the replace.
     server.log.info('resume refused: the resource was bound again meanwhile', { resource: taken.resource });
-    return refuseResume(stream, failed(version, 'item-not-found', item.inbound));
+    // The count the attach recorded (from the fenced old stream), not the one read before it.
+    return refuseResume(stream, failed(version, 'item-not-found', inbound));
   }
 
   const acked = Math.max(decided.h, taken.base);

@@ -359,7 +359,8 @@ export interface SmQueueStore {
    * Ends the session once and for all (expiry, clean close, vanish without resumption): the
    * caller gets the unacknowledged entries exactly once. `owner` must still own it: a
    * connection id, `undefined` for "detached", `{ detachedFrom }` for "detached from that
-   * connection" (and not resumed since), or `'any'`.
+   * connection" (and not resumed since), or `'any'`. The recorded count is never lowered: when
+   * the session recorded more than `inbound` since the caller read it, that count is kept.
    */
   end(
     smId: string,
@@ -414,6 +415,63 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
     return found.sort((a, b) => (a.sweepAt ?? 0) - (b.sweepAt ?? 0));
   }
 
+  async function readItem(smId: string): Promise<SmQueueItem | undefined> {
+    const { Item } = await doc.send(
+      new GetCommand({ TableName: table, Key: key(smId), ConsistentRead: true }),
+    );
+    return Item ? toItem(Item) : undefined;
+  }
+
+  /** One conditional end (see `end`); 'refused' when its condition failed. */
+  async function endOnce(
+    smId: string,
+    owner: Parameters<SmQueueStore['end']>[1],
+    connectionId: string | undefined,
+    detachedFrom: string | undefined,
+    inbound: number,
+  ): Promise<SmQueueItem | undefined | 'refused'> {
+    try {
+      const { Attributes } = await doc.send(
+        new UpdateCommand({
+          TableName: table,
+          Key: key(smId),
+          // The entries stay until they are re-routed (finishReroute): a failure on the way
+          // leaves them for the sweeper (the `reroute` partition), never lost.
+          UpdateExpression:
+            'SET ended = :yes, inbound = :inbound, #ttl = :ttl, rerouted = :zero, sweepShard = :reroute, sweepAt = :retry REMOVE connectionId, holding',
+          // UpdateItem creates a missing item whose condition holds, and attribute_not_exists
+          // holds on a missing item: "detached" must also name an existing one.
+          ConditionExpression: `${
+            owner === 'any'
+              ? 'attribute_exists(q) AND attribute_not_exists(ended)'
+              : detachedFrom !== undefined
+                ? 'attribute_not_exists(connectionId) AND detachedFrom = :detachedFrom AND attribute_not_exists(ended)'
+                : connectionId === undefined
+                  ? 'attribute_exists(pk) AND attribute_not_exists(connectionId) AND attribute_not_exists(ended)'
+                  : 'connectionId = :connectionId AND attribute_not_exists(ended)'
+          } AND (attribute_not_exists(inbound) OR inbound <= :inbound)`,
+          ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
+          ExpressionAttributeValues: {
+            ':yes': true,
+            ':inbound': inbound,
+            // XEP-0198 §5: the last inbound count answers a late resume for at least a day.
+            ':ttl': nowSeconds() + DAY_SECONDS,
+            ':zero': 0,
+            ':reroute': REROUTE_SHARD,
+            ':retry': Date.now() + REROUTE_RETRY_MS,
+            ...(connectionId === undefined ? {} : { ':connectionId': connectionId }),
+            ...(detachedFrom === undefined ? {} : { ':detachedFrom': detachedFrom }),
+          },
+          ReturnValues: 'ALL_OLD',
+        }),
+      );
+      return Attributes ? toItem(Attributes) : undefined;
+    } catch (error) {
+      if (isConditionFailure(error)) return 'refused';
+      throw error;
+    }
+  }
+
   return {
     async create(item) {
       await doc.send(
@@ -441,12 +499,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       );
     },
 
-    async get(smId) {
-      const { Item } = await doc.send(
-        new GetCommand({ TableName: table, Key: key(smId), ConsistentRead: true }),
-      );
-      return Item ? toItem(Item) : undefined;
-    },
+    get: readItem,
 
     async counts(smId) {
       const { Item } = await doc.send(
@@ -762,44 +815,16 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
     async end(smId, owner, inbound) {
       const detachedFrom = typeof owner === 'object' ? owner.detachedFrom : undefined;
       const connectionId = owner === 'any' || typeof owner === 'object' ? undefined : owner;
-      try {
-        const { Attributes } = await doc.send(
-          new UpdateCommand({
-            TableName: table,
-            Key: key(smId),
-            // The entries stay until they are re-routed (finishReroute): a failure on the way
-            // leaves them for the sweeper (the `reroute` partition), never lost.
-            UpdateExpression:
-              'SET ended = :yes, inbound = :inbound, #ttl = :ttl, rerouted = :zero, sweepShard = :reroute, sweepAt = :retry REMOVE connectionId, holding',
-            // UpdateItem creates a missing item whose condition holds, and attribute_not_exists
-            // holds on a missing item: "detached" must also name an existing one.
-            ConditionExpression:
-              owner === 'any'
-                ? 'attribute_exists(q) AND attribute_not_exists(ended)'
-                : detachedFrom !== undefined
-                  ? 'attribute_not_exists(connectionId) AND detachedFrom = :detachedFrom AND attribute_not_exists(ended)'
-                  : connectionId === undefined
-                    ? 'attribute_exists(pk) AND attribute_not_exists(connectionId) AND attribute_not_exists(ended)'
-                    : 'connectionId = :connectionId AND attribute_not_exists(ended)',
-            ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
-            ExpressionAttributeValues: {
-              ':yes': true,
-              ':inbound': inbound,
-              // XEP-0198 §5: the last inbound count answers a late resume for at least a day.
-              ':ttl': nowSeconds() + DAY_SECONDS,
-              ':zero': 0,
-              ':reroute': REROUTE_SHARD,
-              ':retry': Date.now() + REROUTE_RETRY_MS,
-              ...(connectionId === undefined ? {} : { ':connectionId': connectionId }),
-              ...(detachedFrom === undefined ? {} : { ':detachedFrom': detachedFrom }),
-            },
-            ReturnValues: 'ALL_OLD',
-          }),
-        );
-        return Attributes ? toItem(Attributes) : undefined;
-      } catch (error) {
-        if (isConditionFailure(error)) return undefined;
-        throw error;
+      let recorded = inbound;
+      for (let attempt = 1; ; attempt++) {
+        const ended = await endOnce(smId, owner, connectionId, detachedFrom, recorded);
+        if (ended !== 'refused' || attempt > 1) return ended === 'refused' ? undefined : ended;
+        // The count is never lowered: a caller's read of it may be older than a detach that
+        // recorded more (a resume and a new detach while an expiry's end was retried). The end
+        // goes ahead with the session's count, under the same owner condition.
+        const item = await readItem(smId);
+        if (!item || item.ended || (item.inbound ?? 0) <= recorded) return undefined;
+        recorded = item.inbound ?? recorded;
       }
     },
 

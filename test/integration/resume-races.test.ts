@@ -1,0 +1,244 @@
+/**
+ * XEP-0198 §5: "<resumed xmlns='urn:xmpp:sm:3' h='another-sequence-number' previd='some-long-sm-id'/>"
+ * and "<failed xmlns='urn:xmpp:sm:3' h='another-sequence-number'>" tell the client how many of its
+ * stanzas the server handled; it sends the rest again. A count lower than what the session's old
+ * streams routed doubles messages, a higher one loses them. These races run against DynamoDB
+ * Local, each at the call where AWS's throttling (an SDK retrying for seconds) lets another
+ * invocation in; each test fails without its fix.
+ */
+import { Element } from 'ltx';
+import { describe, expect, it } from 'vitest';
+import { deliver } from '../../shared/core/delivery.ts';
+import { sweep } from '../../shared/core/lifecycle.ts';
+import { handleStreamEvent } from '../../shared/core/stream.ts';
+import { createLogger } from '../../shared/log.ts';
+import { RecordingPort } from '../../shared/outbound.ts';
+import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
+import { createServer } from '../../shared/server.ts';
+import { ResourceTakenError } from '../../shared/store/sessions.ts';
+import { createTestConfig } from '../support/dynamodb.ts';
+import { intercept } from '../support/intercept.ts';
+
+/** A session `smId` of a fresh user (resource `r`, created on connection 'first'), and a contact. */
+async function sessionOf(smId: string, env: Record<string, string> = {}) {
+  const port = new RecordingPort();
+  const server = createServer({ config: await createTestConfig(env), port, log: createLogger('silent') });
+  const stamp = `${Date.now()}${Math.floor(Math.random() * 1000)}`;
+  const user = `kate${stamp}@localhost`;
+  const contact = `rob${stamp}@localhost`;
+  await server.users.create(user, await deriveCredentialSet('pw', 4096));
+  await server.users.create(contact, await deriveCredentialSet('pw', 4096));
+  await server.smQueue.create({
+    smId,
+    user,
+    resource: 'r',
+    version: 'sm3',
+    resumable: true,
+    max: 300,
+    connectionId: 'first',
+  });
+  /** A connection row: a stream of `user`, bound with the session when `inbound` is given. */
+  const stream = async (connectionId: string, inbound?: number) => {
+    await server.sessions.createConnection(connectionId, Date.now());
+    await server.sessions.updateConnection(connectionId, {
+      streamOpen: true,
+      user,
+      ...(inbound === undefined
+        ? {}
+        : {
+            resource: 'r',
+            sm: { version: 'sm3', id: smId, inbound, acked: 0, resumable: true, max: 300 },
+          }),
+    });
+  };
+  const frame = (connectionId: string, xml: string, frameId: string, seq: string) =>
+    handleStreamEvent(server, {
+      connectionId,
+      kind: 'frame',
+      frame: xml,
+      receivedAt: Date.now(),
+      frameId,
+      seq,
+    });
+  const resume = (connectionId: string, frameId = `resume-${connectionId}`) =>
+    frame(connectionId, `<resume xmlns='urn:xmpp:sm:3' previd='${smId}' h='0'/>`, frameId, '10');
+  const message = (connectionId: string, body: string) =>
+    frame(
+      connectionId,
+      `<message xmlns='jabber:client' to='${contact}' type='chat'><body>${body}</body></message>`,
+      `m-${connectionId}-${body}`,
+      String(100 + Number(body)),
+    );
+  const sent = (connectionId: string) => (port.frames.get(connectionId) ?? []).join('');
+  const storedFor = async (who: string) =>
+    (await server.offline.list(who)).messages.map((m) => /<body>([^<]*)</.exec(m.stanza)?.[1]);
+  return { port, server, user, contact, stream, frame, resume, message, sent, storedFor };
+}
+
+describe('a resume whose fence finds the old stream’s row already gone', () => {
+  it('reports the count that stream’s $disconnect recorded, not the one read before it (fault suite, seed 10 of session 9)', async () => {
+    const { server, user, stream, resume, sent } = await sessionOf('sm-gone-row');
+    // An earlier resume on 'old' recorded h = 1; the stream then counted two more stanzas.
+    expect(await server.smQueue.attach('sm-gone-row', user, 'old', 1)).toBeDefined();
+    await server.smQueue.release('sm-gone-row', 0);
+    await stream('old', 3);
+    await stream('new');
+    // The resume read the session (h = 1, attached to 'old'); its fence of 'old' is throttled, and
+    // the SDK's retries outlast that stream's $disconnect, which fences, detaches (recording
+    // h = 3) and deletes the row: the fence then finds no row.
+    const fence = server.sessions.fenceConnection.bind(server.sessions);
+    const restore = intercept(server.sessions, 'fenceConnection', async (connectionId) => {
+      if (connectionId === 'old') {
+        restore();
+        await server.host.fire('connection-vanished', { connectionId: 'old', disconnected: true });
+        expect(await server.sessions.getConnection('old')).toBeUndefined();
+        expect((await server.smQueue.get('sm-gone-row'))?.inbound).toBe(3);
+      }
+      return fence(connectionId);
+    });
+    try {
+      await resume('new');
+    } finally {
+      restore();
+    }
+    // h = 3, or the client sends two of them again.
+    expect(sent('new')).toMatch(/<resumed [^>]*h=['"]3['"]/);
+    expect((await server.smQueue.get('sm-gone-row'))?.inbound).toBe(3);
+  });
+});
+
+describe('a <resume/> redelivered on a connection that a later resume fenced', () => {
+  it('closes its own socket and leaves the session with the later resume, which keeps routing', async () => {
+    const smId = 'sm-fenced-resumer';
+    const { server, user, contact, stream, resume, message, sent, storedFor, port } = await sessionOf(smId);
+    // R1 on n1 attached the session and failed before saving; the client resumed on n2 (R2
+    // fenced n1 and took the session, h = 2).
+    await stream('n1');
+    await server.sessions.updateConnection('n1', { resuming: smId });
+    expect(await server.smQueue.attach(smId, user, 'n2', 2)).toBeDefined();
+    await server.smQueue.release(smId, 0);
+    await stream('n2', 2);
+    await server.sessions.fenceConnection('n1');
+    // R1's redelivery on n1.
+    await resume('n1');
+    expect(sent('n1')).not.toContain('<resumed');
+    expect(port.closed.has('n1')).toBe(true);
+    expect((await server.sessions.getConnection('n2'))?.fenced).toBeUndefined();
+    expect((await server.smQueue.get(smId))?.connectionId).toBe('n2');
+    // The live stream still counts and routes what its client sends.
+    await message('n2', '3');
+    expect((await server.sessions.getConnection('n2'))?.sm?.inbound).toBe(3);
+    expect(await storedFor(contact)).toEqual(['3']);
+  });
+});
+
+describe('a resume fenced itself just after it fenced the session’s owner', () => {
+  it('closes that owner’s socket, whose row now routes nothing, so its client resumes with the exact count', async () => {
+    const smId = 'sm-both-fenced';
+    const { server, user, stream, resume, sent, port } = await sessionOf(smId);
+    // The session is on n2 (h = 2). A late <resume/> on n1 fences n2; just then another resume
+    // (which had read the session on n1) fences n1.
+    expect(await server.smQueue.attach(smId, user, 'n2', 2)).toBeDefined();
+    await server.smQueue.release(smId, 0);
+    await stream('n2', 2);
+    await stream('n1');
+    const fence = server.sessions.fenceConnection.bind(server.sessions);
+    const restore = intercept(server.sessions, 'fenceConnection', async (connectionId) => {
+      if (connectionId === 'n2') {
+        restore();
+        await fence('n1');
+      }
+      return fence(connectionId);
+    });
+    try {
+      await resume('n1');
+    } finally {
+      restore();
+    }
+    expect(sent('n1')).not.toContain('<resumed');
+    // n2 routes nothing now: its socket is closed, and the client's next resume gets h = 2.
+    expect((await server.sessions.getConnection('n2'))?.fenced).toBe(true);
+    expect(port.closed.has('n2')).toBe(true);
+    await stream('n3');
+    await resume('n3');
+    expect(sent('n3')).toMatch(/<resumed [^>]*h=['"]2['"]/);
+    expect((await server.smQueue.get(smId))?.connectionId).toBe('n3');
+  });
+});
+
+describe('a resume refused because the resource was bound again meanwhile', () => {
+  it('reports in <failed h/> the count it took from the fenced old stream, not the one read before', async () => {
+    const smId = 'sm-rebind-taken';
+    const { server, user, stream, resume, sent } = await sessionOf(smId);
+    expect(await server.smQueue.attach(smId, user, 'old', 1)).toBeDefined();
+    await server.smQueue.release(smId, 0);
+    await stream('old', 3);
+    await stream('new');
+    const restore = intercept(server.sessions, 'rebindResumed', async () => {
+      throw new ResourceTakenError(user, 'r');
+    });
+    try {
+      await resume('new');
+    } finally {
+      restore();
+    }
+    expect(sent('new')).toMatch(/<failed [^>]*h=['"]3['"]/);
+    expect(sent('new')).toContain('item-not-found');
+  });
+});
+
+describe('a session ended because its queue overflowed', () => {
+  it('ends with a count that holds every stanza its stream routed: the stream is fenced before the count is read', async () => {
+    const smId = 'sm-overflow';
+    const { server, user, contact, stream, message, storedFor } = await sessionOf(smId, {
+      SM_QUEUE_MAX: '1',
+      SM_ACK_TIMEOUT_SECONDS: '0',
+    });
+    await server.smQueue.release(smId, 0);
+    await stream('first', 3);
+    const toUser = () =>
+      new Element('message', { to: `${user}/r`, from: contact, type: 'chat' }).c('body').t('x').root();
+    expect(await deliver(server, { connectionId: 'first', smId }, toUser())).toBe('sent');
+    // The overflow's end is slow; meanwhile a frame of 'first' queued before the kick comes up.
+    const end = server.smQueue.end.bind(server.smQueue);
+    const restore = intercept(server.smQueue, 'end', async (id, owner, inbound) => {
+      restore();
+      await message('first', '4');
+      return end(id, owner, inbound);
+    });
+    try {
+      expect(await deliver(server, { connectionId: 'first', smId }, toUser())).toBe('gone');
+    } finally {
+      restore();
+    }
+    const ended = await server.smQueue.get(smId);
+    expect(ended?.ended).toBe(true);
+    // Routed and counted, or neither: never routed outside the count a resume is told.
+    const routed = (await storedFor(contact)).length;
+    expect(ended?.inbound).toBe(3 + routed);
+  });
+});
+
+describe('an expiry whose end is slow', () => {
+  it('never records a count below the one a resume and a new detach recorded meanwhile', async () => {
+    const smId = 'sm-slow-expiry';
+    const { server, user } = await sessionOf(smId);
+    await server.smQueue.detach(smId, 'first', 3, Date.now() - 1000, []);
+    const end = server.smQueue.end.bind(server.smQueue);
+    const restore = intercept(server.smQueue, 'end', async (id, owner, inbound) => {
+      restore();
+      // A resume decided before the window closed attaches; its stream counts two more and goes.
+      expect(await server.smQueue.attach(smId, user, 'n', 3, null)).toBeDefined();
+      expect(await server.smQueue.detach(smId, 'n', 5, Date.now() + 300_000, [])).toBe(true);
+      return end(id, owner, inbound);
+    });
+    try {
+      await sweep(server, Date.now());
+    } finally {
+      restore();
+    }
+    const item = await server.smQueue.get(smId);
+    // Ended or not, the count a later resume is told is 5.
+    expect(item?.inbound).toBe(5);
+  });
+});
