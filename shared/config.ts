@@ -65,6 +65,11 @@ export interface Config {
   /** XEP-0198: a session whose queue is full and that acknowledged nothing for this long ends. */
   smAckTimeoutSeconds: number;
   /**
+   * XEP-0198: a queued stanza whose post landed this long after its append is marked uncertain
+   * when later stanzas were queued meanwhile: they may have reached the client before it.
+   */
+  smLatePostMs: number;
+  /**
    * XEP-0198: how long (since it arrived) a `<resume/>` waits for the old stream to finish routing
    * a stanza it counted, before it goes ahead anyway (the client's later stanzas could overtake it).
    */
@@ -127,6 +132,7 @@ export const TUNABLE_SETTINGS = [
   'SM_ACK_BYTES',
   'SM_QUEUE_MAX_BYTES',
   'SM_ACK_TIMEOUT_SECONDS',
+  'SM_LATE_POST_MS',
   'SM_RESUME_SETTLE_MS',
   'FRAME_DONE_MARKS',
   'FRAME_RETRY_MAX_SECONDS',
@@ -209,6 +215,7 @@ export function loadConfig(env: Env = process.env): Config {
     // Below DynamoDB's 400 KB item limit with room for one more 128 KB stanza past the bound.
     smQueueMaxBytes: Math.min(240 * 1024, int(env, 'SM_QUEUE_MAX_BYTES', 192 * 1024)),
     smAckTimeoutSeconds: int(env, 'SM_ACK_TIMEOUT_SECONDS', 120),
+    smLatePostMs: int(env, 'SM_LATE_POST_MS', 250),
     smResumeSettleMs: int(env, 'SM_RESUME_SETTLE_MS', 5000),
     frameDoneMarks: oneOf(env, 'FRAME_DONE_MARKS', ['all', 'batched'] as const, 'all'),
     archiveCollectionGapSeconds: int(env, 'ARCHIVE_COLLECTION_GAP_SECONDS', 30 * 60),

@@ -209,6 +209,7 @@ async function deliverToSmSession(
     }
   }
   const result = await appendOnce(server, smId, entry);
+  const appendedAt = Date.now();
   if (result.kind === 'found') return settleUnknownPost(server, smId, key, result.item, 'uncertain append');
   server.log.debug('stanza to a stream-management queue', {
     smId,
@@ -238,6 +239,14 @@ async function deliverToSmSession(
   // From here the stanza is queued: whatever happens to the post, it is the session's, and the
   // sender's frame must not fail (a redelivery would queue it again).
   const posted = await postQueued(server, item.connectionId, stanza);
+  // Landed late (a slow post, a 429 tried again, a paused invocation): other senders' later
+  // entries, appended meanwhile, may have reached the client before it, and a socket lost in
+  // between leaves the client with them and without this one, which its count would then cover
+  // as a prefix does (seed 9 of session 10's first target run: a post 582 ms after its append,
+  // seven later entries before it, the socket gone in between, and the entry lost). Marked
+  // uncertain when a later entry was queued, it is settled as a failed post's is: by a resume.
+  const late = posted === 'sent' && Date.now() - appendedAt > server.config.smLatePostMs;
+  if (late) server.log.info('a stream-management post landed late', { smId, ms: Date.now() - appendedAt });
   try {
     // Failed, unanswered or refused (410) while other senders' later entries may have gone out:
     // the client's count can no longer tell whether it has this one (the socket is closed or
@@ -246,7 +255,7 @@ async function deliverToSmSession(
     // be made without what this post learnt (a 410 says the client surely lacks the entry), and
     // a resume's count could then no longer vouch for the entries after it (seed 5 of session 8's
     // target run: a 410 whose mark met four 500s in a row, and a stanza the client had came again).
-    if (posted !== 'sent') {
+    if (posted !== 'sent' || late) {
       const connectionId = item.connectionId;
       await withTransientRetries(MARK_ATTEMPTS, () =>
         // A 410 is marked even on the last entry: that the client surely lacks it lets a resume's

@@ -20,8 +20,7 @@ import { createTestConfig } from '../support/dynamodb.ts';
 import { intercept } from '../support/intercept.ts';
 
 /** A session `smId` of a fresh user (resource `r`, created on connection 'first'), and a contact. */
-async function sessionOf(smId: string, env: Record<string, string> = {}) {
-  const port = new RecordingPort();
+async function sessionOf(smId: string, env: Record<string, string> = {}, port = new RecordingPort()) {
   const server = createServer({ config: await createTestConfig(env), port, log: createLogger('silent') });
   const stamp = `${Date.now()}${Math.floor(Math.random() * 1000)}`;
   const user = `kate${stamp}@localhost`;
@@ -60,8 +59,8 @@ async function sessionOf(smId: string, env: Record<string, string> = {}) {
       frameId,
       seq,
     });
-  const resume = (connectionId: string, frameId = `resume-${connectionId}`) =>
-    frame(connectionId, `<resume xmlns='urn:xmpp:sm:3' previd='${smId}' h='0'/>`, frameId, '10');
+  const resume = (connectionId: string, h = 0) =>
+    frame(connectionId, `<resume xmlns='urn:xmpp:sm:3' previd='${smId}' h='${h}'/>`, `resume-${connectionId}`, '10');
   const message = (connectionId: string, body: string) =>
     frame(
       connectionId,
@@ -240,5 +239,68 @@ describe('an expiry whose end is slow', () => {
     const item = await server.smQueue.get(smId);
     // Ended or not, the count a later resume is told is 5.
     expect(item?.inbound).toBe(5);
+  });
+});
+
+/** A port whose posts of a stanza containing `held` wait until `release()`. */
+class HoldingPort extends RecordingPort {
+  private gate: Promise<void>;
+  release: () => void = () => {};
+  constructor(private readonly held: string) {
+    super();
+    this.gate = new Promise((resolve) => {
+      this.release = resolve;
+    });
+  }
+  override async post(connectionId: string, data: string, notAfter?: number) {
+    if (data.includes(this.held)) await this.gate;
+    return super.post(connectionId, data, notAfter);
+  }
+}
+
+describe('a queued stanza whose post lands after a later one’s (seed 9 of session 10’s first target run)', () => {
+  it('is marked uncertain, so a resume whose count covers the later one sends it again', async () => {
+    const smId = 'sm-late-post';
+    const port = new HoldingPort('first');
+    const { server, user, contact, stream, resume, sent } = await sessionOf(smId, { SM_LATE_POST_MS: '50' }, port);
+    expect(await server.smQueue.attach(smId, user, 'live', 0)).toBeDefined();
+    await server.smQueue.release(smId, 0);
+    await stream('live', 0);
+    const chat = (body: string) =>
+      new Element('message', { to: `${user}/r`, from: contact, type: 'chat' }).c('body').t(body).root();
+    // 'first' is queued as number 1, but its post is slow; 'second' (number 2) goes out before it.
+    const first = deliver(server, { connectionId: 'live', smId }, chat('first'));
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    expect(await deliver(server, { connectionId: 'live', smId }, chat('second'))).toBe('sent');
+    await new Promise((resolve) => setTimeout(resolve, 80));
+    port.release();
+    expect(await first).toBe('sent');
+    expect((await server.smQueue.get(smId))?.entries.map((e) => e.u)).toEqual([true, undefined]);
+    // The socket died between the two: the client has 'second' only, and counts 1. Taken as a
+    // prefix, that 1 would acknowledge 'first'.
+    await stream('new');
+    await resume('new', 1);
+    expect(sent('new')).toMatch(/<resumed [^>]*h=/);
+    expect(sent('new')).toContain('<body>first</body>');
+  });
+
+  it('is not marked when nothing was queued after it (the count stays a prefix)', async () => {
+    const smId = 'sm-late-alone';
+    const port = new HoldingPort('alone');
+    const { server, user, contact, stream } = await sessionOf(smId, { SM_LATE_POST_MS: '50' }, port);
+    expect(await server.smQueue.attach(smId, user, 'live', 0)).toBeDefined();
+    await server.smQueue.release(smId, 0);
+    await stream('live', 0);
+    const pending = deliver(
+      server,
+      { connectionId: 'live', smId },
+      new Element('message', { to: `${user}/r`, from: contact, type: 'chat' }).c('body').t('alone').root(),
+    );
+    await new Promise((resolve) => setTimeout(resolve, 80));
+    port.release();
+    expect(await pending).toBe('sent');
+    const item = await server.smQueue.get(smId);
+    expect(item?.entries.map((e) => e.u)).toEqual([undefined]);
+    expect(item?.uncertain).toBeFalsy();
   });
 });
