@@ -60,7 +60,12 @@ async function sessionOf(smId: string, env: Record<string, string> = {}, port = 
       seq,
     });
   const resume = (connectionId: string, h = 0) =>
-    frame(connectionId, `<resume xmlns='urn:xmpp:sm:3' previd='${smId}' h='${h}'/>`, `resume-${connectionId}`, '10');
+    frame(
+      connectionId,
+      `<resume xmlns='urn:xmpp:sm:3' previd='${smId}' h='${h}'/>`,
+      `resume-${connectionId}`,
+      '10',
+    );
   const message = (connectionId: string, body: string) =>
     frame(
       connectionId,
@@ -262,7 +267,11 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
   it('is marked uncertain, so a resume whose count covers the later one sends it again', async () => {
     const smId = 'sm-late-post';
     const port = new HoldingPort('first');
-    const { server, user, contact, stream, resume, sent } = await sessionOf(smId, { SM_LATE_POST_MS: '50' }, port);
+    const { server, user, contact, stream, resume, sent } = await sessionOf(
+      smId,
+      { SM_LATE_POST_MS: '50' },
+      port,
+    );
     expect(await server.smQueue.attach(smId, user, 'live', 0)).toBeDefined();
     await server.smQueue.release(smId, 0);
     await stream('live', 0);
