@@ -208,8 +208,10 @@ async function deliverToSmSession(
       return settleUnknownPost(server, smId, key, queued, 'redelivered');
     }
   }
-  const result = await appendOnce(server, smId, entry);
+  // From before the append: an append the SDK tried again may have been written (and later
+  // entries posted) long before it returned.
   const appendedAt = Date.now();
+  const result = await appendOnce(server, smId, entry);
   if (result.kind === 'found') return settleUnknownPost(server, smId, key, result.item, 'uncertain append');
   server.log.debug('stanza to a stream-management queue', {
     smId,
@@ -245,6 +247,8 @@ async function deliverToSmSession(
   // as a prefix does (seed 9 of session 10's first target run: a post 582 ms after its append,
   // seven later entries before it, the socket gone in between, and the entry lost). Marked
   // uncertain when a later entry was queued, it is settled as a failed post's is: by a resume.
+  // A narrowing, not a cure: two posts under the bound can still cross a socket's death, and a
+  // resume or an ack that comes before the mark settles the count without it (README, Limits).
   const late = posted === 'sent' && Date.now() - appendedAt > server.config.smLatePostMs;
   if (late) server.log.info('a stream-management post landed late', { smId, ms: Date.now() - appendedAt });
   try {
@@ -257,7 +261,7 @@ async function deliverToSmSession(
     // target run: a 410 whose mark met four 500s in a row, and a stanza the client had came again).
     if (posted !== 'sent' || late) {
       const connectionId = item.connectionId;
-      await withTransientRetries(MARK_ATTEMPTS, () =>
+      const marked = await withTransientRetries(MARK_ATTEMPTS, () =>
         // A 410 is marked even on the last entry: that the client surely lacks it lets a resume's
         // count vouch for the uncertain entries before it (an exact count, see countCovers).
         server.smQueue.markUncertain(
@@ -268,6 +272,17 @@ async function deliverToSmSession(
           posted === 'gone',
         ),
       );
+      // Too late to mark: an ack or a resume already settled the count while the post was on its
+      // way, and took it as a prefix (it is no longer queued) though later entries were queued
+      // after it, which may have overtaken it. Whether the client has it, nobody can tell now:
+      // it is queued again (a duplicate at worst), or re-routed if the session has ended.
+      if (late && !marked && (await settledPastIt(server, smId, key, number))) {
+        server.log.info('a late post was settled before its mark: queued again', {
+          smId,
+          id: stanza.attrs.id,
+        });
+        return deliverToSmSession(server, smId, stanza, options.offlineCopy ? { offlineCopy: true } : {});
+      }
     }
   } finally {
     // Kept in the queue: the session detaches (or ends, re-routing it) through the lifecycle.
@@ -283,6 +298,17 @@ async function deliverToSmSession(
     await postQueued(server, item.connectionId, ackRequest(item.version, number));
   }
   return 'sent';
+}
+
+/**
+ * Whether the entry numbered `number` (key `key`) is no longer queued, while entries were queued
+ * after it: an ack or a resume counted past it (or, the session having ended since, it was
+ * acknowledged or re-routed: sent again all the same, at least once).
+ */
+async function settledPastIt(server: Server, smId: string, key: string, number: number): Promise<boolean> {
+  const item = await withTransientRetries(MARK_ATTEMPTS, () => server.smQueue.get(smId));
+  if (!item || item.out <= number) return false;
+  return !item.entries.some((entry) => entry.k === key);
 }
 
 /** Tries of an uncertain mark after a post (each after the SDK's own retries). */

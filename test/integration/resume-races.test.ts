@@ -247,18 +247,26 @@ describe('an expiry whose end is slow', () => {
   });
 });
 
-/** A port whose posts of a stanza containing `held` wait until `release()`. */
+/** A port whose posts of a stanza containing `held` wait until `release()`; `reached` once one does. */
 class HoldingPort extends RecordingPort {
   private gate: Promise<void>;
   release: () => void = () => {};
+  reached: Promise<void>;
+  private arrived: () => void = () => {};
   constructor(private readonly held: string) {
     super();
     this.gate = new Promise((resolve) => {
       this.release = resolve;
     });
+    this.reached = new Promise((resolve) => {
+      this.arrived = resolve;
+    });
   }
   override async post(connectionId: string, data: string, notAfter?: number) {
-    if (data.includes(this.held)) await this.gate;
+    if (data.includes(this.held)) {
+      this.arrived();
+      await this.gate;
+    }
     return super.post(connectionId, data, notAfter);
   }
 }
@@ -279,7 +287,8 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
       new Element('message', { to: `${user}/r`, from: contact, type: 'chat' }).c('body').t(body).root();
     // 'first' is queued as number 1, but its post is slow; 'second' (number 2) goes out before it.
     const first = deliver(server, { connectionId: 'live', smId }, chat('first'));
-    await new Promise((resolve) => setTimeout(resolve, 20));
+    // Its post has begun, so its append (number 1) is done.
+    await port.reached;
     expect(await deliver(server, { connectionId: 'live', smId }, chat('second'))).toBe('sent');
     await new Promise((resolve) => setTimeout(resolve, 80));
     port.release();
@@ -290,6 +299,55 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
     await stream('new');
     await resume('new', 1);
     expect(sent('new')).toMatch(/<resumed [^>]*h=/);
+    expect(sent('new')).toContain('<body>first</body>');
+  });
+
+  it('is queued again when an ack counted past it while its post was on the way (too late to mark)', async () => {
+    const smId = 'sm-late-acked';
+    const port = new HoldingPort('first');
+    const { server, user, contact, stream, frame } = await sessionOf(smId, { SM_LATE_POST_MS: '50' }, port);
+    expect(await server.smQueue.attach(smId, user, 'live', 0)).toBeDefined();
+    await server.smQueue.release(smId, 0);
+    await stream('live', 0);
+    const chat = (body: string) =>
+      new Element('message', { to: `${user}/r`, from: contact, type: 'chat' }).c('body').t(body).root();
+    const first = deliver(server, { connectionId: 'live', smId }, chat('first'));
+    await port.reached;
+    expect(await deliver(server, { connectionId: 'live', smId }, chat('second'))).toBe('sent');
+    // The client has 'second' only and says so: h = 1, which the ack takes as a prefix.
+    await frame('live', "<a xmlns='urn:xmpp:sm:3' h='1'/>", 'ack-1', '20');
+    expect((await server.smQueue.get(smId))?.base).toBe(1);
+    await new Promise((resolve) => setTimeout(resolve, 60));
+    port.release();
+    expect(await first).toBe('sent');
+    // Queued again as number 3: a later ack or resume counts it like any other.
+    const item = await server.smQueue.get(smId);
+    expect(item?.out).toBe(3);
+    expect(item?.entries.map((e) => /<body>([^<]*)</.exec(e.s)?.[1])).toEqual(['second', 'first']);
+  });
+
+  it('is sent again when a resume counted past it while its post was on the way', async () => {
+    const smId = 'sm-late-resumed';
+    const port = new HoldingPort('first');
+    const { server, user, contact, stream, resume, sent } = await sessionOf(
+      smId,
+      { SM_LATE_POST_MS: '50' },
+      port,
+    );
+    expect(await server.smQueue.attach(smId, user, 'live', 0)).toBeDefined();
+    await server.smQueue.release(smId, 0);
+    await stream('live', 0);
+    const chat = (body: string) =>
+      new Element('message', { to: `${user}/r`, from: contact, type: 'chat' }).c('body').t(body).root();
+    const first = deliver(server, { connectionId: 'live', smId }, chat('first'));
+    await port.reached;
+    expect(await deliver(server, { connectionId: 'live', smId }, chat('second'))).toBe('sent');
+    // The socket died with 'second' delivered; the client resumes at once with h = 1.
+    await stream('new');
+    await resume('new', 1);
+    expect(sent('new')).toMatch(/<resumed [^>]*h=/);
+    port.release();
+    expect(await first).toBe('sent');
     expect(sent('new')).toContain('<body>first</body>');
   });
 
