@@ -1042,13 +1042,6 @@ async function decideResume(
   if (!user) return { ok: false, reply: failed(version, 'not-authorized') };
   if (stream.state.resource || stream.state.sm)
     return { ok: false, reply: failed(version, 'unexpected-request') };
-  if (stream.state.fenced) {
-    // A later resume took the session from this connection while this one was being retried: it
-    // is not this stream's to take back (fencing that newer owner would stop it for good). The
-    // socket is closed; a client still there resumes from a new connection.
-    await forceResume(server, stream.connectionId, '<resume/> on a connection a later resume fenced');
-    return { ok: false, reply: undefined };
-  }
   const request = decodeResume(element, version);
   if (!request.ok) return { ok: false, reply: failed(version, request.condition) };
   const item = await server.smQueue.get(request.previd);
@@ -1068,6 +1061,8 @@ async function decideResume(
         // it (fencing this connection now would stop it for good): the session is detached again
         // (its count was recorded at the attach), the socket closed, and the client resumes
         // once more from a new connection.
+        // (Also when a later resume has fenced this connection meanwhile: detached, the session is
+        // that resume's to take, and this socket's $disconnect no longer ends it.)
         await server.smQueue.detach(
           found.smId,
           stream.connectionId,
@@ -1076,8 +1071,17 @@ async function decideResume(
           found.directedTo ?? [],
         );
         stream.update({ resuming: undefined });
-        await stream.commit();
+        await stream.commit().catch((error: unknown) => {
+          if (!(error instanceof ConnectionFencedError)) throw error;
+        });
         await forceResume(server, stream.connectionId, 'redelivered <resume/>');
+        return { ok: false, reply: undefined };
+      }
+      if (stream.state.fenced) {
+        // A later resume took the session from this connection while this one was being retried:
+        // it is not this stream's to take back (fencing that newer owner would stop it for good).
+        // The socket is closed; a client still there resumes from a new connection.
+        await forceResume(server, stream.connectionId, '<resume/> on a connection a later resume fenced');
         return { ok: false, reply: undefined };
       }
       // The old connection is fenced first: from now on it routes no stanza it has not counted,

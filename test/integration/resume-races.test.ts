@@ -136,6 +136,33 @@ describe('a <resume/> redelivered on a connection that a later resume fenced', (
   });
 });
 
+describe('a <resume/> redelivered after it attached the session, its connection fenced meanwhile by another resume', () => {
+  it('detaches the session (not ended by its socket’s $disconnect), so the other resume or the next one takes it (seed 2 of session 10’s third target run)', async () => {
+    const smId = 'sm-attached-fenced';
+    const { server, user, stream, resume, sent, port } = await sessionOf(smId);
+    // R1 on x recorded what it takes over, attached the session (h = 4) and failed before saving;
+    // R2, deciding from x as the owner, fenced x and has not attached yet.
+    await stream('x');
+    await server.sessions.updateConnection('x', { resuming: smId });
+    expect(await server.smQueue.attach(smId, user, 'x', 4)).toBeDefined();
+    await server.sessions.fenceConnection('x');
+    // R1's redelivery.
+    await resume('x');
+    expect(sent('x')).not.toContain('<resumed');
+    expect(port.closed.has('x')).toBe(true);
+    const detached = await server.smQueue.get(smId);
+    expect(detached).toMatchObject({ detachedFrom: 'x', inbound: 4 });
+    expect(detached?.connectionId).toBeUndefined();
+    expect(detached?.ended).toBeFalsy();
+    // x's $disconnect does not end it: the client's next resume takes it, with h = 4.
+    await server.host.fire('connection-vanished', { connectionId: 'x', disconnected: true });
+    expect((await server.smQueue.get(smId))?.ended).toBeFalsy();
+    await stream('n3');
+    await resume('n3');
+    expect(sent('n3')).toMatch(/<resumed [^>]*h=['"]4['"]/);
+  });
+});
+
 describe('a resume fenced itself just after it fenced the session’s owner', () => {
   it('closes that owner’s socket, whose row now routes nothing, so its client resumes with the exact count', async () => {
     const smId = 'sm-both-fenced';
