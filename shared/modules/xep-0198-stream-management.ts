@@ -273,11 +273,12 @@ async function deliverToSmSession(
         ),
       );
       // Too late to mark: an ack or a resume already settled the count while the post was on its
-      // way, and took it as a prefix (it is no longer queued) though later entries were queued
-      // after it, which may have overtaken it. Whether the client has it, nobody can tell now:
-      // it is queued again (a duplicate at worst), or re-routed if the session has ended.
-      if (late && !marked && (await settledPastIt(server, smId, key, number))) {
-        server.log.info('a late post was settled before its mark: queued again', {
+      // way (late, timed out, refused), and took it as a prefix (it is no longer queued) though
+      // later entries were queued after it, which may have overtaken it. Whether the client has
+      // it, nobody can tell now: it is queued again (a duplicate at worst), or re-routed if the
+      // session has ended.
+      if (!marked && (await settledPastIt(server, smId, key, number))) {
+        server.log.info('a post that was late or failed was settled before its mark: queued again', {
           smId,
           id: stanza.attrs.id,
         });
