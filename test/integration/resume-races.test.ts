@@ -298,25 +298,33 @@ class HoldingPort extends RecordingPort {
   }
 }
 
+/**
+ * The session `smId` attached to 'live' (SM_LATE_POST_MS 50): 'first' is queued as number 1 and
+ * its post held (until `port.release()`), then 'second' is queued as number 2 and posted.
+ */
+async function crossingPosts(smId: string) {
+  const port = new HoldingPort('first');
+  const session = await sessionOf(smId, { SM_LATE_POST_MS: '50' }, port);
+  const { server, user, contact, stream } = session;
+  expect(await server.smQueue.attach(smId, user, 'live', 0)).toBeDefined();
+  await server.smQueue.release(smId, 0);
+  await stream('live', 0);
+  const chat = (body: string) =>
+    new Element('message', { to: `${user}/r`, from: contact, type: 'chat' }).c('body').t(body).root();
+  const first = deliver(server, { connectionId: 'live', smId }, chat('first'));
+  // Its post has begun, so its append (number 1) is done.
+  await port.reached;
+  expect(await deliver(server, { connectionId: 'live', smId }, chat('second'))).toBe('sent');
+  const queuedBodies = async () =>
+    (await server.smQueue.get(smId))?.entries.map((e) => /<body>([^<]*)</.exec(e.s)?.[1]);
+  return { ...session, port, first, queuedBodies };
+}
+
 describe('a queued stanza whose post lands after a later one’s (seed 9 of session 10’s first target run)', () => {
   it('is marked uncertain, so a resume whose count covers the later one sends it again', async () => {
     const smId = 'sm-late-post';
-    const port = new HoldingPort('first');
-    const { server, user, contact, stream, resume, sent } = await sessionOf(
-      smId,
-      { SM_LATE_POST_MS: '50' },
-      port,
-    );
-    expect(await server.smQueue.attach(smId, user, 'live', 0)).toBeDefined();
-    await server.smQueue.release(smId, 0);
-    await stream('live', 0);
-    const chat = (body: string) =>
-      new Element('message', { to: `${user}/r`, from: contact, type: 'chat' }).c('body').t(body).root();
     // 'first' is queued as number 1, but its post is slow; 'second' (number 2) goes out before it.
-    const first = deliver(server, { connectionId: 'live', smId }, chat('first'));
-    // Its post has begun, so its append (number 1) is done.
-    await port.reached;
-    expect(await deliver(server, { connectionId: 'live', smId }, chat('second'))).toBe('sent');
+    const { server, stream, resume, sent, port, first } = await crossingPosts(smId);
     await new Promise((resolve) => setTimeout(resolve, 80));
     port.release();
     expect(await first).toBe('sent');
@@ -331,16 +339,7 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
 
   it('is queued again when an ack counted past it while its post was on the way (too late to mark)', async () => {
     const smId = 'sm-late-acked';
-    const port = new HoldingPort('first');
-    const { server, user, contact, stream, frame } = await sessionOf(smId, { SM_LATE_POST_MS: '50' }, port);
-    expect(await server.smQueue.attach(smId, user, 'live', 0)).toBeDefined();
-    await server.smQueue.release(smId, 0);
-    await stream('live', 0);
-    const chat = (body: string) =>
-      new Element('message', { to: `${user}/r`, from: contact, type: 'chat' }).c('body').t(body).root();
-    const first = deliver(server, { connectionId: 'live', smId }, chat('first'));
-    await port.reached;
-    expect(await deliver(server, { connectionId: 'live', smId }, chat('second'))).toBe('sent');
+    const { server, frame, port, first, queuedBodies } = await crossingPosts(smId);
     // The client has 'second' only and says so: h = 1, which the ack takes as a prefix.
     await frame('live', "<a xmlns='urn:xmpp:sm:3' h='1'/>", 'ack-1', '20');
     expect((await server.smQueue.get(smId))?.base).toBe(1);
@@ -348,27 +347,13 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
     port.release();
     expect(await first).toBe('sent');
     // Queued again as number 3: a later ack or resume counts it like any other.
-    const item = await server.smQueue.get(smId);
-    expect(item?.out).toBe(3);
-    expect(item?.entries.map((e) => /<body>([^<]*)</.exec(e.s)?.[1])).toEqual(['second', 'first']);
+    expect((await server.smQueue.get(smId))?.out).toBe(3);
+    expect(await queuedBodies()).toEqual(['second', 'first']);
   });
 
   it('is sent again when a resume counted past it while its post was on the way', async () => {
     const smId = 'sm-late-resumed';
-    const port = new HoldingPort('first');
-    const { server, user, contact, stream, resume, sent } = await sessionOf(
-      smId,
-      { SM_LATE_POST_MS: '50' },
-      port,
-    );
-    expect(await server.smQueue.attach(smId, user, 'live', 0)).toBeDefined();
-    await server.smQueue.release(smId, 0);
-    await stream('live', 0);
-    const chat = (body: string) =>
-      new Element('message', { to: `${user}/r`, from: contact, type: 'chat' }).c('body').t(body).root();
-    const first = deliver(server, { connectionId: 'live', smId }, chat('first'));
-    await port.reached;
-    expect(await deliver(server, { connectionId: 'live', smId }, chat('second'))).toBe('sent');
+    const { stream, resume, sent, port, first, queuedBodies } = await crossingPosts(smId);
     // The socket died with 'second' delivered; the client resumes at once with h = 1.
     await stream('new');
     await resume('new', 1);
@@ -376,8 +361,7 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
     port.release();
     expect(await first).toBe('sent');
     // Queued again on the resumed session (posted to it, or replayed once it stops holding).
-    const bodies = (await server.smQueue.get(smId))?.entries.map((e) => /<body>([^<]*)</.exec(e.s)?.[1]);
-    expect(bodies).toContain('first');
+    expect(await queuedBodies()).toContain('first');
   });
 
   it('is not marked when nothing was queued after it (the count stays a prefix)', async () => {
