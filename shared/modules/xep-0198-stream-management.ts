@@ -270,6 +270,8 @@ async function deliverToSmSession(
           posted === 'unclosed' || posted === 'gone',
           connectionId,
           posted === 'gone',
+          // Answered, only late: it did land, and the mark records by when (SmEntry.b).
+          posted === 'sent',
         ),
       );
       // Too late to mark: an ack or a resume already settled the count while the post was on its
@@ -968,14 +970,18 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
   } catch (error) {
     // This stream's session was resumed on another connection: its late ack changes nothing.
     if (error instanceof NotSessionOwnerError) return;
-    if (error instanceof UncertainQueueError) {
+    if (!(error instanceof UncertainQueueError)) {
+      if (!(error instanceof AckBeyondQueueError)) throw error;
+      const item = await server.smQueue.get(sm.id);
+      throw tooHigh(h, item?.out ?? sm.acked);
+    }
+    const settled = await ackPastBounds(server, sm.id, sm.acked, newBase, stream.connectionId);
+    if (!settled) {
       // Only a resume settles what the count covers: the socket goes, the client resumes.
       await forceResume(server, stream.connectionId, 'uncertain entry');
       return;
     }
-    if (!(error instanceof AckBeyondQueueError)) throw error;
-    const item = await server.smQueue.get(sm.id);
-    throw tooHigh(h, item?.out ?? sm.acked);
+    ({ removed, remaining, out, congested } = settled);
   }
   // Half the byte bound free again: senders may queue once more.
   if (congested && queuedBytes(remaining) <= server.config.smQueueMaxBytes / 2) {
@@ -987,6 +993,43 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
   // XEP-0160 with SM: an offline message leaves storage only once the client acknowledged it.
   if (offlineIds.length > 0) await server.offline.remove(stream.user, offlineIds);
   await server.host.fire('stanzas-acknowledged', { stream, unacknowledged: out - newBase });
+}
+
+/**
+ * An ack of a queue whose only uncertain entries are late posts (SmEntry.b) that this count
+ * reaches: it covers them wherever they landed (see countCovers), and is applied as a plain ack
+ * is, without making the client resume. Undefined when the count cannot vouch for every uncertain
+ * entry, or the queue changed since its read (then the client resumes, as for any other mark).
+ */
+async function ackPastBounds(
+  server: Server,
+  smId: string,
+  oldBase: number,
+  newBase: number,
+  connectionId: string,
+): Promise<{ removed: SmEntry[]; remaining: SmEntry[]; out: number; congested: boolean } | undefined> {
+  // Tried again from a fresh read when another sender's append came between the read and the write.
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const item = await server.smQueue.get(smId);
+    if (!item || item.ended || item.connectionId !== connectionId || item.base !== oldBase) return undefined;
+    if (newBase > item.out) return undefined;
+    const vouched = item.entries.every(
+      (entry, at) =>
+        !entry.u ||
+        (entry.u === true && entry.b !== undefined && entry.b <= newBase && item.base + 1 + at <= newBase),
+    );
+    if (!vouched) return undefined;
+    const remaining = item.entries.slice(newBase - item.base);
+    if (!(await server.smQueue.rebase(smId, item, newBase, remaining))) continue;
+    server.log.info('an ack reached the bound of every late entry: settled without a resume', { smId });
+    return {
+      removed: item.entries.slice(0, newBase - item.base),
+      remaining,
+      out: item.out,
+      congested: item.congested === true,
+    };
+  }
+  return undefined;
 }
 
 /** What a `<resume/>` asks for, read from the element alone. */
@@ -1302,7 +1345,11 @@ async function settleCount(
         if (!(error instanceof UncertainQueueError)) throw error;
       }
     } else {
-      const { acked: removed, kept } = countCovers(unpostedAsMissed(item, taken), acked - item.base);
+      const { acked: removed, kept } = countCovers(
+        unpostedAsMissed(item, taken),
+        acked - item.base,
+        item.base,
+      );
       if (await server.smQueue.rebase(item.smId, item, acked, kept)) {
         server.log.info('resume sends uncertain entries again', { smId: item.smId, resent: kept.length });
         server.metrics.count('SmUncertainResent', kept.length);

@@ -48,6 +48,12 @@ export interface SmEntry {
    * its only post was refused with 410 (the connection was gone): the client surely lacks it.
    */
   u?: true | 'missed';
+  /**
+   * An uncertain entry whose post was answered, late (`SM_LATE_POST_MS`): `out` when the mark was
+   * made. Every entry that can have reached the client before it is numbered at most this, so a
+   * count that covers this many entries covers it too, wherever it landed (see `countCovers`).
+   */
+  b?: number;
 }
 
 export interface SmQueueItem {
@@ -133,7 +139,20 @@ export class UncertainQueueError extends Error {
  * vouches for all of them, uncertain ones included. A resend may repeat a stanza (XEP-0198 §5
  * allows it), never lose one.
  */
-export function countCovers(entries: SmEntry[], received: number): { acked: SmEntry[]; kept: SmEntry[] } {
+export function countCovers(
+  entries: SmEntry[],
+  received: number,
+  base = 0,
+): { acked: SmEntry[]; kept: SmEntry[] } {
+  if (entries.some((entry) => entry.u === true && entry.b !== undefined)) {
+    // A late post landed after some later entries, none numbered above its bound `b`: a count of
+    // at least `b - base` entries is a prefix of the landing order that reaches it, and so covers
+    // the first `received` entries by number too. Such an entry is settled, not uncertain (seed 16
+    // of session 11's target run: a late post the client had, sent again by the next resume).
+    entries = entries.map((entry) =>
+      entry.u === true && entry.b !== undefined && received >= entry.b - base ? certain(entry) : entry,
+    );
+  }
   if (!entries.some((entry) => entry.u))
     return { acked: entries.slice(0, received), kept: entries.slice(received) };
   const reachable = entries.filter((entry) => entry.u !== 'missed');
@@ -157,7 +176,7 @@ export function countCovers(entries: SmEntry[], received: number): { acked: SmEn
 
 /** An entry to be sent again: no longer uncertain. */
 function certain(entry: SmEntry): SmEntry {
-  const { u: _uncertain, ...resent } = entry;
+  const { u: _uncertain, b: _bound, ...resent } = entry;
   return resent;
 }
 
@@ -315,6 +334,7 @@ export interface SmQueueStore {
     evenIfLast?: boolean,
     postedTo?: string,
     missed?: boolean,
+    landed?: boolean,
   ): Promise<boolean>;
   /**
    * After a resume's count settled a queue holding uncertain entries: the queue becomes `kept`,
@@ -561,7 +581,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       }
     },
 
-    async markUncertain(smId, entryKey, evenIfLast = false, postedTo, missed = false) {
+    async markUncertain(smId, entryKey, evenIfLast = false, postedTo, missed = false, landed = false) {
       for (let attempt = 0; attempt < 5; attempt++) {
         const item = await this.get(smId);
         const at = item && !item.ended ? item.entries.findIndex((entry) => entry.k === entryKey) : -1;
@@ -587,9 +607,12 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
               // session 8's target run: the detach after a 410 failed, the frame's redelivery
               // marked the entry again, and the resume's count could no longer vouch for the
               // entries before it). A resume's rewrite clears the marks.
+              // A late post's bound (SmEntry.b): `out` as read now, after its post was answered.
+              // Whatever other mark it had or gets (a redelivery of its frame cannot tell what the
+              // post did), it did land, before any entry numbered above that.
               UpdateExpression: `SET q[${at}].u = if_not_exists(q[${at}].u, ${
                 surelyMissed ? ':missed' : ':yes'
-              }), uncertain = :yes ADD marks :one`,
+              })${landed ? `, q[${at}].b = :bound` : ''}, uncertain = :yes ADD marks :one`,
               // The entry is still where it was read (an ack trims from the head), and the session
               // on the connection it was posted to (or detached from it; for a missed mark, still
               // on it).
@@ -607,6 +630,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
                 ...(surelyMissed ? { ':missed': 'missed' } : {}),
                 ':k': entryKey,
                 ':one': 1,
+                ...(landed ? { ':bound': item.out } : {}),
                 ...(postedTo === undefined ? {} : { ':to': postedTo }),
               },
             }),
@@ -626,7 +650,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           new UpdateCommand({
             TableName: table,
             Key: key(smId),
-            UpdateExpression: 'SET q = :q, #base = :newBase, #out = :newOut REMOVE uncertain',
+            UpdateExpression: 'SET q = :q, #base = :newBase, #out = :newOut, ackedAt = :now REMOVE uncertain',
             ConditionExpression: `connectionId = :owner AND #base = :base AND #out = :out AND ${
               seen.marks === undefined ? 'attribute_not_exists(marks)' : 'marks = :marks'
             }`,
@@ -634,6 +658,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             ExpressionAttributeValues: {
               ...(seen.marks === undefined ? {} : { ':marks': seen.marks }),
               ':q': kept.map(storedEntry),
+              ':now': Date.now(),
               ':newBase': newBase,
               ':newOut': newBase + kept.length,
               ':owner': seen.connectionId,

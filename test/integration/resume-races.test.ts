@@ -337,6 +337,61 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
     expect(sent('new')).toContain('<body>first</body>');
   });
 
+  it('is not sent again by a resume whose count reaches every entry queued before it landed (seed 16 of session 11’s target run)', async () => {
+    const smId = 'sm-late-vouched';
+    const { server, user, contact, stream, resume, sent, port, first } = await crossingPosts(smId);
+    await new Promise((resolve) => setTimeout(resolve, 80));
+    port.release();
+    expect(await first).toBe('sent');
+    // Marked when 'second' (number 2) was the last queued: nothing numbered above 2 can have
+    // reached the client before it.
+    const marked = await server.smQueue.get(smId);
+    expect(marked?.entries.map((e) => [e.u, e.b])).toEqual([
+      [true, 2],
+      [undefined, undefined],
+    ]);
+    const third = new Element('message', { to: `${user}/r`, from: contact, type: 'chat' })
+      .c('body')
+      .t('third');
+    expect(await deliver(server, { connectionId: 'live', smId }, third.root())).toBe('sent');
+    // The socket died after 'first' and 'second' landed, before 'third': the client counts 2.
+    // Whichever order the two landed in, it has both; only 'third' is sent again (before the
+    // bound, the uncertain 'first' went again too, and the client had it twice).
+    await stream('vouched');
+    await resume('vouched', 2);
+    expect(sent('vouched')).toMatch(/<resumed [^>]*h=/);
+    expect(sent('vouched')).toContain('<body>third</body>');
+    expect(sent('vouched')).not.toContain('<body>first</body>');
+    expect(sent('vouched')).not.toContain('<body>second</body>');
+  });
+
+  it('is settled by an ack whose count reaches its bound, without making the client resume', async () => {
+    const smId = 'sm-late-ack-vouched';
+    const { server, frame, port, first } = await crossingPosts(smId);
+    await new Promise((resolve) => setTimeout(resolve, 80));
+    port.release();
+    expect(await first).toBe('sent');
+    expect((await server.smQueue.get(smId))?.uncertain).toBe(true);
+    // The client has both, in whichever order they landed: h = 2 reaches the bound (2).
+    await frame('live', "<a xmlns='urn:xmpp:sm:3' h='2'/>", 'ack-2', '20');
+    const item = await server.smQueue.get(smId);
+    expect([item?.base, item?.entries.length, Boolean(item?.uncertain)]).toEqual([2, 0, false]);
+    expect(port.closed.has('live')).toBe(false);
+  });
+
+  it('makes an ack below its bound close the socket, so that a resume settles the count', async () => {
+    const smId = 'sm-late-ack-short';
+    const { server, frame, port, first } = await crossingPosts(smId);
+    await new Promise((resolve) => setTimeout(resolve, 80));
+    port.release();
+    expect(await first).toBe('sent');
+    // h = 1: the client has one of the two, and which one nobody can tell.
+    await frame('live', "<a xmlns='urn:xmpp:sm:3' h='1'/>", 'ack-1', '20');
+    expect(port.closed.has('live')).toBe(true);
+    const item = await server.smQueue.get(smId);
+    expect([item?.base, item?.entries.length, Boolean(item?.uncertain)]).toEqual([0, 2, true]);
+  });
+
   it('is queued again when an ack counted past it while its post was on the way (too late to mark)', async () => {
     const smId = 'sm-late-acked';
     const { server, frame, port, first, queuedBodies } = await crossingPosts(smId);
@@ -358,6 +413,9 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
     await stream('new');
     await resume('new', 1);
     expect(sent('new')).toMatch(/<resumed [^>]*h=/);
+    // Landing past SM_LATE_POST_MS (50 here). A resume done within it (DynamoDB Local answers in
+    // milliseconds) would leave a post under the bound: the crossing this design cannot see.
+    await new Promise((resolve) => setTimeout(resolve, 60));
     port.release();
     expect(await first).toBe('sent');
     // Queued again on the resumed session (posted to it, or replayed once it stops holding).

@@ -787,6 +787,35 @@ describe('uncertain entries (a post failed or never made while later ones went o
     expect(countCovers(mixed, 4).kept.every((e) => e.u === undefined)).toBe(true);
   });
 
+  it('settles a late entry (answered, with its bound) once the count reaches the bound, and only then', () => {
+    // Numbered 11–15 (base 10): 12's post landed late, when 14 was the last queued.
+    const late = [1, 2, 3, 4, 5].map((n) => entry(n, n === 2 ? { u: true, b: 14 } : {}));
+    // A count of 4 reaches 14: the client's prefix by landing holds 12 wherever it landed.
+    expect(bodies(countCovers(late, 4, 10).acked)).toEqual(['1', '2', '3', '4']);
+    expect(bodies(countCovers(late, 4, 10).kept)).toEqual(['5']);
+    // A count of 3 does not: 12 may be missing, so it goes again (the rest as before).
+    expect(bodies(countCovers(late, 3, 10).kept)).toContain('2');
+    // Without the base, the same bound is out of reach of any count of these five.
+    expect(bodies(countCovers(late, 4).kept)).toContain('2');
+  });
+
+  it('a late mark records the bound: out as read after the post was answered, kept by later marks', async () => {
+    const { smId, connectionId } = await session();
+    await queue.release(smId, 0);
+    for (const n of [1, 2, 3]) await queue.append(smId, entry(n, { k: `l${n}:0` }), MAX);
+    expect(await queue.markUncertain(smId, 'l1:0', false, connectionId, false, true)).toBe(true);
+    // A redelivery of the frame cannot tell what the post did: its mark changes nothing.
+    expect(await queue.markUncertain(smId, 'l1:0')).toBe(true);
+    // An unanswered post's mark has no bound: it may land at any time.
+    expect(await queue.markUncertain(smId, 'l2:0', false, connectionId)).toBe(true);
+    const item = (await queue.get(smId)) as SmQueueItem;
+    expect(item.entries.map((e) => [e.u ?? false, e.b ?? false])).toEqual([
+      [true, 3],
+      [true, false],
+      [false, false],
+    ]);
+  });
+
   it('a missed mark does not overwrite a mark of an entry the client may have had', async () => {
     const { smId, connectionId } = await session();
     await queue.release(smId, 0);
