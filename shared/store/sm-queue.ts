@@ -609,10 +609,11 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
               // entries before it). A resume's rewrite clears the marks.
               // A late post's bound (SmEntry.b): `out` as read now, after its post was answered.
               // Whatever other mark it had or gets (a redelivery of its frame cannot tell what the
-              // post did), it did land, before any entry numbered above that.
+              // post did), it did land, before any entry numbered above that. The first bound
+              // stands: a mark tried again (DynamoDB ran it, then answered 500) reads a higher one.
               UpdateExpression: `SET q[${at}].u = if_not_exists(q[${at}].u, ${
                 surelyMissed ? ':missed' : ':yes'
-              })${landed ? `, q[${at}].b = :bound` : ''}, uncertain = :yes ADD marks :one`,
+              })${landed ? `, q[${at}].b = if_not_exists(q[${at}].b, :bound)` : ''}, uncertain = :yes ADD marks :one`,
               // The entry is still where it was read (an ack trims from the head), and the session
               // on the connection it was posted to (or detached from it; for a missed mark, still
               // on it).

@@ -379,6 +379,20 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
     expect(port.closed.has('live')).toBe(false);
   });
 
+  it('makes an ack that reaches its bound close the socket all the same when another entry’s post went unanswered', async () => {
+    const smId = 'sm-late-ack-mixed';
+    const { server, frame, port, first } = await crossingPosts(smId);
+    await new Promise((resolve) => setTimeout(resolve, 80));
+    port.release();
+    expect(await first).toBe('sent');
+    // 'second' (number 2): its post went unanswered, it may land at any time (no bound).
+    const second = (await server.smQueue.get(smId))?.entries[1]?.k as string;
+    expect(await server.smQueue.markUncertain(smId, second, true, 'live')).toBe(true);
+    await frame('live', "<a xmlns='urn:xmpp:sm:3' h='2'/>", 'ack-2', '20');
+    expect(port.closed.has('live')).toBe(true);
+    expect((await server.smQueue.get(smId))?.base).toBe(0);
+  });
+
   it('makes an ack below its bound close the socket, so that a resume settles the count', async () => {
     const smId = 'sm-late-ack-short';
     const { server, frame, port, first } = await crossingPosts(smId);

@@ -797,12 +797,22 @@ describe('uncertain entries (a post failed or never made while later ones went o
     expect(bodies(countCovers(late, 3, 10).kept)).toContain('2');
     // Without the base, the same bound is out of reach of any count of these five.
     expect(bodies(countCovers(late, 4).kept)).toContain('2');
+    // Beside an unanswered post (14, no bound): 12 settled, the count vouches for one certain
+    // entry fewer for 14, which goes again with what follows the vouched ones.
+    const mixed = [1, 2, 3, 4, 5].map((n) =>
+      entry(n, n === 2 ? { u: true, b: 13 } : n === 4 ? { u: true } : {}),
+    );
+    expect(bodies(countCovers(mixed, 3, 10).acked)).toEqual(['1', '2']);
+    expect(bodies(countCovers(mixed, 3, 10).kept)).toEqual(['3', '4', '5']);
   });
 
   it('a late mark records the bound: out as read after the post was answered, kept by later marks', async () => {
     const { smId, connectionId } = await session();
     await queue.release(smId, 0);
     for (const n of [1, 2, 3]) await queue.append(smId, entry(n, { k: `l${n}:0` }), MAX);
+    expect(await queue.markUncertain(smId, 'l1:0', false, connectionId, false, true)).toBe(true);
+    // The same mark tried again after a fourth append keeps the first bound.
+    await queue.append(smId, entry(4, { k: 'l4:0' }), MAX);
     expect(await queue.markUncertain(smId, 'l1:0', false, connectionId, false, true)).toBe(true);
     // A redelivery of the frame cannot tell what the post did: its mark changes nothing.
     expect(await queue.markUncertain(smId, 'l1:0')).toBe(true);
@@ -812,6 +822,7 @@ describe('uncertain entries (a post failed or never made while later ones went o
     expect(item.entries.map((e) => [e.u ?? false, e.b ?? false])).toEqual([
       [true, 3],
       [true, false],
+      [false, false],
       [false, false],
     ]);
   });
