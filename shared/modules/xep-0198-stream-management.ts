@@ -976,7 +976,15 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
       throw tooHigh(h, item?.out ?? sm.acked);
     }
     const settled = await ackPastBounds(server, sm.id, sm.acked, newBase, stream.connectionId);
-    if (!settled) {
+    if (settled?.kind === 'short' && sm.askedFor !== settled.bound) {
+      // Only late posts' entries are uncertain, and their bound is beyond this count: posts
+      // still on their way when the client counted. Once they land, its next count reaches the
+      // bound; it is asked for that count (once per bound) instead of made to resume.
+      stream.update({ sm: { ...sm, askedFor: settled.bound } });
+      await post(server, stream.connectionId, ackRequest(sm.version, settled.out));
+      return;
+    }
+    if (settled?.kind !== 'settled') {
       // Only a resume settles what the count covers: the socket goes, the client resumes.
       await forceResume(server, stream.connectionId, 'uncertain entry');
       return;
@@ -1007,22 +1015,30 @@ async function ackPastBounds(
   oldBase: number,
   newBase: number,
   connectionId: string,
-): Promise<{ removed: SmEntry[]; remaining: SmEntry[]; out: number; congested: boolean } | undefined> {
+): Promise<
+  | { kind: 'settled'; removed: SmEntry[]; remaining: SmEntry[]; out: number; congested: boolean }
+  | { kind: 'short'; bound: number; out: number }
+  | undefined
+> {
   // Tried again from a fresh read when another sender's append came between the read and the write.
   for (let attempt = 0; attempt < 3; attempt++) {
     const item = await server.smQueue.get(smId);
     if (!item || item.ended || item.connectionId !== connectionId || item.base !== oldBase) return undefined;
     if (newBase > item.out) return undefined;
+    const uncertain = item.entries.filter((entry) => entry.u);
+    if (!uncertain.every((entry) => entry.u === true && entry.b !== undefined)) return undefined;
+    const bound = Math.max(...uncertain.map((entry) => entry.b as number));
+    // Every uncertain entry is a late post's: settled by a count that reaches its bound (and
+    // numbered within the count), short of that only for now.
     const vouched = item.entries.every(
-      (entry, at) =>
-        !entry.u ||
-        (entry.u === true && entry.b !== undefined && entry.b <= newBase && item.base + 1 + at <= newBase),
+      (entry, at) => !entry.u || ((entry.b as number) <= newBase && item.base + 1 + at <= newBase),
     );
-    if (!vouched) return undefined;
+    if (!vouched) return { kind: 'short', bound, out: item.out };
     const remaining = item.entries.slice(newBase - item.base);
     if (!(await server.smQueue.rebase(smId, item, newBase, remaining))) continue;
     server.log.info('an ack reached the bound of every late entry: settled without a resume', { smId });
     return {
+      kind: 'settled',
       removed: item.entries.slice(0, newBase - item.base),
       remaining,
       out: item.out,

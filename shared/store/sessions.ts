@@ -61,6 +61,11 @@ export interface SmState {
    * of the `<enable/>` frame goes on waiting, then answers.
    */
   enabledAt?: number;
+  /**
+   * An ack fell short of a late post's bound (SmQueueItem entries' `b`) and the client was asked
+   * again: the bound it waited for. A second ack short of it makes the client resume.
+   */
+  askedFor?: number;
 }
 
 /**

@@ -393,17 +393,38 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
     expect((await server.smQueue.get(smId))?.base).toBe(0);
   });
 
-  it('makes an ack below its bound close the socket, so that a resume settles the count', async () => {
+  it('makes an ack below its bound ask the client again once, and a second one close the socket', async () => {
     const smId = 'sm-late-ack-short';
+    const { server, frame, port, first, sent } = await crossingPosts(smId);
+    await new Promise((resolve) => setTimeout(resolve, 80));
+    port.release();
+    expect(await first).toBe('sent');
+    const asks = () => sent('live').match(/<r xmlns=["']urn:xmpp:sm:3["']\/>/g)?.length ?? 0;
+    const before = asks();
+    // h = 1: the client has one of the two, and which one nobody can tell yet (the other post
+    // may still be on its way). Nothing is acknowledged; the client is asked for its count again.
+    await frame('live', "<a xmlns='urn:xmpp:sm:3' h='1'/>", 'ack-1', '20');
+    expect(port.closed.has('live')).toBe(false);
+    expect(asks()).toBe(before + 1);
+    const item = await server.smQueue.get(smId);
+    expect([item?.base, item?.entries.length, Boolean(item?.uncertain)]).toEqual([0, 2, true]);
+    // Its answer falls short of the same bound again: only a resume can tell now.
+    await frame('live', "<a xmlns='urn:xmpp:sm:3' h='1'/>", 'ack-1-again', '21');
+    expect(port.closed.has('live')).toBe(true);
+    expect((await server.smQueue.get(smId))?.base).toBe(0);
+  });
+
+  it('makes an ack below its bound ask again, and the answer that reaches the bound settles it', async () => {
+    const smId = 'sm-late-ack-asked';
     const { server, frame, port, first } = await crossingPosts(smId);
     await new Promise((resolve) => setTimeout(resolve, 80));
     port.release();
     expect(await first).toBe('sent');
-    // h = 1: the client has one of the two, and which one nobody can tell.
     await frame('live', "<a xmlns='urn:xmpp:sm:3' h='1'/>", 'ack-1', '20');
-    expect(port.closed.has('live')).toBe(true);
+    await frame('live', "<a xmlns='urn:xmpp:sm:3' h='2'/>", 'ack-2', '21');
     const item = await server.smQueue.get(smId);
-    expect([item?.base, item?.entries.length, Boolean(item?.uncertain)]).toEqual([0, 2, true]);
+    expect([item?.base, item?.entries.length, Boolean(item?.uncertain)]).toEqual([2, 0, false]);
+    expect(port.closed.has('live')).toBe(false);
   });
 
   it('is queued again when an ack counted past it while its post was on the way (too late to mark)', async () => {
