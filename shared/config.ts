@@ -66,7 +66,9 @@ export interface Config {
   smAckTimeoutSeconds: number;
   /**
    * XEP-0198: a queued stanza whose post landed this long after its append is marked uncertain
-   * when later stanzas were queued meanwhile: they may have reached the client before it.
+   * when later stanzas were queued meanwhile: they may have reached the client before it. 0 (the
+   * default): every post is checked (a GetItem), so two posts crossing at a socket's death cannot
+   * lose the earlier one.
    */
   smLatePostMs: number;
   /**
@@ -215,7 +217,7 @@ export function loadConfig(env: Env = process.env): Config {
     // Below DynamoDB's 400 KB item limit with room for one more 128 KB stanza past the bound.
     smQueueMaxBytes: Math.min(240 * 1024, int(env, 'SM_QUEUE_MAX_BYTES', 192 * 1024)),
     smAckTimeoutSeconds: int(env, 'SM_ACK_TIMEOUT_SECONDS', 120),
-    smLatePostMs: int(env, 'SM_LATE_POST_MS', 250),
+    smLatePostMs: int(env, 'SM_LATE_POST_MS', 0),
     smResumeSettleMs: int(env, 'SM_RESUME_SETTLE_MS', 5000),
     frameDoneMarks: oneOf(env, 'FRAME_DONE_MARKS', ['all', 'batched'] as const, 'all'),
     archiveCollectionGapSeconds: int(env, 'ARCHIVE_COLLECTION_GAP_SECONDS', 30 * 60),

@@ -249,8 +249,11 @@ async function deliverToSmSession(
   // uncertain when a later entry was queued, it is settled as a failed post's is: by a resume.
   // A narrowing, not a cure: two posts under the bound can still cross a socket's death, and a
   // resume or an ack that comes before the mark settles the count without it (README, Limits).
-  const late = posted === 'sent' && Date.now() - appendedAt > server.config.smLatePostMs;
-  if (late) server.log.info('a stream-management post landed late', { smId, ms: Date.now() - appendedAt });
+  const late = posted === 'sent' && Date.now() - appendedAt >= server.config.smLatePostMs;
+  const tookMs = Date.now() - appendedAt;
+  // Logged at info when slow (SLOW_POST_MS); with SM_LATE_POST_MS at 0, every post is "late".
+  if (late && tookMs > SLOW_POST_MS)
+    server.log.info('a stream-management post landed late', { smId, ms: tookMs });
   try {
     // Failed, unanswered or refused (410) while other senders' later entries may have gone out:
     // the client's count can no longer tell whether it has this one (the socket is closed or
@@ -279,7 +282,7 @@ async function deliverToSmSession(
       // later entries were queued after it, which may have overtaken it. Whether the client has
       // it, nobody can tell now: it is queued again (a duplicate at worst), or re-routed if the
       // session has ended.
-      if (!marked && (await settledPastIt(server, smId, key, number))) {
+      if (marked === false && (await settledPastIt(server, smId, key, number))) {
         server.log.info('a post that was late or failed was settled before its mark: queued again', {
           smId,
           id: stanza.attrs.id,
@@ -313,6 +316,9 @@ async function settledPastIt(server: Server, smId: string, key: string, number: 
   if (!item || item.out <= number) return false;
   return !item.entries.some((entry) => entry.k === key);
 }
+
+/** A post this long after its append is logged at info (a slow post, a 429 tried again). */
+const SLOW_POST_MS = 250;
 
 /** Tries of an uncertain mark after a post (each after the SDK's own retries). */
 const MARK_ATTEMPTS = 3;

@@ -320,9 +320,9 @@ export interface SmQueueStore {
   /**
    * Marks the entry queued with delivery key `key` uncertain (SmEntry.u) when a later entry was
    * queued after it (one that may have been posted), or whatever follows it with `evenIfLast`
-   * (the socket could not be closed: later entries may still go out). False when it was not
-   * marked: it is the last and not `evenIfLast` (the client's count stays exact, it covers this
-   * one or not, as a prefix), it is no longer queued, it kept moving (acks trimming it), or (with
+   * (the socket could not be closed: later entries may still go out). `'last'` when it is still
+   * queued as the last and not `evenIfLast` (the client's count stays exact, it covers this one or
+   * not, as a prefix). False when it was not marked otherwise: it is no longer queued, it kept moving (acks trimming it), or (with
    * `postedTo`) the session has moved on from that connection (a resume already sent it again).
    * `missed`: the post was refused (410), the client surely lacks the entry, as long as the
    * session is still attached to `postedTo` (detached, it may have been resumed and replayed
@@ -335,7 +335,7 @@ export interface SmQueueStore {
     postedTo?: string,
     missed?: boolean,
     landed?: boolean,
-  ): Promise<boolean>;
+  ): Promise<boolean | 'last'>;
   /**
    * After a resume's count settled a queue holding uncertain entries: the queue becomes `kept`,
    * numbered from `newBase + 1`. False when the queue changed since `seen` was read (an append,
@@ -585,7 +585,9 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       for (let attempt = 0; attempt < 5; attempt++) {
         const item = await this.get(smId);
         const at = item && !item.ended ? item.entries.findIndex((entry) => entry.k === entryKey) : -1;
-        if (!item || at < 0 || (at === item.entries.length - 1 && !evenIfLast)) return false;
+        if (!item || at < 0) return false;
+        // Still queued and the last: nothing queued after it could have reached the client first.
+        if (at === item.entries.length - 1 && !evenIfLast) return 'last';
         // Resumed elsewhere since the post: that resume sent the entry again, or its count covers it.
         const moved =
           postedTo !== undefined && item.connectionId !== undefined && item.connectionId !== postedTo;

@@ -209,6 +209,8 @@ export async function runSchedule(options: RunOptions): Promise<ScheduleRun> {
       // The suite measures the server as configured by default; `FRAME_DONE_MARKS=batched npm run
       // test:faults` measures the cheaper setting's trade (README, Configuration).
       ...(process.env.FRAME_DONE_MARKS ? { FRAME_DONE_MARKS: process.env.FRAME_DONE_MARKS } : {}),
+      // Likewise `SM_LATE_POST_MS=0`: every post that later entries were queued behind is marked.
+      ...(process.env.SM_LATE_POST_MS ? { SM_LATE_POST_MS: process.env.SM_LATE_POST_MS } : {}),
     }),
     dynamodbEndpoint: options.dynamodbEndpoint,
   };

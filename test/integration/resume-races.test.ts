@@ -302,9 +302,9 @@ class HoldingPort extends RecordingPort {
  * The session `smId` attached to 'live' (SM_LATE_POST_MS 50): 'first' is queued as number 1 and
  * its post held (until `port.release()`), then 'second' is queued as number 2 and posted.
  */
-async function crossingPosts(smId: string) {
+async function crossingPosts(smId: string, env: Record<string, string> = { SM_LATE_POST_MS: '50' }) {
   const port = new HoldingPort('first');
-  const session = await sessionOf(smId, { SM_LATE_POST_MS: '50' }, port);
+  const session = await sessionOf(smId, env, port);
   const { server, user, contact, stream } = session;
   expect(await server.smQueue.attach(smId, user, 'live', 0)).toBeDefined();
   await server.smQueue.release(smId, 0);
@@ -335,6 +335,23 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
     await resume('new', 1);
     expect(sent('new')).toMatch(/<resumed [^>]*h=/);
     expect(sent('new')).toContain('<body>first</body>');
+  });
+
+  it('is marked however fast both posts were, with the default setting (seed 17 of session 11’s second target run)', async () => {
+    const smId = 'sm-fast-crossing';
+    // SM_LATE_POST_MS as deployed: 'first' lands right after 'second', both within milliseconds.
+    const { server, stream, resume, sent, port, first } = await crossingPosts(smId, {});
+    port.release();
+    expect(await first).toBe('sent');
+    expect((await server.smQueue.get(smId))?.entries.map((e) => [e.u, e.b])).toEqual([
+      [true, 2],
+      [undefined, undefined],
+    ]);
+    // The socket died between the two: the client has 'second' only, and counts 1.
+    await stream('fast');
+    await resume('fast', 1);
+    expect(sent('fast')).toMatch(/<resumed [^>]*h=/);
+    expect(sent('fast')).toContain('<body>first</body>');
   });
 
   it('is not sent again by a resume whose count reaches every entry queued before it landed (seed 16 of session 11’s target run)', async () => {

@@ -892,7 +892,7 @@ describe('uncertain entries (a post failed or never made while later ones went o
     expect(await queue.markUncertain(smId, 'f2:0')).toBe(true);
     expect(await queue.markUncertain(smId, 'nope:0')).toBe(false);
     // The last entry: the count covers it or not, as a prefix; nothing to mark.
-    expect(await queue.markUncertain(smId, 'f3:0')).toBe(false);
+    expect(await queue.markUncertain(smId, 'f3:0')).toBe('last');
     const item = (await queue.get(smId)) as SmQueueItem;
     expect(item.uncertain).toBe(true);
     expect(item.entries.map((e) => e.u ?? false)).toEqual([false, true, false]);
@@ -931,7 +931,7 @@ describe('uncertain entries (a post failed or never made while later ones went o
     const { smId, connectionId } = await session();
     await queue.release(smId, 0);
     for (const n of [1, 2]) await queue.append(smId, entry(n, { k: `l${n}:0` }), MAX);
-    expect(await queue.markUncertain(smId, 'l2:0')).toBe(false);
+    expect(await queue.markUncertain(smId, 'l2:0')).toBe('last');
     // A post to a connection the session has left (a resume elsewhere sent it again): no mark.
     expect(await queue.markUncertain(smId, 'l2:0', true, 'another-connection')).toBe(false);
     expect(await queue.markUncertain(smId, 'l2:0', true, connectionId)).toBe(true);
