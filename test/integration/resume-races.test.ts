@@ -317,17 +317,21 @@ async function crossingPosts(smId: string, env: Record<string, string> = { SM_LA
   expect(await deliver(server, { connectionId: 'live', smId }, chat('second'))).toBe('sent');
   const queuedBodies = async () =>
     (await server.smQueue.get(smId))?.entries.map((e) => /<body>([^<]*)</.exec(e.s)?.[1]);
-  return { ...session, port, first, queuedBodies };
+  /** Lets 'first' land, past SM_LATE_POST_MS (50), after 'second' did. */
+  const landLate = async () => {
+    await new Promise((resolve) => setTimeout(resolve, 80));
+    port.release();
+    expect(await first).toBe('sent');
+  };
+  return { ...session, port, first, queuedBodies, landLate };
 }
 
 describe('a queued stanza whose post lands after a later one’s (seed 9 of session 10’s first target run)', () => {
   it('is marked uncertain, so a resume whose count covers the later one sends it again', async () => {
     const smId = 'sm-late-post';
     // 'first' is queued as number 1, but its post is slow; 'second' (number 2) goes out before it.
-    const { server, stream, resume, sent, port, first } = await crossingPosts(smId);
-    await new Promise((resolve) => setTimeout(resolve, 80));
-    port.release();
-    expect(await first).toBe('sent');
+    const { server, stream, resume, sent, landLate } = await crossingPosts(smId);
+    await landLate();
     expect((await server.smQueue.get(smId))?.entries.map((e) => e.u)).toEqual([true, undefined]);
     // The socket died between the two: the client has 'second' only, and counts 1. Taken as a
     // prefix, that 1 would acknowledge 'first'.
@@ -356,10 +360,8 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
 
   it('is not sent again by a resume whose count reaches every entry queued before it landed (seed 16 of session 11’s target run)', async () => {
     const smId = 'sm-late-vouched';
-    const { server, user, contact, stream, resume, sent, port, first } = await crossingPosts(smId);
-    await new Promise((resolve) => setTimeout(resolve, 80));
-    port.release();
-    expect(await first).toBe('sent');
+    const { server, user, contact, stream, resume, sent, landLate } = await crossingPosts(smId);
+    await landLate();
     // Marked when 'second' (number 2) was the last queued: nothing numbered above 2 can have
     // reached the client before it.
     const marked = await server.smQueue.get(smId);
@@ -384,10 +386,8 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
 
   it('is settled by an ack whose count reaches its bound, without making the client resume', async () => {
     const smId = 'sm-late-ack-vouched';
-    const { server, frame, port, first } = await crossingPosts(smId);
-    await new Promise((resolve) => setTimeout(resolve, 80));
-    port.release();
-    expect(await first).toBe('sent');
+    const { server, frame, port, landLate } = await crossingPosts(smId);
+    await landLate();
     expect((await server.smQueue.get(smId))?.uncertain).toBe(true);
     // The client has both, in whichever order they landed: h = 2 reaches the bound (2).
     await frame('live', "<a xmlns='urn:xmpp:sm:3' h='2'/>", 'ack-2', '20');
@@ -398,10 +398,8 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
 
   it('makes an ack that reaches its bound close the socket all the same when another entry’s post went unanswered', async () => {
     const smId = 'sm-late-ack-mixed';
-    const { server, frame, port, first } = await crossingPosts(smId);
-    await new Promise((resolve) => setTimeout(resolve, 80));
-    port.release();
-    expect(await first).toBe('sent');
+    const { server, frame, port, landLate } = await crossingPosts(smId);
+    await landLate();
     // 'second' (number 2): its post went unanswered, it may land at any time (no bound).
     const second = (await server.smQueue.get(smId))?.entries[1]?.k as string;
     expect(await server.smQueue.markUncertain(smId, second, true, 'live')).toBe(true);
@@ -412,10 +410,8 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
 
   it('makes an ack below its bound ask the client again once, and a second one close the socket', async () => {
     const smId = 'sm-late-ack-short';
-    const { server, frame, port, first, sent } = await crossingPosts(smId);
-    await new Promise((resolve) => setTimeout(resolve, 80));
-    port.release();
-    expect(await first).toBe('sent');
+    const { server, frame, port, sent, landLate } = await crossingPosts(smId);
+    await landLate();
     const asks = () => sent('live').match(/<r xmlns=["']urn:xmpp:sm:3["']\/>/g)?.length ?? 0;
     const before = asks();
     // h = 1: the client has one of the two, and which one nobody can tell yet (the other post
@@ -433,10 +429,8 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
 
   it('makes an ack below its bound ask again, and the answer that reaches the bound settles it', async () => {
     const smId = 'sm-late-ack-asked';
-    const { server, frame, port, first } = await crossingPosts(smId);
-    await new Promise((resolve) => setTimeout(resolve, 80));
-    port.release();
-    expect(await first).toBe('sent');
+    const { server, frame, port, landLate } = await crossingPosts(smId);
+    await landLate();
     await frame('live', "<a xmlns='urn:xmpp:sm:3' h='1'/>", 'ack-1', '20');
     await frame('live', "<a xmlns='urn:xmpp:sm:3' h='2'/>", 'ack-2', '21');
     const item = await server.smQueue.get(smId);
