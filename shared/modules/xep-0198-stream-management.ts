@@ -1371,6 +1371,8 @@ async function settleCount(
         unpostedAsMissed(item, taken),
         acked - item.base,
         item.base,
+        // Every answered post checked for later entries: each certain entry landed before them.
+        server.config.smLatePostMs === 0,
       );
       if (await server.smQueue.rebase(item.smId, item, acked, kept)) {
         server.log.info('resume sends uncertain entries again', { smId: item.smId, resent: kept.length });

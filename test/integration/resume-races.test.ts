@@ -358,6 +358,30 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
     expect(sent('fast')).toContain('<body>first</body>');
   });
 
+  it('leaves the certain entries a resume’s count reaches acknowledged, however many later ones are uncertain (seed 11 of session 11’s third target run)', async () => {
+    const smId = 'sm-ordered-count';
+    const { server, user, contact, stream, resume, sent } = await sessionOf(smId);
+    expect(await server.smQueue.attach(smId, user, 'ordered', 0)).toBeDefined();
+    await server.smQueue.release(smId, 0);
+    await stream('ordered', 0);
+    const chat = (body: string) =>
+      new Element('message', { to: `${user}/r`, from: contact, type: 'chat' }).c('body').t(body).root();
+    for (const body of ['one', 'two', 'three'])
+      expect(await deliver(server, { connectionId: 'ordered', smId }, chat(body))).toBe('sent');
+    // 'three''s post went unanswered, then 'four' was queued: 'three' is uncertain.
+    const three = (await server.smQueue.get(smId))?.entries[2]?.k as string;
+    expect(await deliver(server, { connectionId: 'ordered', smId }, chat('four'))).toBe('sent');
+    expect(await server.smQueue.markUncertain(smId, three, true, 'ordered')).toBe(true);
+    // The socket died after 'one' and 'two': each was checked after its answer and had nothing
+    // queued behind it, so nothing later reached the client first. A count of 2 is those two.
+    await stream('ordered-new');
+    await resume('ordered-new', 2);
+    expect(sent('ordered-new')).toMatch(/<resumed [^>]*h=/);
+    expect(sent('ordered-new')).not.toContain('<body>two</body>');
+    expect(sent('ordered-new')).toContain('<body>three</body>');
+    expect(sent('ordered-new')).toContain('<body>four</body>');
+  });
+
   it('is not sent again by a resume whose count reaches every entry queued before it landed (seed 16 of session 11’s target run)', async () => {
     const smId = 'sm-late-vouched';
     const { server, user, contact, stream, resume, sent, landLate } = await crossingPosts(smId);

@@ -806,6 +806,21 @@ describe('uncertain entries (a post failed or never made while later ones went o
     expect(bodies(countCovers(mixed, 3, 10).kept)).toEqual(['3', '4', '5']);
   });
 
+  it('countCovers, ordered (every answered post checked): the count covers every certain entry numbered up to it', () => {
+    // 5's post went unanswered (it may or may not have landed, after 4 in any case: 4 was
+    // checked and found nothing queued after it). The client counts 4: it has 1–4.
+    const tail = [1, 2, 3, 4, 5].map((n) => entry(n, n === 5 ? { u: true } : {}));
+    expect(bodies(countCovers(tail, 4, 0, true).acked)).toEqual(['1', '2', '3', '4']);
+    expect(bodies(countCovers(tail, 4, 0, true).kept)).toEqual(['5']);
+    // Unordered, 4 might have been overtaken by 5: the count vouches for one certain entry fewer.
+    expect(bodies(countCovers(tail, 4).kept)).toEqual(['4', '5']);
+    // 2 uncertain: 1, 3 and 4 are covered (each at or before its number), 2 and 5 go again.
+    const inner = [1, 2, 3, 4, 5].map((n) => entry(n, n === 2 ? { u: true } : {}));
+    expect(bodies(countCovers(inner, 4, 0, true).acked)).toEqual(['1', '3', '4']);
+    expect(bodies(countCovers(inner, 4, 0, true).kept)).toEqual(['2', '5']);
+    expect(countCovers(inner, 4, 0, true).kept.every((e) => e.u === undefined)).toBe(true);
+  });
+
   it('a late mark records the bound: out as read after the post was answered, kept by later marks', async () => {
     const { smId, connectionId } = await session();
     await queue.release(smId, 0);
