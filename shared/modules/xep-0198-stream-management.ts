@@ -246,9 +246,11 @@ async function deliverToSmSession(
   // between leaves the client with them and without this one, which its count would then cover
   // as a prefix does (seed 9 of session 10's first target run: a post 582 ms after its append,
   // seven later entries before it, the socket gone in between, and the entry lost). Marked
-  // uncertain when a later entry was queued, it is settled as a failed post's is: by a resume.
-  // A narrowing, not a cure: two posts under the bound can still cross a socket's death, and a
-  // resume or an ack that comes before the mark settles the count without it (README, Limits).
+  // uncertain when a later entry was queued, with its bound (SmEntry.b): a count that reaches
+  // the bound settles it, a lower one sends it again. With SM_LATE_POST_MS at 0 (the default)
+  // every answered post is checked, however fast: two posts crossing within milliseconds of a
+  // socket's death did lose the earlier one (seed 17 of session 11's second target run). A
+  // resume or an ack that counts past it before the mark has it queued again (below).
   const late = posted === 'sent' && Date.now() - appendedAt >= server.config.smLatePostMs;
   const tookMs = Date.now() - appendedAt;
   // Logged at info when slow (SLOW_POST_MS); with SM_LATE_POST_MS at 0, every post is "late".
