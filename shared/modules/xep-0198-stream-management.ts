@@ -45,6 +45,7 @@ import {
 import {
   AckBeyondQueueError,
   type AppendResult,
+  boundReached,
   countCovers,
   NotSessionOwnerError,
   PROBE_AFTER_MS,
@@ -251,8 +252,8 @@ async function deliverToSmSession(
   // every answered post is checked, however fast: two posts crossing within milliseconds of a
   // socket's death did lose the earlier one (seed 17 of session 11's second target run). A
   // resume or an ack that counts past it before the mark has it queued again (below).
-  const late = posted === 'sent' && Date.now() - appendedAt >= server.config.smLatePostMs;
   const tookMs = Date.now() - appendedAt;
+  const late = posted === 'sent' && tookMs >= server.config.smLatePostMs;
   // Logged at info when slow (SLOW_POST_MS); with SM_LATE_POST_MS at 0, every post is "late".
   if (late && tookMs > SLOW_POST_MS)
     server.log.info('a stream-management post landed late', { smId, ms: tookMs });
@@ -275,7 +276,7 @@ async function deliverToSmSession(
           posted === 'unclosed' || posted === 'gone',
           connectionId,
           posted === 'gone',
-          // Answered, only late: it did land, and the mark records by when (SmEntry.b).
+          // Answered: it did land, and the mark records before which entries (SmEntry.b).
           posted === 'sent',
         ),
       );
@@ -1039,7 +1040,8 @@ async function ackPastBounds(
     // Every uncertain entry is a late post's: settled by a count that reaches its bound (and
     // numbered within the count), short of that only for now.
     const vouched = item.entries.every(
-      (entry, at) => !entry.u || ((entry.b as number) <= newBase && item.base + 1 + at <= newBase),
+      (entry, at) =>
+        !entry.u || (boundReached(entry, newBase - item.base, item.base) && item.base + 1 + at <= newBase),
     );
     if (!vouched) return { kind: 'short', bound, out: item.out };
     const remaining = item.entries.slice(newBase - item.base);

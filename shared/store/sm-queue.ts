@@ -152,9 +152,7 @@ export function countCovers(
     // at least `b - base` entries is a prefix of the landing order that reaches it, and so covers
     // the first `received` entries by number too. Such an entry is settled, not uncertain (seed 16
     // of session 11's target run: a late post the client had, sent again by the next resume).
-    entries = entries.map((entry) =>
-      entry.u === true && entry.b !== undefined && received >= entry.b - base ? certain(entry) : entry,
-    );
+    entries = entries.map((entry) => (boundReached(entry, received, base) ? certain(entry) : entry));
   }
   if (!entries.some((entry) => entry.u))
     return { acked: entries.slice(0, received), kept: entries.slice(received) };
@@ -187,6 +185,14 @@ export function countCovers(
     } else kept.push(certain(entry));
   }
   return { acked, kept };
+}
+
+/**
+ * Whether a count of `received` entries since `base` reaches the bound of a late post's entry
+ * (SmEntry.b), and so covers it wherever it landed.
+ */
+export function boundReached(entry: SmEntry, received: number, base: number): boolean {
+  return entry.u === true && entry.b !== undefined && received >= entry.b - base;
 }
 
 /** An entry to be sent again: no longer uncertain. */
