@@ -285,7 +285,7 @@ async function deliverToSmSession(
       // later entries were queued after it, which may have overtaken it. Whether the client has
       // it, nobody can tell now: it is queued again (a duplicate at worst), or re-routed if the
       // session has ended.
-      if (marked === false && (await settledPastIt(server, smId, key, number))) {
+      if (marked === false && (await settledPastIt(server, smId, key, number, connectionId))) {
         server.log.info('a post that was late or failed was settled before its mark: queued again', {
           smId,
           id: stanza.attrs.id,
@@ -312,11 +312,23 @@ async function deliverToSmSession(
 /**
  * Whether the entry numbered `number` (key `key`) is no longer queued, while entries were queued
  * after it: an ack or a resume counted past it (or, the session having ended since, it was
- * acknowledged or re-routed: sent again all the same, at least once).
+ * acknowledged or re-routed: sent again all the same, at least once). Not when the session is
+ * still on the connection it was posted to (`postedTo`) and its acks emptied the queue: that
+ * count covers every entry numbered up to `out` as read here, and a client counts only what
+ * reached it, each entry posted to a connection once; so it has them all, this one included, and
+ * queued again it would come twice (as `dave-150` did in seed 6 of session 11's final target run,
+ * whether or not that queue was empty).
  */
-async function settledPastIt(server: Server, smId: string, key: string, number: number): Promise<boolean> {
+async function settledPastIt(
+  server: Server,
+  smId: string,
+  key: string,
+  number: number,
+  postedTo: string,
+): Promise<boolean> {
   const item = await withTransientRetries(MARK_ATTEMPTS, () => server.smQueue.get(smId));
   if (!item || item.out <= number) return false;
+  if (!item.ended && item.connectionId === postedTo && item.base === item.out) return false;
   return !item.entries.some((entry) => entry.k === key);
 }
 
@@ -969,6 +981,8 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
   let remaining: SmEntry[];
   let out: number;
   let congested: boolean;
+  // What the queue was trimmed to: the count, or less when it vouches only for part of it.
+  let trimmedTo = newBase;
   try {
     ({ removed, remaining, out, congested } = await server.smQueue.acknowledge(
       sm.id,
@@ -984,38 +998,61 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
       const item = await server.smQueue.get(sm.id);
       throw tooHigh(h, item?.out ?? sm.acked);
     }
-    const settled = await ackPastBounds(server, sm.id, sm.acked, newBase, stream.connectionId);
-    if (settled?.kind === 'short' && sm.askedFor !== settled.bound) {
+    const ordered = server.config.smLatePostMs === 0;
+    const settled = await ackPastBounds(server, sm.id, sm.acked, newBase, stream.connectionId, ordered);
+    if (settled?.kind === 'short') {
       // Only late posts' entries are uncertain, and their bound is beyond this count: posts
       // still on their way when the client counted. Once they land, its next count reaches the
       // bound; it is asked for that count (once per bound) instead of made to resume.
-      stream.update({ sm: { ...sm, askedFor: settled.bound } });
-      await post(server, stream.connectionId, ackRequest(sm.version, settled.out));
-      return;
-    }
-    if (settled?.kind !== 'settled') {
+      const asked = sm.askedFor === settled.bound;
+      if (!asked) {
+        stream.update({ sm: { ...sm, askedFor: settled.bound } });
+        await post(server, stream.connectionId, ackRequest(sm.version, settled.out));
+      }
+      if (settled.trimmed) {
+        // Every answered post checked: what the count vouches for is trimmed, the rest waits for
+        // a count that reaches its bound. These entries landed, so on a live socket the client
+        // gets them and its counts go on; a resume's count settles them if the socket goes.
+        // Closing the socket instead would make the resume send them again when its count fell
+        // short too: a duplicate of a stanza the client most likely had.
+        ({ removed, remaining, out, congested } = settled.trimmed);
+        trimmedTo = settled.trimmed.base;
+      } else if (!asked || ordered) return;
+      else {
+        await forceResume(server, stream.connectionId, 'uncertain entry');
+        return;
+      }
+    } else if (settled?.kind !== 'settled') {
       // Only a resume settles what the count covers: the socket goes, the client resumes.
       await forceResume(server, stream.connectionId, 'uncertain entry');
       return;
-    }
-    ({ removed, remaining, out, congested } = settled);
+    } else ({ removed, remaining, out, congested } = settled);
   }
   // Half the byte bound free again: senders may queue once more.
   if (congested && queuedBytes(remaining) <= server.config.smQueueMaxBytes / 2) {
     await server.smQueue.setCongested(sm.id, false);
   }
   server.log.debug('stream-management ack', { smId: sm.id, h, removed: removed.length, out });
-  stream.update({ sm: { ...sm, acked: newBase } });
+  stream.update({ sm: { ...(smState(stream) as SmState), acked: trimmedTo } });
   const offlineIds = removed.flatMap((e) => (e.o ? [e.o] : []));
   // XEP-0160 with SM: an offline message leaves storage only once the client acknowledged it.
   if (offlineIds.length > 0) await server.offline.remove(stream.user, offlineIds);
-  await server.host.fire('stanzas-acknowledged', { stream, unacknowledged: out - newBase });
+  await server.host.fire('stanzas-acknowledged', { stream, unacknowledged: out - trimmedTo });
+}
+
+interface Trimmed {
+  removed: SmEntry[];
+  remaining: SmEntry[];
+  out: number;
+  congested: boolean;
 }
 
 /**
  * An ack of a queue whose only uncertain entries are late posts (SmEntry.b) that this count
  * reaches: it covers them wherever they landed (see countCovers), and is applied as a plain ack
- * is, without making the client resume. Undefined when the count cannot vouch for every uncertain
+ * is, without making the client resume. 'short' when it falls short of a bound; with `ordered`
+ * (every answered post checked) the entries before the first one it cannot vouch for are trimmed
+ * then (`trimmed`, to `base`). Undefined when the count cannot vouch for every uncertain
  * entry, or the queue changed since its read (then the client resumes, as for any other mark).
  */
 async function ackPastBounds(
@@ -1024,9 +1061,10 @@ async function ackPastBounds(
   oldBase: number,
   newBase: number,
   connectionId: string,
+  ordered: boolean,
 ): Promise<
-  | { kind: 'settled'; removed: SmEntry[]; remaining: SmEntry[]; out: number; congested: boolean }
-  | { kind: 'short'; bound: number; out: number }
+  | ({ kind: 'settled' } & Trimmed)
+  | { kind: 'short'; bound: number; out: number; trimmed?: Trimmed & { base: number } }
   | undefined
 > {
   // Tried again from a fresh read when another sender's append came between the read and the write.
@@ -1043,7 +1081,34 @@ async function ackPastBounds(
       (entry, at) =>
         !entry.u || (boundReached(entry, newBase - item.base, item.base) && item.base + 1 + at <= newBase),
     );
-    if (!vouched) return { kind: 'short', bound, out: item.out };
+    if (!vouched) {
+      // A certain entry numbered within the count reached the client before every later one
+      // (countCovers, ordered), and a late one whose bound it reaches is covered: the run of
+      // such entries from the head is trimmed; the first it cannot vouch for, and all after it,
+      // stay as they are, marks and all.
+      const received = newBase - item.base;
+      let vouchedFor = 0;
+      while (ordered && vouchedFor < received) {
+        const entry = item.entries[vouchedFor] as SmEntry;
+        if (entry.u && !boundReached(entry, received, item.base)) break;
+        vouchedFor += 1;
+      }
+      if (vouchedFor === 0) return { kind: 'short', bound, out: item.out };
+      const kept = item.entries.slice(vouchedFor);
+      if (!(await server.smQueue.rebase(smId, item, item.base + vouchedFor, kept))) continue;
+      return {
+        kind: 'short',
+        bound,
+        out: item.out,
+        trimmed: {
+          base: item.base + vouchedFor,
+          removed: item.entries.slice(0, vouchedFor),
+          remaining: kept,
+          out: item.out,
+          congested: item.congested === true,
+        },
+      };
+    }
     const remaining = item.entries.slice(newBase - item.base);
     if (!(await server.smQueue.rebase(smId, item, newBase, remaining))) continue;
     server.log.info('an ack reached the bound of every late entry: settled without a resume', { smId });

@@ -358,8 +358,8 @@ export interface SmQueueStore {
     landed?: boolean,
   ): Promise<boolean | 'last'>;
   /**
-   * After a resume's count settled a queue holding uncertain entries: the queue becomes `kept`,
-   * numbered from `newBase + 1`. False when the queue changed since `seen` was read (an append,
+   * After a resume's count settled a queue holding uncertain entries, or an ack trimmed what it
+   * vouches for: the queue becomes `kept`, numbered from `newBase + 1`. False when the queue changed since `seen` was read (an append,
    * an ack, a mark): read it again.
    */
   rebase(
@@ -674,7 +674,11 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           new UpdateCommand({
             TableName: table,
             Key: key(smId),
-            UpdateExpression: 'SET q = :q, #base = :newBase, #out = :newOut, ackedAt = :now REMOVE uncertain',
+            // Kept entries may still carry their marks (an ack that trims only what it vouches
+            // for, see ackPastBounds): the queue then stays uncertain.
+            UpdateExpression: `SET q = :q, #base = :newBase, #out = :newOut, ackedAt = :now ${
+              kept.some((entry) => entry.u) ? ', uncertain = :yes' : 'REMOVE uncertain'
+            }`,
             ConditionExpression: `connectionId = :owner AND #base = :base AND #out = :out AND ${
               seen.marks === undefined ? 'attribute_not_exists(marks)' : 'marks = :marks'
             }`,
@@ -682,6 +686,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             ExpressionAttributeValues: {
               ...(seen.marks === undefined ? {} : { ':marks': seen.marks }),
               ':q': kept.map(storedEntry),
+              ...(kept.some((entry) => entry.u) ? { ':yes': true } : {}),
               ':now': Date.now(),
               ':newBase': newBase,
               ':newOut': newBase + kept.length,

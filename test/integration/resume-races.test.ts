@@ -300,9 +300,14 @@ class HoldingPort extends RecordingPort {
 
 /**
  * The session `smId` attached to 'live' (SM_LATE_POST_MS 50): 'first' is queued as number 1 and
- * its post held (until `port.release()`), then 'second' is queued as number 2 and posted.
+ * its post held (until `port.release()`), then 'second' is queued as number 2 and posted. The
+ * stanzas `before` are delivered ahead of 'first' (numbered from 1; 'first' and 'second' after).
  */
-async function crossingPosts(smId: string, env: Record<string, string> = { SM_LATE_POST_MS: '50' }) {
+async function crossingPosts(
+  smId: string,
+  env: Record<string, string> = { SM_LATE_POST_MS: '50' },
+  before: string[] = [],
+) {
   const port = new HoldingPort('first');
   const session = await sessionOf(smId, env, port);
   const { server, user, contact, stream } = session;
@@ -311,6 +316,8 @@ async function crossingPosts(smId: string, env: Record<string, string> = { SM_LA
   await stream('live', 0);
   const chat = (body: string) =>
     new Element('message', { to: `${user}/r`, from: contact, type: 'chat' }).c('body').t(body).root();
+  for (const body of before)
+    expect(await deliver(server, { connectionId: 'live', smId }, chat(body))).toBe('sent');
   const first = deliver(server, { connectionId: 'live', smId }, chat('first'));
   // Its post has begun, so its append (number 1) is done.
   await port.reached;
@@ -451,6 +458,42 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
     expect((await server.smQueue.get(smId))?.base).toBe(0);
   });
 
+  it('with every post checked, trims what an ack below its bound vouches for and waits for the next, the socket kept', async () => {
+    const smId = 'sm-late-ack-partial';
+    const { server, frame, port, sent, landLate, queuedBodies } = await crossingPosts(
+      smId,
+      { SM_LATE_POST_MS: '0' },
+      ['zero'],
+    );
+    await landLate();
+    // 'zero' (1) certain, 'first' (2) landed after 'second' (3) was queued: bound 3.
+    expect((await server.smQueue.get(smId))?.entries.map((e) => [e.u, e.b])).toEqual([
+      [undefined, undefined],
+      [true, 3],
+      [undefined, undefined],
+    ]);
+    const asks = () => sent('live').match(/<r xmlns=["']urn:xmpp:sm:3["']\/>/g)?.length ?? 0;
+    const before = asks();
+    // h = 2: 'zero' reached the client before every later entry, so the count covers it; of
+    // 'first' and 'second' it has one, which nobody can tell yet. 'zero' goes, the client is asked.
+    await frame('live', "<a xmlns='urn:xmpp:sm:3' h='2'/>", 'ack-2', '20');
+    expect(asks()).toBe(before + 1);
+    let item = await server.smQueue.get(smId);
+    expect([item?.base, Boolean(item?.uncertain)]).toEqual([1, true]);
+    expect(await queuedBodies()).toEqual(['first', 'second']);
+    // Its answer is short of the bound again (the other post still on its way, say): the socket
+    // stays, nothing more is trimmed, and no resume sends 'first' again to a client that has it.
+    await frame('live', "<a xmlns='urn:xmpp:sm:3' h='2'/>", 'ack-2-again', '21');
+    expect(port.closed.has('live')).toBe(false);
+    expect(asks()).toBe(before + 1);
+    expect((await server.smQueue.get(smId))?.base).toBe(1);
+    // The next count reaches the bound: everything is settled as a plain ack.
+    await frame('live', "<a xmlns='urn:xmpp:sm:3' h='3'/>", 'ack-3', '22');
+    item = await server.smQueue.get(smId);
+    expect([item?.base, item?.entries.length, Boolean(item?.uncertain)]).toEqual([3, 0, false]);
+    expect(port.closed.has('live')).toBe(false);
+  });
+
   it('makes an ack below its bound ask again, and the answer that reaches the bound settles it', async () => {
     const smId = 'sm-late-ack-asked';
     const { server, frame, port, landLate } = await crossingPosts(smId);
@@ -474,6 +517,21 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
     // Queued again as number 3: a later ack or resume counts it like any other.
     expect((await server.smQueue.get(smId))?.out).toBe(3);
     expect(await queuedBodies()).toEqual(['second', 'first']);
+  });
+
+  it('is not queued again when the acks counted every entry queued by then', async () => {
+    const smId = 'sm-late-all-acked';
+    const { server, frame, port, first, queuedBodies } = await crossingPosts(smId);
+    // The client has both (the answer to 'first' is what is slow) and says so: h = 2. A count
+    // can only reach what reached the client, so it has 'first' wherever it landed.
+    await frame('live', "<a xmlns='urn:xmpp:sm:3' h='2'/>", 'ack-2', '20');
+    expect((await server.smQueue.get(smId))?.base).toBe(2);
+    await new Promise((resolve) => setTimeout(resolve, 60));
+    port.release();
+    expect(await first).toBe('sent');
+    const item = await server.smQueue.get(smId);
+    expect([item?.out, item?.base]).toEqual([2, 2]);
+    expect(await queuedBodies()).toEqual([]);
   });
 
   it('is sent again when a resume counted past it while its post was on the way', async () => {
