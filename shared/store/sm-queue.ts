@@ -210,7 +210,17 @@ export class AckBeyondQueueError extends Error {
 }
 
 export type AppendResult =
-  | { kind: 'queued'; number: number; item: SmQueueItem }
+  | {
+      kind: 'queued';
+      number: number;
+      item: SmQueueItem;
+      /**
+       * Found by a read after the write's answer was lost (`ambiguous`: this append's own write,
+       * whose answer a 500 or a timeout took) or refused (another write with this key): `item`
+       * is the queue as it is now, not as it was at the write.
+       */
+      found?: 'ambiguous' | 'refused';
+    }
   /** A resend of an append that had run (its key was the last appended) and was acknowledged since. */
   | { kind: 'acknowledged' }
   | { kind: 'full'; item?: SmQueueItem }
@@ -588,7 +598,13 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           const current = await this.get(smId);
           if (current && keyed) {
             const at = current.entries.findIndex((queued) => queued.k === entry.k);
-            if (at >= 0) return { kind: 'queued', number: current.base + at + 1, item: current };
+            if (at >= 0)
+              return {
+                kind: 'queued',
+                number: current.base + at + 1,
+                item: current,
+                found: ambiguous ? 'ambiguous' : 'refused',
+              };
             if (current.lastKey === entry.k && !current.ended) return { kind: 'acknowledged' };
           }
           if (ambiguous && current && !current.ended) {

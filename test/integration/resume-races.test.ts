@@ -15,6 +15,7 @@ import { createLogger } from '../../shared/log.ts';
 import { RecordingPort } from '../../shared/outbound.ts';
 import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
 import { createServer } from '../../shared/server.ts';
+import { AmbiguousWriteError, createDocumentClient } from '../../shared/store/dynamo.ts';
 import { ResourceTakenError } from '../../shared/store/sessions.ts';
 import { createTestConfig } from '../support/dynamodb.ts';
 import { intercept } from '../support/intercept.ts';
@@ -568,5 +569,88 @@ describe('a queued stanza whose post lands after a later one’s (seed 9 of sess
     const item = await server.smQueue.get(smId);
     expect(item?.entries.map((e) => e.u)).toEqual([undefined]);
     expect(item?.uncertain).toBeFalsy();
+  });
+});
+
+describe('an append whose answer was lost while a resume replayed it (seed 10 of session 11’s final target run)', () => {
+  it('is not posted a second time: the client counts it once and its ack is taken', async () => {
+    const config = await createTestConfig({});
+    const doc = createDocumentClient({ region: config.region, endpoint: config.dynamodbEndpoint });
+    const send = doc.send.bind(doc) as (command: unknown, ...rest: unknown[]) => Promise<unknown>;
+    let resumed: () => void = () => {};
+    const resumeDone = new Promise<void>((resolve) => {
+      resumed = resolve;
+    });
+    let armed = true;
+    // The first append is written, then its answer is lost (DynamoDB ran it and answered 500;
+    // sendOnce turns the SDK's resend into AmbiguousWriteError) after the resume below.
+    (doc as unknown as { send: typeof send }).send = async (command, ...rest) => {
+      const answer = await send(command, ...rest);
+      const update = (command as { input?: { UpdateExpression?: string } }).input?.UpdateExpression ?? '';
+      if (armed && update.includes('list_append')) {
+        armed = false;
+        await resumeDone;
+        throw new AmbiguousWriteError('UpdateItem');
+      }
+      return answer;
+    };
+    const port = new RecordingPort();
+    const server = createServer({ config, port, doc, log: createLogger('silent') });
+    const smId = 'sm-lost-append-answer';
+    const stamp = `${Date.now()}${Math.floor(Math.random() * 1000)}`;
+    const user = `kate${stamp}@localhost`;
+    await server.users.create(user, await deriveCredentialSet('pw', 4096));
+    await server.smQueue.create({
+      smId,
+      user,
+      resource: 'r',
+      version: 'sm3',
+      resumable: true,
+      max: 300,
+      connectionId: 'old',
+    });
+    await server.smQueue.release(smId, 0);
+    for (const connectionId of ['old', 'new']) {
+      await server.sessions.createConnection(connectionId, Date.now());
+      await server.sessions.updateConnection(connectionId, {
+        streamOpen: true,
+        user,
+        ...(connectionId === 'old'
+          ? {
+              resource: 'r',
+              sm: { version: 'sm3', id: smId, inbound: 0, acked: 0, resumable: true, max: 300 },
+            }
+          : {}),
+      });
+    }
+    const frame = (connectionId: string, xml: string, frameId: string, seq: string) =>
+      handleStreamEvent(server, {
+        connectionId,
+        kind: 'frame',
+        frame: xml,
+        receivedAt: Date.now(),
+        frameId,
+        seq,
+      });
+    const chat = new Element('message', { to: `${user}/r`, from: `rob${stamp}@localhost`, type: 'chat' })
+      .c('body')
+      .t('E')
+      .root();
+    // Queued while the session is on 'old'; the answer is on its way back.
+    const delivery = deliver(server, { connectionId: 'old', smId }, chat);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    // The client lost 'old' before E reached it and resumes on 'new' with h = 0: the replay sends E.
+    await frame('new', `<resume xmlns='urn:xmpp:sm:3' previd='${smId}' h='0'/>`, 'resume-new', '10');
+    resumed();
+    expect(await delivery).toBe('sent');
+    const onNew = (port.frames.get('new') ?? []).join('');
+    expect(onNew.match(/<body>E<\/body>/g)?.length).toBe(1);
+    // The client counted one stanza and says so; XEP-0198 §4: "h ... the last handled stanza".
+    await frame('new', "<a xmlns='urn:xmpp:sm:3' h='1'/>", 'a-new', '11');
+    const after = (port.frames.get('new') ?? []).join('');
+    expect(after).not.toContain('handled-count-too-high');
+    expect(port.closed.has('new')).toBe(false);
+    const item = await server.smQueue.get(smId);
+    expect([item?.out, item?.base]).toEqual([1, 1]);
   });
 });
