@@ -72,6 +72,19 @@ export interface Config {
    */
   smLatePostMs: number;
   /**
+   * XEP-0198: how stanzas queued for one stream go out. `checked`: each sender posts its own, and
+   * every answered post reads the queue again (SM_LATE_POST_MS) to mark what later stanzas may have
+   * overtaken. `serial`: the sender that finds nobody posting holds the session and posts what is
+   * queued in order, until the queue is out; the others only queue. Posts never cross, so a
+   * client's count is always a prefix, and a resume sends again exactly what it lacks.
+   */
+  smPostOrder: 'checked' | 'serial';
+  /**
+   * SM_POST_ORDER=serial: a hold older than this (ms) belongs to a poster that died (a function
+   * stopped mid-burst): the next sender closes the socket, and the client's resume takes over.
+   */
+  smPosterLeaseMs: number;
+  /**
    * XEP-0198: how long (since it arrived) a `<resume/>` waits for the old stream to finish routing
    * a stanza it counted, before it goes ahead anyway (the client's later stanzas could overtake it).
    */
@@ -135,6 +148,8 @@ export const TUNABLE_SETTINGS = [
   'SM_QUEUE_MAX_BYTES',
   'SM_ACK_TIMEOUT_SECONDS',
   'SM_LATE_POST_MS',
+  'SM_POST_ORDER',
+  'SM_POSTER_LEASE_MS',
   'SM_RESUME_SETTLE_MS',
   'FRAME_DONE_MARKS',
   'FRAME_RETRY_MAX_SECONDS',
@@ -218,6 +233,9 @@ export function loadConfig(env: Env = process.env): Config {
     smQueueMaxBytes: Math.min(240 * 1024, int(env, 'SM_QUEUE_MAX_BYTES', 192 * 1024)),
     smAckTimeoutSeconds: int(env, 'SM_ACK_TIMEOUT_SECONDS', 120),
     smLatePostMs: int(env, 'SM_LATE_POST_MS', 0),
+    smPostOrder: oneOf(env, 'SM_POST_ORDER', ['checked', 'serial'] as const, 'checked'),
+    // Past the stream function's 30 s timeout: a hold this old has no living poster.
+    smPosterLeaseMs: Math.max(1000, int(env, 'SM_POSTER_LEASE_MS', 35_000)),
     smResumeSettleMs: int(env, 'SM_RESUME_SETTLE_MS', 5000),
     frameDoneMarks: oneOf(env, 'FRAME_DONE_MARKS', ['all', 'batched'] as const, 'all'),
     archiveCollectionGapSeconds: int(env, 'ARCHIVE_COLLECTION_GAP_SECONDS', 30 * 60),

@@ -212,7 +212,8 @@ async function deliverToSmSession(
   // From before the append: an append the SDK tried again may have been written (and later
   // entries posted) long before it returned.
   const appendedAt = Date.now();
-  const result = await appendOnce(server, smId, entry);
+  const serial = server.config.smPostOrder === 'serial';
+  const result = await appendOnce(server, smId, entry, serial ? key : undefined);
   if (result.kind === 'found') return settleUnknownPost(server, smId, key, result.item, 'uncertain append');
   server.log.debug('stanza to a stream-management queue', {
     smId,
@@ -230,7 +231,7 @@ async function deliverToSmSession(
     return settleUnknownPost(server, smId, key, item, 'append found by its key');
   if (
     result.found === 'ambiguous' &&
-    (item.holding || (item.settledOut !== undefined && number <= item.settledOut))
+    ((item.holding && item.holder !== key) || (item.settledOut !== undefined && number <= item.settledOut))
   ) {
     // Written, its answer lost, and a resume attached the session meanwhile: the replay that
     // stopped holding at `settledOut` posted it (or its count covered it), and the one holding now
@@ -252,6 +253,9 @@ async function deliverToSmSession(
       await endSession(server, sessionOfItem(item), 'expired');
     return 'sent';
   }
+  const askByBytes =
+    Math.floor(bytes / server.config.smAckBytes) > Math.floor((bytes - size) / server.config.smAckBytes);
+  if (serial) return postInOrder(server, smId, key, { item, number }, stanza, askByBytes || congested);
   if (item.holding) return 'sent';
   // From here the stanza is queued: whatever happens to the post, it is the session's, and the
   // sender's frame must not fail (a redelivery would queue it again).
@@ -313,13 +317,100 @@ async function deliverToSmSession(
   }
   if (posted === 'gone') return 'sent';
   if (posted !== 'sent') return 'sent';
-  const ackBytes = server.config.smAckBytes;
-  const crossedBytes = Math.floor(bytes / ackBytes) > Math.floor((bytes - size) / ackBytes);
-  if (number % server.config.smAckEvery === 0 || crossedBytes || congested) {
+  if (number % server.config.smAckEvery === 0 || askByBytes || congested) {
     // Batched: one <r/> per smAckEvery stanzas or smAckBytes queued, each being a paid
     // message and invocation.
     await postQueued(server, item.connectionId, ackRequest(item.version, number));
   }
+  return 'sent';
+}
+
+/** A poster's hold (SM_POST_ORDER=serial) older than its lease: no living function has it. */
+function holdExpired(server: Server, item: SmQueueItem): boolean {
+  return (
+    item.holder !== undefined &&
+    item.holdingAt !== undefined &&
+    Date.now() - item.holdingAt > server.config.smPosterLeaseMs
+  );
+}
+
+/**
+ * Time kept in hand to close the socket when a poster's invocation runs out (ms): a post may take
+ * 2 s to time out. At most half of what was left when the poster started (short timeouts).
+ */
+const POSTER_MARGIN_MS = 3_000;
+
+/**
+ * SM_POST_ORDER=serial: the delivery that queued `key` posts the session's queue in order if its
+ * append took the hold (nobody held it); every other delivery only queues. The holder posts each
+ * entry after the last one posted (`settledOut`) once the one before was answered, then lets the
+ * hold go with a write conditional on nothing having been appended since (else it posts those
+ * too). No two posts to the stream are ever in flight at once, so the client's count is always a
+ * prefix of the queue: a resume sends again exactly what it lacks, and nothing is marked.
+ *
+ * A post that fails or goes unanswered closes the socket (postQueued) and the hold stays until
+ * the resume's attach takes it over; a resume that attaches meanwhile takes it too, and the
+ * holder stops at its next release. A hold past its lease (the poster's function died) makes the
+ * next delivery close the socket.
+ */
+async function postInOrder(
+  server: Server,
+  smId: string,
+  key: string,
+  { item, number: ownNumber }: { item: SmQueueItem; number: number },
+  own: Element,
+  askAtEnd: boolean,
+): Promise<DeliveryResult> {
+  const connectionId = item.connectionId as string;
+  if (item.holder !== key) {
+    // A replay (`true`) or another sender holds the session: it posts this entry before it lets go.
+    if (holdExpired(server, item))
+      await forceResume(server, connectionId, 'a poster held the session past its lease');
+    return 'sent';
+  }
+  let current = item;
+  const margin = Math.min(POSTER_MARGIN_MS, (frameTimeLeft() ?? Number.POSITIVE_INFINITY) / 2);
+  // Every entry up to `settledOut` went out in order (or was acknowledged) when the last hold was let go.
+  let sent = Math.max(current.settledOut ?? ownNumber - 1, current.base);
+  let asked = 0;
+  for (;;) {
+    for (let number = sent + 1; number <= current.out; number++) {
+      const entry = current.entries[number - current.base - 1];
+      // Acknowledged already (posted by an earlier replay): nothing to post.
+      if (!entry) {
+        sent = number;
+        continue;
+      }
+      const left = frameTimeLeft();
+      if (left !== undefined && left < margin) {
+        // Out of time mid-burst: the resume carries on where the client's count says.
+        await forceResume(server, connectionId, 'out of time while posting the queue in order');
+        return 'sent';
+      }
+      const posted = await postQueued(server, connectionId, entry.k === key ? own : parse(entry.s));
+      if (posted !== 'sent') {
+        // Closed (failed, unanswered) or gone (410): the client resumes, and the hold stays ours
+        // until that resume's attach takes it; nothing after this entry was posted.
+        if (posted === 'gone') await server.host.fire('connection-vanished', { connectionId });
+        return 'sent';
+      }
+      sent = number;
+      if (number % server.config.smAckEvery === 0) {
+        asked = number;
+        await postQueued(server, connectionId, ackRequest(current.version, number));
+      }
+    }
+    const outcome = await withTransientRetries(MARK_ATTEMPTS, () =>
+      server.smQueue.releasePoster(smId, key, sent, connectionId),
+    );
+    if (outcome.released) break;
+    const now = outcome.item;
+    // The session ended, or a resume took the hold (its replay starts at the client's count).
+    if (!now || now.holder !== key || now.connectionId !== connectionId) return 'sent';
+    // More was queued meanwhile: posted too, then the hold is let go again.
+    current = now;
+  }
+  if (askAtEnd && asked !== sent) await postQueued(server, connectionId, ackRequest(current.version, sent));
   return 'sent';
 }
 
@@ -362,9 +453,10 @@ async function appendOnce(
   server: Server,
   smId: string,
   entry: SmEntry,
+  poster?: string,
 ): Promise<AppendResult | { kind: 'found'; item: SmQueueItem }> {
   try {
-    return await server.smQueue.append(smId, entry, server.config.smQueueMax);
+    return await server.smQueue.append(smId, entry, server.config.smQueueMax, poster);
   } catch (error) {
     if (entry.k === undefined || !isTransient(error)) throw error;
     const found = await withTransientRetries(3, () => server.smQueue.get(smId)).catch(() => undefined);
@@ -396,6 +488,16 @@ async function settleUnknownPost(
   const at = item.entries.findIndex((entry) => entry.k === key);
   if (at >= 0 && item.settledOut !== undefined && item.base + at + 1 <= item.settledOut) {
     server.log.debug('stanza sent again by a resume since its append: settled', { smId, reason });
+    return 'sent';
+  }
+  if (server.config.smPostOrder === 'serial') {
+    // Posts go out in order, each by whoever holds the session: detached, a resume replays it;
+    // held by a replay or a living poster, that one posts it. Held by this very delivery (an
+    // earlier attempt of its frame took the hold, and how far it posted nobody knows) or by a
+    // dead poster: the socket is closed, and the client's count, a prefix, tells the resume.
+    if (!item.connectionId) return 'sent';
+    if (item.holding && item.holder !== key && !holdExpired(server, item)) return 'sent';
+    await forceResume(server, item.connectionId, reason);
     return 'sent';
   }
   const closed =
@@ -678,6 +780,10 @@ async function probeAttachedSessions(server: Server, now: number): Promise<numbe
     const due = await server.smQueue.listDueProbes(now, 50);
     for (const item of due) {
       const connectionId = item.connectionId as string;
+      // A poster that died mid-burst (SM_POST_ORDER=serial) and no delivery since to notice it:
+      // the socket is closed, and the client's resume sends what waited.
+      if (holdExpired(server, item))
+        await forceResume(server, connectionId, 'a poster held the session past its lease');
       const posted = await post(server, connectionId, ackRequest(item.version, item.out));
       if (posted === 'sent') {
         await server.smQueue.deferProbe(item.smId, connectionId, now + PROBE_AFTER_MS);

@@ -68,6 +68,12 @@ export interface SmQueueItem {
   connectionId?: string;
   /** While set, appenders queue without posting: the owner is replaying the queue in order. */
   holding?: boolean;
+  /**
+   * SM_POST_ORDER=serial: the delivery key of the appender that holds the session and posts its
+   * queue in order (`holding` is then this string rather than `true`), and when it took it.
+   */
+  holder?: string;
+  holdingAt?: number;
   /** Number of stanzas ever queued (the server's outbound count, unwrapped). */
   out: number;
   /** Number of stanzas acknowledged; `entries[0]` has number `base + 1`. */
@@ -107,8 +113,9 @@ export interface SmQueueItem {
    */
   unpostedAfter?: number;
   /**
-   * `out` when the session last stopped holding (`release`): every entry numbered up to it was
-   * acknowledged or posted, in order, by the replay that ended there (or none, after an enable).
+   * `out` when the session last stopped holding (`release`, `releasePoster`): every entry
+   * numbered up to it was acknowledged or posted, in order, by the replay or the poster that
+   * ended there (or none, after an enable).
    */
   settledOut?: number;
 }
@@ -292,6 +299,8 @@ function toItem(raw: Record<string, unknown>): SmQueueItem {
     max: raw.max as number,
     connectionId: raw.connectionId as string | undefined,
     holding: Boolean(raw.holding),
+    ...(typeof raw.holding === 'string' ? { holder: raw.holding } : {}),
+    ...(typeof raw.holdingAt === 'number' ? { holdingAt: raw.holdingAt } : {}),
     out: (raw.out as number | undefined) ?? 0,
     base: (raw.base as number | undefined) ?? 0,
     entries: loadedEntries(raw.q),
@@ -335,7 +344,11 @@ export interface SmQueueStore {
   get(smId: string): Promise<SmQueueItem | undefined>;
   /** Just the counters (a projection: cheaper to move than the queue). */
   counts(smId: string): Promise<{ out: number; base: number } | undefined>;
-  append(smId: string, entry: SmEntry, maxEntries: number): Promise<AppendResult>;
+  /**
+   * Appends `entry`. With `poster` (SM_POST_ORDER=serial), the append also takes the session's
+   * hold for that key if nobody holds it (`holding` is then the key: see SmQueueItem.holder).
+   */
+  append(smId: string, entry: SmEntry, maxEntries: number, poster?: string): Promise<AppendResult>;
   /**
    * Drops entries up to `newBase`; returns the dropped ones and those still waiting. Only the
    * owner `connectionId` may: anyone else gets NotSessionOwnerError (a late ack of a stream
@@ -398,6 +411,18 @@ export interface SmQueueStore {
   ): Promise<SmQueueItem | undefined>;
   /** Stops holding if nothing was appended since `seenOut`; false means: replay the rest, then retry. */
   release(smId: string, seenOut: number): Promise<boolean>;
+  /**
+   * SM_POST_ORDER=serial: the poster `key` posted every entry up to `seenOut` to `connectionId`
+   * and lets the hold go, if nothing was appended since and the hold is still its own on that
+   * connection. Otherwise the queue as it is (to post the rest, or to stop: the hold went to a
+   * resume), or undefined when the session ended.
+   */
+  releasePoster(
+    smId: string,
+    key: string,
+    seenOut: number,
+    connectionId: string,
+  ): Promise<{ released: true } | { released: false; item?: SmQueueItem }>;
   /** The socket is gone: keep the session for `sweepAt`, record the inbound count. */
   detach(
     smId: string,
@@ -565,7 +590,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       return Item ? { out: (Item.out as number) ?? 0, base: (Item.base as number) ?? 0 } : undefined;
     },
 
-    async append(smId, entry, maxEntries) {
+    async append(smId, entry, maxEntries, poster) {
       // `lk`, the last key appended: an append retried after DynamoDB ran it must not queue the
       // stanza twice. The SDK does not resend a keyed append (`sendOnce`): its resend would pass
       // that check once another sender's append came between, and queue the stanza a second time
@@ -576,7 +601,11 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
         const command = new UpdateCommand({
           TableName: table,
           Key: key(smId),
-          UpdateExpression: `SET q = list_append(q, :entry)${keyed ? ', lk = :k' : ''} ADD #out :one`,
+          UpdateExpression: `SET q = list_append(q, :entry)${keyed ? ', lk = :k' : ''}${
+            poster === undefined
+              ? ''
+              : ', holding = if_not_exists(holding, :poster), holdingAt = if_not_exists(holdingAt, :now)'
+          } ADD #out :one`,
           ConditionExpression: `attribute_exists(q) AND size(q) < :max AND attribute_not_exists(congested) AND attribute_not_exists(ended)${keyed ? ' AND (attribute_not_exists(lk) OR lk <> :k)' : ''}`,
           ExpressionAttributeNames: { '#out': 'out' },
           ExpressionAttributeValues: {
@@ -584,6 +613,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             ':one': 1,
             ':max': maxEntries,
             ...(keyed ? { ':k': entry.k } : {}),
+            ...(poster === undefined ? {} : { ':poster': poster, ':now': Date.now() }),
           },
           ReturnValues: 'ALL_NEW',
         });
@@ -841,7 +871,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           new UpdateCommand({
             TableName: table,
             Key: key(smId),
-            UpdateExpression: 'REMOVE holding SET settledOut = :seen',
+            UpdateExpression: 'REMOVE holding, holdingAt SET settledOut = :seen',
             ConditionExpression: '#out = :seen',
             ExpressionAttributeNames: { '#out': 'out' },
             ExpressionAttributeValues: { ':seen': seenOut },
@@ -851,6 +881,31 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       } catch (error) {
         if (isConditionFailure(error)) return false;
         throw error;
+      }
+    },
+
+    async releasePoster(smId, posterKey, seenOut, connectionId) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: key(smId),
+            UpdateExpression: 'REMOVE holding, holdingAt SET settledOut = :seen',
+            ConditionExpression:
+              'holding = :poster AND #out = :seen AND connectionId = :connectionId AND attribute_not_exists(ended)',
+            ExpressionAttributeNames: { '#out': 'out' },
+            ExpressionAttributeValues: {
+              ':seen': seenOut,
+              ':poster': posterKey,
+              ':connectionId': connectionId,
+            },
+          }),
+        );
+        return { released: true };
+      } catch (error) {
+        if (!isConditionFailure(error)) throw error;
+        const item = await this.get(smId);
+        return { released: false, ...(item && !item.ended ? { item } : {}) };
       }
     },
 

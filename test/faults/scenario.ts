@@ -211,6 +211,8 @@ export async function runSchedule(options: RunOptions): Promise<ScheduleRun> {
       ...(process.env.FRAME_DONE_MARKS ? { FRAME_DONE_MARKS: process.env.FRAME_DONE_MARKS } : {}),
       // Likewise `SM_LATE_POST_MS=0`: every post that later entries were queued behind is marked.
       ...(process.env.SM_LATE_POST_MS ? { SM_LATE_POST_MS: process.env.SM_LATE_POST_MS } : {}),
+      // And `SM_POST_ORDER=serial`: one poster per stream at a time (README, Configuration).
+      ...(process.env.SM_POST_ORDER ? { SM_POST_ORDER: process.env.SM_POST_ORDER } : {}),
     }),
     dynamodbEndpoint: options.dynamodbEndpoint,
   };

@@ -9,6 +9,7 @@
 import { Element } from 'ltx';
 import { describe, expect, it } from 'vitest';
 import { deliver } from '../../shared/core/delivery.ts';
+import { inFrame } from '../../shared/core/frame.ts';
 import { sweep } from '../../shared/core/lifecycle.ts';
 import { handleStreamEvent } from '../../shared/core/stream.ts';
 import { createLogger } from '../../shared/log.ts';
@@ -275,13 +276,19 @@ describe('an expiry whose end is slow', () => {
   });
 });
 
-/** A port whose posts of a stanza containing `held` wait until `release()`; `reached` once one does. */
+/**
+ * A port whose posts of a stanza containing `held` (to `only`, when given) wait until
+ * `release()`; `reached` once one does.
+ */
 class HoldingPort extends RecordingPort {
   private gate: Promise<void>;
   release: () => void = () => {};
   reached: Promise<void>;
   private arrived: () => void = () => {};
-  constructor(private readonly held: string) {
+  constructor(
+    private readonly held: string,
+    private readonly only?: string,
+  ) {
     super();
     this.gate = new Promise((resolve) => {
       this.release = resolve;
@@ -291,7 +298,7 @@ class HoldingPort extends RecordingPort {
     });
   }
   override async post(connectionId: string, data: string, notAfter?: number) {
-    if (data.includes(this.held)) {
+    if (data.includes(this.held) && (this.only === undefined || connectionId === this.only)) {
       this.arrived();
       await this.gate;
     }
@@ -654,3 +661,151 @@ describe('an append whose answer was lost while a resume replayed it (seed 10 of
     expect([item?.out, item?.base]).toEqual([1, 1]);
   });
 });
+
+/**
+ * SM_POST_ORDER=serial: the delivery whose append finds nobody holding the session posts its
+ * queue in order; no two posts to a stream are in flight at once, so XEP-0198 §4's "h" ("the
+ * sequence number of the last handled stanza") always counts a prefix of the queue.
+ */
+describe('posts in order (SM_POST_ORDER=serial)', () => {
+  const SERIAL = { SM_POST_ORDER: 'serial' };
+
+  async function serialSession(smId: string, port: RecordingPort, env: Record<string, string> = {}) {
+    const session = await sessionOf(smId, { ...SERIAL, ...env }, port);
+    const { server, user, contact, stream } = session;
+    expect(await server.smQueue.attach(smId, user, 'live', 0)).toBeDefined();
+    await server.smQueue.release(smId, 0);
+    await stream('live', 0);
+    const chat = (body: string) =>
+      new Element('message', { to: `${user}/r`, from: contact, type: 'chat' }).c('body').t(body).root();
+    const send = (body: string) => deliver(server, { connectionId: 'live', smId }, chat(body));
+    const bodies = (connectionId: string) =>
+      (port.frames.get(connectionId) ?? []).flatMap((data) => /<body>([^<]*)</.exec(data)?.[1] ?? []);
+    return { ...session, send, bodies };
+  }
+
+  it('posts what other senders queued during its post after it, one at a time, and lets the hold go', async () => {
+    const port = new HoldingPort('first');
+    const { server, send, bodies } = await serialSession('sm-serial-order', port);
+    const first = send('first');
+    await port.reached;
+    // Queued behind 'first' (its post is on its way): not posted by its own sender.
+    expect(await send('second')).toBe('sent');
+    expect(await send('third')).toBe('sent');
+    expect(bodies('live')).toEqual([]);
+    expect((await server.smQueue.get('sm-serial-order'))?.holder).toBeDefined();
+    port.release();
+    expect(await first).toBe('sent');
+    expect(bodies('live')).toEqual(['first', 'second', 'third']);
+    const item = await server.smQueue.get('sm-serial-order');
+    expect([item?.holding, item?.settledOut, item?.out, Boolean(item?.uncertain)]).toEqual([
+      false,
+      3,
+      3,
+      false,
+    ]);
+    // The next stanza finds nobody holding: its own sender posts it.
+    expect(await send('fourth')).toBe('sent');
+    expect(bodies('live')).toEqual(['first', 'second', 'third', 'fourth']);
+  });
+
+  it('leaves nothing to guess at a socket lost mid-burst: the resume sends exactly what the count lacks', async () => {
+    const port = new HoldingPort('second', 'live');
+    const { server, send, stream, resume, bodies } = await serialSession('sm-serial-lost', port);
+    expect(await send('first')).toBe('sent');
+    // 'second' is on its way when 'third' is queued (behind it, not posted).
+    const second = send('second');
+    await port.reached;
+    expect(await send('third')).toBe('sent');
+    // The socket dies with 'first' delivered: the client counts 1, and nothing it lacks can
+    // have overtaken anything it has. The resume takes the hold and sends 'second' and 'third'.
+    await stream('new');
+    await resume('new', 1);
+    expect(bodies('new')).toEqual(['second', 'third']);
+    // 'second' lands on the dead socket; its sender's release finds the hold taken and stops.
+    port.release();
+    expect(await second).toBe('sent');
+    expect(bodies('live')).toEqual(['first', 'second']);
+    expect(bodies('new')).toEqual(['second', 'third']);
+    const item = await server.smQueue.get('sm-serial-lost');
+    expect([item?.connectionId, item?.holding, Boolean(item?.uncertain), item?.marks]).toEqual([
+      'new',
+      false,
+      false,
+      undefined,
+    ]);
+  });
+
+  it('closes the socket at an unanswered post and keeps the hold: later stanzas wait for the resume, in order', async () => {
+    const port = new UnansweredPort('second');
+    const { server, send, stream, resume, bodies } = await serialSession('sm-serial-unanswered', port);
+    expect(await send('first')).toBe('sent');
+    expect(await send('second')).toBe('sent');
+    expect(port.closed.has('live')).toBe(true);
+    // Nothing goes out behind an entry whose fate is unknown.
+    expect(await send('third')).toBe('sent');
+    expect(bodies('live')).toEqual(['first']);
+    // The client got 'second' after all (h = 2): the resume sends 'third' only, once.
+    await stream('new');
+    await resume('new', 2);
+    expect(bodies('new')).toEqual(['third']);
+    const item = await server.smQueue.get('sm-serial-unanswered');
+    expect([item?.holding, item?.base, item?.out, Boolean(item?.uncertain)]).toEqual([false, 2, 3, false]);
+  });
+
+  it('asks for an ack every SM_ACK_EVERY stanzas it posts, whoever queued them', async () => {
+    const port = new HoldingPort('s1');
+    const { send, sent } = await serialSession('sm-serial-acks', port, { SM_ACK_EVERY: '2' });
+    const first = send('s1');
+    await port.reached;
+    for (const body of ['s2', 's3', 's4']) expect(await send(body)).toBe('sent');
+    port.release();
+    await first;
+    expect(sent('live').match(/<r xmlns=["']urn:xmpp:sm:3["']\/>/g)?.length).toBe(2);
+  });
+
+  it('makes a redelivered frame whose earlier attempt held the session close the socket', async () => {
+    const smId = 'sm-serial-redelivered';
+    const port = new RecordingPort();
+    const { server, user, contact } = await serialSession(smId, port);
+    const chat = new Element('message', { to: `${user}/r`, from: contact, type: 'chat' })
+      .c('body')
+      .t('x')
+      .root();
+    // An earlier attempt of the frame queued its stanza, took the hold and stopped (how far it
+    // posted nobody knows): the entry is queued, held by the frame's delivery key.
+    const entry = { s: chat.toString(), t: Date.now(), k: 'dead-frame:0' };
+    const appended = await server.smQueue.append(smId, entry, 100, 'dead-frame:0');
+    expect(appended.kind === 'queued' && appended.item.holder).toBe('dead-frame:0');
+    const again = inFrame({ frameId: 'dead-frame', receivedAt: Date.now(), receiveCount: 2 }, () =>
+      deliver(server, { connectionId: 'live', smId }, chat),
+    );
+    expect(await again).toBe('sent');
+    expect(port.closed.has('live')).toBe(true);
+    expect((await server.smQueue.get(smId))?.out).toBe(1);
+  });
+
+  it('makes the next delivery close the socket when a hold outlived its lease (its poster died)', async () => {
+    const port = new RecordingPort();
+    const { server, send } = await serialSession('sm-serial-lease', port, { SM_POSTER_LEASE_MS: '1000' });
+    const entry = { s: '<message><body>y</body></message>', t: Date.now(), k: 'died:0' };
+    expect((await server.smQueue.append('sm-serial-lease', entry, 100, 'died:0')).kind).toBe('queued');
+    // Within the lease, a delivery only queues: the holder posts it.
+    expect(await send('within')).toBe('sent');
+    expect(port.closed.has('live')).toBe(false);
+    await new Promise((resolve) => setTimeout(resolve, 1100));
+    expect(await send('after')).toBe('sent');
+    expect(port.closed.has('live')).toBe(true);
+  });
+});
+
+/** A port whose post of a stanza containing `unanswered` reaches nobody and is never answered. */
+class UnansweredPort extends RecordingPort {
+  constructor(private readonly unanswered: string) {
+    super();
+  }
+  override async post(connectionId: string, data: string, notAfter?: number) {
+    if (data.includes(this.unanswered)) return 'unknown' as const;
+    return super.post(connectionId, data, notAfter);
+  }
+}
