@@ -1028,9 +1028,12 @@ async function replayHeld(
         return;
       sent += 1;
     }
-    if (await server.smQueue.release(sm.id, sent)) return;
+    if (await server.smQueue.release(sm.id, sent, stream.connectionId)) return;
     const item = await server.smQueue.get(sm.id);
-    if (!item || item.ended) return;
+    // Resumed elsewhere meanwhile (that resume's replay holds it now), or no longer held by a
+    // replay: whatever is left is someone else's to post.
+    if (!item || item.ended || item.connectionId !== stream.connectionId || !item.holding || item.holder)
+      return;
     entries = item.entries;
     base = item.base;
   }

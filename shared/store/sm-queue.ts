@@ -409,8 +409,13 @@ export interface SmQueueStore {
     inbound?: number,
     from?: string | null,
   ): Promise<SmQueueItem | undefined>;
-  /** Stops holding if nothing was appended since `seenOut`; false means: replay the rest, then retry. */
-  release(smId: string, seenOut: number): Promise<boolean>;
+  /**
+   * Stops holding if nothing was appended since `seenOut`; false means: replay the rest, then retry.
+   * With `connectionId` (the replaying stream's), only a replay's hold (`true`) on that connection
+   * is let go: a replay slow enough that its client resumed elsewhere meanwhile must not end the
+   * new replay's hold, or deliveries would post beside that replay, the same entries twice.
+   */
+  release(smId: string, seenOut: number, connectionId?: string): Promise<boolean>;
   /**
    * SM_POST_ORDER=serial: the poster `key` posted every entry up to `seenOut` to `connectionId`
    * and lets the hold go, if nothing was appended since and the hold is still its own on that
@@ -514,7 +519,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           // The entries stay until they are re-routed (finishReroute): a failure on the way
           // leaves them for the sweeper (the `reroute` partition), never lost.
           UpdateExpression:
-            'SET ended = :yes, inbound = :inbound, #ttl = :ttl, rerouted = :zero, sweepShard = :reroute, sweepAt = :retry REMOVE connectionId, holding',
+            'SET ended = :yes, inbound = :inbound, #ttl = :ttl, rerouted = :zero, sweepShard = :reroute, sweepAt = :retry REMOVE connectionId, holding, holdingAt',
           // UpdateItem creates a missing item whose condition holds, and attribute_not_exists
           // holds on a missing item: "detached" must also name an existing one.
           ConditionExpression: `${
@@ -841,7 +846,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             // unpostedAfter (-1 when the session was attached: a takeover), for this resume.
             UpdateExpression: `SET connectionId = :connectionId, holding = :yes, #ttl = :ttl, sweepShard = :attached, sweepAt = :probe, unpostedAfter = if_not_exists(detachedOut, :none)${
               inbound === undefined ? '' : ', inbound = :inbound'
-            } REMOVE detachedFrom, detachedOut`,
+            } REMOVE detachedFrom, detachedOut, holdingAt`,
             ConditionExpression: conditions.join(' AND '),
             ExpressionAttributeNames: { '#user': 'user', '#ttl': TTL_ATTRIBUTE },
             ExpressionAttributeValues: {
@@ -865,16 +870,21 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       }
     },
 
-    async release(smId, seenOut) {
+    async release(smId, seenOut, connectionId) {
       try {
         await doc.send(
           new UpdateCommand({
             TableName: table,
             Key: key(smId),
             UpdateExpression: 'REMOVE holding, holdingAt SET settledOut = :seen',
-            ConditionExpression: '#out = :seen',
+            ConditionExpression: `#out = :seen${
+              connectionId === undefined ? '' : ' AND connectionId = :connectionId AND holding = :yes'
+            }`,
             ExpressionAttributeNames: { '#out': 'out' },
-            ExpressionAttributeValues: { ':seen': seenOut },
+            ExpressionAttributeValues: {
+              ':seen': seenOut,
+              ...(connectionId === undefined ? {} : { ':connectionId': connectionId, ':yes': true }),
+            },
           }),
         );
         return true;
@@ -916,7 +926,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             TableName: table,
             Key: key(smId),
             UpdateExpression:
-              'REMOVE connectionId, holding SET sweepShard = :shard, sweepAt = :at, inbound = :inbound, directedTo = :directed, #ttl = :ttl, detachedFrom = :connectionId, detachedOut = if_not_exists(#out, :zero)',
+              'REMOVE connectionId, holding, holdingAt SET sweepShard = :shard, sweepAt = :at, inbound = :inbound, directedTo = :directed, #ttl = :ttl, detachedFrom = :connectionId, detachedOut = if_not_exists(#out, :zero)',
             ConditionExpression: 'connectionId = :connectionId AND attribute_not_exists(ended)',
             ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE, '#out': 'out' },
             ExpressionAttributeValues: {

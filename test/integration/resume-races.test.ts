@@ -809,3 +809,71 @@ class UnansweredPort extends RecordingPort {
     return super.post(connectionId, data, notAfter);
   }
 }
+
+/** A port whose post of a stanza containing `body` to `connectionId` waits for its gate. */
+class GatedPort extends RecordingPort {
+  private readonly gates = new Map<
+    string,
+    { open: () => void; opened: Promise<void>; reached: () => void; arrived: Promise<void> }
+  >();
+  gate(connectionId: string, body: string) {
+    let open: () => void = () => {};
+    let reached: () => void = () => {};
+    const opened = new Promise<void>((resolve) => {
+      open = resolve;
+    });
+    const arrived = new Promise<void>((resolve) => {
+      reached = resolve;
+    });
+    this.gates.set(`${connectionId} ${body}`, { open, opened, reached, arrived });
+    return { open, arrived };
+  }
+  override async post(connectionId: string, data: string, notAfter?: number) {
+    for (const [name, gate] of this.gates) {
+      const [to, body] = name.split(' ') as [string, string];
+      if (to === connectionId && data.includes(`<body>${body}</body>`)) {
+        this.gates.delete(name);
+        gate.reached();
+        await gate.opened;
+      }
+    }
+    return super.post(connectionId, data, notAfter);
+  }
+}
+
+describe('a replay slow enough that its client resumed elsewhere meanwhile', () => {
+  for (const order of ['checked', 'serial']) {
+    it(`does not end the new replay's hold, so nothing is posted twice (SM_POST_ORDER=${order})`, async () => {
+      const smId = `sm-stale-release-${order}`;
+      const port = new GatedPort();
+      const { server, user, contact, stream, resume } = await sessionOf(smId, { SM_POST_ORDER: order }, port);
+      const chat = (body: string) =>
+        new Element('message', { to: `${user}/r`, from: contact, type: 'chat' }).c('body').t(body).root();
+      // Queued while detached: 'first' and 'second'.
+      expect(await server.smQueue.detach(smId, 'first', 0, Date.now() + 300_000, [])).toBe(true);
+      expect(await deliver(server, { connectionId: 'first', smId }, chat('first'))).toBe('sent');
+      expect(await deliver(server, { connectionId: 'first', smId }, chat('second'))).toBe('sent');
+      // The resume on 'c9' replays; its post of 'second' is slow.
+      const slow = port.gate('c9', 'second');
+      await stream('c9');
+      const c9 = resume('c9', 0);
+      await slow.arrived;
+      // The client gave up on 'c9' and resumes on 'c10', whose replay is slow too.
+      const replaying = port.gate('c10', 'first');
+      await stream('c10');
+      const c10 = resume('c10', 0);
+      await replaying.arrived;
+      // 'c9''s post is answered at last: its replay must not let go of 'c10''s hold.
+      slow.open();
+      await c9;
+      // A stanza queued now waits for 'c10''s replay (held), rather than going out beside it.
+      expect(await deliver(server, { connectionId: 'c10', smId }, chat('third'))).toBe('sent');
+      replaying.open();
+      await c10;
+      const onC10 = (port.frames.get('c10') ?? []).flatMap((data) => /<body>([^<]*)</.exec(data)?.[1] ?? []);
+      expect(onC10).toEqual(['first', 'second', 'third']);
+      const item = await server.smQueue.get(smId);
+      expect([item?.connectionId, item?.holding, item?.settledOut]).toEqual(['c10', false, 3]);
+    });
+  }
+});
