@@ -39,8 +39,17 @@ export async function createTestTables(
   return createPrefixedTables(useDynamoDbLocal(), TEST_REGION, prefix);
 }
 
-/** A configuration on fresh test tables of the run's DynamoDB Local; `env` as for `loadConfig`. */
+/**
+ * A configuration on fresh test tables of the run's DynamoDB Local; `env` as for `loadConfig`.
+ * `SM_POST_ORDER` in the environment applies to every test that does not set it itself
+ * (`SM_POST_ORDER=serial npx vitest run test/e2e` runs the suite with the other posting order).
+ */
 export async function createTestConfig(env: Record<string, string | undefined> = {}): Promise<Config> {
   const tables = await createTestTables();
-  return { ...loadConfig({ AWS_REGION: TEST_REGION, ...env }), tables, dynamodbEndpoint: useDynamoDbLocal() };
+  const order = process.env.SM_POST_ORDER ? { SM_POST_ORDER: process.env.SM_POST_ORDER } : {};
+  return {
+    ...loadConfig({ AWS_REGION: TEST_REGION, ...order, ...env }),
+    tables,
+    dynamodbEndpoint: useDynamoDbLocal(),
+  };
 }
