@@ -592,6 +592,24 @@ describe('the seed: urn:xmpp:sm:1 (v0.7)', () => {
   });
 });
 
+/**
+ * Runs a test with the stack's senders each posting their own stanza (SM_POST_ORDER=checked),
+ * whatever the run's setting: the crossing posts and the marks these tests make exist only then
+ * (with SM_POST_ORDER=serial a later stanza waits for the earlier one's answer).
+ */
+function checked(test: () => Promise<void>): () => Promise<void> {
+  return async () => {
+    const config = stack.server.config as { smPostOrder: string };
+    const before = config.smPostOrder;
+    config.smPostOrder = 'checked';
+    try {
+      await test();
+    } finally {
+      config.smPostOrder = before;
+    }
+  };
+}
+
 describe('resumption (sm:3)', () => {
   it('survives an abrupt socket loss in the middle of 500 messages: all arrive once, in order', async () => {
     const juliet = await login('juliet', { resource: 'balcony', reconnect: true });
@@ -651,225 +669,240 @@ describe('resumption (sm:3)', () => {
   // for". A stanza whose frame failed after queueing it (a 500 after DynamoDB wrote the append)
   // was never posted, while another sender's later stanza was: the client's count of 3 (its own
   // presence, 'first', 'third') covers positions 1 to 3, yet it lacks the 3rd, 'second'.
-  it('sends again on resume a stanza queued but never posted while a later one went out', async () => {
-    const {
-      recipient: viola,
-      enabled,
-      senders: [orsino, feste],
-      to,
-      body,
-    } = await recipientAndTwoSenders('viola', 'desk', ['orsino', 'feste']);
-    const queue = stack.server.smQueue;
-    const append = queue.append.bind(queue);
-    const get = queue.get.bind(queue);
-    let failed = false;
-    let failGets = 0;
-    const restoreAppend = intercept(queue, 'append', async (smId, entry, max) => {
-      const result = await append(smId, entry, max);
-      if (!failed && entry.s.includes('second')) {
-        failed = true;
-        // Written, but answered with errors, and so is every look at the queue for a while: the
-        // frame goes on failing. Meanwhile another sender's later stanza is posted.
-        feste.send(to('third'));
-        await viola.until(body('third'));
-        failGets = 3;
-        throw serverError();
+  it(
+    'sends again on resume a stanza queued but never posted while a later one went out',
+    checked(async () => {
+      const {
+        recipient: viola,
+        enabled,
+        senders: [orsino, feste],
+        to,
+        body,
+      } = await recipientAndTwoSenders('viola', 'desk', ['orsino', 'feste']);
+      const queue = stack.server.smQueue;
+      const append = queue.append.bind(queue);
+      const get = queue.get.bind(queue);
+      let failed = false;
+      let failGets = 0;
+      const restoreAppend = intercept(queue, 'append', async (smId, entry, max) => {
+        const result = await append(smId, entry, max);
+        if (!failed && entry.s.includes('second')) {
+          failed = true;
+          // Written, but answered with errors, and so is every look at the queue for a while: the
+          // frame goes on failing. Meanwhile another sender's later stanza is posted.
+          feste.send(to('third'));
+          await viola.until(body('third'));
+          failGets = 3;
+          throw serverError();
+        }
+        return result;
+      });
+      const restoreGet = intercept(queue, 'get', async (smId) => {
+        if (failGets > 0) {
+          failGets -= 1;
+          throw serverError();
+        }
+        return get(smId);
+      });
+      try {
+        orsino.send(to('first'));
+        await viola.until(body('first'));
+        orsino.send(to('second'));
+        // The frame's retry finds 'second' queued behind 'third': the socket goes, viola resumes.
+        await viola.closed;
+      } finally {
+        restoreAppend();
+        restoreGet();
       }
-      return result;
-    });
-    const restoreGet = intercept(queue, 'get', async (smId) => {
-      if (failGets > 0) {
-        failGets -= 1;
-        throw serverError();
-      }
-      return get(smId);
-    });
-    try {
-      orsino.send(to('first'));
-      await viola.until(body('first'));
-      orsino.send(to('second'));
-      // The frame's retry finds 'second' queued behind 'third': the socket goes, viola resumes.
-      await viola.closed;
-    } finally {
-      restoreAppend();
-      restoreGet();
-    }
-    const { client } = await authenticated('viola');
-    client.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='3'/>`);
-    expect((await client.next()).is('resumed', SM3)).toBe(true);
-    const second = await client.until(body('second'));
-    expect(second.getChild('delay', DELAY)).toBeDefined();
-    // 'third' may come again (the count could not say which of the two viola had): never lost.
-    expect((await queue.get(enabled.attrs.id as string))?.uncertain).toBeUndefined();
-  });
+      const { client } = await authenticated('viola');
+      client.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='3'/>`);
+      expect((await client.next()).is('resumed', SM3)).toBe(true);
+      const second = await client.until(body('second'));
+      expect(second.getChild('delay', DELAY)).toBeDefined();
+      // 'third' may come again (the count could not say which of the two viola had): never lost.
+      expect((await queue.get(enabled.attrs.id as string))?.uncertain).toBeUndefined();
+    }),
+  );
 
   // Two senders' stanzas are posted by two invocations at once; the socket dies between: the
   // later one got through, the earlier one meets 410 Gone. The client counts 3 (its presence,
   // 'before', 'overtaking'), which as a prefix would cover 'overtaken' too.
-  it('sends again on resume a stanza refused with 410 after a later one went out', async () => {
-    const {
-      recipient: cesario,
-      enabled,
-      senders: [antonio, curio],
-      to,
-      body,
-    } = await recipientAndTwoSenders('cesario', 'court', ['antonio', 'curio']);
-    const restore = goneOnceOvertaken(cesario, curio, to, body);
-    try {
-      antonio.send(to('before'));
-      await cesario.until(body('before'));
-      antonio.send(to('overtaken'));
-      await detached(enabled.attrs.id as string);
-    } finally {
-      restore();
-    }
-    const { client } = await authenticated('cesario');
-    client.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='3'/>`);
-    expect((await client.next()).is('resumed', SM3)).toBe(true);
-    expect((await client.until(body('overtaken'))).getChild('delay', DELAY)).toBeDefined();
-    // The 410 says the client surely lacks 'overtaken', so its count of 3 is the other three:
-    // 'overtaking' is not sent a second time.
-    expect((await client.framesBeforePong()).filter((frame) => frame.includes('overtaking'))).toEqual([]);
-  });
+  it(
+    'sends again on resume a stanza refused with 410 after a later one went out',
+    checked(async () => {
+      const {
+        recipient: cesario,
+        enabled,
+        senders: [antonio, curio],
+        to,
+        body,
+      } = await recipientAndTwoSenders('cesario', 'court', ['antonio', 'curio']);
+      const restore = goneOnceOvertaken(cesario, curio, to, body);
+      try {
+        antonio.send(to('before'));
+        await cesario.until(body('before'));
+        antonio.send(to('overtaken'));
+        await detached(enabled.attrs.id as string);
+      } finally {
+        restore();
+      }
+      const { client } = await authenticated('cesario');
+      client.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='3'/>`);
+      expect((await client.next()).is('resumed', SM3)).toBe(true);
+      expect((await client.until(body('overtaken'))).getChild('delay', DELAY)).toBeDefined();
+      // The 410 says the client surely lacks 'overtaken', so its count of 3 is the other three:
+      // 'overtaking' is not sent a second time.
+      expect((await client.framesBeforePong()).filter((frame) => frame.includes('overtaking'))).toEqual([]);
+    }),
+  );
 
   // The same, with DynamoDB failing the mark of the refused entry once (seed 5 of session 8's
   // target run: four 500s in a row). Left to the frame's redelivery, the entry would be marked
   // only "uncertain", and the count of 3 could no longer vouch for 'overtaking'.
-  it('a 410 mark that DynamoDB failed once is made again at once: the count still vouches for the rest', async () => {
-    const {
-      recipient: jessica,
-      enabled,
-      senders: [lorenzo, bassanio],
-      to,
-      body,
-    } = await recipientAndTwoSenders('jessica', 'belmont', ['lorenzo', 'bassanio']);
-    const restorePost = goneOnceOvertaken(jessica, bassanio, to, body);
-    const queue = stack.server.smQueue;
-    const mark = queue.markUncertain.bind(queue);
-    let marks = 0;
-    const restoreMark = intercept(queue, 'markUncertain', async (...args) => {
-      // The 410's mark (missed): every answered post is checked too (SM_LATE_POST_MS=0).
-      if (args[4] === true) {
-        marks += 1;
-        if (marks === 1) throw serverError();
+  it(
+    'a 410 mark that DynamoDB failed once is made again at once: the count still vouches for the rest',
+    checked(async () => {
+      const {
+        recipient: jessica,
+        enabled,
+        senders: [lorenzo, bassanio],
+        to,
+        body,
+      } = await recipientAndTwoSenders('jessica', 'belmont', ['lorenzo', 'bassanio']);
+      const restorePost = goneOnceOvertaken(jessica, bassanio, to, body);
+      const queue = stack.server.smQueue;
+      const mark = queue.markUncertain.bind(queue);
+      let marks = 0;
+      const restoreMark = intercept(queue, 'markUncertain', async (...args) => {
+        // The 410's mark (missed): every answered post is checked too (SM_LATE_POST_MS=0).
+        if (args[4] === true) {
+          marks += 1;
+          if (marks === 1) throw serverError();
+        }
+        return mark(...args);
+      });
+      try {
+        lorenzo.send(to('before'));
+        await jessica.until(body('before'));
+        lorenzo.send(to('overtaken'));
+        await detached(enabled.attrs.id as string);
+        // The mark is tried again after a pause, while the $disconnect may already have detached.
+        await eventually(async () => expect(marks).toBe(2));
+      } finally {
+        restorePost();
+        restoreMark();
       }
-      return mark(...args);
-    });
-    try {
-      lorenzo.send(to('before'));
-      await jessica.until(body('before'));
-      lorenzo.send(to('overtaken'));
-      await detached(enabled.attrs.id as string);
-      // The mark is tried again after a pause, while the $disconnect may already have detached.
-      await eventually(async () => expect(marks).toBe(2));
-    } finally {
-      restorePost();
-      restoreMark();
-    }
-    const { client } = await authenticated('jessica');
-    client.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='3'/>`);
-    expect((await client.next()).is('resumed', SM3)).toBe(true);
-    expect((await client.until(body('overtaken'))).getChild('delay', DELAY)).toBeDefined();
-    expect((await client.framesBeforePong()).filter((frame) => frame.includes('overtaking'))).toEqual([]);
-  });
+      const { client } = await authenticated('jessica');
+      client.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='3'/>`);
+      expect((await client.next()).is('resumed', SM3)).toBe(true);
+      expect((await client.until(body('overtaken'))).getChild('delay', DELAY)).toBeDefined();
+      expect((await client.framesBeforePong()).filter((frame) => frame.includes('overtaking'))).toEqual([]);
+    }),
+  );
 
   // A post went unanswered, though it had reached the client, while another sender's later stanza
   // went out; the server closed the socket, and one more stanza was queued while the session was
   // detached. The client's count of 4 (its presence, 'first', 'unanswered', 'overtaking') is
   // everything that was posted. Seed 1 of the session-7 target run: bob's h='163' covered the
   // unanswered dave-132 (number 163), which was sent again all the same.
-  it('a count of everything posted vouches for an unanswered post: only what was queued while detached is sent again', async () => {
-    const {
-      recipient: hero,
-      enabled,
-      senders: [ursula, margaret],
-      to,
-      body,
-    } = await recipientAndTwoSenders('hero', 'garden', ['ursula', 'margaret']);
-    const port = (stack.server.outbound as unknown as { port: ConnectionPort }).port;
-    const post = port.post.bind(port);
-    const restore = intercept(port, 'post', async (connectionId, data, notAfter) => {
-      const result = await post(connectionId, data, notAfter);
-      if (!data.includes('unanswered') || result !== 'sent') return result;
-      // Delivered, but the answer never comes; meanwhile a later stanza is queued and posted.
-      margaret.send(to('overtaking'));
-      await hero.until(body('overtaking'));
-      return 'unknown';
-    });
-    try {
-      ursula.send(to('first'));
-      await hero.until(body('first'));
-      ursula.send(to('unanswered'));
-      await hero.until(body('unanswered'));
-      await hero.closed;
-      await detached(enabled.attrs.id as string);
-    } finally {
-      restore();
-    }
-    expect((await stack.server.smQueue.get(enabled.attrs.id as string))?.uncertain).toBe(true);
-    ursula.send(to('while detached'));
-    await eventually(async () => {
-      expect((await stack.server.smQueue.get(enabled.attrs.id as string))?.out).toBe(5);
-    });
-    const { client } = await authenticated('hero');
-    client.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='4'/>`);
-    expect((await client.next()).is('resumed', SM3)).toBe(true);
-    const replayed = (await client.framesBeforePong()).filter((frame) => frame.startsWith('<message'));
-    expect(replayed).toHaveLength(1);
-    expect(replayed[0]).toContain('while detached');
-    expect(replayed[0]).toContain(`<delay xmlns="${DELAY}"`);
-    expect((await stack.server.smQueue.get(enabled.attrs.id as string))?.uncertain).toBeUndefined();
-  });
+  it(
+    'a count of everything posted vouches for an unanswered post: only what was queued while detached is sent again',
+    checked(async () => {
+      const {
+        recipient: hero,
+        enabled,
+        senders: [ursula, margaret],
+        to,
+        body,
+      } = await recipientAndTwoSenders('hero', 'garden', ['ursula', 'margaret']);
+      const port = (stack.server.outbound as unknown as { port: ConnectionPort }).port;
+      const post = port.post.bind(port);
+      const restore = intercept(port, 'post', async (connectionId, data, notAfter) => {
+        const result = await post(connectionId, data, notAfter);
+        if (!data.includes('unanswered') || result !== 'sent') return result;
+        // Delivered, but the answer never comes; meanwhile a later stanza is queued and posted.
+        margaret.send(to('overtaking'));
+        await hero.until(body('overtaking'));
+        return 'unknown';
+      });
+      try {
+        ursula.send(to('first'));
+        await hero.until(body('first'));
+        ursula.send(to('unanswered'));
+        await hero.until(body('unanswered'));
+        await hero.closed;
+        await detached(enabled.attrs.id as string);
+      } finally {
+        restore();
+      }
+      expect((await stack.server.smQueue.get(enabled.attrs.id as string))?.uncertain).toBe(true);
+      ursula.send(to('while detached'));
+      await eventually(async () => {
+        expect((await stack.server.smQueue.get(enabled.attrs.id as string))?.out).toBe(5);
+      });
+      const { client } = await authenticated('hero');
+      client.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='4'/>`);
+      expect((await client.next()).is('resumed', SM3)).toBe(true);
+      const replayed = (await client.framesBeforePong()).filter((frame) => frame.startsWith('<message'));
+      expect(replayed).toHaveLength(1);
+      expect(replayed[0]).toContain('while detached');
+      expect(replayed[0]).toContain(`<delay xmlns="${DELAY}"`);
+      expect((await stack.server.smQueue.get(enabled.attrs.id as string))?.uncertain).toBeUndefined();
+    }),
+  );
 
   // As above, and the last entry posted before the socket went met 410 (seed 1 of session 8's
   // target run: dave-176 posted after the server closed bob's socket). The 410 says the client
   // lacks it even though no later entry was queued: left unmarked, the count (4: its presence,
   // 'unanswered', 'overtaking') would fall one short of what could have reached it, and could
   // no longer vouch for 'unanswered', which would come twice.
-  it('a 410 on the last entry is marked missed too: the count still vouches for an unanswered post', async () => {
-    const {
-      recipient: nerissa,
-      enabled,
-      senders: [gratiano, salerio],
-      to,
-      body,
-    } = await recipientAndTwoSenders('nerissa', 'belmont', ['gratiano', 'salerio']);
-    const smId = enabled.attrs.id as string;
-    const port = (stack.server.outbound as unknown as { port: ConnectionPort }).port;
-    const post = port.post.bind(port);
-    const restore = intercept(port, 'post', async (connectionId, data, notAfter) => {
-      if (data.includes('refused')) return 'gone';
-      const result = await post(connectionId, data, notAfter);
-      if (!data.includes('unanswered') || result !== 'sent') return result;
-      // Delivered, unanswered; meanwhile a later stanza goes out, and the last one meets 410.
-      salerio.send(to('overtaking'));
-      await nerissa.until(body('overtaking'));
-      salerio.send(to('refused'));
-      await detached(smId);
-      return 'unknown';
-    });
-    try {
-      gratiano.send(to('unanswered'));
-      await nerissa.until(body('unanswered'));
-      await nerissa.closed;
-      await eventually(async () => {
-        const item = await stack.server.smQueue.get(smId);
-        expect(item?.entries.map((entry) => entry.u)).toEqual([undefined, true, undefined, 'missed']);
+  it(
+    'a 410 on the last entry is marked missed too: the count still vouches for an unanswered post',
+    checked(async () => {
+      const {
+        recipient: nerissa,
+        enabled,
+        senders: [gratiano, salerio],
+        to,
+        body,
+      } = await recipientAndTwoSenders('nerissa', 'belmont', ['gratiano', 'salerio']);
+      const smId = enabled.attrs.id as string;
+      const port = (stack.server.outbound as unknown as { port: ConnectionPort }).port;
+      const post = port.post.bind(port);
+      const restore = intercept(port, 'post', async (connectionId, data, notAfter) => {
+        if (data.includes('refused')) return 'gone';
+        const result = await post(connectionId, data, notAfter);
+        if (!data.includes('unanswered') || result !== 'sent') return result;
+        // Delivered, unanswered; meanwhile a later stanza goes out, and the last one meets 410.
+        salerio.send(to('overtaking'));
+        await nerissa.until(body('overtaking'));
+        salerio.send(to('refused'));
+        await detached(smId);
+        return 'unknown';
       });
-    } finally {
-      restore();
-    }
-    gratiano.send(to('while detached'));
-    await eventually(async () => expect((await stack.server.smQueue.get(smId))?.out).toBe(5));
-    const { client } = await authenticated('nerissa');
-    client.send(`<resume xmlns='${SM3}' previd='${smId}' h='3'/>`);
-    expect((await client.next()).is('resumed', SM3)).toBe(true);
-    const replayed = (await client.framesBeforePong()).filter((frame) => frame.startsWith('<message'));
-    expect(replayed.map((frame) => /<body>([^<]*)<\/body>/.exec(frame)?.[1])).toEqual([
-      'refused',
-      'while detached',
-    ]);
-  });
+      try {
+        gratiano.send(to('unanswered'));
+        await nerissa.until(body('unanswered'));
+        await nerissa.closed;
+        await eventually(async () => {
+          const item = await stack.server.smQueue.get(smId);
+          expect(item?.entries.map((entry) => entry.u)).toEqual([undefined, true, undefined, 'missed']);
+        });
+      } finally {
+        restore();
+      }
+      gratiano.send(to('while detached'));
+      await eventually(async () => expect((await stack.server.smQueue.get(smId))?.out).toBe(5));
+      const { client } = await authenticated('nerissa');
+      client.send(`<resume xmlns='${SM3}' previd='${smId}' h='3'/>`);
+      expect((await client.next()).is('resumed', SM3)).toBe(true);
+      const replayed = (await client.framesBeforePong()).filter((frame) => frame.startsWith('<message'));
+      expect(replayed.map((frame) => /<body>([^<]*)<\/body>/.exec(frame)?.[1])).toEqual([
+        'refused',
+        'while detached',
+      ]);
+    }),
+  );
 
   // An append whose answer was lost (a 500 after the write) is looked for in the queue; found,
   // its post is unknown, so the socket is closed and the entry marked uncertain. Unless a resume

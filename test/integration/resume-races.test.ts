@@ -317,7 +317,8 @@ async function crossingPosts(
   before: string[] = [],
 ) {
   const port = new HoldingPort('first');
-  const session = await sessionOf(smId, env, port);
+  // Crossing posts exist only when each sender posts its own (see 'posts in order' below).
+  const session = await sessionOf(smId, { SM_POST_ORDER: 'checked', ...env }, port);
   const { server, user, contact, stream } = session;
   expect(await server.smQueue.attach(smId, user, 'live', 0)).toBeDefined();
   await server.smQueue.release(smId, 0);
