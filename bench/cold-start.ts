@@ -95,6 +95,8 @@ export async function measureColdStart(name: string, runs: number, tracing = fal
       minify: true,
       sourcemap: true,
       sourcesContent: false,
+      // As XmppFunction: license notices in a file beside the bundle.
+      legalComments: 'external',
       banner: { js: BANNER },
       define: { 'process.env.NIMBUS_TRACING': JSON.stringify(String(tracing)) },
       mainFields: BUNDLE_MAIN_FIELDS,
