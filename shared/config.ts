@@ -233,7 +233,7 @@ export function loadConfig(env: Env = process.env): Config {
     smQueueMaxBytes: Math.min(240 * 1024, int(env, 'SM_QUEUE_MAX_BYTES', 192 * 1024)),
     smAckTimeoutSeconds: int(env, 'SM_ACK_TIMEOUT_SECONDS', 120),
     smLatePostMs: int(env, 'SM_LATE_POST_MS', 0),
-    smPostOrder: oneOf(env, 'SM_POST_ORDER', ['checked', 'serial'] as const, 'checked'),
+    smPostOrder: oneOf(env, 'SM_POST_ORDER', ['checked', 'serial'] as const, 'serial'),
     // Past the stream function's 30 s timeout: a hold this old has no living poster.
     smPosterLeaseMs: Math.max(1000, int(env, 'SM_POSTER_LEASE_MS', 35_000)),
     smResumeSettleMs: int(env, 'SM_RESUME_SETTLE_MS', 5000),
