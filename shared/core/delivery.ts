@@ -220,8 +220,11 @@ export async function deliverToMany<T extends DeliveryTarget | ResourceRecord>(
 ): Promise<number> {
   let next = 0;
   let sent = 0;
+  // After the first failure no worker starts another target, and the failure is thrown only once
+  // every worker has stopped: the frame's next attempt must not run beside this one's deliveries.
+  let failed = false;
   const worker = async () => {
-    while (next < targets.length) {
+    while (next < targets.length && !failed) {
       const target = targets[next++] as T;
       const built = stanzasFor(target);
       for (const stanza of Array.isArray(built) ? built : [built]) {
@@ -230,11 +233,17 @@ export async function deliverToMany<T extends DeliveryTarget | ResourceRecord>(
           if (result !== 'sent') break;
           sent++;
         } catch (error) {
-          if (!(error instanceof StanzaError)) throw error;
+          if (error instanceof StanzaError) continue;
+          failed = true;
+          throw error;
         }
       }
     }
   };
-  await Promise.all(Array.from({ length: Math.min(concurrency, targets.length) }, worker));
+  const outcomes = await Promise.allSettled(
+    Array.from({ length: Math.min(concurrency, targets.length) }, worker),
+  );
+  const failure = outcomes.find((outcome) => outcome.status === 'rejected');
+  if (failure) throw failure.reason;
   return sent;
 }

@@ -49,6 +49,7 @@ import {
   countCovers,
   NotSessionOwnerError,
   PROBE_AFTER_MS,
+  postedUpTo,
   REROUTE_RETRY_MS,
   REROUTE_SHARD,
   type SmEntry,
@@ -200,11 +201,13 @@ async function deliverToSmSession(
     ...(options.offlineCopy ? { c: true } : {}),
     ...(key ? { k: key } : {}),
   };
+  const serial = server.config.smPostOrder === 'serial';
   if (delivery?.redelivered && key) {
-    // An earlier delivery of this frame may have queued it already, and posted it or not.
+    // An earlier delivery of this frame may have queued it already, and posted it or not; or,
+    // its entry acknowledged since, may still hold the stream (SM_POST_ORDER=serial).
     const queued = await server.smQueue.get(smId);
     const at = queued?.entries.findIndex((waiting) => waiting.k === key) ?? -1;
-    if (queued && at >= 0) {
+    if (queued && (at >= 0 || (serial && heldBy(queued, key)))) {
       server.log.debug('stanza already in the stream-management queue', { smId, id: stanza.attrs.id });
       return settleUnknownPost(server, smId, key, queued, 'redelivered');
     }
@@ -212,8 +215,10 @@ async function deliverToSmSession(
   // From before the append: an append the SDK tried again may have been written (and later
   // entries posted) long before it returned.
   const appendedAt = Date.now();
-  const serial = server.config.smPostOrder === 'serial';
-  const result = await appendOnce(server, smId, entry, serial ? key : undefined);
+  // The hold is this attempt's alone: a retry of the frame, or another delivery of the same
+  // stored message, has a key like it but never the same token.
+  const token = serial ? `${key}#${randomBytes(6).toString('base64url')}` : undefined;
+  const result = await appendOnce(server, smId, entry, token);
   if (result.kind === 'found') return settleUnknownPost(server, smId, key, result.item, 'uncertain append');
   server.log.debug('stanza to a stream-management queue', {
     smId,
@@ -231,7 +236,7 @@ async function deliverToSmSession(
     return settleUnknownPost(server, smId, key, item, 'append found by its key');
   if (
     result.found === 'ambiguous' &&
-    ((item.holding && item.holder !== key) || (item.settledOut !== undefined && number <= item.settledOut))
+    ((item.holding && item.holder !== token) || (item.settledOut !== undefined && number <= item.settledOut))
   ) {
     // Written, its answer lost, and a resume attached the session meanwhile: the replay that
     // stopped holding at `settledOut` posted it (or its count covered it), and the one holding now
@@ -255,8 +260,12 @@ async function deliverToSmSession(
   }
   const askByBytes =
     Math.floor(bytes / server.config.smAckBytes) > Math.floor((bytes - size) / server.config.smAckBytes);
-  if (serial) return postInOrder(server, smId, key, { item, number }, stanza, askByBytes || congested);
-  if (item.holding) return 'sent';
+  if (token) return postInOrder(server, smId, token, { item, number, key }, stanza, askByBytes || congested);
+  if (item.holding) {
+    if (holdExpired(server, item))
+      await forceResume(server, item.connectionId, 'a replay held the session past its lease');
+    return 'sent';
+  }
   // From here the stanza is queued: whatever happens to the post, it is the session's, and the
   // sender's frame must not fail (a redelivery would queue it again).
   const posted = await postQueued(server, item.connectionId, stanza);
@@ -325,10 +334,19 @@ async function deliverToSmSession(
   return 'sent';
 }
 
-/** A poster's hold (SM_POST_ORDER=serial) older than its lease: no living function has it. */
+/** Whether the stream is held by a delivery of `key` (an attempt's token is `<key>#<random>`). */
+function heldBy(item: SmQueueItem, key: string): boolean {
+  return item.holder?.startsWith(`${key}#`) === true;
+}
+
+/**
+ * A hold older than its lease (a poster's, or a resume's replay's): no living function has it,
+ * or its replay stopped without closing the socket (the close failed). An `<enable/>`'s hold
+ * has no time (its late switch may wait long).
+ */
 function holdExpired(server: Server, item: SmQueueItem): boolean {
   return (
-    item.holder !== undefined &&
+    item.holding === true &&
     item.holdingAt !== undefined &&
     Date.now() - item.holdingAt > server.config.smPosterLeaseMs
   );
@@ -356,13 +374,13 @@ const POSTER_MARGIN_MS = 3_000;
 async function postInOrder(
   server: Server,
   smId: string,
-  key: string,
-  { item, number: ownNumber }: { item: SmQueueItem; number: number },
+  token: string,
+  { item, number: ownNumber, key }: { item: SmQueueItem; number: number; key: string },
   own: Element,
   askAtEnd: boolean,
 ): Promise<DeliveryResult> {
   const connectionId = item.connectionId as string;
-  if (item.holder !== key) {
+  if (item.holder !== token) {
     // A replay (`true`) or another sender holds the session: it posts this entry before it lets go.
     if (holdExpired(server, item))
       await forceResume(server, connectionId, 'a poster held the session past its lease');
@@ -401,12 +419,12 @@ async function postInOrder(
       }
     }
     const outcome = await withTransientRetries(MARK_ATTEMPTS, () =>
-      server.smQueue.releasePoster(smId, key, sent, connectionId),
+      server.smQueue.releasePoster(smId, token, sent, connectionId),
     );
     if (outcome.released) break;
     const now = outcome.item;
     // The session ended, or a resume took the hold (its replay starts at the client's count).
-    if (!now || now.holder !== key || now.connectionId !== connectionId) return 'sent';
+    if (!now || now.holder !== token || now.connectionId !== connectionId) return 'sent';
     // More was queued meanwhile: posted too, then the hold is let go again.
     current = now;
   }
@@ -496,7 +514,7 @@ async function settleUnknownPost(
     // earlier attempt of its frame took the hold, and how far it posted nobody knows) or by a
     // dead poster: the socket is closed, and the client's count, a prefix, tells the resume.
     if (!item.connectionId) return 'sent';
-    if (item.holding && item.holder !== key && !holdExpired(server, item)) return 'sent';
+    if (item.holding && !heldBy(item, key) && !holdExpired(server, item)) return 'sent';
     await forceResume(server, item.connectionId, reason);
     return 'sent';
   }
@@ -784,7 +802,7 @@ async function probeAttachedSessions(server: Server, now: number): Promise<numbe
       // the socket is closed, and the client's resume sends what waited.
       if (holdExpired(server, item))
         await forceResume(server, connectionId, 'a poster held the session past its lease');
-      const posted = await post(server, connectionId, ackRequest(item.version, item.out));
+      const posted = await post(server, connectionId, ackRequest(item.version, postedUpTo(item)));
       if (posted === 'sent') {
         await server.smQueue.deferProbe(item.smId, connectionId, now + PROBE_AFTER_MS);
         continue;
@@ -1049,7 +1067,7 @@ async function requestAckIfUnacknowledged(stream: Stream): Promise<void> {
   if (!sm) return;
   const counts = await stream.server.smQueue.counts(sm.id);
   if (counts && counts.out > sm.acked)
-    await post(stream.server, stream.connectionId, ackRequest(sm.version, counts.out));
+    await post(stream.server, stream.connectionId, ackRequest(sm.version, counts.posted));
 }
 
 /**
@@ -1526,7 +1544,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
   await post(server, stream.connectionId, resumed);
   await replayHeld(stream, sm, acked, resend, acked);
   const after = await server.smQueue.get(sm.id);
-  await post(server, stream.connectionId, ackRequest(version, after?.out ?? acked));
+  await post(server, stream.connectionId, ackRequest(version, after ? postedUpTo(after) : acked));
   // A flood cut short by the lost socket (its messages are still stored) carries on here, after
   // the last stored message the replay has just sent again: none is sent twice.
   const replayedOffline = (after?.entries ?? []).flatMap((e) => (e.o ? [e.o] : [])).sort();

@@ -69,8 +69,9 @@ export interface SmQueueItem {
   /** While set, appenders queue without posting: the owner is replaying the queue in order. */
   holding?: boolean;
   /**
-   * SM_POST_ORDER=serial: the delivery key of the appender that holds the session and posts its
-   * queue in order (`holding` is then this string rather than `true`), and when it took it.
+   * SM_POST_ORDER=serial: the token (`<delivery key>#<random>`) of the appender that holds the
+   * session and posts its queue in order (`holding` is then this string rather than `true`).
+   * `holdingAt`: when that appender, or a resume's attach, took the hold.
    */
   holder?: string;
   holdingAt?: number;
@@ -284,6 +285,15 @@ export const REROUTE_SHARD = 'reroute';
 export const REROUTE_RETRY_MS = 60_000;
 const DAY_SECONDS = 86400;
 
+/**
+ * The last number surely posted in order: `out`, unless a replay or a poster holds the session
+ * (then what its last release recorded). An sm:1 `<r u/>` asks for no more: the seed's client
+ * answers with an h at least `u`, and counts it as handled.
+ */
+export function postedUpTo(item: Pick<SmQueueItem, 'out' | 'base' | 'holding' | 'settledOut'>): number {
+  return item.holding ? Math.max(item.base, item.settledOut ?? item.base) : item.out;
+}
+
 /** DynamoDB refuses items over 400 KB: for a queue that is "full" too. */
 function isItemTooLarge(error: unknown): boolean {
   return (error as Error).name === 'ValidationException' && /size/i.test((error as Error).message);
@@ -343,7 +353,11 @@ export interface SmQueueStore {
   ): Promise<void>;
   get(smId: string): Promise<SmQueueItem | undefined>;
   /** Just the counters (a projection: cheaper to move than the queue). */
-  counts(smId: string): Promise<{ out: number; base: number } | undefined>;
+  /**
+   * The counts alone: `posted`, what surely went out in order (all of `out` unless a replay or a
+   * poster holds the session, then `settledOut`): an sm:1 `<r u/>` never asks beyond it.
+   */
+  counts(smId: string): Promise<{ out: number; base: number; posted: number } | undefined>;
   /**
    * Appends `entry`. With `poster` (SM_POST_ORDER=serial), the append also takes the session's
    * hold for that key if nobody holds it (`holding` is then the key: see SmQueueItem.holder).
@@ -623,11 +637,23 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           TableName: table,
           Key: key(smId),
           ConsistentRead: true,
-          ProjectionExpression: '#out, #base',
+          ProjectionExpression: '#out, #base, holding, settledOut',
           ExpressionAttributeNames: { '#out': 'out', '#base': 'base' },
         }),
       );
-      return Item ? { out: (Item.out as number) ?? 0, base: (Item.base as number) ?? 0 } : undefined;
+      if (!Item) return undefined;
+      const out = (Item.out as number) ?? 0;
+      const base = (Item.base as number) ?? 0;
+      return {
+        out,
+        base,
+        posted: postedUpTo({
+          out,
+          base,
+          holding: Boolean(Item.holding),
+          settledOut: Item.settledOut as number | undefined,
+        }),
+      };
     },
 
     async append(smId, entry, maxEntries, poster) {
@@ -879,9 +905,11 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             Key: key(smId),
             // What was queued while detached was never posted: its number bound moves to
             // unpostedAfter (-1 when the session was attached: a takeover), for this resume.
-            UpdateExpression: `SET connectionId = :connectionId, holding = :yes, #ttl = :ttl, sweepShard = :attached, sweepAt = :probe, unpostedAfter = if_not_exists(detachedOut, :none)${
+            // The replay's hold has a time too: a replay that stopped without closing the socket
+            // (the close failed) is found past the lease, as a dead poster's is.
+            UpdateExpression: `SET connectionId = :connectionId, holding = :yes, holdingAt = :now, #ttl = :ttl, sweepShard = :attached, sweepAt = :probe, unpostedAfter = if_not_exists(detachedOut, :none)${
               inbound === undefined ? '' : ', inbound = :inbound'
-            } REMOVE detachedFrom, detachedOut, holdingAt`,
+            } REMOVE detachedFrom, detachedOut`,
             ConditionExpression: conditions.join(' AND '),
             ExpressionAttributeNames: { '#user': 'user', '#ttl': TTL_ATTRIBUTE },
             ExpressionAttributeValues: {
@@ -892,6 +920,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
               ':ttl': attachedExpiry(),
               ':attached': ATTACHED_SHARD,
               ':probe': Date.now() + PROBE_AFTER_MS,
+              ':now': Date.now(),
               ':none': -1,
               ...(inbound === undefined ? {} : { ':inbound': inbound }),
             },

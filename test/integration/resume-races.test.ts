@@ -12,6 +12,7 @@ import { deliver } from '../../shared/core/delivery.ts';
 import { inFrame } from '../../shared/core/frame.ts';
 import { sweep } from '../../shared/core/lifecycle.ts';
 import { handleStreamEvent } from '../../shared/core/stream.ts';
+import { RetryLaterError } from '../../shared/core/transient.ts';
 import { createLogger } from '../../shared/log.ts';
 import { RecordingPort } from '../../shared/outbound.ts';
 import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
@@ -776,14 +777,65 @@ describe('posts in order (SM_POST_ORDER=serial)', () => {
     // An earlier attempt of the frame queued its stanza, took the hold and stopped (how far it
     // posted nobody knows): the entry is queued, held by the frame's delivery key.
     const entry = { s: chat.toString(), t: Date.now(), k: 'dead-frame:0' };
-    const appended = await server.smQueue.append(smId, entry, 100, 'dead-frame:0');
-    expect(appended.kind === 'queued' && appended.item.holder).toBe('dead-frame:0');
+    const appended = await server.smQueue.append(smId, entry, 100, 'dead-frame:0#earlier');
+    expect(appended.kind === 'queued' && appended.item.holder).toBe('dead-frame:0#earlier');
     const again = inFrame({ frameId: 'dead-frame', receivedAt: Date.now(), receiveCount: 2 }, () =>
       deliver(server, { connectionId: 'live', smId }, chat),
     );
     expect(await again).toBe('sent');
     expect(port.closed.has('live')).toBe(true);
     expect((await server.smQueue.get(smId))?.out).toBe(1);
+  });
+
+  it('never lets a retry of a frame take the hold its earlier attempt still has: the socket is closed, nothing is queued twice', async () => {
+    const smId = 'sm-serial-retry';
+    const port = new RecordingPort();
+    const { server, frame, user, contact, bodies } = await serialSession(smId, port);
+    const chat = new Element('message', { to: `${user}/r`, from: contact, type: 'chat' })
+      .c('body')
+      .t('mine')
+      .root();
+    // The first attempt posts its stanza, then cannot let the hold go (DynamoDB keeps failing).
+    const restore = intercept(server.smQueue, 'releasePoster', async () => {
+      throw new RetryLaterError('throttled past the retries');
+    });
+    try {
+      await expect(
+        inFrame({ frameId: 'F', receivedAt: Date.now(), receiveCount: 1 }, () =>
+          deliver(server, { connectionId: 'live', smId }, chat),
+        ),
+      ).rejects.toThrow('throttled');
+    } finally {
+      restore();
+    }
+    expect(bodies('live')).toEqual(['mine']);
+    // The client has it and says so: the entry is trimmed, the first attempt's hold stays.
+    await frame('live', "<a xmlns='urn:xmpp:sm:3' h='1'/>", 'ack-1', '20');
+    expect((await server.smQueue.get(smId))?.entries).toEqual([]);
+    // The retry finds no entry of its own, but its frame's hold: how far that attempt posted
+    // nobody knows, so the client resumes; the stanza is not queued (or posted) a second time.
+    expect(
+      await inFrame({ frameId: 'F', receivedAt: Date.now(), receiveCount: 2 }, () =>
+        deliver(server, { connectionId: 'live', smId }, chat),
+      ),
+    ).toBe('sent');
+    expect(port.closed.has('live')).toBe(true);
+    expect(bodies('live')).toEqual(['mine']);
+    expect((await server.smQueue.get(smId))?.out).toBe(1);
+  });
+
+  it('makes the next delivery close the socket when a resume’s replay held the session past the lease', async () => {
+    const smId = 'sm-serial-replay-lease';
+    const port = new RecordingPort();
+    const { server, user, send } = await serialSession(smId, port, { SM_POSTER_LEASE_MS: '1000' });
+    // A resume attached on 'live' again and its replay stopped without letting go (the close of
+    // a socket whose post went unanswered failed): `holding` stays, with the attach's time.
+    expect(await server.smQueue.attach(smId, user, 'live', 0, 'live')).toBeDefined();
+    expect(await send('within')).toBe('sent');
+    expect(port.closed.has('live')).toBe(false);
+    await new Promise((resolve) => setTimeout(resolve, 1100));
+    expect(await send('after')).toBe('sent');
+    expect(port.closed.has('live')).toBe(true);
   });
 
   it('makes the next delivery close the socket when a hold outlived its lease (its poster died)', async () => {

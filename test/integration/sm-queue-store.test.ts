@@ -13,6 +13,7 @@ import {
   createSmQueueStore,
   NotSessionOwnerError,
   PROBE_AFTER_MS,
+  postedUpTo,
   REROUTE_RETRY_MS,
   type SmEntry,
   type SmQueueItem,
@@ -202,7 +203,7 @@ describe('create, get, counts', () => {
       // Attached: its liveness probe is due at sweepAt.
       sweepShard: 'attached',
     } satisfies SmQueueItem);
-    expect(await queue.counts(smId)).toEqual({ out: 0, base: 0 });
+    expect(await queue.counts(smId)).toMatchObject({ out: 0, base: 0 });
   });
 
   it('sets the TTL to now + 3 h + 1 day (a safety net past API Gateway’s 2-hour cut)', async () => {
@@ -242,7 +243,7 @@ describe('append', () => {
     expect(await appendMany(smId, 4)).toEqual([1, 2, 3, 4]);
     const item = await queue.get(smId);
     expect(item?.entries).toEqual([entry(1), entry(2), entry(3), entry(4)]);
-    expect(await queue.counts(smId)).toEqual({ out: 4, base: 0 });
+    expect(await queue.counts(smId)).toMatchObject({ out: 4, base: 0 });
   });
 
   it('concurrent appends get distinct numbers, and entry k is the one numbered k', async () => {
@@ -294,7 +295,7 @@ describe('append', () => {
     const { smId, connectionId } = await session();
     await appendMany(smId, 3, 3);
     expect(await queue.append(smId, entry(4), 3)).toMatchObject({ kind: 'full' });
-    expect(await queue.counts(smId)).toEqual({ out: 3, base: 0 });
+    expect(await queue.counts(smId)).toMatchObject({ out: 3, base: 0 });
     await queue.acknowledge(smId, 0, 1, connectionId);
     expect(await queue.append(smId, entry(4), 3)).toMatchObject({ kind: 'queued', number: 4 });
   });
@@ -962,5 +963,15 @@ describe('uncertain entries (a post failed or never made while later ones went o
     await queue.acknowledge(smId, 0, 1, connectionId);
     expect(await queue.append(smId, entry(1, { k: 'r1:0' }), MAX)).toEqual({ kind: 'acknowledged' });
     expect((await queue.get(smId))?.out).toBe(1);
+  });
+});
+
+describe('postedUpTo (an sm:1 <r u/> asks for no more)', () => {
+  it('is out when nobody holds the queue, and what the last release recorded while somebody does', () => {
+    expect(postedUpTo({ out: 7, base: 2, holding: false, settledOut: 5 })).toBe(7);
+    // A poster or a replay is on its way: entries above its last release may not be out yet.
+    expect(postedUpTo({ out: 7, base: 2, holding: true, settledOut: 5 })).toBe(5);
+    expect(postedUpTo({ out: 7, base: 2, holding: true })).toBe(2);
+    expect(postedUpTo({ out: 7, base: 6, holding: true, settledOut: 5 })).toBe(6);
   });
 });

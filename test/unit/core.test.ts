@@ -5,7 +5,7 @@
 import { Element, parse } from 'ltx';
 import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../../shared/config.ts';
-import { deliver, POST_LIMIT_BYTES, post } from '../../shared/core/delivery.ts';
+import { deliver, deliverToMany, POST_LIMIT_BYTES, post } from '../../shared/core/delivery.ts';
 import { HANDLED, Host, type Server } from '../../shared/core/host.ts';
 import { RateLimiter } from '../../shared/core/rate-limit.ts';
 import { messageTargets } from '../../shared/core/router.ts';
@@ -211,5 +211,30 @@ describe('per-connection rate limits (token buckets)', () => {
       expect(decision.allowed).toBe(true);
       stored = decision.persist;
     }
+  });
+});
+
+describe('deliverToMany (a fan-out: roster pushes, subscription presence)', () => {
+  it('starts no further delivery after one fails, and throws only once the running ones have stopped', async () => {
+    // A frame whose fan-out fails is tried again: its next attempt must not run beside
+    // deliveries of this one still on their way (two holders of one stream-management hold).
+    class SlowPort extends RecordingPort {
+      override async post(connectionId: string, data: string, notAfter?: number) {
+        if (connectionId === 'broken')
+          throw Object.assign(new Error('throttled'), { name: 'ThrottlingException' });
+        await new Promise((resolve) => setTimeout(resolve, connectionId === 'slow' ? 50 : 1));
+        return super.post(connectionId, data, notAfter);
+      }
+    }
+    const { server, port } = coreOnly(new SlowPort());
+    const targets = ['slow', 'broken', 'later-1', 'later-2', 'later-3'].map((connectionId) => ({
+      connectionId,
+    }));
+    const failing = deliverToMany(server, targets, () => new Element('message').c('body').t('x').root(), 2);
+    await expect(failing).rejects.toThrow('throttled');
+    // The slow delivery started before the failure finished before the error came out.
+    expect(port.frames.has('slow')).toBe(true);
+    // After the failure, no worker took another target.
+    expect([...port.frames.keys()].filter((id) => id.startsWith('later'))).toEqual([]);
   });
 });
