@@ -6,6 +6,8 @@
  * Local, each at the call where AWS's throttling (an SDK retrying for seconds) lets another
  * invocation in; each test fails without its fix.
  */
+
+import type { DynamoDBDocumentClient } from '@aws-sdk/lib-dynamodb';
 import { Element } from 'ltx';
 import { describe, expect, it } from 'vitest';
 import { deliver } from '../../shared/core/delivery.ts';
@@ -22,9 +24,22 @@ import { ResourceTakenError } from '../../shared/store/sessions.ts';
 import { createTestConfig } from '../support/dynamodb.ts';
 import { intercept } from '../support/intercept.ts';
 
-/** A session `smId` of a fresh user (resource `r`, created on connection 'first'), and a contact. */
-async function sessionOf(smId: string, env: Record<string, string> = {}, port = new RecordingPort()) {
-  const server = createServer({ config: await createTestConfig(env), port, log: createLogger('silent') });
+/**
+ * A session `smId` of a fresh user (resource `r`, created on connection 'first'), and a contact;
+ * `doc`, a document client of the test's own (one that fails on cue).
+ */
+async function sessionOf(
+  smId: string,
+  env: Record<string, string> = {},
+  port = new RecordingPort(),
+  doc?: DynamoDBDocumentClient,
+) {
+  const server = createServer({
+    config: await createTestConfig(env),
+    port,
+    log: createLogger('silent'),
+    ...(doc ? { doc } : {}),
+  });
   const stamp = `${Date.now()}${Math.floor(Math.random() * 1000)}`;
   const user = `kate${stamp}@localhost`;
   const contact = `rob${stamp}@localhost`;
@@ -604,52 +619,20 @@ describe('an append whose answer was lost while a resume replayed it (seed 10 of
       return answer;
     };
     const port = new RecordingPort();
-    const server = createServer({ config, port, doc, log: createLogger('silent') });
     const smId = 'sm-lost-append-answer';
-    const stamp = `${Date.now()}${Math.floor(Math.random() * 1000)}`;
-    const user = `kate${stamp}@localhost`;
-    await server.users.create(user, await deriveCredentialSet('pw', 4096));
-    await server.smQueue.create({
-      smId,
-      user,
-      resource: 'r',
-      version: 'sm3',
-      resumable: true,
-      max: 300,
-      connectionId: 'old',
-    });
+    const { server, user, contact, stream, frame, resume } = await sessionOf(smId, {}, port, doc);
     await server.smQueue.release(smId, 0);
-    for (const connectionId of ['old', 'new']) {
-      await server.sessions.createConnection(connectionId, Date.now());
-      await server.sessions.updateConnection(connectionId, {
-        streamOpen: true,
-        user,
-        ...(connectionId === 'old'
-          ? {
-              resource: 'r',
-              sm: { version: 'sm3', id: smId, inbound: 0, acked: 0, resumable: true, max: 300 },
-            }
-          : {}),
-      });
-    }
-    const frame = (connectionId: string, xml: string, frameId: string, seq: string) =>
-      handleStreamEvent(server, {
-        connectionId,
-        kind: 'frame',
-        frame: xml,
-        receivedAt: Date.now(),
-        frameId,
-        seq,
-      });
-    const chat = new Element('message', { to: `${user}/r`, from: `rob${stamp}@localhost`, type: 'chat' })
+    await stream('first', 0);
+    await stream('new');
+    const chat = new Element('message', { to: `${user}/r`, from: contact, type: 'chat' })
       .c('body')
       .t('E')
       .root();
-    // Queued while the session is on 'old'; the answer is on its way back.
-    const delivery = deliver(server, { connectionId: 'old', smId }, chat);
+    // Queued while the session is on 'first'; the answer is on its way back.
+    const delivery = deliver(server, { connectionId: 'first', smId }, chat);
     await new Promise((resolve) => setTimeout(resolve, 100));
-    // The client lost 'old' before E reached it and resumes on 'new' with h = 0: the replay sends E.
-    await frame('new', `<resume xmlns='urn:xmpp:sm:3' previd='${smId}' h='0'/>`, 'resume-new', '10');
+    // The client lost 'first' before E reached it and resumes on 'new' with h = 0: the replay sends E.
+    await resume('new', 0);
     resumed();
     expect(await delivery).toBe('sent');
     const onNew = (port.frames.get('new') ?? []).join('');
