@@ -95,6 +95,11 @@ export const METRICS = {
     description:
       'XEP-0198 resumes that went ahead while the old stream had not finished routing a stanza it counted (the client’s next stanzas may overtake it)',
   },
+  SmResumesForced: {
+    description:
+      'XEP-0198 sockets the server closed so that the client resumes, by reason: `uncertain-post` (a post failed or went unanswered), `out-of-time` (a poster short of invocation time), `lease` (a hold past `SM_POSTER_LEASE_MS`), `redelivered`, `uncertain-append`, `uncertain-entry`, `fenced`',
+    dimension: 'reason',
+  },
   SmUncertainResent: {
     description:
       'XEP-0198 stanzas sent again on a resume because a post failed or was never made while later ones went out: the client may get some twice, never none',

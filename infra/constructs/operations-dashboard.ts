@@ -182,9 +182,14 @@ export class OperationsDashboard extends Construct {
         ],
       ),
       graph(
-        'Cold starts; posts unanswered, resumes unsettled, uncertain stanzas resent',
+        'Cold starts; posts unanswered, resumes forced and unsettled, uncertain stanzas resent',
         [nimbus('ColdStarts')],
-        [nimbus('PostsUnanswered'), nimbus('ResumesUnsettled'), nimbus('SmUncertainResent')],
+        [
+          nimbus('PostsUnanswered'),
+          nimbus('SmResumesForced'),
+          nimbus('ResumesUnsettled'),
+          nimbus('SmUncertainResent'),
+        ],
       ),
 
       header('## Cost drivers'),

@@ -219,7 +219,7 @@ async function deliverToSmSession(
   // stored message, has a key like it but never the same token.
   const token = serial ? `${key}#${randomBytes(6).toString('base64url')}` : undefined;
   const result = await appendOnce(server, smId, entry, token);
-  if (result.kind === 'found') return settleUnknownPost(server, smId, key, result.item, 'uncertain append');
+  if (result.kind === 'found') return settleUnknownPost(server, smId, key, result.item, 'uncertain-append');
   server.log.debug('stanza to a stream-management queue', {
     smId,
     id: stanza.attrs.id,
@@ -233,7 +233,7 @@ async function deliverToSmSession(
   if (result.kind === 'full') return whenFull(server, smId, result.item);
   const { item, number } = result;
   if (result.found === 'refused')
-    return settleUnknownPost(server, smId, key, item, 'append found by its key');
+    return settleUnknownPost(server, smId, key, item, 'uncertain-append', 'found by its key');
   if (
     result.found === 'ambiguous' &&
     ((item.holding && item.holder !== token) || (item.settledOut !== undefined && number <= item.settledOut))
@@ -263,7 +263,7 @@ async function deliverToSmSession(
   if (token) return postInOrder(server, smId, token, { item, number, key }, stanza, askByBytes || congested);
   if (item.holding) {
     if (holdExpired(server, item))
-      await forceResume(server, item.connectionId, 'a replay held the session past its lease');
+      await forceResume(server, item.connectionId, 'lease', 'a replay held the session past its lease');
     return 'sent';
   }
   // From here the stanza is queued: whatever happens to the post, it is the session's, and the
@@ -383,7 +383,7 @@ async function postInOrder(
   if (item.holder !== token) {
     // A replay (`true`) or another sender holds the session: it posts this entry before it lets go.
     if (holdExpired(server, item))
-      await forceResume(server, connectionId, 'a poster held the session past its lease');
+      await forceResume(server, connectionId, 'lease', 'a poster held the session past its lease');
     return 'sent';
   }
   let current = item;
@@ -402,7 +402,7 @@ async function postInOrder(
       const left = frameTimeLeft();
       if (left !== undefined && left < margin) {
         // Out of time mid-burst: the resume carries on where the client's count says.
-        await forceResume(server, connectionId, 'out of time while posting the queue in order');
+        await forceResume(server, connectionId, 'out-of-time', 'posting the queue in order');
         return 'sent';
       }
       const posted = await postQueued(server, connectionId, entry.k === key ? own : parse(entry.s));
@@ -497,7 +497,8 @@ async function settleUnknownPost(
   smId: string,
   key: string,
   item: SmQueueItem,
-  reason: string,
+  reason: 'redelivered' | 'uncertain-append',
+  detail?: string,
 ): Promise<DeliveryResult> {
   // A resume since the append sent it again in order (or its count acknowledged it), and the
   // client's count is a prefix again: nothing is uncertain (seed 14 of session 8's target run: a
@@ -505,7 +506,7 @@ async function settleUnknownPost(
   // for it).
   const at = item.entries.findIndex((entry) => entry.k === key);
   if (at >= 0 && item.settledOut !== undefined && item.base + at + 1 <= item.settledOut) {
-    server.log.debug('stanza sent again by a resume since its append: settled', { smId, reason });
+    server.log.debug('stanza sent again by a resume since its append: settled', { smId, reason, detail });
     return 'sent';
   }
   if (server.config.smPostOrder === 'serial') {
@@ -515,11 +516,11 @@ async function settleUnknownPost(
     // dead poster: the socket is closed, and the client's count, a prefix, tells the resume.
     if (!item.connectionId) return 'sent';
     if (item.holding && !heldBy(item, key) && !holdExpired(server, item)) return 'sent';
-    await forceResume(server, item.connectionId, reason);
+    await forceResume(server, item.connectionId, reason, detail);
     return 'sent';
   }
   const closed =
-    item.connectionId && !item.holding ? await forceResume(server, item.connectionId, reason) : true;
+    item.connectionId && !item.holding ? await forceResume(server, item.connectionId, reason, detail) : true;
   await server.smQueue.markUncertain(smId, key, !closed);
   return 'sent';
 }
@@ -541,15 +542,36 @@ async function postQueued(
     if (!isTransient(error)) throw error;
     server.log.warn('post to a stream-management session failed', { connectionId, error });
   }
-  return (await forceResume(server, connectionId, 'uncertain post')) ? 'resuming' : 'unclosed';
+  return (await forceResume(server, connectionId, 'uncertain-post')) ? 'resuming' : 'unclosed';
 }
+
+/**
+ * Why the server closed a stream-management client's socket (the `SmResumesForced` metric's
+ * dimension): a hold past its lease, a poster out of invocation time, a post that failed or went
+ * unanswered, an entry whose post is uncertain (SM_POST_ORDER=checked), a redelivered frame or an
+ * append whose outcome is unknown, a stream fenced by a resume.
+ */
+type ForcedResumeReason =
+  | 'lease'
+  | 'out-of-time'
+  | 'uncertain-post'
+  | 'uncertain-entry'
+  | 'uncertain-append'
+  | 'redelivered'
+  | 'fenced';
 
 /**
  * Closes a stream-management client's socket, as a network would: it resumes. False when the
  * close failed (the socket may stay up, and later posts reach it).
  */
-async function forceResume(server: Server, connectionId: string, reason: string): Promise<boolean> {
-  server.log.info('closing the socket so the client resumes', { connectionId, reason });
+async function forceResume(
+  server: Server,
+  connectionId: string,
+  reason: ForcedResumeReason,
+  detail?: string,
+): Promise<boolean> {
+  server.log.info('closing the socket so the client resumes', { connectionId, reason, detail });
+  server.metrics.count('SmResumesForced', 1, reason);
   try {
     await closeConnection(server, connectionId);
     return true;
@@ -801,7 +823,7 @@ async function probeAttachedSessions(server: Server, now: number): Promise<numbe
       // A poster that died mid-burst (SM_POST_ORDER=serial) and no delivery since to notice it:
       // the socket is closed, and the client's resume sends what waited.
       if (holdExpired(server, item))
-        await forceResume(server, connectionId, 'a poster held the session past its lease');
+        await forceResume(server, connectionId, 'lease', 'a poster held the session past its lease');
       const posted = await post(server, connectionId, ackRequest(item.version, postedUpTo(item)));
       if (posted === 'sent') {
         await server.smQueue.deferProbe(item.smId, connectionId, now + PROBE_AFTER_MS);
@@ -1160,12 +1182,12 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
         trimmedTo = settled.trimmed.base;
       } else if (!asked || ordered) return;
       else {
-        await forceResume(server, stream.connectionId, 'uncertain entry');
+        await forceResume(server, stream.connectionId, 'uncertain-entry');
         return;
       }
     } else if (settled?.kind !== 'settled') {
       // Only a resume settles what the count covers: the socket goes, the client resumes.
-      await forceResume(server, stream.connectionId, 'uncertain entry');
+      await forceResume(server, stream.connectionId, 'uncertain-entry');
       return;
     } else ({ removed, remaining, out, congested } = settled);
   }
@@ -1350,14 +1372,19 @@ async function decideResume(
         await stream.commit().catch((error: unknown) => {
           if (!(error instanceof ConnectionFencedError)) throw error;
         });
-        await forceResume(server, stream.connectionId, 'redelivered <resume/>');
+        await forceResume(server, stream.connectionId, 'redelivered', '<resume/>');
         return { ok: false, reply: undefined };
       }
       if (stream.state.fenced) {
         // A later resume took the session from this connection while this one was being retried:
         // it is not this stream's to take back (fencing that newer owner would stop it for good).
         // The socket is closed; a client still there resumes from a new connection.
-        await forceResume(server, stream.connectionId, '<resume/> on a connection a later resume fenced');
+        await forceResume(
+          server,
+          stream.connectionId,
+          'fenced',
+          '<resume/> on a connection a later resume fenced',
+        );
         return { ok: false, reply: undefined };
       }
       // The old connection is fenced first: from now on it routes no stanza it has not counted,
@@ -1451,7 +1478,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
       // fenced the owner it found, which now routes nothing: that socket is closed too, so its
       // client resumes once more (the fenced row's count is exact).
       if (error instanceof ConnectionFencedError && decision.item.connectionId)
-        await forceResume(server, decision.item.connectionId, 'fenced by a resume that was itself fenced');
+        await forceResume(server, decision.item.connectionId, 'fenced', 'by a resume that was itself fenced');
       throw error;
     }
     // Taken only from the owner the decision fenced, and never with a lower count than the
@@ -1473,7 +1500,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
     const item = decided && (await server.smQueue.get(decided.item.smId));
     const fenced = decided?.item.connectionId;
     if (item && !item.ended && fenced && item.connectionId === fenced)
-      await forceResume(server, fenced, 'fenced by a resume that could not attach');
+      await forceResume(server, fenced, 'fenced', 'by a resume that could not attach');
     return refuseResume(stream, failed(version, 'item-not-found', item?.ended ? item.inbound : undefined));
   }
   const { item, inbound } = decided;
@@ -1630,7 +1657,7 @@ async function handle(stream: Stream, element: Element, version: SmVersion): Pro
     // This very frame enabled or resumed the session, and failed later (its replay, the flood
     // after it): the client may hold <enabled/> or <resumed/> and part of a replay. Whatever it
     // got, a resume tells exactly: the socket is closed and the client resumes.
-    return void (await forceResume(stream.server, stream.connectionId, `redelivered <${element.name}/>`));
+    return void (await forceResume(stream.server, stream.connectionId, 'redelivered', `<${element.name}/>`));
   }
   switch (element.name) {
     case 'enable':

@@ -18,7 +18,7 @@ import { RetryLaterError } from '../../shared/core/transient.ts';
 import { createLogger } from '../../shared/log.ts';
 import { RecordingPort } from '../../shared/outbound.ts';
 import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
-import { createServer } from '../../shared/server.ts';
+import { createServer, type Server } from '../../shared/server.ts';
 import { AmbiguousWriteError, createDocumentClient } from '../../shared/store/dynamo.ts';
 import { ResourceTakenError } from '../../shared/store/sessions.ts';
 import { createTestConfig } from '../support/dynamodb.ts';
@@ -727,6 +727,8 @@ describe('posts in order (SM_POST_ORDER=serial)', () => {
     expect(await send('first')).toBe('sent');
     expect(await send('second')).toBe('sent');
     expect(port.closed.has('live')).toBe(true);
+    // Operators see why clients resume: one socket closed for an uncertain post.
+    expect(forcedResumes(server)).toEqual({ 'uncertain-post': 1 });
     // Nothing goes out behind an entry whose fate is unknown.
     expect(await send('third')).toBe('sent');
     expect(bodies('live')).toEqual(['first']);
@@ -830,10 +832,20 @@ describe('posts in order (SM_POST_ORDER=serial)', () => {
     expect(await send('within')).toBe('sent');
     expect(port.closed.has('live')).toBe(false);
     await new Promise((resolve) => setTimeout(resolve, 1100));
+    server.metrics.drain();
     expect(await send('after')).toBe('sent');
     expect(port.closed.has('live')).toBe(true);
+    expect(forcedResumes(server)).toEqual({ lease: 1 });
   });
 });
+
+/** The `SmResumesForced` counts drained from the server's metrics, by reason. */
+function forcedResumes(server: Server): Record<string, number> {
+  const counts: Record<string, number> = {};
+  for (const sample of server.metrics.drain())
+    if (sample.name === 'SmResumesForced') counts[sample.dimension?.value ?? ''] = sample.value;
+  return counts;
+}
 
 /** A port whose post of a stanza containing `unanswered` reaches nobody and is never answered. */
 class UnansweredPort extends RecordingPort {
