@@ -63,6 +63,11 @@ export interface DeliveryKey {
   seq?: string;
   /** The position of this delivery among the frame's (the `n` of the key). */
   position: number;
+  /**
+   * A client's frame: its connection, whose frames are handled one at a time and in order (SQS
+   * FIFO, one message group per connection).
+   */
+  from?: string;
 }
 
 /**
@@ -81,6 +86,7 @@ export function nextDeliveryKey(target: string): DeliveryKey | undefined {
     redelivered: frame.redelivered,
     ...(frame.seq ? { seq: frame.seq } : {}),
     position,
+    ...(frame.connectionId ? { from: frame.connectionId } : {}),
   };
 }
 

@@ -52,6 +52,7 @@ import {
   postedUpTo,
   REROUTE_RETRY_MS,
   REROUTE_SHARD,
+  type SenderMark,
   type SmEntry,
   type SmQueueItem,
   type SmVersion,
@@ -218,7 +219,16 @@ async function deliverToSmSession(
   // The hold is this attempt's alone: a retry of the frame, or another delivery of the same
   // stored message, has a key like it but never the same token.
   const token = serial ? `${key}#${randomBytes(6).toString('base64url')}` : undefined;
-  const result = await appendOnce(server, smId, entry, token);
+  // A client's message (one stanza per frame, one delivery per session): marked with its
+  // sender's connection, so that a redelivery of its frame never queues it twice, even once it was
+  // acknowledged and other senders' entries came after it (see SenderMark). Not a presence
+  // broadcast or a probe's answers: what such a frame delivers to one session may differ from one
+  // delivery of the frame to the next, and a mark would refuse what the earlier one never queued.
+  const mark =
+    delivery?.from && stanza.name === 'message' && !options.offlineId && !options.offlineCopy
+      ? { from: delivery.from, key }
+      : undefined;
+  const result = await appendOnce(server, smId, entry, token, mark);
   if (result.kind === 'found') return settleUnknownPost(server, smId, key, result.item, 'uncertain-append');
   server.log.debug('stanza to a stream-management queue', {
     smId,
@@ -472,9 +482,10 @@ async function appendOnce(
   smId: string,
   entry: SmEntry,
   poster?: string,
+  mark?: SenderMark,
 ): Promise<AppendResult | { kind: 'found'; item: SmQueueItem }> {
   try {
-    return await server.smQueue.append(smId, entry, server.config.smQueueMax, poster);
+    return await server.smQueue.append(smId, entry, server.config.smQueueMax, poster, mark);
   } catch (error) {
     if (entry.k === undefined || !isTransient(error)) throw error;
     const found = await withTransientRetries(3, () => server.smQueue.get(smId)).catch(() => undefined);

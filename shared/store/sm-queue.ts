@@ -56,6 +56,21 @@ export interface SmEntry {
   b?: number;
 }
 
+/**
+ * A client's message appended for another connection's frame: its connection (`from`) and its
+ * frame's delivery key (`<frame id>:<n>`, SmEntry.k). One connection's frames are handled one at
+ * a time and in order (SQS FIFO, one message group per connection), so while a frame is
+ * redelivered, no later frame of its connection has appended anything: the append records the
+ * key per sender (`f#<from>`) and refuses one whose frame already appended there at that
+ * position or later. Unlike `lk` (the last key of any sender), that record outlives later
+ * senders' appends and the entry's acknowledgement: a redelivery after both does not queue the
+ * stanza a second time (`dave-144`, seed 6 of session 12's final target run).
+ */
+export interface SenderMark {
+  from: string;
+  key: string;
+}
+
 export interface SmQueueItem {
   smId: string;
   user: string;
@@ -97,6 +112,8 @@ export interface SmQueueItem {
   rerouted?: number;
   /** The key of the last keyed entry appended (see SmEntry.k). */
   lastKey?: string;
+  /** Per sender connection, its last append's mark (`<frame id>:<n>/<seconds, base 36>`; see SenderMark). */
+  senderMarks?: Record<string, string>;
   /** Some entry is uncertain (SmEntry.u): a plain ack cannot tell what it covers. */
   uncertain?: boolean;
   /** Marks of uncertain entries so far: a resume's rewrite is conditional on it (none came meanwhile). */
@@ -322,6 +339,7 @@ function toItem(raw: Record<string, unknown>): SmQueueItem {
     rerouted: raw.rerouted as number | undefined,
     ackedAt: raw.ackedAt as number | undefined,
     lastKey: raw.lk as string | undefined,
+    ...senderMarksOf(raw),
     ...(raw.uncertain ? { uncertain: true } : {}),
     ...(typeof raw.marks === 'number' ? { marks: raw.marks } : {}),
     sweepShard: raw.sweepShard as string | undefined,
@@ -332,6 +350,62 @@ function toItem(raw: Record<string, unknown>): SmQueueItem {
       : {}),
     ...(typeof raw.settledOut === 'number' ? { settledOut: raw.settledOut } : {}),
   };
+}
+
+/** Attribute names of sender marks: `f#<connection id>`. */
+const MARK_PREFIX = 'f#';
+
+function senderMarksOf(raw: Record<string, unknown>): { senderMarks?: Record<string, string> } {
+  const marks = Object.entries(raw).filter(
+    (pair): pair is [string, string] => pair[0].startsWith(MARK_PREFIX) && typeof pair[1] === 'string',
+  );
+  if (marks.length === 0) return {};
+  return {
+    senderMarks: Object.fromEntries(marks.map(([name, value]) => [name.slice(MARK_PREFIX.length), value])),
+  };
+}
+
+/**
+ * A delivery key as a mark: its position padded, so that marks of one frame compare as its
+ * positions do (`<frame id>:<n, 4 digits>`).
+ */
+function markOf(entryKey: string): { frame: string; at: string } {
+  const colon = entryKey.lastIndexOf(':');
+  const frame = entryKey.slice(0, colon + 1);
+  return { frame, at: `${frame}${entryKey.slice(colon + 1).padStart(4, '0')}` };
+}
+
+/** Whether a recorded mark says its frame appended at `key`'s position or later. */
+export function markCovers(recorded: string | undefined, entryKey: string): boolean {
+  if (recorded === undefined) return false;
+  const { frame, at } = markOf(entryKey);
+  return recorded.startsWith(frame) && recorded >= at;
+}
+
+/**
+ * Sender marks kept before a prune is tried, and how old a mark must be to go. A frame is
+ * redelivered within the queue's maxReceiveCount visibility timeouts of its first receipt
+ * (20 × 180 s as deployed): a mark two hours old guards nothing.
+ */
+const MARKS_PRUNE_AT = 8;
+const MARKS_KEPT_AT_MOST = 32;
+const MARK_LIFETIME_SECONDS = 2 * 60 * 60;
+
+/**
+ * The marks a prune removes: every one older than the lifetime and, past MARKS_KEPT_AT_MOST,
+ * the oldest (a recipient flooded from many connections must not outgrow its item).
+ */
+export function marksToPrune(marks: Record<string, string>, nowS = nowSeconds()): string[] {
+  const dated = Object.entries(marks).map(([from, value]) => {
+    const slash = value.lastIndexOf('/');
+    const at = slash >= 0 ? Number.parseInt(value.slice(slash + 1), 36) : 0;
+    return { from, at: Number.isFinite(at) ? at : 0 };
+  });
+  if (dated.length <= MARKS_PRUNE_AT) return [];
+  dated.sort((a, b) => a.at - b.at);
+  const stale = dated.filter((mark) => mark.at < nowS - MARK_LIFETIME_SECONDS).length;
+  const over = Math.max(stale, dated.length - MARKS_KEPT_AT_MOST);
+  return dated.slice(0, over).map((mark) => mark.from);
 }
 
 function nowSeconds(): number {
@@ -362,7 +436,13 @@ export interface SmQueueStore {
    * Appends `entry`. With `poster` (SM_POST_ORDER=serial), the append also takes the session's
    * hold for that key if nobody holds it (`holding` is then the key: see SmQueueItem.holder).
    */
-  append(smId: string, entry: SmEntry, maxEntries: number, poster?: string): Promise<AppendResult>;
+  append(
+    smId: string,
+    entry: SmEntry,
+    maxEntries: number,
+    poster?: string,
+    mark?: SenderMark,
+  ): Promise<AppendResult>;
   /**
    * Drops entries up to `newBase`; returns the dropped ones and those still waiting. Only the
    * owner `connectionId` may: anyone else gets NotSessionOwnerError (a late ack of a stream
@@ -508,6 +588,36 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           found.push(toItem(row));
     } while (start && found.length < limit);
     return found.sort((a, b) => (a.sweepAt ?? 0) - (b.sweepAt ?? 0));
+  }
+
+  /**
+   * Removes stale sender marks (marksToPrune), all only if none changed since they were read: a
+   * mark a sender rewrote meanwhile stays. Best effort, never failing the append it follows: a
+   * later append tries again.
+   */
+  async function pruneMarks(smId: string, marks: Record<string, string>): Promise<void> {
+    const going = marksToPrune(marks);
+    if (going.length === 0) return;
+    const names: Record<string, string> = {};
+    const values: Record<string, string> = {};
+    going.forEach((from, i) => {
+      names[`#m${i}`] = `${MARK_PREFIX}${from}`;
+      values[`:m${i}`] = marks[from] as string;
+    });
+    try {
+      await doc.send(
+        new UpdateCommand({
+          TableName: table,
+          Key: key(smId),
+          UpdateExpression: `REMOVE ${going.map((_, i) => `#m${i}`).join(', ')}`,
+          ConditionExpression: going.map((_, i) => `#m${i} = :m${i}`).join(' AND '),
+          ExpressionAttributeNames: names,
+          ExpressionAttributeValues: values,
+        }),
+      );
+    } catch {
+      // Rewritten meanwhile, throttled: the append it follows stands; a later one prunes.
+    }
   }
 
   async function readItem(smId: string): Promise<SmQueueItem | undefined> {
@@ -656,29 +766,47 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       };
     },
 
-    async append(smId, entry, maxEntries, poster) {
+    async append(smId, entry, maxEntries, poster, mark) {
       // `lk`, the last key appended: an append retried after DynamoDB ran it must not queue the
       // stanza twice. The SDK does not resend a keyed append (`sendOnce`): its resend would pass
       // that check once another sender's append came between, and queue the stanza a second time
       // (seed 18 of a session-7 fault run: a 500 after the write, a resend 10 ms later). The
       // queue is read instead, and the append tried again only if the stanza is not in it.
       const keyed = entry.k !== undefined;
+      // A sender's mark (SenderMark): refused when its frame appended here at this position or later.
+      const marked = mark && entry.k !== undefined ? { from: mark.from, ...markOf(entry.k) } : undefined;
       for (let attempt = 1; ; attempt++) {
         const command = new UpdateCommand({
           TableName: table,
           Key: key(smId),
           UpdateExpression: `SET q = list_append(q, :entry)${keyed ? ', lk = :k' : ''}${
+            marked ? ', #mark = :mark' : ''
+          }${
             poster === undefined
               ? ''
               : ', holding = if_not_exists(holding, :poster), holdingAt = if_not_exists(holdingAt, :now)'
           } ADD #out :one`,
-          ConditionExpression: `attribute_exists(q) AND size(q) < :max AND attribute_not_exists(congested) AND attribute_not_exists(ended)${keyed ? ' AND (attribute_not_exists(lk) OR lk <> :k)' : ''}`,
-          ExpressionAttributeNames: { '#out': 'out' },
+          ConditionExpression: `attribute_exists(q) AND size(q) < :max AND attribute_not_exists(congested) AND attribute_not_exists(ended)${keyed ? ' AND (attribute_not_exists(lk) OR lk <> :k)' : ''}${
+            marked
+              ? ' AND (attribute_not_exists(#mark) OR NOT begins_with(#mark, :frame) OR #mark < :at)'
+              : ''
+          }`,
+          ExpressionAttributeNames: {
+            '#out': 'out',
+            ...(marked ? { '#mark': `${MARK_PREFIX}${marked.from}` } : {}),
+          },
           ExpressionAttributeValues: {
             ':entry': [storedEntry(entry)],
             ':one': 1,
             ':max': maxEntries,
             ...(keyed ? { ':k': entry.k } : {}),
+            ...(marked
+              ? {
+                  ':mark': `${marked.at}/${nowSeconds().toString(36)}`,
+                  ':frame': marked.frame,
+                  ':at': marked.at,
+                }
+              : {}),
             ...(poster === undefined ? {} : { ':poster': poster, ':now': Date.now() }),
           },
           ReturnValues: 'ALL_NEW',
@@ -686,6 +814,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
         try {
           const { Attributes } = await (keyed ? sendOnce(doc, command) : doc.send(command));
           const item = toItem(Attributes as Record<string, unknown>);
+          if (item.senderMarks) await pruneMarks(smId, item.senderMarks);
           return { kind: 'queued', number: item.out, item };
         } catch (error) {
           if (isItemTooLarge(error)) return { kind: 'full' };
@@ -702,6 +831,10 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
                 found: ambiguous ? 'ambiguous' : 'refused',
               };
             if (current.lastKey === entry.k && !current.ended) return { kind: 'acknowledged' };
+            // Appended by an earlier delivery of this frame, and acknowledged since, while other
+            // senders appended after it (`lk` moved on): not queued a second time.
+            if (marked && markCovers(current.senderMarks?.[marked.from], entry.k as string) && !current.ended)
+              return { kind: 'acknowledged' };
           }
           if (ambiguous && current && !current.ended) {
             // Not applied: throttled, or a 5xx before the write. Again, as the SDK would have.

@@ -468,15 +468,16 @@ describe('batches as the FIFO event source forms them', () => {
         }
         return { batchItemFailures: failures };
       },
-      // Well above an invocation's run time even on a loaded machine: were it shorter, the
-      // records would rightly become visible again mid-invocation and be handled twice.
-      { batchSize: 10, concurrency: 3, visibilityTimeoutMs: 500 },
+      // Well above an invocation's run time even on a loaded machine (CI runs every test file
+      // at once on 2 cores; 500 ms was once not enough): were it shorter, the records would
+      // rightly become visible again mid-invocation and be handled twice.
+      { batchSize: 10, concurrency: 3, visibilityTimeoutMs: 2_000 },
     );
     const clients = await Promise.all(Array.from({ length: 8 }, () => connect(harness.gateway.url)));
     for (let i = 0; i < 40; i++) {
       for (const [index, client] of clients.entries()) client.socket.send(`${index}:${i}`);
     }
-    await eventually(() => expect(handled.length).toBeGreaterThanOrEqual(8 * 40), 30_000);
+    await eventually(() => expect(handled.length).toBeGreaterThanOrEqual(8 * 40), 60_000);
     await harness.gateway.drained();
     expect(overlaps).toBe(0);
     expect(mixed).toBeGreaterThan(0);
@@ -489,7 +490,7 @@ describe('batches as the FIFO event source forms them', () => {
       expect(frames).toEqual(Array.from({ length: 40 }, (_, i) => i));
     }
     expect(harness.deliveries().some((delivery) => delivery.receiveCount > 1)).toBe(true);
-  }, 60_000);
+  }, 90_000);
 });
 
 describe('lost deletes: the same message delivered twice', () => {

@@ -925,3 +925,69 @@ describe('a replay slow enough that its client resumed elsewhere meanwhile', () 
     });
   }
 });
+
+/**
+ * `dave-144`, seed 6 of session 12's final target run: a sender's frame queued its message and
+ * posted it (the recipient's client counted it), then failed before its done mark. Before the
+ * frame came again, a resume's count acknowledged the entry (trimmed from the queue) and another
+ * sender's stanza was queued after it (`lk` moved on). The redelivery found neither its key, nor
+ * its hold, nor `lk`, queued the message a second time numbered past the client's count, and the
+ * next resume sent it again. XEP-0198 §4: "h ... the sequence number of the last handled stanza":
+ * a count the client keeps exactly must never be met by a stanza it already handled.
+ */
+describe('a sender’s frame redelivered after its message was acknowledged and others queued behind it', () => {
+  for (const order of ['checked', 'serial']) {
+    it(`does not queue the message again (SM_POST_ORDER=${order})`, async () => {
+      const smId = `sm-redelivered-after-ack-${order}`;
+      const port = new RecordingPort();
+      const { server, user, contact, stream, resume } = await sessionOf(smId, { SM_POST_ORDER: order }, port);
+      expect(await server.smQueue.attach(smId, user, 'live', 0)).toBeDefined();
+      await server.smQueue.release(smId, 0);
+      await stream('live', 0);
+      const chat = (body: string) =>
+        new Element('message', { to: `${user}/r`, from: contact, type: 'chat' }).c('body').t(body).root();
+      const bodies = (connectionId: string) =>
+        (port.frames.get(connectionId) ?? []).flatMap((data) => /<body>([^<]*)</.exec(data)?.[1] ?? []);
+      // Dave's frame F (of his connection 'dave-conn', whose frames are handled in order).
+      const frameF = (receiveCount: number) =>
+        inFrame(
+          { frameId: 'F', receivedAt: Date.now(), receiveCount, seq: '500', connectionId: 'dave-conn' },
+          () => deliver(server, { connectionId: 'live', smId }, chat('dave-144')),
+        );
+      if (order === 'serial') {
+        // F posts dave-144 and cannot let the hold go (DynamoDB keeps failing): it fails unmarked.
+        const restore = intercept(server.smQueue, 'releasePoster', async () => {
+          throw new RetryLaterError('throttled past the retries');
+        });
+        try {
+          await expect(frameF(1)).rejects.toThrow('throttled');
+        } finally {
+          restore();
+        }
+      } else {
+        // F posts dave-144; the frame fails later (its done mark never written).
+        expect(await frameF(1)).toBe('sent');
+      }
+      expect(bodies('live')).toEqual(['dave-144']);
+      // The client counted it (h = 1); its resume acknowledges it: trimmed from the queue.
+      await stream('third');
+      await resume('third', 1);
+      expect((await server.smQueue.get(smId))?.entries).toEqual([]);
+      // Another sender's stanza is queued behind it (`lk` moves on) and reaches the client: h = 2.
+      expect(
+        await inFrame({ frameId: 'G', receivedAt: Date.now(), seq: '900', connectionId: 'alice-conn' }, () =>
+          deliver(server, { connectionId: 'third', smId }, chat('alice-1')),
+        ),
+      ).toBe('sent');
+      expect(bodies('third')).toEqual(['alice-1']);
+      await server.host.fire('connection-vanished', { connectionId: 'third', disconnected: true });
+      // F comes again: its message was queued once, and acknowledged; it is not queued again.
+      expect(await frameF(2)).toBe('sent');
+      expect((await server.smQueue.get(smId))?.out).toBe(2);
+      // The client resumes with its exact count: nothing it handled comes again.
+      await stream('fourth');
+      await resume('fourth', 2);
+      expect([...bodies('live'), ...bodies('third'), ...bodies('fourth')]).toEqual(['dave-144', 'alice-1']);
+    });
+  }
+});

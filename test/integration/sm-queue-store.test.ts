@@ -4,13 +4,14 @@
  * hand-over (attach, release, detach), the sparse sweep index, and the end that happens once.
  */
 import { randomBytes } from 'node:crypto';
-import { GetCommand } from '@aws-sdk/lib-dynamodb';
+import { GetCommand, UpdateCommand } from '@aws-sdk/lib-dynamodb';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { createDocumentClient } from '../../shared/store/dynamo.ts';
 import {
   AckBeyondQueueError,
   countCovers,
   createSmQueueStore,
+  marksToPrune,
   NotSessionOwnerError,
   PROBE_AFTER_MS,
   postedUpTo,
@@ -91,6 +92,90 @@ describe("a keyed append (a frame's delivery key, core/frame.ts)", () => {
     await queue.append(smId, entry(3), MAX);
     await queue.append(smId, entry(3), MAX);
     expect((await queue.get(smId))?.out).toBe(4);
+  });
+});
+
+describe("a sender's mark (SenderMark: a client's frame, its connection's frames handled in order)", () => {
+  it('refuses what the frame appended already, once acknowledged and with other senders’ entries behind it', async () => {
+    const { smId, connectionId } = await session();
+    const dave = { from: 'dave-conn', key: 'F:0' };
+    expect(await queue.append(smId, entry(1, { k: 'F:0' }), MAX, undefined, dave)).toMatchObject({
+      kind: 'queued',
+      number: 1,
+    });
+    await queue.acknowledge(smId, 0, 1, connectionId);
+    expect(
+      await queue.append(smId, entry(2, { k: 'G:0' }), MAX, undefined, { from: 'alice-conn', key: 'G:0' }),
+    ).toMatchObject({ kind: 'queued', number: 2 });
+    // F again: neither queued (acknowledged) nor the last key; its sender's mark says it was appended.
+    expect(await queue.append(smId, entry(1, { k: 'F:0' }), MAX, undefined, dave)).toEqual({
+      kind: 'acknowledged',
+    });
+    // The same frame's next delivery to this session, and the sender's next frame, are queued.
+    expect(
+      await queue.append(smId, entry(3, { k: 'F:1' }), MAX, undefined, { from: 'dave-conn', key: 'F:1' }),
+    ).toMatchObject({ kind: 'queued', number: 3 });
+    expect(
+      await queue.append(smId, entry(4, { k: 'H:0' }), MAX, undefined, { from: 'dave-conn', key: 'H:0' }),
+    ).toMatchObject({ kind: 'queued', number: 4 });
+    // A position below the mark's, of the frame that made it: appended before, refused.
+    await queue.acknowledge(smId, 1, 4, connectionId);
+    await queue.append(smId, entry(5, { k: 'J:12' }), MAX, undefined, { from: 'erin-conn', key: 'J:12' });
+    expect(
+      await queue.append(smId, entry(6, { k: 'J:3' }), MAX, undefined, { from: 'erin-conn', key: 'J:3' }),
+    ).toEqual({ kind: 'acknowledged' });
+    expect((await queue.get(smId))?.senderMarks).toMatchObject({
+      'dave-conn': expect.stringMatching(/^H:0000\//),
+      'alice-conn': expect.stringMatching(/^G:0000\//),
+      'erin-conn': expect.stringMatching(/^J:0012\//),
+    });
+  });
+
+  it('are pruned past eight: the stale first, then the oldest past 32', async () => {
+    const now = nowSeconds();
+    const stale = now - 3 * 3600;
+    const marks = (count: number, at: (i: number) => number) =>
+      Object.fromEntries(
+        Array.from({ length: count }, (_, i) => [`c${i}`, `F${i}:0000/${at(i).toString(36)}`]),
+      );
+    // Eight or fewer: kept, however old.
+    expect(
+      marksToPrune(
+        marks(8, () => stale),
+        now,
+      ),
+    ).toEqual([]);
+    // Past eight: every one older than two hours goes.
+    const mixed = {
+      ...marks(6, () => stale),
+      ...Object.fromEntries([6, 7, 8].map((i) => [`n${i}`, `G:0000/${now.toString(36)}`])),
+    };
+    expect(marksToPrune(mixed, now).sort()).toEqual(['c0', 'c1', 'c2', 'c3', 'c4', 'c5']);
+    // Forty fresh ones: the eight oldest go.
+    expect(
+      marksToPrune(
+        marks(40, (i) => now - 40 + i),
+        now,
+      ).sort(),
+    ).toEqual(['c0', 'c1', 'c2', 'c3', 'c4', 'c5', 'c6', 'c7'].sort());
+  });
+
+  it('removes stale marks with the append that finds them', async () => {
+    const { smId } = await session();
+    const stale = (nowSeconds() - 3 * 3600).toString(36);
+    for (let i = 0; i < 9; i++)
+      await doc.send(
+        new UpdateCommand({
+          TableName: table,
+          Key: { pk: `sm#${smId}`, sk: 'queue' },
+          UpdateExpression: 'SET #m = :m',
+          ExpressionAttributeNames: { '#m': `f#old${i}` },
+          ExpressionAttributeValues: { ':m': `X${i}:0000/${stale}` },
+        }),
+      );
+    await queue.append(smId, entry(1, { k: 'F:0' }), MAX, undefined, { from: 'dave-conn', key: 'F:0' });
+    const raw = await rawItem(table, smId);
+    expect(Object.keys(raw ?? {}).filter((name) => name.startsWith('f#'))).toEqual(['f#dave-conn']);
   });
 });
 
