@@ -10,8 +10,9 @@ import { Template } from 'aws-cdk-lib/assertions';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { ALL_BUSINESS_METRICS } from '../../infra/constructs/operations-dashboard.ts';
+import { METRIC_DESCRIPTIONS } from '../../infra/metric-descriptions.ts';
 import { checkedSettings, NimbusStack, type NimbusStackProps } from '../../infra/stack.ts';
-import { METRIC_NAMESPACE, METRIC_SERVICE, METRICS } from '../../shared/metrics.ts';
+import { METRIC_NAMESPACE, METRIC_SERVICE, METRICS, type MetricName } from '../../shared/metrics.ts';
 
 const DOMAIN = 'chat.example.org';
 const CUSTOM = {
@@ -103,6 +104,23 @@ describe('CloudWatch dashboard', () => {
         );
       }
     }
+  });
+
+  it("is the README's metric list: one row per metric, with its dimension and its description", () => {
+    const readme = readFileSync(new URL('../../README.md', import.meta.url), 'utf8');
+    const section = readme.slice(
+      readme.indexOf('### Metrics'),
+      readme.indexOf('\n### ', readme.indexOf('### Metrics') + 1),
+    );
+    const rows = section.split('\n').filter((line) => /^\| `[A-Za-z]+` \| /.test(line));
+    expect(rows.sort()).toEqual(
+      (Object.keys(METRICS) as MetricName[])
+        .map((name) => {
+          const dimension = (METRICS[name] as { dimension?: string }).dimension;
+          return `| \`${name}\` | ${dimension ? `\`${dimension}\`` : '—'} | ${METRIC_DESCRIPTIONS[name]} |`;
+        })
+        .sort(),
+    );
   });
 
   it('covers traffic, latency, errors, throttles and the cost drivers', () => {
