@@ -222,10 +222,17 @@ async function deliverToSmSession(
   // A client's message (one stanza per frame, one delivery per session): marked with its
   // sender's connection, so that a redelivery of its frame never queues it twice, even once it was
   // acknowledged and other senders' entries came after it (see SenderMark). Not a presence
-  // broadcast or a probe's answers: what such a frame delivers to one session may differ from one
-  // delivery of the frame to the next, and a mark would refuse what the earlier one never queued.
+  // broadcast or a probe's answers, nor an error bounced to the sender: what such a frame
+  // delivers to one session may differ from one delivery of the frame to the next, and a mark
+  // would refuse what the earlier one never queued. Serial posting only: with `checked`, an
+  // acknowledged entry is not surely one the client got (settledPastIt queues it again).
   const mark =
-    delivery?.from && stanza.name === 'message' && !options.offlineId && !options.offlineCopy
+    serial &&
+    delivery?.from &&
+    stanza.name === 'message' &&
+    stanza.attrs.type !== 'error' &&
+    !options.offlineId &&
+    !options.offlineCopy
       ? { from: delivery.from, key }
       : undefined;
   const result = await appendOnce(server, smId, entry, token, mark);

@@ -65,6 +65,10 @@ export interface SmEntry {
  * position or later. Unlike `lk` (the last key of any sender), that record outlives later
  * senders' appends and the entry's acknowledgement: a redelivery after both does not queue the
  * stanza a second time (`dave-144`, seed 6 of session 12's final target run).
+ *
+ * Sound only where an acknowledged entry surely reached the client: with one poster per stream
+ * (SM_POST_ORDER=serial), whose counts are prefixes of what went out in order. With `checked`,
+ * another sender's later entry can reach the client first and an ack trim one never posted.
  */
 export interface SenderMark {
   from: string;
@@ -367,12 +371,12 @@ function senderMarksOf(raw: Record<string, unknown>): { senderMarks?: Record<str
 
 /**
  * A delivery key as a mark: its position padded, so that marks of one frame compare as its
- * positions do (`<frame id>:<n, 4 digits>`).
+ * positions do (`<frame id>:<n, 6 digits>`).
  */
 function markOf(entryKey: string): { frame: string; at: string } {
   const colon = entryKey.lastIndexOf(':');
   const frame = entryKey.slice(0, colon + 1);
-  return { frame, at: `${frame}${entryKey.slice(colon + 1).padStart(4, '0')}` };
+  return { frame, at: `${frame}${entryKey.slice(colon + 1).padStart(6, '0')}` };
 }
 
 /** Whether a recorded mark says its frame appended at `key`'s position or later. */
@@ -385,16 +389,16 @@ export function markCovers(recorded: string | undefined, entryKey: string): bool
 /**
  * Sender marks kept before a prune is tried, and how old a mark must be to go. A frame is
  * redelivered within the queue's maxReceiveCount visibility timeouts of its first receipt
- * (20 × 180 s as deployed): a mark two hours old guards nothing.
+ * (20 × 180 s as deployed): a mark two hours old guards nothing. Past MARKS_KEPT_AT_MOST the
+ * oldest go too, down to MARKS_KEPT_AFTER_CUT, so that a recipient many connections write to
+ * (a bot) pays one prune per some appends, not one per append, and its item stays small.
  */
 const MARKS_PRUNE_AT = 8;
 const MARKS_KEPT_AT_MOST = 32;
+const MARKS_KEPT_AFTER_CUT = 16;
 const MARK_LIFETIME_SECONDS = 2 * 60 * 60;
 
-/**
- * The marks a prune removes: every one older than the lifetime and, past MARKS_KEPT_AT_MOST,
- * the oldest (a recipient flooded from many connections must not outgrow its item).
- */
+/** The marks a prune removes: every one older than the lifetime and, past 32, the oldest down to 16. */
 export function marksToPrune(marks: Record<string, string>, nowS = nowSeconds()): string[] {
   const dated = Object.entries(marks).map(([from, value]) => {
     const slash = value.lastIndexOf('/');
@@ -404,7 +408,7 @@ export function marksToPrune(marks: Record<string, string>, nowS = nowSeconds())
   if (dated.length <= MARKS_PRUNE_AT) return [];
   dated.sort((a, b) => a.at - b.at);
   const stale = dated.filter((mark) => mark.at < nowS - MARK_LIFETIME_SECONDS).length;
-  const over = Math.max(stale, dated.length - MARKS_KEPT_AT_MOST);
+  const over = dated.length - stale > MARKS_KEPT_AT_MOST ? dated.length - MARKS_KEPT_AFTER_CUT : stale;
   return dated.slice(0, over).map((mark) => mark.from);
 }
 

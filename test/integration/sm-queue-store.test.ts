@@ -118,16 +118,17 @@ describe("a sender's mark (SenderMark: a client's frame, its connection's frames
     expect(
       await queue.append(smId, entry(4, { k: 'H:0' }), MAX, undefined, { from: 'dave-conn', key: 'H:0' }),
     ).toMatchObject({ kind: 'queued', number: 4 });
-    // A position below the mark's, of the frame that made it: appended before, refused.
+    // A position below the mark's, of the frame that made it: refused. (J's redelivery would
+    // have appended its position 3 before its 12, one connection's deliveries being in order.)
     await queue.acknowledge(smId, 1, 4, connectionId);
     await queue.append(smId, entry(5, { k: 'J:12' }), MAX, undefined, { from: 'erin-conn', key: 'J:12' });
     expect(
       await queue.append(smId, entry(6, { k: 'J:3' }), MAX, undefined, { from: 'erin-conn', key: 'J:3' }),
     ).toEqual({ kind: 'acknowledged' });
     expect((await queue.get(smId))?.senderMarks).toMatchObject({
-      'dave-conn': expect.stringMatching(/^H:0000\//),
-      'alice-conn': expect.stringMatching(/^G:0000\//),
-      'erin-conn': expect.stringMatching(/^J:0012\//),
+      'dave-conn': expect.stringMatching(/^H:000000\//),
+      'alice-conn': expect.stringMatching(/^G:000000\//),
+      'erin-conn': expect.stringMatching(/^J:000012\//),
     });
   });
 
@@ -136,7 +137,7 @@ describe("a sender's mark (SenderMark: a client's frame, its connection's frames
     const stale = now - 3 * 3600;
     const marks = (count: number, at: (i: number) => number) =>
       Object.fromEntries(
-        Array.from({ length: count }, (_, i) => [`c${i}`, `F${i}:0000/${at(i).toString(36)}`]),
+        Array.from({ length: count }, (_, i) => [`c${i}`, `F${i}:000000/${at(i).toString(36)}`]),
       );
     // Eight or fewer: kept, however old.
     expect(
@@ -148,16 +149,30 @@ describe("a sender's mark (SenderMark: a client's frame, its connection's frames
     // Past eight: every one older than two hours goes.
     const mixed = {
       ...marks(6, () => stale),
-      ...Object.fromEntries([6, 7, 8].map((i) => [`n${i}`, `G:0000/${now.toString(36)}`])),
+      ...Object.fromEntries([6, 7, 8].map((i) => [`n${i}`, `G:000000/${now.toString(36)}`])),
     };
     expect(marksToPrune(mixed, now).sort()).toEqual(['c0', 'c1', 'c2', 'c3', 'c4', 'c5']);
-    // Forty fresh ones: the eight oldest go.
+    // Thirty-two fresh ones stay; past that the oldest go, down to sixteen.
+    expect(
+      marksToPrune(
+        marks(32, (i) => now - 40 + i),
+        now,
+      ),
+    ).toEqual([]);
     expect(
       marksToPrune(
         marks(40, (i) => now - 40 + i),
         now,
-      ).sort(),
-    ).toEqual(['c0', 'c1', 'c2', 'c3', 'c4', 'c5', 'c6', 'c7'].sort());
+      ),
+    ).toEqual(Array.from({ length: 24 }, (_, i) => `c${i}`));
+    // Stale ones first: ten stale and thirty fresh leave the thirty.
+    const both = {
+      ...marks(10, () => stale),
+      ...Object.fromEntries(
+        Array.from({ length: 30 }, (_, i) => [`n${i}`, `G:000000/${(now - i).toString(36)}`]),
+      ),
+    };
+    expect(marksToPrune(both, now).sort()).toEqual(Array.from({ length: 10 }, (_, i) => `c${i}`).sort());
   });
 
   it('removes stale marks with the append that finds them', async () => {
@@ -170,9 +185,10 @@ describe("a sender's mark (SenderMark: a client's frame, its connection's frames
           Key: { pk: `sm#${smId}`, sk: 'queue' },
           UpdateExpression: 'SET #m = :m',
           ExpressionAttributeNames: { '#m': `f#old${i}` },
-          ExpressionAttributeValues: { ':m': `X${i}:0000/${stale}` },
+          ExpressionAttributeValues: { ':m': `X${i}:000000/${stale}` },
         }),
       );
+    expect(Object.keys((await queue.get(smId))?.senderMarks ?? {})).toHaveLength(9);
     await queue.append(smId, entry(1, { k: 'F:0' }), MAX, undefined, { from: 'dave-conn', key: 'F:0' });
     const raw = await rawItem(table, smId);
     expect(Object.keys(raw ?? {}).filter((name) => name.startsWith('f#'))).toEqual(['f#dave-conn']);
