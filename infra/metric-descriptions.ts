@@ -41,7 +41,7 @@ export const METRIC_DESCRIPTIONS: Record<MetricName, string> = {
   PostsUnanswered:
     'Posts that got no answer (timeout, dropped connection): never resent; a stream-management client is made to resume',
   ResumesUnsettled:
-    "XEP-0198 resumes that went ahead after `SM_RESUME_SETTLE_MS` while the old stream had not finished routing a stanza it counted (its frame kept failing): the client's next stanzas may overtake that one",
+    "XEP-0198 resumes that went ahead after `SM_RESUME_SETTLE_MS` while the old stream had not finished routing a stanza it counted (its frame kept failing): the resumed stream's stanzas wait for it, at most `SM_RESUME_ORDER_MS`",
   SmResumesForced:
     "XEP-0198 sockets the server closed so that the client resumes and is sent exactly what its count lacks: `uncertain-post` (a post failed or went unanswered), `out-of-time` (a poster short of its invocation's time), `lease` (a hold older than `SM_POSTER_LEASE_MS`), `redelivered` (a frame that may have posted part of its work), `uncertain-append`, `uncertain-entry` (`SM_POST_ORDER=checked`), `fenced` (a stream a resume took over)",
   SmUncertainResent:

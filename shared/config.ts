@@ -90,6 +90,12 @@ export interface Config {
    */
   smResumeSettleMs: number;
   /**
+   * XEP-0198: after a resume went ahead unsettled (SM_RESUME_SETTLE_MS), how long the resumed
+   * stream's own stanzas wait (handed back to the queue) for the old stream to route the stanza it
+   * counted, so that they do not overtake it; past it they go (ms since the resume).
+   */
+  smResumeOrderMs: number;
+  /**
    * Which stanza frames are marked done in their connection row (a redelivery of a marked frame is
    * skipped): `all` (exactly once under lost deletes and deaths too, one write unit per stanza), or
    * `batched` (only a frame another record follows in its batch: a timed-out or failed batch
@@ -151,6 +157,7 @@ export const TUNABLE_SETTINGS = [
   'SM_POST_ORDER',
   'SM_POSTER_LEASE_MS',
   'SM_RESUME_SETTLE_MS',
+  'SM_RESUME_ORDER_MS',
   'FRAME_DONE_MARKS',
   'FRAME_RETRY_MAX_SECONDS',
   'ARCHIVE_COLLECTION_GAP_SECONDS',
@@ -237,6 +244,8 @@ export function loadConfig(env: Env = process.env): Config {
     // Past the stream function's 30 s timeout: a hold this old has no living poster.
     smPosterLeaseMs: Math.max(1000, int(env, 'SM_POSTER_LEASE_MS', 35_000)),
     smResumeSettleMs: int(env, 'SM_RESUME_SETTLE_MS', 5000),
+    // Below xmpp.js's 60 s without an answer to its <r/>, which waits behind those stanzas.
+    smResumeOrderMs: int(env, 'SM_RESUME_ORDER_MS', 30_000),
     frameDoneMarks: oneOf(env, 'FRAME_DONE_MARKS', ['all', 'batched'] as const, 'all'),
     archiveCollectionGapSeconds: int(env, 'ARCHIVE_COLLECTION_GAP_SECONDS', 30 * 60),
     archiveTombstoneDays: int(env, 'ARCHIVE_TOMBSTONE_DAYS', 90),

@@ -862,8 +862,42 @@ async function probeAttachedSessions(server: Server, now: number): Promise<numbe
 // ---------------------------------------------------------------------------------------------
 // The stream's own sends and counts
 
+/**
+ * After a resume that went ahead unsettled (SmState.after): the resumed stream's stanzas wait,
+ * handed back to the queue (its later frames wait behind them, in order), until the old stream
+ * has routed the stanza it counted, or its row is gone, or SM_RESUME_ORDER_MS has passed. A
+ * stanza of the client's sent after the one the old stream counted then never overtakes it,
+ * while the client already has `<resumed/>` and what was queued for it.
+ */
+async function awaitOldStream(stream: Stream): Promise<void> {
+  const sm = stream.state.sm;
+  const after = sm?.after;
+  if (!sm || !after) return;
+  // Counted already by an earlier attempt of this frame: it waited then.
+  if (stream.frameId && stream.state.countedFrame === stream.frameId) return;
+  const { server } = stream;
+  if (Date.now() < after.until) {
+    const old = await server.sessions.getConnection(after.connectionId);
+    if (old && !countedHandled(server, old)) {
+      server.log.info('stanza waits for the old stream to route the one it counted', {
+        connectionId: stream.connectionId,
+        old: after.connectionId,
+      });
+      throw new RetryLaterError('the old stream has not routed a stanza it counted');
+    }
+  } else {
+    server.log.warn('stanzas go ahead: the old stream never routed the stanza it counted', {
+      connectionId: stream.connectionId,
+      old: after.connectionId,
+    });
+  }
+  const { after: _done, ...rest } = sm;
+  stream.update({ sm: rest });
+}
+
 /** Counts a stanza the client sent (sm:3 counts stanzas; sm:1 learns numbers from `<r u/>`). */
 async function countInbound(stream: Stream): Promise<undefined> {
+  await awaitOldStream(stream);
   const sm = stream.state.sm;
   // The seed's sm:1 learns counts from the client's 'u'; only sm:3 counts here.
   if (sm?.version !== 'sm3') return undefined;
@@ -1351,7 +1385,8 @@ async function decideResume(
   element: Element,
   version: SmVersion,
 ): Promise<
-  { ok: false; reply: Element | undefined } | { ok: true; item: SmQueueItem; h: number; inbound: number }
+  | { ok: false; reply: Element | undefined }
+  | { ok: true; item: SmQueueItem; h: number; inbound: number; after?: SmState['after'] }
 > {
   const { server } = stream;
   const user = stream.user;
@@ -1411,17 +1446,29 @@ async function decideResume(
       const previous = found.connectionId
         ? await server.sessions.fenceConnection(found.connectionId)
         : undefined;
-      if (found.connectionId && previous) await settleFenced(server, found.connectionId, previous);
-      else if (!found.connectionId && found.detachedFrom) {
+      // The old stream whose counted stanza is still on its way when the resume goes ahead: the
+      // resumed stream's stanzas wait for it (SmState.after). One that was itself waiting for an
+      // older stream passes its wait on.
+      let after: SmState['after'];
+      if (found.connectionId && previous) {
+        if (!(await settleFenced(server, found.connectionId, previous)))
+          after = { connectionId: found.connectionId, until: Date.now() + server.config.smResumeOrderMs };
+        else if (previous.sm?.after && previous.sm.after.until > Date.now()) after = previous.sm.after;
+      } else if (!found.connectionId && found.detachedFrom) {
         // Detached by a 410 or a probe while a frame of that connection was still being retried:
         // its row stays, fenced, until its $disconnect, and a stanza it counted (in the count the
         // detach took) may still be on its way. The resume waits for it all the same.
         const left = await server.sessions.getConnection(found.detachedFrom);
-        if (left) await settleFenced(server, found.detachedFrom, left);
+        if (left) {
+          if (!(await settleFenced(server, found.detachedFrom, left)))
+            after = { connectionId: found.detachedFrom, until: Date.now() + server.config.smResumeOrderMs };
+          else if (left.sm?.after && left.sm.after.until > Date.now()) after = left.sm.after;
+        }
       }
       return {
         ok: true,
         item: found,
+        ...(after ? { after } : {}),
         h: verdict.acked,
         // The old row's count is the newest while attached; the session's, recorded at the last
         // attach or detach, is never above it (and is the only one once that row is gone).
@@ -1452,8 +1499,8 @@ function countedHandled(server: Server, state: ConnectionState): boolean {
  * SM_RESUME_SETTLE_MS it goes ahead with a warning (that frame may have ended the old stream
  * with an error, or keep failing).
  */
-async function settleFenced(server: Server, connectionId: string, fenced: ConnectionState): Promise<void> {
-  if (countedHandled(server, fenced)) return;
+async function settleFenced(server: Server, connectionId: string, fenced: ConnectionState): Promise<boolean> {
+  if (countedHandled(server, fenced)) return true;
   const now = Date.now();
   const settleUntil = now + server.config.smResumeSettleMs - (frameAge(now) ?? 0);
   const until = Math.min(settleUntil, now + (frameTimeLeft() ?? Number.POSITIVE_INFINITY) / 2);
@@ -1462,7 +1509,7 @@ async function settleFenced(server: Server, connectionId: string, fenced: Connec
     if (pause <= 0) break;
     await sleep(pause);
     const state = await server.sessions.getConnection(connectionId);
-    if (!state || countedHandled(server, state)) return;
+    if (!state || countedHandled(server, state)) return true;
   }
   // The invocation's time, not SM_RESUME_SETTLE_MS, ended the wait: the queue brings it again.
   if (until < settleUntil - 50) {
@@ -1473,6 +1520,7 @@ async function settleFenced(server: Server, connectionId: string, fenced: Connec
   }
   server.metrics.count('ResumesUnsettled');
   server.log.warn('resuming while the old stream has not routed a stanza it counted', { connectionId });
+  return false;
 }
 
 /** Decisions a resume may take before its attach holds: the session moved under each of them. */
@@ -1567,6 +1615,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
     acked,
     resumable: true,
     max: taken.max,
+    ...(decided.after ? { after: decided.after } : {}),
   };
   // Saved before <resumed/> goes out, with the frame that did it: see `handle`.
   stream.update({

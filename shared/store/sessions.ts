@@ -66,6 +66,11 @@ export interface SmState {
    * again: the bound it waited for. A second ack short of it makes the client resume.
    */
   askedFor?: number;
+  /**
+   * Set by a resume that went ahead while the old stream (`connectionId`) had not routed a stanza
+   * it counted: this stream's own stanzas wait for it, until `until` (ms; SM_RESUME_ORDER_MS).
+   */
+  after?: { connectionId: string; until: number };
 }
 
 /**

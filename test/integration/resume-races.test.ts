@@ -1044,3 +1044,52 @@ describe('a sender’s frame redelivered after an ack trimmed its never-posted e
     expect(bodies()).toEqual(['alice-1', 'dave-144']);
   });
 });
+
+/**
+ * A resume that went ahead after SM_RESUME_SETTLE_MS while the old stream's frame of a counted
+ * stanza was still being retried (the target run of session 13, seed 17, and the default run on
+ * its final code, seed 2): the client's next stanza, sent on the resumed stream, reached the
+ * recipient first. The resumed stream's own stanzas now wait for that one (SmState.after).
+ */
+describe('the stanzas of a stream resumed before the old stream routed the one it counted', () => {
+  async function resumedUnsettled(smId: string, env: Record<string, string>) {
+    const session = await sessionOf(smId, { SM_RESUME_SETTLE_MS: '100', ...env });
+    const { server, stream, resume } = session;
+    // The old stream counted frame 300 (the count is written before routing); its routing keeps
+    // failing, its done mark stays at 200.
+    await stream('first', 1);
+    await server.sessions.updateConnection('first', {
+      countedFrame: 'f300',
+      countedSeq: '300',
+      doneSeq: '200',
+    });
+    await stream('new');
+    await resume('new', 0);
+    expect((await server.sessions.getConnection('new'))?.sm?.after?.connectionId).toBe('first');
+    return session;
+  }
+
+  it('wait, handed back to the queue, until the old stream has routed it; then go, in order', async () => {
+    const { server, contact, message, storedFor } = await resumedUnsettled('sm-order-after', {});
+    // Sent after the one the old stream counted: not routed before it.
+    await expect(message('new', '1')).rejects.toThrow('has not routed');
+    expect(await storedFor(contact)).toEqual([]);
+    expect((await server.sessions.getConnection('new'))?.sm?.inbound).toBe(1);
+    // The old frame is done: the queue's next delivery of the frame routes it, counted once.
+    await server.sessions.updateConnection('first', { doneSeq: '300' });
+    await message('new', '1');
+    expect(await storedFor(contact)).toEqual(['1']);
+    const row = await server.sessions.getConnection('new');
+    expect([row?.sm?.inbound, row?.sm?.after]).toEqual([2, undefined]);
+  });
+
+  it('go ahead past SM_RESUME_ORDER_MS when the old stream never routes it', async () => {
+    const { contact, message, storedFor } = await resumedUnsettled('sm-order-expired', {
+      SM_RESUME_ORDER_MS: '400',
+    });
+    await expect(message('new', '1')).rejects.toThrow('has not routed');
+    await new Promise((resolve) => setTimeout(resolve, 450));
+    await message('new', '1');
+    expect(await storedFor(contact)).toEqual(['1']);
+  });
+});
