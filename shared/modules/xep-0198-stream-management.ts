@@ -872,7 +872,8 @@ async function probeAttachedSessions(server: Server, now: number): Promise<numbe
 async function awaitOldStream(stream: Stream): Promise<void> {
   const sm = stream.state.sm;
   const after = sm?.after;
-  if (!sm || !after) return;
+  // A stream fenced since (resumed elsewhere) routes nothing uncounted: no use waiting.
+  if (!sm || !after || stream.state.fenced) return;
   // Counted already by an earlier attempt of this frame: it waited then.
   if (stream.frameId && stream.state.countedFrame === stream.frameId) return;
   const { server } = stream;
