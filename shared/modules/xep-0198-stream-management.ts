@@ -279,8 +279,7 @@ async function deliverToSmSession(
     Math.floor(bytes / server.config.smAckBytes) > Math.floor((bytes - size) / server.config.smAckBytes);
   if (token) return postInOrder(server, smId, token, { item, number, key }, stanza, askByBytes || congested);
   if (item.holding) {
-    if (holdExpired(server, item))
-      await forceResume(server, item.connectionId, 'lease', 'a replay held the session past its lease');
+    if (holdExpired(server, item)) await forceResume(server, item.connectionId, 'lease', 'replay');
     return 'sent';
   }
   // From here the stanza is queued: whatever happens to the post, it is the session's, and the
@@ -399,8 +398,7 @@ async function postInOrder(
   const connectionId = item.connectionId as string;
   if (item.holder !== token) {
     // A replay (`true`) or another sender holds the session: it posts this entry before it lets go.
-    if (holdExpired(server, item))
-      await forceResume(server, connectionId, 'lease', 'a poster held the session past its lease');
+    if (holdExpired(server, item)) await forceResume(server, connectionId, 'lease', 'poster');
     return 'sent';
   }
   let current = item;
@@ -419,7 +417,7 @@ async function postInOrder(
       const left = frameTimeLeft();
       if (left !== undefined && left < margin) {
         // Out of time mid-burst: the resume carries on where the client's count says.
-        await forceResume(server, connectionId, 'out-of-time', 'posting the queue in order');
+        await forceResume(server, connectionId, 'out-of-time');
         return 'sent';
       }
       const posted = await postQueued(server, connectionId, entry.k === key ? own : parse(entry.s));
@@ -840,8 +838,7 @@ async function probeAttachedSessions(server: Server, now: number): Promise<numbe
       const connectionId = item.connectionId as string;
       // A poster that died mid-burst (SM_POST_ORDER=serial) and no delivery since to notice it:
       // the socket is closed, and the client's resume sends what waited.
-      if (holdExpired(server, item))
-        await forceResume(server, connectionId, 'lease', 'a poster held the session past its lease');
+      if (holdExpired(server, item)) await forceResume(server, connectionId, 'lease', 'poster');
       const posted = await post(server, connectionId, ackRequest(item.version, postedUpTo(item)));
       if (posted === 'sent') {
         await server.smQueue.deferProbe(item.smId, connectionId, now + PROBE_AFTER_MS);
@@ -862,6 +859,9 @@ async function probeAttachedSessions(server: Server, now: number): Promise<numbe
 // ---------------------------------------------------------------------------------------------
 // The stream's own sends and counts
 
+/** Why a resume or a resumed stream's stanza waits (a frame handed back to the queue). */
+const OLD_UNROUTED = 'the old stream has not routed a stanza it counted';
+
 /**
  * After a resume that went ahead unsettled (SmState.after): the resumed stream's stanzas wait,
  * handed back to the queue (its later frames wait behind them, in order), until the old stream
@@ -880,14 +880,14 @@ async function awaitOldStream(stream: Stream): Promise<void> {
   if (Date.now() < after.until) {
     const old = await server.sessions.getConnection(after.connectionId);
     if (old && !countedHandled(server, old)) {
-      server.log.info('stanza waits for the old stream to route the one it counted', {
+      server.log.info('stanza waits for the old stream', {
         connectionId: stream.connectionId,
         old: after.connectionId,
       });
-      throw new RetryLaterError('the old stream has not routed a stanza it counted');
+      throw new RetryLaterError(OLD_UNROUTED);
     }
   } else {
-    server.log.warn('stanzas go ahead: the old stream never routed the stanza it counted', {
+    server.log.warn('stanzas go ahead of the old stream', {
       connectionId: stream.connectionId,
       old: after.connectionId,
     });
@@ -1433,12 +1433,7 @@ async function decideResume(
         // A later resume took the session from this connection while this one was being retried:
         // it is not this stream's to take back (fencing that newer owner would stop it for good).
         // The socket is closed; a client still there resumes from a new connection.
-        await forceResume(
-          server,
-          stream.connectionId,
-          'fenced',
-          '<resume/> on a connection a later resume fenced',
-        );
+        await forceResume(server, stream.connectionId, 'fenced', 'resume on a fenced connection');
         return { ok: false, reply: undefined };
       }
       // The old connection is fenced first: from now on it routes no stanza it has not counted,
@@ -1517,7 +1512,7 @@ async function settleFenced(server: Server, connectionId: string, fenced: Connec
     server.log.info('resume handed back: the old stream has not routed a stanza it counted', {
       connectionId,
     });
-    throw new RetryLaterError('the old stream has not routed a stanza it counted');
+    throw new RetryLaterError(OLD_UNROUTED);
   }
   server.metrics.count('ResumesUnsettled');
   server.log.warn('resuming while the old stream has not routed a stanza it counted', { connectionId });
@@ -1545,7 +1540,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
       // fenced the owner it found, which now routes nothing: that socket is closed too, so its
       // client resumes once more (the fenced row's count is exact).
       if (error instanceof ConnectionFencedError && decision.item.connectionId)
-        await forceResume(server, decision.item.connectionId, 'fenced', 'by a resume that was itself fenced');
+        await forceResume(server, decision.item.connectionId, 'fenced', 'its resume was fenced');
       throw error;
     }
     // Taken only from the owner the decision fenced, and never with a lower count than the
@@ -1567,7 +1562,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
     const item = decided && (await server.smQueue.get(decided.item.smId));
     const fenced = decided?.item.connectionId;
     if (item && !item.ended && fenced && item.connectionId === fenced)
-      await forceResume(server, fenced, 'fenced', 'by a resume that could not attach');
+      await forceResume(server, fenced, 'fenced', 'its resume could not attach');
     return refuseResume(stream, failed(version, 'item-not-found', item?.ended ? item.inbound : undefined));
   }
   const { item, inbound } = decided;
