@@ -1446,20 +1446,13 @@ async function decideResume(
       // resumed stream's stanzas wait for it (SmState.after). One that was itself waiting for an
       // older stream passes its wait on.
       let after: SmState['after'];
-      if (found.connectionId && previous) {
-        if (!(await settleFenced(server, found.connectionId, previous)))
-          after = { connectionId: found.connectionId, until: Date.now() + server.config.smResumeOrderMs };
-        else if (previous.sm?.after && previous.sm.after.until > Date.now()) after = previous.sm.after;
-      } else if (!found.connectionId && found.detachedFrom) {
+      if (found.connectionId && previous) after = await orderAfter(server, found.connectionId, previous);
+      else if (!found.connectionId && found.detachedFrom) {
         // Detached by a 410 or a probe while a frame of that connection was still being retried:
         // its row stays, fenced, until its $disconnect, and a stanza it counted (in the count the
         // detach took) may still be on its way. The resume waits for it all the same.
         const left = await server.sessions.getConnection(found.detachedFrom);
-        if (left) {
-          if (!(await settleFenced(server, found.detachedFrom, left)))
-            after = { connectionId: found.detachedFrom, until: Date.now() + server.config.smResumeOrderMs };
-          else if (left.sm?.after && left.sm.after.until > Date.now()) after = left.sm.after;
-        }
+        if (left) after = await orderAfter(server, found.detachedFrom, left);
       }
       return {
         ok: true,
@@ -1517,6 +1510,20 @@ async function settleFenced(server: Server, connectionId: string, fenced: Connec
   server.metrics.count('ResumesUnsettled');
   server.log.warn('resuming while the old stream has not routed a stanza it counted', { connectionId });
   return false;
+}
+
+/**
+ * Settles the resume with the old stream (settleFenced); when it goes ahead unsettled, what the
+ * resumed stream must wait for (SmState.after), or the old stream's own wait, still running.
+ */
+async function orderAfter(
+  server: Server,
+  connectionId: string,
+  old: ConnectionState,
+): Promise<SmState['after']> {
+  if (!(await settleFenced(server, connectionId, old)))
+    return { connectionId, until: Date.now() + server.config.smResumeOrderMs };
+  return old.sm?.after && old.sm.after.until > Date.now() ? old.sm.after : undefined;
 }
 
 /** Decisions a resume may take before its attach holds: the session moved under each of them. */
