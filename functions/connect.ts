@@ -16,7 +16,7 @@ export function createConnectHandler(server: Server, options: ConnectHandlerOpti
     try {
       return await withLogContext({ connectionId, requestId }, async () => {
         try {
-          const result = await handleConnect(server, event);
+          const result = handleConnect(event);
           if (result.statusCode === 200) server.metrics.count('ConnectionsOpened');
           else server.log.info('handshake refused', { statusCode: result.statusCode });
           return result;

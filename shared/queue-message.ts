@@ -15,6 +15,12 @@ export interface QueueMessage {
   requestId: string;
   /** The WebSocket text frame, base64 (absent for DISCONNECT). */
   body?: string;
+  /**
+   * API Gateway's `$context.connectedAt` (ms) and `$context.identity.sourceIp`: what a stream's
+   * first frame writes into its connection row (`$connect` writes nothing).
+   */
+  connectedAt?: number;
+  sourceIp?: string;
 }
 
 export interface StreamEvent {
@@ -38,6 +44,9 @@ export interface StreamEvent {
   timeLeftMs?: () => number;
   /** API Gateway's request id, for the logs (it is also in the stage's access log). */
   requestId?: string;
+  /** When the WebSocket connected (ms), and the client's address, as API Gateway saw them. */
+  connectedAt?: number;
+  sourceIp?: string;
 }
 
 export class MalformedQueueMessageError extends Error {}
@@ -65,6 +74,7 @@ export function decodeQueueMessage(raw: string): StreamEvent {
       ...requestId,
     };
   }
+  const connectedAt = Number(parsed.connectedAt);
   return {
     connectionId: parsed.connectionId,
     kind: 'frame',
@@ -72,6 +82,8 @@ export function decodeQueueMessage(raw: string): StreamEvent {
     receivedAt,
     frameId,
     ...requestId,
+    ...(Number.isFinite(connectedAt) && connectedAt > 0 ? { connectedAt } : {}),
+    ...(typeof parsed.sourceIp === 'string' && parsed.sourceIp !== '' ? { sourceIp: parsed.sourceIp } : {}),
   };
 }
 

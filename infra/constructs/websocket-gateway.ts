@@ -50,7 +50,13 @@ const MESSAGE_FIELDS: readonly [keyof QueueMessage, string, FieldKind][] = [
   ['requestId', '$context.requestId', 'string'],
   // Base64, because XMPP frames are full of quotes and `$util.escapeJavaScript` writes `\'`, which is not JSON.
   ['body', '$util.base64Encode($input.body)', 'string'],
+  // For the connection row a stream's first frame creates (`$connect` writes nothing).
+  ['connectedAt', '$context.connectedAt', 'number'],
+  ['sourceIp', '$context.identity.sourceIp', 'string'],
 ];
+
+/** What only a frame's message carries (`$disconnect`'s has no body and needs no row). */
+const FRAME_ONLY_FIELDS = new Set<keyof QueueMessage>(['body', 'connectedAt', 'sourceIp']);
 
 /**
  * The request template that turns a WebSocket event into an SQS SendMessage call whose body is
@@ -65,7 +71,7 @@ const MESSAGE_FIELDS: readonly [keyof QueueMessage, string, FieldKind][] = [
  *   Velocity would read the braces as a map literal and encode `{connectionId=…}`.
  */
 export function sendMessageTemplate({ withBody }: { withBody: boolean }): string {
-  const json = MESSAGE_FIELDS.filter(([name]) => withBody || name !== 'body')
+  const json = MESSAGE_FIELDS.filter(([name]) => withBody || !FRAME_ONLY_FIELDS.has(name))
     .map(([name, expression, kind]) => {
       const value = kind === 'string' ? `${QUOTE}${expression}${QUOTE}` : expression;
       return `${QUOTE}${name}${QUOTE}:${value}`;

@@ -326,6 +326,8 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
         requestTimeEpoch: Date.now(),
         requestId,
         body: toBuffer(data).toString('base64'),
+        connectedAt: connection.connectedAt,
+        sourceIp: connection.sourceIp,
       });
     });
     socket.on('ping', () => touch(connection));

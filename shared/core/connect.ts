@@ -2,15 +2,6 @@
  * The `$connect` decision (RFC 7395 §3.3.1): a client must offer the `xmpp` subprotocol and
  * gets it back in `Sec-WebSocket-Protocol`; browsers drop a socket whose answer lacks it.
  */
-import type { Server } from './host.ts';
-import { withTransientRetries } from './transient.ts';
-
-/**
- * Tries of the handshake's one write on a transient error (throttling past the SDK's retries, a
- * 500): a failed `$connect` is a refused socket the client has to open again.
- */
-const CONNECT_ATTEMPTS = 3;
-
 export interface ConnectEvent {
   headers?: Record<string, string | undefined>;
   requestContext: {
@@ -38,21 +29,15 @@ function offeredProtocols(headers: ConnectEvent['headers']): string[] {
   return [];
 }
 
-export async function handleConnect(server: Server, event: ConnectEvent): Promise<ConnectResult> {
+export function handleConnect(event: ConnectEvent): ConnectResult {
   if (!offeredProtocols(event.headers).includes('xmpp')) {
     return {
       statusCode: 400,
       body: "XMPP over WebSocket (RFC 7395): offer the subprotocol 'xmpp' (Sec-WebSocket-Protocol: xmpp)",
     };
   }
-  const { connectionId } = event.requestContext;
-  // An unconditional Put: trying it again is harmless.
-  await withTransientRetries(CONNECT_ATTEMPTS, () =>
-    server.sessions.createConnection(
-      connectionId,
-      event.requestContext.connectedAt ?? event.requestContext.requestTimeEpoch ?? Date.now(),
-      event.requestContext.identity?.sourceIp,
-    ),
-  );
+  // Nothing is written: the stream's first frame creates its connection row, with the connection
+  // time and address API Gateway puts on every frame's queue message (shared/queue-message.ts).
+  // A socket that never sends a frame costs no DynamoDB request.
   return { statusCode: 200, headers: { 'Sec-WebSocket-Protocol': 'xmpp' } };
 }

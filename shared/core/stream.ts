@@ -10,7 +10,7 @@ import { StreamError, streamErrorElement } from '../errors.ts';
 import { fullJidOf, type Jid } from '../jid.ts';
 import { addLogContext } from '../log.ts';
 import type { StreamEvent } from '../queue-message.ts';
-import { ConnectionFencedError, type ConnectionState } from '../store/sessions.ts';
+import { ConnectionFencedError, type ConnectionState, type NewConnection } from '../store/sessions.ts';
 import { parseFrame } from '../xml/frame.ts';
 import { NS } from '../xml/namespaces.ts';
 import { closeConnection, deliver, post } from './delivery.ts';
@@ -46,6 +46,11 @@ export class XmppStream implements Stream {
     readonly seq?: string,
     /** Another record follows in the batch (see Config.frameDoneMarks). */
     readonly followed = false,
+    /**
+     * The connection has no row yet (`$connect` writes none): the first write creates it, with
+     * API Gateway's connection time and client address.
+     */
+    private newRow?: NewConnection,
   ) {}
 
   get connectionId(): string {
@@ -107,8 +112,16 @@ export class XmppStream implements Stream {
 
   async commit(): Promise<void> {
     if (this.ended) return;
-    await this.server.sessions.updateConnection(this.connectionId, this.changes, { unlessFenced: true });
+    await this.server.sessions.updateConnection(this.connectionId, this.changes, {
+      unlessFenced: true,
+      ...this.creating(),
+    });
+    this.newRow = undefined;
     this.changes = {};
+  }
+
+  private creating(): { create?: NewConnection } {
+    return this.newRow ? { create: this.newRow } : {};
   }
 
   async save(): Promise<void> {
@@ -129,9 +142,11 @@ export class XmppStream implements Stream {
     // row (billed by size on every update) does not keep it.
     if (markDone) changes.storedOffline = undefined;
     // The frame's work is done: failing now would have it redelivered and repeated.
+    const create = this.creating();
     await withTransientRetries(SAVE_ATTEMPTS, () =>
-      this.server.sessions.updateConnection(this.connectionId, changes),
+      this.server.sessions.updateConnection(this.connectionId, changes, create),
     );
+    this.newRow = undefined;
     this.changes = {};
   }
 }
@@ -256,14 +271,22 @@ export async function handleStreamEvent(server: Server, event: StreamEvent): Pro
     server.log.info('redelivered frame already handled', { connectionId: event.connectionId });
     return;
   }
+  // No row yet: the stream's first frame (`$connect` writes none), or one after its stream ended.
+  const newRow: NewConnection | undefined = stored
+    ? undefined
+    : {
+        connectedAt: event.connectedAt ?? event.receivedAt,
+        ...(event.sourceIp ? { sourceIp: event.sourceIp } : {}),
+      };
   const state: ConnectionState = stored ?? {
     connectionId: event.connectionId,
-    connectedAt: event.receivedAt,
+    connectedAt: newRow?.connectedAt ?? event.receivedAt,
+    ...(newRow?.sourceIp ? { sourceIp: newRow.sourceIp } : {}),
     streamOpen: false,
     authFailures: 0,
   };
   if (state.user) addLogContext({ jid: state.user });
-  const stream = new XmppStream(server, state, event.frameId, event.seq, event.followed ?? false);
+  const stream = new XmppStream(server, state, event.frameId, event.seq, event.followed ?? false, newRow);
   return inFrame(
     {
       ...event,

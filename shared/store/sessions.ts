@@ -316,18 +316,27 @@ export function fitsResourceKey(resource: string): boolean {
 
 type Mutable = Omit<ConnectionState, 'connectionId' | 'connectedAt' | 'sourceIp'>;
 
+/** What a connection's row starts with, from API Gateway (`$context.connectedAt`, `identity.sourceIp`). */
+export interface NewConnection {
+  connectedAt: number;
+  sourceIp?: string;
+}
+
 export interface SessionStore {
   /** `sourceIp`: the client's address as API Gateway saw it (`identity.sourceIp`). */
   createConnection(connectionId: string, connectedAt: number, sourceIp?: string): Promise<void>;
   getConnection(connectionId: string): Promise<ConnectionState | undefined>;
   /**
    * Sets the given fields; `undefined` values are removed. With `unlessFenced`, throws
-   * ConnectionFencedError when a resume fenced the row (or the row is gone) instead.
+   * ConnectionFencedError when a resume fenced the row (or the row is gone) instead. With
+   * `create`, the row is written whether or not it exists (a stream's first save: `$connect`
+   * writes none), with the connection's time and address; otherwise a row that is gone (the
+   * connection ended) is not written again.
    */
   updateConnection(
     connectionId: string,
     changes: Partial<Mutable>,
-    options?: { unlessFenced?: boolean },
+    options?: { unlessFenced?: boolean; create?: NewConnection },
   ): Promise<void>;
   /**
    * XEP-0198 resume: marks a connection's row so that no further `unlessFenced` write (a stanza
@@ -636,16 +645,35 @@ export function createSessionStore(
       names['#ttl'] = TTL_ATTRIBUTE;
       sets.push('#ttl = :ttl');
       values[':ttl'] = ttl(connectionTtlSeconds);
+      const { create } = options;
+      if (create) {
+        // The attributes createConnection wrote, kept if a row is there already.
+        const initial: Record<string, unknown> = {
+          connectionId,
+          connectedAt: create.connectedAt,
+          ...(create.sourceIp ? { sourceIp: create.sourceIp } : {}),
+          streamOpen: false,
+          authFailures: 0,
+        };
+        for (const [field, value] of Object.entries(initial)) {
+          if (field in changes) continue;
+          names[`#${field}`] = field;
+          values[`:${field}`] = value;
+          sets.push(`#${field} = if_not_exists(#${field}, :${field})`);
+        }
+      }
       const expression = `SET ${sets.join(', ')}${removes.length ? ` REMOVE ${removes.join(', ')}` : ''}`;
+      const exists = create ? undefined : 'attribute_exists(pk)';
+      const condition = options.unlessFenced
+        ? [exists, 'attribute_not_exists(fenced)'].filter(Boolean).join(' AND ')
+        : exists;
       try {
         await doc.send(
           new UpdateCommand({
             TableName: table,
             Key: connKey(connectionId),
             UpdateExpression: expression,
-            ConditionExpression: options.unlessFenced
-              ? 'attribute_exists(pk) AND attribute_not_exists(fenced)'
-              : 'attribute_exists(pk)',
+            ConditionExpression: condition,
             ExpressionAttributeNames: names,
             ExpressionAttributeValues: values,
           }),

@@ -179,7 +179,7 @@ function renderSendMessageTemplate(
     text
       .replaceAll(quoteReference, '"')
       .replaceAll('$util.base64Encode($input.body)', Buffer.from(body).toString('base64'))
-      .replace(/\$context\.(\w+)/g, (reference, name: string) =>
+      .replace(/\$context\.(\w+(?:\.\w+)*)/g, (reference, name: string) =>
         name in context ? String(context[name]) : reference,
       );
   const message = expand(match[1]);
@@ -197,6 +197,8 @@ describe('queue message template', () => {
     connectionId: 'Ab+c/DEF12gCIdw=',
     requestId: 'Xy+z/QRS34hDJew=',
     requestTimeEpoch: 1735689600123,
+    connectedAt: 1735689599001,
+    'identity.sourceIp': '198.51.100.7',
   };
 
   it('puts a frame on the queue as the QueueMessage of shared/queue-message.ts, grouped by connection', () => {
@@ -216,6 +218,9 @@ describe('queue message template', () => {
       requestTimeEpoch: context.requestTimeEpoch,
       requestId: context.requestId,
       body: Buffer.from(frame).toString('base64'),
+      // What the stream's first frame writes into the connection row ($connect writes none).
+      connectedAt: context.connectedAt,
+      sourceIp: context['identity.sourceIp'],
     });
     expect(decodeQueueMessage(messageBody)).toEqual({
       connectionId: context.connectionId,
@@ -224,6 +229,8 @@ describe('queue message template', () => {
       receivedAt: context.requestTimeEpoch,
       frameId: context.requestId,
       requestId: context.requestId,
+      connectedAt: context.connectedAt,
+      sourceIp: context['identity.sourceIp'],
     });
   });
 

@@ -37,6 +37,67 @@ async function boundSenderAndRecipient(
   return { port, server, sender, recipient };
 }
 
+describe("a connection's row (`$connect` writes none)", () => {
+  it("is created by the stream's first frame, with API Gateway's connection time and address", async () => {
+    const port = new RecordingPort();
+    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+    const connectionId = `first${Date.now()}`;
+    const connectedAt = Date.now() - 1500;
+    const frame = (frameId: string, xml: string) =>
+      handleStreamEvent(server, {
+        connectionId,
+        kind: 'frame',
+        frame: xml,
+        receivedAt: Date.now(),
+        frameId,
+        connectedAt,
+        sourceIp: '198.51.100.7',
+      });
+    expect(await server.sessions.getConnection(connectionId)).toBeUndefined();
+    await frame('req-1', OPEN);
+    expect(port.frames.get(connectionId)).toHaveLength(2);
+    expect(await server.sessions.getConnection(connectionId)).toMatchObject({
+      connectionId,
+      connectedAt,
+      sourceIp: '198.51.100.7',
+      streamOpen: true,
+      authFailures: 0,
+      savedFrame: 'req-1',
+    });
+    // Redelivered: recognised by the row it created, nothing sent again.
+    await frame('req-1', OPEN);
+    expect(port.frames.get(connectionId)).toHaveLength(2);
+    // The next frames update that row and keep its time and address (the SASL limits read it).
+    await frame(
+      'req-2',
+      `<auth xmlns='${SASL}' mechanism='PLAIN'>${Buffer.from('\0nobody\0pw').toString('base64')}</auth>`,
+    );
+    expect(await server.sessions.getConnection(connectionId)).toMatchObject({
+      connectedAt,
+      sourceIp: '198.51.100.7',
+      savedFrame: 'req-2',
+      authFailures: 1,
+    });
+  });
+
+  it('is not created by a first frame that ends its stream (a stanza before <open/>)', async () => {
+    const port = new RecordingPort();
+    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+    const connectionId = `early${Date.now()}`;
+    await handleStreamEvent(server, {
+      connectionId,
+      kind: 'frame',
+      frame: "<message to='a@localhost'><body>hi</body></message>",
+      receivedAt: Date.now(),
+      frameId: 'req-1',
+      connectedAt: Date.now(),
+    });
+    // RFC 6120 §4.9: a stream error, then the stream is closed; no row is left behind.
+    expect(port.frames.get(connectionId)?.some((text) => text.includes('stream:error'))).toBe(true);
+    expect(await server.sessions.getConnection(connectionId)).toBeUndefined();
+  });
+});
+
 describe('a redelivered frame', () => {
   it('is skipped once its state was saved, and handled when it was not', async () => {
     const port = new RecordingPort();

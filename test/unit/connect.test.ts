@@ -5,7 +5,6 @@
 import { describe, expect, it } from 'vitest';
 import { handler } from '../../functions/connect.ts';
 import { handleConnect } from '../../shared/core/connect.ts';
-import { throttlingError } from '../support/intercept.ts';
 
 describe('functions/connect', () => {
   it('refuses a client that does not offer the xmpp subprotocol, without CONNECTIONS_ENDPOINT', async () => {
@@ -19,52 +18,14 @@ describe('functions/connect', () => {
   });
 });
 
-describe('handleConnect: the handshake’s one write', () => {
-  const throttle = throttlingError;
-  const event = {
-    headers: { 'Sec-WebSocket-Protocol': 'xmpp' },
-    requestContext: { connectionId: 'Zz9+conn=', requestTimeEpoch: 1_700_000_000_000 },
-  };
-  /** Only what handleConnect touches: the sessions store's createConnection. */
-  function serverWith(createConnection: () => Promise<void>) {
-    return { sessions: { createConnection } } as unknown as Parameters<typeof handleConnect>[0];
-  }
-
-  it('is tried again in place on throttling past the SDK’s retries: the socket opens', async () => {
-    let calls = 0;
-    const result = await handleConnect(
-      serverWith(async () => {
-        calls += 1;
-        if (calls < 3) throw throttle();
-      }),
-      event,
-    );
-    expect(calls).toBe(3);
+describe('handleConnect: the handshake writes nothing', () => {
+  // RFC 7395's handshake: the client offers 'xmpp' in Sec-WebSocket-Protocol and the server's
+  // reply carries it back. The connection's row is written by its first frame instead.
+  it('answers with the subprotocol, whatever the case and the other protocols offered', () => {
+    const result = handleConnect({
+      headers: { 'sec-websocket-protocol': 'chat, XMPP' },
+      requestContext: { connectionId: 'Zz9+conn=', requestTimeEpoch: 1_700_000_000_000 },
+    });
     expect(result).toEqual({ statusCode: 200, headers: { 'Sec-WebSocket-Protocol': 'xmpp' } });
-  });
-
-  it('gives up after three tries, and never retries an error that is not transient', async () => {
-    let calls = 0;
-    await expect(
-      handleConnect(
-        serverWith(async () => {
-          calls += 1;
-          throw throttle();
-        }),
-        event,
-      ),
-    ).rejects.toThrow(/throughput/);
-    expect(calls).toBe(3);
-    calls = 0;
-    await expect(
-      handleConnect(
-        serverWith(async () => {
-          calls += 1;
-          throw new TypeError('bug');
-        }),
-        event,
-      ),
-    ).rejects.toThrow(TypeError);
-    expect(calls).toBe(1);
   });
 });
