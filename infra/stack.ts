@@ -28,8 +28,8 @@ type FunctionName = keyof typeof FUNCTION_MEMORY_MB;
 
 /** Which tables each function touches, and how. Nothing gets a table it does not use. */
 const TABLE_ACCESS: Record<FunctionName, readonly [TableDefinition, TableAccess][]> = {
-  // Writes the connection row; authentication happens later, on the stream.
-  connect: [[sessionsTable, 'readWrite']],
+  // The handshake only: the stream's first frame writes the connection row.
+  connect: [],
   // SASL (Users: SCRAM keys read, auth-failure counters written), sessions, offline storage,
   // rosters and subscriptions (RFC 6121); XEP-0136 archiving (messages archived as they are
   // routed; the archive iqs).
@@ -160,7 +160,7 @@ export class NimbusStack extends Stack {
 
     const connect = new XmppFunction(this, 'Connect', {
       entry: entry('connect'),
-      description: 'XMPP $connect: subprotocol handshake (RFC 7395 §3.3.1) and connection row',
+      description: 'XMPP $connect: subprotocol handshake (RFC 7395 §3.3.1)',
       memorySize: FUNCTION_MEMORY_MB.connect,
       // API Gateway gives up on the handshake after 29 s anyway.
       timeout: Duration.seconds(10),
@@ -236,6 +236,10 @@ export class NimbusStack extends Stack {
       schedule: events.Schedule.rate(Duration.minutes(1)),
       targets: [new targets.LambdaFunction(sweeper.fn)],
     });
+
+    // Updated after the stream function: a stack whose $connect wrote the connection row gets the
+    // code that creates it from the first frame before $connect stops writing it.
+    connect.fn.node.addDependency(stream.fn);
 
     this.functions = { connect, stream, sweeper };
     for (const [name, fn] of Object.entries(this.functions) as [FunctionName, XmppFunction][]) {

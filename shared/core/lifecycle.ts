@@ -66,10 +66,17 @@ export interface EndOptions {
    * is fenced, not deleted, so they still find it; the `$disconnect` deletes it.
    */
   keepRow?: boolean;
+  /**
+   * The connection's own frame ended the stream: its row is marked ended instead of deleted, so
+   * that the frames its client sent before the socket closed, queued behind this one, stop there
+   * instead of starting a new stream (a stream's first frame creates the row).
+   */
+  ownEnd?: boolean;
 }
 
 async function dropConnectionRow(server: Server, connectionId: string, options: EndOptions): Promise<void> {
   if (options.keepRow) await server.sessions.fenceConnection(connectionId);
+  else if (options.ownEnd) await server.sessions.markConnectionEnded(connectionId);
   else await server.sessions.deleteConnection(connectionId);
 }
 

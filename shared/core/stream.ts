@@ -106,7 +106,7 @@ export class XmppStream implements Stream {
     if (this.ended) return;
     await this.send(new Element('close', { xmlns: NS.framing }));
     this.ended = true;
-    await endStream(this.server, this.state, 'closed');
+    await endStream(this.server, this.state, 'closed', { ownEnd: true });
     await closeConnection(this.server, this.connectionId);
   }
 
@@ -251,6 +251,13 @@ function chargeRate(stream: XmppStream, event: StreamEvent): void {
 /** Handles one queue event of one connection: a frame, or the socket's disappearance. */
 export async function handleStreamEvent(server: Server, event: StreamEvent): Promise<void> {
   const stored = await server.sessions.getConnection(event.connectionId);
+  if (stored?.ended) {
+    // Its own frame ended the stream: what the client had sent meanwhile is dropped, and its
+    // $disconnect has nothing left to end (the row expires).
+    if (event.kind === 'disconnect') server.rates.forget(event.connectionId);
+    else server.log.debug('frame after its stream ended', { connectionId: event.connectionId });
+    return;
+  }
   if (event.kind === 'disconnect') {
     server.rates.forget(event.connectionId);
     // A module may keep the session without its socket (resumable stream management).

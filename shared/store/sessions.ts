@@ -157,6 +157,11 @@ export interface ConnectionState {
   rate?: RateBucket;
   /** XEP-0198: a resume on another connection took this stream's session over (see fenceConnection). */
   fenced?: boolean;
+  /**
+   * The connection's own frame ended its stream (`</close>`, a stream error): the frames its
+   * client sent before the socket closed are not a new stream's (see markConnectionEnded).
+   */
+  ended?: boolean;
   /** XEP-0198: the queue message id of the last frame whose stanza was counted (a redelivery is not counted twice). */
   countedFrame?: string;
   /**
@@ -343,6 +348,13 @@ export interface SessionStore {
    * being counted) succeeds, and returns the row as it is then; undefined when it is gone.
    */
   fenceConnection(connectionId: string): Promise<ConnectionState | undefined>;
+  /**
+   * A stream its own frame ended: its row stays, marked `ended`, until it expires
+   * (`CONNECTION_TTL_SECONDS`), so that frames of the connection still queued find it and stop
+   * (a stream's first frame creates the row: without it they would start a new stream). One
+   * UpdateItem, as the DeleteItem it replaces; the `$disconnect` then writes nothing.
+   */
+  markConnectionEnded(connectionId: string): Promise<void>;
   deleteConnection(connectionId: string): Promise<void>;
   listResources(user: string): Promise<ResourceRecord[]>;
   getResource(user: string, resource: string): Promise<ResourceRecord | undefined>;
@@ -466,6 +478,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     directedTo: item.directedTo as string[] | undefined,
     rate: item.rate as RateBucket | undefined,
     fenced: item.fenced as boolean | undefined,
+    ...(item.ended === true ? { ended: true } : {}),
     countedFrame: item.countedFrame as string | undefined,
     countedSeq: item.countedSeq as string | undefined,
     smFrame: item.smFrame as string | undefined,
@@ -702,6 +715,23 @@ export function createSessionStore(
       } catch (error) {
         if (isConditionFailure(error)) return undefined;
         throw error;
+      }
+    },
+
+    async markConnectionEnded(connectionId) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: connKey(connectionId),
+            UpdateExpression: 'SET ended = :yes, #ttl = :ttl',
+            ConditionExpression: 'attribute_exists(pk)',
+            ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
+            ExpressionAttributeValues: { ':yes': true, ':ttl': ttl(connectionTtlSeconds) },
+          }),
+        );
+      } catch (error) {
+        if (!isConditionFailure(error)) throw error;
       }
     },
 

@@ -19,7 +19,6 @@ import {
   type IndexDefinition,
   projectionOf,
   SWEEP_INDEX,
-  sessionsTable,
   usersTable,
 } from '../../shared/tables.ts';
 
@@ -457,13 +456,17 @@ describe('functions', () => {
       ),
     );
 
-  it('gives connect only the Sessions table, and no management endpoint', () => {
+  it('gives connect no table and no management endpoint (it only answers the handshake)', () => {
     const variables = functionProperties('connect').Environment.Variables;
-    expect(Object.keys(variables).filter((name) => TABLE_ENV_VARS.includes(name))).toEqual([
-      'SESSIONS_TABLE',
-    ]);
-    expect(variables.SESSIONS_TABLE).toEqual({ Ref: logicalId(stack.tables.table(sessionsTable)) });
+    expect(Object.keys(variables).filter((name) => TABLE_ENV_VARS.includes(name))).toEqual([]);
     expect(variables.CONNECTIONS_ENDPOINT).toBeUndefined();
+    expect(JSON.stringify(functionRoleStatements('connect'))).not.toContain('dynamodb:');
+  });
+
+  it('updates connect after stream: the code that creates connection rows is in place first', () => {
+    expect(resources[logicalId(stack.functions.connect.fn)].DependsOn).toContain(
+      logicalId(stack.functions.stream.fn),
+    );
   });
 
   it.each(['stream', 'sweeper'] as const)(

@@ -80,6 +80,46 @@ describe("a connection's row (`$connect` writes none)", () => {
     });
   });
 
+  it("stays, marked ended, when its own frame ended the stream: the frames queued behind are not a new stream's", async () => {
+    const port = new RecordingPort();
+    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+    const connectionId = `closed${Date.now()}`;
+    let n = 0;
+    const frame = (xml: string) =>
+      handleStreamEvent(server, {
+        connectionId,
+        kind: 'frame',
+        frame: xml,
+        receivedAt: Date.now(),
+        frameId: `req-${++n}`,
+        connectedAt: Date.now(),
+        sourceIp: '198.51.100.7',
+      });
+    await frame(OPEN);
+    // RFC 7395 §3.6: the client closes; the server answers with its own <close/>.
+    await frame("<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>");
+    const sent = port.frames.get(connectionId)?.length ?? 0;
+    expect(port.frames.get(connectionId)?.at(-1)).toContain('<close');
+    expect(await server.sessions.getConnection(connectionId)).toMatchObject({ ended: true });
+    // What the client pipelined before it saw the close: dropped, never a fresh stream (no
+    // <open/> answered, no row made new, no SASL attempt on a closed socket).
+    await frame(OPEN);
+    await frame(
+      `<auth xmlns='${SASL}' mechanism='PLAIN'>${Buffer.from('\0nobody\0pw').toString('base64')}</auth>`,
+    );
+    expect(port.frames.get(connectionId)?.length).toBe(sent);
+    expect(await server.sessions.getConnection(connectionId)).toMatchObject({ ended: true, authFailures: 0 });
+    // Its $disconnect has nothing left to end.
+    await handleStreamEvent(server, {
+      connectionId,
+      kind: 'disconnect',
+      frame: '',
+      receivedAt: Date.now(),
+      frameId: 'req-disconnect',
+    });
+    expect(port.frames.get(connectionId)?.length).toBe(sent);
+  });
+
   it('is not created by a first frame that ends its stream (a stanza before <open/>)', async () => {
     const port = new RecordingPort();
     const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
