@@ -7,7 +7,7 @@
  */
 import { Element } from 'ltx';
 import { type StreamError, streamErrorElement } from '../errors.ts';
-import type { ConnectionState, ResourceRecord } from '../store/sessions.ts';
+import type { ConnectionState, NewConnection, ResourceRecord } from '../store/sessions.ts';
 import { NS } from '../xml/namespaces.ts';
 import { closeConnection, post } from './delivery.ts';
 import type { Server, SessionEndReason, SessionRef, UndeliveredStanza } from './host.ts';
@@ -71,13 +71,16 @@ export interface EndOptions {
    * that the frames its client sent before the socket closed, queued behind this one, stop there
    * instead of starting a new stream (a stream's first frame creates the row).
    */
-  ownEnd?: boolean;
+  ownEnd?: boolean | { create: NewConnection };
 }
 
 async function dropConnectionRow(server: Server, connectionId: string, options: EndOptions): Promise<void> {
   if (options.keepRow) await server.sessions.fenceConnection(connectionId);
-  else if (options.ownEnd) await server.sessions.markConnectionEnded(connectionId);
-  else await server.sessions.deleteConnection(connectionId);
+  else if (options.ownEnd) {
+    // A stream its first frame ended has no row yet: the mark is the row.
+    const create = typeof options.ownEnd === 'object' ? options.ownEnd.create : undefined;
+    await server.sessions.markConnectionEnded(connectionId, create);
+  } else await server.sessions.deleteConnection(connectionId);
 }
 
 /**

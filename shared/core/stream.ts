@@ -106,7 +106,9 @@ export class XmppStream implements Stream {
     if (this.ended) return;
     await this.send(new Element('close', { xmlns: NS.framing }));
     this.ended = true;
-    await endStream(this.server, this.state, 'closed', { ownEnd: true });
+    await endStream(this.server, this.state, 'closed', {
+      ownEnd: this.newRow ? { create: this.newRow } : true,
+    });
     await closeConnection(this.server, this.connectionId);
   }
 
@@ -255,7 +257,13 @@ export async function handleStreamEvent(server: Server, event: StreamEvent): Pro
     // Its own frame ended the stream: what the client had sent meanwhile is dropped, and its
     // $disconnect has nothing left to end (the row expires).
     if (event.kind === 'disconnect') server.rates.forget(event.connectionId);
-    else server.log.debug('frame after its stream ended', { connectionId: event.connectionId });
+    else {
+      server.log.debug('frame after its stream ended', { connectionId: event.connectionId });
+      // The ending frame may have failed after the mark, before the socket was closed (a
+      // throttled DeleteConnection): its redelivery, or any frame after it, closes it again (a
+      // 410 when it is gone already).
+      await closeConnection(server, event.connectionId);
+    }
     return;
   }
   if (event.kind === 'disconnect') {

@@ -677,7 +677,8 @@ async function keepResumable(
   // the count a resume reports. From here on such a frame stops instead.
   event.state = (await server.sessions.fenceConnection(event.connectionId)) ?? event.state;
   const state = event.state;
-  if (!state?.sm && state?.resuming) await endAbandonedResume(server, event.connectionId, state.resuming);
+  if (!state?.sm && state?.resuming)
+    await endAbandonedResume(server, event.connectionId, state.resuming, !event.disconnected);
   if (!state?.sm?.resumable) return undefined;
   const until = Date.now() + state.sm.max * 1000;
   await server.smQueue.detach(
@@ -699,13 +700,19 @@ async function keepResumable(
  * stream saved it (a frame that kept failing, a client that gave up): the session is attached to
  * a dead connection, holding, and neither a new bind (the resource row may not name it) nor the
  * sweeper's window would end it soon. It ends here and what it held is re-routed; the client's
- * next resume is told item-not-found.
+ * next resume is told item-not-found. Found before the connection's own `$disconnect` (a 410, a
+ * probe), its row stays, fenced, for that `$disconnect`: frames of it still queued find it.
  */
-async function endAbandonedResume(server: Server, connectionId: string, smId: string): Promise<void> {
+async function endAbandonedResume(
+  server: Server,
+  connectionId: string,
+  smId: string,
+  keepRow: boolean,
+): Promise<void> {
   const item = await server.smQueue.get(smId);
   if (!item || item.ended || item.connectionId !== connectionId) return;
   server.log.info('a resume whose socket vanished before it was saved: its session ends', { smId });
-  await endSession(server, sessionOfItem(item, connectionId), 'gone');
+  await endSession(server, sessionOfItem(item, connectionId), 'gone', { keepRow });
 }
 
 /**
@@ -1470,10 +1477,11 @@ async function decideResume(
 /**
  * Whether the connection's last counted stanza has been handled to the end (routed): its
  * `doneSeq` has reached its `countedSeq`. Only known when every frame is marked done
- * (FRAME_DONE_MARKS=all); with `batched` the last frame of a batch is never marked.
+ * (FRAME_DONE_MARKS=all); with `batched` the last frame of a batch is never marked. A stream
+ * its own frame ended (`ended`: a stream error after its retries) routes nothing any more.
  */
 function countedHandled(server: Server, state: ConnectionState): boolean {
-  if (server.config.frameDoneMarks !== 'all' || state.countedSeq === undefined) return true;
+  if (server.config.frameDoneMarks !== 'all' || state.countedSeq === undefined || state.ended) return true;
   return state.doneSeq !== undefined && sequenceAtMost(state.countedSeq, state.doneSeq);
 }
 

@@ -352,9 +352,10 @@ export interface SessionStore {
    * A stream its own frame ended: its row stays, marked `ended`, until it expires
    * (`CONNECTION_TTL_SECONDS`), so that frames of the connection still queued find it and stop
    * (a stream's first frame creates the row: without it they would start a new stream). One
-   * UpdateItem, as the DeleteItem it replaces; the `$disconnect` then writes nothing.
+   * UpdateItem, as the DeleteItem it replaces; the `$disconnect` then writes nothing. With
+   * `create` (a stream its first frame ended: no row yet), written whether or not it exists.
    */
-  markConnectionEnded(connectionId: string): Promise<void>;
+  markConnectionEnded(connectionId: string, create?: NewConnection): Promise<void>;
   deleteConnection(connectionId: string): Promise<void>;
   listResources(user: string): Promise<ResourceRecord[]>;
   getResource(user: string, resource: string): Promise<ResourceRecord | undefined>;
@@ -718,16 +719,22 @@ export function createSessionStore(
       }
     },
 
-    async markConnectionEnded(connectionId) {
+    async markConnectionEnded(connectionId, create) {
       try {
         await doc.send(
           new UpdateCommand({
             TableName: table,
             Key: connKey(connectionId),
-            UpdateExpression: 'SET ended = :yes, #ttl = :ttl',
-            ConditionExpression: 'attribute_exists(pk)',
+            UpdateExpression: create
+              ? 'SET ended = :yes, #ttl = :ttl, connectionId = :id, connectedAt = if_not_exists(connectedAt, :at)'
+              : 'SET ended = :yes, #ttl = :ttl',
+            ...(create ? {} : { ConditionExpression: 'attribute_exists(pk)' }),
             ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
-            ExpressionAttributeValues: { ':yes': true, ':ttl': ttl(connectionTtlSeconds) },
+            ExpressionAttributeValues: {
+              ':yes': true,
+              ':ttl': ttl(connectionTtlSeconds),
+              ...(create ? { ':id': connectionId, ':at': create.connectedAt } : {}),
+            },
           }),
         );
       } catch (error) {

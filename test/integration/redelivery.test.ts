@@ -120,21 +120,53 @@ describe("a connection's row (`$connect` writes none)", () => {
     expect(port.frames.get(connectionId)?.length).toBe(sent);
   });
 
-  it('is not created by a first frame that ends its stream (a stanza before <open/>)', async () => {
+  it('is created, marked ended, by a first frame that ends its stream: what was pipelined after it does not start one', async () => {
     const port = new RecordingPort();
     const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
     const connectionId = `early${Date.now()}`;
+    let n = 0;
+    const frame = (xml: string) =>
+      handleStreamEvent(server, {
+        connectionId,
+        kind: 'frame',
+        frame: xml,
+        receivedAt: Date.now(),
+        frameId: `req-${++n}`,
+        connectedAt: Date.now(),
+      });
+    await frame("<message to='a@localhost'><body>hi</body></message>");
+    // RFC 6120 §4.9: a stream error, then the stream is closed.
+    expect(port.frames.get(connectionId)?.some((text) => text.includes('stream:error'))).toBe(true);
+    expect(port.closed.has(connectionId)).toBe(true);
+    expect(await server.sessions.getConnection(connectionId)).toMatchObject({ connectionId, ended: true });
+    const sent = port.frames.get(connectionId)?.length;
+    // The client had pipelined a login: none of it is handled on the closed socket.
+    await frame(OPEN);
+    await frame(
+      `<auth xmlns='${SASL}' mechanism='PLAIN'>${Buffer.from('\0nobody\0pw').toString('base64')}</auth>`,
+    );
+    expect(port.frames.get(connectionId)?.length).toBe(sent);
+    expect(await server.sessions.getConnection(connectionId)).toMatchObject({
+      ended: true,
+      streamOpen: false,
+    });
+  });
+
+  it('closes the socket again for a frame that finds its stream ended (a close that failed after the mark)', async () => {
+    const port = new RecordingPort();
+    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+    const connectionId = `reclose${Date.now()}`;
+    await server.sessions.createConnection(connectionId, Date.now());
+    await server.sessions.markConnectionEnded(connectionId);
     await handleStreamEvent(server, {
       connectionId,
       kind: 'frame',
-      frame: "<message to='a@localhost'><body>hi</body></message>",
+      frame: OPEN,
       receivedAt: Date.now(),
       frameId: 'req-1',
-      connectedAt: Date.now(),
     });
-    // RFC 6120 §4.9: a stream error, then the stream is closed; no row is left behind.
-    expect(port.frames.get(connectionId)?.some((text) => text.includes('stream:error'))).toBe(true);
-    expect(await server.sessions.getConnection(connectionId)).toBeUndefined();
+    expect(port.frames.get(connectionId)).toBeUndefined();
+    expect(port.closed.has(connectionId)).toBe(true);
   });
 });
 

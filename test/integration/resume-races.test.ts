@@ -1083,6 +1083,15 @@ describe('the stanzas of a stream resumed before the old stream routed the one i
     expect([row?.sm?.inbound, row?.sm?.after]).toEqual([2, undefined]);
   });
 
+  it('go at once when the old stream ended itself (its frame failed for good): it routes nothing more', async () => {
+    const { server, contact, message, storedFor } = await resumedUnsettled('sm-order-ended', {});
+    await expect(message('new', '1')).rejects.toThrow('has not routed');
+    // The old stream's retried frame ends it with a stream error: its row is marked ended.
+    await server.sessions.markConnectionEnded('first');
+    await message('new', '1');
+    expect(await storedFor(contact)).toEqual(['1']);
+  });
+
   it('go ahead past SM_RESUME_ORDER_MS when the old stream never routes it', async () => {
     const { contact, message, storedFor } = await resumedUnsettled('sm-order-expired', {
       SM_RESUME_ORDER_MS: '400',
