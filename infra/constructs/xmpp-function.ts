@@ -28,14 +28,16 @@ export const FUNCTION_RUNTIME = lambda.Runtime.NODEJS_22_X;
  *   the stream bundle goes from 786 to 589 KB and its import from 110 to 80 ms.
  * - `alias`: the SDK's default credential chain replaced by functions/lambda-credentials.ts
  *   (environment, then container endpoint): a function never needs SSO, STS, INI files or EC2
- *   metadata, about 80 KB more; and `mnemonist/lru-cache` by functions/lru-cache.ts (7 KB).
+ *   metadata, about 80 KB more; and `@aws-sdk/middleware-endpoint-discovery` by
+ *   functions/endpoint-discovery.ts (discovery off, no endpoint cache: about 1.5 KB, and with it
+ *   mnemonist's LRU cache, 7 KB, which an alias to a `Map` replaced until session 14).
  */
 export const BUNDLE_MAIN_FIELDS = ['module', 'main'];
 /** Relative to the project root, the directory esbuild runs in (`projectRoot`). */
 export const BUNDLE_ALIASES: Record<string, string> = {
   '@aws-sdk/credential-provider-node': './functions/lambda-credentials.ts',
-  // The DynamoDB client's endpoint-discovery cache (never used: discovery stays off).
-  'mnemonist/lru-cache': './functions/lru-cache.ts',
+  // The DynamoDB client's endpoint discovery (never used: discovery stays off).
+  '@aws-sdk/middleware-endpoint-discovery': './functions/endpoint-discovery.ts',
 };
 
 /** How long function logs are kept. */

@@ -77,9 +77,10 @@ export interface EndOptions {
 async function dropConnectionRow(server: Server, connectionId: string, options: EndOptions): Promise<void> {
   if (options.keepRow) await server.sessions.fenceConnection(connectionId);
   else if (options.ownEnd) {
-    // A stream its first frame ended has no row yet: the mark is the row.
-    const create = typeof options.ownEnd === 'object' ? options.ownEnd.create : undefined;
-    await server.sessions.markConnectionEnded(connectionId, create);
+    // One write, as the delete it replaces; the $disconnect then writes nothing, and the row
+    // expires. A stream its first frame ended has no row yet: the mark is the row.
+    const create = typeof options.ownEnd === 'object' ? options.ownEnd : {};
+    await server.sessions.updateConnection(connectionId, { ended: true }, create);
   } else await server.sessions.deleteConnection(connectionId);
 }
 

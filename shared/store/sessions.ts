@@ -159,7 +159,8 @@ export interface ConnectionState {
   fenced?: boolean;
   /**
    * The connection's own frame ended its stream (`</close>`, a stream error): the frames its
-   * client sent before the socket closed are not a new stream's (see markConnectionEnded).
+   * client sent before the socket closed are not a new stream's, they are dropped, and the row
+   * expires (core/lifecycle.ts, `ownEnd`).
    */
   ended?: boolean;
   /** XEP-0198: the queue message id of the last frame whose stanza was counted (a redelivery is not counted twice). */
@@ -348,14 +349,6 @@ export interface SessionStore {
    * being counted) succeeds, and returns the row as it is then; undefined when it is gone.
    */
   fenceConnection(connectionId: string): Promise<ConnectionState | undefined>;
-  /**
-   * A stream its own frame ended: its row stays, marked `ended`, until it expires
-   * (`CONNECTION_TTL_SECONDS`), so that frames of the connection still queued find it and stop
-   * (a stream's first frame creates the row: without it they would start a new stream). One
-   * UpdateItem, as the DeleteItem it replaces; the `$disconnect` then writes nothing. With
-   * `create` (a stream its first frame ended: no row yet), written whether or not it exists.
-   */
-  markConnectionEnded(connectionId: string, create?: NewConnection): Promise<void>;
   deleteConnection(connectionId: string): Promise<void>;
   listResources(user: string): Promise<ResourceRecord[]>;
   getResource(user: string, resource: string): Promise<ResourceRecord | undefined>;
@@ -716,29 +709,6 @@ export function createSessionStore(
       } catch (error) {
         if (isConditionFailure(error)) return undefined;
         throw error;
-      }
-    },
-
-    async markConnectionEnded(connectionId, create) {
-      try {
-        await doc.send(
-          new UpdateCommand({
-            TableName: table,
-            Key: connKey(connectionId),
-            UpdateExpression: create
-              ? 'SET ended = :yes, #ttl = :ttl, connectionId = :id, connectedAt = if_not_exists(connectedAt, :at)'
-              : 'SET ended = :yes, #ttl = :ttl',
-            ...(create ? {} : { ConditionExpression: 'attribute_exists(pk)' }),
-            ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
-            ExpressionAttributeValues: {
-              ':yes': true,
-              ':ttl': ttl(connectionTtlSeconds),
-              ...(create ? { ':id': connectionId, ':at': create.connectedAt } : {}),
-            },
-          }),
-        );
-      } catch (error) {
-        if (!isConditionFailure(error)) throw error;
       }
     },
 

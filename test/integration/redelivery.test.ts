@@ -157,7 +157,7 @@ describe("a connection's row (`$connect` writes none)", () => {
     const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
     const connectionId = `reclose${Date.now()}`;
     await server.sessions.createConnection(connectionId, Date.now());
-    await server.sessions.markConnectionEnded(connectionId);
+    await server.sessions.updateConnection(connectionId, { ended: true });
     await handleStreamEvent(server, {
       connectionId,
       kind: 'frame',

@@ -1087,7 +1087,7 @@ describe('the stanzas of a stream resumed before the old stream routed the one i
     const { server, contact, message, storedFor } = await resumedUnsettled('sm-order-ended', {});
     await expect(message('new', '1')).rejects.toThrow('has not routed');
     // The old stream's retried frame ends it with a stream error: its row is marked ended.
-    await server.sessions.markConnectionEnded('first');
+    await server.sessions.updateConnection('first', { ended: true });
     await message('new', '1');
     expect(await storedFor(contact)).toEqual(['1']);
   });
