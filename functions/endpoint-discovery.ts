@@ -4,7 +4,7 @@
  * `NODE_ENDPOINT_DISCOVERY_CONFIG_OPTIONS`), and no command Nimbus sends requires discovery, so
  * its middleware is never added. Discovery stays off (DynamoDB's regional endpoint), and the
  * endpoint cache the real resolver builds (`@aws-sdk/endpoint-cache` and its LRU map, about
- * 1.5 KB of the minified stream bundle) is not built.
+ * 1.7 KB of the minified stream bundle) is not built.
  *
  * Nothing imports this file: `XmppFunction` (infra/constructs/xmpp-function.ts) aliases
  * `@aws-sdk/middleware-endpoint-discovery` to it when bundling a function. Tests, benches, the

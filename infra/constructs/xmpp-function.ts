@@ -29,7 +29,7 @@ export const FUNCTION_RUNTIME = lambda.Runtime.NODEJS_22_X;
  * - `alias`: the SDK's default credential chain replaced by functions/lambda-credentials.ts
  *   (environment, then container endpoint): a function never needs SSO, STS, INI files or EC2
  *   metadata, about 80 KB more; and `@aws-sdk/middleware-endpoint-discovery` by
- *   functions/endpoint-discovery.ts (discovery off, no endpoint cache: about 1.5 KB, and with it
+ *   functions/endpoint-discovery.ts (discovery off, no endpoint cache: about 1.7 KB, and with it
  *   mnemonist's LRU cache, 7 KB, which an alias to a `Map` replaced until session 14).
  */
 export const BUNDLE_MAIN_FIELDS = ['module', 'main'];
