@@ -16,6 +16,8 @@ import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
 
 const SASL = 'urn:ietf:params:xml:ns:xmpp-sasl';
 const OPEN = "<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>";
+/** SASL PLAIN for an account that does not exist: a failure, counted. */
+const BAD_AUTH = `<auth xmlns='${SASL}' mechanism='PLAIN'>${Buffer.from('\0nobody\0pw').toString('base64')}</auth>`;
 
 /**
  * A server whose connection `connectionId` is a bound stream of `senderName`, and an account for
@@ -38,23 +40,33 @@ async function boundSenderAndRecipient(
 }
 
 describe("a connection's row (`$connect` writes none)", () => {
-  it("is created by the stream's first frame, with API Gateway's connection time and address", async () => {
+  /** A server and a connection with no row; `frame` hands it a frame as the queue would. */
+  async function newConnection(name: string, from: { connectedAt?: number; sourceIp?: string } = {}) {
     const port = new RecordingPort();
     const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
-    const connectionId = `first${Date.now()}`;
-    const connectedAt = Date.now() - 1500;
-    const frame = (frameId: string, xml: string) =>
+    const connectionId = `${name}${Date.now()}`;
+    let n = 0;
+    const frame = (xml: string, frameId = `req-${++n}`) =>
       handleStreamEvent(server, {
         connectionId,
         kind: 'frame',
         frame: xml,
         receivedAt: Date.now(),
         frameId,
-        connectedAt,
-        sourceIp: '198.51.100.7',
+        connectedAt: from.connectedAt ?? Date.now(),
+        ...(from.sourceIp ? { sourceIp: from.sourceIp } : {}),
       });
+    return { port, server, connectionId, frame };
+  }
+
+  it("is created by the stream's first frame, with API Gateway's connection time and address", async () => {
+    const connectedAt = Date.now() - 1500;
+    const { port, server, connectionId, frame } = await newConnection('first', {
+      connectedAt,
+      sourceIp: '198.51.100.7',
+    });
     expect(await server.sessions.getConnection(connectionId)).toBeUndefined();
-    await frame('req-1', OPEN);
+    await frame(OPEN, 'req-1');
     expect(port.frames.get(connectionId)).toHaveLength(2);
     expect(await server.sessions.getConnection(connectionId)).toMatchObject({
       connectionId,
@@ -65,13 +77,10 @@ describe("a connection's row (`$connect` writes none)", () => {
       savedFrame: 'req-1',
     });
     // Redelivered: recognised by the row it created, nothing sent again.
-    await frame('req-1', OPEN);
+    await frame(OPEN, 'req-1');
     expect(port.frames.get(connectionId)).toHaveLength(2);
     // The next frames update that row and keep its time and address (the SASL limits read it).
-    await frame(
-      'req-2',
-      `<auth xmlns='${SASL}' mechanism='PLAIN'>${Buffer.from('\0nobody\0pw').toString('base64')}</auth>`,
-    );
+    await frame(BAD_AUTH, 'req-2');
     expect(await server.sessions.getConnection(connectionId)).toMatchObject({
       connectedAt,
       sourceIp: '198.51.100.7',
@@ -81,20 +90,7 @@ describe("a connection's row (`$connect` writes none)", () => {
   });
 
   it("stays, marked ended, when its own frame ended the stream: the frames queued behind are not a new stream's", async () => {
-    const port = new RecordingPort();
-    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
-    const connectionId = `closed${Date.now()}`;
-    let n = 0;
-    const frame = (xml: string) =>
-      handleStreamEvent(server, {
-        connectionId,
-        kind: 'frame',
-        frame: xml,
-        receivedAt: Date.now(),
-        frameId: `req-${++n}`,
-        connectedAt: Date.now(),
-        sourceIp: '198.51.100.7',
-      });
+    const { port, server, connectionId, frame } = await newConnection('closed', { sourceIp: '198.51.100.7' });
     await frame(OPEN);
     // RFC 7395 §3.6: the client closes; the server answers with its own <close/>.
     await frame("<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>");
@@ -104,9 +100,7 @@ describe("a connection's row (`$connect` writes none)", () => {
     // What the client pipelined before it saw the close: dropped, never a fresh stream (no
     // <open/> answered, no row made new, no SASL attempt on a closed socket).
     await frame(OPEN);
-    await frame(
-      `<auth xmlns='${SASL}' mechanism='PLAIN'>${Buffer.from('\0nobody\0pw').toString('base64')}</auth>`,
-    );
+    await frame(BAD_AUTH);
     expect(port.frames.get(connectionId)?.length).toBe(sent);
     expect(await server.sessions.getConnection(connectionId)).toMatchObject({ ended: true, authFailures: 0 });
     // Its $disconnect has nothing left to end.
@@ -121,19 +115,7 @@ describe("a connection's row (`$connect` writes none)", () => {
   });
 
   it('is created, marked ended, by a first frame that ends its stream: what was pipelined after it does not start one', async () => {
-    const port = new RecordingPort();
-    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
-    const connectionId = `early${Date.now()}`;
-    let n = 0;
-    const frame = (xml: string) =>
-      handleStreamEvent(server, {
-        connectionId,
-        kind: 'frame',
-        frame: xml,
-        receivedAt: Date.now(),
-        frameId: `req-${++n}`,
-        connectedAt: Date.now(),
-      });
+    const { port, server, connectionId, frame } = await newConnection('early');
     await frame("<message to='a@localhost'><body>hi</body></message>");
     // RFC 6120 §4.9: a stream error, then the stream is closed.
     expect(port.frames.get(connectionId)?.some((text) => text.includes('stream:error'))).toBe(true);
@@ -142,9 +124,7 @@ describe("a connection's row (`$connect` writes none)", () => {
     const sent = port.frames.get(connectionId)?.length;
     // The client had pipelined a login: none of it is handled on the closed socket.
     await frame(OPEN);
-    await frame(
-      `<auth xmlns='${SASL}' mechanism='PLAIN'>${Buffer.from('\0nobody\0pw').toString('base64')}</auth>`,
-    );
+    await frame(BAD_AUTH);
     expect(port.frames.get(connectionId)?.length).toBe(sent);
     expect(await server.sessions.getConnection(connectionId)).toMatchObject({
       ended: true,
