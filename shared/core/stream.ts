@@ -286,7 +286,8 @@ export async function handleStreamEvent(server: Server, event: StreamEvent): Pro
     server.log.info('redelivered frame already handled', { connectionId: event.connectionId });
     return;
   }
-  // No row yet: the stream's first frame (`$connect` writes none), or one after its stream ended.
+  // No row yet: the stream's first frame (`$connect` writes none); or a frame after its
+  // `$disconnect` deleted the row (a redrive from the dead-letter queue; README, Limits).
   const newRow: NewConnection | undefined = stored
     ? undefined
     : {
