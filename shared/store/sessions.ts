@@ -611,21 +611,76 @@ export function createSessionStore(
     }
   }
 
+  /** SessionStore.updateConnection (and createConnection, through `create`). */
+  async function updateConnection(
+    connectionId: string,
+    changes: Partial<Mutable>,
+    options: { unlessFenced?: boolean; create?: NewConnection } = {},
+  ): Promise<void> {
+    const sets: string[] = [];
+    const removes: string[] = [];
+    const names: Record<string, string> = {};
+    const values: Record<string, unknown> = {};
+    for (const [field, value] of Object.entries(changes)) {
+      names[`#${field}`] = field;
+      if (value === undefined) removes.push(`#${field}`);
+      else {
+        sets.push(`#${field} = :${field}`);
+        values[`:${field}`] = value;
+      }
+    }
+    names['#ttl'] = TTL_ATTRIBUTE;
+    sets.push('#ttl = :ttl');
+    const { create } = options;
+    // A new row expires counting from its connection, as the connection itself does.
+    values[':ttl'] = ttl(connectionTtlSeconds, create?.connectedAt);
+    if (create) {
+      // A new connection's attributes, kept if a row is there already.
+      const initial: Record<string, unknown> = {
+        connectionId,
+        connectedAt: create.connectedAt,
+        ...(create.sourceIp ? { sourceIp: create.sourceIp } : {}),
+        streamOpen: false,
+        authFailures: 0,
+      };
+      for (const [field, value] of Object.entries(initial)) {
+        if (field in changes) continue;
+        names[`#${field}`] = field;
+        values[`:${field}`] = value;
+        sets.push(`#${field} = if_not_exists(#${field}, :${field})`);
+      }
+    }
+    const expression = `SET ${sets.join(', ')}${removes.length ? ` REMOVE ${removes.join(', ')}` : ''}`;
+    const exists = create ? undefined : 'attribute_exists(pk)';
+    const condition = options.unlessFenced
+      ? [exists, 'attribute_not_exists(fenced)'].filter(Boolean).join(' AND ')
+      : exists;
+    try {
+      await doc.send(
+        new UpdateCommand({
+          TableName: table,
+          Key: connKey(connectionId),
+          UpdateExpression: expression,
+          ConditionExpression: condition,
+          ExpressionAttributeNames: names,
+          ExpressionAttributeValues: values,
+        }),
+      );
+    } catch (error) {
+      if (!isConditionFailure(error)) throw error;
+      // Fenced by a resume elsewhere, or ended: with `unlessFenced` the caller must stop.
+      if (options.unlessFenced) throw new ConnectionFencedError(connectionId);
+      // The connection ended meanwhile (its row was deleted): nothing left to update.
+    }
+  }
+
   return {
     async createConnection(connectionId, connectedAt, sourceIp) {
-      await doc.send(
-        new PutCommand({
-          TableName: table,
-          Item: {
-            ...connKey(connectionId),
-            connectionId,
-            connectedAt,
-            ...(sourceIp ? { sourceIp } : {}),
-            streamOpen: false,
-            authFailures: 0,
-            [TTL_ATTRIBUTE]: ttl(connectionTtlSeconds, connectedAt),
-          },
-        }),
+      // The row a stream's first frame would write (tests, benches): the same initial attributes.
+      await updateConnection(
+        connectionId,
+        {},
+        { create: { connectedAt, ...(sourceIp ? { sourceIp } : {}) } },
       );
     },
 
@@ -636,62 +691,7 @@ export function createSessionStore(
       return Item ? toConnection(Item) : undefined;
     },
 
-    async updateConnection(connectionId, changes, options = {}) {
-      const sets: string[] = [];
-      const removes: string[] = [];
-      const names: Record<string, string> = {};
-      const values: Record<string, unknown> = {};
-      for (const [field, value] of Object.entries(changes)) {
-        names[`#${field}`] = field;
-        if (value === undefined) removes.push(`#${field}`);
-        else {
-          sets.push(`#${field} = :${field}`);
-          values[`:${field}`] = value;
-        }
-      }
-      names['#ttl'] = TTL_ATTRIBUTE;
-      sets.push('#ttl = :ttl');
-      values[':ttl'] = ttl(connectionTtlSeconds);
-      const { create } = options;
-      if (create) {
-        // The attributes createConnection wrote, kept if a row is there already.
-        const initial: Record<string, unknown> = {
-          connectionId,
-          connectedAt: create.connectedAt,
-          ...(create.sourceIp ? { sourceIp: create.sourceIp } : {}),
-          streamOpen: false,
-          authFailures: 0,
-        };
-        for (const [field, value] of Object.entries(initial)) {
-          if (field in changes) continue;
-          names[`#${field}`] = field;
-          values[`:${field}`] = value;
-          sets.push(`#${field} = if_not_exists(#${field}, :${field})`);
-        }
-      }
-      const expression = `SET ${sets.join(', ')}${removes.length ? ` REMOVE ${removes.join(', ')}` : ''}`;
-      const exists = create ? undefined : 'attribute_exists(pk)';
-      const condition = options.unlessFenced
-        ? [exists, 'attribute_not_exists(fenced)'].filter(Boolean).join(' AND ')
-        : exists;
-      try {
-        await doc.send(
-          new UpdateCommand({
-            TableName: table,
-            Key: connKey(connectionId),
-            UpdateExpression: expression,
-            ConditionExpression: condition,
-            ExpressionAttributeNames: names,
-            ExpressionAttributeValues: values,
-          }),
-        );
-      } catch (error) {
-        if (!isConditionFailure(error)) throw error;
-        // Fenced by a resume elsewhere, or ended: with `unlessFenced` the caller must stop.
-        if (options.unlessFenced) throw new ConnectionFencedError(connectionId);
-        // The connection ended meanwhile (its row was deleted): nothing left to update.
-      }
-    },
+    updateConnection,
 
     async fenceConnection(connectionId) {
       try {
