@@ -201,6 +201,27 @@ function tableName(env: Env, def: TableDefinition): string {
   return env[def.envVar] || localTableName(def, env.TABLE_PREFIX || 'nimbus');
 }
 
+/**
+ * XEP-0136's service default modes. With ARCHIVE_AUTO_REQUIRED ("administrator policies require
+ * that at least the <body/> … of every message is logged automatically", 0.9 §3.3) the default
+ * Save Mode is `body` unless set, and a default that would log nothing is refused at start.
+ */
+function archiveDefaults(env: Env): Pick<Config, 'archiveDefaultSave' | 'archiveDefaultOtr'> {
+  const required = bool(env, 'ARCHIVE_AUTO_REQUIRED', false);
+  const save = oneOf(
+    env,
+    'ARCHIVE_DEFAULT_SAVE',
+    ['false', 'body', 'all'] as const,
+    required ? 'body' : 'false',
+  );
+  const otr = oneOf(env, 'ARCHIVE_DEFAULT_OTR', ['allow', 'deny', 'require', 'try'] as const, 'allow');
+  if (required && (save === 'false' || otr === 'require'))
+    throw new Error(
+      `ARCHIVE_AUTO_REQUIRED=true logs every message: ARCHIVE_DEFAULT_SAVE must be body or all and ARCHIVE_DEFAULT_OTR not require, got '${save}' and '${otr}'`,
+    );
+  return { archiveDefaultSave: save, archiveDefaultOtr: otr };
+}
+
 export function loadConfig(env: Env = process.env): Config {
   return {
     domain: (env.XMPP_DOMAIN || 'localhost').toLowerCase(),
@@ -250,13 +271,7 @@ export function loadConfig(env: Env = process.env): Config {
     archiveCollectionGapSeconds: int(env, 'ARCHIVE_COLLECTION_GAP_SECONDS', 30 * 60),
     archiveTombstoneDays: int(env, 'ARCHIVE_TOMBSTONE_DAYS', 90),
     archiveChangeWindowSeconds: Math.max(1, int(env, 'ARCHIVE_CHANGE_WINDOW_SECONDS', 60)),
-    archiveDefaultSave: oneOf(env, 'ARCHIVE_DEFAULT_SAVE', ['false', 'body', 'all'] as const, 'false'),
-    archiveDefaultOtr: oneOf(
-      env,
-      'ARCHIVE_DEFAULT_OTR',
-      ['allow', 'deny', 'require', 'try'] as const,
-      'allow',
-    ),
+    ...archiveDefaults(env),
     archiveDefaultExpireSeconds: int(env, 'ARCHIVE_DEFAULT_EXPIRE_SECONDS', 0),
     archiveAllowSaveAll: bool(env, 'ARCHIVE_ALLOW_SAVE_ALL', true),
     archiveAutoRequired: bool(env, 'ARCHIVE_AUTO_REQUIRED', false),

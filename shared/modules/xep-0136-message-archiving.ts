@@ -31,7 +31,7 @@ import { iqResult, removeForgedDelay } from '../core/stanzas.ts';
 import { StanzaError } from '../errors.ts';
 import { bareJid, fullJid, type Jid, parseJid } from '../jid.ts';
 import { serialize } from '../outbound.ts';
-import type { ArchivedEntry, ArchivePrefs, EntryInput, Mode, Page } from '../store/archive.ts';
+import type { ArchivedEntry, ArchivePrefs, EntryInput, Mode, Page, PageRequest } from '../store/archive.ts';
 import { changeKeyOf, PrefsVersionConflictError } from '../store/archive.ts';
 import type { ArchiveStreamState, ResourceRecord } from '../store/sessions.ts';
 import { NS } from '../xml/namespaces.ts';
@@ -50,6 +50,7 @@ import {
   type ArchiveRequest,
   decodeRequest,
   type ManualEntry,
+  type MethodType,
 } from './xep-0136/decode.ts';
 import {
   encodeCollection,
@@ -320,16 +321,14 @@ async function serve(
         (decoded.default?.save === 'false' || decoded.items.some((i) => i.mode.save === 'false'))
       )
         throw new StanzaError('cancel', 'feature-not-implemented', 'every message is archived here');
-      await updatePrefs(server, owner, decoded, policy);
+      const change = await updatePrefs(server, owner, decoded, policy);
       // §3.3: the result, then "The server then MUST inform all of the user's connected
       // resources that have previously requested the user's archiving preferences".
       await stream.send(iqResult(request.stanza));
-      await push(
-        server,
-        owner,
-        (state) => state?.pref === true,
-        () => encodePrefPush({ default: decoded.default, items: decoded.items, methods: decoded.methods }),
-      );
+      await pushPrefChange(server, owner, change, policy, {
+        pref: () =>
+          encodePrefPush({ default: decoded.default, items: decoded.items, methods: decoded.methods }),
+      });
       return DEFERRED_RESULT;
     }
     case 'auto': {
@@ -359,6 +358,7 @@ async function serve(
         page,
         (p) => encodeList(p, decoded),
         (header) => header.id,
+        decoded.page,
       );
     }
     case 'retrieve': {
@@ -384,7 +384,7 @@ async function serve(
               );
         return encodeCollection(header, p, keys, decoded.page);
       };
-      return fitToPost(page, encode, (entry) => String(entry.seq));
+      return fitToPost(page, encode, (entry) => String(entry.seq), decoded.page);
     }
     case 'remove': {
       const filter = {
@@ -393,6 +393,9 @@ async function serve(
         end: decoded.end,
         exact: decoded.exact,
         open: decoded.open,
+        // "only collections that are currently being recorded automatically": those the next
+        // message would join (core of startsNewCollection: the idle gap).
+        openWithinMs: server.config.archiveCollectionGapSeconds * 1000,
       };
       let removed = 0;
       for (let round = 0; round < 100; round++) {
@@ -434,21 +437,18 @@ async function serve(
     case 'save-set': {
       if (policy.autoRequired && (decoded.default === false || decoded.items.some((i) => !i.save)))
         throw new StanzaError('cancel', 'not-allowed', 'every message is archived here');
-      await updatePrefs(server, owner, decoded, policy);
+      const change = await updatePrefs(server, owner, decoded, policy);
       // 0.5 §3.1: "it acknowledges the change", then "MUST inform all of the user's connected
       // resources" (the save-mode aware ones: those are the ones it remembers).
       await stream.send(iqResult(request.stanza));
-      await push(
-        server,
-        owner,
-        (state) => state?.save === true,
-        () => {
+      await pushPrefChange(server, owner, change, policy, {
+        save: () => {
           const save = new XmlElement('save', { xmlns: ARCHIVE_NS });
           if (decoded.default !== undefined) save.c('default', { save: String(decoded.default) });
           for (const item of decoded.items) save.c('item', { jid: item.jid, save: String(item.save) });
           return save;
         },
-      );
+      });
       return DEFERRED_RESULT;
     }
     case 'otr-get':
@@ -460,14 +460,11 @@ async function serve(
       // to enter Off-the-Record mode".
       if (policy.autoRequired && decoded.otr)
         throw new StanzaError('cancel', 'not-allowed', 'every message is archived here');
-      await updatePrefs(server, owner, decoded, policy);
+      const change = await updatePrefs(server, owner, decoded, policy);
       // 0.5 §3.2: "broadcasts to all of the user's otr-aware resources", then the result.
-      await push(
-        server,
-        owner,
-        (state) => state?.otr === true,
-        () => encodeRecordPush(decoded.jid, decoded.otr),
-      );
+      await pushPrefChange(server, owner, change, policy, {
+        otr: () => [encodeRecordPush(decoded.jid, decoded.otr)],
+      });
       await notifyContact(server, owner, decoded.jid, decoded.otr);
       return undefined;
     }
@@ -475,19 +472,97 @@ async function serve(
 }
 
 /** Reads, changes and stores the preferences, again when another change won the race. */
+/** The preferences before and after a change. */
+interface PrefsChange {
+  before: ArchivePrefs;
+  after: ArchivePrefs;
+}
+
 async function updatePrefs(
   server: Server,
   owner: string,
   change: ArchiveRequest,
   policy: Policy,
-): Promise<ArchivePrefs> {
+): Promise<PrefsChange> {
   for (let attempt = 0; ; attempt++) {
-    const prefs = await server.archive.getPrefs(owner);
+    const before = await server.archive.getPrefs(owner);
     try {
-      return await server.archive.putPrefs(owner, applyPrefChange(prefs, change, policy));
+      return { before, after: await server.archive.putPrefs(owner, applyPrefChange(before, change, policy)) };
     } catch (error) {
       if (!(error instanceof PrefsVersionConflictError) || attempt >= 3) throw error;
     }
+  }
+}
+
+const sameMode = (a: Mode | undefined, b: Mode | undefined) => JSON.stringify(a) === JSON.stringify(b);
+const savesIn = (mode: Mode | undefined) => mode !== undefined && mode.save !== 'false';
+const offRecord = (mode: Mode | undefined) => mode?.otr === 'require';
+
+/**
+ * Tells each of the user's resources that asked for the preferences, in the form it asked in,
+ * of a change made by whichever request: 0.9 §3.2 "MUST send any subsequent changes to any of the
+ * user's archiving preferences to the client until the stream is closed", and 0.5 §3.1/§3.2 the
+ * save-mode aware and the OTR-aware ones. The request's own form carries its own words (`own`);
+ * the other forms are made from what changed in the stored preferences, and go only when
+ * something they show changed.
+ */
+async function pushPrefChange(
+  server: Server,
+  owner: string,
+  { before, after }: PrefsChange,
+  policy: Policy,
+  own: { pref?: () => Element; save?: () => Element; otr?: () => Element[] },
+): Promise<void> {
+  // A contact without an item of its own follows the default (the user's, else the service's).
+  const modeOf = (prefs: ArchivePrefs, jid: string) => prefs.items[jid] ?? prefs.default ?? policy.default;
+  const jids = [...new Set([...Object.keys(before.items), ...Object.keys(after.items)])].filter(
+    (jid) => !sameMode(before.items[jid], after.items[jid]),
+  );
+  const defaultChanged = !sameMode(before.default, after.default);
+  const pref = (): Element | undefined => {
+    // An item the change removed (0.5's OTR off with no item before) has no 0.9 form: left out.
+    const items = jids.flatMap((jid) => {
+      const mode = after.items[jid];
+      return mode ? [{ jid, mode }] : [];
+    });
+    const methods = (Object.keys(after.methods) as MethodType[])
+      .filter((type) => before.methods[type] !== after.methods[type])
+      .map((type) => ({ type, use: after.methods[type] as string }));
+    if (!defaultChanged && items.length === 0 && methods.length === 0) return undefined;
+    return encodePrefPush({ ...(defaultChanged ? { default: after.default } : {}), items, methods });
+  };
+  const save = (): Element | undefined => {
+    const saveDefault =
+      defaultChanged &&
+      savesIn(before.default ?? policy.default) !== savesIn(after.default ?? policy.default);
+    // 0.5 lists each contact with an item: one that came, went or changed its boolean.
+    const items = jids.filter(
+      (jid) =>
+        (before.items[jid] === undefined) !== (after.items[jid] === undefined) ||
+        savesIn(modeOf(before, jid)) !== savesIn(modeOf(after, jid)),
+    );
+    if (!saveDefault && items.length === 0) return undefined;
+    const element = new XmlElement('save', { xmlns: ARCHIVE_NS });
+    if (saveDefault) element.c('default', { save: String(savesIn(after.default ?? policy.default)) });
+    for (const jid of items) element.c('item', { jid, save: String(savesIn(modeOf(after, jid))) });
+    return element;
+  };
+  const otr = (): Element[] =>
+    jids
+      .filter((jid) => offRecord(modeOf(before, jid)) !== offRecord(modeOf(after, jid)))
+      .map((jid) => encodeRecordPush(jid, offRecord(modeOf(after, jid))));
+  const resources = (await server.sessions.listResources(owner)).filter(
+    (r) => r.archive?.pref || r.archive?.save || r.archive?.otr,
+  );
+  for (const resource of resources) {
+    const payloads: Element[] = [];
+    const take = (element: Element | undefined) => {
+      if (element) payloads.push(element);
+    };
+    if (resource.archive?.pref) take(own.pref ? own.pref() : pref());
+    if (resource.archive?.save) take(own.save ? own.save() : save());
+    if (resource.archive?.otr) payloads.push(...(own.otr ? own.otr() : otr()));
+    for (const payload of payloads) await pushTo(server, resource, payload);
   }
 }
 
@@ -501,20 +576,9 @@ async function markStream(stream: BoundStream, changes: Partial<ArchiveStreamSta
 }
 
 /**
- * A push (an iq set from the server, §3.3) to each of the user's resources whose stream asked
- * for it, through the one delivery path. The client's result comes back without a full-JID
- * `to` and the router drops it.
+ * A push (an iq set from the server, §3.3) to one of the user's resources, through the one
+ * delivery path. The client's result comes back without a full-JID `to` and the router drops it.
  */
-async function push(
-  server: Server,
-  owner: string,
-  wants: (state: ArchiveStreamState | undefined) => boolean,
-  payload: () => Element,
-): Promise<void> {
-  const resources = (await server.sessions.listResources(owner)).filter((r) => wants(r.archive));
-  for (const resource of resources) await pushTo(server, resource, payload());
-}
-
 async function pushTo(server: Server, resource: ResourceRecord, payload: Element): Promise<void> {
   const iq = new XmlElement('iq', {
     type: 'set',
@@ -568,7 +632,7 @@ async function storeManually(
   const ref = { with: request.with, start: request.start };
   const existing = await server.archive.getCollection(owner, ref);
   checkContentMix(existing?.header, request);
-  const times = resolveEntryTimes(request.start, existing?.last?.at, request.entries, Date.now());
+  const times = resolveEntryTimes(request.start, existing?.last?.messageAt, request.entries, Date.now());
   const entries: EntryInput[] = request.entries.map((entry, i) => {
     const time = times[i] as { at: number; utc: boolean };
     return {
@@ -607,19 +671,34 @@ async function fitToPost<T>(
   page: Page<T>,
   encode: (page: Page<T>) => Element | Promise<Element>,
   uid: (item: T) => string,
+  request: PageRequest,
 ): Promise<Element> {
+  // XEP-0059 §2.5: paging backwards, "the *last* item in the page … MUST be the item that
+  // immediately *preceeds* the item that the requesting entity indicated": a cut keeps the end.
+  const backwards = request.before !== undefined || request.lastPage === true;
   let current = page;
   for (;;) {
     const element = await encode(current);
     const bytes = Buffer.byteLength(serialize(element));
     if (bytes <= REPLY_BUDGET || current.items.length <= 1) return element;
     const keep = Math.floor((current.items.length * REPLY_BUDGET) / bytes);
-    current = shorten(current, Math.max(1, Math.min(current.items.length - 1, keep)), uid);
+    current = shorten(current, Math.max(1, Math.min(current.items.length - 1, keep)), uid, backwards);
   }
 }
 
-function shorten<T>(page: Page<T>, keep: number, uid: (item: T) => string): Page<T> {
-  const items = page.items.slice(0, keep);
-  const lastItem = items.at(-1);
-  return { ...page, items, last: lastItem === undefined ? undefined : uid(lastItem) };
+function shorten<T>(page: Page<T>, keep: number, uid: (item: T) => string, backwards: boolean): Page<T> {
+  if (!backwards) {
+    const items = page.items.slice(0, keep);
+    const lastItem = items.at(-1);
+    return { ...page, items, last: lastItem === undefined ? undefined : uid(lastItem) };
+  }
+  const dropped = page.items.length - keep;
+  const items = page.items.slice(dropped);
+  const firstItem = items[0];
+  return {
+    ...page,
+    items,
+    first: firstItem === undefined ? undefined : uid(firstItem),
+    ...(page.firstIndex !== undefined ? { firstIndex: page.firstIndex + dropped } : {}),
+  };
 }

@@ -108,10 +108,26 @@ export interface StoredEncryptedKey extends EncryptedKeyInput {
 }
 
 /** The collection recorded automatically with one full JID, and its last entry. */
+/**
+ * A collection's last entry: its position and time, and the time of the last message (`<to/>`
+ * or `<from/>`) up to it, which the next message's `secs` counts from (a note is not one).
+ */
+export interface Tail {
+  seq: number;
+  at: number;
+  messageAt?: number;
+}
+
+const isMessage = (kind: EntryKind) => kind === 'to' || kind === 'from';
+
+function tailOf(entry: ArchivedEntry): Tail {
+  return { seq: entry.seq, at: entry.at, messageAt: isMessage(entry.kind) ? entry.at : entry.prevAt };
+}
+
 export interface OpenCollection {
   header: CollectionHeader;
   thread?: string;
-  last?: { seq: number; at: number };
+  last?: Tail;
   /** Change time recorded on the header (epoch ms, window-aligned after the first append). */
   changedUntil: number;
 }
@@ -162,6 +178,11 @@ export interface Mode {
   otr: 'allow' | 'deny' | 'require' | 'try';
   /** Seconds after archiving that messages are deleted. */
   expire?: number;
+  /**
+   * XEP-0136 0.5 §3.2: what the item was before `<record otr='true'/>` took the contact off the
+   * record (`'default'`: there was no item), so that `otr='false'` gives it back.
+   */
+  beforeOtr?: Omit<Mode, 'beforeOtr'> | 'default';
 }
 
 export interface Change {
@@ -453,7 +474,7 @@ export function createArchiveStore(
   async function appendEntries(
     owner: string,
     header: CollectionHeader,
-    last: { seq: number; at: number } | undefined,
+    last: Tail | undefined,
     entries: EntryInput[],
     expireSeconds: number | undefined,
   ): Promise<ArchivedEntry[]> {
@@ -487,8 +508,12 @@ export function createArchiveStore(
             ConditionExpression: 'attribute_not_exists(sk)',
           }),
         );
+      // §5.2: `secs` is "relative to the previous message in the collection": each entry keeps
+      // the time of the last message before it (a note's is carried on to the next message).
+      let messageAt = tail?.messageAt;
       const planned = pending.map((entry, i): ArchivedEntry => {
-        const prevAt = i === 0 ? tail?.at : pending[i - 1]?.at;
+        const prevAt = messageAt;
+        if (isMessage(entry.kind)) messageAt = entry.at;
         return { ...entry, seq: base + i, id: newArchiveId(entry.at), prevAt };
       });
       const results: PromiseSettledResult<unknown>[] = [];
@@ -506,7 +531,7 @@ export function createArchiveStore(
       pending = retry;
       if (pending.length > 0) {
         const edge = await edgeEntry(owner, header.cid, false);
-        tail = edge ? { seq: edge.seq, at: edge.at } : undefined;
+        tail = edge ? tailOf(edge) : undefined;
       }
     }
     return written;
@@ -749,7 +774,7 @@ export function createArchiveStore(
       return {
         header,
         thread: Item.thread as string | undefined,
-        last: last && { seq: last.seq, at: last.at },
+        last: last && tailOf(last),
         changedUntil: Item.changedUntil as number,
       };
     },
@@ -821,7 +846,7 @@ export function createArchiveStore(
       const [written] = await appendEntries(owner, open.header, open.last, [entry], options.expireSeconds);
       const archived = written as ArchivedEntry;
       const touched = await touchHeader(owner, open, entry.at, options.expireSeconds);
-      return { entry: archived, open: { ...touched, last: { seq: archived.seq, at: archived.at } } };
+      return { entry: archived, open: { ...touched, last: tailOf(archived) } };
     },
 
     /** XEP-0136 §7.1: "If the client switches off all auto-archiving then the server MUST close … all active collections." */
@@ -837,11 +862,11 @@ export function createArchiveStore(
     async getCollection(
       owner: string,
       ref: CollectionRef,
-    ): Promise<{ header: CollectionHeader; last?: { seq: number; at: number } } | undefined> {
+    ): Promise<{ header: CollectionHeader; last?: Tail } | undefined> {
       const header = await getHeader(owner, ref);
       if (!header) return undefined;
       const last = await edgeEntry(owner, header.cid, false);
-      return { header, last: last && { seq: last.seq, at: last.at } };
+      return { header, last: last && tailOf(last) };
     },
 
     /**
@@ -858,7 +883,7 @@ export function createArchiveStore(
         keys?: EncryptedKeyInput[];
         expireSeconds?: number;
       },
-      existing?: { header: CollectionHeader; last?: { seq: number; at: number } },
+      existing?: { header: CollectionHeader; last?: Tail },
     ): Promise<{ header: CollectionHeader; created: boolean; entries: ArchivedEntry[] }> {
       const crypt = input.entries.some((e) => e.kind === 'data') || (input.keys?.length ?? 0) > 0;
       const plain = input.entries.some((e) => e.kind !== 'data');
@@ -960,6 +985,9 @@ export function createArchiveStore(
       page: PageRequest,
     ): Promise<Page<CollectionHeader>> {
       const range = headerRange(owner, filter);
+      // A `start` after the `end`: nothing matches (§8.1: an empty <list/>), and DynamoDB
+      // refuses a BETWEEN whose bounds are reversed.
+      if (range.lo > range.hi) return { items: [], count: 0 };
       let lo = range.lo;
       let hi = range.hi;
       const backwards = page.before !== undefined || page.lastPage === true;
@@ -1084,7 +1112,7 @@ export function createArchiveStore(
      */
     async removeCollections(
       owner: string,
-      filter: CollectionFilter & { exact?: boolean; open?: boolean },
+      filter: CollectionFilter & { exact?: boolean; open?: boolean; openWithinMs?: number },
       limits: { maxCollections?: number } = {},
     ): Promise<{ removed: CollectionRef[]; more: boolean; queuedPurges: number }> {
       const maxCollections = limits.maxCollections ?? 1000;
@@ -1103,7 +1131,14 @@ export function createArchiveStore(
             with: (pointer.sk as string).slice(5),
             start: pointer.start as number,
           });
-          if (header && header.cid === pointer.cid) headers.push(header);
+          if (!header || header.cid !== pointer.cid) continue;
+          // Still being recorded: its next message would join it (the idle gap has not passed).
+          // A pointer stays after its conversation went quiet (a stream that simply left).
+          if (filter.openWithinMs !== undefined) {
+            const last = await edgeEntry(owner, header.cid, false);
+            if (now() - (last?.at ?? header.start) > filter.openWithinMs) continue;
+          }
+          headers.push(header);
         }
         more = wanted.length > maxCollections;
       } else if (filter.exact && filter.with && filter.start !== undefined) {
@@ -1111,7 +1146,11 @@ export function createArchiveStore(
         if (header) headers = [header];
       } else {
         const range = headerRange(owner, filter);
-        const listed = await queryItems(rangeQuery(range, range.lo, range.hi), maxCollections);
+        // A `start` after the `end` matches nothing (the module answers item-not-found).
+        const listed =
+          range.lo > range.hi
+            ? { items: [], more: false }
+            : await queryItems(rangeQuery(range, range.lo, range.hi), maxCollections);
         headers = listed.items.map(toHeader);
         more = listed.more;
       }

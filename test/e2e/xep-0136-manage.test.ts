@@ -153,6 +153,37 @@ describe('XEP-0136 0.9 §5 manual archiving', () => {
     expect(entries(again).at(-1)?.getChildText('body')).toBe('appended');
   });
 
+  it('counts secs "relative to the previous message in the collection" (§5.2): a note between two messages is not one', async () => {
+    const { raw } = await romeo();
+    await ok(
+      raw,
+      `<iq type='set'><store xmlns='${ARCHIVE}' with='juliet@capulet.com/chamber' start='1469-07-21T02:56:15Z'>
+<from secs='0'><body>one</body></from><to secs='100'><body>two</body></to>
+<note utc='1469-07-21T02:57:05Z'>between</note><from secs='10'><body>three</body></from>
+</store></iq>`,
+    );
+    // Appended later: 5 s after "three", the last message, wherever the note lies.
+    await ok(
+      raw,
+      `<iq type='set'><store xmlns='${ARCHIVE}' with='juliet@capulet.com/chamber' start='1469-07-21T02:56:15Z'><note utc='1469-07-21T03:10:00Z'>later note</note></store></iq>`,
+    );
+    await ok(
+      raw,
+      `<iq type='set'><store xmlns='${ARCHIVE}' with='juliet@capulet.com/chamber' start='1469-07-21T02:56:15Z'><to secs='5'><body>four</body></to></store></iq>`,
+    );
+    const store = await ok(raw, retrieve('juliet@capulet.com/chamber', '1469-07-21T02:56:15Z'));
+    // "the sum of the 'secs' attribute and the 'secs' attributes of the preceeding messages will
+    // accurately reflect the absolute time of the message": 0, 100, 110, 115 seconds after start.
+    expect(entries(store).map((e) => [e.name, e.attrs.secs ?? e.attrs.utc])).toEqual([
+      ['from', '0'],
+      ['to', '100'],
+      ['note', '1469-07-21T02:57:05Z'],
+      ['from', '10'],
+      ['note', '1469-07-21T03:10:00Z'],
+      ['to', '5'],
+    ]);
+  });
+
   it('plays up2: a message with an absolute utc before the collection start', async () => {
     const { raw } = await romeo();
     await ok(
@@ -526,6 +557,48 @@ describe('XEP-0136 0.9 §8.2 retrieve with XEP-0059 paging', () => {
     );
     expect(got + entries(rest).length).toBeGreaterThanOrEqual(Math.min(8, got * 2));
     expect(rsmOf(first).count).toBe(8);
+  });
+
+  it('cuts a backwards page at its start: "the *last* item in the page … MUST be the item that immediately *preceeds*" (XEP-0059 §2.5)', async () => {
+    const { raw } = await romeo();
+    const big = 'x'.repeat(20_000);
+    for (let i = 0; i < 8; i++) {
+      await ok(
+        raw,
+        `<iq type='set'><store xmlns='${ARCHIVE}' with='juliet@capulet.com/chamber' start='1469-07-21T02:56:15Z'><to secs='1'><body>${i}${big}</body></to></store></iq>`,
+      );
+    }
+    const numbers = (store: Element | undefined) =>
+      entries(store).map((e) => Number(e.getChildText('body')?.slice(0, 1)));
+    // An empty <before/>: the last page, which must end with the newest message.
+    const { reply, bytes } = await exchange(
+      raw,
+      retrieve('juliet@capulet.com/chamber', '1469-07-21T02:56:15Z', '<max>100</max><before/>'),
+    );
+    expect(bytes).toBeLessThanOrEqual(128 * 1024);
+    const last = reply.getChild('store', ARCHIVE);
+    const got = numbers(last);
+    expect(got.length).toBeGreaterThan(0);
+    expect(got.length).toBeLessThan(8);
+    expect(got).toEqual(Array.from({ length: got.length }, (_, i) => 8 - got.length + i));
+    expect(rsmOf(last).count).toBe(8);
+    // Scrolling back from its first item reaches every earlier one, none twice.
+    const seen = [...got];
+    let before = rsmOf(last).first;
+    for (let round = 0; round < 8 && seen[0] !== 0; round++) {
+      const page = await ok(
+        raw,
+        retrieve(
+          'juliet@capulet.com/chamber',
+          '1469-07-21T02:56:15Z',
+          `<max>100</max><before>${before}</before>`,
+        ),
+      );
+      const store = page;
+      seen.unshift(...numbers(store));
+      before = rsmOf(store).first;
+    }
+    expect(seen).toEqual([0, 1, 2, 3, 4, 5, 6, 7]);
   });
 });
 

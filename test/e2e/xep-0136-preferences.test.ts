@@ -304,6 +304,67 @@ describe('XEP-0136 0.5 §3.1 Save Mode', () => {
   });
 });
 
+describe('a change made through one draft, pushed to resources that asked in the other', () => {
+  it('"MUST send any subsequent changes to any of the user\'s archiving preferences" (0.9 §3.2), in the form each asked in', async () => {
+    const bare = await world.newUser('juliet');
+    const p = await world.connect(bare, 'pref'); // 0.9: asked with <pref/>
+    const s = await world.connect(bare, 'save'); // 0.5: "save-mode aware"
+    const o = await world.connect(bare, 'otr'); // 0.5: "OTR aware"
+    await ok(p, PREF_GET);
+    await ok(s, `<iq type='get'><save xmlns='${ARCHIVE}'/></iq>`);
+    await ok(o, `<iq type='get'><otr xmlns='${ARCHIVE}'/></iq>`);
+
+    // 0.5 <save><default save='true'/></save> from the save-aware resource.
+    await ok(s, `<iq type='set'><save xmlns='${ARCHIVE}'><default save='true'/></save></iq>`);
+    const [fromSave] = await pushes(p, 1);
+    expect(attrsOf(fromSave?.getChild('pref', ARCHIVE), 'default')).toEqual([{ save: 'body', otr: 'allow' }]);
+    const [ownSave] = await pushes(s, 1);
+    expect(attrsOf(ownSave?.getChild('save', ARCHIVE), 'default')).toEqual([{ save: 'true' }]);
+
+    // 0.5 <record otr='true'/>: the 0.9 resource sees the contact's item, the save-aware one
+    // that nothing is saved with it.
+    // (Its own record push comes before its result, 0.5 §3.2.)
+    const { before: ownRecord } = await exchange(
+      o,
+      `<iq type='set'><record xmlns='${ARCHIVE}' jid='tybalt@capulet.com' otr='true'/></iq>`,
+    );
+    expect(ownRecord.map((el) => attrsOf(el, 'record'))).toEqual([
+      [{ jid: 'tybalt@capulet.com', otr: 'true' }],
+    ]);
+    const [fromRecord] = await pushes(p, 1);
+    expect(attrsOf(fromRecord?.getChild('pref', ARCHIVE), 'item')).toEqual([
+      { jid: 'tybalt@capulet.com', save: 'false', otr: 'require' },
+    ]);
+    const [saveView] = await pushes(s, 1);
+    expect(attrsOf(saveView?.getChild('save', ARCHIVE), 'item')).toEqual([
+      { jid: 'tybalt@capulet.com', save: 'false' },
+    ]);
+
+    // 0.9 <pref><item … save='false' otr='require'/></pref>: the OTR-aware resource gets a record.
+    await ok(
+      p,
+      `<iq type='set'><pref xmlns='${ARCHIVE}'><item jid='mercutio@montague.net' save='false' otr='require'/></pref></iq>`,
+    );
+    await pushes(p, 1);
+    const [otrView] = await pushes(o, 1);
+    expect(attrsOf(otrView, 'record')).toEqual([{ jid: 'mercutio@montague.net', otr: 'true' }]);
+    const [saveView2] = await pushes(s, 1);
+    expect(attrsOf(saveView2?.getChild('save', ARCHIVE), 'item')).toEqual([
+      { jid: 'mercutio@montague.net', save: 'false' },
+    ]);
+
+    // A change none of a form's words show (an expiry) is not pushed in that form.
+    await ok(
+      p,
+      `<iq type='set'><pref xmlns='${ARCHIVE}'><default save='body' otr='allow' expire='600'/></pref></iq>`,
+    );
+    await pushes(p, 1);
+    await stack.gateway.drained();
+    expect(await s.framesBeforePong()).toEqual([]);
+    expect(await o.framesBeforePong()).toEqual([]);
+  });
+});
+
 describe('XEP-0136 0.5 §3.2 Off-the-Record Mode', () => {
   it('plays otr1 (get), otr2 (record) with update1/update2 to OTR-aware resources, the result, and update3 to the contact', async () => {
     const juliet = await world.newUser('juliet');

@@ -77,7 +77,7 @@ describe('automatic archiving: open collection and appends', () => {
     const found = await store.findOpenCollection(owner, JULIET);
     expect(found?.header.cid).toBe(open.header.cid);
     expect(found?.thread).toBe('t1');
-    expect(found?.last).toEqual({ seq: 2, at: clock + 3000 });
+    expect(found?.last).toEqual({ seq: 2, at: clock + 3000, messageAt: clock + 3000 });
     const page = await store.retrieveMessages(owner, { with: JULIET, start: clock }, { max: 10 });
     expect(page?.items.map((e) => [e.seq, e.at, e.prevAt])).toEqual([
       [0, clock, undefined],
@@ -348,6 +348,43 @@ describe('remove', () => {
     expect((await store.listCollections(owner, {}, { max: 10 })).items.map((c) => c.start)).toEqual([START]);
   });
 
+  test('open: a conversation gone quiet past the idle gap is no longer "currently being recorded"', async () => {
+    // XEP-0136 0.9 §8.3: "If the value of the optional 'open' attribute is set to 'true' then
+    // only collections that are currently being recorded automatically by the server … are
+    // removed." A client that just disconnected leaves its pointer: yesterday's talk is not that.
+    const gap = 30 * 60_000;
+    const quiet = await store.startCollection(owner, { with: JULIET, start: clock });
+    await store.appendMessage(owner, quiet, chat('from', 'yesterday', clock));
+    clock += gap + 1000;
+    const nurse = 'nurse@capulet.com/kitchen';
+    const live = await store.startCollection(owner, { with: nurse, start: clock - 60_000 });
+    await store.appendMessage(owner, live, chat('to', 'now', clock - 5_000));
+    const result = await store.removeCollections(owner, { open: true, openWithinMs: gap });
+    expect(result.removed).toEqual([{ with: nurse, start: clock - 60_000 }]);
+    expect((await store.listCollections(owner, {}, { max: 10 })).items.map((c) => c.with)).toEqual([JULIET]);
+    // With one JID: the quiet one is not found (the module answers item-not-found).
+    const again = await store.removeCollections(owner, {
+      open: true,
+      openWithinMs: gap,
+      with: { kind: 'full', jid: JULIET },
+    });
+    expect(again.removed).toEqual([]);
+  });
+
+  test('a start after the end matches nothing, in a list and in a removal (never a DynamoDB validation error)', async () => {
+    // §8.1: "If no collections correspond to the request the server MUST return an empty <list/>".
+    await seedCollection(JULIET, START, 1);
+    const reversed = { start: START + 3_600_000, end: START - 3_600_000 };
+    const listed = await store.listCollections(owner, reversed, { max: 10 });
+    expect(listed.items).toEqual([]);
+    expect(listed.count).toBe(0);
+    const bare = { ...reversed, with: { kind: 'bare' as const, jid: 'juliet@capulet.com' } };
+    expect((await store.listCollections(owner, bare, { max: 10, index: 2 })).items).toEqual([]);
+    expect((await store.removeCollections(owner, bare)).removed).toEqual([]);
+    expect((await store.removeCollections(owner, reversed)).removed).toEqual([]);
+    expect((await store.listCollections(owner, {}, { max: 10 })).count).toBe(1);
+  });
+
   test('a collection larger than the budget disappears at once; its items are purged later', async () => {
     const { header } = await seedCollection(JULIET, START, 120);
     const result = await store.removeCollections(owner, {});
@@ -533,6 +570,23 @@ describe('EncryptedKeys', () => {
 });
 
 describe('manual store', () => {
+  test("a note is not a message: the tail after it keeps the last message's time (§5.2 secs)", async () => {
+    const ref = { with: JULIET, start: START };
+    await store.storeManual(owner, {
+      ref,
+      entries: [chat('from', 'a', START + 1000), { kind: 'note', at: START + 50_000, xml: '<note>n</note>' }],
+    });
+    const existing = await store.getCollection(owner, ref);
+    expect(existing?.last).toEqual({ seq: 1, at: START + 50_000, messageAt: START + 1000 });
+    await store.storeManual(owner, { ref, entries: [chat('to', 'b', START + 2000)] }, existing);
+    const page = await store.retrieveMessages(owner, ref, { max: 10 });
+    expect(page?.items.map((e) => [e.kind, e.prevAt])).toEqual([
+      ['from', undefined],
+      ['note', START + 1000],
+      ['to', START + 1000],
+    ]);
+  });
+
   test('creates, then appends and changes the subject; list shows the new subject', async () => {
     const ref = { with: JULIET, start: START };
     const created = await store.storeManual(owner, {
@@ -542,7 +596,7 @@ describe('manual store', () => {
     });
     expect(created.created).toBe(true);
     const existing = await store.getCollection(owner, ref);
-    expect(existing?.last).toEqual({ seq: 0, at: START });
+    expect(existing?.last).toEqual({ seq: 0, at: START, messageAt: START });
     const appended = await store.storeManual(
       owner,
       { ref, subject: 'She speaks twice!', entries: [chat('to', 'b', START + 11_000)] },

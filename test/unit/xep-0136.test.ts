@@ -5,6 +5,7 @@
  */
 import { type Element, parse } from 'ltx';
 import { describe, expect, test } from 'vitest';
+import { loadConfig } from '../../shared/config.ts';
 import { StanzaError } from '../../shared/errors.ts';
 import { parseJid } from '../../shared/jid.ts';
 import {
@@ -1401,7 +1402,7 @@ describe('XEP-0136 0.5 requests', () => {
     );
     expect(record).toEqual({ kind: 'record-set', jid: 'romeo@montague.net', otr: true });
     const prefs = applyPrefChange(emptyPrefs, record);
-    expect(prefs.items['romeo@montague.net']).toEqual({ save: 'false', otr: 'require' });
+    expect(prefs.items['romeo@montague.net']).toMatchObject({ save: 'false', otr: 'require' });
     expect(effectiveMode(prefs, parseJid('romeo@montague.net/orchard'))).toMatchObject({
       save: 'false',
       source: 'bare',
@@ -1419,8 +1420,31 @@ describe('XEP-0136 0.5 requests', () => {
       encodeRecordPush('romeo@montague.net', true),
       xml(`<record xmlns='http://jabber.org/protocol/archive' jid='romeo@montague.net' otr='true'/>`),
     );
+    // "a shared off-the-record state that can be enabled and disabled by either user": off again,
+    // the contact is saved as before (here, by the default: no item of its own was there).
     const back = applyPrefChange(prefs, { kind: 'record-set', jid: 'romeo@montague.net', otr: false });
-    expect(back.items['romeo@montague.net']?.otr).toBe('allow');
+    expect(back.items['romeo@montague.net']).toBeUndefined();
+    expect(effectiveMode(back, parseJid('romeo@montague.net/orchard'))).toEqual(
+      effectiveMode(emptyPrefs, parseJid('romeo@montague.net/orchard')),
+    );
+    // A contact with a Save Mode and expiry of its own gets them back, not save='false'.
+    const own = applyPrefChange(
+      emptyPrefs,
+      decodeIq(
+        `<iq type='set'><pref xmlns='http://jabber.org/protocol/archive'><item jid='nurse@capulet.com' save='body' otr='try' expire='3600'/></pref></iq>`,
+      ),
+    );
+    expect(own.items['nurse@capulet.com']).toEqual({ save: 'body', otr: 'try', expire: 3600 });
+    const offRecord = applyPrefChange(own, { kind: 'record-set', jid: 'nurse@capulet.com', otr: true });
+    expect(offRecord.items['nurse@capulet.com']).toMatchObject({ save: 'false', otr: 'require' });
+    // Asked twice, the first state is still what comes back.
+    const twice = applyPrefChange(offRecord, { kind: 'record-set', jid: 'nurse@capulet.com', otr: true });
+    const onRecord = applyPrefChange(twice, { kind: 'record-set', jid: 'nurse@capulet.com', otr: false });
+    expect(onRecord.items['nurse@capulet.com']).toEqual(own.items['nurse@capulet.com']);
+    // The 0.5 view: the contact is saved again.
+    expect(encodeSave(onRecord).getChildren('item').map((item) => item.attrs)).toEqual([
+      { jid: 'nurse@capulet.com', save: 'true' },
+    ]);
   });
 
   test('<list maxitems/> and the partial reply; <retrieve/> without <set/> says partial', () => {
@@ -1657,5 +1681,29 @@ describe('hostile requests', () => {
     expect(formatDateTime(parseDateTime('0042-01-01T00:00:00Z', 'x').ms)).toBe('0042-01-01T00:00:00Z');
     expect(formatDateTime(parseDateTime('1469-07-21T02:56:15.5Z', 'x').ms)).toBe('1469-07-21T02:56:15.500Z');
     expect(parseDateTime('1469-07-21T02:56:15-00:00', 'x').ms).toBe(ms('1469-07-21T02:56:15Z'));
+  });
+});
+
+describe('the service policy from configuration', () => {
+  test('ARCHIVE_AUTO_REQUIRED alone logs bodies: "at least the <body/> … of every message is logged automatically" (0.9 §3.3)', () => {
+    expect(loadConfig({ ARCHIVE_AUTO_REQUIRED: 'true' })).toMatchObject({
+      archiveAutoRequired: true,
+      archiveDefaultSave: 'body',
+      archiveDefaultOtr: 'allow',
+    });
+    expect(
+      loadConfig({ ARCHIVE_AUTO_REQUIRED: 'true', ARCHIVE_DEFAULT_SAVE: 'all' }).archiveDefaultSave,
+    ).toBe('all');
+    // Without it the service default stays as documented: nothing saved until the user asks.
+    expect(loadConfig({}).archiveDefaultSave).toBe('false');
+  });
+
+  test('refuses, at start, a required archive whose default would log nothing', () => {
+    expect(() => loadConfig({ ARCHIVE_AUTO_REQUIRED: 'true', ARCHIVE_DEFAULT_SAVE: 'false' })).toThrow(
+      /ARCHIVE_DEFAULT_SAVE must be body or all/,
+    );
+    expect(() => loadConfig({ ARCHIVE_AUTO_REQUIRED: 'true', ARCHIVE_DEFAULT_OTR: 'require' })).toThrow(
+      /ARCHIVE_AUTO_REQUIRED=true/,
+    );
   });
 });

@@ -81,10 +81,21 @@ export function applyPrefChange(
     }
     case 'record-set': {
       // XEP-0136 0.5 §3.2: otr='true' takes chats with the contact off the record: nothing saved.
-      const base = next.items[request.jid] ?? next.default ?? policy.default;
-      next.items[request.jid] = request.otr
-        ? { save: 'false', otr: 'require' }
-        : { ...base, otr: base.otr === 'require' ? 'allow' : base.otr };
+      // The OTR state is one "that can be enabled and disabled by either user": turning it off
+      // gives back the Save Mode (and expiry) the contact had before, or the default.
+      const item = next.items[request.jid];
+      if (request.otr) {
+        if (item?.otr === 'require' && item.save === 'false') return next;
+        const { beforeOtr: _, ...kept } = item ?? ({} as Mode);
+        next.items[request.jid] = { save: 'false', otr: 'require', beforeOtr: item ? kept : 'default' };
+        return next;
+      }
+      if (item?.beforeOtr === 'default') delete next.items[request.jid];
+      else if (item?.beforeOtr) next.items[request.jid] = item.beforeOtr;
+      else {
+        const base = item ?? next.default ?? policy.default;
+        next.items[request.jid] = { ...base, otr: base.otr === 'require' ? 'allow' : base.otr };
+      }
       return next;
     }
     default:
