@@ -71,7 +71,10 @@ async function presenceFromClient(event: StanzaEvent): Promise<typeof HANDLED> {
   const { server } = stream;
   const to = event.to;
   if (to.domain !== server.config.domain || !to.local) return HANDLED;
-  if (type !== 'error') rememberDirected(stream, fullJid(to), type === undefined);
+  // The user's own resources are not "entities it sent directed presence to": they get the
+  // session's unavailable presence anyway (§4.5.2), and would get it twice.
+  if (type !== 'error' && bareJid(to) !== stream.user)
+    rememberDirected(stream, fullJid(to), type === undefined);
   await deliverDirected(server, to, stanza);
   return HANDLED;
 }

@@ -385,9 +385,10 @@ async function subscription(
   // The presence that follows a change (the appendix's tables say who is subscribed now).
   await presenceEffect(server, out.presence, userResources, contactResources);
   await presenceEffect(server, inbound?.presence, contactResources, userResources);
-  if (reply?.type === 'subscribed') {
-    // The contact approved (pre-approval, or already approved): §3.1.5, its resources'
-    // presence goes to the user.
+  if (reply?.type === 'subscribed' && inbound?.presence !== 'available') {
+    // The contact approved (already approved, A.3.1): §3.1.5, its resources' presence goes to the
+    // user. A pre-approval's own transition sent it just above (once: §3.1.5 "current presence
+    // … from each of the contact's available resources").
     await sendPresenceOf(server, contactResources, userResources, 'available');
   }
 }

@@ -39,6 +39,7 @@ const USERS = [
   'vic',
   'walt',
   'xena',
+  'yuri',
 ];
 
 let stack: TestStack;
@@ -265,6 +266,10 @@ describe('RFC 6121 §3.4 pre-approval', () => {
     );
     await kate.barrier();
     expect(kate.count(presence('subscribe'))).toBe(0);
+    // §3.1.5: the contact's server sends "current presence to the user from each of the
+    // contact's available resources": once each, though the approval came from the server.
+    await liam.barrier();
+    expect(liam.count(presence(undefined, 'kate@localhost/r'))).toBe(1);
   });
 });
 
@@ -452,5 +457,19 @@ describe('the account of a contact (XEP-0030 §8, XEP-0199)', () => {
       );
       expect(pong.getChild('error')?.getChild('service-unavailable', STANZAS), pid).toBeDefined();
     }
+  });
+});
+
+describe("RFC 6121 §4.6 directed presence to one's own account", () => {
+  it("is delivered, and the session's unavailable presence reaches the other resource once (§4.5.2), not again as a directed one", async () => {
+    const one = await online('yuri', 'one');
+    const two = await online('yuri', 'two');
+    one.send(`<presence to='yuri@localhost'><status>to myself</status></presence>`);
+    await two.waitFor((el) => el.name === 'presence' && el.getChildText('status') === 'to myself');
+    one.send(`<presence type='unavailable'/>`);
+    await two.waitFor(presence('unavailable', 'yuri@localhost/one'));
+    await one.barrier();
+    await two.barrier();
+    expect(two.count(presence('unavailable', 'yuri@localhost/one'))).toBe(1);
   });
 });
