@@ -235,7 +235,10 @@ async function routeOnce(
       if (done) return true;
       resources = resources.filter((r) => r !== exact);
     }
-    // RFC 6121 §8.5.3.2.1: otherwise groupchat is refused, error dropped, the rest go to the bare JID.
+    // RFC 6121 §8.5.3.2.1: otherwise groupchat is refused, error dropped, and a headline (news
+    // for one resource, worthless to another) silently ignored; chat and normal go to the bare
+    // JID (as Prosody and ejabberd do for normal).
+    if (type === 'headline') return true;
   }
   if (type === 'groupchat') throw new StanzaError('cancel', 'service-unavailable');
   if (type === 'error') return true;

@@ -478,18 +478,33 @@ async function broadcastToSubscribers(
   server: Server,
   user: string,
   stanzaFor: (to: string) => Element,
-): Promise<Set<string>> {
+): Promise<Told> {
   const roster = await server.roster.getRoster(user);
   const subscribers = presenceSubscribers(roster.items).filter((c) => isLocal(server, c));
   const online = await server.sessions.availableResourcesOf(subscribers);
   const targets = subscribers.flatMap((contact) => online.get(contact) ?? []);
   await deliverToMany(server, targets, (target) => stanzaFor(target.user));
-  return new Set(subscribers);
+  return toldBy(subscribers, targets);
 }
 
-/** Directed-presence recipients not among `told` (bare JIDs already told by the broadcast). */
-function notTold(directedTo: string[], told: Set<string>): string[] | undefined {
-  const rest = directedTo.filter((jid) => !told.has(jid.split('/')[0] as string));
+/** Who a broadcast reached: the subscribers (bare JIDs), and the resources it went to. */
+interface Told {
+  bare: Set<string>;
+  full: Set<string>;
+}
+
+function toldBy(subscribers: string[], targets: ResourceRecord[]): Told {
+  return { bare: new Set(subscribers), full: new Set(targets.map((t) => `${t.user}/${t.resource}`)) };
+}
+
+/**
+ * Directed-presence recipients the broadcast did not reach: a bare JID that is a subscriber was
+ * told (at each of its available resources, where directed presence to it went too); a full JID
+ * only if that resource got the broadcast (a subscriber's resource that is connected but not
+ * available gets none, §4.6.3 still owes it the unavailable).
+ */
+function notTold(directedTo: string[], told: Told): string[] | undefined {
+  const rest = directedTo.filter((jid) => (jid.includes('/') ? !told.full.has(jid) : !told.bare.has(jid)));
   return rest.length > 0 ? rest : undefined;
 }
 
@@ -517,7 +532,9 @@ async function contactsOnAvailability(
   });
   if (!available) {
     // The presence module tells directed-presence recipients after this hook: not those told here.
-    const rest = stream.state.directedTo ? notTold(stream.state.directedTo, new Set(subscribers)) : undefined;
+    const rest = stream.state.directedTo
+      ? notTold(stream.state.directedTo, toldBy(subscribers, targets))
+      : undefined;
     if (rest?.length !== stream.state.directedTo?.length) stream.update({ directedTo: rest });
     return;
   }

@@ -70,6 +70,8 @@ export interface CollectionHeader extends CollectionRef {
   plain: boolean;
   /** Epoch seconds after which the header (and, before it, every item) is gone. */
   expiresAt?: number;
+  /** Its change key (replication's order), when read from the table. */
+  changeKey?: string;
 }
 
 export type EntryKind = 'to' | 'from' | 'note' | 'data';
@@ -299,6 +301,7 @@ function toHeader(item: Record<string, unknown>): CollectionHeader {
     crypt: item.crypt === true,
     plain: item.plain === true,
     expiresAt: item[TTL_ATTRIBUTE] as number | undefined,
+    changeKey: item.changeKey as string | undefined,
   };
 }
 
@@ -929,7 +932,11 @@ export function createArchiveStore(
       }
       if (!created && (changes.length > 0 || input.entries.length > 0 || (input.keys?.length ?? 0) > 0)) {
         changes.push('changeKey = :ck');
-        values[':ck'] = changeKeyOf(now(), randomDigits());
+        // Never backwards: automatic appends set the end of their change window, which may be
+        // ahead of now; a key moved back would hide the window's later appends from <modified/>.
+        const nowKey = changeKeyOf(now(), randomDigits());
+        values[':ck'] =
+          header.changeKey !== undefined && header.changeKey > nowKey ? header.changeKey : nowKey;
         await doc.send(
           new UpdateCommand({
             TableName: table,

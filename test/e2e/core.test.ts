@@ -308,10 +308,20 @@ describe('RFC 6121 presence and chat', () => {
     );
     await high.waitFor((s) => s.getChildText('body') === 'news');
     await low.waitFor((s) => s.getChildText('body') === 'news');
+    // RFC 6121 §8.5.3.2.1: a headline to a full JID that matches no resource is silently
+    // ignored, not spread over the others (nor stored); a chat message goes to the bare JID.
+    await sender.xmpp.send(
+      xml('message', { to: 'carol@localhost/gone', type: 'headline' }, xml('body', {}, 'stale news')),
+    );
+    await sender.xmpp.send(
+      xml('message', { to: 'carol@localhost/gone', type: 'chat' }, xml('body', {}, 'after the news')),
+    );
+    await high.waitFor((s) => s.getChildText('body') === 'after the news');
 
     const bodies = (c: StartedClient) => c.received.map((s) => s.getChildText('body')).filter(Boolean);
     expect(bodies(low)).not.toContain('to the top');
     expect(bodies(negative)).toEqual(['direct']);
+    for (const c of [high, low]) expect(bodies(c)).not.toContain('stale news');
     for (const c of [high, low, negative]) await c.stop();
   });
 

@@ -40,6 +40,8 @@ const USERS = [
   'walt',
   'xena',
   'yuri',
+  'zara',
+  'abel',
 ];
 
 let stack: TestStack;
@@ -471,5 +473,26 @@ describe("RFC 6121 §4.6 directed presence to one's own account", () => {
     await one.barrier();
     await two.barrier();
     expect(two.count(presence('unavailable', 'yuri@localhost/one'))).toBe(1);
+  });
+});
+
+describe("RFC 6121 §4.6.3 directed presence to a subscriber's resource that is not available", () => {
+  it('gets the unavailable presence: the broadcast to subscribers reached only their available resources', async () => {
+    const zara = await online('zara');
+    const abel = await online('abel');
+    await mutual(zara, abel);
+    // A second session of abel, connected and never available (no initial presence).
+    const quiet = await online('abel', 'quiet', { presence: false });
+    zara.send(`<presence to='abel@localhost/quiet'><status>just you</status></presence>`);
+    await quiet.waitFor((el) => el.name === 'presence' && el.getChildText('status') === 'just you');
+    // "the user's server MUST send unavailable presence" to it when zara goes: the broadcast
+    // reaches abel/r (available); abel/quiet only as the recipient of directed presence.
+    zara.send(`<presence type='unavailable'/>`);
+    await abel.waitFor(presence('unavailable', 'zara@localhost/r'));
+    await quiet.waitFor(presence('unavailable', 'zara@localhost/r'));
+    await abel.barrier();
+    await quiet.barrier();
+    expect(abel.count(presence('unavailable', 'zara@localhost/r'))).toBe(1);
+    expect(quiet.count(presence('unavailable', 'zara@localhost/r'))).toBe(1);
   });
 });

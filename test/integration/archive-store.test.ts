@@ -476,6 +476,33 @@ describe('modified: the change log with tombstones', () => {
     expect(none.items).toEqual([]);
   });
 
+  test('a manual store into a collection being recorded never moves its change time back', async () => {
+    // §10: "If a collection has been modified, created or removed after the time specified by
+    // the <after/> element then the server MUST include it". Auto appends stamp the end of their
+    // change window; a manual store in the same window must not stamp an earlier time, or the
+    // window's later appends (which leave the stamp alone) hide from a client that synced between.
+    clock = at('2026-03-01T12:00:05Z');
+    let open = await store.startCollection(owner, { with: JULIET, start: clock });
+    open = (await store.appendMessage(owner, open, chat('from', 'a', clock))).open;
+    clock = at('2026-03-01T12:00:15Z');
+    const existing = await store.getCollection(owner, { with: JULIET, start: open.header.start });
+    await store.storeManual(
+      owner,
+      { ref: { with: JULIET, start: open.header.start }, subject: 'duel', entries: [] },
+      existing,
+    );
+    clock = at('2026-03-01T12:00:25Z');
+    const first = await store.modifiedSince(owner, undefined, 10);
+    clock = at('2026-03-01T12:00:35Z');
+    await store.appendMessage(owner, open, chat('to', 'b', clock));
+    clock = at('2026-03-01T12:05:00Z');
+    const second = await store.modifiedSince(owner, first.items.at(-1)?.key, 10);
+    // Whichever sync reports it, the last report comes after the last append.
+    const reports = [...first.items, ...second.items].filter((c) => c.collection.with === JULIET);
+    expect(reports.length).toBeGreaterThan(0);
+    expect(second.items.map((c) => c.collection.with)).toEqual([JULIET]);
+  });
+
   test('appends move the change time once per window; changes in the current window wait', async () => {
     let open = await store.startCollection(owner, { with: JULIET, start: clock });
     clock += 5_000;

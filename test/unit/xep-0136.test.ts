@@ -1442,9 +1442,11 @@ describe('XEP-0136 0.5 requests', () => {
     const onRecord = applyPrefChange(twice, { kind: 'record-set', jid: 'nurse@capulet.com', otr: false });
     expect(onRecord.items['nurse@capulet.com']).toEqual(own.items['nurse@capulet.com']);
     // The 0.5 view: the contact is saved again.
-    expect(encodeSave(onRecord).getChildren('item').map((item) => item.attrs)).toEqual([
-      { jid: 'nurse@capulet.com', save: 'true' },
-    ]);
+    expect(
+      encodeSave(onRecord)
+        .getChildren('item')
+        .map((item) => item.attrs),
+    ).toEqual([{ jid: 'nurse@capulet.com', save: 'true' }]);
   });
 
   test('<list maxitems/> and the partial reply; <retrieve/> without <set/> says partial', () => {
@@ -1560,6 +1562,19 @@ describe('hostile requests', () => {
       'get',
       `<modified ${ns}><set ${rsmNs}><before/></set></modified>`,
       'bad-request',
+    ],
+    // XEP-0059 §2.6: "the responding entity MAY return a <feature-not-implemented/> error".
+    [
+      'modified by index',
+      'get',
+      `<modified ${ns}><set ${rsmNs}><max>5</max><index>50</index></set></modified>`,
+      'feature-not-implemented',
+    ],
+    [
+      'keys by index',
+      'get',
+      `<keys ${ns}><KeyName xmlns='http://www.w3.org/2000/09/xmldsig#'>k</KeyName><set ${rsmNs}><max>50</max><index>50</index></set></keys>`,
+      'feature-not-implemented',
     ],
     // Preferences
     [

@@ -103,6 +103,15 @@ export type ArchiveRequest =
   | { kind: 'otr-get' }
   | { kind: 'record-set'; jid: string; otr: boolean };
 
+/**
+ * XEP-0059 §2.6: "If it would be either impossible or exceptionally resource intensive for the
+ * responding entity to derive the first UID from the specified index … the responding entity MAY
+ * return a <feature-not-implemented/> error" (rather than a page labelled with the wrong index).
+ */
+function noPageJumps(request: string): StanzaError {
+  return new StanzaError('cancel', 'feature-not-implemented', `${request} pages with after, not by index`);
+}
+
 function badRequest(text: string): StanzaError {
   return new StanzaError('modify', 'bad-request', text);
 }
@@ -359,7 +368,9 @@ export function decodeRequest(type: 'get' | 'set', el: Element): ArchiveRequest 
       noOwnChildren(el);
       const names = keyNames(el);
       if (names.length !== 1) throw badRequest('<keys/> names one public key');
-      return { kind: 'keys', keyName: names[0] as string, page: decodeRsm(el, PAGE_LIMITS.keys) };
+      const page = decodeRsm(el, PAGE_LIMITS.keys);
+      if (page.index !== undefined) throw noPageJumps('<keys/>');
+      return { kind: 'keys', keyName: names[0] as string, page };
     }
     case 'delete': {
       // The seed's only example sends <delete/> in an iq get; a removal is a set. Both are taken.
@@ -372,7 +383,8 @@ export function decodeRequest(type: 'get' | 'set', el: Element): ArchiveRequest 
       expect('get');
       noOwnChildren(el);
       const page = decodeRsm(el, PAGE_LIMITS.modified);
-      if (page.before !== undefined || page.lastPage || page.index !== undefined)
+      if (page.index !== undefined) throw noPageJumps('<modified/>');
+      if (page.before !== undefined || page.lastPage)
         throw badRequest('<modified/> pages forwards, with after');
       // §10: "The content of the <after/> element SHOULD be a UTC time".
       const after = page.after === undefined ? undefined : parseDateTime(page.after, 'after');
