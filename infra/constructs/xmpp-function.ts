@@ -30,7 +30,9 @@ export const FUNCTION_RUNTIME = lambda.Runtime.NODEJS_22_X;
  *   (environment, then container endpoint): a function never needs SSO, STS, INI files or EC2
  *   metadata, about 80 KB more; and `@aws-sdk/middleware-endpoint-discovery` by
  *   functions/endpoint-discovery.ts (discovery off, no endpoint cache: about 1.7 KB, and with it
- *   mnemonist's LRU cache, 7 KB, which an alias to a `Map` replaced until session 14).
+ *   mnemonist's LRU cache, 7 KB, which an alias to a `Map` replaced until session 14); and
+ *   `@smithy/core/event-streams` by functions/event-streams.ts (no operation Nimbus calls
+ *   streams events; the protocols' dynamic import of it was inlined: about 15 KB).
  */
 export const BUNDLE_MAIN_FIELDS = ['module', 'main'];
 /** Relative to the project root, the directory esbuild runs in (`projectRoot`). */
@@ -38,6 +40,8 @@ export const BUNDLE_ALIASES: Record<string, string> = {
   '@aws-sdk/credential-provider-node': './functions/lambda-credentials.ts',
   // The DynamoDB client's endpoint discovery (never used: discovery stays off).
   '@aws-sdk/middleware-endpoint-discovery': './functions/endpoint-discovery.ts',
+  // The SDK's event-stream codec (no DynamoDB or Management API operation streams events).
+  '@smithy/core/event-streams': './functions/event-streams.ts',
 };
 
 /** How long function logs are kept. */

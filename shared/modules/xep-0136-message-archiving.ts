@@ -362,11 +362,9 @@ async function serve(
       );
     }
     case 'retrieve': {
-      const page = await archive.retrieveMessages(
-        owner,
-        { with: decoded.with, start: decoded.start },
-        decoded.page,
-      );
+      const page =
+        (await archive.retrieveMessages(owner, { with: decoded.with, start: decoded.start }, decoded.page)) ??
+        (decoded.page.present ? undefined : await continuePartial(server, owner, decoded));
       if (!page) throw collectionNotFound();
       const header = page.header;
       const encode = async (p: Page<ArchivedEntry>) => {
@@ -472,6 +470,31 @@ async function serve(
 }
 
 /** Reads, changes and stores the preferences, again when another change won the race. */
+/**
+ * XEP-0136 0.5 §4.3: "the client MAY then request the remainder of the collection, taking care to
+ * set the value of the 'start' attribute to one second after the time of the last <from/> or
+ * <to/> element in the partial collection that it received": a `start` that begins no collection
+ * continues the last one with that JID begun before it, from that time on.
+ */
+async function continuePartial(
+  server: Server,
+  owner: string,
+  request: { with: string; start: number; page: PageRequest },
+) {
+  const jid = parseJid(request.with);
+  const kind = jid.resource ? 'full' : jid.local ? 'bare' : 'domain';
+  // The collections with that JID (a bare or domain JID's index holds its resources' too)
+  // begun before the time, newest last.
+  const before = await server.archive.listCollections(
+    owner,
+    { with: { kind, jid: request.with }, end: request.start },
+    { max: 20, lastPage: true },
+  );
+  const containing = before.items.filter((header) => header.with === request.with).at(-1);
+  if (!containing) return undefined;
+  return server.archive.retrieveMessages(owner, containing, request.page, { atOrAfter: request.start });
+}
+
 /** The preferences before and after a change. */
 interface PrefsChange {
   before: ArchivePrefs;

@@ -1054,6 +1054,11 @@ export function createArchiveStore(
       owner: string,
       ref: CollectionRef,
       page: PageRequest,
+      /**
+       * XEP-0136 0.5's continuation of a partial collection: only entries at or after this time
+       * (`count` is then the entries from the first returned one to the collection's end).
+       */
+      options: { atOrAfter?: number } = {},
     ): Promise<(Page<ArchivedEntry> & { header: CollectionHeader }) | undefined> {
       const header = await getHeader(owner, ref);
       if (!header) return undefined;
@@ -1089,9 +1094,19 @@ export function createArchiveStore(
               {
                 TableName: table,
                 KeyConditionExpression: 'pk = :pk AND sk BETWEEN :lo AND :hi',
-                FilterExpression: notExpired,
-                ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
-                ExpressionAttributeValues: { ':pk': pk, ':lo': lo, ':hi': hi, ':now': nowSeconds() },
+                FilterExpression:
+                  options.atOrAfter === undefined ? notExpired : `${notExpired} AND #at >= :from`,
+                ExpressionAttributeNames: {
+                  '#ttl': TTL_ATTRIBUTE,
+                  ...(options.atOrAfter === undefined ? {} : { '#at': 'at' }),
+                },
+                ExpressionAttributeValues: {
+                  ':pk': pk,
+                  ':lo': lo,
+                  ':hi': hi,
+                  ':now': nowSeconds(),
+                  ...(options.atOrAfter === undefined ? {} : { ':from': options.atOrAfter }),
+                },
                 ScanIndexForward: !backwards,
                 ConsistentRead: true,
               },
@@ -1103,7 +1118,7 @@ export function createArchiveStore(
       return {
         header,
         items: entries,
-        count,
+        count: options.atOrAfter === undefined ? count : first ? lastEntry.seq - first.seq + 1 : 0,
         firstIndex: first ? first.seq - firstEntry.seq : undefined,
         first: first ? String(first.seq) : undefined,
         last: entries.length > 0 ? String(entries.at(-1)?.seq) : undefined,

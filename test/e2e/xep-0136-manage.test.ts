@@ -503,6 +503,22 @@ describe('XEP-0136 0.9 §8.2 retrieve with XEP-0059 paging', () => {
     const down1 = await ok(raw, retrieve('juliet@capulet.com/chamber', '1469-07-21T02:56:15Z'));
     expect(down1?.attrs.partial).toBe('true');
     expect(down1?.getChild('set', RSM)).toBeUndefined();
+    // 0.5 §4.3: "the client MAY then request the remainder of the collection, taking care to set
+    // the value of the 'start' attribute to one second after the time of the last <from/> or
+    // <to/> element in the partial collection that it received". line 99 is 99 s after the start.
+    const bodies = (store: Element | undefined) => entries(store).map((e) => e.getChildText('body'));
+    expect(bodies(down1).at(-1)).toBe('line 99');
+    const down2 = await ok(raw, retrieve('juliet@capulet.com/chamber', '1469-07-21T02:57:55Z'));
+    expect(down2?.attrs).toMatchObject({ with: 'juliet@capulet.com/chamber', start: '1469-07-21T02:56:15Z' });
+    expect(bodies(down2)).toEqual(Array.from({ length: 100 }, (_, i) => `line ${100 + i}`));
+    expect(down2?.attrs.partial).toBe('true');
+    const down3 = await ok(raw, retrieve('juliet@capulet.com/chamber', '1469-07-21T02:59:35Z'));
+    expect(bodies(down3)).toEqual(Array.from({ length: 17 }, (_, i) => `line ${200 + i}`));
+    expect(down3?.attrs.partial).toBeUndefined();
+    // A 0.9 request (with <set/>) names a collection by its start: that time begins none.
+    expect(
+      await condition(raw, retrieve('juliet@capulet.com/chamber', '1469-07-21T02:57:55Z', '<max>10</max>')),
+    ).toBe('item-not-found');
   });
 
   it('answers item-not-found for a missing collection and an empty <store/> for an empty one', async () => {
