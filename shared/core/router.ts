@@ -5,7 +5,7 @@
  * storage; iqs to the handler registered for their payload; a thrown StanzaError becomes the
  * error reply.
  */
-import type { Element } from 'ltx';
+import { Element } from 'ltx';
 import { StanzaError, StreamError } from '../errors.ts';
 import { bareJid, fullJid, type Jid, parseJid } from '../jid.ts';
 import { isHeld, type ResourceRecord } from '../store/sessions.ts';
@@ -31,7 +31,11 @@ export async function replyWithError(
   stanza: Element,
   error: StanzaError,
 ): Promise<void> {
-  const reply = errorReplyTo(stanza, error);
+  let reply = errorReplyTo(stanza, error);
+  // RFC 6120 §8.3.1 lets the error carry the original payload; one too large to post (a stanza
+  // refused for its size, XEP-0478) goes without it, so that the error itself can be sent.
+  if (reply && !fitsTransport(reply))
+    reply = errorReplyTo(new Element(stanza.name, { ...stanza.attrs }), error);
   if (reply) await stream.send(reply);
 }
 

@@ -7,7 +7,7 @@
 import { randomBytes } from 'node:crypto';
 import { Element } from 'ltx';
 import { StreamError, streamErrorElement } from '../errors.ts';
-import { fullJidOf, type Jid } from '../jid.ts';
+import { bareJid, fullJidOf, type Jid, parseJid } from '../jid.ts';
 import { addLogContext } from '../log.ts';
 import type { StreamEvent } from '../queue-message.ts';
 import { ConnectionFencedError, type ConnectionState, type NewConnection } from '../store/sessions.ts';
@@ -161,9 +161,30 @@ export function newStreamId(): string {
   return randomBytes(12).toString('base64url');
 }
 
-export function openElement(domain: string, id: string): Element {
+export function openElement(domain: string, id: string, to?: string): Element {
   // RFC 7395 §3.4: the server's <open/> answers with from, id, version and xml:lang.
-  return new Element('open', { xmlns: NS.framing, from: domain, id, version: '1.0', 'xml:lang': 'en' });
+  return new Element('open', {
+    xmlns: NS.framing,
+    from: domain,
+    ...(to ? { to } : {}),
+    id,
+    version: '1.0',
+    'xml:lang': 'en',
+  });
+}
+
+/**
+ * RFC 6120 §4.7.2: when the client's header has a 'from', the response header's 'to' is that
+ * bare JID. A 'from' that is no JID is left out (it is only a hint before authentication).
+ */
+function answeringTo(open: Element): string | undefined {
+  const from = open.attrs.from;
+  if (typeof from !== 'string' || from === '') return undefined;
+  try {
+    return bareJid(parseJid(from));
+  } catch {
+    return undefined;
+  }
 }
 
 async function openStream(stream: XmppStream, open: Element): Promise<void> {
@@ -179,7 +200,7 @@ async function openStream(stream: XmppStream, open: Element): Promise<void> {
   }
   const streamId = newStreamId();
   stream.update({ streamOpen: true, streamId });
-  await stream.send(openElement(domain, streamId));
+  await stream.send(openElement(domain, streamId, answeringTo(open)));
   const features = new Element('stream:features', { 'xmlns:stream': NS.stream });
   await server.host.fire('stream-features', { stream, features });
   await stream.send(features);
@@ -196,6 +217,14 @@ async function dispatch(stream: XmppStream, element: Element): Promise<void> {
     return openStream(stream, element);
   }
   if (element.name === 'close' && ns === NS.framing) return stream.close();
+  if (element.name === 'error' && ns === NS.stream) {
+    // RFC 6120 §4.9: the client ended the stream with an error of its own; it is not answered
+    // with another one: the stream is closed (RFC 7395 §3.6).
+    stream.server.log.info('stream error from the client', {
+      condition: element.getChildElements().find((child) => child.attrs.xmlns === NS.streams)?.name,
+    });
+    return stream.close();
+  }
   if (element.name === 'stream:stream' || element.name === 'stream') {
     // RFC 7395 §3.3.2: WebSocket streams are opened with <open/>, never <stream:stream>.
     throw new StreamError('invalid-namespace', 'Use the RFC 7395 <open/> element');

@@ -59,11 +59,32 @@ function elementOf(tag: SaxesTagNS): Element {
   return new Element(tag.prefix ? tag.local : tag.name, attrs);
 }
 
+/** An XML declaration (XML 1.0 §2.8 XMLDecl), only at the very start of a document. */
+const XML_DECLARATION =
+  /^<\?xml\s+version\s*=\s*(["'])1\.[0-9]+\1(?:\s+encoding\s*=\s*(["'])([A-Za-z][A-Za-z0-9._-]*)\2)?(?:\s+standalone\s*=\s*(["'])(?:yes|no)\4)?\s*\?>/;
+
+/**
+ * RFC 7395 §3.3.3: each message is a standalone XML document; "The inclusion of XML
+ * declarations, however, is NOT RECOMMENDED" — not forbidden (nor is it a processing
+ * instruction, RFC 6120 §11.1): one at the start of a frame is taken off. WebSocket text is
+ * UTF-8, so a declaration naming another encoding is RFC 6120 §4.9.3.22 unsupported-encoding.
+ */
+function withoutXmlDeclaration(frame: string): string {
+  const declaration = XML_DECLARATION.exec(frame);
+  if (!declaration) return frame;
+  const encoding = declaration[3];
+  if (encoding !== undefined && !/^utf-?8$/i.test(encoding)) {
+    throw new StreamError('unsupported-encoding', 'WebSocket frames are UTF-8');
+  }
+  return frame.slice(declaration[0].length);
+}
+
 /** Parses one frame into one element; any other shape is a stream error. */
-export function parseFrame(frame: string, maxBytes: number): Element {
-  if (Buffer.byteLength(frame, 'utf8') > maxBytes) {
+export function parseFrame(input: string, maxBytes: number): Element {
+  if (Buffer.byteLength(input, 'utf8') > maxBytes) {
     throw new StreamError('policy-violation', `Stanza larger than ${maxBytes} bytes`);
   }
+  const frame = withoutXmlDeclaration(input);
   refuseRestrictedXml(frame);
 
   const parser = new SaxesParser({ xmlns: true, position: false });

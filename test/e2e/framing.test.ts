@@ -48,6 +48,7 @@ describe('RFC 7395 §3.4 stream opening', () => {
     expect(open.name).toBe('open');
     expect(open.attrs).toMatchObject({ xmlns: FRAMING, from: 'localhost', version: '1.0', 'xml:lang': 'en' });
     expect(open.attrs.id).toMatch(/^[A-Za-z0-9_-]{16,}$/);
+    expect(open.attrs.to).toBeUndefined();
     expect(open.children).toHaveLength(0);
     expect(features.name).toBe('stream:features');
     expect(features.attrs['xmlns:stream']).toBe('http://etherx.jabber.org/streams');
@@ -57,6 +58,27 @@ describe('RFC 7395 §3.4 stream opening', () => {
       'SCRAM-SHA-1',
       'PLAIN',
     ]);
+    client.close();
+  });
+
+  it("answers a client's own stream error with <close/>, not with a stream error of its own (RFC 6120 §4.9)", async () => {
+    const client = await RawClient.connect(stack.url);
+    await client.open();
+    client.send(
+      `<stream:error xmlns:stream='http://etherx.jabber.org/streams'><undefined-condition xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>`,
+    );
+    const reply = await client.next();
+    expect(reply.is('close', FRAMING)).toBe(true);
+    expect((await client.closed).code).toBe(1000);
+  });
+
+  it("addresses its <open/> to the client's 'from', as a bare JID (RFC 6120 §4.7.2)", async () => {
+    // "if the initiating entity included the 'from' attribute … the receiving entity MUST
+    // include a 'to' attribute in the response stream header", set to that JID.
+    const client = await RawClient.connect(stack.url);
+    client.send(`<open xmlns='${FRAMING}' to='localhost' from='Juliet@LocalHost/balcony' version='1.0'/>`);
+    const open = await client.next();
+    expect(open.attrs).toMatchObject({ from: 'localhost', to: 'juliet@localhost' });
     client.close();
   });
 
@@ -127,7 +149,12 @@ describe('stream errors (RFC 6120 §4.9.3)', () => {
       'restricted-xml',
     ],
     ['restricted-xml: comment', [OPEN, `<message><!-- hi --><body>x</body></message>`], 'restricted-xml'],
-    ['restricted-xml: processing instruction', [OPEN, `<?xml version='1.0'?><message/>`], 'restricted-xml'],
+    ['restricted-xml: processing instruction', [OPEN, `<?app run='1'?><message/>`], 'restricted-xml'],
+    [
+      'unsupported-encoding: an XML declaration of another encoding than UTF-8',
+      [`<?xml version='1.0' encoding='UTF-16'?>${OPEN}`],
+      'unsupported-encoding',
+    ],
     [
       // MAX_STANZA_BYTES is 16 KB in this suite: a 20 KB frame passes API Gateway's 32 KB limit
       // and is refused by the stream itself.
@@ -143,6 +170,16 @@ describe('stream errors (RFC 6120 §4.9.3)', () => {
       await expectStreamError(client, condition);
     });
   }
+
+  it('takes frames with an XML declaration: RFC 7395 §3.3.3 "The inclusion of XML declarations, however, is NOT RECOMMENDED"', async () => {
+    const client = await RawClient.connect(stack.url);
+    client.send(`<?xml version='1.0' encoding='UTF-8'?>${OPEN}`);
+    expect((await client.next()).name).toBe('open');
+    expect((await client.next()).name).toBe('stream:features');
+    client.send(`<?xml version='1.0'?><close xmlns='${FRAMING}'/>`);
+    expect((await client.next()).name).toBe('close');
+    client.terminate();
+  });
 
   it('opens the stream before the error when the error comes first (RFC 6120 §4.9.1.1)', async () => {
     const client = await RawClient.connect(stack.url);

@@ -102,6 +102,22 @@ describe('a stanza that would exceed the post limit once serialised', () => {
     bob.terminate();
   });
 
+  it('swollen in its body (which an error may copy back), still gets policy-violation and the stream lives', async () => {
+    // `&` grows five-fold serialised (`&amp;`): the body is what the error reply copies back
+    // (RFC 6120 §8.3.1), so a copy could never be posted either; the error goes without it.
+    const alice = await online('alice', 'r4');
+    alice.send(
+      `<message to='bob@localhost' type='chat' id='big4'><body><![CDATA[${'&'.repeat(30 * 1024)}]]></body></message>`,
+    );
+    const error = await alice.until((el) => el.name === 'message' && el.attrs.id === 'big4');
+    expect(error.attrs.type).toBe('error');
+    expect(error.getChild('error')?.getChild('policy-violation', STANZAS)).toBeDefined();
+    expect(error.getChild('body')).toBeUndefined();
+    // Never a stream error: the stream goes on.
+    expect((await barrier(alice, 'a4')).some((el) => el.name === 'error')).toBe(false);
+    alice.terminate();
+  });
+
   it('is never stored offline for an offline recipient', async () => {
     const alice = await online('alice', 'r2');
     alice.send(swollenMessage('carol@localhost', 'big2'));

@@ -34,10 +34,28 @@ describe('parseFrame', () => {
     ['nothing', '', 'not-well-formed'],
     ['a DOCTYPE', '<!DOCTYPE a><a/>', 'restricted-xml'],
     ['a comment', '<a><!-- c --></a>', 'restricted-xml'],
-    ['a processing instruction', '<?xml version="1.0"?><a/>', 'restricted-xml'],
+    ['a processing instruction', '<?xml-stylesheet href="a"?><a/>', 'restricted-xml'],
+    ['a processing instruction after the element starts', '<a><?xml version="1.0"?></a>', 'restricted-xml'],
+    ['an XML declaration not at the start', ' <?xml version="1.0"?><a/>', 'restricted-xml'],
+    ['a second XML declaration', '<?xml version="1.0"?><?xml version="1.0"?><a/>', 'restricted-xml'],
+    [
+      'an XML declaration of another encoding',
+      "<?xml version='1.0' encoding='ISO-8859-1'?><a/>",
+      'unsupported-encoding',
+    ],
     ['an undeclared entity', '<a>&lol;</a>', 'restricted-xml'],
   ])('refuses %s', (_name, frame, condition) => {
     expect(streamCondition(frame)).toBe(condition);
+  });
+
+  it('takes an XML declaration at the start of a frame: RFC 7395 §3.3.3 "The inclusion of XML declarations, however, is NOT RECOMMENDED"', () => {
+    const open = parseFrame(
+      "<?xml version='1.0' encoding='UTF-8'?><open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>",
+      1000,
+    );
+    expect(open.name).toBe('open');
+    expect(open.attrs).toMatchObject({ to: 'localhost', version: '1.0' });
+    expect(parseFrame('<?xml version="1.0" standalone="yes" ?><a/>', 1000).name).toBe('a');
   });
 
   it('refuses a frame over the stanza limit with policy-violation, counting UTF-8 bytes', () => {
