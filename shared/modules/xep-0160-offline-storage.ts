@@ -52,8 +52,16 @@ export function register(server: Server): void {
     return undefined;
   });
   host.hook('availability-changed', async ({ stream, available, priority, resources, held }) => {
-    if (available && priority >= 0 && !stream.state.flooded) await floodOffline(stream, resources, held);
-    else if (held !== undefined) await releaseHold(stream);
+    if (available && priority >= 0 && !stream.state.flooded) {
+      // Flooded before, then negative or unavailable (messages were stored meanwhile): "when
+      // the recipient next sends non-negative available presence", again, from the inbox's
+      // start, skipping what a stream-management queue still holds from the first flood.
+      const again = stream.state.flooded === false;
+      await floodOffline(stream, resources, held, again ? {} : undefined);
+    } else {
+      if (held !== undefined) await releaseHold(stream);
+      if (stream.state.flooded && (!available || priority < 0)) stream.update({ flooded: false });
+    }
     return undefined;
   });
   // A flood cut short by the lost socket (its messages are still stored) carries on after a
@@ -61,7 +69,12 @@ export function register(server: Server): void {
   // the hold may sort before what was sent), skipping what the queue already holds.
   host.hook('session-resumed', async ({ stream, resource, offlineReplayedUpTo }) => {
     if (!resource?.available || resource.priority < 0) return undefined;
-    await floodOffline(stream, [resource], resource.held, { resumedAfter: offlineReplayedUpTo });
+    // XEP-0013 §2.2: no flood while another session of the user retrieves flexibly ("the
+    // server MUST NOT flood the second resource"): all of the user's resources are asked.
+    const others = (await stream.server.sessions.listResources(stream.user)).filter(
+      (other) => other.resource !== resource.resource,
+    );
+    await floodOffline(stream, [resource, ...others], resource.held, { resumedAfter: offlineReplayedUpTo });
     return undefined;
   });
   host.hook('stanzas-acknowledged', async ({ stream, unacknowledged }) => {
@@ -82,7 +95,10 @@ export function shouldStore(stanza: Element): boolean {
   const type = stanza.attrs.type ?? 'normal';
   if (type === 'error' || type === 'groupchat') return false;
   if (stanza.getChild('store', NS.hints)) return true;
-  if (stanza.getChild('no-store', NS.hints) || stanza.getChild('no-permanent-store', NS.hints)) return false;
+  // Only <no-store/> refuses it: <no-permanent-store/> (XEP-0334 §3) may be "stored
+  // temporarily as a normal part of delivery (e.g. if the recipient is offline at the time of
+  // sending)"; it keeps the message out of archives only.
+  if (stanza.getChild('no-store', NS.hints)) return false;
   if (type === 'headline') return false;
   // "Messages that contain only chat state notifications SHOULD NOT be stored": a chat
   // message with any other payload (a body, a receipt, a marker) is stored.
@@ -145,9 +161,14 @@ async function storeIfWanted(
   }
 }
 
-/** The stored stanza as it is delivered: with exactly one XEP-0203 delay of its arrival. */
+/**
+ * The stored stanza as it is delivered: with exactly one XEP-0203 delay of its arrival, and
+ * without an XEP-0013 `<offline/>` child a sender put in (only the server names its nodes: a
+ * forged one would point a flexible-offline client at another stored message).
+ */
 export function stampedStanza(server: Server, message: OfflineMessage): Element {
   const stanza = parse(message.stanza);
+  for (const forged of stanza.getChildren('offline', NS.offline)) stanza.remove(forged);
   stanza.cnode(
     new Element('delay', {
       xmlns: NS.delay,
@@ -390,7 +411,6 @@ async function queuedOfflineIds(stream: BoundStream): Promise<Set<string>> {
  */
 export function deliveredCopy(server: Server, message: OfflineMessage): Element {
   const stanza = stampedStanza(server, message);
-  for (const forged of stanza.getChildren('offline', NS.offline)) stanza.remove(forged);
   // XEP-0198: this copy stays in the offline store, so it is sent as an `offlineCopy`: if
   // stream management still holds it unacknowledged when the session ends, it is dropped,
   // never re-routed (that would store it a second time), and an ack does not remove the

@@ -646,6 +646,46 @@ describe('XEP-0013 §2.2: no flood once the session chose flexible retrieval', (
     });
   }
 
+  it('does not flood a stream-management session that resumes while another resource is flexible', async () => {
+    // "if the user authenticates and provides presence for another resource while the first
+    // (non-flood) resource still has an active session, the server MUST NOT flood the second
+    // resource" — a resumed session of that second resource neither.
+    const user = await newUser('resumer');
+    const stored = await storeMessages(user, ['kept 1', 'kept 2']);
+    const first = await connect(user, 'pop');
+    await exchange(first, headersRequest());
+    expect(await goOnline(first)).toEqual([]);
+    const second = await connect(user, 'phone');
+    second.send(`<enable xmlns='urn:xmpp:sm:3' resume='true'/>`);
+    const enabled = await second.until((el) => el.name === 'enabled');
+    expect(await goOnline(second)).toEqual([]);
+    second.terminate();
+    // The socket is gone (its $disconnect detached the session); the client resumes on a new one.
+    await eventually(async () =>
+      expect((await stack.server.smQueue.get(enabled.attrs.id))?.detachedFrom).toBeDefined(),
+    );
+    const again = await RawClient.connect(stack.url);
+    sockets.push(again);
+    await again.open();
+    again.send(
+      `<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>${Buffer.from(`\0${user}\0secret`).toString('base64')}</auth>`,
+    );
+    expect((await again.next()).name).toBe('success');
+    await again.open();
+    again.send(`<resume xmlns='urn:xmpp:sm:3' previd='${enabled.attrs.id}' h='0'/>`);
+    await again.until((el) => el.name === 'resumed', 15_000);
+    // Everything the resume sent (the replay, and a flood if there were one) comes before the
+    // answer to a ping sent after it (a fresh id: the replay resends the old stream's pong).
+    const { before: after } = await exchange(
+      again,
+      `<iq type='get' id='after-resume' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`,
+      15_000,
+    );
+    expect(after.some((el) => el.name === 'presence')).toBe(true);
+    expect(bodies(after.filter((el) => el.name === 'message'))).toEqual([]);
+    expect(await inbox(user)).toEqual(stored.map((m) => m.id));
+  });
+
   it('floods at initial presence when no flexible request was made, and again once the flexible session ended', async () => {
     const user = await newUser('flood');
     // More than one page of the store (the flood reads 50 at a time).

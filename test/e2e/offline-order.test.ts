@@ -20,7 +20,8 @@ const raws: RawClient[] = [];
 
 beforeAll(async () => {
   stack = await startTestStack();
-  for (const user of ['romeo', 'juliet', 'nurse']) await stack.addUser(`${user}@localhost`, `${user}-pw`);
+  for (const user of ['romeo', 'juliet', 'nurse', 'gregory', 'abram'])
+    await stack.addUser(`${user}@localhost`, `${user}-pw`);
 });
 
 afterAll(async () => {
@@ -82,6 +83,42 @@ describe('a flood without stream management, with a live message arriving meanwh
     const after = await juliet.until((el) => el.name === 'message');
     expect(after.getChildText('body')).toBe('after');
     expect(after.getChild('delay', DELAY)).toBeUndefined();
+  });
+});
+
+describe('XEP-0160 §2 "When the recipient next sends non-negative available presence"', () => {
+  it('delivers what was stored while the session was negative at its next non-negative presence, before what comes live', async () => {
+    const sender = await raw('romeo', 'sword');
+    const gregory = await raw('gregory', 'street');
+    gregory.send('<presence/>');
+    await gregory.until((el) => el.name === 'presence');
+    // RFC 6121 §8.5.2.1.1: with only negative resources, a message is stored.
+    gregory.send('<presence><priority>-1</priority></presence>');
+    await gregory.until((el) => el.name === 'presence' && el.getChildText('priority') === '-1');
+    sender.send(`<message to='gregory@localhost' type='chat'><body>while away</body></message>`);
+    await eventually(async () => expect(await stack.server.offline.count('gregory@localhost')).toBe(1));
+    gregory.send('<presence><priority>1</priority></presence>');
+    const stored = await gregory.until((el) => el.name === 'message');
+    expect(stored.getChildText('body')).toBe('while away');
+    expect(stored.getChild('delay', DELAY)?.attrs.from).toBe('localhost');
+    await eventually(async () => expect(await stack.server.offline.count('gregory@localhost')).toBe(0));
+    sender.send(`<message to='gregory@localhost' type='chat'><body>live</body></message>`);
+    const live = await gregory.until((el) => el.name === 'message');
+    expect(live.getChildText('body')).toBe('live');
+    expect(live.getChild('delay', DELAY)).toBeUndefined();
+  });
+
+  it('stores a <no-permanent-store/> message (XEP-0334 §3: "stored temporarily as a normal part of delivery") and strips a forged <offline/> node', async () => {
+    const sender = await raw('romeo', 'note');
+    sender.send(
+      `<message to='abram@localhost' type='chat'><body>otr</body><no-permanent-store xmlns='urn:xmpp:hints'/><offline xmlns='http://jabber.org/protocol/offline'><item node='001796000000000-0000-deadbeef'/></offline></message>`,
+    );
+    await eventually(async () => expect(await stack.server.offline.count('abram@localhost')).toBe(1));
+    const abram = await raw('abram', 'square');
+    abram.send('<presence/>');
+    const flooded = await abram.until((el) => el.name === 'message');
+    expect(flooded.getChildText('body')).toBe('otr');
+    expect(flooded.getChild('offline', 'http://jabber.org/protocol/offline')).toBeUndefined();
   });
 });
 
