@@ -104,6 +104,17 @@ function entries(store: Element | undefined): Element[] {
   return (store?.getChildElements() ?? []).filter((e) => e.name !== 'set');
 }
 
+/** Eight messages of 20 KB in one collection: together past the 128 KB post limit. */
+async function storeLargeMessages(raw: RawClient): Promise<void> {
+  const big = 'x'.repeat(20_000);
+  for (let i = 0; i < 8; i++) {
+    await ok(
+      raw,
+      `<iq type='set'><store xmlns='${ARCHIVE}' with='juliet@capulet.com/chamber' start='1469-07-21T02:56:15Z'><to secs='1'><body>${i}${big}</body></to></store></iq>`,
+    );
+  }
+}
+
 /** Stores `n` one-message collections with `with` one minute apart from `base`. */
 async function seedCollections(
   raw: RawClient,
@@ -547,13 +558,7 @@ describe('XEP-0136 0.9 §8.2 retrieve with XEP-0059 paging', () => {
 
   it('pages an answer that would pass the 128 KB post limit instead of truncating it', async () => {
     const { raw } = await romeo();
-    const big = 'x'.repeat(20_000);
-    for (let i = 0; i < 8; i++) {
-      await ok(
-        raw,
-        `<iq type='set'><store xmlns='${ARCHIVE}' with='juliet@capulet.com/chamber' start='1469-07-21T02:56:15Z'><to secs='1'><body>${i}${big}</body></to></store></iq>`,
-      );
-    }
+    await storeLargeMessages(raw);
     const { reply, bytes } = await exchange(
       raw,
       retrieve('juliet@capulet.com/chamber', '1469-07-21T02:56:15Z', '<max>100</max>'),
@@ -577,13 +582,7 @@ describe('XEP-0136 0.9 §8.2 retrieve with XEP-0059 paging', () => {
 
   it('cuts a backwards page at its start: "the *last* item in the page … MUST be the item that immediately *preceeds*" (XEP-0059 §2.5)', async () => {
     const { raw } = await romeo();
-    const big = 'x'.repeat(20_000);
-    for (let i = 0; i < 8; i++) {
-      await ok(
-        raw,
-        `<iq type='set'><store xmlns='${ARCHIVE}' with='juliet@capulet.com/chamber' start='1469-07-21T02:56:15Z'><to secs='1'><body>${i}${big}</body></to></store></iq>`,
-      );
-    }
+    await storeLargeMessages(raw);
     const numbers = (store: Element | undefined) =>
       entries(store).map((e) => Number(e.getChildText('body')?.slice(0, 1)));
     // An empty <before/>: the last page, which must end with the newest message.
