@@ -253,6 +253,16 @@ async function command(
     case 'view': {
       // XEP-0013 §2.3: "the server MUST send the requested message(s) plus an IQ result".
       const messages = await existingMessages(server, user, decoded.nodes);
+      if (stream.state.sm) {
+        // Paced by acks, as a fetch is: the result follows the last message.
+        await startTransfer(stream, {
+          kind: 'view',
+          nodes: messages.map((message) => message.id),
+          iqId: request.stanza.attrs.id,
+          ...(request.stanza.attrs.to ? { iqFrom: request.stanza.attrs.to } : {}),
+        });
+        return DEFERRED_RESULT;
+      }
       await deliverCopies(stream, messages);
       return undefined;
     }

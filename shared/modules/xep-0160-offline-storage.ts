@@ -316,6 +316,7 @@ async function transferStep(stream: BoundStream): Promise<void> {
   const { server } = stream;
   const user = stream.user;
   let transfer = stream.state.transfer as OfflineTransfer;
+  if (transfer.kind === 'view') return viewStep(stream, transfer);
   let after = transfer.after;
   let bytes = 0;
   let sent = 0;
@@ -387,13 +388,53 @@ async function transferStep(stream: BoundStream): Promise<void> {
       }
     }
     stream.update({ transfer: undefined });
-    if (transfer.kind === 'fetch' && transfer.iqId !== undefined) {
-      // XEP-0013 §2.5: the messages first, then the result.
-      const request = new Element('iq', { id: transfer.iqId, from: fullJid(stream.jid) });
-      if (transfer.iqFrom) request.attrs.to = transfer.iqFrom;
-      await stream.send(iqResult(request));
-    }
+    // XEP-0013 §2.5: the messages first, then the result.
+    if (transfer.kind === 'fetch') await answerTransfer(stream, transfer);
     break;
+  }
+  if (sent > 0) await server.host.stanzaQueue?.requestAck(stream);
+}
+
+/** The result of the fetch or view a transfer served, once its last message is out. */
+async function answerTransfer(stream: BoundStream, transfer: OfflineTransfer): Promise<void> {
+  if (transfer.iqId === undefined) return;
+  const request = new Element('iq', { id: transfer.iqId, from: fullJid(stream.jid) });
+  if (transfer.iqFrom) request.attrs.to = transfer.iqFrom;
+  await stream.send(iqResult(request));
+}
+
+/**
+ * XEP-0013 §2.4 view with stream management: "the server MUST send the requested message(s)
+ * plus an IQ result", window by window as the client acknowledges (a view of many large
+ * messages would overflow the queue, and then not even the result could go out). A message
+ * removed meanwhile (by another session) is skipped.
+ */
+async function viewStep(stream: BoundStream, transfer: OfflineTransfer): Promise<void> {
+  const { server } = stream;
+  const nodes = transfer.nodes ?? [];
+  const window = nodes.slice(0, windowSize(server));
+  const found = window.length > 0 ? await server.offline.get(stream.user, window) : new Map();
+  let done = 0;
+  let sent = 0;
+  let bytes = 0;
+  for (const node of window) {
+    const message = found.get(node);
+    if (message) {
+      const result = await sendStored(stream, message, deliveredCopy(server, message), { offlineCopy: true });
+      if (result === 'gone') return void stream.update({ transfer: undefined });
+      // Congested: this one and the rest follow from a later ack.
+      if (result === 'full') break;
+      sent += 1;
+      bytes += Buffer.byteLength(message.stanza);
+    }
+    done += 1;
+    if (bytes >= WINDOW_BYTES) break;
+  }
+  const rest = nodes.slice(done);
+  if (rest.length > 0) stream.update({ transfer: { ...transfer, nodes: rest } });
+  else {
+    stream.update({ transfer: undefined });
+    await answerTransfer(stream, transfer);
   }
   if (sent > 0) await server.host.stanzaQueue?.requestAck(stream);
 }

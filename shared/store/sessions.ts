@@ -78,10 +78,12 @@ export interface SmState {
  * next batch goes out when the client has acknowledged enough of the last one.
  */
 export interface OfflineTransfer {
-  kind: 'flood' | 'fetch';
+  kind: 'flood' | 'fetch' | 'view';
   /** The last stored message sent. */
   after?: string;
-  /** For a fetch: the iq to answer once every message is out. */
+  /** For a view: the stored messages (their nodes) still to send, in the request's order. */
+  nodes?: string[];
+  /** For a fetch or a view: the iq to answer once every message is out. */
   iqId?: string;
   iqFrom?: string;
   /** A flood holding the session's messages: the hold's count when the flood last looked. */

@@ -1655,6 +1655,47 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
     // XEP-0013 §2.4: fetching deletes nothing.
     expect(await small.server.offline.count('reader@localhost')).toBe(8);
   });
+
+  it('paces a XEP-0013 view of more messages than the queue holds: "the requested message(s) plus an IQ result"', async () => {
+    await small.addUser('viewer@localhost', 'viewer-pw');
+    const rich = await RawClient.connect(small.url);
+    raws.push(rich);
+    await rich.login('rich', 'rich-pw', 'notes');
+    for (let i = 1; i <= 7; i++)
+      rich.send(`<message to='viewer@localhost' type='chat'><body>note ${i}</body></message>`);
+    await eventually(async () => expect(await small.server.offline.count('viewer@localhost')).toBe(7));
+    const viewer = await RawClient.connect(small.url);
+    raws.push(viewer);
+    await viewer.login('viewer', 'viewer-pw', 'desk');
+    viewer.send(`<enable xmlns='${SM3}'/>`);
+    await viewer.next();
+    const nodes = (await small.server.offline.list('viewer@localhost')).messages.map((m) => m.id);
+    // Six of the seven, out of order: more than SM_QUEUE_MAX (3) unacknowledged at once.
+    const asked = [nodes[5], nodes[0], nodes[1], nodes[2], nodes[3], nodes[4]];
+    viewer.send(
+      `<iq type='get' id='view1'><offline xmlns='http://jabber.org/protocol/offline'>${asked.map((n) => `<item action='view' node='${n}'/>`).join('')}</offline></iq>`,
+    );
+    const stanzas = await ackingReader(viewer, (el) => el.attrs.id === 'view1');
+    const viewed = stanzas.filter((s) => s.name === 'message');
+    expect(viewed.map((s) => s.getChildText('body'))).toEqual([
+      'note 6',
+      'note 1',
+      'note 2',
+      'note 3',
+      'note 4',
+      'note 5',
+    ]);
+    // XEP-0013 §2.4: each carries its node.
+    expect(
+      viewed.map(
+        (s) => s.getChild('offline', 'http://jabber.org/protocol/offline')?.getChild('item')?.attrs.node,
+      ),
+    ).toEqual(asked);
+    expect(stanzas.at(-1)?.attrs.type).toBe('result');
+    // Viewing deletes nothing.
+    expect(await small.server.offline.count('viewer@localhost')).toBe(7);
+    expect(viewer.isClosed).toBe(false);
+  });
 });
 
 describe('an offline flood paced by acks, with live messages arriving meanwhile', () => {
