@@ -120,15 +120,8 @@ async function boundStream(server: Server, user: string): Promise<(frame: string
     priority: 0,
     boundAt: Date.now(),
   });
-  return async (frame) => {
-    await handleStreamEvent(server, {
-      connectionId,
-      kind: 'frame',
-      frame,
-      receivedAt: Date.now(),
-      frameId: '',
-    });
-  };
+  return (frame) =>
+    handleStreamEvent(server, { connectionId, kind: 'frame', frame, receivedAt: Date.now(), frameId: '' });
 }
 
 export async function runRosterBench(argv: string[]): Promise<void> {
