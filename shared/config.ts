@@ -206,7 +206,9 @@ function tableName(env: Env, def: TableDefinition): string {
  * that at least the <body/> … of every message is logged automatically", 0.9 §3.3) the default
  * Save Mode is `body` unless set, and a default that would log nothing is refused at start.
  */
-function archiveDefaults(env: Env): Pick<Config, 'archiveDefaultSave' | 'archiveDefaultOtr'> {
+function archivePolicy(
+  env: Env,
+): Pick<Config, 'archiveAutoRequired' | 'archiveDefaultSave' | 'archiveDefaultOtr'> {
   const required = bool(env, 'ARCHIVE_AUTO_REQUIRED', false);
   const save = oneOf(
     env,
@@ -219,7 +221,7 @@ function archiveDefaults(env: Env): Pick<Config, 'archiveDefaultSave' | 'archive
     throw new Error(
       `ARCHIVE_AUTO_REQUIRED=true logs every message: ARCHIVE_DEFAULT_SAVE must be body or all and ARCHIVE_DEFAULT_OTR not require, got '${save}' and '${otr}'`,
     );
-  return { archiveDefaultSave: save, archiveDefaultOtr: otr };
+  return { archiveAutoRequired: required, archiveDefaultSave: save, archiveDefaultOtr: otr };
 }
 
 export function loadConfig(env: Env = process.env): Config {
@@ -271,10 +273,9 @@ export function loadConfig(env: Env = process.env): Config {
     archiveCollectionGapSeconds: int(env, 'ARCHIVE_COLLECTION_GAP_SECONDS', 30 * 60),
     archiveTombstoneDays: int(env, 'ARCHIVE_TOMBSTONE_DAYS', 90),
     archiveChangeWindowSeconds: Math.max(1, int(env, 'ARCHIVE_CHANGE_WINDOW_SECONDS', 60)),
-    ...archiveDefaults(env),
+    ...archivePolicy(env),
     archiveDefaultExpireSeconds: int(env, 'ARCHIVE_DEFAULT_EXPIRE_SECONDS', 0),
     archiveAllowSaveAll: bool(env, 'ARCHIVE_ALLOW_SAVE_ALL', true),
-    archiveAutoRequired: bool(env, 'ARCHIVE_AUTO_REQUIRED', false),
     archiveMaxCollectionEntries: Math.max(1, int(env, 'ARCHIVE_MAX_COLLECTION_ENTRIES', 1_000_000)),
   };
 }
