@@ -224,8 +224,11 @@ export interface EventPayloads {
     /** The newest stored (offline) message the resume's replay sent again, if any. */
     offlineReplayedUpTo?: string;
   };
-  /** The client acknowledged stanzas (XEP-0198); `unacknowledged` are still outstanding. */
-  'stanzas-acknowledged': { stream: BoundStream; unacknowledged: number };
+  /**
+   * The client acknowledged stanzas (XEP-0198) up to the session's outbound count `acked`;
+   * `unacknowledged` are still outstanding.
+   */
+  'stanzas-acknowledged': { stream: BoundStream; acked: number; unacknowledged: number };
   /**
    * A message for a local user with no resource to take it (RFC 6121 §8.5.2.2.1): offline
    * storage takes it (HANDLED); without a taker the sender gets service-unavailable.
@@ -324,8 +327,11 @@ export type DeliveryResult = Exclude<PostResult, 'unknown'> | 'full';
 
 export interface StanzaQueue {
   deliver(smId: string, stanza: Element, options: DeliveryOptions): Promise<DeliveryResult>;
-  /** Asks the client for an ack when some of what it was sent is unacknowledged. */
-  requestAck(stream: BoundStream): Promise<void>;
+  /**
+   * Asks the client for an ack when some of what it was sent is unacknowledged: the outbound
+   * count asked for, or undefined when nothing was asked.
+   */
+  requestAck(stream: BoundStream): Promise<number | undefined>;
 }
 
 /** Items modules offer each other through the host. */

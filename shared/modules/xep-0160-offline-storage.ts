@@ -77,8 +77,8 @@ export function register(server: Server): void {
     await floodOffline(stream, [resource, ...others], resource.held, { resumedAfter: offlineReplayedUpTo });
     return undefined;
   });
-  host.hook('stanzas-acknowledged', async ({ stream, unacknowledged }) => {
-    await continueTransfer(stream, unacknowledged);
+  host.hook('stanzas-acknowledged', async ({ stream, acked, unacknowledged }) => {
+    await continueTransfer(stream, acked, unacknowledged);
     return undefined;
   });
 }
@@ -301,22 +301,85 @@ async function sendStored(
   }
 }
 
+/** Fetches and views a session may have waiting behind the transfer in progress. */
+const MAX_WAITING = 4;
+
+/**
+ * Starts a transfer, or, while another is in progress, lets it wait its turn: a second fetch or
+ * a view during a fetch (or during a flood) is served in full after the first, each answered
+ * after its own last message; nothing is overwritten, so no request goes unanswered. A flood
+ * started again (a resume, presence again) takes the place of the flood in progress.
+ */
 export async function startTransfer(stream: BoundStream, transfer: OfflineTransfer): Promise<void> {
-  stream.update({ transfer });
+  const current = stream.state.transfer;
+  if (current && !(transfer.kind === 'flood' && current.kind === 'flood')) {
+    const waiting = current.waiting ?? [];
+    // RFC 6120 §8.3.3.18: "the recipient [...] lacks the system resources necessary to service the request".
+    if (waiting.length >= MAX_WAITING)
+      throw new StanzaError('wait', 'resource-constraint', 'too many offline requests in progress');
+    stream.update({ transfer: { ...current, waiting: [...waiting, transfer] } });
+    return;
+  }
+  stream.update({ transfer: current?.waiting ? { ...transfer, waiting: current.waiting } : transfer });
   await transferStep(stream);
 }
 
-/** After an ack: the next window, once the client has caught up with half of the last one. */
-async function continueTransfer(stream: BoundStream, unacknowledged: number): Promise<void> {
-  if (!stream.state.transfer || unacknowledged > windowSize(stream.server) / 2) return;
-  await transferStep(stream);
+/**
+ * After an ack: the next window, once the client has caught up with half of the last one. When
+ * it acknowledged all of the window and what keeps it from the next is what was sent after (an
+ * iq answered meanwhile, presence, live messages), it is asked for an ack of that too: the
+ * server's own `<r/>` every SM_ACK_EVERY stanzas may not come, and the transfer would wait for
+ * an ack nobody asked for.
+ */
+async function continueTransfer(stream: BoundStream, acked: number, unacknowledged: number): Promise<void> {
+  const transfer = stream.state.transfer;
+  if (!transfer) return;
+  if (unacknowledged <= windowSize(stream.server) / 2) return transferStep(stream);
+  if (transfer.askedUpTo === undefined || acked < transfer.askedUpTo) return;
+  const asked = await stream.server.host.stanzaQueue?.requestAck(stream);
+  stream.update({ transfer: { ...transfer, ...(asked === undefined ? {} : { askedUpTo: asked }) } });
 }
 
+/** One window of the transfer in progress: how many stanzas went out, and whether it is over. */
+interface Window {
+  sent: number;
+  done: boolean;
+}
+
+/**
+ * Sends the next window of the transfer in progress. One that ends is answered, and the next
+ * waiting one starts at once if nothing went out yet (else at the next ack); one ack request
+ * follows whatever was sent.
+ */
 async function transferStep(stream: BoundStream): Promise<void> {
+  let sent = 0;
+  for (;;) {
+    const transfer = stream.state.transfer;
+    if (!transfer) break;
+    const window =
+      transfer.kind === 'view' ? await viewWindow(stream, transfer) : await inboxWindow(stream, transfer);
+    sent += window.sent;
+    if (!window.done) break;
+    const [next, ...rest] = transfer.waiting ?? [];
+    stream.update({
+      transfer: next ? { ...next, ...(rest.length > 0 ? { waiting: rest } : {}) } : undefined,
+    });
+    // XEP-0013 §2.5: the messages first, then the result.
+    await answerTransfer(stream, transfer);
+    if (sent > 0) break;
+  }
+  const transfer = stream.state.transfer;
+  if (sent === 0) return;
+  const asked = await stream.server.host.stanzaQueue?.requestAck(stream);
+  // The count asked for: once the client acknowledged it, the window is out of the way.
+  if (transfer && asked !== undefined) stream.update({ transfer: { ...transfer, askedUpTo: asked } });
+}
+
+/** A flood's or a fetch's next window: the inbox read on from the last message sent. */
+async function inboxWindow(stream: BoundStream, start: OfflineTransfer): Promise<Window> {
   const { server } = stream;
   const user = stream.user;
-  let transfer = stream.state.transfer as OfflineTransfer;
-  if (transfer.kind === 'view') return viewStep(stream, transfer);
+  let transfer = start;
   let after = transfer.after;
   let bytes = 0;
   let sent = 0;
@@ -346,7 +409,11 @@ async function transferStep(stream: BoundStream): Promise<void> {
         transfer.kind === 'flood'
           ? await sendStored(stream, message, stampedStanza(server, message), { offlineId: message.id })
           : await sendStored(stream, message, deliveredCopy(server, message), { offlineCopy: true });
-      if (result === 'gone') return void stream.update({ transfer: undefined });
+      // The session is gone: nothing in progress or waiting can be answered.
+      if (result === 'gone') {
+        stream.update({ transfer: undefined });
+        return { sent, done: false };
+      }
       if (transfer.kind === 'flood' && result === 'sent') server.metrics.count('MessagesFlooded');
       // Congested: the rest follows from a later ack, from this message on.
       if (result === 'full') {
@@ -366,7 +433,7 @@ async function transferStep(stream: BoundStream): Promise<void> {
       stream.update({ transfer });
       // Nothing sent (all of the page was queued already): the next page now, not after an ack.
       if (sent === 0 && !stopped) continue;
-      break;
+      return { sent, done: false };
     }
     // The whole inbox is out.
     if (transfer.kind === 'flood' && transfer.held !== undefined) {
@@ -378,21 +445,22 @@ async function transferStep(stream: BoundStream): Promise<void> {
       );
       if (now !== undefined) {
         // Stored behind the hold meanwhile, under ids that may sort before the last one sent.
-        transfer = { kind: 'flood', held: now, restart: true };
+        transfer = {
+          kind: 'flood',
+          held: now,
+          restart: true,
+          ...(transfer.waiting ? { waiting: transfer.waiting } : {}),
+        };
         stream.update({ transfer });
         if (sent === 0) {
           after = undefined;
           continue;
         }
-        break;
+        return { sent, done: false };
       }
     }
-    stream.update({ transfer: undefined });
-    // XEP-0013 §2.5: the messages first, then the result.
-    if (transfer.kind === 'fetch') await answerTransfer(stream, transfer);
-    break;
+    return { sent, done: true };
   }
-  if (sent > 0) await server.host.stanzaQueue?.requestAck(stream);
 }
 
 /** The result of the fetch or view a transfer served, once its last message is out. */
@@ -409,7 +477,7 @@ async function answerTransfer(stream: BoundStream, transfer: OfflineTransfer): P
  * messages would overflow the queue, and then not even the result could go out). A message
  * removed meanwhile (by another session) is skipped.
  */
-async function viewStep(stream: BoundStream, transfer: OfflineTransfer): Promise<void> {
+async function viewWindow(stream: BoundStream, transfer: OfflineTransfer): Promise<Window> {
   const { server } = stream;
   const nodes = transfer.nodes ?? [];
   const window = nodes.slice(0, windowSize(server));
@@ -421,7 +489,10 @@ async function viewStep(stream: BoundStream, transfer: OfflineTransfer): Promise
     const message = found.get(node);
     if (message) {
       const result = await sendStored(stream, message, deliveredCopy(server, message), { offlineCopy: true });
-      if (result === 'gone') return void stream.update({ transfer: undefined });
+      if (result === 'gone') {
+        stream.update({ transfer: undefined });
+        return { sent, done: false };
+      }
       // Congested: this one and the rest follow from a later ack.
       if (result === 'full') break;
       sent += 1;
@@ -431,12 +502,9 @@ async function viewStep(stream: BoundStream, transfer: OfflineTransfer): Promise
     if (bytes >= WINDOW_BYTES) break;
   }
   const rest = nodes.slice(done);
-  if (rest.length > 0) stream.update({ transfer: { ...transfer, nodes: rest } });
-  else {
-    stream.update({ transfer: undefined });
-    await answerTransfer(stream, transfer);
-  }
-  if (sent > 0) await server.host.stanzaQueue?.requestAck(stream);
+  if (rest.length === 0) return { sent, done: true };
+  stream.update({ transfer: { ...transfer, nodes: rest } });
+  return { sent, done: false };
 }
 
 /** The stored messages this session's stream-management queue holds, unacknowledged. */

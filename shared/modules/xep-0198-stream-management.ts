@@ -1144,12 +1144,13 @@ async function replayHeld(
  * of an offline flood, whose messages stay stored until acknowledged, rather than at the
  * next batch of `smAckEvery`.
  */
-async function requestAckIfUnacknowledged(stream: Stream): Promise<void> {
+async function requestAckIfUnacknowledged(stream: Stream): Promise<number | undefined> {
   const sm = stream.state.sm;
-  if (!sm) return;
+  if (!sm) return undefined;
   const counts = await stream.server.smQueue.counts(sm.id);
-  if (counts && counts.out > sm.acked)
-    await post(stream.server, stream.connectionId, ackRequest(sm.version, counts.posted));
+  if (!counts || counts.out <= sm.acked) return undefined;
+  await post(stream.server, stream.connectionId, ackRequest(sm.version, counts.posted));
+  return counts.posted;
 }
 
 /**
@@ -1260,7 +1261,11 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
   const offlineIds = removed.flatMap((e) => (e.o ? [e.o] : []));
   // XEP-0160 with SM: an offline message leaves storage only once the client acknowledged it.
   if (offlineIds.length > 0) await server.offline.remove(stream.user, offlineIds);
-  await server.host.fire('stanzas-acknowledged', { stream, unacknowledged: out - trimmedTo });
+  await server.host.fire('stanzas-acknowledged', {
+    stream,
+    acked: trimmedTo,
+    unacknowledged: out - trimmedTo,
+  });
 }
 
 interface Trimmed {

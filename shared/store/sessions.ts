@@ -74,7 +74,7 @@ export interface SmState {
 }
 
 /**
- * An offline transfer paced by stream-management acks (a flood, or a XEP-0013 fetch): the
+ * An offline transfer paced by stream-management acks (a flood, or a XEP-0013 fetch or view): the
  * next batch goes out when the client has acknowledged enough of the last one.
  */
 export interface OfflineTransfer {
@@ -90,6 +90,10 @@ export interface OfflineTransfer {
   held?: number;
   /** Going through the inbox from its start, skipping what the session's queue holds. */
   restart?: boolean;
+  /** The session's outbound count the last `<r/>` after a window asked the client to acknowledge. */
+  askedUpTo?: number;
+  /** Fetches and views asked for while this one was in progress, served in turn after it. */
+  waiting?: OfflineTransfer[];
 }
 
 /** The connection was fenced by a stream-management resume on another connection (or ended). */

@@ -1696,6 +1696,66 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
     expect(await small.server.offline.count('viewer@localhost')).toBe(7);
     expect(viewer.isClosed).toBe(false);
   });
+
+  it('serves a second fetch and a view asked for during a fetch in turn, each "plus an IQ result"', async () => {
+    await small.addUser('twice@localhost', 'twice-pw');
+    const rich = await RawClient.connect(small.url);
+    raws.push(rich);
+    await rich.login('rich', 'rich-pw', 'memos');
+    for (let i = 1; i <= 2; i++)
+      rich.send(`<message to='twice@localhost' type='chat'><body>memo ${i}</body></message>`);
+    await eventually(async () => expect(await small.server.offline.count('twice@localhost')).toBe(2));
+    const reader = await RawClient.connect(small.url);
+    raws.push(reader);
+    await reader.login('twice', 'twice-pw', 'desk');
+    reader.send(`<enable xmlns='${SM3}'/>`);
+    await reader.next();
+    const [first, second] = (await small.server.offline.list('twice@localhost')).messages.map((m) => m.id);
+    const offline = `xmlns='http://jabber.org/protocol/offline'`;
+    // The window here is one message (SM_QUEUE_MAX 3): f1 is still going out when the rest arrive.
+    reader.send(`<iq type='get' id='f1'><offline ${offline}><fetch/></offline></iq>`);
+    reader.send(`<iq type='get' id='f2'><offline ${offline}><fetch/></offline></iq>`);
+    reader.send(
+      `<iq type='get' id='v1'><offline ${offline}><item action='view' node='${second}'/></offline></iq>`,
+    );
+    reader.send(`<iq type='get' id='f4'><offline ${offline}><fetch/></offline></iq>`);
+    reader.send(`<iq type='get' id='f5'><offline ${offline}><fetch/></offline></iq>`);
+    reader.send(`<iq type='get' id='f6'><offline ${offline}><fetch/></offline></iq>`);
+    const stanzas = await ackingReader(reader, (el) => el.attrs.id === 'f5');
+    const story = stanzas.map((s) =>
+      s.name === 'iq'
+        ? `${s.attrs.id} ${s.attrs.type}`
+        : s.getChild('offline', 'http://jabber.org/protocol/offline')?.getChild('item')?.attrs.node === first
+          ? 'memo 1'
+          : s.getChildText('body'),
+    );
+    // XEP-0013 §2.5 (fetch): "the server MUST send all of the messages [...] plus an IQ result";
+    // §2.4 (view): "the server MUST send the requested message(s) plus an IQ result". Four wait
+    // their turn behind f1; a fifth is refused: RFC 6120 §8.3.3.18 <resource-constraint/>.
+    expect(story).toEqual([
+      'memo 1',
+      'f6 error',
+      'memo 2',
+      'f1 result',
+      'memo 1',
+      'memo 2',
+      'f2 result',
+      'memo 2',
+      'v1 result',
+      'memo 1',
+      'memo 2',
+      'f4 result',
+      'memo 1',
+      'memo 2',
+      'f5 result',
+    ]);
+    const refused = stanzas.find((s) => s.attrs.id === 'f6');
+    expect(refused?.getChild('error')?.attrs.type).toBe('wait');
+    expect(refused?.getChild('error')?.getChild('resource-constraint', STANZAS)).toBeDefined();
+    // Fetching and viewing delete nothing.
+    expect(await small.server.offline.count('twice@localhost')).toBe(2);
+    expect(reader.isClosed).toBe(false);
+  });
 });
 
 describe('an offline flood paced by acks, with live messages arriving meanwhile', () => {

@@ -112,7 +112,9 @@ describe('the delivery path', () => {
         queued.push({ smId, xml: stanza.toString(), options });
         return 'sent';
       },
-      async requestAck() {},
+      async requestAck() {
+        return undefined;
+      },
     });
     const stanza = parse("<message to='bob@localhost'><body>queued</body></message>");
     expect(await deliver(server, resource('c1', { smId: 'sm-1' }), stanza, { offlineId: 'o1' })).toBe('sent');
