@@ -154,9 +154,10 @@ async function storeIfWanted(
       storedAt: stored.storedAt,
     });
   } catch (error) {
-    if (error instanceof OfflineQuotaExceededError) {
-      throw new StanzaError('wait', 'resource-constraint', 'The recipient’s offline storage is full');
-    }
+    // XEP-0160 §2: "if not (e.g., because the recipient's offline message queue is full), the
+    // server returns a <service-unavailable/> error to the sender": the same answer as for an
+    // account that does not exist (RFC 6121 §8.5.2.2.1), so a full inbox tells nobody it exists.
+    if (error instanceof OfflineQuotaExceededError) throw new StanzaError('cancel', 'service-unavailable');
     throw error;
   }
 }

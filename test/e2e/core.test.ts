@@ -478,7 +478,7 @@ describe('XEP-0160 offline messages', () => {
     portia.close();
   });
 
-  it('refuses beyond the quota with resource-constraint', async () => {
+  it('refuses beyond the quota with service-unavailable, as for an account that does not exist', async () => {
     await stack.addUser('quota@localhost', 'quota-secret');
     const sender = await login('bob', 'bob-secret', { resource: 'quota' });
     for (let i = 1; i <= 5; i++) {
@@ -491,8 +491,12 @@ describe('XEP-0160 offline messages', () => {
     );
     const error = await sender.waitFor((s) => s.is('message') && s.attrs.type === 'error');
     expect(error.attrs.id).toBe('q6');
-    expect(error.getChild('error')?.attrs.type).toBe('wait');
-    expect(errorCondition(error)).toBe('resource-constraint');
+    // XEP-0160 §2: "if not (e.g., because the recipient's offline message queue is full), the
+    // server returns a <service-unavailable/> error to the sender".
+    expect(error.getChild('error')?.attrs.type).toBe('cancel');
+    expect(errorCondition(error)).toBe('service-unavailable');
+    // Nothing in the error says the account exists: no text.
+    expect(error.getChild('error')?.getChild('text', STANZAS)).toBeUndefined();
     expect(await stack.server.offline.count('quota@localhost')).toBe(5);
   });
 

@@ -910,8 +910,10 @@ describe('XEP-0160 limits still hold', () => {
       send('m4');
       const refused = await out.until((el) => el.attrs.id === 'm4');
       expect(refused.attrs.type).toBe('error');
-      expect(refused.getChild('error')?.attrs.type).toBe('wait');
-      expectError(refused, 'resource-constraint');
+      // XEP-0160 §2: "because the recipient's offline message queue is full, the server returns
+      // a <service-unavailable/> error to the sender".
+      expect(refused.getChild('error')?.attrs.type).toBe('cancel');
+      expectError(refused, 'service-unavailable');
 
       const raw = await connect(owner, 'q', small);
       const nodes = headerItems((await exchange(raw, headersRequest())).reply).map((i) => i.node);
