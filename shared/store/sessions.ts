@@ -179,6 +179,11 @@ export interface ConnectionState {
   /** XEP-0198: the frame that enabled or resumed this stream's session (saved before the answer went out). */
   smFrame?: string;
   /**
+   * XEP-0198: the `<failed/>` condition with which `smFrame` refused an `<enable/>` (saved before
+   * it went out): a redelivery of that frame answers it again and enables nothing.
+   */
+  smRefused?: string;
+  /**
    * XEP-0198: the session a `<resume/>` on this stream is taking over, until the stream has saved
    * it: a socket that vanishes meanwhile ends that session (it was attached to this connection,
    * holding, and nothing else would let go of it).
@@ -482,6 +487,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     countedFrame: item.countedFrame as string | undefined,
     countedSeq: item.countedSeq as string | undefined,
     smFrame: item.smFrame as string | undefined,
+    smRefused: item.smRefused as string | undefined,
     resuming: item.resuming as string | undefined,
     replacing: item.replacing as ResourceRecord | undefined,
     savedFrame: item.savedFrame as string | undefined,

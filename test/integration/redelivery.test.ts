@@ -179,6 +179,64 @@ describe('a redelivered frame', () => {
   });
 });
 
+describe('a redelivered <enable/> whose first attempt was refused', () => {
+  it('answers <failed/> again and enables nothing, though the posts it waited on are over now', async () => {
+    const port = new RecordingPort();
+    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+    const user = `sam${Date.now()}@localhost`;
+    const connectionId = `enable${Date.now()}`;
+    await server.sessions.createConnection(connectionId, Date.now());
+    await server.sessions.updateConnection(connectionId, { streamOpen: true, user, resource: 'r' });
+    // Bound, before its first presence: direct posts to it are counted while it may still switch.
+    await server.sessions.bindResource({
+      user,
+      resource: 'r',
+      connectionId,
+      available: false,
+      priority: 0,
+      boundAt: Date.now(),
+      mayQueue: true,
+    });
+    expect(await server.sessions.beginDirectPost(user, 'r', connectionId)).toBe(true);
+    const enable = (timeLeftMs?: () => number) =>
+      handleStreamEvent(server, {
+        connectionId,
+        kind: 'frame',
+        frame: "<enable xmlns='urn:xmpp:sm:3' resume='true'/>",
+        receivedAt: Date.now(),
+        frameId: 'req-enable',
+        ...(timeLeftMs ? { timeLeftMs } : {}),
+      });
+    // A post stays in flight past half of what the invocation has left: refused.
+    await enable(() => 400);
+    const sent = () => port.frames.get(connectionId) ?? [];
+    expect(sent()).toHaveLength(1);
+    // XEP-0198 §3: "<failed xmlns='urn:xmpp:sm:3'/>" (here with the reason the server had).
+    expect(sent()[0]).toContain('<failed xmlns="urn:xmpp:sm:3"');
+    expect(sent()[0]).toContain('resource-constraint');
+
+    // The post is answered; the batch timed out and comes back whole. The client took the
+    // refusal: its stream has no stream management, so nothing may be queued for it to count.
+    await server.sessions.endDirectPost(user, 'r', connectionId);
+    await enable();
+    expect(sent()).toHaveLength(2);
+    expect(sent()[1]).toContain('<failed xmlns="urn:xmpp:sm:3"');
+    expect((await server.sessions.getConnection(connectionId))?.sm).toBeUndefined();
+    expect((await server.sessions.listResources(user))[0]?.smId).toBeUndefined();
+
+    // A new <enable/> (a new frame) is the client asking again: enabled.
+    await handleStreamEvent(server, {
+      connectionId,
+      kind: 'frame',
+      frame: "<enable xmlns='urn:xmpp:sm:3' resume='true'/>",
+      receivedAt: Date.now(),
+      frameId: 'req-enable-2',
+    });
+    expect(sent().at(-1)).toContain('<enabled');
+    expect((await server.sessions.listResources(user))[0]?.smId).toBeDefined();
+  });
+});
+
 describe('a redelivered stanza frame', () => {
   it('is skipped when it, or a later frame of the connection, was handled to the end', async () => {
     const { server, recipient } = await boundSenderAndRecipient('s1', 'alice', 'bob');
