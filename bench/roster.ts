@@ -120,8 +120,15 @@ async function boundStream(server: Server, user: string): Promise<(frame: string
     priority: 0,
     boundAt: Date.now(),
   });
-  return (frame) =>
-    handleStreamEvent(server, { connectionId, kind: 'frame', frame, receivedAt: Date.now(), frameId: '' });
+  return async (frame) => {
+    await handleStreamEvent(server, {
+      connectionId,
+      kind: 'frame',
+      frame,
+      receivedAt: Date.now(),
+      frameId: '',
+    });
+  };
 }
 
 export async function runRosterBench(argv: string[]): Promise<void> {

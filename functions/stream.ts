@@ -10,11 +10,12 @@
 import { fromEnv } from '@aws-sdk/credential-provider-env';
 import type { Context, SQSBatchResponse, SQSEvent, SQSRecord } from 'aws-lambda';
 import { loadConfig } from '../shared/config.ts';
-import { handleStreamEvent } from '../shared/core/stream.ts';
+import { handleStreamEvent, type RowCarry } from '../shared/core/stream.ts';
 import { type FrameQueuePort, retryDelaySeconds, sqsFrameQueue } from '../shared/frame-queue.ts';
 import { withLogContext } from '../shared/log.ts';
 import { decodeQueueMessage, MalformedQueueMessageError, type StreamEvent } from '../shared/queue-message.ts';
 import { createServer, type Server } from '../shared/server.ts';
+import type { ConnectionState } from '../shared/store/sessions.ts';
 import {
   inSubsegment,
   instrumentFor,
@@ -71,11 +72,21 @@ export const FRAME_ATTEMPTS = 3;
  * the frame back to the queue also hands back the connection's later frames of the batch, and
  * every such return counts toward their maxReceiveCount, the dead-letter queue.
  */
-async function handleWithRetries(server: Server, event: StreamEvent, mayRetry: () => boolean): Promise<void> {
+async function handleWithRetries(
+  server: Server,
+  event: StreamEvent,
+  mayRetry: () => boolean,
+  carry: RowCarry,
+): Promise<ConnectionState | undefined> {
   const receiveCount = event.receiveCount ?? 1;
   for (let attempt = 1; ; attempt++) {
     try {
-      return await handleStreamEvent(server, { ...event, receiveCount: receiveCount + attempt - 1 });
+      // A retry reads the row: the failed attempt may have written some of it.
+      return await handleStreamEvent(
+        server,
+        { ...event, receiveCount: receiveCount + attempt - 1 },
+        attempt === 1 ? carry : { keepRow: carry.keepRow ?? false },
+      );
     } catch (error) {
       if (attempt >= FRAME_ATTEMPTS || !mayRetry()) throw error;
       server.log.info('frame retried in place', { attempt, error });
@@ -91,8 +102,12 @@ async function handleRecord(
   mayStart: () => boolean,
   mayRetry: () => boolean,
   followed: ReadonlySet<string>,
+  batch: BatchRows,
   timeLeftMs?: () => number,
 ): Promise<void> {
+  // Only the record right after it may take the previous record's row.
+  const carried = batch.carried;
+  batch.carried = undefined;
   if (!mayStart()) {
     server.log.warn('out of time: frame left for redelivery', { messageId: record.messageId });
     throw new OutOfTimeError();
@@ -122,7 +137,10 @@ async function handleRecord(
     inSubsegment(tracer, `## ${event.kind}`, { connectionId: event.connectionId }, async () => {
       const started = performance.now();
       try {
-        await handleWithRetries(server, event, mayRetry);
+        const keepRow = batch.followedByOwn.has(record.messageId);
+        const row = carried?.connectionId === event.connectionId ? carried.row : undefined;
+        const saved = await handleWithRetries(server, event, mayRetry, { ...(row ? { row } : {}), keepRow });
+        if (keepRow && saved) batch.carried = { connectionId: event.connectionId, row: saved };
         server.log.debug('frame handled', { kind: event.kind, ms: Math.round(performance.now() - started) });
       } catch (error) {
         server.log.warn('frame will be retried', {
@@ -161,6 +179,29 @@ export async function processFifoBatch(
     }
   }
   return { batchItemFailures };
+}
+
+/**
+ * A batch's connection rows handed from record to record: a connection's frames come one after
+ * the other in a batch (SQS FIFO fills it group by group), and the row a frame's final save
+ * leaves is what the connection's next frame would read (core/stream.ts handleStreamEvent).
+ */
+interface BatchRows {
+  /** The records whose next record in the batch is of the same connection. */
+  followedByOwn: ReadonlySet<string>;
+  /** The row the record just handled left, for the record right after it. */
+  carried?: { connectionId: string; row: ConnectionState };
+}
+
+/** The records followed, next in the batch, by a record of their own message group (connection). */
+export function followedByOwnGroup(records: readonly SQSRecord[]): Set<string> {
+  const ids = new Set<string>();
+  for (let i = 0; i + 1 < records.length; i++) {
+    const group = records[i].attributes.MessageGroupId;
+    if (group !== undefined && group === records[i + 1].attributes.MessageGroupId)
+      ids.add(records[i].messageId);
+  }
+  return ids;
 }
 
 /**
@@ -228,12 +269,13 @@ export function createStreamHandler(server: Server, options: StreamHandlerOption
     const started = { count: 0, initial: 0 };
     const mayStart = () => timeToStart(remainingMs, started);
     const followed = followedRecords(event.Records);
+    const batch: BatchRows = { followedByOwn: followedByOwnGroup(event.Records) };
     // A retry in place needs the time a record would need to start, and more for the wait.
     const mayRetry = () =>
       !remainingMs || remainingMs() >= 2 * Math.min(TIME_IN_HAND_MS, started.initial / 5);
     try {
       const response = await processFifoBatch(event.Records, (record) =>
-        handleRecord(server, record, options.tracer, mayStart, mayRetry, followed, remainingMs),
+        handleRecord(server, record, options.tracer, mayStart, mayRetry, followed, batch, remainingMs),
       );
       countFailures(server, event, response, maxReceiveCount);
       // Within the time left (a timeout would redeliver the whole batch, handled records too).

@@ -38,6 +38,10 @@ export class XmppStream implements Stream {
   ended = false;
   /** The frame was a stanza: its routing sent or stored something (recorded with `doneSeq`). */
   routed = false;
+  /** Ask the frame's last write for the row it leaves (the next frame in the batch is this connection's). */
+  keepRow = false;
+  /** That row, when the frame ended with a write of the whole row's state (see handleStreamEvent). */
+  savedRow: ConnectionState | undefined;
 
   constructor(
     readonly server: Server,
@@ -144,9 +148,9 @@ export class XmppStream implements Stream {
     // row (billed by size on every update) does not keep it.
     if (markDone) changes.storedOffline = undefined;
     // The frame's work is done: failing now would have it redelivered and repeated.
-    const create = this.creating();
-    await withTransientRetries(SAVE_ATTEMPTS, () =>
-      this.server.sessions.updateConnection(this.connectionId, changes, create),
+    const options = { ...this.creating(), ...(this.keepRow ? { returnRow: true } : {}) };
+    this.savedRow = await withTransientRetries(SAVE_ATTEMPTS, () =>
+      this.server.sessions.updateConnection(this.connectionId, changes, options),
     );
     this.newRow = undefined;
     this.changes = {};
@@ -279,9 +283,27 @@ function chargeRate(stream: XmppStream, event: StreamEvent): void {
   }
 }
 
-/** Handles one queue event of one connection: a frame, or the socket's disappearance. */
-export async function handleStreamEvent(server: Server, event: StreamEvent): Promise<void> {
-  const stored = await server.sessions.getConnection(event.connectionId);
+/** What a batch hands from one record to the next of the same connection. */
+export interface RowCarry {
+  /** The row as the previous record's last write left it: read instead of from the table. */
+  row?: ConnectionState;
+  /** The next record is this connection's: return the row this one's last write leaves. */
+  keepRow?: boolean;
+}
+
+/**
+ * Handles one queue event of one connection: a frame, or the socket's disappearance. With
+ * `keepRow`, returns the row the frame's final save left (undefined when it ended otherwise):
+ * the batch gives it to the connection's next record as `row`, which then reads nothing. That
+ * row is as fresh as a read would be: nothing runs between the two records, and what another
+ * connection may write to it meanwhile (a resume's fence) could as well land just after a read.
+ */
+export async function handleStreamEvent(
+  server: Server,
+  event: StreamEvent,
+  carry: RowCarry = {},
+): Promise<ConnectionState | undefined> {
+  const stored = carry.row ?? (await server.sessions.getConnection(event.connectionId));
   if (stored?.ended) {
     // Its own frame ended the stream: what the client had sent meanwhile is dropped, and its
     // $disconnect has nothing left to end (the row expires).
@@ -332,13 +354,15 @@ export async function handleStreamEvent(server: Server, event: StreamEvent): Pro
   };
   if (state.user) addLogContext({ jid: state.user });
   const stream = new XmppStream(server, state, event.frameId, event.seq, event.followed ?? false, newRow);
-  return inFrame(
+  stream.keepRow = carry.keepRow ?? false;
+  await inFrame(
     {
       ...event,
       ...(stored?.storedOffline ? { storedOffline: stored.storedOffline } : {}),
     },
     () => handleFrame(stream, event),
   );
+  return stream.savedRow;
 }
 
 async function handleFrame(stream: XmppStream, event: StreamEvent): Promise<void> {

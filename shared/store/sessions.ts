@@ -348,13 +348,14 @@ export interface SessionStore {
    * ConnectionFencedError when a resume fenced the row (or the row is gone) instead. With
    * `create`, the row is written whether or not it exists (a stream's first save: `$connect`
    * writes none), with the connection's time and address; otherwise a row that is gone (the
-   * connection ended) is not written again.
+   * connection ended) is not written again. With `returnRow`, returns the row as the write left
+   * it (the write's own result: no read); otherwise, and when nothing was written, undefined.
    */
   updateConnection(
     connectionId: string,
     changes: Partial<Mutable>,
-    options?: { unlessFenced?: boolean; create?: NewConnection },
-  ): Promise<void>;
+    options?: { unlessFenced?: boolean; create?: NewConnection; returnRow?: boolean },
+  ): Promise<ConnectionState | undefined>;
   /**
    * XEP-0198 resume: marks a connection's row so that no further `unlessFenced` write (a stanza
    * being counted) succeeds, and returns the row as it is then; undefined when it is gone.
@@ -627,8 +628,8 @@ export function createSessionStore(
   async function updateConnection(
     connectionId: string,
     changes: Partial<Mutable>,
-    options: { unlessFenced?: boolean; create?: NewConnection } = {},
-  ): Promise<void> {
+    options: { unlessFenced?: boolean; create?: NewConnection; returnRow?: boolean } = {},
+  ): Promise<ConnectionState | undefined> {
     const sets: string[] = [];
     const removes: string[] = [];
     const names: Record<string, string> = {};
@@ -668,7 +669,7 @@ export function createSessionStore(
       ? [exists, 'attribute_not_exists(fenced)'].filter(Boolean).join(' AND ')
       : exists;
     try {
-      await doc.send(
+      const { Attributes } = await doc.send(
         new UpdateCommand({
           TableName: table,
           Key: connKey(connectionId),
@@ -676,13 +677,17 @@ export function createSessionStore(
           ConditionExpression: condition,
           ExpressionAttributeNames: names,
           ExpressionAttributeValues: values,
+          // Costs no read unit: an update is billed on the larger of the item before and after.
+          ...(options.returnRow ? { ReturnValues: 'ALL_NEW' as const } : {}),
         }),
       );
+      return Attributes ? toConnection(Attributes) : undefined;
     } catch (error) {
       if (!isConditionFailure(error)) throw error;
       // Fenced by a resume elsewhere, or ended: with `unlessFenced` the caller must stop.
       if (options.unlessFenced) throw new ConnectionFencedError(connectionId);
       // The connection ended meanwhile (its row was deleted): nothing left to update.
+      return undefined;
     }
   }
 

@@ -115,6 +115,34 @@ describe('connections', () => {
     });
   });
 
+  it('"With `returnRow`, returns the row as the write left it": the whole row, as a read finds it', async () => {
+    const id = fresh('returned');
+    const connectedAt = Date.now() - 1000;
+    // The first write creates the row; a write by something else (a stored message's record)
+    // comes in between; the returned row holds all of them, not only the fields written.
+    const created = await sessions.updateConnection(
+      id,
+      { streamOpen: true },
+      { create: { connectedAt, sourceIp: '203.0.113.9' }, returnRow: true },
+    );
+    expect(created).toEqual(await sessions.getConnection(id));
+    await sessions.updateConnection(id, { storedOffline: 'f1 bob@localhost' });
+    const row = await sessions.updateConnection(id, { user: 'alice@localhost' }, { returnRow: true });
+    expect(row).toEqual(await sessions.getConnection(id));
+    expect(row).toMatchObject({
+      connectionId: id,
+      connectedAt,
+      sourceIp: '203.0.113.9',
+      streamOpen: true,
+      storedOffline: 'f1 bob@localhost',
+      user: 'alice@localhost',
+    });
+    // Without it nothing comes back; nor when the row is gone and not written again.
+    expect(await sessions.updateConnection(id, { streamOpen: false })).toBeUndefined();
+    await sessions.deleteConnection(id);
+    expect(await sessions.updateConnection(id, { streamOpen: true }, { returnRow: true })).toBeUndefined();
+  });
+
   it('"`undefined` values are removed": the attribute leaves the row', async () => {
     const id = fresh('remove');
     await sessions.createConnection(id, Date.now());
