@@ -362,9 +362,10 @@ export function createArchiveStore(
     limit: number,
     keep: (item: Record<string, unknown>) => boolean = () => true,
     skips = 0,
-  ): Promise<{ items: Record<string, unknown>[]; more: boolean }> {
+  ): Promise<{ items: Record<string, unknown>[]; more: boolean; skipped: Record<string, unknown>[] }> {
+    const skipped: Record<string, unknown>[] = [];
     // XEP-0059 §2.7 `<max>0</max>` asks for the count alone; DynamoDB refuses `Limit: 0`.
-    if (limit <= 0) return { items: [], more: false };
+    if (limit <= 0) return { items: [], more: false, skipped };
     const items: Record<string, unknown>[] = [];
     let skipsLeft = skips;
     let start: Record<string, unknown> | undefined;
@@ -378,6 +379,7 @@ export function createArchiveStore(
       for (const [i, item] of found.entries()) {
         if (!keep(item)) {
           skipsLeft = Math.max(0, skipsLeft - 1);
+          skipped.push(item);
           continue;
         }
         items.push(item);
@@ -387,7 +389,7 @@ export function createArchiveStore(
         }
       }
     } while (start && items.length < limit);
-    return { items, more };
+    return { items, more, skipped };
   }
 
   async function countQuery(input: QueryCommandInput): Promise<number> {
@@ -1023,24 +1025,44 @@ export function createArchiveStore(
           skips = 1;
         }
       }
-      const [listed, count] = await Promise.all([
+      // A page after or before a cursor inside the range: the count is taken in two parts, up to
+      // the cursor and from it (the same headers read, the same units), and the part up to it is
+      // the page's position (XEP-0059 §2.3: "The <first/> element SHOULD include an 'index'
+      // attribute"). Both parts hold the cursor's header if it is still there, which the page's
+      // own Query reads first and skips.
+      const cursor = page.index ? undefined : (page.after ?? (page.lastPage ? undefined : page.before));
+      const cursorKey = cursor === undefined ? undefined : `c#${cursor}`;
+      const split = cursorKey !== undefined && page.max > 0 && cursorKey >= range.lo && cursorKey <= range.hi;
+      // XEP-0059 §2.6 lets a count be approximate: eventually consistent, half the units.
+      const countOf = (from: string, to: string) =>
+        countQuery(rangeQuery(range, from, to, { ConsistentRead: false }));
+      const [listed, counted] = await Promise.all([
         lo > hi
-          ? { items: [], more: false }
+          ? { items: [], more: false, skipped: [] }
           : queryItems(
               rangeQuery(range, lo, hi, { ScanIndexForward: !backwards }),
               page.max,
               (item) => !skip.has(item.sk as string),
               skips,
             ),
-        // XEP-0059 §2.6 lets a count be approximate: eventually consistent, half the units.
-        countQuery(rangeQuery(range, range.lo, range.hi, { ConsistentRead: false })),
+        split
+          ? Promise.all([countOf(range.lo, cursorKey), countOf(cursorKey, range.hi)])
+          : countOf(range.lo, range.hi).then((all) => [all, 0] as const),
       ]);
       const headers = listed.items.map(toHeader);
       if (backwards) headers.reverse();
+      const atCursor = split && listed.skipped.some((item) => item.sk === cursorKey) ? 1 : 0;
+      // Headers before the cursor (not counting it).
+      const beforeCursor = counted[0] - atCursor;
+      const count = counted[0] + counted[1] - atCursor;
       let firstIndex: number | undefined;
       if (page.lastPage) firstIndex = Math.max(0, count - headers.length);
       else if (page.index !== undefined && !backwards) firstIndex = page.index;
-      else if (!backwards && page.after === undefined) firstIndex = 0;
+      else if (split) firstIndex = backwards ? Math.max(0, beforeCursor - headers.length) : counted[0];
+      else if (cursorKey !== undefined && cursorKey < range.lo) firstIndex = backwards ? undefined : 0;
+      else if (cursorKey !== undefined)
+        firstIndex = backwards ? Math.max(0, count - headers.length) : undefined;
+      else if (!backwards) firstIndex = 0;
       return { items: headers, count, firstIndex, first: headers[0]?.id, last: headers.at(-1)?.id };
     },
 

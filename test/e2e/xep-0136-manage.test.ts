@@ -423,10 +423,14 @@ describe('XEP-0136 0.9 §8.1 list with XEP-0059 paging', () => {
     let after: string | undefined;
     for (;;) {
       const p = await page(`<max>5</max>${after ? `<after>${after}</after>` : ''}`);
-      seen.push(...startsOf(p));
       const rsm = rsmOf(p);
       expect(rsm.count).toBe(12);
       if (!rsm.last) break;
+      // XEP-0059 §2.3: "The <first/> element SHOULD include an 'index' attribute. This integer
+      // specifies the position within the full set [...] of the first item in the page": on
+      // every page, the ones fetched with <after/> too.
+      expect(rsm.index).toBe(String(seen.length));
+      seen.push(...startsOf(p));
       after = rsm.last;
     }
     expect(seen).toEqual(starts);
@@ -436,6 +440,10 @@ describe('XEP-0136 0.9 §8.1 list with XEP-0059 paging', () => {
     expect(rsmOf(last).index).toBe('7');
     const previous = await page(`<max>5</max><before>${rsmOf(last).first}</before>`);
     expect(startsOf(previous)).toEqual(starts.slice(2, 7));
+    expect(rsmOf(previous)).toMatchObject({ index: '2', count: 12 });
+    const earliest = await page(`<max>5</max><before>${rsmOf(previous).first}</before>`);
+    expect(startsOf(earliest)).toEqual(starts.slice(0, 2));
+    expect(rsmOf(earliest)).toMatchObject({ index: '0', count: 12 });
     // §2.6 page by index.
     const jumped = await page('<max>3</max><index>4</index>');
     expect(startsOf(jumped)).toEqual(starts.slice(4, 7));
@@ -445,6 +453,15 @@ describe('XEP-0136 0.9 §8.1 list with XEP-0059 paging', () => {
     const counted = await page('<max>0</max>');
     expect(startsOf(counted)).toEqual([]);
     expect(rsmOf(counted).count).toBe(12);
+    // A cursor whose collection was removed meanwhile still places the page.
+    const cursor = rsmOf(await page('<max>4</max>')).last;
+    await ok(
+      raw,
+      `<iq type='set'><remove xmlns='${ARCHIVE}' with='juliet@capulet.com/chamber' start='${starts[3]}'/></iq>`,
+    );
+    const afterGone = await page(`<max>2</max><after>${cursor}</after>`);
+    expect(startsOf(afterGone)).toEqual(starts.slice(4, 6));
+    expect(rsmOf(afterGone)).toMatchObject({ index: '3', count: 11 });
   });
 
   it('0.5: maxitems with partial=true, and the continuation one second after the last start', async () => {
