@@ -77,6 +77,12 @@ export interface Stream {
   commit(): Promise<void>;
   /** Through the delivery path: with stream management on, stanzas are numbered and queued. */
   send(element: Element, options?: DeliveryOptions): Promise<DeliveryResult>;
+  /**
+   * Sends an answer that a redelivery of this frame repeats instead of deciding again (a refusal
+   * whose cause may be gone by then): saved with the frame's id and its changes so far, before it
+   * goes out. For answers outside stream management's count (nonzas, answers before bind).
+   */
+  answerOnce(element: Element): Promise<void>;
   /** Sends the stream error and `<close/>`, ends the session and closes the socket. */
   fail(error: StreamError): Promise<void>;
   /** Sends `<close/>`, ends the session and closes the socket. */

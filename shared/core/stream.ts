@@ -5,7 +5,7 @@
  * namespace, stanzas to the router once the stream is bound.
  */
 import { randomBytes } from 'node:crypto';
-import { Element } from 'ltx';
+import { Element, parse } from 'ltx';
 import { StreamError, streamErrorElement } from '../errors.ts';
 import { bareJid, fullJidOf, type Jid, parseJid } from '../jid.ts';
 import { addLogContext } from '../log.ts';
@@ -116,6 +116,14 @@ export class XmppStream implements Stream {
     await closeConnection(this.server, this.connectionId);
   }
 
+  async answerOnce(element: Element): Promise<void> {
+    if (this.frameId) {
+      this.update({ answeredFrame: this.frameId, answer: element.toString() });
+      await this.commit();
+    }
+    await this.send(element);
+  }
+
   async commit(): Promise<void> {
     if (this.ended) return;
     await this.server.sessions.updateConnection(this.connectionId, this.changes, {
@@ -143,6 +151,11 @@ export class XmppStream implements Stream {
       ? { ...this.changes, savedFrame: this.frameId }
       : { ...this.changes };
     if (this.seq !== undefined) changes.doneSeq = this.seq;
+    // An earlier frame's saved answer (answerOnce) has served its redeliveries: this frame is later.
+    if (this.state.answeredFrame !== undefined && this.state.answeredFrame !== this.frameId) {
+      changes.answeredFrame = undefined;
+      changes.answer = undefined;
+    }
     // The record of a message this frame stored offline (core/frame.ts offlineRecord) served its
     // frame's redeliveries, which the done mark now skips: it goes, in the same write, so that the
     // row (billed by size on every update) does not keep it.
@@ -367,6 +380,13 @@ export async function handleStreamEvent(
 
 async function handleFrame(stream: XmppStream, event: StreamEvent): Promise<void> {
   const { server } = stream;
+  if (stream.frameId && stream.state.answeredFrame === stream.frameId && stream.state.answer) {
+    // This frame answered already, saved before the answer went out (answerOnce): the same
+    // answer again, since its post may not have reached the client; nothing is decided anew.
+    server.log.info('redelivered frame answered again as before', { connectionId: event.connectionId });
+    await stream.send(parse(stream.state.answer) as Element);
+    return;
+  }
   try {
     chargeRate(stream, event);
     const element = parseFrame(event.frame, server.config.maxStanzaBytes);

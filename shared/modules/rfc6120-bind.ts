@@ -4,6 +4,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { Element } from 'ltx';
+import { frameDerived } from '../core/frame.ts';
 import { HANDLED, isBound, type Server, type Stream } from '../core/host.ts';
 import { replaceSession } from '../core/lifecycle.ts';
 import { errorReplyTo } from '../core/stanzas.ts';
@@ -40,6 +41,16 @@ function requestedResource(bind: Element): string | undefined {
   return text.trim();
 }
 
+/**
+ * RFC 6120 §7.6: "the server MUST generate a resourcepart on behalf of the client". The same on
+ * every delivery of the frame (derived from its id, unguessable): a redelivered bind whose first
+ * attempt bound and answered binds the name the client was told, not a second one.
+ */
+async function generatedResource(stream: Stream): Promise<string> {
+  const derived = frameDerived(await stream.server.decoySecret(), `bind\n${stream.connectionId}`);
+  return derived ? derived.slice(0, 12) : randomBytes(6).toString('hex');
+}
+
 /** Before bind, the only stanza allowed is the bind request (RFC 6120 §7.1). */
 async function bind(stream: Stream & { user: string }, stanza: Element): Promise<typeof HANDLED | undefined> {
   const request = stanza.getChild('bind', NS.bind);
@@ -55,7 +66,8 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
   const wanted = requestedResource(request);
   let resource: string;
   try {
-    resource = wanted === undefined ? randomBytes(6).toString('hex') : parseJid(`${user}/${wanted}`).resource;
+    resource =
+      wanted === undefined ? await generatedResource(stream) : parseJid(`${user}/${wanted}`).resource;
     if (!fitsResourceKey(resource)) throw new Error('resource too long for this server');
   } catch {
     // RFC 6120 §7.7.2.1: a resource that cannot be processed is bad-request.
@@ -86,7 +98,9 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
       stanza,
       new StanzaError('cancel', 'conflict', 'The resource is bound on a newer connection'),
     );
-    if (reply) await stream.send(reply);
+    // The same answer on a redelivery, though the newer connection may have let go meanwhile:
+    // a client told <conflict/> does not expect its bind to have succeeded.
+    if (reply) await stream.answerOnce(reply);
     return HANDLED;
   }
   // RFC 6120 §7.7.2.2: the server's policy here is "override": the old session gets a

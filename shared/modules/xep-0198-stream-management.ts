@@ -982,15 +982,10 @@ async function enable(stream: Stream, element: Element, version: SmVersion): Pro
     await discardEmptyQueue(server, smId, stream.connectionId);
     server.metrics.count('SmEnableRefused', 1, switched.refusal);
     server.log.info('stream management refused', { resource, condition: switched.refusal });
-    // Saved before <failed/> goes out, with the frame: the client takes the refusal as final, so
-    // a redelivery (a timed-out batch) must not enable what its first attempt refused (a refusal
-    // that waited on posts in flight would switch the second time, and the session's stanzas
-    // would be queued for a client that never counts them).
-    if (stream.frameId) {
-      stream.update({ smFrame: stream.frameId, smRefused: switched.refusal });
-      await stream.commit();
-    }
-    return void (await stream.send(failed(version, switched.refusal)));
+    // The client takes the refusal as final: a redelivery (a timed-out batch) must not enable
+    // what its first attempt refused (a refusal that waited on posts in flight would switch the
+    // second time, and the session's stanzas would be queued for a client that never counts them).
+    return stream.answerOnce(failed(version, switched.refusal));
   }
   if (switched.smId !== smId) {
     // An earlier attempt of this frame switched the row to its queue (and failed before saving
@@ -1012,7 +1007,6 @@ async function enable(stream: Stream, element: Element, version: SmVersion): Pro
   stream.update({
     sm,
     ...(stream.frameId ? { smFrame: stream.frameId } : {}),
-    ...(stream.state.smRefused ? { smRefused: undefined } : {}),
   });
   await stream.commit();
   await answerEnable(stream, sm);
@@ -1735,7 +1729,9 @@ function unpostedAsMissed(item: SmQueueItem, taken: SmQueueItem): SmEntry[] {
 }
 
 async function refuseResume(stream: Stream, reply: Element): Promise<void> {
-  await stream.send(reply);
+  // A redelivery answers the same: a refusal for a session that kept moving, or whose resource
+  // was bound again, could turn into <resumed/> for a client that has given up on it.
+  await stream.answerOnce(reply);
   stream.server.metrics.count('SmResumeFailed', 1, reply.getChildElements()[0]?.name ?? 'unknown');
 }
 
@@ -1749,10 +1745,6 @@ async function handle(stream: Stream, element: Element, version: SmVersion): Pro
     // A late switch's wait was cut short: <enabled/> has not gone out yet.
     if (element.name === 'enable' && stream.state.sm?.enabledAt !== undefined)
       return answerEnable(stream, stream.state.sm);
-    // This frame refused the enable: the same answer again (its first post may not have gone
-    // out; a client that got it ignores a second), and nothing is enabled.
-    if (element.name === 'enable' && !stream.state.sm && stream.state.smRefused)
-      return void (await stream.send(failed(version, stream.state.smRefused)));
     // This very frame enabled or resumed the session, and failed later (its replay, the flood
     // after it): the client may hold <enabled/> or <resumed/> and part of a replay. Whatever it
     // got, a resume tells exactly: the socket is closed and the client resumes.

@@ -179,10 +179,11 @@ export interface ConnectionState {
   /** XEP-0198: the frame that enabled or resumed this stream's session (saved before the answer went out). */
   smFrame?: string;
   /**
-   * XEP-0198: the `<failed/>` condition with which `smFrame` refused an `<enable/>` (saved before
-   * it went out): a redelivery of that frame answers it again and enables nothing.
+   * A frame whose answer a redelivery must repeat rather than decide again (XmppStream.answerOnce:
+   * a refusal whose cause may be gone by then), and that answer, serialised.
    */
-  smRefused?: string;
+  answeredFrame?: string;
+  answer?: string;
   /**
    * XEP-0198: the session a `<resume/>` on this stream is taking over, until the stream has saved
    * it: a socket that vanishes meanwhile ends that session (it was attached to this connection,
@@ -488,7 +489,8 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     countedFrame: item.countedFrame as string | undefined,
     countedSeq: item.countedSeq as string | undefined,
     smFrame: item.smFrame as string | undefined,
-    smRefused: item.smRefused as string | undefined,
+    answeredFrame: item.answeredFrame as string | undefined,
+    answer: item.answer as string | undefined,
     resuming: item.resuming as string | undefined,
     replacing: item.replacing as ResourceRecord | undefined,
     savedFrame: item.savedFrame as string | undefined,

@@ -237,6 +237,64 @@ describe('a redelivered <enable/> whose first attempt was refused', () => {
   });
 });
 
+describe('a redelivered bind', () => {
+  const BIND = 'urn:ietf:params:xml:ns:xmpp-bind';
+  async function authenticated(name: string, connectedAt = Date.now()) {
+    const port = new RecordingPort();
+    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+    const user = `${name}${Date.now()}@localhost`;
+    const connectionId = `${name}${Date.now()}`;
+    await server.sessions.createConnection(connectionId, connectedAt);
+    await server.sessions.updateConnection(connectionId, { streamOpen: true, user });
+    const bind = (xml: string) =>
+      handleStreamEvent(server, {
+        connectionId,
+        kind: 'frame',
+        frame: xml,
+        receivedAt: Date.now(),
+        frameId: 'req-bind',
+      });
+    const sent = () => port.frames.get(connectionId) ?? [];
+    return { server, user, connectionId, bind, sent };
+  }
+
+  it('binds the resource name it generated the first time, not a second one', async () => {
+    const { server, user, connectionId, bind, sent } = await authenticated('gen');
+    await bind(`<iq type='set' id='b1'><bind xmlns='${BIND}'/></iq>`);
+    // RFC 6120 §7.6: "the server MUST generate a resourcepart on behalf of the client".
+    const told = /<jid>([^<]+)<\/jid>/.exec(sent()[0] ?? '')?.[1];
+    expect(told).toMatch(new RegExp(`^${user}/.+`));
+    // The bind went out but the frame's save did not land (the invocation timed out after it):
+    // the row is as before the frame, and the batch comes back.
+    await server.sessions.updateConnection(connectionId, { resource: undefined, savedFrame: undefined });
+    await bind(`<iq type='set' id='b1'><bind xmlns='${BIND}'/></iq>`);
+    expect(/<jid>([^<]+)<\/jid>/.exec(sent()[1] ?? '')?.[1]).toBe(told);
+    const resources = await server.sessions.listResources(user);
+    expect(resources.map((r) => `${user}/${r.resource}`)).toEqual([told]);
+  });
+
+  it('answers <conflict/> again when the newer connection let the resource go in between', async () => {
+    const { server, user, bind, sent } = await authenticated('late', Date.now() - 60_000);
+    await server.sessions.bindResource({
+      user,
+      resource: 'desk',
+      connectionId: 'newer',
+      connectedAt: Date.now(),
+      available: false,
+      priority: 0,
+      boundAt: Date.now(),
+    });
+    await bind(`<iq type='set' id='b2'><bind xmlns='${BIND}'><resource>desk</resource></bind></iq>`);
+    // RFC 6120 §7.7.2.2: the server may "disallow the new resource binding attempt".
+    expect(sent()[0]).toContain('<conflict');
+    await server.sessions.releaseResource(user, 'desk', 'newer');
+    await bind(`<iq type='set' id='b2'><bind xmlns='${BIND}'><resource>desk</resource></bind></iq>`);
+    expect(sent()).toHaveLength(2);
+    expect(sent()[1]).toBe(sent()[0]);
+    expect(await server.sessions.listResources(user)).toEqual([]);
+  });
+});
+
 describe('a redelivered stanza frame', () => {
   it('is skipped when it, or a later frame of the connection, was handled to the end', async () => {
     const { server, recipient } = await boundSenderAndRecipient('s1', 'alice', 'bob');
