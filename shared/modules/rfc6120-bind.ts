@@ -48,7 +48,7 @@ function requestedResource(bind: Element): string | undefined {
  */
 async function generatedResource(stream: Stream): Promise<string> {
   const derived = frameDerived(await stream.server.decoySecret(), `bind\n${stream.connectionId}`);
-  return derived ? derived.slice(0, 12) : randomBytes(6).toString('hex');
+  return (derived ? Buffer.from(derived, 'base64url') : randomBytes(6)).toString('hex').slice(0, 12);
 }
 
 /** Before bind, the only stanza allowed is the bind request (RFC 6120 §7.1). */

@@ -130,13 +130,18 @@ async function becomeAvailable(stream: BoundStream, stanza: Element): Promise<vo
     priority,
     presence: stanza.toString(),
     ...(changing.hold ? { hold: true } : {}),
+    ...(stream.frameId ? { frame: stream.frameId } : {}),
   });
   // The resource row is gone or another connection's (a resume of the session this stream
   // replaced landed after its bind, or the session was ended from outside): this stream is no
   // longer routable and must not go on as if it were. RFC 6120 §7.7.2.2, the server's policy for
   // a resource bound twice is that the other session is terminated with <conflict/>.
   if (!previous) throw new StreamError('conflict', 'This session no longer holds its resource');
-  const initial = !previous.available;
+  // RFC 6121 §4.2: the initial presence, also when this frame is that presence handled again (an
+  // invocation that timed out, a failure after the resource became available): its probes, the
+  // other resources' presence and the pending subscription requests are owed all the same.
+  const initial =
+    !previous.available || (stream.frameId !== '' && previous.availableFrame === stream.frameId);
   // RFC 6121 §4.2.2: initial presence goes to all of the user's available resources,
   // including the one that sent it; later updates likewise.
   const resources = await broadcastToOwnResources(server, stream.user, stanza);

@@ -1608,6 +1608,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
       available: record?.available ?? false,
       priority: record?.priority ?? 0,
       presence: record?.presence,
+      ...(record?.availableFrame ? { availableFrame: record.availableFrame } : {}),
       boundAt: Date.now(),
       smId: taken.smId,
       flexibleOffline: record?.flexibleOffline,

@@ -227,6 +227,11 @@ export interface ResourceRecord {
   flexibleOffline?: boolean;
   /** Set when the session has stream management: deliveries go through its queue. */
   smId?: string;
+  /**
+   * The frame whose presence made the resource available (until it is unavailable again): its
+   * redelivery, finding the resource available already, is still the initial presence.
+   */
+  availableFrame?: string;
   /** RFC 6121 §2.1.6: the session requested the roster, so it gets roster pushes. */
   rosterInterested?: boolean;
   archive?: ArchiveStreamState;
@@ -384,6 +389,8 @@ export interface SessionStore {
     changes: Pick<ResourceRecord, 'available' | 'priority' | 'presence'> & {
       /** Puts a hold on the resource's messages (see ResourceRecord.held), unless one is on. */
       hold?: boolean;
+      /** The frame of the presence: recorded as `availableFrame` by the one that makes it available. */
+      frame?: string;
     },
   ): Promise<ResourceRecord | undefined>;
   /**
@@ -513,6 +520,7 @@ function toResource(item: Record<string, unknown>, readAt?: number): ResourceRec
     ...(typeof item.connectedAt === 'number' ? { connectedAt: item.connectedAt } : {}),
     flexibleOffline: item.flexibleOffline as boolean | undefined,
     smId: item.smId as string | undefined,
+    ...(typeof item.availableFrame === 'string' ? { availableFrame: item.availableFrame } : {}),
     rosterInterested: item.rosterInterested as boolean | undefined,
     archive: item.archive as ArchiveStreamState | undefined,
     held: item.held as number | undefined,
@@ -780,6 +788,8 @@ export function createSessionStore(
     },
 
     async updatePresence(user, resource, connectionId, changes) {
+      const frameSet =
+        changes.available && changes.frame ? ', availableFrame = if_not_exists(availableFrame, :frame)' : '';
       try {
         const { Attributes } = await doc.send(
           new UpdateCommand({
@@ -787,7 +797,7 @@ export function createSessionStore(
             Key: resourceKey(user, resource),
             // The first presence closes the window of counted posts (mayQueue), after a grace:
             // xmpp.js sends it on 'online', just before its <enable/>.
-            UpdateExpression: `SET available = :available, priority = :priority, presence = :presence, mayQueueUntil = if_not_exists(mayQueueUntil, :mayQueueUntil)${changes.hold ? ', held = if_not_exists(held, :zero), heldUntil = :until' : ''}`,
+            UpdateExpression: `SET available = :available, priority = :priority, presence = :presence, mayQueueUntil = if_not_exists(mayQueueUntil, :mayQueueUntil)${changes.hold ? ', held = if_not_exists(held, :zero), heldUntil = :until' : ''}${frameSet}${changes.available ? '' : ' REMOVE availableFrame'}`,
             ConditionExpression: 'connectionId = :connectionId',
             ExpressionAttributeValues: {
               ':available': changes.available,
@@ -796,12 +806,18 @@ export function createSessionStore(
               ':connectionId': connectionId,
               ':mayQueueUntil': Date.now() + MAY_QUEUE_AFTER_PRESENCE_MS,
               ...(changes.hold ? { ':zero': 0, ':until': Date.now() + HOLD_LEASE_MS } : {}),
+              ...(frameSet ? { ':frame': changes.frame } : {}),
             },
             ReturnValues: 'ALL_OLD',
           }),
         );
         const previous = Attributes ? toResource(Attributes) : undefined;
-        if (previous && previous.available !== changes.available) {
+        // Also when a redelivery of the presence that made it available finds it so: that
+        // frame's first attempt may have failed before the user's set of available resources
+        // named it (adding a name twice changes nothing).
+        const again =
+          changes.available && changes.frame !== undefined && previous?.availableFrame === changes.frame;
+        if (previous && (previous.available !== changes.available || again)) {
           await syncAvailability(user, resource, changes.available);
         }
         return previous;

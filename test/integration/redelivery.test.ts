@@ -295,6 +295,82 @@ describe('a redelivered bind', () => {
   });
 });
 
+describe('a redelivered initial presence', () => {
+  it('is still the initial presence: the contacts\u2019 presence is probed for and reaches the user', async () => {
+    const port = new RecordingPort();
+    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+    const stamp = `${Date.now()}${Math.floor(Math.random() * 1000)}`;
+    const alice = `alice${stamp}@localhost`;
+    const bob = `bob${stamp}@localhost`;
+    for (const user of [alice, bob]) await server.users.create(user, await deriveCredentialSet('pw', 4096));
+    await server.roster.apply(alice, bob, { contactIsLocal: true }, () => ({
+      user: {
+        contact: bob,
+        listed: true,
+        groups: [],
+        subscription: 'both',
+        pendingOut: false,
+        approved: false,
+      },
+      contact: {
+        contact: alice,
+        listed: true,
+        groups: [],
+        subscription: 'both',
+        pendingOut: false,
+        approved: false,
+      },
+      outcome: undefined,
+    }));
+    let seq = 100;
+    const frame = (connectionId: string, xml: string, frameId: string, s = String(seq++)) =>
+      handleStreamEvent(server, {
+        connectionId,
+        kind: 'frame',
+        frame: xml,
+        receivedAt: Date.now(),
+        frameId,
+        seq: s,
+      });
+    const login = async (connectionId: string, user: string, resource: string) => {
+      await server.sessions.createConnection(connectionId, Date.now());
+      await server.sessions.updateConnection(connectionId, { streamOpen: true, user });
+      await frame(
+        connectionId,
+        `<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>${resource}</resource></bind></iq>`,
+        `${connectionId}-bind`,
+      );
+    };
+    await login('bob-1', bob, 'home');
+    await frame('bob-1', '<presence/>', 'bob-presence');
+    await login('alice-1', alice, 'phone');
+    // Alice's initial presence fails part-way, after her resource became available (DynamoDB
+    // throttles the read of her contacts' resources past the SDK's retries): SQS brings it back.
+    let calls = 0;
+    const original = server.sessions.availableResourcesOf.bind(server.sessions);
+    const restore = intercept(server.sessions, 'availableResourcesOf', async (users: string[]) => {
+      if (calls++ === 0) throw throttlingError();
+      return original(users);
+    });
+    await expect(frame('alice-1', '<presence/>', 'alice-presence', '900')).rejects.toThrow();
+    restore();
+    await frame('alice-1', '<presence/>', 'alice-presence', '900');
+    // RFC 6121 §4.2.2: on initial presence the server "MUST send a presence probe [...] to each
+    // contact to which the user has a subscription of type \"to\" or \"both\"", and the contact's
+    // server answers with the contact's current presence.
+    const fromBob = (port.frames.get('alice-1') ?? []).filter(
+      (text) => text.startsWith('<presence') && text.includes(`from="${bob}/home"`),
+    );
+    expect(fromBob).toHaveLength(1);
+    // And Bob, subscribed to Alice, is told she is available.
+    const fromAlice = (port.frames.get('bob-1') ?? []).filter(
+      (text) => text.startsWith('<presence') && text.includes(`from="${alice}/phone"`),
+    );
+    expect(fromAlice.length).toBeGreaterThanOrEqual(1);
+    expect((await server.sessions.availableResourcesOf([alice])).get(alice)?.map((r) => r.resource)).toEqual(['phone']);
+  });
+});
+
 describe('a redelivered stanza frame', () => {
   it('is skipped when it, or a later frame of the connection, was handled to the end', async () => {
     const { server, recipient } = await boundSenderAndRecipient('s1', 'alice', 'bob');
