@@ -367,7 +367,9 @@ describe('a redelivered initial presence', () => {
       (text) => text.startsWith('<presence') && text.includes(`from="${alice}/phone"`),
     );
     expect(fromAlice.length).toBeGreaterThanOrEqual(1);
-    expect((await server.sessions.availableResourcesOf([alice])).get(alice)?.map((r) => r.resource)).toEqual(['phone']);
+    expect((await server.sessions.availableResourcesOf([alice])).get(alice)?.map((r) => r.resource)).toEqual([
+      'phone',
+    ]);
   });
 });
 
