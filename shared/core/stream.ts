@@ -151,10 +151,15 @@ export class XmppStream implements Stream {
       ? { ...this.changes, savedFrame: this.frameId }
       : { ...this.changes };
     if (this.seq !== undefined) changes.doneSeq = this.seq;
-    // An earlier frame's saved answer (answerOnce) has served its redeliveries: this frame is later.
+    // An earlier frame's saved answer (answerOnce) or roster outcome has served its
+    // redeliveries: this frame is later.
     if (this.state.answeredFrame !== undefined && this.state.answeredFrame !== this.frameId) {
       changes.answeredFrame = undefined;
       changes.answer = undefined;
+    }
+    if (this.state.rosterFrame !== undefined && this.state.rosterFrame !== this.frameId) {
+      changes.rosterFrame = undefined;
+      changes.rosterApplied = undefined;
     }
     // The record of a message this frame stored offline (core/frame.ts offlineRecord) served its
     // frame's redeliveries, which the done mark now skips: it goes, in the same write, so that the

@@ -29,6 +29,9 @@ import { StanzaError } from '../errors.ts';
 import { bareJid, fullJid, fullJidOf } from '../jid.ts';
 import {
   fitsContactKey,
+  type PairDecision,
+  type PairResult,
+  type PairSnapshot,
   RosterContentionError,
   type RosterEntry,
   RosterFullError,
@@ -163,12 +166,53 @@ async function rosterGet(request: IqRequest): Promise<Element | undefined> {
   return encodeRosterResult(decideRosterGet(get, roster.version), roster.items);
 }
 
+/**
+ * server.roster.apply for the frame being handled, once: the outcome is written to the
+ * connection's row in the change's own transaction. A redelivery of the frame (it failed after
+ * the change: a push, a delivery, the invocation's time) takes that outcome and does the rest
+ * from it; deciding again would find the change made and do nothing, answer a removal with
+ * item-not-found, and never tell the contact.
+ */
+async function applyOnce<T>(
+  stream: BoundStream,
+  contact: string,
+  contactIsLocal: boolean,
+  decide: (pair: PairSnapshot) => PairDecision<T> | Promise<PairDecision<T>>,
+): Promise<PairResult<T>> {
+  const { server, frameId, state } = stream;
+  if (frameId && state.rosterFrame === frameId && state.rosterApplied) {
+    const applied = JSON.parse(state.rosterApplied) as { contact: string; result: PairResult<T> };
+    if (applied.contact === contact) {
+      server.log.info('roster change found made by an earlier attempt of the frame', { contact });
+      return applied.result;
+    }
+  }
+  return server.roster.apply<T>(
+    stream.user,
+    contact,
+    {
+      contactIsLocal,
+      ...(frameId
+        ? {
+            record: (result: PairResult<T>) =>
+              server.sessions.rosterAppliedRecord(
+                stream.connectionId,
+                frameId,
+                JSON.stringify({ contact, result }),
+              ),
+          }
+        : {}),
+    },
+    decide,
+  );
+}
+
 async function rosterSet(request: IqRequest): Promise<Element | undefined> {
   const { stream } = request;
   const { server } = stream;
   const set = decodeRosterSet(request.payload, stream.user);
   if (set.kind === 'update') {
-    const result = await server.roster.apply(stream.user, set.contact, { contactIsLocal: false }, (pair) => ({
+    const result = await applyOnce(stream, set.contact, false, (pair) => ({
       user: entryAfterSet(pair.user, set),
       outcome: undefined,
     }));
@@ -214,7 +258,7 @@ async function removeContact(stream: BoundStream, contact: string): Promise<void
   const { server } = stream;
   const user = stream.user;
   const kind = await contactKind(server, contact);
-  const result = await server.roster.apply(user, contact, { contactIsLocal: kind === 'account' }, (pair) => {
+  const result = await applyOnce(stream, contact, kind === 'account', (pair) => {
     // §2.5.3: "If the value of the 'jid' attribute specifies an item that is not in the roster,
     // then the server MUST return an <item-not-found/> stanza error."
     if (!pair.user?.listed) throw new StanzaError('cancel', 'item-not-found');
@@ -330,36 +374,31 @@ async function subscription(
     throw new StanzaError('modify', 'not-acceptable', 'JID too long for a roster item');
   const kind = await contactKind(server, contact);
   const outgoing = stamped(stanza, user, contact);
-  let result: Awaited<ReturnType<typeof server.roster.apply<PairOutcome>>>;
+  let result: PairResult<PairOutcome>;
   try {
-    result = await server.roster.apply<PairOutcome>(
-      user,
-      contact,
-      { contactIsLocal: kind === 'account' },
-      (pair) => {
-        const out = userSendsSubscription(pair.user, contact, type, { preApproval: PRE_APPROVAL });
-        if (!out.route || kind === 'remote') return { user: out.entry, outcome: { out } };
-        if (kind === 'no-account') {
-          // RFC 6121 §8.5.1 (no such user): a "subscribe" is answered with "unsubscribed" on
-          // the would-be contact's behalf; the other three types are ignored.
-          const answer = answerForUnknownAccount(type);
-          if (!answer) return { user: out.entry, outcome: { out } };
-          const atUser = contactReceivesSubscription(out.entry, contact, answer, '');
-          return { user: atUser.entry, outcome: { out, reply: { type: answer, atUser } } };
-        }
-        const inbound = contactReceivesSubscription(pair.contact, user, type, requestToKeep(outgoing));
-        let userEntry = out.entry;
-        let reply: PairOutcome['reply'];
-        if (inbound.autoReply) {
-          // A.3.1: "Server SHOULD auto-reply with 'subscribed'" (and §3.4 for a pre-approval):
-          // the reply reaches the user's server at once, in the same write.
-          const atUser = contactReceivesSubscription(userEntry, contact, inbound.autoReply, '');
-          userEntry = atUser.entry;
-          reply = { type: inbound.autoReply, atUser };
-        }
-        return { user: userEntry, contact: inbound.entry, outcome: { out, inbound, reply } };
-      },
-    );
+    result = await applyOnce<PairOutcome>(stream, contact, kind === 'account', (pair) => {
+      const out = userSendsSubscription(pair.user, contact, type, { preApproval: PRE_APPROVAL });
+      if (!out.route || kind === 'remote') return { user: out.entry, outcome: { out } };
+      if (kind === 'no-account') {
+        // RFC 6121 §8.5.1 (no such user): a "subscribe" is answered with "unsubscribed" on
+        // the would-be contact's behalf; the other three types are ignored.
+        const answer = answerForUnknownAccount(type);
+        if (!answer) return { user: out.entry, outcome: { out } };
+        const atUser = contactReceivesSubscription(out.entry, contact, answer, '');
+        return { user: atUser.entry, outcome: { out, reply: { type: answer, atUser } } };
+      }
+      const inbound = contactReceivesSubscription(pair.contact, user, type, requestToKeep(outgoing));
+      let userEntry = out.entry;
+      let reply: PairOutcome['reply'];
+      if (inbound.autoReply) {
+        // A.3.1: "Server SHOULD auto-reply with 'subscribed'" (and §3.4 for a pre-approval):
+        // the reply reaches the user's server at once, in the same write.
+        const atUser = contactReceivesSubscription(userEntry, contact, inbound.autoReply, '');
+        userEntry = atUser.entry;
+        reply = { type: inbound.autoReply, atUser };
+      }
+      return { user: userEntry, contact: inbound.entry, outcome: { out, inbound, reply } };
+    });
   } catch (error) {
     throw asStanzaError(error);
   }

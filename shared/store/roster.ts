@@ -243,7 +243,11 @@ export interface RosterStore {
   apply<T>(
     user: string,
     contact: string,
-    options: { contactIsLocal: boolean },
+    options: {
+      contactIsLocal: boolean;
+      /** One more write of the same transaction, made from the result (when anything changes). */
+      record?: (result: PairResult<T>) => TransactItem;
+    },
     decide: (pair: PairSnapshot) => PairDecision<T> | Promise<PairDecision<T>>,
   ): Promise<PairResult<T>>;
 }
@@ -437,6 +441,7 @@ export function createRosterStore(
           outcome: decision.outcome,
         };
         if (writes.length === 0) return result;
+        if (options.record) writes.push(options.record(result));
         try {
           // Both rosters in one transaction: the two sides of a subscription never disagree
           // (a crash between two plain writes could leave one user at 'to' and the other at

@@ -204,6 +204,13 @@ export interface ConnectionState {
    * (core/frame.ts offlineRecord): a redelivery of that frame does not route the message again.
    */
   storedOffline?: string;
+  /**
+   * The frame whose roster change (RFC 6121 roster set, remove, subscription) was written with its
+   * outcome (`rosterApplied`, JSON: the contact and the store's result), in the change's own
+   * transaction: a redelivery of that frame does the rest from it instead of deciding again.
+   */
+  rosterFrame?: string;
+  rosterApplied?: string;
   /** RFC 6121 §2.1.6: the session requested the roster (its resource row is marked for pushes). */
   rosterInterested?: boolean;
   archive?: ArchiveStreamState;
@@ -409,6 +416,8 @@ export interface SessionStore {
    * row is gone (nothing to redeliver to then).
    */
   storedOfflineRecord(connectionId: string, record: string): TransactItem;
+  /** A roster change's outcome on the connection's row, as an item of the change's transaction. */
+  rosterAppliedRecord(connectionId: string, frame: string, applied: string): TransactItem;
   /**
    * Releases the hold if nothing was stored behind it since the holder saw it at `seen` (or
    * whatever it counts, without `seen`). Returns the count now when something was (the holder
@@ -503,6 +512,8 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     savedFrame: item.savedFrame as string | undefined,
     doneSeq: item.doneSeq as string | undefined,
     storedOffline: item.storedOffline as string | undefined,
+    rosterFrame: item.rosterFrame as string | undefined,
+    rosterApplied: item.rosterApplied as string | undefined,
     rosterInterested: item.rosterInterested as boolean | undefined,
     archive: item.archive as ArchiveStreamState | undefined,
   };
@@ -846,6 +857,18 @@ export function createSessionStore(
           Key: availKey(user),
           ConditionExpression: 'attribute_not_exists(#res)',
           ExpressionAttributeNames: { '#res': 'res' },
+        },
+      };
+    },
+
+    rosterAppliedRecord(connectionId, frame, applied) {
+      return {
+        Update: {
+          TableName: table,
+          Key: connKey(connectionId),
+          UpdateExpression: 'SET rosterFrame = :frame, rosterApplied = :applied',
+          ConditionExpression: 'attribute_exists(pk)',
+          ExpressionAttributeValues: { ':frame': frame, ':applied': applied },
         },
       };
     },

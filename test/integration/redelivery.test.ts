@@ -373,6 +373,82 @@ describe('a redelivered initial presence', () => {
   });
 });
 
+describe('a redelivered roster removal whose change was written', () => {
+  it('does the rest from the outcome written with it: the contact is told, the user gets a result', async () => {
+    const port = new RecordingPort();
+    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+    const stamp = `${Date.now()}${Math.floor(Math.random() * 1000)}`;
+    const alice = `alice${stamp}@localhost`;
+    const bob = `bob${stamp}@localhost`;
+    for (const user of [alice, bob]) await server.users.create(user, await deriveCredentialSet('pw', 4096));
+    await server.roster.apply(alice, bob, { contactIsLocal: true }, () => ({
+      user: {
+        contact: bob,
+        listed: true,
+        groups: [],
+        subscription: 'both',
+        pendingOut: false,
+        approved: false,
+      },
+      contact: {
+        contact: alice,
+        listed: true,
+        groups: [],
+        subscription: 'both',
+        pendingOut: false,
+        approved: false,
+      },
+      outcome: undefined,
+    }));
+    let seq = 100;
+    const frame = (connectionId: string, xml: string, frameId: string, s = String(seq++)) =>
+      handleStreamEvent(server, {
+        connectionId,
+        kind: 'frame',
+        frame: xml,
+        receivedAt: Date.now(),
+        frameId,
+        seq: s,
+      });
+    for (const [connectionId, user, resource] of [
+      ['bob-1', bob, 'home'],
+      ['alice-1', alice, 'phone'],
+    ] as const) {
+      await server.sessions.createConnection(connectionId, Date.now());
+      await server.sessions.updateConnection(connectionId, { streamOpen: true, user });
+      await frame(
+        connectionId,
+        `<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>${resource}</resource></bind></iq>`,
+        `${connectionId}-bind`,
+      );
+      await frame(connectionId, '<presence/>', `${connectionId}-presence`);
+    }
+    const remove = `<iq type='set' id='rm1'><query xmlns='jabber:iq:roster'><item jid='${bob}' subscription='remove'/></query></iq>`;
+    // The removal is written, then the read of who is online fails past the SDK's retries.
+    let calls = 0;
+    const original = server.sessions.availableResourcesOf.bind(server.sessions);
+    const restore = intercept(server.sessions, 'availableResourcesOf', async (users: string[]) => {
+      if (calls++ === 0) throw throttlingError();
+      return original(users);
+    });
+    const sentBefore = (port.frames.get('bob-1') ?? []).length;
+    await expect(frame('alice-1', remove, 'alice-remove', '900')).rejects.toThrow();
+    restore();
+    expect(await server.roster.getEntry(alice, bob)).toBeUndefined();
+    await frame('alice-1', remove, 'alice-remove', '900');
+    const toAlice = port.frames.get('alice-1') ?? [];
+    const answer = toAlice.filter((text) => text.includes('id="rm1"'));
+    // RFC 6121 §2.5.2: the server "MUST [...] return an IQ result to the initiating resource".
+    expect(answer).toHaveLength(1);
+    expect(answer[0]).toContain('type="result"');
+    // §2.5.2: "the user's server MUST [...] send a presence stanza of type \"unsubscribe\" to the
+    // contact" and "a presence stanza of type \"unsubscribed\" to the contact".
+    const toBob = (port.frames.get('bob-1') ?? []).slice(sentBefore);
+    expect(toBob.filter((text) => text.includes('type="unsubscribe"'))).toHaveLength(1);
+    expect(toBob.filter((text) => text.includes('type="unsubscribed"'))).toHaveLength(1);
+  });
+});
+
 describe('a redelivered stanza frame', () => {
   it('is skipped when it, or a later frame of the connection, was handled to the end', async () => {
     const { server, recipient } = await boundSenderAndRecipient('s1', 'alice', 'bob');
