@@ -153,7 +153,7 @@ async function report(stream: Stream, mechanism: string | undefined, condition?:
 /** An attempt refused by the limits: answered at once, counted against the connection only. */
 async function refuse(stream: Stream, mechanism: string, error: SaslError): Promise<void> {
   stream.update({ sasl: undefined, authFailures: stream.state.authFailures + 1 });
-  await stream.send(failureElement(error));
+  await stream.answerOnce(failureElement(error));
   await report(stream, mechanism, error.condition);
   endIfTooManyOnConnection(stream);
 }
@@ -181,7 +181,10 @@ async function succeed(
   ]);
   // RFC 6120 §6.4.6: on success the stream restarts; nothing from the old stream carries over.
   stream.update({ user: account, sasl: undefined, streamOpen: false, authFailures: 0 });
-  await stream.send(
+  // Saved with the answer before it goes out (answerOnce): a redelivery sends the same
+  // <success/> again instead of checking the limits anew, which could now refuse a client that
+  // was told it succeeded.
+  await stream.answerOnce(
     saslElement('success', additionalData === undefined ? undefined : encodeSaslPayload(additionalData)),
   );
   await report(stream, mechanism);
@@ -205,7 +208,8 @@ async function fail(stream: Stream, mechanism: string, account: string | undefin
   const answer = overLimit
     ? new SaslError('temporary-auth-failure', 'Try again later')
     : new SaslError('not-authorized');
-  await stream.send(failureElement(answer));
+  // The same answer on a redelivery, and the failure is not counted twice.
+  await stream.answerOnce(failureElement(answer));
   await report(stream, mechanism, answer.condition);
   endIfTooManyOnConnection(stream);
 }

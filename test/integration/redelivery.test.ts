@@ -5,6 +5,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { handleStreamEvent } from '../../shared/core/stream.ts';
+import { RetryLaterError } from '../../shared/core/transient.ts';
 import { createLogger } from '../../shared/log.ts';
 import { RecordingPort } from '../../shared/outbound.ts';
 import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
@@ -84,7 +85,8 @@ describe("a connection's row (`$connect` writes none)", () => {
     expect(await server.sessions.getConnection(connectionId)).toMatchObject({
       connectedAt,
       sourceIp: '198.51.100.7',
-      savedFrame: 'req-2',
+      // A SASL failure is saved with its answer before it goes out (answerOnce).
+      answeredFrame: 'req-2',
       authFailures: 1,
     });
   });
@@ -446,6 +448,55 @@ describe('a redelivered roster removal whose change was written', () => {
     const toBob = (port.frames.get('bob-1') ?? []).slice(sentBefore);
     expect(toBob.filter((text) => text.includes('type="unsubscribe"'))).toHaveLength(1);
     expect(toBob.filter((text) => text.includes('type="unsubscribed"'))).toHaveLength(1);
+  });
+});
+
+describe('a redelivered SASL <success/>', () => {
+  it('is the same <success/> again, though the limits would refuse a new attempt from the address now', async () => {
+    /** Records every post; the one matching `failOn` is then answered with an error, once. */
+    class FlakyPort extends RecordingPort {
+      failOn: string | undefined;
+      override async post(connectionId: string, data: string, notAfter?: number) {
+        const result = await super.post(connectionId, data, notAfter);
+        if (this.failOn && data.includes(this.failOn)) {
+          this.failOn = undefined;
+          throw new RetryLaterError('the post was answered with an error after it went out');
+        }
+        return result;
+      }
+    }
+    const port = new FlakyPort();
+    const server = createServer({
+      config: await createTestConfig({ AUTH_FAILURES_PER_ADDRESS: '2' }),
+      port,
+      log: createLogger('silent'),
+    });
+    const account = `pat${Date.now()}@localhost`;
+    await server.users.create(account, await deriveCredentialSet('pw', 4096));
+    const address = `198.51.100.${Math.floor(Math.random() * 200) + 1}`;
+    const connectionId = `plain${Date.now()}`;
+    await server.sessions.createConnection(connectionId, Date.now(), address);
+    await server.sessions.updateConnection(connectionId, { streamOpen: true });
+    const auth = `<auth xmlns='${SASL}' mechanism='PLAIN'>${Buffer.from(`\0${account.split('@')[0]}\0pw`).toString('base64')}</auth>`;
+    const frame = () =>
+      handleStreamEvent(server, {
+        connectionId,
+        kind: 'frame',
+        frame: auth,
+        receivedAt: Date.now(),
+        frameId: 'req-auth',
+      });
+    port.failOn = '<success';
+    await expect(frame()).rejects.toThrow(RetryLaterError);
+    // Meanwhile other connections from the address fail to log in, up to its limit.
+    for (let i = 0; i < 2; i++) await server.users.recordAddressFailure(address, 300);
+    await frame();
+    const sent = port.frames.get(connectionId) ?? [];
+    // RFC 6120 §6.4.6: the client was told <success/>; it is told the same, never a failure.
+    expect(sent).toHaveLength(2);
+    expect(sent[1]).toBe(sent[0]);
+    expect(sent[1]).toContain('<success');
+    expect((await server.sessions.getConnection(connectionId))?.user).toBe(account);
   });
 });
 
