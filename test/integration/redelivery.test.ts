@@ -297,63 +297,70 @@ describe('a redelivered bind', () => {
   });
 });
 
+/**
+ * Two accounts subscribed to each other ('both'), each able to log in on a connection of its own
+ * (`login`: bound, not yet available), and `failReadOfOnlineOnce`: the next read of who is
+ * online fails past the SDK's retries (a throttled DynamoDB), once.
+ */
+async function twoContacts() {
+  const port = new RecordingPort();
+  const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+  const stamp = `${Date.now()}${Math.floor(Math.random() * 1000)}`;
+  const alice = `alice${stamp}@localhost`;
+  const bob = `bob${stamp}@localhost`;
+  for (const user of [alice, bob]) await server.users.create(user, await deriveCredentialSet('pw', 4096));
+  const both = (contact: string) => ({
+    contact,
+    listed: true,
+    groups: [],
+    subscription: 'both' as const,
+    pendingOut: false,
+    approved: false,
+  });
+  await server.roster.apply(alice, bob, { contactIsLocal: true }, () => ({
+    user: both(bob),
+    contact: both(alice),
+    outcome: undefined,
+  }));
+  let seq = 100;
+  const frame = (connectionId: string, xml: string, frameId: string, s = String(seq++)) =>
+    handleStreamEvent(server, {
+      connectionId,
+      kind: 'frame',
+      frame: xml,
+      receivedAt: Date.now(),
+      frameId,
+      seq: s,
+    });
+  const login = async (connectionId: string, user: string, resource: string) => {
+    await server.sessions.createConnection(connectionId, Date.now());
+    await server.sessions.updateConnection(connectionId, { streamOpen: true, user });
+    await frame(
+      connectionId,
+      `<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>${resource}</resource></bind></iq>`,
+      `${connectionId}-bind`,
+    );
+  };
+  const failReadOfOnlineOnce = () => {
+    let calls = 0;
+    const original = server.sessions.availableResourcesOf.bind(server.sessions);
+    return intercept(server.sessions, 'availableResourcesOf', async (users: string[]) => {
+      if (calls++ === 0) throw throttlingError();
+      return original(users);
+    });
+  };
+  return { port, server, alice, bob, frame, login, failReadOfOnlineOnce };
+}
+
 describe('a redelivered initial presence', () => {
   it('is still the initial presence: the contacts\u2019 presence is probed for and reaches the user', async () => {
-    const port = new RecordingPort();
-    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
-    const stamp = `${Date.now()}${Math.floor(Math.random() * 1000)}`;
-    const alice = `alice${stamp}@localhost`;
-    const bob = `bob${stamp}@localhost`;
-    for (const user of [alice, bob]) await server.users.create(user, await deriveCredentialSet('pw', 4096));
-    await server.roster.apply(alice, bob, { contactIsLocal: true }, () => ({
-      user: {
-        contact: bob,
-        listed: true,
-        groups: [],
-        subscription: 'both',
-        pendingOut: false,
-        approved: false,
-      },
-      contact: {
-        contact: alice,
-        listed: true,
-        groups: [],
-        subscription: 'both',
-        pendingOut: false,
-        approved: false,
-      },
-      outcome: undefined,
-    }));
-    let seq = 100;
-    const frame = (connectionId: string, xml: string, frameId: string, s = String(seq++)) =>
-      handleStreamEvent(server, {
-        connectionId,
-        kind: 'frame',
-        frame: xml,
-        receivedAt: Date.now(),
-        frameId,
-        seq: s,
-      });
-    const login = async (connectionId: string, user: string, resource: string) => {
-      await server.sessions.createConnection(connectionId, Date.now());
-      await server.sessions.updateConnection(connectionId, { streamOpen: true, user });
-      await frame(
-        connectionId,
-        `<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>${resource}</resource></bind></iq>`,
-        `${connectionId}-bind`,
-      );
-    };
+    const { port, server, alice, bob, frame, login, failReadOfOnlineOnce } = await twoContacts();
     await login('bob-1', bob, 'home');
     await frame('bob-1', '<presence/>', 'bob-presence');
     await login('alice-1', alice, 'phone');
     // Alice's initial presence fails part-way, after her resource became available (DynamoDB
     // throttles the read of her contacts' resources past the SDK's retries): SQS brings it back.
-    let calls = 0;
-    const original = server.sessions.availableResourcesOf.bind(server.sessions);
-    const restore = intercept(server.sessions, 'availableResourcesOf', async (users: string[]) => {
-      if (calls++ === 0) throw throttlingError();
-      return original(users);
-    });
+    const restore = failReadOfOnlineOnce();
     await expect(frame('alice-1', '<presence/>', 'alice-presence', '900')).rejects.toThrow();
     restore();
     await frame('alice-1', '<presence/>', 'alice-presence', '900');
@@ -377,62 +384,17 @@ describe('a redelivered initial presence', () => {
 
 describe('a redelivered roster removal whose change was written', () => {
   it('does the rest from the outcome written with it: the contact is told, the user gets a result', async () => {
-    const port = new RecordingPort();
-    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
-    const stamp = `${Date.now()}${Math.floor(Math.random() * 1000)}`;
-    const alice = `alice${stamp}@localhost`;
-    const bob = `bob${stamp}@localhost`;
-    for (const user of [alice, bob]) await server.users.create(user, await deriveCredentialSet('pw', 4096));
-    await server.roster.apply(alice, bob, { contactIsLocal: true }, () => ({
-      user: {
-        contact: bob,
-        listed: true,
-        groups: [],
-        subscription: 'both',
-        pendingOut: false,
-        approved: false,
-      },
-      contact: {
-        contact: alice,
-        listed: true,
-        groups: [],
-        subscription: 'both',
-        pendingOut: false,
-        approved: false,
-      },
-      outcome: undefined,
-    }));
-    let seq = 100;
-    const frame = (connectionId: string, xml: string, frameId: string, s = String(seq++)) =>
-      handleStreamEvent(server, {
-        connectionId,
-        kind: 'frame',
-        frame: xml,
-        receivedAt: Date.now(),
-        frameId,
-        seq: s,
-      });
+    const { port, server, alice, bob, frame, login, failReadOfOnlineOnce } = await twoContacts();
     for (const [connectionId, user, resource] of [
       ['bob-1', bob, 'home'],
       ['alice-1', alice, 'phone'],
     ] as const) {
-      await server.sessions.createConnection(connectionId, Date.now());
-      await server.sessions.updateConnection(connectionId, { streamOpen: true, user });
-      await frame(
-        connectionId,
-        `<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>${resource}</resource></bind></iq>`,
-        `${connectionId}-bind`,
-      );
+      await login(connectionId, user, resource);
       await frame(connectionId, '<presence/>', `${connectionId}-presence`);
     }
     const remove = `<iq type='set' id='rm1'><query xmlns='jabber:iq:roster'><item jid='${bob}' subscription='remove'/></query></iq>`;
     // The removal is written, then the read of who is online fails past the SDK's retries.
-    let calls = 0;
-    const original = server.sessions.availableResourcesOf.bind(server.sessions);
-    const restore = intercept(server.sessions, 'availableResourcesOf', async (users: string[]) => {
-      if (calls++ === 0) throw throttlingError();
-      return original(users);
-    });
+    const restore = failReadOfOnlineOnce();
     const sentBefore = (port.frames.get('bob-1') ?? []).length;
     await expect(frame('alice-1', remove, 'alice-remove', '900')).rejects.toThrow();
     restore();
