@@ -30,7 +30,7 @@ export interface Config {
   frameRetryMaxSeconds: number;
   /** Largest stanza accepted, in bytes of UTF-8; above it the stream ends with policy-violation. */
   maxStanzaBytes: number;
-  /** Offline messages kept per user; above it the sender gets resource-constraint. */
+  /** Offline messages kept per user; above it the sender gets service-unavailable (XEP-0160 §2). */
   offlineQuota: number;
   /**
    * RFC 6121 §2: contacts kept per user (roster items and pending inbound requests); a roster

@@ -144,16 +144,19 @@ export class XmppStream implements Stream {
     // posts. (Its durable writes carry frame keys and would not repeat; see core/frame.ts.)
     const markDone =
       this.seq !== undefined && this.routed && (this.server.config.frameDoneMarks === 'all' || this.followed);
-    if (!markDone && Object.keys(this.changes).length === 0) return;
+    // A frame that answered once (answerOnce) is saved at its end even with nothing left to save:
+    // its answer went out, so a redelivery is skipped from now on, not answered a second time.
+    const answered = this.frameId !== '' && this.state.answeredFrame === this.frameId;
+    if (!markDone && !answered && Object.keys(this.changes).length === 0) return;
     // The frame's id goes with the state it produced, in the same write: a redelivery of a frame
     // whose work was saved (a timeout or a lost delete after the save) is recognised and skipped.
     const changes: StreamStateChanges = this.frameId
       ? { ...this.changes, savedFrame: this.frameId }
       : { ...this.changes };
     if (this.seq !== undefined) changes.doneSeq = this.seq;
-    // An earlier frame's saved answer (answerOnce) or roster outcome has served its
-    // redeliveries: this frame is later.
-    if (this.state.answeredFrame !== undefined && this.state.answeredFrame !== this.frameId) {
+    // A saved answer (answerOnce) has served its redeliveries: this frame's went out, or this
+    // frame is later.
+    if (this.state.answeredFrame !== undefined) {
       changes.answeredFrame = undefined;
       changes.answer = undefined;
     }
@@ -390,6 +393,7 @@ async function handleFrame(stream: XmppStream, event: StreamEvent): Promise<void
     // answer again, since its post may not have reached the client; nothing is decided anew.
     server.log.info('redelivered frame answered again as before', { connectionId: event.connectionId });
     await stream.send(parse(stream.state.answer) as Element);
+    await stream.save();
     return;
   }
   try {

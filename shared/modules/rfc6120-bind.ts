@@ -64,10 +64,11 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
   }
   const { server, user } = stream;
   const wanted = requestedResource(request);
+  // Outside the try: the secret's read may fail transiently (the frame is tried again then).
+  const generated = wanted === undefined ? await generatedResource(stream) : undefined;
   let resource: string;
   try {
-    resource =
-      wanted === undefined ? await generatedResource(stream) : parseJid(`${user}/${wanted}`).resource;
+    resource = generated ?? parseJid(`${user}/${wanted}`).resource;
     if (!fitsResourceKey(resource)) throw new Error('resource too long for this server');
   } catch {
     // RFC 6120 §7.7.2.1: a resource that cannot be processed is bad-request.

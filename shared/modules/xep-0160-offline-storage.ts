@@ -315,10 +315,19 @@ export async function startTransfer(stream: BoundStream, transfer: OfflineTransf
   const current = stream.state.transfer;
   if (current && !(transfer.kind === 'flood' && current.kind === 'flood')) {
     const waiting = current.waiting ?? [];
-    // RFC 6120 §8.3.3.18: "the recipient [...] lacks the system resources necessary to service the request".
-    if (waiting.length >= MAX_WAITING)
-      throw new StanzaError('wait', 'resource-constraint', 'too many offline requests in progress');
-    stream.update({ transfer: { ...current, waiting: [...waiting, transfer] } });
+    if (transfer.kind === 'flood') {
+      // A flood is never refused (its presence is not an iq): it waits, in place of one waiting.
+      const others = waiting.filter((queued) => queued.kind !== 'flood');
+      stream.update({ transfer: { ...current, waiting: [...others, transfer] } });
+    } else {
+      // RFC 6120 §8.3.3.18: "the recipient [...] lacks the system resources necessary to service the request".
+      if (waiting.length >= MAX_WAITING)
+        throw new StanzaError('wait', 'resource-constraint', 'too many offline requests in progress');
+      stream.update({ transfer: { ...current, waiting: [...waiting, transfer] } });
+    }
+    // The one in progress never asked for an ack (its windows sent nothing): no ack will move it
+    // on, so it is moved on now.
+    if (current.askedUpTo === undefined) await transferStep(stream);
     return;
   }
   stream.update({ transfer: current?.waiting ? { ...transfer, waiting: current.waiting } : transfer });
@@ -336,7 +345,7 @@ async function continueTransfer(stream: BoundStream, acked: number, unacknowledg
   const transfer = stream.state.transfer;
   if (!transfer) return;
   if (unacknowledged <= windowSize(stream.server) / 2) return transferStep(stream);
-  if (transfer.askedUpTo === undefined || acked < transfer.askedUpTo) return;
+  if (transfer.askedUpTo !== undefined && acked < transfer.askedUpTo) return;
   const asked = await stream.server.host.stanzaQueue?.requestAck(stream);
   stream.update({ transfer: { ...transfer, ...(asked === undefined ? {} : { askedUpTo: asked }) } });
 }
@@ -422,6 +431,8 @@ async function inboxWindow(stream: BoundStream, start: OfflineTransfer): Promise
         break;
       }
       after = message.id;
+      // One dropped (too large to send: removed from storage) went nowhere: no ack will count it.
+      if (result === 'dropped') continue;
       sent += 1;
       bytes += Buffer.byteLength(message.stanza);
       if (bytes >= WINDOW_BYTES) {
@@ -496,8 +507,10 @@ async function viewWindow(stream: BoundStream, transfer: OfflineTransfer): Promi
       }
       // Congested: this one and the rest follow from a later ack.
       if (result === 'full') break;
-      sent += 1;
-      bytes += Buffer.byteLength(message.stanza);
+      if (result !== 'dropped') {
+        sent += 1;
+        bytes += Buffer.byteLength(message.stanza);
+      }
     }
     done += 1;
     if (bytes >= WINDOW_BYTES) break;

@@ -39,6 +39,7 @@ import { StreamError } from '../errors.ts';
 import {
   ConnectionFencedError,
   type ConnectionState,
+  type OfflineTransfer,
   ResourceTakenError,
   type SmState,
 } from '../store/sessions.ts';
@@ -687,6 +688,7 @@ async function keepResumable(
     state.sm.inbound,
     until,
     state.directedTo ?? [],
+    state.transfer,
   );
   // The row stays, fenced, until the connection's own $disconnect: a frame of it still queued
   // (one being retried) whose stanza was counted must find it and still route that stanza (the
@@ -1405,7 +1407,15 @@ async function decideResume(
   version: SmVersion,
 ): Promise<
   | { ok: false; reply: Element | undefined }
-  | { ok: true; item: SmQueueItem; h: number; inbound: number; after?: SmState['after'] }
+  | {
+      ok: true;
+      item: SmQueueItem;
+      h: number;
+      inbound: number;
+      after?: SmState['after'];
+      /** The old stream's offline transfer in progress (XEP-0013 fetches and views go on). */
+      transfer?: OfflineTransfer;
+    }
 > {
   const { server } = stream;
   const user = stream.user;
@@ -1480,6 +1490,8 @@ async function decideResume(
         // The old row's count is the newest while attached; the session's, recorded at the last
         // attach or detach, is never above it (and is the only one once that row is gone).
         inbound: Math.max(previous?.sm?.inbound ?? 0, found.inbound ?? 0),
+        // The old row's while attached; once detached, what the detach recorded.
+        ...((previous?.transfer ?? found.transfer) ? { transfer: previous?.transfer ?? found.transfer } : {}),
       };
     }
   }
@@ -1640,12 +1652,23 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
     max: taken.max,
     ...(decided.after ? { after: decided.after } : {}),
   };
+  // XEP-0013 fetches and views the old stream was serving, or had waiting, go on here (a flood
+  // starts again from session-resumed).
+  const carried = decided.transfer;
+  const pending = carried
+    ? [...(carried.kind === 'flood' ? [] : [{ ...carried, waiting: undefined }]), ...(carried.waiting ?? [])]
+    : [];
+  const [first, ...rest] = pending;
+  const { askedUpTo: _asked, ...next } = first ?? {};
   // Saved before <resumed/> goes out, with the frame that did it: see `handle`.
   stream.update({
     resource: taken.resource,
     sm,
     resuming: undefined,
     ...(stream.frameId ? { smFrame: stream.frameId } : {}),
+    ...(first
+      ? { transfer: { ...next, ...(rest.length > 0 ? { waiting: rest } : {}) } as OfflineTransfer }
+      : {}),
   });
   await stream.commit();
   const resumed = new Element('resumed', { xmlns: namespaceOf(version), previd: taken.smId });

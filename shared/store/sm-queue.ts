@@ -23,7 +23,7 @@ import {
 } from '@aws-sdk/lib-dynamodb';
 import { SWEEP_INDEX, TTL_ATTRIBUTE } from '../tables.ts';
 import { AmbiguousWriteError, batchGetAll, isConditionFailure, sendOnce } from './dynamo.ts';
-import { ATTACHED_SHARD, DETACHED_SHARD } from './sessions.ts';
+import { ATTACHED_SHARD, DETACHED_SHARD, type OfflineTransfer } from './sessions.ts';
 
 export type SmVersion = 'sm3' | 'sm1';
 
@@ -103,6 +103,8 @@ export interface SmQueueItem {
   inbound?: number;
   /** At detach: the JIDs the stream had sent directed presence to (told at the end). */
   directedTo?: string[];
+  /** At detach: the stream's offline transfer in progress (a resume goes on with it). */
+  transfer?: OfflineTransfer;
   ended?: boolean;
   sweepAt?: number;
   /**
@@ -337,6 +339,7 @@ function toItem(raw: Record<string, unknown>): SmQueueItem {
     entries: loadedEntries(raw.q),
     inbound: raw.inbound as number | undefined,
     directedTo: raw.directedTo as string[] | undefined,
+    ...(raw.transfer ? { transfer: raw.transfer as OfflineTransfer } : {}),
     ended: Boolean(raw.ended),
     sweepAt: raw.sweepAt as number | undefined,
     congested: Boolean(raw.congested),
@@ -533,6 +536,7 @@ export interface SmQueueStore {
     inbound: number,
     sweepAt: number,
     directedTo: string[],
+    transfer?: OfflineTransfer,
   ): Promise<boolean>;
   /**
    * Ends the session once and for all (expiry, clean close, vanish without resumption): the
@@ -1046,7 +1050,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             // (the close failed) is found past the lease, as a dead poster's is.
             UpdateExpression: `SET connectionId = :connectionId, holding = :yes, holdingAt = :now, #ttl = :ttl, sweepShard = :attached, sweepAt = :probe, unpostedAfter = if_not_exists(detachedOut, :none)${
               inbound === undefined ? '' : ', inbound = :inbound'
-            } REMOVE detachedFrom, detachedOut`,
+            } REMOVE detachedFrom, detachedOut, transfer`,
             ConditionExpression: conditions.join(' AND '),
             ExpressionAttributeNames: { '#user': 'user', '#ttl': TTL_ATTRIBUTE },
             ExpressionAttributeValues: {
@@ -1082,14 +1086,13 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       return { released: false, ...(item && !item.ended ? { item } : {}) };
     },
 
-    async detach(smId, connectionId, inbound, sweepAt, directedTo) {
+    async detach(smId, connectionId, inbound, sweepAt, directedTo, transfer) {
       try {
         await doc.send(
           new UpdateCommand({
             TableName: table,
             Key: key(smId),
-            UpdateExpression:
-              'REMOVE connectionId, holding, holdingAt SET sweepShard = :shard, sweepAt = :at, inbound = :inbound, directedTo = :directed, #ttl = :ttl, detachedFrom = :connectionId, detachedOut = if_not_exists(#out, :zero)',
+            UpdateExpression: `REMOVE connectionId, holding, holdingAt SET sweepShard = :shard, sweepAt = :at, inbound = :inbound, directedTo = :directed, #ttl = :ttl, detachedFrom = :connectionId, detachedOut = if_not_exists(#out, :zero)${transfer ? ', transfer = :transfer' : ''}`,
             ConditionExpression: 'connectionId = :connectionId AND attribute_not_exists(ended)',
             ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE, '#out': 'out' },
             ExpressionAttributeValues: {
@@ -1100,6 +1103,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
               ':connectionId': connectionId,
               ':ttl': Math.floor(sweepAt / 1000) + DAY_SECONDS,
               ':zero': 0,
+              ...(transfer ? { ':transfer': transfer } : {}),
             },
           }),
         );

@@ -9,7 +9,7 @@ import { RetryLaterError } from '../../shared/core/transient.ts';
 import { createLogger } from '../../shared/log.ts';
 import { RecordingPort } from '../../shared/outbound.ts';
 import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
-import { createServer } from '../../shared/server.ts';
+import { createServer, type Server } from '../../shared/server.ts';
 import { ConnectionFencedError } from '../../shared/store/sessions.ts';
 import { createTestConfig } from '../support/dynamodb.ts';
 import { intercept, serverError, throttlingError } from '../support/intercept.ts';
@@ -38,6 +38,22 @@ async function boundSenderAndRecipient(
   await server.sessions.createConnection(connectionId, Date.now());
   await server.sessions.updateConnection(connectionId, { streamOpen: true, user: sender, resource: 'r' });
   return { port, server, sender, recipient };
+}
+
+/**
+ * The invocation dies after the frame's answer went out and before the frame's last save (a
+ * timeout): that save fails, once; the batch then comes back whole.
+ */
+function dieBeforeFinalSave(server: Server): () => void {
+  const original = server.sessions.updateConnection.bind(server.sessions);
+  let died = false;
+  return intercept(server.sessions, 'updateConnection', async (connectionId, changes, options) => {
+    if (!died && changes.savedFrame !== undefined) {
+      died = true;
+      throw new Error('Task timed out after 30.00 seconds');
+    }
+    return original(connectionId, changes, options);
+  });
 }
 
 describe("a connection's row (`$connect` writes none)", () => {
@@ -85,8 +101,7 @@ describe("a connection's row (`$connect` writes none)", () => {
     expect(await server.sessions.getConnection(connectionId)).toMatchObject({
       connectedAt,
       sourceIp: '198.51.100.7',
-      // A SASL failure is saved with its answer before it goes out (answerOnce).
-      answeredFrame: 'req-2',
+      savedFrame: 'req-2',
       authFailures: 1,
     });
   });
@@ -210,7 +225,9 @@ describe('a redelivered <enable/> whose first attempt was refused', () => {
         ...(timeLeftMs ? { timeLeftMs } : {}),
       });
     // A post stays in flight past half of what the invocation has left: refused.
-    await enable(() => 400);
+    const restore = dieBeforeFinalSave(server);
+    await expect(enable(() => 400)).rejects.toThrow();
+    restore();
     const sent = () => port.frames.get(connectionId) ?? [];
     expect(sent()).toHaveLength(1);
     // XEP-0198 §3: "<failed xmlns='urn:xmpp:sm:3'/>" (here with the reason the server had).
@@ -286,7 +303,11 @@ describe('a redelivered bind', () => {
       priority: 0,
       boundAt: Date.now(),
     });
-    await bind(`<iq type='set' id='b2'><bind xmlns='${BIND}'><resource>desk</resource></bind></iq>`);
+    const restore = dieBeforeFinalSave(server);
+    await expect(
+      bind(`<iq type='set' id='b2'><bind xmlns='${BIND}'><resource>desk</resource></bind></iq>`),
+    ).rejects.toThrow();
+    restore();
     // RFC 6120 §7.7.2.2: the server may "disallow the new resource binding attempt".
     expect(sent()[0]).toContain('<conflict');
     await server.sessions.releaseResource(user, 'desk', 'newer');
@@ -459,6 +480,11 @@ describe('a redelivered SASL <success/>', () => {
     expect(sent[1]).toBe(sent[0]);
     expect(sent[1]).toContain('<success');
     expect((await server.sessions.getConnection(connectionId))?.user).toBe(account);
+    // Answered to the end this time, the frame is marked handled: a further delivery (a lost
+    // delete) is skipped, not answered a third time.
+    await frame();
+    expect(port.frames.get(connectionId)).toHaveLength(2);
+    expect(await server.sessions.getConnection(connectionId)).toMatchObject({ savedFrame: 'req-auth' });
   });
 });
 
