@@ -3,6 +3,7 @@
  * wire-level tests ("send this frame, expect that frame") and the bench use it. It speaks just
  * enough to get a bound stream (`login`) and otherwise sends and reads frames as they are.
  */
+import { randomBytes } from 'node:crypto';
 import { type Element, parse } from 'ltx';
 import WebSocket from 'ws';
 
@@ -90,7 +91,9 @@ export class RawClient {
    * first (`stack.gateway.drained()`).
    */
   async framesBeforePong(timeoutMs = 5000): Promise<string[]> {
-    const id = `pong-barrier-${++this.barriers}`;
+    // Unique across clients and streams: after a resume, the old stream's pong (replayed, same
+    // session) must not pass for this one.
+    const id = `pong-barrier-${++this.barriers}-${randomBytes(4).toString('hex')}`;
     this.send(`<iq type='get' id='${id}'><ping xmlns='urn:xmpp:ping'/></iq>`);
     const before: string[] = [];
     const deadline = Date.now() + timeoutMs;

@@ -403,6 +403,36 @@ describe('a redelivered initial presence', () => {
   });
 });
 
+describe('a redelivered subscription presence whose change was written', () => {
+  it('still tells the contact: the transition is taken from the outcome, not decided again', async () => {
+    const { port, server, alice, bob, frame, login, failReadOfOnlineOnce } = await twoContacts();
+    for (const [connectionId, user, resource] of [
+      ['bob-1', bob, 'home'],
+      ['alice-1', alice, 'phone'],
+    ] as const) {
+      await login(connectionId, user, resource);
+      await frame(connectionId, '<presence/>', `${connectionId}-presence`);
+    }
+    // Alice cancels Bob's subscription to her presence; the change is written, then the read of
+    // who is online fails past the SDK's retries.
+    const cancel = `<presence to='${bob}' type='unsubscribed'/>`;
+    const restore = failReadOfOnlineOnce();
+    const sentBefore = (port.frames.get('bob-1') ?? []).length;
+    await expect(frame('alice-1', cancel, 'alice-cancel', '900')).rejects.toThrow();
+    restore();
+    expect((await server.roster.getEntry(alice, bob))?.subscription).toBe('to');
+    await frame('alice-1', cancel, 'alice-cancel', '900');
+    const toBob = (port.frames.get('bob-1') ?? []).slice(sentBefore);
+    // RFC 6121 §3.2: the 'unsubscribed' reaches the contact's available resources (§3.2.3), and
+    // the user's server sends the contact unavailable presence from each of the user's available
+    // resources (§3.2.2).
+    expect(toBob.filter((text) => text.includes('type="unsubscribed"'))).toHaveLength(1);
+    expect(
+      toBob.filter((text) => text.includes('type="unavailable"') && text.includes(`${alice}/phone`)),
+    ).toHaveLength(1);
+  });
+});
+
 describe('a redelivered roster removal whose change was written', () => {
   it('does the rest from the outcome written with it: the contact is told, the user gets a result', async () => {
     const { port, server, alice, bob, frame, login, failReadOfOnlineOnce } = await twoContacts();
