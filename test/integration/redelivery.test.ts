@@ -370,7 +370,17 @@ async function twoContacts() {
       return original(users);
     });
   };
-  return { port, server, alice, bob, frame, login, failReadOfOnlineOnce };
+  /** Bob on 'bob-1' (resource home) and Alice on 'alice-1' (phone), both available. */
+  const bothOnline = async () => {
+    for (const [connectionId, user, resource] of [
+      ['bob-1', bob, 'home'],
+      ['alice-1', alice, 'phone'],
+    ] as const) {
+      await login(connectionId, user, resource);
+      await frame(connectionId, '<presence/>', `${connectionId}-presence`);
+    }
+  };
+  return { port, server, alice, bob, frame, login, failReadOfOnlineOnce, bothOnline };
 }
 
 describe('a redelivered initial presence', () => {
@@ -405,14 +415,8 @@ describe('a redelivered initial presence', () => {
 
 describe('a redelivered subscription presence whose change was written', () => {
   it('still tells the contact: the transition is taken from the outcome, not decided again', async () => {
-    const { port, server, alice, bob, frame, login, failReadOfOnlineOnce } = await twoContacts();
-    for (const [connectionId, user, resource] of [
-      ['bob-1', bob, 'home'],
-      ['alice-1', alice, 'phone'],
-    ] as const) {
-      await login(connectionId, user, resource);
-      await frame(connectionId, '<presence/>', `${connectionId}-presence`);
-    }
+    const { port, server, alice, bob, frame, failReadOfOnlineOnce, bothOnline } = await twoContacts();
+    await bothOnline();
     // Alice cancels Bob's subscription to her presence; the change is written, then the read of
     // who is online fails past the SDK's retries.
     const cancel = `<presence to='${bob}' type='unsubscribed'/>`;
@@ -435,14 +439,8 @@ describe('a redelivered subscription presence whose change was written', () => {
 
 describe('a redelivered roster removal whose change was written', () => {
   it('does the rest from the outcome written with it: the contact is told, the user gets a result', async () => {
-    const { port, server, alice, bob, frame, login, failReadOfOnlineOnce } = await twoContacts();
-    for (const [connectionId, user, resource] of [
-      ['bob-1', bob, 'home'],
-      ['alice-1', alice, 'phone'],
-    ] as const) {
-      await login(connectionId, user, resource);
-      await frame(connectionId, '<presence/>', `${connectionId}-presence`);
-    }
+    const { port, server, alice, bob, frame, failReadOfOnlineOnce, bothOnline } = await twoContacts();
+    await bothOnline();
     const remove = `<iq type='set' id='rm1'><query xmlns='jabber:iq:roster'><item jid='${bob}' subscription='remove'/></query></iq>`;
     // The removal is written, then the read of who is online fails past the SDK's retries.
     const restore = failReadOfOnlineOnce();
