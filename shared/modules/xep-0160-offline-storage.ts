@@ -68,6 +68,9 @@ export function register(server: Server): void {
   // resume: from the start when it still holds the session's messages (what was stored behind
   // the hold may sort before what was sent), skipping what the queue already holds.
   host.hook('session-resumed', async ({ stream, resource, offlineReplayedUpTo }) => {
+    // A XEP-0013 fetch or view the old stream was serving goes on now: when the resume's count
+    // covered its last window, no ack will come to move it.
+    if (stream.state.transfer) await transferStep(stream);
     if (!resource?.available || resource.priority < 0) return undefined;
     // XEP-0013 §2.2: no flood while another session of the user retrieves flexibly ("the
     // server MUST NOT flood the second resource"): all of the user's resources are asked.

@@ -688,13 +688,29 @@ async function keepResumable(
     state.sm.inbound,
     until,
     state.directedTo ?? [],
-    state.transfer,
+    carriedTransfer(server, state),
   );
   // The row stays, fenced, until the connection's own $disconnect: a frame of it still queued
   // (one being retried) whose stanza was counted must find it and still route that stanza (the
   // count is in what a resume reports); an uncounted one is stopped by the fence.
   if (event.disconnected) await server.sessions.deleteConnection(event.connectionId);
   return HANDLED;
+}
+
+/** Largest offline transfer kept on the queue item at detach (serialised): every append is billed on the item. */
+const MAX_CARRIED_TRANSFER_BYTES = 16 * 1024;
+
+/**
+ * The stream's offline transfer in progress, to keep for a resume (XEP-0013 fetches and views go
+ * on there); none when it is larger than MAX_CARRIED_TRANSFER_BYTES (views of many nodes).
+ */
+function carriedTransfer(server: Server, state: ConnectionState): OfflineTransfer | undefined {
+  if (!state.transfer) return undefined;
+  if (Buffer.byteLength(JSON.stringify(state.transfer)) <= MAX_CARRIED_TRANSFER_BYTES) return state.transfer;
+  server.log.warn('offline transfer too large to keep for a resume: not carried', {
+    connectionId: state.connectionId,
+  });
+  return undefined;
 }
 
 /**

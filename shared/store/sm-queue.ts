@@ -103,7 +103,10 @@ export interface SmQueueItem {
   inbound?: number;
   /** At detach: the JIDs the stream had sent directed presence to (told at the end). */
   directedTo?: string[];
-  /** At detach: the stream's offline transfer in progress (a resume goes on with it). */
+  /**
+   * At detach: the stream's offline transfer in progress (a resume goes on with it); removed
+   * when the resumed stream's replay lets the hold go, or at the end.
+   */
   transfer?: OfflineTransfer;
   ended?: boolean;
   sweepAt?: number;
@@ -651,7 +654,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           // The entries stay until they are re-routed (finishReroute): a failure on the way
           // leaves them for the sweeper (the `reroute` partition), never lost.
           UpdateExpression:
-            'SET ended = :yes, inbound = :inbound, #ttl = :ttl, rerouted = :zero, sweepShard = :reroute, sweepAt = :retry REMOVE connectionId, holding, holdingAt',
+            'SET ended = :yes, inbound = :inbound, #ttl = :ttl, rerouted = :zero, sweepShard = :reroute, sweepAt = :retry REMOVE connectionId, holding, holdingAt, transfer',
           // UpdateItem creates a missing item whose condition holds, and attribute_not_exists
           // holds on a missing item: "detached" must also name an existing one.
           ConditionExpression: `${
@@ -700,7 +703,9 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
         new UpdateCommand({
           TableName: table,
           Key: key(smId),
-          UpdateExpression: 'REMOVE holding, holdingAt SET settledOut = :seen',
+          // A transfer kept at detach is the resumed stream's by now (its replay is over): it
+          // goes, so that appends are not billed on it.
+          UpdateExpression: 'REMOVE holding, holdingAt, transfer SET settledOut = :seen',
           ConditionExpression: `#out = :seen${
             owner
               ? ' AND connectionId = :connectionId AND holding = :holding AND attribute_not_exists(ended)'
@@ -1050,7 +1055,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             // (the close failed) is found past the lease, as a dead poster's is.
             UpdateExpression: `SET connectionId = :connectionId, holding = :yes, holdingAt = :now, #ttl = :ttl, sweepShard = :attached, sweepAt = :probe, unpostedAfter = if_not_exists(detachedOut, :none)${
               inbound === undefined ? '' : ', inbound = :inbound'
-            } REMOVE detachedFrom, detachedOut, transfer`,
+            } REMOVE detachedFrom, detachedOut`,
             ConditionExpression: conditions.join(' AND '),
             ExpressionAttributeNames: { '#user': 'user', '#ttl': TTL_ATTRIBUTE },
             ExpressionAttributeValues: {

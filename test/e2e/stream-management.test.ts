@@ -3,7 +3,7 @@
  * (@xmpp/stream-management) and raw frames, and the seed's `urn:xmpp:sm:1` with raw frames.
  */
 import { xml } from '@xmpp/client';
-import type { Element } from 'ltx';
+import { Element } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RawClient } from '../../infra/local/raw-client.ts';
 import { sweep } from '../../shared/core/lifecycle.ts';
@@ -1697,40 +1697,54 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
     expect(viewer.isClosed).toBe(false);
   });
 
-  it('goes on with a XEP-0013 fetch after a resume: the rest of the messages, then the result', async () => {
-    await small.addUser('roamer@localhost', 'roamer-pw');
-    const rich = await RawClient.connect(small.url);
-    raws.push(rich);
-    await rich.login('rich', 'rich-pw', 'postcards');
-    for (let i = 1; i <= 3; i++)
-      rich.send(`<message to='roamer@localhost' type='chat'><body>card ${i}</body></message>`);
-    await eventually(async () => expect(await small.server.offline.count('roamer@localhost')).toBe(3));
-    const first = await RawClient.connect(small.url);
-    raws.push(first);
-    await first.login('roamer', 'roamer-pw', 'desk');
-    first.send(`<enable xmlns='${SM3}' resume='true'/>`);
-    const enabled = await first.next();
-    first.send(
-      `<iq type='get' id='fr1'><offline xmlns='http://jabber.org/protocol/offline'><fetch/></offline></iq>`,
-    );
-    // The first window (one message here) arrives; the socket dies before the client acknowledges it.
-    await first.until((el) => el.name === 'message');
-    first.terminate();
-    await eventually(async () => {
-      const item = await small.server.smQueue.get(enabled.attrs.id as string);
-      expect(item?.connectionId).toBeUndefined();
-      expect(item?.sweepAt).toBeGreaterThan(0);
-    });
-    const { client: second } = await authenticated('roamer', small);
-    second.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='0'/>`);
-    expect((await second.until((el) => el.name === 'resumed' || el.name === 'failed')).name).toBe('resumed');
-    // XEP-0198 §5: the unacknowledged one is sent again; XEP-0013 §2.5: "the server MUST send all
-    // of the messages [...] plus an IQ result", the fetch going on from where the old stream was.
-    const stanzas = await ackingReader(second, (el) => el.attrs.id === 'fr1');
-    const bodies = stanzas.filter((s) => s.name === 'message').map((s) => s.getChildText('body'));
-    expect(bodies).toEqual(['card 1', 'card 2', 'card 3']);
-    expect(stanzas.at(-1)?.attrs.type).toBe('result');
-  });
+  it.each([
+    [0, 'card 1, sent again', ['card 1', 'card 2', 'card 3']],
+    [1, 'none sent again', ['card 2', 'card 3']],
+  ])(
+    'goes on with a XEP-0013 fetch after a resume with h=%i (%s): the rest of the messages, then the result',
+    async (h, _what, expected) => {
+      const roamer = `roamer${h}`;
+      await small.addUser(`${roamer}@localhost`, `${roamer}-pw`);
+      const rich = await RawClient.connect(small.url);
+      raws.push(rich);
+      await rich.login('rich', 'rich-pw', 'postcards');
+      for (let i = 1; i <= 3; i++)
+        rich.send(`<message to='${roamer}@localhost' type='chat'><body>card ${i}</body></message>`);
+      await eventually(async () => expect(await small.server.offline.count(`${roamer}@localhost`)).toBe(3));
+      const first = await RawClient.connect(small.url);
+      raws.push(first);
+      await first.login(roamer, `${roamer}-pw`, 'desk');
+      first.send(`<enable xmlns='${SM3}' resume='true'/>`);
+      const enabled = await first.next();
+      first.send(
+        `<iq type='get' id='fr1'><offline xmlns='http://jabber.org/protocol/offline'><fetch/></offline></iq>`,
+      );
+      // The first window (one message here) arrives; the socket dies before the server reads the
+      // client's ack of it (h=1 at the resume) or before the client acknowledges it (h=0).
+      await first.until((el) => el.name === 'message');
+      first.terminate();
+      await eventually(async () => {
+        const item = await small.server.smQueue.get(enabled.attrs.id as string);
+        expect(item?.connectionId).toBeUndefined();
+        expect(item?.sweepAt).toBeGreaterThan(0);
+      });
+      const { client: second } = await authenticated(roamer, small);
+      second.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='${h}'/>`);
+      expect((await second.until((el) => el.name === 'resumed' || el.name === 'failed')).name).toBe(
+        'resumed',
+      );
+      // XEP-0198 §5: what the count does not cover is sent again; XEP-0013 §2.5: "the server MUST
+      // send all of the messages [...] plus an IQ result", the fetch going on from where it was.
+      const stanzas = await ackingReader(
+        second,
+        (el) => el.attrs.id === 'fr1',
+        Array.from({ length: h }, () => new Element('counted-before-the-resume')),
+      );
+      const bodies = stanzas.filter((s) => s.name === 'message').map((s) => s.getChildText('body'));
+      expect(bodies).toEqual(expected);
+      expect(stanzas.at(-1)?.attrs.type).toBe('result');
+    },
+  );
 
   it('serves a second fetch and a view asked for during a fetch in turn, each "plus an IQ result"', async () => {
     await small.addUser('twice@localhost', 'twice-pw');
