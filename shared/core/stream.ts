@@ -154,13 +154,13 @@ export class XmppStream implements Stream {
       ? { ...this.changes, savedFrame: this.frameId }
       : { ...this.changes };
     if (this.seq !== undefined) changes.doneSeq = this.seq;
-    // A saved answer (answerOnce) has served its redeliveries: this frame's went out, or this
-    // frame is later.
+    // A saved answer (answerOnce) or roster outcome has served its redeliveries once a frame is
+    // saved: this one's (it is marked handled in this write), or an earlier one's.
     if (this.state.answeredFrame !== undefined) {
       changes.answeredFrame = undefined;
       changes.answer = undefined;
     }
-    if (this.state.rosterFrame !== undefined && this.state.rosterFrame !== this.frameId) {
+    if (this.state.rosterFrame !== undefined) {
       changes.rosterFrame = undefined;
       changes.rosterApplied = undefined;
     }

@@ -1022,10 +1022,7 @@ async function enable(stream: Stream, element: Element, version: SmVersion): Pro
   // Saved before <enabled/> goes out, with the frame that did it: see `handle`. A redelivery
   // finds the session and this queue (not a second one, whose switch would strand what the first
   // took meanwhile).
-  stream.update({
-    sm,
-    ...(stream.frameId ? { smFrame: stream.frameId } : {}),
-  });
+  stream.update({ sm, ...(stream.frameId ? { smFrame: stream.frameId } : {}) });
   await stream.commit();
   await answerEnable(stream, sm);
 }
@@ -1498,6 +1495,7 @@ async function decideResume(
         const left = await server.sessions.getConnection(found.detachedFrom);
         if (left) after = await orderAfter(server, found.detachedFrom, left);
       }
+      const transfer = previous?.transfer ?? found.transfer;
       return {
         ok: true,
         item: found,
@@ -1507,7 +1505,7 @@ async function decideResume(
         // attach or detach, is never above it (and is the only one once that row is gone).
         inbound: Math.max(previous?.sm?.inbound ?? 0, found.inbound ?? 0),
         // The old row's while attached; once detached, what the detach recorded.
-        ...((previous?.transfer ?? found.transfer) ? { transfer: previous?.transfer ?? found.transfer } : {}),
+        ...(transfer ? { transfer } : {}),
       };
     }
   }
