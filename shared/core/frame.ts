@@ -76,10 +76,19 @@ export interface DeliveryKey {
  * other, so every delivery of the frame numbers them alike, whatever runs beside them.
  */
 export function nextDeliveryKey(target: string): DeliveryKey | undefined {
+  return deliveryKey(target, true);
+}
+
+/** The key `nextDeliveryKey` would give now, without taking it: to look for it first. */
+export function peekDeliveryKey(target: string): DeliveryKey | undefined {
+  return deliveryKey(target, false);
+}
+
+function deliveryKey(target: string, take: boolean): DeliveryKey | undefined {
   const frame = frames.get();
   if (!frame) return undefined;
   const position = frame.deliveries.get(target) ?? 0;
-  frame.deliveries.set(target, position + 1);
+  if (take) frame.deliveries.set(target, position + 1);
   return {
     key: `${frame.frameId}:${position}`,
     at: frame.receivedAt,

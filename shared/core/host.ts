@@ -334,6 +334,12 @@ export type DeliveryResult = Exclude<PostResult, 'unknown'> | 'full';
 export interface StanzaQueue {
   deliver(smId: string, stanza: Element, options: DeliveryOptions): Promise<DeliveryResult>;
   /**
+   * Whether an earlier delivery of the current frame (a redelivery) already gave the session its
+   * next stanza from this frame: queued it, or queued it and had it acknowledged since. The
+   * router then delivers it there again (which finds it) instead of storing a second copy.
+   */
+  queuedBefore(smId: string): Promise<boolean>;
+  /**
    * Asks the client for an ack when some of what it was sent is unacknowledged: the outbound
    * count asked for, or undefined when nothing was asked.
    */

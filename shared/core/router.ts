@@ -125,6 +125,12 @@ async function deliverMessage(
   return true;
 }
 
+/** An earlier delivery of the current frame queued its message in the resource's session. */
+async function queuedBefore(server: Server, resource: ResourceRecord): Promise<boolean> {
+  const queue = server.host.stanzaQueue;
+  return resource.smId !== undefined && queue !== undefined && (await queue.queuedBefore(resource.smId));
+}
+
 /** Tries of one routing whose stored message's condition failed (something changed meanwhile). */
 const ROUTE_ATTEMPTS = 4;
 
@@ -200,7 +206,10 @@ async function routeOnce(
   /** Delivered (or stored behind the resource's hold, once), false to try the next; undefined: start over. */
   const toResource = async (resource: ResourceRecord): Promise<boolean | undefined> => {
     if (progress.reached.has(resource.connectionId) || resource.resource === progress.storedFor) return true;
-    if (isHeld(resource) && guarded) {
+    // Behind a flood's hold a message is stored for the flood to deliver; but not one an earlier
+    // delivery of its frame queued in the resource's XEP-0198 session already: the session gets
+    // it there (a second copy would reach the client from the flood too).
+    if (isHeld(resource) && guarded && !(await queuedBefore(server, resource))) {
       if (progress.storedBehind) return true;
       const event = { ...offline, heldBy: resource, routeAgain: false };
       const taken = await server.host.fire('message-offline', event);

@@ -19,7 +19,7 @@ import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Element, parse } from 'ltx';
 import { closeConnection, DIRECT_POST_BOUND_MS, post, postExactly } from '../core/delivery.ts';
-import { frameAge, frameTimeLeft, nextDeliveryKey, sequenceAtMost } from '../core/frame.ts';
+import { frameAge, frameTimeLeft, nextDeliveryKey, peekDeliveryKey, sequenceAtMost } from '../core/frame.ts';
 import {
   type DeliveryOptions,
   type DeliveryResult,
@@ -48,6 +48,7 @@ import {
   type AppendResult,
   boundReached,
   countCovers,
+  markCovers,
   NotSessionOwnerError,
   PROBE_AFTER_MS,
   postedUpTo,
@@ -81,6 +82,7 @@ export function register(server: Server): void {
   host.hook('stanza-in', (event) => countInbound(event.stream), { priority: 100 });
   host.provideStanzaQueue({
     deliver: (smId, stanza, options) => deliverToSmSession(server, smId, stanza, options),
+    queuedBefore: (smId) => queuedBefore(server, smId),
     requestAck: (stream) => requestAckIfUnacknowledged(stream),
   });
   host.hook('connection-vanished', (event) => keepResumable(server, event), { priority: 10 });
@@ -174,6 +176,27 @@ export interface SmSendOptions {
   offlineId?: string;
   /** A XEP-0013 view/fetch copy of a message that stays stored: never re-routed. */
   offlineCopy?: boolean;
+}
+
+/**
+ * Whether an earlier delivery of the current frame gave this session the stanza its next
+ * delivery would (StanzaQueue.queuedBefore): its entry is queued (an ended session's too, which
+ * its re-route delivers), its append holds the stream, or it was acknowledged since (what
+ * `append` answers 'acknowledged' for). Read only for a redelivered frame.
+ */
+async function queuedBefore(server: Server, smId: string): Promise<boolean> {
+  const delivery = peekDeliveryKey(`sm:${smId}`);
+  if (!delivery?.redelivered) return false;
+  const item = await server.smQueue.get(smId);
+  if (!item) return false;
+  if (item.entries.some((entry) => entry.k === delivery.key)) return true;
+  if (item.ended) return false;
+  if (item.lastKey === delivery.key) return true;
+  if (server.config.smPostOrder !== 'serial') return false;
+  return (
+    heldBy(item, delivery.key) ||
+    (delivery.from !== undefined && markCovers(item.senderMarks?.[delivery.from], delivery.key))
+  );
 }
 
 /**

@@ -344,7 +344,7 @@ async function twoContacts() {
     outcome: undefined,
   }));
   let seq = 100;
-  const frame = (connectionId: string, xml: string, frameId: string, s = String(seq++)) =>
+  const frame = (connectionId: string, xml: string, frameId: string, s = String(seq++), receiveCount = 1) =>
     handleStreamEvent(server, {
       connectionId,
       kind: 'frame',
@@ -352,6 +352,7 @@ async function twoContacts() {
       receivedAt: Date.now(),
       frameId,
       seq: s,
+      receiveCount,
     });
   const login = async (connectionId: string, user: string, resource: string) => {
     await server.sessions.createConnection(connectionId, Date.now());
@@ -410,6 +411,45 @@ describe('a redelivered initial presence', () => {
     expect((await server.sessions.availableResourcesOf([alice])).get(alice)?.map((r) => r.resource)).toEqual([
       'phone',
     ]);
+  });
+});
+
+describe('a redelivered message its first attempt queued in a stream-management session', () => {
+  it('is not stored again behind a flood that took the resource since: the session has it', async () => {
+    const { server, alice, bob, frame, login } = await twoContacts();
+    await login('bob-1', bob, 'home');
+    await frame('bob-1', "<enable xmlns='urn:xmpp:sm:3' resume='true'/>", 'bob-enable');
+    await frame('bob-1', '<presence/>', 'bob-presence');
+    await login('alice-1', alice, 'phone');
+    await frame('alice-1', '<presence/>', 'alice-presence');
+    const smId = (await server.sessions.listResources(bob))[0]?.smId;
+    expect(smId).toBeDefined();
+    const queued = async () =>
+      ((await server.smQueue.get(smId as string))?.entries ?? []).filter((entry) =>
+        entry.s.includes('only-once'),
+      );
+    // Alice's message is queued for Bob's session; her invocation dies before its last save.
+    const message = `<message to='${bob}' type='chat' id='m1'><body>only-once</body></message>`;
+    const restore = dieBeforeFinalSave(server);
+    await expect(frame('alice-1', message, 'alice-m1', '900')).rejects.toThrow();
+    restore();
+    expect(await queued()).toHaveLength(1);
+    // Meanwhile Bob's resource is held by a flood of his offline messages (its presence took the
+    // hold), and the batch comes back: the message is in his session's queue already.
+    await server.sessions.updatePresence(bob, 'home', 'bob-1', { available: true, priority: 0, hold: true });
+    await frame('alice-1', message, 'alice-m1', '900', 2);
+    // Not stored behind the hold: the flood would send Bob a second copy (XEP-0198 §5's
+    // acknowledgements cannot tell the two apart).
+    expect(await server.offline.count(bob)).toBe(0);
+    expect(await queued()).toHaveLength(1);
+    // A new message of hers, while the hold stands, is stored for the flood as before.
+    await frame(
+      'alice-1',
+      `<message to='${bob}' type='chat' id='m2'><body>behind</body></message>`,
+      'alice-m2',
+      '901',
+    );
+    expect(await server.offline.count(bob)).toBe(1);
   });
 });
 

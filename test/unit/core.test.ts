@@ -112,6 +112,9 @@ describe('the delivery path', () => {
         queued.push({ smId, xml: stanza.toString(), options });
         return 'sent';
       },
+      async queuedBefore() {
+        return false;
+      },
       async requestAck() {
         return undefined;
       },
