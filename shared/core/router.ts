@@ -324,8 +324,15 @@ async function routeIq(event: StanzaEvent): Promise<void> {
     if (result !== 'sent') throw new StanzaError('cancel', 'service-unavailable');
     return;
   }
-  const target: IqTarget = to?.local ? 'account' : 'server';
-  const handler = server.host.iqHandler(target, type, payload);
+  // RFC 6120 §10.3.3: an iq without 'to' is handled "directly on behalf of the account" (a
+  // disco#info without 'to' describes the account, as XEP-0013 §2.2's node query expects); what
+  // only the server itself answers (session establishment, software version) is still answered.
+  let target: IqTarget = to?.local || event.self ? 'account' : 'server';
+  let handler = server.host.iqHandler(target, type, payload);
+  if (!handler && event.self) {
+    target = 'server';
+    handler = server.host.iqHandler(target, type, payload);
+  }
   if (!handler) throw new StanzaError('cancel', 'service-unavailable');
   if (
     target === 'account' &&
@@ -342,7 +349,7 @@ async function routeIq(event: StanzaEvent): Promise<void> {
     payload,
     type,
     from: stream.jid,
-    to: to ?? { local: '', domain: server.config.domain, resource: '' },
+    to: target === 'account' ? event.to : (to ?? { local: '', domain: server.config.domain, resource: '' }),
   });
   if (result === DEFERRED_RESULT) return;
   await stream.send(iqResult(stanza, result));

@@ -634,6 +634,30 @@ describe('iq routing (RFC 6120 §8.2.3, §10)', () => {
     });
   });
 
+  it('handles an iq without a to address on behalf of the account (RFC 6120 §10.3.3)', async () => {
+    // "If the stanza possesses no 'to' attribute, the server MUST handle it directly on behalf of
+    // the entity that sent it": a disco#info describes the account, not the server.
+    const info = await ask(
+      `<iq type='get' id='s1'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>`,
+    );
+    expect(info.attrs).toMatchObject({ type: 'result', id: 's1' });
+    expect(info.getChild('query')?.getChild('identity')?.attrs).toMatchObject({
+      category: 'account',
+      type: 'registered',
+    });
+    // What only the server answers is still answered: RFC 3921's session establishment, which
+    // old clients send without 'to' (RFC 6121 Appendix E), and the software version.
+    const session = await ask(
+      `<iq type='set' id='s2'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>`,
+    );
+    expect(session.attrs).toMatchObject({ type: 'result', id: 's2' });
+    const version = await ask(`<iq type='get' id='s3'><query xmlns='jabber:iq:version'/></iq>`);
+    expect(version.getChild('query')?.getChildText('name')).toBe('Nimbus');
+    // And what nobody serves is refused as before.
+    const unknown = await ask(`<iq type='get' id='s4'><query xmlns='urn:example:unknown'/></iq>`);
+    expect(unknown.getChild('error')?.getChild('service-unavailable', STANZAS)).toBeDefined();
+  });
+
   it('answers an iq to an offline full JID with service-unavailable', async () => {
     const reply = await ask(
       `<iq type='get' id='f1' to='alice@localhost/nowhere'><ping xmlns='urn:xmpp:ping'/></iq>`,
