@@ -6,7 +6,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { Element, parse } from 'ltx';
-import { StreamError, streamErrorElement } from '../errors.ts';
+import { StanzaError, StreamError, streamErrorElement } from '../errors.ts';
 import { bareJid, fullJidOf, type Jid, parseJid } from '../jid.ts';
 import { addLogContext } from '../log.ts';
 import type { StreamEvent } from '../queue-message.ts';
@@ -26,6 +26,7 @@ import {
 } from './host.ts';
 import { endStream } from './lifecycle.ts';
 import { routeFromClient } from './router.ts';
+import { errorReplyTo } from './stanzas.ts';
 import { isTransient, withTransientRetries } from './transient.ts';
 
 const STANZAS = new Set(['message', 'presence', 'iq']);
@@ -274,7 +275,15 @@ async function dispatch(stream: XmppStream, element: Element): Promise<void> {
         })
       )
         return;
-      throw new StreamError('not-authorized', 'Bind a resource first');
+      // RFC 6120 §7.1: "If, before completing the resource binding step, the client attempts to
+      // send an XML stanza to an entity other than the server itself or the client's account,
+      // the server MUST NOT process the stanza and MUST close the stream with a <not-authorized/>
+      // stream error". One to the server or the account is refused alone (as Prosody does).
+      if (!toServerOrAccount(element, user, stream.server.config.domain))
+        throw new StreamError('not-authorized', 'Bind a resource first');
+      const reply = errorReplyTo(element, new StanzaError('auth', 'not-authorized', 'Bind a resource first'));
+      if (reply) await stream.send(reply);
+      return;
     }
     const bound = stream as XmppStream & BoundStream;
     stream.routed = true;
@@ -282,6 +291,18 @@ async function dispatch(stream: XmppStream, element: Element): Promise<void> {
     return routeFromClient(bound, element);
   }
   throw new StreamError('unsupported-stanza-type', `Unknown element <${element.name}>`);
+}
+
+/** A stanza addressed to the server itself or to `user`'s account (no 'to' is the account). */
+function toServerOrAccount(stanza: Element, user: string, domain: string): boolean {
+  const to = stanza.attrs.to;
+  if (to === undefined) return true;
+  try {
+    const jid = parseJid(to);
+    return jid.resource === '' && (jid.local === '' ? jid.domain === domain : bareJid(jid) === user);
+  } catch {
+    return false;
+  }
 }
 
 /** The connection's rate limits (core/rate-limit.ts): past them the stream ends. */

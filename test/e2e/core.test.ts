@@ -228,7 +228,7 @@ describe('RFC 6120 §7 binding', () => {
     newer.close();
   });
 
-  it('refuses any stanza other than bind before binding (not-authorized)', async () => {
+  it('before binding, refuses a stanza to the server or the account alone, and ends the stream for one to anyone else (RFC 6120 §7.1)', async () => {
     const raw = await RawClient.connect(stack.url);
     await raw.open();
     raw.send(
@@ -236,6 +236,21 @@ describe('RFC 6120 §7 binding', () => {
     );
     await raw.next();
     await raw.open();
+    // "If, before completing the resource binding step, the client attempts to send an XML
+    // stanza to an entity other than the server itself or the client's account, the server MUST
+    // NOT process the stanza and MUST close the stream with a <not-authorized/> stream error".
+    // To the server itself, or the account (no 'to'): not processed, and the stream goes on.
+    for (const [id, to] of [
+      ['early-server', " to='localhost'"],
+      ['early-account', " to='dave@localhost'"],
+      ['early-self', ''],
+    ]) {
+      raw.send(`<iq type='get' id='${id}'${to}><ping xmlns='urn:xmpp:ping'/></iq>`);
+      const refused = await raw.until((el) => el.attrs.id === id);
+      expect(refused.attrs.type).toBe('error');
+      expect(refused.getChild('error')?.attrs.type).toBe('auth');
+      expect(refused.getChild('error')?.getChild('not-authorized', STANZAS)).toBeDefined();
+    }
     raw.send(`<message to='alice@localhost'><body>unbound</body></message>`);
     const error = await raw.until((el) => el.name === 'stream:error');
     expect(error.getChild('not-authorized', 'urn:ietf:params:xml:ns:xmpp-streams')).toBeDefined();
