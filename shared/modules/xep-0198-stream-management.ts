@@ -822,6 +822,7 @@ async function handBack(
  */
 async function toReroute(server: Server, item: SmQueueItem, from: number): Promise<UndeliveredStanza[]> {
   const entries = item.entries.slice(from);
+  await tellSenders(server, item, entries);
   const fromOffline = entries.flatMap((e) => (e.o ? [e.o] : []));
   const stillStored = fromOffline.length > 0 ? await server.offline.get(item.user, fromOffline) : new Map();
   const stanzas: UndeliveredStanza[] = [];
@@ -837,6 +838,24 @@ async function toReroute(server: Server, item: SmQueueItem, from: number): Promi
     });
   });
   return stanzas;
+}
+
+/**
+ * A client's frame that queued a message here and failed before its done mark comes again; by
+ * then this session is over and its queue re-routed, so routing the message again would deliver
+ * it twice (to the resource bound since, or to storage). Before the re-route, the sender's row
+ * gets the record a store offline leaves (core/frame.ts offlineRecord): the redelivery finds its
+ * message delivered. Serial posting's sender marks (SenderMark) name the frame, a sender's last
+ * append here: one conditional write per such sender, only when a session ends with entries.
+ */
+async function tellSenders(server: Server, item: SmQueueItem, entries: SmEntry[]): Promise<void> {
+  for (const [from, mark] of Object.entries(item.senderMarks ?? {})) {
+    const at = mark.split('/')[0] ?? '';
+    const frameId = at.slice(0, at.lastIndexOf(':'));
+    if (!frameId || !entries.some((entry) => entry.k?.startsWith(`${frameId}:`) && !entry.o)) continue;
+    const told = await server.sessions.recordRerouted(from, frameId, item.user);
+    server.log.debug('re-route recorded for the frame that queued it', { smId: item.smId, told });
+  }
 }
 
 /**

@@ -416,6 +416,12 @@ export interface SessionStore {
    * row is gone (nothing to redeliver to then).
    */
   storedOfflineRecord(connectionId: string, record: string): TransactItem;
+  /**
+   * The same record written alone, by the re-route of an ended session's entry that `frameId`
+   * queued (core/frame.ts offlineRecord): unless the row holds another frame's record (a later
+   * frame's, not done yet) or is gone. False when not written.
+   */
+  recordRerouted(connectionId: string, frameId: string, user: string): Promise<boolean>;
   /** A roster change's outcome on the connection's row, as an item of the change's transaction. */
   rosterAppliedRecord(connectionId: string, frame: string, applied: string): TransactItem;
   /**
@@ -883,6 +889,25 @@ export function createSessionStore(
           ExpressionAttributeValues: { ':record': record },
         },
       };
+    },
+
+    async recordRerouted(connectionId, frameId, user) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: connKey(connectionId),
+            UpdateExpression: 'SET storedOffline = :record',
+            ConditionExpression:
+              'attribute_exists(pk) AND (attribute_not_exists(storedOffline) OR begins_with(storedOffline, :frame))',
+            ExpressionAttributeValues: { ':record': `${frameId} ${user}`, ':frame': `${frameId} ` },
+          }),
+        );
+        return true;
+      } catch (error) {
+        if (!isConditionFailure(error)) throw error;
+        return false;
+      }
     },
 
     async releaseHold(user, resource, connectionId, seen) {

@@ -453,6 +453,28 @@ describe('a redelivered message its first attempt queued in a stream-management 
   });
 });
 
+describe('a redelivered message whose recipient session ended after its first attempt queued it', () => {
+  it('is not routed a second time: the end re-routed the queued copy', async () => {
+    const { server, alice, bob, frame, login } = await twoContacts();
+    await login('bob-1', bob, 'home');
+    await frame('bob-1', "<enable xmlns='urn:xmpp:sm:3' resume='true'/>", 'bob-enable');
+    await frame('bob-1', '<presence/>', 'bob-presence');
+    await login('alice-1', alice, 'phone');
+    await frame('alice-1', '<presence/>', 'alice-presence');
+    const message = `<message to='${bob}' type='chat' id='m1'><body>only-once</body></message>`;
+    const restore = dieBeforeFinalSave(server);
+    await expect(frame('alice-1', message, 'alice-m1', '900')).rejects.toThrow();
+    restore();
+    // Bob's client starts anew (no resume): binding his resource again ends the old session, and
+    // its queue, the message in it, is re-routed: to storage, his new stream not available yet.
+    await login('bob-2', bob, 'home');
+    expect(await server.offline.count(bob)).toBe(1);
+    // Alice's batch comes back.
+    await frame('alice-1', message, 'alice-m1', '900', 2);
+    expect(await server.offline.count(bob)).toBe(1);
+  });
+});
+
 describe('a redelivered subscription presence whose change was written', () => {
   it('still tells the contact: the transition is taken from the outcome, not decided again', async () => {
     const { port, server, alice, bob, frame, failReadOfOnlineOnce, bothOnline } = await twoContacts();

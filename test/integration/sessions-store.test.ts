@@ -84,6 +84,27 @@ describe('connections', () => {
     });
   });
 
+  it('records a re-routed message for the frame that queued it, never over another frame’s record', async () => {
+    const id = fresh('rerouted');
+    await sessions.createConnection(id, Date.now());
+    expect(await sessions.recordRerouted(id, 'f1', 'bob@localhost')).toBe(true);
+    expect((await sessions.getConnection(id))?.storedOffline).toBe('f1 bob@localhost');
+    // The same frame again (another of its recipients' sessions ended): its record.
+    expect(await sessions.recordRerouted(id, 'f1', 'carol@localhost')).toBe(true);
+    expect((await sessions.getConnection(id))?.storedOffline).toBe('f1 carol@localhost');
+    // A later frame's record (its own store offline, not done yet) stays: that frame is the one
+    // a redelivery brings back, f1 was done before it started.
+    await sessions.updateConnection(id, { storedOffline: 'f2 dave@localhost' });
+    expect(await sessions.recordRerouted(id, 'f1', 'bob@localhost')).toBe(false);
+    expect((await sessions.getConnection(id))?.storedOffline).toBe('f2 dave@localhost');
+    // A frame whose id merely begins like the recorded one is another frame.
+    expect(await sessions.recordRerouted(id, 'f', 'bob@localhost')).toBe(false);
+    // No row (the sender's connection is gone): nothing is created.
+    const gone = fresh('rerouted-gone');
+    expect(await sessions.recordRerouted(gone, 'f1', 'bob@localhost')).toBe(false);
+    expect(await sessions.getConnection(gone)).toBeUndefined();
+  });
+
   it('an unknown connection is undefined', async () => {
     expect(await sessions.getConnection(fresh('never'))).toBeUndefined();
   });
