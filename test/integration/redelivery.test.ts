@@ -371,13 +371,18 @@ async function twoContacts() {
       return original(users);
     });
   };
-  /** Bob on 'bob-1' (resource home) and Alice on 'alice-1' (phone), both available. */
-  const bothOnline = async () => {
+  /**
+   * Bob on 'bob-1' (resource home) and Alice on 'alice-1' (phone), both available; `bobSm`: Bob's
+   * stream enables stream management (resumable) before its presence.
+   */
+  const bothOnline = async ({ bobSm = false } = {}) => {
     for (const [connectionId, user, resource] of [
       ['bob-1', bob, 'home'],
       ['alice-1', alice, 'phone'],
     ] as const) {
       await login(connectionId, user, resource);
+      if (bobSm && user === bob)
+        await frame(connectionId, "<enable xmlns='urn:xmpp:sm:3' resume='true'/>", `${connectionId}-enable`);
       await frame(connectionId, '<presence/>', `${connectionId}-presence`);
     }
   };
@@ -416,12 +421,8 @@ describe('a redelivered initial presence', () => {
 
 describe('a redelivered message its first attempt queued in a stream-management session', () => {
   it('is not stored again behind a flood that took the resource since: the session has it', async () => {
-    const { server, alice, bob, frame, login } = await twoContacts();
-    await login('bob-1', bob, 'home');
-    await frame('bob-1', "<enable xmlns='urn:xmpp:sm:3' resume='true'/>", 'bob-enable');
-    await frame('bob-1', '<presence/>', 'bob-presence');
-    await login('alice-1', alice, 'phone');
-    await frame('alice-1', '<presence/>', 'alice-presence');
+    const { server, bob, frame, bothOnline } = await twoContacts();
+    await bothOnline({ bobSm: true });
     const smId = (await server.sessions.listResources(bob))[0]?.smId;
     expect(smId).toBeDefined();
     const queued = async () =>
@@ -455,12 +456,8 @@ describe('a redelivered message its first attempt queued in a stream-management 
 
 describe('a redelivered message whose recipient session ended after its first attempt queued it', () => {
   it('is not routed a second time: the end re-routed the queued copy', async () => {
-    const { server, alice, bob, frame, login } = await twoContacts();
-    await login('bob-1', bob, 'home');
-    await frame('bob-1', "<enable xmlns='urn:xmpp:sm:3' resume='true'/>", 'bob-enable');
-    await frame('bob-1', '<presence/>', 'bob-presence');
-    await login('alice-1', alice, 'phone');
-    await frame('alice-1', '<presence/>', 'alice-presence');
+    const { server, bob, frame, login, bothOnline } = await twoContacts();
+    await bothOnline({ bobSm: true });
     const message = `<message to='${bob}' type='chat' id='m1'><body>only-once</body></message>`;
     const restore = dieBeforeFinalSave(server);
     await expect(frame('alice-1', message, 'alice-m1', '900')).rejects.toThrow();
