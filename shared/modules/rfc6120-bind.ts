@@ -77,21 +77,39 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
     return HANDLED;
   }
 
-  let previous: ResourceRecord | undefined;
+  // RFC 6120 §7.7.2.2: the server's policy here is "override": the old session gets a
+  // <conflict/> stream error and is closed, the new one binds; what the old session had not
+  // delivered is re-routed (possibly to this very resource once it is available, or offline).
+  // The row taken over is recorded on this stream's row before the write that takes it: a
+  // redelivery of this frame (the bind failed part-way, even right after the takeover) finds the
+  // resource its own and finishes the replacement, instead of leaving a detached
+  // stream-management session to hold its stanzas until its resumption window closes.
+  const recordTakeover = async (held: ResourceRecord) => {
+    stream.update({ replacing: held });
+    await stream.commit();
+  };
   try {
-    previous = await server.sessions.bindResource({
-      user,
-      resource,
-      connectionId: stream.connectionId,
-      connectedAt: stream.state.connectedAt,
-      available: false,
-      priority: 0,
-      boundAt: Date.now(),
-      // Until its first presence the stream may still switch to a stream-management queue.
-      ...(server.host.stanzaQueue ? { mayQueue: true } : {}),
-    });
+    await server.sessions.bindResource(
+      {
+        user,
+        resource,
+        connectionId: stream.connectionId,
+        connectedAt: stream.state.connectedAt,
+        available: false,
+        priority: 0,
+        boundAt: Date.now(),
+        // Until its first presence the stream may still switch to a stream-management queue.
+        ...(server.host.stanzaQueue ? { mayQueue: true } : {}),
+      },
+      recordTakeover,
+    );
   } catch (error) {
     if (!(error instanceof ResourceTakenError)) throw error;
+    // A takeover recorded by an earlier attempt did not happen: nothing to replace.
+    if (stream.state.replacing) {
+      stream.update({ replacing: undefined });
+      await stream.commit();
+    }
     // RFC 6120 §7.7.2.2: the server may "disallow the new resource binding attempt and maintain
     // the existing session": a newer connection holds the resource (this bind, from an older
     // one, was handled late: its client has most likely connected anew since).
@@ -104,19 +122,8 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
     if (reply) await stream.answerOnce(reply);
     return HANDLED;
   }
-  // RFC 6120 §7.7.2.2: the server's policy here is "override": the old session gets a
-  // <conflict/> stream error and is closed, the new one binds; what the old session had not
-  // delivered is re-routed (possibly to this very resource once it is available, or offline).
-  // The row taken over is recorded first: a redelivery of this frame (the replacement failed
-  // part-way) finishes it, instead of leaving a detached stream-management session to hold its
-  // stanzas until its resumption window closes.
-  const replacing =
-    previous && previous.connectionId !== stream.connectionId ? previous : stream.state.replacing;
-  if (replacing) {
-    if (replacing !== stream.state.replacing) {
-      stream.update({ replacing });
-      await stream.commit();
-    }
+  const replacing = stream.state.replacing;
+  if (replacing && replacing.user === user && replacing.resource === resource) {
     await replaceSession(server, replacing, new StreamError('conflict', 'Replaced by a new connection'));
     stream.update({ replacing: undefined });
   }

@@ -11,6 +11,7 @@
  * are read with BatchGetItem, 100 keys a request, instead of one Query per user: first the
  * `avail` items, then the resource rows they name (`availableResourcesOf`).
  */
+import type { AttributeValue } from '@aws-sdk/client-dynamodb';
 import {
   DeleteCommand,
   type DynamoDBDocumentClient,
@@ -21,8 +22,12 @@ import {
   type TransactWriteCommand,
   UpdateCommand,
 } from '@aws-sdk/lib-dynamodb';
+import { unmarshall } from '@aws-sdk/util-dynamodb';
 import { TTL_ATTRIBUTE } from '../tables.ts';
 import { batchGetAll, isConditionFailure } from './dynamo.ts';
+
+/** Tries of a bind whose takeover found the row changed since it was told of it. */
+const BIND_ATTEMPTS = 4;
 
 /** The sweep index's one partition: sessions detached from their socket, awaiting resumption. */
 export const DETACHED_SHARD = 'detached';
@@ -379,9 +384,15 @@ export interface SessionStore {
   getResource(user: string, resource: string): Promise<ResourceRecord | undefined>;
   /**
    * Binds (or takes over) a resource; returns the record it replaced. ResourceTakenError when
-   * the row is a newer connection's (`connectedAt`).
+   * the row is a newer connection's (`connectedAt`). A row of another connection is taken only
+   * after `beforeTakeover` was told of it (and returned), and only as it was then: the binder
+   * records what it displaces before the write that displaces it, so that a redelivery of its
+   * frame, finding the row its own already, still knows which session to end.
    */
-  bindResource(record: ResourceRecord): Promise<ResourceRecord | undefined>;
+  bindResource(
+    record: ResourceRecord,
+    beforeTakeover?: (held: ResourceRecord) => Promise<void>,
+  ): Promise<ResourceRecord | undefined>;
   /**
    * A stream-management resume binds its session's resource again: only while the row is that
    * session's (`record.smId`) or gone. A newer bind of the resource took it over (and ends that
@@ -570,6 +581,7 @@ export function createSessionStore(
   async function putResourceRow(
     record: ResourceRecord,
     condition: { expression: string; values: Record<string, unknown> } | undefined,
+    onHeld?: (row: ResourceRecord) => void,
   ): Promise<ResourceRecord | undefined> {
     const { Attributes } = await doc
       .send(
@@ -586,10 +598,14 @@ export function createSessionStore(
             ? { ConditionExpression: condition.expression, ExpressionAttributeValues: condition.values }
             : {}),
           ReturnValues: 'ALL_OLD',
+          ...(onHeld ? { ReturnValuesOnConditionCheckFailure: 'ALL_OLD' as const } : {}),
         }),
       )
       .catch((error: unknown) => {
-        throw isConditionFailure(error) ? new ResourceTakenError(record.user, record.resource) : error;
+        if (!isConditionFailure(error)) throw error;
+        const held = (error as { Item?: Record<string, AttributeValue> }).Item;
+        if (onHeld && held) onHeld(toResource(unmarshall(held)));
+        throw new ResourceTakenError(record.user, record.resource);
       });
     const previous = Attributes ? toResource(Attributes) : undefined;
     if (record.available || previous?.available) {
@@ -782,19 +798,50 @@ export function createSessionStore(
       return Item ? toResource(Item, readAt) : undefined;
     },
 
-    async bindResource(record) {
-      // The newest connection keeps the resource: a late bind of an older one does not replace
-      // it (this very connection may bind again: a redelivered bind).
-      return putResourceRow(
-        record,
-        record.connectedAt === undefined
-          ? undefined
-          : {
-              expression:
-                'attribute_not_exists(connectedAt) OR connectedAt <= :connectedAt OR connectionId = :connectionId',
-              values: { ':connectedAt': record.connectedAt, ':connectionId': record.connectionId },
+    async bindResource(record, beforeTakeover) {
+      for (let attempt = 1; ; attempt++) {
+        // Free, or this connection's already (a redelivered bind): taken at once.
+        let held: ResourceRecord | undefined;
+        try {
+          return await putResourceRow(
+            record,
+            {
+              expression: 'attribute_not_exists(pk) OR connectionId = :connectionId',
+              values: { ':connectionId': record.connectionId },
             },
-      );
+            (row) => {
+              held = row;
+            },
+          );
+        } catch (error) {
+          if (!(error instanceof ResourceTakenError)) throw error;
+        }
+        // (An endpoint that answers a failed condition without the item: read it.)
+        held ??= await this.getResource(record.user, record.resource);
+        if (!held) continue;
+        // Another connection's. The newest connection keeps the resource: a late bind of an
+        // older one does not replace it.
+        const { connectedAt } = record;
+        if (connectedAt !== undefined && held.connectedAt !== undefined && held.connectedAt > connectedAt)
+          throw new ResourceTakenError(record.user, record.resource);
+        await beforeTakeover?.(held);
+        // Taken only as it was when told: changed since (a resume moved it, an <enable/> switched
+        // it), it is looked at again.
+        const seen = { connectionId: held.connectionId, smId: held.smId, boundAt: held.boundAt };
+        const names = Object.keys(seen) as (keyof typeof seen)[];
+        try {
+          return await putResourceRow(record, {
+            expression: names
+              .map((name) => (seen[name] === undefined ? `attribute_not_exists(${name})` : `${name} = :${name}`))
+              .join(' AND '),
+            values: Object.fromEntries(
+              names.filter((name) => seen[name] !== undefined).map((name) => [`:${name}`, seen[name]]),
+            ),
+          });
+        } catch (error) {
+          if (!(error instanceof ResourceTakenError) || attempt >= BIND_ATTEMPTS) throw error;
+        }
+      }
     },
 
     async rebindResumed(record) {

@@ -949,3 +949,90 @@ describe('a redelivered SCRAM <auth/> whose challenge went out but whose state w
     expect(sent().at(-1)).toMatch(/^<failure[^>]*><malformed-request\/>/);
   });
 });
+
+/**
+ * Seed 2 of a session-17 fault run: a bind that took over a resource whose row named a detached
+ * XEP-0198 session failed right after (a throttled write later in the frame); its redelivery
+ * found the row already its own and never ended that session, whose 40 stanzas waited for its
+ * resumption window to close (the client that could resume it never got its id).
+ */
+const BIND = 'urn:ietf:params:xml:ns:xmpp-bind';
+const bindFrame = (resource: string) =>
+  `<iq type='set' id='bind'><bind xmlns='${BIND}'><resource>${resource}</resource></bind></iq>`;
+
+async function takeoverScenario(failBindOnce: boolean) {
+  const port = new RecordingPort();
+  const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+  const stamp = `${Date.now()}${Math.floor(Math.random() * 1000)}`;
+  const bob = `bob${stamp}@localhost`;
+  const alice = `alice${stamp}@localhost`;
+  for (const user of [alice, bob]) await server.users.create(user, await deriveCredentialSet('pw', 4096));
+  const frame = (connectionId: string, xml: string, frameId: string) =>
+    handleStreamEvent(server, { connectionId, kind: 'frame', frame: xml, receivedAt: Date.now(), frameId });
+  const open = async (connectionId: string, user: string, connectedAt: number) => {
+    await server.sessions.createConnection(connectionId, connectedAt);
+    await server.sessions.updateConnection(connectionId, { streamOpen: true, user });
+  };
+
+  // Bob's stream 2: bound; its socket dies ('both' kill) before its <enable/> is handled.
+  const old = `old${stamp}`;
+  await open(old, bob, Date.now() - 10_000);
+  await frame(old, bindFrame('faults'), 'old-bind');
+  port.gone.add(old);
+  await frame(old, "<enable xmlns='urn:xmpp:sm:3' resume='true'/>", 'old-enable');
+  const smId = (await server.sessions.getConnection(old))?.sm?.id as string;
+  expect(smId).toBeDefined();
+
+  // Alice's message is queued for it; its post meets the 410 and the session detaches.
+  const sender = `alice-1-${stamp}`;
+  await open(sender, alice, Date.now() - 10_000);
+  await frame(sender, bindFrame('phone'), 'alice-bind');
+  await frame(
+    sender,
+    `<message to='${bob}/faults' id='alice-18' type='chat'><body>alice-18</body></message>`,
+    'a18',
+  );
+  const detached = await server.smQueue.get(smId);
+  expect(detached?.connectionId).toBeUndefined();
+  expect(detached?.ended).toBeFalsy();
+  expect(detached?.entries).toHaveLength(1);
+
+  // Bob's stream 3 binds the same resource (RFC 6120 §7.7.2.2, policy "override").
+  const next = `new${stamp}`;
+  await open(next, bob, Date.now());
+  if (failBindOnce) {
+    // The takeover's PutItem lands; the next write of the frame (its availability's sync) is
+    // throttled past the SDK's retries; the batch is redelivered.
+    const original = server.sessions.bindResource.bind(server.sessions);
+    let failed = false;
+    const restore = intercept(server.sessions, 'bindResource', async (record, beforeTakeover) => {
+      const previous = await original(record, beforeTakeover);
+      if (!failed) {
+        failed = true;
+        throw throttlingError();
+      }
+      return previous;
+    });
+    await expect(frame(next, bindFrame('faults'), 'new-bind')).rejects.toThrow();
+    restore();
+  }
+  await frame(next, bindFrame('faults'), 'new-bind');
+  expect(port.frames.get(next)?.at(-1)).toContain(`<jid>${bob}/faults</jid>`);
+  return { server, bob, smId };
+}
+
+describe('a bind that takes over a detached stream-management session’s resource', () => {
+  it('ends it and re-routes what it held (control: no fault)', async () => {
+    const { server, bob, smId } = await takeoverScenario(false);
+    expect((await server.smQueue.get(smId))?.ended).toBe(true);
+    const bodies = (await server.offline.list(bob)).messages.map((m) => /<body>([^<]*)</.exec(m.stanza)?.[1]);
+    expect(bodies).toEqual(['alice-18']);
+  });
+
+  it('still ends it when the first attempt of the bind failed after taking the row', async () => {
+    const { server, bob, smId } = await takeoverScenario(true);
+    expect((await server.smQueue.get(smId))?.ended).toBe(true);
+    const bodies = (await server.offline.list(bob)).messages.map((m) => /<body>([^<]*)</.exec(m.stanza)?.[1]);
+    expect(bodies).toEqual(['alice-18']);
+  });
+});

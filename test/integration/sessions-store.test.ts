@@ -24,6 +24,7 @@ import {
 } from '../../shared/store/sessions.ts';
 import { TTL_ATTRIBUTE } from '../../shared/tables.ts';
 import { createTestTables, TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
+import { intercept } from '../support/intercept.ts';
 
 const CONNECTION_TTL_SECONDS = 3 * 3600;
 
@@ -227,6 +228,53 @@ describe('binding and reading resources', () => {
       smId: undefined,
     });
     expect(await sessions.getResource(user, 'phone')).toMatchObject({ connectionId: 'c2', available: false });
+  });
+
+  it('tells the binder of another connection’s row before taking it, and takes it only as it was told', async () => {
+    const user = freshUser('takeover');
+    await sessions.bindResource(record(user, 'r', 'c1', { connectedAt: 1 }));
+    const told: ResourceRecord[] = [];
+    const reads = { count: 0 };
+    const getResource = sessions.getResource.bind(sessions);
+    const restore = intercept(sessions, 'getResource', async (...args) => {
+      reads.count++;
+      return getResource(...args);
+    });
+    try {
+      // Told of c1's row (taken from the failed condition's answer, no read), then taken.
+      const c2 = record(user, 'r', 'c2', { connectedAt: 2, mayQueue: true });
+      const taken = await sessions.bindResource(c2, async (held) => {
+        told.push(held);
+      });
+      expect(told.map((row) => row.connectionId)).toEqual(['c1']);
+      expect(taken?.connectionId).toBe('c1');
+      expect(reads.count).toBe(0);
+      // Its own row again (a redelivered bind): taken at once, nobody told.
+      await sessions.bindResource(c2, async (held) => {
+        told.push(held);
+      });
+      expect(told).toHaveLength(1);
+      // c3 is told of c2's row; meanwhile c2's stream switches it to a stream-management queue:
+      // the row is not the one c3 was told of, so it is looked at and told again.
+      await sessions.bindResource(record(user, 'r', 'c3', { connectedAt: 3 }), async (held) => {
+        told.push(held);
+        if (told.length === 2) await sessions.switchToQueue(user, 'r', 'c2', 'sm-late');
+      });
+      expect(told.slice(1).map((row) => [row.connectionId, row.smId])).toEqual([
+        ['c2', undefined],
+        ['c2', 'sm-late'],
+      ]);
+      expect(await sessions.getResource(user, 'r')).toMatchObject({ connectionId: 'c3' });
+      // An older connection's late bind is refused, and nobody is told.
+      await expect(
+        sessions.bindResource(record(user, 'r', 'c0', { connectedAt: 0 }), async (held) => {
+          told.push(held);
+        }),
+      ).rejects.toBeInstanceOf(ResourceTakenError);
+      expect(told).toHaveLength(3);
+    } finally {
+      restore();
+    }
   });
 
   it('sets the TTL attribute to boundAt + CONNECTION_TTL_SECONDS', async () => {
