@@ -832,7 +832,9 @@ export function createSessionStore(
         try {
           return await putResourceRow(record, {
             expression: names
-              .map((name) => (seen[name] === undefined ? `attribute_not_exists(${name})` : `${name} = :${name}`))
+              .map((name) =>
+                seen[name] === undefined ? `attribute_not_exists(${name})` : `${name} = :${name}`,
+              )
               .join(' AND '),
             values: Object.fromEntries(
               names.filter((name) => seen[name] !== undefined).map((name) => [`:${name}`, seen[name]]),
