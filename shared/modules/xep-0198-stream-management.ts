@@ -1101,7 +1101,15 @@ async function answerEnable(stream: Stream, saved: SmState): Promise<void> {
     enabled.attrs.resume = 'true';
     if (sm.version === 'sm3') enabled.attrs.max = String(sm.max);
   }
-  await post(server, stream.connectionId, enabled);
+  if ((await post(server, stream.connectionId, enabled)) === 'gone' && sm.resumable) {
+    // 410: the socket was gone before <enabled/> could reach it, so its client never learned the
+    // session's id and nobody can resume it. Ended now, its queue re-routed, rather than kept
+    // detached for a resume that cannot come while what is queued for it waits SM_MAX_SECONDS.
+    stream.update({ sm: { ...sm, resumable: false } });
+    await stream.commit();
+    await server.host.fire('connection-vanished', { connectionId: stream.connectionId });
+    return;
+  }
   server.metrics.count('SmEnabled', 1, sm.version);
   await replayHeld(stream, sm, 0, []);
 }

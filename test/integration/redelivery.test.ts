@@ -974,12 +974,13 @@ async function takeoverScenario(failBindOnce: boolean) {
     await server.sessions.updateConnection(connectionId, { streamOpen: true, user });
   };
 
-  // Bob's stream 2: bound; its socket dies ('both' kill) before its <enable/> is handled.
+  // Bob's stream 2: bound, stream management enabled; then its socket dies. (In the run its
+  // <enabled/> had met the 410 already; such a session is now ended at once, see below.)
   const old = `old${stamp}`;
   await open(old, bob, Date.now() - 10_000);
   await frame(old, bindFrame('faults'), 'old-bind');
-  port.gone.add(old);
   await frame(old, "<enable xmlns='urn:xmpp:sm:3' resume='true'/>", 'old-enable');
+  port.gone.add(old);
   const smId = (await server.sessions.getConnection(old))?.sm?.id as string;
   expect(smId).toBeDefined();
 
@@ -1034,5 +1035,33 @@ describe('a bind that takes over a detached stream-management session’s resour
     expect((await server.smQueue.get(smId))?.ended).toBe(true);
     const bodies = (await server.offline.list(bob)).messages.map((m) => /<body>([^<]*)</.exec(m.stanza)?.[1]);
     expect(bodies).toEqual(['alice-18']);
+  });
+});
+
+describe('an <enable/> whose <enabled/> meets 410 Gone', () => {
+  it('ends the session at once: its client never got the id, so nothing waits for a resume', async () => {
+    const port = new RecordingPort();
+    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+    const stamp = `${Date.now()}${Math.floor(Math.random() * 1000)}`;
+    const bob = `bob${stamp}@localhost`;
+    await server.users.create(bob, await deriveCredentialSet('pw', 4096));
+    const connectionId = `gone${stamp}`;
+    await server.sessions.createConnection(connectionId, Date.now());
+    await server.sessions.updateConnection(connectionId, { streamOpen: true, user: bob });
+    const frame = (xml: string, frameId: string) =>
+      handleStreamEvent(server, { connectionId, kind: 'frame', frame: xml, receivedAt: Date.now(), frameId });
+    await frame(bindFrame('faults'), 'bind');
+    // The client's socket is cut before the server handles its <enable/>.
+    port.gone.add(connectionId);
+    await frame("<enable xmlns='urn:xmpp:sm:3' resume='true'/>", 'enable');
+    const smId = (await server.sessions.getConnection(connectionId))?.sm?.id;
+    expect(smId).toBeDefined();
+    // Not detached for SM_MAX_SECONDS: ended, the resource released, so what is sent to it now
+    // goes to storage for the user's next login.
+    expect((await server.smQueue.get(smId as string))?.ended ?? true).toBe(true);
+    expect(await server.sessions.getResource(bob, 'faults')).toBeUndefined();
+    expect(
+      (await server.smQueue.listExpired(Date.now() + 3_600_000, 100)).map((item) => item.smId),
+    ).not.toContain(smId);
   });
 });
