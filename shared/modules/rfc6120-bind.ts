@@ -8,9 +8,15 @@ import { frameDerived } from '../core/frame.ts';
 import { HANDLED, isBound, type Server, type Stream } from '../core/host.ts';
 import { replaceSession } from '../core/lifecycle.ts';
 import { errorReplyTo } from '../core/stanzas.ts';
+import { RetryLaterError } from '../core/transient.ts';
 import { StanzaError, StreamError } from '../errors.ts';
 import { parseJid } from '../jid.ts';
-import { fitsResourceKey, type ResourceRecord, ResourceTakenError } from '../store/sessions.ts';
+import {
+  fitsResourceKey,
+  ResourceBusyError,
+  type ResourceRecord,
+  ResourceTakenError,
+} from '../store/sessions.ts';
 import { NS } from '../xml/namespaces.ts';
 
 export function register(server: Server): void {
@@ -88,8 +94,9 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
     stream.update({ replacing: held });
     await stream.commit();
   };
+  let previous: ResourceRecord | undefined;
   try {
-    await server.sessions.bindResource(
+    previous = await server.sessions.bindResource(
       {
         user,
         resource,
@@ -104,6 +111,7 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
       recordTakeover,
     );
   } catch (error) {
+    if (error instanceof ResourceBusyError) throw new RetryLaterError(error.message);
     if (!(error instanceof ResourceTakenError)) throw error;
     // A takeover recorded by an earlier attempt did not happen: nothing to replace.
     if (stream.state.replacing) {
@@ -122,7 +130,10 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
     if (reply) await stream.answerOnce(reply);
     return HANDLED;
   }
-  const replacing = stream.state.replacing;
+  // The row as the takeover replaced it (its presence may have changed since it was recorded);
+  // on a redelivery, which finds the row its own, the record.
+  const replacing =
+    previous && previous.connectionId !== stream.connectionId ? previous : stream.state.replacing;
   if (replacing && replacing.user === user && replacing.resource === resource) {
     await replaceSession(server, replacing, new StreamError('conflict', 'Replaced by a new connection'));
     stream.update({ replacing: undefined });

@@ -850,7 +850,8 @@ async function toReroute(server: Server, item: SmQueueItem, from: number): Promi
  */
 async function tellSenders(server: Server, item: SmQueueItem, entries: SmEntry[]): Promise<void> {
   for (const [from, mark] of Object.entries(item.senderMarks ?? {})) {
-    const at = mark.split('/')[0] ?? '';
+    const slash = mark.lastIndexOf('/');
+    const at = slash < 0 ? mark : mark.slice(0, slash);
     const frameId = at.slice(0, at.lastIndexOf(':'));
     if (!frameId || !entries.some((entry) => entry.k?.startsWith(`${frameId}:`) && !entry.o)) continue;
     const told = await server.sessions.recordRerouted(from, frameId, item.user);

@@ -110,6 +110,17 @@ export class ConnectionFencedError extends Error {
 }
 
 /** The resource row belongs to another connection now (a new bind took it over). */
+/** A bind's takeover found the resource row changed each time it tried: tried again later. */
+export class ResourceBusyError extends Error {
+  constructor(
+    readonly user: string,
+    readonly resource: string,
+  ) {
+    super(`resource ${user}/${resource} kept changing while it was taken over`);
+    this.name = 'ResourceBusyError';
+  }
+}
+
 export class ResourceTakenError extends Error {
   constructor(
     readonly user: string,
@@ -429,8 +440,8 @@ export interface SessionStore {
   storedOfflineRecord(connectionId: string, record: string): TransactItem;
   /**
    * The same record written alone, by the re-route of an ended session's entry that `frameId`
-   * queued (core/frame.ts offlineRecord): unless the row holds another frame's record (a later
-   * frame's, not done yet) or is gone. False when not written.
+   * queued (core/frame.ts offlineRecord): unless that frame was saved as done (`savedFrame`), the
+   * row holds another frame's record, or is gone. False when not written.
    */
   recordRerouted(connectionId: string, frameId: string, user: string): Promise<boolean>;
   /** A roster change's outcome on the connection's row, as an item of the change's transaction. */
@@ -841,7 +852,8 @@ export function createSessionStore(
             ),
           });
         } catch (error) {
-          if (!(error instanceof ResourceTakenError) || attempt >= BIND_ATTEMPTS) throw error;
+          if (!(error instanceof ResourceTakenError)) throw error;
+          if (attempt >= BIND_ATTEMPTS) throw new ResourceBusyError(record.user, record.resource);
         }
       }
     },
@@ -947,9 +959,15 @@ export function createSessionStore(
             TableName: table,
             Key: connKey(connectionId),
             UpdateExpression: 'SET storedOffline = :record',
+            // Not for a frame saved as done (its redelivery is skipped: the record would only
+            // stand in the way of a later frame's), nor over another frame's record.
             ConditionExpression:
-              'attribute_exists(pk) AND (attribute_not_exists(storedOffline) OR begins_with(storedOffline, :frame))',
-            ExpressionAttributeValues: { ':record': `${frameId} ${user}`, ':frame': `${frameId} ` },
+              'attribute_exists(pk) AND (attribute_not_exists(savedFrame) OR savedFrame <> :frameId) AND (attribute_not_exists(storedOffline) OR begins_with(storedOffline, :frame))',
+            ExpressionAttributeValues: {
+              ':record': `${frameId} ${user}`,
+              ':frame': `${frameId} `,
+              ':frameId': frameId,
+            },
           }),
         );
         return true;

@@ -472,6 +472,40 @@ describe('a redelivered message whose recipient session ended after its first at
   });
 });
 
+describe('a bind that takes over a resource whose presence changed after it was recorded', () => {
+  it('ends the session as the row was when taken: its contacts are told it is unavailable', async () => {
+    const { port, server, alice, bob, frame, login } = await twoContacts();
+    await login('alice-1', alice, 'phone');
+    await frame('alice-1', '<presence/>', 'alice-presence');
+    await login('bob-1', bob, 'home');
+    // Bob's second stream binds the same resource. The takeover is recorded while bob-1 is not
+    // available yet; bob-1's initial presence lands before the write that takes the row.
+    await server.sessions.createConnection('bob-2', Date.now() + 1);
+    await server.sessions.updateConnection('bob-2', { streamOpen: true, user: bob });
+    const original = server.sessions.bindResource.bind(server.sessions);
+    const restore = intercept(server.sessions, 'bindResource', (record, beforeTakeover) =>
+      original(record, async (held) => {
+        await beforeTakeover?.(held);
+        if (held.connectionId === 'bob-1') await frame('bob-1', '<presence/>', 'bob-presence');
+      }),
+    );
+    try {
+      await frame(
+        'bob-2',
+        "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>home</resource></bind></iq>",
+        'bob-2-bind',
+      );
+    } finally {
+      restore();
+    }
+    const toAlice = (port.frames.get('alice-1') ?? []).filter((text) => text.includes(`from="${bob}/home"`));
+    expect(toAlice.some((text) => text.startsWith('<presence') && !text.includes('type='))).toBe(true);
+    // RFC 6121 §4.5.2: the replaced session's end is its unavailable presence to the contacts
+    // that were told it was available.
+    expect(toAlice.at(-1)).toContain('type="unavailable"');
+  });
+});
+
 describe('a redelivered subscription presence whose change was written', () => {
   it('still tells the contact: the transition is taken from the outcome, not decided again', async () => {
     const { port, server, alice, bob, frame, failReadOfOnlineOnce, bothOnline } = await twoContacts();
@@ -1058,7 +1092,8 @@ describe('an <enable/> whose <enabled/> meets 410 Gone', () => {
     expect(smId).toBeDefined();
     // Not detached for SM_MAX_SECONDS: ended, the resource released, so what is sent to it now
     // goes to storage for the user's next login.
-    expect((await server.smQueue.get(smId as string))?.ended ?? true).toBe(true);
+    const item = await server.smQueue.get(smId as string);
+    expect(item === undefined || item.ended).toBe(true);
     expect(await server.sessions.getResource(bob, 'faults')).toBeUndefined();
     expect(
       (await server.smQueue.listExpired(Date.now() + 3_600_000, 100)).map((item) => item.smId),

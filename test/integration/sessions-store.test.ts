@@ -100,6 +100,11 @@ describe('connections', () => {
     expect((await sessions.getConnection(id))?.storedOffline).toBe('f2 dave@localhost');
     // A frame whose id merely begins like the recorded one is another frame.
     expect(await sessions.recordRerouted(id, 'f', 'bob@localhost')).toBe(false);
+    // A frame saved as done is never redelivered to use one: nothing written.
+    await sessions.updateConnection(id, { storedOffline: undefined, savedFrame: 'f3' });
+    expect(await sessions.recordRerouted(id, 'f3', 'bob@localhost')).toBe(false);
+    expect((await sessions.getConnection(id))?.storedOffline).toBeUndefined();
+    expect(await sessions.recordRerouted(id, 'f4', 'bob@localhost')).toBe(true);
     // No row (the sender's connection is gone): nothing is created.
     const gone = fresh('rerouted-gone');
     expect(await sessions.recordRerouted(gone, 'f1', 'bob@localhost')).toBe(false);
