@@ -141,11 +141,24 @@ export async function replaceSession(
   server: Server,
   previous: ResourceRecord,
   error: StreamError,
+  depth = 0,
 ): Promise<void> {
   await kickConnection(server, previous.connectionId, error);
   // Fenced, not just read: frames of the old connection queued before the kick stop here, so the
   // count the session ends with holds every stanza it routed (XEP-0198's <failed h/>).
   const state = await server.sessions.fenceConnection(previous.connectionId);
+  // That connection's bind had taken the resource over from an older session and not yet ended
+  // it (its frame failed right after the takeover, and its redelivery will now stop at the
+  // fence): ended here, or nobody would end it.
+  const unfinished = state?.replacing;
+  if (
+    depth < 2 &&
+    unfinished &&
+    unfinished.user === previous.user &&
+    unfinished.resource === previous.resource &&
+    unfinished.connectionId !== previous.connectionId
+  )
+    await replaceSession(server, unfinished, error, depth + 1);
   await endSession(
     server,
     {

@@ -113,7 +113,8 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
   } catch (error) {
     if (error instanceof ResourceBusyError) throw new RetryLaterError(error.message);
     if (!(error instanceof ResourceTakenError)) throw error;
-    // A takeover recorded by an earlier attempt did not happen: nothing to replace.
+    // A takeover recorded by an earlier attempt did not happen (the session it recorded still
+    // holds the row, or a newer one that took it in between ended it: see replaceSession).
     if (stream.state.replacing) {
       stream.update({ replacing: undefined });
       await stream.commit();

@@ -109,7 +109,6 @@ export class ConnectionFencedError extends Error {
   }
 }
 
-/** The resource row belongs to another connection now (a new bind took it over). */
 /** A bind's takeover found the resource row changed each time it tried: tried again later. */
 export class ResourceBusyError extends Error {
   constructor(
@@ -121,6 +120,7 @@ export class ResourceBusyError extends Error {
   }
 }
 
+/** The resource row belongs to another connection now (a new bind took it over). */
 export class ResourceTakenError extends Error {
   constructor(
     readonly user: string,
@@ -829,7 +829,10 @@ export function createSessionStore(
         }
         // (An endpoint that answers a failed condition without the item: read it.)
         held ??= await this.getResource(record.user, record.resource);
-        if (!held) continue;
+        if (!held) {
+          if (attempt >= BIND_ATTEMPTS) throw new ResourceBusyError(record.user, record.resource);
+          continue;
+        }
         // Another connection's. The newest connection keeps the resource: a late bind of an
         // older one does not replace it.
         const { connectedAt } = record;

@@ -994,7 +994,7 @@ const BIND = 'urn:ietf:params:xml:ns:xmpp-bind';
 const bindFrame = (resource: string) =>
   `<iq type='set' id='bind'><bind xmlns='${BIND}'><resource>${resource}</resource></bind></iq>`;
 
-async function takeoverScenario(failBindOnce: boolean) {
+async function takeoverScenario(failBindOnce: boolean, overtaken = false) {
   const port = new RecordingPort();
   const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
   const stamp = `${Date.now()}${Math.floor(Math.random() * 1000)}`;
@@ -1051,8 +1051,16 @@ async function takeoverScenario(failBindOnce: boolean) {
     await expect(frame(next, bindFrame('faults'), 'new-bind')).rejects.toThrow();
     restore();
   }
+  if (overtaken) {
+    // Before the redelivery, a third stream of Bob's binds the resource, taking it from the
+    // second (whose redelivered bind then stops at its fenced row).
+    const third = `third${stamp}`;
+    await open(third, bob, Date.now() + 1);
+    await frame(third, bindFrame('faults'), 'third-bind');
+    expect(port.frames.get(third)?.at(-1)).toContain(`<jid>${bob}/faults</jid>`);
+  }
   await frame(next, bindFrame('faults'), 'new-bind');
-  expect(port.frames.get(next)?.at(-1)).toContain(`<jid>${bob}/faults</jid>`);
+  if (!overtaken) expect(port.frames.get(next)?.at(-1)).toContain(`<jid>${bob}/faults</jid>`);
   return { server, bob, smId };
 }
 
@@ -1066,6 +1074,13 @@ describe('a bind that takes over a detached stream-management session’s resour
 
   it('still ends it when the first attempt of the bind failed after taking the row', async () => {
     const { server, bob, smId } = await takeoverScenario(true);
+    expect((await server.smQueue.get(smId))?.ended).toBe(true);
+    const bodies = (await server.offline.list(bob)).messages.map((m) => /<body>([^<]*)</.exec(m.stanza)?.[1]);
+    expect(bodies).toEqual(['alice-18']);
+  });
+
+  it('is ended by a newer bind that takes the row before the failed one is redelivered', async () => {
+    const { server, bob, smId } = await takeoverScenario(true, true);
     expect((await server.smQueue.get(smId))?.ended).toBe(true);
     const bodies = (await server.offline.list(bob)).messages.map((m) => /<body>([^<]*)</.exec(m.stanza)?.[1]);
     expect(bodies).toEqual(['alice-18']);
