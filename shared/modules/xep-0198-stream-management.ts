@@ -49,6 +49,7 @@ import {
   boundReached,
   countCovers,
   markCovers,
+  markFrame,
   NotSessionOwnerError,
   PROBE_AFTER_MS,
   postedUpTo,
@@ -850,9 +851,7 @@ async function toReroute(server: Server, item: SmQueueItem, from: number): Promi
  */
 async function tellSenders(server: Server, item: SmQueueItem, entries: SmEntry[]): Promise<void> {
   for (const [from, mark] of Object.entries(item.senderMarks ?? {})) {
-    const slash = mark.lastIndexOf('/');
-    const at = slash < 0 ? mark : mark.slice(0, slash);
-    const frameId = at.slice(0, at.lastIndexOf(':'));
+    const frameId = markFrame(mark);
     if (!frameId || !entries.some((entry) => entry.k?.startsWith(`${frameId}:`) && !entry.o)) continue;
     const told = await server.sessions.recordRerouted(from, frameId, item.user);
     server.log.debug('re-route recorded for the frame that queued it', { smId: item.smId, told });

@@ -385,6 +385,13 @@ function markOf(entryKey: string): { frame: string; at: string } {
   return { frame, at: `${frame}${entryKey.slice(colon + 1).padStart(6, '0')}` };
 }
 
+/** The frame id a recorded mark names (`<frame id>:<position>/<seconds>`). */
+export function markFrame(recorded: string): string {
+  const slash = recorded.lastIndexOf('/');
+  const at = slash < 0 ? recorded : recorded.slice(0, slash);
+  return at.slice(0, Math.max(0, at.lastIndexOf(':')));
+}
+
 /** Whether a recorded mark says its frame appended at `key`'s position or later. */
 export function markCovers(recorded: string | undefined, entryKey: string): boolean {
   if (recorded === undefined) return false;
