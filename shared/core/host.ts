@@ -168,7 +168,12 @@ export interface EventPayloads {
   /** A top-level stanza before bind; the bind module takes the bind request. */
   'stanza-before-bind': { stream: Stream & { user: string }; stanza: Element };
   /** Every stanza a bound client sends, before it is checked or routed (XEP-0198 counts here). */
-  'stanza-in': { stream: BoundStream; stanza: Element };
+  'stanza-in': {
+    stream: BoundStream;
+    stanza: Element;
+    /** An iq a `repeatable` handler answers (see IqOptions): its handling changes nothing. */
+    answerOnly: boolean;
+  };
   /** A session has bound its resource. */
   'session-bound': { stream: BoundStream };
   /**
@@ -305,6 +310,14 @@ export interface IqOptions {
   targets?: IqTarget[];
   /** The handler decides itself what to say about another user's account, existing or not. */
   answersForAnyAccount?: boolean;
+  /**
+   * Handling the iq twice is harmless: it answers twice, and what it records (a choice of the
+   * stream's, like XEP-0013's flexible retrieval) comes out the same (ping, disco, software
+   * version). A frame holding such an iq is not marked done (a write per keepalive), and its
+   * XEP-0198 count is saved with the frame's state instead of before it is handled: SQS's rare
+   * redelivery, or a resume in between, only brings the same answer again.
+   */
+  repeatable?: boolean;
 }
 
 /** A top-level element of a namespace that is not a stanza (SASL, XEP-0198). */
@@ -353,6 +366,7 @@ export interface ItemKinds {
   /** A disco node with its own info and items (e.g. XEP-0013's offline node). */
   'disco-node': {
     node: string;
+    /** Harmless when handled twice: disco is `repeatable` (see IqOptions). */
     info(request: IqRequest): Promise<Element>;
     items(request: IqRequest): Promise<Element>;
   };
@@ -375,6 +389,7 @@ export class Host {
   private readonly hooks = new Map<string, Registration[]>();
   private readonly iqHandlers = new Map<string, IqHandler>();
   private readonly anyAccount = new Set<IqHandler>();
+  private readonly repeatable = new Set<IqHandler>();
   private readonly nonzas = new Map<string, NonzaHandler>();
   private readonly lists = new Map<keyof ItemKinds, unknown[]>();
   private registrations = 0;
@@ -412,6 +427,12 @@ export class Host {
       this.iqHandlers.set(key, handler);
     }
     if (options.answersForAnyAccount) this.anyAccount.add(handler);
+    if (options.repeatable) this.repeatable.add(handler);
+  }
+
+  /** Whether handling the iq twice only answers it twice (IqOptions.repeatable). */
+  isRepeatable(handler: IqHandler): boolean {
+    return this.repeatable.has(handler);
   }
 
   iqHandler(target: IqTarget, type: string, payload: Element): IqHandler | undefined {

@@ -14,6 +14,7 @@ import { inFrame, storedOfflineBefore } from './frame.ts';
 import {
   type BoundStream,
   DEFERRED_RESULT,
+  type IqHandler,
   type IqTarget,
   type Server,
   type StanzaEvent,
@@ -327,13 +328,9 @@ async function routeIq(event: StanzaEvent): Promise<void> {
   // RFC 6120 §10.3.3: an iq without 'to' is handled "directly on behalf of the account" (a
   // disco#info without 'to' describes the account, as XEP-0013 §2.2's node query expects); what
   // only the server itself answers (session establishment, software version) is still answered.
-  let target: IqTarget = to?.local || event.self ? 'account' : 'server';
-  let handler = server.host.iqHandler(target, type, payload);
-  if (!handler && event.self) {
-    target = 'server';
-    handler = server.host.iqHandler(target, type, payload);
-  }
-  if (!handler) throw new StanzaError('cancel', 'service-unavailable');
+  const found = findIqHandler(server, type, payload, to);
+  if (!found) throw new StanzaError('cancel', 'service-unavailable');
+  const { target, handler } = found;
   if (
     target === 'account' &&
     to &&
@@ -353,6 +350,48 @@ async function routeIq(event: StanzaEvent): Promise<void> {
   });
   if (result === DEFERRED_RESULT) return;
   await stream.send(iqResult(stanza, result));
+}
+
+/**
+ * The handler of an iq get/set addressed to the server or to an account (`to` undefined: the
+ * sender's own account, and the server's when no account handler takes it; RFC 6120 §10.3.3).
+ */
+function findIqHandler(
+  server: Server,
+  type: string,
+  payload: Element,
+  to: Jid | undefined,
+): { target: IqTarget; handler: IqHandler } | undefined {
+  const target: IqTarget = to === undefined || to.local ? 'account' : 'server';
+  const handler = server.host.iqHandler(target, type, payload);
+  if (handler) return { target, handler };
+  const serverHandler = to === undefined ? server.host.iqHandler('server', type, payload) : undefined;
+  return serverHandler ? { target: 'server', handler: serverHandler } : undefined;
+}
+
+/**
+ * Whether a bound client's `stanza` is an iq that the server answers with a handler that only
+ * reads (IqOptions.repeatable: ping, disco, software version), so that handling it changes
+ * nothing and handling it twice answers twice: the stream then neither marks its frame done nor
+ * saves its XEP-0198 count ahead of it.
+ */
+export function answeredOnly(server: Server, stanza: Element): boolean {
+  const type = stanza.attrs.type;
+  if (stanza.name !== 'iq' || (type !== 'get' && type !== 'set') || stanza.attrs.id === undefined)
+    return false;
+  const children = stanza.getChildElements();
+  if (children.length !== 1) return false;
+  let to: Jid | undefined;
+  if (stanza.attrs.to !== undefined) {
+    try {
+      to = parseJid(stanza.attrs.to);
+    } catch {
+      return false;
+    }
+    if (to.domain !== server.config.domain || (to.local && to.resource)) return false;
+  }
+  const found = findIqHandler(server, type, children[0] as Element, to);
+  return found !== undefined && server.host.isRepeatable(found.handler);
 }
 
 /**

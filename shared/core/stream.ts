@@ -25,7 +25,7 @@ import {
   type StreamStateChanges,
 } from './host.ts';
 import { endStream } from './lifecycle.ts';
-import { routeFromClient } from './router.ts';
+import { answeredOnly, routeFromClient } from './router.ts';
 import { errorReplyTo } from './stanzas.ts';
 import { isTransient, withTransientRetries } from './transient.ts';
 
@@ -286,8 +286,10 @@ async function dispatch(stream: XmppStream, element: Element): Promise<void> {
       return;
     }
     const bound = stream as XmppStream & BoundStream;
-    stream.routed = true;
-    await host.fire('stanza-in', { stream: bound, stanza: element });
+    const answerOnly = answeredOnly(stream.server, element);
+    // What only answers (a ping) changes nothing a redelivery could repeat: no done mark.
+    stream.routed = !answerOnly;
+    await host.fire('stanza-in', { stream: bound, stanza: element, answerOnly });
     return routeFromClient(bound, element);
   }
   throw new StreamError('unsupported-stanza-type', `Unknown element <${element.name}>`);

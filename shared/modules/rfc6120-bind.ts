@@ -29,7 +29,7 @@ export function register(server: Server): void {
     return undefined;
   });
   host.hook('stanza-before-bind', ({ stream, stanza }) => bind(stream, stanza));
-  host.iq('set', NS.session, 'session', async () => undefined, { targets: ['server'] });
+  host.iq('set', NS.session, 'session', async () => undefined, { targets: ['server'], repeatable: true });
   host.iq(
     'set',
     NS.bind,
@@ -37,7 +37,7 @@ export function register(server: Server): void {
     async () => {
       throw new StanzaError('cancel', 'not-allowed', 'This stream already has a resource');
     },
-    { targets: ['server'] },
+    { targets: ['server'], repeatable: true },
   );
 }
 

@@ -46,7 +46,7 @@ export function register(server: Server): void {
         query.c('feature', { var: feature });
       return query;
     },
-    { answersForAnyAccount: true },
+    { answersForAnyAccount: true, repeatable: true },
   );
 
   host.iq(
@@ -60,6 +60,6 @@ export function register(server: Server): void {
       // result whether it exists or not, so disco#items reveals nothing.
       return new Element('query', { xmlns: NS.discoItems });
     },
-    { answersForAnyAccount: true },
+    { answersForAnyAccount: true, repeatable: true },
   );
 }

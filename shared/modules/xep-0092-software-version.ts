@@ -17,6 +17,6 @@ export function register(server: Server): void {
       query.c('version').t(SOFTWARE.version);
       return query;
     },
-    { targets: ['server'] },
+    { targets: ['server'], repeatable: true },
   );
 }

@@ -12,10 +12,16 @@ import { NS } from '../xml/namespaces.ts';
 export function register(server: Server): void {
   server.host.add('disco-feature', NS.ping);
   // XEP-0199 §4.2: "the server MUST respond with an IQ-result" (or an error).
-  server.host.iq('get', NS.ping, 'ping', async (request) => {
-    if (request.to.local && !(await mayQueryAccount(server, bareJid(request.from), bareJid(request.to)))) {
-      throw new StanzaError('cancel', 'service-unavailable');
-    }
-    return undefined;
-  });
+  server.host.iq(
+    'get',
+    NS.ping,
+    'ping',
+    async (request) => {
+      if (request.to.local && !(await mayQueryAccount(server, bareJid(request.from), bareJid(request.to)))) {
+        throw new StanzaError('cancel', 'service-unavailable');
+      }
+      return undefined;
+    },
+    { repeatable: true },
+  );
 }

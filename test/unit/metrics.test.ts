@@ -149,7 +149,11 @@ describe('metrics from host events (shared/modules/metrics.ts)', () => {
   it('counts stanzas in by kind (stanza-in)', async () => {
     const { server } = testServer();
     for (const kind of ['message', 'message', 'presence', 'iq']) {
-      await server.host.fire('stanza-in', { stream: someStream as never, stanza: new Element(kind) });
+      await server.host.fire('stanza-in', {
+        stream: someStream as never,
+        stanza: new Element(kind),
+        answerOnly: false,
+      });
     }
     const documents = publish(server);
     expect(metricValue(documents, 'StanzasIn', 'message')).toBe(2);
