@@ -818,17 +818,19 @@ async function handBack(
 
 /**
  * An ended session's entries from `from` on, as stanzas to re-route, each recording its progress
- * once done: what is still in offline storage is delivered from there (never stored twice), a
- * XEP-0013 copy is dropped.
+ * once done. A XEP-0013 copy is dropped, and so is a message the flood took from offline
+ * storage: while it is still stored, it is delivered from there (never stored twice); once it is
+ * not, it left storage by other means than this session's acknowledgement (which trims it from
+ * the queue first): a XEP-0013 remove or purge (XEP-0013 §2.4, §2.6: "the server MUST remove"),
+ * another resource's flood that delivered it, or its expiry. Routed again, it would come back
+ * as a new message, stamped with the flood's time.
  */
 async function toReroute(server: Server, item: SmQueueItem, from: number): Promise<UndeliveredStanza[]> {
   const entries = item.entries.slice(from);
   await tellSenders(server, item, entries);
-  const fromOffline = entries.flatMap((e) => (e.o ? [e.o] : []));
-  const stillStored = fromOffline.length > 0 ? await server.offline.get(item.user, fromOffline) : new Map();
   const stanzas: UndeliveredStanza[] = [];
   entries.forEach((entry, i) => {
-    if (entry.c || (entry.o && stillStored.has(entry.o))) return;
+    if (entry.c || entry.o) return;
     const position = from + i + 1;
     stanzas.push({
       stanza: parse(entry.s),

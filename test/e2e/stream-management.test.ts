@@ -1437,6 +1437,58 @@ describe('expiry', () => {
     expect(await back.framesBeforePong()).toEqual([]);
   });
 
+  it('does not bring back, when the session expires, flooded messages another resource purged (XEP-0013 §2.6)', async () => {
+    await stack.addUser('cymbeline@localhost', 'cymbeline-pw');
+    const sender = await raw('romeo', 'to-cymbeline');
+    for (let i = 1; i <= 3; i++) sender.send(`<message to='cymbeline@localhost' type='chat'><body>a${i}</body></message>`);
+    await eventually(async () => expect(await stack.server.offline.count('cymbeline@localhost')).toBe(3));
+    const phone = await raw('cymbeline', 'phone');
+    phone.send(`<enable xmlns='${SM3}' resume='true' max='${WINDOW_SECONDS}'/>`);
+    const enabled = await phone.next();
+    phone.send('<presence/>');
+    await phone.until((el) => el.getChildText('body') === 'a3');
+    // The socket dies before the flood is acknowledged: the messages stay stored.
+    phone.terminate();
+    await detached(enabled.attrs.id as string);
+    // XEP-0013 §2.6: "the server MUST remove all messages" — from the desk, meanwhile.
+    const desk = await raw('cymbeline', 'desk');
+    desk.send(
+      "<iq type='set' id='purge1'><offline xmlns='http://jabber.org/protocol/offline'><purge/></offline></iq>",
+    );
+    expect((await desk.until((el) => el.attrs.id === 'purge1')).attrs.type).toBe('result');
+    expect(await stack.server.offline.count('cymbeline@localhost')).toBe(0);
+    await sweep(stack.server, afterWindow(WINDOW_SECONDS));
+    // The expired session's unacknowledged copies are not the user's messages again.
+    expect(await stack.server.offline.count('cymbeline@localhost')).toBe(0);
+    desk.send('<presence/>');
+    expect((await desk.framesBeforePong()).filter((frame) => frame.includes('<body>'))).toEqual([]);
+  });
+
+  it('does not deliver again, when the session expires, flooded messages another resource was flooded with', async () => {
+    await stack.addUser('imogen@localhost', 'imogen-pw');
+    const sender = await raw('romeo', 'to-imogen');
+    for (let i = 1; i <= 3; i++)
+      sender.send(`<message to='imogen@localhost' type='chat'><body>g${i}</body></message>`);
+    await eventually(async () => expect(await stack.server.offline.count('imogen@localhost')).toBe(3));
+    const phone = await raw('imogen', 'phone');
+    phone.send(`<enable xmlns='${SM3}' resume='true' max='${WINDOW_SECONDS}'/>`);
+    const enabled = await phone.next();
+    phone.send('<presence/>');
+    await phone.until((el) => el.getChildText('body') === 'g3');
+    phone.terminate();
+    await detached(enabled.attrs.id as string);
+    // The desk (no stream management) comes online: XEP-0160's flood gives it the three, still
+    // stored, and removes them.
+    const desk = await raw('imogen', 'desk');
+    desk.send('<presence/>');
+    await desk.until((el) => el.getChildText('body') === 'g3');
+    await eventually(async () => expect(await stack.server.offline.count('imogen@localhost')).toBe(0));
+    await sweep(stack.server, afterWindow(WINDOW_SECONDS));
+    // Each message once: the expired session's copies are not routed to the desk again.
+    expect((await desk.framesBeforePong()).filter((frame) => frame.includes('<body>'))).toEqual([]);
+    expect(await stack.server.offline.count('imogen@localhost')).toBe(0);
+  });
+
   it('removes flooded offline messages only once they are acknowledged', async () => {
     await stack.addUser('rosaline@localhost', 'rosaline-pw');
     const sender = await raw('romeo', 'to-rosaline');
