@@ -57,9 +57,24 @@ async function broadcastToOwnResources(
   return resources;
 }
 
+/** RFC 6121 §4.7.1's values of 'type' (none: available). */
+const PRESENCE_TYPES = new Set([
+  'error',
+  'probe',
+  'subscribe',
+  'subscribed',
+  'unavailable',
+  'unsubscribe',
+  'unsubscribed',
+]);
+
 async function presenceFromClient(event: StanzaEvent): Promise<typeof HANDLED> {
   const { stream, stanza } = event;
   const type = stanza.attrs.type;
+  // RFC 6121 §4.7.1: "If the value of the 'type' attribute is not one of the foregoing values,
+  // the recipient or an intermediate router SHOULD return a stanza error of <bad-request/>."
+  if (type !== undefined && !PRESENCE_TYPES.has(type))
+    throw new StanzaError('modify', 'bad-request', `unknown presence type '${type}'`);
   if (event.self) {
     if (type === undefined) await becomeAvailable(stream, stanza);
     else if (type === 'unavailable') await becomeUnavailable(stream, stanza);
@@ -70,7 +85,13 @@ async function presenceFromClient(event: StanzaEvent): Promise<typeof HANDLED> {
   if (type !== undefined && type !== 'unavailable' && type !== 'error') return HANDLED;
   const { server } = stream;
   const to = event.to;
-  if (to.domain !== server.config.domain || !to.local) return HANDLED;
+  if (to.domain !== server.config.domain) {
+    // RFC 6120 §10.4.3: the remote domain cannot be reached (no server-to-server here); the
+    // sender is told, as for a message or an iq (a multi-user chat join is directed presence).
+    if (type === 'error') return HANDLED;
+    throw new StanzaError('cancel', 'remote-server-not-found', 'Server-to-server is not available');
+  }
+  if (!to.local) return HANDLED;
   // The user's own resources are not "entities it sent directed presence to": they get the
   // session's unavailable presence anyway (§4.5.2), and would get it twice.
   if (type !== 'error' && bareJid(to) !== stream.user)

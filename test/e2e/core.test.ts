@@ -537,6 +537,36 @@ describe('XEP-0160 offline messages', () => {
     expect(errorCondition(await sender.waitFor((s) => s.attrs.id === 'g1'))).toBe('service-unavailable');
   });
 
+  it('answers directed presence to another domain with remote-server-not-found (a room join), and an unknown type with bad-request', async () => {
+    const sender = await login('bob', 'bob-secret', { resource: 'far-presence' });
+    // A XEP-0045 join is directed presence; RFC 6120 §10.4.3: "the stanza error MUST be
+    // <remote-server-not-found/>" when the remote domain cannot be reached.
+    await sender.xmpp.send(
+      xml(
+        'presence',
+        { to: 'room@conference.example.org/bob', id: 'join1' },
+        xml('x', { xmlns: 'http://jabber.org/protocol/muc' }),
+      ),
+    );
+    const refused = await sender.waitFor((s) => s.attrs.id === 'join1');
+    expect(refused.name).toBe('presence');
+    expect(refused.attrs).toMatchObject({ type: 'error', from: 'room@conference.example.org/bob' });
+    expect(errorCondition(refused)).toBe('remote-server-not-found');
+    await sender.xmpp.send(
+      xml('presence', { to: 'room@conference.example.org/bob', type: 'unavailable', id: 'leave1' }),
+    );
+    expect(errorCondition(await sender.waitFor((s) => s.attrs.id === 'leave1'))).toBe(
+      'remote-server-not-found',
+    );
+    // RFC 6121 §4.7.1: an unknown 'type' "SHOULD return a stanza error of <bad-request/>".
+    await sender.xmpp.send(xml('presence', { to: 'alice@localhost', type: 'bogus', id: 't1' }));
+    const bad = await sender.waitFor((s) => s.attrs.id === 't1');
+    expect(bad.attrs.type).toBe('error');
+    expect(errorCondition(bad)).toBe('bad-request');
+    await sender.xmpp.send(xml('presence', { type: 'away', id: 't2' }));
+    expect(errorCondition(await sender.waitFor((s) => s.attrs.id === 't2'))).toBe('bad-request');
+  });
+
   it('re-routes a message whose target connection is gone (410) to offline storage', async () => {
     await stack.addUser('ghost@localhost', 'ghost-secret');
     // A resource whose socket vanished without a $disconnect reaching the server.
