@@ -16,17 +16,29 @@ import {
 } from '@aws-sdk/client-cloudformation';
 import { loadConfig } from '../shared/config.ts';
 import { deriveCredentialSet, MIN_ITERATIONS } from '../shared/sasl/scram.ts';
+import { createArchiveStore } from '../shared/store/archive.ts';
 import { createDocumentClient } from '../shared/store/dynamo.ts';
 import { createOfflineStore } from '../shared/store/offline.ts';
+import { createRosterStore } from '../shared/store/roster.ts';
 import { createSessionStore } from '../shared/store/sessions.ts';
 import { createUserStore, UnknownUserError, UserExistsError } from '../shared/store/users.ts';
-import { allTables, offlineTable, sessionsTable, usersTable } from '../shared/tables.ts';
+import {
+  allTables,
+  archiveTable,
+  offlineTable,
+  rosterTable,
+  sessionsTable,
+  usersTable,
+} from '../shared/tables.ts';
+import { deleteAccount } from './account-deletion.ts';
 
 const USAGE = `Usage: npm run user -- [--stack <name>] [--region <region>] <command>
 
   add <bare-jid> <password>      create an account
   passwd <bare-jid> <password>   change an account's password
-  delete <bare-jid>              remove an account
+  delete <bare-jid>              remove an account and what it owned: its roster (every
+                                 subscription cancelled on the contacts' side too), its
+                                 offline messages and its message archive
   list                           print every account's JID
   sessions                       print every online session (bound resource)
   offline <bare-jid>             print how many offline messages wait for an account
@@ -39,7 +51,8 @@ Where the accounts are:
   DYNAMODB_ENDPOINT=url   another DynamoDB Local, e.g. docker run -p 8000:8000 amazon/dynamodb-local
   --stack Nimbus          a deployed stack: the table names and the domain are read from its
                           CloudFormation outputs, in --region (or AWS_REGION), with AWS credentials
-  USERS_TABLE=name        the same by hand (SESSIONS_TABLE, OFFLINE_TABLE for sessions, offline)
+  USERS_TABLE=name        the same by hand (SESSIONS_TABLE, OFFLINE_TABLE, ROSTER_TABLE,
+                          ARCHIVE_TABLE for sessions, offline, delete)
 
 The JID's domain must be the served domain, XMPP_DOMAIN (default localhost; --stack reads it).
 SCRAM_ITERATIONS sets the PBKDF2 iteration count (default and minimum 4096).
@@ -62,7 +75,7 @@ class StackError extends Error {}
 /** The outputs the CLI needs: the served domain and the tables of the commands. */
 const REQUIRED_OUTPUTS = [
   'XmppDomain',
-  ...[usersTable, sessionsTable, offlineTable].map((def) => `${def.id}TableName`),
+  ...[usersTable, sessionsTable, offlineTable, rosterTable, archiveTable].map((def) => `${def.id}TableName`),
 ];
 
 /**
@@ -304,10 +317,31 @@ export async function runUserCli(
         }
         return 0;
       }
-      case 'delete':
-        await users.delete(jid);
+      case 'delete': {
+        const { config } = resolved;
+        const deleted = await deleteAccount(
+          {
+            users,
+            roster: createRosterStore(doc, config.tables.roster, { maxItems: config.rosterMaxItems }),
+            offline: createOfflineStore(doc, config.tables.offline, {
+              quota: config.offlineQuota,
+              ttlSeconds: config.offlineTtlSeconds,
+            }),
+            archive: createArchiveStore(doc, config.tables.archive, {
+              changeWindowMs: config.archiveChangeWindowSeconds * 1000,
+              tombstoneSeconds: config.archiveTombstoneDays * 86_400,
+              maxCollectionEntries: config.archiveMaxCollectionEntries,
+            }),
+          },
+          jid,
+          config.domain,
+        );
         io.out(`deleted ${jid}`);
+        io.out(
+          `  ${deleted.contacts} roster contact(s), ${deleted.offlineMessages} offline message(s), ${deleted.archivedCollections} archived collection(s)`,
+        );
         return 0;
+      }
       case 'sessions': {
         const sessions = createSessionStore(
           doc,

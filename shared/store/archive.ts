@@ -643,6 +643,24 @@ export function createArchiveStore(
     };
   }
 
+  /** BatchWriteItem deletes, 25 at a time, unprocessed ones tried again with backoff. */
+  async function deleteKeys(keys: { pk: string; sk: string }[]): Promise<void> {
+    for (let i = 0; i < keys.length; i += 25) {
+      let requests = keys.slice(i, i + 25).map((Key) => ({ DeleteRequest: { Key } }));
+      for (let attempt = 0; requests.length > 0; attempt++) {
+        if (attempt > 0) await new Promise((resolve) => setTimeout(resolve, 25 * 2 ** attempt));
+        if (attempt > 6)
+          throw Object.assign(new Error('BatchWriteItem kept items unprocessed'), {
+            name: 'ThrottlingException',
+          });
+        const { UnprocessedItems } = await doc.send(
+          new BatchWriteCommand({ RequestItems: { [table]: requests } }),
+        );
+        requests = (UnprocessedItems?.[table] ?? []) as typeof requests;
+      }
+    }
+  }
+
   async function purgePartition(
     owner: string,
     cid: string,
@@ -660,20 +678,7 @@ export function createArchiveStore(
         }),
       );
       const keys = (page.Items ?? []) as { pk: string; sk: string }[];
-      for (let i = 0; i < keys.length; i += 25) {
-        let requests = keys.slice(i, i + 25).map((Key) => ({ DeleteRequest: { Key } }));
-        for (let attempt = 0; requests.length > 0; attempt++) {
-          if (attempt > 0) await new Promise((resolve) => setTimeout(resolve, 25 * 2 ** attempt));
-          if (attempt > 6)
-            throw Object.assign(new Error('BatchWriteItem kept items unprocessed'), {
-              name: 'ThrottlingException',
-            });
-          const { UnprocessedItems } = await doc.send(
-            new BatchWriteCommand({ RequestItems: { [table]: requests } }),
-          );
-          requests = (UnprocessedItems?.[table] ?? []) as typeof requests;
-        }
-      }
+      await deleteKeys(keys);
       deleted += keys.length;
       if (!page.LastEvaluatedKey) return { deleted, done: true };
       if (deleted >= budget) return { deleted, done: false };
@@ -1209,6 +1214,35 @@ export function createArchiveStore(
         if (budget <= 0) queuedPurges += 1;
       }
       return { removed, more, queuedPurges };
+    },
+
+    /**
+     * Everything `owner` archived, gone (an account's deletion): each collection's partition
+     * (messages, notes, keys), then the owner's own items (headers, open pointers, tombstones,
+     * preferences), with no tombstone left behind. Returns the collections deleted.
+     */
+    async deleteOwner(owner: string): Promise<number> {
+      let collections = 0;
+      for (;;) {
+        const page = await doc.send(
+          new QueryCommand({
+            TableName: table,
+            KeyConditionExpression: 'pk = :pk',
+            ExpressionAttributeValues: { ':pk': owner },
+            ProjectionExpression: 'pk, sk, cid',
+            ConsistentRead: true,
+            Limit: 100,
+          }),
+        );
+        const items = page.Items ?? [];
+        if (items.length === 0) return collections;
+        for (const item of items) {
+          if (typeof item.cid !== 'string') continue;
+          while (!(await purgePartition(owner, item.cid, 5000)).done);
+          if ((item.sk as string).startsWith('c#')) collections += 1;
+        }
+        await deleteKeys(items.map((item) => ({ pk: item.pk as string, sk: item.sk as string })));
+      }
     },
 
     /** Continues queued purges (the sweeper): Query `#purge`, BatchWriteItem deletes up to `budget` items. */

@@ -1440,7 +1440,8 @@ describe('expiry', () => {
   it('does not bring back, when the session expires, flooded messages another resource purged (XEP-0013 §2.6)', async () => {
     await stack.addUser('cymbeline@localhost', 'cymbeline-pw');
     const sender = await raw('romeo', 'to-cymbeline');
-    for (let i = 1; i <= 3; i++) sender.send(`<message to='cymbeline@localhost' type='chat'><body>a${i}</body></message>`);
+    for (let i = 1; i <= 3; i++)
+      sender.send(`<message to='cymbeline@localhost' type='chat'><body>a${i}</body></message>`);
     await eventually(async () => expect(await stack.server.offline.count('cymbeline@localhost')).toBe(3));
     const phone = await raw('cymbeline', 'phone');
     phone.send(`<enable xmlns='${SM3}' resume='true' max='${WINDOW_SECONDS}'/>`);

@@ -26,7 +26,9 @@ async function boundStream(name: string, sm: boolean) {
     streamOpen: true,
     user,
     resource: 'r',
-    ...(sm ? { sm: { version: 'sm3' as const, id: smId, inbound: 0, acked: 0, resumable: true, max: 300 } } : {}),
+    ...(sm
+      ? { sm: { version: 'sm3' as const, id: smId, inbound: 0, acked: 0, resumable: true, max: 300 } }
+      : {}),
   });
   if (sm) {
     await server.smQueue.create({
@@ -49,7 +51,8 @@ function rowWrites(server: Server, connectionId: string) {
   const writes: { done: boolean; inbound?: number }[] = [];
   const original = server.sessions.updateConnection.bind(server.sessions);
   intercept(server.sessions, 'updateConnection', async (id, changes, options) => {
-    if (id === connectionId) writes.push({ done: changes.savedFrame !== undefined, inbound: changes.sm?.inbound });
+    if (id === connectionId)
+      writes.push({ done: changes.savedFrame !== undefined, inbound: changes.sm?.inbound });
     return original(id, changes, options);
   });
   return writes;
@@ -120,7 +123,11 @@ describe('a keepalive ping without stream management', () => {
     expect(writes).toEqual([]);
     // A roster get records that the resource asked for the roster (RFC 6121 §2.1.6 pushes):
     // not repeatable, marked done as every routed stanza is.
-    await frame('r1', '104', "<iq xmlns='jabber:client' type='get' id='roster1'><query xmlns='jabber:iq:roster'/></iq>");
+    await frame(
+      'r1',
+      '104',
+      "<iq xmlns='jabber:client' type='get' id='roster1'><query xmlns='jabber:iq:roster'/></iq>",
+    );
     expect(writes.at(-1)).toMatchObject({ done: true });
     expect((await server.sessions.getConnection(connectionId))?.doneSeq).toBe('104');
     // And a message to a contact.

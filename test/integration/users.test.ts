@@ -26,6 +26,8 @@ import { createTestConfig, useDynamoDbLocal } from '../support/dynamodb.ts';
 import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
 
 let table: string;
+/** The other tables `delete` clears (an account's roster, offline inbox, archive). */
+let ownedTables: Record<string, string>;
 let endpoint: string;
 let doc: DynamoDBDocumentClient;
 let users: UserStore;
@@ -33,6 +35,11 @@ let users: UserStore;
 beforeAll(async () => {
   const config = await createTestConfig();
   table = config.tables.users;
+  ownedTables = {
+    ROSTER_TABLE: config.tables.roster,
+    OFFLINE_TABLE: config.tables.offline,
+    ARCHIVE_TABLE: config.tables.archive,
+  };
   endpoint = useDynamoDbLocal();
   doc = documentClientFor(config);
   users = createUserStore(doc, table);
@@ -204,6 +211,7 @@ function cli(
           ...process.env,
           DYNAMODB_ENDPOINT: endpoint,
           USERS_TABLE: table,
+          ...ownedTables,
           XMPP_DOMAIN: 'localhost',
           SCRAM_ITERATIONS: '4096',
           ...options.env,
@@ -278,7 +286,10 @@ describe('npm run user', () => {
   }, 30_000);
 
   it('deletes, then reports an unknown account (exit 2)', async () => {
-    expect(await cli(['delete', jid])).toMatchObject({ code: 0, stdout: `deleted ${jid}\n` });
+    expect(await cli(['delete', jid])).toMatchObject({
+      code: 0,
+      stdout: `deleted ${jid}\n  0 roster contact(s), 0 offline message(s), 0 archived collection(s)\n`,
+    });
     expect(await users.exists(jid)).toBe(false);
     const again = await cli(['delete', jid]);
     expect(again.code).toBe(2);

@@ -1,0 +1,138 @@
+/**
+ * `npm run user -- delete <jid>` (infra/account-deletion.ts) against DynamoDB Local: the account's
+ * roster, offline inbox and archive go with its credentials, and its contacts' rosters no longer
+ * hold a subscription with it. An account created again under the JID starts empty and is given
+ * nobody's presence.
+ */
+
+import { QueryCommand } from '@aws-sdk/lib-dynamodb';
+import { describe, expect, it } from 'vitest';
+import { deleteAccount } from '../../infra/account-deletion.ts';
+import { createLogger } from '../../shared/log.ts';
+import { RecordingPort } from '../../shared/outbound.ts';
+import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
+import { createServer, type Server } from '../../shared/server.ts';
+import { documentClientFor } from '../../shared/store/dynamo.ts';
+import type { RosterEntry } from '../../shared/store/roster.ts';
+import { UnknownUserError } from '../../shared/store/users.ts';
+import { createTestConfig } from '../support/dynamodb.ts';
+
+const entry = (contact: string, changes: Partial<RosterEntry>): RosterEntry => ({
+  contact,
+  listed: true,
+  groups: [],
+  subscription: 'none',
+  pendingOut: false,
+  approved: false,
+  ...changes,
+});
+
+/** Writes both sides of a relation as the roster module leaves them. */
+async function relate(
+  server: Server,
+  user: string,
+  contact: string,
+  mine: RosterEntry,
+  theirs?: RosterEntry,
+) {
+  await server.roster.apply(user, contact, { contactIsLocal: theirs !== undefined }, () => ({
+    user: mine,
+    contact: theirs,
+    outcome: undefined,
+  }));
+}
+
+describe('deleting an account', () => {
+  it("removes its roster, cancelling each subscription on the contact's side, its offline messages and its archive", async () => {
+    const config = await createTestConfig();
+    const server = createServer({
+      config,
+      port: new RecordingPort(),
+      log: createLogger('silent'),
+    });
+    const stamp = Date.now();
+    const dave = `dave${stamp}@localhost`;
+    const carol = `carol${stamp}@localhost`;
+    const erin = `erin${stamp}@localhost`;
+    for (const jid of [dave, carol, erin])
+      await server.users.create(jid, await deriveCredentialSet('pw', 4096));
+    // carol and dave: Both. erin asked dave for a subscription (pending in for dave, pending out
+    // for erin). dave has a contact on another domain.
+    await relate(
+      server,
+      dave,
+      carol,
+      entry(carol, { subscription: 'both', name: 'Carol' }),
+      entry(dave, { subscription: 'both' }),
+    );
+    await relate(
+      server,
+      dave,
+      erin,
+      entry(erin, { listed: false, pendingIn: `<presence from='${erin}' type='subscribe'/>` }),
+      entry(dave, { pendingOut: true }),
+    );
+    await relate(server, dave, 'romeo@example.org', entry('romeo@example.org', { subscription: 'to' }));
+    await server.offline.store(dave, {
+      from: `${carol}/r`,
+      storedAt: stamp,
+      stanza: '<message><body>1</body></message>',
+    });
+    await server.offline.store(dave, {
+      from: `${carol}/r`,
+      storedAt: stamp + 1,
+      stanza: '<message><body>2</body></message>',
+    });
+    const open = await server.archive.startCollection(dave, { with: `${carol}/r`, start: stamp });
+    await server.archive.appendMessage(dave, open, {
+      kind: 'to',
+      at: stamp,
+      xml: '<to><body>hi</body></to>',
+    });
+    await server.archive.putPrefs(dave, { ...(await server.archive.getPrefs(dave)) });
+
+    const deleted = await deleteAccount(server, dave, 'localhost');
+    expect(deleted).toEqual({ contacts: 3, offlineMessages: 2, archivedCollections: 1 });
+
+    expect(await server.users.exists(dave)).toBe(false);
+    const left = await server.roster.getRoster(dave);
+    expect([...left.items, ...left.pendingIn]).toEqual([]);
+    expect(await server.offline.count(dave)).toBe(0);
+    expect((await server.archive.listCollections(dave, {}, { max: 10 })).items).toEqual([]);
+    expect(await server.archive.modifiedSince(dave, undefined, 10)).toMatchObject({ items: [] });
+    // No item left in the collection's own partition, nor in the owner's (no tombstone).
+    for (const pk of [`${dave}/${open.header.cid}`, dave]) {
+      const { Items } = await documentClientFor(config).send(
+        new QueryCommand({
+          TableName: config.tables.archive,
+          KeyConditionExpression: 'pk = :pk',
+          ExpressionAttributeValues: { ':pk': pk },
+        }),
+      );
+      expect(Items).toEqual([]);
+    }
+
+    // RFC 6121 §2.5.2's removal, as the contacts' servers apply it: carol's Both becomes None
+    // (her item stays: her roster is hers); erin's request is refused ("unsubscribed"), so her
+    // pending out is gone.
+    expect(await server.roster.getEntry(carol, dave)).toMatchObject({
+      listed: true,
+      subscription: 'none',
+      pendingOut: false,
+    });
+    expect(await server.roster.getEntry(erin, dave)).toMatchObject({
+      subscription: 'none',
+      pendingOut: false,
+    });
+
+    // The JID taken again: nothing of the old owner's.
+    await server.users.create(dave, await deriveCredentialSet('other', 4096));
+    const fresh = await server.roster.getRoster(dave);
+    expect([...fresh.items, ...fresh.pendingIn]).toEqual([]);
+    expect(await server.offline.count(dave)).toBe(0);
+
+    await expect(deleteAccount(server, `nobody${stamp}@localhost`, 'localhost')).rejects.toBeInstanceOf(
+      UnknownUserError,
+    );
+  });
+});
