@@ -739,7 +739,13 @@ start='1469-07-21T02:00:00Z'>
         first: '1469-07-21T02:56:15Zjuliet@capulet.com',
         last: '1469-07-21T03:16:37Zbalcony@house.capulet.com',
       },
-      { page: decodeRsm(xml('<list/>'), { defaultMax: 30, max: 30 }) },
+      // Example 26's request: <set xmlns='http://jabber.org/protocol/rsm'><max>30</max></set>
+      {
+        page: decodeRsm(xml(`<list><set xmlns='http://jabber.org/protocol/rsm'><max>30</max></set></list>`), {
+          defaultMax: 100,
+          max: 250,
+        }),
+      },
     );
     expectSameXml(
       list,
@@ -758,6 +764,22 @@ start='1469-07-21T03:16:37Z'/>
 </set>
 </list>`),
     );
+  });
+
+  test('0.5 §4.2: a list asked for without <set/> or maxitems and cut says partial, beside its <set/>', () => {
+    // 0.5 §4.2: "If the requested list would be too long to return in its entirety … the server
+    // MUST indicate that the list is incomplete by setting the optional 'partial' attribute of
+    // the <list/> element to 'true'". Its example request: <list xmlns='…' with='juliet@capulet.com'/>
+    const request = {
+      page: decodeRsm(xml(`<list with='juliet@capulet.com'/>`), { defaultMax: 1, max: 250 }),
+    };
+    const only = header({ with: 'juliet@capulet.com/chamber', start: ms('1469-07-21T02:56:15Z') });
+    const page = { items: [only], count: 2, firstIndex: 0, first: 'a', last: 'a' };
+    const cut = encodeList(page, request);
+    expect(cut.attrs.partial).toBe('true');
+    expect(cut.getChild('set', 'http://jabber.org/protocol/rsm')?.getChildText('count')).toBe('2');
+    // Whole: no partial.
+    expect(encodeList({ ...page, count: 1 }, request).attrs.partial).toBeUndefined();
   });
 
   test('Example 28: nothing matches, an empty <list/>', () => {

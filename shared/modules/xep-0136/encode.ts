@@ -68,7 +68,8 @@ function storeAttrs(header: Pick<CollectionHeader, 'with' | 'start' | 'subject'>
  * attributes) in chronological order … If the collection contains <EncryptedData/> or
  * <EncryptedKey/> elements then the 'crypt' attribute … MUST be set to 'true'"; "If no
  * collections correspond to the request the server MUST return an empty <list/> element".
- * 0.5 (`maxitems`): `partial='true'` when more follow, and no `<set/>`.
+ * 0.5 (`maxitems`): `partial='true'` when more follow, and no `<set/>`; without either, a cut
+ * list has both.
  */
 export function encodeList(
   page: Page<CollectionHeader>,
@@ -83,6 +84,10 @@ export function encodeList(
     if (page.count > page.items.length) list.attrs.partial = 'true';
     return list;
   }
+  // A request without <set/> may be a 0.5 client's (0.5 §4.2, whose example has neither
+  // <set/> nor maxitems): "the server MUST indicate that the list is incomplete by setting the
+  // optional 'partial' attribute … to 'true'". A 0.9 client reads the <set/> beside it.
+  if (!request.page.present && page.count > page.items.length) list.attrs.partial = 'true';
   list.cnode(
     encodeRsm({ first: page.first, firstIndex: page.firstIndex, last: page.last, count: page.count }),
   );
