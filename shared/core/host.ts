@@ -171,8 +171,8 @@ export interface EventPayloads {
   'stanza-in': {
     stream: BoundStream;
     stanza: Element;
-    /** An iq a `repeatable` handler answers (see IqOptions): its handling changes nothing. */
-    answerOnly: boolean;
+    /** Handling it twice is harmless (router.ts `repeatable`: a ping, a typing notification). */
+    repeatable: boolean;
   };
   /** A session has bound its resource. */
   'session-bound': { stream: BoundStream };

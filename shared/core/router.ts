@@ -369,13 +369,21 @@ function findIqHandler(
   return serverHandler ? { target: 'server', handler: serverHandler } : undefined;
 }
 
+const CHAT_STATES = 'http://jabber.org/protocol/chatstates';
+const PROCESSING_HINTS = 'urn:xmpp:hints';
+
 /**
- * Whether a bound client's `stanza` is an iq that the server answers with a handler that only
- * reads (IqOptions.repeatable: ping, disco, software version), so that handling it changes
- * nothing and handling it twice answers twice: the stream then neither marks its frame done nor
- * saves its XEP-0198 count ahead of it.
+ * Whether handling a bound client's `stanza` twice is harmless, so that the stream neither marks
+ * its frame done nor saves its XEP-0198 count ahead of it (one write instead of two, or none):
+ * - an iq a handler answers that IqOptions.repeatable marks (ping, disco, software version):
+ *   handled twice, it is answered twice;
+ * - a XEP-0085 standalone notification (a message whose children are chat states, with XEP-0334
+ *   hints at most): delivered twice, it says twice that the user is typing. What it might put
+ *   somewhere durable (a `normal` one stored offline) carries the frame's key, as every store
+ *   does (core/frame.ts), and is not put there twice.
  */
-export function answeredOnly(server: Server, stanza: Element): boolean {
+export function repeatable(server: Server, stanza: Element): boolean {
+  if (stanza.name === 'message') return chatStateNotification(stanza);
   const type = stanza.attrs.type;
   if (stanza.name !== 'iq' || (type !== 'get' && type !== 'set') || stanza.attrs.id === undefined)
     return false;
@@ -392,6 +400,18 @@ export function answeredOnly(server: Server, stanza: Element): boolean {
   }
   const found = findIqHandler(server, type, children[0] as Element, to);
   return found !== undefined && server.host.isRepeatable(found.handler);
+}
+
+function chatStateNotification(stanza: Element): boolean {
+  const type = stanza.attrs.type;
+  if (type === 'error' || type === 'groupchat') return false;
+  const children = stanza.getChildElements();
+  // XEP-0334's <store/> asks for the message to be kept (offline, in the archive): not one.
+  const hint = (child: Element) => child.attrs.xmlns === PROCESSING_HINTS && child.name !== 'store';
+  return (
+    children.some((child) => child.attrs.xmlns === CHAT_STATES) &&
+    children.every((child) => child.attrs.xmlns === CHAT_STATES || hint(child))
+  );
 }
 
 /**

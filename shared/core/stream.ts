@@ -25,7 +25,7 @@ import {
   type StreamStateChanges,
 } from './host.ts';
 import { endStream } from './lifecycle.ts';
-import { answeredOnly, routeFromClient } from './router.ts';
+import { repeatable, routeFromClient } from './router.ts';
 import { errorReplyTo } from './stanzas.ts';
 import { isTransient, withTransientRetries } from './transient.ts';
 
@@ -286,10 +286,10 @@ async function dispatch(stream: XmppStream, element: Element): Promise<void> {
       return;
     }
     const bound = stream as XmppStream & BoundStream;
-    const answerOnly = answeredOnly(stream.server, element);
-    // What only answers (a ping) changes nothing a redelivery could repeat: no done mark.
-    stream.routed = !answerOnly;
-    await host.fire('stanza-in', { stream: bound, stanza: element, answerOnly });
+    const harmlessTwice = repeatable(stream.server, element);
+    // What a redelivery may repeat harmlessly (a ping's answer, a typing notification): no done mark.
+    stream.routed = !harmlessTwice;
+    await host.fire('stanza-in', { stream: bound, stanza: element, repeatable: harmlessTwice });
     return routeFromClient(bound, element);
   }
   throw new StreamError('unsupported-stanza-type', `Unknown element <${element.name}>`);

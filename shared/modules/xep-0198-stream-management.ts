@@ -80,7 +80,7 @@ export function register(server: Server): void {
   // XEP-0198 §4: every stanza counts, even one that is refused: counted before routing, and
   // the count is written before the stanza goes anywhere, unless a resume fenced this
   // connection: so every stanza the old connection routes is in the h that <resumed/> reports.
-  host.hook('stanza-in', (event) => countInbound(event.stream, event.answerOnly), { priority: 100 });
+  host.hook('stanza-in', (event) => countInbound(event.stream, event.repeatable), { priority: 100 });
   host.provideStanzaQueue({
     deliver: (smId, stanza, options) => deliverToSmSession(server, smId, stanza, options),
     queuedBefore: (smId) => queuedBefore(server, smId),
@@ -968,11 +968,11 @@ async function awaitOldStream(stream: Stream): Promise<void> {
 /**
  * Counts a stanza the client sent (sm:3 counts stanzas; sm:1 learns numbers from `<r u/>`). The
  * count is saved before the stanza is routed: a resume's `h` then covers every stanza whose
- * effects another entity may have seen. One the server only answers (`answerOnly`: a ping) is
- * counted in the frame's own save instead, one write for both: a resume in between has the
- * client send it again, and it is answered again.
+ * effects another entity may have seen. One whose handling may be repeated harmlessly
+ * (`repeatable`: a ping, a typing notification) is counted in the frame's own save instead, one
+ * write for both: a resume in between has the client send it again, and it is handled again.
  */
-async function countInbound(stream: Stream, answerOnly: boolean): Promise<undefined> {
+async function countInbound(stream: Stream, repeatable: boolean): Promise<undefined> {
   await awaitOldStream(stream);
   const sm = stream.state.sm;
   // The seed's sm:1 learns counts from the client's 'u'; only sm:3 counts here.
@@ -984,7 +984,7 @@ async function countInbound(stream: Stream, answerOnly: boolean): Promise<undefi
   stream.update({ sm: { ...sm, inbound: sm.inbound + 1 } });
   if (stream.frameId) stream.update({ countedFrame: stream.frameId });
   if (stream.seq) stream.update({ countedSeq: stream.seq });
-  if (answerOnly) return undefined;
+  if (repeatable) return undefined;
   try {
     await stream.commit();
   } catch (error) {

@@ -152,7 +152,7 @@ describe('metrics from host events (shared/modules/metrics.ts)', () => {
       await server.host.fire('stanza-in', {
         stream: someStream as never,
         stanza: new Element(kind),
-        answerOnly: false,
+        repeatable: false,
       });
     }
     const documents = publish(server);

@@ -1,8 +1,9 @@
 /**
- * A frame whose stanza the server only answers (an XEP-0199 ping, a disco or version query: the
- * handlers registered `repeatable`) changes nothing a redelivery could repeat but the answer.
- * Such a frame is not marked done in its connection row, and with XEP-0198 its count is saved
- * with the frame's end, not ahead of the handling: a keepalive costs one write less.
+ * A frame whose stanza may be handled twice harmlessly (router.ts `repeatable`): an iq the server
+ * only answers (an XEP-0199 ping, a disco or version query: handlers registered `repeatable`), or
+ * a XEP-0085 typing notification. Such a frame is not marked done in its connection row, and with
+ * XEP-0198 its count is saved with the frame's end, not ahead of the handling: a keepalive or a
+ * notification costs one write less.
  */
 import { describe, expect, it } from 'vitest';
 import { handleStreamEvent } from '../../shared/core/stream.ts';
@@ -189,5 +190,55 @@ describe('a keepalive ping with stream management (urn:xmpp:sm:3)', () => {
     const queue = await server.smQueue.get(`sm-${connectionId}`);
     expect(queue?.entries.filter((entry) => entry.s.includes('c2s1'))).toHaveLength(1);
     expect(results(port, connectionId, 'c2s1').length).toBeGreaterThanOrEqual(1);
+  });
+});
+
+describe('a XEP-0085 typing notification', () => {
+  it('is delivered without a write of the sender’s row; a message with a body is marked done', async () => {
+    const { port, server, connectionId } = await boundStream('typist', false);
+    // The reader: an available resource on the same server, without stream management.
+    const peer = { user: `reader${Date.now()}@localhost`, connectionId: `reader${Date.now()}` };
+    await server.sessions.createConnection(peer.connectionId, Date.now());
+    await server.sessions.bindResource({
+      user: peer.user,
+      resource: 'r',
+      connectionId: peer.connectionId,
+      available: false,
+      priority: 0,
+      boundAt: Date.now(),
+    });
+    await server.sessions.updatePresence(peer.user, 'r', peer.connectionId, {
+      available: true,
+      priority: 0,
+      presence: '<presence/>',
+    });
+    const writes = rowWrites(server, connectionId);
+    const frame = frames(server, connectionId);
+    // XEP-0085 §5.2 Example 4: <message from='bernardo@shakespeare.lit/pda' to='francisco@shakespeare.lit' type='chat'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>
+    const composing = `<message xmlns='jabber:client' to='${peer.user}' type='chat' id='cs1'><composing xmlns='http://jabber.org/protocol/chatstates'/><no-store xmlns='urn:xmpp:hints'/></message>`;
+    await frame('c1', '100', composing);
+    const delivered = () =>
+      (port.frames.get(peer.connectionId) ?? []).filter((frame) => frame.includes('composing')).length;
+    expect(delivered()).toBe(1);
+    expect(writes).toEqual([]);
+    // A lost delete: delivered again, which says again that bernardo is typing.
+    await frame('c1', '100', composing, 2);
+    expect(delivered()).toBe(2);
+    expect(writes).toEqual([]);
+    // One that asks to be kept (XEP-0334 <store/>: offline, in the archive) is marked done.
+    await frame(
+      's1',
+      '101',
+      `<message xmlns='jabber:client' to='${peer.user}' type='chat' id='cs2'><paused xmlns='http://jabber.org/protocol/chatstates'/><store xmlns='urn:xmpp:hints'/></message>`,
+    );
+    expect(writes.at(-1)).toMatchObject({ done: true });
+    // With a body it is a message: marked done, never delivered twice.
+    const message = `<message xmlns='jabber:client' to='${peer.user}' type='chat' id='m1'><body>hi</body><active xmlns='http://jabber.org/protocol/chatstates'/></message>`;
+    await frame('m1', '102', message);
+    expect(writes.at(-1)).toMatchObject({ done: true });
+    await frame('m1', '102', message, 2);
+    expect((port.frames.get(peer.connectionId) ?? []).filter((frame) => frame.includes('>hi<'))).toHaveLength(
+      1,
+    );
   });
 });
