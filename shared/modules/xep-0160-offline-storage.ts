@@ -46,9 +46,15 @@ export function register(server: Server): void {
   // presence": the first such presence of the session, even if an earlier one was negative.
   // Until the flood has sent everything stored, live messages are stored behind it (a hold on
   // the session's messages, put on with that presence): the sender's order is kept.
-  host.hook('availability-changing', (event) => {
+  host.hook('availability-changing', async (event) => {
     const { stream, priority } = event;
-    if (priority >= 0 && !stream.state.flooded && !stream.state.flexibleOffline) event.hold = true;
+    if (priority < 0 || stream.state.flooded || stream.state.flexibleOffline) return undefined;
+    // XEP-0013 §2.2: while another session of the user retrieves flexibly there is no flood, so
+    // no hold either: "the user's server MUST deliver in-session messages as usual". Put on and
+    // let go only after the presence's broadcast, it would store what came meanwhile for good.
+    const resources = await stream.server.sessions.listResources(stream.user);
+    if (resources.some((other) => other.flexibleOffline && other.resource !== stream.resource)) return undefined;
+    event.hold = true;
     return undefined;
   });
   host.hook('availability-changed', async ({ stream, available, priority, resources, held }) => {
