@@ -53,7 +53,8 @@ export function register(server: Server): void {
     // no hold either: "the user's server MUST deliver in-session messages as usual". Put on and
     // let go only after the presence's broadcast, it would store what came meanwhile for good.
     const resources = await stream.server.sessions.listResources(stream.user);
-    if (resources.some((other) => other.flexibleOffline && other.resource !== stream.resource)) return undefined;
+    if (resources.some((other) => other.flexibleOffline && other.resource !== stream.resource))
+      return undefined;
     event.hold = true;
     return undefined;
   });
