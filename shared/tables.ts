@@ -117,6 +117,11 @@ export const ARCHIVE_WITH_BARE_INDEX = 'byWithBare';
 export const ARCHIVE_WITH_DOMAIN_INDEX = 'byWithDomain';
 /** Headers and removal tombstones by change time: the `<modified/>` log. */
 export const ARCHIVE_CHANGE_INDEX = 'byChange';
+/**
+ * Headers of collections that expire, by the time their next message expires (`nextExpiry`,
+ * epoch seconds), in a few shards (`expShard`): the sweep that records expiries for `<modified/>`.
+ */
+export const ARCHIVE_EXPIRY_INDEX = 'byExpiry';
 /** EncryptedKey items by the public key that encrypts them (`<keys/>`). */
 export const ARCHIVE_KEY_NAME_INDEX = 'byKeyName';
 
@@ -153,6 +158,12 @@ export const archiveTable: TableDefinition = {
       sortKey: { name: 'changeKey', type: 'S' },
       // The table's keys say it all: `sk` is c#<start>/<with> (changed) or r#<start>/<with> (removed).
       projection: { type: 'KEYS_ONLY' },
+    },
+    {
+      indexName: ARCHIVE_EXPIRY_INDEX,
+      partitionKey: { name: 'expShard', type: 'S' },
+      sortKey: { name: 'nextExpiry', type: 'N' },
+      projection: { type: 'INCLUDE', attributes: ['cid', 'changeKey', TTL_ATTRIBUTE] },
     },
     {
       indexName: ARCHIVE_KEY_NAME_INDEX,

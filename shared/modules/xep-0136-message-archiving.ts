@@ -176,6 +176,8 @@ export function register(server: Server): void {
 
   host.hook('sweep', async () => {
     await server.archive.purgePending();
+    // 0.9 §10: what expired is reported by <modified/> as changed or removed.
+    await server.archive.sweepExpiring();
     return undefined;
   });
 }

@@ -39,6 +39,7 @@ import {
 } from '@aws-sdk/lib-dynamodb';
 import {
   ARCHIVE_CHANGE_INDEX,
+  ARCHIVE_EXPIRY_INDEX,
   ARCHIVE_KEY_NAME_INDEX,
   ARCHIVE_WITH_BARE_INDEX,
   ARCHIVE_WITH_DOMAIN_INDEX,
@@ -335,6 +336,16 @@ export interface ArchiveStoreOptions {
 }
 
 const DAY_SECONDS = 86_400;
+/** Shards of the expiry index (`expShard` = `x<n>`), each swept on its own. */
+const EXPIRY_SHARDS = 4;
+/** Message expiries closer together than this are recorded as one change of the collection. */
+const EXPIRY_BATCH_SECONDS = 60;
+
+function expiryShard(owner: string): string {
+  let hash = 0;
+  for (let i = 0; i < owner.length; i++) hash = (hash * 31 + owner.charCodeAt(i)) >>> 0;
+  return `x${hash % EXPIRY_SHARDS}`;
+}
 /** Changes younger than this are not listed yet: a GSI can lag, and a cursor must never pass one. */
 const CHANGE_VISIBILITY_LAG_MS = 2000;
 
@@ -446,7 +457,36 @@ export function createArchiveStore(
       changeOwner: owner,
       changeKey,
       [TTL_ATTRIBUTE]: header.expiresAt,
+      // A collection that expires is swept when its first message does (`sweepExpiring`): the
+      // header outlives its messages by a day, so that is a day before the header's own TTL.
+      ...(header.expiresAt !== undefined
+        ? { expShard: expiryShard(owner), nextExpiry: header.expiresAt - DAY_SECONDS }
+        : {}),
     };
+  }
+
+  /** The TTL of the collection's first message not yet expired (messages expire in order). */
+  async function nextMessageExpiry(owner: string, cid: string, nowSec: number): Promise<number | undefined> {
+    let startKey: Record<string, unknown> | undefined;
+    do {
+      const page = await doc.send(
+        new QueryCommand({
+          TableName: table,
+          KeyConditionExpression: 'pk = :pk AND begins_with(sk, :m)',
+          FilterExpression: '#ttl > :now',
+          ProjectionExpression: '#ttl',
+          ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
+          ExpressionAttributeValues: { ':pk': partitionOf(owner, cid), ':m': 'm#', ':now': nowSec },
+          ConsistentRead: true,
+          Limit: 100,
+          ...(startKey ? { ExclusiveStartKey: startKey } : {}),
+        }),
+      );
+      const first = page.Items?.[0];
+      if (first) return first[TTL_ATTRIBUTE] as number;
+      startKey = page.LastEvaluatedKey;
+    } while (startKey);
+    return undefined;
   }
 
   function newHeader(
@@ -1243,6 +1283,71 @@ export function createArchiveStore(
         }
         await deleteKeys(items.map((item) => ({ pk: item.pk as string, sk: item.sk as string })));
       }
+    },
+
+    /**
+     * Records what expired (the sweeper, every minute), so that `<modified/>` (0.9 §10) reports
+     * it: a collection whose header's TTL passed is removed as a `<remove/>` would remove it
+     * (tombstone, purge); one whose earlier messages expired is marked changed now, and waits for
+     * its next message's expiry (at least EXPIRY_BATCH_SECONDS on) or, with none left, for the
+     * header's. One Query per shard on `byExpiry`, up to `limit` collections each.
+     */
+    async sweepExpiring(limit = 25): Promise<{ changed: number; removed: number }> {
+      const nowSec = nowSeconds();
+      let changed = 0;
+      let removed = 0;
+      for (let shard = 0; shard < EXPIRY_SHARDS; shard++) {
+        const { Items } = await doc.send(
+          new QueryCommand({
+            TableName: table,
+            IndexName: ARCHIVE_EXPIRY_INDEX,
+            KeyConditionExpression: 'expShard = :shard AND nextExpiry <= :now',
+            ExpressionAttributeValues: { ':shard': `x${shard}`, ':now': nowSec },
+            Limit: limit,
+          }),
+        );
+        for (const item of Items ?? []) {
+          const owner = item.pk as string;
+          const cid = item.cid as string;
+          const expiresAt = item[TTL_ATTRIBUTE] as number | undefined;
+          if (expiresAt !== undefined && expiresAt <= nowSec) {
+            const { Item } = await doc.send(
+              new GetCommand({ TableName: table, Key: { pk: owner, sk: item.sk }, ConsistentRead: true }),
+            );
+            if (Item?.cid === cid && (await removeOne(owner, toHeader(Item), 100)) >= 0) removed += 1;
+            continue;
+          }
+          const next = (await nextMessageExpiry(owner, cid, nowSec)) ?? expiresAt;
+          // Never backwards (see storeManual): an append's key may be ahead of now.
+          const seenKey = item.changeKey as string;
+          const nowKey = changeKeyOf(now(), randomDigits());
+          try {
+            await doc.send(
+              new UpdateCommand({
+                TableName: table,
+                Key: { pk: owner, sk: item.sk },
+                UpdateExpression:
+                  next === undefined
+                    ? 'SET changeKey = :ck REMOVE nextExpiry, expShard'
+                    : 'SET changeKey = :ck, nextExpiry = :next',
+                // An append meanwhile moved the key itself: the collection is reported changed.
+                ConditionExpression: 'cid = :cid AND nextExpiry <= :now AND changeKey = :seen',
+                ExpressionAttributeValues: {
+                  ':ck': seenKey > nowKey ? seenKey : nowKey,
+                  ':seen': seenKey,
+                  ':cid': cid,
+                  ':now': nowSec,
+                  ...(next === undefined ? {} : { ':next': Math.max(next, nowSec + EXPIRY_BATCH_SECONDS) }),
+                },
+              }),
+            );
+            changed += 1;
+          } catch (error) {
+            if (!isConditionFailure(error)) throw error;
+          }
+        }
+      }
+      return { changed, removed };
     },
 
     /** Continues queued purges (the sweeper): Query `#purge`, BatchWriteItem deletes up to `budget` items. */

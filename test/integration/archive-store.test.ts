@@ -476,6 +476,52 @@ describe('modified: the change log with tombstones', () => {
     expect(none.items).toEqual([]);
   });
 
+  test('what expires is reported: changed when earlier messages expire, removed with the collection', async () => {
+    // 0.9 §10: "If a collection has been modified, created or removed *after* the time specified
+    // by the <after/> element then the server MUST include it"; §3.2: `expire` is how long after
+    // archiving "the server SHOULD delete" messages.
+    const t0 = clock;
+    await seedCollection(JULIET, START, 1, { expireSeconds: 60 });
+    clock += 10_000;
+    const existing = await store.getCollection(owner, { with: JULIET, start: START });
+    await store.storeManual(
+      owner,
+      {
+        ref: { with: JULIET, start: START },
+        entries: [chat('to', 'later', START + 5000)],
+        expireSeconds: 60,
+      },
+      existing,
+    );
+    clock += 5_000;
+    const synced = await store.modifiedSince(owner, undefined, 10);
+    expect(synced.items.map((c) => c.kind)).toEqual(['changed']);
+    const cursor = synced.items.at(-1)?.key;
+    // Nothing has expired yet: the sweep records nothing.
+    await store.sweepExpiring(500);
+    clock += 3_000;
+    expect((await store.modifiedSince(owner, cursor, 10)).items).toEqual([]);
+
+    // The first message expires (archived at t0, kept 60 s): the collection changed.
+    clock = t0 + 61_000;
+    await store.sweepExpiring(500);
+    clock += 3_000;
+    const changed = await store.modifiedSince(owner, cursor, 10);
+    expect(changed.items.map((c) => [c.kind, c.collection.with])).toEqual([['changed', JULIET]]);
+    const left = await store.retrieveMessages(owner, { with: JULIET, start: START }, { max: 10 });
+    expect(left?.items.map((entry) => entry.xml)).toEqual([expect.stringContaining('later')]);
+
+    // The header outlives its last message by a day; past it, the collection is removed.
+    clock = t0 + 86_460_000 + 2_000;
+    await store.sweepExpiring(500);
+    clock += 3_000;
+    const removed = await store.modifiedSince(owner, changed.items.at(-1)?.key, 10);
+    expect(removed.items.map((c) => [c.kind, c.collection.with, c.collection.start])).toEqual([
+      ['removed', JULIET, START],
+    ]);
+    expect((await store.listCollections(owner, {}, { max: 10 })).items).toEqual([]);
+  });
+
   test('a manual store into a collection being recorded never moves its change time back', async () => {
     // §10: "If a collection has been modified, created or removed after the time specified by
     // the <after/> element then the server MUST include it". Auto appends stamp the end of their
