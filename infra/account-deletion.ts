@@ -13,19 +13,26 @@
  * - The offline inbox (XEP-0160, XEP-0013) and the message archive (XEP-0136), with no
  *   tombstone left.
  *
- * Sessions already open keep running until they end; they cannot log in again.
+ * - The resource rows of its sessions: nothing is routed to them any more (a message to the JID
+ *   is answered as for any JID without an account); the streams themselves run until they end
+ *   (this command cannot post or close), and cannot log in again.
+ *
+ * Run again for a JID whose credentials are gone already (an earlier run that failed part-way),
+ * it finishes the rest; UnknownUserError only when nothing was left.
  */
 import { contactSeesRemoval, removalStanzas } from '../shared/modules/rfc6121-roster/subscription-states.ts';
 import type { ArchiveStore } from '../shared/store/archive.ts';
 import type { OfflineStore } from '../shared/store/offline.ts';
 import type { RosterStore } from '../shared/store/roster.ts';
-import type { UserStore } from '../shared/store/users.ts';
+import type { SessionStore } from '../shared/store/sessions.ts';
+import { UnknownUserError, type UserStore } from '../shared/store/users.ts';
 
 export interface AccountStores {
   users: UserStore;
   roster: RosterStore;
   offline: OfflineStore;
   archive: ArchiveStore;
+  sessions: SessionStore;
 }
 
 export interface AccountDeletion {
@@ -33,6 +40,8 @@ export interface AccountDeletion {
   contacts: number;
   offlineMessages: number;
   archivedCollections: number;
+  /** Resource rows released (sessions still open when the account was deleted). */
+  sessions: number;
 }
 
 /** Deletes `jid` (a bare JID of `domain`); UnknownUserError when there is no such account. */
@@ -43,7 +52,17 @@ export async function deleteAccount(
 ): Promise<AccountDeletion> {
   // The credentials first: from here on nobody logs in as the account, and the roster treats
   // the JID as one without an account.
-  await stores.users.delete(jid);
+  let existed = true;
+  try {
+    await stores.users.delete(jid);
+  } catch (error) {
+    if (!(error instanceof UnknownUserError)) throw error;
+    existed = false;
+  }
+  let sessions = 0;
+  for (const resource of await stores.sessions.listResources(jid)) {
+    if (await stores.sessions.releaseResource(jid, resource.resource, resource.connectionId)) sessions += 1;
+  }
   const roster = await stores.roster.getRoster(jid);
   const contacts = [...new Set([...roster.items, ...roster.pendingIn].map((entry) => entry.contact))];
   for (const contact of contacts) {
@@ -57,5 +76,8 @@ export async function deleteAccount(
   }
   const offlineMessages = await stores.offline.purge(jid);
   const archivedCollections = await stores.archive.deleteOwner(jid);
-  return { contacts: contacts.length, offlineMessages, archivedCollections };
+  const deleted = { contacts: contacts.length, offlineMessages, archivedCollections, sessions };
+  if (!existed && contacts.length + offlineMessages + archivedCollections + sessions === 0)
+    throw new UnknownUserError(jid);
+  return deleted;
 }

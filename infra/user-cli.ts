@@ -332,13 +332,14 @@ export async function runUserCli(
               tombstoneSeconds: config.archiveTombstoneDays * 86_400,
               maxCollectionEntries: config.archiveMaxCollectionEntries,
             }),
+            sessions: createSessionStore(doc, config.tables.sessions, config.connectionTtlSeconds),
           },
           jid,
           config.domain,
         );
         io.out(`deleted ${jid}`);
         io.out(
-          `  ${deleted.contacts} roster contact(s), ${deleted.offlineMessages} offline message(s), ${deleted.archivedCollections} archived collection(s)`,
+          `  ${deleted.contacts} roster contact(s), ${deleted.offlineMessages} offline message(s), ${deleted.archivedCollections} archived collection(s), ${deleted.sessions} session(s) released`,
         );
         return 0;
       }

@@ -75,6 +75,13 @@ export interface Stream {
    * connection fenced this one: then throws ConnectionFencedError and the frame stops here.
    */
   commit(): Promise<void>;
+  /**
+   * The frame's pending changes include a XEP-0198 count that waits for the frame's save (a
+   * repeatable stanza's): that save then lands only on a row no resume fenced, since a fenced
+   * row's count is the one the resume reported, and raised after it would vouch for stanzas the
+   * old stream dropped at the fence.
+   */
+  countWaitsForSave(): void;
   /** Through the delivery path: with stream management on, stanzas are numbered and queued. */
   send(element: Element, options?: DeliveryOptions): Promise<DeliveryResult>;
   /**

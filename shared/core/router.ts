@@ -377,10 +377,10 @@ const PROCESSING_HINTS = 'urn:xmpp:hints';
  * its frame done nor saves its XEP-0198 count ahead of it (one write instead of two, or none):
  * - an iq a handler answers that IqOptions.repeatable marks (ping, disco, software version):
  *   handled twice, it is answered twice;
- * - a XEP-0085 standalone notification (a message whose children are chat states, with XEP-0334
- *   hints at most): delivered twice, it says twice that the user is typing. What it might put
- *   somewhere durable (a `normal` one stored offline) carries the frame's key, as every store
- *   does (core/frame.ts), and is not put there twice.
+ * - a XEP-0085 standalone notification (a `chat` message whose children are chat states, with
+ *   XEP-0334 hints other than <store/> at most): delivered twice, it says twice that the user is
+ *   typing. Such a message is never stored offline nor archived (no body), so nothing durable
+ *   comes of it; one of type `normal` (the default) would be stored, and is marked done as any.
  */
 export function repeatable(server: Server, stanza: Element): boolean {
   if (stanza.name === 'message') return chatStateNotification(stanza);
@@ -403,8 +403,7 @@ export function repeatable(server: Server, stanza: Element): boolean {
 }
 
 function chatStateNotification(stanza: Element): boolean {
-  const type = stanza.attrs.type;
-  if (type === 'error' || type === 'groupchat') return false;
+  if (stanza.attrs.type !== 'chat') return false;
   const children = stanza.getChildElements();
   // XEP-0334's <store/> asks for the message to be kept (offline, in the archive): not one.
   const hint = (child: Element) => child.attrs.xmlns === PROCESSING_HINTS && child.name !== 'store';

@@ -41,6 +41,8 @@ export class XmppStream implements Stream {
   routed = false;
   /** Ask the frame's last write for the row it leaves (the next frame in the batch is this connection's). */
   keepRow = false;
+  /** A XEP-0198 count is among the changes the save writes (Stream.countWaitsForSave). */
+  private countInSave = false;
   /** That row, when the frame ended with a write of the whole row's state (see handleStreamEvent). */
   savedRow: ConnectionState | undefined;
 
@@ -139,6 +141,10 @@ export class XmppStream implements Stream {
     return this.newRow ? { create: this.newRow } : {};
   }
 
+  countWaitsForSave(): void {
+    this.countInSave = true;
+  }
+
   async save(): Promise<void> {
     if (this.ended) return;
     // A routed stanza is marked done even without state changes: a redelivery would repeat its
@@ -170,10 +176,23 @@ export class XmppStream implements Stream {
     // row (billed by size on every update) does not keep it.
     if (markDone) changes.storedOffline = undefined;
     // The frame's work is done: failing now would have it redelivered and repeated.
-    const options = { ...this.creating(), ...(this.keepRow ? { returnRow: true } : {}) };
-    this.savedRow = await withTransientRetries(SAVE_ATTEMPTS, () =>
-      this.server.sessions.updateConnection(this.connectionId, changes, options),
-    );
+    const options = {
+      ...this.creating(),
+      ...(this.keepRow ? { returnRow: true } : {}),
+      ...(this.countInSave ? { unlessFenced: true } : {}),
+    };
+    try {
+      this.savedRow = await withTransientRetries(SAVE_ATTEMPTS, () =>
+        this.server.sessions.updateConnection(this.connectionId, changes, options),
+      );
+    } catch (error) {
+      if (!(this.countInSave && error instanceof ConnectionFencedError)) throw error;
+      // A resume fenced the row while this frame was handled: its stanza (a repeatable one) is
+      // not in the h the resume reported, so the client sends it again, and it is handled again.
+      this.server.log.debug('count of a repeatable stanza met the fence: not saved', {
+        connectionId: this.connectionId,
+      });
+    }
     this.newRow = undefined;
     this.changes = {};
   }

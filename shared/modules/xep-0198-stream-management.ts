@@ -984,7 +984,13 @@ async function countInbound(stream: Stream, repeatable: boolean): Promise<undefi
   stream.update({ sm: { ...sm, inbound: sm.inbound + 1 } });
   if (stream.frameId) stream.update({ countedFrame: stream.frameId });
   if (stream.seq) stream.update({ countedSeq: stream.seq });
-  if (repeatable) return undefined;
+  if (repeatable) {
+    // A fenced stream counts nothing more (the resume reported its count): stopped here, as the
+    // commit below would stop it. A fence after this read stops the frame's save instead.
+    if (stream.state.fenced) throw new ConnectionFencedError(stream.connectionId);
+    stream.countWaitsForSave();
+    return undefined;
+  }
   try {
     await stream.commit();
   } catch (error) {

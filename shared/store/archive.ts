@@ -1314,7 +1314,15 @@ export function createArchiveStore(
             const { Item } = await doc.send(
               new GetCommand({ TableName: table, Key: { pk: owner, sk: item.sk }, ConsistentRead: true }),
             );
-            if (Item?.cid === cid && (await removeOne(owner, toHeader(Item), 100)) >= 0) removed += 1;
+            // The index is eventually consistent: an append may have pushed the TTL on since.
+            const ttl = Item?.[TTL_ATTRIBUTE] as number | undefined;
+            if (
+              Item?.cid === cid &&
+              ttl !== undefined &&
+              ttl <= nowSec &&
+              (await removeOne(owner, toHeader(Item), 100)) >= 0
+            )
+              removed += 1;
             continue;
           }
           const next = (await nextMessageExpiry(owner, cid, nowSec)) ?? expiresAt;

@@ -91,8 +91,19 @@ describe('deleting an account', () => {
     });
     await server.archive.putPrefs(dave, { ...(await server.archive.getPrefs(dave)) });
 
+    // A session still open: its resource row goes (nothing is routed to it any more).
+    await server.sessions.bindResource({
+      user: dave,
+      resource: 'phone',
+      connectionId: `phone${stamp}`,
+      available: true,
+      priority: 0,
+      boundAt: stamp,
+    });
+
     const deleted = await deleteAccount(server, dave, 'localhost');
-    expect(deleted).toEqual({ contacts: 3, offlineMessages: 2, archivedCollections: 1 });
+    expect(deleted).toEqual({ contacts: 3, offlineMessages: 2, archivedCollections: 1, sessions: 1 });
+    expect(await server.sessions.listResources(dave)).toEqual([]);
 
     expect(await server.users.exists(dave)).toBe(false);
     const left = await server.roster.getRoster(dave);
@@ -134,5 +145,27 @@ describe('deleting an account', () => {
     await expect(deleteAccount(server, `nobody${stamp}@localhost`, 'localhost')).rejects.toBeInstanceOf(
       UnknownUserError,
     );
+  });
+
+  it('finishes, run again, what a run that failed part-way left (its credentials already gone)', async () => {
+    const server = createServer({
+      config: await createTestConfig(),
+      port: new RecordingPort(),
+      log: createLogger('silent'),
+    });
+    const stamp = Date.now();
+    const frank = `frank${stamp}@localhost`;
+    await server.users.create(frank, await deriveCredentialSet('pw', 4096));
+    await server.offline.store(frank, {
+      from: 'x@localhost/r',
+      storedAt: stamp,
+      stanza: '<message><body>1</body></message>',
+    });
+    // The first run deleted the credentials, then failed (a throttle, Ctrl-C).
+    await server.users.delete(frank);
+    expect(await deleteAccount(server, frank, 'localhost')).toMatchObject({ offlineMessages: 1 });
+    expect(await server.offline.count(frank)).toBe(0);
+    // Nothing left: the JID is unknown.
+    await expect(deleteAccount(server, frank, 'localhost')).rejects.toBeInstanceOf(UnknownUserError);
   });
 });

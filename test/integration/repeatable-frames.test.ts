@@ -193,6 +193,51 @@ describe('a keepalive ping with stream management (urn:xmpp:sm:3)', () => {
   });
 });
 
+describe('a repeatable stanza on a stream a resume fenced', () => {
+  it('does not raise the count the resume reported: the message before it, dropped at the fence, is not vouched for', async () => {
+    const { port, server, connectionId, user } = await boundStream('fenced', true);
+    // A resume on another connection fenced this one, reading h = 0 (XEP-0198 §5: the client
+    // resends what h does not cover).
+    expect((await server.sessions.fenceConnection(connectionId))?.sm?.inbound).toBe(0);
+    const frame = frames(server, connectionId);
+    // The frames the old socket sent last: a message (stopped at the fence, uncounted) ...
+    await frame(
+      'm1',
+      '100',
+      `<message xmlns='jabber:client' to='${user}/elsewhere' type='chat' id='m1'><body>hi</body></message>`,
+    );
+    // ... then a typing notification and a ping.
+    await frame(
+      'c1',
+      '101',
+      `<message xmlns='jabber:client' to='${user}/elsewhere' type='chat' id='c1'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>`,
+    );
+    await frame('p1', '102', ping('after-fence', 'localhost'));
+    // Had the count risen to 1, a second look at the session would report h = 1 and the client
+    // would not resend the message.
+    expect((await server.sessions.getConnection(connectionId))?.sm?.inbound).toBe(0);
+    expect(results(port, connectionId, 'after-fence')).toEqual([]);
+  });
+
+  it('is not saved when the fence comes while it is handled', async () => {
+    const { server, connectionId } = await boundStream('fencedlate', true);
+    const frame = frames(server, connectionId);
+    // The fence lands between the frame's read of the row and its save.
+    const original = server.sessions.updateConnection.bind(server.sessions);
+    let fenced = false;
+    intercept(server.sessions, 'updateConnection', async (id, changes, options) => {
+      if (!fenced && id === connectionId) {
+        fenced = true;
+        await server.sessions.fenceConnection(connectionId);
+      }
+      return original(id, changes, options);
+    });
+    await frame('p1', '100', ping('late', 'localhost'));
+    expect(fenced).toBe(true);
+    expect((await server.sessions.getConnection(connectionId))?.sm?.inbound).toBe(0);
+  });
+});
+
 describe('a XEP-0085 typing notification', () => {
   it('is delivered without a write of the sender’s row; a message with a body is marked done', async () => {
     const { port, server, connectionId } = await boundStream('typist', false);
@@ -225,18 +270,27 @@ describe('a XEP-0085 typing notification', () => {
     await frame('c1', '100', composing, 2);
     expect(delivered()).toBe(2);
     expect(writes).toEqual([]);
+    // One without type='chat' is a normal message, which offline storage keeps: marked done.
+    await frame(
+      'n1',
+      '101',
+      `<message xmlns='jabber:client' to='${peer.user}' id='cs0'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>`,
+    );
+    expect(writes).toEqual([{ done: true, inbound: undefined }]);
     // One that asks to be kept (XEP-0334 <store/>: offline, in the archive) is marked done.
     await frame(
       's1',
-      '101',
+      '102',
       `<message xmlns='jabber:client' to='${peer.user}' type='chat' id='cs2'><paused xmlns='http://jabber.org/protocol/chatstates'/><store xmlns='urn:xmpp:hints'/></message>`,
     );
+    expect(writes).toHaveLength(2);
     expect(writes.at(-1)).toMatchObject({ done: true });
     // With a body it is a message: marked done, never delivered twice.
     const message = `<message xmlns='jabber:client' to='${peer.user}' type='chat' id='m1'><body>hi</body><active xmlns='http://jabber.org/protocol/chatstates'/></message>`;
-    await frame('m1', '102', message);
+    await frame('m1', '103', message);
+    expect(writes).toHaveLength(3);
     expect(writes.at(-1)).toMatchObject({ done: true });
-    await frame('m1', '102', message, 2);
+    await frame('m1', '103', message, 2);
     expect((port.frames.get(peer.connectionId) ?? []).filter((frame) => frame.includes('>hi<'))).toHaveLength(
       1,
     );

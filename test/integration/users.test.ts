@@ -36,6 +36,7 @@ beforeAll(async () => {
   const config = await createTestConfig();
   table = config.tables.users;
   ownedTables = {
+    SESSIONS_TABLE: config.tables.sessions,
     ROSTER_TABLE: config.tables.roster,
     OFFLINE_TABLE: config.tables.offline,
     ARCHIVE_TABLE: config.tables.archive,
@@ -288,7 +289,7 @@ describe('npm run user', () => {
   it('deletes, then reports an unknown account (exit 2)', async () => {
     expect(await cli(['delete', jid])).toMatchObject({
       code: 0,
-      stdout: `deleted ${jid}\n  0 roster contact(s), 0 offline message(s), 0 archived collection(s)\n`,
+      stdout: `deleted ${jid}\n  0 roster contact(s), 0 offline message(s), 0 archived collection(s), 0 session(s) released\n`,
     });
     expect(await users.exists(jid)).toBe(false);
     const again = await cli(['delete', jid]);
