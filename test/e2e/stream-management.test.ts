@@ -1437,20 +1437,27 @@ describe('expiry', () => {
     expect(await back.framesBeforePong()).toEqual([]);
   });
 
-  it('does not bring back, when the session expires, flooded messages another resource purged (XEP-0013 §2.6)', async () => {
-    await stack.addUser('cymbeline@localhost', 'cymbeline-pw');
-    const sender = await raw('romeo', 'to-cymbeline');
+  /**
+   * Three messages stored for `name`, flooded to its phone with stream management, whose socket
+   * dies before it acknowledges them: its session is detached, the messages still stored.
+   */
+  async function floodedToDetachedPhone(name: string): Promise<void> {
+    await stack.addUser(`${name}@localhost`, `${name}-pw`);
+    const sender = await raw('romeo', `to-${name}`);
     for (let i = 1; i <= 3; i++)
-      sender.send(`<message to='cymbeline@localhost' type='chat'><body>a${i}</body></message>`);
-    await eventually(async () => expect(await stack.server.offline.count('cymbeline@localhost')).toBe(3));
-    const phone = await raw('cymbeline', 'phone');
+      sender.send(`<message to='${name}@localhost' type='chat'><body>${name}${i}</body></message>`);
+    await eventually(async () => expect(await stack.server.offline.count(`${name}@localhost`)).toBe(3));
+    const phone = await raw(name, 'phone');
     phone.send(`<enable xmlns='${SM3}' resume='true' max='${WINDOW_SECONDS}'/>`);
     const enabled = await phone.next();
     phone.send('<presence/>');
-    await phone.until((el) => el.getChildText('body') === 'a3');
-    // The socket dies before the flood is acknowledged: the messages stay stored.
+    await phone.until((el) => el.getChildText('body') === `${name}3`);
     phone.terminate();
     await detached(enabled.attrs.id as string);
+  }
+
+  it('does not bring back, when the session expires, flooded messages another resource purged (XEP-0013 §2.6)', async () => {
+    await floodedToDetachedPhone('cymbeline');
     // XEP-0013 §2.6: "the server MUST remove all messages" — from the desk, meanwhile.
     const desk = await raw('cymbeline', 'desk');
     desk.send(
@@ -1466,23 +1473,12 @@ describe('expiry', () => {
   });
 
   it('does not deliver again, when the session expires, flooded messages another resource was flooded with', async () => {
-    await stack.addUser('imogen@localhost', 'imogen-pw');
-    const sender = await raw('romeo', 'to-imogen');
-    for (let i = 1; i <= 3; i++)
-      sender.send(`<message to='imogen@localhost' type='chat'><body>g${i}</body></message>`);
-    await eventually(async () => expect(await stack.server.offline.count('imogen@localhost')).toBe(3));
-    const phone = await raw('imogen', 'phone');
-    phone.send(`<enable xmlns='${SM3}' resume='true' max='${WINDOW_SECONDS}'/>`);
-    const enabled = await phone.next();
-    phone.send('<presence/>');
-    await phone.until((el) => el.getChildText('body') === 'g3');
-    phone.terminate();
-    await detached(enabled.attrs.id as string);
+    await floodedToDetachedPhone('imogen');
     // The desk (no stream management) comes online: XEP-0160's flood gives it the three, still
     // stored, and removes them.
     const desk = await raw('imogen', 'desk');
     desk.send('<presence/>');
-    await desk.until((el) => el.getChildText('body') === 'g3');
+    await desk.until((el) => el.getChildText('body') === 'imogen3');
     await eventually(async () => expect(await stack.server.offline.count('imogen@localhost')).toBe(0));
     await sweep(stack.server, afterWindow(WINDOW_SECONDS));
     // Each message once: the expired session's copies are not routed to the desk again.
