@@ -24,7 +24,7 @@ import {
 } from '@aws-sdk/lib-dynamodb';
 import { unmarshall } from '@aws-sdk/util-dynamodb';
 import { TTL_ATTRIBUTE } from '../tables.ts';
-import { batchGetAll, isConditionFailure } from './dynamo.ts';
+import { batchGetAll, isConditionFailure, isUnappliedWriteError } from './dynamo.ts';
 
 /** Tries of a bind whose takeover found the row changed since it was told of it. */
 const BIND_ATTEMPTS = 4;
@@ -506,6 +506,9 @@ export interface SessionStore {
   /** Every bound resource of every user, by JID. Administration only: a full Scan (see below). */
   listAllResources(): Promise<ResourceRecord[]>;
 }
+
+/** Tries of `endDirectPost` refused unapplied (50, 100, 200 … ms apart). */
+const END_DIRECT_POST_ATTEMPTS = 5;
 
 function ttl(seconds: number, now = Date.now()): number {
   return Math.floor(now / 1000) + seconds;
@@ -1190,19 +1193,26 @@ export function createSessionStore(
     },
 
     async endDirectPost(user, resource, connectionId) {
-      try {
-        await doc.send(
-          new UpdateCommand({
-            TableName: table,
-            Key: resourceKey(user, resource),
-            UpdateExpression: 'ADD posting :minus',
-            // Gone with the switch (or the row): nothing left to count down.
-            ConditionExpression: 'connectionId = :connectionId AND attribute_exists(posting)',
-            ExpressionAttributeValues: { ':minus': -1, ':connectionId': connectionId },
-          }),
-        );
-      } catch (error) {
-        if (!isConditionFailure(error)) throw error;
+      // Tried again in place when refused unapplied (a throttle, a transaction conflict): a count
+      // left up holds an <enable/> until its lease runs out, and the enable is then refused.
+      for (let attempt = 1; ; attempt++) {
+        try {
+          await doc.send(
+            new UpdateCommand({
+              TableName: table,
+              Key: resourceKey(user, resource),
+              UpdateExpression: 'ADD posting :minus',
+              // Gone with the switch (or the row): nothing left to count down.
+              ConditionExpression: 'connectionId = :connectionId AND attribute_exists(posting)',
+              ExpressionAttributeValues: { ':minus': -1, ':connectionId': connectionId },
+            }),
+          );
+          return;
+        } catch (error) {
+          if (isConditionFailure(error)) return;
+          if (attempt >= END_DIRECT_POST_ATTEMPTS || !isUnappliedWriteError(error)) throw error;
+          await new Promise((resolve) => setTimeout(resolve, 25 * 2 ** attempt));
+        }
       }
     },
 

@@ -423,6 +423,39 @@ describe('presence and flags: only the owning connection writes', () => {
     expect(await sessions.getResource(user, 'unbound')).toBeUndefined();
   });
 
+  it('endDirectPost is tried again when refused unapplied (a transaction conflict), so the count ends', async () => {
+    const user = freshUser('conflicted');
+    await sessions.bindResource(record(user, 'r', 'c1', { mayQueue: true }));
+    expect(await sessions.beginDirectPost(user, 'r', 'c1')).toBe(true);
+    // The first UpdateItem meets a transaction in progress on the row (DynamoDB applied nothing).
+    let refused = 0;
+    const conflicting = {
+      send: (command: unknown) => {
+        if (
+          refused === 0 &&
+          (command as { constructor: { name: string } }).constructor.name === 'UpdateCommand'
+        ) {
+          refused += 1;
+          return Promise.reject(
+            Object.assign(
+              new Error('Operation was rejected because there is an ongoing transaction for the item.'),
+              {
+                name: 'TransactionConflictException',
+                $metadata: { httpStatusCode: 400 },
+              },
+            ),
+          );
+        }
+        return doc.send(command as never);
+      },
+    } as unknown as typeof doc;
+    await createSessionStore(conflicting, table, CONNECTION_TTL_SECONDS).endDirectPost(user, 'r', 'c1');
+    expect(refused).toBe(1);
+    // Counted down once: nothing holds the switch.
+    expect((await rawItem(`user#${user}`, 'res#r'))?.posting).toBe(0);
+    expect(await sessions.switchToQueue(user, 'r', 'c1', 'sm-a')).toEqual({ kind: 'switched', smId: 'sm-a' });
+  });
+
   it('switchToQueue waits for the direct posts in flight; past a grace after presence it is late', async () => {
     const user = freshUser('posting');
     await sessions.bindResource(record(user, 'r', 'c1', { mayQueue: true }));
