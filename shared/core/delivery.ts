@@ -112,14 +112,15 @@ async function deliverDirect(
     throw new RetryLaterError('a direct post could not start in time after its row was read');
   };
   const counted = target.mayQueue === true && readAt < (target.mayQueueUntil ?? Number.POSITIVE_INFINITY);
-  if (counted && !(await server.sessions.beginDirectPost(user, resource, connectionId))) return again();
+  const token = counted ? await server.sessions.beginDirectPost(user, resource, connectionId) : undefined;
+  if (counted && token === undefined) return again();
   try {
     const result = await postDirect(server, target, stanza, readAt + READ_BOUND_MS);
     return result === 'stale' ? await again() : result;
   } finally {
     // A lost end only holds a switch until the count's lease runs out: never fails the delivery.
-    if (counted)
-      await server.sessions.endDirectPost(user, resource, connectionId).catch((error: unknown) => {
+    if (token !== undefined)
+      await server.sessions.endDirectPost(user, resource, connectionId, token).catch((error: unknown) => {
         server.log.warn('direct post count not ended (its lease will)', { connectionId, error });
       });
   }

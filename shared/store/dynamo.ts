@@ -481,17 +481,6 @@ export function isTransientStoreError(error: unknown): boolean {
   );
 }
 
-/**
- * A write refused before DynamoDB applied it (throttled, or conflicting with a transaction in
- * progress): trying it again cannot apply it twice, even when it is not idempotent (ADD).
- */
-export function isUnappliedWriteError(error: unknown): boolean {
-  return (
-    error instanceof Error &&
-    (THROTTLE_NAMES.has(error.name) || error.name === 'TransactionConflictException')
-  );
-}
-
 const TRANSIENT_NAMES = new Set([
   'ThrottlingException',
   'ProvisionedThroughputExceededException',

@@ -11,6 +11,7 @@
  * are read with BatchGetItem, 100 keys a request, instead of one Query per user: first the
  * `avail` items, then the resource rows they name (`availableResourcesOf`).
  */
+import { randomBytes } from 'node:crypto';
 import type { AttributeValue } from '@aws-sdk/client-dynamodb';
 import {
   DeleteCommand,
@@ -24,7 +25,7 @@ import {
 } from '@aws-sdk/lib-dynamodb';
 import { unmarshall } from '@aws-sdk/util-dynamodb';
 import { TTL_ATTRIBUTE } from '../tables.ts';
-import { batchGetAll, isConditionFailure, isUnappliedWriteError } from './dynamo.ts';
+import { batchGetAll, isConditionFailure } from './dynamo.ts';
 
 /** Tries of a bind whose takeover found the row changed since it was told of it. */
 const BIND_ATTEMPTS = 4;
@@ -273,7 +274,7 @@ export interface ResourceRecord {
   /**
    * The stream may still switch its deliveries to a stream-management queue (XEP-0198
    * `<enable/>`) exactly: from bind until `mayQueueUntil` (set by its first presence, a grace
-   * after it) or its enable. Meanwhile a direct post to it is counted in `posting` while in
+   * after it) or its enable. Meanwhile a direct post to it is recorded in `posts` while in
    * flight (`beginDirectPost`/`endDirectPost`), and the switch (`switchToQueue`) waits until none
    * is: no stanza the server did not number can reach the client after `<enabled/>`.
    */
@@ -287,8 +288,13 @@ export interface ResourceRecord {
    * direct post must start within a bound of it (see core/delivery.ts), or read the row again.
    */
   readAt?: number;
-  /** Direct posts in flight while `mayQueue` (see there). */
-  posting?: number;
+  /**
+   * Direct posts in flight while `mayQueue` (see there), one token each: a string set, so that
+   * the SDK's resend of a begin or an end (a 500 after the write) changes nothing more. A count
+   * (`posting`, before session 19) went down twice on a resent end, and a switch could pass a
+   * post still in flight.
+   */
+  posts?: string[];
   /** Until when those posts count (ms): one whose frame died stops counting then. */
   postingUntil?: number;
 }
@@ -493,12 +499,13 @@ export interface SessionStore {
     smId: string,
   ): Promise<{ smId: string; lateSince: number }>;
   /**
-   * Counts a direct post to a resource that may still switch to a queue; false when it may not
-   * (it switched, its stream sent presence, or the row is another connection's): read it again.
+   * Records a direct post to a resource that may still switch to a queue, and returns its token;
+   * undefined when it may not (it switched, its window is over, or the row is another
+   * connection's): read it again.
    */
-  beginDirectPost(user: string, resource: string, connectionId: string): Promise<boolean>;
-  /** The post `beginDirectPost` counted is done (answered, or given up on). */
-  endDirectPost(user: string, resource: string, connectionId: string): Promise<void>;
+  beginDirectPost(user: string, resource: string, connectionId: string): Promise<string | undefined>;
+  /** The post `beginDirectPost` recorded as `token` is done (answered, or given up on). */
+  endDirectPost(user: string, resource: string, connectionId: string, token: string): Promise<void>;
   /** Removes the resource if it still belongs to SM session `smId`; returns it, or undefined. */
   releaseSmResource(user: string, resource: string, smId: string): Promise<ResourceRecord | undefined>;
   /** Removes the resource if it still belongs to `connectionId`; returns it, or undefined. */
@@ -507,7 +514,7 @@ export interface SessionStore {
   listAllResources(): Promise<ResourceRecord[]>;
 }
 
-/** Tries of `endDirectPost` refused unapplied (50, 100, 200 … ms apart). */
+/** Tries of `endDirectPost` (50, 100, 200 … ms apart): its DELETE may be repeated harmlessly. */
 const END_DIRECT_POST_ATTEMPTS = 5;
 
 function ttl(seconds: number, now = Date.now()): number {
@@ -570,7 +577,7 @@ function toResource(item: Record<string, unknown>, readAt?: number): ResourceRec
     mayQueue: item.mayQueue as boolean | undefined,
     mayQueueUntil: item.mayQueueUntil as number | undefined,
     lateSince: item.lateSince as number | undefined,
-    posting: item.posting as number | undefined,
+    ...(item.posts instanceof Set ? { posts: [...(item.posts as Set<string>)] } : {}),
     postingUntil: item.postingUntil as number | undefined,
     ...(readAt === undefined ? {} : { readAt }),
   };
@@ -1108,11 +1115,13 @@ export function createSessionStore(
             TableName: table,
             Key: resourceKey(user, resource),
             UpdateExpression:
-              'SET smId = if_not_exists(smId, :smId) REMOVE mayQueue, mayQueueUntil, posting, postingUntil',
+              'SET smId = if_not_exists(smId, :smId) REMOVE mayQueue, mayQueueUntil, posts, posting, postingUntil',
             // Still in the window (with a margin for the clocks of the posters that read it), or
-            // this connection's own earlier switch (a redelivered <enable/>); no post in flight.
+            // this connection's own earlier switch (a redelivered <enable/>); no post in flight
+            // (an empty set is no attribute). `posting` is the count functions before session 19
+            // kept: one of them may still be posting while a deployment replaces it.
             ConditionExpression:
-              'connectionId = :connectionId AND (attribute_exists(smId) OR (attribute_exists(mayQueue) AND (attribute_not_exists(mayQueueUntil) OR mayQueueUntil > :soon))) AND (attribute_not_exists(posting) OR posting <= :zero OR postingUntil < :now)',
+              'connectionId = :connectionId AND (attribute_exists(smId) OR (attribute_exists(mayQueue) AND (attribute_not_exists(mayQueueUntil) OR mayQueueUntil > :soon))) AND ((attribute_not_exists(posts) AND (attribute_not_exists(posting) OR posting <= :zero)) OR postingUntil < :now)',
             ExpressionAttributeValues: {
               ':connectionId': connectionId,
               ':smId': smId,
@@ -1151,7 +1160,7 @@ export function createSessionStore(
             TableName: table,
             Key: resourceKey(user, resource),
             UpdateExpression:
-              'SET smId = if_not_exists(smId, :smId), lateSince = if_not_exists(lateSince, :now) REMOVE mayQueue, mayQueueUntil, posting, postingUntil',
+              'SET smId = if_not_exists(smId, :smId), lateSince = if_not_exists(lateSince, :now) REMOVE mayQueue, mayQueueUntil, posts, posting, postingUntil',
             ConditionExpression: 'connectionId = :connectionId',
             ExpressionAttributeValues: { ':connectionId': connectionId, ':smId': smId, ':now': Date.now() },
             ReturnValues: 'ALL_NEW',
@@ -1170,47 +1179,51 @@ export function createSessionStore(
     },
 
     async beginDirectPost(user, resource, connectionId) {
+      const token = randomBytes(6).toString('base64url');
       try {
         await doc.send(
           new UpdateCommand({
             TableName: table,
             Key: resourceKey(user, resource),
-            UpdateExpression: 'ADD posting :one SET postingUntil = :until',
+            UpdateExpression: 'ADD posts :token SET postingUntil = :until',
             ConditionExpression:
               'connectionId = :connectionId AND attribute_exists(mayQueue) AND attribute_not_exists(smId)',
             ExpressionAttributeValues: {
-              ':one': 1,
+              ':token': new Set([token]),
               ':until': Date.now() + DIRECT_POST_LEASE_MS,
               ':connectionId': connectionId,
             },
           }),
         );
-        return true;
+        return token;
       } catch (error) {
-        if (isConditionFailure(error)) return false;
+        // A resend after a 500 that came after the write may find its own token's post switched
+        // away meanwhile: the switch waited for that token, so nothing was posted by it yet.
+        if (isConditionFailure(error)) return undefined;
         throw error;
       }
     },
 
-    async endDirectPost(user, resource, connectionId) {
-      // Tried again in place when refused unapplied (a throttle, a transaction conflict): a count
-      // left up holds an <enable/> until its lease runs out, and the enable is then refused.
+    async endDirectPost(user, resource, connectionId, token) {
+      // Tried again in place on any error but a failed condition: a record left in flight holds
+      // an <enable/> until its lease runs out, and the enable is then refused. Removing a token
+      // from a set is the same however often it is done (the SDK's resends too).
       for (let attempt = 1; ; attempt++) {
         try {
           await doc.send(
             new UpdateCommand({
               TableName: table,
               Key: resourceKey(user, resource),
-              UpdateExpression: 'ADD posting :minus',
-              // Gone with the switch (or the row): nothing left to count down.
-              ConditionExpression: 'connectionId = :connectionId AND attribute_exists(posting)',
-              ExpressionAttributeValues: { ':minus': -1, ':connectionId': connectionId },
+              UpdateExpression: 'DELETE posts :token',
+              // Gone with the switch (or the row): nothing left to end.
+              ConditionExpression: 'connectionId = :connectionId AND attribute_exists(posts)',
+              ExpressionAttributeValues: { ':token': new Set([token]), ':connectionId': connectionId },
             }),
           );
           return;
         } catch (error) {
           if (isConditionFailure(error)) return;
-          if (attempt >= END_DIRECT_POST_ATTEMPTS || !isUnappliedWriteError(error)) throw error;
+          if (attempt >= END_DIRECT_POST_ATTEMPTS) throw error;
           await new Promise((resolve) => setTimeout(resolve, 25 * 2 ** attempt));
         }
       }

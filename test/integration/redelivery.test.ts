@@ -214,7 +214,8 @@ describe('a redelivered <enable/> whose first attempt was refused', () => {
       boundAt: Date.now(),
       mayQueue: true,
     });
-    expect(await server.sessions.beginDirectPost(user, 'r', connectionId)).toBe(true);
+    const token = (await server.sessions.beginDirectPost(user, 'r', connectionId)) as string;
+    expect(token).toEqual(expect.any(String));
     const enable = (timeLeftMs?: () => number) =>
       handleStreamEvent(server, {
         connectionId,
@@ -236,7 +237,7 @@ describe('a redelivered <enable/> whose first attempt was refused', () => {
 
     // The post is answered; the batch timed out and comes back whole. The client took the
     // refusal: its stream has no stream management, so nothing may be queued for it to count.
-    await server.sessions.endDirectPost(user, 'r', connectionId);
+    await server.sessions.endDirectPost(user, 'r', connectionId, token);
     await enable();
     expect(sent()).toHaveLength(2);
     expect(sent()[1]).toContain('<failed xmlns="urn:xmpp:sm:3"');

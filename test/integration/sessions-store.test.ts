@@ -423,10 +423,11 @@ describe('presence and flags: only the owning connection writes', () => {
     expect(await sessions.getResource(user, 'unbound')).toBeUndefined();
   });
 
-  it('endDirectPost is tried again when refused unapplied (a transaction conflict), so the count ends', async () => {
+  it('endDirectPost is tried again when refused (a transaction conflict), so the post ends', async () => {
     const user = freshUser('conflicted');
     await sessions.bindResource(record(user, 'r', 'c1', { mayQueue: true }));
-    expect(await sessions.beginDirectPost(user, 'r', 'c1')).toBe(true);
+    const token = await sessions.beginDirectPost(user, 'r', 'c1');
+    expect(token).toEqual(expect.any(String));
     // The first UpdateItem meets a transaction in progress on the row (DynamoDB applied nothing).
     let refused = 0;
     const conflicting = {
@@ -449,29 +450,88 @@ describe('presence and flags: only the owning connection writes', () => {
         return doc.send(command as never);
       },
     } as unknown as typeof doc;
-    await createSessionStore(conflicting, table, CONNECTION_TTL_SECONDS).endDirectPost(user, 'r', 'c1');
+    await createSessionStore(conflicting, table, CONNECTION_TTL_SECONDS).endDirectPost(
+      user,
+      'r',
+      'c1',
+      token as string,
+    );
     expect(refused).toBe(1);
-    // Counted down once: nothing holds the switch.
-    expect((await rawItem(`user#${user}`, 'res#r'))?.posting).toBe(0);
+    // Ended: nothing holds the switch.
+    expect(await rawItem(`user#${user}`, 'res#r')).not.toHaveProperty('posts');
+    expect(await sessions.switchToQueue(user, 'r', 'c1', 'sm-a')).toEqual({ kind: 'switched', smId: 'sm-a' });
+  });
+
+  it('an end the SDK sends again (a 500 after DynamoDB applied it) ends only its own post: the switch still waits for the other', async () => {
+    // Two stanzas posted directly at once to a stream that may still send <enable/>. With a
+    // count, the end's resend took it down twice: the switch went ahead with the second post in
+    // flight, and that stanza could reach the client after <enabled/>, unnumbered by the server.
+    const user = freshUser('resent-end');
+    await sessions.bindResource(record(user, 'r', 'c1', { mayQueue: true }));
+    const first = (await sessions.beginDirectPost(user, 'r', 'c1')) as string;
+    const second = (await sessions.beginDirectPost(user, 'r', 'c1')) as string;
+    expect(first).not.toBe(second);
+    const client = createDocumentClient({ endpoint: useDynamoDbLocal(), region: TEST_REGION });
+    let attempts = 0;
+    client.middlewareStack.add(
+      (next, context) => async (args) => {
+        const input = args.input as { UpdateExpression?: string };
+        if (
+          context.commandName !== 'UpdateItemCommand' ||
+          !input.UpdateExpression?.startsWith('DELETE posts')
+        )
+          return next(args);
+        attempts += 1;
+        if (attempts > 1) return next(args);
+        await next(args);
+        const body = Buffer.from(
+          JSON.stringify({
+            __type: 'com.amazonaws.dynamodb.v20120810#InternalServerError',
+            message: 'Internal server error',
+          }),
+        );
+        return {
+          response: {
+            statusCode: 500,
+            reason: 'Internal Server Error',
+            headers: { 'content-type': 'application/x-amz-json-1.0', 'content-length': String(body.length) },
+            body: new Uint8Array(body),
+          },
+          output: undefined as never,
+        };
+      },
+      { step: 'deserialize', priority: 'low', name: 'testFailAfterWrite' },
+    );
+    await createSessionStore(client, table, CONNECTION_TTL_SECONDS).endDirectPost(user, 'r', 'c1', first);
+    // The SDK sent the applied end again.
+    expect(attempts).toBe(2);
+    expect((await sessions.getResource(user, 'r'))?.posts).toEqual([second]);
+    const waiting = await sessions.switchToQueue(user, 'r', 'c1', 'sm-a');
+    expect(waiting.kind).toBe('posting');
+    expect((await sessions.getResource(user, 'r'))?.smId).toBeUndefined();
+    await sessions.endDirectPost(user, 'r', 'c1', second);
     expect(await sessions.switchToQueue(user, 'r', 'c1', 'sm-a')).toEqual({ kind: 'switched', smId: 'sm-a' });
   });
 
   it('switchToQueue waits for the direct posts in flight; past a grace after presence it is late', async () => {
     const user = freshUser('posting');
     await sessions.bindResource(record(user, 'r', 'c1', { mayQueue: true }));
-    expect(await sessions.beginDirectPost(user, 'r', 'c1')).toBe(true);
-    expect(await sessions.beginDirectPost(user, 'r', 'other')).toBe(false);
+    const token = (await sessions.beginDirectPost(user, 'r', 'c1')) as string;
+    expect(token).toEqual(expect.any(String));
+    expect(await sessions.beginDirectPost(user, 'r', 'other')).toBeUndefined();
     const waiting = await sessions.switchToQueue(user, 'r', 'c1', 'sm-a');
     expect(waiting.kind).toBe('posting');
     expect(waiting.kind === 'posting' && waiting.until).toBeGreaterThan(
       Date.now() + DIRECT_POST_LEASE_MS - 5000,
     );
-    await sessions.endDirectPost(user, 'r', 'c1');
+    await sessions.endDirectPost(user, 'r', 'c1', token);
     expect(await sessions.switchToQueue(user, 'r', 'c1', 'sm-a')).toEqual({ kind: 'switched', smId: 'sm-a' });
-    // Switched: posts are no longer counted (they go to the queue), and the count is gone.
-    expect(await sessions.beginDirectPost(user, 'r', 'c1')).toBe(false);
-    await sessions.endDirectPost(user, 'r', 'c1');
-    expect(await rawItem(`user#${user}`, 'res#r')).not.toHaveProperty('posting');
+    // Switched: posts are no longer recorded (they go to the queue), and the record is gone.
+    expect(await sessions.beginDirectPost(user, 'r', 'c1')).toBeUndefined();
+    await sessions.endDirectPost(user, 'r', 'c1', token);
+    const row = await rawItem(`user#${user}`, 'res#r');
+    expect(row).not.toHaveProperty('posts');
+    expect(row).not.toHaveProperty('postingUntil');
 
     // The first presence starts the grace; a later one does not move it.
     const present = freshUser('present');
@@ -517,10 +577,45 @@ describe('presence and flags: only the owning connection writes', () => {
 
   it('switchToQueue goes ahead past the lease of a post whose frame died', async () => {
     const user = freshUser('dead-post');
-    await sessions.bindResource(
-      record(user, 'r', 'c1', { mayQueue: true, posting: 1, postingUntil: Date.now() - 1 }),
+    await sessions.bindResource(record(user, 'r', 'c1', { mayQueue: true }));
+    expect(await sessions.beginDirectPost(user, 'r', 'c1')).toEqual(expect.any(String));
+    const setUntil = (until: number) =>
+      doc.send(
+        new UpdateCommand({
+          TableName: table,
+          Key: { pk: `user#${user}`, sk: 'res#r' },
+          UpdateExpression: 'SET postingUntil = :until',
+          ExpressionAttributeValues: { ':until': until },
+        }),
+      );
+    await setUntil(Date.now() + 60_000);
+    expect((await sessions.switchToQueue(user, 'r', 'c1', 'sm-a')).kind).toBe('posting');
+    await setUntil(Date.now() - 1);
+    expect(await sessions.switchToQueue(user, 'r', 'c1', 'sm-a')).toEqual({ kind: 'switched', smId: 'sm-a' });
+  });
+
+  it('switchToQueue also waits for a post counted by a function from before session 19 (`posting`)', async () => {
+    const user = freshUser('legacy-post');
+    await sessions.bindResource(record(user, 'r', 'c1', { mayQueue: true }));
+    await doc.send(
+      new UpdateCommand({
+        TableName: table,
+        Key: { pk: `user#${user}`, sk: 'res#r' },
+        UpdateExpression: 'SET posting = :one, postingUntil = :until',
+        ExpressionAttributeValues: { ':one': 1, ':until': Date.now() + 60_000 },
+      }),
+    );
+    expect((await sessions.switchToQueue(user, 'r', 'c1', 'sm-a')).kind).toBe('posting');
+    await doc.send(
+      new UpdateCommand({
+        TableName: table,
+        Key: { pk: `user#${user}`, sk: 'res#r' },
+        UpdateExpression: 'ADD posting :minus',
+        ExpressionAttributeValues: { ':minus': -1 },
+      }),
     );
     expect(await sessions.switchToQueue(user, 'r', 'c1', 'sm-a')).toEqual({ kind: 'switched', smId: 'sm-a' });
+    expect(await rawItem(`user#${user}`, 'res#r')).not.toHaveProperty('posting');
   });
 });
 
