@@ -37,6 +37,11 @@ export interface Config {
    * set or subscription past it is refused with `not-allowed`.
    */
   rosterMaxItems: number;
+  /**
+   * RFC 6120 §7.6.2.1: resources one account may have bound at once (0: no limit); a bind past it
+   * is refused with `resource-constraint`.
+   */
+  maxResourcesPerAccount: number;
   /** Seconds an offline message is kept. */
   offlineTtlSeconds: number;
   /** Failed SASL attempts allowed per connection before temporary-auth-failure and close. */
@@ -140,6 +145,7 @@ export const TUNABLE_SETTINGS = [
   'OFFLINE_QUOTA',
   'OFFLINE_TTL_DAYS',
   'ROSTER_MAX_ITEMS',
+  'MAX_RESOURCES_PER_ACCOUNT',
   'AUTH_FAILURES_PER_CONNECTION',
   'AUTH_FAILURES_PER_ACCOUNT',
   'AUTH_FAILURES_PER_ADDRESS',
@@ -244,6 +250,7 @@ export function loadConfig(env: Env = process.env): Config {
     offlineQuota: int(env, 'OFFLINE_QUOTA', 1000),
     offlineTtlSeconds: int(env, 'OFFLINE_TTL_DAYS', 30) * 86400,
     rosterMaxItems: int(env, 'ROSTER_MAX_ITEMS', 1000),
+    maxResourcesPerAccount: Math.max(0, int(env, 'MAX_RESOURCES_PER_ACCOUNT', 16)),
     authFailuresPerConnection: int(env, 'AUTH_FAILURES_PER_CONNECTION', 3),
     authFailuresPerAccount: int(env, 'AUTH_FAILURES_PER_ACCOUNT', 10),
     authFailureWindowSeconds: int(env, 'AUTH_FAILURE_WINDOW_SECONDS', 300),

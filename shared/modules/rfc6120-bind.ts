@@ -83,6 +83,20 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
     return HANDLED;
   }
 
+  // RFC 6120 §7.6.2.1: "If the account has reached a limit on the number of simultaneous
+  // connected resources allowed, the server MUST return a <resource-constraint/> stanza error."
+  // Rebinding a resource the account holds (a takeover, or this bind redelivered) adds none.
+  // Two binds at once may both pass: the limit is kept to within the binds in flight.
+  const limit = server.config.maxResourcesPerAccount;
+  if (limit > 0 && (await server.sessions.countOtherResources(user, resource, stream.connectionId)) >= limit) {
+    const reply = errorReplyTo(
+      stanza,
+      new StanzaError('wait', 'resource-constraint', `This account has ${limit} resources bound already`),
+    );
+    if (reply) await stream.send(reply);
+    return HANDLED;
+  }
+
   // RFC 6120 §7.7.2.2: the server's policy here is "override": the old session gets a
   // <conflict/> stream error and is closed, the new one binds; what the old session had not
   // delivered is re-routed (possibly to this very resource once it is available, or offline).

@@ -398,6 +398,12 @@ export interface SessionStore {
   fenceConnection(connectionId: string): Promise<ConnectionState | undefined>;
   deleteConnection(connectionId: string): Promise<void>;
   listResources(user: string): Promise<ResourceRecord[]>;
+  /**
+   * How many resources of `user` other than `resource` are bound by connections other than
+   * `connectionId` (RFC 6120 §7.6.2.1's limit; a row past its TTL is a safety net's leftover and
+   * does not count). One Query of the keys and owners only.
+   */
+  countOtherResources(user: string, resource: string, connectionId: string): Promise<number>;
   getResource(user: string, resource: string): Promise<ResourceRecord | undefined>;
   /**
    * Binds (or takes over) a resource; returns the record it replaced. ResourceTakenError when
@@ -808,6 +814,31 @@ export function createSessionStore(
         }),
       );
       return Items.map((item) => toResource(item, readAt));
+    },
+
+    async countOtherResources(user, resource, connectionId) {
+      const now = Math.floor(Date.now() / 1000);
+      let count = 0;
+      let startKey: Record<string, unknown> | undefined;
+      do {
+        const page = await doc.send(
+          new QueryCommand({
+            TableName: table,
+            KeyConditionExpression: 'pk = :pk AND begins_with(sk, :res)',
+            ProjectionExpression: 'sk, connectionId, #ttl',
+            ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
+            ExpressionAttributeValues: { ':pk': `user#${user}`, ':res': 'res#' },
+            ConsistentRead: true,
+            ExclusiveStartKey: startKey,
+          }),
+        );
+        for (const item of page.Items ?? []) {
+          const expired = typeof item[TTL_ATTRIBUTE] === 'number' && (item[TTL_ATTRIBUTE] as number) <= now;
+          if (!expired && item.sk !== `res#${resource}` && item.connectionId !== connectionId) count += 1;
+        }
+        startKey = page.LastEvaluatedKey;
+      } while (startKey);
+      return count;
     },
 
     async getResource(user, resource) {

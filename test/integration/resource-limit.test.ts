@@ -1,0 +1,134 @@
+/**
+ * RFC 6120 §7.6.2.1 Resource Constraint: "If the account has reached a limit on the number of
+ * simultaneous connected resources allowed, the server MUST return a <resource-constraint/>
+ * stanza error." (MAX_RESOURCES_PER_ACCOUNT). Without it one account could bind thousands of
+ * resources, and a message to its bare JID would post to each of them from one frame.
+ */
+import { UpdateCommand } from '@aws-sdk/lib-dynamodb';
+import { parse } from 'ltx';
+import { describe, expect, it } from 'vitest';
+import { handleStreamEvent } from '../../shared/core/stream.ts';
+import { createLogger } from '../../shared/log.ts';
+import { RecordingPort } from '../../shared/outbound.ts';
+import { createServer, type Server } from '../../shared/server.ts';
+import { createDocumentClient } from '../../shared/store/dynamo.ts';
+import { TTL_ATTRIBUTE } from '../../shared/tables.ts';
+import { createTestConfig, TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
+
+const BIND = 'urn:ietf:params:xml:ns:xmpp-bind';
+const STANZAS = 'urn:ietf:params:xml:ns:xmpp-stanzas';
+
+async function limitedServer(limit: string) {
+  const port = new RecordingPort();
+  const config = await createTestConfig({ MAX_RESOURCES_PER_ACCOUNT: limit });
+  const server = createServer({ config, port, log: createLogger('silent') });
+  return { port, server, config };
+}
+
+let counter = 0;
+
+/** An authenticated stream of `user`, not yet bound; `bind` sends it a bind request. */
+async function authenticated(server: Server, port: RecordingPort, user: string) {
+  const connectionId = `c${++counter}-${Date.now()}`;
+  await server.sessions.createConnection(connectionId, Date.now());
+  await server.sessions.updateConnection(connectionId, { streamOpen: true, user });
+  let frames = 0;
+  const bind = async (resource: string) => {
+    const frameId = `${connectionId}-${++frames}`;
+    const before = (port.frames.get(connectionId) ?? []).length;
+    await handleStreamEvent(server, {
+      connectionId,
+      kind: 'frame',
+      frame: `<iq xmlns='jabber:client' type='set' id='bind-${resource}'><bind xmlns='${BIND}'><resource>${resource}</resource></bind></iq>`,
+      receivedAt: Date.now(),
+      frameId,
+      seq: String(100 + frames),
+    });
+    const answers = (port.frames.get(connectionId) ?? []).slice(before).map((frame) => parse(frame));
+    return answers.find((answer) => answer.name === 'iq');
+  };
+  return { connectionId, bind };
+}
+
+describe('RFC 6120 §7.6.2.1: a limit on the resources one account has bound', () => {
+  it('refuses the bind past the limit with <resource-constraint/> of type wait, and binds nothing', async () => {
+    const { port, server } = await limitedServer('2');
+    const user = `limited${Date.now()}@localhost`;
+    expect((await (await authenticated(server, port, user)).bind('one'))?.attrs.type).toBe('result');
+    expect((await (await authenticated(server, port, user)).bind('two'))?.attrs.type).toBe('result');
+
+    const third = await authenticated(server, port, user);
+    const refused = await third.bind('three');
+    // RFC 6120 §7.6.2.1, Example:
+    //   <iq id='yhc13a95' type='error'>
+    //     <error type='wait'>
+    //       <resource-constraint xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>
+    //     </error>
+    //   </iq>
+    expect(refused?.attrs).toMatchObject({ type: 'error', id: 'bind-three' });
+    expect(refused?.getChild('error')?.attrs.type).toBe('wait');
+    expect(refused?.getChild('error')?.getChild('resource-constraint', STANZAS)).toBeDefined();
+    expect((await server.sessions.listResources(user)).map((r) => r.resource).sort()).toEqual(['one', 'two']);
+    expect((await server.sessions.getConnection(third.connectionId))?.resource).toBeUndefined();
+
+    // Another account is not limited by this one's resources.
+    const other = `other${Date.now()}@localhost`;
+    expect((await (await authenticated(server, port, other)).bind('one'))?.attrs.type).toBe('result');
+  });
+
+  it('still lets a bound resource be taken over, and a bind whose first attempt died finish, at the limit', async () => {
+    const { port, server } = await limitedServer('2');
+    const user = `full${Date.now()}@localhost`;
+    // The first attempt of this bind wrote the resource row and its function died before the
+    // answer: SQS brings the frame again, and it binds what the account already holds.
+    const first = await authenticated(server, port, user);
+    await server.sessions.bindResource({
+      user,
+      resource: 'one',
+      connectionId: first.connectionId,
+      available: false,
+      priority: 0,
+      boundAt: Date.now(),
+    });
+    expect((await (await authenticated(server, port, user)).bind('two'))?.attrs.type).toBe('result');
+    expect((await first.bind('one'))?.attrs.type).toBe('result');
+    // RFC 6120 §7.7.2.2: a new connection binding a resource the account holds replaces the
+    // old session; the account's resources stay two.
+    const newer = await authenticated(server, port, user);
+    const answer = await newer.bind('one');
+    expect(answer?.attrs.type).toBe('result');
+    expect(answer?.getChild('bind', BIND)?.getChildText('jid')).toBe(`${user}/one`);
+    const rows = await server.sessions.listResources(user);
+    expect(rows.map((r) => r.resource).sort()).toEqual(['one', 'two']);
+    expect(rows.find((r) => r.resource === 'one')?.connectionId).toBe(newer.connectionId);
+    // A third name is still refused.
+    expect((await (await authenticated(server, port, user)).bind('three'))?.attrs.type).toBe('error');
+  });
+
+  it('does not count a row past its TTL (a lost $disconnect the table has not deleted yet)', async () => {
+    const { port, server, config } = await limitedServer('1');
+    const user = `stale${Date.now()}@localhost`;
+    expect((await (await authenticated(server, port, user)).bind('gone'))?.attrs.type).toBe('result');
+    expect((await (await authenticated(server, port, user)).bind('next'))?.getChild('error')).toBeDefined();
+    const doc = createDocumentClient({ endpoint: useDynamoDbLocal(), region: TEST_REGION });
+    await doc.send(
+      new UpdateCommand({
+        TableName: config.tables.sessions,
+        Key: { pk: `user#${user}`, sk: 'res#gone' },
+        UpdateExpression: 'SET #ttl = :past',
+        ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
+        ExpressionAttributeValues: { ':past': Math.floor(Date.now() / 1000) - 1 },
+      }),
+    );
+    expect((await (await authenticated(server, port, user)).bind('next'))?.attrs.type).toBe('result');
+  });
+
+  it('0 means no limit', async () => {
+    const { port, server } = await limitedServer('0');
+    const user = `free${Date.now()}@localhost`;
+    for (const resource of ['a', 'b', 'c', 'd']) {
+      expect((await (await authenticated(server, port, user)).bind(resource))?.attrs.type).toBe('result');
+    }
+    expect(await server.sessions.listResources(user)).toHaveLength(4);
+  });
+});
