@@ -52,10 +52,18 @@ function refuseRestrictedXml(frame: string): void {
   }
 }
 
-function elementOf(tag: SaxesTagNS): Element {
+/**
+ * The element, unprefixed, in the namespace the parser resolved for it (`tag.uri`), given its
+ * parent's namespace as rewritten (`inherited`). A prefixed element gets a default `xmlns` of its
+ * namespace, which replaces any default it declared itself: its unprefixed children that were in
+ * that replaced default (or in any namespace other than the one they now inherit) get it stated
+ * explicitly, so that `<o:x xmlns:o='urn:outer' xmlns='urn:inner'><item/></o:x>` keeps `item`
+ * in `urn:inner` (Namespaces in XML 1.0 §6.2), as it is routed on.
+ */
+function elementOf(tag: SaxesTagNS, inherited: string): Element {
   const attrs: Record<string, string> = {};
   for (const attribute of Object.values(tag.attributes)) attrs[attribute.name] = attribute.value;
-  if (tag.prefix) attrs.xmlns = tag.uri;
+  if (tag.prefix || tag.uri !== inherited) attrs.xmlns = tag.uri;
   return new Element(tag.prefix ? tag.local : tag.name, attrs);
 }
 
@@ -91,6 +99,8 @@ export function parseFrame(input: string, maxBytes: number): Element {
   let root: Element | undefined;
   let current: Element | undefined;
   let depth = 0;
+  // The namespace of each open element, as its rewritten form states or inherits it.
+  const namespaces: string[] = [];
   let problem: StreamError | undefined;
   // The first problem stops the parser: a frame already refused is not read further (8,000 levels
   // of nesting past MAX_DEPTH cost 760 ms when the parser went on to the end).
@@ -109,13 +119,15 @@ export function parseFrame(input: string, maxBytes: number): Element {
     if (depth > MAX_DEPTH)
       return fail(new StreamError('policy-violation', `Elements nested deeper than ${MAX_DEPTH}`));
     if (root && !current) return fail(new StreamError('not-well-formed', 'More than one element in a frame'));
-    const element = elementOf(tag);
+    const element = elementOf(tag, namespaces.at(-1) ?? '');
+    namespaces.push(tag.uri);
     if (current) current.cnode(element);
     else root = element;
     current = element;
   });
   parser.on('closetag', () => {
     depth -= 1;
+    namespaces.pop();
     current = current?.parent ?? undefined;
   });
   const text = (value: string) => {

@@ -66,6 +66,42 @@ describe('parseFrame', () => {
   it('does not mistake markup-like text inside CDATA for restricted XML', () => {
     expect(streamCondition('<a><![CDATA[<!-- not a comment --> <?pi?>]]></a>')).toBeUndefined();
   });
+
+  it('keeps every element in its namespace when it unprefixes one (Namespaces in XML 1.0 §6.2)', () => {
+    // "The scope of a default namespace declaration extends from the beginning of the start-tag
+    // in which it appears to the end of the corresponding end-tag, excluding the scope of any
+    // inner default namespace declarations": `item` is in urn:example:inner, though its parent
+    // is in urn:example:outer by its prefix. Rewritten to `<x xmlns='urn:example:outer'>`, the
+    // parent would otherwise pull `item` into its own namespace as the stanza is routed on.
+    const message = parseFrame(
+      "<message xmlns='jabber:client' to='alice@localhost/r'><o:x xmlns:o='urn:example:outer' xmlns='urn:example:inner'><item><deep/></item><o:y/></o:x></message>",
+      1000,
+    );
+    const outer = message.getChild('x', 'urn:example:outer');
+    expect(outer).toBeDefined();
+    expect(outer?.getChild('item')?.getNS()).toBe('urn:example:inner');
+    expect(outer?.getChild('item')?.getChild('deep')?.getNS()).toBe('urn:example:inner');
+    expect(outer?.getChild('y')?.getNS()).toBe('urn:example:outer');
+    // Serialised for the recipient, and parsed again, it says the same.
+    const again = parseFrame(message.toString(), 1000).getChild('x', 'urn:example:outer');
+    expect(again?.getChild('item')?.getNS()).toBe('urn:example:inner');
+    expect(again?.getChild('y')?.getNS()).toBe('urn:example:outer');
+    // A prefixed stanza and payload are dispatched as their unprefixed forms.
+    const ping = parseFrame(
+      "<c:iq xmlns:c='jabber:client' type='get' id='p'><p:ping xmlns:p='urn:xmpp:ping'/></c:iq>",
+      1000,
+    );
+    expect(ping.name).toBe('iq');
+    expect(ping.getNS()).toBe('jabber:client');
+    expect(ping.getChild('ping', 'urn:xmpp:ping')).toBeDefined();
+    // Nothing is added where nothing changes.
+    expect(
+      parseFrame(
+        "<message xmlns='jabber:client'><body>hi</body><x xmlns='urn:a'><y/></x></message>",
+        1000,
+      ).toString(),
+    ).toBe('<message xmlns="jabber:client"><body>hi</body><x xmlns="urn:a"><y/></x></message>');
+  });
 });
 
 describe('parseJid', () => {
