@@ -291,6 +291,10 @@ async function auth(stream: Stream, element: Element): Promise<void> {
     }
     return startPlain(stream, payload);
   }
+  // RFC 6120 §6.4.2: no text is no initial response (an empty challenge asks for it); a lone
+  // "=" is a response "present but [that] contains no data", and a SCRAM client-first message
+  // cannot be empty (RFC 5802 §7).
+  if (payload.trim() === '=') throw new SaslError('malformed-request', 'The client-first message is empty');
   const decoded = decodeSaslPayload(payload);
   if (decoded === '') {
     stream.update({ sasl: { mechanism, state: {} } });

@@ -134,6 +134,14 @@ describe('RFC 6120 §6 SASL', () => {
       'malformed-request',
     ],
     ['<abort/>', `<abort xmlns='${SASL}'/>`, 'aborted'],
+    // RFC 6120 §6.4.2: "If the initiating entity needs to send a zero-length initial response, it
+    // MUST transmit the response as a single equals sign character ("="), which indicates that
+    // the response is present but contains no data." A SCRAM client-first message is never empty.
+    [
+      'an empty SCRAM initial response (=)',
+      `<auth xmlns='${SASL}' mechanism='SCRAM-SHA-256'>=</auth>`,
+      'malformed-request',
+    ],
   ];
   for (const [name, frame, condition] of saslGrid) {
     it(`answers ${name} with <${condition}/> and keeps the stream`, async () => {
