@@ -88,7 +88,10 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
   // Rebinding a resource the account holds (a takeover, or this bind redelivered) adds none.
   // Two binds at once may both pass: the limit is kept to within the binds in flight.
   const limit = server.config.maxResourcesPerAccount;
-  if (limit > 0 && (await server.sessions.countOtherResources(user, resource, stream.connectionId)) >= limit) {
+  if (
+    limit > 0 &&
+    (await server.sessions.countOtherResources(user, resource, stream.connectionId)) >= limit
+  ) {
     const reply = errorReplyTo(
       stanza,
       new StanzaError('wait', 'resource-constraint', `This account has ${limit} resources bound already`),

@@ -20,6 +20,7 @@
 import { randomBytes } from 'node:crypto';
 import { type Element, Element as XmlElement } from 'ltx';
 import { deliver, POST_LIMIT_BYTES } from '../core/delivery.ts';
+import { frameRedelivered, frameTimeLeft } from '../core/frame.ts';
 import {
   type BoundStream,
   DEFERRED_RESULT,
@@ -28,6 +29,7 @@ import {
   type StanzaEvent,
 } from '../core/host.ts';
 import { iqResult, removeForgedDelay } from '../core/stanzas.ts';
+import { RetryLaterError } from '../core/transient.ts';
 import { StanzaError } from '../errors.ts';
 import { bareJid, fullJid, type Jid, parseJid } from '../jid.ts';
 import { serialize } from '../outbound.ts';
@@ -77,6 +79,13 @@ const FEATURES_05 = ['save', 'otr'].map((name) => `${ARCHIVE_NS}#${name}`);
 
 /** Room kept for the iq wrapper around a paged answer (its attributes, the `<set/>`). */
 const ENVELOPE_BYTES = 2048;
+
+/**
+ * §8.3 remove: collections removed per round (each a tombstone write and its items' deletes, one
+ * after another), and the invocation time a round is given (ms): about 10 ms a collection here.
+ */
+const REMOVE_ROUND_COLLECTIONS = 250;
+const REMOVE_ROUND_MS = 10_000;
 
 /** The service's defaults and limits, from configuration (README "Configuration"). */
 export function servicePolicy(server: Server): ServicePolicy & { autoRequired: boolean } {
@@ -398,14 +407,22 @@ async function serve(
         openWithinMs: server.config.archiveCollectionGapSeconds * 1000,
       };
       let removed = 0;
-      for (let round = 0; round < 100; round++) {
-        const result = await archive.removeCollections(owner, filter);
+      for (;;) {
+        // Up to 1,000 collections a round. Too little of the invocation left for another: the
+        // frame is handed back and comes again within seconds, and its next attempt goes on with
+        // what is left (what is removed is a tombstone already); nothing is answered meanwhile.
+        if ((frameTimeLeft() ?? Number.POSITIVE_INFINITY) < REMOVE_ROUND_MS)
+          throw new RetryLaterError('archive removal continues in the next attempt');
+        const result = await archive.removeCollections(owner, filter, {
+          maxCollections: REMOVE_ROUND_COLLECTIONS,
+        });
         removed += result.removed.length;
         if (!result.more) break;
       }
       // §8.3: "If the specified collection (or collections) do not exist then the server MUST
-      // return an <item-not-found/> error".
-      if (removed === 0) throw collectionNotFound();
+      // return an <item-not-found/> error". A later attempt of the frame that finds none left
+      // cannot tell whether its earlier attempts removed them: it answers the success they earned.
+      if (removed === 0 && !frameRedelivered()) throw collectionNotFound();
       return undefined;
     }
     case 'store':

@@ -255,6 +255,15 @@ describe('XEP-0136 0.9 §5 manual archiving', () => {
     // §6: "A collection that contains <EncryptedData/> or <EncryptedKey/> elements MUST NOT contain <to/> or <from/> or <note/> elements."
     await ok(raw, UP1);
     expect(await bad(encryptedData('k', 'AA=='))).toBe('not-acceptable');
+    // §5.3: "Clients MUST take care to append each sequence of messages to the collection before
+    // the sequence becomes so large that uploading it may violate common rate limiting
+    // restrictions", and "If the server cannot service a store request because the collection is
+    // too large then it MUST return a <not-acceptable/> error": 256 children a request at most.
+    const many = (n: number) =>
+      Array.from({ length: n }, (_, i) => `<to secs='1'><body>${i}</body></to>`).join('');
+    const attrs = "with='juliet@capulet.com/chamber' start='1469-07-22T00:00:00Z'";
+    expect(await bad(many(257), attrs)).toBe('not-acceptable');
+    await ok(raw, `<iq type='set'><store xmlns='${ARCHIVE}' ${attrs}>${many(256)}</store></iq>`);
   });
 });
 

@@ -239,11 +239,25 @@ function decodePrefSet(pref: Element): ArchiveRequest {
   return { kind: 'pref-set', default: first ? decodeMode(first) : undefined, items, methods };
 }
 
+/**
+ * Children (entries and keys) one `<store/>` may carry. Each is a write; a 64 KB stanza of empty
+ * `<to/>` elements would otherwise be about 12,000 writes from one frame. §5.3 expects clients to
+ * upload in parts: "Clients MUST take care to append each sequence of messages to the collection
+ * before the sequence becomes so large that uploading it may violate common rate limiting
+ * restrictions".
+ */
+export const MAX_STORE_ITEMS = 256;
+
 /** The entries and keys of a `<store/>` (XEP-0136 §5.3–§6). */
 function decodeStoreContent(store: Element): { entries: ManualEntry[]; keys: EncryptedKeyInput[] } {
   const entries: ManualEntry[] = [];
   const keys: EncryptedKeyInput[] = [];
-  for (const child of store.getChildElements()) {
+  const children = store.getChildElements();
+  // §5.3: "If the server cannot service a store request because the collection is too large then
+  // it MUST return a <not-acceptable/> error": so too for a request too large to serve at once.
+  if (children.length > MAX_STORE_ITEMS)
+    throw new StanzaError('modify', 'not-acceptable', `at most ${MAX_STORE_ITEMS} entries per <store/>`);
+  for (const child of children) {
     const ns = child.getNS();
     if (ns === ARCHIVE_NS && (child.name === 'to' || child.name === 'from')) {
       const secs = nonNegativeInteger(child, 'secs');
