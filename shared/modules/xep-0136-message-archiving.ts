@@ -645,6 +645,11 @@ async function pushTo(server: Server, resource: ResourceRecord, payload: Element
 async function notifyContact(server: Server, owner: string, contact: string, otr: boolean): Promise<void> {
   const jid = parseJid(contact);
   if (!jid.local || jid.domain !== server.config.domain || bareJid(jid) === owner) return;
+  // "a shared off-the-record state": shared with a contact, one with a presence subscription to
+  // or from the user in the contact's roster. Anyone else's resources get nothing, so that a
+  // stranger cannot push iq sets to any account by naming it.
+  const entry = await server.roster.getEntry(bareJid(jid), owner);
+  if (!entry || entry.subscription === 'none') return;
   const resources = (await server.sessions.listResources(bareJid(jid))).filter(
     (r) => r.archive?.otr === true,
   );

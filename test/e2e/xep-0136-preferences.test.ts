@@ -23,6 +23,23 @@ afterAll(async () => {
   await stack?.close();
 });
 
+/** Juliet and Romeo as contacts both ways (RFC 6121 subscription 'both'), as the roster module leaves them. */
+async function relate(juliet: string, romeo: string): Promise<void> {
+  const entry = (contact: string) => ({
+    contact,
+    listed: true,
+    groups: [],
+    subscription: 'both' as const,
+    pendingOut: false,
+    approved: false,
+  });
+  await stack.server.roster.apply(juliet, romeo, { contactIsLocal: true }, () => ({
+    user: entry(romeo),
+    contact: entry(juliet),
+    outcome: undefined,
+  }));
+}
+
 const PREF_GET = `<iq type='get' id='pref1'><pref xmlns='${ARCHIVE}'/></iq>`;
 
 function attrsOf(pref: Element | undefined, name: string): Record<string, string>[] {
@@ -369,6 +386,8 @@ describe('XEP-0136 0.5 §3.2 Off-the-Record Mode', () => {
   it('plays otr1 (get), otr2 (record) with update1/update2 to OTR-aware resources, the result, and update3 to the contact', async () => {
     const juliet = await world.newUser('juliet');
     const romeo = await world.newUser('romeo');
+    // Contacts: "a shared off-the-record state" needs a relationship to share it in.
+    await relate(juliet, romeo);
     const chamber = await world.connect(juliet, 'chamber');
     const pda = await world.connect(juliet, 'pda');
     const orchard = await world.connect(romeo, 'orchard');
@@ -403,6 +422,20 @@ describe('XEP-0136 0.5 §3.2 Off-the-Record Mode', () => {
     ]);
     // The contact's own preferences were not changed by Juliet.
     expect(attrsOf(await ok(orchard, PREF_GET), 'item')).toEqual([]);
+  });
+
+  it('tells no one who is not a contact: a stranger cannot push iq sets to an account by naming it', async () => {
+    const mallory = await world.newUser('mallory');
+    const romeo = await world.newUser('romeo');
+    const orchard = await world.connect(romeo, 'orchard');
+    await ok(orchard, `<iq type='get' id='otr1'><otr xmlns='${ARCHIVE}'/></iq>`);
+    const cellar = await world.connect(mallory, 'cellar');
+    await ok(cellar, `<iq type='set' id='spam'><record xmlns='${ARCHIVE}' jid='${romeo}' otr='true'/></iq>`);
+    // Mallory's own OTR Mode with romeo is recorded: it is Mallory's archive.
+    const listed = await ok(cellar, `<iq type='get' id='otr1'><otr xmlns='${ARCHIVE}'/></iq>`);
+    expect(attrsOf(listed, 'record')).toEqual([{ jid: romeo, otr: 'true' }]);
+    await stack.gateway.drained();
+    expect(await orchard.framesBeforePong()).toEqual([]);
   });
 
   it.each([
