@@ -51,6 +51,11 @@ export async function routeFromClient(stream: BoundStream, stanza: Element): Pro
   const { server } = stream;
   // DESIGN.md: "A stanza's from is always rewritten by the server."
   stanza.attrs.from = fullJid(stream.jid);
+  // RFC 6120 §4.7.4: "the receiving entity SHOULD add the 'xml:lang' attribute to the stanza when
+  // routing it to a remote server or delivering it to a connected client" (the stream's, when
+  // the stanza has none and the stream's is not the server's own, which recipients inherit).
+  if (stream.state.lang !== undefined && stanza.attrs['xml:lang'] === undefined)
+    stanza.attrs['xml:lang'] = stream.state.lang;
   try {
     let to: Jid | undefined;
     if (stanza.attrs.to !== undefined) {

@@ -210,7 +210,7 @@ export function openElement(domain: string, id: string, to?: string): Element {
     ...(to ? { to } : {}),
     id,
     version: '1.0',
-    'xml:lang': 'en',
+    'xml:lang': SERVER_LANG,
   });
 }
 
@@ -228,6 +228,23 @@ function answeringTo(open: Element): string | undefined {
   }
 }
 
+/** The server's own default language, in its `<open/>`. */
+export const SERVER_LANG = 'en';
+
+/**
+ * RFC 6120 §4.7.4: "If the initiating entity included the 'xml:lang' attribute in its initial
+ * stream header, the receiving entity SHOULD remember that value as the default xml:lang for all
+ * stanzas sent by the initiating entity over the current stream", and add it to those it routes
+ * without one. A language the server's own header already gives its recipients (`en`), or a
+ * value that is no language tag (RFC 5646's shape, at most 35 characters), is not kept.
+ */
+function streamLanguage(open: Element): string | undefined {
+  const lang = open.attrs['xml:lang'];
+  if (typeof lang !== 'string' || lang.length > 35) return undefined;
+  if (!/^[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8})*$/.test(lang)) return undefined;
+  return lang.toLowerCase() === SERVER_LANG ? undefined : lang;
+}
+
 async function openStream(stream: XmppStream, open: Element): Promise<void> {
   const { server } = stream;
   const { domain } = server.config;
@@ -240,7 +257,7 @@ async function openStream(stream: XmppStream, open: Element): Promise<void> {
     throw new StreamError('unsupported-version', 'This server speaks XMPP 1.0');
   }
   const streamId = newStreamId();
-  stream.update({ streamOpen: true, streamId });
+  stream.update({ streamOpen: true, streamId, lang: streamLanguage(open) });
   await stream.send(openElement(domain, streamId, answeringTo(open)));
   const features = new Element('stream:features', { 'xmlns:stream': NS.stream });
   await server.host.fire('stream-features', { stream, features });

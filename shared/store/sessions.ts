@@ -162,6 +162,11 @@ export interface ConnectionState {
   sourceIp?: string;
   /** Set once `<open/>` was answered on the current stream (reset by a SASL success). */
   streamOpen: boolean;
+  /**
+   * RFC 6120 §4.7.4: the `xml:lang` of the client's `<open/>`, when it is not the server's own
+   * (`en`): added to the client's stanzas that carry none as they are routed.
+   */
+  lang?: string;
   streamId?: string;
   /** Authenticated bare JID: the only identity (DESIGN.md "Identity and trust"). */
   user?: string;
@@ -534,6 +539,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     sourceIp: item.sourceIp as string | undefined,
     streamOpen: Boolean(item.streamOpen),
     streamId: item.streamId as string | undefined,
+    ...(typeof item.lang === 'string' ? { lang: item.lang } : {}),
     user: item.user as string | undefined,
     resource: item.resource as string | undefined,
     sasl: item.sasl as SaslProgress | undefined,
