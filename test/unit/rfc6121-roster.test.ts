@@ -458,6 +458,20 @@ describe('§2.3 roster set: decode grid', () => {
     );
   });
 
+  it("bounds an item's name and groups together at 2 KB (every presence change reads the whole roster)", () => {
+    const group = (i: number) => `<group>${String(i).padStart(3, '0')}${'g'.repeat(509)}</group>`; // 512 bytes
+    const groups = (n: number) => Array.from({ length: n }, (_, i) => group(i)).join('');
+    expect(
+      conditionOf(() => decodeRosterSet(q(`<item jid='a@b'>${groups(4)}</item>`), USER)),
+    ).toBeUndefined();
+    expect(conditionOf(() => decodeRosterSet(q(`<item jid='a@b' name='n'>${groups(4)}</item>`), USER))).toBe(
+      'modify/not-acceptable',
+    );
+    expect(conditionOf(() => decodeRosterSet(q(`<item jid='a@b'>${groups(5)}</item>`), USER))).toBe(
+      'modify/not-acceptable',
+    );
+  });
+
   it('an empty name means no name', () => {
     expect(decodeRosterSet(q(`<item jid='a@b' name=''/>`), USER)).toMatchObject({ name: undefined });
   });

@@ -20,10 +20,24 @@ export interface RosterBounds {
   maxGroupBytes: number;
   /** Groups per item (server policy; refused like an over-long group). */
   maxGroups: number;
+  /**
+   * The name and the groups together, in UTF-8 bytes (server policy; refused alike). Every
+   * presence change reads the whole roster: 64 groups of 1023 bytes made an item of 64 KB, and
+   * a full roster of them 64 MB to read each time.
+   */
+  maxItemBytes: number;
 }
 
-/** 1023 bytes, the bound RFC 7622 puts on each part of a JID, is ample for a handle or a group. */
-export const DEFAULT_ROSTER_BOUNDS: RosterBounds = { maxNameBytes: 1023, maxGroupBytes: 1023, maxGroups: 64 };
+/**
+ * 1023 bytes, the bound RFC 7622 puts on each part of a JID, is ample for a handle or a group;
+ * 2 KB for all of an item's (a roster of 1,000 such items is 2 MB at most).
+ */
+export const DEFAULT_ROSTER_BOUNDS: RosterBounds = {
+  maxNameBytes: 1023,
+  maxGroupBytes: 1023,
+  maxGroups: 64,
+  maxItemBytes: 2048,
+};
 
 export interface RosterGet {
   /**
@@ -103,6 +117,9 @@ export function decodeRosterSet(
   }
   if (groups.length > bounds.maxGroups) {
     throw new StanzaError('modify', 'not-acceptable', `more than ${bounds.maxGroups} groups`);
+  }
+  if (bytes(name ?? '') + groups.reduce((sum, group) => sum + bytes(group), 0) > bounds.maxItemBytes) {
+    throw new StanzaError('modify', 'not-acceptable', `name and groups over ${bounds.maxItemBytes} bytes`);
   }
   return { kind: 'update', contact, name, groups };
 }
