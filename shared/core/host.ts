@@ -364,6 +364,11 @@ export interface StanzaQueue {
    * count asked for, or undefined when nothing was asked.
    */
   requestAck(stream: BoundStream): Promise<number | undefined>;
+  /**
+   * Which of these sessions have a stream attached: the others are detached, waiting for a
+   * resume, and are not "connected" resources (RFC 6120 §7.6.2.1's limit counts those).
+   */
+  attached(smIds: readonly string[]): Promise<Set<string>>;
 }
 
 /** Items modules offer each other through the host. */

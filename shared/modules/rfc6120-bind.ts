@@ -57,6 +57,25 @@ async function generatedResource(stream: Stream): Promise<string> {
   return (derived ? Buffer.from(derived, 'base64url') : randomBytes(6)).toString('hex').slice(0, 12);
 }
 
+/**
+ * Whether binding `resource` would pass MAX_RESOURCES_PER_ACCOUNT connected resources. A
+ * stream-management session detached from its socket (waiting for a resume) is not connected:
+ * its sessions are only looked up when the rows alone reach the limit, so a login pays one
+ * Query, and a client that reloads a page with a new resource each time is never refused for
+ * the sessions its earlier pages left waiting.
+ */
+async function overResourceLimit(stream: Stream & { user: string }, resource: string): Promise<boolean> {
+  const { server } = stream;
+  const limit = server.config.maxResourcesPerAccount;
+  if (limit <= 0) return false;
+  const others = await server.sessions.otherResources(stream.user, resource, stream.connectionId);
+  if (others.length < limit) return false;
+  const smIds = others.flatMap((other) => (other.smId ? [other.smId] : []));
+  const attached = smIds.length > 0 ? await server.host.stanzaQueue?.attached(smIds) : undefined;
+  const connected = others.filter((other) => !other.smId || attached?.has(other.smId) !== false);
+  return connected.length >= limit;
+}
+
 /** Before bind, the only stanza allowed is the bind request (RFC 6120 §7.1). */
 async function bind(stream: Stream & { user: string }, stanza: Element): Promise<typeof HANDLED | undefined> {
   const request = stanza.getChild('bind', NS.bind);
@@ -87,14 +106,11 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
   // connected resources allowed, the server MUST return a <resource-constraint/> stanza error."
   // Rebinding a resource the account holds (a takeover, or this bind redelivered) adds none.
   // Two binds at once may both pass: the limit is kept to within the binds in flight.
-  const limit = server.config.maxResourcesPerAccount;
-  if (
-    limit > 0 &&
-    (await server.sessions.countOtherResources(user, resource, stream.connectionId)) >= limit
-  ) {
+  if (await overResourceLimit(stream, resource)) {
+    const limit = server.config.maxResourcesPerAccount;
     const reply = errorReplyTo(
       stanza,
-      new StanzaError('wait', 'resource-constraint', `This account has ${limit} resources bound already`),
+      new StanzaError('wait', 'resource-constraint', `This account has ${limit} resources connected already`),
     );
     if (reply) await stream.send(reply);
     return HANDLED;

@@ -85,6 +85,7 @@ export function register(server: Server): void {
     deliver: (smId, stanza, options) => deliverToSmSession(server, smId, stanza, options),
     queuedBefore: (smId) => queuedBefore(server, smId),
     requestAck: (stream) => requestAckIfUnacknowledged(stream),
+    attached: (smIds) => server.smQueue.attached(smIds),
   });
   host.hook('connection-vanished', (event) => keepResumable(server, event), { priority: 10 });
   host.hook('session-ending', ({ session, reason, undelivered, afterReroute }) =>

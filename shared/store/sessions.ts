@@ -404,11 +404,16 @@ export interface SessionStore {
   deleteConnection(connectionId: string): Promise<void>;
   listResources(user: string): Promise<ResourceRecord[]>;
   /**
-   * How many resources of `user` other than `resource` are bound by connections other than
-   * `connectionId` (RFC 6120 §7.6.2.1's limit; a row past its TTL is a safety net's leftover and
-   * does not count). One Query of the keys and owners only.
+   * The resources of `user` other than `resource` bound by connections other than
+   * `connectionId`, with their stream-management session if any (RFC 6120 §7.6.2.1's limit; a
+   * row past its TTL is a safety net's leftover and is left out). One Query of the keys, owners
+   * and sessions only.
    */
-  countOtherResources(user: string, resource: string, connectionId: string): Promise<number>;
+  otherResources(
+    user: string,
+    resource: string,
+    connectionId: string,
+  ): Promise<{ resource: string; smId?: string }[]>;
   getResource(user: string, resource: string): Promise<ResourceRecord | undefined>;
   /**
    * Binds (or takes over) a resource; returns the record it replaced. ResourceTakenError when
@@ -822,16 +827,16 @@ export function createSessionStore(
       return Items.map((item) => toResource(item, readAt));
     },
 
-    async countOtherResources(user, resource, connectionId) {
+    async otherResources(user, resource, connectionId) {
       const now = Math.floor(Date.now() / 1000);
-      let count = 0;
+      const others: { resource: string; smId?: string }[] = [];
       let startKey: Record<string, unknown> | undefined;
       do {
         const page = await doc.send(
           new QueryCommand({
             TableName: table,
             KeyConditionExpression: 'pk = :pk AND begins_with(sk, :res)',
-            ProjectionExpression: 'sk, connectionId, #ttl',
+            ProjectionExpression: 'sk, connectionId, smId, #ttl',
             ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
             ExpressionAttributeValues: { ':pk': `user#${user}`, ':res': 'res#' },
             ConsistentRead: true,
@@ -840,11 +845,13 @@ export function createSessionStore(
         );
         for (const item of page.Items ?? []) {
           const expired = typeof item[TTL_ATTRIBUTE] === 'number' && (item[TTL_ATTRIBUTE] as number) <= now;
-          if (!expired && item.sk !== `res#${resource}` && item.connectionId !== connectionId) count += 1;
+          const name = (item.sk as string).slice('res#'.length);
+          if (expired || name === resource || item.connectionId === connectionId) continue;
+          others.push({ resource: name, ...(typeof item.smId === 'string' ? { smId: item.smId } : {}) });
         }
         startKey = page.LastEvaluatedKey;
       } while (startKey);
-      return count;
+      return others;
     },
 
     async getResource(user, resource) {

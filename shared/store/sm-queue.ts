@@ -443,6 +443,8 @@ export interface SmQueueStore {
     item: Pick<SmQueueItem, 'smId' | 'user' | 'resource' | 'version' | 'resumable' | 'max' | 'connectionId'>,
   ): Promise<void>;
   get(smId: string): Promise<SmQueueItem | undefined>;
+  /** Of these sessions, those a stream is attached to (not detached, not ended): one BatchGetItem. */
+  attached(smIds: readonly string[]): Promise<Set<string>>;
   /** Just the counters (a projection: cheaper to move than the queue). */
   /**
    * The counts alone: `posted`, what surely went out in order (all of `out` unless a replay or a
@@ -760,6 +762,21 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
     },
 
     get: readItem,
+
+    async attached(smIds) {
+      if (smIds.length === 0) return new Set();
+      const items = await batchGetAll(
+        doc,
+        table,
+        smIds.map((smId) => key(smId)),
+        { consistent: true, projection: ['pk', 'connectionId', 'ended'] },
+      );
+      return new Set(
+        items
+          .filter((item) => typeof item.connectionId === 'string' && item.ended !== true)
+          .map((item) => (item.pk as string).slice('sm#'.length)),
+      );
+    },
 
     async counts(smId) {
       const { Item } = await doc.send(

@@ -123,6 +123,33 @@ describe('RFC 6120 §7.6.2.1: a limit on the resources one account has bound', (
     expect((await (await authenticated(server, port, user)).bind('next'))?.attrs.type).toBe('result');
   });
 
+  it('counts connected resources: a stream-management session detached from its socket does not count (nor one ended)', async () => {
+    // A browser client reloading its page binds a new resource each time, and each page it left
+    // keeps a stream-management session waiting for a resume (XEP-0198 §5): not connected.
+    const { port, server } = await limitedServer('1');
+    const user = `reloader${Date.now()}@localhost`;
+    const page1 = await authenticated(server, port, user);
+    expect((await page1.bind('page1'))?.attrs.type).toBe('result');
+    const smId = `sm-${page1.connectionId}`;
+    await server.smQueue.create({
+      smId,
+      user,
+      resource: 'page1',
+      version: 'sm3',
+      resumable: true,
+      max: 300,
+      connectionId: page1.connectionId,
+    });
+    await server.smQueue.release(smId, 0);
+    await server.sessions.switchToQueueLate(user, 'page1', page1.connectionId, smId);
+    // Attached: connected, so the next page is refused at a limit of one.
+    expect((await (await authenticated(server, port, user)).bind('page2'))?.getChild('error')).toBeDefined();
+    // The page is left: its socket is gone and the session waits, detached.
+    expect(await server.smQueue.detach(smId, page1.connectionId, 0, Date.now() + 300_000, [])).toBe(true);
+    expect((await server.sessions.getResource(user, 'page1'))?.smId).toBe(smId);
+    expect((await (await authenticated(server, port, user)).bind('page2'))?.attrs.type).toBe('result');
+  });
+
   it('0 means no limit', async () => {
     const { port, server } = await limitedServer('0');
     const user = `free${Date.now()}@localhost`;

@@ -118,6 +118,9 @@ describe('the delivery path', () => {
       async requestAck() {
         return undefined;
       },
+      async attached() {
+        return new Set<string>();
+      },
     });
     const stanza = parse("<message to='bob@localhost'><body>queued</body></message>");
     expect(await deliver(server, resource('c1', { smId: 'sm-1' }), stanza, { offlineId: 'o1' })).toBe('sent');
