@@ -62,14 +62,17 @@ async function generatedResource(stream: Stream): Promise<string> {
  * stream-management session detached from its socket (waiting for a resume) is not connected:
  * its sessions are only looked up when the rows alone reach the limit, so a login pays one
  * Query, and a client that reloads a page with a new resource each time is never refused for
- * the sessions its earlier pages left waiting.
+ * the sessions its earlier pages left waiting. A bind an earlier attempt of this frame began
+ * (its row written, or a takeover recorded) is finished, never refused half-way: a row left
+ * bound by a stream told it was not would receive stanzas, and a takeover would leave the
+ * session it displaced unended.
  */
 async function overResourceLimit(stream: Stream & { user: string }, resource: string): Promise<boolean> {
   const { server } = stream;
   const limit = server.config.maxResourcesPerAccount;
-  if (limit <= 0) return false;
-  const others = await server.sessions.otherResources(stream.user, resource, stream.connectionId);
-  if (others.length < limit) return false;
+  if (limit <= 0 || stream.state.replacing) return false;
+  const { others, own } = await server.sessions.otherResources(stream.user, resource, stream.connectionId);
+  if (own || others.length < limit) return false;
   const smIds = others.flatMap((other) => (other.smId ? [other.smId] : []));
   const attached = smIds.length > 0 ? await server.host.stanzaQueue?.attached(smIds) : undefined;
   const connected = others.filter((other) => !other.smId || attached?.has(other.smId) !== false);
@@ -98,7 +101,8 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
   } catch {
     // RFC 6120 §7.7.2.1: a resource that cannot be processed is bad-request.
     const reply = errorReplyTo(stanza, new StanzaError('modify', 'bad-request', 'Invalid resource'));
-    if (reply) await stream.send(reply);
+    // The same answer on a redelivery, though a resource may have been let go meanwhile.
+    if (reply) await stream.answerOnce(reply);
     return HANDLED;
   }
 

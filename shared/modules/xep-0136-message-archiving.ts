@@ -20,7 +20,7 @@
 import { randomBytes } from 'node:crypto';
 import { type Element, Element as XmlElement } from 'ltx';
 import { deliver, POST_LIMIT_BYTES } from '../core/delivery.ts';
-import { frameRedelivered, frameTimeLeft } from '../core/frame.ts';
+import { frameTimeLeft } from '../core/frame.ts';
 import {
   type BoundStream,
   DEFERRED_RESULT,
@@ -408,21 +408,29 @@ async function serve(
       };
       let removed = 0;
       for (;;) {
-        // Up to 1,000 collections a round. Too little of the invocation left for another: the
-        // frame is handed back and comes again within seconds, and its next attempt goes on with
-        // what is left (what is removed is a tombstone already); nothing is answered meanwhile.
-        if ((frameTimeLeft() ?? Number.POSITIVE_INFINITY) < REMOVE_ROUND_MS)
+        // Up to REMOVE_ROUND_COLLECTIONS a round. Too little of the invocation left for another:
+        // the frame is handed back and comes again within seconds, and its next attempt goes on
+        // with what is left (what is removed is a tombstone already); nothing is answered
+        // meanwhile. That it removed some is recorded for the next attempt.
+        if ((frameTimeLeft() ?? Number.POSITIVE_INFINITY) < REMOVE_ROUND_MS) {
+          if (removed > 0 && stream.frameId !== '') {
+            stream.update({ archiveRemoving: stream.frameId });
+            await stream.commit();
+          }
           throw new RetryLaterError('archive removal continues in the next attempt');
+        }
         const result = await archive.removeCollections(owner, filter, {
           maxCollections: REMOVE_ROUND_COLLECTIONS,
         });
         removed += result.removed.length;
         if (!result.more) break;
       }
+      const removedBefore = stream.frameId !== '' && stream.state.archiveRemoving === stream.frameId;
+      if (stream.state.archiveRemoving !== undefined) stream.update({ archiveRemoving: undefined });
       // §8.3: "If the specified collection (or collections) do not exist then the server MUST
-      // return an <item-not-found/> error". A later attempt of the frame that finds none left
-      // cannot tell whether its earlier attempts removed them: it answers the success they earned.
-      if (removed === 0 && !frameRedelivered()) throw collectionNotFound();
+      // return an <item-not-found/> error"; an attempt that finds none left after its earlier
+      // attempts removed some answers the success they earned.
+      if (removed === 0 && !removedBefore) throw collectionNotFound();
       return undefined;
     }
     case 'store':

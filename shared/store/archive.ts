@@ -761,18 +761,7 @@ export function createArchiveStore(
       if (error instanceof TransactionCanceledException) return -1;
       throw error;
     }
-    try {
-      await doc.send(
-        new DeleteCommand({
-          TableName: table,
-          Key: pointerKey(owner, header.with),
-          ConditionExpression: 'cid = :cid',
-          ExpressionAttributeValues: { ':cid': header.cid },
-        }),
-      );
-    } catch (error) {
-      if (!isConditionFailure(error)) throw error;
-    }
+    await dropPointer(owner, header.with, header.cid);
     const { deleted, done } = await purgePartition(owner, header.cid, budget);
     if (!done) {
       await doc.send(
@@ -788,6 +777,22 @@ export function createArchiveStore(
       );
     }
     return deleted;
+  }
+
+  /** Deletes the open-collection pointer for `withJid` if it still points at collection `cid`. */
+  async function dropPointer(owner: string, withJid: string, cid: string): Promise<void> {
+    try {
+      await doc.send(
+        new DeleteCommand({
+          TableName: table,
+          Key: pointerKey(owner, withJid),
+          ConditionExpression: 'cid = :cid',
+          ExpressionAttributeValues: { ':cid': cid },
+        }),
+      );
+    } catch (error) {
+      if (!isConditionFailure(error)) throw error;
+    }
   }
 
   async function openPointers(owner: string): Promise<Record<string, unknown>[]> {
@@ -1215,17 +1220,24 @@ export function createArchiveStore(
           const parts = withParts(jid);
           return parts[filter.with.kind] === filter.with.jid;
         });
+        // Each pointer looked at goes, whatever it is: with its collection when that is being
+        // recorded, alone when it is not (its header is gone, or its conversation went quiet:
+        // the next message would start a new collection anyway, as it does without a pointer).
+        // So the next call looks at the next ones, and a caller calling while `more` finishes.
         for (const pointer of wanted.slice(0, maxCollections)) {
-          const header = await getHeader(owner, {
-            with: (pointer.sk as string).slice(5),
-            start: pointer.start as number,
-          });
-          if (!header || header.cid !== pointer.cid) continue;
+          const withJid = (pointer.sk as string).slice(5);
+          const header = await getHeader(owner, { with: withJid, start: pointer.start as number });
+          if (!header || header.cid !== pointer.cid) {
+            await dropPointer(owner, withJid, pointer.cid as string);
+            continue;
+          }
           // Still being recorded: its next message would join it (the idle gap has not passed).
-          // A pointer stays after its conversation went quiet (a stream that simply left).
           if (filter.openWithinMs !== undefined) {
             const last = await edgeEntry(owner, header.cid, false);
-            if (now() - (last?.at ?? header.start) > filter.openWithinMs) continue;
+            if (now() - (last?.at ?? header.start) > filter.openWithinMs) {
+              await dropPointer(owner, withJid, header.cid);
+              continue;
+            }
           }
           headers.push(header);
         }

@@ -167,6 +167,12 @@ export interface ConnectionState {
    * (`en`): added to the client's stanzas that carry none as they are routed.
    */
   lang?: string;
+  /**
+   * XEP-0136 §8.3: the frame whose `<remove/>` removed collections and was handed back to go on
+   * (too little of its invocation was left): its next attempt answers a result even if it
+   * finds nothing left.
+   */
+  archiveRemoving?: string;
   streamId?: string;
   /** Authenticated bare JID: the only identity (DESIGN.md "Identity and trust"). */
   user?: string;
@@ -406,14 +412,15 @@ export interface SessionStore {
   /**
    * The resources of `user` other than `resource` bound by connections other than
    * `connectionId`, with their stream-management session if any (RFC 6120 §7.6.2.1's limit; a
-   * row past its TTL is a safety net's leftover and is left out). One Query of the keys, owners
-   * and sessions only.
+   * row past its TTL is a safety net's leftover and is left out), and whether a row of
+   * `connectionId` is there (`own`: an earlier attempt of its bind wrote it). One Query of the
+   * keys, owners and sessions only.
    */
   otherResources(
     user: string,
     resource: string,
     connectionId: string,
-  ): Promise<{ resource: string; smId?: string }[]>;
+  ): Promise<{ others: { resource: string; smId?: string }[]; own: boolean }>;
   getResource(user: string, resource: string): Promise<ResourceRecord | undefined>;
   /**
    * Binds (or takes over) a resource; returns the record it replaced. ResourceTakenError when
@@ -545,6 +552,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     streamOpen: Boolean(item.streamOpen),
     streamId: item.streamId as string | undefined,
     ...(typeof item.lang === 'string' ? { lang: item.lang } : {}),
+    ...(typeof item.archiveRemoving === 'string' ? { archiveRemoving: item.archiveRemoving } : {}),
     user: item.user as string | undefined,
     resource: item.resource as string | undefined,
     sasl: item.sasl as SaslProgress | undefined,
@@ -830,6 +838,7 @@ export function createSessionStore(
     async otherResources(user, resource, connectionId) {
       const now = Math.floor(Date.now() / 1000);
       const others: { resource: string; smId?: string }[] = [];
+      let own = false;
       let startKey: Record<string, unknown> | undefined;
       do {
         const page = await doc.send(
@@ -846,12 +855,13 @@ export function createSessionStore(
         for (const item of page.Items ?? []) {
           const expired = typeof item[TTL_ATTRIBUTE] === 'number' && (item[TTL_ATTRIBUTE] as number) <= now;
           const name = (item.sk as string).slice('res#'.length);
+          if (item.connectionId === connectionId) own = true;
           if (expired || name === resource || item.connectionId === connectionId) continue;
           others.push({ resource: name, ...(typeof item.smId === 'string' ? { smId: item.smId } : {}) });
         }
         startKey = page.LastEvaluatedKey;
       } while (startKey);
-      return others;
+      return { others, own };
     },
 
     async getResource(user, resource) {

@@ -11,6 +11,7 @@
 import { Element } from 'ltx';
 import { SaxesParser, type SaxesTagNS } from 'saxes';
 import { StreamError } from '../errors.ts';
+import { NS } from './namespaces.ts';
 
 // RFC 6120 §11.1: "comments, processing instructions, internal or external DTD subsets,
 // internal or external entity references (with the exception of the predefined entities)"
@@ -63,8 +64,18 @@ function refuseRestrictedXml(frame: string): void {
 function elementOf(tag: SaxesTagNS, inherited: string): Element {
   const attrs: Record<string, string> = {};
   for (const attribute of Object.values(tag.attributes)) attrs[attribute.name] = attribute.value;
-  if (tag.prefix || tag.uri !== inherited) attrs.xmlns = tag.uri;
+  const uri = namespaceOf(tag);
+  if (tag.prefix || uri !== inherited) attrs.xmlns = uri;
   return new Element(tag.prefix ? tag.local : tag.name, attrs);
+}
+
+/**
+ * The namespace an element is taken in: no namespace is `jabber:client`, as a stanza without
+ * `xmlns` is taken (RFC 7395 frames carry stanzas qualified by it). ltx cannot say "no
+ * namespace" under a namespaced parent (it reads `xmlns=""` as unset and looks further up).
+ */
+function namespaceOf(tag: SaxesTagNS): string {
+  return tag.uri === '' ? NS.client : tag.uri;
 }
 
 /** An XML declaration (XML 1.0 §2.8 XMLDecl), only at the very start of a document. */
@@ -119,8 +130,8 @@ export function parseFrame(input: string, maxBytes: number): Element {
     if (depth > MAX_DEPTH)
       return fail(new StreamError('policy-violation', `Elements nested deeper than ${MAX_DEPTH}`));
     if (root && !current) return fail(new StreamError('not-well-formed', 'More than one element in a frame'));
-    const element = elementOf(tag, namespaces.at(-1) ?? '');
-    namespaces.push(tag.uri);
+    const element = elementOf(tag, namespaces.at(-1) ?? NS.client);
+    namespaces.push(namespaceOf(tag));
     if (current) current.cnode(element);
     else root = element;
     current = element;

@@ -42,7 +42,7 @@ async function boundStream() {
     });
   const answers = (id: string) =>
     (port.frames.get(connectionId) ?? []).map((f) => parse(f)).filter((el) => el.attrs.id === id);
-  return { server, user, frame, answers };
+  return { server, user, connectionId, frame, answers };
 }
 
 describe('XEP-0136 §8.3 remove of many collections', () => {
@@ -66,25 +66,70 @@ describe('XEP-0136 §8.3 remove of many collections', () => {
     );
     expect(answers('rm')).toEqual([]);
     // The first round's collections are gone already (tombstones): one is left.
-    expect((await server.archive.listCollections(user, {}, { max: 1000 })).items).toHaveLength(1);
+    const left1 = (await server.archive.listCollections(user, {}, { max: 1000 })).items;
+    expect(left1).toHaveLength(1);
     // SQS brings the frame again: the rest is removed and the request answered once, a result.
     await frame('remove', remove, { receiveCount: 2, sameSeq: true, timeLeftMs: () => 20_000 });
     expect(answers('rm').map((a) => a.attrs.type)).toEqual(['result']);
     expect((await server.archive.listCollections(user, {}, { max: 1000 })).items).toEqual([]);
   });
 
-  it('answers item-not-found when nothing matches, except on a later attempt, whose earlier ones may have removed it all', async () => {
-    const { frame, answers } = await boundStream();
-    const remove = (id: string) =>
-      `<iq xmlns='jabber:client' type='set' id='${id}'><remove xmlns='${ARCHIVE}' with='nobody@capulet.com'/></iq>`;
+  it('answers the success an earlier attempt earned when its next attempt finds nothing left; item-not-found when nothing ever matched', async () => {
+    const { server, user, connectionId, frame, answers } = await boundStream();
+    const base = Date.UTC(2021, 0, 1);
+    for (let i = 0; i < 251; i++) {
+      const start = new Date(base + i * 60_000).toISOString();
+      await frame(
+        `store-${i}`,
+        `<iq xmlns='jabber:client' type='set' id='s${i}'><store xmlns='${ARCHIVE}' with='nurse@capulet.com/hall' start='${start}'><to secs='0'><body>b${i}</body></to></store></iq>`,
+      );
+    }
+    const remove = `<iq xmlns='jabber:client' type='set' id='rm'><remove xmlns='${ARCHIVE}' with='nurse@capulet.com'/></iq>`;
+    const left = [20_000, 5_000];
+    await expect(frame('remove', remove, { timeLeftMs: () => left.shift() ?? 5_000 })).rejects.toBeInstanceOf(
+      RetryLaterError,
+    );
+    // Another resource's request removes the last one before the frame comes again.
+    const [last] = (await server.archive.listCollections(user, {}, { max: 1000 })).items;
+    expect(last).toBeDefined();
+    const gone = await server.archive.removeCollections(user, {
+      with: { kind: 'full', jid: last?.with as string },
+      start: last?.start,
+      exact: true,
+    });
+    expect(gone.removed).toHaveLength(1);
+    await frame('remove', remove, { receiveCount: 2, sameSeq: true, timeLeftMs: () => 20_000 });
+    expect(answers('rm').map((a) => a.attrs.type)).toEqual(['result']);
+    expect((await server.sessions.getConnection(connectionId))?.archiveRemoving).toBeUndefined();
+
     // §8.3: "If the specified collection (or collections) do not exist then the server MUST
-    // return an <item-not-found/> error".
-    await frame('first', remove('r1'));
-    const [refused] = answers('r1');
-    expect(refused?.attrs.type).toBe('error');
-    expect(refused?.getChild('error')?.getChild('item-not-found', STANZAS)).toBeDefined();
-    // The same request on its second delivery (its first attempt's outcome unknown): a result.
-    await frame('again', remove('r2'), { receiveCount: 2 });
-    expect(answers('r2').map((a) => a.attrs.type)).toEqual(['result']);
+    // return an <item-not-found/> error", on any delivery of a request that never removed any.
+    const none = (id: string) =>
+      `<iq xmlns='jabber:client' type='set' id='${id}'><remove xmlns='${ARCHIVE}' with='nobody@capulet.com'/></iq>`;
+    await frame('first', none('n1'));
+    await frame('again', none('n2'), { receiveCount: 2 });
+    for (const id of ['n1', 'n2']) {
+      const [refused] = answers(id);
+      expect(refused?.attrs.type).toBe('error');
+      expect(refused?.getChild('error')?.getChild('item-not-found', STANZAS)).toBeDefined();
+    }
+  });
+
+  it("removes open='true' over many pointers to quiet conversations, which it drops as it goes", async () => {
+    // A pointer per full JID stays after its conversation went quiet. Each round looked at the
+    // same first ones again (removing none) and never finished.
+    const { server, user, frame, answers } = await boundStream();
+    for (let i = 0; i < 260; i++) {
+      await server.archive.startCollection(user, {
+        with: `juliet@capulet.com/r${i}`,
+        start: Date.UTC(2020, 0, 1) + i,
+      });
+    }
+    const remove = `<iq xmlns='jabber:client' type='set' id='open'><remove xmlns='${ARCHIVE}' open='true'/></iq>`;
+    await frame('open', remove, { timeLeftMs: () => 20_000 });
+    // §8.3: none is being recorded, so none matches.
+    expect(answers('open')[0]?.getChild('error')?.getChild('item-not-found', STANZAS)).toBeDefined();
+    // The collections stay (they are not being recorded); the next message starts a new one.
+    expect((await server.archive.listCollections(user, {}, { max: 1000 })).items).toHaveLength(260);
   });
 });

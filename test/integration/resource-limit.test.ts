@@ -76,22 +76,36 @@ describe('RFC 6120 §7.6.2.1: a limit on the resources one account has bound', (
     expect((await (await authenticated(server, port, other)).bind('one'))?.attrs.type).toBe('result');
   });
 
-  it('still lets a bound resource be taken over, and a bind whose first attempt died finish, at the limit', async () => {
-    const { port, server } = await limitedServer('2');
-    const user = `full${Date.now()}@localhost`;
-    // The first attempt of this bind wrote the resource row and its function died before the
-    // answer: SQS brings the frame again, and it binds what the account already holds.
+  it('finishes a bind whose first attempt wrote its row, though another bind landed meanwhile at the limit', async () => {
+    const { port, server } = await limitedServer('1');
+    const user = `racing${Date.now()}@localhost`;
+    // Two binds passed the check at once (none bound yet); the first wrote its row and its
+    // function died before the answer, the second bound. SQS brings the first frame again.
     const first = await authenticated(server, port, user);
-    await server.sessions.bindResource({
+    const second = await authenticated(server, port, user);
+    const row = (resource: string, connectionId: string) => ({
       user,
-      resource: 'one',
-      connectionId: first.connectionId,
+      resource,
+      connectionId,
       available: false,
       priority: 0,
       boundAt: Date.now(),
     });
-    expect((await (await authenticated(server, port, user)).bind('two'))?.attrs.type).toBe('result');
+    await server.sessions.bindResource(row('one', first.connectionId));
+    await server.sessions.bindResource(row('two', second.connectionId));
+    // Refused now, its row would stay bound to a stream told it has no resource.
     expect((await first.bind('one'))?.attrs.type).toBe('result');
+    expect((await server.sessions.getConnection(first.connectionId))?.resource).toBe('one');
+    // A third name is refused.
+    expect((await (await authenticated(server, port, user)).bind('three'))?.attrs.type).toBe('error');
+  });
+
+  it('still lets a bound resource be taken over at the limit', async () => {
+    const { port, server } = await limitedServer('2');
+    const user = `full${Date.now()}@localhost`;
+    const first = await authenticated(server, port, user);
+    expect((await first.bind('one'))?.attrs.type).toBe('result');
+    expect((await (await authenticated(server, port, user)).bind('two'))?.attrs.type).toBe('result');
     // RFC 6120 §7.7.2.2: a new connection binding a resource the account holds replaces the
     // old session; the account's resources stay two.
     const newer = await authenticated(server, port, user);

@@ -94,6 +94,11 @@ describe('parseFrame', () => {
     expect(ping.name).toBe('iq');
     expect(ping.getNS()).toBe('jabber:client');
     expect(ping.getChild('ping', 'urn:xmpp:ping')).toBeDefined();
+    // No namespace is jabber:client, as for a stanza without xmlns: never `xmlns=""`, which ltx
+    // reads as unset (the server would see the body in jabber:client, a recipient in none).
+    const prefixed = parseFrame("<c:message xmlns:c='jabber:client'><body>hi</body></c:message>", 1000);
+    expect(prefixed.getChild('body', 'jabber:client')?.getText()).toBe('hi');
+    expect(prefixed.toString()).not.toContain('xmlns=""');
     // Nothing is added where nothing changes.
     expect(
       parseFrame(
