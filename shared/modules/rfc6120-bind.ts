@@ -73,11 +73,18 @@ async function overResourceLimit(stream: Stream & { user: string }, resource: st
   if (limit <= 0 || stream.state.replacing) return false;
   const { others, own } = await server.sessions.otherResources(stream.user, resource, stream.connectionId);
   if (own || others.length < limit) return false;
+  // Detached sessions too have a bound: a client that connects, enables resumption and drops,
+  // over and over, would otherwise grow the account's rows (and what a message to its bare JID
+  // is queued for) without end.
+  if (others.length >= limit * DETACHED_FACTOR) return true;
   const smIds = others.flatMap((other) => (other.smId ? [other.smId] : []));
   const attached = smIds.length > 0 ? await server.host.stanzaQueue?.attached(smIds) : undefined;
   const connected = others.filter((other) => !other.smId || attached?.has(other.smId) !== false);
   return connected.length >= limit;
 }
+
+/** Resources, connected or detached, an account may have: this many times the limit. */
+const DETACHED_FACTOR = 4;
 
 /** Before bind, the only stanza allowed is the bind request (RFC 6120 §7.1). */
 async function bind(stream: Stream & { user: string }, stanza: Element): Promise<typeof HANDLED | undefined> {

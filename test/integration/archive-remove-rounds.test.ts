@@ -10,6 +10,7 @@ import { describe, expect, it } from 'vitest';
 import { handleStreamEvent } from '../../shared/core/stream.ts';
 import { RetryLaterError } from '../../shared/core/transient.ts';
 import { createLogger } from '../../shared/log.ts';
+import { REMOVE_ROUND_COLLECTIONS } from '../../shared/modules/xep-0136-message-archiving.ts';
 import { RecordingPort } from '../../shared/outbound.ts';
 import { createServer } from '../../shared/server.ts';
 import { createTestConfig } from '../support/dynamodb.ts';
@@ -48,9 +49,9 @@ async function boundStream() {
 describe('XEP-0136 §8.3 remove of many collections', () => {
   it('hands the frame back when too little time is left for another round, and the next attempt finishes', async () => {
     const { server, user, frame, answers } = await boundStream();
-    // 251 collections with one contact: one round (250) and one more.
+    // One round's worth of collections with one contact, and one more.
     const base = Date.UTC(2020, 0, 1);
-    for (let i = 0; i < 251; i++) {
+    for (let i = 0; i <= REMOVE_ROUND_COLLECTIONS; i++) {
       const start = new Date(base + i * 60_000).toISOString();
       await frame(
         `store-${i}`,
@@ -77,7 +78,7 @@ describe('XEP-0136 §8.3 remove of many collections', () => {
   it('answers the success an earlier attempt earned when its next attempt finds nothing left; item-not-found when nothing ever matched', async () => {
     const { server, user, connectionId, frame, answers } = await boundStream();
     const base = Date.UTC(2021, 0, 1);
-    for (let i = 0; i < 251; i++) {
+    for (let i = 0; i <= REMOVE_ROUND_COLLECTIONS; i++) {
       const start = new Date(base + i * 60_000).toISOString();
       await frame(
         `store-${i}`,

@@ -164,6 +164,31 @@ describe('RFC 6120 §7.6.2.1: a limit on the resources one account has bound', (
     expect((await (await authenticated(server, port, user)).bind('page2'))?.attrs.type).toBe('result');
   });
 
+  it('bounds the rows, detached sessions included, at four times the limit', async () => {
+    const { port, server } = await limitedServer('1');
+    const user = `dropper${Date.now()}@localhost`;
+    // A client that connects, enables resumption and drops, four times over.
+    for (let i = 1; i <= 4; i++) {
+      const page = await authenticated(server, port, user);
+      expect((await page.bind(`drop${i}`))?.attrs.type).toBe('result');
+      const smId = `sm-${page.connectionId}`;
+      await server.smQueue.create({
+        smId,
+        user,
+        resource: `drop${i}`,
+        version: 'sm3',
+        resumable: true,
+        max: 300,
+        connectionId: page.connectionId,
+      });
+      await server.smQueue.release(smId, 0);
+      await server.sessions.switchToQueueLate(user, `drop${i}`, page.connectionId, smId);
+      expect(await server.smQueue.detach(smId, page.connectionId, 0, Date.now() + 300_000, [])).toBe(true);
+    }
+    const fifth = await (await authenticated(server, port, user)).bind('drop5');
+    expect(fifth?.getChild('error')?.getChild('resource-constraint', STANZAS)).toBeDefined();
+  });
+
   it('0 means no limit', async () => {
     const { port, server } = await limitedServer('0');
     const user = `free${Date.now()}@localhost`;
