@@ -880,6 +880,9 @@ export function createArchiveStore(
       } catch (error) {
         if (!(error instanceof TransactionCanceledException)) throw error;
         const winner = await this.findOpenCollection(owner, start.with);
+        // The pointer read was dropped meanwhile (a <remove/> took its collection, or found its
+        // conversation quiet): start without one, once.
+        if (!winner && previous) return this.startCollection(owner, start);
         if (!winner || winner.header.cid === previous?.header.cid)
           throw new ArchiveConflictError(`start with ${start.with}`);
         return winner;

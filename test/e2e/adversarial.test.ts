@@ -338,21 +338,26 @@ describe('JIDs at the limits (RFC 7622 §3)', () => {
     // sent by the initiating entity over the current stream … the receiving entity SHOULD add
     // the 'xml:lang' attribute to the stanza when routing it".
     const kim = await bound('kim', 'lang');
-    const leo = await connect();
     const open = (lang: string) =>
       `<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0' xml:lang='${lang}'/>`;
-    leo.send(open('fr'));
-    await leo.next();
-    await leo.next();
-    leo.send(plain('leo'));
-    expect((await leo.next()).name).toBe('success');
-    leo.send(open('de-CH'));
-    await leo.next();
-    await leo.next();
-    leo.send(
-      `<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>lang</resource></bind></iq>`,
-    );
-    expect((await leo.next()).attrs.type).toBe('result');
+    /** leo logs in with `first` in the initial header and `restart` in the one after SASL. */
+    const leoSpeaking = async (first: string, restart: string, resource: string) => {
+      const leo = await connect();
+      leo.send(open(first));
+      await leo.next();
+      await leo.next();
+      leo.send(plain('leo'));
+      expect((await leo.next()).name).toBe('success');
+      leo.send(open(restart));
+      await leo.next();
+      await leo.next();
+      leo.send(
+        `<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>${resource}</resource></bind></iq>`,
+      );
+      expect((await leo.next()).attrs.type).toBe('result');
+      return leo;
+    };
+    const leo = await leoSpeaking('fr', 'de-CH', 'lang');
     leo.send(`<message to='kim@localhost/lang' id='l1'><body>Grüezi</body></message>`);
     leo.send(`<message to='kim@localhost/lang' id='l2' xml:lang='it'><body>Ciao</body></message>`);
     const first = await kim.until((el) => el.name === 'message' && el.attrs.id === 'l1');
@@ -361,20 +366,8 @@ describe('JIDs at the limits (RFC 7622 §3)', () => {
     const second = await kim.until((el) => el.name === 'message' && el.attrs.id === 'l2');
     expect(second.attrs['xml:lang']).toBe('it');
     // The server's own language ('en', in its header to every client) is not repeated on each stanza.
-    const mia = await connect();
-    mia.send(open('en'));
-    await mia.next();
-    await mia.next();
-    mia.send(plain('leo'));
-    expect((await mia.next()).name).toBe('success');
-    mia.send(open('en'));
-    await mia.next();
-    await mia.next();
-    mia.send(
-      `<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>en</resource></bind></iq>`,
-    );
-    expect((await mia.next()).attrs.type).toBe('result');
-    mia.send(`<message to='kim@localhost/lang' id='l3'><body>Hello</body></message>`);
+    const english = await leoSpeaking('en', 'en', 'en');
+    english.send(`<message to='kim@localhost/lang' id='l3'><body>Hello</body></message>`);
     const third = await kim.until((el) => el.name === 'message' && el.attrs.id === 'l3');
     expect(third.attrs['xml:lang']).toBeUndefined();
   });

@@ -106,6 +106,17 @@ describe('automatic archiving: open collection and appends', () => {
     expect(second.header.cid).toBe(first.header.cid);
   });
 
+  test('a start whose previous pointer was dropped meanwhile (a <remove/>) starts without it', async () => {
+    const first = await store.startCollection(owner, { with: JULIET, start: clock });
+    const previous = await store.findOpenCollection(owner, JULIET);
+    expect(previous?.header.cid).toBe(first.header.cid);
+    // <remove open='true'/> finds the conversation quiet and drops its pointer (or removes it).
+    await store.closeOpenCollections(owner, JULIET);
+    const next = await store.startCollection(owner, { with: JULIET, start: clock + 3_600_000 }, previous);
+    expect(next.header.cid).not.toBe(first.header.cid);
+    expect((await store.findOpenCollection(owner, JULIET))?.header.cid).toBe(next.header.cid);
+  });
+
   test('message ids sort by time across collections, including before 1970', async () => {
     await seedCollection(JULIET, START, 2);
     await seedCollection('nurse@capulet.com/kitchen', START - 500, 2);
