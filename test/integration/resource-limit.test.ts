@@ -50,6 +50,28 @@ async function authenticated(server: Server, port: RecordingPort, user: string) 
   return { connectionId, bind };
 }
 
+/**
+ * XEP-0198 on a bound stream, as `<enable resume='true'/>` leaves it (the queue, the resource
+ * switched to it); returns what its socket's loss does (the session detached, waiting).
+ */
+async function enableResumption(server: Server, user: string, resource: string, connectionId: string) {
+  const smId = `sm-${connectionId}`;
+  await server.smQueue.create({
+    smId,
+    user,
+    resource,
+    version: 'sm3',
+    resumable: true,
+    max: 300,
+    connectionId,
+  });
+  await server.smQueue.release(smId, 0);
+  await server.sessions.switchToQueueLate(user, resource, connectionId, smId);
+  return async () => {
+    expect(await server.smQueue.detach(smId, connectionId, 0, Date.now() + 300_000, [])).toBe(true);
+  };
+}
+
 describe('RFC 6120 §7.6.2.1: a limit on the resources one account has bound', () => {
   it('refuses the bind past the limit with <resource-constraint/> of type wait, and binds nothing', async () => {
     const { port, server } = await limitedServer('2');
@@ -144,23 +166,12 @@ describe('RFC 6120 §7.6.2.1: a limit on the resources one account has bound', (
     const user = `reloader${Date.now()}@localhost`;
     const page1 = await authenticated(server, port, user);
     expect((await page1.bind('page1'))?.attrs.type).toBe('result');
-    const smId = `sm-${page1.connectionId}`;
-    await server.smQueue.create({
-      smId,
-      user,
-      resource: 'page1',
-      version: 'sm3',
-      resumable: true,
-      max: 300,
-      connectionId: page1.connectionId,
-    });
-    await server.smQueue.release(smId, 0);
-    await server.sessions.switchToQueueLate(user, 'page1', page1.connectionId, smId);
+    const detach = await enableResumption(server, user, 'page1', page1.connectionId);
     // Attached: connected, so the next page is refused at a limit of one.
     expect((await (await authenticated(server, port, user)).bind('page2'))?.getChild('error')).toBeDefined();
     // The page is left: its socket is gone and the session waits, detached.
-    expect(await server.smQueue.detach(smId, page1.connectionId, 0, Date.now() + 300_000, [])).toBe(true);
-    expect((await server.sessions.getResource(user, 'page1'))?.smId).toBe(smId);
+    await detach();
+    expect((await server.sessions.getResource(user, 'page1'))?.smId).toBe(`sm-${page1.connectionId}`);
     expect((await (await authenticated(server, port, user)).bind('page2'))?.attrs.type).toBe('result');
   });
 
@@ -171,19 +182,7 @@ describe('RFC 6120 §7.6.2.1: a limit on the resources one account has bound', (
     for (let i = 1; i <= 4; i++) {
       const page = await authenticated(server, port, user);
       expect((await page.bind(`drop${i}`))?.attrs.type).toBe('result');
-      const smId = `sm-${page.connectionId}`;
-      await server.smQueue.create({
-        smId,
-        user,
-        resource: `drop${i}`,
-        version: 'sm3',
-        resumable: true,
-        max: 300,
-        connectionId: page.connectionId,
-      });
-      await server.smQueue.release(smId, 0);
-      await server.sessions.switchToQueueLate(user, `drop${i}`, page.connectionId, smId);
-      expect(await server.smQueue.detach(smId, page.connectionId, 0, Date.now() + 300_000, [])).toBe(true);
+      await (await enableResumption(server, user, `drop${i}`, page.connectionId))();
     }
     const fifth = await (await authenticated(server, port, user)).bind('drop5');
     expect(fifth?.getChild('error')?.getChild('resource-constraint', STANZAS)).toBeDefined();
