@@ -7,35 +7,25 @@
  */
 import { parse } from 'ltx';
 import { describe, expect, it } from 'vitest';
-import { handleStreamEvent } from '../../shared/core/stream.ts';
 import { RetryLaterError } from '../../shared/core/transient.ts';
-import { createLogger } from '../../shared/log.ts';
 import { REMOVE_ROUND_COLLECTIONS } from '../../shared/modules/xep-0136-message-archiving.ts';
-import { RecordingPort } from '../../shared/outbound.ts';
-import { createServer } from '../../shared/server.ts';
-import { createTestConfig } from '../support/dynamodb.ts';
+import { openConnection, sendFrame, testServer } from '../support/stream.ts';
 
 const ARCHIVE = 'http://jabber.org/protocol/archive';
 const STANZAS = 'urn:ietf:params:xml:ns:xmpp-stanzas';
 
 async function boundStream() {
-  const port = new RecordingPort();
-  const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+  const { port, server } = await testServer();
   const connectionId = `remover${Date.now()}`;
   const user = `remover${Date.now()}@localhost`;
-  await server.sessions.createConnection(connectionId, Date.now());
-  await server.sessions.updateConnection(connectionId, { streamOpen: true, user, resource: 'r' });
+  await openConnection(server, connectionId, user, 'r');
   let seq = 100;
   const frame = (
     frameId: string,
     xml: string,
     options: { receiveCount?: number; timeLeftMs?: () => number; sameSeq?: boolean } = {},
   ) =>
-    handleStreamEvent(server, {
-      connectionId,
-      kind: 'frame',
-      frame: xml,
-      receivedAt: Date.now(),
+    sendFrame(server, connectionId, xml, {
       frameId,
       seq: String(options.sameSeq ? seq : ++seq),
       receiveCount: options.receiveCount ?? 1,

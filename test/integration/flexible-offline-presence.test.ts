@@ -5,18 +5,14 @@
  * handling live: it puts no flood hold on its messages, so nothing is stored behind one.
  */
 import { describe, expect, it } from 'vitest';
-import { handleStreamEvent } from '../../shared/core/stream.ts';
-import { createLogger } from '../../shared/log.ts';
-import { RecordingPort } from '../../shared/outbound.ts';
 import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
-import { createServer, type Server } from '../../shared/server.ts';
-import { createTestConfig } from '../support/dynamodb.ts';
+import type { Server } from '../../shared/server.ts';
 import { intercept } from '../support/intercept.ts';
+import { openConnection, sendFrame, testServer } from '../support/stream.ts';
 
 /** A bound connection of `user`/`resource`, with no presence yet. */
 async function bound(server: Server, user: string, resource: string, connectionId: string) {
-  await server.sessions.createConnection(connectionId, Date.now());
-  await server.sessions.updateConnection(connectionId, { streamOpen: true, user, resource });
+  await openConnection(server, connectionId, user, resource);
   await server.sessions.bindResource({
     user,
     resource,
@@ -28,19 +24,12 @@ async function bound(server: Server, user: string, resource: string, connectionI
 }
 
 function frame(server: Server, connectionId: string, xml: string) {
-  return handleStreamEvent(server, {
-    connectionId,
-    kind: 'frame',
-    frame: xml,
-    receivedAt: Date.now(),
-    frameId: `f-${Math.random().toString(36).slice(2)}`,
-  });
+  return sendFrame(server, connectionId, xml, { frameId: `f-${Math.random().toString(36).slice(2)}` });
 }
 
 describe('a second resource’s presence while another retrieves flexibly (XEP-0013 §2.2)', () => {
   it('gets a message sent during that presence’s handling live, not stored behind a hold', async () => {
-    const port = new RecordingPort();
-    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+    const { port, server } = await testServer();
     const stamp = Date.now();
     const juliet = `juliet${stamp}@localhost`;
     const romeo = `romeo${stamp}@localhost`;

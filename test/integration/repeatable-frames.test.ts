@@ -6,19 +6,16 @@
  * notification costs one write less.
  */
 import { describe, expect, it } from 'vitest';
-import { handleStreamEvent } from '../../shared/core/stream.ts';
-import { createLogger } from '../../shared/log.ts';
-import { RecordingPort } from '../../shared/outbound.ts';
-import { createServer, type Server } from '../../shared/server.ts';
-import { createTestConfig } from '../support/dynamodb.ts';
+import type { RecordingPort } from '../../shared/outbound.ts';
+import type { Server } from '../../shared/server.ts';
 import { intercept } from '../support/intercept.ts';
+import { sendFrame, testServer } from '../support/stream.ts';
 
 const PING_NS = 'urn:xmpp:ping';
 
 /** A bound stream of a new user, with XEP-0198 (urn:xmpp:sm:3) enabled when `sm`. */
 async function boundStream(name: string, sm: boolean) {
-  const port = new RecordingPort();
-  const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+  const { port, server } = await testServer();
   const connectionId = `${name}${Date.now()}`;
   const user = `${name}${Date.now()}@localhost`;
   await server.sessions.createConnection(connectionId, Date.now());
@@ -61,15 +58,7 @@ function rowWrites(server: Server, connectionId: string) {
 
 function frames(server: Server, connectionId: string) {
   return (frameId: string, seq: string, xml: string, receiveCount = 1) =>
-    handleStreamEvent(server, {
-      connectionId,
-      kind: 'frame',
-      frame: xml,
-      receivedAt: Date.now(),
-      frameId,
-      seq,
-      receiveCount,
-    });
+    sendFrame(server, connectionId, xml, { frameId, seq, receiveCount });
 }
 
 const ping = (id: string, to?: string) =>

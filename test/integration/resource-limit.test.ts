@@ -7,43 +7,34 @@
 import { UpdateCommand } from '@aws-sdk/lib-dynamodb';
 import { parse } from 'ltx';
 import { describe, expect, it } from 'vitest';
-import { handleStreamEvent } from '../../shared/core/stream.ts';
-import { createLogger } from '../../shared/log.ts';
-import { RecordingPort } from '../../shared/outbound.ts';
-import { createServer, type Server } from '../../shared/server.ts';
+import type { RecordingPort } from '../../shared/outbound.ts';
+import type { Server } from '../../shared/server.ts';
 import { createDocumentClient } from '../../shared/store/dynamo.ts';
 import { TTL_ATTRIBUTE } from '../../shared/tables.ts';
-import { createTestConfig, TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
+import { TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
+import { openConnection, sendFrame, testServer } from '../support/stream.ts';
 
 const BIND = 'urn:ietf:params:xml:ns:xmpp-bind';
 const STANZAS = 'urn:ietf:params:xml:ns:xmpp-stanzas';
 
-async function limitedServer(limit: string) {
-  const port = new RecordingPort();
-  const config = await createTestConfig({ MAX_RESOURCES_PER_ACCOUNT: limit });
-  const server = createServer({ config, port, log: createLogger('silent') });
-  return { port, server, config };
-}
+const limitedServer = (limit: string) => testServer({ MAX_RESOURCES_PER_ACCOUNT: limit });
 
 let counter = 0;
 
 /** An authenticated stream of `user`, not yet bound; `bind` sends it a bind request. */
 async function authenticated(server: Server, port: RecordingPort, user: string) {
   const connectionId = `c${++counter}-${Date.now()}`;
-  await server.sessions.createConnection(connectionId, Date.now());
-  await server.sessions.updateConnection(connectionId, { streamOpen: true, user });
+  await openConnection(server, connectionId, user);
   let frames = 0;
   const bind = async (resource: string) => {
     const frameId = `${connectionId}-${++frames}`;
     const before = (port.frames.get(connectionId) ?? []).length;
-    await handleStreamEvent(server, {
+    await sendFrame(
+      server,
       connectionId,
-      kind: 'frame',
-      frame: `<iq xmlns='jabber:client' type='set' id='bind-${resource}'><bind xmlns='${BIND}'><resource>${resource}</resource></bind></iq>`,
-      receivedAt: Date.now(),
-      frameId,
-      seq: String(100 + frames),
-    });
+      `<iq xmlns='jabber:client' type='set' id='bind-${resource}'><bind xmlns='${BIND}'><resource>${resource}</resource></bind></iq>`,
+      { frameId, seq: String(100 + frames) },
+    );
     const answers = (port.frames.get(connectionId) ?? []).slice(before).map((frame) => parse(frame));
     return answers.find((answer) => answer.name === 'iq');
   };

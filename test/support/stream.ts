@@ -1,0 +1,49 @@
+/**
+ * The stream function in-process, without the gateway: a server on fresh tables with a port that
+ * records posts, connection rows set up as a stream would have left them, and frames handed to
+ * `handleStreamEvent` as the queue's event source would hand them.
+ */
+import { handleStreamEvent } from '../../shared/core/stream.ts';
+import { createLogger } from '../../shared/log.ts';
+import { RecordingPort } from '../../shared/outbound.ts';
+import type { StreamEvent } from '../../shared/queue-message.ts';
+import { createServer, type Server } from '../../shared/server.ts';
+import { createTestConfig } from './dynamodb.ts';
+
+/** A server on fresh tables (`env` as the functions' environment), posting to a RecordingPort. */
+export async function testServer(env: Record<string, string | undefined> = {}) {
+  const port = new RecordingPort();
+  const config = await createTestConfig(env);
+  const server = createServer({ config, port, log: createLogger('silent') });
+  return { port, server, config };
+}
+
+/** A connection row as a stream authenticated as `user` leaves it, bound to `resource` if given. */
+export async function openConnection(
+  server: Server,
+  connectionId: string,
+  user: string,
+  resource?: string,
+): Promise<void> {
+  await server.sessions.createConnection(connectionId, Date.now());
+  await server.sessions.updateConnection(connectionId, {
+    streamOpen: true,
+    user,
+    ...(resource === undefined ? {} : { resource }),
+  });
+}
+
+/** What the queue says of a frame besides its text: its id, and as it pleases, the rest. */
+export type FrameDelivery = Pick<StreamEvent, 'frameId'> &
+  Partial<Pick<StreamEvent, 'seq' | 'receiveCount' | 'timeLeftMs'>>;
+
+/** Hands `xml` to the stream function as a frame of `connectionId`, arrived now. */
+export function sendFrame(server: Server, connectionId: string, xml: string, delivery: FrameDelivery) {
+  return handleStreamEvent(server, {
+    connectionId,
+    kind: 'frame',
+    frame: xml,
+    receivedAt: Date.now(),
+    ...delivery,
+  });
+}
