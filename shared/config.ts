@@ -47,6 +47,11 @@ export interface Config {
   /** Failed SASL attempts allowed per connection before temporary-auth-failure and close. */
   authFailuresPerConnection: number;
   /**
+   * Seconds from the WebSocket's connection within which its stream must authenticate; a frame of
+   * an unauthenticated stream arriving later ends it with `connection-timeout` (0: no limit).
+   */
+  authTimeoutSeconds: number;
+  /**
    * Failed SASL attempts per account within `authFailureWindowSeconds`; past it, attempts on the
    * account from addresses it never logged in from are slowed to one per `authAccountSlowdownSeconds`.
    */
@@ -147,6 +152,7 @@ export const TUNABLE_SETTINGS = [
   'ROSTER_MAX_ITEMS',
   'MAX_RESOURCES_PER_ACCOUNT',
   'AUTH_FAILURES_PER_CONNECTION',
+  'AUTH_TIMEOUT_SECONDS',
   'AUTH_FAILURES_PER_ACCOUNT',
   'AUTH_FAILURES_PER_ADDRESS',
   'AUTH_FAILURE_WINDOW_SECONDS',
@@ -252,6 +258,7 @@ export function loadConfig(env: Env = process.env): Config {
     rosterMaxItems: int(env, 'ROSTER_MAX_ITEMS', 1000),
     maxResourcesPerAccount: Math.max(0, int(env, 'MAX_RESOURCES_PER_ACCOUNT', 16)),
     authFailuresPerConnection: int(env, 'AUTH_FAILURES_PER_CONNECTION', 3),
+    authTimeoutSeconds: Math.max(0, int(env, 'AUTH_TIMEOUT_SECONDS', 300)),
     authFailuresPerAccount: int(env, 'AUTH_FAILURES_PER_ACCOUNT', 10),
     authFailureWindowSeconds: int(env, 'AUTH_FAILURE_WINDOW_SECONDS', 300),
     authFailuresPerAddress: int(env, 'AUTH_FAILURES_PER_ADDRESS', 10),

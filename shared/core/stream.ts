@@ -363,6 +363,21 @@ function chargeRate(stream: XmppStream, event: StreamEvent): void {
   }
 }
 
+/**
+ * An unauthenticated stream has AUTH_TIMEOUT_SECONDS from its connection (API Gateway's
+ * `connectedAt`) to authenticate, as Prosody's `c2s_timeout` and ejabberd's
+ * `negotiation_timeout` give. No timer runs here: a frame arriving later ends the stream (an idle
+ * one is closed by API Gateway after 10 minutes). Bounds how long a connection that never logs in
+ * can be kept by sending `<open/>` again and again.
+ */
+function checkAuthTime(stream: XmppStream, event: StreamEvent): void {
+  const limit = stream.server.config.authTimeoutSeconds;
+  if (limit === 0 || stream.state.user !== undefined) return;
+  if (event.receivedAt - stream.state.connectedAt <= limit * 1000) return;
+  // RFC 6120 §4.9.3.4 <connection-timeout/>, the condition Prosody closes such streams with.
+  throw new StreamError('connection-timeout', `Authenticate within ${limit} seconds of connecting`);
+}
+
 /** What a batch hands from one record to the next of the same connection. */
 export interface RowCarry {
   /** The row as the previous record's last write left it: read instead of from the table. */
@@ -457,6 +472,7 @@ async function handleFrame(stream: XmppStream, event: StreamEvent): Promise<void
   }
   try {
     chargeRate(stream, event);
+    checkAuthTime(stream, event);
     const element = parseFrame(event.frame, server.config.maxStanzaBytes);
     addLogContext({ element: element.name });
     await dispatch(stream, element);
