@@ -131,6 +131,11 @@ export interface Config {
   archiveDefaultOtr: 'allow' | 'deny' | 'require' | 'try';
   /** XEP-0136 §3.2: seconds the service keeps archived messages when the user's mode says nothing; 0: forever. */
   archiveDefaultExpireSeconds: number;
+  /**
+   * Longest the service keeps an archived message, whatever the user's modes say (0: no limit). A
+   * mode without `expire`, or with a longer one, is kept this long, and shown so in `<pref/>`.
+   */
+  archiveMaxExpireSeconds: number;
   /** XEP-0136 §3.3: whether save='all' (whole stanzas) is accepted; otherwise feature-not-implemented. */
   archiveAllowSaveAll: boolean;
   /**
@@ -182,6 +187,7 @@ export const TUNABLE_SETTINGS = [
   'ARCHIVE_DEFAULT_SAVE',
   'ARCHIVE_DEFAULT_OTR',
   'ARCHIVE_DEFAULT_EXPIRE_SECONDS',
+  'ARCHIVE_MAX_EXPIRE_SECONDS',
   'ARCHIVE_ALLOW_SAVE_ALL',
   'ARCHIVE_AUTO_REQUIRED',
   'ARCHIVE_MAX_COLLECTION_ENTRIES',
@@ -289,6 +295,7 @@ export function loadConfig(env: Env = process.env): Config {
     archiveChangeWindowSeconds: Math.max(1, int(env, 'ARCHIVE_CHANGE_WINDOW_SECONDS', 60)),
     ...archivePolicy(env),
     archiveDefaultExpireSeconds: int(env, 'ARCHIVE_DEFAULT_EXPIRE_SECONDS', 0),
+    archiveMaxExpireSeconds: Math.max(0, int(env, 'ARCHIVE_MAX_EXPIRE_SECONDS', 0)),
     archiveAllowSaveAll: bool(env, 'ARCHIVE_ALLOW_SAVE_ALL', true),
     archiveMaxCollectionEntries: Math.max(1, int(env, 'ARCHIVE_MAX_COLLECTION_ENTRIES', 1_000_000)),
   };

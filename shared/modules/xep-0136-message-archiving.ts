@@ -71,6 +71,7 @@ import {
   asksForRefusedSaveAll,
   checkAutoRequest,
   effectiveMode,
+  retention,
   type ServicePolicy,
 } from './xep-0136/preferences.ts';
 
@@ -99,6 +100,7 @@ export function servicePolicy(server: Server): ServicePolicy & { autoRequired: b
     },
     methods: { auto: 'allow', local: 'allow', manual: 'allow' },
     allowSaveAll: config.archiveAllowSaveAll,
+    maxExpire: config.archiveMaxExpireSeconds,
     autoRequired: config.archiveAutoRequired,
   };
 }
@@ -275,9 +277,9 @@ export async function archiveMessage(
   return true;
 }
 
-/** §3.2 'expire': the mode's, else the service's default expiry. */
+/** §3.2 'expire': the mode's, else the service's default expiry, capped by the service's longest. */
 function expiryOf(mode: Mode, policy: Policy): number | undefined {
-  return mode.expire ?? policy.default.expire;
+  return retention({ ...mode, expire: mode.expire ?? policy.default.expire }, policy.maxExpire);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -338,7 +340,10 @@ async function serve(
       await stream.send(iqResult(request.stanza));
       await pushPrefChange(server, owner, change, policy, {
         pref: () =>
-          encodePrefPush({ default: decoded.default, items: decoded.items, methods: decoded.methods }),
+          encodePrefPush(
+            { default: decoded.default, items: decoded.items, methods: decoded.methods },
+            policy.maxExpire,
+          ),
       });
       return DEFERRED_RESULT;
     }
@@ -579,7 +584,10 @@ async function pushPrefChange(
       .filter((type) => before.methods[type] !== after.methods[type])
       .map((type) => ({ type, use: after.methods[type] as string }));
     if (!defaultChanged && items.length === 0 && methods.length === 0) return undefined;
-    return encodePrefPush({ ...(defaultChanged ? { default: after.default } : {}), items, methods });
+    return encodePrefPush(
+      { ...(defaultChanged ? { default: after.default } : {}), items, methods },
+      policy.maxExpire,
+    );
   };
   const save = (): Element | undefined => {
     const saveDefault =

@@ -14,12 +14,14 @@ import type {
 import { timeAttribute } from './collections.ts';
 import { formatDateTime } from './datetime.ts';
 import { ARCHIVE_NS, type MethodType } from './decode.ts';
-import { SERVICE_POLICY, type ServicePolicy } from './preferences.ts';
+import { retention, SERVICE_POLICY, type ServicePolicy } from './preferences.ts';
 import { encodeRsm, type RsmRequest } from './rsm.ts';
 
-function modeAttrs(mode: Mode): Record<string, string> {
+/** A mode's attributes; its `expire` as the server applies it (capped by the service's longest). */
+function modeAttrs(mode: Mode, maxExpire = 0): Record<string, string> {
   const attrs: Record<string, string> = { save: mode.save, otr: mode.otr };
-  if (mode.expire !== undefined) attrs.expire = String(mode.expire);
+  const expire = maxExpire > 0 ? retention(mode, maxExpire) : mode.expire;
+  if (expire !== undefined) attrs.expire = String(expire);
   return attrs;
 }
 
@@ -35,9 +37,10 @@ export function encodePrefs(
   policy: ServicePolicy = SERVICE_POLICY,
 ): Element {
   const pref = new Element('pref', { xmlns: ARCHIVE_NS });
-  if (prefs.default) pref.c('default', modeAttrs(prefs.default));
-  else pref.c('default', { ...modeAttrs(policy.default), unset: 'true' });
-  for (const [jid, mode] of Object.entries(prefs.items)) pref.c('item', { jid, ...modeAttrs(mode) });
+  const max = policy.maxExpire;
+  if (prefs.default) pref.c('default', modeAttrs(prefs.default, max));
+  else pref.c('default', { ...modeAttrs(policy.default, max), unset: 'true' });
+  for (const [jid, mode] of Object.entries(prefs.items)) pref.c('item', { jid, ...modeAttrs(mode, max) });
   for (const type of METHOD_ORDER)
     pref.c('method', { type, use: prefs.methods[type] ?? policy.methods[type] });
   pref.c('auto', { save: String(autoSave) });
@@ -45,14 +48,17 @@ export function encodePrefs(
 }
 
 /** §3.3/§3.4 push: the changed default, items and methods only (never `<auto/>`). */
-export function encodePrefPush(change: {
-  default?: Mode;
-  items: { jid: string; mode: Mode }[];
-  methods: { type: MethodType; use: string }[];
-}): Element {
+export function encodePrefPush(
+  change: {
+    default?: Mode;
+    items: { jid: string; mode: Mode }[];
+    methods: { type: MethodType; use: string }[];
+  },
+  maxExpire = 0,
+): Element {
   const pref = new Element('pref', { xmlns: ARCHIVE_NS });
-  if (change.default) pref.c('default', modeAttrs(change.default));
-  for (const { jid, mode } of change.items) pref.c('item', { jid, ...modeAttrs(mode) });
+  if (change.default) pref.c('default', modeAttrs(change.default, maxExpire));
+  for (const { jid, mode } of change.items) pref.c('item', { jid, ...modeAttrs(mode, maxExpire) });
   for (const { type, use } of change.methods) pref.c('method', { type, use });
   return pref;
 }

@@ -14,6 +14,20 @@ export interface ServicePolicy {
   methods: Record<MethodType, MethodUse>;
   /** Whether the server keeps full stanzas (save='all'); §3.3 lets it refuse them. */
   allowSaveAll: boolean;
+  /** Longest the server keeps an archived message, in seconds, whatever a mode asks (0 or unset: none). */
+  maxExpire?: number;
+}
+
+/**
+ * §3.2 'expire', "how many seconds after messages are archived that the server SHOULD delete
+ * them", as the server applies it: a mode's own (0 and none mean forever), capped by the service's
+ * longest (`maxExpire`), which also applies to a mode without one. A mode that saves nothing keeps
+ * what it says. Undefined: kept forever.
+ */
+export function retention(mode: Mode, maxExpire = 0): number | undefined {
+  const asked = mode.expire === 0 ? undefined : mode.expire;
+  if (maxExpire <= 0 || mode.save === 'false') return asked;
+  return asked === undefined ? maxExpire : Math.min(asked, maxExpire);
 }
 
 export const SERVICE_POLICY: ServicePolicy = {
