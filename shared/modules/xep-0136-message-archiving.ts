@@ -524,7 +524,12 @@ async function continuePartial(
   );
   const containing = before.items.filter((header) => header.with === request.with).at(-1);
   if (!containing) return undefined;
-  return server.archive.retrieveMessages(owner, containing, request.page, { atOrAfter: request.start });
+  const page = await server.archive.retrieveMessages(owner, containing, request.page, {
+    atOrAfter: request.start,
+  });
+  // A time after the collection's last entry lies in no collection: 0.9 §8.2 and 0.5 §4.3, "If
+  // the collection does not exist then the server MUST return an <item-not-found/> error".
+  return page && page.count > 0 ? page : undefined;
 }
 
 /** The preferences before and after a change. */

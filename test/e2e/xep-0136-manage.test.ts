@@ -552,6 +552,15 @@ describe('XEP-0136 0.9 §8.2 retrieve with XEP-0059 paging', () => {
     const down3 = await ok(raw, retrieve('juliet@capulet.com/chamber', '1469-07-21T02:59:35Z'));
     expect(bodies(down3)).toEqual(Array.from({ length: 17 }, (_, i) => `line ${200 + i}`));
     expect(down3?.attrs.partial).toBeUndefined();
+    // Past the collection's last entry (line 216, 216 s after the start) the time lies in no
+    // collection: 0.5 §4.3 "If the collection does not exist then the server MUST return an
+    // <item-not-found/> error", and never another collection's empty <store/>.
+    expect(await condition(raw, retrieve('juliet@capulet.com/chamber', '1469-07-21T02:59:52Z'))).toBe(
+      'item-not-found',
+    );
+    expect(await condition(raw, retrieve('juliet@capulet.com/chamber', '2000-01-01T00:00:00Z'))).toBe(
+      'item-not-found',
+    );
     // A 0.9 request (with <set/>) names a collection by its start: that time begins none.
     expect(
       await condition(raw, retrieve('juliet@capulet.com/chamber', '1469-07-21T02:57:55Z', '<max>10</max>')),
