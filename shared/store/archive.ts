@@ -368,6 +368,37 @@ export function createArchiveStore(
    * items `keep` will drop (an inclusive bound's cursor item): they are read in the same request,
    * so a page after a cursor costs what the first page costs.
    */
+  /** Gives a collection's stored `<EncryptedKey/>` items the header's expiry (never shortens it). */
+  async function extendKeys(owner: string, header: CollectionHeader): Promise<void> {
+    const { items } = await queryItems(
+      {
+        TableName: table,
+        KeyConditionExpression: 'pk = :pk AND begins_with(sk, :k)',
+        ExpressionAttributeValues: { ':pk': partitionOf(owner, header.cid), ':k': 'k#' },
+        ProjectionExpression: 'pk, sk',
+        ConsistentRead: true,
+      },
+      10_000,
+    );
+    for (const item of items) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: { pk: item.pk, sk: item.sk },
+            UpdateExpression: 'SET #ttl = :exp',
+            // A key deleted meanwhile (§9 <delete/>) stays deleted; a longer expiry, or none, stays.
+            ConditionExpression: 'attribute_exists(pk) AND #ttl < :exp',
+            ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
+            ExpressionAttributeValues: { ':exp': header.expiresAt },
+          }),
+        );
+      } catch (error) {
+        if (!isConditionFailure(error)) throw error;
+      }
+    }
+  }
+
   async function queryItems(
     input: QueryCommandInput,
     limit: number,
@@ -1009,6 +1040,10 @@ export function createArchiveStore(
           plain: header.plain || plain,
           expiresAt: (values[':exp'] as number | undefined) ?? header.expiresAt,
         };
+        // §6: a client "SHOULD NOT resend <EncryptedKey/> elements" for a key it uploaded before,
+        // so the keys stored with earlier entries must live as long as the entries that now use
+        // them: they follow the header's expiry (an encrypted collection holds a few keys).
+        if (values[':exp'] !== undefined && header.crypt) await extendKeys(owner, header);
       }
       const entries = await appendEntries(owner, header, state.last, input.entries, input.expireSeconds);
       for (const key of input.keys ?? []) {

@@ -651,6 +651,41 @@ describe('EncryptedKeys', () => {
     ).toEqual(['romeoPublicKey2fingerprint']);
     expect(await store.deleteKeys(owner, { with: JULIET, start: START }, ['x'])).toBeUndefined();
   });
+
+  test('live as long as the entries appended later that use them without resending them', async () => {
+    // §6: "the client MAY reuse a symmetric KEY that has already been uploaded ... the client
+    // SHOULD NOT resend <EncryptedKey/> elements"; §8.2: the server "MUST return all the
+    // <EncryptedKey/> elements that it possesses" that the returned page references.
+    const year = 365 * 86_400;
+    const crypt = { with: JULIET, start: at('1469-07-23T19:22:31Z') };
+    const { header } = await store.storeManual(owner, {
+      ref: crypt,
+      entries: [encrypted('dataKey1')],
+      keys: [key('dataKey1', 'romeoPublicKey1fingerprint')],
+      expireSeconds: year,
+    });
+    clock += 2 * 86_400_000;
+    await store.storeManual(owner, { ref: crypt, entries: [encrypted('dataKey1')], expireSeconds: year });
+    // DynamoDB deletes an item once its TTL has passed: the key must outlive the entry using it.
+    const items = await doc.send(
+      new QueryCommand({
+        TableName: table,
+        KeyConditionExpression: 'pk = :pk',
+        ExpressionAttributeValues: { ':pk': `${owner}/${header.cid}` },
+      }),
+    );
+    const ttlOf = (prefix: string) =>
+      (items.Items ?? [])
+        .filter((i) => String(i.sk).startsWith(prefix))
+        .map((i) => i[TTL_ATTRIBUTE] as number);
+    const entryTtls = ttlOf('m#');
+    expect(entryTtls).toEqual([
+      Math.floor(clock / 1000) - 2 * 86_400 + year,
+      Math.floor(clock / 1000) + year,
+    ]);
+    const [keyTtl] = ttlOf('k#');
+    expect(keyTtl).toBeGreaterThanOrEqual(Math.max(...entryTtls));
+  });
 });
 
 describe('manual store', () => {
