@@ -1473,9 +1473,20 @@ export function createArchiveStore(
           collection: { with: item.with as string, start: item.start as number },
         }),
       );
+      // XEP-0059 §2.2: "The <first/> element SHOULD include an 'index' attribute"; past the
+      // first and last pages it is the count of the keys before the page's first (a COUNT Query).
       let firstIndex: number | undefined;
+      const firstRef = listed.items[0]?.keyRef as string | undefined;
       if (page.lastPage) firstIndex = Math.max(0, count - keys.length);
       else if (!backwards && page.after === undefined) firstIndex = 0;
+      else if (firstRef !== undefined) {
+        firstIndex = await countQuery({
+          TableName: table,
+          IndexName: ARCHIVE_KEY_NAME_INDEX,
+          KeyConditionExpression: 'keyOwner = :o AND keyRef < :first',
+          ExpressionAttributeValues: { ':o': `${owner}/${publicKeyName}`, ':first': firstRef },
+        });
+      }
       return {
         items: keys,
         count,

@@ -644,6 +644,11 @@ describe('EncryptedKeys', () => {
     expect(listed.count).toBe(3);
     const next = await store.listKeys(owner, 'romeoPublicKey1fingerprint', { max: 2, after: listed.last });
     expect(next.items.map((k) => k.carriedKeyName)).toEqual(['dataKey3']);
+    // XEP-0059 §2.2: "The <first/> element SHOULD include an 'index' attribute", on every page.
+    expect(next.firstIndex).toBe(2);
+    const back = await store.listKeys(owner, 'romeoPublicKey1fingerprint', { max: 1, before: next.first });
+    expect(back.items.map((k) => k.carriedKeyName)).toEqual(['dataKey2']);
+    expect(back.firstIndex).toBe(1);
 
     expect(await store.deleteKeys(owner, crypt, ['romeoPublicKey1fingerprint'])).toBe(2);
     expect(
