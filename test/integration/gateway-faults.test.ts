@@ -241,8 +241,10 @@ describe('visibility timeout', () => {
     const [, secondB] = harness.deliveries().filter((delivery) => delivery.frame === 'b');
     expect(secondB.messageId).toBe(firstB.messageId);
     expect(secondB.receiveCount).toBe(2);
-    // Node may fire a timer up to a millisecond early.
-    expect(secondB.at - firstB.at).toBeGreaterThanOrEqual(visibilityTimeoutMs - 2);
+    // `at` is taken when the invocation starts, after the receive that starts the visibility
+    // timeout; on a loaded machine the first invocation may start later after its receive than
+    // the second (a 397 ms gap was seen). Redelivered at once, the gap would be a few ms.
+    expect(secondB.at - firstB.at).toBeGreaterThanOrEqual(visibilityTimeoutMs - 50);
     expect(secondB.at - firstB.at).toBeLessThan(visibilityTimeoutMs + 2_000);
     expect(harness.framesOf(otherId).every((_, index, frames) => frames[index] === `x${index}`)).toBe(true);
     expect(
