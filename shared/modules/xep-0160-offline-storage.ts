@@ -207,6 +207,10 @@ async function floodOffline(
   const { server } = stream;
   if (stream.state.flexibleOffline || resources.some((r) => r.flexibleOffline)) {
     if (held !== undefined) await releaseHold(stream);
+    // Not flooded, for the session's whole availability: "the server MUST NOT flood the second
+    // resource", and a later presence change (auto-away) after the flexible session ended is no
+    // "next" presence either. Only one after going negative or unavailable floods (XEP-0160).
+    stream.update({ flooded: true });
     return;
   }
   stream.update({ flooded: true });

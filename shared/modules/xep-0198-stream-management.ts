@@ -1745,6 +1745,9 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
     resource: taken.resource,
     sm,
     resuming: undefined,
+    // XEP-0013 §2.2: a session that chose flexible retrieval is never flooded, after a resume
+    // too; the mark lives on its resource row, and its stream's own state is read first.
+    ...(record?.flexibleOffline ? { flexibleOffline: true } : {}),
     ...(stream.frameId ? { smFrame: stream.frameId } : {}),
     ...(first
       ? { transfer: { ...next, ...(rest.length > 0 ? { waiting: rest } : {}) } as OfflineTransfer }

@@ -8,7 +8,7 @@
 import type { DynamoDBDocumentClient } from '@aws-sdk/lib-dynamodb';
 import { xml } from '@xmpp/client';
 import { type Element, parse } from 'ltx';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { seedOffline } from '../../infra/local/offline-seed.ts';
 import { RawClient } from '../../infra/local/raw-client.ts';
 import { createDocumentClient } from '../../shared/store/dynamo.ts';
@@ -645,6 +645,69 @@ describe('XEP-0013 §2.2: no flood once the session chose flexible retrieval', (
       expect(await inbox(user)).toEqual(stored.map((m) => m.id));
     });
   }
+
+  it('does not flood the second resource at a later presence change once the flexible session ended', async () => {
+    // "the server MUST NOT flood the second resource": its availability began while the first
+    // retrieved flexibly, so an auto-away after the first left is no new availability; only
+    // going unavailable and available again is (XEP-0160 "next sends ... available presence").
+    const user = await newUser('away');
+    const stored = await storeMessages(user, ['managed 1', 'managed 2']);
+    const first = await connect(user, 'pop');
+    await exchange(first, headersRequest());
+    expect(await goOnline(first)).toEqual([]);
+    const second = await connect(user, 'desk');
+    expect(await goOnline(second)).toEqual([]);
+    first.close();
+    await eventually(async () =>
+      expect((await stack.server.sessions.listResources(`${user}@localhost`)).map((r) => r.resource)).toEqual(
+        ['desk'],
+      ),
+    );
+    second.send('<presence><show>away</show></presence>');
+    const frames = (await second.framesBeforePong(30_000)).map((f) => parse(f));
+    expect(frames.filter((el) => el.name === 'message')).toEqual([]);
+    expect(await inbox(user)).toEqual(stored.map((m) => m.id));
+
+    second.send(`<presence type='unavailable'/>`);
+    expect(bodies(await goOnline(second))).toEqual(['managed 1', 'managed 2']);
+  });
+
+  it('keeps a resumed flexible session unflooded and without a hold at its presence changes', async () => {
+    const user = await newUser('flexresume');
+    const stored = await storeMessages(user, ['kept 1']);
+    const pop = await connect(user, 'pop');
+    await exchange(pop, headersRequest());
+    pop.send(`<enable xmlns='urn:xmpp:sm:3' resume='true'/>`);
+    const enabled = await pop.until((el) => el.name === 'enabled');
+    expect(await goOnline(pop)).toEqual([]);
+    pop.terminate();
+    await eventually(async () =>
+      expect((await stack.server.smQueue.get(enabled.attrs.id))?.detachedFrom).toBeDefined(),
+    );
+    const again = await RawClient.connect(stack.url);
+    sockets.push(again);
+    await again.open();
+    again.send(
+      `<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>${Buffer.from(`\0${user}\0secret`).toString('base64')}</auth>`,
+    );
+    expect((await again.next()).name).toBe('success');
+    await again.open();
+    again.send(`<resume xmlns='urn:xmpp:sm:3' previd='${enabled.attrs.id}' h='0'/>`);
+    await again.until((el) => el.name === 'resumed', 15_000);
+    // The resumed stream knows its session chose flexible retrieval: a presence change puts no
+    // hold on its messages (a hold would store live messages arriving meanwhile, then be let go
+    // without a flood, leaving them in the inbox).
+    const row = await stack.server.sessions.getResource(`${user}@localhost`, 'pop');
+    const state = await stack.server.sessions.getConnection(row?.connectionId as string);
+    expect(state?.flexibleOffline).toBe(true);
+    const hold = vi.spyOn(stack.server.sessions, 'releaseHold');
+    again.send('<presence><show>away</show></presence>');
+    const frames = (await again.framesBeforePong(30_000)).map((f) => parse(f));
+    expect(frames.filter((el) => el.name === 'message')).toEqual([]);
+    expect(hold).not.toHaveBeenCalled();
+    hold.mockRestore();
+    expect(await inbox(user)).toEqual(stored.map((m) => m.id));
+  });
 
   it('does not flood a stream-management session that resumes while another resource is flexible', async () => {
     // "if the user authenticates and provides presence for another resource while the first
