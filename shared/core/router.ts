@@ -23,7 +23,7 @@ import {
   type StanzaTarget,
   type UndeliveredStanza,
 } from './host.ts';
-import { errorReplyTo, iqResult, stampDelay } from './stanzas.ts';
+import { errorReplyTo, iqResult, removeForgedDelay, stampDelay } from './stanzas.ts';
 import { isTransient, withTransientRetries } from './transient.ts';
 
 /** Replies to a stanza with an error unless it is itself an error (or an iq result). */
@@ -51,6 +51,9 @@ export async function routeFromClient(stream: BoundStream, stanza: Element): Pro
   const { server } = stream;
   // DESIGN.md: "A stanza's from is always rewritten by the server."
   stanza.attrs.from = fullJid(stream.jid);
+  // XEP-0203: a delay "from" this server is the server's own stamp (of an offline or re-routed
+  // message); one a client wrote would tell its recipient the server delayed the stanza.
+  if (stanza.name !== 'iq') removeForgedDelay(stanza, server.config.domain);
   // RFC 6120 §4.7.4: "the receiving entity SHOULD add the 'xml:lang' attribute to the stanza when
   // routing it to a remote server or delivering it to a connected client" (the stream's, when
   // the stanza has none and the stream's is not the server's own, which recipients inherit).

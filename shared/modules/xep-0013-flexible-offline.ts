@@ -20,7 +20,7 @@ import { StanzaError } from '../errors.ts';
 import { bareJid } from '../jid.ts';
 import type { OfflineMessage } from '../store/offline.ts';
 import { NS } from '../xml/namespaces.ts';
-import { deliveredCopy, startTransfer } from './xep-0160-offline-storage.ts';
+import { deliveredCopy, sendStored, startTransfer } from './xep-0160-offline-storage.ts';
 
 /** XEP-0013 §2.2: the well-known disco node of the offline message queue. */
 const NODE = NS.offline;
@@ -42,6 +42,14 @@ const OFFLINE_ID = /^\d{15}-(\d{4}-[0-9a-f]{8}|\d{40}-\d{4})$/;
 export function register(server: Server): void {
   const { host } = server;
   host.add('disco-feature', NS.offline);
+  // Only the server names offline nodes: an <offline/> a sender put in a live message would
+  // look to a flexible-retrieval client like the server's marker of a stored one (as in
+  // stampedStanza, which strips it from stored messages).
+  host.hook('stanza-in', ({ stanza }) => {
+    if (stanza.name === 'message')
+      for (const forged of stanza.getChildren('offline', NS.offline)) stanza.remove(forged);
+    return undefined;
+  });
   host.add('disco-node', {
     node: NODE,
     info: (request) => countInfo(server, request),
@@ -299,8 +307,12 @@ async function command(
  */
 async function deliverCopies(stream: BoundStream, messages: OfflineMessage[]): Promise<boolean> {
   for (const message of messages) {
-    if ((await stream.send(deliveredCopy(stream.server, message), { offlineCopy: true })) !== 'sent')
-      return false;
+    // One that can never be sent is dropped with a warning, as the flood and the paced
+    // transfers drop it, instead of failing this request and every later one on it.
+    const result = await sendStored(stream, message, deliveredCopy(stream.server, message), {
+      offlineCopy: true,
+    });
+    if (result !== 'sent' && result !== 'dropped') return false;
   }
   return true;
 }

@@ -138,15 +138,18 @@ async function storeIfWanted(
   const pastQuota = heldFor !== undefined;
   // A client's message (not a re-route) leaves a record of the store on its connection's row.
   const sender = acceptedAt === undefined ? offlineRecord(user, heldFor) : undefined;
-  // Only our own delay stamp may appear on delivery: drop any that claims to be ours.
-  removeForgedDelay(stanza, server.config.domain);
+  // Only our own delay stamp may appear on delivery: drop any that claims to be ours. On a copy:
+  // a re-routed message carries the server's stamp of its acceptance, which it keeps if this
+  // store's guard fails and it is routed again, live.
+  const kept = parse(stanza.toString()) as Element;
+  removeForgedDelay(kept, server.config.domain);
   try {
     // Stored from a frame or a re-route: keyed by it, so a redelivery of the frame (a repeated
     // re-route) does not store it twice.
     const delivery = nextDeliveryKey(`offline:${user}`);
     const stored = await server.offline.store(
       user,
-      { from: stanza.attrs.from, storedAt: acceptedAt ?? Date.now(), stanza: stanza.toString() },
+      { from: kept.attrs.from, storedAt: acceptedAt ?? Date.now(), stanza: kept.toString() },
       {
         ignoreQuota: pastQuota || acceptedAt !== undefined,
         ...(delivery ? { key: delivery } : {}),
@@ -158,7 +161,7 @@ async function storeIfWanted(
     );
     if (stored.alreadyStored) return;
     await server.host.fire('message-stored-offline', {
-      stanza,
+      stanza: kept,
       user,
       id: stored.id,
       storedAt: stored.storedAt,
@@ -297,7 +300,7 @@ function windowSize(server: Server): number {
  * or grown past the post limit by its stamp) is dropped from storage with a warning rather than
  * block every later login: 'dropped'.
  */
-async function sendStored(
+export async function sendStored(
   stream: BoundStream,
   message: OfflineMessage,
   stanza: Element,

@@ -177,6 +177,31 @@ describe('an inbox that holds a message too large to deliver (stored before the 
     erin.terminate();
   });
 
+  it('does not fail a XEP-0013 fetch without stream management: the oversized one is dropped', async () => {
+    await seedSwollen('erin@localhost');
+    const erin = await connect();
+    await erin.login('erin', 'erin-pw', 'fetcher');
+    // XEP-0013 §2.5: <iq type='get' id='fetch1'><offline xmlns='http://jabber.org/protocol/offline'>
+    // <fetch/></offline></iq>, answered after the messages.
+    erin.send(
+      `<iq type='get' id='fetch1'><offline xmlns='http://jabber.org/protocol/offline'><fetch/></offline></iq>`,
+    );
+    const seen: Element[] = [];
+    const reply = await erin.until((el) => {
+      seen.push(el);
+      return el.name === 'iq' && el.attrs.id === 'fetch1';
+    });
+    expect(reply.attrs.type).toBe('result');
+    expect(seen.filter((el) => el.name === 'message').map((el) => el.attrs.id)).toEqual(['after-big']);
+    // The one that can never be sent is gone; the fetched one stays until removed (§2.4).
+    expect(await stack.server.offline.count('erin@localhost')).toBe(1);
+    erin.send(
+      `<iq type='set' id='purge1'><offline xmlns='http://jabber.org/protocol/offline'><purge/></offline></iq>`,
+    );
+    await erin.until((el) => el.name === 'iq' && el.attrs.id === 'purge1');
+    erin.terminate();
+  });
+
   it('does not block a stream-management login either', async () => {
     await seedSwollen('erin@localhost');
     const erin = await connect();
