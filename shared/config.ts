@@ -194,6 +194,13 @@ export const TUNABLE_SETTINGS = [
   'LOG_LEVEL',
 ] as const;
 
+/** An integer of at least 1 (XEP-0198 seed §4: `max` is an xs:positiveInteger). */
+function positive(env: Env, name: string, fallback: number): number {
+  const value = int(env, name, fallback);
+  if (value < 1) throw new Error(`${name} must be at least 1, got '${env[name]}'`);
+  return value;
+}
+
 function int(env: Env, name: string, fallback: number): number {
   const raw = env[name];
   if (raw === undefined || raw === '') return fallback;
@@ -275,7 +282,7 @@ export function loadConfig(env: Env = process.env): Config {
     rateFrameBurst: Math.max(1, int(env, 'RATE_STANZA_BURST', 1000)),
     rateBytesPerSecond: Math.max(1, int(env, 'RATE_BYTES_PER_SECOND', 262144)),
     rateByteBurst: Math.max(1, int(env, 'RATE_BYTES_BURST', 1048576)),
-    smMaxSeconds: int(env, 'SM_MAX_SECONDS', 300),
+    smMaxSeconds: positive(env, 'SM_MAX_SECONDS', 300),
     smQueueMax: int(env, 'SM_QUEUE_MAX', 1000),
     smAckEvery: Math.max(1, int(env, 'SM_ACK_EVERY', 10)),
     smAckBytes: Math.max(1024, int(env, 'SM_ACK_BYTES', 32768)),

@@ -375,6 +375,11 @@ export interface StanzaQueue {
 export interface ItemKinds {
   /** A disco#info feature of the server (XEP-0030). */
   'disco-feature': string;
+  /**
+   * A disco#info feature of an account (a user's bare JID), shown to whoever may query it
+   * (XEP-0030 §8): what the server answers for the account, like XEP-0199 ping.
+   */
+  'disco-account-feature': string;
   /** A disco node with its own info and items (e.g. XEP-0013's offline node). */
   'disco-node': {
     node: string;

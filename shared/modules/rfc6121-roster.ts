@@ -96,8 +96,16 @@ export function register(server: Server): void {
         throw asStanzaError(error);
       }
     };
-  host.iq('get', NS_ROSTER, 'query', rosterIq(rosterGet), { answersForAnyAccount: true });
-  host.iq('set', NS_ROSTER, 'query', rosterIq(rosterSet), { answersForAnyAccount: true });
+  // The roster is the account's, never the server's: one addressed to the domain is
+  // service-unavailable (RFC 6120 §8.2.3, no such payload there), as Prosody answers it.
+  host.iq('get', NS_ROSTER, 'query', rosterIq(rosterGet), {
+    answersForAnyAccount: true,
+    targets: ['account'],
+  });
+  host.iq('set', NS_ROSTER, 'query', rosterIq(rosterSet), {
+    answersForAnyAccount: true,
+    targets: ['account'],
+  });
 
   for (const target of ['bare', 'full', 'host'] as const) {
     // Above the presence module (priority 0), which only knows the user's own resources.

@@ -42,6 +42,8 @@ const OFFLINE_ID = /^\d{15}-(\d{4}-[0-9a-f]{8}|\d{40}-\d{4})$/;
 export function register(server: Server): void {
   const { host } = server;
   host.add('disco-feature', NS.offline);
+  // XEP-0059 §4: headers are paged with Result Set Management, which is advertised.
+  host.add('disco-feature', NS.rsm);
   // Only the server names offline nodes: an <offline/> a sender put in a live message would
   // look to a flexible-retrieval client like the server's marker of a stored one (as in
   // stampedStanza, which strips it from stored messages).

@@ -111,6 +111,8 @@ export function register(server: Server): void {
   const { host } = server;
   const policy = servicePolicy(server);
   for (const feature of [...ARCHIVE_FEATURES, ...FEATURES_05]) host.add('disco-feature', feature);
+  // XEP-0059 §4: lists, collections, changes and keys are paged with Result Set Management.
+  host.add('disco-feature', NS.rsm);
   for (const name of ARCHIVE_REQUESTS) {
     for (const type of ['get', 'set'] as const) {
       // The handler refuses every other account itself, the same way whether it exists or not.

@@ -101,7 +101,8 @@ export function register(server: Server): void {
 }
 
 function advertise(features: Element, server: Server): void {
-  features.c('sm', { xmlns: SM3 }).c('optional');
+  // XEP-0198 1.6.3: <sm xmlns='urn:xmpp:sm:3'/> ("Remove leftover <optional/> and <required/>").
+  features.c('sm', { xmlns: SM3 });
   // Seed §4: 'max' is the longest resumption time, 'stanzas' the preferred ack interval.
   features
     .c('sm', {

@@ -11,6 +11,9 @@ import { NS } from '../xml/namespaces.ts';
 
 export function register(server: Server): void {
   server.host.add('disco-feature', NS.ping);
+  // XEP-0199 §5: an entity that supports ping "MUST report that fact"; the server answers for
+  // the account (its owner, and contacts it shares presence with), so the account reports it.
+  server.host.add('disco-account-feature', NS.ping);
   // XEP-0199 §4.2: "the server MUST respond with an IQ-result" (or an error).
   server.host.iq(
     'get',

@@ -677,7 +677,23 @@ describe('iq routing (RFC 6120 §8.2.3, §10)', () => {
       );
       expect(items.attrs.type).toBe('result');
       expect(items.getChild('query')?.children).toHaveLength(0);
+      // "...(no matter if the request specifies a node or not)".
+      const nodeInfo = await ask(
+        `<iq type='get' id='dn-${target}' to='${target}'><query xmlns='http://jabber.org/protocol/disco#info' node='urn:example:node'/></iq>`,
+      );
+      expect(nodeInfo.getChild('error')?.getChild('service-unavailable', STANZAS)).toBeDefined();
+      const nodeItems = await ask(
+        `<iq type='get' id='dm-${target}' to='${target}'><query xmlns='http://jabber.org/protocol/disco#items' node='urn:example:node'/></iq>`,
+      );
+      expect(nodeItems.attrs.type).toBe('result');
+      expect(nodeItems.getChild('query')?.attrs.node).toBe('urn:example:node');
+      expect(nodeItems.getChild('query')?.children).toHaveLength(0);
     }
+    // On the user's own account an unknown node is item-not-found (XEP-0030 §3.2).
+    const ownNode = await ask(
+      `<iq type='get' id='dno' to='erin@localhost'><query xmlns='http://jabber.org/protocol/disco#info' node='urn:example:node'/></iq>`,
+    );
+    expect(ownNode.getChild('error')?.getChild('item-not-found', STANZAS)).toBeDefined();
     const own = await ask(
       `<iq type='get' id='do' to='erin@localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>`,
     );
@@ -685,6 +701,40 @@ describe('iq routing (RFC 6120 §8.2.3, §10)', () => {
       category: 'account',
       type: 'registered',
     });
+    // XEP-0199 §5: "If an entity supports the XMPP Ping protocol, it MUST report that fact by
+    // including a service discovery feature of 'urn:xmpp:ping'": the account answers pings.
+    expect(
+      own
+        .getChild('query')
+        ?.getChildren('feature')
+        .map((f) => f.attrs.var),
+    ).toEqual([
+      'http://jabber.org/protocol/disco#info',
+      'http://jabber.org/protocol/disco#items',
+      'urn:xmpp:ping',
+    ]);
+  });
+
+  it('serves the roster for the account only, never addressed to the server', async () => {
+    const roster = await ask(`<iq type='get' id='ro1'><query xmlns='jabber:iq:roster'/></iq>`);
+    expect(roster.attrs.type).toBe('result');
+    const toServer = await ask(
+      `<iq type='get' id='ro2' to='localhost'><query xmlns='jabber:iq:roster'/></iq>`,
+    );
+    expect(toServer.getChild('error')?.getChild('service-unavailable', STANZAS)).toBeDefined();
+  });
+
+  it('advertises Result Set Management, which XEP-0013 headers and XEP-0136 requests page with (XEP-0059 §4)', async () => {
+    // <feature var='http://jabber.org/protocol/rsm'/>
+    const info = await ask(
+      `<iq type='get' id='rsm1' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>`,
+    );
+    expect(
+      info
+        .getChild('query')
+        ?.getChildren('feature')
+        .map((f) => f.attrs.var),
+    ).toContain('http://jabber.org/protocol/rsm');
   });
 
   it('handles an iq without a to address on behalf of the account (RFC 6120 §10.3.3)', async () => {

@@ -246,3 +246,11 @@ describe('deliverToMany (a fan-out: roster pushes, subscription presence)', () =
     expect([...port.frames.keys()].filter((id) => id.startsWith('later'))).toEqual([]);
   });
 });
+
+describe('settings checked at start', () => {
+  it('refuses SM_MAX_SECONDS=0: the seed sm:1 feature advertises it as max, an xs:positiveInteger', () => {
+    // XEP-0198 seed schema: <xs:attribute name='max' type='xs:positiveInteger' use='optional'/>
+    expect(() => loadConfig({ SM_MAX_SECONDS: '0' })).toThrow('SM_MAX_SECONDS must be at least 1');
+    expect(loadConfig({ SM_MAX_SECONDS: '1' }).smMaxSeconds).toBe(1);
+  });
+});
