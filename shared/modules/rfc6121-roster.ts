@@ -93,7 +93,7 @@ export function register(server: Server): void {
       try {
         return await handler(request);
       } catch (error) {
-        throw asStanzaError(error);
+        throw asStanzaError(error, request.stream.user);
       }
     };
   // The roster is the account's, never the server's: one addressed to the domain is
@@ -137,12 +137,15 @@ export function register(server: Server): void {
   );
 }
 
-function asStanzaError(error: unknown): unknown {
+function asStanzaError(error: unknown, requester: string): unknown {
   if (error instanceof RosterFullError) {
+    // Another user's roster is not described (its size, its pending requests) to the sender.
+    if (error.owner !== requester)
+      return new StanzaError('cancel', 'not-allowed', 'The contact cannot take this request');
     return new StanzaError(
       'cancel',
       'not-allowed',
-      `The roster of ${error.owner} is full (at most ${error.limit} ${error.kind === 'items' ? 'items' : 'pending requests'})`,
+      `Your roster is full (at most ${error.limit} ${error.kind === 'items' ? 'items' : 'pending requests'})`,
     );
   }
   if (error instanceof RosterContentionError) {
@@ -408,7 +411,7 @@ async function subscription(
       return { user: userEntry, contact: inbound.entry, outcome: { out, inbound, reply } };
     });
   } catch (error) {
-    throw asStanzaError(error);
+    throw asStanzaError(error, user);
   }
   const { out, inbound, reply } = result.outcome;
   await pushRosterItem(server, user, contact, result.user);

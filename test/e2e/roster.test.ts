@@ -188,6 +188,26 @@ describe('RFC 6121 §2.3.3 and §2.1.5 errors (raw frames)', () => {
       'full',
     );
     expect(condition(full)).toBe('not-allowed');
+    // Its own roster: the text says so.
+    expect(full.getChild('error')?.getChildText('text', STANZAS)).toMatch(/^Your roster is full/);
+  });
+
+  it("refuses a stranger's request past the pending limit without describing the other roster", async () => {
+    await stack.addUser('ivy@localhost', 'ivy-pw');
+    for (let i = 1; i <= 5; i++) {
+      await stack.addUser(`fan${i}@localhost`, `fan${i}-pw`);
+      const fan = await peer(`fan${i}`, 'r');
+      fan.send(`<presence type='subscribe' to='ivy@localhost'/>`);
+      await fan.barrier();
+    }
+    await stack.addUser('fan6@localhost', 'fan6-pw');
+    const sixth = await peer('fan6', 'r');
+    sixth.send(`<presence type='subscribe' to='ivy@localhost' id='s6'/>`);
+    const refused = await sixth.waitFor((el) => el.name === 'presence' && el.attrs.type === 'error');
+    expect(condition(refused)).toBe('not-allowed');
+    const text = refused.getChild('error')?.getChildText('text', STANZAS) ?? '';
+    expect(text).not.toContain('ivy');
+    expect(text).not.toMatch(/\d/);
   });
 });
 
