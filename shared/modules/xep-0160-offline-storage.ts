@@ -160,8 +160,9 @@ async function storeIfWanted(
       },
     );
     if (stored.alreadyStored) return;
+    // The routed stanza itself: archiving knows it (sent, re-routed) by identity.
     await server.host.fire('message-stored-offline', {
-      stanza: kept,
+      stanza,
       user,
       id: stored.id,
       storedAt: stored.storedAt,

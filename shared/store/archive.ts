@@ -363,13 +363,8 @@ export function createArchiveStore(
   const now = options.now ?? Date.now;
   const nowSeconds = () => Math.floor(now() / 1000);
 
-  /**
-   * Paginates a Query until `limit` items passed `keep`, or the range ends. `skips` is how many
-   * items `keep` will drop (an inclusive bound's cursor item): they are read in the same request,
-   * so a page after a cursor costs what the first page costs.
-   */
-  /** Gives a collection's stored `<EncryptedKey/>` items the header's expiry (never shortens it). */
-  async function extendKeys(owner: string, header: CollectionHeader): Promise<void> {
+  /** Gives a collection's stored `<EncryptedKey/>` items a later expiry (never shortens one). */
+  async function extendKeys(owner: string, header: CollectionHeader, expiresAt: number): Promise<void> {
     const { items } = await queryItems(
       {
         TableName: table,
@@ -390,7 +385,7 @@ export function createArchiveStore(
             // A key deleted meanwhile (§9 <delete/>) stays deleted; a longer expiry, or none, stays.
             ConditionExpression: 'attribute_exists(pk) AND #ttl < :exp',
             ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
-            ExpressionAttributeValues: { ':exp': header.expiresAt },
+            ExpressionAttributeValues: { ':exp': expiresAt },
           }),
         );
       } catch (error) {
@@ -399,6 +394,11 @@ export function createArchiveStore(
     }
   }
 
+  /**
+   * Paginates a Query until `limit` items passed `keep`, or the range ends. `skips` is how many
+   * items `keep` will drop (an inclusive bound's cursor item): they are read in the same request,
+   * so a page after a cursor costs what the first page costs.
+   */
   async function queryItems(
     input: QueryCommandInput,
     limit: number,
@@ -1015,6 +1015,11 @@ export function createArchiveStore(
       ) {
         changes.push('#ttl = :exp');
         values[':exp'] = neededExpiry + DAY_SECONDS;
+        // §6: a client "SHOULD NOT resend <EncryptedKey/> elements" for a key it uploaded before,
+        // so the keys stored with earlier entries must live as long as the entries that now use
+        // them: they follow the header's expiry (an encrypted collection holds a few keys). Before
+        // the header's write: a retry after a failure here still finds the header to extend.
+        if (header.crypt) await extendKeys(owner, header, values[':exp'] as number);
       }
       if (!created && (changes.length > 0 || input.entries.length > 0 || (input.keys?.length ?? 0) > 0)) {
         changes.push('changeKey = :ck');
@@ -1040,10 +1045,6 @@ export function createArchiveStore(
           plain: header.plain || plain,
           expiresAt: (values[':exp'] as number | undefined) ?? header.expiresAt,
         };
-        // §6: a client "SHOULD NOT resend <EncryptedKey/> elements" for a key it uploaded before,
-        // so the keys stored with earlier entries must live as long as the entries that now use
-        // them: they follow the header's expiry (an encrypted collection holds a few keys).
-        if (values[':exp'] !== undefined && header.crypt) await extendKeys(owner, header);
       }
       const entries = await appendEntries(owner, header, state.last, input.entries, input.expireSeconds);
       for (const key of input.keys ?? []) {

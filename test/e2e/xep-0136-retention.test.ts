@@ -114,10 +114,15 @@ describe('ARCHIVE_MAX_EXPIRE_SECONDS caps how long archived messages are kept', 
       `<iq type='set'><pref xmlns='${ARCHIVE}'>
         <item jid='juliet@capulet.com' save='body' otr='allow' expire='630720000'/>
         <item jid='nurse@capulet.com' save='body' otr='allow' expire='60'/>
+        <item jid='tybalt@capulet.com' save='false' otr='allow' expire='630720000'/>
       </pref></iq>`,
     );
     const storedAt = Math.floor(Date.now() / 1000);
-    for (const withJid of ['juliet@capulet.com/chamber', 'nurse@capulet.com/garden']) {
+    for (const withJid of [
+      'juliet@capulet.com/chamber',
+      'nurse@capulet.com/garden',
+      'tybalt@capulet.com/street',
+    ]) {
       await ok(
         romeo,
         `<iq type='set'><store xmlns='${ARCHIVE}' with='${withJid}' start='1469-07-21T02:56:15Z'>
@@ -131,6 +136,10 @@ describe('ARCHIVE_MAX_EXPIRE_SECONDS caps how long archived messages are kept', 
     const [nurse] = await messageTtls(romeoJid, 'nurse@capulet.com/garden');
     expect(nurse).toBeGreaterThanOrEqual(storedAt + 60);
     expect(nurse).toBeLessThanOrEqual(storedAt + 65);
+    // A mode that saves nothing automatically does not lift the cap off a manual store.
+    const [tybalt] = await messageTtls(romeoJid, 'tybalt@capulet.com/street');
+    expect(tybalt).toBeGreaterThanOrEqual(storedAt + CAP);
+    expect(tybalt).toBeLessThanOrEqual(storedAt + CAP + 5);
   });
 
   it('keeps automatically archived messages at most the cap when no mode sets an expire', async () => {

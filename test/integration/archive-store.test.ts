@@ -4,7 +4,7 @@
  * what a page costs in read units (page k must cost what page 1 costs).
  */
 import { GetCommand, QueryCommand } from '@aws-sdk/lib-dynamodb';
-import { beforeAll, beforeEach, describe, expect, test } from 'vitest';
+import { beforeAll, beforeEach, describe, expect, test, vi } from 'vitest';
 import {
   type ArchiveStore,
   changeKeyOf,
@@ -690,6 +690,43 @@ describe('EncryptedKeys', () => {
     ]);
     const [keyTtl] = ttlOf('k#');
     expect(keyTtl).toBeGreaterThanOrEqual(Math.max(...entryTtls));
+  });
+
+  test("are extended by the store's next attempt when the first failed on the way", async () => {
+    const year = 365 * 86_400;
+    const crypt = { with: JULIET, start: at('1469-07-24T10:00:00Z') };
+    const { header } = await store.storeManual(owner, {
+      ref: crypt,
+      entries: [encrypted('dataKey1')],
+      keys: [key('dataKey1', 'romeoPublicKey1fingerprint')],
+      expireSeconds: year,
+    });
+    clock += 2 * 86_400_000;
+    // The key's extension is throttled past the SDK's retries: the store fails, the frame that
+    // asked for it is delivered again, and the same store runs a second time.
+    const send = doc.send.bind(doc);
+    const failing = vi.spyOn(doc, 'send').mockImplementation((async (command: {
+      input?: { Key?: { sk?: string } };
+    }) => {
+      if (String(command.input?.Key?.sk).startsWith('k#')) {
+        failing.mockRestore();
+        throw Object.assign(new Error('throttled'), { name: 'ThrottlingException' });
+      }
+      return send(command as never);
+    }) as never);
+    const later = { ref: crypt, entries: [encrypted('dataKey1')], expireSeconds: year };
+    await expect(store.storeManual(owner, later)).rejects.toThrow('throttled');
+    failing.mockRestore();
+    await store.storeManual(owner, later);
+
+    const items = await doc.send(
+      new QueryCommand({
+        TableName: table,
+        KeyConditionExpression: 'pk = :pk AND begins_with(sk, :k)',
+        ExpressionAttributeValues: { ':pk': `${owner}/${header.cid}`, ':k': 'k#' },
+      }),
+    );
+    expect(items.Items?.[0]?.[TTL_ATTRIBUTE]).toBeGreaterThanOrEqual(Math.floor(clock / 1000) + year);
   });
 });
 

@@ -20,7 +20,8 @@ import { encodeRsm, type RsmRequest } from './rsm.ts';
 /** A mode's attributes; its `expire` as the server applies it (capped by the service's longest). */
 function modeAttrs(mode: Mode, maxExpire = 0): Record<string, string> {
   const attrs: Record<string, string> = { save: mode.save, otr: mode.otr };
-  const expire = maxExpire > 0 ? retention(mode, maxExpire) : mode.expire;
+  // A mode that saves nothing shows what it says (no expire where none was set).
+  const expire = maxExpire > 0 && mode.save !== 'false' ? retention(mode, maxExpire) : mode.expire;
   if (expire !== undefined) attrs.expire = String(expire);
   return attrs;
 }

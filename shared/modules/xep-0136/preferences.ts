@@ -21,12 +21,12 @@ export interface ServicePolicy {
 /**
  * §3.2 'expire', "how many seconds after messages are archived that the server SHOULD delete
  * them", as the server applies it: a mode's own (0 and none mean forever), capped by the service's
- * longest (`maxExpire`), which also applies to a mode without one. A mode that saves nothing keeps
- * what it says. Undefined: kept forever.
+ * longest (`maxExpire`), which also applies to a mode without one, and whatever the mode's save
+ * (a manual `<store/>` under a mode that saves nothing is kept no longer). Undefined: forever.
  */
-export function retention(mode: Mode, maxExpire = 0): number | undefined {
+export function retention(mode: Pick<Mode, 'expire'>, maxExpire = 0): number | undefined {
   const asked = mode.expire === 0 ? undefined : mode.expire;
-  if (maxExpire <= 0 || mode.save === 'false') return asked;
+  if (maxExpire <= 0) return asked;
   return asked === undefined ? maxExpire : Math.min(asked, maxExpire);
 }
 
