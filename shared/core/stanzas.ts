@@ -35,9 +35,21 @@ export function stampDelay(stanza: Element, domain: string, time: number): Eleme
   return stanza;
 }
 
-/** Removes delay stamps that claim to be this server's (only the server may stamp as itself). */
+/**
+ * Removes delay stamps that claim to be this server's (only the server may stamp as itself): a
+ * XEP-0203 `<delay/>`, or the legacy XEP-0091 `jabber:x:delay` `<x/>`, whose 'from' is the domain
+ * (compared as a domain is, case-insensitively, with or without a trailing dot).
+ */
 export function removeForgedDelay(stanza: Element, domain: string): void {
+  const ours = (from: unknown) =>
+    typeof from === 'string' && [domain, `${domain}.`].includes(from.toLowerCase());
   for (const delay of stanza.getChildren('delay', NS.delay)) {
-    if (delay.attrs.from === domain) stanza.remove(delay);
+    if (ours(delay.attrs.from)) stanza.remove(delay);
+  }
+  for (const legacy of stanza.getChildren('x', LEGACY_DELAY)) {
+    if (ours(legacy.attrs.from)) stanza.remove(legacy);
   }
 }
+
+/** XEP-0091 Legacy Delayed Delivery. */
+const LEGACY_DELAY = 'jabber:x:delay';

@@ -78,10 +78,13 @@ describe('XEP-0203 server stamps', () => {
     await sender.frame(
       `<message xmlns='jabber:client' to='${recipientJid}/phone' type='chat' id='f1'><body>hi</body>` +
         `<delay xmlns='${DELAY}' from='localhost' stamp='1999-01-01T00:00:00Z'/>` +
+        `<delay xmlns='${DELAY}' from='LocalHost' stamp='1999-01-01T00:00:01Z'/>` +
+        `<x xmlns='jabber:x:delay' from='localhost' stamp='19990101T00:00:02'/>` +
         `<delay xmlns='${DELAY}' from='forger@example.org' stamp='2000-01-01T00:00:00Z'/></message>`,
     );
     const [live] = messagesTo(port, recipient.connectionId).filter((m) => m.attrs.id === 'f1');
     expect(live?.getChildren('delay', DELAY).map((d) => d.attrs.from)).toEqual(['forger@example.org']);
+    expect(live?.getChildren('x', 'jabber:x:delay')).toEqual([]);
   });
 
   it("removes a sender's XEP-0013 <offline/> marker from a live message", async () => {
