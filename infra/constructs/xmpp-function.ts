@@ -68,16 +68,16 @@ export interface XmppFunctionProps {
 }
 
 /**
- * Lambda's application log level (advanced logging controls) for a `LOG_LEVEL`: Lambda drops
- * JSON lines below it, so it must let through what the function's own level writes.
+ * Lambda's application log level (advanced logging controls) for a `LOG_LEVEL`: DEBUG for
+ * `debug`, INFO for every other level, never above. Lambda drops JSON lines below this level, and
+ * it reads a line without a `level` field as INFO (AWS Lambda Developer Guide, "Log-level
+ * filtering"): the metric lines (embedded metric format, written to stdout by
+ * functions/telemetry.ts) have none, so at WARN or above Lambda would drop every metric. The
+ * function's own logger filters its lines by `LOG_LEVEL` before they are written.
  */
-const APPLICATION_LOG_LEVEL: Record<LogLevel, lambda.ApplicationLogLevel> = {
-  debug: lambda.ApplicationLogLevel.DEBUG,
-  info: lambda.ApplicationLogLevel.INFO,
-  warn: lambda.ApplicationLogLevel.WARN,
-  error: lambda.ApplicationLogLevel.ERROR,
-  silent: lambda.ApplicationLogLevel.FATAL,
-};
+function applicationLogLevel(level: LogLevel): lambda.ApplicationLogLevel {
+  return level === 'debug' ? lambda.ApplicationLogLevel.DEBUG : lambda.ApplicationLogLevel.INFO;
+}
 
 /**
  * A Node.js 22 arm64 function bundled locally by esbuild as minified ESM, with its own log group
@@ -110,7 +110,7 @@ export class XmppFunction extends Construct {
       role: this.role,
       logGroup: this.logGroup,
       loggingFormat: lambda.LoggingFormat.JSON,
-      applicationLogLevelV2: APPLICATION_LOG_LEVEL[props.logLevel ?? 'info'],
+      applicationLogLevelV2: applicationLogLevel(props.logLevel ?? 'info'),
       ...(props.tracing ? { tracing: lambda.Tracing.ACTIVE } : {}),
       ...(props.reservedConcurrency ? { reservedConcurrentExecutions: props.reservedConcurrency } : {}),
       projectRoot: props.projectRoot,

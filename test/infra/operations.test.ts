@@ -165,12 +165,23 @@ describe('metrics and logs of the functions', () => {
     expect(functionProperties(operated, 'stream').LoggingConfig.ApplicationLogLevel).toBe('DEBUG');
     for (const name of ['connect', 'sweeper'] as const) {
       expect(functionProperties(operated, name).Environment.Variables.LOG_LEVEL).toBe('warn');
-      expect(functionProperties(operated, name).LoggingConfig.ApplicationLogLevel).toBe('WARN');
+      // Never above INFO: Lambda reads the metric lines (EMF, no `level` field) as INFO, and
+      // would drop them at WARN; the function's own logger filters by LOG_LEVEL.
+      expect(functionProperties(operated, name).LoggingConfig.ApplicationLogLevel).toBe('INFO');
     }
     // The stack's own settings are not passed on as the functions' environment.
     expect(functionProperties(operated, 'stream').Environment.Variables.TRACING).toBeUndefined();
     expect(functionProperties(operated, 'stream').Environment.Variables.STREAM_LOG_LEVEL).toBeUndefined();
   });
+
+  it('keeps Lambda at INFO for error and silent too, so the metric lines still get through', () => {
+    const quiet = synth({ settings: { LOG_LEVEL: 'silent', STREAM_LOG_LEVEL: 'error' } });
+    expect(functionProperties(quiet, 'stream').Environment.Variables.LOG_LEVEL).toBe('error');
+    expect(functionProperties(quiet, 'sweeper').Environment.Variables.LOG_LEVEL).toBe('silent');
+    for (const name of ['connect', 'stream', 'sweeper'] as const) {
+      expect(functionProperties(quiet, name).LoggingConfig.ApplicationLogLevel).toBe('INFO');
+    }
+  }, 60_000);
 
   it('tells the stream function when a frame goes to the dead-letter queue', () => {
     expect(functionProperties(plain, 'stream').Environment.Variables.FRAME_MAX_RECEIVES).toBe(
