@@ -383,6 +383,18 @@ describe('tables', () => {
     template.resourceCountIs('AWS::DynamoDB::GlobalTable', allTables.length);
   });
 
+  it('keeps and protects every table with user data: all but Sessions', () => {
+    const kept = allTables.filter((def) => {
+      const table = resources[logicalId(stack.tables.table(def))];
+      return (
+        table.DeletionPolicy === 'Retain' &&
+        table.Properties.Replicas[0].DeletionProtectionEnabled === true &&
+        table.Properties.Replicas[0].PointInTimeRecoverySpecification.PointInTimeRecoveryEnabled === true
+      );
+    });
+    expect(kept.map((def) => def.id).sort()).toEqual(['Archive', 'Offline', 'Roster', 'Users']);
+  });
+
   it.each(allTables.map((def) => [def.id, def] as const))('%s matches its definition', (_, def) => {
     const table = resources[logicalId(stack.tables.table(def))];
     const props = table.Properties;
@@ -405,6 +417,8 @@ describe('tables', () => {
       PointInTimeRecoveryEnabled: def.pointInTimeRecovery,
     });
     expect(table.DeletionPolicy).toBe(def.pointInTimeRecovery ? 'Retain' : 'Delete');
+    // User data is also protected from a DeleteTable outside the stack.
+    expect(props.Replicas[0].DeletionProtectionEnabled ?? false).toBe(def.pointInTimeRecovery);
     expect(props.GlobalSecondaryIndexes ?? []).toEqual(
       def.globalSecondaryIndexes.map((index) => ({
         IndexName: index.indexName,
