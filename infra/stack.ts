@@ -287,6 +287,7 @@ export class NimbusStack extends Stack {
       apiId: this.gateway.api.apiId,
       stageName: this.gateway.stage.stageName,
       oldestFrameSeconds: intSetting(settings, 'ALARM_OLDEST_FRAME_SECONDS', 60),
+      domain: props.domain,
     });
     new CfnOutput(this, 'AlarmTopicArn', {
       description: 'SNS topic every Nimbus alarm notifies: subscribe an e-mail address or a pager to it',

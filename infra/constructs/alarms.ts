@@ -1,8 +1,9 @@
 /**
  * The alarms an operator needs to know that Nimbus is failing safely or not: every function's
  * errors and throttles, the frame queue's oldest message (frames waiting: a stream falling
- * behind), the dead-letter queue (frames given up on), and API Gateway's integration errors
- * (frames that never reached the queue). Each notifies one SNS topic, whose ARN is a stack output.
+ * behind), frames given up on (the dead-letter queue's depth, and the `FramesDeadLettered`
+ * count), and API Gateway's integration errors (frames that never reached the queue). Each
+ * notifies one SNS topic, whose ARN is a stack output.
  */
 import { Duration } from 'aws-cdk-lib';
 import * as cloudwatch from 'aws-cdk-lib/aws-cloudwatch';
@@ -13,6 +14,7 @@ import type * as lambda from 'aws-cdk-lib/aws-lambda';
 import * as sns from 'aws-cdk-lib/aws-sns';
 import type * as sqs from 'aws-cdk-lib/aws-sqs';
 import { Construct } from 'constructs';
+import { METRIC_NAMESPACE, METRIC_SERVICE, type MetricName } from '../../shared/metrics.ts';
 
 export interface AlarmsProps {
   functions: Record<string, lambda.IFunction>;
@@ -24,6 +26,8 @@ export interface AlarmsProps {
   stageName: string;
   /** Seconds the oldest frame may wait in the queue before the alarm goes off. */
   oldestFrameSeconds: number;
+  /** The XMPP domain: the `domain` dimension of Nimbus's own metrics. */
+  domain: string;
 }
 
 export class Alarms extends Construct {
@@ -73,6 +77,23 @@ export class Alarms extends Construct {
       alarm.addAlarmAction(new actions.SnsAction(this.topic));
       this.alarms.push(alarm);
     }
+    // The dead-letter queue's depth alarm stays in ALARM until the queue is emptied, so it
+    // notifies once; this one counts the frames the stream function saw fail on their last
+    // receive, per period, and notifies again for each later period that has any.
+    const nimbus = (metricName: MetricName) =>
+      new cloudwatch.Metric({
+        namespace: METRIC_NAMESPACE,
+        metricName,
+        dimensionsMap: { service: METRIC_SERVICE, domain: props.domain },
+        statistic: cloudwatch.Stats.SUM,
+        period,
+      });
+    add(
+      'FramesDeadLettered',
+      'XMPP frames failed on their last receive and went to the dead-letter queue (FramesDeadLettered)',
+      nimbus('FramesDeadLettered'),
+      0,
+    );
     add(
       'IntegrationErrors',
       'API Gateway could not hand frames to the queue or the connect function',

@@ -9,10 +9,12 @@ import { App, type CfnElement, Stack } from 'aws-cdk-lib';
 import { Match, Template } from 'aws-cdk-lib/assertions';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { createMetricsPublisher } from '../../functions/telemetry.ts';
 import { RETIRED_INDEXES, XmppTables } from '../../infra/constructs/tables.ts';
 import { STAGE_NAME } from '../../infra/constructs/websocket-gateway.ts';
 import { FUNCTION_MEMORY_MB } from '../../infra/constructs/xmpp-function.ts';
 import { checkedSettings, NimbusStack, STREAM_TIMEOUT } from '../../infra/stack.ts';
+import { METRIC_NAMESPACE } from '../../shared/metrics.ts';
 import { decodeQueueMessage } from '../../shared/queue-message.ts';
 import {
   allTables,
@@ -332,7 +334,7 @@ describe('failing safely', () => {
     expect(functionProperties('stream').ReservedConcurrentExecutions).toBeUndefined();
   });
 
-  it('alarms on every function’s errors and throttles, the oldest frame, dead letters and integration errors, all to one topic', () => {
+  it('alarms on every function’s errors and throttles, the oldest frame, dead letters (depth and count) and integration errors, all to one topic', () => {
     const alarms = resourcesOfType('AWS::CloudWatch::Alarm').map(([, alarm]) => alarm.Properties);
     const topic = logicalId(stack.alarms.topic);
     for (const alarm of alarms) expect(alarm.AlarmActions).toEqual([{ Ref: topic }]);
@@ -344,8 +346,41 @@ describe('failing safely', () => {
       expect.objectContaining({ Threshold: 60, Statistic: 'Maximum' }),
     ]);
     expect(byMetric('AWS/SQS', 'ApproximateNumberOfMessagesVisible')).toHaveLength(1);
+    expect(byMetric(METRIC_NAMESPACE, 'FramesDeadLettered')).toHaveLength(1);
     expect(byMetric('AWS/ApiGateway', 'IntegrationError')).toHaveLength(1);
     template.hasOutput('AlarmTopicArn', { Value: { Ref: topic } });
+  });
+
+  it('alarms on every period with dead-lettered frames, on the metric the stream function writes', () => {
+    // The depth alarm stays in ALARM until the queue is emptied; this one notifies again.
+    const [alarm, ...others] = resourcesOfType('AWS::CloudWatch::Alarm')
+      .map(([, resource]) => resource.Properties)
+      .filter((properties) => properties.MetricName === 'FramesDeadLettered');
+    expect(others).toEqual([]);
+    expect(alarm).toMatchObject({
+      Statistic: 'Sum',
+      Threshold: 0,
+      ComparisonOperator: 'GreaterThanThreshold',
+      EvaluationPeriods: 1,
+      TreatMissingData: 'notBreaching',
+    });
+    // The namespace and dimensions of the EMF line functions/telemetry.ts writes for the count.
+    const lines: string[] = [];
+    createMetricsPublisher({ domain: DOMAIN, write: (line) => lines.push(line) })([
+      { name: 'FramesDeadLettered', value: 1 },
+    ]);
+    const [line] = lines.map((text) => JSON.parse(text));
+    const [directive] = line._aws.CloudWatchMetrics;
+    expect(directive.Metrics).toEqual([{ Name: 'FramesDeadLettered', Unit: 'Count' }]);
+    expect(alarm.Namespace).toBe(directive.Namespace);
+    const [dimensionNames] = directive.Dimensions as string[][];
+    expect(
+      (alarm.Dimensions as { Name: string; Value: string }[]).sort((a, b) => a.Name.localeCompare(b.Name)),
+    ).toEqual(
+      dimensionNames
+        .map((name) => ({ Name: name, Value: line[name] }))
+        .sort((a, b) => a.Name.localeCompare(b.Name)),
+    );
   });
 
   it('encrypts the alarm topic and refuses it without TLS', () => {
