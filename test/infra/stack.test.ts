@@ -13,6 +13,7 @@ import { createMetricsPublisher } from '../../functions/telemetry.ts';
 import { RETIRED_INDEXES, XmppTables } from '../../infra/constructs/tables.ts';
 import { STAGE_NAME } from '../../infra/constructs/websocket-gateway.ts';
 import { FUNCTION_MEMORY_MB } from '../../infra/constructs/xmpp-function.ts';
+import { DEPLOYED_EVENT_SOURCE } from '../../infra/local/event-source.ts';
 import { checkedSettings, NimbusStack, STREAM_TIMEOUT } from '../../infra/stack.ts';
 import { METRIC_NAMESPACE } from '../../shared/metrics.ts';
 import { decodeQueueMessage } from '../../shared/queue-message.ts';
@@ -302,14 +303,16 @@ describe('frame queue', () => {
   });
 
   it('feeds the stream function in batches of 10 with partial batch responses', () => {
+    expect(DEPLOYED_EVENT_SOURCE.concurrency).toBe(100);
     template.resourceCountIs('AWS::Lambda::EventSourceMapping', 1);
     template.hasResourceProperties('AWS::Lambda::EventSourceMapping', {
       EventSourceArn: { 'Fn::GetAtt': [logicalId(stack.frameQueue.queue), 'Arn'] },
       FunctionName: { Ref: logicalId(stack.functions.stream.fn) },
       BatchSize: 10,
       FunctionResponseTypes: ['ReportBatchItemFailures'],
-      // A flood of frames may take at most this many instances, so logins are never starved.
-      ScalingConfig: { MaximumConcurrency: 100 },
+      // A flood of frames may take at most this many instances, so logins are never starved;
+      // the local emulator's default is the same (README, "Failing like AWS, locally").
+      ScalingConfig: { MaximumConcurrency: DEPLOYED_EVENT_SOURCE.concurrency },
     });
   });
 });
