@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { gzipSync } from 'node:zlib';
 import { build } from 'esbuild';
-import { BUNDLE_ALIASES, BUNDLE_MAIN_FIELDS } from '../infra/constructs/xmpp-function.ts';
+import { BUNDLE_ALIASES, BUNDLE_MAIN_FIELDS, bundleDefines } from '../infra/constructs/xmpp-function.ts';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 /** The banner of `XmppFunction`'s bundling options. */
@@ -98,7 +98,7 @@ export async function measureColdStart(name: string, runs: number, tracing = fal
       // As XmppFunction: license notices in a file beside the bundle.
       legalComments: 'external',
       banner: { js: BANNER },
-      define: { 'process.env.NIMBUS_TRACING': JSON.stringify(String(tracing)) },
+      define: bundleDefines({ tracing, sweeps: name === 'sweeper' }),
       mainFields: BUNDLE_MAIN_FIELDS,
       alias: Object.fromEntries(Object.entries(BUNDLE_ALIASES).map(([from, to]) => [from, join(ROOT, to)])),
       outfile,

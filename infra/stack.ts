@@ -228,6 +228,7 @@ export class NimbusStack extends Stack {
       projectRoot: PROJECT_ROOT,
       environment: outboundEnvironment,
       logLevel: logLevelOf(settings, 'sweeper'),
+      sweeps: true,
     });
     // The next run a minute later does the same work: retrying a failed run only doubles it.
     sweeper.fn.configureAsyncInvoke({ retryAttempts: 0 });

@@ -196,23 +196,28 @@ export function register(server: Server): void {
 
   // The sweeper's phases (core/lifecycle.ts `runSweep`), after stream management's expiries and
   // re-routes (priorities 30, 20) and before its liveness probes (-10); each collection on its own.
-  const step = (run: SweepRun, phase: string): SweepStep => ({
-    hasTime: () => run.hasTime(),
-    onError: (error, fields) => run.failed(phase, error, fields),
-  });
-  host.hook(
-    'sweep',
-    (run) =>
-      run.phase('archive-purge', () => server.archive.purgePending(undefined, step(run, 'archive-purge'))),
-    { priority: 10 },
-  );
-  // 0.9 §10: what expired is reported by <modified/> as changed or removed.
-  host.hook(
-    'sweep',
-    (run) =>
-      run.phase('archive-expiry', () => server.archive.sweepExpiring(undefined, step(run, 'archive-expiry'))),
-    { priority: 10 },
-  );
+  // Only where sweeps run (folded at build time, see `bundleDefines`).
+  if (process.env.NIMBUS_SWEEPS !== 'false') {
+    const step = (run: SweepRun, phase: string): SweepStep => ({
+      hasTime: () => run.hasTime(),
+      onError: (error, fields) => run.failed(phase, error, fields),
+    });
+    host.hook(
+      'sweep',
+      (run) =>
+        run.phase('archive-purge', () => server.archive.purgePending(undefined, step(run, 'archive-purge'))),
+      { priority: 10 },
+    );
+    // 0.9 §10: what expired is reported by <modified/> as changed or removed.
+    host.hook(
+      'sweep',
+      (run) =>
+        run.phase('archive-expiry', () =>
+          server.archive.sweepExpiring(undefined, step(run, 'archive-expiry')),
+        ),
+      { priority: 10 },
+    );
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

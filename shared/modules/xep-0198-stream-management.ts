@@ -96,16 +96,19 @@ export function register(server: Server): void {
   // interrupted re-routes first, then the other modules' phases (XEP-0136's, priority 10), and
   // the liveness probes last: they post to API Gateway, one per attached session due, and a post
   // that keeps failing (429, 5xx) must not hold up the rest. A session a probe detaches expires
-  // in a later run (its window starts at the detach).
-  host.hook('sweep', (run) => run.phase('expire', () => expireDetachedSessions(server, run)), {
-    priority: 30,
-  });
-  host.hook('sweep', (run) => run.phase('reroute', () => finishInterruptedReroutes(server, run)), {
-    priority: 20,
-  });
-  host.hook('sweep', (run) => run.phase('probe', () => probeAttachedSessions(server, run)), {
-    priority: -10,
-  });
+  // in a later run (its window starts at the detach). Only where sweeps run: the condition is
+  // folded at build time, and the other functions' bundles drop this code (`bundleDefines`).
+  if (process.env.NIMBUS_SWEEPS !== 'false') {
+    host.hook('sweep', (run) => run.phase('expire', () => expireDetachedSessions(server, run)), {
+      priority: 30,
+    });
+    host.hook('sweep', (run) => run.phase('reroute', () => finishInterruptedReroutes(server, run)), {
+      priority: 20,
+    });
+    host.hook('sweep', (run) => run.phase('probe', () => probeAttachedSessions(server, run)), {
+      priority: -10,
+    });
+  }
 }
 
 function advertise(features: Element, server: Server): void {

@@ -4,8 +4,9 @@
  * Synthesizes once, with the context of cdk.json, so it checks what `cdk synth` produces.
  */
 import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import type { PolicyValidationPluginReport } from 'aws-cdk-lib';
-import { App, type CfnElement, Stack } from 'aws-cdk-lib';
+import { App, AssetStaging, type CfnElement, Stack } from 'aws-cdk-lib';
 import { Match, Template } from 'aws-cdk-lib/assertions';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { beforeAll, describe, expect, it } from 'vitest';
@@ -572,6 +573,22 @@ describe('functions', () => {
     expect(functionProperties('stream').Environment.Variables.FRAME_QUEUE_URL).toEqual({
       Ref: logicalId(stack.frameQueue.queue),
     });
+  });
+
+  it('bundles the sweeper’s phases into the sweeper only (NIMBUS_SWEEPS, folded at build time)', () => {
+    // The staged asset of each function: the bundle CloudFormation deploys.
+    const bundle = (name: keyof typeof FUNCTION_MEMORY_MB) => {
+      const fn = stack.functions[name].fn;
+      const code = fn.node.findAll().find((child) => child instanceof AssetStaging) as AssetStaging;
+      return readFileSync(join(code.absoluteStagedPath, 'index.mjs'), 'utf8');
+    };
+    // A log line of the probe phase (xep-0198) and of the archive step's isolation.
+    expect(bundle('sweeper')).toContain('probe found a vanished socket');
+    expect(bundle('sweeper')).toContain('"archive-expiry"');
+    for (const name of ['stream', 'connect'] as const) {
+      expect(bundle(name)).not.toContain('probe found a vanished socket');
+      expect(bundle(name)).not.toContain('"archive-expiry"');
+    }
   });
 
   it('runs the sweeper every minute', () => {
