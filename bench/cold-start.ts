@@ -2,8 +2,8 @@
  * `npx tsx bench/cold-start.ts [stream|connect|sweeper ...] [--runs N] [--tracing]`: builds each
  * function the way the CDK stack does (`infra/constructs/xmpp-function.ts`: esbuild, ESM,
  * minified, target node22, ESM builds first, AWS SDK bundled with the Lambda credential chain,
- * source map without sources, `NIMBUS_TRACING` folded in; `--tracing`
- * as with `TRACING=true`) and reports the bundle's size and its cold init:
+ * source map without sources, `NIMBUS_TRACING` and `NIMBUS_SWEEPS` folded in (`bundleDefines`);
+ * `--tracing` as with `TRACING=true`) and reports the bundle's size and its cold init:
  * a fresh `node` process importing the bundle and running the handler's first-call setup
  * (`server ??= createServer(...)`, with an empty event, so no network is touched). Median of
  * N runs; every run is a new process, as a Lambda cold start is.

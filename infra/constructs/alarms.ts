@@ -2,8 +2,9 @@
  * The alarms an operator needs to know that Nimbus is failing safely or not: every function's
  * errors and throttles, the frame queue's oldest message (frames waiting: a stream falling
  * behind), frames given up on (the dead-letter queue's depth, and the `FramesDeadLettered`
- * count), and API Gateway's integration errors (frames that never reached the queue). Each
- * notifies one SNS topic, whose ARN is a stack output.
+ * count), API Gateway's integration errors (frames that never reached the queue) and its client
+ * errors past a threshold (requests it refused itself, throttled ones among them). Each notifies
+ * one SNS topic, whose ARN is a stack output.
  */
 import { Duration } from 'aws-cdk-lib';
 import * as cloudwatch from 'aws-cdk-lib/aws-cloudwatch';
@@ -28,6 +29,8 @@ export interface AlarmsProps {
   oldestFrameSeconds: number;
   /** The XMPP domain: the `domain` dimension of Nimbus's own metrics. */
   domain: string;
+  /** API Gateway client errors (4XX before the integration) per 5 minutes above which the alarm goes off. */
+  clientErrors: number;
 }
 
 export class Alarms extends Construct {
@@ -94,17 +97,28 @@ export class Alarms extends Construct {
       nimbus('FramesDeadLettered'),
       0,
     );
-    add(
-      'IntegrationErrors',
-      'API Gateway could not hand frames to the queue or the connect function',
+    const apiGateway = (metricName: string) =>
       new cloudwatch.Metric({
         namespace: 'AWS/ApiGateway',
-        metricName: 'IntegrationError',
+        metricName,
         dimensionsMap: { ApiId: props.apiId, Stage: props.stageName },
         statistic: 'Sum',
         period,
-      }),
+      });
+    add(
+      'IntegrationErrors',
+      'API Gateway could not hand frames to the queue or the connect function',
+      apiGateway('IntegrationError'),
       0,
+    );
+    // 4XX answers of API Gateway itself, before any integration: a message or a connection the
+    // stage or route throttle refused (429) is one, so many of them mean clients are being turned
+    // away. A few are ordinary (a client that misbehaves), hence a threshold, not any.
+    add(
+      'ClientErrors',
+      `API Gateway refused more than ${props.clientErrors} requests in 5 minutes before any integration (4XX, throttling among them)`,
+      apiGateway('ClientError'),
+      props.clientErrors,
     );
   }
 }
