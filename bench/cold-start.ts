@@ -2,8 +2,8 @@
  * `npx tsx bench/cold-start.ts [stream|connect|sweeper ...] [--runs N] [--tracing]`: builds each
  * function the way the CDK stack does (`infra/constructs/xmpp-function.ts`: esbuild, ESM,
  * minified, target node22, ESM builds first, AWS SDK bundled with the Lambda credential chain,
- * source map without sources, `NIMBUS_TRACING` folded in; `--tracing`
- * as with `TRACING=true`) and reports the bundle's size and its cold init:
+ * source map without sources, `NIMBUS_TRACING` and `NIMBUS_SWEEPS` folded in (`bundleDefines`);
+ * `--tracing` as with `TRACING=true`) and reports the bundle's size and its cold init:
  * a fresh `node` process importing the bundle and running the handler's first-call setup
  * (`server ??= createServer(...)`, with an empty event, so no network is touched). Median of
  * N runs; every run is a new process, as a Lambda cold start is.
@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { gzipSync } from 'node:zlib';
 import { build } from 'esbuild';
-import { BUNDLE_ALIASES, BUNDLE_MAIN_FIELDS } from '../infra/constructs/xmpp-function.ts';
+import { BUNDLE_ALIASES, BUNDLE_MAIN_FIELDS, bundleDefines } from '../infra/constructs/xmpp-function.ts';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 /** The banner of `XmppFunction`'s bundling options. */
@@ -98,7 +98,7 @@ export async function measureColdStart(name: string, runs: number, tracing = fal
       // As XmppFunction: license notices in a file beside the bundle.
       legalComments: 'external',
       banner: { js: BANNER },
-      define: { 'process.env.NIMBUS_TRACING': JSON.stringify(String(tracing)) },
+      define: bundleDefines({ tracing, sweeps: name === 'sweeper' }),
       mainFields: BUNDLE_MAIN_FIELDS,
       alias: Object.fromEntries(Object.entries(BUNDLE_ALIASES).map(([from, to]) => [from, join(ROOT, to)])),
       outfile,

@@ -36,6 +36,10 @@ export const METRIC_DESCRIPTIONS: Record<MetricName, string> = {
     'Unacknowledged stanzas of an ended stream-management session sent to another resource or offline storage',
   StreamErrors: 'Streams ended with a stream error, by condition',
   SessionsExpired: 'Detached XEP-0198 sessions the sweeper ended',
+  SweepFailures:
+    'Sweeper items or phases that failed, by phase (`expire`, `reroute`, `probe`, `archive-purge`, `archive-expiry`): logged, tried again next run; the run went on with the rest',
+  SweepsCutShort:
+    'Sweeper runs that stopped starting work with little of the invocation left: the rest waits for the next run',
   ColdStarts: 'Lambda execution environments started, by function',
   DynamoDbThrottles: 'DynamoDB requests throttled (each attempt, retried ones included)',
   PostsUnanswered:

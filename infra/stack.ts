@@ -19,7 +19,7 @@ import { CustomDomain } from './constructs/custom-domain.ts';
 import { FrameQueue } from './constructs/frame-queue.ts';
 import { OperationsDashboard } from './constructs/operations-dashboard.ts';
 import { bindTable, type TableAccess, XmppTables } from './constructs/tables.ts';
-import { WebSocketGateway } from './constructs/websocket-gateway.ts';
+import { STAGE_THROTTLE, WebSocketGateway } from './constructs/websocket-gateway.ts';
 import { FUNCTION_MEMORY_MB, XmppFunction } from './constructs/xmpp-function.ts';
 
 const PROJECT_ROOT = fileURLToPath(new URL('..', import.meta.url));
@@ -74,7 +74,8 @@ export interface NimbusStackProps extends StackProps {
 /**
  * Settings the stack reads itself, next to the functions' tunables: `LOG_LEVEL` (a tunable)
  * sets every function's level, `<FUNCTION>_LOG_LEVEL` one function's; `TRACING=true` turns on
- * X-Ray tracing of the stream function.
+ * X-Ray tracing of the stream function; concurrency, API Gateway's stage throttle and alarm
+ * thresholds (README, "Configuration").
  */
 export const DEPLOY_SETTINGS = [
   'CONNECT_LOG_LEVEL',
@@ -84,6 +85,9 @@ export const DEPLOY_SETTINGS = [
   'CONNECT_RESERVED_CONCURRENCY',
   'STREAM_MAX_CONCURRENCY',
   'ALARM_OLDEST_FRAME_SECONDS',
+  'STAGE_RATE_LIMIT',
+  'STAGE_BURST_LIMIT',
+  'ALARM_CLIENT_ERRORS',
 ] as const;
 
 /**
@@ -118,8 +122,13 @@ export function checkedSettings(settings: Record<string, string> = {}): Record<s
       throw new Error(`TRACING must be true or false, got '${value}'`);
     }
     if (name === 'STREAM_MAX_CONCURRENCY' && value !== '0') intSetting(settings, name, 0, 2);
-    if (name === 'CONNECT_RESERVED_CONCURRENCY' || name === 'ALARM_OLDEST_FRAME_SECONDS')
+    if (
+      name === 'CONNECT_RESERVED_CONCURRENCY' ||
+      name === 'ALARM_OLDEST_FRAME_SECONDS' ||
+      name === 'ALARM_CLIENT_ERRORS'
+    )
       intSetting(settings, name, 0);
+    if (name === 'STAGE_RATE_LIMIT' || name === 'STAGE_BURST_LIMIT') intSetting(settings, name, 0, 1);
     // Validated the way the functions will read it, so a typo fails the synth, not a cold start.
     if ((TUNABLE_SETTINGS as readonly string[]).includes(name)) loadConfig({ [name]: value });
   }
@@ -178,6 +187,10 @@ export class NimbusStack extends Stack {
       connectFunction: connect.fn,
       frameQueue: this.frameQueue.queue,
       manageAccountLogRole: props.manageApiGatewayAccountRole ?? true,
+      throttle: {
+        rateLimit: intSetting(settings, 'STAGE_RATE_LIMIT', STAGE_THROTTLE.rateLimit, 1),
+        burstLimit: intSetting(settings, 'STAGE_BURST_LIMIT', STAGE_THROTTLE.burstLimit, 1),
+      },
     });
     const outboundEnvironment = {
       ...tunables(settings),
@@ -228,6 +241,7 @@ export class NimbusStack extends Stack {
       projectRoot: PROJECT_ROOT,
       environment: outboundEnvironment,
       logLevel: logLevelOf(settings, 'sweeper'),
+      sweeps: true,
     });
     // The next run a minute later does the same work: retrying a failed run only doubles it.
     sweeper.fn.configureAsyncInvoke({ retryAttempts: 0 });
@@ -287,6 +301,8 @@ export class NimbusStack extends Stack {
       apiId: this.gateway.api.apiId,
       stageName: this.gateway.stage.stageName,
       oldestFrameSeconds: intSetting(settings, 'ALARM_OLDEST_FRAME_SECONDS', 60),
+      clientErrors: intSetting(settings, 'ALARM_CLIENT_ERRORS', 100),
+      domain: props.domain,
     });
     new CfnOutput(this, 'AlarmTopicArn', {
       description: 'SNS topic every Nimbus alarm notifies: subscribe an e-mail address or a pager to it',

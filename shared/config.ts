@@ -24,7 +24,7 @@ export interface Config {
   connectionsEndpoint?: string;
   /** The frame queue's URL (`FRAME_QUEUE_URL`): frames handed back are retried soon (shared/frame-queue.ts). */
   frameQueueUrl?: string;
-  /** Where to send SQS requests (`FRAME_QUEUE_ENDPOINT`; the local gateway); default the region's. */
+  /** Where to send SQS requests (`FRAME_QUEUE_ENDPOINT`); default the origin of the queue URL. */
   frameQueueEndpoint?: string;
   /** A frame handed back comes again after 1, 2, 4 … seconds by receive count, at most this. */
   frameRetryMaxSeconds: number;

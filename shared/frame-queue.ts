@@ -48,13 +48,31 @@ export interface SqsFrameQueueOptions {
   queueUrl: string;
   region: string;
   credentials: AwsCredentialIdentityProvider;
-  /** Default: the region's SQS endpoint (`https://sqs.<region>.amazonaws.com/`). */
+  /**
+   * Where requests go (`FRAME_QUEUE_ENDPOINT`: the local gateway). Default: the origin of
+   * `queueUrl`, the SQS endpoint of the queue's own region and partition (see `sqsEndpoint`).
+   */
   endpoint?: string;
+}
+
+/**
+ * The endpoint for requests about a queue: `endpoint` when given, else the queue URL's origin
+ * (`https://sqs.cn-north-1.amazonaws.com.cn/` for a queue in China), as the AWS SDK for
+ * JavaScript does by default (`useQueueUrlAsEndpoint`). A name built from the region alone
+ * (`sqs.<region>.amazonaws.com`) is wrong outside the `aws` partition.
+ */
+export function sqsEndpoint(queueUrl: string, endpoint?: string): URL {
+  if (endpoint) return new URL(endpoint);
+  if (!URL.canParse(queueUrl))
+    throw new Error(
+      `the frame queue URL '${queueUrl}' is not a URL: give its endpoint (FRAME_QUEUE_ENDPOINT)`,
+    );
+  return new URL('/', queueUrl);
 }
 
 /** The frame queue on SQS (or the local gateway's queue, which speaks the same request). */
 export function sqsFrameQueue(options: SqsFrameQueueOptions): FrameQueuePort {
-  const endpoint = new URL(options.endpoint ?? `https://sqs.${options.region}.amazonaws.com/`);
+  const endpoint = sqsEndpoint(options.queueUrl, options.endpoint);
   const signer = new SignatureV4({
     service: 'sqs',
     region: options.region,

@@ -44,6 +44,8 @@ export const METRICS = {
   StanzasRerouted: {},
   StreamErrors: { dimension: 'condition' },
   SessionsExpired: {},
+  SweepFailures: { dimension: 'phase' },
+  SweepsCutShort: {},
   ColdStarts: { dimension: 'function' },
   DynamoDbThrottles: { dimension: 'operation' },
   PostsUnanswered: {},

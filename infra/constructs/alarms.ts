@@ -1,8 +1,10 @@
 /**
  * The alarms an operator needs to know that Nimbus is failing safely or not: every function's
  * errors and throttles, the frame queue's oldest message (frames waiting: a stream falling
- * behind), the dead-letter queue (frames given up on), and API Gateway's integration errors
- * (frames that never reached the queue). Each notifies one SNS topic, whose ARN is a stack output.
+ * behind), frames given up on (the dead-letter queue's depth, and the `FramesDeadLettered`
+ * count), API Gateway's integration errors (frames that never reached the queue) and its client
+ * errors past a threshold (requests it refused itself, throttled ones among them). Each notifies
+ * one SNS topic, whose ARN is a stack output.
  */
 import { Duration } from 'aws-cdk-lib';
 import * as cloudwatch from 'aws-cdk-lib/aws-cloudwatch';
@@ -13,6 +15,7 @@ import type * as lambda from 'aws-cdk-lib/aws-lambda';
 import * as sns from 'aws-cdk-lib/aws-sns';
 import type * as sqs from 'aws-cdk-lib/aws-sqs';
 import { Construct } from 'constructs';
+import { METRIC_NAMESPACE, METRIC_SERVICE, type MetricName } from '../../shared/metrics.ts';
 
 export interface AlarmsProps {
   functions: Record<string, lambda.IFunction>;
@@ -24,6 +27,10 @@ export interface AlarmsProps {
   stageName: string;
   /** Seconds the oldest frame may wait in the queue before the alarm goes off. */
   oldestFrameSeconds: number;
+  /** The XMPP domain: the `domain` dimension of Nimbus's own metrics. */
+  domain: string;
+  /** API Gateway client errors (4XX before the integration) per 5 minutes above which the alarm goes off. */
+  clientErrors: number;
 }
 
 export class Alarms extends Construct {
@@ -73,17 +80,45 @@ export class Alarms extends Construct {
       alarm.addAlarmAction(new actions.SnsAction(this.topic));
       this.alarms.push(alarm);
     }
+    // The dead-letter queue's depth alarm stays in ALARM until the queue is emptied, so it
+    // notifies once; this one counts the frames the stream function saw fail on their last
+    // receive, per period, and notifies again for each later period that has any.
+    const nimbus = (metricName: MetricName) =>
+      new cloudwatch.Metric({
+        namespace: METRIC_NAMESPACE,
+        metricName,
+        dimensionsMap: { service: METRIC_SERVICE, domain: props.domain },
+        statistic: cloudwatch.Stats.SUM,
+        period,
+      });
     add(
-      'IntegrationErrors',
-      'API Gateway could not hand frames to the queue or the connect function',
+      'FramesDeadLettered',
+      'XMPP frames failed on their last receive and went to the dead-letter queue (FramesDeadLettered)',
+      nimbus('FramesDeadLettered'),
+      0,
+    );
+    const apiGateway = (metricName: string) =>
       new cloudwatch.Metric({
         namespace: 'AWS/ApiGateway',
-        metricName: 'IntegrationError',
+        metricName,
         dimensionsMap: { ApiId: props.apiId, Stage: props.stageName },
         statistic: 'Sum',
         period,
-      }),
+      });
+    add(
+      'IntegrationErrors',
+      'API Gateway could not hand frames to the queue or the connect function',
+      apiGateway('IntegrationError'),
       0,
+    );
+    // 4XX answers of API Gateway itself, before any integration: a message or a connection the
+    // stage or route throttle refused (429) is one, so many of them mean clients are being turned
+    // away. A few are ordinary (a client that misbehaves), hence a threshold, not any.
+    add(
+      'ClientErrors',
+      `API Gateway refused more than ${props.clientErrors} requests in 5 minutes before any integration (4XX, throttling among them)`,
+      apiGateway('ClientError'),
+      props.clientErrors,
     );
   }
 }

@@ -54,6 +54,9 @@ export class FrameQueue extends Construct {
     });
 
     // A frame in the dead-letter queue is a stream that stopped being processed: worth a look.
+    // It stays in ALARM until the queue is emptied (README, "Dead letters"), so it notifies
+    // once; the FramesDeadLettered alarm (alarms.ts) notifies for each later one. This one also
+    // catches what that count cannot: a frame whose last receive timed out or crashed.
     this.deadLettersAlarm = new cloudwatch.Alarm(this, 'DeadLettersAlarm', {
       alarmDescription: 'XMPP frames that failed processing landed in the dead-letter queue',
       metric: this.deadLetterQueue.metricApproximateNumberOfMessagesVisible({ period: Duration.minutes(5) }),

@@ -191,6 +191,11 @@ export class OperationsDashboard extends Construct {
           nimbus('SmUncertainResent'),
         ],
       ),
+      graph(
+        'Sweeper: failures (by phase), runs cut short',
+        [nimbus('SweepFailures')],
+        [nimbus('SweepsCutShort')],
+      ),
 
       header('## Cost drivers'),
       graph(

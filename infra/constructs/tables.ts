@@ -97,9 +97,13 @@ export class XmppTables extends Construct {
           billing: dynamodb.Billing.onDemand(),
           timeToLiveAttribute: def.timeToLiveAttribute,
           pointInTimeRecoverySpecification: { pointInTimeRecoveryEnabled: def.pointInTimeRecovery },
-          // Tables with user data (accounts, SCRAM keys, stored messages) outlive the stack;
-          // session rows are worthless once the stack that served the sockets is gone.
+          // Tables with user data (accounts, SCRAM keys, stored messages, rosters, archives)
+          // outlive the stack; session rows are worthless once the stack that served the sockets
+          // is gone.
           removalPolicy: def.pointInTimeRecovery ? RemovalPolicy.RETAIN : RemovalPolicy.DESTROY,
+          // And nothing deletes them by mistake either (a console click, a script, a replacement
+          // CloudFormation would make): DeleteTable fails until the protection is turned off.
+          deletionProtection: def.pointInTimeRecovery,
         }),
       );
     }

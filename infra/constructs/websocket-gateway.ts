@@ -16,22 +16,37 @@ import { LOG_RETENTION } from './xmpp-function.ts';
 /** The stage: clients connect to `wss://{api}.execute-api.{region}.amazonaws.com/xmpp`. */
 export const STAGE_NAME = 'xmpp';
 
+/** API Gateway's throttle: messages per second, steady and burst. */
+export interface Throttle {
+  rateLimit: number;
+  burstLimit: number;
+}
+
 /**
- * Stage-wide message rate cap (messages per second, steady and burst). Far above what one
- * deployment of this size is expected to carry, low enough that a runaway client cannot run
- * up the bill at the account's 10,000/s default; raise it with measured load.
+ * Stage-wide message rate cap by default (the deploy settings `STAGE_RATE_LIMIT` and
+ * `STAGE_BURST_LIMIT` change it). Far above what one deployment of this size is expected to
+ * carry, low enough that a runaway client cannot run up the bill at the account's 10,000/s
+ * default; raise it with measured load.
  */
-export const STAGE_THROTTLE = { rateLimit: 1000, burstLimit: 2000 } as const;
+export const STAGE_THROTTLE: Throttle = { rateLimit: 1000, burstLimit: 2000 };
+
+/** `$connect`'s own cap, never above the stage's. */
+export const CONNECT_THROTTLE: Throttle = { rateLimit: 100, burstLimit: 200 };
 
 /**
  * Per-route throttling on top of the stage's: new connections are the expensive part of a
  * flood (each ends in a SCRAM login, tens of milliseconds of CPU), so `$connect` gets a lower
- * cap of its own than the frames of established streams on `$default`.
+ * cap of its own than the frames of established streams on `$default`, which get the stage's.
  */
-export const ROUTE_THROTTLE = {
-  $connect: { rateLimit: 100, burstLimit: 200 },
-  $default: { rateLimit: 1000, burstLimit: 2000 },
-} as const;
+export function routeThrottle(stage: Throttle): Record<'$connect' | '$default', Throttle> {
+  return {
+    $connect: {
+      rateLimit: Math.min(CONNECT_THROTTLE.rateLimit, stage.rateLimit),
+      burstLimit: Math.min(CONNECT_THROTTLE.burstLimit, stage.burstLimit),
+    },
+    $default: stage,
+  };
+}
 
 /**
  * Velocity has no escape for `"` inside a string literal, so the template keeps one in `$q`
@@ -96,6 +111,8 @@ export interface WebSocketGatewayProps {
    * Turn off where the account already has one managed elsewhere.
    */
   manageAccountLogRole: boolean;
+  /** The stage's throttle (and `$default`'s); default STAGE_THROTTLE. */
+  throttle?: Throttle;
 }
 
 /**
@@ -114,6 +131,7 @@ export class WebSocketGateway extends Construct {
 
   constructor(scope: Construct, id: string, props: WebSocketGatewayProps) {
     super(scope, id);
+    const throttle = props.throttle ?? STAGE_THROTTLE;
 
     this.queueWriterRole = new iam.Role(this, 'QueueWriterRole', {
       assumedBy: new iam.ServicePrincipal('apigateway.amazonaws.com'),
@@ -149,7 +167,7 @@ export class WebSocketGateway extends Construct {
       webSocketApi: this.api,
       stageName: STAGE_NAME,
       autoDeploy: true,
-      throttle: STAGE_THROTTLE,
+      throttle,
       accessLogSettings: {
         destination: new apigwv2.LogGroupLogDestination(this.accessLogs),
         // $default has no route response: a frame SQS refused reaches no client and shows only here.
@@ -175,7 +193,7 @@ export class WebSocketGateway extends Construct {
       if (route instanceof apigwv2.CfnRoute) this.stage.node.addDependency(route);
     }
     (this.stage.node.defaultChild as apigwv2.CfnStage).routeSettings = Object.fromEntries(
-      Object.entries(ROUTE_THROTTLE).map(([route, limits]) => [
+      Object.entries(routeThrottle(throttle)).map(([route, limits]) => [
         route,
         { ThrottlingRateLimit: limits.rateLimit, ThrottlingBurstLimit: limits.burstLimit },
       ]),

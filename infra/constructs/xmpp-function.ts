@@ -44,6 +44,21 @@ export const BUNDLE_ALIASES: Record<string, string> = {
   '@smithy/core/event-streams': './functions/event-streams.ts',
 };
 
+/**
+ * Expressions esbuild folds at build time (`define`), for `XmppFunction` and
+ * `bench/cold-start.ts`: `NIMBUS_TRACING` (a bundle without tracing carries no X-Ray SDK, see
+ * functions/telemetry.ts) and `NIMBUS_SWEEPS`, false in every function but the sweeper: the
+ * modules register their `sweep` phases only when it is not 'false', so the stream and connect
+ * bundles carry none of the sweeper's code (about 1.5 KB of the stream bundle). Unbundled (the
+ * local runner, the tests) it is unset: the phases are registered.
+ */
+export function bundleDefines(options: { tracing: boolean; sweeps: boolean }): Record<string, string> {
+  return {
+    'process.env.NIMBUS_TRACING': JSON.stringify(options.tracing ? 'true' : 'false'),
+    'process.env.NIMBUS_SWEEPS': JSON.stringify(options.sweeps ? 'true' : 'false'),
+  };
+}
+
 /** How long function logs are kept. */
 export const LOG_RETENTION = logs.RetentionDays.ONE_MONTH;
 
@@ -65,19 +80,21 @@ export interface XmppFunctionProps {
   tracing?: boolean;
   /** Reserved concurrency; 0 or absent: none. */
   reservedConcurrency?: number;
+  /** The function runs the sweeper's phases; the others are bundled without them (`bundleDefines`). */
+  sweeps?: boolean;
 }
 
 /**
- * Lambda's application log level (advanced logging controls) for a `LOG_LEVEL`: Lambda drops
- * JSON lines below it, so it must let through what the function's own level writes.
+ * Lambda's application log level (advanced logging controls) for a `LOG_LEVEL`: DEBUG for
+ * `debug`, INFO for every other level, never above. Lambda drops JSON lines below this level, and
+ * it reads a line without a `level` field as INFO (AWS Lambda Developer Guide, "Log-level
+ * filtering"): the metric lines (embedded metric format, written to stdout by
+ * functions/telemetry.ts) have none, so at WARN or above Lambda would drop every metric. The
+ * function's own logger filters its lines by `LOG_LEVEL` before they are written.
  */
-const APPLICATION_LOG_LEVEL: Record<LogLevel, lambda.ApplicationLogLevel> = {
-  debug: lambda.ApplicationLogLevel.DEBUG,
-  info: lambda.ApplicationLogLevel.INFO,
-  warn: lambda.ApplicationLogLevel.WARN,
-  error: lambda.ApplicationLogLevel.ERROR,
-  silent: lambda.ApplicationLogLevel.FATAL,
-};
+function applicationLogLevel(level: LogLevel): lambda.ApplicationLogLevel {
+  return level === 'debug' ? lambda.ApplicationLogLevel.DEBUG : lambda.ApplicationLogLevel.INFO;
+}
 
 /**
  * A Node.js 22 arm64 function bundled locally by esbuild as minified ESM, with its own log group
@@ -110,7 +127,7 @@ export class XmppFunction extends Construct {
       role: this.role,
       logGroup: this.logGroup,
       loggingFormat: lambda.LoggingFormat.JSON,
-      applicationLogLevelV2: APPLICATION_LOG_LEVEL[props.logLevel ?? 'info'],
+      applicationLogLevelV2: applicationLogLevel(props.logLevel ?? 'info'),
       ...(props.tracing ? { tracing: lambda.Tracing.ACTIVE } : {}),
       ...(props.reservedConcurrency ? { reservedConcurrentExecutions: props.reservedConcurrency } : {}),
       projectRoot: props.projectRoot,
@@ -145,8 +162,9 @@ export class XmppFunction extends Construct {
         // Ship the SDK versions the tests ran against (package-lock.json), not whatever the
         // runtime happens to carry this month; minified and tree-shaken it also loads faster.
         bundleAwsSDK: true,
-        // Folded at build time, so a function deployed without tracing ships no X-Ray SDK.
-        define: { 'process.env.NIMBUS_TRACING': JSON.stringify(props.tracing ? 'true' : 'false') },
+        // Folded at build time: a function deployed without tracing ships no X-Ray SDK, one that
+        // does not sweep no sweeper code.
+        define: bundleDefines({ tracing: props.tracing ?? false, sweeps: props.sweeps ?? false }),
       },
     });
   }

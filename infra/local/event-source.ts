@@ -44,11 +44,12 @@ export const DEPLOYED_EVENT_SOURCE = {
   /** The `SqsEventSource` of the stream function. */
   batchSize: 10,
   /**
-   * The stack sets no maximum concurrency on the event source, so invocations are bounded by the
-   * account's concurrency (1,000 by default); a FIFO event source scales up to the number of
-   * active message groups below that.
+   * The event source's maximum concurrency: `STREAM_MAX_CONCURRENCY`, 100 unless the deploy
+   * settings say otherwise (with `0` none is set, and invocations are bounded by the account's
+   * concurrency, 1,000 by default); a FIFO event source scales up to the number of active
+   * message groups below it.
    */
-  concurrency: 1000,
+  concurrency: 100,
 } as const;
 
 /** The event source's settings a caller may change (`NIMBUS_EVENT_SOURCE` for `npm start`). */

@@ -130,9 +130,9 @@ export interface GatewayOptions {
    */
   functionTimeoutMs?: number;
   /**
-   * Stream invocations at once; default 1,000 (the stack sets no maximum concurrency on the
-   * event source, so Lambda's default account limit applies). A small value makes batches mix
-   * connections, as they do on AWS when invocations are busy.
+   * Stream invocations at once; default 100, the maximum concurrency the stack sets on the
+   * event source (`STREAM_MAX_CONCURRENCY`). A small value makes batches mix connections, as
+   * they do on AWS when invocations are busy.
    */
   concurrency?: number;
   /** Faults to inject (the `duplicate`, `dieMidBatch` and `post` parts; `dynamodb` is the stack's). */

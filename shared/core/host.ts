@@ -270,8 +270,11 @@ export interface EventPayloads {
   'message-routed': { stanza: Element; to: ResourceRecord };
   /** A message was stored for an offline user (XEP-0160). */
   'message-stored-offline': { stanza: Element; user: string; id: string; storedAt: number };
-  /** The sweeper's periodic run: expire what has outlived its time. */
-  sweep: { now: number; swept: number };
+  /**
+   * The sweeper's periodic run: expire what has outlived its time. Fired with `fireEach`: each
+   * hook is one phase, run in priority order whatever the others did (core/lifecycle.ts).
+   */
+  sweep: SweepRun;
   /**
    * A stream is being ended with a stream error (RFC 6120 §4.9): fired by the core for the
    * stream's own errors and for one it ends from outside (a `<conflict/>` kick). For observers
@@ -283,6 +286,28 @@ export interface EventPayloads {
    * account, or the `<failure/>` condition sent. For observers; HANDLED changes nothing.
    */
   'auth-result': { stream: Stream; mechanism: string; success: boolean; condition?: string };
+}
+
+/**
+ * One run of the sweeper, as its hooks see it. Each hook is a phase (or several, each through
+ * `phase`); a phase works through its due items oldest first, each on its own: an item that fails
+ * is reported with `failed` and the phase goes on past it (the next run tries it again). A phase
+ * starts no new item once `hasTime()` is false: the rest waits for the next run.
+ */
+export interface SweepRun {
+  /** The sweep's clock (ms): what is due by it is swept. */
+  readonly now: number;
+  /** Sessions the run ended (`SessionsExpired`). */
+  swept: number;
+  /** False once the invocation is short of time (checked before each item). */
+  hasTime(): boolean;
+  /**
+   * Runs one phase: not at all when out of time; a failure of the whole phase (its Query) is
+   * reported as `failed(name, error)` instead of ending the run.
+   */
+  phase(name: string, work: () => Promise<unknown>): Promise<undefined>;
+  /** An item or a phase failed: logged at error and counted (`SweepFailures` by phase); the run goes on. */
+  failed(phase: string, error: unknown, fields?: Record<string, unknown>): void;
 }
 
 export type EventName = keyof EventPayloads | StanzaEventName;
@@ -431,6 +456,25 @@ export class Host {
       if ((await handler(payload)) === HANDLED) return true;
     }
     return false;
+  }
+
+  /**
+   * Runs every hook of `name` in priority order, each on its own: one that throws is handed to
+   * `onError` and the next runs; HANDLED stops nothing. For an event whose hooks are independent
+   * tasks (the sweeper's phases), where one failing must not cost the others their turn.
+   */
+  async fireEach<E extends EventName>(
+    name: E,
+    payload: PayloadOf<E>,
+    onError: (error: unknown) => void,
+  ): Promise<void> {
+    for (const { handler } of this.hooks.get(name) ?? []) {
+      try {
+        await handler(payload);
+      } catch (error) {
+        onError(error);
+      }
+    }
   }
 
   hasHooks(name: EventName): boolean {

@@ -10,7 +10,7 @@ import { type StreamError, streamErrorElement } from '../errors.ts';
 import type { ConnectionState, NewConnection, ResourceRecord } from '../store/sessions.ts';
 import { NS } from '../xml/namespaces.ts';
 import { closeConnection, post } from './delivery.ts';
-import type { Server, SessionEndReason, SessionRef, UndeliveredStanza } from './host.ts';
+import type { Server, SessionEndReason, SessionRef, SweepRun, UndeliveredStanza } from './host.ts';
 import { rerouteUndelivered } from './router.ts';
 
 /** The lifecycle's defaults on the host: a vanished connection's session ends unless a module keeps it. */
@@ -174,9 +174,66 @@ export async function replaceSession(
   );
 }
 
-/** The sweeper's run: modules expire what outlived its time; returns how many sessions ended. */
-export async function sweep(server: Server, now: number): Promise<number> {
-  const event = { now, swept: 0 };
-  await server.host.fire('sweep', event);
-  return event.swept;
+export interface SweepOptions {
+  /** Whether to start more work (the invocation's time left); default: always. */
+  hasTime?: () => boolean;
+}
+
+export interface SweepOutcome {
+  /** Sessions ended. */
+  swept: number;
+  /** Items and phases that failed (each logged; tried again next run). */
+  failed: number;
+  /** The run stopped starting work for lack of time: the rest waits for the next run. */
+  cutShort: boolean;
+}
+
+/**
+ * The sweeper's run: modules expire what outlived its time, one phase per `sweep` hook (in
+ * priority order), each phase and each item on its own. A phase that throws, or an item that
+ * fails, is logged and counted (`SweepFailures`, by phase), and the run goes on with the next:
+ * one failing probe never costs the run its expiries, re-routes or archive sweep. Once
+ * `hasTime` says no, no new item starts (`SweepsCutShort`).
+ */
+export async function runSweep(
+  server: Server,
+  now: number,
+  options: SweepOptions = {},
+): Promise<SweepOutcome> {
+  const outcome: SweepOutcome = { swept: 0, failed: 0, cutShort: false };
+  const failed = (phase: string, error: unknown, fields: Record<string, unknown> = {}) => {
+    outcome.failed += 1;
+    server.metrics.count('SweepFailures', 1, phase);
+    server.log.error('sweep: failed, going on with the rest', { phase, ...fields, error });
+  };
+  const run: SweepRun = {
+    now,
+    swept: 0,
+    hasTime() {
+      if (outcome.cutShort) return false;
+      if (options.hasTime && !options.hasTime()) outcome.cutShort = true;
+      return !outcome.cutShort;
+    },
+    async phase(name, work) {
+      if (!run.hasTime()) return undefined;
+      try {
+        await work();
+      } catch (error) {
+        failed(name, error);
+      }
+      return undefined;
+    },
+    failed,
+  };
+  await server.host.fireEach('sweep', run, (error) => failed('hook', error));
+  if (outcome.cutShort) {
+    server.metrics.count('SweepsCutShort');
+    server.log.warn('sweep: short of time, the rest waits for the next run', { swept: run.swept });
+  }
+  return { ...outcome, swept: run.swept };
+}
+
+/** `runSweep`, for how many sessions ended. */
+export async function sweep(server: Server, now: number, options: SweepOptions = {}): Promise<number> {
+  return (await runSweep(server, now, options)).swept;
 }

@@ -27,13 +27,22 @@ import {
   type IqRequest,
   type Server,
   type StanzaEvent,
+  type SweepRun,
 } from '../core/host.ts';
 import { iqResult } from '../core/stanzas.ts';
 import { RetryLaterError } from '../core/transient.ts';
 import { StanzaError } from '../errors.ts';
 import { bareJid, fullJid, type Jid, parseJid } from '../jid.ts';
 import { serialize } from '../outbound.ts';
-import type { ArchivedEntry, ArchivePrefs, EntryInput, Mode, Page, PageRequest } from '../store/archive.ts';
+import type {
+  ArchivedEntry,
+  ArchivePrefs,
+  EntryInput,
+  Mode,
+  Page,
+  PageRequest,
+  SweepStep,
+} from '../store/archive.ts';
 import { changeKeyOf, PrefsVersionConflictError } from '../store/archive.ts';
 import type { ArchiveStreamState, ResourceRecord } from '../store/sessions.ts';
 import { NS } from '../xml/namespaces.ts';
@@ -186,12 +195,30 @@ export function register(server: Server): void {
     return undefined;
   });
 
-  host.hook('sweep', async () => {
-    await server.archive.purgePending();
+  // The sweeper's phases (core/lifecycle.ts `runSweep`), after stream management's expiries and
+  // re-routes (priorities 30, 20) and before its liveness probes (-10); each collection on its own.
+  // Only where sweeps run (folded at build time, see `bundleDefines`).
+  if (process.env.NIMBUS_SWEEPS !== 'false') {
+    const step = (run: SweepRun, phase: string): SweepStep => ({
+      hasTime: () => run.hasTime(),
+      onError: (error, fields) => run.failed(phase, error, fields),
+    });
+    host.hook(
+      'sweep',
+      (run) =>
+        run.phase('archive-purge', () => server.archive.purgePending(undefined, step(run, 'archive-purge'))),
+      { priority: 10 },
+    );
     // 0.9 §10: what expired is reported by <modified/> as changed or removed.
-    await server.archive.sweepExpiring();
-    return undefined;
-  });
+    host.hook(
+      'sweep',
+      (run) =>
+        run.phase('archive-expiry', () =>
+          server.archive.sweepExpiring(undefined, step(run, 'archive-expiry')),
+        ),
+      { priority: 10 },
+    );
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import {
   type SessionEndReason,
   type SessionRef,
   type Stream,
+  type SweepRun,
   type UndeliveredStanza,
 } from '../core/host.ts';
 import { endSession, kickConnection } from '../core/lifecycle.ts';
@@ -91,13 +92,23 @@ export function register(server: Server): void {
   host.hook('session-ending', ({ session, reason, undelivered, afterReroute }) =>
     endSmSession(server, session, reason, undelivered, afterReroute),
   );
-  host.hook('sweep', async (event) => {
-    // Probed first: a socket found gone detaches its session, which may then expire at once.
-    await probeAttachedSessions(server, event.now);
-    event.swept += await expireDetachedSessions(server, event.now);
-    await finishInterruptedReroutes(server, event.now);
-    return undefined;
-  });
+  // The sweeper's phases, each on its own (core/lifecycle.ts `runSweep`): expiries and
+  // interrupted re-routes first, then the other modules' phases (XEP-0136's, priority 10), and
+  // the liveness probes last: they post to API Gateway, one per attached session due, and a post
+  // that keeps failing (429, 5xx) must not hold up the rest. A session a probe detaches expires
+  // in a later run (its window starts at the detach). Only where sweeps run: the condition is
+  // folded at build time, and the other functions' bundles drop this code (`bundleDefines`).
+  if (process.env.NIMBUS_SWEEPS !== 'false') {
+    host.hook('sweep', (run) => run.phase('expire', () => expireDetachedSessions(server, run)), {
+      priority: 30,
+    });
+    host.hook('sweep', (run) => run.phase('reroute', () => finishInterruptedReroutes(server, run)), {
+      priority: 20,
+    });
+    host.hook('sweep', (run) => run.phase('probe', () => probeAttachedSessions(server, run)), {
+      priority: -10,
+    });
+  }
 }
 
 function advertise(features: Element, server: Server): void {
@@ -863,57 +874,102 @@ async function tellSenders(server: Server, item: SmQueueItem, entries: SmEntry[]
 }
 
 /**
+ * Works through one sweep phase's due items, oldest first, each on its own: an item that fails
+ * is reported (`run.failed`: logged, counted) and the phase goes on past it. The next page asks
+ * for as many more as have failed and skips them, so failing items at the head never hide the
+ * ones behind; the next run tries them again. No item starts once the run is short of time.
+ */
+async function sweepEach(
+  run: SweepRun,
+  phase: string,
+  list: (limit: number) => Promise<SmQueueItem[]>,
+  work: (item: SmQueueItem) => Promise<void>,
+  onFailure?: (item: SmQueueItem) => Promise<void>,
+  pageSize = 50,
+): Promise<void> {
+  const tried = new Set<string>();
+  let failures = 0;
+  for (;;) {
+    if (!run.hasTime()) return;
+    const limit = pageSize + failures;
+    const listed = await list(limit);
+    // Only what this run has not tried: a failed item is still listed (and one that succeeded
+    // may be, for a moment); none new means the phase is done.
+    const fresh = listed.filter((item) => !tried.has(item.smId));
+    if (fresh.length === 0) return;
+    for (const item of fresh) {
+      if (!run.hasTime()) return;
+      tried.add(item.smId);
+      try {
+        await work(item);
+      } catch (error) {
+        failures += 1;
+        run.failed(phase, error, { smId: item.smId });
+        await onFailure?.(item).catch(() => undefined);
+      }
+    }
+    if (listed.length < limit) return;
+  }
+}
+
+/**
  * The sweeper finishes re-routes an invocation did not (a timeout, a crash, a DynamoDB failure
  * after retries): from the last recorded position on, so nothing is lost and what was already
  * re-routed is not re-routed again (at most the one in flight at the failure).
  */
-async function finishInterruptedReroutes(server: Server, now: number): Promise<number> {
-  let finished = 0;
-  for (;;) {
-    const pending = await server.smQueue.listReroutes(now - REROUTE_RETRY_MS, 25);
-    for (const item of pending) {
+async function finishInterruptedReroutes(server: Server, run: SweepRun): Promise<void> {
+  await sweepEach(
+    run,
+    'reroute',
+    (limit) => server.smQueue.listReroutes(run.now - REROUTE_RETRY_MS, limit),
+    async (item) => {
       server.log.warn('finishing an interrupted re-route', { smId: item.smId, done: item.rerouted ?? 0 });
       await rerouteUndelivered(server, item.user, await toReroute(server, item, item.rerouted ?? 0));
       await server.smQueue.finishReroute(item.smId);
-      finished += 1;
-    }
-    if (pending.length < 25) return finished;
-  }
+    },
+    undefined,
+    25,
+  );
 }
 
 /** The sweeper's part: sessions whose resumption window closed. */
-async function expireDetachedSessions(server: Server, now: number): Promise<number> {
-  let swept = 0;
-  for (;;) {
-    const expired = await server.smQueue.listExpired(now, 50);
-    for (const item of expired) {
+async function expireDetachedSessions(server: Server, run: SweepRun): Promise<void> {
+  await sweepEach(
+    run,
+    'expire',
+    (limit) => server.smQueue.listExpired(run.now, limit),
+    async (item) => {
       await endSession(server, sessionOfItem(item), 'expired');
-      swept += 1;
-    }
-    if (expired.length < 50) return swept;
-  }
+      run.swept += 1;
+    },
+  );
 }
+
+/** A probe that failed (429, 5xx past the SDK's retries) is tried again after this long. */
+export const PROBE_RETRY_MS = 60_000;
 
 /**
  * The sweeper's other part: `$disconnect` is best effort, and a lost one would leave a session
  * attached to a dead socket, its stanzas queued and posted into the void until the item's TTL.
  * Each attached session is probed with an ack request once it has been attached longer than
  * API Gateway's idle cut: a vanished socket answers 410 Gone and the session detaches (or ends)
- * through the lifecycle; a live one acknowledges, and is probed again a period later.
+ * through the lifecycle; a live one acknowledges, and is probed again a period later. One whose
+ * probe failed is probed again after PROBE_RETRY_MS, behind the others due by then.
  */
-async function probeAttachedSessions(server: Server, now: number): Promise<number> {
-  let ended = 0;
-  for (;;) {
-    const due = await server.smQueue.listDueProbes(now, 50);
-    for (const item of due) {
+async function probeAttachedSessions(server: Server, run: SweepRun): Promise<void> {
+  await sweepEach(
+    run,
+    'probe',
+    (limit) => server.smQueue.listDueProbes(run.now, limit),
+    async (item) => {
       const connectionId = item.connectionId as string;
       // A poster that died mid-burst (SM_POST_ORDER=serial) and no delivery since to notice it:
       // the socket is closed, and the client's resume sends what waited.
       if (holdExpired(server, item)) await forceResume(server, connectionId, 'lease', 'poster');
       const posted = await post(server, connectionId, ackRequest(item.version, postedUpTo(item)));
       if (posted === 'sent') {
-        await server.smQueue.deferProbe(item.smId, connectionId, now + PROBE_AFTER_MS);
-        continue;
+        await server.smQueue.deferProbe(item.smId, connectionId, run.now + PROBE_AFTER_MS);
+        return;
       }
       server.log.info('probe found a vanished socket', { smId: item.smId, connectionId });
       const state = await server.sessions.getConnection(connectionId);
@@ -921,10 +977,9 @@ async function probeAttachedSessions(server: Server, now: number): Promise<numbe
       // row expired too), nothing is left to resume from: it ends.
       if (state) await server.host.fire('connection-vanished', { connectionId, state });
       else await endSession(server, sessionOfItem(item, connectionId), 'gone');
-      ended += 1;
-    }
-    if (due.length < 50) return ended;
-  }
+    },
+    (item) => server.smQueue.deferProbe(item.smId, item.connectionId as string, run.now + PROBE_RETRY_MS),
+  );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -351,6 +351,17 @@ const CHANGE_VISIBILITY_LAG_MS = 2000;
 
 export type ArchiveStore = ReturnType<typeof createArchiveStore>;
 
+/** How a sweeper step (`sweepExpiring`, `purgePending`) treats its items, each on its own. */
+export interface SweepStep {
+  /** Whether to start another item (the sweeper's time left); default: always. */
+  hasTime?: () => boolean;
+  /**
+   * An item failed: reported here, and the step goes on with the next (tried again next run).
+   * Without it, the failure is thrown and the step ends.
+   */
+  onError?: (error: unknown, fields: Record<string, unknown>) => void;
+}
+
 export function createArchiveStore(
   doc: DynamoDBDocumentClient,
   table: string,
@@ -1343,7 +1354,7 @@ export function createArchiveStore(
      * its next message's expiry (at least EXPIRY_BATCH_SECONDS on) or, with none left, for the
      * header's. One Query per shard on `byExpiry`, up to `limit` collections each.
      */
-    async sweepExpiring(limit = 25): Promise<{ changed: number; removed: number }> {
+    async sweepExpiring(limit = 25, step: SweepStep = {}): Promise<{ changed: number; removed: number }> {
       const nowSec = nowSeconds();
       let changed = 0;
       let removed = 0;
@@ -1358,51 +1369,58 @@ export function createArchiveStore(
           }),
         );
         for (const item of Items ?? []) {
+          if (step.hasTime?.() === false) break;
           const owner = item.pk as string;
           const cid = item.cid as string;
           const expiresAt = item[TTL_ATTRIBUTE] as number | undefined;
-          if (expiresAt !== undefined && expiresAt <= nowSec) {
-            const { Item } = await doc.send(
-              new GetCommand({ TableName: table, Key: { pk: owner, sk: item.sk }, ConsistentRead: true }),
-            );
-            // The index is eventually consistent: an append may have pushed the TTL on since.
-            const ttl = Item?.[TTL_ATTRIBUTE] as number | undefined;
-            if (
-              Item?.cid === cid &&
-              ttl !== undefined &&
-              ttl <= nowSec &&
-              (await removeOne(owner, toHeader(Item), 100)) >= 0
-            )
-              removed += 1;
-            continue;
-          }
-          const next = (await nextMessageExpiry(owner, cid, nowSec)) ?? expiresAt;
-          // Never backwards (see storeManual): an append's key may be ahead of now.
-          const seenKey = item.changeKey as string;
-          const nowKey = changeKeyOf(now(), randomDigits());
+          // Each collection on its own: one that fails is reported and tried again next run.
           try {
-            await doc.send(
-              new UpdateCommand({
-                TableName: table,
-                Key: { pk: owner, sk: item.sk },
-                UpdateExpression:
-                  next === undefined
-                    ? 'SET changeKey = :ck REMOVE nextExpiry, expShard'
-                    : 'SET changeKey = :ck, nextExpiry = :next',
-                // An append meanwhile moved the key itself: the collection is reported changed.
-                ConditionExpression: 'cid = :cid AND nextExpiry <= :now AND changeKey = :seen',
-                ExpressionAttributeValues: {
-                  ':ck': seenKey > nowKey ? seenKey : nowKey,
-                  ':seen': seenKey,
-                  ':cid': cid,
-                  ':now': nowSec,
-                  ...(next === undefined ? {} : { ':next': Math.max(next, nowSec + EXPIRY_BATCH_SECONDS) }),
-                },
-              }),
-            );
-            changed += 1;
+            if (expiresAt !== undefined && expiresAt <= nowSec) {
+              const { Item } = await doc.send(
+                new GetCommand({ TableName: table, Key: { pk: owner, sk: item.sk }, ConsistentRead: true }),
+              );
+              // The index is eventually consistent: an append may have pushed the TTL on since.
+              const ttl = Item?.[TTL_ATTRIBUTE] as number | undefined;
+              if (
+                Item?.cid === cid &&
+                ttl !== undefined &&
+                ttl <= nowSec &&
+                (await removeOne(owner, toHeader(Item), 100)) >= 0
+              )
+                removed += 1;
+              continue;
+            }
+            const next = (await nextMessageExpiry(owner, cid, nowSec)) ?? expiresAt;
+            // Never backwards (see storeManual): an append's key may be ahead of now.
+            const seenKey = item.changeKey as string;
+            const nowKey = changeKeyOf(now(), randomDigits());
+            try {
+              await doc.send(
+                new UpdateCommand({
+                  TableName: table,
+                  Key: { pk: owner, sk: item.sk },
+                  UpdateExpression:
+                    next === undefined
+                      ? 'SET changeKey = :ck REMOVE nextExpiry, expShard'
+                      : 'SET changeKey = :ck, nextExpiry = :next',
+                  // An append meanwhile moved the key itself: the collection is reported changed.
+                  ConditionExpression: 'cid = :cid AND nextExpiry <= :now AND changeKey = :seen',
+                  ExpressionAttributeValues: {
+                    ':ck': seenKey > nowKey ? seenKey : nowKey,
+                    ':seen': seenKey,
+                    ':cid': cid,
+                    ':now': nowSec,
+                    ...(next === undefined ? {} : { ':next': Math.max(next, nowSec + EXPIRY_BATCH_SECONDS) }),
+                  },
+                }),
+              );
+              changed += 1;
+            } catch (error) {
+              if (!isConditionFailure(error)) throw error;
+            }
           } catch (error) {
-            if (!isConditionFailure(error)) throw error;
+            if (!step.onError) throw error;
+            step.onError(error, { owner, cid });
           }
         }
       }
@@ -1410,7 +1428,7 @@ export function createArchiveStore(
     },
 
     /** Continues queued purges (the sweeper): Query `#purge`, BatchWriteItem deletes up to `budget` items. */
-    async purgePending(budget = 5000): Promise<number> {
+    async purgePending(budget = 5000, step: SweepStep = {}): Promise<number> {
       const { Items } = await doc.send(
         new QueryCommand({
           TableName: table,
@@ -1421,11 +1439,16 @@ export function createArchiveStore(
       );
       let deleted = 0;
       for (const job of Items ?? []) {
-        if (deleted >= budget) break;
-        const result = await purgePartition(job.owner as string, job.cid as string, budget - deleted);
-        deleted += result.deleted;
-        if (result.done)
-          await doc.send(new DeleteCommand({ TableName: table, Key: { pk: PURGE_PARTITION, sk: job.sk } }));
+        if (deleted >= budget || step.hasTime?.() === false) break;
+        try {
+          const result = await purgePartition(job.owner as string, job.cid as string, budget - deleted);
+          deleted += result.deleted;
+          if (result.done)
+            await doc.send(new DeleteCommand({ TableName: table, Key: { pk: PURGE_PARTITION, sk: job.sk } }));
+        } catch (error) {
+          if (!step.onError) throw error;
+          step.onError(error, { owner: job.owner, cid: job.cid });
+        }
       }
       return deleted;
     },

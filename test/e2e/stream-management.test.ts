@@ -2057,9 +2057,15 @@ describe('a lost $disconnect (API Gateway delivers it on a best-effort basis)', 
     // A sweep before the probe is due changes nothing.
     await sweep(lossy.server, Date.now());
     expect((await lossy.server.smQueue.get(smId))?.connectionId).toBeDefined();
-    // The sweep once the probe is due: the post answers 410, the session detaches (its window
-    // counted from now) and, the sweep's clock being 11 minutes on, expires in the same run.
-    expect(await sweep(lossy.server, Date.now() + PROBE_AFTER_MS + 1000)).toBe(1);
+    // The sweep once the probe is due: the post answers 410 and the session detaches, its window
+    // counted from now. The probes come last in a run (after the expiries): it expires in the next.
+    const due = Date.now() + PROBE_AFTER_MS + 1000;
+    expect(await sweep(lossy.server, due)).toBe(0);
+    const detachedItem = await lossy.server.smQueue.get(smId);
+    expect(detachedItem?.connectionId).toBeUndefined();
+    expect(detachedItem?.ended).toBeFalsy();
+    // The next run, the sweep's clock being 11 minutes on, past its 60 s window.
+    expect(await sweep(lossy.server, due)).toBe(1);
     expect((await lossy.server.smQueue.get(smId))?.ended).toBe(true);
   });
 

@@ -165,12 +165,23 @@ describe('metrics and logs of the functions', () => {
     expect(functionProperties(operated, 'stream').LoggingConfig.ApplicationLogLevel).toBe('DEBUG');
     for (const name of ['connect', 'sweeper'] as const) {
       expect(functionProperties(operated, name).Environment.Variables.LOG_LEVEL).toBe('warn');
-      expect(functionProperties(operated, name).LoggingConfig.ApplicationLogLevel).toBe('WARN');
+      // Never above INFO: Lambda reads the metric lines (EMF, no `level` field) as INFO, and
+      // would drop them at WARN; the function's own logger filters by LOG_LEVEL.
+      expect(functionProperties(operated, name).LoggingConfig.ApplicationLogLevel).toBe('INFO');
     }
     // The stack's own settings are not passed on as the functions' environment.
     expect(functionProperties(operated, 'stream').Environment.Variables.TRACING).toBeUndefined();
     expect(functionProperties(operated, 'stream').Environment.Variables.STREAM_LOG_LEVEL).toBeUndefined();
   });
+
+  it('keeps Lambda at INFO for error and silent too, so the metric lines still get through', () => {
+    const quiet = synth({ settings: { LOG_LEVEL: 'silent', STREAM_LOG_LEVEL: 'error' } });
+    expect(functionProperties(quiet, 'stream').Environment.Variables.LOG_LEVEL).toBe('error');
+    expect(functionProperties(quiet, 'sweeper').Environment.Variables.LOG_LEVEL).toBe('silent');
+    for (const name of ['connect', 'stream', 'sweeper'] as const) {
+      expect(functionProperties(quiet, name).LoggingConfig.ApplicationLogLevel).toBe('INFO');
+    }
+  }, 60_000);
 
   it('tells the stream function when a frame goes to the dead-letter queue', () => {
     expect(functionProperties(plain, 'stream').Environment.Variables.FRAME_MAX_RECEIVES).toBe(
@@ -186,6 +197,59 @@ describe('metrics and logs of the functions', () => {
       TRACING: 'true',
       SWEEPER_LOG_LEVEL: 'error',
     });
+  });
+});
+
+describe('API Gateway throttle and client errors', () => {
+  const stage = (s: Synth): Json =>
+    Object.values(s.resources).find((r: Json) => r.Type === 'AWS::ApiGatewayV2::Stage').Properties;
+  const clientErrorAlarm = (s: Synth): Json =>
+    Object.values(s.resources).find(
+      (r: Json) => r.Type === 'AWS::CloudWatch::Alarm' && r.Properties.MetricName === 'ClientError',
+    ).Properties;
+
+  it('takes the stage throttle from the settings, for the stage and $default; $connect never above it', () => {
+    expect(stage(plain).DefaultRouteSettings).toMatchObject({
+      ThrottlingRateLimit: 1000,
+      ThrottlingBurstLimit: 2000,
+    });
+    const raised = synth({
+      settings: { STAGE_RATE_LIMIT: '5000', STAGE_BURST_LIMIT: '8000', ALARM_CLIENT_ERRORS: '500' },
+    });
+    expect(stage(raised).DefaultRouteSettings).toMatchObject({
+      ThrottlingRateLimit: 5000,
+      ThrottlingBurstLimit: 8000,
+    });
+    expect(stage(raised).RouteSettings).toEqual({
+      $connect: { ThrottlingRateLimit: 100, ThrottlingBurstLimit: 200 },
+      $default: { ThrottlingRateLimit: 5000, ThrottlingBurstLimit: 8000 },
+    });
+    expect(clientErrorAlarm(raised).Threshold).toBe(500);
+    const lowered = synth({ settings: { STAGE_RATE_LIMIT: '50', STAGE_BURST_LIMIT: '80' } });
+    expect(stage(lowered).RouteSettings).toEqual({
+      $connect: { ThrottlingRateLimit: 50, ThrottlingBurstLimit: 80 },
+      $default: { ThrottlingRateLimit: 50, ThrottlingBurstLimit: 80 },
+    });
+    // The stack's own settings, not the functions'.
+    expect(functionProperties(raised, 'stream').Environment.Variables.STAGE_RATE_LIMIT).toBeUndefined();
+  }, 60_000);
+
+  it('alarms on client errors past ALARM_CLIENT_ERRORS (100 by default) in 5 minutes', () => {
+    expect(clientErrorAlarm(plain)).toMatchObject({
+      Namespace: 'AWS/ApiGateway',
+      Statistic: 'Sum',
+      Period: 300,
+      Threshold: 100,
+      ComparisonOperator: 'GreaterThanThreshold',
+    });
+  });
+
+  it('refuses a throttle below 1 and a malformed alarm threshold', () => {
+    expect(() => checkedSettings({ STAGE_RATE_LIMIT: '0' })).toThrow(
+      /STAGE_RATE_LIMIT must be an integer ≥ 1/,
+    );
+    expect(() => checkedSettings({ STAGE_BURST_LIMIT: 'lots' })).toThrow(/STAGE_BURST_LIMIT/);
+    expect(() => checkedSettings({ ALARM_CLIENT_ERRORS: '-1' })).toThrow(/ALARM_CLIENT_ERRORS/);
   });
 });
 

@@ -4,15 +4,19 @@
  * Synthesizes once, with the context of cdk.json, so it checks what `cdk synth` produces.
  */
 import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import type { PolicyValidationPluginReport } from 'aws-cdk-lib';
-import { App, type CfnElement, Stack } from 'aws-cdk-lib';
+import { App, AssetStaging, type CfnElement, Stack } from 'aws-cdk-lib';
 import { Match, Template } from 'aws-cdk-lib/assertions';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { createMetricsPublisher } from '../../functions/telemetry.ts';
 import { RETIRED_INDEXES, XmppTables } from '../../infra/constructs/tables.ts';
 import { STAGE_NAME } from '../../infra/constructs/websocket-gateway.ts';
 import { FUNCTION_MEMORY_MB } from '../../infra/constructs/xmpp-function.ts';
+import { DEPLOYED_EVENT_SOURCE } from '../../infra/local/event-source.ts';
 import { checkedSettings, NimbusStack, STREAM_TIMEOUT } from '../../infra/stack.ts';
+import { METRIC_NAMESPACE } from '../../shared/metrics.ts';
 import { decodeQueueMessage } from '../../shared/queue-message.ts';
 import {
   allTables,
@@ -300,14 +304,16 @@ describe('frame queue', () => {
   });
 
   it('feeds the stream function in batches of 10 with partial batch responses', () => {
+    expect(DEPLOYED_EVENT_SOURCE.concurrency).toBe(100);
     template.resourceCountIs('AWS::Lambda::EventSourceMapping', 1);
     template.hasResourceProperties('AWS::Lambda::EventSourceMapping', {
       EventSourceArn: { 'Fn::GetAtt': [logicalId(stack.frameQueue.queue), 'Arn'] },
       FunctionName: { Ref: logicalId(stack.functions.stream.fn) },
       BatchSize: 10,
       FunctionResponseTypes: ['ReportBatchItemFailures'],
-      // A flood of frames may take at most this many instances, so logins are never starved.
-      ScalingConfig: { MaximumConcurrency: 100 },
+      // A flood of frames may take at most this many instances, so logins are never starved;
+      // the local emulator's default is the same (README, "Failing like AWS, locally").
+      ScalingConfig: { MaximumConcurrency: DEPLOYED_EVENT_SOURCE.concurrency },
     });
   });
 });
@@ -332,7 +338,7 @@ describe('failing safely', () => {
     expect(functionProperties('stream').ReservedConcurrentExecutions).toBeUndefined();
   });
 
-  it('alarms on every function’s errors and throttles, the oldest frame, dead letters and integration errors, all to one topic', () => {
+  it('alarms on every function’s errors and throttles, the oldest frame, dead letters (depth and count), integration and client errors, all to one topic', () => {
     const alarms = resourcesOfType('AWS::CloudWatch::Alarm').map(([, alarm]) => alarm.Properties);
     const topic = logicalId(stack.alarms.topic);
     for (const alarm of alarms) expect(alarm.AlarmActions).toEqual([{ Ref: topic }]);
@@ -344,8 +350,45 @@ describe('failing safely', () => {
       expect.objectContaining({ Threshold: 60, Statistic: 'Maximum' }),
     ]);
     expect(byMetric('AWS/SQS', 'ApproximateNumberOfMessagesVisible')).toHaveLength(1);
+    expect(byMetric(METRIC_NAMESPACE, 'FramesDeadLettered')).toHaveLength(1);
     expect(byMetric('AWS/ApiGateway', 'IntegrationError')).toHaveLength(1);
+    // Client errors (throttled requests among them) past a threshold, not at the first one.
+    expect(byMetric('AWS/ApiGateway', 'ClientError')).toEqual([
+      expect.objectContaining({ Threshold: 100, Statistic: 'Sum', Period: 300 }),
+    ]);
     template.hasOutput('AlarmTopicArn', { Value: { Ref: topic } });
+  });
+
+  it('alarms on every period with dead-lettered frames, on the metric the stream function writes', () => {
+    // The depth alarm stays in ALARM until the queue is emptied; this one notifies again.
+    const [alarm, ...others] = resourcesOfType('AWS::CloudWatch::Alarm')
+      .map(([, resource]) => resource.Properties)
+      .filter((properties) => properties.MetricName === 'FramesDeadLettered');
+    expect(others).toEqual([]);
+    expect(alarm).toMatchObject({
+      Statistic: 'Sum',
+      Threshold: 0,
+      ComparisonOperator: 'GreaterThanThreshold',
+      EvaluationPeriods: 1,
+      TreatMissingData: 'notBreaching',
+    });
+    // The namespace and dimensions of the EMF line functions/telemetry.ts writes for the count.
+    const lines: string[] = [];
+    createMetricsPublisher({ domain: DOMAIN, write: (line) => lines.push(line) })([
+      { name: 'FramesDeadLettered', value: 1 },
+    ]);
+    const [line] = lines.map((text) => JSON.parse(text));
+    const [directive] = line._aws.CloudWatchMetrics;
+    expect(directive.Metrics).toEqual([{ Name: 'FramesDeadLettered', Unit: 'Count' }]);
+    expect(alarm.Namespace).toBe(directive.Namespace);
+    const [dimensionNames] = directive.Dimensions as string[][];
+    expect(
+      (alarm.Dimensions as { Name: string; Value: string }[]).sort((a, b) => a.Name.localeCompare(b.Name)),
+    ).toEqual(
+      dimensionNames
+        .map((name) => ({ Name: name, Value: line[name] }))
+        .sort((a, b) => a.Name.localeCompare(b.Name)),
+    );
   });
 
   it('encrypts the alarm topic and refuses it without TLS', () => {
@@ -383,6 +426,18 @@ describe('tables', () => {
     template.resourceCountIs('AWS::DynamoDB::GlobalTable', allTables.length);
   });
 
+  it('keeps and protects every table with user data: all but Sessions', () => {
+    const kept = allTables.filter((def) => {
+      const table = resources[logicalId(stack.tables.table(def))];
+      return (
+        table.DeletionPolicy === 'Retain' &&
+        table.Properties.Replicas[0].DeletionProtectionEnabled === true &&
+        table.Properties.Replicas[0].PointInTimeRecoverySpecification.PointInTimeRecoveryEnabled === true
+      );
+    });
+    expect(kept.map((def) => def.id).sort()).toEqual(['Archive', 'Offline', 'Roster', 'Users']);
+  });
+
   it.each(allTables.map((def) => [def.id, def] as const))('%s matches its definition', (_, def) => {
     const table = resources[logicalId(stack.tables.table(def))];
     const props = table.Properties;
@@ -405,6 +460,8 @@ describe('tables', () => {
       PointInTimeRecoveryEnabled: def.pointInTimeRecovery,
     });
     expect(table.DeletionPolicy).toBe(def.pointInTimeRecovery ? 'Retain' : 'Delete');
+    // User data is also protected from a DeleteTable outside the stack.
+    expect(props.Replicas[0].DeletionProtectionEnabled ?? false).toBe(def.pointInTimeRecovery);
     expect(props.GlobalSecondaryIndexes ?? []).toEqual(
       def.globalSecondaryIndexes.map((index) => ({
         IndexName: index.indexName,
@@ -520,6 +577,22 @@ describe('functions', () => {
     expect(functionProperties('stream').Environment.Variables.FRAME_QUEUE_URL).toEqual({
       Ref: logicalId(stack.frameQueue.queue),
     });
+  });
+
+  it('bundles the sweeper’s phases into the sweeper only (NIMBUS_SWEEPS, folded at build time)', () => {
+    // The staged asset of each function: the bundle CloudFormation deploys.
+    const bundle = (name: keyof typeof FUNCTION_MEMORY_MB) => {
+      const fn = stack.functions[name].fn;
+      const code = fn.node.findAll().find((child) => child instanceof AssetStaging) as AssetStaging;
+      return readFileSync(join(code.absoluteStagedPath, 'index.mjs'), 'utf8');
+    };
+    // A log line of the probe phase (xep-0198) and of the archive step's isolation.
+    expect(bundle('sweeper')).toContain('probe found a vanished socket');
+    expect(bundle('sweeper')).toContain('"archive-expiry"');
+    for (const name of ['stream', 'connect'] as const) {
+      expect(bundle(name)).not.toContain('probe found a vanished socket');
+      expect(bundle(name)).not.toContain('"archive-expiry"');
+    }
   });
 
   it('runs the sweeper every minute', () => {

@@ -6,7 +6,8 @@ import { Element, parse } from 'ltx';
 import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../../shared/config.ts';
 import { deliver, deliverToMany, POST_LIMIT_BYTES, post } from '../../shared/core/delivery.ts';
-import { HANDLED, Host, type Server } from '../../shared/core/host.ts';
+import { HANDLED, Host, type Server, type SweepRun } from '../../shared/core/host.ts';
+import { runSweep } from '../../shared/core/lifecycle.ts';
 import { RateLimiter } from '../../shared/core/rate-limit.ts';
 import { messageTargets } from '../../shared/core/router.ts';
 import { StanzaError } from '../../shared/errors.ts';
@@ -34,7 +35,7 @@ describe('Host events', () => {
     host.hook('sweep', () => void order.push('low'), { priority: -5 });
     host.hook('sweep', () => void order.push('high'), { priority: 10 });
     host.hook('sweep', () => void order.push('default, second'));
-    expect(await host.fire('sweep', { now: 0, swept: 0 })).toBe(false);
+    expect(await host.fire('sweep', { now: 0, swept: 0 } as SweepRun)).toBe(false);
     expect(order).toEqual(['high', 'default', 'default, second', 'low']);
   });
 
@@ -59,6 +60,24 @@ describe('Host events', () => {
     expect(seen).toEqual(['archive', 'takeover']);
   });
 
+  it('fireEach runs every hook whatever the others did: a throw goes to onError, HANDLED stops nothing', async () => {
+    const host = new Host();
+    const seen: string[] = [];
+    const errors: unknown[] = [];
+    host.hook('sweep', () => {
+      seen.push('first');
+      throw new Error('first failed');
+    });
+    host.hook('sweep', () => {
+      seen.push('second');
+      return HANDLED;
+    });
+    host.hook('sweep', () => void seen.push('third'), { priority: -1 });
+    await host.fireEach('sweep', { now: 0, swept: 0 } as SweepRun, (error) => errors.push(error));
+    expect(seen).toEqual(['first', 'second', 'third']);
+    expect(errors.map((error) => (error as Error).message)).toEqual(['first failed']);
+  });
+
   it('refuses two handlers for the same iq and finds handlers by target, type, namespace and element', () => {
     const host = new Host();
     const handler = async () => undefined;
@@ -68,6 +87,67 @@ describe('Host events', () => {
     expect(host.iqHandler('server', 'get', ping)).toBe(handler);
     expect(host.iqHandler('account', 'get', ping)).toBeUndefined();
     expect(host.iqHandler('server', 'set', ping)).toBeUndefined();
+  });
+});
+
+describe('the sweep (runSweep)', () => {
+  /** Phases as the modules register them: expiry first, the probes last. */
+  function phases(server: Server, order: string[], probe: () => Promise<void>) {
+    server.host.hook(
+      'sweep',
+      (run) =>
+        run.phase('probe', async () => {
+          order.push('probe');
+          await probe();
+        }),
+      { priority: -10 },
+    );
+    server.host.hook(
+      'sweep',
+      (run) =>
+        run.phase('expire', async () => {
+          order.push('expire');
+          run.swept += 2;
+        }),
+      { priority: 30 },
+    );
+    server.host.hook('sweep', (run) => run.phase('archive-expiry', async () => void order.push('archive')), {
+      priority: 10,
+    });
+  }
+
+  it('runs every phase in priority order, and a failing one is logged and counted, not the end of the run', async () => {
+    const { server } = coreOnly();
+    const order: string[] = [];
+    phases(server, order, async () => {
+      throw Object.assign(new Error('Internal server error'), { $metadata: { httpStatusCode: 500 } });
+    });
+    // A hook that throws outside a phase is isolated too.
+    server.host.hook('sweep', () => {
+      throw new Error('not in a phase');
+    });
+    server.host.hook('sweep', (run) => run.phase('after', async () => void order.push('after')), {
+      priority: -20,
+    });
+    expect(await runSweep(server, Date.now())).toEqual({ swept: 2, failed: 2, cutShort: false });
+    expect(order).toEqual(['expire', 'archive', 'probe', 'after']);
+    expect(server.metrics.drain()).toEqual(
+      expect.arrayContaining([
+        { name: 'SweepFailures', value: 1, dimension: { name: 'phase', value: 'probe' } },
+        { name: 'SweepFailures', value: 1, dimension: { name: 'phase', value: 'hook' } },
+      ]),
+    );
+  });
+
+  it('starts no phase once the time is short, and says so', async () => {
+    const { server } = coreOnly();
+    const order: string[] = [];
+    let left = 2;
+    phases(server, order, async () => undefined);
+    const outcome = await runSweep(server, Date.now(), { hasTime: () => left-- > 0 });
+    expect(outcome).toEqual({ swept: 2, failed: 0, cutShort: true });
+    expect(order).toEqual(['expire', 'archive']);
+    expect(server.metrics.drain()).toEqual([{ name: 'SweepsCutShort', value: 1 }]);
   });
 });
 

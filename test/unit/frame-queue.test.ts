@@ -7,9 +7,10 @@
 import { createServer, type IncomingHttpHeaders } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { retryDelaySeconds, sqsFrameQueue } from '../../shared/frame-queue.ts';
+import { retryDelaySeconds, sqsEndpoint, sqsFrameQueue } from '../../shared/frame-queue.ts';
 
 interface Seen {
+  url?: string;
   headers: IncomingHttpHeaders;
   body: { QueueUrl: string; Entries: { Id: string; ReceiptHandle: string; VisibilityTimeout: number }[] };
 }
@@ -20,7 +21,11 @@ const server = createServer((request, response) => {
   const chunks: Buffer[] = [];
   request.on('data', (chunk: Buffer) => chunks.push(chunk));
   request.on('end', () => {
-    seen.push({ headers: request.headers, body: JSON.parse(Buffer.concat(chunks).toString('utf8')) });
+    seen.push({
+      url: request.url,
+      headers: request.headers,
+      body: JSON.parse(Buffer.concat(chunks).toString('utf8')),
+    });
     response.writeHead(answer.status, { 'content-type': 'application/x-amz-json-1.0' });
     response.end(JSON.stringify(answer.body));
   });
@@ -97,6 +102,41 @@ describe('sqsFrameQueue', () => {
     await expect(queue().retryIn([{ receiptHandle: 'r', seconds: 1 }])).rejects.toThrow(
       /ReceiptHandleIsInvalid/,
     );
+  });
+});
+
+describe('the SQS endpoint', () => {
+  it("is the queue URL's origin when none is given: right in every partition", () => {
+    expect(sqsEndpoint('https://sqs.eu-west-1.amazonaws.com/123456789012/Nimbus-Frames.fifo').href).toBe(
+      'https://sqs.eu-west-1.amazonaws.com/',
+    );
+    expect(sqsEndpoint('https://sqs.cn-north-1.amazonaws.com.cn/123456789012/Nimbus-Frames.fifo').href).toBe(
+      'https://sqs.cn-north-1.amazonaws.com.cn/',
+    );
+    expect(sqsEndpoint('https://sqs.us-gov-west-1.amazonaws.com/123456789012/Nimbus-Frames.fifo').href).toBe(
+      'https://sqs.us-gov-west-1.amazonaws.com/',
+    );
+  });
+
+  it('is FRAME_QUEUE_ENDPOINT when given, and a queue "URL" that is none needs it', () => {
+    expect(sqsEndpoint('local-frame-queue', 'http://127.0.0.1:5280/').href).toBe('http://127.0.0.1:5280/');
+    expect(() => sqsEndpoint('local-frame-queue')).toThrow(/FRAME_QUEUE_ENDPOINT/);
+  });
+
+  it('takes the request to the host of the queue URL, signed for the configured region', async () => {
+    seen.length = 0;
+    answer = { status: 200, body: { Successful: [{ Id: '0' }], Failed: [] } };
+    const queueUrl = `${endpoint}123456789012/Nimbus-Frames.fifo`;
+    await sqsFrameQueue({
+      queueUrl,
+      region: 'cn-north-1',
+      credentials: async () => ({ accessKeyId: 'AKIDEXAMPLE', secretAccessKey: 'secret' }),
+    }).retryIn([{ receiptHandle: 'r', seconds: 2 }]);
+    expect(seen).toHaveLength(1);
+    expect(seen[0].url).toBe('/');
+    expect(seen[0].headers.host).toBe(new URL(endpoint).host);
+    expect(seen[0].headers.authorization).toContain('/cn-north-1/sqs/aws4_request');
+    expect(seen[0].body.QueueUrl).toBe(queueUrl);
   });
 });
 
