@@ -42,6 +42,8 @@ export const BUNDLE_ALIASES: Record<string, string> = {
   '@aws-sdk/middleware-endpoint-discovery': './functions/endpoint-discovery.ts',
   // The SDK's event-stream codec (no DynamoDB or Management API operation streams events).
   '@smithy/core/event-streams': './functions/event-streams.ts',
+  // The SDK's checksums: only SigV4's SHA-256, from node:crypto (no pure-JavaScript fallback).
+  '@smithy/core/checksum': './functions/checksum.ts',
 };
 
 /**
