@@ -95,12 +95,13 @@ const SEVERITY = { DEBUG: 8, INFO: 12, WARN: 16, ERROR: 20, SILENT: 28 } as Reco
 
 /** The core's logger on Powertools' Logger: the same fields as locally, plus the Lambda context. */
 export function powertoolsLogger(level: string): { log: Logger; powertools: PowertoolsLogger } {
-  const powertools = new PowertoolsLogger({
-    serviceName: METRIC_SERVICE,
-    logLevel: POWERTOOLS_LEVELS[isLogLevel(level) ? level : 'info'],
-  });
-  const isEnabled: Logger['isEnabled'] = (at) =>
-    (SEVERITY[POWERTOOLS_LEVELS[at]] ?? 0) >= (SEVERITY[powertools.getLevelName()] ?? SEVERITY.INFO);
+  const configured = POWERTOOLS_LEVELS[isLogLevel(level) ? level : 'info'];
+  const powertools = new PowertoolsLogger({ serviceName: METRIC_SERVICE, logLevel: configured });
+  // On Lambda, Powertools takes the function's application log level (AWS_LAMBDA_LOG_LEVEL, never
+  // above INFO: see infra/constructs/xmpp-function.ts) over the one given here: LOG_LEVEL is
+  // applied here, as the stricter of the two.
+  const floor = Math.max(SEVERITY[configured] ?? SEVERITY.INFO, SEVERITY[powertools.getLevelName()] ?? 0);
+  const isEnabled: Logger['isEnabled'] = (at) => (SEVERITY[POWERTOOLS_LEVELS[at]] ?? 0) >= floor;
   // The entry (the log context copied, errors made serialisable) is built only for a line that
   // is written: a debug line on every frame costs nothing at the default level.
   const log: Logger = {

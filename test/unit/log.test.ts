@@ -134,4 +134,28 @@ describe('Powertools Logger on AWS', () => {
     expect(log.isEnabled('info')).toBe(true);
     expect(log.isEnabled('debug')).toBe(false);
   });
+
+  it("keeps LOG_LEVEL when Lambda's application log level (INFO, so metric lines pass) is lower", () => {
+    // The stack sets Lambda's level to INFO for warn, error and silent; Lambda passes it on as
+    // AWS_LAMBDA_LOG_LEVEL, which Powertools takes over the level it is given.
+    vi.stubEnv('AWS_LAMBDA_LOG_LEVEL', 'INFO');
+    const written: string[] = [];
+    const collect = (chunk: unknown) => {
+      written.push(String(chunk));
+      return true;
+    };
+    vi.spyOn(process.stdout, 'write').mockImplementation(collect);
+    vi.spyOn(process.stderr, 'write').mockImplementation(collect);
+    const warn = powertoolsLogger('warn').log;
+    warn.info('not at warn');
+    warn.warn('at warn');
+    const silent = powertoolsLogger('silent').log;
+    silent.error('not when silent');
+    vi.restoreAllMocks();
+    vi.unstubAllEnvs();
+    expect(written.map((line) => JSON.parse(line).message)).toEqual(['at warn']);
+    expect(warn.isEnabled('info')).toBe(false);
+    expect(warn.isEnabled('warn')).toBe(true);
+    expect(silent.isEnabled('error')).toBe(false);
+  });
 });
