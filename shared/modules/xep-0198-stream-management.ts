@@ -873,13 +873,18 @@ async function tellSenders(server: Server, item: SmQueueItem, entries: SmEntry[]
   }
 }
 
+/** Failures in a row that stop a sweep phase for this run. */
+const SWEEP_FAILURES_IN_A_ROW = 5;
+
 /**
  * Works through one sweep phase's due items, oldest first, each on its own: an item that fails
  * is reported (`run.failed`: logged, counted) and the phase goes on past it. The next page asks
- * for as many more as have failed and skips them, so failing items at the head never hide the
- * ones behind; the next run tries them again. No item starts once the run is short of time.
+ * for as many more as this run has tried and skips them, so items at the head that stay due
+ * (failed, or done without leaving the list) never hide the ones behind; the next run tries them
+ * again. After SWEEP_FAILURES_IN_A_ROW failures in a row the phase stops (what it calls is in
+ * trouble: the next run tries again). No item starts once the run is short of time.
  */
-async function sweepEach(
+export async function sweepEach(
   run: SweepRun,
   phase: string,
   list: (limit: number) => Promise<SmQueueItem[]>,
@@ -888,10 +893,10 @@ async function sweepEach(
   pageSize = 50,
 ): Promise<void> {
   const tried = new Set<string>();
-  let failures = 0;
+  let inARow = 0;
   for (;;) {
     if (!run.hasTime()) return;
-    const limit = pageSize + failures;
+    const limit = pageSize + tried.size;
     const listed = await list(limit);
     // Only what this run has not tried: a failed item is still listed (and one that succeeded
     // may be, for a moment); none new means the phase is done.
@@ -902,10 +907,12 @@ async function sweepEach(
       tried.add(item.smId);
       try {
         await work(item);
+        inARow = 0;
       } catch (error) {
-        failures += 1;
+        inARow += 1;
         run.failed(phase, error, { smId: item.smId });
         await onFailure?.(item).catch(() => undefined);
+        if (inARow >= SWEEP_FAILURES_IN_A_ROW) return;
       }
     }
     if (listed.length < limit) return;

@@ -13,6 +13,7 @@ import { messageTargets } from '../../shared/core/router.ts';
 import { StanzaError } from '../../shared/errors.ts';
 import { createLogger } from '../../shared/log.ts';
 import { MetricsRecorder } from '../../shared/metrics.ts';
+import { sweepEach } from '../../shared/modules/xep-0198-stream-management.ts';
 import { Outbound, RecordingPort } from '../../shared/outbound.ts';
 import type { RateBucket, ResourceRecord } from '../../shared/store/sessions.ts';
 
@@ -332,5 +333,72 @@ describe('settings checked at start', () => {
     // XEP-0198 seed schema: <xs:attribute name='max' type='xs:positiveInteger' use='optional'/>
     expect(() => loadConfig({ SM_MAX_SECONDS: '0' })).toThrow('SM_MAX_SECONDS must be at least 1');
     expect(loadConfig({ SM_MAX_SECONDS: '1' }).smMaxSeconds).toBe(1);
+  });
+});
+
+describe('a sweep phase, item by item (sweepEach)', () => {
+  type Item = { smId: string };
+  function fakeRun() {
+    const failures: string[] = [];
+    const run: SweepRun = {
+      now: 0,
+      swept: 0,
+      hasTime: () => true,
+      phase: async () => undefined,
+      failed: (_phase, _error, fields) => void failures.push(String(fields?.smId)),
+    };
+    return { run, failures };
+  }
+  /** Due items, oldest first; `stays` stay listed after their work (failed or not). */
+  function queue(ids: string[], stays: (id: string) => boolean) {
+    let due = ids.map((smId) => ({ smId }));
+    const list = async (limit: number) => due.slice(0, limit) as never;
+    const done = (id: string) => {
+      if (!stays(id)) due = due.filter((item) => item.smId !== id);
+    };
+    return { list, done };
+  }
+
+  it('reaches the items behind ones that stay due at the head, each once', async () => {
+    const ids = Array.from({ length: 12 }, (_, i) => `s${i}`);
+    const stuck = new Set(['s0', 's1', 's2', 's3']);
+    const { list, done } = queue(ids, (id) => stuck.has(id));
+    const worked: string[] = [];
+    const { run } = fakeRun();
+    await sweepEach(
+      run,
+      'expire',
+      list,
+      async (item: Item) => {
+        worked.push(item.smId);
+        done(item.smId);
+      },
+      undefined,
+      3,
+    );
+    expect(worked).toEqual(ids);
+  });
+
+  it('stops the phase after five failures in a row, and not after fewer', async () => {
+    const ids = Array.from({ length: 20 }, (_, i) => `s${i}`);
+    // s0..s3 fail, s4 works, then s5.. all fail.
+    const failing = (id: string) => id !== 's4';
+    const { list, done } = queue(ids, failing);
+    const worked: string[] = [];
+    const { run, failures } = fakeRun();
+    await sweepEach(
+      run,
+      'probe',
+      list,
+      async (item: Item) => {
+        worked.push(item.smId);
+        if (failing(item.smId)) throw new Error('500');
+        done(item.smId);
+      },
+      undefined,
+      50,
+    );
+    expect(worked).toEqual(['s0', 's1', 's2', 's3', 's4', 's5', 's6', 's7', 's8', 's9']);
+    expect(failures).toEqual(['s0', 's1', 's2', 's3', 's5', 's6', 's7', 's8', 's9']);
   });
 });
