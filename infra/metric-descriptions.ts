@@ -37,7 +37,7 @@ export const METRIC_DESCRIPTIONS: Record<MetricName, string> = {
   StreamErrors: 'Streams ended with a stream error, by condition',
   SessionsExpired: 'Detached XEP-0198 sessions the sweeper ended',
   SweepFailures:
-    'Sweeper items or phases that failed, by phase (`expire`, `reroute`, `probe`, `archive-purge`, `archive-expiry`): logged, tried again next run; the run went on with the rest',
+    "Sweeper items or phases that failed, by phase (`expire`, `reroute`, `probe`, `archive-purge`, `archive-expiry`, or `hook` for a module's sweep hook that threw): logged, tried again next run; the run went on with the rest (a phase stops after 5 failures in a row)",
   SweepsCutShort:
     'Sweeper runs that stopped starting work with little of the invocation left: the rest waits for the next run',
   ColdStarts: 'Lambda execution environments started, by function',
