@@ -1359,6 +1359,8 @@ export function createArchiveStore(
       let changed = 0;
       let removed = 0;
       for (let shard = 0; shard < EXPIRY_SHARDS; shard++) {
+        // Out of time: not even the next shard's Query.
+        if (step.hasTime?.() === false) break;
         const { Items } = await doc.send(
           new QueryCommand({
             TableName: table,
