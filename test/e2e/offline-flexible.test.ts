@@ -605,6 +605,26 @@ describe('shapes, addresses and authorization', () => {
   }
 });
 
+/**
+ * Drops `client`'s socket, waits for its $disconnect to detach the XEP-0198 session `smId`, and
+ * resumes it on a new connection of `user` (PLAIN, then `<resume h='0'/>`).
+ */
+async function dropAndResume(client: RawClient, user: string, smId: string): Promise<RawClient> {
+  client.terminate();
+  await eventually(async () => expect((await stack.server.smQueue.get(smId))?.detachedFrom).toBeDefined());
+  const again = await RawClient.connect(stack.url);
+  sockets.push(again);
+  await again.open();
+  again.send(
+    `<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>${Buffer.from(`\0${user}\0secret`).toString('base64')}</auth>`,
+  );
+  expect((await again.next()).name).toBe('success');
+  await again.open();
+  again.send(`<resume xmlns='urn:xmpp:sm:3' previd='${smId}' h='0'/>`);
+  await again.until((el) => el.name === 'resumed', 15_000);
+  return again;
+}
+
 describe('XEP-0013 §2.2: no flood once the session chose flexible retrieval', () => {
   /**
    * Sends initial presence and returns the messages of the flood (if any). Without stream
@@ -680,20 +700,7 @@ describe('XEP-0013 §2.2: no flood once the session chose flexible retrieval', (
     pop.send(`<enable xmlns='urn:xmpp:sm:3' resume='true'/>`);
     const enabled = await pop.until((el) => el.name === 'enabled');
     expect(await goOnline(pop)).toEqual([]);
-    pop.terminate();
-    await eventually(async () =>
-      expect((await stack.server.smQueue.get(enabled.attrs.id))?.detachedFrom).toBeDefined(),
-    );
-    const again = await RawClient.connect(stack.url);
-    sockets.push(again);
-    await again.open();
-    again.send(
-      `<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>${Buffer.from(`\0${user}\0secret`).toString('base64')}</auth>`,
-    );
-    expect((await again.next()).name).toBe('success');
-    await again.open();
-    again.send(`<resume xmlns='urn:xmpp:sm:3' previd='${enabled.attrs.id}' h='0'/>`);
-    await again.until((el) => el.name === 'resumed', 15_000);
+    const again = await dropAndResume(pop, user, enabled.attrs.id);
     // The resumed stream knows its session chose flexible retrieval: a presence change puts no
     // hold on its messages (a hold would store live messages arriving meanwhile, then be let go
     // without a flood, leaving them in the inbox).
@@ -722,21 +729,8 @@ describe('XEP-0013 §2.2: no flood once the session chose flexible retrieval', (
     second.send(`<enable xmlns='urn:xmpp:sm:3' resume='true'/>`);
     const enabled = await second.until((el) => el.name === 'enabled');
     expect(await goOnline(second)).toEqual([]);
-    second.terminate();
     // The socket is gone (its $disconnect detached the session); the client resumes on a new one.
-    await eventually(async () =>
-      expect((await stack.server.smQueue.get(enabled.attrs.id))?.detachedFrom).toBeDefined(),
-    );
-    const again = await RawClient.connect(stack.url);
-    sockets.push(again);
-    await again.open();
-    again.send(
-      `<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>${Buffer.from(`\0${user}\0secret`).toString('base64')}</auth>`,
-    );
-    expect((await again.next()).name).toBe('success');
-    await again.open();
-    again.send(`<resume xmlns='urn:xmpp:sm:3' previd='${enabled.attrs.id}' h='0'/>`);
-    await again.until((el) => el.name === 'resumed', 15_000);
+    const again = await dropAndResume(second, user, enabled.attrs.id);
     // Everything the resume sent (the replay, and a flood if there were one) comes before the
     // answer to a ping sent after it (a fresh id: the replay resends the old stream's pong).
     const { before: after } = await exchange(

@@ -7,7 +7,16 @@
 import { type Element, parse } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RawClient } from '../../infra/local/raw-client.ts';
-import { ARCHIVE, ArchiveWorld, condition, errorCondition, exchange, ok } from '../support/archive.ts';
+import {
+  ARCHIVE,
+  ArchiveWorld,
+  attrsOf,
+  condition,
+  errorCondition,
+  exchange,
+  ok,
+  PREF_GET,
+} from '../support/archive.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 
 let stack: TestStack;
@@ -38,15 +47,6 @@ async function relate(juliet: string, romeo: string): Promise<void> {
     contact: entry(juliet),
     outcome: undefined,
   }));
-}
-
-const PREF_GET = `<iq type='get' id='pref1'><pref xmlns='${ARCHIVE}'/></iq>`;
-
-function attrsOf(pref: Element | undefined, name: string): Record<string, string>[] {
-  return (pref?.getChildren(name) ?? []).map((el) => {
-    const { xmlns: _xmlns, ...attrs } = el.attrs as Record<string, string>;
-    return attrs;
-  });
 }
 
 /** Reads frames until `count` archive pushes arrived; returns their payloads. */

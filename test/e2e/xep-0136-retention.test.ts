@@ -6,11 +6,10 @@
  * `<pref/>` shows the expire the server applies.
  */
 import { GetCommand, QueryCommand } from '@aws-sdk/lib-dynamodb';
-import type { Element } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { documentClientFor } from '../../shared/store/dynamo.ts';
 import { TTL_ATTRIBUTE } from '../../shared/tables.ts';
-import { ARCHIVE, ArchiveWorld, chat, ok } from '../support/archive.ts';
+import { ARCHIVE, ArchiveWorld, attrsOf, chat, ok, PREF_GET } from '../support/archive.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 
 const CAP = 3600;
@@ -27,15 +26,6 @@ afterAll(async () => {
   world?.closeAll();
   await stack?.close();
 });
-
-const PREF_GET = `<iq type='get' id='pref1'><pref xmlns='${ARCHIVE}'/></iq>`;
-
-function attrsOf(pref: Element | undefined, name: string): Record<string, string>[] {
-  return (pref?.getChildren(name) ?? []).map((el) => {
-    const { xmlns: _xmlns, ...attrs } = el.attrs as Record<string, string>;
-    return attrs;
-  });
-}
 
 /** The TTLs of the message items of `owner`'s collections with `withJid`. */
 async function messageTtls(owner: string, withJid: string): Promise<number[]> {

@@ -139,3 +139,14 @@ export function rsmOf(el: Element | undefined): {
     count: count === null || count === undefined ? undefined : Number(count),
   };
 }
+
+/** XEP-0136 0.9 §3.2 "Client Requests Archiving Preferences". */
+export const PREF_GET = `<iq type='get' id='pref1'><pref xmlns='${ARCHIVE}'/></iq>`;
+
+/** The attributes (but `xmlns`) of each `name` child of a `<pref/>`. */
+export function attrsOf(pref: Element | undefined, name: string): Record<string, string>[] {
+  return (pref?.getChildren(name) ?? []).map((el) => {
+    const { xmlns: _xmlns, ...attrs } = el.attrs as Record<string, string>;
+    return attrs;
+  });
+}

@@ -93,17 +93,23 @@ describe('the log context', () => {
   });
 });
 
+/** What the process writes to stdout and stderr from now on (until the mocks are restored). */
+function captureOutput(): string[] {
+  const written: string[] = [];
+  const collect = (chunk: unknown) => {
+    written.push(String(chunk));
+    return true;
+  };
+  vi.spyOn(process.stdout, 'write').mockImplementation(collect);
+  vi.spyOn(process.stderr, 'write').mockImplementation(collect);
+  return written;
+}
+
 describe('Powertools Logger on AWS', () => {
   afterEach(() => vi.restoreAllMocks());
 
   it('writes the same fields plus the Lambda request id, at the configured level', async () => {
-    const written: string[] = [];
-    const collect = (chunk: unknown) => {
-      written.push(String(chunk));
-      return true;
-    };
-    vi.spyOn(process.stdout, 'write').mockImplementation(collect);
-    vi.spyOn(process.stderr, 'write').mockImplementation(collect);
+    const written = captureOutput();
     const { log, powertools } = powertoolsLogger('info');
     powertools.addContext({
       awsRequestId: 'lambda-request-1',
@@ -139,13 +145,7 @@ describe('Powertools Logger on AWS', () => {
     // The stack sets Lambda's level to INFO for warn, error and silent; Lambda passes it on as
     // AWS_LAMBDA_LOG_LEVEL, which Powertools takes over the level it is given.
     vi.stubEnv('AWS_LAMBDA_LOG_LEVEL', 'INFO');
-    const written: string[] = [];
-    const collect = (chunk: unknown) => {
-      written.push(String(chunk));
-      return true;
-    };
-    vi.spyOn(process.stdout, 'write').mockImplementation(collect);
-    vi.spyOn(process.stderr, 'write').mockImplementation(collect);
+    const written = captureOutput();
     const warn = powertoolsLogger('warn').log;
     warn.info('not at warn');
     warn.warn('at warn');
