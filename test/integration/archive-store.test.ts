@@ -461,6 +461,60 @@ describe('expire → DynamoDB TTL', () => {
   });
 });
 
+describe('the expiry sweep, collection by collection', () => {
+  test('goes past collections that fail at the head of a shard to the ones behind them', async () => {
+    // Its own table: the shard holds only this owner's collections, in the order they expire.
+    const own = createArchiveStore(doc, (await createTestTables()).archive, {
+      now: () => clock,
+      changeWindowMs: 60_000,
+      purgeBudget: 50,
+    });
+    const t0 = clock;
+    const starts = [0, 1, 2].map((i) => START + i * 3_600_000);
+    for (const [i, start] of starts.entries()) {
+      clock = t0 + i * 1000;
+      await own.storeManual(owner, {
+        ref: { with: JULIET, start },
+        entries: [chat('to', `first ${i}`, start), chat('to', `kept ${i}`, start + 1000)],
+        expireSeconds: 60,
+      });
+      clock = t0 + 10_000 + i * 1000;
+      // A later message keeps each collection alive past its first message's expiry.
+      await own.storeManual(owner, {
+        ref: { with: JULIET, start },
+        entries: [chat('to', `later ${i}`, start + 2000)],
+        expireSeconds: 60,
+      });
+    }
+    // The change log up to now (it shows changes 2 s old or more).
+    clock = t0 + 20_000;
+    const cursor = (await own.modifiedSince(owner, undefined, 10)).items.at(-1)?.key;
+    // The first two collections' records fail (DynamoDB past the SDK's retries).
+    const failing = new Set(starts.slice(0, 2).map((start) => `c#${timeKey(start)}/${JULIET}`));
+    const send = doc.send.bind(doc);
+    const spy = vi.spyOn(doc, 'send').mockImplementation((async (command: {
+      constructor: { name: string };
+      input?: { Key?: { sk?: string } };
+    }) => {
+      if (command.constructor.name === 'UpdateCommand' && failing.has(String(command.input?.Key?.sk)))
+        throw Object.assign(new Error('throttled'), { name: 'ThrottlingException' });
+      return send(command as never);
+    }) as never);
+    const errors: unknown[] = [];
+    clock = t0 + 65_000;
+    try {
+      // One collection a shard this run: the two failures do not use it up.
+      await own.sweepExpiring(1, { onError: (error) => errors.push(error) });
+    } finally {
+      spy.mockRestore();
+    }
+    expect(errors).toHaveLength(2);
+    clock += 3_000;
+    const changed = await own.modifiedSince(owner, cursor, 10);
+    expect(changed.items.map((c) => [c.kind, c.collection.start])).toEqual([['changed', starts[2]]]);
+  });
+});
+
 describe('modified: the change log with tombstones', () => {
   test('created, appended and removed collections in change order; the cursor moves on', async () => {
     const t0 = clock;
