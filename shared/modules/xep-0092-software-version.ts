@@ -3,6 +3,7 @@ import { Element } from 'ltx';
 import type { Server } from '../core/host.ts';
 import { NS } from '../xml/namespaces.ts';
 
+/** `version` is package.json's (test/e2e/core.test.ts checks they agree). */
 export const SOFTWARE = { name: 'Nimbus', version: '0.1.0' };
 
 export function register(server: Server): void {

@@ -79,6 +79,12 @@ export function register(server: Server): void {
     // covered its last window, no ack will come to move it.
     if (stream.state.transfer) await transferStep(stream);
     if (!resource?.available || resource.priority < 0) return undefined;
+    // Its flood was skipped for the rest of its availability (see floodOffline), which the
+    // resume continues: a flexible session that ended meanwhile does not make this one "next".
+    if (resource.floodSkipped) {
+      stream.update({ flooded: true });
+      return undefined;
+    }
     // XEP-0013 §2.2: no flood while another session of the user retrieves flexibly ("the
     // server MUST NOT flood the second resource"): all of the user's resources are asked.
     const others = (await stream.server.sessions.listResources(stream.user)).filter(
@@ -215,6 +221,10 @@ async function floodOffline(
     // resource", and a later presence change (auto-away) after the flexible session ended is no
     // "next" presence either. Only one after going negative or unavailable floods (XEP-0160).
     stream.update({ flooded: true });
+    // A resume reads it from the resource row (stream management may be enabled after this
+    // presence); a session that retrieves flexibly itself is marked there already.
+    if (!stream.state.flexibleOffline)
+      await server.sessions.markFloodSkipped(stream.user, stream.resource, stream.connectionId);
     return;
   }
   stream.update({ flooded: true });

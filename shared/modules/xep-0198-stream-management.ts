@@ -1767,6 +1767,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
       boundAt: Date.now(),
       smId: taken.smId,
       flexibleOffline: record?.flexibleOffline,
+      ...(record?.floodSkipped ? { floodSkipped: true } : {}),
       rosterInterested: record?.rosterInterested,
       // A flood's hold stays on: the flood carries on after the replay (session-resumed).
       held: record?.held,

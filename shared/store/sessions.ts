@@ -260,6 +260,12 @@ export interface ResourceRecord {
    */
   connectedAt?: number;
   flexibleOffline?: boolean;
+  /**
+   * XEP-0013 §2.2: the session's flood was skipped while another resource retrieved flexibly,
+   * for its whole availability; a resume keeps that (the stream's `flooded` is on its old
+   * connection). Cleared when the session goes unavailable or negative.
+   */
+  floodSkipped?: boolean;
   /** Set when the session has stream management: deliveries go through its queue. */
   smId?: string;
   /**
@@ -490,6 +496,8 @@ export interface SessionStore {
   /** The flood is still going: its hold stands for another HOLD_LEASE_MS. */
   renewHold(user: string, resource: string, connectionId: string): Promise<void>;
   markFlexibleOffline(user: string, resource: string, connectionId: string): Promise<void>;
+  /** XEP-0013 §2.2: the session's flood was skipped (ResourceRecord.floodSkipped). */
+  markFloodSkipped(user: string, resource: string, connectionId: string): Promise<void>;
   /** RFC 6121 §2.1.6: the resource requested the roster and gets pushes from now on. */
   markRosterInterested(user: string, resource: string, connectionId: string): Promise<void>;
   /**
@@ -593,6 +601,7 @@ function toResource(item: Record<string, unknown>, readAt?: number): ResourceRec
     boundAt: item.boundAt as number,
     ...(typeof item.connectedAt === 'number' ? { connectedAt: item.connectedAt } : {}),
     flexibleOffline: item.flexibleOffline as boolean | undefined,
+    ...(item.floodSkipped === true ? { floodSkipped: true } : {}),
     smId: item.smId as string | undefined,
     ...(typeof item.availableFrame === 'string' ? { availableFrame: item.availableFrame } : {}),
     rosterInterested: item.rosterInterested as boolean | undefined,
@@ -609,6 +618,19 @@ function toResource(item: Record<string, unknown>, readAt?: number): ResourceRec
 }
 
 /** A row as stored: `readAt` describes a copy, not the row. */
+/**
+ * What a presence update removes from the resource row: the frame that made it available once
+ * it is not, and the skipped flood's mark once it is unavailable or negative (the next
+ * non-negative presence floods, XEP-0160 §3).
+ */
+function removed(changes: { available: boolean; priority: number }): string {
+  const names = [
+    ...(changes.available ? [] : ['availableFrame']),
+    ...(changes.available && changes.priority >= 0 ? [] : ['floodSkipped']),
+  ];
+  return names.length > 0 ? ` REMOVE ${names.join(', ')}` : '';
+}
+
 function storedRow(record: ResourceRecord): Omit<ResourceRecord, 'readAt'> {
   const { readAt: _copy, ...row } = record;
   return row;
@@ -658,6 +680,29 @@ export function createSessionStore(
       await syncAvailability(record.user, record.resource, record.available);
     }
     return previous;
+  }
+
+  /** Sets a flag on the resource row while `connectionId` holds it. */
+  async function markResource(
+    user: string,
+    resource: string,
+    connectionId: string,
+    flag: 'flexibleOffline' | 'floodSkipped',
+  ): Promise<void> {
+    try {
+      await doc.send(
+        new UpdateCommand({
+          TableName: table,
+          Key: resourceKey(user, resource),
+          UpdateExpression: 'SET #flag = :yes',
+          ConditionExpression: 'connectionId = :connectionId',
+          ExpressionAttributeNames: { '#flag': flag },
+          ExpressionAttributeValues: { ':yes': true, ':connectionId': connectionId },
+        }),
+      );
+    } catch (error) {
+      if (!isConditionFailure(error)) throw error;
+    }
   }
 
   /** Deletes a resource row only if it still belongs to the given owner; returns it, or undefined. */
@@ -942,7 +987,7 @@ export function createSessionStore(
             Key: resourceKey(user, resource),
             // The first presence closes the window of counted posts (mayQueue), after a grace:
             // xmpp.js sends it on 'online', just before its <enable/>.
-            UpdateExpression: `SET available = :available, priority = :priority, presence = :presence, mayQueueUntil = if_not_exists(mayQueueUntil, :mayQueueUntil)${changes.hold ? ', held = if_not_exists(held, :zero), heldUntil = :until' : ''}${frameSet}${changes.available ? '' : ' REMOVE availableFrame'}`,
+            UpdateExpression: `SET available = :available, priority = :priority, presence = :presence, mayQueueUntil = if_not_exists(mayQueueUntil, :mayQueueUntil)${changes.hold ? ', held = if_not_exists(held, :zero), heldUntil = :until' : ''}${frameSet}${removed(changes)}`,
             ConditionExpression: 'connectionId = :connectionId',
             ExpressionAttributeValues: {
               ':available': changes.available,
@@ -1129,19 +1174,11 @@ export function createSessionStore(
     },
 
     async markFlexibleOffline(user, resource, connectionId) {
-      try {
-        await doc.send(
-          new UpdateCommand({
-            TableName: table,
-            Key: resourceKey(user, resource),
-            UpdateExpression: 'SET flexibleOffline = :yes',
-            ConditionExpression: 'connectionId = :connectionId',
-            ExpressionAttributeValues: { ':yes': true, ':connectionId': connectionId },
-          }),
-        );
-      } catch (error) {
-        if (!isConditionFailure(error)) throw error;
-      }
+      await markResource(user, resource, connectionId, 'flexibleOffline');
+    },
+
+    async markFloodSkipped(user, resource, connectionId) {
+      await markResource(user, resource, connectionId, 'floodSkipped');
     },
 
     async setResourceArchive(user, resource, connectionId, archive) {

@@ -3,6 +3,7 @@
  * real handlers, DynamoDB Local. RFC 6120 (SASL, bind), RFC 6121 (presence, routing) and
  * XEP-0160 (offline storage).
  */
+import { readFileSync } from 'node:fs';
 import { xml } from '@xmpp/client';
 import { parse } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -13,6 +14,9 @@ import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 import { type StartedClient, startClient } from '../support/xmpp-client.ts';
 
+const PACKAGE_VERSION = (
+  JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }
+).version;
 const SASL = 'urn:ietf:params:xml:ns:xmpp-sasl';
 const STANZAS = 'urn:ietf:params:xml:ns:xmpp-stanzas';
 const DELAY = 'urn:xmpp:delay';
@@ -643,6 +647,8 @@ describe('iq routing (RFC 6120 §8.2.3, §10)', () => {
       `<iq type='get' id='v1' to='localhost'><query xmlns='jabber:iq:version'/></iq>`,
     );
     expect(version.getChild('query')?.getChildText('name')).toBe('Nimbus');
+    // XEP-0092 §2: <version/> is "the specific version of the software"; the package's own.
+    expect(version.getChild('query')?.getChildText('version')).toBe(PACKAGE_VERSION);
   });
 
   it('answers for an account: ping to a bare JID, unknown payload service-unavailable', async () => {

@@ -743,6 +743,47 @@ describe('XEP-0013 §2.2: no flood once the session chose flexible retrieval', (
     expect(await inbox(user)).toEqual(stored.map((m) => m.id));
   });
 
+  it('does not flood the second resource when it resumes after the flexible session ended', async () => {
+    // "the server MUST NOT flood the second resource": the resume continues the session whose
+    // availability began while the first retrieved flexibly; the first leaving meanwhile makes
+    // the resume no "next" available presence (XEP-0160 §3). Going unavailable and back is.
+    const user = await newUser('laterresume');
+    const stored = await storeMessages(user, ['held 1', 'held 2']);
+    const first = await connect(user, 'pop');
+    await exchange(first, headersRequest());
+    expect(await goOnline(first)).toEqual([]);
+    const second = await connect(user, 'tablet');
+    second.send(`<enable xmlns='urn:xmpp:sm:3' resume='true'/>`);
+    const enabled = await second.until((el) => el.name === 'enabled');
+    expect(await goOnline(second)).toEqual([]);
+    first.close();
+    await eventually(async () =>
+      expect((await stack.server.sessions.listResources(`${user}@localhost`)).map((r) => r.resource)).toEqual(
+        ['tablet'],
+      ),
+    );
+    const again = await dropAndResume(second, user, enabled.attrs.id);
+    const { before: after } = await exchange(
+      again,
+      `<iq type='get' id='after-late-resume' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`,
+      15_000,
+    );
+    expect(bodies(after.filter((el) => el.name === 'message'))).toEqual([]);
+    expect(await inbox(user)).toEqual(stored.map((m) => m.id));
+    // Nor at an auto-away of the resumed stream.
+    again.send('<presence><show>away</show></presence>');
+    const away = (await again.framesBeforePong(30_000)).map((f) => parse(f));
+    expect(away.filter((el) => el.name === 'message')).toEqual([]);
+
+    again.send(`<presence type='unavailable'/>`);
+    again.send('<presence/>');
+    const flood = await again.until(
+      (el) => el.name === 'message' && el.getChildText('body') === 'held 2',
+      15_000,
+    );
+    expect(flood.getChild('delay', 'urn:xmpp:delay')).toBeDefined();
+  });
+
   it('floods at initial presence when no flexible request was made, and again once the flexible session ended', async () => {
     const user = await newUser('flood');
     // More than one page of the store (the flood reads 50 at a time).
