@@ -361,6 +361,12 @@ export interface DeliveryOptions {
   offlineId?: string;
   /** A copy of a message that stays stored (XEP-0013 view/fetch): never re-routed. */
   offlineCopy?: boolean;
+  /**
+   * The stream's own answer to its client (`Stream.send` of an iq, or of an error about the
+   * client's own stanza). A stream-management queue takes it past its bound, within a margin;
+   * one full even so ends the stream (policy-violation) rather than drop it unanswered.
+   */
+  answer?: boolean;
 }
 
 /**

@@ -90,7 +90,8 @@ export class XmppStream implements Stream {
         this.server,
         { connectionId: this.connectionId, smId: this.state.sm.id },
         element,
-        options,
+        // An iq (a result or error for the client's request) or an error about its own stanza.
+        element.name === 'iq' || element.attrs.type === 'error' ? { ...options, answer: true } : options,
       );
     }
     // The stream's own socket: a 410 here is followed by its $disconnect, in order, on the queue.

@@ -147,16 +147,28 @@ function ack(version: SmVersion, h: number): Element {
   return new Element('a', { xmlns: namespaceOf(version), h: String(h % WRAP) });
 }
 
-function tooHigh(h: number, sendCount: number): StreamError {
+function tooHigh(version: SmVersion, h: number, sendCount: number): StreamError {
+  const text = 'You acknowledged more stanzas than were sent';
+  // sm:3 §4's detail; the seed (sm:1) defines none.
+  if (version === 'sm1') return new StreamError('undefined-condition', text);
   return new StreamError(
     'undefined-condition',
-    'You acknowledged more stanzas than were sent',
+    text,
     new Element('handled-count-too-high', {
       xmlns: SM3,
       h: String(h),
       'send-count': String(sendCount % WRAP),
     }),
   );
+}
+
+/**
+ * An `h` behind the last acknowledged count: forward of it by half the counter's range or more
+ * (a count never runs that far ahead of the last ack). An answer to an older `<r/>` of ours
+ * overtaken by a newer one (the seed's `u`, echoed), not a count of more than was sent.
+ */
+export function isStaleCount(h: number, acked: number): boolean {
+  return unwrap(h, acked) - acked >= WRAP / 2;
 }
 
 /** XEP-0203 stamp of when a stanza was first queued, unless the server already stamped it. */
@@ -273,7 +285,7 @@ async function deliverToSmSession(
     !options.offlineCopy
       ? { from: delivery.from, key }
       : undefined;
-  const result = await appendOnce(server, smId, entry, token, mark);
+  const result = await appendOnce(server, smId, entry, token, mark, options.answer);
   if (result.kind === 'found') return settleUnknownPost(server, smId, key, result.item, 'uncertain-append');
   server.log.debug('stanza to a stream-management queue', {
     smId,
@@ -285,7 +297,12 @@ async function deliverToSmSession(
   });
   if (result.kind === 'ended') return 'gone';
   if (result.kind === 'acknowledged') return 'sent';
-  if (result.kind === 'full') return whenFull(server, smId, result.item);
+  if (result.kind === 'full') {
+    // The client asked and is not acknowledging what it was sent: its answer is not dropped
+    // (RFC 6120 §8.2.3 "MUST reply"; its request is counted handled already), nor waited for.
+    if (options.answer) throw new StreamError('policy-violation', 'Too many unacknowledged stanzas');
+    return whenFull(server, smId, result.item);
+  }
   const { item, number } = result;
   if (result.found === 'refused')
     return settleUnknownPost(server, smId, key, item, 'uncertain-append', 'found by its key');
@@ -515,6 +532,13 @@ const SLOW_POST_MS = 250;
 const MARK_ATTEMPTS = 3;
 
 /**
+ * How many stanzas past SM_QUEUE_MAX (and past the byte bound's congestion, up to DynamoDB's
+ * item size) a queue takes of the stream's own answers to its client (DeliveryOptions.answer):
+ * a client slow to acknowledge a burst from its contacts still gets its iq results.
+ */
+export const ANSWER_MARGIN = 50;
+
+/**
  * Appends to the queue; an append that failed in a way that may have written it (a 500 after
  * DynamoDB ran it, a timeout) is looked for at once (`found`). Left for the frame's redelivery,
  * other senders' later entries would be posted first meanwhile. It is not posted from here: a
@@ -526,9 +550,11 @@ async function appendOnce(
   entry: SmEntry,
   poster?: string,
   mark?: SenderMark,
+  answer?: boolean,
 ): Promise<AppendResult | { kind: 'found'; item: SmQueueItem }> {
+  const bound = server.config.smQueueMax + (answer ? ANSWER_MARGIN : 0);
   try {
-    return await server.smQueue.append(smId, entry, server.config.smQueueMax, poster, mark);
+    return await server.smQueue.append(smId, entry, bound, poster, mark, answer);
   } catch (error) {
     if (entry.k === undefined || !isTransient(error)) throw error;
     const found = await withTransientRetries(3, () => server.smQueue.get(smId)).catch(() => undefined);
@@ -1351,6 +1377,10 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
   const sm = smState(stream) as SmState;
   const newBase = unwrap(h, sm.acked);
   if (newBase === sm.acked) return;
+  if (isStaleCount(h, sm.acked)) {
+    server.log.debug('stream-management ack behind the last one ignored', { h, acked: sm.acked });
+    return;
+  }
   let removed: SmEntry[];
   let remaining: SmEntry[];
   let out: number;
@@ -1370,7 +1400,7 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
     if (!(error instanceof UncertainQueueError)) {
       if (!(error instanceof AckBeyondQueueError)) throw error;
       const item = await server.smQueue.get(sm.id);
-      throw tooHigh(h, item?.out ?? sm.acked);
+      throw tooHigh(sm.version, h, item?.out ?? sm.acked);
     }
     const ordered = server.config.smLatePostMs === 0;
     const settled = await ackPastBounds(server, sm.id, sm.acked, newBase, stream.connectionId, ordered);
@@ -1575,7 +1605,11 @@ async function decideResume(
       await endSession(server, sessionOfItem(item as SmQueueItem), 'expired');
       return { ok: false, reply: failed(version, 'item-not-found', verdict.h) };
     case 'too-high':
-      throw tooHigh(verdict.h, verdict.sendCount);
+      // The seed: "If an error occurs with regard to an <enable/> or <resume/> element, the
+      // receiving entity MUST return a <failed/> element"; sm:3 §4 asks for the stream error.
+      // Either way the session stays detached, to be resumed with a count that fits.
+      if (version === 'sm1') return { ok: false, reply: failed(version, 'bad-request') };
+      throw tooHigh(version, verdict.h, verdict.sendCount);
     case 'resume': {
       const found = item as SmQueueItem;
       if (found.connectionId === stream.connectionId) {

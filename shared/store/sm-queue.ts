@@ -461,6 +461,8 @@ export interface SmQueueStore {
     maxEntries: number,
     poster?: string,
     mark?: SenderMark,
+    /** The stream's own answer to its client: queued past congestion (within `maxEntries`). */
+    answer?: boolean,
   ): Promise<AppendResult>;
   /**
    * Drops entries up to `newBase`; returns the dropped ones and those still waiting. Only the
@@ -803,7 +805,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       };
     },
 
-    async append(smId, entry, maxEntries, poster, mark) {
+    async append(smId, entry, maxEntries, poster, mark, answer) {
       // `lk`, the last key appended: an append retried after DynamoDB ran it must not queue the
       // stanza twice. The SDK does not resend a keyed append (`sendOnce`): its resend would pass
       // that check once another sender's append came between, and queue the stanza a second time
@@ -823,7 +825,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
               ? ''
               : ', holding = if_not_exists(holding, :poster), holdingAt = if_not_exists(holdingAt, :now)'
           } ADD #out :one`,
-          ConditionExpression: `attribute_exists(q) AND size(q) < :max AND attribute_not_exists(congested) AND attribute_not_exists(ended)${keyed ? ' AND (attribute_not_exists(lk) OR lk <> :k)' : ''}${
+          ConditionExpression: `attribute_exists(q) AND size(q) < :max${answer ? '' : ' AND attribute_not_exists(congested)'} AND attribute_not_exists(ended)${keyed ? ' AND (attribute_not_exists(lk) OR lk <> :k)' : ''}${
             marked
               ? ' AND (attribute_not_exists(#mark) OR NOT begins_with(#mark, :frame) OR #mark < :at)'
               : ''

@@ -7,7 +7,7 @@ import { Element } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RawClient } from '../../infra/local/raw-client.ts';
 import { sweep } from '../../shared/core/lifecycle.ts';
-import { counter, unwrap } from '../../shared/modules/xep-0198-stream-management.ts';
+import { ANSWER_MARGIN, counter, unwrap } from '../../shared/modules/xep-0198-stream-management.ts';
 import type { ConnectionPort } from '../../shared/outbound.ts';
 import { MAY_QUEUE_AFTER_PRESENCE_MS, type SessionStore } from '../../shared/store/sessions.ts';
 import { PROBE_AFTER_MS } from '../../shared/store/sm-queue.ts';
@@ -592,6 +592,51 @@ describe('the seed: urn:xmpp:sm:1 (v0.7)', () => {
     client.send(`<r xmlns='${SM1}' u='6' h='9'/>`);
     const error = await client.until((el) => el.name === 'stream:error');
     expect(error.getChild('undefined-condition', STREAMS)).toBeDefined();
+    // sm:3's <handled-count-too-high/> is not the seed's: an sm:1 stream gets none.
+    expect(error.getChild('handled-count-too-high', SM3)).toBeUndefined();
+  });
+
+  it("ignores an ack behind the last one: an answer to an older <r u/>, echoed (seed §6 'u' MUST be strictly increasing)", async () => {
+    // Seed §6: a client may "immediately respond via an <a/> element where the value of 'h'
+    // sent is the value of 'u' received"; two <r/> posted by different senders can reach it out
+    // of order, so the lower count can come second. It is old news, not a count too high.
+    const client = await raw('mercutio', 'seed-stale');
+    await enable(client, SM1, true);
+    client.send(`<presence/>`);
+    await client.framesBeforePong();
+    const sender = await raw('benvolio', 'to-stale');
+    for (let i = 1; i <= 10; i++)
+      sender.send(`<message to='mercutio@localhost/seed-stale'><body>t${i}</body></message>`);
+    const r = await client.until((el) => el.name === 'r');
+    const u = Number(r.attrs.u);
+    client.send(`<a xmlns='${SM1}' h='${u}'/>`);
+    client.send(`<a xmlns='${SM1}' h='${u - 5}'/>`);
+    client.send(`<r xmlns='${SM1}' u='2'/>`);
+    const answer = await client.until((el) => el.name === 'a' || el.name === 'stream:error');
+    expect(answer.name).toBe('a');
+    const state = await stack.server.sessions.getConnection(
+      (await stack.server.sessions.getResource('mercutio@localhost', 'seed-stale'))?.connectionId as string,
+    );
+    expect((await stack.server.smQueue.counts(state?.sm?.id as string))?.base).toBe(u);
+  });
+
+  it('answers an sm:1 resume whose h is above what was sent with <failed/>, and the session stays resumable', async () => {
+    // Seed, Error Handling: "If an error occurs with regard to an <enable/> or <resume/>
+    // element, the receiving entity MUST return a <failed/> element."
+    const first = await raw('mercutio', 'seed-high');
+    const enabled = await enable(first, SM1, true);
+    const id = enabled.attrs.id as string;
+    first.terminate();
+    await detached(id);
+    const { client } = await authenticated('mercutio');
+    client.send(`<resume xmlns='${SM1}' previd='${id}' h='7'/>`);
+    const refused = await client.next();
+    expect(refused.is('failed', SM1)).toBe(true);
+    expect(failedCondition(refused)).toBe('bad-request');
+    // Seed §5: "the receiving entity SHOULD allow the initiating entity to bind a resource at
+    // this point rather than forcing [it] to restart the stream": the same stream resumes.
+    client.send(`<resume xmlns='${SM1}' previd='${id}' h='0'/>`);
+    expect((await client.next()).is('resumed', SM1)).toBe(true);
   });
 
   it("resumes an sm:1 session and refuses the seed's h='foo'", async () => {
@@ -1569,6 +1614,49 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
       expect(answer).toBe('delivered');
     });
     expect(poor.isClosed).toBe(false);
+  });
+
+  it('answers the client’s own requests past a full queue, and ends its stream rather than leave one unanswered', async () => {
+    // RFC 6120 §8.2.3: an entity that receives an IQ request "MUST reply with an IQ response of
+    // type 'result' or 'error'"; the request is counted handled (its <a h/>), so the client
+    // will not send it again.
+    const poor = await RawClient.connect(small.url);
+    raws.push(poor);
+    await poor.login('poor', 'poor-pw', 'wallet');
+    poor.send(`<enable xmlns='${SM3}' resume='true'/>`);
+    await poor.next();
+    const rich = await RawClient.connect(small.url);
+    raws.push(rich);
+    await rich.login('rich', 'rich-pw', 'mint');
+    for (let i = 1; i <= 3; i++)
+      rich.send(
+        `<message to='poor@localhost/wallet' type='chat' id='w${i}'><body>coin ${i}</body></message>`,
+      );
+    for (let i = 1; i <= 3; i++) await poor.until((el) => el.name === 'message' && el.attrs.id === `w${i}`);
+    // The queue holds SM_QUEUE_MAX (3) unacknowledged stanzas: the client's ping is answered.
+    poor.send(`<iq type='get' id='own-ping' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    const pong = await poor.until((el) => el.name === 'iq' && el.attrs.id === 'own-ping');
+    expect(pong.attrs.type).toBe('result');
+    // So is the error about its own stanza (RFC 6121 §8.5.1: no such user, service-unavailable).
+    poor.send(`<message to='nobody@localhost' type='chat' id='to-nobody'><body>hello?</body></message>`);
+    const bounce = await poor.until((el) => el.name === 'message' && el.attrs.id === 'to-nobody');
+    expect(bounce.attrs.type).toBe('error');
+    expect(bounce.getChild('error')?.getChild('service-unavailable', STANZAS)).toBeDefined();
+    // A client that never acknowledges has its stream ended once even the answers' margin is
+    // used: every request before is answered, none is dropped.
+    for (let i = 0; i < ANSWER_MARGIN; i++)
+      poor.send(`<iq type='get' id='more-${i}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    const answered: string[] = [];
+    for (;;) {
+      const el = await poor.next(15_000);
+      if (el.name === 'iq') answered.push(el.attrs.id);
+      if (el.name === 'stream:error') {
+        expect(el.getChild('policy-violation', STREAMS)).toBeDefined();
+        break;
+      }
+    }
+    // 3 messages + 2 answers above + 48 more fill SM_QUEUE_MAX + ANSWER_MARGIN; the next ends it.
+    expect(answered).toEqual(Array.from({ length: ANSWER_MARGIN - 2 }, (_, i) => `more-${i}`));
   });
 
   it('ends a recipient that stopped acknowledging (SM_ACK_TIMEOUT_SECONDS) and re-routes its queue, bouncing nothing', async () => {
