@@ -107,12 +107,37 @@ const NO_RECORD: LoginRecord = { authFailures: 0, knownAddresses: {} };
  */
 async function admit(stream: Stream, account: string | undefined): Promise<Gate | SaslError> {
   const { server } = stream;
-  const { config } = server;
   const address = stream.state.sourceIp;
   const [record, addressFailures] = await Promise.all([
     account ? server.users.loginRecord(account) : NO_RECORD,
     address ? server.users.addressFailures(address) : 0,
   ]);
+  const refused = judge(stream, record, addressFailures);
+  return refused ?? { record };
+}
+
+/**
+ * SCRAM's client-final is judged again on the counts as they are now: an exchange begun while
+ * the limits let it (many staged on as many connections, their finals sent once the guesses of
+ * the first ones failed) is not checked past them.
+ */
+async function admitAgain(
+  stream: Stream,
+  account: string | undefined,
+  gate: Gate,
+): Promise<Gate | SaslError> {
+  const counts = await stream.server.users.failureCounts(account, stream.state.sourceIp);
+  const record: LoginRecord = {
+    ...gate.record,
+    authFailures: counts.account,
+    ...(counts.lastFailureAt === undefined ? {} : { lastFailureAt: counts.lastFailureAt }),
+  };
+  return judge(stream, record, counts.address) ?? { record };
+}
+
+function judge(stream: Stream, record: LoginRecord, addressFailures: number): SaslError | undefined {
+  const { config } = stream.server;
+  const address = stream.state.sourceIp;
   if (addressFailures >= config.authFailuresPerAddress) {
     return new SaslError(
       'temporary-auth-failure',
@@ -127,7 +152,7 @@ async function admit(stream: Stream, account: string | undefined): Promise<Gate 
       'Too many failed attempts on this account; try again later',
     );
   }
-  return { record };
+  return undefined;
 }
 
 /** Tells observers (metrics) how an attempt ended; `condition` is the `<failure/>` sent. */
@@ -263,17 +288,13 @@ async function scramFinal(stream: Stream, payload: string): Promise<void> {
   const progress = stream.state.sasl;
   if (!progress) throw new SaslError('malformed-request', 'No authentication in progress');
   const state = progress.state as unknown as ScramState;
-  const result = verifyClientFinal(state, payload);
   const account = progress.jid;
+  const gate = await admitAgain(stream, account, { record: { ...NO_RECORD, ...progress.gate } });
+  if (gate instanceof SaslError) return refuse(stream, progress.mechanism, gate);
+  const result = verifyClientFinal(state, payload);
   // Unknown users ran against decoy keys that no proof can match.
   if (!result.ok || !account) return fail(stream, progress.mechanism, account);
-  await succeed(
-    stream,
-    progress.mechanism,
-    account,
-    { record: { ...NO_RECORD, ...progress.gate } },
-    result.serverFinal,
-  );
+  await succeed(stream, progress.mechanism, account, gate, result.serverFinal);
 }
 
 async function auth(stream: Stream, element: Element): Promise<void> {

@@ -25,7 +25,7 @@ import {
 } from '@aws-sdk/lib-dynamodb';
 import type { ScramCredentials, ScramHash } from '../sasl/scram.ts';
 import { TTL_ATTRIBUTE } from '../tables.ts';
-import { isConditionFailure } from './dynamo.ts';
+import { batchGetAll, isConditionFailure } from './dynamo.ts';
 
 const CREDENTIALS = 'credentials';
 const AUTH_FAILURES = 'authfail';
@@ -92,6 +92,14 @@ export interface UserStore {
   /** Counts one failed attempt from a source address; returns the count in its window. */
   recordAddressFailure(address: string, windowSeconds: number): Promise<number>;
   addressFailures(address: string): Promise<number>;
+  /**
+   * The failure counts the limits read again at a login's last step (SCRAM's client-final): the
+   * account's (with when its last failure was) and the address's, in one BatchGetItem.
+   */
+  failureCounts(
+    jid: string | undefined,
+    address: string | undefined,
+  ): Promise<{ account: number; lastFailureAt?: number; address: number }>;
   /**
    * The iteration count the deployment's SCRAM keys were last made with (by the admin CLI or a
    * password change): decoys for unknown users use it, so their challenge looks the same.
@@ -293,6 +301,24 @@ export function createUserStore(
         new GetCommand({ TableName: tableName, Key: addressKey(address), ConsistentRead: true }),
       );
       return liveFailures(Item as AuthFailureItem | undefined);
+    },
+
+    async failureCounts(jid, address) {
+      const keys = [
+        ...(jid ? [{ pk: jid, sk: AUTH_FAILURES }] : []),
+        ...(address ? [addressKey(address)] : []),
+      ];
+      const items = (keys.length > 0
+        ? await batchGetAll(doc, tableName, keys, { consistent: true })
+        : []) as unknown as AuthFailureItem[];
+      const accountItem = jid ? items.find((item) => item.pk === jid) : undefined;
+      const addressItem = address ? items.find((item) => item.pk === addressKey(address).pk) : undefined;
+      const account = liveFailures(accountItem);
+      return {
+        account,
+        ...(account > 0 && accountItem?.lastAt !== undefined ? { lastFailureAt: accountItem.lastAt } : {}),
+        address: liveFailures(addressItem),
+      };
     },
 
     async rememberAddress(jid, address, known) {

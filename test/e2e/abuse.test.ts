@@ -10,6 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RawClient } from '../../infra/local/raw-client.ts';
 import { deriveScramCredentials } from '../../shared/sasl/scram.ts';
 import { eventually } from '../support/eventually.ts';
+import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 
 const SASL = 'urn:ietf:params:xml:ns:xmpp-sasl';
@@ -72,6 +73,41 @@ describe('guessing from one address', () => {
     expect(condition(await attempt('127.0.0.3', 'grace', 'grace-secret'))).toBe('success');
     // Refused attempts are not counted: the address's window does not grow.
     expect(await stack.server.users.addressFailures('127.0.0.2')).toBe(10);
+  });
+
+  it('judges a SCRAM exchange again at its last step: ones staged before the limit are not checked past it', async () => {
+    // RFC 6120 §6.4.5 lets a server limit retries; staging many client-firsts while the address
+    // has no failures, then sending the finals, must not get more guesses checked than the limit.
+    const staged: { client: RawClient; clientFirst: string; serverFirst: string }[] = [];
+    for (let i = 0; i < 12; i++) {
+      const client = await connectFrom('127.0.0.4');
+      const clientFirst = scramClientFirst('heidi', `staged-nonce-${i}`);
+      client.send(
+        `<auth xmlns='${SASL}' mechanism='SCRAM-SHA-256'>${Buffer.from(clientFirst).toString('base64')}</auth>`,
+      );
+      const challenge = await client.next();
+      expect(challenge.name).toBe('challenge');
+      staged.push({
+        client,
+        clientFirst,
+        serverFirst: Buffer.from(challenge.getText(), 'base64').toString(),
+      });
+    }
+    const final = (at: number, password: string) => {
+      const { client, clientFirst, serverFirst } = staged[at] as (typeof staged)[number];
+      const { message } = scramClientFinal({ hash: 'sha256', password, clientFirst, serverFirst });
+      client.send(`<response xmlns='${SASL}'>${Buffer.from(message).toString('base64')}</response>`);
+      return client.next();
+    };
+    for (let i = 0; i < 10; i++) await final(i, `guess-${i}`);
+    expect(await stack.server.users.addressFailures('127.0.0.4')).toBe(10);
+    // The right password on an exchange begun before the limit: refused unchecked now.
+    const refused = await final(10, 'heidi-secret');
+    expect(condition(refused)).toBe('temporary-auth-failure');
+    expect(refused.getChildText('text')).toMatch(/your address/);
+    // A wrong one likewise, and not counted.
+    expect(condition(await final(11, 'guess-11'))).toBe('temporary-auth-failure');
+    expect(await stack.server.users.addressFailures('127.0.0.4')).toBe(10);
   });
 
   it('answers an unknown account from a throttled address exactly as an existing one', async () => {
