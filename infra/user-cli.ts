@@ -20,7 +20,7 @@ import { createArchiveStore } from '../shared/store/archive.ts';
 import { createDocumentClient } from '../shared/store/dynamo.ts';
 import { createOfflineStore } from '../shared/store/offline.ts';
 import { createRosterStore } from '../shared/store/roster.ts';
-import { createSessionStore } from '../shared/store/sessions.ts';
+import { createSessionStore, MAX_LOCALPART_BYTES } from '../shared/store/sessions.ts';
 import { createUserStore, UnknownUserError, UserExistsError } from '../shared/store/users.ts';
 import {
   allTables,
@@ -169,6 +169,10 @@ export function parseAccountJid(text: string, servedDomain: string): string {
   }
   if (Buffer.byteLength(local) > MAX_PART_BYTES || Buffer.byteLength(domain) > MAX_PART_BYTES) {
     throw new UsageError(`'${text}': localpart and domain are limited to ${MAX_PART_BYTES} bytes each`);
+  }
+  // Nimbus's own, lower bound: the account's JID is part of DynamoDB keys (see MAX_LOCALPART_BYTES).
+  if (Buffer.byteLength(local) > MAX_LOCALPART_BYTES) {
+    throw new UsageError(`'${text}': Nimbus limits a localpart to ${MAX_LOCALPART_BYTES} bytes`);
   }
   if (domain !== servedDomain) {
     throw new UsageError(

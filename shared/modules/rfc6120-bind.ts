@@ -13,6 +13,7 @@ import { StanzaError, StreamError } from '../errors.ts';
 import { parseJid } from '../jid.ts';
 import {
   fitsResourceKey,
+  MAX_RESOURCE_BYTES,
   ResourceBusyError,
   type ResourceRecord,
   ResourceTakenError,
@@ -104,7 +105,8 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
   let resource: string;
   try {
     resource = generated ?? parseJid(`${user}/${wanted}`).resource;
-    if (!fitsResourceKey(resource)) throw new Error('resource too long for this server');
+    if (Buffer.byteLength(resource, 'utf8') > MAX_RESOURCE_BYTES || !fitsResourceKey(resource))
+      throw new Error('resource too long for this server');
   } catch {
     // RFC 6120 §7.7.2.1: a resource that cannot be processed is bad-request.
     const reply = errorReplyTo(stanza, new StanzaError('modify', 'bad-request', 'Invalid resource'));

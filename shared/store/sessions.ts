@@ -376,8 +376,18 @@ const resourceKey = (user: string, resource: string) => ({ pk: `user#${user}`, s
 const availKey = (user: string) => ({ pk: `user#${user}`, sk: 'avail' });
 
 /**
- * DynamoDB sort keys hold at most 1024 bytes, so a bound resource may have 1020 (RFC 7622
- * allows 1023): bind refuses longer ones, and no such resource is ever online.
+ * The longest resource bind accepts (RFC 7622 allows 1023 bytes). A full JID is part of
+ * DynamoDB sort keys of 1024 bytes (a resource row's, XEP-0136's collections with a contact):
+ * with a localpart of at most MAX_LOCALPART_BYTES and a DNS domain it always fits.
+ */
+export const MAX_RESOURCE_BYTES = 256;
+
+/** The longest localpart the user CLI creates an account with (see MAX_RESOURCE_BYTES). */
+export const MAX_LOCALPART_BYTES = 256;
+
+/**
+ * DynamoDB sort keys hold at most 1024 bytes: a resource row's key fits a resource of 1020
+ * bytes; names longer than that (never bound) are skipped where rows are listed by name.
  */
 export function fitsResourceKey(resource: string): boolean {
   return Buffer.byteLength(`res#${resource}`, 'utf8') <= 1024;

@@ -151,6 +151,26 @@ describe('hostile grid', () => {
       `<store xmlns='${ARCHIVE}' with='a@b' start='10000-01-01T00:00:00Z'/>`,
       'bad-request',
     ],
+    // A `with` that cannot be a collection's key (a valid JID of three 1023-byte parts less
+    // a little): refused as a request, never a crash of the store.
+    [
+      'a store with a 1,000-byte resource in with',
+      'set',
+      `<store xmlns='${ARCHIVE}' with='a@b/${'r'.repeat(1000)}' start='2024-01-01T00:00:00Z'><from secs='0'><body>x</body></from></store>`,
+      'bad-request',
+    ],
+    [
+      'a retrieve with a 1,000-byte resource in with',
+      'get',
+      `<retrieve xmlns='${ARCHIVE}' with='a@b/${'r'.repeat(1000)}' start='2024-01-01T00:00:00Z'/>`,
+      'bad-request',
+    ],
+    [
+      'a list with a 1,000-byte with',
+      'get',
+      `<list xmlns='${ARCHIVE}' with='a@b/${'r'.repeat(1000)}'/>`,
+      'bad-request',
+    ],
     ['start=yesterday', 'get', `<retrieve xmlns='${ARCHIVE}' with='a@b' start='yesterday'/>`, 'bad-request'],
     ['a retrieve without start', 'get', `<retrieve xmlns='${ARCHIVE}' with='a@b'/>`, 'bad-request'],
     ['an unknown archive child of list', 'get', `<list xmlns='${ARCHIVE}'><frob/></list>`, 'bad-request'],

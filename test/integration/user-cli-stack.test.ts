@@ -143,6 +143,11 @@ describe('commands against the stack', () => {
     const wrongDomain = await cli(['--stack', STACK, 'add', 'alice@localhost', 'pw']);
     expect(wrongDomain.code).toBe(1);
     expect(wrongDomain.err[0]).toMatch(/not in the served domain 'chat.example.org'/);
+    // A localpart Nimbus's keys hold (RFC 7622 allows 1023 bytes; Nimbus 256).
+    expect((await cli(['--stack', STACK, 'add', `${'l'.repeat(256)}@chat.example.org`, 'pw'])).code).toBe(0);
+    const long = await cli(['--stack', STACK, 'add', `${'l'.repeat(257)}@chat.example.org`, 'pw']);
+    expect(long.code).toBe(1);
+    expect(long.err[0]).toMatch(/limits a localpart to 256 bytes/);
   });
 
   it('lists the online sessions', async () => {

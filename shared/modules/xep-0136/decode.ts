@@ -298,9 +298,23 @@ function decodeStoreContent(store: Element): { entries: ManualEntry[]; keys: Enc
 
 const FORBIDDEN_IN_MESSAGES = new Set(['jabber:x:delay', 'jabber:x:event', NS.chatStates]);
 
+/**
+ * The longest `with` a collection can have: its JID is part of DynamoDB sort keys, which hold
+ * 1024 bytes (`c#`, the 24-character start and a `/` before it). Accounts and bound resources
+ * are short enough for any two of them (MAX_RESOURCE_BYTES); a client's own JID may be longer.
+ */
+export const MAX_WITH_BYTES = 1024 - 'c#'.length - 24 - 1;
+
+function fittingWith(el: Element, jid: string): string {
+  if (Buffer.byteLength(jid, 'utf8') > MAX_WITH_BYTES)
+    throw badRequest(`<${el.name}/>'s 'with' is over ${MAX_WITH_BYTES} bytes`);
+  return jid;
+}
+
 function collectionRef(el: Element): { with: string; start: number } {
-  const withJid = jidAttr(el, 'with');
-  if (withJid === undefined) throw badRequest(`<${el.name}/> needs 'with'`);
+  const found = jidAttr(el, 'with');
+  if (found === undefined) throw badRequest(`<${el.name}/> needs 'with'`);
+  const withJid = fittingWith(el, found);
   const start = dateTime(el, 'start');
   if (start === undefined) throw badRequest(`<${el.name}/> needs 'start'`);
   return { with: withJid, start };
@@ -310,7 +324,11 @@ function range(el: Element): { with?: WithFilter; start?: number; end?: number }
   const withText = attr(el, 'with');
   const start = dateTime(el, 'start');
   const end = dateTime(el, 'end');
-  return { with: withText === undefined ? undefined : withFilter(withText), start, end };
+  return {
+    with: withText === undefined ? undefined : withFilter(fittingWith(el, withText)),
+    start,
+    end,
+  };
 }
 
 /** Decodes the one archive element an iq carries; `type` is the iq's. */
