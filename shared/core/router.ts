@@ -26,6 +26,24 @@ import {
 import { errorReplyTo, iqResult, removeForgedDelay, stampDelay } from './stanzas.ts';
 import { isTransient, withTransientRetries } from './transient.ts';
 
+/**
+ * The error for a stanza the server gave up on outside its sender's frame (a re-route), sent
+ * to the sender's full JID when it is a session of this server still bound; otherwise dropped
+ * (an error is never stored).
+ */
+async function bounceToLocalSender(server: Server, stanza: Element, error: StanzaError): Promise<void> {
+  const reply = errorReplyTo(stanza, error);
+  if (!reply || !stanza.attrs.from) return;
+  const sender = parseJid(stanza.attrs.from);
+  if (!sender.local || !sender.resource || sender.domain !== server.config.domain) return;
+  const resource = await server.sessions.getResource(bareJid(sender), sender.resource);
+  try {
+    if (resource) await deliver(server, resource, reply);
+  } catch (failure) {
+    if (!(failure instanceof StanzaError)) throw failure;
+  }
+}
+
 /** Replies to a stanza with an error unless it is itself an error (or an iq result). */
 export async function replyWithError(
   stream: BoundStream,
@@ -471,16 +489,16 @@ async function rerouteOne(server: Server, user: string, entry: UndeliveredStanza
       (stanza.attrs.type === 'get' || stanza.attrs.type === 'set') &&
       stanza.attrs.from
     ) {
-      const requester = parseJid(stanza.attrs.from);
-      const reply = errorReplyTo(stanza, new StanzaError('cancel', 'service-unavailable'));
-      if (reply && requester.local && requester.resource && requester.domain === server.config.domain) {
-        const resource = await server.sessions.getResource(bareJid(requester), requester.resource);
-        if (resource) await deliver(server, resource, reply);
-      }
+      await bounceToLocalSender(server, stanza, new StanzaError('cancel', 'service-unavailable'));
     }
   } catch (error) {
     if (!(error instanceof StanzaError)) throw error;
-    server.log.info('undelivered stanza dropped on re-route', { user, condition: error.condition });
+    // XEP-0198 §4: unacknowledged stanzas are treated "in the same way that [the server] would
+    // treat a stanza sent to an unavailable resource, by either returning an error to the
+    // sender, ...": a message routing refuses now (groupchat, an account deleted meanwhile)
+    // is bounced to its sender as it would have been then.
+    server.log.info('undelivered stanza refused on re-route', { user, condition: error.condition });
+    if (stanza.name === 'message') await bounceToLocalSender(server, stanza, error);
   }
   // Recorded before the next one: a failure later on resumes after this stanza, not before it.
   await done?.();

@@ -1463,6 +1463,29 @@ describe('expiry', () => {
     expect(await stack.server.offline.count('lawrence@localhost')).toBe(0);
   });
 
+  it('bounces a groupchat message left unacknowledged by an expired session to its sender', async () => {
+    // XEP-0198 §4: the server SHOULD treat unacknowledged stanzas "in the same way that it would
+    // treat a stanza sent to an unavailable resource, by either returning an error to the
+    // sender, delivery to an alternate resource, or committing the stanza to offline storage";
+    // a groupchat to an unavailable resource is service-unavailable (RFC 6121 §8.5.3.2.1).
+    await stack.addUser('laurence@localhost', 'laurence-pw');
+    const client = await raw('laurence', 'cell');
+    client.send(`<enable xmlns='${SM3}' resume='true' max='${WINDOW_SECONDS}'/>`);
+    const enabled = await client.next();
+    const sender = await raw('romeo', 'to-laurence');
+    sender.send(
+      `<message to='laurence@localhost/cell' type='groupchat' id='gc1'><body>to the cell</body></message>`,
+    );
+    await client.until((el) => el.attrs.id === 'gc1');
+    client.terminate();
+    await detached(enabled.attrs.id as string);
+    await sweep(stack.server, afterWindow(WINDOW_SECONDS));
+    const bounce = await sender.until((el) => el.name === 'message' && el.attrs.id === 'gc1');
+    expect(bounce.attrs).toMatchObject({ type: 'error', from: 'laurence@localhost/cell' });
+    expect(bounce.getChild('error')?.getChild('service-unavailable', STANZAS)).toBeDefined();
+    expect(await stack.server.offline.count('laurence@localhost')).toBe(0);
+  });
+
   it('does not store a second time a flooded message that expires unacknowledged', async () => {
     await stack.addUser('balthasar@localhost', 'balthasar-pw');
     const sender = await raw('romeo', 'to-balthasar');
