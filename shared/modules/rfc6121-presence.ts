@@ -110,13 +110,20 @@ async function deliverDirected(server: Server, to: Jid, stanza: Element): Promis
   }
 }
 
-/** Bounded: a session that directs presence at more JIDs than this stops tracking new ones. */
-const MAX_DIRECTED = 100;
+/**
+ * Bounded: a session that directs presence at more JIDs than this, or at JIDs of more bytes in
+ * all, stops tracking new ones. The list lives on the connection row (and the stream-management
+ * item at a detach), which every frame rewrites: its size is billed on each.
+ */
+export const MAX_DIRECTED = 100;
+export const MAX_DIRECTED_BYTES = 8 * 1024;
 
 function rememberDirected(stream: BoundStream, jid: string, available: boolean): void {
   const current = stream.state.directedTo ?? [];
+  const bytes = current.reduce((sum, entry) => sum + Buffer.byteLength(entry, 'utf8'), 0);
+  const full = current.length >= MAX_DIRECTED || bytes + Buffer.byteLength(jid, 'utf8') > MAX_DIRECTED_BYTES;
   const next = available
-    ? current.includes(jid) || current.length >= MAX_DIRECTED
+    ? current.includes(jid) || full
       ? current
       : [...current, jid]
     : current.filter((entry) => entry !== jid);

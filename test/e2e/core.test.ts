@@ -8,6 +8,7 @@ import { xml } from '@xmpp/client';
 import { parse } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RawClient } from '../../infra/local/raw-client.ts';
+import { MAX_DIRECTED_BYTES } from '../../shared/modules/rfc6121-presence.ts';
 import { encodeSaslPayload } from '../../shared/sasl/scram.ts';
 import { eventually } from '../support/eventually.ts';
 import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
@@ -387,6 +388,25 @@ describe('RFC 6121 presence and chat', () => {
         s.is('presence') && s.attrs.from === 'alice@localhost/directed' && s.attrs.type === 'unavailable',
     );
     expect(gone.attrs.to).toBe('bob@localhost/directed');
+  });
+
+  it('remembers directed presence for at most 8 KB of JIDs (the row every frame rewrites)', async () => {
+    // RFC 6121 §4.6.3 asks the server to tell them when the session ends; the list is bounded
+    // (README, Limits): past it, new recipients get the presence but are not remembered.
+    const sender = await RawClient.connect(stack.url);
+    await sender.login('alice', 'alice-secret', 'many');
+    for (let i = 0; i < 40; i++)
+      sender.send(`<presence to='${'x'.repeat(240)}${i}@localhost/${'r'.repeat(200)}'/>`);
+    await sender.framesBeforePong();
+    const row = await stack.server.sessions.getResource('alice@localhost', 'many');
+    const state = await stack.server.sessions.getConnection(row?.connectionId as string);
+    const remembered = state?.directedTo ?? [];
+    const bytes = remembered.reduce((sum, jid) => sum + Buffer.byteLength(jid), 0);
+    expect(bytes).toBeLessThanOrEqual(MAX_DIRECTED_BYTES);
+    // As many as fit, the first ones, in order.
+    expect(remembered.length).toBe(Math.floor(MAX_DIRECTED_BYTES / Buffer.byteLength(remembered[0] ?? 'x')));
+    expect(remembered[0]).toBe(`${'x'.repeat(240)}0@localhost/${'r'.repeat(200)}`);
+    sender.terminate();
   });
 
   it('announces unavailable to the other resources when a socket vanishes', async () => {
