@@ -57,6 +57,9 @@ async function broadcastToOwnResources(
   return resources;
 }
 
+/** The largest available presence a session may broadcast (its status, caps, avatar hash…). */
+export const MAX_PRESENCE_BYTES = 8 * 1024;
+
 /** RFC 6121 §4.7.1's values of 'type' (none: available). */
 const PRESENCE_TYPES = new Set([
   'error',
@@ -76,6 +79,14 @@ async function presenceFromClient(event: StanzaEvent): Promise<typeof HANDLED> {
   if (type !== undefined && !PRESENCE_TYPES.has(type))
     throw new StanzaError('modify', 'bad-request', `unknown presence type '${type}'`);
   if (event.self) {
+    // The broadcast presence is kept on the resource row, which every message to the user's bare
+    // JID, every probe answer and every contact's presence broadcast reads.
+    if (type === undefined && Buffer.byteLength(stanza.toString(), 'utf8') > MAX_PRESENCE_BYTES)
+      throw new StanzaError(
+        'modify',
+        'policy-violation',
+        `presence is limited to ${MAX_PRESENCE_BYTES} bytes`,
+      );
     if (type === undefined) await becomeAvailable(stream, stanza);
     else if (type === 'unavailable') await becomeUnavailable(stream, stanza);
     // Subscription requests and probes to oneself: "No self contacts" (the roster refuses the

@@ -8,7 +8,7 @@ import { xml } from '@xmpp/client';
 import { parse } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RawClient } from '../../infra/local/raw-client.ts';
-import { MAX_DIRECTED_BYTES } from '../../shared/modules/rfc6121-presence.ts';
+import { MAX_DIRECTED_BYTES, MAX_PRESENCE_BYTES } from '../../shared/modules/rfc6121-presence.ts';
 import { encodeSaslPayload } from '../../shared/sasl/scram.ts';
 import { eventually } from '../support/eventually.ts';
 import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
@@ -407,6 +407,23 @@ describe('RFC 6121 presence and chat', () => {
     expect(remembered.length).toBe(Math.floor(MAX_DIRECTED_BYTES / Buffer.byteLength(remembered[0] ?? 'x')));
     expect(remembered[0]).toBe(`${'x'.repeat(240)}0@localhost/${'r'.repeat(200)}`);
     sender.terminate();
+  });
+
+  it('refuses a broadcast presence over 8 KB with policy-violation, keeping the one before', async () => {
+    // RFC 6120 §8.3.3.12 <policy-violation/>: "the entity has violated some local service
+    // policy"; the presence is stored on the resource row that routing reads (README, Limits).
+    const client = await RawClient.connect(stack.url);
+    await client.login('alice', 'alice-secret', 'chatty');
+    client.send(`<presence><status>here</status></presence>`);
+    await client.until((el) => el.name === 'presence' && el.attrs.from === 'alice@localhost/chatty');
+    client.send(`<presence id='big'><status>${'s'.repeat(MAX_PRESENCE_BYTES)}</status></presence>`);
+    const refused = await client.until((el) => el.attrs.id === 'big');
+    expect(refused.attrs.type).toBe('error');
+    expect(refused.getChild('error')?.getChild('policy-violation', STANZAS)).toBeDefined();
+    const row = await stack.server.sessions.getResource('alice@localhost', 'chatty');
+    expect(row?.available).toBe(true);
+    expect(parse(row?.presence as string).getChildText('status')).toBe('here');
+    client.terminate();
   });
 
   it('announces unavailable to the other resources when a socket vanishes', async () => {
