@@ -145,7 +145,9 @@ function asStanzaError(error: unknown, requester: string): unknown {
     return new StanzaError(
       'cancel',
       'not-allowed',
-      `Your roster is full (at most ${error.limit} ${error.kind === 'items' ? 'items' : 'pending requests'})`,
+      error.kind === 'bytes'
+        ? `Your roster is full (its items may take at most ${error.limit} bytes, to fit one roster result)`
+        : `Your roster is full (at most ${error.limit} ${error.kind === 'items' ? 'items' : 'pending requests'})`,
     );
   }
   if (error instanceof RosterContentionError) {

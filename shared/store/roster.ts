@@ -106,13 +106,43 @@ export interface PairSnapshot {
 export interface RosterLimits {
   /** Roster items per user; also, separately, unlisted pending requests per user. */
   maxItems: number;
+  /** The roster result's bytes (itemBytes of every item); default ROSTER_MAX_BYTES. */
+  maxBytes?: number;
+}
+
+/**
+ * The most a roster's items may take in a roster result (RFC 6121 §2.1.3: one iq), under API
+ * Gateway's 128 KB message with room for the iq around them and a push's margin.
+ */
+export const ROSTER_MAX_BYTES = 120 * 1024;
+
+const SPECIAL = /[&<>'"]/g;
+
+/** `text`'s bytes in XML, every special character escaped (at most 6 bytes each). */
+function xmlBytes(text: string): number {
+  return Buffer.byteLength(text, 'utf8') + 5 * (text.match(SPECIAL)?.length ?? 0);
+}
+
+/**
+ * What a roster item takes in a roster result, at most: its JID, name and groups escaped, and
+ * the markup (`<item jid='' name='' subscription='none' ask='subscribe' approved='true'>`,
+ * `<group></group>` each). An unlisted entry (a pending request only) takes none.
+ */
+export function itemBytes(entry: RosterEntry | undefined): number {
+  if (!entry?.listed) return 0;
+  return (
+    80 +
+    xmlBytes(entry.contact) +
+    (entry.name === undefined ? 0 : 8 + xmlBytes(entry.name)) +
+    entry.groups.reduce((sum, group) => sum + 15 + xmlBytes(group), 0)
+  );
 }
 
 /** A roster at its bound: the named owner's roster cannot take another item (or request). */
 export class RosterFullError extends Error {
   constructor(
     readonly owner: string,
-    readonly kind: 'items' | 'requests',
+    readonly kind: 'items' | 'requests' | 'bytes',
     readonly limit: number,
   ) {
     super(`roster of ${owner} is full (${limit} ${kind})`);
@@ -165,6 +195,8 @@ interface Meta {
   epoch?: string;
   items: number;
   requests: number;
+  /** The items' itemBytes; counted from the first change made by a version that counts them. */
+  bytes: number;
 }
 
 /**
@@ -182,6 +214,7 @@ function toMeta(item: Record<string, unknown> | undefined): Meta {
     epoch: item?.epoch as string | undefined,
     items: Math.max(0, (item?.items as number | undefined) ?? 0),
     requests: Math.max(0, (item?.requests as number | undefined) ?? 0),
+    bytes: Math.max(0, (item?.bytes as number | undefined) ?? 0),
   };
 }
 
@@ -263,6 +296,7 @@ export function createRosterStore(
   table: string,
   limits: RosterLimits,
 ): RosterStore {
+  const maxBytes = limits.maxBytes ?? ROSTER_MAX_BYTES;
   async function readPair(
     user: string,
     contact: string,
@@ -298,7 +332,7 @@ export function createRosterStore(
     before: StoredRosterEntry | undefined,
     change: EntryChange,
     meta: Meta,
-  ): { writes: TransactItem[]; result: SideResult; bound?: 'items' | 'requests' } {
+  ): { writes: TransactItem[]; result: SideResult; bound?: Bound } {
     const unchanged = {
       writes: [],
       result: { before, after: before, itemChanged: false, version: versionString(meta) },
@@ -326,13 +360,15 @@ export function createRosterStore(
     const itemsDelta = Number(after?.listed === true) - Number(before?.listed === true);
     const requestsDelta =
       Number(after !== undefined && !after.listed) - Number(before !== undefined && !before.listed);
+    const bytesDelta = itemBytes(after) - itemBytes(before);
     const next: Meta = {
       v: meta.v + (itemChanged ? 1 : 0),
       epoch: meta.epoch ?? randomBytes(4).toString('hex'),
       items: meta.items + itemsDelta,
       requests: meta.requests + requestsDelta,
+      bytes: meta.bytes + bytesDelta,
     };
-    if (itemChanged || itemsDelta !== 0 || requestsDelta !== 0) {
+    if (itemChanged || itemsDelta !== 0 || requestsDelta !== 0 || bytesDelta !== 0) {
       const conditions: string[] = [];
       const names: Record<string, string> = { '#items': 'items', '#requests': 'requests' };
       const values: Record<string, unknown> = { ':items': itemsDelta, ':requests': requestsDelta };
@@ -355,6 +391,15 @@ export function createRosterStore(
       if (itemsDelta > 0) conditions.push('(attribute_not_exists(#items) OR #items < :max)');
       if (requestsDelta > 0) conditions.push('(attribute_not_exists(#requests) OR #requests < :max)');
       if (itemsDelta > 0 || requestsDelta > 0) values[':max'] = limits.maxItems;
+      if (bytesDelta !== 0) {
+        names['#bytes'] = 'bytes';
+        adds.push('#bytes :bytes');
+        values[':bytes'] = bytesDelta;
+      }
+      if (bytesDelta > 0) {
+        conditions.push('(attribute_not_exists(#bytes) OR #bytes <= :room)');
+        values[':room'] = maxBytes - bytesDelta;
+      }
       writes.push({
         Update: {
           TableName: table,
@@ -366,7 +411,9 @@ export function createRosterStore(
         },
       });
     }
-    const bound = itemsDelta > 0 ? 'items' : requestsDelta > 0 ? 'requests' : undefined;
+    const kind = itemsDelta > 0 ? 'items' : requestsDelta > 0 ? 'requests' : undefined;
+    const bound: Bound | undefined =
+      kind || bytesDelta > 0 ? { ...(kind ? { kind } : {}), bytes: Math.max(0, bytesDelta) } : undefined;
     return {
       writes,
       result: { before, after, itemChanged, version: versionString(itemChanged ? next : meta) },
@@ -458,8 +505,12 @@ export function createRosterStore(
           if (full) {
             const fresh = await readPair(user, contact, options.contactIsLocal);
             const meta = full.owner === user ? fresh.userMeta : fresh.contactMeta;
-            const count = full.kind === 'items' ? meta.items : meta.requests;
-            if (count >= limits.maxItems) throw new RosterFullError(full.owner, full.kind, limits.maxItems);
+            const { kind, bytes } = full.bound;
+            const count = kind === 'items' ? meta.items : kind === 'requests' ? meta.requests : 0;
+            if (kind && count >= limits.maxItems)
+              throw new RosterFullError(full.owner, kind, limits.maxItems);
+            if (bytes > 0 && meta.bytes + bytes > maxBytes)
+              throw new RosterFullError(full.owner, 'bytes', maxBytes);
           }
         }
       }
@@ -468,21 +519,27 @@ export function createRosterStore(
   };
 }
 
-/** The side whose meta write failed while it was adding an item or a request, if any. */
+/** What a side's meta write is bounded by: a count it adds to, and the bytes it adds. */
+interface Bound {
+  kind?: 'items' | 'requests';
+  bytes: number;
+}
+
+/** The side whose meta write failed while it was adding an item, a request or bytes, if any. */
 function fullSide(
   reasons: { Code?: string }[],
-  userSide: { writes: TransactItem[]; bound?: 'items' | 'requests' },
-  contactSide: { writes: TransactItem[]; bound?: 'items' | 'requests' } | undefined,
+  userSide: { writes: TransactItem[]; bound?: Bound },
+  contactSide: { writes: TransactItem[]; bound?: Bound } | undefined,
   user: string,
   contact: string,
-): { owner: string; kind: 'items' | 'requests' } | undefined {
+): { owner: string; bound: Bound } | undefined {
   const failed = (index: number) => reasons[index]?.Code === 'ConditionalCheckFailed';
   // Each side's writes are [entry, meta?]; the meta write is the side's second one.
   if (userSide.bound && userSide.writes.length === 2 && failed(1))
-    return { owner: user, kind: userSide.bound };
+    return { owner: user, bound: userSide.bound };
   const offset = userSide.writes.length;
   if (contactSide?.bound && contactSide.writes.length === 2 && failed(offset + 1)) {
-    return { owner: contact, kind: contactSide.bound };
+    return { owner: contact, bound: contactSide.bound };
   }
   return undefined;
 }

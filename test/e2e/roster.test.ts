@@ -211,6 +211,44 @@ describe('RFC 6121 §2.3.3 and §2.1.5 errors (raw frames)', () => {
   });
 });
 
+describe('a roster as large as one roster result can carry', () => {
+  let big: TestStack;
+  beforeAll(async () => {
+    big = await startTestStack();
+    await big.addUser('kay@localhost', 'kay-pw');
+  });
+  afterAll(() => big?.close());
+
+  it('refuses the item whose bytes would not fit one roster result; the roster still loads', async () => {
+    // RFC 6121 §2.1.3: the roster is returned in one iq result, which must fit one WebSocket
+    // message (API Gateway: 128 KB). Items of about 2 KB (a name and a group of 950 bytes each:
+    // README's 2 KB per item) fill ROSTER_MAX_BYTES long before ROSTER_MAX_ITEMS.
+    const kay = await Peer.login(big.url, 'kay', 'kay-pw', 'collector');
+    peers.push(kay);
+    const name = 'n'.repeat(950);
+    const group = 'g'.repeat(950);
+    let added = 0;
+    let refused: Element | undefined;
+    while (!refused && added < 100) {
+      const id = `big${added}`;
+      const reply = await kay.iq(
+        `<iq type='set' id='${id}'><query xmlns='${ROSTER}'><item jid='contact${added}@localhost' name='${name}'><group>${group}</group></item></query></iq>`,
+        id,
+      );
+      if (reply.attrs.type === 'result') added += 1;
+      else refused = reply;
+    }
+    expect(refused && condition(refused)).toBe('not-allowed');
+    expect(refused?.getChild('error')?.getChildText('text', STANZAS)).toMatch(/^Your roster is full .*bytes/);
+    // About 2,000 bytes an item in 120 KB.
+    expect(added).toBeGreaterThan(55);
+    expect(added).toBeLessThan(65);
+    const roster = await kay.iq(`<iq type='get' id='load'><query xmlns='${ROSTER}'/></iq>`, 'load');
+    expect(roster.attrs.type).toBe('result');
+    expect(roster.getChild('query', ROSTER)?.getChildren('item')).toHaveLength(added);
+  });
+});
+
 describe('RFC 6121 §2.6 roster versioning (raw frames)', () => {
   it('advertises rosterver and pre-approval with bind', async () => {
     const raw = await RawClient.connect(stack.url);

@@ -12,6 +12,7 @@ import {
 import { createDocumentClient, DynamoMeter } from '../../shared/store/dynamo.ts';
 import {
   createRosterStore,
+  itemBytes,
   type RosterEntry,
   RosterFullError,
   type RosterStore,
@@ -228,6 +229,30 @@ describe('bounds', () => {
     expect((await small.getRoster(user)).items.map((e) => e.contact).sort()).toEqual(
       [contacts[0], contacts[2], contacts[3]].sort(),
     );
+  });
+
+  it('refuses an item past maxBytes (the roster result must fit one post), counting renames and removals', async () => {
+    const user = fresh('bytes');
+    const [a, b, c] = [fresh('a'), fresh('b'), fresh('c')];
+    const named = (contact: string, name: string) => item(contact, { name, groups: ['g'] });
+    // Room for two such items, not three.
+    const room = itemBytes(named(a, 'x'.repeat(300))) * 2 + 10;
+    const small = createRosterStore(doc, table, { maxItems: 1000, maxBytes: room });
+    await setItem(small, user, named(a, 'x'.repeat(300)));
+    await setItem(small, user, named(b, 'x'.repeat(300)));
+    await expect(setItem(small, user, named(c, 'x'.repeat(300)))).rejects.toMatchObject({
+      name: 'RosterFullError',
+      owner: user,
+      kind: 'bytes',
+      limit: room,
+    });
+    // Growing an item's name past the room is refused the same way; shrinking frees room.
+    await expect(setItem(small, user, named(a, 'x'.repeat(320)))).rejects.toMatchObject({ kind: 'bytes' });
+    await setItem(small, user, named(a, 'short'));
+    await setItem(small, user, named(c, 'x'.repeat(150)));
+    await small.apply(user, b, { contactIsLocal: false }, () => ({ user: null, outcome: undefined }));
+    await setItem(small, user, named(b, 'x'.repeat(300)));
+    expect((await small.getRoster(user)).items.map((e) => e.contact).sort()).toEqual([a, b, c].sort());
   });
 
   it('a contact JID too long for a sort key is never looked up', async () => {
