@@ -471,7 +471,7 @@ async function serve(
       return undefined;
     case 'keys': {
       const page = await archive.listKeys(owner, decoded.keyName, decoded.page);
-      return encodeKeys(page);
+      return fitToPost(page, encodeKeys, (key) => key.ref ?? '', decoded.page);
     }
     case 'delete': {
       const deleted = await archive.deleteKeys(
@@ -574,12 +574,35 @@ async function updatePrefs(
 ): Promise<PrefsChange> {
   for (let attempt = 0; ; attempt++) {
     const before = await server.archive.getPrefs(owner);
+    const next = applyPrefChange(before, change, policy);
+    checkPrefsSize(before, next);
     try {
-      return { before, after: await server.archive.putPrefs(owner, applyPrefChange(before, change, policy)) };
+      return { before, after: await server.archive.putPrefs(owner, next) };
     } catch (error) {
       if (!(error instanceof PrefsVersionConflictError) || attempt >= 3) throw error;
     }
   }
+}
+
+/**
+ * The preferences are one item, read for every message archived for the user (and every one
+ * stored offline for them), and answered in one `<pref/>`: a change that grows them past
+ * MAX_PREF_ITEMS per-contact modes or MAX_PREF_BYTES is refused; one that shrinks them is not.
+ */
+export const MAX_PREF_ITEMS = 500;
+export const MAX_PREF_BYTES = 64 * 1024;
+
+function checkPrefsSize(before: ArchivePrefs, next: ArchivePrefs): void {
+  const count = (prefs: ArchivePrefs) => Object.keys(prefs.items).length;
+  const bytes = (prefs: ArchivePrefs) =>
+    Buffer.byteLength(JSON.stringify([prefs.default, prefs.items, prefs.methods]), 'utf8');
+  const over = count(next) > MAX_PREF_ITEMS || bytes(next) > MAX_PREF_BYTES;
+  if (over && (count(next) > count(before) || bytes(next) > bytes(before)))
+    throw new StanzaError(
+      'cancel',
+      'not-acceptable',
+      `Archiving preferences are limited to ${MAX_PREF_ITEMS} items and ${MAX_PREF_BYTES} bytes`,
+    );
 }
 
 const sameMode = (a: Mode | undefined, b: Mode | undefined) => JSON.stringify(a) === JSON.stringify(b);

@@ -108,6 +108,8 @@ export interface EncryptedKeyInput {
 
 export interface StoredEncryptedKey extends EncryptedKeyInput {
   collection: CollectionRef;
+  /** Its UID in a `<keys/>` page (XEP-0059 `<first/>`, `<last/>`): set by `listKeys`. */
+  ref?: string;
 }
 
 /** The collection recorded automatically with one full JID, and its last entry. */
@@ -226,6 +228,21 @@ export function timeKey(ms: number): string {
   const iso = new Date(ms).toISOString();
   if (iso.length !== 24) throw new RangeError(`time outside the years 0000-9999: ${ms}`);
   return iso;
+}
+
+/**
+ * A retrieve stops reading once the entries it has pass a reply's worth (API Gateway posts at
+ * most 128 KB; the module cuts the page to fit): entries of tens of KB would otherwise have a
+ * page of `max` 250 read megabytes to answer a few.
+ */
+export const RETRIEVE_READ_BYTES = 128 * 1024;
+
+/** An item's size as DynamoDB bills it, roughly: names and string values, 8 bytes for others. */
+function approximateBytes(item: Record<string, unknown>): number {
+  let bytes = 0;
+  for (const [name, value] of Object.entries(item))
+    bytes += name.length + (typeof value === 'string' ? Buffer.byteLength(value, 'utf8') : 8);
+  return bytes;
 }
 
 const MAX_SEQ_DIGITS = 10;
@@ -415,6 +432,8 @@ export function createArchiveStore(
     limit: number,
     keep: (item: Record<string, unknown>) => boolean = () => true,
     skips = 0,
+    /** No further page is read once the items kept pass this many bytes (a reply's worth). */
+    maxBytes = Number.POSITIVE_INFINITY,
   ): Promise<{ items: Record<string, unknown>[]; more: boolean; skipped: Record<string, unknown>[] }> {
     const skipped: Record<string, unknown>[] = [];
     // XEP-0059 §2.7 `<max>0</max>` asks for the count alone; DynamoDB refuses `Limit: 0`.
@@ -423,6 +442,7 @@ export function createArchiveStore(
     let skipsLeft = skips;
     let start: Record<string, unknown> | undefined;
     let more = false;
+    let bytes = 0;
     do {
       const page = await doc.send(
         new QueryCommand({ ...input, Limit: limit - items.length + skipsLeft, ExclusiveStartKey: start }),
@@ -436,12 +456,13 @@ export function createArchiveStore(
           continue;
         }
         items.push(item);
-        if (items.length === limit) {
+        if (maxBytes !== Number.POSITIVE_INFINITY) bytes += approximateBytes(item);
+        if (items.length === limit || bytes > maxBytes) {
           more = i < found.length - 1 || start !== undefined;
           break;
         }
       }
-    } while (start && items.length < limit);
+    } while (start && items.length < limit && bytes <= maxBytes);
     return { items, more, skipped };
   }
 
@@ -1233,6 +1254,9 @@ export function createArchiveStore(
                 ConsistentRead: true,
               },
               page.max,
+              () => true,
+              0,
+              RETRIEVE_READ_BYTES,
             );
       const entries = items.map(toEntry);
       if (backwards) entries.reverse();
@@ -1524,6 +1548,7 @@ export function createArchiveStore(
           publicKeyName,
           xml: item.xml as string,
           collection: { with: item.with as string, start: item.start as number },
+          ref: item.keyRef as string,
         }),
       );
       // XEP-0059 §2.2: "The <first/> element SHOULD include an 'index' attribute"; past the

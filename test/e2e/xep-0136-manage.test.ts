@@ -319,6 +319,37 @@ describe('XEP-0136 0.9 §6 encrypted collections and §9 keys', () => {
     ).toEqual(['dataKey1']);
   });
 
+  it('pages a <keys/> answer that would pass the 128 KB post limit, every key once', async () => {
+    const { raw } = await romeo();
+    const cipher = 'K'.repeat(8_000);
+    for (let i = 0; i < 20; i++) {
+      const start = `1469-08-${String(i + 1).padStart(2, '0')}T10:00:00Z`;
+      await ok(
+        raw,
+        `<iq type='set'><store xmlns='${ARCHIVE}' with='nurse@house.capulet.com' start='${start}'>${encryptedData(`bigKey${i}`, 'AA')}<EncryptedKey xmlns='${XMLENC}'><CarriedKeyName>bigKey${i}</CarriedKeyName><KeyInfo xmlns='${XMLDSIG}'><KeyName>bigPublicKey</KeyName></KeyInfo><CipherData><CipherValue>${cipher}</CipherValue></CipherData></EncryptedKey></store></iq>`,
+      );
+    }
+    const ask = (set: string) =>
+      `<iq type='get' to='localhost'><keys xmlns='${ARCHIVE}'><KeyName xmlns='${XMLDSIG}'>bigPublicKey</KeyName><set xmlns='${RSM}'><max>50</max>${set}</set></keys></iq>`;
+    const seen: string[] = [];
+    let after = '';
+    for (let round = 0; round < 20 && seen.length < 20; round++) {
+      const { reply, bytes } = await exchange(raw, ask(after));
+      expect(reply.attrs.type).toBe('result');
+      expect(bytes).toBeLessThanOrEqual(128 * 1024);
+      const keys = reply.getChild('keys', ARCHIVE);
+      const carried = stores(keys).flatMap((store) =>
+        store.getChildren('EncryptedKey', XMLENC).map((k) => k.getChildText('CarriedKeyName', XMLENC) ?? ''),
+      );
+      // 20 keys of 8 KB do not fit one answer.
+      if (round === 0) expect(carried.length).toBeLessThan(20);
+      expect(rsmOf(keys).count).toBe(20);
+      seen.push(...carried);
+      after = `<after>${rsmOf(keys).last}</after>`;
+    }
+    expect([...seen].sort()).toEqual(Array.from({ length: 20 }, (_, i) => `bigKey${i}`).sort());
+  });
+
   it('plays pubkey1 (keys), the re-store of keys for a new public key, and the delete of the obsolete ones', async () => {
     const { raw } = await romeo();
     await ok(raw, CRYPT1);

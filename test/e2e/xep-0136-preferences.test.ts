@@ -7,6 +7,7 @@
 import { type Element, parse } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RawClient } from '../../infra/local/raw-client.ts';
+import { MAX_PREF_ITEMS } from '../../shared/modules/xep-0136-message-archiving.ts';
 import {
   ARCHIVE,
   ArchiveWorld,
@@ -197,6 +198,28 @@ describe('XEP-0136 0.9 §3 archiving preferences', () => {
         { type: 'manual', use: 'prefer' },
       ]);
     }
+  });
+
+  it('refuses a preference change that grows them past MAX_PREF_ITEMS contacts, and takes one that does not', async () => {
+    // The preferences are one item, read for every message archived for the user (README, Limits).
+    const juliet = await world.connect(await world.newUser('juliet'), 'chamber');
+    const items = (from: number, to: number, save = 'body') =>
+      Array.from(
+        { length: to - from },
+        (_, i) => `<item jid='c${from + i}@montague.net' save='${save}' otr='allow'/>`,
+      ).join('');
+    for (let from = 0; from < MAX_PREF_ITEMS; from += 250)
+      await ok(juliet, `<iq type='set'><pref xmlns='${ARCHIVE}'>${items(from, from + 250)}</pref></iq>`);
+    const { reply } = await exchange(
+      juliet,
+      `<iq type='set' id='one-more'><pref xmlns='${ARCHIVE}'>${items(MAX_PREF_ITEMS, MAX_PREF_ITEMS + 1)}</pref></iq>`,
+    );
+    expect(errorCondition(reply)).toBe('not-acceptable');
+    // Changing a contact's mode adds none.
+    await ok(juliet, `<iq type='set'><pref xmlns='${ARCHIVE}'>${items(0, 1, 'false')}</pref></iq>`);
+    const prefs = await ok(juliet, PREF_GET);
+    expect(attrsOf(prefs, 'item')).toHaveLength(MAX_PREF_ITEMS);
+    expect(attrsOf(prefs, 'item').find((item) => item.jid === 'c0@montague.net')?.save).toBe('false');
   });
 
   it.each([

@@ -12,6 +12,7 @@ import {
   type EntryInput,
   type OpenCollection,
   PrefsVersionConflictError,
+  RETRIEVE_READ_BYTES,
   timeKey,
 } from '../../shared/store/archive.ts';
 import { createDocumentClient, DynamoMeter } from '../../shared/store/dynamo.ts';
@@ -877,6 +878,33 @@ describe('costs (DynamoDB Local reports consumed capacity)', () => {
     expect(lookup.readUnits).toBeLessThanOrEqual(2);
     expect(lookup.writeUnits).toBe(0);
     console.info('append', JSON.stringify(cost), 'find open', JSON.stringify(lookup));
+  });
+
+  test("retrieve of large entries stops reading at a reply's worth, whatever max asks", async () => {
+    // 60 entries of 30 KB (1.8 MB): a page of max 250 would read all of them to answer the
+    // four that fit a 128 KB reply.
+    const big = 'x'.repeat(30_000);
+    const entries = Array.from({ length: 60 }, (_, i) => chat('to', `${i}${big}`, START + i * 1000 + 1));
+    await store.storeManual(owner, { ref: { with: JULIET, start: START }, entries });
+    meter.reset();
+    const page = await store.retrieveMessages(owner, { with: JULIET, start: START }, { max: 250 });
+    const cost = meter.snapshot();
+    if (!page) throw new Error('the collection was not found');
+    // Past RETRIEVE_READ_BYTES by one entry at most, and every entry in order from the first.
+    const read = Math.floor(RETRIEVE_READ_BYTES / 30_000) + 1;
+    expect(page.items.map((entry) => Number(entry.xml.slice('<to><body>'.length).split('x')[0]))).toEqual(
+      Array.from({ length: read }, (_, i) => i),
+    );
+    expect(page.count).toBe(60);
+    // One Query page of 1 MB at most (strongly consistent: 4 KB a unit, 256 units) and the
+    // collection's header and count; reading all 60 would be 1.8 MB, 450 units.
+    expect(cost.readUnits).toBeLessThan(320);
+    const next = await store.retrieveMessages(
+      owner,
+      { with: JULIET, start: START },
+      { max: 250, after: page.last },
+    );
+    expect(next?.items[0]?.seq).toBe(read);
   });
 
   test('retrieve: page k of 2,000 messages costs what page 1 costs', async () => {
