@@ -9,6 +9,7 @@
  * are refused before the password is checked (see `admit`), answered at once with
  * `temporary-auth-failure`: nothing sleeps inside the stream function.
  */
+import { createHmac } from 'node:crypto';
 import { Element } from 'ltx';
 import { frameDerived, frameRedelivered } from '../core/frame.ts';
 import type { Server, Stream } from '../core/host.ts';
@@ -69,22 +70,37 @@ function accountOf(stream: Stream, username: string): string | undefined {
   }
 }
 
-/** The iteration count decoys use: what the deployment's keys were last made with, re-read every 5 minutes. */
-const decoyIterations = new WeakMap<Server, { value: Promise<number>; readAt: number }>();
+/**
+ * The iteration counts decoys use: every count the deployment's keys were made with (accounts
+ * keep theirs until their password changes), re-read every 5 minutes.
+ */
+const decoyIterations = new WeakMap<Server, { value: Promise<number[]>; readAt: number }>();
 
-function iterationsForDecoys(server: Server): Promise<number> {
+function iterationsForDecoys(server: Server): Promise<number[]> {
   const cached = decoyIterations.get(server);
   if (cached && cached.readAt > Date.now() - 300_000) return cached.value;
-  const value = server.users.scramIterations().then((stored) => stored ?? server.config.scramIterations);
+  const value = server.users
+    .scramIterations()
+    .then((stored) => (stored.length > 0 ? stored : [server.config.scramIterations]));
   value.catch(() => decoyIterations.delete(server));
   decoyIterations.set(server, { value, readAt: Date.now() });
   return value;
 }
 
+/**
+ * An unknown name's keys: a salt and an iteration count stable for the name (its HMAC under the
+ * deployment's secret picks one of the counts in use), so that after SCRAM_ITERATIONS changed
+ * the new count does not single out unknown names (older accounts announce the old one).
+ */
 async function decoy(stream: Stream, account: string | undefined, username: string, hash: ScramHash) {
   const { server } = stream;
-  const [secret, iterations] = await Promise.all([server.decoySecret(), iterationsForDecoys(server)]);
-  return decoyCredentials(account ?? username, hash, secret, iterations);
+  const [secret, counts] = await Promise.all([server.decoySecret(), iterationsForDecoys(server)]);
+  const name = account ?? username;
+  const pick = createHmac('sha256', secret)
+    .update(`scram-decoy-iterations\0${name}`)
+    .digest()
+    .readUInt32BE(0);
+  return decoyCredentials(name, hash, secret, counts[pick % counts.length] as number);
 }
 
 /** What the limits know of an attempt before the password is looked at. */

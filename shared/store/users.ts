@@ -104,7 +104,7 @@ export interface UserStore {
    * The iteration count the deployment's SCRAM keys were last made with (by the admin CLI or a
    * password change): decoys for unknown users use it, so their challenge looks the same.
    */
-  scramIterations(): Promise<number | undefined>;
+  scramIterations(): Promise<number[]>;
   /**
    * Counts one failed attempt for `jid` (existing or not) and returns the count in the
    * current window, which starts at the first failure and lasts `windowSeconds`.
@@ -339,7 +339,11 @@ export function createUserStore(
       const { Item } = await doc.send(
         new GetCommand({ TableName: tableName, Key: SERVER_KEY, ConsistentRead: true }),
       );
-      return Item?.iterations as number | undefined;
+      // `iterationSet` since the decoys pick among every count in use; `iterations`, the last one
+      // recorded, before.
+      const counts = new Set<number>((Item?.iterationSet as Set<number> | undefined) ?? []);
+      if (typeof Item?.iterations === 'number') counts.add(Item.iterations);
+      return [...counts].sort((a, b) => a - b);
     },
 
     async clearAuthFailures(jid) {
@@ -379,8 +383,11 @@ export function createUserStore(
       new UpdateCommand({
         TableName: tableName,
         Key: SERVER_KEY,
-        UpdateExpression: 'SET iterations = :iterations',
-        ExpressionAttributeValues: { ':iterations': scram.sha256.iterations },
+        UpdateExpression: 'SET iterations = :iterations ADD iterationSet :set',
+        ExpressionAttributeValues: {
+          ':iterations': scram.sha256.iterations,
+          ':set': new Set([scram.sha256.iterations]),
+        },
       }),
     );
   }

@@ -132,11 +132,14 @@ describe('user store', () => {
     expect((await users.list()).some((jid) => jid.includes('198.51.100.7'))).toBe(false);
   });
 
-  it('records the iteration count of the keys it stores, for the decoys', async () => {
+  it('records every iteration count of the keys it stores, for the decoys', async () => {
     await users.create('iter-a@localhost', await deriveCredentialSet('pw', 5000));
-    expect(await users.scramIterations()).toBe(5000);
+    expect(await users.scramIterations()).toContain(5000);
     await users.replaceCredentials('iter-a@localhost', await deriveCredentialSet('pw', 6000));
-    expect(await users.scramIterations()).toBe(6000);
+    // Other accounts may keep keys of the first count: both stay in use.
+    const counts = await users.scramIterations();
+    expect(counts).toEqual(expect.arrayContaining([5000, 6000]));
+    expect(counts).toEqual([...counts].sort((a, b) => a - b));
   });
 });
 
