@@ -254,7 +254,9 @@ async function openStream(stream: XmppStream, open: Element): Promise<void> {
   if (to !== undefined && to !== domain && to !== `${domain}.`) {
     throw new StreamError('host-unknown', `This server serves ${domain}`);
   }
-  if (version !== undefined && !/^1\.\d+$/.test(version)) {
+  // RFC 6120 §4.7.5: a header without 'version' means "0.9", which this server does not speak
+  // (its streams have features); RFC 7395's clients all send version='1.0'.
+  if (version === undefined || !/^1\.\d+$/.test(version)) {
     throw new StreamError('unsupported-version', 'This server speaks XMPP 1.0');
   }
   const streamId = newStreamId();

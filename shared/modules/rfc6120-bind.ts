@@ -99,6 +99,13 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
     return undefined;
   }
   const { server, user } = stream;
+  // RFC 6120 §8.1.3: "the 'id' attribute is REQUIRED for IQ stanzas" (the router's rule for every
+  // other iq): the answer could not be matched to the request.
+  if (stanza.attrs.id === undefined) {
+    const reply = errorReplyTo(stanza, new StanzaError('modify', 'bad-request', 'iq needs an id'));
+    if (reply) await stream.send(reply);
+    return HANDLED;
+  }
   const wanted = requestedResource(request);
   // Outside the try: the secret's read may fail transiently (the frame is tried again then).
   const generated = wanted === undefined ? await generatedResource(stream) : undefined;

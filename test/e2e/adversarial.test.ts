@@ -445,6 +445,24 @@ describe('nothing crosses from one user to another', () => {
     expect(stanzaCondition(reply)).toBe('bad-request');
   });
 
+  it('answers a bind without an id with bad-request, and binds the next one', async () => {
+    // RFC 6120 §8.1.3: the id attribute "is REQUIRED" for iq stanzas, the bind request too.
+    const client = await connect();
+    await client.open();
+    client.send(plain('rex'));
+    expect((await client.next()).is('success', SASL)).toBe(true);
+    await client.open();
+    client.send(`<iq type='set'><bind xmlns='${BIND}'><resource>unnumbered</resource></bind></iq>`);
+    const reply = await client.next();
+    expect(reply.attrs.type).toBe('error');
+    expect(stanzaCondition(reply)).toBe('bad-request');
+    expect(await stack.server.sessions.getResource('rex@localhost', 'unnumbered')).toBeUndefined();
+    client.send(
+      `<iq type='set' id='withid'><bind xmlns='${BIND}'><resource>unnumbered</resource></bind></iq>`,
+    );
+    expect((await client.next()).attrs).toMatchObject({ type: 'result', id: 'withid' });
+  });
+
   it('answers a presence priority outside -128..127 with bad-request', async () => {
     // RFC 6121 §4.7.2.3: "The value MUST be an integer between -128 and +127."
     const sal = await bound('sal', 'prio');

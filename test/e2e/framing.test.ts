@@ -107,6 +107,18 @@ describe('stream errors (RFC 6120 §4.9.3)', () => {
     ['not-well-formed: two elements in one frame', [OPEN, '<presence/><presence/>'], 'not-well-formed'],
     ['not-well-formed: text only', [OPEN, 'hello'], 'not-well-formed'],
     ['host-unknown: wrong to', [`<open xmlns='${FRAMING}' to='example.org' version='1.0'/>`], 'host-unknown'],
+    // RFC 6120 §4.7.5: "If either entity receives a stream header with no 'version' attribute,
+    // the entity MUST consider the version supported by the other entity to be '0.9'".
+    [
+      'unsupported-version: no version (0.9)',
+      [`<open xmlns='${FRAMING}' to='localhost'/>`],
+      'unsupported-version',
+    ],
+    [
+      'unsupported-version: version 2.0',
+      [`<open xmlns='${FRAMING}' to='localhost' version='2.0'/>`],
+      'unsupported-version',
+    ],
     [
       'invalid-namespace: open in another namespace',
       [`<open xmlns='jabber:client' to='localhost' version='1.0'/>`],
