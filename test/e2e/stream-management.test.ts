@@ -995,6 +995,11 @@ describe('resumption (sm:3)', () => {
     const queue = stack.server.smQueue;
     const append = queue.append.bind(queue);
     let resumed: RawClient | undefined;
+    // Read inside the server's append and asserted after: an assertion failing there would only
+    // fail the append (the frame's redelivery would run the race again).
+    let answer: Element | undefined;
+    let replayed: Element | undefined;
+    let released = false;
     const restore = intercept(queue, 'append', async (...args) => {
       const result = await append(...args);
       if (!args[1].s.includes('lost answer') || resumed) return result;
@@ -1003,15 +1008,22 @@ describe('resumption (sm:3)', () => {
       await detached(smId);
       const { client } = await authenticated('miranda');
       client.send(`<resume xmlns='${SM3}' previd='${smId}' h='1'/>`);
-      expect((await client.next()).is('resumed', SM3)).toBe(true);
-      await client.until(body('lost answer'));
-      await eventually(async () => expect((await queue.get(smId))?.holding).toBeFalsy());
       resumed = client;
+      answer = await client.next();
+      replayed = await client.until(body('lost answer'));
+      // The replay lets the session go before the append's answer is lost.
+      const deadline = Date.now() + 10_000;
+      while (!released && Date.now() < deadline) {
+        released = !(await queue.get(smId))?.holding;
+        if (!released) await new Promise((resolve) => setTimeout(resolve, 50));
+      }
       throw serverError();
     });
     try {
       prospero.send(to('lost answer'));
-      await eventually(async () => expect(resumed).toBeDefined());
+      await eventually(async () => expect(replayed).toBeDefined(), 15_000);
+      expect(answer?.is('resumed', SM3)).toBe(true);
+      expect(released).toBe(true);
       // The sender's frame ends; the resumed stream is still open and its count exact.
       const client = resumed as RawClient;
       expect((await client.framesBeforePong()).filter((frame) => frame.includes('lost answer'))).toEqual([]);
