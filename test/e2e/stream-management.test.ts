@@ -1000,6 +1000,7 @@ describe('resumption (sm:3)', () => {
     let answer: Element | undefined;
     let replayed: Element | undefined;
     let released = false;
+    let raced = false;
     const restore = intercept(queue, 'append', async (...args) => {
       const result = await append(...args);
       if (!args[1].s.includes('lost answer') || resumed) return result;
@@ -1017,12 +1018,14 @@ describe('resumption (sm:3)', () => {
         released = !(await queue.get(smId))?.holding;
         if (!released) await new Promise((resolve) => setTimeout(resolve, 50));
       }
+      raced = true;
       throw serverError();
     });
     try {
       prospero.send(to('lost answer'));
-      await eventually(async () => expect(replayed).toBeDefined(), 15_000);
+      await eventually(async () => expect(raced).toBe(true), 15_000);
       expect(answer?.is('resumed', SM3)).toBe(true);
+      expect(replayed).toBeDefined();
       expect(released).toBe(true);
       // The sender's frame ends; the resumed stream is still open and its count exact.
       const client = resumed as RawClient;
