@@ -212,37 +212,45 @@ describe('XML a client may not send (RFC 6120 §4.9.3.13, §11)', () => {
     );
   });
 
-  it('answers a deeply nested payload without an internal error (policy-violation at most)', async () => {
-    await bound('cat', 'deep'); // an online recipient
+  it('ends a stream sending a payload nested past the depth limit with policy-violation; nothing is routed', async () => {
+    const cat = await bound('cat', 'deep'); // an online recipient
     const dan = await bound('dan', 'deep');
-    const depth = 3000; // ~21 KB: well under the 64 KB stanza limit.
+    const depth = 3000; // ~21 KB: well under the 64 KB stanza limit, far past MAX_DEPTH (64).
     dan.send(
       `<message to='cat@localhost/deep' id='d1'><x xmlns='urn:example:deep'>${'<a>'.repeat(depth)}${'</a>'.repeat(depth)}</x></message>`,
     );
     // RFC 6120 §4.9.3.18 <policy-violation/>: "...some local service policy (e.g., a stanza
-    // exceeds a configured size limit)". internal-server-error is for the server's own faults.
-    // Whatever the answer, it comes before the stream ends or before the answer to a ping.
+    // exceeds a configured size limit)"; the frame parser refuses elements nested deeper than
+    // 64 with it (shared/xml/frame.ts). internal-server-error is for the server's own faults.
     dan.send(`<iq type='get' id='after-deep' to='localhost'>${PING}</iq>`);
     const answers = await framesUntil(dan, (el) => el.attrs.id === 'after-deep');
-    const text = answers.map((el) => el.toString()).join('');
-    expect(text).not.toContain('internal-server-error');
+    // The stream error, then the close: the ping after it is never handled.
+    expect(answers.map((el) => el.name)).toEqual(['stream:error', 'close']);
+    expect(streamCondition(answers[0] as Element)).toBe('policy-violation');
+    expect((await dan.closed).code).toBe(1000);
+    await stack.gateway.drained();
+    expect(await cat.framesBeforePong()).toEqual([]);
   });
 
-  it('treats whitespace-only and empty frames as keepalives or not-well-formed, never an internal error', async () => {
-    // RFC 7395 §3.3.3: each message is one complete element; RFC 6120 §4.6.1 lets whitespace
-    // appear between top-level elements. Either way, never an internal error.
-    const eve = await bound('eve', 'ws');
-    eve.send(' ');
-    eve.send('\n');
-    eve.send('');
-    eve.send(`<iq type='get' id='after-ws' to='localhost'>${PING}</iq>`);
-    const frames = await framesUntil(eve, (el) => el.attrs.id === 'after-ws');
-    const text = frames.map((el) => el.toString()).join('');
-    expect(text).not.toContain('internal-server-error');
-    const error = frames.find((el) => el.name === 'stream:error');
-    if (error) expect(streamCondition(error)).toBe('not-well-formed');
-    else expect(frames.find((el) => el.attrs.id === 'after-ws')?.attrs.type).toBe('result');
-  });
+  // RFC 7395 §3.3.3: each WebSocket message is one complete XML element (a client keeps the
+  // connection alive with WebSocket pings, not whitespace). A frame without an element is not an
+  // XML document: the frame parser (shared/xml/frame.ts) refuses it as not-well-formed (RFC 6120
+  // §4.9.3.13), which ends the stream; the frames behind it are dropped unhandled.
+  for (const [name, frame] of [
+    ['a space', ' '],
+    ['a newline', '\n'],
+    ['an empty frame', ''],
+  ] as const) {
+    it(`ends the stream on ${name} with not-well-formed, never an internal error`, async () => {
+      const eve = await bound('eve', `ws-${name.replace(/ /g, '-')}`);
+      eve.send(frame);
+      eve.send(`<iq type='get' id='after-ws' to='localhost'>${PING}</iq>`);
+      const frames = await framesUntil(eve, (el) => el.attrs.id === 'after-ws');
+      expect(frames.map((el) => el.name)).toEqual(['stream:error', 'close']);
+      expect(streamCondition(frames[0] as Element)).toBe('not-well-formed');
+      expect((await eve.closed).code).toBe(1000);
+    });
+  }
 
   it('delivers CDATA content as escaped text, never as markup', async () => {
     const fay = await bound('fay', 'cdata');

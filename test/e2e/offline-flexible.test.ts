@@ -829,11 +829,9 @@ describe('a 10,000-message inbox', () => {
 
   beforeAll(async () => {
     user = await newUser('crowd');
-    const started = Date.now();
     seeded = (await seedOffline(doc, stack.server.config.tables.offline, `${user}@localhost`, SIZE)).map(
       (m) => m.id,
     );
-    expect(Date.now() - started).toBeLessThan(60_000);
     raw = await connect(user, 'pager');
   }, 120_000);
 
@@ -929,9 +927,7 @@ describe('a 10,000-message inbox', () => {
   });
 
   it('fetches every message as a separate frame, oldest first, then the result', async () => {
-    const started = Date.now();
     const { before, reply } = await exchange(raw, offlineRequest('get', '<fetch/>'), 110_000);
-    const elapsed = Date.now() - started;
     expect(reply.attrs.type).toBe('result');
     expect(before).toHaveLength(seeded.length);
     expect(before.map((m) => m.getChild('offline', OFFLINE)?.getChild('item')?.attrs.node)).toEqual(seeded);
@@ -939,7 +935,6 @@ describe('a 10,000-message inbox', () => {
       true,
     );
     expect(await stack.server.offline.count(`${user}@localhost`)).toBe(seeded.length);
-    console.info(`fetch of ${seeded.length} messages: ${elapsed} ms`);
   }, 120_000);
 });
 

@@ -3,7 +3,7 @@
  * (@xmpp/stream-management) and raw frames, and the seed's `urn:xmpp:sm:1` with raw frames.
  */
 import { xml } from '@xmpp/client';
-import { Element } from 'ltx';
+import { Element, parse } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RawClient } from '../../infra/local/raw-client.ts';
 import { sweep } from '../../shared/core/lifecycle.ts';
@@ -215,6 +215,10 @@ describe('negotiation', () => {
     const sm = romeo.xmpp.streamManagement;
     await eventually(() => expect(sm.enabled).toBe(true));
     expect(sm.id).toMatch(/^[A-Za-z0-9_-]{24}$/);
+    // <enabled max='300'/>: the server's maximum (SM_MAX_SECONDS), as xmpp.js read it.
+    expect((sm as unknown as { max: string | null }).max).toBe('300');
+    // resume='true': xmpp.js keeps no copy of it, the server's session record says it.
+    expect(await stack.server.smQueue.get(sm.id)).toMatchObject({ resumable: true, max: 300 });
   });
 
   it('answers <enable/> before authentication with <failed><not-authorized/>, and the stream stays open', async () => {
@@ -255,7 +259,8 @@ describe('negotiation', () => {
 });
 
 describe('the switch to the queue at <enable/> (issue 11: "a mechanism that is correct, not probably correct")', () => {
-  // XEP-0198 §4: "the server MUST count ... every stanza it sends to the client after <enabled/>";
+  // XEP-0198 §4: "The counter for an entity's own sent stanzas is set to zero and started after
+  // sending either <enable/> or <enabled/>";
   // a stanza a sender was posting directly when the stream switched to its queue must land
   // before <enabled/>, or the client counts a stanza the server never numbered.
   it('waits for a direct post in flight: it lands before <enabled/>, and the client’s count matches the server’s', async () => {
@@ -740,8 +745,8 @@ describe('resumption (sm:3)', () => {
     expect((await again.next()).is('resumed', SM3)).toBe(true);
   });
 
-  // XEP-0198 §5: "the server ... MUST resend any stanzas it has not received an acknowledgement
-  // for". A stanza whose frame failed after queueing it (a 500 after DynamoDB wrote the append)
+  // XEP-0198 §5: "after processing it MUST re-send to the peer any stanzas that are still marked
+  // as unhandled". A stanza whose frame failed after queueing it (a 500 after DynamoDB wrote the append)
   // was never posted, while another sender's later stanza was: the client's count of 3 (its own
   // presence, 'first', 'third') covers positions 1 to 3, yet it lacks the 3rd, 'second'.
   it(
@@ -995,6 +1000,12 @@ describe('resumption (sm:3)', () => {
     const queue = stack.server.smQueue;
     const append = queue.append.bind(queue);
     let resumed: RawClient | undefined;
+    // Read inside the server's append and asserted after: an assertion failing there would only
+    // fail the append (the frame's redelivery would run the race again).
+    let answer: Element | undefined;
+    let replayed: Element | undefined;
+    let released = false;
+    let raced = false;
     const restore = intercept(queue, 'append', async (...args) => {
       const result = await append(...args);
       if (!args[1].s.includes('lost answer') || resumed) return result;
@@ -1003,15 +1014,24 @@ describe('resumption (sm:3)', () => {
       await detached(smId);
       const { client } = await authenticated('miranda');
       client.send(`<resume xmlns='${SM3}' previd='${smId}' h='1'/>`);
-      expect((await client.next()).is('resumed', SM3)).toBe(true);
-      await client.until(body('lost answer'));
-      await eventually(async () => expect((await queue.get(smId))?.holding).toBeFalsy());
       resumed = client;
+      answer = await client.next();
+      replayed = await client.until(body('lost answer'));
+      // The replay lets the session go before the append's answer is lost.
+      const deadline = Date.now() + 10_000;
+      while (!released && Date.now() < deadline) {
+        released = !(await queue.get(smId))?.holding;
+        if (!released) await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+      raced = true;
       throw serverError();
     });
     try {
       prospero.send(to('lost answer'));
-      await eventually(async () => expect(resumed).toBeDefined());
+      await eventually(async () => expect(raced).toBe(true), 15_000);
+      expect(answer?.is('resumed', SM3)).toBe(true);
+      expect(replayed).toBeDefined();
+      expect(released).toBe(true);
       // The sender's frame ends; the resumed stream is still open and its count exact.
       const client = resumed as RawClient;
       expect((await client.framesBeforePong()).filter((frame) => frame.includes('lost answer'))).toEqual([]);
@@ -1433,11 +1453,18 @@ describe('expiry', () => {
 
   it('answers an iq left unacknowledged by an expired session with an error to its sender, and drops presence', async () => {
     await stack.addUser('lawrence@localhost', 'lawrence-pw');
+    // Another resource of his, online first: where a re-routed presence would go (RFC 6121
+    // §8.5.3: a stanza for a resource gone may be delivered to another one).
+    const study = await raw('lawrence', 'study');
+    study.send('<presence/>');
+    await study.until((el) => el.name === 'presence' && el.attrs.from === 'lawrence@localhost/study');
     const client = await raw('lawrence', 'cell');
     client.send(`<enable xmlns='${SM3}' resume='true' max='${WINDOW_SECONDS}'/>`);
     const enabled = await client.next();
     client.send('<presence/>');
-    await client.until((el) => el.name === 'presence');
+    // The reflection of his own presence, queued and never acknowledged.
+    await client.until((el) => el.name === 'presence' && el.attrs.from === 'lawrence@localhost/cell');
+    await study.until((el) => el.name === 'presence' && el.attrs.from === 'lawrence@localhost/cell');
     const asker = await raw('romeo', 'asker');
     client.send(`<presence to='romeo@localhost/asker'/>`);
     await asker.until((el) => el.name === 'presence' && el.attrs.from === 'lawrence@localhost/cell');
@@ -1459,7 +1486,12 @@ describe('expiry', () => {
     expect(gone.attrs.from).toBe('lawrence@localhost/cell');
     expect(reply.attrs).toMatchObject({ type: 'error', from: 'lawrence@localhost/cell' });
     expect(reply.getChild('error')?.getChild('service-unavailable', STANZAS)).toBeDefined();
-    // The reflected presence was dropped, not stored; nothing else was queued.
+    // The reflected presence was dropped: not given to his other resource (which may learn that
+    // the cell went unavailable, nothing more), and not stored; nothing else was queued.
+    const toStudy = (await study.framesBeforePong())
+      .map((frame) => parse(frame))
+      .filter((el) => el.name === 'presence' && el.attrs.from === 'lawrence@localhost/cell');
+    expect(toStudy.filter((el) => el.attrs.type !== 'unavailable')).toEqual([]);
     expect(await stack.server.offline.count('lawrence@localhost')).toBe(0);
   });
 

@@ -25,7 +25,8 @@ const raws: RawClient[] = [];
 
 beforeAll(async () => {
   stack = await startTestStack();
-  for (const user of ['leaver', 'failing', 'alive']) await stack.addUser(`${user}@localhost`, `${user}-pw`);
+  for (const user of ['leaver', 'failing', 'alive', 'late'])
+    await stack.addUser(`${user}@localhost`, `${user}-pw`);
 });
 
 afterAll(async () => {
@@ -140,17 +141,34 @@ describe('a liveness probe failing with a 500', () => {
 
 describe('the time budget', () => {
   it('starts nothing with too little of the invocation left, and fails nothing for it', async () => {
-    const handler = createSweeperHandler(stack.server, { now: () => Date.now() + 2 * PROBE_AFTER_MS });
-    const samples: MetricSample[] = [];
+    // A detached session due for expiry by the runs' clock (its 300 s window closed).
+    const late = await resumable('late');
+    late.client.terminate();
+    await eventually(async () => {
+      const item = await stack.server.smQueue.get(late.smId);
+      expect(item?.connectionId).toBeUndefined();
+      expect(item?.sweepAt).toBeGreaterThan(0);
+    });
+    const now = () => Date.now() + 2 * PROBE_AFTER_MS;
+    const timedSamples: MetricSample[] = [];
     const timed = createSweeperHandler(stack.server, {
-      now: () => Date.now() + 2 * PROBE_AFTER_MS,
-      publishMetrics: (drained) => samples.push(...drained),
+      now,
+      publishMetrics: (drained) => timedSamples.push(...drained),
     });
     expect(await timed({ getRemainingTimeInMillis: () => 5_000 })).toEqual({ swept: 0 });
-    expect(samples.filter((s) => s.name === 'SweepsCutShort')).toEqual([
+    expect(timedSamples.filter((s) => s.name === 'SweepsCutShort')).toEqual([
       { name: 'SweepsCutShort', value: 1 },
     ]);
-    // With time, the same run does its work.
-    await expect(handler({ getRemainingTimeInMillis: () => 45_000 })).resolves.toEqual({ swept: 0 });
+    // Nothing started: the due session is still there.
+    expect((await stack.server.smQueue.get(late.smId))?.ended).toBeFalsy();
+    // With time, the same run does its work, and is not cut short.
+    const samples: MetricSample[] = [];
+    const handler = createSweeperHandler(stack.server, {
+      now,
+      publishMetrics: (drained) => samples.push(...drained),
+    });
+    await expect(handler({ getRemainingTimeInMillis: () => 45_000 })).resolves.toEqual({ swept: 1 });
+    expect(samples.filter((s) => s.name === 'SweepsCutShort')).toEqual([]);
+    expect((await stack.server.smQueue.get(late.smId))?.ended).toBe(true);
   });
 });

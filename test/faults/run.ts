@@ -7,7 +7,10 @@
  *
  *   faults: <S> schedules, <M> messages, <L> lost, <D> duplicated, <R> reordered
  *
- * and exits 1 when L, D or R is not zero.
+ * and exits 1 when a schedule failed (verdict.ts: L, D or R not zero, a message misrouted or
+ * delivered although refused, nothing delivered at all, frames stuck in the queue or a stack that
+ * does not close; in the self-check any problem of the run) or the harness could not run one.
+ * Each failing seed is listed, with its reasons, on the line before.
  *
  *   npm run test:faults                                   # 5 schedules (seeds 1–5), 300 messages each
  *   npm run test:faults -- --seed 17                      # replay one schedule
@@ -22,6 +25,7 @@ import { type DynamoDbLocal, findFreePort, startDynamoDbLocal } from '../../infr
 import type { Finding } from './ledger.ts';
 import { runSchedule, type ScheduleRun } from './scenario.ts';
 import { describeSchedule, scheduleOf } from './schedule.ts';
+import { failuresOf } from './verdict.ts';
 
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
 
@@ -113,9 +117,9 @@ function describeFinding(run: ScheduleRun, finding: Finding): string {
   );
 }
 
-function report(run: ScheduleRun, details: number): void {
+function report(run: ScheduleRun, details: number, failures: readonly string[]): void {
   const { tally } = run;
-  const failed = tally.lost.length + tally.duplicated.length + tally.reordered.length > 0;
+  const failed = failures.length > 0;
   const kills = run.kills.length;
   const inFlight = run.kills.filter((kill) => kill.inFlight > 0).length;
   process.stdout.write(
@@ -125,7 +129,8 @@ function report(run: ScheduleRun, details: number): void {
       `${kills} kills (${inFlight} with messages in flight), ${run.resumes} resumes, ${run.freshSessions} new sessions; ` +
       `${(run.durationMs / 1000).toFixed(1)} s\n` +
       `     faults injected: ${JSON.stringify(run.faultsInjected)}` +
-      `${run.deadLetters ? `; ${run.deadLetters} frames dead-lettered` : ''}\n`,
+      `${run.deadLetters ? `; ${run.deadLetters} frames dead-lettered` : ''}\n` +
+      (failed ? `     fails: ${failures.join('; ')}\n` : ''),
   );
   for (const kind of ['lost', 'duplicated', 'reordered', 'anomalies'] as const) {
     const findings = tally[kind];
@@ -137,7 +142,7 @@ function report(run: ScheduleRun, details: number): void {
   }
   for (const line of [...new Set(run.ledger.notes)].slice(0, details))
     process.stdout.write(`   note: ${line}\n`);
-  for (const problem of run.problems) process.stdout.write(`   harness: ${problem}\n`);
+  for (const problem of run.problems) process.stdout.write(`   harness: ${problem.text}\n`);
   if (failed || run.problems.length || tally.anomalies.length || run.ledger.notes.length) {
     process.stdout.write(
       `   replay: npm run test:faults -- --seed ${run.schedule.seed} --messages ${run.messagesOption}` +
@@ -179,7 +184,7 @@ async function main(): Promise<number> {
       `${options.selfCheck ? ', self-check (no faults, no kills)' : `, fault rate ×${options.rate}`}; logs in ${logDir}\n`,
   );
   const totals = { schedules: 0, messages: 0, lost: 0, duplicated: 0, reordered: 0 };
-  const failedSeeds: number[] = [];
+  const failedSeeds: { seed: number; failures: string[] }[] = [];
   const harnessErrors: number[] = [];
   try {
     for (const seed of options.seeds) {
@@ -202,14 +207,15 @@ async function main(): Promise<number> {
         );
         continue;
       }
-      report(run, options.details);
+      const failures = failuresOf({ tally: run.tally, problems: run.problems, selfCheck: options.selfCheck });
+      report(run, options.details, failures);
       const { tally } = run;
       totals.schedules += 1;
       totals.messages += tally.messages;
       totals.lost += tally.lost.length;
       totals.duplicated += tally.duplicated.length;
       totals.reordered += tally.reordered.length;
-      if (tally.lost.length + tally.duplicated.length + tally.reordered.length > 0) failedSeeds.push(seed);
+      if (failures.length > 0) failedSeeds.push({ seed, failures });
     }
   } finally {
     await database?.stop();
@@ -223,13 +229,16 @@ async function main(): Promise<number> {
     process.stdout.write(`seeds the harness could not run: ${harnessErrors.join(', ')}\n`);
   }
   if (failedSeeds.length) {
-    process.stdout.write(`failing seeds: ${failedSeeds.join(', ')} (replay one with --seed N)\n`);
+    process.stdout.write(
+      `failing seeds: ${failedSeeds.map(({ seed, failures }) => `${seed} (${failures.join('; ')})`).join(', ')}` +
+        ' (replay one with --seed N)\n',
+    );
   }
   process.stdout.write(
     `faults: ${totals.schedules} schedules, ${totals.messages} messages, ${totals.lost} lost, ` +
       `${totals.duplicated} duplicated, ${totals.reordered} reordered\n`,
   );
-  return totals.lost + totals.duplicated + totals.reordered > 0 || harnessErrors.length > 0 ? 1 : 0;
+  return failedSeeds.length > 0 || harnessErrors.length > 0 ? 1 : 0;
 }
 
 main().then(

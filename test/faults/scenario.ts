@@ -33,6 +33,7 @@ import { type Channel, idOfBody, Ledger, type Tally } from './ledger.ts';
 import { type KillableLink, type KillMode, startKillableLink } from './link.ts';
 import { Participant, RESOURCE, sleep } from './participant.ts';
 import type { Schedule } from './schedule.ts';
+import type { Problem, ProblemKind } from './verdict.ts';
 
 const DOMAIN = 'localhost';
 const REGION = 'us-east-1';
@@ -111,8 +112,11 @@ export interface ScheduleRun {
   freshSessions: number;
   faultsInjected: Record<string, number>;
   deadLetters: number;
-  /** Problems of the run itself (a client that never came back, a timeout while settling). */
-  problems: string[];
+  /**
+   * Problems of the run itself (a client that never came back, a timeout while settling);
+   * verdict.ts says which of them fail the schedule.
+   */
+  problems: Problem[];
   trace: string[];
   startedAt: number;
   durationMs: number;
@@ -185,7 +189,10 @@ export async function runSchedule(options: RunOptions): Promise<ScheduleRun> {
   const startedAt = Date.now();
   const log = createWriteStream(options.logFile);
   const trace: string[] = [];
-  const problems: string[] = [];
+  const problems: Problem[] = [];
+  const problem = (kind: ProblemKind, text: string): void => {
+    problems.push({ kind, text });
+  };
   const note = (line: string): void => {
     const stamped = `+${String(Date.now() - startedAt).padStart(6)} ms ${line}`;
     trace.push(stamped);
@@ -264,14 +271,14 @@ export async function runSchedule(options: RunOptions): Promise<ScheduleRun> {
     }
     for (const participant of participants.values()) {
       if (!(await participant.waitOnline(ONLINE_TIMEOUT_MS)))
-        problems.push(`${participant.user} never came online`);
+        problem('offline', `${participant.user} never came online`);
     }
     // With XEP-0198, wait for <enabled/> so the first messages are counted.
     for (const participant of participants.values()) {
       const deadline = Date.now() + ONLINE_TIMEOUT_MS;
       while (participant.streamManagement && !participant.xmpp.streamManagement.enabled) {
         if (Date.now() > deadline) {
-          problems.push(`${participant.user}: stream management never enabled`);
+          problem('sm-not-enabled', `${participant.user}: stream management never enabled`);
           break;
         }
         await sleep(10);
@@ -287,7 +294,7 @@ export async function runSchedule(options: RunOptions): Promise<ScheduleRun> {
       const count = Math.max(1, Math.round(options.messages * role.share));
       for (let sent = 0; sent < count; ) {
         if (!(await participant.waitOnline(ONLINE_TIMEOUT_MS))) {
-          problems.push(`${role.user} stayed offline; it sent ${sent} of ${count}`);
+          problem('offline', `${role.user} stayed offline; it sent ${sent} of ${count}`);
           return;
         }
         if (participant.unacknowledged() >= SEND_WINDOW) {
@@ -363,13 +370,13 @@ export async function runSchedule(options: RunOptions): Promise<ScheduleRun> {
     await sleep(schedule.kills.maxHalfOpenMs);
     for (const participant of participants.values()) {
       if (!(await participant.waitOnline(ONLINE_TIMEOUT_MS)))
-        problems.push(`${participant.user} did not come back`);
+        problem('offline', `${participant.user} did not come back`);
     }
     if (!(await settle(participants, note, SETTLE_TIMEOUT_MS))) {
-      problems.push('acknowledgements did not settle');
+      problem('acks-unsettled', 'acknowledgements did not settle');
     }
     if ((await within(DRAIN_TIMEOUT_MS, stack.gateway.drained())) === 'timeout') {
-      problems.push('the queue did not drain before the clients closed');
+      problem('queue-busy', 'the queue did not drain before the clients closed');
     }
     for (const participant of participants.values()) {
       // A socket that dies under the last <a/> takes it along: the client resumes (xmpp.js does
@@ -388,13 +395,13 @@ export async function runSchedule(options: RunOptions): Promise<ScheduleRun> {
     await Promise.all([...participants.values()].map((participant) => participant.stop()));
     for (const link of links.values()) await link.close();
     if ((await within(DRAIN_TIMEOUT_MS, stack.gateway.drained())) === 'timeout') {
-      problems.push('the queue did not drain after the clients closed');
+      problem('queue-stuck', 'the queue did not drain after the clients closed');
     }
     note('final logins');
     finals = await Promise.all(
       ROLES.map((role) =>
         finalLogin(stack, role.user, ledger, note).catch((error: Error) => {
-          problems.push(`final login of ${role.user}: ${error.message}`);
+          problem('final-login', `final login of ${role.user}: ${error.message}`);
           return undefined;
         }),
       ),
@@ -408,7 +415,8 @@ export async function runSchedule(options: RunOptions): Promise<ScheduleRun> {
     for (const participant of participants.values()) await participant.stop();
     for (const link of links.values()) await link.close().catch(() => {});
     for (const client of finals) client.terminate();
-    if ((await within(30_000, stack.close())) === 'timeout') problems.push('the stack did not close in 30 s');
+    if ((await within(30_000, stack.close())) === 'timeout')
+      problem('stack-hung', 'the stack did not close in 30 s');
   }
   const run: ScheduleRun = {
     schedule,

@@ -5,10 +5,13 @@
  * ran 100 rounds of 1,000 collections with no look at the clock, past the 30 s timeout, and a
  * timed-out batch held its other connections' frames for the queue's 180 s visibility timeout.
  */
+import { QueryCommand } from '@aws-sdk/lib-dynamodb';
 import { parse } from 'ltx';
 import { describe, expect, it } from 'vitest';
 import { RetryLaterError } from '../../shared/core/transient.ts';
 import { REMOVE_ROUND_COLLECTIONS } from '../../shared/modules/xep-0136-message-archiving.ts';
+import type { Server } from '../../shared/server.ts';
+import { documentClientFor } from '../../shared/store/dynamo.ts';
 import { openConnection, sendFrame, testServer } from '../support/stream.ts';
 
 const ARCHIVE = 'http://jabber.org/protocol/archive';
@@ -34,6 +37,27 @@ async function boundStream() {
   const answers = (id: string) =>
     (port.frames.get(connectionId) ?? []).map((f) => parse(f)).filter((el) => el.attrs.id === id);
   return { server, user, connectionId, frame, answers };
+}
+
+/** The owner's open-collection pointers: the archive table's `open#<with>` rows, read directly. */
+async function openPointers(server: Server, owner: string): Promise<string[]> {
+  const doc = documentClientFor(server.config);
+  const keys: string[] = [];
+  let from: Record<string, unknown> | undefined;
+  do {
+    const page = await doc.send(
+      new QueryCommand({
+        TableName: server.config.tables.archive,
+        KeyConditionExpression: 'pk = :pk AND begins_with(sk, :open)',
+        ExpressionAttributeValues: { ':pk': owner, ':open': 'open#' },
+        ConsistentRead: true,
+        ...(from ? { ExclusiveStartKey: from } : {}),
+      }),
+    );
+    keys.push(...(page.Items ?? []).map((item) => String(item.sk)));
+    from = page.LastEvaluatedKey;
+  } while (from);
+  return keys;
 }
 
 describe('XEP-0136 §8.3 remove of many collections', () => {
@@ -116,11 +140,14 @@ describe('XEP-0136 §8.3 remove of many collections', () => {
         start: Date.UTC(2020, 0, 1) + i,
       });
     }
+    expect(await openPointers(server, user)).toHaveLength(260);
     const remove = `<iq xmlns='jabber:client' type='set' id='open'><remove xmlns='${ARCHIVE}' open='true'/></iq>`;
     await frame('open', remove, { timeLeftMs: () => 20_000 });
     // §8.3: none is being recorded, so none matches.
     expect(answers('open')[0]?.getChild('error')?.getChild('item-not-found', STANZAS)).toBeDefined();
     // The collections stay (they are not being recorded); the next message starts a new one.
     expect((await server.archive.listCollections(user, {}, { max: 1000 })).items).toHaveLength(260);
+    // The pointers to the quiet conversations are gone: none is read again.
+    expect(await openPointers(server, user)).toEqual([]);
   });
 });

@@ -770,11 +770,14 @@ describe('a stanza whose count landed just before a resume fenced its stream', (
     // DynamoDB runs the count, answers with a 500; before the SDK's resend a resume fences the
     // row (reading h = 1 from it), and the resend meets the fence.
     const update = server.sessions.updateConnection.bind(server.sessions);
+    // Read inside the server's frame handler and checked after it: an assertion failing there
+    // would end up as the frame's internal-server-error.
+    let fencedInbound: number | undefined;
     const restore = intercept(server.sessions, 'updateConnection', async (connectionId, changes, options) => {
       if (options?.unlessFenced && changes.countedFrame) {
         await update(connectionId, changes, options);
         const fenced = await server.sessions.fenceConnection(connectionId);
-        expect(fenced?.sm?.inbound).toBe(1);
+        fencedInbound = fenced?.sm?.inbound;
         throw new ConnectionFencedError(connectionId);
       }
       return update(connectionId, changes, options);
@@ -791,6 +794,8 @@ describe('a stanza whose count landed just before a resume fenced its stream', (
     } finally {
       restore();
     }
+    // The resume's fence read h = 1: the count had landed.
+    expect(fencedInbound).toBe(1);
     const bodies = (await server.offline.list(recipient)).messages.map(
       (m) => /<body>([^<]*)</.exec(m.stanza)?.[1],
     );

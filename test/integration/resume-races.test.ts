@@ -109,12 +109,17 @@ describe('a resume whose fence finds the old stream’s row already gone', () =>
     // the SDK's retries outlast that stream's $disconnect, which fences, detaches (recording
     // h = 3) and deletes the row: the fence then finds no row.
     const fence = server.sessions.fenceConnection.bind(server.sessions);
+    // Read inside the server's frame handler and checked after it: an assertion thrown there
+    // would end up as the frame's internal-server-error, not as this test's failure.
+    let whenFenced: { row: unknown; inbound: number | undefined } | undefined;
     const restore = intercept(server.sessions, 'fenceConnection', async (connectionId) => {
       if (connectionId === 'old') {
         restore();
         await server.host.fire('connection-vanished', { connectionId: 'old', disconnected: true });
-        expect(await server.sessions.getConnection('old')).toBeUndefined();
-        expect((await server.smQueue.get('sm-gone-row'))?.inbound).toBe(3);
+        whenFenced = {
+          row: await server.sessions.getConnection('old'),
+          inbound: (await server.smQueue.get('sm-gone-row'))?.inbound,
+        };
       }
       return fence(connectionId);
     });
@@ -123,6 +128,8 @@ describe('a resume whose fence finds the old stream’s row already gone', () =>
     } finally {
       restore();
     }
+    // The $disconnect had deleted the row and recorded h = 3 before the fence.
+    expect(whenFenced).toEqual({ row: undefined, inbound: 3 });
     // h = 3, or the client sends two of them again.
     expect(sent('new')).toMatch(/<resumed [^>]*h=['"]3['"]/);
     expect((await server.smQueue.get('sm-gone-row'))?.inbound).toBe(3);
@@ -274,11 +281,15 @@ describe('an expiry whose end is slow', () => {
     const { server, user } = await sessionOf(smId);
     await server.smQueue.detach(smId, 'first', 3, Date.now() - 1000, []);
     const end = server.smQueue.end.bind(server.smQueue);
+    // Recorded inside the sweep and checked after it: the sweep logs and counts an item's error
+    // (an assertion's too) and goes on.
+    let meanwhile: { attached: boolean; detached: boolean } | undefined;
     const restore = intercept(server.smQueue, 'end', async (id, owner, inbound) => {
       restore();
       // A resume decided before the window closed attaches; its stream counts two more and goes.
-      expect(await server.smQueue.attach(smId, user, 'n', 3, null)).toBeDefined();
-      expect(await server.smQueue.detach(smId, 'n', 5, Date.now() + 300_000, [])).toBe(true);
+      const attached = (await server.smQueue.attach(smId, user, 'n', 3, null)) !== undefined;
+      const detached = await server.smQueue.detach(smId, 'n', 5, Date.now() + 300_000, []);
+      meanwhile = { attached, detached };
       return end(id, owner, inbound);
     });
     try {
@@ -286,6 +297,7 @@ describe('an expiry whose end is slow', () => {
     } finally {
       restore();
     }
+    expect(meanwhile).toEqual({ attached: true, detached: true });
     const item = await server.smQueue.get(smId);
     // Ended or not, the count a later resume is told is 5.
     expect(item?.inbound).toBe(5);
@@ -812,26 +824,28 @@ describe('posts in order (SM_POST_ORDER=serial)', () => {
   it('makes the next delivery close the socket when a resume’s replay held the session past the lease', async () => {
     const smId = 'sm-serial-replay-lease';
     const port = new RecordingPort();
-    const { server, user, send } = await serialSession(smId, port, { SM_POSTER_LEASE_MS: '1000' });
+    const { server, user, send } = await serialSession(smId, port, { SM_POSTER_LEASE_MS: '3000' });
     // A resume attached on 'live' again and its replay stopped without letting go (the close of
     // a socket whose post went unanswered failed): `holding` stays, with the attach's time.
     expect(await server.smQueue.attach(smId, user, 'live', 0, 'live')).toBeDefined();
     expect(await send('within')).toBe('sent');
     expect(port.closed.has('live')).toBe(false);
-    await new Promise((resolve) => setTimeout(resolve, 1100));
+    // The lease counts from the attach (or the append), before 'within'.
+    await new Promise((resolve) => setTimeout(resolve, 3100));
     expect(await send('after')).toBe('sent');
     expect(port.closed.has('live')).toBe(true);
   });
 
   it('makes the next delivery close the socket when a hold outlived its lease (its poster died)', async () => {
     const port = new RecordingPort();
-    const { server, send } = await serialSession('sm-serial-lease', port, { SM_POSTER_LEASE_MS: '1000' });
+    const { server, send } = await serialSession('sm-serial-lease', port, { SM_POSTER_LEASE_MS: '3000' });
     const entry = { s: '<message><body>y</body></message>', t: Date.now(), k: 'died:0' };
     expect((await server.smQueue.append('sm-serial-lease', entry, 100, 'died:0')).kind).toBe('queued');
     // Within the lease, a delivery only queues: the holder posts it.
     expect(await send('within')).toBe('sent');
     expect(port.closed.has('live')).toBe(false);
-    await new Promise((resolve) => setTimeout(resolve, 1100));
+    // The lease counts from the attach (or the append), before 'within'.
+    await new Promise((resolve) => setTimeout(resolve, 3100));
     server.metrics.drain();
     expect(await send('after')).toBe('sent');
     expect(port.closed.has('live')).toBe(true);
@@ -1094,10 +1108,12 @@ describe('the stanzas of a stream resumed before the old stream routed the one i
 
   it('go ahead past SM_RESUME_ORDER_MS when the old stream never routes it', async () => {
     const { contact, message, storedFor } = await resumedUnsettled('sm-order-expired', {
-      SM_RESUME_ORDER_MS: '400',
+      // Long enough that the first try surely comes within it on a loaded machine.
+      SM_RESUME_ORDER_MS: '3000',
     });
     await expect(message('new', '1')).rejects.toThrow('has not routed');
-    await new Promise((resolve) => setTimeout(resolve, 450));
+    // The wait counts from the resume, which came before the first try.
+    await new Promise((resolve) => setTimeout(resolve, 3100));
     await message('new', '1');
     expect(await storedFor(contact)).toEqual(['1']);
   });
