@@ -458,19 +458,3 @@ export async function verifyPlain(
   const expected = Buffer.from(credentials.storedKey, 'base64');
   return expected.length === storedKey.length && timingSafeEqual(storedKey, expected) && acceptable;
 }
-
-// ---------------------------------------------------------------------------------------------
-// Authorization identity (both mechanisms)
-
-/**
- * RFC 6120 §6.3.8: an authzid is only for acting on behalf of another entity. Nimbus lets a
- * user act only as themself, so an authzid must name the authenticated bare JID.
- * `bareJid` must already be normalised; the authzid is compared after the same lower-casing
- * and NFC the JID code applies to localparts and domains.
- */
-export function authorizeIdentity(authzid: string | undefined, bareJid: string): void {
-  if (authzid === undefined) return;
-  if (authzid.normalize('NFC').toLowerCase() !== bareJid) {
-    throw new SaslError('invalid-authzid', 'authorization identity must be your own bare JID');
-  }
-}

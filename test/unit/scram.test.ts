@@ -1,6 +1,5 @@
 import { describe, expect, it } from 'vitest';
 import {
-  authorizeIdentity,
   type ClientFirst,
   decodeSaslPayload,
   decoyCredentials,
@@ -327,28 +326,6 @@ describe('PLAIN (RFC 4616)', () => {
     const decoy = decoyCredentials('nobody@localhost', 'sha256', 'secret', 4096);
     expect(await verifyPlain('', 'sha256', decoy)).toBe(false);
     expect(await verifyPlain('pencil', 'sha256', decoy)).toBe(false);
-  });
-});
-
-describe('authorization identity', () => {
-  it('allows none, or exactly the authenticated bare JID (case-insensitively)', () => {
-    expect(() => authorizeIdentity(undefined, 'juliet@localhost')).not.toThrow();
-    expect(() => authorizeIdentity('juliet@localhost', 'juliet@localhost')).not.toThrow();
-    expect(() => authorizeIdentity('Juliet@LocalHost', 'juliet@localhost')).not.toThrow();
-  });
-
-  it('refuses another identity with invalid-authzid (PLAIN and SCRAM alike)', () => {
-    const plain = parsePlain('romeo@localhost\0juliet\0pw');
-    expect(saslError(() => authorizeIdentity(plain.authzid, 'juliet@localhost')).condition).toBe(
-      'invalid-authzid',
-    );
-    const scram = parseClientFirst('n,a=romeo@localhost,n=juliet,r=abc');
-    expect(saslError(() => authorizeIdentity(scram.authzid, 'juliet@localhost')).condition).toBe(
-      'invalid-authzid',
-    );
-    expect(saslError(() => authorizeIdentity('juliet@localhost/balcony', 'juliet@localhost')).condition).toBe(
-      'invalid-authzid',
-    );
   });
 });
 
