@@ -170,10 +170,6 @@ export function parseAccountJid(text: string, servedDomain: string): string {
   if (Buffer.byteLength(local) > MAX_PART_BYTES || Buffer.byteLength(domain) > MAX_PART_BYTES) {
     throw new UsageError(`'${text}': localpart and domain are limited to ${MAX_PART_BYTES} bytes each`);
   }
-  // Nimbus's own, lower bound: the account's JID is part of DynamoDB keys (see MAX_LOCALPART_BYTES).
-  if (Buffer.byteLength(local) > MAX_LOCALPART_BYTES) {
-    throw new UsageError(`'${text}': Nimbus limits a localpart to ${MAX_LOCALPART_BYTES} bytes`);
-  }
   if (domain !== servedDomain) {
     throw new UsageError(
       `'${text}' is not in the served domain '${servedDomain}' (set XMPP_DOMAIN to the domain the server runs with)`,
@@ -288,6 +284,12 @@ export async function runUserCli(
   try {
     resolved = target(env);
     if (rest[0] !== undefined) jid = parseAccountJid(rest[0], resolved.config.domain);
+    // Nimbus's own, lower bound for new accounts: the account's JID is part of DynamoDB keys (see
+    // MAX_LOCALPART_BYTES). An older account with a longer one can still be changed or deleted.
+    if (command === 'add' && Buffer.byteLength(jid.slice(0, jid.lastIndexOf('@'))) > MAX_LOCALPART_BYTES)
+      throw new UsageError(
+        `'${rest[0]}': Nimbus limits a new account's localpart to ${MAX_LOCALPART_BYTES} bytes`,
+      );
     if (resolved.config.scramIterations < MIN_ITERATIONS) {
       throw new UsageError(`SCRAM_ITERATIONS must be at least ${MIN_ITERATIONS}`);
     }

@@ -32,7 +32,10 @@ import { isTransient, withTransientRetries } from './transient.ts';
  * (an error is never stored).
  */
 async function bounceToLocalSender(server: Server, stanza: Element, error: StanzaError): Promise<void> {
-  const reply = errorReplyTo(stanza, error);
+  let reply = errorReplyTo(stanza, error);
+  // As replyWithError: one too large to post with the original payload goes without it.
+  if (reply && !fitsTransport(reply))
+    reply = errorReplyTo(new Element(stanza.name, { ...stanza.attrs }), error);
   if (!reply || !stanza.attrs.from) return;
   const sender = parseJid(stanza.attrs.from);
   if (!sender.local || !sender.resource || sender.domain !== server.config.domain) return;
@@ -477,29 +480,34 @@ const REROUTE_ATTEMPTS = 4;
 
 async function rerouteOne(server: Server, user: string, entry: UndeliveredStanza): Promise<void> {
   const { stanza, acceptedAt, done, key, sequence } = entry;
-  try {
-    if (stanza.name === 'message') {
-      const route = () => routeMessage(server, stanza, parseJid(user), { originalTime: acceptedAt });
-      // Counted as a redelivery: an earlier run of this re-route may have delivered it.
-      const seq = sequence === undefined ? {} : { seq: String(sequence) };
-      if (key) await inFrame({ frameId: key, receivedAt: acceptedAt, receiveCount: 2, ...seq }, route);
-      else await route();
-    } else if (
-      stanza.name === 'iq' &&
-      (stanza.attrs.type === 'get' || stanza.attrs.type === 'set') &&
-      stanza.attrs.from
-    ) {
-      await bounceToLocalSender(server, stanza, new StanzaError('cancel', 'service-unavailable'));
+  // The whole of it (routing, or the bounce) in the stanza's own frame when it has a key: what it
+  // delivers is keyed by the entry alone, the same on every run of this re-route, and apart from
+  // the deliveries of the frame or run doing the re-route.
+  const handle = async () => {
+    try {
+      if (stanza.name === 'message') {
+        await routeMessage(server, stanza, parseJid(user), { originalTime: acceptedAt });
+      } else if (
+        stanza.name === 'iq' &&
+        (stanza.attrs.type === 'get' || stanza.attrs.type === 'set') &&
+        stanza.attrs.from
+      ) {
+        await bounceToLocalSender(server, stanza, new StanzaError('cancel', 'service-unavailable'));
+      }
+    } catch (error) {
+      if (!(error instanceof StanzaError)) throw error;
+      // XEP-0198 §4: unacknowledged stanzas are treated "in the same way that [the server] would
+      // treat a stanza sent to an unavailable resource, by either returning an error to the
+      // sender, ...": a message routing refuses now (groupchat, an account deleted meanwhile)
+      // is bounced to its sender as it would have been then.
+      server.log.info('undelivered stanza refused on re-route', { user, condition: error.condition });
+      if (stanza.name === 'message') await bounceToLocalSender(server, stanza, error);
     }
-  } catch (error) {
-    if (!(error instanceof StanzaError)) throw error;
-    // XEP-0198 §4: unacknowledged stanzas are treated "in the same way that [the server] would
-    // treat a stanza sent to an unavailable resource, by either returning an error to the
-    // sender, ...": a message routing refuses now (groupchat, an account deleted meanwhile)
-    // is bounced to its sender as it would have been then.
-    server.log.info('undelivered stanza refused on re-route', { user, condition: error.condition });
-    if (stanza.name === 'message') await bounceToLocalSender(server, stanza, error);
-  }
+  };
+  // Counted as a redelivery: an earlier run of this re-route may have delivered it.
+  const seq = sequence === undefined ? {} : { seq: String(sequence) };
+  if (key) await inFrame({ frameId: key, receivedAt: acceptedAt, receiveCount: 2, ...seq }, handle);
+  else await handle();
   // Recorded before the next one: a failure later on resumes after this stanza, not before it.
   await done?.();
 }

@@ -195,8 +195,13 @@ interface Meta {
   epoch?: string;
   items: number;
   requests: number;
-  /** The items' itemBytes; counted from the first change made by a version that counts them. */
+  /** The items' itemBytes. */
   bytes: number;
+  /**
+   * A roster written before the items' bytes were counted (items, no `bytes`): `bytes` is then
+   * what a Query of its items found, and its next meta write sets it.
+   */
+  uncounted?: boolean;
 }
 
 /**
@@ -215,6 +220,9 @@ function toMeta(item: Record<string, unknown> | undefined): Meta {
     items: Math.max(0, (item?.items as number | undefined) ?? 0),
     requests: Math.max(0, (item?.requests as number | undefined) ?? 0),
     bytes: Math.max(0, (item?.bytes as number | undefined) ?? 0),
+    ...(item && typeof item.bytes !== 'number' && ((item.items as number | undefined) ?? 0) > 0
+      ? { uncounted: true }
+      : {}),
   };
 }
 
@@ -326,6 +334,42 @@ export function createRosterStore(
     };
   }
 
+  async function queryRoster(user: string): Promise<Roster> {
+    const items: StoredRosterEntry[] = [];
+    const pendingIn: StoredRosterEntry[] = [];
+    let meta = toMeta(undefined);
+    let start: Record<string, unknown> | undefined;
+    do {
+      const page = await doc.send(
+        new QueryCommand({
+          TableName: table,
+          KeyConditionExpression: 'pk = :pk',
+          ExpressionAttributeValues: { ':pk': user },
+          ConsistentRead: true,
+          ExclusiveStartKey: start,
+        }),
+      );
+      for (const item of page.Items ?? []) {
+        if (item.sk === META_SK) {
+          meta = toMeta(item);
+          continue;
+        }
+        const entry = toEntry(item);
+        if (entry.listed) items.push(entry);
+        if (entry.pendingIn !== undefined) pendingIn.push(entry);
+      }
+      start = page.LastEvaluatedKey;
+    } while (start);
+    return { version: versionString(meta), items, pendingIn };
+  }
+
+  /** An uncounted roster's bytes, from a Query of its items (once: its next meta write sets them). */
+  async function withCountedBytes(owner: string, meta: Meta): Promise<Meta> {
+    if (!meta.uncounted) return meta;
+    const { items } = await queryRoster(owner);
+    return { ...meta, bytes: items.reduce((sum, entry) => sum + itemBytes(entry), 0) };
+  }
+
   /** The writes of one side, and what that side looks like afterwards. */
   function sideWrites(
     owner: string,
@@ -368,7 +412,7 @@ export function createRosterStore(
       requests: meta.requests + requestsDelta,
       bytes: meta.bytes + bytesDelta,
     };
-    if (itemChanged || itemsDelta !== 0 || requestsDelta !== 0 || bytesDelta !== 0) {
+    if (itemChanged || itemsDelta !== 0 || requestsDelta !== 0 || bytesDelta !== 0 || meta.uncounted) {
       const conditions: string[] = [];
       const names: Record<string, string> = { '#items': 'items', '#requests': 'requests' };
       const values: Record<string, unknown> = { ':items': itemsDelta, ':requests': requestsDelta };
@@ -391,12 +435,20 @@ export function createRosterStore(
       if (itemsDelta > 0) conditions.push('(attribute_not_exists(#items) OR #items < :max)');
       if (requestsDelta > 0) conditions.push('(attribute_not_exists(#requests) OR #requests < :max)');
       if (itemsDelta > 0 || requestsDelta > 0) values[':max'] = limits.maxItems;
-      if (bytesDelta !== 0) {
+      if (meta.uncounted) {
+        // The total found by a Query (see withCountedBytes), set once: a concurrent first count
+        // makes this write fail, and the change is read and decided again.
+        if (bytesDelta > 0 && next.bytes > maxBytes) throw new RosterFullError(owner, 'bytes', maxBytes);
+        names['#bytes'] = 'bytes';
+        sets.push('#bytes = :total');
+        values[':total'] = next.bytes;
+        conditions.push('attribute_not_exists(#bytes)');
+      } else if (bytesDelta !== 0) {
         names['#bytes'] = 'bytes';
         adds.push('#bytes :bytes');
         values[':bytes'] = bytesDelta;
       }
-      if (bytesDelta > 0) {
+      if (bytesDelta > 0 && !meta.uncounted) {
         conditions.push('(attribute_not_exists(#bytes) OR #bytes <= :room)');
         values[':room'] = maxBytes - bytesDelta;
       }
@@ -422,34 +474,7 @@ export function createRosterStore(
   }
 
   return {
-    async getRoster(user) {
-      const items: StoredRosterEntry[] = [];
-      const pendingIn: StoredRosterEntry[] = [];
-      let meta = toMeta(undefined);
-      let start: Record<string, unknown> | undefined;
-      do {
-        const page = await doc.send(
-          new QueryCommand({
-            TableName: table,
-            KeyConditionExpression: 'pk = :pk',
-            ExpressionAttributeValues: { ':pk': user },
-            ConsistentRead: true,
-            ExclusiveStartKey: start,
-          }),
-        );
-        for (const item of page.Items ?? []) {
-          if (item.sk === META_SK) {
-            meta = toMeta(item);
-            continue;
-          }
-          const entry = toEntry(item);
-          if (entry.listed) items.push(entry);
-          if (entry.pendingIn !== undefined) pendingIn.push(entry);
-        }
-        start = page.LastEvaluatedKey;
-      } while (start);
-      return { version: versionString(meta), items, pendingIn };
-    },
+    getRoster: queryRoster,
 
     async getVersion(user) {
       const { Item } = await doc.send(
@@ -475,7 +500,12 @@ export function createRosterStore(
     async apply(user, contact, options, decide) {
       if (user === contact) throw new Error('a roster pair needs two different users');
       for (let round = 0; round < MAX_ROUNDS; round++) {
-        const { pair, userMeta, contactMeta } = await readPair(user, contact, options.contactIsLocal);
+        const read = await readPair(user, contact, options.contactIsLocal);
+        const { pair } = read;
+        const [userMeta, contactMeta] = await Promise.all([
+          withCountedBytes(user, read.userMeta),
+          withCountedBytes(contact, read.contactMeta),
+        ]);
         const decision = await decide(pair);
         const userSide = sideWrites(user, pair.user, decision.user, userMeta);
         const contactSide = options.contactIsLocal

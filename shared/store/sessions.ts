@@ -627,7 +627,6 @@ function toResource(item: Record<string, unknown>, readAt?: number): ResourceRec
   };
 }
 
-/** A row as stored: `readAt` describes a copy, not the row. */
 /**
  * What a presence update removes from the resource row: the frame that made it available once
  * it is not, and the skipped flood's mark once it is unavailable or negative (the next
@@ -641,6 +640,7 @@ function removed(changes: { available: boolean; priority: number }): string {
   return names.length > 0 ? ` REMOVE ${names.join(', ')}` : '';
 }
 
+/** A row as stored: `readAt` describes a copy, not the row. */
 function storedRow(record: ResourceRecord): Omit<ResourceRecord, 'readAt'> {
   const { readAt: _copy, ...row } = record;
   return row;

@@ -29,6 +29,8 @@ beforeAll(async () => {
 afterAll(async () => {
   await Promise.all(clients.map((c) => c.stop()));
   for (const peer of peers) peer.close();
+  // The closing streams' last frames handled before the stack goes (no retries against it).
+  await stack?.gateway.drained();
   await stack?.close();
 });
 

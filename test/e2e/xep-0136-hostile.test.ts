@@ -16,6 +16,7 @@ import {
   rsmOf,
   stores,
   XMLDSIG,
+  XMLENC,
 } from '../support/archive.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 
@@ -163,6 +164,25 @@ describe('hostile grid', () => {
       'a retrieve with a 1,000-byte resource in with',
       'get',
       `<retrieve xmlns='${ARCHIVE}' with='a@b/${'r'.repeat(1000)}' start='2024-01-01T00:00:00Z'/>`,
+      'bad-request',
+    ],
+    [
+      'an EncryptedKey whose CarriedKeyName is over 128 bytes',
+      'set',
+      `<store xmlns='${ARCHIVE}' with='a@b' start='2024-01-01T00:00:00Z'><EncryptedKey xmlns='${XMLENC}'><CarriedKeyName>${'c'.repeat(129)}</CarriedKeyName><KeyInfo xmlns='${XMLDSIG}'><KeyName>pub</KeyName></KeyInfo></EncryptedKey></store>`,
+      'bad-request',
+    ],
+    [
+      // 24 + 1 + 900 + 1 + 120 bytes: past the key index's 1024-byte sort key.
+      'an EncryptedKey in a collection whose with leaves it no room',
+      'set',
+      `<store xmlns='${ARCHIVE}' with='a@b/${'r'.repeat(896)}' start='2024-01-01T00:00:00Z'><EncryptedKey xmlns='${XMLENC}'><CarriedKeyName>${'c'.repeat(120)}</CarriedKeyName><KeyInfo xmlns='${XMLDSIG}'><KeyName>pub</KeyName></KeyInfo></EncryptedKey></store>`,
+      'bad-request',
+    ],
+    [
+      'a keys request naming a KeyName over 128 bytes',
+      'get',
+      `<keys xmlns='${ARCHIVE}'><KeyName xmlns='${XMLDSIG}'>${'k'.repeat(129)}</KeyName></keys>`,
       'bad-request',
     ],
     [

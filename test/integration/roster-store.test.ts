@@ -3,7 +3,7 @@
  * subscription in one transaction, pending requests (at most one per contact), the
  * 500-contact login read measured through the meter, and the bounds.
  */
-import { PutCommand } from '@aws-sdk/lib-dynamodb';
+import { GetCommand, PutCommand, UpdateCommand } from '@aws-sdk/lib-dynamodb';
 import { beforeAll, describe, expect, it } from 'vitest';
 import {
   contactReceivesSubscription,
@@ -253,6 +253,25 @@ describe('bounds', () => {
     await small.apply(user, b, { contactIsLocal: false }, () => ({ user: null, outcome: undefined }));
     await setItem(small, user, named(b, 'x'.repeat(300)));
     expect((await small.getRoster(user)).items.map((e) => e.contact).sort()).toEqual([a, b, c].sort());
+  });
+
+  it('counts a roster written before the byte count from its items at its next change', async () => {
+    const user = fresh('legacy');
+    const [a, b, c] = [fresh('a'), fresh('b'), fresh('c')];
+    const named = (contact: string, name: string) => item(contact, { name, groups: ['g'] });
+    const room = itemBytes(named(a, 'x'.repeat(300))) * 2 + 10;
+    const small = createRosterStore(doc, table, { maxItems: 1000, maxBytes: room });
+    await setItem(small, user, named(a, 'x'.repeat(300)));
+    await setItem(small, user, named(b, 'x'.repeat(300)));
+    // As a roster of an earlier version left it: items counted, their bytes not.
+    await doc.send(
+      new UpdateCommand({ TableName: table, Key: { pk: user, sk: 'ver' }, UpdateExpression: 'REMOVE bytes' }),
+    );
+    await expect(setItem(small, user, named(c, 'x'.repeat(300)))).rejects.toMatchObject({ kind: 'bytes' });
+    // A change that fits records the total its Query found.
+    await setItem(small, user, named(a, 'short'));
+    const { Item } = await doc.send(new GetCommand({ TableName: table, Key: { pk: user, sk: 'ver' } }));
+    expect(Item?.bytes).toBe(itemBytes(named(a, 'short')) + itemBytes(named(b, 'x'.repeat(300))));
   });
 
   it('a contact JID too long for a sort key is never looked up', async () => {

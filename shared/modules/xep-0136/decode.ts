@@ -191,11 +191,23 @@ function noOwnChildren(el: Element): void {
   ownChildren(el, []);
 }
 
+/**
+ * The longest key name (a KeyName or a CarriedKeyName): they are parts of DynamoDB keys, URI
+ * encoded (up to three times as long), with the collection's start and `with` in one of them.
+ */
+export const MAX_KEY_NAME_BYTES = 128;
+
+function keyName(text: string, what: string): string {
+  if (Buffer.byteLength(text, 'utf8') > MAX_KEY_NAME_BYTES)
+    throw badRequest(`${what} is over ${MAX_KEY_NAME_BYTES} bytes`);
+  return text;
+}
+
 function keyNames(el: Element): string[] {
   return el.getChildren('KeyName', XMLDSIG_NS).map((k) => {
     const name = k.getText().trim();
     if (name === '') throw badRequest('KeyName is empty');
-    return name;
+    return keyName(name, 'KeyName');
   });
 }
 
@@ -287,7 +299,11 @@ function decodeStoreContent(store: Element): { entries: ManualEntry[]; keys: Enc
         ?.trim();
       if (!carriedKeyName || !publicKeyName)
         throw badRequest('EncryptedKey needs CarriedKeyName and KeyInfo/KeyName');
-      keys.push({ carriedKeyName, publicKeyName, xml: child.toString() });
+      keys.push({
+        carriedKeyName: keyName(carriedKeyName, 'CarriedKeyName'),
+        publicKeyName: keyName(publicKeyName, 'KeyName'),
+        xml: child.toString(),
+      });
     } else if (ns === ARCHIVE_NS) {
       throw badRequest(`unexpected <${child.name}/> in <store/>`);
     }
@@ -393,7 +409,14 @@ export function decodeRequest(type: 'get' | 'set', el: Element): ArchiveRequest 
       const ref = collectionRef(el);
       if (attr(el, 'crypt') !== undefined) xsBoolean(el, 'crypt');
       if (attr(el, 'partial') !== undefined) throw badRequest('partial is for replies');
-      return { kind: 'store', ...ref, subject: attr(el, 'subject'), ...decodeStoreContent(el) };
+      const content = decodeStoreContent(el);
+      // A key's index entry is keyed `<start>/<with>#<CarriedKeyName>`, URI encoded.
+      for (const key of content.keys) {
+        const bytes =
+          24 + 1 + Buffer.byteLength(ref.with, 'utf8') + 1 + encodeURIComponent(key.carriedKeyName).length;
+        if (bytes > 1024) throw badRequest("the collection's 'with' is too long to store keys in");
+      }
+      return { kind: 'store', ...ref, subject: attr(el, 'subject'), ...content };
     }
     case 'keys': {
       expect('get');
