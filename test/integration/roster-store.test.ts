@@ -212,6 +212,18 @@ describe('both sides of a subscription in one transaction', () => {
   });
 });
 
+/** A store with room for two items of a 300-byte name and a group, not three; the two are set. */
+async function twoOfThreeFit(prefix: string) {
+  const user = fresh(prefix);
+  const [a, b, c] = [fresh('a'), fresh('b'), fresh('c')];
+  const named = (contact: string, name: string) => item(contact, { name, groups: ['g'] });
+  const room = itemBytes(named(a, 'x'.repeat(300))) * 2 + 10;
+  const small = createRosterStore(doc, table, { maxItems: 1000, maxBytes: room });
+  await setItem(small, user, named(a, 'x'.repeat(300)));
+  await setItem(small, user, named(b, 'x'.repeat(300)));
+  return { user, a, b, c, named, room, small };
+}
+
 describe('bounds', () => {
   it('refuses the item past maxItems with RosterFullError, and accepts it after a removal', async () => {
     const small = createRosterStore(doc, table, { maxItems: 3 });
@@ -232,14 +244,7 @@ describe('bounds', () => {
   });
 
   it('refuses an item past maxBytes (the roster result must fit one post), counting renames and removals', async () => {
-    const user = fresh('bytes');
-    const [a, b, c] = [fresh('a'), fresh('b'), fresh('c')];
-    const named = (contact: string, name: string) => item(contact, { name, groups: ['g'] });
-    // Room for two such items, not three.
-    const room = itemBytes(named(a, 'x'.repeat(300))) * 2 + 10;
-    const small = createRosterStore(doc, table, { maxItems: 1000, maxBytes: room });
-    await setItem(small, user, named(a, 'x'.repeat(300)));
-    await setItem(small, user, named(b, 'x'.repeat(300)));
+    const { user, a, b, c, named, room, small } = await twoOfThreeFit('bytes');
     await expect(setItem(small, user, named(c, 'x'.repeat(300)))).rejects.toMatchObject({
       name: 'RosterFullError',
       owner: user,
@@ -256,13 +261,7 @@ describe('bounds', () => {
   });
 
   it('counts a roster written before the byte count from its items at its next change', async () => {
-    const user = fresh('legacy');
-    const [a, b, c] = [fresh('a'), fresh('b'), fresh('c')];
-    const named = (contact: string, name: string) => item(contact, { name, groups: ['g'] });
-    const room = itemBytes(named(a, 'x'.repeat(300))) * 2 + 10;
-    const small = createRosterStore(doc, table, { maxItems: 1000, maxBytes: room });
-    await setItem(small, user, named(a, 'x'.repeat(300)));
-    await setItem(small, user, named(b, 'x'.repeat(300)));
+    const { user, a, b, named, c, small } = await twoOfThreeFit('legacy');
     // As a roster of an earlier version left it: items counted, their bytes not.
     await doc.send(
       new UpdateCommand({ TableName: table, Key: { pk: user, sk: 'ver' }, UpdateExpression: 'REMOVE bytes' }),
