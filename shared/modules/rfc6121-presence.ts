@@ -81,14 +81,17 @@ async function presenceFromClient(event: StanzaEvent): Promise<typeof HANDLED> {
   if (event.self) {
     // The broadcast presence is kept on the resource row, which every message to the user's bare
     // JID, every probe answer and every contact's presence broadcast reads.
-    if (type === undefined && Buffer.byteLength(stanza.toString(), 'utf8') > MAX_PRESENCE_BYTES)
-      throw new StanzaError(
-        'modify',
-        'policy-violation',
-        `presence is limited to ${MAX_PRESENCE_BYTES} bytes`,
-      );
-    if (type === undefined) await becomeAvailable(stream, stanza);
-    else if (type === 'unavailable') await becomeUnavailable(stream, stanza);
+    if (type === undefined) {
+      const presence = stanza.toString();
+      if (Buffer.byteLength(presence, 'utf8') > MAX_PRESENCE_BYTES)
+        throw new StanzaError(
+          'modify',
+          'policy-violation',
+          `presence is limited to ${MAX_PRESENCE_BYTES} bytes`,
+        );
+      await becomeAvailable(stream, stanza, presence);
+    }
+    if (type === 'unavailable') await becomeUnavailable(stream, stanza);
     // Subscription requests and probes to oneself: "No self contacts" (the roster refuses the
     // user's own JID), so there is nothing to subscribe to or probe.
     return HANDLED;
@@ -126,7 +129,7 @@ async function deliverDirected(server: Server, to: Jid, stanza: Element): Promis
  * all, stops tracking new ones. The list lives on the connection row (and the stream-management
  * item at a detach), which every frame rewrites: its size is billed on each.
  */
-export const MAX_DIRECTED = 100;
+const MAX_DIRECTED = 100;
 export const MAX_DIRECTED_BYTES = 8 * 1024;
 
 function rememberDirected(stream: BoundStream, jid: string, available: boolean): void {
@@ -159,7 +162,8 @@ async function tellDirectedRecipients(
   }
 }
 
-async function becomeAvailable(stream: BoundStream, stanza: Element): Promise<void> {
+/** `presence`: the stanza serialised, as it is stored on the resource row. */
+async function becomeAvailable(stream: BoundStream, stanza: Element, presence: string): Promise<void> {
   const { server } = stream;
   const priority = priorityOf(stanza);
   const changing = { stream, priority, hold: false };
@@ -167,7 +171,7 @@ async function becomeAvailable(stream: BoundStream, stanza: Element): Promise<vo
   const previous = await server.sessions.updatePresence(stream.user, stream.resource, stream.connectionId, {
     available: true,
     priority,
-    presence: stanza.toString(),
+    presence,
     ...(changing.hold ? { hold: true } : {}),
     ...(stream.frameId ? { frame: stream.frameId } : {}),
   });
