@@ -7,6 +7,9 @@
  * a fresh `node` process importing the bundle and running the handler's first-call setup
  * (`server ??= createServer(...)`, with an empty event, so no network is touched). Median of
  * N runs; every run is a new process, as a Lambda cold start is.
+ *
+ * `--contents` also prints what the bundle is made of (esbuild's metafile): minified bytes per
+ * package, and per file of ours, largest first: where to look when the 500 KB target is crossed.
  */
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
@@ -14,7 +17,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { gzipSync } from 'node:zlib';
-import { build } from 'esbuild';
+import { build, type Metafile } from 'esbuild';
 import { BUNDLE_ALIASES, BUNDLE_MAIN_FIELDS, bundleDefines } from '../infra/constructs/xmpp-function.ts';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
@@ -72,6 +75,8 @@ export interface ColdStart {
   function: string;
   tracing: boolean;
   bundleBytes: number;
+  /** Minified bytes per package (`@scope/name`) or per directory of ours, largest first. */
+  contents: { source: string; bytes: number }[];
   gzippedBytes: number;
   /** Medians of `runs` fresh processes. */
   importMs: number;
@@ -81,12 +86,25 @@ export interface ColdStart {
   runs: number;
 }
 
+/** The bundle's bytes by source: a package, or one of our files (its path from the project root). */
+function bundleContents(metafile: Metafile): { source: string; bytes: number }[] {
+  const bySource = new Map<string, number>();
+  for (const output of Object.values(metafile.outputs)) {
+    if (!output.entryPoint) continue;
+    for (const [path, input] of Object.entries(output.inputs)) {
+      const source = path.match(/node_modules\/((?:@[^/]+\/)?[^/]+)/)?.[1] ?? path;
+      bySource.set(source, (bySource.get(source) ?? 0) + input.bytesInOutput);
+    }
+  }
+  return [...bySource].map(([source, bytes]) => ({ source, bytes })).sort((a, b) => b.bytes - a.bytes);
+}
+
 /** Builds one function as the stack does and measures its bundle and cold init. */
 export async function measureColdStart(name: string, runs: number, tracing = false): Promise<ColdStart> {
   const out = mkdtempSync(join(tmpdir(), 'nimbus-bundle-'));
   try {
     const outfile = join(out, name, 'index.mjs');
-    await build({
+    const result = await build({
       entryPoints: [join(ROOT, 'functions', `${name}.ts`)],
       bundle: true,
       platform: 'node',
@@ -102,6 +120,7 @@ export async function measureColdStart(name: string, runs: number, tracing = fal
       mainFields: BUNDLE_MAIN_FIELDS,
       alias: Object.fromEntries(Object.entries(BUNDLE_ALIASES).map(([from, to]) => [from, join(ROOT, to)])),
       outfile,
+      metafile: true,
       logLevel: 'error',
     });
     const samples = Array.from({ length: runs }, () => coldInit(outfile, name, String(tracing)));
@@ -109,6 +128,7 @@ export async function measureColdStart(name: string, runs: number, tracing = fal
       function: name,
       tracing,
       bundleBytes: statSync(outfile).size,
+      contents: bundleContents(result.metafile),
       gzippedBytes: gzipSync(readFileSync(outfile)).length,
       importMs: median(samples.map((s) => s.importMs)),
       firstCallSetupMs: median(samples.map((s) => s.firstCallSetupMs)),
@@ -126,6 +146,7 @@ async function main(): Promise<void> {
   const runs = runsAt >= 0 ? Number(args[runsAt + 1]) : 9;
   const names = args.filter((a, i) => !a.startsWith('--') && args[i - 1] !== '--runs');
   const tracing = args.includes('--tracing');
+  const contents = args.includes('--contents');
   for (const name of names.length > 0 ? names : ['stream']) {
     const cold = await measureColdStart(name, runs, tracing);
     console.log(
@@ -139,6 +160,9 @@ async function main(): Promise<void> {
         1,
       )} ms (median of ${runs})`,
     );
+    if (contents)
+      for (const { source, bytes } of cold.contents.slice(0, 30))
+        console.log(`  ${(bytes / 1024).toFixed(1).padStart(6)} KB  ${source}`);
   }
 }
 

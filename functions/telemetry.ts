@@ -6,7 +6,7 @@
  *   log context (connection id, bare JID, element, API Gateway request id: shared/log.ts) is
  *   merged into each entry. The level is the function's `LOG_LEVEL` (a deploy setting).
  * - Metrics: the counts of `server.metrics` (shared/metrics.ts) become CloudWatch embedded metric
- *   format lines, built by Powertools' Metrics, once per invocation: no API call, no latency.
+ *   format lines once per invocation (`createMetricsPublisher`): no API call, no latency.
  * - Tracer: loaded only when the stack was deployed with tracing on (`NIMBUS_TRACING`, which the
  *   stack also bakes into the bundle, so a bundle without tracing carries none of its code).
  *
@@ -14,7 +14,6 @@
  * metric lines are printed at debug level.
  */
 import { Logger as PowertoolsLogger } from '@aws-lambda-powertools/logger';
-import { Metrics, MetricUnit } from '@aws-lambda-powertools/metrics';
 import type { Tracer } from '@aws-lambda-powertools/tracer';
 import type { Context } from 'aws-lambda';
 import type { Config } from '../shared/config.ts';
@@ -39,18 +38,46 @@ export interface PublisherOptions {
   write?: MetricLineWriter;
 }
 
+/** CloudWatch's bound on the metrics of one EMF directive. */
+export const EMF_MAX_METRICS = 100;
+
+/**
+ * One CloudWatch embedded metric format document: counts that share one set of dimensions
+ * (https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/CloudWatch_Embedded_Metric_Format_Specification.html).
+ * The dimensions' values and the metrics' values are members of the document itself, so a metric
+ * name must not be a dimension's name (shared/metrics.ts's names are PascalCase, its dimensions
+ * lower case; test/unit/metrics.test.ts checks it).
+ */
+export function emfDocument(
+  dimensions: Record<string, string>,
+  counts: { name: string; value: number }[],
+  timestamp: number,
+): Record<string, unknown> {
+  const document: Record<string, unknown> = {
+    _aws: {
+      Timestamp: timestamp,
+      CloudWatchMetrics: [
+        {
+          Namespace: METRIC_NAMESPACE,
+          Dimensions: [Object.keys(dimensions)],
+          Metrics: counts.map(({ name }) => ({ Name: name, Unit: 'Count' })),
+        },
+      ],
+    },
+    ...dimensions,
+  };
+  for (const { name, value } of counts) document[name] = value;
+  return document;
+}
+
 /**
  * One EMF document per dimension combination: CloudWatch applies a document's dimensions to
  * every metric in it, so a metric split by `condition` cannot share a document with one split by
- * `kind`. Most invocations write one or two lines.
+ * `kind`. Most invocations write one or two lines. (Built here rather than by Powertools'
+ * Metrics: the format is a few JSON members, and that utility was 10 KB of the stream bundle.)
  */
 export function createMetricsPublisher(options: PublisherOptions): MetricsPublisher {
   const write = options.write ?? stdoutLine;
-  const metrics = new Metrics({
-    namespace: METRIC_NAMESPACE,
-    serviceName: METRIC_SERVICE,
-    defaultDimensions: { domain: options.domain },
-  });
   let coldStart = options.functionName !== undefined;
   return (samples) => {
     const groups = new Map<string, MetricSample[]>();
@@ -70,16 +97,13 @@ export function createMetricsPublisher(options: PublisherOptions): MetricsPublis
         },
       ]);
     }
+    const timestamp = Date.now();
     for (const group of groups.values()) {
       const dimension = group[0]?.dimension;
-      if (dimension) metrics.addDimension(dimension.name, dimension.value);
-      for (const sample of group) metrics.addMetric(sample.name, MetricUnit.Count, sample.value);
-      try {
-        write(JSON.stringify(metrics.serializeMetrics()));
-      } finally {
-        metrics.clearMetrics();
-        metrics.clearDimensions();
-      }
+      const dimensions: Record<string, string> = { service: METRIC_SERVICE, domain: options.domain };
+      if (dimension) dimensions[dimension.name] = dimension.value;
+      for (let from = 0; from < group.length; from += EMF_MAX_METRICS)
+        write(JSON.stringify(emfDocument(dimensions, group.slice(from, from + EMF_MAX_METRICS), timestamp)));
     }
   };
 }

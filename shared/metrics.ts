@@ -13,7 +13,7 @@
  */
 
 export const METRIC_NAMESPACE = 'Nimbus';
-/** Powertools' `service` dimension of every metric. */
+/** The `service` dimension of every metric, and the service of every log line (Powertools' Logger). */
 export const METRIC_SERVICE = 'nimbus';
 
 interface MetricDefinition {

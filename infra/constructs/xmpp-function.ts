@@ -5,7 +5,7 @@ import { NodejsFunction, OutputFormat } from 'aws-cdk-lib/aws-lambda-nodejs';
 import * as logs from 'aws-cdk-lib/aws-logs';
 import { Construct } from 'constructs';
 import type { LogLevel } from '../../shared/log.ts';
-import { METRIC_NAMESPACE, METRIC_SERVICE } from '../../shared/metrics.ts';
+import { METRIC_SERVICE } from '../../shared/metrics.ts';
 
 /**
  * Memory per function, in MB, from `npm run bench` (2026-11-22): the stream function's process
@@ -137,9 +137,8 @@ export class XmppFunction extends Construct {
       environment: {
         ...props.environment,
         LOG_LEVEL: props.logLevel ?? 'info',
-        // Powertools' own settings: the service name in log lines and the EMF namespace.
+        // Powertools' own setting: the service name in log lines.
         POWERTOOLS_SERVICE_NAME: METRIC_SERVICE,
-        POWERTOOLS_METRICS_NAMESPACE: METRIC_NAMESPACE,
         NIMBUS_TRACING: props.tracing ? 'true' : 'false',
         // Stack traces point into the TypeScript sources instead of the minified bundle.
         NODE_OPTIONS: '--enable-source-maps',

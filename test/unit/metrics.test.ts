@@ -1,7 +1,7 @@
 /**
  * Business metrics without DynamoDB: each event and counting point of shared/metrics.ts's
  * catalogue produces its count, and the counts leave as CloudWatch embedded metric format lines
- * built by Powertools' Metrics (captured here as the function would write them to stdout).
+ * built by functions/telemetry.ts (captured here as the function would write them to stdout).
  * Failing DynamoDB answers come from a small HTTP server speaking DynamoDB's JSON protocol, so
  * the real SDK client, its retries and the middleware that counts throttles are exercised.
  */
@@ -12,12 +12,19 @@ import type { SQSRecord } from 'aws-lambda';
 import { Element, parse } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createStreamHandler } from '../../functions/stream.ts';
-import { createMetricsPublisher } from '../../functions/telemetry.ts';
+import { createMetricsPublisher, EMF_MAX_METRICS, emfDocument } from '../../functions/telemetry.ts';
 import { loadConfig } from '../../shared/config.ts';
 import { post } from '../../shared/core/delivery.ts';
 import type { Server, Stream } from '../../shared/core/host.ts';
 import { createLogger } from '../../shared/log.ts';
-import { METRIC_NAMESPACE, METRIC_SERVICE, type MetricName, MetricsRecorder } from '../../shared/metrics.ts';
+import {
+  dimensionOf,
+  METRIC_NAMESPACE,
+  METRIC_SERVICE,
+  METRICS,
+  type MetricName,
+  MetricsRecorder,
+} from '../../shared/metrics.ts';
 import { RecordingPort } from '../../shared/outbound.ts';
 import { encodeQueueMessage } from '../../shared/queue-message.ts';
 import { createServer } from '../../shared/server.ts';
@@ -66,7 +73,7 @@ const someStream = {
 } as unknown as Stream;
 
 describe('the EMF lines', () => {
-  it('are Powertools EMF documents in the Nimbus namespace, with the service and domain dimensions', () => {
+  it('are EMF documents in the Nimbus namespace, with the service and domain dimensions', () => {
     const { server } = testServer();
     server.metrics.count('MessagesDelivered', 2);
     server.metrics.count('StreamErrors', 1, 'host-unknown');
@@ -106,6 +113,64 @@ describe('the EMF lines', () => {
     expect(metricValue(documents, 'StanzasIn', 'iq')).toBe(1);
     expect(metricValue(documents, 'FramesIn')).toBe(3);
     expect(publish(server)).toEqual([]);
+  });
+
+  it("are exactly the specification's shape: the directive, then the dimensions' and counts' values", () => {
+    // CloudWatch EMF specification, example: {"_aws":{"Timestamp":1574109732004,
+    // "CloudWatchMetrics":[{"Namespace":"lambda-function-metrics","Dimensions":[["functionVersion"]],
+    // "Metrics":[{"Name":"time","Unit":"Milliseconds","StorageResolution":60}]}]},
+    // "functionVersion":"$LATEST","time":100,"requestId":"989ffbf8-9ace-4817-a57c-e4dd734019ee"}
+    expect(
+      emfDocument(
+        { service: METRIC_SERVICE, domain: DOMAIN, kind: 'iq' },
+        [
+          { name: 'StanzasIn', value: 3 },
+          { name: 'StanzasOut', value: 4 },
+        ],
+        1574109732004,
+      ),
+    ).toStrictEqual({
+      _aws: {
+        Timestamp: 1574109732004,
+        CloudWatchMetrics: [
+          {
+            Namespace: 'Nimbus',
+            Dimensions: [['service', 'domain', 'kind']],
+            Metrics: [
+              { Name: 'StanzasIn', Unit: 'Count' },
+              { Name: 'StanzasOut', Unit: 'Count' },
+            ],
+          },
+        ],
+      },
+      service: 'nimbus',
+      domain: DOMAIN,
+      kind: 'iq',
+      StanzasIn: 3,
+      StanzasOut: 4,
+    });
+  });
+
+  it("never let a metric's value overwrite a dimension's (a name is never a dimension)", () => {
+    const dimensions = new Set([
+      'service',
+      'domain',
+      ...Object.keys(METRICS).map((n) => dimensionOf(n as MetricName)),
+    ]);
+    for (const name of Object.keys(METRICS)) expect(dimensions.has(name)).toBe(false);
+  });
+
+  it(`split a dimension's counts over documents of at most ${EMF_MAX_METRICS} metrics (CloudWatch's bound)`, () => {
+    const lines: string[] = [];
+    const samples = Array.from({ length: EMF_MAX_METRICS + 5 }, (_, i) => ({
+      name: `Count${i}` as MetricName,
+      value: i + 1,
+    }));
+    createMetricsPublisher({ domain: DOMAIN, write: (line) => lines.push(line) })(samples);
+    const documents = lines.map((line) => JSON.parse(line));
+    expect(documents.map((d) => d._aws.CloudWatchMetrics[0].Metrics.length)).toEqual([EMF_MAX_METRICS, 5]);
+    expect(documents[1].Count104).toBe(105);
+    expect(documents[1]._aws.CloudWatchMetrics[0].Metrics[0]).toEqual({ Name: 'Count100', Unit: 'Count' });
   });
 
   it('count a cold start once per process, by function', () => {
