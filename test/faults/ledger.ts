@@ -89,6 +89,8 @@ export class Ledger {
   private readonly receipts: Receipt[] = [];
   /** Things the clients saw that break a rule even if no message suffers (an `h` too high…). */
   readonly notes: string[] = [];
+  /** XEP-0198 acks from the server counting more stanzas than the client sent (participant.ts). */
+  readonly overcounts: string[] = [];
 
   /** Records a sending; a resend of the same id keeps the first record. */
   send(message: Omit<SentMessage, 'id' | 'acknowledged'>): SentMessage {

@@ -230,7 +230,7 @@ export class Participant {
     const h = Number(element.attrs.h);
     if (h - sm.outbound > sm.outbound_q.length) {
       const line = `${this.user}: server's <${element.name} h='${h}'/> counts more than the client sent (${sm.outbound} acknowledged + ${sm.outbound_q.length} queued)`;
-      this.options.ledger.notes.push(line);
+      this.options.ledger.overcounts.push(line);
       this.options.trace(line);
     }
   }

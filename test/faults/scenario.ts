@@ -418,6 +418,7 @@ export async function runSchedule(options: RunOptions): Promise<ScheduleRun> {
     if ((await within(30_000, stack.close())) === 'timeout')
       problem('stack-hung', 'the stack did not close in 30 s');
   }
+  for (const line of new Set(ledger.overcounts)) problem('sm-overcount', line);
   const run: ScheduleRun = {
     schedule,
     messagesOption: options.messages,

@@ -9,7 +9,8 @@
  *   with an error (`refused-but-delivered`): the server broke its word, whatever the counts say;
  * - no message delivered at all: nothing was exercised, and 0/0/0 would then mean nothing;
  * - a problem of the run that only the server explains (`SERVER_DEFECTS`): frames still in the
- *   queue a minute after every client closed, or a stack that does not close.
+ *   queue a minute after every client closed, a stack that does not close, or an XEP-0198 `h`
+ *   from the server above what the client sent.
  *
  * The other problems are printed and do not fail the schedule: a client that stayed offline, an
  * `<enable/>` refused, acknowledgements or a queue that did not settle while the clients were
@@ -34,7 +35,12 @@ export type ProblemKind =
   /** A final login gave up (what it should have received is counted as lost). */
   | 'final-login'
   /** The stack did not close: something in it never settles. */
-  | 'stack-hung';
+  | 'stack-hung'
+  /**
+   * The server's `<a h/>` or `<resumed h/>` counted more stanzas than the client sent (XEP-0198
+   * §4): it acknowledged what it never received, so the client dropped it from its queue.
+   */
+  | 'sm-overcount';
 
 export interface Problem {
   kind: ProblemKind;
@@ -42,7 +48,11 @@ export interface Problem {
 }
 
 /** The problems that fail a schedule with faults: nothing but the server explains them. */
-export const SERVER_DEFECTS: ReadonlySet<ProblemKind> = new Set<ProblemKind>(['queue-stuck', 'stack-hung']);
+export const SERVER_DEFECTS: ReadonlySet<ProblemKind> = new Set<ProblemKind>([
+  'queue-stuck',
+  'stack-hung',
+  'sm-overcount',
+]);
 
 export interface VerdictInput {
   tally: Pick<Tally, 'delivered' | 'lost' | 'duplicated' | 'reordered' | 'anomalies'>;

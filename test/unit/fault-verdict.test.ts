@@ -57,6 +57,14 @@ describe('fault verdict', () => {
     ]);
   });
 
+  it('fails on a server h above what the client sent: it acknowledged stanzas it never received', () => {
+    // XEP-0198 §4: "The value of 'h' is then incremented to one for the first stanza handled and
+    // incremented by one again with each subsequent stanza handled": an h above what the client
+    // sent counts stanzas the server never handled.
+    const text = "alice: server's <a h='7'/> counts more than the client sent (5 acknowledged + 1 queued)";
+    expect(verdict({}, [{ kind: 'sm-overcount', text }])).toEqual([text]);
+  });
+
   it('does not fail a faulty schedule on what a persistent DynamoDB storm may cause', () => {
     const problems: Problem[] = [
       { kind: 'offline', text: 'bob stayed offline; it sent 55 of 105' },
