@@ -243,12 +243,16 @@ export class NimbusStack extends Stack {
       logLevel: logLevelOf(settings, 'sweeper'),
       sweeps: true,
     });
-    // The next run a minute later does the same work: retrying a failed run only doubles it.
-    sweeper.fn.configureAsyncInvoke({ retryAttempts: 0 });
+    // The next run a minute later does the same work: retrying a failed run only doubles it, and
+    // a run held back (the function throttled, its event kept by Lambda for up to 6 hours by
+    // default) would arrive beside the later ones. A minute is the shortest age allowed.
+    sweeper.fn.configureAsyncInvoke({ retryAttempts: 0, maxEventAge: Duration.minutes(1) });
     new events.Rule(this, 'SweepSchedule', {
       description: 'Runs the session sweeper every minute',
       schedule: events.Schedule.rate(Duration.minutes(1)),
-      targets: [new targets.LambdaFunction(sweeper.fn)],
+      targets: [
+        new targets.LambdaFunction(sweeper.fn, { retryAttempts: 0, maxEventAge: Duration.minutes(1) }),
+      ],
     });
 
     // Updated after the stream function: a stack whose $connect wrote the connection row gets the
@@ -318,7 +322,11 @@ export class NimbusStack extends Stack {
       frameQueue: this.frameQueue.queue,
       deadLetterQueue: this.frameQueue.deadLetterQueue,
       functions: { connect: connect.fn, stream: stream.fn, sweeper: sweeper.fn },
-      tables: this.tables.all().map(({ def, table }) => ({ id: def.id, table })),
+      tables: this.tables.all().map(({ def, table }) => ({
+        id: def.id,
+        table,
+        indexes: def.globalSecondaryIndexes.map((index) => index.indexName),
+      })),
     });
     new CfnOutput(this, 'DashboardName', {
       description: 'CloudWatch dashboard of this deployment',

@@ -6,7 +6,7 @@
  * errors past a threshold (requests it refused itself, throttled ones among them). Each notifies
  * one SNS topic, whose ARN is a stack output.
  */
-import { Duration } from 'aws-cdk-lib';
+import { Aws, Duration } from 'aws-cdk-lib';
 import * as cloudwatch from 'aws-cdk-lib/aws-cloudwatch';
 import * as actions from 'aws-cdk-lib/aws-cloudwatch-actions';
 import * as iam from 'aws-cdk-lib/aws-iam';
@@ -50,6 +50,24 @@ export class Alarms extends Construct {
       masterKey: key,
       enforceSSL: true,
     });
+    // A topic policy replaces SNS's default one (which lets the account's principals publish):
+    // with only enforceSSL's Deny in it, CloudWatch's alarm actions would fail with "not
+    // authorized to perform: SNS:Publish" (seen only in each alarm's history). This account's
+    // alarms in this region may publish.
+    this.topic.addToResourcePolicy(
+      new iam.PolicyStatement({
+        sid: 'AlarmsPublish',
+        principals: [new iam.ServicePrincipal('cloudwatch.amazonaws.com')],
+        actions: ['sns:Publish'],
+        resources: [this.topic.topicArn],
+        conditions: {
+          StringEquals: { 'aws:SourceAccount': Aws.ACCOUNT_ID },
+          ArnLike: {
+            'aws:SourceArn': `arn:${Aws.PARTITION}:cloudwatch:${Aws.REGION}:${Aws.ACCOUNT_ID}:alarm:*`,
+          },
+        },
+      }),
+    );
     const period = Duration.minutes(5);
     const add = (name: string, description: string, metric: cloudwatch.IMetric, threshold: number) => {
       const alarm = new cloudwatch.Alarm(this, name, {

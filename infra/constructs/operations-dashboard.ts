@@ -1,4 +1,4 @@
-import { Duration } from 'aws-cdk-lib';
+import { Duration, Stack } from 'aws-cdk-lib';
 import type * as apigwv2 from 'aws-cdk-lib/aws-apigatewayv2';
 import * as cloudwatch from 'aws-cdk-lib/aws-cloudwatch';
 import type * as dynamodb from 'aws-cdk-lib/aws-dynamodb';
@@ -21,7 +21,7 @@ export interface OperationsDashboardProps {
   frameQueue: sqs.IQueue;
   deadLetterQueue: sqs.IQueue;
   functions: { connect: lambda.IFunction; stream: lambda.IFunction; sweeper: lambda.IFunction };
-  tables: { id: string; table: dynamodb.ITableV2 }[];
+  tables: { id: string; table: dynamodb.ITableV2; indexes: string[] }[];
 }
 
 const PERIOD = Duration.minutes(5);
@@ -83,6 +83,27 @@ export class OperationsDashboard extends Construct {
             label: tableId,
           }),
       );
+    // DynamoDB's throttles: `ThrottledRequests` exists only per table and operation, so the graph
+    // takes the read and write throttle events, which exist per table and per index (an index's
+    // throttled writes hold back its table's: the sweep indexes have few partition key values).
+    const throttleEvents = props.tables.flatMap(({ id: tableId, table, indexes }) =>
+      [undefined, ...indexes].flatMap((index) =>
+        ['ReadThrottleEvents', 'WriteThrottleEvents'].map(
+          (metricName) =>
+            new cloudwatch.Metric({
+              namespace: 'AWS/DynamoDB',
+              metricName,
+              dimensionsMap: {
+                TableName: table.tableName,
+                ...(index ? { GlobalSecondaryIndexName: index } : {}),
+              },
+              statistic: cloudwatch.Stats.SUM,
+              period: PERIOD,
+              label: `${tableId}${index ? ` ${index}` : ''} ${metricName.startsWith('Read') ? 'reads' : 'writes'} (AWS)`,
+            }),
+        ),
+      ),
+    );
     const perFunction = (metric: (fn: lambda.IFunction) => cloudwatch.Metric) =>
       Object.entries(functions).map(([name, fn]) => metric(fn).with({ label: name, period: PERIOD }));
     const graph = (title: string, left: cloudwatch.IMetric[], right: cloudwatch.IMetric[] = []) =>
@@ -90,7 +111,9 @@ export class OperationsDashboard extends Construct {
     const header = (markdown: string) => new cloudwatch.TextWidget({ markdown, width: 24, height: 1 });
 
     this.dashboard = new cloudwatch.Dashboard(this, 'Dashboard', {
-      dashboardName: `Nimbus-${props.domain.replace(/[^A-Za-z0-9_-]/g, '-')}`,
+      // Dashboard names are one namespace per account, across regions: the region keeps the same
+      // domain deployed in two regions apart.
+      dashboardName: `Nimbus-${props.domain.replace(/[^A-Za-z0-9_-]/g, '-')}-${Stack.of(this).region}`,
       defaultInterval: Duration.hours(3),
     });
     this.dashboard.addWidgets(
@@ -176,10 +199,7 @@ export class OperationsDashboard extends Construct {
       graph(
         'Throttles: Lambda, DynamoDB',
         perFunction((fn) => fn.metricThrottles()),
-        [
-          nimbus('DynamoDbThrottles', 'DynamoDB (seen by Nimbus)'),
-          ...perTable('ThrottledRequests').map((metric) => metric.with({ label: `${metric.label} (AWS)` })),
-        ],
+        [nimbus('DynamoDbThrottles', 'DynamoDB (seen by Nimbus)'), ...throttleEvents],
       ),
       graph(
         'Cold starts; posts unanswered, resumes forced and unsettled, uncertain stanzas resent',

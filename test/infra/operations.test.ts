@@ -13,6 +13,7 @@ import { ALL_BUSINESS_METRICS } from '../../infra/constructs/operations-dashboar
 import { METRIC_DESCRIPTIONS } from '../../infra/metric-descriptions.ts';
 import { checkedSettings, NimbusStack, type NimbusStackProps } from '../../infra/stack.ts';
 import { METRIC_NAMESPACE, METRIC_SERVICE, METRICS, type MetricName } from '../../shared/metrics.ts';
+import { ARCHIVE_EXPIRY_INDEX, allTables, SWEEP_INDEX } from '../../shared/tables.ts';
 
 const DOMAIN = 'chat.example.org';
 const CUSTOM = {
@@ -81,10 +82,10 @@ beforeAll(() => {
 }, 120_000);
 
 describe('CloudWatch dashboard', () => {
-  it('is one dashboard named after the domain', () => {
+  it('is one dashboard named after the domain and the region (names are per account, not per region)', () => {
     plain.template.resourceCountIs('AWS::CloudWatch::Dashboard', 1);
     plain.template.hasResourceProperties('AWS::CloudWatch::Dashboard', {
-      DashboardName: 'Nimbus-chat-example-org',
+      DashboardName: { 'Fn::Join': ['', ['Nimbus-chat-example-org-', { Ref: 'AWS::Region' }]] },
     });
     expect(plain.outputs.DashboardName).toBeDefined();
   });
@@ -133,7 +134,8 @@ describe('CloudWatch dashboard', () => {
       ['AWS/Lambda', 'Duration'],
       ['AWS/Lambda', 'Errors'],
       ['AWS/Lambda', 'Throttles'],
-      ['AWS/DynamoDB', 'ThrottledRequests'],
+      ['AWS/DynamoDB', 'ReadThrottleEvents'],
+      ['AWS/DynamoDB', 'WriteThrottleEvents'],
       ['AWS/DynamoDB', 'ConsumedReadCapacityUnits'],
       ['AWS/DynamoDB', 'ConsumedWriteCapacityUnits'],
       ['AWS/ApiGateway', 'MessageCount'],
@@ -142,6 +144,21 @@ describe('CloudWatch dashboard', () => {
     ]) {
       expect(metrics).toContain(`"${namespace}","${metric}"`);
     }
+  });
+
+  it("graphs DynamoDB's throttles per table and per index, with dimensions the metrics exist with", () => {
+    const metrics = JSON.stringify(
+      dashboardBody(plain).widgets.flatMap((w: Json) => w.properties.metrics ?? []),
+    );
+    // ThrottledRequests exists only per table *and operation*: with the table alone it is empty.
+    expect(metrics).not.toContain('ThrottledRequests');
+    for (const index of [SWEEP_INDEX, ARCHIVE_EXPIRY_INDEX])
+      for (const metric of ['ReadThrottleEvents', 'WriteThrottleEvents'])
+        expect(metrics).toContain(
+          `"AWS/DynamoDB","${metric}","GlobalSecondaryIndexName","${index}","TableName","TOKEN"`,
+        );
+    const tableLines = metrics.match(/"AWS\/DynamoDB","WriteThrottleEvents","TableName","TOKEN",\{/g) ?? [];
+    expect(tableLines).toHaveLength(allTables.length);
   });
 });
 
