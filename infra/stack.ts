@@ -91,9 +91,10 @@ export const DEPLOY_SETTINGS = [
 ] as const;
 
 /**
- * Defaults of the concurrency settings: logins keep `CONNECT_RESERVED_CONCURRENCY` instances of
- * their own however busy the streams are, and the streams take at most `STREAM_MAX_CONCURRENCY`
- * (the event source's maximum concurrency), so a flood of frames cannot starve logins. `0`
+ * Defaults of the concurrency settings: WebSocket handshakes (`$connect`) keep
+ * `CONNECT_RESERVED_CONCURRENCY` instances of their own however busy the streams are (which also
+ * caps them: see the README), and the streams take at most `STREAM_MAX_CONCURRENCY` (the event
+ * source's maximum concurrency), so a flood of frames cannot take the account's whole pool. `0`
  * leaves either unset (an account with the default unreserved minimum of 10 and a low limit
  * cannot reserve any).
  */

@@ -458,6 +458,10 @@ async function postInOrder(
   }
   let current = item;
   const margin = Math.min(POSTER_MARGIN_MS, (frameTimeLeft() ?? Number.POSITIVE_INFINITY) / 2);
+  // A hold older than its lease reads as its poster's death: the next sender closes the socket.
+  // A poster with no invocation deadline (the sweeper's deliveries, outside any frame; its
+  // invocation outlives the lease) stops before its own hold would read so.
+  const leaseMargin = Math.min(POSTER_MARGIN_MS, server.config.smPosterLeaseMs / 2);
   // Every entry up to `settledOut` went out in order (or was acknowledged) when the last hold was let go.
   let sent = Math.max(current.settledOut ?? ownNumber - 1, current.base);
   let asked = 0;
@@ -470,8 +474,13 @@ async function postInOrder(
         continue;
       }
       const left = frameTimeLeft();
-      if (left !== undefined && left < margin) {
-        // Out of time mid-burst: the resume carries on where the client's count says.
+      const leaseLeft =
+        current.holdingAt === undefined
+          ? Number.POSITIVE_INFINITY
+          : current.holdingAt + server.config.smPosterLeaseMs - Date.now();
+      if ((left !== undefined && left < margin) || leaseLeft < leaseMargin) {
+        // Out of time mid-burst (the invocation's, or the hold's lease): the resume carries on
+        // where the client's count says.
         await forceResume(server, connectionId, 'out-of-time');
         return 'sent';
       }

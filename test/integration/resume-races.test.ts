@@ -836,6 +836,28 @@ describe('posts in order (SM_POST_ORDER=serial)', () => {
     expect(port.closed.has('live')).toBe(true);
   });
 
+  it('stops a poster without an invocation deadline (the sweeper) before its hold outlives the lease', async () => {
+    // Outside a frame (as the sweeper delivers) no deadline stops a long burst; a hold past
+    // SM_POSTER_LEASE_MS reads as a dead poster, whose socket the next sender closes while this
+    // one still posts. The poster itself stops first: the client resumes from its count.
+    const port = new HoldingPort('first');
+    const { server, send, bodies } = await serialSession('sm-serial-own-lease', port, {
+      SM_POSTER_LEASE_MS: '3000',
+    });
+    const first = send('first');
+    await port.reached;
+    for (const body of ['second', 'third']) expect(await send(body)).toBe('sent');
+    // Past the lease's last margin (half the lease, 1.5 s, at this lease) but within it.
+    await new Promise((resolve) => setTimeout(resolve, 1700));
+    server.metrics.drain();
+    port.release();
+    expect(await first).toBe('sent');
+    expect(bodies('live')).toEqual(['first']);
+    expect(port.closed.has('live')).toBe(true);
+    expect(forcedResumes(server)).toEqual({ 'out-of-time': 1 });
+    expect((await server.smQueue.get('sm-serial-own-lease'))?.out).toBe(3);
+  });
+
   it('makes the next delivery close the socket when a hold outlived its lease (its poster died)', async () => {
     const port = new RecordingPort();
     const { server, send } = await serialSession('sm-serial-lease', port, { SM_POSTER_LEASE_MS: '3000' });
