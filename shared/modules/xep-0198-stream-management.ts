@@ -49,6 +49,7 @@ import {
   type AppendResult,
   boundReached,
   countCovers,
+  isSweepShardOf,
   markCovers,
   markFrame,
   NotSessionOwnerError,
@@ -836,7 +837,11 @@ async function endSmSession(
     // ended it, or another end at once): carried on from where it stopped. Re-routes are keyed,
     // so running one twice delivers nothing twice.
     const item = await server.smQueue.get(session.smId);
-    if (item?.ended && item.sweepShard === REROUTE_SHARD && (item.rerouted ?? 0) < item.entries.length)
+    if (
+      item?.ended &&
+      isSweepShardOf(item.sweepShard, REROUTE_SHARD) &&
+      (item.rerouted ?? 0) < item.entries.length
+    )
       await handBack(server, item, undelivered, afterReroute);
     return HANDLED;
   }

@@ -307,6 +307,32 @@ function loadedEntries(raw: unknown): SmEntry[] {
 export const PROBE_AFTER_MS = 11 * 60_000;
 /** The sweep index's partition of ended sessions whose unacknowledged entries await re-routing. */
 export const REROUTE_SHARD = 'reroute';
+/**
+ * Each kind of sweep entry (`attached`, `detached`, `reroute`) is spread over this many partition
+ * key values of the sweep index, `<kind>#<n>` by the session id: one value takes every write of
+ * its kind (an attach, a detach, a probe), and a partition of an index takes about 1,000 writes a
+ * second, past which its throttling holds back the table's own writes (a mass reconnection after
+ * an outage). The sweeper reads every value, and the bare `<kind>` written before session 22.
+ */
+export const SWEEP_SHARDS = 4;
+
+/** The sweep index partition of a session's entry of `kind`: `<kind>#<n>`, stable per session. */
+export function sweepShardOf(kind: string, smId: string): string {
+  // FNV-1a: a spread, not a secret.
+  let hash = 0x811c9dc5;
+  for (let i = 0; i < smId.length; i++) hash = Math.imul(hash ^ smId.charCodeAt(i), 0x01000193) >>> 0;
+  return `${kind}#${hash % SWEEP_SHARDS}`;
+}
+
+/** Every partition key value of `kind` the sweeper reads: the shards, and the unsharded value of older entries. */
+export function sweepShardsOf(kind: string): string[] {
+  return [kind, ...Array.from({ length: SWEEP_SHARDS }, (_, n) => `${kind}#${n}`)];
+}
+
+/** Whether a session's `sweepShard` is of `kind` (sharded or written before the shards). */
+export function isSweepShardOf(shard: string | undefined, kind: string): boolean {
+  return shard === kind || (shard?.startsWith(`${kind}#`) ?? false);
+}
 /** A re-route not finished this long after the session ended is taken over by the sweeper. */
 export const REROUTE_RETRY_MS = 60_000;
 const DAY_SECONDS = 86400;
@@ -580,35 +606,83 @@ export interface SmQueueStore {
 
 export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): SmQueueStore {
   /**
-   * The sessions of one sweep shard due by `upTo`, oldest first. The index holds keys only (an
-   * append or an ack then writes no index entry: a projection of the whole item doubled the
-   * write units of every queued stanza), so the items are read by key after it, consistently;
-   * one that moved on since the index saw it (the index lags) is left out.
+   * The sessions of one kind of sweep entry due by `upTo`, oldest first, from all its partition
+   * key values (sweepShardsOf). The index holds keys only (an append or an ack then writes no
+   * index entry: a projection of the whole item doubled the write units of every queued stanza),
+   * so the items are read by key after it, consistently; one that moved on since the index saw
+   * it (the index lags) is left out. The shards' index pages are merged by `sweepAt`, so only the
+   * `limit` oldest are read, and a shard is read further only when its page is used up.
    */
-  async function listSwept(shard: string, upTo: number, limit: number): Promise<SmQueueItem[]> {
+  async function listSwept(kind: string, upTo: number, limit: number): Promise<SmQueueItem[]> {
+    interface IndexKey {
+      pk: string;
+      sk: string;
+      sweepAt: number;
+      shard: string;
+    }
+    const shards = sweepShardsOf(kind).map((shard) => ({
+      shard,
+      keys: [] as IndexKey[],
+      start: undefined as Record<string, unknown> | undefined,
+      done: false,
+    }));
     const found: SmQueueItem[] = [];
-    let start: Record<string, unknown> | undefined;
-    // Pages until `limit` items are found or the index has no more: a page the check shortened
+    // Rounds until `limit` items are found or the index has no more: a round the check shortened
     // does not read as the last one to the sweeper (it stops at a short page).
-    do {
-      const { Items = [], LastEvaluatedKey } = await doc.send(
-        new QueryCommand({
-          TableName: table,
-          IndexName: SWEEP_INDEX,
-          KeyConditionExpression: 'sweepShard = :shard AND sweepAt <= :upTo',
-          ExpressionAttributeValues: { ':shard': shard, ':upTo': upTo },
-          Limit: limit - found.length,
-          ...(start ? { ExclusiveStartKey: start } : {}),
+    while (found.length < limit) {
+      await Promise.all(
+        shards.map(async (state) => {
+          if (state.done || state.keys.length > 0) return;
+          const { Items = [], LastEvaluatedKey } = await doc.send(
+            new QueryCommand({
+              TableName: table,
+              IndexName: SWEEP_INDEX,
+              KeyConditionExpression: 'sweepShard = :shard AND sweepAt <= :upTo',
+              ExpressionAttributeValues: { ':shard': state.shard, ':upTo': upTo },
+              Limit: limit,
+              ...(state.start ? { ExclusiveStartKey: state.start } : {}),
+            }),
+          );
+          for (const item of Items)
+            state.keys.push({
+              pk: item.pk as string,
+              sk: item.sk as string,
+              sweepAt: item.sweepAt as number,
+              shard: state.shard,
+            });
+          state.start = LastEvaluatedKey;
+          if (!LastEvaluatedKey) state.done = true;
         }),
       );
-      start = LastEvaluatedKey;
-      if (Items.length === 0) break;
-      const keys = Items.map((item) => ({ pk: item.pk as string, sk: item.sk as string }));
-      const rows = await batchGetAll(doc, table, keys, { consistent: true, concurrency: 4 });
+      // The oldest keys across the shards; a shard whose page ran out while it has more must be
+      // read again before anything later than its last key is taken.
+      const taken: IndexKey[] = [];
+      while (taken.length < limit - found.length) {
+        let oldest: (typeof shards)[number] | undefined;
+        for (const state of shards) {
+          const head = state.keys[0];
+          if (head && (!oldest || head.sweepAt < (oldest.keys[0] as IndexKey).sweepAt)) oldest = state;
+        }
+        if (!oldest) break;
+        taken.push(oldest.keys.shift() as IndexKey);
+        if (oldest.keys.length === 0 && !oldest.done) break;
+      }
+      if (taken.length === 0) break;
+      const rows = await batchGetAll(
+        doc,
+        table,
+        taken.map(({ pk, sk }) => ({ pk, sk })),
+        { consistent: true, concurrency: 4 },
+      );
+      const shardOf = new Map(taken.map((k) => [k.pk, k.shard]));
       for (const row of rows)
-        if (row.sweepShard === shard && typeof row.sweepAt === 'number' && row.sweepAt <= upTo)
+        if (
+          row.sweepShard === shardOf.get(row.pk as string) &&
+          typeof row.sweepAt === 'number' &&
+          row.sweepAt <= upTo
+        )
           found.push(toItem(row));
-    } while (start && found.length < limit);
+    }
     return found.sort((a, b) => (a.sweepAt ?? 0) - (b.sweepAt ?? 0));
   }
 
@@ -684,7 +758,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             // XEP-0198 §5: the last inbound count answers a late resume for at least a day.
             ':ttl': nowSeconds() + DAY_SECONDS,
             ':zero': 0,
-            ':reroute': REROUTE_SHARD,
+            ':reroute': sweepShardOf(REROUTE_SHARD, smId),
             ':retry': Date.now() + REROUTE_RETRY_MS,
             ...(connectionId === undefined ? {} : { ':connectionId': connectionId }),
             ...(detachedFrom === undefined ? {} : { ':detachedFrom': detachedFrom }),
@@ -754,7 +828,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             base: 0,
             q: [],
             ackedAt: Date.now(),
-            sweepShard: ATTACHED_SHARD,
+            sweepShard: sweepShardOf(ATTACHED_SHARD, item.smId),
             sweepAt: Date.now() + PROBE_AFTER_MS,
             [TTL_ATTRIBUTE]: attachedExpiry(),
           },
@@ -1090,7 +1164,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
               ':yes': true,
               ':user': user,
               ':ttl': attachedExpiry(),
-              ':attached': ATTACHED_SHARD,
+              ':attached': sweepShardOf(ATTACHED_SHARD, smId),
               ':probe': Date.now() + PROBE_AFTER_MS,
               ':now': Date.now(),
               ':none': -1,
@@ -1127,7 +1201,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             ConditionExpression: 'connectionId = :connectionId AND attribute_not_exists(ended)',
             ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE, '#out': 'out' },
             ExpressionAttributeValues: {
-              ':shard': DETACHED_SHARD,
+              ':shard': sweepShardOf(DETACHED_SHARD, smId),
               ':at': sweepAt,
               ':inbound': inbound,
               ':directed': directedTo,
@@ -1203,12 +1277,16 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           new UpdateCommand({
             TableName: table,
             Key: key(smId),
-            UpdateExpression: 'SET sweepAt = :at',
-            ConditionExpression: 'connectionId = :connectionId AND sweepShard = :attached',
+            // An entry from before the shards moves to its shard.
+            UpdateExpression: 'SET sweepAt = :at, sweepShard = :shard',
+            ConditionExpression:
+              'connectionId = :connectionId AND (sweepShard = :attached OR begins_with(sweepShard, :sharded))',
             ExpressionAttributeValues: {
               ':at': at,
               ':connectionId': connectionId,
               ':attached': ATTACHED_SHARD,
+              ':sharded': `${ATTACHED_SHARD}#`,
+              ':shard': sweepShardOf(ATTACHED_SHARD, smId),
             },
           }),
         );

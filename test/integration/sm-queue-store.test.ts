@@ -4,7 +4,13 @@
  * hand-over (attach, release, detach), the sparse sweep index, and the end that happens once.
  */
 import { randomBytes } from 'node:crypto';
-import { GetCommand, UpdateCommand } from '@aws-sdk/lib-dynamodb';
+import {
+  BatchGetCommand,
+  type BatchGetCommandOutput,
+  type DynamoDBDocumentClient,
+  GetCommand,
+  UpdateCommand,
+} from '@aws-sdk/lib-dynamodb';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { createDocumentClient } from '../../shared/store/dynamo.ts';
 import {
@@ -19,6 +25,8 @@ import {
   type SmEntry,
   type SmQueueItem,
   type SmQueueStore,
+  SWEEP_SHARDS,
+  sweepShardOf,
   UncertainQueueError,
 } from '../../shared/store/sm-queue.ts';
 import { TTL_ATTRIBUTE } from '../../shared/tables.ts';
@@ -302,7 +310,7 @@ describe('create, get, counts', () => {
       congested: false,
       ackedAt: undefined,
       // Attached: its liveness probe is due at sweepAt.
-      sweepShard: 'attached',
+      sweepShard: sweepShardOf('attached', smId),
     } satisfies SmQueueItem);
     expect(await queue.counts(smId)).toMatchObject({ out: 0, base: 0 });
   });
@@ -595,7 +603,7 @@ describe('the hand-over: attach, release, detach', () => {
     expect(await queue.attach(smId, user, 'new')).toMatchObject({ connectionId: 'new' });
     const raw = await rawItem(table, smId);
     // No longer expiring: due for a liveness probe one PROBE_AFTER_MS after the attach.
-    expect(raw).toMatchObject({ sweepShard: 'attached' });
+    expect(raw).toMatchObject({ sweepShard: sweepShardOf('attached', smId) });
     expect(raw?.sweepAt).toBeGreaterThanOrEqual(before * 1000 + PROBE_AFTER_MS);
     expect(raw?.[TTL_ATTRIBUTE]).toBeGreaterThanOrEqual(before + 3 * 3600 + DAY);
   });
@@ -649,14 +657,17 @@ describe('the hand-over: attach, release, detach', () => {
       sweepAt,
     });
     const raw = await rawItem(table, smId);
-    expect(raw).toMatchObject({ sweepShard: 'detached', sweepAt });
+    expect(raw).toMatchObject({ sweepShard: sweepShardOf('detached', smId), sweepAt });
     expect(raw?.[TTL_ATTRIBUTE]).toBe(Math.floor(sweepAt / 1000) + DAY);
   });
 
   it('detach by another connection or of an ended session returns false and changes nothing', async () => {
     const { smId } = await session('c1');
     expect(await queue.detach(smId, 'c2', 1, Date.now(), [])).toBe(false);
-    expect(await rawItem(table, smId)).toMatchObject({ connectionId: 'c1', sweepShard: 'attached' });
+    expect(await rawItem(table, smId)).toMatchObject({
+      connectionId: 'c1',
+      sweepShard: sweepShardOf('attached', smId),
+    });
     await queue.end(smId, 'c1', 2);
     expect(await queue.detach(smId, 'c1', 9, Date.now(), [])).toBe(false);
     expect(await queue.get(smId)).toMatchObject({ ended: true, inbound: 2 });
@@ -708,6 +719,77 @@ describe('listExpired: the sparse sweep index', () => {
     expect(all).toEqual([early.smId, middle.smId, late.smId, future.smId]);
     expect(all).not.toContain(attached.smId);
   });
+
+  it(`spreads a kind over ${SWEEP_SHARDS} index partitions by session, and merges them oldest first`, async () => {
+    // One partition key value per kind took every attach, detach and probe: an index partition
+    // takes about 1,000 writes a second.
+    const t = Date.now() - 3_600_000;
+    const sessions = [];
+    for (let i = 0; i < 12; i++) {
+      const s = await session(fresh('c'), sweepQueue);
+      await sweepQueue.detach(s.smId, s.connectionId, 0, t + (12 - i) * 10, []);
+      sessions.push(s);
+    }
+    const shards = new Set<string>();
+    for (const s of sessions) {
+      const shard = (await rawItem(sweepTable, s.smId))?.sweepShard as string;
+      expect(shard).toBe(sweepShardOf('detached', s.smId));
+      expect(shard).toMatch(new RegExp(`^detached#[0-${SWEEP_SHARDS - 1}]$`));
+      shards.add(shard);
+    }
+    expect(shards.size).toBeGreaterThan(1);
+    const oldestFirst = [...sessions].reverse().map((s) => s.smId);
+    expect((await sweepQueue.listExpired(t + 120, 5)).map((i) => i.smId)).toEqual(oldestFirst.slice(0, 5));
+    expect((await sweepQueue.listExpired(t + 120, 50)).map((i) => i.smId)).toEqual(oldestFirst);
+  });
+
+  it('reads a shard further when entries the index listed had moved on (it lags the table)', async () => {
+    const table = (await createTestTables()).sessions;
+    const t = Date.now() - 3_600_000;
+    const store = createSmQueueStore(doc, table);
+    const sessions = [];
+    for (let i = 1; i <= 8; i++) {
+      const s = await session(fresh('c'), store);
+      await store.detach(s.smId, s.connectionId, 0, t + i * 10, []);
+      sessions.push(s);
+    }
+    // The two oldest were resumed after the index listed them: their items say so.
+    const movedOn = new Set(sessions.slice(0, 2).map((s) => `sm#${s.smId}`));
+    const lagging = {
+      send: async (command: unknown) => {
+        const output = await doc.send(command as never);
+        if (command instanceof BatchGetCommand)
+          for (const rows of Object.values((output as BatchGetCommandOutput).Responses ?? {}))
+            for (const row of rows) if (movedOn.has(row.pk as string)) row.sweepAt = t + 3_600_000;
+        return output;
+      },
+    } as unknown as DynamoDBDocumentClient;
+    const due = await createSmQueueStore(lagging, table).listExpired(t + 1000, 3);
+    expect(due.map((i) => i.smId)).toEqual(sessions.slice(2, 5).map((s) => s.smId));
+  });
+
+  it('still sweeps, and moves to its shard, an entry written before the shards', async () => {
+    const table = (await createTestTables()).sessions;
+    const store = createSmQueueStore(doc, table);
+    const legacy = await session(fresh('c'), store);
+    const sharded = await session(fresh('c'), store);
+    const due = Date.now() + PROBE_AFTER_MS + 1000;
+    await doc.send(
+      new UpdateCommand({
+        TableName: table,
+        Key: { pk: `sm#${legacy.smId}`, sk: 'queue' },
+        UpdateExpression: 'SET sweepShard = :attached, sweepAt = :at',
+        ExpressionAttributeValues: { ':attached': 'attached', ':at': Date.now() },
+      }),
+    );
+    expect((await store.listDueProbes(due, 50)).map((i) => i.smId)).toEqual([legacy.smId, sharded.smId]);
+    await store.deferProbe(legacy.smId, legacy.connectionId, due + PROBE_AFTER_MS);
+    expect(await rawItem(table, legacy.smId)).toMatchObject({
+      sweepShard: sweepShardOf('attached', legacy.smId),
+      sweepAt: due + PROBE_AFTER_MS,
+    });
+    expect((await store.listDueProbes(due, 50)).map((i) => i.smId)).toEqual([sharded.smId]);
+  });
 });
 
 describe('end: exactly once', () => {
@@ -722,7 +804,7 @@ describe('end: exactly once', () => {
     expect(raw).toMatchObject({ user, version: 'sm3', inbound: 9, ended: true });
     for (const gone of ['connectionId', 'holding']) expect(raw).not.toHaveProperty(gone);
     // The entries stay until re-routed: a failure on the way leaves them to the sweeper.
-    expect(raw).toMatchObject({ sweepShard: 'reroute', rerouted: 0 });
+    expect(raw).toMatchObject({ sweepShard: sweepShardOf('reroute', smId), rerouted: 0 });
     expect(raw?.q).toHaveLength(2);
     // XEP-0198 §5: the last inbound count answers a late resume for at least a day.
     expect(raw?.[TTL_ATTRIBUTE]).toBeGreaterThanOrEqual(before + DAY);
