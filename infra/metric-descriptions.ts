@@ -47,7 +47,7 @@ export const METRIC_DESCRIPTIONS: Record<MetricName, string> = {
   ResumesUnsettled:
     "XEP-0198 resumes that went ahead after `SM_RESUME_SETTLE_MS` while the old stream had not finished routing a stanza it counted (its frame kept failing): the resumed stream's stanzas wait for it, at most `SM_RESUME_ORDER_MS`",
   SmResumesForced:
-    "XEP-0198 sockets the server closed so that the client resumes and is sent exactly what its count lacks: `uncertain-post` (a post failed or went unanswered), `out-of-time` (a poster short of its invocation's time), `lease` (a hold older than `SM_POSTER_LEASE_MS`), `redelivered` (a frame that may have posted part of its work), `uncertain-append`, `uncertain-entry` (`SM_POST_ORDER=checked`), `fenced` (a stream a resume took over)",
+    "XEP-0198 sockets the server closed so that the client resumes and is sent exactly what its count lacks: `uncertain-post` (a post failed or went unanswered), `out-of-time` (a poster short of its invocation's time, or of its hold's lease), `lease` (a hold older than `SM_POSTER_LEASE_MS`), `redelivered` (a frame that may have posted part of its work), `uncertain-append`, `uncertain-entry` (`SM_POST_ORDER=checked`), `fenced` (a stream a resume took over)",
   SmUncertainResent:
     "XEP-0198 stanzas sent again on a resume because one's post failed, went unanswered or was never made (its frame failed after queueing it) while later ones went out: the client's count could not say whether it had them, so some may arrive twice, none is lost",
 };

@@ -6,7 +6,7 @@
  * errors past a threshold (requests it refused itself, throttled ones among them). Each notifies
  * one SNS topic, whose ARN is a stack output.
  */
-import { Aws, Duration } from 'aws-cdk-lib';
+import { Aws, Duration, RemovalPolicy } from 'aws-cdk-lib';
 import * as cloudwatch from 'aws-cdk-lib/aws-cloudwatch';
 import * as actions from 'aws-cdk-lib/aws-cloudwatch-actions';
 import * as iam from 'aws-cdk-lib/aws-iam';
@@ -42,6 +42,10 @@ export class Alarms extends Construct {
     const key = new kms.Key(this, 'TopicKey', {
       description: 'Nimbus alarm notifications',
       enableKeyRotation: true,
+      // It protects only the topic's notifications: deleted with the stack (after KMS's shortest
+      // waiting period), not kept at $1 a month protecting nothing.
+      removalPolicy: RemovalPolicy.DESTROY,
+      pendingWindow: Duration.days(7),
     });
     // CloudWatch publishes to the encrypted topic only if it may use the key.
     key.grantEncryptDecrypt(new iam.ServicePrincipal('cloudwatch.amazonaws.com'));
@@ -115,6 +119,21 @@ export class Alarms extends Construct {
       nimbus('FramesDeadLettered'),
       0,
     );
+    // A sweep cut short (its invocation's time ran out with work left) now and then is a burst;
+    // every run of a quarter hour means the sweeper is falling behind: sessions whose window
+    // closed stay unswept and lost $disconnects unprobed.
+    const sweepsBehind = new cloudwatch.Alarm(this, 'SweepsCutShort', {
+      alarmDescription:
+        'The sweeper ran out of time with work left in every 5 minutes of a quarter hour (SweepsCutShort)',
+      metric: nimbus('SweepsCutShort'),
+      threshold: 0,
+      comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+      evaluationPeriods: 3,
+      datapointsToAlarm: 3,
+      treatMissingData: cloudwatch.TreatMissingData.NOT_BREACHING,
+    });
+    sweepsBehind.addAlarmAction(new actions.SnsAction(this.topic));
+    this.alarms.push(sweepsBehind);
     const apiGateway = (metricName: string) =>
       new cloudwatch.Metric({
         namespace: 'AWS/ApiGateway',

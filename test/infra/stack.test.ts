@@ -359,27 +359,30 @@ describe('failing safely', () => {
     template.hasOutput('AlarmTopicArn', { Value: { Ref: topic } });
   });
 
-  it('alarms on every period with dead-lettered frames, on the metric the stream function writes', () => {
+  it.each([
     // The depth alarm stays in ALARM until the queue is emptied; this one notifies again.
+    ['every period with dead-lettered frames', 'FramesDeadLettered', 1],
+    // One sweep cut short is a burst; a quarter hour of them, a sweeper falling behind.
+    ['three periods in a row of sweeps cut short', 'SweepsCutShort', 3],
+  ] as const)('alarms on %s, on the metric the function writes', (_what, name, periods) => {
     const [alarm, ...others] = resourcesOfType('AWS::CloudWatch::Alarm')
       .map(([, resource]) => resource.Properties)
-      .filter((properties) => properties.MetricName === 'FramesDeadLettered');
+      .filter((properties) => properties.MetricName === name);
     expect(others).toEqual([]);
     expect(alarm).toMatchObject({
       Statistic: 'Sum',
       Threshold: 0,
       ComparisonOperator: 'GreaterThanThreshold',
-      EvaluationPeriods: 1,
+      EvaluationPeriods: periods,
       TreatMissingData: 'notBreaching',
     });
+    if (periods > 1) expect(alarm.DatapointsToAlarm).toBe(periods);
     // The namespace and dimensions of the EMF line functions/telemetry.ts writes for the count.
     const lines: string[] = [];
-    createMetricsPublisher({ domain: DOMAIN, write: (line) => lines.push(line) })([
-      { name: 'FramesDeadLettered', value: 1 },
-    ]);
+    createMetricsPublisher({ domain: DOMAIN, write: (line) => lines.push(line) })([{ name, value: 1 }]);
     const [line] = lines.map((text) => JSON.parse(text));
     const [directive] = line._aws.CloudWatchMetrics;
-    expect(directive.Metrics).toEqual([{ Name: 'FramesDeadLettered', Unit: 'Count' }]);
+    expect(directive.Metrics).toEqual([{ Name: name, Unit: 'Count' }]);
     expect(alarm.Namespace).toBe(directive.Namespace);
     const [dimensionNames] = directive.Dimensions as string[][];
     expect(
@@ -417,8 +420,13 @@ describe('failing safely', () => {
     for (const alarm of alarms) expect(alarm.Properties.AlarmActions).toEqual([{ Ref: topic }]);
   });
 
-  it('encrypts the alarm topic and refuses it without TLS', () => {
+  it('encrypts the alarm topic and refuses it without TLS; its key goes with the stack', () => {
     template.hasResourceProperties('AWS::SNS::Topic', { KmsMasterKeyId: Match.anyValue() });
+    // Nothing else uses the key: kept after the stack it would cost $1 a month protecting nothing.
+    template.hasResource('AWS::KMS::Key', {
+      DeletionPolicy: 'Delete',
+      Properties: Match.objectLike({ EnableKeyRotation: true, PendingWindowInDays: 7 }),
+    });
     template.hasResourceProperties('AWS::SNS::TopicPolicy', {
       PolicyDocument: Match.objectLike({
         Statement: Match.arrayWith([
