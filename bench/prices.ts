@@ -49,6 +49,30 @@ export const prices = {
     perMillionReadRequestUnits: 0.125,
   },
   /**
+   * The frame queue's event source with no frame to take (`npm run bench:idle`), an estimate:
+   * "Lambda uses long polling to poll a queue until it becomes active"; at low traffic it "scales
+   * back to 5 concurrent batches, and can optimize to as few as 2 ... However, this
+   * optimization is not available when you enable the maximum concurrency setting" (AWS Lambda
+   * developer guide, "Configuring scaling behavior for SQS event source mappings"; the stack sets
+   * maximum concurrency). Five pollers whose ReceiveMessage waits SQS's longest 20 s is an
+   * assumption: AWS does not publish the wait Lambda uses.
+   */
+  sqsIdlePolling: {
+    requestsPerMinute: 5 * 3,
+  },
+  /**
+   * "Amazon CloudWatch pricing": $0.10 per standard-resolution alarm metric a month; $3.00 per
+   * dashboard a month (the free tier's 3 dashboards of up to 50 metrics each left aside).
+   */
+  cloudwatch: {
+    perAlarmMonth: 0.1,
+    perDashboardMonth: 3.0,
+  },
+  /** "AWS Key Management Service pricing": $1.00 per customer managed key a month (requests aside). */
+  kms: {
+    perKeyMonth: 1.0,
+  },
+  /**
    * "Amazon Kinesis Data Streams pricing", for the queue break-even (`npm run bench:breakeven`),
    * not used by Nimbus. Provisioned: $0.015 per shard-hour, $0.014 per million PUT payload units
    * (a record is billed in 25 KB units); a shard takes 1,000 records/s or 1 MB/s in. Enhanced

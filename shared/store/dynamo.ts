@@ -85,7 +85,7 @@ const METERED_OPERATIONS: Record<string, CapacityKind> = {
   ExecuteTransaction: 'write',
 };
 
-interface ConsumedCapacity {
+export interface ConsumedCapacity {
   CapacityUnits?: number;
   ReadCapacityUnits?: number;
   WriteCapacityUnits?: number;
@@ -177,6 +177,22 @@ function meterFromEnvironment(): DynamoMeter | undefined {
   return process.env.NIMBUS_METER === '1' ? dynamoMeter : undefined;
 }
 
+/**
+ * What DynamoDB bills for a request, from what it reported. DynamoDB Local reports 0 for a Query
+ * that finds nothing, where DynamoDB bills the read's minimum ("Queries that do not return results
+ * consume the minimum read capacity units according to the type of read"): half a unit, or one
+ * for a strongly consistent read. (A GetItem of a missing item it already reports so.)
+ */
+export function billedCapacity(
+  operation: string,
+  input: { ConsistentRead?: boolean },
+  consumed: ConsumedCapacity | ConsumedCapacity[] | undefined,
+): ConsumedCapacity | ConsumedCapacity[] | undefined {
+  if (operation !== 'Query' || consumed === undefined || Array.isArray(consumed)) return consumed;
+  const units = consumed.CapacityUnits ?? consumed.ReadCapacityUnits ?? 0;
+  return units > 0 ? consumed : { CapacityUnits: input.ConsistentRead ? 1 : 0.5 };
+}
+
 function installMeter(client: DynamoDBClient, meter: DynamoMeter): void {
   client.middlewareStack.add(
     (next, context) => async (args) => {
@@ -194,7 +210,11 @@ function installMeter(client: DynamoDBClient, meter: DynamoMeter): void {
       }
       meter.record(
         operation,
-        (result.output as { ConsumedCapacity?: ConsumedCapacity | ConsumedCapacity[] }).ConsumedCapacity,
+        billedCapacity(
+          operation,
+          args.input as { ConsistentRead?: boolean },
+          (result.output as { ConsumedCapacity?: ConsumedCapacity | ConsumedCapacity[] }).ConsumedCapacity,
+        ),
         false,
         item,
       );

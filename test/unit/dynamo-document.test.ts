@@ -17,7 +17,7 @@ import {
   UpdateCommand,
 } from '@aws-sdk/lib-dynamodb';
 import { describe, expect, it } from 'vitest';
-import { documentClientOver } from '../../shared/store/dynamo.ts';
+import { billedCapacity, documentClientOver } from '../../shared/store/dynamo.ts';
 
 const ITEM = {
   pk: 'user#alice@example.org',
@@ -191,5 +191,21 @@ describe('the stores’ document client', () => {
       'b',
       'c',
     ]);
+  });
+});
+
+describe('the meter bills what DynamoDB bills', () => {
+  it('counts an empty Query at the read minimum, which DynamoDB Local reports as 0', () => {
+    // DynamoDB API reference, Query: "Queries that do not return results consume the minimum
+    // read capacity units according to the type of read."
+    expect(billedCapacity('Query', {}, { CapacityUnits: 0 })).toEqual({ CapacityUnits: 0.5 });
+    expect(billedCapacity('Query', { ConsistentRead: true }, { CapacityUnits: 0 })).toEqual({
+      CapacityUnits: 1,
+    });
+    // What was reported otherwise stands.
+    expect(billedCapacity('Query', {}, { CapacityUnits: 2.5 })).toEqual({ CapacityUnits: 2.5 });
+    expect(billedCapacity('GetItem', {}, { CapacityUnits: 0.5 })).toEqual({ CapacityUnits: 0.5 });
+    expect(billedCapacity('UpdateItem', {}, { CapacityUnits: 0 })).toEqual({ CapacityUnits: 0 });
+    expect(billedCapacity('Query', {}, undefined)).toBeUndefined();
   });
 });
