@@ -42,7 +42,12 @@ export function createSweeperHandler(server: Server, options: SweeperHandlerOpti
   return async (context?: Pick<Context, 'getRemainingTimeInMillis'>): Promise<{ swept: number }> => {
     try {
       const outcome = await runSweep(server, (options.now ?? Date.now)(), {
-        ...(context ? { hasTime: () => context.getRemainingTimeInMillis() > SWEEP_TIME_RESERVE_MS } : {}),
+        ...(context
+          ? {
+              hasTime: () => context.getRemainingTimeInMillis() > SWEEP_TIME_RESERVE_MS,
+              timeLeftMs: () => context.getRemainingTimeInMillis(),
+            }
+          : {}),
       });
       server.metrics.count('SessionsExpired', outcome.swept);
       if (outcome.failed > 0) throw new SweepFailedError(outcome);

@@ -21,6 +21,8 @@ interface FrameContext {
 }
 
 const frames = contextStore<FrameContext>();
+/** The time left of an invocation doing work outside any frame (the sweeper). */
+const invocations = contextStore<() => number>();
 
 /** Runs the handling of one delivery of a frame. */
 export function inFrame<T>(
@@ -154,9 +156,22 @@ export function frameAge(now = Date.now()): number | undefined {
   return frame ? now - frame.receivedAt : undefined;
 }
 
-/** What is left of the invocation handling the current frame (ms), when the runtime says. */
+/**
+ * What is left of the invocation handling the current frame (ms), when the runtime says;
+ * outside a frame, of the invocation `withTimeLeft` runs the work in (the sweeper's).
+ */
 export function frameTimeLeft(): number | undefined {
-  return frames.get()?.timeLeftMs?.();
+  const frame = frames.get();
+  return frame ? frame.timeLeftMs?.() : invocations.get()?.();
+}
+
+/**
+ * Runs work that is no frame's (the sweeper's deliveries and re-routes) under its invocation's
+ * time left: what stops before a frame's invocation ends (a burst of XEP-0198 posts) stops
+ * before this one's too.
+ */
+export function withTimeLeft<T>(timeLeftMs: () => number, work: () => Promise<T>): Promise<T> {
+  return invocations.run(timeLeftMs, work);
 }
 
 /** Compares two SQS FIFO sequence numbers (decimal strings without leading zeros). */

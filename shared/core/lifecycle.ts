@@ -10,6 +10,7 @@ import { type StreamError, streamErrorElement } from '../errors.ts';
 import type { ConnectionState, NewConnection, ResourceRecord } from '../store/sessions.ts';
 import { NS } from '../xml/namespaces.ts';
 import { closeConnection, post } from './delivery.ts';
+import { withTimeLeft } from './frame.ts';
 import type { Server, SessionEndReason, SessionRef, SweepRun, UndeliveredStanza } from './host.ts';
 import { rerouteUndelivered } from './router.ts';
 
@@ -177,6 +178,11 @@ export async function replaceSession(
 export interface SweepOptions {
   /** Whether to start more work (the invocation's time left); default: always. */
   hasTime?: () => boolean;
+  /**
+   * The invocation's time left (ms), seen by the work as `frameTimeLeft()`: a delivery that
+   * started in time still stops before the invocation ends (XEP-0198's posts in order).
+   */
+  timeLeftMs?: () => number;
 }
 
 export interface SweepOutcome {
@@ -225,7 +231,8 @@ export async function runSweep(
     },
     failed,
   };
-  await server.host.fireEach('sweep', run, (error) => failed('hook', error));
+  const sweepAll = () => server.host.fireEach('sweep', run, (error) => failed('hook', error));
+  await (options.timeLeftMs ? withTimeLeft(options.timeLeftMs, sweepAll) : sweepAll());
   if (outcome.cutShort) {
     server.metrics.count('SweepsCutShort');
     server.log.warn('sweep: short of time, the rest waits for the next run', { swept: run.swept });

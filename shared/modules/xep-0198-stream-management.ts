@@ -460,8 +460,8 @@ async function postInOrder(
   let current = item;
   const margin = Math.min(POSTER_MARGIN_MS, (frameTimeLeft() ?? Number.POSITIVE_INFINITY) / 2);
   // A hold older than its lease reads as its poster's death: the next sender closes the socket.
-  // A poster with no invocation deadline (the sweeper's deliveries, outside any frame; its
-  // invocation outlives the lease) stops before its own hold would read so.
+  // A poster stops before its own hold would read so, whatever its invocation's time left (the
+  // sweeper's, 50 s, outlives the lease; a local runner's deliveries have no deadline).
   const leaseMargin = Math.min(POSTER_MARGIN_MS, server.config.smPosterLeaseMs / 2);
   // Every entry up to `settledOut` went out in order (or was acknowledged) when the last hold was let go.
   let sent = Math.max(current.settledOut ?? ownNumber - 1, current.base);

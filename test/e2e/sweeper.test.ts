@@ -9,6 +9,7 @@ import type { Element } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createSweeperHandler, SweepFailedError } from '../../functions/sweeper.ts';
 import { RawClient } from '../../infra/local/raw-client.ts';
+import { frameTimeLeft } from '../../shared/core/frame.ts';
 import { runSweep } from '../../shared/core/lifecycle.ts';
 import type { MetricSample } from '../../shared/metrics.ts';
 import { PROBE_RETRY_MS } from '../../shared/modules/xep-0198-stream-management.ts';
@@ -170,5 +171,24 @@ describe('the time budget', () => {
     await expect(handler({ getRemainingTimeInMillis: () => 45_000 })).resolves.toEqual({ swept: 1 });
     expect(samples.filter((s) => s.name === 'SweepsCutShort')).toEqual([]);
     expect((await stack.server.smQueue.get(late.smId))?.ended).toBe(true);
+  });
+
+  it('hands its phases the invocation’s time left, which a delivery outside any frame stops by', async () => {
+    // XEP-0198's posts in order stop before `frameTimeLeft()` runs out; the sweeper's deliveries
+    // are no frame's, so the handler passes Lambda's remaining time down (test/integration/
+    // resume-races.test.ts has the poster that stops by it).
+    const seen: (number | undefined)[] = [];
+    stack.server.host.hook('sweep', async () => {
+      seen.push(frameTimeLeft());
+      return undefined;
+    });
+    let remaining = 45_000;
+    const handler = createSweeperHandler(stack.server, { publishMetrics: () => {} });
+    await handler({ getRemainingTimeInMillis: () => remaining-- });
+    expect(seen).toHaveLength(1);
+    expect(seen[0]).toBeGreaterThan(44_000);
+    expect(seen[0]).toBeLessThan(45_000);
+    // Outside the handler's run, no deadline is left behind.
+    expect(frameTimeLeft()).toBeUndefined();
   });
 });

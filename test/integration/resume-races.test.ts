@@ -11,7 +11,7 @@ import type { DynamoDBDocumentClient } from '@aws-sdk/lib-dynamodb';
 import { Element } from 'ltx';
 import { describe, expect, it } from 'vitest';
 import { deliver } from '../../shared/core/delivery.ts';
-import { inFrame } from '../../shared/core/frame.ts';
+import { inFrame, withTimeLeft } from '../../shared/core/frame.ts';
 import { sweep } from '../../shared/core/lifecycle.ts';
 import { handleStreamEvent } from '../../shared/core/stream.ts';
 import { RetryLaterError } from '../../shared/core/transient.ts';
@@ -856,6 +856,31 @@ describe('posts in order (SM_POST_ORDER=serial)', () => {
     expect(port.closed.has('live')).toBe(true);
     expect(forcedResumes(server)).toEqual({ 'out-of-time': 1 });
     expect((await server.smQueue.get('sm-serial-own-lease'))?.out).toBe(3);
+  });
+
+  it('stops a sweeper delivery before its invocation ends, though its hold is far from the lease', async () => {
+    // The sweeper's deliveries run outside any frame; its invocation's time left
+    // (runSweep's `timeLeftMs`) is what stops a burst before Lambda kills it holding the session.
+    const port = new HoldingPort('first');
+    const { server, send, bodies } = await serialSession('sm-serial-sweeper-deadline', port, {
+      SM_POSTER_LEASE_MS: '60000',
+    });
+    const deadline = Date.now() + 4000;
+    const first = withTimeLeft(
+      () => deadline - Date.now(),
+      () => send('first'),
+    );
+    await port.reached;
+    for (const body of ['second', 'third']) expect(await send(body)).toBe('sent');
+    // The poster's margin is half the 4 s it had (2 s): past it, the invocation still alive.
+    await new Promise((resolve) => setTimeout(resolve, Math.max(0, deadline - 1900 - Date.now())));
+    server.metrics.drain();
+    port.release();
+    expect(await first).toBe('sent');
+    expect(bodies('live')).toEqual(['first']);
+    expect(port.closed.has('live')).toBe(true);
+    expect(forcedResumes(server)).toEqual({ 'out-of-time': 1 });
+    expect((await server.smQueue.get('sm-serial-sweeper-deadline'))?.out).toBe(3);
   });
 
   it('makes the next delivery close the socket when a hold outlived its lease (its poster died)', async () => {
