@@ -30,11 +30,14 @@ import { batchGetAll, isConditionFailure } from './dynamo.ts';
 /** Tries of a bind whose takeover found the row changed since it was told of it. */
 const BIND_ATTEMPTS = 4;
 
-/** The sweep index's one partition: sessions detached from their socket, awaiting resumption. */
+/**
+ * The sweep index's kind of entry for sessions detached from their socket, awaiting resumption
+ * (spread over partition key values `detached#0`… by sweepShardOf, store/sm-queue.ts).
+ */
 export const DETACHED_SHARD = 'detached';
 /**
- * The sweep index's other partition: sessions attached to a socket, due for a probe at `sweepAt`
- * (a lost `$disconnect` would otherwise leave them attached to a dead socket until their TTL).
+ * The kind for sessions attached to a socket, due for a probe at `sweepAt` (a lost `$disconnect`
+ * would otherwise leave them attached to a dead socket until their TTL); sharded alike.
  */
 export const ATTACHED_SHARD = 'attached';
 

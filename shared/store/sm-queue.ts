@@ -627,6 +627,9 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       done: false,
     }));
     const found: SmQueueItem[] = [];
+    // An entry moving between key values (a legacy entry to its shard) may be listed under both
+    // while the index lags: its row is read once (BatchGetItem refuses a repeated key) and found once.
+    const foundIds = new Set<string>();
     // Rounds until `limit` items are found or the index has no more: a round the check shortened
     // does not read as the last one to the sweeper (it stops at a short page).
     while (found.length < limit) {
@@ -664,24 +667,35 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           if (head && (!oldest || head.sweepAt < (oldest.keys[0] as IndexKey).sweepAt)) oldest = state;
         }
         if (!oldest) break;
-        taken.push(oldest.keys.shift() as IndexKey);
+        const key = oldest.keys.shift() as IndexKey;
+        if (!foundIds.has(key.pk)) taken.push(key);
         if (oldest.keys.length === 0 && !oldest.done) break;
       }
       if (taken.length === 0) break;
+      const shardsOf = new Map<string, { sk: string; shards: Set<string> }>();
+      for (const { pk, sk, shard } of taken) {
+        const known = shardsOf.get(pk);
+        if (known) known.shards.add(shard);
+        else shardsOf.set(pk, { sk, shards: new Set([shard]) });
+      }
       const rows = await batchGetAll(
         doc,
         table,
-        taken.map(({ pk, sk }) => ({ pk, sk })),
+        [...shardsOf].map(([pk, { sk }]) => ({ pk, sk })),
         { consistent: true, concurrency: 4 },
       );
-      const shardOf = new Map(taken.map((k) => [k.pk, k.shard]));
-      for (const row of rows)
+      for (const row of rows) {
+        const pk = row.pk as string;
         if (
-          row.sweepShard === shardOf.get(row.pk as string) &&
+          !foundIds.has(pk) &&
+          shardsOf.get(pk)?.shards.has(row.sweepShard as string) &&
           typeof row.sweepAt === 'number' &&
           row.sweepAt <= upTo
-        )
+        ) {
+          foundIds.add(pk);
           found.push(toItem(row));
+        }
+      }
     }
     return found.sort((a, b) => (a.sweepAt ?? 0) - (b.sweepAt ?? 0));
   }

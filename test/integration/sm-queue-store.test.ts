@@ -9,6 +9,8 @@ import {
   type BatchGetCommandOutput,
   type DynamoDBDocumentClient,
   GetCommand,
+  QueryCommand,
+  type QueryCommandOutput,
   UpdateCommand,
 } from '@aws-sdk/lib-dynamodb';
 import { beforeAll, describe, expect, it } from 'vitest';
@@ -766,6 +768,82 @@ describe('listExpired: the sparse sweep index', () => {
     } as unknown as DynamoDBDocumentClient;
     const due = await createSmQueueStore(lagging, table).listExpired(t + 1000, 3);
     expect(due.map((i) => i.smId)).toEqual(sessions.slice(2, 5).map((s) => s.smId));
+  });
+
+  it('reads a shard whose page ran out again before taking a later entry of another shard', async () => {
+    // The merge may not pass a shard's last listed key while that shard has more: its next page
+    // may hold older entries than the other shards' heads.
+    const table = (await createTestTables()).sessions;
+    const store = createSmQueueStore(doc, table);
+    const t = Date.now() - 3_600_000;
+    /** A session id whose detached entry lands on `shard`. */
+    const idOn = (shard: string) => {
+      for (;;) {
+        const smId = fresh('sm');
+        if (sweepShardOf('detached', smId) === shard) return smId;
+      }
+    };
+    const detachedAt = async (shard: string, sweepAt: number) => {
+      const smId = idOn(shard);
+      const connectionId = fresh('c');
+      await store.create({
+        smId,
+        user: 'u@localhost',
+        resource: 'r',
+        version: 'sm3',
+        resumable: true,
+        max: 300,
+        connectionId,
+      });
+      await store.detach(smId, connectionId, 0, sweepAt, []);
+      return smId;
+    };
+    const a: string[] = [];
+    for (const at of [10, 20, 30, 40, 50, 60]) a.push(await detachedAt('detached#0', t + at));
+    const b: string[] = [];
+    for (const at of [15, 100, 110, 120]) b.push(await detachedAt('detached#1', t + at));
+    // The index listed a1, a2 and b1, which were resumed since (the consistent read says so).
+    const movedOn = new Set([a[0], a[1], b[0]].map((smId) => `sm#${smId}`));
+    const lagging = {
+      send: async (command: unknown) => {
+        const output = await doc.send(command as never);
+        if (command instanceof BatchGetCommand)
+          for (const rows of Object.values((output as BatchGetCommandOutput).Responses ?? {}))
+            for (const row of rows) if (movedOn.has(row.pk as string)) row.sweepAt = t + 3_600_000;
+        return output;
+      },
+    } as unknown as DynamoDBDocumentClient;
+    // Pages of 4: a1-a4 and b1-b4. The first round takes a1, b1, a2, a3 and keeps a3; the second
+    // takes a4, the last of its page; a5 and a6 (on the next page) come before b2.
+    const due = await createSmQueueStore(lagging, table).listExpired(t + 1000, 4);
+    expect(due.map((i) => i.smId)).toEqual([a[2], a[3], a[4], a[5]]);
+  });
+
+  it('reads and lists once a session the lagging index shows under its old key value and its shard', async () => {
+    // A pre-shard entry just moved to its shard may be listed under both while the index lags;
+    // BatchGetItem refuses a request that names one key twice.
+    const table = (await createTestTables()).sessions;
+    const store = createSmQueueStore(doc, table);
+    const t = Date.now() - 3_600_000;
+    const moved = await session(fresh('c'), store);
+    await store.detach(moved.smId, moved.connectionId, 0, t + 10, []);
+    const other = await session(fresh('c'), store);
+    await store.detach(other.smId, other.connectionId, 0, t + 20, []);
+    const lagging = {
+      send: async (command: unknown) => {
+        const output = await doc.send(command as never);
+        if (
+          command instanceof QueryCommand &&
+          command.input.ExpressionAttributeValues?.[':shard'] === 'detached'
+        )
+          (output as QueryCommandOutput).Items = [
+            { pk: `sm#${moved.smId}`, sk: 'queue', sweepShard: 'detached', sweepAt: t + 5 },
+          ];
+        return output;
+      },
+    } as unknown as DynamoDBDocumentClient;
+    const due = await createSmQueueStore(lagging, table).listExpired(t + 1000, 10);
+    expect(due.map((i) => i.smId)).toEqual([moved.smId, other.smId]);
   });
 
   it('still sweeps, and moves to its shard, an entry written before the shards', async () => {
