@@ -107,13 +107,20 @@ async function main(): Promise<void> {
     kmsKeys: resources.kmsKeys * prices.kms.perKeyMonth,
   };
   const total = Object.values(lines).reduce((a, b) => a + b, 0);
+  // The alarm key rotates yearly: from its second rotation on, it bills $3 a month, not $1.
+  const kmsRotations = resources.kmsKeys * prices.kms.perRotationMonth * prices.kms.billedRotations;
   const result = {
     pricesAsOf: PRICES_AS_OF,
     region: PRICES_REGION,
     runs,
     sweepRun: { ...sweep, projectedMs },
     resources,
-    monthly: { ...lines, total },
+    monthly: {
+      ...lines,
+      total,
+      kmsRotationsFromThirdYear: kmsRotations,
+      totalFromThirdYear: total + kmsRotations,
+    },
   };
   const dollars = (value: number) => `$${value.toFixed(value < 0.1 ? 4 : 2)}`;
   process.stdout.write(
@@ -125,7 +132,7 @@ async function main(): Promise<void> {
       `  sweeper: ${SWEEPS_PER_MONTH} invocations ${dollars(lines.sweeperInvocations)}, duration ${dollars(lines.sweeperDuration)}, DynamoDB ${dollars(lines.sweeperDynamoDb)}`,
       `  frame queue's event source polling the empty queue (estimate): ${dollars(lines.queuePolling)}`,
       `  ${resources.alarms} alarms ${dollars(lines.alarms)}, ${resources.dashboards} dashboard ${dollars(lines.dashboards)}, ${resources.kmsKeys} KMS key ${dollars(lines.kmsKeys)}`,
-      `  total ${dollars(total)} a month`,
+      `  total ${dollars(total)} a month; ${dollars(total + kmsRotations)} from the key's second yearly rotation on (+${dollars(kmsRotations)})`,
       '',
     ].join('\n'),
   );

@@ -68,9 +68,15 @@ export const prices = {
     perAlarmMonth: 0.1,
     perDashboardMonth: 3.0,
   },
-  /** "AWS Key Management Service pricing": $1.00 per customer managed key a month (requests aside). */
+  /**
+   * "AWS Key Management Service pricing": $1.00 per customer managed key a month (requests
+   * aside). With automatic rotation (yearly by default), the first and second rotations' key
+   * material add $1.00 a month each; later rotations are not billed (AWS's April 2024 change).
+   */
   kms: {
     perKeyMonth: 1.0,
+    perRotationMonth: 1.0,
+    billedRotations: 2,
   },
   /**
    * "Amazon Kinesis Data Streams pricing", for the queue break-even (`npm run bench:breakeven`),

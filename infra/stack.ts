@@ -18,7 +18,7 @@ import { Alarms } from './constructs/alarms.ts';
 import { CustomDomain } from './constructs/custom-domain.ts';
 import { FrameQueue } from './constructs/frame-queue.ts';
 import { OperationsDashboard } from './constructs/operations-dashboard.ts';
-import { bindTable, type TableAccess, XmppTables } from './constructs/tables.ts';
+import { bindTable, RETIRED_INDEXES, type TableAccess, XmppTables } from './constructs/tables.ts';
 import { STAGE_THROTTLE, WebSocketGateway } from './constructs/websocket-gateway.ts';
 import { FUNCTION_MEMORY_MB, XmppFunction } from './constructs/xmpp-function.ts';
 
@@ -326,7 +326,11 @@ export class NimbusStack extends Stack {
       tables: this.tables.all().map(({ def, table }) => ({
         id: def.id,
         table,
-        indexes: def.globalSecondaryIndexes.map((index) => index.indexName),
+        // A retired index kept for one deployment is rebuilt then: its throttles shown too.
+        indexes: [
+          ...def.globalSecondaryIndexes,
+          ...(props.keepRetiredIndexes ? (RETIRED_INDEXES[def.id] ?? []) : []),
+        ].map((index) => index.indexName),
       })),
     });
     new CfnOutput(this, 'DashboardName', {

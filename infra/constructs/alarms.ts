@@ -43,12 +43,21 @@ export class Alarms extends Construct {
       description: 'Nimbus alarm notifications',
       enableKeyRotation: true,
       // It protects only the topic's notifications: deleted with the stack (after KMS's shortest
-      // waiting period), not kept at $1 a month protecting nothing.
+      // waiting period), not kept at $1 to $3 a month (rotations) protecting nothing.
       removalPolicy: RemovalPolicy.DESTROY,
       pendingWindow: Duration.days(7),
     });
-    // CloudWatch publishes to the encrypted topic only if it may use the key.
-    key.grantEncryptDecrypt(new iam.ServicePrincipal('cloudwatch.amazonaws.com'));
+    // CloudWatch publishes to the encrypted topic only if it may use the key: the two actions
+    // SNS's guide to encrypted topics names for an AWS service's events, no more (grantEncryptDecrypt
+    // would add Encrypt and ReEncrypt*). Which alarms may publish is the topic policy's to say.
+    key.addToResourcePolicy(
+      new iam.PolicyStatement({
+        sid: 'AlarmsEncryptNotifications',
+        principals: [new iam.ServicePrincipal('cloudwatch.amazonaws.com')],
+        actions: ['kms:Decrypt', 'kms:GenerateDataKey*'],
+        resources: ['*'],
+      }),
+    );
     this.topic = new sns.Topic(this, 'Topic', {
       displayName: 'Nimbus alarms',
       masterKey: key,
@@ -120,8 +129,8 @@ export class Alarms extends Construct {
       0,
     );
     // A sweep cut short (its invocation's time ran out with work left) now and then is a burst;
-    // every run of a quarter hour means the sweeper is falling behind: sessions whose window
-    // closed stay unswept and lost $disconnects unprobed.
+    // one in each of three 5-minute periods running means the sweeper is falling behind: sessions
+    // whose window closed stay unswept and lost $disconnects unprobed.
     const sweepsBehind = new cloudwatch.Alarm(this, 'SweepsCutShort', {
       alarmDescription:
         'The sweeper ran out of time with work left in every 5 minutes of a quarter hour (SweepsCutShort)',

@@ -159,6 +159,19 @@ describe('CloudWatch dashboard', () => {
         );
     const tableLines = metrics.match(/"AWS\/DynamoDB","WriteThrottleEvents","TableName","TOKEN",\{/g) ?? [];
     expect(tableLines).toHaveLength(allTables.length);
+    expect(metrics).not.toContain('"GlobalSecondaryIndexName","bySweepTime"');
+  });
+
+  it('graphs a retired index kept for one deployment too (it is rebuilt then)', () => {
+    const metrics = JSON.stringify(
+      dashboardBody(synth({ keepRetiredIndexes: true })).widgets.flatMap(
+        (w: Json) => w.properties.metrics ?? [],
+      ),
+    );
+    for (const metric of ['ReadThrottleEvents', 'WriteThrottleEvents'])
+      expect(metrics).toContain(
+        `"AWS/DynamoDB","${metric}","GlobalSecondaryIndexName","bySweepTime","TableName","TOKEN"`,
+      );
   });
 });
 

@@ -427,6 +427,13 @@ describe('failing safely', () => {
       DeletionPolicy: 'Delete',
       Properties: Match.objectLike({ EnableKeyRotation: true, PendingWindowInDays: 7 }),
     });
+    // CloudWatch may use the key for what publishing to an encrypted topic needs, and only that.
+    const [key, ...others] = Object.values(template.findResources('AWS::KMS::Key'));
+    expect(others).toEqual([]);
+    const forCloudWatch = (
+      key.Properties.KeyPolicy.Statement as { Principal?: { Service?: string }; Action: string[] }[]
+    ).filter((s) => s.Principal?.Service === 'cloudwatch.amazonaws.com');
+    expect(forCloudWatch.map((s) => s.Action)).toEqual([['kms:Decrypt', 'kms:GenerateDataKey*']]);
     template.hasResourceProperties('AWS::SNS::TopicPolicy', {
       PolicyDocument: Match.objectLike({
         Statement: Match.arrayWith([
