@@ -132,7 +132,9 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
       stanza,
       new StanzaError('wait', 'resource-constraint', `This account has ${limit} resources connected already`),
     );
-    if (reply) await stream.send(reply);
+    // The same answer on a redelivery, though a resource may have been let go meanwhile: the
+    // client must not be told both that the bind failed and that it succeeded.
+    if (reply) await stream.answerOnce(reply);
     return HANDLED;
   }
 

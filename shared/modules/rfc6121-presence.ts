@@ -211,14 +211,20 @@ async function becomeUnavailable(stream: BoundStream, stanza: Element): Promise<
     available: false,
     priority: 0,
     presence: '',
+    ...(stream.frameId ? { frame: stream.frameId } : {}),
   });
+  // Also when this frame is the presence that made it unavailable, handled again (its first
+  // attempt failed after the write): the contacts and the other resources are still owed it, and
+  // nothing later would tell them (the session's end finds the resource unavailable).
+  const wasAvailable =
+    previous?.available === true || (stream.frameId !== '' && previous?.unavailableFrame === stream.frameId);
   let resources: ResourceRecord[] = [];
-  if (previous?.available) {
+  if (wasAvailable) {
     resources = await broadcastToOwnResources(server, stream.user, stanza, {
       exceptConnectionId: stream.connectionId,
     });
   }
-  if (previous?.available) {
+  if (wasAvailable) {
     // Fired first: the roster module tells the contacts subscribed to the user and drops them
     // from `directedTo`, so a contact that also had directed presence is told once.
     await server.host.fire('availability-changed', {

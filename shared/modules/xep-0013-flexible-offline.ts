@@ -277,8 +277,19 @@ async function command(
       return undefined;
     }
     case 'remove': {
-      await existingMessages(server, user, decoded.nodes);
+      // A redelivery of a remove whose first attempt began removing (recorded before the first
+      // delete): the nodes it removed are gone, and the request was valid; what is left goes too.
+      const begun = stream.frameId !== '' && stream.state.offlineRemoving === stream.frameId;
+      if (!begun) {
+        await existingMessages(server, user, decoded.nodes);
+        if (stream.frameId !== '') {
+          stream.update({ offlineRemoving: stream.frameId });
+          await stream.commit();
+        }
+      }
       await server.offline.remove(user, decoded.nodes);
+      // Saved with the frame's done mark: a later frame finds nothing recorded.
+      if (stream.state.offlineRemoving !== undefined) stream.update({ offlineRemoving: undefined });
       return undefined;
     }
     case 'fetch': {

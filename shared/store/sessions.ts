@@ -176,6 +176,11 @@ export interface ConnectionState {
    * finds nothing left.
    */
   archiveRemoving?: string;
+  /**
+   * XEP-0013 §2.4: the frame whose remove request found its nodes and began removing them: its
+   * redelivery removes what is left and answers a result, though some nodes are gone now.
+   */
+  offlineRemoving?: string;
   streamId?: string;
   /** Authenticated bare JID: the only identity (DESIGN.md "Identity and trust"). */
   user?: string;
@@ -276,6 +281,11 @@ export interface ResourceRecord {
    * redelivery, finding the resource available already, is still the initial presence.
    */
   availableFrame?: string;
+  /**
+   * The frame whose presence made the resource unavailable (until it is available again): its
+   * redelivery, finding the resource unavailable already, still owes the broadcast.
+   */
+  unavailableFrame?: string;
   /** RFC 6121 §2.1.6: the session requested the roster, so it gets roster pushes. */
   rosterInterested?: boolean;
   archive?: ArchiveStreamState;
@@ -466,7 +476,10 @@ export interface SessionStore {
     changes: Pick<ResourceRecord, 'available' | 'priority' | 'presence'> & {
       /** Puts a hold on the resource's messages (see ResourceRecord.held), unless one is on. */
       hold?: boolean;
-      /** The frame of the presence: recorded as `availableFrame` by the one that makes it available. */
+      /**
+       * The frame of the presence: recorded as `availableFrame` by the one that makes it
+       * available, as `unavailableFrame` by the one that makes it unavailable.
+       */
       frame?: string;
     },
   ): Promise<ResourceRecord | undefined>;
@@ -574,6 +587,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     streamId: item.streamId as string | undefined,
     ...(typeof item.lang === 'string' ? { lang: item.lang } : {}),
     ...(typeof item.archiveRemoving === 'string' ? { archiveRemoving: item.archiveRemoving } : {}),
+    ...(typeof item.offlineRemoving === 'string' ? { offlineRemoving: item.offlineRemoving } : {}),
     user: item.user as string | undefined,
     resource: item.resource as string | undefined,
     sasl: item.sasl as SaslProgress | undefined,
@@ -617,6 +631,7 @@ function toResource(item: Record<string, unknown>, readAt?: number): ResourceRec
     ...(item.floodSkipped === true ? { floodSkipped: true } : {}),
     smId: item.smId as string | undefined,
     ...(typeof item.availableFrame === 'string' ? { availableFrame: item.availableFrame } : {}),
+    ...(typeof item.unavailableFrame === 'string' ? { unavailableFrame: item.unavailableFrame } : {}),
     rosterInterested: item.rosterInterested as boolean | undefined,
     archive: item.archive as ArchiveStreamState | undefined,
     held: item.held as number | undefined,
@@ -637,7 +652,7 @@ function toResource(item: Record<string, unknown>, readAt?: number): ResourceRec
  */
 function removed(changes: { available: boolean; priority: number }): string {
   const names = [
-    ...(changes.available ? [] : ['availableFrame']),
+    ...(changes.available ? ['unavailableFrame'] : ['availableFrame']),
     ...(changes.available && changes.priority >= 0 ? [] : ['floodSkipped']),
   ];
   return names.length > 0 ? ` REMOVE ${names.join(', ')}` : '';
@@ -991,9 +1006,20 @@ export function createSessionStore(
     },
 
     async updatePresence(user, resource, connectionId, changes) {
-      const frameSet =
-        changes.available && changes.frame ? ', availableFrame = if_not_exists(availableFrame, :frame)' : '';
-      try {
+      /**
+       * One update of the row. `marking` an unavailable presence's frame: only where the row is
+       * available (the write that makes it unavailable), so that a redelivery finding the mark
+       * knows its first attempt did; a row unavailable already (a presence before the initial
+       * one) gets the same update without the mark.
+       */
+      const write = async (marking: boolean) => {
+        const frameSet = !changes.frame
+          ? ''
+          : changes.available
+            ? ', availableFrame = if_not_exists(availableFrame, :frame)'
+            : marking
+              ? ', unavailableFrame = :frame'
+              : '';
         const { Attributes } = await doc.send(
           new UpdateCommand({
             TableName: table,
@@ -1001,7 +1027,7 @@ export function createSessionStore(
             // The first presence closes the window of counted posts (mayQueue), after a grace:
             // xmpp.js sends it on 'online', just before its <enable/>.
             UpdateExpression: `SET available = :available, priority = :priority, presence = :presence, mayQueueUntil = if_not_exists(mayQueueUntil, :mayQueueUntil)${changes.hold ? ', held = if_not_exists(held, :zero), heldUntil = :until' : ''}${frameSet}${removed(changes)}`,
-            ConditionExpression: 'connectionId = :connectionId',
+            ConditionExpression: `connectionId = :connectionId${marking ? ' AND available = :true' : ''}`,
             ExpressionAttributeValues: {
               ':available': changes.available,
               ':priority': changes.priority,
@@ -1010,16 +1036,29 @@ export function createSessionStore(
               ':mayQueueUntil': Date.now() + MAY_QUEUE_AFTER_PRESENCE_MS,
               ...(changes.hold ? { ':zero': 0, ':until': Date.now() + HOLD_LEASE_MS } : {}),
               ...(frameSet ? { ':frame': changes.frame } : {}),
+              ...(marking ? { ':true': true } : {}),
             },
             ReturnValues: 'ALL_OLD',
           }),
         );
-        const previous = Attributes ? toResource(Attributes) : undefined;
-        // Also when a redelivery of the presence that made it available finds it so: that
-        // frame's first attempt may have failed before the user's set of available resources
-        // named it (adding a name twice changes nothing).
+        return Attributes ? toResource(Attributes) : undefined;
+      };
+      const marking = !changes.available && Boolean(changes.frame);
+      try {
+        let previous: ResourceRecord | undefined;
+        try {
+          previous = await write(marking);
+        } catch (error) {
+          // Not available (or not this connection's: refused again below).
+          if (!marking || !isConditionFailure(error)) throw error;
+          previous = await write(false);
+        }
+        // Also when a redelivery of the presence that changed it finds it changed: that frame's
+        // first attempt may have failed before the user's set of available resources followed
+        // (adding or removing a name twice changes nothing).
         const again =
-          changes.available && changes.frame !== undefined && previous?.availableFrame === changes.frame;
+          changes.frame !== undefined &&
+          (changes.available ? previous?.availableFrame : previous?.unavailableFrame) === changes.frame;
         if (previous && (previous.available !== changes.available || again)) {
           await syncAvailability(user, resource, changes.available);
         }

@@ -3,6 +3,7 @@
  * frame's work was done: a frame whose state changes were saved is recognised by its id
  * (API Gateway's request id, saved with the state in the same write) and skipped.
  */
+import { GetCommand, UpdateCommand } from '@aws-sdk/lib-dynamodb';
 import { describe, expect, it } from 'vitest';
 import { handleStreamEvent } from '../../shared/core/stream.ts';
 import { RetryLaterError } from '../../shared/core/transient.ts';
@@ -10,8 +11,9 @@ import { createLogger } from '../../shared/log.ts';
 import { RecordingPort } from '../../shared/outbound.ts';
 import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
 import { createServer, type Server } from '../../shared/server.ts';
+import { createDocumentClient } from '../../shared/store/dynamo.ts';
 import { ConnectionFencedError } from '../../shared/store/sessions.ts';
-import { createTestConfig } from '../support/dynamodb.ts';
+import { createTestConfig, TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
 import { intercept, serverError, throttlingError } from '../support/intercept.ts';
 import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
 
@@ -417,6 +419,144 @@ describe('a redelivered initial presence', () => {
     expect((await server.sessions.availableResourcesOf([alice])).get(alice)?.map((r) => r.resource)).toEqual([
       'phone',
     ]);
+  });
+});
+
+describe('a redelivered unavailable presence whose first attempt made the resource unavailable', () => {
+  const unavailableFromAlice = (sent: string[], alice: string) =>
+    sent.filter(
+      (text) =>
+        text.startsWith('<presence') &&
+        text.includes(`from="${alice}/phone"`) &&
+        text.includes('type="unavailable"'),
+    );
+
+  it('still tells the contacts, once, and the session’s end tells nobody again (RFC 6121 §4.5.2)', async () => {
+    const { port, server, alice, frame, failReadOfOnlineOnce, bothOnline } = await twoContacts();
+    await bothOnline();
+    // Alice goes unavailable; the read of her contacts' resources is throttled past the SDK's
+    // retries after her resource row was written unavailable: SQS brings the frame back.
+    const restore = failReadOfOnlineOnce();
+    await expect(frame('alice-1', "<presence type='unavailable'/>", 'alice-off', '900')).rejects.toThrow();
+    restore();
+    await frame('alice-1', "<presence type='unavailable'/>", 'alice-off', '900', 2);
+    // RFC 6121 §4.5.2: "the user's server MUST broadcast that presence stanza to all contacts
+    // [...] that have a subscription to the user's presence".
+    expect(unavailableFromAlice(port.frames.get('bob-1') ?? [], alice)).toHaveLength(1);
+    expect((await server.sessions.availableResourcesOf([alice])).get(alice) ?? []).toEqual([]);
+    // Her stream then closes: the end finds her unavailable and says nothing more.
+    await frame('alice-1', "<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>", 'alice-close', '901');
+    expect(unavailableFromAlice(port.frames.get('bob-1') ?? [], alice)).toHaveLength(1);
+  });
+
+  it('takes the user out of the set of available resources when that failed the first time', async () => {
+    const { port, server, alice, frame, bothOnline } = await twoContacts();
+    await bothOnline();
+    // The state the first attempt left when it died between the row's write and the set's: the
+    // row unavailable, marked with the frame; the set still naming the resource.
+    const doc = createDocumentClient({ endpoint: useDynamoDbLocal(), region: TEST_REGION });
+    await doc.send(
+      new UpdateCommand({
+        TableName: server.config.tables.sessions,
+        Key: { pk: `user#${alice}`, sk: 'res#phone' },
+        UpdateExpression: 'SET available = :no, unavailableFrame = :frame REMOVE availableFrame',
+        ExpressionAttributeValues: { ':no': false, ':frame': 'alice-off' },
+      }),
+    );
+    expect(
+      (
+        await doc.send(
+          new GetCommand({
+            TableName: server.config.tables.sessions,
+            Key: { pk: `user#${alice}`, sk: 'avail' },
+          }),
+        )
+      ).Item?.res,
+    ).toBeDefined();
+    await frame('alice-1', "<presence type='unavailable'/>", 'alice-off', '900', 2);
+    expect(
+      (
+        await doc.send(
+          new GetCommand({
+            TableName: server.config.tables.sessions,
+            Key: { pk: `user#${alice}`, sk: 'avail' },
+          }),
+        )
+      ).Item?.res,
+    ).toBeUndefined();
+    expect(unavailableFromAlice(port.frames.get('bob-1') ?? [], alice)).toHaveLength(1);
+  });
+
+  it('tells nobody when the resource was never available (a presence before the initial one)', async () => {
+    const { port, alice, bob, frame, login } = await twoContacts();
+    await login('bob-1', bob, 'home');
+    await frame('bob-1', '<presence/>', 'bob-presence');
+    await login('alice-1', alice, 'phone');
+    for (const receiveCount of [1, 2])
+      await frame('alice-1', "<presence type='unavailable'/>", 'alice-off', '900', receiveCount);
+    expect(unavailableFromAlice(port.frames.get('bob-1') ?? [], alice)).toEqual([]);
+  });
+});
+
+describe('a redelivered XEP-0013 remove', () => {
+  const OFFLINE = 'http://jabber.org/protocol/offline';
+  /** Two messages from Bob stored for Alice while she is offline; Alice then bound, not available. */
+  async function twoStored() {
+    const contacts = await twoContacts();
+    const { server, alice, bob, frame, login } = contacts;
+    await login('bob-1', bob, 'home');
+    await frame('bob-1', '<presence/>', 'bob-presence');
+    for (const id of ['o1', 'o2'])
+      await frame(
+        'bob-1',
+        `<message to='${alice}' type='chat' id='${id}'><body>${id}</body></message>`,
+        `bob-${id}`,
+      );
+    expect(await server.offline.count(alice)).toBe(2);
+    await login('alice-1', alice, 'phone');
+    const nodes = (await server.offline.list(alice, { limit: 10 })).messages.map((m) => m.id);
+    const items = nodes.map((node) => `<item action='remove' node='${node}'/>`).join('');
+    const remove = `<iq type='set' id='orm'><offline xmlns='${OFFLINE}'>${items}</offline></iq>`;
+    const answers = () =>
+      (contacts.port.frames.get('alice-1') ?? []).filter((text) => text.includes('id="orm"'));
+    return { ...contacts, remove, answers };
+  }
+
+  it('answers a result again, not item-not-found, when its first attempt removed the messages', async () => {
+    const { port, server, alice, frame, remove, answers } = await twoStored();
+    const restore = dieBeforeFinalSave(server);
+    await expect(frame('alice-1', remove, 'alice-orm', '900')).rejects.toThrow();
+    restore();
+    await frame('alice-1', remove, 'alice-orm', '900', 2);
+    // XEP-0013 §2.4: "the server MUST remove the messages and return an IQ result"; its post
+    // may not have reached the client the first time.
+    expect(answers().map((text) => /type="(\w+)"/.exec(text)?.[1])).toEqual(['result', 'result']);
+    expect(await server.offline.count(alice)).toBe(0);
+    // Saved with the frame: a later remove of a node that is gone is item-not-found again.
+    await frame('alice-1', remove.replace("id='orm'", "id='orm2'"), 'alice-orm2', '901');
+    const later = (port.frames.get('alice-1') ?? []).filter((text) => text.includes('id="orm2"'));
+    expect(later).toHaveLength(1);
+    expect(later[0]).toMatch(/type="error"[\s\S]*<item-not-found/);
+  });
+
+  it('removes what its first attempt left, when that failed part-way, and answers a result', async () => {
+    const { server, alice, frame, remove, answers } = await twoStored();
+    let deletes = 0;
+    const original = server.offline.remove.bind(server.offline);
+    const restore = intercept(server.offline, 'remove', async (user: string, ids: string[]) => {
+      // The first message is deleted, then DynamoDB throttles past the SDK's retries.
+      if (deletes++ === 0) {
+        await original(user, ids.slice(0, 1));
+        throw throttlingError();
+      }
+      return original(user, ids);
+    });
+    await expect(frame('alice-1', remove, 'alice-orm', '900')).rejects.toThrow();
+    restore();
+    expect((await server.offline.list(alice, { limit: 10 })).messages).toHaveLength(1);
+    await frame('alice-1', remove, 'alice-orm', '900', 2);
+    expect(answers().map((text) => /type="(\w+)"/.exec(text)?.[1])).toEqual(['result']);
+    expect((await server.offline.list(alice, { limit: 10 })).messages).toEqual([]);
   });
 });
 

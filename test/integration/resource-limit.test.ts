@@ -89,6 +89,29 @@ describe('RFC 6120 §7.6.2.1: a limit on the resources one account has bound', (
     expect((await (await authenticated(server, port, other)).bind('one'))?.attrs.type).toBe('result');
   });
 
+  it('neither binds nor answers again a refused bind redelivered after a resource was let go', async () => {
+    const { port, server } = await limitedServer('1');
+    const user = `refusedagain${Date.now()}@localhost`;
+    const holder = await authenticated(server, port, user);
+    expect((await holder.bind('one'))?.attrs.type).toBe('result');
+    const late = await authenticated(server, port, user);
+    const frame = `<iq xmlns='jabber:client' type='set' id='bind-two'><bind xmlns='${BIND}'><resource>two</resource></bind></iq>`;
+    const delivery = { frameId: `${late.connectionId}-refused`, seq: '500' };
+    await sendFrame(server, late.connectionId, frame, delivery);
+    // The batch failed after this record (a later one's error): SQS brings it back after the
+    // holder's resource was let go.
+    expect(await server.sessions.releaseResource(user, 'one', holder.connectionId)).toBeDefined();
+    await sendFrame(server, late.connectionId, frame, { ...delivery, receiveCount: 2 });
+    const answers = (port.frames.get(late.connectionId) ?? [])
+      .map((text) => parse(text))
+      .filter((el) => el.attrs.id === 'bind-two');
+    // Told that the bind failed, never after that it succeeded: one answer per request (RFC 6120
+    // §8.2.3). The answer was saved with the frame, which is now known handled.
+    expect(answers.map((el) => el.attrs.type)).toEqual(['error']);
+    expect(answers[0]?.getChild('error')?.getChild('resource-constraint', STANZAS)).toBeDefined();
+    expect((await server.sessions.listResources(user)).map((r) => r.resource)).toEqual([]);
+  });
+
   it('finishes a bind whose first attempt wrote its row, though another bind landed meanwhile at the limit', async () => {
     const { port, server } = await limitedServer('1');
     const user = `racing${Date.now()}@localhost`;
