@@ -440,20 +440,26 @@ async function serve(
         openWithinMs: server.config.archiveCollectionGapSeconds * 1000,
       };
       let removed = 0;
+      // That this frame removes collections is recorded on the connection's row before the first
+      // is removed (one UpdateItem, only when there is one to remove): any later attempt of the
+      // frame, whether this one was handed back to go on (below) or died after its last round
+      // (before the frame's end saved it as handled), finds that and answers the same result,
+      // though it finds nothing left to remove.
+      const recordRemoving = async () => {
+        if (stream.frameId === '' || stream.state.archiveRemoving === stream.frameId) return;
+        stream.update({ archiveRemoving: stream.frameId });
+        await stream.commit();
+      };
       for (;;) {
         // Up to REMOVE_ROUND_COLLECTIONS a round. Too little of the invocation left for another:
         // the frame is handed back and comes again within seconds, and its next attempt goes on
         // with what is left (what is removed is a tombstone already); nothing is answered
-        // meanwhile. That it removed some is recorded for the next attempt.
-        if ((frameTimeLeft() ?? Number.POSITIVE_INFINITY) < REMOVE_ROUND_MS) {
-          if (removed > 0 && stream.frameId !== '') {
-            stream.update({ archiveRemoving: stream.frameId });
-            await stream.commit();
-          }
+        // meanwhile.
+        if ((frameTimeLeft() ?? Number.POSITIVE_INFINITY) < REMOVE_ROUND_MS)
           throw new RetryLaterError('archive removal continues in the next attempt');
-        }
         const result = await archive.removeCollections(owner, filter, {
           maxCollections: REMOVE_ROUND_COLLECTIONS,
+          beforeRemoving: recordRemoving,
         });
         removed += result.removed.length;
         if (!result.more) break;
@@ -461,8 +467,8 @@ async function serve(
       const removedBefore = stream.frameId !== '' && stream.state.archiveRemoving === stream.frameId;
       if (stream.state.archiveRemoving !== undefined) stream.update({ archiveRemoving: undefined });
       // §8.3: "If the specified collection (or collections) do not exist then the server MUST
-      // return an <item-not-found/> error"; an attempt that finds none left after its earlier
-      // attempts removed some answers the success they earned.
+      // return an <item-not-found/> error"; an attempt that finds none left after an earlier
+      // attempt of its frame removed them answers the success that attempt earned.
       if (removed === 0 && !removedBefore) throw collectionNotFound();
       return undefined;
     }

@@ -1281,7 +1281,11 @@ export function createArchiveStore(
     async removeCollections(
       owner: string,
       filter: CollectionFilter & { exact?: boolean; open?: boolean; openWithinMs?: number },
-      limits: { maxCollections?: number } = {},
+      limits: {
+        maxCollections?: number;
+        /** Called once before the first collection is removed (none found: never). */
+        beforeRemoving?: () => Promise<void>;
+      } = {},
     ): Promise<{ removed: CollectionRef[]; more: boolean; queuedPurges: number }> {
       const maxCollections = limits.maxCollections ?? 1000;
       let headers: CollectionHeader[] = [];
@@ -1332,6 +1336,7 @@ export function createArchiveStore(
       const removed: CollectionRef[] = [];
       let budget = purgeBudget;
       let queuedPurges = 0;
+      if (headers.length > 0) await limits.beforeRemoving?.();
       for (const header of headers) {
         const deleted = await removeOne(owner, header, Math.max(budget, 1));
         if (deleted < 0) continue;
