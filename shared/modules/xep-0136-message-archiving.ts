@@ -20,7 +20,7 @@
 import { randomBytes } from 'node:crypto';
 import { type Element, Element as XmlElement } from 'ltx';
 import { deliver, POST_LIMIT_BYTES } from '../core/delivery.ts';
-import { frameTimeLeft } from '../core/frame.ts';
+import { frameTimeLeft, nextDeliveryKey } from '../core/frame.ts';
 import {
   type BoundStream,
   DEFERRED_RESULT,
@@ -754,6 +754,7 @@ async function storeManually(
   owner: string,
   request: Extract<ArchiveRequest, { kind: 'store' }>,
 ): Promise<void> {
+  const delivery = nextDeliveryKey(`archive-store:${owner}`);
   const ref = { with: request.with, start: request.start };
   const existing = await server.archive.getCollection(owner, ref);
   checkContentMix(existing?.header, request);
@@ -780,6 +781,11 @@ async function storeManually(
       ...(expireSeconds ? { expireSeconds } : {}),
     },
     existing,
+    // In a frame, the entries are planned once and written at their planned places: a redelivery
+    // of the frame (its first delivery stored them and died before the frame's end, or one of the
+    // writes was throttled) stores nothing twice, with the times the first computed (the times
+    // computed now count from entries it stored itself).
+    delivery ? { frame: { key: delivery.key, redelivered: delivery.redelivered } } : {},
   );
 }
 

@@ -8,6 +8,7 @@
  *   pk = <owner>              sk = prefs                   → archiving preferences
  *   pk = <owner>/<cid>        sk = m#<seq>                 → one archived message, note or EncryptedData
  *   pk = <owner>/<cid>        sk = k#<carried>#<public>    → one EncryptedKey
+ *   pk = <owner>/<cid>        sk = f#<frame key>           → a frame's manual store: where its entries go
  *   pk = #purge               sk = <time>/<owner>/<cid>    → items of a removed collection still to delete
  *
  * `<owner>` is the archiving user's bare JID (it has no `/`, so `<owner>/…` never collides with
@@ -22,9 +23,12 @@
  * or when its messages would outlive its expiry (at most once per day of activity). The reads
  * before the write (the open-collection pointer and the collection's last item, 1 read unit
  * together) are what the idle-gap and thread rules need anyway.
+ *
+ * A frame delivered again stores nothing twice: a manual store writes its plan first (`f#`, one
+ * PutItem a request), and a redelivery puts the same entries where it says.
  */
 
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { TransactionCanceledException } from '@aws-sdk/client-dynamodb';
 import {
   BatchWriteCommand,
@@ -87,6 +91,12 @@ export interface EntryInput {
   xml: string;
   /** EncryptedData only: the symmetric key's name (its KeyInfo/KeyName). */
   keyName?: string;
+  /**
+   * The frame delivery that wrote it (core/frame.ts: the same key on every delivery of the
+   * frame): a redelivery of a manual store (its plan) writes it again, not a second one. Absent
+   * outside a frame.
+   */
+  frameKey?: string;
 }
 
 export interface ArchivedEntry extends EntryInput {
@@ -291,6 +301,35 @@ export function newArchiveId(at: number): string {
 }
 
 /**
+ * The id of the `index`-th entry of a frame's manual store (`frameKey`: core/frame.ts): the form
+ * of `newArchiveId`, its last two parts taken from the frame and the index, so that a redelivery
+ * of the frame writes the entry with the id it had.
+ */
+function frameArchiveId(at: number, frameKey: string, index: number): string {
+  const ms = (at + ID_EPOCH_OFFSET).toString().padStart(15, '0');
+  const hash = createHash('sha256').update(`${frameKey}#${index}`).digest('hex').slice(0, 8);
+  return `${ms}-${(index % 10000).toString().padStart(4, '0')}-${hash}`;
+}
+
+/**
+ * A frame's manual store (`f#<frame key>` in the collection's partition), written before its
+ * entries: entry `i` goes to `seqs[i]` with time `ats[i]` and previous message time `prevs[i]`
+ * (null: none). A redelivery of the frame writes the same entries again, not new ones.
+ */
+interface StorePlan {
+  seqs: number[];
+  ats: number[];
+  prevs: (number | null)[];
+  version: number;
+}
+
+/**
+ * How long a store's plan is kept: a frame comes back within its queue's 20 receives of 180 s
+ * (an hour), or never (infra/constructs/frame-queue.ts).
+ */
+const PLAN_TTL_SECONDS = 86_400;
+
+/**
  * A change cursor: the time (ISO, ms, without `Z`) and nine more digits of fraction that order
  * changes recorded in the same millisecond. Rendered as an XEP-0082 DateTime for `<last/>`.
  */
@@ -333,6 +372,7 @@ function toEntry(item: Record<string, unknown>): ArchivedEntry {
     utc: item.utc === true ? true : undefined,
     xml: item.xml as string,
     keyName: item.keyName as string | undefined,
+    frameKey: item.fk as string | undefined,
   };
 }
 
@@ -643,6 +683,176 @@ export function createArchiveStore(
       }
     }
     return written;
+  }
+
+  /** Positions after `tail` for entries at the given times, and the message time before each. */
+  function planAfter(
+    header: CollectionHeader,
+    tail: Tail | undefined,
+    entries: { kind: EntryKind; at: number }[],
+  ): { seqs: number[]; prevs: (number | null)[] } {
+    const base = tail ? tail.seq + 1 : 0;
+    if (base + entries.length > maxEntries) throw new CollectionTooLargeError(header);
+    let messageAt = tail?.messageAt;
+    const prevs = entries.map((entry) => {
+      const prev = messageAt ?? null;
+      if (isMessage(entry.kind)) messageAt = entry.at;
+      return prev;
+    });
+    return { seqs: entries.map((_, i) => base + i), prevs };
+  }
+
+  async function readPlan(key: { pk: string; sk: string }): Promise<StorePlan | undefined> {
+    const { Item } = await doc.send(new GetCommand({ TableName: table, Key: key, ConsistentRead: true }));
+    if (!Item) return undefined;
+    return {
+      seqs: Item.seqs as number[],
+      ats: Item.ats as number[],
+      prevs: Item.prevs as (number | null)[],
+      version: Item.version as number,
+    };
+  }
+
+  /**
+   * A frame's manual store (`frameKey`, core/frame.ts), once: its plan (StorePlan) is written
+   * first, PutItem `f#<frame key>` with `attribute_not_exists(sk)`, then its entries, each a
+   * PutItem whose slot must be free or hold this frame's entry. A redelivery of the frame
+   * (`redelivered`) reads the plan and puts the same entries, with the same times and ids, at the
+   * same positions: what the earlier delivery wrote is written again unchanged, what it did not is
+   * written now. A slot another writer took moves its entry after the last one, the plan updated
+   * before the entry is written (condition: the plan's version).
+   */
+  async function appendOnce(
+    owner: string,
+    header: CollectionHeader,
+    last: Tail | undefined,
+    entries: EntryInput[],
+    expireSeconds: number | undefined,
+    frame: { key: string; redelivered: boolean },
+  ): Promise<ArchivedEntry[]> {
+    const planItemKey = { pk: partitionOf(owner, header.cid), sk: `f#${frame.key}` };
+    let plan = frame.redelivered ? await readPlan(planItemKey) : undefined;
+    if (plan) {
+      if (plan.seqs.length !== entries.length) throw new ArchiveConflictError(`store plan ${frame.key}`);
+    } else {
+      const ats = entries.map((entry) => entry.at);
+      const fresh: StorePlan = { ...planAfter(header, last, entries), ats, version: 1 };
+      try {
+        await doc.send(
+          new PutCommand({
+            TableName: table,
+            Item: {
+              ...planItemKey,
+              seqs: fresh.seqs,
+              ats: fresh.ats,
+              prevs: fresh.prevs,
+              version: fresh.version,
+              [TTL_ATTRIBUTE]: nowSeconds() + PLAN_TTL_SECONDS,
+            },
+            ConditionExpression: 'attribute_not_exists(sk)',
+          }),
+        );
+        plan = fresh;
+      } catch (error) {
+        // An earlier delivery planned it (a retry whose receive count did not say so).
+        if (!isConditionFailure(error)) throw error;
+        plan = await readPlan(planItemKey);
+        if (!plan || plan.seqs.length !== entries.length)
+          throw new ArchiveConflictError(`store plan ${frame.key}`);
+      }
+    }
+    const current = plan;
+    const expiresAt = expireSeconds === undefined ? undefined : nowSeconds() + expireSeconds;
+    const archived = (i: number): ArchivedEntry => {
+      const entry = entries[i] as EntryInput;
+      const at = current.ats[i] as number;
+      const prevAt = current.prevs[i];
+      return {
+        ...entry,
+        at,
+        seq: current.seqs[i] as number,
+        id: frameArchiveId(at, frame.key, i),
+        ...(prevAt !== null && prevAt !== undefined ? { prevAt } : {}),
+        frameKey: frame.key,
+      };
+    };
+    const putEntry = (entry: ArchivedEntry) =>
+      doc.send(
+        new PutCommand({
+          TableName: table,
+          Item: {
+            pk: partitionOf(owner, header.cid),
+            sk: seqKey(entry.seq),
+            seq: entry.seq,
+            id: entry.id,
+            owner,
+            kind: entry.kind,
+            at: entry.at,
+            prevAt: entry.prevAt,
+            utc: entry.utc || undefined,
+            xml: entry.xml,
+            keyName: entry.keyName,
+            fk: frame.key,
+            [TTL_ATTRIBUTE]: expiresAt,
+          },
+          ConditionExpression: 'attribute_not_exists(sk) OR fk = :fk',
+          ExpressionAttributeValues: { ':fk': frame.key },
+        }),
+      );
+    let pending = entries.map((_, i) => i);
+    for (let round = 0; pending.length > 0; round++) {
+      if (round > 5) throw new ArchiveConflictError(`appends to ${header.id}`);
+      const results: PromiseSettledResult<unknown>[] = [];
+      // At most 25 requests in flight, as appendEntries.
+      for (let i = 0; i < pending.length; i += 25) {
+        const chunk = pending.slice(i, i + 25);
+        results.push(...(await Promise.allSettled(chunk.map((index) => putEntry(archived(index))))));
+      }
+      const taken: number[] = [];
+      results.forEach((result, j) => {
+        if (result.status === 'fulfilled') return;
+        if (isConditionFailure(result.reason)) taken.push(pending[j] as number);
+        else throw result.reason;
+      });
+      pending = taken;
+      if (taken.length === 0) break;
+      // Another writer's entries are in those slots: after the last entry, planned before written.
+      const edge = await edgeEntry(owner, header.cid, false);
+      const moved = planAfter(
+        header,
+        edge && tailOf(edge),
+        taken.map((i) => ({ kind: (entries[i] as EntryInput).kind, at: current.ats[i] as number })),
+      );
+      const seqs = [...current.seqs];
+      const prevs = [...current.prevs];
+      taken.forEach((i, j) => {
+        seqs[i] = moved.seqs[j] as number;
+        prevs[i] = moved.prevs[j] ?? null;
+      });
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: planItemKey,
+            UpdateExpression: 'SET seqs = :seqs, prevs = :prevs, version = :next',
+            ConditionExpression: 'version = :v',
+            ExpressionAttributeValues: {
+              ':seqs': seqs,
+              ':prevs': prevs,
+              ':next': current.version + 1,
+              ':v': current.version,
+            },
+          }),
+        );
+      } catch (error) {
+        if (isConditionFailure(error)) throw new ArchiveConflictError(`store plan ${frame.key}`);
+        throw error;
+      }
+      current.seqs = seqs;
+      current.prevs = prevs;
+      current.version += 1;
+    }
+    return entries.map((_, i) => archived(i));
   }
 
   /** Moves the header's change time (and expiry) forward when an append needs it. */
@@ -993,7 +1203,8 @@ export function createArchiveStore(
     /**
      * XEP-0136 §5.3 manual archiving: creates the collection if it does not exist (condition
      * new), updates its subject and content kind when they change, appends the entries (one
-     * conditional PutItem each) and puts the EncryptedKeys (one PutItem each).
+     * conditional PutItem each; in a frame, after one PutItem of their plan: appendOnce) and puts
+     * the EncryptedKeys (one PutItem each).
      */
     async storeManual(
       owner: string,
@@ -1005,6 +1216,11 @@ export function createArchiveStore(
         expireSeconds?: number;
       },
       existing?: { header: CollectionHeader; last?: Tail },
+      /**
+       * The frame storing it (core/frame.ts: its delivery key, and whether an earlier delivery
+       * may have stored it): its entries are written once (appendOnce), as planned by the first.
+       */
+      options: { frame?: { key: string; redelivered: boolean } } = {},
     ): Promise<{ header: CollectionHeader; created: boolean; entries: ArchivedEntry[] }> {
       const crypt = input.entries.some((e) => e.kind === 'data') || (input.keys?.length ?? 0) > 0;
       const plain = input.entries.some((e) => e.kind !== 'data');
@@ -1078,7 +1294,9 @@ export function createArchiveStore(
           expiresAt: (values[':exp'] as number | undefined) ?? header.expiresAt,
         };
       }
-      const entries = await appendEntries(owner, header, state.last, input.entries, input.expireSeconds);
+      const entries = options.frame
+        ? await appendOnce(owner, header, state.last, input.entries, input.expireSeconds, options.frame)
+        : await appendEntries(owner, header, state.last, input.entries, input.expireSeconds);
       for (const key of input.keys ?? []) {
         await doc.send(
           new PutCommand({

@@ -1,19 +1,26 @@
 /**
  * XEP-0136 and a frame delivered more than once: SQS redelivers a frame whose first attempt did
  * its durable writes and then died before the frame's final save, and the stream function retries
- * a frame in place after a transient failure (functions/stream.ts). A `<remove/>` must come
- * out as if the frame had been handled once: the same answer. (The first test of each group is a
- * review probe of commit 5f67376, test/integration/review-redelivery.test.ts.)
+ * a frame in place after a transient failure (functions/stream.ts). A manual `<store/>` and a
+ * `<remove/>` must come out as if the frame had been handled once: nothing stored twice, the same
+ * answer. (The first test of each group is a review probe of commit 5f67376,
+ * test/integration/review-redelivery.test.ts.)
  */
+import { PutCommand } from '@aws-sdk/lib-dynamodb';
+import type { SQSRecord } from 'aws-lambda';
 import { parse } from 'ltx';
 import { describe, expect, it } from 'vitest';
+import { createStreamHandler } from '../../functions/stream.ts';
 import { handleStreamEvent } from '../../shared/core/stream.ts';
 import { createLogger } from '../../shared/log.ts';
 import { RecordingPort } from '../../shared/outbound.ts';
+import { encodeQueueMessage } from '../../shared/queue-message.ts';
 import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
 import { createServer, type Server } from '../../shared/server.ts';
-import { createTestConfig } from '../support/dynamodb.ts';
-import { intercept } from '../support/intercept.ts';
+import type { ArchivedEntry } from '../../shared/store/archive.ts';
+import { createDocumentClient } from '../../shared/store/dynamo.ts';
+import { createTestConfig, TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
+import { intercept, throttlingError } from '../support/intercept.ts';
 
 const ARCHIVE = 'http://jabber.org/protocol/archive';
 const JULIET = 'juliet@capulet.com/chamber';
@@ -32,10 +39,40 @@ function dieBeforeFinalSave(server: Server): () => void {
   });
 }
 
+let sequence = 18_880_000_000_000_000_000n;
+
+/** An SQS FIFO record of a frame, as the event source hands it to the stream function. */
+function record(connectionId: string, xml: string): SQSRecord {
+  sequence += 1n;
+  const requestId = `req-${sequence}`;
+  return {
+    messageId: requestId,
+    receiptHandle: '',
+    body: encodeQueueMessage({
+      connectionId,
+      eventType: 'MESSAGE',
+      requestTimeEpoch: Date.now(),
+      requestId,
+      body: Buffer.from(xml).toString('base64'),
+    }),
+    attributes: {
+      MessageGroupId: connectionId,
+      SequenceNumber: String(sequence),
+      ApproximateReceiveCount: '1',
+    },
+  } as unknown as SQSRecord;
+}
+
 /** Alice and Bob, subscribed both ways; `login` binds a connection; `frame` hands it a frame. */
 async function world(env: Record<string, string> = {}) {
   const port = new RecordingPort();
-  const server = createServer({ config: await createTestConfig(env), port, log: createLogger('silent') });
+  const doc = createDocumentClient({ endpoint: useDynamoDbLocal(), region: TEST_REGION });
+  const server = createServer({
+    config: await createTestConfig(env),
+    port,
+    doc,
+    log: createLogger('silent'),
+  });
   const stamp = `${Date.now()}${Math.floor(Math.random() * 1000)}`;
   const alice = `alice${stamp}@localhost`;
   const bob = `bob${stamp}@localhost`;
@@ -74,8 +111,100 @@ async function world(env: Record<string, string> = {}) {
     );
   };
   const sent = (connectionId: string) => port.frames.get(connectionId) ?? [];
-  return { port, server, alice, bob, frame, login, sent };
+  /** Every entry of `owner`'s archive, collection by collection, with the collection's JID. */
+  const archived = async (owner: string) => {
+    const entries: (ArchivedEntry & { with: string; cid: string })[] = [];
+    for (const header of (await server.archive.listCollections(owner, {}, { max: 100 })).items) {
+      const page = await server.archive.retrieveMessages(owner, header, { max: 100 });
+      for (const entry of page?.items ?? []) entries.push({ ...entry, with: header.with, cid: header.cid });
+    }
+    return entries;
+  };
+  return { port, doc, server, alice, bob, frame, login, sent, archived };
 }
+
+describe('a redelivered manual <store/> (XEP-0136 §5.3)', () => {
+  // §5.3: "If the collection already exists then the server MUST append the messages to the
+  // existing collection" — the messages of the request, once.
+  it('does not store its entries a second time', async () => {
+    const { server, alice, frame, login } = await world();
+    await login('alice-1', alice, 'phone');
+    const store = `<iq type='set' id='st1'><store xmlns='${ARCHIVE}' with='${JULIET}' start='${START}'><to secs='0'><body>uploaded-once</body></to><from secs='5'><body>reply-once</body></from></store></iq>`;
+    const restore = dieBeforeFinalSave(server);
+    await expect(frame('alice-1', store, 'alice-store', '900')).rejects.toThrow();
+    restore();
+    await frame('alice-1', store, 'alice-store', '900', 2);
+    const page = await server.archive.retrieveMessages(
+      alice,
+      { with: JULIET, start: Date.UTC(2020, 0, 1) },
+      { max: 100 },
+    );
+    expect(page?.items.map((entry) => entry.seq)).toEqual([0, 1]);
+  });
+
+  it('keeps the times and ids its first delivery gave the entries (§5.2 secs count from the previous message)', async () => {
+    const { server, alice, frame, login, archived } = await world();
+    await login('alice-1', alice, 'phone');
+    await frame(
+      'alice-1',
+      `<iq type='set' id='st0'><store xmlns='${ARCHIVE}' with='${JULIET}' start='${START}'><from secs='0'><body>hello</body></from></store></iq>`,
+      'alice-store-0',
+    );
+    // §5.2: 'secs' is "relative to the previous message in the collection": 20 s after hello,
+    // then 7 s after that. A redelivery that counted from the entries its first delivery stored
+    // would put them 27 s later.
+    const store = `<iq type='set' id='st1'><store xmlns='${ARCHIVE}' with='${JULIET}' start='${START}'><to secs='20'><body>twenty</body></to><from secs='7'><body>seven</body></from></store></iq>`;
+    const restore = dieBeforeFinalSave(server);
+    await expect(frame('alice-1', store, 'alice-store-1', '900')).rejects.toThrow();
+    restore();
+    const first = await archived(alice);
+    const start = Date.UTC(2020, 0, 1);
+    expect(first.map((e) => [e.seq, e.at - start])).toEqual([
+      [0, 0],
+      [1, 20_000],
+      [2, 27_000],
+    ]);
+    await frame('alice-1', store, 'alice-store-1', '900', 2);
+    expect(await archived(alice)).toEqual(first);
+  });
+
+  it('writes each entry once when the stream function retries it in place after a throttled entry write', async () => {
+    const { doc, server, alice, login, archived, sent } = await world();
+    await login('alice-1', alice, 'phone');
+    // The second entry's PutItem is throttled past the SDK's retries, once: the first was written.
+    const send = doc.send.bind(doc) as (command: unknown) => Promise<unknown>;
+    let throttled = 0;
+    intercept(doc, 'send', (async (command: unknown) => {
+      if (
+        command instanceof PutCommand &&
+        command.input.Item?.sk === 'm#0000000001' &&
+        String(command.input.Item?.xml).includes('second') &&
+        throttled++ === 0
+      )
+        throw throttlingError();
+      return send(command);
+    }) as typeof doc.send);
+    const handler = createStreamHandler(server);
+    const response = await handler({
+      Records: [
+        record(
+          'alice-1',
+          `<iq type='set' id='st1'><store xmlns='${ARCHIVE}' with='${JULIET}' start='${START}'><to secs='0'><body>first</body></to><from secs='5'><body>second</body></from><to secs='5'><body>third</body></to></store></iq>`,
+        ),
+      ],
+    });
+    expect(response.batchItemFailures).toEqual([]);
+    expect(throttled).toBe(2);
+    const entries = await archived(alice);
+    expect(entries.map((e) => [e.seq, /<body>([^<]*)</.exec(e.xml)?.[1]])).toEqual([
+      [0, 'first'],
+      [1, 'second'],
+      [2, 'third'],
+    ]);
+    const answers = sent('alice-1').filter((text) => text.includes('id="st1"') || text.includes("id='st1'"));
+    expect(answers.map((text) => parse(text).attrs.type)).toEqual(['result']);
+  });
+});
 
 describe('a redelivered XEP-0136 <remove/> whose first attempt removed the collection', () => {
   const answersTo = (sent: string[], id: string) =>
