@@ -16,11 +16,16 @@
  *   management (carrying this server's XEP-0203 stamp, or stored with `acceptedAt`) was decided
  *   at its first routing and is never archived again; a flood from offline storage fires no
  *   routing event. Clients cannot forge the stamp: it is removed from what they send.
+ * - a frame delivered again (SQS redelivers one whose first attempt archived and then died
+ *   before the frame's end; the stream function retries one in place): each copy's entry
+ *   carries the frame's delivery key for its owner and direction (core/frame.ts), and a
+ *   redelivery that finds it archives nothing (`archivedByFrame`, read on redeliveries only).
+ *   The in-memory guards above hold within one delivery; the key across deliveries.
  */
 import { randomBytes } from 'node:crypto';
 import { type Element, Element as XmlElement } from 'ltx';
 import { deliver, POST_LIMIT_BYTES } from '../core/delivery.ts';
-import { frameTimeLeft, nextDeliveryKey } from '../core/frame.ts';
+import { type DeliveryKey, frameTimeLeft, nextDeliveryKey } from '../core/frame.ts';
 import {
   type BoundStream,
   DEFERRED_RESULT,
@@ -255,8 +260,11 @@ async function archiveSafely(
   stanza: Element,
   at: number,
 ): Promise<void> {
+  // Taken before anything is awaited: the same key on every delivery of the frame (one copy per
+  // owner and direction in a frame, see `once`). Undefined outside a frame (a sweeper's re-route).
+  const delivery = nextDeliveryKey(`archive:${owner}:${direction}`);
   try {
-    await archiveMessage(server, policy, owner, parseJid(contact), direction, stanza, at);
+    await archiveMessage(server, policy, owner, parseJid(contact), direction, stanza, at, delivery);
   } catch (error) {
     server.log.error('message not archived', { owner, error });
   }
@@ -265,6 +273,10 @@ async function archiveSafely(
 /**
  * The automatic archiving pipeline for one user: the mode for the contact (§3 precedence), the
  * decision (§7, hints), the open collection or a new one (idle gap, new thread), one append.
+ * `delivery`: the frame's key for this copy (core/frame.ts), written on the entry; a redelivery
+ * of the frame that finds it written (an earlier delivery archived it, then failed or died before
+ * the frame's end) writes nothing: a message is archived once per user, however often its frame
+ * comes.
  */
 export async function archiveMessage(
   server: Server,
@@ -274,6 +286,7 @@ export async function archiveMessage(
   direction: 'to' | 'from',
   stanza: Element,
   at: number,
+  delivery?: DeliveryKey,
 ): Promise<boolean> {
   const prefs = await server.archive.getPrefs(owner);
   const mode = effectiveMode(prefs, contact, policy);
@@ -282,7 +295,17 @@ export async function archiveMessage(
   const expireSeconds = expiryOf(mode, policy);
   const withJid = fullJid(contact);
   const thread = threadOf(stanza);
+  // The entry's frame key: the direction with it, as a message to oneself has both in one collection.
+  const frameKey = delivery && `${direction} ${delivery.key}`;
   let open = await server.archive.findOpenCollection(owner, withJid);
+  if (
+    delivery?.redelivered &&
+    frameKey &&
+    (await server.archive.archivedByFrame(owner, { with: withJid, key: frameKey, since: delivery.at }, open))
+  ) {
+    server.log.info('message archived by an earlier delivery of its frame', { owner, direction });
+    return true;
+  }
   const current = open && { start: open.header.start, thread: open.thread, lastAt: open.last?.at };
   if (startsNewCollection(current, { at, thread }, server.config.archiveCollectionGapSeconds * 1000)) {
     open = await server.archive.startCollection(
@@ -299,7 +322,10 @@ export async function archiveMessage(
   await server.archive.appendMessage(
     owner,
     open as NonNullable<typeof open>,
-    entryFromMessage(stanza, direction, decision.save, at),
+    {
+      ...entryFromMessage(stanza, direction, decision.save, at),
+      ...(frameKey ? { frameKey } : {}),
+    },
     expireSeconds ? { expireSeconds } : {},
   );
   return true;

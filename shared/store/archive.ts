@@ -24,8 +24,10 @@
  * before the write (the open-collection pointer and the collection's last item, 1 read unit
  * together) are what the idle-gap and thread rules need anyway.
  *
- * A frame delivered again stores nothing twice: a manual store writes its plan first (`f#`, one
- * PutItem a request), and a redelivery puts the same entries where it says.
+ * A frame delivered again writes nothing twice: an automatic entry carries its frame's key
+ * (`fk`), which a redelivery looks for (`archivedByFrame`: the last item read anyway, more only
+ * when that is not it), so the first delivery pays nothing for it; a manual store writes its plan
+ * first (`f#`, one PutItem a request), and a redelivery puts the same entries where it says.
  */
 
 import { createHash, randomBytes } from 'node:crypto';
@@ -93,8 +95,8 @@ export interface EntryInput {
   keyName?: string;
   /**
    * The frame delivery that wrote it (core/frame.ts: the same key on every delivery of the
-   * frame): a redelivery of a manual store (its plan) writes it again, not a second one. Absent
-   * outside a frame.
+   * frame): a redelivery finds it (`archivedByFrame`, a manual store's plan) and writes nothing
+   * twice. Absent outside a frame.
    */
   frameKey?: string;
 }
@@ -131,12 +133,19 @@ export interface Tail {
   seq: number;
   at: number;
   messageAt?: number;
+  /** Its frame key (EntryInput.frameKey): a redelivery of its frame finds it here for free. */
+  frameKey?: string;
 }
 
 const isMessage = (kind: EntryKind) => kind === 'to' || kind === 'from';
 
 function tailOf(entry: ArchivedEntry): Tail {
-  return { seq: entry.seq, at: entry.at, messageAt: isMessage(entry.kind) ? entry.at : entry.prevAt };
+  return {
+    seq: entry.seq,
+    at: entry.at,
+    messageAt: isMessage(entry.kind) ? entry.at : entry.prevAt,
+    ...(entry.frameKey !== undefined ? { frameKey: entry.frameKey } : {}),
+  };
 }
 
 export interface OpenCollection {
@@ -328,6 +337,16 @@ interface StorePlan {
  * (an hour), or never (infra/constructs/frame-queue.ts).
  */
 const PLAN_TTL_SECONDS = 86_400;
+
+/**
+ * How far before its frame reached the server a redelivery looks for the entry an earlier
+ * delivery archived (`archivedByFrame`): that delivery took the entry's time after the frame
+ * arrived, and whatever was appended after it was accepted by an invocation (30 s at most, Lambda
+ * 15 min) running when it was written; the rest is clock skew between API Gateway and Lambda.
+ */
+const FRAME_SEARCH_MARGIN_MS = 15 * 60_000;
+/** Entries a redelivery reads per collection at most, newest first, looking for its entry. */
+const FRAME_SEARCH_MAX_ENTRIES = 1000;
 
 /**
  * A change cursor: the time (ISO, ms, without `Z`) and nine more digits of fraction that order
@@ -651,6 +670,7 @@ export function createArchiveStore(
               utc: entry.utc || undefined,
               xml: entry.xml,
               keyName: entry.keyName,
+              fk: entry.frameKey,
               [TTL_ATTRIBUTE]: expiresAt,
             },
             ConditionExpression: 'attribute_not_exists(sk)',
@@ -853,6 +873,38 @@ export function createArchiveStore(
       current.version += 1;
     }
     return entries.map((_, i) => archived(i));
+  }
+
+  /**
+   * Whether the collection `cid` holds the entry written with `frameKey`: its entries newest
+   * first (consistent), until one older than `floor` (an entry written before the frame arrived)
+   * or FRAME_SEARCH_MAX_ENTRIES were read.
+   */
+  async function frameEntryIn(owner: string, cid: string, frameKey: string, floor: number): Promise<boolean> {
+    let start: Record<string, unknown> | undefined;
+    let read = 0;
+    do {
+      const page = await doc.send(
+        new QueryCommand({
+          TableName: table,
+          KeyConditionExpression: 'pk = :pk AND begins_with(sk, :m)',
+          ProjectionExpression: 'fk, #at',
+          ExpressionAttributeNames: { '#at': 'at' },
+          ExpressionAttributeValues: { ':pk': partitionOf(owner, cid), ':m': 'm#' },
+          ScanIndexForward: false,
+          ConsistentRead: true,
+          Limit: 100,
+          ...(start ? { ExclusiveStartKey: start } : {}),
+        }),
+      );
+      for (const item of page.Items ?? []) {
+        if (item.fk === frameKey) return true;
+        if ((item.at as number) < floor) return false;
+      }
+      read += page.Items?.length ?? 0;
+      start = page.LastEvaluatedKey;
+    } while (start && read < FRAME_SEARCH_MAX_ENTRIES);
+    return false;
   }
 
   /** Moves the header's change time (and expiry) forward when an append needs it. */
@@ -1178,6 +1230,63 @@ export function createArchiveStore(
       const archived = written as ArchivedEntry;
       const touched = await touchHeader(owner, open, entry.at, options.expireSeconds);
       return { entry: archived, open: { ...touched, last: tailOf(archived) } };
+    },
+
+    /**
+     * Whether an earlier delivery of the current frame archived its entry with `withJid` for
+     * `owner` (EntryInput.frameKey `key`; `since`: when the frame reached the server). Read
+     * only for a redelivered frame, never on a message's first delivery. The open collection's
+     * last entry (read with it, `open`) answers most; otherwise the collections the entry can be
+     * in, each newest entry first back to FRAME_SEARCH_MARGIN_MS before `since`: the open one, the
+     * ones open with the contact's other resources (the sender's copy names the session that
+     * took it), the contact's collections begun since then (a new thread started one meanwhile),
+     * and, for each of their full JIDs, the one begun before them.
+     */
+    async archivedByFrame(
+      owner: string,
+      written: { with: string; key: string; since: number },
+      open?: OpenCollection,
+    ): Promise<boolean> {
+      if (open?.last?.frameKey === written.key) return true;
+      const floor = written.since - FRAME_SEARCH_MARGIN_MS;
+      const searched = new Set<string>();
+      const holds = async (cid: string): Promise<boolean> => {
+        if (searched.has(cid)) return false;
+        searched.add(cid);
+        return frameEntryIn(owner, cid, written.key, floor);
+      };
+      if (open && (await holds(open.header.cid))) return true;
+      const { bare } = withParts(written.with);
+      const ofContact = (jid: string) => jid === bare || jid.startsWith(`${bare}/`);
+      const pointers = await queryItems(
+        {
+          TableName: table,
+          KeyConditionExpression: 'pk = :pk AND begins_with(sk, :o)',
+          ExpressionAttributeValues: { ':pk': owner, ':o': `open#${bare}` },
+          ConsistentRead: true,
+        },
+        100,
+      );
+      for (const pointer of pointers.items) {
+        if (ofContact((pointer.sk as string).slice(5)) && (await holds(pointer.cid as string))) return true;
+      }
+      const floorKey = `c#${timeKey(floor)}`;
+      const recent = await queryItems(
+        rangeQuery(headerRange(owner, { with: { kind: 'bare', jid: bare } }), floorKey, 'c#~'),
+        50,
+      );
+      for (const item of recent.items) if (await holds(item.cid as string)) return true;
+      for (const withJid of new Set(recent.items.map((item) => item.with as string))) {
+        const before = await queryItems(
+          rangeQuery(headerRange(owner, { with: { kind: 'full', jid: withJid } }), 'c#', floorKey, {
+            ScanIndexForward: false,
+          }),
+          1,
+        );
+        const previous = before.items[0];
+        if (previous && (await holds(previous.cid as string))) return true;
+      }
+      return false;
     },
 
     /** XEP-0136 §7.1: "If the client switches off all auto-archiving then the server MUST close … all active collections." */
