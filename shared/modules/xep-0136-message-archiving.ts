@@ -16,11 +16,16 @@
  *   management (carrying this server's XEP-0203 stamp, or stored with `acceptedAt`) was decided
  *   at its first routing and is never archived again; a flood from offline storage fires no
  *   routing event. Clients cannot forge the stamp: it is removed from what they send.
+ * - a frame delivered again (SQS redelivers one whose first attempt archived and then died
+ *   before the frame's end; the stream function retries one in place): each copy's entry
+ *   carries the frame's delivery key for its owner and direction (core/frame.ts), and a
+ *   redelivery that finds it archives nothing (`archivedByFrame`, read on redeliveries only).
+ *   The in-memory guards above hold within one delivery; the key across deliveries.
  */
 import { randomBytes } from 'node:crypto';
 import { type Element, Element as XmlElement } from 'ltx';
 import { deliver, POST_LIMIT_BYTES } from '../core/delivery.ts';
-import { frameTimeLeft } from '../core/frame.ts';
+import { type DeliveryKey, frameTimeLeft, nextDeliveryKey } from '../core/frame.ts';
 import {
   type BoundStream,
   DEFERRED_RESULT,
@@ -255,8 +260,11 @@ async function archiveSafely(
   stanza: Element,
   at: number,
 ): Promise<void> {
+  // Taken before anything is awaited: the same key on every delivery of the frame (one copy per
+  // owner and direction in a frame, see `once`). Undefined outside a frame (a sweeper's re-route).
+  const delivery = nextDeliveryKey(`archive:${owner}:${direction}`);
   try {
-    await archiveMessage(server, policy, owner, parseJid(contact), direction, stanza, at);
+    await archiveMessage(server, policy, owner, parseJid(contact), direction, stanza, at, delivery);
   } catch (error) {
     server.log.error('message not archived', { owner, error });
   }
@@ -265,6 +273,10 @@ async function archiveSafely(
 /**
  * The automatic archiving pipeline for one user: the mode for the contact (§3 precedence), the
  * decision (§7, hints), the open collection or a new one (idle gap, new thread), one append.
+ * `delivery`: the frame's key for this copy (core/frame.ts), written on the entry; a redelivery
+ * of the frame that finds it written (an earlier delivery archived it, then failed or died before
+ * the frame's end) writes nothing: a message is archived once per user, however often its frame
+ * comes.
  */
 export async function archiveMessage(
   server: Server,
@@ -274,6 +286,7 @@ export async function archiveMessage(
   direction: 'to' | 'from',
   stanza: Element,
   at: number,
+  delivery?: DeliveryKey,
 ): Promise<boolean> {
   const prefs = await server.archive.getPrefs(owner);
   const mode = effectiveMode(prefs, contact, policy);
@@ -282,7 +295,17 @@ export async function archiveMessage(
   const expireSeconds = expiryOf(mode, policy);
   const withJid = fullJid(contact);
   const thread = threadOf(stanza);
+  // The entry's frame key: the direction with it, as a message to oneself has both in one collection.
+  const frameKey = delivery && `${direction} ${delivery.key}`;
   let open = await server.archive.findOpenCollection(owner, withJid);
+  if (
+    delivery?.redelivered &&
+    frameKey &&
+    (await server.archive.archivedByFrame(owner, { with: withJid, key: frameKey, since: delivery.at }, open))
+  ) {
+    server.log.info('message archived by an earlier delivery of its frame', { owner, direction });
+    return true;
+  }
   const current = open && { start: open.header.start, thread: open.thread, lastAt: open.last?.at };
   if (startsNewCollection(current, { at, thread }, server.config.archiveCollectionGapSeconds * 1000)) {
     open = await server.archive.startCollection(
@@ -299,7 +322,10 @@ export async function archiveMessage(
   await server.archive.appendMessage(
     owner,
     open as NonNullable<typeof open>,
-    entryFromMessage(stanza, direction, decision.save, at),
+    {
+      ...entryFromMessage(stanza, direction, decision.save, at),
+      ...(frameKey ? { frameKey } : {}),
+    },
     expireSeconds ? { expireSeconds } : {},
   );
   return true;
@@ -440,20 +466,26 @@ async function serve(
         openWithinMs: server.config.archiveCollectionGapSeconds * 1000,
       };
       let removed = 0;
+      // That this frame removes collections is recorded on the connection's row before the first
+      // is removed (one UpdateItem, only when there is one to remove): any later attempt of the
+      // frame, whether this one was handed back to go on (below) or died after its last round
+      // (before the frame's end saved it as handled), finds that and answers the same result,
+      // though it finds nothing left to remove.
+      const recordRemoving = async () => {
+        if (stream.frameId === '' || stream.state.archiveRemoving === stream.frameId) return;
+        stream.update({ archiveRemoving: stream.frameId });
+        await stream.commit();
+      };
       for (;;) {
         // Up to REMOVE_ROUND_COLLECTIONS a round. Too little of the invocation left for another:
         // the frame is handed back and comes again within seconds, and its next attempt goes on
         // with what is left (what is removed is a tombstone already); nothing is answered
-        // meanwhile. That it removed some is recorded for the next attempt.
-        if ((frameTimeLeft() ?? Number.POSITIVE_INFINITY) < REMOVE_ROUND_MS) {
-          if (removed > 0 && stream.frameId !== '') {
-            stream.update({ archiveRemoving: stream.frameId });
-            await stream.commit();
-          }
+        // meanwhile.
+        if ((frameTimeLeft() ?? Number.POSITIVE_INFINITY) < REMOVE_ROUND_MS)
           throw new RetryLaterError('archive removal continues in the next attempt');
-        }
         const result = await archive.removeCollections(owner, filter, {
           maxCollections: REMOVE_ROUND_COLLECTIONS,
+          beforeRemoving: recordRemoving,
         });
         removed += result.removed.length;
         if (!result.more) break;
@@ -461,8 +493,8 @@ async function serve(
       const removedBefore = stream.frameId !== '' && stream.state.archiveRemoving === stream.frameId;
       if (stream.state.archiveRemoving !== undefined) stream.update({ archiveRemoving: undefined });
       // §8.3: "If the specified collection (or collections) do not exist then the server MUST
-      // return an <item-not-found/> error"; an attempt that finds none left after its earlier
-      // attempts removed some answers the success they earned.
+      // return an <item-not-found/> error"; an attempt that finds none left after an earlier
+      // attempt of its frame removed them answers the success that attempt earned.
       if (removed === 0 && !removedBefore) throw collectionNotFound();
       return undefined;
     }
@@ -748,6 +780,7 @@ async function storeManually(
   owner: string,
   request: Extract<ArchiveRequest, { kind: 'store' }>,
 ): Promise<void> {
+  const delivery = nextDeliveryKey(`archive-store:${owner}`);
   const ref = { with: request.with, start: request.start };
   const existing = await server.archive.getCollection(owner, ref);
   checkContentMix(existing?.header, request);
@@ -774,6 +807,11 @@ async function storeManually(
       ...(expireSeconds ? { expireSeconds } : {}),
     },
     existing,
+    // In a frame, the entries are planned once and written at their planned places: a redelivery
+    // of the frame (its first delivery stored them and died before the frame's end, or one of the
+    // writes was throttled) stores nothing twice, with the times the first computed (the times
+    // computed now count from entries it stored itself).
+    delivery ? { frame: { key: delivery.key, redelivered: delivery.redelivered } } : {},
   );
 }
 

@@ -8,6 +8,7 @@
  *   pk = <owner>              sk = prefs                   → archiving preferences
  *   pk = <owner>/<cid>        sk = m#<seq>                 → one archived message, note or EncryptedData
  *   pk = <owner>/<cid>        sk = k#<carried>#<public>    → one EncryptedKey
+ *   pk = <owner>/<cid>        sk = f#<frame key>           → a frame's manual store: where its entries go
  *   pk = #purge               sk = <time>/<owner>/<cid>    → items of a removed collection still to delete
  *
  * `<owner>` is the archiving user's bare JID (it has no `/`, so `<owner>/…` never collides with
@@ -22,9 +23,14 @@
  * or when its messages would outlive its expiry (at most once per day of activity). The reads
  * before the write (the open-collection pointer and the collection's last item, 1 read unit
  * together) are what the idle-gap and thread rules need anyway.
+ *
+ * A frame delivered again writes nothing twice: an automatic entry carries its frame's key
+ * (`fk`), which a redelivery looks for (`archivedByFrame`: the last item read anyway, more only
+ * when that is not it), so the first delivery pays nothing for it; a manual store writes its plan
+ * first (`f#`, one PutItem a request), and a redelivery puts the same entries where it says.
  */
 
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { TransactionCanceledException } from '@aws-sdk/client-dynamodb';
 import {
   BatchWriteCommand,
@@ -87,6 +93,12 @@ export interface EntryInput {
   xml: string;
   /** EncryptedData only: the symmetric key's name (its KeyInfo/KeyName). */
   keyName?: string;
+  /**
+   * The frame delivery that wrote it (core/frame.ts: the same key on every delivery of the
+   * frame): a redelivery finds it (`archivedByFrame`, a manual store's plan) and writes nothing
+   * twice. Absent outside a frame.
+   */
+  frameKey?: string;
 }
 
 export interface ArchivedEntry extends EntryInput {
@@ -121,12 +133,19 @@ export interface Tail {
   seq: number;
   at: number;
   messageAt?: number;
+  /** Its frame key (EntryInput.frameKey): a redelivery of its frame finds it here for free. */
+  frameKey?: string;
 }
 
 const isMessage = (kind: EntryKind) => kind === 'to' || kind === 'from';
 
 function tailOf(entry: ArchivedEntry): Tail {
-  return { seq: entry.seq, at: entry.at, messageAt: isMessage(entry.kind) ? entry.at : entry.prevAt };
+  return {
+    seq: entry.seq,
+    at: entry.at,
+    messageAt: isMessage(entry.kind) ? entry.at : entry.prevAt,
+    ...(entry.frameKey !== undefined ? { frameKey: entry.frameKey } : {}),
+  };
 }
 
 export interface OpenCollection {
@@ -291,6 +310,45 @@ export function newArchiveId(at: number): string {
 }
 
 /**
+ * The id of the `index`-th entry of a frame's manual store (`frameKey`: core/frame.ts): the form
+ * of `newArchiveId`, its last two parts taken from the frame and the index, so that a redelivery
+ * of the frame writes the entry with the id it had.
+ */
+function frameArchiveId(at: number, frameKey: string, index: number): string {
+  const ms = (at + ID_EPOCH_OFFSET).toString().padStart(15, '0');
+  const hash = createHash('sha256').update(`${frameKey}#${index}`).digest('hex').slice(0, 8);
+  return `${ms}-${(index % 10000).toString().padStart(4, '0')}-${hash}`;
+}
+
+/**
+ * A frame's manual store (`f#<frame key>` in the collection's partition), written before its
+ * entries: entry `i` goes to `seqs[i]` with time `ats[i]` and previous message time `prevs[i]`
+ * (null: none). A redelivery of the frame writes the same entries again, not new ones.
+ */
+interface StorePlan {
+  seqs: number[];
+  ats: number[];
+  prevs: (number | null)[];
+  version: number;
+}
+
+/**
+ * How long a store's plan is kept: a frame comes back within its queue's 20 receives of 180 s
+ * (an hour), or never (infra/constructs/frame-queue.ts).
+ */
+const PLAN_TTL_SECONDS = 86_400;
+
+/**
+ * How far before its frame reached the server a redelivery looks for the entry an earlier
+ * delivery archived (`archivedByFrame`): that delivery took the entry's time after the frame
+ * arrived, and whatever was appended after it was accepted by an invocation (30 s at most, Lambda
+ * 15 min) running when it was written; the rest is clock skew between API Gateway and Lambda.
+ */
+const FRAME_SEARCH_MARGIN_MS = 15 * 60_000;
+/** Entries a redelivery reads per collection at most, newest first, looking for its entry. */
+const FRAME_SEARCH_MAX_ENTRIES = 1000;
+
+/**
  * A change cursor: the time (ISO, ms, without `Z`) and nine more digits of fraction that order
  * changes recorded in the same millisecond. Rendered as an XEP-0082 DateTime for `<last/>`.
  */
@@ -333,6 +391,7 @@ function toEntry(item: Record<string, unknown>): ArchivedEntry {
     utc: item.utc === true ? true : undefined,
     xml: item.xml as string,
     keyName: item.keyName as string | undefined,
+    frameKey: item.fk as string | undefined,
   };
 }
 
@@ -611,6 +670,7 @@ export function createArchiveStore(
               utc: entry.utc || undefined,
               xml: entry.xml,
               keyName: entry.keyName,
+              fk: entry.frameKey,
               [TTL_ATTRIBUTE]: expiresAt,
             },
             ConditionExpression: 'attribute_not_exists(sk)',
@@ -643,6 +703,208 @@ export function createArchiveStore(
       }
     }
     return written;
+  }
+
+  /** Positions after `tail` for entries at the given times, and the message time before each. */
+  function planAfter(
+    header: CollectionHeader,
+    tail: Tail | undefined,
+    entries: { kind: EntryKind; at: number }[],
+  ): { seqs: number[]; prevs: (number | null)[] } {
+    const base = tail ? tail.seq + 1 : 0;
+    if (base + entries.length > maxEntries) throw new CollectionTooLargeError(header);
+    let messageAt = tail?.messageAt;
+    const prevs = entries.map((entry) => {
+      const prev = messageAt ?? null;
+      if (isMessage(entry.kind)) messageAt = entry.at;
+      return prev;
+    });
+    return { seqs: entries.map((_, i) => base + i), prevs };
+  }
+
+  async function readPlan(key: { pk: string; sk: string }): Promise<StorePlan | undefined> {
+    const { Item } = await doc.send(new GetCommand({ TableName: table, Key: key, ConsistentRead: true }));
+    if (!Item) return undefined;
+    return {
+      seqs: Item.seqs as number[],
+      ats: Item.ats as number[],
+      prevs: Item.prevs as (number | null)[],
+      version: Item.version as number,
+    };
+  }
+
+  /**
+   * A frame's manual store (`frameKey`, core/frame.ts), once: its plan (StorePlan) is written
+   * first, PutItem `f#<frame key>` with `attribute_not_exists(sk)`, then its entries, each a
+   * PutItem whose slot must be free or hold this frame's entry. A redelivery of the frame
+   * (`redelivered`) reads the plan and puts the same entries, with the same times and ids, at the
+   * same positions: what the earlier delivery wrote is written again unchanged, what it did not is
+   * written now. A slot another writer took moves its entry after the last one, the plan updated
+   * before the entry is written (condition: the plan's version).
+   */
+  async function appendOnce(
+    owner: string,
+    header: CollectionHeader,
+    last: Tail | undefined,
+    entries: EntryInput[],
+    expireSeconds: number | undefined,
+    frame: { key: string; redelivered: boolean },
+  ): Promise<ArchivedEntry[]> {
+    const planItemKey = { pk: partitionOf(owner, header.cid), sk: `f#${frame.key}` };
+    let plan = frame.redelivered ? await readPlan(planItemKey) : undefined;
+    if (plan) {
+      if (plan.seqs.length !== entries.length) throw new ArchiveConflictError(`store plan ${frame.key}`);
+    } else {
+      const ats = entries.map((entry) => entry.at);
+      const fresh: StorePlan = { ...planAfter(header, last, entries), ats, version: 1 };
+      try {
+        await doc.send(
+          new PutCommand({
+            TableName: table,
+            Item: {
+              ...planItemKey,
+              seqs: fresh.seqs,
+              ats: fresh.ats,
+              prevs: fresh.prevs,
+              version: fresh.version,
+              [TTL_ATTRIBUTE]: nowSeconds() + PLAN_TTL_SECONDS,
+            },
+            ConditionExpression: 'attribute_not_exists(sk)',
+          }),
+        );
+        plan = fresh;
+      } catch (error) {
+        // An earlier delivery planned it (a retry whose receive count did not say so).
+        if (!isConditionFailure(error)) throw error;
+        plan = await readPlan(planItemKey);
+        if (!plan || plan.seqs.length !== entries.length)
+          throw new ArchiveConflictError(`store plan ${frame.key}`);
+      }
+    }
+    const current = plan;
+    const expiresAt = expireSeconds === undefined ? undefined : nowSeconds() + expireSeconds;
+    const archived = (i: number): ArchivedEntry => {
+      const entry = entries[i] as EntryInput;
+      const at = current.ats[i] as number;
+      const prevAt = current.prevs[i];
+      return {
+        ...entry,
+        at,
+        seq: current.seqs[i] as number,
+        id: frameArchiveId(at, frame.key, i),
+        ...(prevAt !== null && prevAt !== undefined ? { prevAt } : {}),
+        frameKey: frame.key,
+      };
+    };
+    const putEntry = (entry: ArchivedEntry) =>
+      doc.send(
+        new PutCommand({
+          TableName: table,
+          Item: {
+            pk: partitionOf(owner, header.cid),
+            sk: seqKey(entry.seq),
+            seq: entry.seq,
+            id: entry.id,
+            owner,
+            kind: entry.kind,
+            at: entry.at,
+            prevAt: entry.prevAt,
+            utc: entry.utc || undefined,
+            xml: entry.xml,
+            keyName: entry.keyName,
+            fk: frame.key,
+            [TTL_ATTRIBUTE]: expiresAt,
+          },
+          ConditionExpression: 'attribute_not_exists(sk) OR fk = :fk',
+          ExpressionAttributeValues: { ':fk': frame.key },
+        }),
+      );
+    let pending = entries.map((_, i) => i);
+    for (let round = 0; pending.length > 0; round++) {
+      if (round > 5) throw new ArchiveConflictError(`appends to ${header.id}`);
+      const results: PromiseSettledResult<unknown>[] = [];
+      // At most 25 requests in flight, as appendEntries.
+      for (let i = 0; i < pending.length; i += 25) {
+        const chunk = pending.slice(i, i + 25);
+        results.push(...(await Promise.allSettled(chunk.map((index) => putEntry(archived(index))))));
+      }
+      const taken: number[] = [];
+      results.forEach((result, j) => {
+        if (result.status === 'fulfilled') return;
+        if (isConditionFailure(result.reason)) taken.push(pending[j] as number);
+        else throw result.reason;
+      });
+      pending = taken;
+      if (taken.length === 0) break;
+      // Another writer's entries are in those slots: after the last entry, planned before written.
+      const edge = await edgeEntry(owner, header.cid, false);
+      const moved = planAfter(
+        header,
+        edge && tailOf(edge),
+        taken.map((i) => ({ kind: (entries[i] as EntryInput).kind, at: current.ats[i] as number })),
+      );
+      const seqs = [...current.seqs];
+      const prevs = [...current.prevs];
+      taken.forEach((i, j) => {
+        seqs[i] = moved.seqs[j] as number;
+        prevs[i] = moved.prevs[j] ?? null;
+      });
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: planItemKey,
+            UpdateExpression: 'SET seqs = :seqs, prevs = :prevs, version = :next',
+            ConditionExpression: 'version = :v',
+            ExpressionAttributeValues: {
+              ':seqs': seqs,
+              ':prevs': prevs,
+              ':next': current.version + 1,
+              ':v': current.version,
+            },
+          }),
+        );
+      } catch (error) {
+        if (isConditionFailure(error)) throw new ArchiveConflictError(`store plan ${frame.key}`);
+        throw error;
+      }
+      current.seqs = seqs;
+      current.prevs = prevs;
+      current.version += 1;
+    }
+    return entries.map((_, i) => archived(i));
+  }
+
+  /**
+   * Whether the collection `cid` holds the entry written with `frameKey`: its entries newest
+   * first (consistent), until one older than `floor` (an entry written before the frame arrived)
+   * or FRAME_SEARCH_MAX_ENTRIES were read.
+   */
+  async function frameEntryIn(owner: string, cid: string, frameKey: string, floor: number): Promise<boolean> {
+    let start: Record<string, unknown> | undefined;
+    let read = 0;
+    do {
+      const page = await doc.send(
+        new QueryCommand({
+          TableName: table,
+          KeyConditionExpression: 'pk = :pk AND begins_with(sk, :m)',
+          ProjectionExpression: 'fk, #at',
+          ExpressionAttributeNames: { '#at': 'at' },
+          ExpressionAttributeValues: { ':pk': partitionOf(owner, cid), ':m': 'm#' },
+          ScanIndexForward: false,
+          ConsistentRead: true,
+          Limit: 100,
+          ...(start ? { ExclusiveStartKey: start } : {}),
+        }),
+      );
+      for (const item of page.Items ?? []) {
+        if (item.fk === frameKey) return true;
+        if ((item.at as number) < floor) return false;
+      }
+      read += page.Items?.length ?? 0;
+      start = page.LastEvaluatedKey;
+    } while (start && read < FRAME_SEARCH_MAX_ENTRIES);
+    return false;
   }
 
   /** Moves the header's change time (and expiry) forward when an append needs it. */
@@ -970,6 +1232,63 @@ export function createArchiveStore(
       return { entry: archived, open: { ...touched, last: tailOf(archived) } };
     },
 
+    /**
+     * Whether an earlier delivery of the current frame archived its entry with `withJid` for
+     * `owner` (EntryInput.frameKey `key`; `since`: when the frame reached the server). Read
+     * only for a redelivered frame, never on a message's first delivery. The open collection's
+     * last entry (read with it, `open`) answers most; otherwise the collections the entry can be
+     * in, each newest entry first back to FRAME_SEARCH_MARGIN_MS before `since`: the open one, the
+     * ones open with the contact's other resources (the sender's copy names the session that
+     * took it), the contact's collections begun since then (a new thread started one meanwhile),
+     * and, for each of their full JIDs, the one begun before them.
+     */
+    async archivedByFrame(
+      owner: string,
+      written: { with: string; key: string; since: number },
+      open?: OpenCollection,
+    ): Promise<boolean> {
+      if (open?.last?.frameKey === written.key) return true;
+      const floor = written.since - FRAME_SEARCH_MARGIN_MS;
+      const searched = new Set<string>();
+      const holds = async (cid: string): Promise<boolean> => {
+        if (searched.has(cid)) return false;
+        searched.add(cid);
+        return frameEntryIn(owner, cid, written.key, floor);
+      };
+      if (open && (await holds(open.header.cid))) return true;
+      const { bare } = withParts(written.with);
+      const ofContact = (jid: string) => jid === bare || jid.startsWith(`${bare}/`);
+      const pointers = await queryItems(
+        {
+          TableName: table,
+          KeyConditionExpression: 'pk = :pk AND begins_with(sk, :o)',
+          ExpressionAttributeValues: { ':pk': owner, ':o': `open#${bare}` },
+          ConsistentRead: true,
+        },
+        100,
+      );
+      for (const pointer of pointers.items) {
+        if (ofContact((pointer.sk as string).slice(5)) && (await holds(pointer.cid as string))) return true;
+      }
+      const floorKey = `c#${timeKey(floor)}`;
+      const recent = await queryItems(
+        rangeQuery(headerRange(owner, { with: { kind: 'bare', jid: bare } }), floorKey, 'c#~'),
+        50,
+      );
+      for (const item of recent.items) if (await holds(item.cid as string)) return true;
+      for (const withJid of new Set(recent.items.map((item) => item.with as string))) {
+        const before = await queryItems(
+          rangeQuery(headerRange(owner, { with: { kind: 'full', jid: withJid } }), 'c#', floorKey, {
+            ScanIndexForward: false,
+          }),
+          1,
+        );
+        const previous = before.items[0];
+        if (previous && (await holds(previous.cid as string))) return true;
+      }
+      return false;
+    },
+
     /** XEP-0136 §7.1: "If the client switches off all auto-archiving then the server MUST close … all active collections." */
     async closeOpenCollections(owner: string, withJid?: string): Promise<number> {
       const pointers = withJid
@@ -993,7 +1312,8 @@ export function createArchiveStore(
     /**
      * XEP-0136 §5.3 manual archiving: creates the collection if it does not exist (condition
      * new), updates its subject and content kind when they change, appends the entries (one
-     * conditional PutItem each) and puts the EncryptedKeys (one PutItem each).
+     * conditional PutItem each; in a frame, after one PutItem of their plan: appendOnce) and puts
+     * the EncryptedKeys (one PutItem each).
      */
     async storeManual(
       owner: string,
@@ -1005,6 +1325,11 @@ export function createArchiveStore(
         expireSeconds?: number;
       },
       existing?: { header: CollectionHeader; last?: Tail },
+      /**
+       * The frame storing it (core/frame.ts: its delivery key, and whether an earlier delivery
+       * may have stored it): its entries are written once (appendOnce), as planned by the first.
+       */
+      options: { frame?: { key: string; redelivered: boolean } } = {},
     ): Promise<{ header: CollectionHeader; created: boolean; entries: ArchivedEntry[] }> {
       const crypt = input.entries.some((e) => e.kind === 'data') || (input.keys?.length ?? 0) > 0;
       const plain = input.entries.some((e) => e.kind !== 'data');
@@ -1078,7 +1403,9 @@ export function createArchiveStore(
           expiresAt: (values[':exp'] as number | undefined) ?? header.expiresAt,
         };
       }
-      const entries = await appendEntries(owner, header, state.last, input.entries, input.expireSeconds);
+      const entries = options.frame
+        ? await appendOnce(owner, header, state.last, input.entries, input.expireSeconds, options.frame)
+        : await appendEntries(owner, header, state.last, input.entries, input.expireSeconds);
       for (const key of input.keys ?? []) {
         await doc.send(
           new PutCommand({
@@ -1281,7 +1608,11 @@ export function createArchiveStore(
     async removeCollections(
       owner: string,
       filter: CollectionFilter & { exact?: boolean; open?: boolean; openWithinMs?: number },
-      limits: { maxCollections?: number } = {},
+      limits: {
+        maxCollections?: number;
+        /** Called once before the first collection is removed (none found: never). */
+        beforeRemoving?: () => Promise<void>;
+      } = {},
     ): Promise<{ removed: CollectionRef[]; more: boolean; queuedPurges: number }> {
       const maxCollections = limits.maxCollections ?? 1000;
       let headers: CollectionHeader[] = [];
@@ -1332,6 +1663,7 @@ export function createArchiveStore(
       const removed: CollectionRef[] = [];
       let budget = purgeBudget;
       let queuedPurges = 0;
+      if (headers.length > 0) await limits.beforeRemoving?.();
       for (const header of headers) {
         const deleted = await removeOne(owner, header, Math.max(budget, 1));
         if (deleted < 0) continue;

@@ -3,7 +3,7 @@
  * ways, filters through the `with` indexes, removal, TTL, the change log, keys, preferences, and
  * what a page costs in read units (page k must cost what page 1 costs).
  */
-import { GetCommand, QueryCommand } from '@aws-sdk/lib-dynamodb';
+import { GetCommand, PutCommand, QueryCommand } from '@aws-sdk/lib-dynamodb';
 import { beforeAll, beforeEach, describe, expect, test, vi } from 'vitest';
 import {
   type ArchiveStore,
@@ -835,6 +835,107 @@ describe('manual store', () => {
         entries: [chat('from', 'b', START), chat('from', 'c', START), chat('from', 'd', START)],
       }),
     ).rejects.toThrow(/is full/);
+  });
+});
+
+describe("a frame's manual store (written once, as planned)", () => {
+  test('plans before it writes; a slot another writer took moves its entry after it; a redelivery writes the same entries', async () => {
+    const ref = { with: JULIET, start: START };
+    await store.storeManual(owner, { ref, entries: [chat('from', 'before', START)] });
+    const frame = { key: 'frame-1:0', redelivered: false };
+    // Another writer (an automatic append) takes slot 2 just before the frame's entry goes there.
+    const send = doc.send.bind(doc);
+    let intruded = false;
+    const spy = vi.spyOn(doc, 'send').mockImplementation((async (command: unknown) => {
+      if (
+        !intruded &&
+        command instanceof PutCommand &&
+        command.input.Item?.sk === 'm#0000000002' &&
+        command.input.Item?.fk === frame.key
+      ) {
+        intruded = true;
+        await send(
+          new PutCommand({
+            TableName: table,
+            Item: {
+              ...command.input.Item,
+              id: 'other',
+              at: START + 2500,
+              xml: '<to><body>other</body></to>',
+              fk: undefined,
+            },
+          }),
+        );
+      }
+      return send(command as never);
+    }) as never);
+    let first: Awaited<ReturnType<ArchiveStore['storeManual']>>;
+    try {
+      first = await store.storeManual(
+        owner,
+        { ref, entries: [chat('to', 'a', START + 1000), chat('from', 'b', START + 2000)] },
+        await store.getCollection(owner, ref),
+        { frame },
+      );
+    } finally {
+      spy.mockRestore();
+    }
+    expect(intruded).toBe(true);
+    expect(first.entries.map((e) => [e.seq, e.at, e.prevAt])).toEqual([
+      [1, START + 1000, START],
+      [3, START + 2000, START + 2500],
+    ]);
+    // The frame comes again: the times it brings now (counted from entries stored since) are not
+    // the ones planned; the plan's are kept, and nothing is added.
+    const existing = await store.getCollection(owner, ref);
+    meter.reset();
+    const again = await store.storeManual(
+      owner,
+      { ref, entries: [chat('to', 'a', START + 9000), chat('from', 'b', START + 9999)] },
+      existing,
+      { frame: { ...frame, redelivered: true } },
+    );
+    // The plan read (a redelivery only), the entries put again where it says.
+    expect(meter.snapshot().operations.GetItem?.requests).toBe(1);
+    expect(meter.snapshot().operations.PutItem?.requests).toBe(2);
+    expect(again.entries).toEqual(first.entries);
+    const page = await store.retrieveMessages(owner, ref, { max: 10 });
+    expect(page?.items.map((e) => [e.seq, /<body>([^<]*)</.exec(e.xml)?.[1], e.at, e.id])).toEqual([
+      [0, 'before', START, expect.any(String)],
+      [1, 'a', START + 1000, first.entries[0]?.id],
+      [2, 'other', START + 2500, 'other'],
+      [3, 'b', START + 2000, first.entries[1]?.id],
+    ]);
+    // The plan is an item of the collection's partition: removing the collection removes it.
+    await store.removeCollections(owner, { with: { kind: 'full', jid: JULIET }, start: START, exact: true });
+    const left = await doc.send(
+      new QueryCommand({
+        TableName: table,
+        KeyConditionExpression: 'pk = :pk',
+        ExpressionAttributeValues: { ':pk': `${owner}/${first.header.cid}` },
+      }),
+    );
+    expect(left.Items ?? []).toEqual([]);
+  });
+
+  test('a store outside a frame writes no plan: one conditional PutItem per entry, as before', async () => {
+    const ref = { with: JULIET, start: START };
+    await store.storeManual(owner, { ref, entries: [chat('from', 'a', START)] });
+    const existing = await store.getCollection(owner, ref);
+    meter.reset();
+    await store.storeManual(owner, { ref, entries: [chat('to', 'b', START + 1000)] }, existing);
+    expect(meter.snapshot().operations.PutItem?.requests).toBe(1);
+    meter.reset();
+    await store.storeManual(
+      owner,
+      { ref, entries: [chat('to', 'c', START + 2000)] },
+      await store.getCollection(owner, ref),
+      {
+        frame: { key: 'frame-2:0', redelivered: false },
+      },
+    );
+    // In a frame: the plan, then the entry.
+    expect(meter.snapshot().operations.PutItem?.requests).toBe(2);
   });
 });
 
