@@ -351,3 +351,106 @@ describe('a paced XEP-0160 flood and session ends (review probes)', () => {
     expect(await t.server.offline.count(t.user)).toBe(6);
   });
 });
+
+/**
+ * The fixes for the probes above: a fetch's or view's window is saved on the connection's row
+ * before its first post (write-ahead), and its copies and result are queued under keys of the
+ * transfer (`c:<id>:<node>`, `c:<id>`), so that a redelivered frame or a resume finishes the
+ * window without sending again what was queued. XEP-0198 §5 (seed v0.7): on resumption "the
+ * receiving entity [...] MAY retransmit [...] stanzas that were not handled"; nothing else twice.
+ * RFC 6120 §8.2.3: "the entity that receives an IQ request of type "get" or "set" MUST reply
+ * with an IQ response of type "result" or "error"": once.
+ */
+describe('paced XEP-0013 transfers across redeliveries and resumes', () => {
+  it('a view: a redelivered <a/> frame sends no window twice', async () => {
+    const t = await inbox(6);
+    const nodes = await t.ids();
+    await t.login('g1');
+    await t.enable('g1');
+    await t.frame('g1', t.view('v1', nodes), 'g1-view');
+    expect(t.story('g1')).toEqual(['m1', 'm2']);
+    const restore = dieBeforeFinalSave(t.server);
+    const a1 = `<a xmlns='${SM3}' h='2'/>`;
+    const s1 = t.nextSeq();
+    await expect(t.frame('g1', a1, 'g1-a1', s1)).rejects.toThrow();
+    restore();
+    await t.frame('g1', a1, 'g1-a1', s1, 2);
+    for (let i = 0; i < 6 && !t.story('g1').includes('iq v1 result'); i++) await t.ack('g1', `g1-b${i}`);
+    expect(t.port.closed.has('g1')).toBe(false);
+    // XEP-0013 §2.4: "the server MUST send the requested message(s) plus an IQ result".
+    expect(t.story('g1')).toEqual(['m1', 'm2', 'm3', 'm4', 'm5', 'm6', 'iq v1 result']);
+  });
+
+  it('the result of a fetch goes out once when the frame that sent it is redelivered', async () => {
+    const t = await inbox(3);
+    await t.login('g2');
+    await t.enable('g2');
+    await t.frame('g2', t.fetch('f1'), 'g2-fetch');
+    expect(t.story('g2')).toEqual(['m1', 'm2']);
+    // The ack of m1, m2: its frame sends m3 and the result (the inbox's end), and dies before its final save.
+    const restore = dieBeforeFinalSave(t.server);
+    const a1 = `<a xmlns='${SM3}' h='2'/>`;
+    const s1 = t.nextSeq();
+    await expect(t.frame('g2', a1, 'g2-a1', s1)).rejects.toThrow();
+    restore();
+    expect(t.story('g2')).toEqual(['m1', 'm2', 'm3', 'iq f1 result']);
+    await t.frame('g2', a1, 'g2-a1', s1, 2);
+    for (let i = 0; i < 3; i++) await t.ack('g2', `g2-b${i}`);
+    expect(t.story('g2')).toEqual(['m1', 'm2', 'm3', 'iq f1 result']);
+    await expect(t.server.offline.count(t.user)).resolves.toBe(3);
+  });
+
+  it('410 after the first copy of a window, resume counting it: the rest once, then the result', async () => {
+    const t = await inbox(6);
+    await t.login('g3');
+    const smId = await t.enable('g3');
+    await t.frame('g3', t.fetch('f1'), 'g3-fetch');
+    // The socket dies right after m3 is posted: m4 meets 410 Gone.
+    const post = t.port.post.bind(t.port);
+    t.port.post = async (connectionId, data, notAfter) => {
+      const result = await post(connectionId, data, notAfter);
+      if (connectionId === 'g3' && data.includes('<body>m3<')) t.port.gone.add('g3');
+      return result;
+    };
+    await t.frame('g3', `<a xmlns='${SM3}' h='2'/>`, 'g3-a1');
+    expect(t.story('g3')).toEqual(['m1', 'm2', 'm3']);
+    await t.server.sessions.createConnection('g4', Date.now());
+    await t.server.sessions.updateConnection('g4', { streamOpen: true, user: t.user });
+    // The client handled m1, m2, m3.
+    await t.frame('g4', `<resume xmlns='${SM3}' previd='${smId}' h='3'/>`, 'g4-resume');
+    for (let i = 0; i < 6 && !t.story('g4').includes('iq f1 result'); i++)
+      await t.frame('g4', `<a xmlns='${SM3}' h='${3 + t.handled('g4') + 1}'/>`, `g4-a${i}`);
+    expect(t.story('g4')).toEqual(['m4', 'm5', 'm6', 'iq f1 result']);
+  });
+
+  it("a resume while the old connection's frame is still posting a window: that window is not sent again", async () => {
+    const t = await inbox(6);
+    await t.login('g5');
+    const smId = await t.enable('g5');
+    await t.frame('g5', t.fetch('f1'), 'g5-fetch');
+    await t.server.sessions.createConnection('g6', Date.now());
+    await t.server.sessions.updateConnection('g6', { streamOpen: true, user: t.user });
+    // The ack's frame posts m3, m4; before its final save the client (which got them) resumes
+    // on a new connection, taking the session from the old one whose frame still runs.
+    const original = t.server.sessions.updateConnection.bind(t.server.sessions);
+    let resumed = false;
+    const restore = intercept(
+      t.server.sessions,
+      'updateConnection',
+      async (connectionId, changes, options) => {
+        if (!resumed && connectionId === 'g5' && changes.savedFrame === 'g5-a1') {
+          resumed = true;
+          await t.frame('g6', `<resume xmlns='${SM3}' previd='${smId}' h='4'/>`, 'g6-resume');
+        }
+        return original(connectionId, changes, options);
+      },
+    );
+    await t.frame('g5', `<a xmlns='${SM3}' h='2'/>`, 'g5-a1').catch(() => undefined);
+    restore();
+    expect(resumed).toBe(true);
+    expect(t.story('g5')).toEqual(['m1', 'm2', 'm3', 'm4']);
+    for (let i = 0; i < 6 && !t.story('g6').includes('iq f1 result'); i++)
+      await t.frame('g6', `<a xmlns='${SM3}' h='${4 + t.handled('g6') + 1}'/>`, `g6-a${i}`);
+    expect(t.story('g6')).toEqual(['m5', 'm6', 'iq f1 result']);
+  });
+});
