@@ -626,16 +626,15 @@ async function inboxWindow(stream: BoundStream, start: OfflineTransfer): Promise
         stopped = true;
         break;
       }
-      const result =
-        transfer.kind === 'flood'
-          ? await sendStored(stream, message, stampedStanza(server, message), { offlineId: message.id })
-          : await sendStored(stream, message, deliveredCopy(server, message), { offlineCopy: true });
+      const result = await sendStored(stream, message, stampedStanza(server, message), {
+        offlineId: message.id,
+      });
       // The session is gone: nothing in progress or waiting can be answered.
       if (result === 'gone') {
         stream.update({ transfer: undefined });
         return { sent, done: false };
       }
-      if (transfer.kind === 'flood' && result === 'sent') server.metrics.count('MessagesFlooded');
+      if (result === 'sent') server.metrics.count('MessagesFlooded');
       // Congested: the rest follows from a later ack, from this message on.
       if (result === 'full') {
         stopped = true;
