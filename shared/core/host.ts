@@ -241,12 +241,24 @@ export interface EventPayloads {
     resource?: ResourceRecord;
     /** The newest stored (offline) message the resume's replay sent again, if any. */
     offlineReplayedUpTo?: string;
+    /**
+     * The keys of XEP-0013 transfer entries (`c:`) the queue held when the resume took it
+     * (`appended`: acknowledged by the resume's count or not) and after its replay
+     * (`unacknowledged`): what of a transfer's window in progress is out already.
+     */
+    transferKeys?: { appended: string[]; unacknowledged: string[] };
   };
   /**
    * The client acknowledged stanzas (XEP-0198) up to the session's outbound count `acked`;
    * `unacknowledged` are still outstanding.
    */
-  'stanzas-acknowledged': { stream: BoundStream; acked: number; unacknowledged: number };
+  'stanzas-acknowledged': {
+    stream: BoundStream;
+    acked: number;
+    unacknowledged: number;
+    /** As in `session-resumed`, while the stream's transfer has a window in progress. */
+    transferKeys?: { appended: string[]; unacknowledged: string[] };
+  };
   /**
    * A message for a local user with no resource to take it (RFC 6121 §8.5.2.2.1): offline
    * storage takes it (HANDLED); without a taker the sender gets service-unavailable.
@@ -361,6 +373,12 @@ export interface DeliveryOptions {
   offlineId?: string;
   /** A copy of a message that stays stored (XEP-0013 view/fetch): never re-routed. */
   offlineCopy?: boolean;
+  /**
+   * The entry's key in a stream-management queue, instead of the frame's delivery key: a XEP-0013
+   * transfer's copy or result (`c:<transfer id>:<node>`, `c:<transfer id>`), which a redelivered
+   * frame or a resume finds there by the transfer alone (see modules/xep-0160-offline-storage.ts).
+   */
+  key?: string;
   /**
    * The stream's own answer to its client (`Stream.send` of an iq, or of an error about the
    * client's own stanza). A stream-management queue takes it past its bound, within a margin;

@@ -3,6 +3,7 @@
  * delay stamps: what is stored for a user with no available resource, and the flood of
  * stored messages when a session sends initial presence with a non-negative priority.
  */
+import { randomBytes } from 'node:crypto';
 import { Element, parse } from 'ltx';
 import { nextDeliveryKey, offlineRecord } from '../core/frame.ts';
 import {
@@ -74,10 +75,12 @@ export function register(server: Server): void {
   // A flood cut short by the lost socket (its messages are still stored) carries on after a
   // resume: from the start when it still holds the session's messages (what was stored behind
   // the hold may sort before what was sent), skipping what the queue already holds.
-  host.hook('session-resumed', async ({ stream, resource, offlineReplayedUpTo }) => {
+  host.hook('session-resumed', async ({ stream, resource, offlineReplayedUpTo, transferKeys }) => {
     // A XEP-0013 fetch or view the old stream was serving goes on now: when the resume's count
     // covered its last window, no ack will come to move it.
-    if (stream.state.transfer) await transferStep(stream);
+    if (stream.state.transfer) {
+      await transferStep(stream, queuedKeys(transferKeys));
+    }
     if (!resource?.available || resource.priority < 0) return undefined;
     // Its flood was skipped for the rest of its availability (see floodOffline), which the
     // resume continues: a flexible session that ended meanwhile does not make this one "next".
@@ -93,8 +96,8 @@ export function register(server: Server): void {
     await floodOffline(stream, [resource, ...others], resource.held, { resumedAfter: offlineReplayedUpTo });
     return undefined;
   });
-  host.hook('stanzas-acknowledged', async ({ stream, acked, unacknowledged }) => {
-    await continueTransfer(stream, acked, unacknowledged);
+  host.hook('stanzas-acknowledged', async ({ stream, acked, unacknowledged, transferKeys }) => {
+    await continueTransfer(stream, acked, unacknowledged, queuedKeys(transferKeys));
     return undefined;
   });
 }
@@ -315,7 +318,7 @@ export async function sendStored(
   stream: BoundStream,
   message: OfflineMessage,
   stanza: Element,
-  options: { offlineId?: string; offlineCopy?: boolean },
+  options: { offlineId?: string; offlineCopy?: boolean; key?: string },
 ): Promise<DeliveryResult | 'dropped'> {
   try {
     return await stream.send(stanza, options);
@@ -341,6 +344,16 @@ const MAX_WAITING = 4;
  */
 export async function startTransfer(stream: BoundStream, transfer: OfflineTransfer): Promise<void> {
   const current = stream.state.transfer;
+  // A fetch or view is named by the frame that asked for it (its copies are queued under that).
+  if (transfer.kind !== 'flood' && transfer.id === undefined)
+    transfer = { ...transfer, id: stream.frameId || randomBytes(9).toString('base64url') };
+  const id = transfer.id;
+  if (id !== undefined && current && [current, ...(current.waiting ?? [])].some((known) => known.id === id)) {
+    // A redelivery of the frame that asked: its first attempt saved the transfer (a window's
+    // write-ahead) and died. It is not started twice; a window it was posting is finished.
+    if (current.window !== undefined || current.askedUpTo === undefined) await transferStep(stream);
+    return;
+  }
   if (current && !(transfer.kind === 'flood' && current.kind === 'flood')) {
     const waiting = current.waiting ?? [];
     if (transfer.kind === 'flood') {
@@ -367,53 +380,223 @@ export async function startTransfer(stream: BoundStream, transfer: OfflineTransf
  * it acknowledged all of the window and what keeps it from the next is what was sent after (an
  * iq answered meanwhile, presence, live messages), it is asked for an ack of that too: the
  * server's own `<r/>` every SM_ACK_EVERY stanzas may not come, and the transfer would wait for
- * an ack nobody asked for.
+ * an ack nobody asked for. A window whose posts were not saved as done (the frame that posted it
+ * died before its save, and this is its redelivery) is finished first, whatever the count.
  */
-async function continueTransfer(stream: BoundStream, acked: number, unacknowledged: number): Promise<void> {
+async function continueTransfer(
+  stream: BoundStream,
+  acked: number,
+  unacknowledged: number,
+  known?: QueuedTransfer,
+): Promise<void> {
   const transfer = stream.state.transfer;
   if (!transfer) return;
+  // The queue as this ack found it, before its trim: read after it, a copy the client has just
+  // acknowledged would look never queued, and be sent again.
+  if (transfer.window !== undefined) return transferStep(stream, known);
   if (unacknowledged <= windowSize(stream.server) / 2) return transferStep(stream);
   if (transfer.askedUpTo !== undefined && acked < transfer.askedUpTo) return;
   const asked = await stream.server.host.stanzaQueue?.requestAck(stream);
   stream.update({ transfer: { ...transfer, ...(asked === undefined ? {} : { askedUpTo: asked }) } });
 }
 
-/** One window of the transfer in progress: how many stanzas went out, and whether it is over. */
+/**
+ * One window of the transfer in progress: how many stanzas went out (or wait unacknowledged),
+ * whether it is over, and `blocked` when it stopped at a full queue or a session gone (another
+ * window now would not go out either).
+ */
 interface Window {
   sent: number;
   done: boolean;
+  blocked?: boolean;
+  /** The row holds this window's write-ahead (a redelivery or a resume finishes it, result included). */
+  ahead?: boolean;
+}
+
+/**
+ * What the session's queue holds of XEP-0013 transfers (`c:` keys): `appended`, queued at some
+ * point (acknowledged since or not); `unacknowledged`, still queued.
+ */
+interface QueuedTransfer {
+  appended: Set<string>;
+  unacknowledged: Set<string>;
+}
+
+function queuedKeys(keys?: { appended: string[]; unacknowledged: string[] }): QueuedTransfer | undefined {
+  return keys
+    ? { appended: new Set(keys.appended), unacknowledged: new Set(keys.unacknowledged) }
+    : undefined;
+}
+
+/** A XEP-0013 transfer's key for the copy of `node` in a stream-management queue, or for its result. */
+function transferKey(transfer: OfflineTransfer, node?: string): string {
+  return node === undefined ? `c:${transfer.id}` : `c:${transfer.id}:${node}`;
+}
+
+/**
+ * The session's queue as it is now (a redelivered frame): nothing of it can have been
+ * acknowledged since the frame's first attempt queued it, since the client's acks come in later
+ * frames of the connection, handled after this one.
+ */
+async function queuedTransfer(stream: BoundStream): Promise<QueuedTransfer> {
+  const smId = stream.state.sm?.id;
+  const item = smId ? await stream.server.smQueue.get(smId) : undefined;
+  const keys = new Set(item?.entries.flatMap((entry) => (entry.k?.startsWith('c:') ? [entry.k] : [])) ?? []);
+  return { appended: keys, unacknowledged: keys };
 }
 
 /**
  * Sends the next window of the transfer in progress. One that ends is answered, and the next
  * waiting one starts at once if nothing went out yet (else at the next ack); one ack request
- * follows whatever was sent.
+ * follows whatever was sent. `known`: what the session's queue holds of transfers (a resume).
  */
-async function transferStep(stream: BoundStream): Promise<void> {
+async function transferStep(stream: BoundStream, known?: QueuedTransfer): Promise<void> {
+  const { server } = stream;
   let sent = 0;
+  let queued = known;
   for (;;) {
     const transfer = stream.state.transfer;
     if (!transfer) break;
+    if (transfer.window !== undefined) {
+      // Written ahead and never saved as done: the posts may have stopped anywhere in it.
+      queued ??= await queuedTransfer(stream);
+      const finished = await finishWindow(stream, transfer, queued);
+      sent += finished.sent;
+      if (finished.blocked) break;
+      continue;
+    }
+    if (transfer.kind === 'flood' && sent > 0) break;
+    // After what is out already, a fetch or view only looks whether anything is left to send.
+    const budget = sent > 0 ? 0 : windowSize(server);
     const window =
-      transfer.kind === 'view' ? await viewWindow(stream, transfer) : await inboxWindow(stream, transfer);
+      transfer.kind === 'view'
+        ? await viewWindow(stream, transfer, budget)
+        : transfer.kind === 'fetch'
+          ? await fetchWindow(stream, transfer, budget)
+          : await inboxWindow(stream, transfer);
     sent += window.sent;
-    if (!window.done) break;
+    if (!window.done) {
+      // Nothing went out (a window of messages removed meanwhile): the next one now, else the
+      // client is never asked for an ack and the transfer stalls.
+      if (window.sent === 0 && !window.blocked && budget > 0) continue;
+      break;
+    }
     const [next, ...rest] = transfer.waiting ?? [];
+    const resultKey = transfer.iqId === undefined ? undefined : transferKey(transfer);
+    // XEP-0013 §2.5: the messages first, then the result: once. The row says it may be going out
+    // (the last window's write-ahead, or `[]` alone), so that a redelivery or a resume looks for
+    // it in the queue before answering.
+    if (resultKey && queued === undefined && !window.ahead) {
+      stream.update({ transfer: { ...transfer, window: [] } });
+      await stream.commit();
+    }
     stream.update({
       transfer: next ? { ...next, ...(rest.length > 0 ? { waiting: rest } : {}) } : undefined,
     });
-    // XEP-0013 §2.5: the messages first, then the result.
-    await answerTransfer(stream, transfer);
+    if (resultKey && !queued?.appended.has(resultKey)) await answerTransfer(stream, transfer);
     if (sent > 0) break;
   }
   const transfer = stream.state.transfer;
   if (sent === 0) return;
-  const asked = await stream.server.host.stanzaQueue?.requestAck(stream);
+  const asked = await server.host.stanzaQueue?.requestAck(stream);
   // The count asked for: once the client acknowledged it, the window is out of the way.
   if (transfer && asked !== undefined) stream.update({ transfer: { ...transfer, askedUpTo: asked } });
 }
 
-/** A flood's or a fetch's next window: the inbox read on from the last message sent. */
+/**
+ * Saves the window before its first post (one write to the connection's row, under the fence: a
+ * connection a resume took over posts nothing more). Whatever happens to the posts from here on,
+ * the row, and a detach or a resume reading it, knows where the transfer stands.
+ */
+async function writeAhead(stream: BoundStream, transfer: OfflineTransfer): Promise<void> {
+  stream.update({ transfer });
+  await stream.commit();
+}
+
+/**
+ * Posts the copies of a window's nodes not queued yet (`skip`). Returns how many went out or
+ * wait unacknowledged, and leaves the transfer without its window once every copy is out (with
+ * what is left of it when the queue is full).
+ */
+async function postWindow(
+  stream: BoundStream,
+  transfer: OfflineTransfer,
+  messages: Map<string, OfflineMessage>,
+  queued?: QueuedTransfer,
+): Promise<Window> {
+  const { server } = stream;
+  const nodes = transfer.window ?? [];
+  let sent = 0;
+  for (const [at, node] of nodes.entries()) {
+    const key = transferKey(transfer, node);
+    if (queued?.appended.has(key)) {
+      if (queued.unacknowledged.has(key)) sent += 1;
+      continue;
+    }
+    // Removed meanwhile (by another session, a purge): skipped.
+    const message = messages.get(node);
+    if (!message) continue;
+    const result = await sendStored(stream, message, deliveredCopy(server, message), {
+      offlineCopy: true,
+      key,
+    });
+    // The session is gone: nothing in progress or waiting can be answered.
+    if (result === 'gone') {
+      stream.update({ transfer: undefined });
+      return { sent, done: false, blocked: true };
+    }
+    // Congested: this one and the rest follow from a later ack.
+    if (result === 'full') {
+      stream.update({ transfer: { ...transfer, window: nodes.slice(at) } });
+      return { sent, done: false, blocked: true };
+    }
+    // One dropped (too large to send: removed from storage) went nowhere: no ack will count it.
+    if (result === 'sent') sent += 1;
+  }
+  const { window: _posted, ...rest } = transfer;
+  stream.update({ transfer: rest });
+  return { sent, done: false };
+}
+
+/** A window found in the row, saved ahead and not as done: finished, skipping what was queued. */
+async function finishWindow(
+  stream: BoundStream,
+  transfer: OfflineTransfer,
+  queued: QueuedTransfer,
+): Promise<Window> {
+  const missing = (transfer.window ?? []).filter((node) => !queued.appended.has(transferKey(transfer, node)));
+  const messages = missing.length > 0 ? await stream.server.offline.get(stream.user, missing) : new Map();
+  return postWindow(stream, transfer, messages, queued);
+}
+
+/**
+ * A fetch's next window: the inbox read on from the last message of the window before, saved
+ * ahead of its posts. `budget` 0: only whether anything is left.
+ */
+async function fetchWindow(stream: BoundStream, transfer: OfflineTransfer, budget: number): Promise<Window> {
+  const { server } = stream;
+  const page = await server.offline.list(stream.user, { limit: Math.max(1, budget), after: transfer.after });
+  if (budget === 0) return { sent: 0, done: page.messages.length === 0 };
+  const picked: OfflineMessage[] = [];
+  let bytes = 0;
+  for (const message of page.messages) {
+    picked.push(message);
+    bytes += Buffer.byteLength(message.stanza);
+    if (bytes >= WINDOW_BYTES) break;
+  }
+  const last = picked.at(-1);
+  if (!last) return { sent: 0, done: true };
+  const more = page.next !== undefined || picked.length < page.messages.length;
+  await writeAhead(stream, { ...transfer, after: last.id, window: picked.map((message) => message.id) });
+  const window = await postWindow(
+    stream,
+    stream.state.transfer as OfflineTransfer,
+    new Map(picked.map((message) => [message.id, message])),
+  );
+  return window.blocked ? window : { sent: window.sent, done: !more, ahead: true };
+}
+
+/** A flood's next window: the inbox read on from the last message sent. */
 async function inboxWindow(stream: BoundStream, start: OfflineTransfer): Promise<Window> {
   const { server } = stream;
   const user = stream.user;
@@ -443,16 +626,15 @@ async function inboxWindow(stream: BoundStream, start: OfflineTransfer): Promise
         stopped = true;
         break;
       }
-      const result =
-        transfer.kind === 'flood'
-          ? await sendStored(stream, message, stampedStanza(server, message), { offlineId: message.id })
-          : await sendStored(stream, message, deliveredCopy(server, message), { offlineCopy: true });
+      const result = await sendStored(stream, message, stampedStanza(server, message), {
+        offlineId: message.id,
+      });
       // The session is gone: nothing in progress or waiting can be answered.
       if (result === 'gone') {
         stream.update({ transfer: undefined });
         return { sent, done: false };
       }
-      if (transfer.kind === 'flood' && result === 'sent') server.metrics.count('MessagesFlooded');
+      if (result === 'sent') server.metrics.count('MessagesFlooded');
       // Congested: the rest follows from a later ack, from this message on.
       if (result === 'full') {
         stopped = true;
@@ -508,45 +690,42 @@ async function answerTransfer(stream: BoundStream, transfer: OfflineTransfer): P
   if (transfer.iqId === undefined) return;
   const request = new Element('iq', { id: transfer.iqId, from: fullJid(stream.jid) });
   if (transfer.iqFrom) request.attrs.to = transfer.iqFrom;
-  await stream.send(iqResult(request));
+  await stream.send(iqResult(request), { key: transferKey(transfer) });
 }
 
 /**
  * XEP-0013 §2.4 view with stream management: "the server MUST send the requested message(s)
  * plus an IQ result", window by window as the client acknowledges (a view of many large
  * messages would overflow the queue, and then not even the result could go out). A message
- * removed meanwhile (by another session) is skipped.
+ * removed meanwhile (by another session) is skipped; a window of nothing but removed ones sends
+ * nothing and is passed at once (transferStep reads the next). `budget` 0: only whether any
+ * node is left.
  */
-async function viewWindow(stream: BoundStream, transfer: OfflineTransfer): Promise<Window> {
+async function viewWindow(stream: BoundStream, transfer: OfflineTransfer, budget: number): Promise<Window> {
   const { server } = stream;
   const nodes = transfer.nodes ?? [];
-  const window = nodes.slice(0, windowSize(server));
-  const found = window.length > 0 ? await server.offline.get(stream.user, window) : new Map();
-  let done = 0;
-  let sent = 0;
+  if (budget === 0 || nodes.length === 0) return { sent: 0, done: nodes.length === 0 };
+  const window = nodes.slice(0, budget);
+  const found: Map<string, OfflineMessage> = await server.offline.get(stream.user, window);
+  let passed = 0;
   let bytes = 0;
+  const picked: string[] = [];
   for (const node of window) {
+    passed += 1;
     const message = found.get(node);
-    if (message) {
-      const result = await sendStored(stream, message, deliveredCopy(server, message), { offlineCopy: true });
-      if (result === 'gone') {
-        stream.update({ transfer: undefined });
-        return { sent, done: false };
-      }
-      // Congested: this one and the rest follow from a later ack.
-      if (result === 'full') break;
-      if (result !== 'dropped') {
-        sent += 1;
-        bytes += Buffer.byteLength(message.stanza);
-      }
-    }
-    done += 1;
+    if (!message) continue;
+    picked.push(node);
+    bytes += Buffer.byteLength(message.stanza);
     if (bytes >= WINDOW_BYTES) break;
   }
-  const rest = nodes.slice(done);
-  if (rest.length === 0) return { sent, done: true };
-  stream.update({ transfer: { ...transfer, nodes: rest } });
-  return { sent, done: false };
+  const rest = nodes.slice(passed);
+  if (picked.length === 0) {
+    stream.update({ transfer: { ...transfer, nodes: rest } });
+    return { sent: 0, done: rest.length === 0 };
+  }
+  await writeAhead(stream, { ...transfer, nodes: rest, window: picked });
+  const posted = await postWindow(stream, stream.state.transfer as OfflineTransfer, found);
+  return posted.blocked ? posted : { sent: posted.sent, done: rest.length === 0, ahead: true };
 }
 
 /** The stored messages this session's stream-management queue holds, unacknowledged. */

@@ -242,10 +242,11 @@ async function deliverToSmSession(
   // frame delivers to this session, and it is flooded to a session once.
   // Outside a frame (the sweeper's work), a key of its own: an entry whose post fails can still
   // be found and marked uncertain.
+  // A XEP-0013 transfer's copy or result is keyed by its transfer (DeliveryOptions.key).
   const key =
     options.offlineId && delivery
       ? `o:${options.offlineId}`
-      : (delivery?.key ?? `x:${randomBytes(9).toString('base64url')}`);
+      : (options.key ?? delivery?.key ?? `x:${randomBytes(9).toString('base64url')}`);
   const entry: SmEntry = {
     s: stanza.toString(),
     t: delivery?.at ?? Date.now(),
@@ -1459,7 +1460,22 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
     stream,
     acked: trimmedTo,
     unacknowledged: out - trimmedTo,
+    // A XEP-0013 window whose frame died before its save (its write-ahead is in the row): what of
+    // it was queued, this ack's trim included, is not sent again.
+    ...(stream.state.transfer?.window !== undefined
+      ? {
+          transferKeys: {
+            appended: transferEntryKeys([...removed, ...remaining]),
+            unacknowledged: transferEntryKeys(remaining),
+          },
+        }
+      : {}),
   });
+}
+
+/** The keys of XEP-0013 transfer entries (copies and results, `c:`; see DeliveryOptions.key). */
+function transferEntryKeys(entries: SmEntry[]): string[] {
+  return entries.flatMap((entry) => (entry.k?.startsWith('c:') ? [entry.k] : []));
 }
 
 interface Trimmed {
@@ -1883,11 +1899,21 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
   // A flood cut short by the lost socket (its messages are still stored) carries on here, after
   // the last stored message the replay has just sent again: none is sent twice.
   const replayedOffline = (after?.entries ?? []).flatMap((e) => (e.o ? [e.o] : [])).sort();
+  // A XEP-0013 window the old stream was posting: what of it was queued before this resume (its
+  // count may have acknowledged part of that) is not sent again; what was not, is.
   if (isBound(stream))
     await server.host.fire('session-resumed', {
       stream,
       ...(record ? { resource: record } : {}),
       ...(replayedOffline.length > 0 ? { offlineReplayedUpTo: replayedOffline.at(-1) } : {}),
+      ...(stream.state.transfer
+        ? {
+            transferKeys: {
+              appended: transferEntryKeys([...taken.entries, ...removed, ...(after?.entries ?? [])]),
+              unacknowledged: transferEntryKeys(after?.entries ?? []),
+            },
+          }
+        : {}),
     });
 }
 

@@ -103,6 +103,19 @@ export interface OfflineTransfer {
   askedUpTo?: number;
   /** Fetches and views asked for while this one was in progress, served in turn after it. */
   waiting?: OfflineTransfer[];
+  /**
+   * A XEP-0013 fetch's or view's own id (the request id of the frame that asked for it): its
+   * copies are queued under `c:<id>:<node>`, its result under `c:<id>`, so that a redelivered
+   * frame or a resume finds them queued and sends none of them twice.
+   */
+  id?: string;
+  /**
+   * The window being posted, saved before its first post (write-ahead, with `after` or `nodes`
+   * already past it): the nodes of the copies, `[]` for the result alone. Removed by the frame's
+   * save after the posts; found by a later frame (a redelivery) or a resume, the window is
+   * finished first, skipping what the session's queue holds or held.
+   */
+  window?: string[];
 }
 
 /** The connection was fenced by a stream-management resume on another connection (or ended). */

@@ -1,0 +1,456 @@
+/**
+ * Review probes: XEP-0013 fetch/view and XEP-0160 flood transfers paced by XEP-0198 acks, driven
+ * frame by frame against DynamoDB Local with a RecordingPort.
+ */
+import { describe, expect, it } from 'vitest';
+import { sweep } from '../../shared/core/lifecycle.ts';
+import { handleStreamEvent } from '../../shared/core/stream.ts';
+import { createLogger } from '../../shared/log.ts';
+import { RecordingPort } from '../../shared/outbound.ts';
+import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
+import { createServer, type Server } from '../../shared/server.ts';
+import { createTestConfig } from '../support/dynamodb.ts';
+import { intercept } from '../support/intercept.ts';
+
+const OFFLINE = 'http://jabber.org/protocol/offline';
+const SM3 = 'urn:xmpp:sm:3';
+
+/** As in redelivery.test.ts: the invocation dies before the frame's last save, once. */
+function dieBeforeFinalSave(server: Server): () => void {
+  const original = server.sessions.updateConnection.bind(server.sessions);
+  let died = false;
+  return intercept(server.sessions, 'updateConnection', async (connectionId, changes, options) => {
+    if (!died && changes.savedFrame !== undefined) {
+      died = true;
+      throw new Error('Task timed out after 30.00 seconds');
+    }
+    return original(connectionId, changes, options);
+  });
+}
+
+/**
+ * A user with `count` stored messages (bodies m1..mN, oldest first), SM_QUEUE_MAX 4 (a window
+ * of 2), and helpers to drive its connections frame by frame.
+ */
+async function inbox(count: number, env: Record<string, string> = {}) {
+  const port = new RecordingPort();
+  const server = createServer({
+    config: await createTestConfig({ SM_QUEUE_MAX: '4', SM_ACK_EVERY: '100', ...env }),
+    port,
+    log: createLogger('silent'),
+  });
+  const stamp = `${Date.now()}${Math.floor(Math.random() * 1000)}`;
+  const user = `reader${stamp}@localhost`;
+  await server.users.create(user, await deriveCredentialSet('pw', 4096));
+  for (let i = 1; i <= count; i++)
+    await server.offline.store(user, {
+      from: 'romeo@localhost/x',
+      storedAt: Date.now(),
+      stanza: `<message xmlns='jabber:client' from='romeo@localhost/x' to='${user}' type='chat'><body>m${i}</body></message>`,
+    });
+  let seq = 1000;
+  const nextSeq = () => String(seq++);
+  const frame = (connectionId: string, xml: string, frameId: string, s = String(seq++), receiveCount = 1) =>
+    handleStreamEvent(server, {
+      connectionId,
+      kind: 'frame',
+      frame: xml,
+      receivedAt: Date.now(),
+      frameId,
+      seq: s,
+      receiveCount,
+    });
+  const login = async (connectionId: string, resource = 'desk') => {
+    await server.sessions.createConnection(connectionId, Date.now());
+    await server.sessions.updateConnection(connectionId, { streamOpen: true, user });
+    await frame(
+      connectionId,
+      `<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>${resource}</resource></bind></iq>`,
+      `${connectionId}-bind`,
+    );
+  };
+  const enable = async (connectionId: string) => {
+    await frame(connectionId, `<enable xmlns='${SM3}' resume='true'/>`, `${connectionId}-enable`);
+    const enabled = (port.frames.get(connectionId) ?? []).find((f) => f.startsWith('<enabled'));
+    return /id="([^"]+)"/.exec(enabled ?? '')?.[1] as string;
+  };
+  /** What the client saw, in order: bodies, `iq <id> <type>`, `r`. */
+  const story = (connectionId: string) =>
+    (port.frames.get(connectionId) ?? []).flatMap((f) => {
+      if (f.startsWith('<message')) return [/<body>([^<]*)</.exec(f)?.[1] ?? '?'];
+      if (f.startsWith('<iq') && !f.includes('bind'))
+        return [`iq ${/id="([^"]+)"/.exec(f)?.[1]} ${/type="([^"]+)"/.exec(f)?.[1]}`];
+      return [];
+    });
+  /** Stanzas (message, iq, presence) posted to the connection since the bind: the client's h. */
+  const handled = (connectionId: string) =>
+    (port.frames.get(connectionId) ?? []).filter((f) => /^<(message|iq|presence)/.test(f)).length - 1;
+  const ack = (connectionId: string, frameId: string) =>
+    frame(connectionId, `<a xmlns='${SM3}' h='${handled(connectionId)}'/>`, frameId);
+  const fetch = (id: string) =>
+    `<iq type='get' id='${id}'><offline xmlns='${OFFLINE}'><fetch/></offline></iq>`;
+  const view = (id: string, nodes: string[]) =>
+    `<iq type='get' id='${id}'><offline xmlns='${OFFLINE}'>${nodes.map((n) => `<item action='view' node='${n}'/>`).join('')}</offline></iq>`;
+  const ids = async () => (await server.offline.list(user, { limit: 500 })).messages.map((m) => m.id);
+  return { port, server, user, nextSeq, frame, login, enable, story, handled, ack, fetch, view, ids };
+}
+
+describe('a paced XEP-0013 fetch (review probes)', () => {
+  it('control: every message once, then one result', async () => {
+    const t = await inbox(6);
+    await t.login('c1');
+    await t.enable('c1');
+    await t.frame('c1', t.fetch('f1'), 'c1-fetch');
+    for (let i = 0; i < 5 && !t.story('c1').includes('iq f1 result'); i++) await t.ack('c1', `c1-a${i}`);
+    expect(t.story('c1')).toEqual(['m1', 'm2', 'm3', 'm4', 'm5', 'm6', 'iq f1 result']);
+  });
+
+  it('sends no window twice when the frame carrying the <a/> is redelivered (dieBeforeFinalSave)', async () => {
+    const t = await inbox(6);
+    await t.login('c2');
+    await t.enable('c2');
+    await t.frame('c2', t.fetch('f1'), 'c2-fetch');
+    expect(t.story('c2')).toEqual(['m1', 'm2']);
+    // The ack of m1, m2: its frame sends m3, m4 and dies before its final save.
+    const restore = dieBeforeFinalSave(t.server);
+    const a1 = `<a xmlns='${SM3}' h='2'/>`;
+    const s1 = t.nextSeq();
+    await expect(t.frame('c2', a1, 'c2-a1', s1)).rejects.toThrow();
+    restore();
+    expect(t.story('c2')).toEqual(['m1', 'm2', 'm3', 'm4']);
+    // SQS brings the frame back.
+    await t.frame('c2', a1, 'c2-a1', s1, 2);
+    // The client goes on acknowledging whatever it is sent.
+    for (let i = 0; i < 6 && !t.story('c2').includes('iq f1 result'); i++) await t.ack('c2', `c2-b${i}`);
+    // Expected: each message once (a forced resume would be acceptable too, the socket closed).
+    expect(t.port.closed.has('c2')).toBe(false);
+    expect(t.story('c2')).toEqual(['m1', 'm2', 'm3', 'm4', 'm5', 'm6', 'iq f1 result']);
+  });
+
+  it('answers a view whose middle window was removed meanwhile (all of it gone)', async () => {
+    const t = await inbox(6);
+    const nodes = await t.ids();
+    await t.login('c3');
+    await t.enable('c3');
+    await t.frame('c3', t.view('v1', nodes), 'c3-view');
+    expect(t.story('c3')).toEqual(['m1', 'm2']);
+    // Another resource removes m3 and m4 (XEP-0013 §2.4) while the view waits for the ack.
+    await t.server.offline.remove(t.user, nodes.slice(2, 4));
+    await t.ack('c3', 'c3-a1');
+    for (let i = 0; i < 4 && !t.story('c3').includes('iq v1 result'); i++) await t.ack('c3', `c3-b${i}`);
+    // XEP-0013 §2.3: "the server MUST send the requested message(s) plus an IQ result".
+    expect(t.story('c3')).toEqual(['m1', 'm2', 'm5', 'm6', 'iq v1 result']);
+  });
+
+  it('purge during a paced fetch: the fetch ends with its result, nothing more sent', async () => {
+    const t = await inbox(6);
+    await t.login('c4');
+    await t.enable('c4');
+    await t.frame('c4', t.fetch('f1'), 'c4-fetch');
+    await t.frame(
+      'c4',
+      `<iq type='set' id='p1'><offline xmlns='${OFFLINE}'><purge/></offline></iq>`,
+      'c4-purge',
+    );
+    for (let i = 0; i < 4 && !t.story('c4').includes('iq f1 result'); i++) await t.ack('c4', `c4-a${i}`);
+    expect(t.story('c4')).toEqual(['m1', 'm2', 'iq p1 result', 'iq f1 result']);
+    expect(await t.server.offline.count(t.user)).toBe(0);
+  });
+
+  it('sends no message twice when the socket is lost (410) in the middle of a window and the client resumes', async () => {
+    const t = await inbox(6);
+    await t.login('c5');
+    const smId = await t.enable('c5');
+    await t.frame('c5', t.fetch('f1'), 'c5-fetch');
+    expect(t.story('c5')).toEqual(['m1', 'm2']);
+    // The socket dies: the posts of the next window meet 410 Gone.
+    t.port.gone.add('c5');
+    await t.frame('c5', `<a xmlns='${SM3}' h='2'/>`, 'c5-a1');
+    const item = await t.server.smQueue.get(smId);
+    expect(item?.connectionId).toBeUndefined();
+    // XEP-0198 <resume/> from a new connection; the client had handled 2 of ours (+ nothing else).
+    await t.server.sessions.createConnection('c6', Date.now());
+    await t.server.sessions.updateConnection('c6', { streamOpen: true, user: t.user });
+    await t.frame('c6', `<resume xmlns='${SM3}' previd='${smId}' h='2'/>`, 'c6-resume');
+    expect((t.port.frames.get('c6') ?? []).some((f) => f.startsWith('<resumed'))).toBe(true);
+    for (let i = 0; i < 6 && !t.story('c6').includes('iq f1 result'); i++)
+      await t.frame('c6', `<a xmlns='${SM3}' h='${2 + t.handled('c6') + 1}'/>`, `c6-a${i}`);
+    // XEP-0198 §5 resends m3, m4 (not acknowledged); the fetch then goes on with m5, m6.
+    expect(t.story('c6')).toEqual(['m3', 'm4', 'm5', 'm6', 'iq f1 result']);
+  });
+
+  it('a fresh login (no resume) mid-fetch: nothing stored twice, nothing lost, nothing re-routed', async () => {
+    const t = await inbox(6);
+    await t.login('c7');
+    await t.enable('c7');
+    await t.frame('c7', t.fetch('f1'), 'c7-fetch');
+    expect(t.story('c7')).toEqual(['m1', 'm2']);
+    t.port.gone.add('c7');
+    // The client starts over on a new socket, binding the same resource: the old session ends.
+    await t.login('c8');
+    expect(await t.server.offline.count(t.user)).toBe(6);
+    await t.frame('c8', '<presence/>', 'c8-presence');
+    // No stream management: XEP-0160 flood of the six, each once, then removed.
+    expect(t.story('c8')).toEqual(['m1', 'm2', 'm3', 'm4', 'm5', 'm6']);
+    expect(await t.server.offline.count(t.user)).toBe(0);
+  });
+
+  it('answers a fetch whose first window met 410 Gone once the client resumes', async () => {
+    const t = await inbox(6);
+    await t.login('c9');
+    const smId = await t.enable('c9');
+    // The socket is gone by the time the fetch's first message is posted.
+    t.port.gone.add('c9');
+    await t.frame('c9', t.fetch('f1'), 'c9-fetch');
+    expect((await t.server.smQueue.get(smId))?.connectionId).toBeUndefined();
+    await t.server.sessions.createConnection('c10', Date.now());
+    await t.server.sessions.updateConnection('c10', { streamOpen: true, user: t.user });
+    // The client counted nothing of ours.
+    await t.frame('c10', `<resume xmlns='${SM3}' previd='${smId}' h='0'/>`, 'c10-resume');
+    const resumed = (t.port.frames.get('c10') ?? []).find((f) => f.startsWith('<resumed'));
+    // The server counted the fetch iq as handled: the client will not send it again.
+    expect(resumed).toContain('h="1"');
+    for (let i = 0; i < 6 && !t.story('c10').includes('iq f1 result'); i++)
+      await t.frame('c10', `<a xmlns='${SM3}' h='${t.handled('c10') + 1}'/>`, `c10-a${i}`);
+    // RFC 6120 §8.2.3 / XEP-0013 §2.5: every message, then the result.
+    expect(t.story('c10')).toEqual(['m1', 'm2', 'm3', 'm4', 'm5', 'm6', 'iq f1 result']);
+  });
+});
+
+describe('more paced XEP-0013 probes', () => {
+  it('remove during a paced fetch: the removed are skipped, the rest once, then the result', async () => {
+    const t = await inbox(6);
+    const nodes = await t.ids();
+    await t.login('e1');
+    await t.enable('e1');
+    await t.frame('e1', t.fetch('f1'), 'e1-fetch');
+    const items = nodes
+      .slice(2, 4)
+      .map((n) => `<item action='remove' node='${n}'/>`)
+      .join('');
+    await t.frame(
+      'e1',
+      `<iq type='set' id='r1'><offline xmlns='${OFFLINE}'>${items}</offline></iq>`,
+      'e1-remove',
+    );
+    for (let i = 0; i < 4 && !t.story('e1').includes('iq f1 result'); i++) await t.ack('e1', `e1-a${i}`);
+    expect(t.story('e1')).toEqual(['m1', 'm2', 'iq r1 result', 'm5', 'm6', 'iq f1 result']);
+  });
+
+  it('purge during a paced view of three windows: the view is still answered', async () => {
+    const t = await inbox(6);
+    const nodes = await t.ids();
+    await t.login('e2');
+    await t.enable('e2');
+    await t.frame('e2', t.view('v1', nodes), 'e2-view');
+    await t.frame(
+      'e2',
+      `<iq type='set' id='p1'><offline xmlns='${OFFLINE}'><purge/></offline></iq>`,
+      'e2-purge',
+    );
+    for (let i = 0; i < 4 && !t.story('e2').includes('iq v1 result'); i++) await t.ack('e2', `e2-a${i}`);
+    expect(t.story('e2')).toEqual(['m1', 'm2', 'iq p1 result', 'iq v1 result']);
+  });
+
+  it('a redelivered fetch iq frame: every message once and one result', async () => {
+    const t = await inbox(6);
+    await t.login('e3');
+    await t.enable('e3');
+    const restore = dieBeforeFinalSave(t.server);
+    const s1 = t.nextSeq();
+    await expect(t.frame('e3', t.fetch('f1'), 'e3-fetch', s1)).rejects.toThrow();
+    restore();
+    await t.frame('e3', t.fetch('f1'), 'e3-fetch', s1, 2);
+    for (let i = 0; i < 6 && !t.story('e3').includes('iq f1 result'); i++) await t.ack('e3', `e3-a${i}`);
+    expect(t.story('e3')).toEqual(['m1', 'm2', 'm3', 'm4', 'm5', 'm6', 'iq f1 result']);
+  });
+});
+
+describe('a paced XEP-0160 flood and session ends (review probes)', () => {
+  /** A sender, bound and available, writing to the reader's bare JID. */
+  async function sender(t: Awaited<ReturnType<typeof inbox>>) {
+    const name = `romeo${Date.now()}${Math.floor(Math.random() * 1000)}@localhost`;
+    await t.server.sessions.createConnection('s1', Date.now());
+    await t.server.sessions.updateConnection('s1', { streamOpen: true, user: name, resource: 'x' });
+    let n = 0;
+    return (body: string) =>
+      t.frame('s1', `<message to='${t.user}' type='chat'><body>${body}</body></message>`, `s1-${++n}`);
+  }
+
+  it('flood with a hold, a live message meanwhile, socket lost, resume: old first, then new, each once', async () => {
+    const t = await inbox(4);
+    const send = await sender(t);
+    await t.login('d1');
+    const smId = await t.enable('d1');
+    await t.frame('d1', '<presence/>', 'd1-presence');
+    expect(t.story('d1').filter((s) => s.startsWith('m'))).toEqual(['m1', 'm2']);
+    await send('new1');
+    // Held: stored behind the flood.
+    expect(await t.server.offline.count(t.user)).toBe(5);
+    t.port.gone.add('d1');
+    await t.frame('d1', `<a xmlns='${SM3}' h='${t.handled('d1')}'/>`, 'd1-a1');
+    expect((await t.server.smQueue.get(smId))?.connectionId).toBeUndefined();
+    await t.server.sessions.createConnection('d2', Date.now());
+    await t.server.sessions.updateConnection('d2', { streamOpen: true, user: t.user });
+    const base = t.handled('d1');
+    await t.frame('d2', `<resume xmlns='${SM3}' previd='${smId}' h='${base}'/>`, 'd2-resume');
+    for (let i = 0; i < 8 && (await t.server.offline.count(t.user)) > 0; i++)
+      await t.frame('d2', `<a xmlns='${SM3}' h='${base + t.handled('d2') + 1}'/>`, `d2-a${i}`);
+    const bodies = t.story('d2').filter((s) => !s.startsWith('iq'));
+    expect(bodies.filter((b) => b !== 'new1')).toEqual(['m3', 'm4']);
+    expect(bodies.at(-1)).toBe('new1');
+    expect(bodies.filter((b) => b === 'new1')).toHaveLength(1);
+    expect(await t.server.offline.count(t.user)).toBe(0);
+  });
+
+  it('flood: a redelivered <a/> frame sends no message twice', async () => {
+    const t = await inbox(6);
+    await t.login('d3');
+    await t.enable('d3');
+    await t.frame('d3', '<presence/>', 'd3-presence');
+    const restore = dieBeforeFinalSave(t.server);
+    const a1 = `<a xmlns='${SM3}' h='${t.handled('d3')}'/>`;
+    const s1 = t.nextSeq();
+    await expect(t.frame('d3', a1, 'd3-a1', s1)).rejects.toThrow();
+    restore();
+    await t.frame('d3', a1, 'd3-a1', s1, 2);
+    for (let i = 0; i < 6 && (await t.server.offline.count(t.user)) > 0; i++) await t.ack('d3', `d3-b${i}`);
+    expect(t.story('d3')).toEqual(['m1', 'm2', 'm3', 'm4', 'm5', 'm6']);
+  });
+
+  it('a clean close mid-fetch and mid-flood: fetched messages stay, unacknowledged flooded ones stay, nothing re-routed', async () => {
+    const t = await inbox(6);
+    await t.login('d4');
+    await t.enable('d4');
+    await t.frame('d4', t.fetch('f1'), 'd4-fetch');
+    await t.frame('d4', "<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>", 'd4-close');
+    // XEP-0013 §2.4: viewing or fetching removes nothing; the copies are not stored again.
+    expect(await t.server.offline.count(t.user)).toBe(6);
+    await t.login('d5');
+    await t.enable('d5');
+    await t.frame('d5', '<presence/>', 'd5-presence');
+    await t.ack('d5', 'd5-a1'); // m1, m2 acknowledged: removed
+    await t.frame('d5', "<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>", 'd5-close');
+    // m3, m4 were sent, unacknowledged: still stored, once; m5, m6 never sent.
+    const left = (await t.server.offline.list(t.user, { limit: 50 })).messages.map(
+      (m) => /<body>(\w+)/.exec(m.stanza)?.[1],
+    );
+    expect(left).toEqual(['m3', 'm4', 'm5', 'm6']);
+  });
+
+  it('expiry of the resumption window mid-fetch: everything stays stored once', async () => {
+    const t = await inbox(6);
+    await t.login('d6');
+    const smId = await t.enable('d6');
+    await t.frame('d6', t.fetch('f1'), 'd6-fetch');
+    t.port.gone.add('d6');
+    await t.ack('d6', 'd6-a1');
+    expect((await t.server.smQueue.get(smId))?.connectionId).toBeUndefined();
+    await sweep(t.server, Date.now() + 3600_000);
+    expect((await t.server.smQueue.get(smId))?.ended).toBe(true);
+    expect(await t.server.offline.count(t.user)).toBe(6);
+  });
+});
+
+/**
+ * The fixes for the probes above: a fetch's or view's window is saved on the connection's row
+ * before its first post (write-ahead), and its copies and result are queued under keys of the
+ * transfer (`c:<id>:<node>`, `c:<id>`), so that a redelivered frame or a resume finishes the
+ * window without sending again what was queued. XEP-0198 §5 (seed v0.7): on resumption "the
+ * receiving entity [...] MAY retransmit [...] stanzas that were not handled"; nothing else twice.
+ * RFC 6120 §8.2.3: "the entity that receives an IQ request of type "get" or "set" MUST reply
+ * with an IQ response of type "result" or "error"": once.
+ */
+describe('paced XEP-0013 transfers across redeliveries and resumes', () => {
+  it('a view: a redelivered <a/> frame sends no window twice', async () => {
+    const t = await inbox(6);
+    const nodes = await t.ids();
+    await t.login('g1');
+    await t.enable('g1');
+    await t.frame('g1', t.view('v1', nodes), 'g1-view');
+    expect(t.story('g1')).toEqual(['m1', 'm2']);
+    const restore = dieBeforeFinalSave(t.server);
+    const a1 = `<a xmlns='${SM3}' h='2'/>`;
+    const s1 = t.nextSeq();
+    await expect(t.frame('g1', a1, 'g1-a1', s1)).rejects.toThrow();
+    restore();
+    await t.frame('g1', a1, 'g1-a1', s1, 2);
+    for (let i = 0; i < 6 && !t.story('g1').includes('iq v1 result'); i++) await t.ack('g1', `g1-b${i}`);
+    expect(t.port.closed.has('g1')).toBe(false);
+    // XEP-0013 §2.4: "the server MUST send the requested message(s) plus an IQ result".
+    expect(t.story('g1')).toEqual(['m1', 'm2', 'm3', 'm4', 'm5', 'm6', 'iq v1 result']);
+  });
+
+  it('the result of a fetch goes out once when the frame that sent it is redelivered', async () => {
+    const t = await inbox(3);
+    await t.login('g2');
+    await t.enable('g2');
+    await t.frame('g2', t.fetch('f1'), 'g2-fetch');
+    expect(t.story('g2')).toEqual(['m1', 'm2']);
+    // The ack of m1, m2: its frame sends m3 and the result (the inbox's end), and dies before its final save.
+    const restore = dieBeforeFinalSave(t.server);
+    const a1 = `<a xmlns='${SM3}' h='2'/>`;
+    const s1 = t.nextSeq();
+    await expect(t.frame('g2', a1, 'g2-a1', s1)).rejects.toThrow();
+    restore();
+    expect(t.story('g2')).toEqual(['m1', 'm2', 'm3', 'iq f1 result']);
+    await t.frame('g2', a1, 'g2-a1', s1, 2);
+    for (let i = 0; i < 3; i++) await t.ack('g2', `g2-b${i}`);
+    expect(t.story('g2')).toEqual(['m1', 'm2', 'm3', 'iq f1 result']);
+    await expect(t.server.offline.count(t.user)).resolves.toBe(3);
+  });
+
+  it('410 after the first copy of a window, resume counting it: the rest once, then the result', async () => {
+    const t = await inbox(6);
+    await t.login('g3');
+    const smId = await t.enable('g3');
+    await t.frame('g3', t.fetch('f1'), 'g3-fetch');
+    // The socket dies right after m3 is posted: m4 meets 410 Gone.
+    const post = t.port.post.bind(t.port);
+    t.port.post = async (connectionId, data, notAfter) => {
+      const result = await post(connectionId, data, notAfter);
+      if (connectionId === 'g3' && data.includes('<body>m3<')) t.port.gone.add('g3');
+      return result;
+    };
+    await t.frame('g3', `<a xmlns='${SM3}' h='2'/>`, 'g3-a1');
+    expect(t.story('g3')).toEqual(['m1', 'm2', 'm3']);
+    await t.server.sessions.createConnection('g4', Date.now());
+    await t.server.sessions.updateConnection('g4', { streamOpen: true, user: t.user });
+    // The client handled m1, m2, m3.
+    await t.frame('g4', `<resume xmlns='${SM3}' previd='${smId}' h='3'/>`, 'g4-resume');
+    for (let i = 0; i < 6 && !t.story('g4').includes('iq f1 result'); i++)
+      await t.frame('g4', `<a xmlns='${SM3}' h='${3 + t.handled('g4') + 1}'/>`, `g4-a${i}`);
+    expect(t.story('g4')).toEqual(['m4', 'm5', 'm6', 'iq f1 result']);
+  });
+
+  it("a resume while the old connection's frame is still posting a window: that window is not sent again", async () => {
+    const t = await inbox(6);
+    await t.login('g5');
+    const smId = await t.enable('g5');
+    await t.frame('g5', t.fetch('f1'), 'g5-fetch');
+    await t.server.sessions.createConnection('g6', Date.now());
+    await t.server.sessions.updateConnection('g6', { streamOpen: true, user: t.user });
+    // The ack's frame posts m3, m4; before its final save the client (which got them) resumes
+    // on a new connection, taking the session from the old one whose frame still runs.
+    const original = t.server.sessions.updateConnection.bind(t.server.sessions);
+    let resumed = false;
+    const restore = intercept(
+      t.server.sessions,
+      'updateConnection',
+      async (connectionId, changes, options) => {
+        if (!resumed && connectionId === 'g5' && changes.savedFrame === 'g5-a1') {
+          resumed = true;
+          await t.frame('g6', `<resume xmlns='${SM3}' previd='${smId}' h='4'/>`, 'g6-resume');
+        }
+        return original(connectionId, changes, options);
+      },
+    );
+    await t.frame('g5', `<a xmlns='${SM3}' h='2'/>`, 'g5-a1').catch(() => undefined);
+    restore();
+    expect(resumed).toBe(true);
+    expect(t.story('g5')).toEqual(['m1', 'm2', 'm3', 'm4']);
+    for (let i = 0; i < 6 && !t.story('g6').includes('iq f1 result'); i++)
+      await t.frame('g6', `<a xmlns='${SM3}' h='${4 + t.handled('g6') + 1}'/>`, `g6-a${i}`);
+    expect(t.story('g6')).toEqual(['m5', 'm6', 'iq f1 result']);
+  });
+});
