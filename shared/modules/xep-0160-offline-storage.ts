@@ -18,7 +18,12 @@ import { withTransientRetries } from '../core/transient.ts';
 import { StanzaError } from '../errors.ts';
 import { fullJid } from '../jid.ts';
 import { OfflineGuardFailedError, type OfflineMessage, OfflineQuotaExceededError } from '../store/offline.ts';
-import type { OfflineTransfer, ResourceRecord, TransactItem } from '../store/sessions.ts';
+import {
+  MAX_REQUESTED_TRANSFER_BYTES,
+  type OfflineTransfer,
+  type ResourceRecord,
+  type TransactItem,
+} from '../store/sessions.ts';
 import { NS } from '../xml/namespaces.ts';
 
 export function register(server: Server): void {
@@ -336,6 +341,11 @@ export async function sendStored(
 /** Fetches and views a session may have waiting behind the transfer in progress. */
 const MAX_WAITING = 4;
 
+/** A transfer's size as the session's queue item would carry it (MAX_CARRIED_TRANSFER_BYTES). */
+function transferBytes(transfer: OfflineTransfer): number {
+  return Buffer.byteLength(JSON.stringify(transfer));
+}
+
 /**
  * Starts a transfer, or, while another is in progress, lets it wait its turn: a second fetch or
  * a view during a fetch (or during a flood) is served in full after the first, each answered
@@ -354,6 +364,11 @@ export async function startTransfer(stream: BoundStream, transfer: OfflineTransf
     if (current.window !== undefined || current.askedUpTo === undefined) await transferStep(stream);
     return;
   }
+  // A transfer is kept on the session's queue item for a resume (XEP-0198): one too large to keep
+  // would leave its requests unanswered after a resume. A view that alone passes the bound can
+  // never be served so: RFC 6120 §8.3.3.12 "does not meet criteria defined by the recipient".
+  if (transfer.kind !== 'flood' && transferBytes(transfer) > MAX_REQUESTED_TRANSFER_BYTES)
+    throw new StanzaError('modify', 'not-acceptable', 'too many messages asked for at once: ask for fewer');
   if (current && !(transfer.kind === 'flood' && current.kind === 'flood')) {
     const waiting = current.waiting ?? [];
     if (transfer.kind === 'flood') {
@@ -361,10 +376,12 @@ export async function startTransfer(stream: BoundStream, transfer: OfflineTransf
       const others = waiting.filter((queued) => queued.kind !== 'flood');
       stream.update({ transfer: { ...current, waiting: [...others, transfer] } });
     } else {
-      // RFC 6120 §8.3.3.18: "the recipient [...] lacks the system resources necessary to service the request".
-      if (waiting.length >= MAX_WAITING)
+      const next = { ...current, waiting: [...waiting, transfer] };
+      // RFC 6120 §8.3.3.18: "the recipient [...] lacks the system resources necessary to service
+      // the request": too many waiting, or too many of their messages to keep for a resume.
+      if (waiting.length >= MAX_WAITING || transferBytes(next) > MAX_REQUESTED_TRANSFER_BYTES)
         throw new StanzaError('wait', 'resource-constraint', 'too many offline requests in progress');
-      stream.update({ transfer: { ...current, waiting: [...waiting, transfer] } });
+      stream.update({ transfer: next });
     }
     // The one in progress never asked for an ack (its windows sent nothing): no ack will move it
     // on, so it is moved on now.

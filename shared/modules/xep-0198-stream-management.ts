@@ -40,6 +40,7 @@ import { StreamError } from '../errors.ts';
 import {
   ConnectionFencedError,
   type ConnectionState,
+  MAX_CARRIED_TRANSFER_BYTES,
   type OfflineTransfer,
   ResourceTakenError,
   type SmState,
@@ -771,12 +772,11 @@ async function keepResumable(
   return HANDLED;
 }
 
-/** Largest offline transfer kept on the queue item at detach (serialised): every append is billed on the item. */
-const MAX_CARRIED_TRANSFER_BYTES = 16 * 1024;
-
 /**
  * The stream's offline transfer in progress, to keep for a resume (XEP-0013 fetches and views go
- * on there); none when it is larger than MAX_CARRIED_TRANSFER_BYTES (views of many nodes).
+ * on there). Requests are refused that would make it larger than MAX_CARRIED_TRANSFER_BYTES
+ * (MAX_REQUESTED_TRANSFER_BYTES, xep-0160): one that is all the same (a transfer saved before
+ * that bound) is not carried, and its requests go unanswered.
  */
 function carriedTransfer(server: Server, state: ConnectionState): OfflineTransfer | undefined {
   if (!state.transfer) return undefined;

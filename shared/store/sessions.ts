@@ -118,6 +118,19 @@ export interface OfflineTransfer {
   window?: string[];
 }
 
+/**
+ * Largest offline transfer (serialised) a stream-management session keeps on its queue item at a
+ * detach, for the resume to go on with: every append is billed on the item's size.
+ */
+export const MAX_CARRIED_TRANSFER_BYTES = 16 * 1024;
+
+/**
+ * Largest a transfer may grow by the requests it serves (views' nodes, those waiting): the rest
+ * of MAX_CARRIED_TRANSFER_BYTES is for the window being posted (up to 50 node ids). A request
+ * that would pass it is refused, so that every transfer can be carried across a resume.
+ */
+export const MAX_REQUESTED_TRANSFER_BYTES = MAX_CARRIED_TRANSFER_BYTES - 4 * 1024;
+
 /** The connection was fenced by a stream-management resume on another connection (or ended). */
 export class ConnectionFencedError extends Error {
   constructor(readonly connectionId: string) {

@@ -1,6 +1,8 @@
 /**
- * Review probes: XEP-0013 fetch/view and XEP-0160 flood transfers paced by XEP-0198 acks, driven
- * frame by frame against DynamoDB Local with a RecordingPort.
+ * XEP-0013 fetch/view and XEP-0160 flood transfers paced by XEP-0198 acks, driven frame by frame
+ * against DynamoDB Local with a RecordingPort: each message once (XEP-0198 may resend what was
+ * not acknowledged, on a resume) and each request answered once, through redelivered frames,
+ * 410 Gone, resumes and removals meanwhile (from a review, session 23).
  */
 import { describe, expect, it } from 'vitest';
 import { sweep } from '../../shared/core/lifecycle.ts';
@@ -95,7 +97,7 @@ async function inbox(count: number, env: Record<string, string> = {}) {
   return { port, server, user, nextSeq, frame, login, enable, story, handled, ack, fetch, view, ids };
 }
 
-describe('a paced XEP-0013 fetch (review probes)', () => {
+describe('a paced XEP-0013 fetch', () => {
   it('control: every message once, then one result', async () => {
     const t = await inbox(6);
     await t.login('c1');
@@ -266,7 +268,7 @@ describe('more paced XEP-0013 probes', () => {
   });
 });
 
-describe('a paced XEP-0160 flood and session ends (review probes)', () => {
+describe('a paced XEP-0160 flood and session ends', () => {
   /** A sender, bound and available, writing to the reader's bare JID. */
   async function sender(t: Awaited<ReturnType<typeof inbox>>) {
     const name = `romeo${Date.now()}${Math.floor(Math.random() * 1000)}@localhost`;
@@ -452,5 +454,62 @@ describe('paced XEP-0013 transfers across redeliveries and resumes', () => {
     for (let i = 0; i < 6 && !t.story('g6').includes('iq f1 result'); i++)
       await t.frame('g6', `<a xmlns='${SM3}' h='${4 + t.handled('g6') + 1}'/>`, `g6-a${i}`);
     expect(t.story('g6')).toEqual(['m5', 'm6', 'iq f1 result']);
+  });
+});
+
+describe('paced views too large to keep for a resume', () => {
+  /** The error an iq was answered with: `<type> <condition>`. */
+  const errorOf = (t: Awaited<ReturnType<typeof inbox>>, connectionId: string, id: string) => {
+    const answer = (t.port.frames.get(connectionId) ?? []).find(
+      (f) => f.startsWith('<iq') && f.includes(`id="${id}"`),
+    );
+    const type = /<error type="(\w+)"/.exec(answer ?? '')?.[1];
+    const condition = /<error [^>]*><([\w-]+)/.exec(answer ?? '')?.[1];
+    return `${type} ${condition}`;
+  };
+
+  it('are refused, so that every view served is carried across a resume and answered', async () => {
+    // A window of 50 (SM_QUEUE_MAX 200). The transfer in progress is kept on the session's
+    // queue item at a detach, at most 16 KB of it; before, a larger one was dropped and its
+    // requests were never answered after the resume (RFC 6120 §8.2.3: every iq is answered).
+    const t = await inbox(400, { SM_QUEUE_MAX: '200' });
+    const nodes = await t.ids();
+    expect(nodes).toHaveLength(400);
+    // About 32 bytes a node here (serialised): 400 are past the 12 KB a request may take.
+    expect(Buffer.byteLength(JSON.stringify(nodes))).toBeGreaterThan(12 * 1024);
+    await t.login('e1');
+    const smId = await t.enable('e1');
+    await t.frame('e1', t.view('v0', nodes), 'e1-v0');
+    // RFC 6120 §8.3.3.12 <not-acceptable/>: "the request does not meet criteria defined by the
+    // recipient or server"; ask for fewer.
+    expect(errorOf(t, 'e1', 'v0')).toBe('modify not-acceptable');
+    expect(t.story('e1')).toEqual(['iq v0 error']);
+    // A view of 150, a second waiting behind it, and a third that would make them too large.
+    await t.frame('e1', t.view('v1', nodes.slice(0, 150)), 'e1-v1');
+    await t.frame('e1', t.view('v2', nodes.slice(150, 300)), 'e1-v2');
+    await t.frame('e1', t.view('v3', nodes.slice(250, 400)), 'e1-v3');
+    // RFC 6120 §8.3.3.18 <resource-constraint/>: "lacks the system resources necessary to
+    // service the request"; type wait, as for a fifth request waiting.
+    expect(errorOf(t, 'e1', 'v3')).toBe('wait resource-constraint');
+    expect(t.story('e1').filter((s) => s.startsWith('m'))).toHaveLength(50);
+    // The socket dies: the next window's posts meet 410 Gone, and the session detaches.
+    t.port.gone.add('e1');
+    await t.ack('e1', 'e1-a1');
+    const detached = await t.server.smQueue.get(smId);
+    expect(detached?.connectionId).toBeUndefined();
+    expect(detached?.transfer?.waiting?.map((w) => w.iqId)).toEqual(['v2']);
+    // XEP-0198 <resume/>: the client handled what it was sent on e1.
+    await t.server.sessions.createConnection('e2', Date.now());
+    await t.server.sessions.updateConnection('e2', { streamOpen: true, user: t.user });
+    await t.frame('e2', `<resume xmlns='${SM3}' previd='${smId}' h='${t.handled('e1')}'/>`, 'e2-resume');
+    expect((t.port.frames.get('e2') ?? []).some((f) => f.startsWith('<resumed'))).toBe(true);
+    for (let i = 0; i < 20 && !t.story('e2').includes('iq v2 result'); i++)
+      await t.frame('e2', `<a xmlns='${SM3}' h='${t.handled('e1') + t.handled('e2') + 1}'/>`, `e2-a${i}`);
+    const seen = [...t.story('e1'), ...t.story('e2')];
+    // XEP-0013 §2.3: each message viewed, then each view's result, once.
+    expect(seen.filter((s) => s === 'iq v1 result')).toHaveLength(1);
+    expect(seen.filter((s) => s === 'iq v2 result')).toHaveLength(1);
+    const bodies = new Set(seen.filter((s) => s.startsWith('m')));
+    expect(bodies.size).toBe(300);
   });
 });
