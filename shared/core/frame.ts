@@ -39,13 +39,16 @@ export function inFrame<T>(
   work: () => Promise<T>,
 ): Promise<T> {
   if (!frame.frameId) return work();
+  // Work done under another frame's key (a re-route names each entry) runs in the same
+  // invocation: its time left is that of the frame, or the sweep, it runs in.
+  const timeLeftMs = frame.timeLeftMs ?? frames.get()?.timeLeftMs ?? invocations.get();
   return frames.run(
     {
       frameId: frame.frameId,
       receivedAt: frame.receivedAt,
       redelivered: (frame.receiveCount ?? 1) > 1,
       ...(frame.seq ? { seq: frame.seq } : {}),
-      ...(frame.timeLeftMs ? { timeLeftMs: frame.timeLeftMs } : {}),
+      ...(timeLeftMs ? { timeLeftMs } : {}),
       ...(frame.connectionId ? { connectionId: frame.connectionId } : {}),
       ...(frame.storedOffline ? { storedOffline: frame.storedOffline } : {}),
       deliveries: new Map(),

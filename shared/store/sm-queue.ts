@@ -671,7 +671,11 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
         if (!foundIds.has(key.pk)) taken.push(key);
         if (oldest.keys.length === 0 && !oldest.done) break;
       }
-      if (taken.length === 0) break;
+      if (taken.length === 0) {
+        // Every key this round was a session found already: go on while a shard has more.
+        if (shards.every((state) => state.done && state.keys.length === 0)) break;
+        continue;
+      }
       const shardsOf = new Map<string, { sk: string; shards: Set<string> }>();
       for (const { pk, sk, shard } of taken) {
         const known = shardsOf.get(pk);

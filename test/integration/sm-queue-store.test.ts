@@ -846,6 +846,53 @@ describe('listExpired: the sparse sweep index', () => {
     expect(due.map((i) => i.smId)).toEqual([moved.smId, other.smId]);
   });
 
+  it('goes on past a round whose keys were all sessions found already, while a shard has more', async () => {
+    const table = (await createTestTables()).sessions;
+    const store = createSmQueueStore(doc, table);
+    const t = Date.now() - 3_600_000;
+    const x = await session(fresh('c'), store);
+    await store.detach(x.smId, x.connectionId, 0, t + 10, []);
+    // x was written before the shards (its entry on the bare value)...
+    await doc.send(
+      new UpdateCommand({
+        TableName: table,
+        Key: { pk: `sm#${x.smId}`, sk: 'queue' },
+        UpdateExpression: 'SET sweepShard = :legacy',
+        ExpressionAttributeValues: { ':legacy': 'detached' },
+      }),
+    );
+    const shard = sweepShardOf('detached', x.smId);
+    let y: Awaited<ReturnType<typeof session>>;
+    do y = await session(fresh('c'), store);
+    while (sweepShardOf('detached', y.smId) !== shard);
+    await store.detach(y.smId, y.connectionId, 0, t + 20, []);
+    const moved = await session(fresh('c'), store);
+    await store.detach(moved.smId, moved.connectionId, 0, t + 6, []);
+    const key = (smId: string, sweepShard: string, sweepAt: number) => ({
+      pk: `sm#${smId}`,
+      sk: 'queue',
+      sweepShard,
+      sweepAt,
+    });
+    // ...and the index, lagging, lists it under both values (as while a probe moves it): the bare
+    // value with a session that moved on since, x's shard with x on its first page, y on its second.
+    const lagging = {
+      send: async (command: unknown) => {
+        if (!(command instanceof QueryCommand)) return doc.send(command as never);
+        const value = command.input.ExpressionAttributeValues?.[':shard'];
+        if (value === 'detached')
+          return { Items: [key(x.smId, 'detached', t + 5), key(moved.smId, 'detached', t + 6)] };
+        if (value !== shard) return { Items: [] };
+        return command.input.ExclusiveStartKey
+          ? { Items: [key(y.smId, shard, t + 20)] }
+          : { Items: [key(x.smId, shard, t + 10)], LastEvaluatedKey: key(x.smId, shard, t + 10) };
+      },
+    } as unknown as DynamoDBDocumentClient;
+    // The second round's only key is x again (found in the first): the third reads the page after.
+    const due = await createSmQueueStore(lagging, table).listExpired(t + 1000, 2);
+    expect(due.map((i) => i.smId)).toEqual([x.smId, y.smId]);
+  });
+
   it('still sweeps, and moves to its shard, an entry written before the shards', async () => {
     const table = (await createTestTables()).sessions;
     const store = createSmQueueStore(doc, table);

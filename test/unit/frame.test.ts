@@ -5,11 +5,13 @@
 import { describe, expect, it } from 'vitest';
 import { useSequentialContexts } from '../../shared/context.ts';
 import {
+  frameTimeLeft,
   inFrame,
   nextDeliveryKey,
   offlineRecord,
   sequenceAtMost,
   storedOfflineBefore,
+  withTimeLeft,
 } from '../../shared/core/frame.ts';
 import { keyedOfflineId, newOfflineId } from '../../shared/store/offline.ts';
 
@@ -106,6 +108,42 @@ describe('nextDeliveryKey', () => {
       await inFrame({ frameId: '', receivedAt: 1 }, async () => nextDeliveryKey('sm:a')),
     ).toBeUndefined();
   });
+});
+
+describe('frameTimeLeft', () => {
+  it.each([false, true])(
+    'is the invocation’s, in a frame, in work under a frame’s key inside it, and in the sweep’s (sequential contexts: %s)',
+    async (sequential) => {
+      useSequentialContexts(sequential);
+      try {
+        expect(frameTimeLeft()).toBeUndefined();
+        // A stream frame, and a re-route inside it that names each entry by its own key.
+        const inStream = await inFrame({ frameId: 'f1', receivedAt: 0, timeLeftMs: () => 1234 }, async () => [
+          frameTimeLeft(),
+          await inFrame({ frameId: 'reroute:s:1', receivedAt: 0, receiveCount: 2 }, async () =>
+            frameTimeLeft(),
+          ),
+        ]);
+        expect(inStream).toEqual([1234, 1234]);
+        // The sweeper: no frame of its own, its re-routes keyed likewise.
+        const inSweep = await withTimeLeft(
+          () => 5678,
+          async () => [
+            frameTimeLeft(),
+            await inFrame({ frameId: 'reroute:s:2', receivedAt: 0, receiveCount: 2 }, async () =>
+              frameTimeLeft(),
+            ),
+          ],
+        );
+        expect(inSweep).toEqual([5678, 5678]);
+        // The local runner gives no deadline: none is made up.
+        expect(await inFrame({ frameId: 'f2', receivedAt: 0 }, async () => frameTimeLeft())).toBeUndefined();
+        expect(frameTimeLeft()).toBeUndefined();
+      } finally {
+        useSequentialContexts(false);
+      }
+    },
+  );
 });
 
 describe('keyedOfflineId', () => {
