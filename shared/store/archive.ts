@@ -271,6 +271,32 @@ const headerKey = (owner: string, ref: CollectionRef) => ({ pk: owner, sk: `c#${
 const pointerKey = (owner: string, withJid: string) => ({ pk: owner, sk: `open#${withJid}` });
 const prefsKey = (owner: string) => ({ pk: owner, sk: 'prefs' });
 const partitionOf = (owner: string, cid: string) => `${owner}/${cid}`;
+
+/** An entry's item as stored (a message, a note or a key, at its position in the collection). */
+function entryItem(
+  owner: string,
+  cid: string,
+  entry: ArchivedEntry,
+  expiresAt: number | undefined,
+): Record<string, unknown> {
+  return {
+    pk: partitionOf(owner, cid),
+    sk: seqKey(entry.seq),
+    seq: entry.seq,
+    id: entry.id,
+    // With `id`, what a XEP-0313 index over the owner's messages needs.
+    owner,
+    kind: entry.kind,
+    at: entry.at,
+    prevAt: entry.prevAt,
+    utc: entry.utc || undefined,
+    xml: entry.xml,
+    keyName: entry.keyName,
+    // The key of the frame that archived it (automatic archiving, a manual store's plan).
+    fk: entry.frameKey,
+    [TTL_ATTRIBUTE]: expiresAt,
+  };
+}
 const PURGE_PARTITION = '#purge';
 // Key and public-key names are free text: escaped so `#` separates them without ambiguity.
 const keySk = (carried: string, pub: string) => `k#${encodeURIComponent(carried)}#${encodeURIComponent(pub)}`;
@@ -657,22 +683,7 @@ export function createArchiveStore(
         doc.send(
           new PutCommand({
             TableName: table,
-            Item: {
-              pk: partitionOf(owner, header.cid),
-              sk: seqKey(entry.seq),
-              seq: entry.seq,
-              id: entry.id,
-              // With `id`, what a XEP-0313 index over the owner's messages needs.
-              owner,
-              kind: entry.kind,
-              at: entry.at,
-              prevAt: entry.prevAt,
-              utc: entry.utc || undefined,
-              xml: entry.xml,
-              keyName: entry.keyName,
-              fk: entry.frameKey,
-              [TTL_ATTRIBUTE]: expiresAt,
-            },
+            Item: entryItem(owner, header.cid, entry, expiresAt),
             ConditionExpression: 'attribute_not_exists(sk)',
           }),
         );
@@ -800,21 +811,7 @@ export function createArchiveStore(
       doc.send(
         new PutCommand({
           TableName: table,
-          Item: {
-            pk: partitionOf(owner, header.cid),
-            sk: seqKey(entry.seq),
-            seq: entry.seq,
-            id: entry.id,
-            owner,
-            kind: entry.kind,
-            at: entry.at,
-            prevAt: entry.prevAt,
-            utc: entry.utc || undefined,
-            xml: entry.xml,
-            keyName: entry.keyName,
-            fk: frame.key,
-            [TTL_ATTRIBUTE]: expiresAt,
-          },
+          Item: entryItem(owner, header.cid, entry, expiresAt),
           ConditionExpression: 'attribute_not_exists(sk) OR fk = :fk',
           ExpressionAttributeValues: { ':fk': frame.key },
         }),

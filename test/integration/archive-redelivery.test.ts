@@ -16,28 +16,16 @@ import { createLogger } from '../../shared/log.ts';
 import { RecordingPort } from '../../shared/outbound.ts';
 import { encodeQueueMessage } from '../../shared/queue-message.ts';
 import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
-import { createServer, type Server } from '../../shared/server.ts';
+import { createServer } from '../../shared/server.ts';
 import type { ArchivedEntry } from '../../shared/store/archive.ts';
 import { createDocumentClient } from '../../shared/store/dynamo.ts';
 import { createTestConfig, TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
 import { intercept, throttlingError } from '../support/intercept.ts';
+import { dieBeforeFinalSave } from '../support/stream.ts';
 
 const ARCHIVE = 'http://jabber.org/protocol/archive';
 const JULIET = 'juliet@capulet.com/chamber';
 const START = '2020-01-01T00:00:00Z';
-
-/** The invocation dies before the frame's last save (a timeout): that save fails, once. */
-function dieBeforeFinalSave(server: Server): () => void {
-  const original = server.sessions.updateConnection.bind(server.sessions);
-  let died = false;
-  return intercept(server.sessions, 'updateConnection', async (connectionId, changes, options) => {
-    if (!died && changes.savedFrame !== undefined) {
-      died = true;
-      throw new Error('Task timed out after 30.00 seconds');
-    }
-    return original(connectionId, changes, options);
-  });
-}
 
 let sequence = 18_880_000_000_000_000_000n;
 

@@ -10,25 +10,13 @@ import { handleStreamEvent } from '../../shared/core/stream.ts';
 import { createLogger } from '../../shared/log.ts';
 import { RecordingPort } from '../../shared/outbound.ts';
 import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
-import { createServer, type Server } from '../../shared/server.ts';
+import { createServer } from '../../shared/server.ts';
 import { createTestConfig } from '../support/dynamodb.ts';
 import { intercept } from '../support/intercept.ts';
+import { dieBeforeFinalSave } from '../support/stream.ts';
 
 const OFFLINE = 'http://jabber.org/protocol/offline';
 const SM3 = 'urn:xmpp:sm:3';
-
-/** As in redelivery.test.ts: the invocation dies before the frame's last save, once. */
-function dieBeforeFinalSave(server: Server): () => void {
-  const original = server.sessions.updateConnection.bind(server.sessions);
-  let died = false;
-  return intercept(server.sessions, 'updateConnection', async (connectionId, changes, options) => {
-    if (!died && changes.savedFrame !== undefined) {
-      died = true;
-      throw new Error('Task timed out after 30.00 seconds');
-    }
-    return original(connectionId, changes, options);
-  });
-}
 
 /**
  * A user with `count` stored messages (bodies m1..mN, oldest first), SM_QUEUE_MAX 4 (a window

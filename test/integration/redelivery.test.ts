@@ -10,12 +10,13 @@ import { RetryLaterError } from '../../shared/core/transient.ts';
 import { createLogger } from '../../shared/log.ts';
 import { RecordingPort } from '../../shared/outbound.ts';
 import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
-import { createServer, type Server } from '../../shared/server.ts';
+import { createServer } from '../../shared/server.ts';
 import { createDocumentClient } from '../../shared/store/dynamo.ts';
 import { ConnectionFencedError } from '../../shared/store/sessions.ts';
 import { createTestConfig, TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
 import { intercept, serverError, throttlingError } from '../support/intercept.ts';
 import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
+import { dieBeforeFinalSave } from '../support/stream.ts';
 
 const SASL = 'urn:ietf:params:xml:ns:xmpp-sasl';
 const OPEN = "<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>";
@@ -40,22 +41,6 @@ async function boundSenderAndRecipient(
   await server.sessions.createConnection(connectionId, Date.now());
   await server.sessions.updateConnection(connectionId, { streamOpen: true, user: sender, resource: 'r' });
   return { port, server, sender, recipient };
-}
-
-/**
- * The invocation dies after the frame's answer went out and before the frame's last save (a
- * timeout): that save fails, once; the batch then comes back whole.
- */
-function dieBeforeFinalSave(server: Server): () => void {
-  const original = server.sessions.updateConnection.bind(server.sessions);
-  let died = false;
-  return intercept(server.sessions, 'updateConnection', async (connectionId, changes, options) => {
-    if (!died && changes.savedFrame !== undefined) {
-      died = true;
-      throw new Error('Task timed out after 30.00 seconds');
-    }
-    return original(connectionId, changes, options);
-  });
 }
 
 describe("a connection's row (`$connect` writes none)", () => {

@@ -9,6 +9,7 @@ import { RecordingPort } from '../../shared/outbound.ts';
 import type { StreamEvent } from '../../shared/queue-message.ts';
 import { createServer, type Server } from '../../shared/server.ts';
 import { createTestConfig } from './dynamodb.ts';
+import { intercept } from './intercept.ts';
 
 /** A server on fresh tables (`env` as the functions' environment), posting to a RecordingPort. */
 export async function testServer(env: Record<string, string | undefined> = {}) {
@@ -45,5 +46,21 @@ export function sendFrame(server: Server, connectionId: string, xml: string, del
     frame: xml,
     receivedAt: Date.now(),
     ...delivery,
+  });
+}
+
+/**
+ * The invocation dies before the frame's final save (a timeout): that save fails, once, after
+ * the frame did all its other work; SQS then brings the frame back. Returns the restore.
+ */
+export function dieBeforeFinalSave(server: Server): () => void {
+  const original = server.sessions.updateConnection.bind(server.sessions);
+  let died = false;
+  return intercept(server.sessions, 'updateConnection', async (connectionId, changes, options) => {
+    if (!died && changes.savedFrame !== undefined) {
+      died = true;
+      throw new Error('Task timed out after 30.00 seconds');
+    }
+    return original(connectionId, changes, options);
   });
 }
