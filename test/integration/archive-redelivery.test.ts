@@ -11,17 +11,15 @@ import type { SQSRecord } from 'aws-lambda';
 import { parse } from 'ltx';
 import { describe, expect, it } from 'vitest';
 import { createStreamHandler } from '../../functions/stream.ts';
-import { handleStreamEvent } from '../../shared/core/stream.ts';
 import { createLogger } from '../../shared/log.ts';
 import { RecordingPort } from '../../shared/outbound.ts';
 import { encodeQueueMessage } from '../../shared/queue-message.ts';
-import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
 import { createServer } from '../../shared/server.ts';
 import type { ArchivedEntry } from '../../shared/store/archive.ts';
 import { createDocumentClient } from '../../shared/store/dynamo.ts';
 import { createTestConfig, TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
 import { intercept, throttlingError } from '../support/intercept.ts';
-import { dieBeforeFinalSave } from '../support/stream.ts';
+import { dieBeforeFinalSave, frameDriver, subscribedPair } from '../support/stream.ts';
 
 const ARCHIVE = 'http://jabber.org/protocol/archive';
 const JULIET = 'juliet@capulet.com/chamber';
@@ -64,43 +62,8 @@ async function world(env: Record<string, string> = {}) {
     doc,
     log: createLogger('silent'),
   });
-  const stamp = `${Date.now()}${Math.floor(Math.random() * 1000)}`;
-  const alice = `alice${stamp}@localhost`;
-  const bob = `bob${stamp}@localhost`;
-  for (const user of [alice, bob]) await server.users.create(user, await deriveCredentialSet('pw', 4096));
-  const both = (contact: string) => ({
-    contact,
-    listed: true,
-    groups: [],
-    subscription: 'both' as const,
-    pendingOut: false,
-    approved: false,
-  });
-  await server.roster.apply(alice, bob, { contactIsLocal: true }, () => ({
-    user: both(bob),
-    contact: both(alice),
-    outcome: undefined,
-  }));
-  let seq = 100;
-  const frame = (connectionId: string, xml: string, frameId: string, s = String(seq++), receiveCount = 1) =>
-    handleStreamEvent(server, {
-      connectionId,
-      kind: 'frame',
-      frame: xml,
-      receivedAt: Date.now(),
-      frameId,
-      seq: s,
-      receiveCount,
-    });
-  const login = async (connectionId: string, user: string, resource: string) => {
-    await server.sessions.createConnection(connectionId, Date.now());
-    await server.sessions.updateConnection(connectionId, { streamOpen: true, user });
-    await frame(
-      connectionId,
-      `<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>${resource}</resource></bind></iq>`,
-      `${connectionId}-bind`,
-    );
-  };
+  const { alice, bob } = await subscribedPair(server);
+  const { frame, login } = frameDriver(server);
   const auto = async (connectionId: string) => {
     await frame(
       connectionId,

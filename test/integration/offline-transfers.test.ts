@@ -6,14 +6,13 @@
  */
 import { describe, expect, it } from 'vitest';
 import { sweep } from '../../shared/core/lifecycle.ts';
-import { handleStreamEvent } from '../../shared/core/stream.ts';
 import { createLogger } from '../../shared/log.ts';
 import { RecordingPort } from '../../shared/outbound.ts';
 import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
 import { createServer } from '../../shared/server.ts';
 import { createTestConfig } from '../support/dynamodb.ts';
 import { intercept } from '../support/intercept.ts';
-import { dieBeforeFinalSave } from '../support/stream.ts';
+import { dieBeforeFinalSave, frameDriver } from '../support/stream.ts';
 
 const OFFLINE = 'http://jabber.org/protocol/offline';
 const SM3 = 'urn:xmpp:sm:3';
@@ -38,27 +37,9 @@ async function inbox(count: number, env: Record<string, string> = {}) {
       storedAt: Date.now(),
       stanza: `<message xmlns='jabber:client' from='romeo@localhost/x' to='${user}' type='chat'><body>m${i}</body></message>`,
     });
-  let seq = 1000;
-  const nextSeq = () => String(seq++);
-  const frame = (connectionId: string, xml: string, frameId: string, s = String(seq++), receiveCount = 1) =>
-    handleStreamEvent(server, {
-      connectionId,
-      kind: 'frame',
-      frame: xml,
-      receivedAt: Date.now(),
-      frameId,
-      seq: s,
-      receiveCount,
-    });
-  const login = async (connectionId: string, resource = 'desk') => {
-    await server.sessions.createConnection(connectionId, Date.now());
-    await server.sessions.updateConnection(connectionId, { streamOpen: true, user });
-    await frame(
-      connectionId,
-      `<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>${resource}</resource></bind></iq>`,
-      `${connectionId}-bind`,
-    );
-  };
+  const driver = frameDriver(server, 1000);
+  const { frame, nextSeq } = driver;
+  const login = (connectionId: string, resource = 'desk') => driver.login(connectionId, user, resource);
   const enable = async (connectionId: string) => {
     await frame(connectionId, `<enable xmlns='${SM3}' resume='true'/>`, `${connectionId}-enable`);
     const enabled = (port.frames.get(connectionId) ?? []).find((f) => f.startsWith('<enabled'));

@@ -16,7 +16,7 @@ import { ConnectionFencedError } from '../../shared/store/sessions.ts';
 import { createTestConfig, TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
 import { intercept, serverError, throttlingError } from '../support/intercept.ts';
 import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
-import { dieBeforeFinalSave } from '../support/stream.ts';
+import { dieBeforeFinalSave, frameDriver, subscribedPair } from '../support/stream.ts';
 
 const SASL = 'urn:ietf:params:xml:ns:xmpp-sasl';
 const OPEN = "<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>";
@@ -314,43 +314,8 @@ describe('a redelivered bind', () => {
 async function twoContacts() {
   const port = new RecordingPort();
   const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
-  const stamp = `${Date.now()}${Math.floor(Math.random() * 1000)}`;
-  const alice = `alice${stamp}@localhost`;
-  const bob = `bob${stamp}@localhost`;
-  for (const user of [alice, bob]) await server.users.create(user, await deriveCredentialSet('pw', 4096));
-  const both = (contact: string) => ({
-    contact,
-    listed: true,
-    groups: [],
-    subscription: 'both' as const,
-    pendingOut: false,
-    approved: false,
-  });
-  await server.roster.apply(alice, bob, { contactIsLocal: true }, () => ({
-    user: both(bob),
-    contact: both(alice),
-    outcome: undefined,
-  }));
-  let seq = 100;
-  const frame = (connectionId: string, xml: string, frameId: string, s = String(seq++), receiveCount = 1) =>
-    handleStreamEvent(server, {
-      connectionId,
-      kind: 'frame',
-      frame: xml,
-      receivedAt: Date.now(),
-      frameId,
-      seq: s,
-      receiveCount,
-    });
-  const login = async (connectionId: string, user: string, resource: string) => {
-    await server.sessions.createConnection(connectionId, Date.now());
-    await server.sessions.updateConnection(connectionId, { streamOpen: true, user });
-    await frame(
-      connectionId,
-      `<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>${resource}</resource></bind></iq>`,
-      `${connectionId}-bind`,
-    );
-  };
+  const { alice, bob } = await subscribedPair(server);
+  const { frame, login } = frameDriver(server);
   const failReadOfOnlineOnce = () => {
     let calls = 0;
     const original = server.sessions.availableResourcesOf.bind(server.sessions);

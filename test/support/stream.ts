@@ -7,6 +7,7 @@ import { handleStreamEvent } from '../../shared/core/stream.ts';
 import { createLogger } from '../../shared/log.ts';
 import { RecordingPort } from '../../shared/outbound.ts';
 import type { StreamEvent } from '../../shared/queue-message.ts';
+import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
 import { createServer, type Server } from '../../shared/server.ts';
 import { createTestConfig } from './dynamodb.ts';
 import { intercept } from './intercept.ts';
@@ -63,4 +64,56 @@ export function dieBeforeFinalSave(server: Server): () => void {
     }
     return original(connectionId, changes, options);
   });
+}
+
+/**
+ * Drives a server's connections frame by frame, as SQS hands a connection's frames to the stream
+ * function: `frame` numbers each one (its SQS sequence number) unless told; `login` opens an
+ * authenticated stream for `user` on `connectionId` and binds `resource`.
+ */
+export function frameDriver(server: Server, firstSeq = 100) {
+  let seq = firstSeq;
+  const nextSeq = () => String(seq++);
+  const frame = (connectionId: string, xml: string, frameId: string, s = nextSeq(), receiveCount = 1) =>
+    handleStreamEvent(server, {
+      connectionId,
+      kind: 'frame',
+      frame: xml,
+      receivedAt: Date.now(),
+      frameId,
+      seq: s,
+      receiveCount,
+    });
+  const login = async (connectionId: string, user: string, resource: string) => {
+    await server.sessions.createConnection(connectionId, Date.now());
+    await server.sessions.updateConnection(connectionId, { streamOpen: true, user });
+    await frame(
+      connectionId,
+      `<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>${resource}</resource></bind></iq>`,
+      `${connectionId}-bind`,
+    );
+  };
+  return { frame, login, nextSeq };
+}
+
+/** Two new local accounts (password `pw`), each subscribed to the other's presence (`both`). */
+export async function subscribedPair(server: Server): Promise<{ alice: string; bob: string }> {
+  const stamp = `${Date.now()}${Math.floor(Math.random() * 1000)}`;
+  const alice = `alice${stamp}@localhost`;
+  const bob = `bob${stamp}@localhost`;
+  for (const user of [alice, bob]) await server.users.create(user, await deriveCredentialSet('pw', 4096));
+  const both = (contact: string) => ({
+    contact,
+    listed: true,
+    groups: [],
+    subscription: 'both' as const,
+    pendingOut: false,
+    approved: false,
+  });
+  await server.roster.apply(alice, bob, { contactIsLocal: true }, () => ({
+    user: both(bob),
+    contact: both(alice),
+    outcome: undefined,
+  }));
+  return { alice, bob };
 }
