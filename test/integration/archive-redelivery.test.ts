@@ -7,47 +7,21 @@
  * of commit 5f67376, test/integration/review-redelivery.test.ts.)
  */
 import { PutCommand } from '@aws-sdk/lib-dynamodb';
-import type { SQSRecord } from 'aws-lambda';
 import { parse } from 'ltx';
 import { describe, expect, it } from 'vitest';
 import { createStreamHandler } from '../../functions/stream.ts';
 import { createLogger } from '../../shared/log.ts';
 import { RecordingPort } from '../../shared/outbound.ts';
-import { encodeQueueMessage } from '../../shared/queue-message.ts';
 import { createServer } from '../../shared/server.ts';
 import type { ArchivedEntry } from '../../shared/store/archive.ts';
 import { createDocumentClient } from '../../shared/store/dynamo.ts';
 import { createTestConfig, TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
 import { intercept, throttlingError } from '../support/intercept.ts';
-import { dieBeforeFinalSave, frameDriver, subscribedPair } from '../support/stream.ts';
+import { dieBeforeFinalSave, frameDriver, sqsRecord, subscribedPair } from '../support/stream.ts';
 
 const ARCHIVE = 'http://jabber.org/protocol/archive';
 const JULIET = 'juliet@capulet.com/chamber';
 const START = '2020-01-01T00:00:00Z';
-
-let sequence = 18_880_000_000_000_000_000n;
-
-/** An SQS FIFO record of a frame, as the event source hands it to the stream function. */
-function record(connectionId: string, xml: string): SQSRecord {
-  sequence += 1n;
-  const requestId = `req-${sequence}`;
-  return {
-    messageId: requestId,
-    receiptHandle: '',
-    body: encodeQueueMessage({
-      connectionId,
-      eventType: 'MESSAGE',
-      requestTimeEpoch: Date.now(),
-      requestId,
-      body: Buffer.from(xml).toString('base64'),
-    }),
-    attributes: {
-      MessageGroupId: connectionId,
-      SequenceNumber: String(sequence),
-      ApproximateReceiveCount: '1',
-    },
-  } as unknown as SQSRecord;
-}
 
 /**
  * Alice and Bob, subscribed both ways; `login` binds a connection; `frame` hands it a frame;
@@ -237,7 +211,7 @@ describe('a redelivered message with automatic archiving on (XEP-0136 §7)', () 
     const handler = createStreamHandler(server);
     const response = await handler({
       Records: [
-        record('alice-1', `<message to='${bob}' type='chat' id='m1'><body>two-resources</body></message>`),
+        sqsRecord('alice-1', `<message to='${bob}' type='chat' id='m1'><body>two-resources</body></message>`),
       ],
     });
     expect(response.batchItemFailures).toEqual([]);
@@ -365,7 +339,7 @@ describe('a redelivered manual <store/> (XEP-0136 §5.3)', () => {
     const handler = createStreamHandler(server);
     const response = await handler({
       Records: [
-        record(
+        sqsRecord(
           'alice-1',
           `<iq type='set' id='st1'><store xmlns='${ARCHIVE}' with='${JULIET}' start='${START}'><to secs='0'><body>first</body></to><from secs='5'><body>second</body></from><to secs='5'><body>third</body></to></store></iq>`,
         ),

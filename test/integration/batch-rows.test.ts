@@ -10,35 +10,11 @@ import { describe, expect, it } from 'vitest';
 import { createStreamHandler, followedByOwnGroup } from '../../functions/stream.ts';
 import { createLogger } from '../../shared/log.ts';
 import { RecordingPort } from '../../shared/outbound.ts';
-import { encodeQueueMessage } from '../../shared/queue-message.ts';
 import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
 import { createServer, type Server } from '../../shared/server.ts';
 import { createTestConfig } from '../support/dynamodb.ts';
 import { intercept, serverError } from '../support/intercept.ts';
-
-let sequence = 18_880_000_000_000_000_000n;
-
-/** An SQS FIFO record of a frame, as the event source hands it to the stream function. */
-function record(connectionId: string, xml: string, receiveCount = 1): SQSRecord {
-  sequence += 1n;
-  const requestId = `req-${sequence}`;
-  return {
-    messageId: requestId,
-    receiptHandle: '',
-    body: encodeQueueMessage({
-      connectionId,
-      eventType: 'MESSAGE',
-      requestTimeEpoch: Date.now(),
-      requestId,
-      body: Buffer.from(xml).toString('base64'),
-    }),
-    attributes: {
-      MessageGroupId: connectionId,
-      SequenceNumber: String(sequence),
-      ApproximateReceiveCount: String(receiveCount),
-    },
-  } as unknown as SQSRecord;
-}
+import { sqsRecord } from '../support/stream.ts';
 
 /** Bound streams for `senders` (connection ids), and an account with no session to write to. */
 async function setUp(...senders: string[]) {
@@ -79,7 +55,7 @@ describe("a connection's consecutive frames in one batch", () => {
   it('read its row once, each finding what the frame before it saved', async () => {
     const { server, ids, reads, message, inbox, handler } = await setUp('burst');
     const [a] = ids;
-    const batch = [record(a, message('1')), record(a, message('2')), record(a, message('3'))];
+    const batch = [sqsRecord(a, message('1')), sqsRecord(a, message('2')), sqsRecord(a, message('3'))];
     expect(await handler({ Records: batch })).toEqual({ batchItemFailures: [] });
     expect(await inbox()).toEqual(['1', '2', '3']);
     expect(reads.get(a)).toBe(1);
@@ -97,7 +73,7 @@ describe("a connection's consecutive frames in one batch", () => {
     const { ids, reads, message, inbox, handler } = await setUp('first', 'second');
     const [a, b] = ids;
     await handler({
-      Records: [record(a, message('a1')), record(b, message('b1')), record(a, message('a2'))],
+      Records: [sqsRecord(a, message('a1')), sqsRecord(b, message('b1')), sqsRecord(a, message('a2'))],
     });
     expect(await inbox()).toEqual(['a1', 'b1', 'a2']);
     expect(reads.get(a)).toBe(2);
@@ -110,9 +86,9 @@ describe("a connection's consecutive frames in one batch", () => {
     // RFC 7395 §3.6: the client closes, and had sent a message after its <close/>.
     await handler({
       Records: [
-        record(a, message('before')),
-        record(a, "<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>"),
-        record(a, message('after')),
+        sqsRecord(a, message('before')),
+        sqsRecord(a, "<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>"),
+        sqsRecord(a, message('after')),
       ],
     });
     expect(await inbox()).toEqual(['before']);
@@ -137,7 +113,7 @@ describe("a connection's consecutive frames in one batch", () => {
       return result;
     });
     try {
-      expect(await handler({ Records: [record(a, message('1')), record(a, message('2'))] })).toEqual({
+      expect(await handler({ Records: [sqsRecord(a, message('1')), sqsRecord(a, message('2'))] })).toEqual({
         batchItemFailures: [],
       });
     } finally {

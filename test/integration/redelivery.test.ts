@@ -405,6 +405,16 @@ describe('a redelivered unavailable presence whose first attempt made the resour
     // The state the first attempt left when it died between the row's write and the set's: the
     // row unavailable, marked with the frame; the set still naming the resource.
     const doc = createDocumentClient({ endpoint: useDynamoDbLocal(), region: TEST_REGION });
+    /** The user's set of available resources (the `avail` item), as stored. */
+    const availableNames = async () =>
+      (
+        await doc.send(
+          new GetCommand({
+            TableName: server.config.tables.sessions,
+            Key: { pk: `user#${alice}`, sk: 'avail' },
+          }),
+        )
+      ).Item?.res;
     await doc.send(
       new UpdateCommand({
         TableName: server.config.tables.sessions,
@@ -413,27 +423,9 @@ describe('a redelivered unavailable presence whose first attempt made the resour
         ExpressionAttributeValues: { ':no': false, ':frame': 'alice-off' },
       }),
     );
-    expect(
-      (
-        await doc.send(
-          new GetCommand({
-            TableName: server.config.tables.sessions,
-            Key: { pk: `user#${alice}`, sk: 'avail' },
-          }),
-        )
-      ).Item?.res,
-    ).toBeDefined();
+    expect(await availableNames()).toBeDefined();
     await frame('alice-1', "<presence type='unavailable'/>", 'alice-off', '900', 2);
-    expect(
-      (
-        await doc.send(
-          new GetCommand({
-            TableName: server.config.tables.sessions,
-            Key: { pk: `user#${alice}`, sk: 'avail' },
-          }),
-        )
-      ).Item?.res,
-    ).toBeUndefined();
+    expect(await availableNames()).toBeUndefined();
     expect(unavailableFromAlice(port.frames.get('bob-1') ?? [], alice)).toHaveLength(1);
   });
 

@@ -3,10 +3,11 @@
  * records posts, connection rows set up as a stream would have left them, and frames handed to
  * `handleStreamEvent` as the queue's event source would hand them.
  */
+import type { SQSRecord } from 'aws-lambda';
 import { handleStreamEvent } from '../../shared/core/stream.ts';
 import { createLogger } from '../../shared/log.ts';
 import { RecordingPort } from '../../shared/outbound.ts';
-import type { StreamEvent } from '../../shared/queue-message.ts';
+import { encodeQueueMessage, type StreamEvent } from '../../shared/queue-message.ts';
 import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
 import { createServer, type Server } from '../../shared/server.ts';
 import { createTestConfig } from './dynamodb.ts';
@@ -116,4 +117,28 @@ export async function subscribedPair(server: Server): Promise<{ alice: string; b
     outcome: undefined,
   }));
   return { alice, bob };
+}
+
+let sqsSequence = 18_880_000_000_000_000_000n;
+
+/** An SQS FIFO record of a client's frame, as the event source hands it to the stream function. */
+export function sqsRecord(connectionId: string, xml: string, receiveCount = 1): SQSRecord {
+  sqsSequence += 1n;
+  const requestId = `req-${sqsSequence}`;
+  return {
+    messageId: requestId,
+    receiptHandle: '',
+    body: encodeQueueMessage({
+      connectionId,
+      eventType: 'MESSAGE',
+      requestTimeEpoch: Date.now(),
+      requestId,
+      body: Buffer.from(xml).toString('base64'),
+    }),
+    attributes: {
+      MessageGroupId: connectionId,
+      SequenceNumber: String(sqsSequence),
+      ApproximateReceiveCount: String(receiveCount),
+    },
+  } as unknown as SQSRecord;
 }
