@@ -385,6 +385,14 @@ export interface DeliveryOptions {
    * one full even so ends the stream (policy-violation) rather than drop it unanswered.
    */
   answer?: boolean;
+  /**
+   * Queued only while the session is attached to this connection (the sender's own): a transfer
+   * of stored messages (XEP-0013 fetch or view, XEP-0160 flood) posted by a frame the client
+   * does not count (its `<a/>`), which a resume elsewhere does not wait for. That resume takes
+   * the transfer over from what the queue held when it attached; what the old frame would append
+   * after is refused ('gone'), so that the client does not get it from both.
+   */
+  attachedTo?: string;
 }
 
 /**

@@ -323,7 +323,7 @@ export async function sendStored(
   stream: BoundStream,
   message: OfflineMessage,
   stanza: Element,
-  options: { offlineId?: string; offlineCopy?: boolean; key?: string },
+  options: { offlineId?: string; offlineCopy?: boolean; key?: string; attachedTo?: string },
 ): Promise<DeliveryResult | 'dropped'> {
   try {
     return await stream.send(stanza, options);
@@ -556,6 +556,7 @@ async function postWindow(
     const result = await sendStored(stream, message, deliveredCopy(server, message), {
       offlineCopy: true,
       key,
+      attachedTo: stream.connectionId,
     });
     // The session is gone: nothing in progress or waiting can be answered.
     if (result === 'gone') {
@@ -645,6 +646,7 @@ async function inboxWindow(stream: BoundStream, start: OfflineTransfer): Promise
       }
       const result = await sendStored(stream, message, stampedStanza(server, message), {
         offlineId: message.id,
+        attachedTo: stream.connectionId,
       });
       // The session is gone: nothing in progress or waiting can be answered.
       if (result === 'gone') {
@@ -707,7 +709,7 @@ async function answerTransfer(stream: BoundStream, transfer: OfflineTransfer): P
   if (transfer.iqId === undefined) return;
   const request = new Element('iq', { id: transfer.iqId, from: fullJid(stream.jid) });
   if (transfer.iqFrom) request.attrs.to = transfer.iqFrom;
-  await stream.send(iqResult(request), { key: transferKey(transfer) });
+  await stream.send(iqResult(request), { key: transferKey(transfer), attachedTo: stream.connectionId });
 }
 
 /**

@@ -288,8 +288,13 @@ async function deliverToSmSession(
     !options.offlineCopy
       ? { from: delivery.from, key }
       : undefined;
-  const result = await appendOnce(server, smId, entry, token, mark, options.answer);
-  if (result.kind === 'found') return settleUnknownPost(server, smId, key, result.item, 'uncertain-append');
+  const result = await appendOnce(server, smId, entry, token, mark, options.answer, options.attachedTo);
+  if (result.kind === 'found') {
+    // Found by its key after a failed write, on a session that has moved since: the resume that
+    // took it found this entry queued and goes on from it.
+    if (options.attachedTo !== undefined && result.item.connectionId !== options.attachedTo) return 'gone';
+    return settleUnknownPost(server, smId, key, result.item, 'uncertain-append');
+  }
   server.log.debug('stanza to a stream-management queue', {
     smId,
     id: stanza.attrs.id,
@@ -298,7 +303,7 @@ async function deliverToSmSession(
       ? { number: result.number, attached: result.item.connectionId, holding: result.item.holding }
       : {}),
   });
-  if (result.kind === 'ended') return 'gone';
+  if (result.kind === 'ended' || result.kind === 'moved') return 'gone';
   if (result.kind === 'acknowledged') return 'sent';
   if (result.kind === 'full') {
     // The client asked and is not acknowledging what it was sent: its answer is not dropped
@@ -563,10 +568,11 @@ async function appendOnce(
   poster?: string,
   mark?: SenderMark,
   answer?: boolean,
+  attachedTo?: string,
 ): Promise<AppendResult | { kind: 'found'; item: SmQueueItem }> {
   const bound = server.config.smQueueMax + (answer ? ANSWER_MARGIN : 0);
   try {
-    return await server.smQueue.append(smId, entry, bound, poster, mark, answer);
+    return await server.smQueue.append(smId, entry, bound, poster, mark, answer, attachedTo);
   } catch (error) {
     if (entry.k === undefined || !isTransient(error)) throw error;
     const found = await withTransientRetries(3, () => server.smQueue.get(smId)).catch(() => undefined);

@@ -258,7 +258,9 @@ export type AppendResult =
   /** A resend of an append that had run (its key was the last appended) and was acknowledged since. */
   | { kind: 'acknowledged' }
   | { kind: 'full'; item?: SmQueueItem }
-  | { kind: 'ended' };
+  | { kind: 'ended' }
+  /** Appended with `attachedTo`, and the session is no longer attached to that connection. */
+  | { kind: 'moved' };
 
 const key = (smId: string) => ({ pk: `sm#${smId}`, sk: 'queue' });
 /** Tries of a keyed append whose attempt may or may not have been applied (then a read tells). */
@@ -489,6 +491,11 @@ export interface SmQueueStore {
     mark?: SenderMark,
     /** The stream's own answer to its client: queued past congestion (within `maxEntries`). */
     answer?: boolean,
+    /**
+     * Appended only while the session is attached to this connection (else `moved`): see
+     * DeliveryOptions.attachedTo.
+     */
+    attachedTo?: string,
   ): Promise<AppendResult>;
   /**
    * Drops entries up to `newBase`; returns the dropped ones and those still waiting. Only the
@@ -897,7 +904,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       };
     },
 
-    async append(smId, entry, maxEntries, poster, mark, answer) {
+    async append(smId, entry, maxEntries, poster, mark, answer, attachedTo) {
       // `lk`, the last key appended: an append retried after DynamoDB ran it must not queue the
       // stanza twice. The SDK does not resend a keyed append (`sendOnce`): its resend would pass
       // that check once another sender's append came between, and queue the stanza a second time
@@ -917,7 +924,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
               ? ''
               : ', holding = if_not_exists(holding, :poster), holdingAt = if_not_exists(holdingAt, :now)'
           } ADD #out :one`,
-          ConditionExpression: `attribute_exists(q) AND size(q) < :max${answer ? '' : ' AND attribute_not_exists(congested)'} AND attribute_not_exists(ended)${keyed ? ' AND (attribute_not_exists(lk) OR lk <> :k)' : ''}${
+          ConditionExpression: `attribute_exists(q) AND size(q) < :max${answer ? '' : ' AND attribute_not_exists(congested)'} AND attribute_not_exists(ended)${attachedTo === undefined ? '' : ' AND connectionId = :attachedTo'}${keyed ? ' AND (attribute_not_exists(lk) OR lk <> :k)' : ''}${
             marked
               ? ' AND (attribute_not_exists(#mark) OR NOT begins_with(#mark, :frame) OR #mark < :at)'
               : ''
@@ -931,6 +938,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             ':one': 1,
             ':max': maxEntries,
             ...(keyed ? { ':k': entry.k } : {}),
+            ...(attachedTo === undefined ? {} : { ':attachedTo': attachedTo }),
             ...(marked
               ? {
                   ':mark': `${marked.at}/${nowSeconds().toString(36)}`,
@@ -952,6 +960,10 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           const ambiguous = error instanceof AmbiguousWriteError;
           if (!ambiguous && !isConditionFailure(error)) throw error;
           const current = await this.get(smId);
+          // Taken by a resume elsewhere, or detached: whether this write ran or not, that resume
+          // found the queue as it was (and goes on from it), so the appender stops here.
+          if (attachedTo !== undefined && current && !current.ended && current.connectionId !== attachedTo)
+            return { kind: 'moved' };
           if (current && keyed) {
             const at = current.entries.findIndex((queued) => queued.k === entry.k);
             if (at >= 0)

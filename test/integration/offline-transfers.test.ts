@@ -424,6 +424,65 @@ describe('paced XEP-0013 transfers across redeliveries and resumes', () => {
       await t.frame('g6', `<a xmlns='${SM3}' h='${4 + t.handled('g6') + 1}'/>`, `g6-a${i}`);
     expect(t.story('g6')).toEqual(['m5', 'm6', 'iq f1 result']);
   });
+
+  /**
+   * The client's socket goes while an `<a/>` frame of the old connection posts a window: the
+   * client resumes on a new connection with that frame still running (an `<a/>` is not counted,
+   * so the resume does not wait for it). The resume finishes the window it found written ahead;
+   * what the old frame would have appended after the resume took the session must not reach the
+   * client a second time.
+   */
+  async function resumeMidWindow(kind: 'fetch' | 'flood') {
+    const t = await inbox(8, { SM_QUEUE_MAX: '8' });
+    const [oldC, newC] = kind === 'fetch' ? ['g7', 'g8'] : ['g9', 'g10'];
+    await t.login(oldC);
+    const smId = await t.enable(oldC);
+    if (kind === 'fetch') await t.frame(oldC, t.fetch('f1'), `${oldC}-fetch`);
+    else await t.frame(oldC, '<presence/>', `${oldC}-presence`);
+    // The first window: m1..m4 (SM_QUEUE_MAX 8, a window of 4).
+    expect(t.story(oldC).filter((s) => s.startsWith('m'))).toEqual(['m1', 'm2', 'm3', 'm4']);
+    await t.server.sessions.createConnection(newC, Date.now());
+    await t.server.sessions.updateConnection(newC, { streamOpen: true, user: t.user });
+    const base = t.handled(oldC) + 1;
+    const post = t.port.post.bind(t.port);
+    let resumed = false;
+    t.port.post = async (connectionId, data, notAfter) => {
+      const result = await post(connectionId, data, notAfter);
+      if (!resumed && connectionId === oldC && data.includes('<body>m5<')) {
+        // The client got m5 and its socket went: it resumes, counting everything up to m5.
+        resumed = true;
+        t.port.gone.add(oldC);
+        await t.frame(newC, `<resume xmlns='${SM3}' previd='${smId}' h='${base}'/>`, `${newC}-resume`);
+      }
+      return result;
+    };
+    // The client acknowledges m1..m4: the old connection's frame starts the next window.
+    await t.frame(oldC, `<a xmlns='${SM3}' h='${t.handled(oldC)}'/>`, `${oldC}-a1`).catch(() => undefined);
+    t.port.post = post;
+    expect(resumed).toBe(true);
+    for (let i = 0; i < 8; i++) {
+      if (kind === 'fetch' && t.story(newC).includes('iq f1 result')) break;
+      if (kind === 'flood' && (await t.server.offline.count(t.user)) === 0) break;
+      await t.frame(newC, `<a xmlns='${SM3}' h='${base + t.handled(newC) + 1}'/>`, `${newC}-a${i}`);
+    }
+    expect(t.port.closed.has(newC)).toBe(false);
+    return { old: t.story(oldC), resumed: t.story(newC), stored: await t.server.offline.count(t.user) };
+  }
+
+  it('a resume while an <a/> frame of the old connection is mid-window (fetch): each copy once, then the result', async () => {
+    const { old, resumed, stored } = await resumeMidWindow('fetch');
+    expect(old.filter((s) => s.startsWith('m'))).toEqual(['m1', 'm2', 'm3', 'm4', 'm5']);
+    // XEP-0013 §2.3: "the server MUST send all of the messages to the client"; here, once each.
+    expect(resumed).toEqual(['m6', 'm7', 'm8', 'iq f1 result']);
+    expect(stored).toBe(8);
+  });
+
+  it('a resume while an <a/> frame of the old connection is mid-window (flood): each message once, none left', async () => {
+    const { old, resumed, stored } = await resumeMidWindow('flood');
+    expect(old).toEqual(['m1', 'm2', 'm3', 'm4', 'm5']);
+    expect(resumed).toEqual(['m6', 'm7', 'm8']);
+    expect(stored).toBe(0);
+  });
 });
 
 describe('paced views too large to keep for a resume', () => {

@@ -105,6 +105,42 @@ describe("a keyed append (a frame's delivery key, core/frame.ts)", () => {
   });
 });
 
+describe('an append attached to its connection (DeliveryOptions.attachedTo: a transfer of stored messages)', () => {
+  it('is queued while the session is on that connection, and refused (moved) once resumed elsewhere or detached', async () => {
+    const { smId, user, connectionId } = await session();
+    expect(
+      await queue.append(smId, entry(1, { k: 'c:t:1' }), MAX, undefined, undefined, false, connectionId),
+    ).toMatchObject({ kind: 'queued', number: 1 });
+    // A resume on another connection took the session: the old connection's frame appends nothing.
+    await queue.attach(smId, user, 'resumed-here');
+    expect(
+      await queue.append(smId, entry(2, { k: 'c:t:2' }), MAX, undefined, undefined, false, connectionId),
+    ).toEqual({
+      kind: 'moved',
+    });
+    // Found by its key (the resume's continuation queued it): still refused, not "found".
+    await queue.append(smId, entry(3, { k: 'c:t:3' }), MAX, undefined, undefined, false, 'resumed-here');
+    expect(
+      await queue.append(smId, entry(3, { k: 'c:t:3' }), MAX, undefined, undefined, false, connectionId),
+    ).toEqual({
+      kind: 'moved',
+    });
+    await queue.detach(smId, 'resumed-here', 0, Date.now() + 60_000, []);
+    expect(
+      await queue.append(smId, entry(4, { k: 'c:t:4' }), MAX, undefined, undefined, false, 'resumed-here'),
+    ).toEqual({
+      kind: 'moved',
+    });
+    const item = await queue.get(smId);
+    expect(item?.entries.map((queued) => queued.k)).toEqual(['c:t:1', 'c:t:3']);
+    // Without it, a detached session's queue takes the stanza for its resume, as before.
+    expect(await queue.append(smId, entry(5, { k: 'c:t:5' }), MAX)).toMatchObject({
+      kind: 'queued',
+      number: 3,
+    });
+  });
+});
+
 describe("a sender's mark (SenderMark: a client's frame, its connection's frames handled in order)", () => {
   it('refuses what the frame appended already, once acknowledged and with other senders’ entries behind it', async () => {
     const { smId, connectionId } = await session();
