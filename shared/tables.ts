@@ -33,6 +33,11 @@ export interface TableDefinition {
   timeToLiveAttribute: string;
   /** Tables holding user data get point-in-time recovery. */
   pointInTimeRecovery: boolean;
+  /**
+   * Written with BatchWriteItem (the archive's removals and purges, 25 deletes a request): only
+   * such a table's writers are granted that action.
+   */
+  batchWrites?: boolean;
 }
 
 const pk: KeyDefinition = { name: 'pk', type: 'S' };
@@ -130,6 +135,7 @@ const HEADER_LIST_ATTRIBUTES = ['with', 'start', 'subject', 'crypt', 'cid', TTL_
 
 export const archiveTable: TableDefinition = {
   id: 'Archive',
+  batchWrites: true,
   envVar: 'ARCHIVE_TABLE',
   partitionKey: pk,
   sortKey: sk,

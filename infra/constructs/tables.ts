@@ -26,12 +26,9 @@ const READ_ACTIONS = [
   'dynamodb:Query',
   'dynamodb:ConditionCheckItem',
 ];
-const WRITE_ACTIONS = [
-  'dynamodb:PutItem',
-  'dynamodb:UpdateItem',
-  'dynamodb:DeleteItem',
-  'dynamodb:BatchWriteItem',
-];
+const WRITE_ACTIONS = ['dynamodb:PutItem', 'dynamodb:UpdateItem', 'dynamodb:DeleteItem'];
+/** Only for a table whose definition says it is written in batches (TableDefinition.batchWrites). */
+const BATCH_WRITE_ACTION = 'dynamodb:BatchWriteItem';
 
 function attribute(key: KeyDefinition): dynamodb.Attribute {
   return {
@@ -132,7 +129,10 @@ export function bindTable(
 ): void {
   fn.addToRolePolicy(
     new iam.PolicyStatement({
-      actions: access === 'readWrite' ? [...READ_ACTIONS, ...WRITE_ACTIONS] : READ_ACTIONS,
+      actions:
+        access === 'readWrite'
+          ? [...READ_ACTIONS, ...WRITE_ACTIONS, ...(def.batchWrites ? [BATCH_WRITE_ACTION] : [])]
+          : READ_ACTIONS,
       resources: [
         table.tableArn,
         ...def.globalSecondaryIndexes.map((index) => `${table.tableArn}/index/${index.indexName}`),

@@ -594,6 +594,22 @@ describe('functions', () => {
     );
   });
 
+  it('grants BatchWriteItem only on the tables written in batches (the archive), to any role', () => {
+    const policies = resourcesOfType('AWS::IAM::Policy');
+    const batchWriting = allTables.filter((def) => def.batchWrites).map((def) => def.id);
+    expect(batchWriting).toEqual(['Archive']);
+    const granted = new Set<string>();
+    for (const [, policy] of policies) {
+      for (const statement of policy.Properties.PolicyDocument.Statement as Statement[]) {
+        if (!actionsOf(statement).includes('dynamodb:BatchWriteItem')) continue;
+        const resources = JSON.stringify(statement.Resource);
+        for (const def of allTables)
+          if (resources.includes(`"${logicalId(stack.tables.table(def))}"`)) granted.add(def.id);
+      }
+    }
+    expect([...granted]).toEqual(['Archive']);
+  });
+
   it('lets only stream and sweeper manage connections, on this stage only', () => {
     const manageConnections = (name: keyof typeof FUNCTION_MEMORY_MB) =>
       functionRoleStatements(name).filter((s) => actionsOf(s).includes('execute-api:ManageConnections'));
