@@ -7,7 +7,9 @@
  * deployment's iteration count, same reads). Failures are counted per connection, per account
  * name and per source address (API Gateway's `identity.sourceIp`); past the limits, attempts
  * are refused before the password is checked (see `admit`), answered at once with
- * `temporary-auth-failure`: nothing sleeps inside the stream function.
+ * `temporary-auth-failure`: nothing sleeps inside the stream function. An attempt is counted
+ * in the same write that admits it to the check (`takeAttempt`), and given back if it succeeds,
+ * so attempts arriving together cannot all pass the limits.
  */
 import { createHmac } from 'node:crypto';
 import { Element } from 'ltx';
@@ -30,7 +32,7 @@ import {
   verifyClientFinal,
   verifyPlain,
 } from '../sasl/scram.ts';
-import type { LoginRecord } from '../store/users.ts';
+import type { AuthAttempt, LoginRecord } from '../store/users.ts';
 import { NS } from '../xml/namespaces.ts';
 
 export const MECHANISMS = ['SCRAM-SHA-256', 'SCRAM-SHA-1', 'PLAIN'] as const;
@@ -108,6 +110,14 @@ interface Gate {
   record: LoginRecord;
 }
 
+/** An attempt admitted to the password check: counted already on the address and the account. */
+interface Admitted extends Gate {
+  /** Counted on the source address (given back on success). */
+  address?: AuthAttempt;
+  /** Counted on the account, for an address it never logged in from (cleared on success). */
+  account?: AuthAttempt;
+}
+
 const NO_RECORD: LoginRecord = { authFailures: 0, knownAddresses: {} };
 
 /**
@@ -133,41 +143,58 @@ async function admit(stream: Stream, account: string | undefined): Promise<Gate 
 }
 
 /**
- * SCRAM's client-final is judged again on the counts as they are now: an exchange begun while
- * the limits let it (many staged on as many connections, their finals sent once the guesses of
- * the first ones failed) is not checked past them.
+ * Admits an attempt to the password check, counting it in the same write that checks the limits
+ * (`takeAuthAttempt`): the address's first (everything from a throttled address is refused), then
+ * the account's, only for an address it never logged in from (one let through per slowdown past
+ * its limit). SCRAM's client-final is so judged on the counts as they are now: an exchange begun
+ * while the limits let it (many staged on as many connections, their finals sent together once
+ * the guesses of the first ones failed, or at once) is not checked past them. Refused, nothing
+ * stays counted.
  */
-async function admitAgain(
+async function takeAttempt(
   stream: Stream,
   account: string | undefined,
   gate: Gate,
-): Promise<Gate | SaslError> {
-  const counts = await stream.server.users.failureCounts(account, stream.state.sourceIp);
-  const record: LoginRecord = {
-    ...gate.record,
-    authFailures: counts.account,
-    ...(counts.lastFailureAt === undefined ? {} : { lastFailureAt: counts.lastFailureAt }),
+): Promise<Admitted | SaslError> {
+  const { config, users } = stream.server;
+  const address = stream.state.sourceIp;
+  const window = config.authFailureWindowSeconds;
+  const onAddress = address
+    ? await users.takeAuthAttempt({ address }, window, { below: config.authFailuresPerAddress })
+    : null;
+  if (onAddress === undefined) return addressThrottled();
+  const known = address !== undefined && address in gate.record.knownAddresses;
+  const onAccount =
+    account && !known
+      ? await users.takeAuthAttempt({ account }, window, {
+          below: config.authFailuresPerAccount,
+          orLastAtMost: Date.now() - config.authAccountSlowdownSeconds * 1000,
+        })
+      : null;
+  if (onAccount === undefined) {
+    if (onAddress) await users.giveBackAuthAttempt(onAddress);
+    return accountSlowed();
+  }
+  return {
+    record: onAccount ? { ...gate.record, authFailures: onAccount.failures } : gate.record,
+    ...(onAddress ? { address: onAddress } : {}),
+    ...(onAccount ? { account: onAccount } : {}),
   };
-  return judge(stream, record, counts.address) ?? { record };
 }
+
+const addressThrottled = () =>
+  new SaslError('temporary-auth-failure', 'Too many failed attempts from your address; try again later');
+const accountSlowed = () =>
+  new SaslError('temporary-auth-failure', 'Too many failed attempts on this account; try again later');
 
 function judge(stream: Stream, record: LoginRecord, addressFailures: number): SaslError | undefined {
   const { config } = stream.server;
   const address = stream.state.sourceIp;
-  if (addressFailures >= config.authFailuresPerAddress) {
-    return new SaslError(
-      'temporary-auth-failure',
-      'Too many failed attempts from your address; try again later',
-    );
-  }
+  if (addressFailures >= config.authFailuresPerAddress) return addressThrottled();
   const known = address !== undefined && address in record.knownAddresses;
   const slowedUntil = (record.lastFailureAt ?? 0) + config.authAccountSlowdownSeconds * 1000;
-  if (record.authFailures >= config.authFailuresPerAccount && !known && Date.now() < slowedUntil) {
-    return new SaslError(
-      'temporary-auth-failure',
-      'Too many failed attempts on this account; try again later',
-    );
-  }
+  if (record.authFailures >= config.authFailuresPerAccount && !known && Date.now() < slowedUntil)
+    return accountSlowed();
   return undefined;
 }
 
@@ -211,13 +238,15 @@ async function succeed(
   stream: Stream,
   mechanism: string,
   account: string,
-  gate: Gate,
+  gate: Admitted,
   additionalData?: string,
 ): Promise<void> {
   const { server } = stream;
   const address = stream.state.sourceIp;
   await Promise.all([
-    gate.record.authFailures > 0 ? server.users.clearAuthFailures(account) : undefined,
+    // Not a failure: uncounted on the address; the account's failures end with a success.
+    gate.address ? server.users.giveBackAuthAttempt(gate.address) : undefined,
+    gate.account || gate.record.authFailures > 0 ? server.users.clearAuthFailures(account) : undefined,
     address ? server.users.rememberAddress(account, address, gate.record.knownAddresses) : undefined,
   ]);
   // RFC 6120 §6.4.6: on success the stream restarts; nothing from the old stream carries over.
@@ -231,15 +260,22 @@ async function succeed(
   await report(stream, mechanism);
 }
 
-/** Counts the failure against the account and the address, and answers. */
-async function fail(stream: Stream, mechanism: string, account: string | undefined): Promise<void> {
+/**
+ * A failed attempt: counted on the address and (from an address it never logged in from) on the
+ * account when it was admitted; from a known address, on the account now. Answers.
+ */
+async function fail(
+  stream: Stream,
+  mechanism: string,
+  account: string | undefined,
+  gate: Admitted,
+): Promise<void> {
   const { server } = stream;
   const { config } = server;
-  const address = stream.state.sourceIp;
-  const [accountFailures, addressFailures] = await Promise.all([
-    account ? server.users.recordAuthFailure(account, config.authFailureWindowSeconds) : 0,
-    address ? server.users.recordAddressFailure(address, config.authFailureWindowSeconds) : 0,
-  ]);
+  const accountFailures =
+    gate.account?.failures ??
+    (account ? await server.users.recordAuthFailure(account, config.authFailureWindowSeconds) : 0);
+  const addressFailures = gate.address?.failures ?? 0;
   stream.update({ sasl: undefined, authFailures: stream.state.authFailures + 1 });
   const overLimit =
     accountFailures >= config.authFailuresPerAccount ||
@@ -258,12 +294,14 @@ async function fail(stream: Stream, mechanism: string, account: string | undefin
 async function startPlain(stream: Stream, payload: string): Promise<void> {
   const message = parsePlain(decodeSaslPayload(payload));
   const account = accountOf(stream, message.authcid);
-  const gate = await admit(stream, account);
+  const read = await admit(stream, account);
+  if (read instanceof SaslError) return refuse(stream, 'PLAIN', read);
+  const gate = await takeAttempt(stream, account, read);
   if (gate instanceof SaslError) return refuse(stream, 'PLAIN', gate);
   const stored = gate.record.user;
   const credentials = stored?.scram.sha256 ?? (await decoy(stream, account, message.authcid, 'sha256'));
   const valid = await verifyPlain(message.password, 'sha256', credentials);
-  if (!valid || !account || !stored) return fail(stream, 'PLAIN', account);
+  if (!valid || !account || !stored) return fail(stream, 'PLAIN', account, gate);
   if (message.authzid !== undefined && accountOf(stream, message.authzid) !== account) {
     throw new SaslError('invalid-authzid', 'You may only act as yourself');
   }
@@ -305,11 +343,11 @@ async function scramFinal(stream: Stream, payload: string): Promise<void> {
   if (!progress) throw new SaslError('malformed-request', 'No authentication in progress');
   const state = progress.state as unknown as ScramState;
   const account = progress.jid;
-  const gate = await admitAgain(stream, account, { record: { ...NO_RECORD, ...progress.gate } });
+  const gate = await takeAttempt(stream, account, { record: { ...NO_RECORD, ...progress.gate } });
   if (gate instanceof SaslError) return refuse(stream, progress.mechanism, gate);
   const result = verifyClientFinal(state, payload);
   // Unknown users ran against decoy keys that no proof can match.
-  if (!result.ok || !account) return fail(stream, progress.mechanism, account);
+  if (!result.ok || !account) return fail(stream, progress.mechanism, account, gate);
   await succeed(stream, progress.mechanism, account, gate, result.serverFinal);
 }
 

@@ -13,6 +13,7 @@
  * known addresses) with one Query and its address's failures with one GetItem; the counts are
  * only written (ADD) when an attempt fails.
  */
+
 import { randomBytes } from 'node:crypto';
 import {
   DeleteCommand,
@@ -23,9 +24,10 @@ import {
   ScanCommand,
   UpdateCommand,
 } from '@aws-sdk/lib-dynamodb';
+import { unmarshall } from '@aws-sdk/util-dynamodb';
 import type { ScramCredentials, ScramHash } from '../sasl/scram.ts';
 import { TTL_ATTRIBUTE } from '../tables.ts';
-import { batchGetAll, isConditionFailure } from './dynamo.ts';
+import { isConditionFailure } from './dynamo.ts';
 
 const CREDENTIALS = 'credentials';
 const AUTH_FAILURES = 'authfail';
@@ -93,14 +95,6 @@ export interface UserStore {
   recordAddressFailure(address: string, windowSeconds: number): Promise<number>;
   addressFailures(address: string): Promise<number>;
   /**
-   * The failure counts the limits read again at a login's last step (SCRAM's client-final): the
-   * account's (with when its last failure was) and the address's, in one BatchGetItem.
-   */
-  failureCounts(
-    jid: string | undefined,
-    address: string | undefined,
-  ): Promise<{ account: number; lastFailureAt?: number; address: number }>;
-  /**
    * The iteration count the deployment's SCRAM keys were last made with (by the admin CLI or a
    * password change): decoys for unknown users use it, so their challenge looks the same.
    */
@@ -112,6 +106,21 @@ export interface UserStore {
   recordAuthFailure(jid: string, windowSeconds: number): Promise<number>;
   authFailures(jid: string): Promise<number>;
   clearAuthFailures(jid: string): Promise<void>;
+  /**
+   * Counts an attempt on `of` (an account or a source address) before its password is checked,
+   * in the same write that checks the limit: while the window's count is below `below`, or, for
+   * an account, its last attempt is at or before `orLastAtMost` (epoch ms: one let through per
+   * slowdown). Attempts arriving together cannot all pass a limit read before any was counted.
+   * Undefined when refused (nothing counted). A failed attempt stays counted; one that succeeds
+   * or is refused by another limit is given back (`giveBackAuthAttempt`).
+   */
+  takeAuthAttempt(
+    of: { account: string } | { address: string },
+    windowSeconds: number,
+    admit: { below: number; orLastAtMost?: number },
+  ): Promise<AuthAttempt | undefined>;
+  /** Uncounts a taken attempt, unless its window has ended since (a new one never counted it). */
+  giveBackAuthAttempt(attempt: AuthAttempt): Promise<void>;
   /**
    * A random secret of the deployment, created on first use and the same for every Lambda:
    * keys the SASL decoys for unknown users, so their salts are stable yet unpredictable.
@@ -130,6 +139,14 @@ interface CredentialsItem {
   scram: UserCredentials;
   createdAt: number;
   updatedAt: number;
+}
+
+/** An attempt counted by `takeAuthAttempt`: its item, the count with it, and its window's end. */
+export interface AuthAttempt {
+  key: { pk: string; sk: string };
+  failures: number;
+  /** Epoch seconds (the item's TTL attribute). */
+  expiresAt: number;
 }
 
 interface AuthFailureItem {
@@ -303,24 +320,6 @@ export function createUserStore(
       return liveFailures(Item as AuthFailureItem | undefined);
     },
 
-    async failureCounts(jid, address) {
-      const keys = [
-        ...(jid ? [{ pk: jid, sk: AUTH_FAILURES }] : []),
-        ...(address ? [addressKey(address)] : []),
-      ];
-      const items = (keys.length > 0
-        ? await batchGetAll(doc, tableName, keys, { consistent: true })
-        : []) as unknown as AuthFailureItem[];
-      const accountItem = jid ? items.find((item) => item.pk === jid) : undefined;
-      const addressItem = address ? items.find((item) => item.pk === addressKey(address).pk) : undefined;
-      const account = liveFailures(accountItem);
-      return {
-        account,
-        ...(account > 0 && accountItem?.lastAt !== undefined ? { lastFailureAt: accountItem.lastAt } : {}),
-        address: liveFailures(addressItem),
-      };
-    },
-
     async rememberAddress(jid, address, known) {
       const now = Date.now();
       if ((known[address] ?? 0) > now - ADDRESS_REFRESH_MS) return;
@@ -348,6 +347,29 @@ export function createUserStore(
 
     async clearAuthFailures(jid) {
       await doc.send(new DeleteCommand({ TableName: tableName, Key: { pk: jid, sk: AUTH_FAILURES } }));
+    },
+
+    takeAuthAttempt(of, windowSeconds, admit) {
+      const key = 'account' in of ? { pk: of.account, sk: AUTH_FAILURES } : addressKey(of.address);
+      return countAttempt(key, windowSeconds, admit);
+    },
+
+    async giveBackAuthAttempt(attempt) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: tableName,
+            Key: attempt.key,
+            UpdateExpression: 'ADD #failures :minusOne',
+            ConditionExpression: '#expiresAt = :expiresAt AND #failures > :zero',
+            ExpressionAttributeNames: { '#failures': 'failures', '#expiresAt': TTL_ATTRIBUTE },
+            ExpressionAttributeValues: { ':minusOne': -1, ':zero': 0, ':expiresAt': attempt.expiresAt },
+          }),
+        );
+      } catch (error) {
+        // Cleared (a success) or a new window since: nothing of this attempt is counted any more.
+        if (!isConditionFailure(error)) throw error;
+      }
     },
 
     async decoySecret() {
@@ -397,10 +419,27 @@ export function createUserStore(
    * (the item expires with it).
    */
   async function countFailure(key: { pk: string; sk: string }, windowSeconds: number): Promise<number> {
-    // An ADD into the live window, else a restart of an expired one; a concurrent attempt
-    // may restart it first, which sends this one back to the ADD.
+    return ((await countAttempt(key, windowSeconds)) as AuthAttempt).failures;
+  }
+
+  /**
+   * Counts one attempt in the live window (an ADD), else restarts an expired one (a SET, which
+   * a concurrent attempt may do first, sending this one back to the ADD). With `admit`, the ADD
+   * is made only while the count is below `admit.below` (or the last attempt is at or before
+   * `admit.orLastAtMost`), in the same write: undefined when refused (nothing counted).
+   */
+  async function countAttempt(
+    key: { pk: string; sk: string },
+    windowSeconds: number,
+    admit?: { below: number; orLastAtMost?: number },
+  ): Promise<AuthAttempt | undefined> {
     for (let attempt = 0; attempt < 3; attempt++) {
       const at = nowSeconds();
+      const limit = admit
+        ? ` AND (attribute_not_exists(#failures) OR #failures < :below${
+            admit.orLastAtMost === undefined ? '' : ' OR lastAt <= :lastAtMost'
+          })`
+        : '';
       try {
         const { Attributes } = await doc.send(
           new UpdateCommand({
@@ -408,20 +447,31 @@ export function createUserStore(
             Key: key,
             UpdateExpression:
               'ADD #failures :one SET #expiresAt = if_not_exists(#expiresAt, :expiresAt), lastAt = :lastAt',
-            ConditionExpression: 'attribute_not_exists(#expiresAt) OR #expiresAt > :now',
+            ConditionExpression: `(attribute_not_exists(#expiresAt) OR #expiresAt > :now)${limit}`,
             ExpressionAttributeNames: { '#failures': 'failures', '#expiresAt': TTL_ATTRIBUTE },
             ExpressionAttributeValues: {
               ':one': 1,
               ':expiresAt': at + windowSeconds,
               ':now': at,
               ':lastAt': now(),
+              ...(admit ? { ':below': admit.below } : {}),
+              ...(admit?.orLastAtMost === undefined ? {} : { ':lastAtMost': admit.orLastAtMost }),
             },
             ReturnValues: 'UPDATED_NEW',
+            ...(admit ? { ReturnValuesOnConditionCheckFailure: 'ALL_OLD' as const } : {}),
           }),
         );
-        return Attributes?.failures as number;
+        return {
+          key,
+          failures: Attributes?.failures as number,
+          expiresAt: Attributes?.[TTL_ATTRIBUTE] as number,
+        };
       } catch (error) {
         if (!isConditionFailure(error)) throw error;
+        // Refused by the limit in a live window: not counted.
+        const old = (error as { Item?: Parameters<typeof unmarshall>[0] }).Item;
+        const item = old ? (unmarshall(old) as AuthFailureItem) : undefined;
+        if (admit && item && item[TTL_ATTRIBUTE] > at) return undefined;
       }
       try {
         await doc.send(
@@ -439,7 +489,7 @@ export function createUserStore(
             },
           }),
         );
-        return 1;
+        return { key, failures: 1, expiresAt: at + windowSeconds };
       } catch (error) {
         if (!isConditionFailure(error)) throw error;
       }

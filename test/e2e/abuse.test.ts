@@ -29,7 +29,8 @@ beforeAll(async () => {
     RATE_STANZAS_PER_SECOND: '10',
     RATE_STANZA_BURST: '100',
   });
-  for (const user of ['grace', 'heidi', 'ivan']) await stack.addUser(`${user}@localhost`, `${user}-secret`);
+  for (const user of ['grace', 'heidi', 'ivan', 'kate'])
+    await stack.addUser(`${user}@localhost`, `${user}-secret`);
 });
 
 afterAll(async () => {
@@ -108,6 +109,45 @@ describe('guessing from one address', () => {
     // A wrong one likewise, and not counted.
     expect(condition(await final(11, 'guess-11'))).toBe('temporary-auth-failure');
     expect(await stack.server.users.addressFailures('127.0.0.4')).toBe(10);
+  });
+
+  it('checks no more guesses than the limit when the finals of staged exchanges arrive all at once', async () => {
+    // Each final is its own connection's frame, handled concurrently: a limit read before the
+    // check and counted after it would let every one of them through. The guess is counted as
+    // it is admitted (given back on success), so the limit holds however many arrive together.
+    const staged: { client: RawClient; clientFirst: string; serverFirst: string }[] = [];
+    for (let i = 0; i < 16; i++) {
+      const client = await connectFrom('127.0.0.14');
+      const clientFirst = scramClientFirst('kate', `burst-nonce-${i}`);
+      client.send(
+        `<auth xmlns='${SASL}' mechanism='SCRAM-SHA-256'>${Buffer.from(clientFirst).toString('base64')}</auth>`,
+      );
+      const challenge = await client.next();
+      expect(challenge.name).toBe('challenge');
+      staged.push({
+        client,
+        clientFirst,
+        serverFirst: Buffer.from(challenge.getText(), 'base64').toString(),
+      });
+    }
+    const answers = await Promise.all(
+      staged.map(({ client, clientFirst, serverFirst }, i) => {
+        const { message } = scramClientFinal({
+          hash: 'sha256',
+          password: `guess-${i}`,
+          clientFirst,
+          serverFirst,
+        });
+        client.send(`<response xmlns='${SASL}'>${Buffer.from(message).toString('base64')}</response>`);
+        return client.next();
+      }),
+    );
+    // Checked: not-authorized, or temporary-auth-failure "Try again later" for the one reaching
+    // the limit; refused unchecked: temporary-auth-failure naming the address.
+    const unchecked = answers.filter((answer) => /your address/.test(answer.getChildText('text') ?? ''));
+    expect(answers.every((answer) => answer.name === 'failure')).toBe(true);
+    expect(answers.length - unchecked.length).toBe(10);
+    expect(await stack.server.users.addressFailures('127.0.0.14')).toBe(10);
   });
 
   it('answers an unknown account from a throttled address exactly as an existing one', async () => {

@@ -189,6 +189,53 @@ describe('authentication failure counter', () => {
     expect(await timed.authFailures(jid)).toBe(10);
   });
 
+  it('admits exactly as many of 20 concurrent attempts as the limit leaves, counting each in the same write', async () => {
+    const address = '203.0.113.50';
+    await users.recordAddressFailure(address, 300);
+    const taken = await Promise.all(
+      Array.from({ length: 20 }, () => users.takeAuthAttempt({ address }, 300, { below: 10 })),
+    );
+    const admitted = taken.filter((attempt) => attempt !== undefined);
+    // One failure before: nine more fit under the limit of ten; the other eleven are refused uncounted.
+    expect(admitted).toHaveLength(9);
+    expect(admitted.map((attempt) => attempt?.failures).sort((a, b) => (a ?? 0) - (b ?? 0))).toEqual([
+      2, 3, 4, 5, 6, 7, 8, 9, 10,
+    ]);
+    expect(await users.addressFailures(address)).toBe(10);
+    // Given back (a success): one fits again.
+    await users.giveBackAuthAttempt(admitted[0] as NonNullable<(typeof admitted)[number]>);
+    expect(await users.addressFailures(address)).toBe(9);
+    expect(await users.takeAuthAttempt({ address }, 300, { below: 10 })).toMatchObject({ failures: 10 });
+    expect(await users.takeAuthAttempt({ address }, 300, { below: 10 })).toBeUndefined();
+  });
+
+  it("lets one attempt on an account past its limit through per slowdown, and a new window's first always", async () => {
+    let clock = Date.UTC(2032, 0, 1);
+    const timed = createUserStore(doc, table, { now: () => clock });
+    const account = 'slowed@localhost';
+    for (let i = 0; i < 3; i++) await timed.recordAuthFailure(account, 60);
+    const slowdown = 10_000;
+    const admit = () => ({ below: 3, orLastAtMost: clock - slowdown });
+    // At the limit, within the slowdown of the last attempt: refused, and nothing counted.
+    expect(await timed.takeAuthAttempt({ account }, 60, admit())).toBeUndefined();
+    expect(await timed.authFailures(account)).toBe(3);
+    clock += slowdown;
+    // Once the slowdown has passed, five attempts at once: one goes through.
+    const taken = await Promise.all(
+      Array.from({ length: 5 }, () => timed.takeAuthAttempt({ account }, 60, admit())),
+    );
+    expect(taken.filter((attempt) => attempt !== undefined)).toHaveLength(1);
+    expect(await timed.authFailures(account)).toBe(4);
+    // Past the window: a new one starts with this attempt, admitted.
+    clock += 60_000;
+    expect(await timed.takeAuthAttempt({ account }, 60, admit())).toMatchObject({ failures: 1 });
+    // An attempt from the old window given back changes nothing in the new one.
+    await timed.giveBackAuthAttempt(
+      taken.find((attempt) => attempt !== undefined) as NonNullable<(typeof taken)[number]>,
+    );
+    expect(await timed.authFailures(account)).toBe(1);
+  });
+
   it('clears', async () => {
     await users.recordAuthFailure('clear@localhost', 300);
     await users.clearAuthFailures('clear@localhost');
