@@ -6,10 +6,10 @@
  * Failures look the same for a wrong password and an unknown user (decoy credentials with the
  * deployment's iteration count, same reads). Failures are counted per connection, per account
  * name and per source address (API Gateway's `identity.sourceIp`); past the limits, attempts
- * are refused before the password is checked (see `admit`), answered at once with
+ * are refused before the password is checked (see `takeAttempt`), answered at once with
  * `temporary-auth-failure`: nothing sleeps inside the stream function. An attempt is counted
- * in the same write that admits it to the check (`takeAttempt`), and given back if it succeeds,
- * so attempts arriving together cannot all pass the limits.
+ * in the same write that admits it to the check, and given back if it succeeds, so attempts
+ * arriving together cannot all pass the limits.
  */
 import { createHmac } from 'node:crypto';
 import { Element } from 'ltx';
@@ -120,36 +120,25 @@ interface Admitted extends Gate {
 
 const NO_RECORD: LoginRecord = { authFailures: 0, knownAddresses: {} };
 
+/** The account's keys, failure count and known addresses: what the limits and the check need. */
+async function admit(stream: Stream, account: string | undefined): Promise<Gate> {
+  return { record: account ? await stream.server.users.loginRecord(account) : NO_RECORD };
+}
+
 /**
  * Decides whether an attempt may go on to the password check (Prosody's mod_limit_auth and
- * ejabberd's mod_fail2ban refuse a throttled address before checking anything):
+ * ejabberd's mod_fail2ban refuse a throttled address before checking anything), counting it in
+ * the same write that checks the limit (`takeAuthAttempt`):
  * - past `authFailuresPerAddress` failures in the window, everything from that address is refused
  *   unchecked, the right password too, until the window passes;
  * - past `authFailuresPerAccount` failures, attempts on the account from addresses it never logged
  *   in from are let through one per `authAccountSlowdownSeconds`: slowed, never locked, and the
  *   owner from a known address is never held up.
- * Existing and unknown accounts go through the same reads and the same answers. No sleeping:
- * refused attempts are answered at once.
- */
-async function admit(stream: Stream, account: string | undefined): Promise<Gate | SaslError> {
-  const { server } = stream;
-  const address = stream.state.sourceIp;
-  const [record, addressFailures] = await Promise.all([
-    account ? server.users.loginRecord(account) : NO_RECORD,
-    address ? server.users.addressFailures(address) : 0,
-  ]);
-  const refused = judge(stream, record, addressFailures);
-  return refused ?? { record };
-}
-
-/**
- * Admits an attempt to the password check, counting it in the same write that checks the limits
- * (`takeAuthAttempt`): the address's first (everything from a throttled address is refused), then
- * the account's, only for an address it never logged in from (one let through per slowdown past
- * its limit). SCRAM's client-final is so judged on the counts as they are now: an exchange begun
- * while the limits let it (many staged on as many connections, their finals sent together once
- * the guesses of the first ones failed, or at once) is not checked past them. Refused, nothing
- * stays counted.
+ * SCRAM is judged at its client-final, on the counts as they are then: exchanges begun while the
+ * limits let them (many staged on as many connections, their finals sent once the guesses of the
+ * first ones failed, or all at once) are not checked past them. Existing and unknown accounts go
+ * through the same reads and writes and get the same answers. Refused, nothing stays counted; no
+ * sleeping: refused attempts are answered at once.
  */
 async function takeAttempt(
   stream: Stream,
@@ -186,17 +175,6 @@ const addressThrottled = () =>
   new SaslError('temporary-auth-failure', 'Too many failed attempts from your address; try again later');
 const accountSlowed = () =>
   new SaslError('temporary-auth-failure', 'Too many failed attempts on this account; try again later');
-
-function judge(stream: Stream, record: LoginRecord, addressFailures: number): SaslError | undefined {
-  const { config } = stream.server;
-  const address = stream.state.sourceIp;
-  if (addressFailures >= config.authFailuresPerAddress) return addressThrottled();
-  const known = address !== undefined && address in record.knownAddresses;
-  const slowedUntil = (record.lastFailureAt ?? 0) + config.authAccountSlowdownSeconds * 1000;
-  if (record.authFailures >= config.authFailuresPerAccount && !known && Date.now() < slowedUntil)
-    return accountSlowed();
-  return undefined;
-}
 
 /** Tells observers (metrics) how an attempt ended; `condition` is the `<failure/>` sent. */
 async function report(stream: Stream, mechanism: string | undefined, condition?: string): Promise<void> {
@@ -294,9 +272,7 @@ async function fail(
 async function startPlain(stream: Stream, payload: string): Promise<void> {
   const message = parsePlain(decodeSaslPayload(payload));
   const account = accountOf(stream, message.authcid);
-  const read = await admit(stream, account);
-  if (read instanceof SaslError) return refuse(stream, 'PLAIN', read);
-  const gate = await takeAttempt(stream, account, read);
+  const gate = await takeAttempt(stream, account, await admit(stream, account));
   if (gate instanceof SaslError) return refuse(stream, 'PLAIN', gate);
   const stored = gate.record.user;
   const credentials = stored?.scram.sha256 ?? (await decoy(stream, account, message.authcid, 'sha256'));
@@ -317,7 +293,6 @@ async function scramFirst(stream: Stream, mechanism: string, payload: string): P
     throw new SaslError('invalid-authzid', 'You may only act as yourself');
   }
   const gate = await admit(stream, account);
-  if (gate instanceof SaslError) return refuse(stream, mechanism, gate);
   const credentials: ScramCredentials =
     gate.record.user?.scram[hash] ?? (await decoy(stream, account, clientFirst.username, hash));
   // The server nonce is the frame's own: a redelivered <auth/> (its challenge went out, the

@@ -611,6 +611,11 @@ export interface SmQueueStore {
   deferProbe(smId: string, connectionId: string, at: number): Promise<void>;
 }
 
+/** A sweeper's method in a bundle built without the sweeper's phases: never called there. */
+function sweeperOnly(): Promise<never> {
+  return Promise.reject(new Error('the sweep index is listed by the sweeper only'));
+}
+
 export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): SmQueueStore {
   /**
    * The sessions of one kind of sweep entry due by `upTo`, oldest first, from all its partition
@@ -619,97 +624,102 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
    * so the items are read by key after it, consistently; one that moved on since the index saw
    * it (the index lags) is left out. The shards' index pages are merged by `sweepAt`, so only the
    * `limit` oldest are read, and a shard is read further only when its page is used up.
+   * Only the sweeper lists: the condition is folded at build time, and the other functions'
+   * bundles drop this code (`bundleDefines`).
    */
-  async function listSwept(kind: string, upTo: number, limit: number): Promise<SmQueueItem[]> {
-    interface IndexKey {
-      pk: string;
-      sk: string;
-      sweepAt: number;
-      shard: string;
-    }
-    const shards = sweepShardsOf(kind).map((shard) => ({
-      shard,
-      keys: [] as IndexKey[],
-      start: undefined as Record<string, unknown> | undefined,
-      done: false,
-    }));
-    const found: SmQueueItem[] = [];
-    // An entry moving between key values (a legacy entry to its shard) may be listed under both
-    // while the index lags: its row is read once (BatchGetItem refuses a repeated key) and found once.
-    const foundIds = new Set<string>();
-    // Rounds until `limit` items are found or the index has no more: a round the check shortened
-    // does not read as the last one to the sweeper (it stops at a short page).
-    while (found.length < limit) {
-      await Promise.all(
-        shards.map(async (state) => {
-          if (state.done || state.keys.length > 0) return;
-          const { Items = [], LastEvaluatedKey } = await doc.send(
-            new QueryCommand({
-              TableName: table,
-              IndexName: SWEEP_INDEX,
-              KeyConditionExpression: 'sweepShard = :shard AND sweepAt <= :upTo',
-              ExpressionAttributeValues: { ':shard': state.shard, ':upTo': upTo },
-              Limit: limit,
-              ...(state.start ? { ExclusiveStartKey: state.start } : {}),
-            }),
-          );
-          for (const item of Items)
-            state.keys.push({
-              pk: item.pk as string,
-              sk: item.sk as string,
-              sweepAt: item.sweepAt as number,
-              shard: state.shard,
-            });
-          state.start = LastEvaluatedKey;
-          if (!LastEvaluatedKey) state.done = true;
-        }),
-      );
-      // The oldest keys across the shards; a shard whose page ran out while it has more must be
-      // read again before anything later than its last key is taken.
-      const taken: IndexKey[] = [];
-      while (taken.length < limit - found.length) {
-        let oldest: (typeof shards)[number] | undefined;
-        for (const state of shards) {
-          const head = state.keys[0];
-          if (head && (!oldest || head.sweepAt < (oldest.keys[0] as IndexKey).sweepAt)) oldest = state;
-        }
-        if (!oldest) break;
-        const key = oldest.keys.shift() as IndexKey;
-        if (!foundIds.has(key.pk)) taken.push(key);
-        if (oldest.keys.length === 0 && !oldest.done) break;
-      }
-      if (taken.length === 0) {
-        // Every key this round was a session found already: go on while a shard has more.
-        if (shards.every((state) => state.done && state.keys.length === 0)) break;
-        continue;
-      }
-      const shardsOf = new Map<string, { sk: string; shards: Set<string> }>();
-      for (const { pk, sk, shard } of taken) {
-        const known = shardsOf.get(pk);
-        if (known) known.shards.add(shard);
-        else shardsOf.set(pk, { sk, shards: new Set([shard]) });
-      }
-      const rows = await batchGetAll(
-        doc,
-        table,
-        [...shardsOf].map(([pk, { sk }]) => ({ pk, sk })),
-        { consistent: true, concurrency: 4 },
-      );
-      for (const row of rows) {
-        const pk = row.pk as string;
-        if (
-          !foundIds.has(pk) &&
-          shardsOf.get(pk)?.shards.has(row.sweepShard as string) &&
-          typeof row.sweepAt === 'number' &&
-          row.sweepAt <= upTo
-        ) {
-          foundIds.add(pk);
-          found.push(toItem(row));
-        }
-      }
-    }
-    return found.sort((a, b) => (a.sweepAt ?? 0) - (b.sweepAt ?? 0));
-  }
+  const listSwept =
+    process.env.NIMBUS_SWEEPS === 'false'
+      ? sweeperOnly
+      : async (kind: string, upTo: number, limit: number): Promise<SmQueueItem[]> => {
+          interface IndexKey {
+            pk: string;
+            sk: string;
+            sweepAt: number;
+            shard: string;
+          }
+          const shards = sweepShardsOf(kind).map((shard) => ({
+            shard,
+            keys: [] as IndexKey[],
+            start: undefined as Record<string, unknown> | undefined,
+            done: false,
+          }));
+          const found: SmQueueItem[] = [];
+          // An entry moving between key values (a legacy entry to its shard) may be listed under both
+          // while the index lags: its row is read once (BatchGetItem refuses a repeated key) and found once.
+          const foundIds = new Set<string>();
+          // Rounds until `limit` items are found or the index has no more: a round the check shortened
+          // does not read as the last one to the sweeper (it stops at a short page).
+          while (found.length < limit) {
+            await Promise.all(
+              shards.map(async (state) => {
+                if (state.done || state.keys.length > 0) return;
+                const { Items = [], LastEvaluatedKey } = await doc.send(
+                  new QueryCommand({
+                    TableName: table,
+                    IndexName: SWEEP_INDEX,
+                    KeyConditionExpression: 'sweepShard = :shard AND sweepAt <= :upTo',
+                    ExpressionAttributeValues: { ':shard': state.shard, ':upTo': upTo },
+                    Limit: limit,
+                    ...(state.start ? { ExclusiveStartKey: state.start } : {}),
+                  }),
+                );
+                for (const item of Items)
+                  state.keys.push({
+                    pk: item.pk as string,
+                    sk: item.sk as string,
+                    sweepAt: item.sweepAt as number,
+                    shard: state.shard,
+                  });
+                state.start = LastEvaluatedKey;
+                if (!LastEvaluatedKey) state.done = true;
+              }),
+            );
+            // The oldest keys across the shards; a shard whose page ran out while it has more must be
+            // read again before anything later than its last key is taken.
+            const taken: IndexKey[] = [];
+            while (taken.length < limit - found.length) {
+              let oldest: (typeof shards)[number] | undefined;
+              for (const state of shards) {
+                const head = state.keys[0];
+                if (head && (!oldest || head.sweepAt < (oldest.keys[0] as IndexKey).sweepAt)) oldest = state;
+              }
+              if (!oldest) break;
+              const key = oldest.keys.shift() as IndexKey;
+              if (!foundIds.has(key.pk)) taken.push(key);
+              if (oldest.keys.length === 0 && !oldest.done) break;
+            }
+            if (taken.length === 0) {
+              // Every key this round was a session found already: go on while a shard has more.
+              if (shards.every((state) => state.done && state.keys.length === 0)) break;
+              continue;
+            }
+            const shardsOf = new Map<string, { sk: string; shards: Set<string> }>();
+            for (const { pk, sk, shard } of taken) {
+              const known = shardsOf.get(pk);
+              if (known) known.shards.add(shard);
+              else shardsOf.set(pk, { sk, shards: new Set([shard]) });
+            }
+            const rows = await batchGetAll(
+              doc,
+              table,
+              [...shardsOf].map(([pk, { sk }]) => ({ pk, sk })),
+              { consistent: true, concurrency: 4 },
+            );
+            for (const row of rows) {
+              const pk = row.pk as string;
+              if (
+                !foundIds.has(pk) &&
+                shardsOf.get(pk)?.shards.has(row.sweepShard as string) &&
+                typeof row.sweepAt === 'number' &&
+                row.sweepAt <= upTo
+              ) {
+                foundIds.add(pk);
+                found.push(toItem(row));
+              }
+            }
+          }
+          return found.sort((a, b) => (a.sweepAt ?? 0) - (b.sweepAt ?? 0));
+        };
 
   /**
    * Removes stale sender marks (marksToPrune), all only if none changed since they were read: a

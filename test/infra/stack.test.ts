@@ -650,12 +650,17 @@ describe('functions', () => {
       const code = fn.node.findAll().find((child) => child instanceof AssetStaging) as AssetStaging;
       return readFileSync(join(code.absoluteStagedPath, 'index.mjs'), 'utf8');
     };
-    // A log line of the probe phase (xep-0198) and of the archive step's isolation.
+    // A log line of the probe phase (xep-0198), the archive step's isolation, and the sweep
+    // index's listing (sm-queue.ts listSwept, a store method only the sweeper calls).
+    const sweepIndexQuery = 'sweepShard = :shard AND sweepAt <= :upTo';
     expect(bundle('sweeper')).toContain('probe found a vanished socket');
     expect(bundle('sweeper')).toContain('"archive-expiry"');
+    expect(bundle('sweeper')).toContain(sweepIndexQuery);
     for (const name of ['stream', 'connect'] as const) {
       expect(bundle(name)).not.toContain('probe found a vanished socket');
       expect(bundle(name)).not.toContain('"archive-expiry"');
+      expect(bundle(name)).not.toContain(sweepIndexQuery);
+      expect(bundle(name)).toContain('the sweep index is listed by the sweeper only');
     }
   });
 
