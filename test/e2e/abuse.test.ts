@@ -46,6 +46,22 @@ async function connectFrom(address: string): Promise<RawClient> {
   return client;
 }
 
+/** `count` SCRAM exchanges begun (client-first sent, challenge read) on as many connections from `address`. */
+async function stageScram(address: string, user: string, count: number, nonce: string) {
+  const staged: { client: RawClient; clientFirst: string; serverFirst: string }[] = [];
+  for (let i = 0; i < count; i++) {
+    const client = await connectFrom(address);
+    const clientFirst = scramClientFirst(user, `${nonce}-${i}`);
+    client.send(
+      `<auth xmlns='${SASL}' mechanism='SCRAM-SHA-256'>${Buffer.from(clientFirst).toString('base64')}</auth>`,
+    );
+    const challenge = await client.next();
+    expect(challenge.name).toBe('challenge');
+    staged.push({ client, clientFirst, serverFirst: Buffer.from(challenge.getText(), 'base64').toString() });
+  }
+  return staged;
+}
+
 const plain = (user: string, password: string) => Buffer.from(`\0${user}\0${password}`).toString('base64');
 
 /** One PLAIN attempt on a fresh connection from `address`; the server's answer. */
@@ -79,21 +95,7 @@ describe('guessing from one address', () => {
   it('judges a SCRAM exchange again at its last step: ones staged before the limit are not checked past it', async () => {
     // RFC 6120 §6.4.5 lets a server limit retries; staging many client-firsts while the address
     // has no failures, then sending the finals, must not get more guesses checked than the limit.
-    const staged: { client: RawClient; clientFirst: string; serverFirst: string }[] = [];
-    for (let i = 0; i < 12; i++) {
-      const client = await connectFrom('127.0.0.4');
-      const clientFirst = scramClientFirst('heidi', `staged-nonce-${i}`);
-      client.send(
-        `<auth xmlns='${SASL}' mechanism='SCRAM-SHA-256'>${Buffer.from(clientFirst).toString('base64')}</auth>`,
-      );
-      const challenge = await client.next();
-      expect(challenge.name).toBe('challenge');
-      staged.push({
-        client,
-        clientFirst,
-        serverFirst: Buffer.from(challenge.getText(), 'base64').toString(),
-      });
-    }
+    const staged = await stageScram('127.0.0.4', 'heidi', 12, 'staged-nonce');
     const final = (at: number, password: string) => {
       const { client, clientFirst, serverFirst } = staged[at] as (typeof staged)[number];
       const { message } = scramClientFinal({ hash: 'sha256', password, clientFirst, serverFirst });
@@ -115,21 +117,7 @@ describe('guessing from one address', () => {
     // Each final is its own connection's frame, handled concurrently: a limit read before the
     // check and counted after it would let every one of them through. The guess is counted as
     // it is admitted (given back on success), so the limit holds however many arrive together.
-    const staged: { client: RawClient; clientFirst: string; serverFirst: string }[] = [];
-    for (let i = 0; i < 16; i++) {
-      const client = await connectFrom('127.0.0.14');
-      const clientFirst = scramClientFirst('kate', `burst-nonce-${i}`);
-      client.send(
-        `<auth xmlns='${SASL}' mechanism='SCRAM-SHA-256'>${Buffer.from(clientFirst).toString('base64')}</auth>`,
-      );
-      const challenge = await client.next();
-      expect(challenge.name).toBe('challenge');
-      staged.push({
-        client,
-        clientFirst,
-        serverFirst: Buffer.from(challenge.getText(), 'base64').toString(),
-      });
-    }
+    const staged = await stageScram('127.0.0.14', 'kate', 16, 'burst-nonce');
     const answers = await Promise.all(
       staged.map(({ client, clientFirst, serverFirst }, i) => {
         const { message } = scramClientFinal({
