@@ -272,15 +272,16 @@ async function fail(
 async function startPlain(stream: Stream, payload: string): Promise<void> {
   const message = parsePlain(decodeSaslPayload(payload));
   const account = accountOf(stream, message.authcid);
+  // As SCRAM's client-first: before anything is read or counted, whatever the password.
+  if (message.authzid !== undefined && accountOf(stream, message.authzid) !== account) {
+    throw new SaslError('invalid-authzid', 'You may only act as yourself');
+  }
   const gate = await takeAttempt(stream, account, await admit(stream, account));
   if (gate instanceof SaslError) return refuse(stream, 'PLAIN', gate);
   const stored = gate.record.user;
   const credentials = stored?.scram.sha256 ?? (await decoy(stream, account, message.authcid, 'sha256'));
   const valid = await verifyPlain(message.password, 'sha256', credentials);
   if (!valid || !account || !stored) return fail(stream, 'PLAIN', account, gate);
-  if (message.authzid !== undefined && accountOf(stream, message.authzid) !== account) {
-    throw new SaslError('invalid-authzid', 'You may only act as yourself');
-  }
   await succeed(stream, 'PLAIN', account, gate);
 }
 

@@ -260,6 +260,9 @@ async function deliverToSmSession(
     // An earlier delivery of this frame may have queued it already, and posted it or not; or,
     // its entry acknowledged since, may still hold the stream (SM_POST_ORDER=serial).
     const queued = await server.smQueue.get(smId);
+    // Resumed on another connection since: that resume goes on from the queue as it found it
+    // (settling this key here would close the new connection and mark what it replayed).
+    if (movedFrom(queued, options.attachedTo)) return 'gone';
     const at = queued?.entries.findIndex((waiting) => waiting.k === key) ?? -1;
     if (queued && (at >= 0 || (serial && heldBy(queued, key)))) {
       server.log.debug('stanza already in the stream-management queue', { smId, id: stanza.attrs.id });
@@ -290,9 +293,10 @@ async function deliverToSmSession(
       : undefined;
   const result = await appendOnce(server, smId, entry, token, mark, options.answer, options.attachedTo);
   if (result.kind === 'found') {
-    // Found by its key after a failed write, on a session that has moved since: the resume that
-    // took it found this entry queued and goes on from it.
-    if (options.attachedTo !== undefined && result.item.connectionId !== options.attachedTo) return 'gone';
+    // Found by its key after a failed write, on a session resumed elsewhere since: the resume that
+    // took it found this entry queued and goes on from it. (Detached, it is settled as any other:
+    // a later entry may have reached the client first, and the resume's count must not cover it.)
+    if (movedFrom(result.item, options.attachedTo)) return 'gone';
     return settleUnknownPost(server, smId, key, result.item, 'uncertain-append');
   }
   server.log.debug('stanza to a stream-management queue', {
@@ -411,6 +415,20 @@ async function deliverToSmSession(
     await postQueued(server, item.connectionId, ackRequest(item.version, number));
   }
   return 'sent';
+}
+
+/**
+ * An `attachedTo` delivery's session resumed on another connection (DeliveryOptions.attachedTo);
+ * not one merely detached, whose resume is still to come.
+ */
+function movedFrom(item: SmQueueItem | undefined, attachedTo: string | undefined): boolean {
+  return (
+    attachedTo !== undefined &&
+    item !== undefined &&
+    !item.ended &&
+    item.connectionId !== undefined &&
+    item.connectionId !== attachedTo
+  );
 }
 
 /** Whether the stream is held by a delivery of `key` (an attempt's token is `<key>#<random>`). */

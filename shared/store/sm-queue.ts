@@ -970,9 +970,17 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           const ambiguous = error instanceof AmbiguousWriteError;
           if (!ambiguous && !isConditionFailure(error)) throw error;
           const current = await this.get(smId);
-          // Taken by a resume elsewhere, or detached: whether this write ran or not, that resume
-          // found the queue as it was (and goes on from it), so the appender stops here.
-          if (attachedTo !== undefined && current && !current.ended && current.connectionId !== attachedTo)
+          // Taken by a resume elsewhere: whether this write ran or not, that resume found the queue
+          // as it was (and goes on from it), so the appender stops here. Detached: likewise, unless
+          // an earlier try of this very append queued it (its answer lost), which is found below
+          // as before, so that the caller settles it (a later entry may have reached the client).
+          if (
+            attachedTo !== undefined &&
+            current &&
+            !current.ended &&
+            current.connectionId !== attachedTo &&
+            (current.connectionId !== undefined || !current.entries.some((queued) => queued.k === entry.k))
+          )
             return { kind: 'moved' };
           if (current && keyed) {
             const at = current.entries.findIndex((queued) => queued.k === entry.k);

@@ -457,7 +457,8 @@ export function createUserStore(
               ...(admit ? { ':below': admit.below } : {}),
               ...(admit?.orLastAtMost === undefined ? {} : { ':lastAtMost': admit.orLastAtMost }),
             },
-            ReturnValues: 'UPDATED_NEW',
+            // The whole (small) item: the window's end is wanted even when if_not_exists kept it.
+            ReturnValues: 'ALL_NEW',
             ...(admit ? { ReturnValuesOnConditionCheckFailure: 'ALL_OLD' as const } : {}),
           }),
         );

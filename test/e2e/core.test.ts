@@ -114,15 +114,20 @@ describe('RFC 6120 §6 SASL', () => {
   });
 
   it('refuses a PLAIN login whose authzid names another account, right password or not: <invalid-authzid/>', async () => {
-    const raw = await RawClient.connect(stack.url);
-    await raw.open();
-    raw.send(
-      `<auth xmlns='${SASL}' mechanism='PLAIN'>${encodeSaslPayload('romeo@localhost\0frank\0frank-secret')}</auth>`,
-    );
-    const failure = await raw.next();
-    expect(failure.is('failure', SASL)).toBe(true);
-    expect(failure.getChild('invalid-authzid')).toBeDefined();
-    raw.close();
+    const failuresBefore = await stack.server.users.authFailures('frank@localhost');
+    for (const password of ['frank-secret', 'wrong']) {
+      const raw = await RawClient.connect(stack.url);
+      await raw.open();
+      raw.send(
+        `<auth xmlns='${SASL}' mechanism='PLAIN'>${encodeSaslPayload(`romeo@localhost\0frank\0${password}`)}</auth>`,
+      );
+      const failure = await raw.next();
+      expect(failure.is('failure', SASL)).toBe(true);
+      expect(failure.getChild('invalid-authzid')).toBeDefined();
+      raw.close();
+    }
+    // Refused before the password is looked at: no guess was checked, none is counted.
+    expect(await stack.server.users.authFailures('frank@localhost')).toBe(failuresBefore);
   });
 
   async function failedScram(user: string, password: string) {

@@ -432,9 +432,11 @@ describe('paced XEP-0013 transfers across redeliveries and resumes', () => {
    * what the old frame would have appended after the resume took the session must not reach the
    * client a second time.
    */
-  async function resumeMidWindow(kind: 'fetch' | 'flood') {
-    const t = await inbox(8, { SM_QUEUE_MAX: '8' });
-    const [oldC, newC] = kind === 'fetch' ? ['g7', 'g8'] : ['g9', 'g10'];
+  async function resumeMidWindow(kind: 'fetch' | 'flood', at: 'post' | 'redelivered-ack' = 'post') {
+    // With SM_POST_ORDER=checked the resumed stream does not hold the session once its replay is
+    // over, so an old frame that found its key queued there would close the new connection.
+    const t = await inbox(8, { SM_QUEUE_MAX: '8', ...(at === 'post' ? {} : { SM_POST_ORDER: 'checked' }) });
+    const [oldC, newC] = at === 'post' ? (kind === 'fetch' ? ['g7', 'g8'] : ['g9', 'g10']) : ['g11', 'g12'];
     await t.login(oldC);
     const smId = await t.enable(oldC);
     if (kind === 'fetch') await t.frame(oldC, t.fetch('f1'), `${oldC}-fetch`);
@@ -443,22 +445,36 @@ describe('paced XEP-0013 transfers across redeliveries and resumes', () => {
     expect(t.story(oldC).filter((s) => s.startsWith('m'))).toEqual(['m1', 'm2', 'm3', 'm4']);
     await t.server.sessions.createConnection(newC, Date.now());
     await t.server.sessions.updateConnection(newC, { streamOpen: true, user: t.user });
-    const base = t.handled(oldC) + 1;
+    // The client's count at its resume: with m5 (posted), or without m3, m4 (lost with the socket).
+    const base = at === 'post' ? t.handled(oldC) + 1 : t.handled(oldC) - 2;
     const post = t.port.post.bind(t.port);
     let resumed = false;
+    const resume = async () => {
+      resumed = true;
+      t.port.gone.add(oldC);
+      await t.frame(newC, `<resume xmlns='${SM3}' previd='${smId}' h='${base}'/>`, `${newC}-resume`);
+    };
     t.port.post = async (connectionId, data, notAfter) => {
       const result = await post(connectionId, data, notAfter);
-      if (!resumed && connectionId === oldC && data.includes('<body>m5<')) {
-        // The client got m5 and its socket went: it resumes, counting everything up to m5.
-        resumed = true;
-        t.port.gone.add(oldC);
-        await t.frame(newC, `<resume xmlns='${SM3}' previd='${smId}' h='${base}'/>`, `${newC}-resume`);
-      }
+      // The client got m5 and its socket went: it resumes, counting everything up to m5.
+      if (at === 'post' && !resumed && connectionId === oldC && data.includes('<body>m5<')) await resume();
       return result;
     };
+    // Or: a redelivery of the `<a/>` frame (SQS at least once) of m1, m2 has applied the ack (the
+    // queue trimmed, the flooded messages it covers removed from storage) when the client, whose
+    // socket went, resumes: m3, m4 are sent again and the flood goes on there at once (m5..m8);
+    // the old frame then goes on with its next window, m5 first, found queued.
+    const remove = t.server.offline.remove.bind(t.server.offline);
+    const restore = intercept(t.server.offline, 'remove', async (...args) => {
+      const result = await remove(...args);
+      if (at === 'redelivered-ack' && !resumed) await resume();
+      return result;
+    });
     // The client acknowledges m1..m4: the old connection's frame starts the next window.
-    await t.frame(oldC, `<a xmlns='${SM3}' h='${t.handled(oldC)}'/>`, `${oldC}-a1`).catch(() => undefined);
+    const ack = `<a xmlns='${SM3}' h='${at === 'post' ? t.handled(oldC) : base}'/>`;
+    await t.frame(oldC, ack, `${oldC}-a1`, t.nextSeq(), at === 'post' ? 1 : 2).catch(() => undefined);
     t.port.post = post;
+    restore();
     expect(resumed).toBe(true);
     for (let i = 0; i < 8; i++) {
       if (kind === 'fetch' && t.story(newC).includes('iq f1 result')) break;
@@ -475,6 +491,13 @@ describe('paced XEP-0013 transfers across redeliveries and resumes', () => {
     // XEP-0013 §2.3: "the server MUST send all of the messages to the client"; here, once each.
     expect(resumed).toEqual(['m6', 'm7', 'm8', 'iq f1 result']);
     expect(stored).toBe(8);
+  });
+
+  it('a resume right after a redelivered <a/> frame of the old connection applied its ack (flood): the new stream stays, each message once', async () => {
+    const { old, resumed, stored } = await resumeMidWindow('flood', 'redelivered-ack');
+    expect(old).toEqual(['m1', 'm2', 'm3', 'm4']);
+    expect(resumed).toEqual(['m3', 'm4', 'm5', 'm6', 'm7', 'm8']);
+    expect(stored).toBe(0);
   });
 
   it('a resume while an <a/> frame of the old connection is mid-window (flood): each message once, none left', async () => {

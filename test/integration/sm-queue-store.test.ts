@@ -131,6 +131,11 @@ describe('an append attached to its connection (DeliveryOptions.attachedTo: a tr
     ).toEqual({
       kind: 'moved',
     });
+    // Detached, and queued by an earlier try of this very append (its answer lost): found, as
+    // without it, so that the caller settles it (a later entry may have reached the client first).
+    expect(
+      await queue.append(smId, entry(3, { k: 'c:t:3' }), MAX, undefined, undefined, false, 'resumed-here'),
+    ).toMatchObject({ kind: 'queued', number: 2, found: 'refused' });
     const item = await queue.get(smId);
     expect(item?.entries.map((queued) => queued.k)).toEqual(['c:t:1', 'c:t:3']);
     // Without it, a detached session's queue takes the stanza for its resume, as before.
