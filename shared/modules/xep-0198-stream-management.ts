@@ -53,6 +53,7 @@ import {
   isSweepShardOf,
   markCovers,
   markFrame,
+  movedOn,
   NotSessionOwnerError,
   PROBE_AFTER_MS,
   postedUpTo,
@@ -330,6 +331,11 @@ async function deliverToSmSession(
     server.log.info('an append whose answer was lost was sent by a resume meanwhile', { smId, number });
     return 'sent';
   }
+  // Written, its answer lost, and the session detached meanwhile: it was never posted, and a later
+  // entry may have reached the client first, which the resume's count must not take as covering
+  // it. Settled as one found by its key (marked uncertain unless last).
+  if (result.found === 'ambiguous' && !item.connectionId)
+    return settleUnknownPost(server, smId, key, item, 'uncertain-append', 'answer lost, detached');
   // Acks are asked for by count and by bytes, and a queue holding too many bytes refuses more
   // (the senders wait) rather than grow toward DynamoDB's 400 KB item limit and end the stream.
   const bytes = queuedBytes(item.entries);
@@ -418,17 +424,11 @@ async function deliverToSmSession(
 }
 
 /**
- * An `attachedTo` delivery's session resumed on another connection (DeliveryOptions.attachedTo);
- * not one merely detached, whose resume is still to come.
+ * An `attachedTo` delivery's session resumed on another connection since (attached there, or
+ * detached from there: see `movedOn`); not one merely detached, whose resume is still to come.
  */
 function movedFrom(item: SmQueueItem | undefined, attachedTo: string | undefined): boolean {
-  return (
-    attachedTo !== undefined &&
-    item !== undefined &&
-    !item.ended &&
-    item.connectionId !== undefined &&
-    item.connectionId !== attachedTo
-  );
+  return attachedTo !== undefined && item !== undefined && !item.ended && movedOn(item, attachedTo);
 }
 
 /** Whether the stream is held by a delivery of `key` (an attempt's token is `<key>#<random>`). */

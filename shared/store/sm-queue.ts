@@ -611,6 +611,17 @@ export interface SmQueueStore {
   deferProbe(smId: string, connectionId: string, at: number): Promise<void>;
 }
 
+/**
+ * Whether a session left `connectionId` for another: attached to another, or detached from
+ * another (a resume took it, then lost its socket). Not one detached from that very connection,
+ * whose resume is still to come. (An attach removes `detachedFrom`; a detach always sets it.)
+ */
+export function movedOn(item: SmQueueItem, connectionId: string): boolean {
+  return item.connectionId !== undefined
+    ? item.connectionId !== connectionId
+    : item.detachedFrom !== undefined && item.detachedFrom !== connectionId;
+}
+
 /** A sweeper's method in a bundle built without the sweeper's phases: never called there. */
 function sweeperOnly(): Promise<never> {
   return Promise.reject(new Error('the sweep index is listed by the sweeper only'));
@@ -970,8 +981,9 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           const ambiguous = error instanceof AmbiguousWriteError;
           if (!ambiguous && !isConditionFailure(error)) throw error;
           const current = await this.get(smId);
-          // Taken by a resume elsewhere: whether this write ran or not, that resume found the queue
-          // as it was (and goes on from it), so the appender stops here. Detached: likewise, unless
+          // Taken by a resume elsewhere (attached there, or detached from there since): whether
+          // this write ran or not, that resume found the queue as it was (and goes on from it), so
+          // the appender stops here. Detached from the appender's own connection: likewise, unless
           // an earlier try of this very append queued it (its answer lost), which is found below
           // as before, so that the caller settles it (a later entry may have reached the client).
           if (
@@ -979,7 +991,8 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             current &&
             !current.ended &&
             current.connectionId !== attachedTo &&
-            (current.connectionId !== undefined || !current.entries.some((queued) => queued.k === entry.k))
+            (movedOn(current, attachedTo) ||
+              !(keyed && current.entries.some((queued) => queued.k === entry.k)))
           )
             return { kind: 'moved' };
           if (current && keyed) {

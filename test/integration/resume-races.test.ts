@@ -659,6 +659,55 @@ describe('an append whose answer was lost while a resume replayed it (seed 10 of
   });
 });
 
+describe('an append whose answer was lost while the session was detached, a later entry posted before the detach', () => {
+  it('is marked uncertain (SM_POST_ORDER=checked), so a resume whose count covers the later one sends it again', async () => {
+    const config = await createTestConfig({ SM_POST_ORDER: 'checked' });
+    const doc = createDocumentClient({ region: config.region, endpoint: config.dynamodbEndpoint });
+    const send = doc.send.bind(doc) as (command: unknown, ...rest: unknown[]) => Promise<unknown>;
+    let armed = true;
+    let later: () => Promise<unknown> = async () => undefined;
+    let detach: () => Promise<unknown> = async () => undefined;
+    // X is written while the session is on 'first'; before its answer (lost: a 500 after the
+    // write) comes back, another sender's Y is queued and posted to 'first', then the socket goes
+    // and the session is detached from it.
+    (doc as unknown as { send: typeof send }).send = async (command, ...rest) => {
+      const answer = await send(command, ...rest);
+      const update = (command as { input?: { UpdateExpression?: string } }).input?.UpdateExpression ?? '';
+      if (armed && update.includes('list_append')) {
+        armed = false;
+        await later();
+        await detach();
+        throw new AmbiguousWriteError('UpdateItem');
+      }
+      return answer;
+    };
+    const port = new RecordingPort();
+    const smId = 'sm-lost-answer-detached';
+    const { server, user, contact, stream, resume } = await sessionOf(
+      smId,
+      { SM_POST_ORDER: 'checked' },
+      port,
+      doc,
+    );
+    await server.smQueue.release(smId, 0);
+    await stream('first', 0);
+    await stream('new');
+    const chat = (body: string) =>
+      new Element('message', { to: `${user}/r`, from: contact, type: 'chat' }).c('body').t(body).root();
+    later = () => deliver(server, { connectionId: 'first', smId }, chat('Y'));
+    detach = () => server.smQueue.detach(smId, 'first', 0, Date.now() + 60_000, []);
+    expect(await deliver(server, { connectionId: 'first', smId }, chat('X'))).toBe('sent');
+    // The client got Y alone (X's post was never made) and counts one stanza.
+    expect((port.frames.get('first') ?? []).join('')).not.toContain('<body>X</body>');
+    expect((port.frames.get('first') ?? []).join('')).toContain('<body>Y</body>');
+    const item = await server.smQueue.get(smId);
+    expect(item?.entries.map((entry) => Boolean(entry.u))).toEqual([true, false]);
+    await resume('new', 1);
+    // XEP-0198 §5: the server resends what the client did not receive: X is not lost.
+    expect((port.frames.get('new') ?? []).join('')).toContain('<body>X</body>');
+  });
+});
+
 /**
  * SM_POST_ORDER=serial: the delivery whose append finds nobody holding the session posts its
  * queue in order; no two posts to a stream are in flight at once, so XEP-0198 §4's "h" ("the

@@ -136,6 +136,11 @@ describe('an append attached to its connection (DeliveryOptions.attachedTo: a tr
     expect(
       await queue.append(smId, entry(3, { k: 'c:t:3' }), MAX, undefined, undefined, false, 'resumed-here'),
     ).toMatchObject({ kind: 'queued', number: 2, found: 'refused' });
+    // But to the first connection, whose session a resume took and then lost its socket: moved,
+    // though the key is queued (the resume queued it, and posted it on its own connection).
+    expect(
+      await queue.append(smId, entry(3, { k: 'c:t:3' }), MAX, undefined, undefined, false, connectionId),
+    ).toEqual({ kind: 'moved' });
     const item = await queue.get(smId);
     expect(item?.entries.map((queued) => queued.k)).toEqual(['c:t:1', 'c:t:3']);
     // Without it, a detached session's queue takes the stanza for its resume, as before.
