@@ -74,6 +74,22 @@ async function session(
   return { smId, user, connectionId };
 }
 
+/**
+ * A document client whose consistent reads of the items show the sessions `movedOn` (their `pk`)
+ * due only at `sweepAt`, while the index still lists them as they were: resumed since it did.
+ */
+function movedSinceListed(movedOn: Set<string>, sweepAt: number): DynamoDBDocumentClient {
+  return {
+    send: async (command: unknown) => {
+      const output = await doc.send(command as never);
+      if (command instanceof BatchGetCommand)
+        for (const rows of Object.values((output as BatchGetCommandOutput).Responses ?? {}))
+          for (const row of rows) if (movedOn.has(row.pk as string)) row.sweepAt = sweepAt;
+      return output;
+    },
+  } as unknown as DynamoDBDocumentClient;
+}
+
 async function appendMany(smId: string, count: number, maxEntries = MAX, store: SmQueueStore = queue) {
   const numbers: number[] = [];
   for (let i = 1; i <= count; i++) {
@@ -803,15 +819,7 @@ describe('listExpired: the sparse sweep index', () => {
     }
     // The two oldest were resumed after the index listed them: their items say so.
     const movedOn = new Set(sessions.slice(0, 2).map((s) => `sm#${s.smId}`));
-    const lagging = {
-      send: async (command: unknown) => {
-        const output = await doc.send(command as never);
-        if (command instanceof BatchGetCommand)
-          for (const rows of Object.values((output as BatchGetCommandOutput).Responses ?? {}))
-            for (const row of rows) if (movedOn.has(row.pk as string)) row.sweepAt = t + 3_600_000;
-        return output;
-      },
-    } as unknown as DynamoDBDocumentClient;
+    const lagging = movedSinceListed(movedOn, t + 3_600_000);
     const due = await createSmQueueStore(lagging, table).listExpired(t + 1000, 3);
     expect(due.map((i) => i.smId)).toEqual(sessions.slice(2, 5).map((s) => s.smId));
   });
@@ -850,15 +858,7 @@ describe('listExpired: the sparse sweep index', () => {
     for (const at of [15, 100, 110, 120]) b.push(await detachedAt('detached#1', t + at));
     // The index listed a1, a2 and b1, which were resumed since (the consistent read says so).
     const movedOn = new Set([a[0], a[1], b[0]].map((smId) => `sm#${smId}`));
-    const lagging = {
-      send: async (command: unknown) => {
-        const output = await doc.send(command as never);
-        if (command instanceof BatchGetCommand)
-          for (const rows of Object.values((output as BatchGetCommandOutput).Responses ?? {}))
-            for (const row of rows) if (movedOn.has(row.pk as string)) row.sweepAt = t + 3_600_000;
-        return output;
-      },
-    } as unknown as DynamoDBDocumentClient;
+    const lagging = movedSinceListed(movedOn, t + 3_600_000);
     // Pages of 4: a1-a4 and b1-b4. The first round takes a1, b1, a2, a3 and keeps a3; the second
     // takes a4, the last of its page; a5 and a6 (on the next page) come before b2.
     const due = await createSmQueueStore(lagging, table).listExpired(t + 1000, 4);
