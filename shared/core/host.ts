@@ -242,11 +242,12 @@ export interface EventPayloads {
     /** The newest stored (offline) message the resume's replay sent again, if any. */
     offlineReplayedUpTo?: string;
     /**
-     * The keys of XEP-0013 transfer entries (`c:`) the queue held when the resume took it
-     * (`appended`: acknowledged by the resume's count or not) and after its replay
-     * (`unacknowledged`): what of a transfer's window in progress is out already.
+     * The keys of the queue's entries (SmEntry.k: a frame's delivery key, or DeliveryOptions.key)
+     * when the resume took it (`appended`: acknowledged by the resume's count or not) and after
+     * its replay (`unacknowledged`), while the stream has a transfer in progress: what of a
+     * transfer's window is out already (its entries are keyed by the transfer).
      */
-    transferKeys?: { appended: string[]; unacknowledged: string[] };
+    queuedKeys?: { appended: string[]; unacknowledged: string[] };
   };
   /**
    * The client acknowledged stanzas (XEP-0198) up to the session's outbound count `acked`;
@@ -256,8 +257,8 @@ export interface EventPayloads {
     stream: BoundStream;
     acked: number;
     unacknowledged: number;
-    /** As in `session-resumed`, while the stream's transfer has a window in progress. */
-    transferKeys?: { appended: string[]; unacknowledged: string[] };
+    /** As in `session-resumed` (the queue before this ack's trim), while a window is in progress. */
+    queuedKeys?: { appended: string[]; unacknowledged: string[] };
   };
   /**
    * A message for a local user with no resource to take it (RFC 6121 §8.5.2.2.1): offline

@@ -80,11 +80,11 @@ export function register(server: Server): void {
   // A flood cut short by the lost socket (its messages are still stored) carries on after a
   // resume: from the start when it still holds the session's messages (what was stored behind
   // the hold may sort before what was sent), skipping what the queue already holds.
-  host.hook('session-resumed', async ({ stream, resource, offlineReplayedUpTo, transferKeys }) => {
+  host.hook('session-resumed', async ({ stream, resource, offlineReplayedUpTo, queuedKeys: keys }) => {
     // A XEP-0013 fetch or view the old stream was serving goes on now: when the resume's count
     // covered its last window, no ack will come to move it.
     if (stream.state.transfer) {
-      await transferStep(stream, queuedKeys(transferKeys));
+      await transferStep(stream, queuedTransferKeys(keys));
     }
     if (!resource?.available || resource.priority < 0) return undefined;
     // Its flood was skipped for the rest of its availability (see floodOffline), which the
@@ -101,8 +101,8 @@ export function register(server: Server): void {
     await floodOffline(stream, [resource, ...others], resource.held, { resumedAfter: offlineReplayedUpTo });
     return undefined;
   });
-  host.hook('stanzas-acknowledged', async ({ stream, acked, unacknowledged, transferKeys }) => {
-    await continueTransfer(stream, acked, unacknowledged, queuedKeys(transferKeys));
+  host.hook('stanzas-acknowledged', async ({ stream, acked, unacknowledged, queuedKeys: keys }) => {
+    await continueTransfer(stream, acked, unacknowledged, queuedTransferKeys(keys));
     return undefined;
   });
 }
@@ -439,15 +439,27 @@ interface QueuedTransfer {
   unacknowledged: Set<string>;
 }
 
-function queuedKeys(keys?: { appended: string[]; unacknowledged: string[] }): QueuedTransfer | undefined {
+/** What of the queue's keys (the events' `queuedKeys`) are transfer entries. */
+function queuedTransferKeys(keys?: {
+  appended: string[];
+  unacknowledged: string[];
+}): QueuedTransfer | undefined {
   return keys
-    ? { appended: new Set(keys.appended), unacknowledged: new Set(keys.unacknowledged) }
+    ? { appended: transferKeysOf(keys.appended), unacknowledged: transferKeysOf(keys.unacknowledged) }
     : undefined;
+}
+
+/** Transfer entries are keyed `c:<transfer id>[:<node>]` (transferKey). */
+const TRANSFER_KEY_PREFIX = 'c:';
+
+function transferKeysOf(keys: (string | undefined)[]): Set<string> {
+  return new Set(keys.filter((key): key is string => key?.startsWith(TRANSFER_KEY_PREFIX) === true));
 }
 
 /** A XEP-0013 transfer's key for the copy of `node` in a stream-management queue, or for its result. */
 function transferKey(transfer: OfflineTransfer, node?: string): string {
-  return node === undefined ? `c:${transfer.id}` : `c:${transfer.id}:${node}`;
+  const key = `${TRANSFER_KEY_PREFIX}${transfer.id}`;
+  return node === undefined ? key : `${key}:${node}`;
 }
 
 /**
@@ -458,7 +470,7 @@ function transferKey(transfer: OfflineTransfer, node?: string): string {
 async function queuedTransfer(stream: BoundStream): Promise<QueuedTransfer> {
   const smId = stream.state.sm?.id;
   const item = smId ? await stream.server.smQueue.get(smId) : undefined;
-  const keys = new Set(item?.entries.flatMap((entry) => (entry.k?.startsWith('c:') ? [entry.k] : [])) ?? []);
+  const keys = transferKeysOf(item?.entries.map((entry) => entry.k) ?? []);
   return { appended: keys, unacknowledged: keys };
 }
 

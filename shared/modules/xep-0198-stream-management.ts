@@ -1488,18 +1488,18 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
     // it was queued, this ack's trim included, is not sent again.
     ...(stream.state.transfer?.window !== undefined
       ? {
-          transferKeys: {
-            appended: transferEntryKeys([...removed, ...remaining]),
-            unacknowledged: transferEntryKeys(remaining),
+          queuedKeys: {
+            appended: entryKeys([...removed, ...remaining]),
+            unacknowledged: entryKeys(remaining),
           },
         }
       : {}),
   });
 }
 
-/** The keys of XEP-0013 transfer entries (copies and results, `c:`; see DeliveryOptions.key). */
-function transferEntryKeys(entries: SmEntry[]): string[] {
-  return entries.flatMap((entry) => (entry.k?.startsWith('c:') ? [entry.k] : []));
+/** The keys of queue entries (SmEntry.k), for the modules that keyed them (DeliveryOptions.key). */
+function entryKeys(entries: SmEntry[]): string[] {
+  return entries.flatMap((entry) => (entry.k ? [entry.k] : []));
 }
 
 interface Trimmed {
@@ -1932,9 +1932,9 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
       ...(replayedOffline.length > 0 ? { offlineReplayedUpTo: replayedOffline.at(-1) } : {}),
       ...(stream.state.transfer
         ? {
-            transferKeys: {
-              appended: transferEntryKeys([...taken.entries, ...removed, ...(after?.entries ?? [])]),
-              unacknowledged: transferEntryKeys(after?.entries ?? []),
+            queuedKeys: {
+              appended: entryKeys([...taken.entries, ...removed, ...(after?.entries ?? [])]),
+              unacknowledged: entryKeys(after?.entries ?? []),
             },
           }
         : {}),
