@@ -759,11 +759,16 @@ async function viewWindow(stream: BoundStream, transfer: OfflineTransfer, budget
   return posted.blocked ? posted : { sent: posted.sent, done: rest.length === 0, ahead: true };
 }
 
-/** The stored messages this session's stream-management queue holds, unacknowledged. */
+/** The stored messages flooded to this session: still queued (unacknowledged), or acknowledged. */
 async function queuedOfflineIds(stream: BoundStream): Promise<Set<string>> {
   const smId = stream.state.sm?.id;
   const item = smId ? await stream.server.smQueue.get(smId) : undefined;
-  return new Set(item?.entries.flatMap((entry) => (entry.o ? [entry.o] : [])) ?? []);
+  // Also what the queue records as flooded and no longer holds (SmQueueItem.flooded): the client
+  // acknowledged it, and its removal from storage is pending.
+  return new Set([
+    ...(item?.entries.flatMap((entry) => (entry.o ? [entry.o] : [])) ?? []),
+    ...(item?.flooded ?? []),
+  ]);
 }
 
 /**

@@ -48,6 +48,7 @@ import {
 import {
   AckBeyondQueueError,
   type AppendResult,
+  acknowledgedFlooded,
   boundReached,
   countCovers,
   isSweepShardOf,
@@ -904,6 +905,11 @@ async function handBack(
  * as a new message, stamped with the flood's time.
  */
 async function toReroute(server: Server, item: SmQueueItem, from: number): Promise<UndeliveredStanza[]> {
+  // Flooded, acknowledged, and still in storage (the ack's frame died before removing them):
+  // removed now, or the user's next flood would bring them again. (An ended queue still holds its
+  // entries until its re-route is finished, which comes after this.)
+  const acknowledged = acknowledgedFlooded(item.flooded, item.entries);
+  if (acknowledged.length > 0) await server.offline.remove(item.user, acknowledged);
   const entries = item.entries.slice(from);
   await tellSenders(server, item, entries);
   const stanzas: UndeliveredStanza[] = [];
@@ -1424,10 +1430,11 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
   let remaining: SmEntry[];
   let out: number;
   let congested: boolean;
+  let acknowledgedOffline: string[];
   // What the queue was trimmed to: the count, or less when it vouches only for part of it.
   let trimmedTo = newBase;
   try {
-    ({ removed, remaining, out, congested } = await server.smQueue.acknowledge(
+    ({ removed, remaining, out, congested, acknowledgedOffline } = await server.smQueue.acknowledge(
       sm.id,
       sm.acked,
       newBase,
@@ -1458,7 +1465,7 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
         // gets them and its counts go on; a resume's count settles them if the socket goes.
         // Closing the socket instead would make the resume send them again when its count fell
         // short too: a duplicate of a stanza the client most likely had.
-        ({ removed, remaining, out, congested } = settled.trimmed);
+        ({ removed, remaining, out, congested, acknowledgedOffline } = settled.trimmed);
         trimmedTo = settled.trimmed.base;
       } else if (!asked || ordered) return;
       else {
@@ -1469,7 +1476,7 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
       // Only a resume settles what the count covers: the socket goes, the client resumes.
       await forceResume(server, stream.connectionId, 'uncertain-entry');
       return;
-    } else ({ removed, remaining, out, congested } = settled);
+    } else ({ removed, remaining, out, congested, acknowledgedOffline } = settled);
   }
   // Half the byte bound free again: senders may queue once more.
   if (congested && queuedBytes(remaining) <= server.config.smQueueMaxBytes / 2) {
@@ -1477,9 +1484,8 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
   }
   server.log.debug('stream-management ack', { smId: sm.id, h, removed: removed.length, out });
   stream.update({ sm: { ...(smState(stream) as SmState), acked: trimmedTo } });
-  const offlineIds = removed.flatMap((e) => (e.o ? [e.o] : []));
   // XEP-0160 with SM: an offline message leaves storage only once the client acknowledged it.
-  if (offlineIds.length > 0) await server.offline.remove(stream.user, offlineIds);
+  await removeAcknowledgedOffline(server, sm.id, stream.user, removed, acknowledgedOffline);
   await server.host.fire('stanzas-acknowledged', {
     stream,
     acked: trimmedTo,
@@ -1497,6 +1503,26 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
   });
 }
 
+/**
+ * Removes from offline storage the flooded messages the client has acknowledged: those in the
+ * entries a trim removed, and those the queue still records as flooded though no longer queued
+ * (SmQueueItem.flooded: a trim whose frame died before this removal, or whose removal a resume
+ * read the queue ahead of). Forgotten from the queue only once out of storage, so that whoever
+ * reads the queue meanwhile (a resume, a redelivery, a flood again) removes them, never floods them.
+ */
+async function removeAcknowledgedOffline(
+  server: Server,
+  smId: string,
+  user: string,
+  removed: SmEntry[],
+  acknowledged: string[],
+): Promise<void> {
+  const offlineIds = [...new Set([...removed.flatMap((e) => (e.o ? [e.o] : [])), ...acknowledged])];
+  if (offlineIds.length === 0) return;
+  await server.offline.remove(user, offlineIds);
+  if (acknowledged.length > 0) await server.smQueue.forgetFlooded(smId, acknowledged);
+}
+
 /** The keys of queue entries (SmEntry.k), for the modules that keyed them (DeliveryOptions.key). */
 function entryKeys(entries: SmEntry[]): string[] {
   return entries.flatMap((entry) => (entry.k ? [entry.k] : []));
@@ -1507,6 +1533,8 @@ interface Trimmed {
   remaining: SmEntry[];
   out: number;
   congested: boolean;
+  /** Flooded offline messages no longer queued (SmQueueItem.flooded). */
+  acknowledgedOffline: string[];
 }
 
 /**
@@ -1568,6 +1596,7 @@ async function ackPastBounds(
           remaining: kept,
           out: item.out,
           congested: item.congested === true,
+          acknowledgedOffline: acknowledgedFlooded(item.flooded, kept),
         },
       };
     }
@@ -1580,6 +1609,7 @@ async function ackPastBounds(
       remaining,
       out: item.out,
       congested: item.congested === true,
+      acknowledgedOffline: acknowledgedFlooded(item.flooded, remaining),
     };
   }
   return undefined;
@@ -1872,8 +1902,14 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
 
   const acked = Math.max(decided.h, taken.base);
   const { removed, resend } = await settleCount(server, taken, acked, stream.connectionId);
-  const offlineIds = removed.flatMap((e) => (e.o ? [e.o] : []));
-  if (offlineIds.length > 0) await server.offline.remove(user, offlineIds);
+  // Only this stream floods the session now: what the attach found flooded is all there is.
+  await removeAcknowledgedOffline(
+    server,
+    taken.smId,
+    user,
+    removed,
+    acknowledgedFlooded(taken.flooded, resend),
+  );
 
   const sm: SmState = {
     version,

@@ -11,7 +11,7 @@ import { RecordingPort } from '../../shared/outbound.ts';
 import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
 import { createServer } from '../../shared/server.ts';
 import { createTestConfig } from '../support/dynamodb.ts';
-import { intercept } from '../support/intercept.ts';
+import { intercept, throttlingError } from '../support/intercept.ts';
 import { dieBeforeFinalSave, frameDriver } from '../support/stream.ts';
 
 const OFFLINE = 'http://jabber.org/protocol/offline';
@@ -289,6 +289,66 @@ describe('a paced XEP-0160 flood and session ends', () => {
     expect(t.story('d3')).toEqual(['m1', 'm2', 'm3', 'm4', 'm5', 'm6']);
   });
 
+  /**
+   * The `<a/>` frame fails after its trim and before removing from storage the flooded messages
+   * that trim acknowledged: the removal is throttled past the SDK's retries, and the frame goes
+   * back to the queue.
+   */
+  function dieBeforeRemoval(t: Awaited<ReturnType<typeof inbox>>): () => void {
+    const remove = t.server.offline.remove.bind(t.server.offline);
+    let died = false;
+    return intercept(t.server.offline, 'remove', async (...args) => {
+      if (!died) {
+        died = true;
+        throw throttlingError();
+      }
+      return remove(...args);
+    });
+  }
+
+  const bodies = async (t: Awaited<ReturnType<typeof inbox>>) =>
+    (await t.server.offline.list(t.user, { limit: 50 })).messages.map(
+      (m) => /<body>(\w+)/.exec(m.stanza)?.[1],
+    );
+
+  it('flood: an <a/> frame failing between its trim and the removal from storage removes them on its redelivery', async () => {
+    const t = await inbox(6);
+    await t.login('d7');
+    await t.enable('d7');
+    await t.frame('d7', '<presence/>', 'd7-presence');
+    expect(t.story('d7')).toEqual(['m1', 'm2']);
+    const restore = dieBeforeRemoval(t);
+    const a1 = `<a xmlns='${SM3}' h='${t.handled('d7')}'/>`;
+    const s1 = t.nextSeq();
+    await expect(t.frame('d7', a1, 'd7-a1', s1)).rejects.toThrow();
+    restore();
+    // The queue was trimmed (m1, m2 acknowledged); the redelivery finds nothing left to trim.
+    await t.frame('d7', a1, 'd7-a1', s1, 2);
+    expect(await bodies(t)).not.toContain('m1');
+    expect(await bodies(t)).not.toContain('m2');
+    for (let i = 0; i < 6 && (await t.server.offline.count(t.user)) > 0; i++) await t.ack('d7', `d7-b${i}`);
+    expect(t.story('d7')).toEqual(['m1', 'm2', 'm3', 'm4', 'm5', 'm6']);
+    expect(await t.server.offline.count(t.user)).toBe(0);
+  });
+
+  it('flood: acknowledged messages an <a/> frame left in storage (it failed) go when the session ends, not to the next flood', async () => {
+    const t = await inbox(6);
+    await t.login('d8');
+    await t.enable('d8');
+    await t.frame('d8', '<presence/>', 'd8-presence');
+    const restore = dieBeforeRemoval(t);
+    await expect(t.ack('d8', 'd8-a1')).rejects.toThrow();
+    restore();
+    t.port.gone.add('d8');
+    // The client starts over on a new socket, binding the same resource: the old session ends
+    // (before the dead frame's redelivery, which then finds its stream gone).
+    await t.login('d9');
+    // m1, m2 were acknowledged; m3, m4 sent and not: they stay stored, once, as m5, m6.
+    expect(await bodies(t)).toEqual(['m3', 'm4', 'm5', 'm6']);
+    await t.frame('d9', '<presence/>', 'd9-presence');
+    expect(t.story('d9')).toEqual(['m3', 'm4', 'm5', 'm6']);
+  });
+
   it('a clean close mid-fetch and mid-flood: fetched messages stay, unacknowledged flooded ones stay, nothing re-routed', async () => {
     const t = await inbox(6);
     await t.login('d4');
@@ -432,11 +492,24 @@ describe('paced XEP-0013 transfers across redeliveries and resumes', () => {
    * what the old frame would have appended after the resume took the session must not reach the
    * client a second time.
    */
-  async function resumeMidWindow(kind: 'fetch' | 'flood', at: 'post' | 'redelivered-ack' = 'post') {
+  async function resumeMidWindow(
+    kind: 'fetch' | 'flood',
+    at: 'post' | 'redelivered-ack' | 'before-removal' = 'post',
+  ) {
     // With SM_POST_ORDER=checked the resumed stream does not hold the session once its replay is
     // over, so an old frame that found its key queued there would close the new connection.
-    const t = await inbox(8, { SM_QUEUE_MAX: '8', ...(at === 'post' ? {} : { SM_POST_ORDER: 'checked' }) });
-    const [oldC, newC] = at === 'post' ? (kind === 'fetch' ? ['g7', 'g8'] : ['g9', 'g10']) : ['g11', 'g12'];
+    const t = await inbox(8, {
+      SM_QUEUE_MAX: '8',
+      ...(at === 'redelivered-ack' ? { SM_POST_ORDER: 'checked' } : {}),
+    });
+    const [oldC, newC] =
+      at === 'post'
+        ? kind === 'fetch'
+          ? ['g7', 'g8']
+          : ['g9', 'g10']
+        : at === 'redelivered-ack'
+          ? ['g11', 'g12']
+          : ['g13', 'g14'];
     await t.login(oldC);
     const smId = await t.enable(oldC);
     if (kind === 'fetch') await t.frame(oldC, t.fetch('f1'), `${oldC}-fetch`);
@@ -464,15 +537,20 @@ describe('paced XEP-0013 transfers across redeliveries and resumes', () => {
     // queue trimmed, the flooded messages it covers removed from storage) when the client, whose
     // socket went, resumes: m3, m4 are sent again and the flood goes on there at once (m5..m8);
     // the old frame then goes on with its next window, m5 first, found queued.
+    // Or: the ack has trimmed m1, m2 from the queue, and the client resumes before the frame
+    // removes them from storage: the resume's flood starts again from the inbox, where they are.
     const remove = t.server.offline.remove.bind(t.server.offline);
     const restore = intercept(t.server.offline, 'remove', async (...args) => {
+      if (at === 'before-removal' && !resumed) await resume();
       const result = await remove(...args);
       if (at === 'redelivered-ack' && !resumed) await resume();
       return result;
     });
     // The client acknowledges m1..m4: the old connection's frame starts the next window.
     const ack = `<a xmlns='${SM3}' h='${at === 'post' ? t.handled(oldC) : base}'/>`;
-    await t.frame(oldC, ack, `${oldC}-a1`, t.nextSeq(), at === 'post' ? 1 : 2).catch(() => undefined);
+    await t
+      .frame(oldC, ack, `${oldC}-a1`, t.nextSeq(), at === 'redelivered-ack' ? 2 : 1)
+      .catch(() => undefined);
     t.port.post = post;
     restore();
     expect(resumed).toBe(true);
@@ -495,6 +573,15 @@ describe('paced XEP-0013 transfers across redeliveries and resumes', () => {
 
   it('a resume right after a redelivered <a/> frame of the old connection applied its ack (flood): the new stream stays, each message once', async () => {
     const { old, resumed, stored } = await resumeMidWindow('flood', 'redelivered-ack');
+    expect(old).toEqual(['m1', 'm2', 'm3', 'm4']);
+    expect(resumed).toEqual(['m3', 'm4', 'm5', 'm6', 'm7', 'm8']);
+    expect(stored).toBe(0);
+  });
+
+  it('a resume between an <a/> frame trimming flooded messages and removing them from storage: none of them again', async () => {
+    // XEP-0198 §5: after a resume the server "MAY retransmit [...] stanzas that were not handled"
+    // (those after h); m1, m2 were handled (h=2), so they must not come back from storage either.
+    const { old, resumed, stored } = await resumeMidWindow('flood', 'before-removal');
     expect(old).toEqual(['m1', 'm2', 'm3', 'm4']);
     expect(resumed).toEqual(['m3', 'm4', 'm5', 'm6', 'm7', 'm8']);
     expect(stored).toBe(0);
