@@ -3,7 +3,11 @@
  * messages for count, headers, view, remove and fetch, against the local stack (the real
  * handlers behind the gateway emulator, DynamoDB Local) with one raw client.
  *
- *   npx tsx bench/offline.ts [--size 10000] [--repeat 20] [--purge]
+ *   npx tsx bench/offline.ts [--size 10000] [--repeat 20] [--purge] [--flood 200]
+ *
+ * Also a XEP-0160 flood with XEP-0198 (`--flood` messages stored for another user, who logs in,
+ * enables stream management, sends presence and answers every `<r/>`): what the whole flood
+ * costs, until storage is empty.
  *
  * Prints a table and writes `bench/results/offline.json`. Capacity units are what DynamoDB
  * Local reports with `ReturnConsumedCapacity: 'TOTAL'` (the project's meter in
@@ -36,6 +40,7 @@ const OFFLINE = 'http://jabber.org/protocol/offline';
 const DISCO_INFO = 'http://jabber.org/protocol/disco#info';
 const DISCO_ITEMS = 'http://jabber.org/protocol/disco#items';
 const RSM = 'http://jabber.org/protocol/rsm';
+const SM3 = 'urn:xmpp:sm:3';
 const RESULT_FILE = new URL('./results/offline.json', import.meta.url);
 
 const { values: args } = parseArgs({
@@ -43,10 +48,13 @@ const { values: args } = parseArgs({
     size: { type: 'string', default: '10000' },
     repeat: { type: 'string', default: '20' },
     purge: { type: 'boolean', default: false },
+    flood: { type: 'string', default: '200' },
   },
 });
 const size = Number(args.size);
 const repeat = Number(args.repeat);
+const flood = Number(args.flood);
+if (!Number.isInteger(flood) || flood < 0) throw new Error('--flood is an integer ≥ 0');
 if (!Number.isInteger(size) || size < 200 || !Number.isInteger(repeat) || repeat < 1) {
   throw new Error('--size is an integer ≥ 200, --repeat an integer ≥ 1');
 }
@@ -145,6 +153,43 @@ async function main(): Promise<void> {
       });
     }
 
+    /**
+     * XEP-0160 §3 with XEP-0198: the stored messages flood in windows, each followed by the
+     * server's `<r/>`; every one leaves storage once the client's `<a/>` covers it.
+     */
+    async function measureFlood(count: number): Promise<void> {
+      const flooder = 'flooder@localhost';
+      await stack.server.users.create(flooder, {
+        sha1: await deriveScramCredentials('secret', 'sha1', 4096),
+        sha256: await deriveScramCredentials('secret', 'sha256', 4096),
+      });
+      await seedOffline(seeder, config.tables.offline, flooder, count);
+      const client = await RawClient.connect(stack.url);
+      await client.login('flooder', 'secret', 'bench');
+      client.send(`<enable xmlns='${SM3}'/>`);
+      await client.until((element) => element.name === 'enabled');
+      await stack.gateway.drained();
+      await measure(`flood ${count} with SM (presence to storage empty)`, 1, async () => {
+        let handled = 0;
+        let flooded = 0;
+        client.send('<presence/>');
+        while (flooded < count || (await stack.server.offline.count(flooder)) > 0) {
+          const element = flooded < count ? await client.next(60_000) : undefined;
+          if (element && ['message', 'presence', 'iq'].includes(element.name)) handled += 1;
+          if (element?.name === 'message') flooded += 1;
+          if (!element || element.name === 'r') {
+            client.send(`<a xmlns='${SM3}' h='${handled}'/>`);
+            await stack.gateway.drained();
+          }
+        }
+      });
+      const last = results.at(-1) as Measurement;
+      process.stdout.write(
+        `flood: ${(last.dynamoRequests / count).toFixed(2)} DynamoDB requests, ${(last.writeUnits / count).toFixed(2)} WRU, ${(last.readUnits / count).toFixed(2)} RRU, ${(last.frames / count).toFixed(2)} posts per flooded message\n`,
+      );
+      client.close();
+    }
+
     const ask = (type: 'get' | 'set', payload: string) =>
       exchange(raw, `<iq type='${type}' id='b${++ids}'>${payload}</iq>`);
 
@@ -209,6 +254,7 @@ async function main(): Promise<void> {
       );
     }
     raw.close();
+    if (flood > 0) await measureFlood(flood);
   } finally {
     seeder.destroy();
     await stack.close();
@@ -219,7 +265,7 @@ async function main(): Promise<void> {
   await mkdir(new URL('./results/', import.meta.url), { recursive: true });
   await writeFile(
     RESULT_FILE,
-    `${JSON.stringify({ at: new Date().toISOString(), size, repeat, node: process.version, results }, null, 2)}\n`,
+    `${JSON.stringify({ at: new Date().toISOString(), size, repeat, flood, node: process.version, results }, null, 2)}\n`,
   );
   process.stdout.write(`\nwritten to ${RESULT_FILE.pathname}\n`);
 }

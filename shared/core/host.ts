@@ -423,6 +423,13 @@ export interface StanzaQueue {
    */
   requestAck(stream: BoundStream): Promise<number | undefined>;
   /**
+   * Stored messages (DeliveryOptions.offlineId) were queued to the stream's own session: until
+   * its queue holds none, an ack removes those it covers from storage before trimming them, so
+   * that no failure or resume in between finds them stored and acknowledged (XEP-0160 with
+   * XEP-0198).
+   */
+  queuedStored(stream: BoundStream): void;
+  /**
    * Which of these sessions have a stream attached: the others are detached, waiting for a
    * resume, and are not "connected" resources (RFC 6120 §7.6.2.1's limit counts those).
    */

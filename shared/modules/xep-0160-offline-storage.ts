@@ -665,7 +665,10 @@ async function inboxWindow(stream: BoundStream, start: OfflineTransfer): Promise
         stream.update({ transfer: undefined });
         return { sent, done: false };
       }
-      if (result === 'sent') server.metrics.count('MessagesFlooded');
+      if (result === 'sent') {
+        server.metrics.count('MessagesFlooded');
+        server.host.stanzaQueue?.queuedStored(stream);
+      }
       // Congested: the rest follows from a later ack, from this message on.
       if (result === 'full') {
         stopped = true;
@@ -759,16 +762,11 @@ async function viewWindow(stream: BoundStream, transfer: OfflineTransfer, budget
   return posted.blocked ? posted : { sent: posted.sent, done: rest.length === 0, ahead: true };
 }
 
-/** The stored messages flooded to this session: still queued (unacknowledged), or acknowledged. */
+/** The stored messages this session's stream-management queue holds, unacknowledged. */
 async function queuedOfflineIds(stream: BoundStream): Promise<Set<string>> {
   const smId = stream.state.sm?.id;
   const item = smId ? await stream.server.smQueue.get(smId) : undefined;
-  // Also what the queue records as flooded and no longer holds (SmQueueItem.flooded): the client
-  // acknowledged it, and its removal from storage is pending.
-  return new Set([
-    ...(item?.entries.flatMap((entry) => (entry.o ? [entry.o] : [])) ?? []),
-    ...(item?.flooded ?? []),
-  ]);
+  return new Set(item?.entries.flatMap((entry) => (entry.o ? [entry.o] : [])) ?? []);
 }
 
 /**

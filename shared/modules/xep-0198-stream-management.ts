@@ -48,7 +48,6 @@ import {
 import {
   AckBeyondQueueError,
   type AppendResult,
-  acknowledgedFlooded,
   boundReached,
   countCovers,
   isSweepShardOf,
@@ -90,6 +89,10 @@ export function register(server: Server): void {
     deliver: (smId, stanza, options) => deliverToSmSession(server, smId, stanza, options),
     queuedBefore: (smId) => queuedBefore(server, smId),
     requestAck: (stream) => requestAckIfUnacknowledged(stream),
+    queuedStored: (stream) => {
+      const sm = smState(stream);
+      if (sm && !sm.stored) stream.update({ sm: { ...sm, stored: true } });
+    },
     attached: (smIds) => server.smQueue.attached(smIds),
   });
   host.hook('connection-vanished', (event) => keepResumable(server, event), { priority: 10 });
@@ -905,11 +908,6 @@ async function handBack(
  * as a new message, stamped with the flood's time.
  */
 async function toReroute(server: Server, item: SmQueueItem, from: number): Promise<UndeliveredStanza[]> {
-  // Flooded, acknowledged, and still in storage (the ack's frame died before removing them):
-  // removed now, or the user's next flood would bring them again. (An ended queue still holds its
-  // entries until its re-route is finished, which comes after this.)
-  const acknowledged = acknowledgedFlooded(item.flooded, item.entries);
-  if (acknowledged.length > 0) await server.offline.remove(item.user, acknowledged);
   const entries = item.entries.slice(from);
   await tellSenders(server, item, entries);
   const stanzas: UndeliveredStanza[] = [];
@@ -1430,11 +1428,13 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
   let remaining: SmEntry[];
   let out: number;
   let congested: boolean;
-  let acknowledgedOffline: string[];
   // What the queue was trimmed to: the count, or less when it vouches only for part of it.
   let trimmedTo = newBase;
+  // XEP-0160 with SM: a stored message leaves storage only once the client acknowledged it, and
+  // before its entry leaves the queue (see removeStoredFirst).
+  const removedFirst = sm.stored ? await removeStoredFirst(server, stream, sm.id, newBase) : undefined;
   try {
-    ({ removed, remaining, out, congested, acknowledgedOffline } = await server.smQueue.acknowledge(
+    ({ removed, remaining, out, congested } = await server.smQueue.acknowledge(
       sm.id,
       sm.acked,
       newBase,
@@ -1465,7 +1465,7 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
         // gets them and its counts go on; a resume's count settles them if the socket goes.
         // Closing the socket instead would make the resume send them again when its count fell
         // short too: a duplicate of a stanza the client most likely had.
-        ({ removed, remaining, out, congested, acknowledgedOffline } = settled.trimmed);
+        ({ removed, remaining, out, congested } = settled.trimmed);
         trimmedTo = settled.trimmed.base;
       } else if (!asked || ordered) return;
       else {
@@ -1476,16 +1476,21 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
       // Only a resume settles what the count covers: the socket goes, the client resumes.
       await forceResume(server, stream.connectionId, 'uncertain-entry');
       return;
-    } else ({ removed, remaining, out, congested, acknowledgedOffline } = settled);
+    } else ({ removed, remaining, out, congested } = settled);
   }
   // Half the byte bound free again: senders may queue once more.
   if (congested && queuedBytes(remaining) <= server.config.smQueueMaxBytes / 2) {
     await server.smQueue.setCongested(sm.id, false);
   }
   server.log.debug('stream-management ack', { smId: sm.id, h, removed: removed.length, out });
-  stream.update({ sm: { ...(smState(stream) as SmState), acked: trimmedTo } });
-  // XEP-0160 with SM: an offline message leaves storage only once the client acknowledged it.
-  await removeAcknowledgedOffline(server, sm.id, stream.user, removed, acknowledgedOffline);
+  const { stored: _, ...current } = smState(stream) as SmState;
+  stream.update({
+    sm: { ...current, acked: trimmedTo, ...(remaining.some((e) => e.o) ? { stored: true } : {}) },
+  });
+  // What was trimmed and not removed first (a session from before `stored`, or a count that
+  // settled uncertain entries): removed now.
+  const offlineIds = removed.flatMap((e) => (e.o && !removedFirst?.has(e.o) ? [e.o] : []));
+  if (offlineIds.length > 0) await server.offline.remove(stream.user, offlineIds);
   await server.host.fire('stanzas-acknowledged', {
     stream,
     acked: trimmedTo,
@@ -1504,23 +1509,44 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
 }
 
 /**
- * Removes from offline storage the flooded messages the client has acknowledged: those in the
- * entries a trim removed, and those the queue still records as flooded though no longer queued
- * (SmQueueItem.flooded: a trim whose frame died before this removal, or whose removal a resume
- * read the queue ahead of). Forgotten from the queue only once out of storage, so that whoever
- * reads the queue meanwhile (a resume, a redelivery, a flood again) removes them, never floods them.
+ * Removes from storage the stored messages (SmEntry.o) among the entries an ack up to `newBase`
+ * covers, before the trim: trimmed first, a message whose removal then failed (the frame goes
+ * back to the queue, and its redelivery finds nothing left to trim), or whose removal a resume
+ * read the queue ahead of (and flooded it again from storage), would reach the client twice.
+ * Removed first, a message whose trim then fails is covered by the count all the same: a
+ * redelivery trims it, a resume's count (never below this one) covers it. Nothing when the ack
+ * will be refused (too high, not this stream's session) or settled by a read of its own (an
+ * uncertain queue: removed after its trim, as before). The ids removed.
  */
-async function removeAcknowledgedOffline(
+async function removeStoredFirst(
   server: Server,
+  stream: Stream,
   smId: string,
+  newBase: number,
+): Promise<Set<string>> {
+  const item = await server.smQueue.get(smId);
+  if (
+    !item ||
+    item.ended ||
+    item.uncertain ||
+    item.connectionId !== stream.connectionId ||
+    newBase > item.out
+  )
+    return new Set();
+  return removeCovered(server, stream.user as string, item, newBase);
+}
+
+/** Removes from storage the stored messages among `item`'s entries a count of `upTo` covers. */
+async function removeCovered(
+  server: Server,
   user: string,
-  removed: SmEntry[],
-  acknowledged: string[],
-): Promise<void> {
-  const offlineIds = [...new Set([...removed.flatMap((e) => (e.o ? [e.o] : [])), ...acknowledged])];
-  if (offlineIds.length === 0) return;
-  await server.offline.remove(user, offlineIds);
-  if (acknowledged.length > 0) await server.smQueue.forgetFlooded(smId, acknowledged);
+  item: SmQueueItem,
+  upTo: number,
+): Promise<Set<string>> {
+  const covered = item.entries.slice(0, Math.max(0, upTo - item.base));
+  const ids = covered.flatMap((e) => (e.o ? [e.o] : []));
+  if (ids.length > 0) await server.offline.remove(user, ids);
+  return new Set(ids);
 }
 
 /** The keys of queue entries (SmEntry.k), for the modules that keyed them (DeliveryOptions.key). */
@@ -1533,8 +1559,6 @@ interface Trimmed {
   remaining: SmEntry[];
   out: number;
   congested: boolean;
-  /** Flooded offline messages no longer queued (SmQueueItem.flooded). */
-  acknowledgedOffline: string[];
 }
 
 /**
@@ -1596,7 +1620,6 @@ async function ackPastBounds(
           remaining: kept,
           out: item.out,
           congested: item.congested === true,
-          acknowledgedOffline: acknowledgedFlooded(item.flooded, kept),
         },
       };
     }
@@ -1609,7 +1632,6 @@ async function ackPastBounds(
       remaining,
       out: item.out,
       congested: item.congested === true,
-      acknowledgedOffline: acknowledgedFlooded(item.flooded, remaining),
     };
   }
   return undefined;
@@ -1901,15 +1923,11 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
   }
 
   const acked = Math.max(decided.h, taken.base);
+  // Stored messages the count covers leave storage before the queue (see removeStoredFirst).
+  const removedFirst = taken.uncertain ? undefined : await removeCovered(server, user, taken, acked);
   const { removed, resend } = await settleCount(server, taken, acked, stream.connectionId);
-  // Only this stream floods the session now: what the attach found flooded is all there is.
-  await removeAcknowledgedOffline(
-    server,
-    taken.smId,
-    user,
-    removed,
-    acknowledgedFlooded(taken.flooded, resend),
-  );
+  const offlineIds = removed.flatMap((e) => (e.o && !removedFirst?.has(e.o) ? [e.o] : []));
+  if (offlineIds.length > 0) await server.offline.remove(user, offlineIds);
 
   const sm: SmState = {
     version,
@@ -1919,6 +1937,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
     resumable: true,
     max: taken.max,
     ...(decided.after ? { after: decided.after } : {}),
+    ...(resend.some((e) => e.o) ? { stored: true as const } : {}),
   };
   // XEP-0013 fetches and views the old stream was serving, or had waiting, go on here (a flood
   // starts again from session-resumed).

@@ -80,6 +80,11 @@ export interface SmState {
    * it counted: this stream's own stanzas wait for it, until `until` (ms; SM_RESUME_ORDER_MS).
    */
   after?: { connectionId: string; until: number };
+  /**
+   * The queue may hold stored messages this stream was sent (SmEntry.o; StanzaQueue.queuedStored):
+   * an ack reads the queue and removes those it covers from storage before trimming them.
+   */
+  stored?: true;
 }
 
 /**

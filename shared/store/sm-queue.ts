@@ -145,14 +145,6 @@ export interface SmQueueItem {
    * ended there (or none, after an enable).
    */
   settledOut?: number;
-  /**
-   * Offline messages (their ids, SmEntry.o) a flood queued here: recorded by the entry's append,
-   * forgotten (`forgetFlooded`) once the ack or resume that trimmed the entry has removed the
-   * message from offline storage. One recorded and no longer queued was acknowledged by the
-   * client: its removal from storage may be pending (the frame that trimmed it died before the
-   * removal, or a resume read the queue between the two), and it is never flooded again.
-   */
-  flooded?: string[];
 }
 
 /** A connection that no longer owns the session (it was resumed elsewhere) tried to change it. */
@@ -275,9 +267,6 @@ const key = (smId: string) => ({ pk: `sm#${smId}`, sk: 'queue' });
 const APPEND_ATTEMPTS = 4;
 /** First wait before trying a keyed append again, doubled each time (with jitter, as the SDK's). */
 const APPEND_BACKOFF_MS = 25;
-
-/** Flooded offline messages forgotten per write (an update expression is limited in length). */
-const FORGET_SLICE = 50;
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
 /**
@@ -389,7 +378,6 @@ function toItem(raw: Record<string, unknown>): SmQueueItem {
     ackedAt: raw.ackedAt as number | undefined,
     lastKey: raw.lk as string | undefined,
     ...senderMarksOf(raw),
-    ...floodedOf(raw),
     ...(raw.uncertain ? { uncertain: true } : {}),
     ...(typeof raw.marks === 'number' ? { marks: raw.marks } : {}),
     sweepShard: raw.sweepShard as string | undefined,
@@ -400,23 +388,6 @@ function toItem(raw: Record<string, unknown>): SmQueueItem {
       : {}),
     ...(typeof raw.settledOut === 'number' ? { settledOut: raw.settledOut } : {}),
   };
-}
-
-/** Attribute names of flooded offline messages (SmQueueItem.flooded): `o#<offline id>`. */
-const FLOODED_PREFIX = 'o#';
-
-function floodedOf(raw: Record<string, unknown> | undefined): { flooded?: string[] } {
-  const ids = Object.keys(raw ?? {})
-    .filter((name) => name.startsWith(FLOODED_PREFIX))
-    .map((name) => name.slice(FLOODED_PREFIX.length));
-  return ids.length > 0 ? { flooded: ids } : {};
-}
-
-/** Flooded offline messages no longer among `entries`: acknowledged (SmQueueItem.flooded). */
-export function acknowledgedFlooded(flooded: string[] | undefined, entries: SmEntry[]): string[] {
-  if (!flooded?.length) return [];
-  const queued = new Set(entries.flatMap((entry) => (entry.o ? [entry.o] : [])));
-  return flooded.filter((id) => !queued.has(id));
 }
 
 /** Attribute names of sender marks: `f#<connection id>`. */
@@ -537,18 +508,7 @@ export interface SmQueueStore {
     oldBase: number,
     newBase: number,
     connectionId: string,
-  ): Promise<{
-    removed: SmEntry[];
-    remaining: SmEntry[];
-    out: number;
-    congested: boolean;
-    /**
-     * Flooded offline messages (SmQueueItem.flooded) no longer queued once this ack is applied:
-     * those it trimmed, and any an earlier trim left in storage (its frame died before removing
-     * them, or this is that frame again).
-     */
-    acknowledgedOffline: string[];
-  }>;
+  ): Promise<{ removed: SmEntry[]; remaining: SmEntry[]; out: number; congested: boolean }>;
   /**
    * Marks the entry queued with delivery key `key` uncertain (SmEntry.u) when a later entry was
    * queued after it (one that may have been posted), or whatever follows it with `evenIfLast`
@@ -581,11 +541,6 @@ export interface SmQueueStore {
   ): Promise<boolean>;
   /** Marks or clears congestion (see SmQueueItem.congested). */
   setCongested(smId: string, congested: boolean): Promise<void>;
-  /**
-   * Forgets flooded offline messages (SmQueueItem.flooded) once they left offline storage. Best
-   * effort on an item that is gone (nothing to forget).
-   */
-  forgetFlooded(smId: string, offlineIds: string[]): Promise<void>;
   /**
    * Moves the session to `connectionId` and starts holding; returns the queue at that instant.
    * `inbound`, the client's count the resume took from the old stream, is recorded with it: if
@@ -984,8 +939,8 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           TableName: table,
           Key: key(smId),
           UpdateExpression: `SET q = list_append(q, :entry)${keyed ? ', lk = :k' : ''}${
-            entry.o === undefined ? '' : ', #flooded = :one'
-          }${marked ? ', #mark = :mark' : ''}${
+            marked ? ', #mark = :mark' : ''
+          }${
             poster === undefined
               ? ''
               : ', holding = if_not_exists(holding, :poster), holdingAt = if_not_exists(holdingAt, :now)'
@@ -997,7 +952,6 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           }`,
           ExpressionAttributeNames: {
             '#out': 'out',
-            ...(entry.o === undefined ? {} : { '#flooded': `${FLOODED_PREFIX}${entry.o}` }),
             ...(marked ? { '#mark': `${MARK_PREFIX}${marked.from}` } : {}),
           },
           ExpressionAttributeValues: {
@@ -1174,8 +1128,6 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       let remaining: SmEntry[] = [];
       let out = oldBase;
       let congested = false;
-      // The flooded offline messages as the last write (or read) found them.
-      let flooded: string[] | undefined;
       // An update expression is limited in length: trim in slices (at least one update, which
       // also records the ack's time).
       for (let done = 0; done < count || done === 0; ) {
@@ -1215,7 +1167,6 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             remaining = current.entries;
             out = current.out;
             congested = current.congested === true;
-            flooded = current.flooded;
             if (current.base >= newBase) break;
             done = current.base - oldBase;
             continue;
@@ -1227,39 +1178,9 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
         remaining = before.slice(slice);
         out = (Attributes?.out as number | undefined) ?? out;
         congested = Boolean(Attributes?.congested);
-        flooded = floodedOf(Attributes).flooded;
         done += Math.max(slice, 1);
       }
-      return {
-        removed,
-        remaining,
-        out,
-        congested,
-        acknowledgedOffline: acknowledgedFlooded(flooded, remaining),
-      };
-    },
-
-    async forgetFlooded(smId, offlineIds) {
-      for (let at = 0; at < offlineIds.length; at += FORGET_SLICE) {
-        const slice = offlineIds.slice(at, at + FORGET_SLICE);
-        await doc
-          .send(
-            new UpdateCommand({
-              TableName: table,
-              Key: key(smId),
-              UpdateExpression: `REMOVE ${slice.map((_, i) => `#o${i}`).join(', ')}`,
-              // Never a write that creates the item again once it is gone.
-              ConditionExpression: 'attribute_exists(#base)',
-              ExpressionAttributeNames: {
-                '#base': 'base',
-                ...Object.fromEntries(slice.map((id, i) => [`#o${i}`, `${FLOODED_PREFIX}${id}`])),
-              },
-            }),
-          )
-          .catch((error: unknown) => {
-            if (!isConditionFailure(error)) throw error;
-          });
-      }
+      return { removed, remaining, out, congested };
     },
 
     async setCongested(smId, congested) {

@@ -576,37 +576,6 @@ describe('acknowledge', () => {
     expect(await queue.get(smId)).toMatchObject({ base: 2, entries: [entry(3), entry(4)] });
   });
 
-  // A flood's entries (SmEntry.o) are recorded on the item as flooded until their removal from
-  // offline storage is done: a trim whose frame fails before that removal leaves them findable.
-  it('reports the flooded messages it acknowledged, and again on a repeat after its own trim, until forgotten', async () => {
-    const { smId, connectionId } = await session();
-    await queue.append(smId, entry(1, { o: 'off-1', k: 'o:off-1' }), MAX);
-    await queue.append(smId, entry(2), MAX);
-    await queue.append(smId, entry(3, { o: 'off-3', k: 'o:off-3' }), MAX);
-    await queue.append(smId, entry(4, { o: 'off-4', k: 'o:off-4' }), MAX);
-    expect((await queue.get(smId))?.flooded?.sort()).toEqual(['off-1', 'off-3', 'off-4']);
-    expect(await queue.acknowledge(smId, 0, 3, connectionId)).toMatchObject({
-      acknowledgedOffline: ['off-1', 'off-3'],
-    });
-    // The answer was lost, or the removal from storage failed: the frame comes again.
-    expect(await queue.acknowledge(smId, 0, 3, connectionId)).toMatchObject({
-      removed: [],
-      acknowledgedOffline: ['off-1', 'off-3'],
-    });
-    await queue.forgetFlooded(smId, ['off-1', 'off-3']);
-    expect((await queue.get(smId))?.flooded).toEqual(['off-4']);
-    expect(await queue.acknowledge(smId, 3, 3, connectionId)).toMatchObject({ acknowledgedOffline: [] });
-    expect(await queue.acknowledge(smId, 3, 4, connectionId)).toMatchObject({
-      acknowledgedOffline: ['off-4'],
-    });
-  });
-
-  it('forgetting flooded messages of a session that is gone writes nothing', async () => {
-    const smId = fresh('gone');
-    await queue.forgetFlooded(smId, ['off-1']);
-    expect(await rawItem(table, smId)).toBeUndefined();
-  });
-
   it('trims more than one slice of 200 in order', async () => {
     const { smId, connectionId } = await session();
     await appendMany(smId, 230);

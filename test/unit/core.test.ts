@@ -202,6 +202,7 @@ describe('the delivery path', () => {
       async attached() {
         return new Set<string>();
       },
+      queuedStored() {},
     });
     const stanza = parse("<message to='bob@localhost'><body>queued</body></message>");
     expect(await deliver(server, resource('c1', { smId: 'sm-1' }), stanza, { offlineId: 'o1' })).toBe('sent');
