@@ -33,6 +33,13 @@ export interface Config {
   /** Offline messages kept per user; above it the sender gets service-unavailable (XEP-0160 §2). */
   offlineQuota: number;
   /**
+   * Stored messages sent per window of a transfer paced by XEP-0198 acks (a XEP-0160 flood, a
+   * XEP-0013 fetch or view): the next window goes once half of one is acknowledged. Every append
+   * is billed on the whole queue item, which holds up to one and a half windows: the smaller the
+   * window, the cheaper each message, for an ack round every window.
+   */
+  offlineWindow: number;
+  /**
    * RFC 6121 §2: contacts kept per user (roster items and pending inbound requests); a roster
    * set or subscription past it is refused with `not-allowed`.
    */
@@ -154,6 +161,7 @@ export const TUNABLE_SETTINGS = [
   'MAX_STANZA_BYTES',
   'OFFLINE_QUOTA',
   'OFFLINE_TTL_DAYS',
+  'OFFLINE_WINDOW',
   'ROSTER_MAX_ITEMS',
   'MAX_RESOURCES_PER_ACCOUNT',
   'AUTH_FAILURES_PER_CONNECTION',
@@ -267,6 +275,7 @@ export function loadConfig(env: Env = process.env): Config {
     frameRetryMaxSeconds: int(env, 'FRAME_RETRY_MAX_SECONDS', 30),
     maxStanzaBytes: int(env, 'MAX_STANZA_BYTES', 65536),
     offlineQuota: int(env, 'OFFLINE_QUOTA', 1000),
+    offlineWindow: positive(env, 'OFFLINE_WINDOW', 10),
     offlineTtlSeconds: int(env, 'OFFLINE_TTL_DAYS', 30) * 86400,
     rosterMaxItems: int(env, 'ROSTER_MAX_ITEMS', 1000),
     maxResourcesPerAccount: Math.max(0, int(env, 'MAX_RESOURCES_PER_ACCOUNT', 16)),

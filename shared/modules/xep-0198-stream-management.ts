@@ -902,10 +902,11 @@ async function handBack(
  * An ended session's entries from `from` on, as stanzas to re-route, each recording its progress
  * once done. A XEP-0013 copy is dropped, and so is a message the flood took from offline
  * storage: while it is still stored, it is delivered from there (never stored twice); once it is
- * not, it left storage by other means than this session's acknowledgement (which trims it from
- * the queue first): a XEP-0013 remove or purge (XEP-0013 §2.4, §2.6: "the server MUST remove"),
- * another resource's flood that delivered it, or its expiry. Routed again, it would come back
- * as a new message, stamped with the flood's time.
+ * not, the client acknowledged it (an ack removes it from storage before trimming it, and the
+ * session ended between the two), or it left storage by other means: a XEP-0013 remove or purge
+ * (XEP-0013 §2.4, §2.6: "the server MUST remove"), another resource's flood that delivered it,
+ * or its expiry. Routed again, it would come back as a new message, stamped with the flood's
+ * time.
  */
 async function toReroute(server: Server, item: SmQueueItem, from: number): Promise<UndeliveredStanza[]> {
   const entries = item.entries.slice(from);

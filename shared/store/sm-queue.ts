@@ -1162,8 +1162,9 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           if (current && !current.ended && !current.uncertain && current.base > oldBase + done) {
             // Trimmed already by this very ack: the SDK resent an update DynamoDB had run (a 500
             // after the write), or the frame is tried again before its state was saved. What that
-            // write removed is gone with its lost answer (an offline copy among it stays in
-            // storage: the next flood may bring it again).
+            // write removed is gone with its lost answer (the XEP-0198 module removes the flooded
+            // stored messages an ack covers before its trim; one trimmed without that stays in
+            // storage, and the next flood may bring it again).
             remaining = current.entries;
             out = current.out;
             congested = current.congested === true;

@@ -66,6 +66,27 @@ async function inbox(count: number, env: Record<string, string> = {}) {
   return { port, server, user, nextSeq, frame, login, enable, story, handled, ack, fetch, view, ids };
 }
 
+/**
+ * The frame fails at its first removal from storage (an `<a/>` or a `<resume/>` removing the
+ * flooded messages its count covers): throttled past the SDK's retries, and the frame goes back
+ * to the queue. (Before session 25 the trim came first, and the redelivery found nothing left to
+ * trim: they stayed stored, and the next flood brought them again.)
+ */
+function dieBeforeRemoval(t: Awaited<ReturnType<typeof inbox>>): () => void {
+  const remove = t.server.offline.remove.bind(t.server.offline);
+  let died = false;
+  return intercept(t.server.offline, 'remove', async (...args) => {
+    if (!died) {
+      died = true;
+      throw throttlingError();
+    }
+    return remove(...args);
+  });
+}
+
+const bodies = async (t: Awaited<ReturnType<typeof inbox>>) =>
+  (await t.server.offline.list(t.user, { limit: 50 })).messages.map((m) => /<body>(\w+)/.exec(m.stanza)?.[1]);
+
 describe('a paced XEP-0013 fetch', () => {
   it('control: every message once, then one result', async () => {
     const t = await inbox(6);
@@ -274,6 +295,30 @@ describe('a paced XEP-0160 flood and session ends', () => {
     expect(await t.server.offline.count(t.user)).toBe(0);
   });
 
+  // OFFLINE_WINDOW (default 10) bounds what the queue holds during a flood: every append is
+  // billed on the whole queue item.
+  it.each([
+    [{}, 10],
+    [{ OFFLINE_WINDOW: '4' }, 4],
+  ])(
+    'flood: a window of OFFLINE_WINDOW messages (%o), then an ack request, then the next window',
+    async (env, size) => {
+      const t = await inbox(25, { SM_QUEUE_MAX: '1000', ...env });
+      await t.login('w1');
+      await t.enable('w1');
+      await t.frame('w1', '<presence/>', 'w1-presence');
+      const first = Array.from({ length: size }, (_, i) => `m${i + 1}`);
+      expect(t.story('w1')).toEqual(first);
+      expect((t.port.frames.get('w1') ?? []).at(-1)).toMatch(/^<r xmlns="urn:xmpp:sm:3"\/>$/);
+      await t.ack('w1', 'w1-a1');
+      expect(t.story('w1')).toEqual([
+        ...first,
+        ...Array.from({ length: size }, (_, i) => `m${size + i + 1}`),
+      ]);
+      expect(await t.server.offline.count(t.user)).toBe(25 - size);
+    },
+  );
+
   it('flood: a redelivered <a/> frame sends no message twice', async () => {
     const t = await inbox(6);
     await t.login('d3');
@@ -288,29 +333,6 @@ describe('a paced XEP-0160 flood and session ends', () => {
     for (let i = 0; i < 6 && (await t.server.offline.count(t.user)) > 0; i++) await t.ack('d3', `d3-b${i}`);
     expect(t.story('d3')).toEqual(['m1', 'm2', 'm3', 'm4', 'm5', 'm6']);
   });
-
-  /**
-   * The `<a/>` frame fails at the removal from storage of the flooded messages it acknowledged:
-   * throttled past the SDK's retries, and the frame goes back to the queue. (Before session 25
-   * the trim came first, and the redelivery found nothing left to trim: they stayed stored, and
-   * the next flood brought them again.)
-   */
-  function dieBeforeRemoval(t: Awaited<ReturnType<typeof inbox>>): () => void {
-    const remove = t.server.offline.remove.bind(t.server.offline);
-    let died = false;
-    return intercept(t.server.offline, 'remove', async (...args) => {
-      if (!died) {
-        died = true;
-        throw throttlingError();
-      }
-      return remove(...args);
-    });
-  }
-
-  const bodies = async (t: Awaited<ReturnType<typeof inbox>>) =>
-    (await t.server.offline.list(t.user, { limit: 50 })).messages.map(
-      (m) => /<body>(\w+)/.exec(m.stanza)?.[1],
-    );
 
   it('flood: an <a/> frame failing at the removal from storage of what it acknowledged removes it on its redelivery', async () => {
     const t = await inbox(6);
@@ -561,6 +583,42 @@ describe('paced XEP-0013 transfers across redeliveries and resumes', () => {
     expect(stored).toBe(0);
   });
 
+  it('a resume whose removal from storage of the flooded messages its count covers fails: none of them again', async () => {
+    const t = await inbox(6);
+    await t.login('g15');
+    const smId = await t.enable('g15');
+    await t.frame('g15', '<presence/>', 'g15-presence');
+    expect(t.story('g15')).toEqual(['m1', 'm2']);
+    // The socket goes; the client had both, and resumes counting them.
+    t.port.gone.add('g15');
+    await t.server.sessions.createConnection('g16', Date.now());
+    await t.server.sessions.updateConnection('g16', { streamOpen: true, user: t.user });
+    const restore = dieBeforeRemoval(t);
+    const h = t.handled('g15');
+    const resume = `<resume xmlns='${SM3}' previd='${smId}' h='${h}'/>`;
+    const seq = t.nextSeq();
+    await t.frame('g16', resume, 'g16-resume', seq).catch(() => undefined);
+    restore();
+    // The frame goes back to the queue and comes again; the client resumes again if told to.
+    await t.frame('g16', resume, 'g16-resume', seq, 2);
+    let connection = 'g16';
+    if (t.port.closed.has('g16')) {
+      connection = 'g17';
+      await t.server.sessions.createConnection('g17', Date.now());
+      await t.server.sessions.updateConnection('g17', { streamOpen: true, user: t.user });
+      await t.frame('g17', resume, 'g17-resume');
+    }
+    for (let i = 0; i < 6 && (await t.server.offline.count(t.user)) > 0; i++)
+      await t.frame(
+        connection,
+        `<a xmlns='${SM3}' h='${h + t.handled(connection) + 1}'/>`,
+        `${connection}-a${i}`,
+      );
+    const after = [...t.story('g16'), ...(connection === 'g17' ? t.story('g17') : [])];
+    expect(after).toEqual(['m3', 'm4', 'm5', 'm6']);
+    expect(await t.server.offline.count(t.user)).toBe(0);
+  });
+
   it('a resume while an <a/> frame of the old connection has not yet removed the flooded messages it acknowledged: none of them again', async () => {
     // XEP-0198 §5: after a resume the server "MAY retransmit [...] stanzas that were not handled"
     // (those after h); m1, m2 were handled (h=2), so they must not come back from storage either.
@@ -590,10 +648,10 @@ describe('paced views too large to keep for a resume', () => {
   };
 
   it('are refused, so that every view served is carried across a resume and answered', async () => {
-    // A window of 50 (SM_QUEUE_MAX 200). The transfer in progress is kept on the session's
-    // queue item at a detach, at most 16 KB of it; before, a larger one was dropped and its
-    // requests were never answered after the resume (RFC 6120 §8.2.3: every iq is answered).
-    const t = await inbox(400, { SM_QUEUE_MAX: '200' });
+    // A window of 50 (SM_QUEUE_MAX 200, OFFLINE_WINDOW 50). The transfer in progress is kept on
+    // the session's queue item at a detach, at most 16 KB of it; before, a larger one was dropped
+    // and its requests were never answered after the resume (RFC 6120 §8.2.3: every iq is answered).
+    const t = await inbox(400, { SM_QUEUE_MAX: '200', OFFLINE_WINDOW: '50' });
     const nodes = await t.ids();
     expect(nodes).toHaveLength(400);
     // About 32 bytes a node here (serialised): 400 are past the 12 KB a request may take.
