@@ -18,6 +18,8 @@ export interface Measurement {
   bytes: number;
   /** Per DynamoDB operation, per run. */
   dynamodb: MeterSnapshot['operations'];
+  /** Per operation and kind of item (`UpdateItem sm`, `GetItem conn`), per run, when measured. */
+  dynamodbByItem?: MeterSnapshot['operations'];
 }
 
 export function printMeasurements(results: Measurement[]): void {

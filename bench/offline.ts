@@ -78,9 +78,9 @@ function percentile(sorted: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor((sorted.length - 1) * p))] as number;
 }
 
-function perRun(snapshot: MeterSnapshot, runs: number): MeterSnapshot['operations'] {
+function perRun(usages: MeterSnapshot['operations'], runs: number): MeterSnapshot['operations'] {
   const operations: MeterSnapshot['operations'] = {};
-  for (const [name, usage] of Object.entries(snapshot.operations)) {
+  for (const [name, usage] of Object.entries(usages)) {
     operations[name] = {
       requests: usage.requests / runs,
       failures: usage.failures / runs,
@@ -149,7 +149,8 @@ async function main(): Promise<void> {
         writeUnits: meter.writeUnits / runs,
         frames: (stack.server.outbound.counters.posts - posts) / runs,
         bytes: (stack.server.outbound.counters.bytes - bytes) / runs,
-        dynamodb: perRun(meter, runs),
+        dynamodb: perRun(meter.operations, runs),
+        ...(meter.items ? { dynamodbByItem: perRun(meter.items, runs) } : {}),
       });
     }
 
