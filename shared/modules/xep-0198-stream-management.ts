@@ -91,7 +91,9 @@ export function register(server: Server): void {
     requestAck: (stream) => requestAckIfUnacknowledged(stream),
     queuedStored: (stream) => {
       const sm = smState(stream);
-      if (sm && !sm.stored) stream.update({ sm: { ...sm, stored: true } });
+      // Serial posting only: see removeStoredFirst.
+      if (sm && !sm.stored && server.config.smPostOrder === 'serial')
+        stream.update({ sm: { ...sm, stored: true } });
     },
     attached: (smIds) => server.smQueue.attached(smIds),
   });
@@ -1433,7 +1435,7 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
   let trimmedTo = newBase;
   // XEP-0160 with SM: a stored message leaves storage only once the client acknowledged it, and
   // before its entry leaves the queue (see removeStoredFirst).
-  const removedFirst = new Set(sm.stored ? await removeStoredFirst(server, stream, sm.id, newBase) : []);
+  const removedFirst = sm.stored ? await removeStoredFirst(server, stream, sm.id, newBase) : undefined;
   try {
     ({ removed, remaining, out, congested } = await server.smQueue.acknowledge(
       sm.id,
@@ -1450,15 +1452,7 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
       throw tooHigh(sm.version, h, item?.out ?? sm.acked);
     }
     const ordered = server.config.smLatePostMs === 0;
-    const settled = await ackPastBounds(
-      server,
-      sm.id,
-      sm.acked,
-      newBase,
-      stream.connectionId,
-      ordered,
-      stream.user as string,
-    );
+    const settled = await ackPastBounds(server, sm.id, sm.acked, newBase, stream.connectionId, ordered);
     if (settled?.kind === 'short') {
       // Only late posts' entries are uncertain, and their bound is beyond this count: posts
       // still on their way when the client counted. Once they land, its next count reaches the
@@ -1475,7 +1469,6 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
         // Closing the socket instead would make the resume send them again when its count fell
         // short too: a duplicate of a stanza the client most likely had.
         ({ removed, remaining, out, congested } = settled.trimmed);
-        for (const id of settled.trimmed.removedFirst ?? []) removedFirst.add(id);
         trimmedTo = settled.trimmed.base;
       } else if (!asked || ordered) return;
       else {
@@ -1486,10 +1479,7 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
       // Only a resume settles what the count covers: the socket goes, the client resumes.
       await forceResume(server, stream.connectionId, 'uncertain-entry');
       return;
-    } else {
-      ({ removed, remaining, out, congested } = settled);
-      for (const id of settled.removedFirst ?? []) removedFirst.add(id);
-    }
+    } else ({ removed, remaining, out, congested } = settled);
   }
   // Half the byte bound free again: senders may queue once more.
   if (congested && queuedBytes(remaining) <= server.config.smQueueMaxBytes / 2) {
@@ -1500,8 +1490,9 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
   stream.update({
     sm: { ...current, acked: trimmedTo, ...(remaining.some((e) => e.o) ? { stored: true } : {}) },
   });
-  // What was trimmed and not removed first (a session from before `stored`): removed now.
-  const offlineIds = removed.flatMap((e) => (e.o && !removedFirst.has(e.o) ? [e.o] : []));
+  // What was trimmed and not removed first (a session from before `stored`, or a count that
+  // settled uncertain entries): removed now.
+  const offlineIds = removed.flatMap((e) => (e.o && !removedFirst?.has(e.o) ? [e.o] : []));
   if (offlineIds.length > 0) await server.offline.remove(stream.user, offlineIds);
   await server.host.fire('stanzas-acknowledged', {
     stream,
@@ -1528,7 +1519,15 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
  * Removed first, a message whose trim then fails is covered by the count all the same: a
  * redelivery trims it, a resume's count (never below this one) covers it. Nothing when the ack
  * will be refused (too high, not this stream's session) or settled by a read of its own (an
- * uncertain queue: ackPastBounds removes what it vouches for before its rewrite). The ids removed.
+ * uncertain queue: removed after its trim, as before). The ids removed.
+ *
+ * With serial posting only (SM_POST_ORDER=serial, the default; `sm.stored` is set only then): no
+ * entry is ever marked uncertain there, so what the count covers in this read is what the trim
+ * removes. With `checked`, another sender's mark landing after the read can make the count vouch
+ * for less: an entry removed from storage would then be sent again from the queue alone, and
+ * lost if the session ended before its ack (a re-route drops flooded entries). There the trim
+ * goes first, as before: a failure or a resume between the two may send a flooded message twice,
+ * never lose it.
  */
 async function removeStoredFirst(
   server: Server,
@@ -1571,8 +1570,6 @@ interface Trimmed {
   remaining: SmEntry[];
   out: number;
   congested: boolean;
-  /** Stored messages among `removed` taken out of storage before the trim (removeCovered). */
-  removedFirst?: Set<string>;
 }
 
 /**
@@ -1590,7 +1587,6 @@ async function ackPastBounds(
   newBase: number,
   connectionId: string,
   ordered: boolean,
-  user: string,
 ): Promise<
   | ({ kind: 'settled' } & Trimmed)
   | { kind: 'short'; bound: number; out: number; trimmed?: Trimmed & { base: number } }
@@ -1624,7 +1620,6 @@ async function ackPastBounds(
       }
       if (vouchedFor === 0) return { kind: 'short', bound, out: item.out };
       const kept = item.entries.slice(vouchedFor);
-      const removedFirst = await removeCovered(server, user, item, item.base + vouchedFor);
       if (!(await server.smQueue.rebase(smId, item, item.base + vouchedFor, kept))) continue;
       return {
         kind: 'short',
@@ -1636,12 +1631,10 @@ async function ackPastBounds(
           remaining: kept,
           out: item.out,
           congested: item.congested === true,
-          removedFirst,
         },
       };
     }
     const remaining = item.entries.slice(newBase - item.base);
-    const removedFirst = await removeCovered(server, user, item, newBase);
     if (!(await server.smQueue.rebase(smId, item, newBase, remaining))) continue;
     server.log.info('an ack reached the bound of every late entry: settled without a resume', { smId });
     return {
@@ -1650,7 +1643,6 @@ async function ackPastBounds(
       remaining,
       out: item.out,
       congested: item.congested === true,
-      removedFirst,
     };
   }
   return undefined;
@@ -1942,8 +1934,14 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
   }
 
   const acked = Math.max(decided.h, taken.base);
-  // Stored messages the count covers leave storage before the queue (see removeStoredFirst).
-  const { removed, resend } = await settleCount(server, taken, acked, stream.connectionId, user);
+  // Stored messages the count covers leave storage before the queue (see removeStoredFirst: serial
+  // posting only).
+  const serial = server.config.smPostOrder === 'serial';
+  const removedFirst =
+    taken.uncertain || !serial ? undefined : await removeCovered(server, user, taken, acked);
+  const { removed, resend } = await settleCount(server, taken, acked, stream.connectionId);
+  const offlineIds = removed.flatMap((e) => (e.o && !removedFirst?.has(e.o) ? [e.o] : []));
+  if (offlineIds.length > 0) await server.offline.remove(user, offlineIds);
 
   const sm: SmState = {
     version,
@@ -1953,7 +1951,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
     resumable: true,
     max: taken.max,
     ...(decided.after ? { after: decided.after } : {}),
-    ...(resend.some((e) => e.o) ? { stored: true as const } : {}),
+    ...(serial && resend.some((e) => e.o) ? { stored: true as const } : {}),
   };
   // XEP-0013 fetches and views the old stream was serving, or had waiting, go on here (a flood
   // starts again from session-resumed).
@@ -2015,32 +2013,19 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
 /**
  * Trims what the resuming client's count `acked` covers from the queue the resume attached
  * (`taken`, held: appends queue without posting) and returns what is to be sent again. A queue
- * holding uncertain entries is rewritten as `countCovers` says, numbered on from `acked`. The
- * stored messages (XEP-0160 flood) among what the count covers are removed from storage first.
+ * holding uncertain entries is rewritten as `countCovers` says, numbered on from `acked`.
  */
 async function settleCount(
   server: Server,
   taken: SmQueueItem,
   acked: number,
   connectionId: string,
-  user: string,
 ): Promise<{ removed: SmEntry[]; resend: SmEntry[] }> {
   let item = taken;
-  // Stored messages (SmEntry.o) the count covers leave storage before their entries leave the
-  // queue (see removeStoredFirst); what a lost answer trimmed unseen was removed before it too.
-  const removedFirst = new Set<string>();
-  const removeFirst = async (covered: SmEntry[]) => {
-    const ids = covered.flatMap((e) => (e.o && !removedFirst.has(e.o) ? [e.o] : []));
-    if (ids.length > 0) await server.offline.remove(user, ids);
-    for (const id of ids) removedFirst.add(id);
-  };
   for (let attempt = 0; attempt < 10; attempt++) {
     if (!item.uncertain) {
       try {
-        await removeFirst(item.entries.slice(0, Math.max(0, acked - item.base)));
         const { removed } = await server.smQueue.acknowledge(item.smId, item.base, acked, connectionId);
-        // The same head as removed above: nothing more, unless the queue moved since its read.
-        await removeFirst(removed);
         return { removed, resend: item.entries.slice(acked - item.base) };
       } catch (error) {
         if (!(error instanceof UncertainQueueError)) throw error;
@@ -2053,7 +2038,6 @@ async function settleCount(
         // Every answered post checked for later entries: each certain entry landed before them.
         server.config.smLatePostMs === 0,
       );
-      await removeFirst(removed);
       if (await server.smQueue.rebase(item.smId, item, acked, kept)) {
         server.log.info('resume sends uncertain entries again', { smId: item.smId, resent: kept.length });
         server.metrics.count('SmUncertainResent', kept.length);
