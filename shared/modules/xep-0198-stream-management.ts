@@ -904,8 +904,8 @@ async function handBack(
  * An ended session's entries from `from` on, as stanzas to re-route, each recording its progress
  * once done. A XEP-0013 copy is dropped, and so is a message the flood took from offline
  * storage: while it is still stored, it is delivered from there (never stored twice); once it is
- * not, the client acknowledged it (an ack removes it from storage before trimming it, and the
- * session ended between the two), or it left storage by other means: a XEP-0013 remove or purge
+ * not, the client acknowledged it (with serial posting an ack removes it from storage before
+ * trimming it, and the session ended between the two), or it left storage by other means: a XEP-0013 remove or purge
  * (XEP-0013 §2.4, §2.6: "the server MUST remove"), another resource's flood that delivered it,
  * or its expiry. Routed again, it would come back as a new message, stamped with the flood's
  * time.
@@ -1486,12 +1486,12 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
     await server.smQueue.setCongested(sm.id, false);
   }
   server.log.debug('stream-management ack', { smId: sm.id, h, removed: removed.length, out });
+  // Stored messages still queued: the next ack removes first again (serial posting only).
+  const stillStored = server.config.smPostOrder === 'serial' && remaining.some((e) => e.o);
   const { stored: _, ...current } = smState(stream) as SmState;
-  stream.update({
-    sm: { ...current, acked: trimmedTo, ...(remaining.some((e) => e.o) ? { stored: true } : {}) },
-  });
-  // What was trimmed and not removed first (a session from before `stored`, or a count that
-  // settled uncertain entries): removed now.
+  stream.update({ sm: { ...current, acked: trimmedTo, ...(stillStored ? { stored: true } : {}) } });
+  // What was trimmed and not removed first (SM_POST_ORDER=checked, a session from before
+  // `stored`): removed now.
   const offlineIds = removed.flatMap((e) => (e.o && !removedFirst?.has(e.o) ? [e.o] : []));
   if (offlineIds.length > 0) await server.offline.remove(stream.user, offlineIds);
   await server.host.fire('stanzas-acknowledged', {

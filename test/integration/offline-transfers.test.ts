@@ -334,6 +334,34 @@ describe('a paced XEP-0160 flood and session ends', () => {
     expect(t.story('d3')).toEqual(['m1', 'm2', 'm3', 'm4', 'm5', 'm6']);
   });
 
+  // The removal before the trim rests on the count covering in the trim what it covered in the
+  // ack's read: true with serial posting, where no entry is ever marked uncertain; with `checked`
+  // a sender's mark may land in between, and the trim goes first (a duplicate at worst).
+  it.each([
+    ['serial', true, 'd10'],
+    ['checked', false, 'd11'],
+  ])(
+    'flood (SM_POST_ORDER=%s): the ack removes from storage before its trim: %s',
+    async (order, first, c) => {
+      const t = await inbox(6, { SM_POST_ORDER: order });
+      await t.login(c);
+      await t.enable(c);
+      await t.frame(c, '<presence/>', `${c}-presence`);
+      expect((await t.server.sessions.getConnection(c))?.sm?.stored).toBe(first ? true : undefined);
+      // What the ack finds in storage when it trims: m1, m2 still there only when it trims first.
+      const acknowledge = t.server.smQueue.acknowledge.bind(t.server.smQueue);
+      let storedAtTrim: (string | undefined)[] = [];
+      const restore = intercept(t.server.smQueue, 'acknowledge', async (...args) => {
+        storedAtTrim = await bodies(t);
+        return acknowledge(...args);
+      });
+      await t.ack(c, `${c}-a1`);
+      restore();
+      expect(storedAtTrim.slice(0, 2)).toEqual(first ? ['m3', 'm4'] : ['m1', 'm2']);
+      expect(await bodies(t)).toEqual(['m3', 'm4', 'm5', 'm6']);
+    },
+  );
+
   it('flood: an <a/> frame failing at the removal from storage of what it acknowledged removes it on its redelivery', async () => {
     const t = await inbox(6);
     await t.login('d7');
