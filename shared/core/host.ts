@@ -394,6 +394,16 @@ export interface DeliveryOptions {
    * after is refused ('gone'), so that the client does not get it from both.
    */
   attachedTo?: string;
+  /** Posted with the rest of its group, once the group's sends are queued (StanzaQueue.deliverTogether). */
+  group?: DeliveryGroup;
+}
+
+/**
+ * Deliveries to a stream's own session that go out together (StanzaQueue.deliverTogether): what
+ * it holds is the stanza queue's own business.
+ */
+export interface DeliveryGroup {
+  readonly smId: string;
 }
 
 /**
@@ -429,6 +439,14 @@ export interface StanzaQueue {
    * XEP-0198).
    */
   queuedStored(stream: BoundStream): void;
+  /**
+   * Runs `send`, whose deliveries to the stream's own session carry `group` (DeliveryOptions), and
+   * posts what they queued once it returns, in order: a window of stored messages (XEP-0160,
+   * XEP-0013) is then one posting run for the queue, not one per message. `group` is undefined
+   * when the stream has no session whose posts can be grouped; the deliveries then go out one by
+   * one, as without it.
+   */
+  deliverTogether<T>(stream: BoundStream, send: (group: DeliveryGroup | undefined) => Promise<T>): Promise<T>;
   /**
    * Which of these sessions have a stream attached: the others are detached, waiting for a
    * resume, and are not "connected" resources (RFC 6120 §7.6.2.1's limit counts those).

@@ -8,6 +8,8 @@ import { Element, parse } from 'ltx';
 import { nextDeliveryKey, offlineRecord } from '../core/frame.ts';
 import {
   type BoundStream,
+  type DeliveryGroup,
+  type DeliveryOptions,
   type DeliveryResult,
   HANDLED,
   type HookResult,
@@ -328,7 +330,7 @@ export async function sendStored(
   stream: BoundStream,
   message: OfflineMessage,
   stanza: Element,
-  options: { offlineId?: string; offlineCopy?: boolean; key?: string; attachedTo?: string },
+  options: DeliveryOptions,
 ): Promise<DeliveryResult | 'dropped'> {
   try {
     return await stream.send(stanza, options);
@@ -552,11 +554,33 @@ async function writeAhead(stream: BoundStream, transfer: OfflineTransfer): Promi
  * wait unacknowledged, and leaves the transfer without its window once every copy is out (with
  * what is left of it when the queue is full).
  */
-async function postWindow(
+function postWindow(
   stream: BoundStream,
   transfer: OfflineTransfer,
   messages: Map<string, OfflineMessage>,
   queued?: QueuedTransfer,
+): Promise<Window> {
+  return together(stream, (group) => postWindowIn(stream, transfer, messages, queued, group));
+}
+
+/**
+ * Runs a window's sends as one group (StanzaQueue.deliverTogether): with stream management's
+ * serial posting, queued one by one and posted in one run.
+ */
+function together<T>(
+  stream: BoundStream,
+  send: (group: DeliveryGroup | undefined) => Promise<T>,
+): Promise<T> {
+  const queue = stream.server.host.stanzaQueue;
+  return queue ? queue.deliverTogether(stream, send) : send(undefined);
+}
+
+async function postWindowIn(
+  stream: BoundStream,
+  transfer: OfflineTransfer,
+  messages: Map<string, OfflineMessage>,
+  queued: QueuedTransfer | undefined,
+  group: DeliveryGroup | undefined,
 ): Promise<Window> {
   const { server } = stream;
   const nodes = transfer.window ?? [];
@@ -574,6 +598,7 @@ async function postWindow(
       offlineCopy: true,
       key,
       attachedTo: stream.connectionId,
+      ...(group ? { group } : {}),
     });
     // The session is gone: nothing in progress or waiting can be answered.
     if (result === 'gone') {
@@ -632,7 +657,15 @@ async function fetchWindow(stream: BoundStream, transfer: OfflineTransfer, budge
 }
 
 /** A flood's next window: the inbox read on from the last message sent. */
-async function inboxWindow(stream: BoundStream, start: OfflineTransfer): Promise<Window> {
+function inboxWindow(stream: BoundStream, start: OfflineTransfer): Promise<Window> {
+  return together(stream, (group) => inboxWindowIn(stream, start, group));
+}
+
+async function inboxWindowIn(
+  stream: BoundStream,
+  start: OfflineTransfer,
+  group: DeliveryGroup | undefined,
+): Promise<Window> {
   const { server } = stream;
   const user = stream.user;
   let transfer = start;
@@ -664,6 +697,7 @@ async function inboxWindow(stream: BoundStream, start: OfflineTransfer): Promise
       const result = await sendStored(stream, message, stampedStanza(server, message), {
         offlineId: message.id,
         attachedTo: stream.connectionId,
+        ...(group ? { group } : {}),
       });
       // The session is gone: nothing in progress or waiting can be answered.
       if (result === 'gone') {

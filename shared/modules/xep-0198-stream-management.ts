@@ -21,6 +21,7 @@ import { Element, parse } from 'ltx';
 import { closeConnection, DIRECT_POST_BOUND_MS, post, postExactly } from '../core/delivery.ts';
 import { frameAge, frameTimeLeft, nextDeliveryKey, peekDeliveryKey, sequenceAtMost } from '../core/frame.ts';
 import {
+  type DeliveryGroup,
   type DeliveryOptions,
   type DeliveryResult,
   HANDLED,
@@ -96,6 +97,7 @@ export function register(server: Server): void {
         stream.update({ sm: { ...sm, stored: true } });
     },
     attached: (smIds) => server.smQueue.attached(smIds),
+    deliverTogether: (stream, send) => deliverTogether(server, stream, send),
   });
   host.hook('connection-vanished', (event) => keepResumable(server, event), { priority: 10 });
   host.hook('session-ending', ({ session, reason, undelivered, afterReroute }) =>
@@ -263,6 +265,8 @@ async function deliverToSmSession(
     ...(key ? { k: key } : {}),
   };
   const serial = server.config.smPostOrder === 'serial';
+  const group =
+    serial && options.group instanceof SerialGroup && options.group.smId === smId ? options.group : undefined;
   if (delivery?.redelivered && key) {
     // An earlier delivery of this frame may have queued it already, and posted it or not; or,
     // its entry acknowledged since, may still hold the stream (SM_POST_ORDER=serial).
@@ -281,7 +285,11 @@ async function deliverToSmSession(
   const appendedAt = Date.now();
   // The hold is this attempt's alone: a retry of the frame, or another delivery of the same
   // stored message, has a key like it but never the same token.
-  const token = serial ? `${key}#${randomBytes(6).toString('base64url')}` : undefined;
+  // A group's appends share one token (the first one's): whichever of them takes the hold, the
+  // group posts once its sends are queued.
+  const token = serial
+    ? (group?.tokenFor(key) ?? `${key}#${randomBytes(6).toString('base64url')}`)
+    : undefined;
   // A client's message (one stanza per frame, one delivery per session): marked with its
   // sender's connection, so that a redelivery of its frame never queues it twice, even once it was
   // acknowledged and other senders' entries came after it (see SenderMark). Not a presence
@@ -356,7 +364,19 @@ async function deliverToSmSession(
   }
   const askByBytes =
     Math.floor(bytes / server.config.smAckBytes) > Math.floor((bytes - size) / server.config.smAckBytes);
-  if (token) return postInOrder(server, smId, token, { item, number, key }, stanza, askByBytes || congested);
+  if (group && token) {
+    group.queued(item, number, key, stanza, askByBytes || congested);
+    return 'sent';
+  }
+  if (token)
+    return postInOrder(
+      server,
+      smId,
+      token,
+      { item, number },
+      new Map([[key, stanza]]),
+      askByBytes || congested,
+    );
   if (item.holding) {
     if (holdExpired(server, item)) await forceResume(server, item.connectionId, 'lease', 'replay');
     return 'sent';
@@ -478,8 +498,9 @@ async function postInOrder(
   server: Server,
   smId: string,
   token: string,
-  { item, number: ownNumber, key }: { item: SmQueueItem; number: number; key: string },
-  own: Element,
+  { item, number: ownNumber }: { item: SmQueueItem; number: number },
+  /** The stanzas the caller queued, by key: posted as they are rather than parsed again. */
+  own: ReadonlyMap<string, Element>,
   askAtEnd: boolean,
 ): Promise<DeliveryResult> {
   const connectionId = item.connectionId as string;
@@ -516,7 +537,11 @@ async function postInOrder(
         await forceResume(server, connectionId, 'out-of-time');
         return 'sent';
       }
-      const posted = await postQueued(server, connectionId, entry.k === key ? own : parse(entry.s));
+      const posted = await postQueued(
+        server,
+        connectionId,
+        (entry.k === undefined ? undefined : own.get(entry.k)) ?? parse(entry.s),
+      );
       if (posted !== 'sent') {
         // Closed (failed, unanswered) or gone (410): the client resumes, and the hold stays ours
         // until that resume's attach takes it; nothing after this entry was posted.
@@ -541,6 +566,83 @@ async function postInOrder(
   }
   if (askAtEnd && asked !== sent) await postQueued(server, connectionId, ackRequest(current.version, sent));
   return 'sent';
+}
+
+/**
+ * SM_POST_ORDER=serial: deliveries to one session queued one after the other and posted in one
+ * run (StanzaQueue.deliverTogether), a window of stored messages. The group's appends share a
+ * token: the first to find the session's hold free takes it, the later ones find it theirs, and
+ * none posts; once the group's sends are queued, `postInOrder` posts from where the hold started
+ * through whatever is queued by then (other senders' stanzas too) and lets the hold go once.
+ * One by one, each message's own poster let the hold go after its post: a write of the whole
+ * queue item per message, about half of a flood's writes to it (`bench/offline.ts --flood`).
+ *
+ * The hold lasts the group's appends and posts. A frame that dies in between leaves it until its
+ * redelivery finds the first entry held by its own key (heldBy: the socket is closed, and the
+ * resume sends what the client lacks), or until the lease: the same as a poster dying mid-burst.
+ */
+class SerialGroup implements DeliveryGroup {
+  private token?: string;
+  /** The number of the group's first entry queued under the group's hold. */
+  private first?: number;
+  /** The queue as the group's last append left it. */
+  private item?: SmQueueItem;
+  private askAtEnd = false;
+  private readonly own = new Map<string, Element>();
+
+  constructor(readonly smId: string) {}
+
+  /** The group's token: made from its first delivery's key, as a single poster's is. */
+  tokenFor(key: string): string {
+    this.token ??= `${key}#${randomBytes(6).toString('base64url')}`;
+    return this.token;
+  }
+
+  queued(item: SmQueueItem, number: number, key: string, stanza: Element, ask: boolean): void {
+    this.item = item;
+    if (this.first === undefined && item.holder === this.token) this.first = number;
+    this.own.set(key, stanza);
+    this.askAtEnd ||= ask;
+  }
+
+  async post(server: Server): Promise<void> {
+    const { item, token } = this;
+    if (!item || !token) return;
+    if (this.first === undefined) {
+      // Another poster or a resume's replay held the session at each append: it posts them.
+      if (item.connectionId && holdExpired(server, item))
+        await forceResume(server, item.connectionId, 'lease', 'poster');
+      return;
+    }
+    await postInOrder(server, this.smId, token, { item, number: this.first }, this.own, this.askAtEnd);
+  }
+}
+
+/** StanzaQueue.deliverTogether: a group only with serial posting, to the stream's own session. */
+async function deliverTogether<T>(
+  server: Server,
+  stream: Stream,
+  send: (group: DeliveryGroup | undefined) => Promise<T>,
+): Promise<T> {
+  const sm = smState(stream);
+  if (!sm || server.config.smPostOrder !== 'serial') return send(undefined);
+  const group = new SerialGroup(sm.id);
+  let result: T;
+  try {
+    result = await send(group);
+  } catch (error) {
+    // What the group queued before the failure goes out, as it would have one by one; the frame
+    // still fails (its redelivery finds those entries queued).
+    await group.post(server).catch((postError: unknown) =>
+      server.log.warn('posting a group of deliveries after a failure failed', {
+        smId: sm.id,
+        error: postError,
+      }),
+    );
+    throw error;
+  }
+  await group.post(server);
+  return result;
 }
 
 /**

@@ -319,6 +319,119 @@ describe('a paced XEP-0160 flood and session ends', () => {
     },
   );
 
+  // One posting run per window (StanzaQueue.deliverTogether): the hold on the queue is let go once
+  // a window, not once per message (each release a write billed on the whole queue item).
+  it.each([
+    ['serial', 1, 'g1'],
+    ['checked', 0, 'g2'],
+  ])(
+    'flood (SM_POST_ORDER=%s): a window of 10 is posted with %i release of the hold',
+    async (order, releases, c) => {
+      const t = await inbox(25, { SM_QUEUE_MAX: '1000', SM_POST_ORDER: order });
+      await t.login(c);
+      await t.enable(c);
+      const releasePoster = t.server.smQueue.releasePoster.bind(t.server.smQueue);
+      let released = 0;
+      // The flood's poster (its token is its first entry's key, `o:<stored id>`), not the poster of
+      // the presence the session is sent back first.
+      const restore = intercept(t.server.smQueue, 'releasePoster', async (...args) => {
+        if (args[1].startsWith('o:')) released += 1;
+        return releasePoster(...args);
+      });
+      await t.frame(c, '<presence/>', `${c}-presence`);
+      restore();
+      expect(t.story(c)).toEqual(Array.from({ length: 10 }, (_, i) => `m${i + 1}`));
+      expect(released).toBe(releases);
+      // Nothing holds the queue after the window: a live stanza goes out at once.
+      const item = await t.server.smQueue.get((await t.server.sessions.getConnection(c))?.sm?.id as string);
+      expect(item?.holding).toBe(false);
+      // Its own presence, then m1..m10.
+      expect(item?.out).toBe(11);
+    },
+  );
+
+  it('flood: a stanza queued by another sender in the middle of a window goes out in the same run, in queue order', async () => {
+    const t = await inbox(12, { SM_QUEUE_MAX: '1000' });
+    await t.login('g3');
+    await t.enable('g3');
+    await t.server.sessions.createConnection('s9', Date.now());
+    await t.server.sessions.updateConnection('s9', {
+      streamOpen: true,
+      user: 'juliet@localhost',
+      resource: 'x',
+    });
+    const append = t.server.smQueue.append.bind(t.server.smQueue);
+    let appends = 0;
+    const restore = intercept(t.server.smQueue, 'append', async (...args) => {
+      const result = await append(...args);
+      // After the window's third stored message. A headline is not stored behind the flood's hold (XEP-0160 §3): it is queued live, and
+      // finds the queue held by the window.
+      if (args[1].o && ++appends === 3)
+        await t.frame('s9', `<message to='${t.user}' type='headline'><body>h1</body></message>`, 's9-1');
+      return result;
+    });
+    await t.frame('g3', '<presence/>', 'g3-presence');
+    restore();
+    expect(t.story('g3')).toEqual(['m1', 'm2', 'm3', 'h1', 'm4', 'm5', 'm6', 'm7', 'm8', 'm9', 'm10']);
+  });
+
+  it('flood: a frame failing in the middle of a window posts what it queued, and its redelivery the rest, each once', async () => {
+    const t = await inbox(12, { SM_QUEUE_MAX: '1000' });
+    await t.login('g4');
+    await t.enable('g4');
+    const append = t.server.smQueue.append.bind(t.server.smQueue);
+    let appends = 0;
+    const restore = intercept(t.server.smQueue, 'append', async (...args) => {
+      if (args[1].o && ++appends === 4) throw throttlingError();
+      return append(...args);
+    });
+    const s1 = t.nextSeq();
+    await expect(t.frame('g4', '<presence/>', 'g4-presence', s1)).rejects.toThrow();
+    restore();
+    expect(t.story('g4')).toEqual(['m1', 'm2', 'm3']);
+    await t.frame('g4', '<presence/>', 'g4-presence', s1, 2);
+    for (let i = 0; i < 4 && (await t.server.offline.count(t.user)) > 0; i++) await t.ack('g4', `g4-a${i}`);
+    expect(t.story('g4')).toEqual(Array.from({ length: 12 }, (_, i) => `m${i + 1}`));
+    expect(await t.server.offline.count(t.user)).toBe(0);
+  });
+
+  it("flood: a frame dying after a window's appends, before its posts: the redelivery closes the socket, the resume sends the window once", async () => {
+    const t = await inbox(12, { SM_QUEUE_MAX: '1000' });
+    await t.login('g5');
+    const smId = await t.enable('g5');
+    // The invocation is frozen at the window's first post (a timeout kills it there): its frame
+    // never ends, and SQS brings it again.
+    const post = t.server.outbound.post.bind(t.server.outbound);
+    let died = false;
+    const frozen = async (connectionId: string, data: string, notAfter?: number) => {
+      if (!died && data.includes('<body>m1<')) {
+        died = true;
+        return new Promise<never>(() => {});
+      }
+      return post(connectionId, data, notAfter);
+    };
+    const restore = intercept(t.server.outbound, 'post', frozen as typeof post);
+    const s1 = t.nextSeq();
+    void t.frame('g5', '<presence/>', 'g5-presence', s1);
+    for (let i = 0; i < 200 && !died; i++) await new Promise((resolve) => setTimeout(resolve, 10));
+    expect(died).toBe(true);
+    restore();
+    expect(t.story('g5')).toEqual([]);
+    // The hold is still the dead attempt's, well within its lease: the redelivery finds its first
+    // message queued under it and closes the socket rather than wait for the lease.
+    await t.frame('g5', '<presence/>', 'g5-presence', s1, 2);
+    expect(t.port.closed.has('g5')).toBe(true);
+    expect(t.story('g5')).toEqual([]);
+    await t.server.sessions.createConnection('g6', Date.now());
+    await t.server.sessions.updateConnection('g6', { streamOpen: true, user: t.user });
+    const base = t.handled('g5');
+    await t.frame('g6', `<resume xmlns='${SM3}' previd='${smId}' h='${base}'/>`, 'g6-resume');
+    for (let i = 0; i < 4 && (await t.server.offline.count(t.user)) > 0; i++)
+      await t.frame('g6', `<a xmlns='${SM3}' h='${base + t.handled('g6') + 1}'/>`, `g6-a${i}`);
+    expect(t.story('g6')).toEqual(Array.from({ length: 12 }, (_, i) => `m${i + 1}`));
+    expect(await t.server.offline.count(t.user)).toBe(0);
+  });
+
   it('flood: a redelivered <a/> frame sends no message twice', async () => {
     const t = await inbox(6);
     await t.login('d3');

@@ -203,6 +203,7 @@ describe('the delivery path', () => {
         return new Set<string>();
       },
       queuedStored() {},
+      deliverTogether: (_stream, send) => send(undefined),
     });
     const stanza = parse("<message to='bob@localhost'><body>queued</body></message>");
     expect(await deliver(server, resource('c1', { smId: 'sm-1' }), stanza, { offlineId: 'o1' })).toBe('sent');
