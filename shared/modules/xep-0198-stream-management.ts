@@ -273,7 +273,10 @@ async function deliverToSmSession(
     const queued = await server.smQueue.get(smId);
     // Resumed on another connection since: that resume goes on from the queue as it found it
     // (settling this key here would close the new connection and mark what it replayed).
-    if (movedFrom(queued, options.attachedTo)) return 'gone';
+    if (movedFrom(queued, options.attachedTo)) {
+      group?.abandon();
+      return 'gone';
+    }
     const at = queued?.entries.findIndex((waiting) => waiting.k === key) ?? -1;
     if (queued && (at >= 0 || (serial && heldBy(queued, key)))) {
       server.log.debug('stanza already in the stream-management queue', { smId, id: stanza.attrs.id });
@@ -285,11 +288,9 @@ async function deliverToSmSession(
   const appendedAt = Date.now();
   // The hold is this attempt's alone: a retry of the frame, or another delivery of the same
   // stored message, has a key like it but never the same token.
-  // A group's appends share one token (the first one's): whichever of them takes the hold, the
-  // group posts once its sends are queued.
-  const token = serial
-    ? (group?.tokenFor(key) ?? `${key}#${randomBytes(6).toString('base64url')}`)
-    : undefined;
+  // A group's appends share one token: whichever of them takes the hold, the group posts once
+  // its sends are queued.
+  const token = serial ? (group?.token ?? `${key}#${randomBytes(6).toString('base64url')}`) : undefined;
   // A client's message (one stanza per frame, one delivery per session): marked with its
   // sender's connection, so that a redelivery of its frame never queues it twice, even once it was
   // acknowledged and other senders' entries came after it (see SenderMark). Not a presence
@@ -307,11 +308,20 @@ async function deliverToSmSession(
       ? { from: delivery.from, key }
       : undefined;
   const result = await appendOnce(server, smId, entry, token, mark, options.answer, options.attachedTo);
+  // The group's hold, whoever of its appends took it and whatever this one's outcome: the group
+  // posts what is queued once its sends are done.
+  if (group && 'item' in result && result.item) group.seen(result.item);
   if (result.kind === 'found') {
     // Found by its key after a failed write, on a session resumed elsewhere since: the resume that
     // took it found this entry queued and goes on from it. (Detached, it is settled as any other:
     // a later entry may have reached the client first, and the resume's count must not cover it.)
-    if (movedFrom(result.item, options.attachedTo)) return 'gone';
+    if (movedFrom(result.item, options.attachedTo)) {
+      group?.abandon();
+      return 'gone';
+    }
+    // Queued under the group's own hold: nobody has posted it (a resume's attach takes the hold),
+    // and the group will.
+    if (group?.holds(result.item)) return 'sent';
     return settleUnknownPost(server, smId, key, result.item, 'uncertain-append');
   }
   server.log.debug('stanza to a stream-management queue', {
@@ -322,7 +332,10 @@ async function deliverToSmSession(
       ? { number: result.number, attached: result.item.connectionId, holding: result.item.holding }
       : {}),
   });
-  if (result.kind === 'ended' || result.kind === 'moved') return 'gone';
+  if (result.kind === 'ended' || result.kind === 'moved') {
+    group?.abandon();
+    return 'gone';
+  }
   if (result.kind === 'acknowledged') return 'sent';
   if (result.kind === 'full') {
     // The client asked and is not acknowledging what it was sent: its answer is not dropped
@@ -331,7 +344,7 @@ async function deliverToSmSession(
     return whenFull(server, smId, result.item);
   }
   const { item, number } = result;
-  if (result.found === 'refused')
+  if (result.found === 'refused' && !group?.holds(item))
     return settleUnknownPost(server, smId, key, item, 'uncertain-append', 'found by its key');
   if (
     result.found === 'ambiguous' &&
@@ -364,8 +377,9 @@ async function deliverToSmSession(
   }
   const askByBytes =
     Math.floor(bytes / server.config.smAckBytes) > Math.floor((bytes - size) / server.config.smAckBytes);
-  if (group && token) {
-    group.queued(item, number, key, stanza, askByBytes || congested);
+  if (group) {
+    // Asked for by the group's caller once the window is out.
+    group.queued(key, stanza);
     return 'sent';
   }
   if (token)
@@ -577,44 +591,68 @@ async function postInOrder(
  * One by one, each message's own poster let the hold go after its post: a write of the whole
  * queue item per message, about half of a flood's writes to it (`bench/offline.ts --flood`).
  *
- * The hold lasts the group's appends and posts. A frame that dies in between leaves it until its
- * redelivery finds the first entry held by its own key (heldBy: the socket is closed, and the
- * resume sends what the client lacks), or until the lease: the same as a poster dying mid-burst.
+ * The hold lasts the group's appends and posts. The token names the frame (`<frame id>:g#...`,
+ * never a delivery key): a redelivery of a frame that died holding finds its hold and closes the
+ * socket (the resume sends what the client lacks) before it sends anything, whatever it then
+ * sends; outside a frame the lease is the only way out, as for a poster dying mid-burst.
  */
 class SerialGroup implements DeliveryGroup {
-  private token?: string;
-  /** The number of the group's first entry queued under the group's hold. */
-  private first?: number;
-  /** The queue as the group's last append left it. */
+  readonly token: string;
+  /** The queue as the group's appends last saw it. */
   private item?: SmQueueItem;
-  private askAtEnd = false;
+  /** Whether one of the group's appends took the hold. */
+  private held = false;
+  /** A delivery found the session moved on or ended: the group posts nothing. */
+  private abandoned = false;
   private readonly own = new Map<string, Element>();
 
-  constructor(readonly smId: string) {}
-
-  /** The group's token: made from its first delivery's key, as a single poster's is. */
-  tokenFor(key: string): string {
-    this.token ??= `${key}#${randomBytes(6).toString('base64url')}`;
-    return this.token;
+  constructor(
+    readonly smId: string,
+    private readonly frameId: string,
+  ) {
+    this.token = `${frameId ? `${frameId}:g` : 'g'}#${randomBytes(6).toString('base64url')}`;
   }
 
-  queued(item: SmQueueItem, number: number, key: string, stanza: Element, ask: boolean): void {
+  holds(item: SmQueueItem): boolean {
+    return item.holder === this.token;
+  }
+
+  seen(item: SmQueueItem): void {
     this.item = item;
-    if (this.first === undefined && item.holder === this.token) this.first = number;
+    if (this.holds(item)) this.held = true;
+  }
+
+  queued(key: string, stanza: Element): void {
     this.own.set(key, stanza);
-    this.askAtEnd ||= ask;
+  }
+
+  abandon(): void {
+    this.abandoned = true;
+  }
+
+  /**
+   * A redelivered frame: an earlier attempt of it may have died holding the stream, with entries
+   * queued and not posted. The socket is closed so that the client resumes, and the resume's
+   * attach takes the hold over.
+   */
+  async settleDeadHold(server: Server): Promise<void> {
+    if (this.frameId === '') return;
+    const item = await server.smQueue.get(this.smId);
+    if (!item || item.ended || !item.connectionId || !item.holder?.startsWith(`${this.frameId}:g#`)) return;
+    await forceResume(server, item.connectionId, 'redelivered', 'a group of its deliveries held the stream');
   }
 
   async post(server: Server): Promise<void> {
-    const { item, token } = this;
-    if (!item || !token) return;
-    if (this.first === undefined) {
+    const { item } = this;
+    if (!item || this.abandoned) return;
+    if (!this.held) {
       // Another poster or a resume's replay held the session at each append: it posts them.
       if (item.connectionId && holdExpired(server, item))
         await forceResume(server, item.connectionId, 'lease', 'poster');
       return;
     }
-    await postInOrder(server, this.smId, token, { item, number: this.first }, this.own, this.askAtEnd);
+    const from = (item.settledOut ?? item.base) + 1;
+    await postInOrder(server, this.smId, this.token, { item, number: from }, this.own, false);
   }
 }
 
@@ -626,7 +664,8 @@ async function deliverTogether<T>(
 ): Promise<T> {
   const sm = smState(stream);
   if (!sm || server.config.smPostOrder !== 'serial') return send(undefined);
-  const group = new SerialGroup(sm.id);
+  const group = new SerialGroup(sm.id, stream.frameId);
+  if (peekDeliveryKey(`sm:${sm.id}`)?.redelivered) await group.settleDeadHold(server);
   let result: T;
   try {
     result = await send(group);

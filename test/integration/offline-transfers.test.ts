@@ -11,7 +11,7 @@ import { RecordingPort } from '../../shared/outbound.ts';
 import { deriveCredentialSet } from '../../shared/sasl/scram.ts';
 import { createServer } from '../../shared/server.ts';
 import { createTestConfig } from '../support/dynamodb.ts';
-import { intercept, throttlingError } from '../support/intercept.ts';
+import { intercept, serverError, throttlingError } from '../support/intercept.ts';
 import { dieBeforeFinalSave, frameDriver } from '../support/stream.ts';
 
 const OFFLINE = 'http://jabber.org/protocol/offline';
@@ -322,20 +322,20 @@ describe('a paced XEP-0160 flood and session ends', () => {
   // One posting run per window (StanzaQueue.deliverTogether): the hold on the queue is let go once
   // a window, not once per message (each release a write billed on the whole queue item).
   it.each([
-    ['serial', 1, 'g1'],
+    ['serial', 2, 'g1'],
     ['checked', 0, 'g2'],
   ])(
-    'flood (SM_POST_ORDER=%s): a window of 10 is posted with %i release of the hold',
+    'flood (SM_POST_ORDER=%s): the presence and a window of 10 after it are posted with %i releases of the hold',
     async (order, releases, c) => {
       const t = await inbox(25, { SM_QUEUE_MAX: '1000', SM_POST_ORDER: order });
       await t.login(c);
       await t.enable(c);
       const releasePoster = t.server.smQueue.releasePoster.bind(t.server.smQueue);
       let released = 0;
-      // The flood's poster (its token is its first entry's key, `o:<stored id>`), not the poster of
-      // the presence the session is sent back first.
+      // One for the presence the session is sent back first, one for the window (one per
+      // message before: 11).
       const restore = intercept(t.server.smQueue, 'releasePoster', async (...args) => {
-        if (args[1].startsWith('o:')) released += 1;
+        released += 1;
         return releasePoster(...args);
       });
       await t.frame(c, '<presence/>', `${c}-presence`);
@@ -395,42 +395,73 @@ describe('a paced XEP-0160 flood and session ends', () => {
     expect(await t.server.offline.count(t.user)).toBe(0);
   });
 
-  it("flood: a frame dying after a window's appends, before its posts: the redelivery closes the socket, the resume sends the window once", async () => {
+  it("flood: a window's append whose answer was lost (a 500 after the write) is posted with the window, the socket kept", async () => {
     const t = await inbox(12, { SM_QUEUE_MAX: '1000' });
-    await t.login('g5');
-    const smId = await t.enable('g5');
-    // The invocation is frozen at the window's first post (a timeout kills it there): its frame
-    // never ends, and SQS brings it again.
-    const post = t.server.outbound.post.bind(t.server.outbound);
-    let died = false;
-    const frozen = async (connectionId: string, data: string, notAfter?: number) => {
-      if (!died && data.includes('<body>m1<')) {
-        died = true;
-        return new Promise<never>(() => {});
+    await t.login('g8');
+    await t.enable('g8');
+    const append = t.server.smQueue.append.bind(t.server.smQueue);
+    let lost = false;
+    const restore = intercept(t.server.smQueue, 'append', async (...args) => {
+      const result = await append(...args);
+      if (args[1].o && !lost) {
+        lost = true;
+        throw serverError();
       }
-      return post(connectionId, data, notAfter);
-    };
-    const restore = intercept(t.server.outbound, 'post', frozen as typeof post);
-    const s1 = t.nextSeq();
-    void t.frame('g5', '<presence/>', 'g5-presence', s1);
-    for (let i = 0; i < 200 && !died; i++) await new Promise((resolve) => setTimeout(resolve, 10));
-    expect(died).toBe(true);
+      return result;
+    });
+    await t.frame('g8', '<presence/>', 'g8-presence');
     restore();
-    expect(t.story('g5')).toEqual([]);
-    // The hold is still the dead attempt's, well within its lease: the redelivery finds its first
-    // message queued under it and closes the socket rather than wait for the lease.
-    await t.frame('g5', '<presence/>', 'g5-presence', s1, 2);
-    expect(t.port.closed.has('g5')).toBe(true);
-    expect(t.story('g5')).toEqual([]);
-    await t.server.sessions.createConnection('g6', Date.now());
-    await t.server.sessions.updateConnection('g6', { streamOpen: true, user: t.user });
-    const base = t.handled('g5');
-    await t.frame('g6', `<resume xmlns='${SM3}' previd='${smId}' h='${base}'/>`, 'g6-resume');
-    for (let i = 0; i < 4 && (await t.server.offline.count(t.user)) > 0; i++)
-      await t.frame('g6', `<a xmlns='${SM3}' h='${base + t.handled('g6') + 1}'/>`, `g6-a${i}`);
-    expect(t.story('g6')).toEqual(Array.from({ length: 12 }, (_, i) => `m${i + 1}`));
-    expect(await t.server.offline.count(t.user)).toBe(0);
+    expect(lost).toBe(true);
+    // Found queued under the window's own hold, which it took: nobody else can have posted it.
+    expect(t.port.closed.has('g8')).toBe(false);
+    expect(t.story('g8')).toEqual(Array.from({ length: 10 }, (_, i) => `m${i + 1}`));
   });
+
+  // A redelivery that starts elsewhere (its first message removed from storage meanwhile, by
+  // another resource's XEP-0013 remove) still finds its hold: the hold names the frame.
+  it.each([
+    ['', false, 'g5'],
+    [' (its first message removed from storage meanwhile)', true, 'g7'],
+  ])(
+    "flood: a frame dying after a window's appends, before its posts%s: the redelivery closes the socket, the resume sends the window once",
+    async (_, removed, c) => {
+      const t = await inbox(12, { SM_QUEUE_MAX: '1000' });
+      await t.login(c);
+      const smId = await t.enable(c);
+      // The invocation is frozen at the window's first post (a timeout kills it there): its frame
+      // never ends, and SQS brings it again.
+      const post = t.server.outbound.post.bind(t.server.outbound);
+      let died = false;
+      const frozen = async (connectionId: string, data: string, notAfter?: number) => {
+        if (!died && data.includes('<body>m1<')) {
+          died = true;
+          return new Promise<never>(() => {});
+        }
+        return post(connectionId, data, notAfter);
+      };
+      const restore = intercept(t.server.outbound, 'post', frozen as typeof post);
+      const s1 = t.nextSeq();
+      void t.frame(c, '<presence/>', `${c}-presence`, s1);
+      for (let i = 0; i < 200 && !died; i++) await new Promise((resolve) => setTimeout(resolve, 10));
+      expect(died).toBe(true);
+      restore();
+      expect(t.story(c)).toEqual([]);
+      if (removed) await t.server.offline.remove(t.user, (await t.ids()).slice(0, 1));
+      // The hold is still the dead attempt's, well within its lease: the redelivery finds it and
+      // closes the socket rather than wait for the lease.
+      await t.frame(c, '<presence/>', `${c}-presence`, s1, 2);
+      expect(t.port.closed.has(c)).toBe(true);
+      expect(t.story(c)).toEqual([]);
+      await t.server.sessions.createConnection(`${c}r`, Date.now());
+      await t.server.sessions.updateConnection(`${c}r`, { streamOpen: true, user: t.user });
+      const base = t.handled(c);
+      await t.frame(`${c}r`, `<resume xmlns='${SM3}' previd='${smId}' h='${base}'/>`, `${c}r-resume`);
+      for (let i = 0; i < 4 && (await t.server.offline.count(t.user)) > 0; i++)
+        await t.frame(`${c}r`, `<a xmlns='${SM3}' h='${base + t.handled(`${c}r`) + 1}'/>`, `${c}r-a${i}`);
+      expect(t.story(`${c}r`)).toEqual(Array.from({ length: 12 }, (_, i) => `m${i + 1}`));
+      expect(await t.server.offline.count(t.user)).toBe(0);
+    },
+  );
 
   it('flood: a redelivered <a/> frame sends no message twice', async () => {
     const t = await inbox(6);
