@@ -19,7 +19,14 @@ import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Element, parse } from 'ltx';
 import { closeConnection, DIRECT_POST_BOUND_MS, post, postExactly } from '../core/delivery.ts';
-import { frameAge, frameTimeLeft, nextDeliveryKey, peekDeliveryKey, sequenceAtMost } from '../core/frame.ts';
+import {
+  frameAge,
+  frameRedelivered,
+  frameTimeLeft,
+  nextDeliveryKey,
+  peekDeliveryKey,
+  sequenceAtMost,
+} from '../core/frame.ts';
 import {
   type DeliveryGroup,
   type DeliveryOptions,
@@ -310,7 +317,11 @@ async function deliverToSmSession(
   const result = await appendOnce(server, smId, entry, token, mark, options.answer, options.attachedTo);
   // The group's hold, whoever of its appends took it and whatever this one's outcome: the group
   // posts what is queued once its sends are done.
-  if (group && 'item' in result && result.item) group.seen(result.item);
+  if (group && 'item' in result && result.item) {
+    const { item } = result;
+    const at = result.kind === 'found' ? item.entries.findIndex((queued) => queued.k === key) : -1;
+    group.seen(item, result.kind === 'queued' ? result.number : at >= 0 ? item.base + at + 1 : undefined);
+  }
   if (result.kind === 'found') {
     // Found by its key after a failed write, on a session resumed elsewhere since: the resume that
     // took it found this entry queued and goes on from it. (Detached, it is settled as any other:
@@ -341,7 +352,10 @@ async function deliverToSmSession(
     // The client asked and is not acknowledging what it was sent: its answer is not dropped
     // (RFC 6120 §8.2.3 "MUST reply"; its request is counted handled already), nor waited for.
     if (options.answer) throw new StreamError('policy-violation', 'Too many unacknowledged stanzas');
-    return whenFull(server, smId, result.item);
+    const full = await whenFull(server, smId, result.item);
+    // Ended (an overflow): the group posts nothing into the kicked socket.
+    if (full === 'gone') group?.abandon();
+    return full;
   }
   const { item, number } = result;
   if (result.found === 'refused' && !group?.holds(item))
@@ -602,6 +616,8 @@ class SerialGroup implements DeliveryGroup {
   private item?: SmQueueItem;
   /** Whether one of the group's appends took the hold. */
   private held = false;
+  /** The number of the first entry seen queued under the group's hold. */
+  private first?: number;
   /** A delivery found the session moved on or ended: the group posts nothing. */
   private abandoned = false;
   private readonly own = new Map<string, Element>();
@@ -617,9 +633,11 @@ class SerialGroup implements DeliveryGroup {
     return item.holder === this.token;
   }
 
-  seen(item: SmQueueItem): void {
+  seen(item: SmQueueItem, number?: number): void {
     this.item = item;
-    if (this.holds(item)) this.held = true;
+    if (!this.holds(item)) return;
+    this.held = true;
+    if (this.first === undefined && number !== undefined) this.first = number;
   }
 
   queued(key: string, stanza: Element): void {
@@ -635,11 +653,8 @@ class SerialGroup implements DeliveryGroup {
    * queued and not posted. The socket is closed so that the client resumes, and the resume's
    * attach takes the hold over.
    */
-  async settleDeadHold(server: Server): Promise<void> {
-    if (this.frameId === '') return;
-    const item = await server.smQueue.get(this.smId);
-    if (!item || item.ended || !item.connectionId || !item.holder?.startsWith(`${this.frameId}:g#`)) return;
-    await forceResume(server, item.connectionId, 'redelivered', 'a group of its deliveries held the stream');
+  settleDeadHold(server: Server): Promise<void> {
+    return settleDeadGroup(server, this.smId, this.frameId);
   }
 
   async post(server: Server): Promise<void> {
@@ -651,9 +666,24 @@ class SerialGroup implements DeliveryGroup {
         await forceResume(server, item.connectionId, 'lease', 'poster');
       return;
     }
-    const from = (item.settledOut ?? item.base) + 1;
+    // From `settledOut` (set when the hold was last let go, and unchanged while the group holds);
+    // without one, from the group's first entry.
+    const from = item.settledOut !== undefined ? item.settledOut + 1 : (this.first ?? item.out + 1);
     await postInOrder(server, this.smId, this.token, { item, number: from }, this.own, false);
   }
+}
+
+/**
+ * A redelivered frame: an earlier attempt of it may have died while a group of its deliveries
+ * held the stream (`<frame id>:g#...`), its entries queued and not posted. The socket is closed
+ * so that the client resumes; the resume's attach takes the hold over. Read at the start of a
+ * redelivered frame's group, and of a redelivered `<a/>` (whose ack may no longer start a window).
+ */
+async function settleDeadGroup(server: Server, smId: string, frameId: string): Promise<void> {
+  if (frameId === '') return;
+  const item = await server.smQueue.get(smId);
+  if (!item || item.ended || !item.connectionId || !item.holder?.startsWith(`${frameId}:g#`)) return;
+  await forceResume(server, item.connectionId, 'redelivered', 'a group of its deliveries held the stream');
 }
 
 /** StanzaQueue.deliverTogether: a group only with serial posting, to the stream's own session. */
@@ -1554,6 +1584,10 @@ async function acknowledge(stream: Stream, element: Element, version: SmVersion)
     return void (await stream.send(failed(version, 'bad-request')));
   }
   if (u !== undefined) stream.update({ sm: withClientNumber(sm, u) });
+  // Its first attempt's window may have died queued and unposted (SerialGroup), and this ack may
+  // not start another one.
+  if (frameRedelivered() && stream.server.config.smPostOrder === 'serial')
+    await settleDeadGroup(stream.server, sm.id, stream.frameId);
   await applyAck(stream, h);
 }
 

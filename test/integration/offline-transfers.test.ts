@@ -463,6 +463,42 @@ describe('a paced XEP-0160 flood and session ends', () => {
     },
   );
 
+  it('flood: a redelivered <a/> whose first attempt died holding its next window, unposted, closes the socket; the resume sends that window once', async () => {
+    const t = await inbox(25, { SM_QUEUE_MAX: '1000' });
+    await t.login('g9');
+    const smId = await t.enable('g9');
+    await t.frame('g9', '<presence/>', 'g9-presence');
+    expect(t.story('g9')).toEqual(Array.from({ length: 10 }, (_, i) => `m${i + 1}`));
+    const post = t.server.outbound.post.bind(t.server.outbound);
+    let died = false;
+    const frozen = async (connectionId: string, data: string, notAfter?: number) => {
+      if (!died && data.includes('<body>m11<')) {
+        died = true;
+        return new Promise<never>(() => {});
+      }
+      return post(connectionId, data, notAfter);
+    };
+    const restore = intercept(t.server.outbound, 'post', frozen as typeof post);
+    const a1 = `<a xmlns='${SM3}' h='${t.handled('g9')}'/>`;
+    const s1 = t.nextSeq();
+    void t.frame('g9', a1, 'g9-a1', s1);
+    for (let i = 0; i < 200 && !died; i++) await new Promise((resolve) => setTimeout(resolve, 10));
+    expect(died).toBe(true);
+    restore();
+    // The redelivery finds the ack applied and m11..m20 unacknowledged: more than half a window,
+    // so it starts none (and no group of its own would look for the dead one's hold).
+    await t.frame('g9', a1, 'g9-a1', s1, 2);
+    expect(t.port.closed.has('g9')).toBe(true);
+    await t.server.sessions.createConnection('g9r', Date.now());
+    await t.server.sessions.updateConnection('g9r', { streamOpen: true, user: t.user });
+    const base = t.handled('g9');
+    await t.frame('g9r', `<resume xmlns='${SM3}' previd='${smId}' h='${base}'/>`, 'g9r-resume');
+    for (let i = 0; i < 4 && (await t.server.offline.count(t.user)) > 0; i++)
+      await t.frame('g9r', `<a xmlns='${SM3}' h='${base + t.handled('g9r') + 1}'/>`, `g9r-a${i}`);
+    expect(t.story('g9r')).toEqual(Array.from({ length: 15 }, (_, i) => `m${i + 11}`));
+    expect(await t.server.offline.count(t.user)).toBe(0);
+  });
+
   it('flood: a redelivered <a/> frame sends no message twice', async () => {
     const t = await inbox(6);
     await t.login('d3');
