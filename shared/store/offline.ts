@@ -149,6 +149,9 @@ function nowSeconds(): number {
   return Math.floor(Date.now() / 1000);
 }
 
+/** Deletes in flight at once in one `remove`. */
+const REMOVE_CONCURRENCY = 10;
+
 export function createOfflineStore(
   doc: DynamoDBDocumentClient,
   table: string,
@@ -376,25 +379,37 @@ export function createOfflineStore(
       return Math.max(0, (Item?.n as number | undefined) ?? 0);
     },
 
-    async remove(user, ids) {
-      const removed: string[] = [];
-      for (const id of ids) {
-        // Conditional, so that of two removers racing for one message exactly one counts it:
-        // DynamoDB Local hands an unconditional delete's ALL_OLD to several concurrent callers.
-        // A delete of a missing item costs the same write unit either way.
-        try {
-          await doc.send(
-            new DeleteCommand({
-              TableName: table,
-              Key: messageKey(user, id),
-              ConditionExpression: 'attribute_exists(sk)',
-            }),
-          );
-          removed.push(id);
-        } catch (error) {
-          if (!isConditionFailure(error)) throw error;
+    async remove(user, asked) {
+      const ids = [...new Set(asked)];
+      const gone = new Set<string>();
+      // Several deletes in flight (an ack of a flood's window removes ten): the ack's frame waits
+      // for one round trip or two, not ten. After a failure no worker starts another, and what
+      // was removed before it is still counted below: the counter follows what storage holds
+      // (before, a failure mid-way left it above, until a recount at the quota).
+      let next = 0;
+      let failure: { error: unknown } | undefined;
+      const worker = async () => {
+        while (!failure && next < ids.length) {
+          const id = ids[next++] as string;
+          // Conditional, so that of two removers racing for one message exactly one counts it:
+          // DynamoDB Local hands an unconditional delete's ALL_OLD to several concurrent callers.
+          // A delete of a missing item costs the same write unit either way.
+          try {
+            await doc.send(
+              new DeleteCommand({
+                TableName: table,
+                Key: messageKey(user, id),
+                ConditionExpression: 'attribute_exists(sk)',
+              }),
+            );
+            gone.add(id);
+          } catch (error) {
+            if (!isConditionFailure(error)) failure ??= { error };
+          }
         }
-      }
+      };
+      await Promise.all(Array.from({ length: Math.min(REMOVE_CONCURRENCY, ids.length) }, worker));
+      const removed = ids.filter((id) => gone.has(id));
       if (removed.length > 0) {
         await doc.send(
           new UpdateCommand({
@@ -405,6 +420,7 @@ export function createOfflineStore(
           }),
         );
       }
+      if (failure) throw failure.error;
       return removed;
     },
 

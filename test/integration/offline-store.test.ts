@@ -331,6 +331,34 @@ describe('remove and purge', () => {
     expect(await offline.count(user)).toBe(0);
   });
 
+  it('a remove that fails part way (one delete throttled past the retries) counts what it did remove', async () => {
+    const user = freshUser('remove-partial');
+    const [a, b, c] = ids(await storeMany(user, 3)) as [string, string, string];
+    const failing = createDocumentClient({ endpoint: useDynamoDbLocal(), region: TEST_REGION });
+    failing.middlewareStack.add(
+      (next, context) => async (args) => {
+        const key = (args.input as { Key?: { sk?: { S?: string } } }).Key?.sk?.S ?? '';
+        if (context.commandName === 'DeleteItemCommand' && key.endsWith(b))
+          throw Object.assign(new Error('Rate of requests exceeds the allowed throughput'), {
+            name: 'ThrottlingException',
+            $metadata: { httpStatusCode: 400 },
+          });
+        return next(args);
+      },
+      { step: 'initialize', name: 'failDeleteOfB' },
+    );
+    const store = createOfflineStore(failing, table, { quota: QUOTA, ttlSeconds: TTL_SECONDS });
+    await expect(store.remove(user, [a, b, c])).rejects.toThrow(/throughput/);
+    // What storage holds and what the count says agree (before: 3, with a and perhaps c gone).
+    const left = ids((await offline.list(user)).messages);
+    expect(left).toContain(b);
+    expect(left).not.toContain(a);
+    expect(await offline.count(user)).toBe(left.length);
+    // Its retry removes the rest, and the count reaches 0.
+    expect(await offline.remove(user, [a, b, c])).toEqual(left);
+    expect(await offline.count(user)).toBe(0);
+  });
+
   it('concurrent removes of the same message: one removes it, the count drops once', async () => {
     const user = freshUser('remove-race');
     const stored = ids(await storeMany(user, 9));
