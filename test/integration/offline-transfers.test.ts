@@ -87,6 +87,50 @@ function dieBeforeRemoval(t: Awaited<ReturnType<typeof inbox>>): () => void {
 const bodies = async (t: Awaited<ReturnType<typeof inbox>>) =>
   (await t.server.offline.list(t.user, { limit: 50 })).messages.map((m) => /<body>(\w+)/.exec(m.stanza)?.[1]);
 
+/**
+ * Starts a frame whose invocation freezes at the post of the message with body `body` (a timeout
+ * kills it there): the frame never ends, and SQS brings it again. Returns its sequence number.
+ */
+async function frozenAt(
+  t: Awaited<ReturnType<typeof inbox>>,
+  connectionId: string,
+  xml: string,
+  frameId: string,
+  body: string,
+): Promise<string> {
+  const post = t.server.outbound.post.bind(t.server.outbound);
+  let died = false;
+  const frozen = async (to: string, data: string, notAfter?: number) => {
+    if (!died && data.includes(`<body>${body}<`)) {
+      died = true;
+      return new Promise<never>(() => {});
+    }
+    return post(to, data, notAfter);
+  };
+  const restore = intercept(t.server.outbound, 'post', frozen as typeof post);
+  const seq = t.nextSeq();
+  void t.frame(connectionId, xml, frameId, seq);
+  for (let i = 0; i < 200 && !died; i++) await new Promise((resolve) => setTimeout(resolve, 10));
+  restore();
+  expect(died).toBe(true);
+  return seq;
+}
+
+/**
+ * The client of `old` resumes session `smId` on `<old>r` and acknowledges until storage is empty:
+ * what the resumed stream was sent.
+ */
+async function resumeAndDrain(t: Awaited<ReturnType<typeof inbox>>, old: string, smId: string) {
+  const c = `${old}r`;
+  await t.server.sessions.createConnection(c, Date.now());
+  await t.server.sessions.updateConnection(c, { streamOpen: true, user: t.user });
+  const base = t.handled(old);
+  await t.frame(c, `<resume xmlns='${SM3}' previd='${smId}' h='${base}'/>`, `${c}-resume`);
+  for (let i = 0; i < 4 && (await t.server.offline.count(t.user)) > 0; i++)
+    await t.frame(c, `<a xmlns='${SM3}' h='${base + t.handled(c) + 1}'/>`, `${c}-a${i}`);
+  return t.story(c);
+}
+
 describe('a paced XEP-0013 fetch', () => {
   it('control: every message once, then one result', async () => {
     const t = await inbox(6);
@@ -428,23 +472,8 @@ describe('a paced XEP-0160 flood and session ends', () => {
       const t = await inbox(12, { SM_QUEUE_MAX: '1000' });
       await t.login(c);
       const smId = await t.enable(c);
-      // The invocation is frozen at the window's first post (a timeout kills it there): its frame
-      // never ends, and SQS brings it again.
-      const post = t.server.outbound.post.bind(t.server.outbound);
-      let died = false;
-      const frozen = async (connectionId: string, data: string, notAfter?: number) => {
-        if (!died && data.includes('<body>m1<')) {
-          died = true;
-          return new Promise<never>(() => {});
-        }
-        return post(connectionId, data, notAfter);
-      };
-      const restore = intercept(t.server.outbound, 'post', frozen as typeof post);
-      const s1 = t.nextSeq();
-      void t.frame(c, '<presence/>', `${c}-presence`, s1);
-      for (let i = 0; i < 200 && !died; i++) await new Promise((resolve) => setTimeout(resolve, 10));
-      expect(died).toBe(true);
-      restore();
+      // Frozen at the window's first post.
+      const s1 = await frozenAt(t, c, '<presence/>', `${c}-presence`, 'm1');
       expect(t.story(c)).toEqual([]);
       if (removed) await t.server.offline.remove(t.user, (await t.ids()).slice(0, 1));
       // The hold is still the dead attempt's, well within its lease: the redelivery finds it and
@@ -452,13 +481,7 @@ describe('a paced XEP-0160 flood and session ends', () => {
       await t.frame(c, '<presence/>', `${c}-presence`, s1, 2);
       expect(t.port.closed.has(c)).toBe(true);
       expect(t.story(c)).toEqual([]);
-      await t.server.sessions.createConnection(`${c}r`, Date.now());
-      await t.server.sessions.updateConnection(`${c}r`, { streamOpen: true, user: t.user });
-      const base = t.handled(c);
-      await t.frame(`${c}r`, `<resume xmlns='${SM3}' previd='${smId}' h='${base}'/>`, `${c}r-resume`);
-      for (let i = 0; i < 4 && (await t.server.offline.count(t.user)) > 0; i++)
-        await t.frame(`${c}r`, `<a xmlns='${SM3}' h='${base + t.handled(`${c}r`) + 1}'/>`, `${c}r-a${i}`);
-      expect(t.story(`${c}r`)).toEqual(Array.from({ length: 12 }, (_, i) => `m${i + 1}`));
+      expect(await resumeAndDrain(t, c, smId)).toEqual(Array.from({ length: 12 }, (_, i) => `m${i + 1}`));
       expect(await t.server.offline.count(t.user)).toBe(0);
     },
   );
@@ -469,33 +492,14 @@ describe('a paced XEP-0160 flood and session ends', () => {
     const smId = await t.enable('g9');
     await t.frame('g9', '<presence/>', 'g9-presence');
     expect(t.story('g9')).toEqual(Array.from({ length: 10 }, (_, i) => `m${i + 1}`));
-    const post = t.server.outbound.post.bind(t.server.outbound);
-    let died = false;
-    const frozen = async (connectionId: string, data: string, notAfter?: number) => {
-      if (!died && data.includes('<body>m11<')) {
-        died = true;
-        return new Promise<never>(() => {});
-      }
-      return post(connectionId, data, notAfter);
-    };
-    const restore = intercept(t.server.outbound, 'post', frozen as typeof post);
+    // Frozen at the first post of the next window.
     const a1 = `<a xmlns='${SM3}' h='${t.handled('g9')}'/>`;
-    const s1 = t.nextSeq();
-    void t.frame('g9', a1, 'g9-a1', s1);
-    for (let i = 0; i < 200 && !died; i++) await new Promise((resolve) => setTimeout(resolve, 10));
-    expect(died).toBe(true);
-    restore();
+    const s1 = await frozenAt(t, 'g9', a1, 'g9-a1', 'm11');
     // The redelivery finds the ack applied and m11..m20 unacknowledged: more than half a window,
     // so it starts none (and no group of its own would look for the dead one's hold).
     await t.frame('g9', a1, 'g9-a1', s1, 2);
     expect(t.port.closed.has('g9')).toBe(true);
-    await t.server.sessions.createConnection('g9r', Date.now());
-    await t.server.sessions.updateConnection('g9r', { streamOpen: true, user: t.user });
-    const base = t.handled('g9');
-    await t.frame('g9r', `<resume xmlns='${SM3}' previd='${smId}' h='${base}'/>`, 'g9r-resume');
-    for (let i = 0; i < 4 && (await t.server.offline.count(t.user)) > 0; i++)
-      await t.frame('g9r', `<a xmlns='${SM3}' h='${base + t.handled('g9r') + 1}'/>`, `g9r-a${i}`);
-    expect(t.story('g9r')).toEqual(Array.from({ length: 15 }, (_, i) => `m${i + 11}`));
+    expect(await resumeAndDrain(t, 'g9', smId)).toEqual(Array.from({ length: 15 }, (_, i) => `m${i + 11}`));
     expect(await t.server.offline.count(t.user)).toBe(0);
   });
 
