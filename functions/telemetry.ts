@@ -1,10 +1,13 @@
 /**
  * Observability of the Lambda functions, with Powertools for AWS Lambda (TypeScript):
  *
- * - Logger: Powertools' Logger behind the core's `Logger` interface. It adds the Lambda context
- *   (`function_request_id`, `cold_start`, `function_name`, `xray_trace_id`) to every line; the core's
- *   log context (connection id, bare JID, element, API Gateway request id: shared/log.ts) is
- *   merged into each entry. The level is the function's `LOG_LEVEL` (a deploy setting).
+ * - Logger: the core's `Logger` interface writing the lines Powertools' Logger wrote (the same
+ *   keys: `level`, `message`, `timestamp`, `service`, and the Lambda context `function_request_id`,
+ *   `cold_start`, `function_name`, `function_arn`, `function_memory_size`, `xray_trace_id`), with
+ *   the core's log context (connection id, bare JID, element, API Gateway request id:
+ *   shared/log.ts) merged into each entry. The level is the function's `LOG_LEVEL` (a deploy
+ *   setting). Since session 26 without Powertools' Logger: 21 KB of the stream bundle for what
+ *   is a few keys on a JSON line.
  * - Metrics: the counts of `server.metrics` (shared/metrics.ts) become CloudWatch embedded metric
  *   format lines once per invocation (`createMetricsPublisher`): no API call, no latency.
  * - Tracer: loaded only when the stack was deployed with tracing on (`NIMBUS_TRACING`, which the
@@ -13,11 +16,16 @@
  * Locally (infra/local/stack.ts) the same handlers run with shared/log.ts's logger, and the same
  * metric lines are printed at debug level.
  */
-import { Logger as PowertoolsLogger } from '@aws-lambda-powertools/logger';
 import type { Tracer } from '@aws-lambda-powertools/tracer';
 import type { Context } from 'aws-lambda';
 import type { Config } from '../shared/config.ts';
-import { entryFields, isLogLevel, type Logger, useSequentialLogContext } from '../shared/log.ts';
+import {
+  entryFields,
+  isLogLevel,
+  LOG_SEVERITY,
+  type Logger,
+  useSequentialLogContext,
+} from '../shared/log.ts';
 import { METRIC_NAMESPACE, METRIC_SERVICE, type MetricSample } from '../shared/metrics.ts';
 
 export type { Tracer };
@@ -108,42 +116,79 @@ export function createMetricsPublisher(options: PublisherOptions): MetricsPublis
   };
 }
 
-const POWERTOOLS_LEVELS = {
-  debug: 'DEBUG',
-  info: 'INFO',
-  warn: 'WARN',
-  error: 'ERROR',
-  silent: 'SILENT',
-} as const;
-const SEVERITY = { DEBUG: 8, INFO: 12, WARN: 16, ERROR: 20, SILENT: 28 } as Record<string, number>;
+/** Lambda's application log levels (AWS_LAMBDA_LOG_LEVEL) on the core's scale. */
+const LAMBDA_SEVERITY: Record<string, number> = {
+  TRACE: LOG_SEVERITY.debug - 1,
+  DEBUG: LOG_SEVERITY.debug,
+  INFO: LOG_SEVERITY.info,
+  WARN: LOG_SEVERITY.warn,
+  ERROR: LOG_SEVERITY.error,
+  FATAL: LOG_SEVERITY.error + 1,
+};
 
-/** The core's logger on Powertools' Logger: the same fields as locally, plus the Lambda context. */
-export function powertoolsLogger(level: string): { log: Logger; powertools: PowertoolsLogger } {
-  const configured = POWERTOOLS_LEVELS[isLogLevel(level) ? level : 'info'];
-  const powertools = new PowertoolsLogger({ serviceName: METRIC_SERVICE, logLevel: configured });
-  // On Lambda, Powertools takes the function's application log level (AWS_LAMBDA_LOG_LEVEL, never
-  // above INFO: see infra/constructs/xmpp-function.ts) over the one given here: LOG_LEVEL is
-  // applied here, as the stricter of the two.
-  const floor = Math.max(SEVERITY[configured] ?? SEVERITY.INFO, SEVERITY[powertools.getLevelName()] ?? 0);
-  const isEnabled: Logger['isEnabled'] = (at) => (SEVERITY[POWERTOOLS_LEVELS[at]] ?? 0) >= floor;
-  // The entry (the log context copied, errors made serialisable) is built only for a line that
-  // is written: a debug line on every frame costs nothing at the default level.
-  const log: Logger = {
-    debug: (message, fields) => {
-      if (isEnabled('debug')) powertools.debug(message, entryFields(fields));
-    },
-    info: (message, fields) => {
-      if (isEnabled('info')) powertools.info(message, entryFields(fields));
-    },
-    warn: (message, fields) => {
-      if (isEnabled('warn')) powertools.warn(message, entryFields(fields));
-    },
-    error: (message, fields) => {
-      if (isEnabled('error')) powertools.error(message, entryFields(fields));
-    },
-    isEnabled,
+/** A function's logger and the per-invocation Lambda context its lines carry. */
+export interface LambdaLogger {
+  log: Logger;
+  /** The invocation's Lambda context, on every line from now on. */
+  addContext(context: Context): void;
+}
+
+/**
+ * The core's logger on Lambda: one JSON object per line on stdout, with Powertools' keys and the
+ * Lambda context. Lambda's application log level (AWS_LAMBDA_LOG_LEVEL, never above INFO: see
+ * infra/constructs/xmpp-function.ts) and LOG_LEVEL both apply: the stricter wins. The entry (the
+ * log context copied, errors made serialisable) is built only for a line that is written: a
+ * debug line on every frame costs nothing at the default level.
+ */
+export function lambdaLogger(
+  level: string,
+  write: (line: string) => void = (line) => void process.stdout.write(`${line}\n`),
+): LambdaLogger {
+  const configured = LOG_SEVERITY[isLogLevel(level) ? level : 'info'];
+  const lambdaLevel = LAMBDA_SEVERITY[(process.env.AWS_LAMBDA_LOG_LEVEL ?? '').toUpperCase()] ?? 0;
+  const floor = Math.max(configured, lambdaLevel);
+  const isEnabled: Logger['isEnabled'] = (at) => LOG_SEVERITY[at] >= floor;
+  let invocation: Record<string, unknown> = {};
+  let invocations = 0;
+  const line = (
+    at: 'debug' | 'info' | 'warn' | 'error',
+    message: string,
+    fields?: Record<string, unknown>,
+  ) => {
+    if (!isEnabled(at)) return;
+    write(
+      JSON.stringify({
+        level: at.toUpperCase(),
+        message,
+        timestamp: new Date().toISOString(),
+        service: METRIC_SERVICE,
+        ...invocation,
+        ...entryFields(fields),
+      }),
+    );
   };
-  return { log, powertools };
+  return {
+    log: {
+      debug: (message, fields) => line('debug', message, fields),
+      info: (message, fields) => line('info', message, fields),
+      warn: (message, fields) => line('warn', message, fields),
+      error: (message, fields) => line('error', message, fields),
+      isEnabled,
+    },
+    addContext(context) {
+      invocations += 1;
+      // The X-Ray trace of this invocation, as Lambda announces it ("Root=1-...;Parent=...").
+      const trace = /Root=([^;]+)/.exec(process.env._X_AMZN_TRACE_ID ?? '')?.[1];
+      invocation = {
+        cold_start: invocations === 1,
+        function_arn: context.invokedFunctionArn,
+        function_memory_size: Number(context.memoryLimitInMB),
+        function_name: context.functionName,
+        function_request_id: context.awsRequestId,
+        ...(trace ? { xray_trace_id: trace } : {}),
+      };
+    },
+  };
 }
 
 /**
@@ -194,14 +239,14 @@ export async function lambdaTelemetry(config: Config, functionName: string): Pro
   // One invocation at a time per execution environment, unless Lambda runs several at once in it
   // (multi-concurrency, which announces itself with AWS_LAMBDA_MAX_CONCURRENCY).
   if (!('AWS_LAMBDA_MAX_CONCURRENCY' in process.env)) useSequentialLogContext();
-  const { log, powertools } = powertoolsLogger(process.env.LOG_LEVEL ?? 'info');
+  const { log, addContext } = lambdaLogger(process.env.LOG_LEVEL ?? 'info');
   const tracer = await loadTracer();
   return {
     log,
     publishMetrics: createMetricsPublisher({ domain: config.domain, functionName }),
     ...(tracer ? { tracer } : {}),
     startInvocation(context) {
-      if (context) powertools.addContext(context);
+      if (context) addContext(context);
     },
   };
 }

@@ -58,7 +58,15 @@ export function currentLogContext(): LogContext | undefined {
   return contexts.get();
 }
 
-const SEVERITY: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 40, silent: 100 };
+/** The levels' order (the Lambda logger in functions/telemetry.ts uses the same scale). */
+export const LOG_SEVERITY: Readonly<Record<LogLevel, number>> = {
+  debug: 10,
+  info: 20,
+  warn: 30,
+  error: 40,
+  silent: 100,
+};
+const SEVERITY = LOG_SEVERITY;
 
 export function isLogLevel(value: string): value is LogLevel {
   return (LOG_LEVELS as readonly string[]).includes(value);
@@ -95,8 +103,8 @@ function textLine(level: LogLevel, message: string, fields: Record<string, unkno
 }
 
 /**
- * The logger of the local runner, the tests and the bench (on AWS the functions use Powertools'
- * Logger with the same fields, see functions/telemetry.ts).
+ * The logger of the local runner, the tests and the bench (on AWS the functions write the same
+ * fields with the Lambda context, see functions/telemetry.ts).
  */
 export function createLogger(
   level: string = process.env.LOG_LEVEL ?? 'info',

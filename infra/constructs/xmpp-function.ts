@@ -137,7 +137,7 @@ export class XmppFunction extends Construct {
       environment: {
         ...props.environment,
         LOG_LEVEL: props.logLevel ?? 'info',
-        // Powertools' own setting: the service name in log lines.
+        // Powertools' own setting: the service name (the Tracer's, when tracing is on).
         POWERTOOLS_SERVICE_NAME: METRIC_SERVICE,
         NIMBUS_TRACING: props.tracing ? 'true' : 'false',
         // Stack traces point into the TypeScript sources instead of the minified bundle.

@@ -1,11 +1,11 @@
 /**
  * Structured logs: the per-frame context on every line (connection id, bare JID, element,
  * request id), kept apart between frames running at once, in JSON and in the local text
- * format; and the same fields through Powertools' Logger as the functions use it on AWS.
+ * format; and the same fields with the Lambda context, as the functions write them on AWS.
  */
 import type { Context } from 'aws-lambda';
 import { afterEach, describe, expect, it, vi } from 'vitest';
-import { powertoolsLogger } from '../../functions/telemetry.ts';
+import { lambdaLogger } from '../../functions/telemetry.ts';
 import { addLogContext, createLogger, useSequentialLogContext, withLogContext } from '../../shared/log.ts';
 
 function capture(level = 'debug', format: 'json' | 'text' = 'json') {
@@ -105,57 +105,83 @@ function captureOutput(): string[] {
   return written;
 }
 
-describe('Powertools Logger on AWS', () => {
-  afterEach(() => vi.restoreAllMocks());
+describe('the Lambda logger on AWS', () => {
+  afterEach(() => {
+    vi.restoreAllMocks();
+    vi.unstubAllEnvs();
+  });
 
-  it('writes the same fields plus the Lambda request id, at the configured level', async () => {
-    const written = captureOutput();
-    const { log, powertools } = powertoolsLogger('info');
-    powertools.addContext({
-      awsRequestId: 'lambda-request-1',
+  const lambdaContext = (requestId: string) =>
+    ({
+      awsRequestId: requestId,
       functionName: 'Nimbus-Stream',
       functionVersion: '$LATEST',
       invokedFunctionArn: 'arn:aws:lambda:us-east-1:000000000000:function:Nimbus-Stream',
       memoryLimitInMB: '512',
-    } as Context);
+    }) as Context;
+
+  it("writes the same fields plus the Lambda context, with Powertools' keys, at the configured level", async () => {
+    vi.stubEnv(
+      '_X_AMZN_TRACE_ID',
+      'Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1',
+    );
+    const written = captureOutput();
+    const { log, addContext } = lambdaLogger('info');
+    addContext(lambdaContext('lambda-request-1'));
     await withLogContext({ connectionId: 'c1', requestId: 'apigw-1' }, async () => {
       addLogContext({ jid: 'alice@example.org', element: 'presence' });
       log.debug('not at info');
-      log.warn('frame will be retried', { messageId: 'm1' });
+      log.warn('frame will be retried', { messageId: 'm1', error: new Error('throttled') });
     });
+    addContext(lambdaContext('lambda-request-2'));
+    log.info('second invocation');
     vi.restoreAllMocks();
     const entries = written.map((line) => JSON.parse(line));
-    expect(entries).toHaveLength(1);
+    expect(entries).toHaveLength(2);
     expect(entries[0]).toMatchObject({
       level: 'WARN',
       message: 'frame will be retried',
       service: 'nimbus',
+      cold_start: true,
+      function_name: 'Nimbus-Stream',
+      function_arn: 'arn:aws:lambda:us-east-1:000000000000:function:Nimbus-Stream',
+      function_memory_size: 512,
       function_request_id: 'lambda-request-1',
+      xray_trace_id: '1-5759e988-bd862e3fe1be46a994272793',
       connectionId: 'c1',
       requestId: 'apigw-1',
       jid: 'alice@example.org',
       element: 'presence',
       messageId: 'm1',
+      error: { name: 'Error', message: 'throttled' },
     });
+    expect(Number.isNaN(Date.parse(entries[0].timestamp))).toBe(false);
+    // The log context ends with its work; the Lambda context stays for the invocation.
+    expect(entries[1]).toMatchObject({ cold_start: false, function_request_id: 'lambda-request-2' });
+    expect(entries[1].connectionId).toBeUndefined();
     expect(log.isEnabled('info')).toBe(true);
     expect(log.isEnabled('debug')).toBe(false);
   });
 
-  it("keeps LOG_LEVEL when Lambda's application log level (INFO, so metric lines pass) is lower", () => {
+  it("keeps LOG_LEVEL when Lambda's application log level (INFO, so metric lines pass) is lower, and Lambda's when it is higher", () => {
     // The stack sets Lambda's level to INFO for warn, error and silent; Lambda passes it on as
-    // AWS_LAMBDA_LOG_LEVEL, which Powertools takes over the level it is given.
+    // AWS_LAMBDA_LOG_LEVEL.
     vi.stubEnv('AWS_LAMBDA_LOG_LEVEL', 'INFO');
     const written = captureOutput();
-    const warn = powertoolsLogger('warn').log;
+    const warn = lambdaLogger('warn').log;
     warn.info('not at warn');
     warn.warn('at warn');
-    const silent = powertoolsLogger('silent').log;
+    const silent = lambdaLogger('silent').log;
     silent.error('not when silent');
+    const debug = lambdaLogger('debug').log;
+    debug.debug('not below Lambda level');
+    vi.stubEnv('AWS_LAMBDA_LOG_LEVEL', 'ERROR');
+    lambdaLogger('info').log.warn('not below an ERROR Lambda level');
     vi.restoreAllMocks();
-    vi.unstubAllEnvs();
     expect(written.map((line) => JSON.parse(line).message)).toEqual(['at warn']);
     expect(warn.isEnabled('info')).toBe(false);
     expect(warn.isEnabled('warn')).toBe(true);
     expect(silent.isEnabled('error')).toBe(false);
+    expect(debug.isEnabled('debug')).toBe(false);
   });
 });
