@@ -156,16 +156,22 @@ export function lambdaLogger(
     fields?: Record<string, unknown>,
   ) => {
     if (!isEnabled(at)) return;
-    write(
-      JSON.stringify({
-        level: at.toUpperCase(),
-        message,
-        timestamp: new Date().toISOString(),
-        service: METRIC_SERVICE,
-        ...invocation,
-        ...entryFields(fields),
-      }),
-    );
+    const head = {
+      level: at.toUpperCase(),
+      message,
+      timestamp: new Date().toISOString(),
+      service: METRIC_SERVICE,
+      ...invocation,
+    };
+    let text: string;
+    try {
+      text = JSON.stringify({ ...head, ...entryFields(fields) });
+    } catch (error) {
+      // A field JSON cannot write (a cycle, a BigInt): the line goes out without its fields
+      // rather than throw from a log call (often in a catch, over the error being handled).
+      text = JSON.stringify({ ...head, ...entryFields(), unwritableFields: String(error) });
+    }
+    write(text);
   };
   return {
     log: {
@@ -180,7 +186,10 @@ export function lambdaLogger(
       // The X-Ray trace of this invocation, as Lambda announces it ("Root=1-...;Parent=...").
       const trace = /Root=([^;]+)/.exec(process.env._X_AMZN_TRACE_ID ?? '')?.[1];
       invocation = {
-        cold_start: invocations === 1,
+        // As Powertools counts it: the first invocation of an environment initialised on demand
+        // (not one of provisioned concurrency or SnapStart, whose init was not on the request's path).
+        cold_start:
+          invocations === 1 && (process.env.AWS_LAMBDA_INITIALIZATION_TYPE ?? 'on-demand') === 'on-demand',
         function_arn: context.invokedFunctionArn,
         function_memory_size: Number(context.memoryLimitInMB),
         function_name: context.functionName,

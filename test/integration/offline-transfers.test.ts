@@ -394,8 +394,25 @@ describe('a paced XEP-0160 flood and session ends', () => {
     },
   );
 
+  it('fetch (XEP-0013): a window of copies is posted with one release of the hold, its result with its own', async () => {
+    const t = await inbox(6, { SM_QUEUE_MAX: '1000', SM_POST_ORDER: 'serial' });
+    await t.login('g10');
+    await t.enable('g10');
+    const releasePoster = t.server.smQueue.releasePoster.bind(t.server.smQueue);
+    let released = 0;
+    const restore = intercept(t.server.smQueue, 'releasePoster', async (...args) => {
+      released += 1;
+      return releasePoster(...args);
+    });
+    await t.frame('g10', t.fetch('f1'), 'g10-fetch');
+    restore();
+    expect(t.story('g10')).toEqual(['m1', 'm2', 'm3', 'm4', 'm5', 'm6', 'iq f1 result']);
+    // One per message and one for the result before (7).
+    expect(released).toBe(2);
+  });
+
   it('flood: a stanza queued by another sender in the middle of a window goes out in the same run, in queue order', async () => {
-    const t = await inbox(12, { SM_QUEUE_MAX: '1000' });
+    const t = await inbox(12, { SM_QUEUE_MAX: '1000', SM_POST_ORDER: 'serial' });
     await t.login('g3');
     await t.enable('g3');
     await t.server.sessions.createConnection('s9', Date.now());
@@ -420,7 +437,7 @@ describe('a paced XEP-0160 flood and session ends', () => {
   });
 
   it('flood: a frame failing in the middle of a window posts what it queued, and its redelivery the rest, each once', async () => {
-    const t = await inbox(12, { SM_QUEUE_MAX: '1000' });
+    const t = await inbox(12, { SM_QUEUE_MAX: '1000', SM_POST_ORDER: 'serial' });
     await t.login('g4');
     await t.enable('g4');
     const append = t.server.smQueue.append.bind(t.server.smQueue);
@@ -440,7 +457,7 @@ describe('a paced XEP-0160 flood and session ends', () => {
   });
 
   it("flood: a window's append whose answer was lost (a 500 after the write) is posted with the window, the socket kept", async () => {
-    const t = await inbox(12, { SM_QUEUE_MAX: '1000' });
+    const t = await inbox(12, { SM_QUEUE_MAX: '1000', SM_POST_ORDER: 'serial' });
     await t.login('g8');
     await t.enable('g8');
     const append = t.server.smQueue.append.bind(t.server.smQueue);
@@ -469,7 +486,7 @@ describe('a paced XEP-0160 flood and session ends', () => {
   ])(
     "flood: a frame dying after a window's appends, before its posts%s: the redelivery closes the socket, the resume sends the window once",
     async (_, removed, c) => {
-      const t = await inbox(12, { SM_QUEUE_MAX: '1000' });
+      const t = await inbox(12, { SM_QUEUE_MAX: '1000', SM_POST_ORDER: 'serial' });
       await t.login(c);
       const smId = await t.enable(c);
       // Frozen at the window's first post.
@@ -487,7 +504,7 @@ describe('a paced XEP-0160 flood and session ends', () => {
   );
 
   it('flood: a redelivered <a/> whose first attempt died holding its next window, unposted, closes the socket; the resume sends that window once', async () => {
-    const t = await inbox(25, { SM_QUEUE_MAX: '1000' });
+    const t = await inbox(25, { SM_QUEUE_MAX: '1000', SM_POST_ORDER: 'serial' });
     await t.login('g9');
     const smId = await t.enable('g9');
     await t.frame('g9', '<presence/>', 'g9-presence');

@@ -42,7 +42,7 @@ export async function createTestTables(
 /**
  * A configuration on fresh test tables of the run's DynamoDB Local; `env` as for `loadConfig`.
  * `SM_POST_ORDER` in the environment applies to every test that does not set it itself
- * (`SM_POST_ORDER=serial npx vitest run test/e2e` runs the suite with the other posting order).
+ * (`SM_POST_ORDER=checked npx vitest run test/e2e` runs the suite with the other posting order).
  */
 export async function createTestConfig(env: Record<string, string | undefined> = {}): Promise<Config> {
   const tables = await createTestTables();

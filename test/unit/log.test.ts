@@ -135,9 +135,13 @@ describe('the Lambda logger on AWS', () => {
     });
     addContext(lambdaContext('lambda-request-2'));
     log.info('second invocation');
+    // A field JSON cannot write does not make the log call throw.
+    const cyclic: Record<string, unknown> = {};
+    cyclic.self = cyclic;
+    log.error('still written', { cyclic, big: 1n });
     vi.restoreAllMocks();
     const entries = written.map((line) => JSON.parse(line));
-    expect(entries).toHaveLength(2);
+    expect(entries).toHaveLength(3);
     expect(entries[0]).toMatchObject({
       level: 'WARN',
       message: 'frame will be retried',
@@ -159,8 +163,24 @@ describe('the Lambda logger on AWS', () => {
     // The log context ends with its work; the Lambda context stays for the invocation.
     expect(entries[1]).toMatchObject({ cold_start: false, function_request_id: 'lambda-request-2' });
     expect(entries[1].connectionId).toBeUndefined();
+    expect(entries[2]).toMatchObject({
+      level: 'ERROR',
+      message: 'still written',
+      function_request_id: 'lambda-request-2',
+    });
+    expect(entries[2].unwritableFields).toMatch(/circular|BigInt/i);
     expect(log.isEnabled('info')).toBe(true);
     expect(log.isEnabled('debug')).toBe(false);
+  });
+
+  it('reports no cold start for an environment initialised ahead of requests (provisioned concurrency)', () => {
+    vi.stubEnv('AWS_LAMBDA_INITIALIZATION_TYPE', 'provisioned-concurrency');
+    const written = captureOutput();
+    const { log, addContext } = lambdaLogger('info');
+    addContext(lambdaContext('lambda-request-3'));
+    log.info('first invocation');
+    vi.restoreAllMocks();
+    expect(JSON.parse(written[0] as string)).toMatchObject({ cold_start: false });
   });
 
   it("keeps LOG_LEVEL when Lambda's application log level (INFO, so metric lines pass) is lower, and Lambda's when it is higher", () => {
