@@ -66,7 +66,6 @@ export const LOG_SEVERITY: Readonly<Record<LogLevel, number>> = {
   error: 40,
   silent: 100,
 };
-const SEVERITY = LOG_SEVERITY;
 
 export function isLogLevel(value: string): value is LogLevel {
   return (LOG_LEVELS as readonly string[]).includes(value);
@@ -110,11 +109,11 @@ export function createLogger(
   level: string = process.env.LOG_LEVEL ?? 'info',
   options: LoggerOptions = {},
 ): Logger {
-  const threshold = SEVERITY[isLogLevel(level) ? level : 'info'];
+  const threshold = LOG_SEVERITY[isLogLevel(level) ? level : 'info'];
   const write = options.write ?? ((line: string) => process.stderr.write(`${line}\n`));
   const text = options.format === 'text';
   const log = (at: LogLevel, message: string, fields?: Record<string, unknown>) => {
-    if (SEVERITY[at] < threshold) return;
+    if (LOG_SEVERITY[at] < threshold) return;
     const entry = entryFields(fields);
     write(text ? textLine(at, message, entry) : JSON.stringify({ level: at, message, ...entry }));
   };
@@ -123,6 +122,6 @@ export function createLogger(
     info: (message, fields) => log('info', message, fields),
     warn: (message, fields) => log('warn', message, fields),
     error: (message, fields) => log('error', message, fields),
-    isEnabled: (at) => SEVERITY[at] >= threshold,
+    isEnabled: (at) => LOG_SEVERITY[at] >= threshold,
   };
 }

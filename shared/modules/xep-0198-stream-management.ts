@@ -389,13 +389,13 @@ async function deliverToSmSession(
       await endSession(server, sessionOfItem(item), 'expired');
     return 'sent';
   }
-  const askByBytes =
-    Math.floor(bytes / server.config.smAckBytes) > Math.floor((bytes - size) / server.config.smAckBytes);
   if (group) {
     // Asked for by the group's caller once the window is out.
     group.queued(key, stanza);
     return 'sent';
   }
+  const askByBytes =
+    Math.floor(bytes / server.config.smAckBytes) > Math.floor((bytes - size) / server.config.smAckBytes);
   if (token)
     return postInOrder(
       server,
@@ -624,7 +624,7 @@ class SerialGroup implements DeliveryGroup {
 
   constructor(
     readonly smId: string,
-    private readonly frameId: string,
+    frameId: string,
   ) {
     this.token = `${frameId ? `${frameId}:g` : 'g'}#${randomBytes(6).toString('base64url')}`;
   }
@@ -646,15 +646,6 @@ class SerialGroup implements DeliveryGroup {
 
   abandon(): void {
     this.abandoned = true;
-  }
-
-  /**
-   * A redelivered frame: an earlier attempt of it may have died holding the stream, with entries
-   * queued and not posted. The socket is closed so that the client resumes, and the resume's
-   * attach takes the hold over.
-   */
-  settleDeadHold(server: Server): Promise<void> {
-    return settleDeadGroup(server, this.smId, this.frameId);
   }
 
   async post(server: Server): Promise<void> {
@@ -695,7 +686,7 @@ async function deliverTogether<T>(
   const sm = smState(stream);
   if (!sm || server.config.smPostOrder !== 'serial') return send(undefined);
   const group = new SerialGroup(sm.id, stream.frameId);
-  if (peekDeliveryKey(`sm:${sm.id}`)?.redelivered) await group.settleDeadHold(server);
+  if (frameRedelivered()) await settleDeadGroup(server, sm.id, stream.frameId);
   let result: T;
   try {
     result = await send(group);

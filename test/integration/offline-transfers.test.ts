@@ -116,6 +116,20 @@ async function frozenAt(
   return seq;
 }
 
+/** Counts the queue's releases of a poster's hold (one write of the whole queue item each). */
+function countReleases(t: Awaited<ReturnType<typeof inbox>>): {
+  released: () => number;
+  restore: () => void;
+} {
+  const releasePoster = t.server.smQueue.releasePoster.bind(t.server.smQueue);
+  let released = 0;
+  const restore = intercept(t.server.smQueue, 'releasePoster', async (...args) => {
+    released += 1;
+    return releasePoster(...args);
+  });
+  return { released: () => released, restore };
+}
+
 /**
  * The client of `old` resumes session `smId` on `<old>r` and acknowledges until storage is empty:
  * what the resumed stream was sent.
@@ -374,18 +388,13 @@ describe('a paced XEP-0160 flood and session ends', () => {
       const t = await inbox(25, { SM_QUEUE_MAX: '1000', SM_POST_ORDER: order });
       await t.login(c);
       await t.enable(c);
-      const releasePoster = t.server.smQueue.releasePoster.bind(t.server.smQueue);
-      let released = 0;
       // One for the presence the session is sent back first, one for the window (one per
       // message before: 11).
-      const restore = intercept(t.server.smQueue, 'releasePoster', async (...args) => {
-        released += 1;
-        return releasePoster(...args);
-      });
+      const { released, restore } = countReleases(t);
       await t.frame(c, '<presence/>', `${c}-presence`);
       restore();
       expect(t.story(c)).toEqual(Array.from({ length: 10 }, (_, i) => `m${i + 1}`));
-      expect(released).toBe(releases);
+      expect(released()).toBe(releases);
       // Nothing holds the queue after the window: a live stanza goes out at once.
       const item = await t.server.smQueue.get((await t.server.sessions.getConnection(c))?.sm?.id as string);
       expect(item?.holding).toBe(false);
@@ -398,17 +407,12 @@ describe('a paced XEP-0160 flood and session ends', () => {
     const t = await inbox(6, { SM_QUEUE_MAX: '1000', SM_POST_ORDER: 'serial' });
     await t.login('g10');
     await t.enable('g10');
-    const releasePoster = t.server.smQueue.releasePoster.bind(t.server.smQueue);
-    let released = 0;
-    const restore = intercept(t.server.smQueue, 'releasePoster', async (...args) => {
-      released += 1;
-      return releasePoster(...args);
-    });
+    const { released, restore } = countReleases(t);
     await t.frame('g10', t.fetch('f1'), 'g10-fetch');
     restore();
     expect(t.story('g10')).toEqual(['m1', 'm2', 'm3', 'm4', 'm5', 'm6', 'iq f1 result']);
     // One per message and one for the result before (7).
-    expect(released).toBe(2);
+    expect(released()).toBe(2);
   });
 
   it('flood: a stanza queued by another sender in the middle of a window goes out in the same run, in queue order', async () => {
