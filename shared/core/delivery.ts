@@ -9,7 +9,7 @@ import type { Element } from 'ltx';
 import { StanzaError } from '../errors.ts';
 import { type BoundedPostResult, POST_TIMEOUT_MS, type PostResult, serialize } from '../outbound.ts';
 import type { ResourceRecord } from '../store/sessions.ts';
-import type { DeliveryOptions, DeliveryResult, Server } from './host.ts';
+import type { DeliveryItem, DeliveryOptions, DeliveryResult, SendAllResult, Server } from './host.ts';
 import { RetryLaterError } from './transient.ts';
 
 /** API Gateway's limit for one message to a client (PostToConnection), in bytes. */
@@ -70,6 +70,53 @@ export async function deliver(
   }
   if ('user' in target && queue) return deliverDirect(server, target, stanza, options);
   return (await postDirect(server, target, stanza)) as DeliveryResult;
+}
+
+/**
+ * Delivers stanzas to one stream in order (Stream.sendAll), stopping at the first not taken
+ * ('gone', 'full'): the results of those tried. One too large to send is its policy-violation
+ * error and is passed over, as the rest go on. With stream management, the session's queue takes
+ * them together (StanzaQueue.deliverMany: a group's window in one write).
+ */
+export async function deliverAll(
+  server: Server,
+  target: DeliveryTarget,
+  items: readonly DeliveryItem[],
+): Promise<SendAllResult[]> {
+  const queue = server.host.stanzaQueue;
+  if (!target.smId || !queue) {
+    const results: SendAllResult[] = [];
+    for (const { stanza, options } of items) {
+      try {
+        const result = await deliver(server, target, stanza, options);
+        results.push(result);
+        if (result !== 'sent') break;
+      } catch (error) {
+        if (!(error instanceof StanzaError)) throw error;
+        results.push(error);
+      }
+    }
+    return results;
+  }
+  const refused = items.map(({ stanza }) => (fitsTransport(stanza) ? undefined : tooLargeError()));
+  const delivered = await queue.deliverMany(
+    target.smId,
+    items.filter((_, at) => refused[at] === undefined),
+  );
+  const results: SendAllResult[] = [];
+  let next = 0;
+  for (const error of refused) {
+    if (error) {
+      results.push(error);
+      continue;
+    }
+    const result = delivered[next++];
+    // Not tried: an earlier one was not taken.
+    if (result === undefined) break;
+    results.push(result);
+    if (result !== 'sent') break;
+  }
+  return results;
 }
 
 /**

@@ -15,7 +15,7 @@
  */
 import type { Element } from 'ltx';
 import type { Config } from '../config.ts';
-import type { StreamError } from '../errors.ts';
+import type { StanzaError, StreamError } from '../errors.ts';
 import type { Jid } from '../jid.ts';
 import type { Logger } from '../log.ts';
 import type { MetricsRecorder } from '../metrics.ts';
@@ -84,6 +84,13 @@ export interface Stream {
   countWaitsForSave(): void;
   /** Through the delivery path: with stream management on, stanzas are numbered and queued. */
   send(element: Element, options?: DeliveryOptions): Promise<DeliveryResult>;
+  /**
+   * Sends stanzas in order, as `send` would one by one, and stops at the first that is not taken
+   * ('gone', 'full'): the results of those tried, a stanza too large to send (XEP-0478) as its
+   * policy-violation StanzaError, passed over. With stream management, a group's stanzas
+   * (DeliveryOptions.group) are queued in one write when they all fit.
+   */
+  sendAll(items: readonly DeliveryItem[]): Promise<SendAllResult[]>;
   /**
    * Sends an answer that a redelivery of this frame repeats instead of deciding again (a refusal
    * whose cause may be gone by then): saved with the frame's id and its changes so far, before it
@@ -398,6 +405,15 @@ export interface DeliveryOptions {
   group?: DeliveryGroup;
 }
 
+/** One of the stanzas `Stream.sendAll` and `StanzaQueue.deliverMany` deliver, with its options. */
+export interface DeliveryItem {
+  stanza: Element;
+  options: DeliveryOptions;
+}
+
+/** What `Stream.sendAll` did with one stanza. */
+export type SendAllResult = DeliveryResult | StanzaError;
+
 /**
  * Deliveries to a stream's own session that go out together (StanzaQueue.deliverTogether): what
  * it holds is the stanza queue's own business.
@@ -447,6 +463,13 @@ export interface StanzaQueue {
    * one, as without it.
    */
   deliverTogether<T>(stream: BoundStream, send: (group: DeliveryGroup | undefined) => Promise<T>): Promise<T>;
+  /**
+   * Delivers stanzas to one session in order, stopping at the first that is not 'sent'; returns
+   * the results of those tried. A group's stanzas (DeliveryOptions.group) are queued in one write
+   * when they all fit: a window of stored messages billed once on the queue item, not once per
+   * message.
+   */
+  deliverMany(smId: string, items: readonly DeliveryItem[]): Promise<DeliveryResult[]>;
   /**
    * Which of these sessions have a stream attached: the others are detached, waiting for a
    * resume, and are not "connected" resources (RFC 6120 §7.6.2.1's limit counts those).

@@ -13,13 +13,15 @@ import type { StreamEvent } from '../queue-message.ts';
 import { ConnectionFencedError, type ConnectionState, type NewConnection } from '../store/sessions.ts';
 import { parseFrame } from '../xml/frame.ts';
 import { NS } from '../xml/namespaces.ts';
-import { closeConnection, deliver, post } from './delivery.ts';
+import { closeConnection, deliver, deliverAll, post } from './delivery.ts';
 import { inFrame, sequenceAtMost } from './frame.ts';
 import {
   type BoundStream,
+  type DeliveryItem,
   type DeliveryOptions,
   type DeliveryResult,
   isBound,
+  type SendAllResult,
   type Server,
   type Stream,
   type StreamStateChanges,
@@ -32,6 +34,11 @@ import { isTransient, withTransientRetries } from './transient.ts';
 const STANZAS = new Set(['message', 'presence', 'iq']);
 /** Tries of the state write that ends a frame (each after the SDK's own retries). */
 const SAVE_ATTEMPTS = 3;
+
+/** An iq (a result or error for the client's request) or an error about its own stanza. */
+function isAnswer(element: Element): boolean {
+  return element.name === 'iq' || element.attrs.type === 'error';
+}
 
 /** One stream's view during one frame: its state, pending state changes and its sends. */
 export class XmppStream implements Stream {
@@ -90,12 +97,36 @@ export class XmppStream implements Stream {
         this.server,
         { connectionId: this.connectionId, smId: this.state.sm.id },
         element,
-        // An iq (a result or error for the client's request) or an error about its own stanza.
-        element.name === 'iq' || element.attrs.type === 'error' ? { ...options, answer: true } : options,
+        isAnswer(element) ? { ...options, answer: true } : options,
       );
     }
     // The stream's own socket: a 410 here is followed by its $disconnect, in order, on the queue.
     return post(this.server, this.connectionId, element);
+  }
+
+  async sendAll(items: readonly DeliveryItem[]): Promise<SendAllResult[]> {
+    if (this.state.sm && items.every(({ stanza }) => STANZAS.has(stanza.name))) {
+      const smId = this.state.sm.id;
+      return deliverAll(
+        this.server,
+        { connectionId: this.connectionId, smId },
+        items.map((item) =>
+          isAnswer(item.stanza) ? { ...item, options: { ...item.options, answer: true } } : item,
+        ),
+      );
+    }
+    const results: SendAllResult[] = [];
+    for (const { stanza, options } of items) {
+      try {
+        const result = await this.send(stanza, options);
+        results.push(result);
+        if (result !== 'sent') break;
+      } catch (error) {
+        if (!(error instanceof StanzaError)) throw error;
+        results.push(error);
+      }
+    }
+    return results;
   }
 
   async fail(error: StreamError): Promise<void> {

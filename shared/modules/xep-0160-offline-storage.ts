@@ -345,6 +345,30 @@ export async function sendStored(
   }
 }
 
+/**
+ * `sendStored` for a window, in order (Stream.sendAll: with stream management, one append): the
+ * results of those tried, which stop at the first not taken ('gone', 'full'). One too large to
+ * send is removed from storage ('dropped').
+ */
+async function sendStoredAll(
+  stream: BoundStream,
+  items: readonly { message: OfflineMessage; stanza: Element; options: DeliveryOptions }[],
+): Promise<(DeliveryResult | 'dropped')[]> {
+  if (items.length === 0) return [];
+  const results = await stream.sendAll(items);
+  const dropped: string[] = [];
+  const outcomes = results.map((result, at) => {
+    if (!(result instanceof StanzaError)) return result;
+    if (result.condition !== 'policy-violation') throw result;
+    const id = items[at]?.message.id as string;
+    stream.server.log.warn('stored message too large to deliver; dropped', { user: stream.user, id });
+    dropped.push(id);
+    return 'dropped' as const;
+  });
+  if (dropped.length > 0) await stream.server.offline.remove(stream.user, dropped);
+  return outcomes;
+}
+
 /** Fetches and views a session may have waiting behind the transfer in progress. */
 const MAX_WAITING = 4;
 
@@ -585,21 +609,36 @@ async function postWindowIn(
   const { server } = stream;
   const nodes = transfer.window ?? [];
   let sent = 0;
+  // Queued already (a window finished after a failure or a resume), or removed meanwhile (by
+  // another session, a purge): not sent.
+  const picked = nodes.flatMap((node) => {
+    const message = messages.get(node);
+    return message && !queued?.appended.has(transferKey(transfer, node)) ? [message] : [];
+  });
+  const results = await sendStoredAll(
+    stream,
+    picked.map((message) => ({
+      message,
+      stanza: deliveredCopy(server, message),
+      options: {
+        offlineCopy: true,
+        key: transferKey(transfer, message.id),
+        attachedTo: stream.connectionId,
+        ...(group ? { group } : {}),
+      },
+    })),
+  );
+  let next = 0;
   for (const [at, node] of nodes.entries()) {
     const key = transferKey(transfer, node);
     if (queued?.appended.has(key)) {
       if (queued.unacknowledged.has(key)) sent += 1;
       continue;
     }
-    // Removed meanwhile (by another session, a purge): skipped.
-    const message = messages.get(node);
-    if (!message) continue;
-    const result = await sendStored(stream, message, deliveredCopy(server, message), {
-      offlineCopy: true,
-      key,
-      attachedTo: stream.connectionId,
-      ...(group ? { group } : {}),
-    });
+    if (!messages.has(node)) continue;
+    const result = results[next++];
+    // Not tried: stopped at an earlier one (gone, full), which returned below.
+    if (result === undefined) throw new Error('a window stopped without its reason');
     // The session is gone: nothing in progress or waiting can be answered.
     if (result === 'gone') {
       stream.update({ transfer: undefined });
@@ -685,20 +724,35 @@ async function inboxWindowIn(
     // hold): what the queue holds was sent already and waits for the client's ack.
     const queued = transfer.restart ? await queuedOfflineIds(stream) : undefined;
     let stopped = false;
+    // The window: what the page holds that is not queued yet, up to the window's count and bytes.
+    const picked: OfflineMessage[] = [];
+    let pickedBytes = bytes;
+    for (const message of page.messages) {
+      if (queued?.has(message.id)) continue;
+      if (sent + picked.length >= windowSize(server) || pickedBytes >= WINDOW_BYTES) break;
+      picked.push(message);
+      pickedBytes += Buffer.byteLength(message.stanza);
+    }
+    const results = await sendStoredAll(
+      stream,
+      picked.map((message) => ({
+        message,
+        stanza: stampedStanza(server, message),
+        options: { offlineId: message.id, attachedTo: stream.connectionId, ...(group ? { group } : {}) },
+      })),
+    );
+    let next = 0;
     for (const message of page.messages) {
       if (queued?.has(message.id)) {
         after = message.id;
         continue;
       }
-      if (sent >= windowSize(server)) {
+      // Past the window: the rest follows from the next ack.
+      const result = next < picked.length ? results[next++] : undefined;
+      if (result === undefined) {
         stopped = true;
         break;
       }
-      const result = await sendStored(stream, message, stampedStanza(server, message), {
-        offlineId: message.id,
-        attachedTo: stream.connectionId,
-        ...(group ? { group } : {}),
-      });
       // The session is gone: nothing in progress or waiting can be answered.
       if (result === 'gone') {
         stream.update({ transfer: undefined });

@@ -29,6 +29,7 @@ import {
 } from '../core/frame.ts';
 import {
   type DeliveryGroup,
+  type DeliveryItem,
   type DeliveryOptions,
   type DeliveryResult,
   HANDLED,
@@ -55,6 +56,7 @@ import {
 } from '../store/sessions.ts';
 import {
   AckBeyondQueueError,
+  type AppendManyResult,
   type AppendResult,
   boundReached,
   countCovers,
@@ -105,6 +107,7 @@ export function register(server: Server): void {
     },
     attached: (smIds) => server.smQueue.attached(smIds),
     deliverTogether: (stream, send) => deliverTogether(server, stream, send),
+    deliverMany: (smId, items) => deliverMany(server, smId, items),
   });
   host.hook('connection-vanished', (event) => keepResumable(server, event), { priority: 10 });
   host.hook('session-ending', ({ session, reason, undelivered, afterReroute }) =>
@@ -703,6 +706,122 @@ async function deliverTogether<T>(
   }
   await group.post(server);
   return result;
+}
+
+/**
+ * StanzaQueue.deliverMany: a group's window in one append when it can be (`appendWindow`), else
+ * one by one, stopping at the first not taken.
+ */
+async function deliverMany(
+  server: Server,
+  smId: string,
+  items: readonly DeliveryItem[],
+): Promise<DeliveryResult[]> {
+  const together = await appendWindow(server, smId, items);
+  if (together) return together;
+  const results: DeliveryResult[] = [];
+  for (const { stanza, options } of items) {
+    const result = await deliverToSmSession(server, smId, stanza, options);
+    results.push(result);
+    if (result !== 'sent') break;
+  }
+  return results;
+}
+
+/**
+ * A window of a group's stored messages (SM_POST_ORDER=serial, XEP-0160 and XEP-0013 windows)
+ * queued in one write (SmQueueStore.appendMany), billed once on the queue item instead of once
+ * per message on an item that grows with each. Only keyed deliveries to a session still on the
+ * stream's connection, never an answer; not on a redelivered frame, whose deliveries each look
+ * for an earlier attempt's entry first. Undefined when it was not done (those cases, or the
+ * window does not fit the queue now): the caller delivers one by one, which tells which fit,
+ * and takes the frame's delivery keys as it would have.
+ */
+async function appendWindow(
+  server: Server,
+  smId: string,
+  items: readonly DeliveryItem[],
+): Promise<DeliveryResult[] | undefined> {
+  const group = items[0]?.options.group;
+  const attachedTo = items[0]?.options.attachedTo;
+  if (
+    items.length < 2 ||
+    server.config.smPostOrder !== 'serial' ||
+    !(group instanceof SerialGroup) ||
+    group.smId !== smId ||
+    attachedTo === undefined ||
+    frameRedelivered() ||
+    !items.every(
+      ({ options }) =>
+        options.group === group &&
+        options.attachedTo === attachedTo &&
+        !options.answer &&
+        (options.offlineId !== undefined || options.key !== undefined),
+    )
+  )
+    return undefined;
+  // The keys and times deliverToSmSession gives them, in a frame.
+  const delivery = peekDeliveryKey(`sm:${smId}`);
+  if (!delivery) return undefined;
+  const keyOf = (options: DeliveryOptions) =>
+    options.offlineId ? `o:${options.offlineId}` : (options.key as string);
+  const entries: SmEntry[] = items.map(({ stanza, options }) => ({
+    s: stanza.toString(),
+    t: delivery.at,
+    ...(options.offlineId ? { o: options.offlineId } : {}),
+    ...(options.offlineCopy ? { c: true } : {}),
+    k: keyOf(options),
+  }));
+  const result = await appendManyOnce(server, smId, entries, group.token, attachedTo);
+  if (result.kind === 'unfit') return undefined;
+  // Each took a delivery key of the frame, as one by one; one not taken stopped them at the first.
+  const taken = result.kind === 'queued' || result.kind === 'acknowledged' ? items.length : 1;
+  for (let n = 0; n < taken; n++) nextDeliveryKey(`sm:${smId}`);
+  const sent = () => items.map((): DeliveryResult => 'sent');
+  if (result.kind === 'ended' || result.kind === 'moved') {
+    group.abandon();
+    return ['gone'];
+  }
+  if (result.kind === 'acknowledged') return sent();
+  const { item, first } = result;
+  group.seen(item, first);
+  if (result.found) {
+    // Found by its keys after a write whose answer was lost: see deliverToSmSession.
+    if (movedFrom(item, attachedTo)) {
+      group.abandon();
+      return ['gone'];
+    }
+    if (!group.holds(item)) {
+      await settleUnknownPost(server, smId, entries[0]?.k as string, item, 'uncertain-append', 'a window');
+      return sent();
+    }
+  }
+  server.log.debug('window to a stream-management queue', { smId, first, count: items.length });
+  for (const [at, { stanza }] of items.entries()) group.queued(entries[at]?.k as string, stanza);
+  // As one by one: past the byte bound, later appends wait for an ack.
+  if (queuedBytes(item.entries) > server.config.smQueueMaxBytes)
+    await server.smQueue.setCongested(smId, true);
+  return sent();
+}
+
+/** `appendOnce` for a window: an append that failed but was written is found by its first key. */
+async function appendManyOnce(
+  server: Server,
+  smId: string,
+  entries: SmEntry[],
+  poster: string,
+  attachedTo: string,
+): Promise<AppendManyResult> {
+  try {
+    return await server.smQueue.appendMany(smId, entries, server.config.smQueueMax, poster, attachedTo);
+  } catch (error) {
+    if (!isTransient(error)) throw error;
+    const found = await withTransientRetries(3, () => server.smQueue.get(smId)).catch(() => undefined);
+    const at = found && !found.ended ? found.entries.findIndex((queued) => queued.k === entries[0]?.k) : -1;
+    if (!found || at < 0) throw error;
+    server.log.info('an append of a window that failed had queued it', { smId });
+    return { kind: 'queued', first: found.base + at + 1, item: found, found: 'ambiguous' };
+  }
 }
 
 /**

@@ -262,6 +262,15 @@ export type AppendResult =
   /** Appended with `attachedTo`, and the session is no longer attached to that connection. */
   | { kind: 'moved' };
 
+/** What `appendMany` did: `first` is the number of its first entry (the others follow it). */
+export type AppendManyResult =
+  | { kind: 'queued'; first: number; item: SmQueueItem; found?: 'ambiguous' | 'refused' }
+  /** Appended by a try whose answer was lost, and acknowledged since (`lk` is still its last key). */
+  | { kind: 'acknowledged' }
+  | { kind: 'unfit' }
+  | { kind: 'ended' }
+  | { kind: 'moved' };
+
 const key = (smId: string) => ({ pk: `sm#${smId}`, sk: 'queue' });
 /** Tries of a keyed append whose attempt may or may not have been applied (then a read tells). */
 const APPEND_ATTEMPTS = 4;
@@ -497,6 +506,20 @@ export interface SmQueueStore {
      */
     attachedTo?: string,
   ): Promise<AppendResult>;
+  /**
+   * Appends several keyed entries at once, in order, under the same conditions as `append` (no
+   * sender marks, never an answer's margin), with room for all of them (`maxEntries`): one
+   * write, billed once on the queue item, for a window of stored messages. 'unfit' when they do
+   * not all fit now (full, congested, past DynamoDB's item size) and nothing was appended: the
+   * caller appends them one by one, which tells which fit.
+   */
+  appendMany(
+    smId: string,
+    entries: readonly SmEntry[],
+    maxEntries: number,
+    poster: string | undefined,
+    attachedTo: string,
+  ): Promise<AppendManyResult>;
   /**
    * Drops entries up to `newBase`; returns the dropped ones and those still waiting. Only the
    * owner `connectionId` may: anyone else gets NotSessionOwnerError (a late ack of a stream
@@ -1017,6 +1040,71 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             continue;
           }
           return current && !current.ended ? { kind: 'full', item: current } : { kind: 'ended' };
+        }
+      }
+    },
+
+    async appendMany(smId, entries, maxEntries, poster, attachedTo) {
+      const keys = entries.map((entry) => entry.k);
+      const first = keys[0];
+      const last = keys.at(-1);
+      if (first === undefined || last === undefined || keys.some((k) => k === undefined))
+        throw new Error('appendMany takes keyed entries only');
+      for (let attempt = 1; ; attempt++) {
+        const command = new UpdateCommand({
+          TableName: table,
+          Key: key(smId),
+          UpdateExpression: `SET q = list_append(q, :entries), lk = :k${
+            poster === undefined
+              ? ''
+              : ', holding = if_not_exists(holding, :poster), holdingAt = if_not_exists(holdingAt, :now)'
+          } ADD #out :n`,
+          // Room for every one of them (`size(q) <= max - n`), else none is appended.
+          ConditionExpression:
+            'attribute_exists(q) AND size(q) <= :room AND attribute_not_exists(congested) AND ' +
+            'attribute_not_exists(ended) AND connectionId = :attachedTo AND (attribute_not_exists(lk) OR lk <> :k)',
+          ExpressionAttributeNames: { '#out': 'out' },
+          ExpressionAttributeValues: {
+            ':entries': entries.map(storedEntry),
+            ':n': entries.length,
+            ':room': maxEntries - entries.length,
+            ':k': last,
+            ':attachedTo': attachedTo,
+            ...(poster === undefined ? {} : { ':poster': poster, ':now': Date.now() }),
+          },
+          ReturnValues: 'ALL_NEW',
+        });
+        try {
+          // Not resent by the SDK (see `append`): a read tells whether a failed attempt ran.
+          const { Attributes } = await sendOnce(doc, command);
+          const item = toItem(Attributes as Record<string, unknown>);
+          if (item.senderMarks) await pruneMarks(smId, item.senderMarks);
+          return { kind: 'queued', first: item.out - entries.length + 1, item };
+        } catch (error) {
+          if (isItemTooLarge(error)) return { kind: 'unfit' };
+          const ambiguous = error instanceof AmbiguousWriteError;
+          if (!ambiguous && !isConditionFailure(error)) throw error;
+          const current = await this.get(smId);
+          if (!current || current.ended) return { kind: 'ended' };
+          // One write: its first entry queued means all of them are, in order.
+          const at = current.entries.findIndex((queued) => queued.k === first);
+          if (current.connectionId !== attachedTo && (movedOn(current, attachedTo) || at < 0))
+            return { kind: 'moved' };
+          if (at >= 0)
+            return {
+              kind: 'queued',
+              first: current.base + at + 1,
+              item: current,
+              found: ambiguous ? 'ambiguous' : 'refused',
+            };
+          if (current.lastKey === last) return { kind: 'acknowledged' };
+          if (ambiguous) {
+            // Not applied: throttled, or a 5xx before the write. Again, as the SDK would have.
+            if (attempt >= APPEND_ATTEMPTS) throw error;
+            await sleep(APPEND_BACKOFF_MS * 2 ** (attempt - 1) * (0.5 + Math.random()));
+            continue;
+          }
+          return { kind: 'unfit' };
         }
       }
     },

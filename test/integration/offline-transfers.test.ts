@@ -408,14 +408,93 @@ describe('a paced XEP-0160 flood and session ends', () => {
     await t.login('g10');
     await t.enable('g10');
     const { released, restore } = countReleases(t);
+    const appendMany = t.server.smQueue.appendMany.bind(t.server.smQueue);
+    const windows: string[][] = [];
+    const restoreMany = intercept(t.server.smQueue, 'appendMany', async (...args) => {
+      windows.push(args[1].map((entry) => /<body>(\w+)/.exec(entry.s)?.[1] as string));
+      return appendMany(...args);
+    });
     await t.frame('g10', t.fetch('f1'), 'g10-fetch');
     restore();
+    restoreMany();
     expect(t.story('g10')).toEqual(['m1', 'm2', 'm3', 'm4', 'm5', 'm6', 'iq f1 result']);
     // One per message and one for the result before (7).
     expect(released()).toBe(2);
+    // The copies in one append (XEP-0013 §2.3: each with its node), the result after them.
+    expect(windows).toEqual([['m1', 'm2', 'm3', 'm4', 'm5', 'm6']]);
   });
 
-  it('flood: a stanza queued by another sender in the middle of a window goes out in the same run, in queue order', async () => {
+  it('flood: a window of 10 is queued in one write, numbered in order after what was queued before it', async () => {
+    const t = await inbox(25, { SM_QUEUE_MAX: '1000', SM_POST_ORDER: 'serial' });
+    await t.login('g9');
+    const smId = await t.enable('g9');
+    const appendMany = t.server.smQueue.appendMany.bind(t.server.smQueue);
+    const append = t.server.smQueue.append.bind(t.server.smQueue);
+    const windows: number[] = [];
+    const singles: string[] = [];
+    const restoreMany = intercept(t.server.smQueue, 'appendMany', async (...args) => {
+      windows.push(args[1].length);
+      return appendMany(...args);
+    });
+    const restoreOne = intercept(t.server.smQueue, 'append', async (...args) => {
+      singles.push(args[1].o ? 'stored' : 'live');
+      return append(...args);
+    });
+    await t.frame('g9', '<presence/>', 'g9-presence');
+    restoreMany();
+    restoreOne();
+    // The presence the session is sent back on its own, then m1..m10 in one append (ten before).
+    expect(windows).toEqual([10]);
+    expect(singles).toEqual(['live']);
+    expect(t.story('g9')).toEqual(Array.from({ length: 10 }, (_, i) => `m${i + 1}`));
+    const item = await t.server.smQueue.get(smId);
+    expect(item?.out).toBe(11);
+    expect(item?.entries.slice(1).map((entry) => entry.o)).toEqual((await t.ids()).slice(0, 10));
+    expect(item?.holding).toBe(false);
+  });
+
+  it('flood: a window that does not fit the queue at once is queued one by one, up to what fits', async () => {
+    // SM_QUEUE_MAX 20: windows of 10. Twelve live headlines reach the session just before the first
+    // window's append (XEP-0160 §3: a headline is not stored behind the flood's hold), so that 13
+    // entries wait unacknowledged: the window of 10 is refused whole, m1..m7 fit one by one, and
+    // the rest waits for the ack (congestion, never a loss).
+    const t = await inbox(12, { SM_QUEUE_MAX: '20', SM_POST_ORDER: 'serial' });
+    await t.login('g11');
+    await t.enable('g11');
+    await t.server.sessions.createConnection('s8', Date.now());
+    await t.server.sessions.updateConnection('s8', {
+      streamOpen: true,
+      user: 'juliet@localhost',
+      resource: 'x',
+    });
+    const appendMany = t.server.smQueue.appendMany.bind(t.server.smQueue);
+    const outcomes: string[] = [];
+    let live = false;
+    const restore = intercept(t.server.smQueue, 'appendMany', async (...args) => {
+      if (!live) {
+        live = true;
+        for (let i = 1; i <= 12; i++)
+          await t.frame(
+            's8',
+            `<message to='${t.user}' type='headline'><body>h${i}</body></message>`,
+            `s8-${i}`,
+          );
+      }
+      const result = await appendMany(...args);
+      outcomes.push(result.kind);
+      return result;
+    });
+    await t.frame('g11', '<presence/>', 'g11-presence');
+    const headlines = Array.from({ length: 12 }, (_, i) => `h${i + 1}`);
+    expect(outcomes).toEqual(['unfit']);
+    expect(t.story('g11')).toEqual([...headlines, 'm1', 'm2', 'm3', 'm4', 'm5', 'm6', 'm7']);
+    for (let i = 0; i < 6 && (await t.server.offline.count(t.user)) > 0; i++) await t.ack('g11', `g11-a${i}`);
+    restore();
+    expect(t.story('g11')).toEqual([...headlines, ...Array.from({ length: 12 }, (_, i) => `m${i + 1}`)]);
+    expect(await t.server.offline.count(t.user)).toBe(0);
+  });
+
+  it('flood: a stanza queued by another sender while a window holds the queue goes out in the same run, in queue order', async () => {
     const t = await inbox(12, { SM_QUEUE_MAX: '1000', SM_POST_ORDER: 'serial' });
     await t.login('g3');
     await t.enable('g3');
@@ -425,36 +504,41 @@ describe('a paced XEP-0160 flood and session ends', () => {
       user: 'juliet@localhost',
       resource: 'x',
     });
-    const append = t.server.smQueue.append.bind(t.server.smQueue);
-    let appends = 0;
-    const restore = intercept(t.server.smQueue, 'append', async (...args) => {
-      const result = await append(...args);
-      // After the window's third stored message. A headline is not stored behind the flood's hold (XEP-0160 §3): it is queued live, and
-      // finds the queue held by the window.
-      if (args[1].o && ++appends === 3)
-        await t.frame('s9', `<message to='${t.user}' type='headline'><body>h1</body></message>`, 's9-1');
+    const appendMany = t.server.smQueue.appendMany.bind(t.server.smQueue);
+    const restore = intercept(t.server.smQueue, 'appendMany', async (...args) => {
+      const result = await appendMany(...args);
+      // After the window's append, before its posts. A headline is not stored behind the flood's
+      // hold (XEP-0160 §3): it is queued live, and finds the queue held by the window.
+      await t.frame('s9', `<message to='${t.user}' type='headline'><body>h1</body></message>`, 's9-1');
       return result;
     });
     await t.frame('g3', '<presence/>', 'g3-presence');
     restore();
-    expect(t.story('g3')).toEqual(['m1', 'm2', 'm3', 'h1', 'm4', 'm5', 'm6', 'm7', 'm8', 'm9', 'm10']);
+    expect(t.story('g3')).toEqual(['m1', 'm2', 'm3', 'm4', 'm5', 'm6', 'm7', 'm8', 'm9', 'm10', 'h1']);
   });
 
-  it('flood: a frame failing in the middle of a window posts what it queued, and its redelivery the rest, each once', async () => {
+  it("flood: a frame whose window's append fails posts nothing; its redelivery queues one by one, and one failing there posts what it queued, the next the rest, each once", async () => {
     const t = await inbox(12, { SM_QUEUE_MAX: '1000', SM_POST_ORDER: 'serial' });
     await t.login('g4');
     await t.enable('g4');
+    const restoreMany = intercept(t.server.smQueue, 'appendMany', async () => {
+      throw throttlingError();
+    });
+    const s1 = t.nextSeq();
+    await expect(t.frame('g4', '<presence/>', 'g4-presence', s1)).rejects.toThrow();
+    restoreMany();
+    expect(t.story('g4')).toEqual([]);
+    // The redelivery looks for each stored message in the queue first: one by one.
     const append = t.server.smQueue.append.bind(t.server.smQueue);
     let appends = 0;
     const restore = intercept(t.server.smQueue, 'append', async (...args) => {
       if (args[1].o && ++appends === 4) throw throttlingError();
       return append(...args);
     });
-    const s1 = t.nextSeq();
-    await expect(t.frame('g4', '<presence/>', 'g4-presence', s1)).rejects.toThrow();
+    await expect(t.frame('g4', '<presence/>', 'g4-presence', s1, 2)).rejects.toThrow();
     restore();
     expect(t.story('g4')).toEqual(['m1', 'm2', 'm3']);
-    await t.frame('g4', '<presence/>', 'g4-presence', s1, 2);
+    await t.frame('g4', '<presence/>', 'g4-presence', s1, 3);
     for (let i = 0; i < 4 && (await t.server.offline.count(t.user)) > 0; i++) await t.ack('g4', `g4-a${i}`);
     expect(t.story('g4')).toEqual(Array.from({ length: 12 }, (_, i) => `m${i + 1}`));
     expect(await t.server.offline.count(t.user)).toBe(0);
@@ -463,12 +547,12 @@ describe('a paced XEP-0160 flood and session ends', () => {
   it("flood: a window's append whose answer was lost (a 500 after the write) is posted with the window, the socket kept", async () => {
     const t = await inbox(12, { SM_QUEUE_MAX: '1000', SM_POST_ORDER: 'serial' });
     await t.login('g8');
-    await t.enable('g8');
-    const append = t.server.smQueue.append.bind(t.server.smQueue);
+    const smId = await t.enable('g8');
+    const appendMany = t.server.smQueue.appendMany.bind(t.server.smQueue);
     let lost = false;
-    const restore = intercept(t.server.smQueue, 'append', async (...args) => {
-      const result = await append(...args);
-      if (args[1].o && !lost) {
+    const restore = intercept(t.server.smQueue, 'appendMany', async (...args) => {
+      const result = await appendMany(...args);
+      if (!lost) {
         lost = true;
         throw serverError();
       }
@@ -480,6 +564,8 @@ describe('a paced XEP-0160 flood and session ends', () => {
     // Found queued under the window's own hold, which it took: nobody else can have posted it.
     expect(t.port.closed.has('g8')).toBe(false);
     expect(t.story('g8')).toEqual(Array.from({ length: 10 }, (_, i) => `m${i + 1}`));
+    // Queued once.
+    expect((await t.server.smQueue.get(smId))?.out).toBe(11);
   });
 
   // A redelivery that starts elsewhere (its first message removed from storage meanwhile, by

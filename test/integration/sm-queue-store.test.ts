@@ -346,6 +346,85 @@ describe('a keyed append whose attempt failed (sendOnce: the SDK does not resend
   });
 });
 
+describe('appendMany (a window of stored messages in one write)', () => {
+  const keyed = (from: number, count: number) =>
+    Array.from({ length: count }, (_, i) => entry(from + i, { k: `o:w${from + i}`, o: `w${from + i}` }));
+
+  it('queues them in order after what was queued, numbered on, and takes the hold for its token', async () => {
+    const { smId, connectionId } = await session();
+    expect(await queue.release(smId, 0)).toBe(true);
+    await appendMany(smId, 2);
+    const result = await queue.appendMany(smId, keyed(3, 4), MAX, 'f1:g#t', connectionId);
+    expect(result).toMatchObject({ kind: 'queued', first: 3, item: { out: 6, holder: 'f1:g#t' } });
+    const item = await queue.get(smId);
+    expect(item?.entries.map((queued) => queued.k)).toEqual([
+      undefined,
+      undefined,
+      'o:w3',
+      'o:w4',
+      'o:w5',
+      'o:w6',
+    ]);
+    expect(item?.entries.map((queued) => queued.o)).toEqual([undefined, undefined, 'w3', 'w4', 'w5', 'w6']);
+    expect(item?.lastKey).toBe('o:w6');
+  });
+
+  it('appends none of them unless all fit (count, congestion), nor to a session moved or ended', async () => {
+    const { smId, user, connectionId } = await session();
+    await appendMany(smId, 3);
+    // Room for 2 of 3 below maxEntries 5: none of them.
+    expect(await queue.appendMany(smId, keyed(4, 3), 5, undefined, connectionId)).toEqual({ kind: 'unfit' });
+    expect((await queue.get(smId))?.out).toBe(3);
+    expect(await queue.appendMany(smId, keyed(4, 2), 5, undefined, connectionId)).toMatchObject({
+      kind: 'queued',
+      first: 4,
+    });
+    await queue.setCongested(smId, true);
+    expect(await queue.appendMany(smId, keyed(6, 2), MAX, undefined, connectionId)).toEqual({
+      kind: 'unfit',
+    });
+    await queue.setCongested(smId, false);
+    await queue.attach(smId, user, 'resumed-here');
+    expect(await queue.appendMany(smId, keyed(6, 2), MAX, undefined, connectionId)).toEqual({
+      kind: 'moved',
+    });
+    expect((await queue.get(smId))?.out).toBe(5);
+    const other = await session();
+    await queue.end(other.smId, other.connectionId, 0);
+    expect(await queue.appendMany(other.smId, keyed(1, 2), MAX, undefined, other.connectionId)).toEqual({
+      kind: 'ended',
+    });
+  });
+
+  it('is queued once when a 500 came after the write and another sender appended before the answer', async () => {
+    const { smId, connectionId } = await session();
+    const failing = clientFailingOnce('o:w3', true, async () => {
+      await queue.append(smId, entry(9, { k: 'req-9:0' }), MAX);
+    });
+    const result = await failing.store.appendMany(smId, keyed(1, 3), MAX, undefined, connectionId);
+    // Found by its first key where the write put it, with the numbers it gave.
+    expect(result).toMatchObject({ kind: 'queued', first: 1, found: 'ambiguous', item: { out: 4 } });
+    expect(failing.attempts()).toBe(1);
+    expect((await queue.get(smId))?.entries.map((queued) => queued.k)).toEqual([
+      'o:w1',
+      'o:w2',
+      'o:w3',
+      'req-9:0',
+    ]);
+  });
+
+  it('is tried again, and queued once, when the attempt was throttled before the write', async () => {
+    const { smId, connectionId } = await session();
+    const failing = clientFailingOnce('o:w2', false, async () => {
+      await queue.append(smId, entry(9, { k: 'req-9:0' }), MAX);
+    });
+    const result = await failing.store.appendMany(smId, keyed(1, 2), MAX, undefined, connectionId);
+    expect(result).toMatchObject({ kind: 'queued', first: 2 });
+    expect(failing.attempts()).toBe(2);
+    expect((await queue.get(smId))?.entries.map((queued) => queued.k)).toEqual(['req-9:0', 'o:w1', 'o:w2']);
+  });
+});
+
 describe('create, get, counts', () => {
   it('creates a holding session with an empty queue', async () => {
     const before = Date.now();

@@ -6,7 +6,7 @@ import { Element, parse } from 'ltx';
 import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../../shared/config.ts';
 import { deliver, deliverToMany, POST_LIMIT_BYTES, post } from '../../shared/core/delivery.ts';
-import { HANDLED, Host, type Server, type SweepRun } from '../../shared/core/host.ts';
+import { type DeliveryResult, HANDLED, Host, type Server, type SweepRun } from '../../shared/core/host.ts';
 import { runSweep } from '../../shared/core/lifecycle.ts';
 import { RateLimiter } from '../../shared/core/rate-limit.ts';
 import { messageTargets } from '../../shared/core/router.ts';
@@ -204,6 +204,11 @@ describe('the delivery path', () => {
       },
       queuedStored() {},
       deliverTogether: (_stream, send) => send(undefined),
+      async deliverMany(smId, items) {
+        const results: DeliveryResult[] = [];
+        for (const { stanza, options } of items) results.push(await this.deliver(smId, stanza, options));
+        return results;
+      },
     });
     const stanza = parse("<message to='bob@localhost'><body>queued</body></message>");
     expect(await deliver(server, resource('c1', { smId: 'sm-1' }), stanza, { offlineId: 'o1' })).toBe('sent');
