@@ -724,6 +724,7 @@ async function inboxWindowIn(
     // hold): what the queue holds was sent already and waits for the client's ack.
     const queued = transfer.restart ? await queuedOfflineIds(stream) : undefined;
     let stopped = false;
+    let full = false;
     // The window: what the page holds that is not queued yet, up to the window's count and bytes.
     const picked: OfflineMessage[] = [];
     let pickedBytes = bytes;
@@ -765,6 +766,7 @@ async function inboxWindowIn(
       // Congested: the rest follows from a later ack, from this message on.
       if (result === 'full') {
         stopped = true;
+        full = true;
         break;
       }
       after = message.id;
@@ -782,7 +784,8 @@ async function inboxWindowIn(
       stream.update({ transfer });
       // Nothing sent (all of the page was queued already): the next page now, not after an ack.
       if (sent === 0 && !stopped) continue;
-      return { sent, done: false };
+      // Stopped at a congested queue: another window now would stop there too (transferStep).
+      return { sent, done: false, ...(full ? { blocked: true } : {}) };
     }
     // The whole inbox is out.
     if (transfer.kind === 'flood' && transfer.held !== undefined) {

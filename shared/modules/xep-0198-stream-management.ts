@@ -818,7 +818,8 @@ async function appendManyOnce(
     if (!isTransient(error)) throw error;
     const found = await withTransientRetries(3, () => server.smQueue.get(smId)).catch(() => undefined);
     const at = found && !found.ended ? found.entries.findIndex((queued) => queued.k === entries[0]?.k) : -1;
-    if (!found || at < 0) throw error;
+    // Written as a whole, in order, or not at all.
+    if (!found || at < 0 || !entries.every((entry, n) => found.entries[at + n]?.k === entry.k)) throw error;
     server.log.info('an append of a window that failed had queued it', { smId });
     return { kind: 'queued', first: found.base + at + 1, item: found, found: 'ambiguous' };
   }

@@ -1086,11 +1086,14 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           if (!ambiguous && !isConditionFailure(error)) throw error;
           const current = await this.get(smId);
           if (!current || current.ended) return { kind: 'ended' };
-          // One write: its first entry queued means all of them are, in order.
+          // One write: found only as a whole, in order (what else queued its first key is left
+          // to the one-by-one appends to tell).
           const at = current.entries.findIndex((queued) => queued.k === first);
-          if (current.connectionId !== attachedTo && (movedOn(current, attachedTo) || at < 0))
+          const whole = at >= 0 && keys.every((k, n) => current.entries[at + n]?.k === k);
+          if (current.connectionId !== attachedTo && (movedOn(current, attachedTo) || !whole))
             return { kind: 'moved' };
-          if (at >= 0)
+          if (at >= 0 && !whole) return { kind: 'unfit' };
+          if (whole)
             return {
               kind: 'queued',
               first: current.base + at + 1,

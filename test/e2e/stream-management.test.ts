@@ -2015,7 +2015,7 @@ describe('an offline flood paced by acks, with live messages arriving meanwhile'
     const niece = await raw('niece', 'tablet');
     await enable(niece);
     niece.send('<presence/>');
-    // The first window (OFFLINE_WINDOW, 10), its <r/>, then the server waits for an ack before
+    // The first window (OFFLINE_WINDOW, 20), its <r/>, then the server waits for an ack before
     // sending the next: none is given yet.
     const stanzas: Element[] = [];
     let handled = 0;
@@ -2023,14 +2023,14 @@ describe('an offline flood paced by acks, with live messages arriving meanwhile'
       const el = await niece.next(10_000);
       if (['message', 'presence', 'iq'].includes(el.name)) handled += 1;
       if (el.name === 'message') stanzas.push(el);
-      if (el.is('r', SM3) && stanzas.length === 10) break;
+      if (el.is('r', SM3) && stanzas.length === stack.server.config.offlineWindow) break;
     }
     for (let i = 1; i <= 3; i++)
       aunt.send(`<message to='niece@localhost' type='chat'><body>new ${i}</body></message>`);
     // The aunt's frames are handled in order: once her ping is answered, the three were routed.
     aunt.send(`<iq type='get' id='sync' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
     await aunt.until((el) => el.attrs.id === 'sync');
-    // Stored behind the flood (the hold counts them), not posted ahead of the fifty still stored.
+    // Stored behind the flood (the hold counts them), not posted ahead of the forty still stored.
     expect((await stack.server.sessions.getResource('niece@localhost', 'tablet'))?.held).toBe(3);
     niece.send(`<a xmlns='${SM3}' h='${handled}'/>`);
     for (;;) {

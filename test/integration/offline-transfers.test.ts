@@ -21,10 +21,11 @@ const SM3 = 'urn:xmpp:sm:3';
  * A user with `count` stored messages (bodies m1..mN, oldest first), SM_QUEUE_MAX 4 (a window
  * of 2), and helpers to drive its connections frame by frame.
  */
-async function inbox(count: number, env: Record<string, string> = {}) {
+async function inbox(count: number, env: Record<string, string | undefined> = {}) {
   const port = new RecordingPort();
   const server = createServer({
-    config: await createTestConfig({ SM_QUEUE_MAX: '4', SM_ACK_EVERY: '100', ...env }),
+    // Windows of 10 unless a test says otherwise (the default is 20).
+    config: await createTestConfig({ SM_QUEUE_MAX: '4', SM_ACK_EVERY: '100', OFFLINE_WINDOW: '10', ...env }),
     port,
     log: createLogger('silent'),
   });
@@ -356,12 +357,13 @@ describe('a paced XEP-0160 flood and session ends', () => {
   // OFFLINE_WINDOW (default 10) bounds what the queue holds during a flood: every append is
   // billed on the whole queue item.
   it.each([
-    [{}, 10],
+    // The default (OFFLINE_WINDOW unset).
+    [{ OFFLINE_WINDOW: undefined }, 20],
     [{ OFFLINE_WINDOW: '4' }, 4],
   ])(
     'flood: a window of OFFLINE_WINDOW messages (%o), then an ack request, then the next window',
     async (env, size) => {
-      const t = await inbox(25, { SM_QUEUE_MAX: '1000', ...env });
+      const t = await inbox(45, { SM_QUEUE_MAX: '1000', ...env });
       await t.login('w1');
       await t.enable('w1');
       await t.frame('w1', '<presence/>', 'w1-presence');
@@ -373,7 +375,7 @@ describe('a paced XEP-0160 flood and session ends', () => {
         ...first,
         ...Array.from({ length: size }, (_, i) => `m${size + i + 1}`),
       ]);
-      expect(await t.server.offline.count(t.user)).toBe(25 - size);
+      expect(await t.server.offline.count(t.user)).toBe(45 - size);
     },
   );
 
@@ -492,6 +494,33 @@ describe('a paced XEP-0160 flood and session ends', () => {
     restore();
     expect(t.story('g11')).toEqual([...headlines, ...Array.from({ length: 12 }, (_, i) => `m${i + 1}`)]);
     expect(await t.server.offline.count(t.user)).toBe(0);
+  });
+
+  it('flood: an ack that leaves the queue congested sends no window and does not spin; the next one that clears it does', async () => {
+    // SM_QUEUE_MAX_BYTES 1000: the first window (about 2.5 KB queued) congests the queue. An ack of
+    // half of it starts the next window, whose first message finds the queue still congested
+    // (over half the byte bound): the window stops there (`full`) and waits for another ack.
+    // Before session 27 the transfer read the next window at once, again and again, until the
+    // frame ran out of time.
+    const t = await inbox(25, { SM_QUEUE_MAX: '1000', SM_QUEUE_MAX_BYTES: '1000', SM_POST_ORDER: 'serial' });
+    await t.login('g12');
+    await t.enable('g12');
+    await t.frame('g12', '<presence/>', 'g12-presence');
+    const first = Array.from({ length: 10 }, (_, i) => `m${i + 1}`);
+    expect(t.story('g12')).toEqual(first);
+    const list = t.server.offline.list.bind(t.server.offline);
+    let lists = 0;
+    const restore = intercept(t.server.offline, 'list', async (...args) => {
+      if (++lists > 20) throw new Error('the transfer keeps reading windows');
+      return list(...args);
+    });
+    // The presence and m1..m5.
+    await t.frame('g12', `<a xmlns='${SM3}' h='6'/>`, 'g12-a1');
+    expect(lists).toBe(1);
+    expect(t.story('g12')).toEqual(first);
+    await t.ack('g12', 'g12-a2');
+    restore();
+    expect(t.story('g12')).toEqual(Array.from({ length: 20 }, (_, i) => `m${i + 1}`));
   });
 
   it('flood: a stanza queued by another sender while a window holds the queue goes out in the same run, in queue order', async () => {
