@@ -772,6 +772,9 @@ async function appendWindow(
     ...(options.offlineCopy ? { c: true } : {}),
     k: keyOf(options),
   }));
+  // Congestion is seen after an append: one by one, an append passes the byte bound by one
+  // stanza at most; a window, by no more than this.
+  if (queuedBytes(entries) > WINDOW_APPEND_MAX_BYTES) return undefined;
   const result = await appendManyOnce(server, smId, entries, group.token, attachedTo);
   if (result.kind === 'unfit') return undefined;
   // Each took a delivery key of the frame, as one by one; one not taken stopped them at the first.
@@ -803,6 +806,12 @@ async function appendWindow(
     await server.smQueue.setCongested(smId, true);
   return sent();
 }
+
+/**
+ * The most a window appended in one write may hold (bytes, as sent): past it (a window holding a
+ * large message), one by one.
+ */
+const WINDOW_APPEND_MAX_BYTES = 32 * 1024;
 
 /** `appendOnce` for a window: an append that failed but was written is found by its first key. */
 async function appendManyOnce(

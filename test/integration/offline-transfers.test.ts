@@ -455,6 +455,41 @@ describe('a paced XEP-0160 flood and session ends', () => {
     expect(item?.holding).toBe(false);
   });
 
+  it('flood: a window of more than 32 KB (a large message in it) is queued one by one', async () => {
+    // A window stops once it holds 16 KB, so a large message can take it to about 48 KB: appended
+    // whole, it could take the queue that far past its byte bound before congestion is seen.
+    const t = await inbox(0, { SM_QUEUE_MAX: '1000', SM_POST_ORDER: 'serial' });
+    const sizes = [2_000, 31_000, 100, 100];
+    for (const [i, size] of sizes.entries())
+      await t.server.offline.store(t.user, {
+        from: 'romeo@localhost/x',
+        storedAt: Date.now(),
+        stanza: `<message xmlns='jabber:client' from='romeo@localhost/x' to='${t.user}' type='chat'><body>m${i + 1}</body><x xmlns='urn:example:pad'>${'p'.repeat(size)}</x></message>`,
+      });
+    await t.login('g13');
+    await t.enable('g13');
+    const appendMany = t.server.smQueue.appendMany.bind(t.server.smQueue);
+    const append = t.server.smQueue.append.bind(t.server.smQueue);
+    const windows: number[] = [];
+    const stored: string[] = [];
+    const restoreMany = intercept(t.server.smQueue, 'appendMany', async (...args) => {
+      windows.push(args[1].length);
+      return appendMany(...args);
+    });
+    const restoreOne = intercept(t.server.smQueue, 'append', async (...args) => {
+      if (args[1].o) stored.push(/<body>(\w+)/.exec(args[1].s)?.[1] as string);
+      return append(...args);
+    });
+    await t.frame('g13', '<presence/>', 'g13-presence');
+    await t.ack('g13', 'g13-a1');
+    restoreMany();
+    restoreOne();
+    // m1 and m2 (33 KB) one by one; m3 and m4, the next window, in one append.
+    expect(stored).toEqual(['m1', 'm2']);
+    expect(windows).toEqual([2]);
+    expect(t.story('g13')).toEqual(['m1', 'm2', 'm3', 'm4']);
+  });
+
   it('flood: a window that does not fit the queue at once is queued one by one, up to what fits', async () => {
     // SM_QUEUE_MAX 20: windows of 10. Twelve live headlines reach the session just before the first
     // window's append (XEP-0160 §3: a headline is not stored behind the flood's hold), so that 13
