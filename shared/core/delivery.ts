@@ -84,20 +84,8 @@ export async function deliverAll(
   items: readonly DeliveryItem[],
 ): Promise<SendAllResult[]> {
   const queue = server.host.stanzaQueue;
-  if (!target.smId || !queue) {
-    const results: SendAllResult[] = [];
-    for (const { stanza, options } of items) {
-      try {
-        const result = await deliver(server, target, stanza, options);
-        results.push(result);
-        if (result !== 'sent') break;
-      } catch (error) {
-        if (!(error instanceof StanzaError)) throw error;
-        results.push(error);
-      }
-    }
-    return results;
-  }
+  if (!target.smId || !queue)
+    return oneByOne(items, (stanza, options) => deliver(server, target, stanza, options));
   const refused = items.map(({ stanza }) => (fitsTransport(stanza) ? undefined : tooLargeError()));
   const delivered = await queue.deliverMany(
     target.smId,
@@ -115,6 +103,28 @@ export async function deliverAll(
     if (result === undefined) break;
     results.push(result);
     if (result !== 'sent') break;
+  }
+  return results;
+}
+
+/**
+ * `send` for each in order, stopping at the first not taken; a StanzaError (too large to send) is
+ * that one's result, and the rest go on.
+ */
+export async function oneByOne(
+  items: readonly DeliveryItem[],
+  send: (stanza: Element, options: DeliveryOptions) => Promise<DeliveryResult>,
+): Promise<SendAllResult[]> {
+  const results: SendAllResult[] = [];
+  for (const { stanza, options } of items) {
+    try {
+      const result = await send(stanza, options);
+      results.push(result);
+      if (result !== 'sent') break;
+    } catch (error) {
+      if (!(error instanceof StanzaError)) throw error;
+      results.push(error);
+    }
   }
   return results;
 }

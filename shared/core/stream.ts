@@ -13,7 +13,7 @@ import type { StreamEvent } from '../queue-message.ts';
 import { ConnectionFencedError, type ConnectionState, type NewConnection } from '../store/sessions.ts';
 import { parseFrame } from '../xml/frame.ts';
 import { NS } from '../xml/namespaces.ts';
-import { closeConnection, deliver, deliverAll, post } from './delivery.ts';
+import { closeConnection, deliver, deliverAll, oneByOne, post } from './delivery.ts';
 import { inFrame, sequenceAtMost } from './frame.ts';
 import {
   type BoundStream,
@@ -115,18 +115,7 @@ export class XmppStream implements Stream {
         ),
       );
     }
-    const results: SendAllResult[] = [];
-    for (const { stanza, options } of items) {
-      try {
-        const result = await this.send(stanza, options);
-        results.push(result);
-        if (result !== 'sent') break;
-      } catch (error) {
-        if (!(error instanceof StanzaError)) throw error;
-        results.push(error);
-      }
-    }
-    return results;
+    return oneByOne(items, (stanza, options) => this.send(stanza, options));
   }
 
   async fail(error: StreamError): Promise<void> {
