@@ -286,13 +286,14 @@ async function removeContact(stream: BoundStream, contact: string): Promise<void
   await pushRosterItem(server, user, contact, result.user);
   const { before, stanzas, seen } = result.outcome;
   if (!seen) return;
-  if (result.contact) await pushRosterItem(server, contact, user, result.contact);
   const online = await server.sessions.availableResourcesOf([user, contact]);
   const contactResources = online.get(contact) ?? [];
   const userResources = online.get(user) ?? [];
   for (const type of seen.deliver) {
     await deliverToMany(server, contactResources, () => subscriptionStanza(type, user, contact));
   }
+  // §3.2.3, §3.3.3: the contact's server delivers the stanza first, then pushes the change.
+  if (result.contact) await pushRosterItem(server, contact, user, result.contact);
   // §3.2.2: the user cancelled the contact's subscription: the contact is told the user's
   // resources are unavailable. §3.3.3: the contact's server, on the 'unsubscribe', sends the
   // contact's unavailable presence to the user.
@@ -416,8 +417,13 @@ async function subscription(
     throw asStanzaError(error, user);
   }
   const { out, inbound, reply } = result.outcome;
-  await pushRosterItem(server, user, contact, result.user);
-  if (result.contact) await pushRosterItem(server, contact, user, result.contact);
+  // Who receives a subscription stanza gets it before the roster push it causes (§3.1.6: "This
+  // MUST occur before sending the roster push"; §3.2.3, §3.3.3 in the same order). The sender's
+  // own push comes first (§3.1.2: "before locally delivering or remotely routing"), unless an
+  // answer on the contact's behalf (A.3.1's auto-reply, a pre-approval, an unknown account) is
+  // delivered to it too: then one push, after that answer, with the state it leaves.
+  const pushUser = () => pushRosterItem(server, user, contact, result.user);
+  if (!reply || !out.route || kind === 'remote') await pushUser();
   if (kind === 'remote') {
     if (out.route) throw remoteUnreachable();
     return;
@@ -431,8 +437,11 @@ async function subscription(
     // (Pending In) and delivered again at the contact's next initial presence until answered.
     await deliverToMany(server, contactResources, () => clone(outgoing));
   }
-  if (reply?.atUser.deliver) {
-    await deliverToMany(server, userResources, () => subscriptionStanza(reply.type, contact, user));
+  if (result.contact) await pushRosterItem(server, contact, user, result.contact);
+  if (reply) {
+    if (reply.atUser.deliver)
+      await deliverToMany(server, userResources, () => subscriptionStanza(reply.type, contact, user));
+    await pushUser();
   }
   // The presence that follows a change (the appendix's tables say who is subscribed now).
   await presenceEffect(server, out.presence, userResources, contactResources);

@@ -96,6 +96,16 @@ async function rosterItems(peer: Peer): Promise<Record<string, Record<string, st
   return items;
 }
 
+/**
+ * RFC 6121 §3.1.6 (and §3.2.3, §3.3.3 likewise): the server delivers the inbound subscription
+ * stanza "to all of the user's interested resources [...] This MUST occur before sending the
+ * roster push described in the next step."
+ */
+function deliveredBeforePush(peer: Peer, stanza: Element, rosterPush: Element): void {
+  expect(peer.log.indexOf(stanza)).toBeGreaterThanOrEqual(0);
+  expect(peer.log.indexOf(stanza)).toBeLessThan(peer.log.indexOf(rosterPush));
+}
+
 /** alice ↔ bob made mutual (Both), each answering the other's request. */
 async function mutual(a: Peer, b: Peer): Promise<void> {
   a.send(`<presence type='subscribe' to='${b.bare}'/>`);
@@ -131,7 +141,7 @@ describe('RFC 6121 §3.1 requesting and approving a subscription', () => {
     // contact's presence.
     const approved = await alice.waitFor(presence('subscribed', 'bob@localhost'));
     expect(approved.attrs.to).toBe('alice@localhost');
-    await alice.waitFor(push('bob@localhost', sub('to')));
+    deliveredBeforePush(alice, approved, await alice.waitFor(push('bob@localhost', sub('to'))));
     await alice.waitFor(presence(undefined, 'bob@localhost/r'));
     expect((await rosterItems(alice))['bob@localhost']).toMatchObject({ subscription: 'to' });
     expect((await rosterItems(bob))['alice@localhost']).toMatchObject({ subscription: 'from' });
@@ -237,9 +247,9 @@ describe('RFC 6121 §3.1 requesting and approving a subscription', () => {
     ivy.send(`<presence type='subscribe' to='jack@localhost'/>`);
     await jack.waitFor(presence('subscribe', 'ivy@localhost'));
     jack.send(`<presence type='unsubscribed' to='ivy@localhost'/>`);
-    // A.3.4: None + Pending Out → None, delivered.
-    await ivy.waitFor(presence('unsubscribed', 'jack@localhost'));
-    await ivy.waitFor(push('jack@localhost', sub('none')));
+    // A.3.4: None + Pending Out → None, delivered (before the push: §3.2.3).
+    const denied = await ivy.waitFor(presence('unsubscribed', 'jack@localhost'));
+    deliveredBeforePush(ivy, denied, await ivy.waitFor(push('jack@localhost', sub('none'))));
     // The request is no longer pending: jack's next session does not get it.
     const again = await online('jack', 'again');
     await again.barrier();
@@ -260,8 +270,11 @@ describe('RFC 6121 §3.4 pre-approval', () => {
     expect(liam.count(presence('subscribed'))).toBe(0);
 
     liam.send(`<presence type='subscribe' to='kate@localhost'/>`);
-    await liam.waitFor(presence('subscribed', 'kate@localhost'));
-    await liam.waitFor(push('kate@localhost', sub('to')));
+    // The approval kate's server gives on her behalf reaches liam before his push (§3.1.6), and
+    // liam gets one push, with the state it leaves (To), not Pending Out first.
+    const approval = await liam.waitFor(presence('subscribed', 'kate@localhost'));
+    deliveredBeforePush(liam, approval, await liam.waitFor(push('kate@localhost', sub('to'))));
+    expect(liam.count(push('kate@localhost'))).toBe(1);
     await liam.waitFor(presence(undefined, 'kate@localhost/r'));
     await kate.waitFor(
       push('liam@localhost', (item) => item.attrs.subscription === 'from' && !item.attrs.approved),
@@ -372,8 +385,8 @@ describe('RFC 6121 §3.2–3.3 cancelling and unsubscribing', () => {
     sam.send(`<presence type='unsubscribe' to='tina@localhost'/>`);
     // A.2.2: Both → From on sam's side; A.3.2: Both → To on tina's side, delivered.
     await sam.waitFor(push('tina@localhost', sub('from')));
-    await tina.waitFor(presence('unsubscribe', 'sam@localhost'));
-    await tina.waitFor(push('sam@localhost', sub('to')));
+    const unsubscribe = await tina.waitFor(presence('unsubscribe', 'sam@localhost'));
+    deliveredBeforePush(tina, unsubscribe, await tina.waitFor(push('sam@localhost', sub('to'))));
     // §3.3.3: tina's server sends unavailable from tina's available resources to sam.
     await sam.waitFor(presence('unavailable', 'tina@localhost/r'));
     await tina.barrier();
@@ -384,11 +397,14 @@ describe('RFC 6121 §3.2–3.3 cancelling and unsubscribing', () => {
     const uma = await online('uma');
     const vic = await online('vic');
     await mutual(uma, vic);
+    // The push of vic's first approval (From), on the way to Both: taken, so that the one below
+    // is the cancellation's.
+    await vic.waitFor(push('uma@localhost', sub('from')));
     uma.send(`<presence type='unsubscribed' to='vic@localhost'/>`);
     // A.2.4: Both → To; A.3.4: Both → From.
     await uma.waitFor(push('vic@localhost', sub('to')));
-    await vic.waitFor(presence('unsubscribed', 'uma@localhost'));
-    await vic.waitFor(push('uma@localhost', sub('from')));
+    const cancelled = await vic.waitFor(presence('unsubscribed', 'uma@localhost'));
+    deliveredBeforePush(vic, cancelled, await vic.waitFor(push('uma@localhost', sub('from'))));
     // §3.2.2: "the contact's server MUST send unavailable presence from all of the contact's
     // available resources to the user".
     await vic.waitFor(presence('unavailable', 'uma@localhost/r'));
@@ -414,8 +430,8 @@ describe('RFC 6121 §3.2–3.3 cancelling and unsubscribing', () => {
     expect(removal.attrs.type).toBe('result');
     await walt.waitFor(push('xena@localhost', (item) => item.attrs.subscription === 'remove'));
     await xena.waitFor(presence('unsubscribe', 'walt@localhost'));
-    await xena.waitFor(presence('unsubscribed', 'walt@localhost'));
-    await xena.waitFor(push('walt@localhost', sub('none')));
+    const removed = await xena.waitFor(presence('unsubscribed', 'walt@localhost'));
+    deliveredBeforePush(xena, removed, await xena.waitFor(push('walt@localhost', sub('none'))));
     await xena.waitFor(presence('unavailable', 'walt@localhost/r'));
     await walt.waitFor(presence('unavailable', 'xena@localhost/r'));
     expect(await rosterItems(walt)).toEqual({});
