@@ -76,6 +76,7 @@ export function register(server: Server): void {
     } else {
       if (held !== undefined) await releaseHold(stream);
       if (stream.state.flooded && (!available || priority < 0)) stream.update({ flooded: false });
+      if (!available || priority < 0) await stopFlood(stream);
     }
     return undefined;
   });
@@ -291,6 +292,29 @@ async function renewHold(stream: BoundStream): Promise<void> {
   await stream.server.sessions.renewHold(stream.user, stream.resource, stream.connectionId);
 }
 
+/**
+ * The session went unavailable or negative (XEP-0160 §3: stored messages go to a session "when
+ * the recipient next sends non-negative available presence"): a paced flood in progress goes no
+ * further, or its next windows would take messages stored for the user now to a session that
+ * said it wants none, and remove them from storage on its acks, while another resource's flood
+ * sends them too. What it queued already stays queued. A fetch or view waiting behind it starts;
+ * one it waits behind keeps its place. The next non-negative presence floods again.
+ */
+async function stopFlood(stream: BoundStream): Promise<void> {
+  const transfer = stream.state.transfer;
+  if (!transfer) return;
+  const { waiting: before = [], ...current } = transfer;
+  const waiting = before.filter((queued) => queued.kind !== 'flood');
+  if (transfer.kind !== 'flood') {
+    if (waiting.length < before.length)
+      stream.update({ transfer: waiting.length > 0 ? { ...current, waiting } : current });
+    return;
+  }
+  const [next, ...rest] = waiting;
+  stream.update({ transfer: next ? { ...next, ...(rest.length > 0 ? { waiting: rest } : {}) } : undefined });
+  if (next) await transferStep(stream);
+}
+
 /** Releases the session's hold whatever was stored behind it (nothing will be flooded now). */
 async function releaseHold(stream: BoundStream): Promise<void> {
   await stream.server.sessions.releaseHold(stream.user, stream.resource, stream.connectionId);
@@ -311,9 +335,8 @@ const LIST_ATTEMPTS = 3;
 
 /**
  * Largest batch before asking for an ack: by count (OFFLINE_WINDOW, within half the queue's bound)
- * and by bytes. The queue item holds up to one and a half windows, and each append is billed on
- * all of it (a flood of 200 chat messages: 17 write units a message with windows of 50, 5.6 with
- * windows of 10, for 0.08 more ack rounds a message; `bench/offline.ts --flood`).
+ * and by bytes. A window is queued in one append, billed on the queue item, which holds up to one
+ * and a half windows (see Config.offlineWindow).
  */
 const WINDOW_BYTES = 16 * 1024;
 

@@ -490,6 +490,48 @@ describe('a paced XEP-0160 flood and session ends', () => {
     expect(t.story('g13')).toEqual(['m1', 'm2', 'm3', 'm4']);
   });
 
+  it.each([
+    ['unavailable', "<presence type='unavailable'/>", 'g14'],
+    ['negative', '<presence><priority>-1</priority></presence>', 'g15'],
+  ])(
+    'flood: a session going %s mid-flood is sent no more (XEP-0160 §3: "non-negative available presence"); its next available presence goes on',
+    async (_, presence, c) => {
+      const t = await inbox(25, { SM_QUEUE_MAX: '1000', SM_POST_ORDER: 'serial' });
+      await t.login(c);
+      await t.enable(c);
+      await t.frame(c, '<presence/>', `${c}-p1`);
+      const first = Array.from({ length: 10 }, (_, i) => `m${i + 1}`);
+      expect(t.story(c)).toEqual(first);
+      await t.frame(c, presence, `${c}-p2`);
+      // The client acknowledges the first window: nothing more comes, the rest stays stored.
+      await t.ack(c, `${c}-a1`);
+      expect(t.story(c)).toEqual(first);
+      expect(await t.server.offline.count(t.user)).toBe(15);
+      await t.frame(c, '<presence/>', `${c}-p3`);
+      expect(t.story(c)).toEqual([...first, ...Array.from({ length: 10 }, (_, i) => `m${i + 11}`)]);
+    },
+  );
+
+  it('flood: a XEP-0013 fetch waiting behind a flood starts when the session goes unavailable, and is answered', async () => {
+    const t = await inbox(12, { SM_QUEUE_MAX: '1000', SM_POST_ORDER: 'serial' });
+    await t.login('g16');
+    await t.enable('g16');
+    await t.frame('g16', '<presence/>', 'g16-p1');
+    const first = Array.from({ length: 10 }, (_, i) => `m${i + 1}`);
+    expect(t.story('g16')).toEqual(first);
+    // Asked for while the flood's first window waits for its ack: it waits its turn.
+    await t.frame('g16', t.fetch('f1'), 'g16-fetch');
+    expect(t.story('g16')).toEqual(first);
+    await t.frame('g16', "<presence type='unavailable'/>", 'g16-p2');
+    // XEP-0013 §2.4: every stored message, m1..m10 again among them (still stored, unacknowledged).
+    for (let i = 0; i < 4 && !t.story('g16').includes('iq f1 result'); i++) await t.ack('g16', `g16-a${i}`);
+    expect(t.story('g16')).toEqual([
+      ...first,
+      ...Array.from({ length: 12 }, (_, i) => `m${i + 1}`),
+      'iq f1 result',
+    ]);
+  });
+
   it('flood: a window that does not fit the queue at once is queued one by one, up to what fits', async () => {
     // SM_QUEUE_MAX 20: windows of 10. Twelve live headlines reach the session just before the first
     // window's append (XEP-0160 §3: a headline is not stored behind the flood's hold), so that 13
