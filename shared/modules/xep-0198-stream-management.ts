@@ -1717,7 +1717,24 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
   if (!isBound(stream)) return;
   const sm = smState(stream) as SmState;
   const newBase = unwrap(h, sm.acked);
-  if (newBase === sm.acked) return;
+  if (newBase === sm.acked) {
+    // A redelivered ack whose first attempt trimmed the queue and saved the count (a XEP-0013
+    // window written ahead commits the row), then died before finishing that window: told again,
+    // or the window waits for an ack nobody asked for, and the request is never answered.
+    if (frameRedelivered() && stream.state.transfer?.window !== undefined) {
+      const item = await server.smQueue.get(sm.id);
+      if (item && !item.ended && item.connectionId === stream.connectionId) {
+        const keys = entryKeys(item.entries);
+        await server.host.fire('stanzas-acknowledged', {
+          stream,
+          acked: sm.acked,
+          unacknowledged: item.out - sm.acked,
+          queuedKeys: { appended: keys, unacknowledged: keys },
+        });
+      }
+    }
+    return;
+  }
   if (isStaleCount(h, sm.acked)) {
     server.log.debug('stream-management ack behind the last one ignored', { h, acked: sm.acked });
     return;

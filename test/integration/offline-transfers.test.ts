@@ -532,6 +532,31 @@ describe('a paced XEP-0160 flood and session ends', () => {
     ]);
   });
 
+  it('fetch (XEP-0013): an <a/> that wrote its next window ahead and died before queueing it is finished by its redelivery', async () => {
+    const t = await inbox(25, { SM_QUEUE_MAX: '1000', SM_POST_ORDER: 'serial' });
+    await t.login('g17');
+    await t.enable('g17');
+    await t.frame('g17', t.fetch('f1'), 'g17-fetch');
+    const first = Array.from({ length: 10 }, (_, i) => `m${i + 1}`);
+    expect(t.story('g17')).toEqual(first);
+    // The ack's frame trims the queue, writes the next window ahead (the row, the count with it),
+    // and its append is throttled past the SDK's tries: the frame goes back to the queue.
+    const restore = intercept(t.server.smQueue, 'appendMany', async () => {
+      throw throttlingError();
+    });
+    const ack = `<a xmlns='${SM3}' h='${t.handled('g17')}'/>`;
+    const seq = t.nextSeq();
+    await expect(t.frame('g17', ack, 'g17-a1', seq)).rejects.toThrow();
+    restore();
+    expect(t.story('g17')).toEqual(first);
+    // Its redelivery finds the count saved (nothing new to trim) and the window in the row.
+    await t.frame('g17', ack, 'g17-a1', seq, 2);
+    expect(t.story('g17')).toEqual([...first, ...Array.from({ length: 10 }, (_, i) => `m${i + 11}`)]);
+    for (let i = 0; i < 4 && !t.story('g17').includes('iq f1 result'); i++)
+      await t.ack('g17', `g17-a${i + 2}`);
+    expect(t.story('g17')).toEqual([...Array.from({ length: 25 }, (_, i) => `m${i + 1}`), 'iq f1 result']);
+  });
+
   it('flood: a window that does not fit the queue at once is queued one by one, up to what fits', async () => {
     // SM_QUEUE_MAX 20: windows of 10. Twelve live headlines reach the session just before the first
     // window's append (XEP-0160 §3: a headline is not stored behind the flood's hold), so that 13
