@@ -549,6 +549,10 @@ async function postInOrder(
   // Every entry up to `settledOut` went out in order (or was acknowledged) when the last hold was let go.
   let sent = Math.max(current.settledOut ?? ownNumber - 1, current.base);
   let asked = 0;
+  // Another group's window of stored messages (queued while this poster held the stream): that
+  // group asked for an ack when it was queued, and its `<r/>` went out ahead of it. Asked again
+  // once it is posted, or its transfer waits for an ack nobody asked for.
+  let othersWindow = false;
   for (;;) {
     for (let number = sent + 1; number <= current.out; number++) {
       const entry = current.entries[number - current.base - 1];
@@ -557,6 +561,8 @@ async function postInOrder(
         sent = number;
         continue;
       }
+      if ((entry.o !== undefined || entry.c) && !(entry.k !== undefined && own.has(entry.k)))
+        othersWindow = true;
       const left = frameTimeLeft();
       const leaseLeft =
         current.holdingAt === undefined
@@ -595,7 +601,8 @@ async function postInOrder(
     // More was queued meanwhile: posted too, then the hold is let go again.
     current = now;
   }
-  if (askAtEnd && asked !== sent) await postQueued(server, connectionId, ackRequest(current.version, sent));
+  if ((askAtEnd || othersWindow) && asked !== sent)
+    await postQueued(server, connectionId, ackRequest(current.version, sent));
   return 'sent';
 }
 

@@ -557,6 +557,60 @@ describe('a paced XEP-0160 flood and session ends', () => {
     expect(t.story('g17')).toEqual([...Array.from({ length: 25 }, (_, i) => `m${i + 1}`), 'iq f1 result']);
   });
 
+  it('flood: a window queued while another sender holds the stream is posted by that sender, who then asks for an ack', async () => {
+    // Windows of 4 (under SM_ACK_EVERY): a headline's sender holds the stream, its post slow, when
+    // the window is queued. The window's own `<r/>` goes out at once and overtakes the window; the
+    // client's answer to it acknowledges nothing new. The holder posts the window after its
+    // headline: unless it asks for an ack then, nobody does, and the flood waits for good.
+    const t = await inbox(12, { SM_QUEUE_MAX: '1000', SM_POST_ORDER: 'serial', OFFLINE_WINDOW: '4' });
+    await t.login('g18');
+    await t.enable('g18');
+    await t.server.sessions.createConnection('s7', Date.now());
+    await t.server.sessions.updateConnection('s7', {
+      streamOpen: true,
+      user: 'juliet@localhost',
+      resource: 'x',
+    });
+    const post = t.server.outbound.post.bind(t.server.outbound);
+    let open: () => void = () => {};
+    const gate = new Promise<void>((resolve) => {
+      open = resolve;
+    });
+    let slowed = false;
+    const restorePost = intercept(t.server.outbound, 'post', (async (
+      to: string,
+      data: string,
+      notAfter?: number,
+    ) => {
+      if (data.includes('<body>h1<')) {
+        slowed = true;
+        await gate;
+      }
+      return post(to, data, notAfter);
+    }) as typeof post);
+    const appendMany = t.server.smQueue.appendMany.bind(t.server.smQueue);
+    let headline: Promise<unknown> | undefined;
+    const restoreMany = intercept(t.server.smQueue, 'appendMany', async (...args) => {
+      if (!headline) {
+        headline = t.frame('s7', `<message to='${t.user}' type='headline'><body>h1</body></message>`, 's7-1');
+        for (let i = 0; i < 200 && !slowed; i++) await new Promise((resolve) => setTimeout(resolve, 5));
+      }
+      return appendMany(...args);
+    });
+    await t.frame('g18', '<presence/>', 'g18-presence');
+    restoreMany();
+    expect(slowed).toBe(true);
+    expect(t.story('g18')).toEqual([]);
+    open();
+    await headline;
+    restorePost();
+    expect(t.story('g18')).toEqual(['h1', 'm1', 'm2', 'm3', 'm4']);
+    // Asked after the window it posted.
+    expect((t.port.frames.get('g18') ?? []).at(-1)).toMatch(/^<r xmlns="urn:xmpp:sm:3"\/>$/);
+    await t.ack('g18', 'g18-a1');
+    expect(t.story('g18')).toEqual(['h1', 'm1', 'm2', 'm3', 'm4', 'm5', 'm6', 'm7', 'm8']);
+  });
+
   it('flood: a window that does not fit the queue at once is queued one by one, up to what fits', async () => {
     // SM_QUEUE_MAX 20: windows of 10. Twelve live headlines reach the session just before the first
     // window's append (XEP-0160 §3: a headline is not stored behind the flood's hold), so that 13
