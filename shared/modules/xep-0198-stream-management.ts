@@ -74,6 +74,7 @@ import {
   type SmQueueItem,
   type SmVersion,
   UncertainQueueError,
+  windowAt,
 } from '../store/sm-queue.ts';
 import { NS } from '../xml/namespaces.ts';
 
@@ -833,9 +834,15 @@ async function appendManyOnce(
   } catch (error) {
     if (!isTransient(error)) throw error;
     const found = await withTransientRetries(3, () => server.smQueue.get(smId)).catch(() => undefined);
-    const at = found && !found.ended ? found.entries.findIndex((queued) => queued.k === entries[0]?.k) : -1;
     // Written as a whole, in order, or not at all.
-    if (!found || at < 0 || !entries.every((entry, n) => found.entries[at + n]?.k === entry.k)) throw error;
+    const at =
+      found && !found.ended
+        ? windowAt(
+            found,
+            entries.map((entry) => entry.k),
+          )
+        : -1;
+    if (!found || at < 0) throw error;
     server.log.info('an append of a window that failed had queued it', { smId });
     return { kind: 'queued', first: found.base + at + 1, item: found, found: 'ambiguous' };
   }

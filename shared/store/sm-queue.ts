@@ -262,6 +262,15 @@ export type AppendResult =
   /** Appended with `attachedTo`, and the session is no longer attached to that connection. */
   | { kind: 'moved' };
 
+/**
+ * Where a window appended in one write (`appendMany`) sits in the queue: the index of its first
+ * entry when all of its keys are there, in order, one after the other; -1 otherwise.
+ */
+export function windowAt(item: Pick<SmQueueItem, 'entries'>, keys: readonly (string | undefined)[]): number {
+  const at = item.entries.findIndex((queued) => queued.k === keys[0]);
+  return at >= 0 && keys.every((k, n) => item.entries[at + n]?.k === k) ? at : -1;
+}
+
 /** What `appendMany` did: `first` is the number of its first entry (the others follow it). */
 export type AppendManyResult =
   | { kind: 'queued'; first: number; item: SmQueueItem; found?: 'ambiguous' | 'refused' }
@@ -1088,11 +1097,11 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           if (!current || current.ended) return { kind: 'ended' };
           // One write: found only as a whole, in order (what else queued its first key is left
           // to the one-by-one appends to tell).
-          const at = current.entries.findIndex((queued) => queued.k === first);
-          const whole = at >= 0 && keys.every((k, n) => current.entries[at + n]?.k === k);
+          const at = windowAt(current, keys);
+          const whole = at >= 0;
           if (current.connectionId !== attachedTo && (movedOn(current, attachedTo) || !whole))
             return { kind: 'moved' };
-          if (at >= 0 && !whole) return { kind: 'unfit' };
+          if (!whole && current.entries.some((queued) => queued.k === first)) return { kind: 'unfit' };
           if (whole)
             return {
               kind: 'queued',
