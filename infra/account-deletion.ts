@@ -15,7 +15,8 @@
  *
  * - The resource rows of its sessions: nothing is routed to them any more (a message to the JID
  *   is answered as for any JID without an account); the streams themselves run until they end
- *   (this command cannot post or close), and cannot log in again.
+ *   (this command cannot post or close), and cannot log in again. Its last unavailable presence
+ *   (what a contact's probe is answered with, RFC 6121 §4.3.2) goes too.
  *
  * Run again for a JID whose credentials are gone already (an earlier run that failed part-way),
  * it finishes the rest; UnknownUserError only when nothing was left.
@@ -63,6 +64,9 @@ export async function deleteAccount(
   for (const resource of await stores.sessions.listResources(jid)) {
     if (await stores.sessions.releaseResource(jid, resource.resource, resource.connectionId)) sessions += 1;
   }
+  // What the account's contacts would be told of its last unavailable presence (RFC 6121 §4.3.2):
+  // an account created again under the JID was never seen.
+  await stores.sessions.forgetLastUnavailable(jid);
   const roster = await stores.roster.getRoster(jid);
   const contacts = [...new Set([...roster.items, ...roster.pendingIn].map((entry) => entry.contact))];
   for (const contact of contacts) {

@@ -394,6 +394,14 @@ export interface DeliveryOptions {
    */
   answer?: boolean;
   /**
+   * Another entity's answer to the recipient's own request (an iq result or error routed to it,
+   * or an error the server bounces to a stanza's local sender): taken past the bound within the
+   * same margin as `answer`, so a client slow to acknowledge a burst still gets the results it
+   * asked for. Past the margin it is refused as anything else ('full'; the recipient's stream
+   * ends when it has been silent past SM_ACK_TIMEOUT_SECONDS), never the sender's stream.
+   */
+  reply?: boolean;
+  /**
    * Queued only while the session is attached to this connection (the sender's own): a transfer
    * of stored messages (XEP-0013 fetch or view, XEP-0160 flood) posted by a frame the client
    * does not count (its `<a/>`), which a resume elsewhere does not wait for. That resume takes

@@ -41,7 +41,7 @@ async function bounceToLocalSender(server: Server, stanza: Element, error: Stanz
   if (!sender.local || !sender.resource || sender.domain !== server.config.domain) return;
   const resource = await server.sessions.getResource(bareJid(sender), sender.resource);
   try {
-    if (resource) await deliver(server, resource, reply);
+    if (resource) await deliver(server, resource, reply, { reply: true });
   } catch (failure) {
     if (!(failure instanceof StanzaError)) throw failure;
   }
@@ -138,18 +138,19 @@ export interface RouteOptions {
 }
 
 /**
- * Puts a message on one resource; fires `message-routed` when the session took it. A congested
- * stream-management queue makes a client's sender wait (resource-constraint); a message being
- * re-routed, which nobody can resend, goes on to the next resource or to offline storage.
+ * Puts a message on one resource; fires `message-routed` when the session took it. 'full': a
+ * congested stream-management queue, which makes a client's sender wait (resource-constraint)
+ * unless another resource takes the message; a message being re-routed, which nobody can
+ * resend, goes on to the next resource or to offline storage instead (false).
  */
 async function deliverMessage(
   server: Server,
   resource: ResourceRecord,
   stanza: Element,
   rerouting: boolean,
-): Promise<boolean> {
+): Promise<boolean | 'full'> {
   const result = await deliver(server, resource, stanza);
-  if (result === 'full' && !rerouting) throw congestedError();
+  if (result === 'full' && !rerouting) return 'full';
   if (result !== 'sent') return false;
   await server.host.fire('message-routed', { stanza, to: resource });
   return true;
@@ -233,8 +234,11 @@ async function routeOnce(
   let resources = await server.sessions.listResources(bare);
   const noneAvailable = resources.every((r) => !r.available);
   const offline = { stanza, user: bare, ...(rerouting ? { acceptedAt: options.originalTime } : {}) };
-  /** Delivered (or stored behind the resource's hold, once), false to try the next; undefined: start over. */
-  const toResource = async (resource: ResourceRecord): Promise<boolean | undefined> => {
+  /**
+   * Delivered (or stored behind the resource's hold, once), false to try the next, 'full' (its
+   * queue is congested) likewise; undefined: start over.
+   */
+  const toResource = async (resource: ResourceRecord): Promise<boolean | 'full' | undefined> => {
     if (progress.reached.has(resource.connectionId) || resource.resource === progress.storedFor) return true;
     // Behind a flood's hold a message is stored for the flood to deliver; but not one an earlier
     // delivery of its frame queued in the resource's XEP-0198 session already: the session gets
@@ -265,7 +269,7 @@ async function routeOnce(
       delivered,
       rerouting,
     });
-    if (delivered) progress.reached.add(resource.connectionId);
+    if (delivered === true) progress.reached.add(resource.connectionId);
     return delivered;
   };
 
@@ -275,6 +279,8 @@ async function routeOnce(
     if (exact) {
       const done = await toResource(exact);
       if (done === undefined) return false;
+      // The resource the sender chose is there but not keeping up: the sender waits.
+      if (done === 'full') throw congestedError();
       if (done) return true;
       resources = resources.filter((r) => r !== exact);
     }
@@ -286,6 +292,11 @@ async function routeOnce(
   if (type === 'groupchat') throw new StanzaError('cancel', 'service-unavailable');
   if (type === 'error') return true;
 
+  // RFC 6121 §8.5.2.1.1: to the "most available" resources. One whose queue is congested does not
+  // keep the message from the others, nor turn a message they took into an error to the sender;
+  // when none took it, the next most available do. Only when no available resource could take
+  // it does the sender wait (resource-constraint): it is not stored while one is online.
+  let congested = false;
   for (;;) {
     const targets = messageTargets(type, resources);
     if (targets.length === 0) break;
@@ -293,11 +304,15 @@ async function routeOnce(
     for (const target of targets) {
       const done = await toResource(target);
       if (done === undefined) return false;
-      if (done) delivered = true;
-      else resources = resources.filter((r) => r !== target);
+      if (done === true) delivered = true;
+      else {
+        if (done === 'full') congested = true;
+        resources = resources.filter((r) => r !== target);
+      }
     }
     if (delivered) return true;
   }
+  if (congested && progress.reached.size === 0) throw congestedError();
   if (type === 'headline') return true;
   // An earlier try reached a session, and the sessions it could still reach are gone now.
   if (progress.reached.size > 0) return true;
@@ -329,9 +344,16 @@ async function routeIq(event: StanzaEvent): Promise<void> {
   const type = stanza.attrs.type;
   if (type === 'result' || type === 'error') {
     // Responses go only to the full JID they answer; anything else is dropped (RFC 6120 §8.2.3).
+    // RFC 6121 §8.5.3.1: "For an IQ stanza of type 'result' or 'error', the server MUST deliver
+    // the stanza to the resource": a requester's congested stream-management queue takes it
+    // within the margin its own answers get.
     if (to?.local && to.resource && to.domain === server.config.domain) {
       const resource = await server.sessions.getResource(bareJid(to), to.resource);
-      if (resource) await deliver(server, resource, stanza);
+      const result = resource ? await deliver(server, resource, stanza, { reply: true }) : undefined;
+      if (result === 'full')
+        server.log.warn('iq response not delivered: the requester’s queue is full past its margin', {
+          connectionId: resource?.connectionId,
+        });
     }
     return;
   }

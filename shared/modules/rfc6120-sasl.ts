@@ -9,7 +9,8 @@
  * are refused before the password is checked (see `takeAttempt`), answered at once with
  * `temporary-auth-failure`: nothing sleeps inside the stream function. An attempt is counted
  * in the same write that admits it to the check, and given back if it succeeds, so attempts
- * arriving together cannot all pass the limits.
+ * arriving together cannot all pass the limits; it is counted with its frame's id, so that a
+ * redelivered frame does not count it twice.
  */
 import { createHmac } from 'node:crypto';
 import { Element } from 'ltx';
@@ -148,17 +149,25 @@ async function takeAttempt(
   const { config, users } = stream.server;
   const address = stream.state.sourceIp;
   const window = config.authFailureWindowSeconds;
+  // Counted with the frame's id: a redelivered frame (its first delivery died before its answer
+  // was saved) finds its attempt counted already, and does not count it twice.
+  const frame = stream.frameId || undefined;
   const onAddress = address
-    ? await users.takeAuthAttempt({ address }, window, { below: config.authFailuresPerAddress })
+    ? await users.takeAuthAttempt({ address }, window, { below: config.authFailuresPerAddress }, frame)
     : null;
   if (onAddress === undefined) return addressThrottled();
   const known = address !== undefined && address in gate.record.knownAddresses;
   const onAccount =
     account && !known
-      ? await users.takeAuthAttempt({ account }, window, {
-          below: config.authFailuresPerAccount,
-          orLastAtMost: Date.now() - config.authAccountSlowdownSeconds * 1000,
-        })
+      ? await users.takeAuthAttempt(
+          { account },
+          window,
+          {
+            below: config.authFailuresPerAccount,
+            orLastAtMost: Date.now() - config.authAccountSlowdownSeconds * 1000,
+          },
+          frame,
+        )
       : null;
   if (onAccount === undefined) {
     if (onAddress) await users.giveBackAuthAttempt(onAddress);
@@ -252,7 +261,13 @@ async function fail(
   const { config } = server;
   const accountFailures =
     gate.account?.failures ??
-    (account ? await server.users.recordAuthFailure(account, config.authFailureWindowSeconds) : 0);
+    (account
+      ? await server.users.recordAuthFailure(
+          account,
+          config.authFailureWindowSeconds,
+          stream.frameId || undefined,
+        )
+      : 0);
   const addressFailures = gate.address?.failures ?? 0;
   stream.update({ sasl: undefined, authFailures: stream.state.authFailures + 1 });
   const overLimit =

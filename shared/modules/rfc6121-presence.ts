@@ -12,6 +12,7 @@ import { type BoundStream, HANDLED, type Server, type StanzaEvent } from '../cor
 import { StanzaError, StreamError } from '../errors.ts';
 import { bareJid, fullJid, fullJidOf, type Jid, parseJid } from '../jid.ts';
 import type { ResourceRecord } from '../store/sessions.ts';
+import { NS } from '../xml/namespaces.ts';
 
 export function register(server: Server): void {
   const { host } = server;
@@ -162,6 +163,23 @@ async function tellDirectedRecipients(
   }
 }
 
+/**
+ * What is kept of an unavailable presence for RFC 6121 §4.3.2 ("the full XML of the last presence
+ * stanza of type 'unavailable' received by the server from the contact"): its children, in a bare
+ * `<presence/>`, without delay stamps (the probe's answer carries the server's own). Addresses and
+ * id are the answer's.
+ */
+function keptUnavailable(stanza: Element): string {
+  const kept = new Element('presence');
+  for (const child of stanza.children) {
+    if (typeof child === 'string') continue;
+    if ((child.name === 'delay' && child.attrs.xmlns === NS.delay) || child.attrs.xmlns === 'jabber:x:delay')
+      continue;
+    kept.cnode(clone(child));
+  }
+  return kept.children.length === 0 ? '' : kept.toString();
+}
+
 /** `presence`: the stanza serialised, as it is stored on the resource row. */
 async function becomeAvailable(stream: BoundStream, stanza: Element, presence: string): Promise<void> {
   const { server } = stream;
@@ -211,6 +229,7 @@ async function becomeUnavailable(stream: BoundStream, stanza: Element): Promise<
     available: false,
     priority: 0,
     presence: '',
+    unavailable: keptUnavailable(stanza),
     ...(stream.frameId ? { frame: stream.frameId } : {}),
   });
   // Also when this frame is the presence that made it unavailable, handled again (its first

@@ -25,6 +25,7 @@ import {
   type Server,
   type StanzaEvent,
 } from '../core/host.ts';
+import { stampDelay } from '../core/stanzas.ts';
 import { StanzaError } from '../errors.ts';
 import { bareJid, fullJid, fullJidOf } from '../jid.ts';
 import {
@@ -37,7 +38,7 @@ import {
   RosterFullError,
   type SideResult,
 } from '../store/roster.ts';
-import type { ResourceRecord } from '../store/sessions.ts';
+import type { LastUnavailable, ResourceRecord } from '../store/sessions.ts';
 import {
   answerProbe,
   mayQueryAccount,
@@ -479,6 +480,24 @@ async function sendPresenceOf(
   );
 }
 
+/**
+ * §4.3.2, a contact with no available resource: "a presence stanza of type 'unavailable'" from
+ * its bare JID, which "SHOULD include information about the time when the last unavailable
+ * presence stanza was generated (formatted using the XMPP delayed delivery extension)" and "MAY
+ * include the full XML of the last unavailable presence stanza" (here its children: status,
+ * show, extensions). Without a kept one (none in LAST_UNAVAILABLE_KEEP_SECONDS), a bare one.
+ */
+function unavailableAnswer(
+  contact: string,
+  to: string,
+  last: LastUnavailable | undefined,
+  domain: string,
+): Element {
+  const answer = last?.presence ? parse(last.presence) : new Element('presence');
+  answer.attrs = { from: contact, to, type: 'unavailable' };
+  return last ? stampDelay(answer, domain, last.at) : answer;
+}
+
 function presenceOfResource(sender: ResourceRecord, to: string, effect: PresenceEffect): Element {
   const from = `${sender.user}/${sender.resource}`;
   if (effect === 'unavailable' || !sender.presence) {
@@ -506,12 +525,14 @@ async function probe(stream: BoundStream, contact: string): Promise<void> {
     await stream.send(subscriptionStanza('unsubscribed', contact, fullJid(stream.jid)));
     return;
   }
-  const resources = (await server.sessions.availableResourcesOf([contact])).get(contact) ?? [];
+  const { online, lastUnavailable } = await server.sessions.presenceOf([contact]);
+  const resources = online.get(contact) ?? [];
   if (resources.length === 0) {
-    // §4.3.2: with no available resource the server either sends the last unavailable presence
-    // or nothing; an unavailable presence from the bare JID says the same without storing one.
+    // §4.3.2: "if the contact has no available resources, then the server SHOULD reply to the
+    // presence probe by sending to the user a presence stanza of type 'unavailable'", with the
+    // time of the last one (XEP-0203) and its content where the server kept it.
     await stream.send(
-      new Element('presence', { from: contact, to: fullJid(stream.jid), type: 'unavailable' }),
+      unavailableAnswer(contact, fullJid(stream.jid), lastUnavailable.get(contact), server.config.domain),
     );
     return;
   }
@@ -603,6 +624,9 @@ async function contactsOnAvailability(
   const me = fullJid(stream.jid);
   // §4.3.2: "the full XML of the last presence stanza with no 'to' attribute received by the
   // server from each of the contact's available resources".
+  // A contact with none gets no answer here (what a client's own probe gets, XEP-0318, is in
+  // `probe`): one per offline contact would crowd a stream-management queue at login ahead of
+  // what matters, and could land after that contact's own available presence sent meanwhile.
   const answers = probed.flatMap((contact) =>
     (online.get(contact) ?? []).map((resource) => presenceOfResource(resource, me, 'available')),
   );

@@ -318,7 +318,15 @@ async function deliverToSmSession(
     !options.offlineCopy
       ? { from: delivery.from, key }
       : undefined;
-  const result = await appendOnce(server, smId, entry, token, mark, options.answer, options.attachedTo);
+  const result = await appendOnce(
+    server,
+    smId,
+    entry,
+    token,
+    mark,
+    options.answer || options.reply,
+    options.attachedTo,
+  );
   // The group's hold, whoever of its appends took it and whatever this one's outcome: the group
   // posts what is queued once its sends are done.
   if (group && 'item' in result && result.item) {
@@ -764,6 +772,7 @@ async function appendWindow(
         options.group === group &&
         options.attachedTo === attachedTo &&
         !options.answer &&
+        !options.reply &&
         (options.offlineId !== undefined || options.key !== undefined),
     )
   )
@@ -879,8 +888,9 @@ const MARK_ATTEMPTS = 3;
 
 /**
  * How many stanzas past SM_QUEUE_MAX (and past the byte bound's congestion, up to DynamoDB's
- * item size) a queue takes of the stream's own answers to its client (DeliveryOptions.answer):
- * a client slow to acknowledge a burst from its contacts still gets its iq results.
+ * item size) a queue takes of the stream's own answers to its client (DeliveryOptions.answer)
+ * and of other entities' answers to its requests (DeliveryOptions.reply): a client slow to
+ * acknowledge a burst from its contacts still gets its iq results.
  */
 export const ANSWER_MARGIN = 50;
 

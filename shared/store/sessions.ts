@@ -283,6 +283,35 @@ export interface ConnectionState {
   archive?: ArchiveStreamState;
 }
 
+/**
+ * RFC 6121 §4.3.2: the last unavailable presence the server received from a user (or made for
+ * it when a session ended without one), kept on the user's `avail` item by the write that takes
+ * the resource out of its set, and read with it: no request of its own.
+ */
+export interface LastUnavailable {
+  /** Epoch ms: when the server received it (XEP-0203's stamp in a probe's answer). */
+  at: number;
+  /** Its children (status, show, priority, extensions) serialised in a `<presence/>`; '' for none. */
+  presence: string;
+}
+
+/** What `presenceOf` reads: the users' available resources and their last unavailable presence. */
+export interface UsersPresence {
+  /** Users without an available resource are absent. */
+  online: Map<string, ResourceRecord[]>;
+  /** Users for whom one is kept (whether or not they have an available resource now). */
+  lastUnavailable: Map<string, LastUnavailable>;
+}
+
+/**
+ * How long a user's last unavailable presence is kept after it (the `avail` item's TTL, renewed
+ * by every unavailable presence): a contact's probe learns when the user was last seen.
+ */
+export const LAST_UNAVAILABLE_KEEP_SECONDS = 30 * 24 * 3600;
+
+/** A last unavailable presence larger than this is kept without its children. */
+export const LAST_UNAVAILABLE_MAX_CHARS = 1024;
+
 export interface ResourceRecord {
   user: string;
   resource: string;
@@ -512,6 +541,11 @@ export interface SessionStore {
        * available, as `unavailableFrame` by the one that makes it unavailable.
        */
       frame?: string;
+      /**
+       * An unavailable presence's children, serialised (`lastUnavailableOf`): kept for RFC 6121
+       * §4.3.2's answer to a probe once the user has no available resource.
+       */
+      unavailable?: string;
     },
   ): Promise<ResourceRecord | undefined>;
   /**
@@ -563,6 +597,13 @@ export interface SessionStore {
    * a bounded number in flight. Users without an available resource are absent from the map.
    */
   availableResourcesOf(users: readonly string[]): Promise<Map<string, ResourceRecord[]>>;
+  /**
+   * `availableResourcesOf` with, from the same reads, each user's last unavailable presence
+   * (`LastUnavailable`) where one is kept.
+   */
+  presenceOf(users: readonly string[]): Promise<UsersPresence>;
+  /** Account deletion: the user's `LastUnavailable` goes. */
+  forgetLastUnavailable(user: string): Promise<void>;
   /** XEP-0136: the stream's archiving state, if the resource still belongs to `connectionId`. */
   setResourceArchive(
     user: string,
@@ -736,7 +777,7 @@ export function createSessionStore(
       });
     const previous = Attributes ? toResource(Attributes) : undefined;
     if (record.available || previous?.available) {
-      await syncAvailability(record.user, record.resource, record.available);
+      await syncAvailability(record.user, record.resource, record.available, '');
     }
     return previous;
   }
@@ -782,7 +823,7 @@ export function createSessionStore(
         }),
       );
       const released = Attributes ? toResource(Attributes) : undefined;
-      if (released?.available) await syncAvailability(user, resource, false);
+      if (released?.available) await syncAvailability(user, resource, false, '');
       return released;
     } catch (error) {
       if (isConditionFailure(error)) return undefined;
@@ -793,22 +834,35 @@ export function createSessionStore(
   /**
    * Keeps the `avail` item's set in step with a resource row whose availability is now
    * `available`. Written after the row, so a reader that finds a name reads the row it names;
-   * a name left behind (a row that expired by TTL) only costs a read, and the item itself
-   * expires with the connection TTL, renewed whenever a resource becomes available.
+   * a name left behind (a row that expired by TTL) only costs a read. The item expires with the
+   * connection TTL, renewed whenever a resource becomes available; a resource that becomes
+   * unavailable leaves `unavailable` (its presence's children, '' for one the server made) and
+   * the time in the same write (`LastUnavailable`), and the item is then kept
+   * LAST_UNAVAILABLE_KEEP_SECONDS for them.
    */
-  async function syncAvailability(user: string, resource: string, available: boolean): Promise<void> {
+  async function syncAvailability(
+    user: string,
+    resource: string,
+    available: boolean,
+    unavailable?: string,
+  ): Promise<void> {
+    const kept =
+      unavailable === undefined || unavailable.length > LAST_UNAVAILABLE_MAX_CHARS ? '' : unavailable;
     try {
       await doc.send(
         new UpdateCommand({
           TableName: table,
           Key: availKey(user),
-          UpdateExpression: available ? 'ADD #res :names SET #ttl = :ttl' : 'DELETE #res :names',
+          UpdateExpression: available
+            ? 'ADD #res :names SET #ttl = :ttl'
+            : 'DELETE #res :names SET #ttl = :ttl, offAt = :offAt, offPresence = :offPresence',
           // A DELETE never creates the item (UpdateItem would, with only its key).
           ConditionExpression: available ? undefined : 'attribute_exists(pk)',
-          ExpressionAttributeNames: { '#res': 'res', ...(available ? { '#ttl': TTL_ATTRIBUTE } : {}) },
+          ExpressionAttributeNames: { '#res': 'res', '#ttl': TTL_ATTRIBUTE },
           ExpressionAttributeValues: {
             ':names': new Set([resource]),
-            ...(available ? { ':ttl': ttl(connectionTtlSeconds) } : {}),
+            ':ttl': available ? ttl(connectionTtlSeconds) : ttl(LAST_UNAVAILABLE_KEEP_SECONDS),
+            ...(available ? {} : { ':offAt': Date.now(), ':offPresence': kept }),
           },
         }),
       );
@@ -1091,7 +1145,7 @@ export function createSessionStore(
           changes.frame !== undefined &&
           (changes.available ? previous?.availableFrame : previous?.unavailableFrame) === changes.frame;
         if (previous && (previous.available !== changes.available || again)) {
-          await syncAvailability(user, resource, changes.available);
+          await syncAvailability(user, resource, changes.available, changes.unavailable ?? '');
         }
         return previous;
       } catch (error) {
@@ -1230,15 +1284,30 @@ export function createSessionStore(
     },
 
     async availableResourcesOf(users) {
+      return (await this.presenceOf(users)).online;
+    },
+
+    async presenceOf(users) {
       const result = new Map<string, ResourceRecord[]>();
+      const lastUnavailable = new Map<string, LastUnavailable>();
       const unique = [...new Set(users)];
-      if (unique.length === 0) return result;
+      if (unique.length === 0) return { online: result, lastUnavailable };
       const sets = await batchGetAll(
         doc,
         table,
         unique.map((user) => availKey(user)),
         { consistent: true, concurrency: 4 },
       );
+      const nowSeconds = Math.floor(Date.now() / 1000);
+      for (const item of sets) {
+        if (typeof item.offAt !== 'number') continue;
+        // Past its keeping (DynamoDB's TTL deletes late): not served.
+        if (typeof item[TTL_ATTRIBUTE] === 'number' && item[TTL_ATTRIBUTE] <= nowSeconds) continue;
+        lastUnavailable.set((item.pk as string).slice('user#'.length), {
+          at: item.offAt,
+          presence: typeof item.offPresence === 'string' ? item.offPresence : '',
+        });
+      }
       const rowKeys = sets.flatMap((item) => {
         const user = (item.pk as string).slice('user#'.length);
         const names = [...((item.res as Set<string> | undefined) ?? [])];
@@ -1253,7 +1322,37 @@ export function createSessionStore(
         list.push(record);
         result.set(record.user, list);
       }
-      return result;
+      return { online: result, lastUnavailable };
+    },
+
+    async forgetLastUnavailable(user) {
+      // The item goes when it names no available resource: an unavailable presence still in
+      // flight then finds no item (its update never creates one) and leaves nothing behind.
+      try {
+        await doc.send(
+          new DeleteCommand({
+            TableName: table,
+            Key: availKey(user),
+            ConditionExpression: 'attribute_not_exists(#res)',
+            ExpressionAttributeNames: { '#res': 'res' },
+          }),
+        );
+        return;
+      } catch (error) {
+        if (!isConditionFailure(error)) throw error;
+      }
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: availKey(user),
+            UpdateExpression: 'REMOVE offAt, offPresence',
+            ConditionExpression: 'attribute_exists(pk)',
+          }),
+        );
+      } catch (error) {
+        if (!isConditionFailure(error)) throw error;
+      }
     },
 
     async markFlexibleOffline(user, resource, connectionId) {

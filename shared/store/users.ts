@@ -101,9 +101,10 @@ export interface UserStore {
   scramIterations(): Promise<number[]>;
   /**
    * Counts one failed attempt for `jid` (existing or not) and returns the count in the
-   * current window, which starts at the first failure and lasts `windowSeconds`.
+   * current window, which starts at the first failure and lasts `windowSeconds`. With `frame`
+   * (the request id of the frame that failed), a redelivery of that frame is not counted again.
    */
-  recordAuthFailure(jid: string, windowSeconds: number): Promise<number>;
+  recordAuthFailure(jid: string, windowSeconds: number, frame?: string): Promise<number>;
   authFailures(jid: string): Promise<number>;
   clearAuthFailures(jid: string): Promise<void>;
   /**
@@ -112,12 +113,16 @@ export interface UserStore {
    * an account, its last attempt is at or before `orLastAtMost` (epoch ms: one let through per
    * slowdown). Attempts arriving together cannot all pass a limit read before any was counted.
    * Undefined when refused (nothing counted). A failed attempt stays counted; one that succeeds
-   * or is refused by another limit is given back (`giveBackAuthAttempt`).
+   * or is refused by another limit is given back (`giveBackAuthAttempt`). With `frame` (the
+   * request id of the frame that makes the attempt), an attempt that frame counted already (its
+   * first delivery died before its answer was saved, and SQS redelivered it) is not counted
+   * again: it is returned as counted then, whatever the limit says now.
    */
   takeAuthAttempt(
     of: { account: string } | { address: string },
     windowSeconds: number,
     admit: { below: number; orLastAtMost?: number },
+    frame?: string,
   ): Promise<AuthAttempt | undefined>;
   /** Uncounts a taken attempt, unless its window has ended since (a new one never counted it). */
   giveBackAuthAttempt(attempt: AuthAttempt): Promise<void>;
@@ -147,6 +152,8 @@ export interface AuthAttempt {
   failures: number;
   /** Epoch seconds (the item's TTL attribute). */
   expiresAt: number;
+  /** The frame that counted it (`frames` on the item), given back with it. */
+  frame?: string;
 }
 
 interface AuthFailureItem {
@@ -154,6 +161,12 @@ interface AuthFailureItem {
   sk: typeof AUTH_FAILURES;
   failures: number;
   lastAt?: number;
+  /**
+   * The frames whose attempts the window counts (and has not given back): a redelivered frame
+   * finds its own and is not counted twice. At most a window's failures (the limits keep those
+   * few) plus the attempts in flight; a new window starts the set anew.
+   */
+  frames?: Set<string>;
   [TTL_ATTRIBUTE]: number;
 }
 
@@ -301,8 +314,8 @@ export function createUserStore(
       };
     },
 
-    async recordAuthFailure(jid, windowSeconds) {
-      return countFailure({ pk: jid, sk: AUTH_FAILURES }, windowSeconds);
+    async recordAuthFailure(jid, windowSeconds, frame) {
+      return countFailure({ pk: jid, sk: AUTH_FAILURES }, windowSeconds, frame);
     },
 
     async authFailures(jid) {
@@ -349,21 +362,33 @@ export function createUserStore(
       await doc.send(new DeleteCommand({ TableName: tableName, Key: { pk: jid, sk: AUTH_FAILURES } }));
     },
 
-    takeAuthAttempt(of, windowSeconds, admit) {
+    takeAuthAttempt(of, windowSeconds, admit, frame) {
       const key = 'account' in of ? { pk: of.account, sk: AUTH_FAILURES } : addressKey(of.address);
-      return countAttempt(key, windowSeconds, admit);
+      return countAttempt(key, windowSeconds, admit, frame);
     },
 
     async giveBackAuthAttempt(attempt) {
+      // With its frame: only while the window still counts it (given back once, however often
+      // the frame runs), and the frame leaves the set, so that a redelivery counts anew.
+      const byFrame = attempt.frame !== undefined;
       try {
         await doc.send(
           new UpdateCommand({
             TableName: tableName,
             Key: attempt.key,
-            UpdateExpression: 'ADD #failures :minusOne',
-            ConditionExpression: '#expiresAt = :expiresAt AND #failures > :zero',
-            ExpressionAttributeNames: { '#failures': 'failures', '#expiresAt': TTL_ATTRIBUTE },
-            ExpressionAttributeValues: { ':minusOne': -1, ':zero': 0, ':expiresAt': attempt.expiresAt },
+            UpdateExpression: `ADD #failures :minusOne${byFrame ? ' DELETE #frames :frames' : ''}`,
+            ConditionExpression: `#expiresAt = :expiresAt AND #failures > :zero${byFrame ? ' AND contains(#frames, :frame)' : ''}`,
+            ExpressionAttributeNames: {
+              '#failures': 'failures',
+              '#expiresAt': TTL_ATTRIBUTE,
+              ...(byFrame ? { '#frames': 'frames' } : {}),
+            },
+            ExpressionAttributeValues: {
+              ':minusOne': -1,
+              ':zero': 0,
+              ':expiresAt': attempt.expiresAt,
+              ...(byFrame ? { ':frames': new Set([attempt.frame]), ':frame': attempt.frame } : {}),
+            },
           }),
         );
       } catch (error) {
@@ -418,21 +443,31 @@ export function createUserStore(
    * Counts a failure in the window that starts at the first failure and lasts `windowSeconds`
    * (the item expires with it).
    */
-  async function countFailure(key: { pk: string; sk: string }, windowSeconds: number): Promise<number> {
-    return ((await countAttempt(key, windowSeconds)) as AuthAttempt).failures;
+  async function countFailure(
+    key: { pk: string; sk: string },
+    windowSeconds: number,
+    frame?: string,
+  ): Promise<number> {
+    return ((await countAttempt(key, windowSeconds, undefined, frame)) as AuthAttempt).failures;
   }
 
   /**
    * Counts one attempt in the live window (an ADD), else restarts an expired one (a SET, which
    * a concurrent attempt may do first, sending this one back to the ADD). With `admit`, the ADD
    * is made only while the count is below `admit.below` (or the last attempt is at or before
-   * `admit.orLastAtMost`), in the same write: undefined when refused (nothing counted).
+   * `admit.orLastAtMost`), in the same write: undefined when refused (nothing counted). With
+   * `frame`, the frame goes into the window's `frames` in the same write, and a window that has
+   * it already counted this frame's attempt: returned as it stands, counted once.
    */
   async function countAttempt(
     key: { pk: string; sk: string },
     windowSeconds: number,
     admit?: { below: number; orLastAtMost?: number },
+    frame?: string,
   ): Promise<AuthAttempt | undefined> {
+    const byFrame = frame !== undefined;
+    const frameNames: Record<string, string> = byFrame ? { '#frames': 'frames' } : {};
+    const frameValues: Record<string, unknown> = byFrame ? { ':frames': new Set([frame]) } : {};
     for (let attempt = 0; attempt < 3; attempt++) {
       const at = nowSeconds();
       const limit = admit
@@ -445,10 +480,9 @@ export function createUserStore(
           new UpdateCommand({
             TableName: tableName,
             Key: key,
-            UpdateExpression:
-              'ADD #failures :one SET #expiresAt = if_not_exists(#expiresAt, :expiresAt), lastAt = :lastAt',
-            ConditionExpression: `(attribute_not_exists(#expiresAt) OR #expiresAt > :now)${limit}`,
-            ExpressionAttributeNames: { '#failures': 'failures', '#expiresAt': TTL_ATTRIBUTE },
+            UpdateExpression: `ADD #failures :one${byFrame ? ', #frames :frames' : ''} SET #expiresAt = if_not_exists(#expiresAt, :expiresAt), lastAt = :lastAt`,
+            ConditionExpression: `(attribute_not_exists(#expiresAt) OR #expiresAt > :now)${limit}${byFrame ? ' AND NOT contains(#frames, :frame)' : ''}`,
+            ExpressionAttributeNames: { '#failures': 'failures', '#expiresAt': TTL_ATTRIBUTE, ...frameNames },
             ExpressionAttributeValues: {
               ':one': 1,
               ':expiresAt': at + windowSeconds,
@@ -456,41 +490,53 @@ export function createUserStore(
               ':lastAt': now(),
               ...(admit ? { ':below': admit.below } : {}),
               ...(admit?.orLastAtMost === undefined ? {} : { ':lastAtMost': admit.orLastAtMost }),
+              ...frameValues,
+              ...(byFrame ? { ':frame': frame } : {}),
             },
             // The whole (small) item: the window's end is wanted even when if_not_exists kept it.
             ReturnValues: 'ALL_NEW',
-            ...(admit ? { ReturnValuesOnConditionCheckFailure: 'ALL_OLD' as const } : {}),
+            ...(admit || byFrame ? { ReturnValuesOnConditionCheckFailure: 'ALL_OLD' as const } : {}),
           }),
         );
         return {
           key,
           failures: Attributes?.failures as number,
           expiresAt: Attributes?.[TTL_ATTRIBUTE] as number,
+          ...(byFrame ? { frame } : {}),
         };
       } catch (error) {
         if (!isConditionFailure(error)) throw error;
-        // Refused by the limit in a live window: not counted.
         const old = (error as { Item?: Parameters<typeof unmarshall>[0] }).Item;
         const item = old ? (unmarshall(old) as AuthFailureItem) : undefined;
-        if (admit && item && item[TTL_ATTRIBUTE] > at) return undefined;
+        const live = item !== undefined && item[TTL_ATTRIBUTE] > at;
+        // This frame's attempt, counted by its earlier delivery in this live window.
+        if (byFrame && live && item.frames?.has(frame))
+          return { key, failures: item.failures, expiresAt: item[TTL_ATTRIBUTE], frame };
+        // Refused by the limit in a live window: not counted.
+        if (admit && live) return undefined;
       }
       try {
         await doc.send(
           new UpdateCommand({
             TableName: tableName,
             Key: key,
-            UpdateExpression: 'SET #failures = :one, #expiresAt = :expiresAt, lastAt = :lastAt',
+            UpdateExpression: `SET #failures = :one, #expiresAt = :expiresAt, lastAt = :lastAt${byFrame ? ', #frames = :frames' : ' REMOVE #frames'}`,
             ConditionExpression: '#expiresAt <= :now',
-            ExpressionAttributeNames: { '#failures': 'failures', '#expiresAt': TTL_ATTRIBUTE },
+            ExpressionAttributeNames: {
+              '#failures': 'failures',
+              '#expiresAt': TTL_ATTRIBUTE,
+              '#frames': 'frames',
+            },
             ExpressionAttributeValues: {
               ':one': 1,
               ':expiresAt': at + windowSeconds,
               ':now': at,
               ':lastAt': now(),
+              ...frameValues,
             },
           }),
         );
-        return { key, failures: 1, expiresAt: at + windowSeconds };
+        return { key, failures: 1, expiresAt: at + windowSeconds, ...(byFrame ? { frame } : {}) };
       } catch (error) {
         if (!isConditionFailure(error)) throw error;
       }

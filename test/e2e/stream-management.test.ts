@@ -1714,6 +1714,70 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
     expect(answered).toEqual(Array.from({ length: ANSWER_MARGIN - 2 }, (_, i) => `more-${i}`));
   });
 
+  it('delivers another entity’s iq result to a requester whose queue is full (RFC 6121 §8.5.3.1)', async () => {
+    const poor = await RawClient.connect(small.url);
+    raws.push(poor);
+    await poor.login('poor', 'poor-pw', 'vault');
+    poor.send(`<enable xmlns='${SM3}' resume='true'/>`);
+    await poor.next();
+    const rich = await RawClient.connect(small.url);
+    raws.push(rich);
+    await rich.login('rich', 'rich-pw', 'bank');
+    for (let i = 1; i <= 3; i++)
+      rich.send(`<message to='poor@localhost/vault' type='chat' id='v${i}'><body>coin ${i}</body></message>`);
+    for (let i = 1; i <= 3; i++) await poor.until((el) => el.name === 'message' && el.attrs.id === `v${i}`);
+    // The queue holds SM_QUEUE_MAX unacknowledged stanzas; poor asks rich's client something.
+    poor.send(`<iq type='get' id='ver1' to='rich@localhost/bank'><query xmlns='jabber:iq:version'/></iq>`);
+    const request = await rich.until((el) => el.name === 'iq' && el.attrs.id === 'ver1');
+    expect(request.attrs.from).toBe('poor@localhost/vault');
+    rich.send(
+      `<iq type='result' id='ver1' to='poor@localhost/vault'><query xmlns='jabber:iq:version'><name>Rich</name></query></iq>`,
+    );
+    // "For an IQ stanza of type 'result' or 'error', the server MUST deliver the stanza to the
+    // resource": it goes in within the margin the stream's own answers get.
+    const result = await poor.until((el) => el.name === 'iq' && el.attrs.id === 'ver1');
+    expect(result.attrs.type).toBe('result');
+    expect(result.attrs.from).toBe('rich@localhost/bank');
+    expect(result.getChild('query')?.getChildText('name')).toBe('Rich');
+    // Rich's stream is not the one that ends for it.
+    expect(await rich.framesBeforePong()).toEqual([]);
+    expect(poor.isClosed).toBe(false);
+  });
+
+  it('gives a message to the bare JID to the resources that can take it when one’s queue is full (RFC 6121 §8.5.2.1.1)', async () => {
+    // Two resources of equal priority; the first in the table's order has a full queue. (Users of
+    // their own: nothing stored for them floods in.)
+    for (const user of ['penny', 'buck']) await small.addUser(`${user}@localhost`, `${user}-pw`);
+    const slow = await RawClient.connect(small.url);
+    raws.push(slow);
+    await slow.login('penny', 'penny-pw', 'a-slow');
+    slow.send(`<enable xmlns='${SM3}' resume='true'/>`);
+    await slow.next();
+    slow.send('<presence/>');
+    await slow.until((el) => el.name === 'presence' && el.attrs.from === 'penny@localhost/a-slow');
+    const phone = await RawClient.connect(small.url);
+    raws.push(phone);
+    await phone.login('penny', 'penny-pw', 'b-phone');
+    phone.send('<presence/>');
+    await phone.until((el) => el.name === 'presence' && el.attrs.from === 'penny@localhost/b-phone');
+    const buck = await RawClient.connect(small.url);
+    raws.push(buck);
+    await buck.login('buck', 'buck-pw', 'coins');
+    // Filled to the bound (presences may take part of it): at least the last of these is refused.
+    for (let i = 1; i <= 4; i++)
+      buck.send(`<message to='penny@localhost/a-slow' type='chat' id='f${i}'><body>${i}</body></message>`);
+    const refused = await buck.until((el) => el.name === 'message' && el.attrs.type === 'error');
+    expect(refused.getChild('error')?.getChild('resource-constraint', STANZAS)).toBeDefined();
+    buck.send(`<message to='penny@localhost' type='chat' id='bare1'><body>to whoever can</body></message>`);
+    // "the server MUST [...] deliver the message to the 'most available' resource or resources":
+    // b-phone takes it; the sender is not told to wait for a message that was delivered.
+    const delivered = await phone.until((el) => el.name === 'message' && el.attrs.id === 'bare1');
+    expect(delivered.getChildText('body')).toBe('to whoever can');
+    await small.gateway.drained();
+    const told = await buck.framesBeforePong();
+    expect(told.filter((frame) => frame.includes('id="bare1"'))).toEqual([]);
+  });
+
   it('ends a recipient that stopped acknowledging (SM_ACK_TIMEOUT_SECONDS) and re-routes its queue, bouncing nothing', async () => {
     const silent = await startTestStack({
       SM_QUEUE_MAX: '3',

@@ -42,6 +42,9 @@ const USERS = [
   'yuri',
   'zara',
   'abel',
+  'bert',
+  'cleo',
+  'dora',
 ];
 
 let stack: TestStack;
@@ -324,6 +327,68 @@ describe('RFC 6121 §4 presence between contacts', () => {
     await carol.waitFor(presence('unsubscribed', 'olga@localhost'));
     await carol.barrier();
     expect(carol.count((el) => el.name === 'presence' && el.attrs.from === 'olga@localhost/r')).toBe(0);
+  });
+
+  it('§4.3.2: a client’s probe of a contact with no available resource is answered with its last unavailable presence, stamped when it was received', async () => {
+    const bert = await online('bert');
+    const cleo = await online('cleo');
+    await mutual(bert, cleo);
+    // dora shares a subscription with bert, and was last seen longer ago than the server keeps.
+    const dora = await online('dora');
+    await mutual(bert, dora);
+    dora.send(`<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>`);
+    await bert.waitFor(presence('unavailable', 'dora@localhost/r'));
+    await stack.server.sessions.forgetLastUnavailable('dora@localhost');
+
+    // cleo's own unavailable, with a status and a stamp claiming to be the server's.
+    const before = Date.now();
+    cleo.send(
+      `<presence type='unavailable'><status>Gone fishing</status><delay xmlns='urn:xmpp:delay' from='localhost' stamp='2001-01-01T00:00:00Z'/></presence>`,
+    );
+    await bert.waitFor(presence('unavailable', 'cleo@localhost/r'));
+    const after = Date.now();
+    cleo.close();
+
+    // "if the contact has no available resources, then the server SHOULD reply to the presence
+    // probe by sending to the user a presence stanza of type 'unavailable'", which "SHOULD include
+    // information about the time when the last unavailable presence stanza was generated
+    // (formatted using the XMPP delayed delivery extension)" and "MAY include the full XML of the
+    // last unavailable presence stanza".
+    const stampOf = (el: Element) => {
+      const delays = el.getChildren('delay', 'urn:xmpp:delay');
+      expect(delays).toHaveLength(1);
+      expect(delays[0]?.attrs.from).toBe('localhost');
+      return Date.parse(delays[0]?.attrs.stamp as string);
+    };
+    const fromCleo = presence('unavailable', 'cleo@localhost');
+    bert.send(`<presence type='probe' to='cleo@localhost'/>`);
+    const answer = await bert.waitFor(fromCleo);
+    expect(answer.attrs.to).toBe('bert@localhost/r');
+    expect(answer.getChildText('status')).toBe('Gone fishing');
+    expect(stampOf(answer)).toBeGreaterThanOrEqual(Math.floor(before / 1000) * 1000);
+    expect(stampOf(answer)).toBeLessThanOrEqual(after);
+
+    // The server's own probes at a new session's initial presence (§4.2.2) send nothing for an
+    // offline contact (no queue crowded at login; no stale answer after a contact's own presence).
+    const later = await online('bert', 'later', { presence: false });
+    later.send('<presence/>');
+    await later.waitFor(presence(undefined, 'bert@localhost/later'));
+    await later.barrier();
+    expect(later.count((el) => el.name === 'presence' && /^cleo@/.test(el.attrs.from ?? ''))).toBe(0);
+
+    // The last one replaces it: a session that ends without one leaves the server's (no status).
+    const again = await online('cleo', 'again');
+    again.send(`<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>`);
+    await bert.waitFor(presence('unavailable', 'cleo@localhost/again'));
+    bert.send(`<presence type='probe' to='cleo@localhost'/>`);
+    const replaced = await bert.waitFor(fromCleo);
+    expect(replaced.getChild('status')).toBeUndefined();
+    expect(stampOf(replaced)).toBeGreaterThan(stampOf(answer));
+
+    // dora, not seen for that long: a probe gets a bare unavailable.
+    bert.send(`<presence type='probe' to='dora@localhost'/>`);
+    const unseen = await bert.waitFor(presence('unavailable', 'dora@localhost'));
+    expect(unseen.children).toHaveLength(0);
   });
 
   it('unavailable reaches each contact exactly once on every way a session ends', async () => {

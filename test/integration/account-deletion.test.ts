@@ -91,6 +91,25 @@ describe('deleting an account', () => {
     });
     await server.archive.putPrefs(dave, { ...(await server.archive.getPrefs(dave)) });
 
+    // An earlier session's unavailable presence, kept for contacts' probes (RFC 6121 §4.3.2).
+    await server.sessions.bindResource({
+      user: dave,
+      resource: 'laptop',
+      connectionId: `laptop${stamp}`,
+      available: true,
+      priority: 0,
+      boundAt: stamp,
+    });
+    await server.sessions.updatePresence(dave, 'laptop', `laptop${stamp}`, {
+      available: false,
+      priority: 0,
+      presence: '',
+      unavailable: '<presence><status>moving house</status></presence>',
+    });
+    expect((await server.sessions.presenceOf([dave])).lastUnavailable.get(dave)?.presence).toContain(
+      'moving house',
+    );
+
     // A session still open: its resource row goes (nothing is routed to it any more).
     await server.sessions.bindResource({
       user: dave,
@@ -102,8 +121,10 @@ describe('deleting an account', () => {
     });
 
     const deleted = await deleteAccount(server, dave, 'localhost');
-    expect(deleted).toEqual({ contacts: 3, offlineMessages: 2, archivedCollections: 1, sessions: 1 });
+    expect(deleted).toEqual({ contacts: 3, offlineMessages: 2, archivedCollections: 1, sessions: 2 });
     expect(await server.sessions.listResources(dave)).toEqual([]);
+    // Not even the server's unavailable for the session it released: the JID was never seen.
+    expect((await server.sessions.presenceOf([dave])).lastUnavailable.has(dave)).toBe(false);
 
     expect(await server.users.exists(dave)).toBe(false);
     const left = await server.roster.getRoster(dave);

@@ -318,8 +318,9 @@ async function twoContacts() {
   const { frame, login } = frameDriver(server);
   const failReadOfOnlineOnce = () => {
     let calls = 0;
-    const original = server.sessions.availableResourcesOf.bind(server.sessions);
-    return intercept(server.sessions, 'availableResourcesOf', async (users: string[]) => {
+    // `presenceOf` is the read behind both (availableResourcesOf calls it).
+    const original = server.sessions.presenceOf.bind(server.sessions);
+    return intercept(server.sessions, 'presenceOf', async (users: string[]) => {
       if (calls++ === 0) throw throttlingError();
       return original(users);
     });
@@ -689,6 +690,69 @@ describe('a redelivered SASL <success/>', () => {
     await frame();
     expect(port.frames.get(connectionId)).toHaveLength(2);
     expect(await server.sessions.getConnection(connectionId)).toMatchObject({ savedFrame: 'req-auth' });
+  });
+});
+
+describe('a redelivered SASL attempt whose first delivery died before its answer was saved', () => {
+  /**
+   * PLAIN for `account` from a fresh address on a fresh connection, whose answer's save (the
+   * write before `<success/>` or `<failure/>` goes out) fails once past the SDK's retries: SQS
+   * redelivers the frame, and it is handled again.
+   */
+  async function attemptDyingOnce(password: string) {
+    const port = new RecordingPort();
+    const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
+    const account = `sam${Date.now()}${Math.floor(Math.random() * 1e6)}@localhost`;
+    await server.users.create(account, await deriveCredentialSet('right', 4096));
+    const address = `198.51.100.${Math.floor(Math.random() * 200) + 1}`;
+    const connectionId = `sasl${Date.now()}${Math.floor(Math.random() * 1e6)}`;
+    await server.sessions.createConnection(connectionId, Date.now(), address);
+    await server.sessions.updateConnection(connectionId, { streamOpen: true });
+    const before = {
+      address: await server.users.addressFailures(address),
+      account: await server.users.authFailures(account),
+    };
+    const auth = `<auth xmlns='${SASL}' mechanism='PLAIN'>${Buffer.from(`\0${account.split('@')[0]}\0${password}`).toString('base64')}</auth>`;
+    const frame = (receiveCount: number) =>
+      handleStreamEvent(server, {
+        connectionId,
+        kind: 'frame',
+        frame: auth,
+        receivedAt: Date.now(),
+        frameId: 'req-sasl',
+        receiveCount,
+      });
+    const original = server.sessions.updateConnection.bind(server.sessions);
+    const restore = intercept(server.sessions, 'updateConnection', async (id, changes, options) => {
+      if ('answeredFrame' in changes) {
+        restore();
+        throw serverError();
+      }
+      return original(id, changes, options);
+    });
+    await expect(frame(1)).rejects.toThrow();
+    restore();
+    await frame(2);
+    return { server, port, connectionId, account, address, before };
+  }
+
+  it('counts a failure once on the address and the account, not once per delivery', async () => {
+    const { server, port, connectionId, account, address, before } = await attemptDyingOnce('wrong');
+    expect(before).toEqual({ address: 0, account: 0 });
+    // RFC 6120 §6.4.5: the client is told <not-authorized/>, once.
+    const sent = port.frames.get(connectionId) ?? [];
+    expect(sent).toHaveLength(1);
+    expect(sent[0]).toContain('<not-authorized');
+    // One attempt, one failure each: the limits count what the client did, not what SQS did.
+    expect(await server.users.addressFailures(address)).toBe(1);
+    expect(await server.users.authFailures(account)).toBe(1);
+  });
+
+  it('leaves nothing counted after a success', async () => {
+    const { server, port, connectionId, account, address } = await attemptDyingOnce('right');
+    expect((port.frames.get(connectionId) ?? []).at(-1)).toContain('<success');
+    expect(await server.users.addressFailures(address)).toBe(0);
+    expect(await server.users.authFailures(account)).toBe(0);
   });
 });
 

@@ -17,6 +17,8 @@ import {
   fitsResourceKey,
   HOLD_LEASE_MS,
   isHeld,
+  LAST_UNAVAILABLE_KEEP_SECONDS,
+  LAST_UNAVAILABLE_MAX_CHARS,
   MAY_QUEUE_AFTER_PRESENCE_MS,
   type ResourceRecord,
   ResourceTakenError,
@@ -317,6 +319,80 @@ describe('binding and reading resources', () => {
     });
     expect(await sessions.getResource(user, 'laptop')).toBeUndefined();
     expect(await sessions.getResource(freshUser('stranger'), 'desk')).toBeUndefined();
+  });
+});
+
+describe('the last unavailable presence (RFC 6121 §4.3.2), kept on the `avail` item', () => {
+  it('is written by the update that takes the resource out of the set, replaced by the next, and read with the set', async () => {
+    const user = freshUser('lastoff');
+    const other = freshUser('lastoff-other');
+    await sessions.bindResource(record(user, 'a', 'c1', { available: true }));
+    await sessions.bindResource(record(user, 'b', 'c2', { available: true }));
+    expect((await sessions.presenceOf([user])).lastUnavailable.has(user)).toBe(false);
+
+    const before = Date.now();
+    await sessions.updatePresence(user, 'a', 'c1', {
+      available: false,
+      priority: 0,
+      presence: '',
+      unavailable: '<presence><status>lunch</status></presence>',
+    });
+    const seen = await sessions.presenceOf([user, other]);
+    // Kept even while another resource is available; the reader decides when it applies.
+    expect(seen.online.get(user)?.map((r) => r.resource)).toEqual(['b']);
+    expect(seen.lastUnavailable.get(user)).toEqual({
+      at: expect.any(Number),
+      presence: '<presence><status>lunch</status></presence>',
+    });
+    expect(seen.lastUnavailable.get(user)?.at).toBeGreaterThanOrEqual(before);
+    expect(seen.lastUnavailable.has(other)).toBe(false);
+    // The item is kept for it past the connection TTL.
+    const item = await rawItem(`user#${user}`, 'avail');
+    expect(item?.[TTL_ATTRIBUTE]).toBeGreaterThanOrEqual(
+      Math.floor(before / 1000) + LAST_UNAVAILABLE_KEEP_SECONDS,
+    );
+
+    // The session's end (no presence of the client's): the server's unavailable, no children.
+    await sessions.releaseResource(user, 'b', 'c2');
+    const ended = (await sessions.presenceOf([user])).lastUnavailable.get(user);
+    expect(ended?.presence).toBe('');
+    expect(ended?.at).toBeGreaterThanOrEqual(seen.lastUnavailable.get(user)?.at as number);
+    expect((await sessions.presenceOf([user])).online.has(user)).toBe(false);
+  });
+
+  it('keeps one too large without its children, and forgets it on request (account deletion)', async () => {
+    const user = freshUser('lastoff-big');
+    await sessions.bindResource(record(user, 'a', 'c1', { available: true }));
+    const status = 'x'.repeat(LAST_UNAVAILABLE_MAX_CHARS);
+    await sessions.updatePresence(user, 'a', 'c1', {
+      available: false,
+      priority: 0,
+      presence: '',
+      unavailable: `<presence><status>${status}</status></presence>`,
+    });
+    expect((await sessions.presenceOf([user])).lastUnavailable.get(user)?.presence).toBe('');
+    // Past its keeping, though DynamoDB's TTL has not deleted the item yet: not served.
+    await doc.send(
+      new UpdateCommand({
+        TableName: table,
+        Key: { pk: `user#${user}`, sk: 'avail' },
+        UpdateExpression: 'SET #ttl = :past',
+        ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
+        ExpressionAttributeValues: { ':past': Math.floor(Date.now() / 1000) - 1 },
+      }),
+    );
+    expect((await sessions.presenceOf([user])).lastUnavailable.has(user)).toBe(false);
+    await sessions.bindResource(record(user, 'b', 'c2', { available: true }));
+    await sessions.releaseResource(user, 'b', 'c2');
+    expect((await sessions.presenceOf([user])).lastUnavailable.get(user)?.presence).toBe('');
+    // Forgotten (account deletion): the item goes with it, naming no resource.
+    await sessions.forgetLastUnavailable(user);
+    expect(await rawItem(`user#${user}`, 'avail')).toBeUndefined();
+    expect((await sessions.presenceOf([user])).lastUnavailable.has(user)).toBe(false);
+    // A user without an `avail` item at all: nothing to forget, no item made.
+    const nobody = freshUser('lastoff-none');
+    await sessions.forgetLastUnavailable(nobody);
+    expect(await rawItem(`user#${nobody}`, 'avail')).toBeUndefined();
   });
 });
 

@@ -17,6 +17,7 @@ import {
 } from '../../shared/sasl/scram.ts';
 import { documentClientFor } from '../../shared/store/dynamo.ts';
 import {
+  type AuthAttempt,
   createUserStore,
   UnknownUserError,
   UserExistsError,
@@ -207,6 +208,41 @@ describe('authentication failure counter', () => {
     expect(await users.addressFailures(address)).toBe(9);
     expect(await users.takeAuthAttempt({ address }, 300, { below: 10 })).toMatchObject({ failures: 10 });
     expect(await users.takeAuthAttempt({ address }, 300, { below: 10 })).toBeUndefined();
+  });
+
+  it('counts an attempt once per frame: a redelivered frame finds its own attempt counted, and its give-back is made once', async () => {
+    let clock = Date.UTC(2033, 0, 1);
+    const timed = createUserStore(doc, table, { now: () => clock });
+    const address = '203.0.113.61';
+    const admit = { below: 3 };
+    const first = await timed.takeAuthAttempt({ address }, 60, admit, 'frame-a');
+    expect(first).toMatchObject({ failures: 1, frame: 'frame-a' });
+    // The same frame again (SQS redelivered it): counted already, returned as it stands.
+    expect(await timed.takeAuthAttempt({ address }, 60, admit, 'frame-a')).toEqual(first);
+    expect(await timed.addressFailures(address)).toBe(1);
+    // Other frames count; at the limit a new frame is refused, but the frames counted before it
+    // still find their attempt (the answer they owe was decided on it).
+    await timed.takeAuthAttempt({ address }, 60, admit, 'frame-b');
+    await timed.takeAuthAttempt({ address }, 60, admit, 'frame-c');
+    expect(await timed.takeAuthAttempt({ address }, 60, admit, 'frame-d')).toBeUndefined();
+    expect(await timed.takeAuthAttempt({ address }, 60, admit, 'frame-b')).toMatchObject({ failures: 3 });
+    expect(await timed.addressFailures(address)).toBe(3);
+    // A success gives its attempt back once, however often it runs; its frame, run again after
+    // that, is a new attempt.
+    const success = (await timed.takeAuthAttempt({ address }, 60, admit, 'frame-c')) as AuthAttempt;
+    await timed.giveBackAuthAttempt(success);
+    await timed.giveBackAuthAttempt(success);
+    expect(await timed.addressFailures(address)).toBe(2);
+    expect(await timed.takeAuthAttempt({ address }, 60, admit, 'frame-c')).toMatchObject({ failures: 3 });
+    // A failure counted on the account at the answer, likewise once per frame.
+    const account = 'frames@localhost';
+    expect(await timed.recordAuthFailure(account, 60, 'frame-e')).toBe(1);
+    expect(await timed.recordAuthFailure(account, 60, 'frame-e')).toBe(1);
+    expect(await timed.recordAuthFailure(account, 60, 'frame-f')).toBe(2);
+    // A new window starts the set anew: the frame of an expired window counts in the new one.
+    clock += 61_000;
+    expect(await timed.takeAuthAttempt({ address }, 60, admit, 'frame-a')).toMatchObject({ failures: 1 });
+    expect(await timed.takeAuthAttempt({ address }, 60, admit, 'frame-b')).toMatchObject({ failures: 2 });
   });
 
   it("lets one attempt on an account past its limit through per slowdown, and a new window's first always", async () => {
