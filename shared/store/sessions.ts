@@ -546,6 +546,8 @@ export interface SessionStore {
        * §4.3.2's answer to a probe once the user has no available resource.
        */
       unavailable?: string;
+      /** When the unavailable presence reached the server (epoch ms; its frame's time): now without. */
+      unavailableAt?: number;
     },
   ): Promise<ResourceRecord | undefined>;
   /**
@@ -845,6 +847,7 @@ export function createSessionStore(
     resource: string,
     available: boolean,
     unavailable?: string,
+    unavailableAt = Date.now(),
   ): Promise<void> {
     const kept =
       unavailable === undefined || unavailable.length > LAST_UNAVAILABLE_MAX_CHARS ? '' : unavailable;
@@ -862,7 +865,7 @@ export function createSessionStore(
           ExpressionAttributeValues: {
             ':names': new Set([resource]),
             ':ttl': available ? ttl(connectionTtlSeconds) : ttl(LAST_UNAVAILABLE_KEEP_SECONDS),
-            ...(available ? {} : { ':offAt': Date.now(), ':offPresence': kept }),
+            ...(available ? {} : { ':offAt': unavailableAt, ':offPresence': kept }),
           },
         }),
       );
@@ -1145,7 +1148,13 @@ export function createSessionStore(
           changes.frame !== undefined &&
           (changes.available ? previous?.availableFrame : previous?.unavailableFrame) === changes.frame;
         if (previous && (previous.available !== changes.available || again)) {
-          await syncAvailability(user, resource, changes.available, changes.unavailable ?? '');
+          await syncAvailability(
+            user,
+            resource,
+            changes.available,
+            changes.unavailable ?? '',
+            changes.unavailableAt,
+          );
         }
         return previous;
       } catch (error) {

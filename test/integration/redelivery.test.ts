@@ -400,6 +400,33 @@ describe('a redelivered unavailable presence whose first attempt made the resour
     expect(unavailableFromAlice(port.frames.get('bob-1') ?? [], alice)).toHaveLength(1);
   });
 
+  it('keeps the time the presence reached the server, the same on its redelivery, for a contact’s probe (RFC 6121 §4.3.2)', async () => {
+    const { server, alice, failReadOfOnlineOnce, bothOnline } = await twoContacts();
+    await bothOnline();
+    // API Gateway's time of the frame, a while before its deliveries are handled.
+    const receivedAt = Date.now() - 45_000;
+    const off = (receiveCount: number) =>
+      handleStreamEvent(server, {
+        connectionId: 'alice-1',
+        kind: 'frame',
+        frame: "<presence type='unavailable'><status>back soon</status></presence>",
+        receivedAt,
+        frameId: 'alice-off-stamped',
+        seq: '950',
+        receiveCount,
+      });
+    const restore = failReadOfOnlineOnce();
+    await expect(off(1)).rejects.toThrow();
+    restore();
+    await off(2);
+    // XEP-0203 in the probe's answer: "the time when the last unavailable presence stanza was
+    // generated", not when a delivery of its frame happened to run.
+    expect((await server.sessions.presenceOf([alice])).lastUnavailable.get(alice)).toEqual({
+      at: receivedAt,
+      presence: '<presence><status>back soon</status></presence>',
+    });
+  });
+
   it('takes the user out of the set of available resources when that failed the first time', async () => {
     const { port, server, alice, frame, bothOnline } = await twoContacts();
     await bothOnline();
