@@ -201,7 +201,7 @@ export async function headersPage(
     throw new StanzaError('cancel', 'item-not-found', 'No such item in the offline message list');
   }
   const backwards = page.before !== undefined || page.lastPage;
-  const [count, listed] = await Promise.all([
+  const [counted, listed] = await Promise.all([
     server.offline.count(user),
     page.max === 0
       ? { messages: [] }
@@ -212,6 +212,17 @@ export async function headersPage(
           newestFirst: backwards,
         }),
   ]);
+  // A listing from the start that reached the end is the inbox itself: the counter may still
+  // count messages DynamoDB's TTL removed (recounted only at the quota), and §2.3's "If there are
+  // no offline messages for this user, the server MUST return an empty query" needs the truth.
+  const whole =
+    page.max !== 0 &&
+    !backwards &&
+    page.after === undefined &&
+    page.before === undefined &&
+    'next' in listed &&
+    listed.next === undefined;
+  const count = whole ? listed.messages.length : counted;
   const messages: OfflineMessage[] = [];
   let bytes = 0;
   for (const message of listed.messages) {
@@ -281,6 +292,7 @@ async function command(
       // delete): the nodes it removed are gone, and the request was valid; what is left goes too.
       const begun = stream.frameId !== '' && stream.state.offlineRemoving === stream.frameId;
       if (!begun) {
+        refuseWhileDelivering(stream);
         await existingMessages(server, user, decoded.nodes);
         if (stream.frameId !== '') {
           stream.update({ offlineRemoving: stream.frameId });
@@ -308,9 +320,30 @@ async function command(
       return undefined;
     }
     case 'purge':
+      refuseWhileDelivering(stream);
       await server.offline.purge(user);
       return undefined;
   }
+}
+
+/**
+ * A remove or purge asked for while this stream's fetch or view (paced by stream-management
+ * acks) is still being delivered, or waits its turn: RFC 6120 §10.1 has the stanzas of a stream
+ * processed in order, so the earlier fetch's "the server MUST retrieve all messages" (§2.5), or
+ * the view's "the requested message(s) plus an IQ result" (§2.3), comes first. Done now, it
+ * would remove what that request has not sent yet, which its result would then call complete.
+ * Refused instead: RFC 6120 §8.3.3.22 <unexpected-request/>, "the request was out of order",
+ * type wait (retry once the earlier request is answered).
+ */
+function refuseWhileDelivering(stream: BoundStream): void {
+  const transfer = stream.state.transfer;
+  if (!transfer) return;
+  if (![transfer, ...(transfer.waiting ?? [])].some((t) => t.kind === 'fetch' || t.kind === 'view')) return;
+  throw new StanzaError(
+    'wait',
+    'unexpected-request',
+    'A fetch or view of offline messages is still being delivered; try again once it is answered',
+  );
 }
 
 /**

@@ -981,6 +981,31 @@ describe('XEP-0160 limits still hold', () => {
     expect(bodies((await exchange(raw, offlineRequest('get', '<fetch/>'))).before)).toEqual(['fresh']);
   });
 
+  it('§2.3: an inbox whose messages all expired is an empty query, though the counter still counts them', async () => {
+    const user = await newUser('expired');
+    for (const body of ['gone1', 'gone2']) {
+      await stack.server.offline.store(`${user}@localhost`, {
+        from: 'juliet@localhost/balcony',
+        storedAt: Date.now() - 31 * DAY_MS,
+        stanza: `<message xmlns='jabber:client' to='${user}@localhost' type='chat'><body>${body}</body></message>`,
+      });
+    }
+    // DynamoDB's TTL removes them late (and never decrements the counter).
+    expect(await stack.server.offline.count(`${user}@localhost`)).toBe(2);
+    const raw = await connect(user, 'e');
+    const { reply } = await exchange(raw, headersRequest());
+    // "If there are no offline messages for this user, the server MUST return an empty query as
+    // defined in XEP-0030."
+    const query = reply.getChild('query', DISCO_ITEMS);
+    expect(query?.attrs.node).toBe(OFFLINE);
+    expect(query?.children).toEqual([]);
+    // One fresh message: the whole inbox in one reply, the seed's plain list without a <set/>.
+    const [fresh] = await storeMessages(user, ['fresh']);
+    const again = (await exchange(raw, headersRequest())).reply;
+    expect(headerItems(again).map((i) => i.node)).toEqual([fresh?.id]);
+    expect(again.getChild('query', DISCO_ITEMS)?.getChild('set', RSM)).toBeUndefined();
+  });
+
   describe('with OFFLINE_QUOTA=3', () => {
     let small: TestStack;
     beforeAll(async () => {

@@ -193,7 +193,7 @@ describe('a paced XEP-0013 fetch', () => {
     expect(t.story('c3')).toEqual(['m1', 'm2', 'm5', 'm6', 'iq v1 result']);
   });
 
-  it('purge during a paced fetch: the fetch ends with its result, nothing more sent', async () => {
+  it('purge during a paced fetch: refused as out of order; the fetch sends every message, then its result', async () => {
     const t = await inbox(6);
     await t.login('c4');
     await t.enable('c4');
@@ -204,7 +204,20 @@ describe('a paced XEP-0013 fetch', () => {
       'c4-purge',
     );
     for (let i = 0; i < 4 && !t.story('c4').includes('iq f1 result'); i++) await t.ack('c4', `c4-a${i}`);
-    expect(t.story('c4')).toEqual(['m1', 'm2', 'iq p1 result', 'iq f1 result']);
+    // RFC 6120 §10.1: the stream's requests in order. XEP-0013 §2.5: "the server MUST retrieve
+    // all messages and inform the user"; done after it, the purge would remove what the fetch
+    // had not sent yet. RFC 6120 §8.3.3.22 <unexpected-request/>: "the request was out of order".
+    expect(t.story('c4')).toEqual(['m1', 'm2', 'iq p1 error', 'm3', 'm4', 'm5', 'm6', 'iq f1 result']);
+    const refusal = (t.port.frames.get('c4') ?? []).find((f) => f.includes('id="p1"')) as string;
+    expect(refusal).toContain('<error type="wait"><unexpected-request');
+    expect(await t.server.offline.count(t.user)).toBe(6);
+    // Asked again once the fetch is answered, it purges.
+    await t.frame(
+      'c4',
+      `<iq type='set' id='p2'><offline xmlns='${OFFLINE}'><purge/></offline></iq>`,
+      'c4-purge-again',
+    );
+    expect(t.story('c4').at(-1)).toBe('iq p2 result');
     expect(await t.server.offline.count(t.user)).toBe(0);
   });
 
@@ -269,7 +282,7 @@ describe('a paced XEP-0013 fetch', () => {
 });
 
 describe('more paced XEP-0013 probes', () => {
-  it('remove during a paced fetch: the removed are skipped, the rest once, then the result', async () => {
+  it('remove during a paced fetch: refused as out of order; every message once, then the result', async () => {
     const t = await inbox(6);
     const nodes = await t.ids();
     await t.login('e1');
@@ -285,10 +298,11 @@ describe('more paced XEP-0013 probes', () => {
       'e1-remove',
     );
     for (let i = 0; i < 4 && !t.story('e1').includes('iq f1 result'); i++) await t.ack('e1', `e1-a${i}`);
-    expect(t.story('e1')).toEqual(['m1', 'm2', 'iq r1 result', 'm5', 'm6', 'iq f1 result']);
+    expect(t.story('e1')).toEqual(['m1', 'm2', 'iq r1 error', 'm3', 'm4', 'm5', 'm6', 'iq f1 result']);
+    expect(await t.ids()).toEqual(nodes);
   });
 
-  it('purge during a paced view of three windows: the view is still answered', async () => {
+  it('purge during a paced view of three windows: refused as out of order; the view is answered whole', async () => {
     const t = await inbox(6);
     const nodes = await t.ids();
     await t.login('e2');
@@ -300,7 +314,8 @@ describe('more paced XEP-0013 probes', () => {
       'e2-purge',
     );
     for (let i = 0; i < 4 && !t.story('e2').includes('iq v1 result'); i++) await t.ack('e2', `e2-a${i}`);
-    expect(t.story('e2')).toEqual(['m1', 'm2', 'iq p1 result', 'iq v1 result']);
+    // XEP-0013 §2.3: "the server MUST send the requested message(s) plus an IQ result".
+    expect(t.story('e2')).toEqual(['m1', 'm2', 'iq p1 error', 'm3', 'm4', 'm5', 'm6', 'iq v1 result']);
   });
 
   it('a redelivered fetch iq frame: every message once and one result', async () => {
