@@ -663,11 +663,11 @@ async function pushPrefChange(
   );
   const defaultChanged = !sameMode(before.default, after.default);
   const pref = (): Element | undefined => {
-    // An item the change removed (0.5's OTR off with no item before) has no 0.9 form: left out.
-    const items = jids.flatMap((jid) => {
-      const mode = after.items[jid];
-      return mode ? [{ jid, mode }] : [];
-    });
+    // 0.9 §3.2: the server "MUST send any subsequent changes to any of the user's archiving
+    // preferences". An item the change removed (0.5's OTR off for a contact that had no item
+    // before) has no removal in the 0.9 seed: it goes as the item it now amounts to, the mode the
+    // contact follows (the default), so that no resource keeps a stale otr='require' for it.
+    const items = jids.map((jid) => ({ jid, mode: modeOf(after, jid) }));
     const methods = (Object.keys(after.methods) as MethodType[])
       .filter((type) => before.methods[type] !== after.methods[type])
       .map((type) => ({ type, use: after.methods[type] as string }));

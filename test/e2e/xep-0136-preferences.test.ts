@@ -380,6 +380,20 @@ describe('a change made through one draft, pushed to resources that asked in the
       { jid: 'tybalt@capulet.com', save: 'false' },
     ]);
 
+    // 0.5 <record otr='false'/> for that contact removes its item (it had none before): the 0.9
+    // resource is told the item it amounts to now, the default's modes, instead of keeping
+    // otr='require' ("MUST send any subsequent changes", 0.9 §3.2).
+    await exchange(
+      o,
+      `<iq type='set'><record xmlns='${ARCHIVE}' jid='tybalt@capulet.com' otr='false'/></iq>`,
+    );
+    const [offRecord] = await pushes(p, 1);
+    expect(attrsOf(offRecord?.getChild('pref', ARCHIVE), 'item')).toEqual([
+      { jid: 'tybalt@capulet.com', save: 'body', otr: 'allow' },
+    ]);
+    await pushes(s, 1);
+    expect((await stack.server.archive.getPrefs(bare)).items['tybalt@capulet.com']).toBeUndefined();
+
     // 0.9 <pref><item … save='false' otr='require'/></pref>: the OTR-aware resource gets a record.
     await ok(
       p,
