@@ -419,25 +419,44 @@ async function serve(
       return undefined;
     }
     case 'list': {
-      const page = await archive.listCollections(
+      // A 0.5 request (maxitems, or neither it nor <set/>) is continued from one second after
+      // the last collection's start: read one more, to end a cut page where that loses nothing.
+      const zeroFive = !decoded.page.present;
+      const fetched = await archive.listCollections(
         owner,
         { with: decoded.with, start: decoded.start, end: decoded.end },
-        { ...decoded.page, lastPage: decoded.page.lastPage },
+        {
+          ...decoded.page,
+          lastPage: decoded.page.lastPage,
+          ...(zeroFive ? { max: decoded.page.max + 1 } : {}),
+        },
       );
+      const page = zeroFive ? atMost(fetched, decoded.page.max, (header) => header.id) : fetched;
       return fitToPost(
         page,
-        (p) => encodeList(p, decoded),
+        (p) =>
+          encodeList(
+            zeroFive ? endBeforeContinuation(p, fetched.items, (header) => header.id, collectionsApart) : p,
+            decoded,
+          ),
         (header) => header.id,
         decoded.page,
       );
     }
     case 'retrieve': {
-      const page =
-        (await archive.retrieveMessages(owner, { with: decoded.with, start: decoded.start }, decoded.page)) ??
-        (decoded.page.present ? undefined : await continuePartial(server, owner, decoded));
-      if (!page) throw collectionNotFound();
-      const header = page.header;
-      const encode = async (p: Page<ArchivedEntry>) => {
+      const zeroFive = !decoded.page.present;
+      const asked = zeroFive ? { ...decoded.page, max: decoded.page.max + 1 } : decoded.page;
+      const fetched =
+        (await archive.retrieveMessages(owner, { with: decoded.with, start: decoded.start }, asked)) ??
+        (zeroFive ? await continuePartial(server, owner, { ...decoded, page: asked }) : undefined);
+      if (!fetched) throw collectionNotFound();
+      const header = fetched.header;
+      const uid = (entry: ArchivedEntry) => String(entry.seq);
+      const page = zeroFive ? { ...atMost(fetched, decoded.page.max, uid), header } : fetched;
+      const entriesApart = (last: ArchivedEntry, next: ArchivedEntry) =>
+        shownSecond(header.start, next.at) > shownSecond(header.start, last.at);
+      const encode = async (whole: Page<ArchivedEntry>) => {
+        const p = zeroFive ? endBeforeContinuation(whole, fetched.items, uid, entriesApart) : whole;
         const carried = p.items.flatMap((e) => (e.keyName ? [e.keyName] : []));
         // §8.2: "the server MUST return all the <EncryptedKey/> elements … whose symmetric key
         // name … is referenced"; with <KeyName/>s, "only those … whose public key name … is specified".
@@ -452,7 +471,7 @@ async function serve(
               );
         return encodeCollection(header, p, keys, decoded.page);
       };
-      return fitToPost(page, encode, (entry) => String(entry.seq), decoded.page);
+      return fitToPost(page, encode, uid, decoded.page);
     }
     case 'remove': {
       const filter = {
@@ -584,8 +603,13 @@ async function continuePartial(
   );
   const containing = before.items.filter((header) => header.with === request.with).at(-1);
   if (!containing) return undefined;
+  // The client adds the second to the time it read: the collection's start plus the `secs`,
+  // whole seconds of rounded offsets. The entries shown at that second or later follow (a cut
+  // page ends between two such seconds: endBeforeContinuation). A time between whole seconds
+  // (not one read off a reply) keeps everything from that time on, too.
+  const shown = Math.ceil((request.start - containing.start) / 1000);
   const page = await server.archive.retrieveMessages(owner, containing, request.page, {
-    atOrAfter: request.start,
+    atOrAfter: Math.min(request.start, containing.start + shown * 1000 - 500),
   });
   // A time after the collection's last entry lies in no collection: 0.9 §8.2 and 0.5 §4.3, "If
   // the collection does not exist then the server MUST return an <item-not-found/> error".
@@ -841,6 +865,44 @@ async function fitToPost<T>(
     const keep = Math.floor((current.items.length * REPLY_BUDGET) / bytes);
     current = shorten(current, Math.max(1, Math.min(current.items.length - 1, keep)), uid, backwards);
   }
+}
+
+/** The page cut to its first `max` items (a 0.5 reply read one more: endBeforeContinuation). */
+function atMost<T>(page: Page<T>, max: number, uid: (item: T) => string): Page<T> {
+  return page.items.length > max ? shorten(page, max, uid, false) : page;
+}
+
+/**
+ * XEP-0136 0.5 §4.3: a client continues a partial reply from "one second after the time of the
+ * last <from/> or <to/> element" (§4.2: "of the last collection") it received. A page cut where
+ * the next item is shown less than a second after its last would lose that item, so the page
+ * ends earlier, where the next item (the first left out, from `all`, the items read) is a second
+ * on (`apart`). A page whose every item is that close to the next is left as it is.
+ */
+function endBeforeContinuation<T>(
+  page: Page<T>,
+  all: readonly T[],
+  uid: (item: T) => string,
+  apart: (last: T, next: T) => boolean,
+): Page<T> {
+  let next = all[page.items.length];
+  if (next === undefined) return page;
+  let kept = page.items.length;
+  while (kept > 0 && !apart(page.items[kept - 1] as T, next)) {
+    next = page.items[kept - 1] as T;
+    kept -= 1;
+  }
+  return kept === 0 || kept === page.items.length ? page : shorten(page, kept, uid, false);
+}
+
+/** §5.2: an entry's time as a client reads it, the collection's start plus whole `secs`. */
+function shownSecond(start: number, at: number): number {
+  return Math.round((at - start) / 1000);
+}
+
+/** A list's next collection starts a second or more after the last: "one second after" finds it. */
+function collectionsApart(last: { start: number }, next: { start: number }): boolean {
+  return next.start >= last.start + 1000;
 }
 
 function shorten<T>(page: Page<T>, keep: number, uid: (item: T) => string, backwards: boolean): Page<T> {

@@ -518,6 +518,38 @@ describe('XEP-0136 0.9 §8.1 list with XEP-0059 paging', () => {
     expect(rest?.attrs.partial).toBeUndefined();
     expect(stores(rest).map((s) => s.attrs.start)).toEqual(starts.slice(3));
   });
+
+  it('0.5: a partial list ends where "one second after" its last start finds the next collection', async () => {
+    const { raw } = await romeo();
+    // Starts 0 s, 1 s, 1.5 s and 5 s after the base: the third is less than a second after the second.
+    const base = Date.UTC(1469, 6, 21, 3, 0, 0);
+    const starts = [0, 1000, 1500, 5000].map((offset) =>
+      new Date(base + offset).toISOString().replace('.000Z', 'Z'),
+    );
+    for (const [i, start] of starts.entries()) {
+      await ok(
+        raw,
+        `<iq type='set'><store xmlns='${ARCHIVE}' with='c${i}@capulet.com' start='${start}'><to secs='0'><body>m${i}</body></to></store></iq>`,
+      );
+    }
+    const seen: string[] = [];
+    let from: string | undefined;
+    for (let round = 0; round < 4; round++) {
+      const list = await ok(
+        raw,
+        `<iq type='get'><list xmlns='${ARCHIVE}' maxitems='2'${from ? ` start='${from}'` : ''}/></iq>`,
+      );
+      const got = stores(list).map((s) => s.attrs.start as string);
+      seen.push(...got);
+      if (list?.attrs.partial !== 'true') break;
+      // "set the value of the 'start' attribute to one second after the time of the last
+      // collection in the partial list".
+      from = new Date(Date.parse(got.at(-1) as string) + 1000).toISOString();
+    }
+    // Every collection once: the first page stopped before the 1 s one, whose next is closer
+    // than a second, instead of losing the 1.5 s one to the continuation.
+    expect(seen).toEqual(starts);
+  });
 });
 
 describe('XEP-0136 0.9 §8.2 retrieve with XEP-0059 paging', () => {
@@ -592,6 +624,23 @@ describe('XEP-0136 0.9 §8.2 retrieve with XEP-0059 paging', () => {
     expect(await condition(raw, retrieve('juliet@capulet.com/chamber', '2000-01-01T00:00:00Z'))).toBe(
       'item-not-found',
     );
+    // A page is cut where "one second after" its last entry finds the next one: lines 99 and 100
+    // of another collection are shown at the same second, so the first part ends at line 98.
+    const sameSecond = Array.from(
+      { length: 101 },
+      (_, i) => `<to secs='${i === 0 || i === 100 ? 0 : 1}'><body>line ${i}</body></to>`,
+    );
+    await ok(
+      raw,
+      `<iq type='set'><store xmlns='${ARCHIVE}' with='nurse@capulet.com/chamber' start='1469-07-21T03:00:00Z'>${sameSecond.join('')}</store></iq>`,
+    );
+    const part1 = await ok(raw, retrieve('nurse@capulet.com/chamber', '1469-07-21T03:00:00Z'));
+    expect(part1?.attrs.partial).toBe('true');
+    expect(bodies(part1).at(-1)).toBe('line 98');
+    // Line 98 is 98 s after the start: the remainder from 99 s holds lines 99 and 100.
+    const part2 = await ok(raw, retrieve('nurse@capulet.com/chamber', '1469-07-21T03:01:39Z'));
+    expect(bodies(part2)).toEqual(['line 99', 'line 100']);
+    expect(part2?.attrs.partial).toBeUndefined();
     // A 0.9 request (with <set/>) names a collection by its start: that time begins none.
     expect(
       await condition(raw, retrieve('juliet@capulet.com/chamber', '1469-07-21T02:57:55Z', '<max>10</max>')),
