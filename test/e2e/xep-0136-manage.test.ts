@@ -780,8 +780,14 @@ describe('XEP-0136 0.9 §8.3 remove', () => {
       `<iq type='set'><remove xmlns='${ARCHIVE}' start='0000-01-01T00:00:00Z' end='1469-07-21T04:00:00Z'/></iq>`,
     );
     expect(await list()).toEqual([]);
-    // "Removing all collections"
+    // A start alone (neither with nor end): the collections that start then, with any JID, not
+    // everything after it (the seed's range names both dates: "If the end date is in the future").
     await seed();
+    const seeded = await list();
+    await ok(raw, `<iq type='set'><remove xmlns='${ARCHIVE}' start='1469-07-21T02:56:15Z'/></iq>`);
+    expect(await list()).toEqual(seeded.filter((entry) => !entry.endsWith(' 1469-07-21T02:56:15Z')));
+    expect(seeded.length - (await list()).length).toBe(1);
+    // "Removing all collections"
     await ok(raw, `<iq type='set'><remove xmlns='${ARCHIVE}'/></iq>`);
     expect(await list()).toEqual([]);
     // "Unsuccessful reply": item-not-found.

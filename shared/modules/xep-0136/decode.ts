@@ -402,6 +402,12 @@ export function decodeRequest(type: 'get' | 'set', el: Element): ArchiveRequest 
         !open && bounds.with !== undefined && bounds.start !== undefined && bounds.end === undefined;
       if (open && (bounds.start !== undefined || bounds.end !== undefined))
         throw badRequest("open='true' removes what is being recorded, whatever its start");
+      // A start without an end or a with: the seed names a range only with both dates ("If the
+      // end date is in the future then all collections after the start date are removed"), and a
+      // single collection by its start. Removal cannot be undone, so this is the narrower reading:
+      // the collections with any JID that start at that time (the end is exclusive).
+      if (!open && bounds.with === undefined && bounds.start !== undefined && bounds.end === undefined)
+        return { kind: 'remove', ...bounds, end: bounds.start + 1, open, exact };
       return { kind: 'remove', ...bounds, open, exact };
     }
     case 'store': {
