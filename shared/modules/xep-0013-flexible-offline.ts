@@ -25,7 +25,10 @@ import { deliveredCopy, sendStored, startTransfer } from './xep-0160-offline-sto
 /** XEP-0013 §2.2: the well-known disco node of the offline message queue. */
 const NODE = NS.offline;
 
-/** Headers per page when the client does not say (`<max/>`), and the most it may ask for. */
+/**
+ * Headers per page when the client's `<set/>` has no `<max/>`, and the most it may ask for.
+ * Without `<set/>`, as many as one reply holds (`listWithin`).
+ */
 export const DEFAULT_HEADERS_PAGE = 100;
 export const MAX_HEADERS_PAGE = 250;
 /** Room kept for the iq wrapper, the `<query/>` and the `<set/>` around the items. */
@@ -205,12 +208,14 @@ export async function headersPage(
     server.offline.count(user),
     page.max === 0
       ? { messages: [] }
-      : server.offline.list(user, {
-          limit: page.max,
-          after: page.after,
-          before: page.before,
-          newestFirst: backwards,
-        }),
+      : !page.rsm
+        ? listWithin(server, user, budgetBytes)
+        : server.offline.list(user, {
+            limit: page.max,
+            after: page.after,
+            before: page.before,
+            newestFirst: backwards,
+          }),
   ]);
   // A listing from the start that reached the end is the inbox itself: the counter may still
   // count messages DynamoDB's TTL removed (recounted only at the quota), and §2.3's "If there are
@@ -235,6 +240,31 @@ export async function headersPage(
   if (page.lastPage) firstIndex = Math.max(0, count - messages.length);
   else if (!backwards && page.after === undefined) firstIndex = 0;
   return { messages, count, firstIndex };
+}
+
+/**
+ * XEP-0013 §2.3, a request without `<set/>`: "The server now MUST return headers for all of the
+ * user's offline messages", as many as one reply can carry: the inbox read oldest first, a
+ * Query of MAX_HEADERS_PAGE at a time, until the headers fill `budgetBytes` or the inbox ends.
+ */
+async function listWithin(
+  server: Server,
+  user: string,
+  budgetBytes: number,
+): Promise<{ messages: OfflineMessage[]; next?: string }> {
+  const messages: OfflineMessage[] = [];
+  let bytes = 0;
+  let after: string | undefined;
+  for (;;) {
+    const listed = await server.offline.list(user, {
+      limit: MAX_HEADERS_PAGE,
+      ...(after === undefined ? {} : { after }),
+    });
+    messages.push(...listed.messages);
+    for (const message of listed.messages) bytes += Buffer.byteLength(headerItem(user, message).toString());
+    if (listed.next === undefined || bytes > budgetBytes) return { messages, next: listed.next };
+    after = listed.next;
+  }
 }
 
 /** What a headers reply may spend on items: the message limit less everything around them. */
