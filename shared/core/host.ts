@@ -394,11 +394,13 @@ export interface DeliveryOptions {
    */
   answer?: boolean;
   /**
-   * Another entity's answer to the recipient's own request (an iq result or error routed to it,
-   * or an error the server bounces to a stanza's local sender): taken past the bound within the
-   * same margin as `answer`, so a client slow to acknowledge a burst still gets the results it
-   * asked for. Past the margin it is refused as anything else ('full'; the recipient's stream
-   * ends when it has been silent past SM_ACK_TIMEOUT_SECONDS), never the sender's stream.
+   * Another entity's answer to the recipient's request (an iq result or error routed to it, or an
+   * error the server bounces to a stanza's local sender): taken past the count bound within a
+   * margin of its own (REPLY_MARGIN, below the stream's own answers'), but not past the byte
+   * bound, so a client slow to acknowledge a burst still gets the results it asked for and nobody
+   * can use unasked results to fill another stream's queue. Past that it is refused as anything
+   * else ('full'; the recipient's stream ends when it has been silent past
+   * SM_ACK_TIMEOUT_SECONDS), never the sender's stream.
    */
   reply?: boolean;
   /**

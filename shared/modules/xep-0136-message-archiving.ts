@@ -58,6 +58,7 @@ import {
   resolveEntryTimes,
   startsNewCollection,
   threadOf,
+  timeAttribute,
 } from './xep-0136/collections.ts';
 import {
   ARCHIVE_FEATURES,
@@ -453,7 +454,10 @@ async function serve(
       const header = fetched.header;
       const uid = (entry: ArchivedEntry) => String(entry.seq);
       const page = zeroFive ? { ...atMost(fetched, decoded.page.max, uid), header } : fetched;
+      // A page never ends on an entry shown with `utc` (its exact time, not whole seconds from
+      // the start): the continuation from a second after it could pass the next entry by.
       const entriesApart = (last: ArchivedEntry, next: ArchivedEntry) =>
+        !('utc' in timeAttribute(header.start, last)) &&
         shownSecond(header.start, next.at) > shownSecond(header.start, last.at);
       const encode = async (whole: Page<ArchivedEntry>) => {
         const p = zeroFive ? endBeforeContinuation(whole, fetched.items, uid, entriesApart) : whole;

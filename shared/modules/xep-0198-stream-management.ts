@@ -324,7 +324,7 @@ async function deliverToSmSession(
     entry,
     token,
     mark,
-    options.answer || options.reply,
+    options.answer ? 'answer' : options.reply ? 'reply' : undefined,
     options.attachedTo,
   );
   // The group's hold, whoever of its appends took it and whatever this one's outcome: the group
@@ -888,11 +888,20 @@ const MARK_ATTEMPTS = 3;
 
 /**
  * How many stanzas past SM_QUEUE_MAX (and past the byte bound's congestion, up to DynamoDB's
- * item size) a queue takes of the stream's own answers to its client (DeliveryOptions.answer)
- * and of other entities' answers to its requests (DeliveryOptions.reply): a client slow to
- * acknowledge a burst from its contacts still gets its iq results.
+ * item size) a queue takes of the stream's own answers to its client (DeliveryOptions.answer),
+ * on top of REPLY_MARGIN: a client slow to acknowledge a burst from its contacts still gets its
+ * iq results.
  */
 export const ANSWER_MARGIN = 50;
+
+/**
+ * How many stanzas past SM_QUEUE_MAX a queue takes of other entities' iq results and errors to
+ * it (DeliveryOptions.reply), within the byte bound: nothing tells a result the recipient asked
+ * for from one it did not, so they get a margin of their own, below the stream's own answers'
+ * (which stay ANSWER_MARGIN above it), and never past the bytes: another user cannot fill the
+ * room the stream's answers need, nor grow its queue toward DynamoDB's item size.
+ */
+export const REPLY_MARGIN = 20;
 
 /**
  * Appends to the queue; an append that failed in a way that may have written it (a 500 after
@@ -906,11 +915,15 @@ async function appendOnce(
   entry: SmEntry,
   poster?: string,
   mark?: SenderMark,
-  answer?: boolean,
+  margin?: 'answer' | 'reply',
   attachedTo?: string,
 ): Promise<AppendResult | { kind: 'found'; item: SmQueueItem }> {
-  const bound = server.config.smQueueMax + (answer ? ANSWER_MARGIN : 0);
+  const bound =
+    server.config.smQueueMax +
+    (margin === 'answer' ? REPLY_MARGIN + ANSWER_MARGIN : margin === 'reply' ? REPLY_MARGIN : 0);
   try {
+    // Past the byte bound's congestion: only the stream's own answers.
+    const answer = margin === 'answer';
     return await server.smQueue.append(smId, entry, bound, poster, mark, answer, attachedTo);
   } catch (error) {
     if (entry.k === undefined || !isTransient(error)) throw error;

@@ -7,7 +7,12 @@ import { Element, parse } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RawClient } from '../../infra/local/raw-client.ts';
 import { sweep } from '../../shared/core/lifecycle.ts';
-import { ANSWER_MARGIN, counter, unwrap } from '../../shared/modules/xep-0198-stream-management.ts';
+import {
+  ANSWER_MARGIN,
+  counter,
+  REPLY_MARGIN,
+  unwrap,
+} from '../../shared/modules/xep-0198-stream-management.ts';
 import type { ConnectionPort } from '../../shared/outbound.ts';
 import { MAY_QUEUE_AFTER_PRESENCE_MS, type SessionStore } from '../../shared/store/sessions.ts';
 import { PROBE_AFTER_MS } from '../../shared/store/sm-queue.ts';
@@ -1699,7 +1704,9 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
     expect(bounce.getChild('error')?.getChild('service-unavailable', STANZAS)).toBeDefined();
     // A client that never acknowledges has its stream ended once even the answers' margin is
     // used: every request before is answered, none is dropped.
-    for (let i = 0; i < ANSWER_MARGIN; i++)
+    // (Its answers' room is ANSWER_MARGIN above the REPLY_MARGIN other entities' results get.)
+    const margin = REPLY_MARGIN + ANSWER_MARGIN;
+    for (let i = 0; i < margin; i++)
       poor.send(`<iq type='get' id='more-${i}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
     const answered: string[] = [];
     for (;;) {
@@ -1710,8 +1717,8 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
         break;
       }
     }
-    // 3 messages + 2 answers above + 48 more fill SM_QUEUE_MAX + ANSWER_MARGIN; the next ends it.
-    expect(answered).toEqual(Array.from({ length: ANSWER_MARGIN - 2 }, (_, i) => `more-${i}`));
+    // 3 messages + 2 answers above + 68 more fill SM_QUEUE_MAX + both margins; the next ends it.
+    expect(answered).toEqual(Array.from({ length: margin - 2 }, (_, i) => `more-${i}`));
   });
 
   it('delivers another entity’s iq result to a requester whose queue is full (RFC 6121 §8.5.3.1)', async () => {
@@ -1742,6 +1749,40 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
     // Rich's stream is not the one that ends for it.
     expect(await rich.framesBeforePong()).toEqual([]);
     expect(poor.isClosed).toBe(false);
+  });
+
+  it('takes only REPLY_MARGIN of results nobody asked for past a full queue, keeping the room its own answers need', async () => {
+    for (const user of ['vic', 'mal']) await small.addUser(`${user}@localhost`, `${user}-pw`);
+    const vic = await RawClient.connect(small.url);
+    raws.push(vic);
+    await vic.login('vic', 'vic-pw', 'home');
+    vic.send(`<enable xmlns='${SM3}' resume='true'/>`);
+    await vic.next();
+    const mal = await RawClient.connect(small.url);
+    raws.push(mal);
+    await mal.login('mal', 'mal-pw', 'den');
+    for (let i = 1; i <= 3; i++)
+      mal.send(`<message to='vic@localhost/home' type='chat' id='fill${i}'><body>${i}</body></message>`);
+    for (let i = 1; i <= 3; i++) await vic.until((el) => el.name === 'message' && el.attrs.id === `fill${i}`);
+    // Results vic never asked for: only REPLY_MARGIN go in past the bound, the rest are dropped.
+    for (let i = 0; i < REPLY_MARGIN + 10; i++)
+      mal.send(`<iq type='result' id='unasked-${i}' to='vic@localhost/home'/>`);
+    await small.gateway.drained();
+    // Vic's own requests are still answered (its answers' margin is untouched), its stream open.
+    vic.send(`<iq type='get' id='own' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    const got: string[] = [];
+    for (;;) {
+      const el = await vic.next();
+      if (el.name !== 'iq') continue;
+      if (el.attrs.id === 'own') {
+        expect(el.attrs.type).toBe('result');
+        break;
+      }
+      got.push(el.attrs.id);
+    }
+    expect(got).toEqual(Array.from({ length: REPLY_MARGIN }, (_, i) => `unasked-${i}`));
+    expect(vic.isClosed).toBe(false);
+    expect(await mal.framesBeforePong()).toEqual([]);
   });
 
   it('gives a message to the bare JID to the resources that can take it when one’s queue is full (RFC 6121 §8.5.2.1.1)', async () => {

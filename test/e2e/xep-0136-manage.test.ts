@@ -641,6 +641,21 @@ describe('XEP-0136 0.9 §8.2 retrieve with XEP-0059 paging', () => {
     const part2 = await ok(raw, retrieve('nurse@capulet.com/chamber', '1469-07-21T03:01:39Z'));
     expect(bodies(part2)).toEqual(['line 99', 'line 100']);
     expect(part2?.attrs.partial).toBeUndefined();
+    // Nor on an entry shown with its exact `utc` time (line 99, 98.3 s after the start): "one
+    // second after" it would pass line 100, 99 s after the start, by.
+    const withUtc = Array.from({ length: 101 }, (_, i) =>
+      i === 99
+        ? `<to utc='1469-07-21T03:11:38.300Z'><body>line 99</body></to>`
+        : `<to secs='${i === 0 ? 0 : 1}'><body>line ${i}</body></to>`,
+    );
+    await ok(
+      raw,
+      `<iq type='set'><store xmlns='${ARCHIVE}' with='nurse@capulet.com/garden' start='1469-07-21T03:10:00Z'>${withUtc.join('')}</store></iq>`,
+    );
+    const utc1 = await ok(raw, retrieve('nurse@capulet.com/garden', '1469-07-21T03:10:00Z'));
+    expect(bodies(utc1).at(-1)).toBe('line 97');
+    const utc2 = await ok(raw, retrieve('nurse@capulet.com/garden', '1469-07-21T03:11:38Z'));
+    expect(bodies(utc2)).toEqual(['line 98', 'line 99', 'line 100']);
     // A 0.9 request (with <set/>) names a collection by its start: that time begins none.
     expect(
       await condition(raw, retrieve('juliet@capulet.com/chamber', '1469-07-21T02:57:55Z', '<max>10</max>')),
