@@ -1722,14 +1722,9 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
   });
 
   it('delivers another entity’s iq result to a requester whose queue is full (RFC 6121 §8.5.3.1)', async () => {
-    const poor = await RawClient.connect(small.url);
-    raws.push(poor);
-    await poor.login('poor', 'poor-pw', 'vault');
-    poor.send(`<enable xmlns='${SM3}' resume='true'/>`);
-    await poor.next();
-    const rich = await RawClient.connect(small.url);
-    raws.push(rich);
-    await rich.login('rich', 'rich-pw', 'bank');
+    const poor = await raw('poor', 'vault', small);
+    await enable(poor);
+    const rich = await raw('rich', 'bank', small);
     for (let i = 1; i <= 3; i++)
       rich.send(`<message to='poor@localhost/vault' type='chat' id='v${i}'><body>coin ${i}</body></message>`);
     for (let i = 1; i <= 3; i++) await poor.until((el) => el.name === 'message' && el.attrs.id === `v${i}`);
@@ -1753,14 +1748,9 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
 
   it('takes only REPLY_MARGIN of results nobody asked for past a full queue, keeping the room its own answers need', async () => {
     for (const user of ['vic', 'mal']) await small.addUser(`${user}@localhost`, `${user}-pw`);
-    const vic = await RawClient.connect(small.url);
-    raws.push(vic);
-    await vic.login('vic', 'vic-pw', 'home');
-    vic.send(`<enable xmlns='${SM3}' resume='true'/>`);
-    await vic.next();
-    const mal = await RawClient.connect(small.url);
-    raws.push(mal);
-    await mal.login('mal', 'mal-pw', 'den');
+    const vic = await raw('vic', 'home', small);
+    await enable(vic);
+    const mal = await raw('mal', 'den', small);
     for (let i = 1; i <= 3; i++)
       mal.send(`<message to='vic@localhost/home' type='chat' id='fill${i}'><body>${i}</body></message>`);
     for (let i = 1; i <= 3; i++) await vic.until((el) => el.name === 'message' && el.attrs.id === `fill${i}`);
@@ -1789,21 +1779,14 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
     // Two resources of equal priority; the first in the table's order has a full queue. (Users of
     // their own: nothing stored for them floods in.)
     for (const user of ['penny', 'buck']) await small.addUser(`${user}@localhost`, `${user}-pw`);
-    const slow = await RawClient.connect(small.url);
-    raws.push(slow);
-    await slow.login('penny', 'penny-pw', 'a-slow');
-    slow.send(`<enable xmlns='${SM3}' resume='true'/>`);
-    await slow.next();
+    const slow = await raw('penny', 'a-slow', small);
+    await enable(slow);
     slow.send('<presence/>');
     await slow.until((el) => el.name === 'presence' && el.attrs.from === 'penny@localhost/a-slow');
-    const phone = await RawClient.connect(small.url);
-    raws.push(phone);
-    await phone.login('penny', 'penny-pw', 'b-phone');
+    const phone = await raw('penny', 'b-phone', small);
     phone.send('<presence/>');
     await phone.until((el) => el.name === 'presence' && el.attrs.from === 'penny@localhost/b-phone');
-    const buck = await RawClient.connect(small.url);
-    raws.push(buck);
-    await buck.login('buck', 'buck-pw', 'coins');
+    const buck = await raw('buck', 'coins', small);
     // Filled to the bound (presences may take part of it): at least the last of these is refused.
     for (let i = 1; i <= 4; i++)
       buck.send(`<message to='penny@localhost/a-slow' type='chat' id='f${i}'><body>${i}</body></message>`);
