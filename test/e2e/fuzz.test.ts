@@ -153,6 +153,11 @@ describe.each(SEEDS)('fuzz seed %i', (seed) => {
   const outcomes = new Map<string, number>();
   let unanswered: string[] = [];
 
+  /** What each fuzzer sent with an id: who sent it, and to whom. */
+  const sentById = new Map<string, { user: string; to?: string; xml: string }>();
+  /** The account a JID names (RFC 7622: domain and localpart compare case-insensitively here). */
+  const accountOf = (jid: string) => (jid.split('/')[0] ?? '').toLowerCase();
+
   /** Values from the server's answers to any seat, which every fuzzer may then use. */
   const harvest = new Map<string, string[]>();
   const keep = (name: string, value: string | undefined) => {
@@ -231,6 +236,20 @@ describe.each(SEEDS)('fuzz seed %i', (seed) => {
     }
     if (!['iq', 'message', 'presence'].includes(el.name)) return true;
     if (seat.sm) seat.inbound += 1;
+    // RFC 6120 §10: a stanza reaches the account it is addressed to (its sender's own when it
+    // has no 'to'); an error goes back to the sender. An iq without 'to' is the server's to
+    // answer, never a client's.
+    const origin = el.attrs.id === undefined ? undefined : sentById.get(el.attrs.id);
+    const request = el.name === 'iq' && (el.attrs.type === 'get' || el.attrs.type === 'set');
+    if (origin && (el.name === 'message' || request)) {
+      const addressee =
+        origin.to === undefined ? (el.name === 'iq' ? DOMAIN : origin.user) : accountOf(origin.to);
+      const allowed = el.attrs.type === 'error' ? [origin.user, addressee] : [addressee];
+      if (!allowed.includes(seat.user))
+        failures.push(
+          `${seat.user} received what ${origin.user} sent to ${origin.to}: ${origin.xml.slice(0, 300)}`,
+        );
+    }
     if (el.name !== 'iq') return true;
     const { type, id, from } = el.attrs;
     if (type === 'result' || type === 'error') {
@@ -323,6 +342,12 @@ describe.each(SEEDS)('fuzz seed %i', (seed) => {
         seat.pending.set(stanza.expectsResponse, stanza.label);
         seat.sent.set(stanza.expectsResponse, stanza.xml);
       }
+      if (stanza.id)
+        sentById.set(stanza.id, {
+          user: seat.user,
+          xml: stanza.xml,
+          ...(stanza.to !== undefined ? { to: stanza.to } : {}),
+        });
       seat.last = stanza.xml;
       seat.client.send(stanza.xml);
       if (i % 4 === 3) for (const each of seats) await settle(each);

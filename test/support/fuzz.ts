@@ -40,6 +40,9 @@ export interface FuzzStanza {
   expectsResponse?: string;
   /** What it is, for a failure's message. */
   label: string;
+  /** Its id, if it has one, and the JID it is addressed to, if any (as sent, unescaped). */
+  id?: string;
+  to?: string;
 }
 
 export const NS = {
@@ -76,6 +79,10 @@ export function escapeXml(text: string): string {
     .replace(/>/g, '&gt;')
     .replace(/'/g, '&apos;')
     .replace(/"/g, '&quot;');
+}
+
+function toAttr(to: string | undefined): string {
+  return to === undefined ? '' : ` to='${escapeXml(to)}'`;
 }
 
 export class StanzaFuzzer {
@@ -415,8 +422,8 @@ export class StanzaFuzzer {
   }
 
   /** Mostly the sender's own account (no 'to'), where the requests are served. */
-  private to(): string {
-    return this.chance(0.6) ? '' : ` to='${escapeXml(this.jid())}'`;
+  private target(): string | undefined {
+    return this.chance(0.6) ? undefined : this.jid();
   }
 
   private nextId(): string {
@@ -432,12 +439,18 @@ export class StanzaFuzzer {
     const payload = request.payload;
     const error =
       type === 'error' ? `<error type='cancel'><item-not-found xmlns='${NS.stanzas}'/></error>` : '';
-    const to = this.to();
-    const xml = `<iq type='${type}' id='${id}'${to}>${payload}${error}</iq>`;
+    const to = this.target();
+    const xml = `<iq type='${type}' id='${id}'${toAttr(to)}>${payload}${error}</iq>`;
     const answered = type === 'get' || type === 'set';
     const what = /^<([a-zA-Z]+) xmlns='([^']*)'/.exec(payload);
     const label = `iq ${type} ${what ? `${what[2]?.split(/[/:#]/).pop()}:${what[1]}` : 'empty'}${to ? ' to' : ''}`;
-    return { xml, label, ...(answered ? { expectsResponse: id } : {}) };
+    return {
+      xml,
+      label,
+      id,
+      ...(to !== undefined ? { to } : {}),
+      ...(answered ? { expectsResponse: id } : {}),
+    };
   }
 
   private message(): FuzzStanza {
@@ -454,8 +467,14 @@ export class StanzaFuzzer {
     if (this.chance(0.1)) children += `<request xmlns='urn:xmpp:receipts'/>`;
     if (type === 'error')
       children += `<error type='cancel'><service-unavailable xmlns='${NS.stanzas}'/></error>`;
-    const id = this.chance(0.8) ? ` id='${this.nextId()}'` : '';
-    return { xml: `<message${typeAttr}${id}${this.to()}>${children}</message>`, label: `message ${type}` };
+    const id = this.chance(0.8) ? this.nextId() : undefined;
+    const to = this.target();
+    return {
+      xml: `<message${typeAttr}${id ? ` id='${id}'` : ''}${toAttr(to)}>${children}</message>`,
+      label: `message ${type}`,
+      ...(id ? { id } : {}),
+      ...(to !== undefined ? { to } : {}),
+    };
   }
 
   private presence(): FuzzStanza {
