@@ -14,8 +14,11 @@
  *   tombstone left.
  *
  * - The resource rows of its sessions: nothing is routed to them any more (a message to the JID
- *   is answered as for any JID without an account); the streams themselves run until they end
- *   (this command cannot post or close), and cannot log in again. Its last unavailable presence
+ *   is answered as for any JID without an account). Their connections are marked revoked: this
+ *   command cannot post or close, so each open stream ends at its next frame, with
+ *   the stream error `<not-authorized/>` ("Account deleted"), and whatever that frame carried is
+ *   not handled; a client that sends nothing is cut by API
+ *   Gateway's idle timeout (10 minutes) and cannot log in again. Its last unavailable presence
  *   (what a contact's probe is answered with, RFC 6121 §4.3.2) goes too.
  *
  * Run again for a JID whose credentials are gone already (an earlier run that failed part-way),
@@ -62,6 +65,9 @@ export async function deleteAccount(
   }
   let sessions = 0;
   for (const resource of await stores.sessions.listResources(jid)) {
+    // The open stream ends at its next frame (a stream error): it may not go on sending as the
+    // account, nor keep its XEP-0198 session for a resume.
+    await stores.sessions.revokeConnection(resource.connectionId);
     if (await stores.sessions.releaseResource(jid, resource.resource, resource.connectionId)) sessions += 1;
   }
   // What the account's contacts would be told of its last unavailable presence (RFC 6121 §4.3.2):

@@ -38,7 +38,8 @@ const USAGE = `Usage: npm run user -- [--stack <name>] [--region <region>] <comm
   passwd <bare-jid> <password>   change an account's password
   delete <bare-jid>              remove an account and what it owned: its roster (every
                                  subscription cancelled on the contacts' side too), its
-                                 offline messages and its message archive
+                                 offline messages and its message archive; its open
+                                 streams end at their next frame (<not-authorized/>)
   list                           print every account's JID
   sessions                       print every online session (bound resource)
   offline <bare-jid>             print how many offline messages wait for an account

@@ -493,6 +493,14 @@ async function handleFrame(stream: XmppStream, event: StreamEvent): Promise<void
     await stream.save();
     return;
   }
+  if (stream.state.revoked && stream.state.user) {
+    // Its account was deleted while the stream was open (infra/account-deletion.ts): the identity
+    // it authenticated as is gone, so it ends here with RFC 6120 §4.9.3.12's <not-authorized/>
+    // (the frame is not handled: nothing more is sent as the account).
+    server.log.info('frame of a deleted account: stream ended', { connectionId: event.connectionId });
+    await stream.fail(new StreamError('not-authorized', 'Account deleted'));
+    return;
+  }
   try {
     chargeRate(stream, event);
     checkAuthTime(stream, event);

@@ -231,6 +231,11 @@ export interface ConnectionState {
   /** XEP-0198: a resume on another connection took this stream's session over (see fenceConnection). */
   fenced?: boolean;
   /**
+   * The stream's account was deleted while it was open (revokeConnection): its next frame ends it
+   * with a stream error instead of being handled.
+   */
+  revoked?: boolean;
+  /**
    * The connection's own frame ended its stream (`</close>`, a stream error): the frames its
    * client sent before the socket closed are not a new stream's, they are dropped, and the row
    * expires (core/lifecycle.ts, `ownEnd`).
@@ -496,6 +501,11 @@ export interface SessionStore {
    * being counted) succeeds, and returns the row as it is then; undefined when it is gone.
    */
   fenceConnection(connectionId: string): Promise<ConnectionState | undefined>;
+  /**
+   * Account deletion: marks an open connection's row so that its stream handles no further frame
+   * (its next one ends it); false when the row is gone (the connection ended).
+   */
+  revokeConnection(connectionId: string): Promise<boolean>;
   deleteConnection(connectionId: string): Promise<void>;
   listResources(user: string): Promise<ResourceRecord[]>;
   /**
@@ -673,6 +683,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     directedTo: item.directedTo as string[] | undefined,
     rate: item.rate as RateBucket | undefined,
     fenced: item.fenced as boolean | undefined,
+    ...(item.revoked === true ? { revoked: true } : {}),
     ...(item.ended === true ? { ended: true } : {}),
     countedFrame: item.countedFrame as string | undefined,
     countedSeq: item.countedSeq as string | undefined,
@@ -975,6 +986,24 @@ export function createSessionStore(
         return Attributes ? toConnection(Attributes) : undefined;
       } catch (error) {
         if (isConditionFailure(error)) return undefined;
+        throw error;
+      }
+    },
+
+    async revokeConnection(connectionId) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: connKey(connectionId),
+            UpdateExpression: 'SET revoked = :yes',
+            ConditionExpression: 'attribute_exists(pk)',
+            ExpressionAttributeValues: { ':yes': true },
+          }),
+        );
+        return true;
+      } catch (error) {
+        if (isConditionFailure(error)) return false;
         throw error;
       }
     },

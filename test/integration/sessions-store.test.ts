@@ -117,6 +117,20 @@ describe('connections', () => {
     expect(await sessions.getConnection(fresh('never'))).toBeUndefined();
   });
 
+  it("revokes an open connection's row (account deletion), keeps the mark through later saves, and never writes a row that is gone", async () => {
+    const id = fresh('revoked');
+    await sessions.createConnection(id, Date.now());
+    await sessions.updateConnection(id, { user: 'gone@localhost', streamOpen: true });
+    expect(await sessions.revokeConnection(id)).toBe(true);
+    // A frame in flight saves its state after the mark: the mark stays.
+    await sessions.updateConnection(id, { doneSeq: '7' });
+    expect(await sessions.getConnection(id)).toMatchObject({ revoked: true, user: 'gone@localhost' });
+
+    const ended = fresh('ended');
+    expect(await sessions.revokeConnection(ended)).toBe(false);
+    expect(await rawItem(`conn#${ended}`, 'conn')).toBeUndefined();
+  });
+
   it('sets the TTL attribute to connectedAt + CONNECTION_TTL_SECONDS', async () => {
     const id = fresh('ttl');
     const connectedAt = Date.now() - 5000;

@@ -1,0 +1,104 @@
+/**
+ * An account deleted while its streams are open (`npm run user -- delete`, infra/account-deletion.ts):
+ * the command cannot post or close sockets, so it marks the streams' connections revoked, and each
+ * stream ends at its next frame with the stream error `<not-authorized/>` (RFC 6120 §4.9.3.12:
+ * the entity "is not authorized to perform an action related to stream negotiation"; the
+ * identity it authenticated as is gone). What that frame carried is not handled: nothing more is
+ * sent as the deleted account, and its XEP-0198 session cannot be resumed (a resume needs a login).
+ */
+import type { Element } from 'ltx';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { deleteAccount } from '../../infra/account-deletion.ts';
+import { RawClient } from '../../infra/local/raw-client.ts';
+import { startTestStack, type TestStack } from '../support/stack.ts';
+
+const STREAMS = 'urn:ietf:params:xml:ns:xmpp-streams';
+const SM3 = 'urn:xmpp:sm:3';
+
+let stack: TestStack;
+const clients: RawClient[] = [];
+
+beforeAll(async () => {
+  stack = await startTestStack();
+  for (const user of ['ava', 'ben', 'cid', 'dee']) await stack.addUser(`${user}@localhost`, `${user}-pw`);
+});
+
+afterAll(async () => {
+  for (const client of clients) client.terminate();
+  await stack?.close();
+});
+
+async function bound(user: string, resource: string): Promise<RawClient> {
+  const client = await RawClient.connect(stack.url);
+  clients.push(client);
+  await client.login(user, `${user}-pw`, resource);
+  client.send('<presence/>');
+  await client.framesBeforePong();
+  return client;
+}
+
+function streamCondition(el: Element): string | undefined {
+  return el.getChildElements().find((c) => c.attrs.xmlns === STREAMS)?.name;
+}
+
+/** Every frame up to the socket's close. */
+async function framesToClose(client: RawClient): Promise<Element[]> {
+  const frames: Element[] = [];
+  for (;;) {
+    try {
+      frames.push(await client.next(10_000));
+    } catch (error) {
+      if (client.isClosed) return frames;
+      throw error;
+    }
+  }
+}
+
+describe('an account deleted while its streams are open', () => {
+  it('ends each stream at its next frame with <not-authorized/>, and sends nothing it carried', async () => {
+    const ava = await bound('ava', 'phone');
+    const ben = await bound('ben', 'desk');
+    const deleted = await deleteAccount(stack.server, 'ava@localhost', 'localhost');
+    expect(deleted.sessions).toBe(1);
+
+    ava.send(`<message type='chat' to='ben@localhost' id='after'><body>sent after deletion</body></message>`);
+    const frames = await framesToClose(ava);
+    expect(frames.map((f) => f.name)).toEqual(['stream:error', 'close']);
+    expect(streamCondition(frames[0] as Element)).toBe('not-authorized');
+    expect(frames[0]?.getChildText('text', STREAMS)).toBe('Account deleted');
+    expect((await ava.closed).code).toBe(1000);
+
+    await stack.gateway.drained();
+    // The message never left: ben got nothing from ava.
+    expect((await ben.framesBeforePong()).filter((f) => f.includes('sent after deletion'))).toEqual([]);
+  });
+
+  it('ends a stream-management session the same way, and it cannot be resumed', async () => {
+    const cid = await bound('cid', 'laptop');
+    cid.send(`<enable xmlns='${SM3}' resume='true'/>`);
+    const enabled = await cid.next();
+    expect(enabled.name).toBe('enabled');
+    await deleteAccount(stack.server, 'cid@localhost', 'localhost');
+
+    cid.send(`<r xmlns='${SM3}'/>`);
+    const frames = await framesToClose(cid);
+    expect(frames.map((f) => (f.name === 'stream:error' ? streamCondition(f) : f.name))).toEqual([
+      'not-authorized',
+      'close',
+    ]);
+    // A resume starts with a login, which the deleted account no longer has.
+    const again = await RawClient.connect(stack.url);
+    clients.push(again);
+    await expect(again.login('cid', 'cid-pw', 'laptop')).rejects.toThrow(/not-authorized/);
+  });
+
+  it("leaves other accounts' streams alone", async () => {
+    const dee = await bound('dee', 'tablet');
+    const ben = await bound('ben', 'second');
+    await deleteAccount(stack.server, 'dee@localhost', 'localhost');
+    ben.send(`<message type='chat' to='ben@localhost/second' id='self'><body>still here</body></message>`);
+    const before = await ben.framesBeforePong();
+    expect(before.some((f) => f.includes('still here'))).toBe(true);
+    dee.close();
+  });
+});
