@@ -78,6 +78,12 @@ describe('an account deleted while its streams are open', () => {
     cid.send(`<enable xmlns='${SM3}' resume='true'/>`);
     const enabled = await cid.next();
     expect(enabled.name).toBe('enabled');
+    // A message in cid's queue, received but never acknowledged when the account goes.
+    const ben = await bound('ben', 'queue');
+    ben.send(
+      `<message type='chat' to='cid@localhost/laptop' id='queued'><body>unacknowledged</body></message>`,
+    );
+    expect((await cid.until((el) => el.attrs.id === 'queued')).getChildText('body')).toBe('unacknowledged');
     await deleteAccount(stack.server, 'cid@localhost', 'localhost');
 
     cid.send(`<r xmlns='${SM3}'/>`);
@@ -86,6 +92,14 @@ describe('an account deleted while its streams are open', () => {
       'not-authorized',
       'close',
     ]);
+    // XEP-0198 §5: the session's unacknowledged stanzas are handled as for an unavailable
+    // recipient; the account is gone, so the sender gets the error (RFC 6121 §8.5.2.2.1's
+    // service-unavailable), and nothing is stored for the deleted JID.
+    await stack.gateway.drained();
+    const bounce = await ben.until((el) => el.name === 'message' && el.attrs.id === 'queued');
+    expect(bounce.attrs.type).toBe('error');
+    expect(bounce.getChild('error')?.getChild('service-unavailable')).toBeDefined();
+    expect((await stack.server.offline.list('cid@localhost', { limit: 10 })).messages).toEqual([]);
     // A resume starts with a login, which the deleted account no longer has.
     const again = await RawClient.connect(stack.url);
     clients.push(again);
