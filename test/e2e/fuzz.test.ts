@@ -374,6 +374,43 @@ describe.each(SEEDS)('fuzz seed %i', (seed) => {
     expect(errorLines).toEqual([]);
   });
 
+  it('keeps both sides of every subscription between local accounts in step (RFC 6121 Appendix A)', async () => {
+    // A.2/A.3: each change of a subscription between two local accounts moves both sides at once
+    // (one transaction here): "To" or "Both" at the user is "From" or "Both" at the contact, and
+    // a request pending out at one is pending in at the other.
+    const accounts = [...USERS, KEEPER];
+    const sides = new Map<string, Map<string, { to: boolean; from: boolean; out: boolean; in: boolean }>>();
+    for (const user of accounts) {
+      const roster = await stack.server.roster.getRoster(user);
+      const side = new Map<string, { to: boolean; from: boolean; out: boolean; in: boolean }>();
+      for (const entry of [...roster.items, ...roster.pendingIn]) {
+        side.set(entry.contact, {
+          to: entry.subscription === 'to' || entry.subscription === 'both',
+          from: entry.subscription === 'from' || entry.subscription === 'both',
+          out: entry.pendingOut,
+          in: entry.pendingIn !== undefined,
+        });
+      }
+      sides.set(user, side);
+    }
+    const none = { to: false, from: false, out: false, in: false };
+    const mismatches: string[] = [];
+    let related = 0;
+    for (const user of accounts) {
+      for (const contact of accounts) {
+        if (user === contact) continue;
+        const mine = sides.get(user)?.get(contact) ?? none;
+        const theirs = sides.get(contact)?.get(user) ?? none;
+        if (mine.to || mine.out) related += 1;
+        if (mine.to !== theirs.from) mismatches.push(`${user} to=${mine.to}, ${contact} from=${theirs.from}`);
+        if (mine.out !== theirs.in)
+          mismatches.push(`${user} pending out=${mine.out}, ${contact} pending in=${theirs.in}`);
+      }
+    }
+    expect(mismatches).toEqual([]);
+    if (process.env.FUZZ_VERBOSE) console.log(seed, { subscriptionsAndRequests: related });
+  });
+
   it('leaks nothing across users', () => {
     const leaks: string[] = [];
     for (const [user, frames] of framesByUser) {

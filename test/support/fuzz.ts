@@ -483,6 +483,8 @@ export class StanzaFuzzer {
       '',
       'unavailable',
       'subscribe',
+      'subscribe',
+      'subscribed',
       'subscribed',
       'unsubscribe',
       'unsubscribed',
@@ -502,8 +504,17 @@ export class StanzaFuzzer {
       children += `<c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='n' ver='${escapeXml(this.value())}'/>`;
     if (type === 'error')
       children += `<error type='cancel'><remote-server-not-found xmlns='${NS.stanzas}'/></error>`;
-    // Directed presence mostly to the fuzzers' own accounts, or broadcast.
-    const to = this.chance(0.5) ? '' : ` to='${escapeXml(this.jid())}'`;
+    // A subscription stanza mostly to one of the accounts (RFC 6121 §3: to a bare JID), so that
+    // subscriptions come and go between them; other presence broadcast or directed anywhere.
+    const subscription = ['subscribe', 'subscribed', 'unsubscribe', 'unsubscribed'].includes(type);
+    const target = subscription
+      ? this.chance(0.8)
+        ? this.pick(this.context.users)
+        : this.jid()
+      : this.chance(0.5)
+        ? undefined
+        : this.jid();
+    const to = target === undefined ? '' : ` to='${escapeXml(target)}'`;
     return {
       xml: `<presence${typeAttr}${to}>${children}</presence>`,
       label: `presence ${type || 'available'}`,
