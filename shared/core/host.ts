@@ -23,7 +23,7 @@ import type { Outbound, PostResult } from '../outbound.ts';
 import type { ArchiveStore } from '../store/archive.ts';
 import type { OfflineStore } from '../store/offline.ts';
 import type { RosterStore } from '../store/roster.ts';
-import type { ConnectionState, ResourceRecord, SessionStore } from '../store/sessions.ts';
+import type { ConnectionState, ResourceRecord, Revocation, SessionStore } from '../store/sessions.ts';
 import type { SmQueueStore } from '../store/sm-queue.ts';
 import type { UserStore } from '../store/users.ts';
 import type { RateLimiter } from './rate-limit.ts';
@@ -301,6 +301,19 @@ export interface EventPayloads {
    * (metrics, logs); HANDLED changes nothing.
    */
   'stream-error': { connectionId: string; condition: string; user?: string };
+  /**
+   * A stream of a deleted account is ending (its row revoked by infra/account-deletion.ts, which
+   * cannot post): at its next frame or its `$disconnect`, whichever comes first, and again if
+   * that frame is redelivered. Modules tell the account's contacts what the deletion changed for
+   * them (`revocation` says whom); the stream's own resource rows are gone already.
+   */
+  'stream-revoked': {
+    user: string;
+    resource?: string;
+    revocation: Revocation;
+    /** RFC 6121 §4.6: the local JIDs the stream sent directed presence to. */
+    directedTo?: string[];
+  };
   /**
    * The outcome of one SASL attempt (RFC 6120 §6), fired by the SASL module: `success` with the
    * account, or the `<failure/>` condition sent. For observers; HANDLED changes nothing.

@@ -437,6 +437,8 @@ export async function handleStreamEvent(
   }
   if (event.kind === 'disconnect') {
     server.rates.forget(event.connectionId);
+    // A deleted account's stream that sent nothing more: its contacts are told now.
+    if (stored?.revoked && stored.user) await fireRevoked(server, stored);
     // A module may keep the session without its socket (resumable stream management).
     if (stored)
       await server.host.fire('connection-vanished', {
@@ -483,6 +485,16 @@ export async function handleStreamEvent(
   return stream.savedRow;
 }
 
+async function fireRevoked(server: Server, state: ConnectionState): Promise<void> {
+  if (!state.revoked || !state.user) return;
+  await server.host.fire('stream-revoked', {
+    user: state.user,
+    ...(state.resource ? { resource: state.resource } : {}),
+    revocation: state.revoked,
+    ...(state.directedTo ? { directedTo: state.directedTo } : {}),
+  });
+}
+
 async function handleFrame(stream: XmppStream, event: StreamEvent): Promise<void> {
   const { server } = stream;
   if (stream.frameId && stream.state.answeredFrame === stream.frameId && stream.state.answer) {
@@ -496,8 +508,10 @@ async function handleFrame(stream: XmppStream, event: StreamEvent): Promise<void
   if (stream.state.revoked && stream.state.user) {
     // Its account was deleted while the stream was open (infra/account-deletion.ts): the identity
     // it authenticated as is gone, so it ends here with RFC 6120 §4.9.3.12's <not-authorized/>
-    // (the frame is not handled: nothing more is sent as the account).
+    // (the frame is not handled: nothing more is sent as the account), once its contacts are
+    // told what the deletion changed for them.
     server.log.info('frame of a deleted account: stream ended', { connectionId: event.connectionId });
+    await fireRevoked(server, stream.state);
     await stream.fail(new StreamError('not-authorized', 'Account deleted'));
     return;
   }

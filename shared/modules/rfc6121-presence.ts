@@ -32,6 +32,12 @@ export function register(server: Server): void {
     await tellDirectedRecipients(server, from, session.directedTo);
     return undefined;
   });
+  // A deleted account's stream (core/stream.ts): its resource row is gone, so no session-ended
+  // comes; its directed-presence recipients are told here (the roster module took its contacts).
+  host.hook('stream-revoked', async ({ user, resource, directedTo }) => {
+    if (resource) await tellDirectedRecipients(server, fullJid(fullJidOf(user, resource)), directedTo);
+    return undefined;
+  });
 }
 
 /** RFC 6121 §4.7.2.3: priority is an integer from -128 to +127, default 0. */

@@ -38,7 +38,7 @@ import {
   RosterFullError,
   type SideResult,
 } from '../store/roster.ts';
-import type { LastUnavailable, ResourceRecord } from '../store/sessions.ts';
+import type { LastUnavailable, ResourceRecord, Revocation } from '../store/sessions.ts';
 import {
   answerProbe,
   mayQueryAccount,
@@ -128,6 +128,17 @@ export function register(server: Server): void {
       );
       // The presence module tells directed-presence recipients next: not those told here.
       if (session.directedTo) session.directedTo = notTold(session.directedTo, told);
+      return undefined;
+    },
+    { priority: 10 },
+  );
+
+  host.hook(
+    'stream-revoked',
+    async (event) => {
+      const told = await tellOfDeletion(server, event.user, event.resource, event.revocation);
+      // The presence module tells directed-presence recipients next: not those told here.
+      if (event.directedTo) event.directedTo = notTold(event.directedTo, told);
       return undefined;
     },
     { priority: 10 },
@@ -567,6 +578,54 @@ async function broadcastToSubscribers(
   const targets = subscribers.flatMap((contact) => online.get(contact) ?? []);
   await deliverToMany(server, targets, (target) => stanzaFor(target.user));
   return toldBy(subscribers, targets);
+}
+
+/**
+ * An account deleted while its stream was open (infra/account-deletion.ts): the command cancelled
+ * the account's subscriptions in the contacts' rosters but could not post, so the stream's end
+ * tells the contacts' online clients what an account's own roster removal would have (§2.5.2):
+ * the subscription stanzas, then the push of the item as it is now (§3.2.3, §3.3.3), and, from
+ * a stream whose resource was available, its unavailable presence to those that had it (§3.2.2,
+ * §4.5.2). The revocation names the contacts: the deleted account's roster is gone.
+ */
+async function tellOfDeletion(
+  server: Server,
+  user: string,
+  resource: string | undefined,
+  revocation: Revocation,
+): Promise<Told> {
+  const notify = revocation.notify ?? [];
+  const presenceTo = resource ? (revocation.presenceTo ?? []) : [];
+  const online = await server.sessions.availableResourcesOf([...notify.map((n) => n.contact), ...presenceTo]);
+  for (const { contact, deliver } of notify) {
+    const resources = online.get(contact) ?? [];
+    for (const type of deliver) {
+      if (!isSubscriptionStanza(type)) continue;
+      await deliverToMany(server, resources, () => subscriptionStanza(type, user, contact));
+    }
+    const entry = await server.roster.getEntry(contact, user);
+    if (entry?.listed) {
+      await pushRosterItem(server, contact, user, {
+        after: entry,
+        itemChanged: true,
+        version: await server.roster.getVersion(contact),
+      });
+    }
+  }
+  const targets = presenceTo.flatMap((contact) => online.get(contact) ?? []);
+  if (resource) {
+    const from = fullJid(fullJidOf(user, resource));
+    await deliverToMany(
+      server,
+      targets,
+      (target) => new Element('presence', { from, to: target.user, type: 'unavailable' }),
+    );
+  }
+  return toldBy(presenceTo, targets);
+}
+
+function isSubscriptionStanza(type: string): type is SubscriptionStanza {
+  return type === 'subscribe' || type === 'subscribed' || type === 'unsubscribe' || type === 'unsubscribed';
 }
 
 /** Who a broadcast reached: the subscribers (bare JIDs), and the resources it went to. */

@@ -136,6 +136,26 @@ export const MAX_CARRIED_TRANSFER_BYTES = 16 * 1024;
  */
 export const MAX_REQUESTED_TRANSFER_BYTES = MAX_CARRIED_TRANSFER_BYTES - 4 * 1024;
 
+/**
+ * What account deletion leaves on each open stream's connection row (revokeConnection): the
+ * stream ends at its next frame or `$disconnect`, and then tells the account's contacts what
+ * the deletion changed for them (the deleting command cannot post). Bounded by
+ * REVOCATION_MAX_CONTACTS.
+ */
+export interface Revocation {
+  /** The stream's resource was available: the contacts (bare JIDs) that had its presence. */
+  presenceTo?: string[];
+  /**
+   * On one of the account's rows: the local contacts whose roster the deletion changed, each
+   * with the subscription stanzas (RFC 6121 §2.5.2's `unsubscribe`, `unsubscribed`) delivered
+   * to it.
+   */
+  notify?: { contact: string; deliver: string[] }[];
+}
+
+/** Contacts a revocation names at most, each list: a row stays far below DynamoDB's 400 KB. */
+export const REVOCATION_MAX_CONTACTS = 1000;
+
 /** The connection was fenced by a stream-management resume on another connection (or ended). */
 export class ConnectionFencedError extends Error {
   constructor(readonly connectionId: string) {
@@ -232,9 +252,9 @@ export interface ConnectionState {
   fenced?: boolean;
   /**
    * The stream's account was deleted while it was open (revokeConnection): its next frame ends it
-   * with a stream error instead of being handled.
+   * with a stream error instead of being handled, and whom to tell is here.
    */
-  revoked?: boolean;
+  revoked?: Revocation;
   /**
    * The connection's own frame ended its stream (`</close>`, a stream error): the frames its
    * client sent before the socket closed are not a new stream's, they are dropped, and the row
@@ -505,7 +525,7 @@ export interface SessionStore {
    * Account deletion: marks an open connection's row so that its stream handles no further frame
    * (its next one ends it); false when the row is gone (the connection ended).
    */
-  revokeConnection(connectionId: string): Promise<boolean>;
+  revokeConnection(connectionId: string, revocation?: Revocation): Promise<boolean>;
   deleteConnection(connectionId: string): Promise<void>;
   listResources(user: string): Promise<ResourceRecord[]>;
   /**
@@ -683,7 +703,7 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     directedTo: item.directedTo as string[] | undefined,
     rate: item.rate as RateBucket | undefined,
     fenced: item.fenced as boolean | undefined,
-    ...(item.revoked === true ? { revoked: true } : {}),
+    ...(item.revoked !== undefined ? { revoked: item.revoked as Revocation } : {}),
     ...(item.ended === true ? { ended: true } : {}),
     countedFrame: item.countedFrame as string | undefined,
     countedSeq: item.countedSeq as string | undefined,
@@ -990,15 +1010,21 @@ export function createSessionStore(
       }
     },
 
-    async revokeConnection(connectionId) {
+    async revokeConnection(connectionId, revocation = {}) {
+      const bounded: Revocation = {
+        ...(revocation.presenceTo
+          ? { presenceTo: revocation.presenceTo.slice(0, REVOCATION_MAX_CONTACTS) }
+          : {}),
+        ...(revocation.notify ? { notify: revocation.notify.slice(0, REVOCATION_MAX_CONTACTS) } : {}),
+      };
       try {
         await doc.send(
           new UpdateCommand({
             TableName: table,
             Key: connKey(connectionId),
-            UpdateExpression: 'SET revoked = :yes',
+            UpdateExpression: 'SET revoked = :revocation',
             ConditionExpression: 'attribute_exists(pk)',
-            ExpressionAttributeValues: { ':yes': true },
+            ExpressionAttributeValues: { ':revocation': bounded },
           }),
         );
         return true;

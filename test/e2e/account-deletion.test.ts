@@ -6,10 +6,11 @@
  * identity it authenticated as is gone). What that frame carried is not handled: nothing more is
  * sent as the deleted account, and its XEP-0198 session cannot be resumed (a resume needs a login).
  */
-import type { Element } from 'ltx';
+import { type Element, parse } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { deleteAccount } from '../../infra/account-deletion.ts';
 import { RawClient } from '../../infra/local/raw-client.ts';
+import type { RosterEntry } from '../../shared/store/roster.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 
 const STREAMS = 'urn:ietf:params:xml:ns:xmpp-streams';
@@ -20,7 +21,8 @@ const clients: RawClient[] = [];
 
 beforeAll(async () => {
   stack = await startTestStack();
-  for (const user of ['ava', 'ben', 'cid', 'dee']) await stack.addUser(`${user}@localhost`, `${user}-pw`);
+  for (const user of ['ava', 'ben', 'cid', 'dee', 'eve', 'fay', 'gil', 'hana', 'ivy'])
+    await stack.addUser(`${user}@localhost`, `${user}-pw`);
 });
 
 afterAll(async () => {
@@ -35,6 +37,37 @@ async function bound(user: string, resource: string): Promise<RawClient> {
   client.send('<presence/>');
   await client.framesBeforePong();
   return client;
+}
+
+/** Both ways subscribed, as §3's exchange leaves two accounts (written as the roster module does). */
+async function befriend(a: string, b: string): Promise<void> {
+  const entry = (contact: string): RosterEntry => ({
+    contact,
+    listed: true,
+    groups: [],
+    subscription: 'both',
+    pendingOut: false,
+    approved: false,
+  });
+  await stack.server.roster.apply(`${a}@localhost`, `${b}@localhost`, { contactIsLocal: true }, () => ({
+    user: entry(`${b}@localhost`),
+    contact: entry(`${a}@localhost`),
+    outcome: undefined,
+  }));
+}
+
+/**
+ * Bound, the roster asked for (an interested resource, §2.1.6), then available; `seen` holds
+ * what came before its presence was handled (the presence of the contacts it probed, §4.3).
+ */
+async function interested(user: string, resource: string): Promise<RawClient & { seen: string }> {
+  const client = await RawClient.connect(stack.url);
+  clients.push(client);
+  await client.login(user, `${user}-pw`, resource);
+  client.send(`<iq type='get' id='roster'><query xmlns='jabber:iq:roster'/></iq>`);
+  await client.until((el) => el.attrs.id === 'roster');
+  client.send('<presence/>');
+  return Object.assign(client, { seen: (await client.framesBeforePong()).join('') });
 }
 
 function streamCondition(el: Element): string | undefined {
@@ -104,6 +137,68 @@ describe('an account deleted while its streams are open', () => {
     const again = await RawClient.connect(stack.url);
     clients.push(again);
     await expect(again.login('cid', 'cid-pw', 'laptop')).rejects.toThrow(/not-authorized/);
+  });
+
+  it("tells the contacts' online clients as the stream ends: unsubscribe and unsubscribed, the roster push, its unavailable presence (RFC 6121 §2.5.2)", async () => {
+    // eve and fay: Both (§3 done both ways), each online with the roster asked for (interested,
+    // §2.1.6) and available.
+    await befriend('eve', 'fay');
+    const eve = await interested('eve', 'laptop');
+    const fay = await interested('fay', 'phone');
+    // fay's login probed eve: eve's presence reached fay (§4.3).
+    expect(fay.seen).toContain(`from="eve@localhost/laptop"`);
+    await deleteAccount(stack.server, 'eve@localhost', 'localhost');
+    eve.send(`<iq type='get' id='late'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    // (fay's presence, sent to eve at fay's login, is still unread before them.)
+    expect((await framesToClose(eve)).map((f) => f.name).slice(-2)).toEqual(['stream:error', 'close']);
+    await stack.gateway.drained();
+
+    const frames = (await fay.framesBeforePong()).map((text) => parse(text));
+    const told = frames.map((f) =>
+      f.name === 'presence'
+        ? `presence ${f.attrs.type} from ${f.attrs.from}`
+        : `push ${f.getChild('query')?.getChild('item')?.attrs.jid} subscription=${f.getChild('query')?.getChild('item')?.attrs.subscription}`,
+    );
+    // §2.5.2: "unsubscribe" (the user was subscribed to the contact) and "unsubscribed" (the
+    // contact was subscribed to the user), then the contact's item as it is now, then the
+    // deleted resource's unavailable presence (§3.2.2: the contact's subscription is gone).
+    expect(told).toEqual([
+      'presence unsubscribe from eve@localhost',
+      'presence unsubscribed from eve@localhost',
+      'push eve@localhost subscription=none',
+      'presence unavailable from eve@localhost/laptop',
+    ]);
+    const push = frames[2] as Element;
+    expect(push.attrs.type).toBe('set');
+    expect(push.getChild('query')?.attrs.ver).toBe(await stack.server.roster.getVersion('fay@localhost'));
+  });
+
+  it('tells them at its $disconnect when the deleted stream sends nothing more', async () => {
+    await befriend('gil', 'hana');
+    const gil = await interested('gil', 'desk');
+    const hana = await interested('hana', 'phone');
+    expect(hana.seen).toContain(`from="gil@localhost/desk"`);
+    // ivy is no contact: gil sent it directed presence (§4.6), so it is told too (§4.6.3).
+    const ivy = await bound('ivy', 'pad');
+    gil.send(`<presence to='ivy@localhost/pad'/>`);
+    await gil.framesBeforePong();
+    await stack.gateway.drained();
+    expect((await ivy.framesBeforePong()).join('')).toContain(`from="gil@localhost/desk"`);
+    await deleteAccount(stack.server, 'gil@localhost', 'localhost');
+    gil.close();
+    await gil.closed;
+    await stack.gateway.drained();
+    const frames = (await hana.framesBeforePong()).map((text) => parse(text));
+    expect(frames.map((f) => `${f.name} ${f.attrs.type ?? ''}`.trim())).toEqual([
+      'presence unsubscribe',
+      'presence unsubscribed',
+      'iq set',
+      'presence unavailable',
+    ]);
+    const directed = (await ivy.framesBeforePong()).map((text) => parse(text));
+    expect(directed.map((f) => `${f.name} ${f.attrs.type} from ${f.attrs.from}`)).toEqual([
+      'presence unavailable from gil@localhost/desk',
+    ]);
   });
 
   it("leaves other accounts' streams alone", async () => {

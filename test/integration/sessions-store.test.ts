@@ -20,6 +20,7 @@ import {
   LAST_UNAVAILABLE_KEEP_SECONDS,
   LAST_UNAVAILABLE_MAX_CHARS,
   MAY_QUEUE_AFTER_PRESENCE_MS,
+  REVOCATION_MAX_CONTACTS,
   type ResourceRecord,
   ResourceTakenError,
   type SessionStore,
@@ -121,10 +122,15 @@ describe('connections', () => {
     const id = fresh('revoked');
     await sessions.createConnection(id, Date.now());
     await sessions.updateConnection(id, { user: 'gone@localhost', streamOpen: true });
-    expect(await sessions.revokeConnection(id)).toBe(true);
+    const many = Array.from({ length: REVOCATION_MAX_CONTACTS + 5 }, (_, i) => `c${i}@localhost`);
+    const notify = [{ contact: 'c0@localhost', deliver: ['unsubscribe', 'unsubscribed'] }];
+    expect(await sessions.revokeConnection(id, { presenceTo: many, notify })).toBe(true);
     // A frame in flight saves its state after the mark: the mark stays.
     await sessions.updateConnection(id, { doneSeq: '7' });
-    expect(await sessions.getConnection(id)).toMatchObject({ revoked: true, user: 'gone@localhost' });
+    const row = await sessions.getConnection(id);
+    expect(row).toMatchObject({ user: 'gone@localhost', revoked: { notify } });
+    // Bounded: the row stays far below DynamoDB's item size.
+    expect(row?.revoked?.presenceTo).toEqual(many.slice(0, REVOCATION_MAX_CONTACTS));
 
     const ended = fresh('ended');
     expect(await sessions.revokeConnection(ended)).toBe(false);
