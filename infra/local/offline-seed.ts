@@ -22,7 +22,7 @@ export interface SeedOptions {
   concurrency?: number;
 }
 
-function escapeXml(text: string): string {
+export function escapeXml(text: string): string {
   return text
     .replace(/&/g, '&amp;')
     .replace(/</g, '&lt;')

@@ -8,17 +8,10 @@
  * seed always draws the same stanzas (test/e2e/fuzz.test.ts).
  */
 
-/** mulberry32: a small, fast, seedable generator (not for secrets). */
-export function seeded(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { escapeXml } from '../../infra/local/offline-seed.ts';
+
+/** The fault suite's seedable generator (mulberry32), so that a seed always draws the same. */
+export { mulberry32 as seeded } from '../../infra/local/faults.ts';
 
 export interface FuzzContext {
   domain: string;
@@ -71,15 +64,6 @@ const UNSERVED = [
   'jabber:iq:last',
   'x:unknown',
 ];
-
-export function escapeXml(text: string): string {
-  return text
-    .replace(/&/g, '&amp;')
-    .replace(/</g, '&lt;')
-    .replace(/>/g, '&gt;')
-    .replace(/'/g, '&apos;')
-    .replace(/"/g, '&quot;');
-}
 
 function toAttr(to: string | undefined): string {
   return to === undefined ? '' : ` to='${escapeXml(to)}'`;
