@@ -21,6 +21,7 @@ import { createDocumentClient } from '../shared/store/dynamo.ts';
 import { createOfflineStore } from '../shared/store/offline.ts';
 import { createRosterStore } from '../shared/store/roster.ts';
 import { createSessionStore, MAX_LOCALPART_BYTES } from '../shared/store/sessions.ts';
+import { createSmQueueStore } from '../shared/store/sm-queue.ts';
 import { createUserStore, UnknownUserError, UserExistsError } from '../shared/store/users.ts';
 import {
   allTables,
@@ -340,6 +341,7 @@ export async function runUserCli(
               maxCollectionEntries: config.archiveMaxCollectionEntries,
             }),
             sessions: createSessionStore(doc, config.tables.sessions, config.connectionTtlSeconds),
+            smQueue: createSmQueueStore(doc, config.tables.sessions),
           },
           jid,
           config.domain,

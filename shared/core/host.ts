@@ -304,8 +304,10 @@ export interface EventPayloads {
   /**
    * A stream of a deleted account is ending (its row revoked by infra/account-deletion.ts, which
    * cannot post): at its next frame or its `$disconnect`, whichever comes first, and again if
-   * that frame is redelivered. Modules tell the account's contacts what the deletion changed for
-   * them (`revocation` says whom); the stream's own resource rows are gone already.
+   * that frame is redelivered; or a XEP-0198 session detached at the deletion, at its end.
+   * Modules tell the account's contacts what the deletion changed for them (`revocation` says
+   * whom); the session's resource row is gone already, so no `session-ended` follows. Fired
+   * through core/lifecycle.ts `tellRevoked`: a hook's failure never stops the end.
    */
   'stream-revoked': {
     user: string;

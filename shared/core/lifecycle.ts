@@ -11,7 +11,14 @@ import type { ConnectionState, NewConnection, ResourceRecord } from '../store/se
 import { NS } from '../xml/namespaces.ts';
 import { closeConnection, post } from './delivery.ts';
 import { withTimeLeft } from './frame.ts';
-import type { Server, SessionEndReason, SessionRef, SweepRun, UndeliveredStanza } from './host.ts';
+import type {
+  EventPayloads,
+  Server,
+  SessionEndReason,
+  SessionRef,
+  SweepRun,
+  UndeliveredStanza,
+} from './host.ts';
 import { rerouteUndelivered } from './router.ts';
 
 /** The lifecycle's defaults on the host: a vanished connection's session ends unless a module keeps it. */
@@ -31,6 +38,19 @@ export function registerLifecycle(server: Server): void {
     },
     { priority: -100 },
   );
+}
+
+/**
+ * Tells a deleted account's contacts what the deletion changed for them (host event
+ * 'stream-revoked'), as one of its streams or detached sessions ends: best effort, never in the
+ * way of that end (a failure is logged; the stream ends all the same).
+ */
+export async function tellRevoked(server: Server, event: EventPayloads['stream-revoked']): Promise<void> {
+  try {
+    await server.host.fire('stream-revoked', event);
+  } catch (error) {
+    server.log.warn('contacts of a deleted account not told', { user: event.user, error });
+  }
 }
 
 /** The session a connection's state describes, if it has bound a resource. */

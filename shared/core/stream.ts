@@ -26,7 +26,7 @@ import {
   type Stream,
   type StreamStateChanges,
 } from './host.ts';
-import { endStream } from './lifecycle.ts';
+import { endStream, tellRevoked } from './lifecycle.ts';
 import { repeatable, routeFromClient } from './router.ts';
 import { errorReplyTo } from './stanzas.ts';
 import { isTransient, withTransientRetries } from './transient.ts';
@@ -487,7 +487,7 @@ export async function handleStreamEvent(
 
 async function fireRevoked(server: Server, state: ConnectionState): Promise<void> {
   if (!state.revoked || !state.user) return;
-  await server.host.fire('stream-revoked', {
+  await tellRevoked(server, {
     user: state.user,
     ...(state.resource ? { resource: state.resource } : {}),
     revocation: state.revoked,

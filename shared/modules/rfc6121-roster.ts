@@ -597,21 +597,28 @@ async function tellOfDeletion(
   const notify = revocation.notify ?? [];
   const presenceTo = resource ? (revocation.presenceTo ?? []) : [];
   const online = await server.sessions.availableResourcesOf([...notify.map((n) => n.contact), ...presenceTo]);
-  for (const { contact, deliver } of notify) {
-    const resources = online.get(contact) ?? [];
-    for (const type of deliver) {
-      if (!isSubscriptionStanza(type)) continue;
-      await deliverToMany(server, resources, () => subscriptionStanza(type, user, contact));
+  // Contacts in parallel (each contact's own stanzas in order): up to a thousand of them must
+  // fit in the frame that ends the stream.
+  let next = 0;
+  const worker = async () => {
+    while (next < notify.length) {
+      const { contact, deliver } = notify[next++] as { contact: string; deliver: string[] };
+      const resources = online.get(contact) ?? [];
+      for (const type of deliver) {
+        if (!isSubscriptionStanza(type)) continue;
+        await deliverToMany(server, resources, () => subscriptionStanza(type, user, contact));
+      }
+      const entry = await server.roster.getEntry(contact, user);
+      if (entry?.listed) {
+        await pushRosterItem(server, contact, user, {
+          after: entry,
+          itemChanged: true,
+          version: await server.roster.getVersion(contact),
+        });
+      }
     }
-    const entry = await server.roster.getEntry(contact, user);
-    if (entry?.listed) {
-      await pushRosterItem(server, contact, user, {
-        after: entry,
-        itemChanged: true,
-        version: await server.roster.getVersion(contact),
-      });
-    }
-  }
+  };
+  await Promise.all(Array.from({ length: Math.min(FAN_OUT_CONCURRENCY, notify.length) }, worker));
   const targets = presenceTo.flatMap((contact) => online.get(contact) ?? []);
   if (resource) {
     const from = fullJid(fullJidOf(user, resource));

@@ -41,7 +41,7 @@ import {
   type SweepRun,
   type UndeliveredStanza,
 } from '../core/host.ts';
-import { endSession, kickConnection } from '../core/lifecycle.ts';
+import { endSession, kickConnection, tellRevoked } from '../core/lifecycle.ts';
 import { rerouteUndelivered } from '../core/router.ts';
 import { stampDelay } from '../core/stanzas.ts';
 import { isTransient, RetryLaterError, withTransientRetries } from '../core/transient.ts';
@@ -1113,7 +1113,9 @@ async function keepResumable(
   const state = event.state;
   if (!state?.sm && state?.resuming)
     await endAbandonedResume(server, event.connectionId, state.resuming, !event.disconnected);
-  if (!state?.sm?.resumable) return undefined;
+  // A deleted account's stream (its row revoked) is not kept for a resume: it ends now, and what
+  // its queue held goes back to its senders at once (core/lifecycle.ts's default).
+  if (!state?.sm?.resumable || state.revoked) return undefined;
   const until = Date.now() + state.sm.max * 1000;
   await server.smQueue.detach(
     state.sm.id,
@@ -1213,6 +1215,17 @@ async function endSmSession(
   // A detached session's directed-presence recipients were carried in its queue item.
   if (ended.directedTo?.length)
     session.directedTo = [...new Set([...(session.directedTo ?? []), ...ended.directedTo])];
+  // Its account was deleted while it was detached (no connection row to mark): its end tells the
+  // contacts the deletion names, as a revoked stream's next frame does (core/stream.ts).
+  const revocation = ended.revoked;
+  if (revocation && (revocation.presenceTo?.length || revocation.notify?.length)) {
+    await tellRevoked(server, {
+      user: ended.user,
+      resource: ended.resource,
+      revocation,
+      ...(session.directedTo ? { directedTo: session.directedTo } : {}),
+    });
+  }
   await handBack(server, ended, undelivered, afterReroute);
   return undefined;
 }
@@ -2025,7 +2038,9 @@ export function judgeResume(
   context: { user: string; version: SmVersion; now: number },
 ): ResumeVerdict {
   // Another user's id is as unknown as a bogus one: nothing about it is revealed.
-  if (!item || item.user !== context.user || (!item.resumable && !item.ended)) {
+  // A session of a deleted account is as unknown: a stream that authenticated before the
+  // deletion, or an account created again under the JID, does not take it over.
+  if (!item || item.user !== context.user || item.revoked || (!item.resumable && !item.ended)) {
     return { kind: 'refuse', condition: 'item-not-found' };
   }
   if (item.version !== context.version) return { kind: 'refuse', condition: 'unexpected-request' };

@@ -153,8 +153,29 @@ export interface Revocation {
   notify?: { contact: string; deliver: string[] }[];
 }
 
-/** Contacts a revocation names at most, each list: a row stays far below DynamoDB's 400 KB. */
+/** Contacts a revocation names at most, each list. */
 export const REVOCATION_MAX_CONTACTS = 1000;
+
+/** The characters of JIDs each list of a revocation holds at most: the row stays far below 400 KB. */
+export const REVOCATION_MAX_CHARS = 100_000;
+
+/** A revocation within REVOCATION_MAX_CONTACTS and REVOCATION_MAX_CHARS per list (the first ones kept). */
+export function boundedRevocation(revocation: Revocation): Revocation {
+  const within = <T>(list: readonly T[], size: (item: T) => number): T[] => {
+    const kept: T[] = [];
+    let chars = 0;
+    for (const item of list) {
+      chars += size(item);
+      if (kept.length >= REVOCATION_MAX_CONTACTS || chars > REVOCATION_MAX_CHARS) break;
+      kept.push(item);
+    }
+    return kept;
+  };
+  return {
+    ...(revocation.presenceTo ? { presenceTo: within(revocation.presenceTo, (jid) => jid.length) } : {}),
+    ...(revocation.notify ? { notify: within(revocation.notify, (n) => n.contact.length + 24) } : {}),
+  };
+}
 
 /** The connection was fenced by a stream-management resume on another connection (or ended). */
 export class ConnectionFencedError extends Error {
@@ -1011,19 +1032,15 @@ export function createSessionStore(
     },
 
     async revokeConnection(connectionId, revocation = {}) {
-      const bounded: Revocation = {
-        ...(revocation.presenceTo
-          ? { presenceTo: revocation.presenceTo.slice(0, REVOCATION_MAX_CONTACTS) }
-          : {}),
-        ...(revocation.notify ? { notify: revocation.notify.slice(0, REVOCATION_MAX_CONTACTS) } : {}),
-      };
+      const bounded = boundedRevocation(revocation);
       try {
         await doc.send(
           new UpdateCommand({
             TableName: table,
             Key: connKey(connectionId),
             UpdateExpression: 'SET revoked = :revocation',
-            ConditionExpression: 'attribute_exists(pk)',
+            // Not a row whose stream has ended already: its $disconnect would tell nobody.
+            ConditionExpression: 'attribute_exists(pk) AND attribute_not_exists(ended)',
             ExpressionAttributeValues: { ':revocation': bounded },
           }),
         );

@@ -23,7 +23,13 @@ import {
 } from '@aws-sdk/lib-dynamodb';
 import { SWEEP_INDEX, TTL_ATTRIBUTE } from '../tables.ts';
 import { AmbiguousWriteError, batchGetAll, isConditionFailure, sendOnce } from './dynamo.ts';
-import { ATTACHED_SHARD, DETACHED_SHARD, type OfflineTransfer } from './sessions.ts';
+import {
+  ATTACHED_SHARD,
+  boundedRevocation,
+  DETACHED_SHARD,
+  type OfflineTransfer,
+  type Revocation,
+} from './sessions.ts';
 
 export type SmVersion = 'sm3' | 'sm1';
 
@@ -79,6 +85,11 @@ export interface SmQueueItem {
   smId: string;
   user: string;
   resource: string;
+  /**
+   * Its account was deleted (infra/account-deletion.ts): never resumed again; for a session that
+   * was detached then, whom its end tells (core/host.ts 'stream-revoked').
+   */
+  revoked?: Revocation;
   version: SmVersion;
   resumable: boolean;
   /** Resumption window in seconds. */
@@ -389,6 +400,7 @@ function toItem(raw: Record<string, unknown>): SmQueueItem {
     inbound: raw.inbound as number | undefined,
     directedTo: raw.directedTo as string[] | undefined,
     ...(raw.transfer ? { transfer: raw.transfer as OfflineTransfer } : {}),
+    ...(raw.revoked !== undefined ? { revoked: raw.revoked as Revocation } : {}),
     ended: Boolean(raw.ended),
     sweepAt: raw.sweepAt as number | undefined,
     congested: Boolean(raw.congested),
@@ -497,6 +509,11 @@ export interface SmQueueStore {
    * poster holds the session, then `settledOut`): an sm:1 `<r u/>` never asks beyond it.
    */
   counts(smId: string): Promise<{ out: number; base: number; posted: number } | undefined>;
+  /**
+   * Account deletion: the session is never resumed again, and a detached one's end tells whom
+   * `revocation` names. False when it is gone or ended.
+   */
+  revoke(smId: string, revocation: Revocation): Promise<boolean>;
   /**
    * Appends `entry`. With `poster` (SM_POST_ORDER=serial), the append also takes the session's
    * hold for that key if nobody holds it (`holding` is then the key: see SmQueueItem.holder).
@@ -930,6 +947,24 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
           .filter((item) => typeof item.connectionId === 'string' && item.ended !== true)
           .map((item) => (item.pk as string).slice('sm#'.length)),
       );
+    },
+
+    async revoke(smId, revocation) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: key(smId),
+            UpdateExpression: 'SET revoked = :revocation',
+            ConditionExpression: 'attribute_exists(pk) AND attribute_not_exists(ended)',
+            ExpressionAttributeValues: { ':revocation': boundedRevocation(revocation) },
+          }),
+        );
+        return true;
+      } catch (error) {
+        if (isConditionFailure(error)) return false;
+        throw error;
+      }
     },
 
     async counts(smId) {

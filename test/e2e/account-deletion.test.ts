@@ -8,9 +8,11 @@
  */
 import { type Element, parse } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createSweeperHandler } from '../../functions/sweeper.ts';
 import { deleteAccount } from '../../infra/account-deletion.ts';
 import { RawClient } from '../../infra/local/raw-client.ts';
 import type { RosterEntry } from '../../shared/store/roster.ts';
+import { eventually } from '../support/eventually.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 
 const STREAMS = 'urn:ietf:params:xml:ns:xmpp-streams';
@@ -21,7 +23,21 @@ const clients: RawClient[] = [];
 
 beforeAll(async () => {
   stack = await startTestStack();
-  for (const user of ['ava', 'ben', 'cid', 'dee', 'eve', 'fay', 'gil', 'hana', 'ivy'])
+  for (const user of [
+    'ava',
+    'ben',
+    'cid',
+    'dee',
+    'eve',
+    'fay',
+    'gil',
+    'hana',
+    'ivy',
+    'kim',
+    'lea',
+    'max',
+    'ned',
+  ])
     await stack.addUser(`${user}@localhost`, `${user}-pw`);
 });
 
@@ -199,6 +215,80 @@ describe('an account deleted while its streams are open', () => {
     expect(directed.map((f) => `${f.name} ${f.attrs.type} from ${f.attrs.from}`)).toEqual([
       'presence unavailable from gil@localhost/desk',
     ]);
+  });
+
+  it("refuses a resume of the deleted account's session by a stream that had logged in before the deletion (XEP-0198 item-not-found)", async () => {
+    const kim = await bound('kim', 'phone');
+    kim.send(`<enable xmlns='${SM3}' resume='true'/>`);
+    const previd = (await kim.next()).attrs.id as string;
+    expect(previd).toBeTruthy();
+    // A second connection authenticates as kim while the account still exists...
+    const second = await RawClient.connect(stack.url);
+    clients.push(second);
+    await second.open();
+    second.send(
+      `<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>${Buffer.from('\0kim\0kim-pw').toString('base64')}</auth>`,
+    );
+    expect((await second.next()).name).toBe('success');
+    await second.open();
+    // ...and asks to resume kim's session once the account is gone.
+    await deleteAccount(stack.server, 'kim@localhost', 'localhost');
+    second.send(`<resume xmlns='${SM3}' previd='${previd}' h='0'/>`);
+    const answer = await second.next();
+    expect(answer.name).toBe('failed');
+    expect(answer.getChild('item-not-found')).toBeDefined();
+  });
+
+  it("ends a resumable session at once when the deleted stream's socket goes: its queue goes back to the senders", async () => {
+    const lea = await bound('lea', 'tab');
+    lea.send(`<enable xmlns='${SM3}' resume='true'/>`);
+    expect((await lea.next()).name).toBe('enabled');
+    const sender = await bound('ben', 'sender');
+    sender.send(
+      `<message type='chat' to='lea@localhost/tab' id='held'><body>never acknowledged</body></message>`,
+    );
+    await lea.until((el) => el.attrs.id === 'held');
+    await deleteAccount(stack.server, 'lea@localhost', 'localhost');
+    lea.terminate();
+    await lea.closed;
+    await stack.gateway.drained();
+    // Not kept for SM_MAX_SECONDS (300 s here): the bounce is there as soon as the $disconnect is handled.
+    const bounce = await sender.until((el) => el.name === 'message' && el.attrs.id === 'held');
+    expect(bounce.attrs.type).toBe('error');
+  });
+
+  it('tells the contacts when a session detached at the deletion ends, and that session cannot be resumed', async () => {
+    await befriend('max', 'ned');
+    const max = await interested('max', 'mobile');
+    max.send(`<enable xmlns='${SM3}' resume='true'/>`);
+    const previd = (await max.next()).attrs.id as string;
+    const ned = await interested('ned', 'desk');
+    expect(ned.seen).toContain(`from="max@localhost/mobile"`);
+    // max's socket drops: the session waits, detached, for a resume (XEP-0198 §5).
+    max.terminate();
+    await max.closed;
+    await eventually(async () => {
+      expect((await stack.server.smQueue.get(previd))?.connectionId).toBeUndefined();
+    });
+    await deleteAccount(stack.server, 'max@localhost', 'localhost');
+    expect((await stack.server.smQueue.get(previd))?.revoked).toBeDefined();
+    expect(await ned.framesBeforePong()).toEqual([]);
+
+    // Its window closes (the sweeper's clock past it): the contacts are told then.
+    const sweep = createSweeperHandler(stack.server, {
+      now: () => Date.now() + 3_600_000,
+      publishMetrics: () => {},
+    });
+    await sweep().catch(() => undefined);
+    await stack.gateway.drained();
+    const frames = (await ned.framesBeforePong()).map((text) => parse(text));
+    expect(frames.map((f) => `${f.name} ${f.attrs.type ?? ''}`.trim())).toEqual([
+      'presence unsubscribe',
+      'presence unsubscribed',
+      'iq set',
+      'presence unavailable',
+    ]);
+    expect(frames[3]?.attrs.from).toBe('max@localhost/mobile');
   });
 
   it("leaves other accounts' streams alone", async () => {

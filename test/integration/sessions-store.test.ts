@@ -12,6 +12,7 @@ import {
   type OfflineStore,
 } from '../../shared/store/offline.ts';
 import {
+  boundedRevocation,
   createSessionStore,
   DIRECT_POST_LEASE_MS,
   fitsResourceKey,
@@ -20,6 +21,7 @@ import {
   LAST_UNAVAILABLE_KEEP_SECONDS,
   LAST_UNAVAILABLE_MAX_CHARS,
   MAY_QUEUE_AFTER_PRESENCE_MS,
+  REVOCATION_MAX_CHARS,
   REVOCATION_MAX_CONTACTS,
   type ResourceRecord,
   ResourceTakenError,
@@ -132,9 +134,21 @@ describe('connections', () => {
     // Bounded: the row stays far below DynamoDB's item size.
     expect(row?.revoked?.presenceTo).toEqual(many.slice(0, REVOCATION_MAX_CONTACTS));
 
+    const gone = fresh('gone');
+    expect(await sessions.revokeConnection(gone)).toBe(false);
+    expect(await rawItem(`conn#${gone}`, 'conn')).toBeUndefined();
+    // A row whose stream ended already is not marked: its $disconnect would tell nobody, so the
+    // notices go to another of the account's streams.
     const ended = fresh('ended');
-    expect(await sessions.revokeConnection(ended)).toBe(false);
-    expect(await rawItem(`conn#${ended}`, 'conn')).toBeUndefined();
+    await sessions.createConnection(ended, Date.now());
+    await sessions.updateConnection(ended, { user: 'gone@localhost', ended: true });
+    expect(await sessions.revokeConnection(ended, { notify })).toBe(false);
+    expect((await sessions.getConnection(ended))?.revoked).toBeUndefined();
+    // Long JIDs: bounded by characters too (each list at most REVOCATION_MAX_CHARS).
+    const long = Array.from({ length: 300 }, (_, i) => `${'x'.repeat(1000)}${i}@localhost`);
+    expect(boundedRevocation({ presenceTo: long }).presenceTo?.join('').length).toBeLessThanOrEqual(
+      REVOCATION_MAX_CHARS,
+    );
   });
 
   it('sets the TTL attribute to connectedAt + CONNECTION_TTL_SECONDS', async () => {
