@@ -101,7 +101,7 @@ export async function deleteAccount(
     };
     const revoked = await stores.sessions.revokeConnection(resource.connectionId, revocation);
     const detachedRevoked = resource.smId
-      ? await stores.smQueue.revoke(resource.smId, revoked ? {} : revocation)
+      ? await stores.smQueue.revoke(resource.smId, revoked ? { viaStream: true } : revocation)
       : false;
     if (revoked || detachedRevoked) notified = true;
     if (await stores.sessions.releaseResource(jid, resource.resource, resource.connectionId)) sessions += 1;

@@ -1218,7 +1218,7 @@ async function endSmSession(
   // Its account was deleted while it was detached (no connection row to mark): its end tells the
   // contacts the deletion names, as a revoked stream's next frame does (core/stream.ts).
   const revocation = ended.revoked;
-  if (revocation && (revocation.presenceTo?.length || revocation.notify?.length)) {
+  if (revocation && !revocation.viaStream) {
     await tellRevoked(server, {
       user: ended.user,
       resource: ended.resource,

@@ -151,29 +151,44 @@ export interface Revocation {
    * to it.
    */
   notify?: { contact: string; deliver: string[] }[];
+  /**
+   * On a XEP-0198 session item: its stream's connection row carries the revocation (the stream
+   * tells); without it, the session was detached at the deletion and its end tells.
+   */
+  viaStream?: boolean;
 }
 
 /** Contacts a revocation names at most, each list. */
 export const REVOCATION_MAX_CONTACTS = 1000;
 
-/** The characters of JIDs each list of a revocation holds at most: the row stays far below 400 KB. */
-export const REVOCATION_MAX_CHARS = 100_000;
+/**
+ * The bytes each list of a revocation takes at most (UTF-8, with DynamoDB's overhead per entry
+ * counted generously): both lists together stay under 100 KB, so a XEP-0198 session item that
+ * carries them beside a full queue (SM_QUEUE_MAX_BYTES, at most 240 KB) and its transfer (16 KB)
+ * stays under DynamoDB's 400 KB.
+ */
+export const REVOCATION_MAX_BYTES = 48_000;
 
-/** A revocation within REVOCATION_MAX_CONTACTS and REVOCATION_MAX_CHARS per list (the first ones kept). */
+/** A revocation within REVOCATION_MAX_CONTACTS and REVOCATION_MAX_BYTES per list (the first ones kept). */
 export function boundedRevocation(revocation: Revocation): Revocation {
   const within = <T>(list: readonly T[], size: (item: T) => number): T[] => {
     const kept: T[] = [];
-    let chars = 0;
+    let bytes = 0;
     for (const item of list) {
-      chars += size(item);
-      if (kept.length >= REVOCATION_MAX_CONTACTS || chars > REVOCATION_MAX_CHARS) break;
+      bytes += size(item);
+      if (kept.length >= REVOCATION_MAX_CONTACTS || bytes > REVOCATION_MAX_BYTES) break;
       kept.push(item);
     }
     return kept;
   };
   return {
-    ...(revocation.presenceTo ? { presenceTo: within(revocation.presenceTo, (jid) => jid.length) } : {}),
-    ...(revocation.notify ? { notify: within(revocation.notify, (n) => n.contact.length + 24) } : {}),
+    ...(revocation.presenceTo
+      ? { presenceTo: within(revocation.presenceTo, (jid) => Buffer.byteLength(jid) + 4) }
+      : {}),
+    ...(revocation.notify
+      ? { notify: within(revocation.notify, (n) => Buffer.byteLength(n.contact) + 48) }
+      : {}),
+    ...(revocation.viaStream ? { viaStream: true } : {}),
   };
 }
 
@@ -1039,8 +1054,10 @@ export function createSessionStore(
             TableName: table,
             Key: connKey(connectionId),
             UpdateExpression: 'SET revoked = :revocation',
-            // Not a row whose stream has ended already: its $disconnect would tell nobody.
-            ConditionExpression: 'attribute_exists(pk) AND attribute_not_exists(ended)',
+            // Not a row whose stream has ended already (its $disconnect would tell nobody), and
+            // marked once: a rerun of the deletion (its roster gone by then) keeps the first run's.
+            ConditionExpression:
+              'attribute_exists(pk) AND attribute_not_exists(ended) AND attribute_not_exists(revoked)',
             ExpressionAttributeValues: { ':revocation': bounded },
           }),
         );

@@ -956,7 +956,9 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             TableName: table,
             Key: key(smId),
             UpdateExpression: 'SET revoked = :revocation',
-            ConditionExpression: 'attribute_exists(pk) AND attribute_not_exists(ended)',
+            // Marked once: a rerun of the deletion (its roster gone by then) keeps the first run's.
+            ConditionExpression:
+              'attribute_exists(pk) AND attribute_not_exists(ended) AND attribute_not_exists(revoked)',
             ExpressionAttributeValues: { ':revocation': boundedRevocation(revocation) },
           }),
         );
@@ -1337,7 +1339,8 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
     },
 
     async attach(smId, user, connectionId, inbound, from) {
-      const conditions = ['#user = :user', 'attribute_not_exists(ended)'];
+      // Not a deleted account's session: a resume judged before the deletion marked it decides again.
+      const conditions = ['#user = :user', 'attribute_not_exists(ended)', 'attribute_not_exists(revoked)'];
       if (inbound !== undefined) conditions.push('(attribute_not_exists(inbound) OR inbound <= :inbound)');
       if (from === null) conditions.push('attribute_not_exists(connectionId)');
       else if (from !== undefined) conditions.push('connectionId = :from');

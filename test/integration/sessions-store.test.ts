@@ -21,7 +21,7 @@ import {
   LAST_UNAVAILABLE_KEEP_SECONDS,
   LAST_UNAVAILABLE_MAX_CHARS,
   MAY_QUEUE_AFTER_PRESENCE_MS,
-  REVOCATION_MAX_CHARS,
+  REVOCATION_MAX_BYTES,
   REVOCATION_MAX_CONTACTS,
   type ResourceRecord,
   ResourceTakenError,
@@ -144,11 +144,14 @@ describe('connections', () => {
     await sessions.updateConnection(ended, { user: 'gone@localhost', ended: true });
     expect(await sessions.revokeConnection(ended, { notify })).toBe(false);
     expect((await sessions.getConnection(ended))?.revoked).toBeUndefined();
-    // Long JIDs: bounded by characters too (each list at most REVOCATION_MAX_CHARS).
-    const long = Array.from({ length: 300 }, (_, i) => `${'x'.repeat(1000)}${i}@localhost`);
-    expect(boundedRevocation({ presenceTo: long }).presenceTo?.join('').length).toBeLessThanOrEqual(
-      REVOCATION_MAX_CHARS,
-    );
+    // Marked once: a rerun of the deletion (which finds the roster gone) keeps what the first told.
+    expect(await sessions.revokeConnection(id, {})).toBe(false);
+    expect((await sessions.getConnection(id))?.revoked?.notify).toEqual(notify);
+    // Long JIDs, multi-byte ones: bounded by UTF-8 bytes too (each list at most REVOCATION_MAX_BYTES).
+    const long = Array.from({ length: 300 }, (_, i) => `${'ü'.repeat(500)}${i}@localhost`);
+    const kept = boundedRevocation({ presenceTo: long }).presenceTo ?? [];
+    expect(kept.length).toBeGreaterThan(0);
+    expect(Buffer.byteLength(kept.join(''))).toBeLessThanOrEqual(REVOCATION_MAX_BYTES);
   });
 
   it('sets the TTL attribute to connectedAt + CONNECTION_TTL_SECONDS', async () => {
