@@ -132,7 +132,8 @@ export class StanzaFuzzer {
       case 'with':
       case 'jid':
       case 'from':
-        return this.jid();
+        // Mostly a well-formed JID, so that the request gets past its checks to the archive.
+        return this.chance(0.7) ? this.wellFormedJid() : this.jid();
       case 'start':
       case 'end':
       case 'utc':
@@ -175,6 +176,18 @@ export class StanzaFuzzer {
       default:
         return this.pick(['a', 'thread-1', 'node-1', 'x']);
     }
+  }
+
+  /** A well-formed JID: an account's bare or full JID, or one of another domain. */
+  private wellFormedJid(): string {
+    const { users, resources } = this.context;
+    const user = this.pick(users);
+    return this.pick([
+      user,
+      `${user}/${this.pick(resources)}`,
+      'juliet@capulet.example/chamber',
+      'romeo@montague.example',
+    ]);
   }
 
   /** A JID, well-formed or not, local or not, existing or not. */
