@@ -276,32 +276,50 @@ export async function deliverToMany<T extends DeliveryTarget | ResourceRecord>(
   stanzasFor: (target: T) => Element | Element[],
   concurrency = FAN_OUT_CONCURRENCY,
 ): Promise<number> {
-  let next = 0;
   let sent = 0;
-  // After the first failure no worker starts another target, and the failure is thrown only once
-  // every worker has stopped: the frame's next attempt must not run beside this one's deliveries.
+  await eachLimited(targets, concurrency, async (target) => {
+    const built = stanzasFor(target);
+    for (const stanza of Array.isArray(built) ? built : [built]) {
+      let result: DeliveryResult;
+      try {
+        result = await deliver(server, target, stanza);
+      } catch (error) {
+        if (error instanceof StanzaError) continue;
+        throw error;
+      }
+      if (result !== 'sent') break;
+      sent++;
+    }
+  });
+  return sent;
+}
+
+/**
+ * Runs `work` on each item, at most `concurrency` at a time. After the first failure no worker
+ * starts another item, and the failure is thrown only once every worker has stopped: the
+ * frame's next attempt must not run beside this one's work.
+ */
+export async function eachLimited<T>(
+  items: readonly T[],
+  concurrency: number,
+  work: (item: T) => Promise<void>,
+): Promise<void> {
+  let next = 0;
   let failed = false;
   const worker = async () => {
-    while (next < targets.length && !failed) {
-      const target = targets[next++] as T;
-      const built = stanzasFor(target);
-      for (const stanza of Array.isArray(built) ? built : [built]) {
-        try {
-          const result = await deliver(server, target, stanza);
-          if (result !== 'sent') break;
-          sent++;
-        } catch (error) {
-          if (error instanceof StanzaError) continue;
-          failed = true;
-          throw error;
-        }
+    while (next < items.length && !failed) {
+      const item = items[next++] as T;
+      try {
+        await work(item);
+      } catch (error) {
+        failed = true;
+        throw error;
       }
     }
   };
   const outcomes = await Promise.allSettled(
-    Array.from({ length: Math.min(concurrency, targets.length) }, worker),
+    Array.from({ length: Math.min(concurrency, items.length) }, worker),
   );
   const failure = outcomes.find((outcome) => outcome.status === 'rejected');
   if (failure) throw failure.reason;
-  return sent;
 }

@@ -438,7 +438,7 @@ export async function handleStreamEvent(
   if (event.kind === 'disconnect') {
     server.rates.forget(event.connectionId);
     // A deleted account's stream that sent nothing more: its contacts are told now.
-    if (stored?.revoked && stored.user) await fireRevoked(server, stored);
+    if (stored) await fireRevoked(server, stored);
     // A module may keep the session without its socket (resumable stream management).
     if (stored)
       await server.host.fire('connection-vanished', {

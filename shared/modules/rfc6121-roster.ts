@@ -16,7 +16,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { clone, Element, parse } from 'ltx';
-import { deliverToMany, FAN_OUT_CONCURRENCY } from '../core/delivery.ts';
+import { deliverToMany, eachLimited, FAN_OUT_CONCURRENCY } from '../core/delivery.ts';
 import {
   type BoundStream,
   HANDLED,
@@ -599,26 +599,21 @@ async function tellOfDeletion(
   const online = await server.sessions.availableResourcesOf([...notify.map((n) => n.contact), ...presenceTo]);
   // Contacts in parallel (each contact's own stanzas in order): up to a thousand of them must
   // fit in the frame that ends the stream.
-  let next = 0;
-  const worker = async () => {
-    while (next < notify.length) {
-      const { contact, deliver } = notify[next++] as { contact: string; deliver: string[] };
-      const resources = online.get(contact) ?? [];
-      for (const type of deliver) {
-        if (!isSubscriptionStanza(type)) continue;
-        await deliverToMany(server, resources, () => subscriptionStanza(type, user, contact));
-      }
-      const entry = await server.roster.getEntry(contact, user);
-      if (entry?.listed) {
-        await pushRosterItem(server, contact, user, {
-          after: entry,
-          itemChanged: true,
-          version: await server.roster.getVersion(contact),
-        });
-      }
+  await eachLimited(notify, FAN_OUT_CONCURRENCY, async ({ contact, deliver }) => {
+    const resources = online.get(contact) ?? [];
+    for (const type of deliver) {
+      if (!isSubscriptionStanza(type)) continue;
+      await deliverToMany(server, resources, () => subscriptionStanza(type, user, contact));
     }
-  };
-  await Promise.all(Array.from({ length: Math.min(FAN_OUT_CONCURRENCY, notify.length) }, worker));
+    const entry = await server.roster.getEntry(contact, user);
+    if (entry?.listed) {
+      await pushRosterItem(server, contact, user, {
+        after: entry,
+        itemChanged: true,
+        version: await server.roster.getVersion(contact),
+      });
+    }
+  });
   const targets = presenceTo.flatMap((contact) => online.get(contact) ?? []);
   if (resource) {
     const from = fullJid(fullJidOf(user, resource));
@@ -632,7 +627,7 @@ async function tellOfDeletion(
 }
 
 function isSubscriptionStanza(type: string): type is SubscriptionStanza {
-  return type === 'subscribe' || type === 'subscribed' || type === 'unsubscribe' || type === 'unsubscribed';
+  return SUBSCRIPTION_TYPES.has(type);
 }
 
 /** Who a broadcast reached: the subscribers (bare JIDs), and the resources it went to. */
