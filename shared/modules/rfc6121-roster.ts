@@ -301,17 +301,24 @@ async function removeContact(stream: BoundStream, contact: string): Promise<void
   const online = await server.sessions.availableResourcesOf([user, contact]);
   const contactResources = online.get(contact) ?? [];
   const userResources = online.get(user) ?? [];
-  for (const type of seen.deliver) {
-    await deliverToMany(server, contactResources, () => subscriptionStanza(type, user, contact));
-  }
-  // §3.2.3, §3.3.3: the contact's server delivers the stanza first, then pushes the change.
-  if (result.contact) await pushRosterItem(server, contact, user, result.contact);
-  // §3.2.2: the user cancelled the contact's subscription: the contact is told the user's
-  // resources are unavailable. §3.3.3: the contact's server, on the 'unsubscribe', sends the
-  // contact's unavailable presence to the user.
+  // §3.2.2: the user cancelled the contact's subscription: "While the user is still subscribed
+  // to the contact's presence (i.e., before the contact's server routes or delivers the presence
+  // stanza of type 'unsubscribed' to the user), the contact's server MUST send a presence stanza
+  // of type 'unavailable' from all of the contact's online resources to the user" (the roles
+  // named the other way round there: here the user cancels).
   if (stanzas.includes('unsubscribed') && hasFrom(before)) {
     await sendPresenceOf(server, userResources, contactResources, 'unavailable');
   }
+  if (seen.deliver.length > 0) {
+    const recipients = await subscriptionRecipients(server, contact, contactResources);
+    for (const type of seen.deliver) {
+      await deliverToMany(server, recipients, () => subscriptionStanza(type, user, contact));
+    }
+  }
+  // §3.2.3, §3.3.3: the contact's server delivers the stanza first, then pushes the change.
+  if (result.contact) await pushRosterItem(server, contact, user, result.contact);
+  // §3.3.3: the contact's server, on the 'unsubscribe', sends the contact's unavailable presence
+  // to the user.
   if (seen.presence === 'unavailable') {
     await sendPresenceOf(server, contactResources, userResources, 'unavailable');
   }
@@ -444,19 +451,32 @@ async function subscription(
   const online = await server.sessions.availableResourcesOf(kind === 'account' ? [user, contact] : [user]);
   const userResources = online.get(user) ?? [];
   const contactResources = online.get(contact) ?? [];
+  // §3.2.2: an 'unsubscribed' ends the contact's subscription to the user, who is seen going
+  // unavailable "before the contact's server routes or delivers the presence stanza of type
+  // 'unsubscribed'" (the RFC names the roles the other way round). Other changes' presence
+  // follows the stanza that causes it (§3.1.5: an approval, then the presence).
+  const unavailableFirst = out.presence === 'unavailable';
+  if (unavailableFirst) await presenceEffect(server, out.presence, userResources, contactResources);
   if (inbound?.deliver) {
-    // §3.1.3: delivered to the contact's available resources now; a "subscribe" is also kept
+    // §3.1.3: a "subscribe" is delivered to the contact's available resources now, also kept
     // (Pending In) and delivered again at the contact's next initial presence until answered.
-    await deliverToMany(server, contactResources, () => clone(outgoing));
+    // The other three go to its interested resources (§3.1.6, §3.2.3, §3.3.3), which get the push.
+    const recipients =
+      type === 'subscribe'
+        ? contactResources
+        : await subscriptionRecipients(server, contact, contactResources);
+    await deliverToMany(server, recipients, () => clone(outgoing));
   }
   if (result.contact) await pushRosterItem(server, contact, user, result.contact);
   if (reply) {
-    if (reply.atUser.deliver)
-      await deliverToMany(server, userResources, () => subscriptionStanza(reply.type, contact, user));
+    if (reply.atUser.deliver) {
+      const recipients = await subscriptionRecipients(server, user, userResources);
+      await deliverToMany(server, recipients, () => subscriptionStanza(reply.type, contact, user));
+    }
     await pushUser();
   }
   // The presence that follows a change (the appendix's tables say who is subscribed now).
-  await presenceEffect(server, out.presence, userResources, contactResources);
+  if (!unavailableFirst) await presenceEffect(server, out.presence, userResources, contactResources);
   await presenceEffect(server, inbound?.presence, contactResources, userResources);
   if (reply?.type === 'subscribed' && inbound?.presence !== 'available') {
     // The contact approved (already approved, A.3.1): §3.1.5, its resources' presence goes to the
@@ -464,6 +484,25 @@ async function subscription(
     // … from each of the contact's available resources").
     await sendPresenceOf(server, contactResources, userResources, 'available');
   }
+}
+
+/**
+ * Who gets an inbound 'subscribed', 'unsubscribed' or 'unsubscribe': §3.1.6 "Deliver the inbound
+ * subscription approval to all of the user's interested resources (this MUST occur before
+ * sending the roster push)", §3.2.3 and §3.3.3 alike: the resources that requested the roster,
+ * whether or not they sent presence yet, as the push that follows goes to them. The available
+ * ones that never asked for the roster get it too, as before session 30 (a client that shows
+ * presence may still tell its user "approved"). One Query, only for these three stanzas.
+ */
+async function subscriptionRecipients(
+  server: Server,
+  user: string,
+  available: ResourceRecord[],
+): Promise<ResourceRecord[]> {
+  const interested = (await server.sessions.listResources(user)).filter(
+    (resource) => resource.rosterInterested && !available.some((r) => r.resource === resource.resource),
+  );
+  return [...available, ...interested];
 }
 
 async function presenceEffect(

@@ -307,8 +307,14 @@ export async function archiveMessage(
     server.log.info('message archived by an earlier delivery of its frame', { owner, direction });
     return true;
   }
-  const current = open && { start: open.header.start, thread: open.thread, lastAt: open.last?.at };
-  if (startsNewCollection(current, { at, thread }, server.config.archiveCollectionGapSeconds * 1000)) {
+  const current = open && {
+    start: open.header.start,
+    thread: open.thread,
+    lastAt: open.last?.at,
+    expireSeconds: open.expireSeconds,
+  };
+  const next = { at, thread, expireSeconds: expireSeconds || undefined };
+  if (startsNewCollection(current, next, server.config.archiveCollectionGapSeconds * 1000)) {
     open = await server.archive.startCollection(
       owner,
       {

@@ -154,6 +154,13 @@ export interface OpenCollection {
   last?: Tail;
   /** Change time recorded on the header (epoch ms, window-aligned after the first append). */
   changedUntil: number;
+  /**
+   * The `expire` (seconds) its messages are archived with, undefined when they are kept for ever;
+   * `'unknown'` on a pointer written before it was recorded (session 30) to a collection that
+   * expires. A message archived with another expiry starts a new collection
+   * (`startsNewCollection`), so a collection's messages expire in the order they came.
+   */
+  expireSeconds?: number | 'unknown';
 }
 
 export type WithFilter = { jid: string; kind: 'full' | 'bare' | 'domain' };
@@ -477,7 +484,12 @@ export function createArchiveStore(
   const nowSeconds = () => Math.floor(now() / 1000);
 
   /** Gives a collection's stored `<EncryptedKey/>` items a later expiry (never shortens one). */
-  async function extendKeys(owner: string, header: CollectionHeader, expiresAt: number): Promise<void> {
+  /** Moves the collection's keys' expiry on to `expiresAt`; undefined: they are kept for ever. */
+  async function extendKeys(
+    owner: string,
+    header: CollectionHeader,
+    expiresAt: number | undefined,
+  ): Promise<void> {
     const { items } = await queryItems(
       {
         TableName: table,
@@ -494,11 +506,15 @@ export function createArchiveStore(
           new UpdateCommand({
             TableName: table,
             Key: { pk: item.pk, sk: item.sk },
-            UpdateExpression: 'SET #ttl = :exp',
             // A key deleted meanwhile (§9 <delete/>) stays deleted; a longer expiry, or none, stays.
-            ConditionExpression: 'attribute_exists(pk) AND #ttl < :exp',
+            ...(expiresAt === undefined
+              ? { UpdateExpression: 'REMOVE #ttl', ConditionExpression: 'attribute_exists(pk)' }
+              : {
+                  UpdateExpression: 'SET #ttl = :exp',
+                  ConditionExpression: 'attribute_exists(pk) AND #ttl < :exp',
+                  ExpressionAttributeValues: { ':exp': expiresAt },
+                }),
             ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
-            ExpressionAttributeValues: { ':exp': expiresAt },
           }),
         );
       } catch (error) {
@@ -1148,11 +1164,18 @@ export function createArchiveStore(
         expiresAt: Item.headerExpiresAt as number | undefined,
       };
       const last = await edgeEntry(owner, header.cid, false);
+      const expire = Item.expire as number | undefined;
       return {
         header,
         thread: Item.thread as string | undefined,
         last: last && tailOf(last),
         changedUntil: Item.changedUntil as number,
+        expireSeconds:
+          expire === undefined
+            ? header.expiresAt === undefined
+              ? undefined
+              : 'unknown'
+            : expire || undefined,
       };
     },
 
@@ -1190,6 +1213,8 @@ export function createArchiveStore(
                     subject: start.subject,
                     changedUntil: createdAt,
                     headerExpiresAt: header.expiresAt,
+                    // 0: kept for ever.
+                    expire: start.expireSeconds ?? 0,
                     [TTL_ATTRIBUTE]: header.expiresAt,
                   },
                   ConditionExpression: previous ? 'cid = :previous' : 'attribute_not_exists(sk)',
@@ -1209,7 +1234,12 @@ export function createArchiveStore(
           throw new ArchiveConflictError(`start with ${start.with}`);
         return winner;
       }
-      return { header, thread: start.thread, changedUntil: createdAt };
+      return {
+        header,
+        thread: start.thread,
+        changedUntil: createdAt,
+        ...(start.expireSeconds !== undefined ? { expireSeconds: start.expireSeconds } : {}),
+      };
     },
 
     /**
@@ -1375,7 +1405,35 @@ export function createArchiveStore(
         // the header's write: a retry after a failure here still finds the header to extend.
         if (header.crypt) await extendKeys(owner, header, values[':exp'] as number);
       }
-      if (!created && (changes.length > 0 || input.entries.length > 0 || (input.keys?.length ?? 0) > 0)) {
+      const removals: string[] = [];
+      // §3.2: entries kept for ever in a collection that expires (a manual store after the user's
+      // preference changed): the collection is kept too, else its expiry would remove them with
+      // it. Its earlier entries still expire (their own TTL), reported by the sweep as changes.
+      // Its keys are kept with it, and automatic archiving records no more into it (its pointer
+      // knows the old expiry): the next message starts a new collection.
+      const keepForever = !created && neededExpiry === undefined && header.expiresAt !== undefined;
+      if (keepForever) {
+        removals.push('#ttl');
+        if (header.crypt) await extendKeys(owner, header, undefined);
+        await dropPointer(owner, header.with, header.cid);
+      }
+      // Entries that expire in a collection kept for ever: the expiry index learns of them, so
+      // that `<modified/>` (0.9 §10) reports their expiry (the sweep moves it on to the next one).
+      if (!created && neededExpiry !== undefined && header.expiresAt === undefined) {
+        changes.push(
+          'nextExpiry = if_not_exists(nextExpiry, :next)',
+          'expShard = if_not_exists(expShard, :shard)',
+        );
+        values[':next'] = neededExpiry;
+        values[':shard'] = expiryShard(owner);
+      }
+      if (
+        !created &&
+        (changes.length > 0 ||
+          removals.length > 0 ||
+          input.entries.length > 0 ||
+          (input.keys?.length ?? 0) > 0)
+      ) {
         changes.push('changeKey = :ck');
         // Never backwards: automatic appends set the end of their change window, which may be
         // ahead of now; a key moved back would hide the window's later appends from <modified/>.
@@ -1386,9 +1444,10 @@ export function createArchiveStore(
           new UpdateCommand({
             TableName: table,
             Key: headerKey(owner, header),
-            UpdateExpression: `SET ${changes.join(', ')}`,
+            UpdateExpression: `SET ${changes.join(', ')}${removals.length > 0 ? ` REMOVE ${removals.join(', ')}` : ''}`,
             ConditionExpression: 'cid = :cid',
-            ExpressionAttributeNames: changes.includes('#ttl = :exp') ? { '#ttl': TTL_ATTRIBUTE } : undefined,
+            ExpressionAttributeNames:
+              changes.includes('#ttl = :exp') || keepForever ? { '#ttl': TTL_ATTRIBUTE } : undefined,
             ExpressionAttributeValues: { ...values, ':cid': header.cid },
           }),
         );
@@ -1397,7 +1456,7 @@ export function createArchiveStore(
           subject: input.subject ?? header.subject,
           crypt: header.crypt || crypt,
           plain: header.plain || plain,
-          expiresAt: (values[':exp'] as number | undefined) ?? header.expiresAt,
+          expiresAt: keepForever ? undefined : ((values[':exp'] as number | undefined) ?? header.expiresAt),
         };
       }
       const entries = options.frame
@@ -1582,7 +1641,16 @@ export function createArchiveStore(
               0,
               RETRIEVE_READ_BYTES,
             );
-      const entries = items.map(toEntry);
+      // §5.2: the first message's `secs` is "relative to the start of the collection". Once the
+      // messages before it expired, the first one left is that first message: its time is told
+      // from the start, not from a message the client can no longer retrieve.
+      const entries = items
+        .map(toEntry)
+        .map((entry) =>
+          entry.seq === firstEntry.seq && entry.prevAt !== undefined
+            ? { ...entry, prevAt: undefined }
+            : entry,
+        );
       if (backwards) entries.reverse();
       const first = entries[0];
       return {

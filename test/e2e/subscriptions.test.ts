@@ -45,6 +45,10 @@ const USERS = [
   'bert',
   'cleo',
   'dora',
+  'ezra',
+  'fern',
+  'gus',
+  'hope',
 ];
 
 let stack: TestStack;
@@ -242,6 +246,36 @@ describe('RFC 6121 §3.1 requesting and approving a subscription', () => {
       subscription: 'none',
       ask: 'subscribe',
     });
+  });
+
+  it('§3.1.6: the approval reaches an interested resource that has sent no presence yet, before its push', async () => {
+    // §3.1.6: "Deliver the inbound subscription approval to all of the user's interested
+    // resources (this MUST occur before sending the roster push described in the next step)";
+    // an interested resource is one that requested the roster (§2.1.6), available or not.
+    const ezra = await online('ezra');
+    const fern = await online('fern');
+    const quiet = await online('ezra', 'quiet', { presence: false });
+    ezra.send(`<presence type='subscribe' to='fern@localhost'/>`);
+    await fern.waitFor(presence('subscribe', 'ezra@localhost'));
+    fern.send(`<presence type='subscribed' to='ezra@localhost'/>`);
+    const approval = await quiet.waitFor(presence('subscribed', 'fern@localhost'));
+    deliveredBeforePush(quiet, approval, await quiet.waitFor(push('fern@localhost', sub('to'))));
+    await ezra.waitFor(presence('subscribed', 'fern@localhost'));
+    // The same for a cancellation (§3.2.3) and an unsubscribe (§3.3.3).
+    fern.send(`<presence type='unsubscribed' to='ezra@localhost'/>`);
+    const cancelled = await quiet.waitFor(presence('unsubscribed', 'fern@localhost'));
+    deliveredBeforePush(quiet, cancelled, await quiet.waitFor(push('fern@localhost', sub('none'))));
+    // A resource that asked for no roster and sent no presence is not told.
+    const bystander = await online('ezra', 'bystander', { presence: false, roster: false });
+    fern.send(`<presence type='subscribe' to='ezra@localhost'/>`);
+    await ezra.waitFor(presence('subscribe', 'fern@localhost'));
+    ezra.send(`<presence type='subscribed' to='fern@localhost'/>`);
+    await fern.waitFor(presence('subscribed', 'ezra@localhost'));
+    fern.send(`<presence type='unsubscribe' to='ezra@localhost'/>`);
+    const unsubscribe = await quiet.waitFor(presence('unsubscribe', 'fern@localhost'));
+    deliveredBeforePush(quiet, unsubscribe, await quiet.waitFor(push('fern@localhost', sub('none'))));
+    await bystander.barrier();
+    expect(bystander.count((el) => el.name === 'presence')).toBe(0);
   });
 
   it('A.2.4: denying a request (unsubscribed in None + Pending In) tells the requester', async () => {
@@ -470,9 +504,12 @@ describe('RFC 6121 §3.2–3.3 cancelling and unsubscribing', () => {
     await uma.waitFor(push('vic@localhost', sub('to')));
     const cancelled = await vic.waitFor(presence('unsubscribed', 'uma@localhost'));
     deliveredBeforePush(vic, cancelled, await vic.waitFor(push('uma@localhost', sub('from'))));
-    // §3.2.2: "the contact's server MUST send unavailable presence from all of the contact's
-    // available resources to the user".
-    await vic.waitFor(presence('unavailable', 'uma@localhost/r'));
+    // §3.2.2: "While the user is still subscribed to the contact's presence (i.e., before the
+    // contact's server routes or delivers the presence stanza of type 'unsubscribed' to the
+    // user), the contact's server MUST send a presence stanza of type 'unavailable' from all of
+    // the contact's online resources to the user."
+    const gone = await vic.waitFor(presence('unavailable', 'uma@localhost/r'));
+    expect(vic.log.indexOf(gone)).toBeLessThan(vic.log.indexOf(cancelled));
     // From now on uma's presence does not reach vic; vic's still reaches uma.
     const extra = await online('uma', 'extra');
     const vicExtra = await online('vic', 'extra');
@@ -497,7 +534,9 @@ describe('RFC 6121 §3.2–3.3 cancelling and unsubscribing', () => {
     await xena.waitFor(presence('unsubscribe', 'walt@localhost'));
     const removed = await xena.waitFor(presence('unsubscribed', 'walt@localhost'));
     deliveredBeforePush(xena, removed, await xena.waitFor(push('walt@localhost', sub('none'))));
-    await xena.waitFor(presence('unavailable', 'walt@localhost/r'));
+    // §3.2.2: walt's resources go unavailable for xena before the 'unsubscribed' reaches her.
+    const gone = await xena.waitFor(presence('unavailable', 'walt@localhost/r'));
+    expect(xena.log.indexOf(gone)).toBeLessThan(xena.log.indexOf(removed));
     await walt.waitFor(presence('unavailable', 'xena@localhost/r'));
     expect(await rosterItems(walt)).toEqual({});
     expect((await rosterItems(xena))['walt@localhost']).toMatchObject({ subscription: 'none' });

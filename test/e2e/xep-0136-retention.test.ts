@@ -9,7 +9,7 @@ import { GetCommand, QueryCommand } from '@aws-sdk/lib-dynamodb';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { documentClientFor } from '../../shared/store/dynamo.ts';
 import { TTL_ATTRIBUTE } from '../../shared/tables.ts';
-import { ARCHIVE, ArchiveWorld, attrsOf, chat, ok, PREF_GET } from '../support/archive.ts';
+import { ARCHIVE, ArchiveWorld, attrsOf, chat, ok, PREF_GET, stores } from '../support/archive.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 
 const CAP = 3600;
@@ -149,5 +149,44 @@ describe('ARCHIVE_MAX_EXPIRE_SECONDS caps how long archived messages are kept', 
     expect(ttls).toHaveLength(1);
     expect(ttls[0]).toBeGreaterThanOrEqual(storedAt + CAP);
     expect(ttls[0]).toBeLessThanOrEqual(storedBy + CAP);
+  });
+
+  it('starts a new collection when the expire a message is archived with changes mid-conversation', async () => {
+    // §3.2: 'expire' "indicates how many seconds after messages are archived that the server
+    // SHOULD delete them" — each message by the mode in force when it was archived. A collection
+    // goes with its last message, so messages kept longer must not share a collection with ones
+    // that expire first: before session 30 they joined it, and went when its first expiry passed.
+    const romeoJid = await world.newUser('romeo');
+    const julietJid = await world.newUser('juliet');
+    const romeo = await world.online(romeoJid, 'orchard');
+    const juliet = await world.online(julietJid, 'balcony');
+    await ok(romeo, `<iq type='set'><auto xmlns='${ARCHIVE}' save='true'/></iq>`);
+    await ok(
+      romeo,
+      `<iq type='set'><pref xmlns='${ARCHIVE}'><item jid='${julietJid}' save='body' otr='allow' expire='600'/></pref></iq>`,
+    );
+    const firstAt = Math.floor(Date.now() / 1000);
+    await chat(romeo, juliet, `${julietJid}/balcony`, 'It is the east, and Juliet is the sun.');
+    // The same conversation a moment later, the item now without expire (kept the cap).
+    await ok(
+      romeo,
+      `<iq type='set'><pref xmlns='${ARCHIVE}'><item jid='${julietJid}' save='body' otr='allow'/></pref></iq>`,
+    );
+    await chat(romeo, juliet, `${julietJid}/balcony`, 'Arise, fair sun, and kill the envious moon.');
+    const storedBy = Math.floor(Date.now() / 1000);
+
+    const list = await ok(romeo, `<iq type='get'><list xmlns='${ARCHIVE}' with='${julietJid}'/></iq>`);
+    expect(stores(list)).toHaveLength(2);
+    const ttls = (await messageTtls(romeoJid, `${julietJid}/balcony`)).sort((a, b) => a - b);
+    expect(ttls).toHaveLength(2);
+    expect(ttls[0]).toBeGreaterThanOrEqual(firstAt + 600);
+    expect(ttls[0]).toBeLessThanOrEqual(storedBy + 600);
+    expect(ttls[1]).toBeGreaterThanOrEqual(firstAt + CAP);
+    expect(ttls[1]).toBeLessThanOrEqual(storedBy + CAP);
+
+    // The same expire again: the conversation goes on in the collection it is in.
+    await chat(romeo, juliet, `${julietJid}/balcony`, 'It is my lady, O, it is my love!');
+    const again = await ok(romeo, `<iq type='get'><list xmlns='${ARCHIVE}' with='${julietJid}'/></iq>`);
+    expect(stores(again)).toHaveLength(2);
   });
 });

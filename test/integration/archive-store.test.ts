@@ -661,6 +661,107 @@ async function itemTtls(cid: string): Promise<(prefix: string) => number[]> {
     (items.Items ?? []).filter((i) => String(i.sk).startsWith(prefix)).map((i) => i[TTL_ATTRIBUTE] as number);
 }
 
+describe('entries archived with another expire than their collection (§3.2)', () => {
+  // §3.2: 'expire' "indicates how many seconds after messages are archived that the server SHOULD
+  // delete them": each entry by the mode in force when it was stored. Automatic archiving starts
+  // a new collection then (test/e2e/xep-0136-retention.test.ts); a manual store names its
+  // collection, so the collection adapts.
+  test('entries kept for ever keep a collection that expired otherwise, and its keys', async () => {
+    const t0 = clock;
+    const ref = { with: JULIET, start: START };
+    await store.storeManual(owner, {
+      ref,
+      entries: [chat('from', 'soon gone', START)],
+      keys: [
+        {
+          carriedKeyName: 'k1',
+          publicKeyName: 'romeoPublicKey1fingerprint',
+          xml: '<EncryptedKey xmlns="http://www.w3.org/2001/04/xmlenc#"><CarriedKeyName>k1</CarriedKeyName></EncryptedKey>',
+        },
+      ],
+      expireSeconds: 60,
+    });
+    clock += 10_000;
+    const { header } = await store.storeManual(owner, {
+      ref,
+      entries: [chat('to', 'for ever', START + 5000)],
+    });
+    expect(header.expiresAt).toBeUndefined();
+    const ttlOf = await itemTtls(header.cid);
+    expect(ttlOf('k#')).toEqual([undefined]);
+
+    // Past the first entry's expiry and past the day the header outlived it by: only it is gone.
+    clock = t0 + 61_000;
+    await store.sweepExpiring(500);
+    clock = t0 + 2 * 86_400_000;
+    await store.sweepExpiring(500);
+    const left = await store.retrieveMessages(owner, ref, { max: 10 });
+    expect(left?.items.map((entry) => entry.xml)).toEqual([expect.stringContaining('for ever')]);
+    expect((await store.listCollections(owner, {}, { max: 10 })).items.map((h) => h.start)).toEqual([START]);
+  });
+
+  test('an entry kept for ever ends automatic recording into a collection that expires', async () => {
+    const open = await store.startCollection(owner, { with: JULIET, start: clock, expireSeconds: 60 });
+    expect(open.expireSeconds).toBe(60);
+    await store.appendMessage(owner, open, chat('from', 'auto', clock), { expireSeconds: 60 });
+    expect((await store.findOpenCollection(owner, JULIET))?.expireSeconds).toBe(60);
+    clock += 1000;
+    await store.storeManual(owner, {
+      ref: { with: JULIET, start: open.header.start },
+      entries: [chat('to', 'manual, for ever', clock)],
+    });
+    // Its pointer named the old expiry: the next automatic message starts a new collection.
+    expect(await store.findOpenCollection(owner, JULIET)).toBeUndefined();
+  });
+
+  test('entries that expire in a collection kept for ever are reported when they go (0.9 §10)', async () => {
+    const t0 = clock;
+    const ref = { with: JULIET, start: START };
+    await store.storeManual(owner, { ref, entries: [chat('from', 'for ever', START)] });
+    clock += 10_000;
+    await store.storeManual(owner, {
+      ref,
+      entries: [chat('to', 'soon gone', START + 5000)],
+      expireSeconds: 60,
+    });
+    clock += 5_000;
+    const synced = await store.modifiedSince(owner, undefined, 10);
+    const cursor = synced.items.at(-1)?.key;
+    clock = t0 + 71_000;
+    await store.sweepExpiring(500);
+    clock += 3_000;
+    const changed = await store.modifiedSince(owner, cursor, 10);
+    expect(changed.items.map((c) => [c.kind, c.collection.start])).toEqual([['changed', START]]);
+    const left = await store.retrieveMessages(owner, ref, { max: 10 });
+    expect(left?.items.map((entry) => entry.xml)).toEqual([expect.stringContaining('for ever')]);
+  });
+
+  test("the first message left after the earlier ones expired is timed from the collection's start (§5.2)", async () => {
+    // §5.2: 'secs' is "relative to the previous message in the collection (or, for the first
+    // message, relative to the start of the collection)".
+    const t0 = clock;
+    const ref = { with: JULIET, start: START };
+    await store.storeManual(owner, {
+      ref,
+      entries: [chat('from', 'gone', START + 60_000)],
+      expireSeconds: 60,
+    });
+    clock += 30_000;
+    await store.storeManual(owner, {
+      ref,
+      entries: [chat('to', 'left', START + 1_200_000)],
+      expireSeconds: 60,
+    });
+    const before = await store.retrieveMessages(owner, ref, { max: 10 });
+    expect(before?.items.map((entry) => entry.prevAt)).toEqual([undefined, START + 60_000]);
+    clock = t0 + 61_000;
+    const after = await store.retrieveMessages(owner, ref, { max: 10 });
+    expect(after?.items.map((entry) => [entry.xml.includes('left'), entry.prevAt])).toEqual([
+      [true, undefined],
+    ]);
+  });
+});
+
 describe('EncryptedKeys', () => {
   const encrypted = (keyName: string): EntryInput => ({
     kind: 'data',

@@ -624,6 +624,16 @@ jubafOqNEpcwR3RdFsT7bCqnXPBe5ELh5u4VEy19MzxkXRgrMvavzyBpVRgBUwUlV
     );
     expect(startsNewCollection({ ...open, thread: 'same' }, { at: start + 61_000 })).toBe(false);
     expect(startsNewCollection({ start }, { at: start + 10 * 60_000 }, 5 * 60_000)).toBe(true);
+    // §3.2: messages archived with another expire (the preference changed) start a new one.
+    const expiring = { ...open, expireSeconds: 600 };
+    expect(startsNewCollection(expiring, { at: start + 61_000, expireSeconds: 600 })).toBe(false);
+    expect(startsNewCollection(expiring, { at: start + 61_000, expireSeconds: 3600 })).toBe(true);
+    expect(startsNewCollection(expiring, { at: start + 61_000 })).toBe(true);
+    expect(startsNewCollection(open, { at: start + 61_000, expireSeconds: 600 })).toBe(true);
+    // A pointer from before the expire was recorded, to a collection that expires: unknown.
+    expect(
+      startsNewCollection({ ...open, expireSeconds: 'unknown' }, { at: start + 61_000, expireSeconds: 600 }),
+    ).toBe(true);
   });
 
   test('secs add up to each message time: messages 0.51 s apart alternate 1 and 0 (§5.2)', () => {

@@ -91,15 +91,21 @@ export function threadOf(stanza: Element): string | undefined {
 /**
  * Whether a message starts a new collection: none is open, the conversation was idle longer
  * than the gap, or the message names another `<thread/>` (§5.2: "a set of messages … that are
- * received near each other in time or as part of the same conversation thread").
+ * received near each other in time or as part of the same conversation thread"); or it is
+ * archived with another `expire` than the open collection's messages (§3.2: the user changed
+ * the preference meanwhile). A collection's messages then expire in the order they came, the
+ * collection with its last one: one kept for ever is never removed with an expiring
+ * collection, and an expired prefix is all that is ever missing (its `secs` and `<count/>`
+ * stay right).
  */
 export function startsNewCollection(
-  open: { start: number; thread?: string; lastAt?: number } | undefined,
-  message: { at: number; thread?: string },
+  open: { start: number; thread?: string; lastAt?: number; expireSeconds?: number | 'unknown' } | undefined,
+  message: { at: number; thread?: string; expireSeconds?: number },
   gapMs = DEFAULT_COLLECTION_GAP_MS,
 ): boolean {
   if (!open) return true;
   if (message.thread !== undefined && message.thread !== open.thread) return true;
+  if (message.expireSeconds !== open.expireSeconds) return true;
   return message.at - (open.lastAt ?? open.start) > gapMs;
 }
 
