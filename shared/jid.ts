@@ -30,6 +30,22 @@ function checkPart(part: string, what: string): void {
   if (CONTROL.test(part)) throw new StanzaError('modify', 'jid-malformed', `${what} has control characters`);
 }
 
+// ASCII that no domain label holds (RFC 7622 §3.2: a domainpart is an IP literal or a domain
+// name, whose ASCII is letters, digits and hyphens; the underscore is let through, as resolvers
+// do). Non-ASCII is an internationalized label's, compared after NFC (no IDNA here).
+const DOMAIN_ASCII_FORBIDDEN = /[!-,:-@[-^`{-~]/;
+// An IPv6 literal (RFC 7622 §3.2: "IP-literal", as in a URI).
+const IPV6_LITERAL = /^\[[0-9a-f:.]+\]$/;
+
+/**
+ * RFC 7622 §3.2: a domain name or an IP literal. Refused: a port (`localhost:5222`), an empty
+ * label (`a..b`), punctuation; accepted: IPv4, bracketed IPv6, internationalized labels.
+ */
+function validDomain(domain: string): boolean {
+  if (IPV6_LITERAL.test(domain)) return true;
+  return domain.split('.').every((label) => label !== '' && !DOMAIN_ASCII_FORBIDDEN.test(label));
+}
+
 /** Parses and normalises a JID; anything invalid is the stanza error `jid-malformed`. */
 export function parseJid(text: string): Jid {
   const slash = text.indexOf('/');
@@ -43,7 +59,7 @@ export function parseJid(text: string): Jid {
 
   if (at !== -1 && local === '') throw new StanzaError('modify', 'jid-malformed', 'Empty localpart');
   if (slash !== -1 && resource === '') throw new StanzaError('modify', 'jid-malformed', 'Empty resourcepart');
-  if (domain === '' || /[\s@/]/.test(domain))
+  if (domain === '' || /[\s@/]/.test(domain) || !validDomain(domain))
     throw new StanzaError('modify', 'jid-malformed', 'Invalid domainpart');
   if (LOCALPART_FORBIDDEN.test(local)) throw new StanzaError('modify', 'jid-malformed', 'Invalid localpart');
   checkPart(local, 'localpart');

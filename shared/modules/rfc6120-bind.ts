@@ -90,15 +90,20 @@ const DETACHED_FACTOR = 4;
 /** Before bind, the only stanza allowed is the bind request (RFC 6120 §7.1). */
 async function bind(stream: Stream & { user: string }, stanza: Element): Promise<typeof HANDLED | undefined> {
   const request = stanza.getChild('bind', NS.bind);
-  if (
-    stanza.name !== 'iq' ||
-    stanza.attrs.type !== 'set' ||
-    !request ||
-    stanza.getChildElements().length !== 1
-  ) {
-    return undefined;
-  }
+  if (stanza.name !== 'iq' || !request) return undefined;
   const { server, user } = stream;
+  if (stanza.attrs.type !== 'set' || stanza.getChildElements().length !== 1) {
+    if (stanza.attrs.type !== 'get' && stanza.attrs.type !== 'set') return undefined;
+    // A bind request of the wrong shape: RFC 6120 §8.2.3 "An IQ stanza of type 'get' or 'set'
+    // MUST contain exactly one child element", and §7.7.2.1 answers a bind the server cannot
+    // process with <bad-request/> (not the <not-authorized/> of a stanza before bind).
+    const reply = errorReplyTo(
+      stanza,
+      new StanzaError('modify', 'bad-request', "Bind with one <bind/> in an iq of type 'set'"),
+    );
+    if (reply) await stream.send(reply);
+    return HANDLED;
+  }
   // RFC 6120 §8.1.3: "the 'id' attribute is REQUIRED for IQ stanzas" (the router's rule for every
   // other iq): the answer could not be matched to the request.
   if (stanza.attrs.id === undefined) {

@@ -334,9 +334,13 @@ async function scramFinal(stream: Stream, payload: string): Promise<void> {
   if (!progress) throw new SaslError('malformed-request', 'No authentication in progress');
   const state = progress.state as unknown as ScramState;
   const account = progress.jid;
+  // Parsed before the attempt is counted: a malformed client-final (RFC 5802 §7) guesses no
+  // password, so it is charged to the connection (below, in `handle`), never to the address or
+  // the account, whose limits a buggy client behind a shared address would use up for everyone.
+  // Its outcome is told only after the count, as before.
+  const result = verifyClientFinal(state, payload);
   const gate = await takeAttempt(stream, account, { record: { ...NO_RECORD, ...progress.gate } });
   if (gate instanceof SaslError) return refuse(stream, progress.mechanism, gate);
-  const result = verifyClientFinal(state, payload);
   // Unknown users ran against decoy keys that no proof can match.
   if (!result.ok || !account) return fail(stream, progress.mechanism, account, gate);
   await succeed(stream, progress.mechanism, account, gate, result.serverFinal);
@@ -402,17 +406,17 @@ async function handle(stream: Stream, element: Element): Promise<void> {
   try {
     if (element.name === 'auth') return await auth(stream, element);
     if (element.name === 'response') return await response(stream, element);
-    if (element.name === 'abort') {
-      stream.update({ sasl: undefined });
-      await stream.send(failureElement(new SaslError('aborted')));
-      await report(stream, mechanism, 'aborted');
-      return;
-    }
+    if (element.name === 'abort') throw new SaslError('aborted');
     throw new StreamError('unsupported-stanza-type', `Unexpected SASL element <${element.name}>`);
   } catch (error) {
     if (!(error instanceof SaslError)) throw error;
-    stream.update({ sasl: undefined });
+    // RFC 6120 §6.4.5: "a configurable but reasonable number of retries": every failure counts
+    // on the connection (an unknown mechanism, a malformed or aborted exchange as much as a
+    // wrong password), so no client loops through exchanges on one connection for ever, each
+    // costing the account's read; AUTH_FAILURES_PER_CONNECTION (3) leaves a client its fallbacks.
+    stream.update({ sasl: undefined, authFailures: stream.state.authFailures + 1 });
     await stream.send(failureElement(error));
     await report(stream, mechanism, error.condition);
+    endIfTooManyOnConnection(stream);
   }
 }

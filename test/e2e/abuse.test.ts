@@ -29,7 +29,7 @@ beforeAll(async () => {
     RATE_STANZAS_PER_SECOND: '10',
     RATE_STANZA_BURST: '100',
   });
-  for (const user of ['grace', 'heidi', 'ivan', 'kate'])
+  for (const user of ['grace', 'heidi', 'ivan', 'kate', 'lena'])
     await stack.addUser(`${user}@localhost`, `${user}-secret`);
 });
 
@@ -111,6 +111,22 @@ describe('guessing from one address', () => {
     // A wrong one likewise, and not counted.
     expect(condition(await final(11, 'guess-11'))).toBe('temporary-auth-failure');
     expect(await stack.server.users.addressFailures('127.0.0.4')).toBe(10);
+  });
+
+  it('charges a malformed SCRAM client-final to its connection, never to the address: it guesses no password', async () => {
+    // RFC 5802 §7: client-final-message = channel-binding "," nonce ["," extensions] "," proof.
+    // One without a proof is malformed-request; a buggy client behind a shared address must not
+    // use up that address's guesses for everyone (they count checked passwords).
+    const staged = await stageScram('127.0.0.20', 'lena', 3, 'malformed-nonce');
+    for (const { client, serverFirst } of staged) {
+      const nonce = /r=([^,]+)/.exec(serverFirst)?.[1];
+      client.send(
+        `<response xmlns='${SASL}'>${Buffer.from(`c=biws,r=${nonce}`).toString('base64')}</response>`,
+      );
+      expect(condition(await client.next())).toBe('malformed-request');
+    }
+    expect(await stack.server.users.addressFailures('127.0.0.20')).toBe(0);
+    expect(condition(await attempt('127.0.0.20', 'lena', 'lena-secret'))).toBe('success');
   });
 
   it('checks no more guesses than the limit when the finals of staged exchanges arrive all at once', async () => {

@@ -225,6 +225,25 @@ describe('RFC 6120 §6 SASL', () => {
     expect(error.name).toBe('stream:error');
     expect((await raw.closed).code).toBe(1000);
   });
+  it('counts every failed exchange on the connection, not only wrong passwords (RFC 6120 §6.4.5)', async () => {
+    // §6.4.5: "the receiving entity SHOULD allow a configurable but reasonable number of retries
+    // (at least 2 and no more than 5)": an unknown mechanism and an aborted exchange are
+    // failures too, so no client loops through them on one connection for ever.
+    const raw = await RawClient.connect(stack.url);
+    await raw.open();
+    raw.send(`<auth xmlns='${SASL}' mechanism='DIGEST-MD5'/>`);
+    expect((await raw.next()).getChild('invalid-mechanism')).toBeDefined();
+    raw.send(`<auth xmlns='${SASL}' mechanism='SCRAM-SHA-256'/>`);
+    expect((await raw.next()).name).toBe('challenge');
+    raw.send(`<abort xmlns='${SASL}'/>`);
+    expect((await raw.next()).getChild('aborted')).toBeDefined();
+    raw.send(`<auth xmlns='${SASL}' mechanism='X-UNKNOWN'/>`);
+    expect((await raw.next()).getChild('invalid-mechanism')).toBeDefined();
+    const error = await raw.next();
+    expect(error.name).toBe('stream:error');
+    expect(error.getChild('policy-violation', 'urn:ietf:params:xml:ns:xmpp-streams')).toBeDefined();
+    expect((await raw.closed).code).toBe(1000);
+  });
   // Guessing across connections, addresses and accounts: test/e2e/abuse.test.ts.
 });
 
@@ -233,6 +252,32 @@ describe('RFC 6120 §7 binding', () => {
     const raw = await RawClient.connect(stack.url);
     const jid = await raw.login('dave', 'dave-secret');
     expect(jid).toMatch(/^dave@localhost\/[0-9a-f]{12}$/);
+    raw.close();
+  });
+
+  it('answers a bind request of the wrong shape with <bad-request/> (RFC 6120 §8.2.3, §7.7.2.1)', async () => {
+    // §8.2.3: "An IQ stanza of type 'get' or 'set' MUST contain exactly one child element".
+    const raw = await RawClient.connect(stack.url);
+    await raw.open();
+    raw.send(
+      `<auth xmlns='${SASL}' mechanism='PLAIN'>${Buffer.from('\0dave\0dave-secret').toString('base64')}</auth>`,
+    );
+    expect((await raw.next()).name).toBe('success');
+    await raw.open();
+    const BIND = 'urn:ietf:params:xml:ns:xmpp-bind';
+    for (const [id, frame] of [
+      ['b1', `<iq type='set' id='b1'><bind xmlns='${BIND}'/><x xmlns='urn:x'/></iq>`],
+      ['b2', `<iq type='get' id='b2'><bind xmlns='${BIND}'/></iq>`],
+    ] as const) {
+      raw.send(frame);
+      const reply = await raw.next();
+      expect(reply.attrs).toMatchObject({ type: 'error', id });
+      expect(reply.getChild('error')?.attrs.type).toBe('modify');
+      expect(reply.getChild('error')?.getChild('bad-request', STANZAS)).toBeDefined();
+    }
+    // The stream still binds.
+    raw.send(`<iq type='set' id='b3'><bind xmlns='${BIND}'><resource>shape</resource></bind></iq>`);
+    expect((await raw.next()).attrs).toMatchObject({ type: 'result', id: 'b3' });
     raw.close();
   });
 

@@ -117,6 +117,13 @@ describe('parseJid', () => {
     expect(fullJid(jid)).toBe('juliet@capulet.example/Balcony');
   });
 
+  it('takes IP literals, internationalized labels and underscores in the domain', () => {
+    expect(parseJid('juliet@127.0.0.1').domain).toBe('127.0.0.1');
+    expect(parseJid('juliet@[::1]/r').domain).toBe('[::1]');
+    expect(parseJid('juliet@München.example').domain).toBe('münchen.example');
+    expect(parseJid('juliet@xmpp_1.internal').domain).toBe('xmpp_1.internal');
+  });
+
   it.each([
     ['an empty localpart', '@example.com'],
     ['an empty resource', 'a@example.com/'],
@@ -126,6 +133,11 @@ describe('parseJid', () => {
     ['a localpart over 1023 bytes', `${'a'.repeat(1024)}@example.com`],
     ['a resource over 1023 bytes', `a@example.com/${'r'.repeat(1024)}`],
     ['a control character', 'a\u0001b@example.com'],
+    // RFC 7622 §3.2: the domainpart is a domain name or an IP literal.
+    ['a port in the domain', 'bob@localhost:5222'],
+    ['an empty domain label', 'bob@capulet..example'],
+    ['a domain of dots', 'bob@..'],
+    ['punctuation in the domain', 'bob@capulet!example'],
   ])('refuses %s with jid-malformed', (_name, text) => {
     try {
       parseJid(text);
