@@ -241,8 +241,11 @@ async function rosterSet(request: IqRequest): Promise<Element | undefined> {
       user: entryAfterSet(pair.user, set),
       outcome: undefined,
     }));
-    // §2.3.2: the push goes to every interested resource, the requester's included; then the result.
-    await pushRosterItem(server, stream.user, set.contact, result.user);
+    // §2.3.2: the push goes to every interested resource, the requester's included; then the
+    // result. §2.4.2: "the server MUST update the item ..., push the updated item to all of the
+    // user's interested resources, and send an IQ result": a set that changes nothing is pushed
+    // too (a client may wait for its push), with the version it leaves.
+    await pushRosterItem(server, stream.user, set.contact, result.user, true);
     return undefined;
   }
   await removeContact(stream, set.contact);
@@ -258,8 +261,10 @@ async function pushRosterItem(
   user: string,
   contact: string,
   side: SideResult,
+  /** Push the item even if it did not change (a client's own roster set, §2.4.2). */
+  always = false,
 ): Promise<void> {
-  if (!side.itemChanged) return;
+  if (!side.itemChanged && !(always && side.after)) return;
   const interested = (await server.sessions.listResources(user)).filter((r) => r.rosterInterested);
   await deliverToMany(server, interested, (resource) =>
     encodeRosterPush({

@@ -5,7 +5,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { Element, parse } from 'ltx';
-import { nextDeliveryKey, offlineRecord } from '../core/frame.ts';
+import { frameAge, nextDeliveryKey, offlineRecord } from '../core/frame.ts';
 import {
   type BoundStream,
   type DeliveryGroup,
@@ -120,13 +120,14 @@ const EPHEMERAL = new Set<string>([NS.chatStates, NS.hints]);
  */
 export function shouldStore(stanza: Element): boolean {
   const type = stanza.attrs.type ?? 'normal';
-  if (type === 'error' || type === 'groupchat') return false;
+  // Headlines never, even with <store/> (they are never routed to storage; a hold's flood, which
+  // stores what arrives meanwhile, must not keep one either).
+  if (type === 'error' || type === 'groupchat' || type === 'headline') return false;
   if (stanza.getChild('store', NS.hints)) return true;
   // Only <no-store/> refuses it: <no-permanent-store/> (XEP-0334 §3) may be "stored
   // temporarily as a normal part of delivery (e.g. if the recipient is offline at the time of
   // sending)"; it keeps the message out of archives only.
   if (stanza.getChild('no-store', NS.hints)) return false;
-  if (type === 'headline') return false;
   // "Messages that contain only chat state notifications SHOULD NOT be stored": a chat
   // message with any other payload (a body, a receipt, a marker) is stored.
   if (type === 'chat') {
@@ -166,7 +167,13 @@ async function storeIfWanted(
     const delivery = nextDeliveryKey(`offline:${user}`);
     const stored = await server.offline.store(
       user,
-      { from: kept.attrs.from, storedAt: acceptedAt ?? Date.now(), stanza: kept.toString() },
+      // XEP-0203: the stamp is when the server received it (the frame's arrival, also when the
+      // frame waited in the queue or is handled again), not when this store runs.
+      {
+        from: kept.attrs.from,
+        storedAt: acceptedAt ?? Date.now() - (frameAge() ?? 0),
+        stanza: kept.toString(),
+      },
       {
         ignoreQuota: pastQuota || acceptedAt !== undefined,
         ...(delivery ? { key: delivery } : {}),

@@ -7,6 +7,7 @@ import { xml } from '@xmpp/client';
 import type { Element } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RawClient } from '../../infra/local/raw-client.ts';
+import { eventually } from '../support/eventually.ts';
 import { Peer } from '../support/peer.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 import { type StartedClient, startClient } from '../support/xmpp-client.ts';
@@ -109,6 +110,19 @@ describe('RFC 6121 §2.1–2.5 roster get, set and delete (stock xmpp.js)', () =
     expect(updated.getChild('query')?.getChild('item')?.getChildren('group')).toHaveLength(0);
     // §2.4 the idle resource asked for the roster just now: it is interested from then on.
     await idle.waitFor((s) => isPush(s, 'ben@localhost'));
+
+    // §2.4.2: on a roster set "the server MUST update the item ..., push the updated item to all
+    // of the user's interested resources, and send an IQ result": also when the set changes
+    // nothing (a client may wait for its push).
+    const pushes = () => laptop.received.filter((s) => isPush(s, 'ben@localhost')).length;
+    const seen = pushes();
+    await phone.xmpp.iqCaller.set(xml('query', { xmlns: ROSTER }, xml('item', { jid: 'ben@localhost' })));
+    await eventually(() => expect(pushes()).toBe(seen + 1));
+    const again = laptop.received.filter((s) => isPush(s, 'ben@localhost')).at(-1);
+    expect(again?.getChild('query')?.getChild('item')?.attrs).toMatchObject({
+      jid: 'ben@localhost',
+      subscription: 'none',
+    });
   });
 
   it('§2.5: delete pushes subscription="remove"; deleting what is not there is item-not-found', async () => {

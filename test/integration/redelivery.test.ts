@@ -19,6 +19,11 @@ import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
 import { dieBeforeFinalSave, frameDriver, subscribedPair } from '../support/stream.ts';
 
 const SASL = 'urn:ietf:params:xml:ns:xmpp-sasl';
+/**
+ * API Gateway's time of the frames these tests hand the server, the same for every delivery of
+ * a frame: a few seconds back (a stored message's stamp and its TTL count from it).
+ */
+const FRAME_TIME = Date.now() - 5_000;
 const OPEN = "<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>";
 /** SASL PLAIN for an account that does not exist: a failure, counted. */
 const BAD_AUTH = `<auth xmlns='${SASL}' mechanism='PLAIN'>${Buffer.from('\0nobody\0pw').toString('base64')}</auth>`;
@@ -784,6 +789,24 @@ describe('a redelivered SASL attempt whose first delivery died before its answer
 });
 
 describe('a redelivered stanza frame', () => {
+  it('stores a message stamped with the time its frame reached the server, on every delivery (XEP-0203)', async () => {
+    // XEP-0203 §3: 'stamp' is "The time when the XML stanza was originally sent"; for what the
+    // server stores offline, when it received it: API Gateway's time of the frame, not when a
+    // delivery of the frame (after a queue backlog, or again after a failure) handled it.
+    const { server, recipient } = await boundSenderAndRecipient('t1', 'iris', 'jon');
+    const receivedAt = Date.now() - 45_000;
+    await handleStreamEvent(server, {
+      connectionId: 't1',
+      kind: 'frame',
+      frame: `<message xmlns='jabber:client' to='${recipient}' type='chat'><body>late</body></message>`,
+      receivedAt,
+      frameId: 'late-1',
+      seq: '700',
+    });
+    const [stored] = (await server.offline.list(recipient)).messages;
+    expect(stored?.storedAt).toBe(receivedAt);
+  });
+
   it('is skipped when it, or a later frame of the connection, was handled to the end', async () => {
     const { server, recipient } = await boundSenderAndRecipient('s1', 'alice', 'bob');
     const message = (n: number) =>
@@ -793,7 +816,7 @@ describe('a redelivered stanza frame', () => {
         connectionId: 's1',
         kind: 'frame',
         frame: xml,
-        receivedAt: 1_790_000_000_000,
+        receivedAt: FRAME_TIME,
         frameId,
         seq,
         receiveCount,
@@ -834,7 +857,7 @@ describe('the record of a message stored offline (storedOffline on the sender’
         connectionId: 'o1',
         kind: 'frame',
         frame: `<message xmlns='jabber:client' to='${recipient}' type='chat'><body>${body}</body></message>`,
-        receivedAt: 1_790_000_000_000,
+        receivedAt: FRAME_TIME,
         frameId,
         seq,
         receiveCount,
@@ -1031,7 +1054,7 @@ describe('FRAME_DONE_MARKS=batched', () => {
         connectionId: 'b1',
         kind: 'frame',
         frame: `<message xmlns='jabber:client' to='${recipient}' type='chat'><body>${body}</body></message>`,
-        receivedAt: 1_790_000_000_000,
+        receivedAt: FRAME_TIME,
         frameId,
         seq,
         ...extra,

@@ -235,9 +235,16 @@ describe('XEP-0160 storage rules', () => {
       false,
     ],
     [
+      'a store hint on a chat state',
+      "<message type='chat'><active xmlns='http://jabber.org/protocol/chatstates'/><store xmlns='urn:xmpp:hints'/></message>",
+      true,
+    ],
+    // XEP-0160 §3 "SHOULD NOT be stored": a headline never is, hint or not (it is never routed to
+    // storage; a flood's hold stores what arrives meanwhile, and must not keep one either).
+    [
       'a store hint on a headline',
       "<message type='headline'><store xmlns='urn:xmpp:hints'/></message>",
-      true,
+      false,
     ],
   ];
   for (const [name, xml, stored] of cases) {
