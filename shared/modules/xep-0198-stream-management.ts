@@ -152,7 +152,9 @@ function advertise(features: Element, server: Server): void {
 function failed(version: SmVersion, condition: string, h?: number): Element {
   const el = new Element('failed', {
     xmlns: namespaceOf(version),
-    ...(h === undefined ? {} : { h: String(h % WRAP) }),
+    // sm:3 (1.6) §5: <failed h='…'/> tells the client what was handled. The seed's <failed/> has
+    // no attributes (its schema: only the stanza error), and no count to tell with them.
+    ...(h === undefined || version !== 'sm3' ? {} : { h: String(h % WRAP) }),
   });
   el.c(condition, { xmlns: NS.stanzas });
   return el;

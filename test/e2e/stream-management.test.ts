@@ -649,6 +649,26 @@ describe('the seed: urn:xmpp:sm:1 (v0.7)', () => {
     expect((await client.next()).is('resumed', SM1)).toBe(true);
   });
 
+  it("answers a resume of an ended sm:1 session with the seed's <failed/>, which has no attributes", async () => {
+    // Seed schema: <xs:element name='failed'> holds only the stanza error group; sm:3's 'h' on
+    // <failed/> is not the seed's.
+    const first = await raw('mercutio', 'seed-ended');
+    const enabled = await enable(first, SM1, true);
+    const id = enabled.attrs.id as string;
+    first.send(`<presence/>`);
+    first.send(`<r xmlns='${SM1}' u='1'/>`);
+    await first.until((el) => el.name === 'a');
+    first.send("<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>");
+    await first.closed;
+    const { client } = await authenticated('mercutio');
+    client.send(`<resume xmlns='${SM1}' previd='${id}' h='0'/>`);
+    const refused = await client.next();
+    expect(refused.is('failed', SM1)).toBe(true);
+    expect(failedCondition(refused)).toBe('item-not-found');
+    const { xmlns: _xmlns, ...attributes } = refused.attrs;
+    expect(attributes).toEqual({});
+  });
+
   it("resumes an sm:1 session and refuses the seed's h='foo'", async () => {
     const first = await raw('mercutio', 'seed-resume');
     // Seed §5: <enabled xmlns='urn:xmpp:sm:1' id='some-long-sm-id' resume='true'/>
