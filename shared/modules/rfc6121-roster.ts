@@ -19,13 +19,14 @@ import { clone, Element, parse } from 'ltx';
 import { deliverToMany, eachLimited, FAN_OUT_CONCURRENCY } from '../core/delivery.ts';
 import {
   type BoundStream,
+  DEFERRED_RESULT,
   HANDLED,
   type HookResult,
   type IqRequest,
   type Server,
   type StanzaEvent,
 } from '../core/host.ts';
-import { stampDelay } from '../core/stanzas.ts';
+import { iqResult, stampDelay } from '../core/stanzas.ts';
 import { StanzaError } from '../errors.ts';
 import { bareJid, fullJid, fullJidOf } from '../jid.ts';
 import {
@@ -33,6 +34,7 @@ import {
   type PairDecision,
   type PairResult,
   type PairSnapshot,
+  type Roster,
   RosterContentionError,
   type RosterEntry,
   RosterFullError,
@@ -54,6 +56,7 @@ import {
   encodeRosterResult,
   entryAfterSet,
   NS_ROSTER,
+  rosterItemElement,
   rosterStreamFeatures,
 } from './rfc6121-roster/roster-management.ts';
 import {
@@ -83,7 +86,8 @@ export function register(server: Server): void {
   });
 
   const rosterIq =
-    (handler: (request: IqRequest) => Promise<Element | undefined>) => async (request: IqRequest) => {
+    (handler: (request: IqRequest) => Promise<Element | undefined | typeof DEFERRED_RESULT>) =>
+    async (request: IqRequest) => {
       // §2.1.5 / §2.3.3: "The server MUST return a <forbidden/> stanza error to the client if the
       // sender of the roster set is not authorized to update the roster (where typically only an
       // authenticated resource of the account itself is authorized)." The same answer for an
@@ -172,7 +176,7 @@ function asStanzaError(error: unknown, requester: string): unknown {
  * §2 roster get and set, and pushes
  * ---------------------------------------------------------------------------------------- */
 
-async function rosterGet(request: IqRequest): Promise<Element | undefined> {
+async function rosterGet(request: IqRequest): Promise<Element | undefined | typeof DEFERRED_RESULT> {
   const { stream } = request;
   const { server } = stream;
   // §2.1.6: "An interested resource is a resource that has requested the roster"; marked before
@@ -188,7 +192,46 @@ async function rosterGet(request: IqRequest): Promise<Element | undefined> {
     if (answer.kind === 'unchanged') return undefined;
   }
   const roster = await server.roster.getRoster(stream.user);
-  return encodeRosterResult(decideRosterGet(get, roster.version), roster.items);
+  const result = encodeRosterResult(decideRosterGet(get, roster.version), roster.items);
+  await stream.send(iqResult(request.stanza, result));
+  await pushChangedSince(stream, roster);
+  return DEFERRED_RESULT;
+}
+
+/**
+ * A change committed after the roster was read is missing from the result, and its push to this
+ * (already interested) resource may have gone out before the result, which the client then let
+ * overwrite it (RFC 6121 §2.1.6: the roster stays right through pushes alone). So once the result
+ * is sent, the version is read again (one GetItem); when it moved, the items that changed since
+ * the read are pushed again to this resource, after the result. A push twice is harmless.
+ */
+async function pushChangedSince(stream: BoundStream, read: Roster): Promise<void> {
+  const { server } = stream;
+  if ((await server.roster.getVersion(stream.user)) === read.version) return;
+  const now = await server.roster.getRoster(stream.user);
+  const shown = (items: RosterEntry[]) =>
+    new Map(
+      items
+        .filter((entry) => entry.listed)
+        .map((entry) => [entry.contact, rosterItemElement(entry).toString()]),
+    );
+  const before = shown(read.items);
+  const after = shown(now.items);
+  const changed = [...after].filter(([jid, item]) => before.get(jid) !== item).map(([jid]) => jid);
+  const removed = [...before.keys()].filter((jid) => !after.has(jid));
+  const entries = new Map(now.items.map((entry) => [entry.contact, entry]));
+  for (const contact of [...changed, ...removed]) {
+    await stream.send(
+      encodeRosterPush({
+        user: stream.user,
+        to: fullJid(stream.jid),
+        id: `push-${randomBytes(6).toString('hex')}`,
+        contact,
+        entry: entries.get(contact) ?? null,
+        ver: now.version,
+      }),
+    );
+  }
 }
 
 /**

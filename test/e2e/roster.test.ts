@@ -5,7 +5,7 @@
  */
 import { xml } from '@xmpp/client';
 import type { Element } from 'ltx';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { RawClient } from '../../infra/local/raw-client.ts';
 import { eventually } from '../support/eventually.ts';
 import { Peer } from '../support/peer.ts';
@@ -22,7 +22,7 @@ const peers: Peer[] = [];
 
 beforeAll(async () => {
   stack = await startTestStack({ ROSTER_MAX_ITEMS: '5' });
-  for (const user of ['anna', 'ben', 'cleo', 'dora', 'emil', 'fay', 'gus', 'hugo']) {
+  for (const user of ['anna', 'ben', 'cleo', 'dora', 'emil', 'fay', 'gus', 'hugo', 'iris', 'jack']) {
     await stack.addUser(`${user}@localhost`, `${user}-pw`);
   }
 });
@@ -123,6 +123,47 @@ describe('RFC 6121 §2.1–2.5 roster get, set and delete (stock xmpp.js)', () =
       jid: 'ben@localhost',
       subscription: 'none',
     });
+  });
+
+  it('§2.1.6: a change committed after a roster get read the roster is pushed again after its result', async () => {
+    // The result is read, then a change from another resource lands and pushes to this one
+    // (interested since its request) before the result is sent: the client would let the older
+    // result overwrite it. "The server MUST send roster pushes to all interested resources" keeps
+    // a client's copy right only if the push comes after the result it would overwrite.
+    const desk = await peer('iris', 'desk');
+    const phone = await peer('iris', 'phone');
+    await phone.iq(`<iq type='get' id='pr'><query xmlns='${ROSTER}'/></iq>`, 'pr');
+    const roster = stack.server.roster;
+    const original = roster.getRoster.bind(roster);
+    let raced = false;
+    const spy = vi.spyOn(roster, 'getRoster').mockImplementation(async (user) => {
+      const read = await original(user);
+      if (user === 'iris@localhost' && !raced) {
+        raced = true;
+        // Its result comes after its pushes: desk's push is out by then.
+        await phone.iq(
+          `<iq type='set' id='add'><query xmlns='${ROSTER}'><item jid='jack@localhost' name='Jack'/></query></iq>`,
+          'add',
+        );
+      }
+      return read;
+    });
+    try {
+      const result = await desk.iq(`<iq type='get' id='r1'><query xmlns='${ROSTER}'/></iq>`, 'r1');
+      expect(result.getChild('query')?.getChildren('item')).toHaveLength(0);
+      // The race happened: the change's push came before the stale result.
+      const first = await desk.waitFor((el) => isPush(el, 'jack@localhost'));
+      expect(desk.log.indexOf(first)).toBeLessThan(desk.log.indexOf(result));
+      // And the item comes again after it.
+      const again = await desk.waitFor((el) => isPush(el, 'jack@localhost'));
+      expect(desk.log.indexOf(again)).toBeGreaterThan(desk.log.indexOf(result));
+      expect(again.getChild('query')?.getChild('item')?.attrs).toMatchObject({
+        jid: 'jack@localhost',
+        name: 'Jack',
+      });
+    } finally {
+      spy.mockRestore();
+    }
   });
 
   it('§2.5: delete pushes subscription="remove"; deleting what is not there is item-not-found', async () => {
