@@ -73,7 +73,7 @@ export interface Config {
   scramIterations: number;
   /** XEP-0198: longest resumption window offered, in seconds (a smaller client `max` wins). */
   smMaxSeconds: number;
-  /** XEP-0198: unacknowledged stanzas kept per session; beyond it the stream ends. */
+  /** XEP-0198: unacknowledged stanzas kept per session; beyond it senders are told to wait (resource-constraint). */
   smQueueMax: number;
   /** XEP-0198: the server asks for an ack (`<r/>`) after this many stanzas. */
   smAckEvery: number;
