@@ -329,9 +329,11 @@ async function scramFirst(stream: Stream, mechanism: string, payload: string): P
   await stream.send(saslElement('challenge', encodeSaslPayload(message)));
 }
 
+const NO_EXCHANGE = 'No authentication in progress';
+
 async function scramFinal(stream: Stream, payload: string): Promise<void> {
   const progress = stream.state.sasl;
-  if (!progress) throw new SaslError('malformed-request', 'No authentication in progress');
+  if (!progress) throw new SaslError('malformed-request', NO_EXCHANGE);
   const state = progress.state as unknown as ScramState;
   const account = progress.jid;
   // Parsed before the attempt is counted: a malformed client-final (RFC 5802 §7) guesses no
@@ -376,7 +378,7 @@ async function auth(stream: Stream, element: Element): Promise<void> {
 
 async function response(stream: Stream, element: Element): Promise<void> {
   const progress = stream.state.sasl;
-  if (!progress) throw new SaslError('malformed-request', 'No authentication in progress');
+  if (!progress) throw new SaslError('malformed-request', NO_EXCHANGE);
   const payload = element.getText();
   if (progress.mechanism === 'PLAIN') return startPlain(stream, payload);
   if (!('nonce' in progress.state)) return scramFirst(stream, progress.mechanism, decodeSaslPayload(payload));
@@ -414,9 +416,15 @@ async function handle(stream: Stream, element: Element): Promise<void> {
     // on the connection (an unknown mechanism, a malformed or aborted exchange as much as a
     // wrong password), so no client loops through exchanges on one connection for ever, each
     // costing the account's read; AUTH_FAILURES_PER_CONNECTION (3) leaves a client its fallbacks.
-    stream.update({ sasl: undefined, authFailures: stream.state.authFailures + 1 });
+    // Not counted: a <response/> with no exchange in progress (it costs nothing, and a client
+    // answering both copies of a redelivered challenge sends one after its first answer failed).
+    const counted = error.text !== NO_EXCHANGE;
+    stream.update({
+      sasl: undefined,
+      ...(counted ? { authFailures: stream.state.authFailures + 1 } : {}),
+    });
     await stream.send(failureElement(error));
     await report(stream, mechanism, error.condition);
-    endIfTooManyOnConnection(stream);
+    if (counted) endIfTooManyOnConnection(stream);
   }
 }

@@ -186,28 +186,32 @@ async function rosterGet(request: IqRequest): Promise<Element | undefined | type
     stream.update({ rosterInterested: true });
   }
   const get = decodeRosterGet(request.payload);
-  if (get.ver) {
-    // §2.6.3: the version alone (one GetItem) tells whether the client's cache is current.
-    const answer = decideRosterGet(get, await server.roster.getVersion(stream.user));
-    if (answer.kind === 'unchanged') return undefined;
-  }
+  // §2.6.3: the version alone (one GetItem) tells whether the client's cache is current. Read in
+  // any case: it is the version before the roster's read (see pushChangedSince).
+  const before = await server.roster.getVersion(stream.user);
+  if (get.ver && decideRosterGet(get, before).kind === 'unchanged') return undefined;
   const roster = await server.roster.getRoster(stream.user);
   const result = encodeRosterResult(decideRosterGet(get, roster.version), roster.items);
   await stream.send(iqResult(request.stanza, result));
-  await pushChangedSince(stream, roster);
+  await pushChangedSince(stream, before, roster);
   return DEFERRED_RESULT;
 }
 
 /**
  * A change committed after the roster was read is missing from the result, and its push to this
  * (already interested) resource may have gone out before the result, which the client then let
- * overwrite it (RFC 6121 §2.1.6: the roster stays right through pushes alone). So once the result
- * is sent, the version is read again (one GetItem); when it moved, the items that changed since
- * the read are pushed again to this resource, after the result. A push twice is harmless.
+ * overwrite it (RFC 6121 §2.1.6: the roster stays right through pushes alone). So is one that
+ * landed while the Query ran, after it had passed the item but before the version (which sorts
+ * last): the result then names a version whose item it lacks. So once the result is sent, the
+ * version is read again (one GetItem); when it moved since the version read before the roster
+ * (`before`), the items that changed since the read are pushed again to this resource, after the
+ * result, each with the result's version but the last, which carries the current one (a client
+ * cut off half-way asks again with the older version, and gets the whole roster). A push twice is
+ * harmless.
  */
-async function pushChangedSince(stream: BoundStream, read: Roster): Promise<void> {
+async function pushChangedSince(stream: BoundStream, before: string, read: Roster): Promise<void> {
   const { server } = stream;
-  if ((await server.roster.getVersion(stream.user)) === read.version) return;
+  if (read.version === before && (await server.roster.getVersion(stream.user)) === before) return;
   const now = await server.roster.getRoster(stream.user);
   const shown = (items: RosterEntry[]) =>
     new Map(
@@ -215,12 +219,13 @@ async function pushChangedSince(stream: BoundStream, read: Roster): Promise<void
         .filter((entry) => entry.listed)
         .map((entry) => [entry.contact, rosterItemElement(entry).toString()]),
     );
-  const before = shown(read.items);
-  const after = shown(now.items);
-  const changed = [...after].filter(([jid, item]) => before.get(jid) !== item).map(([jid]) => jid);
-  const removed = [...before.keys()].filter((jid) => !after.has(jid));
+  const was = shown(read.items);
+  const is = shown(now.items);
+  const changed = [...is].filter(([jid, item]) => was.get(jid) !== item).map(([jid]) => jid);
+  const removed = [...was.keys()].filter((jid) => !is.has(jid));
   const entries = new Map(now.items.map((entry) => [entry.contact, entry]));
-  for (const contact of [...changed, ...removed]) {
+  const contacts = [...changed, ...removed];
+  for (const [i, contact] of contacts.entries()) {
     await stream.send(
       encodeRosterPush({
         user: stream.user,
@@ -228,7 +233,7 @@ async function pushChangedSince(stream: BoundStream, read: Roster): Promise<void
         id: `push-${randomBytes(6).toString('hex')}`,
         contact,
         entry: entries.get(contact) ?? null,
-        ver: now.version,
+        ver: i === contacts.length - 1 ? now.version : read.version,
       }),
     );
   }

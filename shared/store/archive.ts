@@ -484,6 +484,27 @@ export function createArchiveStore(
   const nowSeconds = () => Math.floor(now() / 1000);
 
   /** Gives a collection's stored `<EncryptedKey/>` items a later expiry (never shortens one). */
+  /**
+   * Entries that expire in a collection kept for ever: the expiry index learns of them, so that
+   * `<modified/>` (0.9 §10) reports them going (the sweep moves it on to the next one). Sooner
+   * only: an index entry already due earlier stays. One UpdateItem, only for such a store.
+   */
+  async function expireNoLaterThan(owner: string, header: CollectionHeader, at: number): Promise<void> {
+    try {
+      await doc.send(
+        new UpdateCommand({
+          TableName: table,
+          Key: headerKey(owner, header),
+          UpdateExpression: 'SET nextExpiry = :next, expShard = :shard',
+          ConditionExpression: 'cid = :cid AND (attribute_not_exists(nextExpiry) OR nextExpiry > :next)',
+          ExpressionAttributeValues: { ':next': at, ':shard': expiryShard(owner), ':cid': header.cid },
+        }),
+      );
+    } catch (error) {
+      if (!isConditionFailure(error)) throw error;
+    }
+  }
+
   /** Moves the collection's keys' expiry on to `expiresAt`; undefined: they are kept for ever. */
   async function extendKeys(
     owner: string,
@@ -576,6 +597,30 @@ export function createArchiveStore(
       start = page.LastEvaluatedKey;
     } while (start);
     return total;
+  }
+
+  /** The `seq` of the first live message (`<to/>`, `<from/>`) at or after `seq`. */
+  async function firstMessageFrom(owner: string, cid: string, seq: number): Promise<number | undefined> {
+    const { items } = await queryItems(
+      {
+        TableName: table,
+        KeyConditionExpression: 'pk = :pk AND sk BETWEEN :lo AND :hi',
+        FilterExpression: `${notExpired} AND (#kind = :to OR #kind = :from)`,
+        ProjectionExpression: '#seq',
+        ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE, '#kind': 'kind', '#seq': 'seq' },
+        ExpressionAttributeValues: {
+          ':pk': partitionOf(owner, cid),
+          ':lo': seqKey(seq),
+          ':hi': seqKey(10 ** MAX_SEQ_DIGITS - 1),
+          ':now': nowSeconds(),
+          ':to': 'to',
+          ':from': 'from',
+        },
+        ConsistentRead: true,
+      },
+      1,
+    );
+    return items[0]?.seq as number | undefined;
   }
 
   /** First or last live entry of a collection partition (a TTL-expired prefix is skipped). */
@@ -1411,22 +1456,15 @@ export function createArchiveStore(
       // it. Its earlier entries still expire (their own TTL), reported by the sweep as changes.
       // Its keys are kept with it, and automatic archiving records no more into it (its pointer
       // knows the old expiry): the next message starts a new collection.
-      const keepForever = !created && neededExpiry === undefined && header.expiresAt !== undefined;
+      const keepForever =
+        !created && input.entries.length > 0 && neededExpiry === undefined && header.expiresAt !== undefined;
       if (keepForever) {
         removals.push('#ttl');
         if (header.crypt) await extendKeys(owner, header, undefined);
         await dropPointer(owner, header.with, header.cid);
       }
-      // Entries that expire in a collection kept for ever: the expiry index learns of them, so
-      // that `<modified/>` (0.9 §10) reports their expiry (the sweep moves it on to the next one).
-      if (!created && neededExpiry !== undefined && header.expiresAt === undefined) {
-        changes.push(
-          'nextExpiry = if_not_exists(nextExpiry, :next)',
-          'expShard = if_not_exists(expShard, :shard)',
-        );
-        values[':next'] = neededExpiry;
-        values[':shard'] = expiryShard(owner);
-      }
+      const expiringInForever =
+        !created && input.entries.length > 0 && neededExpiry !== undefined && header.expiresAt === undefined;
       if (
         !created &&
         (changes.length > 0 ||
@@ -1459,6 +1497,7 @@ export function createArchiveStore(
           expiresAt: keepForever ? undefined : ((values[':exp'] as number | undefined) ?? header.expiresAt),
         };
       }
+      if (expiringInForever) await expireNoLaterThan(owner, header, neededExpiry as number);
       const entries = options.frame
         ? await appendOnce(owner, header, state.last, input.entries, input.expireSeconds, options.frame)
         : await appendEntries(owner, header, state.last, input.entries, input.expireSeconds);
@@ -1643,13 +1682,19 @@ export function createArchiveStore(
             );
       // §5.2: the first message's `secs` is "relative to the start of the collection". Once the
       // messages before it expired, the first one left is that first message: its time is told
-      // from the start, not from a message the client can no longer retrieve.
+      // from the start, not from a message the client can no longer retrieve. (A note or
+      // EncryptedData left first carries that time on to the message after it: found by one more
+      // Query, only then.)
+      const firstMessage =
+        firstEntry.prevAt === undefined
+          ? undefined
+          : isMessage(firstEntry.kind)
+            ? firstEntry.seq
+            : await firstMessageFrom(owner, header.cid, firstEntry.seq);
       const entries = items
         .map(toEntry)
         .map((entry) =>
-          entry.seq === firstEntry.seq && entry.prevAt !== undefined
-            ? { ...entry, prevAt: undefined }
-            : entry,
+          entry.seq === firstMessage && entry.prevAt !== undefined ? { ...entry, prevAt: undefined } : entry,
         );
       if (backwards) entries.reverse();
       const first = entries[0];

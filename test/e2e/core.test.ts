@@ -244,6 +244,18 @@ describe('RFC 6120 §6 SASL', () => {
     expect(error.getChild('policy-violation', 'urn:ietf:params:xml:ns:xmpp-streams')).toBeDefined();
     expect((await raw.closed).code).toBe(1000);
   });
+  it('does not count a <response/> with no exchange in progress (a copy of a redelivered challenge answered late)', async () => {
+    const raw = await RawClient.connect(stack.url);
+    await raw.open();
+    for (let i = 0; i < 4; i++) {
+      raw.send(`<response xmlns='${SASL}'>${encodeSaslPayload('c=biws')}</response>`);
+      expect((await raw.next()).getChild('malformed-request')).toBeDefined();
+    }
+    const payload = Buffer.from('\0frank\0frank-secret').toString('base64');
+    raw.send(`<auth xmlns='${SASL}' mechanism='PLAIN'>${payload}</auth>`);
+    expect((await raw.next()).is('success', SASL)).toBe(true);
+    raw.close();
+  });
   // Guessing across connections, addresses and accounts: test/e2e/abuse.test.ts.
 });
 

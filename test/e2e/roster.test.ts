@@ -22,7 +22,20 @@ const peers: Peer[] = [];
 
 beforeAll(async () => {
   stack = await startTestStack({ ROSTER_MAX_ITEMS: '5' });
-  for (const user of ['anna', 'ben', 'cleo', 'dora', 'emil', 'fay', 'gus', 'hugo', 'iris', 'jack']) {
+  for (const user of [
+    'anna',
+    'ben',
+    'cleo',
+    'dora',
+    'emil',
+    'fay',
+    'gus',
+    'hugo',
+    'iris',
+    'jack',
+    'kai',
+    'lou',
+  ]) {
     await stack.addUser(`${user}@localhost`, `${user}-pw`);
   }
 });
@@ -161,6 +174,38 @@ describe('RFC 6121 §2.1–2.5 roster get, set and delete (stock xmpp.js)', () =
         jid: 'jack@localhost',
         name: 'Jack',
       });
+    } finally {
+      spy.mockRestore();
+    }
+  });
+
+  it('§2.1.6: a change landing while the roster is read (its version read, its item not) is pushed after the result', async () => {
+    // The roster's Query reads the version last: a change committed between its item and the
+    // version gives a result whose ver names the change but whose items lack it; a client with
+    // versioning would keep that ver, and never be told of the item.
+    const desk = await peer('kai', 'desk');
+    const phone = await peer('kai', 'phone');
+    const roster = stack.server.roster;
+    const original = roster.getRoster.bind(roster);
+    let raced = false;
+    const spy = vi.spyOn(roster, 'getRoster').mockImplementation(async (user) => {
+      const read = await original(user);
+      if (user !== 'kai@localhost' || raced) return read;
+      raced = true;
+      await phone.iq(
+        `<iq type='set' id='add'><query xmlns='${ROSTER}'><item jid='lou@localhost' name='Lou'/></query></iq>`,
+        'add',
+      );
+      // What the Query returns when the change lands between the items and the version.
+      return { ...read, version: await roster.getVersion(user) };
+    });
+    try {
+      const result = await desk.iq(`<iq type='get' id='r1'><query xmlns='${ROSTER}' ver=''/></iq>`, 'r1');
+      expect(result.getChild('query')?.getChildren('item')).toHaveLength(0);
+      const pushed = await desk.waitFor(
+        (el) => isPush(el, 'lou@localhost') && desk.log.indexOf(el) > desk.log.indexOf(result),
+      );
+      expect(pushed.getChild('query')?.attrs.ver).toBe(result.getChild('query')?.attrs.ver);
     } finally {
       spy.mockRestore();
     }

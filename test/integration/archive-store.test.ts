@@ -736,6 +736,69 @@ describe('entries archived with another expire than their collection (§3.2)', (
     expect(left?.items.map((entry) => entry.xml)).toEqual([expect.stringContaining('for ever')]);
   });
 
+  test('an upload without entries changes no expiry: a subject alone leaves the collection to expire', async () => {
+    const ref = { with: JULIET, start: START };
+    const { header } = await store.storeManual(owner, {
+      ref,
+      entries: [chat('from', 'soon gone', START)],
+      expireSeconds: 60,
+    });
+    const after = await store.storeManual(owner, { ref, subject: 'renamed', entries: [] });
+    expect(after.header.expiresAt).toBe(header.expiresAt);
+    const { Item } = await doc.send(
+      new GetCommand({ TableName: table, Key: { pk: owner, sk: `c#${header.id}` } }),
+    );
+    expect(Item?.[TTL_ATTRIBUTE]).toBe(header.expiresAt);
+  });
+
+  test('the entry of a collection kept for ever that expires first is the one reported first', async () => {
+    const t0 = clock;
+    const ref = { with: JULIET, start: START };
+    await store.storeManual(owner, { ref, entries: [chat('from', 'for ever', START)] });
+    await store.storeManual(owner, {
+      ref,
+      entries: [chat('to', 'an hour', START + 1000)],
+      expireSeconds: 3600,
+    });
+    await store.storeManual(owner, {
+      ref,
+      entries: [chat('to', 'a minute', START + 2000)],
+      expireSeconds: 60,
+    });
+    clock += 5_000;
+    const cursor = (await store.modifiedSince(owner, undefined, 10)).items.at(-1)?.key;
+    clock = t0 + 61_000;
+    await store.sweepExpiring(500);
+    clock += 3_000;
+    const changed = await store.modifiedSince(owner, cursor, 10);
+    expect(changed.items.map((c) => [c.kind, c.collection.start])).toEqual([['changed', START]]);
+  });
+
+  test('a note left first after the expired messages passes their time on to no one (§5.2)', async () => {
+    const t0 = clock;
+    const ref = { with: JULIET, start: START };
+    await store.storeManual(owner, {
+      ref,
+      entries: [chat('from', 'gone', START + 60_000)],
+      expireSeconds: 60,
+    });
+    clock += 30_000;
+    await store.storeManual(owner, {
+      ref,
+      entries: [
+        { kind: 'note', at: START + 60_000, xml: '<note>n</note>' },
+        chat('to', 'left', START + 1_200_000),
+      ],
+      expireSeconds: 600,
+    });
+    clock = t0 + 61_000;
+    const after = await store.retrieveMessages(owner, ref, { max: 10 });
+    expect(after?.items.map((entry) => [entry.kind, entry.prevAt])).toEqual([
+      ['note', START + 60_000],
+      ['to', undefined],
+    ]);
+  });
+
   test("the first message left after the earlier ones expired is timed from the collection's start (§5.2)", async () => {
     // §5.2: 'secs' is "relative to the previous message in the collection (or, for the first
     // message, relative to the start of the collection)".
