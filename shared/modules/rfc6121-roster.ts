@@ -293,7 +293,7 @@ async function rosterSet(request: IqRequest): Promise<Element | undefined> {
     // result. §2.4.2: "the server MUST update the item ..., push the updated item to all of the
     // user's interested resources, and send an IQ result": a set that changes nothing is pushed
     // too (a client may wait for its push), with the version it leaves.
-    await pushRosterItem(server, stream.user, set.contact, result.user, true);
+    await pushRosterItem(server, stream.user, set.contact, result.user, { always: true });
     return undefined;
   }
   await removeContact(stream, set.contact);
@@ -309,11 +309,16 @@ async function pushRosterItem(
   user: string,
   contact: string,
   side: SideResult,
-  /** Push the item even if it did not change (a client's own roster set, §2.4.2). */
-  always = false,
+  options: {
+    /** Push the item even if it did not change (a client's own roster set, §2.4.2). */
+    always?: boolean;
+    /** The user's resources as just read (`listResources`), saving the Query. */
+    resources?: ResourceRecord[];
+  } = {},
 ): Promise<void> {
-  if (!side.itemChanged && !(always && side.after)) return;
-  const interested = (await server.sessions.listResources(user)).filter((r) => r.rosterInterested);
+  if (!side.itemChanged && !(options.always && side.after)) return;
+  const resources = options.resources ?? (await server.sessions.listResources(user));
+  const interested = resources.filter((r) => r.rosterInterested);
   await deliverToMany(server, interested, (resource) =>
     encodeRosterPush({
       user,
@@ -362,14 +367,22 @@ async function removeContact(stream: BoundStream, contact: string): Promise<void
   if (stanzas.includes('unsubscribed') && hasFrom(before)) {
     await sendPresenceOf(server, userResources, contactResources, 'unavailable');
   }
-  if (seen.deliver.length > 0) {
-    const recipients = await subscriptionRecipients(server, contact, contactResources);
+  const contactListed = seen.deliver.length > 0 ? await server.sessions.listResources(contact) : undefined;
+  if (contactListed) {
+    const recipients = subscriptionRecipients(contactResources, contactListed);
     for (const type of seen.deliver) {
       await deliverToMany(server, recipients, () => subscriptionStanza(type, user, contact));
     }
   }
   // §3.2.3, §3.3.3: the contact's server delivers the stanza first, then pushes the change.
-  if (result.contact) await pushRosterItem(server, contact, user, result.contact);
+  if (result.contact)
+    await pushRosterItem(
+      server,
+      contact,
+      user,
+      result.contact,
+      contactListed ? { resources: contactListed } : {},
+    );
   // §3.3.3: the contact's server, on the 'unsubscribe', sends the contact's unavailable presence
   // to the user.
   if (seen.presence === 'unavailable') {
@@ -510,23 +523,32 @@ async function subscription(
   // follows the stanza that causes it (§3.1.5: an approval, then the presence).
   const unavailableFirst = out.presence === 'unavailable';
   if (unavailableFirst) await presenceEffect(server, out.presence, userResources, contactResources);
+  const contactListed =
+    inbound?.deliver && type !== 'subscribe' ? await server.sessions.listResources(contact) : undefined;
   if (inbound?.deliver) {
     // §3.1.3: a "subscribe" is delivered to the contact's available resources now, also kept
     // (Pending In) and delivered again at the contact's next initial presence until answered.
     // The other three go to its interested resources (§3.1.6, §3.2.3, §3.3.3), which get the push.
-    const recipients =
-      type === 'subscribe'
-        ? contactResources
-        : await subscriptionRecipients(server, contact, contactResources);
+    const recipients = contactListed
+      ? subscriptionRecipients(contactResources, contactListed)
+      : contactResources;
     await deliverToMany(server, recipients, () => clone(outgoing));
   }
-  if (result.contact) await pushRosterItem(server, contact, user, result.contact);
+  if (result.contact)
+    await pushRosterItem(
+      server,
+      contact,
+      user,
+      result.contact,
+      contactListed ? { resources: contactListed } : {},
+    );
   if (reply) {
-    if (reply.atUser.deliver) {
-      const recipients = await subscriptionRecipients(server, user, userResources);
+    const userListed = reply.atUser.deliver ? await server.sessions.listResources(user) : undefined;
+    if (userListed) {
+      const recipients = subscriptionRecipients(userResources, userListed);
       await deliverToMany(server, recipients, () => subscriptionStanza(reply.type, contact, user));
     }
-    await pushUser();
+    await pushRosterItem(server, user, contact, result.user, userListed ? { resources: userListed } : {});
   }
   // The presence that follows a change (the appendix's tables say who is subscribed now).
   if (!unavailableFirst) await presenceEffect(server, out.presence, userResources, contactResources);
@@ -545,14 +567,11 @@ async function subscription(
  * sending the roster push)", §3.2.3 and §3.3.3 alike: the resources that requested the roster,
  * whether or not they sent presence yet, as the push that follows goes to them. The available
  * ones that never asked for the roster get it too, as before session 30 (a client that shows
- * presence may still tell its user "approved"). One Query, only for these three stanzas.
+ * presence may still tell its user "approved"). `listed`: the user's resources (`listResources`,
+ * one Query, only for these three stanzas; the push after the stanza takes the same list).
  */
-async function subscriptionRecipients(
-  server: Server,
-  user: string,
-  available: ResourceRecord[],
-): Promise<ResourceRecord[]> {
-  const interested = (await server.sessions.listResources(user)).filter(
+function subscriptionRecipients(available: ResourceRecord[], listed: ResourceRecord[]): ResourceRecord[] {
+  const interested = listed.filter(
     (resource) => resource.rosterInterested && !available.some((r) => r.resource === resource.resource),
   );
   return [...available, ...interested];

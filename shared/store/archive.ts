@@ -1450,7 +1450,6 @@ export function createArchiveStore(
         // the header's write: a retry after a failure here still finds the header to extend.
         if (header.crypt) await extendKeys(owner, header, values[':exp'] as number);
       }
-      const removals: string[] = [];
       // §3.2: entries kept for ever in a collection that expires (a manual store after the user's
       // preference changed): the collection is kept too, else its expiry would remove them with
       // it. Its earlier entries still expire (their own TTL), reported by the sweep as changes.
@@ -1459,7 +1458,6 @@ export function createArchiveStore(
       const keepForever =
         !created && input.entries.length > 0 && neededExpiry === undefined && header.expiresAt !== undefined;
       if (keepForever) {
-        removals.push('#ttl');
         if (header.crypt) await extendKeys(owner, header, undefined);
         await dropPointer(owner, header.with, header.cid);
       }
@@ -1467,10 +1465,7 @@ export function createArchiveStore(
         !created && input.entries.length > 0 && neededExpiry !== undefined && header.expiresAt === undefined;
       if (
         !created &&
-        (changes.length > 0 ||
-          removals.length > 0 ||
-          input.entries.length > 0 ||
-          (input.keys?.length ?? 0) > 0)
+        (changes.length > 0 || keepForever || input.entries.length > 0 || (input.keys?.length ?? 0) > 0)
       ) {
         changes.push('changeKey = :ck');
         // Never backwards: automatic appends set the end of their change window, which may be
@@ -1482,7 +1477,7 @@ export function createArchiveStore(
           new UpdateCommand({
             TableName: table,
             Key: headerKey(owner, header),
-            UpdateExpression: `SET ${changes.join(', ')}${removals.length > 0 ? ` REMOVE ${removals.join(', ')}` : ''}`,
+            UpdateExpression: `SET ${changes.join(', ')}${keepForever ? ' REMOVE #ttl' : ''}`,
             ConditionExpression: 'cid = :cid',
             ExpressionAttributeNames:
               changes.includes('#ttl = :exp') || keepForever ? { '#ttl': TTL_ATTRIBUTE } : undefined,
