@@ -160,13 +160,16 @@ async function tellDirectedRecipients(
   server: Server,
   from: string,
   directedTo: string[] | undefined,
+  stanza?: Element,
 ): Promise<void> {
   for (const jid of directedTo ?? []) {
-    await deliverDirected(
-      server,
-      parseJid(jid),
-      new Element('presence', { from, to: jid, type: 'unavailable' }),
-    );
+    const presence = new Element('presence', { from, to: jid, type: 'unavailable' });
+    // The client's own unavailable presence, when it sent one: its status and extensions too,
+    // as its contacts get them (RFC 6121 §4.5.2).
+    for (const child of stanza?.children ?? []) {
+      if (typeof child !== 'string') presence.cnode(clone(child));
+    }
+    await deliverDirected(server, parseJid(jid), presence);
   }
 }
 
@@ -264,6 +267,6 @@ async function becomeUnavailable(stream: BoundStream, stanza: Element): Promise<
       resources,
     });
   }
-  await tellDirectedRecipients(server, fullJid(stream.jid), stream.state.directedTo);
+  await tellDirectedRecipients(server, fullJid(stream.jid), stream.state.directedTo, stanza);
   stream.update({ directedTo: undefined });
 }

@@ -494,6 +494,25 @@ describe('RFC 6121 presence and chat', () => {
     expect(gone.attrs.to).toBe('bob@localhost/directed');
   });
 
+  it("tells a directed-presence recipient the session's own unavailable presence, status included", async () => {
+    // RFC 6121 §4.6.3 with §4.5.2: the user's unavailable presence, "possibly containing a
+    // <status/> element", goes to the entities it sent directed presence to, as to its contacts.
+    const from = await login('alice', 'alice-secret', { resource: 'dir-status' });
+    const to = await login('bob', 'bob-secret', { resource: 'dir-status' });
+    await from.xmpp.send(xml('presence', { to: 'bob@localhost/dir-status' }));
+    await to.waitFor(
+      (s) => s.is('presence') && s.attrs.from === 'alice@localhost/dir-status' && !s.attrs.type,
+    );
+    await from.xmpp.send(xml('presence', { type: 'unavailable' }, xml('status', {}, 'gone fishing')));
+    const gone = await to.waitFor(
+      (s) =>
+        s.is('presence') && s.attrs.from === 'alice@localhost/dir-status' && s.attrs.type === 'unavailable',
+    );
+    expect(gone.getChildText('status')).toBe('gone fishing');
+    await from.stop();
+    await to.stop();
+  });
+
   it('remembers directed presence for at most 8 KB of JIDs (the row every frame rewrites)', async () => {
     // RFC 6121 §4.6.3 asks the server to tell them when the session ends; the list is bounded
     // (README, Limits): past it, new recipients get the presence but are not remembered.
