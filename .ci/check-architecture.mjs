@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * `npm run check`'s architecture gate (DESIGN.md "Core and modules"). Fails, listing every
+ * `npm run check`'s architecture gate (docs/design.md "Core and modules"). Fails, listing every
  * violation, when:
  * - any import cycle exists among shared/, functions/ and infra/ (type-only imports and
  *   re-exports count: a cycle of types is still a knot to untie);

@@ -133,6 +133,16 @@ export function checkedSettings(settings: Record<string, string> = {}): Record<s
     // Validated the way the functions will read it, so a typo fails the synth, not a cold start.
     if ((TUNABLE_SETTINGS as readonly string[]).includes(name)) loadConfig({ [name]: value });
   }
+  // And together: some rules span settings (ARCHIVE_AUTO_REQUIRED with ARCHIVE_DEFAULT_SAVE or
+  // ARCHIVE_DEFAULT_OTR), which each one alone passes; the functions would refuse the pair at
+  // every start, leaving frames to be retried into the dead-letter queue.
+  loadConfig(
+    Object.fromEntries(
+      Object.entries(settings)
+        .filter(([name]) => (TUNABLE_SETTINGS as readonly string[]).includes(name))
+        .map(([name, value]) => [name, String(value)]),
+    ),
+  );
   return Object.fromEntries(Object.entries(settings).map(([name, value]) => [name, String(value)]));
 }
 
@@ -148,7 +158,7 @@ function logLevelOf(settings: Record<string, string>, fn: FunctionName): LogLeve
   return level as LogLevel;
 }
 
-/** One Nimbus deployment: one XMPP domain. See DESIGN.md ("Shape"). */
+/** One Nimbus deployment: one XMPP domain. See docs/design.md ("Shape"). */
 export class NimbusStack extends Stack {
   readonly tables: XmppTables;
   readonly frameQueue: FrameQueue;
@@ -296,11 +306,17 @@ export class NimbusStack extends Stack {
       value: this.gateway.connectionsEndpoint,
     });
     new CfnOutput(this, 'XmppDomain', { description: 'XMPP_DOMAIN', value: props.domain });
+    // No function stores keys: `npm run user -- --stack` does, with the deployment's count.
+    new CfnOutput(this, 'ScramIterations', {
+      description: 'SCRAM_ITERATIONS: PBKDF2 iterations of the keys `npm run user -- --stack` stores',
+      value: String(loadConfig({ SCRAM_ITERATIONS: settings.SCRAM_ITERATIONS }).scramIterations),
+    });
     for (const { def, table } of this.tables.all()) {
       new CfnOutput(this, `${def.id}TableName`, { description: def.envVar, value: table.tableName });
     }
     this.alarms = new Alarms(this, 'Alarms', {
       functions: { Connect: connect.fn, Stream: stream.fn, Sweeper: sweeper.fn },
+      sweeper: sweeper.fn,
       frameQueue: this.frameQueue.queue,
       existing: [this.frameQueue.deadLettersAlarm],
       apiId: this.gateway.api.apiId,

@@ -82,7 +82,8 @@ const REQUIRED_OUTPUTS = [
 
 /**
  * The environment a deployed stack's outputs stand for (infra/stack.ts writes them):
- * `XmppDomain` → XMPP_DOMAIN, `<Table>TableName` → that table's variable (USERS_TABLE, …).
+ * `XmppDomain` → XMPP_DOMAIN, `<Table>TableName` → that table's variable (USERS_TABLE, …),
+ * `ScramIterations` → SCRAM_ITERATIONS.
  */
 export function environmentFromStackOutputs(
   stackName: string,
@@ -100,6 +101,9 @@ export function environmentFromStackOutputs(
     const name = byKey.get(`${def.id}TableName`);
     if (name) environment[def.envVar] = name;
   }
+  // The deployment's SCRAM_ITERATIONS setting (a stack from before this output keeps the local one).
+  const iterations = byKey.get('ScramIterations');
+  if (iterations) environment.SCRAM_ITERATIONS = iterations;
   return environment;
 }
 

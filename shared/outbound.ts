@@ -1,5 +1,5 @@
 /**
- * The one outbound port (DESIGN.md "One outbound port"). Everything that leaves the server
+ * The one outbound port (docs/design.md "One outbound port"). Everything that leaves the server
  * — stanzas, nonzas, stream errors — is serialised and posted by the core's delivery path
  * (core/delivery.ts) through `Outbound.post`, which counts it and reports a vanished
  * connection as 'gone', so the delivery path can re-route what must not be lost.

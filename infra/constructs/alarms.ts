@@ -2,9 +2,9 @@
  * The alarms an operator needs to know that Nimbus is failing safely or not: every function's
  * errors and throttles, the frame queue's oldest message (frames waiting: a stream falling
  * behind), frames given up on (the dead-letter queue's depth, and the `FramesDeadLettered`
- * count), API Gateway's integration errors (frames that never reached the queue) and its client
- * errors past a threshold (requests it refused itself, throttled ones among them). Each notifies
- * one SNS topic, whose ARN is a stack output.
+ * count), a sweeper that stopped running, API Gateway's integration and execution errors (frames
+ * that never reached the queue) and its client errors past a threshold (requests it refused
+ * itself, throttled ones among them). Each notifies one SNS topic, whose ARN is a stack output.
  */
 import { Aws, Duration, RemovalPolicy } from 'aws-cdk-lib';
 import * as cloudwatch from 'aws-cdk-lib/aws-cloudwatch';
@@ -19,6 +19,8 @@ import { METRIC_NAMESPACE, METRIC_SERVICE, type MetricName } from '../../shared/
 
 export interface AlarmsProps {
   functions: Record<string, lambda.IFunction>;
+  /** The sweeper, run every minute by a schedule: silence from it is an alarm. */
+  sweeper: lambda.IFunction;
   frameQueue: sqs.IQueue;
   /** Alarms made elsewhere (the dead-letter queue's) that should notify the topic too. */
   existing: cloudwatch.Alarm[];
@@ -157,6 +159,29 @@ export class Alarms extends Construct {
       apiGateway('IntegrationError'),
       0,
     );
+    // Errors of API Gateway's own while calling an integration (a queue-writer role it cannot
+    // assume, a request template it cannot apply), which IntegrationError does not count: the
+    // frame never reaches the queue and, $default having no route response, nobody is told.
+    add(
+      'ExecutionErrors',
+      'API Gateway failed calling the queue or the connect function (ExecutionError)',
+      apiGateway('ExecutionError'),
+      0,
+    );
+    // The schedule runs the sweeper every minute: a quarter hour without one invocation (a
+    // disabled rule, failed or dropped scheduled events) leaves expired stream-management
+    // sessions unended and lost $disconnects unprobed, which no error metric shows. Missing
+    // data is breaching here: no invocations reports no datapoint at all.
+    const sweeperSilent = new cloudwatch.Alarm(this, 'SweeperNotRunning', {
+      alarmDescription: 'The sweeper was not invoked for 15 minutes (it runs every minute)',
+      metric: props.sweeper.metricInvocations({ period: Duration.minutes(15), statistic: 'Sum' }),
+      threshold: 1,
+      comparisonOperator: cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
+      evaluationPeriods: 1,
+      treatMissingData: cloudwatch.TreatMissingData.BREACHING,
+    });
+    sweeperSilent.addAlarmAction(new actions.SnsAction(this.topic));
+    this.alarms.push(sweeperSilent);
     // 4XX answers of API Gateway itself, before any integration: a message or a connection the
     // stage or route throttle refused (429) is one, so many of them mean clients are being turned
     // away. A few are ordinary (a client that misbehaves), hence a threshold, not any.

@@ -11,7 +11,7 @@ export interface FrameQueueProps {
 }
 
 /**
- * The FIFO queue between API Gateway and the stream function (DESIGN.md: MessageGroupId =
+ * The FIFO queue between API Gateway and the stream function (docs/design.md: MessageGroupId =
  * connectionId, so the frames of one stream are processed in order, RFC 6120 §10.1).
  */
 export class FrameQueue extends Construct {

@@ -1,5 +1,5 @@
 /**
- * The one delivery path (DESIGN.md "One outbound port"): the only code that puts anything on a
+ * The one delivery path (docs/design.md "One outbound port"): the only code that puts anything on a
  * connection. It (0) serialises and checks the size against what the transport accepts
  * (XEP-0478), (1) hands stanzas for a stream-management session to its queue, which numbers and
  * keeps them, (2) posts, (3) on 410 Gone tells the session lifecycle, which ends or detaches the

@@ -70,7 +70,7 @@ function targetOf(to: Jid | undefined): StanzaTarget {
 /** A stanza from a bound client: stamp its sender, check its address and size, route it. */
 export async function routeFromClient(stream: BoundStream, stanza: Element): Promise<void> {
   const { server } = stream;
-  // DESIGN.md: "A stanza's from is always rewritten by the server."
+  // docs/design.md: "A stanza's from is always rewritten by the server."
   stanza.attrs.from = fullJid(stream.jid);
   // XEP-0203: a delay "from" this server is the server's own stamp (of an offline or re-routed
   // message); one a client wrote would tell its recipient the server delayed the stanza.

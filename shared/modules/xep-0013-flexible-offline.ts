@@ -9,7 +9,7 @@
  * headers for all of the user's offline messages" cannot hold for a 10,000-message inbox in one
  * WebSocket message.
  *
- * Costs (DESIGN.md: count request units): count is one GetItem on the maintained counter; a page
+ * Costs (docs/design.md: count request units): count is one GetItem on the maintained counter; a page
  * of headers is that GetItem plus one key-ordered Query with a Limit. Nothing here scans.
  */
 import { Element } from 'ltx';

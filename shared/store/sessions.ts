@@ -269,7 +269,7 @@ export interface ConnectionState {
    */
   offlineRemoving?: string;
   streamId?: string;
-  /** Authenticated bare JID: the only identity (DESIGN.md "Identity and trust"). */
+  /** Authenticated bare JID: the only identity (docs/design.md "Identity and trust"). */
   user?: string;
   resource?: string;
   sasl?: SaslProgress;

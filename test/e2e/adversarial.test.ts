@@ -415,7 +415,7 @@ describe('nothing crosses from one user to another', () => {
     expect(await ned.framesBeforePong()).toEqual([]);
     expect(await mia.framesBeforePong()).toEqual([]);
     // A result to a full JID is routed, but from the sender: never from the server.
-    // DESIGN.md: "A stanza's from is always rewritten by the server."
+    // docs/design.md: "A stanza's from is always rewritten by the server."
     ned.send(`<iq type='result' id='spoof2' to='mia@localhost/m1' from='localhost'/>`);
     const routed = await mia.until((el) => el.name === 'iq');
     expect(routed.attrs).toMatchObject({ id: 'spoof2', from: 'ned@localhost/n1', type: 'result' });

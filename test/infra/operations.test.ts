@@ -224,10 +224,23 @@ describe('metrics and logs of the functions', () => {
     expect(() => checkedSettings({ STREAM_LOG_LEVEL: 'verbose' })).toThrow(/STREAM_LOG_LEVEL must be one of/);
     expect(() => checkedSettings({ LOG_LEVEL: 'loud' })).toThrow(/LOG_LEVEL/);
     expect(() => checkedSettings({ TRACING: 'yes' })).toThrow(/TRACING must be true or false/);
+    // Each alone is valid; together the functions would refuse them at every start.
+    expect(checkedSettings({ ARCHIVE_AUTO_REQUIRED: 'true' })).toEqual({ ARCHIVE_AUTO_REQUIRED: 'true' });
+    expect(checkedSettings({ ARCHIVE_DEFAULT_SAVE: 'false' })).toEqual({ ARCHIVE_DEFAULT_SAVE: 'false' });
+    expect(() => checkedSettings({ ARCHIVE_AUTO_REQUIRED: 'true', ARCHIVE_DEFAULT_SAVE: 'false' })).toThrow(
+      /ARCHIVE_AUTO_REQUIRED/,
+    );
     expect(checkedSettings({ TRACING: 'true', SWEEPER_LOG_LEVEL: 'error' })).toEqual({
       TRACING: 'true',
       SWEEPER_LOG_LEVEL: 'error',
     });
+  });
+});
+
+describe('SCRAM_ITERATIONS', () => {
+  it('is a stack output, which `npm run user -- --stack` stores keys with (no function stores any)', () => {
+    expect(synth().outputs.ScramIterations.Value).toBe('4096');
+    expect(synth({ settings: { SCRAM_ITERATIONS: '20000' } }).outputs.ScramIterations.Value).toBe('20000');
   });
 });
 

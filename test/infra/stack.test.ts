@@ -338,7 +338,7 @@ describe('failing safely', () => {
     expect(functionProperties('stream').ReservedConcurrentExecutions).toBeUndefined();
   });
 
-  it('alarms on every function’s errors and throttles, the oldest frame, dead letters (depth and count), integration and client errors, all to one topic', () => {
+  it('alarms on every function’s errors and throttles, the oldest frame, dead letters (depth and count), a silent sweeper, integration, execution and client errors, all to one topic', () => {
     const alarms = resourcesOfType('AWS::CloudWatch::Alarm').map(([, alarm]) => alarm.Properties);
     const topic = logicalId(stack.alarms.topic);
     for (const alarm of alarms) expect(alarm.AlarmActions).toEqual([{ Ref: topic }]);
@@ -352,6 +352,23 @@ describe('failing safely', () => {
     expect(byMetric('AWS/SQS', 'ApproximateNumberOfMessagesVisible')).toHaveLength(1);
     expect(byMetric(METRIC_NAMESPACE, 'FramesDeadLettered')).toHaveLength(1);
     expect(byMetric('AWS/ApiGateway', 'IntegrationError')).toHaveLength(1);
+    expect(byMetric('AWS/ApiGateway', 'ExecutionError')).toEqual([
+      expect.objectContaining({ Threshold: 0, ComparisonOperator: 'GreaterThanThreshold' }),
+    ]);
+    // The sweeper runs every minute: a quarter hour with no invocation (no datapoint at all) alarms.
+    const sweeper = logicalId(stack.functions.sweeper.fn);
+    expect(
+      byMetric('AWS/Lambda', 'Invocations').filter((alarm) =>
+        (alarm.Dimensions as { Value: unknown }[]).some((d) => JSON.stringify(d.Value).includes(sweeper)),
+      ),
+    ).toEqual([
+      expect.objectContaining({
+        Threshold: 1,
+        ComparisonOperator: 'LessThanThreshold',
+        Period: 900,
+        TreatMissingData: 'breaching',
+      }),
+    ]);
     // Client errors (throttled requests among them) past a threshold, not at the first one.
     expect(byMetric('AWS/ApiGateway', 'ClientError')).toEqual([
       expect.objectContaining({ Threshold: 100, Statistic: 'Sum', Period: 300 }),

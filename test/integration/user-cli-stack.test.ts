@@ -16,6 +16,7 @@ import type { Config } from '../../shared/config.ts';
 import { createDocumentClient } from '../../shared/store/dynamo.ts';
 import { createOfflineStore } from '../../shared/store/offline.ts';
 import { createSessionStore } from '../../shared/store/sessions.ts';
+import { createUserStore } from '../../shared/store/users.ts';
 import { allTables } from '../../shared/tables.ts';
 import { createTestTables, TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
 
@@ -104,6 +105,21 @@ describe('stack outputs', () => {
       ROSTER_TABLE: tables.roster,
       ARCHIVE_TABLE: tables.archive,
     });
+  });
+
+  it("carry the deployment's SCRAM_ITERATIONS, with which --stack stores keys", async () => {
+    // No function stores keys, so the setting given to the stack reaches the keys only this way.
+    const outputs = [...outputsFor(tables), { OutputKey: 'ScramIterations', OutputValue: '5000' }];
+    expect(environmentFromStackOutputs(STACK, outputs)).toMatchObject({ SCRAM_ITERATIONS: '5000' });
+    const added = await cli(
+      ['--stack', STACK, 'add', 'iterations@chat.example.org', 'pw'],
+      stubCloudFormation(() => outputs),
+    );
+    expect(added.code).toBe(0);
+    const client = doc();
+    const stored = await createUserStore(client, tables.users).get('iterations@chat.example.org');
+    client.destroy();
+    expect(stored?.scram.sha256.iterations).toBe(5000);
   });
 
   it('without the domain or a needed table are refused, naming what is missing', () => {

@@ -1,5 +1,5 @@
 /**
- * The outbound port (DESIGN.md "One outbound port") under the core's delivery path: what it is
+ * The outbound port (docs/design.md "One outbound port") under the core's delivery path: what it is
  * handed is serialised with the content namespace on stanzas (RFC 7395 §3.3.3), counted, and
  * a 410 Gone comes back as 'gone'.
  */
