@@ -106,6 +106,12 @@ export function errorReply(stanza: Element, error: StanzaError, from?: string): 
   const replyFrom = from ?? stanza.attrs.to;
   if (replyTo) attrs.to = replyTo;
   if (replyFrom) attrs.from = replyFrom;
+  // The payload kept may use prefixes the stanza declared (`xmlns:e` on it, `e:hint` on its
+  // body): the reply declares them too, or it is no namespace-well-formed document (RFC 7395
+  // §3.3.3: each message a document of its own; a strict parser such as a browser's refuses it).
+  for (const [name, value] of Object.entries(stanza.attrs)) {
+    if (name.startsWith('xmlns:')) attrs[name] = String(value);
+  }
   const reply = new Element(stanza.name, attrs);
   if (stanza.name !== 'iq') {
     for (const child of stanza.getChildElements()) reply.cnode(clone(child));

@@ -4,6 +4,7 @@
  * rule it holds the server to.
  */
 import type { Element } from 'ltx';
+import { SaxesParser } from 'saxes';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RawClient } from '../../infra/local/raw-client.ts';
 import { MAX_RESOURCE_BYTES } from '../../shared/store/sessions.ts';
@@ -419,6 +420,28 @@ describe('nothing crosses from one user to another', () => {
     ned.send(`<iq type='result' id='spoof2' to='mia@localhost/m1' from='localhost'/>`);
     const routed = await mia.until((el) => el.name === 'iq');
     expect(routed.attrs).toMatchObject({ id: 'spoof2', from: 'ned@localhost/n1', type: 'result' });
+  });
+
+  it('declares in an error reply the prefixes of the payload it echoes', async () => {
+    // RFC 7395 §3.3.3: every WebSocket message is a stanza of its own, so a namespace prefix
+    // the client declared on its stanza and used in a child must be declared again in the
+    // error that echoes the child (RFC 6120 §8.3.1), or a namespace-aware parser (a browser's
+    // DOMParser, under Strophe) refuses the whole frame.
+    const rex = await bound('rex', 'prefix');
+    rex.send(
+      `<message xmlns:e='urn:example:hint' to='nobody-here@localhost' id='p1' type='chat'><body e:hint='x'>hi</body></message>`,
+    );
+    const frames: string[] = [];
+    rex.socket.on('message', (data) => frames.push(data.toString()));
+    const reply = await rex.until((el) => el.name === 'message' && el.attrs.id === 'p1');
+    expect(reply.attrs.type).toBe('error');
+    const frame = frames.find((text) => text.includes("id=\"p1\"") || text.includes("id='p1'"));
+    expect(frame).toBeDefined();
+    const errors: string[] = [];
+    const parser = new SaxesParser({ xmlns: true });
+    parser.on('error', (error) => errors.push(error.message));
+    parser.write(frame as string).close();
+    expect(errors).toEqual([]);
   });
 
   it('does not let <auth/> after authentication switch the account', async () => {
