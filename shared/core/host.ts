@@ -174,6 +174,8 @@ export interface UndeliveredStanza {
   key?: string;
   /** Its place among the stanzas re-routed with it (orders those of one millisecond). */
   sequence?: number;
+  /** The other resources its routing gave it to (DeliveryOptions.alsoTo): still there, they have it. */
+  alsoTo?: string[];
 }
 
 export interface EventPayloads {
@@ -396,6 +398,13 @@ export interface DeliveryOptions {
   offlineId?: string;
   /** A copy of a message that stays stored (XEP-0013 view/fetch): never re-routed. */
   offlineCopy?: boolean;
+  /**
+   * A message to a bare JID that its routing gave to these other resources before this one (RFC
+   * 6121 §8.5.2.1.1: to each of the most available): kept with a queued copy, so that the copy's
+   * re-route, when this session ends without the client acknowledging it, does not give it again
+   * to those of them still there (they have it, or their own session's queue does).
+   */
+  alsoTo?: string[];
   /**
    * The entry's key in a stream-management queue, instead of the frame's delivery key: a XEP-0013
    * transfer's copy or result (`c:<transfer id>:<node>`, `c:<transfer id>`), which a redelivered

@@ -135,6 +135,11 @@ export interface RouteOptions {
    * carries a delay stamp of this time on delivery, and offline storage keeps this time.
    */
   originalTime?: number;
+  /**
+   * Resources a re-routed copy's first routing gave the message to (UndeliveredStanza.alsoTo):
+   * those still there have it, and are not given it again.
+   */
+  alsoTo?: string[];
 }
 
 /**
@@ -148,8 +153,9 @@ async function deliverMessage(
   resource: ResourceRecord,
   stanza: Element,
   rerouting: boolean,
+  alsoTo: string[],
 ): Promise<boolean | 'full'> {
-  const result = await deliver(server, resource, stanza);
+  const result = await deliver(server, resource, stanza, alsoTo.length > 0 ? { alsoTo } : {});
   if (result === 'full' && !rerouting) return 'full';
   if (result !== 'sent') return false;
   await server.host.fire('message-routed', { stanza, to: resource });
@@ -164,6 +170,9 @@ async function queuedBefore(server: Server, resource: ResourceRecord): Promise<b
 
 /** Tries of one routing whose stored message's condition failed (something changed meanwhile). */
 const ROUTE_ATTEMPTS = 4;
+
+/** Resources a queued copy names at most (DeliveryOptions.alsoTo): past them, a re-route may repeat it. */
+const MAX_ALSO_TO = 16;
 
 /**
  * Routes a message to a local or remote JID (RFC 6121 §8.5). Throws the StanzaError the sender
@@ -213,6 +222,8 @@ export async function routeMessage(
 interface RouteProgress {
   /** Connections that took the message (posted, queued, or stored behind their flood). */
   reached: Set<string>;
+  /** The resources those connections were bound as, in the order they took it. */
+  reachedResources?: string[];
   /** Stored behind a flood's hold: once is enough, every holder floods the one inbox. */
   storedBehind: boolean;
   /** The resource an earlier delivery of the frame stored it behind (its flood delivers it). */
@@ -240,6 +251,9 @@ async function routeOnce(
    */
   const toResource = async (resource: ResourceRecord): Promise<boolean | 'full' | undefined> => {
     if (progress.reached.has(resource.connectionId) || resource.resource === progress.storedFor) return true;
+    // A re-routed copy: this resource had the message from its first routing (or its session's
+    // queue holds it, and its own end re-routes that copy).
+    if (!to.resource && options.alsoTo?.includes(resource.resource)) return true;
     // Behind a flood's hold a message is stored for the flood to deliver; but not one an earlier
     // delivery of its frame queued in the resource's XEP-0198 session already: the session gets
     // it there (a second copy would reach the client from the flood too).
@@ -261,7 +275,9 @@ async function routeOnce(
       }
       if (event.routeAgain) return undefined;
     }
-    const delivered = await deliverMessage(server, resource, stanza, rerouting);
+    // To a bare JID, the resources given it so far go with a stream-management copy (alsoTo).
+    const alsoTo = to.resource ? [] : (progress.reachedResources ?? []).slice(0, MAX_ALSO_TO);
+    const delivered = await deliverMessage(server, resource, stanza, rerouting, alsoTo);
     server.log.debug('message to a session', {
       id: stanza.attrs.id,
       connectionId: resource.connectionId,
@@ -269,7 +285,10 @@ async function routeOnce(
       delivered,
       rerouting,
     });
-    if (delivered === true) progress.reached.add(resource.connectionId);
+    if (delivered === true) {
+      progress.reached.add(resource.connectionId);
+      progress.reachedResources = [...(progress.reachedResources ?? []), resource.resource];
+    }
     return delivered;
   };
 
@@ -298,7 +317,11 @@ async function routeOnce(
   // it does the sender wait (resource-constraint): it is not stored while one is online.
   let congested = false;
   for (;;) {
-    const targets = messageTargets(type, resources);
+    // Sessions with stream management last: a copy queued there (a detached one's, above all)
+    // then names the resources that had it before (alsoTo), which its re-route passes over.
+    const targets = messageTargets(type, resources).sort(
+      (a, b) => Number(a.smId !== undefined) - Number(b.smId !== undefined),
+    );
     if (targets.length === 0) break;
     let delivered = false;
     for (const target of targets) {
@@ -508,7 +531,10 @@ async function rerouteOne(server: Server, user: string, entry: UndeliveredStanza
   const handle = async () => {
     try {
       if (stanza.name === 'message') {
-        await routeMessage(server, stanza, parseJid(user), { originalTime: acceptedAt });
+        await routeMessage(server, stanza, parseJid(user), {
+          originalTime: acceptedAt,
+          ...(entry.alsoTo ? { alsoTo: entry.alsoTo } : {}),
+        });
       } else if (
         stanza.name === 'iq' &&
         (stanza.attrs.type === 'get' || stanza.attrs.type === 'set') &&

@@ -275,6 +275,7 @@ async function deliverToSmSession(
     t: delivery?.at ?? Date.now(),
     ...(options.offlineId ? { o: options.offlineId } : {}),
     ...(options.offlineCopy ? { c: true } : {}),
+    ...(options.alsoTo?.length ? { a: options.alsoTo } : {}),
     ...(key ? { k: key } : {}),
   };
   const serial = server.config.smPostOrder === 'serial';
@@ -1266,6 +1267,7 @@ async function toReroute(server: Server, item: SmQueueItem, from: number): Promi
       done: () => server.smQueue.markRerouted(item.smId, position),
       key: `reroute:${item.smId}:${item.base + position}`,
       sequence: item.base + position,
+      ...(entry.a ? { alsoTo: entry.a } : {}),
     });
   });
   return stanzas;

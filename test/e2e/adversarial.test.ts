@@ -435,7 +435,7 @@ describe('nothing crosses from one user to another', () => {
     rex.socket.on('message', (data) => frames.push(data.toString()));
     const reply = await rex.until((el) => el.name === 'message' && el.attrs.id === 'p1');
     expect(reply.attrs.type).toBe('error');
-    const frame = frames.find((text) => text.includes("id=\"p1\"") || text.includes("id='p1'"));
+    const frame = frames.find((text) => text.includes('id="p1"') || text.includes("id='p1'"));
     expect(frame).toBeDefined();
     const errors: string[] = [];
     const parser = new SaxesParser({ xmlns: true });

@@ -1614,6 +1614,57 @@ describe('expiry', () => {
     expect(await stack.server.offline.count('imogen@localhost')).toBe(0);
   });
 
+  it("does not give a message to a bare JID again to the resource that had it, when another's detached session expires", async () => {
+    // RFC 6121 §8.5.2.1.1: a message to the bare JID goes to each most available resource. The
+    // phone's session is detached (resumable), so its queue takes its copy; the desk is posted
+    // its own. XEP-0198 §5 re-routes what the phone never acknowledged when its window closes,
+    // "in the same way that [the server] would treat a stanza sent to an unavailable resource":
+    // the desk, which had it, must not get it a second time.
+    await stack.addUser('valeria@localhost', 'valeria-pw');
+    const phone = await raw('valeria', 'phone');
+    phone.send(`<enable xmlns='${SM3}' resume='true' max='${WINDOW_SECONDS}'/>`);
+    const enabled = await phone.next();
+    phone.send('<presence/>');
+    const desk = await raw('valeria', 'desk');
+    desk.send('<presence/>');
+    await desk.until((el) => el.name === 'presence' && el.attrs.from === 'valeria@localhost/desk');
+    phone.terminate();
+    await detached(enabled.attrs.id as string);
+    const sender = await raw('romeo', 'to-valeria');
+    sender.send(`<message to='valeria@localhost' type='chat' id='v1'><body>to both</body></message>`);
+    await desk.until((el) => el.name === 'message' && el.attrs.id === 'v1');
+    await routed(sender, 'valeria-routed');
+    const queued = await stack.server.smQueue.get(enabled.attrs.id as string);
+    expect(queued?.entries.filter((entry) => entry.s.includes('to both'))).toHaveLength(1);
+    await sweep(stack.server, afterWindow(WINDOW_SECONDS));
+    expect((await stack.server.smQueue.get(enabled.attrs.id as string))?.ended).toBeTruthy();
+    expect((await desk.framesBeforePong()).filter((frame) => frame.includes('to both'))).toEqual([]);
+    expect(await stack.server.offline.count('valeria@localhost')).toBe(0);
+  });
+
+  it('re-routes such a message when the resource that had it is gone: stored for the phone, not lost', async () => {
+    await stack.addUser('ottilie@localhost', 'ottilie-pw');
+    const phone = await raw('ottilie', 'phone');
+    phone.send(`<enable xmlns='${SM3}' resume='true' max='${WINDOW_SECONDS}'/>`);
+    const enabled = await phone.next();
+    phone.send('<presence/>');
+    const desk = await raw('ottilie', 'desk');
+    desk.send('<presence/>');
+    await desk.until((el) => el.name === 'presence' && el.attrs.from === 'ottilie@localhost/desk');
+    phone.terminate();
+    await detached(enabled.attrs.id as string);
+    const sender = await raw('romeo', 'to-ottilie');
+    sender.send(`<message to='ottilie@localhost' type='chat' id='o1'><body>kept</body></message>`);
+    await desk.until((el) => el.name === 'message' && el.attrs.id === 'o1');
+    desk.send("<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>");
+    await eventually(async () =>
+      expect(await stack.server.sessions.getResource('ottilie@localhost', 'desk')).toBeUndefined(),
+    );
+    await sweep(stack.server, afterWindow(WINDOW_SECONDS));
+    // Nobody left who had it: the phone's copy goes to offline storage, as for any unavailable user.
+    await eventually(async () => expect(await stack.server.offline.count('ottilie@localhost')).toBe(1));
+  });
+
   it('removes flooded offline messages only once they are acknowledged', async () => {
     await stack.addUser('rosaline@localhost', 'rosaline-pw');
     const sender = await raw('romeo', 'to-rosaline');
