@@ -1847,10 +1847,7 @@ async function applyAck(stream: Stream, h: number): Promise<void> {
       return;
     } else ({ removed, remaining, out, congested } = settled);
   }
-  // Half the byte bound free again: senders may queue once more.
-  if (congested && queuedBytes(remaining) <= server.config.smQueueMaxBytes / 2) {
-    await server.smQueue.setCongested(sm.id, false);
-  }
+  await uncongest(server, sm.id, congested, remaining);
   server.log.debug('stream-management ack', { smId: sm.id, h, removed: removed.length, out });
   // Stored messages still queued: the next ack removes first again (serial posting only).
   const stillStored = server.config.smPostOrder === 'serial' && remaining.some((e) => e.o);
@@ -2393,7 +2390,13 @@ async function settleCount(
   for (let attempt = 0; attempt < 10; attempt++) {
     if (!item.uncertain) {
       try {
-        const { removed } = await server.smQueue.acknowledge(item.smId, item.base, acked, connectionId);
+        const { removed, remaining, congested } = await server.smQueue.acknowledge(
+          item.smId,
+          item.base,
+          acked,
+          connectionId,
+        );
+        await uncongest(server, item.smId, congested, remaining);
         return { removed, resend: item.entries.slice(acked - item.base) };
       } catch (error) {
         if (!(error instanceof UncertainQueueError)) throw error;
@@ -2407,6 +2410,7 @@ async function settleCount(
         server.config.smLatePostMs === 0,
       );
       if (await server.smQueue.rebase(item.smId, item, acked, kept)) {
+        await uncongest(server, item.smId, item.congested === true, kept);
         server.log.info('resume sends uncertain entries again', { smId: item.smId, resent: kept.length });
         server.metrics.count('SmUncertainResent', kept.length);
         return { removed, resend: kept };
@@ -2419,6 +2423,21 @@ async function settleCount(
     item = fresh;
   }
   throw new RetryLaterError('the queue kept changing while a resume settled its count');
+}
+
+/**
+ * Half the byte bound free again after a trim (an ack, or a resume's count): senders may queue
+ * once more. A resume whose count emptied a congested queue clears it too, or every sender would
+ * be told to wait until the stream's silence ended it.
+ */
+async function uncongest(
+  server: Server,
+  smId: string,
+  congested: boolean,
+  remaining: SmEntry[],
+): Promise<void> {
+  if (congested && queuedBytes(remaining) <= server.config.smQueueMaxBytes / 2)
+    await server.smQueue.setCongested(smId, false);
 }
 
 /**

@@ -1949,6 +1949,44 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
     }
   });
 
+  it('lets senders queue again once a resume whose count covers a congested queue empties it', async () => {
+    // The client had every stanza when its socket died, before its <a/>: the resume's count
+    // (XEP-0198 §5, <resume h/>) acknowledges them all, and the queue is no longer congested.
+    const bytes = await startTestStack({ SM_QUEUE_MAX_BYTES: '65536', SM_ACK_EVERY: '100' });
+    try {
+      for (const user of ['rich', 'poor']) await bytes.addUser(`${user}@localhost`, `${user}-pw`);
+      const poor = await RawClient.connect(bytes.url);
+      raws.push(poor);
+      await poor.login('poor', 'poor-pw', 'purse');
+      poor.send(`<enable xmlns='${SM3}' resume='true'/>`);
+      const enabled = await poor.next();
+      const rich = await RawClient.connect(bytes.url);
+      raws.push(rich);
+      await rich.login('rich', 'rich-pw', 'gold');
+      for (let i = 1; i <= 3; i++)
+        rich.send(
+          `<message to='poor@localhost/purse' type='chat' id='c${i}'><body>${String(i).repeat(25_000)}</body></message>`,
+        );
+      for (let i = 1; i <= 3; i++) await poor.until((el) => el.name === 'message' && el.attrs.id === `c${i}`);
+      await eventually(async () =>
+        expect((await bytes.server.smQueue.get(enabled.attrs.id as string))?.congested).toBe(true),
+      );
+      poor.terminate();
+      const { client: again } = await authenticated('poor', bytes);
+      again.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='3'/>`);
+      expect((await again.until((el) => el.name === 'resumed' || el.name === 'failed')).name).toBe('resumed');
+      rich.send(`<message to='poor@localhost/purse' type='chat' id='after'><body>small</body></message>`);
+      const answer = await Promise.race([
+        again.until((el) => el.name === 'message' && el.attrs.id === 'after').then(() => 'delivered'),
+        rich.until((el) => el.attrs.id === 'after').then(() => 'refused'),
+      ]);
+      expect(answer).toBe('delivered');
+    } finally {
+      await bytes.gateway.drained();
+      await bytes.close();
+    }
+  });
+
   /** A client that answers every <r/> with its count, the way xmpp.js does; collects stanzas. */
   async function ackingReader(
     client: RawClient,
