@@ -158,16 +158,24 @@ async function handleRecord(
  * Handles the records one after the other, in the batch's order; a record that throws is
  * reported failed, and so is every later record of its message group, unstarted. A batch whose
  * every record failed is reported like any other (all retried), not thrown.
+ *
+ * Except on a last receive (`lastReceive`, the queue's maxReceiveCount reached): a record there
+ * that fails goes to the dead-letter queue, so it holds nothing back (the group's later records
+ * would otherwise wait for a retry that never comes, and, received as often as it was, follow it
+ * there untried); and a record there behind a failure is tried all the same, out of order, rather
+ * than dead-lettered without being tried. A reorder, where the alternative is a loss.
  */
 export async function processFifoBatch(
   records: readonly SQSRecord[],
   handle: (record: SQSRecord) => Promise<void>,
+  lastReceive: (record: SQSRecord) => boolean = () => false,
 ): Promise<SQSBatchResponse> {
   const failedGroups = new Set<string>();
   const batchItemFailures: SQSBatchResponse['batchItemFailures'] = [];
   for (const record of records) {
     const group = record.attributes.MessageGroupId;
-    if (group !== undefined && failedGroups.has(group)) {
+    const last = lastReceive(record);
+    if (group !== undefined && failedGroups.has(group) && !last) {
       batchItemFailures.push({ itemIdentifier: record.messageId });
       continue;
     }
@@ -175,7 +183,7 @@ export async function processFifoBatch(
       await handle(record);
     } catch {
       batchItemFailures.push({ itemIdentifier: record.messageId });
-      if (group !== undefined) failedGroups.add(group);
+      if (group !== undefined && !last) failedGroups.add(group);
     }
   }
   return { batchItemFailures };
@@ -274,8 +282,11 @@ export function createStreamHandler(server: Server, options: StreamHandlerOption
     const mayRetry = () =>
       !remainingMs || remainingMs() >= 2 * Math.min(TIME_IN_HAND_MS, started.initial / 5);
     try {
-      const response = await processFifoBatch(event.Records, (record) =>
-        handleRecord(server, record, options.tracer, mayStart, mayRetry, followed, batch, remainingMs),
+      const response = await processFifoBatch(
+        event.Records,
+        (record) =>
+          handleRecord(server, record, options.tracer, mayStart, mayRetry, followed, batch, remainingMs),
+        (record) => (Number(record.attributes.ApproximateReceiveCount) || 1) >= maxReceiveCount,
       );
       countFailures(server, event, response, maxReceiveCount);
       // Within the time left (a timeout would redeliver the whole batch, handled records too).

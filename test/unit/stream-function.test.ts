@@ -169,6 +169,27 @@ describe('functions/stream: the FIFO partial batch', () => {
     expect(response.batchItemFailures.map((failure) => failure.itemIdentifier)).toEqual(['a2', 'a3']);
   });
 
+  it('on a last receive, neither holds the group behind a failure nor leaves a record untried', async () => {
+    // A record failing on its last receive (maxReceiveCount) leaves for the dead-letter queue:
+    // its group's later records, received as often, would follow it there without being tried.
+    const receivedTwenty = (id: string, group: string) => {
+      const r = record(id, group);
+      return { ...r, attributes: { ...r.attributes, ApproximateReceiveCount: '20' } } as SQSRecord;
+    };
+    const handled: string[] = [];
+    const response = await processFifoBatch(
+      [receivedTwenty('a1', 'A'), receivedTwenty('a2', 'A'), record('b1', 'B'), record('b2', 'B')],
+      async (r) => {
+        handled.push(r.messageId);
+        if (r.messageId === 'a1' || r.messageId === 'b1') throw new Error('transient');
+      },
+      (r) => Number(r.attributes.ApproximateReceiveCount) >= 20,
+    );
+    expect(handled).toEqual(['a1', 'a2', 'b1']);
+    // a1 goes to the dead-letter queue alone; b1, with receives left, still holds b2 back.
+    expect(response.batchItemFailures.map((failure) => failure.itemIdentifier)).toEqual(['a1', 'b1', 'b2']);
+  });
+
   it('reports a batch whose every record failed, instead of throwing', async () => {
     const records = [record('a1', 'A'), record('b1', 'B')];
     const response = await processFifoBatch(records, async () => {
