@@ -5,10 +5,12 @@
  * keeps them, (2) posts, (3) on 410 Gone tells the session lifecycle, which ends or detaches the
  * session, so the caller re-routes what must not be lost.
  */
+import { createHash } from 'node:crypto';
 import type { Element } from 'ltx';
 import { StanzaError } from '../errors.ts';
 import { type BoundedPostResult, POST_TIMEOUT_MS, type PostResult, serialize } from '../outbound.ts';
 import type { ResourceRecord } from '../store/sessions.ts';
+import { nextDeliveryKey } from './frame.ts';
 import type { DeliveryItem, DeliveryOptions, DeliveryResult, SendAllResult, Server } from './host.ts';
 import { RetryLaterError } from './transient.ts';
 
@@ -154,6 +156,42 @@ async function deliverDirect(
   target: ResourceRecord,
   stanza: Element,
   options: DeliveryOptions,
+): Promise<DeliveryResult> {
+  // The frame's n-th direct post of this very stanza to this connection: the same key on a retry
+  // of the frame that posts it again, whatever else that try posts or no longer does.
+  const digest = createHash('sha256').update(serialize(stanza)).digest('base64url').slice(0, 22);
+  const delivery = nextDeliveryKey(`direct:${target.connectionId}:${digest}`);
+  const posted = delivery && `${target.connectionId} ${digest} ${delivery.key}`;
+  if (posted && postedDirect.has(posted)) {
+    server.log.debug('direct post made by an earlier try of the frame', {
+      connectionId: target.connectionId,
+    });
+    return 'sent';
+  }
+  const result = await deliverDirectOnce(server, target, stanza, options);
+  if (posted && result === 'sent') {
+    postedDirect.add(posted);
+    if (postedDirect.size > POSTED_DIRECT_KEPT)
+      postedDirect.delete(postedDirect.values().next().value as string);
+  }
+  return result;
+}
+
+/**
+ * Direct posts made in this process, by connection, stanza and delivery key. A client without stream
+ * management has no count that could tell a second copy: a frame tried again (in place after a
+ * throttled write or post, or redelivered to this instance) does not post again what its
+ * earlier try did, while it goes on with the targets that try did not reach. (Another instance
+ * that gets the redelivery has no such record: README, Limits.)
+ */
+const postedDirect = new Set<string>();
+const POSTED_DIRECT_KEPT = 10_000;
+
+async function deliverDirectOnce(
+  server: Server,
+  target: ResourceRecord,
+  stanza: Element,
+  options: DeliveryOptions,
   reads = 0,
 ): Promise<DeliveryResult> {
   const { user, resource, connectionId } = target;
@@ -164,7 +202,7 @@ async function deliverDirect(
     // Gone: the session ended; the caller re-routes (its end re-routes what it held).
     if (!now) return 'gone';
     if (now.smId || now.connectionId !== connectionId) return deliver(server, now, stanza, options);
-    if (reads < 3) return deliverDirect(server, now, stanza, options, reads + 1);
+    if (reads < 3) return deliverDirectOnce(server, now, stanza, options, reads + 1);
     // Three reads, each too old by the time its post would start: the frame is tried again.
     throw new RetryLaterError('a direct post could not start in time after its row was read');
   };

@@ -9,8 +9,10 @@ import { parse } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RawClient } from '../../infra/local/raw-client.ts';
 import { MAX_DIRECTED_BYTES, MAX_PRESENCE_BYTES } from '../../shared/modules/rfc6121-presence.ts';
+import type { ConnectionPort } from '../../shared/outbound.ts';
 import { encodeSaslPayload } from '../../shared/sasl/scram.ts';
 import { eventually } from '../support/eventually.ts';
+import { intercept } from '../support/intercept.ts';
 import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 import { type StartedClient, startClient } from '../support/xmpp-client.ts';
@@ -511,6 +513,53 @@ describe('RFC 6121 presence and chat', () => {
     expect(gone.getChildText('status')).toBe('gone fishing');
     await from.stop();
     await to.stop();
+  });
+
+  it("posts a bare JID's message once to a resource without stream management when the frame is tried again", async () => {
+    // RFC 6121 §8.5.2.1.1: to each most available resource. The post to one is refused by API
+    // Gateway past its retries (429), so the sender's frame is tried again; the resource the
+    // first try reached has no count that could tell a second copy, and gets none.
+    const one = await RawClient.connect(stack.url);
+    await one.login('grace', 'grace-secret', 'one');
+    one.send('<presence/>');
+    await one.until((el) => el.name === 'presence');
+    const two = await RawClient.connect(stack.url);
+    await two.login('grace', 'grace-secret', 'two');
+    two.send('<presence/>');
+    await two.until((el) => el.name === 'presence' && el.attrs.from === 'grace@localhost/two');
+    const sender = await RawClient.connect(stack.url);
+    await sender.login('frank', 'frank-secret', 'twice');
+    const port = (stack.server.outbound as unknown as { port: ConnectionPort }).port;
+    const post = port.post.bind(port);
+    const reached: string[] = [];
+    let refused = false;
+    const restore = intercept(port, 'post', async (connectionId, data, notAfter) => {
+      if (data.includes('only once')) {
+        // The second resource's first post is refused, after the first resource's went out.
+        if (reached.length === 1 && !reached.includes(connectionId) && !refused) {
+          refused = true;
+          throw Object.assign(new Error('Too Many Requests'), {
+            name: 'LimitExceededException',
+            $metadata: { httpStatusCode: 429 },
+          });
+        }
+        reached.push(connectionId);
+      }
+      return post(connectionId, data, notAfter);
+    });
+    try {
+      sender.send(`<message to='grace@localhost' type='chat' id='once'><body>only once</body></message>`);
+      await one.until((el) => el.name === 'message' && el.attrs.id === 'once');
+      await two.until((el) => el.name === 'message' && el.attrs.id === 'once');
+      await sender.framesBeforePong();
+    } finally {
+      restore();
+    }
+    expect(refused).toBe(true);
+    const copies = [...(await one.framesBeforePong()), ...(await two.framesBeforePong())];
+    expect(copies.filter((frame) => frame.includes('only once'))).toEqual([]);
+    expect(reached).toHaveLength(2);
+    for (const client of [one, two, sender]) client.terminate();
   });
 
   it('remembers directed presence for at most 8 KB of JIDs (the row every frame rewrites)', async () => {
