@@ -441,11 +441,13 @@ async function serve(
       const page = zeroFive ? atMost(fetched, decoded.page.max, (header) => header.id) : fetched;
       return fitToPost(
         page,
-        (p) =>
-          encodeList(
-            zeroFive ? endBeforeContinuation(p, fetched.items, (header) => header.id, collectionsApart) : p,
-            decoded,
-          ),
+        (p) => {
+          if (!zeroFive) return encodeList(p, decoded);
+          // Read one past the page (consistently, with no byte cap): whether more follow is
+          // known, where the count (an eventually consistent COUNT) may not have the newest yet.
+          const cut = endBeforeContinuation(p, fetched.items, (header) => header.id, collectionsApart);
+          return encodeList(cut, decoded, fetched.items.length > cut.items.length);
+        },
         (header) => header.id,
         decoded.page,
       );
@@ -463,7 +465,7 @@ async function serve(
       // A page never ends on an entry shown with `utc` (its exact time, not whole seconds from
       // the start): the continuation from a second after it could pass the next entry by.
       const entriesApart = (last: ArchivedEntry, next: ArchivedEntry) =>
-        !('utc' in timeAttribute(header.start, last)) &&
+        !('utc' in timeAttribute(header.start, last, 'start')) &&
         shownSecond(header.start, next.at) > shownSecond(header.start, last.at);
       const encode = async (whole: Page<ArchivedEntry>) => {
         const p = zeroFive ? endBeforeContinuation(whole, fetched.items, uid, entriesApart) : whole;

@@ -24,6 +24,7 @@ import {
   XMLENC,
 } from '../support/archive.ts';
 import { eventually } from '../support/eventually.ts';
+import { intercept } from '../support/intercept.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 
 let stack: TestStack;
@@ -136,11 +137,16 @@ async function seedCollections(
 
 describe('XEP-0136 0.9 §5 manual archiving', () => {
   it('plays up1: creates the collection, then retrieve returns the messages with their secs and the note', async () => {
+    // A 0.9 client pages with XEP-0059 (§8.2: "The client SHOULD use Result Set Management"), and
+    // reads 0.9's `secs`; a request without <set/> is 0.5's, answered with 0.5's (see below).
     const { raw } = await romeo();
     // <iq type='result' to='romeo@montague.net/orchard' id='up1'/>
     const { reply } = await exchange(raw, UP1);
     expect(reply.attrs).toMatchObject({ type: 'result', id: 'up1' });
-    const store = await ok(raw, retrieve('juliet@capulet.com/chamber', '1469-07-21T02:56:15Z'));
+    const store = await ok(
+      raw,
+      retrieve('juliet@capulet.com/chamber', '1469-07-21T02:56:15Z', '<max>100</max>'),
+    );
     expect(store?.attrs).toMatchObject({
       with: 'juliet@capulet.com/chamber',
       start: '1469-07-21T02:56:15Z',
@@ -159,9 +165,31 @@ describe('XEP-0136 0.9 §5 manual archiving', () => {
       raw,
       `<iq type='set'><store xmlns='${ARCHIVE}' with='juliet@capulet.com/chamber' start='1469-07-21T02:56:15Z'><to secs='5'><body>appended</body></to></store></iq>`,
     );
-    const again = await ok(raw, retrieve('juliet@capulet.com/chamber', '1469-07-21T02:56:15Z'));
+    const again = await ok(
+      raw,
+      retrieve('juliet@capulet.com/chamber', '1469-07-21T02:56:15Z', '<max>100</max>'),
+    );
     expect(entries(again).at(-1)?.attrs.secs).toBe('5');
     expect(entries(again).at(-1)?.getChildText('body')).toBe('appended');
+  });
+
+  it('tells a 0.5 retrieve (no <set/>) each time from the start, a 0.9 one from the previous message', async () => {
+    const { raw } = await romeo();
+    // 0.9 §5.2's upload: 0, 11 and 14 seconds after the message before: at +0, +11 and +25 s.
+    await ok(
+      raw,
+      `<iq type='set'><store xmlns='${ARCHIVE}' with='nurse@capulet.com/balcony' start='1469-07-21T05:00:00Z'><from secs='0'><body>a</body></from><to secs='11'><body>b</body></to><from secs='14'><body>c</body></from></store></iq>`,
+    );
+    const secs = (store: Element | undefined) => entries(store).map((e) => e.attrs.secs);
+    // 0.9 §5.2: "relative to the previous message in the collection".
+    const nine = await ok(
+      raw,
+      retrieve('nurse@capulet.com/balcony', '1469-07-21T05:00:00Z', '<max>10</max>'),
+    );
+    expect(secs(nine)).toEqual(['0', '11', '14']);
+    // 0.5: "The time in seconds of the message relative to the start-time of the collection".
+    const five = await ok(raw, retrieve('nurse@capulet.com/balcony', '1469-07-21T05:00:00Z'));
+    expect(secs(five)).toEqual(['0', '11', '25']);
   });
 
   it('counts secs "relative to the previous message in the collection" (§5.2): a note between two messages is not one', async () => {
@@ -182,7 +210,10 @@ describe('XEP-0136 0.9 §5 manual archiving', () => {
       raw,
       `<iq type='set'><store xmlns='${ARCHIVE}' with='juliet@capulet.com/chamber' start='1469-07-21T02:56:15Z'><to secs='5'><body>four</body></to></store></iq>`,
     );
-    const store = await ok(raw, retrieve('juliet@capulet.com/chamber', '1469-07-21T02:56:15Z'));
+    const store = await ok(
+      raw,
+      retrieve('juliet@capulet.com/chamber', '1469-07-21T02:56:15Z', '<max>100</max>'),
+    );
     // "the sum of the 'secs' attribute and the 'secs' attributes of the preceeding messages will
     // accurately reflect the absolute time of the message": 0, 100, 110, 115 seconds after start.
     expect(entries(store).map((e) => [e.name, e.attrs.secs ?? e.attrs.utc])).toEqual([
@@ -206,7 +237,9 @@ describe('XEP-0136 0.9 §5 manual archiving', () => {
 <from secs='14'><body>How cam'st thou hither, tell me, and wherefore?</body></from>
 </store></iq>`,
     );
-    const list = entries(await ok(raw, retrieve('juliet@capulet.com/chamber', '1469-07-21T02:56:15Z')));
+    const list = entries(
+      await ok(raw, retrieve('juliet@capulet.com/chamber', '1469-07-21T02:56:15Z', '<max>100</max>')),
+    );
     expect(list[0]?.attrs.utc).toBe('1469-07-21T00:32:29Z');
     expect(list.slice(1).map((e) => e.attrs.secs ?? e.attrs.utc)).toHaveLength(2);
   });
@@ -222,7 +255,9 @@ describe('XEP-0136 0.9 §5 manual archiving', () => {
 <from secs='11' name='romeo'><body>What hast thou found?</body></from>
 </store></iq>`,
     );
-    const room = entries(await ok(raw, retrieve('balcony@house.capulet.com', '1469-07-21T03:16:37Z')));
+    const room = entries(
+      await ok(raw, retrieve('balcony@house.capulet.com', '1469-07-21T03:16:37Z', '<max>100</max>')),
+    );
     expect(room.map((e) => [e.attrs.name, e.attrs.secs])).toEqual([
       ['benvolio', '0'],
       ['mercutio', '5'],
@@ -519,6 +554,27 @@ describe('XEP-0136 0.9 §8.1 list with XEP-0059 paging', () => {
     expect(stores(rest).map((s) => s.attrs.start)).toEqual(starts.slice(3));
   });
 
+  it('0.5: partial=true rests on the collection read past the page, not on a count that lags', async () => {
+    // 0.5: "the server MUST indicate that the list is incomplete by setting the optional
+    // 'partial' attribute of the <list/> element to 'true'". The count is an eventually
+    // consistent COUNT on DynamoDB: just after new collections it may not include them yet.
+    const { raw } = await romeo();
+    const starts = await seedCollections(raw, 4);
+    const archive = stack.server.archive;
+    const list = archive.listCollections.bind(archive);
+    const restore = intercept(archive, 'listCollections', async (...args) => {
+      const page = await list(...args);
+      return { ...page, count: page.items.length - 1 };
+    });
+    try {
+      const first = await ok(raw, `<iq type='get'><list xmlns='${ARCHIVE}' maxitems='3'/></iq>`);
+      expect(stores(first).map((s) => s.attrs.start)).toEqual(starts.slice(0, 3));
+      expect(first?.attrs.partial).toBe('true');
+    } finally {
+      restore();
+    }
+  });
+
   it('0.5: a partial list ends where "one second after" its last start finds the next collection', async () => {
     const { raw } = await romeo();
     // Starts 0 s, 1 s, 1.5 s and 5 s after the base: the third is less than a second after the second.
@@ -605,14 +661,24 @@ describe('XEP-0136 0.9 §8.2 retrieve with XEP-0059 paging', () => {
     expect(down1?.getChild('set', RSM)).toBeUndefined();
     // 0.5 §4.3: "the client MAY then request the remainder of the collection, taking care to set
     // the value of the 'start' attribute to one second after the time of the last <from/> or
-    // <to/> element in the partial collection that it received". line 99 is 99 s after the start.
+    // <to/> element in the partial collection that it received". line 99 is 99 s after the start,
+    // and a 0.5 reply says so itself: "The time in seconds of the message relative to the
+    // start-time of the collection SHOULD be specified with a 'secs' attribute" (0.5, where 0.9
+    // §5.2 counts from the previous message).
     const bodies = (store: Element | undefined) => entries(store).map((e) => e.getChildText('body'));
     expect(bodies(down1).at(-1)).toBe('line 99');
-    const down2 = await ok(raw, retrieve('juliet@capulet.com/chamber', '1469-07-21T02:57:55Z'));
+    expect(entries(down1).map((e) => e.attrs.secs)).toEqual(Array.from({ length: 100 }, (_, i) => String(i)));
+    const oneSecondAfter = (store: Element | undefined) =>
+      new Date(Date.parse('1469-07-21T02:56:15Z') + (Number(entries(store).at(-1)?.attrs.secs) + 1) * 1000)
+        .toISOString()
+        .replace('.000Z', 'Z');
+    expect(oneSecondAfter(down1)).toBe('1469-07-21T02:57:55Z');
+    const down2 = await ok(raw, retrieve('juliet@capulet.com/chamber', oneSecondAfter(down1)));
     expect(down2?.attrs).toMatchObject({ with: 'juliet@capulet.com/chamber', start: '1469-07-21T02:56:15Z' });
     expect(bodies(down2)).toEqual(Array.from({ length: 100 }, (_, i) => `line ${100 + i}`));
     expect(down2?.attrs.partial).toBe('true');
-    const down3 = await ok(raw, retrieve('juliet@capulet.com/chamber', '1469-07-21T02:59:35Z'));
+    expect(entries(down2)[0]?.attrs.secs).toBe('100');
+    const down3 = await ok(raw, retrieve('juliet@capulet.com/chamber', oneSecondAfter(down2)));
     expect(bodies(down3)).toEqual(Array.from({ length: 17 }, (_, i) => `line ${200 + i}`));
     expect(down3?.attrs.partial).toBeUndefined();
     // Past the collection's last entry (line 216, 216 s after the start) the time lies in no

@@ -125,8 +125,12 @@ function offsetSeconds(start: number, at: number): number {
 export function timeAttribute(
   start: number,
   entry: { at: number; prevAt?: number; utc?: boolean },
+  relativeTo: 'previous' | 'start' = 'previous',
 ): { secs: number } | { utc: number } {
-  const secs = offsetSeconds(start, entry.at) - offsetSeconds(start, entry.prevAt ?? start);
+  // 0.5 (Manual Archiving): "The time in seconds of the message relative to the start-time of
+  // the collection": the rounded offset itself, for a 0.5 reply (a retrieve without <set/>).
+  const from = relativeTo === 'start' ? start : (entry.prevAt ?? start);
+  const secs = offsetSeconds(start, entry.at) - offsetSeconds(start, from);
   if (entry.utc || secs < 0) return { utc: entry.at };
   return { secs };
 }

@@ -81,20 +81,23 @@ function storeAttrs(header: Pick<CollectionHeader, 'with' | 'start' | 'subject'>
 export function encodeList(
   page: Page<CollectionHeader>,
   request: { page: RsmRequest; maxitems?: number },
+  /** Whether more follow the page, when the caller read past it (exact, unlike `count`). */
+  more?: boolean,
 ): Element {
+  const partial = more ?? page.count > page.items.length;
   const list = new Element('list', { xmlns: ARCHIVE_NS });
   if (page.count === 0 && page.items.length === 0) return list;
   for (const header of page.items) {
     list.c('store', header.crypt ? { ...storeAttrs(header), crypt: 'true' } : storeAttrs(header));
   }
   if (request.maxitems !== undefined) {
-    if (page.count > page.items.length) list.attrs.partial = 'true';
+    if (partial) list.attrs.partial = 'true';
     return list;
   }
   // A request without <set/> may be a 0.5 client's (0.5 §4.2, whose example has neither
   // <set/> nor maxitems): "the server MUST indicate that the list is incomplete by setting the
   // optional 'partial' attribute … to 'true'". A 0.9 client reads the <set/> beside it.
-  if (!request.page.present && page.count > page.items.length) list.attrs.partial = 'true';
+  if (!request.page.present && partial) list.attrs.partial = 'true';
   list.cnode(
     encodeRsm({ first: page.first, firstIndex: page.firstIndex, last: page.last, count: page.count }),
   );
@@ -102,10 +105,14 @@ export function encodeList(
 }
 
 /** One archived entry with its `secs` or `utc` (§5.2, §5.4); notes and EncryptedData as stored. */
-export function encodeEntry(header: Pick<CollectionHeader, 'start'>, entry: ArchivedEntry): Element {
+export function encodeEntry(
+  header: Pick<CollectionHeader, 'start'>,
+  entry: ArchivedEntry,
+  relativeTo: 'previous' | 'start' = 'previous',
+): Element {
   const el = parse(entry.xml) as Element;
   if (entry.kind === 'to' || entry.kind === 'from') {
-    const time = timeAttribute(header.start, entry);
+    const time = timeAttribute(header.start, entry, relativeTo);
     if ('secs' in time) el.attrs.secs = String(time.secs);
     else el.attrs.utc = formatDateTime(time.utc);
   }
@@ -126,7 +133,9 @@ export function encodeCollection(
 ): Element {
   const store = new Element('store', { xmlns: ARCHIVE_NS, ...storeAttrs(header) });
   if (page.items.length === 0 && page.count === 0) return store;
-  for (const entry of page.items) store.cnode(encodeEntry(header, entry));
+  // A request without <set/> is answered as 0.5 (its `partial`, its continuation): so are its
+  // `secs`, from the collection's start, which "one second after the time of the last" adds to.
+  for (const entry of page.items) store.cnode(encodeEntry(header, entry, rsm.present ? 'previous' : 'start'));
   for (const key of keys) store.cnode(parse(key.xml) as Element);
   if (!rsm.present) {
     if (page.count > page.items.length) store.attrs.partial = 'true';
