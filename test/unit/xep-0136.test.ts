@@ -1479,6 +1479,24 @@ describe('XEP-0136 0.5 requests', () => {
         .getChildren('item')
         .map((item) => item.attrs),
     ).toEqual([{ jid: 'nurse@capulet.com', save: 'true' }]);
+    // 0.5 §3.1: a user may "override the default setting for a particular contact". Set while
+    // the contact is off the record, that Save Mode is what the record's end leaves.
+    const offAgain = applyPrefChange(emptyPrefs, {
+      kind: 'record-set',
+      jid: 'romeo@montague.net',
+      otr: true,
+    });
+    const saved = applyPrefChange(offAgain, {
+      kind: 'save-set',
+      items: [{ jid: 'romeo@montague.net', save: true }],
+    });
+    const onAgain = applyPrefChange(saved, { kind: 'record-set', jid: 'romeo@montague.net', otr: false });
+    expect(onAgain.items['romeo@montague.net']).toMatchObject({ save: 'body' });
+    expect(
+      encodeSave(onAgain)
+        .getChildren('item')
+        .map((item) => item.attrs),
+    ).toEqual([{ jid: 'romeo@montague.net', save: 'true' }]);
   });
 
   test('<list maxitems/> and the partial reply; <retrieve/> without <set/> says partial', () => {

@@ -88,7 +88,9 @@ export function applyPrefChange(
         next.default = { ...base, save: save(request.default), otr: adjustOtr(base.otr, request.default) };
       }
       for (const item of request.items) {
-        const base = next.items[item.jid] ?? current();
+        // A Save Mode the user sets for a contact off the record is the one to come back to when
+        // the record is on again (not what the contact had before it went off).
+        const { beforeOtr: _, ...base } = next.items[item.jid] ?? current();
         next.items[item.jid] = { ...base, save: save(item.save), otr: adjustOtr(base.otr, item.save) };
       }
       return next;
