@@ -406,6 +406,13 @@ async function handle(stream: Stream, element: Element): Promise<void> {
   if (stream.state.user) throw new StreamError('policy-violation', 'Already authenticated');
   const mechanism = element.name === 'auth' ? element.attrs.mechanism : stream.state.sasl?.mechanism;
   try {
+    if (element.name === 'auth' && stream.state.sasl && !frameRedelivered()) {
+      // A new exchange in place of one in progress abandons it: counted as a failure on the
+      // connection (as an <abort/> is), or a client could begin exchanges for ever, each costing
+      // the account's read, and never fail one.
+      stream.update({ sasl: undefined, authFailures: stream.state.authFailures + 1 });
+      endIfTooManyOnConnection(stream);
+    }
     if (element.name === 'auth') return await auth(stream, element);
     if (element.name === 'response') return await response(stream, element);
     if (element.name === 'abort') throw new SaslError('aborted');

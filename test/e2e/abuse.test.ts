@@ -113,6 +113,24 @@ describe('guessing from one address', () => {
     expect(await stack.server.users.addressFailures('127.0.0.4')).toBe(10);
   });
 
+  it('counts an exchange abandoned for a new <auth/> on its connection, as an <abort/>', async () => {
+    // RFC 6120 §6.4.5: "a configurable but reasonable number of retries (at least 2 and no more
+    // than 5)". Beginning exchanges and never finishing one is no way around it.
+    const client = await connectFrom('127.0.0.21');
+    const begin = (i: number) =>
+      client.send(
+        `<auth xmlns='${SASL}' mechanism='SCRAM-SHA-256'>${Buffer.from(scramClientFirst('lena', `restart-${i}`)).toString('base64')}</auth>`,
+      );
+    for (let i = 0; i < 3; i++) {
+      begin(i);
+      expect((await client.next()).name).toBe('challenge');
+    }
+    // The fourth abandons the third exchange: three abandoned (AUTH_FAILURES_PER_CONNECTION).
+    begin(3);
+    const ended = await client.until((el) => el.name === 'stream:error' || el.name === 'error');
+    expect(ended.getChildElements()[0]?.name).toBe('policy-violation');
+  });
+
   it('charges a malformed SCRAM client-final to its connection, never to the address: it guesses no password', async () => {
     // RFC 5802 §7: client-final-message = channel-binding "," nonce ["," extensions] "," proof.
     // One without a proof is malformed-request; a buggy client behind a shared address must not
