@@ -19,6 +19,7 @@ import { decodePageRequest as decodeRsm, encodePageReply, type PageRequest } fro
 import { StanzaError } from '../errors.ts';
 import { bareJid } from '../jid.ts';
 import type { OfflineMessage } from '../store/offline.ts';
+import { MAX_REQUESTED_TRANSFER_BYTES } from '../store/sessions.ts';
 import { NS } from '../xml/namespaces.ts';
 import { deliveredCopy, sendStored, startTransfer } from './xep-0160-offline-storage.ts';
 
@@ -168,6 +169,11 @@ async function existingMessages(server: Server, user: string, nodes: string[]): 
   // MUST return an <item-not-found/> error." All nodes are checked before anything is sent or removed.
   const notFound = () => new StanzaError('cancel', 'item-not-found', 'No such offline message');
   if (nodes.some((node) => !OFFLINE_ID.test(node))) throw notFound();
+  // As many nodes as a view with stream management may name (MAX_REQUESTED_TRANSFER_BYTES), for a
+  // view without it and a remove too: each node is a whole stored message read (up to 64 KB), and
+  // one request of a 64 KB frame could name a thousand. RFC 6120 §8.3.3.12: ask for fewer.
+  if (Buffer.byteLength(JSON.stringify(nodes)) > MAX_REQUESTED_TRANSFER_BYTES)
+    throw new StanzaError('modify', 'not-acceptable', 'too many messages asked for at once: ask for fewer');
   const found = await server.offline.get(user, nodes);
   const messages: OfflineMessage[] = [];
   for (const node of nodes) {

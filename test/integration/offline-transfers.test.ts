@@ -1166,6 +1166,28 @@ describe('paced views too large to keep for a resume', () => {
     return `${type} ${condition}`;
   };
 
+  it('are refused without stream management too, and so is a remove naming as many', async () => {
+    // Each node is a stored message read whole: a view or remove of hundreds, from one frame,
+    // reads and posts megabytes in one invocation. The same bound as with stream management.
+    const t = await inbox(400);
+    const nodes = await t.ids();
+    expect(Buffer.byteLength(JSON.stringify(nodes))).toBeGreaterThan(12 * 1024);
+    await t.login('n1');
+    await t.frame('n1', t.view('nv0', nodes), 'n1-v0');
+    expect(errorOf(t, 'n1', 'nv0')).toBe('modify not-acceptable');
+    expect(t.story('n1').filter((s) => s.startsWith('m'))).toHaveLength(0);
+    await t.frame(
+      'n1',
+      `<iq type='set' id='nr0'><offline xmlns='${OFFLINE}'>${nodes.map((node) => `<item action='remove' node='${node}'/>`).join('')}</offline></iq>`,
+      'n1-r0',
+    );
+    expect(errorOf(t, 'n1', 'nr0')).toBe('modify not-acceptable');
+    expect(await t.server.offline.count(t.user)).toBe(400);
+    // Fewer are served.
+    await t.frame('n1', t.view('nv1', nodes.slice(0, 100)), 'n1-v1');
+    expect(t.story('n1').filter((s) => s.startsWith('m'))).toHaveLength(100);
+  });
+
   it('are refused, so that every view served is carried across a resume and answered', async () => {
     // A window of 50 (SM_QUEUE_MAX 200, OFFLINE_WINDOW 50). The transfer in progress is kept on
     // the session's queue item at a detach, at most 16 KB of it; before, a larger one was dropped
