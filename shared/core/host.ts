@@ -418,13 +418,6 @@ export interface DeliveryOptions {
    */
   answer?: boolean;
   /**
-   * With `answer`: told the queue's unacknowledged bytes once the answer is queued. An append is
-   * billed on the whole queue, so the stream charges its client's byte rate with them (past the
-   * first SM_ACK_BYTES): a client that never acknowledges cannot make every small request cost
-   * hundreds of write units.
-   */
-  queuedBytes?: (bytes: number) => void;
-  /**
    * Another entity's answer to the recipient's request (an iq result or error routed to it, or an
    * error the server bounces to a stanza's local sender): taken past the count bound within a
    * margin of its own (REPLY_MARGIN, below the stream's own answers'), but not past the byte

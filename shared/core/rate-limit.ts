@@ -35,24 +35,6 @@ export class RateLimiter {
 
   /** Charges one frame of `bytes` that arrived at `at` (epoch ms) against the connection's buckets. */
   admit(connectionId: string, stored: RateBucket | undefined, bytes: number, at: number): RateDecision {
-    return this.charge(connectionId, stored, 1, bytes, at);
-  }
-
-  /**
-   * Charges `bytes` of work the connection caused, no frame (XEP-0198: its own answer appended to
-   * a queue it keeps large, billed on the whole queue): the byte bucket pays for what it costs.
-   */
-  chargeBytes(connectionId: string, stored: RateBucket | undefined, bytes: number, at: number): RateDecision {
-    return this.charge(connectionId, stored, 0, bytes, at);
-  }
-
-  private charge(
-    connectionId: string,
-    stored: RateBucket | undefined,
-    frames: number,
-    bytes: number,
-    at: number,
-  ): RateDecision {
     const { framesPerSecond, frameBurst, bytesPerSecond, byteBurst } = this.limits;
     const remembered = this.recent.get(connectionId);
     const start =
@@ -64,10 +46,10 @@ export class RateLimiter {
       bytes: Math.min(byteBurst, start.bytes + elapsed * bytesPerSecond),
       at: Math.max(at, start.at),
     };
-    const allowed = refilled.frames >= frames && refilled.bytes >= bytes;
+    const allowed = refilled.frames >= 1 && refilled.bytes >= bytes;
     // A refused frame is not charged: what is left stays for the next one.
     const bucket = allowed
-      ? { ...refilled, frames: refilled.frames - frames, bytes: refilled.bytes - bytes }
+      ? { ...refilled, frames: refilled.frames - 1, bytes: refilled.bytes - bytes }
       : refilled;
     this.recent.delete(connectionId);
     this.recent.set(connectionId, bucket);

@@ -91,47 +91,17 @@ export class XmppStream implements Stream {
     Object.assign(this.changes, changes);
   }
 
-  async send(element: Element, options: DeliveryOptions = {}): Promise<DeliveryResult> {
+  send(element: Element, options: DeliveryOptions = {}): Promise<DeliveryResult> {
     if (this.state.sm && STANZAS.has(element.name)) {
-      if (!isAnswer(element))
-        return deliver(
-          this.server,
-          { connectionId: this.connectionId, smId: this.state.sm.id },
-          element,
-          options,
-        );
-      let queued = 0;
-      const result = await deliver(
+      return deliver(
         this.server,
         { connectionId: this.connectionId, smId: this.state.sm.id },
         element,
-        { ...options, answer: true, queuedBytes: (bytes) => (queued = bytes) },
+        isAnswer(element) ? { ...options, answer: true } : options,
       );
-      this.chargeQueued(queued);
-      return result;
     }
     // The stream's own socket: a 410 here is followed by its $disconnect, in order, on the queue.
     return post(this.server, this.connectionId, element);
-  }
-
-  /**
-   * An answer appended to this stream's XEP-0198 queue costs write units for the whole queue
-   * (DynamoDB bills an update on the item's size): past SM_ACK_BYTES unacknowledged (where the
-   * server asked for an ack already), the client's byte rate pays for the rest, as if it had sent
-   * it. A client that acknowledges as asked never gets there; one that keeps a large queue and
-   * sends small requests ends with policy-violation at its byte rate.
-   */
-  private chargeQueued(queued: number): void {
-    const over = queued - this.server.config.smAckBytes;
-    if (over <= 0) return;
-    const decision = this.server.rates.chargeBytes(this.connectionId, this.state.rate, over, Date.now());
-    if (decision.persist) this.update({ rate: decision.persist });
-    if (!decision.allowed) {
-      throw new StreamError(
-        'policy-violation',
-        'Too many unacknowledged bytes: acknowledge what you were sent (XEP-0198 <a/>)',
-      );
-    }
   }
 
   async sendAll(items: readonly DeliveryItem[]): Promise<SendAllResult[]> {

@@ -396,8 +396,6 @@ async function deliverToSmSession(
   // (the senders wait) rather than grow toward DynamoDB's 400 KB item limit and end the stream.
   const bytes = queuedBytes(item.entries);
   const size = Buffer.byteLength(entry.s);
-  // The stream's own answer: it pays for the queue it keeps (DeliveryOptions.queuedBytes).
-  options.queuedBytes?.(bytes);
   const congested = bytes > server.config.smQueueMaxBytes;
   if (congested) await server.smQueue.setCongested(smId, true);
   if (!item.connectionId) {
