@@ -174,7 +174,7 @@ export interface UndeliveredStanza {
   key?: string;
   /** Its place among the stanzas re-routed with it (orders those of one millisecond). */
   sequence?: number;
-  /** The other resources its routing gave it to (DeliveryOptions.alsoTo): still there, they have it. */
+  /** The other sessions its routing gave it to (DeliveryOptions.alsoTo): still there, they have it. */
   alsoTo?: string[];
 }
 
@@ -399,10 +399,11 @@ export interface DeliveryOptions {
   /** A copy of a message that stays stored (XEP-0013 view/fetch): never re-routed. */
   offlineCopy?: boolean;
   /**
-   * A message to a bare JID that its routing gave to these other resources before this one (RFC
-   * 6121 §8.5.2.1.1: to each of the most available): kept with a queued copy, so that the copy's
-   * re-route, when this session ends without the client acknowledging it, does not give it again
-   * to those of them still there (they have it, or their own session's queue does).
+   * A message to a bare JID that its routing gave to these other sessions before this one (RFC
+   * 6121 §8.5.2.1.1: to each of the most available; a stream-management session's id, else the
+   * connection's): kept with a queued copy, so that the copy's re-route, when this session ends
+   * without the client acknowledging it, does not give it again to those of them still there
+   * (they have it, or their own session's queue does).
    */
   alsoTo?: string[];
   /**

@@ -136,8 +136,8 @@ export interface RouteOptions {
    */
   originalTime?: number;
   /**
-   * Resources a re-routed copy's first routing gave the message to (UndeliveredStanza.alsoTo):
-   * those still there have it, and are not given it again.
+   * Sessions a re-routed copy's first routing gave the message to (UndeliveredStanza.alsoTo, by
+   * `sessionIdentity`): those still there have it, and are not given it again.
    */
   alsoTo?: string[];
 }
@@ -171,8 +171,17 @@ async function queuedBefore(server: Server, resource: ResourceRecord): Promise<b
 /** Tries of one routing whose stored message's condition failed (something changed meanwhile). */
 const ROUTE_ATTEMPTS = 4;
 
-/** Resources a queued copy names at most (DeliveryOptions.alsoTo): past them, a re-route may repeat it. */
-const MAX_ALSO_TO = 16;
+/** Sessions a queued copy names at most (DeliveryOptions.alsoTo): past them, a re-route may repeat it. */
+const MAX_ALSO_TO = 8;
+
+/**
+ * A session as a re-route recognises it: its stream-management session (the same across a
+ * resume, and its own queue holds its copy), else its connection. Not the resource's name: a
+ * client that connected again under the same name, or another device, never had the message.
+ */
+function sessionIdentity(resource: ResourceRecord): string {
+  return resource.smId ?? resource.connectionId;
+}
 
 /**
  * Routes a message to a local or remote JID (RFC 6121 §8.5). Throws the StanzaError the sender
@@ -222,8 +231,8 @@ export async function routeMessage(
 interface RouteProgress {
   /** Connections that took the message (posted, queued, or stored behind their flood). */
   reached: Set<string>;
-  /** The resources those connections were bound as, in the order they took it. */
-  reachedResources?: string[];
+  /** Those sessions (sessionIdentity), in the order they took it. */
+  reachedSessions?: string[];
   /** Stored behind a flood's hold: once is enough, every holder floods the one inbox. */
   storedBehind: boolean;
   /** The resource an earlier delivery of the frame stored it behind (its flood delivers it). */
@@ -253,7 +262,7 @@ async function routeOnce(
     if (progress.reached.has(resource.connectionId) || resource.resource === progress.storedFor) return true;
     // A re-routed copy: this resource had the message from its first routing (or its session's
     // queue holds it, and its own end re-routes that copy).
-    if (!to.resource && options.alsoTo?.includes(resource.resource)) return true;
+    if (!to.resource && options.alsoTo?.includes(sessionIdentity(resource))) return true;
     // Behind a flood's hold a message is stored for the flood to deliver; but not one an earlier
     // delivery of its frame queued in the resource's XEP-0198 session already: the session gets
     // it there (a second copy would reach the client from the flood too).
@@ -275,8 +284,8 @@ async function routeOnce(
       }
       if (event.routeAgain) return undefined;
     }
-    // To a bare JID, the resources given it so far go with a stream-management copy (alsoTo).
-    const alsoTo = to.resource ? [] : (progress.reachedResources ?? []).slice(0, MAX_ALSO_TO);
+    // To a bare JID, the sessions given it so far go with a stream-management copy (alsoTo).
+    const alsoTo = to.resource ? [] : (progress.reachedSessions ?? []).slice(0, MAX_ALSO_TO);
     const delivered = await deliverMessage(server, resource, stanza, rerouting, alsoTo);
     server.log.debug('message to a session', {
       id: stanza.attrs.id,
@@ -287,7 +296,7 @@ async function routeOnce(
     });
     if (delivered === true) {
       progress.reached.add(resource.connectionId);
-      progress.reachedResources = [...(progress.reachedResources ?? []), resource.resource];
+      progress.reachedSessions = [...(progress.reachedSessions ?? []), sessionIdentity(resource)];
     }
     return delivered;
   };
@@ -318,7 +327,7 @@ async function routeOnce(
   let congested = false;
   for (;;) {
     // Sessions with stream management last: a copy queued there (a detached one's, above all)
-    // then names the resources that had it before (alsoTo), which its re-route passes over.
+    // then names the sessions that had it before (alsoTo), which its re-route passes over.
     const targets = messageTargets(type, resources).sort(
       (a, b) => Number(a.smId !== undefined) - Number(b.smId !== undefined),
     );

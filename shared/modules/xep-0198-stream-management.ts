@@ -1037,7 +1037,11 @@ async function forceResume(
 
 function queuedBytes(entries: SmEntry[]): number {
   let bytes = 0;
-  for (const entry of entries) bytes += Buffer.byteLength(entry.s);
+  for (const entry of entries) {
+    bytes += Buffer.byteLength(entry.s);
+    // The sessions a copy names (SmEntry.a) are stored with it: the bound counts them too.
+    for (const session of entry.a ?? []) bytes += session.length;
+  }
   return bytes;
 }
 

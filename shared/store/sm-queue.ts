@@ -42,7 +42,7 @@ export interface SmEntry {
   o?: string;
   /** A XEP-0013 view/fetch copy: the message stays stored, so the copy is never re-routed. */
   c?: boolean;
-  /** The other resources the message's routing gave it to before (DeliveryOptions.alsoTo). */
+  /** The other sessions the message's routing gave it to before (DeliveryOptions.alsoTo). */
   a?: string[];
   /**
    * The delivery key of the frame that queued it (core/frame.ts): a redelivery of that frame

@@ -1642,6 +1642,34 @@ describe('expiry', () => {
     expect(await stack.server.offline.count('valeria@localhost')).toBe(0);
   });
 
+  it('gives such a message to a new session bound under the name of one that had it: it never had it', async () => {
+    // A client that connected again as 'desk', or another device that took the name, is not the
+    // session the message was posted to: the re-route passes over sessions, not names.
+    await stack.addUser('hermia@localhost', 'hermia-pw');
+    const phone = await raw('hermia', 'phone');
+    phone.send(`<enable xmlns='${SM3}' resume='true' max='${WINDOW_SECONDS}'/>`);
+    const enabled = await phone.next();
+    phone.send('<presence/>');
+    const desk = await raw('hermia', 'desk');
+    desk.send('<presence/>');
+    await desk.until((el) => el.name === 'presence' && el.attrs.from === 'hermia@localhost/desk');
+    phone.terminate();
+    await detached(enabled.attrs.id as string);
+    const sender = await raw('romeo', 'to-hermia');
+    sender.send(`<message to='hermia@localhost' type='chat' id='h1'><body>for a session</body></message>`);
+    await desk.until((el) => el.name === 'message' && el.attrs.id === 'h1');
+    desk.send("<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>");
+    await eventually(async () =>
+      expect(await stack.server.sessions.getResource('hermia@localhost', 'desk')).toBeUndefined(),
+    );
+    const another = await raw('hermia', 'desk');
+    another.send('<presence/>');
+    await another.until((el) => el.name === 'presence' && el.attrs.from === 'hermia@localhost/desk');
+    await sweep(stack.server, afterWindow(WINDOW_SECONDS));
+    const got = await another.until((el) => el.name === 'message' && el.attrs.id === 'h1');
+    expect(got.getChildText('body')).toBe('for a session');
+  });
+
   it('re-routes such a message when the resource that had it is gone: stored for the phone, not lost', async () => {
     await stack.addUser('ottilie@localhost', 'ottilie-pw');
     const phone = await raw('ottilie', 'phone');
