@@ -259,7 +259,14 @@ export async function runUserCli(
   if (options.stack) {
     const region = options.region ?? env.AWS_REGION ?? env.AWS_DEFAULT_REGION ?? 'us-east-1';
     try {
-      env = { ...env, AWS_REGION: region, ...(await stackEnvironment(options.stack, region, dependencies)) };
+      const stack = await stackEnvironment(options.stack, region, dependencies);
+      // The deployment's iteration count, unless the operator gives one here (it wins).
+      env = {
+        ...env,
+        AWS_REGION: region,
+        ...stack,
+        ...(env.SCRAM_ITERATIONS ? { SCRAM_ITERATIONS: env.SCRAM_ITERATIONS } : {}),
+      };
     } catch (error) {
       io.err((error as Error).message);
       return 2;

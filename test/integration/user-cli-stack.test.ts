@@ -111,15 +111,24 @@ describe('stack outputs', () => {
     // No function stores keys, so the setting given to the stack reaches the keys only this way.
     const outputs = [...outputsFor(tables), { OutputKey: 'ScramIterations', OutputValue: '5000' }];
     expect(environmentFromStackOutputs(STACK, outputs)).toMatchObject({ SCRAM_ITERATIONS: '5000' });
-    const added = await cli(
-      ['--stack', STACK, 'add', 'iterations@chat.example.org', 'pw'],
-      stubCloudFormation(() => outputs),
-    );
-    expect(added.code).toBe(0);
-    const client = doc();
-    const stored = await createUserStore(client, tables.users).get('iterations@chat.example.org');
-    client.destroy();
-    expect(stored?.scram.sha256.iterations).toBe(5000);
+    const add = async (jid: string, env: Record<string, string>) =>
+      runUserCli(
+        ['--stack', STACK, 'add', jid, 'pw'],
+        { DYNAMODB_ENDPOINT: endpoint, ...env },
+        { out: () => {}, err: () => {} },
+        { cloudFormation: stubCloudFormation(() => outputs).cloudFormation },
+      );
+    const iterationsOf = async (jid: string) => {
+      const client = doc();
+      const stored = await createUserStore(client, tables.users).get(jid);
+      client.destroy();
+      return stored?.scram.sha256.iterations;
+    };
+    expect(await add('iterations@chat.example.org', {})).toBe(0);
+    expect(await iterationsOf('iterations@chat.example.org')).toBe(5000);
+    // One the operator gives here wins over the deployment's.
+    expect(await add('iterations2@chat.example.org', { SCRAM_ITERATIONS: '6000' })).toBe(0);
+    expect(await iterationsOf('iterations2@chat.example.org')).toBe(6000);
   });
 
   it('without the domain or a needed table are refused, naming what is missing', () => {
