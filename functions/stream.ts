@@ -162,8 +162,8 @@ async function handleRecord(
  * Except on a last receive (`lastReceive`, the queue's maxReceiveCount reached): a record there
  * that fails goes to the dead-letter queue, so it holds nothing back (the group's later records
  * would otherwise wait for a retry that never comes, and, received as often as it was, follow it
- * there untried); and a record there behind a failure is tried all the same, out of order, rather
- * than dead-lettered without being tried. A reorder, where the alternative is a loss.
+ * there untried). A record is never tried behind a failure that will be retried: its done mark
+ * (the connection row's `doneSeq`) would make the earlier one's retry look handled.
  */
 export async function processFifoBatch(
   records: readonly SQSRecord[],
@@ -174,8 +174,7 @@ export async function processFifoBatch(
   const batchItemFailures: SQSBatchResponse['batchItemFailures'] = [];
   for (const record of records) {
     const group = record.attributes.MessageGroupId;
-    const last = lastReceive(record);
-    if (group !== undefined && failedGroups.has(group) && !last) {
+    if (group !== undefined && failedGroups.has(group)) {
       batchItemFailures.push({ itemIdentifier: record.messageId });
       continue;
     }
@@ -183,7 +182,7 @@ export async function processFifoBatch(
       await handle(record);
     } catch {
       batchItemFailures.push({ itemIdentifier: record.messageId });
-      if (group !== undefined && !last) failedGroups.add(group);
+      if (group !== undefined && !lastReceive(record)) failedGroups.add(group);
     }
   }
   return { batchItemFailures };

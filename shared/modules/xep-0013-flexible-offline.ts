@@ -169,11 +169,6 @@ async function existingMessages(server: Server, user: string, nodes: string[]): 
   // MUST return an <item-not-found/> error." All nodes are checked before anything is sent or removed.
   const notFound = () => new StanzaError('cancel', 'item-not-found', 'No such offline message');
   if (nodes.some((node) => !OFFLINE_ID.test(node))) throw notFound();
-  // As many nodes as a view with stream management may name (MAX_REQUESTED_TRANSFER_BYTES), for a
-  // view without it and a remove too: each node is a whole stored message read (up to 64 KB), and
-  // one request of a 64 KB frame could name a thousand. RFC 6120 §8.3.3.12: ask for fewer.
-  if (Buffer.byteLength(JSON.stringify(nodes)) > MAX_REQUESTED_TRANSFER_BYTES)
-    throw new StanzaError('modify', 'not-acceptable', 'too many messages asked for at once: ask for fewer');
   const found = await server.offline.get(user, nodes);
   const messages: OfflineMessage[] = [];
   for (const node of nodes) {
@@ -308,6 +303,15 @@ async function command(
   const decoded = decodeCommand(request.type, request.payload);
   switch (decoded.action) {
     case 'view': {
+      // As many nodes as a view with stream management may name (MAX_REQUESTED_TRANSFER_BYTES),
+      // without it too: each is a stored message read and posted whole (up to 64 KB) from this
+      // one invocation, and a 64 KB frame could name a thousand. RFC 6120 §8.3.3.12: ask for fewer.
+      if (Buffer.byteLength(JSON.stringify(decoded.nodes)) > MAX_REQUESTED_TRANSFER_BYTES)
+        throw new StanzaError(
+          'modify',
+          'not-acceptable',
+          'too many messages asked for at once: ask for fewer',
+        );
       // XEP-0013 §2.3: "the server MUST send the requested message(s) plus an IQ result".
       const messages = await existingMessages(server, user, decoded.nodes);
       if (stream.state.sm) {

@@ -169,7 +169,7 @@ describe('functions/stream: the FIFO partial batch', () => {
     expect(response.batchItemFailures.map((failure) => failure.itemIdentifier)).toEqual(['a2', 'a3']);
   });
 
-  it('on a last receive, neither holds the group behind a failure nor leaves a record untried', async () => {
+  it("on a failure's last receive, does not hold the group's later records behind it", async () => {
     // A record failing on its last receive (maxReceiveCount) leaves for the dead-letter queue:
     // its group's later records, received as often, would follow it there without being tried.
     const receivedTwenty = (id: string, group: string) => {
