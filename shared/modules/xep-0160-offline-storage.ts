@@ -175,7 +175,8 @@ async function storeIfWanted(
         stanza: kept.toString(),
       },
       {
-        ignoreQuota: pastQuota || acceptedAt !== undefined,
+        // A re-route was accepted already: never refused. Behind a hold: past the quota, to a point.
+        ignoreQuota: acceptedAt !== undefined ? true : pastQuota ? 'held' : false,
         ...(delivery ? { key: delivery } : {}),
         ...(guard ? { guard } : {}),
         ...(sender

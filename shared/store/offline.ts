@@ -21,6 +21,12 @@ import { TTL_ATTRIBUTE } from '../tables.ts';
 import { isConditionFailure, UnprocessedKeysError } from './dynamo.ts';
 import type { TransactItem } from './sessions.ts';
 
+/**
+ * A message stored behind a flood's hold (its resource is online, and the flood delivers it next)
+ * may pass the quota, up to this many times it: a flood kept going by slow acknowledgements must
+ * not let another sender store without bound.
+ */
+export const HELD_QUOTA_FACTOR = 2;
 export interface OfflineMessage {
   /** Opaque, unique, increasing with arrival time (see newOfflineId and keyedOfflineId). */
   id: string;
@@ -68,7 +74,13 @@ export interface OfflineStore {
   store(
     user: string,
     message: Omit<OfflineMessage, 'id'>,
-    options?: { ignoreQuota?: boolean; key?: OfflineKey; guard?: TransactItem; record?: TransactItem },
+    options?: {
+      /** true: no bound (a re-route: accepted already). 'held': up to HELD_QUOTA_FACTOR × the quota. */
+      ignoreQuota?: boolean | 'held';
+      key?: OfflineKey;
+      guard?: TransactItem;
+      record?: TransactItem;
+    },
   ): Promise<OfflineMessage & { alreadyStored?: boolean }>;
   /** Oldest first; expired messages are skipped even before DynamoDB's TTL removes them. */
   list(
@@ -258,7 +270,12 @@ export function createOfflineStore(
         ...message,
         id: options.key ? keyedOfflineId(options.key) : newOfflineId(),
       };
-      const quota = options.ignoreQuota ? Number.MAX_SAFE_INTEGER : limits.quota;
+      const quota =
+        options.ignoreQuota === 'held'
+          ? limits.quota * HELD_QUOTA_FACTOR
+          : options.ignoreQuota
+            ? Number.MAX_SAFE_INTEGER
+            : limits.quota;
       let record = options.record;
       const attempt = async (): Promise<void> => {
         try {

@@ -9,6 +9,7 @@ import { seedOffline } from '../../infra/local/offline-seed.ts';
 import { createDocumentClient, isTransientStoreError } from '../../shared/store/dynamo.ts';
 import {
   createOfflineStore,
+  HELD_QUOTA_FACTOR,
   type OfflineMessage,
   OfflineQuotaExceededError,
   type OfflineStore,
@@ -243,6 +244,22 @@ describe('the counter and the quota', () => {
     expect(await offline.count(user)).toBe(QUOTA + 1);
     expect((await offline.list(user)).messages).toHaveLength(QUOTA + 1);
     await expect(offline.store(user, message(7))).rejects.toBeInstanceOf(OfflineQuotaExceededError);
+  });
+
+  it('stores a message held behind a flood past the quota, but not past HELD_QUOTA_FACTOR times it', async () => {
+    // XEP-0160 §2: "if not (e.g., because the recipient's offline message queue is full), the
+    // server returns a <service-unavailable/> error": a flood kept alive by slow acknowledgements
+    // must not let a sender store without bound behind it.
+    const user = freshUser('held');
+    for (let n = 1; n <= QUOTA; n++) await offline.store(user, message(n));
+    for (let n = QUOTA + 1; n <= QUOTA * HELD_QUOTA_FACTOR; n++)
+      await offline.store(user, message(n), { ignoreQuota: 'held' });
+    await expect(offline.store(user, message(99), { ignoreQuota: 'held' })).rejects.toBeInstanceOf(
+      OfflineQuotaExceededError,
+    );
+    // A re-route (accepted already) is never refused.
+    await offline.store(user, message(100), { ignoreQuota: true });
+    expect(await offline.count(user)).toBe(QUOTA * HELD_QUOTA_FACTOR + 1);
   });
 
   it('concurrent stores never take the inbox past the quota', async () => {
