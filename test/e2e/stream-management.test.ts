@@ -1614,30 +1614,47 @@ describe('expiry', () => {
     expect(await stack.server.offline.count('imogen@localhost')).toBe(0);
   });
 
+  /**
+   * `name`'s phone (resumable stream management) detached and its desk (none) online; a message
+   * to the bare JID, which the desk has and the phone's queue holds. The phone's session id.
+   */
+  async function messageToDeskAndDetachedPhone(name: string, id: string, body: string) {
+    await stack.addUser(`${name}@localhost`, `${name}-pw`);
+    const phone = await raw(name, 'phone');
+    phone.send(`<enable xmlns='${SM3}' resume='true' max='${WINDOW_SECONDS}'/>`);
+    const smId = (await phone.next()).attrs.id as string;
+    phone.send('<presence/>');
+    const desk = await raw(name, 'desk');
+    desk.send('<presence/>');
+    await desk.until((el) => el.name === 'presence' && el.attrs.from === `${name}@localhost/desk`);
+    phone.terminate();
+    await detached(smId);
+    const sender = await raw('romeo', `to-${name}`);
+    sender.send(`<message to='${name}@localhost' type='chat' id='${id}'><body>${body}</body></message>`);
+    await desk.until((el) => el.name === 'message' && el.attrs.id === id);
+    await routed(sender, `${name}-routed`);
+    return { smId, desk };
+  }
+
+  /** Closes the desk's stream and waits for its resource to go. */
+  async function closeDesk(name: string, desk: RawClient): Promise<void> {
+    desk.send("<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>");
+    await eventually(async () =>
+      expect(await stack.server.sessions.getResource(`${name}@localhost`, 'desk')).toBeUndefined(),
+    );
+  }
+
   it("does not give a message to a bare JID again to the resource that had it, when another's detached session expires", async () => {
     // RFC 6121 §8.5.2.1.1: a message to the bare JID goes to each most available resource. The
     // phone's session is detached (resumable), so its queue takes its copy; the desk is posted
     // its own. XEP-0198 §5 re-routes what the phone never acknowledged when its window closes,
     // "in the same way that [the server] would treat a stanza sent to an unavailable resource":
     // the desk, which had it, must not get it a second time.
-    await stack.addUser('valeria@localhost', 'valeria-pw');
-    const phone = await raw('valeria', 'phone');
-    phone.send(`<enable xmlns='${SM3}' resume='true' max='${WINDOW_SECONDS}'/>`);
-    const enabled = await phone.next();
-    phone.send('<presence/>');
-    const desk = await raw('valeria', 'desk');
-    desk.send('<presence/>');
-    await desk.until((el) => el.name === 'presence' && el.attrs.from === 'valeria@localhost/desk');
-    phone.terminate();
-    await detached(enabled.attrs.id as string);
-    const sender = await raw('romeo', 'to-valeria');
-    sender.send(`<message to='valeria@localhost' type='chat' id='v1'><body>to both</body></message>`);
-    await desk.until((el) => el.name === 'message' && el.attrs.id === 'v1');
-    await routed(sender, 'valeria-routed');
-    const queued = await stack.server.smQueue.get(enabled.attrs.id as string);
+    const { smId, desk } = await messageToDeskAndDetachedPhone('valeria', 'v1', 'to both');
+    const queued = await stack.server.smQueue.get(smId);
     expect(queued?.entries.filter((entry) => entry.s.includes('to both'))).toHaveLength(1);
     await sweep(stack.server, afterWindow(WINDOW_SECONDS));
-    expect((await stack.server.smQueue.get(enabled.attrs.id as string))?.ended).toBeTruthy();
+    expect((await stack.server.smQueue.get(smId))?.ended).toBeTruthy();
     expect((await desk.framesBeforePong()).filter((frame) => frame.includes('to both'))).toEqual([]);
     expect(await stack.server.offline.count('valeria@localhost')).toBe(0);
   });
@@ -1645,23 +1662,8 @@ describe('expiry', () => {
   it('gives such a message to a new session bound under the name of one that had it: it never had it', async () => {
     // A client that connected again as 'desk', or another device that took the name, is not the
     // session the message was posted to: the re-route passes over sessions, not names.
-    await stack.addUser('hermia@localhost', 'hermia-pw');
-    const phone = await raw('hermia', 'phone');
-    phone.send(`<enable xmlns='${SM3}' resume='true' max='${WINDOW_SECONDS}'/>`);
-    const enabled = await phone.next();
-    phone.send('<presence/>');
-    const desk = await raw('hermia', 'desk');
-    desk.send('<presence/>');
-    await desk.until((el) => el.name === 'presence' && el.attrs.from === 'hermia@localhost/desk');
-    phone.terminate();
-    await detached(enabled.attrs.id as string);
-    const sender = await raw('romeo', 'to-hermia');
-    sender.send(`<message to='hermia@localhost' type='chat' id='h1'><body>for a session</body></message>`);
-    await desk.until((el) => el.name === 'message' && el.attrs.id === 'h1');
-    desk.send("<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>");
-    await eventually(async () =>
-      expect(await stack.server.sessions.getResource('hermia@localhost', 'desk')).toBeUndefined(),
-    );
+    const { desk } = await messageToDeskAndDetachedPhone('hermia', 'h1', 'for a session');
+    await closeDesk('hermia', desk);
     const another = await raw('hermia', 'desk');
     another.send('<presence/>');
     await another.until((el) => el.name === 'presence' && el.attrs.from === 'hermia@localhost/desk');
@@ -1671,23 +1673,8 @@ describe('expiry', () => {
   });
 
   it('re-routes such a message when the resource that had it is gone: stored for the phone, not lost', async () => {
-    await stack.addUser('ottilie@localhost', 'ottilie-pw');
-    const phone = await raw('ottilie', 'phone');
-    phone.send(`<enable xmlns='${SM3}' resume='true' max='${WINDOW_SECONDS}'/>`);
-    const enabled = await phone.next();
-    phone.send('<presence/>');
-    const desk = await raw('ottilie', 'desk');
-    desk.send('<presence/>');
-    await desk.until((el) => el.name === 'presence' && el.attrs.from === 'ottilie@localhost/desk');
-    phone.terminate();
-    await detached(enabled.attrs.id as string);
-    const sender = await raw('romeo', 'to-ottilie');
-    sender.send(`<message to='ottilie@localhost' type='chat' id='o1'><body>kept</body></message>`);
-    await desk.until((el) => el.name === 'message' && el.attrs.id === 'o1');
-    desk.send("<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>");
-    await eventually(async () =>
-      expect(await stack.server.sessions.getResource('ottilie@localhost', 'desk')).toBeUndefined(),
-    );
+    const { desk } = await messageToDeskAndDetachedPhone('ottilie', 'o1', 'kept');
+    await closeDesk('ottilie', desk);
     await sweep(stack.server, afterWindow(WINDOW_SECONDS));
     // Nobody left who had it: the phone's copy goes to offline storage, as for any unavailable user.
     await eventually(async () => expect(await stack.server.offline.count('ottilie@localhost')).toBe(1));
@@ -1741,15 +1728,21 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
   });
   afterAll(() => small?.close());
 
-  it('tells the sender to wait when the recipient’s queue is full, and keeps the recipient’s stream', async () => {
-    const poor = await RawClient.connect(small.url);
+  /** Poor (resumable stream management, resource 'purse') and rich ('gold') logged in on `on`. */
+  async function poorAndRich(on: TestStack): Promise<{ poor: RawClient; enabled: Element; rich: RawClient }> {
+    const poor = await RawClient.connect(on.url);
     raws.push(poor);
     await poor.login('poor', 'poor-pw', 'purse');
     poor.send(`<enable xmlns='${SM3}' resume='true'/>`);
-    await poor.next();
-    const rich = await RawClient.connect(small.url);
+    const enabled = await poor.next();
+    const rich = await RawClient.connect(on.url);
     raws.push(rich);
     await rich.login('rich', 'rich-pw', 'gold');
+    return { poor, enabled, rich };
+  }
+
+  it('tells the sender to wait when the recipient’s queue is full, and keeps the recipient’s stream', async () => {
+    const { poor, rich } = await poorAndRich(small);
     for (let i = 1; i <= 4; i++)
       rich.send(`<message to='poor@localhost/purse' type='chat' id='p${i}'><body>coin ${i}</body></message>`);
     // RFC 6120 §8.3.3.18 <resource-constraint/>: "the recipient ... lacks the system resources
@@ -1909,14 +1902,7 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
     });
     try {
       for (const user of ['rich', 'poor']) await silent.addUser(`${user}@localhost`, `${user}-pw`);
-      const poor = await RawClient.connect(silent.url);
-      raws.push(poor);
-      await poor.login('poor', 'poor-pw', 'purse');
-      poor.send(`<enable xmlns='${SM3}' resume='true'/>`);
-      await poor.next();
-      const rich = await RawClient.connect(silent.url);
-      raws.push(rich);
-      await rich.login('rich', 'rich-pw', 'gold');
+      const { poor, rich } = await poorAndRich(silent);
       for (let i = 1; i <= 4; i++)
         rich.send(
           `<message to='poor@localhost/purse' type='chat' id='p${i}'><body>coin ${i}</body></message>`,
@@ -1939,14 +1925,7 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
     });
     try {
       for (const user of ['rich', 'poor']) await bytes.addUser(`${user}@localhost`, `${user}-pw`);
-      const poor = await RawClient.connect(bytes.url);
-      raws.push(poor);
-      await poor.login('poor', 'poor-pw', 'purse');
-      poor.send(`<enable xmlns='${SM3}' resume='true'/>`);
-      await poor.next();
-      const rich = await RawClient.connect(bytes.url);
-      raws.push(rich);
-      await rich.login('rich', 'rich-pw', 'gold');
+      const { poor, rich } = await poorAndRich(bytes);
       const big = (i: number) =>
         `<message to='poor@localhost/purse' type='chat' id='b${i}'><body>${String(i).repeat(25_000)}</body></message>`;
       for (let i = 1; i <= 4; i++) rich.send(big(i));
@@ -1983,14 +1962,7 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
     const bytes = await startTestStack({ SM_QUEUE_MAX_BYTES: '65536', SM_ACK_EVERY: '100' });
     try {
       for (const user of ['rich', 'poor']) await bytes.addUser(`${user}@localhost`, `${user}-pw`);
-      const poor = await RawClient.connect(bytes.url);
-      raws.push(poor);
-      await poor.login('poor', 'poor-pw', 'purse');
-      poor.send(`<enable xmlns='${SM3}' resume='true'/>`);
-      const enabled = await poor.next();
-      const rich = await RawClient.connect(bytes.url);
-      raws.push(rich);
-      await rich.login('rich', 'rich-pw', 'gold');
+      const { poor, enabled, rich } = await poorAndRich(bytes);
       for (let i = 1; i <= 3; i++)
         rich.send(
           `<message to='poor@localhost/purse' type='chat' id='c${i}'><body>${String(i).repeat(25_000)}</body></message>`,
