@@ -27,6 +27,7 @@ import type { TransactItem } from './sessions.ts';
  * not let another sender store without bound.
  */
 export const HELD_QUOTA_FACTOR = 2;
+
 export interface OfflineMessage {
   /** Opaque, unique, increasing with arrival time (see newOfflineId and keyedOfflineId). */
   id: string;
