@@ -51,6 +51,11 @@ export function contextStore<T>(): ContextStore<T> {
   return { get: () => store.get(), run: (context, work) => store.run(context, work) };
 }
 
+/** Whether the stores are variables (`useSequentialContexts`): one chain of work may change them at a time. */
+export function sequentialContexts(): boolean {
+  return sequential;
+}
+
 /** For a process that handles one frame at a time, as a Lambda function does (see above). */
 export function useSequentialContexts(on = true): void {
   sequential = on;

@@ -342,6 +342,32 @@ export async function eachLimited<T>(
   concurrency: number,
   work: (item: T) => Promise<void>,
 ): Promise<void> {
+  const workers = Math.min(concurrency, items.length);
+  if (workers > 1) fanOuts += 1;
+  try {
+    await runLimited(items, workers, work);
+  } finally {
+    if (workers > 1) fanOuts -= 1;
+  }
+}
+
+/** eachLimited's fan-outs running now in this process (see inFanOut). */
+let fanOuts = 0;
+
+/**
+ * Whether deliveries run side by side now (an eachLimited fan-out). Where the frame's context is
+ * a variable (sequentialContexts, on Lambda), nothing may run under another frame meanwhile: the
+ * deliveries beside it would read that frame's context, and take its keys.
+ */
+export function inFanOut(): boolean {
+  return fanOuts > 0;
+}
+
+async function runLimited<T>(
+  items: readonly T[],
+  workers: number,
+  work: (item: T) => Promise<void>,
+): Promise<void> {
   let next = 0;
   let failed = false;
   const worker = async () => {
@@ -355,9 +381,7 @@ export async function eachLimited<T>(
       }
     }
   };
-  const outcomes = await Promise.allSettled(
-    Array.from({ length: Math.min(concurrency, items.length) }, worker),
-  );
+  const outcomes = await Promise.allSettled(Array.from({ length: workers }, worker));
   const failure = outcomes.find((outcome) => outcome.status === 'rejected');
   if (failure) throw failure.reason;
 }

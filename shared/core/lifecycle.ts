@@ -6,10 +6,11 @@
  * not got acknowledged.
  */
 import { Element } from 'ltx';
+import { sequentialContexts } from '../context.ts';
 import { type StreamError, streamErrorElement } from '../errors.ts';
 import type { ConnectionState, NewConnection, ResourceRecord } from '../store/sessions.ts';
 import { NS } from '../xml/namespaces.ts';
-import { closeConnection, post } from './delivery.ts';
+import { closeConnection, inFanOut, post } from './delivery.ts';
 import { withTimeLeft } from './frame.ts';
 import type {
   EventPayloads,
@@ -130,8 +131,20 @@ export async function endSession(
   // Re-routed before anything else can fail: a redelivery of this frame may not end the session
   // again (its rows are gone), and what it held would wait for the sweeper.
   server.metrics.count('StanzasRerouted', undelivered.length);
-  await rerouteUndelivered(server, session.user, undelivered);
-  for (const after of afterReroute) await after();
+  if (undelivered.length > 0 && sequentialContexts() && inFanOut()) {
+    // Ended among deliveries running side by side (a broadcast reached a full, silent queue),
+    // where the frame's context is a variable (Lambda): each re-routed stanza runs under a frame
+    // of its own (its keys), which the deliveries beside it would read too. The queue keeps them,
+    // its re-route unfinished, and the sweeper re-routes them (REROUTE_RETRY_MS after the end).
+    server.log.info('re-route left to the sweeper: the session ended among concurrent deliveries', {
+      user: session.user,
+      resource: session.resource,
+      stanzas: undelivered.length,
+    });
+  } else {
+    await rerouteUndelivered(server, session.user, undelivered);
+    for (const after of afterReroute) await after();
+  }
   if (released) {
     await server.host.fire('session-ended', { session, reason, wasAvailable: released.available });
   }
