@@ -12,7 +12,9 @@ import { endSession } from '../../shared/core/lifecycle.ts';
 
 /** Just what endSession uses: a session-ending hook that hands back one stanza and a finishing step. */
 function fakeServer(calls: string[]): Server {
-  const note = (message: string) => calls.push(message);
+  const note = (message: string): void => {
+    calls.push(message);
+  };
   return {
     host: {
       fire: async (event: string, payload: Record<string, unknown>) => {
