@@ -301,6 +301,24 @@ async function rosterSet(request: IqRequest): Promise<Element | undefined> {
 }
 
 /**
+ * §3.1.6, §3.2.3, §3.3.3: the contact's server delivers the subscription stanzas to `recipients`
+ * first, then pushes the contact's changed item about `user` (to its interested resources,
+ * `listed` when read already for the recipients: one Query for both).
+ */
+async function deliverThenPush(
+  server: Server,
+  contact: string,
+  user: string,
+  recipients: ResourceRecord[],
+  stanzas: () => Element[],
+  item: SideResult | undefined,
+  listed: ResourceRecord[] | undefined,
+): Promise<void> {
+  if (recipients.length > 0) await deliverToMany(server, recipients, stanzas);
+  if (item) await pushRosterItem(server, contact, user, item, listed ? { resources: listed } : {});
+}
+
+/**
  * §2.1.6 roster push: the changed item, with the new version, to each interested resource of
  * `user` (one Query on the user's resources). Their answers (results) are dropped by the router.
  */
@@ -368,21 +386,15 @@ async function removeContact(stream: BoundStream, contact: string): Promise<void
     await sendPresenceOf(server, userResources, contactResources, 'unavailable');
   }
   const contactListed = seen.deliver.length > 0 ? await server.sessions.listResources(contact) : undefined;
-  if (contactListed) {
-    const recipients = subscriptionRecipients(contactResources, contactListed);
-    for (const type of seen.deliver) {
-      await deliverToMany(server, recipients, () => subscriptionStanza(type, user, contact));
-    }
-  }
-  // §3.2.3, §3.3.3: the contact's server delivers the stanza first, then pushes the change.
-  if (result.contact)
-    await pushRosterItem(
-      server,
-      contact,
-      user,
-      result.contact,
-      contactListed ? { resources: contactListed } : {},
-    );
+  await deliverThenPush(
+    server,
+    contact,
+    user,
+    contactListed ? subscriptionRecipients(contactResources, contactListed) : [],
+    () => seen.deliver.map((type) => subscriptionStanza(type, user, contact)),
+    result.contact,
+    contactListed,
+  );
   // §3.3.3: the contact's server, on the 'unsubscribe', sends the contact's unavailable presence
   // to the user.
   if (seen.presence === 'unavailable') {
@@ -525,23 +537,22 @@ async function subscription(
   if (unavailableFirst) await presenceEffect(server, out.presence, userResources, contactResources);
   const contactListed =
     inbound?.deliver && type !== 'subscribe' ? await server.sessions.listResources(contact) : undefined;
-  if (inbound?.deliver) {
-    // §3.1.3: a "subscribe" is delivered to the contact's available resources now, also kept
-    // (Pending In) and delivered again at the contact's next initial presence until answered.
-    // The other three go to its interested resources (§3.1.6, §3.2.3, §3.3.3), which get the push.
-    const recipients = contactListed
-      ? subscriptionRecipients(contactResources, contactListed)
-      : contactResources;
-    await deliverToMany(server, recipients, () => clone(outgoing));
-  }
-  if (result.contact)
-    await pushRosterItem(
-      server,
-      contact,
-      user,
-      result.contact,
-      contactListed ? { resources: contactListed } : {},
-    );
+  // §3.1.3: a "subscribe" is delivered to the contact's available resources now, also kept
+  // (Pending In) and delivered again at the contact's next initial presence until answered.
+  // The other three go to its interested resources (§3.1.6, §3.2.3, §3.3.3), which get the push.
+  await deliverThenPush(
+    server,
+    contact,
+    user,
+    !inbound?.deliver
+      ? []
+      : contactListed
+        ? subscriptionRecipients(contactResources, contactListed)
+        : contactResources,
+    () => [clone(outgoing)],
+    result.contact,
+    contactListed,
+  );
   if (reply) {
     const userListed = reply.atUser.deliver ? await server.sessions.listResources(user) : undefined;
     if (userListed) {
