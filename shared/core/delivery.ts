@@ -159,7 +159,9 @@ async function deliverDirect(
 ): Promise<DeliveryResult> {
   // The frame's n-th direct post of this very stanza to this connection: the same key on a retry
   // of the frame that posts it again, whatever else that try posts or no longer does.
-  const digest = createHash('sha256').update(serialize(stanza)).digest('base64url').slice(0, 22);
+  // Serialised once, for the digest and the post.
+  const data = serialize(stanza);
+  const digest = createHash('sha256').update(data).digest('base64url').slice(0, 22);
   const delivery = nextDeliveryKey(`direct:${target.connectionId}:${digest}`);
   const posted = delivery && `${target.connectionId} ${digest} ${delivery.key}`;
   if (posted && postedDirect.has(posted)) {
@@ -168,7 +170,7 @@ async function deliverDirect(
     });
     return 'sent';
   }
-  const result = await deliverDirectOnce(server, target, stanza, options);
+  const result = await deliverDirectOnce(server, target, stanza, options, data);
   if (posted && result === 'sent') {
     postedDirect.add(posted);
     if (postedDirect.size > POSTED_DIRECT_KEPT)
@@ -192,6 +194,7 @@ async function deliverDirectOnce(
   target: ResourceRecord,
   stanza: Element,
   options: DeliveryOptions,
+  data: string,
   reads = 0,
 ): Promise<DeliveryResult> {
   const { user, resource, connectionId } = target;
@@ -202,7 +205,7 @@ async function deliverDirectOnce(
     // Gone: the session ended; the caller re-routes (its end re-routes what it held).
     if (!now) return 'gone';
     if (now.smId || now.connectionId !== connectionId) return deliver(server, now, stanza, options);
-    if (reads < 3) return deliverDirectOnce(server, now, stanza, options, reads + 1);
+    if (reads < 3) return deliverDirectOnce(server, now, stanza, options, data, reads + 1);
     // Three reads, each too old by the time its post would start: the frame is tried again.
     throw new RetryLaterError('a direct post could not start in time after its row was read');
   };
@@ -210,7 +213,7 @@ async function deliverDirectOnce(
   const token = counted ? await server.sessions.beginDirectPost(user, resource, connectionId) : undefined;
   if (counted && token === undefined) return again();
   try {
-    const result = await postDirect(server, target, stanza, readAt + READ_BOUND_MS);
+    const result = await postDirect(server, target, stanza, readAt + READ_BOUND_MS, data);
     return result === 'stale' ? await again() : result;
   } finally {
     // A lost end only holds a switch until the count's lease runs out: never fails the delivery.
@@ -226,8 +229,9 @@ async function postDirect(
   target: DeliveryTarget | ResourceRecord,
   stanza: Element,
   notAfter?: number,
+  data?: string,
 ): Promise<DeliveryResult | 'stale'> {
-  const outcome = await postBounded(server, target.connectionId, stanza, notAfter);
+  const outcome = await postBounded(server, target.connectionId, stanza, notAfter, data);
   if (outcome === 'stale') return 'stale';
   const result = outcome === 'unknown' ? 'sent' : outcome;
   if (result === 'gone') {
@@ -272,8 +276,9 @@ async function postBounded(
   connectionId: string,
   element: Element,
   notAfter?: number,
+  serialized?: string,
 ): Promise<BoundedPostResult> {
-  const data = serialize(element);
+  const data = serialized ?? serialize(element);
   if (Buffer.byteLength(data) > POST_LIMIT_BYTES) throw tooLargeError();
   const result = await server.outbound.post(connectionId, data, notAfter);
   if (result !== 'stale') countPost(server, connectionId, element, result);
