@@ -395,7 +395,7 @@ async function deliverToSmSession(
   // Acks are asked for by count and by bytes, and a queue holding too many bytes refuses more
   // (the senders wait) rather than grow toward DynamoDB's 400 KB item limit and end the stream.
   const bytes = queuedBytes(item.entries);
-  const size = Buffer.byteLength(entry.s);
+  const size = entryBytes(entry);
   const congested = bytes > server.config.smQueueMaxBytes;
   if (congested) await server.smQueue.setCongested(smId, true);
   if (!item.connectionId) {
@@ -586,11 +586,14 @@ async function postInOrder(
         await forceResume(server, connectionId, 'out-of-time');
         return 'sent';
       }
-      const posted = await postQueued(
-        server,
-        connectionId,
-        (entry.k === undefined ? undefined : own.get(entry.k)) ?? parse(entry.s),
-      );
+      const mine = entry.k === undefined ? undefined : own.get(entry.k);
+      const text = mine ? undefined : (await server.smQueue.stanzas(smId, [entry]))[0];
+      if (!mine && text === undefined) {
+        // A large stanza's own item, gone: acknowledged meanwhile (its trim deletes it).
+        sent = number;
+        continue;
+      }
+      const posted = await postQueued(server, connectionId, mine ?? parse(text as string));
       if (posted !== 'sent') {
         // Closed (failed, unanswered) or gone (410): the client resumes, and the hold stays ours
         // until that resume's attach takes it; nothing after this entry was posted.
@@ -1035,10 +1038,15 @@ async function forceResume(
   }
 }
 
+/** A queued stanza's bytes (one kept in an item of its own records its size). */
+function entryBytes(entry: SmEntry): number {
+  return entry.n ?? Buffer.byteLength(entry.s ?? '');
+}
+
 function queuedBytes(entries: SmEntry[]): number {
   let bytes = 0;
   for (const entry of entries) {
-    bytes += Buffer.byteLength(entry.s);
+    bytes += entryBytes(entry);
     // The sessions a copy names (SmEntry.a) are stored with it: the bound counts them too.
     for (const session of entry.a ?? []) bytes += session.length;
   }
@@ -1262,11 +1270,21 @@ async function toReroute(server: Server, item: SmQueueItem, from: number): Promi
   const entries = item.entries.slice(from);
   await tellSenders(server, item, entries);
   const stanzas: UndeliveredStanza[] = [];
+  const texts = await server.smQueue.stanzas(item.smId, entries);
   entries.forEach((entry, i) => {
+    const text = texts[i];
     if (entry.c || entry.o) return;
     const position = from + i + 1;
+    if (text === undefined) {
+      // An ended session's queue is not trimmed: its own items stay until the re-route is done.
+      server.log.error('a queued stanza kept in an item of its own was not found', {
+        smId: item.smId,
+        position,
+      });
+      return;
+    }
     stanzas.push({
-      stanza: parse(entry.s),
+      stanza: parse(text),
       acceptedAt: entry.t,
       done: () => server.smQueue.markRerouted(item.smId, position),
       key: `reroute:${item.smId}:${item.base + position}`,
@@ -1691,11 +1709,18 @@ async function replayHeld(
   let entries = initial;
   let base = initialBase;
   for (;;) {
-    for (let i = sent - base; i < entries.length; i++) {
+    const start = Math.max(sent - base, 0);
+    const texts = await server.smQueue.stanzas(sm.id, entries.slice(start));
+    for (let i = start; i < entries.length; i++) {
       const entry = entries[i] as SmEntry;
+      const text = texts[i - start];
       // A replay cut short leaves the session holding: the client resumes again (the socket was
-      // closed, or is gone) and the next replay starts where its ack says.
-      if ((await postQueued(server, stream.connectionId, withDelay(server, entry.s, entry.t))) !== 'sent')
+      // closed, or is gone) and the next replay starts where its ack says. A large stanza whose
+      // own item is gone was acknowledged meanwhile (its trim deletes the item).
+      if (
+        text !== undefined &&
+        (await postQueued(server, stream.connectionId, withDelay(server, text, entry.t))) !== 'sent'
+      )
         return;
       sent += 1;
     }

@@ -13,8 +13,10 @@
  * count for a day so a late `<resume/>` is told `<failed h='…'/>`.
  */
 
+import { randomUUID } from 'node:crypto';
 import { deflateRawSync, inflateRawSync } from 'node:zlib';
 import {
+  DeleteCommand,
   type DynamoDBDocumentClient,
   GetCommand,
   PutCommand,
@@ -34,8 +36,18 @@ import {
 export type SmVersion = 'sm3' | 'sm1';
 
 export interface SmEntry {
-  /** The stanza as sent, serialised. */
-  s: string;
+  /**
+   * The stanza as sent, serialised. Absent in an entry read back whose stanza is kept in an item
+   * of its own (`x`): `SmQueueStore.stanzas` reads it.
+   */
+  s?: string;
+  /**
+   * A large stanza's own item (`pk = sm#<smId>`, `sk = x`, SM_OWN_ITEM_BYTES): the queue holds
+   * this key, so an append behind it is billed on the small queue item, not on the stanza.
+   */
+  x?: string;
+  /** With `x`: the stanza's size in bytes (the queue's byte bound counts it). */
+  n?: number;
   /** When it was first queued (ms): the delay stamp on a resend. */
   t: number;
   /** The offline message it came from: removed from offline storage once acknowledged. */
@@ -314,19 +326,53 @@ const STANZA_DICTIONARY_V1 = Buffer.from(
     '<message xmlns="jabber:client" to="@localhost/" from="@localhost/" type="chat" id="',
 );
 
-/** An entry as stored: the stanza deflated (`z`) when that is smaller. */
+/** An entry as stored: the stanza deflated (`z`) when that is smaller, or in an item of its own (`x`). */
 type StoredEntry = Omit<SmEntry, 's'> & { s?: string; z?: Uint8Array };
 
-function storedEntry(entry: SmEntry): StoredEntry {
-  const { s, ...rest } = entry;
+/**
+ * A stanza larger than this as stored (deflated) goes into an item of its own, written before the
+ * append that queues its key. DynamoDB bills every write of the queue item (each append, each
+ * poster's release, each ack's trim) on the whole item, by the KB: one 100 KB answer left
+ * unacknowledged would make every later append to that session cost 100 write units or more. On
+ * its own it costs its size once, and one more write unit for its removal when acknowledged.
+ */
+export const SM_OWN_ITEM_BYTES = 1024;
+/**
+ * A stanza's own item outlives any queue that names it: its key leaves the queue when acknowledged
+ * or re-routed, and the item is deleted then; this expiry only collects what an interrupted append
+ * or removal left behind (an entry rebased away by a resume's count, too).
+ */
+const OWN_ITEM_TTL_SECONDS = 30 * 86400;
+
+function deflated(s: string): { s: string } | { z: Uint8Array } {
   const z = deflateRawSync(s, { dictionary: STANZA_DICTIONARY_V1 });
-  return z.length < Buffer.byteLength(s) ? { ...rest, z } : entry;
+  return z.length < Buffer.byteLength(s) ? { z } : { s };
+}
+
+function inflated(stored: { s?: string; z?: Uint8Array }): string | undefined {
+  return stored.z === undefined
+    ? stored.s
+    : inflateRawSync(stored.z, { dictionary: STANZA_DICTIONARY_V1 }).toString('utf8');
+}
+
+/** The entry as stored, and the item of its own it needs first (a large stanza), if any. */
+function storedEntry(smId: string, entry: SmEntry): { stored: StoredEntry; own?: Record<string, unknown> } {
+  const { s, ...rest } = entry;
+  if (s === undefined) return { stored: rest };
+  const body = deflated(s);
+  const size = 'z' in body ? body.z.length : Buffer.byteLength(s);
+  if (size <= SM_OWN_ITEM_BYTES) return { stored: { ...rest, ...body } };
+  const x = `x#${randomUUID()}`;
+  return {
+    stored: { ...rest, x, n: Buffer.byteLength(s) },
+    own: { pk: `sm#${smId}`, sk: x, ...body, [TTL_ATTRIBUTE]: nowSeconds() + OWN_ITEM_TTL_SECONDS },
+  };
 }
 
 function loadedEntry(stored: StoredEntry): SmEntry {
   if (stored.z === undefined) return stored as SmEntry;
   const { z, ...rest } = stored;
-  return { ...rest, s: inflateRawSync(z, { dictionary: STANZA_DICTIONARY_V1 }).toString('utf8') };
+  return { ...rest, s: inflated({ z }) as string };
 }
 
 function loadedEntries(raw: unknown): SmEntry[] {
@@ -503,6 +549,11 @@ export interface SmQueueStore {
     item: Pick<SmQueueItem, 'smId' | 'user' | 'resource' | 'version' | 'resumable' | 'max' | 'connectionId'>,
   ): Promise<void>;
   get(smId: string): Promise<SmQueueItem | undefined>;
+  /**
+   * The stanzas of `entries`, in order: a large one (SmEntry.x) read from its own item, consistently.
+   * Undefined for one whose item is gone: acknowledged meanwhile (its trim deletes the item).
+   */
+  stanzas(smId: string, entries: readonly SmEntry[]): Promise<(string | undefined)[]>;
   /** Of these sessions, those a stream is attached to (not detached, not ended): one BatchGetItem. */
   attached(smIds: readonly string[]): Promise<Set<string>>;
   /** Just the counters (a projection: cheaper to move than the queue). */
@@ -813,6 +864,36 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
     }
   }
 
+  /**
+   * The entries as stored; a large stanza's own item (SM_OWN_ITEM_BYTES) is written first, so a
+   * queued key always names an item. An append refused after it leaves the item to its expiry.
+   */
+  async function storedEntries(smId: string, entries: readonly SmEntry[]): Promise<StoredEntry[]> {
+    const forms = entries.map((entry) => storedEntry(smId, entry));
+    await Promise.all(
+      forms.flatMap(({ own }) => (own ? [doc.send(new PutCommand({ TableName: table, Item: own }))] : [])),
+    );
+    return forms.map(({ stored }) => stored);
+  }
+
+  /**
+   * Deletes the own items of entries that left the queue (acknowledged, re-routed). Best effort:
+   * one not deleted expires (OWN_ITEM_TTL_SECONDS); the queue no longer names it.
+   */
+  async function dropOwnItems(smId: string, entries: readonly SmEntry[]): Promise<void> {
+    await Promise.all(
+      entries.flatMap(({ x }) =>
+        x === undefined
+          ? []
+          : [
+              doc
+                .send(new DeleteCommand({ TableName: table, Key: { pk: `sm#${smId}`, sk: x } }))
+                .catch(() => {}),
+            ],
+      ),
+    );
+  }
+
   async function readItem(smId: string): Promise<SmQueueItem | undefined> {
     const { Item } = await doc.send(
       new GetCommand({ TableName: table, Key: key(smId), ConsistentRead: true }),
@@ -936,6 +1017,17 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
 
     get: readItem,
 
+    async stanzas(smId, entries) {
+      const own = entries.flatMap(({ x }) => (x === undefined ? [] : [{ pk: `sm#${smId}`, sk: x }]));
+      const items = own.length === 0 ? [] : await batchGetAll(doc, table, own, { consistent: true });
+      const found = new Map(items.map((item) => [item.sk as string, item as { s?: string; z?: Uint8Array }]));
+      return entries.map((entry) => {
+        if (entry.x === undefined) return entry.s;
+        const item = found.get(entry.x);
+        return item ? inflated(item) : undefined;
+      });
+    },
+
     async attached(smIds) {
       if (smIds.length === 0) return new Set();
       const items = await batchGetAll(
@@ -1005,6 +1097,14 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       const keyed = entry.k !== undefined;
       // A sender's mark (SenderMark): refused when its frame appended here at this position or later.
       const marked = mark && entry.k !== undefined ? { from: mark.from, ...markOf(entry.k) } : undefined;
+      let stored: StoredEntry | undefined;
+      try {
+        [stored] = await storedEntries(smId, [entry]);
+      } catch (error) {
+        // A stanza that is no item even on its own (400 KB deflated): no queue takes it.
+        if (isItemTooLarge(error)) return { kind: 'full' };
+        throw error;
+      }
       for (let attempt = 1; ; attempt++) {
         const command = new UpdateCommand({
           TableName: table,
@@ -1026,7 +1126,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             ...(marked ? { '#mark': `${MARK_PREFIX}${marked.from}` } : {}),
           },
           ExpressionAttributeValues: {
-            ':entry': [storedEntry(entry)],
+            ':entry': [stored],
             ':one': 1,
             ':max': maxEntries,
             ...(keyed ? { ':k': entry.k } : {}),
@@ -1098,6 +1198,13 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       const last = keys.at(-1);
       if (first === undefined || last === undefined || keys.some((k) => k === undefined))
         throw new Error('appendMany takes keyed entries only');
+      let stored: StoredEntry[];
+      try {
+        stored = await storedEntries(smId, entries);
+      } catch (error) {
+        if (isItemTooLarge(error)) return { kind: 'unfit' };
+        throw error;
+      }
       for (let attempt = 1; ; attempt++) {
         const command = new UpdateCommand({
           TableName: table,
@@ -1113,7 +1220,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             'attribute_not_exists(ended) AND connectionId = :attachedTo AND (attribute_not_exists(lk) OR lk <> :k)',
           ExpressionAttributeNames: { '#out': 'out' },
           ExpressionAttributeValues: {
-            ':entries': entries.map(storedEntry),
+            ':entries': stored,
             ':n': entries.length,
             ':room': maxEntries - entries.length,
             ':k': last,
@@ -1227,6 +1334,8 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
     },
 
     async rebase(smId, seen, newBase, kept) {
+      // Kept entries were read from the queue: a large one keeps its own item's key.
+      const q = await storedEntries(smId, kept);
       try {
         await doc.send(
           new UpdateCommand({
@@ -1243,7 +1352,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
             ExpressionAttributeNames: { '#out': 'out', '#base': 'base' },
             ExpressionAttributeValues: {
               ...(seen.marks === undefined ? {} : { ':marks': seen.marks }),
-              ':q': kept.map(storedEntry),
+              ':q': q,
               ...(kept.some((entry) => entry.u) ? { ':yes': true } : {}),
               ':now': Date.now(),
               ':newBase': newBase,
@@ -1320,6 +1429,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
         congested = Boolean(Attributes?.congested);
         done += Math.max(slice, 1);
       }
+      await dropOwnItems(smId, removed);
       return { removed, remaining, out, congested };
     },
 
@@ -1455,18 +1565,20 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
     },
 
     async finishReroute(smId) {
-      await doc
-        .send(
+      try {
+        const { Attributes } = await doc.send(
           new UpdateCommand({
             TableName: table,
             Key: key(smId),
             UpdateExpression: 'REMOVE q, rerouted, sweepShard, sweepAt',
             ConditionExpression: 'attribute_exists(ended)',
+            ReturnValues: 'UPDATED_OLD',
           }),
-        )
-        .catch((error: unknown) => {
-          if (!isConditionFailure(error)) throw error;
-        });
+        );
+        await dropOwnItems(smId, (Attributes?.q as StoredEntry[] | undefined) ?? []);
+      } catch (error) {
+        if (!isConditionFailure(error)) throw error;
+      }
     },
 
     listReroutes: (now, limit) => listSwept(REROUTE_SHARD, now, limit),

@@ -371,7 +371,7 @@ describe('Converse.js in Chromium against the local stack', () => {
       await sendChat(ALICE, outage);
       await eventually(async () => {
         const queue = await stack.server.smQueue.get(smId);
-        expect(queue?.entries.some((entry) => entry.s.includes(outage))).toBe(true);
+        expect(queue?.entries.some((entry) => (entry.s ?? '').includes(outage))).toBe(true);
       });
       expect(await shownMessages(outage).count()).toBe(0);
 
@@ -409,7 +409,7 @@ describe('Converse.js in Chromium against the local stack', () => {
         .poll(
           async () =>
             (await stack.server.smQueue.get(smId))?.entries
-              .map((entry) => entry.s)
+              .map((entry) => entry.s ?? '')
               .filter((stanza) => stanza.startsWith('<message')),
           { timeout: 15_000 },
         )

@@ -529,9 +529,9 @@ describe('a stock StanzaJS client (stanza 12.22.1)', () => {
     );
     // hal's ping is answered after its message was routed: into the session's queue, not offline.
     await hal.stanzasBeforePong(WAIT);
-    expect((await stack.server.smQueue.get(smId))?.entries.map((e) => parse(e.s).attrs.id)).toContain(
-      'while-away',
-    );
+    expect(
+      (await stack.server.smQueue.get(smId))?.entries.map((e) => parse(e.s ?? '<x/>').attrs.id),
+    ).toContain('while-away');
     expect(await stack.server.offline.count('gus@localhost')).toBe(0);
 
     // StanzaJS kept its XEP-0198 state (id, counts): connecting again, it resumes.

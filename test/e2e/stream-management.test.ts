@@ -2,6 +2,8 @@
  * XEP-0198 Stream Management end to end: `urn:xmpp:sm:3` with stock xmpp.js
  * (@xmpp/stream-management) and raw frames, and the seed's `urn:xmpp:sm:1` with raw frames.
  */
+import { randomBytes } from 'node:crypto';
+import { QueryCommand } from '@aws-sdk/lib-dynamodb';
 import { xml } from '@xmpp/client';
 import { Element, parse } from 'ltx';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -14,6 +16,7 @@ import {
   unwrap,
 } from '../../shared/modules/xep-0198-stream-management.ts';
 import type { ConnectionPort } from '../../shared/outbound.ts';
+import { documentClientFor } from '../../shared/store/dynamo.ts';
 import { MAY_QUEUE_AFTER_PRESENCE_MS, type SessionStore } from '../../shared/store/sessions.ts';
 import { PROBE_AFTER_MS } from '../../shared/store/sm-queue.ts';
 import { eventually } from '../support/eventually.ts';
@@ -791,7 +794,7 @@ describe('resumption (sm:3)', () => {
       let failGets = 0;
       const restoreAppend = intercept(queue, 'append', async (smId, entry, max) => {
         const result = await append(smId, entry, max);
-        if (!failed && entry.s.includes('second')) {
+        if (!failed && (entry.s ?? '').includes('second')) {
           failed = true;
           // Written, but answered with errors, and so is every look at the queue for a while: the
           // frame goes on failing. Meanwhile another sender's later stanza is posted.
@@ -1033,7 +1036,7 @@ describe('resumption (sm:3)', () => {
     let raced = false;
     const restore = intercept(queue, 'append', async (...args) => {
       const result = await append(...args);
-      if (!args[1].s.includes('lost answer') || resumed) return result;
+      if (!(args[1].s ?? '').includes('lost answer') || resumed) return result;
       // The write ran; before its answer, the client resumes and the replay sends the entry.
       miranda.terminate();
       await detached(smId);
@@ -1157,7 +1160,7 @@ describe('resumption (sm:3)', () => {
     let failed = false;
     const restore = intercept(queue, 'append', async (smId, entry, max) => {
       const result = await append(smId, entry, max);
-      if (!failed && entry.s.includes('written')) {
+      if (!failed && (entry.s ?? '').includes('written')) {
         failed = true;
         throw serverError();
       }
@@ -1369,6 +1372,105 @@ describe('resumption (sm:3)', () => {
     const reply = await late.next();
     expect(failedCondition(reply)).toBe('item-not-found');
     expect(reply.attrs.h).toBe('1');
+  });
+});
+
+/** The items of their own that large queued stanzas of session `smId` still have (SM_OWN_ITEM_BYTES). */
+async function ownItems(smId: string): Promise<number> {
+  const { Items = [] } = await documentClientFor(stack.server.config).send(
+    new QueryCommand({
+      TableName: stack.server.config.tables.sessions,
+      KeyConditionExpression: 'pk = :pk AND begins_with(sk, :x)',
+      ExpressionAttributeValues: { ':pk': `sm#${smId}`, ':x': 'x#' },
+      ConsistentRead: true,
+    }),
+  );
+  return Items.length;
+}
+
+describe('large stanzas, each queued in an item of its own (SM_OWN_ITEM_BYTES)', () => {
+  // Random text: stored deflated, it stays well above the 1 KB past which a stanza is an item of
+  // its own; 4 KB each, so that what a detached session holds stays under SM_QUEUE_MAX_BYTES.
+  const bulky = (i: number) => `${i}:${randomBytes(3_000).toString('base64')}`;
+
+  it('reach the client whole and once, again after an abrupt socket loss; acknowledged, their items go', async () => {
+    const juliet = await login('juliet', { resource: 'large', reconnect: true });
+    await juliet.xmpp.send(xml('presence'));
+    await eventually(() => expect(juliet.xmpp.streamManagement.enabled).toBe(true));
+    const smId = juliet.xmpp.streamManagement.id;
+    let resumed = 0;
+    juliet.xmpp.streamManagement.on('resumed', () => {
+      resumed += 1;
+    });
+    // Two senders at once: one's appends find the other's poster holding, which posts them.
+    const senders = [await raw('romeo', 'large1'), await raw('romeo', 'large2')];
+    const sent: string[] = [];
+    for (let i = 1; i <= 40; i++) {
+      const body = i % 3 === 0 ? `${i}:small` : bulky(i);
+      sent.push(body);
+      (senders[i % 2] as RawClient).send(
+        `<message to='juliet@localhost/large' type='chat'><body>${body}</body></message>`,
+      );
+      if (i === 20) {
+        await juliet.waitFor((s) => s.getChildText('body')?.startsWith('12:') ?? false, 20_000);
+        (juliet.xmpp.socket as unknown as { socket: { terminate(): void } }).socket.terminate();
+      }
+    }
+    await eventually(
+      () => expect(juliet.received.filter((s) => s.is('message')).length).toBeGreaterThanOrEqual(40),
+      60_000,
+    );
+    expect(resumed).toBeGreaterThanOrEqual(1);
+    const bodies = juliet.received.filter((s) => s.is('message')).map((s) => s.getChildText('body'));
+    // Per sender in order; every one whole, and once.
+    expect([...bodies].sort()).toEqual([...sent].sort());
+    for (const parity of [0, 1]) {
+      const ofSender = sent.filter((_, i) => (i + 1) % 2 === parity);
+      expect(bodies.filter((b) => ofSender.includes(b as string))).toEqual(ofSender);
+    }
+    // Once the client acknowledged them all, no item of a large stanza is left behind.
+    await juliet.xmpp.send(
+      xml('iq', { type: 'get', id: 'after-large' }, xml('ping', { xmlns: 'urn:xmpp:ping' })),
+    );
+    await eventually(async () => {
+      expect((await stack.server.smQueue.get(smId))?.entries).toEqual([]);
+      expect(await ownItems(smId)).toBe(0);
+    }, 20_000);
+    await juliet.stop();
+  }, 120_000);
+
+  it('re-routes a large stanza left unacknowledged to offline storage when the window closes, and drops its item', async () => {
+    await stack.addUser('rosaline@localhost', 'rosaline-pw');
+    const client = await raw('rosaline', 'expiring');
+    client.send(`<enable xmlns='${SM3}' resume='true' max='${WINDOW_SECONDS}'/>`);
+    const enabled = await client.next();
+    const smId = enabled.attrs.id as string;
+    client.send('<presence/>');
+    const sender = await raw('romeo', 'to-rosaline');
+    const first = bulky(1);
+    const second = bulky(2);
+    sender.send(`<message to='rosaline@localhost' type='chat' id='l1'><body>${first}</body></message>`);
+    await client.until((el) => el.getChildText('body') === first);
+    client.terminate();
+    await detached(smId);
+    sender.send(`<message to='rosaline@localhost' type='chat' id='l2'><body>${second}</body></message>`);
+    // Queued while detached: the queue holds both large stanzas by key, each in an item of its own.
+    await eventually(async () => expect(await ownItems(smId)).toBe(2));
+    const queued = (await stack.server.smQueue.get(smId))?.entries.filter((e) => e.x !== undefined) ?? [];
+    expect(queued.map((e) => e.s)).toEqual([undefined, undefined]);
+    expect(await stack.server.smQueue.stanzas(smId, queued)).toEqual([
+      expect.stringContaining(first),
+      expect.stringContaining(second),
+    ]);
+    expect(await sweep(stack.server, afterWindow(WINDOW_SECONDS))).toBeGreaterThanOrEqual(1);
+    expect(await stack.server.offline.count('rosaline@localhost')).toBe(2);
+    expect(await ownItems(smId)).toBe(0);
+    const back = await login('rosaline', { resource: 'back' });
+    await back.xmpp.send(xml('presence'));
+    await back.waitFor((s) => s.getChildText('body') === second);
+    const bodies = back.received.filter((s) => s.is('message')).map((s) => s.getChildText('body'));
+    expect(bodies).toEqual([first, second]);
+    await back.stop();
   });
 });
 
@@ -1652,7 +1754,7 @@ describe('expiry', () => {
     // the desk, which had it, must not get it a second time.
     const { smId, desk } = await messageToDeskAndDetachedPhone('valeria', 'v1', 'to both');
     const queued = await stack.server.smQueue.get(smId);
-    expect(queued?.entries.filter((entry) => entry.s.includes('to both'))).toHaveLength(1);
+    expect(queued?.entries.filter((entry) => (entry.s ?? '').includes('to both'))).toHaveLength(1);
     await sweep(stack.server, afterWindow(WINDOW_SECONDS));
     expect((await stack.server.smQueue.get(smId))?.ended).toBeTruthy();
     expect((await desk.framesBeforePong()).filter((frame) => frame.includes('to both'))).toEqual([]);
@@ -2278,7 +2380,7 @@ describe('durable re-routing', () => {
     // offline), before recording anything else: what the sweeper must recover from.
     const claimed = await stack.server.smQueue.end(smId, undefined, 0);
     expect(claimed?.entries).toHaveLength(4);
-    const first = claimed?.entries.find((e) => e.s.includes('id="o1"'));
+    const first = claimed?.entries.find((e) => (e.s ?? '').includes('id="o1"'));
     // Stored as the re-route stores it: keyed by the session and the entry's number (entry 2),
     // with the message's arrival time, so re-routed messages keep their order.
     await stack.server.offline.store(

@@ -100,7 +100,9 @@ describe('a redelivered message with automatic archiving on (XEP-0136 §7)', () 
     await frame('alice-1', message, 'alice-m1', '900', 2);
     // Bob's session got it once (its XEP-0198 queue is keyed by the frame).
     const smId = (await server.sessions.listResources(bob))[0]?.smId as string;
-    const queued = ((await server.smQueue.get(smId))?.entries ?? []).filter((e) => e.s.includes('only-once'));
+    const queued = ((await server.smQueue.get(smId))?.entries ?? []).filter((e) =>
+      (e.s ?? '').includes('only-once'),
+    );
     expect(queued).toHaveLength(1);
     // Alice's archive should hold it once too.
     const collections = (await server.archive.listCollections(alice, {}, { max: 100 })).items;

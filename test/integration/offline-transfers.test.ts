@@ -428,7 +428,7 @@ describe('a paced XEP-0160 flood and session ends', () => {
     const appendMany = t.server.smQueue.appendMany.bind(t.server.smQueue);
     const windows: string[][] = [];
     const restoreMany = intercept(t.server.smQueue, 'appendMany', async (...args) => {
-      windows.push(args[1].map((entry) => /<body>(\w+)/.exec(entry.s)?.[1] as string));
+      windows.push(args[1].map((entry) => /<body>(\w+)/.exec(entry.s ?? '')?.[1] as string));
       return appendMany(...args);
     });
     await t.frame('g10', t.fetch('f1'), 'g10-fetch');
@@ -492,7 +492,7 @@ describe('a paced XEP-0160 flood and session ends', () => {
       return appendMany(...args);
     });
     const restoreOne = intercept(t.server.smQueue, 'append', async (...args) => {
-      if (args[1].o) stored.push(/<body>(\w+)/.exec(args[1].s)?.[1] as string);
+      if (args[1].o) stored.push(/<body>(\w+)/.exec(args[1].s ?? '')?.[1] as string);
       return append(...args);
     });
     await t.frame('g13', '<presence/>', 'g13-presence');

@@ -543,7 +543,7 @@ describe('a redelivered message its first attempt queued in a stream-management 
     expect(smId).toBeDefined();
     const queued = async () =>
       ((await server.smQueue.get(smId as string))?.entries ?? []).filter((entry) =>
-        entry.s.includes('only-once'),
+        (entry.s ?? '').includes('only-once'),
       );
     // Alice's message is queued for Bob's session; her invocation dies before its last save.
     const message = `<message to='${bob}' type='chat' id='m1'><body>only-once</body></message>`;

@@ -177,7 +177,7 @@ describe('a keepalive ping with stream management (urn:xmpp:sm:3)', () => {
     expect((await server.sessions.getConnection(connectionId))?.sm?.inbound).toBe(1);
     // The redelivery finds its answer in the queue under the frame's key: not queued twice.
     const queue = await server.smQueue.get(`sm-${connectionId}`);
-    expect(queue?.entries.filter((entry) => entry.s.includes('c2s1'))).toHaveLength(1);
+    expect(queue?.entries.filter((entry) => (entry.s ?? '').includes('c2s1'))).toHaveLength(1);
     expect(results(port, connectionId, 'c2s1').length).toBeGreaterThanOrEqual(1);
   });
 });

@@ -360,7 +360,7 @@ async function crossingPosts(
   await port.reached;
   expect(await deliver(server, { connectionId: 'live', smId }, chat('second'))).toBe('sent');
   const queuedBodies = async () =>
-    (await server.smQueue.get(smId))?.entries.map((e) => /<body>([^<]*)</.exec(e.s)?.[1]);
+    (await server.smQueue.get(smId))?.entries.map((e) => /<body>([^<]*)</.exec(e.s ?? '')?.[1]);
   /** Lets 'first' land, past SM_LATE_POST_MS (50), after 'second' did. */
   const landLate = async () => {
     await new Promise((resolve) => setTimeout(resolve, 80));

@@ -14,7 +14,7 @@ import {
   UpdateCommand,
 } from '@aws-sdk/lib-dynamodb';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { createDocumentClient } from '../../shared/store/dynamo.ts';
+import { createDocumentClient, DynamoMeter } from '../../shared/store/dynamo.ts';
 import {
   AckBeyondQueueError,
   countCovers,
@@ -553,23 +553,133 @@ describe('append', () => {
   });
 
   // docs/data-model.md: "the SM queue is one item, so it is full at SM_QUEUE_MAX entries or
-  // 400 KB, whichever comes first".
+  // 400 KB, whichever comes first". Entries over SM_OWN_ITEM_BYTES as stored are items of their
+  // own: the item fills with entries just under it.
   it('is full when the next entry would take the item past 400 KB', async () => {
     const { smId } = await session();
-    // Random text: queued stanzas are stored deflated, and this does not shrink below ~110 KB.
-    const big = randomBytes(112_500).toString('base64');
-    for (let i = 1; i <= 3; i++) {
-      expect(await queue.append(smId, entry(i, { s: big }), MAX)).toMatchObject({
-        kind: 'queued',
-        number: i,
-      });
+    // Random text: queued stanzas are stored deflated, and this shrinks only to about 970 bytes.
+    const medium = () => randomBytes(950).toString('base64');
+    let queued = 0;
+    let refused: unknown;
+    for (let i = 1; i <= 600 && !refused; i++) {
+      const result = await queue.append(smId, entry(i, { s: medium() }), MAX);
+      if (result.kind === 'queued') queued = i;
+      else refused = result;
     }
-    expect(await queue.append(smId, entry(4, { s: big }), MAX)).toMatchObject({ kind: 'full' });
+    expect(refused).toMatchObject({ kind: 'full' });
+    // About 1,000 bytes each as stored, in the item: full at about 400 entries.
+    expect(queued).toBeGreaterThan(370);
+    expect(queued).toBeLessThan(420);
     const item = await queue.get(smId);
-    expect(item).toMatchObject({ out: 3, ended: false });
-    expect(item?.entries).toHaveLength(3);
-    // A small stanza still fits.
-    expect(await queue.append(smId, entry(5), MAX)).toMatchObject({ kind: 'queued', number: 4 });
+    expect(item).toMatchObject({ out: queued, ended: false });
+    expect(item?.entries).toHaveLength(queued);
+    expect(item?.entries.every((queuedEntry) => queuedEntry.x === undefined)).toBe(true);
+  });
+});
+
+describe('large stanzas, each an item of its own', () => {
+  // Random text: does not deflate below SM_OWN_ITEM_BYTES.
+  const large = (kb: number) =>
+    `<message id='big'><body>${randomBytes(kb * 768).toString('base64')}</body></message>`;
+  const ownItem = async (smId: string, x: string) =>
+    (
+      await doc.send(
+        new GetCommand({ TableName: table, Key: { pk: `sm#${smId}`, sk: x }, ConsistentRead: true }),
+      )
+    ).Item;
+
+  it('queues the key: an append behind a 100 KB unacknowledged stanza is billed on the small queue item', async () => {
+    const meter = new DynamoMeter();
+    const metered = createSmQueueStore(
+      createDocumentClient({ endpoint: useDynamoDbLocal(), region: TEST_REGION, meter }),
+      table,
+    );
+    const { smId } = await session(fresh('c'), metered);
+    const stanza = large(100);
+    expect(Buffer.byteLength(stanza)).toBeGreaterThan(100 * 1024);
+    meter.reset();
+    expect(await metered.append(smId, entry(1, { s: stanza, k: 'f1:0' }), MAX)).toMatchObject({
+      kind: 'queued',
+      number: 1,
+    });
+    const first = meter.snapshot();
+    // The stanza's own item is billed on its size once; the append on the queue item.
+    expect(first.operations.PutItem).toMatchObject({ requests: 1 });
+    expect(first.operations.PutItem?.writeUnits).toBeGreaterThan(70);
+    expect(first.operations.UpdateItem?.writeUnits).toBe(1);
+    for (let i = 2; i <= 4; i++) {
+      meter.reset();
+      await metered.append(smId, entry(i), MAX);
+      // In the queue item, each of these appends was billed on the whole 100 KB.
+      expect(meter.snapshot()).toMatchObject({ requests: 1, writeUnits: 1 });
+    }
+    const item = await metered.get(smId);
+    const head = item?.entries[0];
+    expect(head).toMatchObject({ k: 'f1:0', t: entry(1).t, n: Buffer.byteLength(stanza) });
+    expect(head?.s).toBeUndefined();
+    expect(await metered.stanzas(smId, item?.entries ?? [])).toEqual([
+      stanza,
+      entry(2).s,
+      entry(3).s,
+      entry(4).s,
+    ]);
+  });
+
+  it('deletes the own item with the ack that trims its key', async () => {
+    const { smId, connectionId } = await session();
+    const stanza = large(4);
+    await queue.append(smId, entry(1, { s: stanza }), MAX);
+    await queue.append(smId, entry(2), MAX);
+    const x = (await queue.get(smId))?.entries[0]?.x as string;
+    expect(x).toMatch(/^x#/);
+    const own = await ownItem(smId, x);
+    expect(own?.[TTL_ATTRIBUTE]).toBeGreaterThan(nowSeconds() + 29 * DAY);
+    const { removed } = await queue.acknowledge(smId, 0, 1, connectionId);
+    expect(removed).toMatchObject([{ x }]);
+    expect(await ownItem(smId, x)).toBeUndefined();
+    // Read after its ack (a poster or replay that read the queue before it): nothing to send.
+    expect(await queue.stanzas(smId, removed)).toEqual([undefined]);
+  });
+
+  it('keeps the own items of an ended session until its re-route is finished', async () => {
+    const { smId, connectionId } = await session();
+    const stanzas = [large(3), large(5)];
+    expect(
+      await queue.appendMany(
+        smId,
+        stanzas.map((s, i) => entry(i + 1, { s, k: `w:${i}` })),
+        MAX,
+        undefined,
+        connectionId,
+      ),
+    ).toMatchObject({ kind: 'queued', first: 1 });
+    const ended = await queue.end(smId, connectionId, 0);
+    const keys = ended?.entries.map((e) => e.x as string) ?? [];
+    expect(keys).toHaveLength(2);
+    expect(await queue.stanzas(smId, ended?.entries ?? [])).toEqual(stanzas);
+    await queue.finishReroute(smId);
+    expect(await ownItem(smId, keys[0] as string)).toBeUndefined();
+    expect(await ownItem(smId, keys[1] as string)).toBeUndefined();
+  });
+
+  it('is full for a stanza that is no item even on its own (400 KB deflated); the queue is unchanged', async () => {
+    const { smId } = await session();
+    const huge = `<message id='huge'><body>${randomBytes(420_000).toString('base64')}</body></message>`;
+    expect(await queue.append(smId, entry(1, { s: huge }), MAX)).toEqual({ kind: 'full' });
+    expect(await queue.append(smId, entry(2), MAX)).toMatchObject({ kind: 'queued', number: 1 });
+  });
+
+  it("a rebase keeps a large entry's key, its own item untouched", async () => {
+    const { smId } = await session();
+    const stanza = large(2);
+    await queue.append(smId, entry(1), MAX);
+    await queue.append(smId, entry(2, { s: stanza }), MAX);
+    const seen = (await queue.get(smId)) as SmQueueItem;
+    const kept = seen.entries.slice(1);
+    expect(await queue.rebase(smId, seen, 1, kept)).toBe(true);
+    const after = await queue.get(smId);
+    expect(after?.entries).toEqual(kept);
+    expect(await queue.stanzas(smId, after?.entries ?? [])).toEqual([stanza]);
   });
 });
 
@@ -1176,7 +1286,7 @@ describe('end: exactly once', () => {
 });
 
 describe('uncertain entries (a post failed or never made while later ones went out)', () => {
-  const bodies = (entries: SmEntry[]) => entries.map((e) => /m(\d+)/.exec(e.s)?.[1]);
+  const bodies = (entries: SmEntry[]) => entries.map((e) => /m(\d+)/.exec(e.s ?? '')?.[1]);
 
   it('countCovers: without one, a count covers that many entries from the head', () => {
     const entries = [1, 2, 3, 4].map((n) => entry(n));
