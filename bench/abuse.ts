@@ -8,9 +8,15 @@
  *   Reports p50/p95/max of the bystander's one-way latency in both phases.
  * - Password guessing: one address guessing one account's password, counting the attempts the
  *   server actually checked (the others are refused unchecked) over a fixed span.
+ * - A client that never acknowledges (XEP-0198): it asks for one large answer (an error echoing
+ *   a `--hoard-kb` payload), then pings `--hoard-pings` times and never sends `<a/>`. Reports the
+ *   DynamoDB write units each ping's answer cost (its append and its post's release are writes of
+ *   the session's queue item, which DynamoDB bills by the item's size).
  *
  *   npm run bench:abuse -- [--messages 100] [--flood 3000] [--guess-seconds 20]
+ *                          [--hoard-kb 24] [--hoard-pings 50] [--hoard-only]
  */
+import { randomBytes } from 'node:crypto';
 import { parseArgs } from 'node:util';
 import { DynamoDBClient } from '@aws-sdk/client-dynamodb';
 import { createTables, tableNamesOf } from '../infra/local/create-tables.ts';
@@ -20,6 +26,7 @@ import { type LocalStack, startLocalStack } from '../infra/local/stack.ts';
 import { type Config, loadConfig } from '../shared/config.ts';
 import { createLogger } from '../shared/log.ts';
 import { deriveScramCredentials } from '../shared/sasl/scram.ts';
+import { dynamoMeter } from '../shared/store/dynamo.ts';
 import { allTables, localTableName } from '../shared/tables.ts';
 
 const { values } = parseArgs({
@@ -27,6 +34,10 @@ const { values } = parseArgs({
     messages: { type: 'string', default: '100' },
     flood: { type: 'string', default: '3000' },
     'guess-seconds': { type: 'string', default: '20' },
+    'hoard-kb': { type: 'string', default: '24' },
+    'hoard-pings': { type: 'string', default: '50' },
+    /** Only the client that never acknowledges. */
+    'hoard-only': { type: 'boolean', default: false },
   },
 });
 
@@ -64,7 +75,41 @@ async function exchange(alice: RawClient, bob: RawClient, count: number, tag: st
   return latencies;
 }
 
+/**
+ * The write units one ping's answer costs a client with stream management that never acknowledges,
+ * after one answer of about `kb` KB (an error echoing the payload of an iq nobody serves).
+ */
+async function hoarding(stack: LocalStack, kb: number, pings: number) {
+  const client = await RawClient.connect(stack.url, ['xmpp']);
+  await client.login('hoarder', 'secret', 'h');
+  client.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>");
+  await client.until((el) => el.name === 'enabled');
+  // Random text: it does not deflate away (queued stanzas are stored deflated).
+  const payload = randomBytes(Math.floor((kb * 1024 * 3) / 4)).toString('base64');
+  client.send(`<iq type='get' id='big' to='localhost'><x xmlns='urn:example:unserved'>${payload}</x></iq>`);
+  await client.until((el) => el.name === 'iq' && el.attrs.id === 'big');
+  await stack.gateway.drained();
+  dynamoMeter.reset();
+  for (let i = 0; i < pings; i++) {
+    client.send(`<iq type='get' id='p${i}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    await client.until((el) => el.name === 'iq' && el.attrs.id === `p${i}`);
+  }
+  await stack.gateway.drained();
+  const used = dynamoMeter.snapshot();
+  client.terminate();
+  return {
+    writeUnits: used.writeUnits / pings,
+    queueWriteUnits:
+      Object.entries(used.items ?? {})
+        .filter(([name]) => name.endsWith(' sm'))
+        .reduce((sum, [, usage]) => sum + usage.writeUnits, 0) / pings,
+    requests: used.requests / pings,
+  };
+}
+
 async function main(): Promise<void> {
+  // The stores' clients count requests and units into `dynamoMeter`.
+  process.env.NIMBUS_METER = '1';
   const messages = Number(values.messages);
   const flood = Number(values.flood);
   const guessSeconds = Number(values['guess-seconds']);
@@ -84,11 +129,18 @@ async function main(): Promise<void> {
   admin.destroy();
   const stack = await startLocalStack({ config, port: 0, log: createLogger('error') });
   try {
-    for (const user of ['alice', 'bob', 'mallory', 'victim']) {
+    for (const user of ['alice', 'bob', 'mallory', 'victim', 'hoarder']) {
       await stack.server.users.create(`${user}@localhost`, {
         sha1: await deriveScramCredentials('secret', 'sha1', 4096),
         sha256: await deriveScramCredentials('secret', 'sha256', 4096),
       });
+    }
+    const hoardKb = Number(values['hoard-kb']);
+    const hoard = await hoarding(stack, hoardKb, Number(values['hoard-pings']));
+    const hoardLine = `a client that never acknowledges, after one ${hoardKb} KB answer: ${hoard.writeUnits.toFixed(2)} write units per ping (the queue item's ${hoard.queueWriteUnits.toFixed(2)}), ${hoard.requests.toFixed(2)} DynamoDB requests`;
+    if (values['hoard-only']) {
+      console.log(hoardLine);
+      return;
     }
     const alice = await online(stack, 'alice', 'a');
     const bob = await online(stack, 'bob', 'b');
@@ -130,6 +182,7 @@ async function main(): Promise<void> {
     console.log(
       `guessing from one address for ${guessSeconds} s: ${checked} attempts checked (${(checked / guessSeconds).toFixed(2)}/s), ${refused} refused unchecked; limits: ${config.authFailuresPerAddress} per address and ${config.authFailuresPerAccount} per account per ${config.authFailureWindowSeconds} s, then one per ${config.authAccountSlowdownSeconds} s on the account`,
     );
+    console.log(hoardLine);
     for (const client of [alice, bob, mallory]) client.terminate();
   } finally {
     await stack.gateway.drained();

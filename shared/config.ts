@@ -3,15 +3,7 @@
  * deployment may want to change is here, with its default; the README's configuration table
  * lists the same names.
  */
-import {
-  archiveTable,
-  localTableName,
-  offlineTable,
-  rosterTable,
-  sessionsTable,
-  type TableDefinition,
-  usersTable,
-} from './tables.ts';
+import { localTableName, TABLE_NAMES, type TableDefinition } from './tables.ts';
 
 export interface Config {
   /** The XMPP domain served (the `to` of `<open/>`, the domain part of every local JID). */
@@ -232,7 +224,7 @@ function bool(env: Env, name: string, fallback: boolean): boolean {
   return oneOf(env, name, ['true', 'false'] as const, fallback ? 'true' : 'false') === 'true';
 }
 
-function tableName(env: Env, def: TableDefinition): string {
+function tableName(env: Env, def: Pick<TableDefinition, 'id' | 'envVar'>): string {
   return env[def.envVar] || localTableName(def, env.TABLE_PREFIX || 'nimbus');
 }
 
@@ -263,11 +255,11 @@ export function loadConfig(env: Env = process.env): Config {
   return {
     domain: (env.XMPP_DOMAIN || 'localhost').toLowerCase(),
     tables: {
-      users: tableName(env, usersTable),
-      sessions: tableName(env, sessionsTable),
-      offline: tableName(env, offlineTable),
-      roster: tableName(env, rosterTable),
-      archive: tableName(env, archiveTable),
+      users: tableName(env, TABLE_NAMES.users),
+      sessions: tableName(env, TABLE_NAMES.sessions),
+      offline: tableName(env, TABLE_NAMES.offline),
+      roster: tableName(env, TABLE_NAMES.roster),
+      archive: tableName(env, TABLE_NAMES.archive),
     },
     dynamodbEndpoint: env.DYNAMODB_ENDPOINT || undefined,
     region: env.AWS_REGION || env.AWS_DEFAULT_REGION || 'us-east-1',

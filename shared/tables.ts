@@ -40,20 +40,39 @@ export interface TableDefinition {
   batchWrites?: boolean;
 }
 
+/**
+ * Each table's logical id and the environment variable that names it to a function: all the
+ * functions need of the definitions below (`shared/config.ts`), kept apart so that their bundles
+ * leave the key schemas and indexes out.
+ */
+export const TABLE_NAMES = {
+  users: { id: 'Users', envVar: 'USERS_TABLE' },
+  sessions: { id: 'Sessions', envVar: 'SESSIONS_TABLE' },
+  offline: { id: 'Offline', envVar: 'OFFLINE_TABLE' },
+  roster: { id: 'Roster', envVar: 'ROSTER_TABLE' },
+  archive: { id: 'Archive', envVar: 'ARCHIVE_TABLE' },
+} as const satisfies Record<string, Pick<TableDefinition, 'id' | 'envVar'>>;
+
+/** A table's definition under its names; a pure call, so that a bundle using only the names drops it. */
+function table(
+  name: keyof typeof TABLE_NAMES,
+  rest: Omit<TableDefinition, 'id' | 'envVar'>,
+): TableDefinition {
+  return { ...TABLE_NAMES[name], ...rest };
+}
+
 const pk: KeyDefinition = { name: 'pk', type: 'S' };
 const sk: KeyDefinition = { name: 'sk', type: 'S' };
 
 export const TTL_ATTRIBUTE = 'expiresAt';
 
-export const usersTable: TableDefinition = {
-  id: 'Users',
-  envVar: 'USERS_TABLE',
+export const usersTable = /* @__PURE__ */ table('users', {
   partitionKey: pk,
   sortKey: sk,
   globalSecondaryIndexes: [],
   timeToLiveAttribute: TTL_ATTRIBUTE,
   pointInTimeRecovery: true,
-};
+});
 
 /**
  * Index of stream-management sessions by when the sweeper looks at them (sparse: attached ones
@@ -63,9 +82,7 @@ export const usersTable: TableDefinition = {
  */
 export const SWEEP_INDEX = 'bySweepKeys';
 
-export const sessionsTable: TableDefinition = {
-  id: 'Sessions',
-  envVar: 'SESSIONS_TABLE',
+export const sessionsTable = /* @__PURE__ */ table('sessions', {
   partitionKey: pk,
   sortKey: sk,
   globalSecondaryIndexes: [
@@ -79,33 +96,29 @@ export const sessionsTable: TableDefinition = {
   timeToLiveAttribute: TTL_ATTRIBUTE,
   // Connection state is ephemeral: it dies with the socket or the resumption window.
   pointInTimeRecovery: false,
-};
+});
 
-export const offlineTable: TableDefinition = {
-  id: 'Offline',
-  envVar: 'OFFLINE_TABLE',
+export const offlineTable = /* @__PURE__ */ table('offline', {
   partitionKey: pk,
   sortKey: sk,
   globalSecondaryIndexes: [],
   timeToLiveAttribute: TTL_ATTRIBUTE,
   pointInTimeRecovery: true,
-};
+});
 
 /**
  * RFC 6121 rosters: per user, one item per contact (roster item, pending inbound request or
  * pre-approval) and one meta item with the roster version and item counts
  * (`shared/store/roster.ts`).
  */
-export const rosterTable: TableDefinition = {
-  id: 'Roster',
-  envVar: 'ROSTER_TABLE',
+export const rosterTable = /* @__PURE__ */ table('roster', {
   partitionKey: pk,
   sortKey: sk,
   globalSecondaryIndexes: [],
   // No roster item expires; the attribute is declared so every table has the same shape.
   timeToLiveAttribute: TTL_ATTRIBUTE,
   pointInTimeRecovery: true,
-};
+});
 
 /*
  * XEP-0136 Message Archiving. Item kinds and access patterns: docs/data-model.md ("Archive
@@ -133,10 +146,8 @@ export const ARCHIVE_KEY_NAME_INDEX = 'byKeyName';
 /** What a list page shows of a header: the `with` indexes copy only these (not the change time). */
 const HEADER_LIST_ATTRIBUTES = ['with', 'start', 'subject', 'crypt', 'cid', TTL_ATTRIBUTE];
 
-export const archiveTable: TableDefinition = {
-  id: 'Archive',
+export const archiveTable = /* @__PURE__ */ table('archive', {
   batchWrites: true,
-  envVar: 'ARCHIVE_TABLE',
   partitionKey: pk,
   sortKey: sk,
   globalSecondaryIndexes: [
@@ -180,7 +191,7 @@ export const archiveTable: TableDefinition = {
   ],
   timeToLiveAttribute: TTL_ATTRIBUTE,
   pointInTimeRecovery: true,
-};
+});
 
 export const allTables: readonly TableDefinition[] = [
   usersTable,
@@ -196,6 +207,6 @@ export function projectionOf(index: IndexDefinition): NonNullable<IndexDefinitio
 }
 
 /** Physical name used by the local runner and tests (`<prefix>-users`, …). */
-export function localTableName(def: TableDefinition, prefix = 'nimbus'): string {
+export function localTableName(def: Pick<TableDefinition, 'id'>, prefix = 'nimbus'): string {
   return `${prefix}-${def.id.toLowerCase()}`;
 }

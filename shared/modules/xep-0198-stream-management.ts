@@ -396,6 +396,10 @@ async function deliverToSmSession(
   // (the senders wait) rather than grow toward DynamoDB's 400 KB item limit and end the stream.
   const bytes = queuedBytes(item.entries);
   const size = entryBytes(entry);
+  // The stream's own answers pass congestion, within their count margin; a large one is an item
+  // of its own (SM_OWN_ITEM_BYTES), so the queue item's size does not bound their bytes: this does.
+  if (options.answer && bytes > ANSWER_BYTES_BOUND)
+    throw new StreamError('policy-violation', 'Too many unacknowledged stanzas');
   const congested = bytes > server.config.smQueueMaxBytes;
   if (congested) await server.smQueue.setCongested(smId, true);
   if (!item.connectionId) {
@@ -587,9 +591,12 @@ async function postInOrder(
         return 'sent';
       }
       const mine = entry.k === undefined ? undefined : own.get(entry.k);
-      const text = mine ? undefined : (await server.smQueue.stanzas(smId, [entry]))[0];
+      const text = mine
+        ? undefined
+        : (await withTransientRetries(MARK_ATTEMPTS, () => server.smQueue.stanzas(smId, [entry])))[0];
       if (!mine && text === undefined) {
         // A large stanza's own item, gone: acknowledged meanwhile (its trim deletes it).
+        server.log.warn('a queued stanza kept in an item of its own was gone', { smId, number });
         sent = number;
         continue;
       }
@@ -899,6 +906,13 @@ const MARK_ATTEMPTS = 3;
  * iq results.
  */
 export const ANSWER_MARGIN = 50;
+
+/**
+ * The bytes of unacknowledged stanzas past which the stream's own answers end it
+ * (`policy-violation`) rather than queue: what DynamoDB's item size bounded while every stanza
+ * was in the queue item, and what a resume's replay and a re-route read back at once.
+ */
+export const ANSWER_BYTES_BOUND = 400 * 1024;
 
 /**
  * How many stanzas past SM_QUEUE_MAX a queue takes of other entities' iq results and errors to
@@ -1270,7 +1284,13 @@ async function toReroute(server: Server, item: SmQueueItem, from: number): Promi
   const entries = item.entries.slice(from);
   await tellSenders(server, item, entries);
   const stanzas: UndeliveredStanza[] = [];
-  const texts = await server.smQueue.stanzas(item.smId, entries);
+  // XEP-0013 view copies and flooded stored messages stay in storage: never routed again, never read.
+  const texts = await withTransientRetries(MARK_ATTEMPTS, () =>
+    server.smQueue.stanzas(
+      item.smId,
+      entries.map((entry) => (entry.c || entry.o ? { ...entry, x: undefined } : entry)),
+    ),
+  );
   entries.forEach((entry, i) => {
     const text = texts[i];
     if (entry.c || entry.o) return;
@@ -1710,17 +1730,21 @@ async function replayHeld(
   let base = initialBase;
   for (;;) {
     const start = Math.max(sent - base, 0);
-    const texts = await server.smQueue.stanzas(sm.id, entries.slice(start));
+    const texts = await withTransientRetries(MARK_ATTEMPTS, () =>
+      server.smQueue.stanzas(sm.id, entries.slice(start)),
+    );
     for (let i = start; i < entries.length; i++) {
       const entry = entries[i] as SmEntry;
       const text = texts[i - start];
       // A replay cut short leaves the session holding: the client resumes again (the socket was
       // closed, or is gone) and the next replay starts where its ack says. A large stanza whose
       // own item is gone was acknowledged meanwhile (its trim deletes the item).
-      if (
-        text !== undefined &&
-        (await postQueued(server, stream.connectionId, withDelay(server, text, entry.t))) !== 'sent'
-      )
+      if (text === undefined)
+        server.log.warn('a queued stanza kept in an item of its own was gone', {
+          smId: sm.id,
+          number: base + i + 1,
+        });
+      else if ((await postQueued(server, stream.connectionId, withDelay(server, text, entry.t))) !== 'sent')
         return;
       sent += 1;
     }

@@ -334,7 +334,8 @@ type StoredEntry = Omit<SmEntry, 's'> & { s?: string; z?: Uint8Array };
  * append that queues its key. DynamoDB bills every write of the queue item (each append, each
  * poster's release, each ack's trim) on the whole item, by the KB: one 100 KB answer left
  * unacknowledged would make every later append to that session cost 100 write units or more. On
- * its own it costs its size once, and one more write unit for its removal when acknowledged.
+ * its own it costs its size twice: its write, and its removal once acknowledged (a delete is
+ * billed on the item's size too).
  */
 export const SM_OWN_ITEM_BYTES = 1024;
 /**
@@ -637,7 +638,7 @@ export interface SmQueueStore {
    */
   rebase(
     smId: string,
-    seen: Pick<SmQueueItem, 'base' | 'out' | 'connectionId' | 'marks'>,
+    seen: Pick<SmQueueItem, 'base' | 'out' | 'connectionId' | 'marks' | 'entries'>,
     newBase: number,
     kept: SmEntry[],
   ): Promise<boolean>;
@@ -877,20 +878,38 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
   }
 
   /**
-   * Deletes the own items of entries that left the queue (acknowledged, re-routed). Best effort:
-   * one not deleted expires (OWN_ITEM_TTL_SECONDS); the queue no longer names it.
+   * Deletes the own items of entries that left the queue (acknowledged, re-routed, refused), a few
+   * at a time (they share the queue item's partition). Best effort: one not deleted expires
+   * (OWN_ITEM_TTL_SECONDS); no queue names it any more.
    */
-  async function dropOwnItems(smId: string, entries: readonly SmEntry[]): Promise<void> {
-    await Promise.all(
-      entries.flatMap(({ x }) =>
-        x === undefined
-          ? []
-          : [
-              doc
-                .send(new DeleteCommand({ TableName: table, Key: { pk: `sm#${smId}`, sk: x } }))
-                .catch(() => {}),
-            ],
-      ),
+  async function dropOwnItems(smId: string, entries: readonly Pick<SmEntry, 'x'>[]): Promise<void> {
+    const keys = entries.flatMap(({ x }) => (x === undefined ? [] : [x]));
+    for (let i = 0; i < keys.length; i += 8)
+      await Promise.all(
+        keys
+          .slice(i, i + 8)
+          .map((x) =>
+            doc
+              .send(new DeleteCommand({ TableName: table, Key: { pk: `sm#${smId}`, sk: x } }))
+              .catch(() => {}),
+          ),
+      );
+  }
+
+  /** An append's own items that the queue does not name after it (refused, or an earlier try's entry queued instead). */
+  async function dropUnqueued(
+    smId: string,
+    stored: readonly StoredEntry[],
+    result: { kind: string; item?: SmQueueItem },
+  ): Promise<void> {
+    const named = new Set(
+      result.kind === 'queued'
+        ? (result.item?.entries.flatMap(({ x }) => (x === undefined ? [] : [x])) ?? [])
+        : [],
+    );
+    await dropOwnItems(
+      smId,
+      stored.filter(({ x }) => x !== undefined && !named.has(x)),
     );
   }
 
@@ -1018,7 +1037,11 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
     get: readItem,
 
     async stanzas(smId, entries) {
-      const own = entries.flatMap(({ x }) => (x === undefined ? [] : [{ pk: `sm#${smId}`, sk: x }]));
+      // BatchGetItem refuses a key named twice.
+      const own = [...new Set(entries.flatMap(({ x }) => (x === undefined ? [] : [x])))].map((sk) => ({
+        pk: `sm#${smId}`,
+        sk,
+      }));
       const items = own.length === 0 ? [] : await batchGetAll(doc, table, own, { consistent: true });
       const found = new Map(items.map((item) => [item.sk as string, item as { s?: string; z?: Uint8Array }]));
       return entries.map((entry) => {
@@ -1105,91 +1128,99 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
         if (isItemTooLarge(error)) return { kind: 'full' };
         throw error;
       }
-      for (let attempt = 1; ; attempt++) {
-        const command = new UpdateCommand({
-          TableName: table,
-          Key: key(smId),
-          UpdateExpression: `SET q = list_append(q, :entry)${keyed ? ', lk = :k' : ''}${
-            marked ? ', #mark = :mark' : ''
-          }${
-            poster === undefined
-              ? ''
-              : ', holding = if_not_exists(holding, :poster), holdingAt = if_not_exists(holdingAt, :now)'
-          } ADD #out :one`,
-          ConditionExpression: `attribute_exists(q) AND size(q) < :max${answer ? '' : ' AND attribute_not_exists(congested)'} AND attribute_not_exists(ended)${attachedTo === undefined ? '' : ' AND connectionId = :attachedTo'}${keyed ? ' AND (attribute_not_exists(lk) OR lk <> :k)' : ''}${
-            marked
-              ? ' AND (attribute_not_exists(#mark) OR NOT begins_with(#mark, :frame) OR #mark < :at)'
-              : ''
-          }`,
-          ExpressionAttributeNames: {
-            '#out': 'out',
-            ...(marked ? { '#mark': `${MARK_PREFIX}${marked.from}` } : {}),
-          },
-          ExpressionAttributeValues: {
-            ':entry': [stored],
-            ':one': 1,
-            ':max': maxEntries,
-            ...(keyed ? { ':k': entry.k } : {}),
-            ...(attachedTo === undefined ? {} : { ':attachedTo': attachedTo }),
-            ...(marked
-              ? {
-                  ':mark': `${marked.at}/${nowSeconds().toString(36)}`,
-                  ':frame': marked.frame,
-                  ':at': marked.at,
-                }
-              : {}),
-            ...(poster === undefined ? {} : { ':poster': poster, ':now': Date.now() }),
-          },
-          ReturnValues: 'ALL_NEW',
-        });
-        try {
-          const { Attributes } = await (keyed ? sendOnce(doc, command) : doc.send(command));
-          const item = toItem(Attributes as Record<string, unknown>);
-          if (item.senderMarks) await pruneMarks(smId, item.senderMarks);
-          return { kind: 'queued', number: item.out, item };
-        } catch (error) {
-          if (isItemTooLarge(error)) return { kind: 'full' };
-          const ambiguous = error instanceof AmbiguousWriteError;
-          if (!ambiguous && !isConditionFailure(error)) throw error;
-          const current = await this.get(smId);
-          // Taken by a resume elsewhere (attached there, or detached from there since): whether
-          // this write ran or not, that resume found the queue as it was (and goes on from it), so
-          // the appender stops here. Detached from the appender's own connection: likewise, unless
-          // an earlier try of this very append queued it (its answer lost), which is found below
-          // as before, so that the caller settles it (a later entry may have reached the client).
-          if (
-            attachedTo !== undefined &&
-            current &&
-            !current.ended &&
-            current.connectionId !== attachedTo &&
-            (movedOn(current, attachedTo) ||
-              !(keyed && current.entries.some((queued) => queued.k === entry.k)))
-          )
-            return { kind: 'moved' };
-          if (current && keyed) {
-            const at = current.entries.findIndex((queued) => queued.k === entry.k);
-            if (at >= 0)
-              return {
-                kind: 'queued',
-                number: current.base + at + 1,
-                item: current,
-                found: ambiguous ? 'ambiguous' : 'refused',
-              };
-            if (current.lastKey === entry.k && !current.ended) return { kind: 'acknowledged' };
-            // Appended by an earlier delivery of this frame, and acknowledged since, while other
-            // senders appended after it (`lk` moved on): not queued a second time.
-            if (marked && markCovers(current.senderMarks?.[marked.from], entry.k as string) && !current.ended)
-              return { kind: 'acknowledged' };
+      const result = await (async (): Promise<AppendResult> => {
+        for (let attempt = 1; ; attempt++) {
+          const command = new UpdateCommand({
+            TableName: table,
+            Key: key(smId),
+            UpdateExpression: `SET q = list_append(q, :entry)${keyed ? ', lk = :k' : ''}${
+              marked ? ', #mark = :mark' : ''
+            }${
+              poster === undefined
+                ? ''
+                : ', holding = if_not_exists(holding, :poster), holdingAt = if_not_exists(holdingAt, :now)'
+            } ADD #out :one`,
+            ConditionExpression: `attribute_exists(q) AND size(q) < :max${answer ? '' : ' AND attribute_not_exists(congested)'} AND attribute_not_exists(ended)${attachedTo === undefined ? '' : ' AND connectionId = :attachedTo'}${keyed ? ' AND (attribute_not_exists(lk) OR lk <> :k)' : ''}${
+              marked
+                ? ' AND (attribute_not_exists(#mark) OR NOT begins_with(#mark, :frame) OR #mark < :at)'
+                : ''
+            }`,
+            ExpressionAttributeNames: {
+              '#out': 'out',
+              ...(marked ? { '#mark': `${MARK_PREFIX}${marked.from}` } : {}),
+            },
+            ExpressionAttributeValues: {
+              ':entry': [stored],
+              ':one': 1,
+              ':max': maxEntries,
+              ...(keyed ? { ':k': entry.k } : {}),
+              ...(attachedTo === undefined ? {} : { ':attachedTo': attachedTo }),
+              ...(marked
+                ? {
+                    ':mark': `${marked.at}/${nowSeconds().toString(36)}`,
+                    ':frame': marked.frame,
+                    ':at': marked.at,
+                  }
+                : {}),
+              ...(poster === undefined ? {} : { ':poster': poster, ':now': Date.now() }),
+            },
+            ReturnValues: 'ALL_NEW',
+          });
+          try {
+            const { Attributes } = await (keyed ? sendOnce(doc, command) : doc.send(command));
+            const item = toItem(Attributes as Record<string, unknown>);
+            if (item.senderMarks) await pruneMarks(smId, item.senderMarks);
+            return { kind: 'queued', number: item.out, item };
+          } catch (error) {
+            if (isItemTooLarge(error)) return { kind: 'full' };
+            const ambiguous = error instanceof AmbiguousWriteError;
+            if (!ambiguous && !isConditionFailure(error)) throw error;
+            const current = await this.get(smId);
+            // Taken by a resume elsewhere (attached there, or detached from there since): whether
+            // this write ran or not, that resume found the queue as it was (and goes on from it), so
+            // the appender stops here. Detached from the appender's own connection: likewise, unless
+            // an earlier try of this very append queued it (its answer lost), which is found below
+            // as before, so that the caller settles it (a later entry may have reached the client).
+            if (
+              attachedTo !== undefined &&
+              current &&
+              !current.ended &&
+              current.connectionId !== attachedTo &&
+              (movedOn(current, attachedTo) ||
+                !(keyed && current.entries.some((queued) => queued.k === entry.k)))
+            )
+              return { kind: 'moved' };
+            if (current && keyed) {
+              const at = current.entries.findIndex((queued) => queued.k === entry.k);
+              if (at >= 0)
+                return {
+                  kind: 'queued',
+                  number: current.base + at + 1,
+                  item: current,
+                  found: ambiguous ? 'ambiguous' : 'refused',
+                };
+              if (current.lastKey === entry.k && !current.ended) return { kind: 'acknowledged' };
+              // Appended by an earlier delivery of this frame, and acknowledged since, while other
+              // senders appended after it (`lk` moved on): not queued a second time.
+              if (
+                marked &&
+                markCovers(current.senderMarks?.[marked.from], entry.k as string) &&
+                !current.ended
+              )
+                return { kind: 'acknowledged' };
+            }
+            if (ambiguous && current && !current.ended) {
+              // Not applied: throttled, or a 5xx before the write. Again, as the SDK would have.
+              if (attempt >= APPEND_ATTEMPTS) throw error;
+              await sleep(APPEND_BACKOFF_MS * 2 ** (attempt - 1) * (0.5 + Math.random()));
+              continue;
+            }
+            return current && !current.ended ? { kind: 'full', item: current } : { kind: 'ended' };
           }
-          if (ambiguous && current && !current.ended) {
-            // Not applied: throttled, or a 5xx before the write. Again, as the SDK would have.
-            if (attempt >= APPEND_ATTEMPTS) throw error;
-            await sleep(APPEND_BACKOFF_MS * 2 ** (attempt - 1) * (0.5 + Math.random()));
-            continue;
-          }
-          return current && !current.ended ? { kind: 'full', item: current } : { kind: 'ended' };
         }
-      }
+      })();
+      await dropUnqueued(smId, [stored], result);
+      return result;
     },
 
     async appendMany(smId, entries, maxEntries, poster, attachedTo) {
@@ -1205,66 +1236,70 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
         if (isItemTooLarge(error)) return { kind: 'unfit' };
         throw error;
       }
-      for (let attempt = 1; ; attempt++) {
-        const command = new UpdateCommand({
-          TableName: table,
-          Key: key(smId),
-          UpdateExpression: `SET q = list_append(q, :entries), lk = :k${
-            poster === undefined
-              ? ''
-              : ', holding = if_not_exists(holding, :poster), holdingAt = if_not_exists(holdingAt, :now)'
-          } ADD #out :n`,
-          // Room for every one of them (`size(q) <= max - n`), else none is appended.
-          ConditionExpression:
-            'attribute_exists(q) AND size(q) <= :room AND attribute_not_exists(congested) AND ' +
-            'attribute_not_exists(ended) AND connectionId = :attachedTo AND (attribute_not_exists(lk) OR lk <> :k)',
-          ExpressionAttributeNames: { '#out': 'out' },
-          ExpressionAttributeValues: {
-            ':entries': stored,
-            ':n': entries.length,
-            ':room': maxEntries - entries.length,
-            ':k': last,
-            ':attachedTo': attachedTo,
-            ...(poster === undefined ? {} : { ':poster': poster, ':now': Date.now() }),
-          },
-          ReturnValues: 'ALL_NEW',
-        });
-        try {
-          // Not resent by the SDK (see `append`): a read tells whether a failed attempt ran.
-          const { Attributes } = await sendOnce(doc, command);
-          const item = toItem(Attributes as Record<string, unknown>);
-          if (item.senderMarks) await pruneMarks(smId, item.senderMarks);
-          return { kind: 'queued', first: item.out - entries.length + 1, item };
-        } catch (error) {
-          if (isItemTooLarge(error)) return { kind: 'unfit' };
-          const ambiguous = error instanceof AmbiguousWriteError;
-          if (!ambiguous && !isConditionFailure(error)) throw error;
-          const current = await this.get(smId);
-          if (!current || current.ended) return { kind: 'ended' };
-          // One write: found only as a whole, in order (what else queued its first key is left
-          // to the one-by-one appends to tell).
-          const at = windowAt(current, keys);
-          const whole = at >= 0;
-          if (current.connectionId !== attachedTo && (movedOn(current, attachedTo) || !whole))
-            return { kind: 'moved' };
-          if (!whole && current.entries.some((queued) => queued.k === first)) return { kind: 'unfit' };
-          if (whole)
-            return {
-              kind: 'queued',
-              first: current.base + at + 1,
-              item: current,
-              found: ambiguous ? 'ambiguous' : 'refused',
-            };
-          if (current.lastKey === last) return { kind: 'acknowledged' };
-          if (ambiguous) {
-            // Not applied: throttled, or a 5xx before the write. Again, as the SDK would have.
-            if (attempt >= APPEND_ATTEMPTS) throw error;
-            await sleep(APPEND_BACKOFF_MS * 2 ** (attempt - 1) * (0.5 + Math.random()));
-            continue;
+      const result = await (async (): Promise<AppendManyResult> => {
+        for (let attempt = 1; ; attempt++) {
+          const command = new UpdateCommand({
+            TableName: table,
+            Key: key(smId),
+            UpdateExpression: `SET q = list_append(q, :entries), lk = :k${
+              poster === undefined
+                ? ''
+                : ', holding = if_not_exists(holding, :poster), holdingAt = if_not_exists(holdingAt, :now)'
+            } ADD #out :n`,
+            // Room for every one of them (`size(q) <= max - n`), else none is appended.
+            ConditionExpression:
+              'attribute_exists(q) AND size(q) <= :room AND attribute_not_exists(congested) AND ' +
+              'attribute_not_exists(ended) AND connectionId = :attachedTo AND (attribute_not_exists(lk) OR lk <> :k)',
+            ExpressionAttributeNames: { '#out': 'out' },
+            ExpressionAttributeValues: {
+              ':entries': stored,
+              ':n': entries.length,
+              ':room': maxEntries - entries.length,
+              ':k': last,
+              ':attachedTo': attachedTo,
+              ...(poster === undefined ? {} : { ':poster': poster, ':now': Date.now() }),
+            },
+            ReturnValues: 'ALL_NEW',
+          });
+          try {
+            // Not resent by the SDK (see `append`): a read tells whether a failed attempt ran.
+            const { Attributes } = await sendOnce(doc, command);
+            const item = toItem(Attributes as Record<string, unknown>);
+            if (item.senderMarks) await pruneMarks(smId, item.senderMarks);
+            return { kind: 'queued', first: item.out - entries.length + 1, item };
+          } catch (error) {
+            if (isItemTooLarge(error)) return { kind: 'unfit' };
+            const ambiguous = error instanceof AmbiguousWriteError;
+            if (!ambiguous && !isConditionFailure(error)) throw error;
+            const current = await this.get(smId);
+            if (!current || current.ended) return { kind: 'ended' };
+            // One write: found only as a whole, in order (what else queued its first key is left
+            // to the one-by-one appends to tell).
+            const at = windowAt(current, keys);
+            const whole = at >= 0;
+            if (current.connectionId !== attachedTo && (movedOn(current, attachedTo) || !whole))
+              return { kind: 'moved' };
+            if (!whole && current.entries.some((queued) => queued.k === first)) return { kind: 'unfit' };
+            if (whole)
+              return {
+                kind: 'queued',
+                first: current.base + at + 1,
+                item: current,
+                found: ambiguous ? 'ambiguous' : 'refused',
+              };
+            if (current.lastKey === last) return { kind: 'acknowledged' };
+            if (ambiguous) {
+              // Not applied: throttled, or a 5xx before the write. Again, as the SDK would have.
+              if (attempt >= APPEND_ATTEMPTS) throw error;
+              await sleep(APPEND_BACKOFF_MS * 2 ** (attempt - 1) * (0.5 + Math.random()));
+              continue;
+            }
+            return { kind: 'unfit' };
           }
-          return { kind: 'unfit' };
         }
-      }
+      })();
+      await dropUnqueued(smId, stored, result);
+      return result;
     },
 
     async markUncertain(smId, entryKey, evenIfLast = false, postedTo, missed = false, landed = false) {
@@ -1362,6 +1397,12 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
               ':out': seen.out,
             },
           }),
+        );
+        // What the count vouched for left the queue: its own items go too.
+        const keptKeys = new Set(kept.flatMap(({ x }) => (x === undefined ? [] : [x])));
+        await dropOwnItems(
+          smId,
+          seen.entries.filter(({ x }) => x !== undefined && !keptKeys.has(x)),
         );
         return true;
       } catch (error) {

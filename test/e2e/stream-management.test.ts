@@ -10,6 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RawClient } from '../../infra/local/raw-client.ts';
 import { sweep } from '../../shared/core/lifecycle.ts';
 import {
+  ANSWER_BYTES_BOUND,
   ANSWER_MARGIN,
   counter,
   REPLY_MARGIN,
@@ -1402,6 +1403,16 @@ describe('large stanzas, each queued in an item of its own (SM_OWN_ITEM_BYTES)',
     juliet.xmpp.streamManagement.on('resumed', () => {
       resumed += 1;
     });
+    // Each large one queued as an item of its own (the queue names it).
+    let ownItemEntries = 0;
+    const queue = stack.server.smQueue;
+    const append = queue.append.bind(queue);
+    const restore = intercept(queue, 'append', async (...args) => {
+      const result = await append(...args);
+      if (result.kind === 'queued' && result.item.entries[result.number - result.item.base - 1]?.x)
+        ownItemEntries += 1;
+      return result;
+    });
     // Two senders at once: one's appends find the other's poster holding, which posts them.
     const senders = [await raw('romeo', 'large1'), await raw('romeo', 'large2')];
     const sent: string[] = [];
@@ -1420,7 +1431,9 @@ describe('large stanzas, each queued in an item of its own (SM_OWN_ITEM_BYTES)',
       () => expect(juliet.received.filter((s) => s.is('message')).length).toBeGreaterThanOrEqual(40),
       60_000,
     );
+    restore();
     expect(resumed).toBeGreaterThanOrEqual(1);
+    expect(ownItemEntries).toBeGreaterThanOrEqual(27);
     const bodies = juliet.received.filter((s) => s.is('message')).map((s) => s.getChildText('body'));
     // Per sender in order; every one whole, and once.
     expect([...bodies].sort()).toEqual([...sent].sort());
@@ -1440,32 +1453,32 @@ describe('large stanzas, each queued in an item of its own (SM_OWN_ITEM_BYTES)',
   }, 120_000);
 
   it('re-routes a large stanza left unacknowledged to offline storage when the window closes, and drops its item', async () => {
-    await stack.addUser('rosaline@localhost', 'rosaline-pw');
-    const client = await raw('rosaline', 'expiring');
+    await stack.addUser('livia@localhost', 'livia-pw');
+    const client = await raw('livia', 'expiring');
     client.send(`<enable xmlns='${SM3}' resume='true' max='${WINDOW_SECONDS}'/>`);
     const enabled = await client.next();
     const smId = enabled.attrs.id as string;
     client.send('<presence/>');
-    const sender = await raw('romeo', 'to-rosaline');
+    const sender = await raw('romeo', 'to-livia');
     const first = bulky(1);
     const second = bulky(2);
-    sender.send(`<message to='rosaline@localhost' type='chat' id='l1'><body>${first}</body></message>`);
+    sender.send(`<message to='livia@localhost' type='chat' id='l1'><body>${first}</body></message>`);
     await client.until((el) => el.getChildText('body') === first);
     client.terminate();
     await detached(smId);
-    sender.send(`<message to='rosaline@localhost' type='chat' id='l2'><body>${second}</body></message>`);
+    sender.send(`<message to='livia@localhost' type='chat' id='l2'><body>${second}</body></message>`);
     // Queued while detached: the queue holds both large stanzas by key, each in an item of its own.
     await eventually(async () => expect(await ownItems(smId)).toBe(2));
     const queued = (await stack.server.smQueue.get(smId))?.entries.filter((e) => e.x !== undefined) ?? [];
-    expect(queued.map((e) => e.s)).toEqual([undefined, undefined]);
+    expect(queued).toHaveLength(2);
     expect(await stack.server.smQueue.stanzas(smId, queued)).toEqual([
       expect.stringContaining(first),
       expect.stringContaining(second),
     ]);
     expect(await sweep(stack.server, afterWindow(WINDOW_SECONDS))).toBeGreaterThanOrEqual(1);
-    expect(await stack.server.offline.count('rosaline@localhost')).toBe(2);
+    expect(await stack.server.offline.count('livia@localhost')).toBe(2);
     expect(await ownItems(smId)).toBe(0);
-    const back = await login('rosaline', { resource: 'back' });
+    const back = await login('livia', { resource: 'back' });
     await back.xmpp.send(xml('presence'));
     await back.waitFor((s) => s.getChildText('body') === second);
     const bodies = back.received.filter((s) => s.is('message')).map((s) => s.getChildText('body'));
@@ -1913,6 +1926,41 @@ describe('the queue bound (SM_QUEUE_MAX)', () => {
     }
     // 3 messages + 2 answers above + 68 more fill SM_QUEUE_MAX + both margins; the next ends it.
     expect(answered).toEqual(Array.from({ length: margin - 2 }, (_, i) => `more-${i}`));
+  });
+
+  it('ends the stream of a client that never acknowledges once its answers hold ANSWER_BYTES_BOUND, each request before answered', async () => {
+    // Large answers are items of their own (SM_OWN_ITEM_BYTES): the queue item's 400 KB no longer
+    // bounds them, ANSWER_BYTES_BOUND does. Each request here is answered with an error echoing its
+    // 24 KB payload (nobody serves the namespace); nothing else is queued to the client.
+    await stack.addUser('hoarder@localhost', 'hoarder-pw');
+    const hoarder = await raw('hoarder', 'never-acks');
+    await enable(hoarder);
+    const payload = randomBytes(18_000).toString('base64');
+    const answered: string[] = [];
+    let ended: Element | undefined;
+    for (let i = 0; i < 40 && !ended; i++) {
+      hoarder.send(
+        `<iq type='get' id='big-${i}' to='localhost'><x xmlns='urn:example:unserved'>${payload}</x></iq>`,
+      );
+      for (;;) {
+        const el = await hoarder.next(15_000);
+        if (el.name === 'stream:error') {
+          ended = el;
+          break;
+        }
+        if (el.name === 'iq' && el.attrs.id === `big-${i}`) {
+          expect(el.attrs.type).toBe('error');
+          expect(el.getChild('x')?.getText()).toBe(payload);
+          answered.push(el.attrs.id);
+          break;
+        }
+      }
+    }
+    expect(ended?.getChild('policy-violation', STREAMS)).toBeDefined();
+    // About 24.3 KB each: 16 fit under 400 KB; the 17th crosses it and ends the stream instead.
+    expect(answered).toEqual(
+      Array.from({ length: Math.floor(ANSWER_BYTES_BOUND / 24_400) }, (_, i) => `big-${i}`),
+    );
   });
 
   it('delivers another entity’s iq result to a requester whose queue is full (RFC 6121 §8.5.3.1)', async () => {

@@ -662,6 +662,43 @@ describe('large stanzas, each an item of its own', () => {
     expect(await ownItem(smId, keys[1] as string)).toBeUndefined();
   });
 
+  const ownItemCount = async (smId: string) =>
+    (
+      await doc.send(
+        new QueryCommand({
+          TableName: table,
+          KeyConditionExpression: 'pk = :pk AND begins_with(sk, :x)',
+          ExpressionAttributeValues: { ':pk': `sm#${smId}`, ':x': 'x#' },
+          ConsistentRead: true,
+        }),
+      )
+    ).Items?.length;
+
+  it('leaves no item of its own behind an append refused (full, ended) or found queued by an earlier try', async () => {
+    const full = await session();
+    await appendMany(full.smId, 2, 2);
+    expect(await queue.append(full.smId, entry(3, { s: large(2) }), 2)).toMatchObject({ kind: 'full' });
+    expect(await ownItemCount(full.smId)).toBe(0);
+
+    const ended = await session();
+    await queue.end(ended.smId, ended.connectionId, 0);
+    expect(await queue.append(ended.smId, entry(1, { s: large(2) }), MAX)).toEqual({ kind: 'ended' });
+    expect(await ownItemCount(ended.smId)).toBe(0);
+
+    // A redelivered frame appends its stanza again: the queue keeps the first try's entry and item.
+    const again = await session();
+    const stanza = large(2);
+    await queue.append(again.smId, entry(1, { s: stanza, k: 'f9:0' }), MAX);
+    expect(await queue.append(again.smId, entry(1, { s: stanza, k: 'f9:0' }), MAX)).toMatchObject({
+      kind: 'queued',
+      number: 1,
+      found: 'refused',
+    });
+    expect(await ownItemCount(again.smId)).toBe(1);
+    const item = await queue.get(again.smId);
+    expect(await queue.stanzas(again.smId, item?.entries ?? [])).toEqual([stanza]);
+  });
+
   it('is full for a stanza that is no item even on its own (400 KB deflated); the queue is unchanged', async () => {
     const { smId } = await session();
     const huge = `<message id='huge'><body>${randomBytes(420_000).toString('base64')}</body></message>`;
@@ -680,6 +717,10 @@ describe('large stanzas, each an item of its own', () => {
     const after = await queue.get(smId);
     expect(after?.entries).toEqual(kept);
     expect(await queue.stanzas(smId, after?.entries ?? [])).toEqual([stanza]);
+    // A rebase past it (a resume's count vouched for it) deletes its item.
+    const last = (await queue.get(smId)) as SmQueueItem;
+    expect(await queue.rebase(smId, last, 2, [])).toBe(true);
+    expect(await ownItemCount(smId)).toBe(0);
   });
 });
 
