@@ -121,7 +121,6 @@ async function handleRecord(
     if (seq) event.seq = seq;
     event.receiveCount = Number(record.attributes.ApproximateReceiveCount) || 1;
     if (followed.has(record.messageId)) event.followed = true;
-    if (batch.followedLaterByOwn.has(record.messageId)) event.followedByOwn = true;
     if (timeLeftMs) event.timeLeftMs = timeLeftMs;
   } catch (error) {
     if (!(error instanceof MalformedQueueMessageError)) throw error;
@@ -197,8 +196,6 @@ export async function processFifoBatch(
 interface BatchRows {
   /** The records whose next record in the batch is of the same connection. */
   followedByOwn: ReadonlySet<string>;
-  /** The records a later record of their own connection follows (anywhere after them in the batch). */
-  followedLaterByOwn: ReadonlySet<string>;
   /** The row the record just handled left, for the record right after it. */
   carried?: { connectionId: string; row: ConnectionState };
 }
@@ -210,22 +207,6 @@ export function followedByOwnGroup(records: readonly SQSRecord[]): Set<string> {
     const group = records[i].attributes.MessageGroupId;
     if (group !== undefined && group === records[i + 1].attributes.MessageGroupId)
       ids.add(records[i].messageId);
-  }
-  return ids;
-}
-
-/**
- * The records a later record of their own message group (connection) follows in the batch, next or
- * not: a timed-out batch brings each back after that later one was handled (see XmppStream.save).
- */
-export function followedLaterByOwnGroup(records: readonly SQSRecord[]): Set<string> {
-  const later = new Set<string>();
-  const ids = new Set<string>();
-  for (let i = records.length - 1; i >= 0; i--) {
-    const group = records[i]?.attributes.MessageGroupId;
-    if (group === undefined) continue;
-    if (later.has(group)) ids.add((records[i] as SQSRecord).messageId);
-    later.add(group);
   }
   return ids;
 }
@@ -295,10 +276,7 @@ export function createStreamHandler(server: Server, options: StreamHandlerOption
     const started = { count: 0, initial: 0 };
     const mayStart = () => timeToStart(remainingMs, started);
     const followed = followedRecords(event.Records);
-    const batch: BatchRows = {
-      followedByOwn: followedByOwnGroup(event.Records),
-      followedLaterByOwn: followedLaterByOwnGroup(event.Records),
-    };
+    const batch: BatchRows = { followedByOwn: followedByOwnGroup(event.Records) };
     // A retry in place needs the time a record would need to start, and more for the wait.
     const mayRetry = () =>
       !remainingMs || remainingMs() >= 2 * Math.min(TIME_IN_HAND_MS, started.initial / 5);

@@ -40,11 +40,6 @@ export interface StreamEvent {
   receiveCount?: number;
   /** Another record (of any connection) follows this one in the invocation's batch. */
   followed?: boolean;
-  /**
-   * A later record of the batch is this connection's: a timed-out batch comes back whole, and this
-   * frame then comes again after that one was handled.
-   */
-  followedByOwn?: boolean;
   /** What is left of the invocation (ms), when the runtime says (Lambda's getRemainingTimeInMillis). */
   timeLeftMs?: () => number;
   /** API Gateway's request id, for the logs (it is also in the stage's access log). */

@@ -131,9 +131,6 @@ export function offlineRecord(
 ): { connectionId: string; record: string } | undefined {
   const frame = frames.get();
   if (!frame?.connectionId) return undefined;
-  // The frame's done mark removes the record: left on the row, it would refuse a later frame's
-  // record of a re-route (SessionStore.recordRerouted), whose redelivery would route again.
-  frame.repeats = true;
   return {
     connectionId: frame.connectionId,
     record: heldFor !== undefined ? `${frame.frameId} ${user} ${heldFor}` : `${frame.frameId} ${user}`,
@@ -162,9 +159,8 @@ export function frameRedelivered(): boolean {
  * The current frame did something its redelivery would do again: a post to a client other than
  * by a stream-management queue's poster (a client without stream management has no count to tell
  * a second copy), or a queue entry its sender's mark does not cover (SenderMark). Such a frame
- * needs its done mark, as one that stored a message offline does (`offlineRecord`). One whose
- * every effect is keyed (archived messages, marked queue entries: a redelivery finds them) needs
- * none.
+ * needs its done mark. One whose every effect is keyed (stores, archived messages, marked queue
+ * entries: a redelivery finds them) needs none.
  */
 export function noteRepeatedWork(): void {
   const frame = frames.get();

@@ -162,9 +162,6 @@ export class XmppStream implements Stream {
     return this.newRow ? { create: this.newRow } : {};
   }
 
-  /** A later record of the batch is this connection's (StreamEvent.followedByOwn). */
-  followedByOwn = false;
-
   countWaitsForSave(): void {
     this.countInSave = true;
   }
@@ -173,19 +170,15 @@ export class XmppStream implements Stream {
     if (this.ended) return;
     // A routed stanza is marked done even without state changes: a redelivery would repeat its
     // posts. (Its durable writes carry frame keys and would not repeat; see core/frame.ts.) Not
-    // one whose every effect is keyed (frame.ts `noteRepeatedWork`): a message archived, or queued
-    // for stream-management sessions under its sender's mark (SM_POST_ORDER=serial), which a
-    // redelivery finds and does not queue twice (a client whose entry it finds unacknowledged is
-    // made to resume: it may lack it).
-    // Nor is the mark left out for a frame a later frame of its connection follows in the batch:
-    // a timed-out batch brings it back after that one was handled, and its sender's mark (the
-    // connection's last append) no longer names it.
+    // one whose every effect is keyed (frame.ts `noteRepeatedWork`): a message stored, archived,
+    // or queued for stream-management sessions under its sender's mark (SM_POST_ORDER=serial),
+    // which a redelivery finds and does not queue twice (a client whose entry it finds
+    // unacknowledged is made to resume: it may lack it).
     const markDone =
       this.seq !== undefined &&
       this.routed &&
-      (this.server.config.frameDoneMarks === 'all'
-        ? frameRepeatsWork() || this.followedByOwn || this.server.config.smPostOrder !== 'serial'
-        : this.followed);
+      (this.server.config.frameDoneMarks === 'all' || this.followed) &&
+      (frameRepeatsWork() || this.server.config.smPostOrder !== 'serial');
     // A frame that answered once (answerOnce) is saved at its end even with nothing left to save:
     // its answer went out, so a redelivery is skipped from now on, not answered a second time.
     const answered = this.frameId !== '' && this.state.answeredFrame === this.frameId;
@@ -489,7 +482,6 @@ export async function handleStreamEvent(
   if (state.user) addLogContext({ jid: state.user });
   const stream = new XmppStream(server, state, event.frameId, event.seq, event.followed ?? false, newRow);
   stream.keepRow = carry.keepRow ?? false;
-  stream.followedByOwn = event.followedByOwn ?? false;
   await inFrame(
     {
       ...event,

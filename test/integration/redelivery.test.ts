@@ -5,7 +5,6 @@
  */
 import { GetCommand, UpdateCommand } from '@aws-sdk/lib-dynamodb';
 import { describe, expect, it } from 'vitest';
-import { createStreamHandler } from '../../functions/stream.ts';
 import { handleStreamEvent } from '../../shared/core/stream.ts';
 import { RetryLaterError } from '../../shared/core/transient.ts';
 import { createLogger } from '../../shared/log.ts';
@@ -17,7 +16,7 @@ import { ConnectionFencedError } from '../../shared/store/sessions.ts';
 import { createTestConfig, TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
 import { intercept, serverError, throttlingError } from '../support/intercept.ts';
 import { scramClientFinal, scramClientFirst } from '../support/scram-client.ts';
-import { dieBeforeFinalSave, frameDriver, sqsRecord, subscribedPair } from '../support/stream.ts';
+import { dieBeforeFinalSave, frameDriver, subscribedPair } from '../support/stream.ts';
 
 const SASL = 'urn:ietf:params:xml:ns:xmpp-sasl';
 /**
@@ -571,64 +570,6 @@ describe('a redelivered message its first attempt queued in a stream-management 
   });
 });
 
-describe('a message queued only for stream-management sessions (SM_POST_ORDER=serial)', () => {
-  it('writes no done mark; redelivered once acknowledged and followed by others, it is queued and posted once', async () => {
-    const { port, server, alice, bob, frame, login, bothOnline } = await twoContacts();
-    await bothOnline({ bobSm: true });
-    const smId = (await server.sessions.listResources(bob))[0]?.smId as string;
-    const writes: unknown[] = [];
-    const update = server.sessions.updateConnection.bind(server.sessions);
-    const restore = intercept(server.sessions, 'updateConnection', async (...args) => {
-      if (args[0] === 'alice-1') writes.push(args[1]);
-      return update(...args);
-    });
-    const message = (id: string, body: string) =>
-      `<message to='${bob}' type='chat' id='${id}'><body>${body}</body></message>`;
-    try {
-      await frame('alice-1', message('m1', 'only-once'), 'alice-m1', '900');
-    } finally {
-      restore();
-    }
-    // Queued under Alice's mark, keyed: her frame wrote nothing (it has no state to save).
-    expect(writes).toEqual([]);
-    // Another sender's message follows it (`lk` moves on), and Bob acknowledges both.
-    await login('alice-2', alice, 'laptop');
-    await frame('alice-2', message('m2', 'after'), 'alice2-m2', '950');
-    const out = (await server.smQueue.counts(smId))?.out as number;
-    await frame('bob-1', `<a xmlns='urn:xmpp:sm:3' h='${out}'/>`, 'bob-ack');
-    expect((await server.smQueue.get(smId))?.entries).toEqual([]);
-    // Alice's frame comes back (its delete was lost): her mark refuses it.
-    await frame('alice-1', message('m1', 'only-once'), 'alice-m1', '900', 2);
-    expect((await server.smQueue.counts(smId))?.out).toBe(out);
-    const posted = (port.frames.get('bob-1') ?? []).filter((data) => data.includes('only-once'));
-    expect(posted).toHaveLength(1);
-    expect(await server.offline.count(bob)).toBe(0);
-  });
-
-  it('is marked done when a later frame of its connection follows it in the batch: a timed-out batch comes back whole', async () => {
-    const { port, server, bob, frame, bothOnline } = await twoContacts();
-    await bothOnline({ bobSm: true });
-    const smId = (await server.sessions.listResources(bob))[0]?.smId as string;
-    const handler = createStreamHandler(server);
-    const message = (body: string) => `<message to='${bob}' type='chat'><body>${body}</body></message>`;
-    const batch = [sqsRecord('alice-1', message('first')), sqsRecord('alice-1', message('second'))];
-    expect(await handler({ Records: batch })).toEqual({ batchItemFailures: [] });
-    // The first is followed by her second: marked. The second, her last append here, is not.
-    const row = await server.sessions.getConnection('alice-1');
-    expect(row?.doneSeq).toBe(batch[0]?.attributes.SequenceNumber);
-    // Bob acknowledges both; the invocation had timed out after them (no delete): the batch again.
-    const out = (await server.smQueue.counts(smId))?.out as number;
-    await frame('bob-1', `<a xmlns='urn:xmpp:sm:3' h='${out}'/>`, 'bob-ack');
-    const again = batch.map((r) => ({ ...r, attributes: { ...r.attributes, ApproximateReceiveCount: '2' } }));
-    expect(await handler({ Records: again })).toEqual({ batchItemFailures: [] });
-    expect((await server.smQueue.counts(smId))?.out).toBe(out);
-    for (const body of ['first', 'second']) {
-      const posted = (port.frames.get('bob-1') ?? []).filter((data) => data.includes(`<body>${body}</body>`));
-      expect(posted).toHaveLength(1);
-    }
-  });
-});
-
 describe('a redelivered message whose recipient session ended after its first attempt queued it', () => {
   it('is not routed a second time: the end re-routed the queued copy', async () => {
     const { server, bob, frame, login, bothOnline } = await twoContacts();
@@ -866,8 +807,12 @@ describe('a redelivered stanza frame', () => {
     expect(stored?.storedAt).toBe(receivedAt);
   });
 
+  // The done mark, where every routed frame gets one: SM_POST_ORDER=checked (with serial posting
+  // a frame whose work is all keyed, as a message stored offline, writes none; see below).
   it('is skipped when it, or a later frame of the connection, was handled to the end', async () => {
-    const { server, recipient } = await boundSenderAndRecipient('s1', 'alice', 'bob');
+    const { server, recipient } = await boundSenderAndRecipient('s1', 'alice', 'bob', {
+      SM_POST_ORDER: 'checked',
+    });
     const message = (n: number) =>
       `<message xmlns='jabber:client' to='${recipient}' type='chat' id='m${n}'><body>${n}</body></message>`;
     const frame = (frameId: string, seq: string, xml: string, receiveCount = 1) =>
@@ -910,7 +855,9 @@ describe('a redelivered stanza frame', () => {
 
 describe('the record of a message stored offline (storedOffline on the sender’s row)', () => {
   it('is written with the store, survives a frame that failed after it, and goes with the done mark', async () => {
-    const { server, recipient } = await boundSenderAndRecipient('o1', 'gina', 'hal');
+    const { server, recipient } = await boundSenderAndRecipient('o1', 'gina', 'hal', {
+      SM_POST_ORDER: 'checked',
+    });
     const frame = (frameId: string, seq: string, body: string, receiveCount = 1) =>
       handleStreamEvent(server, {
         connectionId: 'o1',
@@ -945,6 +892,43 @@ describe('the record of a message stored offline (storedOffline on the sender’
     await frame('k2', '18880000000000000201', 'next');
     expect((await row())?.storedOffline).toBeUndefined();
     expect(await offline.count(recipient)).toBe(2);
+  });
+
+  it('holds the redeliveries of a frame that only stored, which writes no done mark (SM_POST_ORDER=serial)', async () => {
+    const { server, recipient } = await boundSenderAndRecipient('o2', 'ivy', 'jay');
+    const frame = (frameId: string, seq: string, body: string, receiveCount = 1) =>
+      handleStreamEvent(server, {
+        connectionId: 'o2',
+        kind: 'frame',
+        frame: `<message xmlns='jabber:client' to='${recipient}' type='chat'><body>${body}</body></message>`,
+        receivedAt: FRAME_TIME,
+        frameId,
+        seq,
+        receiveCount,
+      });
+    const row = () => server.sessions.getConnection('o2');
+    const writes: unknown[] = [];
+    const update = server.sessions.updateConnection.bind(server.sessions);
+    const restore = intercept(server.sessions, 'updateConnection', async (...args) => {
+      writes.push(args[1]);
+      return update(...args);
+    });
+    try {
+      await frame('s1', '18880000000000000300', 'stored');
+    } finally {
+      restore();
+    }
+    // Its one effect is keyed (the store, and the record beside it): no write of the row after it.
+    expect(writes).toEqual([]);
+    expect((await row())?.doneSeq).toBeUndefined();
+    expect((await row())?.storedOffline).toBe(`s1 ${recipient}`);
+    // The lost delete: the redelivery finds the record and stores nothing.
+    await frame('s1', '18880000000000000300', 'stored', 2);
+    expect(await server.offline.count(recipient)).toBe(1);
+    // The next message's record replaces it.
+    await frame('s2', '18880000000000000301', 'next');
+    expect((await row())?.storedOffline).toBe(`s2 ${recipient}`);
+    expect(await server.offline.count(recipient)).toBe(2);
   });
 });
 
@@ -1102,6 +1086,7 @@ describe('FRAME_DONE_MARKS=batched', () => {
   it('marks only a frame another record follows in the batch; keyed writes still hold', async () => {
     const { server, recipient } = await boundSenderAndRecipient('b1', 'erin', 'finn', {
       FRAME_DONE_MARKS: 'batched',
+      SM_POST_ORDER: 'checked',
     });
     const frame = (
       frameId: string,
