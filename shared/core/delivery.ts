@@ -10,7 +10,7 @@ import type { Element } from 'ltx';
 import { StanzaError } from '../errors.ts';
 import { type BoundedPostResult, POST_TIMEOUT_MS, type PostResult, serialize } from '../outbound.ts';
 import type { ResourceRecord } from '../store/sessions.ts';
-import { nextDeliveryKey, noteRepeatedWork } from './frame.ts';
+import { nextDeliveryKey } from './frame.ts';
 import type { DeliveryItem, DeliveryOptions, DeliveryResult, SendAllResult, Server } from './host.ts';
 import { RetryLaterError } from './transient.ts';
 
@@ -260,18 +260,14 @@ export async function post(
   return result === 'unknown' ? 'sent' : result;
 }
 
-/**
- * `post`, telling 'unknown' apart: the frame may or may not have reached the client. `queued`: a
- * stream-management queue's post of one of its entries (see frame.ts `noteRepeatedWork`).
- */
+/** `post`, telling 'unknown' apart: the frame may or may not have reached the client. */
 export async function postExactly(
   server: Server,
   connectionId: string,
   element: Element,
-  queued = false,
 ): Promise<PostResult> {
   // Without `notAfter` a post is never 'stale'.
-  return (await postBounded(server, connectionId, element, undefined, undefined, queued)) as PostResult;
+  return (await postBounded(server, connectionId, element)) as PostResult;
 }
 
 /** The post itself: serialised, checked against the limit, counted; 'stale' only with `notAfter`. */
@@ -281,11 +277,9 @@ async function postBounded(
   element: Element,
   notAfter?: number,
   serialized?: string,
-  queued = false,
 ): Promise<BoundedPostResult> {
   const data = serialized ?? serialize(element);
   if (Buffer.byteLength(data) > POST_LIMIT_BYTES) throw tooLargeError();
-  if (!queued) noteRepeatedWork();
   const result = await server.outbound.post(connectionId, data, notAfter);
   if (result !== 'stale') countPost(server, connectionId, element, result);
   return result;

@@ -18,8 +18,6 @@ interface FrameContext {
   /** The sender's connection, and its last message stored offline (see offlineRecord). */
   connectionId?: string;
   storedOffline?: string;
-  /** It did something its redelivery would do again (see `noteRepeatedWork`). */
-  repeats?: boolean;
 }
 
 const frames = contextStore<FrameContext>();
@@ -153,23 +151,6 @@ export function storedOfflineBefore(user: string): { heldFor?: string } | undefi
 /** Whether the current frame was handled before (a redelivery, or a retry in place). */
 export function frameRedelivered(): boolean {
   return frames.get()?.redelivered ?? false;
-}
-
-/**
- * The current frame did something its redelivery would do again: a post to a client other than
- * by a stream-management queue's poster (a client without stream management has no count to tell
- * a second copy), or a queue entry its sender's mark does not cover (SenderMark). Such a frame
- * needs its done mark. One whose every effect is keyed (stores, archived messages, marked queue
- * entries: a redelivery finds them) needs none.
- */
-export function noteRepeatedWork(): void {
-  const frame = frames.get();
-  if (frame) frame.repeats = true;
-}
-
-/** Whether the current frame did something its redelivery would do again (see `noteRepeatedWork`). */
-export function frameRepeatsWork(): boolean {
-  return frames.get()?.repeats ?? false;
 }
 
 /** How long ago the current frame reached API Gateway (ms); undefined outside a frame. */

@@ -14,7 +14,7 @@ import { ConnectionFencedError, type ConnectionState, type NewConnection } from 
 import { parseFrame } from '../xml/frame.ts';
 import { NS } from '../xml/namespaces.ts';
 import { closeConnection, deliver, deliverAll, oneByOne, post } from './delivery.ts';
-import { frameRepeatsWork, inFrame, sequenceAtMost } from './frame.ts';
+import { inFrame, sequenceAtMost } from './frame.ts';
 import {
   type BoundStream,
   type DeliveryItem,
@@ -169,16 +169,9 @@ export class XmppStream implements Stream {
   async save(): Promise<void> {
     if (this.ended) return;
     // A routed stanza is marked done even without state changes: a redelivery would repeat its
-    // posts. (Its durable writes carry frame keys and would not repeat; see core/frame.ts.) Not
-    // one whose every effect is keyed (frame.ts `noteRepeatedWork`): a message stored, archived,
-    // or queued for stream-management sessions under its sender's mark (SM_POST_ORDER=serial),
-    // which a redelivery finds and does not queue twice (a client whose entry it finds
-    // unacknowledged is made to resume: it may lack it).
+    // posts. (Its durable writes carry frame keys and would not repeat; see core/frame.ts.)
     const markDone =
-      this.seq !== undefined &&
-      this.routed &&
-      (this.server.config.frameDoneMarks === 'all' || this.followed) &&
-      (frameRepeatsWork() || this.server.config.smPostOrder !== 'serial');
+      this.seq !== undefined && this.routed && (this.server.config.frameDoneMarks === 'all' || this.followed);
     // A frame that answered once (answerOnce) is saved at its end even with nothing left to save:
     // its answer went out, so a redelivery is skipped from now on, not answered a second time.
     const answered = this.frameId !== '' && this.state.answeredFrame === this.frameId;

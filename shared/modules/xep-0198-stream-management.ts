@@ -24,7 +24,6 @@ import {
   frameRedelivered,
   frameTimeLeft,
   nextDeliveryKey,
-  noteRepeatedWork,
   peekDeliveryKey,
   sequenceAtMost,
 } from '../core/frame.ts';
@@ -282,24 +281,6 @@ async function deliverToSmSession(
   const serial = server.config.smPostOrder === 'serial';
   const group =
     serial && options.group instanceof SerialGroup && options.group.smId === smId ? options.group : undefined;
-  // A client's message (one stanza per frame, one delivery per session): marked with its
-  // sender's connection, so that a redelivery of its frame never queues it twice, even once it was
-  // acknowledged and other senders' entries came after it (see SenderMark). Not a presence
-  // broadcast or a probe's answers, nor an error bounced to the sender: what such a frame
-  // delivers to one session may differ from one delivery of the frame to the next, and a mark
-  // would refuse what the earlier one never queued. Serial posting only: with `checked`, an
-  // acknowledged entry is not surely one the client got (settledPastIt queues it again).
-  const mark =
-    serial &&
-    delivery?.from &&
-    stanza.name === 'message' &&
-    stanza.attrs.type !== 'error' &&
-    !options.offlineId &&
-    !options.offlineCopy
-      ? { from: delivery.from, key }
-      : undefined;
-  // Unmarked, an entry acknowledged since and followed by others' is queued again by a redelivery.
-  if (!mark) noteRepeatedWork();
   if (delivery?.redelivered && key) {
     // An earlier delivery of this frame may have queued it already, and posted it or not; or,
     // its entry acknowledged since, may still hold the stream (SM_POST_ORDER=serial).
@@ -324,6 +305,22 @@ async function deliverToSmSession(
   // A group's appends share one token: whichever of them takes the hold, the group posts once
   // its sends are queued.
   const token = serial ? (group?.token ?? `${key}#${randomBytes(6).toString('base64url')}`) : undefined;
+  // A client's message (one stanza per frame, one delivery per session): marked with its
+  // sender's connection, so that a redelivery of its frame never queues it twice, even once it was
+  // acknowledged and other senders' entries came after it (see SenderMark). Not a presence
+  // broadcast or a probe's answers, nor an error bounced to the sender: what such a frame
+  // delivers to one session may differ from one delivery of the frame to the next, and a mark
+  // would refuse what the earlier one never queued. Serial posting only: with `checked`, an
+  // acknowledged entry is not surely one the client got (settledPastIt queues it again).
+  const mark =
+    serial &&
+    delivery?.from &&
+    stanza.name === 'message' &&
+    stanza.attrs.type !== 'error' &&
+    !options.offlineId &&
+    !options.offlineCopy
+      ? { from: delivery.from, key }
+      : undefined;
   const result = await appendOnce(
     server,
     smId,
@@ -1009,7 +1006,7 @@ async function postQueued(
   element: Element,
 ): Promise<'sent' | 'gone' | 'resuming' | 'unclosed'> {
   try {
-    const result = await postExactly(server, connectionId, element, true);
+    const result = await postExactly(server, connectionId, element);
     if (result !== 'unknown') return result;
   } catch (error) {
     if (!isTransient(error)) throw error;

@@ -16,19 +16,10 @@ import { createTestConfig } from '../support/dynamodb.ts';
 import { intercept, serverError } from '../support/intercept.ts';
 import { sqsRecord } from '../support/stream.ts';
 
-/**
- * Bound streams for `senders` (connection ids), and an account with no session to write to. Each
- * frame's message is marked done (SM_POST_ORDER=checked), so that each frame ends with a save whose
- * row the next frame is handed; with serial posting a frame that only stored writes nothing
- * (see the last test).
- */
+/** Bound streams for `senders` (connection ids), and an account with no session to write to. */
 async function setUp(...senders: string[]) {
-  return setUpWith({ SM_POST_ORDER: 'checked' }, ...senders);
-}
-
-async function setUpWith(env: Record<string, string>, ...senders: string[]) {
   const port = new RecordingPort();
-  const server = createServer({ config: await createTestConfig(env), port, log: createLogger('silent') });
+  const server = createServer({ config: await createTestConfig(), port, log: createLogger('silent') });
   const stamp = `${Date.now()}${Math.floor(Math.random() * 1000)}`;
   const recipient = `inbox${stamp}@localhost`;
   await server.users.create(recipient, await deriveCredentialSet('pw', 4096));
@@ -132,22 +123,6 @@ describe("a connection's consecutive frames in one batch", () => {
     expect(await inbox()).toEqual(['1', '2']);
     // The first frame's read, and the retry's; the second frame's first attempt read nothing.
     expect(reads.get(a)).toBe(2);
-  });
-});
-
-describe("a connection's frames that only stored (SM_POST_ORDER=serial)", () => {
-  it('write nothing to the row, so each reads it; a batch come back stores nothing twice', async () => {
-    const { server, ids, reads, message, inbox, handler } = await setUpWith({}, 'keyed');
-    const [a] = ids;
-    const batch = [sqsRecord(a, message('1')), sqsRecord(a, message('2'))];
-    expect(await handler({ Records: batch })).toEqual({ batchItemFailures: [] });
-    expect(await inbox()).toEqual(['1', '2']);
-    // No save to hand on: the second frame read the row (a read, where the first's done mark was a write).
-    expect(reads.get(a)).toBe(2);
-    expect((await server.sessions.getConnection(a))?.doneSeq).toBeUndefined();
-    const again = batch.map((r) => ({ ...r, attributes: { ...r.attributes, ApproximateReceiveCount: '2' } }));
-    expect(await handler({ Records: again })).toEqual({ batchItemFailures: [] });
-    expect(await inbox()).toEqual(['1', '2']);
   });
 });
 

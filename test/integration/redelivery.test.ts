@@ -545,11 +545,11 @@ describe('a redelivered message its first attempt queued in a stream-management 
       ((await server.smQueue.get(smId as string))?.entries ?? []).filter((entry) =>
         (entry.s ?? '').includes('only-once'),
       );
-    // Alice's message is queued for Bob's session under her mark: her frame writes no done mark
-    // (its only effect is keyed), and a lost delete brings it back.
+    // Alice's message is queued for Bob's session; her invocation dies before its last save.
     const message = `<message to='${bob}' type='chat' id='m1'><body>only-once</body></message>`;
-    await frame('alice-1', message, 'alice-m1', '900');
-    expect((await server.sessions.getConnection('alice-1'))?.doneSeq).not.toBe('900');
+    const restore = dieBeforeFinalSave(server);
+    await expect(frame('alice-1', message, 'alice-m1', '900')).rejects.toThrow();
+    restore();
     expect(await queued()).toHaveLength(1);
     // Meanwhile Bob's resource is held by a flood of his offline messages (its presence took the
     // hold), and the batch comes back: the message is in his session's queue already.
@@ -574,10 +574,10 @@ describe('a redelivered message whose recipient session ended after its first at
   it('is not routed a second time: the end re-routed the queued copy', async () => {
     const { server, bob, frame, login, bothOnline } = await twoContacts();
     await bothOnline({ bobSm: true });
-    // Queued for Bob under Alice's mark: her frame writes no done mark, and a lost delete brings it back.
     const message = `<message to='${bob}' type='chat' id='m1'><body>only-once</body></message>`;
-    await frame('alice-1', message, 'alice-m1', '900');
-    expect((await server.sessions.getConnection('alice-1'))?.doneSeq).not.toBe('900');
+    const restore = dieBeforeFinalSave(server);
+    await expect(frame('alice-1', message, 'alice-m1', '900')).rejects.toThrow();
+    restore();
     // Bob's client starts anew (no resume): binding his resource again ends the old session, and
     // its queue, the message in it, is re-routed: to storage, his new stream not available yet.
     await login('bob-2', bob, 'home');
@@ -807,12 +807,8 @@ describe('a redelivered stanza frame', () => {
     expect(stored?.storedAt).toBe(receivedAt);
   });
 
-  // The done mark, where every routed frame gets one: SM_POST_ORDER=checked (with serial posting
-  // a frame whose work is all keyed, as a message stored offline, writes none; see below).
   it('is skipped when it, or a later frame of the connection, was handled to the end', async () => {
-    const { server, recipient } = await boundSenderAndRecipient('s1', 'alice', 'bob', {
-      SM_POST_ORDER: 'checked',
-    });
+    const { server, recipient } = await boundSenderAndRecipient('s1', 'alice', 'bob');
     const message = (n: number) =>
       `<message xmlns='jabber:client' to='${recipient}' type='chat' id='m${n}'><body>${n}</body></message>`;
     const frame = (frameId: string, seq: string, xml: string, receiveCount = 1) =>
@@ -855,9 +851,7 @@ describe('a redelivered stanza frame', () => {
 
 describe('the record of a message stored offline (storedOffline on the sender’s row)', () => {
   it('is written with the store, survives a frame that failed after it, and goes with the done mark', async () => {
-    const { server, recipient } = await boundSenderAndRecipient('o1', 'gina', 'hal', {
-      SM_POST_ORDER: 'checked',
-    });
+    const { server, recipient } = await boundSenderAndRecipient('o1', 'gina', 'hal');
     const frame = (frameId: string, seq: string, body: string, receiveCount = 1) =>
       handleStreamEvent(server, {
         connectionId: 'o1',
@@ -892,43 +886,6 @@ describe('the record of a message stored offline (storedOffline on the sender’
     await frame('k2', '18880000000000000201', 'next');
     expect((await row())?.storedOffline).toBeUndefined();
     expect(await offline.count(recipient)).toBe(2);
-  });
-
-  it('holds the redeliveries of a frame that only stored, which writes no done mark (SM_POST_ORDER=serial)', async () => {
-    const { server, recipient } = await boundSenderAndRecipient('o2', 'ivy', 'jay');
-    const frame = (frameId: string, seq: string, body: string, receiveCount = 1) =>
-      handleStreamEvent(server, {
-        connectionId: 'o2',
-        kind: 'frame',
-        frame: `<message xmlns='jabber:client' to='${recipient}' type='chat'><body>${body}</body></message>`,
-        receivedAt: FRAME_TIME,
-        frameId,
-        seq,
-        receiveCount,
-      });
-    const row = () => server.sessions.getConnection('o2');
-    const writes: unknown[] = [];
-    const update = server.sessions.updateConnection.bind(server.sessions);
-    const restore = intercept(server.sessions, 'updateConnection', async (...args) => {
-      writes.push(args[1]);
-      return update(...args);
-    });
-    try {
-      await frame('s1', '18880000000000000300', 'stored');
-    } finally {
-      restore();
-    }
-    // Its one effect is keyed (the store, and the record beside it): no write of the row after it.
-    expect(writes).toEqual([]);
-    expect((await row())?.doneSeq).toBeUndefined();
-    expect((await row())?.storedOffline).toBe(`s1 ${recipient}`);
-    // The lost delete: the redelivery finds the record and stores nothing.
-    await frame('s1', '18880000000000000300', 'stored', 2);
-    expect(await server.offline.count(recipient)).toBe(1);
-    // The next message's record replaces it.
-    await frame('s2', '18880000000000000301', 'next');
-    expect((await row())?.storedOffline).toBe(`s2 ${recipient}`);
-    expect(await server.offline.count(recipient)).toBe(2);
   });
 });
 
@@ -1086,7 +1043,6 @@ describe('FRAME_DONE_MARKS=batched', () => {
   it('marks only a frame another record follows in the batch; keyed writes still hold', async () => {
     const { server, recipient } = await boundSenderAndRecipient('b1', 'erin', 'finn', {
       FRAME_DONE_MARKS: 'batched',
-      SM_POST_ORDER: 'checked',
     });
     const frame = (
       frameId: string,
