@@ -867,7 +867,8 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
 
   /**
    * The entries as stored; a large stanza's own item (SM_OWN_ITEM_BYTES) is written first, so a
-   * queued key always names an item. An append refused after it leaves the item to its expiry.
+   * queued key always names an item. An append refused after it deletes the item (dropUnqueued);
+   * one that throws leaves it to its expiry.
    */
   async function storedEntries(smId: string, entries: readonly SmEntry[]): Promise<StoredEntry[]> {
     const forms = entries.map((entry) => storedEntry(smId, entry));

@@ -12,11 +12,17 @@
  *   with a result and no error came back for it: the server handles one stream's frames in
  *   order and posts its answers in order, so an error for the message would have arrived first.
  */
+import { randomBytes } from 'node:crypto';
 import { type Client, client as createClient, xml } from '@xmpp/client';
 import type { Element } from 'ltx';
 import WebSocket from 'ws';
 import { type Channel, idOfBody, type Ledger, messageBody, messageId } from './ledger.ts';
 import type { KillableLink } from './link.ts';
+
+/** Every LARGE_EVERY-th message carries about 3 KB of random padding (see `sendNext`). */
+const LARGE_EVERY = 5;
+const PADDING = 'urn:nimbus:faults:padding';
+const largePadding = () => randomBytes(2_400).toString('base64');
 
 // @xmpp/websocket uses the global WebSocket, which Node has only from version 22.
 (globalThis as { WebSocket?: unknown }).WebSocket ??= WebSocket;
@@ -378,6 +384,9 @@ export class Participant {
           'message',
           { to: `${recipient}@${this.options.domain}`, type: 'chat', id },
           xml('body', {}, messageBody(this.user, this.seq)),
+          // Every fifth message is large: random text past SM_OWN_ITEM_BYTES even deflated, so a
+          // recipient's XEP-0198 queue keeps it in an item of its own, under the same faults.
+          ...(this.seq % LARGE_EVERY === 0 ? [xml('padding', { xmlns: PADDING }, largePadding())] : []),
         ),
       );
     } catch {
