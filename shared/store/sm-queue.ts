@@ -868,13 +868,22 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
   /**
    * The entries as stored; a large stanza's own item (SM_OWN_ITEM_BYTES) is written first, so a
    * queued key always names an item. An append refused after it deletes the item (dropUnqueued);
-   * one that throws leaves it to its expiry.
+   * one that throws leaves it to its expiry. Undefined for a stanza that is no item even on its
+   * own (400 KB deflated): no queue takes it.
    */
-  async function storedEntries(smId: string, entries: readonly SmEntry[]): Promise<StoredEntry[]> {
+  async function storedEntries(
+    smId: string,
+    entries: readonly SmEntry[],
+  ): Promise<StoredEntry[] | undefined> {
     const forms = entries.map((entry) => storedEntry(smId, entry));
-    await Promise.all(
-      forms.flatMap(({ own }) => (own ? [doc.send(new PutCommand({ TableName: table, Item: own }))] : [])),
-    );
+    try {
+      await Promise.all(
+        forms.flatMap(({ own }) => (own ? [doc.send(new PutCommand({ TableName: table, Item: own }))] : [])),
+      );
+    } catch (error) {
+      if (isItemTooLarge(error)) return undefined;
+      throw error;
+    }
     return forms.map(({ stored }) => stored);
   }
 
@@ -1121,14 +1130,8 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       const keyed = entry.k !== undefined;
       // A sender's mark (SenderMark): refused when its frame appended here at this position or later.
       const marked = mark && entry.k !== undefined ? { from: mark.from, ...markOf(entry.k) } : undefined;
-      let stored: StoredEntry | undefined;
-      try {
-        [stored] = await storedEntries(smId, [entry]);
-      } catch (error) {
-        // A stanza that is no item even on its own (400 KB deflated): no queue takes it.
-        if (isItemTooLarge(error)) return { kind: 'full' };
-        throw error;
-      }
+      const stored = (await storedEntries(smId, [entry]))?.[0];
+      if (!stored) return { kind: 'full' };
       const result = await (async (): Promise<AppendResult> => {
         for (let attempt = 1; ; attempt++) {
           const command = new UpdateCommand({
@@ -1230,13 +1233,8 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       const last = keys.at(-1);
       if (first === undefined || last === undefined || keys.some((k) => k === undefined))
         throw new Error('appendMany takes keyed entries only');
-      let stored: StoredEntry[];
-      try {
-        stored = await storedEntries(smId, entries);
-      } catch (error) {
-        if (isItemTooLarge(error)) return { kind: 'unfit' };
-        throw error;
-      }
+      const stored = await storedEntries(smId, entries);
+      if (!stored) return { kind: 'unfit' };
       const result = await (async (): Promise<AppendManyResult> => {
         for (let attempt = 1; ; attempt++) {
           const command = new UpdateCommand({
@@ -1370,8 +1368,9 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
     },
 
     async rebase(smId, seen, newBase, kept) {
-      // Kept entries were read from the queue: a large one keeps its own item's key.
+      // Kept entries were read from the queue: a large one keeps its own item's key (no write).
       const q = await storedEntries(smId, kept);
+      if (!q) throw new Error('a kept entry is stored as it was read');
       try {
         await doc.send(
           new UpdateCommand({

@@ -716,16 +716,21 @@ function checked(test: () => Promise<void>): () => Promise<void> {
   };
 }
 
+/** Juliet on `resource` (stock xmpp.js, reconnecting), available with a resumable session; how many times it resumed. */
+async function resumingJuliet(resource: string) {
+  const juliet = await login('juliet', { resource, reconnect: true });
+  await juliet.xmpp.send(xml('presence'));
+  await eventually(() => expect(juliet.xmpp.streamManagement.enabled).toBe(true));
+  let resumed = 0;
+  juliet.xmpp.streamManagement.on('resumed', () => {
+    resumed += 1;
+  });
+  return { juliet, smId: juliet.xmpp.streamManagement.id, resumes: () => resumed };
+}
+
 describe('resumption (sm:3)', () => {
   it('survives an abrupt socket loss in the middle of 500 messages: all arrive once, in order', async () => {
-    const juliet = await login('juliet', { resource: 'balcony', reconnect: true });
-    await juliet.xmpp.send(xml('presence'));
-    await eventually(() => expect(juliet.xmpp.streamManagement.enabled).toBe(true));
-    const smId = juliet.xmpp.streamManagement.id;
-    let resumed = 0;
-    juliet.xmpp.streamManagement.on('resumed', () => {
-      resumed += 1;
-    });
+    const { juliet, smId, resumes } = await resumingJuliet('balcony');
     const romeo = await raw('romeo', 'sender500');
     const linesBefore = metricLines.length;
     for (let i = 1; i <= 500; i++) {
@@ -738,7 +743,7 @@ describe('resumption (sm:3)', () => {
     await juliet.waitFor((s) => s.getChildText('body') === '500', 60_000);
     // One resume for the killed socket, and one more for each socket the server itself closed
     // (a post unanswered within 2 s on a loaded machine: CI's run of 2026-11-30 saw two).
-    expect(resumed).toBe(1 + forcedResumes(linesBefore));
+    expect(resumes()).toBe(1 + forcedResumes(linesBefore));
     expect(juliet.xmpp.streamManagement.id).toBe(smId);
     const bodies = juliet.received.filter((s) => s.is('message')).map((s) => Number(s.getChildText('body')));
     expect(bodies).toEqual(Array.from({ length: 500 }, (_, i) => i + 1));
@@ -1395,14 +1400,7 @@ describe('large stanzas, each queued in an item of its own (SM_OWN_ITEM_BYTES)',
   const bulky = (i: number) => `${i}:${randomBytes(3_000).toString('base64')}`;
 
   it('reach the client whole and once, again after an abrupt socket loss; acknowledged, their items go', async () => {
-    const juliet = await login('juliet', { resource: 'large', reconnect: true });
-    await juliet.xmpp.send(xml('presence'));
-    await eventually(() => expect(juliet.xmpp.streamManagement.enabled).toBe(true));
-    const smId = juliet.xmpp.streamManagement.id;
-    let resumed = 0;
-    juliet.xmpp.streamManagement.on('resumed', () => {
-      resumed += 1;
-    });
+    const { juliet, smId, resumes } = await resumingJuliet('large');
     // Each large one queued as an item of its own (the queue names it).
     let ownItemEntries = 0;
     const queue = stack.server.smQueue;
@@ -1432,7 +1430,7 @@ describe('large stanzas, each queued in an item of its own (SM_OWN_ITEM_BYTES)',
       60_000,
     );
     restore();
-    expect(resumed).toBeGreaterThanOrEqual(1);
+    expect(resumes()).toBeGreaterThanOrEqual(1);
     expect(ownItemEntries).toBeGreaterThanOrEqual(27);
     const bodies = juliet.received.filter((s) => s.is('message')).map((s) => s.getChildText('body'));
     // Per sender in order; every one whole, and once.
