@@ -5,7 +5,7 @@
  * waits `--post-ms` per post (API Gateway's management API answers in about 10–30 ms from a
  * Lambda in the same region) and counts, so the fan-out's concurrency shows in the time.
  *
- *   npm run bench -- --roster [--contacts 500] [--broadcast 1000] [--post-ms 20]
+ *   npm run bench -- --roster [--contacts 500] [--broadcast 1000] [--post-ms 20] [--sm]
  *
  * Two measurements:
  * - login: roster get (`<query ver=''/>`) and initial presence of a user with `--contacts`
@@ -15,6 +15,10 @@
  * - broadcast: a presence update of a user with `--broadcast` online subscribers.
  * For each: wall time, DynamoDB requests and capacity units per operation (the project's meter,
  * `ReturnConsumedCapacity`), posts. Writes `bench/results/roster.json`.
+ *
+ * `--sm`: the logging-in stream enables XEP-0198 first (what it is sent is queued), and its
+ * client acknowledges as asked: after each frame that posted it an `<r/>`, an `<a/>` frame with
+ * the count of stanzas posted to it (measured with the frame). Writes `roster-sm.json`.
  */
 import { mkdir, writeFile } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
@@ -29,14 +33,21 @@ import { createDocumentClient, DynamoMeter, type MeterSnapshot } from '../shared
 import type { RosterEntry } from '../shared/store/roster.ts';
 
 const RESULT_FILE = new URL('./results/roster.json', import.meta.url);
+const SM_RESULT_FILE = new URL('./results/roster-sm.json', import.meta.url);
 
 /** PostToConnection with a fixed latency, counting posts per connection. */
 class SlowPort implements ConnectionPort {
   posts = 0;
   inFlight = 0;
   maxInFlight = 0;
+  /** Per connection: stanzas posted, and whether an ack was asked for since the last look. */
+  readonly stanzas = new Map<string, number>();
+  readonly asked = new Set<string>();
   constructor(private readonly latencyMs: number) {}
-  async post(): Promise<PostResult> {
+  async post(connectionId: string, data: string): Promise<PostResult> {
+    if (/^<(message|presence|iq)[\s>]/.test(data))
+      this.stanzas.set(connectionId, (this.stanzas.get(connectionId) ?? 0) + 1);
+    else if (data.startsWith('<r ')) this.asked.add(connectionId);
     this.posts++;
     this.inFlight++;
     this.maxInFlight = Math.max(this.maxInFlight, this.inFlight);
@@ -107,8 +118,15 @@ async function seed(server: Server, user: string, prefix: string, count: number)
   await Promise.all(Array.from({ length: 8 }, worker));
 }
 
-/** A bound stream for `user` (as SASL and bind leave it), driven frame by frame like the stream function. */
-async function boundStream(server: Server, user: string): Promise<(frame: string) => Promise<void>> {
+/**
+ * A bound stream for `user` (as SASL and bind leave it), driven frame by frame like the stream
+ * function. With `port` (`--sm`): XEP-0198 enabled, and after each frame an ack when asked.
+ */
+async function boundStream(
+  server: Server,
+  user: string,
+  port?: SlowPort,
+): Promise<(frame: string) => Promise<void>> {
   const connectionId = `conn-${user}`;
   await server.sessions.createConnection(connectionId, Date.now());
   await server.sessions.updateConnection(connectionId, { streamOpen: true, user, resource: 'desk' });
@@ -120,14 +138,25 @@ async function boundStream(server: Server, user: string): Promise<(frame: string
     priority: 0,
     boundAt: Date.now(),
   });
-  return async (frame) => {
-    await handleStreamEvent(server, {
+  // Each frame with an id, as API Gateway's request id names it: the stream's keyed deliveries need one.
+  let frames = 0;
+  const send = (frame: string) =>
+    handleStreamEvent(server, {
       connectionId,
       kind: 'frame',
       frame,
       receivedAt: Date.now(),
-      frameId: '',
+      frameId: `${connectionId}-${++frames}`,
     });
+  if (!port) return async (frame) => void (await send(frame));
+  await send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>");
+  // <enabled/> is no stanza: the client's count starts at the first stanza after it.
+  port.stanzas.set(connectionId, 0);
+  return async (frame) => {
+    await send(frame);
+    // A client that acknowledges as asked, once the frame is over (a connection's frames are handled one at a time).
+    while (port.asked.delete(connectionId))
+      await send(`<a xmlns='urn:xmpp:sm:3' h='${port.stanzas.get(connectionId) ?? 0}'/>`);
   };
 }
 
@@ -139,6 +168,7 @@ export async function runRosterBench(argv: string[]): Promise<void> {
       contacts: { type: 'string', default: '500' },
       broadcast: { type: 'string', default: '1000' },
       'post-ms': { type: 'string', default: '20' },
+      sm: { type: 'boolean', default: false },
     },
   });
   const loginContacts = Number(values.contacts);
@@ -195,7 +225,7 @@ export async function runRosterBench(argv: string[]): Promise<void> {
       `seeded ${loginContacts + broadcastContacts} contacts in ${Date.now() - seedStarted} ms\n`,
     );
 
-    const login = await boundStream(server, 'login@localhost');
+    const login = await boundStream(server, 'login@localhost', values.sm ? port : undefined);
     await measure('login: roster get', loginContacts, () =>
       login(`<iq type='get' id='r1'><query xmlns='jabber:iq:roster' ver=''/></iq>`),
     );
@@ -223,5 +253,8 @@ export async function runRosterBench(argv: string[]): Promise<void> {
     );
   }
   await mkdir(new URL('./results/', import.meta.url), { recursive: true });
-  await writeFile(RESULT_FILE, `${JSON.stringify({ postMs, results }, null, 2)}\n`);
+  await writeFile(
+    values.sm ? SM_RESULT_FILE : RESULT_FILE,
+    `${JSON.stringify({ postMs, sm: values.sm, results }, null, 2)}\n`,
+  );
 }

@@ -758,13 +758,15 @@ async function deliverMany(
 }
 
 /**
- * A window of a group's stored messages (SM_POST_ORDER=serial, XEP-0160 and XEP-0013 windows)
- * queued in one write (SmQueueStore.appendMany), billed once on the queue item instead of once
- * per message on an item that grows with each. Only keyed deliveries to a session still on the
- * stream's connection, never an answer; not on a redelivered frame, whose deliveries each look
- * for an earlier attempt's entry first. Undefined when it was not done (those cases, or the
- * window does not fit the queue now): the caller delivers one by one, which tells which fit,
- * and takes the frame's delivery keys as it would have.
+ * A window of a group's stanzas (SM_POST_ORDER=serial: XEP-0160 and XEP-0013 windows of stored
+ * messages, the contacts' presence a login's probes are answered with) queued in one write
+ * (SmQueueStore.appendMany), billed once on the queue item instead of once per stanza on an item
+ * that grows with each. Only deliveries to a session still on the stream's connection, never an
+ * answer, each keyed as one by one would key it (its own key, else the frame's delivery key);
+ * not on a redelivered frame, whose deliveries each look for an earlier attempt's entry first.
+ * Undefined when it was not done (those cases, or the window does not fit the queue now): the
+ * caller delivers one by one, which tells which fit, and takes the frame's delivery keys as it
+ * would have.
  */
 async function appendWindow(
   server: Server,
@@ -782,25 +784,23 @@ async function appendWindow(
     frameRedelivered() ||
     !items.every(
       ({ options }) =>
-        options.group === group &&
-        options.attachedTo === attachedTo &&
-        !options.answer &&
-        !options.reply &&
-        (options.offlineId !== undefined || options.key !== undefined),
+        options.group === group && options.attachedTo === attachedTo && !options.answer && !options.reply,
     )
   )
     return undefined;
-  // The keys and times deliverToSmSession gives them, in a frame.
+  // The keys and times deliverToSmSession gives them, in a frame: each takes the frame's next
+  // delivery key for the session (`<frame id>:<n>`), which keys it unless it has a key of its own.
   const delivery = peekDeliveryKey(`sm:${smId}`);
   if (!delivery) return undefined;
-  const keyOf = (options: DeliveryOptions) =>
-    options.offlineId ? `o:${options.offlineId}` : (options.key as string);
-  const entries: SmEntry[] = items.map(({ stanza, options }) => ({
+  const frameKey = delivery.key.slice(0, delivery.key.length - String(delivery.position).length);
+  const keyOf = (options: DeliveryOptions, at: number) =>
+    options.offlineId ? `o:${options.offlineId}` : (options.key ?? `${frameKey}${delivery.position + at}`);
+  const entries: SmEntry[] = items.map(({ stanza, options }, at) => ({
     s: stanza.toString(),
     t: delivery.at,
     ...(options.offlineId ? { o: options.offlineId } : {}),
     ...(options.offlineCopy ? { c: true } : {}),
-    k: keyOf(options),
+    k: keyOf(options, at),
   }));
   // Congestion is seen after an append: one by one, an append passes the byte bound by one
   // stanza at most; a window, by no more than this.

@@ -1486,6 +1486,68 @@ describe('large stanzas, each queued in an item of its own (SM_OWN_ITEM_BYTES)',
   });
 });
 
+describe('a login with many contacts online (RFC 6121 §4.2.2 probes answered locally)', () => {
+  it('queues their presence in windows of one append each, and the client gets each once', async () => {
+    const user = 'mab@localhost';
+    await stack.addUser(user, 'mab-pw');
+    // Contacts the user is subscribed to (their side 'from': nothing is broadcast to them),
+    // each online with one resource.
+    const contacts = Array.from({ length: 120 }, (_, i) => `fairy${String(i).padStart(3, '0')}@localhost`);
+    const roster = (contact: string, subscription: 'to' | 'from') => ({
+      contact,
+      listed: true,
+      groups: [],
+      subscription,
+      pendingOut: false,
+      approved: false,
+    });
+    for (const contact of contacts) {
+      await stack.server.roster.apply(user, contact, { contactIsLocal: true }, () => ({
+        user: roster(contact, 'to'),
+        contact: roster(user, 'from'),
+        outcome: undefined,
+      }));
+      await stack.server.sessions.bindResource({
+        user: contact,
+        resource: 'wing',
+        connectionId: `gone-${contact}`,
+        available: false,
+        priority: 0,
+        boundAt: Date.now(),
+      });
+      await stack.server.sessions.updatePresence(contact, 'wing', `gone-${contact}`, {
+        available: true,
+        priority: 0,
+        presence: `<presence from='${contact}/wing'><status>flying</status></presence>`,
+      });
+    }
+    const queue = stack.server.smQueue;
+    const windows: number[] = [];
+    const appendMany = queue.appendMany.bind(queue);
+    const restore = intercept(queue, 'appendMany', async (...args) => {
+      windows.push(args[1].length);
+      return appendMany(...args);
+    });
+    const client = await raw('mab', 'dream');
+    try {
+      await enable(client);
+      client.send('<presence/>');
+      const got = new Map<string, number>();
+      while ([...got.values()].reduce((a, b) => a + b, 0) < contacts.length) {
+        const el = await client.next(15_000);
+        if (el.name === 'presence' && el.attrs.from?.startsWith('fairy'))
+          got.set(el.attrs.from, (got.get(el.attrs.from) ?? 0) + 1);
+      }
+      expect([...got.keys()].sort()).toEqual(contacts.map((c) => `${c}/wing`));
+      expect([...got.values()].every((n) => n === 1)).toBe(true);
+    } finally {
+      restore();
+    }
+    // One by one, each answer was an append and a release billed on a queue item growing with it.
+    expect(windows).toEqual([50, 50, 20]);
+  });
+});
+
 describe('expiry', () => {
   it('re-routes what a detached session never acknowledged to offline storage when its window closes', async () => {
     await stack.addUser('capulet@localhost', 'capulet-pw');
