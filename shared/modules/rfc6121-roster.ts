@@ -828,33 +828,47 @@ async function contactsOnAvailability(
  * Many stanzas to the stream's own session. Without stream management their order does not
  * matter (presence of different contacts), so up to FAN_OUT_CONCURRENCY posts are in flight.
  * With it, one group (StanzaQueue.deliverTogether) queued in windows of PRESENCE_WINDOW, each one
- * append, and posted in one run: one by one, each append and each poster's release was billed on
- * a queue item that grew with every answer, about 24,000 write units for a login with 500
- * contacts online (`npm run bench -- --roster --sm`). Past a stanza not taken ('full', 'gone'),
- * the rest are not sent, as one by one they would not be taken either.
+ * append while the session is on this connection, and posted in one run: one by one, each append
+ * and each poster's release was billed on a queue item that grew with every answer, about 24,000
+ * write units for a login with 500 contacts online (`npm run bench -- --roster --sm`). A window
+ * refused because the session left this connection (detached by a 410, resumed elsewhere) leaves
+ * the rest to go one by one, queued for whoever resumes the session, as before; past one not
+ * taken for a full queue the rest are not sent, as one by one they would not be taken either.
  */
 async function sendAll(stream: BoundStream, stanzas: Element[]): Promise<void> {
   const queue = stream.server.host.stanzaQueue;
-  if (stream.state.sm && queue) {
+  let next = 0;
+  if (stream.state.sm && queue && stanzas.length > 1) {
+    let full = false;
     await queue.deliverTogether(stream, async (group) => {
-      for (let at = 0; at < stanzas.length; at += PRESENCE_WINDOW) {
+      while (next < stanzas.length) {
         const results = await stream.sendAll(
-          stanzas.slice(at, at + PRESENCE_WINDOW).map((stanza) => ({
+          stanzas.slice(next, next + PRESENCE_WINDOW).map((stanza) => ({
             stanza,
             options: { attachedTo: stream.connectionId, ...(group ? { group } : {}) },
           })),
         );
-        if (results.some((result) => result === 'full' || result === 'gone')) return;
+        const stopped = results.findIndex((result) => result === 'full' || result === 'gone');
+        if (stopped < 0) {
+          next += results.length;
+          continue;
+        }
+        next += stopped;
+        full = results[stopped] === 'full';
+        return;
       }
     });
-    return;
+    if (full) return;
   }
-  let next = 0;
   const worker = async () => {
     while (next < stanzas.length) await stream.send(stanzas[next++] as Element);
   };
-  await Promise.all(Array.from({ length: Math.min(FAN_OUT_CONCURRENCY, stanzas.length) }, worker));
+  const concurrency = stream.state.sm ? 1 : FAN_OUT_CONCURRENCY;
+  await Promise.all(Array.from({ length: Math.min(concurrency, stanzas.length - next) }, worker));
 }
 
-/** Presence stanzas queued in one append (about 150 bytes each: well within a window's 32 KB). */
+/**
+ * Presence stanzas queued in one append: a window past 32 KB as sent (large statuses, avatar
+ * hashes) goes one by one, as before.
+ */
 const PRESENCE_WINDOW = 50;

@@ -1487,12 +1487,17 @@ describe('large stanzas, each queued in an item of its own (SM_OWN_ITEM_BYTES)',
 });
 
 describe('a login with many contacts online (RFC 6121 §4.2.2 probes answered locally)', () => {
-  it('queues their presence in windows of one append each, and the client gets each once', async () => {
-    const user = 'mab@localhost';
-    await stack.addUser(user, 'mab-pw');
-    // Contacts the user is subscribed to (their side 'from': nothing is broadcast to them),
-    // each online with one resource.
-    const contacts = Array.from({ length: 120 }, (_, i) => `fairy${String(i).padStart(3, '0')}@localhost`);
+  /**
+   * `name` and 120 contacts it is subscribed to (their side 'from': nothing is broadcast to them),
+   * each online with one resource.
+   */
+  async function fairies(name: string): Promise<string[]> {
+    const user = `${name}@localhost`;
+    await stack.addUser(user, `${name}-pw`);
+    const contacts = Array.from(
+      { length: 120 },
+      (_, i) => `${name}-fairy${String(i).padStart(3, '0')}@localhost`,
+    );
     const roster = (contact: string, subscription: 'to' | 'from') => ({
       contact,
       listed: true,
@@ -1521,6 +1526,36 @@ describe('a login with many contacts online (RFC 6121 §4.2.2 probes answered lo
         presence: `<presence from='${contact}/wing'><status>flying</status></presence>`,
       });
     }
+    return contacts;
+  }
+
+  /** Logs `name` in with stream management and initial presence; each contact's presence it got. */
+  async function loginCounting(name: string, contacts: string[]): Promise<Map<string, number>> {
+    const client = await raw(name, 'dream');
+    await enable(client);
+    client.send('<presence/>');
+    const got = new Map<string, number>();
+    let total = 0;
+    while (total < contacts.length) {
+      const el = await client.next(15_000);
+      if (el.name === 'presence' && el.attrs.from?.includes('-fairy')) {
+        got.set(el.attrs.from, (got.get(el.attrs.from) ?? 0) + 1);
+        total += 1;
+      }
+    }
+    // Nothing more of theirs after a moment (a second copy would come now).
+    client.send(`<iq type='get' id='settle' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>`);
+    for (;;) {
+      const el = await client.next(15_000);
+      if (el.name === 'presence' && el.attrs.from?.includes('-fairy'))
+        got.set(el.attrs.from, (got.get(el.attrs.from) ?? 0) + 1);
+      if (el.name === 'iq' && el.attrs.id === 'settle') break;
+    }
+    return got;
+  }
+
+  it('queues their presence in windows of one append each, and the client gets each once', async () => {
+    const contacts = await fairies('mab');
     const queue = stack.server.smQueue;
     const windows: number[] = [];
     const appendMany = queue.appendMany.bind(queue);
@@ -1528,16 +1563,8 @@ describe('a login with many contacts online (RFC 6121 §4.2.2 probes answered lo
       windows.push(args[1].length);
       return appendMany(...args);
     });
-    const client = await raw('mab', 'dream');
     try {
-      await enable(client);
-      client.send('<presence/>');
-      const got = new Map<string, number>();
-      while ([...got.values()].reduce((a, b) => a + b, 0) < contacts.length) {
-        const el = await client.next(15_000);
-        if (el.name === 'presence' && el.attrs.from?.startsWith('fairy'))
-          got.set(el.attrs.from, (got.get(el.attrs.from) ?? 0) + 1);
-      }
+      const got = await loginCounting('mab', contacts);
       expect([...got.keys()].sort()).toEqual(contacts.map((c) => `${c}/wing`));
       expect([...got.values()].every((n) => n === 1)).toBe(true);
     } finally {
@@ -1545,6 +1572,27 @@ describe('a login with many contacts online (RFC 6121 §4.2.2 probes answered lo
     }
     // One by one, each answer was an append and a release billed on a queue item growing with it.
     expect(windows).toEqual([50, 50, 20]);
+  });
+
+  it('sends the rest one by one when a window is refused because the session left the connection: none lost', async () => {
+    const contacts = await fairies('puck');
+    const queue = stack.server.smQueue;
+    // The session detached from this connection (a 410 on the initial presence's own copy) or
+    // resumed elsewhere as the first window came: refused as `moved`, nothing queued.
+    let refused = 0;
+    const appendMany = queue.appendMany.bind(queue);
+    const restore = intercept(queue, 'appendMany', async (...args) => {
+      if (refused++ === 0) return { kind: 'moved' as const };
+      return appendMany(...args);
+    });
+    try {
+      const got = await loginCounting('puck', contacts);
+      expect([...got.keys()].sort()).toEqual(contacts.map((c) => `${c}/wing`));
+      expect([...got.values()].every((n) => n === 1)).toBe(true);
+    } finally {
+      restore();
+    }
+    expect(refused).toBe(1);
   });
 });
 
