@@ -843,7 +843,7 @@ async function sendAll(stream: BoundStream, stanzas: Element[]): Promise<void> {
     await queue.deliverTogether(stream, async (group) => {
       while (next < stanzas.length) {
         const results = await stream.sendAll(
-          stanzas.slice(next, next + PRESENCE_WINDOW).map((stanza) => ({
+          presenceWindow(stanzas, next).map((stanza) => ({
             stanza,
             options: { attachedTo: stream.connectionId, ...(group ? { group } : {}) },
           })),
@@ -867,8 +867,22 @@ async function sendAll(stream: BoundStream, stanzas: Element[]): Promise<void> {
   await Promise.all(Array.from({ length: Math.min(concurrency, stanzas.length - next) }, worker));
 }
 
-/**
- * Presence stanzas queued in one append: a window past 32 KB as sent (large statuses, avatar
- * hashes) goes one by one, as before.
- */
+/** Presence stanzas queued in one append: at most this many, and this many bytes as sent. */
 const PRESENCE_WINDOW = 50;
+const PRESENCE_WINDOW_BYTES = 24 * 1024;
+
+/**
+ * The window of `stanzas` from `from`: up to PRESENCE_WINDOW of them within PRESENCE_WINDOW_BYTES
+ * (a window past the stanza queue's 32 KB would go one by one), and at least one.
+ */
+function presenceWindow(stanzas: readonly Element[], from: number): Element[] {
+  const window: Element[] = [];
+  let bytes = 0;
+  for (let at = from; at < stanzas.length && window.length < PRESENCE_WINDOW; at++) {
+    const stanza = stanzas[at] as Element;
+    bytes += Buffer.byteLength(stanza.toString());
+    if (window.length > 0 && bytes > PRESENCE_WINDOW_BYTES) break;
+    window.push(stanza);
+  }
+  return window;
+}

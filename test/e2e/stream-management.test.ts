@@ -1491,7 +1491,7 @@ describe('a login with many contacts online (RFC 6121 §4.2.2 probes answered lo
    * `name` and 120 contacts it is subscribed to (their side 'from': nothing is broadcast to them),
    * each online with one resource.
    */
-  async function fairies(name: string): Promise<string[]> {
+  async function fairies(name: string, status = 'flying'): Promise<string[]> {
     const user = `${name}@localhost`;
     await stack.addUser(user, `${name}-pw`);
     const contacts = Array.from(
@@ -1523,7 +1523,7 @@ describe('a login with many contacts online (RFC 6121 §4.2.2 probes answered lo
       await stack.server.sessions.updatePresence(contact, 'wing', `gone-${contact}`, {
         available: true,
         priority: 0,
-        presence: `<presence from='${contact}/wing'><status>flying</status></presence>`,
+        presence: `<presence from='${contact}/wing'><status>${status}</status></presence>`,
       });
     }
     return contacts;
@@ -1572,6 +1572,28 @@ describe('a login with many contacts online (RFC 6121 §4.2.2 probes answered lo
     }
     // One by one, each answer was an append and a release billed on a queue item growing with it.
     expect(windows).toEqual([50, 50, 20]);
+  });
+
+  it('keeps a window within 24 KB: contacts with long statuses take more windows, each one append', async () => {
+    const contacts = await fairies('cobweb', 'x'.repeat(600));
+    const queue = stack.server.smQueue;
+    const windows: number[] = [];
+    const appendMany = queue.appendMany.bind(queue);
+    const restore = intercept(queue, 'appendMany', async (...args) => {
+      windows.push(args[1].length);
+      return appendMany(...args);
+    });
+    try {
+      const got = await loginCounting('cobweb', contacts);
+      expect([...got.values()].every((n) => n === 1)).toBe(true);
+      expect(got.size).toBe(contacts.length);
+    } finally {
+      restore();
+    }
+    // About 700 bytes each: 35 to a window, not 50 (a window past 32 KB would go one by one).
+    expect(windows.reduce((a, b) => a + b, 0)).toBe(contacts.length);
+    expect(Math.max(...windows)).toBeLessThan(50);
+    expect(windows.length).toBe(4);
   });
 
   it('sends the rest one by one when a window is refused because the session left the connection: none lost', async () => {
