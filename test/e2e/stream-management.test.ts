@@ -1554,8 +1554,8 @@ describe('a login with many contacts online (RFC 6121 §4.2.2 probes answered lo
     return got;
   }
 
-  it('queues their presence in windows of one append each, and the client gets each once', async () => {
-    const contacts = await fairies('mab');
+  /** Logs `name` in as loginCounting does, counting the windows queued in one write, by size. */
+  async function loginCountingWindows(name: string, contacts: string[]) {
     const queue = stack.server.smQueue;
     const windows: number[] = [];
     const appendMany = queue.appendMany.bind(queue);
@@ -1564,32 +1564,26 @@ describe('a login with many contacts online (RFC 6121 §4.2.2 probes answered lo
       return appendMany(...args);
     });
     try {
-      const got = await loginCounting('mab', contacts);
-      expect([...got.keys()].sort()).toEqual(contacts.map((c) => `${c}/wing`));
-      expect([...got.values()].every((n) => n === 1)).toBe(true);
+      return { got: await loginCounting(name, contacts), windows };
     } finally {
       restore();
     }
+  }
+
+  it('queues their presence in windows of one append each, and the client gets each once', async () => {
+    const contacts = await fairies('mab');
+    const { got, windows } = await loginCountingWindows('mab', contacts);
+    expect([...got.keys()].sort()).toEqual(contacts.map((c) => `${c}/wing`));
+    expect([...got.values()].every((n) => n === 1)).toBe(true);
     // One by one, each answer was an append and a release billed on a queue item growing with it.
     expect(windows).toEqual([50, 50, 20]);
   });
 
   it('keeps a window within 24 KB: contacts with long statuses take more windows, each one append', async () => {
     const contacts = await fairies('cobweb', 'x'.repeat(600));
-    const queue = stack.server.smQueue;
-    const windows: number[] = [];
-    const appendMany = queue.appendMany.bind(queue);
-    const restore = intercept(queue, 'appendMany', async (...args) => {
-      windows.push(args[1].length);
-      return appendMany(...args);
-    });
-    try {
-      const got = await loginCounting('cobweb', contacts);
-      expect([...got.values()].every((n) => n === 1)).toBe(true);
-      expect(got.size).toBe(contacts.length);
-    } finally {
-      restore();
-    }
+    const { got, windows } = await loginCountingWindows('cobweb', contacts);
+    expect([...got.values()].every((n) => n === 1)).toBe(true);
+    expect(got.size).toBe(contacts.length);
     // About 700 bytes each: 35 to a window, not 50 (a window past 32 KB would go one by one).
     expect(windows.reduce((a, b) => a + b, 0)).toBe(contacts.length);
     expect(Math.max(...windows)).toBeLessThan(50);
