@@ -52,12 +52,15 @@ export const BUNDLE_ALIASES: Record<string, string> = {
  * functions/telemetry.ts) and `NIMBUS_SWEEPS`, false in every function but the sweeper: the
  * modules register their `sweep` phases only when it is not 'false', so the stream and connect
  * bundles carry none of the sweeper's code (about 1.5 KB of the stream bundle). Unbundled (the
- * local runner, the tests) it is unset: the phases are registered.
+ * local runner, the tests) it is unset: the phases are registered. `NIMBUS_ADMIN` is false in
+ * every function: the stores' operator-only listings (Scans, `npm run user -- list` and
+ * `sessions`, which run from source) leave the bundles, with the SDK's Scan command.
  */
 export function bundleDefines(options: { tracing: boolean; sweeps: boolean }): Record<string, string> {
   return {
     'process.env.NIMBUS_TRACING': JSON.stringify(options.tracing ? 'true' : 'false'),
     'process.env.NIMBUS_SWEEPS': JSON.stringify(options.sweeps ? 'true' : 'false'),
+    'process.env.NIMBUS_ADMIN': JSON.stringify('false'),
   };
 }
 

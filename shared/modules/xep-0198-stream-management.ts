@@ -596,7 +596,7 @@ async function postInOrder(
         : (await withTransientRetries(MARK_ATTEMPTS, () => server.smQueue.stanzas(smId, [entry])))[0];
       if (!mine && text === undefined) {
         // A large stanza's own item, gone: acknowledged meanwhile (its trim deletes it).
-        server.log.warn('a queued stanza kept in an item of its own was gone', { smId, number });
+        server.log.warn(OWN_ITEM_GONE, { smId, number });
         sent = number;
         continue;
       }
@@ -1052,6 +1052,9 @@ async function forceResume(
   }
 }
 
+/** The log line of a queued stanza whose own item (SmEntry.x) was not found where it was to be posted. */
+const OWN_ITEM_GONE = 'queued stanza: its own item is gone';
+
 /** A queued stanza's bytes (one kept in an item of its own records its size). */
 function entryBytes(entry: SmEntry): number {
   return entry.n ?? Buffer.byteLength(entry.s ?? '');
@@ -1297,7 +1300,7 @@ async function toReroute(server: Server, item: SmQueueItem, from: number): Promi
     const position = from + i + 1;
     if (text === undefined) {
       // An ended session's queue is not trimmed: its own items stay until the re-route is done.
-      server.log.error('a queued stanza kept in an item of its own was not found', {
+      server.log.error(OWN_ITEM_GONE, {
         smId: item.smId,
         position,
       });
@@ -1740,7 +1743,7 @@ async function replayHeld(
       // closed, or is gone) and the next replay starts where its ack says. A large stanza whose
       // own item is gone was acknowledged meanwhile (its trim deletes the item).
       if (text === undefined)
-        server.log.warn('a queued stanza kept in an item of its own was gone', {
+        server.log.warn(OWN_ITEM_GONE, {
           smId: sm.id,
           number: base + i + 1,
         });

@@ -473,6 +473,15 @@ export function documentClientFor(config: Config, hooks: DynamoHooks = {}): Dyna
   return createDocumentClient({ endpoint: config.dynamodbEndpoint, region: config.region, ...hooks });
 }
 
+/**
+ * A store's operator-only method (a Scan over a whole table) in a function's bundle, where
+ * `NIMBUS_ADMIN` is folded to 'false' (infra/constructs/xmpp-function.ts `bundleDefines`): never
+ * called there (the functions' roles may not Scan either).
+ */
+export function adminOnly(): Promise<never> {
+  return Promise.reject(new Error("an operator's listing, not in a function's bundle"));
+}
+
 /** A conditional write whose condition did not hold: the stores turn it into a domain answer. */
 export function isConditionFailure(error: unknown): boolean {
   return (error as { name?: string } | undefined)?.name === 'ConditionalCheckFailedException';

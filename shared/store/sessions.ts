@@ -25,7 +25,7 @@ import {
 } from '@aws-sdk/lib-dynamodb';
 import { unmarshall } from '@aws-sdk/util-dynamodb';
 import { TTL_ATTRIBUTE } from '../tables.ts';
-import { batchGetAll, isConditionFailure } from './dynamo.ts';
+import { adminOnly, batchGetAll, isConditionFailure } from './dynamo.ts';
 
 /** Tries of a bind whose takeover found the row changed since it was told of it. */
 const BIND_ATTEMPTS = 4;
@@ -1607,25 +1607,29 @@ export function createSessionStore(
 
     // No request path needs every session, so there is no index for it: listing them is an
     // operator's command (`npm run user -- sessions`), a Scan filtered to resource rows that
-    // reads (and pays for) the whole table. The functions' roles are not allowed to Scan.
-    async listAllResources() {
-      const resources: ResourceRecord[] = [];
-      let startKey: Record<string, unknown> | undefined;
-      do {
-        const page = await doc.send(
-          new ScanCommand({
-            TableName: table,
-            FilterExpression: 'begins_with(pk, :user) AND begins_with(sk, :res)',
-            ExpressionAttributeValues: { ':user': 'user#', ':res': 'res#' },
-            ExclusiveStartKey: startKey,
-          }),
-        );
-        for (const item of page.Items ?? []) resources.push(toResource(item));
-        startKey = page.LastEvaluatedKey;
-      } while (startKey);
-      return resources.sort((a, b) =>
-        a.user === b.user ? a.resource.localeCompare(b.resource) : a.user.localeCompare(b.user),
-      );
-    },
+    // reads (and pays for) the whole table. The functions' roles are not allowed to Scan, and
+    // their bundles leave it out (`adminOnly`).
+    listAllResources:
+      process.env.NIMBUS_ADMIN === 'false'
+        ? adminOnly
+        : async () => {
+            const resources: ResourceRecord[] = [];
+            let startKey: Record<string, unknown> | undefined;
+            do {
+              const page = await doc.send(
+                new ScanCommand({
+                  TableName: table,
+                  FilterExpression: 'begins_with(pk, :user) AND begins_with(sk, :res)',
+                  ExpressionAttributeValues: { ':user': 'user#', ':res': 'res#' },
+                  ExclusiveStartKey: startKey,
+                }),
+              );
+              for (const item of page.Items ?? []) resources.push(toResource(item));
+              startKey = page.LastEvaluatedKey;
+            } while (startKey);
+            return resources.sort((a, b) =>
+              a.user === b.user ? a.resource.localeCompare(b.resource) : a.user.localeCompare(b.user),
+            );
+          },
   };
 }

@@ -27,7 +27,7 @@ import {
 import { unmarshall } from '@aws-sdk/util-dynamodb';
 import type { ScramCredentials, ScramHash } from '../sasl/scram.ts';
 import { TTL_ATTRIBUTE } from '../tables.ts';
-import { isConditionFailure } from './dynamo.ts';
+import { adminOnly, isConditionFailure } from './dynamo.ts';
 
 const CREDENTIALS = 'credentials';
 const AUTH_FAILURES = 'authfail';
@@ -271,25 +271,29 @@ export function createUserStore(
 
     // There is no index over all accounts, on purpose: no request path needs one. Listing is
     // an operator's command (`npm run user -- list`), so a Scan filtered to credentials items
-    // is acceptable here and nowhere else; it reads (and pays for) the whole table.
-    async list() {
-      const jids: string[] = [];
-      let startKey: Record<string, unknown> | undefined;
-      do {
-        const page = await doc.send(
-          new ScanCommand({
-            TableName: tableName,
-            FilterExpression: 'sk = :credentials',
-            ProjectionExpression: 'pk',
-            ExpressionAttributeValues: { ':credentials': CREDENTIALS },
-            ExclusiveStartKey: startKey,
-          }),
-        );
-        for (const item of page.Items ?? []) jids.push(item.pk as string);
-        startKey = page.LastEvaluatedKey;
-      } while (startKey);
-      return jids.sort();
-    },
+    // is acceptable here and nowhere else; it reads (and pays for) the whole table. Folded out
+    // of the functions' bundles (`adminOnly`).
+    list:
+      process.env.NIMBUS_ADMIN === 'false'
+        ? adminOnly
+        : async () => {
+            const jids: string[] = [];
+            let startKey: Record<string, unknown> | undefined;
+            do {
+              const page = await doc.send(
+                new ScanCommand({
+                  TableName: tableName,
+                  FilterExpression: 'sk = :credentials',
+                  ProjectionExpression: 'pk',
+                  ExpressionAttributeValues: { ':credentials': CREDENTIALS },
+                  ExclusiveStartKey: startKey,
+                }),
+              );
+              for (const item of page.Items ?? []) jids.push(item.pk as string);
+              startKey = page.LastEvaluatedKey;
+            } while (startKey);
+            return jids.sort();
+          },
 
     async loginRecord(jid) {
       const { Items = [] } = await doc.send(

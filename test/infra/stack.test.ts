@@ -681,6 +681,20 @@ describe('functions', () => {
     }
   });
 
+  it('leaves the operator-only listings (Scans) out of every function bundle (NIMBUS_ADMIN)', () => {
+    const bundle = (name: keyof typeof FUNCTION_MEMORY_MB) => {
+      const fn = stack.functions[name].fn;
+      const code = fn.node.findAll().find((child) => child instanceof AssetStaging) as AssetStaging;
+      return readFileSync(join(code.absoluteStagedPath, 'index.mjs'), 'utf8');
+    };
+    // The Scans' filters (users.ts `list`, sessions.ts `listAllResources`).
+    for (const name of ['stream', 'connect', 'sweeper'] as const) {
+      expect(bundle(name)).not.toContain('begins_with(pk, :user) AND begins_with(sk, :res)');
+      expect(bundle(name)).not.toContain('sk = :credentials');
+      expect(bundle(name)).toContain("an operator's listing, not in a function's bundle");
+    }
+  });
+
   it('runs the sweeper every minute, a run never retried nor held back past its minute', () => {
     template.hasResourceProperties('AWS::Events::Rule', {
       ScheduleExpression: 'rate(1 minute)',
