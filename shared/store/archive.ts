@@ -52,7 +52,7 @@ import {
   ARCHIVE_WITH_FULL_INDEX,
   TTL_ATTRIBUTE,
 } from '../tables.ts';
-import { isConditionFailure } from './dynamo.ts';
+import { adminOnly, isConditionFailure } from './dynamo.ts';
 
 // ---------------------------------------------------------------------------------------------
 // Domain
@@ -1784,29 +1784,33 @@ export function createArchiveStore(
      * (messages, notes, keys), then the owner's own items (headers, open pointers, tombstones,
      * preferences), with no tombstone left behind. Returns the collections deleted.
      */
-    async deleteOwner(owner: string): Promise<number> {
-      let collections = 0;
-      for (;;) {
-        const page = await doc.send(
-          new QueryCommand({
-            TableName: table,
-            KeyConditionExpression: 'pk = :pk',
-            ExpressionAttributeValues: { ':pk': owner },
-            ProjectionExpression: 'pk, sk, cid',
-            ConsistentRead: true,
-            Limit: 100,
-          }),
-        );
-        const items = page.Items ?? [];
-        if (items.length === 0) return collections;
-        for (const item of items) {
-          if (typeof item.cid !== 'string') continue;
-          while (!(await purgePartition(owner, item.cid, 5000)).done);
-          if ((item.sk as string).startsWith('c#')) collections += 1;
-        }
-        await deleteKeys(items.map((item) => ({ pk: item.pk as string, sk: item.sk as string })));
-      }
-    },
+    // An operator's command (`npm run user`), folded out of the functions' bundles (`adminOnly`).
+    deleteOwner:
+      process.env.NIMBUS_ADMIN === 'false'
+        ? adminOnly
+        : async (owner: string): Promise<number> => {
+            let collections = 0;
+            for (;;) {
+              const page = await doc.send(
+                new QueryCommand({
+                  TableName: table,
+                  KeyConditionExpression: 'pk = :pk',
+                  ExpressionAttributeValues: { ':pk': owner },
+                  ProjectionExpression: 'pk, sk, cid',
+                  ConsistentRead: true,
+                  Limit: 100,
+                }),
+              );
+              const items = page.Items ?? [];
+              if (items.length === 0) return collections;
+              for (const item of items) {
+                if (typeof item.cid !== 'string') continue;
+                while (!(await purgePartition(owner, item.cid, 5000)).done);
+                if ((item.sk as string).startsWith('c#')) collections += 1;
+              }
+              await deleteKeys(items.map((item) => ({ pk: item.pk as string, sk: item.sk as string })));
+            }
+          },
 
     /**
      * Records what expired (the sweeper, every minute), so that `<modified/>` (0.9 §10) reports

@@ -474,12 +474,13 @@ export function documentClientFor(config: Config, hooks: DynamoHooks = {}): Dyna
 }
 
 /**
- * A store's operator-only method (a Scan over a whole table) in a function's bundle, where
- * `NIMBUS_ADMIN` is folded to 'false' (infra/constructs/xmpp-function.ts `bundleDefines`): never
- * called there (the functions' roles may not Scan either).
+ * A store's operator-only method in a function's bundle, where `NIMBUS_ADMIN` is folded to 'false'
+ * (infra/constructs/xmpp-function.ts `bundleDefines`): never called there. The admin CLI's
+ * commands (`npm run user`: the Scans of `list` and `sessions`, which the functions' roles may not
+ * run either, and an account's creation, new password and deletion) run from source.
  */
 export function adminOnly(): Promise<never> {
-  return Promise.reject(new Error("an operator's listing, not in a function's bundle"));
+  return Promise.reject(new Error("an operator's command, not in a function's bundle"));
 }
 
 /** A conditional write whose condition did not hold: the stores turn it into a domain answer. */

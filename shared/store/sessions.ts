@@ -1046,27 +1046,31 @@ export function createSessionStore(
       }
     },
 
-    async revokeConnection(connectionId, revocation = {}) {
-      const bounded = boundedRevocation(revocation);
-      try {
-        await doc.send(
-          new UpdateCommand({
-            TableName: table,
-            Key: connKey(connectionId),
-            UpdateExpression: 'SET revoked = :revocation',
-            // Not a row whose stream has ended already (its $disconnect would tell nobody), and
-            // marked once: a rerun of the deletion (its roster gone by then) keeps the first run's.
-            ConditionExpression:
-              'attribute_exists(pk) AND attribute_not_exists(ended) AND attribute_not_exists(revoked)',
-            ExpressionAttributeValues: { ':revocation': bounded },
-          }),
-        );
-        return true;
-      } catch (error) {
-        if (isConditionFailure(error)) return false;
-        throw error;
-      }
-    },
+    // An operator's command (`npm run user`), folded out of the functions' bundles (`adminOnly`).
+    revokeConnection:
+      process.env.NIMBUS_ADMIN === 'false'
+        ? adminOnly
+        : async (connectionId, revocation = {}) => {
+            const bounded = boundedRevocation(revocation);
+            try {
+              await doc.send(
+                new UpdateCommand({
+                  TableName: table,
+                  Key: connKey(connectionId),
+                  UpdateExpression: 'SET revoked = :revocation',
+                  // Not a row whose stream has ended already (its $disconnect would tell nobody), and
+                  // marked once: a rerun of the deletion (its roster gone by then) keeps the first run's.
+                  ConditionExpression:
+                    'attribute_exists(pk) AND attribute_not_exists(ended) AND attribute_not_exists(revoked)',
+                  ExpressionAttributeValues: { ':revocation': bounded },
+                }),
+              );
+              return true;
+            } catch (error) {
+              if (isConditionFailure(error)) return false;
+              throw error;
+            }
+          },
 
     async deleteConnection(connectionId) {
       await doc.send(new DeleteCommand({ TableName: table, Key: connKey(connectionId) }));
@@ -1423,35 +1427,39 @@ export function createSessionStore(
       return { online: result, lastUnavailable };
     },
 
-    async forgetLastUnavailable(user) {
-      // The item goes when it names no available resource: an unavailable presence still in
-      // flight then finds no item (its update never creates one) and leaves nothing behind.
-      try {
-        await doc.send(
-          new DeleteCommand({
-            TableName: table,
-            Key: availKey(user),
-            ConditionExpression: 'attribute_not_exists(#res)',
-            ExpressionAttributeNames: { '#res': 'res' },
-          }),
-        );
-        return;
-      } catch (error) {
-        if (!isConditionFailure(error)) throw error;
-      }
-      try {
-        await doc.send(
-          new UpdateCommand({
-            TableName: table,
-            Key: availKey(user),
-            UpdateExpression: 'REMOVE offAt, offPresence',
-            ConditionExpression: 'attribute_exists(pk)',
-          }),
-        );
-      } catch (error) {
-        if (!isConditionFailure(error)) throw error;
-      }
-    },
+    // An operator's command (`npm run user`), folded out of the functions' bundles (`adminOnly`).
+    forgetLastUnavailable:
+      process.env.NIMBUS_ADMIN === 'false'
+        ? adminOnly
+        : async (user) => {
+            // The item goes when it names no available resource: an unavailable presence still in
+            // flight then finds no item (its update never creates one) and leaves nothing behind.
+            try {
+              await doc.send(
+                new DeleteCommand({
+                  TableName: table,
+                  Key: availKey(user),
+                  ConditionExpression: 'attribute_not_exists(#res)',
+                  ExpressionAttributeNames: { '#res': 'res' },
+                }),
+              );
+              return;
+            } catch (error) {
+              if (!isConditionFailure(error)) throw error;
+            }
+            try {
+              await doc.send(
+                new UpdateCommand({
+                  TableName: table,
+                  Key: availKey(user),
+                  UpdateExpression: 'REMOVE offAt, offPresence',
+                  ConditionExpression: 'attribute_exists(pk)',
+                }),
+              );
+            } catch (error) {
+              if (!isConditionFailure(error)) throw error;
+            }
+          },
 
     async markFlexibleOffline(user, resource, connectionId) {
       await markResource(user, resource, connectionId, 'flexibleOffline');

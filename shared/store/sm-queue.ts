@@ -24,7 +24,7 @@ import {
   UpdateCommand,
 } from '@aws-sdk/lib-dynamodb';
 import { SWEEP_INDEX, TTL_ATTRIBUTE } from '../tables.ts';
-import { AmbiguousWriteError, batchGetAll, isConditionFailure, sendOnce } from './dynamo.ts';
+import { AmbiguousWriteError, adminOnly, batchGetAll, isConditionFailure, sendOnce } from './dynamo.ts';
 import {
   ATTACHED_SHARD,
   boundedRevocation,
@@ -1076,25 +1076,29 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       );
     },
 
-    async revoke(smId, revocation) {
-      try {
-        await doc.send(
-          new UpdateCommand({
-            TableName: table,
-            Key: key(smId),
-            UpdateExpression: 'SET revoked = :revocation',
-            // Marked once: a rerun of the deletion (its roster gone by then) keeps the first run's.
-            ConditionExpression:
-              'attribute_exists(pk) AND attribute_not_exists(ended) AND attribute_not_exists(revoked)',
-            ExpressionAttributeValues: { ':revocation': boundedRevocation(revocation) },
-          }),
-        );
-        return true;
-      } catch (error) {
-        if (isConditionFailure(error)) return false;
-        throw error;
-      }
-    },
+    // An operator's command (`npm run user`), folded out of the functions' bundles (`adminOnly`).
+    revoke:
+      process.env.NIMBUS_ADMIN === 'false'
+        ? adminOnly
+        : async (smId, revocation) => {
+            try {
+              await doc.send(
+                new UpdateCommand({
+                  TableName: table,
+                  Key: key(smId),
+                  UpdateExpression: 'SET revoked = :revocation',
+                  // Marked once: a rerun of the deletion (its roster gone by then) keeps the first run's.
+                  ConditionExpression:
+                    'attribute_exists(pk) AND attribute_not_exists(ended) AND attribute_not_exists(revoked)',
+                  ExpressionAttributeValues: { ':revocation': boundedRevocation(revocation) },
+                }),
+              );
+              return true;
+            } catch (error) {
+              if (isConditionFailure(error)) return false;
+              throw error;
+            }
+          },
 
     async counts(smId) {
       const { Item } = await doc.send(

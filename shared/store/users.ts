@@ -196,43 +196,51 @@ export function createUserStore(
   }
 
   return {
-    async create(jid, scram) {
-      const at = now();
-      const item: CredentialsItem = { pk: jid, sk: CREDENTIALS, scram, createdAt: at, updatedAt: at };
-      try {
-        await doc.send(
-          new PutCommand({
-            TableName: tableName,
-            Item: item,
-            ConditionExpression: 'attribute_not_exists(pk)',
-          }),
-        );
-      } catch (error) {
-        if (isConditionFailure(error)) throw new UserExistsError(jid);
-        throw error;
-      }
-      await recordIterations(scram);
-      return toUser(item);
-    },
+    // An operator's command (`npm run user`), folded out of the functions' bundles (`adminOnly`).
+    create:
+      process.env.NIMBUS_ADMIN === 'false'
+        ? adminOnly
+        : async (jid, scram) => {
+            const at = now();
+            const item: CredentialsItem = { pk: jid, sk: CREDENTIALS, scram, createdAt: at, updatedAt: at };
+            try {
+              await doc.send(
+                new PutCommand({
+                  TableName: tableName,
+                  Item: item,
+                  ConditionExpression: 'attribute_not_exists(pk)',
+                }),
+              );
+            } catch (error) {
+              if (isConditionFailure(error)) throw new UserExistsError(jid);
+              throw error;
+            }
+            await recordIterations(scram);
+            return toUser(item);
+          },
 
-    async replaceCredentials(jid, scram) {
-      try {
-        await doc.send(
-          new UpdateCommand({
-            TableName: tableName,
-            Key: { pk: jid, sk: CREDENTIALS },
-            UpdateExpression: 'SET #scram = :scram, #updatedAt = :now',
-            ConditionExpression: 'attribute_exists(pk)',
-            ExpressionAttributeNames: { '#scram': 'scram', '#updatedAt': 'updatedAt' },
-            ExpressionAttributeValues: { ':scram': scram, ':now': now() },
-          }),
-        );
-      } catch (error) {
-        if (isConditionFailure(error)) throw new UnknownUserError(jid);
-        throw error;
-      }
-      await recordIterations(scram);
-    },
+    // An operator's command (`npm run user`), folded out of the functions' bundles (`adminOnly`).
+    replaceCredentials:
+      process.env.NIMBUS_ADMIN === 'false'
+        ? adminOnly
+        : async (jid, scram) => {
+            try {
+              await doc.send(
+                new UpdateCommand({
+                  TableName: tableName,
+                  Key: { pk: jid, sk: CREDENTIALS },
+                  UpdateExpression: 'SET #scram = :scram, #updatedAt = :now',
+                  ConditionExpression: 'attribute_exists(pk)',
+                  ExpressionAttributeNames: { '#scram': 'scram', '#updatedAt': 'updatedAt' },
+                  ExpressionAttributeValues: { ':scram': scram, ':now': now() },
+                }),
+              );
+            } catch (error) {
+              if (isConditionFailure(error)) throw new UnknownUserError(jid);
+              throw error;
+            }
+            await recordIterations(scram);
+          },
 
     async get(jid) {
       const { Item } = await doc.send(
@@ -252,22 +260,26 @@ export function createUserStore(
       return Item !== undefined;
     },
 
-    async delete(jid) {
-      try {
-        await doc.send(
-          new DeleteCommand({
-            TableName: tableName,
-            Key: { pk: jid, sk: CREDENTIALS },
-            ConditionExpression: 'attribute_exists(pk)',
-          }),
-        );
-      } catch (error) {
-        if (isConditionFailure(error)) throw new UnknownUserError(jid);
-        throw error;
-      }
-      await doc.send(new DeleteCommand({ TableName: tableName, Key: { pk: jid, sk: AUTH_FAILURES } }));
-      await doc.send(new DeleteCommand({ TableName: tableName, Key: { pk: jid, sk: ADDRESSES } }));
-    },
+    // An operator's command (`npm run user`), folded out of the functions' bundles (`adminOnly`).
+    delete:
+      process.env.NIMBUS_ADMIN === 'false'
+        ? adminOnly
+        : async (jid) => {
+            try {
+              await doc.send(
+                new DeleteCommand({
+                  TableName: tableName,
+                  Key: { pk: jid, sk: CREDENTIALS },
+                  ConditionExpression: 'attribute_exists(pk)',
+                }),
+              );
+            } catch (error) {
+              if (isConditionFailure(error)) throw new UnknownUserError(jid);
+              throw error;
+            }
+            await doc.send(new DeleteCommand({ TableName: tableName, Key: { pk: jid, sk: AUTH_FAILURES } }));
+            await doc.send(new DeleteCommand({ TableName: tableName, Key: { pk: jid, sk: ADDRESSES } }));
+          },
 
     // There is no index over all accounts, on purpose: no request path needs one. Listing is
     // an operator's command (`npm run user -- list`), so a Scan filtered to credentials items

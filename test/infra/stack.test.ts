@@ -681,7 +681,7 @@ describe('functions', () => {
     }
   });
 
-  it('leaves the operator-only listings (Scans) out of every function bundle (NIMBUS_ADMIN)', () => {
+  it("leaves the operator's commands (listings, account creation, passwords, deletion) out of every function bundle (NIMBUS_ADMIN)", () => {
     const bundle = (name: keyof typeof FUNCTION_MEMORY_MB) => {
       const fn = stack.functions[name].fn;
       const code = fn.node.findAll().find((child) => child instanceof AssetStaging) as AssetStaging;
@@ -691,7 +691,9 @@ describe('functions', () => {
     for (const name of ['stream', 'connect', 'sweeper'] as const) {
       expect(bundle(name)).not.toContain('begins_with(pk, :user) AND begins_with(sk, :res)');
       expect(bundle(name)).not.toContain('sk = :credentials');
-      expect(bundle(name)).toContain("an operator's listing, not in a function's bundle");
+      // Account deletion's marks (sessions.ts revokeConnection, sm-queue.ts revoke).
+      expect(bundle(name)).not.toContain('SET revoked = :revocation');
+      expect(bundle(name)).toContain("an operator's command, not in a function's bundle");
     }
   });
 
