@@ -86,6 +86,7 @@ import {
   asksForRefusedSaveAll,
   checkAutoRequest,
   effectiveMode,
+  itemOf,
   retention,
   type ServicePolicy,
 } from './xep-0136/preferences.ts';
@@ -693,9 +694,10 @@ async function pushPrefChange(
   own: { pref?: () => Element; save?: () => Element; otr?: () => Element[] },
 ): Promise<void> {
   // A contact without an item of its own follows the default (the user's, else the service's).
-  const modeOf = (prefs: ArchivePrefs, jid: string) => prefs.items[jid] ?? prefs.default ?? policy.default;
+  const modeOf = (prefs: ArchivePrefs, jid: string) =>
+    itemOf(prefs.items, jid) ?? prefs.default ?? policy.default;
   const jids = [...new Set([...Object.keys(before.items), ...Object.keys(after.items)])].filter(
-    (jid) => !sameMode(before.items[jid], after.items[jid]),
+    (jid) => !sameMode(itemOf(before.items, jid), itemOf(after.items, jid)),
   );
   const defaultChanged = !sameMode(before.default, after.default);
   const pref = (): Element | undefined => {
@@ -720,7 +722,7 @@ async function pushPrefChange(
     // 0.5 lists each contact with an item: one that came, went or changed its boolean.
     const items = jids.filter(
       (jid) =>
-        (before.items[jid] === undefined) !== (after.items[jid] === undefined) ||
+        (itemOf(before.items, jid) === undefined) !== (itemOf(after.items, jid) === undefined) ||
         savesIn(modeOf(before, jid)) !== savesIn(modeOf(after, jid)),
     );
     if (!saveDefault && items.length === 0) return undefined;

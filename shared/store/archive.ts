@@ -2149,7 +2149,9 @@ export function createArchiveStore(
             Item: {
               ...prefsKey(owner),
               default: next.default,
-              items: next.items,
+              // A Map: the marshaller takes a plain object with an own `constructor` key (a
+              // contact at the domain `constructor`) for a class instance, and refuses it.
+              items: new Map(Object.entries(next.items)),
               methods: next.methods,
               version: next.version,
               updatedAt: now(),

@@ -200,6 +200,30 @@ describe('XEP-0136 0.9 §3 archiving preferences', () => {
     }
   });
 
+  it('keeps items by JID whatever the JID: `constructor` is a contact like any, `__proto__` is no JID (jid-malformed)', async () => {
+    const bare = await world.newUser('juliet');
+    const chamber = await world.connect(bare, 'chamber');
+    // RFC 6120 §8.3.3.8 jid-malformed: `__proto__` is no domainpart (RFC 7622's are IDNA2008
+    // labels); stored as a key it would be read back as the preferences' prototype.
+    expect(
+      await condition(
+        chamber,
+        `<iq type='set' id='proto'><pref xmlns='${ARCHIVE}'><item jid='__proto__' save='body' otr='allow'/></pref></iq>`,
+      ),
+    ).toBe('jid-malformed');
+    // A contact at the domain `constructor` follows the default until it has an item of its own.
+    const before = await ok(chamber, PREF_GET);
+    expect(attrsOf(before?.getChild('pref', ARCHIVE) ?? before, 'item')).toEqual([]);
+    await ok(
+      chamber,
+      `<iq type='set' id='ctor'><pref xmlns='${ARCHIVE}'><item jid='constructor' save='false' otr='deny'/></pref></iq>`,
+    );
+    const after = await ok(chamber, PREF_GET);
+    expect(attrsOf(after?.getChild('pref', ARCHIVE) ?? after, 'item')).toEqual([
+      { jid: 'constructor', save: 'false', otr: 'deny' },
+    ]);
+  });
+
   it('refuses a preference change that grows them past MAX_PREF_ITEMS contacts, and takes one that does not', async () => {
     // The preferences are one item, read for every message archived for the user (README, Limits).
     const juliet = await world.connect(await world.newUser('juliet'), 'chamber');

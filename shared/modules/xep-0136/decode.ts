@@ -164,10 +164,17 @@ function dateTime(el: Element, name: string): number | undefined {
   return value === undefined ? undefined : parseDateTime(value, name).ms;
 }
 
-/** A JID attribute, normalised; an invalid one is `jid-malformed` (RFC 6120 §8.3.3.8). */
+/**
+ * A JID attribute, normalised; an invalid one is `jid-malformed` (RFC 6120 §8.3.3.8). `__proto__`
+ * (a domainpart no DNS name has: RFC 7622's are IDNA2008 labels, without `_`) is refused too: the
+ * preferences keep items by JID in a map, which a JavaScript object reads that key of as its prototype.
+ */
 function jidAttr(el: Element, name: string): string | undefined {
   const value = attr(el, name);
-  return value === undefined ? undefined : fullJid(parseJid(value));
+  if (value === undefined) return undefined;
+  const jid = fullJid(parseJid(value));
+  if (jid === '__proto__') throw new StanzaError('modify', 'jid-malformed', 'Invalid domainpart');
+  return jid;
 }
 
 /** XEP-0136 §8.1: "The 'with' attribute MAY be specified to limit the list to a single participating full JID, bare JID or domain." */

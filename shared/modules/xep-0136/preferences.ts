@@ -8,6 +8,14 @@ import { bareJid, fullJid } from '../../jid.ts';
 import type { ArchivePrefs, Mode } from '../../store/archive.ts';
 import type { ArchiveRequest, MethodType, MethodUse } from './decode.ts';
 
+/**
+ * The item stored for `jid`, if any: an own key only (a JID such as `constructor` must not read
+ * what every JavaScript object inherits).
+ */
+export function itemOf(items: Record<string, Mode>, jid: string): Mode | undefined {
+  return Object.hasOwn(items, jid) ? items[jid] : undefined;
+}
+
 /** The server's defaults (§3.2 "Server Returns Service Default Preferences"). */
 export interface ServicePolicy {
   default: Mode;
@@ -58,7 +66,7 @@ export function effectiveMode(
   for (const [source, jid] of candidates) {
     if (source === 'full' && !contact.resource) continue;
     if (source === 'bare' && !contact.local) continue;
-    const mode = prefs.items[jid];
+    const mode = itemOf(prefs.items, jid);
     if (mode) return { ...mode, source };
   }
   if (prefs.default) return { ...prefs.default, source: 'default' };
@@ -81,7 +89,7 @@ export function applyPrefChange(
     case 'save-set': {
       // XEP-0136 0.5 §3.1: a boolean Save Mode. true keeps bodies (0.9's recommended 'body'),
       // false keeps nothing; the OTR Mode and expiry already stored are kept.
-      const current = (jid?: string) => (jid ? next.items[jid] : next.default) ?? policy.default;
+      const current = (jid?: string) => (jid ? itemOf(next.items, jid) : next.default) ?? policy.default;
       const save = (on: boolean): Mode['save'] => (on ? 'body' : 'false');
       if (request.default !== undefined) {
         const base = current();
@@ -90,7 +98,7 @@ export function applyPrefChange(
       for (const item of request.items) {
         // A Save Mode the user sets for a contact off the record is the one to come back to when
         // the record is on again (not what the contact had before it went off).
-        const { beforeOtr: _, ...base } = next.items[item.jid] ?? current();
+        const { beforeOtr: _, ...base } = itemOf(next.items, item.jid) ?? current();
         next.items[item.jid] = { ...base, save: save(item.save), otr: adjustOtr(base.otr, item.save) };
       }
       return next;
@@ -99,7 +107,7 @@ export function applyPrefChange(
       // XEP-0136 0.5 §3.2: otr='true' takes chats with the contact off the record: nothing saved.
       // The OTR state is one "that can be enabled and disabled by either user": turning it off
       // gives back the Save Mode (and expiry) the contact had before, or the default.
-      const item = next.items[request.jid];
+      const item = itemOf(next.items, request.jid);
       if (request.otr) {
         if (item?.otr === 'require' && item.save === 'false') return next;
         const { beforeOtr: _, ...kept } = item ?? ({} as Mode);
