@@ -484,6 +484,9 @@ async function subscription(
   if (!fitsContactKey(contact))
     throw new StanzaError('modify', 'not-acceptable', 'JID too long for a roster item');
   const kind = await contactKind(server, contact);
+  // RFC 6121 §3.4: a pre-approval approves the account that held the JID when it was given.
+  const requesterSince =
+    type === 'subscribe' && kind === 'account' ? (await server.users.get(user))?.createdAt : undefined;
   const outgoing = stamped(stanza, user, contact);
   let result: PairResult<PairOutcome>;
   try {
@@ -498,7 +501,13 @@ async function subscription(
         const atUser = contactReceivesSubscription(out.entry, contact, answer, '');
         return { user: atUser.entry, outcome: { out, reply: { type: answer, atUser } } };
       }
-      const inbound = contactReceivesSubscription(pair.contact, user, type, requestToKeep(outgoing));
+      const inbound = contactReceivesSubscription(
+        pair.contact,
+        user,
+        type,
+        requestToKeep(outgoing),
+        requesterSince,
+      );
       let userEntry = out.entry;
       let reply: PairOutcome['reply'];
       if (inbound.autoReply) {

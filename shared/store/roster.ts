@@ -51,6 +51,13 @@ export interface RosterEntry {
   pendingIn?: string;
   /** RFC 6121 §3.4: the user pre-approved a subscription request from the contact. */
   approved: boolean;
+  /**
+   * When the pre-approval was given (ms). It approves a request only from the account that held
+   * the contact's JID then: one created later (the JID's account deleted and made again, or
+   * made after the approval) is asked like anyone. Absent on pre-approvals stored before session
+   * 33, which approve nobody (the request is delivered to the user).
+   */
+  approvedAt?: number;
 }
 
 /** An entry as stored, with the revision its next write is conditioned on. */
@@ -236,6 +243,7 @@ function toEntry(item: Record<string, unknown>): StoredRosterEntry {
     pendingOut: item.ask === 'subscribe',
     pendingIn: item.pendingIn as string | undefined,
     approved: Boolean(item.approved),
+    ...(item.approved && typeof item.approvedAt === 'number' ? { approvedAt: item.approvedAt } : {}),
     rev: (item.rev as number | undefined) ?? 0,
   };
 }
@@ -251,6 +259,7 @@ function toItem(user: string, entry: RosterEntry, rev: number): Record<string, u
     ask: entry.pendingOut ? 'subscribe' : undefined,
     pendingIn: entry.pendingIn,
     approved: entry.approved ? true : undefined,
+    approvedAt: entry.approved ? entry.approvedAt : undefined,
     rev,
   };
 }

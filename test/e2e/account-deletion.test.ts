@@ -37,6 +37,8 @@ beforeAll(async () => {
     'lea',
     'max',
     'ned',
+    'ora',
+    'pip',
   ])
     await stack.addUser(`${user}@localhost`, `${user}-pw`);
 });
@@ -289,6 +291,37 @@ describe('an account deleted while its streams are open', () => {
       'presence unavailable',
     ]);
     expect(frames[3]?.attrs.from).toBe('max@localhost/mobile');
+  });
+
+  it("does not let an account created again under the JID use the deleted one's pre-approval (RFC 6121 §3.4)", async () => {
+    // ora pre-approves pip (§3.4.2: "the user's server MUST note the subscription pre-approval by
+    // setting the 'approved' flag"): only ora's roster is written; pip's has nothing of ora.
+    const ora = await bound('ora', 'desk');
+    ora.send(`<presence type='subscribed' to='pip@localhost'/>`);
+    await eventually(async () =>
+      expect(await stack.server.roster.getEntry('ora@localhost', 'pip@localhost')).toMatchObject({
+        approved: true,
+      }),
+    );
+    await deleteAccount(stack.server, 'pip@localhost', 'localhost');
+    // Someone else gets the JID.
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    await stack.addUser('pip@localhost', 'pip-pw');
+    const newPip = await bound('pip', 'phone');
+    newPip.send(`<presence type='subscribe' to='ora@localhost' id='ask'/>`);
+    // §3.1.3: the request reaches ora, who decides; nothing answers it on ora's behalf.
+    const asked = await ora.until((el) => el.name === 'presence' && el.attrs.type === 'subscribe');
+    expect(asked.attrs.from).toBe('pip@localhost');
+    const afterAsk = await newPip.framesBeforePong();
+    expect(
+      afterAsk.some((frame) => frame.includes("type='subscribed'") || frame.includes('type="subscribed"')),
+    ).toBe(false);
+    expect(await stack.server.roster.getEntry('ora@localhost', 'pip@localhost')).toMatchObject({
+      approved: false,
+      subscription: 'none',
+    });
+    ora.close();
+    newPip.close();
   });
 
   it("leaves other accounts' streams alone", async () => {

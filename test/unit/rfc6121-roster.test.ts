@@ -292,11 +292,13 @@ describe('§3.4 pre-approval', () => {
     ['None + Pending Out', 'From + Pending Out'],
     ['To', 'Both'],
   ] as const)('a pre-approved "subscribe" in %s is auto-approved to %s, not delivered', (state, expected) => {
+    // The requesting account existed when the approval was given (created at 1000, approved at 5000).
     const outcome = contactReceivesSubscription(
-      entry(state, { approved: true }),
+      entry(state, { approved: true, approvedAt: 5_000 }),
       CONTACT,
       'subscribe',
       SUBSCRIBE,
+      1_000,
     );
     expect(outcome).toMatchObject({
       deliver: false,
@@ -308,6 +310,34 @@ describe('§3.4 pre-approval', () => {
     expect(stateName({ ...after, pendingIn: after.pendingIn !== undefined })).toBe(expected);
     expect(outcome.entry?.approved).toBe(false);
   });
+
+  it('a pre-approval records when it was given', () => {
+    const outcome = userSendsSubscription(undefined, CONTACT, 'subscribed', { preApproval: true, at: 7_000 });
+    expect(outcome.entry).toMatchObject({ approved: true, approvedAt: 7_000 });
+  });
+
+  it.each([
+    ['an account created after the approval (its JID deleted and made again)', 5_000, 9_000],
+    ['an approval stored before its time was recorded', undefined, 1_000],
+    ['a requester whose account could not be read', 5_000, undefined],
+  ] as const)(
+    'approves nobody for %s: the "subscribe" is delivered and kept, the approval goes',
+    (_, approvedAt, since) => {
+      // §3.1.3: the request reaches the user, who decides; a pre-approval was given to the account
+      // that held the JID then (RosterEntry.approvedAt), not to whoever holds it now.
+      const outcome = contactReceivesSubscription(
+        entry('None', { approved: true, ...(approvedAt === undefined ? {} : { approvedAt }) }),
+        CONTACT,
+        'subscribe',
+        SUBSCRIBE,
+        since,
+      );
+      expect(outcome).toMatchObject({ deliver: true, push: true });
+      expect(outcome.autoReply).toBeUndefined();
+      expect(outcome.entry).toMatchObject({ approved: false, subscription: 'none', pendingIn: SUBSCRIBE });
+      expect(outcome.entry?.approvedAt).toBeUndefined();
+    },
+  );
 
   it('"unsubscribed" cancels a pre-approval without sending anything', () => {
     const outcome = userSendsSubscription(entry('None', { approved: true }), CONTACT, 'unsubscribed', {

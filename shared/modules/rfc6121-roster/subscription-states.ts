@@ -227,8 +227,27 @@ function withState(entry: RosterEntry, state: SubscriptionState, pendingStanza?:
     pendingIn: state.pendingIn ? (entry.pendingIn ?? pendingStanza) : undefined,
   };
   // Pre-approval is consumed by the subscription it approves, and means nothing beside one.
-  if (hasFrom(state)) next.approved = false;
-  return next;
+  return hasFrom(state) ? withoutApproval(next) : next;
+}
+
+function withoutApproval(entry: RosterEntry): RosterEntry {
+  const { approvedAt: _, ...rest } = entry;
+  return { ...rest, approved: false };
+}
+
+/**
+ * RFC 6121 §3.4: a pre-approval given to a JID approves the account that held it then. An account
+ * created after it (`requesterSince`, its creation time) is not the one the user approved: a JID
+ * deleted and created again, for someone else, must not be subscribed to the user's presence
+ * without the user's word. Unknown times approve nobody (the request is asked, never lost).
+ */
+export function approvalHolds(entry: RosterEntry, requesterSince: number | undefined): boolean {
+  return (
+    entry.approved &&
+    entry.approvedAt !== undefined &&
+    requesterSince !== undefined &&
+    entry.approvedAt >= requesterSince
+  );
 }
 
 function settle(entry: RosterEntry): RosterEntry | null {
@@ -244,6 +263,8 @@ function settle(entry: RosterEntry): RosterEntry | null {
 export interface OutboundOptions {
   /** The server advertises `<sub xmlns='urn:xmpp:features:pre-approval'/>` (RFC 6121 §3.4). */
   preApproval: boolean;
+  /** The time a pre-approval is given at (ms; default now): see RosterEntry.approvedAt. */
+  at?: number;
 }
 
 /**
@@ -284,7 +305,7 @@ export function userSendsSubscription(
         // 'approved' flag to a value of "true" ... However, the user's server MUST NOT send the
         // presence stanza of type "subscribed" to the contact." A contact not yet in the
         // roster gets an item with state None and approved='true'.
-        entry = { ...entry, listed: true, approved: true };
+        entry = { ...entry, listed: true, approved: true, approvedAt: options.at ?? Date.now() };
         route = false;
       } else {
         // §3.4.2: in Both, From or From + Pending Out the stanza is silently ignored; without
@@ -299,7 +320,7 @@ export function userSendsSubscription(
         if (hasFrom(state)) presence = 'unavailable';
       } else if (base.approved) {
         // §3.4: an "unsubscribed" cancels a pre-approval; it goes nowhere.
-        entry = { ...entry, approved: false };
+        entry = withoutApproval(entry);
         route = false;
       } else {
         route = false;
@@ -314,15 +335,24 @@ export function userSendsSubscription(
  * A subscription-related presence from `from` arrives for the owner of `current` (RFC 6121
  * §3.1.3, §3.1.6, §3.2.3, §3.3.3, §3.4): the recipient's new entry and what its server does.
  * `stanza` is the received presence, serialised: kept while a `subscribe` is pending.
+ * `requesterSince`: when the sender's account was created (a `subscribe` meets a pre-approval
+ * only if it was given to that account, see `approvalHolds`).
  */
 export function contactReceivesSubscription(
   current: RosterEntry | null | undefined,
   from: string,
   type: SubscriptionStanza,
   stanza: string,
+  requesterSince?: number,
 ): InboundOutcome {
   const before = current ?? null;
-  const base = current ?? blankEntry(from);
+  const given = current ?? blankEntry(from);
+  // A pre-approval given before the requesting account existed was not given to it: it goes,
+  // and the request is delivered and kept like any other (§3.1.3).
+  const base =
+    type === 'subscribe' && given.approved && !approvalHolds(given, requesterSince)
+      ? withoutApproval(given)
+      : given;
   const state = stateOfEntry(current);
   const name = stateName(state);
   if (type === 'subscribe' && base.approved && !hasFrom(state) && !state.pendingIn) {
