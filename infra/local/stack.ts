@@ -113,6 +113,11 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
       credentials: async () => ({ accessKeyId: 'local', secretAccessKey: 'local' }),
     }),
     retryMaxSeconds: Math.max(0, Math.min(config.frameRetryMaxSeconds, visibilitySeconds - 1)),
+    // The emulator's dead-letter point, as the stack gives the function the queue's (FRAME_MAX_RECEIVES).
+    maxReceiveCount: Math.max(
+      options.eventSource?.maxReceiveCount ?? DEPLOYED_EVENT_SOURCE.maxReceiveCount,
+      1,
+    ),
   });
   const sweep = createSweeperHandler(server, { publishMetrics });
   const sweepIntervalMs = options.sweepIntervalMs ?? 60_000;

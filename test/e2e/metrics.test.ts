@@ -12,6 +12,7 @@ import { RawClient } from '../../infra/local/raw-client.ts';
 import { createLogger } from '../../shared/log.ts';
 import type { MetricName } from '../../shared/metrics.ts';
 import { eventually } from '../support/eventually.ts';
+import { intercept, throttlingError } from '../support/intercept.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
 import { type StartedClient, startClient } from '../support/xmpp-client.ts';
 
@@ -249,4 +250,39 @@ describe('what the local stack prints', () => {
     }
     expect(printed.filter((line) => line.includes('"_aws"'))).toEqual([]);
   });
+});
+
+describe('frames the queue gives up on', () => {
+  it("count as dead-lettered at the emulator's maxReceiveCount, as the stack's FRAME_MAX_RECEIVES makes them on AWS", async () => {
+    const own: string[] = [];
+    const short = await startTestStack(
+      {},
+      {
+        metricLines: (line) => own.push(line),
+        log: createLogger('error', { write: () => {} }),
+        eventSource: { maxReceiveCount: 2, visibilityTimeoutMs: 5_000 },
+      },
+    );
+    const saved = lines;
+    lines = own;
+    // Every read of the connection's row is throttled past the SDK's retries: each receive of
+    // the stream's first frame fails (transient, so the function hands it back to the queue).
+    const restore = intercept(short.server.sessions, 'getConnection', async () => {
+      throw throttlingError();
+    });
+    try {
+      const client = await RawClient.connect(short.url);
+      raws.push(client);
+      client.send("<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>");
+      await eventually(() => expect(short.gateway.deadLetters()).toHaveLength(1), 15_000);
+      await eventually(() => expect(total('FramesDeadLettered')).toBe(1));
+      // The first receive handed back (retried), the second, the last, dead-lettered: not
+      // counted as retried twice, nor the connection's later frames held behind it.
+      expect(total('FramesRetried')).toBe(1);
+    } finally {
+      restore();
+      lines = saved;
+      await short.close();
+    }
+  }, 30_000);
 });
