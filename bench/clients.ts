@@ -5,7 +5,7 @@
  * Every body carries its send time; the receiver, in this same process and clock, takes the
  * difference. The runner's `go` separates the warm-up from the measured messages.
  */
-import { pbkdf2 } from 'node:crypto';
+import { pbkdf2, randomUUID } from 'node:crypto';
 import { createRequire } from 'node:module';
 import { promisify } from 'node:util';
 import { client as createClient, xml } from '@xmpp/client';
@@ -75,6 +75,29 @@ function report(message: FromClients): void {
   process.send?.(message);
 }
 
+function plainMessage(to: string, n: number, body: string): Element {
+  return xml('message', { to, type: 'chat', id: `b${n}` }, xml('body', {}, body));
+}
+
+/** Filler after the timing fields: a Converse.js chat line of about 60 characters in all. */
+const CHAT_LINE = 'see you at the usual place around eight, ok?';
+
+/**
+ * A chat message as Converse.js sends one (src/headless/shared/model-with-messages.js,
+ * `createMessageStanza`): UUID id, body, XEP-0085 `<active/>`, XEP-0184 `<request/>` and
+ * XEP-0359 `<origin-id/>` with a UUID of its own.
+ */
+function converseMessage(to: string, body: string): Element {
+  return xml(
+    'message',
+    { to, type: 'chat', id: randomUUID() },
+    xml('body', {}, `${body} ${CHAT_LINE}`),
+    xml('active', { xmlns: 'http://jabber.org/protocol/chatstates' }),
+    xml('request', { xmlns: 'urn:xmpp:receipts' }),
+    xml('origin-id', { xmlns: 'urn:xmpp:sid:0', id: randomUUID() }),
+  );
+}
+
 function sendNext(from: BenchClient): void {
   const to = from.peer;
   if (!to) return;
@@ -82,7 +105,9 @@ function sendNext(from: BenchClient): void {
   pair.sent += 1;
   const body = `${pair.phase} ${pair.sent} ${performance.now()}`;
   from.xmpp
-    .send(xml('message', { to: to.bare, type: 'chat', id: `b${pair.sent}` }, xml('body', {}, body)))
+    .send(
+      plan?.payload === 'converse' ? converseMessage(to.bare, body) : plainMessage(to.bare, pair.sent, body),
+    )
     .catch(() => {
       errors += 1;
     });

@@ -9,6 +9,7 @@ import type { Config } from '../shared/config.ts';
 import type { ConnectEvent, ConnectResult } from '../shared/core/connect.ts';
 import type { OutboundCounters } from '../shared/outbound.ts';
 import type { MeterSnapshot } from '../shared/store/dynamo.ts';
+import type { Payload } from './report.ts';
 
 export interface CpuTime {
   userMs: number;
@@ -73,6 +74,8 @@ export interface ClientPlan {
   warmupPerPair: number;
   /** Messages in flight per pair. */
   window: number;
+  /** The chat messages' shape (bench/report.ts BenchOptions.payload). */
+  payload: Payload;
   streamManagement: boolean;
   timeoutMs: number;
 }

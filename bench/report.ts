@@ -113,11 +113,19 @@ export interface ScenarioResult {
   connectionCostPerMillionMessages?: number;
 }
 
+export type Payload = 'plain' | 'converse';
+
 export interface BenchOptions {
   pairs: number;
   messages: number;
   warmup: number;
   window: number;
+  /**
+   * The chat messages' shape: `plain`, an id and a short body (the default); `converse`, as
+   * Converse.js sends one (XEP-0085 `<active/>`, XEP-0184 `<request/>`, XEP-0359 `<origin-id/>`,
+   * UUID ids, a 60-character body).
+   */
+  payload: Payload;
   scenarios: Scenario[];
   name: string;
   memoryMb?: number;

@@ -97,6 +97,7 @@ function parseOptions(): BenchOptions {
       messages: { type: 'string' },
       warmup: { type: 'string' },
       window: { type: 'string' },
+      payload: { type: 'string' },
       sm: { type: 'boolean' },
       'no-sm': { type: 'boolean' },
       name: { type: 'string' },
@@ -116,6 +117,8 @@ function parseOptions(): BenchOptions {
         '  --messages M         measured messages per pair (BENCH_MESSAGES, default 100)',
         '  --warmup W           warm-up messages per pair, not measured (BENCH_WARMUP, default 25)',
         '  --window K           messages in flight per pair (BENCH_WINDOW, default 1)',
+        '  --payload SHAPE      plain (an id and a short body, default) or converse (as Converse.js',
+        '                       sends: <active/>, receipt <request/>, <origin-id/>, 60-character body)',
         '  --sm | --no-sm       only the run with / without stream management (default: both)',
         '  --name NAME          bench/results/NAME.json (BENCH_NAME, default bench-<time>)',
         '  --memory-mb MB       stream function memory for the Lambda price (default: the CDK constant)',
@@ -136,12 +139,15 @@ function parseOptions(): BenchOptions {
     if (!Number.isInteger(parsed) || parsed < min) throw new Error(`--${name} must be an integer ≥ ${min}`);
     return parsed;
   };
+  const payload = values.payload ?? env.BENCH_PAYLOAD ?? 'plain';
+  if (payload !== 'plain' && payload !== 'converse') throw new Error('--payload must be plain or converse');
   const scenarios: Scenario[] = values.sm ? ['sm'] : values['no-sm'] ? ['plain'] : ['plain', 'sm'];
   return {
     pairs: number(values.pairs ?? env.BENCH_PAIRS, 20, 'pairs'),
     messages: number(values.messages ?? env.BENCH_MESSAGES, 100, 'messages'),
     warmup: number(values.warmup ?? env.BENCH_WARMUP, 25, 'warmup', 0),
     window: number(values.window ?? env.BENCH_WINDOW, 1, 'window'),
+    payload,
     scenarios,
     name: values.name ?? env.BENCH_NAME ?? `bench-${new Date().toISOString().replace(/[:.]/g, '-')}`,
     memoryMb: values['memory-mb'] ? number(values['memory-mb'], 0, 'memory-mb') : undefined,
@@ -428,6 +434,7 @@ async function runScenario(scenario: Scenario, context: ScenarioContext): Promis
       messagesPerPair: options.messages,
       warmupPerPair: options.warmup,
       window: options.window,
+      payload: options.payload,
       streamManagement: scenario === 'sm',
       timeoutMs: options.timeoutMs,
     };
@@ -782,7 +789,7 @@ async function main(): Promise<void> {
   watchdog.unref();
 
   process.stdout.write(
-    `Nimbus bench: ${options.pairs} pairs × ${options.messages} messages (warm-up ${options.warmup}, window ${options.window}), ` +
+    `Nimbus bench: ${options.pairs} pairs × ${options.messages} messages (warm-up ${options.warmup}, window ${options.window}${options.payload === 'plain' ? '' : `, payload ${options.payload}`}), ` +
       `runs: ${options.scenarios.join(', ')}\n`,
   );
   await mkdir(resultsDirectory(), { recursive: true });
