@@ -410,11 +410,22 @@ type ContactKind = 'account' | 'no-account' | 'remote';
 
 /** Where a contact lives: a local account, a local JID without an account, another domain. */
 async function contactKind(server: Server, contact: string): Promise<ContactKind> {
+  return (await contactAccount(server, contact, false)).kind;
+}
+
+/** contactKind, and with `created` the account's creation time (a strongly consistent read). */
+async function contactAccount(
+  server: Server,
+  contact: string,
+  created: boolean,
+): Promise<{ kind: ContactKind; createdAt?: number }> {
   const at = contact.indexOf('@');
   const domain = contact.slice(at + 1);
-  if (domain !== server.config.domain) return 'remote';
-  if (at < 0) return 'no-account';
-  return (await server.users.exists(contact)) ? 'account' : 'no-account';
+  if (domain !== server.config.domain) return { kind: 'remote' };
+  if (at < 0) return { kind: 'no-account' };
+  if (!created) return { kind: (await server.users.exists(contact)) ? 'account' : 'no-account' };
+  const createdAt = await server.users.createdAtOf(contact);
+  return createdAt === undefined ? { kind: 'no-account' } : { kind: 'account', createdAt };
 }
 
 function remoteUnreachable(): StanzaError {
@@ -483,15 +494,20 @@ async function subscription(
   const user = stream.user;
   if (!fitsContactKey(contact))
     throw new StanzaError('modify', 'not-acceptable', 'JID too long for a roster item');
-  const kind = await contactKind(server, contact);
-  // RFC 6121 §3.4: a pre-approval approves the account that held the JID when it was given.
-  const requesterSince =
-    type === 'subscribe' && kind === 'account' ? (await server.users.get(user))?.createdAt : undefined;
+  // RFC 6121 §3.4: a pre-approval is for the contact's account, told apart from one that holds
+  // its JID later by its creation time (read for a `subscribed`, and of the requester's account
+  // for a `subscribe` to a local account).
+  const { kind, createdAt: contactCreatedAt } = await contactAccount(server, contact, type === 'subscribed');
+  const requesterCreatedAt =
+    type === 'subscribe' && kind === 'account' ? await server.users.createdAtOf(user) : undefined;
   const outgoing = stamped(stanza, user, contact);
   let result: PairResult<PairOutcome>;
   try {
     result = await applyOnce<PairOutcome>(stream, contact, kind === 'account', (pair) => {
-      const out = userSendsSubscription(pair.user, contact, type, { preApproval: PRE_APPROVAL });
+      const out = userSendsSubscription(pair.user, contact, type, {
+        preApproval: PRE_APPROVAL,
+        ...(contactCreatedAt !== undefined ? { contactCreatedAt } : {}),
+      });
       if (!out.route || kind === 'remote') return { user: out.entry, outcome: { out } };
       if (kind === 'no-account') {
         // RFC 6121 §8.5.1 (no such user): a "subscribe" is answered with "unsubscribed" on
@@ -506,7 +522,7 @@ async function subscription(
         user,
         type,
         requestToKeep(outgoing),
-        requesterSince,
+        requesterCreatedAt,
       );
       let userEntry = out.entry;
       let reply: PairOutcome['reply'];

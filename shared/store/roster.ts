@@ -52,11 +52,13 @@ export interface RosterEntry {
   /** RFC 6121 §3.4: the user pre-approved a subscription request from the contact. */
   approved: boolean;
   /**
-   * When the pre-approval was given (ms). It approves a request only from the account that held
-   * the contact's JID then: one created later (the JID's account deleted and made again, or
-   * made after the approval) is asked like anyone. Absent on pre-approvals stored before session
-   * 33, which approve nobody (the request is delivered to the user).
+   * Whom the pre-approval was given to (RFC 6121 §3.4), since session 33: the contact's account
+   * then, by its creation time (`approvedFor`), or, for a JID without an account then, the time it
+   * was given (`approvedAt`: an account created after it is the one the user expected). An
+   * account that held the JID before or after the approved one (deleted, made again for someone
+   * else) is asked like anyone. Neither: stored before session 33, approves as it did.
    */
+  approvedFor?: number;
   approvedAt?: number;
 }
 
@@ -243,6 +245,7 @@ function toEntry(item: Record<string, unknown>): StoredRosterEntry {
     pendingOut: item.ask === 'subscribe',
     pendingIn: item.pendingIn as string | undefined,
     approved: Boolean(item.approved),
+    ...(item.approved && typeof item.approvedFor === 'number' ? { approvedFor: item.approvedFor } : {}),
     ...(item.approved && typeof item.approvedAt === 'number' ? { approvedAt: item.approvedAt } : {}),
     rev: (item.rev as number | undefined) ?? 0,
   };
@@ -259,6 +262,7 @@ function toItem(user: string, entry: RosterEntry, rev: number): Record<string, u
     ask: entry.pendingOut ? 'subscribe' : undefined,
     pendingIn: entry.pendingIn,
     approved: entry.approved ? true : undefined,
+    approvedFor: entry.approved ? entry.approvedFor : undefined,
     approvedAt: entry.approved ? entry.approvedAt : undefined,
     rev,
   };

@@ -83,6 +83,11 @@ export interface UserStore {
   replaceCredentials(jid: string, scram: UserCredentials): Promise<void>;
   get(jid: string): Promise<StoredUser | undefined>;
   exists(jid: string): Promise<boolean>;
+  /**
+   * When the JID's account was created (ms), read strongly consistent; undefined without one. It
+   * tells accounts apart that held one JID one after the other (a deletion, then a new one).
+   */
+  createdAtOf(jid: string): Promise<number | undefined>;
   /** Removes the account and its failure count; `UnknownUserError` if there is none. */
   delete(jid: string): Promise<void>;
   /** Every account's bare JID, sorted. Administration only: a full Scan (see below). */
@@ -258,6 +263,18 @@ export function createUserStore(
         }),
       );
       return Item !== undefined;
+    },
+
+    async createdAtOf(jid) {
+      const { Item } = await doc.send(
+        new GetCommand({
+          TableName: tableName,
+          Key: { pk: jid, sk: CREDENTIALS },
+          ProjectionExpression: 'createdAt',
+          ConsistentRead: true,
+        }),
+      );
+      return Item ? (Item.createdAt as number) : undefined;
     },
 
     // An operator's command (`npm run user`), folded out of the functions' bundles (`adminOnly`).

@@ -305,7 +305,6 @@ describe('an account deleted while its streams are open', () => {
     );
     await deleteAccount(stack.server, 'pip@localhost', 'localhost');
     // Someone else gets the JID.
-    await new Promise((resolve) => setTimeout(resolve, 5));
     await stack.addUser('pip@localhost', 'pip-pw');
     const newPip = await bound('pip', 'phone');
     newPip.send(`<presence type='subscribe' to='ora@localhost' id='ask'/>`);

@@ -292,9 +292,9 @@ describe('§3.4 pre-approval', () => {
     ['None + Pending Out', 'From + Pending Out'],
     ['To', 'Both'],
   ] as const)('a pre-approved "subscribe" in %s is auto-approved to %s, not delivered', (state, expected) => {
-    // The requesting account existed when the approval was given (created at 1000, approved at 5000).
+    // Given to the requesting account (created at 1000).
     const outcome = contactReceivesSubscription(
-      entry(state, { approved: true, approvedAt: 5_000 }),
+      entry(state, { approved: true, approvedFor: 1_000 }),
       CONTACT,
       'subscribe',
       SUBSCRIBE,
@@ -311,33 +311,72 @@ describe('§3.4 pre-approval', () => {
     expect(outcome.entry?.approved).toBe(false);
   });
 
-  it('a pre-approval records when it was given', () => {
-    const outcome = userSendsSubscription(undefined, CONTACT, 'subscribed', { preApproval: true, at: 7_000 });
-    expect(outcome.entry).toMatchObject({ approved: true, approvedAt: 7_000 });
+  it('a pre-approval names the account it approves (its creation time), or when it was given to a JID without one', () => {
+    const toAccount = userSendsSubscription(undefined, CONTACT, 'subscribed', {
+      preApproval: true,
+      contactCreatedAt: 1_000,
+      at: 7_000,
+    });
+    expect(toAccount.entry).toMatchObject({ approved: true, approvedFor: 1_000 });
+    expect(toAccount.entry?.approvedAt).toBeUndefined();
+    const toNoAccount = userSendsSubscription(undefined, CONTACT, 'subscribed', {
+      preApproval: true,
+      at: 7_000,
+    });
+    expect(toNoAccount.entry).toMatchObject({ approved: true, approvedAt: 7_000 });
+    expect(toNoAccount.entry?.approvedFor).toBeUndefined();
   });
 
   it.each([
-    ['an account created after the approval (its JID deleted and made again)', 5_000, 9_000],
-    ['an approval stored before its time was recorded', undefined, 1_000],
-    ['a requester whose account could not be read', 5_000, undefined],
-  ] as const)(
-    'approves nobody for %s: the "subscribe" is delivered and kept, the approval goes',
-    (_, approvedAt, since) => {
-      // §3.1.3: the request reaches the user, who decides; a pre-approval was given to the account
-      // that held the JID then (RosterEntry.approvedAt), not to whoever holds it now.
-      const outcome = contactReceivesSubscription(
-        entry('None', { approved: true, ...(approvedAt === undefined ? {} : { approvedAt }) }),
-        CONTACT,
-        'subscribe',
-        SUBSCRIBE,
-        since,
-      );
-      expect(outcome).toMatchObject({ deliver: true, push: true });
-      expect(outcome.autoReply).toBeUndefined();
-      expect(outcome.entry).toMatchObject({ approved: false, subscription: 'none', pendingIn: SUBSCRIBE });
-      expect(outcome.entry?.approvedAt).toBeUndefined();
-    },
-  );
+    ['the account it was given to', { approvedFor: 1_000 }, 1_000],
+    ['an account created after it was given to a JID without one', { approvedAt: 5_000 }, 9_000],
+    ['any account, given before approvals named one (stored before session 33)', {}, 9_000],
+  ] as const)('auto-approves a "subscribe" from %s', (_, given, createdAt) => {
+    const outcome = contactReceivesSubscription(
+      entry('None', { approved: true, ...given }),
+      CONTACT,
+      'subscribe',
+      SUBSCRIBE,
+      createdAt,
+    );
+    expect(outcome).toMatchObject({ deliver: false, autoReply: 'subscribed' });
+  });
+
+  it.each([
+    [
+      'an account created again under the JID after the approved one was deleted',
+      { approvedFor: 1_000 },
+      9_000,
+    ],
+    ['an account older than an approval given when the JID had none', { approvedAt: 5_000 }, 1_000],
+  ] as const)('delivers a "subscribe" from %s, and the approval goes', (_, given, createdAt) => {
+    // §3.1.3: the request reaches the user, who decides: the approval was for another account.
+    const outcome = contactReceivesSubscription(
+      entry('None', { approved: true, ...given }),
+      CONTACT,
+      'subscribe',
+      SUBSCRIBE,
+      createdAt,
+    );
+    expect(outcome).toMatchObject({ deliver: true, push: true });
+    expect(outcome.autoReply).toBeUndefined();
+    expect(outcome.entry).toMatchObject({ approved: false, subscription: 'none', pendingIn: SUBSCRIBE });
+    expect(outcome.entry?.approvedFor).toBeUndefined();
+    expect(outcome.entry?.approvedAt).toBeUndefined();
+  });
+
+  it('delivers a "subscribe" from a JID whose account is gone, and keeps the approval for its account', () => {
+    const outcome = contactReceivesSubscription(
+      entry('None', { approved: true, approvedFor: 1_000 }),
+      CONTACT,
+      'subscribe',
+      SUBSCRIBE,
+      undefined,
+    );
+    expect(outcome).toMatchObject({ deliver: true });
+    expect(outcome.autoReply).toBeUndefined();
+    expect(outcome.entry).toMatchObject({ approved: true, approvedFor: 1_000, pendingIn: SUBSCRIBE });
+  });
 
   it('"unsubscribed" cancels a pre-approval without sending anything', () => {
     const outcome = userSendsSubscription(entry('None', { approved: true }), CONTACT, 'unsubscribed', {

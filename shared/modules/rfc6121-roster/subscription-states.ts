@@ -231,23 +231,21 @@ function withState(entry: RosterEntry, state: SubscriptionState, pendingStanza?:
 }
 
 function withoutApproval(entry: RosterEntry): RosterEntry {
-  const { approvedAt: _, ...rest } = entry;
+  const { approvedFor: _for, approvedAt: _at, ...rest } = entry;
   return { ...rest, approved: false };
 }
 
 /**
- * RFC 6121 §3.4: a pre-approval given to a JID approves the account that held it then. An account
- * created after it (`requesterSince`, its creation time) is not the one the user approved: a JID
- * deleted and created again, for someone else, must not be subscribed to the user's presence
- * without the user's word. Unknown times approve nobody (the request is asked, never lost).
+ * RFC 6121 §3.4: a pre-approval approves the account it was given to (RosterEntry.approvedFor,
+ * its creation time), not whoever holds the JID later: a JID deleted and created again, for
+ * someone else, must not be subscribed to the user's presence without the user's word. Given to
+ * a JID without an account, it approves an account created after it. `requesterCreatedAt`:
+ * the requesting account's creation time (undefined: no account, which nothing approves).
  */
-export function approvalHolds(entry: RosterEntry, requesterSince: number | undefined): boolean {
-  return (
-    entry.approved &&
-    entry.approvedAt !== undefined &&
-    requesterSince !== undefined &&
-    entry.approvedAt >= requesterSince
-  );
+export function approvalHolds(entry: RosterEntry, requesterCreatedAt: number | undefined): boolean {
+  if (!entry.approved || requesterCreatedAt === undefined) return false;
+  if (entry.approvedFor !== undefined) return entry.approvedFor === requesterCreatedAt;
+  return entry.approvedAt === undefined || requesterCreatedAt > entry.approvedAt;
 }
 
 function settle(entry: RosterEntry): RosterEntry | null {
@@ -263,7 +261,11 @@ function settle(entry: RosterEntry): RosterEntry | null {
 export interface OutboundOptions {
   /** The server advertises `<sub xmlns='urn:xmpp:features:pre-approval'/>` (RFC 6121 §3.4). */
   preApproval: boolean;
-  /** The time a pre-approval is given at (ms; default now): see RosterEntry.approvedAt. */
+  /**
+   * For a pre-approval (RosterEntry.approvedFor): the contact's account's creation time, or
+   * undefined when the JID has no account; and the time it is given at (ms; default now).
+   */
+  contactCreatedAt?: number;
   at?: number;
 }
 
@@ -305,7 +307,15 @@ export function userSendsSubscription(
         // 'approved' flag to a value of "true" ... However, the user's server MUST NOT send the
         // presence stanza of type "subscribed" to the contact." A contact not yet in the
         // roster gets an item with state None and approved='true'.
-        entry = { ...entry, listed: true, approved: true, approvedAt: options.at ?? Date.now() };
+        const { approvedFor: _for, approvedAt: _at, ...rest } = entry;
+        entry = {
+          ...rest,
+          listed: true,
+          approved: true,
+          ...(options.contactCreatedAt !== undefined
+            ? { approvedFor: options.contactCreatedAt }
+            : { approvedAt: options.at ?? Date.now() }),
+        };
         route = false;
       } else {
         // §3.4.2: in Both, From or From + Pending Out the stanza is silently ignored; without
@@ -335,27 +345,29 @@ export function userSendsSubscription(
  * A subscription-related presence from `from` arrives for the owner of `current` (RFC 6121
  * §3.1.3, §3.1.6, §3.2.3, §3.3.3, §3.4): the recipient's new entry and what its server does.
  * `stanza` is the received presence, serialised: kept while a `subscribe` is pending.
- * `requesterSince`: when the sender's account was created (a `subscribe` meets a pre-approval
- * only if it was given to that account, see `approvalHolds`).
+ * `requesterCreatedAt`: when the sender's account was created (a `subscribe` meets a
+ * pre-approval only if it was given to that account, see `approvalHolds`; undefined: the sender
+ * has no account any more, and the approval stays for the one it was given to).
  */
 export function contactReceivesSubscription(
   current: RosterEntry | null | undefined,
   from: string,
   type: SubscriptionStanza,
   stanza: string,
-  requesterSince?: number,
+  requesterCreatedAt?: number,
 ): InboundOutcome {
   const before = current ?? null;
   const given = current ?? blankEntry(from);
-  // A pre-approval given before the requesting account existed was not given to it: it goes,
-  // and the request is delivered and kept like any other (§3.1.3).
+  const approves = type === 'subscribe' && approvalHolds(given, requesterCreatedAt);
+  // A pre-approval given to another account than the requester's (one that held the JID before)
+  // goes: the request is delivered and kept like any other (§3.1.3).
   const base =
-    type === 'subscribe' && given.approved && !approvalHolds(given, requesterSince)
+    type === 'subscribe' && given.approved && !approves && requesterCreatedAt !== undefined
       ? withoutApproval(given)
       : given;
   const state = stateOfEntry(current);
   const name = stateName(state);
-  if (type === 'subscribe' && base.approved && !hasFrom(state) && !state.pendingIn) {
+  if (approves && !hasFrom(state) && !state.pendingIn) {
     // §3.4 (paraphrased): a pre-approved request is approved by the contact's server itself
     // and not delivered to the contact, as if the contact had answered "subscribed".
     const approved = outboundTransition({ ...state, pendingIn: true }, 'subscribed');
