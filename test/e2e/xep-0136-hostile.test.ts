@@ -154,6 +154,45 @@ describe('hostile grid', () => {
     ],
     // A `with` that cannot be a collection's key (a valid JID of three 1023-byte parts less
     // a little): refused as a request, never a crash of the store.
+    // The bounds apply to what is stored and queried, after the checks a request passes: NFC
+    // makes U+0958 (3 bytes) two characters of 6, and U+1D160 (4 bytes) three of 12; secs add up.
+    [
+      'a remove whose with grows past the key bound under NFC',
+      'set',
+      `<remove xmlns='${ARCHIVE}' with='a@b/${'x'.repeat(990)}\u0958' start='2020-01-01T00:00:00Z'/>`,
+      'bad-request',
+    ],
+    [
+      'a list whose with grows past the key bound under NFC',
+      'get',
+      `<list xmlns='${ARCHIVE}' with='${'\u{1D160}'.repeat(83)}@${'\u{1D160}'.repeat(83)}/${'\u{1D160}'.repeat(82)}'/>`,
+      'bad-request',
+    ],
+    [
+      'a store whose secs run past the year 9999',
+      'set',
+      `<store xmlns='${ARCHIVE}' with='a@example.com' start='2020-01-01T00:00:00Z'><to secs='9999999999999'><body>x</body></to></store>`,
+      'bad-request',
+    ],
+    [
+      'an EncryptedData whose KeyName is over 128 bytes',
+      'set',
+      `<store xmlns='${ARCHIVE}' with='a@example.com' start='2020-01-02T00:00:00Z' crypt='true'><EncryptedData xmlns='${XMLENC}'><KeyInfo xmlns='${XMLDSIG}'><KeyName>${'k'.repeat(2000)}</KeyName></KeyInfo><CipherData><CipherValue>AAAA</CipherValue></CipherData></EncryptedData></store>`,
+      'bad-request',
+    ],
+    // XEP-0059 §2.6: a UID longer than any key names no item.
+    [
+      'a list after a UID longer than any key',
+      'get',
+      `<list xmlns='${ARCHIVE}'><set xmlns='${RSM}'><after>${'u'.repeat(2000)}</after></set></list>`,
+      'item-not-found',
+    ],
+    [
+      'keys before a UID longer than any key',
+      'get',
+      `<keys xmlns='${ARCHIVE}'><KeyName xmlns='${XMLDSIG}'>k</KeyName><set xmlns='${RSM}'><before>${'u'.repeat(2000)}</before></set></keys>`,
+      'item-not-found',
+    ],
     [
       'a store with a 1,000-byte resource in with',
       'set',
@@ -331,6 +370,17 @@ describe('hostile grid', () => {
     expect(unknownSeq?.getChildren('from')).toEqual([]);
     // Still serving after all of it.
     expect(await condition(orchard, `<iq type='get'><pref xmlns='${ARCHIVE}'/></iq>`)).toBe('result');
+  });
+
+  it('removes at the last millisecond a DateTime names: nothing starts then, so nothing to remove (§8.3 item-not-found)', async () => {
+    // A start without an end removes the collections starting at that time (its end is the next
+    // millisecond, which no DateTime names: no end is needed there).
+    expect(
+      await condition(
+        orchard,
+        `<iq type='set'><remove xmlns='${ARCHIVE}' start='9999-12-31T23:59:59.999Z'/></iq>`,
+      ),
+    ).toBe('item-not-found');
   });
 
   it('refuses <auto encrypt=true> with feature-not-implemented, for that request only', async () => {

@@ -7,6 +7,7 @@ import { Element } from 'ltx';
 import { StanzaError } from '../../errors.ts';
 import type { CollectionHeader, EntryInput } from '../../store/archive.ts';
 import { NS } from '../../xml/namespaces.ts';
+import { LAST_DATETIME_MS } from './datetime.ts';
 import type { ManualEntry } from './decode.ts';
 import type { EffectiveMode } from './preferences.ts';
 
@@ -160,6 +161,10 @@ export function resolveEntryTimes(
     } else {
       at = prev ?? start;
     }
+    // §5.3's secs add up: past what a DateTime can name (the year 9999) no time can be stored
+    // nor shown.
+    if (at > LAST_DATETIME_MS)
+      throw new StanzaError('modify', 'bad-request', "the entries' secs run past the year 9999");
     if (entry.kind !== 'note' && entry.kind !== 'data') prev = at;
     return { at, utc };
   });

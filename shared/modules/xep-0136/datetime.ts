@@ -6,6 +6,9 @@
  */
 import { StanzaError } from '../../errors.ts';
 
+/** The last millisecond an XEP-0082 DateTime (four-digit years) can name: 9999-12-31T23:59:59.999Z. */
+export const LAST_DATETIME_MS = 253_402_300_799_999;
+
 /** A parsed DateTime: ms since the epoch, plus the fraction digits beyond the millisecond. */
 export interface DateTimeValue {
   ms: number;

@@ -10,7 +10,7 @@ import { StanzaError } from '../../errors.ts';
 import { bareJid, fullJid, parseJid } from '../../jid.ts';
 import type { EncryptedKeyInput, EntryKind, Mode, WithFilter } from '../../store/archive.ts';
 import { NS } from '../../xml/namespaces.ts';
-import { type DateTimeValue, parseDateTime } from './datetime.ts';
+import { type DateTimeValue, LAST_DATETIME_MS, parseDateTime } from './datetime.ts';
 import { decodeRsm, type RsmRequest } from './rsm.ts';
 
 export const ARCHIVE_NS = 'http://jabber.org/protocol/archive';
@@ -295,9 +295,9 @@ function decodeStoreContent(store: Element): { entries: ManualEntry[]; keys: Enc
       if (child.getChildElements().length > 0) throw badRequest('a note is text');
       entries.push({ kind: 'note', utc: dateTime(child, 'utc'), element: child });
     } else if (ns === XMLENC_NS && child.name === 'EncryptedData') {
-      const keyName = child.getChild('KeyInfo', XMLDSIG_NS)?.getChildText('KeyName', XMLDSIG_NS)?.trim();
-      if (!keyName) throw badRequest('EncryptedData needs KeyInfo/KeyName');
-      entries.push({ kind: 'data', element: child, keyName });
+      const named = child.getChild('KeyInfo', XMLDSIG_NS)?.getChildText('KeyName', XMLDSIG_NS)?.trim();
+      if (!named) throw badRequest('EncryptedData needs KeyInfo/KeyName');
+      entries.push({ kind: 'data', element: child, keyName: keyName(named, 'KeyName') });
     } else if (ns === XMLENC_NS && child.name === 'EncryptedKey') {
       const carriedKeyName = child.getChildText('CarriedKeyName', XMLENC_NS)?.trim();
       const publicKeyName = child
@@ -347,11 +347,10 @@ function range(el: Element): { with?: WithFilter; start?: number; end?: number }
   const withText = attr(el, 'with');
   const start = dateTime(el, 'start');
   const end = dateTime(el, 'end');
-  return {
-    with: withText === undefined ? undefined : withFilter(fittingWith(el, withText)),
-    start,
-    end,
-  };
+  // The bound applies to the JID as normalised (as stored and queried): NFC can make it longer.
+  const filter = withText === undefined ? undefined : withFilter(withText);
+  if (filter) fittingWith(el, filter.jid);
+  return { with: filter, start, end };
 }
 
 /** Decodes the one archive element an iq carries; `type` is the iq's. */
@@ -414,7 +413,14 @@ export function decodeRequest(type: 'get' | 'set', el: Element): ArchiveRequest 
       // single collection by its start. Removal cannot be undone, so this is the narrower reading:
       // the collections with any JID that start at that time (the end is exclusive).
       if (!open && bounds.with === undefined && bounds.start !== undefined && bounds.end === undefined)
-        return { kind: 'remove', ...bounds, end: bounds.start + 1, open, exact };
+        return {
+          kind: 'remove',
+          ...bounds,
+          // At the last millisecond a DateTime names, nothing starts later: no end needed.
+          ...(bounds.start < LAST_DATETIME_MS ? { end: bounds.start + 1 } : {}),
+          open,
+          exact,
+        };
       return { kind: 'remove', ...bounds, open, exact };
     }
     case 'store': {
