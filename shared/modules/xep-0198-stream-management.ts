@@ -910,9 +910,12 @@ export const ANSWER_MARGIN = 50;
 /**
  * The bytes of unacknowledged stanzas past which the stream's own answers end it
  * (`policy-violation`) rather than queue: what DynamoDB's item size bounded while every stanza
- * was in the queue item, and what a resume's replay and a re-route read back at once.
+ * was in the queue item, and what a resume's replay and a re-route read back at once. Below the
+ * 400 KB item by what else the item may come to hold with them: each entry's own fields (up to
+ * SM_QUEUE_MAX and the margins), sender marks, and what a detach records (8 KB of
+ * directed-presence JIDs, a 16 KB transfer) and an end; at 400 KB a detach could fail (session 33).
  */
-export const ANSWER_BYTES_BOUND = 400 * 1024;
+export const ANSWER_BYTES_BOUND = 300 * 1024;
 
 /**
  * How many stanzas past SM_QUEUE_MAX a queue takes of other entities' iq results and errors to
@@ -1149,7 +1152,7 @@ async function keepResumable(
   // its queue held goes back to its senders at once (core/lifecycle.ts's default).
   if (!state?.sm?.resumable || state.revoked) return undefined;
   const until = Date.now() + state.sm.max * 1000;
-  await server.smQueue.detach(
+  const detached = await server.smQueue.detach(
     state.sm.id,
     event.connectionId,
     state.sm.inbound,
@@ -1157,6 +1160,13 @@ async function keepResumable(
     state.directedTo ?? [],
     carriedTransfer(server, state),
   );
+  if (detached === 'too-large') {
+    // No room in the queue item to keep the session for a resume (a client that never
+    // acknowledged its answers): it ends now, as without resumption (core/lifecycle.ts's default),
+    // rather than fail this $disconnect on every receive.
+    server.log.warn('session too large to keep for a resume: ended', { smId: state.sm.id });
+    return undefined;
+  }
   // The row stays, fenced, until the connection's own $disconnect: a frame of it still queued
   // (one being retried) whose stanza was counted must find it and still route that stanza (the
   // count is in what a resume reports); an uncounted one is stopped by the fence.

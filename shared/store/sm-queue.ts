@@ -679,7 +679,12 @@ export interface SmQueueStore {
     seenOut: number,
     connectionId: string,
   ): Promise<{ released: true } | { released: false; item?: SmQueueItem }>;
-  /** The socket is gone: keep the session for `sweepAt`, record the inbound count. */
+  /**
+   * The socket is gone: keep the session for `sweepAt`, record the inbound count. False when
+   * `connectionId` does not own it (or it ended); `too-large` when what the detach records (the
+   * directed-presence JIDs, a transfer) would take the item past DynamoDB's 400 KB: nothing is
+   * written, and the caller ends the session instead.
+   */
   detach(
     smId: string,
     connectionId: string,
@@ -687,7 +692,7 @@ export interface SmQueueStore {
     sweepAt: number,
     directedTo: string[],
     transfer?: OfflineTransfer,
-  ): Promise<boolean>;
+  ): Promise<boolean | 'too-large'>;
   /**
    * Ends the session once and for all (expiry, clean close, vanish without resumption): the
    * caller gets the unacknowledged entries exactly once. `owner` must still own it: a
@@ -1572,6 +1577,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
         return true;
       } catch (error) {
         if (isConditionFailure(error)) return false;
+        if (isItemTooLarge(error)) return 'too-large';
         throw error;
       }
     },

@@ -283,7 +283,7 @@ describe('an expiry whose end is slow', () => {
     const end = server.smQueue.end.bind(server.smQueue);
     // Recorded inside the sweep and checked after it: the sweep logs and counts an item's error
     // (an assertion's too) and goes on.
-    let meanwhile: { attached: boolean; detached: boolean } | undefined;
+    let meanwhile: { attached: boolean; detached: boolean | 'too-large' } | undefined;
     const restore = intercept(server.smQueue, 'end', async (id, owner, inbound) => {
       restore();
       // A resume decided before the window closed attaches; its stream counts two more and goes.

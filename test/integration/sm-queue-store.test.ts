@@ -874,6 +874,21 @@ describe('the hand-over: attach, release, detach', () => {
     expect(await queue.get(smId)).toMatchObject({ connectionId: 'new', holding: true });
   });
 
+  it('a detach that would take the item past 400 KB writes nothing and says so (the caller ends the session)', async () => {
+    const { smId } = await session('old');
+    await queue.release(smId, 0);
+    // Random text: about 1,000 bytes each as stored, in the item, until it is full.
+    const medium = () => randomBytes(950).toString('base64');
+    for (let i = 1; i <= 600; i++) {
+      if ((await queue.append(smId, entry(i, { s: medium() }), MAX)).kind !== 'queued') break;
+    }
+    // What a detach records with the session: up to 8 KB of directed-presence JIDs.
+    const directedTo = Array.from({ length: 100 }, (_, i) => `contact-${i}-${'d'.repeat(60)}@localhost`);
+    expect(await queue.detach(smId, 'old', 7, Date.now() + 60_000, directedTo)).toBe('too-large');
+    expect(await queue.get(smId)).toMatchObject({ connectionId: 'old', ended: false });
+    expect((await rawItem(table, smId))?.directedTo).toBeUndefined();
+  });
+
   it('an attach tells which entries were queued while the session was detached (unpostedAfter); a takeover tells none', async () => {
     const { smId, user } = await session('old');
     await queue.release(smId, 0);
