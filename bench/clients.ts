@@ -79,7 +79,7 @@ function plainMessage(to: string, n: number, body: string): Element {
   return xml('message', { to, type: 'chat', id: `b${n}` }, xml('body', {}, body));
 }
 
-/** Filler after the timing fields: a Converse.js chat line of about 60 characters in all. */
+/** Filler after the timing fields (about 28 characters): a chat line of about 70 characters in all. */
 const CHAT_LINE = 'see you at the usual place around eight, ok?';
 
 /**

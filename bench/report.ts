@@ -123,7 +123,7 @@ export interface BenchOptions {
   /**
    * The chat messages' shape: `plain`, an id and a short body (the default); `converse`, as
    * Converse.js sends one (XEP-0085 `<active/>`, XEP-0184 `<request/>`, XEP-0359 `<origin-id/>`,
-   * UUID ids, a 60-character body).
+   * UUID ids, a body of about 70 characters).
    */
   payload: Payload;
   scenarios: Scenario[];

@@ -118,7 +118,7 @@ function parseOptions(): BenchOptions {
         '  --warmup W           warm-up messages per pair, not measured (BENCH_WARMUP, default 25)',
         '  --window K           messages in flight per pair (BENCH_WINDOW, default 1)',
         '  --payload SHAPE      plain (an id and a short body, default) or converse (as Converse.js',
-        '                       sends: <active/>, receipt <request/>, <origin-id/>, 60-character body)',
+        '                       sends: <active/>, receipt <request/>, <origin-id/>, a body of ~70 characters)',
         '  --sm | --no-sm       only the run with / without stream management (default: both)',
         '  --name NAME          bench/results/NAME.json (BENCH_NAME, default bench-<time>)',
         '  --memory-mb MB       stream function memory for the Lambda price (default: the CDK constant)',

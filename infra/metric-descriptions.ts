@@ -22,7 +22,8 @@ export const METRIC_DESCRIPTIONS: Record<MetricName, string> = {
   MessagesDelivered: 'Messages put on an online session (posted, or queued for a stream-management session)',
   MessagesStoredOffline: 'Messages stored for an offline user (XEP-0160)',
   MessagesFlooded: 'Stored messages sent to a user at login (XEP-0160 offline flood)',
-  OfflineRequests: 'XEP-0013 requests: `count`, `headers`, `view`, `remove`, `fetch`, `purge`',
+  OfflineRequests:
+    'XEP-0013 requests: `count`, `headers`, `view`, `remove`, `fetch`, `purge`; `other` for the rest',
   ArchiveRequests:
     'XEP-0136 requests, by request element (`list`, `retrieve`, `pref`, …; `other` for the rest)',
   SmEnabled: 'XEP-0198 stream management enabled',

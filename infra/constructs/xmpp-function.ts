@@ -53,8 +53,9 @@ export const BUNDLE_ALIASES: Record<string, string> = {
  * modules register their `sweep` phases only when it is not 'false', so the stream and connect
  * bundles carry none of the sweeper's code (about 1.5 KB of the stream bundle). Unbundled (the
  * local runner, the tests) it is unset: the phases are registered. `NIMBUS_ADMIN` is false in
- * every function: the stores' operator-only listings (Scans, `npm run user -- list` and
- * `sessions`, which run from source) leave the bundles, with the SDK's Scan command.
+ * every function: the stores' operator-only commands (the Scans of `npm run user -- list` and
+ * `sessions`, an account's creation, new password and deletion; the admin CLI runs from source)
+ * leave the bundles, with the SDK's Scan command.
  */
 export function bundleDefines(options: { tracing: boolean; sweeps: boolean }): Record<string, string> {
   return {
