@@ -130,7 +130,11 @@ function onStanza(receiver: BenchClient, stanza: Element): void {
     lastDelivery = now;
   }
   pair.delivered += 1;
-  if (pair.sent < pair.target) sendNext(receiver);
+  if (pair.sent < pair.target) {
+    // A chat's pace (--interval): the reply after a pause.
+    if (plan?.intervalMs) setTimeout(() => sendNext(receiver), plan.intervalMs);
+    else sendNext(receiver);
+  }
   if (pair.delivered === pair.target) pair.done();
 }
 
@@ -144,6 +148,11 @@ async function startClient(username: string, password: string, domain: string, u
     },
   });
   xmpp.reconnect.stop();
+  // --ack-debounce: how long xmpp.js waits after what it sent before its <r/> (its default 250 ms).
+  // (A property of @xmpp/stream-management's object since 0.14 that its type declarations omit.)
+  if (plan?.ackDebounceMs !== undefined)
+    (xmpp.streamManagement as unknown as { requestAckDebounce: number }).requestAckDebounce =
+      plan.ackDebounceMs;
   let lastError = '';
   xmpp.on('error', (error: Error) => {
     lastError = error.message;

@@ -76,6 +76,10 @@ export interface ClientPlan {
   window: number;
   /** The chat messages' shape (bench/report.ts BenchOptions.payload). */
   payload: Payload;
+  /** Pause before each reply (ms; BenchOptions.intervalMs). */
+  intervalMs: number;
+  /** xmpp.js's `requestAckDebounce` (ms), when set. */
+  ackDebounceMs?: number;
   streamManagement: boolean;
   timeoutMs: number;
 }

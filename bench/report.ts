@@ -126,6 +126,10 @@ export interface BenchOptions {
    * UUID ids, a body of about 70 characters).
    */
   payload: Payload;
+  /** A pair's pause between receiving a message and sending the next (ms): a chat's pace. */
+  intervalMs: number;
+  /** xmpp.js's delay before its `<r/>` after a burst it sent (ms; its default 250). */
+  ackDebounceMs?: number;
   scenarios: Scenario[];
   name: string;
   memoryMb?: number;

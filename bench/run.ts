@@ -98,6 +98,8 @@ function parseOptions(): BenchOptions {
       warmup: { type: 'string' },
       window: { type: 'string' },
       payload: { type: 'string' },
+      interval: { type: 'string' },
+      'ack-debounce': { type: 'string' },
       sm: { type: 'boolean' },
       'no-sm': { type: 'boolean' },
       name: { type: 'string' },
@@ -119,6 +121,9 @@ function parseOptions(): BenchOptions {
         '  --window K           messages in flight per pair (BENCH_WINDOW, default 1)',
         '  --payload SHAPE      plain (an id and a short body, default) or converse (as Converse.js',
         '                       sends: <active/>, receipt <request/>, <origin-id/>, a body of ~70 characters)',
+        '  --interval MS        a pair waits this long after a message before its reply (BENCH_INTERVAL_MS,',
+        "                       default 0: at once); a chat's pace. Raise --timeout-seconds to match",
+        "  --ack-debounce MS    xmpp.js's delay before its <r/> after what it sent (default 250, xmpp.js's)",
         '  --sm | --no-sm       only the run with / without stream management (default: both)',
         '  --name NAME          bench/results/NAME.json (BENCH_NAME, default bench-<time>)',
         '  --memory-mb MB       stream function memory for the Lambda price (default: the CDK constant)',
@@ -148,6 +153,10 @@ function parseOptions(): BenchOptions {
     warmup: number(values.warmup ?? env.BENCH_WARMUP, 25, 'warmup', 0),
     window: number(values.window ?? env.BENCH_WINDOW, 1, 'window'),
     payload,
+    intervalMs: number(values.interval ?? env.BENCH_INTERVAL_MS, 0, 'interval', 0),
+    ...(values['ack-debounce'] !== undefined
+      ? { ackDebounceMs: number(values['ack-debounce'], 250, 'ack-debounce', 0) }
+      : {}),
     scenarios,
     name: values.name ?? env.BENCH_NAME ?? `bench-${new Date().toISOString().replace(/[:.]/g, '-')}`,
     memoryMb: values['memory-mb'] ? number(values['memory-mb'], 0, 'memory-mb') : undefined,
@@ -435,6 +444,8 @@ async function runScenario(scenario: Scenario, context: ScenarioContext): Promis
       warmupPerPair: options.warmup,
       window: options.window,
       payload: options.payload,
+      intervalMs: options.intervalMs,
+      ...(options.ackDebounceMs !== undefined ? { ackDebounceMs: options.ackDebounceMs } : {}),
       streamManagement: scenario === 'sm',
       timeoutMs: options.timeoutMs,
     };
@@ -789,7 +800,7 @@ async function main(): Promise<void> {
   watchdog.unref();
 
   process.stdout.write(
-    `Nimbus bench: ${options.pairs} pairs × ${options.messages} messages (warm-up ${options.warmup}, window ${options.window}${options.payload === 'plain' ? '' : `, payload ${options.payload}`}), ` +
+    `Nimbus bench: ${options.pairs} pairs × ${options.messages} messages (warm-up ${options.warmup}, window ${options.window}${options.payload === 'plain' ? '' : `, payload ${options.payload}`}${options.intervalMs ? `, interval ${options.intervalMs} ms` : ''}${options.ackDebounceMs !== undefined ? `, ack debounce ${options.ackDebounceMs} ms` : ''}), ` +
       `runs: ${options.scenarios.join(', ')}\n`,
   );
   await mkdir(resultsDirectory(), { recursive: true });
