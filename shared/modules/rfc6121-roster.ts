@@ -505,7 +505,9 @@ async function subscription(
   try {
     result = await applyOnce<PairOutcome>(stream, contact, kind === 'account', (pair) => {
       const out = userSendsSubscription(pair.user, contact, type, {
-        preApproval: PRE_APPROVAL,
+        // A local JID without an account has nobody to approve: whoever gets it later is someone
+        // the user has not met, and is asked (the `subscribed` is dropped, as without the feature).
+        preApproval: PRE_APPROVAL && kind !== 'no-account',
         ...(contactCreatedAt !== undefined ? { contactCreatedAt } : {}),
       });
       if (!out.route || kind === 'remote') return { user: out.entry, outcome: { out } };

@@ -52,11 +52,12 @@ export interface RosterEntry {
   /** RFC 6121 §3.4: the user pre-approved a subscription request from the contact. */
   approved: boolean;
   /**
-   * Whom the pre-approval was given to (RFC 6121 §3.4), since session 33: the contact's account
-   * then, by its creation time (`approvedFor`), or, for a JID without an account then, the time it
-   * was given (`approvedAt`: an account created after it is the one the user expected). An
-   * account that held the JID before or after the approved one (deleted, made again for someone
-   * else) is asked like anyone. Neither: stored before session 33, approves as it did.
+   * Whom the pre-approval was given to (RFC 6121 §3.4), since session 33: the contact's account,
+   * by its creation time (`approvedFor`); for another domain's JID, only when (`approvedAt`, ms),
+   * and it approves nobody (no server-to-server). An account that holds the JID before or after
+   * the approved one (deleted, made again for someone else) is asked like anyone. A local JID
+   * without an account is not pre-approved at all. Neither: stored before session 33, approves
+   * as it did.
    */
   approvedFor?: number;
   approvedAt?: number;

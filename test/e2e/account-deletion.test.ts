@@ -319,6 +319,10 @@ describe('an account deleted while its streams are open', () => {
       approved: false,
       subscription: 'none',
     });
+    // A local JID without an account has nobody to approve: whoever gets it later is asked.
+    ora.send(`<presence type='subscribed' to='nobody-yet@localhost'/>`);
+    expect(await ora.framesBeforePong()).toEqual([]);
+    expect(await stack.server.roster.getEntry('ora@localhost', 'nobody-yet@localhost')).toBeUndefined();
     ora.close();
     newPip.close();
   });

@@ -238,14 +238,15 @@ function withoutApproval(entry: RosterEntry): RosterEntry {
 /**
  * RFC 6121 §3.4: a pre-approval approves the account it was given to (RosterEntry.approvedFor,
  * its creation time), not whoever holds the JID later: a JID deleted and created again, for
- * someone else, must not be subscribed to the user's presence without the user's word. Given to
- * a JID without an account, it approves an account created after it. `requesterCreatedAt`:
- * the requesting account's creation time (undefined: no account, which nothing approves).
+ * someone else, must not be subscribed to the user's presence without the user's word. One given
+ * to another domain's JID (`approvedAt` only) approves nobody: no request comes from there
+ * without server-to-server. One stored before session 33 (neither) approves as it did.
+ * `requesterCreatedAt`: the requesting account's creation time (undefined: it has none).
  */
 export function approvalHolds(entry: RosterEntry, requesterCreatedAt: number | undefined): boolean {
   if (!entry.approved || requesterCreatedAt === undefined) return false;
   if (entry.approvedFor !== undefined) return entry.approvedFor === requesterCreatedAt;
-  return entry.approvedAt === undefined || requesterCreatedAt > entry.approvedAt;
+  return entry.approvedAt === undefined;
 }
 
 function settle(entry: RosterEntry): RosterEntry | null {
@@ -346,8 +347,7 @@ export function userSendsSubscription(
  * §3.1.3, §3.1.6, §3.2.3, §3.3.3, §3.4): the recipient's new entry and what its server does.
  * `stanza` is the received presence, serialised: kept while a `subscribe` is pending.
  * `requesterCreatedAt`: when the sender's account was created (a `subscribe` meets a
- * pre-approval only if it was given to that account, see `approvalHolds`; undefined: the sender
- * has no account any more, and the approval stays for the one it was given to).
+ * pre-approval only if it was given to that account, see `approvalHolds`).
  */
 export function contactReceivesSubscription(
   current: RosterEntry | null | undefined,
@@ -361,10 +361,7 @@ export function contactReceivesSubscription(
   const approves = type === 'subscribe' && approvalHolds(given, requesterCreatedAt);
   // A pre-approval given to another account than the requester's (one that held the JID before)
   // goes: the request is delivered and kept like any other (§3.1.3).
-  const base =
-    type === 'subscribe' && given.approved && !approves && requesterCreatedAt !== undefined
-      ? withoutApproval(given)
-      : given;
+  const base = type === 'subscribe' && given.approved && !approves ? withoutApproval(given) : given;
   const state = stateOfEntry(current);
   const name = stateName(state);
   if (approves && !hasFrom(state) && !state.pendingIn) {
