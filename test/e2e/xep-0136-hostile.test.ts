@@ -193,6 +193,13 @@ describe('hostile grid', () => {
       `<keys xmlns='${ARCHIVE}'><KeyName xmlns='${XMLDSIG}'>k</KeyName><set xmlns='${RSM}'><before>${'u'.repeat(2000)}</before></set></keys>`,
       'item-not-found',
     ],
+    // A keys UID is a key's keyRef, up to a sort key's 1,024 bytes: such a cursor is a cursor.
+    [
+      'nothing: keys after a 1,024-byte UID (a page after it, empty)',
+      'get',
+      `<keys xmlns='${ARCHIVE}'><KeyName xmlns='${XMLDSIG}'>k</KeyName><set xmlns='${RSM}'><after>${'u'.repeat(1024)}</after></set></keys>`,
+      'result',
+    ],
     [
       'a store with a 1,000-byte resource in with',
       'set',

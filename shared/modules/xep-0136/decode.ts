@@ -442,7 +442,8 @@ export function decodeRequest(type: 'get' | 'set', el: Element): ArchiveRequest 
       noOwnChildren(el);
       const names = keyNames(el);
       if (names.length !== 1) throw badRequest('<keys/> names one public key');
-      const page = decodeRsm(el, PAGE_LIMITS.keys);
+      // Its UIDs are keys' `keyRef`s, a sort key of up to 1,024 bytes without a prefix.
+      const page = decodeRsm(el, PAGE_LIMITS.keys, 1024);
       if (page.index !== undefined) throw noPageJumps('<keys/>');
       return { kind: 'keys', keyName: names[0] as string, page };
     }

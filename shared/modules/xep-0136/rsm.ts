@@ -34,18 +34,23 @@ function badRequest(text: string): StanzaError {
 const SET_CHILDREN = new Set(['max', 'after', 'before', 'index']);
 
 /**
- * The longest UID a reply can hand out: a DynamoDB sort key's 1,024 bytes less the `c#` of a
- * collection's. A longer `<after/>` or `<before/>` names no item, so no page follows it: XEP-0059
- * §2.6 answers a UID whose item is gone (and does not give the next item) with `item-not-found`.
- * As a key bound it would fail the Query (internal-server-error before session 33).
+ * The longest UID a `<list/>` reply can hand out: a DynamoDB sort key's 1,024 bytes less the `c#`
+ * of a collection's (a `<keys/>` UID, a key's `keyRef`, has no prefix: 1,024). A longer `<after/>`
+ * or `<before/>` names no item, so no page follows it: XEP-0059 §2.6 answers a UID whose item is
+ * gone (and does not give the next item) with `item-not-found`. As a key bound it would fail the
+ * Query (internal-server-error before session 33).
  */
-const MAX_UID_BYTES = 1022;
+export const COLLECTION_UID_BYTES = 1022;
 
 /**
  * The `<set/>` child of `parent`. XEP-0059 §2.1: the responding entity may return fewer items
  * than `<max/>` asks for, so a larger max is capped at `limits.max` instead of refused.
  */
-export function decodeRsm(parent: Element, limits: { defaultMax: number; max: number }): RsmRequest {
+export function decodeRsm(
+  parent: Element,
+  limits: { defaultMax: number; max: number },
+  uidBytes = COLLECTION_UID_BYTES,
+): RsmRequest {
   const set = parent.getChild('set', NS.rsm);
   if (set) {
     const seen = new Set<string>();
@@ -58,7 +63,7 @@ export function decodeRsm(parent: Element, limits: { defaultMax: number; max: nu
   }
   const page = decodePageRequest(parent, { defaultMax: limits.defaultMax, maxMax: limits.max });
   for (const uid of [page.after, page.before]) {
-    if (uid !== undefined && Buffer.byteLength(uid, 'utf8') > MAX_UID_BYTES)
+    if (uid !== undefined && Buffer.byteLength(uid, 'utf8') > uidBytes)
       throw new StanzaError('cancel', 'item-not-found', 'No such item');
   }
   return {
