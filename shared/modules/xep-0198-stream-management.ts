@@ -910,12 +910,11 @@ export const ANSWER_MARGIN = 50;
 /**
  * The bytes of unacknowledged stanzas past which the stream's own answers end it
  * (`policy-violation`) rather than queue: what DynamoDB's item size bounded while every stanza
- * was in the queue item, and what a resume's replay and a re-route read back at once. Below the
- * 400 KB item by what else the item may come to hold with them: each entry's own fields (up to
- * SM_QUEUE_MAX and the margins), sender marks, and what a detach records (8 KB of
- * directed-presence JIDs, a 16 KB transfer) and an end; at 400 KB a detach could fail (session 33).
+ * was in the queue item, and what a resume's replay and a re-route read back at once. The item
+ * can then be near DynamoDB's 400 KB: a detach that would not fit ends the session instead
+ * (`detach` answers `too-large`), and an end never makes an attached session's item larger.
  */
-export const ANSWER_BYTES_BOUND = 300 * 1024;
+export const ANSWER_BYTES_BOUND = 400 * 1024;
 
 /**
  * How many stanzas past SM_QUEUE_MAX a queue takes of other entities' iq results and errors to

@@ -1086,7 +1086,7 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
       process.env.NIMBUS_ADMIN === 'false'
         ? adminOnly
         : async (smId, revocation) => {
-            try {
+            const mark = async (recorded: Revocation) => {
               await doc.send(
                 new UpdateCommand({
                   TableName: table,
@@ -1095,9 +1095,18 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
                   // Marked once: a rerun of the deletion (its roster gone by then) keeps the first run's.
                   ConditionExpression:
                     'attribute_exists(pk) AND attribute_not_exists(ended) AND attribute_not_exists(revoked)',
-                  ExpressionAttributeValues: { ':revocation': boundedRevocation(revocation) },
+                  ExpressionAttributeValues: { ':revocation': boundedRevocation(recorded) },
                 }),
               );
+            };
+            try {
+              await mark(revocation).catch(async (error: unknown) => {
+                // A queue item near DynamoDB's 400 KB (a client that never acknowledged) has no
+                // room for the notices: the session is revoked without them (never resumed; its
+                // contacts are not told when its window ends).
+                if (!isItemTooLarge(error)) throw error;
+                await mark({});
+              });
               return true;
             } catch (error) {
               if (isConditionFailure(error)) return false;

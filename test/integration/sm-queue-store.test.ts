@@ -889,6 +889,23 @@ describe('the hand-over: attach, release, detach', () => {
     expect((await rawItem(table, smId))?.directedTo).toBeUndefined();
   });
 
+  it("an account deletion's mark that would take the item past 400 KB is made without its notices", async () => {
+    const { smId } = await session('old');
+    await queue.release(smId, 0);
+    const medium = () => randomBytes(950).toString('base64');
+    for (let i = 1; i <= 600; i++) {
+      if ((await queue.append(smId, entry(i, { s: medium() }), MAX)).kind !== 'queued') break;
+    }
+    // The contacts a detached session's end would tell: tens of KB.
+    const notify = Array.from({ length: 400 }, (_, i) => ({
+      contact: `contact-${i}-${'n'.repeat(60)}@localhost`,
+      deliver: ['unsubscribe', 'unsubscribed'],
+    }));
+    expect(await queue.revoke(smId, { notify })).toBe(true);
+    // Revoked all the same: never resumed again.
+    expect((await rawItem(table, smId))?.revoked).toEqual({});
+  });
+
   it('an attach tells which entries were queued while the session was detached (unpostedAfter); a takeover tells none', async () => {
     const { smId, user } = await session('old');
     await queue.release(smId, 0);
