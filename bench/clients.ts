@@ -98,16 +98,17 @@ function converseMessage(to: string, body: string): Element {
   );
 }
 
-function sendNext(from: BenchClient): void {
+function sendNext(from: BenchClient, reserved?: { n: number; phase: string }): void {
   const to = from.peer;
   if (!to) return;
   const { pair } = from;
-  pair.sent += 1;
-  const body = `${pair.phase} ${pair.sent} ${performance.now()}`;
+  // A reply sent after a pause (--interval) was counted when it was scheduled, in its phase: one
+  // whose phase is over is not sent.
+  if (reserved && reserved.phase !== pair.phase) return;
+  const n = reserved ? reserved.n : ++pair.sent;
+  const body = `${pair.phase} ${n} ${performance.now()}`;
   from.xmpp
-    .send(
-      plan?.payload === 'converse' ? converseMessage(to.bare, body) : plainMessage(to.bare, pair.sent, body),
-    )
+    .send(plan?.payload === 'converse' ? converseMessage(to.bare, body) : plainMessage(to.bare, n, body))
     .catch(() => {
       errors += 1;
     });
@@ -131,9 +132,12 @@ function onStanza(receiver: BenchClient, stanza: Element): void {
   }
   pair.delivered += 1;
   if (pair.sent < pair.target) {
-    // A chat's pace (--interval): the reply after a pause.
-    if (plan?.intervalMs) setTimeout(() => sendNext(receiver), plan.intervalMs);
-    else sendNext(receiver);
+    // A chat's pace (--interval): the reply after a pause, counted now so that a window of
+    // several in flight sends no more than the target.
+    if (plan?.intervalMs) {
+      const reserved = { n: ++pair.sent, phase: pair.phase };
+      setTimeout(() => sendNext(receiver, reserved), plan.intervalMs).unref();
+    } else sendNext(receiver);
   }
   if (pair.delivered === pair.target) pair.done();
 }
@@ -350,7 +354,8 @@ process.on('message', (message: ToClients) => {
             'warmup',
             current.warmupPerPair,
             current.window,
-            Math.min(current.timeoutMs, WARMUP_TIMEOUT_MS),
+            // With --interval a warm-up message takes its pause too.
+            Math.min(current.timeoutMs, WARMUP_TIMEOUT_MS + current.warmupPerPair * current.intervalMs),
           )
         ) {
           throw new Error('the warm-up did not finish');
