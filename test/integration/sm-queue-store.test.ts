@@ -859,6 +859,18 @@ describe('acknowledge', () => {
   });
 });
 
+/** A session attached to 'old' whose queue item is as near 400 KB as appends take it. */
+async function fullQueueItem(): Promise<string> {
+  const { smId } = await session('old');
+  await queue.release(smId, 0);
+  // Random text: about 1,000 bytes each as stored, in the item, until it is full.
+  const medium = () => randomBytes(950).toString('base64');
+  for (let i = 1; i <= 600; i++) {
+    if ((await queue.append(smId, entry(i, { s: medium() }), MAX)).kind !== 'queued') break;
+  }
+  return smId;
+}
+
 describe('the hand-over: attach, release, detach', () => {
   it('attach moves the session to the new connection, holding, and returns the queue', async () => {
     const { smId, user } = await session('old');
@@ -875,13 +887,7 @@ describe('the hand-over: attach, release, detach', () => {
   });
 
   it('a detach that would take the item past 400 KB writes nothing and says so (the caller ends the session)', async () => {
-    const { smId } = await session('old');
-    await queue.release(smId, 0);
-    // Random text: about 1,000 bytes each as stored, in the item, until it is full.
-    const medium = () => randomBytes(950).toString('base64');
-    for (let i = 1; i <= 600; i++) {
-      if ((await queue.append(smId, entry(i, { s: medium() }), MAX)).kind !== 'queued') break;
-    }
+    const smId = await fullQueueItem();
     // What a detach records with the session: up to 8 KB of directed-presence JIDs.
     const directedTo = Array.from({ length: 100 }, (_, i) => `contact-${i}-${'d'.repeat(60)}@localhost`);
     expect(await queue.detach(smId, 'old', 7, Date.now() + 60_000, directedTo)).toBe('too-large');
@@ -890,12 +896,7 @@ describe('the hand-over: attach, release, detach', () => {
   });
 
   it("an account deletion's mark that would take the item past 400 KB is made without its notices", async () => {
-    const { smId } = await session('old');
-    await queue.release(smId, 0);
-    const medium = () => randomBytes(950).toString('base64');
-    for (let i = 1; i <= 600; i++) {
-      if ((await queue.append(smId, entry(i, { s: medium() }), MAX)).kind !== 'queued') break;
-    }
+    const smId = await fullQueueItem();
     // The contacts a detached session's end would tell: tens of KB.
     const notify = Array.from({ length: 400 }, (_, i) => ({
       contact: `contact-${i}-${'n'.repeat(60)}@localhost`,
