@@ -6,10 +6,11 @@
  * session, so the caller re-routes what must not be lost.
  */
 import { createHash } from 'node:crypto';
-import type { Element } from 'ltx';
+import { Element } from 'ltx';
 import { StanzaError } from '../errors.ts';
 import { type BoundedPostResult, POST_TIMEOUT_MS, type PostResult, serialize } from '../outbound.ts';
 import type { ResourceRecord } from '../store/sessions.ts';
+import { NS } from '../xml/namespaces.ts';
 import { nextDeliveryKey } from './frame.ts';
 import type { DeliveryItem, DeliveryOptions, DeliveryResult, SendAllResult, Server } from './host.ts';
 import { RetryLaterError } from './transient.ts';
@@ -17,8 +18,13 @@ import { RetryLaterError } from './transient.ts';
 /** API Gateway's limit for one message to a client (PostToConnection), in bytes. */
 export const POST_LIMIT_BYTES = 128 * 1024;
 
-/** Room kept for what delivery may still add to a routed stanza (its XEP-0203 stamp, xmlns). */
-const DELIVERY_OVERHEAD_BYTES = 256;
+/**
+ * Room kept, when a stanza is accepted, for what its delivered copies may carry beyond one
+ * XEP-0203 stamp of this server's (counted apart, by the domain's length): XEP-0013's
+ * `<offline><item node/></offline>` on a viewed or fetched message (at most 138 bytes) and the
+ * client namespace.
+ */
+const DELIVERY_ADDITIONS_BYTES = 192;
 
 /**
  * XEP-0478 §3: "If, after serialization, a stanza exceeds the limits that have been advertised
@@ -43,9 +49,37 @@ export function congestedError(): StanzaError {
   return new StanzaError('wait', 'resource-constraint', 'The recipient is not keeping up; try again shortly');
 }
 
-/** Whether a stanza accepted now can still be delivered later, stamps and all. */
-export function fitsTransport(stanza: Element): boolean {
-  return Buffer.byteLength(serialize(stanza)) + DELIVERY_OVERHEAD_BYTES <= POST_LIMIT_BYTES;
+/**
+ * Whether a stanza accepted now can still be delivered later, stamps and all (the check when a
+ * client's stanza is accepted: what passes it is never refused for its size further on).
+ */
+export function fitsTransport(stanza: Element, domain: string): boolean {
+  return (
+    Buffer.byteLength(serialize(stanza)) + delayStampBytes(domain) + DELIVERY_ADDITIONS_BYTES <=
+    POST_LIMIT_BYTES
+  );
+}
+
+/**
+ * Whether a stanza being delivered now fits the transport as it is sent, or sent again after a
+ * resume with the XEP-0203 stamp the stream-management queue adds to one without this server's.
+ * No room is kept twice: a copy of a stored message, stamped and carrying its XEP-0013 node,
+ * is checked as it is, not against the margin it was accepted with.
+ */
+export function fitsDelivery(stanza: Element, domain: string): boolean {
+  const stamped = stanza.getChildren('delay', NS.delay).some((delay) => delay.attrs.from === domain);
+  return Buffer.byteLength(serialize(stanza)) + (stamped ? 0 : delayStampBytes(domain)) <= POST_LIMIT_BYTES;
+}
+
+let stampBytes: { domain: string; bytes: number } | undefined;
+
+/** The bytes of this server's `<delay/>` (core/stanzas.ts stampDelay), whose stamp has a fixed length. */
+export function delayStampBytes(domain: string): number {
+  if (stampBytes?.domain !== domain) {
+    const delay = new Element('delay', { xmlns: NS.delay, from: domain, stamp: new Date(0).toISOString() });
+    stampBytes = { domain, bytes: Buffer.byteLength(delay.toString()) };
+  }
+  return stampBytes.bytes;
 }
 
 /** Where a delivery goes: a bound resource, or a stream (its connection and SM session). */
@@ -67,7 +101,7 @@ export async function deliver(
 ): Promise<DeliveryResult> {
   const queue = server.host.stanzaQueue;
   if (target.smId && queue) {
-    if (!fitsTransport(stanza)) throw tooLargeError();
+    if (!fitsDelivery(stanza, server.config.domain)) throw tooLargeError();
     return queue.deliver(target.smId, stanza, options);
   }
   if ('user' in target && queue) return deliverDirect(server, target, stanza, options);
@@ -88,7 +122,9 @@ export async function deliverAll(
   const queue = server.host.stanzaQueue;
   if (!target.smId || !queue)
     return oneByOne(items, (stanza, options) => deliver(server, target, stanza, options));
-  const refused = items.map(({ stanza }) => (fitsTransport(stanza) ? undefined : tooLargeError()));
+  const refused = items.map(({ stanza }) =>
+    fitsDelivery(stanza, server.config.domain) ? undefined : tooLargeError(),
+  );
   const delivered = await queue.deliverMany(
     target.smId,
     items.filter((_, at) => refused[at] === undefined),

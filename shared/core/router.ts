@@ -9,7 +9,7 @@ import { Element } from 'ltx';
 import { StanzaError, StreamError } from '../errors.ts';
 import { bareJid, fullJid, type Jid, parseJid } from '../jid.ts';
 import { isHeld, type ResourceRecord } from '../store/sessions.ts';
-import { congestedError, deliver, fitsTransport, tooLargeError } from './delivery.ts';
+import { congestedError, deliver, fitsDelivery, fitsTransport, tooLargeError } from './delivery.ts';
 import { inFrame, storedOfflineBefore } from './frame.ts';
 import {
   type BoundStream,
@@ -34,7 +34,7 @@ import { isTransient, withTransientRetries } from './transient.ts';
 async function bounceToLocalSender(server: Server, stanza: Element, error: StanzaError): Promise<void> {
   let reply = errorReplyTo(stanza, error);
   // As replyWithError: one too large to post with the original payload goes without it.
-  if (reply && !fitsTransport(reply))
+  if (reply && !fitsDelivery(reply, server.config.domain))
     reply = errorReplyTo(new Element(stanza.name, { ...stanza.attrs }), error);
   if (!reply || !stanza.attrs.from) return;
   const sender = parseJid(stanza.attrs.from);
@@ -56,7 +56,7 @@ export async function replyWithError(
   let reply = errorReplyTo(stanza, error);
   // RFC 6120 §8.3.1 lets the error carry the original payload; one too large to post (a stanza
   // refused for its size, XEP-0478) goes without it, so that the error itself can be sent.
-  if (reply && !fitsTransport(reply))
+  if (reply && !fitsDelivery(reply, stream.server.config.domain))
     reply = errorReplyTo(new Element(stanza.name, { ...stanza.attrs }), error);
   if (reply) await stream.send(reply);
 }
@@ -87,7 +87,7 @@ export async function routeFromClient(stream: BoundStream, stanza: Element): Pro
       stanza.attrs.to = fullJid(to);
     }
     // XEP-0478: what could never be sent on is refused now, never stored or queued.
-    if (!fitsTransport(stanza)) throw tooLargeError();
+    if (!fitsTransport(stanza, server.config.domain)) throw tooLargeError();
     const event: StanzaEvent = {
       stream,
       stanza,

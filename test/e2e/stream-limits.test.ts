@@ -221,3 +221,81 @@ describe('an inbox that holds a message too large to deliver (stored before the 
     erin.terminate();
   });
 });
+
+describe('the largest message the server accepts', () => {
+  /** A chat message swollen to a chosen size: apostrophes grow six-fold serialised, the body pads. */
+  function sized(to: string, id: string, pad: number): string {
+    return `<message to='${to}' type='chat' id='${id}' x="${"'".repeat(21_700)}"><body>${'a'.repeat(pad)}</body></message>`;
+  }
+
+  /** Whether the server takes a message of this size from alice: no policy-violation before the pong. */
+  async function accepted(alice: RawClient, pad: number): Promise<boolean> {
+    const id = `probe${pad}`;
+    alice.send(sized('bob@localhost/probe', id, pad));
+    const before = await barrier(alice, `ping-${id}`);
+    return !before.some((el) => el.name === 'message' && el.attrs.id === id && el.attrs.type === 'error');
+  }
+
+  it('is delivered by every path that sends a stored message, never dropped as too large', async () => {
+    const alice = await online('alice', 'sizer');
+    const bob = await online('bob', 'probe');
+    // The largest size accepted, found by asking the server itself (binary search on the padding).
+    let low = 0;
+    let high = 1500;
+    expect(await accepted(alice, low)).toBe(true);
+    expect(await accepted(alice, high)).toBe(false);
+    while (high - low > 1) {
+      const middle = Math.floor((low + high) / 2);
+      if (await accepted(alice, middle)) low = middle;
+      else high = middle;
+    }
+    bob.terminate();
+    await stack.addUser('frank@localhost', 'frank-pw');
+    await stack.addUser('grace@localhost', 'grace-pw');
+    alice.send(sized('frank@localhost', 'largest-f', low));
+    alice.send(sized('grace@localhost', 'largest-g', low));
+    await eventually(async () => {
+      expect(await stack.server.offline.count('frank@localhost')).toBe(1);
+      expect(await stack.server.offline.count('grace@localhost')).toBe(1);
+    });
+
+    // XEP-0013 §2.5 with stream management: the fetched copy carries its node and a delay stamp
+    // (§2.3: "each message MUST contain the node value"), and is still delivered.
+    const frank = await connect();
+    await frank.login('frank', 'frank-pw', 'sm');
+    frank.send(`<enable xmlns='${SM3}'/>`);
+    await frank.until((el) => el.name === 'enabled');
+    frank.send(
+      `<iq type='get' id='fetch-largest'><offline xmlns='http://jabber.org/protocol/offline'><fetch/></offline></iq>`,
+    );
+    const seen: Element[] = [];
+    const reply = await frank.until((el) => {
+      seen.push(el);
+      return el.name === 'iq' && el.attrs.id === 'fetch-largest';
+    });
+    expect(reply.attrs.type).toBe('result');
+    const fetched = seen.find((el) => el.name === 'message' && el.attrs.id === 'largest-f');
+    expect(
+      fetched?.getChild('offline', 'http://jabber.org/protocol/offline')?.getChild('item')?.attrs.node,
+    ).toBeTypeOf('string');
+    expect(fetched?.getChildText('body')).toBe('a'.repeat(low));
+    // §2.4: "A server MUST NOT remove a message simply because it has been requested by and
+    // delivered to the user": still stored.
+    expect(await stack.server.offline.count('frank@localhost')).toBe(1);
+
+    // XEP-0160's flood to a stream-management session: delivered, and gone from storage once
+    // acknowledged.
+    const grace = await connect();
+    await grace.login('grace', 'grace-pw', 'sm');
+    grace.send(`<enable xmlns='${SM3}'/>`);
+    await grace.until((el) => el.name === 'enabled');
+    grace.send('<presence/>');
+    const flooded = await grace.until((el) => el.name === 'message' && el.attrs.id === 'largest-g');
+    expect(flooded.getChildText('body')).toBe('a'.repeat(low));
+    grace.send(`<a xmlns='${SM3}' h='2'/>`);
+    await eventually(async () => expect(await stack.server.offline.count('grace@localhost')).toBe(0));
+    alice.terminate();
+    frank.terminate();
+    grace.terminate();
+  });
+});
