@@ -274,10 +274,15 @@ async function fail(
     accountFailures >= config.authFailuresPerAccount ||
     addressFailures >= config.authFailuresPerAddress ||
     stream.state.authFailures >= config.authFailuresPerConnection;
-  // RFC 6120 §6.4.5: <temporary-auth-failure/> tells the client to back off before trying again.
-  const answer = overLimit
-    ? new SaslError('temporary-auth-failure', 'Try again later')
-    : new SaslError('not-authorized');
+  // RFC 6120 §6.5.10 <not-authorized/> ("the initiating entity did not provide proper
+  // credentials") even for the attempt that reaches a limit: the credentials were checked and
+  // wrong, and a client told <temporary-auth-failure/> (§6.5.12, "a temporary error condition
+  // within the receiving entity") would retry the same ones later. The attempts the limit then
+  // refuses unchecked are the temporary failures (`refuse`).
+  const answer = new SaslError(
+    'not-authorized',
+    overLimit ? 'Too many failed attempts; try again later' : undefined,
+  );
   // The same answer on a redelivery, and the failure is not counted twice.
   await stream.answerOnce(failureElement(answer));
   await report(stream, mechanism, answer.condition);
@@ -356,9 +361,12 @@ async function auth(stream: Stream, element: Element): Promise<void> {
   const payload = element.getText();
   if (mechanism === 'PLAIN') {
     if (payload.trim() === '') {
-      // RFC 6120 §6.4.2: no initial response means an empty challenge first.
+      // RFC 6120 §6.4.2: no initial response means an empty challenge first: an element without
+      // character data (§6.4.3: "MAY contain XML character data"; the '=' of "present but
+      // empty" is the initiating entity's convention for responses, which Strophe's atob cannot
+      // decode).
       stream.update({ sasl: { mechanism, state: {} } });
-      await stream.send(saslElement('challenge', '='));
+      await stream.send(saslElement('challenge'));
       return;
     }
     return startPlain(stream, payload);
@@ -370,7 +378,7 @@ async function auth(stream: Stream, element: Element): Promise<void> {
   const decoded = decodeSaslPayload(payload);
   if (decoded === '') {
     stream.update({ sasl: { mechanism, state: {} } });
-    await stream.send(saslElement('challenge', '='));
+    await stream.send(saslElement('challenge'));
     return;
   }
   return scramFirst(stream, mechanism, decoded);

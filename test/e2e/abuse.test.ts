@@ -164,11 +164,12 @@ describe('guessing from one address', () => {
         return client.next();
       }),
     );
-    // Checked: not-authorized, or temporary-auth-failure "Try again later" for the one reaching
-    // the limit; refused unchecked: temporary-auth-failure naming the address.
+    // Checked: not-authorized (the one reaching the limit too); refused unchecked:
+    // temporary-auth-failure naming the address.
     const unchecked = answers.filter((answer) => /your address/.test(answer.getChildText('text') ?? ''));
     expect(answers.every((answer) => answer.name === 'failure')).toBe(true);
     expect(answers.length - unchecked.length).toBe(10);
+    expect(answers.filter((answer) => condition(answer) === 'not-authorized')).toHaveLength(10);
     expect(await stack.server.users.addressFailures('127.0.0.14')).toBe(10);
   });
 
