@@ -413,7 +413,12 @@ async function contactKind(server: Server, contact: string): Promise<ContactKind
   return (await contactAccount(server, contact, false)).kind;
 }
 
-/** contactKind, and with `created` the account's creation time (a strongly consistent read). */
+/**
+ * contactKind, and with `created` the account's creation time. Read strongly consistent either
+ * way: a subscribe to an account created a moment ago must not be answered `unsubscribed` on its
+ * behalf (§3.1.3 allows that only for no account), nor one to an account deleted a moment ago
+ * leave a request in its roster.
+ */
 async function contactAccount(
   server: Server,
   contact: string,
@@ -423,8 +428,8 @@ async function contactAccount(
   const domain = contact.slice(at + 1);
   if (domain !== server.config.domain) return { kind: 'remote' };
   if (at < 0) return { kind: 'no-account' };
-  if (!created) return { kind: (await server.users.exists(contact)) ? 'account' : 'no-account' };
   const createdAt = await server.users.createdAtOf(contact);
+  if (!created) return { kind: createdAt === undefined ? 'no-account' : 'account' };
   return createdAt === undefined ? { kind: 'no-account' } : { kind: 'account', createdAt };
 }
 
@@ -469,9 +474,23 @@ const KEPT_REQUEST_BYTES = 2048;
 function requestToKeep(stanza: Element): string {
   const whole = stanza.toString();
   if (Buffer.byteLength(whole) <= KEPT_REQUEST_BYTES) return whole;
-  const bare = new Element('presence', { ...stanza.attrs });
-  return bare.toString();
+  // The bare form keeps only what a request is (an attribute of 30 KB would be kept whole else).
+  const kept: Record<string, string> = {};
+  for (const name of KEPT_REQUEST_ATTRIBUTES) {
+    const value = stanza.attrs[name];
+    if (typeof value === 'string') kept[name] = value;
+  }
+  const bare = new Element('presence', kept);
+  // An id or language of kilobytes goes too.
+  if (Buffer.byteLength(bare.toString()) > KEPT_REQUEST_BYTES) {
+    delete kept.id;
+    delete kept['xml:lang'];
+  }
+  return new Element('presence', kept).toString();
 }
+
+/** The attributes of a request's bare form: from and to are JIDs (at most 3 KB each, bare here). */
+const KEPT_REQUEST_ATTRIBUTES = ['xmlns', 'from', 'to', 'type', 'id', 'xml:lang'] as const;
 
 function subscriptionStanza(type: SubscriptionStanza, from: string, to: string): Element {
   return new Element('presence', { from, to, type });
@@ -840,15 +859,18 @@ async function contactsOnAvailability(
   const answers = probed.flatMap((contact) =>
     (online.get(contact) ?? []).map((resource) => presenceOfResource(resource, me, 'available')),
   );
-  await sendAll(stream, answers);
   // §3.1.3: "the contact's server MUST keep a record of the subscription request and deliver
   // the request when the contact next creates an available resource, until the contact either
-  // approves or denies the request" — one stored request per contact, never more.
-  for (const request of pendingRequestsToRedeliver(roster.pendingIn)) {
+  // approves or denies the request" — one stored request per contact, never more. They go first:
+  // a stream-management queue that the presence answers fill (many contacts online, a client
+  // slow to acknowledge) refuses what comes after them, and a request not delivered now waits
+  // for the next login, where presence is sent again anyway.
+  const requests = pendingRequestsToRedeliver(roster.pendingIn).map((request) => {
     const element = parse(request);
     element.attrs.to = user;
-    await stream.send(element);
-  }
+    return element;
+  });
+  await sendAll(stream, [...requests, ...answers]);
 }
 
 /**

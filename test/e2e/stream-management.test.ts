@@ -1590,6 +1590,57 @@ describe('a login with many contacts online (RFC 6121 §4.2.2 probes answered lo
     expect(windows.length).toBe(4);
   });
 
+  it('delivers a pending subscription request even when the presence answers fill the queue (RFC 6121 §3.1.3)', async () => {
+    // §3.1.3: "deliver the request when the contact next creates an available resource". A
+    // client slow to acknowledge gets a queue the answers of 120 online contacts fill: the
+    // request (small, one per contact) goes ahead of them, not behind where the queue refuses it.
+    const contacts = await fairies('titania');
+    const suitor = 'titania-suitor@localhost';
+    const pending = (contact: string, user: string) => ({
+      contact,
+      listed: false,
+      groups: [],
+      subscription: 'none' as const,
+      pendingOut: false,
+      approved: false,
+      ...(contact === suitor
+        ? { pendingIn: `<presence from='${suitor}' to='${user}' type='subscribe' id='woo'/>` }
+        : {}),
+    });
+    await stack.server.roster.apply('titania@localhost', suitor, { contactIsLocal: true }, () => ({
+      user: pending(suitor, 'titania@localhost'),
+      outcome: undefined,
+    }));
+    const queue = stack.server.smQueue;
+    let windows = 0;
+    const appendMany = queue.appendMany.bind(queue);
+    const append = queue.append.bind(queue);
+    // Full after the first window of answers, as a queue of a client that acknowledges nothing
+    // (a window that does not fit is 'unfit', then tried one by one).
+    const restoreMany = intercept(queue, 'appendMany', async (...args) => {
+      if (windows++ > 0) return { kind: 'unfit' as const };
+      return appendMany(...args);
+    });
+    const restoreOne = intercept(queue, 'append', async (...args) => {
+      if (windows > 0) return { kind: 'full' as const };
+      return append(...args);
+    });
+    try {
+      const client = await raw('titania', 'dream');
+      await enable(client);
+      client.send('<presence/>');
+      const request = await client.until(
+        (el) => el.name === 'presence' && el.attrs.type === 'subscribe' && el.attrs.from === suitor,
+      );
+      expect(request.attrs.id).toBe('woo');
+      expect(contacts).toHaveLength(120);
+    } finally {
+      restoreMany();
+      restoreOne();
+    }
+    expect(windows).toBeGreaterThan(1);
+  });
+
   it('sends the rest one by one when a window is refused because the session left the connection: none lost', async () => {
     const contacts = await fairies('puck');
     const queue = stack.server.smQueue;

@@ -213,6 +213,20 @@ describe('RFC 6121 §3.1 requesting and approving a subscription', () => {
     const kept = await uma.waitFor(presence('subscribe', 'tina@localhost'));
     expect(kept.attrs.id).toBe('big');
     expect(kept.getChild('status')).toBeUndefined();
+    // Bloated in an attribute rather than a child: the bare form keeps only what a request is.
+    tina.send(`<presence type='unsubscribe' to='uma@localhost'/>`);
+    await uma.waitFor(presence('unsubscribe', 'tina@localhost'));
+    tina.send(`<presence type='subscribe' to='uma@localhost' id='big2' x='${'y'.repeat(20_000)}'/>`);
+    const isBig2 = (el: Element) => presence('subscribe', 'tina@localhost')(el) && el.attrs.id === 'big2';
+    await uma.waitFor(isBig2);
+    const later = await online('uma', 'big2');
+    const again = await later.waitFor(isBig2);
+    expect(again.attrs.x).toBeUndefined();
+    const row = (await stack.server.roster.getRoster('uma@localhost')).pendingIn.find(
+      (entry) => entry.contact === 'tina@localhost',
+    )?.pendingIn;
+    expect(row).toMatch(/id=["']big2["']/);
+    expect(Buffer.byteLength(row ?? '')).toBeLessThan(2048);
     // Withdrawn (A.2.2 None + Pending Out → None), so later tests start from None.
     tina.send(`<presence type='unsubscribe' to='uma@localhost'/>`);
     await uma.waitFor(presence('unsubscribe', 'tina@localhost'));
