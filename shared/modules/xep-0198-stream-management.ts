@@ -2094,6 +2094,11 @@ export type ResumeVerdict =
   | { kind: 'refuse'; condition: string; h?: number }
   /** The window closed and the sweeper has not come by yet: expired all the same. */
   | { kind: 'expired'; h: number }
+  /**
+   * The client's count is behind what it acknowledged before: what it says it lacks was dropped
+   * at that ack, and its later counts would never reach the server's numbering again.
+   */
+  | { kind: 'behind'; h: number }
   | { kind: 'too-high'; h: number; sendCount: number }
   | { kind: 'resume'; acked: number };
 
@@ -2114,6 +2119,7 @@ export function judgeResume(
   if (!item.connectionId && item.sweepAt !== undefined && item.sweepAt <= context.now) {
     return { kind: 'expired', h: item.inbound ?? 0 };
   }
+  if (request.h >= 0 && isStaleCount(request.h, item.base)) return { kind: 'behind', h: item.inbound ?? 0 };
   const acked = request.h < 0 ? item.base : unwrap(request.h, item.base);
   if (acked > item.out) return { kind: 'too-high', h: request.h, sendCount: item.out };
   return { kind: 'resume', acked };
@@ -2149,6 +2155,15 @@ async function decideResume(
     case 'refuse':
       return { ok: false, reply: failed(version, verdict.condition, verdict.h) };
     case 'expired':
+      await endSession(server, sessionOfItem(item as SmQueueItem), 'expired');
+      return { ok: false, reply: failed(version, 'item-not-found', verdict.h) };
+    case 'behind':
+      // Not "too high" (sm:3 §7 keeps that for a count above what was sent), and no resume could
+      // ever succeed with it: the session ends now, as an expired one (what it held goes back to
+      // routing: offline storage, the senders), and the client binds anew.
+      server.log.info('resume with a count behind the acknowledged one: session ended', {
+        smId: (item as SmQueueItem).smId,
+      });
       await endSession(server, sessionOfItem(item as SmQueueItem), 'expired');
       return { ok: false, reply: failed(version, 'item-not-found', verdict.h) };
     case 'too-high':

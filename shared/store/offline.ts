@@ -194,34 +194,67 @@ export function createOfflineStore(
     }
   }
 
-  async function recount(user: string): Promise<number> {
+  /**
+   * Counts the inbox's live messages (TTL not passed) and stores the count with the earliest
+   * expiry among them (`expiresFrom`), unless the counter changed meanwhile (`seen`: a store or
+   * remove between the read and the write, whose ADD an unconditional SET would undo): then the
+   * count is still answered, and the next read recounts.
+   */
+  async function recount(user: string, seen?: number): Promise<number> {
     let total = 0;
+    let earliest: number | undefined;
     let start: Record<string, unknown> | undefined;
+    const before = seen ?? (await readCounter(user)).n;
     do {
       const page = await doc.send(
         new QueryCommand({
           TableName: table,
           KeyConditionExpression: 'pk = :pk AND begins_with(sk, :m)',
           FilterExpression: '#ttl > :now',
+          // The same read units as Select COUNT (billed on what is read): the TTL besides.
+          ProjectionExpression: '#ttl',
           ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
           ExpressionAttributeValues: { ':pk': user, ':m': 'm#', ':now': nowSeconds() },
-          Select: 'COUNT',
           ConsistentRead: true,
           ExclusiveStartKey: start,
         }),
       );
-      total += page.Count ?? 0;
+      for (const item of page.Items ?? []) {
+        const ttl = item[TTL_ATTRIBUTE] as number;
+        total += 1;
+        if (earliest === undefined || ttl < earliest) earliest = ttl;
+      }
       start = page.LastEvaluatedKey;
     } while (start);
-    await doc.send(
-      new UpdateCommand({
-        TableName: table,
-        Key: counterKey(user),
-        UpdateExpression: 'SET n = :n',
-        ExpressionAttributeValues: { ':n': total },
-      }),
-    );
+    try {
+      await doc.send(
+        new UpdateCommand({
+          TableName: table,
+          Key: counterKey(user),
+          UpdateExpression:
+            earliest === undefined ? 'SET n = :n REMOVE expiresFrom' : 'SET n = :n, expiresFrom = :earliest',
+          ConditionExpression: before === 0 ? 'attribute_not_exists(n) OR n = :seen' : 'n = :seen',
+          ExpressionAttributeValues: {
+            ':n': total,
+            ':seen': before,
+            ...(earliest === undefined ? {} : { ':earliest': earliest }),
+          },
+        }),
+      );
+    } catch (error) {
+      if (!isConditionFailure(error)) throw error;
+    }
     return total;
+  }
+
+  async function readCounter(user: string): Promise<{ n: number; expiresFrom?: number }> {
+    const { Item } = await doc.send(
+      new GetCommand({ TableName: table, Key: counterKey(user), ConsistentRead: true }),
+    );
+    return {
+      n: (Item?.n as number | undefined) ?? 0,
+      ...(typeof Item?.expiresFrom === 'number' ? { expiresFrom: Item.expiresFrom } : {}),
+    };
   }
 
   async function tryStore(
@@ -231,6 +264,7 @@ export function createOfflineStore(
     guard: TransactItem | undefined,
     record: TransactItem | undefined,
   ): Promise<void> {
+    const expiresAt = Math.floor(item.storedAt / 1000) + limits.ttlSeconds;
     await doc.send(
       new TransactWriteCommand({
         TransactItems: [
@@ -238,9 +272,11 @@ export function createOfflineStore(
             Update: {
               TableName: table,
               Key: counterKey(user),
-              UpdateExpression: 'ADD n :one',
+              // The earliest expiry the counter counts (a re-routed message, stamped earlier than
+              // the first one stored, may expire before it: by the minutes a re-route takes).
+              UpdateExpression: 'ADD n :one SET expiresFrom = if_not_exists(expiresFrom, :ttl)',
               ConditionExpression: 'attribute_not_exists(n) OR n < :quota',
-              ExpressionAttributeValues: { ':one': 1, ':quota': quota },
+              ExpressionAttributeValues: { ':one': 1, ':quota': quota, ':ttl': expiresAt },
             },
           },
           {
@@ -251,7 +287,7 @@ export function createOfflineStore(
                 from: item.from,
                 storedAt: item.storedAt,
                 stanza: item.stanza,
-                [TTL_ATTRIBUTE]: Math.floor(item.storedAt / 1000) + limits.ttlSeconds,
+                [TTL_ATTRIBUTE]: expiresAt,
               },
               ConditionExpression: 'attribute_not_exists(sk)',
             },
@@ -391,10 +427,12 @@ export function createOfflineStore(
     },
 
     async count(user) {
-      const { Item } = await doc.send(
-        new GetCommand({ TableName: table, Key: counterKey(user), ConsistentRead: true }),
-      );
-      return Math.max(0, (Item?.n as number | undefined) ?? 0);
+      const { n, expiresFrom } = await readCounter(user);
+      // DynamoDB's TTL deletes expired messages without telling the counter (and a reader skips
+      // them before): once the earliest one it counts has expired, it is counted again, exactly.
+      // Counters from before `expiresFrom` are counted once.
+      if (n > 0 && (expiresFrom === undefined || expiresFrom <= nowSeconds())) return recount(user, n);
+      return Math.max(0, n);
     },
 
     async remove(user, asked) {
@@ -413,11 +451,15 @@ export function createOfflineStore(
           // DynamoDB Local hands an unconditional delete's ALL_OLD to several concurrent callers.
           // A delete of a missing item costs the same write unit either way.
           try {
+            // An expired one is left to DynamoDB's TTL and not counted: a recount may already
+            // have left it out (`count`), and the reader sees it as gone either way.
             await doc.send(
               new DeleteCommand({
                 TableName: table,
                 Key: messageKey(user, id),
-                ConditionExpression: 'attribute_exists(sk)',
+                ConditionExpression: 'attribute_exists(sk) AND #ttl > :now',
+                ExpressionAttributeNames: { '#ttl': TTL_ATTRIBUTE },
+                ExpressionAttributeValues: { ':now': nowSeconds() },
               }),
             );
             gone.add(id);

@@ -3,7 +3,7 @@
  * order, paging, the counter kept by ADD and corrected at the quota, removal that counts only
  * what it removed, purge, and expiry checked by the reader before DynamoDB's TTL deletes.
  */
-import { GetCommand, PutCommand, UpdateCommand } from '@aws-sdk/lib-dynamodb';
+import { DeleteCommand, GetCommand, PutCommand, UpdateCommand } from '@aws-sdk/lib-dynamodb';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { seedOffline } from '../../infra/local/offline-seed.ts';
 import { createDocumentClient, isTransientStoreError } from '../../shared/store/dynamo.ts';
@@ -17,6 +17,7 @@ import {
 } from '../../shared/store/offline.ts';
 import { TTL_ATTRIBUTE } from '../../shared/tables.ts';
 import { createTestTables, TEST_REGION, useDynamoDbLocal } from '../support/dynamodb.ts';
+import { intercept } from '../support/intercept.ts';
 
 const TTL_SECONDS = 7 * 86400;
 const QUOTA = 5;
@@ -405,6 +406,90 @@ describe('remove and purge', () => {
     expect(await offline.count(user)).toBe(0);
     expect((await offline.list(user)).messages).toEqual([]);
     expect(await offline.purge(user)).toBe(0);
+  });
+});
+
+describe('the count after expiry (XEP-0013 §2.2: "the number of messages")', () => {
+  // DynamoDB's TTL deletes an expired message in the background and tells nobody: a counter
+  // kept by ADD alone went on counting it for good, and number_of_messages with it.
+  it('leaves out messages that expired, whether DynamoDB deleted them yet or not', async () => {
+    const user = freshUser('expiring');
+    const longAgo = Date.now() - TTL_SECONDS * 1000 - 5000;
+    for (let n = 1; n <= 3; n++) await offline.store(user, message(n, longAgo), { ignoreQuota: true });
+    // Still in the table (DynamoDB Local never deletes them), past their time.
+    expect((await offline.list(user)).messages).toEqual([]);
+    expect(await offline.count(user)).toBe(0);
+    const fresh = await offline.store(user, message(4));
+    expect(await offline.count(user)).toBe(1);
+    expect(ids((await offline.list(user)).messages)).toEqual([fresh.id]);
+  });
+
+  it('recounts once the earliest message it counts has expired and been deleted by the TTL', async () => {
+    const user = freshUser('ttl-deleted');
+    const [first] = await storeMany(user, 2);
+    expect((await rawItem(user, 'count'))?.expiresFrom).toBe(
+      Math.floor((first as OfflineMessage).storedAt / 1000) + TTL_SECONDS,
+    );
+    // Its time passes and DynamoDB's TTL deletes it (the counter is not told).
+    await doc.send(
+      new DeleteCommand({ TableName: table, Key: { pk: user, sk: `m#${(first as OfflineMessage).id}` } }),
+    );
+    await doc.send(
+      new UpdateCommand({
+        TableName: table,
+        Key: { pk: user, sk: 'count' },
+        UpdateExpression: 'SET expiresFrom = :past',
+        ExpressionAttributeValues: { ':past': Math.floor(Date.now() / 1000) - 1 },
+      }),
+    );
+    expect(await offline.count(user)).toBe(1);
+    // Counted again: the counter holds the truth and the next expiry to watch.
+    const counter = await rawItem(user, 'count');
+    expect(counter?.n).toBe(1);
+    expect(counter?.expiresFrom as number).toBeGreaterThan(Date.now() / 1000);
+  });
+
+  it('does not count the removal of an expired message (a recount may have left it out already)', async () => {
+    const user = freshUser('remove-expired');
+    const [live] = ids(await storeMany(user, 1)) as [string];
+    const expiredId = `${(Date.now() + 1).toString().padStart(15, '0')}-0000-0000abce`;
+    await writeExpired(user, expiredId);
+    expect(await offline.remove(user, [expiredId])).toEqual([]);
+    expect(await offline.count(user)).toBe(1);
+    expect(await offline.remove(user, [live])).toEqual([live]);
+    expect(await offline.count(user)).toBe(0);
+  });
+
+  it('a recount does not undo a store that lands between its read and its write', async () => {
+    const user = freshUser('recount-race');
+    await storeMany(user, 2);
+    await doc.send(
+      new UpdateCommand({
+        TableName: table,
+        Key: { pk: user, sk: 'count' },
+        UpdateExpression: 'SET n = :wrong, expiresFrom = :past',
+        ExpressionAttributeValues: { ':wrong': 5, ':past': 0 },
+      }),
+    );
+    // The store lands while the recount queries: its ADD is kept, the recount's SET is dropped.
+    const query = doc.send.bind(doc);
+    let stored = false;
+    const restore = intercept(doc, 'send', (async (command: {
+      input?: { Select?: string; ProjectionExpression?: string };
+    }) => {
+      if (!stored && command.input?.ProjectionExpression === '#ttl') {
+        stored = true;
+        await offline.store(user, message(3), { ignoreQuota: true });
+      }
+      return query(command as never);
+    }) as typeof doc.send);
+    try {
+      await offline.count(user);
+    } finally {
+      restore();
+    }
+    expect(stored).toBe(true);
+    expect((await rawItem(user, 'count'))?.n).toBe(6);
   });
 });
 

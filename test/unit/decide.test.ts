@@ -94,6 +94,25 @@ describe('XEP-0198 resume decision', () => {
       sendCount: 10,
     });
   });
+
+  it('ends a session resumed with an h behind what the client acknowledged before, never "too high"', () => {
+    // sm:3 §7 keeps <handled-count-too-high/> for "an 'h' value that is too high"; a count below
+    // the last acknowledged one (base 4) could never meet the server's numbering again.
+    expect(judgeResume({ previd: 'abc', h: 3 }, item({ inbound: 6 }), context)).toEqual({
+      kind: 'behind',
+      h: 6,
+    });
+    expect(judgeResume({ previd: 'abc', h: 4 }, item(), context)).toEqual({ kind: 'resume', acked: 4 });
+    // Across the wrap: base 2^32 - 2 (mod 2^32), h 1 is three ahead; 2^32 - 3 is one behind.
+    const wrapped = item({ base: 2 ** 32 - 2, out: 2 ** 32 + 5 });
+    expect(judgeResume({ previd: 'abc', h: 1 }, wrapped, context)).toEqual({
+      kind: 'resume',
+      acked: 2 ** 32 + 1,
+    });
+    expect(judgeResume({ previd: 'abc', h: 2 ** 32 - 3 }, wrapped, context)).toMatchObject({
+      kind: 'behind',
+    });
+  });
 });
 
 describe('XEP-0013 command decoding', () => {
