@@ -16,10 +16,11 @@
  */
 import { randomBytes } from 'node:crypto';
 import { clone, Element, parse } from 'ltx';
-import { deliverToMany, eachLimited, FAN_OUT_CONCURRENCY } from '../core/delivery.ts';
+import { deliver, deliverToMany, eachLimited, FAN_OUT_CONCURRENCY } from '../core/delivery.ts';
 import {
   type BoundStream,
   DEFERRED_RESULT,
+  type DeliveryResult,
   HANDLED,
   type HookResult,
   type IqRequest,
@@ -337,16 +338,35 @@ async function pushRosterItem(
   if (!side.itemChanged && !(options.always && side.after)) return;
   const resources = options.resources ?? (await server.sessions.listResources(user));
   const interested = resources.filter((r) => r.rosterInterested);
-  await deliverToMany(server, interested, (resource) =>
-    encodeRosterPush({
+  await eachLimited(interested, FAN_OUT_CONCURRENCY, async (resource) => {
+    const push = encodeRosterPush({
       user,
       to: `${user}/${resource.resource}`,
       id: `push-${randomBytes(6).toString('hex')}`,
       contact,
       entry: side.after,
-      ver: side.version,
-    }),
-  );
+      // §2.6.3's empty answer to a current `ver` relies on every push having reached the client:
+      // one that was refused makes the versions of the later ones a lie (rosterStale).
+      ver: resource.rosterStale ?? side.version,
+    });
+    let result: DeliveryResult;
+    try {
+      result = await deliver(server, resource, push);
+    } catch (error) {
+      if (error instanceof StanzaError) return;
+      throw error;
+    }
+    // Refused by a congested stream-management queue (a client slow to acknowledge): the push
+    // is not kept, so the client's cache goes without it; its later pushes carry a version no
+    // roster has, and its next versioned roster get answers with the whole roster.
+    if (result === 'full' && resource.rosterStale === undefined)
+      await server.sessions.markRosterStale(
+        user,
+        resource.resource,
+        resource.connectionId,
+        `${side.version}-incomplete`,
+      );
+  });
 }
 
 /**

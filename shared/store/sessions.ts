@@ -409,6 +409,13 @@ export interface ResourceRecord {
   unavailableFrame?: string;
   /** RFC 6121 §2.1.6: the session requested the roster, so it gets roster pushes. */
   rosterInterested?: boolean;
+  /**
+   * A roster push to this session was refused (its stream-management queue congested): the
+   * `ver` its later pushes carry instead of the roster's (RFC 6121 §2.6: opaque), one no roster
+   * ever has, so that the client's cache, missing that push, is not taken as current at its next
+   * versioned roster get (which then answers with the whole roster).
+   */
+  rosterStale?: string;
   archive?: ArchiveStreamState;
   /**
    * A hold on the session's messages while it is brought up to date (XEP-0160's flood): set,
@@ -659,6 +666,8 @@ export interface SessionStore {
   markFloodSkipped(user: string, resource: string, connectionId: string): Promise<void>;
   /** RFC 6121 §2.1.6: the resource requested the roster and gets pushes from now on. */
   markRosterInterested(user: string, resource: string, connectionId: string): Promise<void>;
+  /** A roster push to the resource was refused (ResourceRecord.rosterStale); the first mark stays. */
+  markRosterStale(user: string, resource: string, connectionId: string, ver: string): Promise<void>;
   /**
    * The available resources of many users (a roster's contacts): BatchGetItem on their `avail`
    * items, then on the resource rows those name, strongly consistent, 100 keys a request with
@@ -774,6 +783,7 @@ function toResource(item: Record<string, unknown>, readAt?: number): ResourceRec
     ...(typeof item.availableFrame === 'string' ? { availableFrame: item.availableFrame } : {}),
     ...(typeof item.unavailableFrame === 'string' ? { unavailableFrame: item.unavailableFrame } : {}),
     rosterInterested: item.rosterInterested as boolean | undefined,
+    ...(typeof item.rosterStale === 'string' ? { rosterStale: item.rosterStale } : {}),
     archive: item.archive as ArchiveStreamState | undefined,
     held: item.held as number | undefined,
     heldUntil: item.heldUntil as number | undefined,
@@ -1378,6 +1388,22 @@ export function createSessionStore(
             UpdateExpression: 'SET rosterInterested = :yes',
             ConditionExpression: 'connectionId = :connectionId',
             ExpressionAttributeValues: { ':yes': true, ':connectionId': connectionId },
+          }),
+        );
+      } catch (error) {
+        if (!isConditionFailure(error)) throw error;
+      }
+    },
+
+    async markRosterStale(user, resource, connectionId, ver) {
+      try {
+        await doc.send(
+          new UpdateCommand({
+            TableName: table,
+            Key: resourceKey(user, resource),
+            UpdateExpression: 'SET rosterStale = if_not_exists(rosterStale, :ver)',
+            ConditionExpression: 'connectionId = :connectionId',
+            ExpressionAttributeValues: { ':ver': ver, ':connectionId': connectionId },
           }),
         );
       } catch (error) {

@@ -1516,6 +1516,75 @@ describe('large stanzas, each queued in an item of its own (SM_OWN_ITEM_BYTES)',
   });
 });
 
+describe('roster versioning when a push is refused by a congested queue (RFC 6121 §2.6)', () => {
+  it('gives the session later pushes a version no roster has, so its next versioned get is the whole roster', async () => {
+    const ROSTER = 'jabber:iq:roster';
+    await stack.addUser('rosaline@localhost', 'rosaline-pw');
+    const phone = await raw('rosaline', 'phone');
+    await enable(phone);
+    phone.send(`<iq type='get' id='r0'><query xmlns='${ROSTER}' ver=''/></iq>`);
+    const ver0 = (await phone.until((el) => el.attrs.id === 'r0')).getChild('query')?.attrs.ver as string;
+    // Acknowledged (the result): a client that keeps up, whose queue is only congested for now.
+    phone.send(`<a xmlns='${SM3}' h='1'/>`);
+    await routed(phone, 'r0-acked');
+    const desk = await raw('rosaline', 'desk');
+    desk.send(`<iq type='get' id='d0'><query xmlns='${ROSTER}'/></iq>`);
+    await desk.until((el) => el.attrs.id === 'd0');
+
+    // The push of the first change finds the phone's queue congested: refused ('full').
+    const smId = (await stack.server.sessions.getResource('rosaline@localhost', 'phone'))?.smId as string;
+    const queue = stack.server.smQueue;
+    const append = queue.append.bind(queue);
+    let refused = 0;
+    const restore = intercept(queue, 'append', async (...args) => {
+      if (args[0] === smId && refused === 0) {
+        refused += 1;
+        return {
+          kind: 'full' as const,
+          item: (await queue.get(smId)) as NonNullable<Awaited<ReturnType<typeof queue.get>>>,
+        };
+      }
+      return append(...args);
+    });
+    try {
+      desk.send(`<iq type='set' id='s1'><query xmlns='${ROSTER}'><item jid='lost@localhost'/></query></iq>`);
+      await desk.until((el) => el.attrs.id === 's1');
+    } finally {
+      restore();
+    }
+    expect(refused).toBe(1);
+    // The next change reaches the phone, but its version is not the roster's.
+    desk.send(`<iq type='set' id='s2'><query xmlns='${ROSTER}'><item jid='kept@localhost'/></query></iq>`);
+    const push = await phone.until(
+      (el) =>
+        el.name === 'iq' &&
+        el.attrs.type === 'set' &&
+        el.getChild('query')?.getChild('item')?.attrs.jid === 'kept@localhost',
+    );
+    const pushedVer = push.getChild('query')?.attrs.ver as string;
+    expect(pushedVer).not.toBe(ver0);
+    const current = await stack.server.roster.getVersion('rosaline@localhost');
+    expect(pushedVer).not.toBe(current);
+
+    // The phone comes back with the version it cached: §2.6.3's empty result would leave it
+    // without 'lost@localhost' for good; it gets the whole roster and the current version.
+    const again = await raw('rosaline', 'phone-again');
+    again.send(`<iq type='get' id='r1'><query xmlns='${ROSTER}' ver='${pushedVer}'/></iq>`);
+    const result = await again.until((el) => el.attrs.id === 'r1');
+    const query = result.getChild('query');
+    expect(query?.attrs.ver).toBe(current);
+    expect(
+      query
+        ?.getChildren('item')
+        .map((item) => item.attrs.jid)
+        .sort(),
+    ).toEqual(['kept@localhost', 'lost@localhost']);
+    // A session whose pushes all arrived still gets §2.6.3's empty result for the current version.
+    desk.send(`<iq type='get' id='d1'><query xmlns='${ROSTER}' ver='${current}'/></iq>`);
+    expect((await desk.until((el) => el.attrs.id === 'd1')).children).toHaveLength(0);
+  });
+});
+
 describe('a login with many contacts online (RFC 6121 §4.2.2 probes answered locally)', () => {
   /**
    * `name` and 120 contacts it is subscribed to (their side 'from': nothing is broadcast to them),
