@@ -45,7 +45,7 @@ export interface Config {
   maxResourcesPerAccount: number;
   /** Seconds an offline message is kept. */
   offlineTtlSeconds: number;
-  /** Failed SASL attempts allowed per connection before temporary-auth-failure and close. */
+  /** Failed SASL attempts allowed per connection: the one reaching it is answered, then the stream ends (policy-violation). */
   authFailuresPerConnection: number;
   /**
    * Seconds from the WebSocket's connection within which its stream must authenticate; a frame of

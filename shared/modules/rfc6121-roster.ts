@@ -359,11 +359,11 @@ async function pushRosterItem(
     // Refused by a congested stream-management queue (a client slow to acknowledge): the push
     // is not kept, so the client's cache goes without it; its later pushes carry a version no
     // roster has, and its next versioned roster get answers with the whole roster.
-    if (result === 'full' && resource.rosterStale === undefined)
+    if (result === 'full' && resource.smId && resource.rosterStale === undefined)
       await server.sessions.markRosterStale(
         user,
         resource.resource,
-        resource.connectionId,
+        resource.smId,
         `${side.version}-incomplete`,
       );
   });

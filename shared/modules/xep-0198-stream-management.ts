@@ -2365,6 +2365,8 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
       flexibleOffline: record?.flexibleOffline,
       ...(record?.floodSkipped ? { floodSkipped: true } : {}),
       rosterInterested: record?.rosterInterested,
+      // The client's roster cache misses a refused push whatever connection it comes back on.
+      ...(record?.rosterStale ? { rosterStale: record.rosterStale } : {}),
       // A flood's hold stays on: the flood carries on after the replay (session-resumed).
       held: record?.held,
       heldUntil: record?.heldUntil,

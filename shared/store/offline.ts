@@ -155,8 +155,13 @@ async function unprocessedBackoff(attempt: number): Promise<void> {
   await new Promise((resolve) => setTimeout(resolve, 25 * 2 ** attempt));
 }
 
-/** The counter is recounted from the items at most this often per inbox. */
+/** At the quota, the counter is recounted from the items at most this often per inbox. */
 export const RECOUNT_INTERVAL_MS = 3_600_000;
+/**
+ * For a XEP-0013 count, at most this often per inbox (a recount reads the whole inbox: a client
+ * asking in a loop, its inbox filled with large messages, would have it read each time).
+ */
+export const COUNT_RECOUNT_INTERVAL_MS = 60_000;
 
 function nowSeconds(): number {
   return Math.floor(Date.now() / 1000);
@@ -174,17 +179,21 @@ export function createOfflineStore(
    * Claims the right to recount an inbox: at most one recount per RECOUNT_INTERVAL_MS per user,
    * so a sender hammering a full inbox costs one GetItem-sized write per refusal, not a read of
    * the whole inbox each time. False when another recount happened (or is happening) recently.
+   * The XEP-0013 count claims its own (`countedAt`, COUNT_RECOUNT_INTERVAL_MS), so that a count
+   * does not hold the quota's recount off for an hour.
    */
-  async function claimRecount(user: string): Promise<boolean> {
+  async function claimRecount(user: string, forCount = false): Promise<boolean> {
     const now = Date.now();
+    const attribute = forCount ? 'countedAt' : 'recountedAt';
+    const intervalMs = forCount ? COUNT_RECOUNT_INTERVAL_MS : RECOUNT_INTERVAL_MS;
     try {
       await doc.send(
         new UpdateCommand({
           TableName: table,
           Key: counterKey(user),
-          UpdateExpression: 'SET recountedAt = :now',
-          ConditionExpression: 'attribute_not_exists(recountedAt) OR recountedAt < :since',
-          ExpressionAttributeValues: { ':now': now, ':since': now - RECOUNT_INTERVAL_MS },
+          UpdateExpression: `SET ${attribute} = :now`,
+          ConditionExpression: `attribute_not_exists(${attribute}) OR ${attribute} < :since`,
+          ExpressionAttributeValues: { ':now': now, ':since': now - intervalMs },
         }),
       );
       return true;
@@ -196,11 +205,11 @@ export function createOfflineStore(
 
   /**
    * Counts the inbox's live messages (TTL not passed) and stores the count with the earliest
-   * expiry among them (`expiresFrom`), unless the counter changed meanwhile (`seen`: a store or
-   * remove between the read and the write, whose ADD an unconditional SET would undo): then the
-   * count is still answered, and the next read recounts.
+   * expiry among them (`expiresFrom`), clearing `dirty`, unless the counter changed meanwhile
+   * (`seen`: a store or a removal's subtraction between the read and the write, whose ADD an
+   * unconditional SET would undo): then the count is still answered (`written` false).
    */
-  async function recount(user: string, seen?: number): Promise<number> {
+  async function recount(user: string, seen?: number): Promise<{ total: number; written: boolean }> {
     let total = 0;
     let earliest: number | undefined;
     let start: Record<string, unknown> | undefined;
@@ -232,7 +241,9 @@ export function createOfflineStore(
           TableName: table,
           Key: counterKey(user),
           UpdateExpression:
-            earliest === undefined ? 'SET n = :n REMOVE expiresFrom' : 'SET n = :n, expiresFrom = :earliest',
+            earliest === undefined
+              ? 'SET n = :n REMOVE expiresFrom, dirty'
+              : 'SET n = :n, expiresFrom = :earliest REMOVE dirty',
           ConditionExpression: before === 0 ? 'attribute_not_exists(n) OR n = :seen' : 'n = :seen',
           ExpressionAttributeValues: {
             ':n': total,
@@ -243,17 +254,19 @@ export function createOfflineStore(
       );
     } catch (error) {
       if (!isConditionFailure(error)) throw error;
+      return { total, written: false };
     }
-    return total;
+    return { total, written: true };
   }
 
-  async function readCounter(user: string): Promise<{ n: number; expiresFrom?: number }> {
+  async function readCounter(user: string): Promise<{ n: number; expiresFrom?: number; dirty?: boolean }> {
     const { Item } = await doc.send(
       new GetCommand({ TableName: table, Key: counterKey(user), ConsistentRead: true }),
     );
     return {
       n: (Item?.n as number | undefined) ?? 0,
       ...(typeof Item?.expiresFrom === 'number' ? { expiresFrom: Item.expiresFrom } : {}),
+      ...(Item?.dirty === true ? { dirty: true } : {}),
     };
   }
 
@@ -343,10 +356,26 @@ export function createOfflineStore(
         // The counter only grows on store and shrinks on delete; messages that DynamoDB's TTL
         // removed are still in it. At the quota, count for real before refusing — at most once
         // an hour per inbox (messages live for days, so the drift is small between recounts).
-        if (!(await claimRecount(user)) || (await recount(user)) >= limits.quota) {
-          throw new OfflineQuotaExceededError(user);
+        if (!(await claimRecount(user))) throw new OfflineQuotaExceededError(user);
+        // A recount whose write was refused (the inbox changed while it counted) is tried again:
+        // the retried store's condition reads the counter, not the count.
+        for (let tries = 1; ; tries++) {
+          const { total, written } = await recount(user);
+          if (total >= limits.quota) throw new OfflineQuotaExceededError(user);
+          if (written) break;
+          if (tries === 3) throw new OfflineQuotaExceededError(user);
         }
-        await attempt();
+        try {
+          await attempt();
+        } catch (error) {
+          // Filled again meanwhile (or the counter moved): the quota's answer, not an error.
+          if (
+            error instanceof TransactionCanceledException &&
+            error.CancellationReasons?.[0]?.Code === 'ConditionalCheckFailed'
+          )
+            throw new OfflineQuotaExceededError(user);
+          throw error;
+        }
       }
       return item;
     },
@@ -427,11 +456,13 @@ export function createOfflineStore(
     },
 
     async count(user) {
-      const { n, expiresFrom } = await readCounter(user);
+      const { n, expiresFrom, dirty } = await readCounter(user);
       // DynamoDB's TTL deletes expired messages without telling the counter (and a reader skips
       // them before): once the earliest one it counts has expired, it is counted again, exactly.
-      // Counters from before `expiresFrom` are counted once.
-      if (n > 0 && (expiresFrom === undefined || expiresFrom <= nowSeconds())) return recount(user, n);
+      // So is it after a removal (`dirty`: a recount between a removal's deletes and its
+      // subtraction counts them out twice). Counters from before `expiresFrom` are counted once.
+      const due = dirty || (n > 0 && (expiresFrom === undefined || expiresFrom <= nowSeconds()));
+      if (due && (await claimRecount(user, true))) return (await recount(user, n)).total;
       return Math.max(0, n);
     },
 
@@ -475,8 +506,9 @@ export function createOfflineStore(
           new UpdateCommand({
             TableName: table,
             Key: counterKey(user),
-            UpdateExpression: 'ADD n :minus',
-            ExpressionAttributeValues: { ':minus': -removed.length },
+            // `dirty`: the next count recounts (see `count`).
+            UpdateExpression: 'ADD n :minus SET dirty = :yes',
+            ExpressionAttributeValues: { ':minus': -removed.length, ':yes': true },
           }),
         );
       }

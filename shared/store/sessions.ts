@@ -666,8 +666,12 @@ export interface SessionStore {
   markFloodSkipped(user: string, resource: string, connectionId: string): Promise<void>;
   /** RFC 6121 §2.1.6: the resource requested the roster and gets pushes from now on. */
   markRosterInterested(user: string, resource: string, connectionId: string): Promise<void>;
-  /** A roster push to the resource was refused (ResourceRecord.rosterStale); the first mark stays. */
-  markRosterStale(user: string, resource: string, connectionId: string, ver: string): Promise<void>;
+  /**
+   * A roster push to the resource's stream-management session `smId` was refused
+   * (ResourceRecord.rosterStale); the first mark stays. Keyed by the session, not the connection:
+   * a resume moves the row to another connection and keeps the mark (`rebindResumed`).
+   */
+  markRosterStale(user: string, resource: string, smId: string, ver: string): Promise<void>;
   /**
    * The available resources of many users (a roster's contacts): BatchGetItem on their `avail`
    * items, then on the resource rows those name, strongly consistent, 100 keys a request with
@@ -1395,15 +1399,15 @@ export function createSessionStore(
       }
     },
 
-    async markRosterStale(user, resource, connectionId, ver) {
+    async markRosterStale(user, resource, smId, ver) {
       try {
         await doc.send(
           new UpdateCommand({
             TableName: table,
             Key: resourceKey(user, resource),
             UpdateExpression: 'SET rosterStale = if_not_exists(rosterStale, :ver)',
-            ConditionExpression: 'connectionId = :connectionId',
-            ExpressionAttributeValues: { ':ver': ver, ':connectionId': connectionId },
+            ConditionExpression: 'smId = :smId',
+            ExpressionAttributeValues: { ':ver': ver, ':smId': smId },
           }),
         );
       } catch (error) {

@@ -1360,14 +1360,14 @@ describe('resumption (sm:3)', () => {
   });
 
   it('ends a session resumed with an h behind its last ack: item-not-found, and what it held goes offline', async () => {
-    await stack.addUser('balthasar@localhost', 'balthasar-pw');
-    const first = await raw('balthasar', 'behind');
+    await stack.addUser('behindhand@localhost', 'behindhand-pw');
+    const first = await raw('behindhand', 'behind');
     const enabled = await enable(first);
     first.send('<presence/>');
-    const sender = await raw('romeo', 'to-balthasar');
+    const sender = await raw('romeo', 'to-behindhand');
     for (const n of [1, 2, 3])
       sender.send(
-        `<message to='balthasar@localhost/behind' type='chat' id='bh${n}'><body>behind ${n}</body></message>`,
+        `<message to='behindhand@localhost/behind' type='chat' id='bh${n}'><body>behind ${n}</body></message>`,
       );
     await first.until((el) => el.getChildText('body') === 'behind 3');
     // Acknowledged: its own presence and the first two messages. The third stays unacknowledged.
@@ -1376,14 +1376,14 @@ describe('resumption (sm:3)', () => {
     await first.until((el) => el.name === 'iq' && el.attrs.id === 'settled');
     first.terminate();
     await detached(enabled.attrs.id as string);
-    const { client } = await authenticated('balthasar');
+    const { client } = await authenticated('behindhand');
     client.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='1'/>`);
     const answer = await client.next();
     // sm:3 §7 keeps handled-count-too-high for a count above what was sent: this one is below.
     expect(answer.is('failed', SM3)).toBe(true);
     expect(failedCondition(answer)).toBe('item-not-found');
     // The unacknowledged third message was not lost with the session: stored for the account.
-    await eventually(async () => expect(await stack.server.offline.count('balthasar@localhost')).toBe(1));
+    await eventually(async () => expect(await stack.server.offline.count('behindhand@localhost')).toBe(1));
     client.send(`<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>`);
     expect((await client.next()).attrs.type).toBe('result');
     sender.terminate();
@@ -1520,8 +1520,9 @@ describe('roster versioning when a push is refused by a congested queue (RFC 612
   it('gives the session later pushes a version no roster has, so its next versioned get is the whole roster', async () => {
     const ROSTER = 'jabber:iq:roster';
     await stack.addUser('rosaline@localhost', 'rosaline-pw');
-    const phone = await raw('rosaline', 'phone');
-    await enable(phone);
+    const first = await raw('rosaline', 'phone');
+    const enabled = await enable(first);
+    let phone = first;
     phone.send(`<iq type='get' id='r0'><query xmlns='${ROSTER}' ver=''/></iq>`);
     const ver0 = (await phone.until((el) => el.attrs.id === 'r0')).getChild('query')?.attrs.ver as string;
     // Acknowledged (the result): a client that keeps up, whose queue is only congested for now.
@@ -1553,6 +1554,13 @@ describe('roster versioning when a push is refused by a congested queue (RFC 612
       restore();
     }
     expect(refused).toBe(1);
+    // The phone's socket dies and it resumes elsewhere (XEP-0198): the mark goes with the session.
+    first.terminate();
+    await detached(enabled.attrs.id as string);
+    const { client: resumed } = await authenticated('rosaline');
+    resumed.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='1'/>`);
+    expect((await resumed.next()).is('resumed', SM3)).toBe(true);
+    phone = resumed;
     // The next change reaches the phone, but its version is not the roster's.
     desk.send(`<iq type='set' id='s2'><query xmlns='${ROSTER}'><item jid='kept@localhost'/></query></iq>`);
     const push = await phone.until(
@@ -1814,11 +1822,11 @@ describe('expiry', () => {
     const client = await raw('benvolio', 'no-resume');
     await enable(client, SM3, false);
     client.send('<presence/>');
-    const sender = await raw('romeo', 'to-balthasar');
+    const sender = await raw('romeo', 'to-benvolio');
     sender.send(`<message to='benvolio@localhost/no-resume' type='chat'><body>unacked</body></message>`);
     await client.until((el) => el.getChildText('body') === 'unacked');
     client.terminate();
-    await eventually(async () => expect(await stack.server.offline.count('balthasar@localhost')).toBe(1));
+    await eventually(async () => expect(await stack.server.offline.count('benvolio@localhost')).toBe(1));
   });
 
   it('ends the SM session of a stream replaced by a new bind of its resource, re-routing what was unacknowledged', async () => {

@@ -8,6 +8,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { seedOffline } from '../../infra/local/offline-seed.ts';
 import { createDocumentClient, isTransientStoreError } from '../../shared/store/dynamo.ts';
 import {
+  COUNT_RECOUNT_INTERVAL_MS,
   createOfflineStore,
   HELD_QUOTA_FACTOR,
   type OfflineMessage,
@@ -458,6 +459,79 @@ describe('the count after expiry (XEP-0013 §2.2: "the number of messages")', ()
     expect(await offline.count(user)).toBe(1);
     expect(await offline.remove(user, [live])).toEqual([live]);
     expect(await offline.count(user)).toBe(0);
+  });
+
+  it("a recount between a removal's deletes and its subtraction is corrected by the next count", async () => {
+    const user = freshUser('remove-race');
+    const [a] = ids(await storeMany(user, 3)) as [string];
+    // An earlier removal left the counter due for a recount.
+    await doc.send(
+      new UpdateCommand({
+        TableName: table,
+        Key: { pk: user, sk: 'count' },
+        UpdateExpression: 'SET dirty = :yes',
+        ExpressionAttributeValues: { ':yes': true },
+      }),
+    );
+    // The count's recount lands after the delete, before the subtraction: it counts 2, and the
+    // subtraction then takes the counter to 1.
+    const send = doc.send.bind(doc);
+    let raced = false;
+    const restore = intercept(doc, 'send', (async (command: { input?: { UpdateExpression?: string } }) => {
+      if (!raced && command.input?.UpdateExpression?.startsWith('ADD n :minus')) {
+        raced = true;
+        expect(await offline.count(user)).toBe(2);
+      }
+      return send(command as never);
+    }) as typeof doc.send);
+    try {
+      expect(await offline.remove(user, [a])).toEqual([a]);
+    } finally {
+      restore();
+    }
+    expect(raced).toBe(true);
+    expect((await rawItem(user, 'count'))?.n).toBe(1);
+    // Within the minute, the count answers from the counter.
+    expect(await offline.count(user)).toBe(1);
+    // The subtraction marked the counter: the next count recounts (once a minute at most).
+    await doc.send(
+      new UpdateCommand({
+        TableName: table,
+        Key: { pk: user, sk: 'count' },
+        UpdateExpression: 'SET countedAt = :past',
+        ExpressionAttributeValues: { ':past': Date.now() - COUNT_RECOUNT_INTERVAL_MS - 1 },
+      }),
+    );
+    expect(await offline.count(user)).toBe(2);
+    expect((await rawItem(user, 'count'))?.dirty).toBeUndefined();
+  });
+
+  it('at the quota, a recount whose write a concurrent store refused is tried again, and the message stored', async () => {
+    const user = freshUser('quota-race');
+    for (let n = 1; n < QUOTA - 1; n++) await offline.store(user, message(n));
+    // The counter counts two messages that are gone (DynamoDB's TTL): it says the inbox is full.
+    await doc.send(new PutCommand({ TableName: table, Item: { pk: user, sk: 'count', n: QUOTA } }));
+    const send = doc.send.bind(doc);
+    let concurrent = 0;
+    const restore = intercept(doc, 'send', (async (command: {
+      input?: { ProjectionExpression?: string };
+    }) => {
+      if (concurrent === 0 && command.input?.ProjectionExpression === '#ttl') {
+        concurrent += 1;
+        // Another message stored past the quota (a re-route) while the first recount counts.
+        await offline.store(user, message(99), { ignoreQuota: true });
+      }
+      return send(command as never);
+    }) as typeof doc.send);
+    let stored: OfflineMessage;
+    try {
+      stored = await offline.store(user, message(QUOTA));
+    } finally {
+      restore();
+    }
+    expect(concurrent).toBe(1);
+    expect(ids((await offline.list(user)).messages)).toContain(stored.id);
+    expect((await rawItem(user, 'count'))?.n).toBe(QUOTA);
   });
 
   it('a recount does not undo a store that lands between its read and its write', async () => {
