@@ -259,7 +259,9 @@ export function createOfflineStore(
     return { total, written: true };
   }
 
-  async function readCounter(user: string): Promise<{ n: number; expiresFrom?: number; dirty?: boolean }> {
+  async function readCounter(
+    user: string,
+  ): Promise<{ n: number; expiresFrom?: number; dirty?: boolean; countedAt?: number }> {
     const { Item } = await doc.send(
       new GetCommand({ TableName: table, Key: counterKey(user), ConsistentRead: true }),
     );
@@ -267,6 +269,7 @@ export function createOfflineStore(
       n: (Item?.n as number | undefined) ?? 0,
       ...(typeof Item?.expiresFrom === 'number' ? { expiresFrom: Item.expiresFrom } : {}),
       ...(Item?.dirty === true ? { dirty: true } : {}),
+      ...(typeof Item?.countedAt === 'number' ? { countedAt: Item.countedAt } : {}),
     };
   }
 
@@ -456,13 +459,15 @@ export function createOfflineStore(
     },
 
     async count(user) {
-      const { n, expiresFrom, dirty } = await readCounter(user);
+      const { n, expiresFrom, dirty, countedAt } = await readCounter(user);
       // DynamoDB's TTL deletes expired messages without telling the counter (and a reader skips
       // them before): once the earliest one it counts has expired, it is counted again, exactly.
       // So is it after a removal (`dirty`: a recount between a removal's deletes and its
       // subtraction counts them out twice). Counters from before `expiresFrom` are counted once.
       const due = dirty || (n > 0 && (expiresFrom === undefined || expiresFrom <= nowSeconds()));
-      if (due && (await claimRecount(user, true))) return (await recount(user, n)).total;
+      // Counted within the minute: answered from the counter, without trying the claim's write.
+      const recent = countedAt !== undefined && countedAt > Date.now() - COUNT_RECOUNT_INTERVAL_MS;
+      if (due && !recent && (await claimRecount(user, true))) return (await recount(user, n)).total;
       return Math.max(0, n);
     },
 
