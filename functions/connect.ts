@@ -18,7 +18,10 @@ export function createConnectHandler(server: Server, options: ConnectHandlerOpti
         try {
           const result = handleConnect(event);
           if (result.statusCode === 200) server.metrics.count('ConnectionsOpened');
-          else server.log.info('handshake refused', { statusCode: result.statusCode });
+          else {
+            server.metrics.count('HandshakesRefused');
+            server.log.info('handshake refused', { statusCode: result.statusCode });
+          }
           return result;
         } catch (error) {
           server.log.error('connect failed', { error });

@@ -13,6 +13,8 @@ export const METRIC_DESCRIPTIONS: Record<MetricName, string> = {
     'Records that failed on their last allowed receive (the queue’s maxReceiveCount): SQS moves them to the dead-letter queue',
   FramesMalformed: 'Queue messages that were not a frame or a disconnect, dropped',
   ConnectionsOpened: '`$connect` handshakes accepted',
+  HandshakesRefused:
+    '`$connect` handshakes refused (no `xmpp` subprotocol offered, RFC 7395 §3.3.1): API Gateway counts them in `IntegrationError`, which the `IntegrationErrors` alarm leaves them out of',
   Logins: 'Successful SASL authentications',
   LoginFailures:
     'Failed SASL attempts, by the `<failure/>` condition sent (`not-authorized`, `temporary-auth-failure`, …)',

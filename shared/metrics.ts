@@ -27,6 +27,7 @@ export const METRICS = {
   FramesDeadLettered: {},
   FramesMalformed: {},
   ConnectionsOpened: {},
+  HandshakesRefused: {},
   Logins: { dimension: 'mechanism' },
   LoginFailures: { dimension: 'condition' },
   StanzasIn: { dimension: 'kind' },

@@ -153,10 +153,18 @@ export class Alarms extends Construct {
         statistic: 'Sum',
         period,
       });
+    // A handshake the connect function refuses (no 'xmpp' subprotocol: a scanner, a browser
+    // probe) is a 4XX from the integration, which IntegrationError counts: taken out, so that
+    // the alarm tells of frames not queued and handshakes failed, not of strangers knocking.
     add(
       'IntegrationErrors',
-      'API Gateway could not hand frames to the queue or the connect function',
-      apiGateway('IntegrationError'),
+      'API Gateway could not hand frames to the queue or the connect function (IntegrationError, refused handshakes left out)',
+      new cloudwatch.MathExpression({
+        expression: 'FILL(errors, 0) - FILL(refused, 0)',
+        usingMetrics: { errors: apiGateway('IntegrationError'), refused: nimbus('HandshakesRefused') },
+        label: 'IntegrationError less HandshakesRefused',
+        period,
+      }),
       0,
     );
     // Errors of API Gateway's own while calling an integration (a queue-writer role it cannot

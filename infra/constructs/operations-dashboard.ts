@@ -120,7 +120,12 @@ export class OperationsDashboard extends Construct {
       header(`## Traffic — ${props.domain}`),
       graph(
         'Connections and frames',
-        [apiGateway('ConnectCount'), nimbus('ConnectionsOpened'), apiGateway('MessageCount')],
+        [
+          apiGateway('ConnectCount'),
+          nimbus('ConnectionsOpened'),
+          nimbus('HandshakesRefused'),
+          apiGateway('MessageCount'),
+        ],
         [nimbus('FramesIn')],
       ),
       graph('Stanzas by kind', [nimbus('StanzasIn')], [nimbus('StanzasOut')]),

@@ -40,11 +40,17 @@ export function register(server: Server): void {
   });
 }
 
-/** RFC 6121 §4.7.2.3: priority is an integer from -128 to +127, default 0. */
+/**
+ * RFC 6121 §4.7.2.3: priority is an integer from -128 to +127 (`xs:byte`), default 0. Written as
+ * an integer (an optional sign and digits, whitespace around it collapsed): `1e2`, `0x10`, `5.0`
+ * or an empty element would be taken as a number here and forwarded as written, read otherwise
+ * by the clients that get it.
+ */
 function priorityOf(stanza: Element): number {
   const text = stanza.getChildText('priority');
   if (text === null || text === undefined) return 0;
-  const value = Number(text.trim());
+  const trimmed = text.trim();
+  const value = /^[+-]?\d{1,4}$/.test(trimmed) ? Number(trimmed) : Number.NaN;
   if (!Number.isInteger(value) || value < -128 || value > 127) {
     throw new StanzaError('modify', 'bad-request', 'priority must be an integer from -128 to 127');
   }

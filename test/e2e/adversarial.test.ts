@@ -497,7 +497,9 @@ describe('nothing crosses from one user to another', () => {
   it('answers a presence priority outside -128..127 with bad-request', async () => {
     // RFC 6121 §4.7.2.3: "The value MUST be an integer between -128 and +127."
     const sal = await bound('sal', 'prio');
-    for (const value of ['128', '-129', 'high', '1.5']) {
+    // Nor a number written otherwise (xs:byte): forwarded as written, `1e2` would be 1 to a
+    // client that parses it and 100 to the server's routing.
+    for (const value of ['128', '-129', 'high', '1.5', '1e2', '0x10', '5.0', '']) {
       sal.send(`<presence id='p${value}'><priority>${value}</priority></presence>`);
       const reply = await sal.next();
       expect(reply.attrs).toMatchObject({ type: 'error' });

@@ -94,6 +94,14 @@ describe('logins', () => {
     });
   });
 
+  it('counts a handshake refused for want of the xmpp subprotocol (left out of the IntegrationErrors alarm)', async () => {
+    // RFC 7395 §3.3.1: the client offers "xmpp" in Sec-WebSocket-Protocol; one that does not is
+    // refused at the handshake, which API Gateway counts as an integration 4XX.
+    await expect(RawClient.connect(stack.url, [])).rejects.toThrow();
+    await eventually(() => expect(total('HandshakesRefused')).toBe(1));
+    expect(total('ConnectionsOpened')).toBe(0);
+  });
+
   it('counts a stream error by condition', async () => {
     const client = await raw();
     client.send("<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='elsewhere.example' version='1.0'/>");

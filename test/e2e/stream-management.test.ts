@@ -1519,8 +1519,8 @@ describe('large stanzas, each queued in an item of its own (SM_OWN_ITEM_BYTES)',
 describe('roster versioning when a push is refused by a congested queue (RFC 6121 §2.6)', () => {
   it('gives the session later pushes a version no roster has, so its next versioned get is the whole roster', async () => {
     const ROSTER = 'jabber:iq:roster';
-    await stack.addUser('rosaline@localhost', 'rosaline-pw');
-    const first = await raw('rosaline', 'phone');
+    await stack.addUser('verges@localhost', 'verges-pw');
+    const first = await raw('verges', 'phone');
     const enabled = await enable(first);
     let phone = first;
     phone.send(`<iq type='get' id='r0'><query xmlns='${ROSTER}' ver=''/></iq>`);
@@ -1528,12 +1528,12 @@ describe('roster versioning when a push is refused by a congested queue (RFC 612
     // Acknowledged (the result): a client that keeps up, whose queue is only congested for now.
     phone.send(`<a xmlns='${SM3}' h='1'/>`);
     await routed(phone, 'r0-acked');
-    const desk = await raw('rosaline', 'desk');
+    const desk = await raw('verges', 'desk');
     desk.send(`<iq type='get' id='d0'><query xmlns='${ROSTER}'/></iq>`);
     await desk.until((el) => el.attrs.id === 'd0');
 
     // The push of the first change finds the phone's queue congested: refused ('full').
-    const smId = (await stack.server.sessions.getResource('rosaline@localhost', 'phone'))?.smId as string;
+    const smId = (await stack.server.sessions.getResource('verges@localhost', 'phone'))?.smId as string;
     const queue = stack.server.smQueue;
     const append = queue.append.bind(queue);
     let refused = 0;
@@ -1557,7 +1557,7 @@ describe('roster versioning when a push is refused by a congested queue (RFC 612
     // The phone's socket dies and it resumes elsewhere (XEP-0198): the mark goes with the session.
     first.terminate();
     await detached(enabled.attrs.id as string);
-    const { client: resumed } = await authenticated('rosaline');
+    const { client: resumed } = await authenticated('verges');
     resumed.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='1'/>`);
     expect((await resumed.next()).is('resumed', SM3)).toBe(true);
     phone = resumed;
@@ -1571,12 +1571,12 @@ describe('roster versioning when a push is refused by a congested queue (RFC 612
     );
     const pushedVer = push.getChild('query')?.attrs.ver as string;
     expect(pushedVer).not.toBe(ver0);
-    const current = await stack.server.roster.getVersion('rosaline@localhost');
+    const current = await stack.server.roster.getVersion('verges@localhost');
     expect(pushedVer).not.toBe(current);
 
     // The phone comes back with the version it cached: §2.6.3's empty result would leave it
     // without 'lost@localhost' for good; it gets the whole roster and the current version.
-    const again = await raw('rosaline', 'phone-again');
+    const again = await raw('verges', 'phone-again');
     again.send(`<iq type='get' id='r1'><query xmlns='${ROSTER}' ver='${pushedVer}'/></iq>`);
     const result = await again.until((el) => el.attrs.id === 'r1');
     const query = result.getChild('query');

@@ -351,7 +351,26 @@ describe('failing safely', () => {
     ]);
     expect(byMetric('AWS/SQS', 'ApproximateNumberOfMessagesVisible')).toHaveLength(1);
     expect(byMetric(METRIC_NAMESPACE, 'FramesDeadLettered')).toHaveLength(1);
-    expect(byMetric('AWS/ApiGateway', 'IntegrationError')).toHaveLength(1);
+    // IntegrationError less the handshakes the connect function refused (a 4XX of its own).
+    const integration = alarms.filter((alarm) =>
+      JSON.stringify(alarm.Metrics ?? []).includes('"MetricName":"IntegrationError"'),
+    );
+    expect(integration).toHaveLength(1);
+    const metrics = integration[0]?.Metrics as {
+      Id: string;
+      Expression?: string;
+      MetricStat?: { Metric: { Namespace: string; MetricName: string } };
+    }[];
+    expect(metrics.find((m) => m.Expression)?.Expression).toBe('FILL(errors, 0) - FILL(refused, 0)');
+    expect(metrics.find((m) => m.Id === 'errors')?.MetricStat?.Metric).toMatchObject({
+      Namespace: 'AWS/ApiGateway',
+      MetricName: 'IntegrationError',
+    });
+    expect(metrics.find((m) => m.Id === 'refused')?.MetricStat?.Metric).toMatchObject({
+      Namespace: METRIC_NAMESPACE,
+      MetricName: 'HandshakesRefused',
+    });
+    expect(integration[0]).toMatchObject({ Threshold: 0, ComparisonOperator: 'GreaterThanThreshold' });
     expect(byMetric('AWS/ApiGateway', 'ExecutionError')).toEqual([
       expect.objectContaining({ Threshold: 0, ComparisonOperator: 'GreaterThanThreshold' }),
     ]);
