@@ -113,6 +113,8 @@ export async function measureColdStart(name: string, runs: number, tracing = fal
       minify: true,
       sourcemap: true,
       sourcesContent: false,
+      // As XmppFunction: non-ASCII characters as written.
+      charset: 'utf8',
       // As XmppFunction: license notices in a file beside the bundle.
       legalComments: 'external',
       banner: { js: BANNER },

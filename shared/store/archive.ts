@@ -52,7 +52,7 @@ import {
   ARCHIVE_WITH_FULL_INDEX,
   TTL_ATTRIBUTE,
 } from '../tables.ts';
-import { adminOnly, isConditionFailure } from './dynamo.ts';
+import { adminOnly, isConditionFailure, sweeperOnly } from './dynamo.ts';
 
 // ---------------------------------------------------------------------------------------------
 // Domain
@@ -1819,133 +1819,148 @@ export function createArchiveStore(
      * its next message's expiry (at least EXPIRY_BATCH_SECONDS on) or, with none left, for the
      * header's. One Query per shard on `byExpiry`, up to `limit` collections each.
      */
-    async sweepExpiring(limit = 25, step: SweepStep = {}): Promise<{ changed: number; removed: number }> {
-      const nowSec = nowSeconds();
-      let changed = 0;
-      let removed = 0;
-      for (let shard = 0; shard < EXPIRY_SHARDS; shard++) {
-        // Per shard up to `limit` collections handled; a page with failures (reported, tried
-        // again next run) is followed by the next one, so failing collections at the head of a
-        // shard never hide the rest; 5 failures in a row leave the shard for this run.
-        let startKey: Record<string, unknown> | undefined;
-        let handled = 0;
-        let inARow = 0;
-        let failedOnPage = false;
-        do {
-          // Out of time: not even the next Query.
-          if (step.hasTime?.() === false) return { changed, removed };
-          failedOnPage = false;
-          const page = await doc.send(
-            new QueryCommand({
-              TableName: table,
-              IndexName: ARCHIVE_EXPIRY_INDEX,
-              KeyConditionExpression: 'expShard = :shard AND nextExpiry <= :now',
-              ExpressionAttributeValues: { ':shard': `x${shard}`, ':now': nowSec },
-              Limit: limit,
-              ExclusiveStartKey: startKey,
-            }),
-          );
-          startKey = page.LastEvaluatedKey;
-          for (const item of page.Items ?? []) {
-            if (step.hasTime?.() === false) return { changed, removed };
-            const ok = await sweepOne(item);
-            if (ok) {
-              handled += 1;
-              inARow = 0;
-            } else {
-              failedOnPage = true;
-              inARow += 1;
-              if (inARow >= 5) break;
+    // The sweeper's only (as the purge below): folded out of the other functions' bundles.
+    sweepExpiring:
+      process.env.NIMBUS_SWEEPS === 'false'
+        ? sweeperOnly
+        : async (limit = 25, step: SweepStep = {}): Promise<{ changed: number; removed: number }> => {
+            const nowSec = nowSeconds();
+            let changed = 0;
+            let removed = 0;
+            for (let shard = 0; shard < EXPIRY_SHARDS; shard++) {
+              // Per shard up to `limit` collections handled; a page with failures (reported, tried
+              // again next run) is followed by the next one, so failing collections at the head of a
+              // shard never hide the rest; 5 failures in a row leave the shard for this run.
+              let startKey: Record<string, unknown> | undefined;
+              let handled = 0;
+              let inARow = 0;
+              let failedOnPage = false;
+              do {
+                // Out of time: not even the next Query.
+                if (step.hasTime?.() === false) return { changed, removed };
+                failedOnPage = false;
+                const page = await doc.send(
+                  new QueryCommand({
+                    TableName: table,
+                    IndexName: ARCHIVE_EXPIRY_INDEX,
+                    KeyConditionExpression: 'expShard = :shard AND nextExpiry <= :now',
+                    ExpressionAttributeValues: { ':shard': `x${shard}`, ':now': nowSec },
+                    Limit: limit,
+                    ExclusiveStartKey: startKey,
+                  }),
+                );
+                startKey = page.LastEvaluatedKey;
+                for (const item of page.Items ?? []) {
+                  if (step.hasTime?.() === false) return { changed, removed };
+                  const ok = await sweepOne(item);
+                  if (ok) {
+                    handled += 1;
+                    inARow = 0;
+                  } else {
+                    failedOnPage = true;
+                    inARow += 1;
+                    if (inARow >= 5) break;
+                  }
+                }
+              } while (startKey && failedOnPage && inARow < 5 && handled < limit);
             }
-          }
-        } while (startKey && failedOnPage && inARow < 5 && handled < limit);
-      }
-      return { changed, removed };
+            return { changed, removed };
 
-      /** One collection whose expiry is due: false when it failed (reported through onError). */
-      async function sweepOne(item: Record<string, unknown>): Promise<boolean> {
-        const owner = item.pk as string;
-        const cid = item.cid as string;
-        const expiresAt = item[TTL_ATTRIBUTE] as number | undefined;
-        // Each collection on its own: one that fails is reported and tried again next run.
-        try {
-          if (expiresAt !== undefined && expiresAt <= nowSec) {
-            const { Item } = await doc.send(
-              new GetCommand({ TableName: table, Key: { pk: owner, sk: item.sk }, ConsistentRead: true }),
-            );
-            // The index is eventually consistent: an append may have pushed the TTL on since.
-            const ttl = Item?.[TTL_ATTRIBUTE] as number | undefined;
-            if (
-              Item?.cid === cid &&
-              ttl !== undefined &&
-              ttl <= nowSec &&
-              (await removeOne(owner, toHeader(Item), 100)) >= 0
-            )
-              removed += 1;
-            return true;
-          }
-          const next = (await nextMessageExpiry(owner, cid, nowSec)) ?? expiresAt;
-          // Never backwards (see storeManual): an append's key may be ahead of now.
-          const seenKey = item.changeKey as string;
-          const nowKey = changeKeyOf(now(), randomDigits());
-          try {
-            await doc.send(
-              new UpdateCommand({
-                TableName: table,
-                Key: { pk: owner, sk: item.sk },
-                UpdateExpression:
-                  next === undefined
-                    ? 'SET changeKey = :ck REMOVE nextExpiry, expShard'
-                    : 'SET changeKey = :ck, nextExpiry = :next',
-                // An append meanwhile moved the key itself: the collection is reported changed.
-                ConditionExpression: 'cid = :cid AND nextExpiry <= :now AND changeKey = :seen',
-                ExpressionAttributeValues: {
-                  ':ck': seenKey > nowKey ? seenKey : nowKey,
-                  ':seen': seenKey,
-                  ':cid': cid,
-                  ':now': nowSec,
-                  ...(next === undefined ? {} : { ':next': Math.max(next, nowSec + EXPIRY_BATCH_SECONDS) }),
-                },
-              }),
-            );
-            changed += 1;
-          } catch (error) {
-            if (!isConditionFailure(error)) throw error;
-          }
-          return true;
-        } catch (error) {
-          if (!step.onError) throw error;
-          step.onError(error, { owner, cid });
-          return false;
-        }
-      }
-    },
+            /** One collection whose expiry is due: false when it failed (reported through onError). */
+            async function sweepOne(item: Record<string, unknown>): Promise<boolean> {
+              const owner = item.pk as string;
+              const cid = item.cid as string;
+              const expiresAt = item[TTL_ATTRIBUTE] as number | undefined;
+              // Each collection on its own: one that fails is reported and tried again next run.
+              try {
+                if (expiresAt !== undefined && expiresAt <= nowSec) {
+                  const { Item } = await doc.send(
+                    new GetCommand({
+                      TableName: table,
+                      Key: { pk: owner, sk: item.sk },
+                      ConsistentRead: true,
+                    }),
+                  );
+                  // The index is eventually consistent: an append may have pushed the TTL on since.
+                  const ttl = Item?.[TTL_ATTRIBUTE] as number | undefined;
+                  if (
+                    Item?.cid === cid &&
+                    ttl !== undefined &&
+                    ttl <= nowSec &&
+                    (await removeOne(owner, toHeader(Item), 100)) >= 0
+                  )
+                    removed += 1;
+                  return true;
+                }
+                const next = (await nextMessageExpiry(owner, cid, nowSec)) ?? expiresAt;
+                // Never backwards (see storeManual): an append's key may be ahead of now.
+                const seenKey = item.changeKey as string;
+                const nowKey = changeKeyOf(now(), randomDigits());
+                try {
+                  await doc.send(
+                    new UpdateCommand({
+                      TableName: table,
+                      Key: { pk: owner, sk: item.sk },
+                      UpdateExpression:
+                        next === undefined
+                          ? 'SET changeKey = :ck REMOVE nextExpiry, expShard'
+                          : 'SET changeKey = :ck, nextExpiry = :next',
+                      // An append meanwhile moved the key itself: the collection is reported changed.
+                      ConditionExpression: 'cid = :cid AND nextExpiry <= :now AND changeKey = :seen',
+                      ExpressionAttributeValues: {
+                        ':ck': seenKey > nowKey ? seenKey : nowKey,
+                        ':seen': seenKey,
+                        ':cid': cid,
+                        ':now': nowSec,
+                        ...(next === undefined
+                          ? {}
+                          : { ':next': Math.max(next, nowSec + EXPIRY_BATCH_SECONDS) }),
+                      },
+                    }),
+                  );
+                  changed += 1;
+                } catch (error) {
+                  if (!isConditionFailure(error)) throw error;
+                }
+                return true;
+              } catch (error) {
+                if (!step.onError) throw error;
+                step.onError(error, { owner, cid });
+                return false;
+              }
+            }
+          },
 
     /** Continues queued purges (the sweeper): Query `#purge`, BatchWriteItem deletes up to `budget` items. */
-    async purgePending(budget = 5000, step: SweepStep = {}): Promise<number> {
-      const { Items } = await doc.send(
-        new QueryCommand({
-          TableName: table,
-          KeyConditionExpression: 'pk = :p',
-          ExpressionAttributeValues: { ':p': PURGE_PARTITION },
-          Limit: 25,
-        }),
-      );
-      let deleted = 0;
-      for (const job of Items ?? []) {
-        if (deleted >= budget || step.hasTime?.() === false) break;
-        try {
-          const result = await purgePartition(job.owner as string, job.cid as string, budget - deleted);
-          deleted += result.deleted;
-          if (result.done)
-            await doc.send(new DeleteCommand({ TableName: table, Key: { pk: PURGE_PARTITION, sk: job.sk } }));
-        } catch (error) {
-          if (!step.onError) throw error;
-          step.onError(error, { owner: job.owner, cid: job.cid });
-        }
-      }
-      return deleted;
-    },
+    purgePending:
+      process.env.NIMBUS_SWEEPS === 'false'
+        ? sweeperOnly
+        : async (budget = 5000, step: SweepStep = {}): Promise<number> => {
+            const { Items } = await doc.send(
+              new QueryCommand({
+                TableName: table,
+                KeyConditionExpression: 'pk = :p',
+                ExpressionAttributeValues: { ':p': PURGE_PARTITION },
+                Limit: 25,
+              }),
+            );
+            let deleted = 0;
+            for (const job of Items ?? []) {
+              if (deleted >= budget || step.hasTime?.() === false) break;
+              try {
+                const result = await purgePartition(job.owner as string, job.cid as string, budget - deleted);
+                deleted += result.deleted;
+                if (result.done)
+                  await doc.send(
+                    new DeleteCommand({ TableName: table, Key: { pk: PURGE_PARTITION, sk: job.sk } }),
+                  );
+              } catch (error) {
+                if (!step.onError) throw error;
+                step.onError(error, { owner: job.owner, cid: job.cid });
+              }
+            }
+            return deleted;
+          },
 
     /**
      * XEP-0136 §9 `<keys/>`: EncryptedKeys encrypted with one public key, across collections in

@@ -483,6 +483,14 @@ export function adminOnly(): Promise<never> {
   return Promise.reject(new Error("an operator's command, not in a function's bundle"));
 }
 
+/**
+ * A store's sweeper-only method in the other functions' bundles, where `NIMBUS_SWEEPS` is folded
+ * to 'false' (`bundleDefines`): never called there (their modules register no sweep phase).
+ */
+export function sweeperOnly(): Promise<never> {
+  return Promise.reject(new Error("the sweeper's work, not in this function's bundle"));
+}
+
 /** A conditional write whose condition did not hold: the stores turn it into a domain answer. */
 export function isConditionFailure(error: unknown): boolean {
   return (error as { name?: string } | undefined)?.name === 'ConditionalCheckFailedException';

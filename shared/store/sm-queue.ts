@@ -24,7 +24,14 @@ import {
   UpdateCommand,
 } from '@aws-sdk/lib-dynamodb';
 import { SWEEP_INDEX, TTL_ATTRIBUTE } from '../tables.ts';
-import { AmbiguousWriteError, adminOnly, batchGetAll, isConditionFailure, sendOnce } from './dynamo.ts';
+import {
+  AmbiguousWriteError,
+  adminOnly,
+  batchGetAll,
+  isConditionFailure,
+  sendOnce,
+  sweeperOnly,
+} from './dynamo.ts';
 import {
   ATTACHED_SHARD,
   boundedRevocation,
@@ -731,10 +738,6 @@ export function movedOn(item: SmQueueItem, connectionId: string): boolean {
 }
 
 /** A sweeper's method in a bundle built without the sweeper's phases: never called there. */
-function sweeperOnly(): Promise<never> {
-  return Promise.reject(new Error('the sweep index is listed by the sweeper only'));
-}
-
 export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): SmQueueStore {
   /**
    * The sessions of one kind of sweep entry due by `upTo`, oldest first, from all its partition
@@ -1645,30 +1648,33 @@ export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): 
 
     listDueProbes: (now, limit) => listSwept(ATTACHED_SHARD, now, limit),
 
-    async deferProbe(smId, connectionId, at) {
-      try {
-        await doc.send(
-          new UpdateCommand({
-            TableName: table,
-            Key: key(smId),
-            // An entry from before the shards moves to its shard.
-            UpdateExpression: 'SET sweepAt = :at, sweepShard = :shard',
-            ConditionExpression:
-              'connectionId = :connectionId AND (sweepShard = :attached OR begins_with(sweepShard, :sharded))',
-            ExpressionAttributeValues: {
-              ':at': at,
-              ':connectionId': connectionId,
-              ':attached': ATTACHED_SHARD,
-              ':sharded': `${ATTACHED_SHARD}#`,
-              ':shard': sweepShardOf(ATTACHED_SHARD, smId),
-            },
-          }),
-        );
-      } catch (error) {
-        // Detached, resumed elsewhere or ended meanwhile: its own sweep time stands.
-        if (!isConditionFailure(error)) throw error;
-      }
-    },
+    deferProbe:
+      process.env.NIMBUS_SWEEPS === 'false'
+        ? sweeperOnly
+        : async (smId, connectionId, at) => {
+            try {
+              await doc.send(
+                new UpdateCommand({
+                  TableName: table,
+                  Key: key(smId),
+                  // An entry from before the shards moves to its shard.
+                  UpdateExpression: 'SET sweepAt = :at, sweepShard = :shard',
+                  ConditionExpression:
+                    'connectionId = :connectionId AND (sweepShard = :attached OR begins_with(sweepShard, :sharded))',
+                  ExpressionAttributeValues: {
+                    ':at': at,
+                    ':connectionId': connectionId,
+                    ':attached': ATTACHED_SHARD,
+                    ':sharded': `${ATTACHED_SHARD}#`,
+                    ':shard': sweepShardOf(ATTACHED_SHARD, smId),
+                  },
+                }),
+              );
+            } catch (error) {
+              // Detached, resumed elsewhere or ended meanwhile: its own sweep time stands.
+              if (!isConditionFailure(error)) throw error;
+            }
+          },
 
     listExpired: (now, limit) => listSwept(DETACHED_SHARD, now, limit),
   };
