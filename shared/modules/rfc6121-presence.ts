@@ -42,15 +42,16 @@ export function register(server: Server): void {
 
 /**
  * RFC 6121 §4.7.2.3: priority is an integer from -128 to +127 (`xs:byte`), default 0. Written as
- * an integer (an optional sign and digits, whitespace around it collapsed): `1e2`, `0x10`, `5.0`
- * or an empty element would be taken as a number here and forwarded as written, read otherwise
- * by the clients that get it.
+ * an integer (an optional sign and digits, leading zeros allowed, XML whitespace around it):
+ * `1e2`, `0x10`, `5.0` or an empty element would be taken as a number here and forwarded as
+ * written, read otherwise by the clients that get it.
  */
 function priorityOf(stanza: Element): number {
   const text = stanza.getChildText('priority');
   if (text === null || text === undefined) return 0;
-  const trimmed = text.trim();
-  const value = /^[+-]?\d{1,4}$/.test(trimmed) ? Number(trimmed) : Number.NaN;
+  // XML's own whitespace only around it (String.trim would take a no-break space too).
+  const digits = /^[\t\n\r ]*([+-]?\d+)[\t\n\r ]*$/.exec(text)?.[1];
+  const value = digits === undefined ? Number.NaN : Number(digits);
   if (!Number.isInteger(value) || value < -128 || value > 127) {
     throw new StanzaError('modify', 'bad-request', 'priority must be an integer from -128 to 127');
   }

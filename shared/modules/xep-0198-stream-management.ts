@@ -2351,7 +2351,7 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
   }
   const record = await server.sessions.getResource(user, taken.resource);
   try {
-    await server.sessions.rebindResumed({
+    const replaced = await server.sessions.rebindResumed({
       user,
       resource: taken.resource,
       connectionId: stream.connectionId,
@@ -2371,6 +2371,9 @@ async function resume(stream: Stream, element: Element, version: SmVersion): Pro
       held: record?.held,
       heldUntil: record?.heldUntil,
     });
+    // A push refused between the read and the write marked the row this write replaced.
+    if (replaced?.rosterStale && !record?.rosterStale)
+      await server.sessions.markRosterStale(user, taken.resource, taken.smId, replaced.rosterStale);
   } catch (error) {
     if (!(error instanceof ResourceTakenError)) throw error;
     // A newer bind of the resource took its row after the attach: that bind replaces (ends) this

@@ -205,15 +205,16 @@ export function createOfflineStore(
 
   /**
    * Counts the inbox's live messages (TTL not passed) and stores the count with the earliest
-   * expiry among them (`expiresFrom`), clearing `dirty`, unless the counter changed meanwhile
-   * (`seen`: a store or a removal's subtraction between the read and the write, whose ADD an
-   * unconditional SET would undo): then the count is still answered (`written` false).
+   * expiry among them (`expiresFrom`), clearing `dirty`, unless the counter moved meanwhile
+   * (its version `v`, read before the Query: a store or a removal between the read and the
+   * write, whose ADD an unconditional SET would undo): then the count is still answered
+   * (`written` false).
    */
-  async function recount(user: string, seen?: number): Promise<{ total: number; written: boolean }> {
+  async function recount(user: string, read?: { v?: number }): Promise<{ total: number; written: boolean }> {
     let total = 0;
     let earliest: number | undefined;
     let start: Record<string, unknown> | undefined;
-    const before = seen ?? (await readCounter(user)).n;
+    const { v: before } = read ?? (await readCounter(user));
     do {
       const page = await doc.send(
         new QueryCommand({
@@ -244,10 +245,12 @@ export function createOfflineStore(
             earliest === undefined
               ? 'SET n = :n REMOVE expiresFrom, dirty'
               : 'SET n = :n, expiresFrom = :earliest REMOVE dirty',
-          ConditionExpression: before === 0 ? 'attribute_not_exists(n) OR n = :seen' : 'n = :seen',
+          // `v` moves with every store and removal (`n` alone would not tell a store and a
+          // removal that cancel out, the one counted by this Query and the other not).
+          ConditionExpression: before === undefined ? 'attribute_not_exists(v)' : 'v = :seen',
           ExpressionAttributeValues: {
             ':n': total,
-            ':seen': before,
+            ...(before === undefined ? {} : { ':seen': before }),
             ...(earliest === undefined ? {} : { ':earliest': earliest }),
           },
         }),
@@ -261,13 +264,14 @@ export function createOfflineStore(
 
   async function readCounter(
     user: string,
-  ): Promise<{ n: number; expiresFrom?: number; dirty?: boolean; countedAt?: number }> {
+  ): Promise<{ n: number; v?: number; expiresFrom?: number; dirty?: boolean; countedAt?: number }> {
     const { Item } = await doc.send(
       new GetCommand({ TableName: table, Key: counterKey(user), ConsistentRead: true }),
     );
     return {
       n: (Item?.n as number | undefined) ?? 0,
       ...(typeof Item?.expiresFrom === 'number' ? { expiresFrom: Item.expiresFrom } : {}),
+      ...(typeof Item?.v === 'number' ? { v: Item.v } : {}),
       ...(Item?.dirty === true ? { dirty: true } : {}),
       ...(typeof Item?.countedAt === 'number' ? { countedAt: Item.countedAt } : {}),
     };
@@ -290,7 +294,7 @@ export function createOfflineStore(
               Key: counterKey(user),
               // The earliest expiry the counter counts (a re-routed message, stamped earlier than
               // the first one stored, may expire before it: by the minutes a re-route takes).
-              UpdateExpression: 'ADD n :one SET expiresFrom = if_not_exists(expiresFrom, :ttl)',
+              UpdateExpression: 'ADD n :one, v :one SET expiresFrom = if_not_exists(expiresFrom, :ttl)',
               ConditionExpression: 'attribute_not_exists(n) OR n < :quota',
               ExpressionAttributeValues: { ':one': 1, ':quota': quota, ':ttl': expiresAt },
             },
@@ -347,15 +351,20 @@ export function createOfflineStore(
           throw error;
         }
       };
+      /** What a refused store is: already stored (its key), refused at the counter, or neither. */
+      const refusal = (error: unknown): 'stored' | 'counter' | undefined => {
+        if (!(error instanceof TransactionCanceledException)) return undefined;
+        // The message is there already: an earlier delivery of the same frame stored it (or
+        // this one did, and the SDK resent the transaction after a 500 that followed the write).
+        if (options.key && error.CancellationReasons?.[1]?.Code === 'ConditionalCheckFailed') return 'stored';
+        return error.CancellationReasons?.[0]?.Code === 'ConditionalCheckFailed' ? 'counter' : undefined;
+      };
       try {
         await attempt();
       } catch (error) {
-        if (!(error instanceof TransactionCanceledException)) throw error;
-        // The message is there already: an earlier delivery of the same frame stored it (or
-        // this one did, and the SDK resent the transaction after a 500 that followed the write).
-        if (options.key && error.CancellationReasons?.[1]?.Code === 'ConditionalCheckFailed')
-          return { ...item, alreadyStored: true };
-        if (error.CancellationReasons?.[0]?.Code !== 'ConditionalCheckFailed') throw error;
+        const refused = refusal(error);
+        if (refused === 'stored') return { ...item, alreadyStored: true };
+        if (refused !== 'counter') throw error;
         // The counter only grows on store and shrinks on delete; messages that DynamoDB's TTL
         // removed are still in it. At the quota, count for real before refusing — at most once
         // an hour per inbox (messages live for days, so the drift is small between recounts).
@@ -364,19 +373,17 @@ export function createOfflineStore(
         // the retried store's condition reads the counter, not the count.
         for (let tries = 1; ; tries++) {
           const { total, written } = await recount(user);
-          if (total >= limits.quota) throw new OfflineQuotaExceededError(user);
+          if (total >= quota) throw new OfflineQuotaExceededError(user);
           if (written) break;
           if (tries === 3) throw new OfflineQuotaExceededError(user);
         }
         try {
           await attempt();
         } catch (error) {
-          // Filled again meanwhile (or the counter moved): the quota's answer, not an error.
-          if (
-            error instanceof TransactionCanceledException &&
-            error.CancellationReasons?.[0]?.Code === 'ConditionalCheckFailed'
-          )
-            throw new OfflineQuotaExceededError(user);
+          const again = refusal(error);
+          if (again === 'stored') return { ...item, alreadyStored: true };
+          // Filled again meanwhile: the quota's answer, not an error.
+          if (again === 'counter') throw new OfflineQuotaExceededError(user);
           throw error;
         }
       }
@@ -459,7 +466,8 @@ export function createOfflineStore(
     },
 
     async count(user) {
-      const { n, expiresFrom, dirty, countedAt } = await readCounter(user);
+      const counter = await readCounter(user);
+      const { n, expiresFrom, dirty, countedAt } = counter;
       // DynamoDB's TTL deletes expired messages without telling the counter (and a reader skips
       // them before): once the earliest one it counts has expired, it is counted again, exactly.
       // So is it after a removal (`dirty`: a recount between a removal's deletes and its
@@ -467,7 +475,7 @@ export function createOfflineStore(
       const due = dirty || (n > 0 && (expiresFrom === undefined || expiresFrom <= nowSeconds()));
       // Counted within the minute: answered from the counter, without trying the claim's write.
       const recent = countedAt !== undefined && countedAt > Date.now() - COUNT_RECOUNT_INTERVAL_MS;
-      if (due && !recent && (await claimRecount(user, true))) return (await recount(user, n)).total;
+      if (due && !recent && (await claimRecount(user, true))) return (await recount(user, counter)).total;
       return Math.max(0, n);
     },
 
@@ -512,8 +520,8 @@ export function createOfflineStore(
             TableName: table,
             Key: counterKey(user),
             // `dirty`: the next count recounts (see `count`).
-            UpdateExpression: 'ADD n :minus SET dirty = :yes',
-            ExpressionAttributeValues: { ':minus': -removed.length, ':yes': true },
+            UpdateExpression: 'ADD n :minus, v :one SET dirty = :yes',
+            ExpressionAttributeValues: { ':minus': -removed.length, ':one': 1, ':yes': true },
           }),
         );
       }

@@ -598,9 +598,9 @@ export interface SessionStore {
   /**
    * A stream-management resume binds its session's resource again: only while the row is that
    * session's (`record.smId`) or gone. A newer bind of the resource took it over (and ends that
-   * session): ResourceTakenError, the newer stream keeps its row.
+   * session): ResourceTakenError, the newer stream keeps its row. Returns the row it replaced.
    */
-  rebindResumed(record: ResourceRecord & { smId: string }): Promise<void>;
+  rebindResumed(record: ResourceRecord & { smId: string }): Promise<ResourceRecord | undefined>;
   /** Updates availability if the resource still belongs to `connectionId`; returns the old record. */
   updatePresence(
     user: string,
@@ -1194,7 +1194,7 @@ export function createSessionStore(
     },
 
     async rebindResumed(record) {
-      await putResourceRow(record, {
+      return putResourceRow(record, {
         expression: 'attribute_not_exists(connectionId) OR smId = :smId',
         values: { ':smId': record.smId },
       });

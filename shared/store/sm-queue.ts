@@ -737,7 +737,6 @@ export function movedOn(item: SmQueueItem, connectionId: string): boolean {
     : item.detachedFrom !== undefined && item.detachedFrom !== connectionId;
 }
 
-/** A sweeper's method in a bundle built without the sweeper's phases: never called there. */
 export function createSmQueueStore(doc: DynamoDBDocumentClient, table: string): SmQueueStore {
   /**
    * The sessions of one kind of sweep entry due by `upTo`, oldest first, from all its partition

@@ -499,7 +499,7 @@ describe('nothing crosses from one user to another', () => {
     const sal = await bound('sal', 'prio');
     // Nor a number written otherwise (xs:byte): forwarded as written, `1e2` would be 1 to a
     // client that parses it and 100 to the server's routing.
-    for (const value of ['128', '-129', 'high', '1.5', '1e2', '0x10', '5.0', '']) {
+    for (const value of ['128', '-129', 'high', '1.5', '1e2', '0x10', '5.0', '', '\u00A05']) {
       sal.send(`<presence id='p${value}'><priority>${value}</priority></presence>`);
       const reply = await sal.next();
       expect(reply.attrs).toMatchObject({ type: 'error' });
@@ -507,6 +507,11 @@ describe('nothing crosses from one user to another', () => {
     }
     // ...and the resource never became available.
     expect((await stack.server.sessions.getResource('sal@localhost', 'prio'))?.available).toBe(false);
+    // An xs:byte may have leading zeros and XML whitespace around it.
+    sal.send(`<presence id='ok'><priority>\n +007 </priority></presence>`);
+    await sal.until((el) => el.name === 'presence' && el.attrs.type === undefined);
+    const row = await stack.server.sessions.getResource('sal@localhost', 'prio');
+    expect(row).toMatchObject({ available: true, priority: 7 });
   });
 
   it('routes a message to oneself, and a message of unknown type as normal', async () => {

@@ -1591,6 +1591,32 @@ describe('roster versioning when a push is refused by a congested queue (RFC 612
     desk.send(`<iq type='get' id='d1'><query xmlns='${ROSTER}' ver='${current}'/></iq>`);
     expect((await desk.until((el) => el.attrs.id === 'd1')).children).toHaveLength(0);
   });
+
+  it('keeps the mark of a push refused while a resume rebinds the resource', async () => {
+    const ROSTER = 'jabber:iq:roster';
+    await stack.addUser('dogberry@localhost', 'dogberry-pw');
+    const first = await raw('dogberry', 'phone');
+    const enabled = await enable(first);
+    first.send(`<iq type='get' id='r0'><query xmlns='${ROSTER}' ver=''/></iq>`);
+    await first.until((el) => el.attrs.id === 'r0');
+    first.terminate();
+    await detached(enabled.attrs.id as string);
+    // The push is refused (and the row marked) after the resume read the row, before it wrote it.
+    const sessions = stack.server.sessions;
+    const rebind = sessions.rebindResumed.bind(sessions);
+    const restore = intercept(sessions, 'rebindResumed', async (record) => {
+      await sessions.markRosterStale('dogberry@localhost', 'phone', record.smId, 'v-incomplete');
+      return rebind(record);
+    });
+    try {
+      const { client } = await authenticated('dogberry');
+      client.send(`<resume xmlns='${SM3}' previd='${enabled.attrs.id}' h='1'/>`);
+      expect((await client.next()).is('resumed', SM3)).toBe(true);
+    } finally {
+      restore();
+    }
+    expect((await sessions.getResource('dogberry@localhost', 'phone'))?.rosterStale).toBe('v-incomplete');
+  });
 });
 
 describe('a login with many contacts online (RFC 6121 §4.2.2 probes answered locally)', () => {

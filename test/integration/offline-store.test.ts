@@ -506,6 +506,62 @@ describe('the count after expiry (XEP-0013 §2.2: "the number of messages")', ()
     expect((await rawItem(user, 'count'))?.dirty).toBeUndefined();
   });
 
+  it('a recount does not take a store and a removal that cancel out for no change', async () => {
+    const user = freshUser('recount-aba');
+    await storeMany(user, 2);
+    await doc.send(
+      new UpdateCommand({
+        TableName: table,
+        Key: { pk: user, sk: 'count' },
+        UpdateExpression: 'SET dirty = :yes',
+        ExpressionAttributeValues: { ':yes': true },
+      }),
+    );
+    // A message is stored just before the recount's Query (which counts it: 3) and removed just
+    // after (a flood's ack): the counter's n is back where the recount read it (2), the inbox
+    // holds 2, and the recount must not write its 3.
+    const send = doc.send.bind(doc);
+    let moved = false;
+    const restore = intercept(doc, 'send', (async (command: {
+      input?: { ProjectionExpression?: string };
+    }) => {
+      if (moved || command.input?.ProjectionExpression !== '#ttl') return send(command as never);
+      moved = true;
+      const extra = await offline.store(user, message(3), { ignoreQuota: true });
+      const result = await send(command as never);
+      await offline.remove(user, [extra.id]);
+      return result;
+    }) as typeof doc.send);
+    try {
+      await offline.count(user);
+    } finally {
+      restore();
+    }
+    expect(moved).toBe(true);
+    expect((await offline.list(user)).messages).toHaveLength(2);
+    expect((await rawItem(user, 'count'))?.n).toBe(2);
+    // Still due: the next count (a minute on) counts again.
+    expect((await rawItem(user, 'count'))?.dirty).toBe(true);
+  });
+
+  it('a message held behind a flood is recounted against its own, larger quota', async () => {
+    const user = freshUser('held-recount');
+    // More than the quota stored (a flood's hold lets them in), fewer than HELD_QUOTA_FACTOR
+    // times it; the counter also counts messages the TTL removed, and says the held quota is full.
+    await storeMany(user, QUOTA + 1);
+    await doc.send(
+      new UpdateCommand({
+        TableName: table,
+        Key: { pk: user, sk: 'count' },
+        UpdateExpression: 'SET n = :full',
+        ExpressionAttributeValues: { ':full': QUOTA * HELD_QUOTA_FACTOR },
+      }),
+    );
+    const held = await offline.store(user, message(99), { ignoreQuota: 'held' });
+    expect(ids((await offline.list(user)).messages)).toContain(held.id);
+    expect((await rawItem(user, 'count'))?.n).toBe(QUOTA + 2);
+  });
+
   it('at the quota, a recount whose write a concurrent store refused is tried again, and the message stored', async () => {
     const user = freshUser('quota-race');
     for (let n = 1; n < QUOTA - 1; n++) await offline.store(user, message(n));
