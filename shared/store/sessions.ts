@@ -870,7 +870,7 @@ export function createSessionStore(
     user: string,
     resource: string,
     connectionId: string,
-    flag: 'flexibleOffline' | 'floodSkipped',
+    flag: 'flexibleOffline' | 'floodSkipped' | 'rosterInterested',
   ): Promise<void> {
     try {
       await doc.send(
@@ -1384,19 +1384,7 @@ export function createSessionStore(
     },
 
     async markRosterInterested(user, resource, connectionId) {
-      try {
-        await doc.send(
-          new UpdateCommand({
-            TableName: table,
-            Key: resourceKey(user, resource),
-            UpdateExpression: 'SET rosterInterested = :yes',
-            ConditionExpression: 'connectionId = :connectionId',
-            ExpressionAttributeValues: { ':yes': true, ':connectionId': connectionId },
-          }),
-        );
-      } catch (error) {
-        if (!isConditionFailure(error)) throw error;
-      }
+      await markResource(user, resource, connectionId, 'rosterInterested');
     },
 
     async markRosterStale(user, resource, smId, ver) {

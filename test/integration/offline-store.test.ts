@@ -76,6 +76,18 @@ async function writeExpired(user: string, id: string): Promise<void> {
 
 const ids = (messages: OfflineMessage[]) => messages.map((m) => m.id);
 
+/** Sets attributes of `user`'s counter item directly (what races and expiries leave it as). */
+async function setCounter(user: string, expression: string, values: Record<string, unknown>): Promise<void> {
+  await doc.send(
+    new UpdateCommand({
+      TableName: table,
+      Key: { pk: user, sk: 'count' },
+      UpdateExpression: expression,
+      ExpressionAttributeValues: values,
+    }),
+  );
+}
+
 describe('store', () => {
   it('returns the message with an id; ids increase in storing order, even for an older time stamp', async () => {
     const user = freshUser('order');
@@ -435,14 +447,7 @@ describe('the count after expiry (XEP-0013 §2.2: "the number of messages")', ()
     await doc.send(
       new DeleteCommand({ TableName: table, Key: { pk: user, sk: `m#${(first as OfflineMessage).id}` } }),
     );
-    await doc.send(
-      new UpdateCommand({
-        TableName: table,
-        Key: { pk: user, sk: 'count' },
-        UpdateExpression: 'SET expiresFrom = :past',
-        ExpressionAttributeValues: { ':past': Math.floor(Date.now() / 1000) - 1 },
-      }),
-    );
+    await setCounter(user, 'SET expiresFrom = :past', { ':past': Math.floor(Date.now() / 1000) - 1 });
     expect(await offline.count(user)).toBe(1);
     // Counted again: the counter holds the truth and the next expiry to watch.
     const counter = await rawItem(user, 'count');
@@ -465,14 +470,7 @@ describe('the count after expiry (XEP-0013 §2.2: "the number of messages")', ()
     const user = freshUser('remove-race');
     const [a] = ids(await storeMany(user, 3)) as [string];
     // An earlier removal left the counter due for a recount.
-    await doc.send(
-      new UpdateCommand({
-        TableName: table,
-        Key: { pk: user, sk: 'count' },
-        UpdateExpression: 'SET dirty = :yes',
-        ExpressionAttributeValues: { ':yes': true },
-      }),
-    );
+    await setCounter(user, 'SET dirty = :yes', { ':yes': true });
     // The count's recount lands after the delete, before the subtraction: it counts 2, and the
     // subtraction then takes the counter to 1.
     const send = doc.send.bind(doc);
@@ -494,14 +492,7 @@ describe('the count after expiry (XEP-0013 §2.2: "the number of messages")', ()
     // Within the minute, the count answers from the counter.
     expect(await offline.count(user)).toBe(1);
     // The subtraction marked the counter: the next count recounts (once a minute at most).
-    await doc.send(
-      new UpdateCommand({
-        TableName: table,
-        Key: { pk: user, sk: 'count' },
-        UpdateExpression: 'SET countedAt = :past',
-        ExpressionAttributeValues: { ':past': Date.now() - COUNT_RECOUNT_INTERVAL_MS - 1 },
-      }),
-    );
+    await setCounter(user, 'SET countedAt = :past', { ':past': Date.now() - COUNT_RECOUNT_INTERVAL_MS - 1 });
     expect(await offline.count(user)).toBe(2);
     expect((await rawItem(user, 'count'))?.dirty).toBeUndefined();
   });
@@ -509,14 +500,7 @@ describe('the count after expiry (XEP-0013 §2.2: "the number of messages")', ()
   it('a recount does not take a store and a removal that cancel out for no change', async () => {
     const user = freshUser('recount-aba');
     await storeMany(user, 2);
-    await doc.send(
-      new UpdateCommand({
-        TableName: table,
-        Key: { pk: user, sk: 'count' },
-        UpdateExpression: 'SET dirty = :yes',
-        ExpressionAttributeValues: { ':yes': true },
-      }),
-    );
+    await setCounter(user, 'SET dirty = :yes', { ':yes': true });
     // A message is stored just before the recount's Query (which counts it: 3) and removed just
     // after (a flood's ack): the counter's n is back where the recount read it (2), the inbox
     // holds 2, and the recount must not write its 3.
@@ -549,14 +533,7 @@ describe('the count after expiry (XEP-0013 §2.2: "the number of messages")', ()
     // More than the quota stored (a flood's hold lets them in), fewer than HELD_QUOTA_FACTOR
     // times it; the counter also counts messages the TTL removed, and says the held quota is full.
     await storeMany(user, QUOTA + 1);
-    await doc.send(
-      new UpdateCommand({
-        TableName: table,
-        Key: { pk: user, sk: 'count' },
-        UpdateExpression: 'SET n = :full',
-        ExpressionAttributeValues: { ':full': QUOTA * HELD_QUOTA_FACTOR },
-      }),
-    );
+    await setCounter(user, 'SET n = :full', { ':full': QUOTA * HELD_QUOTA_FACTOR });
     const held = await offline.store(user, message(99), { ignoreQuota: 'held' });
     expect(ids((await offline.list(user)).messages)).toContain(held.id);
     expect((await rawItem(user, 'count'))?.n).toBe(QUOTA + 2);
@@ -593,14 +570,7 @@ describe('the count after expiry (XEP-0013 §2.2: "the number of messages")', ()
   it('a recount does not undo a store that lands between its read and its write', async () => {
     const user = freshUser('recount-race');
     await storeMany(user, 2);
-    await doc.send(
-      new UpdateCommand({
-        TableName: table,
-        Key: { pk: user, sk: 'count' },
-        UpdateExpression: 'SET n = :wrong, expiresFrom = :past',
-        ExpressionAttributeValues: { ':wrong': 5, ':past': 0 },
-      }),
-    );
+    await setCounter(user, 'SET n = :wrong, expiresFrom = :past', { ':wrong': 5, ':past': 0 });
     // The store lands while the recount queries: its ADD is kept, the recount's SET is dropped.
     const query = doc.send.bind(doc);
     let stored = false;
