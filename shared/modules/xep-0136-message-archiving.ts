@@ -236,6 +236,15 @@ function autoOn(state: ArchiveStreamState | undefined, policy: Policy): boolean 
   return state?.auto ?? policy.autoRequired;
 }
 
+/** Whether this stream or any other connected resource of its user archives automatically. */
+async function anyAutoArchiving(server: Server, stream: BoundStream, policy: Policy): Promise<boolean> {
+  if (autoOn(stream.state.archive, policy)) return true;
+  const resources = await server.sessions.listResources(stream.user);
+  return resources.some(
+    (resource) => resource.resource !== stream.resource && autoOn(resource.archive, policy),
+  );
+}
+
 function hasServerStamp(stanza: Element, domain: string): boolean {
   return stanza.getChildren('delay', NS.delay).some((delay) => delay.attrs.from === domain);
 }
@@ -383,7 +392,11 @@ async function serve(
       return encodePrefs(prefs, autoOn(stream.state.archive, policy), policy);
     }
     case 'pref-set': {
-      if (asksForRefusedSaveAll(decoded, policy))
+      // §3.3: refused "If it does not allow the saving of full message stanza content, and the
+      // client set the value of the 'save' attribute to "all", and any of the user's connected
+      // resources have Automated Archiving enabled" (the preferences also guide clients' own
+      // archiving; enabling it later while 'all' is set is refused too, §7.3).
+      if (asksForRefusedSaveAll(decoded, policy) && (await anyAutoArchiving(server, stream, policy)))
         throw new StanzaError(
           'cancel',
           'feature-not-implemented',

@@ -563,6 +563,47 @@ describe('service policy from configuration', () => {
   });
 });
 
+describe("save='all' refused by policy only while a resource archives automatically", () => {
+  let noAll: TestStack;
+  let noAllWorld: ArchiveWorld;
+  beforeAll(async () => {
+    noAll = await startTestStack({ ARCHIVE_ALLOW_SAVE_ALL: 'false' });
+    noAllWorld = new ArchiveWorld(noAll);
+  });
+  afterAll(async () => {
+    noAllWorld?.closeAll();
+    await noAll?.close();
+  });
+
+  it('takes it from a user with no auto-archiving stream, and then refuses turning auto on', async () => {
+    // §3.3: feature-not-implemented "If it does not allow the saving of full message stanza
+    // content, and the client set the value of the 'save' attribute to "all", and any of the
+    // user's connected resources have Automated Archiving enabled" — here none has.
+    const juliet = await noAllWorld.connect(await noAllWorld.newUser('juliet'), 'chamber');
+    await ok(
+      juliet,
+      `<iq type='set'><pref xmlns='${ARCHIVE}'><item jid='benvolio@montague.net' save='all' expire='630720000' otr='deny'/></pref></iq>`,
+    );
+    // §7.3: enabling auto-archiving while the 'all' mode is set is what is refused then.
+    expect(await condition(juliet, `<iq type='set'><auto xmlns='${ARCHIVE}' save='true'/></iq>`)).toBe(
+      'feature-not-implemented',
+    );
+  });
+
+  it('refuses it while another resource of the user archives automatically', async () => {
+    const user = await noAllWorld.newUser('romeo');
+    const phone = await noAllWorld.connect(user, 'phone');
+    await ok(phone, `<iq type='set'><auto xmlns='${ARCHIVE}' save='true'/></iq>`);
+    const desk = await noAllWorld.connect(user, 'desk');
+    expect(
+      await condition(
+        desk,
+        `<iq type='set'><pref xmlns='${ARCHIVE}'><default save='all' otr='allow'/></pref></iq>`,
+      ),
+    ).toBe('feature-not-implemented');
+  });
+});
+
 describe('pushes', () => {
   it('are iq sets without a from, and the client result to them is dropped without an answer', async () => {
     const bare = await world.newUser('juliet');
