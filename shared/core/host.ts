@@ -176,6 +176,12 @@ export interface UndeliveredStanza {
   sequence?: number;
   /** The other sessions its routing gave it to (DeliveryOptions.alsoTo): still there, they have it. */
   alsoTo?: string[];
+  /**
+   * Its session belonged to an account since deleted: it goes back to its sender as to a JID
+   * without an account (RFC 6121 §8.5.1), never routed to the JID again, where an account created
+   * since under it (someone else) would get it.
+   */
+  ownerDeleted?: boolean;
 }
 
 export interface EventPayloads {

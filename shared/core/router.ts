@@ -539,6 +539,11 @@ async function rerouteOne(server: Server, user: string, entry: UndeliveredStanza
   // the deliveries of the frame or run doing the re-route.
   const handle = async () => {
     try {
+      if (stanza.name === 'message' && entry.ownerDeleted) {
+        // RFC 6121 §8.5.1: the account it was for is gone (a new one under the JID is someone
+        // else): service-unavailable to its sender, as routing answers a JID without an account.
+        throw new StanzaError('cancel', 'service-unavailable');
+      }
       if (stanza.name === 'message') {
         await routeMessage(server, stanza, parseJid(user), {
           originalTime: acceptedAt,

@@ -87,6 +87,16 @@ async function overResourceLimit(stream: Stream & { user: string }, resource: st
 /** Resources, connected or detached, an account may have: this many times the limit. */
 const DETACHED_FACTOR = 4;
 
+/** A bind this long after authentication checks that the account is still the one it logged in as. */
+export const LATE_BIND_MS = 5000;
+
+async function accountGoneSinceLogin(stream: Stream & { user: string }): Promise<boolean> {
+  const { authenticatedAt, accountCreatedAt } = stream.state;
+  if (authenticatedAt !== undefined && Date.now() - authenticatedAt < LATE_BIND_MS) return false;
+  const createdAt = await stream.server.users.createdAtOf(stream.user);
+  return createdAt === undefined || (accountCreatedAt !== undefined && createdAt !== accountCreatedAt);
+}
+
 /** Before bind, the only stanza allowed is the bind request (RFC 6120 §7.1). */
 async function bind(stream: Stream & { user: string }, stanza: Element): Promise<typeof HANDLED | undefined> {
   const request = stanza.getChild('bind', NS.bind);
@@ -126,6 +136,13 @@ async function bind(stream: Stream & { user: string }, stanza: Element): Promise
     if (reply) await stream.answerOnce(reply);
     return HANDLED;
   }
+
+  // An account deletion revokes the streams it finds by their resources: one authenticated but
+  // not bound yet escapes it, and would bind as the account (or as an account created again under
+  // the JID, someone else). A bind soon after authentication (every client's) is trusted; a late
+  // one reads the account first (one strongly consistent GetItem), and ends the stream as a
+  // revoked one ends (RFC 6120 §4.9.3.12 <not-authorized/>) if it is gone or is another one.
+  if (await accountGoneSinceLogin(stream)) throw new StreamError('not-authorized', 'Account deleted');
 
   // RFC 6120 §7.6.2.1: "If the account has reached a limit on the number of simultaneous
   // connected resources allowed, the server MUST return a <resource-constraint/> stanza error."

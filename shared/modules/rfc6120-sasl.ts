@@ -237,7 +237,16 @@ async function succeed(
     address ? server.users.rememberAddress(account, address, gate.record.knownAddresses) : undefined,
   ]);
   // RFC 6120 §6.4.6: on success the stream restarts; nothing from the old stream carries over.
-  stream.update({ user: account, sasl: undefined, streamOpen: false, authFailures: 0 });
+  // (Which account it is, by its creation time, is kept for a bind that comes late.)
+  const createdAt = gate.record.user?.createdAt ?? stream.state.sasl?.createdAt;
+  stream.update({
+    user: account,
+    sasl: undefined,
+    streamOpen: false,
+    authFailures: 0,
+    authenticatedAt: Date.now(),
+    ...(createdAt === undefined ? {} : { accountCreatedAt: createdAt }),
+  });
   // Saved with the answer before it goes out (answerOnce): a redelivery sends the same
   // <success/> again instead of checking the limits anew, which could now refuse a client that
   // was told it succeeded.
@@ -328,6 +337,7 @@ async function scramFirst(stream: Stream, mechanism: string, payload: string): P
       jid: account,
       // Carried to the final step: whether a success must clear failures, and the known addresses.
       gate: { authFailures: gate.record.authFailures, knownAddresses: gate.record.knownAddresses },
+      ...(gate.record.user ? { createdAt: gate.record.user.createdAt } : {}),
       ...(frameRedelivered() ? { repeated: true } : {}),
     },
   });

@@ -1322,6 +1322,7 @@ async function toReroute(server: Server, item: SmQueueItem, from: number): Promi
       key: `reroute:${item.smId}:${item.base + position}`,
       sequence: item.base + position,
       ...(entry.a ? { alsoTo: entry.a } : {}),
+      ...(item.revoked ? { ownerDeleted: true } : {}),
     });
   });
   return stanzas;

@@ -49,6 +49,8 @@ export interface SaslProgress {
   jid?: string;
   /** What the password-guessing limits read at the first step, for the last one. */
   gate?: { authFailures: number; knownAddresses: Record<string, number> };
+  /** The account's creation time as read at the first step (`ConnectionState.accountCreatedAt`). */
+  createdAt?: number;
   /** The challenge may have gone out twice (its `<auth/>` frame was handled again). */
   repeated?: boolean;
 }
@@ -271,6 +273,13 @@ export interface ConnectionState {
   streamId?: string;
   /** Authenticated bare JID: the only identity (docs/design.md "Identity and trust"). */
   user?: string;
+  /**
+   * When the stream authenticated (epoch ms), and the creation time of the account it
+   * authenticated as: a bind long after (rfc6120-bind.ts) checks that the account is still that
+   * one, since an account deletion finds only bound streams to revoke.
+   */
+  authenticatedAt?: number;
+  accountCreatedAt?: number;
   resource?: string;
   sasl?: SaslProgress;
   authFailures: number;
@@ -742,6 +751,8 @@ function toConnection(item: Record<string, unknown>): ConnectionState {
     ...(typeof item.archiveRemoving === 'string' ? { archiveRemoving: item.archiveRemoving } : {}),
     ...(typeof item.offlineRemoving === 'string' ? { offlineRemoving: item.offlineRemoving } : {}),
     user: item.user as string | undefined,
+    ...(typeof item.authenticatedAt === 'number' ? { authenticatedAt: item.authenticatedAt } : {}),
+    ...(typeof item.accountCreatedAt === 'number' ? { accountCreatedAt: item.accountCreatedAt } : {}),
     resource: item.resource as string | undefined,
     sasl: item.sasl as SaslProgress | undefined,
     authFailures: (item.authFailures as number | undefined) ?? 0,

@@ -13,7 +13,9 @@ import { deleteAccount } from '../../infra/account-deletion.ts';
 import { RawClient } from '../../infra/local/raw-client.ts';
 import type { RosterEntry } from '../../shared/store/roster.ts';
 import { eventually } from '../support/eventually.ts';
+import { intercept } from '../support/intercept.ts';
 import { startTestStack, type TestStack } from '../support/stack.ts';
+import { startClient } from '../support/xmpp-client.ts';
 
 const STREAMS = 'urn:ietf:params:xml:ns:xmpp-streams';
 const SM3 = 'urn:xmpp:sm:3';
@@ -39,6 +41,9 @@ beforeAll(async () => {
     'ned',
     'ora',
     'pip',
+    'quin',
+    'rex',
+    'sal',
   ])
     await stack.addUser(`${user}@localhost`, `${user}-pw`);
 });
@@ -293,6 +298,47 @@ describe('an account deleted while its streams are open', () => {
     expect(frames[3]?.attrs.from).toBe('max@localhost/mobile');
   });
 
+  it("sends a detached session's queue back to its senders when it ends, even once the JID has a new account", async () => {
+    const quin = await bound('quin', 'mobile');
+    quin.send(`<enable xmlns='${SM3}' resume='true'/>`);
+    const previd = (await quin.next()).attrs.id as string;
+    const sender = await bound('ben', 'to-quin');
+    sender.send(
+      `<message type='chat' to='quin@localhost/mobile' id='for-old-quin'><body>private</body></message>`,
+    );
+    await quin.until((el) => el.attrs.id === 'for-old-quin');
+    // The socket drops unacknowledged: the session waits, detached, holding the message.
+    quin.terminate();
+    await quin.closed;
+    await eventually(async () => {
+      expect((await stack.server.smQueue.get(previd))?.connectionId).toBeUndefined();
+    });
+    // Deleted, and someone else is given the JID at once (an operator's "reset").
+    await deleteAccount(stack.server, 'quin@localhost', 'localhost');
+    await stack.addUser('quin@localhost', 'new-quin-pw');
+    const newQuin = await RawClient.connect(stack.url);
+    clients.push(newQuin);
+    await newQuin.login('quin', 'new-quin-pw', 'phone');
+    newQuin.send('<presence/>');
+    await newQuin.framesBeforePong();
+    // The old session's window closes: XEP-0198 §4 treats what it held "in the same way that [the
+    // server] would treat a stanza sent to an unavailable resource"; the account it was for is
+    // gone (RFC 6121 §8.5.1: service-unavailable), and the new account is someone else.
+    const sweep = createSweeperHandler(stack.server, {
+      now: () => Date.now() + 3_600_000,
+      publishMetrics: () => {},
+    });
+    await sweep().catch(() => undefined);
+    await stack.gateway.drained();
+    const bounce = await sender.until((el) => el.name === 'message' && el.attrs.id === 'for-old-quin');
+    expect(bounce.attrs.type).toBe('error');
+    expect(
+      bounce.getChild('error')?.getChild('service-unavailable', 'urn:ietf:params:xml:ns:xmpp-stanzas'),
+    ).toBeDefined();
+    expect((await newQuin.framesBeforePong()).filter((frame) => frame.includes('for-old-quin'))).toEqual([]);
+    expect(await stack.server.offline.count('quin@localhost')).toBe(0);
+  });
+
   it("does not let an account created again under the JID use the deleted one's pre-approval (RFC 6121 §3.4)", async () => {
     // ora pre-approves pip (§3.4.2: "the user's server MUST note the subscription pre-approval by
     // setting the 'approved' flag"): only ora's roster is written; pip's has nothing of ora.
@@ -325,6 +371,65 @@ describe('an account deleted while its streams are open', () => {
     expect(await stack.server.roster.getEntry('ora@localhost', 'nobody-yet@localhost')).toBeUndefined();
     ora.close();
     newPip.close();
+  });
+
+  it('ends a stream that logged in before the deletion and binds late, even once the JID has a new account', async () => {
+    // Authenticated (and restarted), not bound yet: the deletion finds streams by their
+    // resources, so it cannot mark this one.
+    const stale = await RawClient.connect(stack.url);
+    clients.push(stale);
+    await stale.open();
+    stale.send(
+      `<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>${Buffer.from('\0rex\0rex-pw').toString('base64')}</auth>`,
+    );
+    expect((await stale.next()).name).toBe('success');
+    await stale.open();
+    await deleteAccount(stack.server, 'rex@localhost', 'localhost');
+    await stack.addUser('rex@localhost', 'someone-else-pw');
+    // Its bind comes long after its login (LATE_BIND_MS): the account is read, and it is another.
+    const sessions = stack.server.sessions;
+    const getConnection = sessions.getConnection.bind(sessions);
+    const restore = intercept(sessions, 'getConnection', async (id) => {
+      const row = await getConnection(id);
+      if (row?.user && !row.resource) row.authenticatedAt = Date.now() - 60_000;
+      return row;
+    });
+    try {
+      stale.send(
+        `<iq type='set' id='late'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>r</resource></bind></iq>`,
+      );
+      const frames = await framesToClose(stale);
+      // RFC 6120 §4.9.3.12 <not-authorized/>, as a revoked stream ends.
+      expect(frames.map((frame) => streamCondition(frame)).filter(Boolean)).toEqual(['not-authorized']);
+      expect(frames.some((frame) => frame.attrs.id === 'late')).toBe(false);
+      expect(await sessions.getResource('rex@localhost', 'r')).toBeUndefined();
+
+      // A late bind of an account that is still the one it logged in as binds.
+      const slow = await RawClient.connect(stack.url);
+      clients.push(slow);
+      await slow.open();
+      slow.send(
+        `<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>${Buffer.from('\0sal\0sal-pw').toString('base64')}</auth>`,
+      );
+      expect((await slow.next()).name).toBe('success');
+      await slow.open();
+      slow.send(
+        `<iq type='set' id='late-ok'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>r</resource></bind></iq>`,
+      );
+      expect((await slow.until((el) => el.attrs.id === 'late-ok')).attrs.type).toBe('result');
+    } finally {
+      restore();
+    }
+    // A SCRAM login (stock xmpp.js) records the account it is too, carried from its first step.
+    const scram = await startClient(stack.url, 'sal', 'sal-pw', { resource: 'scram' });
+    try {
+      const row = await sessions.getResource('sal@localhost', 'scram');
+      const connection = await sessions.getConnection(row?.connectionId as string);
+      expect(connection?.accountCreatedAt).toBe(await stack.server.users.createdAtOf('sal@localhost'));
+      expect(connection?.authenticatedAt).toBeTypeOf('number');
+    } finally {
+      await scram.stop();
+    }
   });
 
   it("leaves other accounts' streams alone", async () => {
