@@ -160,6 +160,15 @@ export function frameAge(now = Date.now()): number | undefined {
 }
 
 /**
+ * When the current frame reached the server (API Gateway's time), or now outside a frame. One
+ * reading of the clock: `Date.now() - frameAge()` read it twice, a millisecond apart at times.
+ */
+export function frameTime(): number {
+  const now = Date.now();
+  return now - (frameAge(now) ?? 0);
+}
+
+/**
  * What is left of the invocation handling the current frame (ms), when the runtime says;
  * outside a frame, of the invocation `withTimeLeft` runs the work in (the sweeper's).
  */

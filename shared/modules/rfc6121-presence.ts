@@ -8,7 +8,7 @@
  */
 import { clone, Element, parse } from 'ltx';
 import { deliver } from '../core/delivery.ts';
-import { frameAge } from '../core/frame.ts';
+import { frameTime } from '../core/frame.ts';
 import { type BoundStream, HANDLED, type Server, type StanzaEvent } from '../core/host.ts';
 import { StanzaError, StreamError } from '../errors.ts';
 import { bareJid, fullJid, fullJidOf, type Jid, parseJid } from '../jid.ts';
@@ -248,7 +248,7 @@ async function becomeUnavailable(stream: BoundStream, stanza: Element): Promise<
     presence: '',
     unavailable: keptUnavailable(stanza),
     // The frame's own time: a redelivery of it stamps the same.
-    unavailableAt: Date.now() - (frameAge() ?? 0),
+    unavailableAt: frameTime(),
     ...(stream.frameId ? { frame: stream.frameId } : {}),
   });
   // Also when this frame is the presence that made it unavailable, handled again (its first

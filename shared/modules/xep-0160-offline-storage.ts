@@ -5,7 +5,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { Element, parse } from 'ltx';
-import { frameAge, nextDeliveryKey, offlineRecord } from '../core/frame.ts';
+import { frameAge, frameTime, nextDeliveryKey, offlineRecord } from '../core/frame.ts';
 import {
   type BoundStream,
   type DeliveryGroup,
@@ -171,7 +171,7 @@ async function storeIfWanted(
       // frame waited in the queue or is handled again), not when this store runs.
       {
         from: kept.attrs.from,
-        storedAt: acceptedAt ?? Date.now() - (frameAge() ?? 0),
+        storedAt: acceptedAt ?? frameTime(),
         stanza: kept.toString(),
       },
       {
