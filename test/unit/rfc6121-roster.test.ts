@@ -327,17 +327,21 @@ describe('§3.4 pre-approval', () => {
     expect(toNoAccount.entry?.approvedFor).toBeUndefined();
   });
 
-  it.each([
-    ['the account it was given to', { approvedFor: 1_000 }, 1_000],
-    ['any account, given before approvals named one (stored before session 33)', {}, 9_000],
-  ] as const)('auto-approves a "subscribe" from %s', (_, given, createdAt) => {
-    const outcome = contactReceivesSubscription(
+  /** A "subscribe" from CONTACT (its account created at `createdAt`) to a user who pre-approved it. */
+  const subscribeToApproved = (given: Partial<RosterEntry>, createdAt: number | undefined) =>
+    contactReceivesSubscription(
       entry('None', { approved: true, ...given }),
       CONTACT,
       'subscribe',
       SUBSCRIBE,
       createdAt,
     );
+
+  it.each([
+    ['the account it was given to', { approvedFor: 1_000 }, 1_000],
+    ['any account, given before approvals named one (stored before session 33)', {}, 9_000],
+  ] as const)('auto-approves a "subscribe" from %s', (_, given, createdAt) => {
+    const outcome = subscribeToApproved(given, createdAt);
     expect(outcome).toMatchObject({ deliver: false, autoReply: 'subscribed' });
   });
 
@@ -351,13 +355,7 @@ describe('§3.4 pre-approval', () => {
     ['a JID whose account is gone (a stream outliving its deletion)', { approvedFor: 1_000 }, undefined],
   ] as const)('delivers a "subscribe" from %s, and the approval goes', (_, given, createdAt) => {
     // §3.1.3: the request reaches the user, who decides: the approval was for another account.
-    const outcome = contactReceivesSubscription(
-      entry('None', { approved: true, ...given }),
-      CONTACT,
-      'subscribe',
-      SUBSCRIBE,
-      createdAt,
-    );
+    const outcome = subscribeToApproved(given, createdAt);
     expect(outcome).toMatchObject({ deliver: true, push: true });
     expect(outcome.autoReply).toBeUndefined();
     expect(outcome.entry).toMatchObject({ approved: false, subscription: 'none', pendingIn: SUBSCRIBE });
